@@ -1,0 +1,52 @@
+"""Metrics of an exported bundle, computed by running the OpenVINO IR (not torch) on a test split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score, roc_auc_score
+
+from bundle.runtime import CompiledBundle
+from exporter.data import Category, read_image, read_mask
+from exporter.export import score_images
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(bundle: CompiledBundle, category: Category) -> dict:
+    """Image AUROC, pixel AUROC (at the graph's resolution), F1 and per-type detection at the bundle threshold."""
+    spec = bundle.manifest.input
+    samples = category.test
+    if not samples:
+        raise ValueError(f"{category.root}/test has no images")
+    started = time.monotonic()
+    images = [read_image(s.path, spec) for s in samples]
+    scores, maps, _ = score_images(bundle, images)
+    elapsed = time.monotonic() - started
+    labels = np.array([s.label for s in samples])
+    threshold = bundle.manifest.thresholds.image.threshold
+    predicted = (scores >= threshold).astype(int)
+    result: dict = {
+        "images": len(samples),
+        "threshold": threshold,
+        "image_f1": round(float(f1_score(labels, predicted, zero_division=0)), 4),
+        "seconds": round(elapsed, 2),
+    }
+    if 0 < labels.sum() < len(labels):
+        result["image_auroc"] = round(float(roc_auc_score(labels, scores)), 4)
+        masks = np.stack([read_mask(s.mask, spec) for s in samples])
+        result["pixel_auroc"] = round(float(roc_auc_score(masks.reshape(-1), maps.reshape(-1))), 4)
+    else:
+        log.warning("test split has only one class: AUROC undefined")
+    types = sorted({s.defect for s in samples})
+    result["detection_rate"] = {
+        t: round(float(predicted[[i for i, s in enumerate(samples) if s.defect == t]].mean()), 4) for t in types
+    }
+    return result
+
+
+def evaluate_folder(bundle_dir: Path, category: Category, device: str = "CPU") -> dict:
+    return evaluate(CompiledBundle(bundle_dir, device=device, hint="LATENCY"), category)

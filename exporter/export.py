@@ -1,0 +1,107 @@
+"""Torch graph -> OpenVINO IR with in-graph pre-processing -> bundle folder with thresholds and manifest."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import torch
+from openvino.preprocess import ColorFormat, PrePostProcessor
+from torch import nn
+
+from bundle import InputSpec, Normalisation, OutputSpec, Thresholds
+from bundle.runtime import CompiledBundle
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("score", "anomaly_map", "embedding")
+IN_GRAPH_STEPS = [
+    "u8 -> f32",
+    "BGR -> RGB",
+    "divide by 255, subtract mean, divide by std (as one mean/scale on the 0..255 scale)",
+    "NHWC -> NCHW",
+]
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "anomalib", "timm", "openvino", "nncf"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def input_spec(size: int, mean: tuple[float, float, float], std: tuple[float, float, float]) -> InputSpec:
+    return InputSpec(height=size, width=size, in_graph=IN_GRAPH_STEPS, mean=mean, std=std)
+
+
+def convert(graph: nn.Module, spec: InputSpec) -> ov.Model:
+    """Trace the graph with a dynamic batch and fold pre-processing into it with PrePostProcessor."""
+    example = torch.zeros(2, 3, spec.height, spec.width)
+    with torch.no_grad():
+        model = ov.convert_model(graph, example_input=example, input=[([-1, 3, spec.height, spec.width], ov.Type.f32)])
+    for output, name in zip(model.outputs, OUTPUT_NAMES, strict=True):
+        output.get_tensor().set_names({name})
+    model.inputs[0].get_tensor().set_names({spec.name})
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).mean(
+        [255.0 * m for m in spec.mean]
+    ).scale([255.0 * s for s in spec.std])
+    return ppp.build()
+
+
+def output_specs(spec: InputSpec, embedding_dim: int) -> dict[str, OutputSpec]:
+    return {
+        "score": OutputSpec(name="score", shape=["N"], meaning="raw image anomaly score (higher = more anomalous)"),
+        "anomaly_map": OutputSpec(
+            name="anomaly_map", shape=["N", spec.height, spec.width],
+            meaning="raw per-pixel anomaly score at input resolution",
+        ),
+        "embedding": OutputSpec(
+            name="embedding", shape=["N", embedding_dim],
+            meaning="L2-normalised descriptor for similarity search (cosine)",
+        ),
+    }
+
+
+def thresholds_from_normals(scores: np.ndarray, maps: np.ndarray, sigmas: float) -> Thresholds:
+    """Thresholds from held-out normal images only: mean + k*std of their scores, never below their maximum."""
+    image_thr = max(float(scores.mean() + sigmas * scores.std()), float(scores.max()))
+    pixel_low, pixel_thr = np.quantile(maps, [0.5, 0.9999])
+    return Thresholds(
+        image=Normalisation(low=float(scores.min()), threshold=image_thr),
+        pixel=Normalisation(low=float(pixel_low), threshold=float(max(pixel_thr, pixel_low + 1e-6))),
+        method=(
+            f"{len(scores)} held-out normal training images: image threshold = max(mean + {sigmas:g} std, max); "
+            "pixel low/threshold = 50th/99.99th percentile of their anomaly-map pixels. No test labels used."
+        ),
+    )
+
+
+def timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def save_ir(model: ov.Model, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+
+
+def score_images(bundle: CompiledBundle, images: list[np.ndarray], batch: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the compiled bundle over prepared images; returns (scores, maps, embeddings)."""
+    request = bundle.create_request()
+    parts = [bundle.infer(np.stack(images[i : i + batch]), request) for i in range(0, len(images), batch)]
+    return (
+        np.concatenate([p.score for p in parts]),
+        np.concatenate([p.anomaly_map for p in parts]),
+        np.concatenate([p.embedding for p in parts]),
+    )

@@ -1,0 +1,148 @@
+"""PatchCore on anomalib 2.7: anomalib's network, our memory-bank fit and our export graph.
+
+The network (timm feature extractor, 3x3 feature pooling, multi-layer embedding,
+nearest-neighbour scoring with the paper's re-weighting, Gaussian-blurred map) is
+anomalib's ``PatchcoreModel``.  :class:`PatchcoreGraph` re-expresses its inference
+path with batch-size-independent tensor ops (anomalib's own export fixes the batch)
+and adds the embedding output, so one compiled model yields score, map and
+embedding.  The parity test checks the graph against ``PatchcoreModel.forward``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from torch import nn
+
+from bundle import InputSpec
+from exporter.backbones import Backbone
+from exporter.coreset import greedy_coreset
+from exporter.data import read_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchcoreSettings:
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str | None = None
+    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
+    input_size: int = 256
+    coreset_ratio: float = 0.01
+    coreset_projection: int = 128
+    num_neighbors: int = 9
+    embedding_top_fraction: float = 0.01
+    batch_size: int = 8
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_tensor(images: list[np.ndarray], backbone: Backbone) -> torch.Tensor:
+    """uint8 BGR HWC images -> normalised float RGB NCHW, exactly what the OpenVINO graph does in-graph."""
+    batch = torch.from_numpy(np.stack(images)[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def patch_features(model: PatchcoreModel, x: torch.Tensor) -> torch.Tensor:
+    """Patch features [N, C, h, w], as anomalib builds them for the memory bank."""
+    feats = model.feature_extractor(x)
+    feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
+    return model.generate_embedding(feats)
+
+
+class PatchcoreGraph(nn.Module):
+    """Inference path for export: ``(score [N], anomaly_map [N,H,W], embedding [N,D])``."""
+
+    def __init__(self, model: PatchcoreModel, input_size: int, top_fraction: float) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.input_size = input_size
+        self.top_fraction = top_fraction
+        bank = model.memory_bank
+        self.register_buffer("bank_sq", (bank * bank).sum(1))
+        self.k_support = min(model.num_neighbors, int(bank.shape[0]))
+
+    def _dist(self, x: torch.Tensor) -> torch.Tensor:
+        """Euclidean distance of every row of x [..., C] to every memory-bank entry."""
+        bank = self.model.memory_bank
+        d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ bank.T + self.bank_sq
+        return d2.clamp_min(0).sqrt()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb = patch_features(self.model, x)
+        n, c, h, w = emb.shape
+        flat = emb.flatten(2).transpose(1, 2)  # N, hw, C
+        patch, loc = self._dist(flat).min(-1)  # N, hw
+
+        # Image score: the paper's re-weighting of the most anomalous patch (as anomalib).
+        s_star, idx = patch.max(1)
+        f_star = flat.gather(1, idx.view(n, 1, 1).expand(n, 1, c)).squeeze(1)
+        m_star = self.model.memory_bank[loc.gather(1, idx.view(n, 1)).squeeze(1)]
+        support = self._dist(m_star).topk(self.k_support, largest=False).indices  # N, k
+        d_support = (f_star.unsqueeze(1) - self.model.memory_bank[support]).norm(dim=-1)
+        score = (1 - F.softmax(d_support, 1)[:, 0]) * s_star
+
+        amap = self.model.anomaly_map_generator(patch.view(n, 1, h, w), (self.input_size, self.input_size))
+
+        # Embedding: mean feature of the most anomalous patches (what is wrong) beside the
+        # global mean (what the part looks like), each L2-normalised, then together.
+        top = max(1, int(h * w * self.top_fraction))
+        top_idx = patch.topk(top).indices
+        defect = flat.gather(1, top_idx.unsqueeze(-1).expand(n, top, c)).mean(1)
+        whole = flat.mean(1)
+        embedding = F.normalize(torch.cat([F.normalize(defect, dim=1), F.normalize(whole, dim=1)], 1), dim=1)
+        return score, amap[:, 0], embedding
+
+
+def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int) -> torch.Tensor:
+    """Patch features of all images, flattened to [N * h * w, C]."""
+    out = []
+    for start in range(0, len(paths), batch_size):
+        images = [read_image(p, spec) for p in paths[start : start + batch_size]]
+        with torch.no_grad():
+            emb = patch_features(model, to_tensor(images, backbone))
+        out.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+        done = min(start + batch_size, len(paths))
+        if done == len(paths) or (done // batch_size) % 8 == 0:
+            log.info("features %d/%d images", done, len(paths))
+    return torch.cat(out)
+
+
+def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec: InputSpec) -> tuple[PatchcoreGraph, dict]:
+    """Build the memory bank from normal images; returns the export graph and timings."""
+    torch.manual_seed(settings.seed)
+    model = PatchcoreModel(
+        layers=settings.layers,
+        backbone=backbone.timm_name,
+        pre_trained=backbone.pre_trained,
+        num_neighbors=settings.num_neighbors,
+    ).eval()
+    started = time.monotonic()
+    features = extract(model, train, spec, backbone, settings.batch_size)
+    extracted = time.monotonic()
+    n_select = max(1, int(features.shape[0] * settings.coreset_ratio))
+    log.info("coreset: %d of %d patch features (ratio %.3f)", n_select, features.shape[0], settings.coreset_ratio)
+    idx = greedy_coreset(features, n_select, settings.coreset_projection, settings.seed)
+    model.memory_bank = features[idx].contiguous()
+    done = time.monotonic()
+    graph = PatchcoreGraph(model, settings.input_size, settings.embedding_top_fraction).eval()
+    timings = {
+        "feature_extraction_s": round(extracted - started, 2),
+        "coreset_s": round(done - extracted, 2),
+        "fit_s": round(done - started, 2),
+        "patch_features": int(features.shape[0]),
+        "memory_bank": int(n_select),
+        "feature_dim": int(features.shape[1]),
+    }
+    return graph, timings

@@ -1,0 +1,81 @@
+"""Writes docs/configuration.md from the pydantic models in worker/config.py (the single source of truth).
+
+    python -m scripts.config_docs          # rewrite the file
+    python -m scripts.config_docs --check  # exit 1 if the file is stale (the tests run this)
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from worker.config import ENV_PREFIX, Config
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+
+
+def _default(field) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "**required**"
+    value = field.default_factory() if field.default_factory else field.default
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, Path):
+        return f"`{value}`"
+    return f"`{value!r}`" if value is not None else "unset"
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        nested = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)
+                       and issubclass(a, BaseModel)), None)
+        if nested is not None:
+            if field.description:
+                rows.append(f"| `{key}` | (section) | {field.description} |")
+            rows += _rows(nested, key + ".")
+            continue
+        doc = (field.description or (annotation.__doc__ if isinstance(annotation, type) and issubclass(annotation, Enum) else "") or "").strip()
+        if isinstance(annotation, type) and issubclass(annotation, Enum):
+            doc += " One of: " + ", ".join(f"`{m.value}`" for m in annotation)
+        rows.append(f"| `{key}` | {_default(field)} | {doc} |")
+    return rows
+
+
+def render() -> str:
+    lines = [
+        "# Worker configuration (`config.yaml`)",
+        "",
+        "Generated from `worker/config.py` by `python -m scripts.config_docs`; the tests fail when it is stale.",
+        "Unknown keys are errors. Relative paths are relative to the config file. Any key can be overridden",
+        f"from the environment as `{ENV_PREFIX}SECTION__KEY` (e.g. `{ENV_PREFIX}MQTT__PASSWORD`).",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+        *_rows(Config, ""),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    text = render()
+    if "--check" in sys.argv:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python -m scripts.config_docs", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(OUT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The end-to-end demo: train -> bundle -> mosquitto -> worker -> camera replay -> similar-defect query -> report.
+
+Run through ``bash scripts/demo.sh`` (which sets the machine up first).  Uses MVTec AD
+grid from ../shared/data/mvtec when present, else a generated texture set.  Writes
+everything under demo-out/ and shuts every process down at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import yaml
+
+from scripts.broker import Broker
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT.parent / "shared" / "data" / "mvtec"
+CAMERA = "line1"
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run(cmd, check=True, cwd=ROOT, **kw)
+
+
+def choose_data(out: Path) -> tuple[Path, str, str]:
+    """(data root, category, defect type to query with)."""
+    if (GRID / "grid" / "train" / "good").is_dir():
+        return GRID, "grid", "broken"
+    banner("../shared/data/mvtec/grid not found: generating a small texture set instead")
+    data = out / "data"
+    if not (data / "weave").is_dir():
+        run([sys.executable, "-m", "exporter", "synth", "--out", str(data), "--size", "256", "--train", "60",
+             "--test", "6"])
+    return data, "weave", "hole"
+
+
+def demo_config(out: Path, port: int, bundle: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["mqtt"]["port"] = port
+    cfg["model"]["bundle"] = str(bundle)
+    cfg["model"]["cache_dir"] = str(out / "ov-cache")
+    cfg["store"]["path"] = str(out / "qdrant")
+    cfg["evidence"]["path"] = str(out / "evidence")
+    cfg["limits"]["queue_policy"] = "block"  # a replay should lose nothing: back-pressure instead of drops
+    cfg["worker"]["stats_interval_s"] = 5
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+class Watcher:
+    """Prints a live line per result and keeps results, some heatmaps and the worker's status."""
+
+    def __init__(self, port: int, total: int, heatmap_dir: Path) -> None:
+        self.total = total
+        self.results: list[dict] = []
+        self.errors: list[dict] = []
+        self.heatmap_dir = heatmap_dir
+        self.status: list[str] = []
+        self.done = threading.Event()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                                  client_id="demo-watcher")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("inspect/#", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        leaf = msg.topic.rsplit("/", 1)[-1]
+        if leaf == "result":
+            r = json.loads(msg.payload)
+            self.results.append(r)
+            mark = "ANOMALOUS" if r["verdict"] == "anomalous" else "normal   "
+            print(f"[{len(self.results):3d}/{self.total}] {r['camera']} {r['frame_id']:<28} score {r['score']:.3f} "
+                  f"{mark} infer {r['latency_ms']['infer']:6.1f} ms  total {r['latency_ms']['total']:7.1f} ms",
+                  flush=True)
+        elif leaf == "heatmap":
+            props = dict(getattr(msg.properties, "UserProperty", None) or [])
+            (self.heatmap_dir / f"{props.get('frame_id', 'unknown')}.jpg").write_bytes(msg.payload)
+        elif leaf == "error":
+            self.errors.append(json.loads(msg.payload))
+            print(f"error: {msg.payload.decode()}", flush=True)
+        elif leaf == "availability":
+            self.status.append(msg.payload.decode())
+            print(f"worker availability: {msg.payload.decode()}", flush=True)
+        if len(self.results) + len(self.errors) >= self.total:
+            self.done.set()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def write_report(out: Path, manifest: dict, watcher: Watcher, query: dict, timings: dict, query_id: str) -> Path:
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    test = manifest.get("metrics", {}).get("test", {})
+    lines = [
+        "# edge-inspect demo report",
+        "",
+        f"Bundle `{manifest['name']}` version `{manifest['version']}` ({manifest['family']}, "
+        f"{manifest['training']['backbone']}, {manifest['input']['width']} px).",
+        "",
+        "| measure | value |", "|---|---|",
+        f"| image AUROC (OpenVINO bundle, test split) | {test.get('image_auroc')} |",
+        f"| pixel AUROC | {test.get('pixel_auroc')} |",
+        f"| image F1 at the bundle threshold | {test.get('image_f1')} |",
+        f"| training (fit) time | {manifest['training'].get('fit_s')} s |",
+        f"| frames replayed / results / errors | {watcher.total} / {len(watcher.results)} / {len(watcher.errors)} |",
+        f"| worker throughput | {timings['fps']:.1f} frames/s |",
+        f"| demo wall time | {timings['wall_s']:.0f} s |",
+        "",
+        "## Results", "",
+        "| frame | score | verdict | infer ms | total ms |", "|---|---|---|---|---|",
+    ]
+    for r in sorted(watcher.results, key=lambda r: r["frame_id"]):
+        lines.append(f"| {r['frame_id']} | {r['score']:.3f} | {r['verdict']} | {r['latency_ms']['infer']} | "
+                     f"{r['latency_ms']['total']} |")
+    lines += ["", "## Heatmaps (a few anomalous frames)", ""]
+    anomalous = [r["frame_id"] for r in watcher.results if r["verdict"] == "anomalous"][:6]
+    for frame_id in anomalous:
+        src = watcher.heatmap_dir / f"{frame_id}.jpg"
+        if src.is_file():
+            shutil.copy(src, report / src.name)
+            lines.append(f"![{frame_id}]({src.name}) `{frame_id}`")
+    lines += ["", f"## Past frames most similar to `{query_id}`", "",
+              "| rank | frame | similarity | score | verdict | thumbnail |", "|---|---|---|---|---|---|"]
+    for rank, hit in enumerate(query.get("hits", []), 1):
+        name = f"similar-{rank}.jpg"
+        if hit.get("thumbnail_b64"):
+            (report / name).write_bytes(base64.b64decode(hit["thumbnail_b64"]))
+        lines.append(f"| {rank} | {hit['frame_id']} | {hit['similarity']:.3f} | {hit['score']:.3f} | "
+                     f"{hit['verdict']} | ![]({name}) |")
+    path = report / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "demo-out")
+    parser.add_argument("--retrain", action="store_true", help="train again even if the bundle exists")
+    args = parser.parse_args()
+    started = time.monotonic()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data, category, query_type = choose_data(out)
+
+    bundle = out / "bundles" / f"{category}-patchcore"
+    if args.retrain or not (bundle / "bundle.json").is_file():
+        banner(f"training PatchCore on {data / category} (offline backbone weights)")
+        run([sys.executable, "-m", "exporter", "train", "--data", str(data), "--category", category,
+             "--out", str(bundle)])
+    else:
+        banner(f"reusing bundle {bundle} (--retrain to train again)")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    print(json.dumps(manifest.get("metrics", {}).get("test", {}), indent=2))
+
+    for stale in ("qdrant", "evidence"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    heatmaps = out / "heatmaps"
+    shutil.rmtree(heatmaps, ignore_errors=True)
+    heatmaps.mkdir()
+
+    banner("starting mosquitto on a free loopback port")
+    broker = Broker(out / "broker")
+    print(f"mosquitto pid {broker.proc.pid} on 127.0.0.1:{broker.port}")
+    config = demo_config(out, broker.port, bundle)
+    frames = sorted((data / category / "test").glob("*/*.png"))
+    watcher = Watcher(broker.port, len(frames), heatmaps)
+    worker_log = (out / "worker.log").open("wb")
+    worker = None
+    try:
+        banner(f"starting the worker (config {config}, log {out / 'worker.log'})")
+        worker = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT,
+                                  stdout=worker_log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "online" not in watcher.status:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                print((out / "worker.log").read_text()[-3000:])
+                raise SystemExit("the worker did not come online")
+            time.sleep(0.1)
+
+        banner(f"replaying {len(frames)} test images as camera {CAMERA}")
+        replay_start = time.time()
+        subprocess.run([sys.executable, str(ROOT / "deploy" / "camera_publisher.py"), "--port", str(broker.port),
+                        "--camera", CAMERA, "--folder", str(data / category / "test"), "--glob", "*/*.png",
+                        "--fps", "0", "--quiet"], check=True, cwd=ROOT)
+        if not watcher.done.wait(600):
+            raise SystemExit(f"only {len(watcher.results)} of {len(frames)} results arrived")
+        from datetime import datetime
+
+        last = max(datetime.fromisoformat(r["published_at"]).timestamp() for r in watcher.results)
+        fps = len(watcher.results) / max(last - replay_start, 1e-6)
+        print(f"\n{len(watcher.results)} results, {len(watcher.errors)} errors, {fps:.1f} frames/s through the worker")
+
+        time.sleep(1.0)  # let the recorder's last batch reach the store
+        query_id = sorted(f"{p.parent.name}_{p.stem}" for p in frames if p.parent.name == query_type)[0]
+        banner(f"past defects most similar to {query_id}")
+        run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", query_id,
+             "--camera", CAMERA, "--top-k", "5"])
+        answer = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id",
+                                 query_id, "--camera", CAMERA, "--top-k", "5", "--json"], cwd=ROOT,
+                                capture_output=True, text=True, check=True)
+        query = json.loads(answer.stdout)
+    finally:
+        banner("shutting down")
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            print(f"worker exited with {worker.wait(60)}")
+        worker_log.close()
+        time.sleep(0.3)
+        watcher.close()
+        broker.stop()
+        print("mosquitto stopped")
+    timings = {"fps": fps, "wall_s": time.monotonic() - started}
+    report = write_report(out, manifest, watcher, query, timings, query_id)
+    banner(f"report: {report}")
+    print(f"demo wall time {timings['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Fixtures: a real mosquitto on a free loopback port, a generated dataset, a tiny real bundle, a worker process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from scripts.broker import Broker
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+GRID = SHARED / "mvtec"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    from exporter.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data")
+    generate(root, "weave", size=128, n_train=32, n_test=4, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(dataset, tmp_path_factory) -> Path:
+    """A real PatchCore bundle trained on the generated set through the CLI (seconds)."""
+    out = tmp_path_factory.mktemp("bundles") / "weave-patchcore"
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+         "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    return out
+
+
+class Client:
+    """A paho MQTT v5 client that records everything under the prefix."""
+
+    def __init__(self, port: int, prefix: str = "inspect") -> None:
+        self.prefix = prefix
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.lock = threading.Condition()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(f"{prefix}/#", qos=1)
+        time.sleep(0.2)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.lock:
+            self.messages.append(msg)
+            self.lock.notify_all()
+
+    def publish_frame(self, camera: str, data: bytes, frame_id: str | None, captured_at: str | None = "now",
+                      extra: dict | None = None) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        user = []
+        if frame_id is not None:
+            user.append(("frame_id", frame_id))
+        if captured_at is not None:
+            user.append(("captured_at", str(time.time()) if captured_at == "now" else captured_at))
+        user += list((extra or {}).items())
+        if user:
+            props.UserProperty = user
+        self.client.publish(f"{self.prefix}/{camera}/frame", data, qos=1, properties=props).wait_for_publish(5)
+
+    def wait_for(self, predicate, timeout: float = 30, count: int = 1) -> list[mqtt.MQTTMessage]:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                found = [m for m in self.messages if predicate(m)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    topics = sorted({m.topic for m in self.messages})
+                    raise AssertionError(f"timed out: {len(found)}/{count} matching messages; topics seen: {topics}")
+                self.lock.wait(left)
+
+    def json_on(self, topic: str, timeout: float = 30, count: int = 1) -> list[dict]:
+        return [json.loads(m.payload) for m in self.wait_for(lambda m: m.topic == topic, timeout, count)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def user_props(msg: mqtt.MQTTMessage) -> dict[str, str]:
+    return dict(getattr(msg.properties, "UserProperty", None) or [])
+
+
+class WorkerProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_config(folder: Path, port: int, bundle: Path, **sections) -> Path:
+    cfg = {
+        "worker": {"id": "w-test", "stats_interval_s": 1},
+        "mqtt": {"port": port, "client_id": f"w-{uuid.uuid4().hex[:8]}"},
+        "model": {"bundle": str(bundle), "cache_dir": str(folder / "ov-cache")},
+        "store": {"path": str(folder / "qdrant"), "flush_s": 0.1},
+        "evidence": {"path": str(folder / "evidence"), "max_frames": 100},
+        "limits": {"max_frame_bytes": 2_000_000},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(config: Path) -> WorkerProcess:
+        w = WorkerProcess(config, tmp_path / f"worker{len(started)}.log")
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.stop(signal.SIGKILL)

@@ -1,0 +1,51 @@
+"""config.yaml: validated at start, errors name the bad key, environment overrides secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from worker.config import ConfigError, QueuePolicy, load_config
+
+
+def test_the_shipped_config_is_valid():
+    cfg = load_config(ROOT / "config.yaml", environ={})
+    assert cfg.model.bundle == ROOT / "bundles" / "grid-patchcore"  # relative to the file
+    assert cfg.limits.queue_policy is QueuePolicy.DROP_OLDEST
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("model: {bundle: b}\nmqtt: {port: 70000}\n", "mqtt.port"),
+        ("model: {bundle: b}\nmqtt: {prot: 1883}\n", "mqtt.prot"),
+        ("model: {bundle: b}\nlimits: {queue_policy: sometimes}\n", "limits.queue_policy"),
+        ("mqtt: {port: 1883}\n", "model"),
+        ("model: {bundle: b}\ntopics: {prefix: 'a/#'}\n", "topics.prefix"),
+    ],
+)
+def test_errors_name_the_bad_key(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert key in str(err.value)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml", environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_environment_overrides_and_secrets_stay_secret(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {bundle: b}\nmqtt: {username: worker, password: from-file}\n")
+    cfg = load_config(path, environ={"EDGE_INSPECT__MQTT__PASSWORD": "s3cret", "EDGE_INSPECT__MQTT__PORT": "8883"})
+    assert cfg.mqtt.secret() == "s3cret" and cfg.mqtt.port == 8883
+    assert "s3cret" not in repr(cfg) and "s3cret" not in cfg.model_dump_json()
+    (tmp_path / "pw").write_text("from-a-file\n")
+    path.write_text("model: {bundle: b}\nmqtt: {username: worker, password_file: pw}\n")
+    assert load_config(path, environ={}).mqtt.secret() == "from-a-file"

@@ -1,0 +1,137 @@
+"""Exporter: the bundle contract, torch/OpenVINO parity, the coreset, and the evaluate command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bundle import BundleError, read_manifest
+from bundle.runtime import CompiledBundle
+from conftest import ROOT
+from exporter import backbones
+from exporter.coreset import greedy_coreset
+from exporter.data import load_category, read_image
+from exporter.export import convert, input_spec, save_ir
+from exporter.train.patchcore import PatchcoreSettings, fit, to_tensor
+
+SCORE_RTOL = 1e-3  # OpenVINO FP32 vs torch: relative tolerance on image scores
+
+
+def test_bundle_manifest_is_complete_and_checksummed(bundle_dir):
+    manifest = read_manifest(bundle_dir)
+    assert manifest.family == "patchcore" and manifest.category == "weave"
+    assert set(manifest.files) == {"model.xml", "model.bin"}
+    assert manifest.input.height == manifest.input.width == 128 and manifest.input.colour_order == "BGR"
+    assert manifest.outputs["embedding"].shape == ["N", manifest.embedding_dim]
+    assert manifest.thresholds.image.threshold > manifest.thresholds.image.low
+    test = manifest.metrics["test"]
+    assert 0 <= test["image_auroc"] <= 1 and 0 <= test["pixel_auroc"] <= 1
+    assert manifest.versions["openvino"] and manifest.versions["anomalib"] == "2.7.0"
+    assert manifest.training["backbone_weights_sha256"]
+
+
+def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    data = bytearray((copy / "model.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.bin").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.bin does not match"):
+        CompiledBundle(copy)
+    (copy / "model.bin").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        read_manifest(copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps({**raw, "schema_version": 99}))
+    with pytest.raises(BundleError, match="schema_version"):
+        read_manifest(copy, verify=False)
+
+
+def test_dynamic_batch_gives_the_same_scores(bundle_dir, dataset):
+    compiled = CompiledBundle(bundle_dir)
+    spec = compiled.manifest.input
+    images = np.stack([read_image(s.path, spec) for s in load_category(dataset, "weave").test[:5]])
+    together = compiled.infer(images)
+    alone = [compiled.infer(images[i : i + 1]) for i in range(len(images))]
+    np.testing.assert_allclose(together.score, [a.score[0] for a in alone], rtol=1e-4)
+    assert together.anomaly_map.shape == (5, spec.height, spec.width)
+    np.testing.assert_allclose(np.linalg.norm(together.embedding, axis=1), 1.0, atol=1e-4)
+
+
+def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path):
+    """Our export graph, compiled by OpenVINO, against anomalib's own PatchcoreModel.forward in torch."""
+    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05)
+    cat = load_category(dataset, "weave")
+    bb = backbones.resolve(settings.backbone)
+    spec = input_spec(settings.input_size, bb.mean, bb.std)
+    graph, _ = fit(settings, bb, cat.train, spec)
+    save_ir(convert(graph, spec), tmp_path)
+    from bundle import Normalisation, Thresholds, write_manifest
+    from exporter.export import library_versions, output_specs, timestamp
+
+    norm = Normalisation(low=0, threshold=1)
+    write_manifest(tmp_path, dict(
+        name="parity", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
+        outputs=output_specs(spec, 304), embedding_dim=304,
+        thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
+    compiled = CompiledBundle(tmp_path)
+
+    images = [read_image(s.path, spec) for s in cat.test]
+    ov_pred = compiled.infer(np.stack(images))
+    with torch.no_grad():
+        reference = graph.model(to_tensor(images, bb))  # anomalib's PatchcoreModel, eval mode
+    torch_scores = reference.pred_score.numpy().reshape(-1)
+    np.testing.assert_allclose(ov_pred.score, torch_scores, rtol=SCORE_RTOL)
+    torch_maps = reference.anomaly_map.numpy()[:, 0]
+    np.testing.assert_allclose(ov_pred.anomaly_map, torch_maps, rtol=1e-3, atol=1e-3 * torch_maps.max())
+    threshold = float(np.median(torch_scores))
+    assert ((ov_pred.score >= threshold) == (torch_scores >= threshold)).all()
+
+
+def test_fast_coreset_equals_exact_greedy_without_projection():
+    features = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    picked = greedy_coreset(features, 40, proj_dim=16, seed=3)
+    # Exact k-center greedy, written out plainly from the same start point.
+    chosen = [int(picked[0])]
+    dist = torch.cdist(features, features[chosen]).min(1).values
+    for _ in range(39):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(features, features[nxt : nxt + 1])[:, 0])
+    assert picked.tolist() == chosen
+    assert len(set(picked.tolist())) == 40
+
+
+def test_offline_backbone_weights_load_into_timm():
+    bb = backbones.resolve("efficientnet_lite0")
+    assert bb.timm_name.startswith("local-dir:") and bb.mean == (0.5, 0.5, 0.5)
+    import timm
+
+    model = timm.create_model(bb.timm_name, pretrained=True)
+    reference = torch.load(backbones._package_file(backbones.OFFLINE["efficientnet_lite0"]), weights_only=True)
+    assert torch.equal(model.state_dict()["conv_stem.weight"], reference["_conv_stem.weight"])
+
+
+def test_evaluate_command_writes_metrics(bundle_dir, dataset, tmp_path):
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "exporter", "evaluate", "--bundle", str(bundle_dir), "--data",
+                           str(dataset), "--category", "weave", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["images"] == 16
+    assert metrics["image_auroc"] > 0.8, metrics
+    assert metrics["pixel_auroc"] > 0.8, metrics
+    assert set(metrics["detection_rate"]) == {"good", "hole", "scratch", "smear"}
+
+
+def test_train_reports_a_clear_error_for_a_bad_data_folder(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(tmp_path), "--category", "nope",
+                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "train/good has no images" in proc.stderr

@@ -1,0 +1,195 @@
+"""The worker end to end: real mosquitto, real OpenVINO bundle, real embedded Qdrant, real images."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from conftest import ROOT, Client, user_props, write_config
+
+
+def _frames(dataset: Path) -> list[tuple[str, bytes, str]]:
+    """(frame_id, PNG or JPEG bytes, defect type) for the generated test split."""
+    out = []
+    for path in sorted((dataset / "weave" / "test").glob("*/*.png")):
+        data = path.read_bytes()
+        if path.stem.endswith("1"):  # some frames as JPEG, as cameras usually send
+            data = cv2.imencode(".jpg", cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        out.append((f"{path.parent.name}-{path.stem}", data, path.parent.name))
+    return out
+
+
+@pytest.fixture
+def running(broker, bundle_dir, tmp_path, worker_factory):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    status = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online",
+                             timeout=60)
+    assert status[0].retain or status[0].payload == b"online"
+    yield prefix, client, worker, config, tmp_path
+    client.close()
+
+
+def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir):
+    prefix, client, worker, config, folder = running
+    frames = _frames(dataset)
+    for frame_id, data, _ in frames:
+        client.publish_frame("cam1", data, frame_id)
+    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam1/result", count=len(frames), timeout=60)}
+    assert set(results) == {f for f, _, _ in frames}
+
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    for r in results.values():
+        assert r["camera"] == "cam1"
+        assert 0.0 <= r["score"] <= 1.0
+        assert r["threshold"] == pytest.approx(manifest["thresholds"]["image"]["threshold"], rel=1e-4)
+        assert r["verdict"] == ("anomalous" if r["raw_score"] >= r["threshold"] else "normal")
+        assert r["model"] == {"name": manifest["name"], "version": manifest["version"], "family": "patchcore"}
+        assert set(r["latency_ms"]) == {"queue", "decode", "infer", "post", "total"}
+        assert r["latency_ms"]["total"] >= r["latency_ms"]["infer"] > 0
+    good = [r["raw_score"] for f, r in results.items() if f.startswith("good")]
+    bad = [r["raw_score"] for f, r in results.items() if not f.startswith("good")]
+    assert np.mean(bad) > np.mean(good), "defects should score higher than good frames"
+    assert sum(r["verdict"] == "anomalous" for f, r in results.items() if not f.startswith("good")) >= len(bad) // 2
+
+    heatmaps = client.wait_for(lambda m: m.topic == f"{prefix}/cam1/heatmap", count=len(frames))
+    for msg in heatmaps:
+        assert msg.properties.ContentType == "image/jpeg"
+        image = cv2.imdecode(np.frombuffer(msg.payload, np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (128, 128, 3)
+    assert {user_props(m)["frame_id"] for m in heatmaps} == set(results)
+
+    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=10)[-1]
+    assert stats["cameras"]["cam1"]["received"] == len(frames)
+
+    assert worker.stop() == 0, worker.output()
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
+
+    # Every frame is in the history with its payload; anomalous ones have their evidence on disk.
+    store = QdrantClient(path=str(folder / "qdrant"))
+    try:
+        points, _ = store.scroll("frames", limit=1000, with_vectors=True)
+    finally:
+        store.close()
+    assert len(points) == len(frames)
+    by_id = {p.payload["frame_id"]: p for p in points}
+    assert set(by_id) == set(results)
+    for frame_id, p in by_id.items():
+        assert p.payload["verdict"] == results[frame_id]["verdict"]
+        assert p.payload["camera"] == "cam1"
+        assert len(p.vector) == manifest["embedding_dim"]
+        assert np.linalg.norm(p.vector) == pytest.approx(1.0, abs=1e-3)
+        assert (folder / "evidence" / p.payload["evidence"]["thumbnail"]).is_file()
+        if p.payload["anomalous"]:
+            assert (folder / "evidence" / p.payload["evidence"]["frame"]).is_file()
+            assert (folder / "evidence" / p.payload["evidence"]["heatmap"]).is_file()
+
+
+def _truncated_jpeg(dataset: Path) -> bytes:
+    image = cv2.imread(str(next((dataset / "weave" / "test" / "good").glob("*.png"))))
+    data = cv2.imencode(".jpg", image)[1].tobytes()
+    return data[: len(data) * 2 // 3]
+
+
+def test_bad_input_gets_an_error_and_the_next_frame_still_works(running, dataset):
+    prefix, client, worker, _, _ = running
+    good = next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    bomb = cv2.imencode(".png", np.zeros((5000, 5000), np.uint8))[1].tobytes()  # 25 Mpx in a few kB
+    cases = [
+        ("not-image", b"this is not an image at all", "not_an_image", {}),
+        ("truncated", _truncated_jpeg(dataset), "truncated_image", {}),
+        ("oversize", b"\x89PNG" + bytes(2_100_000), "payload_too_large", {}),
+        ("bomb", bomb, "image_too_large", {}),
+        (None, good, "missing_metadata", {}),
+        ("no-time", good, "missing_metadata", {"captured_at": None}),
+        ("bad-time", good, "bad_metadata", {"captured_at": "yesterday-ish"}),
+        ("mismatch", good, "camera_mismatch", {"camera_id": "cam9"}),
+        ("empty", b"", "empty_payload", {}),
+    ]
+    for frame_id, data, _, extra in cases:
+        captured = extra.pop("captured_at", "now") if "captured_at" in extra else "now"
+        client.publish_frame("cam2", data, frame_id, captured_at=captured, extra=extra)
+    client.publish_frame("cam2", good, "after-the-garbage")
+
+    errors = client.json_on(f"{prefix}/cam2/error", count=len(cases))
+    assert [e["code"] for e in errors] == [code for _, _, code, _ in cases]
+    for e, (frame_id, *_rest) in zip(errors, cases):
+        assert e["frame_id"] == frame_id and e["message"] and e["camera"] == "cam2"
+    result = client.json_on(f"{prefix}/cam2/result")[0]
+    assert result["frame_id"] == "after-the-garbage"
+    assert worker.proc.poll() is None, "the worker must keep running"
+
+
+def _query(client: Client, prefix: str, request: dict, timeout: float = 30) -> dict:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    token = uuid.uuid4().hex.encode()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = f"{prefix}/query/response/test"
+    props.CorrelationData = token
+    client.client.publish(f"{prefix}/query", json.dumps(request), qos=1, properties=props)
+    msg = client.wait_for(lambda m: m.topic == props.ResponseTopic and m.properties.CorrelationData == token,
+                          timeout=timeout)[0]
+    return json.loads(msg.payload)
+
+
+def test_similarity_queries_over_mqtt_and_cli(running, dataset):
+    prefix, client, _, config, _ = running
+    empty = _query(client, prefix, {"frame_id": "nothing-yet", "top_k": 3})
+    assert empty["ok"] is False and empty["error"]["code"] == "empty_store"
+
+    frames = _frames(dataset)
+    for frame_id, data, _ in frames:
+        client.publish_frame("cam3", data, frame_id)
+    client.json_on(f"{prefix}/cam3/result", count=len(frames), timeout=60)
+    time.sleep(1.0)  # the recorder writes in batches every flush_s
+
+    # The very image of a logged frame finds that frame first, with cosine similarity ~1.
+    frame_id, data, _ = frames[5]
+    answer = _query(client, prefix, {"image_b64": base64.b64encode(data).decode(), "top_k": 4})
+    assert answer["ok"], answer
+    assert answer["hits"][0]["frame_id"] == frame_id
+    assert answer["hits"][0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    sims = [h["similarity"] for h in answer["hits"]]
+    assert sims == sorted(sims, reverse=True) and len(sims) == 4
+    thumb = cv2.imdecode(np.frombuffer(base64.b64decode(answer["hits"][0]["thumbnail_b64"]), np.uint8), 1)
+    assert thumb is not None and max(thumb.shape[:2]) <= 128
+
+    # By past frame id: the frame itself is excluded; filters apply.
+    anomalous = _query(client, prefix, {"frame_id": frame_id, "top_k": 50, "filters": {"anomalous_only": True}})
+    assert anomalous["ok"] and frame_id not in {h["frame_id"] for h in anomalous["hits"]}
+    assert anomalous["hits"] and all(h["verdict"] == "anomalous" for h in anomalous["hits"])
+    other_cam = _query(client, prefix, {"frame_id": frame_id, "top_k": 5, "filters": {"cameras": ["nope"]}})
+    assert other_cam["ok"] and other_cam["hits"] == []
+
+    for request, code in [
+        ({"frame_id": "no-such-frame"}, "unknown_frame"),
+        ({"image_b64": base64.b64encode(b"garbage").decode()}, "bad_image"),
+        ({"frame_id": frame_id, "image_b64": "AAAA"}, "bad_request"),
+        ({"frame_id": frame_id, "top_k": 1000}, "bad_request"),
+    ]:
+        reply = _query(client, prefix, request)
+        assert reply["ok"] is False and reply["error"]["code"] == code, reply
+
+    # The CLI goes through the same request/response API.
+    cli = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", frame_id,
+                          "--top-k", "3", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    out = json.loads(cli.stdout)
+    assert out["ok"] and len(out["hits"]) == 3 and out["query"]["frame_id"] == frame_id
+    missing = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", "nope",
+                              "--top-k", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert missing.returncode == 1 and "unknown_frame" in missing.stderr

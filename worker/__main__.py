@@ -1,0 +1,121 @@
+"""``python -m worker --config FILE`` runs the worker; ``python -m worker query ...`` asks it for similar frames."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+from bundle import BundleError
+from worker.config import ConfigError, load_config
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    logging.getLogger().setLevel(cfg.worker.log_level)
+    from worker.service import Worker  # imports OpenVINO/Qdrant only once the config is valid
+    from worker.store import StoreError
+
+    try:
+        worker = Worker(cfg)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.run(stop)
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from worker.mqtt import MqttLink, publish_properties
+    from worker.topics import Topics
+
+    cfg = load_config(args.config)
+    topics = Topics(cfg.topics.prefix, cfg.worker.id)
+    request: dict = {"top_k": args.top_k, "filters": {"cameras": args.cameras.split(",") if args.cameras else [],
+                                                      "anomalous_only": args.anomalous_only,
+                                                      "since": args.since, "until": args.until}}
+    if args.image:
+        request["image_b64"] = base64.b64encode(Path(args.image).read_bytes()).decode()
+    else:
+        request["frame_id"] = args.frame_id
+        request["camera"] = args.camera
+    token = uuid.uuid4().hex
+    response_topic = f"{topics.query}/response/{token}"
+    link = MqttLink(cfg.mqtt.model_copy(update={"session_expiry_s": 0}), f"edge-inspect-query-{token[:12]}",
+                    subscriptions=[response_topic])
+    answer: dict = {}
+    done = threading.Event()
+
+    def on_message(msg) -> None:
+        if getattr(msg.properties, "CorrelationData", None) == token.encode():
+            answer.update(json.loads(msg.payload))
+            done.set()
+
+    link.on_message = on_message
+    link.start()
+    try:
+        if not link.wait_connected(cfg.query.timeout_s):
+            print(f"error: cannot reach the broker at {cfg.mqtt.host}:{cfg.mqtt.port}", file=sys.stderr)
+            return 2
+        link.client.subscribe(response_topic, qos=1)
+        link.publish(topics.query, json.dumps(request), qos=1, properties=publish_properties(
+            content_type="application/json", response_topic=response_topic, correlation=token.encode()))
+        if not done.wait(cfg.query.timeout_s):
+            print(f"error: no answer from a worker within {cfg.query.timeout_s} s", file=sys.stderr)
+            return 2
+    finally:
+        link.stop()
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif answer.get("ok"):
+        print(f"{'similarity':>10}  {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  verdict")
+        for hit in answer["hits"]:
+            print(f"{hit['similarity']:>10.4f}  {hit['camera']:<12} {hit['frame_id']:<24} {hit['captured_at']:<30} "
+                  f"{hit['score']:>6.3f}  {hit['verdict']}")
+    else:
+        print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
+    return 0 if answer.get("ok") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--config", default="config.yaml", help="config file (default ./config.yaml)")
+    sub = parser.add_subparsers(dest="command")
+    query = sub.add_parser("query", help="ask the running worker for the most similar past frames")
+    query.add_argument("--config", default=argparse.SUPPRESS)
+    source = query.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file to compare with the history")
+    source.add_argument("--frame-id", help="a past frame's id")
+    query.add_argument("--camera", help="camera of --frame-id, when ids repeat across cameras")
+    query.add_argument("--top-k", type=int, default=5)
+    query.add_argument("--cameras", help="only frames from these cameras (comma-separated)")
+    query.add_argument("--anomalous-only", action="store_true")
+    query.add_argument("--since", help="only frames captured at or after (ISO-8601 or epoch seconds)")
+    query.add_argument("--until", help="only frames captured at or before")
+    query.add_argument("--json", action="store_true", help="print the whole answer as JSON (with thumbnails)")
+    query.set_defaults(func=_query)
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (ConfigError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The worker's configuration: ``config.yaml``, validated at start, every key documented here.
+
+Unknown keys are errors (a typo must not silently fall back to a default).  Any key
+can be overridden from the environment as ``EDGE_INSPECT__SECTION__KEY`` (for
+secrets: ``EDGE_INSPECT__MQTT__PASSWORD``), and a password can be read from a file.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "EDGE_INSPECT__"
+
+
+class ConfigError(Exception):
+    """The config file is missing, not YAML, or names a bad key or value (the message says which)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSConfig(_Section):
+    ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate.")
+    cert_file: Path | None = Field(None, description="Client certificate, for brokers that require one.")
+    key_file: Path | None = Field(None, description="Client private key.")
+    insecure_skip_verify: bool = Field(False, description="Accept any broker certificate. Only for lab use.")
+
+
+class MQTTConfig(_Section):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
+    client_id: str | None = Field(None, description="Default: edge-inspect-<worker.id>. Keep it stable for persistent sessions.")
+    username: str | None = Field(None, description="Broker user name, if the broker requires a login.")
+    password: SecretStr | None = Field(None, description="Prefer EDGE_INSPECT__MQTT__PASSWORD or password_file.")
+    password_file: Path | None = Field(None, description="File whose first line is the password.")
+    tls: TLSConfig | None = Field(None, description="Set to use TLS; leave out for plain TCP on a trusted network.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive; the broker publishes our last will after 1.5x this.")
+    qos: Literal[0, 1] = Field(1, description="QoS for subscriptions and publications.")
+    session_expiry_s: int = Field(3600, ge=0, description="Broker keeps our subscriptions and queued frames this long while we are away.")
+    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay after the broker is lost.")
+    reconnect_max_s: float = Field(30, gt=0, description="Reconnect delays double up to this.")
+
+    def secret(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            lines = self.password_file.read_text().splitlines()
+            return lines[0] if lines else ""
+        return None
+
+
+class TopicsConfig(_Section):
+    prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
+    cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
+
+    @field_validator("prefix")
+    @classmethod
+    def _no_wildcards(cls, v: str) -> str:
+        if not v or any(ch in v for ch in "+#") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be non-empty, without '+', '#' or a leading/trailing '/'")
+        return v
+
+
+class ModelConfig(_Section):
+    bundle: Path = Field(description="Model bundle folder (bundle.json + model.xml/.bin).")
+    device: str = Field("CPU", description="OpenVINO device: CPU, GPU, AUTO, ...")
+    cache_dir: Path | None = Field(Path("data/ov-cache"), description="OpenVINO model cache (faster restarts).")
+    threshold: float | None = Field(None, description="Override the bundle's raw image threshold.")
+
+
+class QueuePolicy(str, Enum):
+    """What happens to a new frame when the internal queue is full."""
+
+    DROP_OLDEST = "drop_oldest"  # keep the newest frames: a live line cares about now
+    DROP_NEWEST = "drop_newest"  # keep what arrived first
+    BLOCK = "block"  # stop reading from the broker (the broker then queues, and drops past its own limit)
+
+
+class LimitsConfig(_Section):
+    max_frame_bytes: int = Field(8_000_000, gt=0, description="Larger payloads are rejected before decoding.")
+    max_pixels: int = Field(16_000_000, gt=0, description="Width x height limit, checked from the header before decoding.")
+    queue_size: int = Field(32, ge=1, description="Frames waiting for inference.")
+    queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
+    inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
+
+
+class HeatmapConfig(_Section):
+    enabled: bool = Field(True, description="Publish a heatmap image for every result.")
+    format: Literal["jpeg", "png"] = Field("jpeg", description="jpeg (small) or png (lossless).")
+    quality: int = Field(85, ge=10, le=100, description="JPEG quality.")
+    size: int | None = Field(None, ge=16, description="Longer side in pixels; default the model's input size.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the colour map over the frame.")
+
+
+class StoreConfig(_Section):
+    path: Path | None = Field(Path("data/qdrant"), description="Embedded Qdrant storage on disk (the default).")
+    url: str | None = Field(None, description="Qdrant server URL; when set, used instead of path.")
+    api_key: SecretStr | None = Field(None, description="Qdrant server API key (prefer EDGE_INSPECT__STORE__API_KEY).")
+    collection: str = Field("frames", description="Qdrant collection; one per embedding space (model family/backbone).")
+    log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always logged.")
+    batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
+    flush_s: float = Field(0.5, gt=0, description="Longest an embedding waits before it is written.")
+
+
+class EvidenceConfig(_Section):
+    path: Path = Field(Path("data/evidence"), description="Folder for thumbnails, anomalous frames and heatmaps.")
+    max_frames: int = Field(5000, ge=1, description="Oldest evidence is deleted past this many frames.")
+    thumbnail_size: int = Field(128, ge=16, description="Longer side of the thumbnail kept for every logged frame.")
+
+
+class QueryConfig(_Section):
+    max_top_k: int = Field(50, ge=1, description="Largest top_k a query may ask for.")
+    timeout_s: float = Field(10, gt=0, description="CLI: how long to wait for the worker's answer.")
+
+
+class WorkerConfig(_Section):
+    id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
+
+
+class Config(_Section):
+    worker: WorkerConfig = WorkerConfig()
+    mqtt: MQTTConfig = MQTTConfig()
+    topics: TopicsConfig = TopicsConfig()
+    model: ModelConfig
+    limits: LimitsConfig = LimitsConfig()
+    heatmap: HeatmapConfig = HeatmapConfig()
+    store: StoreConfig = StoreConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
+    query: QueryConfig = QueryConfig()
+
+    @model_validator(mode="after")
+    def _store_target(self) -> Config:
+        if self.store.url is None and self.store.path is None:
+            raise ValueError("store: set path (embedded) or url (server)")
+        return self
+
+
+def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
+        node[path[-1]] = yaml.safe_load(value) if value else value
+    return raw
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Relative paths in the file are relative to the file, not to wherever the worker was started."""
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p).resolve()
+
+    config.model.bundle = fix(config.model.bundle)
+    config.model.cache_dir = fix(config.model.cache_dir)
+    config.store.path = fix(config.store.path)
+    config.evidence.path = fix(config.evidence.path)
+    if config.mqtt.password_file:
+        config.mqtt.password_file = fix(config.mqtt.password_file)
+    if config.mqtt.tls:
+        for name in ("ca_file", "cert_file", "key_file"):
+            setattr(config.mqtt.tls, name, fix(getattr(config.mqtt.tls, name)))
+    return config
+
+
+def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = _apply_env(raw, dict(os.environ if environ is None else environ))
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from exc
+    return _resolve_paths(config, path.parent.resolve())

@@ -1,0 +1,38 @@
+"""Heatmap images: the anomaly map as an OpenCV colour map blended over the frame the model saw."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from bundle import Normalisation
+from worker.config import HeatmapConfig
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+def encode(image: np.ndarray, fmt: str, quality: int = 85) -> bytes:
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, buf = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", image, params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {fmt} image")
+    return buf.tobytes()
+
+
+def fit_size(image: np.ndarray, longer_side: int | None) -> np.ndarray:
+    h, w = image.shape[:2]
+    if not longer_side or max(h, w) == longer_side:
+        return image
+    scale = longer_side / max(h, w)
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
+
+
+def render(frame: np.ndarray, anomaly_map: np.ndarray, norm: Normalisation, cfg: HeatmapConfig) -> bytes:
+    """Blend a JET colour map of the normalised anomaly map (0.5 = pixel threshold) over ``frame``."""
+    level = (norm(anomaly_map) * 255).astype(np.uint8)
+    colour = cv2.applyColorMap(level, cv2.COLORMAP_JET)
+    if colour.shape[:2] != frame.shape[:2]:
+        colour = cv2.resize(colour, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_LINEAR)
+    blended = cv2.addWeighted(colour, cfg.alpha, frame, 1 - cfg.alpha, 0)
+    return encode(fit_size(blended, cfg.size), cfg.format, cfg.quality)

@@ -1,0 +1,136 @@
+"""MQTT v5 connection (paho-mqtt 2.x): credentials, TLS, last will, persistent session, reconnects.
+
+paho reconnects by itself (``connect_async`` + ``loop_start`` + backoff); on every
+(re)connect we subscribe again and re-publish availability.  paho does not enforce
+the broker's CONNACK ``Maximum Packet Size``: an oversize publish makes the broker
+drop the connection and paho loops reconnecting, so :meth:`MqttLink.publish`
+refuses such payloads itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from worker.config import MQTTConfig
+
+log = logging.getLogger(__name__)
+
+
+class PacketTooLarge(Exception):
+    """A publish that the broker announced it would refuse (CONNACK Maximum Packet Size)."""
+
+
+def publish_properties(user: dict[str, str] | None = None, content_type: str | None = None,
+                       response_topic: str | None = None, correlation: bytes | None = None) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    if user:
+        props.UserProperty = [(k, str(v)) for k, v in user.items()]
+    if content_type:
+        props.ContentType = content_type
+    if response_topic:
+        props.ResponseTopic = response_topic
+    if correlation is not None:
+        props.CorrelationData = correlation
+    return props
+
+
+def user_properties(msg: mqtt.MQTTMessage) -> dict[str, str]:
+    """User properties of a received v5 message as a dict (the last value wins on duplicates)."""
+    props = getattr(msg, "properties", None)
+    return dict(getattr(props, "UserProperty", None) or [])
+
+
+class MqttLink:
+    """One client connection; callers set ``on_message`` and ``on_connected`` before :meth:`start`."""
+
+    def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
+                 will: tuple[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.subscriptions = list(subscriptions)
+        self.on_message: Callable[[mqtt.MQTTMessage], None] | None = None
+        self.on_connected: Callable[[], None] | None = None
+        self.max_packet_size: int | None = None
+        self.connected = threading.Event()
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(min_delay=max(1, int(cfg.reconnect_min_s)), max_delay=int(cfg.reconnect_max_s))
+        if cfg.username is not None:
+            self.client.username_pw_set(cfg.username, cfg.secret())
+        if cfg.tls is not None:
+            insecure = cfg.tls.insecure_skip_verify
+            self.client.tls_set(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if insecure else ssl.CERT_REQUIRED,
+            )
+            if insecure:
+                log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
+                self.client.tls_insecure_set(True)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
+                                  clean_start=self.cfg.session_expiry_s == 0, properties=props)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
+        if self.subscriptions:
+            client.subscribe([(topic, SubscribeOptions(qos=self.cfg.qos)) for topic in self.subscriptions])
+        self.connected.set()
+        if self.on_connected:
+            self.on_connected()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if self.on_message is None:
+            return
+        try:
+            self.on_message(msg)
+        except Exception:  # a bug in a handler must not kill paho's network thread
+            log.exception("message handler failed for %s", msg.topic)
+
+    def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
+                properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
+        data = payload.encode() if isinstance(payload, str) else payload
+        if self.max_packet_size is not None:
+            # fixed header (5) + topic (2+len) + packet id (2) + properties (bounded generously)
+            overhead = 9 + len(topic.encode()) + (len(properties.pack()) if properties is not None else 1)
+            if len(data) + overhead > self.max_packet_size:
+                raise PacketTooLarge(f"{topic}: {len(data) + overhead} bytes exceed the broker's maximum packet size {self.max_packet_size}")
+        return self.client.publish(topic, data, qos=self.cfg.qos if qos is None else qos, retain=retain,
+                                   properties=properties)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

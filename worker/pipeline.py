@@ -1,0 +1,263 @@
+"""Frames in, results out: admission on the MQTT thread, then decode -> infer -> publish on inference threads.
+
+Admission (topic, metadata, size, header) is cheap and runs on paho's network
+thread, so a refused frame is answered at once and never queues.  Each inference
+thread owns one OpenVINO infer request and runs decode, resize, inference, the
+heatmap and publishing for its frame; OpenCV and OpenVINO release the GIL, so the
+threads overlap.  Storage is handed to the recorder thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from bundle import Normalisation, prepare_image
+from bundle.runtime import CompiledBundle
+from worker import heatmap
+from worker.config import Config
+from worker.decode import FrameError, decode, probe
+from worker.mqtt import MqttLink, PacketTooLarge, publish_properties, user_properties
+from worker.query import parse_timestamp
+from worker.queueing import BoundedQueue, Closed
+from worker.recorder import Record, Recorder
+from worker.store import point_id
+from worker.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 128
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Frame:
+    camera: str
+    frame_id: str
+    captured_at: str
+    captured_ts: float
+    data: bytes
+    fmt: str
+    received_ts: float
+    received_mono: float
+
+
+class Stats:
+    """Per-camera counters; ``received == processed + errored + dropped + in flight`` at all times."""
+
+    FIELDS = ("received", "processed", "anomalous", "errored", "dropped")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, Counter] = defaultdict(Counter)
+        self.started = time.time()
+
+    def add(self, camera: str, field: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[camera][field] += n
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {cam: {f: c[f] for f in self.FIELDS} for cam, c in self._counts.items()}
+
+    def total(self, field: str) -> int:
+        with self._lock:
+            return sum(c[field] for c in self._counts.values())
+
+
+def _valid_id(value: str | None) -> bool:
+    return bool(value) and len(value) <= MAX_ID_LENGTH and value.isprintable() and "/" not in value
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, bundle: CompiledBundle, link: MqttLink, topics: Topics, recorder: Recorder,
+                 stats: Stats) -> None:
+        self.cfg = cfg
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.link = link
+        self.topics = topics
+        self.recorder = recorder
+        self.stats = stats
+        thr = self.manifest.thresholds
+        self.image_norm = (Normalisation(low=thr.image.low, threshold=cfg.model.threshold)
+                           if cfg.model.threshold is not None else thr.image)
+        self.pixel_norm = thr.pixel
+        self.queue: BoundedQueue[Frame] = BoundedQueue(cfg.limits.queue_size, cfg.limits.queue_policy)
+        n = cfg.limits.inference_threads or max(1, bundle.optimal_requests)
+        self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
+        self._normal_seen: Counter = Counter()
+        self._lock = threading.Lock()
+        self._query_request = bundle.create_request()
+        self._query_lock = threading.Lock()
+        self.model_info = {"name": self.manifest.name, "version": self.manifest.version, "family": self.manifest.family}
+
+    # --- MQTT thread -------------------------------------------------------------------------
+    def on_frame(self, msg: mqtt.MQTTMessage) -> None:
+        received_ts, received_mono = time.time(), time.monotonic()
+        camera = self.topics.camera_of(msg.topic)
+        if camera is None:
+            return
+        props = user_properties(msg)
+        self.stats.add(camera, "received")
+        try:
+            frame = self._admit(camera, props, msg.payload, received_ts, received_mono)
+        except FrameError as exc:
+            self._fail(camera, props.get("frame_id"), exc.code, exc.message)
+            return
+        dropped = self.queue.put(frame)
+        if dropped is not None:
+            self._fail(dropped.camera, dropped.frame_id, "dropped",
+                       f"queue full ({self.queue.maxsize}); policy {self.queue.policy.value}", counter="dropped")
+
+    def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float) -> Frame:
+        allowed = self.cfg.topics.cameras
+        if allowed and camera not in allowed:
+            raise FrameError("unknown_camera", f"camera {camera!r} is not in topics.cameras")
+        claimed = props.get("camera_id")
+        if claimed is not None and claimed != camera:
+            raise FrameError("camera_mismatch", f"user property camera_id {claimed!r} differs from the topic's camera {camera!r}")
+        frame_id = props.get("frame_id")
+        if frame_id is None or "captured_at" not in props:
+            missing = [k for k in ("frame_id", "captured_at") if k not in props]
+            raise FrameError("missing_metadata", f"user properties {', '.join(missing)} required (MQTT v5)")
+        if not _valid_id(frame_id):
+            raise FrameError("bad_metadata", f"frame_id must be 1..{MAX_ID_LENGTH} printable characters without '/'")
+        try:
+            captured_ts = parse_timestamp(props["captured_at"])
+        except (ValueError, OverflowError):
+            raise FrameError("bad_metadata", f"captured_at {props['captured_at'][:64]!r} is not ISO-8601 or epoch seconds") from None
+        fmt = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
+        return Frame(camera, frame_id, iso(captured_ts), captured_ts, data, fmt, received_ts, received_mono)
+
+    def _fail(self, camera: str, frame_id: str | None, code: str, message: str, counter: str = "errored") -> None:
+        self.stats.add(camera, counter)
+        body = {"code": code, "message": message, "frame_id": frame_id if _valid_id(frame_id) else None,
+                "camera": camera, "worker": self.cfg.worker.id, "at": iso(time.time())}
+        log.info("frame %s/%s refused: %s: %s", camera, body["frame_id"], code, message)
+        self.link.publish(self.topics.error(camera), json.dumps(body),
+                          properties=publish_properties(content_type="application/json"))
+
+    # --- inference threads -------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self, timeout: float) -> int:
+        """Stop after the queued frames (bounded by ``timeout``); returns how many were left and refused."""
+        self.queue.close()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        left = 0
+        while True:
+            try:
+                frame = self.queue.get(timeout=0)
+            except Closed:
+                break
+            if frame is None:
+                break
+            left += 1
+            self._fail(frame.camera, frame.frame_id, "shutdown", "worker stopped before this frame was processed")
+        return left
+
+    def _run(self) -> None:
+        request = self.bundle.create_request()
+        while True:
+            try:
+                frame = self.queue.get(timeout=0.5)
+            except Closed:
+                return
+            if frame is None:
+                continue
+            try:
+                self._process(frame, request)
+            except FrameError as exc:
+                self._fail(frame.camera, frame.frame_id, exc.code, exc.message)
+            except PacketTooLarge as exc:
+                self._fail(frame.camera, frame.frame_id, "result_too_large", str(exc))
+            except Exception as exc:  # keep serving; the frame still gets its error message
+                log.exception("frame %s/%s failed", frame.camera, frame.frame_id)
+                self._fail(frame.camera, frame.frame_id, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _should_log(self, camera: str, anomalous: bool) -> bool:
+        every = self.cfg.store.log_normal_every
+        if anomalous:
+            return True
+        if every == 0:
+            return False
+        with self._lock:
+            seen = self._normal_seen[camera]
+            self._normal_seen[camera] = seen + 1
+        return seen % every == 0
+
+    def _process(self, frame: Frame, request) -> None:
+        t_start = time.monotonic()
+        image = prepare_image(decode(frame.data), self.manifest.input)
+        t_decoded = time.monotonic()
+        pred = self.bundle.infer(image[np.newaxis], request)
+        t_inferred = time.monotonic()
+        raw = float(pred.score[0])
+        anomalous = raw >= self.image_norm.threshold
+        heat = heatmap.render(image, pred.anomaly_map[0], self.pixel_norm, self.cfg.heatmap) if (
+            self.cfg.heatmap.enabled or anomalous) else None
+        logged = self._should_log(frame.camera, anomalous)
+        result = {
+            "frame_id": frame.frame_id,
+            "camera": frame.camera,
+            "captured_at": frame.captured_at,
+            "received_at": iso(frame.received_ts),
+            "score": round(float(self.image_norm(raw)), 4),
+            "raw_score": round(raw, 5),
+            "threshold": round(self.image_norm.threshold, 5),
+            "verdict": "anomalous" if anomalous else "normal",
+            "model": self.model_info,
+            "heatmap": {"topic": self.topics.heatmap(frame.camera), "format": self.cfg.heatmap.format}
+            if heat is not None and self.cfg.heatmap.enabled else None,
+            "logged": logged,
+            "worker": self.cfg.worker.id,
+        }
+        if result["heatmap"]:
+            self.link.publish(self.topics.heatmap(frame.camera), heat, properties=publish_properties(
+                {"frame_id": frame.frame_id, "camera_id": frame.camera}, heatmap.CONTENT_TYPES[self.cfg.heatmap.format]))
+        t_post = time.monotonic()
+        result["latency_ms"] = {
+            "queue": round((t_start - frame.received_mono) * 1000, 2),
+            "decode": round((t_decoded - t_start) * 1000, 2),
+            "infer": round((t_inferred - t_decoded) * 1000, 2),
+            "post": round((t_post - t_inferred) * 1000, 2),
+            "total": round((t_post - frame.received_mono) * 1000, 2),
+        }
+        result["published_at"] = iso(time.time())
+        self.link.publish(self.topics.result(frame.camera), json.dumps(result),
+                          properties=publish_properties({"frame_id": frame.frame_id}, "application/json"))
+        self.stats.add(frame.camera, "processed")
+        if anomalous:
+            self.stats.add(frame.camera, "anomalous")
+        if logged:
+            files = {}
+            if anomalous:
+                files["frame"] = (frame.fmt, frame.data)
+                files["heatmap"] = ("jpg" if self.cfg.heatmap.format == "jpeg" else "png", heat)
+            payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
+            payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=self.manifest.name,
+                           model_version=self.manifest.version)
+            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), pred.embedding[0], payload, image, files))
+
+    def embed(self, data: bytes) -> np.ndarray:
+        """Embedding of an image sent with a query (same checks as a frame; its own infer request)."""
+        probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
+        image = prepare_image(decode(data), self.manifest.input)
+        with self._query_lock:
+            return self.bundle.infer(image[np.newaxis], self._query_request).embedding[0]

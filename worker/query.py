@@ -1,0 +1,146 @@
+"""Similar-past-defect queries: one code path for MQTT request/response and the CLI.
+
+A request names a past frame (``frame_id`` [+ ``camera``]) or carries an image
+(``image_b64``); the answer lists the nearest logged frames with similarity,
+metadata and a thumbnail (and heatmap, when the frame was anomalous).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from worker.decode import FrameError
+from worker.evidence import EvidenceStore
+from worker.store import Filters, VectorStore
+
+
+class QueryError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def parse_timestamp(value: str | float | int) -> float:
+    """ISO-8601 (with or without zone; naive means UTC) or epoch seconds -> epoch seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp.timestamp()
+
+
+class QueryFilters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cameras: list[str] = Field(default_factory=list)
+    anomalous_only: bool = False
+    since: str | float | None = None
+    until: str | float | None = None
+
+    def to_filters(self) -> Filters:
+        try:
+            since = parse_timestamp(self.since) if self.since is not None else None
+            until = parse_timestamp(self.until) if self.until is not None else None
+        except ValueError as exc:
+            raise QueryError("bad_request", f"filters.since/until: {exc}") from None
+        return Filters(tuple(self.cameras), self.anomalous_only, since, until)
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    frame_id: str | None = None
+    camera: str | None = Field(None, description="Camera of frame_id, when frame ids repeat across cameras.")
+    image_b64: str | None = None
+    top_k: int = Field(5, ge=1)
+    filters: QueryFilters = QueryFilters()
+    include_heatmaps: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QueryRequest:
+        if (self.frame_id is None) == (self.image_b64 is None):
+            raise ValueError("give exactly one of frame_id or image_b64")
+        return self
+
+
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode() if data else None
+
+
+class QueryService:
+    def __init__(self, store: VectorStore, evidence: EvidenceStore, embed: Callable[[bytes], np.ndarray],
+                 max_top_k: int) -> None:
+        self.store = store
+        self.evidence = evidence
+        self.embed = embed
+        self.max_top_k = max_top_k
+
+    def answer_bytes(self, payload: bytes) -> dict:
+        """Answer a raw request payload; never raises, errors come back as ``{"ok": false, "error": ...}``."""
+        started = time.monotonic()
+        try:
+            try:
+                request = QueryRequest.model_validate(json.loads(payload))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise QueryError("bad_request", f"request is not JSON: {exc}") from None
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}" for e in exc.errors())
+                raise QueryError("bad_request", problems) from None
+            answer = self.answer(request)
+        except QueryError as exc:
+            answer = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        answer["took_ms"] = round((time.monotonic() - started) * 1000, 1)
+        return answer
+
+    def answer(self, request: QueryRequest) -> dict:
+        if request.top_k > self.max_top_k:
+            raise QueryError("bad_request", f"top_k {request.top_k} exceeds the limit {self.max_top_k}")
+        filters = request.filters.to_filters()
+        if self.store.count() == 0:
+            raise QueryError("empty_store", "no frames have been logged yet")
+        exclude = None
+        query: dict = {}
+        if request.frame_id is not None:
+            found = self.store.find(request.frame_id, request.camera)
+            if found is None:
+                where = f" from camera {request.camera}" if request.camera else ""
+                raise QueryError("unknown_frame", f"frame {request.frame_id!r}{where} is not in the history")
+            exclude, vector, payload = found
+            query = {"frame_id": payload.get("frame_id"), "camera": payload.get("camera")}
+        else:
+            try:
+                data = base64.b64decode(request.image_b64 or "", validate=True)
+            except binascii.Error:
+                raise QueryError("bad_image", "image_b64 is not valid base64") from None
+            try:
+                vector = self.embed(data)
+            except FrameError as exc:
+                raise QueryError("bad_image", f"{exc.code}: {exc.message}") from None
+            query = {"image_bytes": len(data)}
+        hits = self.store.search(vector, request.top_k, filters, exclude=exclude)
+        return {"ok": True, "query": query, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+
+    def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:
+        evidence = payload.get("evidence") or {}
+        hit = {
+            "similarity": round(similarity, 4),
+            **{k: payload.get(k) for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict",
+                                            "model_name", "model_version")},
+            "thumbnail_b64": _b64(self.evidence.read(evidence.get("thumbnail"))),
+        }
+        if heatmaps:
+            hit["heatmap_b64"] = _b64(self.evidence.read(evidence.get("heatmap")))
+        return hit

@@ -1,0 +1,65 @@
+"""The worker's MQTT API: every topic it reads or writes, in one place (documented in README "Worker API").
+
+    <prefix>/<camera>/frame                      in   image bytes; user properties frame_id, captured_at[, camera_id]
+    <prefix>/<camera>/result                     out  JSON result per frame
+    <prefix>/<camera>/heatmap                    out  JPEG/PNG colour map over the frame; user property frame_id
+    <prefix>/<camera>/error                      out  JSON error per refused frame
+    <prefix>/query                               in   similarity request (MQTT v5 response_topic + correlation_data)
+    <prefix>/workers/<worker_id>/availability    out  retained: online | offline (last will) | stopped
+    <prefix>/workers/<worker_id>/model           out  retained JSON: the bundle this worker runs
+    <prefix>/workers/<worker_id>/stats           out  JSON counters, every stats interval
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    worker_id: str
+
+    @property
+    def frames(self) -> str:
+        """Subscription filter for every camera's frames."""
+        return f"{self.prefix}/+/frame"
+
+    def frame(self, camera: str) -> str:
+        return f"{self.prefix}/{camera}/frame"
+
+    def result(self, camera: str) -> str:
+        return f"{self.prefix}/{camera}/result"
+
+    def heatmap(self, camera: str) -> str:
+        return f"{self.prefix}/{camera}/heatmap"
+
+    def error(self, camera: str) -> str:
+        return f"{self.prefix}/{camera}/error"
+
+    @property
+    def query(self) -> str:
+        return f"{self.prefix}/query"
+
+    def _worker(self, leaf: str) -> str:
+        return f"{self.prefix}/workers/{self.worker_id}/{leaf}"
+
+    @property
+    def availability(self) -> str:
+        return self._worker("availability")
+
+    @property
+    def model(self) -> str:
+        return self._worker("model")
+
+    @property
+    def stats(self) -> str:
+        return self._worker("stats")
+
+    def camera_of(self, topic: str) -> str | None:
+        """The camera id in a frame topic, or None when the topic is not ``<prefix>/<camera>/frame``."""
+        head, sep, rest = topic.partition(self.prefix + "/")
+        if head or not sep:
+            return None
+        camera, _, leaf = rest.partition("/")
+        return camera if camera and leaf == "frame" else None

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def broker_readable_dir(prefix: str = "mosquitto-") -> Path:
+    """A fresh folder that mosquitto can read and write after dropping root to user 'mosquitto'."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o777)
+    return folder
+
+
 def mosquitto_path() -> str:
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if exe is None:
@@ -28,16 +36,24 @@ def mosquitto_path() -> str:
 
 
 class Broker:
-    def __init__(self, folder: Path, extra: str = "", port: int | None = None, listener: str | None = None) -> None:
-        """``listener`` replaces the default anonymous plain listener (e.g. for TLS); ``extra`` is appended."""
+    def __init__(self, folder: Path, extra: str = "", port: int | None = None, listener: str | None = None,
+                 persistence_dir: Path | None = None) -> None:
+        """``listener`` replaces the default anonymous plain listener (e.g. for TLS); ``extra`` is appended.
+
+        ``persistence_dir`` keeps sessions and queued messages across a stop and a restart on the same
+        port (a clean SIGTERM saves them); like every file the broker reads, it must be reachable by the
+        user mosquitto drops to when started as root (see :func:`broker_readable_dir`).
+        """
         self.port = port or free_port()
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.conf = self.folder / "mosquitto.conf"
         default = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-        self.conf.write_text((listener or default) + "persistence false\n" + extra)
+        persistence = (f"persistence true\npersistence_location {persistence_dir}/\n" if persistence_dir
+                       else "persistence false\n")
+        self.conf.write_text((listener or default) + persistence + extra)
         self.log_path = self.folder / "mosquitto.log"
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen([mosquitto_path(), "-c", str(self.conf)], stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10

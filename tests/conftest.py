@@ -75,7 +75,7 @@ class Client:
             self.lock.notify_all()
 
     def publish_frame(self, camera: str, data: bytes, frame_id: str | None, captured_at: str | None = "now",
-                      extra: dict | None = None) -> None:
+                      extra: dict | None = None, wait: bool = True) -> None:
         props = Properties(PacketTypes.PUBLISH)
         user = []
         if frame_id is not None:
@@ -85,9 +85,11 @@ class Client:
         user += list((extra or {}).items())
         if user:
             props.UserProperty = user
-        self.client.publish(f"{self.prefix}/{camera}/frame", data, qos=1, properties=props).wait_for_publish(5)
+        info = self.client.publish(f"{self.prefix}/{camera}/frame", data, qos=1, properties=props)
+        if wait:  # without waiting, paho keeps QoS 1 messages queued while disconnected and sends them later
+            info.wait_for_publish(5)
 
-    def wait_for(self, predicate, timeout: float = 30, count: int = 1) -> list[mqtt.MQTTMessage]:
+    def wait_for(self, predicate, timeout: float = 90, count: int = 1) -> list[mqtt.MQTTMessage]:
         deadline = time.monotonic() + timeout
         with self.lock:
             while True:
@@ -100,7 +102,7 @@ class Client:
                     raise AssertionError(f"timed out: {len(found)}/{count} matching messages; topics seen: {topics}")
                 self.lock.wait(left)
 
-    def json_on(self, topic: str, timeout: float = 30, count: int = 1) -> list[dict]:
+    def json_on(self, topic: str, timeout: float = 90, count: int = 1) -> list[dict]:
         return [json.loads(m.payload) for m in self.wait_for(lambda m: m.topic == topic, timeout, count)]
 
     def close(self) -> None:
@@ -138,9 +140,12 @@ def write_config(folder: Path, port: int, bundle: Path, **sections) -> Path:
         "store": {"path": str(folder / "qdrant"), "flush_s": 0.1},
         "evidence": {"path": str(folder / "evidence"), "max_frames": 100},
         "limits": {"max_frame_bytes": 2_000_000},
+        "spool": {"path": str(folder / "spool")},
+        "metrics": {"enabled": False},
     }
     for key, value in sections.items():
         cfg.setdefault(key, {}).update(value)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -36,7 +36,7 @@ def running(broker, bundle_dir, tmp_path, worker_factory):
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     status = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online",
-                             timeout=60)
+                             timeout=120)
     assert status[0].retain or status[0].payload == b"online"
     yield prefix, client, worker, config, tmp_path
     client.close()
@@ -47,7 +47,7 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
     frames = _frames(dataset)
     for frame_id, data, _ in frames:
         client.publish_frame("cam1", data, frame_id)
-    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam1/result", count=len(frames), timeout=60)}
+    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam1/result", count=len(frames), timeout=120)}
     assert set(results) == {f for f, _, _ in frames}
 
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
@@ -71,7 +71,7 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
         assert image.shape == (128, 128, 3)
     assert {user_props(m)["frame_id"] for m in heatmaps} == set(results)
 
-    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=10)[-1]
+    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]
     assert stats["cameras"]["cam1"]["received"] == len(frames)
 
     assert worker.stop() == 0, worker.output()
@@ -154,7 +154,7 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset):
     frames = _frames(dataset)
     for frame_id, data, _ in frames:
         client.publish_frame("cam3", data, frame_id)
-    client.json_on(f"{prefix}/cam3/result", count=len(frames), timeout=60)
+    client.json_on(f"{prefix}/cam3/result", count=len(frames), timeout=120)
     time.sleep(1.0)  # the recorder writes in batches every flush_s
 
     # The very image of a logged frame finds that frame first, with cosine similarity ~1.

@@ -59,6 +59,7 @@ class MQTTConfig(_Section):
 class TopicsConfig(_Section):
     prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
     cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
+    share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames (and queries) across the workers of a group.")
 
     @field_validator("prefix")
     @classmethod
@@ -67,12 +68,20 @@ class TopicsConfig(_Section):
             raise ValueError("must be non-empty, without '+', '#' or a leading/trailing '/'")
         return v
 
+    @field_validator("share_group")
+    @classmethod
+    def _one_level(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(ch in v for ch in "+#/")):
+            raise ValueError("must be one non-empty topic level without '+', '#' or '/'")
+        return v
+
 
 class ModelConfig(_Section):
     bundle: Path = Field(description="Model bundle folder (bundle.json + model.xml/.bin).")
     device: str = Field("CPU", description="OpenVINO device: CPU, GPU, AUTO, ...")
     cache_dir: Path | None = Field(Path("data/ov-cache"), description="OpenVINO model cache (faster restarts).")
     threshold: float | None = Field(None, description="Override the bundle's raw image threshold.")
+    watch_s: float = Field(0, ge=0, description="Check every N seconds whether a configured bundle changed on disk and hot-reload it (0 = off; reloads also come over the control topic).")
 
 
 class QueuePolicy(str, Enum):
@@ -89,14 +98,42 @@ class LimitsConfig(_Section):
     queue_size: int = Field(32, ge=1, description="Frames waiting for inference.")
     queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
     inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
+    dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries.")
+
+
+HeatmapPolicy = Literal["always", "anomalous", "never"]
 
 
 class HeatmapConfig(_Section):
-    enabled: bool = Field(True, description="Publish a heatmap image for every result.")
+    publish: HeatmapPolicy = Field("always", description="Publish a heatmap with every result, only with anomalous ones, or never (evidence keeps anomalous heatmaps regardless).")
     format: Literal["jpeg", "png"] = Field("jpeg", description="jpeg (small) or png (lossless).")
     quality: int = Field(85, ge=10, le=100, description="JPEG quality.")
     size: int | None = Field(None, ge=16, description="Longer side in pixels; default the model's input size.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the colour map over the frame.")
+
+
+class CameraConfig(_Section):
+    """Settings for one camera; anything left unset follows the global section."""
+
+    bundle: Path | None = Field(None, description="Another model bundle for this camera (default model.bundle).")
+    threshold: float | None = Field(None, description="Raw image threshold for this camera.")
+    heatmap: HeatmapPolicy | None = Field(None, description="always | anomalous | never for this camera.")
+    heatmap_format: Literal["jpeg", "png"] | None = None
+    heatmap_size: int | None = Field(None, ge=16)
+    roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is inspected.")
+
+    @field_validator("roi")
+    @classmethod
+    def _positive(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
+            raise ValueError("x, y must be >= 0 and width, height > 0")
+        return v
+
+
+class MetricsConfig(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
+    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics.")
 
 
 class StoreConfig(_Section):
@@ -107,6 +144,12 @@ class StoreConfig(_Section):
     log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
     flush_s: float = Field(0.5, gt=0, description="Longest an embedding waits before it is written.")
+
+
+class SpoolConfig(_Section):
+    path: Path = Field(Path("data/spool"), description="Embeddings the store could not take wait here, in order, across restarts.")
+    max_mb: int = Field(200, ge=1, description="Past this, the oldest spooled batches are dropped (and counted).")
+    retry_s: float = Field(5, gt=0, description="How often an unavailable store is tried again.")
 
 
 class EvidenceConfig(_Section):
@@ -134,6 +177,9 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     heatmap: HeatmapConfig = HeatmapConfig()
     store: StoreConfig = StoreConfig()
+    spool: SpoolConfig = SpoolConfig()
+    cameras: dict[str, CameraConfig] = Field(default_factory=dict, description="Per-camera overrides, by camera id.")
+    metrics: MetricsConfig = MetricsConfig()
     evidence: EvidenceConfig = EvidenceConfig()
     query: QueryConfig = QueryConfig()
 
@@ -141,6 +187,9 @@ class Config(_Section):
     def _store_target(self) -> Config:
         if self.store.url is None and self.store.path is None:
             raise ValueError("store: set path (embedded) or url (server)")
+        unlisted = sorted(set(self.cameras) - set(self.topics.cameras))
+        if self.topics.cameras and unlisted:
+            raise ValueError(f"cameras: {', '.join(unlisted)} not in topics.cameras")
         return self
 
 
@@ -164,9 +213,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return p if p is None or p.is_absolute() else (base / p).resolve()
 
     config.model.bundle = fix(config.model.bundle)
+    for camera in config.cameras.values():
+        camera.bundle = fix(camera.bundle)
     config.model.cache_dir = fix(config.model.cache_dir)
     config.store.path = fix(config.store.path)
     config.evidence.path = fix(config.evidence.path)
+    config.spool.path = fix(config.spool.path)
     if config.mqtt.password_file:
         config.mqtt.password_file = fix(config.mqtt.password_file)
     if config.mqtt.tls:

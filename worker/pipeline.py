@@ -13,18 +13,19 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from bundle import Normalisation, prepare_image
-from bundle.runtime import CompiledBundle
+from bundle import prepare_image
 from worker import heatmap
-from worker.config import Config
+from worker.config import Config, HeatmapConfig
 from worker.decode import FrameError, decode, probe
+from worker.metrics import Stats
+from worker.models import Model, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties, user_properties
 from worker.query import parse_timestamp
 from worker.queueing import BoundedQueue, Closed
@@ -53,55 +54,28 @@ class Frame:
     received_mono: float
 
 
-class Stats:
-    """Per-camera counters; ``received == processed + errored + dropped + in flight`` at all times."""
-
-    FIELDS = ("received", "processed", "anomalous", "errored", "dropped")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, Counter] = defaultdict(Counter)
-        self.started = time.time()
-
-    def add(self, camera: str, field: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[camera][field] += n
-
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        with self._lock:
-            return {cam: {f: c[f] for f in self.FIELDS} for cam, c in self._counts.items()}
-
-    def total(self, field: str) -> int:
-        with self._lock:
-            return sum(c[field] for c in self._counts.values())
-
-
 def _valid_id(value: str | None) -> bool:
     return bool(value) and len(value) <= MAX_ID_LENGTH and value.isprintable() and "/" not in value
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, bundle: CompiledBundle, link: MqttLink, topics: Topics, recorder: Recorder,
+    def __init__(self, cfg: Config, models: Models, link: MqttLink, topics: Topics, recorder: Recorder,
                  stats: Stats) -> None:
         self.cfg = cfg
-        self.bundle = bundle
-        self.manifest = bundle.manifest
+        self.models = models
         self.link = link
         self.topics = topics
         self.recorder = recorder
         self.stats = stats
-        thr = self.manifest.thresholds
-        self.image_norm = (Normalisation(low=thr.image.low, threshold=cfg.model.threshold)
-                           if cfg.model.threshold is not None else thr.image)
-        self.pixel_norm = thr.pixel
+        self.allowed = set(cfg.topics.cameras) | set(cfg.cameras) if cfg.topics.cameras else set()
         self.queue: BoundedQueue[Frame] = BoundedQueue(cfg.limits.queue_size, cfg.limits.queue_policy)
-        n = cfg.limits.inference_threads or max(1, bundle.optimal_requests)
+        n = cfg.limits.inference_threads or max(1, models.default.bundle.optimal_requests)
         self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
         self._normal_seen: Counter = Counter()
+        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
-        self._query_request = bundle.create_request()
         self._query_lock = threading.Lock()
-        self.model_info = {"name": self.manifest.name, "version": self.manifest.version, "family": self.manifest.family}
+        self._query_requests: dict[int, object] = {}
 
     # --- MQTT thread -------------------------------------------------------------------------
     def on_frame(self, msg: mqtt.MQTTMessage) -> None:
@@ -111,6 +85,11 @@ class Pipeline:
             return
         props = user_properties(msg)
         self.stats.add(camera, "received")
+        if self._seen_before(camera, props.get("frame_id")):
+            # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
+            self.stats.add(camera, "duplicates")
+            log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
+            return
         try:
             frame = self._admit(camera, props, msg.payload, received_ts, received_mono)
         except FrameError as exc:
@@ -121,9 +100,21 @@ class Pipeline:
             self._fail(dropped.camera, dropped.frame_id, "dropped",
                        f"queue full ({self.queue.maxsize}); policy {self.queue.policy.value}", counter="dropped")
 
+    def _seen_before(self, camera: str, frame_id: str | None) -> bool:
+        """Remember the last ``limits.dedupe_window`` (camera, frame_id) pairs; True for a repeat."""
+        if not _valid_id(frame_id):
+            return False
+        key = (camera, frame_id)
+        with self._lock:
+            if key in self._recent:
+                return True
+            self._recent[key] = None
+            if len(self._recent) > self.cfg.limits.dedupe_window:
+                self._recent.popitem(last=False)
+        return False
+
     def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float) -> Frame:
-        allowed = self.cfg.topics.cameras
-        if allowed and camera not in allowed:
+        if self.allowed and camera not in self.allowed:
             raise FrameError("unknown_camera", f"camera {camera!r} is not in topics.cameras")
         claimed = props.get("camera_id")
         if claimed is not None and claimed != camera:
@@ -142,7 +133,7 @@ class Pipeline:
         return Frame(camera, frame_id, iso(captured_ts), captured_ts, data, fmt, received_ts, received_mono)
 
     def _fail(self, camera: str, frame_id: str | None, code: str, message: str, counter: str = "errored") -> None:
-        self.stats.add(camera, counter)
+        self.stats.add(camera, counter, code=code)
         body = {"code": code, "message": message, "frame_id": frame_id if _valid_id(frame_id) else None,
                 "camera": camera, "worker": self.cfg.worker.id, "at": iso(time.time())}
         log.info("frame %s/%s refused: %s: %s", camera, body["frame_id"], code, message)
@@ -173,7 +164,7 @@ class Pipeline:
         return left
 
     def _run(self) -> None:
-        request = self.bundle.create_request()
+        requests: dict[int, object] = {}  # one infer request per model this thread has served
         while True:
             try:
                 frame = self.queue.get(timeout=0.5)
@@ -182,7 +173,13 @@ class Pipeline:
             if frame is None:
                 continue
             try:
-                self._process(frame, request)
+                model = self.models.for_camera(frame.camera)
+                request = requests.get(id(model.bundle))
+                if request is None:  # first frame on a (re)loaded model: forget requests of replaced ones
+                    live = {id(m.bundle) for m in self.models.scopes().values()}
+                    requests = {k: v for k, v in requests.items() if k in live}
+                    request = requests[id(model.bundle)] = model.bundle.create_request()
+                self._process(frame, model, request)
             except FrameError as exc:
                 self._fail(frame.camera, frame.frame_id, exc.code, exc.message)
             except PacketTooLarge as exc:
@@ -202,35 +199,61 @@ class Pipeline:
             self._normal_seen[camera] = seen + 1
         return seen % every == 0
 
-    def _process(self, frame: Frame, request) -> None:
+    def _heatmap_settings(self, camera: str) -> tuple[str, HeatmapConfig]:
+        """(publish policy, encoding settings) for a camera: its overrides over the global section."""
+        base = self.cfg.heatmap
+        override = self.cfg.cameras.get(camera)
+        if override is None:
+            return base.publish, base
+        return override.heatmap or base.publish, base.model_copy(update={
+            "format": override.heatmap_format or base.format, "size": override.heatmap_size or base.size})
+
+    def _crop(self, image: np.ndarray, camera: str) -> np.ndarray:
+        override = self.cfg.cameras.get(camera)
+        if override is None or override.roi is None:
+            return image
+        x, y, w, h = override.roi
+        crop = image[y : y + h, x : x + w]
+        if crop.size == 0:
+            raise FrameError("roi_outside_frame", f"roi {override.roi} lies outside the {image.shape[1]}x{image.shape[0]} frame")
+        return crop
+
+    def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
-        image = prepare_image(decode(frame.data), self.manifest.input)
+        manifest = model.bundle.manifest
+        image = prepare_image(self._crop(decode(frame.data), frame.camera), manifest.input)
         t_decoded = time.monotonic()
-        pred = self.bundle.infer(image[np.newaxis], request)
+        pred = model.bundle.infer(image[np.newaxis], request)
         t_inferred = time.monotonic()
         raw = float(pred.score[0])
-        anomalous = raw >= self.image_norm.threshold
-        heat = heatmap.render(image, pred.anomaly_map[0], self.pixel_norm, self.cfg.heatmap) if (
-            self.cfg.heatmap.enabled or anomalous) else None
+        norm = self.models.image_norm(model, frame.camera)
+        anomalous = raw >= norm.threshold
+        policy, look = self._heatmap_settings(frame.camera)
+        publish_heat = policy == "always" or (policy == "anomalous" and anomalous)
         logged = self._should_log(frame.camera, anomalous)
+        heat = (heatmap.render(image, pred.anomaly_map[0], manifest.thresholds.pixel, look)
+                if publish_heat or (anomalous and logged) else None)
         result = {
             "frame_id": frame.frame_id,
             "camera": frame.camera,
             "captured_at": frame.captured_at,
             "received_at": iso(frame.received_ts),
-            "score": round(float(self.image_norm(raw)), 4),
+            "score": round(float(norm(raw)), 4),
             "raw_score": round(raw, 5),
-            "threshold": round(self.image_norm.threshold, 5),
+            "threshold": round(norm.threshold, 5),
             "verdict": "anomalous" if anomalous else "normal",
-            "model": self.model_info,
-            "heatmap": {"topic": self.topics.heatmap(frame.camera), "format": self.cfg.heatmap.format}
-            if heat is not None and self.cfg.heatmap.enabled else None,
+            "model": model.info,
+            "heatmap": {"topic": self.topics.heatmap(frame.camera), "format": look.format} if publish_heat else None,
             "logged": logged,
             "worker": self.cfg.worker.id,
         }
-        if result["heatmap"]:
-            self.link.publish(self.topics.heatmap(frame.camera), heat, properties=publish_properties(
-                {"frame_id": frame.frame_id, "camera_id": frame.camera}, heatmap.CONTENT_TYPES[self.cfg.heatmap.format]))
+        if publish_heat:
+            try:
+                self.link.publish(self.topics.heatmap(frame.camera), heat, properties=publish_properties(
+                    {"frame_id": frame.frame_id, "camera_id": frame.camera}, heatmap.CONTENT_TYPES[look.format]))
+            except PacketTooLarge as exc:
+                result["heatmap"] = None
+                result["heatmap_error"] = str(exc)
         t_post = time.monotonic()
         result["latency_ms"] = {
             "queue": round((t_start - frame.received_mono) * 1000, 2),
@@ -243,21 +266,27 @@ class Pipeline:
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),
                           properties=publish_properties({"frame_id": frame.frame_id}, "application/json"))
         self.stats.add(frame.camera, "processed")
+        self.stats.observe(result["latency_ms"])
         if anomalous:
             self.stats.add(frame.camera, "anomalous")
         if logged:
             files = {}
             if anomalous:
                 files["frame"] = (frame.fmt, frame.data)
-                files["heatmap"] = ("jpg" if self.cfg.heatmap.format == "jpeg" else "png", heat)
+                files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
-            payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=self.manifest.name,
-                           model_version=self.manifest.version)
+            payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=manifest.name,
+                           model_version=manifest.version)
             self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), pred.embedding[0], payload, image, files))
 
     def embed(self, data: bytes) -> np.ndarray:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request)."""
         probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
-        image = prepare_image(decode(data), self.manifest.input)
+        model = self.models.default
+        image = prepare_image(decode(data), model.bundle.manifest.input)
         with self._query_lock:
-            return self.bundle.infer(image[np.newaxis], self._query_request).embedding[0]
+            request = self._query_requests.get(id(model.bundle))
+            if request is None:
+                self._query_requests = {id(model.bundle): model.bundle.create_request()}
+                request = self._query_requests[id(model.bundle)]
+            return model.bundle.infer(image[np.newaxis], request).embedding[0]

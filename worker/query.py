@@ -12,6 +12,7 @@ import binascii
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 
 import numpy as np
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from worker.decode import FrameError
 from worker.evidence import EvidenceStore
+from worker.recorder import StoreUnavailable
 from worker.store import Filters, VectorStore
 
 
@@ -81,9 +83,9 @@ def _b64(data: bytes | None) -> str | None:
 
 
 class QueryService:
-    def __init__(self, store: VectorStore, evidence: EvidenceStore, embed: Callable[[bytes], np.ndarray],
-                 max_top_k: int) -> None:
-        self.store = store
+    def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]], evidence: EvidenceStore,
+                 embed: Callable[[bytes], np.ndarray], max_top_k: int) -> None:
+        self.use_store = use_store
         self.evidence = evidence
         self.embed = embed
         self.max_top_k = max_top_k
@@ -99,22 +101,25 @@ class QueryService:
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}" for e in exc.errors())
                 raise QueryError("bad_request", problems) from None
-            answer = self.answer(request)
+            with self.use_store() as store:
+                answer = self.answer(request, store)
+        except StoreUnavailable as exc:
+            answer = {"ok": False, "error": {"code": "store_unavailable", "message": str(exc)}}
         except QueryError as exc:
             answer = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
         answer["took_ms"] = round((time.monotonic() - started) * 1000, 1)
         return answer
 
-    def answer(self, request: QueryRequest) -> dict:
+    def answer(self, request: QueryRequest, store: VectorStore) -> dict:
         if request.top_k > self.max_top_k:
             raise QueryError("bad_request", f"top_k {request.top_k} exceeds the limit {self.max_top_k}")
         filters = request.filters.to_filters()
-        if self.store.count() == 0:
+        if store.count() == 0:
             raise QueryError("empty_store", "no frames have been logged yet")
         exclude = None
         query: dict = {}
         if request.frame_id is not None:
-            found = self.store.find(request.frame_id, request.camera)
+            found = store.find(request.frame_id, request.camera)
             if found is None:
                 where = f" from camera {request.camera}" if request.camera else ""
                 raise QueryError("unknown_frame", f"frame {request.frame_id!r}{where} is not in the history")
@@ -130,7 +135,7 @@ class QueryService:
             except FrameError as exc:
                 raise QueryError("bad_image", f"{exc.code}: {exc.message}") from None
             query = {"image_bytes": len(data)}
-        hits = self.store.search(vector, request.top_k, filters, exclude=exclude)
+        hits = store.search(vector, request.top_k, filters, exclude=exclude)
         return {"ok": True, "query": query, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
 
     def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:

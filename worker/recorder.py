@@ -1,26 +1,38 @@
 """Writes logged frames to the evidence folder and the vector store, in batches, on its own thread.
 
 Inference threads only hand a record over (a deque append); thumbnail encoding,
-file writes and Qdrant upserts happen here.  A failed write is retried with backoff
-and the batch is kept, so a store hiccup delays history instead of losing it.
+file writes and store upserts happen here.  When the store cannot be opened or a
+write fails, batches go to a bounded on-disk spool and are replayed in arrival
+order once the store answers again, so an outage delays history instead of losing
+it and inference never waits.  The spool survives restarts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
-from worker.config import QueuePolicy, StoreConfig
 from worker.store import VectorStore
 
 log = logging.getLogger(__name__)
+
+Point = tuple[str, np.ndarray, dict]
+
+
+class StoreUnavailable(Exception):
+    """The vector store is not reachable right now (embeddings are being spooled)."""
 
 
 @dataclass
@@ -32,21 +44,83 @@ class Record:
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # evidence kind -> (ext, data)
 
 
+class Spool:
+    """Batches the store has not taken yet, one JSON file each, oldest first; bounded in bytes."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        for tmp in self.folder.glob("*.tmp"):
+            tmp.unlink()
+        self._files = sorted(self.folder.glob("*.json"))
+        self._counts = {p: len(json.loads(p.read_text())["points"]) for p in self._files}
+        self._seq = int(self._files[-1].stem) + 1 if self._files else 0
+        self.dropped_points = 0
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    @property
+    def points(self) -> int:
+        return sum(self._counts.values())
+
+    def push(self, points: list[Point]) -> None:
+        body = {"points": [{"id": pid, "vector": vec.astype(float).tolist(), "payload": payload}
+                           for pid, vec, payload in points]}
+        path = self.folder / f"{self._seq:012d}.json"
+        self._seq += 1
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body))
+        tmp.replace(path)
+        self._files.append(path)
+        self._counts[path] = len(points)
+        self._enforce()
+
+    def oldest(self) -> tuple[Path, list[Point]] | None:
+        if not self._files:
+            return None
+        path = self._files[0]
+        points = json.loads(path.read_text())["points"]
+        return path, [(p["id"], np.asarray(p["vector"], np.float32), p["payload"]) for p in points]
+
+    def remove(self, path: Path) -> None:
+        self._files.remove(path)
+        self._counts.pop(path, None)
+        path.unlink(missing_ok=True)
+
+    def _enforce(self) -> None:
+        total = sum(p.stat().st_size for p in self._files)
+        while total > self.max_bytes and len(self._files) > 1:
+            oldest = self._files.pop(0)
+            total -= oldest.stat().st_size
+            self.dropped_points += self._counts.pop(oldest)
+            oldest.unlink()
+            log.error("spool over %d bytes: oldest batch dropped (%d points lost so far)", self.max_bytes,
+                      self.dropped_points)
+
+
 class Recorder:
-    def __init__(self, store: VectorStore, evidence: EvidenceStore, cfg: StoreConfig, thumbnail_size: int,
-                 capacity: int = 10_000) -> None:
-        self.store = store
+    def __init__(self, open_store: Callable[[], VectorStore], evidence: EvidenceStore, cfg: StoreConfig,
+                 spool: SpoolConfig, thumbnail_size: int, capacity: int = 10_000) -> None:
+        self._open_store = open_store
+        self.store: VectorStore | None = None
         self.evidence = evidence
         self.cfg = cfg
+        self.spool = Spool(spool.path, spool.max_mb * 1_000_000)
+        self.retry_s = spool.retry_s
         self.thumbnail_size = thumbnail_size
         self.queue: BoundedQueue[Record] = BoundedQueue(capacity, QueuePolicy.DROP_OLDEST)
         self.dropped = 0
         self.written = 0
+        self._store_lock = threading.Lock()
+        self._next_try = 0.0
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
     def start(self) -> None:
+        self._try_open()
         self._thread.start()
 
     def submit(self, record: Record) -> None:
@@ -59,8 +133,16 @@ class Recorder:
     def pending(self) -> int:
         return len(self.queue)
 
+    @contextmanager
+    def use_store(self) -> Iterator[VectorStore]:
+        """The open store, for readers (queries); serialised with writes."""
+        with self._store_lock:
+            if self.store is None:
+                raise StoreUnavailable("the vector store is not reachable; embeddings are being spooled")
+            yield self.store
+
     def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far is written."""
+        """Wait until everything submitted so far is written or spooled."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._idle.wait(0.05) and not len(self.queue):
@@ -70,6 +152,48 @@ class Recorder:
     def stop(self, timeout: float = 10) -> None:
         self.queue.close()
         self._thread.join(timeout)
+        with self._store_lock:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+
+    # --- recorder thread ---------------------------------------------------------------------
+    def _try_open(self) -> bool:
+        with self._store_lock:
+            if self.store is not None:
+                return True
+            try:
+                self.store = self._open_store()
+                log.info("vector store available")
+                return True
+            except Exception as exc:
+                log.warning("vector store unavailable (%s); spooling, next try in %.0f s", exc, self.retry_s)
+                self._next_try = time.monotonic() + self.retry_s
+                return False
+
+    def _upsert(self, points: list[Point]) -> bool:
+        with self._store_lock:
+            if self.store is None:
+                return False
+            try:
+                self.store.upsert(points)
+            except Exception as exc:
+                log.warning("vector store write of %d points failed (%s); spooling", len(points), exc)
+                self._next_try = time.monotonic() + self.retry_s
+                return False
+        self.written += len(points)
+        return True
+
+    def _replay(self) -> None:
+        """Write spooled batches oldest first; stop at the first failure."""
+        if time.monotonic() < self._next_try or not self._try_open():
+            return
+        while (item := self.spool.oldest()) is not None:
+            path, points = item
+            if not self._upsert(points):
+                return
+            self.spool.remove(path)
+            log.info("replayed %d spooled points (%d batches left)", len(points), len(self.spool))
 
     def _next_batch(self) -> list[Record] | None:
         try:
@@ -90,33 +214,31 @@ class Recorder:
             batch.append(item)
         return batch
 
-    def _write(self, batch: list[Record]) -> None:
-        items = []
+    def _prepare(self, batch: list[Record]) -> list[Point]:
+        points = []
         for rec in batch:
             thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
             rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files})
-            items.append((rec.key, rec.vector, rec.payload))
-        delay = 0.5
-        while True:
-            try:
-                self.store.upsert(items)
-                break
-            except Exception as exc:
-                log.warning("vector store write of %d points failed (%s); retrying in %.1f s", len(items), exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30)
-        self.written += len(items)
+            points.append((rec.key, rec.vector, rec.payload))
+        return points
 
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
+            if batch:
+                try:
+                    points = self._prepare(batch)
+                    # Order is kept: while anything is spooled, new batches queue behind it.
+                    if len(self.spool) or not self._upsert(points):
+                        self.spool.push(points)
+                except Exception:
+                    log.exception("recorder failed on a batch of %d", len(batch))
+            if batch is None:
+                self._next_try = 0.0  # last chance before exit; what is left stays spooled on disk
+            if len(self.spool):
+                self._replay()
             if batch is None:
                 self._idle.set()
                 return
-            if batch:
-                try:
-                    self._write(batch)
-                except Exception:
-                    log.exception("recorder failed on a batch of %d", len(batch))
             if not len(self.queue):
                 self._idle.set()

@@ -8,6 +8,7 @@
     <prefix>/workers/<worker_id>/availability    out  retained: online | offline (last will) | stopped
     <prefix>/workers/<worker_id>/model           out  retained JSON: the bundle this worker runs
     <prefix>/workers/<worker_id>/stats           out  JSON counters, every stats interval
+    <prefix>/workers/<worker_id>/control         in   JSON command: reload | rollback | status (v5 response_topic)
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ class Topics:
     def frames(self) -> str:
         """Subscription filter for every camera's frames."""
         return f"{self.prefix}/+/frame"
+
+    @staticmethod
+    def shared(topic_filter: str, group: str | None) -> str:
+        """The filter as an MQTT v5 shared subscription when a group is set."""
+        return f"$share/{group}/{topic_filter}" if group else topic_filter
 
     def frame(self, camera: str) -> str:
         return f"{self.prefix}/{camera}/frame"
@@ -55,6 +61,10 @@ class Topics:
     @property
     def stats(self) -> str:
         return self._worker("stats")
+
+    @property
+    def control(self) -> str:
+        return self._worker("control")
 
     def camera_of(self, topic: str) -> str | None:
         """The camera id in a frame topic, or None when the topic is not ``<prefix>/<camera>/frame``."""

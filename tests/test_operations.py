@@ -1,0 +1,193 @@
+"""Operating the worker: shared subscriptions, hot reload, per-camera settings, Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client.parser import text_string_to_metric_families
+
+from bundle import read_manifest, write_manifest
+from conftest import Client, write_config
+from scripts.broker import free_port
+
+
+def _good(dataset: Path) -> bytes:
+    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+
+
+def _online(client: Client, prefix: str, worker_id: str = "w-test") -> None:
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/{worker_id}/availability" and m.payload == b"online",
+                    timeout=120)
+
+
+def _request(client: Client, topic: str, body: dict) -> dict:
+    token = uuid.uuid4().hex.encode()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = f"{client.prefix}/query/response/ops"
+    props.CorrelationData = token
+    client.client.publish(topic, json.dumps(body), qos=1, properties=props)
+    msg = client.wait_for(lambda m: m.topic == props.ResponseTopic and m.properties.CorrelationData == token)[0]
+    return json.loads(msg.payload)
+
+
+def test_shared_subscription_balances_and_survives_a_worker_kill(broker, bundle_dir, dataset, tmp_path,
+                                                                 worker_factory):
+    prefix = f"g{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    workers = []
+    for i in range(3):
+        config = write_config(tmp_path / f"w{i}", broker.port, bundle_dir,
+                              worker={"id": f"w{i}", "stats_interval_s": 1},
+                              topics={"prefix": prefix, "share_group": "line"},
+                              limits={"inference_threads": 1}, store={"log_normal_every": 0})
+        workers.append(worker_factory(config))
+    for i in range(3):
+        _online(client, prefix, f"w{i}")
+    frame = _good(dataset)
+    n = 45
+    for i in range(n):
+        client.publish_frame("cam", frame, f"a{i:03d}")
+    results = client.json_on(f"{prefix}/cam/result", count=n, timeout=180)
+    assert sorted(r["frame_id"] for r in results) == [f"a{i:03d}" for i in range(n)], "each frame exactly once"
+    share = {w: sum(r["worker"] == w for r in results) for w in ("w0", "w1", "w2")}
+    assert min(share.values()) >= n // 6, share  # roughly even: the broker balances
+
+    workers[0].stop(signal.SIGKILL)
+    time.sleep(1)
+    client.messages.clear()
+    for i in range(30):
+        client.publish_frame("cam", frame, f"b{i:03d}")
+    results = client.json_on(f"{prefix}/cam/result", count=30, timeout=180)
+    assert sorted(r["frame_id"] for r in results) == [f"b{i:03d}" for i in range(30)]
+    assert {r["worker"] for r in results} == {"w1", "w2"}
+    for w in workers[1:]:
+        assert w.stop() == 0
+
+
+def _relabelled(bundle_dir: Path, folder: Path, version: str) -> Path:
+    """A copy of a bundle under another version (same weights), as a new release would be installed."""
+    shutil.copytree(bundle_dir, folder)
+    manifest = read_manifest(folder)
+    fields = manifest.model_dump()
+    fields.pop("files")
+    fields["version"] = version
+    write_manifest(folder, fields)
+    return folder
+
+
+def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    prefix = f"h{uuid.uuid4().hex[:6]}"
+    v1 = read_manifest(bundle_dir).version
+    v2 = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _online(client, prefix)
+    control = f"{prefix}/workers/w-test/control"
+    frame = _good(dataset)
+    n = 60
+    stop = threading.Event()
+
+    def stream() -> None:
+        for i in range(n):
+            client.publish_frame("cam", frame, f"h{i:03d}")
+            time.sleep(0.1)
+        stop.set()
+
+    feeder = threading.Thread(target=stream)
+    feeder.start()
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=10)
+    bad = _request(client, control, {"command": "reload", "bundle": str(tmp_path / "missing")})
+    assert bad["ok"] is False and bad["error"]["code"] == "reload_failed"
+    answer = _request(client, control, {"command": "reload", "bundle": str(v2)})
+    assert answer["ok"] and answer["models"]["default"]["version"] == "2.0.0", answer
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result" and b'"2.0.0"' in m.payload, count=10)
+    back = _request(client, control, {"command": "rollback"})
+    assert back["ok"] and back["models"]["default"]["version"] == v1
+    feeder.join()
+    results = client.json_on(f"{prefix}/cam/result", count=n, timeout=120)
+    assert not [m for m in client.messages if m.topic.endswith("/error")], "no frame may be lost to a reload"
+    versions = [r["model"]["version"] for r in sorted(results, key=lambda r: r["frame_id"])]
+    switches = [i for i in range(1, n) if versions[i] != versions[i - 1]]
+    assert versions[0] == v1 and versions[-1] == v1 and "2.0.0" in versions and len(switches) == 2, versions
+    retained = client.json_on(f"{prefix}/workers/w-test/model", count=1)[-1]
+    assert retained["version"] == v1
+    assert worker.stop() == 0
+
+
+def test_per_camera_threshold_heatmap_policy_and_roi(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    # A defect whose mask lies in one half of the image: a region of interest on the other half hides it.
+    for mask_path in sorted((dataset / "weave" / "ground_truth").glob("*/*_mask.png")):
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if not mask[:, : mask.shape[1] // 2].any():
+            break
+    else:
+        raise AssertionError("no defect confined to the right half in the generated set")
+    defect_type, stem = mask_path.parent.name, mask_path.stem.replace("_mask", "")
+    data = (dataset / "weave" / "test" / defect_type / f"{stem}.png").read_bytes()
+    width = mask.shape[1]
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))
+    cfg["cameras"] = {
+        "left": {"roi": [0, 0, width // 2, mask.shape[0]], "heatmap": "never", "threshold": 1e9},
+        "quiet": {"heatmap": "anomalous", "heatmap_format": "png", "heatmap_size": 64},
+    }
+    config.write_text(__import__("yaml").safe_dump(cfg))
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _online(client, prefix)
+    for camera in ("full", "left", "quiet"):
+        client.publish_frame(camera, data, f"{camera}-defect")
+    client.publish_frame("quiet", _good(dataset), "quiet-good")
+    full = client.json_on(f"{prefix}/full/result")[0]
+    left = client.json_on(f"{prefix}/left/result")[0]
+    quiet = {r["frame_id"]: r for r in client.json_on(f"{prefix}/quiet/result", count=2)}
+    assert left["raw_score"] < full["raw_score"], "the ROI must hide the defect outside it"
+    assert left["threshold"] == 1e9 and left["verdict"] == "normal" and left["heatmap"] is None
+    assert not [m for m in client.messages if m.topic == f"{prefix}/left/heatmap"]
+    heatmaps = [m for m in client.messages if m.topic == f"{prefix}/quiet/heatmap"]
+    flagged = [r for r in quiet.values() if r["verdict"] == "anomalous"]
+    assert len(heatmaps) == len(flagged) and all(r["heatmap"] for r in flagged)
+    for m in heatmaps:
+        assert m.properties.ContentType == "image/png"
+        assert max(cv2.imdecode(np.frombuffer(m.payload, np.uint8), 1).shape[:2]) == 64
+    assert worker.stop() == 0
+
+
+def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    prefix = f"m{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          metrics={"enabled": True, "port": port})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _online(client, prefix)
+    for i in range(5):
+        client.publish_frame("cam", _good(dataset), f"m{i}")
+    client.publish_frame("cam", b"not an image", "m-bad")
+    client.json_on(f"{prefix}/cam/result", count=5)
+    client.json_on(f"{prefix}/cam/error", count=1)
+    time.sleep(0.5)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("edge_inspect_frames_total", (("camera", "cam"), ("outcome", "processed")))] == 5
+    assert samples[("edge_inspect_frames_total", (("camera", "cam"), ("outcome", "received")))] == 6
+    assert samples[("edge_inspect_frame_errors_total", (("camera", "cam"), ("code", "not_an_image")))] == 1
+    assert samples[("edge_inspect_latency_seconds_count", (("stage", "total"),))] == 5
+    version = read_manifest(bundle_dir).version
+    assert samples[("edge_inspect_model_info", (("name", "weave-patchcore"), ("scope", "default"),
+                                                 ("version", version)))] == 1
+    assert worker.stop() == 0

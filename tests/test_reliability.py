@@ -1,0 +1,379 @@
+"""Reliability promises, each against the real components (mosquitto, OpenVINO, embedded Qdrant).
+
+See docs/reliability.md for the promises, their limits and the figures these tests produce.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from qdrant_client import QdrantClient
+
+from conftest import Client, user_props, write_config
+from scripts.broker import Broker, broker_readable_dir, free_port
+
+ERROR_CODES = {"empty_payload", "payload_too_large", "not_an_image", "unsupported_format", "bad_dimensions",
+               "image_too_large", "truncated_image", "corrupt_image", "missing_metadata", "bad_metadata",
+               "unknown_camera", "camera_mismatch"}
+
+
+def _good_png(dataset: Path) -> bytes:
+    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+
+
+def _png_header(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
+    """A PNG signature + IHDR (correct CRC) + an empty IEND: a header that claims any size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _wait_online(client: Client, prefix: str, worker_id: str = "w-test", timeout: float = 120) -> None:
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/{worker_id}/availability" and m.payload == b"online",
+                    timeout=timeout)
+
+
+def _outcomes(client: Client, prefix: str, camera: str) -> dict[str, list[str]]:
+    """frame_id -> list of outcomes ('result' or an error code) seen so far."""
+    out: dict[str, list[str]] = {}
+    with client.lock:
+        for m in client.messages:
+            if m.topic == f"{prefix}/{camera}/result":
+                out.setdefault(json.loads(m.payload)["frame_id"], []).append("result")
+            elif m.topic == f"{prefix}/{camera}/error":
+                e = json.loads(m.payload)
+                out.setdefault(e["frame_id"], []).append(e["code"])
+    return out
+
+
+# 1. Bad input never crashes the worker -----------------------------------------------------------
+
+# MQTT strings may not contain U+0000 or surrogates (the broker closes the connection): valid UTF-8 only.
+# mosquitto also refuses control characters and non-characters in them.
+_TEXT = st.characters(blacklist_categories=("Cs", "Cc", "Cn"))
+
+
+def _mutations(base: bytes):
+    """Corrupted and truncated variants of a valid image."""
+    return st.one_of(
+        st.integers(0, len(base) - 1).map(lambda n: base[:n]),
+        st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)), min_size=1, max_size=20).map(
+            lambda flips: bytes(b if i not in dict(flips) else dict(flips)[i] for i, b in enumerate(base))),
+        st.binary(max_size=64).map(lambda tail: base + tail),
+    )
+
+
+def _payloads(dataset: Path):
+    png = _good_png(dataset)
+    image = cv2.imread(str(next((dataset / "weave" / "test" / "good").glob("*.png"))))
+    jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+    variants = [
+        cv2.imencode(".png", image.astype(np.uint16) * 257)[1].tobytes(),  # 16-bit
+        cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_BGR2BGRA))[1].tobytes(),  # RGBA
+        cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))[1].tobytes(),  # grey JPEG
+        cv2.imencode(".bmp", image)[1].tobytes(),
+        cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))[1].tobytes(),  # 1x1
+        cv2.imencode(".png", np.zeros((5000, 5000), np.uint8))[1].tobytes(),  # decompression bomb
+        cv2.imencode(".tiff", image)[1].tobytes(),  # a format we do not accept
+    ]
+    return st.one_of(
+        st.binary(max_size=4096),
+        _mutations(png),
+        _mutations(jpeg),
+        st.sampled_from(variants),
+        st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), st.sampled_from([1, 8, 16]),
+                  st.sampled_from([0, 2, 3, 4, 6])).map(lambda t: _png_header(*t)),
+    )
+
+
+@pytest.fixture(scope="module")
+def fuzz_worker(broker, bundle_dir, tmp_path_factory):
+    from conftest import WorkerProcess
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    prefix = f"f{uuid.uuid4().hex[:8]}"
+    config = write_config(folder, broker.port, bundle_dir, topics={"prefix": prefix, "cameras": ["fuzz", "meta"]},
+                          limits={"max_frame_bytes": 200_000, "max_pixels": 4_000_000, "queue_policy": "block"},
+                          store={"log_normal_every": 0})
+    client = Client(broker.port, prefix)
+    worker = WorkerProcess(config, folder / "worker.log")
+    _wait_online(client, prefix)
+    yield prefix, client, worker
+    client.close()
+    worker.stop(signal.SIGKILL)
+
+
+_sent: dict[str, int] = {"payloads": 0, "good": 0}
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_fuzzed_frames_each_get_exactly_one_answer(fuzz_worker, dataset, data):
+    prefix, client, worker = fuzz_worker
+    payloads = data.draw(st.lists(_payloads(dataset), min_size=10, max_size=30), label="payloads")
+    captured = data.draw(st.lists(st.one_of(st.just("now"), st.text(_TEXT, max_size=40)), min_size=len(payloads),
+                                  max_size=len(payloads)), label="captured_at")
+    good_id = f"good-{uuid.uuid4().hex[:10]}"
+    ids = [f"z-{uuid.uuid4().hex[:10]}" for _ in payloads]
+    for frame_id, payload, when in zip(ids, payloads, captured):
+        client.publish_frame("fuzz", payload, frame_id, captured_at=when)
+    # Metadata that cannot be correlated (bad frame ids) and an unknown camera.
+    bad_ids = data.draw(st.lists(st.one_of(st.text(_TEXT, min_size=129, max_size=200), st.text(_TEXT, max_size=10).map(
+        lambda t: t + "/x"), st.just("")), max_size=3), label="bad frame ids")
+    for bad in bad_ids:
+        client.publish_frame("meta", _good_png(dataset), bad)
+    client.publish_frame("intruder", _good_png(dataset), f"i-{uuid.uuid4().hex[:8]}")
+    client.publish_frame("fuzz", _good_png(dataset), good_id)
+    _sent["payloads"] += len(payloads)
+    _sent["good"] += 1
+
+    wanted = set(ids) | {good_id}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        outcomes = _outcomes(client, prefix, "fuzz")
+        if wanted <= set(outcomes):
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)  # a second answer to the same frame would arrive right behind the first
+    outcomes = _outcomes(client, prefix, "fuzz")
+    for frame_id in wanted:
+        assert len(outcomes.get(frame_id, [])) == 1, (frame_id, outcomes.get(frame_id))
+        (outcome,) = outcomes[frame_id]
+        assert outcome == "result" or outcome in ERROR_CODES, outcome
+    assert outcomes[good_id] == ["result"], "a good frame among garbage must be processed"
+    assert worker.proc.poll() is None, worker.output()[-3000:]
+
+
+def test_fuzzing_left_the_worker_up_bounded_and_counted(fuzz_worker):
+    prefix, client, worker = fuzz_worker
+    assert _sent["payloads"] >= 300, "the fuzz test above must have run first"
+    rss_mb = psutil.Process(worker.proc.pid).memory_info().rss / 1e6
+    assert rss_mb < 1500, f"worker RSS {rss_mb:.0f} MB after fuzzing"
+    errors = client.wait_for(lambda m: m.topic in (f"{prefix}/meta/error", f"{prefix}/intruder/error"), count=1)
+    assert {json.loads(m.payload)["code"] for m in errors} <= {"bad_metadata", "missing_metadata", "unknown_camera"}
+    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]["cameras"]["fuzz"]
+    assert stats["received"] == stats["processed"] + stats["errored"] + stats["dropped"] + stats["duplicates"]
+    assert stats["received"] == _sent["payloads"] + _sent["good"]
+
+
+# 2. Broker restart loses nothing the protocol promised ------------------------------------------
+
+class PersistentClient(Client):
+    """A client whose session (subscriptions, queued QoS 1 messages) survives broker restarts."""
+
+    def __init__(self, port: int, prefix: str, client_id: str) -> None:
+        self.prefix = prefix
+        self.messages = []
+        self.lock = threading.Condition()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 2)
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/#", qos=1)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+
+def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, dataset, tmp_path, worker_factory):
+    store_dir = broker_readable_dir()
+    port = free_port()
+    broker = Broker(tmp_path / "b1", port=port, persistence_dir=store_dir)
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, port, bundle_dir, topics={"prefix": prefix},
+                          mqtt={"reconnect_min_s": 1, "reconnect_max_s": 2, "session_expiry_s": 3600})
+    observer = PersistentClient(port, prefix, f"observer-{prefix}")
+    camera = PersistentClient(port, prefix, f"camera-{prefix}")
+    worker = worker_factory(config)
+    _wait_online(observer, prefix)
+    frame = _good_png(dataset)
+    n = 40
+    ids = [f"r{i:03d}" for i in range(n)]
+    try:
+        for i, frame_id in enumerate(ids):
+            if i == n // 2:  # mid-stream: the broker goes down (saving its state) and comes back
+                broker.stop()
+                time.sleep(2)
+                broker = Broker(tmp_path / "b2", port=port, persistence_dir=store_dir)
+            camera.publish_frame("cam", frame, frame_id, wait=False)  # paho queues QoS 1 while disconnected
+            time.sleep(0.05)
+        results = observer.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=n, timeout=180)
+        assert {json.loads(m.payload)["frame_id"] for m in results} == set(ids)
+        assert worker.stop() == 0
+        stopped = worker.output()
+        final = json.loads(stopped.split("stopped: ", 1)[1].split("; ", 1)[0])["cam"]
+        assert final["processed"] == n, final  # each frame processed exactly once (redeliveries deduplicated)
+        assert final["received"] == n + final["duplicates"]
+    finally:
+        camera.close()
+        observer.close()
+        broker.stop()
+
+
+# 3. Overload is handled by policy -------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest", "block"])
+def test_flood_is_handled_by_the_queue_policy(policy, broker, bundle_dir, dataset, tmp_path, worker_factory):
+    prefix = f"o{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          limits={"queue_size": 4, "queue_policy": policy, "inference_threads": 1},
+                          store={"log_normal_every": 0})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _wait_online(client, prefix)
+    frame = _good_png(dataset)
+    n = 150
+    for i in range(n):  # as fast as the broker takes them: far above the sustainable rate
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("frame_id", f"o{i:04d}"), ("captured_at", str(time.time()))]
+        client.client.publish(f"{prefix}/cam/frame", frame, qos=1, properties=props)
+    outcomes = {}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(outcomes) < n:
+        outcomes = _outcomes(client, prefix, "cam")
+        time.sleep(0.1)
+    assert len(outcomes) == n and all(len(v) == 1 for v in outcomes.values())
+    results = [json.loads(m.payload) for m in client.messages if m.topic == f"{prefix}/cam/result"]
+    dropped = [k for k, v in outcomes.items() if v == ["dropped"]]
+    assert len(results) + len(dropped) == n
+    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]["cameras"]["cam"]
+    assert stats["dropped"] == len(dropped) == n - len(results)
+    rss_mb = psutil.Process(worker.proc.pid).memory_info().rss / 1e6
+    assert rss_mb < 1500
+    if policy == "block":
+        assert not dropped
+    else:
+        assert dropped, "a flood far above the sustainable rate must drop by policy"
+        infer = np.median([r["latency_ms"]["infer"] + r["latency_ms"]["decode"] for r in results])
+        worst_queue = max(r["latency_ms"]["queue"] for r in results)
+        # Bounded by the queue: never more than queue_size frames ahead of any processed frame.
+        assert worst_queue < 6 * 4 * infer + 2000, (worst_queue, infer)
+        if policy == "drop_oldest":
+            assert f"o{n - 1:04d}" in {r["frame_id"] for r in results}, "the newest frame is kept"
+        else:
+            assert "o0000" in {r["frame_id"] for r in results}, "the first frame is kept"
+    assert worker.stop() == 0
+
+
+# 4. Vector store outage loses no embedding -------------------------------------------------------
+
+def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    prefix = f"s{uuid.uuid4().hex[:6]}"
+    spool = tmp_path / "spool"
+    down = write_config(tmp_path / "a", broker.port, bundle_dir, topics={"prefix": prefix},
+                        store={"url": f"http://127.0.0.1:{free_port()}", "path": None},
+                        spool={"path": str(spool), "retry_s": 0.5})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(down)
+    _wait_online(client, prefix)
+    frames = sorted((dataset / "weave" / "test").glob("*/*.png"))[:8]
+    for i, path in enumerate(frames):
+        client.publish_frame("cam", path.read_bytes(), f"s{i}")
+    results = client.json_on(f"{prefix}/cam/result", count=len(frames))
+    assert all(r["logged"] for r in results)
+    time.sleep(1.0)
+    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]
+    assert stats["store_available"] is False and stats["spool_batches"] >= 1
+    assert worker.stop() == 0
+    assert list(spool.glob("*.json")), "embeddings must wait on disk"
+
+    # The store is back (here: the embedded one, same spool): the backlog is written, in order.
+    store_dir = tmp_path / "qdrant"
+    up = write_config(tmp_path / "b", broker.port, bundle_dir, topics={"prefix": prefix},
+                      store={"path": str(store_dir)}, spool={"path": str(spool), "retry_s": 0.5})
+    client.messages.clear()
+    worker = worker_factory(up)
+    _wait_online(client, prefix)
+    deadline = time.monotonic() + 60
+    while list(spool.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(spool.glob("*.json"))
+    assert worker.stop() == 0
+    assert "replayed" in worker.output()
+    store = QdrantClient(path=str(store_dir))
+    try:
+        points, _ = store.scroll("frames", limit=100)
+    finally:
+        store.close()
+    assert {p.payload["frame_id"] for p in points} == {f"s{i}" for i in range(len(frames))}
+
+
+# 5. The broker's maximum packet size is respected ------------------------------------------------
+
+def test_results_respect_the_brokers_maximum_packet_size(bundle_dir, dataset, tmp_path, worker_factory):
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 30000\n")
+    prefix = f"p{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          heatmap={"format": "png", "size": 1024})  # a ~1 MB heatmap per frame
+    try:
+        client = Client(broker.port, prefix)
+        worker = worker_factory(config)
+        _wait_online(client, prefix)
+        for i in range(3):
+            client.publish_frame("cam", _good_png(dataset), f"p{i}")
+        results = client.json_on(f"{prefix}/cam/result", count=3)
+        for r in results:
+            assert r["heatmap"] is None and "maximum packet size" in r["heatmap_error"]
+        assert not [m for m in client.messages if m.topic.endswith("/heatmap")]
+        time.sleep(1)
+        connects = broker.log_path.read_text().count(f"as w-")
+        assert connects == 1, "the worker must not be disconnected and loop reconnecting"
+        assert worker.stop() == 0
+        client.close()
+    finally:
+        broker.stop()
+
+
+# 6. Clean shutdown: in-flight frames are finished or explicitly accounted -----------------------
+
+def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(broker, bundle_dir, dataset, tmp_path,
+                                                                            worker_factory):
+    prefix = f"q{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          mqtt={"client_id": f"w-{prefix}"},
+                          limits={"queue_size": 4, "queue_policy": "block", "inference_threads": 1})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _wait_online(client, prefix)
+    frame = _good_png(dataset)
+    n = 40
+    for i in range(n):
+        client.publish_frame("cam", frame, f"q{i:03d}")
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=2)
+    assert worker.stop(signal.SIGTERM) == 0
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
+    first = _outcomes(client, prefix, "cam")
+    assert all(v in (["result"], ["shutdown"]) for v in first.values()), first
+    assert "shutdown: finishing" in worker.output() or "stopping" in worker.output()
+
+    worker2 = worker_factory(config)  # same client id: the broker hands over what we did not take
+    outcomes = {}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(outcomes) < n:
+        outcomes = _outcomes(client, prefix, "cam")
+        time.sleep(0.1)
+    assert set(outcomes) == {f"q{i:03d}" for i in range(n)}
+    assert all(len(v) == 1 for v in outcomes.values()), {k: v for k, v in outcomes.items() if len(v) != 1}
+    assert len(first) < n, "the first run should have stopped before taking every frame"
+    assert worker2.stop() == 0

@@ -1,0 +1,152 @@
+"""The shipped broker setup (deploy/mosquitto): TLS only, passwords, per-client ACLs, with the real worker."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import ROOT
+from scripts.broker import Broker, broker_readable_dir, free_port
+
+DEPLOY = ROOT / "deploy" / "mosquitto"
+USERS = {"worker": "w-pass", "operator": "o-pass", "cam1": "c1-pass", "cam2": "c2-pass"}
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory):
+    """mosquitto with deploy/mosquitto/{mosquitto.conf,acl} as shipped, only paths and port swapped."""
+    files = broker_readable_dir("mosq-secure-")
+    subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(files)], check=True, capture_output=True)
+    passwords = files / "passwords"
+    for i, (user, secret) in enumerate(USERS.items()):
+        subprocess.run(["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) + [str(passwords), user, secret],
+                       check=True, capture_output=True)
+    (files / "acl").write_text((DEPLOY / "acl").read_text())
+    for f in files.iterdir():
+        f.chmod(0o644)  # readable by the user mosquitto drops to
+    port = free_port()
+    conf = (DEPLOY / "mosquitto.conf").read_text().replace("/etc/mosquitto/edge-inspect", str(files))
+    conf = conf.replace("listener 8883", f"listener {port} 127.0.0.1")
+    conf = re.sub(r"(?m)^(persistence|persistence_location|autosave_interval) .*$", "", conf)
+    broker = Broker(tmp_path_factory.mktemp("secure"), port=port, listener=conf)
+    yield broker, files
+    broker.stop()
+
+
+def _client(port: int, ca, user: str | None, secret: str | None = None, tls: bool = True):
+    """Connect and return (client, CONNACK reason code or None when no CONNACK came)."""
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                         client_id=f"{user or 'anon'}-{uuid.uuid4().hex[:6]}")
+    result: dict = {}
+    done = threading.Event()
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        result["rc"] = reason_code
+        done.set()
+
+    client.on_connect = on_connect
+    if tls:
+        client.tls_set(ca_certs=str(ca), cert_reqs=ssl.CERT_REQUIRED)
+    if user:
+        client.username_pw_set(user, secret)
+    try:
+        client.connect("127.0.0.1", port)
+    except (OSError, ssl.SSLError) as exc:
+        return client, exc
+    client.loop_start()
+    done.wait(5)
+    return client, result.get("rc")
+
+
+def test_anonymous_and_plaintext_connections_are_refused(secure_broker):
+    broker, files = secure_broker
+    anon, rc = _client(broker.port, files / "ca.crt", None)
+    assert rc is not None and not isinstance(rc, Exception) and rc.is_failure, rc
+    anon.loop_stop()
+    wrong, rc = _client(broker.port, files / "ca.crt", "cam1", "not-the-password")
+    assert rc is not None and not isinstance(rc, Exception) and rc.is_failure, rc
+    wrong.loop_stop()
+    plain, rc = _client(broker.port, None, "cam1", USERS["cam1"], tls=False)
+    assert rc is None or isinstance(rc, Exception), f"plaintext MQTT must not get a CONNACK, got {rc}"
+    plain.loop_stop()
+    with socket.create_connection(("127.0.0.1", broker.port)) as raw:  # and an unverified TLS peer is not us
+        ctx = ssl.create_default_context()
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def _run_worker(tmp_path, port: int, files, bundle_dir):
+    from conftest import WorkerProcess, write_config
+
+    config = write_config(tmp_path, port, bundle_dir, topics={"prefix": "inspect"},
+                          mqtt={"username": "worker", "tls": {"ca_file": str(files / "ca.crt")}})
+    env_password = {"EDGE_INSPECT__MQTT__PASSWORD": USERS["worker"]}
+    import os
+
+    os.environ.update(env_password)
+    try:
+        return WorkerProcess(config, tmp_path / "worker.log")
+    finally:
+        del os.environ["EDGE_INSPECT__MQTT__PASSWORD"]
+
+
+def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bundle_dir, dataset, tmp_path):
+    broker, files = secure_broker
+    ca = files / "ca.crt"
+    operator, rc = _client(broker.port, ca, "operator", USERS["operator"])
+    assert not rc.is_failure
+    seen: list[mqtt.MQTTMessage] = []
+    operator.on_message = lambda c, u, m: seen.append(m)
+    operator.subscribe("inspect/#", qos=1)
+    worker = _run_worker(tmp_path, broker.port, files, bundle_dir)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(m.topic == "inspect/workers/w-test/availability" and m.payload == b"online" for m in seen):
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
+            time.sleep(0.1)
+        assert "s3cret" not in worker.output() and USERS["worker"] not in worker.output()
+
+        camera, rc = _client(broker.port, ca, "cam1", USERS["cam1"])
+        assert not rc.is_failure
+        acks: dict[int, object] = {}
+        camera.on_publish = lambda c, u, mid, reason_code, props: acks.__setitem__(mid, reason_code)
+        leaked: list[mqtt.MQTTMessage] = []
+        camera.on_message = lambda c, u, m: leaked.append(m)
+        frame = next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+
+        def publish(topic: str, frame_id: str) -> int:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("frame_id", frame_id), ("captured_at", str(time.time()))]
+            return camera.publish(topic, frame, qos=1, properties=props).mid
+
+        own = publish("inspect/cam1/frame", "own")
+        spoof = publish("inspect/cam2/frame", "spoofed")
+        camera.subscribe("inspect/#", qos=1)  # mosquitto grants it, but must deliver nothing it may not read
+        deadline = time.monotonic() + 60
+        while len(acks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not acks[own].is_failure
+        assert acks[spoof].is_failure, "a camera must not publish as another camera"
+
+        while not any(m.topic == "inspect/cam1/result" for m in seen):
+            assert time.monotonic() < deadline, "the worker must serve over TLS with its password"
+            time.sleep(0.1)
+        time.sleep(1)
+        results = [json.loads(m.payload) for m in seen if m.topic.endswith("/result")]
+        assert [r["frame_id"] for r in results] == ["own"]
+        assert not [m.topic for m in leaked if not m.topic.endswith("/frame")], "a camera must not read results"
+        camera.loop_stop()
+    finally:
+        worker.stop()
+        operator.loop_stop()

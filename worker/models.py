@@ -1,0 +1,107 @@
+"""The compiled bundles a worker serves, by scope: ``default`` (model.bundle) or a camera id with its own bundle.
+
+A reload verifies and compiles the new bundle beside the running one and then
+swaps one reference, so inference threads switch between two frames and none is
+dropped; the replaced model is kept for one rollback.  All bundles must produce
+embeddings of the same size, since they share one vector-store collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bundle import MANIFEST, BundleError, Normalisation
+from bundle.runtime import CompiledBundle
+from worker.config import Config
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Model:
+    bundle: CompiledBundle
+    path: Path
+    loaded_at: float
+
+    @property
+    def info(self) -> dict:
+        m = self.bundle.manifest
+        return {"name": m.name, "version": m.version, "family": m.family}
+
+
+class Models:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._current: dict[str, Model] = {}
+        self._previous: dict[str, Model] = {}
+        self.embedding_dim: int | None = None
+        self.load(DEFAULT, cfg.model.bundle)
+        for camera, override in cfg.cameras.items():
+            if override.bundle is not None:
+                self.load(camera, override.bundle)
+
+    def _compile(self, path: Path) -> Model:
+        started = time.monotonic()
+        bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir)
+        dim = bundle.manifest.embedding_dim
+        if self.embedding_dim is not None and dim != self.embedding_dim:
+            raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
+                              "(they share one vector-store collection)")
+        m = bundle.manifest
+        log.info("bundle %s %s (%s) compiled on %s in %.2f s, %d infer requests", m.name, m.version, m.family,
+                 self.cfg.model.device, time.monotonic() - started, bundle.optimal_requests)
+        return Model(bundle, Path(path), time.time())
+
+    def load(self, scope: str, path: Path) -> Model:
+        """Verify, compile and switch ``scope`` to the bundle at ``path``; raises BundleError and keeps the old one."""
+        model = self._compile(path)
+        with self._lock:
+            self.embedding_dim = model.bundle.manifest.embedding_dim
+            if scope in self._current:
+                self._previous[scope] = self._current[scope]
+            self._current[scope] = model
+        return model
+
+    def rollback(self, scope: str) -> Model:
+        with self._lock:
+            if scope not in self._previous:
+                raise BundleError(f"no previous model to roll back to for {scope!r}")
+            self._current[scope], self._previous[scope] = self._previous[scope], self._current[scope]
+            return self._current[scope]
+
+    @property
+    def default(self) -> Model:
+        return self._current[DEFAULT]
+
+    def for_camera(self, camera: str) -> Model:
+        current = self._current
+        return current.get(camera) or current[DEFAULT]
+
+    def scopes(self) -> dict[str, Model]:
+        with self._lock:
+            return dict(self._current)
+
+    def image_norm(self, model: Model, camera: str) -> Normalisation:
+        """The bundle's image normalisation with the configured threshold override, per camera first."""
+        override = self.cfg.cameras.get(camera)
+        threshold = override.threshold if override and override.threshold is not None else self.cfg.model.threshold
+        base = model.bundle.manifest.thresholds.image
+        return base if threshold is None else Normalisation(low=base.low, threshold=threshold)
+
+    def changed_on_disk(self) -> list[tuple[str, Path]]:
+        """Scopes whose bundle.json is newer than the model loaded from it (for model.watch_s)."""
+        out = []
+        for scope, model in self.scopes().items():
+            try:
+                if (model.path / MANIFEST).stat().st_mtime > model.loaded_at:
+                    out.append((scope, model.path))
+            except FileNotFoundError:
+                continue
+        return out

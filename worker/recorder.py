@@ -118,5 +118,6 @@ class Recorder:
                     self._write(batch)
                 except Exception:
                     log.exception("recorder failed on a batch of %d", len(batch))
+            self.store.retain(self.evidence)  # retention (store.max_points/max_age_h, evidence.max_age_h), rate-limited
             if not len(self.queue):
                 self._idle.set()

@@ -38,7 +38,7 @@ class Worker:
         log.info("bundle %s %s (%s) compiled on %s in %.2f s, %d infer requests", manifest.name, manifest.version,
                  manifest.family, cfg.model.device, time.monotonic() - started, self.bundle.optimal_requests)
         self.store = VectorStore(cfg.store, manifest.embedding_dim)
-        self.evidence = EvidenceStore(cfg.evidence.path, cfg.evidence.max_frames)
+        self.evidence = EvidenceStore(cfg.evidence.path, cfg.evidence.max_frames, cfg.evidence.max_age_h)
         self.recorder = Recorder(self.store, self.evidence, cfg.store, cfg.evidence.thumbnail_size)
         self.stats = Stats()
         self.link = MqttLink(cfg.mqtt, cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}",

@@ -13,9 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from qdrant_client import QdrantClient
-
 from conftest import ROOT, Client, user_props, write_config
+from worker.config import StoreConfig
+from worker.store import VectorStore
 
 
 def _frames(dataset: Path) -> list[tuple[str, bytes, str]]:
@@ -78,23 +78,25 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
     client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
 
     # Every frame is in the history with its payload; anomalous ones have their evidence on disk.
-    store = QdrantClient(path=str(folder / "qdrant"))
+    store = VectorStore(StoreConfig(path=folder / "qdrant"), manifest["embedding_dim"])
     try:
-        points, _ = store.scroll("frames", limit=1000, with_vectors=True)
+        count = store.count()
+        by_id = {frame_id: store.find(frame_id, "cam1") for frame_id in results}
     finally:
         store.close()
-    assert len(points) == len(frames)
-    by_id = {p.payload["frame_id"]: p for p in points}
-    assert set(by_id) == set(results)
-    for frame_id, p in by_id.items():
-        assert p.payload["verdict"] == results[frame_id]["verdict"]
-        assert p.payload["camera"] == "cam1"
-        assert len(p.vector) == manifest["embedding_dim"]
-        assert np.linalg.norm(p.vector) == pytest.approx(1.0, abs=1e-3)
-        assert (folder / "evidence" / p.payload["evidence"]["thumbnail"]).is_file()
-        if p.payload["anomalous"]:
-            assert (folder / "evidence" / p.payload["evidence"]["frame"]).is_file()
-            assert (folder / "evidence" / p.payload["evidence"]["heatmap"]).is_file()
+    assert count == len(frames)
+    for frame_id, found in by_id.items():
+        assert found is not None, frame_id
+        _, vector, payload = found
+        assert payload["frame_id"] == frame_id
+        assert payload["verdict"] == results[frame_id]["verdict"]
+        assert payload["camera"] == "cam1"
+        assert len(vector) == manifest["embedding_dim"]
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-3)
+        assert (folder / "evidence" / payload["evidence"]["thumbnail"]).is_file()
+        if payload["anomalous"]:
+            assert (folder / "evidence" / payload["evidence"]["frame"]).is_file()
+            assert (folder / "evidence" / payload["evidence"]["heatmap"]).is_file()
 
 
 def _truncated_jpeg(dataset: Path) -> bytes:

@@ -137,13 +137,17 @@ class MetricsConfig(_Section):
 
 
 class StoreConfig(_Section):
-    path: Path | None = Field(Path("data/qdrant"), description="Embedded Qdrant storage on disk (the default).")
+    path: Path | None = Field(Path("data/qdrant"), description="Embedded store (qdrant-edge) folder on disk, the default; one sub-folder per collection.")
     url: str | None = Field(None, description="Qdrant server URL; when set, used instead of path.")
     api_key: SecretStr | None = Field(None, description="Qdrant server API key (prefer EDGE_INSPECT__STORE__API_KEY).")
     collection: str = Field("frames", description="Qdrant collection; one per embedding space (model family/backbone).")
+    hnsw: bool = Field(False, description="Embedded: approximate HNSW index (rebuilt on the recorder thread at each retention pass) instead of exact search; for histories well past 100k frames.")
     log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
     flush_s: float = Field(0.5, gt=0, description="Longest an embedding waits before it is written.")
+    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) are deleted; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, description="Retention: frames captured more than this many hours ago are deleted; none = no limit.")
+    retention_every_s: float = Field(60, gt=0, description="How often retention runs while the worker runs (on the recorder thread, never the inference path).")
 
 
 class SpoolConfig(_Section):
@@ -155,6 +159,7 @@ class SpoolConfig(_Section):
 class EvidenceConfig(_Section):
     path: Path = Field(Path("data/evidence"), description="Folder for thumbnails, anomalous frames and heatmaps.")
     max_frames: int = Field(5000, ge=1, description="Oldest evidence is deleted past this many frames.")
+    max_age_h: float | None = Field(None, gt=0, description="Evidence older than this many hours is deleted (checked with store retention); none = no limit.")
     thumbnail_size: int = Field(128, ge=16, description="Longer side of the thumbnail kept for every logged frame.")
 
 

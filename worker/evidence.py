@@ -2,13 +2,16 @@
 
 Files are named by the frame's point id (a UUID), never by anything a camera sent,
 so no payload can choose a path.  Past ``max_frames`` the oldest frame's files are
-deleted; the index is rebuilt from the folder at start.
+deleted, and with ``max_age_h`` frames written longer ago than that (checked by
+:meth:`EvidenceStore.retain`, which the store's retention pass calls); the index is
+rebuilt from the folder at start.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -16,10 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class EvidenceStore:
-    def __init__(self, root: Path, max_frames: int) -> None:
+    def __init__(self, root: Path, max_frames: int, max_age_h: float | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_frames = max_frames
+        self.max_age_s = None if max_age_h is None else max_age_h * 3600
         self._lock = threading.Lock()
         self._index: OrderedDict[str, list[Path]] = OrderedDict()
         files = sorted((p for p in self.root.glob("*/*.*") if p.is_file()), key=lambda p: p.stat().st_mtime)
@@ -54,6 +58,31 @@ class EvidenceStore:
         if self.root.resolve() not in path.parents or not path.is_file():
             return None
         return path.read_bytes()
+
+    def delete(self, keys: list[str]) -> None:
+        """Drop frames whose points the vector store deleted (retention)."""
+        with self._lock:
+            for key in keys:
+                for path in self._index.pop(key, []):
+                    path.unlink(missing_ok=True)
+
+    def retain(self, now: float | None = None) -> int:
+        """Delete frames written more than ``max_age_h`` ago (oldest first); returns how many."""
+        if self.max_age_s is None:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.max_age_s
+        removed = 0
+        with self._lock:
+            while self._index:
+                key, paths = next(iter(self._index.items()))
+                newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+                if newest >= cutoff:
+                    break
+                self._index.popitem(last=False)
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def __len__(self) -> int:
         return len(self._index)

@@ -195,6 +195,12 @@ class Recorder:
             self.spool.remove(path)
             log.info("replayed %d spooled points (%d batches left)", len(points), len(self.spool))
 
+    def _retain(self) -> None:
+        """Retention (store.max_points/max_age_h, evidence.max_age_h); the store rate-limits it itself."""
+        with self._store_lock:
+            if self.store is not None:
+                self.store.retain(self.evidence)
+
     def _next_batch(self) -> list[Record] | None:
         try:
             first = self.queue.get(timeout=0.2)
@@ -237,6 +243,7 @@ class Recorder:
                 self._next_try = 0.0  # last chance before exit; what is left stays spooled on disk
             if len(self.spool):
                 self._replay()
+            self._retain()
             if batch is None:
                 self._idle.set()
                 return

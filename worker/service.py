@@ -36,7 +36,7 @@ class Worker:
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)
         dim = self.models.embedding_dim
-        self.evidence = EvidenceStore(cfg.evidence.path, cfg.evidence.max_frames)
+        self.evidence = EvidenceStore(cfg.evidence.path, cfg.evidence.max_frames, cfg.evidence.max_age_h)
         self.recorder = Recorder(lambda: VectorStore(cfg.store, dim), self.evidence, cfg.store, cfg.spool,
                                  cfg.evidence.thumbnail_size)
         self.stats = Stats()

@@ -25,6 +25,7 @@ from bundle import InputSpec
 from exporter.backbones import Backbone
 from exporter.coreset import greedy_coreset
 from exporter.data import read_image
+from exporter.train.embedding import DefectEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ class PatchcoreSettings:
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     num_neighbors: int = 9
-    embedding_top_fraction: float = 0.01
     batch_size: int = 8
     seed: int = 0
 
@@ -64,11 +64,11 @@ def patch_features(model: PatchcoreModel, x: torch.Tensor) -> torch.Tensor:
 class PatchcoreGraph(nn.Module):
     """Inference path for export: ``(score [N], anomaly_map [N,H,W], embedding [N,D])``."""
 
-    def __init__(self, model: PatchcoreModel, input_size: int, top_fraction: float) -> None:
+    def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding) -> None:
         super().__init__()
         self.model = model.eval()
         self.input_size = input_size
-        self.top_fraction = top_fraction
+        self.embedder = embedder
         bank = model.memory_bank
         self.register_buffer("bank_sq", (bank * bank).sum(1))
         self.k_support = min(model.num_neighbors, int(bank.shape[0]))
@@ -95,14 +95,8 @@ class PatchcoreGraph(nn.Module):
 
         amap = self.model.anomaly_map_generator(patch.view(n, 1, h, w), (self.input_size, self.input_size))
 
-        # Embedding: mean feature of the most anomalous patches (what is wrong) beside the
-        # global mean (what the part looks like), each L2-normalised, then together.
-        top = max(1, int(h * w * self.top_fraction))
-        top_idx = patch.topk(top).indices
-        defect = flat.gather(1, top_idx.unsqueeze(-1).expand(n, top, c)).mean(1)
-        whole = flat.mean(1)
-        embedding = F.normalize(torch.cat([F.normalize(defect, dim=1), F.normalize(whole, dim=1)], 1), dim=1)
-        return score, amap[:, 0], embedding
+        # Embedding: what is wrong (exporter/train/embedding.py), from the same features and patch scores.
+        return score, amap[:, 0], self.embedder(flat, patch)
 
 
 def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int) -> torch.Tensor:
@@ -136,7 +130,7 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     idx = greedy_coreset(features, n_select, settings.coreset_projection, settings.seed)
     model.memory_bank = features[idx].contiguous()
     done = time.monotonic()
-    graph = PatchcoreGraph(model, settings.input_size, settings.embedding_top_fraction).eval()
+    graph = PatchcoreGraph(model, settings.input_size, DefectEmbedding.fit(features, seed=settings.seed)).eval()
     timings = {
         "feature_extraction_s": round(extracted - started, 2),
         "coreset_s": round(done - extracted, 2),

@@ -1,0 +1,200 @@
+"""The frame history on the real embedded engine (qdrant-edge): filters, retention while running, clear errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from worker.config import StoreConfig
+from worker.decode import decode, probe
+from worker.evidence import EvidenceStore
+from worker.query import QueryService
+from worker.recorder import Record, Recorder
+from worker.store import Filters, StoreError, VectorStore, point_id
+
+DIM = 16
+NOW = 1_800_000_000.0
+
+
+def _frames(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, dict]]:
+    """n frames on cameras a/b/c, one per hour going back from NOW, every 4th anomalous."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        camera = "abc"[i % 3]
+        vec = rng.normal(size=DIM).astype(np.float32)
+        anomalous = i % 4 == 0
+        payload = {"frame_id": f"f{i}", "camera": camera, "captured_ts": NOW - 3600 * i, "anomalous": anomalous,
+                   "verdict": "anomalous" if anomalous else "normal", "score": float(anomalous)}
+        out.append((point_id(camera, f"f{i}"), vec / np.linalg.norm(vec), payload))
+    return out
+
+
+def _store(tmp_path: Path, **cfg) -> VectorStore:
+    return VectorStore(StoreConfig(path=tmp_path / "store", **cfg), DIM)
+
+
+def _exact(frames, query: np.ndarray, keep) -> list[str]:
+    kept = [(float(v @ query), p["frame_id"]) for _, v, p in frames if keep(p)]
+    return [fid for _, fid in sorted(kept, reverse=True)]
+
+
+def test_filters_match_exact_search_and_persist(tmp_path):
+    frames = _frames(60)
+    store = _store(tmp_path)
+    store.upsert(frames)
+    query = frames[7][1]
+    cases = {
+        Filters(): lambda p: True,
+        Filters(cameras=("b",)): lambda p: p["camera"] == "b",
+        Filters(cameras=("a", "c")): lambda p: p["camera"] in ("a", "c"),
+        Filters(anomalous_only=True): lambda p: p["anomalous"],
+        Filters(since=NOW - 24 * 3600): lambda p: p["captured_ts"] >= NOW - 24 * 3600,
+        Filters(since=NOW - 40 * 3600, until=NOW - 10 * 3600): lambda p: NOW - 40 * 3600 <= p["captured_ts"] <= NOW - 10 * 3600,
+        Filters(cameras=("c",), anomalous_only=True, since=NOW - 30 * 3600): (
+            lambda p: p["camera"] == "c" and p["anomalous"] and p["captured_ts"] >= NOW - 30 * 3600),
+    }
+    for flt, keep in cases.items():
+        hits = store.search(query, 5, flt)
+        assert [h.payload["frame_id"] for h in hits] == _exact(frames, query, keep)[:5], flt
+        assert all(keep(h.payload) for h in hits)
+    # A query by a stored frame leaves that frame out.
+    hits = store.search(query, 5, Filters(), exclude=frames[7][0])
+    assert "f7" not in [h.payload["frame_id"] for h in hits]
+    assert hits[0].similarity <= 1.0
+    store.close()
+
+    reopened = _store(tmp_path)
+    assert reopened.count() == 60
+    pid, vector, payload = reopened.find("f7")
+    assert pid == frames[7][0] and payload["camera"] == "b"
+    np.testing.assert_allclose(vector, frames[7][1], atol=1e-6)
+    assert reopened.find("f7", camera="a") is None
+    assert reopened.find("nope") is None
+    reopened.close()
+
+
+def _evidence(tmp_path: Path, frames, **kw) -> EvidenceStore:
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000, **kw)
+    for pid, _, p in frames:
+        p["evidence"] = evidence.save(pid, {"thumbnail": ("jpg", b"x")})
+    return evidence
+
+
+def test_retention_by_count_deletes_oldest_vectors_and_their_evidence(tmp_path):
+    frames = _frames(20)
+    store = _store(tmp_path, max_points=8)
+    evidence = _evidence(tmp_path, frames)
+    store.upsert(frames)
+    deleted = store.retain(evidence, now=NOW, force=True)
+    assert len(deleted) == 12
+    assert store.count() == 8
+    kept = {h.payload["frame_id"] for h in store.search(frames[0][1], 20, Filters())}
+    assert kept == {f"f{i}" for i in range(8)}  # the 8 newest by captured_at
+    assert len(evidence) == 8
+    assert all(evidence.read(p["evidence"]["thumbnail"]) is None for _, _, p in frames[8:])
+    assert store.retain(evidence, now=NOW) == []  # rate-limited: not due again yet
+    store.close()
+
+
+def test_retention_by_age_for_vectors_and_evidence(tmp_path):
+    frames = _frames(20)
+    store = _store(tmp_path, max_age_h=5.5)
+    evidence = _evidence(tmp_path, frames[:3], max_age_h=2)
+    store.upsert(frames)
+    old = time.time() - 3 * 3600
+    for path in (tmp_path / "evidence").glob("*/*"):
+        if path.name.startswith(frames[0][0]):
+            os.utime(path, (old, old))
+    deleted = store.retain(evidence, now=NOW, force=True)
+    assert sorted(deleted) == sorted(pid for pid, _, p in frames if p["captured_ts"] < NOW - 5.5 * 3600)
+    assert {h.payload["frame_id"] for h in store.search(frames[0][1], 20, Filters())} == {f"f{i}" for i in range(6)}
+    # Evidence age counts from when it was written: frame 0's files were made 3 h old, the others are new.
+    assert evidence.read(frames[0][2]["evidence"]["thumbnail"]) is None
+    assert evidence.read(frames[1][2]["evidence"]["thumbnail"]) == b"x"
+    assert len(evidence) == 2
+    store.close()
+
+
+def test_retention_runs_while_the_recorder_writes(tmp_path):
+    store = _store(tmp_path, max_points=5, retention_every_s=0.05, flush_s=0.05, batch_size=4)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(store, evidence, store.cfg, thumbnail_size=16)
+    recorder.start()
+    try:
+        for pid, vec, payload in _frames(30):
+            recorder.submit(Record(pid, vec, payload, np.zeros((32, 32, 3), np.uint8)))
+        assert recorder.flush(20)
+        deadline = time.monotonic() + 10
+        while (store.count() > 5 or len(evidence) > 5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        recorder.stop()
+    assert store.count() == 5
+    assert len(evidence) == 5
+    store.close()
+
+
+def _png(color: int) -> bytes:
+    return cv2.imencode(".png", np.full((24, 24, 3), color, np.uint8))[1].tobytes()
+
+
+def _embed(data: bytes) -> np.ndarray:
+    """Stands in for the model: real decoding and its errors, a vector from the image's mean colour."""
+    probe(data, 1 << 20, 1 << 20)
+    level = float(decode(data).mean()) / 255
+    vec = np.full(DIM, 0.1, np.float32)
+    vec[0] = level
+    return vec / np.linalg.norm(vec)
+
+
+def _ask(service: QueryService, **request) -> dict:
+    return service.answer_bytes(json.dumps(request).encode())
+
+
+def test_query_errors_are_answered_clearly(tmp_path):
+    store = _store(tmp_path)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=100)
+    service = QueryService(store, evidence, _embed, max_top_k=10)
+    empty = _ask(service, frame_id="f1")
+    assert empty["ok"] is False and empty["error"]["code"] == "empty_store"
+
+    frames = _frames(12)
+    for pid, _, p in frames:
+        p["evidence"] = evidence.save(pid, {"thumbnail": ("jpg", b"thumb")})
+    store.upsert(frames)
+    unknown = _ask(service, frame_id="nope", camera="a")
+    assert unknown["error"]["code"] == "unknown_frame" and "nope" in unknown["error"]["message"]
+    for bad in (b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 20):
+        answer = _ask(service, image_b64=base64.b64encode(bad).decode())
+        assert answer["ok"] is False and answer["error"]["code"] == "bad_image", answer
+    assert _ask(service, image_b64="%%%")["error"]["code"] == "bad_image"
+    assert _ask(service, frame_id="f1", top_k=11)["error"]["code"] == "bad_request"
+
+    good = _ask(service, image_b64=base64.b64encode(_png(128)).decode(), filters={"cameras": ["a"]})
+    assert good["ok"] and good["hits"] and all(h["camera"] == "a" for h in good["hits"])
+    assert base64.b64decode(good["hits"][0]["thumbnail_b64"]) == b"thumb"
+    by_frame = _ask(service, frame_id="f4", filters={"anomalous_only": True})
+    assert by_frame["ok"] and all(h["verdict"] == "anomalous" and h["frame_id"] != "f4" for h in by_frame["hits"])
+    store.close()
+
+
+def test_store_errors_are_clear(tmp_path):
+    store = _store(tmp_path)
+    store.upsert(_frames(3))
+    store.close()
+    with pytest.raises(StoreError, match="another size"):
+        VectorStore(StoreConfig(path=tmp_path / "store"), DIM + 1)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StoreError, match=f"127.0.0.1:{port}.*refused"):
+        VectorStore(StoreConfig(url=f"http://127.0.0.1:{port}"), DIM)

@@ -50,6 +50,7 @@ def test_shared_subscription_balances_and_survives_a_worker_kill(broker, bundle_
         config = write_config(tmp_path / f"w{i}", broker.port, bundle_dir,
                               worker={"id": f"w{i}", "stats_interval_s": 1},
                               topics={"prefix": prefix, "share_group": "line"},
+                              mqtt={"session_expiry_s": 0},  # see deploy/README.md: a dead member's session must not keep its share
                               limits={"inference_threads": 1}, store={"log_normal_every": 0})
         workers.append(worker_factory(config))
     for i in range(3):

@@ -7,13 +7,14 @@ import json
 import os
 import socket
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from worker.config import StoreConfig
+from worker.config import SpoolConfig, StoreConfig
 from worker.decode import decode, probe
 from worker.evidence import EvidenceStore
 from worker.query import QueryService
@@ -127,7 +128,7 @@ def test_retention_by_age_for_vectors_and_evidence(tmp_path):
 def test_retention_runs_while_the_recorder_writes(tmp_path):
     store = _store(tmp_path, max_points=5, retention_every_s=0.05, flush_s=0.05, batch_size=4)
     evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
-    recorder = Recorder(store, evidence, store.cfg, thumbnail_size=16)
+    recorder = Recorder(lambda: store, evidence, store.cfg, SpoolConfig(path=tmp_path / "spool"), thumbnail_size=16)
     recorder.start()
     try:
         for pid, vec, payload in _frames(30):
@@ -136,11 +137,10 @@ def test_retention_runs_while_the_recorder_writes(tmp_path):
         deadline = time.monotonic() + 10
         while (store.count() > 5 or len(evidence) > 5) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert store.count() == 5
+        assert len(evidence) == 5
     finally:
-        recorder.stop()
-    assert store.count() == 5
-    assert len(evidence) == 5
-    store.close()
+        recorder.stop()  # closes the store it opened
 
 
 def _png(color: int) -> bytes:
@@ -163,7 +163,7 @@ def _ask(service: QueryService, **request) -> dict:
 def test_query_errors_are_answered_clearly(tmp_path):
     store = _store(tmp_path)
     evidence = EvidenceStore(tmp_path / "evidence", max_frames=100)
-    service = QueryService(store, evidence, _embed, max_top_k=10)
+    service = QueryService(lambda: nullcontext(store), evidence, _embed, max_top_k=10)
     empty = _ask(service, frame_id="f1")
     assert empty["ok"] is False and empty["error"]["code"] == "empty_store"
 

@@ -134,7 +134,7 @@ def test_bad_input_gets_an_error_and_the_next_frame_still_works(running, dataset
     assert worker.proc.poll() is None, "the worker must keep running"
 
 
-def _query(client: Client, prefix: str, request: dict, timeout: float = 30) -> dict:
+def _query(client: Client, prefix: str, request: dict, timeout: float = 30, topic: str = "query") -> dict:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -142,7 +142,7 @@ def _query(client: Client, prefix: str, request: dict, timeout: float = 30) -> d
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = f"{prefix}/query/response/test"
     props.CorrelationData = token
-    client.client.publish(f"{prefix}/query", json.dumps(request), qos=1, properties=props)
+    client.client.publish(f"{prefix}/{topic}", json.dumps(request), qos=1, properties=props)
     msg = client.wait_for(lambda m: m.topic == props.ResponseTopic and m.properties.CorrelationData == token,
                           timeout=timeout)[0]
     return json.loads(msg.payload)
@@ -195,3 +195,37 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset):
     missing = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", "nope",
                               "--top-k", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert missing.returncode == 1 and "unknown_frame" in missing.stderr
+
+
+def test_labels_round_trip_into_the_store_and_export(running, dataset):
+    prefix, client, _, _, _ = running
+    frames = _frames(dataset)[:6]
+    for frame_id, data, _ in frames:
+        client.publish_frame("cam4", data, frame_id)
+    client.json_on(f"{prefix}/cam4/result", count=len(frames), timeout=120)
+    time.sleep(1.0)
+    target, other = frames[0][0], frames[1][0]
+
+    def label(body: dict) -> dict:
+        return _query(client, prefix, body, topic="label")
+
+    answer = label({"action": "set", "frame_id": target, "camera": "cam4", "label": "false_alarm", "note": "glare"})
+    assert answer == {"ok": True, "frame_id": target, "camera": "cam4", "label": "false_alarm", "defect_type": None}
+    assert label({"action": "set", "frame_id": other, "camera": "cam4", "label": "confirmed_defect",
+                  "defect_type": "hole"})["ok"]
+    hits = _query(client, prefix, {"frame_id": other, "camera": "cam4", "top_k": 10})["hits"]
+    labelled = {h["frame_id"]: (h["label"], h["defect_type"]) for h in hits}
+    assert labelled[target] == ("false_alarm", None)
+
+    export = label({"action": "export", "format": "csv"})
+    assert export["ok"] and {(r["frame_id"], r["label"]) for r in export["labels"]} == {
+        (target, "false_alarm"), (other, "confirmed_defect")}
+    assert export["csv"].splitlines()[0].startswith("frame_id,camera,captured_at")
+    assert len(export["csv"].splitlines()) == 3
+
+    assert label({"action": "set", "frame_id": target, "camera": "cam4", "label": None})["ok"]  # cleared
+    assert {r["frame_id"] for r in label({"action": "export"})["labels"]} == {other}
+    bad = label({"action": "set", "frame_id": "nope", "camera": "cam4", "label": "false_alarm"})
+    assert bad["ok"] is False and bad["error"]["code"] == "unknown_frame"
+    bad = label({"action": "set", "frame_id": target, "camera": "cam4", "label": "maybe"})
+    assert bad["ok"] is False and bad["error"]["code"] == "bad_request"

@@ -59,7 +59,7 @@ class MQTTConfig(_Section):
 class TopicsConfig(_Section):
     prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
     cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
-    share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames (and queries) across the workers of a group.")
+    share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames (and queries) across the workers of a group. Set mqtt.session_expiry_s to 0 (or a few seconds) in a group: mosquitto keeps routing a dead member's share to its session until the session expires.")
 
     @field_validator("prefix")
     @classmethod

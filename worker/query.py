@@ -143,7 +143,7 @@ class QueryService:
         hit = {
             "similarity": round(similarity, 4),
             **{k: payload.get(k) for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict",
-                                            "model_name", "model_version")},
+                                            "model_name", "model_version", "label", "defect_type")},
             "thumbnail_b64": _b64(self.evidence.read(evidence.get("thumbnail"))),
         }
         if heatmaps:

@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 from bundle import BundleError
 from worker.config import Config, QueuePolicy
 from worker.evidence import EvidenceStore
+from worker.labels import LabelService
 from worker.metrics import Stats
 from worker.models import DEFAULT, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
@@ -43,11 +44,13 @@ class Worker:
         self.link = MqttLink(cfg.mqtt, cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}",
                              subscriptions=[self.topics.shared(self.topics.frames, cfg.topics.share_group),
                                             self.topics.shared(self.topics.query, cfg.topics.share_group),
+                                            self.topics.shared(self.topics.label, cfg.topics.share_group),
                                             self.topics.control],
                              will=(self.topics.availability, "offline"))
         self.link.client.manual_ack_set(True)
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats)
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k)
+        self.labels = LabelService(self.recorder.use_store)
         self.query_queue: BoundedQueue[mqtt.MQTTMessage] = BoundedQueue(16, QueuePolicy.DROP_NEWEST)
         self.query_thread = threading.Thread(target=self._serve_requests, name="requests", daemon=True)
         self.accepting = True
@@ -90,7 +93,7 @@ class Worker:
     def _route(self, msg: mqtt.MQTTMessage) -> None:
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next session
-        if msg.topic in (self.topics.query, self.topics.control):
+        if msg.topic in (self.topics.query, self.topics.label, self.topics.control):
             if self.query_queue.put(msg) is not None:
                 self._respond(msg, {"ok": False, "error": {"code": "busy", "message": "too many queries waiting"}})
         else:
@@ -114,7 +117,7 @@ class Worker:
             self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
 
     def _serve_requests(self) -> None:
-        """Queries and control commands, one at a time, off the MQTT and inference threads."""
+        """Queries, labels and control commands, one at a time, off the MQTT and inference threads."""
         while True:
             try:
                 msg = self.query_queue.get(timeout=0.5)
@@ -128,6 +131,8 @@ class Worker:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     command = {}
                 self._respond(msg, self.control(command if isinstance(command, dict) else {}))
+            elif msg.topic == self.topics.label:
+                self._respond(msg, self.labels.answer_bytes(msg.payload))
             else:
                 self._respond(msg, self.queries.answer_bytes(msg.payload))
 

@@ -42,6 +42,9 @@ _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.Payload
 _DELETE_CHUNK = 1024
 
 
+LABELS = ("false_alarm", "confirmed_defect")  # operator labels (worker/labels.py)
+
+
 def point_id(camera: str, frame_id: str) -> str:
     """Stable id of a frame: the same camera + frame id always maps to the same point."""
     return str(uuid.uuid5(_NAMESPACE, f"{camera}/{frame_id}"))
@@ -129,6 +132,11 @@ class _Edge:
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=True))
         return [(str(r.id), r.vector, dict(r.payload or {})) for r in recs]
 
+    def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:
+        flt = edge.Filter(must=[edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))])
+        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=False))
+        return [(str(r.id), [], dict(r.payload or {})) for r in recs]
+
     def oldest(self, n: int) -> list[str]:
         order = edge.OrderBy("captured_ts", direction=edge.Direction.Asc)
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n, order_by=order, with_payload=False))
@@ -186,6 +194,11 @@ class _Client:
         flt = models.Filter(must=[models.FieldCondition(key="frame_id", match=models.MatchValue(value=frame_id))])
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_vectors=True)
         return [(str(p.id), p.vector, dict(p.payload or {})) for p in recs]
+
+    def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:
+        flt = models.Filter(must=[models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))])
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
+        return [(str(p.id), [], dict(p.payload or {})) for p in recs]
 
     def oldest(self, n: int) -> list[str]:
         recs, _ = self.client.scroll(self.collection, limit=n, order_by=models.OrderBy(key="captured_ts"),
@@ -269,6 +282,10 @@ class VectorStore:
 
     def count(self) -> int:
         return self._call("count", self.engine.count)
+
+    def labelled(self, limit: int = 100_000) -> list[dict]:
+        """Payloads of the frames an operator has labelled (for export)."""
+        return [payload for _, _, payload in self._call("read", self.engine.labelled, limit)]
 
     def delete(self, ids: list[str]) -> None:
         for start in range(0, len(ids), _DELETE_CHUNK):

@@ -5,6 +5,7 @@
     <prefix>/<camera>/heatmap                    out  JPEG/PNG colour map over the frame; user property frame_id
     <prefix>/<camera>/error                      out  JSON error per refused frame
     <prefix>/query                               in   similarity request (MQTT v5 response_topic + correlation_data)
+    <prefix>/label                               in   operator label set/export (MQTT v5 request/response)
     <prefix>/workers/<worker_id>/availability    out  retained: online | offline (last will) | stopped
     <prefix>/workers/<worker_id>/model           out  retained JSON: the bundle this worker runs
     <prefix>/workers/<worker_id>/stats           out  JSON counters, every stats interval
@@ -46,6 +47,10 @@ class Topics:
     @property
     def query(self) -> str:
         return f"{self.prefix}/query"
+
+    @property
+    def label(self) -> str:
+        return f"{self.prefix}/label"
 
     def _worker(self, leaf: str) -> str:
         return f"{self.prefix}/workers/{self.worker_id}/{leaf}"

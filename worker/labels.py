@@ -1,0 +1,90 @@
+"""Operator labels: a false alarm or a confirmed defect (with its type), kept in the frame's payload in the store.
+
+Requests arrive on ``<prefix>/label`` (MQTT v5 request/response, like queries) from the
+console or the CLI.  Labels then travel with every similarity answer, and ``export``
+lists them (JSON or CSV) for re-thresholding or retraining.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.pipeline import iso
+from worker.query import QueryError
+from worker.recorder import StoreUnavailable
+from worker.store import LABELS, VectorStore
+
+EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label", "defect_type", "note",
+                 "labelled_at", "model_version")
+
+
+class SetLabel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["set"]
+    frame_id: str
+    camera: str
+    label: Literal[LABELS] | None = Field(description="None clears the label.")
+    defect_type: str | None = Field(None, max_length=64)
+    note: str | None = Field(None, max_length=500)
+
+
+class ExportLabels(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["export"]
+    format: Literal["json", "csv"] = "json"
+
+
+class LabelService:
+    def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]]) -> None:
+        self.use_store = use_store
+
+    def answer_bytes(self, payload: bytes) -> dict:
+        """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
+        try:
+            try:
+                raw = json.loads(payload)
+                model = ExportLabels if isinstance(raw, dict) and raw.get("action") == "export" else SetLabel
+                request = model.model_validate(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise QueryError("bad_request", f"request is not JSON: {exc}") from None
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}" for e in exc.errors())
+                raise QueryError("bad_request", problems) from None
+            with self.use_store() as store:
+                return self.set(request, store) if isinstance(request, SetLabel) else self.export(request, store)
+        except StoreUnavailable as exc:
+            return {"ok": False, "error": {"code": "store_unavailable", "message": str(exc)}}
+        except QueryError as exc:
+            return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+
+    def set(self, request: SetLabel, store: VectorStore) -> dict:
+        found = store.find(request.frame_id, request.camera)
+        if found is None:
+            raise QueryError("unknown_frame", f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
+        pid, vector, payload = found
+        labelled = request.label is not None
+        payload.update(label=request.label, defect_type=request.defect_type if labelled else None,
+                       note=request.note if labelled else None, labelled_at=iso(time.time()) if labelled else None)
+        store.upsert([(pid, vector, payload)])
+        return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
+                "defect_type": payload["defect_type"]}
+
+    def export(self, request: ExportLabels, store: VectorStore) -> dict:
+        rows = sorted(({k: p.get(k) for k in EXPORT_FIELDS} for p in store.labelled()),
+                      key=lambda r: (r["labelled_at"] or "", r["frame_id"]))
+        answer: dict = {"ok": True, "labels": rows}
+        if request.format == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+            answer["csv"] = out.getvalue()
+        return answer

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up this machine for edge-inspect: Debian's mosquitto when missing, a venv in .venv,
+# Sets up this machine for edge-inspect: Debian's mosquitto (and chromium, for the test extra) when missing, a venv in .venv,
 # and the project with its extras (default: test = exporter + worker + test tools).
 # Idempotent: a second run only checks. Usage: scripts/setup.sh [EXTRA]
 set -euo pipefail
@@ -8,11 +8,15 @@ extra="${1:-test}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  step "installing mosquitto (Debian package)"
+apt_missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_missing+=(mosquitto mosquitto-clients)
+# the console's browser tests drive Debian's chromium (Playwright's own browser downloads need the internet)
+[ "$extra" != test ] || [ -x /usr/bin/chromium ] || apt_missing+=(chromium)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  step "installing ${apt_missing[*]} (Debian packages)"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${apt_missing[@]}" >/dev/null
 fi
 
 python_bin="$(command -v python3.11 || command -v python3)"

@@ -9,7 +9,6 @@ import logging
 import signal
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 from bundle import BundleError
@@ -35,11 +34,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from worker.mqtt import MqttLink, publish_properties
-    from worker.topics import Topics
+    from worker.api_client import ApiClient, ApiError
 
     cfg = load_config(args.config)
-    topics = Topics(cfg.topics.prefix, cfg.worker.id)
     request: dict = {"top_k": args.top_k, "filters": {"cameras": args.cameras.split(",") if args.cameras else [],
                                                       "anomalous_only": args.anomalous_only,
                                                       "since": args.since, "until": args.until}}
@@ -48,32 +45,12 @@ def _query(args: argparse.Namespace) -> int:
     else:
         request["frame_id"] = args.frame_id
         request["camera"] = args.camera
-    token = uuid.uuid4().hex
-    response_topic = f"{topics.query}/response/{token}"
-    link = MqttLink(cfg.mqtt.model_copy(update={"session_expiry_s": 0}), f"edge-inspect-query-{token[:12]}",
-                    subscriptions=[response_topic])
-    answer: dict = {}
-    done = threading.Event()
-
-    def on_message(msg) -> None:
-        if getattr(msg.properties, "CorrelationData", None) == token.encode():
-            answer.update(json.loads(msg.payload))
-            done.set()
-
-    link.on_message = on_message
-    link.start()
     try:
-        if not link.wait_connected(cfg.query.timeout_s):
-            print(f"error: cannot reach the broker at {cfg.mqtt.host}:{cfg.mqtt.port}", file=sys.stderr)
-            return 2
-        link.client.subscribe(response_topic, qos=1)
-        link.publish(topics.query, json.dumps(request), qos=1, properties=publish_properties(
-            content_type="application/json", response_topic=response_topic, correlation=token.encode()))
-        if not done.wait(cfg.query.timeout_s):
-            print(f"error: no answer from a worker within {cfg.query.timeout_s} s", file=sys.stderr)
-            return 2
-    finally:
-        link.stop()
+        with ApiClient(cfg, "query") as client:
+            answer = client.query(request)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(answer, indent=2))
     elif answer.get("ok"):
@@ -84,6 +61,19 @@ def _query(args: argparse.Namespace) -> int:
     else:
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
     return 0 if answer.get("ok") else 1
+
+
+def _console(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    logging.getLogger().setLevel(cfg.worker.log_level)
+    try:
+        from worker.console.app import serve
+    except ImportError as exc:
+        print(f"error: the console needs the 'console' extra (pip install 'edge-inspect[console]'): {exc}",
+              file=sys.stderr)
+        return 2
+    serve(cfg)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--until", help="only frames captured at or before")
     query.add_argument("--json", action="store_true", help="print the whole answer as JSON (with thumbnails)")
     query.set_defaults(func=_query)
+    console = sub.add_parser("console", help="serve the operator web console (console.host:console.port)")
+    console.add_argument("--config", default=argparse.SUPPRESS)
+    console.set_defaults(func=_console)
     parser.set_defaults(func=_run)
     return parser
 

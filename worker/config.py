@@ -168,6 +168,24 @@ class QueryConfig(_Section):
     timeout_s: float = Field(10, gt=0, description="CLI: how long to wait for the worker's answer.")
 
 
+class ConsoleConfig(_Section):
+    host: str = Field("127.0.0.1", description="Operator console (python -m worker console) bind address; loopback by default.")
+    port: int = Field(8080, ge=1, le=65535, description="Operator console HTTP port.")
+    username: str | None = Field(None, description="Console HTTP basic-auth user; required (with password) to bind beyond loopback.")
+    password: SecretStr | None = Field(None, description="Console basic-auth password (prefer EDGE_INSPECT__CONSOLE__PASSWORD).")
+    history: int = Field(500, ge=1, description="Anomalous frames (result, heatmap, thumbnail) the console keeps in memory for its defect feed.")
+    recent_frames: int = Field(64, ge=8, description="Latest frames (camera bytes, heatmap, result) of all cameras kept in memory for the live tiles.")
+    series_minutes: float = Field(60, gt=0, description="Score-over-time window per camera.")
+
+    @model_validator(mode="after")
+    def _auth_beyond_loopback(self) -> ConsoleConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both username and password, or neither")
+        if self.username is None and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"binding to {self.host} needs username and password (basic auth)")
+        return self
+
+
 class WorkerConfig(_Section):
     id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
@@ -187,6 +205,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     evidence: EvidenceConfig = EvidenceConfig()
     query: QueryConfig = QueryConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _store_target(self) -> Config:

@@ -96,9 +96,11 @@ class _Edge:
     """qdrant-edge-py shard at ``path/collection``."""
 
     def __init__(self, folder: Path, dim: int, hnsw: bool) -> None:
+        # Exact: indexing threshold 0 = never build a vector index (optimize() then only vacuums deletes).
         index = edge.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000) if hnsw else None
+        optimizers = None if hnsw else edge.EdgeOptimizersConfig(indexing_threshold=0)
         config = edge.EdgeConfig(vectors=edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine),
-                                 hnsw_config=index, wal_enabled=True)
+                                 hnsw_config=index, optimizers=optimizers, wal_enabled=True)
         self.hnsw = hnsw
         if folder.is_dir() and any(folder.iterdir()):
             try:
@@ -292,7 +294,7 @@ class VectorStore:
             self._call("delete", self.engine.delete, ids[start : start + _DELETE_CHUNK])
 
     def optimize(self) -> None:
-        """Build pending indexes (HNSW); a no-op for exact search and for a server."""
+        """Embedded: vacuum deleted points and (``store.hnsw``) index new ones; a no-op for a server."""
         self._call("optimize", self.engine.optimize)
 
     def retain(self, evidence: EvidenceStore | None = None, now: float | None = None, force: bool = False) -> list[str]:
@@ -320,8 +322,8 @@ class VectorStore:
                     self.delete(ids)
                     deleted += ids
                     excess -= len(ids)
-            if self.cfg.hnsw and not self.cfg.url:
-                self.optimize()
+            if deleted or self.cfg.hnsw:
+                self.optimize()  # embedded: vacuum deletes, build HNSW for new points; a server does it itself
         except StoreError as exc:
             log.warning("retention: %s", exc)
         if evidence is not None:

@@ -1,0 +1,53 @@
+"""The operator console as a process, and Debian's chromium under Playwright: shared by tests, demo and benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's browser downloads need the internet
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+class ConsoleProcess:
+    """``python -m worker console --config FILE``; ready once its API answers and it reached the broker."""
+
+    def __init__(self, config: Path, log: Path, port: int, timeout: float = 30) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "console", "--config", str(config)], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if json.loads(urllib.request.urlopen(f"{self.url}/api/state", timeout=2).read())["broker"]:
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the console did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(20)
+        self.log.close()
+        return code
+
+
+def launch(playwright, width: int = 1280, height: int = 900):
+    """A headless chromium context with a new, empty profile."""
+    return playwright.chromium.launch_persistent_context(
+        tempfile.mkdtemp(prefix="chromium-"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": width, "height": height})

@@ -1,0 +1,164 @@
+"""The operator console end to end in headless Chromium: real mosquitto, worker, console process and browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Client, WorkerProcess, write_config
+
+from scripts.broker import free_port
+from scripts.console_helpers import CHROMIUM, ConsoleProcess, launch
+from worker.config import ConfigError, load_config
+
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "
+                                    "/usr/bin/chromium (scripts/setup.sh installs it)")
+
+
+def test_binding_beyond_loopback_needs_a_password(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {bundle: b}\nconsole: {host: 0.0.0.0}\n")
+    with pytest.raises(ConfigError, match="basic auth"):
+        load_config(config)
+    config.write_text("model: {bundle: b}\nconsole: {host: 0.0.0.0, username: op}\n")
+    with pytest.raises(ConfigError, match="both username and password"):
+        load_config(config)
+
+
+def test_basic_auth_guards_every_path(tmp_path):
+    from starlette.testclient import TestClient
+
+    from worker.console.app import create_app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {bundle: b}\nconsole: {host: 0.0.0.0, username: op, password: s3cret}\n")
+    http = TestClient(create_app(load_config(config)))  # no lifespan: no broker needed
+    for path in ("/", "/api/state", "/static/app.js", "/api/labels/export"):
+        assert http.get(path).status_code == 401
+    assert http.get("/", auth=("op", "wrong")).status_code == 401
+    page = http.get("/", auth=("op", "s3cret"))
+    assert page.status_code == 200 and "/static/app.js" in page.text
+
+
+def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
+    static = ROOT / "worker" / "console" / "static"
+    for name in ("index.html", "app.js", "app.css"):
+        text = (static / name).read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
+
+
+def _frames(dataset: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    test = dataset / "weave" / "test"
+    good = [(f"good-{p.stem}", p.read_bytes()) for p in sorted((test / "good").glob("*.png"))]
+    bad = [(f"{p.parent.name}-{p.stem}", p.read_bytes()) for p in sorted(test.glob("*/*.png")) if p.parent.name != "good"]
+    return good, bad
+
+
+@dataclass
+class Stack:
+    prefix: str
+    config: Path
+    client: Client
+    console: ConsoleProcess
+    page: object
+    good: list[tuple[str, bytes]]
+    bad: list[tuple[str, bytes]]
+    results: dict[str, dict]
+
+
+@pytest.fixture(scope="module")
+def stack(broker, bundle_dir, dataset, tmp_path_factory):
+    """Worker + console + a Chromium page opened BEFORE any frame, then frames of two cameras published."""
+    from playwright.sync_api import expect, sync_playwright
+
+    folder = tmp_path_factory.mktemp("console")
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    config = write_config(folder, broker.port, bundle_dir, topics={"prefix": prefix}, console={"port": port})
+    client = Client(broker.port, prefix)
+    worker = WorkerProcess(config, folder / "worker.log")
+    console = None
+    try:
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online", 60)
+        console = ConsoleProcess(config, folder / "console.log", port)
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page()
+            page.goto(console.url)
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+            expect(page.locator("#tiles .empty")).to_be_visible()  # nothing yet: what follows arrives by push
+
+            good, bad = _frames(dataset)
+            for frame_id, data in good[:2]:
+                client.publish_frame("cam-b", data, frame_id)
+            for frame_id, data in good + bad:
+                client.publish_frame("cam-a", data, frame_id)
+            results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam-a/result", count=len(good + bad))}
+            client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
+                            and json.loads(m.payload)["store_written"] >= len(good + bad) + 2, timeout=30)
+            yield Stack(prefix, config, client, console, page, good, bad, results)
+            browser.close()
+    finally:
+        if console is not None:
+            assert console.stop() == 0, console.log_path.read_text()[-2000:]
+        assert worker.stop() == 0, worker.output()[-2000:]
+        client.close()
+
+
+@needs_chromium
+def test_live_tiles_defect_feed_and_similar_frames(stack):
+    from playwright.sync_api import expect
+
+    page, results, good, bad = stack.page, stack.results, stack.good, stack.bad
+    # Live view: one tile per camera, following its newest frame, by push.
+    last_a = (good + bad)[-1][0]
+    tile_a = page.locator('.tile[data-camera="cam-a"]')
+    expect(tile_a).to_have_attribute("data-frame-id", last_a, timeout=30_000)
+    expect(page.locator('.tile[data-camera="cam-b"]')).to_have_attribute("data-frame-id", good[1][0])
+    last = results[last_a]
+    expect(tile_a.locator(".verdict")).to_have_text(last["verdict"])
+    expect(tile_a.locator(".score")).to_contain_text(f"{last['score']:.3f}")
+    expect(tile_a.locator(".model")).to_contain_text(last["model"]["version"])
+    assert ("anomalous" in (tile_a.get_attribute("class") or "")) == (last["verdict"] == "anomalous")
+    for kind in ("frame", "heat"):
+        page.wait_for_function(f"""() => {{ const i = document.querySelector('.tile[data-camera="cam-a"] img.{kind}');
+                                   return i && !i.hidden && i.complete && i.naturalWidth > 0; }}""", timeout=10_000)
+    expect(page.locator("#worker-w-test")).to_contain_text("online")
+    expect(tile_a.locator(".rate")).to_contain_text("frames/s", timeout=15_000)
+
+    # Defect feed: the anomalous frames, newest first, filterable by camera.
+    order = [f for f in results if results[f]["verdict"] == "anomalous"]
+    assert order, "the generated defects should raise some anomalous verdicts"
+    feed = page.locator("#defects li")
+    expect(feed).to_have_count(len(order), timeout=10_000)
+    shown = [feed.nth(i).get_attribute("data-frame-id") for i in range(len(order))]
+    captured = [datetime.fromisoformat(results[f]["captured_at"]) for f in shown]
+    assert set(shown) == set(order) and captured == sorted(captured, reverse=True)
+    page.select_option("#feed-camera", "cam-b")
+    expect(feed).to_have_count(0)
+    page.select_option("#feed-camera", "")
+    expect(feed).to_have_count(len(order))
+
+    # Similar past defects: click a feed item -> the worker's answer, through MQTT request/response.
+    queried = order[0]
+    page.locator(f'#defects li[data-frame-id="{queried}"] .pics2').click()
+    expect(page.locator("#similar")).to_be_visible()
+    expect(page.locator("#q-status")).to_contain_text("similar frames", timeout=20_000)
+    hits = page.locator("#hits li")
+    hit_ids = [hits.nth(i).get_attribute("data-frame-id") for i in range(hits.count())]
+    assert hit_ids and queried not in hit_ids and set(hit_ids) <= set(order)
+    assert hits.first.locator("img.thumb").evaluate("i => i.complete && i.naturalWidth > 0")
+    page.keyboard.press("Escape")
+
+    # An uploaded image finds its own frame first (the same query path, with image_b64).
+    request = {"image_b64": base64.b64encode(bad[0][1]).decode(), "top_k": 3, "filters": {}}
+    reply = urllib.request.urlopen(urllib.request.Request(
+        f"{stack.console.url}/api/similar", json.dumps(request).encode(), {"Content-Type": "application/json"}),
+        timeout=15)
+    assert json.loads(reply.read())["hits"][0]["frame_id"] == bad[0][0]

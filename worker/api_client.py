@@ -1,0 +1,101 @@
+"""A client of the worker's MQTT v5 request/response APIs (similarity queries, labels).
+
+The CLI (``python -m worker query``/``labels``) and the operator console both use it, so
+every caller goes through the same worker code path: a request is published on
+``<prefix>/query`` or ``<prefix>/label`` with a ``response_topic`` and
+``correlation_data``; the worker answers on that topic.  One connection serves many
+concurrent requests: answers are matched to requests by their correlation data.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+
+import paho.mqtt.client as mqtt
+
+from worker.config import Config
+from worker.mqtt import MqttLink, publish_properties
+from worker.topics import Topics
+
+
+class ApiError(Exception):
+    """The broker cannot be reached, or no worker answered in time (no answer from the worker at all)."""
+
+
+class ApiClient:
+    """One MQTT v5 connection for requests to the worker; ``on_message`` gets every other subscribed message."""
+
+    def __init__(self, cfg: Config, name: str, subscriptions: Sequence[str] = (), qos: int | None = None) -> None:
+        self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
+        self.timeout_s = cfg.query.timeout_s
+        token = uuid.uuid4().hex
+        self.reply_topic = f"{self.topics.query}/response/{token}"
+        mqtt_cfg = cfg.mqtt.model_copy(update={"session_expiry_s": 0, **({"qos": qos} if qos is not None else {})})
+        self.link = MqttLink(mqtt_cfg, f"edge-inspect-{name}-{token[:12]}",
+                             subscriptions=[self.reply_topic, *subscriptions])
+        self.link.on_message = self._on_message
+        self.on_message: Callable[[mqtt.MQTTMessage], None] | None = None
+        self._pending: dict[bytes, tuple[threading.Event, list[dict]]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def label_topic(self) -> str:
+        return f"{self.topics.prefix}/label"
+
+    def start(self, timeout: float | None = None) -> None:
+        """Connect; raises :class:`ApiError` when the broker is not reachable within ``timeout``."""
+        self.link.start()
+        if not self.link.wait_connected(self.timeout_s if timeout is None else timeout):
+            self.link.stop()
+            raise ApiError(f"cannot reach the broker at {self.link.cfg.host}:{self.link.cfg.port}")
+
+    def close(self) -> None:
+        self.link.stop()
+
+    def __enter__(self) -> ApiClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.reply_topic:
+            correlation = getattr(msg.properties, "CorrelationData", None)
+            with self._lock:
+                waiter = self._pending.get(correlation)
+            if waiter is not None:
+                waiter[1].append(json.loads(msg.payload))
+                waiter[0].set()
+        elif self.on_message is not None:
+            self.on_message(msg)
+
+    def request(self, topic: str, body: dict, timeout: float | None = None) -> dict:
+        """Publish ``body`` as a request on ``topic`` and return the worker's JSON answer (blocking, thread-safe)."""
+        timeout = self.timeout_s if timeout is None else timeout
+        if not self.link.wait_connected(timeout):
+            raise ApiError(f"not connected to the broker at {self.link.cfg.host}:{self.link.cfg.port}")
+        correlation = uuid.uuid4().hex.encode()
+        done, answer = threading.Event(), []
+        with self._lock:
+            self._pending[correlation] = (done, answer)
+        try:
+            self.link.publish(topic, json.dumps(body), qos=1, properties=publish_properties(
+                content_type="application/json", response_topic=self.reply_topic, correlation=correlation))
+            if not done.wait(timeout):
+                raise ApiError(f"no answer from a worker on {topic} within {timeout:g} s")
+            return answer[0]
+        finally:
+            with self._lock:
+                del self._pending[correlation]
+
+    def query(self, request: dict, timeout: float | None = None) -> dict:
+        """Similar past frames (the request and answer formats are in README "Worker API")."""
+        return self.request(self.topics.query, request, timeout)
+
+    def label(self, request: dict, timeout: float | None = None) -> dict:
+        """Set a frame's label (``action: set``) or export every label (``action: export``)."""
+        return self.request(self.label_topic, request, timeout)

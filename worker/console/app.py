@@ -1,0 +1,219 @@
+"""The operator console: a Starlette app served by uvicorn, in its own process (``python -m worker console``).
+
+It is an MQTT client like any other: it subscribes to the worker's output (live view,
+defect feed, score plot), pushes every change to browsers as server-sent events, and
+sends similarity queries and labels to the worker over MQTT v5 request/response
+(:class:`worker.api_client.ApiClient`, the CLI's code path).  It never opens the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import secrets
+import signal
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from worker.api_client import ApiClient, ApiError
+from worker.config import Config
+from worker.console.hub import Hub, content_type
+from worker.query import parse_timestamp
+from worker.topics import Topics
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+KEEPALIVE_S = 15
+CLIENT_QUEUE = 1000  # events a slow browser may lag behind before it misses some
+
+
+class BasicAuth:
+    """HTTP basic auth on every path (browsers ask once and resend it, also for EventSource)."""
+
+    def __init__(self, app: ASGIApp, username: str, password: str) -> None:
+        self.app = app
+        self.expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"").decode(errors="replace")
+            if not secrets.compare_digest(given.encode(), self.expected.encode()):
+                await Response("login required", 401, {"WWW-Authenticate": 'Basic realm="edge-inspect"'})(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Broadcaster:
+    """Fans hub events out to every connected browser (one bounded queue each), on the event loop."""
+
+    def __init__(self) -> None:
+        self.queues: set[asyncio.Queue[str]] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def publish(self, event: str, data: dict) -> None:
+        """Called on the MQTT thread."""
+        if self.loop is not None and self.queues:
+            message = f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+            self.loop.call_soon_threadsafe(self._put, message)
+
+    def _put(self, message: str) -> None:
+        for queue in self.queues:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(message)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"ok": False, "error": {"code": code, "message": message}}, status)
+
+
+def create_app(cfg: Config) -> Starlette:
+    hub = Hub(Topics(cfg.topics.prefix, cfg.worker.id), cfg.console)
+    client = ApiClient(cfg, "console", subscriptions=hub.subscriptions, qos=0)
+    client.on_message = hub.on_message
+    events = Broadcaster()
+    hub.subscribe(events.publish)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        events.loop = asyncio.get_running_loop()
+        client.link.start()  # connects (and reconnects) in the background; the page shows the link state
+        yield
+        client.close()
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def state(request: Request) -> Response:
+        return JSONResponse({**hub.snapshot(), "series": hub.score_series(), "broker": client.link.connected.is_set(),
+                             "series_minutes": cfg.console.series_minutes, "prefix": cfg.topics.prefix})
+
+    async def stream(request: Request) -> Response:
+        queue: asyncio.Queue[str] = asyncio.Queue(CLIENT_QUEUE)
+        events.queues.add(queue)
+
+        async def body():
+            try:
+                yield "retry: 2000\n\n"
+                while True:
+                    try:
+                        yield await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield f"event: ping\ndata: {json.dumps({'broker': client.link.connected.is_set()})}\n\n"
+            finally:
+                events.queues.discard(queue)
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def image(request: Request) -> Response:
+        kind = request.path_params["kind"]
+        if kind not in ("frame", "heatmap", "thumbnail"):
+            return _error(404, "not_found", f"no image kind {kind!r}")
+        data = hub.image(request.path_params["camera"], request.path_params["frame_id"], kind)
+        if data is None:
+            return _error(404, "not_found", "the console no longer has this image")
+        return Response(data, media_type=content_type(data), headers={"Cache-Control": "private, max-age=3600"})
+
+    async def defects(request: Request) -> Response:
+        q = request.query_params
+        try:
+            since = parse_timestamp(q["since"]) if q.get("since") else None
+            until = parse_timestamp(q["until"]) if q.get("until") else None
+            limit = min(int(q.get("limit", 100)), cfg.console.history)
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        return JSONResponse({"ok": True, "frames": hub.defect_feed(q.get("camera") or None, since, until, limit)})
+
+    async def _ask(call, body: dict) -> Response:
+        try:
+            answer = await run_in_threadpool(call, body)
+        except ApiError as exc:
+            return _error(504, "no_answer", str(exc))
+        return JSONResponse(answer, 200 if answer.get("ok") else 400)
+
+    async def _json_body(request: Request) -> dict | None:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    async def similar(request: Request) -> Response:
+        """The worker's query request, passed on unchanged: validation and search are the worker's."""
+        body = await _json_body(request)
+        if body is None:
+            return _error(400, "bad_request", "send the query request as a JSON object")
+        if isinstance(body.get("image_b64"), str):
+            try:
+                base64.b64decode(body["image_b64"], validate=True)
+            except binascii.Error:
+                return _error(400, "bad_image", "image_b64 is not valid base64")
+        return await _ask(client.query, body)
+
+    async def label(request: Request) -> Response:
+        body = await _json_body(request)
+        if body is None or not body.get("frame_id"):
+            return _error(400, "bad_request", "send {frame_id, camera, label, defect_type, note} as JSON")
+        keys = ("frame_id", "camera", "label", "defect_type", "note")
+        response = await _ask(client.label, {"action": "set", **{k: body.get(k) for k in keys}})
+        answer = json.loads(response.body)
+        if answer.get("ok"):
+            hub.set_label(answer.get("camera") or body.get("camera"), answer.get("frame_id"), answer.get("label"),
+                          answer.get("defect_type"))
+        return response
+
+    async def export(request: Request) -> Response:
+        fmt = request.query_params.get("format", "csv")
+        if fmt not in ("csv", "json"):
+            return _error(400, "bad_request", "format is csv or json")
+        try:
+            answer = await run_in_threadpool(client.label, {"action": "export", "format": fmt})
+        except ApiError as exc:
+            return _error(504, "no_answer", str(exc))
+        if not answer.get("ok"):
+            return JSONResponse(answer, 400)
+        disposition = {"Content-Disposition": f'attachment; filename="labels.{fmt}"'}
+        if fmt == "csv":
+            return Response(answer.get("csv", ""), media_type="text/csv", headers=disposition)
+        return JSONResponse(answer["labels"], headers=disposition)
+
+    app = Starlette(routes=[
+        Route("/", index),
+        Route("/api/state", state),
+        Route("/api/events", stream),
+        Route("/api/frames/{camera}/{frame_id}/{kind}", image),
+        Route("/api/defects", defects),
+        Route("/api/similar", similar, methods=["POST"]),
+        Route("/api/labels", label, methods=["POST"]),
+        Route("/api/labels/export", export),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ], lifespan=lifespan)
+    if cfg.console.username is not None:
+        app.add_middleware(BasicAuth, username=cfg.console.username,
+                           password=cfg.console.password.get_secret_value())
+    return app
+
+
+def serve(cfg: Config) -> None:
+    """Run the console until SIGINT/SIGTERM."""
+    import uvicorn
+
+    # uvicorn shuts down on SIGINT/SIGTERM and then re-raises the signal to the handler that was there
+    # before: make that one a no-op, so a requested stop exits 0 like the worker.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    log.info("operator console on http://%s:%d/", cfg.console.host, cfg.console.port)
+    uvicorn.run(create_app(cfg), host=cfg.console.host, port=cfg.console.port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=2)

@@ -1,0 +1,254 @@
+"""What the console knows: the worker's MQTT output since the console started, bounded, in memory.
+
+The worker has no "list recent frames" API, so the console builds its own view from
+the topics it subscribes to (frames, results, heatmaps, errors, worker status).  MQTT
+callbacks (paho's thread) update it; the web app reads it and gets every change pushed
+through :meth:`Hub.subscribe` listeners.  Nothing here talks to the vector store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import paho.mqtt.client as mqtt
+
+from worker.config import ConsoleConfig
+from worker.decode import FrameError, decode
+from worker.heatmap import encode, fit_size
+from worker.mqtt import user_properties
+from worker.topics import Topics
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_SIZE = 160
+SERIES_BUCKETS = 360  # score-over-time resolution: one point per window/360 (10 s for an hour)
+_MAGIC = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"BM", "image/bmp"))
+
+
+def content_type(data: bytes) -> str:
+    return next((ct for magic, ct in _MAGIC if data.startswith(magic)), "application/octet-stream")
+
+
+def epoch(stamp: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class Entry:
+    """One processed frame: the worker's result and the images the console has for it."""
+
+    result: dict
+    heatmap: bytes | None = None
+    frame: bytes | None = None  # the camera's bytes; only while the entry is among the recent frames
+    thumbnail: bytes | None = None  # JPEG of the frame; anomalous frames only (kept in the defect feed)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.result["camera"], self.result["frame_id"]
+
+    def view(self) -> dict:
+        """The result as the browser gets it, with which images exist."""
+        return {**self.result, "has_heatmap": self.heatmap is not None, "has_frame": self.frame is not None,
+                "has_thumbnail": self.thumbnail is not None}
+
+
+class Bounded(OrderedDict):
+    """Insertion-ordered dict that forgets its oldest items past ``limit``; calls ``evicted`` on each."""
+
+    def __init__(self, limit: int, evicted: Callable[[object], None] | None = None) -> None:
+        super().__init__()
+        self.limit = limit
+        self.evicted = evicted
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        while len(self) > self.limit:
+            _, old = self.popitem(last=False)
+            if self.evicted:
+                self.evicted(old)
+
+
+class Hub:
+    """Live state for the console; every mutation happens under one lock and is pushed to listeners."""
+
+    def __init__(self, topics: Topics, cfg: ConsoleConfig) -> None:
+        self.topics = topics
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        self.pending_frames: Bounded = Bounded(cfg.recent_frames)  # (camera, frame_id) -> bytes, before its result
+        self.pending_heatmaps: Bounded = Bounded(cfg.recent_frames)
+        self.recent: Bounded = Bounded(cfg.recent_frames, self._forget_frame)  # every camera's latest frames
+        self.defects: Bounded = Bounded(cfg.history)  # anomalous frames, oldest first
+        self.latest: dict[str, Entry] = {}
+        self.series: dict[str, deque[tuple[float, float]]] = {}
+        self.errors: dict[str, dict] = {}  # camera -> {"count", "last"}
+        self.workers: dict[str, dict] = {}
+        self._listeners: list[Callable[[str, dict], None]] = []
+
+    @staticmethod
+    def _forget_frame(entry: Entry) -> None:
+        entry.frame = None  # raw frames can be large: only the recent ones are kept
+
+    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
+        """``listener(event, data)`` is called (on the MQTT thread) for every change."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, data: dict) -> None:
+        for listener in self._listeners:
+            listener(event, data)
+
+    @property
+    def subscriptions(self) -> list[str]:
+        p = self.topics.prefix
+        return [f"{p}/+/frame", f"{p}/+/heatmap", f"{p}/+/result", f"{p}/+/error", f"{p}/workers/+/+"]
+
+    def on_message(self, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        prefix_len = len(self.topics.prefix.split("/"))
+        rest = parts[prefix_len:]
+        if len(rest) == 3 and rest[0] == "workers":
+            self._on_worker(rest[1], rest[2], msg.payload)
+        elif len(rest) == 2:
+            camera, leaf = rest
+            if leaf == "result":
+                self._on_result(json.loads(msg.payload))
+            elif leaf in ("frame", "heatmap"):
+                frame_id = user_properties(msg).get("frame_id")
+                if frame_id:
+                    self._on_image(leaf, camera, frame_id, msg.payload)
+            elif leaf == "error":
+                self._on_error(camera, json.loads(msg.payload))
+
+    def _on_image(self, kind: str, camera: str, frame_id: str, data: bytes) -> None:
+        key = (camera, frame_id)
+        with self.lock:
+            entry = self.recent.get(key)
+            if entry is None:  # the usual order: frame, heatmap, then the result
+                (self.pending_frames if kind == "frame" else self.pending_heatmaps)[key] = data
+                return
+            setattr(entry, kind, data)
+            view = entry.view()
+        self._emit("frame", view)
+
+    def _on_result(self, result: dict) -> None:
+        key = (result["camera"], result["frame_id"])
+        with self.lock:
+            entry = Entry(result, self.pending_heatmaps.pop(key, None), self.pending_frames.pop(key, None))
+            previous = self.recent.pop(key, None) or self.defects.get(key)
+            if previous is not None:  # the same frame again: keep its label
+                entry.result.update({k: previous.result[k] for k in ("label", "defect_type") if k in previous.result})
+            self.recent[key] = entry
+            self.latest[key[0]] = entry
+            self._add_point(key[0], result)
+        if result.get("verdict") == "anomalous":
+            entry.thumbnail = self._thumbnail(entry.frame)
+            with self.lock:
+                self.defects[key] = entry
+        self._emit("frame", entry.view())
+
+    @staticmethod
+    def _thumbnail(frame: bytes | None) -> bytes | None:
+        if frame is None:
+            return None
+        try:
+            return encode(fit_size(decode(frame), THUMBNAIL_SIZE), "jpeg", 80)
+        except FrameError:
+            return None
+
+    def _add_point(self, camera: str, result: dict) -> None:
+        at = epoch(result.get("captured_at")) or time.time()
+        points = self.series.setdefault(camera, deque())
+        points.append((at, float(result.get("score", 0.0))))
+        horizon = time.time() - self.cfg.series_minutes * 60
+        while points and points[0][0] < horizon:
+            points.popleft()
+
+    def _on_error(self, camera: str, error: dict) -> None:
+        with self.lock:
+            record = self.errors.setdefault(camera, {"count": 0, "last": None})
+            record["count"] += 1
+            record["last"] = error
+            data = {"camera": camera, **record}
+        self._emit("camera_error", data)
+
+    def _on_worker(self, worker: str, leaf: str, payload: bytes) -> None:
+        with self.lock:
+            state = self.workers.setdefault(worker, {"id": worker, "availability": None, "model": None,
+                                                      "stats": None, "rates": {}})
+            if leaf == "availability":
+                state["availability"] = payload.decode(errors="replace")
+            elif leaf == "model":
+                state["model"] = json.loads(payload)
+            elif leaf == "stats":
+                stats = json.loads(payload)
+                state["rates"] = self._rates(state["stats"], stats)
+                state["stats"] = stats
+            else:
+                return
+            data = dict(state)
+        self._emit("worker", data)
+
+    @staticmethod
+    def _rates(before: dict | None, after: dict) -> dict[str, float]:
+        """Frames processed per second and camera between two stats messages."""
+        if not before:
+            return {}
+        dt = (epoch(after.get("at")) or 0) - (epoch(before.get("at")) or 0)
+        if dt <= 0:
+            return {}
+        old = before.get("cameras", {})
+        return {cam: round((c.get("processed", 0) - old.get(cam, {}).get("processed", 0)) / dt, 2)
+                for cam, c in after.get("cameras", {}).items()}
+
+    def set_label(self, camera: str, frame_id: str, label: str | None, defect_type: str | None) -> None:
+        """Show a label the worker accepted on the frame, if the console still has it."""
+        with self.lock:
+            entry = self.recent.get((camera, frame_id)) or self.defects.get((camera, frame_id))
+            if entry is not None:
+                entry.result.update(label=label, defect_type=defect_type)
+        self._emit("label", {"camera": camera, "frame_id": frame_id, "label": label, "defect_type": defect_type})
+
+    def image(self, camera: str, frame_id: str, kind: str) -> bytes | None:
+        with self.lock:
+            entry = self.recent.get((camera, frame_id)) or self.defects.get((camera, frame_id))
+            return getattr(entry, kind, None) if entry is not None else None
+
+    def defect_feed(self, camera: str | None, since: float | None, until: float | None, limit: int) -> list[dict]:
+        """Anomalous frames seen since the console started, newest (by capture time) first."""
+        with self.lock:
+            found = [(epoch(e.result.get("captured_at")) or 0, e.view()) for e in self.defects.values()
+                     if not camera or e.result["camera"] == camera]
+        found = [(at, view) for at, view in found if (not since or at >= since) and (not until or at <= until)]
+        found.sort(key=lambda item: item[0], reverse=True)
+        return [view for _, view in found[:limit]]
+
+    def score_series(self) -> dict[str, list[list[float]]]:
+        """Per camera, the highest score in each time bucket of the window: ``[[bucket_start, max_score], ...]``."""
+        step = self.cfg.series_minutes * 60 / SERIES_BUCKETS
+        out: dict[str, list[list[float]]] = {}
+        with self.lock:
+            for camera, points in self.series.items():
+                buckets: dict[float, float] = {}
+                for at, score in points:
+                    start = at - at % step
+                    buckets[start] = max(score, buckets.get(start, 0.0))
+                out[camera] = [[t, s] for t, s in sorted(buckets.items())]
+        return out
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "cameras": {cam: e.view() for cam, e in sorted(self.latest.items())},
+                "errors": dict(self.errors),
+                "workers": {w: dict(s) for w, s in self.workers.items()},
+            }

@@ -1,0 +1,332 @@
+// edge-inspect operator console: live tiles, defect feed, similar past frames, labels.
+// Plain browser JavaScript, no build step, no external assets. Updates are pushed by the
+// console as server-sent events; the DOM is touched at most once per animation frame.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const enc = encodeURIComponent;
+const FEED_MAX = 100;  // feed items kept in the page
+const PLOT_EVERY_MS = 1000;
+const FEED_EVERY_MS = 250;  // new feed items are added in batches: a busy line must not keep the page busy
+const cams = new Map();  // camera -> {el, latest, dirty, points, plotted}
+let seriesSeconds = 3600;
+let feedPending = [];
+let renderQueued = false;
+let feedAt = 0, feedTimer = 0;
+let overlay = 1;
+
+const imageUrl = (camera, frameId, kind) => `/api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
+const keyOf = (camera, frameId) => `${camera}\u0000${frameId}`;
+const fmtTime = (iso) => { const d = new Date(iso); return isNaN(d) ? String(iso) : d.toLocaleString(); };
+const epochOf = (iso) => Date.parse(iso) / 1000;
+
+// Latest-wins image loading: a tile never queues up stale images behind a slow one.
+function show(img, url) {
+  img._want = url;
+  if (img._busy) return;
+  const next = () => {
+    const u = img._want;
+    if (!u || u === img._have) { img._busy = false; return; }
+    img._busy = true;
+    const probe = new Image();
+    probe.onload = () => { img.src = u; img._have = u; next(); };
+    probe.onerror = () => { img._have = u; next(); };
+    probe.src = u;
+  };
+  next();
+}
+
+function camera(name) {
+  let cam = cams.get(name);
+  if (cam) return cam;
+  const el = $("#tile-tpl").content.firstElementChild.cloneNode(true);
+  el.dataset.camera = name;
+  $(".cam", el).textContent = name;
+  $(".pics", el).addEventListener("click", () => cam.latest && openSimilar(cam.latest));
+  const tiles = $("#tiles");
+  $(".empty", tiles)?.remove();
+  const after = [...tiles.children].find((t) => t.dataset.camera > name);
+  tiles.insertBefore(el, after || null);
+  cam = {el, latest: null, dirty: false, points: [], plotted: 0};
+  cams.set(name, cam);
+  for (const sel of ["#feed-camera", "#q-camera"]) {
+    const opt = new Option(name, name);
+    $(sel).append(opt);
+  }
+  return cam;
+}
+
+function addPoint(cam, at, score) {
+  const step = seriesSeconds / 360;
+  const start = at - (at % step);
+  const last = cam.points[cam.points.length - 1];
+  if (last && last[0] === start) last[1] = Math.max(last[1], score);
+  else if (!last || start > last[0]) cam.points.push([start, score]);
+  const horizon = Date.now() / 1000 - seriesSeconds;
+  while (cam.points.length && cam.points[0][0] < horizon) cam.points.shift();
+}
+
+function drawPlot(cam) {
+  const canvas = $(".plot", cam.el);
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, now = Date.now() / 1000;
+  const x = (t) => ((t - (now - seriesSeconds)) / seriesSeconds) * W;
+  const y = (s) => H - 2 - Math.min(1, Math.max(0, s)) * (H - 4);
+  ctx.clearRect(0, 0, W, H);
+  ctx.strokeStyle = "#c0392b"; ctx.setLineDash([4, 3]);
+  ctx.beginPath(); ctx.moveTo(0, y(0.5)); ctx.lineTo(W, y(0.5)); ctx.stroke();
+  ctx.setLineDash([]);
+  ctx.fillStyle = "#c0392b"; ctx.font = "10px sans-serif"; ctx.fillText("threshold", 2, y(0.5) - 2);
+  ctx.fillStyle = "#777"; ctx.fillText(`last ${Math.round(seriesSeconds / 60)} min`, W - 62, H - 3);
+  ctx.strokeStyle = "#2c6fbb"; ctx.lineWidth = 1.2; ctx.beginPath();
+  cam.points.forEach(([t, s], i) => (i ? ctx.lineTo(x(t), y(s)) : ctx.moveTo(x(t), y(s))));
+  ctx.stroke();
+  ctx.fillStyle = "#c0392b";
+  for (const [t, s] of cam.points) if (s >= 0.5) ctx.fillRect(x(t) - 1.5, y(s) - 1.5, 3, 3);
+  cam.plotted = performance.now();
+}
+
+function renderTile(cam) {
+  const r = cam.latest, el = cam.el;
+  el.classList.toggle("anomalous", r.verdict === "anomalous");
+  $(".verdict", el).textContent = r.verdict;
+  $(".score", el).textContent = `score ${r.score.toFixed(3)} (raw ${r.raw_score} / ${r.threshold})`;
+  $(".fid", el).textContent = `${r.frame_id} · ${new Date(r.captured_at).toLocaleTimeString()}`;
+  $(".model", el).textContent = r.model ? `${r.model.name} ${r.model.version}` : "";
+  const frame = $(".frame", el), heat = $(".heat", el);
+  frame.hidden = !r.has_frame;
+  heat.hidden = !r.has_heatmap;
+  heat.style.opacity = r.has_frame ? overlay : 1;
+  if (r.has_frame) show(frame, imageUrl(r.camera, r.frame_id, "frame"));
+  if (r.has_heatmap) show(heat, imageUrl(r.camera, r.frame_id, "heatmap"));
+  el.dataset.frameId = r.frame_id;
+  el.dataset.publishedAt = r.published_at;  // lets a test or benchmark measure publish-to-screen time
+}
+
+function render() {
+  renderQueued = false;
+  const now = performance.now();
+  for (const cam of cams.values()) {
+    if (cam.dirty) { renderTile(cam); cam.dirty = false; }
+    if (now - cam.plotted > PLOT_EVERY_MS) drawPlot(cam);
+  }
+  if (feedPending.length && now - feedAt >= FEED_EVERY_MS) {
+    feedAt = now;
+    const list = $("#defects");
+    feedPending.sort((a, b) => epochOf(a.captured_at) - epochOf(b.captured_at));
+    for (const r of feedPending.slice(-FEED_MAX)) {  // newest first by capture time (results may finish out of order)
+      let before = list.firstElementChild;
+      while (before && Number(before.dataset.at) > epochOf(r.captured_at)) before = before.nextElementSibling;
+      list.insertBefore(card(r), before);
+    }
+    while (list.children.length > FEED_MAX) list.lastElementChild.remove();
+    feedPending = [];
+  } else if (feedPending.length && !feedTimer) {
+    feedTimer = setTimeout(() => { feedTimer = 0; schedule(); }, FEED_EVERY_MS);
+  }
+}
+
+function schedule() {
+  if (!renderQueued) { renderQueued = true; requestAnimationFrame(render); }
+}
+
+function feedMatches(r) {
+  const camSel = $("#feed-camera").value, since = $("#feed-since").value;
+  return (!camSel || r.camera === camSel) && (!since || epochOf(r.captured_at) >= Date.now() / 1000 - Number(since));
+}
+
+function onFrame(r) {
+  const cam = camera(r.camera);
+  const repeat = cam.latest && cam.latest.frame_id === r.frame_id;  // the same frame again (a late image)
+  if (!repeat) addPoint(cam, epochOf(r.captured_at), r.score);
+  if (repeat || !cam.latest || epochOf(r.captured_at) >= epochOf(cam.latest.captured_at)) { cam.latest = r; cam.dirty = true; }
+  if (r.verdict === "anomalous" && !repeat && feedMatches(r)) feedPending.push(r);
+  schedule();
+}
+
+function labelText(label, type) {
+  if (!label) return "";
+  return label === "false_alarm" ? "false alarm" : `confirmed${type ? ": " + type : ""}`;
+}
+
+// A feed item or a similar-frame hit: images, facts, label buttons.
+function card(r, hit = false) {
+  const li = $("#card-tpl").content.firstElementChild.cloneNode(true);
+  li.dataset.key = keyOf(r.camera, r.frame_id);
+  li.dataset.frameId = r.frame_id;
+  li.dataset.at = epochOf(r.captured_at);
+  li.classList.toggle("anomalous", r.verdict === "anomalous");
+  const thumb = $(".thumb", li), hm = $(".hm", li);
+  if (hit) {
+    thumb.src = r.thumbnail_b64 ? `data:image/jpeg;base64,${r.thumbnail_b64}` : "";
+    hm.src = r.heatmap_b64 ? `data:image/jpeg;base64,${r.heatmap_b64}` : "";
+  } else {
+    thumb.src = r.has_thumbnail ? imageUrl(r.camera, r.frame_id, "thumbnail") : "";
+    hm.src = r.has_heatmap ? imageUrl(r.camera, r.frame_id, "heatmap") : "";
+  }
+  thumb.hidden = !thumb.getAttribute("src");
+  hm.hidden = !hm.getAttribute("src");
+  $(".title", li).textContent = hit ? `${(r.similarity * 100).toFixed(1)}% · ${r.camera}` : r.camera;
+  $(".sub", li).textContent = `${fmtTime(r.captured_at)} · score ${Number(r.score).toFixed(3)} · ${r.verdict} · ${r.frame_id}`
+    + (hit && r.model_version ? ` · ${r.model_version}` : "");
+  $(".lab", li).textContent = labelText(r.label, r.defect_type);
+  $(".pics2", li).addEventListener("click", () => openSimilar(r));
+  $(".fa", li).addEventListener("click", () => setLabel(r, "false_alarm", null, li));
+  $(".cd", li).addEventListener("click", () => setLabel(r, "confirmed_defect", $(".dt", li).value.trim() || null, li));
+  return li;
+}
+
+async function setLabel(r, label, defectType, li) {
+  const status = $(".lab", li);
+  status.textContent = "saving…";
+  const res = await fetch("/api/labels", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({frame_id: r.frame_id, camera: r.camera, label, defect_type: defectType})});
+  const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+  if (!answer.ok) { status.textContent = `not saved: ${answer.error?.message || res.status}`; return; }
+  r.label = answer.label; r.defect_type = answer.defect_type;
+  if (defectType) rememberDefectType(defectType);
+  applyLabel({camera: r.camera, frame_id: r.frame_id, label: answer.label, defect_type: answer.defect_type});
+}
+
+function applyLabel(l) {
+  for (const li of document.querySelectorAll(`[data-key="${CSS.escape(keyOf(l.camera, l.frame_id))}"]`)) {
+    $(".lab", li).textContent = labelText(l.label, l.defect_type) || "label cleared";
+    li.classList.add("labelled");
+  }
+}
+
+function rememberDefectType(type) {
+  const list = $("#defect-types");
+  if (![...list.options].some((o) => o.value === type)) list.append(new Option(type, type));
+}
+
+// ---- similar past frames ------------------------------------------------------------------
+let currentQuery = null;
+
+function openSimilar(source) {
+  currentQuery = source;
+  const box = $("#query-frame");
+  box.replaceChildren();
+  if (source.image_b64) {
+    const img = new Image(); img.src = `data:image/*;base64,${source.image_b64}`; img.className = "qimg";
+    const p = document.createElement("p"); p.textContent = `uploaded image ${source.name || ""}`;
+    box.append(img, p);
+  } else {
+    const ownImages = source.has_heatmap !== undefined;
+    box.append(card(source, !ownImages));
+  }
+  const dlg = $("#similar");
+  if (!dlg.open) dlg.showModal();
+  search();
+}
+
+function dtToEpoch(value) { return value ? new Date(value).getTime() / 1000 : null; }
+
+async function search(event) {
+  event?.preventDefault();
+  if (!currentQuery) return;
+  const cameraSel = $("#q-camera").value;
+  const request = {
+    top_k: Number($("#q-topk").value) || 8,
+    filters: {cameras: cameraSel ? [cameraSel] : [], anomalous_only: $("#q-anomalous").checked,
+              since: dtToEpoch($("#q-since").value), until: dtToEpoch($("#q-until").value)},
+  };
+  if (currentQuery.image_b64) request.image_b64 = currentQuery.image_b64;
+  else { request.frame_id = currentQuery.frame_id; request.camera = currentQuery.camera; }
+  const status = $("#q-status"), hits = $("#hits");
+  status.textContent = "searching…";
+  hits.replaceChildren();
+  const started = performance.now();
+  const res = await fetch("/api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
+                                          body: JSON.stringify(request)});
+  const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+  if (!answer.ok) { status.textContent = `error: ${answer.error?.code || ""} ${answer.error?.message || ""}`; return; }
+  status.textContent = `${answer.hits.length} similar frames (${Math.round(performance.now() - started)} ms, worker ${answer.took_ms} ms)`;
+  hits.replaceChildren(...answer.hits.map((h) => card(h, true)));
+}
+
+// ---- workers, errors, feed ------------------------------------------------------------------
+function renderWorker(w) {
+  let el = document.getElementById(`worker-${w.id}`);
+  if (!el) {
+    el = document.createElement("span");
+    el.id = `worker-${w.id}`;
+    el.className = "pill";
+    $("#workers").append(el);
+  }
+  const stats = w.stats || {};
+  el.className = `pill ${w.availability === "online" ? "on" : "off"}`;
+  el.textContent = `${w.id}: ${w.availability || "?"}` + (w.model ? ` · ${w.model.name || ""} ${w.model.version || ""}` : "")
+    + (stats.queue !== undefined ? ` · queue ${stats.queue}` : "");
+  for (const [name, c] of Object.entries(stats.cameras || {})) {
+    const rate = w.rates?.[name];
+    $(".rate", camera(name).el).textContent = `${rate !== undefined ? rate.toFixed(1) : "–"} frames/s · received ${c.received}`
+      + ` · anomalous ${c.anomalous} · dropped ${c.dropped} · errors ${c.errored}`;
+  }
+}
+
+function renderError(e) {
+  const last = e.last || {};
+  $(".errs", camera(e.camera).el).textContent = `last error: ${last.code} (${e.count} seen)`;
+}
+
+async function loadFeed() {
+  const since = $("#feed-since").value;
+  const params = new URLSearchParams({limit: FEED_MAX});
+  if ($("#feed-camera").value) params.set("camera", $("#feed-camera").value);
+  if (since) params.set("since", String(Date.now() / 1000 - Number(since)));
+  const answer = await (await fetch(`/api/defects?${params}`)).json();
+  feedPending = [];
+  $("#defects").replaceChildren(...answer.frames.map((r) => card(r)));
+}
+
+function setLink(ok, text) {
+  const el = $("#link");
+  el.className = `pill ${ok ? "on" : "off"}`;
+  el.textContent = text;
+}
+
+function setBroker(ok) {
+  const el = $("#broker");
+  el.className = `pill ${ok ? "on" : "off"}`;
+  el.textContent = ok ? "broker connected" : "broker unreachable";
+}
+
+async function start() {
+  const state = await (await fetch("/api/state")).json();
+  seriesSeconds = state.series_minutes * 60;
+  setBroker(state.broker);
+  for (const [name, points] of Object.entries(state.series)) camera(name).points = points;
+  for (const r of Object.values(state.cameras)) { const cam = camera(r.camera); cam.latest = r; cam.dirty = true; }
+  for (const w of Object.values(state.workers)) renderWorker(w);
+  for (const [name, e] of Object.entries(state.errors)) renderError({camera: name, ...e});
+  await loadFeed();
+  schedule();
+  const events = new EventSource("/api/events");
+  events.onopen = () => setLink(true, "live");
+  events.onerror = () => setLink(false, "reconnecting…");
+  events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
+  events.addEventListener("worker", (e) => renderWorker(JSON.parse(e.data)));
+  events.addEventListener("camera_error", (e) => renderError(JSON.parse(e.data)));
+  events.addEventListener("label", (e) => applyLabel(JSON.parse(e.data)));
+  events.addEventListener("ping", (e) => setBroker(JSON.parse(e.data).broker));
+  setInterval(schedule, PLOT_EVERY_MS);  // plots scroll with time even when a camera is quiet
+}
+
+$("#feed-filter").addEventListener("change", loadFeed);
+$("#query-filter").addEventListener("submit", search);
+$("#overlay").addEventListener("input", (e) => {
+  overlay = Number(e.target.value);
+  for (const cam of cams.values()) if (cam.latest) cam.dirty = true;
+  schedule();
+});
+$("#upload-btn").addEventListener("click", () => $("#upload").click());
+$("#upload").addEventListener("change", (e) => {
+  const file = e.target.files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => openSimilar({image_b64: String(reader.result).split(",", 2)[1], name: file.name});
+  reader.readAsDataURL(file);
+  e.target.value = "";
+});
+start();

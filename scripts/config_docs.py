@@ -41,12 +41,13 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         if nested is not None:
             if field.description:
                 rows.append(f"| `{key}` | (section) | {field.description} |")
-            rows += _rows(nested, key + ".")
+            is_map = getattr(annotation, "__origin__", None) is dict
+            rows += _rows(nested, key + (".<id>." if is_map else "."))
             continue
         doc = (field.description or (annotation.__doc__ if isinstance(annotation, type) and issubclass(annotation, Enum) else "") or "").strip()
         if isinstance(annotation, type) and issubclass(annotation, Enum):
             doc += " One of: " + ", ".join(f"`{m.value}`" for m in annotation)
-        rows.append(f"| `{key}` | {_default(field)} | {doc} |")
+        rows.append(f"| `{key}` | {_default(field)} | {doc.replace('|', '&#124;')} |")
     return rows
 
 

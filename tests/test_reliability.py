@@ -176,6 +176,12 @@ def test_fuzzing_left_the_worker_up_bounded_and_counted(fuzz_worker):
     stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]["cameras"]["fuzz"]
     assert stats["received"] == stats["processed"] + stats["errored"] + stats["dropped"] + stats["duplicates"]
     assert stats["received"] == _sent["payloads"] + _sent["good"]
+    codes = {}
+    for m in client.messages:
+        if m.topic == f"{prefix}/fuzz/error":
+            codes[json.loads(m.payload)["code"]] = codes.get(json.loads(m.payload)["code"], 0) + 1
+    print(f"\nFIGURES fuzz: sent {_sent['payloads']} fuzzed + {_sent['good']} good; worker counters {stats}; "
+          f"RSS {rss_mb:.0f} MB")
 
 
 # 2. Broker restart loses nothing the protocol promised ------------------------------------------
@@ -228,6 +234,8 @@ def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, data
         final = json.loads(stopped.split("stopped: ", 1)[1].split("; ", 1)[0])["cam"]
         assert final["processed"] == n, final  # each frame processed exactly once (redeliveries deduplicated)
         assert final["received"] == n + final["duplicates"]
+        print(f"\nFIGURES broker restart: sent {n}, results {len({json.loads(m.payload)['frame_id'] for m in results})}"
+              f" distinct, worker counters {final}")
     finally:
         camera.close()
         observer.close()
@@ -265,6 +273,8 @@ def test_flood_is_handled_by_the_queue_policy(policy, broker, bundle_dir, datase
     assert stats["dropped"] == len(dropped) == n - len(results)
     rss_mb = psutil.Process(worker.proc.pid).memory_info().rss / 1e6
     assert rss_mb < 1500
+    print(f"\nFIGURES flood {policy}: sent {n}, results {len(results)}, dropped {len(dropped)}, "
+          f"max queue wait {max(r['latency_ms']['queue'] for r in results):.0f} ms, RSS {rss_mb:.0f} MB")
     if policy == "block":
         assert not dropped
     else:
@@ -301,6 +311,8 @@ def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, t
     assert stats["store_available"] is False and stats["spool_batches"] >= 1
     assert worker.stop() == 0
     assert list(spool.glob("*.json")), "embeddings must wait on disk"
+    print(f"\nFIGURES store outage: {len(results)} results while the store was down, "
+          f"{len(list(spool.glob('*.json')))} spooled batches")
 
     # The store is back (here: the embedded one, same spool): the backlog is written, in order.
     store_dir = tmp_path / "qdrant"
@@ -381,4 +393,7 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(brok
     assert set(outcomes) == {f"q{i:03d}" for i in range(n)}
     assert all(len(v) == 1 for v in outcomes.values()), {k: v for k, v in outcomes.items() if len(v) != 1}
     assert len(first) < n, "the first run should have stopped before taking every frame"
+    print(f"\nFIGURES shutdown: sent {n}; first run answered {len(first)} "
+          f"({sum(v == ['shutdown'] for v in first.values())} as shutdown errors), the second run the other "
+          f"{n - len(first)}")
     assert worker2.stop() == 0

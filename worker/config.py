@@ -117,9 +117,9 @@ class CameraConfig(_Section):
 
     bundle: Path | None = Field(None, description="Another model bundle for this camera (default model.bundle).")
     threshold: float | None = Field(None, description="Raw image threshold for this camera.")
-    heatmap: HeatmapPolicy | None = Field(None, description="always | anomalous | never for this camera.")
-    heatmap_format: Literal["jpeg", "png"] | None = None
-    heatmap_size: int | None = Field(None, ge=16)
+    heatmap: HeatmapPolicy | None = Field(None, description="Heatmap policy for this camera: always, anomalous or never.")
+    heatmap_format: Literal["jpeg", "png"] | None = Field(None, description="Heatmap encoding for this camera.")
+    heatmap_size: int | None = Field(None, ge=16, description="Heatmap longer side for this camera.")
     roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is inspected.")
 
     @field_validator("roi")

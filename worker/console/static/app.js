@@ -16,7 +16,7 @@ let feedAt = 0, feedTimer = 0;
 let overlay = 1;
 
 const imageUrl = (camera, frameId, kind) => `/api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
-const keyOf = (camera, frameId) => `${camera}\u0000${frameId}`;
+const keyOf = (camera, frameId) => `${camera}/${frameId}`;  // neither may contain "/" (topic level, API rule)
 const fmtTime = (iso) => { const d = new Date(iso); return isNaN(d) ? String(iso) : d.toLocaleString(); };
 const epochOf = (iso) => Date.parse(iso) / 1000;
 

@@ -131,6 +131,7 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     expect(tile_a.locator(".score")).to_contain_text(f"{last['score']:.3f}")
     expect(tile_a.locator(".model")).to_contain_text(last["model"]["version"])
     assert ("anomalous" in (tile_a.get_attribute("class") or "")) == (last["verdict"] == "anomalous")
+    page.eval_on_selector("#overlay", "el => { el.value = '0.5'; el.dispatchEvent(new Event('input')); }")  # show the frame
     for kind in ("frame", "heat"):
         page.wait_for_function(f"""() => {{ const i = document.querySelector('.tile[data-camera="cam-a"] img.{kind}');
                                    return i && !i.hidden && i.complete && i.naturalWidth > 0; }}""", timeout=10_000)
@@ -145,6 +146,9 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     shown = [feed.nth(i).get_attribute("data-frame-id") for i in range(len(order))]
     captured = [datetime.fromisoformat(results[f]["captured_at"]) for f in shown]
     assert set(shown) == set(order) and captured == sorted(captured, reverse=True)
+    for kind in ("thumb", "hm"):  # the camera frame's thumbnail and the heatmap
+        page.wait_for_function(f"""() => {{ const i = document.querySelector('#defects li img.{kind}');
+                                   return i && !i.hidden && i.complete && i.naturalWidth > 0; }}""", timeout=10_000)
     page.select_option("#feed-camera", "cam-b")
     expect(feed).to_have_count(0)
     page.select_option("#feed-camera", "")

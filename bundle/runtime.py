@@ -48,5 +48,17 @@ class CompiledBundle:
         """``images``: uint8 [N, H, W, 3] BGR at the bundle's input size (see :func:`bundle.prepare_image`)."""
         request = request or self.create_request()
         request.infer({0: images})
+        return self.prediction(request)
+
+    def prediction(self, request: ov.InferRequest) -> Prediction:
+        """Copy the outputs of a finished request (sync, or in an :meth:`async_queue` callback)."""
         score, amap, emb = (request.get_tensor(name).data.copy() for name in self._names)
         return Prediction(score.reshape(-1), amap, emb)
+
+    def async_queue(self, jobs: int = 0) -> ov.AsyncInferQueue:
+        """``jobs`` requests (0 = the device's optimal number) run in OpenVINO's own threads, no Python thread each.
+
+        ``queue.set_callback(fn(request, userdata))`` then ``queue.start_async({0: images}, userdata)``;
+        read outputs in the callback with :meth:`prediction`.
+        """
+        return ov.AsyncInferQueue(self.compiled, jobs or self.optimal_requests)

@@ -20,7 +20,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import yaml
 
-from scripts.broker import Broker
+from scripts.broker import Broker, free_port
+from scripts.console_helpers import ConsoleProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT.parent / "shared" / "data" / "mvtec"
@@ -57,6 +58,7 @@ def demo_config(out: Path, port: int, bundle: Path) -> Path:
     cfg["evidence"]["path"] = str(out / "evidence")
     cfg["limits"]["queue_policy"] = "block"  # a replay should lose nothing: back-pressure instead of drops
     cfg["worker"]["stats_interval_s"] = 5
+    cfg["console"]["port"] = free_port()
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -183,7 +185,7 @@ def main() -> int:
     frames = sorted((data / category / "test").glob("*/*.png"))
     watcher = Watcher(broker.port, len(frames), heatmaps)
     worker_log = (out / "worker.log").open("wb")
-    worker = None
+    worker = console = None
     try:
         banner(f"starting the worker (config {config}, log {out / 'worker.log'})")
         worker = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT,
@@ -195,6 +197,9 @@ def main() -> int:
                 raise SystemExit("the worker did not come online")
             time.sleep(0.1)
 
+        cfg = yaml.safe_load(config.read_text())
+        console = ConsoleProcess(config, out / "console.log", cfg["console"]["port"])
+        banner(f"operator console: {console.url}/ (live while the demo runs; python -m worker console --config {config})")
         banner(f"replaying {len(frames)} test images as camera {CAMERA}")
         replay_start = time.time()
         subprocess.run([sys.executable, str(ROOT / "deploy" / "camera_publisher.py"), "--port", str(broker.port),
@@ -219,6 +224,8 @@ def main() -> int:
         query = json.loads(answer.stdout)
     finally:
         banner("shutting down")
+        if console is not None:
+            print(f"console exited with {console.stop()}")
         if worker is not None and worker.poll() is None:
             worker.terminate()
             print(f"worker exited with {worker.wait(60)}")

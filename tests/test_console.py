@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
+import subprocess
+import sys
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from conftest import ROOT, Client, WorkerProcess, write_config
 
 from scripts.broker import free_port
 from scripts.console_helpers import CHROMIUM, ConsoleProcess, launch
+from worker.api_client import ApiClient
 from worker.config import ConfigError, load_config
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "
@@ -126,6 +131,7 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     expect(tile_a.locator(".score")).to_contain_text(f"{last['score']:.3f}")
     expect(tile_a.locator(".model")).to_contain_text(last["model"]["version"])
     assert ("anomalous" in (tile_a.get_attribute("class") or "")) == (last["verdict"] == "anomalous")
+    page.eval_on_selector("#overlay", "el => { el.value = '0.5'; el.dispatchEvent(new Event('input')); }")  # show the frame
     for kind in ("frame", "heat"):
         page.wait_for_function(f"""() => {{ const i = document.querySelector('.tile[data-camera="cam-a"] img.{kind}');
                                    return i && !i.hidden && i.complete && i.naturalWidth > 0; }}""", timeout=10_000)
@@ -140,6 +146,9 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     shown = [feed.nth(i).get_attribute("data-frame-id") for i in range(len(order))]
     captured = [datetime.fromisoformat(results[f]["captured_at"]) for f in shown]
     assert set(shown) == set(order) and captured == sorted(captured, reverse=True)
+    for kind in ("thumb", "hm"):  # the camera frame's thumbnail and the heatmap
+        page.wait_for_function(f"""() => {{ const i = document.querySelector('#defects li img.{kind}');
+                                   return i && !i.hidden && i.complete && i.naturalWidth > 0; }}""", timeout=10_000)
     page.select_option("#feed-camera", "cam-b")
     expect(feed).to_have_count(0)
     page.select_option("#feed-camera", "")
@@ -162,3 +171,44 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
         f"{stack.console.url}/api/similar", json.dumps(request).encode(), {"Content-Type": "application/json"}),
         timeout=15)
     assert json.loads(reply.read())["hits"][0]["frame_id"] == bad[0][0]
+
+
+@needs_chromium
+def test_labels_from_the_page_reach_the_store_and_the_export(stack):
+    from playwright.sync_api import expect
+
+    page = stack.page
+    order = [f for f, _ in stack.good + stack.bad if stack.results[f]["verdict"] == "anomalous"]
+    queried = order[-1]
+    page.locator(f'#defects li[data-frame-id="{queried}"] .pics2').click()
+    expect(page.locator("#q-status")).to_contain_text("similar frames", timeout=20_000)
+    hits = page.locator("#hits li")
+    best = hits.first.get_attribute("data-frame-id")
+
+    # Confirm the queried frame as a defect, mark the best hit as a false alarm.
+    query_card = page.locator("#query-frame li")
+    query_card.locator("input.dt").fill("hole")
+    query_card.locator("button.cd").click()
+    expect(query_card.locator(".lab")).to_have_text("confirmed: hole", timeout=15_000)
+    hits.first.locator("button.fa").click()
+    expect(hits.first.locator(".lab")).to_have_text("false alarm", timeout=15_000)
+    expect(page.locator(f'#defects li[data-frame-id="{queried}"] .lab')).to_have_text("confirmed: hole")
+    page.keyboard.press("Escape")
+
+    # Stored: a later similarity answer (the CLI's code path) carries both labels, and the export lists them.
+    with ApiClient(load_config(stack.config), "test") as api:
+        answer = api.query({"frame_id": order[0], "camera": "cam-a", "top_k": 50})
+    assert answer["ok"], answer
+    labelled = {h["frame_id"]: (h.get("label"), h.get("defect_type")) for h in answer["hits"]}
+    assert labelled[queried] == ("confirmed_defect", "hole") and labelled[best][0] == "false_alarm"
+    export = json.loads(urllib.request.urlopen(f"{stack.console.url}/api/labels/export?format=json", timeout=15).read())
+    rows = {r["frame_id"]: r for r in export}
+    assert rows[queried]["label"] == "confirmed_defect" and rows[queried]["defect_type"] == "hole"
+    assert rows[best]["label"] == "false_alarm" and rows[queried]["camera"] == "cam-a"
+    csv_text = urllib.request.urlopen(f"{stack.console.url}/api/labels/export?format=csv", timeout=15).read().decode()
+    assert queried in csv_text and "false_alarm" in csv_text
+    cli = subprocess.run([sys.executable, "-m", "worker", "labels", "--config", str(stack.config), "--format", "csv"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    rows = {r["frame_id"]: r for r in csv.DictReader(io.StringIO(cli.stdout))}
+    assert rows[queried]["defect_type"] == "hole" and rows[best]["label"] == "false_alarm"

@@ -1,4 +1,5 @@
-"""``python -m worker --config FILE`` runs the worker; ``python -m worker query ...`` asks it for similar frames."""
+"""``python -m worker --config FILE`` runs the worker; ``query`` asks it for similar frames, ``labels`` exports
+the operators' labels, ``console`` serves the operator web page."""
 
 from __future__ import annotations
 
@@ -63,6 +64,28 @@ def _query(args: argparse.Namespace) -> int:
     return 0 if answer.get("ok") else 1
 
 
+def _labels(args: argparse.Namespace) -> int:
+    from worker.api_client import ApiClient, ApiError
+
+    cfg = load_config(args.config)
+    try:
+        with ApiClient(cfg, "labels") as client:
+            answer = client.label({"action": "export", "format": args.format})
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not answer.get("ok"):
+        print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
+        return 1
+    text = answer["csv"] if args.format == "csv" else json.dumps(answer["labels"], indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"{len(answer['labels'])} labels written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _console(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logging.getLogger().setLevel(cfg.worker.log_level)
@@ -93,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--until", help="only frames captured at or before")
     query.add_argument("--json", action="store_true", help="print the whole answer as JSON (with thumbnails)")
     query.set_defaults(func=_query)
+    labels = sub.add_parser("labels", help="export the operators' labels (false alarm / confirmed defect) from the store")
+    labels.add_argument("--config", default=argparse.SUPPRESS)
+    labels.add_argument("--format", choices=("csv", "json"), default="csv")
+    labels.add_argument("--out", help="write to this file instead of stdout")
+    labels.set_defaults(func=_labels)
     console = sub.add_parser("console", help="serve the operator web console (console.host:console.port)")
     console.add_argument("--config", default=argparse.SUPPRESS)
     console.set_defaults(func=_console)

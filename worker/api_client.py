@@ -41,10 +41,6 @@ class ApiClient:
         self._pending: dict[bytes, tuple[threading.Event, list[dict]]] = {}
         self._lock = threading.Lock()
 
-    @property
-    def label_topic(self) -> str:
-        return f"{self.topics.prefix}/label"
-
     def start(self, timeout: float | None = None) -> None:
         """Connect; raises :class:`ApiError` when the broker is not reachable within ``timeout``."""
         self.link.start()
@@ -98,4 +94,4 @@ class ApiClient:
 
     def label(self, request: dict, timeout: float | None = None) -> dict:
         """Set a frame's label (``action: set``) or export every label (``action: export``)."""
-        return self.request(self.label_topic, request, timeout)
+        return self.request(self.topics.label, request, timeout)

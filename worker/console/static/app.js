@@ -16,7 +16,7 @@ let feedAt = 0, feedTimer = 0;
 let overlay = 1;
 
 const imageUrl = (camera, frameId, kind) => `/api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
-const keyOf = (camera, frameId) => `${camera}\u0000${frameId}`;
+const keyOf = (camera, frameId) => `${camera}/${frameId}`;  // neither may contain "/" (topic level, API rule)
 const fmtTime = (iso) => { const d = new Date(iso); return isNaN(d) ? String(iso) : d.toLocaleString(); };
 const epochOf = (iso) => Date.parse(iso) / 1000;
 
@@ -94,10 +94,12 @@ function renderTile(cam) {
   $(".fid", el).textContent = `${r.frame_id} · ${new Date(r.captured_at).toLocaleTimeString()}`;
   $(".model", el).textContent = r.model ? `${r.model.name} ${r.model.version}` : "";
   const frame = $(".frame", el), heat = $(".heat", el);
-  frame.hidden = !r.has_frame;
+  // The worker's heatmap is already blended over the frame: the camera image is only fetched when it shows.
+  const needFrame = r.has_frame && (!r.has_heatmap || overlay < 1);
+  frame.hidden = !needFrame;
   heat.hidden = !r.has_heatmap;
-  heat.style.opacity = r.has_frame ? overlay : 1;
-  if (r.has_frame) show(frame, imageUrl(r.camera, r.frame_id, "frame"));
+  heat.style.opacity = needFrame ? overlay : 1;
+  if (needFrame) show(frame, imageUrl(r.camera, r.frame_id, "frame"));
   if (r.has_heatmap) show(heat, imageUrl(r.camera, r.frame_id, "heatmap"));
   el.dataset.frameId = r.frame_id;
   el.dataset.publishedAt = r.published_at;  // lets a test or benchmark measure publish-to-screen time
@@ -239,9 +241,22 @@ async function search(event) {
   const started = performance.now();
   const res = await fetch("/api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
                                           body: JSON.stringify(request)});
-  const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+  let answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+  let how = "";
+  if (answer.error?.code === "unknown_frame" && currentQuery.has_frame) {
+    // Not (yet) in the store: a normal frame not logged (store.log_normal_every) or still being written.
+    // The console still has the camera's image: ask by image instead.
+    const blob = await (await fetch(imageUrl(currentQuery.camera, currentQuery.frame_id, "frame"))).blob();
+    const b64 = await new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(String(r.result).split(",", 2)[1]); r.readAsDataURL(blob); });
+    delete request.frame_id; delete request.camera;
+    request.image_b64 = b64;
+    const again = await fetch("/api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
+                                               body: JSON.stringify(request)});
+    answer = await again.json().catch(() => ({ok: false, error: {message: `HTTP ${again.status}`}}));
+    how = " by its image: the frame is not in the history";
+  }
   if (!answer.ok) { status.textContent = `error: ${answer.error?.code || ""} ${answer.error?.message || ""}`; return; }
-  status.textContent = `${answer.hits.length} similar frames (${Math.round(performance.now() - started)} ms, worker ${answer.took_ms} ms)`;
+  status.textContent = `${answer.hits.length} similar frames${how} (${Math.round(performance.now() - started)} ms, worker ${answer.took_ms} ms)`;
   hits.replaceChildren(...answer.hits.map((h) => card(h, true)));
 }
 

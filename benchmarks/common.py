@@ -1,0 +1,62 @@
+"""Helpers shared by the performance benchmarks: a (sub)set of a category, a bundle + its torch graph, summaries."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("benchmarks")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "mvtec"
+
+
+def subset(data: Path, category: str, train_images: int, folder: Path) -> Path:
+    """An MVTec-layout copy of ``category`` (symlinks) keeping the first ``train_images`` normals (0 = all)."""
+    src = data / category
+    dst = folder / category
+    (dst / "train" / "good").mkdir(parents=True, exist_ok=True)
+    goods = sorted((src / "train" / "good").iterdir())
+    for p in goods[: train_images or len(goods)]:
+        (dst / "train" / "good" / p.name).symlink_to(p)
+    for part in ("test", "ground_truth"):
+        if (src / part).exists() and not (dst / part).exists():
+            (dst / part).symlink_to(src / part)
+    return folder
+
+
+def train_bundles(data: Path, category: str, train_images: int, bank: int, folder: Path,
+                  precisions: tuple[str, ...] = ("fp32",)):
+    """PatchCore (default settings, ``bank`` memory-bank rows) on a subset; one bundle per precision.
+
+    Returns the ``Trained`` (its ``graph`` is the torch model) and ``{precision: bundle folder}``.
+    """
+    from exporter.build import fit_patchcore, package
+    from exporter.train.patchcore import PatchcoreSettings
+
+    trained = fit_patchcore(subset(data, category, train_images, folder / "data"), category,
+                            PatchcoreSettings(coreset_ratio=1.0, max_bank=bank))
+    return trained, {p: package(trained, folder / p, precision=p) for p in precisions}
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """median and range of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt(s: dict[str, float], digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def percentiles(latencies_s: list[float]) -> tuple[float, float]:
+    """p50, p99 in milliseconds."""
+    arr = np.asarray(latencies_s) * 1000
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""Inference benchmark: the worker against the raw OpenVINO runtime and against torch, side by side in one run.
+
+One PatchCore model is trained here (``fit_patchcore``) and packaged as an FP32 bundle (and,
+with ``--int8``, an NNCF INT8 bundle of the same graph).  Each round then runs, on the same
+frames (the category's test images, resized to ``--frame-size``):
+
+- ``raw``: the compiled bundle through ``AsyncInferQueue`` with OpenVINO's optimal number
+  of requests, THROUGHPUT hint (benchmark_app's method: the ceiling);
+- ``raw-sync``: one request, synchronous, LATENCY hint (one worker thread's way);
+- ``worker``: ``python -m worker`` as a subprocess behind a real mosquitto; frames published
+  as JPEG (QoS 1, ``limits.queue_policy: block``) as fast as the broker takes them; a frame
+  counts when its result AND heatmap came back; then a paced run at 80 % of that rate;
+- ``torch-inferencer``: anomalib's ``TorchInferencer`` on the same model, exported the
+  way ``Engine.export(..., ExportType.TORCH)`` does (``to_torch``: ``{"model": lightning module}``);
+- ``torch``: anomalib's ``PatchcoreModel`` called per image under ``no_grad`` (the tutorial way).
+
+    python -m benchmarks.throughput --int8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import psutil
+import yaml
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from benchmarks.common import DATA, ROOT, fmt, md_table, percentiles, summary, train_bundles
+from bundle import prepare_image
+from bundle.runtime import CompiledBundle
+
+log = logging.getLogger("benchmarks.throughput")
+CAMERA = "bench"
+
+
+# --- raw OpenVINO ---------------------------------------------------------------------------------
+def raw_async(bundle: CompiledBundle, frames: list[np.ndarray], n: int) -> dict:
+    queue = bundle.async_queue()
+    latencies: list[float] = []
+    queue.set_callback(lambda request, t0: latencies.append(time.perf_counter() - t0))
+    for i in range(len(queue)):  # warm-up: every request once
+        queue.start_async({0: frames[i % len(frames)][np.newaxis]}, time.perf_counter())
+    queue.wait_all()
+    latencies.clear()
+    started = time.perf_counter()
+    cpu0 = psutil.Process().cpu_times()
+    for i in range(n):
+        queue.start_async({0: frames[i % len(frames)][np.newaxis]}, time.perf_counter())
+    queue.wait_all()
+    return _result(n, time.perf_counter() - started, latencies, cpu0)
+
+
+def raw_sync(bundle: CompiledBundle, frames: list[np.ndarray], n: int) -> dict:
+    request = bundle.create_request()
+    bundle.infer(frames[0][np.newaxis], request)
+    latencies = []
+    started = time.perf_counter()
+    cpu0 = psutil.Process().cpu_times()
+    for i in range(n):
+        t0 = time.perf_counter()
+        bundle.infer(frames[i % len(frames)][np.newaxis], request)
+        latencies.append(time.perf_counter() - t0)
+    return _result(n, time.perf_counter() - started, latencies, cpu0)
+
+
+def _result(n: int, elapsed: float, latencies: list[float], cpu0, proc: psutil.Process | None = None) -> dict:
+    p50, p99 = percentiles(latencies)
+    cpu1 = (proc or psutil.Process()).cpu_times()
+    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return {"fps": n / elapsed, "p50_ms": p50, "p99_ms": p99, "cpu_ms_per_frame": 1000 * cpu / n}
+
+
+# --- the worker behind mosquitto -------------------------------------------------------------------
+class WorkerRig:
+    """mosquitto + ``python -m worker`` + a paho client that times each frame until result and heatmap are back."""
+
+    def __init__(self, bundle: Path, folder: Path, cache_dir: Path | None = None) -> None:
+        from scripts.broker import Broker
+
+        self.broker = Broker(folder / "broker")
+        cfg = {
+            "worker": {"id": "bench", "stats_interval_s": 60},
+            "mqtt": {"port": self.broker.port, "client_id": f"w-{uuid.uuid4().hex[:8]}"},
+            "model": {"bundle": str(bundle), "cache_dir": str(cache_dir or folder / "ov-cache")},
+            "store": {"path": str(folder / "qdrant")},
+            "evidence": {"path": str(folder / "evidence")},
+            "limits": {"queue_policy": "block"},
+        }
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+        self.log = (folder / "worker.log").open("wb")
+        self.spawned = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(folder / "config.yaml")],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.proc.pid)
+        self.cond = threading.Condition()
+        self.arrived: dict[str, dict[str, float]] = {}
+        self.stages: dict[str, dict[str, float]] = {}  # the worker's own latency_ms per frame
+        self.online = False
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"bench-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        self.client.max_inflight_messages_set(64)
+        self.client.max_queued_messages_set(0)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", self.broker.port)
+        self.client.loop_start()
+        self.client.subscribe("inspect/#", qos=1)
+        deadline = time.monotonic() + 120
+        with self.cond:
+            while not self.online:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker did not come online: {(folder / 'worker.log').read_text()[-2000:]}")
+                self.cond.wait(0.5)
+        self.online_s = time.perf_counter() - self.spawned
+
+    def _on_message(self, client, userdata, msg) -> None:
+        now = time.perf_counter()
+        kind = msg.topic.rsplit("/", 1)[-1]
+        with self.cond:
+            if kind == "availability":
+                self.online = msg.payload == b"online"
+            elif kind in ("result", "heatmap", "error"):
+                frame_id = dict(getattr(msg.properties, "UserProperty", None) or []).get("frame_id")
+                if frame_id is None and kind == "error":
+                    frame_id = json.loads(msg.payload).get("frame_id")
+                self.arrived.setdefault(frame_id, {})[kind] = now
+                if kind == "result":
+                    self.stages[frame_id] = json.loads(msg.payload)["latency_ms"]
+            self.cond.notify_all()
+
+    def run(self, payloads: list[bytes], n: int, rate: float | None, tag: str) -> dict:
+        """Publish ``n`` frames (as fast as possible, or at ``rate`` frames/s); wait for every result + heatmap."""
+        sent: dict[str, float] = {}
+        rss_peak = [self.ps.memory_info().rss]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.05):
+                rss_peak.append(self.ps.memory_info().rss)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        cpu0 = self.ps.cpu_times()
+        started = time.perf_counter()
+        for i in range(n):
+            if rate:
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            frame_id = f"{tag}-{i}"
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("frame_id", frame_id), ("captured_at", str(time.time()))]
+            sent[frame_id] = time.perf_counter()
+            self.client.publish(f"inspect/{CAMERA}/frame", payloads[i % len(payloads)], qos=1, properties=props)
+        with self.cond:
+            deadline = time.monotonic() + 60 + n
+            while not all(len(self.arrived.get(f, {}).keys() & {"result", "heatmap"}) == 2
+                          or "error" in self.arrived.get(f, {}) for f in sent):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"worker answered {sum(f in self.arrived for f in sent)}/{n} frames")
+                self.cond.wait(1)
+            done = {f: max(self.arrived[f].values()) for f in sent}
+            errors = sum("error" in self.arrived[f] for f in sent)
+        stop.set()
+        sampler.join()
+        elapsed = max(done.values()) - started
+        out = _result(n, elapsed, [done[f] - sent[f] for f in sent], cpu0, self.ps)
+        out.update(rss_mb=max(rss_peak) / 2**20, errors=errors)
+        with self.cond:
+            for stage in ("queue", "decode", "infer", "post"):
+                out[f"worker_{stage}_ms"] = float(np.mean([self.stages[f][stage] for f in sent if f in self.stages]))
+        return out
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self.log.close()
+        self.broker.stop()
+
+
+# --- torch ---------------------------------------------------------------------------------------
+def torch_inferencer(graph, spec, folder: Path):
+    """Export the trained model as anomalib's ``ExportType.TORCH`` does and load it with ``TorchInferencer``."""
+    from anomalib.deploy import TorchInferencer
+    from anomalib.models import Patchcore
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.Resize((spec.height, spec.width), antialias=True), v2.Normalize(spec.mean, spec.std)])
+    module = Patchcore(backbone="resnet18", layers=["layer2"], pre_trained=False, pre_processor=PreProcessor(transform),
+                       evaluator=False, visualizer=False)
+    module.model = graph.model  # the trained PatchcoreModel, memory bank included
+    path = module.to_torch(folder)
+    os.environ["TRUST_REMOTE_CODE"] = "1"  # our own file, written just above
+    return TorchInferencer(path, device="cpu")
+
+
+def run_torch(predict, frames: list[np.ndarray], n: int) -> dict:
+    predict(frames[0])
+    latencies = []
+    cpu0 = psutil.Process().cpu_times()
+    started = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        predict(frames[i % len(frames)])
+        latencies.append(time.perf_counter() - t0)
+    return _result(n, time.perf_counter() - started, latencies, cpu0)
+
+
+# --- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--category", default="grid")
+    parser.add_argument("--train-images", type=int, default=60, help="normals to train on (0 = all); the bank size is --bank either way")
+    parser.add_argument("--bank", type=int, default=2437, help="memory-bank rows (2437 = 1%% of all grid patches, the default model)")
+    parser.add_argument("--frame-size", type=int, default=256, help="side of the published JPEG frames")
+    parser.add_argument("--frames", type=int, default=96, help="frames per raw/worker measurement")
+    parser.add_argument("--torch-frames", type=int, default=16, help="frames per torch measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="also package an INT8 bundle and measure it (raw and worker)")
+    parser.add_argument("--json", type=Path, help="write all measurements here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from exporter.train.patchcore import to_tensor
+
+    work = Path(tempfile.mkdtemp(prefix="edge-inspect-throughput-"))
+    trained, bundles = train_bundles(args.data, args.category, args.train_images, args.bank, work,
+                                     ("fp32", "int8") if args.int8 else ("fp32",))
+    spec = trained.spec
+    metrics = {k: json.loads((p / "bundle.json").read_text())["metrics"]["test"] for k, p in bundles.items()}
+
+    test_paths = [s.path for s in trained.category.test]
+    originals = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in test_paths]
+    frames = [cv2.resize(im, (args.frame_size, args.frame_size), interpolation=cv2.INTER_AREA) for im in originals]
+    payloads = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in frames]
+    prepared = [prepare_image(f, spec) for f in frames]
+    rgb = [np.ascontiguousarray(f[..., ::-1]) for f in frames]
+
+    inferencer = torch_inferencer(trained.graph, spec, work / "torch-export")
+    model = trained.graph.model.eval()
+
+    def tutorial(image: np.ndarray) -> None:
+        with torch.no_grad():
+            model(to_tensor([image], spec))
+
+    compiled = {k: CompiledBundle(p, hint="THROUGHPUT") for k, p in bundles.items()}
+    latency = {k: CompiledBundle(p, hint="LATENCY") for k, p in bundles.items()}
+    rigs = {k: WorkerRig(p, work / f"worker-{k}") for k, p in bundles.items()}
+    rounds: list[dict] = []
+    try:
+        for r in range(args.rounds):
+            row: dict[str, dict] = {}
+            for k in bundles:
+                row[f"raw-{k}"] = raw_async(compiled[k], prepared, args.frames)
+                row[f"raw-sync-{k}"] = raw_sync(latency[k], prepared, args.frames)
+                row[f"worker-{k}"] = rigs[k].run(payloads, args.frames, None, f"r{r}-burst")
+                paced = 0.8 * row[f"worker-{k}"]["fps"]
+                row[f"worker-{k}@80%"] = rigs[k].run(payloads, args.frames, paced, f"r{r}-paced")
+            row["torch-inferencer"] = run_torch(inferencer.predict, rgb, args.torch_frames)
+            row["torch"] = run_torch(tutorial, prepared, args.torch_frames)
+            rounds.append(row)
+            log.info("round %d: %s", r, {k: round(v["fps"], 2) for k, v in row.items()})
+    finally:
+        for rig in rigs.values():
+            rig.close()
+
+    names = list(rounds[0])
+    table = []
+    for name in names:
+        cols = [name]
+        for key, digits in (("fps", 2), ("p50_ms", 1), ("p99_ms", 1), ("cpu_ms_per_frame", 1)):
+            cols.append(fmt(summary([rd[name][key] for rd in rounds]), digits))
+        rss = [rd[name].get("rss_mb") for rd in rounds]
+        cols.append(fmt(summary(rss), 0) if rss[0] is not None else "")
+        table.append(cols)
+    ratios = {
+        "worker / raw (fp32)": [rd["worker-fp32"]["fps"] / rd["raw-fp32"]["fps"] for rd in rounds],
+        "worker / torch-inferencer (fp32)": [rd["worker-fp32"]["fps"] / rd["torch-inferencer"]["fps"] for rd in rounds],
+        "worker / torch (fp32)": [rd["worker-fp32"]["fps"] / rd["torch"]["fps"] for rd in rounds],
+        "p99 / p50 at 80% (worker fp32)": [rd["worker-fp32@80%"]["p99_ms"] / rd["worker-fp32@80%"]["p50_ms"] for rd in rounds],
+    }
+    if args.int8:
+        ratios["raw int8 / raw fp32"] = [rd["raw-int8"]["fps"] / rd["raw-fp32"]["fps"] for rd in rounds]
+        ratios["worker int8 / worker fp32"] = [rd["worker-int8"]["fps"] / rd["worker-fp32"]["fps"] for rd in rounds]
+    print(f"\n{args.rounds} rounds; median [min-max]; bank {args.bank} rows; frames {args.frame_size} px JPEG; "
+          f"{psutil.cpu_count()} CPUs\n")
+    print(md_table(["run", "frames/s", "p50 ms", "p99 ms", "CPU ms/frame", "worker RSS MB"], table))
+    print()
+    print(md_table(["ratio", "median [min-max]"], [[k, fmt(summary(v), 2)] for k, v in ratios.items()]))
+    print()
+    stages = ("queue", "decode", "infer", "post")
+    print(md_table(["worker run (its own latency_ms, mean)", *stages],
+                   [[name, *(fmt(summary([rd[name][f"worker_{st}_ms"] for rd in rounds]), 1) for st in stages)]
+                    for name in names if name.startswith("worker")]))
+    print()
+    print(md_table(["bundle", "image AUROC", "pixel AUROC", "F1", "model.bin MB"],
+                   [[k, str(m.get("image_auroc")), str(m.get("pixel_auroc")), str(m.get("image_f1")),
+                     f"{(bundles[k] / 'model.bin').stat().st_size / 2**20:.1f}"] for k, m in metrics.items()]))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
+                                         "ratios": ratios, "metrics": metrics}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""INT8 export (NNCF post-training quantisation): a real tiny bundle through the CLI, run with OpenVINO."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bundle import read_manifest
+from bundle.runtime import CompiledBundle
+from exporter.data import load_category, read_image
+from exporter.export import score_images
+
+
+@pytest.fixture(scope="module")
+def int8_dir(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "weave-int8"
+    # same data, settings and seed as the bundle_dir fixture: the same graph, quantised
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave", "--out", str(out),
+         "--input-size", "128", "--coreset-ratio", "0.05", "--precision", "int8"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_int8_bundle_is_quantised_and_labelled(int8_dir, bundle_dir):
+    manifest = read_manifest(int8_dir)
+    assert manifest.precision == "INT8" and read_manifest(bundle_dir).precision == "FP32"
+    assert "INT8" in manifest.metrics["measured_by"]
+    xml = (int8_dir / "model.xml").read_text()
+    assert "FakeQuantize" in xml or 'element_type="i8"' in xml or 'element_type="u8"' in xml
+    assert "FakeQuantize" not in (bundle_dir / "model.xml").read_text()
+
+
+def test_int8_outputs_are_finite_and_agree_with_fp32(int8_dir, bundle_dir, dataset):
+    cat = load_category(dataset, "weave")
+    int8, fp32 = CompiledBundle(int8_dir), CompiledBundle(bundle_dir)
+    spec = fp32.manifest.input
+    images = [read_image(s.path, spec) for s in cat.test] + [read_image(p, spec) for p in cat.train[:8]]
+    s8, m8, e8 = score_images(int8, images)
+    s32, _, _ = score_images(fp32, images)
+    assert np.isfinite(s8).all() and np.isfinite(m8).all() and np.isfinite(e8).all()
+    assert m8.shape == (len(images), spec.height, spec.width)
+    np.testing.assert_allclose(np.linalg.norm(e8, axis=1), 1, atol=1e-3)
+    v8 = s8 >= int8.manifest.thresholds.image.threshold
+    v32 = s32 >= fp32.manifest.thresholds.image.threshold
+    assert (v8 == v32).mean() >= 0.75, (s8, s32)
+    assert np.corrcoef(s8, s32)[0, 1] > 0.8

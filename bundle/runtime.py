@@ -28,7 +28,10 @@ class CompiledBundle:
     """A verified bundle compiled for one device; hands out infer requests for concurrent use."""
 
     def __init__(self, folder: Path | str, device: str = "CPU", cache_dir: Path | None = None,
-                 hint: str = "THROUGHPUT", verify: bool = True) -> None:
+                 hint: str = "THROUGHPUT", verify: bool = True, batch: int | None = None) -> None:
+        """``batch`` fixes the batch size (the IR's is dynamic).  The worker serves one frame per request:
+        a static shape is what the CPU plugin runs best, and requests then never reshape their input
+        tensors; two requests reshaping at once were seen to hang inside OpenVINO 2026.4."""
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder, verify=verify)
         core = ov.Core()
@@ -36,6 +39,9 @@ class CompiledBundle:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cache_dir)})
         model = core.read_model(self.folder / "model.xml")
+        if batch is not None:
+            spec = self.manifest.input
+            model.reshape({model.inputs[0].any_name: ov.PartialShape([batch, spec.height, spec.width, 3])})
         self.compiled = core.compile_model(model, device, {"PERFORMANCE_HINT": hint})
         self.optimal_requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         outputs = self.manifest.outputs

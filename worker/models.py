@@ -49,7 +49,7 @@ class Models:
 
     def _compile(self, path: Path) -> Model:
         started = time.monotonic()
-        bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir)
+        bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir, batch=1)
         dim = bundle.manifest.embedding_dim
         if self.embedding_dim is not None and dim != self.embedding_dim:
             raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "

@@ -85,7 +85,8 @@ def stack(broker, bundle_dir, dataset, tmp_path_factory):
     folder = tmp_path_factory.mktemp("console")
     prefix = f"c{uuid.uuid4().hex[:8]}"
     port = free_port()
-    config = write_config(folder, broker.port, bundle_dir, topics={"prefix": prefix}, console={"port": port})
+    config = write_config(folder, broker.port, bundle_dir, topics={"prefix": prefix}, console={"port": port},
+                          store={"log_normal_every": 0})  # normal frames stay out of the store
     client = Client(broker.port, prefix)
     worker = WorkerProcess(config, folder / "worker.log")
     console = None
@@ -106,7 +107,8 @@ def stack(broker, bundle_dir, dataset, tmp_path_factory):
                 client.publish_frame("cam-a", data, frame_id)
             results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam-a/result", count=len(good + bad))}
             client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
-                            and json.loads(m.payload)["store_written"] >= len(good + bad) + 2, timeout=30)
+                            and json.loads(m.payload)["store_written"]
+                            >= sum(r["verdict"] == "anomalous" for r in results.values()), timeout=30)
             yield Stack(prefix, config, client, console, page, good, bad, results)
             browser.close()
     finally:
@@ -163,6 +165,16 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     hit_ids = [hits.nth(i).get_attribute("data-frame-id") for i in range(hits.count())]
     assert hit_ids and queried not in hit_ids and set(hit_ids) <= set(order)
     assert hits.first.locator("img.thumb").evaluate("i => i.complete && i.naturalWidth > 0")
+    page.keyboard.press("Escape")
+
+    # A frame that is not in the store (normal, store.log_normal_every 0): the console asks by its image instead.
+    normal = next(f for f, _ in good if results[f]["verdict"] == "normal")
+    stack.client.publish_frame("cam-c", dict(good)[normal], "cam-c-normal")
+    tile_c = page.locator('.tile[data-camera="cam-c"]')
+    expect(tile_c).to_have_attribute("data-frame-id", "cam-c-normal", timeout=30_000)
+    tile_c.locator(".pics").click()
+    expect(page.locator("#q-status")).to_contain_text("similar frames by its image", timeout=20_000)
+    assert page.locator("#hits li").count() >= 1
     page.keyboard.press("Escape")
 
     # An uploaded image finds its own frame first (the same query path, with image_b64).

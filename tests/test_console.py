@@ -58,6 +58,27 @@ def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
 
 
+@needs_chromium
+def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    port = free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{bundle: b}}\nmqtt: {{port: {broker.port}}}\n"
+                      f"console: {{port: {port}, username: op, password: s3cret}}\n")
+    console = ConsoleProcess(config, tmp_path / "console.log", port, auth=("op", "s3cret"))
+    try:
+        with sync_playwright() as p:
+            browser = launch(p, http_credentials={"username": "op", "password": "s3cret"})
+            page = browser.new_page()
+            page.goto(console.url)
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)  # EventSource sends the login too
+            expect(page.locator("#broker")).to_have_text("broker connected")
+            browser.close()
+    finally:
+        assert console.stop() == 0
+
+
 def _frames(dataset: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     test = dataset / "weave" / "test"
     good = [(f"good-{p.stem}", p.read_bytes()) for p in sorted((test / "good").glob("*.png"))]

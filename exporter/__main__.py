@@ -12,6 +12,13 @@ from bundle import BundleError
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.model == "efficientad":
+        from exporter.build import train_efficientad
+
+        out = train_efficientad(Path(args.data), args.category, Path(args.out), _efficientad_settings(args),
+                                name=args.name, evaluate_test=not args.no_eval)
+        print(out)
+        return 0
     from exporter.build import train_patchcore
     from exporter.train.patchcore import PatchcoreSettings
 
@@ -26,6 +33,46 @@ def _train(args: argparse.Namespace) -> int:
                           evaluate_test=not args.no_eval)
     print(out)
     return 0
+
+
+def _efficientad_settings(args: argparse.Namespace):
+    from exporter.train.efficientad import EfficientAdSettings
+
+    return EfficientAdSettings(**_given(args, "model_size", "teacher", "teacher_steps", "natural", "input_size", "steps"))
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The options the user set; the rest keep the settings' own defaults (one place for each default)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, distill, teacher_file
+
+    settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop"),
+                               **({"layers": args.layers.split(",")} if args.layers else {}))
+    natural = Path(args.natural or DEFAULT_NATURAL)
+    print(distill(settings, natural, Path(args.out)) if args.out else teacher_file(settings, natural))
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from exporter.benchmark import run
+
+    report = run(Path(args.data), args.models.split(","), Path(args.out),
+                 args.categories.split(",") if args.categories else None, _efficientad_settings(args))
+    print(report)
+    return 0
+
+
+def _add_efficientad_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("EfficientAD (defaults: exporter.train.efficientad.EfficientAdSettings)")
+    group.add_argument("--model-size", choices=["small", "medium"])
+    group.add_argument("--steps", type=int, help="student/autoencoder training steps")
+    group.add_argument("--teacher", help="PDN teacher file to use (.safetensors or weights-only .pt); "
+                                          "default: distil one from an offline backbone, cached")
+    group.add_argument("--teacher-steps", type=int, help="distillation steps when no --teacher is given")
+    group.add_argument("--natural", help="natural photos: penalty set and distillation set (default ../shared/data/natural)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -55,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model on normal images and export a bundle")
     train.add_argument("--data", required=True, help="folder holding CATEGORY/ in MVTec AD layout")
     train.add_argument("--category", required=True)
-    train.add_argument("--model", choices=["patchcore"], default="patchcore")
+    train.add_argument("--model", choices=["patchcore", "efficientad"], default="patchcore")
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--name", help="bundle name (default CATEGORY-MODEL)")
     train.add_argument("--backbone", default="efficientnet_lite0")
@@ -64,7 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--input-size", type=int, default=256)
     train.add_argument("--coreset-ratio", type=float, default=0.01)
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
+    _add_efficientad_options(train)
     train.set_defaults(func=_train)
+
+    distill = sub.add_parser("distill-teacher", help="distil EfficientAD's PDN teacher from an offline backbone")
+    distill.add_argument("--size", choices=["small", "medium"])
+    distill.add_argument("--backbone", help="offline backbone the PDN regresses (default efficientnet_lite0)")
+    distill.add_argument("--layers", help="comma-separated backbone layers (default blocks.2,blocks.4)")
+    distill.add_argument("--steps", type=int)
+    distill.add_argument("--batch-size", type=int)
+    distill.add_argument("--crop", type=int, help="side of the random crops")
+    distill.add_argument("--natural", help="folder of natural photos (default ../shared/data/natural)")
+    distill.add_argument("--out", help="write the teacher here (default: the cache, reused when present)")
+    distill.set_defaults(func=_distill)
+
+    bench = sub.add_parser("benchmark", help="train, export and evaluate models on every category; write a report")
+    bench.add_argument("--data", required=True, help="folder holding MVTec AD categories")
+    bench.add_argument("--models", default="patchcore,efficientad")
+    bench.add_argument("--categories", help="comma-separated subset (default: every category found)")
+    bench.add_argument("--out", required=True, help="report folder")
+    bench.add_argument("--input-size", type=int, help="EfficientAD input size")
+    _add_efficientad_options(bench)
+    bench.set_defaults(func=_benchmark)
 
     ev = sub.add_parser("evaluate", help="run a bundle with OpenVINO on a test split")
     ev.add_argument("--bundle", required=True)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from bundle import Normalisation, Thresholds, write_manifest
+from bundle import InputSpec, Normalisation, Thresholds, write_manifest
 from bundle.runtime import CompiledBundle
 from exporter import backbones
-from exporter.data import load_category, read_image
+from exporter.data import Category, load_category, read_image
 from exporter.evaluate import evaluate
 from exporter.export import convert, input_spec, library_versions, output_specs, save_ir, score_images, thresholds_from_normals, timestamp
+from exporter.train import efficientad
+from exporter.train.efficientad import EfficientAdSettings
 from exporter.train.patchcore import PatchcoreSettings, fit
 
 log = logging.getLogger(__name__)
@@ -22,25 +26,76 @@ VAL_FRACTION = 0.1
 THRESHOLD_SIGMAS = 3.0
 
 
-def train_patchcore(data: Path, category: str, out: Path, settings: PatchcoreSettings, name: str | None = None,
-                    evaluate_test: bool = True) -> Path:
-    """Train PatchCore on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    started = time.monotonic()
+@dataclass
+class Trained:
+    """A fitted export graph and everything the bundle step needs to know about how it was made."""
+
+    graph: nn.Module
+    spec: InputSpec
+    family: str
+    category: Category
+    train: list[Path]
+    val: list[Path]  # held-out normals: thresholds (and EfficientAD's map quantiles)
+    training: dict
+    started: float = field(default_factory=time.monotonic)
+
+
+def _split(data: Path, category: str, seed: int) -> tuple[Category, list[Path], list[Path]]:
     cat = load_category(data, category)
-    train, val = cat.split_train(VAL_FRACTION, settings.seed)
+    train, val = cat.split_train(VAL_FRACTION, seed)
     log.info("%s: %d train, %d held-out normals, %d test images", category, len(train), len(val), len(cat.test))
+    return cat, train, val
+
+
+def fit_patchcore(data: Path, category: str, settings: PatchcoreSettings) -> Trained:
+    started = time.monotonic()
+    cat, train, val = _split(data, category, settings.seed)
     bb = backbones.resolve(settings.backbone, Path(settings.backbone_weights) if settings.backbone_weights else None)
     spec = input_spec(settings.input_size, bb.mean, bb.std)
     graph, timings = fit(settings, bb, train, spec)
+    training = {
+        **settings.as_dict(),
+        "backbone_source": bb.timm_name if not bb.timm_name.startswith("local-dir:") else "offline weights",
+        "backbone_weights_sha256": bb.weights_sha256,
+        **timings,
+    }
+    return Trained(graph, spec, "patchcore", cat, train, val, training, started)
+
+
+def fit_efficientad(data: Path, category: str, settings: EfficientAdSettings) -> Trained:
+    """EfficientAD with a distilled (cached) or given teacher; nothing is downloaded."""
+    started = time.monotonic()
+    cat, train, val = _split(data, category, settings.seed)
+    spec = input_spec(settings.input_size, efficientad.MEAN, efficientad.STD)
+    graph, timings = efficientad.fit(settings, train, val, spec)
+    return Trained(graph, spec, "efficientad", cat, train, val, {**settings.as_dict(), **timings}, started)
+
+
+def train_patchcore(data: Path, category: str, out: Path, settings: PatchcoreSettings, name: str | None = None,
+                    evaluate_test: bool = True) -> Path:
+    """Train PatchCore on ``data/category`` and write a bundle to ``out``; returns ``out``."""
+    return package(fit_patchcore(data, category, settings), out, name, evaluate_test)
+
+
+def train_efficientad(data: Path, category: str, out: Path, settings: EfficientAdSettings, name: str | None = None,
+                      evaluate_test: bool = True) -> Path:
+    """Train EfficientAD on ``data/category`` and write a bundle to ``out``; returns ``out``."""
+    return package(fit_efficientad(data, category, settings), out, name, evaluate_test)
+
+
+def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True) -> Path:
+    """Export the graph, set thresholds on held-out normals, measure on the test split, write the manifest."""
+    graph, spec, family, cat, val = trained.graph, trained.spec, trained.family, trained.category, trained.val
+    category = cat.root.name
     with torch.no_grad():
         embedding_dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
     log.info("exporting to OpenVINO IR")
     save_ir(convert(graph, spec), out)
     version = timestamp().replace(":", "").replace("-", "")
     fields = dict(
-        name=name or f"{category}-patchcore",
+        name=name or f"{category}-{family}",
         version=version,
-        family="patchcore",
+        family=family,
         category=category,
         created_at=timestamp(),
         input=spec,
@@ -48,14 +103,7 @@ def train_patchcore(data: Path, category: str, out: Path, settings: PatchcoreSet
         embedding_dim=embedding_dim,
         thresholds=Thresholds(image=Normalisation(low=0, threshold=1), pixel=Normalisation(low=0, threshold=1),
                               method="provisional"),
-        training={
-            **settings.as_dict(),
-            "backbone_source": bb.timm_name if not bb.timm_name.startswith("local-dir:") else "offline weights",
-            "backbone_weights_sha256": bb.weights_sha256,
-            "train_images": len(train),
-            "threshold_images": len(val),
-            **timings,
-        },
+        training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val)},
         versions=library_versions(),
     )
     write_manifest(out, fields)
@@ -67,6 +115,6 @@ def train_patchcore(data: Path, category: str, out: Path, settings: PatchcoreSet
         compiled = CompiledBundle(out, hint="LATENCY")
         fields["metrics"] = {"test": evaluate(compiled, cat), "measured_by": "OpenVINO runtime, FP32, CPU"}
         log.info("test metrics: %s", fields["metrics"]["test"])
-    fields["training"]["total_s"] = round(time.monotonic() - started, 2)
+    fields["training"]["total_s"] = round(time.monotonic() - trained.started, 2)
     write_manifest(out, fields)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -20,8 +21,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 class ConsoleProcess:
     """``python -m worker console --config FILE``; ready once its API answers and it reached the broker."""
 
-    def __init__(self, config: Path, log: Path, port: int, timeout: float = 30) -> None:
+    def __init__(self, config: Path, log: Path, port: int, timeout: float = 30,
+                 auth: tuple[str, str] | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
         self.log_path = log
         self.log = log.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "worker", "console", "--config", str(config)], cwd=ROOT,
@@ -29,7 +32,8 @@ class ConsoleProcess:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if json.loads(urllib.request.urlopen(f"{self.url}/api/state", timeout=2).read())["broker"]:
+                request = urllib.request.Request(f"{self.url}/api/state", headers=headers)
+                if json.loads(urllib.request.urlopen(request, timeout=2).read())["broker"]:
                     return
             except (urllib.error.URLError, ConnectionError):
                 pass
@@ -46,8 +50,8 @@ class ConsoleProcess:
         return code
 
 
-def launch(playwright, width: int = 1280, height: int = 900):
-    """A headless chromium context with a new, empty profile."""
+def launch(playwright, width: int = 1280, height: int = 900, **options):
+    """A headless chromium context with a new, empty profile (``options``: Playwright's, e.g. http_credentials)."""
     return playwright.chromium.launch_persistent_context(
         tempfile.mkdtemp(prefix="chromium-"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-        viewport={"width": width, "height": height})
+        viewport={"width": width, "height": height}, **options)

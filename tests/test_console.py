@@ -58,6 +58,27 @@ def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
 
 
+@needs_chromium
+def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    port = free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{bundle: b}}\nmqtt: {{port: {broker.port}}}\n"
+                      f"console: {{port: {port}, username: op, password: s3cret}}\n")
+    console = ConsoleProcess(config, tmp_path / "console.log", port, auth=("op", "s3cret"))
+    try:
+        with sync_playwright() as p:
+            browser = launch(p, http_credentials={"username": "op", "password": "s3cret"})
+            page = browser.new_page()
+            page.goto(console.url)
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)  # EventSource sends the login too
+            expect(page.locator("#broker")).to_have_text("broker connected")
+            browser.close()
+    finally:
+        assert console.stop() == 0
+
+
 def _frames(dataset: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     test = dataset / "weave" / "test"
     good = [(f"good-{p.stem}", p.read_bytes()) for p in sorted((test / "good").glob("*.png"))]
@@ -85,7 +106,8 @@ def stack(broker, bundle_dir, dataset, tmp_path_factory):
     folder = tmp_path_factory.mktemp("console")
     prefix = f"c{uuid.uuid4().hex[:8]}"
     port = free_port()
-    config = write_config(folder, broker.port, bundle_dir, topics={"prefix": prefix}, console={"port": port})
+    config = write_config(folder, broker.port, bundle_dir, topics={"prefix": prefix}, console={"port": port},
+                          store={"log_normal_every": 0})  # normal frames stay out of the store
     client = Client(broker.port, prefix)
     worker = WorkerProcess(config, folder / "worker.log")
     console = None
@@ -106,7 +128,8 @@ def stack(broker, bundle_dir, dataset, tmp_path_factory):
                 client.publish_frame("cam-a", data, frame_id)
             results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam-a/result", count=len(good + bad))}
             client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
-                            and json.loads(m.payload)["store_written"] >= len(good + bad) + 2, timeout=30)
+                            and json.loads(m.payload)["store_written"]
+                            >= sum(r["verdict"] == "anomalous" for r in results.values()), timeout=30)
             yield Stack(prefix, config, client, console, page, good, bad, results)
             browser.close()
     finally:
@@ -163,6 +186,16 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     hit_ids = [hits.nth(i).get_attribute("data-frame-id") for i in range(hits.count())]
     assert hit_ids and queried not in hit_ids and set(hit_ids) <= set(order)
     assert hits.first.locator("img.thumb").evaluate("i => i.complete && i.naturalWidth > 0")
+    page.keyboard.press("Escape")
+
+    # A frame that is not in the store (normal, store.log_normal_every 0): the console asks by its image instead.
+    normal = next(f for f, _ in good if results[f]["verdict"] == "normal")
+    stack.client.publish_frame("cam-c", dict(good)[normal], "cam-c-normal")
+    tile_c = page.locator('.tile[data-camera="cam-c"]')
+    expect(tile_c).to_have_attribute("data-frame-id", "cam-c-normal", timeout=30_000)
+    tile_c.locator(".pics").click()
+    expect(page.locator("#q-status")).to_contain_text("similar frames by its image", timeout=20_000)
+    assert page.locator("#hits li").count() >= 1
     page.keyboard.press("Escape")
 
     # An uploaded image finds its own frame first (the same query path, with image_b64).

@@ -1,0 +1,106 @@
+"""``python -m exporter benchmark``: train, export and evaluate each model on each category found; write a report.
+
+Every number comes from the exported OpenVINO bundle (FP32, CPU) on the category's test
+split, with the threshold the bundle chose from held-out normal training images.  The
+torch graph is run on the same images to check parity: per-image scores within
+:data:`SCORE_RTOL` and identical verdicts at the bundle's threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bundle.runtime import CompiledBundle
+from exporter.build import Trained, fit_efficientad, fit_patchcore, package
+from exporter.data import find_categories, read_image, read_mask
+from exporter.export import score_images
+from exporter.report import write_report
+from exporter.train.efficientad import EfficientAdSettings
+from exporter.train.patchcore import PatchcoreSettings, to_tensor
+
+log = logging.getLogger(__name__)
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
+    "toothbrush", "transistor", "wood", "zipper",
+)
+# Image AUROC the seed tutorial published for grid (the only category it reports).
+SEED_IMAGE_AUROC = {("patchcore", "grid"): 0.979, ("efficientad", "grid"): 0.993}
+SCORE_RTOL = 1e-3
+MODELS = ("patchcore", "efficientad")
+
+
+def _torch_scores(trained: Trained, images: list[np.ndarray], batch: int = 8) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([trained.graph(to_tensor(images[i : i + batch], trained.spec))[0].numpy()
+                               for i in range(0, len(images), batch)])
+
+
+def _bundle_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def run_one(data: Path, category: str, model: str, out: Path, efficientad: EfficientAdSettings) -> dict:
+    """Train one model on one category, export it, and measure bundle metrics and torch parity."""
+    started = time.monotonic()
+    trained = fit_patchcore(data, category, PatchcoreSettings()) if model == "patchcore" else \
+        fit_efficientad(data, category, efficientad)
+    bundle_dir = package(trained, out / "bundles" / f"{category}-{model}")
+    compiled = CompiledBundle(bundle_dir, hint="LATENCY")
+    manifest = compiled.manifest
+    samples = trained.category.test
+    images = [read_image(s.path, trained.spec) for s in samples]
+    ov_scores, ov_maps, _ = score_images(compiled, images)
+    torch_scores = _torch_scores(trained, images)
+    threshold = manifest.thresholds.image.threshold
+    rel = np.abs(ov_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1e-12)
+    return {
+        "model": model,
+        "category": category,
+        **manifest.metrics["test"],
+        "seed_image_auroc": SEED_IMAGE_AUROC.get((model, category)),
+        "train_s": manifest.training["total_s"],
+        "benchmark_s": round(time.monotonic() - started, 1),
+        "bundle_bytes": _bundle_bytes(bundle_dir),
+        "bundle": str(bundle_dir),
+        "training": manifest.training,
+        "parity": {
+            "score_rtol": SCORE_RTOL,
+            "max_relative_score_difference": float(rel.max()),
+            "within_tolerance": bool((rel <= SCORE_RTOL).all()),
+            "same_verdicts": bool(((ov_scores >= threshold) == (torch_scores >= threshold)).all()),
+        },
+        # For the plots only (not in the JSON): per-image outputs of the bundle and the ground truth.
+        "_scores": ov_scores,
+        "_maps": ov_maps,
+        "_labels": np.array([s.label for s in samples]),
+        "_defects": [s.defect for s in samples],
+        "_images": images,
+        "_masks": [read_mask(s.mask, trained.spec) for s in samples],
+        "_pixel": (manifest.thresholds.pixel.low, manifest.thresholds.pixel.threshold),
+    }
+
+
+def run(data: Path, models: list[str], out: Path, categories: list[str] | None = None,
+        efficientad: EfficientAdSettings | None = None) -> Path:
+    """Benchmark every model on every category found under ``data``; returns the Markdown report's path."""
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    found = find_categories(data)
+    chosen = [c for c in (categories or found) if c in found]
+    if not chosen:
+        raise ValueError(f"no requested category under {data} (found: {found})")
+    absent = [c for c in (categories or MVTEC_CATEGORIES) if c not in found]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for category in chosen:
+        for model in models:
+            log.info("benchmark: %s on %s", model, category)
+            rows.append(run_one(data, category, model, out, efficientad or EfficientAdSettings()))
+    return write_report(rows, out, data, absent)

@@ -1,0 +1,141 @@
+"""The benchmark report: Markdown + JSON + plots (ROC curves; test images with heatmaps and ground-truth outlines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from exporter.export import library_versions, timestamp  # noqa: E402
+
+TARGETS = {"image_auroc": 0.995, "pixel_auroc": 0.985}
+THUMB = 128  # px per tile in the heatmap grids: keeps the committed images small
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def roc_plot(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for r in rows:
+        fpr, tpr, _ = roc_curve(r["_labels"], r["_scores"])
+        ax.plot(fpr, tpr, label=f"{r['model']} / {r['category']} (AUROC {r.get('image_auroc', float('nan')):.4f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Image-level ROC (OpenVINO bundle)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _tile(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, pixel: tuple[float, float]) -> np.ndarray:
+    """RGB thumbnail: the map scaled so the bundle's pixel threshold is full red, over the image; mask in green."""
+    low, thr = pixel
+    heat = np.clip((amap - low) / max(thr - low, 1e-12), 0, 1)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    blend = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(blend, contours, -1, (0, 255, 0), 2)
+    return cv2.cvtColor(cv2.resize(blend, (THUMB, THUMB), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+def heatmap_grid(rows: list[dict], path: Path) -> None:
+    """One row per model, one column per defect type (its first test image) of a category."""
+    defects = list(dict.fromkeys(rows[0]["_defects"]))
+    picks = [rows[0]["_defects"].index(d) for d in defects]
+    fig, axes = plt.subplots(len(rows), len(picks), figsize=(1.3 * len(picks), 1.45 * len(rows)), squeeze=False)
+    for i, r in enumerate(rows):
+        for j, k in enumerate(picks):
+            ax = axes[i, j]
+            ax.imshow(_tile(r["_images"][k], r["_maps"][k], r["_masks"][k], r["_pixel"]))
+            verdict = "NG" if r["_scores"][k] >= r["threshold"] else "OK"
+            ax.set_title(f"{defects[j]}\n{verdict}", fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(r["model"], fontsize=7)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mark(value: float | None, target: float) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f} {'✓' if value >= target else '✗'}"
+
+
+def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) -> str:
+    lines = [
+        "# Detection quality benchmark",
+        "",
+        f"Generated {timestamp()} by `python -m exporter benchmark --data {data} --models "
+        f"{','.join(dict.fromkeys(r['model'] for r in rows))} --out DIR` on {platform.machine()} with "
+        f"{os.cpu_count()} CPU cores, no GPU. Every metric is measured by running the exported OpenVINO bundle "
+        "(FP32, CPU) on the test split; the image threshold comes from held-out normal training images only.",
+        f"Targets: image AUROC >= {TARGETS['image_auroc']}, pixel AUROC >= {TARGETS['pixel_auroc']} (✓ met, ✗ missed).",
+        "",
+        "| Model | Category | Image AUROC | Pixel AUROC | Image F1 @ bundle threshold | Seed tutorial image AUROC "
+        "| Train + export + eval (s) | Bundle (MB) | OV vs torch: max rel. score diff, same verdicts |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p = r["parity"]
+        seed = f"{r['seed_image_auroc']:.3f}" if r["seed_image_auroc"] is not None else "n/a"
+        lines.append(
+            f"| {r['model']} | {r['category']} | {_mark(r.get('image_auroc'), TARGETS['image_auroc'])} "
+            f"| {_mark(r.get('pixel_auroc'), TARGETS['pixel_auroc'])} | {r['image_f1']:.4f} | {seed} "
+            f"| {r['train_s']:.0f} | {r['bundle_bytes'] / 1e6:.1f} "
+            f"| {p['max_relative_score_difference']:.1e} (tol {p['score_rtol']:g}), {'yes' if p['same_verdicts'] else 'NO'} |"
+        )
+    types = list(dict.fromkeys(t for r in rows for t in r["detection_rate"]))
+    lines += ["", "Detection rate per defect type at the bundle's threshold (for `good`: false-alarm rate):", "",
+              "| Model | Category | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+    for r in rows:
+        rates = [f"{r['detection_rate'][t]:.3f}" if t in r["detection_rate"] else "" for t in types]
+        lines.append(f"| {r['model']} | {r['category']} | " + " | ".join(rates) + " |")
+    lines += ["", "Training settings (from each bundle's manifest):", ""]
+    for r in rows:
+        t = r["training"]
+        keys = ["backbone", "layers", "input_size", "coreset_ratio", "memory_bank", "model_size", "steps", "step_s",
+                "teacher_steps", "teacher_file", "fit_s", "total_s"]
+        lines.append(f"- {r['model']} / {r['category']}: " + ", ".join(f"{k}={t[k]}" for k in keys if k in t))
+    lines += [
+        "",
+        f"Categories absent under the data root (not benchmarked): {', '.join(absent) if absent else 'none'}.",
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+        "Heatmap tiles: anomaly map scaled so the bundle's pixel threshold is full red, ground-truth defect outline "
+        "in green, verdict at the bundle's image threshold above each tile.",
+        "",
+        f"Library versions: {json.dumps(library_versions())}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], out: Path, data: Path, absent: list[str]) -> Path:
+    """report.md, report.json, roc.png and heatmaps-CATEGORY.png in ``out``; returns report.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = ["roc.png"]
+    roc_plot(rows, out / "roc.png")
+    for category in dict.fromkeys(r["category"] for r in rows):
+        name = f"heatmaps-{category}.png"
+        heatmap_grid([r for r in rows if r["category"] == category], out / name)
+        plots.append(name)
+    (out / "report.json").write_text(json.dumps({
+        "data": str(data), "absent_categories": absent, "targets": TARGETS, "rows": [_public(r) for r in rows],
+    }, indent=2, default=str) + "\n")
+    path = out / "report.md"
+    path.write_text(markdown(rows, data, absent, plots))
+    return path

@@ -1,0 +1,173 @@
+"""EfficientAD on anomalib 2.7 without downloads: anomalib's network, our teacher, our training loop.
+
+anomalib's lightning ``EfficientAd`` fetches its pretrained PDN teacher and Imagenette
+in ``on_train_start``.  Here the teacher comes from :mod:`exporter.teacher` (distilled
+locally, or a file the user names) and the penalty images are the local natural photos;
+the loop reproduces anomalib's ``training_step`` (batch 1, Adam, LR /10 at 95 % of the
+steps, hard-feature student loss + penalty, autoencoder and student-autoencoder losses)
+on ``EfficientAdModel`` itself, and the map-normalisation quantiles come from held-out
+normal images, as anomalib takes them from good validation images.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, EfficientAdModelSize, reduce_tensor_elems
+from torch import nn
+
+from bundle import InputSpec
+from exporter.data import read_image
+from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, load_rgb, load_teacher, natural_images, teacher_channels, teacher_file
+from exporter.train.embedding import DefectEmbedding
+from exporter.train.patchcore import to_tensor
+
+log = logging.getLogger(__name__)
+
+# EfficientAD takes RGB in 0..1 and applies ImageNet normalisation inside its networks.
+MEAN = (0.0, 0.0, 0.0)
+STD = (1.0, 1.0, 1.0)
+MIN_SIZE = 256
+
+
+@dataclass
+class EfficientAdSettings:
+    model_size: str = "small"
+    teacher: str | None = None  # a teacher file; None: distil one (cached) with teacher_steps
+    teacher_steps: int = TeacherSettings.steps
+    natural: str = str(DEFAULT_NATURAL)  # penalty images, and the teacher's distillation set
+    input_size: int = 256
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class EfficientAdGraph(nn.Module):
+    """Inference path for export: ``(score [N], anomaly_map [N,H,W], embedding [N,D])``.
+
+    Score and map are exactly ``EfficientAdModel.forward`` in eval mode (the parity test
+    checks it); the teacher features and student-teacher distances feed the defect embedding.
+    """
+
+    def __init__(self, model: EfficientAdModel, embedder: DefectEmbedding) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.embedder = embedder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = self.model
+        teacher = m._normalize_teacher(m.teacher(x))
+        student = m.student(x)
+        distance_st = (teacher - student[:, : m.teacher_out_channels]) ** 2
+        map_st, map_stae = m.compute_maps(x, student, distance_st, normalize=True)
+        amap = 0.5 * map_st + 0.5 * map_stae
+        score = amap.amax((-2, -1))[:, 0]
+        flat = teacher.flatten(2).transpose(1, 2)  # N, hw, C
+        return score, amap[:, 0], self.embedder(flat, distance_st.mean(1).flatten(1))
+
+
+def _penalty_image(images: list[np.ndarray], size: int, rng: random.Random) -> torch.Tensor:
+    """anomalib's Imagenette transform: resize to 2x, random grey (p=0.3), centre crop; RGB 0..1 [1,3,H,W]."""
+    image = cv2.resize(images[rng.randrange(len(images))], (2 * size, 2 * size), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.3:
+        image = np.repeat(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None], 3, 2)
+    lo = size // 2
+    crop = np.ascontiguousarray(image[lo : lo + size, lo : lo + size])
+    return torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+
+
+def build_model(settings: EfficientAdSettings) -> tuple[EfficientAdModel, dict]:
+    """anomalib's model with our teacher loaded (and frozen); returns it with the teacher's metadata."""
+    natural = Path(settings.natural)
+    if settings.teacher:
+        path = Path(settings.teacher)
+    else:
+        path = teacher_file(TeacherSettings(size=settings.model_size, steps=settings.teacher_steps, seed=settings.seed),
+                            natural)
+    state, meta = load_teacher(path)
+    size, channels = teacher_channels(state)
+    if size != settings.model_size:
+        raise ValueError(f"teacher {path} is a {size} PDN, settings ask for {settings.model_size}")
+    model = EfficientAdModel(teacher_out_channels=channels, model_size=EfficientAdModelSize(size), padding=False)
+    model.teacher.load_state_dict(state)
+    model.teacher.requires_grad_(False)
+    return model, {"teacher_file": str(path), "teacher": meta}
+
+
+@torch.no_grad()
+def _channel_mean_std(model: EfficientAdModel, images: torch.Tensor) -> torch.Tensor:
+    """anomalib's teacher_channel_mean_std over the training images; returns their standardised features."""
+    feats = torch.cat([model.teacher(images[i : i + 8]) for i in range(0, len(images), 8)])
+    mean = feats.mean((0, 2, 3))[None, :, None, None]
+    std = (feats.pow(2).mean((0, 2, 3))[None, :, None, None] - mean**2).sqrt()
+    model.mean_std.update({"mean": mean, "std": std})
+    return ((feats - mean) / std).permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+
+
+@torch.no_grad()
+def _map_quantiles(model: EfficientAdModel, images: torch.Tensor) -> None:
+    """anomalib's map_norm_quantiles (90 % and 99.5 %) on held-out normal images."""
+    model.eval()
+    maps = [model.get_maps(images[i : i + 1], normalize=False) for i in range(len(images))]
+    st = reduce_tensor_elems(torch.cat([m[0] for m in maps]))
+    ae = reduce_tensor_elems(torch.cat([m[1] for m in maps]))
+    model.quantiles.update({
+        "qa_st": torch.quantile(st, 0.9), "qb_st": torch.quantile(st, 0.995),
+        "qa_ae": torch.quantile(ae, 0.9), "qb_ae": torch.quantile(ae, 0.995),
+    })
+
+
+def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], spec: InputSpec) -> tuple[EfficientAdGraph, dict]:
+    """Train student and autoencoder on ``train``; map quantiles from ``normals``; returns graph and timings."""
+    if settings.input_size < MIN_SIZE:
+        raise ValueError(f"EfficientAD needs input_size >= {MIN_SIZE} (its autoencoder ends in an 8x8 convolution "
+                         f"after five stride-2 ones), not {settings.input_size}")
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    started = time.monotonic()
+    model, teacher_info = build_model(settings)
+    teacher_s = time.monotonic() - started
+    images = to_tensor([read_image(p, spec) for p in train], spec)
+    penalty = load_rgb(natural_images(Path(settings.natural)))
+    embedder = DefectEmbedding.fit(_channel_mean_std(model, images), seed=settings.seed)
+    params = list(model.student.parameters()) + list(model.ae.parameters())
+    optimiser = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, int(0.95 * settings.steps)), gamma=0.1)
+    model.train()
+    train_started = time.monotonic()
+    recent: list[float] = []
+    for step in range(settings.steps):
+        batch = images[rng.randrange(len(images))].unsqueeze(0)
+        loss_st, loss_ae, loss_stae = model(batch, _penalty_image(penalty, settings.input_size, rng))
+        loss = loss_st + loss_ae + loss_stae
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        recent.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == settings.steps:
+            log.info("efficientad step %d/%d loss %.4f (%.0f s)", step + 1, settings.steps,
+                     float(np.mean(recent[-100:])), time.monotonic() - train_started)
+    trained = time.monotonic()
+    _map_quantiles(model, to_tensor([read_image(p, spec) for p in normals], spec))
+    graph = EfficientAdGraph(model, embedder).eval()
+    timings = {
+        **teacher_info,
+        "teacher_s": round(teacher_s, 2),
+        "train_steps_s": round(trained - train_started, 2),
+        "step_s": round((trained - train_started) / max(1, settings.steps), 3),
+        "final_loss": round(float(np.mean(recent[-100:])), 5) if recent else None,
+        "fit_s": round(time.monotonic() - started, 2),
+    }
+    return graph, timings

@@ -1,0 +1,113 @@
+"""EfficientAD without downloads: PDN geometry, teacher distillation + cache, OpenVINO/torch parity, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bundle import read_manifest
+from bundle.runtime import CompiledBundle
+from conftest import ROOT
+from exporter.build import fit_efficientad, package
+from exporter.data import read_image
+from exporter.teacher import TeacherSettings, cache_path, load_teacher, pdn, receptive_field, teacher_channels, teacher_file
+from exporter.train import efficientad
+from exporter.train.patchcore import to_tensor
+
+SCORE_RTOL = 1e-3  # OpenVINO FP32 vs torch: relative tolerance on image scores
+TINY_TEACHER = dict(steps=2, batch_size=2, crop=64)
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_pdn_output_cell_sees_a_33_pixel_patch(size):
+    """The paper's claim, measured: the gradient of one output cell is non-zero on exactly 33x33 input pixels."""
+    assert receptive_field(pdn(size, 4)) == (33, 33)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """A smaller generated set than conftest's: EfficientAD runs at 256 px at least, so keep the image count low."""
+    from exporter.synthetic import generate
+
+    root = tmp_path_factory.mktemp("small")
+    generate(root, "weave", size=128, n_train=10, n_test=2, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def teacher(small, cache) -> Path:
+    """A teacher distilled by the CLI (two steps) on the generated images standing in for natural photos."""
+    env = {**os.environ, "EDGE_INSPECT_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "exporter", "distill-teacher", "--natural", str(small / "weave" / "train"),
+                           "--steps", "2", "--batch-size", "2", "--crop", "64"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path.is_file() and path.is_relative_to(cache)
+    return path
+
+
+def test_teacher_is_cached_by_settings_and_loads_without_pickle(teacher, small, cache, monkeypatch):
+    monkeypatch.setenv("EDGE_INSPECT_CACHE", str(cache))
+    natural = small / "weave" / "train"
+    before = teacher.stat().st_mtime_ns
+    assert teacher_file(TeacherSettings(**TINY_TEACHER), natural) == teacher
+    assert teacher.stat().st_mtime_ns == before  # reused, not distilled again
+    other = TeacherSettings(**{**TINY_TEACHER, "seed": 1})
+    assert cache_path(other, natural) != teacher
+    state, meta = load_teacher(teacher)
+    assert teacher_channels(state) == ("small", 152)  # Lite0 blocks.2 (40) + blocks.4 (112)
+    assert meta["receptive_field"] == 33 and meta["steps"] == 2 and meta["natural_images"] == 10
+
+
+def test_openvino_bundle_matches_anomalib_torch_model(small, teacher, tmp_path):
+    """EfficientAdGraph compiled by OpenVINO against anomalib's EfficientAdModel.forward in torch."""
+    settings = efficientad.EfficientAdSettings(teacher=str(teacher), steps=3, natural=str(small / "weave" / "train"))
+    trained = fit_efficientad(small, "weave", settings)
+    graph, spec, cat = trained.graph, trained.spec, trained.category
+    assert efficientad.EfficientAdModel.is_set(graph.model.quantiles) and trained.training["train_steps_s"] > 0
+    compiled = CompiledBundle(package(trained, tmp_path, evaluate_test=False))
+
+    images = [read_image(s.path, spec) for s in cat.test]
+    ov_pred = compiled.infer(np.stack(images))
+    with torch.no_grad():
+        reference = graph.model(to_tensor(images, spec))  # anomalib's EfficientAdModel, eval mode
+        ours = graph(to_tensor(images, spec))
+    torch_scores = reference.pred_score.numpy().reshape(-1)
+    np.testing.assert_allclose(ours[0].numpy(), torch_scores, rtol=1e-6)
+    np.testing.assert_allclose(ov_pred.score, torch_scores, rtol=SCORE_RTOL)
+    torch_maps = reference.anomaly_map.numpy()[:, 0]
+    np.testing.assert_allclose(ov_pred.anomaly_map, torch_maps, rtol=1e-3, atol=1e-3 * np.abs(torch_maps).max())
+    threshold = float(np.median(torch_scores))
+    assert ((ov_pred.score >= threshold) == (torch_scores >= threshold)).all()
+    assert ov_pred.anomaly_map.shape == (len(images), 256, 256)
+    np.testing.assert_allclose(np.linalg.norm(ov_pred.embedding, axis=1), 1.0, atol=1e-4)
+    alone = compiled.infer(np.stack(images[:1]))  # dynamic batch
+    np.testing.assert_allclose(alone.score, ov_pred.score[:1], rtol=1e-4)
+
+
+def test_train_command_builds_an_efficientad_bundle_from_a_given_teacher(small, teacher, tmp_path):
+    out = tmp_path / "b"
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--model", "efficientad", "--data", str(small),
+                           "--category", "weave", "--out", str(out), "--steps", "2",
+                           "--teacher", str(teacher), "--natural", str(small / "weave" / "train")],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(out)
+    assert manifest.family == "efficientad" and manifest.name == "weave-efficientad"
+    assert manifest.training["steps"] == 2 and manifest.training["teacher_file"] == str(teacher)
+    assert manifest.training["teacher"]["receptive_field"] == 33
+    assert manifest.input.mean == (0.0, 0.0, 0.0) and manifest.input.std == (1.0, 1.0, 1.0)
+    assert manifest.thresholds.image.threshold > manifest.thresholds.image.low
+    assert set(manifest.metrics["test"]["detection_rate"]) == {"good", "hole", "scratch", "smear"}

@@ -97,7 +97,7 @@ def create_app(cfg: Config) -> Starlette:
 
     async def state(request: Request) -> Response:
         return JSONResponse({**hub.snapshot(), "series": hub.score_series(), "broker": client.link.connected.is_set(),
-                             "series_minutes": cfg.console.series_minutes, "prefix": cfg.topics.prefix})
+                             "series_minutes": cfg.console.series_minutes})
 
     async def stream(request: Request) -> Response:
         queue: asyncio.Queue[str] = asyncio.Queue(CLIENT_QUEUE)

@@ -52,10 +52,6 @@ class Entry:
     frame: bytes | None = None  # the camera's bytes; only while the entry is among the recent frames
     thumbnail: bytes | None = None  # JPEG of the frame; anomalous frames only (kept in the defect feed)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.result["camera"], self.result["frame_id"]
-
     def view(self) -> dict:
         """The result as the browser gets it, with which images exist."""
         return {**self.result, "has_heatmap": self.heatmap is not None, "has_frame": self.frame is not None,

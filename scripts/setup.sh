@@ -28,7 +28,11 @@ if ! .venv/bin/python -c "import sys; import importlib.metadata as m; m.version(
    || [ pyproject.toml -nt .venv/.installed-"$extra" ]; then
   step "installing edge-inspect[$extra] into .venv (first time: several minutes, torch is large)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --progress-bar off -e ".[$extra]" 2>&1 | grep -E '^(Successfully|ERROR)' || true
+  log="$(mktemp)"
+  if ! .venv/bin/python -m pip install --progress-bar off -e ".[$extra]" >"$log" 2>&1; then
+    tail -40 "$log"; echo "pip install failed (full log: $log)" >&2; exit 1
+  fi
+  grep -E '^Successfully' "$log" || true
   .venv/bin/python -c "import openvino, paho.mqtt, qdrant_client" # fails loudly if the install did not work
   touch .venv/.installed-"$extra"
 fi

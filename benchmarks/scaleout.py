@@ -48,6 +48,7 @@ class Group:
         self.client.loop_start()
         self.client.subscribe(f"{self.prefix}/#", qos=1)
         self.procs = []
+        folder.mkdir(parents=True, exist_ok=True)
         for i in range(k):
             cfg = {
                 "worker": {"id": f"w{i}", "stats_interval_s": 60},

@@ -54,7 +54,7 @@ class Group:
                 "worker": {"id": f"w{i}", "stats_interval_s": 60},
                 "mqtt": {"port": broker.port, "client_id": f"{self.prefix}-w{i}", "session_expiry_s": 0},
                 "topics": {"prefix": self.prefix, "share_group": "bench"},
-                "model": {"bundle": str(bundle), "cache_dir": str(folder / "ov-cache")},
+                "model": {"bundle": str(bundle), "cache_dir": str(folder / f"ov-cache-{i}")},
                 "limits": {"queue_policy": "block"},
                 "store": {"path": str(folder / f"qdrant-{i}")},
                 "evidence": {"path": str(folder / f"evidence-{i}")},

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import Client, user_props, write_config
+from conftest import Client, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.config import StoreConfig
 from worker.store import VectorStore
@@ -354,7 +354,7 @@ def test_results_respect_the_brokers_maximum_packet_size(bundle_dir, dataset, tm
             assert r["heatmap"] is None and "maximum packet size" in r["heatmap_error"]
         assert not [m for m in client.messages if m.topic.endswith("/heatmap")]
         time.sleep(1)
-        connects = broker.log_path.read_text().count(f"as w-")
+        connects = broker.log_path.read_text().count("as w-")
         assert connects == 1, "the worker must not be disconnected and loop reconnecting"
         assert worker.stop() == 0
         client.close()

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.pipeline import iso
-from worker.query import QueryError
-from worker.recorder import StoreUnavailable
+from worker.query import QueryError, serve_request
 from worker.store import LABELS, VectorStore
 
 EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label", "defect_type", "note",
@@ -48,22 +46,11 @@ class LabelService:
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
-        try:
-            try:
-                raw = json.loads(payload)
-                model = ExportLabels if isinstance(raw, dict) and raw.get("action") == "export" else SetLabel
-                request = model.model_validate(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise QueryError("bad_request", f"request is not JSON: {exc}") from None
-            except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}" for e in exc.errors())
-                raise QueryError("bad_request", problems) from None
-            with self.use_store() as store:
-                return self.set(request, store) if isinstance(request, SetLabel) else self.export(request, store)
-        except StoreUnavailable as exc:
-            return {"ok": False, "error": {"code": "store_unavailable", "message": str(exc)}}
-        except QueryError as exc:
-            return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        def pick(raw: object) -> type[BaseModel]:
+            return ExportLabels if isinstance(raw, dict) and raw.get("action") == "export" else SetLabel
+
+        return serve_request(payload, pick, self.use_store,
+                             lambda r, store: self.set(r, store) if isinstance(r, SetLabel) else self.export(r, store))
 
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)

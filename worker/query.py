@@ -82,6 +82,30 @@ def _b64(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode() if data else None
 
 
+def serve_request(payload: bytes, pick: Callable[[object], type[BaseModel]],
+                  use_store: Callable[[], AbstractContextManager[VectorStore]],
+                  handle: Callable[[BaseModel, VectorStore], dict]) -> dict:
+    """Parse and validate one JSON request (``pick`` chooses its model) and answer it against the store.
+
+    Shared by queries and labels, so both report bad requests and an unavailable store the same way.
+    """
+    try:
+        try:
+            raw = json.loads(payload)
+            request = pick(raw).model_validate(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise QueryError("bad_request", f"request is not JSON: {exc}") from None
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}" for e in exc.errors())
+            raise QueryError("bad_request", problems) from None
+        with use_store() as store:
+            return handle(request, store)
+    except StoreUnavailable as exc:
+        return {"ok": False, "error": {"code": "store_unavailable", "message": str(exc)}}
+    except QueryError as exc:
+        return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+
+
 class QueryService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]], evidence: EvidenceStore,
                  embed: Callable[[bytes], np.ndarray], max_top_k: int) -> None:
@@ -93,20 +117,7 @@ class QueryService:
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request payload; never raises, errors come back as ``{"ok": false, "error": ...}``."""
         started = time.monotonic()
-        try:
-            try:
-                request = QueryRequest.model_validate(json.loads(payload))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise QueryError("bad_request", f"request is not JSON: {exc}") from None
-            except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}" for e in exc.errors())
-                raise QueryError("bad_request", problems) from None
-            with self.use_store() as store:
-                answer = self.answer(request, store)
-        except StoreUnavailable as exc:
-            answer = {"ok": False, "error": {"code": "store_unavailable", "message": str(exc)}}
-        except QueryError as exc:
-            answer = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        answer = serve_request(payload, lambda raw: QueryRequest, self.use_store, self.answer)
         answer["took_ms"] = round((time.monotonic() - started) * 1000, 1)
         return answer
 

@@ -167,8 +167,8 @@ def main() -> int:
             page = browser.new_page()
             page.goto(console.url)
             page.wait_for_selector("#worker-bench.on", timeout=60_000)
-            # One frame first: two inference threads entering OpenVINO's numpy binding for the very first time
-            # together can deadlock (pybind11 call_once under the GIL; reported), so the worker warms up alone.
+            # Warm-up: one frame, alone, before the load (the worker's first inference is the slow one; before
+            # commit fbf956d, concurrent first inferences on a dynamic-batch input also froze the worker).
             publish(broker.port, "inspect", frames[:1], 1, 1.0, threading.Event(), [0], limit=1)
             page.wait_for_selector(".tile", timeout=60_000)
             publisher = threading.Thread(target=publish, args=(broker.port, "inspect", frames, args.cameras, args.fps,

@@ -90,7 +90,7 @@ class WorkerRig:
     """mosquitto + ``python -m worker`` + a paho client that times each frame until result and heatmap are back."""
 
     def __init__(self, bundle: Path, folder: Path, cache_dir: Path | None = None) -> None:
-        from scripts.broker import Broker
+        from scripts.broker import Broker, free_port
 
         self.broker = Broker(folder / "broker")
         cfg = {
@@ -100,6 +100,7 @@ class WorkerRig:
             "store": {"path": str(folder / "qdrant")},
             "evidence": {"path": str(folder / "evidence")},
             "limits": {"queue_policy": "block"},
+            "metrics": {"port": free_port()},
         }
         (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
         self.log = (folder / "worker.log").open("wb")

@@ -95,7 +95,7 @@ class Stack:
     page: object
     good: list[tuple[str, bytes]]
     bad: list[tuple[str, bytes]]
-    results: dict[str, dict]
+    results: dict[str, dict]  # "camera/frame_id" -> the worker's result
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,9 @@ def stack(broker, bundle_dir, dataset, tmp_path_factory):
                 client.publish_frame("cam-b", data, frame_id)
             for frame_id, data in good + bad:
                 client.publish_frame("cam-a", data, frame_id)
-            results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam-a/result", count=len(good + bad))}
+            results = {f"{r['camera']}/{r['frame_id']}": r
+                       for camera, n in (("cam-a", len(good + bad)), ("cam-b", 2))
+                       for r in client.json_on(f"{prefix}/{camera}/result", count=n)}
             client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
                             and json.loads(m.payload)["store_written"]
                             >= sum(r["verdict"] == "anomalous" for r in results.values()), timeout=30)
@@ -149,7 +151,7 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     tile_a = page.locator('.tile[data-camera="cam-a"]')
     expect(tile_a).to_have_attribute("data-frame-id", last_a, timeout=30_000)
     expect(page.locator('.tile[data-camera="cam-b"]')).to_have_attribute("data-frame-id", good[1][0])
-    last = results[last_a]
+    last = results[f"cam-a/{last_a}"]
     expect(tile_a.locator(".verdict")).to_have_text(last["verdict"])
     expect(tile_a.locator(".score")).to_contain_text(f"{last['score']:.3f}")
     expect(tile_a.locator(".model")).to_contain_text(last["model"]["version"])
@@ -162,34 +164,34 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     expect(tile_a.locator(".rate")).to_contain_text("frames/s", timeout=15_000)
 
     # Defect feed: the anomalous frames, newest first, filterable by camera.
-    order = [f for f in results if results[f]["verdict"] == "anomalous"]
+    order = [k for k, r in results.items() if r["verdict"] == "anomalous"]
     assert order, "the generated defects should raise some anomalous verdicts"
     feed = page.locator("#defects li")
     expect(feed).to_have_count(len(order), timeout=10_000)
-    shown = [feed.nth(i).get_attribute("data-frame-id") for i in range(len(order))]
-    captured = [datetime.fromisoformat(results[f]["captured_at"]) for f in shown]
+    shown = [feed.nth(i).get_attribute("data-key") for i in range(len(order))]
+    captured = [datetime.fromisoformat(results[k]["captured_at"]) for k in shown]
     assert set(shown) == set(order) and captured == sorted(captured, reverse=True)
     for kind in ("thumb", "hm"):  # the camera frame's thumbnail and the heatmap
         page.wait_for_function(f"""() => {{ const i = document.querySelector('#defects li img.{kind}');
                                    return i && !i.hidden && i.complete && i.naturalWidth > 0; }}""", timeout=10_000)
     page.select_option("#feed-camera", "cam-b")
-    expect(feed).to_have_count(0)
+    expect(feed).to_have_count(sum(k.startswith("cam-b/") for k in order))
     page.select_option("#feed-camera", "")
     expect(feed).to_have_count(len(order))
 
     # Similar past defects: click a feed item -> the worker's answer, through MQTT request/response.
-    queried = order[0]
-    page.locator(f'#defects li[data-frame-id="{queried}"] .pics2').click()
+    queried = next(k for k in order if k.startswith("cam-a/"))
+    page.locator(f'#defects li[data-key="{queried}"] .pics2').click()
     expect(page.locator("#similar")).to_be_visible()
     expect(page.locator("#q-status")).to_contain_text("similar frames", timeout=20_000)
     hits = page.locator("#hits li")
-    hit_ids = [hits.nth(i).get_attribute("data-frame-id") for i in range(hits.count())]
-    assert hit_ids and queried not in hit_ids and set(hit_ids) <= set(order)
+    hit_keys = [hits.nth(i).get_attribute("data-key") for i in range(hits.count())]
+    assert hit_keys and queried not in hit_keys and set(hit_keys) <= set(order)
     assert hits.first.locator("img.thumb").evaluate("i => i.complete && i.naturalWidth > 0")
     page.keyboard.press("Escape")
 
     # A frame that is not in the store (normal, store.log_normal_every 0): the console asks by its image instead.
-    normal = next(f for f, _ in good if results[f]["verdict"] == "normal")
+    normal = next(f for f, _ in good if results[f"cam-a/{f}"]["verdict"] == "normal")
     stack.client.publish_frame("cam-c", dict(good)[normal], "cam-c-normal")
     tile_c = page.locator('.tile[data-camera="cam-c"]')
     expect(tile_c).to_have_attribute("data-frame-id", "cam-c-normal", timeout=30_000)
@@ -211,12 +213,12 @@ def test_labels_from_the_page_reach_the_store_and_the_export(stack):
     from playwright.sync_api import expect
 
     page = stack.page
-    order = [f for f, _ in stack.good + stack.bad if stack.results[f]["verdict"] == "anomalous"]
+    order = [k for k, r in stack.results.items() if r["verdict"] == "anomalous" and k.startswith("cam-a/")]
     queried = order[-1]
-    page.locator(f'#defects li[data-frame-id="{queried}"] .pics2').click()
+    page.locator(f'#defects li[data-key="{queried}"] .pics2').click()
     expect(page.locator("#q-status")).to_contain_text("similar frames", timeout=20_000)
     hits = page.locator("#hits li")
-    best = hits.first.get_attribute("data-frame-id")
+    best = hits.first.get_attribute("data-key")
 
     # Confirm the queried frame as a defect, mark the best hit as a false alarm.
     query_card = page.locator("#query-frame li")
@@ -225,23 +227,24 @@ def test_labels_from_the_page_reach_the_store_and_the_export(stack):
     expect(query_card.locator(".lab")).to_have_text("confirmed: hole", timeout=15_000)
     hits.first.locator("button.fa").click()
     expect(hits.first.locator(".lab")).to_have_text("false alarm", timeout=15_000)
-    expect(page.locator(f'#defects li[data-frame-id="{queried}"] .lab')).to_have_text("confirmed: hole")
+    expect(page.locator(f'#defects li[data-key="{queried}"] .lab')).to_have_text("confirmed: hole")
     page.keyboard.press("Escape")
 
     # Stored: a later similarity answer (the CLI's code path) carries both labels, and the export lists them.
     with ApiClient(load_config(stack.config), "test") as api:
-        answer = api.query({"frame_id": order[0], "camera": "cam-a", "top_k": 50})
+        answer = api.query({"image_b64": base64.b64encode(stack.bad[0][1]).decode(), "top_k": 50,
+                            "filters": {"anomalous_only": True}})
     assert answer["ok"], answer
-    labelled = {h["frame_id"]: (h.get("label"), h.get("defect_type")) for h in answer["hits"]}
+    labelled = {f"{h['camera']}/{h['frame_id']}": (h.get("label"), h.get("defect_type")) for h in answer["hits"]}
     assert labelled[queried] == ("confirmed_defect", "hole") and labelled[best][0] == "false_alarm"
     export = json.loads(urllib.request.urlopen(f"{stack.console.url}/api/labels/export?format=json", timeout=15).read())
-    rows = {r["frame_id"]: r for r in export}
+    rows = {f"{r['camera']}/{r['frame_id']}": r for r in export}
     assert rows[queried]["label"] == "confirmed_defect" and rows[queried]["defect_type"] == "hole"
-    assert rows[best]["label"] == "false_alarm" and rows[queried]["camera"] == "cam-a"
+    assert rows[best]["label"] == "false_alarm"
     csv_text = urllib.request.urlopen(f"{stack.console.url}/api/labels/export?format=csv", timeout=15).read().decode()
-    assert queried in csv_text and "false_alarm" in csv_text
+    assert queried.split("/")[1] in csv_text and "false_alarm" in csv_text
     cli = subprocess.run([sys.executable, "-m", "worker", "labels", "--config", str(stack.config), "--format", "csv"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr
-    rows = {r["frame_id"]: r for r in csv.DictReader(io.StringIO(cli.stdout))}
+    rows = {f"{r['camera']}/{r['frame_id']}": r for r in csv.DictReader(io.StringIO(cli.stdout))}
     assert rows[queried]["defect_type"] == "hole" and rows[best]["label"] == "false_alarm"

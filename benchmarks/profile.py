@@ -1,0 +1,60 @@
+"""Where a bundle's inference time goes: OpenVINO per-operation counters, backbone vs heads, by op type.
+
+    python -m benchmarks.profile BUNDLE [BUNDLE ...] --runs 20
+
+"heads" = operations whose name matches :data:`exporter.quantize.HEADS` (pooling, memory-bank
+distances and score, blur, embedding); the rest is the CNN backbone and pre-processing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from benchmarks.common import md_table
+from bundle import read_manifest
+from exporter.quantize import HEADS
+
+
+def profile(bundle: Path, runs: int) -> tuple[Counter, Counter]:
+    spec = read_manifest(bundle).input
+    compiled = ov.Core().compile_model(str(bundle / "model.xml"), "CPU",
+                                       {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1})
+    request = compiled.create_infer_request()
+    image = np.random.default_rng(0).integers(0, 255, (1, spec.height, spec.width, 3), dtype=np.uint8)
+    part, kind = Counter(), Counter()
+    heads = re.compile(HEADS)
+    for i in range(runs + 1):
+        request.infer({0: image})
+        if i == 0:
+            continue  # warm-up
+        for info in request.profiling_info:
+            us = info.real_time.total_seconds() * 1e6
+            part["heads" if heads.match(info.node_name) else "backbone"] += us / runs
+            kind[f"{info.node_type} ({info.exec_type})"] += us / runs
+    return part, kind
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundles", type=Path, nargs="+")
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args(argv)
+    for bundle in args.bundles:
+        part, kind = profile(bundle, args.runs)
+        total = sum(part.values())
+        print(f"\n{bundle} ({read_manifest(bundle).precision}), 1 thread, mean of {args.runs} runs: {total / 1000:.1f} ms\n")
+        print(md_table(["part", "ms", "share"], [[k, f"{v / 1000:.1f}", f"{v / total:.0%}"] for k, v in part.most_common()]))
+        print()
+        print(md_table(["op (kernel)", "ms", "share"], [[k, f"{v / 1000:.1f}", f"{v / total:.0%}"] for k, v in kind.most_common(8)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,10 +27,11 @@ def _train(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights,
         input_size=args.input_size,
         coreset_ratio=args.coreset_ratio,
+        max_bank=args.max_bank,
         **({"layers": args.layers.split(",")} if args.layers else {}),
     )
     out = train_patchcore(Path(args.data), args.category, Path(args.out), settings, name=args.name,
-                          evaluate_test=not args.no_eval)
+                          evaluate_test=not args.no_eval, precision=args.precision)
     print(out)
     return 0
 
@@ -110,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", help="comma-separated backbone layers (default blocks.2,blocks.4)")
     train.add_argument("--input-size", type=int, default=256)
     train.add_argument("--coreset-ratio", type=float, default=0.01)
+    train.add_argument("--max-bank", type=int, help="cap on PatchCore memory-bank rows (bounds bundle size and latency)")
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
+    train.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                       help="int8: NNCF post-training quantisation calibrated on the normal training images")
     _add_efficientad_options(train)
     train.set_defaults(func=_train)
 

@@ -16,6 +16,7 @@ from exporter import backbones
 from exporter.data import Category, load_category, read_image
 from exporter.evaluate import evaluate
 from exporter.export import convert, input_spec, library_versions, output_specs, save_ir, score_images, thresholds_from_normals, timestamp
+from exporter.quantize import quantize
 from exporter.train import efficientad
 from exporter.train.efficientad import EfficientAdSettings
 from exporter.train.patchcore import PatchcoreSettings, fit
@@ -72,9 +73,9 @@ def fit_efficientad(data: Path, category: str, settings: EfficientAdSettings) ->
 
 
 def train_patchcore(data: Path, category: str, out: Path, settings: PatchcoreSettings, name: str | None = None,
-                    evaluate_test: bool = True) -> Path:
+                    evaluate_test: bool = True, precision: str = "fp32") -> Path:
     """Train PatchCore on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    return package(fit_patchcore(data, category, settings), out, name, evaluate_test)
+    return package(fit_patchcore(data, category, settings), out, name, evaluate_test, precision)
 
 
 def train_efficientad(data: Path, category: str, out: Path, settings: EfficientAdSettings, name: str | None = None,
@@ -83,14 +84,18 @@ def train_efficientad(data: Path, category: str, out: Path, settings: EfficientA
     return package(fit_efficientad(data, category, settings), out, name, evaluate_test)
 
 
-def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True) -> Path:
+def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
+            precision: str = "fp32") -> Path:
     """Export the graph, set thresholds on held-out normals, measure on the test split, write the manifest."""
     graph, spec, family, cat, val = trained.graph, trained.spec, trained.family, trained.category, trained.val
     category = cat.root.name
     with torch.no_grad():
         embedding_dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
     log.info("exporting to OpenVINO IR")
-    save_ir(convert(graph, spec), out)
+    model = convert(graph, spec)
+    if precision == "int8":
+        model = quantize(model, [read_image(p, spec) for p in trained.train])
+    save_ir(model, out)
     version = timestamp().replace(":", "").replace("-", "")
     fields = dict(
         name=name or f"{category}-{family}",
@@ -105,6 +110,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
                               method="provisional"),
         training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val)},
         versions=library_versions(),
+        precision=precision.upper(),
     )
     write_manifest(out, fields)
     compiled = CompiledBundle(out, hint="LATENCY")
@@ -113,7 +119,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
     write_manifest(out, fields)
     if evaluate_test and cat.test:
         compiled = CompiledBundle(out, hint="LATENCY")
-        fields["metrics"] = {"test": evaluate(compiled, cat), "measured_by": "OpenVINO runtime, FP32, CPU"}
+        fields["metrics"] = {"test": evaluate(compiled, cat), "measured_by": f"OpenVINO runtime, {precision.upper()}, CPU"}
         log.info("test metrics: %s", fields["metrics"]["test"])
     fields["training"]["total_s"] = round(time.monotonic() - trained.started, 2)
     write_manifest(out, fields)

@@ -38,6 +38,7 @@ class PatchcoreSettings:
     input_size: int = 256
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
+    max_bank: int | None = None  # cap on memory-bank rows: bounds bundle size, RSS and latency on big train sets
     num_neighbors: int = 9
     batch_size: int = 8
     seed: int = 0
@@ -126,6 +127,8 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     features = extract(model, train, spec, backbone, settings.batch_size)
     extracted = time.monotonic()
     n_select = max(1, int(features.shape[0] * settings.coreset_ratio))
+    if settings.max_bank:
+        n_select = min(n_select, settings.max_bank)
     log.info("coreset: %d of %d patch features (ratio %.3f)", n_select, features.shape[0], settings.coreset_ratio)
     idx = greedy_coreset(features, n_select, settings.coreset_projection, settings.seed)
     model.memory_bank = features[idx].contiguous()

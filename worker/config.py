@@ -133,7 +133,7 @@ class CameraConfig(_Section):
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
-    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics.")
+    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics; give each worker on one box its own.")
 
 
 class StoreConfig(_Section):

@@ -154,7 +154,11 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then shut down cleanly."""
         if self.cfg.metrics.enabled:
-            self.stats.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            try:
+                self.stats.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            except OSError as exc:  # e.g. a second worker on this box with the same metrics.port
+                log.error("metrics: cannot listen on %s:%d (%s); /metrics is off, inspection goes on",
+                          self.cfg.metrics.host, self.cfg.metrics.port, exc)
         self.recorder.start()
         self.pipeline.start()
         self.query_thread.start()

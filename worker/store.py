@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import qdrant_edge as edge
-from qdrant_client import QdrantClient, models
 
 from worker.config import StoreConfig
 
 if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+    from worker.store_server import ServerEngine
     from worker.evidence import EvidenceStore
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("5b0e4f8e-3f4c-4b8e-9a55-6a1c2f0d7e11")
 # "verdict", not the bool "anomalous", carries the anomalous-only filter: qdrant-edge-py 0.9 never matches
 # MatchValue(True) on a bool field (measured), and one field keeps both engines identical.
-_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keyword", "captured_ts": "float"}
+PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keyword", "captured_ts": "float"}
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
 _DELETE_CHUNK = 1024
 
@@ -80,18 +82,6 @@ def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | 
     return edge.Filter(must=must, must_not=must_not) if must or must_not else None
 
 
-def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
-    must: list = []
-    if filters.cameras:
-        must.append(models.FieldCondition(key="camera", match=models.MatchAny(any=list(filters.cameras))))
-    if filters.anomalous_only:
-        must.append(models.FieldCondition(key="verdict", match=models.MatchValue(value="anomalous")))
-    if filters.since is not None or filters.until is not None:
-        must.append(models.FieldCondition(key="captured_ts", range=models.Range(gte=filters.since, lte=filters.until)))
-    must_not = [models.HasIdCondition(has_id=[exclude])] if exclude else []
-    return models.Filter(must=must, must_not=must_not) if must or must_not else None
-
-
 class _Edge:
     """qdrant-edge-py shard at ``path/collection``."""
 
@@ -112,7 +102,7 @@ class _Edge:
                 raise
         else:
             self.shard = edge.EdgeShard.create(str(folder), config)
-            for name, schema in _INDEXES.items():
+            for name, schema in PAYLOAD_INDEXES.items():
                 self.shard.update(edge.UpdateOperation.create_field_index(name, _EDGE_SCHEMA[schema]))
         self.params = edge.SearchParams(exact=not hnsw)
 
@@ -163,68 +153,6 @@ class _Edge:
         self.shard.close()
 
 
-class _Client:
-    """qdrant-client: a Qdrant server (``store.url``), or any client handed in (e.g. its local mode)."""
-
-    def __init__(self, client: QdrantClient, collection: str, dim: int) -> None:
-        self.client = client
-        self.collection = collection
-        if not client.collection_exists(collection):
-            client.create_collection(collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
-            for name, schema in _INDEXES.items():
-                client.create_payload_index(collection, name, field_schema=schema)
-        else:
-            size = client.get_collection(collection).config.params.vectors.size
-            if size != dim:
-                raise StoreError(f"collection {collection!r} holds {size}-d vectors, this model makes {dim}-d: "
-                                 "set store.collection to a new name")
-
-    def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
-        points = [models.PointStruct(id=pid, vector=vec.tolist(), payload=payload) for pid, vec, payload in items]
-        self.client.upsert(self.collection, points=points, wait=True)
-
-    def search(self, vector: np.ndarray, top_k: int, filters: Filters, exclude: str | None) -> list[tuple[float, dict]]:
-        result = self.client.query_points(self.collection, query=vector.tolist(), limit=top_k,
-                                          query_filter=_client_filter(filters, exclude), with_payload=True)
-        return [(float(p.score), dict(p.payload or {})) for p in result.points]
-
-    def retrieve(self, ids: list[str]) -> list[tuple[str, list[float], dict]]:
-        recs = self.client.retrieve(self.collection, ids, with_vectors=True)
-        return [(str(p.id), p.vector, dict(p.payload or {})) for p in recs]
-
-    def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
-        flt = models.Filter(must=[models.FieldCondition(key="frame_id", match=models.MatchValue(value=frame_id))])
-        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_vectors=True)
-        return [(str(p.id), p.vector, dict(p.payload or {})) for p in recs]
-
-    def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:
-        flt = models.Filter(must=[models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))])
-        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
-        return [(str(p.id), [], dict(p.payload or {})) for p in recs]
-
-    def oldest(self, n: int) -> list[str]:
-        recs, _ = self.client.scroll(self.collection, limit=n, order_by=models.OrderBy(key="captured_ts"),
-                                     with_payload=False)
-        return [str(p.id) for p in recs]
-
-    def before(self, ts: float, n: int) -> list[str]:
-        flt = models.Filter(must=[models.FieldCondition(key="captured_ts", range=models.Range(lt=ts))])
-        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n, with_payload=False)
-        return [str(p.id) for p in recs]
-
-    def delete(self, ids: list[str]) -> None:
-        self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)
-
-    def count(self) -> int:
-        return self.client.count(self.collection, exact=True).count
-
-    def optimize(self) -> None:
-        """The server optimises in the background."""
-
-    def close(self) -> None:
-        self.client.close()
-
-
 class VectorStore:
     """The history behind one interface: embedded qdrant-edge (``store.path``) or a Qdrant server (``store.url``).
 
@@ -238,9 +166,14 @@ class VectorStore:
         self._next_retention = 0.0
         try:
             if client is not None or cfg.url:
+                # qdrant-client takes seconds to import: only the server path pays for it.
+                from qdrant_client import QdrantClient
+
+                from worker.store_server import ServerEngine
+
                 api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
                 client = client or QdrantClient(url=cfg.url, api_key=api_key, timeout=10)
-                self.engine: _Edge | _Client = _Client(client, cfg.collection, dim)
+                self.engine: _Edge | ServerEngine = ServerEngine(client, cfg.collection, dim)
                 where = cfg.url or "qdrant-client (given)"
             else:
                 folder = Path(cfg.path) / cfg.collection

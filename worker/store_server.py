@@ -1,0 +1,85 @@
+"""The Qdrant-server engine of :class:`worker.store.VectorStore` (``store.url``), through qdrant-client.
+
+A module of its own so that the embedded default never imports qdrant-client (seconds of start-up).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from worker.store import PAYLOAD_INDEXES, LABELS, Filters, StoreError
+
+
+def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
+    must: list = []
+    if filters.cameras:
+        must.append(models.FieldCondition(key="camera", match=models.MatchAny(any=list(filters.cameras))))
+    if filters.anomalous_only:
+        must.append(models.FieldCondition(key="verdict", match=models.MatchValue(value="anomalous")))
+    if filters.since is not None or filters.until is not None:
+        must.append(models.FieldCondition(key="captured_ts", range=models.Range(gte=filters.since, lte=filters.until)))
+    must_not = [models.HasIdCondition(has_id=[exclude])] if exclude else []
+    return models.Filter(must=must, must_not=must_not) if must or must_not else None
+
+
+class ServerEngine:
+    """qdrant-client: a Qdrant server (``store.url``), or any client handed in (e.g. its local mode)."""
+
+    def __init__(self, client: QdrantClient, collection: str, dim: int) -> None:
+        self.client = client
+        self.collection = collection
+        if not client.collection_exists(collection):
+            client.create_collection(collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+            for name, schema in PAYLOAD_INDEXES.items():
+                client.create_payload_index(collection, name, field_schema=schema)
+        else:
+            size = client.get_collection(collection).config.params.vectors.size
+            if size != dim:
+                raise StoreError(f"collection {collection!r} holds {size}-d vectors, this model makes {dim}-d: "
+                                 "set store.collection to a new name")
+
+    def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
+        points = [models.PointStruct(id=pid, vector=vec.tolist(), payload=payload) for pid, vec, payload in items]
+        self.client.upsert(self.collection, points=points, wait=True)
+
+    def search(self, vector: np.ndarray, top_k: int, filters: Filters, exclude: str | None) -> list[tuple[float, dict]]:
+        result = self.client.query_points(self.collection, query=vector.tolist(), limit=top_k,
+                                          query_filter=_client_filter(filters, exclude), with_payload=True)
+        return [(float(p.score), dict(p.payload or {})) for p in result.points]
+
+    def retrieve(self, ids: list[str]) -> list[tuple[str, list[float], dict]]:
+        recs = self.client.retrieve(self.collection, ids, with_vectors=True)
+        return [(str(p.id), p.vector, dict(p.payload or {})) for p in recs]
+
+    def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
+        flt = models.Filter(must=[models.FieldCondition(key="frame_id", match=models.MatchValue(value=frame_id))])
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_vectors=True)
+        return [(str(p.id), p.vector, dict(p.payload or {})) for p in recs]
+
+    def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:
+        flt = models.Filter(must=[models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))])
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
+        return [(str(p.id), [], dict(p.payload or {})) for p in recs]
+
+    def oldest(self, n: int) -> list[str]:
+        recs, _ = self.client.scroll(self.collection, limit=n, order_by=models.OrderBy(key="captured_ts"),
+                                     with_payload=False)
+        return [str(p.id) for p in recs]
+
+    def before(self, ts: float, n: int) -> list[str]:
+        flt = models.Filter(must=[models.FieldCondition(key="captured_ts", range=models.Range(lt=ts))])
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n, with_payload=False)
+        return [str(p.id) for p in recs]
+
+    def delete(self, ids: list[str]) -> None:
+        self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)
+
+    def count(self) -> int:
+        return self.client.count(self.collection, exact=True).count
+
+    def optimize(self) -> None:
+        """The server optimises in the background."""
+
+    def close(self) -> None:
+        self.client.close()

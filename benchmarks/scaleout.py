@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2,3")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="edge-inspect-scaleout-"))
-    bundle = args.bundle
+    bundle = args.bundle.resolve() if args.bundle else None
     if bundle is None:
         bundle = work / "grid-patchcore"
         subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(DATA), "--category", "grid",

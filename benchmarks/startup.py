@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="edge-inspect-startup-"))
     if args.bundle:
-        bundle = args.bundle
+        bundle = args.bundle.resolve()
     else:
         bundle = train_bundles(args.data, args.category, args.train_images, args.bank, work)[1]["fp32"]
     from bundle import read_manifest

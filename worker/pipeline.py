@@ -76,6 +76,12 @@ class Pipeline:
         self._lock = threading.Lock()
         self._query_lock = threading.Lock()
         self._query_requests: dict[int, object] = {}
+        base = cfg.heatmap
+        self._heatmap_by_camera = {
+            camera: (o.heatmap or base.publish,
+                     base.model_copy(update={"format": o.heatmap_format or base.format, "size": o.heatmap_size or base.size}))
+            for camera, o in cfg.cameras.items()
+        }
 
     # --- MQTT thread -------------------------------------------------------------------------
     def on_frame(self, msg: mqtt.MQTTMessage) -> None:
@@ -200,13 +206,8 @@ class Pipeline:
         return seen % every == 0
 
     def _heatmap_settings(self, camera: str) -> tuple[str, HeatmapConfig]:
-        """(publish policy, encoding settings) for a camera: its overrides over the global section."""
-        base = self.cfg.heatmap
-        override = self.cfg.cameras.get(camera)
-        if override is None:
-            return base.publish, base
-        return override.heatmap or base.publish, base.model_copy(update={
-            "format": override.heatmap_format or base.format, "size": override.heatmap_size or base.size})
+        """(publish policy, encoding settings) for a camera: its overrides, merged once at start, else the global."""
+        return self._heatmap_by_camera.get(camera, (self.cfg.heatmap.publish, self.cfg.heatmap))
 
     def _crop(self, image: np.ndarray, camera: str) -> np.ndarray:
         override = self.cfg.cameras.get(camera)

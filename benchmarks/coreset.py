@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DATA, fmt, md_table, subset, summary
+from benchmarks.common import DATA, FAST_INPUT, fmt, md_table, subset, summary
 
 log = logging.getLogger("benchmarks.coreset")
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.coreset import greedy_coreset
     from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, extract
 
-    settings = PatchcoreSettings()
+    settings = PatchcoreSettings(input_size=FAST_INPUT)
     # fit with a 1-row bank: the model, split and spec exactly as `exporter train` builds them
     data = subset(args.data, args.category, args.train_images, Path(tempfile.mkdtemp(prefix="edge-inspect-coreset-")))
     trained = fit_patchcore(data, args.category, dataclasses.replace(settings, max_bank=1))

@@ -20,20 +20,18 @@ def _train(args: argparse.Namespace) -> int:
         print(out)
         return 0
     from exporter.build import train_patchcore
-    from exporter.train.patchcore import PatchcoreSettings
 
-    settings = PatchcoreSettings(
-        backbone=args.backbone,
-        backbone_weights=args.backbone_weights,
-        input_size=args.input_size,
-        coreset_ratio=args.coreset_ratio,
-        max_bank=args.max_bank,
-        **({"layers": args.layers.split(",")} if args.layers else {}),
-    )
-    out = train_patchcore(Path(args.data), args.category, Path(args.out), settings, name=args.name,
+    out = train_patchcore(Path(args.data), args.category, Path(args.out), _patchcore_settings(args), name=args.name,
                           evaluate_test=not args.no_eval, precision=args.precision)
     print(out)
     return 0
+
+
+def _patchcore_settings(args: argparse.Namespace):
+    from exporter.train.patchcore import PatchcoreSettings
+
+    return PatchcoreSettings(**_given(args, "backbone", "backbone_weights", "input_size", "coreset_ratio", "max_bank"),
+                             **({"layers": args.layers.split(",")} if getattr(args, "layers", None) else {}))
 
 
 def _efficientad_settings(args: argparse.Namespace):
@@ -61,7 +59,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     from exporter.benchmark import run
 
     report = run(Path(args.data), args.models.split(","), Path(args.out),
-                 args.categories.split(",") if args.categories else None, _efficientad_settings(args))
+                 args.categories.split(",") if args.categories else None, _patchcore_settings(args),
+                 _efficientad_settings(args))
     print(report)
     return 0
 
@@ -106,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", choices=["patchcore", "efficientad"], default="patchcore")
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--name", help="bundle name (default CATEGORY-MODEL)")
-    train.add_argument("--backbone", default="efficientnet_lite0")
+    train.add_argument("--backbone", help="timm name; offline weights exist for efficientnet_lite0/1/2 (default lite0)")
     train.add_argument("--backbone-weights", help="local weights file for --backbone (.pth or .safetensors)")
     train.add_argument("--layers", help="comma-separated backbone layers (default blocks.2,blocks.4)")
-    train.add_argument("--input-size", type=int, default=256)
-    train.add_argument("--coreset-ratio", type=float, default=0.01)
+    train.add_argument("--input-size", type=int, help="square input side in pixels (default: PatchcoreSettings)")
+    train.add_argument("--coreset-ratio", type=float, help="memory-bank share of all patch features (default 0.01)")
     train.add_argument("--max-bank", type=int, help="cap on PatchCore memory-bank rows (bounds bundle size and latency)")
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
     train.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
@@ -134,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", default="patchcore,efficientad")
     bench.add_argument("--categories", help="comma-separated subset (default: every category found)")
     bench.add_argument("--out", required=True, help="report folder")
-    bench.add_argument("--input-size", type=int, help="EfficientAD input size")
+    bench.add_argument("--input-size", type=int, help="input size of every model (default: each model's own)")
+    bench.add_argument("--coreset-ratio", type=float, help="PatchCore memory-bank share (default: PatchcoreSettings)")
     _add_efficientad_options(bench)
     bench.set_defaults(func=_benchmark)
 

@@ -45,10 +45,11 @@ def _bundle_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def run_one(data: Path, category: str, model: str, out: Path, efficientad: EfficientAdSettings) -> dict:
+def run_one(data: Path, category: str, model: str, out: Path, patchcore: PatchcoreSettings,
+            efficientad: EfficientAdSettings) -> dict:
     """Train one model on one category, export it, and measure bundle metrics and torch parity."""
     started = time.monotonic()
-    trained = fit_patchcore(data, category, PatchcoreSettings()) if model == "patchcore" else \
+    trained = fit_patchcore(data, category, patchcore) if model == "patchcore" else \
         fit_efficientad(data, category, efficientad)
     bundle_dir = package(trained, out / "bundles" / f"{category}-{model}")
     compiled = CompiledBundle(bundle_dir, hint="LATENCY")
@@ -87,7 +88,7 @@ def run_one(data: Path, category: str, model: str, out: Path, efficientad: Effic
 
 
 def run(data: Path, models: list[str], out: Path, categories: list[str] | None = None,
-        efficientad: EfficientAdSettings | None = None) -> Path:
+        patchcore: PatchcoreSettings | None = None, efficientad: EfficientAdSettings | None = None) -> Path:
     """Benchmark every model on every category found under ``data``; returns the Markdown report's path."""
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -102,5 +103,6 @@ def run(data: Path, models: list[str], out: Path, categories: list[str] | None =
     for category in chosen:
         for model in models:
             log.info("benchmark: %s on %s", model, category)
-            rows.append(run_one(data, category, model, out, efficientad or EfficientAdSettings()))
+            rows.append(run_one(data, category, model, out, patchcore or PatchcoreSettings(),
+                                efficientad or EfficientAdSettings()))
     return write_report(rows, out, data, absent)

@@ -106,7 +106,7 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
     lines += ["", "Training settings (from each bundle's manifest):", ""]
     for r in rows:
         t = r["training"]
-        keys = ["backbone", "layers", "input_size", "coreset_ratio", "memory_bank", "model_size", "steps", "step_s",
+        keys = ["backbone", "layers", "input_size", "coreset_ratio", "memory_bank", "blur_sigma", "model_size", "steps", "step_s",
                 "teacher_steps", "teacher_file", "fit_s", "total_s"]
         lines.append(f"- {r['model']} / {r['category']}: " + ", ".join(f"{k}={t[k]}" for k in keys if k in t))
     lines += [

@@ -12,7 +12,7 @@ from conftest import ROOT
 def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(dataset), "--models", "patchcore",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           "--input-size", "128", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert "grid" in report["absent_categories"] and "weave" not in report["absent_categories"]

@@ -1,0 +1,85 @@
+"""What input size and memory-bank rows cost: PatchCore export-graph latency on the OpenVINO runtime.
+
+    python -m benchmarks.latency --config 256:2437 --config 512:9748 --config 640:15232 --repeats 5
+
+Each ``SIZE:ROWS`` is the exported PatchCore graph (EfficientNet-Lite0 blocks.2+4, the
+production ``PatchcoreGraph``) at that input size with a memory bank of that many rows; the
+rows are random, which does not change the work (a dense distance to every row).  Configs are
+compiled once and timed interleaved, ``--repeats`` rounds of ``--frames`` single-frame
+inferences each (LATENCY hint, ``--threads`` threads): median of each round, then median and
+range over rounds.  The defaults are what grid gives at 1 % coreset: 2437 rows at 256 px,
+15232 at 640 px (the default input size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.common import fmt, md_table, summary
+
+log = logging.getLogger("benchmarks.latency")
+
+
+def compile_graph(size: int, rows: int, threads: int):
+    import openvino as ov
+    import torch
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    from exporter import backbones
+    from exporter.export import convert, input_spec
+    from exporter.train.embedding import DefectEmbedding
+    from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings
+
+    settings = PatchcoreSettings()
+    bb = backbones.resolve(settings.backbone)
+    model = PatchcoreModel(layers=settings.layers, backbone=bb.timm_name, pre_trained=bb.pre_trained).eval()
+    with torch.no_grad():
+        dim = model.generate_embedding(
+            {k: model.feature_pooler(v) for k, v in model.feature_extractor(torch.zeros(1, 3, 64, 64)).items()}).shape[1]
+    model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
+    graph = PatchcoreGraph(model, size, DefectEmbedding(torch.zeros(dim), torch.eye(dim))).eval()
+    return ov.Core().compile_model(convert(graph, input_spec(size, bb.mean, bb.std)), "CPU",
+                                   {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", action="append", help="SIZE:ROWS (repeatable; default 256:2437 and 640:15232)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--frames", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ["256:2437", "640:15232"])]
+    compiled = {c: compile_graph(*c, args.threads) for c in configs}
+    frames = {c: np.random.default_rng(0).integers(0, 255, (1, c[0], c[0], 3), dtype=np.uint8) for c in configs}
+    rounds: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
+    for c in configs:
+        for _ in range(3):
+            compiled[c](frames[c])  # warm-up
+    for r in range(args.repeats):
+        for c in configs:
+            times = []
+            for _ in range(args.frames):
+                started = time.perf_counter()
+                compiled[c](frames[c])
+                times.append((time.perf_counter() - started) * 1000)
+            rounds[c].append(statistics.median(times))
+        log.info("round %d/%d done", r + 1, args.repeats)
+    base = configs[0]
+    rows = [[str(s), str(n), fmt(summary(rounds[(s, n)]), 1),
+             fmt(summary([a / b for a, b in zip(rounds[(s, n)], rounds[base], strict=True)]), 2)]
+            for s, n in configs]
+    print(md_table(["input px", "bank rows", "ms / frame: median [range] over rounds",
+                    f"x the {base[0]} px / {base[1]}-row graph, same round"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -138,3 +138,21 @@ def test_train_reports_a_clear_error_for_a_bad_data_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(tmp_path), "--category", "nope",
                            "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2 and "train/good has no images" in proc.stderr
+
+
+def test_bundle_embedding_groups_defects_by_type(bundle_dir, dataset):
+    """Leave-one-out over the generated defects (3 types x 4): the bundle's embedding finds the same type.
+
+    A random ranking gives P@1 about 0.27 (3 of the 11 others share the type); measured 0.92 P@1 /
+    0.89 mAP when written.
+    """
+    from benchmarks.retrieval import loo_metrics
+    from bundle.runtime import CompiledBundle
+    from exporter.data import load_category, read_image
+    from exporter.export import score_images
+
+    compiled = CompiledBundle(bundle_dir)
+    defects = [s for s in load_category(dataset, "weave").test if s.defect != "good"]
+    _, _, emb = score_images(compiled, [read_image(s.path, compiled.manifest.input) for s in defects])
+    p1, _, mean_ap = loo_metrics(emb, np.array([s.defect for s in defects]))["all"]
+    assert p1 >= 0.75 and mean_ap >= 0.6, (p1, mean_ap)

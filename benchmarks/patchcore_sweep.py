@@ -1,0 +1,108 @@
+"""PatchCore settings side by side on a real category: backbone, layers, input size, coreset ratio, blur.
+
+    python -m benchmarks.patchcore_sweep --config size=256 --config size=640,ratio=0.005
+    python -m benchmarks.patchcore_sweep --config bb=efficientnet_lite1 --config size=640,sigma=4
+
+Each ``--config`` is comma-separated ``key=value`` over the defaults of
+``PatchcoreSettings`` (keys: ``bb``, ``layers`` as ``blocks.2+blocks.4``, ``size``, ``ratio``,
+``sigma`` = a fixed map blur in px instead of the default that scales with the input).  Each is
+fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
+and scored on the test split with the torch export graph (``PatchcoreGraph``, which the parity
+tests tie to the OpenVINO bundle): image AUROC, pixel AUROC over all test pixels, and pixel
+AUROC per defect type (that type's images plus the good ones).  This is how the defaults were
+picked (docs/quality/README.md); the accuracy of an exported bundle is ``exporter benchmark``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
+from sklearn.metrics import roc_auc_score
+
+from benchmarks.common import DATA, md_table
+from exporter import backbones
+from exporter.build import VAL_FRACTION
+from exporter.data import load_category, read_image, read_mask
+from exporter.export import input_spec
+from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, fit, to_tensor
+
+log = logging.getLogger("benchmarks.patchcore_sweep")
+KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio"}
+
+
+def parse(config: str) -> tuple[PatchcoreSettings, float | None]:
+    changes: dict = {}
+    sigma = None
+    for item in filter(None, config.split(",")):
+        key, _, value = item.partition("=")
+        if key == "sigma":
+            sigma = float(value)
+        elif key not in KEYS:
+            raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS) + ['sigma']}")
+        else:
+            field = KEYS[key]
+            changes[field] = value.split("+") if field == "layers" else \
+                int(value) if field == "input_size" else float(value) if field == "coreset_ratio" else value
+    return dataclasses.replace(PatchcoreSettings(), **changes), sigma
+
+
+def measure(data: Path, category: str, config: str) -> dict:
+    settings, sigma = parse(config)
+    cat = load_category(data, category)
+    train, _ = cat.split_train(VAL_FRACTION, settings.seed)
+    bb = backbones.resolve(settings.backbone)
+    spec = input_spec(settings.input_size, bb.mean, bb.std)
+    started = time.monotonic()
+    graph, timings = fit(settings, bb, train, spec)
+    if sigma is not None:
+        graph.model.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
+        graph = PatchcoreGraph(graph.model, settings.input_size, graph.embedder).eval()
+    fit_s = time.monotonic() - started
+    scores, maps = [], []
+    with torch.no_grad():
+        for i in range(0, len(cat.test), 4):
+            s, m, _ = graph(to_tensor([read_image(x.path, spec) for x in cat.test[i : i + 4]], bb))
+            scores.append(s.numpy())
+            maps.append(m.numpy())
+    score, amap = np.concatenate(scores), np.concatenate(maps)
+    labels = np.array([x.label for x in cat.test])
+    masks = np.stack([read_mask(x.mask, spec) for x in cat.test])
+    good = labels == 0
+    per_type = {}
+    for defect in sorted({x.defect for x in cat.test} - {"good"}):
+        pick = good | np.array([x.defect == defect for x in cat.test])
+        per_type[defect] = roc_auc_score(masks[pick].ravel(), amap[pick].ravel())
+    return {"config": config or "defaults", "bank": timings["memory_bank"], "fit_s": fit_s,
+            "image": roc_auc_score(labels, score), "pixel": roc_auc_score(masks.ravel(), amap.ravel()),
+            "sigma": sigma if sigma is not None else settings.blur_sigma, "per_type": per_type}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--category", default="grid")
+    ap.add_argument("--config", action="append", help="key=value,... over the defaults (repeatable)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    results = []
+    for config in args.config or [""]:
+        results.append(measure(args.data, args.category, config))
+        log.info("%s", results[-1])
+    types = list(results[0]["per_type"])
+    print(md_table(["config", "bank rows", "blur sigma px", "fit s", "image AUROC", "pixel AUROC"]
+                   + [f"pixel {t}" for t in types],
+                   [[r["config"], str(r["bank"]), f"{r['sigma']:g}", f"{r['fit_s']:.0f}", f"{r['image']:.4f}",
+                     f"{r['pixel']:.4f}"] + [f"{r['per_type'][t]:.4f}" for t in types] for r in results]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

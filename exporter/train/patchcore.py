@@ -42,7 +42,7 @@ class PatchcoreSettings:
     # Measured on grid (1024 px frames of a fine texture; docs/quality/README.md): pixel AUROC 0.916 /
     # 0.948 / 0.975 / 0.985 at 256 / 384 / 512 / 640 px (1 % coreset, sigma 4); 640 px with a 0.5 %
     # coreset and the blur scaled with the input reaches image 1.0 / pixel 0.987 at about half the
-    # latency of a 1 % one.  256 px is the fast choice (`--input-size 256`, about 10x quicker).
+    # latency of a 1 % one.  256 px is the fast choice (`--input-size 256`, 13x quicker: benchmarks.latency).
     input_size: int = 640
     coreset_ratio: float = 0.005
     coreset_projection: int = 128

@@ -369,12 +369,16 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(brok
     prefix = f"q{uuid.uuid4().hex[:6]}"
     config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
                           mqtt={"client_id": f"w-{prefix}"},
-                          limits={"queue_size": 4, "queue_policy": "block", "inference_threads": 1})
+                          limits={"queue_size": 4, "queue_policy": "block", "inference_threads": 1},
+                          heatmap={"format": "png", "size": 1024})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     _wait_online(client, prefix)
     frame = _good_png(dataset)
-    n = 40
+    # Enough frames, each made slow by a 1024 px PNG heatmap, that the worker cannot drain them all between
+    # the second result and SIGTERM even when this test process is starved of CPU (40 light frames were all
+    # answered once on a loaded machine).
+    n = 100
     for i in range(n):
         client.publish_frame("cam", frame, f"q{i:03d}")
     client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=2)

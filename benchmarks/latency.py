@@ -34,14 +34,13 @@ def compile_graph(size: int, rows: int, threads: int):
     from exporter import backbones
     from exporter.export import convert, input_spec
     from exporter.train.embedding import DefectEmbedding
-    from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings
+    from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, patch_features
 
     settings = PatchcoreSettings()
     bb = backbones.resolve(settings.backbone)
     model = PatchcoreModel(layers=settings.layers, backbone=bb.timm_name, pre_trained=bb.pre_trained).eval()
     with torch.no_grad():
-        dim = model.generate_embedding(
-            {k: model.feature_pooler(v) for k, v in model.feature_extractor(torch.zeros(1, 3, 64, 64)).items()}).shape[1]
+        dim = patch_features(model, torch.zeros(1, 3, 64, 64)).shape[1]
     model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
     graph = PatchcoreGraph(model, size, DefectEmbedding(torch.zeros(dim), torch.eye(dim))).eval()
     return ov.Core().compile_model(convert(graph, input_spec(size, bb.mean, bb.std)), "CPU",

@@ -5,7 +5,7 @@
 
 Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``PatchcoreSettings`` (keys: ``bb``, ``layers`` as ``blocks.2+blocks.4``, ``size``, ``ratio``,
-``sigma`` = a fixed map blur in px instead of the default that scales with the input).  Each is
+``sigma`` = a fixed map blur in px (``map_sigma``) instead of the default that scales with the input).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
 and scored on the test split with the torch export graph (``PatchcoreGraph``, which the parity
 tests tie to the OpenVINO bundle): image AUROC, pixel AUROC over all test pixels, and pixel
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, md_table
@@ -32,39 +31,33 @@ from exporter import backbones
 from exporter.build import VAL_FRACTION
 from exporter.data import load_category, read_image, read_mask
 from exporter.export import input_spec
-from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, fit, to_tensor
+from exporter.train.patchcore import PatchcoreSettings, fit, to_tensor
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
-KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio"}
+KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma"}
 
 
-def parse(config: str) -> tuple[PatchcoreSettings, float | None]:
+def parse(config: str) -> PatchcoreSettings:
+    defaults = PatchcoreSettings()
     changes: dict = {}
-    sigma = None
     for item in filter(None, config.split(",")):
         key, _, value = item.partition("=")
-        if key == "sigma":
-            sigma = float(value)
-        elif key not in KEYS:
-            raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS) + ['sigma']}")
-        else:
-            field = KEYS[key]
-            changes[field] = value.split("+") if field == "layers" else \
-                int(value) if field == "input_size" else float(value) if field == "coreset_ratio" else value
-    return dataclasses.replace(PatchcoreSettings(), **changes), sigma
+        if key not in KEYS:
+            raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS)}")
+        field = KEYS[key]
+        changes[field] = value.split("+") if field == "layers" else \
+            float(value) if field == "map_sigma" else type(getattr(defaults, field))(value)
+    return dataclasses.replace(defaults, **changes)
 
 
 def measure(data: Path, category: str, config: str) -> dict:
-    settings, sigma = parse(config)
+    settings = parse(config)
     cat = load_category(data, category)
     train, _ = cat.split_train(VAL_FRACTION, settings.seed)
     bb = backbones.resolve(settings.backbone)
     spec = input_spec(settings.input_size, bb.mean, bb.std)
     started = time.monotonic()
     graph, timings = fit(settings, bb, train, spec)
-    if sigma is not None:
-        graph.model.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
-        graph = PatchcoreGraph(graph.model, settings.input_size, graph.embedder).eval()
     fit_s = time.monotonic() - started
     scores, maps = [], []
     with torch.no_grad():
@@ -82,7 +75,7 @@ def measure(data: Path, category: str, config: str) -> dict:
         per_type[defect] = roc_auc_score(masks[pick].ravel(), amap[pick].ravel())
     return {"config": config or "defaults", "bank": timings["memory_bank"], "fit_s": fit_s,
             "image": roc_auc_score(labels, score), "pixel": roc_auc_score(masks.ravel(), amap.ravel()),
-            "sigma": sigma if sigma is not None else settings.blur_sigma, "per_type": per_type}
+            "sigma": settings.blur_sigma, "per_type": per_type}
 
 
 def main(argv: list[str] | None = None) -> int:

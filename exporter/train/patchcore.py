@@ -50,11 +50,12 @@ class PatchcoreSettings:
     num_neighbors: int = 9
     batch_size: int = 8
     seed: int = 0
+    map_sigma: float | None = None  # anomaly-map blur in px; None: scaled with the input (blur_sigma)
 
     @property
     def blur_sigma(self) -> float:
-        """anomalib's map blur (sigma 4 px at its 256 px) kept the same share of the frame at any input size."""
-        return BLUR_SIGMA_AT_256 * self.input_size / 256
+        """The blur used: ``map_sigma``, else anomalib's (sigma 4 px at its 256 px) kept the same share of the frame."""
+        return self.map_sigma if self.map_sigma is not None else BLUR_SIGMA_AT_256 * self.input_size / 256
 
     def as_dict(self) -> dict:
         return {**asdict(self), "blur_sigma": self.blur_sigma}

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +46,13 @@ def train_bundles(data: Path, category: str, train_images: int, bank: int, folde
     trained = fit_patchcore(subset(data, category, train_images, folder / "data"), category,
                             PatchcoreSettings(input_size=FAST_INPUT, coreset_ratio=1.0, max_bank=bank))
     return trained, {p: package(trained, folder / p, precision=p) for p in precisions}
+
+
+def publish_frame(client: mqtt.Client, topic: str, payload: bytes, frame_id: str) -> None:
+    """One camera frame as the worker expects it: QoS 1, ``frame_id`` and ``captured_at`` user properties."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("frame_id", frame_id), ("captured_at", str(time.time()))]
+    client.publish(topic, payload, qos=1, properties=props)
 
 
 def summary(values: list[float]) -> dict[str, float]:

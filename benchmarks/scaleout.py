@@ -24,10 +24,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psutil
 import yaml
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from benchmarks.common import DATA, ROOT, fmt, md_table, percentiles, summary
+from benchmarks.common import DATA, ROOT, fmt, md_table, percentiles, publish_frame, summary
 from scripts.broker import Broker
 
 
@@ -85,10 +83,8 @@ class Group:
         started = time.perf_counter()
         for i in range(n):
             frame_id = f"{tag}-{i}"
-            props = Properties(PacketTypes.PUBLISH)
-            props.UserProperty = [("frame_id", frame_id), ("captured_at", str(time.time()))]
             sent[frame_id] = time.perf_counter()
-            self.client.publish(f"{self.prefix}/cam/frame", payloads[i % len(payloads)], qos=1, properties=props)
+            publish_frame(self.client, f"{self.prefix}/cam/frame", payloads[i % len(payloads)], frame_id)
         with self.cond:
             if not self.cond.wait_for(lambda: all(f in self.results for f in sent), 120 + n):
                 raise RuntimeError(f"{sum(f in self.results for f in sent)}/{n} results")

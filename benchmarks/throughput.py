@@ -37,10 +37,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import psutil
 import yaml
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from benchmarks.common import DATA, ROOT, fmt, md_table, percentiles, summary, train_bundles
+from benchmarks.common import DATA, ROOT, fmt, md_table, percentiles, publish_frame, summary, train_bundles
 from bundle import prepare_image
 from bundle.runtime import CompiledBundle
 
@@ -163,10 +161,8 @@ class WorkerRig:
                 if delay > 0:
                     time.sleep(delay)
             frame_id = f"{tag}-{i}"
-            props = Properties(PacketTypes.PUBLISH)
-            props.UserProperty = [("frame_id", frame_id), ("captured_at", str(time.time()))]
             sent[frame_id] = time.perf_counter()
-            self.client.publish(f"inspect/{CAMERA}/frame", payloads[i % len(payloads)], qos=1, properties=props)
+            publish_frame(self.client, f"inspect/{CAMERA}/frame", payloads[i % len(payloads)], frame_id)
         with self.cond:
             deadline = time.monotonic() + 60 + n
             while not all(len(self.arrived.get(f, {}).keys() & {"result", "heatmap"}) == 2

@@ -8,21 +8,24 @@ import logging
 import sys
 from pathlib import Path
 
-from bundle import BundleError
+from bundle import PRECISIONS, BundleError
 
 
 def _train(args: argparse.Namespace) -> int:
     if args.model == "efficientad":
         from exporter.build import train_efficientad
 
+        if args.precision != "fp32":
+            raise ValueError("--precision int8 (weight quantisation) is for PatchCore bundles only")
         out = train_efficientad(Path(args.data), args.category, Path(args.out), _efficientad_settings(args),
-                                name=args.name, evaluate_test=not args.no_eval)
+                                name=args.name, evaluate_test=not args.no_eval, precisions=_list(args.precisions))
         print(out)
         return 0
     from exporter.build import train_patchcore
 
     out = train_patchcore(Path(args.data), args.category, Path(args.out), _patchcore_settings(args), name=args.name,
-                          evaluate_test=not args.no_eval, precision=args.precision)
+                          evaluate_test=not args.no_eval, precision=args.precision,
+                          precisions=_list(args.precisions))
     print(out)
     return 0
 
@@ -38,6 +41,10 @@ def _efficientad_settings(args: argparse.Namespace):
     from exporter.train.efficientad import EfficientAdSettings
 
     return EfficientAdSettings(**_given(args, "model_size", "teacher", "teacher_steps", "natural", "input_size", "steps"))
+
+
+def _list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:
@@ -60,9 +67,15 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     report = run(Path(args.data), args.models.split(","), Path(args.out),
                  args.categories.split(",") if args.categories else None, _patchcore_settings(args),
-                 _efficientad_settings(args))
+                 _efficientad_settings(args), precisions=_list(args.precisions))
     print(report)
     return 0
+
+
+def _add_precisions_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precisions", help="inference precisions to measure thresholds and test metrics at, "
+                                             "comma-separated (default: every one this CPU runs natively; the "
+                                             "reference f32, or int8 for an INT8 bundle, always)")
 
 
 def _add_efficientad_options(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +92,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from exporter.data import load_category
     from exporter.evaluate import evaluate_folder
 
-    metrics = evaluate_folder(Path(args.bundle), load_category(Path(args.data), args.category), args.device)
+    metrics = evaluate_folder(Path(args.bundle), load_category(Path(args.data), args.category), args.device,
+                              args.precision)
     text = json.dumps(metrics, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -113,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-bank", type=int, help="cap on PatchCore memory-bank rows (bounds bundle size and latency)")
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
     train.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                       help="int8: NNCF post-training quantisation calibrated on the normal training images")
+                       help="weights: int8 = NNCF post-training quantisation calibrated on the normal training images")
+    _add_precisions_option(train)
     _add_efficientad_options(train)
     train.set_defaults(func=_train)
 
@@ -136,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--input-size", type=int, help="input size of every model (default: each model's own)")
     bench.add_argument("--coreset-ratio", type=float, help="PatchCore memory-bank share (default: PatchcoreSettings)")
     _add_efficientad_options(bench)
+    _add_precisions_option(bench)
     bench.set_defaults(func=_benchmark)
 
     ev = sub.add_parser("evaluate", help="run a bundle with OpenVINO on a test split")
@@ -143,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--category", required=True)
     ev.add_argument("--device", default="CPU")
+    ev.add_argument("--precision", choices=["auto", *PRECISIONS], default="f32",
+                    help="inference precision (default f32: the same numbers on every CPU; auto = the device's "
+                         "default, bf16 on CPUs with AMX); the bundle's thresholds for it are used")
     ev.add_argument("--json", help="also write the metrics to this file")
     ev.set_defaults(func=_evaluate)
 

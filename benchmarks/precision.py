@@ -7,7 +7,8 @@ weights and NNCF INT8 weights) with thresholds measured at every precision the C
 each (bundle, precision) pair: the test split's image/pixel AUROC, F1 and good images flagged at that
 precision's own thresholds; latency (LATENCY hint: every core, batch 1; median of ``--frames``
 frames per round) and frames/s (THROUGHPUT hint, OpenVINO's async queue over ``--frames`` frames), timed
-interleaved over ``--repeats`` rounds, median [range].  Prints the CPU model with the table.
+interleaved over ``--repeats`` rounds, median [range].  Prints the CPU model with the table.  With ``--out``
+the bundles are kept, and a second run on the same folder times them again without fitting.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import openvino as ov
 
+    from bundle import read_manifest
     from bundle.runtime import CompiledBundle, device_name
     from exporter.build import fit_patchcore, package
     from exporter.data import load_category, read_image
@@ -69,16 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = PatchcoreSettings(**{k: v for k, v in (("input_size", args.input_size),
                                                       ("coreset_ratio", args.coreset_ratio)) if v is not None})
     folder = Path(args.out or tempfile.mkdtemp(prefix="precision-"))
-    trained = fit_patchcore(Path(args.data), args.category, settings)
-    bundles = {w: package(trained, folder / w, precision=w) for w in ("fp32", "int8")}
-    pairs = [(w, p) for w in bundles for p in CompiledBundle(bundles[w]).manifest.precisions]
+    bundles = {w: folder / w for w in ("fp32", "int8")}
+    if all((b / "bundle.json").is_file() for b in bundles.values()):
+        log.info("reusing the bundles in %s (delete them to fit again)", folder)
+    else:
+        trained = fit_patchcore(Path(args.data), args.category, settings)
+        for w, b in bundles.items():
+            package(trained, b, precision=w)
+    pairs = [(w, p) for w in bundles for p in read_manifest(bundles[w]).precisions]
     category = load_category(Path(args.data), args.category)
+    spec = read_manifest(bundles["fp32"]).input
     quality, latency, throughput = {}, {}, {}
     for w, p in pairs:
         compiled = CompiledBundle(bundles[w], hint="LATENCY", precision=p)
         quality[(w, p)] = evaluate(compiled, category)
         log.info("%s/%s: %s", w, p, {k: quality[(w, p)].get(k) for k in ("image_auroc", "pixel_auroc", "image_f1")})
-    spec = trained.spec
     images = [read_image(s.path, spec) for s in category.test[: args.frames]]
     lat = {k: CompiledBundle(bundles[k[0]], hint="LATENCY", precision=k[1]) for k in pairs}
     thr = {k: CompiledBundle(bundles[k[0]], hint="THROUGHPUT", precision=k[1]) for k in pairs}
@@ -99,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                      fmt(summary([b / a for a, b in zip(latency[k], latency[base], strict=True)]), 2),
                      fmt(summary(throughput[k]), 1), f"{q.get('image_auroc')}", f"{q.get('pixel_auroc')}",
                      f"{q['image_f1']}", f"{q['detection_rate'].get('good', 'n/a')}"])
+    training = read_manifest(bundles["fp32"]).training
     print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}, input {spec.height} px, "
-          f"{trained.training.get('memory_bank', '?')} bank rows; bundles in {folder}\n")
+          f"{training.get('memory_bank', '?')} bank rows; bundles in {folder}\n")
     print(md_table(["weights", "inference precision", "ms / frame (LATENCY, batch 1)", "speed-up vs f32, same round",
                     "frames/s (THROUGHPUT, async)", "image AUROC", "pixel AUROC", "F1", "good flagged"], rows))
     return 0

@@ -18,6 +18,7 @@ from worker.config import SpoolConfig, StoreConfig
 from worker.decode import decode, probe
 from worker.evidence import EvidenceStore
 from worker.query import QueryService
+from worker.supervise import Liveness
 from worker.recorder import Record, Recorder
 from worker.store import Filters, StoreError, VectorStore, point_id
 
@@ -128,7 +129,8 @@ def test_retention_by_age_for_vectors_and_evidence(tmp_path):
 def test_retention_runs_while_the_recorder_writes(tmp_path):
     store = _store(tmp_path, max_points=5, retention_every_s=0.05, flush_s=0.05, batch_size=4)
     evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
-    recorder = Recorder(lambda: store, evidence, store.cfg, SpoolConfig(path=tmp_path / "spool"), thumbnail_size=16)
+    recorder = Recorder(lambda: store, evidence, store.cfg, SpoolConfig(path=tmp_path / "spool"), thumbnail_size=16,
+                        liveness=Liveness(0))
     recorder.start()
     try:
         for pid, vec, payload in _frames(30):

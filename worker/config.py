@@ -99,6 +99,11 @@ class LimitsConfig(_Section):
     queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
     inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
     dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries.")
+    queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies to either).")
+    recorder_max_records: int = Field(1000, ge=1, description="Logged frames waiting for the recorder; past this (or recorder_max_bytes) the oldest record is dropped and counted.")
+    recorder_max_bytes: int = Field(128_000_000, gt=0, description="Recorder backlog bound in bytes (frame, evidence files and embedding of each record).")
+    request_queue_size: int = Field(16, ge=1, description="Queries, labels and control commands waiting; past this (or request_queue_max_bytes) a new one is answered busy.")
+    request_queue_max_bytes: int = Field(16_000_000, gt=0, description="Request queue bound in payload bytes.")
 
 
 HeatmapPolicy = Literal["always", "anomalous", "never"]
@@ -133,7 +138,8 @@ class CameraConfig(_Section):
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
-    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics; give each worker on one box its own.")
+    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own.")
+    max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under camera=\"_other\" (bounds the series when topics.cameras is empty).")
 
 
 class StoreConfig(_Section):
@@ -190,6 +196,7 @@ class WorkerConfig(_Section):
     id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
+    watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker exits with code 3 for its service manager to restart it; the process also ends if its main loop stops running this long (0 = off).")
 
 
 class Config(_Section):
@@ -217,7 +224,30 @@ class Config(_Section):
         return self
 
 
+def _field_at(path: list[str]) -> object | None:
+    """The annotation of the config key at ``path`` (None when the path is not a known key)."""
+    model: object = Config
+    annotation = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = annotation
+    return annotation
+
+
+def _is_text(annotation: object) -> bool:
+    """True for keys whose value is text (str, SecretStr, Path, or an optional of those)."""
+    args = getattr(annotation, "__args__", None)
+    if args:
+        return all(a is type(None) or _is_text(a) for a in args) and any(a is not type(None) for a in args)
+    return annotation in (str, SecretStr, Path)
+
+
 def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
+    """Overrides from EDGE_INSPECT__SECTION__KEY.  Text keys (passwords, paths, ids) take the value verbatim;
+    other keys (numbers, booleans, lists) are read as YAML, so ``[a, b]`` and ``null`` work there."""
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -227,7 +257,13 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        if not value or _is_text(_field_at(path)):
+            node[path[-1]] = value
+            continue
+        try:
+            node[path[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: not a valid value ({exc.__class__.__name__})") from None
     return raw
 
 

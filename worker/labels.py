@@ -16,8 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.pipeline import iso
-from worker.query import QueryError, serve_request
+from worker.query import serve_request
+from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 from worker.store import LABELS, VectorStore
 
 EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label", "defect_type", "note",
@@ -27,8 +27,8 @@ EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label
 class SetLabel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["set"]
-    frame_id: str
-    camera: str
+    frame_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     label: Literal[LABELS] | None = Field(description="None clears the label.")
     defect_type: str | None = Field(None, max_length=64)
     note: str | None = Field(None, max_length=500)
@@ -55,7 +55,7 @@ class LabelService:
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)
         if found is None:
-            raise QueryError("unknown_frame", f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
+            raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
         pid, vector, payload = found
         labelled = request.label is not None
         payload.update(label=request.label, defect_type=request.defect_type if labelled else None,

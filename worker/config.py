@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -239,8 +240,8 @@ def _field_at(path: list[str]) -> object | None:
 
 def _is_text(annotation: object) -> bool:
     """True for keys whose value is text (str, SecretStr, Path, or an optional of those)."""
-    args = getattr(annotation, "__args__", None)
-    if args:
+    if get_origin(annotation) in (Union, UnionType):
+        args = get_args(annotation)
         return all(a is type(None) or _is_text(a) for a in args) and any(a is not type(None) for a in args)
     return annotation in (str, SecretStr, Path)
 

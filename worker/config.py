@@ -163,10 +163,19 @@ class SpoolConfig(_Section):
     retry_s: float = Field(5, gt=0, description="How often an unavailable store is tried again.")
 
 
+class EvidenceBudget(_Section):
+    max_frames: int = Field(20_000, ge=1, description="Oldest frames of this class are deleted past this many.")
+    max_mb: float | None = Field(None, gt=0, description="... or past this many megabytes of files; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, description="... or once written longer ago than this many hours; none = no limit.")
+
+
 class EvidenceConfig(_Section):
     path: Path = Field(Path("data/evidence"), description="Folder for thumbnails, anomalous frames and heatmaps.")
-    max_frames: int = Field(5000, ge=1, description="Oldest evidence is deleted past this many frames.")
-    max_age_h: float | None = Field(None, gt=0, description="Evidence older than this many hours is deleted (checked with store retention); none = no limit.")
+    max_frames: int = Field(5000, ge=1, description="Normal frames: the oldest normal frame's evidence is deleted past this many (anomalous and labelled frames have budgets of their own and are never evicted by normal traffic).")
+    max_mb: float | None = Field(None, gt=0, description="Normal frames: byte budget in megabytes; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, description="Normal frames: evidence older than this many hours is deleted (checked with store retention); none = no limit.")
+    anomalous: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000, max_mb=4000), description="Budget of anomalous frames (thumbnail, original frame, heatmap); default 20000 frames, 4000 MB.")
+    labelled: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000), description="Budget of frames an operator labelled (kept apart, so labels outlive both other classes).")
     thumbnail_size: int = Field(128, ge=16, description="Longer side of the thumbnail kept for every logged frame.")
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.evidence import EvidenceStore
 from worker.query import serve_request
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 from worker.store import LABELS, VectorStore
@@ -41,8 +42,10 @@ class ExportLabels(BaseModel):
 
 
 class LabelService:
-    def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]]) -> None:
+    def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]],
+                 evidence: EvidenceStore | None = None) -> None:
         self.use_store = use_store
+        self.evidence = evidence
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
@@ -61,6 +64,8 @@ class LabelService:
         payload.update(label=request.label, defect_type=request.defect_type if labelled else None,
                        note=request.note if labelled else None, labelled_at=iso(time.time()) if labelled else None)
         store.upsert([(pid, vector, payload)])
+        if self.evidence is not None:  # a labelled frame's evidence moves to the labelled budget
+            self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
         return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
                 "defect_type": payload["defect_type"]}
 

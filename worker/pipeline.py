@@ -29,6 +29,7 @@ from worker.models import Model, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties, user_properties
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Record, Recorder
+from worker.spaces import embedding_space_of
 from worker.store import point_id
 from worker.supervise import Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
@@ -292,7 +293,7 @@ class Pipeline:
                 files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
             payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=manifest.name,
-                           model_version=manifest.version)
+                           model_version=manifest.version, embedding_space=embedding_space_of(manifest))
             self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), pred.embedding[0], payload, image, files))
 
     def embed(self, data: bytes) -> np.ndarray:

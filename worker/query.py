@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from worker.decode import FrameError
 from worker.evidence import EvidenceStore
 from worker.recorder import StoreUnavailable
+from worker.spaces import PAYLOAD_KEY
 from worker.store import Filters, StoreError, VectorStore
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, decode_json, error_answer, parse_timestamp, validate
 
@@ -86,7 +88,10 @@ def serve_request(payload: bytes, pick: Callable[[object], type[BaseModel]],
 
 class QueryService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]], evidence: EvidenceStore,
-                 embed: Callable[[bytes], np.ndarray], max_top_k: int) -> None:
+                 embed: Callable[[bytes], np.ndarray], max_top_k: int,
+                 image_space: Callable[[], str] | None = None) -> None:
+        """``embed`` turns an uploaded image into a vector of the space ``image_space()`` names."""
+        self.image_space = image_space
         self.use_store = use_store
         self.evidence = evidence
         self.embed = embed
@@ -113,6 +118,7 @@ class QueryService:
                 where = f" from camera {request.camera}" if request.camera else ""
                 raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r}{where} is not in the history")
             exclude, vector, payload = found
+            space = payload.get(PAYLOAD_KEY)
             query = {"frame_id": payload.get("frame_id"), "camera": payload.get("camera")}
         else:
             try:
@@ -123,9 +129,11 @@ class QueryService:
                 vector = self.embed(data)
             except FrameError as exc:
                 raise RequestError(ErrorCode.BAD_IMAGE, f"{exc.code}: {exc.message}") from None
+            space = self.image_space() if self.image_space is not None else None
             query = {"image_bytes": len(data)}
-        hits = store.search(vector, request.top_k, filters, exclude=exclude)
-        return {"ok": True, "query": query, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+        # Only vectors of the query's embedding space are comparable with it (a point from before spaces: any).
+        hits = store.search(vector, request.top_k, replace(filters, space=space), exclude=exclude)
+        return {"ok": True, "query": query, "space": space, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
 
     def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:
         evidence = payload.get("evidence") or {}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from worker.config import QueuePolicy, SpoolConfig, StoreConfig
-from worker.evidence import EvidenceStore
+from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
 from worker.store import VectorStore
@@ -279,7 +279,8 @@ class Recorder:
         points = []
         for rec in batch:
             thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
-            rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files})
+            value = ANOMALOUS if rec.payload.get("anomalous") else NORMAL
+            rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files}, value)
             points.append((rec.key, rec.vector, rec.payload))
         return points
 

@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 
 from bundle import BundleError
 from worker.config import Config, QueuePolicy
-from worker.evidence import EvidenceStore
+from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
 from worker.labels import LabelService
 from worker.metrics import Stats
 from worker.models import DEFAULT, Models
@@ -29,6 +29,7 @@ from worker.pipeline import Pipeline
 from worker.query import QueryService
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
+from worker.spaces import embedding_space_of
 from worker.store import VectorStore
 from worker.supervise import DeadMansSwitch, Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
@@ -45,7 +46,11 @@ class Worker:
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)
         dim = self.models.embedding_dim
-        self.evidence = EvidenceStore(cfg.evidence.path, cfg.evidence.max_frames, cfg.evidence.max_age_h)
+        ev = cfg.evidence
+        self.evidence = EvidenceStore(ev.path, ev.max_frames, ev.max_age_h, budgets={
+            NORMAL: Budget.of(ev.max_frames, ev.max_mb, ev.max_age_h),
+            ANOMALOUS: Budget.of(ev.anomalous.max_frames, ev.anomalous.max_mb, ev.anomalous.max_age_h),
+            LABELLED: Budget.of(ev.labelled.max_frames, ev.labelled.max_mb, ev.labelled.max_age_h)})
         self.liveness = Liveness(cfg.worker.watchdog_s)
         self.recorder = Recorder(lambda: VectorStore(cfg.store, dim), self.evidence, cfg.store, cfg.spool,
                                  cfg.evidence.thumbnail_size, self.liveness, cfg.limits.recorder_max_records,
@@ -59,8 +64,9 @@ class Worker:
                              will=(self.topics.availability, "offline"))
         self.link.client.manual_ack_set(True)
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness)
-        self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k)
-        self.labels = LabelService(self.recorder.use_store)
+        self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
+                                    lambda: embedding_space_of(self.models.default.bundle.manifest))
+        self.labels = LabelService(self.recorder.use_store, self.evidence)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
         self.query_queue: BoundedQueue[mqtt.MQTTMessage] = BoundedQueue(
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
@@ -78,6 +84,7 @@ class Worker:
         scopes = {}
         for scope, model in self.models.scopes().items():
             scopes[scope] = {**model.info, "bundle": str(model.path),
+                             "embedding_space": embedding_space_of(model.bundle.manifest),
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
             self.stats.set_model(scope, model.info["name"], model.info["version"])
         body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,
@@ -178,6 +185,7 @@ class Worker:
             "spool_corrupt_batches": self.recorder.spool.corrupt_batches,
             "recorder_dropped": self.recorder.dropped,
             "evidence_frames": len(self.evidence),
+            "evidence": self.evidence.counts(),
             "cameras": self.stats.snapshot(),
             "threads": self.liveness.snapshot(),
             "healthy": not self.liveness.problems(),

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("5b0e4f8e-3f4c-4b8e-9a55-6a1c2f0d7e11")
 # "verdict", not the bool "anomalous", carries the anomalous-only filter: qdrant-edge-py 0.9 never matches
 # MatchValue(True) on a bool field (measured), and one field keeps both engines identical.
-PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keyword", "captured_ts": "float"}
+PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keyword", "captured_ts": "float",
+                   "embedding_space": "keyword"}
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
 _DELETE_CHUNK = 1024
 
@@ -62,6 +63,7 @@ class Filters:
     anomalous_only: bool = False
     since: float | None = None  # epoch seconds, on captured_at
     until: float | None = None
+    space: str | None = None  # embedding space (worker/spaces.py); None = any (points from before spaces)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | 
         must.append(edge.FieldCondition("verdict", match=edge.MatchValue("anomalous")))
     if filters.since is not None or filters.until is not None:
         must.append(edge.FieldCondition("captured_ts", range=edge.RangeFloat(gte=filters.since, lte=filters.until)))
+    if filters.space is not None:
+        must.append(edge.FieldCondition("embedding_space", match=edge.MatchValue(filters.space)))
     must_not = [edge.HasIdCondition({uuid.UUID(exclude)})] if exclude else []
     return edge.Filter(must=must, must_not=must_not) if must or must_not else None
 

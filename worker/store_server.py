@@ -19,6 +19,8 @@ def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filte
         must.append(models.FieldCondition(key="verdict", match=models.MatchValue(value="anomalous")))
     if filters.since is not None or filters.until is not None:
         must.append(models.FieldCondition(key="captured_ts", range=models.Range(gte=filters.since, lte=filters.until)))
+    if filters.space is not None:
+        must.append(models.FieldCondition(key="embedding_space", match=models.MatchValue(value=filters.space)))
     must_not = [models.HasIdCondition(has_id=[exclude])] if exclude else []
     return models.Filter(must=must, must_not=must_not) if must or must_not else None
 

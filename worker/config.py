@@ -152,7 +152,7 @@ class StoreConfig(_Section):
     log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
     flush_s: float = Field(0.5, gt=0, description="Longest an embedding waits before it is written.")
-    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) are deleted; none = no limit.")
+    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) unlabelled normal frames are deleted first, anomalous or labelled ones only when no normal frame is left; none = no limit.")
     max_age_h: float | None = Field(None, gt=0, description="Retention: frames captured more than this many hours ago are deleted; none = no limit.")
     retention_every_s: float = Field(60, gt=0, description="How often retention runs while the worker runs (on the recorder thread, never the inference path).")
 

@@ -133,9 +133,11 @@ class _Edge:
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=False))
         return [(str(r.id), [], dict(r.payload or {})) for r in recs]
 
-    def oldest(self, n: int) -> list[str]:
+    def oldest(self, n: int, normal_only: bool = False) -> list[str]:
         order = edge.OrderBy("captured_ts", direction=edge.Direction.Asc)
-        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n, order_by=order, with_payload=False))
+        flt = edge.Filter(must=[edge.FieldCondition("verdict", match=edge.MatchValue("normal"))],
+                          must_not=[edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))]) if normal_only else None
+        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n, order_by=order, filter=flt, with_payload=False))
         return [str(r.id) for r in recs]
 
     def before(self, ts: float, n: int) -> list[str]:
@@ -235,7 +237,8 @@ class VectorStore:
         self._call("optimize", self.engine.optimize)
 
     def retain(self, evidence: EvidenceStore | None = None, now: float | None = None, force: bool = False) -> list[str]:
-        """Apply ``store.max_age_h`` and ``store.max_points`` (oldest by captured_at first) and the evidence's own
+        """Apply ``store.max_age_h`` and ``store.max_points`` (oldest unlabelled normal frames first, then the
+        oldest of the rest, by captured_at) and the evidence's own
         limits; returns the deleted point ids.  Runs at most every ``store.retention_every_s`` unless ``force``;
         called from the recorder thread, so it never blocks inference.  Errors are logged, not raised."""
         clock = time.monotonic()
@@ -252,8 +255,9 @@ class VectorStore:
                     deleted += ids
             if self.cfg.max_points is not None:
                 excess = self.count() - self.cfg.max_points
-                while excess > 0:
-                    ids = self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK))
+                while excess > 0:  # by value: unlabelled normal frames go first, defects and labels last
+                    ids = (self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), True)
+                           or self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), False))
                     if not ids:
                         break
                     self.delete(ids)

@@ -64,9 +64,13 @@ class ServerEngine:
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
         return [(str(p.id), [], dict(p.payload or {})) for p in recs]
 
-    def oldest(self, n: int) -> list[str]:
-        recs, _ = self.client.scroll(self.collection, limit=n, order_by=models.OrderBy(key="captured_ts"),
-                                     with_payload=False)
+    def oldest(self, n: int, normal_only: bool = False) -> list[str]:
+        flt = models.Filter(
+            must=[models.FieldCondition(key="verdict", match=models.MatchValue(value="normal"))],
+            must_not=[models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))],
+        ) if normal_only else None
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n,
+                                     order_by=models.OrderBy(key="captured_ts"), with_payload=False)
         return [str(p.id) for p in recs]
 
     def before(self, ts: float, n: int) -> list[str]:

@@ -17,7 +17,6 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from bundle import prepare_image
@@ -26,13 +25,14 @@ from worker.config import Config, HeatmapConfig
 from worker.decode import FrameError, decode, probe
 from worker.metrics import Stats
 from worker.models import Model, Models
-from worker.mqtt import MqttLink, PacketTooLarge, publish_properties, user_properties
+from worker.mqtt import PacketTooLarge, publish_properties
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Record, Recorder
 from worker.spaces import embedding_space_of
 from worker.store import point_id
 from worker.supervise import Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
+from worker.transport import Inbound, Transport
 from worker.wire import ErrorCode, FrameMetadata, iso, valid_id
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Frame:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, models: Models, link: MqttLink, topics: Topics, recorder: Recorder,
+    def __init__(self, cfg: Config, models: Models, link: Transport, topics: Topics, recorder: Recorder,
                  stats: Stats, liveness: Liveness) -> None:
         self.cfg = cfg
         self.models = models
@@ -83,12 +83,12 @@ class Pipeline:
         }
 
     # --- MQTT thread -------------------------------------------------------------------------
-    def on_frame(self, msg: mqtt.MQTTMessage) -> None:
+    def on_frame(self, msg: Inbound) -> None:
         """Admit or refuse one frame message; every frame on a camera topic gets exactly one outcome."""
         camera = self.topics.camera_of(msg.topic)
         if camera is None:
             return
-        props = user_properties(msg)
+        props = msg.user
         try:
             self._on_frame(camera, props, msg.payload)
         except Exception as exc:  # a bug in admission must cost this frame only

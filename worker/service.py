@@ -33,6 +33,7 @@ from worker.spaces import embedding_space_of
 from worker.store import VectorStore
 from worker.supervise import DeadMansSwitch, Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
+from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, validate
 
 EXIT_STUCK = 3
@@ -68,7 +69,7 @@ class Worker:
                                     lambda: embedding_space_of(self.models.default.bundle.manifest))
         self.labels = LabelService(self.recorder.use_store, self.evidence)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
-        self.query_queue: BoundedQueue[mqtt.MQTTMessage] = BoundedQueue(
+        self.query_queue: BoundedQueue[Inbound] = BoundedQueue(
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
             size=lambda m: len(m.payload))
         self.query_thread = threading.Thread(target=self._serve_requests, name="requests", daemon=True)
@@ -111,33 +112,35 @@ class Worker:
         self._publish_models()
         return {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}
 
-    def _route(self, msg: mqtt.MQTTMessage) -> None:
+    def _route(self, raw: mqtt.MQTTMessage) -> None:
         """paho's network thread: hand the message on, then acknowledge it, exactly once, whatever happened."""
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next session
         try:
             with self.liveness.busy("mqtt"):
-                if msg.topic in (self.topics.query, self.topics.label, self.topics.control):
-                    for refused in self.query_queue.put(msg):
-                        self._respond(refused, error_answer(ErrorCode.BUSY, "too many requests waiting"))
-                else:
-                    self.pipeline.on_frame(msg)
+                self.dispatch(Inbound.from_paho(raw))
         except Exception:
             self.liveness.failed("mqtt")
-            log.exception("handling a message on %s failed", msg.topic)
+            log.exception("handling a message on %s failed", raw.topic)
         finally:
-            if msg.qos:
-                self.link.client.ack(msg.mid, msg.qos)
+            if raw.qos:
+                self.link.client.ack(raw.mid, raw.qos)
 
-    def _respond(self, msg: mqtt.MQTTMessage, answer: dict) -> None:
-        props = getattr(msg, "properties", None)
-        topic = getattr(props, "ResponseTopic", None)
+    def dispatch(self, msg: Inbound) -> None:
+        """A request goes to the request queue (answered busy when it is full), anything else to the pipeline."""
+        if msg.topic in (self.topics.query, self.topics.label, self.topics.control):
+            for refused in self.query_queue.put(msg):
+                self._respond(refused, error_answer(ErrorCode.BUSY, "too many requests waiting"))
+        else:
+            self.pipeline.on_frame(msg)
+
+    def _respond(self, msg: Inbound, answer: dict) -> None:
+        topic = msg.response_topic
         if not topic:
             log.log(logging.INFO if answer.get("ok") else logging.WARNING,
                     "request on %s without response_topic: %s", msg.topic, json.dumps(answer)[:300])
             return
-        correlation = getattr(props, "CorrelationData", None)
-        reply = publish_properties(content_type="application/json", correlation=correlation)
+        reply = publish_properties(content_type="application/json", correlation=msg.correlation)
         try:
             self.link.publish(topic, json.dumps(answer), properties=reply, qos=1)
         except PacketTooLarge as exc:
@@ -146,7 +149,7 @@ class Worker:
 
     def _serve_requests(self) -> None:
         """Queries, labels and control commands, one at a time, off the MQTT and inference threads."""
-        current: list[mqtt.MQTTMessage] = []
+        current: list[Inbound] = []
 
         def step() -> None:
             current.clear()

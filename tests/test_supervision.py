@@ -237,3 +237,27 @@ def test_environment_passwords_are_taken_verbatim(tmp_path, password):
     assert cfg.mqtt.port == 8883 and cfg.topics.cameras == ["a", "b"]
     with pytest.raises(ConfigError, match="EDGE_INSPECT__MQTT__PORT"):
         load_config(path, environ={"EDGE_INSPECT__MQTT__PORT": "*x"})
+
+
+def test_the_console_hub_survives_messages_it_cannot_read():
+    import paho.mqtt.client as mqtt
+
+    from worker.config import ConsoleConfig
+    from worker.console.hub import HUB, Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig())
+
+    def msg(topic: str, payload: bytes) -> mqtt.MQTTMessage:
+        m = mqtt.MQTTMessage(topic=topic.encode())
+        m.payload = payload
+        return m
+
+    for bad in (b"{", b"[1]", b"\xff", b'{"frame_id": 5}'):
+        hub.on_message(msg("inspect/cam/result", bad))
+        hub.on_message(msg("inspect/cam/error", bad))
+    assert hub.snapshot()["threads"][HUB]["restarts"] >= 4
+    good = {"frame_id": "f1", "camera": "cam", "captured_at": "2026-11-30T00:00:00+00:00", "score": 0.1,
+            "verdict": "normal", "threshold": 1.0, "model": {"version": "v"}}
+    hub.on_message(msg("inspect/cam/result", json.dumps(good).encode()))
+    assert "cam" in hub.snapshot()["cameras"]

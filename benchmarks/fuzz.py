@@ -73,11 +73,21 @@ def _request_body(channel: str) -> st.SearchStrategy[bytes]:
 
 def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
     """One malformed message: {channel, topic, payload, user, response}."""
+    def user(frame_id, captured_at, camera_id, extra) -> list[tuple[str, str]]:
+        pairs = [(k, v) for k, v in (("frame_id", frame_id), ("captured_at", captured_at), ("camera_id", camera_id))
+                 if v is not None]
+        return pairs + extra
+
     frame = st.builds(
-        lambda payload, user: {"channel": "frame", "topic": f"{prefix}/fz/frame", "payload": payload, "user": user},
+        lambda payload, props: {"channel": "frame", "topic": f"{prefix}/fz/frame", "payload": payload, "user": props},
         st.one_of(st.just(GOOD), st.binary(max_size=512), st.integers(0, len(GOOD) - 1).map(lambda n: GOOD[:n])),
-        st.lists(st.tuples(st.sampled_from(["frame_id", "captured_at", "camera_id"]) | TEXT,
-                           NUMBERS | TEXT | st.text(min_size=129, max_size=300, alphabet="ab/")), max_size=5),
+        st.builds(user,
+                  # hypothesis favours the first branch: the likely-valid values come first, absence last
+                  st.one_of(st.text("abcdef0123456789", min_size=1, max_size=16), TEXT,
+                            st.text(min_size=129, max_size=300, alphabet="ab/"), st.none()),
+                  st.one_of(NUMBERS, st.builds(lambda: str(time.time())), TEXT, st.none()),
+                  st.one_of(st.none(), st.none(), st.just("fz"), TEXT),
+                  st.lists(st.tuples(TEXT, TEXT), max_size=2)),
     )
     topic = st.builds(
         lambda level, user: {"channel": "topic", "topic": f"{prefix}/{level}/frame", "payload": GOOD, "user": user},
@@ -91,7 +101,7 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
         for ch, topic_for in (("query", f"{prefix}/query"), ("control", f"{prefix}/workers/{worker_id}/control"),
                               ("label", f"{prefix}/label"))
     ]
-    return st.one_of(frame, topic, *requests)
+    return st.one_of(frame, frame, topic, *requests)  # frames weigh double: the busiest channel
 
 
 class Fuzzer:

@@ -42,7 +42,7 @@ def fuzzed(broker, bundle_dir, tmp_path_factory):
         worker.stop(signal.SIGKILL)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(batch=st.lists(message(PREFIX, WORKER_ID), min_size=10, max_size=25))
 def test_every_channel_fuzzed_and_the_canaries_are_answered(fuzzed, batch):
@@ -57,7 +57,7 @@ def test_every_channel_fuzzed_and_the_canaries_are_answered(fuzzed, batch):
 
 def test_fuzzing_left_nothing_unacknowledged_and_every_channel_was_reached(fuzzed, broker):
     fuzzer, worker, client_id = fuzzed
-    assert _totals["batches"] >= 8, "the fuzz test above must have run first"
+    assert _totals["batches"] >= 12, "the fuzz test above must have run first"
     assert all(fuzzer.counts[c] > 0 for c in CHANNELS), fuzzer.counts
     rss_mb = psutil.Process(worker.proc.pid).memory_info().rss / 1e6
     assert worker.stop() == 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import json
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 
+from bundle import read_manifest
 from worker.config import StoreConfig
 from worker.evidence import EvidenceStore
 from worker.query import QueryService
@@ -36,8 +36,9 @@ def test_points_carry_their_space_and_queries_stay_inside_one(tmp_path):
     store.close()
 
 
-def test_a_bundle_names_its_space_or_gets_one_from_family_and_backbone():
-    old = SimpleNamespace(family="patchcore", training={"backbone": "efficientnet_lite0"})
+def test_a_bundle_names_its_space_or_gets_one_from_family_and_backbone(bundle_dir):
+    new = read_manifest(bundle_dir)
+    assert embedding_space_of(new) == new.embedding_space
+    assert new.embedding_space.startswith("patchcore/efficientnet_lite0/") and new.version in new.embedding_space
+    old = new.model_copy(update={"schema_version": 1, "embedding_space": ""})  # a bundle from before the field
     assert embedding_space_of(old) == "patchcore/efficientnet_lite0"
-    new = SimpleNamespace(family="patchcore", training={}, embedding_space="patchcore/lite0/blocks.2+blocks.4/pool-v1")
-    assert embedding_space_of(new) == "patchcore/lite0/blocks.2+blocks.4/pool-v1"

@@ -46,6 +46,15 @@ def canvas_size(tiling: TilingConfig, width: int, height: int) -> tuple[int, int
             round(height * (rows - (rows - 1) * tiling.overlap)))
 
 
+def cut(frame: np.ndarray, width: int, height: int, tiling: TilingConfig) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The canvas (``frame`` resized once) and its tiles as (col, row, x, y); each tile is ``width`` x ``height``."""
+    cw, ch = canvas_size(tiling, width, height)
+    canvas = np.ascontiguousarray(cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA))
+    cols, rows = tiling.grid
+    return canvas, [(col, row, x, y) for row, y in enumerate(_starts(ch, height, rows))
+                    for col, x in enumerate(_starts(cw, width, cols))]
+
+
 def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: TilingConfig | None) -> Seen:
     """Infer ``frame`` (8-bit BGR) whole or tiled; a tiled frame scores as its most anomalous tile."""
     spec = bundle.manifest.input
@@ -54,21 +63,18 @@ def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: Tili
         pred = bundle.infer(image[np.newaxis], request)
         return Seen(image, float(pred.score[0]), pred.anomaly_map[0], pred.embedding[0])
     w, h = spec.width, spec.height
-    cw, ch = canvas_size(tiling, w, h)
-    canvas = np.ascontiguousarray(cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA))
-    merged = np.full((ch, cw), -np.inf, np.float32)
-    best: tuple[float, np.ndarray, list[int]] | None = None
+    canvas, tiles = cut(frame, w, h, tiling)
+    merged = np.full(canvas.shape[:2], -np.inf, np.float32)
+    best: tuple[float, np.ndarray, list[int]] = (-np.inf, np.empty(0), [0, 0])
+    for col, row, x, y in tiles:
+        pred = bundle.infer(np.ascontiguousarray(canvas[y:y + h, x:x + w])[np.newaxis], request)
+        amap = pred.anomaly_map[0].astype(np.float32, copy=False)
+        if amap.shape != (h, w):
+            amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+        view = merged[y:y + h, x:x + w]
+        np.maximum(view, amap, out=view)
+        score = float(pred.score[0])
+        if score > best[0]:
+            best = (score, pred.embedding[0], [col, row])
     cols, rows = tiling.grid
-    for row, y in enumerate(_starts(ch, h, rows)):
-        for col, x in enumerate(_starts(cw, w, cols)):
-            pred = bundle.infer(np.ascontiguousarray(canvas[y:y + h, x:x + w])[np.newaxis], request)
-            amap = pred.anomaly_map[0].astype(np.float32, copy=False)
-            if amap.shape != (h, w):
-                amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
-            view = merged[y:y + h, x:x + w]
-            np.maximum(view, amap, out=view)
-            score = float(pred.score[0])
-            if best is None or score > best[0]:
-                best = (score, pred.embedding[0], [col, row])
-    assert best is not None  # grid is at least 1x1 (config validation)
-    return Seen(canvas, best[0], merged, best[1], {"count": cols * rows, "grid": [cols, rows], "worst": best[2]})
+    return Seen(canvas, best[0], merged, best[1], {"count": len(tiles), "grid": [cols, rows], "worst": best[2]})

@@ -191,8 +191,8 @@ def _big_frames(dataset: Path) -> tuple[bytes, bytes, tuple[float, float]]:
     """
     cw, ch = tiling.canvas_size(TilingConfig(**TILING), 128, 128)
     texture = cv2.cvtColor(_texture(np.random.default_rng(3), max(cw, ch))[:ch, :cw], cv2.COLOR_GRAY2BGR)
-    hole = cv2.imread(str(sorted((dataset / "weave" / "test" / "hole").glob("*.png"))[0]))
-    mask = cv2.imread(str(sorted((dataset / "weave" / "ground_truth" / "hole").glob("*.png"))[0]), 0) > 0
+    hole = cv2.imread(str(min((dataset / "weave" / "test" / "hole").glob("*.png"))))
+    mask = cv2.imread(str(min((dataset / "weave" / "ground_truth" / "hole").glob("*.png"))), 0) > 0
     defective = texture.copy()
     x0, y0 = 10, 10
     defective[y0:y0 + 128, x0:x0 + 128][mask] = hole[mask]

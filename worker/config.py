@@ -57,9 +57,13 @@ class MQTTConfig(_Section):
         return None
 
 
+MetadataPolicy = Literal["required", "optional"]
+
+
 class TopicsConfig(_Section):
     prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
     cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
+    metadata: MetadataPolicy = Field("required", description="Frames without frame_id/captured_at: refused with missing_metadata (required), or given a generated frame_id and captured_at = receive time (optional: cameras and MQTT 3.1.1 clients that cannot send user properties); cameras.<id>.metadata overrides it.")
     share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames (and queries) across the workers of a group. Set mqtt.session_expiry_s to 0 (or a few seconds) in a group: mosquitto keeps routing a dead member's share to its session until the session expires.")
 
     @field_validator("prefix")
@@ -122,6 +126,20 @@ class HeatmapConfig(_Section):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the colour map over the frame.")
 
 
+class TilingConfig(_Section):
+    """Cut a high-resolution frame into overlapping tiles, each inferred at the model's input size."""
+
+    grid: tuple[int, int] = Field(description="Tiles across and down [cols, rows]; pick them so a tile has about the model's aspect ratio.")
+    overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour, so a defect on a seam is whole in one tile.")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not (1 <= v[0] <= 16 and 1 <= v[1] <= 16):
+            raise ValueError("cols and rows must be 1..16")
+        return v
+
+
 class CameraConfig(_Section):
     """Settings for one camera; anything left unset follows the global section."""
 
@@ -132,6 +150,9 @@ class CameraConfig(_Section):
     heatmap_format: Literal["jpeg", "png"] | None = Field(None, description="Heatmap encoding for this camera.")
     heatmap_size: int | None = Field(None, ge=16, description="Heatmap longer side for this camera.")
     roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is inspected.")
+    metadata: MetadataPolicy | None = Field(None, description="required or optional for this camera (default topics.metadata).")
+    payload: Literal["raw", "json_envelope"] = Field("raw", description="raw: the payload is the image; json_envelope: a JSON object with the base64 image and its fields (README, Worker API).")
+    tiling: TilingConfig | None = Field(None, description="Inspect the frame (after roi) as a grid of tiles at the model's input size; score = the highest tile's.")
 
     @field_validator("roi")
     @classmethod

@@ -20,9 +20,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from bundle import prepare_image
-from worker import heatmap
+from worker import heatmap, tiling
 from worker.config import Config, HeatmapConfig
 from worker.decode import FrameError, decode, probe
+from worker.ingest import Ingest
 from worker.metrics import Stats
 from worker.models import Model, Models
 from worker.mqtt import PacketTooLarge, publish_properties
@@ -50,6 +51,7 @@ class Frame:
     fmt: str
     received_ts: float
     received_mono: float
+    generated: tuple[str, ...] = ()  # fields the worker made up (metadata: optional)
 
 
 class Pipeline:
@@ -63,6 +65,7 @@ class Pipeline:
         self.stats = stats
         self.liveness = liveness
         self.allowed = set(cfg.topics.cameras) | set(cfg.cameras) if cfg.topics.cameras else set()
+        self.ingest = Ingest(cfg)
         # Policy: limits.queue_policy when full in frames (limits.queue_size) or bytes (limits.queue_max_bytes);
         # a drop evicts a frame of the camera holding the most, so a flooding camera pays for its own flood.
         self.queue: BoundedQueue[Frame] = BoundedQueue(cfg.limits.queue_size, cfg.limits.queue_policy,
@@ -98,13 +101,19 @@ class Pipeline:
     def _on_frame(self, camera: str, props: dict[str, str], payload: bytes) -> None:
         received_ts, received_mono = time.time(), time.monotonic()
         self.stats.add(camera, "received")
-        if self._seen_before(camera, props.get("frame_id")):
+        try:
+            arrival = self.ingest.arrive(camera, props, payload, received_ts)
+        except FrameError as exc:
+            self._fail(camera, props.get("frame_id"), exc.code, exc.message)
+            return
+        props, payload = arrival.fields, arrival.data
+        if "frame_id" not in arrival.generated and self._seen_before(camera, props.get("frame_id")):
             # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
             self.stats.add(camera, "duplicates")
             log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
             return
         try:
-            frame = self._admit(camera, props, payload, received_ts, received_mono)
+            frame = self._admit(camera, props, payload, received_ts, received_mono, arrival.generated)
         except FrameError as exc:
             self._fail(camera, props.get("frame_id"), exc.code, exc.message)
             return
@@ -129,7 +138,8 @@ class Pipeline:
                 self._recent.popitem(last=False)
         return False
 
-    def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float) -> Frame:
+    def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float,
+               generated: tuple[str, ...] = ()) -> Frame:
         if self.allowed and camera not in self.allowed:
             raise FrameError(ErrorCode.UNKNOWN_CAMERA, f"camera {camera!r} is not in topics.cameras")
         claimed = props.get("camera_id")
@@ -137,7 +147,8 @@ class Pipeline:
             raise FrameError(ErrorCode.CAMERA_MISMATCH, f"user property camera_id {claimed!r} differs from the topic's camera {camera!r}")
         missing = [k for k in ("frame_id", "captured_at") if k not in props]
         if missing:
-            raise FrameError(ErrorCode.MISSING_METADATA, f"user properties {', '.join(missing)} required (MQTT v5)")
+            raise FrameError(ErrorCode.MISSING_METADATA, f"{', '.join(missing)} required (MQTT v5 user properties or "
+                             "envelope fields), or set metadata: optional for this camera")
         try:
             meta = FrameMetadata.model_validate(props)
         except ValidationError as exc:
@@ -145,7 +156,7 @@ class Pipeline:
             raise FrameError(ErrorCode.BAD_METADATA, problems[:500]) from None
         fmt = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         ts = meta.captured_ts
-        return Frame(camera, meta.frame_id, iso(ts), ts, data, fmt, received_ts, received_mono)
+        return Frame(camera, meta.frame_id, iso(ts), ts, data, fmt, received_ts, received_mono, generated)
 
     def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:
         code = ErrorCode(code).value
@@ -238,17 +249,18 @@ class Pipeline:
     def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
         manifest = model.bundle.manifest
-        image = prepare_image(self._crop(decode(frame.data), frame.camera), manifest.input)
+        cropped = self._crop(decode(frame.data), frame.camera)
         t_decoded = time.monotonic()
-        pred = model.bundle.infer(image[np.newaxis], request)
+        override = self.cfg.cameras.get(frame.camera)
+        seen = tiling.see(model.bundle, request, cropped, override.tiling if override else None)
         t_inferred = time.monotonic()
-        raw = float(pred.score[0])
+        raw = seen.score
         norm = self.models.image_norm(model, frame.camera)
         anomalous = raw >= norm.threshold
         policy, look = self._heatmap_settings(frame.camera)
         publish_heat = policy == "always" or (policy == "anomalous" and anomalous)
         logged = self._should_log(frame.camera, anomalous)
-        heat = (heatmap.render(image, pred.anomaly_map[0], model.bundle.thresholds.pixel, look)
+        heat = (heatmap.render(seen.image, seen.anomaly_map, model.bundle.thresholds.pixel, look)
                 if publish_heat or (anomalous and logged) else None)
         result = {
             "frame_id": frame.frame_id,
@@ -263,7 +275,10 @@ class Pipeline:
             "heatmap": {"topic": self.topics.heatmap(frame.camera), "format": look.format} if publish_heat else None,
             "logged": logged,
             "worker": self.cfg.worker.id,
+            "generated": list(frame.generated),
         }
+        if seen.tiles is not None:
+            result["tiles"] = seen.tiles
         if publish_heat:
             try:
                 self.link.publish(self.topics.heatmap(frame.camera), heat, properties=publish_properties(
@@ -294,7 +309,7 @@ class Pipeline:
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
             payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=manifest.name,
                            model_version=manifest.version, embedding_space=embedding_space_of(manifest))
-            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), pred.embedding[0], payload, image, files))
+            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files))
 
     def embed(self, data: bytes) -> np.ndarray:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request)."""

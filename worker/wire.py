@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     TRUNCATED_IMAGE = "truncated_image"
     CORRUPT_IMAGE = "corrupt_image"
     MISSING_METADATA = "missing_metadata"
+    BAD_ENVELOPE = "bad_envelope"
     BAD_METADATA = "bad_metadata"
     UNKNOWN_CAMERA = "unknown_camera"
     CAMERA_MISMATCH = "camera_mismatch"

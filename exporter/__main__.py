@@ -7,8 +7,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bundle import BundleError
+
+if TYPE_CHECKING:
+    from exporter.thresholds import ThresholdChoice
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -16,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
 
     threshold = ThresholdChoice(args.threshold_mode, {"far": args.target_far, "recall": args.target_recall}.get(
         args.threshold_mode))
-    _check_data(Path(args.data), args.category)
+    _check_data(Path(args.data), args.category, threshold)
     if args.model == "efficientad":
         from exporter.build import train_efficientad
 
@@ -32,14 +36,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_data(data: Path, category: str | None) -> None:
+def _check_data(data: Path, category: str | None, threshold: ThresholdChoice) -> None:
     """Print what was found and what it will be used for; refuse data that cannot be trained on, saying why."""
     from exporter.build import VAL_FRACTION
     from exporter.data import DatasetError, load_category, summarise
 
     summary = summarise(load_category(data, category))
     fit, held = summary.category.split_train(VAL_FRACTION)
-    print(summary.text(len(fit), len(held)), flush=True)
+    print(summary.text(len(fit), len(held)) + f"\n  image threshold: {threshold.describe()}", flush=True)
     problems = summary.problems()
     if problems:
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))

@@ -107,7 +107,8 @@ def train_efficientad(data: Path, category: str | None, out: Path, settings: Eff
 
 def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
             precision: str = "fp32") -> Path:
-    """Export the graph, set thresholds on held-out normals, measure on the test split, write the manifest."""
+    """Export the graph, set thresholds on held-out images (``trained.threshold``), measure on the test split,
+    write the manifest."""
     graph, spec, family, cat, val = trained.graph, trained.spec, trained.family, trained.category, trained.val
     category = cat.name
     with torch.no_grad():

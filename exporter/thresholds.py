@@ -41,6 +41,15 @@ class ThresholdChoice:
     def needs_defects(self) -> bool:
         return self.mode == "recall"
 
+    def describe(self) -> str:
+        """One line for the data summary: what the threshold will be chosen on."""
+        if self.mode == "far":
+            return f"lowest that flags at most {self.target:g} of the held-out normals"
+        if self.mode == "recall":
+            return (f"highest that flags at least {self.target:g} of a seeded {VAL_DEFECT_FRACTION:g} of each defect "
+                    "type, which leaves the test split")
+        return "max(mean + 3 std, max) of the held-out normals' scores"
+
 
 def far_threshold(normal_scores: np.ndarray, target_far: float) -> float:
     """The lowest threshold at which at most ``floor(target_far * n)`` normals score at or above it."""

@@ -247,6 +247,7 @@ def test_good_images_only_train_and_export_without_evaluation(tmp_path):
                      "--threshold-mode", "far", "--target-far", "0.1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "evaluation: none (no labelled test images)" in proc.stdout
+    assert "image threshold: lowest that flags at most 0.1 of the held-out normals" in proc.stdout
     manifest = read_manifest(tmp_path / "b")
     assert manifest.metrics == {"test": None, "not_evaluated": "no test split (none: good images only, nothing to evaluate)"}
     assert manifest.thresholds.method.startswith("far: lowest image threshold with at most 0.1 of 3 held-out normal")

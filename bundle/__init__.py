@@ -29,8 +29,15 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: thresholds for the reference precision only, no embedding space
 MANIFEST = "bundle.json"
+BUNDLE_FILES = ("model.xml", "model.bin")
+
+Precision = Literal["f32", "bf16", "f16", "int8"]
+"""Inference precision of a compiled bundle.  ``f32``/``bf16``/``f16`` name OpenVINO's
+``INFERENCE_PRECISION_HINT``; ``int8`` is a quantised (INT8) bundle whose other operations run in f32."""
+PRECISIONS: tuple[Precision, ...] = ("f32", "bf16", "f16", "int8")
 
 
 class BundleError(Exception):
@@ -87,6 +94,17 @@ class Thresholds(_Strict):
     method: str
 
 
+class PrecisionRecord(_Strict):
+    """What was measured at export for one inference precision: thresholds on held-out normals and test metrics.
+
+    bf16 and f16 move raw scores, so a threshold chosen in f32 is not the right one in bf16.
+    """
+
+    thresholds: Thresholds
+    metrics: dict = Field(default_factory=dict, description="Test-split metrics at this precision (empty: not evaluated).")
+    measured_on: str = Field(description="OpenVINO device name the thresholds were measured on (the CPU model).")
+
+
 class Manifest(_Strict):
     """``bundle.json``."""
 
@@ -99,12 +117,27 @@ class Manifest(_Strict):
     input: InputSpec
     outputs: dict[Literal["score", "anomaly_map", "embedding"], OutputSpec]
     embedding_dim: int = Field(gt=0)
-    thresholds: Thresholds
+    thresholds: Thresholds = Field(description="Thresholds of the reference precision (f32; int8 for INT8 bundles).")
+    precisions: dict[Precision, PrecisionRecord] = Field(
+        default_factory=dict, description="Per inference precision measured at export, the reference one included.")
+    embedding_space: str = Field("", description="Embeddings are comparable only within one space "
+                                                 "(family/backbone/layers/pooling); empty in schema 1 bundles.")
     training: dict = Field(description="Backbone, layers, sizes, coreset ratio, step budget, timings.")
     metrics: dict = Field(default_factory=dict, description="Measured at export on the category's test split.")
     versions: dict[str, str] = Field(description="Library versions used to train and export.")
     precision: Literal["FP32", "FP16", "INT8"] = "FP32"
     files: dict[str, str] = Field(description="sha256 of each file of the bundle except the manifest.")
+
+    @property
+    def reference_precision(self) -> Precision:
+        """The precision ``thresholds`` and ``metrics`` belong to: the bundle's own weights, other operations f32."""
+        return "int8" if self.precision == "INT8" else "f32"
+
+    def thresholds_for(self, precision: Precision) -> Thresholds | None:
+        """Thresholds measured at ``precision``, or None when the bundle has none for it."""
+        if precision in self.precisions:
+            return self.precisions[precision].thresholds
+        return self.thresholds if precision == self.reference_precision else None
 
 
 def sha256_file(path: Path) -> str:
@@ -115,10 +148,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, manifest_fields: dict) -> Manifest:
-    """Checksum every file in ``folder`` and write ``bundle.json``; returns the validated manifest."""
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    manifest = Manifest(**{**manifest_fields, "files": files})
+def write_manifest(folder: Path, manifest_fields: dict, files: tuple[str, ...] = BUNDLE_FILES) -> Manifest:
+    """Checksum the bundle's own ``files`` and write ``bundle.json``; returns the validated manifest.
+
+    Only named files are hashed: anything else in the folder (a log, an editor's backup) is not part of the bundle.
+    """
+    files_sha = {name: sha256_file(folder / name) for name in files}
+    manifest = Manifest(**{**manifest_fields, "files": files_sha})
     (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest
 
@@ -137,8 +173,9 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not JSON: {exc}") from exc
-    if raw.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema_version {raw.get('schema_version')!r}, this software reads {SCHEMA_VERSION}")
+    if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_SCHEMAS:
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        raise BundleError(f"{path}: schema_version {version!r}, this software reads {', '.join(map(str, READABLE_SCHEMAS))}")
     try:
         manifest = Manifest.model_validate(raw)
     except ValueError as exc:

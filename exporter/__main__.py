@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bundle import BundleError
+from bundle import PRECISIONS, BundleError
 
 if TYPE_CHECKING:
     from exporter.thresholds import ThresholdChoice
@@ -24,14 +24,18 @@ def _train(args: argparse.Namespace) -> int:
     if args.model == "efficientad":
         from exporter.build import train_efficientad
 
+        if args.precision != "fp32":
+            raise ValueError("--precision int8 (weight quantisation) is for PatchCore bundles only")
         out = train_efficientad(Path(args.data), args.category, Path(args.out), _efficientad_settings(args),
-                                name=args.name, evaluate_test=not args.no_eval, threshold=threshold)
+                                name=args.name, evaluate_test=not args.no_eval, precisions=_list(args.precisions),
+                                threshold=threshold)
         print(out)
         return 0
     from exporter.build import train_patchcore
 
     out = train_patchcore(Path(args.data), args.category, Path(args.out), _patchcore_settings(args), name=args.name,
-                          evaluate_test=not args.no_eval, precision=args.precision, threshold=threshold)
+                          evaluate_test=not args.no_eval, precision=args.precision,
+                          precisions=_list(args.precisions), threshold=threshold)
     print(out)
     return 0
 
@@ -62,6 +66,10 @@ def _efficientad_settings(args: argparse.Namespace):
     return EfficientAdSettings(**_given(args, "model_size", "teacher", "teacher_steps", "natural", "input_size", "steps"))
 
 
+def _list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
 def _given(args: argparse.Namespace, *names: str) -> dict:
     """The options the user set; the rest keep the settings' own defaults (one place for each default)."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -82,9 +90,15 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     report = run(Path(args.data), args.models.split(","), Path(args.out),
                  args.categories.split(",") if args.categories else None, _patchcore_settings(args),
-                 _efficientad_settings(args))
+                 _efficientad_settings(args), precisions=_list(args.precisions))
     print(report)
     return 0
+
+
+def _add_precisions_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precisions", help="inference precisions to measure thresholds and test metrics at, "
+                                             "comma-separated (default: every one this CPU runs natively; the "
+                                             "reference f32, or int8 for an INT8 bundle, always)")
 
 
 def _add_efficientad_options(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     training = read_manifest(Path(args.bundle), verify=False).training
     category = load_category(Path(args.data), args.category, int(training.get("seed", 0)))
     category = category.without({category.base / p for p in training.get("validation_defects", [])})
-    metrics = evaluate_folder(Path(args.bundle), category, args.device)
+    metrics = evaluate_folder(Path(args.bundle), category, args.device, args.precision)
     text = json.dumps(metrics, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -141,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-bank", type=int, help="cap on PatchCore memory-bank rows (bounds bundle size and latency)")
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
     train.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                       help="int8: NNCF post-training quantisation calibrated on the normal training images")
+                       help="weights: int8 = NNCF post-training quantisation calibrated on the normal training images")
+    _add_precisions_option(train)
     train.add_argument("--threshold-mode", choices=["normals", "far", "recall"], default="normals",
                        help="image threshold: normals = max(mean + 3 std, max) of held-out normals (default); "
                             "far = for --target-far on held-out normals; recall = for --target-recall on labelled "
@@ -170,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--input-size", type=int, help="input size of every model (default: each model's own)")
     bench.add_argument("--coreset-ratio", type=float, help="PatchCore memory-bank share (default: PatchcoreSettings)")
     _add_efficientad_options(bench)
+    _add_precisions_option(bench)
     bench.set_defaults(func=_benchmark)
 
     ev = sub.add_parser("evaluate", help="run a bundle with OpenVINO on a test split")
@@ -177,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="as for train")
     ev.add_argument("--category", help="as for train")
     ev.add_argument("--device", default="CPU")
+    ev.add_argument("--precision", choices=["auto", *PRECISIONS], default="f32",
+                    help="inference precision (default f32: the same numbers on every CPU; auto = the device's "
+                         "default, bf16 on CPUs with AMX); the bundle's thresholds for it are used")
     ev.add_argument("--json", help="also write the metrics to this file")
     ev.set_defaults(func=_evaluate)
 

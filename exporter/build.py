@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openvino as ov
 import torch
 from torch import nn
 
-from bundle import InputSpec, Normalisation, Thresholds, write_manifest
-from bundle.runtime import CompiledBundle
+from bundle import MANIFEST, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, write_manifest
+from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones
 from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_image
 from exporter.evaluate import evaluate
@@ -92,59 +96,116 @@ def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSetti
 
 
 def train_patchcore(data: Path, category: str | None, out: Path, settings: PatchcoreSettings, name: str | None = None,
-                    evaluate_test: bool = True, precision: str = "fp32",
+                    evaluate_test: bool = True, precision: str = "fp32", precisions: list[str] | None = None,
                     threshold: ThresholdChoice = NORMALS) -> Path:
     """Train PatchCore on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    return package(fit_patchcore(data, category, settings, threshold), out, name, evaluate_test, precision)
+    return package(fit_patchcore(data, category, settings, threshold), out, name, evaluate_test, precision, precisions)
 
 
 def train_efficientad(data: Path, category: str | None, out: Path, settings: EfficientAdSettings,
-                      name: str | None = None, evaluate_test: bool = True,
+                      name: str | None = None, evaluate_test: bool = True, precisions: list[str] | None = None,
                       threshold: ThresholdChoice = NORMALS) -> Path:
     """Train EfficientAD on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    return package(fit_efficientad(data, category, settings, threshold), out, name, evaluate_test)
+    return package(fit_efficientad(data, category, settings, threshold), out, name, evaluate_test,
+                   precisions=precisions)
 
 
 def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
-            precision: str = "fp32") -> Path:
-    """Export the graph, set thresholds on held-out images (``trained.threshold``), measure on the test split,
-    write the manifest."""
+            precision: str = "fp32", precisions: list[str] | None = None) -> Path:
+    """Export the graph, set thresholds on held-out images (``trained.threshold``) and measure the test split at
+    every inference precision the CPU runs (``precisions`` limits them), write the manifest; returns ``out``.
+
+    The bundle is built in a temporary folder beside ``out`` and renamed into place when complete, so a
+    worker watching ``out`` never sees a half-written or provisional bundle.
+    """
     graph, spec, family, cat, val = trained.graph, trained.spec, trained.family, trained.category, trained.val
     category = cat.name
     with torch.no_grad():
         embedding_dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
-    log.info("exporting to OpenVINO IR")
-    model = convert(graph, spec)
-    if precision == "int8":
-        model = quantize(model, [read_image(p, spec) for p in trained.train])
-    save_ir(model, out)
-    version = timestamp().replace(":", "").replace("-", "")
-    fields = dict(
-        name=name or f"{category}-{family}",
-        version=version,
-        family=family,
-        category=category,
-        created_at=timestamp(),
-        input=spec,
-        outputs=output_specs(spec, embedding_dim),
-        embedding_dim=embedding_dim,
-        thresholds=Thresholds(image=Normalisation(low=0, threshold=1), pixel=Normalisation(low=0, threshold=1),
-                              method="provisional"),
-        training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val)},
-        versions=library_versions(),
-        precision=precision.upper(),
-    )
-    write_manifest(out, fields)
-    compiled = CompiledBundle(out, hint="LATENCY")
-    fields["thresholds"] = choose_thresholds(compiled, val, trained.val_defects, trained.threshold, THRESHOLD_SIGMAS)
-    write_manifest(out, fields)
-    if evaluate_test and cat.test:
-        compiled = CompiledBundle(out, hint="LATENCY")
-        fields["metrics"] = {"test": evaluate(compiled, cat), "measured_by": f"OpenVINO runtime, {precision.upper()}, CPU"}
-        log.info("test metrics: %s", fields["metrics"]["test"])
-    elif not cat.test:
-        fields["metrics"] = {"test": None, "not_evaluated": f"no test split ({cat.split})"}
-        log.warning("not evaluated: the data has no labelled test images (%s)", cat.layout)
-    fields["training"]["total_s"] = round(time.monotonic() - trained.started, 2)
-    write_manifest(out, fields)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        log.info("exporting to OpenVINO IR")
+        model = convert(graph, spec)
+        if precision == "int8":
+            model = quantize(model, [read_image(p, spec) for p in trained.train])
+        save_ir(model, staging)
+        version = timestamp().replace(":", "").replace("-", "")
+        name = name or f"{category}-{family}"
+        fields = dict(
+            name=name,
+            version=version,
+            family=family,
+            category=category,
+            created_at=timestamp(),
+            input=spec,
+            outputs=output_specs(spec, embedding_dim),
+            embedding_dim=embedding_dim,
+            embedding_space=f"{family}/{trained.training.get('backbone', 'pdn')}/whitened by {name}@{version}",
+            thresholds=Thresholds(image=Normalisation(low=0, threshold=1), pixel=Normalisation(low=0, threshold=1),
+                                  method="provisional"),
+            training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val)},
+            versions=library_versions(),
+            precision=precision.upper(),
+        )
+        write_manifest(staging, fields)  # provisional, in the staging folder only: the runtime reads the IR through it
+        val_images = [read_image(p, spec) for p in val]
+        defect_images = [read_image(s.path, spec) for s in trained.val_defects]
+        test_images = cat.test if evaluate_test else []
+        records = {p: measure_precision(staging, p, val_images, cat if test_images else None, defect_images,
+                                        trained.threshold)
+                   for p in _precisions_to_measure(precision, precisions)}
+        reference = records[next(iter(records))]
+        fields["thresholds"] = reference.thresholds
+        fields["precisions"] = records
+        if reference.metrics:
+            fields["metrics"] = reference.metrics
+        elif not cat.test:
+            fields["metrics"] = {"test": None, "not_evaluated": f"no test split ({cat.split})"}
+            log.warning("not evaluated: the data has no labelled test images (%s)", cat.layout)
+        fields["training"]["total_s"] = round(time.monotonic() - trained.started, 2)
+        write_manifest(staging, fields)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _precisions_to_measure(weights: str, wanted: list[str] | None) -> list[Precision]:
+    """The reference precision first, then each other one the CPU runs natively (or the ones asked for)."""
+    supported = supported_precisions(ov.Core(), "CPU", weights.upper())
+    if wanted is None:
+        return supported
+    missing = [p for p in wanted if p not in supported]
+    if missing:
+        raise ValueError(f"this CPU does not run {', '.join(missing)} natively (it runs {', '.join(supported)})")
+    return [p for p in supported if p in wanted or p == supported[0]]
+
+
+def measure_precision(folder: Path, precision: Precision, val_images: list, category: Category | None,
+                      defect_images: list | None = None, threshold: ThresholdChoice = NORMALS) -> PrecisionRecord:
+    """Thresholds from held-out images as ``threshold`` says, and the test metrics when ``category`` is given,
+    at one precision."""
+    compiled = CompiledBundle(folder, hint="LATENCY", precision=precision, require_thresholds=False)
+    thresholds = choose_thresholds(compiled, val_images, defect_images or [], threshold, THRESHOLD_SIGMAS)
+    metrics = {}
+    if category is not None:
+        test = evaluate(compiled, category, thresholds)
+        metrics = {"test": test, "precision": precision,
+                   "measured_by": f"OpenVINO runtime, {precision}, {compiled.device_name}"}
+        log.info("test metrics at %s: %s", precision, test)
+    return PrecisionRecord(thresholds=thresholds, metrics=metrics, measured_on=compiled.device_name)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished bundle to ``out``; an existing bundle there is replaced (renamed aside, then removed)."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a model bundle; not replacing it")
+    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    out.rename(aside)
+    staging.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)

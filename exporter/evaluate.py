@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
 
+from bundle import Thresholds
 from bundle.runtime import CompiledBundle
 from exporter.data import Category, read_image, read_mask
 from exporter.export import score_images
@@ -17,9 +18,13 @@ from exporter.metrics import pixel_metrics
 log = logging.getLogger(__name__)
 
 
-def evaluate(bundle: CompiledBundle, category: Category) -> dict:
+def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds | None = None) -> dict:
     """Image AUROC, F1 and per-type detection at the bundle threshold; pixel AUROC and AUPRO (at the graph's
-    resolution) over the images with pixel ground truth, or ``None`` with the reason when no defect has a mask."""
+    resolution) over the images with pixel ground truth, or ``None`` with the reason when no defect has a mask.
+
+    The threshold is the bundle's for the precision it was compiled at (``thresholds`` overrides it while
+    the exporter is still measuring them).  The result names that precision and the device.
+    """
     spec = bundle.manifest.input
     samples = category.test
     if not samples:
@@ -30,9 +35,11 @@ def evaluate(bundle: CompiledBundle, category: Category) -> dict:
     scores, maps, _ = score_images(bundle, images)
     elapsed = time.monotonic() - started
     labels = np.array([s.label for s in samples])
-    threshold = bundle.manifest.thresholds.image.threshold
+    threshold = (thresholds or bundle.thresholds).image.threshold
     predicted = (scores >= threshold).astype(int)
     result: dict = {
+        "precision": bundle.precision,
+        "device": bundle.device_name,
         "images": len(samples),
         "threshold": threshold,
         "image_f1": round(float(f1_score(labels, predicted, zero_division=0)), 4),
@@ -51,5 +58,5 @@ def evaluate(bundle: CompiledBundle, category: Category) -> dict:
     return result
 
 
-def evaluate_folder(bundle_dir: Path, category: Category, device: str = "CPU") -> dict:
-    return evaluate(CompiledBundle(bundle_dir, device=device, hint="LATENCY"), category)
+def evaluate_folder(bundle_dir: Path, category: Category, device: str = "CPU", precision: str = "f32") -> dict:
+    return evaluate(CompiledBundle(bundle_dir, device=device, hint="LATENCY", precision=precision), category)

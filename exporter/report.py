@@ -81,7 +81,8 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
         f"Generated {timestamp()} by `python -m exporter benchmark --data {data} --models "
         f"{','.join(dict.fromkeys(r['model'] for r in rows))} --out DIR` on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores, no GPU. Every metric is measured by running the exported OpenVINO bundle "
-        "(FP32, CPU) on the test split; the image threshold comes from held-out normal training images only.",
+        f"(f32 inference precision, on {rows[0].get('device', 'the CPU')}) on the test split; the image threshold comes "
+        "from held-out normal training images only.",
         f"Targets: image AUROC >= {TARGETS['image_auroc']}, pixel AUROC >= {TARGETS['pixel_auroc']} (✓ met, ✗ missed).",
         "",
         "| Model | Category | Image AUROC | Pixel AUROC | AUPRO (FPR <= 0.3) | Image F1 @ bundle threshold "
@@ -106,6 +107,15 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
     for r in rows:
         rates = [f"{r['detection_rate'][t]:.3f}" if t in r["detection_rate"] else "" for t in types]
         lines.append(f"| {r['model']} | {r['category']} | " + " | ".join(rates) + " |")
+    others = [(r, p, m) for r in rows for p, m in r.get("other_precisions", {}).items() if m]
+    if others:
+        lines += ["", "Other inference precisions this CPU runs natively, each with thresholds measured at it "
+                      "(worker: `model.precision`):", "",
+                  "| Model | Category | Precision | Image AUROC | Pixel AUROC | Image F1 | good flagged |",
+                  "|---|---|---|---|---|---|---|"]
+        for r, p, m in others:
+            lines.append(f"| {r['model']} | {r['category']} | {p} | {m.get('image_auroc', 'n/a')} "
+                         f"| {m.get('pixel_auroc', 'n/a')} | {m['image_f1']} | {m['detection_rate'].get('good', 'n/a')} |")
     lines += ["", "Training settings (from each bundle's manifest):", ""]
     for r in rows:
         t = r["training"]

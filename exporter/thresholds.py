@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from bundle import Normalisation, Thresholds
 from bundle.runtime import CompiledBundle
-from exporter.data import Sample, read_image
 from exporter.export import score_images, thresholds_from_normals
 
 VAL_DEFECT_FRACTION = 0.5  # share of each defect type held out of test to choose a recall threshold
@@ -64,11 +62,11 @@ def recall_threshold(defect_scores: np.ndarray, target_recall: float) -> float:
     return float(ranked[math.ceil(target_recall * len(ranked)) - 1])
 
 
-def choose_thresholds(bundle: CompiledBundle, normals: list[Path], defects: list[Sample], choice: ThresholdChoice,
-                      sigmas: float) -> Thresholds:
-    """Score the held-out images with the exported bundle and set its thresholds as ``choice`` says."""
-    spec = bundle.manifest.input
-    scores, maps, _ = score_images(bundle, [read_image(p, spec) for p in normals])
+def choose_thresholds(bundle: CompiledBundle, normals: list[np.ndarray], defects: list[np.ndarray],
+                      choice: ThresholdChoice, sigmas: float) -> Thresholds:
+    """Score the held-out images (prepared, as :func:`exporter.data.read_image` returns them) with the exported
+    bundle and set its thresholds as ``choice`` says."""
+    scores, maps, _ = score_images(bundle, normals)
     base = thresholds_from_normals(scores, maps, sigmas)
     if choice.mode == "normals":
         return base
@@ -79,7 +77,7 @@ def choose_thresholds(bundle: CompiledBundle, normals: list[Path], defects: list
     else:
         if not defects:
             raise ValueError("--threshold-mode recall needs held-out labelled defect images")
-        defect_scores, _, _ = score_images(bundle, [read_image(s.path, spec) for s in defects])
+        defect_scores, _, _ = score_images(bundle, defects)
         threshold = recall_threshold(defect_scores, choice.target)
         how = f"recall: highest image threshold flagging at least {choice.target:g} of {len(defects)} labelled defect " \
               f"images held out of the test split (a seeded {VAL_DEFECT_FRACTION:g} of each type; listed in " \

@@ -161,3 +161,28 @@ def test_bundle_embedding_groups_defects_by_type(bundle_dir, dataset):
     _, _, emb = score_images(compiled, [read_image(s.path, compiled.manifest.input) for s in defects])
     p1, _, mean_ap = loo_metrics(emb, np.array([s.defect for s in defects]))["all"]
     assert p1 >= 0.75 and mean_ap >= 0.6, (p1, mean_ap)
+
+
+def test_a_bundle_is_replaced_whole_while_a_watcher_reads_it(bundle_dir, dataset, tmp_path):
+    """Export over a live bundle folder: a reader sees the old bundle, the new one, or (during the swap) none,
+    never a provisional manifest or files that fail their checksums; nothing is left beside it."""
+    live = tmp_path / "live"
+    shutil.copytree(bundle_dir, live)
+    old = read_manifest(live).version
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                             "--out", str(live), "--input-size", "128", "--coreset-ratio", "0.05", "--no-eval",
+                             "--precisions", "f32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    seen, broken = [], []
+    while proc.poll() is None:
+        try:
+            manifest = read_manifest(live, verify=True)
+            seen.append((manifest.version, manifest.thresholds.method))
+        except BundleError as exc:
+            if "no bundle.json" not in str(exc):
+                broken.append(str(exc))
+    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    new = read_manifest(live, verify=True).version
+    assert new != old and not broken, broken
+    assert {v for v, _ in seen} <= {old, new} and old in {v for v, _ in seen}
+    assert not any(method == "provisional" for _, method in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]

@@ -189,6 +189,6 @@ def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp
     assert samples[("edge_inspect_frame_errors_total", (("camera", "cam"), ("code", "not_an_image")))] == 1
     assert samples[("edge_inspect_latency_seconds_count", (("stage", "total"),))] == 5
     version = read_manifest(bundle_dir).version
-    assert samples[("edge_inspect_model_info", (("name", "weave-patchcore"), ("scope", "default"),
-                                                 ("version", version)))] == 1
+    assert samples[("edge_inspect_model_info", (("name", "weave-patchcore"), ("precision", "f32"),
+                                                 ("scope", "default"), ("version", version)))] == 1
     assert worker.stop() == 0

@@ -32,7 +32,9 @@ def int8_dir(dataset, tmp_path_factory):
 def test_int8_bundle_is_quantised_and_labelled(int8_dir, bundle_dir):
     manifest = read_manifest(int8_dir)
     assert manifest.precision == "INT8" and read_manifest(bundle_dir).precision == "FP32"
-    assert "INT8" in manifest.metrics["measured_by"]
+    assert manifest.metrics["precision"] == manifest.reference_precision == "int8"
+    assert CompiledBundle(int8_dir).precision == "int8"  # the default f32 hint on an INT8 bundle
+    assert manifest.precisions["int8"].thresholds == manifest.thresholds
     quantised = Counter(consumer.get_node().get_type_name()
                         for op in ov.Core().read_model(int8_dir / "model.xml").get_ordered_ops()
                         if op.get_type_name() == "FakeQuantize" for consumer in op.output(0).get_target_inputs())

@@ -76,9 +76,13 @@ class TopicsConfig(_Section):
         return v
 
 
+PrecisionSetting = Literal["f32", "bf16", "f16", "int8", "auto"]
+
+
 class ModelConfig(_Section):
     bundle: Path = Field(description="Model bundle folder (bundle.json + model.xml/.bin).")
     device: str = Field("CPU", description="OpenVINO device: CPU, GPU, AUTO, ...")
+    precision: PrecisionSetting = Field("f32", description="Inference precision: f32 (the same numbers on every CPU), bf16 or f16 (faster on CPUs that run them natively, e.g. bf16 with AMX), int8 (INT8 bundles), auto (the device's default). The bundle's thresholds for that precision are used; a bundle without them is refused.")
     cache_dir: Path | None = Field(Path("data/ov-cache"), description="OpenVINO model cache (faster restarts).")
     threshold: float | None = Field(None, description="Override the bundle's raw image threshold.")
     watch_s: float = Field(0, ge=0, description="Check every N seconds whether a configured bundle changed on disk and hot-reload it (0 = off; reloads also come over the control topic).")
@@ -117,6 +121,7 @@ class CameraConfig(_Section):
 
     bundle: Path | None = Field(None, description="Another model bundle for this camera (default model.bundle).")
     threshold: float | None = Field(None, description="Raw image threshold for this camera.")
+    precision: PrecisionSetting | None = Field(None, description="Inference precision for this camera (default model.precision).")
     heatmap: HeatmapPolicy | None = Field(None, description="Heatmap policy for this camera: always, anomalous or never.")
     heatmap_format: Literal["jpeg", "png"] | None = Field(None, description="Heatmap encoding for this camera.")
     heatmap_size: int | None = Field(None, ge=16, description="Heatmap longer side for this camera.")

@@ -38,7 +38,7 @@ class Stats:
                                "(recorder backlog + spooled points).", registry=self.registry)
         self.store_up = Gauge("edge_inspect_store_available", "1 when the vector store answers.", registry=self.registry)
         self.model = Gauge("edge_inspect_model_info", "The bundle serving each camera group (value 1).",
-                           ["scope", "name", "version"], registry=self.registry)
+                           ["scope", "name", "version", "precision"], registry=self.registry)
 
     def add(self, camera: str, field: str, n: int = 1, code: str | None = None) -> None:
         with self._lock:
@@ -51,11 +51,11 @@ class Stats:
         for stage in ("queue", "infer", "total"):
             self._latency.labels(stage).observe(latency_ms[stage] / 1000)
 
-    def set_model(self, scope: str, name: str, version: str) -> None:
+    def set_model(self, scope: str, name: str, version: str, precision: str) -> None:
         for sample in list(self.model.collect()[0].samples):
             if sample.labels["scope"] == scope:
-                self.model.remove(scope, sample.labels["name"], sample.labels["version"])
-        self.model.labels(scope, name, version).set(1)
+                self.model.remove(scope, sample.labels["name"], sample.labels["version"], sample.labels["precision"])
+        self.model.labels(scope, name, version, precision).set(1)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:

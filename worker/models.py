@@ -3,7 +3,9 @@
 A reload verifies and compiles the new bundle beside the running one and then
 swaps one reference, so inference threads switch between two frames and none is
 dropped; the replaced model is kept for one rollback.  All bundles must produce
-embeddings of the same size, since they share one vector-store collection.
+embeddings of the same size, since they share one vector-store collection.  A camera
+with its own precision but no bundle of its own gets its own compiled copy of the
+default bundle, which follows the default through reloads.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Model:
     @property
     def info(self) -> dict:
         m = self.bundle.manifest
-        return {"name": m.name, "version": m.version, "family": m.family}
+        return {"name": m.name, "version": m.version, "family": m.family, "precision": self.bundle.precision}
 
 
 class Models:
@@ -44,36 +46,54 @@ class Models:
         self.embedding_dim: int | None = None
         self.load(DEFAULT, cfg.model.bundle)
         for camera, override in cfg.cameras.items():
-            if override.bundle is not None:
-                self.load(camera, override.bundle)
+            if override.bundle is not None or override.precision is not None:
+                self.load(camera, override.bundle or cfg.model.bundle)
 
-    def _compile(self, path: Path) -> Model:
+    def precision(self, scope: str) -> str:
+        override = self.cfg.cameras.get(scope)
+        return override.precision if override and override.precision else self.cfg.model.precision
+
+    def _follows_default(self, scope: str) -> bool:
+        """A camera scope that exists only for its own precision: it serves whatever the default serves."""
+        override = self.cfg.cameras.get(scope)
+        return override is not None and override.bundle is None and scope != DEFAULT
+
+    def _compile(self, path: Path, precision: str) -> Model:
         started = time.monotonic()
-        bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir, batch=1)
+        bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir, batch=1, precision=precision)
         dim = bundle.manifest.embedding_dim
         if self.embedding_dim is not None and dim != self.embedding_dim:
             raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
                               "(they share one vector-store collection)")
         m = bundle.manifest
-        log.info("bundle %s %s (%s) compiled on %s in %.2f s, %d infer requests", m.name, m.version, m.family,
-                 self.cfg.model.device, time.monotonic() - started, bundle.optimal_requests)
+        log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests", m.name, m.version,
+                 m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,
+                 bundle.optimal_requests)
         return Model(bundle, Path(path), time.time())
 
     def load(self, scope: str, path: Path) -> Model:
-        """Verify, compile and switch ``scope`` to the bundle at ``path``; raises BundleError and keeps the old one."""
-        model = self._compile(path)
+        """Verify, compile and switch ``scope`` to the bundle at ``path``; raises BundleError and keeps the old one.
+
+        Reloading the default also moves the cameras that follow it (own precision, no own bundle); all are
+        compiled before any is switched, so a bundle that fails at one precision changes nothing.
+        """
+        followers = [s for s in self.scopes() if scope == DEFAULT and self._follows_default(s)]
+        compiled = {s: self._compile(path, self.precision(s)) for s in [scope, *followers]}
         with self._lock:
-            self.embedding_dim = model.bundle.manifest.embedding_dim
-            if scope in self._current:
-                self._previous[scope] = self._current[scope]
-            self._current[scope] = model
-        return model
+            self.embedding_dim = compiled[scope].bundle.manifest.embedding_dim
+            for s, model in compiled.items():
+                if s in self._current:
+                    self._previous[s] = self._current[s]
+                self._current[s] = model
+        return compiled[scope]
 
     def rollback(self, scope: str) -> Model:
         with self._lock:
             if scope not in self._previous:
                 raise BundleError(f"no previous model to roll back to for {scope!r}")
-            self._current[scope], self._previous[scope] = self._previous[scope], self._current[scope]
+            followers = [s for s in self._previous if scope == DEFAULT and self._follows_default(s)]
+            for s in [scope, *followers]:
+                self._current[s], self._previous[s] = self._previous[s], self._current[s]
             return self._current[scope]
 
     @property
@@ -92,7 +112,7 @@ class Models:
         """The bundle's image normalisation with the configured threshold override, per camera first."""
         override = self.cfg.cameras.get(camera)
         threshold = override.threshold if override and override.threshold is not None else self.cfg.model.threshold
-        base = model.bundle.manifest.thresholds.image
+        base = model.bundle.thresholds.image
         return base if threshold is None else Normalisation(low=base.low, threshold=threshold)
 
     def changed_on_disk(self) -> list[tuple[str, Path]]:

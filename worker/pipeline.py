@@ -232,7 +232,7 @@ class Pipeline:
         policy, look = self._heatmap_settings(frame.camera)
         publish_heat = policy == "always" or (policy == "anomalous" and anomalous)
         logged = self._should_log(frame.camera, anomalous)
-        heat = (heatmap.render(image, pred.anomaly_map[0], manifest.thresholds.pixel, look)
+        heat = (heatmap.render(image, pred.anomaly_map[0], model.bundle.thresholds.pixel, look)
                 if publish_heat or (anomalous and logged) else None)
         result = {
             "frame_id": frame.frame_id,

@@ -66,8 +66,9 @@ class Worker:
         for scope, model in self.models.scopes().items():
             scopes[scope] = {**model.info, "bundle": str(model.path),
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
-            self.stats.set_model(scope, model.info["name"], model.info["version"])
+            self.stats.set_model(scope, model.info["name"], model.info["version"], model.info["precision"])
         body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,
+                "device_name": self.models.default.bundle.device_name,
                 "embedding_dim": self.models.embedding_dim}
         self.link.publish(self.topics.model, json.dumps(body), retain=True)
 

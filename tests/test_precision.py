@@ -1,0 +1,99 @@
+"""Inference precision is an explicit, recorded choice: f32 by default on every CPU, other precisions with their own thresholds.
+
+OpenVINO's CPU plugin runs bf16 by default where the CPU has AMX or AVX512_BF16, so these tests pin what they
+compare.  The bf16 checks run where the CPU runs bf16 natively; elsewhere the same tests check that asking for
+it is refused, so both paths are exercised whichever CPU CI lands on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+
+import numpy as np
+import openvino as ov
+import pytest
+from conftest import Client, write_config
+
+from bundle import BundleError, read_manifest
+from bundle.runtime import CompiledBundle, supported_precisions
+from exporter.data import load_category, read_image
+from exporter.export import score_images
+
+SUPPORTED = supported_precisions(ov.Core(), "CPU")
+needs_bf16 = pytest.mark.skipif("bf16" not in SUPPORTED, reason=f"this CPU runs {SUPPORTED} natively, not bf16")
+
+
+def test_f32_is_the_default_and_is_read_back_from_openvino(bundle_dir):
+    compiled = CompiledBundle(bundle_dir)
+    assert compiled.precision == "f32"
+    assert compiled.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert compiled.thresholds == read_manifest(bundle_dir).thresholds
+
+
+def test_auto_resolves_to_the_device_default_and_says_which(bundle_dir):
+    device_default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    assert CompiledBundle(bundle_dir, precision="auto").precision == device_default
+
+
+def test_export_measures_thresholds_and_metrics_at_every_native_precision(bundle_dir):
+    manifest = read_manifest(bundle_dir)
+    assert list(manifest.precisions) == SUPPORTED and SUPPORTED[0] == "f32"
+    assert manifest.precisions["f32"].thresholds == manifest.thresholds
+    for precision, record in manifest.precisions.items():
+        assert record.metrics["precision"] == precision and record.metrics["test"]["precision"] == precision
+        assert record.measured_on == ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    assert manifest.metrics["precision"] == "f32"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "f16"])
+def test_a_precision_without_thresholds_or_hardware_is_refused(bundle_dir, tmp_path, precision):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    raw["precisions"] = {"f32": raw["precisions"]["f32"]}  # as a bundle exported on a CPU without it
+    (copy / "bundle.json").write_text(json.dumps(raw))
+    message = "no thresholds measured at" if precision in SUPPORTED else "does not run .* natively"
+    with pytest.raises(BundleError, match=message):
+        CompiledBundle(copy, precision=precision)
+
+
+def test_int8_needs_a_quantised_bundle(bundle_dir):
+    with pytest.raises(BundleError, match="needs a quantised bundle"):
+        CompiledBundle(bundle_dir, precision="int8")
+
+
+@needs_bf16
+def test_bf16_verdicts_agree_with_f32_and_use_their_own_thresholds(bundle_dir, dataset):
+    manifest = read_manifest(bundle_dir)
+    f32, bf16 = CompiledBundle(bundle_dir, precision="f32"), CompiledBundle(bundle_dir, precision="bf16")
+    assert bf16.precision == "bf16"
+    assert bf16.thresholds == manifest.precisions["bf16"].thresholds != f32.thresholds
+    cat = load_category(dataset, "weave")
+    images = [read_image(s.path, f32.manifest.input) for s in cat.test]
+    s32, _, _ = score_images(f32, images)
+    s16, _, _ = score_images(bf16, images)
+    assert not np.array_equal(s32, s16)  # the precision really changed
+    np.testing.assert_array_equal(s16 >= bf16.thresholds.image.threshold, s32 >= f32.thresholds.image.threshold)
+
+
+@needs_bf16
+def test_worker_serves_bf16_with_the_bf16_thresholds(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          model={"precision": "bf16"}, cameras={"exact": {"precision": "f32"}})
+    client = Client(broker.port, prefix)
+    worker_factory(config)
+    (model,) = client.json_on(f"{prefix}/workers/w-test/model", timeout=120)
+    assert model["precision"] == "bf16" and model["scopes"]["exact"]["precision"] == "f32"
+    data = next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    client.publish_frame("line", data, "f-1")
+    client.publish_frame("exact", data, "f-2")
+    (fast,) = client.json_on(f"{prefix}/line/result")
+    (exact,) = client.json_on(f"{prefix}/exact/result")
+    manifest = read_manifest(bundle_dir)
+    assert fast["model"]["precision"] == "bf16" and exact["model"]["precision"] == "f32"
+    assert fast["threshold"] == pytest.approx(manifest.precisions["bf16"].thresholds.image.threshold, rel=1e-4)
+    assert exact["threshold"] == pytest.approx(manifest.thresholds.image.threshold, rel=1e-4)
+    client.close()

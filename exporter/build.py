@@ -9,6 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import openvino as ov
 import torch
@@ -133,7 +134,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
         save_ir(model, staging)
         version = timestamp().replace(":", "").replace("-", "")
         name = name or f"{category}-{family}"
-        fields = dict(
+        fields: dict[str, Any] = dict(
             name=name,
             version=version,
             family=family,

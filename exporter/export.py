@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def thresholds_from_normals(scores: np.ndarray, maps: np.ndarray, sigmas: float)
 
 
 def timestamp() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def save_ir(model: ov.Model, folder: Path) -> None:

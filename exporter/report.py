@@ -11,11 +11,11 @@ import cv2
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
 
-from exporter.export import library_versions, timestamp  # noqa: E402
+from exporter.export import library_versions, timestamp
 
 TARGETS = {"image_auroc": 0.995, "pixel_auroc": 0.985}
 THUMB = 128  # px per tile in the heatmap grids: keeps the committed images small

@@ -70,6 +70,7 @@ def receptive_field(net: nn.Module, side: int = 96) -> tuple[int, int]:
     x = torch.rand(1, 3, side, side, requires_grad=True)
     out = net(x)
     out[0, :, out.shape[2] // 2, out.shape[3] // 2].sum().backward()
+    assert x.grad is not None  # x requires grad and out depends on it
     hit = x.grad.abs().sum((0, 1)) > 0
     rows, cols = hit.any(1).nonzero(), hit.any(0).nonzero()
     return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
@@ -114,6 +115,9 @@ def random_crops(images: list[np.ndarray], n: int, crop: int, grayscale_p: float
 class BackboneTargets(nn.Module):
     """Backbone patch features (PatchCore's pooling + concatenation) resampled at the PDN's output cells."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__()
         bb = backbones.resolve(settings.backbone)
@@ -143,7 +147,8 @@ def _key(settings: TeacherSettings, backbone_sha: str | None, natural: list[Path
 
 def cache_path(settings: TeacherSettings, natural_dir: Path) -> Path:
     bb = backbones.resolve(settings.backbone)
-    return backbones.cache_root() / "teachers" / f"pdn-{settings.size}-{_key(settings, bb.weights_sha256, natural_images(natural_dir))}.safetensors"
+    key = _key(settings, bb.weights_sha256, natural_images(natural_dir))
+    return backbones.cache_root() / "teachers" / f"pdn-{settings.size}-{key}.safetensors"
 
 
 def distill(settings: TeacherSettings, natural_dir: Path, out: Path) -> Path:

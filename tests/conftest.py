@@ -64,10 +64,12 @@ class Client:
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self.client.subscribe(f"{prefix}/#", qos=1)
-        time.sleep(0.2)
+        assert subscribed.wait(30), "no SUBACK from the broker"
 
     def _on_message(self, client, userdata, msg) -> None:
         with self.lock:

@@ -198,11 +198,13 @@ class PersistentClient(Client):
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/#", qos=1)
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.client.loop_start()
-        time.sleep(0.3)
+        assert subscribed.wait(30), "no SUBACK from the broker"
 
 
 def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, dataset, tmp_path, worker_factory):
@@ -306,9 +308,9 @@ def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, t
         client.publish_frame("cam", path.read_bytes(), f"s{i}")
     results = client.json_on(f"{prefix}/cam/result", count=len(frames))
     assert all(r["logged"] for r in results)
-    time.sleep(1.0)
-    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]
-    assert stats["store_available"] is False and stats["spool_batches"] >= 1
+    spooled = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
+                              and json.loads(m.payload)["spool_batches"] >= 1, timeout=60)
+    assert json.loads(spooled[-1].payload)["store_available"] is False
     assert worker.stop() == 0
     assert list(spool.glob("*.json")), "embeddings must wait on disk"
     print(f"\nFIGURES store outage: {len(results)} results while the store was down, "

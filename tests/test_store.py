@@ -18,6 +18,7 @@ from worker.config import SpoolConfig, StoreConfig
 from worker.decode import decode, probe
 from worker.evidence import EvidenceStore
 from worker.query import QueryService
+from worker.supervise import Liveness
 from worker.recorder import Record, Recorder
 from worker.store import Filters, StoreError, VectorStore, point_id
 
@@ -90,7 +91,7 @@ def _evidence(tmp_path: Path, frames, **kw) -> EvidenceStore:
     return evidence
 
 
-def test_retention_by_count_deletes_oldest_vectors_and_their_evidence(tmp_path):
+def test_retention_by_count_deletes_oldest_normal_vectors_first_and_their_evidence(tmp_path):
     frames = _frames(20)
     store = _store(tmp_path, max_points=8)
     evidence = _evidence(tmp_path, frames)
@@ -99,9 +100,10 @@ def test_retention_by_count_deletes_oldest_vectors_and_their_evidence(tmp_path):
     assert len(deleted) == 12
     assert store.count() == 8
     kept = {h.payload["frame_id"] for h in store.search(frames[0][1], 20, Filters())}
-    assert kept == {f"f{i}" for i in range(8)}  # the 8 newest by captured_at
+    # by value: all 5 anomalous frames (every 4th) stay; the 3 newest normal ones fill the rest
+    assert kept == {f"f{i}" for i in (0, 4, 8, 12, 16, 1, 2, 3)}
     assert len(evidence) == 8
-    assert all(evidence.read(p["evidence"]["thumbnail"]) is None for _, _, p in frames[8:])
+    assert all(evidence.read(p["evidence"]["thumbnail"]) is None for _, _, p in frames if p["frame_id"] not in kept)
     assert store.retain(evidence, now=NOW) == []  # rate-limited: not due again yet
     store.close()
 
@@ -128,7 +130,8 @@ def test_retention_by_age_for_vectors_and_evidence(tmp_path):
 def test_retention_runs_while_the_recorder_writes(tmp_path):
     store = _store(tmp_path, max_points=5, retention_every_s=0.05, flush_s=0.05, batch_size=4)
     evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
-    recorder = Recorder(lambda: store, evidence, store.cfg, SpoolConfig(path=tmp_path / "spool"), thumbnail_size=16)
+    recorder = Recorder(lambda: store, evidence, store.cfg, SpoolConfig(path=tmp_path / "spool"), thumbnail_size=16,
+                        liveness=Liveness(0))
     recorder.start()
     try:
         for pid, vec, payload in _frames(30):

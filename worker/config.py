@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -56,9 +57,13 @@ class MQTTConfig(_Section):
         return None
 
 
+MetadataPolicy = Literal["required", "optional"]
+
+
 class TopicsConfig(_Section):
     prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
     cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
+    metadata: MetadataPolicy = Field("required", description="Frames without frame_id/captured_at: refused with missing_metadata (required), or given a generated frame_id and captured_at = receive time (optional: cameras and MQTT 3.1.1 clients that cannot send user properties); cameras.<id>.metadata overrides it.")
     share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames (and queries) across the workers of a group. Set mqtt.session_expiry_s to 0 (or a few seconds) in a group: mosquitto keeps routing a dead member's share to its session until the session expires.")
 
     @field_validator("prefix")
@@ -103,6 +108,11 @@ class LimitsConfig(_Section):
     queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
     inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
     dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries.")
+    queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies to either).")
+    recorder_max_records: int = Field(1000, ge=1, description="Logged frames waiting for the recorder; past this (or recorder_max_bytes) the oldest record is dropped and counted.")
+    recorder_max_bytes: int = Field(128_000_000, gt=0, description="Recorder backlog bound in bytes (frame, evidence files and embedding of each record).")
+    request_queue_size: int = Field(16, ge=1, description="Queries, labels and control commands waiting; past this (or request_queue_max_bytes) a new one is answered busy.")
+    request_queue_max_bytes: int = Field(16_000_000, gt=0, description="Request queue bound in payload bytes.")
 
 
 HeatmapPolicy = Literal["always", "anomalous", "never"]
@@ -116,6 +126,20 @@ class HeatmapConfig(_Section):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the colour map over the frame.")
 
 
+class TilingConfig(_Section):
+    """Cut a high-resolution frame into overlapping tiles, each inferred at the model's input size."""
+
+    grid: tuple[int, int] = Field(description="Tiles across and down [cols, rows]; pick them so a tile has about the model's aspect ratio.")
+    overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour, so a defect on a seam is whole in one tile.")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not (1 <= v[0] <= 16 and 1 <= v[1] <= 16):
+            raise ValueError("cols and rows must be 1..16")
+        return v
+
+
 class CameraConfig(_Section):
     """Settings for one camera; anything left unset follows the global section."""
 
@@ -126,6 +150,9 @@ class CameraConfig(_Section):
     heatmap_format: Literal["jpeg", "png"] | None = Field(None, description="Heatmap encoding for this camera.")
     heatmap_size: int | None = Field(None, ge=16, description="Heatmap longer side for this camera.")
     roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is inspected.")
+    metadata: MetadataPolicy | None = Field(None, description="required or optional for this camera (default topics.metadata).")
+    payload: Literal["raw", "json_envelope"] = Field("raw", description="raw: the payload is the image; json_envelope: a JSON object with the base64 image and its fields (README, Worker API).")
+    tiling: TilingConfig | None = Field(None, description="Inspect the frame (after roi) as a grid of tiles at the model's input size; score = the highest tile's.")
 
     @field_validator("roi")
     @classmethod
@@ -138,7 +165,8 @@ class CameraConfig(_Section):
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
-    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics; give each worker on one box its own.")
+    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own.")
+    max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under camera=\"_other\" (bounds the series when topics.cameras is empty).")
 
 
 class StoreConfig(_Section):
@@ -150,7 +178,7 @@ class StoreConfig(_Section):
     log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
     flush_s: float = Field(0.5, gt=0, description="Longest an embedding waits before it is written.")
-    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) are deleted; none = no limit.")
+    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) unlabelled normal frames are deleted first, anomalous or labelled ones only when no normal frame is left; none = no limit.")
     max_age_h: float | None = Field(None, gt=0, description="Retention: frames captured more than this many hours ago are deleted; none = no limit.")
     retention_every_s: float = Field(60, gt=0, description="How often retention runs while the worker runs (on the recorder thread, never the inference path).")
 
@@ -161,10 +189,19 @@ class SpoolConfig(_Section):
     retry_s: float = Field(5, gt=0, description="How often an unavailable store is tried again.")
 
 
+class EvidenceBudget(_Section):
+    max_frames: int = Field(20_000, ge=1, description="Oldest frames of this class are deleted past this many.")
+    max_mb: float | None = Field(None, gt=0, description="... or past this many megabytes of files; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, description="... or once written longer ago than this many hours; none = no limit.")
+
+
 class EvidenceConfig(_Section):
     path: Path = Field(Path("data/evidence"), description="Folder for thumbnails, anomalous frames and heatmaps.")
-    max_frames: int = Field(5000, ge=1, description="Oldest evidence is deleted past this many frames.")
-    max_age_h: float | None = Field(None, gt=0, description="Evidence older than this many hours is deleted (checked with store retention); none = no limit.")
+    max_frames: int = Field(5000, ge=1, description="Normal frames: the oldest normal frame's evidence is deleted past this many (anomalous and labelled frames have budgets of their own and are never evicted by normal traffic).")
+    max_mb: float | None = Field(None, gt=0, description="Normal frames: byte budget in megabytes; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, description="Normal frames: evidence older than this many hours is deleted (checked with store retention); none = no limit.")
+    anomalous: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000, max_mb=4000), description="Budget of anomalous frames (thumbnail, original frame, heatmap); default 20000 frames, 4000 MB.")
+    labelled: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000), description="Budget of frames an operator labelled (kept apart, so labels outlive both other classes).")
     thumbnail_size: int = Field(128, ge=16, description="Longer side of the thumbnail kept for every logged frame.")
 
 
@@ -195,6 +232,7 @@ class WorkerConfig(_Section):
     id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
+    watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker exits with code 3 for its service manager to restart it; the process also ends if its main loop stops running this long (0 = off).")
 
 
 class Config(_Section):
@@ -222,7 +260,30 @@ class Config(_Section):
         return self
 
 
+def _field_at(path: list[str]) -> object | None:
+    """The annotation of the config key at ``path`` (None when the path is not a known key)."""
+    model: object = Config
+    annotation = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = annotation
+    return annotation
+
+
+def _is_text(annotation: object) -> bool:
+    """True for keys whose value is text (str, SecretStr, Path, or an optional of those)."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = get_args(annotation)
+        return all(a is type(None) or _is_text(a) for a in args) and any(a is not type(None) for a in args)
+    return annotation in (str, SecretStr, Path)
+
+
 def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
+    """Overrides from EDGE_INSPECT__SECTION__KEY.  Text keys (passwords, paths, ids) take the value verbatim;
+    other keys (numbers, booleans, lists) are read as YAML, so ``[a, b]`` and ``null`` work there."""
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -232,7 +293,13 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        if not value or _is_text(_field_at(path)):
+            node[path[-1]] = value
+            continue
+        try:
+            node[path[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: not a valid value ({exc.__class__.__name__})") from None
     return raw
 
 

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from worker.wire import ErrorCode
+
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -24,9 +26,9 @@ FORMATS = {"JPEG": "jpeg", "PNG": "png", "BMP": "bmp"}
 class FrameError(Exception):
     """A frame the worker will not process; ``code`` is part of the published error API."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = ErrorCode(code)
         self.message = message
 
 

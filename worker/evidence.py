@@ -1,10 +1,13 @@
-"""Bounded on-disk evidence: a thumbnail of every logged frame; the original frame and heatmap of anomalous ones.
+"""Bounded on-disk evidence, kept by value: a thumbnail of every logged frame; the original frame and heatmap of
+anomalous ones.
 
 Files are named by the frame's point id (a UUID), never by anything a camera sent,
-so no payload can choose a path.  Past ``max_frames`` the oldest frame's files are
-deleted, and with ``max_age_h`` frames written longer ago than that (checked by
-:meth:`EvidenceStore.retain`, which the store's retention pass calls); the index is
-rebuilt from the folder at start.
+so no payload can choose a path.  Frames are kept in three classes, each with its
+own budget (frames, bytes, age): ``normal``, ``anomalous`` (it has a ``frame`` file)
+and ``labelled`` (an operator labelled it; a ``label`` marker file says so).  A
+class only ever evicts its own oldest frames, so a busy line of normal frames can
+never push a defect out, and a labelled frame outlives both.  The index is rebuilt
+from the folder at start.
 """
 
 from __future__ import annotations
@@ -13,29 +16,89 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+NORMAL, ANOMALOUS, LABELLED = "normal", "anomalous", "labelled"
+CLASSES = (NORMAL, ANOMALOUS, LABELLED)
+_MARKER = ("label", "txt")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one class of evidence may hold; None = no limit on that axis."""
+
+    max_frames: int
+    max_bytes: int | None = None
+    max_age_s: float | None = None
+
+    @classmethod
+    def of(cls, max_frames: int, max_mb: float | None, max_age_h: float | None) -> Budget:
+        """From the config's units (megabytes, hours)."""
+        return cls(max_frames, None if max_mb is None else int(max_mb * 1_000_000),
+                   None if max_age_h is None else max_age_h * 3600)
+
 
 class EvidenceStore:
-    def __init__(self, root: Path, max_frames: int, max_age_h: float | None = None) -> None:
+    def __init__(self, root: Path, max_frames: int, max_age_h: float | None = None,
+                 budgets: dict[str, Budget] | None = None) -> None:
+        """``max_frames``/``max_age_h`` are the normal frames' budget; ``budgets`` sets any class's."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.max_frames = max_frames
-        self.max_age_s = None if max_age_h is None else max_age_h * 3600
+        normal = Budget(max_frames, None, None if max_age_h is None else max_age_h * 3600)
+        self.budgets = {NORMAL: normal, ANOMALOUS: normal, LABELLED: normal, **(budgets or {})}
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, list[Path]] = OrderedDict()
-        files = sorted((p for p in self.root.glob("*/*.*") if p.is_file()), key=lambda p: p.stat().st_mtime)
+        self._index: dict[str, OrderedDict[str, tuple[list[Path], int]]] = {c: OrderedDict() for c in CLASSES}
+        self._bytes = dict.fromkeys(CLASSES, 0)
+        self._class_of: dict[str, str] = {}
+        by_key: dict[str, list[Path]] = {}
+        files = sorted((p for p in self.root.glob("*/*.*") if p.is_file() and not p.name.endswith(".tmp")),
+                       key=lambda p: p.stat().st_mtime)
         for path in files:
-            self._index.setdefault(path.name.split(".", 1)[0], []).append(path)
-        self._enforce()
+            by_key.setdefault(path.name.split(".", 1)[0], []).append(path)
+        for key, paths in by_key.items():
+            kinds = {p.name.split(".")[1] for p in paths}
+            value = LABELLED if _MARKER[0] in kinds else ANOMALOUS if "frame" in kinds else NORMAL
+            self._add(key, value, paths)
+        with self._lock:
+            for value in CLASSES:
+                self._enforce(value)
 
     def _path(self, key: str, kind: str, ext: str) -> Path:
         return self.root / key[:2] / f"{key}.{kind}.{ext}"
 
-    def save(self, key: str, files: dict[str, tuple[str, bytes]]) -> dict[str, str]:
-        """Write ``{kind: (ext, data)}`` for a frame; returns the paths relative to the root."""
+    @staticmethod
+    def _size(paths: list[Path]) -> int:
+        total = 0
+        for p in paths:
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                continue
+        return total
+
+    def _add(self, key: str, value: str, paths: list[Path]) -> None:
+        size = self._size(paths)
+        self._index[value][key] = (paths, size)
+        self._bytes[value] += size
+        self._class_of[key] = value
+
+    def _pop(self, key: str) -> list[Path]:
+        value = self._class_of.pop(key, None)
+        if value is None:
+            return []
+        paths, size = self._index[value].pop(key)
+        self._bytes[value] -= size
+        return paths
+
+    def save(self, key: str, files: dict[str, tuple[str, bytes]], value: str = NORMAL) -> dict[str, str]:
+        """Write ``{kind: (ext, data)}`` for a frame of class ``value``; returns the paths relative to the root."""
+        with self._lock:
+            previous = self._pop(key)
+        if any(p.name.split(".")[1] == _MARKER[0] for p in previous):
+            value = LABELLED  # a labelled frame written again stays labelled
         written = []
         for kind, (ext, data) in files.items():
             path = self._path(key, kind, ext)
@@ -45,10 +108,27 @@ class EvidenceStore:
             tmp.replace(path)
             written.append(path)
         with self._lock:
-            self._index.setdefault(key, []).extend(written)
-            self._index.move_to_end(key)
-            self._enforce()
+            self._add(key, value, list(dict.fromkeys(previous + written)))
+            self._enforce(value)
         return {kind: str(p.relative_to(self.root)) for kind, p in zip(files, written, strict=True)}
+
+    def set_labelled(self, key: str, labelled: bool, anomalous: bool) -> None:
+        """Move a frame into (or back out of) the labelled class; its files stay where they are."""
+        marker = self._path(key, *_MARKER)
+        with self._lock:
+            paths = self._pop(key)
+            if not paths:
+                return  # rotated out already
+            if labelled:
+                marker.parent.mkdir(exist_ok=True)
+                marker.write_bytes(b"")
+                paths = list(dict.fromkeys([*paths, marker]))
+            else:
+                marker.unlink(missing_ok=True)
+                paths = [p for p in paths if p != marker]
+            value = LABELLED if labelled else ANOMALOUS if anomalous else NORMAL
+            self._add(key, value, paths)
+            self._enforce(value)
 
     def read(self, relative: str | None) -> bytes | None:
         """Bytes of a file named in a payload, or None if it has been rotated out."""
@@ -63,32 +143,40 @@ class EvidenceStore:
         """Drop frames whose points the vector store deleted (retention)."""
         with self._lock:
             for key in keys:
-                for path in self._index.pop(key, []):
+                for path in self._pop(key):
                     path.unlink(missing_ok=True)
 
     def retain(self, now: float | None = None) -> int:
-        """Delete frames written more than ``max_age_h`` ago (oldest first); returns how many."""
-        if self.max_age_s is None:
-            return 0
-        cutoff = (time.time() if now is None else now) - self.max_age_s
+        """Delete frames written longer ago than their class's age budget (oldest first); returns how many."""
+        now = time.time() if now is None else now
         removed = 0
         with self._lock:
-            while self._index:
-                key, paths = next(iter(self._index.items()))
-                newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
-                if newest >= cutoff:
-                    break
-                self._index.popitem(last=False)
-                for path in paths:
-                    path.unlink(missing_ok=True)
-                removed += 1
+            for value, index in self._index.items():
+                max_age = self.budgets[value].max_age_s
+                if max_age is None:
+                    continue
+                cutoff = now - max_age
+                while index:
+                    key, (paths, _) = next(iter(index.items()))
+                    newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+                    if newest >= cutoff:
+                        break
+                    for path in self._pop(key):
+                        path.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
-    def __len__(self) -> int:
-        return len(self._index)
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Frames and bytes held per class (for the stats topic)."""
+        with self._lock:
+            return {v: {"frames": len(self._index[v]), "bytes": self._bytes[v]} for v in CLASSES}
 
-    def _enforce(self) -> None:
-        while len(self._index) > self.max_frames:
-            _, paths = self._index.popitem(last=False)
-            for path in paths:
+    def __len__(self) -> int:
+        return len(self._class_of)
+
+    def _enforce(self, value: str) -> None:
+        budget, index = self.budgets[value], self._index[value]
+        while index and (len(index) > budget.max_frames
+                         or (budget.max_bytes is not None and self._bytes[value] > budget.max_bytes)):
+            for path in self._pop(next(iter(index))):
                 path.unlink(missing_ok=True)

@@ -16,8 +16,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.pipeline import iso
-from worker.query import QueryError, serve_request
+from worker.evidence import EvidenceStore
+from worker.query import serve_request
+from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 from worker.store import LABELS, VectorStore
 
 EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label", "defect_type", "note",
@@ -27,8 +28,8 @@ EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label
 class SetLabel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["set"]
-    frame_id: str
-    camera: str
+    frame_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     label: Literal[LABELS] | None = Field(description="None clears the label.")
     defect_type: str | None = Field(None, max_length=64)
     note: str | None = Field(None, max_length=500)
@@ -41,8 +42,10 @@ class ExportLabels(BaseModel):
 
 
 class LabelService:
-    def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]]) -> None:
+    def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]],
+                 evidence: EvidenceStore | None = None) -> None:
         self.use_store = use_store
+        self.evidence = evidence
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
@@ -55,12 +58,14 @@ class LabelService:
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)
         if found is None:
-            raise QueryError("unknown_frame", f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
+            raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
         pid, vector, payload = found
         labelled = request.label is not None
         payload.update(label=request.label, defect_type=request.defect_type if labelled else None,
                        note=request.note if labelled else None, labelled_at=iso(time.time()) if labelled else None)
         store.upsert([(pid, vector, payload)])
+        if self.evidence is not None:  # a labelled frame's evidence moves to the labelled budget
+            self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
         return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
                 "defect_type": payload["defect_type"]}
 

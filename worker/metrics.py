@@ -1,18 +1,29 @@
 """Counters the worker keeps, published two ways: the stats topic (JSON) and Prometheus ``/metrics``.
 
 One :class:`Stats` object is updated on every frame; it feeds both, so the two views
-never disagree.  Each worker has its own Prometheus registry (no global state).
+never disagree.  Each worker has its own Prometheus registry (no global state).  The
+same HTTP server answers ``/healthz`` from the thread liveness registry.  Camera ids
+come from topic levels, so at most ``metrics.max_cameras`` of them become labels.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import Counter as PromCounter
-from prometheus_client import Gauge, Histogram, start_http_server
+from prometheus_client import Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.supervise import Liveness
+
+OTHER = "_other"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -22,8 +33,12 @@ class Stats:
 
     FIELDS = ("received", "processed", "anomalous", "errored", "dropped", "duplicates")
 
-    def __init__(self) -> None:
+    def __init__(self, liveness: Liveness | None = None, max_cameras: int = 64) -> None:
         self._lock = threading.Lock()
+        self.liveness = liveness or Liveness(0)
+        self.max_cameras = max_cameras
+        self._labelled: set[str] = set()
+        self._server: ThreadingHTTPServer | None = None
         self._counts: dict[str, Counter] = defaultdict(Counter)
         self.started = time.time()
         self.registry = CollectorRegistry()
@@ -39,28 +54,97 @@ class Stats:
         self.store_up = Gauge("edge_inspect_store_available", "1 when the vector store answers.", registry=self.registry)
         self.model = Gauge("edge_inspect_model_info", "The bundle serving each camera group (value 1).",
                            ["scope", "name", "version", "precision"], registry=self.registry)
+        self.registry.register(_LivenessCollector(self.liveness))
+
+    def _label(self, camera: str) -> str:
+        """The camera's Prometheus label: itself for the first ``max_cameras`` cameras, then ``_other``."""
+        with self._lock:
+            if camera in self._labelled:
+                return camera
+            if len(self._labelled) < self.max_cameras:
+                self._labelled.add(camera)
+                return camera
+        return OTHER
 
     def add(self, camera: str, field: str, n: int = 1, code: str | None = None) -> None:
         with self._lock:
-            self._counts[camera][field] += n
-        self._frames.labels(camera, field).inc(n)
+            if camera in self._counts or len(self._counts) < self.max_cameras:
+                self._counts[camera][field] += n
+            else:
+                self._counts[OTHER][field] += n
+        label = self._label(camera)
+        self._frames.labels(label, field).inc(n)
         if code is not None:
-            self._errors.labels(camera, code).inc(n)
+            self._errors.labels(label, code).inc(n)
 
     def observe(self, latency_ms: dict[str, float]) -> None:
         for stage in ("queue", "infer", "total"):
             self._latency.labels(stage).observe(latency_ms[stage] / 1000)
 
     def set_model(self, scope: str, name: str, version: str, precision: str) -> None:
-        for sample in list(self.model.collect()[0].samples):
-            if sample.labels["scope"] == scope:
-                self.model.remove(scope, sample.labels["name"], sample.labels["version"], sample.labels["precision"])
-        self.model.labels(scope, name, version, precision).set(1)
+        """Called from the MQTT thread (on connect) and the request thread (reload): serialised."""
+        with self._lock:
+            for sample in list(self.model.collect()[0].samples):
+                if sample.labels["scope"] == scope:
+                    self.model.remove(scope, sample.labels["name"], sample.labels["version"], sample.labels["precision"])
+            self.model.labels(scope, name, version, precision).set(1)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {cam: {f: c[f] for f in self.FIELDS} for cam, c in self._counts.items()}
 
-    def serve(self, host: str, port: int) -> None:
-        """Expose ``/metrics`` over HTTP (prometheus-client's own server, on a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` and ``/healthz`` over HTTP on a daemon thread; returns the bound port."""
+        registry, liveness = self.registry, self.liveness
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                elif path == "/healthz":
+                    problems = liveness.problems()
+                    body = {"ok": not problems, "problems": problems, "threads": liveness.snapshot()}
+                    self._send(503 if problems else 200, "application/json", json.dumps(body).encode())
+                else:
+                    self._send(404, "text/plain", b"not found: /metrics, /healthz\n")
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # scrapes are not log lines
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _LivenessCollector(Collector):
+    """Thread liveness, read at scrape time from the registry the threads update."""
+
+    def __init__(self, liveness: Liveness) -> None:
+        self.liveness = liveness
+
+    def collect(self) -> Iterator:
+        since = GaugeMetricFamily("edge_inspect_thread_since_progress_seconds",
+                                  "Seconds since each supervised thread last made progress.", labels=["thread"])
+        up = GaugeMetricFamily("edge_inspect_thread_up", "1 when the thread is alive and not stuck.", labels=["thread"])
+        restarts = CounterMetricFamily("edge_inspect_thread_restarts",
+                                       "Times a thread's loop went on after an unexpected exception.", labels=["thread"])
+        problems = " ".join(self.liveness.problems())
+        for name, s in self.liveness.snapshot().items():
+            since.add_metric([name], s["since_progress_s"])
+            up.add_metric([name], 0 if f"{name}:" in problems else 1)
+            restarts.add_metric([name], s["restarts"])
+        yield from (since, up, restarts)

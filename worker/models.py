@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bundle import MANIFEST, BundleError, Normalisation
 from bundle.runtime import CompiledBundle
 from worker.config import Config
@@ -23,6 +25,18 @@ from worker.config import Config
 log = logging.getLogger(__name__)
 
 DEFAULT = "default"
+
+
+def warm_up(bundle: CompiledBundle) -> None:
+    """One inference on the calling thread before any inference thread may use ``bundle``.
+
+    The first ``InferRequest.infer`` in a process initialises numpy's C API inside pybind11
+    (``gil_safe_call_once_and_store``); two threads entering it at once deadlock (one holds the
+    GIL waiting for the once-flag, the other holds the flag waiting for the GIL).  Models are
+    compiled on the main thread at start and on the request thread on reload, never concurrently.
+    """
+    spec = bundle.manifest.input
+    bundle.infer(np.zeros((1, spec.height, spec.width, 3), np.uint8))
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ class Models:
             raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
                               "(they share one vector-store collection)")
         m = bundle.manifest
+        warm_up(bundle)
         log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests", m.name, m.version,
                  m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,
                  bundle.optimal_requests)

@@ -15,31 +15,30 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
-import paho.mqtt.client as mqtt
+from pydantic import ValidationError
 
 from bundle import prepare_image
-from worker import heatmap
+from worker import heatmap, tiling
 from worker.config import Config, HeatmapConfig
 from worker.decode import FrameError, decode, probe
+from worker.ingest import Ingest
 from worker.metrics import Stats
 from worker.models import Model, Models
-from worker.mqtt import MqttLink, PacketTooLarge, publish_properties, user_properties
-from worker.query import parse_timestamp
+from worker.mqtt import PacketTooLarge, publish_properties
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Record, Recorder
+from worker.spaces import embedding_space_of
 from worker.store import point_id
+from worker.supervise import Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
+from worker.transport import Inbound, Transport
+from worker.wire import ErrorCode, FrameMetadata, iso, valid_id
 
 log = logging.getLogger(__name__)
 
-MAX_ID_LENGTH = 128
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+__all__ = ["Frame", "Pipeline", "iso"]
 
 
 @dataclass
@@ -52,30 +51,33 @@ class Frame:
     fmt: str
     received_ts: float
     received_mono: float
-
-
-def _valid_id(value: str | None) -> bool:
-    return bool(value) and len(value) <= MAX_ID_LENGTH and value.isprintable() and "/" not in value
+    generated: tuple[str, ...] = ()  # fields the worker made up (metadata: optional)
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, models: Models, link: MqttLink, topics: Topics, recorder: Recorder,
-                 stats: Stats) -> None:
+    def __init__(self, cfg: Config, models: Models, link: Transport, topics: Topics, recorder: Recorder,
+                 stats: Stats, liveness: Liveness) -> None:
         self.cfg = cfg
         self.models = models
         self.link = link
         self.topics = topics
         self.recorder = recorder
         self.stats = stats
+        self.liveness = liveness
         self.allowed = set(cfg.topics.cameras) | set(cfg.cameras) if cfg.topics.cameras else set()
-        self.queue: BoundedQueue[Frame] = BoundedQueue(cfg.limits.queue_size, cfg.limits.queue_policy)
+        self.ingest = Ingest(cfg)
+        # Policy: limits.queue_policy when full in frames (limits.queue_size) or bytes (limits.queue_max_bytes);
+        # a drop evicts a frame of the camera holding the most, so a flooding camera pays for its own flood.
+        self.queue: BoundedQueue[Frame] = BoundedQueue(cfg.limits.queue_size, cfg.limits.queue_policy,
+                                                       cfg.limits.queue_max_bytes, size=lambda f: len(f.data),
+                                                       key=lambda f: f.camera)
         n = cfg.limits.inference_threads or max(1, models.default.bundle.optimal_requests)
         self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
         self._normal_seen: Counter = Counter()
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
         self._query_lock = threading.Lock()
-        self._query_requests: dict[int, object] = {}
+        self._query_requests: dict[Model, object] = {}
         base = cfg.heatmap
         self._heatmap_by_camera = {
             camera: (o.heatmap or base.publish,
@@ -84,31 +86,48 @@ class Pipeline:
         }
 
     # --- MQTT thread -------------------------------------------------------------------------
-    def on_frame(self, msg: mqtt.MQTTMessage) -> None:
-        received_ts, received_mono = time.time(), time.monotonic()
+    def on_frame(self, msg: Inbound) -> None:
+        """Admit or refuse one frame message; every frame on a camera topic gets exactly one outcome."""
         camera = self.topics.camera_of(msg.topic)
         if camera is None:
             return
-        props = user_properties(msg)
+        props = msg.user
+        try:
+            self._on_frame(camera, props, msg.payload)
+        except Exception as exc:  # a bug in admission must cost this frame only
+            log.exception("admission of a frame from %s failed", camera)
+            self._fail(camera, props.get("frame_id"), ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _on_frame(self, camera: str, props: dict[str, str], payload: bytes) -> None:
+        received_ts, received_mono = time.time(), time.monotonic()
         self.stats.add(camera, "received")
-        if self._seen_before(camera, props.get("frame_id")):
+        try:
+            arrival = self.ingest.arrive(camera, props, payload, received_ts)
+        except FrameError as exc:
+            self._fail(camera, props.get("frame_id"), exc.code, exc.message)
+            return
+        props, payload = arrival.fields, arrival.data
+        if "frame_id" not in arrival.generated and self._seen_before(camera, props.get("frame_id")):
             # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
             self.stats.add(camera, "duplicates")
             log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
             return
         try:
-            frame = self._admit(camera, props, msg.payload, received_ts, received_mono)
+            frame = self._admit(camera, props, payload, received_ts, received_mono, arrival.generated)
         except FrameError as exc:
             self._fail(camera, props.get("frame_id"), exc.code, exc.message)
             return
-        dropped = self.queue.put(frame)
-        if dropped is not None:
-            self._fail(dropped.camera, dropped.frame_id, "dropped",
-                       f"queue full ({self.queue.maxsize}); policy {self.queue.policy.value}", counter="dropped")
+        for dropped in self.queue.put(frame):
+            if self.queue.closed:
+                self._fail(dropped.camera, dropped.frame_id, ErrorCode.SHUTDOWN, "the worker is stopping")
+            else:
+                self._fail(dropped.camera, dropped.frame_id, ErrorCode.DROPPED,
+                           f"queue full ({self.queue.maxsize} frames or {self.queue.max_bytes} bytes); "
+                           f"policy {self.queue.policy.value}", counter="dropped")
 
     def _seen_before(self, camera: str, frame_id: str | None) -> bool:
         """Remember the last ``limits.dedupe_window`` (camera, frame_id) pairs; True for a repeat."""
-        if not _valid_id(frame_id):
+        if not valid_id(frame_id):
             return False
         key = (camera, frame_id)
         with self._lock:
@@ -119,28 +138,30 @@ class Pipeline:
                 self._recent.popitem(last=False)
         return False
 
-    def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float) -> Frame:
+    def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float,
+               generated: tuple[str, ...] = ()) -> Frame:
         if self.allowed and camera not in self.allowed:
-            raise FrameError("unknown_camera", f"camera {camera!r} is not in topics.cameras")
+            raise FrameError(ErrorCode.UNKNOWN_CAMERA, f"camera {camera!r} is not in topics.cameras")
         claimed = props.get("camera_id")
         if claimed is not None and claimed != camera:
-            raise FrameError("camera_mismatch", f"user property camera_id {claimed!r} differs from the topic's camera {camera!r}")
-        frame_id = props.get("frame_id")
-        if frame_id is None or "captured_at" not in props:
-            missing = [k for k in ("frame_id", "captured_at") if k not in props]
-            raise FrameError("missing_metadata", f"user properties {', '.join(missing)} required (MQTT v5)")
-        if not _valid_id(frame_id):
-            raise FrameError("bad_metadata", f"frame_id must be 1..{MAX_ID_LENGTH} printable characters without '/'")
+            raise FrameError(ErrorCode.CAMERA_MISMATCH, f"user property camera_id {claimed!r} differs from the topic's camera {camera!r}")
+        missing = [k for k in ("frame_id", "captured_at") if k not in props]
+        if missing:
+            raise FrameError(ErrorCode.MISSING_METADATA, f"{', '.join(missing)} required (MQTT v5 user properties or "
+                             "envelope fields), or set metadata: optional for this camera")
         try:
-            captured_ts = parse_timestamp(props["captured_at"])
-        except (ValueError, OverflowError):
-            raise FrameError("bad_metadata", f"captured_at {props['captured_at'][:64]!r} is not ISO-8601 or epoch seconds") from None
+            meta = FrameMetadata.model_validate(props)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise FrameError(ErrorCode.BAD_METADATA, problems[:500]) from None
         fmt = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
-        return Frame(camera, frame_id, iso(captured_ts), captured_ts, data, fmt, received_ts, received_mono)
+        ts = meta.captured_ts
+        return Frame(camera, meta.frame_id, iso(ts), ts, data, fmt, received_ts, received_mono, generated)
 
-    def _fail(self, camera: str, frame_id: str | None, code: str, message: str, counter: str = "errored") -> None:
+    def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:
+        code = ErrorCode(code).value
         self.stats.add(camera, counter, code=code)
-        body = {"code": code, "message": message, "frame_id": frame_id if _valid_id(frame_id) else None,
+        body = {"code": code, "message": message, "frame_id": frame_id if valid_id(frame_id) else None,
                 "camera": camera, "worker": self.cfg.worker.id, "at": iso(time.time())}
         log.info("frame %s/%s refused: %s: %s", camera, body["frame_id"], code, message)
         self.link.publish(self.topics.error(camera), json.dumps(body),
@@ -149,6 +170,7 @@ class Pipeline:
     # --- inference threads -------------------------------------------------------------------
     def start(self) -> None:
         for t in self.threads:
+            self.liveness.register(t.name, t)
             t.start()
 
     def stop(self, timeout: float) -> int:
@@ -166,33 +188,38 @@ class Pipeline:
             if frame is None:
                 break
             left += 1
-            self._fail(frame.camera, frame.frame_id, "shutdown", "worker stopped before this frame was processed")
+            self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, "worker stopped before this frame was processed")
         return left
 
     def _run(self) -> None:
-        requests: dict[int, object] = {}  # one infer request per model this thread has served
-        while True:
+        name = threading.current_thread().name
+        requests: dict[Model, object] = {}  # one infer request per model this thread has served (keeps it alive)
+
+        def step() -> None:
+            nonlocal requests
             try:
                 frame = self.queue.get(timeout=0.5)
             except Closed:
-                return
+                raise StopLoop from None
             if frame is None:
-                continue
+                return
             try:
                 model = self.models.for_camera(frame.camera)
-                request = requests.get(id(model.bundle))
+                request = requests.get(model)
                 if request is None:  # first frame on a (re)loaded model: forget requests of replaced ones
-                    live = {id(m.bundle) for m in self.models.scopes().values()}
-                    requests = {k: v for k, v in requests.items() if k in live}
-                    request = requests[id(model.bundle)] = model.bundle.create_request()
+                    live = set(self.models.scopes().values())
+                    requests = {m: r for m, r in requests.items() if m in live}
+                    request = requests[model] = model.bundle.create_request()
                 self._process(frame, model, request)
             except FrameError as exc:
                 self._fail(frame.camera, frame.frame_id, exc.code, exc.message)
             except PacketTooLarge as exc:
-                self._fail(frame.camera, frame.frame_id, "result_too_large", str(exc))
+                self._fail(frame.camera, frame.frame_id, ErrorCode.RESULT_TOO_LARGE, str(exc))
             except Exception as exc:  # keep serving; the frame still gets its error message
                 log.exception("frame %s/%s failed", frame.camera, frame.frame_id)
-                self._fail(frame.camera, frame.frame_id, "internal_error", f"{type(exc).__name__}: {exc}")
+                self._fail(frame.camera, frame.frame_id, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+        supervised_loop(self.liveness, name, step)
 
     def _should_log(self, camera: str, anomalous: bool) -> bool:
         every = self.cfg.store.log_normal_every
@@ -222,17 +249,18 @@ class Pipeline:
     def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
         manifest = model.bundle.manifest
-        image = prepare_image(self._crop(decode(frame.data), frame.camera), manifest.input)
+        cropped = self._crop(decode(frame.data), frame.camera)
         t_decoded = time.monotonic()
-        pred = model.bundle.infer(image[np.newaxis], request)
+        override = self.cfg.cameras.get(frame.camera)
+        seen = tiling.see(model.bundle, request, cropped, override.tiling if override else None)
         t_inferred = time.monotonic()
-        raw = float(pred.score[0])
+        raw = seen.score
         norm = self.models.image_norm(model, frame.camera)
         anomalous = raw >= norm.threshold
         policy, look = self._heatmap_settings(frame.camera)
         publish_heat = policy == "always" or (policy == "anomalous" and anomalous)
         logged = self._should_log(frame.camera, anomalous)
-        heat = (heatmap.render(image, pred.anomaly_map[0], model.bundle.thresholds.pixel, look)
+        heat = (heatmap.render(seen.image, seen.anomaly_map, model.bundle.thresholds.pixel, look)
                 if publish_heat or (anomalous and logged) else None)
         result = {
             "frame_id": frame.frame_id,
@@ -247,7 +275,10 @@ class Pipeline:
             "heatmap": {"topic": self.topics.heatmap(frame.camera), "format": look.format} if publish_heat else None,
             "logged": logged,
             "worker": self.cfg.worker.id,
+            "generated": list(frame.generated),
         }
+        if seen.tiles is not None:
+            result["tiles"] = seen.tiles
         if publish_heat:
             try:
                 self.link.publish(self.topics.heatmap(frame.camera), heat, properties=publish_properties(
@@ -277,8 +308,8 @@ class Pipeline:
                 files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
             payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=manifest.name,
-                           model_version=manifest.version)
-            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), pred.embedding[0], payload, image, files))
+                           model_version=manifest.version, embedding_space=embedding_space_of(manifest))
+            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files))
 
     def embed(self, data: bytes) -> np.ndarray:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request)."""
@@ -286,8 +317,8 @@ class Pipeline:
         model = self.models.default
         image = prepare_image(decode(data), model.bundle.manifest.input)
         with self._query_lock:
-            request = self._query_requests.get(id(model.bundle))
+            request = self._query_requests.get(model)
             if request is None:
-                self._query_requests = {id(model.bundle): model.bundle.create_request()}
-                request = self._query_requests[id(model.bundle)]
+                self._query_requests = {model: model.bundle.create_request()}
+                request = self._query_requests[model]
             return model.bundle.infer(image[np.newaxis], request).embedding[0]

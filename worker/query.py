@@ -9,46 +9,28 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from dataclasses import replace
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from worker.decode import FrameError
 from worker.evidence import EvidenceStore
 from worker.recorder import StoreUnavailable
-from worker.store import Filters, VectorStore
+from worker.spaces import PAYLOAD_KEY
+from worker.store import Filters, StoreError, VectorStore
+from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, decode_json, error_answer, parse_timestamp, validate
 
-
-class QueryError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def parse_timestamp(value: str | float | int) -> float:
-    """ISO-8601 (with or without zone; naive means UTC) or epoch seconds -> epoch seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
-    return stamp.timestamp()
+log = logging.getLogger(__name__)
 
 
 class QueryFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    cameras: list[str] = Field(default_factory=list)
+    cameras: list[str] = Field(default_factory=list, max_length=1000)
     anomalous_only: bool = False
     since: str | float | None = None
     until: str | float | None = None
@@ -58,14 +40,14 @@ class QueryFilters(BaseModel):
             since = parse_timestamp(self.since) if self.since is not None else None
             until = parse_timestamp(self.until) if self.until is not None else None
         except ValueError as exc:
-            raise QueryError("bad_request", f"filters.since/until: {exc}") from None
+            raise RequestError(ErrorCode.BAD_REQUEST, f"filters.since/until: {exc}") from None
         return Filters(tuple(self.cameras), self.anomalous_only, since, until)
 
 
 class QueryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    frame_id: str | None = None
-    camera: str | None = Field(None, description="Camera of frame_id, when frame ids repeat across cameras.")
+    frame_id: str | None = Field(None, max_length=MAX_ID_LENGTH)
+    camera: str | None = Field(None, max_length=MAX_ID_LENGTH, description="Camera of frame_id, when frame ids repeat across cameras.")
     image_b64: str | None = None
     top_k: int = Field(5, ge=1)
     filters: QueryFilters = QueryFilters()
@@ -87,28 +69,29 @@ def serve_request(payload: bytes, pick: Callable[[object], type[BaseModel]],
                   handle: Callable[[BaseModel, VectorStore], dict]) -> dict:
     """Parse and validate one JSON request (``pick`` chooses its model) and answer it against the store.
 
-    Shared by queries and labels, so both report bad requests and an unavailable store the same way.
+    Shared by queries and labels, so both report bad requests and an unavailable store the same way;
+    never raises: a store that fails mid-request answers ``store_unavailable``, anything else ``internal_error``.
     """
     try:
-        try:
-            raw = json.loads(payload)
-            request = pick(raw).model_validate(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise QueryError("bad_request", f"request is not JSON: {exc}") from None
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}" for e in exc.errors())
-            raise QueryError("bad_request", problems) from None
+        raw = decode_json(payload)
+        request = validate(pick(raw), raw)
         with use_store() as store:
             return handle(request, store)
-    except StoreUnavailable as exc:
-        return {"ok": False, "error": {"code": "store_unavailable", "message": str(exc)}}
-    except QueryError as exc:
-        return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+    except (StoreUnavailable, StoreError) as exc:
+        return error_answer(ErrorCode.STORE_UNAVAILABLE, str(exc))
+    except RequestError as exc:
+        return error_answer(exc.code, exc.message)
+    except Exception as exc:
+        log.exception("request failed")
+        return error_answer(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 class QueryService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]], evidence: EvidenceStore,
-                 embed: Callable[[bytes], np.ndarray], max_top_k: int) -> None:
+                 embed: Callable[[bytes], np.ndarray], max_top_k: int,
+                 image_space: Callable[[], str] | None = None) -> None:
+        """``embed`` turns an uploaded image into a vector of the space ``image_space()`` names."""
+        self.image_space = image_space
         self.use_store = use_store
         self.evidence = evidence
         self.embed = embed
@@ -123,31 +106,34 @@ class QueryService:
 
     def answer(self, request: QueryRequest, store: VectorStore) -> dict:
         if request.top_k > self.max_top_k:
-            raise QueryError("bad_request", f"top_k {request.top_k} exceeds the limit {self.max_top_k}")
+            raise RequestError(ErrorCode.BAD_REQUEST, f"top_k {request.top_k} exceeds the limit {self.max_top_k}")
         filters = request.filters.to_filters()
         if store.count() == 0:
-            raise QueryError("empty_store", "no frames have been logged yet")
+            raise RequestError(ErrorCode.EMPTY_STORE, "no frames have been logged yet")
         exclude = None
         query: dict = {}
         if request.frame_id is not None:
             found = store.find(request.frame_id, request.camera)
             if found is None:
                 where = f" from camera {request.camera}" if request.camera else ""
-                raise QueryError("unknown_frame", f"frame {request.frame_id!r}{where} is not in the history")
+                raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r}{where} is not in the history")
             exclude, vector, payload = found
+            space = payload.get(PAYLOAD_KEY)
             query = {"frame_id": payload.get("frame_id"), "camera": payload.get("camera")}
         else:
             try:
                 data = base64.b64decode(request.image_b64 or "", validate=True)
             except binascii.Error:
-                raise QueryError("bad_image", "image_b64 is not valid base64") from None
+                raise RequestError(ErrorCode.BAD_IMAGE, "image_b64 is not valid base64") from None
             try:
                 vector = self.embed(data)
             except FrameError as exc:
-                raise QueryError("bad_image", f"{exc.code}: {exc.message}") from None
+                raise RequestError(ErrorCode.BAD_IMAGE, f"{exc.code}: {exc.message}") from None
+            space = self.image_space() if self.image_space is not None else None
             query = {"image_bytes": len(data)}
-        hits = store.search(vector, request.top_k, filters, exclude=exclude)
-        return {"ok": True, "query": query, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+        # Only vectors of the query's embedding space are comparable with it (a point from before spaces: any).
+        hits = store.search(vector, request.top_k, replace(filters, space=space), exclude=exclude)
+        return {"ok": True, "query": query, "space": space, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
 
     def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:
         evidence = payload.get("evidence") or {}

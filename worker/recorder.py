@@ -4,7 +4,9 @@ Inference threads only hand a record over (a deque append); thumbnail encoding,
 file writes and store upserts happen here.  When the store cannot be opened or a
 write fails, batches go to a bounded on-disk spool and are replayed in arrival
 order once the store answers again, so an outage delays history instead of losing
-it and inference never waits.  The spool survives restarts.
+it and inference never waits.  The spool survives restarts; a batch file that cannot
+be read (a crash mid-write, a full disk) is moved aside as ``*.corrupt`` and counted,
+so it can never stop the worker from starting or the spool from draining.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from worker.config import QueuePolicy, SpoolConfig, StoreConfig
-from worker.evidence import EvidenceStore
+from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
 from worker.store import VectorStore
+from worker.supervise import Liveness, StopLoop, supervised_loop
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,10 @@ class Record:
     frame: np.ndarray  # the prepared (model-size) frame, for the thumbnail
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # evidence kind -> (ext, data)
 
+    @property
+    def nbytes(self) -> int:
+        return self.vector.nbytes + self.frame.nbytes + sum(len(data) for _, data in self.files.values())
+
 
 class Spool:
     """Batches the store has not taken yet, one JSON file each, oldest first; bounded in bytes."""
@@ -53,10 +60,35 @@ class Spool:
         self.max_bytes = max_bytes
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink()
-        self._files = sorted(self.folder.glob("*.json"))
-        self._counts = {p: len(json.loads(p.read_text())["points"]) for p in self._files}
-        self._seq = int(self._files[-1].stem) + 1 if self._files else 0
         self.dropped_points = 0
+        self.corrupt_batches = 0
+        self._files: list[Path] = []
+        self._counts: dict[Path, int] = {}
+        for path in sorted(self.folder.glob("*.json")):
+            points = self._read(path)
+            if points is not None:
+                self._files.append(path)
+                self._counts[path] = len(points)
+        last = max((int(p.stem) for p in self.folder.glob("*.*") if p.stem.isdigit()), default=-1)
+        self._seq = last + 1
+
+    def _read(self, path: Path) -> list[dict] | None:
+        """The points of a batch file, or None after moving an unreadable one aside."""
+        try:
+            points = json.loads(path.read_bytes())["points"]
+            if not isinstance(points, list):
+                raise ValueError("points is not a list")
+            return points
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.corrupt_batches += 1
+            log.error("spool batch %s is unreadable (%s): moved aside as .corrupt", path.name, exc)
+            try:
+                path.replace(path.with_suffix(".corrupt"))
+            except OSError:
+                log.exception("could not move %s aside", path)
+            return None
 
     def __len__(self) -> int:
         return len(self._files)
@@ -78,11 +110,20 @@ class Spool:
         self._enforce()
 
     def oldest(self) -> tuple[Path, list[Point]] | None:
-        if not self._files:
-            return None
-        path = self._files[0]
-        points = json.loads(path.read_text())["points"]
-        return path, [(p["id"], np.asarray(p["vector"], np.float32), p["payload"]) for p in points]
+        """The oldest readable batch; unreadable ones on the way are moved aside and forgotten."""
+        while self._files:
+            path = self._files[0]
+            points = self._read(path)
+            try:
+                if points is not None:
+                    return path, [(p["id"], np.asarray(p["vector"], np.float32), p["payload"]) for p in points]
+            except (KeyError, TypeError, ValueError) as exc:
+                self.corrupt_batches += 1
+                log.error("spool batch %s has malformed points (%s): moved aside as .corrupt", path.name, exc)
+                path.replace(path.with_suffix(".corrupt"))
+            self._files.pop(0)
+            self._counts.pop(path, None)
+        return None
 
     def remove(self, path: Path) -> None:
         self._files.remove(path)
@@ -102,7 +143,8 @@ class Spool:
 
 class Recorder:
     def __init__(self, open_store: Callable[[], VectorStore], evidence: EvidenceStore, cfg: StoreConfig,
-                 spool: SpoolConfig, thumbnail_size: int, capacity: int = 10_000) -> None:
+                 spool: SpoolConfig, thumbnail_size: int, liveness: Liveness, max_records: int = 1000,
+                 max_bytes: int = 128_000_000) -> None:
         self._open_store = open_store
         self.store: VectorStore | None = None
         self.evidence = evidence
@@ -110,24 +152,36 @@ class Recorder:
         self.spool = Spool(spool.path, spool.max_mb * 1_000_000)
         self.retry_s = spool.retry_s
         self.thumbnail_size = thumbnail_size
-        self.queue: BoundedQueue[Record] = BoundedQueue(capacity, QueuePolicy.DROP_OLDEST)
+        # Policy: drop_oldest past max_records or max_bytes: history is best effort, inference never waits.
+        self.queue: BoundedQueue[Record] = BoundedQueue(max_records, QueuePolicy.DROP_OLDEST, max_bytes,
+                                                        size=lambda r: r.nbytes)
+        self.liveness = liveness
         self.dropped = 0
         self.written = 0
         self._store_lock = threading.Lock()
         self._next_try = 0.0
-        self._idle = threading.Event()
-        self._idle.set()
+        self._outstanding = 0  # submitted records not yet written, spooled or dropped
+        self._done = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
     def start(self) -> None:
         self._try_open()
+        self.liveness.register(self._thread.name, self._thread)
         self._thread.start()
 
     def submit(self, record: Record) -> None:
-        self._idle.clear()
-        if self.queue.put(record) is not None:
-            self.dropped += 1
-            log.warning("recorder backlog full: oldest record dropped (%d so far)", self.dropped)
+        with self._done:
+            self._outstanding += 1
+        dropped = self.queue.put(record)
+        if dropped:
+            self.dropped += len(dropped)
+            self._settled(len(dropped))
+            log.warning("recorder backlog full: %d record(s) dropped (%d so far)", len(dropped), self.dropped)
+
+    def _settled(self, n: int) -> None:
+        with self._done:
+            self._outstanding -= n
+            self._done.notify_all()
 
     @property
     def pending(self) -> int:
@@ -142,12 +196,9 @@ class Recorder:
             yield self.store
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far is written or spooled."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._idle.wait(0.05) and not len(self.queue):
-                return True
-        return False
+        """Wait until every record submitted so far is written, spooled or dropped (not merely dequeued)."""
+        with self._done:
+            return self._done.wait_for(lambda: self._outstanding <= 0, timeout)
 
     def stop(self, timeout: float = 10) -> None:
         self.queue.close()
@@ -196,10 +247,14 @@ class Recorder:
             log.info("replayed %d spooled points (%d batches left)", len(points), len(self.spool))
 
     def _retain(self) -> None:
-        """Retention (store.max_points/max_age_h, evidence.max_age_h); the store rate-limits it itself."""
-        with self._store_lock:
-            if self.store is not None:
-                self.store.retain(self.evidence)
+        """Retention (store.max_points/max_age_h, evidence.max_age_h); the store rate-limits it itself.
+
+        Runs without ``_store_lock``: an HNSW optimize can take long and queries must not wait for it
+        (the store serialises each call itself; only this thread writes or closes it while running).
+        """
+        store = self.store
+        if store is not None:
+            store.retain(self.evidence)
 
     def _next_batch(self) -> list[Record] | None:
         try:
@@ -224,13 +279,17 @@ class Recorder:
         points = []
         for rec in batch:
             thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
-            rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files})
+            value = ANOMALOUS if rec.payload.get("anomalous") else NORMAL
+            rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files}, value)
             points.append((rec.key, rec.vector, rec.payload))
         return points
 
     def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
+        supervised_loop(self.liveness, self._thread.name, self._step)
+
+    def _step(self) -> None:
+        batch = self._next_batch()
+        try:
             if batch:
                 try:
                     points = self._prepare(batch)
@@ -238,14 +297,14 @@ class Recorder:
                     if len(self.spool) or not self._upsert(points):
                         self.spool.push(points)
                 except Exception:
-                    log.exception("recorder failed on a batch of %d", len(batch))
+                    log.exception("recorder failed on a batch of %d; it is lost", len(batch))
+                finally:
+                    self._settled(len(batch))
             if batch is None:
                 self._next_try = 0.0  # last chance before exit; what is left stays spooled on disk
             if len(self.spool):
                 self._replay()
             self._retain()
+        finally:
             if batch is None:
-                self._idle.set()
-                return
-            if not len(self.queue):
-                self._idle.set()
+                raise StopLoop

@@ -1,14 +1,18 @@
 """The worker process: wires config -> mqtt -> pipeline -> recorder/store -> queries, and shuts down cleanly.
 
-Frames are acknowledged to the broker (QoS 1, manual acks) only once they are in
-our queue; during shutdown new frames are left unacknowledged, so the broker keeps
-them in the persistent session for the next start instead of us dropping them.
+Frames are acknowledged to the broker (QoS 1, manual acks) once they are in our
+queue or answered, exactly once whatever happens to them (an unacknowledged message
+holds a slot of the broker's in-flight window for good); during shutdown new frames
+are left unacknowledged, so the broker keeps them in the persistent session for the
+next start instead of us dropping them.  Every thread is supervised
+(worker/supervise.py); a stuck or dead one makes the worker exit with code 3.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
@@ -16,17 +20,23 @@ import paho.mqtt.client as mqtt
 
 from bundle import BundleError
 from worker.config import Config, QueuePolicy
-from worker.evidence import EvidenceStore
+from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
 from worker.labels import LabelService
 from worker.metrics import Stats
 from worker.models import DEFAULT, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
-from worker.pipeline import Pipeline, iso
+from worker.pipeline import Pipeline
 from worker.query import QueryService
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
+from worker.spaces import embedding_space_of
 from worker.store import VectorStore
+from worker.supervise import DeadMansSwitch, Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
+from worker.transport import Inbound
+from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, validate
+
+EXIT_STUCK = 3
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +47,16 @@ class Worker:
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)
         dim = self.models.embedding_dim
-        self.evidence = EvidenceStore(cfg.evidence.path, cfg.evidence.max_frames, cfg.evidence.max_age_h)
+        ev = cfg.evidence
+        self.evidence = EvidenceStore(ev.path, ev.max_frames, ev.max_age_h, budgets={
+            NORMAL: Budget.of(ev.max_frames, ev.max_mb, ev.max_age_h),
+            ANOMALOUS: Budget.of(ev.anomalous.max_frames, ev.anomalous.max_mb, ev.anomalous.max_age_h),
+            LABELLED: Budget.of(ev.labelled.max_frames, ev.labelled.max_mb, ev.labelled.max_age_h)})
+        self.liveness = Liveness(cfg.worker.watchdog_s)
         self.recorder = Recorder(lambda: VectorStore(cfg.store, dim), self.evidence, cfg.store, cfg.spool,
-                                 cfg.evidence.thumbnail_size)
-        self.stats = Stats()
+                                 cfg.evidence.thumbnail_size, self.liveness, cfg.limits.recorder_max_records,
+                                 cfg.limits.recorder_max_bytes)
+        self.stats = Stats(self.liveness, cfg.metrics.max_cameras)
         self.link = MqttLink(cfg.mqtt, cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}",
                              subscriptions=[self.topics.shared(self.topics.frames, cfg.topics.share_group),
                                             self.topics.shared(self.topics.query, cfg.topics.share_group),
@@ -48,10 +64,14 @@ class Worker:
                                             self.topics.control],
                              will=(self.topics.availability, "offline"))
         self.link.client.manual_ack_set(True)
-        self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats)
-        self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k)
-        self.labels = LabelService(self.recorder.use_store)
-        self.query_queue: BoundedQueue[mqtt.MQTTMessage] = BoundedQueue(16, QueuePolicy.DROP_NEWEST)
+        self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness)
+        self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
+                                    lambda: embedding_space_of(self.models.default.bundle.manifest))
+        self.labels = LabelService(self.recorder.use_store, self.evidence)
+        # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
+        self.query_queue: BoundedQueue[Inbound] = BoundedQueue(
+            cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
+            size=lambda m: len(m.payload))
         self.query_thread = threading.Thread(target=self._serve_requests, name="requests", daemon=True)
         self.accepting = True
         self.link.on_message = self._route
@@ -65,6 +85,7 @@ class Worker:
         scopes = {}
         for scope, model in self.models.scopes().items():
             scopes[scope] = {**model.info, "bundle": str(model.path),
+                             "embedding_space": embedding_space_of(model.bundle.manifest),
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
             self.stats.set_model(scope, model.info["name"], model.info["version"], model.info["precision"])
         body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,
@@ -72,70 +93,87 @@ class Worker:
                 "embedding_dim": self.models.embedding_dim}
         self.link.publish(self.topics.model, json.dumps(body), retain=True)
 
-    def control(self, command: dict) -> dict:
+    def control(self, payload: bytes | dict) -> dict:
         """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves."""
-        scope = command.get("camera") or DEFAULT
-        action = command.get("command")
         try:
-            if action == "reload":
-                path = command.get("bundle") or self.models.scopes().get(scope, self.models.default).path
+            command = validate(ControlRequest, decode_json(payload) if isinstance(payload, bytes) else payload)
+        except RequestError as exc:
+            return error_answer(exc.code, f"{exc.message} (command: reload | rollback | status)")
+        scope = command.camera or DEFAULT
+        try:
+            if command.command == "reload":
+                path = command.bundle or self.models.scopes().get(scope, self.models.default).path
                 model = self.models.load(scope, path)
                 log.info("hot reload: %s now runs %s %s", scope, model.info["name"], model.info["version"])
-            elif action == "rollback":
+            elif command.command == "rollback":
                 model = self.models.rollback(scope)
                 log.info("rollback: %s now runs %s %s", scope, model.info["name"], model.info["version"])
-            elif action != "status":
-                return {"ok": False, "error": {"code": "bad_request", "message": "command: reload | rollback | status"}}
-        except (BundleError, OSError, RuntimeError) as exc:
-            return {"ok": False, "error": {"code": "reload_failed", "message": str(exc)}}
+        except (BundleError, OSError, RuntimeError, ValueError) as exc:
+            return error_answer(ErrorCode.RELOAD_FAILED, str(exc))
         self._publish_models()
         return {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}
 
-    def _route(self, msg: mqtt.MQTTMessage) -> None:
+    def _route(self, raw: mqtt.MQTTMessage) -> None:
+        """paho's network thread: hand the message on, then acknowledge it, exactly once, whatever happened."""
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next session
+        try:
+            with self.liveness.busy("mqtt"):
+                self.dispatch(Inbound.from_paho(raw))
+        except Exception:
+            self.liveness.failed("mqtt")
+            log.exception("handling a message on %s failed", raw.topic)
+        finally:
+            if raw.qos:
+                self.link.client.ack(raw.mid, raw.qos)
+
+    def dispatch(self, msg: Inbound) -> None:
+        """A request goes to the request queue (answered busy when it is full), anything else to the pipeline."""
         if msg.topic in (self.topics.query, self.topics.label, self.topics.control):
-            if self.query_queue.put(msg) is not None:
-                self._respond(msg, {"ok": False, "error": {"code": "busy", "message": "too many queries waiting"}})
+            for refused in self.query_queue.put(msg):
+                self._respond(refused, error_answer(ErrorCode.BUSY, "too many requests waiting"))
         else:
             self.pipeline.on_frame(msg)
-        if msg.qos:
-            self.link.client.ack(msg.mid, msg.qos)
 
-    def _respond(self, msg: mqtt.MQTTMessage, answer: dict) -> None:
-        props = getattr(msg, "properties", None)
-        topic = getattr(props, "ResponseTopic", None)
+    def _respond(self, msg: Inbound, answer: dict) -> None:
+        topic = msg.response_topic
         if not topic:
             log.log(logging.INFO if answer.get("ok") else logging.WARNING,
                     "request on %s without response_topic: %s", msg.topic, json.dumps(answer)[:300])
             return
-        correlation = getattr(props, "CorrelationData", None)
-        reply = publish_properties(content_type="application/json", correlation=correlation)
+        reply = publish_properties(content_type="application/json", correlation=msg.correlation)
         try:
             self.link.publish(topic, json.dumps(answer), properties=reply, qos=1)
         except PacketTooLarge as exc:
-            error = {"ok": False, "error": {"code": "response_too_large", "message": f"{exc}; ask for fewer hits"}}
+            error = error_answer(ErrorCode.RESPONSE_TOO_LARGE, f"{exc}; ask for fewer hits")
             self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
 
     def _serve_requests(self) -> None:
         """Queries, labels and control commands, one at a time, off the MQTT and inference threads."""
-        while True:
+        current: list[Inbound] = []
+
+        def step() -> None:
+            current.clear()
             try:
                 msg = self.query_queue.get(timeout=0.5)
             except Closed:
-                return
+                raise StopLoop from None
             if msg is None:
-                continue
+                return
+            current.append(msg)
             if msg.topic == self.topics.control:
-                try:
-                    command = json.loads(msg.payload)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    command = {}
-                self._respond(msg, self.control(command if isinstance(command, dict) else {}))
+                answer = self.control(msg.payload)
             elif msg.topic == self.topics.label:
-                self._respond(msg, self.labels.answer_bytes(msg.payload))
+                answer = self.labels.answer_bytes(msg.payload)
             else:
-                self._respond(msg, self.queries.answer_bytes(msg.payload))
+                answer = self.queries.answer_bytes(msg.payload)
+            self._respond(msg, answer)
+
+        def answer_error(exc: BaseException) -> None:
+            if current:
+                self._respond(current[0], error_answer(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+
+        supervised_loop(self.liveness, self.query_thread.name, step, answer_error)
 
     def stats_payload(self) -> dict:
         return {
@@ -148,8 +186,13 @@ class Worker:
             "store_available": self.recorder.store is not None,
             "spool_batches": len(self.recorder.spool),
             "spool_dropped_points": self.recorder.spool.dropped_points,
+            "spool_corrupt_batches": self.recorder.spool.corrupt_batches,
+            "recorder_dropped": self.recorder.dropped,
             "evidence_frames": len(self.evidence),
+            "evidence": self.evidence.counts(),
             "cameras": self.stats.snapshot(),
+            "threads": self.liveness.snapshot(),
+            "healthy": not self.liveness.problems(),
         }
 
     def run(self, stop: threading.Event) -> None:
@@ -162,11 +205,17 @@ class Worker:
                           self.cfg.metrics.host, self.cfg.metrics.port, exc)
         self.recorder.start()
         self.pipeline.start()
+        self.liveness.register(self.query_thread.name, self.query_thread)
         self.query_thread.start()
         self.link.start()
+        switch = DeadMansSwitch(self.cfg.worker.watchdog_s)
         now = time.monotonic()
         next_stats, next_watch = now + self.cfg.worker.stats_interval_s, now + self.cfg.model.watch_s
         while not stop.wait(0.2):
+            switch.arm()
+            problems = self.liveness.problems()
+            if problems:
+                self._give_up(problems)
             now = time.monotonic()
             self.stats.queue_depth.set(len(self.pipeline.queue))
             self.stats.store_lag.set(self.recorder.pending + self.recorder.spool.points)
@@ -181,7 +230,17 @@ class Worker:
                     if not answer["ok"]:
                         log.warning("bundle %s changed on disk but was not loaded: %s", path, answer["error"]["message"])
                 next_watch = now + self.cfg.model.watch_s
+        # A shutdown that hangs must end too: the switch stays armed, with room for its own timeouts.
+        DeadMansSwitch(self.cfg.worker.watchdog_s and self.cfg.worker.watchdog_s + 90).arm()
         self.shutdown()
+        switch.disarm()
+
+    def _give_up(self, problems: list[str]) -> None:
+        """A thread is dead or stuck: nothing in-process can be trusted to recover it, so exit for the
+        service manager (systemd Restart=on-failure) to start a fresh worker; the broker keeps what is unacked."""
+        log.critical("watchdog: %s; exiting with code %d for a restart", "; ".join(problems), EXIT_STUCK)
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
 
     def shutdown(self, timeout: float = 30) -> None:
         log.info("stopping: finishing %d queued frames", len(self.pipeline.queue))

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("5b0e4f8e-3f4c-4b8e-9a55-6a1c2f0d7e11")
 # "verdict", not the bool "anomalous", carries the anomalous-only filter: qdrant-edge-py 0.9 never matches
 # MatchValue(True) on a bool field (measured), and one field keeps both engines identical.
-PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keyword", "captured_ts": "float"}
+PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keyword", "captured_ts": "float",
+                   "embedding_space": "keyword"}
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
 _DELETE_CHUNK = 1024
 
@@ -62,6 +63,7 @@ class Filters:
     anomalous_only: bool = False
     since: float | None = None  # epoch seconds, on captured_at
     until: float | None = None
+    space: str | None = None  # embedding space (worker/spaces.py); None = any (points from before spaces)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | 
         must.append(edge.FieldCondition("verdict", match=edge.MatchValue("anomalous")))
     if filters.since is not None or filters.until is not None:
         must.append(edge.FieldCondition("captured_ts", range=edge.RangeFloat(gte=filters.since, lte=filters.until)))
+    if filters.space is not None:
+        must.append(edge.FieldCondition("embedding_space", match=edge.MatchValue(filters.space)))
     must_not = [edge.HasIdCondition({uuid.UUID(exclude)})] if exclude else []
     return edge.Filter(must=must, must_not=must_not) if must or must_not else None
 
@@ -129,9 +133,11 @@ class _Edge:
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=False))
         return [(str(r.id), [], dict(r.payload or {})) for r in recs]
 
-    def oldest(self, n: int) -> list[str]:
+    def oldest(self, n: int, normal_only: bool = False) -> list[str]:
         order = edge.OrderBy("captured_ts", direction=edge.Direction.Asc)
-        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n, order_by=order, with_payload=False))
+        flt = edge.Filter(must=[edge.FieldCondition("verdict", match=edge.MatchValue("normal"))],
+                          must_not=[edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))]) if normal_only else None
+        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n, order_by=order, filter=flt, with_payload=False))
         return [str(r.id) for r in recs]
 
     def before(self, ts: float, n: int) -> list[str]:
@@ -231,7 +237,8 @@ class VectorStore:
         self._call("optimize", self.engine.optimize)
 
     def retain(self, evidence: EvidenceStore | None = None, now: float | None = None, force: bool = False) -> list[str]:
-        """Apply ``store.max_age_h`` and ``store.max_points`` (oldest by captured_at first) and the evidence's own
+        """Apply ``store.max_age_h`` and ``store.max_points`` (oldest unlabelled normal frames first, then the
+        oldest of the rest, by captured_at) and the evidence's own
         limits; returns the deleted point ids.  Runs at most every ``store.retention_every_s`` unless ``force``;
         called from the recorder thread, so it never blocks inference.  Errors are logged, not raised."""
         clock = time.monotonic()
@@ -248,8 +255,9 @@ class VectorStore:
                     deleted += ids
             if self.cfg.max_points is not None:
                 excess = self.count() - self.cfg.max_points
-                while excess > 0:
-                    ids = self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK))
+                while excess > 0:  # by value: unlabelled normal frames go first, defects and labels last
+                    ids = (self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), True)
+                           or self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), False))
                     if not ids:
                         break
                     self.delete(ids)

@@ -19,6 +19,8 @@ def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filte
         must.append(models.FieldCondition(key="verdict", match=models.MatchValue(value="anomalous")))
     if filters.since is not None or filters.until is not None:
         must.append(models.FieldCondition(key="captured_ts", range=models.Range(gte=filters.since, lte=filters.until)))
+    if filters.space is not None:
+        must.append(models.FieldCondition(key="embedding_space", match=models.MatchValue(value=filters.space)))
     must_not = [models.HasIdCondition(has_id=[exclude])] if exclude else []
     return models.Filter(must=must, must_not=must_not) if must or must_not else None
 
@@ -62,9 +64,13 @@ class ServerEngine:
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
         return [(str(p.id), [], dict(p.payload or {})) for p in recs]
 
-    def oldest(self, n: int) -> list[str]:
-        recs, _ = self.client.scroll(self.collection, limit=n, order_by=models.OrderBy(key="captured_ts"),
-                                     with_payload=False)
+    def oldest(self, n: int, normal_only: bool = False) -> list[str]:
+        flt = models.Filter(
+            must=[models.FieldCondition(key="verdict", match=models.MatchValue(value="normal"))],
+            must_not=[models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))],
+        ) if normal_only else None
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n,
+                                     order_by=models.OrderBy(key="captured_ts"), with_payload=False)
         return [str(p.id) for p in recs]
 
     def before(self, ts: float, n: int) -> list[str]:

@@ -47,6 +47,9 @@ def defect_embedding(features: torch.Tensor, patch_scores: torch.Tensor, mean: t
 class DefectEmbedding(nn.Module):
     """:func:`defect_embedding` with its fitted constants as buffers, to live inside an export graph."""
 
+    mean: torch.Tensor
+    whiten: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, whiten: torch.Tensor, temperature: float = TEMPERATURE) -> None:
         super().__init__()
         self.register_buffer("mean", mean.float().contiguous())

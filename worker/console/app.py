@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from worker.api_client import ApiClient, ApiError
 from worker.config import Config
 from worker.console.hub import Hub, content_type
-from worker.query import parse_timestamp
+from worker.wire import parse_timestamp
 from worker.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,12 @@ from worker.config import ConsoleConfig
 from worker.decode import FrameError, decode
 from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
+from worker.supervise import Liveness
 from worker.topics import Topics
 
 log = logging.getLogger(__name__)
+
+HUB = "console-hub"
 
 THUMBNAIL_SIZE = 160
 SERIES_BUCKETS = 360  # score-over-time resolution: one point per window/360 (10 s for an hour)
@@ -90,6 +93,7 @@ class Hub:
         self.errors: dict[str, dict] = {}  # camera -> {"count", "last"}
         self.workers: dict[str, dict] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
+        self.liveness = Liveness(0)  # the hub runs on the console's MQTT thread
 
     @staticmethod
     def _forget_frame(entry: Entry) -> None:
@@ -109,6 +113,15 @@ class Hub:
         return [f"{p}/+/frame", f"{p}/+/heatmap", f"{p}/+/result", f"{p}/+/error", f"{p}/workers/+/+"]
 
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
+        """Anyone may publish under the prefix: a message the hub cannot read is logged and counted, never fatal."""
+        with self.liveness.busy(HUB):
+            try:
+                self._on_message(msg)
+            except Exception:
+                self.liveness.failed(HUB)
+                log.exception("console: message on %s not understood", msg.topic)
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
         prefix_len = len(self.topics.prefix.split("/"))
         rest = parts[prefix_len:]
@@ -247,4 +260,5 @@ class Hub:
                 "cameras": {cam: e.view() for cam, e in sorted(self.latest.items())},
                 "errors": dict(self.errors),
                 "workers": {w: dict(s) for w, s in self.workers.items()},
+                "threads": self.liveness.snapshot(),
             }

@@ -1,0 +1,79 @@
+"""Admission and fairness through the transport seam, in-process: the real pipeline, OpenVINO and qdrant-edge,
+with :class:`worker.transport.MemoryTransport` in place of the broker."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.config import Config
+from worker.evidence import EvidenceStore
+from worker.metrics import Stats
+from worker.models import Models
+from worker.pipeline import Pipeline
+from worker.recorder import Recorder
+from worker.store import VectorStore
+from worker.supervise import Liveness
+from worker.topics import Topics
+from worker.transport import Inbound, MemoryTransport
+
+
+@pytest.fixture
+def pipeline(bundle_dir, tmp_path):
+    cfg = Config.model_validate({
+        "model": {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov")},
+        "store": {"path": str(tmp_path / "q"), "log_normal_every": 0},
+        "spool": {"path": str(tmp_path / "spool")}, "evidence": {"path": str(tmp_path / "ev")},
+        "limits": {"queue_size": 6, "inference_threads": 1},
+    })
+    liveness = Liveness(0)
+    models = Models(cfg)
+    recorder = Recorder(lambda: VectorStore(cfg.store, models.embedding_dim), EvidenceStore(cfg.evidence.path, 10),
+                        cfg.store, cfg.spool, 16, liveness)
+    transport = MemoryTransport()
+    p = Pipeline(cfg, models, transport, Topics("inspect", "w"), recorder, Stats(liveness), liveness)
+    yield p, transport
+    if p.threads[0].ident is not None:  # started by the test
+        p.stop(10)
+
+
+def _frame(camera: str, frame_id: str, png: bytes, **user: str) -> Inbound:
+    return Inbound(f"inspect/{camera}/frame", png, 1, {"frame_id": frame_id, "captured_at": str(time.time()), **user})
+
+
+def _png(dataset: Path) -> bytes:
+    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+
+
+def test_admission_without_a_broker(pipeline, dataset):
+    p, transport = pipeline
+    png = _png(dataset)
+    for value in ("nan", "inf", "1e15", "-1e20"):
+        p.on_frame(_frame("cam", f"t-{value}", png, captured_at=value))
+    p.on_frame(_frame("cam", "x/y", png))
+    p.on_frame(Inbound("inspect/cam/frame", png, 1, {"frame_id": "m"}))
+    p.on_frame(_frame("cam", "mismatch", png, camera_id="other"))
+    codes = [json.loads(m.payload)["code"] for m in transport.on("inspect/cam/error")]
+    assert codes == ["bad_metadata"] * 5 + ["missing_metadata", "camera_mismatch"]
+    assert len(p.queue) == 0
+    p.on_frame(_frame("cam", "good", png))
+    assert len(p.queue) == 1
+
+
+def test_a_flooding_camera_pays_for_its_own_flood(pipeline, dataset):
+    p, transport = pipeline
+    png = _png(dataset)
+    for i in range(30):  # no inference thread runs yet: the queue (6) overflows at once
+        p.on_frame(_frame("flood", f"f{i}", png))
+        if i % 10 == 0:
+            p.on_frame(_frame("steady", f"s{i}", png))
+    dropped = [json.loads(m.payload) for m in transport.on("inspect/flood/error")]
+    assert len(dropped) == 30 + 3 - 6 and {d["code"] for d in dropped} == {"dropped"}
+    assert transport.on("inspect/steady/error") == []
+    p.start()
+    results = transport.wait(lambda m: m.topic.endswith("/result"), 6, timeout=120)
+    assert sorted(json.loads(m.payload)["frame_id"] for m in results if m.topic == "inspect/steady/result") == [
+        "s0", "s10", "s20"]

@@ -1,0 +1,243 @@
+"""Cameras as they are (issue #14): MQTT 3.1.1 publishers without metadata, JSON envelopes, tiled
+high-resolution frames.  Real mosquitto, a real worker process, the real OpenVINO bundle and store."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import Client, user_props, write_config
+from test_worker import _query
+
+from exporter.synthetic import _texture
+from worker import tiling
+from worker.config import TilingConfig
+from worker.ingest import FrameIds
+
+TILING = {"grid": [4, 3], "overlap": 0.1}
+
+
+@pytest.fixture
+def running(broker, bundle_dir, tmp_path, worker_factory):
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    config = write_config(
+        tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+        limits={"max_frame_bytes": 12_000_000},
+        cameras={"loose": {"metadata": "optional"},
+                 "strict": {},
+                 "env": {"payload": "json_envelope"},
+                 "envloose": {"payload": "json_envelope", "metadata": "optional"},
+                 "tiled": {"tiling": TILING},
+                 "whole": {}})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online",
+                    timeout=120)
+    yield prefix, client, worker
+    client.close()
+
+
+class Client311:
+    """A plain MQTT 3.1.1 client: it cannot send or receive user properties."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.cond = threading.Condition()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"t311-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(f"{prefix}/#", qos=1)
+        assert subscribed.wait(30), "no SUBACK from the broker"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.cond:
+            self.messages.append(msg)
+            self.cond.notify_all()
+
+    def wait_for(self, topic: str, count: int, timeout: float = 90) -> list[mqtt.MQTTMessage]:
+        with self.cond:
+            self.cond.wait_for(lambda: sum(m.topic == topic for m in self.messages) >= count, timeout)
+            found = [m for m in self.messages if m.topic == topic]
+        assert len(found) >= count, f"{len(found)}/{count} messages on {topic}"
+        return found
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _good(dataset: Path) -> bytes:
+    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+
+
+def _query_until_found(client: Client, prefix: str, request: dict, timeout: float = 30) -> dict:
+    """The recorder writes in batches: ask again until the frame is in the history (or the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = _query(client, prefix, request)
+        if answer["ok"] or answer["error"]["code"] not in ("unknown_frame", "empty_store") or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)  # polling interval between questions, not synchronisation
+
+
+def test_generated_ids_are_unique_across_processes_and_ordered_within_one():
+    first, restarted = FrameIds(), FrameIds()
+    a, b = first.next(), first.next()
+    assert a != b and a.rsplit("-", 1)[0] == b.rsplit("-", 1)[0] and int(b.rsplit("-", 1)[1]) == int(a.rsplit("-", 1)[1]) + 1
+    assert restarted.next() not in (a, b)
+
+
+def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryable(running, broker, dataset):
+    prefix, client, worker = running
+    old = Client311(broker.port, prefix)
+    try:
+        good = _good(dataset)
+        before = time.time()
+        for _ in range(3):
+            old.client.publish(f"{prefix}/loose/frame", good, qos=1).wait_for_publish(5)
+        results = [json.loads(m.payload) for m in old.wait_for(f"{prefix}/loose/result", 3)]
+        heatmaps = old.wait_for(f"{prefix}/loose/heatmap", 3)
+        assert all(m.payload[:2] == b"\xff\xd8" for m in heatmaps)  # JPEG heatmaps reach a 3.1.1 client
+
+        ids = [r["frame_id"] for r in results]
+        assert len(set(ids)) == 3 and all(i.startswith("g-") for i in ids)
+        for r in results:
+            assert r["generated"] == ["frame_id", "captured_at"]
+            captured = datetime.fromisoformat(r["captured_at"]).timestamp()
+            assert before - 2 <= captured <= time.time() + 1
+
+        # The same frame on a camera that requires metadata is refused, not guessed.
+        old.client.publish(f"{prefix}/strict/frame", good, qos=1).wait_for_publish(5)
+        error = json.loads(old.wait_for(f"{prefix}/strict/error", 1)[0].payload)
+        assert error["code"] == "missing_metadata" and error["frame_id"] is None
+
+        # The history holds them under their generated ids: a query by one finds the other two.
+        answer = _query_until_found(client, prefix, {"frame_id": ids[0], "camera": "loose", "top_k": 5})
+        assert answer["ok"], answer
+        assert {h["frame_id"] for h in answer["hits"]} == set(ids[1:])
+    finally:
+        old.close()
+    v5_results = client.json_on(f"{prefix}/loose/result", count=3)
+    assert {r["frame_id"] for r in v5_results} == set(ids)
+    assert worker.proc.poll() is None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_json_envelopes_are_validated_like_user_properties(running, dataset):
+    prefix, client, worker = running
+    good = _good(dataset)
+    frames = [
+        (json.dumps({"image_b64": _b64(good), "frame_id": "env-1", "captured_at": "2026-11-30T08:00:00Z"}), None),
+        # Node-RED / Frigate style names: a data URL, "id", epoch seconds in "timestamp", extra fields ignored.
+        (json.dumps({"image": "data:image/png;base64," + _b64(good), "id": "env-2", "timestamp": 1795000000,
+                     "camera": "env", "label": "part"}), None),
+        ("not json {", "bad_envelope"),
+        (json.dumps([1, 2, 3]), "bad_envelope"),
+        (json.dumps({"frame_id": "no-image", "captured_at": "2026-11-30T08:00:00Z"}), "bad_envelope"),
+        (json.dumps({"image_b64": "%%%not base64%%%", "frame_id": "bad-b64", "captured_at": "1795000000"}), "bad_envelope"),
+        (json.dumps({"image_b64": _b64(good), "image": _b64(good), "frame_id": "two-images", "captured_at": "1795000000"}),
+         "bad_envelope"),
+        (json.dumps({"image_b64": _b64(b"garbage bytes"), "frame_id": "garbage", "captured_at": "1795000000"}), "not_an_image"),
+        (json.dumps({"image_b64": _b64(good), "captured_at": "1795000000"}), "missing_metadata"),
+        (json.dumps({"image_b64": _b64(good), "frame_id": "bad-time", "captured_at": "soon"}), "bad_metadata"),
+        (json.dumps({"image_b64": _b64(good), "frame_id": {"nested": 1}, "captured_at": "1795000000"}), "bad_metadata"),
+        (json.dumps({"image_b64": _b64(good), "frame_id": "wrong-cam", "captured_at": "1795000000", "camera_id": "cam9"}),
+         "camera_mismatch"),
+        ("", "empty_payload"),
+        (json.dumps({"image_b64": _b64(good), "frame_id": "env-3", "captured_at": "1795000000"}), None),
+    ]
+    for body, _ in frames:
+        client.client.publish(f"{prefix}/env/frame", body.encode(), qos=1).wait_for_publish(5)
+    client.client.publish(f"{prefix}/envloose/frame", json.dumps({"image_b64": _b64(good)}).encode(),
+                          qos=1).wait_for_publish(5)
+
+    expected_errors = [code for _, code in frames if code]
+    errors = client.json_on(f"{prefix}/env/error", count=len(expected_errors))
+    assert [e["code"] for e in errors] == expected_errors
+    assert all(e["message"] for e in errors)
+    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/env/result", count=3)}
+    assert set(results) == {"env-1", "env-2", "env-3"}  # the last one came after all the bad ones: no stall
+    assert results["env-1"]["captured_at"].startswith("2026-11-30T08:00:00") and results["env-1"]["generated"] == []
+    assert results["env-2"]["captured_at"].startswith("2026-11-18")
+    heatmaps = client.wait_for(lambda m: m.topic == f"{prefix}/env/heatmap", count=3)
+    assert {user_props(m)["frame_id"] for m in heatmaps} == set(results)
+    loose = client.json_on(f"{prefix}/envloose/result")[0]
+    assert loose["generated"] == ["frame_id", "captured_at"] and loose["frame_id"].startswith("g-")
+    assert worker.proc.poll() is None
+
+
+def _big_frames(dataset: Path) -> tuple[bytes, bytes, tuple[float, float, float, float]]:
+    """A 4000x3000 good frame and the same with one small hole, as JPEG, and the hole's box (x0, y0, x1, y1)
+    in frame pixels.
+
+    The weave is drawn at the scale a 4x3 tile sees at the model's input size (a continuous texture,
+    no seams), then enlarged to 4000x3000; the hole is a test image's defect pixels only (its mask),
+    about 0.15% of the frame.
+    """
+    cw, ch = tiling.canvas_size(TilingConfig(**TILING), 128, 128)
+    texture = cv2.cvtColor(_texture(np.random.default_rng(3), max(cw, ch))[:ch, :cw], cv2.COLOR_GRAY2BGR)
+    hole = cv2.imread(str(min((dataset / "weave" / "test" / "hole").glob("*.png"))))
+    mask = cv2.imread(str(min((dataset / "weave" / "ground_truth" / "hole").glob("*.png"))), 0) > 0
+    defective = texture.copy()
+    x0, y0 = 10, 10
+    defective[y0:y0 + 128, x0:x0 + 128][mask] = hole[mask]
+    ys, xs = np.nonzero(mask)
+    step = (cw - 128) / 3  # the second tile starts here: the hole must lie in the first tile only
+    assert x0 + xs.max() < step and y0 + ys.max() < (ch - 128) / 2, "the generated hole moved; place it again"
+    box = ((x0 + xs.min()) * 4000 / cw, (y0 + ys.min()) * 3000 / ch,
+           (x0 + xs.max() + 1) * 4000 / cw, (y0 + ys.max() + 1) * 3000 / ch)
+
+    def big(image: np.ndarray) -> bytes:
+        return cv2.imencode(".jpg", cv2.resize(image, (4000, 3000), interpolation=cv2.INTER_LINEAR),
+                            [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+    return big(texture), big(defective), box
+
+
+def test_tiling_finds_a_small_defect_the_whole_frame_misses(running, dataset, bundle_dir):
+    prefix, client, _ = running
+    threshold = json.loads((bundle_dir / "bundle.json").read_text())["thresholds"]["image"]["threshold"]
+    good, defective, (bx0, by0, bx1, by1) = _big_frames(dataset)
+    for camera in ("tiled", "whole"):
+        client.publish_frame(camera, good, "good")
+        client.publish_frame(camera, defective, "hole")
+    tiled = {r["frame_id"]: r for r in client.json_on(f"{prefix}/tiled/result", count=2, timeout=120)}
+    whole = {r["frame_id"]: r for r in client.json_on(f"{prefix}/whole/result", count=2, timeout=120)}
+
+    assert tiled["good"]["verdict"] == "normal" and tiled["good"]["raw_score"] < 0.9 * threshold
+    assert tiled["hole"]["verdict"] == "anomalous" and tiled["hole"]["raw_score"] > 1.3 * threshold
+    assert tiled["hole"]["tiles"] == {"count": 12, "grid": [4, 3], "worst": [0, 0]}
+    # Shrunk whole to 128x128 the hole is about two pixels: it barely moves the whole frame's score, while
+    # it moves the tiled score by more than half the threshold.  (The whole frame scores anomalous with or
+    # without the hole: at 1/31 scale the weave is not what the model was trained on; README, Tiling.)
+    assert "tiles" not in whole["hole"]
+    assert abs(whole["hole"]["raw_score"] - whole["good"]["raw_score"]) < 0.15 * threshold
+    assert tiled["hole"]["raw_score"] - tiled["good"]["raw_score"] > 0.5 * threshold
+
+    heatmap = next(m for m in client.wait_for(lambda m: m.topic == f"{prefix}/tiled/heatmap", count=2)
+                   if user_props(m)["frame_id"] == "hole")
+    image = cv2.imdecode(np.frombuffer(heatmap.payload, np.uint8), cv2.IMREAD_COLOR)
+    cw, ch = tiling.canvas_size(TilingConfig(**TILING), 128, 128)
+    assert image.shape == (ch, cw, 3)  # one merged map over the whole frame, not one tile's
+    # JET runs blue -> red: the reddest spot of the merged map is on the hole, within the map's resolution
+    # (one feature cell is 8 model pixels, about 70 frame pixels here; the map is blurred over a few cells).
+    heat = cv2.GaussianBlur(image[:, :, 2].astype(np.float32) - image[:, :, 0], (0, 0), 3)
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    fx, fy, margin = x * 4000 / cw, y * 3000 / ch, 300
+    assert bx0 - margin < fx < bx1 + margin and by0 - margin < fy < by1 + margin, ((fx, fy), (bx0, by0, bx1, by1))

@@ -1,0 +1,50 @@
+"""Evidence kept by value: normal, anomalous and labelled frames each evict only their own oldest."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
+
+
+def _key(i: int) -> str:
+    return f"{i:08x}-0000-0000-0000-000000000000"
+
+
+def test_a_flood_of_normal_frames_never_pushes_out_a_defect_and_labels_outlive_both(tmp_path):
+    evidence = EvidenceStore(tmp_path, max_frames=50, budgets={ANOMALOUS: Budget(10), LABELLED: Budget(5)})
+    defects = [evidence.save(_key(i), {"thumbnail": ("jpg", b"t"), "frame": ("png", b"f")}, ANOMALOUS)
+               for i in range(3)]
+    labelled = evidence.save(_key(3), {"thumbnail": ("jpg", b"t")}, NORMAL)
+    evidence.set_labelled(_key(3), True, anomalous=False)
+    for i in range(100, 2100):  # a busy line: 2000 normal frames, 40x the normal budget
+        evidence.save(_key(i), {"thumbnail": ("jpg", b"t")}, NORMAL)
+    assert all(evidence.read(d["frame"]) == b"f" for d in defects)
+    assert evidence.read(labelled["thumbnail"]) == b"t"
+    assert evidence.counts()[NORMAL]["frames"] == 50
+    for i in range(200, 230):  # more defects than their budget: the oldest defects go, labels stay
+        evidence.save(_key(i), {"thumbnail": ("jpg", b"t"), "frame": ("png", b"f")}, ANOMALOUS)
+    assert all(evidence.read(d["frame"]) is None for d in defects)
+    assert evidence.read(labelled["thumbnail"]) == b"t"
+    assert evidence.counts()[ANOMALOUS]["frames"] == 10 and evidence.counts()[LABELLED]["frames"] == 1
+
+    again = EvidenceStore(tmp_path, max_frames=50, budgets={ANOMALOUS: Budget(10), LABELLED: Budget(5)})
+    assert {v: c["frames"] for v, c in again.counts().items()} == {NORMAL: 50, ANOMALOUS: 10, LABELLED: 1}
+    again.set_labelled(_key(3), False, anomalous=False)
+    assert again.counts()[LABELLED]["frames"] == 0 and again.counts()[NORMAL]["frames"] == 50
+
+
+def test_byte_and_age_budgets_apply_per_class(tmp_path):
+    evidence = EvidenceStore(tmp_path, max_frames=1000, budgets={NORMAL: Budget(1000, max_bytes=1000),
+                                                                 ANOMALOUS: Budget(1000, max_age_s=3600)})
+    for i in range(20):
+        evidence.save(_key(i), {"thumbnail": ("jpg", b"x" * 100)}, NORMAL)
+    assert evidence.counts()[NORMAL] == {"frames": 10, "bytes": 1000}
+    old = evidence.save(_key(500), {"thumbnail": ("jpg", b"a")}, ANOMALOUS)
+    new = evidence.save(_key(501), {"thumbnail": ("jpg", b"b")}, ANOMALOUS)
+    stale = time.time() - 7200
+    os.utime(tmp_path / old["thumbnail"], (stale, stale))
+    assert evidence.retain() == 1
+    assert evidence.read(old["thumbnail"]) is None and evidence.read(new["thumbnail"]) == b"b"
+    assert evidence.counts()[NORMAL]["frames"] == 10  # normal frames have no age budget here

@@ -1,0 +1,263 @@
+"""Supervision, bounds and validation in-process: the queue's policies, the spool's tolerance, /healthz, config.
+
+The worker-level versions (real broker, real worker process) are in tests/test_stall.py and
+tests/test_reliability.py; these pin the mechanisms down one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from worker.config import ConfigError, QueuePolicy, SpoolConfig, StoreConfig, load_config
+from worker.evidence import EvidenceStore
+from worker.metrics import OTHER, Stats
+from worker.queueing import BoundedQueue
+from worker.recorder import Record, Recorder, Spool
+from worker.store import VectorStore
+from worker.supervise import Liveness, StopLoop, supervised_loop
+from worker.wire import ControlRequest, ErrorCode, FrameMetadata, RequestError, decode_json, parse_timestamp, validate
+
+
+# Queues --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", [QueuePolicy.DROP_OLDEST, QueuePolicy.DROP_NEWEST])
+def test_a_flooding_key_never_evicts_another_keys_items(policy):
+    q: BoundedQueue[tuple[str, int]] = BoundedQueue(8, policy, key=lambda item: item[0])
+    dropped = []
+    for i in range(40):  # camera A at 10x camera B's rate, nothing consumed
+        dropped += q.put(("A", i))
+        if i % 10 == 0:
+            dropped += q.put(("B", i))
+    assert [d for d in dropped if d[0] == "B"] == []
+    assert sum(1 for d in dropped if d[0] == "A") == 40 + 4 - 8
+    kept_a = [i for k, i in q._items if k == "A"]
+    assert kept_a == (list(range(36, 40)) if policy is QueuePolicy.DROP_OLDEST else list(range(4)))
+
+
+def test_the_queue_is_bounded_in_bytes_and_refuses_after_close():
+    q: BoundedQueue[bytes] = BoundedQueue(100, QueuePolicy.DROP_OLDEST, max_bytes=10, size=len)
+    assert q.put(b"12345") == [] and q.put(b"6789") == []
+    assert q.put(b"abc") == [b"12345"]  # 5 + 4 + 3 > 10: the oldest goes
+    assert q.bytes == 7 and len(q) == 2
+    assert q.put(b"x" * 50) == [b"6789", b"abc"]  # one item is always taken, alone, however large
+    q.close()
+    assert q.put(b"late") == [b"late"] and len(q) == 1
+
+
+def test_a_blocked_put_is_released_by_close():
+    q: BoundedQueue[int] = BoundedQueue(1, QueuePolicy.BLOCK)
+    q.put(1)
+    answer = []
+    t = threading.Thread(target=lambda: answer.append(q.put(2)))
+    t.start()
+    q.close()
+    t.join(10)
+    assert answer == [[2]]
+
+
+# Supervision -----------------------------------------------------------------------------------------
+
+def test_the_loop_goes_on_after_an_exception_and_counts_it():
+    liveness = Liveness(0)
+    items = iter([1, "boom", 2, None])
+    done, errors = [], []
+
+    def step() -> None:
+        item = next(items)
+        if item is None:
+            raise StopLoop
+        if item == "boom":
+            raise RuntimeError("boom")
+        done.append(item)
+
+    supervised_loop(liveness, "t", step, errors.append)
+    assert done == [1, 2] and [str(e) for e in errors] == ["boom"]
+    assert liveness.snapshot()["t"]["restarts"] == 1 and liveness.problems() == []
+
+
+def test_healthz_fails_while_a_thread_is_stuck_or_dead():
+    liveness = Liveness(stuck_after_s=0.3)
+    stats = Stats(liveness)
+    port = stats.serve("127.0.0.1", 0)
+    release = threading.Event()
+
+    def stuck() -> None:
+        with liveness.busy("worker-a"):
+            release.wait(30)
+
+    t = threading.Thread(target=stuck)
+    liveness.register("worker-a", t)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not liveness.problems() and time.monotonic() < deadline:
+            release.wait(0.05)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert err.value.code == 503
+        assert json.loads(err.value.read())["problems"][0].startswith("worker-a: stuck")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'edge_inspect_thread_up{thread="worker-a"} 0.0' in metrics
+        release.set()
+        t.join(10)
+        # it ended without saying it was done: dead
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        liveness.finished("worker-a")
+        assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())["ok"]
+    finally:
+        release.set()
+        stats.close()
+
+
+def test_camera_labels_in_metrics_are_bounded():
+    stats = Stats(max_cameras=3)
+    for i in range(50):
+        stats.add(f"cam{i}", "received")
+    labels = {s.labels["camera"] for s in stats._frames.collect()[0].samples}
+    assert labels == {"cam0", "cam1", "cam2", OTHER}
+    assert stats.snapshot()[OTHER]["received"] == 47 and len(stats.snapshot()) == 4
+
+
+# Spool and recorder -----------------------------------------------------------------------------------
+
+def _points(n: int, start: int = 0) -> list:
+    return [(f"00000000-0000-0000-0000-{i:012d}", np.full(4, 0.5, np.float32), {"frame_id": f"f{i}", "captured_ts": 1.8e9 + i})
+            for i in range(start, start + n)]
+
+
+def test_a_truncated_or_corrupt_spool_file_is_moved_aside_not_fatal(tmp_path):
+    spool = Spool(tmp_path, 10_000_000)
+    for k in range(3):
+        spool.push(_points(2, 2 * k))
+    files = sorted(tmp_path.glob("*.json"))
+    files[1].write_bytes(files[1].read_bytes()[:17])  # a kill -9 during a write leaves a prefix
+    files[2].write_text('{"points": [{"id": 1}]}')  # valid JSON, not a batch
+    again = Spool(tmp_path, 10_000_000)  # start-up must not raise
+    assert len(again) == 2 and again.corrupt_batches == 1
+    first = again.oldest()
+    assert first is not None and [p[0] for p in first[1]] == [p[0] for p in _points(2)]
+    again.remove(first[0])
+    assert again.oldest() is None and again.corrupt_batches == 2
+    assert len(list(tmp_path.glob("*.corrupt"))) == 2
+    again.push(_points(1, 10))  # numbering goes on past the quarantined files
+    assert len(again) == 1 and not (tmp_path / files[1].name).exists()
+
+
+def test_recorder_survives_an_oserror_in_retention_and_flush_waits_for_the_batch(tmp_path):
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4, retention_every_s=0.01, max_points=3)
+    store = VectorStore(cfg, 4)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    liveness = Liveness(0)
+    recorder = Recorder(lambda: store, evidence, cfg, SpoolConfig(path=tmp_path / "spool"), 16, liveness)
+    recorder.start()
+    try:
+        first = _points(3)
+        for pid, vec, payload in first:
+            recorder.submit(Record(pid, vec, payload, np.zeros((32, 32, 3), np.uint8)))
+        assert recorder.flush(30)
+        assert store.count() == 3  # flush returned only once every record was written
+        # Retention will delete the oldest frame's evidence; its thumbnail is now a folder: unlink raises OSError.
+        thumb = tmp_path / "evidence" / store.find("f0", None)[2]["evidence"]["thumbnail"]
+        thumb.unlink()
+        thumb.mkdir()
+        for pid, vec, payload in _points(5, 100):
+            recorder.submit(Record(pid, vec, payload, np.zeros((32, 32, 3), np.uint8)))
+        assert recorder.flush(30)
+        deadline = time.monotonic() + 20
+        while liveness.snapshot()["recorder"]["restarts"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # poll interval while waiting for the retention pass, with a deadline
+        assert liveness.snapshot()["recorder"]["restarts"] >= 1
+        assert liveness.problems() == []  # the thread is alive and going on
+        for pid, vec, payload in _points(2, 200):
+            recorder.submit(Record(pid, vec, payload, np.zeros((32, 32, 3), np.uint8)))
+        assert recorder.flush(30)
+        assert store.find("f201") is not None  # written after the failure
+    finally:
+        recorder.stop()
+
+
+def test_recorder_backlog_is_bounded_in_bytes(tmp_path):
+    cfg = StoreConfig(path=tmp_path / "store")
+    recorder = Recorder(lambda: VectorStore(cfg, 4), EvidenceStore(tmp_path / "e", 100), cfg,
+                        SpoolConfig(path=tmp_path / "spool"), 16, Liveness(0), max_records=1000,
+                        max_bytes=3 * 32 * 32 * 3 + 100)
+    for pid, vec, payload in _points(10):  # not started: nothing is consumed
+        recorder.submit(Record(pid, vec, payload, np.zeros((32, 32, 3), np.uint8)))
+    assert recorder.pending == 3 and recorder.dropped == 7
+    assert recorder.flush(0) is False
+
+
+# Validation ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e15", "-1e20", "1e308", "0", "9999-12-31T23:59:59",
+                                   "", "now", "2026-13-01T00:00:00"])
+def test_timestamps_must_be_finite_and_in_range(value):
+    with pytest.raises(ValueError):
+        parse_timestamp(value)
+
+
+def test_frame_metadata_and_control_models():
+    meta = FrameMetadata.model_validate({"frame_id": "a", "captured_at": "2026-11-30T00:00:00Z", "other": "x"})
+    assert meta.captured_ts == 1795996800.0
+    for bad in ({"frame_id": "a/b", "captured_at": "1800000000"}, {"frame_id": "a", "captured_at": "nan"}):
+        with pytest.raises(ValueError):
+            FrameMetadata.model_validate(bad)
+    with pytest.raises(RequestError) as err:
+        validate(ControlRequest, {"command": "reload", "bundle": 5})
+    assert err.value.code is ErrorCode.BAD_REQUEST and "bundle" in err.value.message
+    with pytest.raises(RequestError):
+        decode_json(b'{"a":' * 20 + b"1" + b"}" * 20)
+
+
+def test_readme_lists_every_error_code():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    assert [c.value for c in ErrorCode if f"`{c.value}`" not in readme] == []
+
+
+# Configuration from the environment ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("password", ["123456", "*secret", "&anchor", "[1, 2]", "null", "yes", "0x1F"])
+def test_environment_passwords_are_taken_verbatim(tmp_path, password):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {bundle: b}\n")
+    cfg = load_config(path, environ={"EDGE_INSPECT__MQTT__PASSWORD": password, "EDGE_INSPECT__MQTT__USERNAME": "007",
+                                     "EDGE_INSPECT__MQTT__PORT": "8883",
+                                     "EDGE_INSPECT__TOPICS__CAMERAS": "[a, b]"})
+    assert cfg.mqtt.secret() == password and cfg.mqtt.username == "007"
+    assert cfg.mqtt.port == 8883 and cfg.topics.cameras == ["a", "b"]
+    with pytest.raises(ConfigError, match="EDGE_INSPECT__MQTT__PORT"):
+        load_config(path, environ={"EDGE_INSPECT__MQTT__PORT": "*x"})
+
+
+def test_the_console_hub_survives_messages_it_cannot_read():
+    import paho.mqtt.client as mqtt
+
+    from worker.config import ConsoleConfig
+    from worker.console.hub import HUB, Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig())
+
+    def msg(topic: str, payload: bytes) -> mqtt.MQTTMessage:
+        m = mqtt.MQTTMessage(topic=topic.encode())
+        m.payload = payload
+        return m
+
+    for bad in (b"{", b"[1]", b"\xff", b'{"frame_id": 5}'):
+        hub.on_message(msg("inspect/cam/result", bad))
+        hub.on_message(msg("inspect/cam/error", bad))
+    assert hub.snapshot()["threads"][HUB]["restarts"] >= 4
+    good = {"frame_id": "f1", "camera": "cam", "captured_at": "2026-11-30T00:00:00+00:00", "score": 0.1,
+            "verdict": "normal", "threshold": 1.0, "model": {"version": "v"}}
+    hub.on_message(msg("inspect/cam/result", json.dumps(good).encode()))
+    assert "cam" in hub.snapshot()["cameras"]

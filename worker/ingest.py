@@ -1,0 +1,137 @@
+"""What a camera sends, turned into one frame's fields and image bytes before admission.
+
+Cameras as they are: tools such as Node-RED flows publish a JSON envelope (base64 image plus
+fields) instead of raw image bytes, and cameras or MQTT 3.1.1 clients cannot send MQTT v5 user
+properties at all.  Both are opt-in per camera; what comes out goes through the same admission
+(worker/pipeline.py) as a raw frame with user properties, so the checks and error codes are the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+
+from worker.config import Config
+from worker.decode import FrameError
+from worker.wire import ErrorCode
+
+# Envelope keys by the frame field they carry.  The first of each row is ours; the others are what
+# other publishers name them: ``image``/``data`` (Node-RED flows after a base64 node, plain base64 or a
+# ``data:image/...;base64,`` URL), ``id`` and ``frame_time`` (Frigate's event id and epoch seconds),
+# ``timestamp``.  A document naming one field twice is refused rather than guessed.
+ENVELOPE_KEYS: dict[str, tuple[str, ...]] = {
+    "image": ("image_b64", "image", "data"),
+    "frame_id": ("frame_id", "id"),
+    "captured_at": ("captured_at", "timestamp", "frame_time"),
+    "camera_id": ("camera_id", "camera"),
+}
+_FIELD_OF = {key: field for field, keys in ENVELOPE_KEYS.items() for key in keys}
+# Slack over the image limit for base64 (4/3) and the envelope's other fields.
+_ENVELOPE_SLACK = 65_536
+
+
+class FrameIds:
+    """Generated frame ids ``g-<boot>-<n>``: 48 random bits drawn at process start, then a counter.
+
+    Unique across restarts without trusting the clock (edge boxes often boot before NTP has set it,
+    so a time-based UUID can repeat after the clock steps back), ordered within one run, short in logs.
+    One counter for all cameras: unique per camera too, and no state per camera name.
+    """
+
+    def __init__(self) -> None:
+        self.boot = secrets.token_hex(6)
+        self._count = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            n = next(self._count)
+        return f"g-{self.boot}-{n}"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A frame as admission sees it: fields (user properties or envelope), image bytes, generated fields."""
+
+    fields: dict[str, str]
+    data: bytes
+    generated: tuple[str, ...] = ()
+
+
+def _text(field: str, value: object) -> str | None:
+    """An envelope value as the user-property string it stands for (numbers allowed; null = absent)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    raise FrameError(ErrorCode.BAD_METADATA, f"envelope field for {field} is a {type(value).__name__}, not a string or number")
+
+
+def open_envelope(payload: bytes, max_image_bytes: int) -> Arrival:
+    """Parse a JSON envelope; ``bad_envelope`` for anything that is not one object with one base64 image."""
+    if not payload:
+        raise FrameError(ErrorCode.EMPTY_PAYLOAD, "the frame payload is empty")
+    limit = max_image_bytes * 4 // 3 + _ENVELOPE_SLACK
+    if len(payload) > limit:
+        raise FrameError(ErrorCode.PAYLOAD_TOO_LARGE, f"envelope is {len(payload)} bytes, limit is {limit}")
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope is not JSON ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope is a JSON {type(doc).__name__}, not an object")
+    found: dict[str, tuple[str, object]] = {}
+    for key, value in doc.items():
+        field = _FIELD_OF.get(key)
+        if field is None:
+            continue  # publishers add fields of their own
+        if field in found:
+            raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope has both {found[field][0]!r} and {key!r} for {field}")
+        found[field] = (key, value)
+    if "image" not in found:
+        raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope has no image ({', '.join(ENVELOPE_KEYS['image'])})")
+    key, image = found.pop("image")
+    if not isinstance(image, str):
+        raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope field {key!r} is not a base64 string")
+    if image.startswith("data:"):
+        image = image.partition(",")[2]
+    try:
+        data = base64.b64decode("".join(image.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope field {key!r} is not valid base64") from None
+    fields = {field: text for field, (_, value) in found.items() if (text := _text(field, value)) is not None}
+    return Arrival(fields, data)
+
+
+class Ingest:
+    """Per camera: unwrap its payload (raw or json_envelope) and fill missing metadata when it is optional."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.ids = FrameIds()
+
+    def arrive(self, camera: str, user: dict[str, str], payload: bytes, received_ts: float) -> Arrival:
+        """User properties win over envelope fields; generated fields are named in the result."""
+        override = self.cfg.cameras.get(camera)
+        fields, data = user, payload
+        if override is not None and override.payload == "json_envelope":
+            envelope = open_envelope(payload, self.cfg.limits.max_frame_bytes)
+            fields, data = {**envelope.fields, **user}, envelope.data
+        policy = (override.metadata if override is not None and override.metadata else None) or self.cfg.topics.metadata
+        if policy == "required":
+            return Arrival(fields, data)
+        generated = []
+        if "frame_id" not in fields:
+            fields = {**fields, "frame_id": self.ids.next()}
+            generated.append("frame_id")
+        if "captured_at" not in fields:
+            fields = {**fields, "captured_at": repr(received_ts)}
+            generated.append("captured_at")
+        return Arrival(fields, data, tuple(generated))

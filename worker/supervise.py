@@ -1,0 +1,144 @@
+"""Supervision of the worker's long-lived threads: one loop helper, one liveness registry, one watchdog.
+
+Every long-lived thread (inference, recorder, request server, and paho's network
+thread through its callbacks) runs its work through :func:`supervised_loop` or a
+:meth:`Liveness.busy` block, so an exception is logged with its traceback,
+counted, and the loop goes on, and the registry knows for each thread when it last
+made progress and whether it is busy right now.  A thread busy for longer than
+``worker.watchdog_s`` is *stuck*; one that ended while the worker runs is *dead*.
+Both make ``/healthz`` fail and the worker exit non-zero so its service manager
+restarts it.  Python cannot see a thread that holds the GIL forever, so the main
+loop also re-arms :func:`faulthandler.dump_traceback_later` (a C thread that needs
+no GIL): if the main loop itself stops running, that timer dumps every thread's
+stack and ends the process.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+class StopLoop(Exception):
+    """Raised by a loop step to end its :func:`supervised_loop` normally (e.g. its queue was closed)."""
+
+
+@dataclass
+class ThreadState:
+    """What the watchdog knows about one thread (monotonic clock)."""
+
+    name: str
+    thread: threading.Thread | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    busy_since: float | None = None
+    restarts: int = 0  # times its loop went on after an exception it did not handle itself
+    finished: bool = False
+
+
+class Liveness:
+    """Registry of supervised threads; read by the stats topic, /metrics, /healthz and the watchdog."""
+
+    def __init__(self, stuck_after_s: float) -> None:
+        self.stuck_after_s = stuck_after_s
+        self._lock = threading.Lock()
+        self._threads: dict[str, ThreadState] = {}
+
+    def register(self, name: str, thread: threading.Thread | None = None) -> ThreadState:
+        with self._lock:
+            state = self._threads.setdefault(name, ThreadState(name))
+            state.thread = thread or state.thread
+            return state
+
+    @contextmanager
+    def busy(self, name: str) -> Iterator[None]:
+        """Mark ``name`` busy for the block; progress when it ends, however it ends."""
+        state = self.register(name)
+        state.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            state.busy_since = None
+            state.last_progress = time.monotonic()
+
+    def beat(self, name: str) -> None:
+        """Progress without work (an idle wait came back)."""
+        self.register(name).last_progress = time.monotonic()
+
+    def failed(self, name: str) -> None:
+        with self._lock:
+            self._threads[name].restarts += 1
+
+    def finished(self, name: str) -> None:
+        self.register(name).finished = True
+
+    def problems(self, now: float | None = None) -> list[str]:
+        """Threads that are dead (ended unexpectedly) or stuck (busy past the limit); empty when healthy."""
+        now = time.monotonic() if now is None else now
+        out = []
+        with self._lock:
+            states = list(self._threads.values())
+        for s in states:
+            if s.thread is not None and not s.thread.is_alive() and not s.finished:
+                out.append(f"{s.name}: dead")
+            busy = s.busy_since
+            if busy is not None and self.stuck_after_s and now - busy > self.stuck_after_s:
+                out.append(f"{s.name}: stuck for {now - busy:.0f} s")
+        return out
+
+    def snapshot(self, now: float | None = None) -> dict[str, dict]:
+        """Per thread: seconds since progress, busy seconds (or null), restarts, alive."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            states = list(self._threads.values())
+        return {s.name: {"since_progress_s": round(now - s.last_progress, 1),
+                         "busy_s": None if s.busy_since is None else round(now - s.busy_since, 1),
+                         "restarts": s.restarts,
+                         "alive": s.thread.is_alive() if s.thread is not None else True}
+                for s in states}
+
+
+def supervised_loop(liveness: Liveness, name: str, step: Callable[[], object],
+                    on_error: Callable[[BaseException], None] | None = None) -> None:
+    """Call ``step`` (one item of work, or one bounded idle wait) until it raises :class:`StopLoop`.
+
+    An exception out of ``step`` is logged with its traceback, counted as a restart, passed to
+    ``on_error`` (which answers whoever was waiting), and the loop goes on.
+    """
+    liveness.register(name, threading.current_thread())
+    while True:
+        try:
+            with liveness.busy(name):
+                step()
+        except StopLoop:
+            liveness.finished(name)
+            return
+        except Exception as exc:
+            liveness.failed(name)
+            log.exception("%s: unexpected error; the loop goes on", name)
+            if on_error is not None:
+                try:
+                    on_error(exc)
+                except Exception:
+                    log.exception("%s: the error handler failed too", name)
+
+
+class DeadMansSwitch:
+    """Ends the process when the main loop stops re-arming it (e.g. a thread holds the GIL forever)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+
+    def arm(self) -> None:
+        if self.timeout_s:
+            faulthandler.dump_traceback_later(self.timeout_s, repeat=False, file=sys.stderr, exit=True)
+
+    def disarm(self) -> None:
+        faulthandler.cancel_dump_traceback_later()

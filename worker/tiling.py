@@ -1,0 +1,80 @@
+"""One frame, one or many inferences: the whole frame at the model's input size, or a grid of tiles.
+
+A defect a few pixels wide in a 4000x3000 frame vanishes when the frame is shrunk to a model's
+input size; tiles keep it.  The frame (after roi) is resized once to a canvas on which each tile is
+exactly the model's input size, so tiles are plain crops and their anomaly maps lie on the canvas
+pixel for pixel; overlapping pixels keep the larger value.  Tiles run one after another on the
+thread's own infer request (the bundle is compiled with a static batch of 1; docs/benchmarks.md,
+"Tiling", has the measurement of a batched compile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from bundle import prepare_image
+from bundle.runtime import CompiledBundle
+from worker.config import TilingConfig
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the model made of a frame: the image it saw (heatmap and thumbnail are drawn on it), the
+    frame's raw score, its raw anomaly map, the embedding to store, and the tiles (None untiled)."""
+
+    image: np.ndarray
+    score: float
+    anomaly_map: np.ndarray
+    embedding: np.ndarray
+    tiles: dict | None = None
+
+
+def _starts(canvas: int, tile: int, n: int) -> list[int]:
+    """Evenly spread tile origins with the first at 0 and the last ending at the canvas edge."""
+    if n == 1:
+        return [0]
+    return [round(i * (canvas - tile) / (n - 1)) for i in range(n)]
+
+
+def canvas_size(tiling: TilingConfig, width: int, height: int) -> tuple[int, int]:
+    """Canvas (width, height) on which ``tiling.grid`` tiles of ``width`` x ``height`` overlap by ``tiling.overlap``."""
+    cols, rows = tiling.grid
+    return (round(width * (cols - (cols - 1) * tiling.overlap)),
+            round(height * (rows - (rows - 1) * tiling.overlap)))
+
+
+def cut(frame: np.ndarray, width: int, height: int, tiling: TilingConfig) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The canvas (``frame`` resized once) and its tiles as (col, row, x, y); each tile is ``width`` x ``height``."""
+    cw, ch = canvas_size(tiling, width, height)
+    canvas = np.ascontiguousarray(cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA))
+    cols, rows = tiling.grid
+    return canvas, [(col, row, x, y) for row, y in enumerate(_starts(ch, height, rows))
+                    for col, x in enumerate(_starts(cw, width, cols))]
+
+
+def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: TilingConfig | None) -> Seen:
+    """Infer ``frame`` (8-bit BGR) whole or tiled; a tiled frame scores as its most anomalous tile."""
+    spec = bundle.manifest.input
+    if tiling is None:
+        image = prepare_image(frame, spec)
+        pred = bundle.infer(image[np.newaxis], request)
+        return Seen(image, float(pred.score[0]), pred.anomaly_map[0], pred.embedding[0])
+    w, h = spec.width, spec.height
+    canvas, tiles = cut(frame, w, h, tiling)
+    merged = np.full(canvas.shape[:2], -np.inf, np.float32)
+    best: tuple[float, np.ndarray, list[int]] = (-np.inf, np.empty(0), [0, 0])
+    for col, row, x, y in tiles:
+        pred = bundle.infer(np.ascontiguousarray(canvas[y:y + h, x:x + w])[np.newaxis], request)
+        amap = pred.anomaly_map[0].astype(np.float32, copy=False)
+        if amap.shape != (h, w):
+            amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+        view = merged[y:y + h, x:x + w]
+        np.maximum(view, amap, out=view)
+        score = float(pred.score[0])
+        if score > best[0]:
+            best = (score, pred.embedding[0], [col, row])
+    cols, rows = tiling.grid
+    return Seen(canvas, best[0], merged, best[1], {"count": len(tiles), "grid": [cols, rows], "worst": best[2]})

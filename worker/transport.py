@@ -1,0 +1,72 @@
+"""The seam between paho and the worker: what an inbound message is, and what publishing needs.
+
+The pipeline and the request server see only :class:`Inbound` and a :class:`Transport`; paho stays
+in worker/mqtt.py (:class:`worker.mqtt.MqttLink` is the production transport).  So admission,
+fairness and request handling run the same with :class:`MemoryTransport`, in-process, without a
+broker (tests, benchmarks), much as Frigate's ``comms/base_communicator.py`` separates its MQTT
+and websocket communicators from the code that uses them.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One received message: topic, payload, QoS, v5 user properties and request/response properties."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    user: dict[str, str] = field(default_factory=dict)
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    mid: int = 0
+
+    @classmethod
+    def from_paho(cls, msg: Any) -> Inbound:
+        """From a paho ``MQTTMessage`` (the last value wins on duplicate user properties)."""
+        props = getattr(msg, "properties", None)
+        return cls(msg.topic, bytes(msg.payload), msg.qos, dict(getattr(props, "UserProperty", None) or []),
+                   getattr(props, "ResponseTopic", None) or None, getattr(props, "CorrelationData", None), msg.mid)
+
+
+class Transport(Protocol):
+    def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
+                properties: Any = None) -> Any:
+        """Send one message; raises :class:`worker.mqtt.PacketTooLarge` past the broker's packet size."""
+
+
+@dataclass
+class Published:
+    topic: str
+    payload: bytes
+    properties: Any
+
+
+class MemoryTransport:
+    """A transport that keeps what is published, for running the pipeline without a broker."""
+
+    def __init__(self) -> None:
+        self.published: list[Published] = []
+        self.cond = threading.Condition()
+
+    def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
+                properties: Any = None) -> None:
+        with self.cond:
+            self.published.append(Published(topic, payload.encode() if isinstance(payload, str) else payload,
+                                            properties))
+            self.cond.notify_all()
+
+    def on(self, topic: str) -> list[Published]:
+        with self.cond:
+            return [p for p in self.published if p.topic == topic]
+
+    def wait(self, predicate, count: int, timeout: float) -> list[Published]:
+        """The published messages matching ``predicate`` once there are ``count`` of them (else what there is)."""
+        with self.cond:
+            self.cond.wait_for(lambda: sum(map(predicate, self.published)) >= count, timeout)
+            return [p for p in self.published if predicate(p)]

@@ -1,0 +1,197 @@
+"""Wire formats shared by every channel: error codes, timestamps, ids, request models.
+
+A leaf module (standard library and pydantic only) so that the pipeline, the
+request server, the console and tests all import the same definitions downward
+and no channel can invent a code or a timestamp rule of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_ID_LENGTH = 128
+# Timestamps outside [2000-01-01, 2100-01-01) are refused: no camera clock is right there, and
+# datetime cannot represent some of them (NaN, inf, 1e15) at all.
+MIN_TS = 946_684_800.0
+MAX_TS = 4_102_444_800.0
+# Requests (query, label, control) are small JSON documents; anything larger or deeper is refused unread.
+MAX_REQUEST_BYTES = 4_000_000
+MAX_JSON_DEPTH = 8
+
+
+class ErrorCode(StrEnum):
+    """Every error code the worker publishes: frame errors (``<prefix>/<camera>/error``) and request errors."""
+
+    # frames
+    EMPTY_PAYLOAD = "empty_payload"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    NOT_AN_IMAGE = "not_an_image"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    BAD_DIMENSIONS = "bad_dimensions"
+    IMAGE_TOO_LARGE = "image_too_large"
+    TRUNCATED_IMAGE = "truncated_image"
+    CORRUPT_IMAGE = "corrupt_image"
+    MISSING_METADATA = "missing_metadata"
+    BAD_ENVELOPE = "bad_envelope"
+    BAD_METADATA = "bad_metadata"
+    UNKNOWN_CAMERA = "unknown_camera"
+    CAMERA_MISMATCH = "camera_mismatch"
+    ROI_OUTSIDE_FRAME = "roi_outside_frame"
+    DROPPED = "dropped"
+    SHUTDOWN = "shutdown"
+    RESULT_TOO_LARGE = "result_too_large"
+    # requests (query, label, control)
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_FRAME = "unknown_frame"
+    BAD_IMAGE = "bad_image"
+    EMPTY_STORE = "empty_store"
+    STORE_UNAVAILABLE = "store_unavailable"
+    BUSY = "busy"
+    RESPONSE_TOO_LARGE = "response_too_large"
+    RELOAD_FAILED = "reload_failed"
+    # both
+    INTERNAL_ERROR = "internal_error"
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds -> ISO-8601 UTC with milliseconds (only for timestamps that passed :func:`parse_timestamp`
+    or came from the local clock)."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_timestamp(value: str | float | int) -> float:
+    """ISO-8601 (naive means UTC) or epoch seconds -> epoch seconds; ValueError unless finite and in range."""
+    if isinstance(value, bool):
+        raise ValueError("a timestamp is not a boolean")
+    if isinstance(value, (int, float)):
+        ts = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            ts = float(text)
+        except ValueError:
+            try:
+                stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except (ValueError, OverflowError) as exc:
+                raise ValueError(f"{text[:64]!r} is not ISO-8601 or epoch seconds") from exc
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=timezone.utc)
+            ts = stamp.timestamp()
+    if not math.isfinite(ts) or not MIN_TS <= ts < MAX_TS:
+        raise ValueError(f"{str(value)[:64]!r} is not a time between 2000-01-01 and 2100-01-01")
+    return ts
+
+
+def valid_id(value: object) -> bool:
+    """A frame or camera id we can echo and use in keys: 1..128 printable characters without '/'."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()
+            and "/" not in value)
+
+
+class RequestError(Exception):
+    """A request the worker answers with ``{"ok": false, "error": {code, message}}``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+
+
+def error_answer(code: ErrorCode, message: str) -> dict:
+    return {"ok": False, "error": {"code": ErrorCode(code).value, "message": message}}
+
+
+def _depth(node: Any, limit: int) -> int:
+    """Nesting depth of decoded JSON, stopping once past ``limit`` (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _nesting_bound(payload: bytes, limit: int) -> int:
+    """Upper bound of bracket nesting in raw bytes, so deep payloads are refused before the parser recurses."""
+    depth = deepest = 0
+    for byte in payload:
+        if byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def decode_json(payload: bytes) -> Any:
+    """Parse a request body with size and depth limits; RequestError(bad_request) on anything else."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"request is {len(payload)} bytes, limit {MAX_REQUEST_BYTES}")
+    if _nesting_bound(payload, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"request is nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        raw = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"request is not JSON: {exc}") from None
+    if _depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"request is nested deeper than {MAX_JSON_DEPTH}")
+    return raw
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], raw: Any) -> M:
+    """``model.model_validate(raw)`` with validation problems as one bad_request message."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(request)'}: {e['msg']}"
+                             for e in exc.errors()[:10])
+        raise RequestError(ErrorCode.BAD_REQUEST, problems[:2000]) from None
+
+
+class ControlRequest(BaseModel):
+    """``<prefix>/workers/<id>/control``: reload {bundle?, camera?} | rollback {camera?} | status."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    command: Literal["reload", "rollback", "status"]
+    bundle: str | None = Field(None, min_length=1, max_length=4096)
+    camera: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
+
+
+class FrameMetadata(BaseModel):
+    """A frame's MQTT v5 user properties, validated; other user properties are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    frame_id: str
+    captured_at: str
+    camera_id: str | None = None
+
+    @field_validator("frame_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not valid_id(v):
+            raise ValueError(f"must be 1..{MAX_ID_LENGTH} printable characters without '/'")
+        return v
+
+    @field_validator("captured_at")
+    @classmethod
+    def _timestamp(cls, v: str) -> str:
+        parse_timestamp(v)
+        return v
+
+    @property
+    def captured_ts(self) -> float:
+        return parse_timestamp(self.captured_at)

@@ -72,7 +72,8 @@ def pixel_metrics(maps: np.ndarray, masks: list[np.ndarray | None], types: list[
     """
     keep = [i for i, m in enumerate(masks) if m is not None]
     unmasked = sorted({t for t, m in zip(types, masks, strict=True) if m is None})
-    truth = np.stack([masks[i] for i in keep]) if keep else np.zeros((0, 1, 1), np.uint8)
+    present = [m for m in masks if m is not None]
+    truth = np.stack(present) if present else np.zeros((0, 1, 1), np.uint8)
     if not truth.any():
         reason = f"no masks for types {', '.join(unmasked)}" if unmasked else "no defect pixels in any mask"
         return {"pixel_auroc": None, "aupro": None, "pixel_metrics": f"absent: {reason}"}
@@ -82,8 +83,9 @@ def pixel_metrics(maps: np.ndarray, masks: list[np.ndarray | None], types: list[
         masked = sorted({types[i] for i in keep} - {"good"})
         scope = (f"{len(keep)} of {len(masks)} test images: good and the types with masks ({', '.join(masked)}); "
                  f"left out, no masks: {', '.join(unmasked)}")
+    area = aupro(picked, truth)  # not None: truth has defect pixels and (maps being 2-D) background
     return {
         "pixel_auroc": round(float(roc_auc_score(truth.reshape(-1), picked.reshape(-1))), 4),
-        "aupro": round(float(aupro(picked, truth)), 4),
+        "aupro": round(area, 4) if area is not None else None,
         "pixel_metrics": scope,
     }

@@ -115,7 +115,8 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
                   "|---|---|---|---|---|---|---|---|"]
         for r, p, m in others:
             lines.append(f"| {r['model']} | {r['category']} | {p} | {m.get('image_auroc', 'n/a')} "
-                         f"| {m.get('pixel_auroc', 'n/a')} | {m.get('aupro', 'n/a')} | {m['image_f1']} | {m['detection_rate'].get('good', 'n/a')} |")
+                         f"| {m.get('pixel_auroc', 'n/a')} | {m.get('aupro', 'n/a')} | {m['image_f1']} "
+                         f"| {m['detection_rate'].get('good', 'n/a')} |")
     lines += ["", "Training settings (from each bundle's manifest):", ""]
     for r in rows:
         t = r["training"]

@@ -68,7 +68,7 @@ def choose_thresholds(bundle: CompiledBundle, normals: list[np.ndarray], defects
     bundle and set its thresholds as ``choice`` says."""
     scores, maps, _ = score_images(bundle, normals)
     base = thresholds_from_normals(scores, maps, sigmas)
-    if choice.mode == "normals":
+    if choice.mode == "normals" or choice.target is None:  # a target is set for far and recall (__post_init__)
         return base
     if choice.mode == "far":
         threshold = far_threshold(scores, choice.target)

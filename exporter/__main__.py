@@ -7,27 +7,50 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bundle import PRECISIONS, BundleError
 
+if TYPE_CHECKING:
+    from exporter.thresholds import ThresholdChoice
+
 
 def _train(args: argparse.Namespace) -> int:
+    from exporter.thresholds import ThresholdChoice
+
+    threshold = ThresholdChoice(args.threshold_mode, {"far": args.target_far, "recall": args.target_recall}.get(
+        args.threshold_mode))
+    _check_data(Path(args.data), args.category, threshold)
     if args.model == "efficientad":
         from exporter.build import train_efficientad
 
         if args.precision != "fp32":
             raise ValueError("--precision int8 (weight quantisation) is for PatchCore bundles only")
         out = train_efficientad(Path(args.data), args.category, Path(args.out), _efficientad_settings(args),
-                                name=args.name, evaluate_test=not args.no_eval, precisions=_list(args.precisions))
+                                name=args.name, evaluate_test=not args.no_eval, precisions=_list(args.precisions),
+                                threshold=threshold)
         print(out)
         return 0
     from exporter.build import train_patchcore
 
     out = train_patchcore(Path(args.data), args.category, Path(args.out), _patchcore_settings(args), name=args.name,
                           evaluate_test=not args.no_eval, precision=args.precision,
-                          precisions=_list(args.precisions))
+                          precisions=_list(args.precisions), threshold=threshold)
     print(out)
     return 0
+
+
+def _check_data(data: Path, category: str | None, threshold: ThresholdChoice) -> None:
+    """Print what was found and what it will be used for; refuse data that cannot be trained on, saying why."""
+    from exporter.build import VAL_FRACTION
+    from exporter.data import DatasetError, load_category, summarise
+
+    summary = summarise(load_category(data, category))
+    fit, held = summary.category.split_train(VAL_FRACTION)
+    print(summary.text(len(fit), len(held)) + f"\n  image threshold: {threshold.describe()}", flush=True)
+    problems = summary.problems()
+    if problems:
+        raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
 
 
 def _patchcore_settings(args: argparse.Namespace):
@@ -89,11 +112,15 @@ def _add_efficientad_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from bundle import read_manifest
     from exporter.data import load_category
     from exporter.evaluate import evaluate_folder
 
-    metrics = evaluate_folder(Path(args.bundle), load_category(Path(args.data), args.category), args.device,
-                              args.precision)
+    # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
+    training = read_manifest(Path(args.bundle), verify=False).training
+    category = load_category(Path(args.data), args.category, int(training.get("seed", 0)))
+    category = category.without({category.base / p for p in training.get("validation_defects", [])})
+    metrics = evaluate_folder(Path(args.bundle), category, args.device, args.precision)
     text = json.dumps(metrics, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -114,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model on normal images and export a bundle")
-    train.add_argument("--data", required=True, help="folder holding CATEGORY/ in MVTec AD layout")
-    train.add_argument("--category", required=True)
+    train.add_argument("--data", required=True, help="folder holding CATEGORY/, or the data folder or CSV/JSON list "
+                       "itself (layouts: README, Training data)")
+    train.add_argument("--category", help="sub-folder of --data to use (default: --data itself)")
     train.add_argument("--model", choices=["patchcore", "efficientad"], default="patchcore")
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--name", help="bundle name (default CATEGORY-MODEL)")
@@ -129,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                        help="weights: int8 = NNCF post-training quantisation calibrated on the normal training images")
     _add_precisions_option(train)
+    train.add_argument("--threshold-mode", choices=["normals", "far", "recall"], default="normals",
+                       help="image threshold: normals = max(mean + 3 std, max) of held-out normals (default); "
+                            "far = for --target-far on held-out normals; recall = for --target-recall on labelled "
+                            "defects held out of the test split")
+    train.add_argument("--target-far", type=float, help="false-alarm rate for --threshold-mode far, e.g. 0.01")
+    train.add_argument("--target-recall", type=float, help="defect recall for --threshold-mode recall, e.g. 0.95")
     _add_efficientad_options(train)
     train.set_defaults(func=_train)
 
@@ -156,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="run a bundle with OpenVINO on a test split")
     ev.add_argument("--bundle", required=True)
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--category", required=True)
+    ev.add_argument("--data", required=True, help="as for train")
+    ev.add_argument("--category", help="as for train")
     ev.add_argument("--device", default="CPU")
     ev.add_argument("--precision", choices=["auto", *PRECISIONS], default="f32",
                     help="inference precision (default f32: the same numbers on every CPU; auto = the device's "

@@ -18,10 +18,11 @@ from torch import nn
 from bundle import MANIFEST, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, write_manifest
 from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones
-from exporter.data import Category, load_category, read_image
+from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_image
 from exporter.evaluate import evaluate
-from exporter.export import convert, input_spec, library_versions, output_specs, save_ir, score_images, thresholds_from_normals, timestamp
+from exporter.export import convert, input_spec, library_versions, output_specs, save_ir, timestamp
 from exporter.quantize import quantize
+from exporter.thresholds import NORMALS, VAL_DEFECT_FRACTION, ThresholdChoice, choose_thresholds
 from exporter.train import efficientad
 from exporter.train.efficientad import EfficientAdSettings
 from exporter.train.patchcore import PatchcoreSettings, fit
@@ -44,18 +45,33 @@ class Trained:
     val: list[Path]  # held-out normals: thresholds (and EfficientAD's map quantiles)
     training: dict
     started: float = field(default_factory=time.monotonic)
+    val_defects: list[Sample] = field(default_factory=list)  # labelled defects held out of test to set a threshold
+    threshold: ThresholdChoice = field(default_factory=ThresholdChoice)
 
 
-def _split(data: Path, category: str, seed: int) -> tuple[Category, list[Path], list[Path]]:
-    cat = load_category(data, category)
+def _split(data: Path, category: str | None, seed: int, threshold: ThresholdChoice
+           ) -> tuple[Category, list[Path], list[Path], list[Sample], dict]:
+    """Train / held-out normals / test, plus the labelled defects a recall threshold is chosen on (out of test)."""
+    cat = load_category(data, category, seed)
+    val_defects: list[Sample] = []
+    if threshold.needs_defects:
+        cat, val_defects = hold_out_defects(cat, VAL_DEFECT_FRACTION, seed)
+        if not val_defects:
+            raise DatasetError(f"--threshold-mode {threshold.mode} needs labelled defect images, at least 2 of a type "
+                               f"({VAL_DEFECT_FRACTION:g} of each type is held out of test to choose the threshold); "
+                               f"{cat.root} has none to spare: add defects or use --threshold-mode normals or far")
     train, val = cat.split_train(VAL_FRACTION, seed)
-    log.info("%s: %d train, %d held-out normals, %d test images", category, len(train), len(val), len(cat.test))
-    return cat, train, val
+    log.info("%s: %d train, %d held-out normals, %d held-out defects, %d test images", cat.name, len(train), len(val),
+             len(val_defects), len(cat.test))
+    record = {"data_layout": cat.layout, "test_split": cat.split, "seed": seed,
+              **({"validation_defects": [str(s.path.relative_to(cat.base)) for s in val_defects]} if val_defects else {})}
+    return cat, train, val, val_defects, record
 
 
-def fit_patchcore(data: Path, category: str, settings: PatchcoreSettings) -> Trained:
+def fit_patchcore(data: Path, category: str | None, settings: PatchcoreSettings,
+                  threshold: ThresholdChoice = NORMALS) -> Trained:
     started = time.monotonic()
-    cat, train, val = _split(data, category, settings.seed)
+    cat, train, val, val_defects, record = _split(data, category, settings.seed, threshold)
     bb = backbones.resolve(settings.backbone, Path(settings.backbone_weights) if settings.backbone_weights else None)
     spec = input_spec(settings.input_size, bb.mean, bb.std)
     graph, timings = fit(settings, bb, train, spec)
@@ -64,41 +80,47 @@ def fit_patchcore(data: Path, category: str, settings: PatchcoreSettings) -> Tra
         "backbone_source": bb.timm_name if not bb.timm_name.startswith("local-dir:") else "offline weights",
         "backbone_weights_sha256": bb.weights_sha256,
         **timings,
+        **record,
     }
-    return Trained(graph, spec, "patchcore", cat, train, val, training, started)
+    return Trained(graph, spec, "patchcore", cat, train, val, training, started, val_defects, threshold)
 
 
-def fit_efficientad(data: Path, category: str, settings: EfficientAdSettings) -> Trained:
+def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSettings,
+                    threshold: ThresholdChoice = NORMALS) -> Trained:
     """EfficientAD with a distilled (cached) or given teacher; nothing is downloaded."""
     started = time.monotonic()
-    cat, train, val = _split(data, category, settings.seed)
+    cat, train, val, val_defects, record = _split(data, category, settings.seed, threshold)
     spec = input_spec(settings.input_size, efficientad.MEAN, efficientad.STD)
     graph, timings = efficientad.fit(settings, train, val, spec)
-    return Trained(graph, spec, "efficientad", cat, train, val, {**settings.as_dict(), **timings}, started)
+    return Trained(graph, spec, "efficientad", cat, train, val, {**settings.as_dict(), **timings, **record}, started,
+                   val_defects, threshold)
 
 
-def train_patchcore(data: Path, category: str, out: Path, settings: PatchcoreSettings, name: str | None = None,
-                    evaluate_test: bool = True, precision: str = "fp32", precisions: list[str] | None = None) -> Path:
+def train_patchcore(data: Path, category: str | None, out: Path, settings: PatchcoreSettings, name: str | None = None,
+                    evaluate_test: bool = True, precision: str = "fp32", precisions: list[str] | None = None,
+                    threshold: ThresholdChoice = NORMALS) -> Path:
     """Train PatchCore on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    return package(fit_patchcore(data, category, settings), out, name, evaluate_test, precision, precisions)
+    return package(fit_patchcore(data, category, settings, threshold), out, name, evaluate_test, precision, precisions)
 
 
-def train_efficientad(data: Path, category: str, out: Path, settings: EfficientAdSettings, name: str | None = None,
-                      evaluate_test: bool = True, precisions: list[str] | None = None) -> Path:
+def train_efficientad(data: Path, category: str | None, out: Path, settings: EfficientAdSettings,
+                      name: str | None = None, evaluate_test: bool = True, precisions: list[str] | None = None,
+                      threshold: ThresholdChoice = NORMALS) -> Path:
     """Train EfficientAD on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    return package(fit_efficientad(data, category, settings), out, name, evaluate_test, precisions=precisions)
+    return package(fit_efficientad(data, category, settings, threshold), out, name, evaluate_test,
+                   precisions=precisions)
 
 
 def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
             precision: str = "fp32", precisions: list[str] | None = None) -> Path:
-    """Export the graph, set thresholds on held-out normals and measure the test split at every inference
-    precision the CPU runs (``precisions`` limits them), write the manifest; returns ``out``.
+    """Export the graph, set thresholds on held-out images (``trained.threshold``) and measure the test split at
+    every inference precision the CPU runs (``precisions`` limits them), write the manifest; returns ``out``.
 
     The bundle is built in a temporary folder beside ``out`` and renamed into place when complete, so a
     worker watching ``out`` never sees a half-written or provisional bundle.
     """
     graph, spec, family, cat, val = trained.graph, trained.spec, trained.family, trained.category, trained.val
-    category = cat.root.name
+    category = cat.name
     with torch.no_grad():
         embedding_dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
     out = out.resolve()
@@ -130,14 +152,19 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
         )
         write_manifest(staging, fields)  # provisional, in the staging folder only: the runtime reads the IR through it
         val_images = [read_image(p, spec) for p in val]
+        defect_images = [read_image(s.path, spec) for s in trained.val_defects]
         test_images = cat.test if evaluate_test else []
-        records = {p: measure_precision(staging, p, val_images, cat if test_images else None)
+        records = {p: measure_precision(staging, p, val_images, cat if test_images else None, defect_images,
+                                        trained.threshold)
                    for p in _precisions_to_measure(precision, precisions)}
         reference = records[next(iter(records))]
         fields["thresholds"] = reference.thresholds
         fields["precisions"] = records
         if reference.metrics:
             fields["metrics"] = reference.metrics
+        elif not cat.test:
+            fields["metrics"] = {"test": None, "not_evaluated": f"no test split ({cat.split})"}
+            log.warning("not evaluated: the data has no labelled test images (%s)", cat.layout)
         fields["training"]["total_s"] = round(time.monotonic() - trained.started, 2)
         write_manifest(staging, fields)
         _move_into_place(staging, out)
@@ -157,11 +184,12 @@ def _precisions_to_measure(weights: str, wanted: list[str] | None) -> list[Preci
     return [p for p in supported if p in wanted or p == supported[0]]
 
 
-def measure_precision(folder: Path, precision: Precision, val_images: list, category: Category | None) -> PrecisionRecord:
-    """Thresholds from held-out normals, and the test metrics when ``category`` is given, at one precision."""
+def measure_precision(folder: Path, precision: Precision, val_images: list, category: Category | None,
+                      defect_images: list | None = None, threshold: ThresholdChoice = NORMALS) -> PrecisionRecord:
+    """Thresholds from held-out images as ``threshold`` says, and the test metrics when ``category`` is given,
+    at one precision."""
     compiled = CompiledBundle(folder, hint="LATENCY", precision=precision, require_thresholds=False)
-    scores, maps, _ = score_images(compiled, val_images)
-    thresholds = thresholds_from_normals(scores, maps, THRESHOLD_SIGMAS)
+    thresholds = choose_thresholds(compiled, val_images, defect_images or [], threshold, THRESHOLD_SIGMAS)
     metrics = {}
     if category is not None:
         test = evaluate(compiled, category, thresholds)

@@ -1,13 +1,30 @@
-"""Datasets in MVTec AD layout: ``CATEGORY/train/good``, ``CATEGORY/test/<type>``, ``CATEGORY/ground_truth/<type>``.
+"""Training data as users have it, read into one shape: normal training images and a labelled test split.
 
-Images are read with OpenCV and resized with :func:`bundle.prepare_image`, the same
-function the worker uses, so training, evaluation and serving see identical pixels.
+Layouts (:func:`load_category` tells them apart; README "Training data" has an example of each):
+
+* **MVTec AD**: ``CATEGORY/train/good``, ``CATEGORY/test/<type>``, optional ``CATEGORY/ground_truth/<type>/*_mask.png``
+  (a defect type without a ground-truth folder is labelled per image only);
+* **good only**: a folder of normal images, no test split (train, threshold, export; nothing to evaluate);
+* **labelled folders**: ``good/`` (or ``ok/``) plus one folder per defect type (or ``ng/``), no masks;
+* **a list**: ``.csv`` (``path,label[,mask]``) or ``.json`` (``[{"path", "label", "mask"?}]``), paths relative
+  to the list file.
+
+For the last two a test split is made here: every defect image goes to test, and a seeded
+share (:data:`TEST_GOOD_FRACTION`) of the good images too; training never sees a test image.
+
+Images are read with OpenCV ``IMREAD_COLOR`` and resized with :func:`bundle.prepare_image`, exactly as the
+worker decodes and resizes a frame, so training, evaluation and serving see identical pixels: grey images
+become three equal channels, 16-bit images are scaled to 8 bits by OpenCV's fixed full-range shift (not by
+each image's own range), and any size is stretched to the square input (INTER_AREA).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -15,29 +32,50 @@ import numpy as np
 
 from bundle import InputSpec, prepare_image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+LIST_SUFFIXES = {".csv", ".json"}
+GOOD_NAMES = ("good", "ok")  # folder names / list labels of normal images (case-insensitive)
+GOOD_LABELS = {*GOOD_NAMES, "normal", "0"}
+TEST_GOOD_FRACTION = 0.2  # share of good images held out for test when the data has no test split of its own
+MIN_TRAIN_IMAGES = 8  # below this the fit and the held-out threshold images are too few to mean anything
 
 
 class DatasetError(ValueError):
-    """The data folder is not in MVTec AD layout, or is missing what a step needs."""
+    """The data is in no known layout, or is missing what a step needs; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
 class Sample:
     path: Path
     defect: str  # "good" or the defect type
-    mask: Path | None  # ground-truth mask, for defects
+    mask: Path | None  # ground-truth mask of a defect; None for good images and image-labelled defects
 
     @property
     def label(self) -> int:
         return int(self.defect != "good")
 
+    @property
+    def has_pixel_truth(self) -> bool:
+        """Good images are defect-free everywhere; a defect needs a mask to be scored per pixel."""
+        return self.defect == "good" or self.mask is not None
+
 
 @dataclass(frozen=True)
 class Category:
-    root: Path
+    root: Path  # the category folder, or the list file
     train: list[Path]
     test: list[Sample]
+    layout: str = "mvtec"
+    split: str = "the data's own test split"  # how the test split was made, for the summary and the manifest
+
+    @property
+    def name(self) -> str:
+        return self.root.stem if self.root.suffix.lower() in LIST_SUFFIXES else self.root.name
+
+    @property
+    def base(self) -> Path:
+        """The folder that relative paths in the manifest are relative to."""
+        return self.root.parent if self.root.suffix.lower() in LIST_SUFFIXES else self.root
 
     def split_train(self, val_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
         """Hold out normal training images to set thresholds without looking at test labels."""
@@ -47,32 +85,117 @@ class Category:
         n_val = max(round(len(paths) * val_fraction), min(10, len(paths) // 4)) if len(paths) > 1 else 0
         return sorted(paths[n_val:]), sorted(paths[:n_val])
 
+    def without(self, paths: set[Path]) -> Category:
+        """The same data with these test images removed (held out for validation)."""
+        return replace(self, test=[s for s in self.test if s.path not in paths])
+
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 
-def load_category(data: Path, category: str) -> Category:
-    root = Path(data) / category
+def load_category(data: Path, category: str | None = None, seed: int = 0) -> Category:
+    """Read ``data/category`` (or ``data`` itself without a category) in whichever layout it is."""
+    root = Path(data) / category if category else Path(data)
+    if root.suffix.lower() in LIST_SUFFIXES and root.is_file():
+        return _from_list(root, seed)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder or list file (give --data DIR [--category NAME] or --data LIST.csv)")
+    if (root / "train").is_dir():
+        return _mvtec(root)
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)]
+    good = [d for d in folders if d.name.lower() in GOOD_NAMES]
+    if good:
+        defects = [Sample(p, d.name, None) for d in folders if d not in good for p in _images(d)]
+        return _held_out(root, "labelled folders", _images(good[0]), defects, seed)
+    if folders:
+        raise DatasetError(f"{root} has image folders {[d.name for d in folders]} but none named good/ or ok/: "
+                           "put the normal images in good/ (or ok/) and each defect type in its own folder")
+    if _images(root):
+        return Category(root, _images(root), [], "good only", "none: good images only, nothing to evaluate")
+    raise DatasetError(f"{root} has no images; expected MVTec AD layout (train/good, test/<type>), a folder of good "
+                       "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
+
+
+def _mvtec(root: Path) -> Category:
     train = _images(root / "train" / "good")
     if not train:
-        raise DatasetError(f"{root}/train/good has no images (expected MVTec AD layout)")
+        raise DatasetError(f"{root}/train/good has no images: put the normal training images there (MVTec AD layout)")
     test: list[Sample] = []
     test_root = root / "test"
+    missing: list[Path] = []
     for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()) if test_root.is_dir() else []:
+        truth = root / "ground_truth" / type_dir.name
+        has_masks = type_dir.name != "good" and bool(_images(truth))  # no mask folder: image labels only
         for image in _images(type_dir):
-            mask = None
-            if type_dir.name != "good":
-                mask = root / "ground_truth" / type_dir.name / f"{image.stem}_mask.png"
-                if not mask.is_file():
-                    raise DatasetError(f"{image}: ground-truth mask {mask} missing")
+            mask = truth / f"{image.stem}_mask.png" if has_masks else None
+            if mask is not None and not mask.is_file():
+                missing.append(mask)
             test.append(Sample(image, type_dir.name, mask))
+    if missing:
+        raise DatasetError(f"{len(missing)} ground-truth masks missing, e.g. {missing[0]}: give every image of a type "
+                           "a mask, or remove that type's ground_truth folder to use image labels only")
     return Category(root, train, test)
+
+
+def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], seed: int) -> Category:
+    """Every defect goes to test, with a seeded share of the good images; the rest of the good ones train."""
+    if not defects:
+        return Category(root, sorted(good), [], layout, "none: good images only, nothing to evaluate")
+    shuffled = sorted(good)
+    random.Random(seed).shuffle(shuffled)
+    n_test = max(1, round(len(shuffled) * TEST_GOOD_FRACTION)) if len(shuffled) > 1 else 0
+    test = [Sample(p, "good", None) for p in sorted(shuffled[:n_test])] + sorted(defects, key=lambda s: (s.defect, s.path))
+    split = f"all defect images and {n_test} of {len(shuffled)} good images (seed {seed}), never trained on"
+    return Category(root, sorted(shuffled[n_test:]), test, layout, split)
+
+
+def _from_list(path: Path, seed: int) -> Category:
+    if path.suffix.lower() == ".json":
+        try:
+            rows = [(r["path"], str(r["label"]), r.get("mask")) for r in json.loads(path.read_text())]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{path}: expected a JSON list of {{\"path\", \"label\", \"mask\"?}} objects ({exc})") from exc
+    else:
+        with path.open(newline="") as fh:
+            lines = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        if lines and lines[0][0].strip().lower() == "path":
+            lines = lines[1:]
+        bad = [i for i, r in enumerate(lines, 1) if len(r) not in (2, 3)]
+        if bad:
+            raise DatasetError(f"{path}: rows {bad[:5]} do not have 2 or 3 columns (path,label[,mask])")
+        rows = [(r[0].strip(), r[1].strip(), r[2].strip() if len(r) == 3 and r[2].strip() else None) for r in lines]
+    good: list[Path] = []
+    defects: list[Sample] = []
+    missing: list[str] = []
+    for file, label, mask in rows:
+        image = path.parent / file
+        mask_path = path.parent / mask if mask else None
+        missing += [str(p) for p in (image, mask_path) if p is not None and not p.is_file()]
+        if label.strip().lower() in GOOD_LABELS:
+            good.append(image)
+        else:
+            defects.append(Sample(image, "defect" if label.strip() == "1" else label.strip(), mask_path))
+    if missing:
+        raise DatasetError(f"{path}: {len(missing)} listed files do not exist, e.g. {missing[:3]} "
+                           f"(paths are relative to {path.parent})")
+    return _held_out(path, "list", good, defects, seed)
 
 
 def find_categories(data: Path) -> list[str]:
     """Every sub-folder of ``data`` that looks like an MVTec AD category."""
     return sorted(p.name for p in Path(data).iterdir() if (p / "train" / "good").is_dir())
+
+
+def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Category, list[Sample]]:
+    """A seeded share of each defect type for choosing a threshold; the rest stays in test, so they never overlap."""
+    rng = random.Random(seed)
+    held: list[Sample] = []
+    for defect in sorted({s.defect for s in category.test} - {"good"}):
+        of_type = [s for s in category.test if s.defect == defect]
+        rng.shuffle(of_type)
+        held += of_type[: int(len(of_type) * fraction)]
+    return category.without({s.path for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
 
 
 def read_image(path: Path, spec: InputSpec) -> np.ndarray:
@@ -92,3 +215,73 @@ def read_mask(path: Path | None, spec: InputSpec) -> np.ndarray:
         raise DatasetError(f"{path}: cannot be decoded as a mask")
     mask = cv2.resize(mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST)
     return (mask > 127).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What ``exporter train`` found, read from every file once (so an undecodable one is named before training)."""
+
+    category: Category
+    sizes: Counter
+    channels: Counter
+    depths: Counter
+    unreadable: list[Path]
+
+    def problems(self) -> list[str]:
+        """Why the data cannot be trained on, each with how to fix it; empty when it can."""
+        cat, out = self.category, []
+        if len(cat.train) < MIN_TRAIN_IMAGES:
+            out.append(f"only {len(cat.train)} good training images; at least {MIN_TRAIN_IMAGES} are needed (a few "
+                       "dozen or more is better): add photos of normal parts")
+        if self.unreadable:
+            shown = ", ".join(str(p) for p in self.unreadable[:10])
+            more = f" and {len(self.unreadable) - 10} more" if len(self.unreadable) > 10 else ""
+            out.append(f"{len(self.unreadable)} files cannot be decoded: {shown}{more}; "
+                       "remove them or save them again as PNG/JPEG")
+        return out
+
+    def text(self, n_fit: int, n_threshold: int) -> str:
+        cat = self.category
+        types = Counter(s.defect for s in cat.test)
+        masked = sorted({s.defect for s in cat.test if s.mask is not None})
+        unmasked = sorted({s.defect for s in cat.test if not s.has_pixel_truth})
+        lines = [
+            f"data: {cat.root} ({cat.layout})",
+            f"  good training images: {len(cat.train)} -> {n_fit} to fit, {n_threshold} held out for the threshold",
+            f"  test split: {cat.split}" + (": " + ", ".join(f"{t} {n}" for t, n in sorted(types.items())) if types else ""),
+            f"  image sizes (w x h): {_counts({f'{w}x{h}': n for (w, h), n in self.sizes.items()})}",
+            f"  channels: {_counts(self.channels)}; bit depth: {_counts(self.depths)} "
+            "(read as 8-bit BGR like the worker: grey -> 3 channels, 16-bit -> top 8 bits; stretched to the input size)",
+            f"  masks: {', '.join(masked) if masked else 'none'}" + (f"; image labels only: {', '.join(unmasked)}" if unmasked else ""),
+        ]
+        if not cat.test:
+            lines.append("  evaluation: none (no labelled test images); the bundle is exported unevaluated")
+        elif not any(s.label for s in cat.test):
+            lines.append("  evaluation: false-alarm rate only (no defect images)")
+        else:
+            pixel = "pixel AUROC and AUPRO on the images with masks" if masked else "no pixel metrics (no masks)"
+            lines.append(f"  evaluation: image AUROC and F1 on the test split; {pixel}")
+        return "\n".join(lines)
+
+
+def _counts(counter: dict) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in sorted(counter.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def summarise(category: Category) -> Summary:
+    """Decode every image and mask as stored (IMREAD_UNCHANGED) to report sizes, channels and depth, and find bad files."""
+    sizes: Counter = Counter()
+    channels: Counter = Counter()
+    depths: Counter = Counter()
+    unreadable: list[Path] = []
+    files = [*category.train, *(s.path for s in category.test)]
+    for path in files:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            unreadable.append(path)
+            continue
+        sizes[(image.shape[1], image.shape[0])] += 1
+        channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
+        depths[f"{image.dtype.itemsize * 8}-bit"] += 1
+    unreadable += [s.mask for s in category.test if s.mask is not None and cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE) is None]
+    return Summary(category, sizes, channels, depths, unreadable)

@@ -13,12 +13,14 @@ from bundle import Thresholds
 from bundle.runtime import CompiledBundle
 from exporter.data import Category, read_image, read_mask
 from exporter.export import score_images
+from exporter.metrics import pixel_metrics
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds | None = None) -> dict:
-    """Image AUROC, pixel AUROC (at the graph's resolution), F1 and per-type detection at the bundle threshold.
+    """Image AUROC, F1 and per-type detection at the bundle threshold; pixel AUROC and AUPRO (at the graph's
+    resolution) over the images with pixel ground truth, or ``None`` with the reason when no defect has a mask.
 
     The threshold is the bundle's for the precision it was compiled at (``thresholds`` overrides it while
     the exporter is still measuring them).  The result names that precision and the device.
@@ -26,7 +28,8 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     spec = bundle.manifest.input
     samples = category.test
     if not samples:
-        raise ValueError(f"{category.root}/test has no images")
+        raise ValueError(f"{category.root}: no test images ({category.split}); evaluation needs labelled good and "
+                         "defect images (README: Training data)")
     started = time.monotonic()
     images = [read_image(s.path, spec) for s in samples]
     scores, maps, _ = score_images(bundle, images)
@@ -44,8 +47,8 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     }
     if 0 < labels.sum() < len(labels):
         result["image_auroc"] = round(float(roc_auc_score(labels, scores)), 4)
-        masks = np.stack([read_mask(s.mask, spec) for s in samples])
-        result["pixel_auroc"] = round(float(roc_auc_score(masks.reshape(-1), maps.reshape(-1))), 4)
+        masks = [read_mask(s.mask, spec) if s.has_pixel_truth else None for s in samples]
+        result.update(pixel_metrics(maps, masks, [s.defect for s in samples]))
     else:
         log.warning("test split has only one class: AUROC undefined")
     types = sorted({s.defect for s in samples})

@@ -85,16 +85,19 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
         "from held-out normal training images only.",
         f"Targets: image AUROC >= {TARGETS['image_auroc']}, pixel AUROC >= {TARGETS['pixel_auroc']} (✓ met, ✗ missed).",
         "",
-        "| Model | Category | Image AUROC | Pixel AUROC | Image F1 @ bundle threshold | Seed tutorial image AUROC "
-        "| Train + export + eval (s) | Bundle (MB) | OV vs torch: max rel. score diff, same verdicts |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Model | Category | Image AUROC | Pixel AUROC | AUPRO (FPR <= 0.3) | Image F1 @ bundle threshold "
+        "| Seed tutorial image AUROC | Train + export + eval (s) | Bundle (MB) "
+        "| OV vs torch: max rel. score diff, same verdicts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r["parity"]
         seed = f"{r['seed_image_auroc']:.3f}" if r["seed_image_auroc"] is not None else "n/a"
+        aupro = f"{r['aupro']:.4f}" if r.get("aupro") is not None else "n/a"
         lines.append(
             f"| {r['model']} | {r['category']} | {_mark(r.get('image_auroc'), TARGETS['image_auroc'])} "
-            f"| {_mark(r.get('pixel_auroc'), TARGETS['pixel_auroc'])} | {r['image_f1']:.4f} | {seed} "
+            f"| {_mark(r.get('pixel_auroc'), TARGETS['pixel_auroc'])} "
+            f"| {aupro} | {r['image_f1']:.4f} | {seed} "
             f"| {r['train_s']:.0f} | {r['bundle_bytes'] / 1e6:.1f} "
             f"| {p['max_relative_score_difference']:.1e} (tol {p['score_rtol']:g}), {'yes' if p['same_verdicts'] else 'NO'} |"
         )
@@ -108,11 +111,12 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
     if others:
         lines += ["", "Other inference precisions this CPU runs natively, each with thresholds measured at it "
                       "(worker: `model.precision`):", "",
-                  "| Model | Category | Precision | Image AUROC | Pixel AUROC | Image F1 | good flagged |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| Model | Category | Precision | Image AUROC | Pixel AUROC | AUPRO | Image F1 | good flagged |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r, p, m in others:
             lines.append(f"| {r['model']} | {r['category']} | {p} | {m.get('image_auroc', 'n/a')} "
-                         f"| {m.get('pixel_auroc', 'n/a')} | {m['image_f1']} | {m['detection_rate'].get('good', 'n/a')} |")
+                         f"| {m.get('pixel_auroc', 'n/a')} | {m.get('aupro', 'n/a')} | {m['image_f1']} "
+                         f"| {m['detection_rate'].get('good', 'n/a')} |")
     lines += ["", "Training settings (from each bundle's manifest):", ""]
     for r in rows:
         t = r["training"]

@@ -47,6 +47,13 @@ def _defect(rng: np.random.Generator, image: np.ndarray, kind: str) -> np.ndarra
     return mask
 
 
+def sample(rng: np.random.Generator, size: int, kind: str = "good") -> tuple[np.ndarray, np.ndarray]:
+    """One generated 8-bit grey image and its 0/255 mask (empty for ``good``), for building other layouts in tests."""
+    image = _texture(rng, size)
+    mask = np.zeros_like(image) if kind == "good" else _defect(rng, image, kind)
+    return image, mask
+
+
 def generate(out: Path, category: str = "weave", size: int = 128, n_train: int = 24, n_test: int = 4,
              seed: int = 0) -> Path:
     """Write ``out/category`` with ``n_train`` normals, ``n_test`` good and ``n_test`` per defect type."""

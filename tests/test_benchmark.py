@@ -19,10 +19,11 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
     (row,) = report["rows"]
     assert row["model"] == "patchcore" and row["category"] == "weave"
     assert row["parity"]["same_verdicts"] and row["parity"]["within_tolerance"], row["parity"]
-    assert 0.5 < row["image_auroc"] <= 1 and 0.5 < row["pixel_auroc"] <= 1
+    assert 0.5 < row["image_auroc"] <= 1 and 0.5 < row["pixel_auroc"] <= 1 and 0 < row["aupro"] <= 1
     assert row["bundle_bytes"] > 0 and set(row["detection_rate"]) == {"good", "hole", "scratch", "smear"}
     text = (out / "report.md").read_text()
     assert "| patchcore | weave |" in text and "Categories absent" in text
+    assert f"| {row['aupro']:.4f} |" in text and "AUPRO (FPR <= 0.3)" in text
     for plot in ("roc.png", "heatmaps-weave.png"):
         assert f"]({plot})" in text
         assert 1_000 < (out / plot).stat().st_size < 300_000

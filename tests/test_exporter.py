@@ -131,13 +131,18 @@ def test_evaluate_command_writes_metrics(bundle_dir, dataset, tmp_path):
     assert metrics["images"] == 16
     assert metrics["image_auroc"] > 0.8, metrics
     assert metrics["pixel_auroc"] > 0.8, metrics
+    assert metrics["aupro"] > 0.5 and metrics["pixel_metrics"] == "all 16 test images", metrics
     assert set(metrics["detection_rate"]) == {"good", "hole", "scratch", "smear"}
 
 
 def test_train_reports_a_clear_error_for_a_bad_data_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(tmp_path), "--category", "nope",
                            "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 2 and "train/good has no images" in proc.stderr
+    assert proc.returncode == 2 and "nope: no such folder or list file" in proc.stderr
+    (tmp_path / "nope" / "train" / "good").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(tmp_path), "--category", "nope",
+                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "train/good has no images: put the normal training images there" in proc.stderr
 
 
 def test_bundle_embedding_groups_defects_by_type(bundle_dir, dataset):

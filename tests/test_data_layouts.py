@@ -1,0 +1,288 @@
+"""Training data as users have it: layouts, image formats, the data summary and refusals, AUPRO, threshold modes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bundle import read_manifest
+from conftest import ROOT
+from exporter.data import DatasetError, load_category, read_image, summarise
+from exporter.export import input_spec
+from exporter.metrics import aupro, pixel_metrics
+from exporter.synthetic import DEFECTS, sample
+from exporter.thresholds import far_threshold, recall_threshold
+
+SPEC = input_spec(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _exporter(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def _write(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+def _grey16_nonsquare(image: np.ndarray) -> np.ndarray:
+    """A 16-bit grey frame, 96 wide and 72 high, whose top 8 bits are the generated 8-bit texture."""
+    return (image[:72, :96].astype(np.uint16) << 8) | 0x5A
+
+
+# --- AUPRO -----------------------------------------------------------------------------------------------------
+
+
+def test_aupro_on_a_hand_made_case():
+    """Two 2x2 regions; A scores above every background pixel, B above exactly k of the 112 background pixels.
+
+    PRO is 0.5 from FPR 0 (A found) and 1 from FPR k/112 (B found too), so the area to 0.3, normalised,
+    is (0.5 k/112 + (0.3 - k/112)) / 0.3.
+    """
+    masks = np.zeros((1, 10, 12), np.uint8)
+    masks[0, 1:3, 1:3] = 1  # region A
+    masks[0, 6:8, 8:10] = 1  # region B
+    background = masks[0] == 0
+    maps = np.zeros((1, 10, 12), np.float32)
+    maps[0][background] = np.linspace(0, 1, int(background.sum()), dtype=np.float32)  # distinct, ascending
+    maps[0, 1:3, 1:3] = 2.0
+    k = 20
+    maps[0, 6:8, 8:10] = np.sort(maps[0][background])[-k - 1] + 1e-4  # above the top k background scores only
+    expected = (0.5 * k / 112 + (0.3 - k / 112)) / 0.3
+    assert aupro(maps, masks) == pytest.approx(expected, abs=1e-9)
+    assert aupro(maps, np.zeros_like(masks)) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aupro_equals_anomalibs_metric(seed):
+    """Random maps and masks (several regions per image, some images without any, tied scores): same value."""
+    from anomalib.metrics import AUPRO
+    from anomalib.metrics.aupro import _AUPRO
+
+    assert issubclass(AUPRO, _AUPRO)  # the public metric is this class with anomalib's field plumbing on top
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((6, 40, 52), np.uint8)
+    for i in range(5):
+        for _ in range(int(rng.integers(1, 4))):
+            y, x = rng.integers(0, 34, 2)
+            h, w = rng.integers(2, 9, 2)
+            masks[i, y : y + h, x : x + w] = 1
+    maps = (rng.random(masks.shape) + 0.6 * masks).astype(np.float32)
+    maps = np.round(maps, 2) if seed == 2 else maps
+    reference = _AUPRO(fpr_limit=0.3)
+    reference.update(torch.from_numpy(maps), torch.from_numpy(masks))
+    ours = aupro(maps, masks)
+    assert 0.3 < ours < 1.0
+    assert ours == pytest.approx(float(reference.compute()), abs=1e-5)
+
+
+def test_pixel_metrics_say_which_images_they_cover():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:9, 4:9] = 1
+    maps = rng.random((3, 16, 16)).astype(np.float32) + np.stack([0 * mask, mask, mask])
+    absent = pixel_metrics(maps, [mask * 0, None, None], ["good", "bent", "glue"])
+    assert absent == {"pixel_auroc": None, "aupro": None, "pixel_metrics": "absent: no masks for types bent, glue"}
+    partial = pixel_metrics(maps, [mask * 0, mask, None], ["good", "hole", "glue"])
+    assert partial["pixel_auroc"] > 0.9 and partial["aupro"] > 0.5
+    assert "good and the types with masks (hole)" in partial["pixel_metrics"] and "no masks: glue" in partial["pixel_metrics"]
+    full = pixel_metrics(maps[:2], [mask * 0, mask], ["good", "hole"])
+    assert full["pixel_metrics"] == "all 2 test images" and full["aupro"] == partial["aupro"]
+
+
+def test_far_and_recall_thresholds():
+    normals = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert (normals >= far_threshold(normals, 0.2)).sum() == 2  # at most 20 % flagged
+    assert (normals >= far_threshold(normals, 0.01)).sum() == 0
+    defects = np.array([5.0, 7.0, 11.0, 12.0])
+    assert recall_threshold(defects, 0.75) == 7.0 and (defects >= 7.0).mean() == 0.75
+    assert recall_threshold(defects, 0.8) == 5.0
+
+
+# --- layouts ---------------------------------------------------------------------------------------------------
+
+
+def test_mvtec_masks_are_optional_per_defect_type(tmp_path):
+    from exporter.synthetic import generate
+
+    root = generate(tmp_path, "weave", size=64, n_train=4, n_test=2)
+    shutil.rmtree(root / "ground_truth" / "smear")
+    cat = load_category(tmp_path, "weave")
+    assert {s.defect for s in cat.test if s.mask is None} == {"good", "smear"}
+    assert all(s.mask is not None and s.mask.is_file() for s in cat.test if s.defect in ("hole", "scratch"))
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
+    with pytest.raises(DatasetError, match="1 ground-truth masks missing.*remove that type's ground_truth folder"):
+        load_category(tmp_path, "weave")
+
+
+def test_labelled_folders_hold_out_good_images_for_test(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        _write(tmp_path / "ok" / f"{i:02d}.png", sample(rng, 64)[0])
+    for i in range(3):
+        _write(tmp_path / "ng" / f"{i}.png", sample(rng, 64, "hole")[0])
+    cat = load_category(tmp_path)
+    assert cat.layout == "labelled folders" and cat.name == tmp_path.name
+    test_good = [s.path for s in cat.test if s.defect == "good"]
+    assert len(test_good) == 4 and not set(test_good) & set(cat.train) and len(cat.train) == 16
+    assert sorted(s.path.name for s in cat.test if s.defect == "ng") == ["0.png", "1.png", "2.png"]
+    assert all(s.mask is None for s in cat.test)
+    assert load_category(tmp_path) == cat  # seeded: evaluate later sees the same split
+    assert load_category(tmp_path, seed=1).train != cat.train
+
+
+def test_csv_and_json_lists(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        rows.append(f"img/g{i}.png,good")
+        _write(tmp_path / "img" / f"g{i}.png", sample(rng, 64)[0])
+    image, mask = sample(rng, 64, "hole")
+    _write(tmp_path / "img" / "d0.png", image)
+    _write(tmp_path / "masks" / "d0.png", mask)
+    rows += ["img/d0.png,hole,masks/d0.png", "img/g0.png,1"]
+    (tmp_path / "parts.csv").write_text("path,label,mask\n" + "\n".join(rows) + "\n")
+    cat = load_category(tmp_path / "parts.csv")
+    assert cat.layout == "list" and cat.name == "parts"
+    defects = {s.defect: s.mask for s in cat.test if s.label}
+    assert defects == {"hole": tmp_path / "masks" / "d0.png", "defect": None}
+    (tmp_path / "parts.json").write_text(json.dumps([{"path": f"img/g{i}.png", "label": "ok"} for i in range(10)]))
+    assert load_category(tmp_path / "parts.json").test == []  # good only: nothing to evaluate
+    (tmp_path / "broken.csv").write_text("img/g0.png,good\nimg/nothere.png,scratch\n")
+    with pytest.raises(DatasetError, match="1 listed files do not exist.*nothere.png.*relative to"):
+        load_category(tmp_path / "broken.csv")
+
+
+def test_16_bit_grey_non_square_images_read_like_the_worker_reads_them(tmp_path):
+    """Top 8 bits, three equal channels, stretched to the square input: what worker/decode.py + prepare_image do."""
+    grey16 = _grey16_nonsquare(sample(np.random.default_rng(0), 96)[0])
+    path = _write(tmp_path / "a.png", grey16)
+    image = read_image(path, SPEC)
+    expected = cv2.resize((grey16 >> 8).astype(np.uint8), (64, 64), interpolation=cv2.INTER_AREA)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(image[:, :, channel], expected)
+    from worker.decode import decode  # the worker's own decoder gives the same 8-bit pixels
+
+    frame = decode(cv2.imencode(".png", grey16)[1].tobytes())
+    np.testing.assert_array_equal(frame[:, :, 0], (grey16 >> 8).astype(np.uint8))
+
+
+def test_summary_and_refusals(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        _write(tmp_path / "few" / f"{i}.png", _grey16_nonsquare(sample(rng, 96)[0]))
+    (tmp_path / "few" / "notes.png").write_text("not an image")
+    summary = summarise(load_category(tmp_path / "few"))
+    text = summary.text(4, 2)
+    assert "(good only)" in text and "96x72 (5)" in text and "grey (5)" in text and "16-bit (5)" in text
+    assert "evaluation: none" in text
+    problems = summary.problems()
+    assert len(problems) == 2
+    assert "only 6 good training images; at least 8" in problems[0]
+    assert "1 files cannot be decoded: " + str(tmp_path / "few" / "notes.png") in problems[1]
+
+    proc = _exporter("train", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2
+    assert "data: " + str(tmp_path / "few") + " (good only)" in proc.stdout
+    assert "error: unusable data:" in proc.stderr and "notes.png" in proc.stderr and "add photos" in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+    (tmp_path / "nogood" / "scratch").mkdir(parents=True)
+    _write(tmp_path / "nogood" / "scratch" / "0.png", sample(rng, 64)[0])
+    proc = _exporter("train", "--data", str(tmp_path), "--category", "nogood", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "none named good/ or ok/" in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _exporter("train", "--data", str(empty), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "has no images; expected MVTec AD layout" in proc.stderr
+
+
+# --- end to end: train, export, evaluate with OpenVINO ---------------------------------------------------------
+
+TINY = ["--input-size", "64", "--coreset-ratio", "0.05"]
+
+
+def test_labelled_folders_of_16_bit_grey_non_square_images_train_and_evaluate(tmp_path):
+    """No masks: image AUROC and F1 measured, pixel metrics absent and saying why; evaluate sees the same split."""
+    rng = np.random.default_rng(3)
+    data = tmp_path / "part"
+    for i in range(20):
+        _write(data / "good" / f"{i:02d}.png", _grey16_nonsquare(sample(rng, 96)[0]))
+    for kind in DEFECTS[:2]:
+        for i in range(3):
+            _write(data / kind / f"{i}.png", _grey16_nonsquare(sample(rng, 96, kind)[0]))
+    proc = _exporter("train", "--data", str(data), "--out", str(tmp_path / "b"), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16-bit (26)" in proc.stdout and "96x72 (26)" in proc.stdout and "no pixel metrics (no masks)" in proc.stdout
+    manifest = read_manifest(tmp_path / "b")
+    test = manifest.metrics["test"]
+    assert manifest.category == "part" and manifest.training["data_layout"] == "labelled folders"
+    assert test["images"] == 4 + 6 and set(test["detection_rate"]) == {"good", "hole", "scratch"}
+    assert test["pixel_auroc"] is None and test["aupro"] is None
+    assert test["pixel_metrics"] == "absent: no masks for types hole, scratch"
+    assert test["image_auroc"] > 0.7, test
+    out = tmp_path / "m.json"
+    proc = _exporter("evaluate", "--bundle", str(tmp_path / "b"), "--data", str(data), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["images"] == test["images"] and again["image_auroc"] == test["image_auroc"]
+
+
+def test_good_images_only_train_and_export_without_evaluation(tmp_path):
+    rng = np.random.default_rng(4)
+    for i in range(12):
+        _write(tmp_path / "goods" / f"{i:02d}.jpg", sample(rng, 80)[0])
+    proc = _exporter("train", "--data", str(tmp_path / "goods"), "--out", str(tmp_path / "b"), *TINY,
+                     "--threshold-mode", "far", "--target-far", "0.1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluation: none (no labelled test images)" in proc.stdout
+    assert "image threshold: lowest that flags at most 0.1 of the held-out normals" in proc.stdout
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.metrics == {"test": None, "not_evaluated": "no test split (none: good images only, nothing to evaluate)"}
+    assert manifest.thresholds.method.startswith("far: lowest image threshold with at most 0.1 of 3 held-out normal")
+    proc = _exporter("evaluate", "--bundle", str(tmp_path / "b"), "--data", str(tmp_path / "goods"))
+    assert proc.returncode == 2 and "no test images" in proc.stderr
+
+
+def test_list_with_some_masks_and_a_recall_threshold(tmp_path):
+    """Masks for one type only: pixel metrics over good + that type. Recall threshold on defects kept out of test."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(20):
+        rows.append(f"img/g{i:02d}.png,good")
+        _write(tmp_path / "img" / f"g{i:02d}.png", sample(rng, 64)[0])
+    for kind in ("hole", "scratch"):
+        for i in range(4):
+            image, mask = sample(rng, 64, kind)
+            _write(tmp_path / "img" / f"{kind}{i}.png", image)
+            if kind == "hole":
+                _write(tmp_path / "gt" / f"{kind}{i}.png", mask)
+            rows.append(f"img/{kind}{i}.png,{kind}" + (f",gt/{kind}{i}.png" if kind == "hole" else ""))
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    proc = _exporter("train", "--data", str(tmp_path / "list.csv"), "--out", str(tmp_path / "b"), *TINY,
+                     "--threshold-mode", "recall", "--target-recall", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "b")
+    held = manifest.training["validation_defects"]
+    assert len(held) == 4 and {Path(p).name[:-5] for p in held} == {"hole", "scratch"}
+    assert manifest.thresholds.method.startswith("recall: highest image threshold flagging at least 0.5 of 4")
+    test = manifest.metrics["test"]
+    assert test["images"] == 4 + 4  # 4 held-out good, 2 + 2 defects left after validation took half of each type
+    assert test["pixel_metrics"].startswith("6 of 8 test images: good and the types with masks (hole)")
+    assert 0 <= test["aupro"] <= 1 and 0 <= test["pixel_auroc"] <= 1
+    out = tmp_path / "m.json"
+    proc = _exporter("evaluate", "--bundle", str(tmp_path / "b"), "--data", str(tmp_path / "list.csv"), "--json",
+                     str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["images"] == 8

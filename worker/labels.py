@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from worker.evidence import EvidenceStore
 from worker.query import serve_request
-from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 from worker.store import LABELS, VectorStore
+from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 
 EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label", "defect_type", "note",
                  "labelled_at", "model_version")

@@ -133,7 +133,8 @@ class QueryService:
             query = {"image_bytes": len(data)}
         # Only vectors of the query's embedding space are comparable with it (a point from before spaces: any).
         hits = store.search(vector, request.top_k, replace(filters, space=space), exclude=exclude)
-        return {"ok": True, "query": query, "space": space, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+        return {"ok": True, "query": query, "space": space,
+                "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
 
     def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:
         evidence = payload.get("evidence") or {}

@@ -31,8 +31,8 @@ from worker.config import StoreConfig
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
 
-    from worker.store_server import ServerEngine
     from worker.evidence import EvidenceStore
+    from worker.store_server import ServerEngine
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from worker.store import PAYLOAD_INDEXES, LABELS, Filters, StoreError
+from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreError
 
 
 def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:

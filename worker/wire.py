@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
@@ -62,7 +62,7 @@ class ErrorCode(StrEnum):
 def iso(ts: float) -> str:
     """Epoch seconds -> ISO-8601 UTC with milliseconds (only for timestamps that passed :func:`parse_timestamp`
     or came from the local clock)."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def parse_timestamp(value: str | float | int) -> float:
@@ -81,7 +81,7 @@ def parse_timestamp(value: str | float | int) -> float:
             except (ValueError, OverflowError) as exc:
                 raise ValueError(f"{text[:64]!r} is not ISO-8601 or epoch seconds") from exc
             if stamp.tzinfo is None:
-                stamp = stamp.replace(tzinfo=timezone.utc)
+                stamp = stamp.replace(tzinfo=UTC)
             ts = stamp.timestamp()
     if not math.isfinite(ts) or not MIN_TS <= ts < MAX_TS:
         raise ValueError(f"{str(value)[:64]!r} is not a time between 2000-01-01 and 2100-01-01")

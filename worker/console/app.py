@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from worker.api_client import ApiClient, ApiError
 from worker.config import Config
 from worker.console.hub import Hub, content_type
-from worker.wire import parse_timestamp
 from worker.topics import Topics
+from worker.wire import parse_timestamp
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -109,7 +109,7 @@ def create_app(cfg: Config) -> Starlette:
                 while True:
                     try:
                         yield await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         yield f"event: ping\ndata: {json.dumps({'broker': client.link.connected.is_set()})}\n\n"
             finally:
                 events.queues.discard(queue)

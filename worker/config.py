@@ -11,7 +11,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Literal, Union, get_args, get_origin, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -342,6 +342,10 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
 
 def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths in the file are relative to the file, not to wherever the worker was started."""
+    @overload
+    def fix(p: Path) -> Path: ...
+    @overload
+    def fix(p: Path | None) -> Path | None: ...
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p).resolve()
 

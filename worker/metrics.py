@@ -83,7 +83,7 @@ class Stats:
     def set_model(self, scope: str, name: str, version: str, precision: str) -> None:
         """Called from the MQTT thread (on connect) and the request thread (reload): serialised."""
         with self._lock:
-            for sample in list(self.model.collect()[0].samples):
+            for sample in [s for metric in self.model.collect() for s in metric.samples]:
                 if sample.labels["scope"] == scope:
                     self.model.remove(scope, sample.labels["name"], sample.labels["version"], sample.labels["precision"])
             self.model.labels(scope, name, version, precision).set(1)

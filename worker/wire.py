@@ -11,7 +11,7 @@ import json
 import math
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -88,7 +88,7 @@ def parse_timestamp(value: str | float | int) -> float:
     return ts
 
 
-def valid_id(value: object) -> bool:
+def valid_id(value: object) -> TypeGuard[str]:
     """A frame or camera id we can echo and use in keys: 1..128 printable characters without '/'."""
     return (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()
             and "/" not in value)

@@ -62,7 +62,7 @@ class ApiClient:
         if msg.topic == self.reply_topic:
             correlation = getattr(msg.properties, "CorrelationData", None)
             with self._lock:
-                waiter = self._pending.get(correlation)
+                waiter = self._pending.get(correlation) if correlation is not None else None
             if waiter is not None:
                 waiter[1].append(json.loads(msg.payload))
                 waiter[0].set()
@@ -75,7 +75,8 @@ class ApiClient:
         if not self.link.wait_connected(timeout):
             raise ApiError(f"not connected to the broker at {self.link.cfg.host}:{self.link.cfg.port}")
         correlation = uuid.uuid4().hex.encode()
-        done, answer = threading.Event(), []
+        done = threading.Event()
+        answer: list[dict] = []
         with self._lock:
             self._pending[correlation] = (done, answer)
         try:

@@ -8,10 +8,10 @@ secrets: ``EDGE_INSPECT__MQTT__PASSWORD``), and a password can be read from a fi
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Literal, Union, get_args, get_origin, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -63,8 +63,14 @@ MetadataPolicy = Literal["required", "optional"]
 class TopicsConfig(_Section):
     prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
     cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
-    metadata: MetadataPolicy = Field("required", description="Frames without frame_id/captured_at: refused with missing_metadata (required), or given a generated frame_id and captured_at = receive time (optional: cameras and MQTT 3.1.1 clients that cannot send user properties); cameras.<id>.metadata overrides it.")
-    share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames (and queries) across the workers of a group. Set mqtt.session_expiry_s to 0 (or a few seconds) in a group: mosquitto keeps routing a dead member's share to its session until the session expires.")
+    metadata: MetadataPolicy = Field("required", description="Frames without frame_id/captured_at: refused with missing_metadata "
+                                                             "(required), or given a generated frame_id and captured_at = receive time "
+                                                             "(optional: cameras and MQTT 3.1.1 clients that cannot send user properties); "
+                                                             "cameras.<id>.metadata overrides it.")
+    share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames "
+                                                      "(and queries) across the workers of a group. Set mqtt.session_expiry_s to 0 (or a "
+                                                      "few seconds) in a group: mosquitto keeps routing a dead member's share to its "
+                                                      "session until the session expires.")
 
     @field_validator("prefix")
     @classmethod
@@ -87,13 +93,17 @@ PrecisionSetting = Literal["f32", "bf16", "f16", "int8", "auto"]
 class ModelConfig(_Section):
     bundle: Path = Field(description="Model bundle folder (bundle.json + model.xml/.bin).")
     device: str = Field("CPU", description="OpenVINO device: CPU, GPU, AUTO, ...")
-    precision: PrecisionSetting = Field("f32", description="Inference precision: f32 (the same numbers on every CPU), bf16 or f16 (faster on CPUs that run them natively, e.g. bf16 with AMX), int8 (INT8 bundles), auto (the device's default). The bundle's thresholds for that precision are used; a bundle without them is refused.")
+    precision: PrecisionSetting = Field("f32", description="Inference precision: f32 (the same numbers on every CPU), bf16 or f16 (faster "
+                                                           "on CPUs that run them natively, e.g. bf16 with AMX), int8 (INT8 bundles), auto "
+                                                           "(the device's default). The bundle's thresholds for that precision are used; a "
+                                                           "bundle without them is refused.")
     cache_dir: Path | None = Field(Path("data/ov-cache"), description="OpenVINO model cache (faster restarts).")
     threshold: float | None = Field(None, description="Override the bundle's raw image threshold.")
-    watch_s: float = Field(0, ge=0, description="Check every N seconds whether a configured bundle changed on disk and hot-reload it (0 = off; reloads also come over the control topic).")
+    watch_s: float = Field(0, ge=0, description="Check every N seconds whether a configured bundle changed on disk and hot-reload it (0 = "
+                                                "off; reloads also come over the control topic).")
 
 
-class QueuePolicy(str, Enum):
+class QueuePolicy(StrEnum):
     """What happens to a new frame when the internal queue is full."""
 
     DROP_OLDEST = "drop_oldest"  # keep the newest frames: a live line cares about now
@@ -108,10 +118,14 @@ class LimitsConfig(_Section):
     queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
     inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
     dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries.")
-    queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies to either).")
-    recorder_max_records: int = Field(1000, ge=1, description="Logged frames waiting for the recorder; past this (or recorder_max_bytes) the oldest record is dropped and counted.")
-    recorder_max_bytes: int = Field(128_000_000, gt=0, description="Recorder backlog bound in bytes (frame, evidence files and embedding of each record).")
-    request_queue_size: int = Field(16, ge=1, description="Queries, labels and control commands waiting; past this (or request_queue_max_bytes) a new one is answered busy.")
+    queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies "
+                                                               "to either).")
+    recorder_max_records: int = Field(1000, ge=1, description="Logged frames waiting for the recorder; past this (or recorder_max_bytes) "
+                                                              "the oldest record is dropped and counted.")
+    recorder_max_bytes: int = Field(128_000_000, gt=0, description="Recorder backlog bound in bytes (frame, evidence files and embedding "
+                                                                   "of each record).")
+    request_queue_size: int = Field(16, ge=1, description="Queries, labels and control commands waiting; past this (or "
+                                                          "request_queue_max_bytes) a new one is answered busy.")
     request_queue_max_bytes: int = Field(16_000_000, gt=0, description="Request queue bound in payload bytes.")
 
 
@@ -119,7 +133,8 @@ HeatmapPolicy = Literal["always", "anomalous", "never"]
 
 
 class HeatmapConfig(_Section):
-    publish: HeatmapPolicy = Field("always", description="Publish a heatmap with every result, only with anomalous ones, or never (evidence keeps anomalous heatmaps regardless).")
+    publish: HeatmapPolicy = Field("always", description="Publish a heatmap with every result, only with anomalous ones, or never "
+                                                         "(evidence keeps anomalous heatmaps regardless).")
     format: Literal["jpeg", "png"] = Field("jpeg", description="jpeg (small) or png (lossless).")
     quality: int = Field(85, ge=10, le=100, description="JPEG quality.")
     size: int | None = Field(None, ge=16, description="Longer side in pixels; default the model's input size.")
@@ -130,7 +145,8 @@ class TilingConfig(_Section):
     """Cut a high-resolution frame into overlapping tiles, each inferred at the model's input size."""
 
     grid: tuple[int, int] = Field(description="Tiles across and down [cols, rows]; pick them so a tile has about the model's aspect ratio.")
-    overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour, so a defect on a seam is whole in one tile.")
+    overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour, so a defect on a seam is whole in "
+                                                          "one tile.")
 
     @field_validator("grid")
     @classmethod
@@ -149,10 +165,13 @@ class CameraConfig(_Section):
     heatmap: HeatmapPolicy | None = Field(None, description="Heatmap policy for this camera: always, anomalous or never.")
     heatmap_format: Literal["jpeg", "png"] | None = Field(None, description="Heatmap encoding for this camera.")
     heatmap_size: int | None = Field(None, ge=16, description="Heatmap longer side for this camera.")
-    roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is inspected.")
+    roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is "
+                                                                    "inspected.")
     metadata: MetadataPolicy | None = Field(None, description="required or optional for this camera (default topics.metadata).")
-    payload: Literal["raw", "json_envelope"] = Field("raw", description="raw: the payload is the image; json_envelope: a JSON object with the base64 image and its fields (README, Worker API).")
-    tiling: TilingConfig | None = Field(None, description="Inspect the frame (after roi) as a grid of tiles at the model's input size; score = the highest tile's.")
+    payload: Literal["raw", "json_envelope"] = Field("raw", description="raw: the payload is the image; json_envelope: a JSON object with "
+                                                                        "the base64 image and its fields (README, Worker API).")
+    tiling: TilingConfig | None = Field(None, description="Inspect the frame (after roi) as a grid of tiles at the model's input size; "
+                                                          "score = the highest tile's.")
 
     @field_validator("roi")
     @classmethod
@@ -166,21 +185,29 @@ class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
     port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own.")
-    max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under camera=\"_other\" (bounds the series when topics.cameras is empty).")
+    max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under "
+                                                   "camera=\"_other\" (bounds the series when topics.cameras is empty).")
 
 
 class StoreConfig(_Section):
-    path: Path | None = Field(Path("data/qdrant"), description="Embedded store (qdrant-edge) folder on disk, the default; one sub-folder per collection.")
+    path: Path | None = Field(Path("data/qdrant"), description="Embedded store (qdrant-edge) folder on disk, the default; one sub-folder "
+                                                               "per collection.")
     url: str | None = Field(None, description="Qdrant server URL; when set, used instead of path.")
     api_key: SecretStr | None = Field(None, description="Qdrant server API key (prefer EDGE_INSPECT__STORE__API_KEY).")
     collection: str = Field("frames", description="Qdrant collection; one per embedding space (model family/backbone).")
-    hnsw: bool = Field(False, description="Embedded: approximate HNSW index (rebuilt on the recorder thread at each retention pass) instead of exact search; for histories well past 100k frames.")
-    log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always logged.")
+    hnsw: bool = Field(False, description="Embedded: approximate HNSW index (rebuilt on the recorder thread at each retention pass) "
+                                          "instead of exact search; for histories well past 100k frames.")
+    log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always "
+                                                       "logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
     flush_s: float = Field(0.5, gt=0, description="Longest an embedding waits before it is written.")
-    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) unlabelled normal frames are deleted first, anomalous or labelled ones only when no normal frame is left; none = no limit.")
-    max_age_h: float | None = Field(None, gt=0, description="Retention: frames captured more than this many hours ago are deleted; none = no limit.")
-    retention_every_s: float = Field(60, gt=0, description="How often retention runs while the worker runs (on the recorder thread, never the inference path).")
+    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) unlabelled normal "
+                                                           "frames are deleted first, anomalous or labelled ones only when no normal frame "
+                                                           "is left; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, description="Retention: frames captured more than this many hours ago are deleted; none = "
+                                                            "no limit.")
+    retention_every_s: float = Field(60, gt=0, description="How often retention runs while the worker runs (on the recorder thread, never "
+                                                           "the inference path).")
 
 
 class SpoolConfig(_Section):
@@ -197,11 +224,17 @@ class EvidenceBudget(_Section):
 
 class EvidenceConfig(_Section):
     path: Path = Field(Path("data/evidence"), description="Folder for thumbnails, anomalous frames and heatmaps.")
-    max_frames: int = Field(5000, ge=1, description="Normal frames: the oldest normal frame's evidence is deleted past this many (anomalous and labelled frames have budgets of their own and are never evicted by normal traffic).")
+    max_frames: int = Field(5000, ge=1, description="Normal frames: the oldest normal frame's evidence is deleted past this many "
+                                                    "(anomalous and labelled frames have budgets of their own and are never evicted by "
+                                                    "normal traffic).")
     max_mb: float | None = Field(None, gt=0, description="Normal frames: byte budget in megabytes; none = no limit.")
-    max_age_h: float | None = Field(None, gt=0, description="Normal frames: evidence older than this many hours is deleted (checked with store retention); none = no limit.")
-    anomalous: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000, max_mb=4000), description="Budget of anomalous frames (thumbnail, original frame, heatmap); default 20000 frames, 4000 MB.")
-    labelled: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000), description="Budget of frames an operator labelled (kept apart, so labels outlive both other classes).")
+    max_age_h: float | None = Field(None, gt=0, description="Normal frames: evidence older than this many hours is deleted (checked with "
+                                                            "store retention); none = no limit.")
+    anomalous: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000, max_mb=4000), description="Budget of anomalous frames (thumbnail, "
+                                                                                                  "original frame, heatmap); default 20000 "
+                                                                                                  "frames, 4000 MB.")
+    labelled: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000), description="Budget of frames an operator labelled (kept apart, so "
+                                                                                    "labels outlive both other classes).")
     thumbnail_size: int = Field(128, ge=16, description="Longer side of the thumbnail kept for every logged frame.")
 
 
@@ -215,8 +248,10 @@ class ConsoleConfig(_Section):
     port: int = Field(8080, ge=1, le=65535, description="Operator console HTTP port.")
     username: str | None = Field(None, description="Console HTTP basic-auth user; required (with password) to bind beyond loopback.")
     password: SecretStr | None = Field(None, description="Console basic-auth password (prefer EDGE_INSPECT__CONSOLE__PASSWORD).")
-    history: int = Field(500, ge=1, description="Anomalous frames (result, heatmap, thumbnail) the console keeps in memory for its defect feed.")
-    recent_frames: int = Field(64, ge=8, description="Latest frames (camera bytes, heatmap, result) of all cameras kept in memory for the live tiles.")
+    history: int = Field(500, ge=1, description="Anomalous frames (result, heatmap, thumbnail) the console keeps in memory for its defect "
+                                                "feed.")
+    recent_frames: int = Field(64, ge=8, description="Latest frames (camera bytes, heatmap, result) of all cameras kept in memory for the "
+                                                     "live tiles.")
     series_minutes: float = Field(60, gt=0, description="Score-over-time window per camera.")
 
     @model_validator(mode="after")
@@ -232,7 +267,9 @@ class WorkerConfig(_Section):
     id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
-    watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker exits with code 3 for its service manager to restart it; the process also ends if its main loop stops running this long (0 = off).")
+    watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker "
+                                                     "exits with code 3 for its service manager to restart it; the process also ends if "
+                                                     "its main loop stops running this long (0 = off).")
 
 
 class Config(_Section):
@@ -305,6 +342,10 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
 
 def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths in the file are relative to the file, not to wherever the worker was started."""
+    @overload
+    def fix(p: Path) -> Path: ...
+    @overload
+    def fix(p: Path | None) -> Path | None: ...
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p).resolve()
 

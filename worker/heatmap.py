@@ -30,7 +30,7 @@ def fit_size(image: np.ndarray, longer_side: int | None) -> np.ndarray:
 
 def render(frame: np.ndarray, anomaly_map: np.ndarray, norm: Normalisation, cfg: HeatmapConfig) -> bytes:
     """Blend a JET colour map of the normalised anomaly map (0.5 = pixel threshold) over ``frame``."""
-    level = (norm(anomaly_map) * 255).astype(np.uint8)
+    level = (np.asarray(norm(anomaly_map)) * 255).astype(np.uint8)
     colour = cv2.applyColorMap(level, cv2.COLORMAP_JET)
     if colour.shape[:2] != frame.shape[:2]:
         colour = cv2.resize(colour, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_LINEAR)

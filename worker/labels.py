@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from worker.evidence import EvidenceStore
 from worker.query import serve_request
+from worker.store import Label, VectorStore
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
-from worker.store import LABELS, VectorStore
 
 EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label", "defect_type", "note",
                  "labelled_at", "model_version")
@@ -30,7 +30,7 @@ class SetLabel(BaseModel):
     action: Literal["set"]
     frame_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    label: Literal[LABELS] | None = Field(description="None clears the label.")
+    label: Label | None = Field(description="None clears the label.")
     defect_type: str | None = Field(None, max_length=64)
     note: str | None = Field(None, max_length=500)
 
@@ -49,7 +49,7 @@ class LabelService:
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
-        def pick(raw: object) -> type[BaseModel]:
+        def pick(raw: object) -> type[SetLabel | ExportLabels]:
             return ExportLabels if isinstance(raw, dict) and raw.get("action") == "export" else SetLabel
 
         return serve_request(payload, pick, self.use_store,

@@ -15,9 +15,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
-from prometheus_client import Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -84,7 +83,7 @@ class Stats:
     def set_model(self, scope: str, name: str, version: str, precision: str) -> None:
         """Called from the MQTT thread (on connect) and the request thread (reload): serialised."""
         with self._lock:
-            for sample in list(self.model.collect()[0].samples):
+            for sample in [s for metric in self.model.collect() for s in metric.samples]:
                 if sample.labels["scope"] == scope:
                     self.model.remove(scope, sample.labels["name"], sample.labels["version"], sample.labels["precision"])
             self.model.labels(scope, name, version, precision).set(1)
@@ -98,7 +97,7 @@ class Stats:
         registry, liveness = self.registry, self.liveness
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:  # (http.server's name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))

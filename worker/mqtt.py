@@ -127,7 +127,8 @@ class MqttLink:
             # fixed header (5) + topic (2+len) + packet id (2) + properties (bounded generously)
             overhead = 9 + len(topic.encode()) + (len(properties.pack()) if properties is not None else 1)
             if len(data) + overhead > self.max_packet_size:
-                raise PacketTooLarge(f"{topic}: {len(data) + overhead} bytes exceed the broker's maximum packet size {self.max_packet_size}")
+                raise PacketTooLarge(f"{topic}: {len(data) + overhead} bytes exceed the broker's maximum packet size "
+                                     f"{self.max_packet_size}")
         return self.client.publish(topic, data, qos=self.cfg.qos if qos is None else qos, retain=retain,
                                    properties=properties)
 

@@ -279,7 +279,7 @@ class Pipeline:
         }
         if seen.tiles is not None:
             result["tiles"] = seen.tiles
-        if publish_heat:
+        if publish_heat and heat is not None:  # rendered whenever it is published
             try:
                 self.link.publish(self.topics.heatmap(frame.camera), heat, properties=publish_properties(
                     {"frame_id": frame.frame_id, "camera_id": frame.camera}, heatmap.CONTENT_TYPES[look.format]))
@@ -287,25 +287,27 @@ class Pipeline:
                 result["heatmap"] = None
                 result["heatmap_error"] = str(exc)
         t_post = time.monotonic()
-        result["latency_ms"] = {
+        latency_ms = {
             "queue": round((t_start - frame.received_mono) * 1000, 2),
             "decode": round((t_decoded - t_start) * 1000, 2),
             "infer": round((t_inferred - t_decoded) * 1000, 2),
             "post": round((t_post - t_inferred) * 1000, 2),
             "total": round((t_post - frame.received_mono) * 1000, 2),
         }
+        result["latency_ms"] = latency_ms
         result["published_at"] = iso(time.time())
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),
                           properties=publish_properties({"frame_id": frame.frame_id}, "application/json"))
         self.stats.add(frame.camera, "processed")
-        self.stats.observe(result["latency_ms"])
+        self.stats.observe(latency_ms)
         if anomalous:
             self.stats.add(frame.camera, "anomalous")
         if logged:
             files = {}
             if anomalous:
                 files["frame"] = (frame.fmt, frame.data)
-                files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
+                if heat is not None:  # rendered for every logged anomalous frame
+                    files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
             payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=manifest.name,
                            model_version=manifest.version, embedding_space=embedding_space_of(manifest))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,6 +27,7 @@ from worker.store import Filters, StoreError, VectorStore
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, decode_json, error_answer, parse_timestamp, validate
 
 log = logging.getLogger(__name__)
+R = TypeVar("R", bound=BaseModel)  # the request model serve_request validates and hands on
 
 
 class QueryFilters(BaseModel):
@@ -64,9 +66,9 @@ def _b64(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode() if data else None
 
 
-def serve_request(payload: bytes, pick: Callable[[object], type[BaseModel]],
+def serve_request(payload: bytes, pick: Callable[[object], type[R]],
                   use_store: Callable[[], AbstractContextManager[VectorStore]],
-                  handle: Callable[[BaseModel, VectorStore], dict]) -> dict:
+                  handle: Callable[[R, VectorStore], dict]) -> dict:
     """Parse and validate one JSON request (``pick`` chooses its model) and answer it against the store.
 
     Shared by queries and labels, so both report bad requests and an unavailable store the same way;
@@ -133,7 +135,8 @@ class QueryService:
             query = {"image_bytes": len(data)}
         # Only vectors of the query's embedding space are comparable with it (a point from before spaces: any).
         hits = store.search(vector, request.top_k, replace(filters, space=space), exclude=exclude)
-        return {"ok": True, "query": query, "space": space, "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+        return {"ok": True, "query": query, "space": space,
+                "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
 
     def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:
         evidence = payload.get("evidence") or {}

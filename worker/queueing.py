@@ -81,7 +81,7 @@ class BoundedQueue(Generic[T]):
                 while self._full(size):
                     victim = self._victim(item)
                     if victim is item:
-                        return dropped + [item]
+                        return [*dropped, item]
                     self._remove(victim)
                     dropped.append(victim)
             self._items.append(item)

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
@@ -47,6 +48,7 @@ class Worker:
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)
         dim = self.models.embedding_dim
+        assert dim is not None  # set by Models(), which loads the default bundle or raises
         ev = cfg.evidence
         self.evidence = EvidenceStore(ev.path, ev.max_frames, ev.max_age_h, budgets={
             NORMAL: Budget.of(ev.max_frames, ev.max_mb, ev.max_age_h),
@@ -102,7 +104,7 @@ class Worker:
         scope = command.camera or DEFAULT
         try:
             if command.command == "reload":
-                path = command.bundle or self.models.scopes().get(scope, self.models.default).path
+                path = Path(command.bundle) if command.bundle else self.models.scopes().get(scope, self.models.default).path
                 model = self.models.load(scope, path)
                 log.info("hot reload: %s now runs %s %s", scope, model.info["name"], model.info["version"])
             elif command.command == "rollback":

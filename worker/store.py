@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import qdrant_edge as edge
@@ -31,8 +31,8 @@ from worker.config import StoreConfig
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
 
-    from worker.store_server import ServerEngine
     from worker.evidence import EvidenceStore
+    from worker.store_server import ServerEngine
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.Payload
 _DELETE_CHUNK = 1024
 
 
-LABELS = ("false_alarm", "confirmed_defect")  # operator labels (worker/labels.py)
+Label = Literal["false_alarm", "confirmed_defect"]  # operator labels (worker/labels.py)
+LABELS: tuple[str, ...] = get_args(Label)
 
 
 def point_id(camera: str, frame_id: str) -> str:
@@ -55,6 +56,15 @@ def point_id(camera: str, frame_id: str) -> str:
 
 class StoreError(Exception):
     """The store cannot be opened or reached, or does not fit this model (e.g. another embedding size)."""
+
+
+def dense(vector: object) -> list[float]:
+    """A point's vector as this store keeps it: one unnamed dense vector (the engines' types also allow named,
+    multi and sparse vectors, and none)."""
+    if not isinstance(vector, list):
+        raise StoreError(f"a point holds a {type(vector).__name__} vector, not one dense vector: "
+                         "set store.collection to a new name")
+    return vector
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,7 @@ def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | 
         must.append(edge.FieldCondition("captured_ts", range=edge.RangeFloat(gte=filters.since, lte=filters.until)))
     if filters.space is not None:
         must.append(edge.FieldCondition("embedding_space", match=edge.MatchValue(filters.space)))
-    must_not = [edge.HasIdCondition({uuid.UUID(exclude)})] if exclude else []
+    must_not: list = [edge.HasIdCondition({uuid.UUID(exclude)})] if exclude else []
     return edge.Filter(must=must, must_not=must_not) if must or must_not else None
 
 
@@ -121,12 +131,12 @@ class _Edge:
 
     def retrieve(self, ids: list[str]) -> list[tuple[str, list[float], dict]]:
         recs = self.shard.retrieve([uuid.UUID(i) for i in ids], with_payload=True, with_vector=True)
-        return [(str(r.id), r.vector, dict(r.payload or {})) for r in recs]
+        return [(str(r.id), dense(r.vector), dict(r.payload or {})) for r in recs]
 
     def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
         flt = edge.Filter(must=[edge.FieldCondition("frame_id", match=edge.MatchValue(frame_id))])
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=True))
-        return [(str(r.id), r.vector, dict(r.payload or {})) for r in recs]
+        return [(str(r.id), dense(r.vector), dict(r.payload or {})) for r in recs]
 
     def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:
         flt = edge.Filter(must=[edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))])
@@ -182,7 +192,9 @@ class VectorStore:
                 self.engine: _Edge | ServerEngine = ServerEngine(client, cfg.collection, dim)
                 where = cfg.url or "qdrant-client (given)"
             else:
-                folder = Path(cfg.path) / cfg.collection
+                if cfg.path is None:
+                    raise StoreError("no vector store: set store.path (embedded) or store.url (a Qdrant server)")
+                folder = cfg.path / cfg.collection
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 self.engine = _Edge(folder, dim, cfg.hnsw)
                 where = f"embedded qdrant-edge at {folder}{' (HNSW)' if cfg.hnsw else ''}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from worker.store import PAYLOAD_INDEXES, LABELS, Filters, StoreError
+from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreError, dense
 
 
 def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
@@ -21,7 +21,7 @@ def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filte
         must.append(models.FieldCondition(key="captured_ts", range=models.Range(gte=filters.since, lte=filters.until)))
     if filters.space is not None:
         must.append(models.FieldCondition(key="embedding_space", match=models.MatchValue(value=filters.space)))
-    must_not = [models.HasIdCondition(has_id=[exclude])] if exclude else []
+    must_not: list = [models.HasIdCondition(has_id=[exclude])] if exclude else []
     return models.Filter(must=must, must_not=must_not) if must or must_not else None
 
 
@@ -34,11 +34,14 @@ class ServerEngine:
         if not client.collection_exists(collection):
             client.create_collection(collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
             for name, schema in PAYLOAD_INDEXES.items():
-                client.create_payload_index(collection, name, field_schema=schema)
+                client.create_payload_index(collection, name, field_schema=models.PayloadSchemaType(schema))
         else:
-            size = client.get_collection(collection).config.params.vectors.size
-            if size != dim:
-                raise StoreError(f"collection {collection!r} holds {size}-d vectors, this model makes {dim}-d: "
+            vectors = client.get_collection(collection).config.params.vectors
+            if not isinstance(vectors, models.VectorParams):  # named vectors (a dict), or none
+                raise StoreError(f"collection {collection!r} does not hold one unnamed vector per point: "
+                                 "set store.collection to a new name")
+            if vectors.size != dim:
+                raise StoreError(f"collection {collection!r} holds {vectors.size}-d vectors, this model makes {dim}-d: "
                                  "set store.collection to a new name")
 
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
@@ -52,12 +55,12 @@ class ServerEngine:
 
     def retrieve(self, ids: list[str]) -> list[tuple[str, list[float], dict]]:
         recs = self.client.retrieve(self.collection, ids, with_vectors=True)
-        return [(str(p.id), p.vector, dict(p.payload or {})) for p in recs]
+        return [(str(p.id), dense(p.vector), dict(p.payload or {})) for p in recs]
 
     def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
         flt = models.Filter(must=[models.FieldCondition(key="frame_id", match=models.MatchValue(value=frame_id))])
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_vectors=True)
-        return [(str(p.id), p.vector, dict(p.payload or {})) for p in recs]
+        return [(str(p.id), dense(p.vector), dict(p.payload or {})) for p in recs]
 
     def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:
         flt = models.Filter(must=[models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))])

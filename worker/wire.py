@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -62,7 +62,7 @@ class ErrorCode(StrEnum):
 def iso(ts: float) -> str:
     """Epoch seconds -> ISO-8601 UTC with milliseconds (only for timestamps that passed :func:`parse_timestamp`
     or came from the local clock)."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def parse_timestamp(value: str | float | int) -> float:
@@ -81,14 +81,14 @@ def parse_timestamp(value: str | float | int) -> float:
             except (ValueError, OverflowError) as exc:
                 raise ValueError(f"{text[:64]!r} is not ISO-8601 or epoch seconds") from exc
             if stamp.tzinfo is None:
-                stamp = stamp.replace(tzinfo=timezone.utc)
+                stamp = stamp.replace(tzinfo=UTC)
             ts = stamp.timestamp()
     if not math.isfinite(ts) or not MIN_TS <= ts < MAX_TS:
         raise ValueError(f"{str(value)[:64]!r} is not a time between 2000-01-01 and 2100-01-01")
     return ts
 
 
-def valid_id(value: object) -> bool:
+def valid_id(value: object) -> TypeGuard[str]:
     """A frame or camera id we can echo and use in keys: 1..128 printable characters without '/'."""
     return (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()
             and "/" not in value)

@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from worker.api_client import ApiClient, ApiError
 from worker.config import Config
 from worker.console.hub import Hub, content_type
-from worker.wire import parse_timestamp
 from worker.topics import Topics
+from worker.wire import parse_timestamp
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -109,7 +109,7 @@ def create_app(cfg: Config) -> Starlette:
                 while True:
                     try:
                         yield await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         yield f"event: ping\ndata: {json.dumps({'broker': client.link.connected.is_set()})}\n\n"
             finally:
                 events.queues.discard(queue)
@@ -168,10 +168,10 @@ def create_app(cfg: Config) -> Starlette:
             return _error(400, "bad_request", "send {frame_id, camera, label, defect_type, note} as JSON")
         keys = ("frame_id", "camera", "label", "defect_type", "note")
         response = await _ask(client.label, {"action": "set", **{k: body.get(k) for k in keys}})
-        answer = json.loads(response.body)
+        answer = json.loads(bytes(response.body))  # starlette types a body bytes | memoryview
         if answer.get("ok"):
-            hub.set_label(answer.get("camera") or body.get("camera"), answer.get("frame_id"), answer.get("label"),
-                          answer.get("defect_type"))
+            hub.set_label(answer.get("camera") or body["camera"], answer.get("frame_id") or body["frame_id"],
+                          answer.get("label"), answer.get("defect_type"))
         return response
 
     async def export(request: Request) -> Response:
@@ -200,7 +200,7 @@ def create_app(cfg: Config) -> Starlette:
         Route("/api/labels/export", export),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)
-    if cfg.console.username is not None:
+    if cfg.console.username is not None and cfg.console.password is not None:  # both or neither (ConsoleConfig)
         app.add_middleware(BasicAuth, username=cfg.console.username,
                            password=cfg.console.password.get_secret_value())
     return app

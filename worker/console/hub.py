@@ -16,6 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar, cast
 
 import paho.mqtt.client as mqtt
 
@@ -61,15 +62,19 @@ class Entry:
                 "has_thumbnail": self.thumbnail is not None}
 
 
-class Bounded(OrderedDict):
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class Bounded(OrderedDict[_K, _V]):
     """Insertion-ordered dict that forgets its oldest items past ``limit``; calls ``evicted`` on each."""
 
-    def __init__(self, limit: int, evicted: Callable[[object], None] | None = None) -> None:
+    def __init__(self, limit: int, evicted: Callable[[_V], None] | None = None) -> None:
         super().__init__()
         self.limit = limit
         self.evicted = evicted
 
-    def __setitem__(self, key, value) -> None:
+    def __setitem__(self, key: _K, value: _V) -> None:
         super().__setitem__(key, value)
         while len(self) > self.limit:
             _, old = self.popitem(last=False)
@@ -84,10 +89,12 @@ class Hub:
         self.topics = topics
         self.cfg = cfg
         self.lock = threading.Lock()
-        self.pending_frames: Bounded = Bounded(cfg.recent_frames)  # (camera, frame_id) -> bytes, before its result
-        self.pending_heatmaps: Bounded = Bounded(cfg.recent_frames)
-        self.recent: Bounded = Bounded(cfg.recent_frames, self._forget_frame)  # every camera's latest frames
-        self.defects: Bounded = Bounded(cfg.history)  # anomalous frames, oldest first
+        # (camera, frame_id) -> bytes, before its result
+        self.pending_frames: Bounded[tuple[str, str], bytes] = Bounded(cfg.recent_frames)
+        self.pending_heatmaps: Bounded[tuple[str, str], bytes] = Bounded(cfg.recent_frames)
+        # every camera's latest frames
+        self.recent: Bounded[tuple[str, str], Entry] = Bounded(cfg.recent_frames, self._forget_frame)
+        self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
         self.latest: dict[str, Entry] = {}
         self.series: dict[str, deque[tuple[float, float]]] = {}
         self.errors: dict[str, dict] = {}  # camera -> {"count", "last"}
@@ -125,18 +132,20 @@ class Hub:
         parts = msg.topic.split("/")
         prefix_len = len(self.topics.prefix.split("/"))
         rest = parts[prefix_len:]
+        # paho annotates payload bytes | bytearray (what may be published); a received message's payload is bytes.
+        payload = cast(bytes, msg.payload)
         if len(rest) == 3 and rest[0] == "workers":
-            self._on_worker(rest[1], rest[2], msg.payload)
+            self._on_worker(rest[1], rest[2], payload)
         elif len(rest) == 2:
             camera, leaf = rest
             if leaf == "result":
-                self._on_result(json.loads(msg.payload))
+                self._on_result(json.loads(payload))
             elif leaf in ("frame", "heatmap"):
                 frame_id = user_properties(msg).get("frame_id")
                 if frame_id:
-                    self._on_image(leaf, camera, frame_id, msg.payload)
+                    self._on_image(leaf, camera, frame_id, payload)
             elif leaf == "error":
-                self._on_error(camera, json.loads(msg.payload))
+                self._on_error(camera, json.loads(payload))
 
     def _on_image(self, kind: str, camera: str, frame_id: str, data: bytes) -> None:
         key = (camera, frame_id)

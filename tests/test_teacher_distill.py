@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -20,7 +21,6 @@ from exporter.teacher import (
     sha256_file,
     shipped_teacher,
 )
-from conftest import SHARED
 from exporter.train import efficientad
 
 TINY = TeacherSettings(steps=6, batch_size=2, crop=64)

@@ -76,12 +76,18 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, distill, teacher_file
+    from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, cache_path, distill
 
-    settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop"),
+    settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop", "held_out"),
                                **({"layers": args.layers.split(",")} if args.layers else {}))
     natural = Path(args.natural or DEFAULT_NATURAL)
-    print(distill(settings, natural, Path(args.out)) if args.out else teacher_file(settings, natural))
+    out = Path(args.out) if args.out else cache_path(settings, natural)
+    if not args.out and out.is_file():
+        print(out)  # the cache already holds this teacher
+        return 0
+    # The cache is keyed by every setting, so its checkpoint is always this run's: resume it without asking.
+    print(distill(settings, natural, out, resume=args.resume or not args.out, stop_after=args.stop_after,
+                  **_given(args, "checkpoint_every", "eval_every")))
     return 0
 
 
@@ -104,10 +110,13 @@ def _add_precisions_option(parser: argparse.ArgumentParser) -> None:
 def _add_efficientad_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("EfficientAD (defaults: exporter.train.efficientad.EfficientAdSettings)")
     group.add_argument("--model-size", choices=["small", "medium"])
-    group.add_argument("--steps", type=int, help="student/autoencoder training steps")
-    group.add_argument("--teacher", help="PDN teacher file to use (.safetensors or weights-only .pt); "
-                                          "default: distil one from an offline backbone, cached")
-    group.add_argument("--teacher-steps", type=int, help="distillation steps when no --teacher is given")
+    group.add_argument("--steps", type=int, help="student/autoencoder training steps at batch 1 "
+                                                 "(default: 10 passes over the training images)")
+    group.add_argument("--teacher", help="PDN teacher file to use (.safetensors or weights-only .pt); default: "
+                                          "exporter/teachers/pdn-SIZE.safetensors if it ships (sha256 checked; "
+                                          "EDGE_INSPECT_TEACHERS overrides the folder), else distil one, cached")
+    group.add_argument("--teacher-steps", type=int, help="distil a teacher with this many steps (cached) instead "
+                                                         "of using a shipped one")
     group.add_argument("--natural", help="natural photos: penalty set and distillation set (default ../shared/data/natural)")
 
 
@@ -174,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--batch-size", type=int)
     distill.add_argument("--crop", type=int, help="side of the random crops")
     distill.add_argument("--natural", help="folder of natural photos (default ../shared/data/natural)")
-    distill.add_argument("--out", help="write the teacher here (default: the cache, reused when present)")
+    distill.add_argument("--held-out", type=int, help="natural photos held out of training for the variance "
+                                                       "figure (default 50, at most a fifth)")
+    distill.add_argument("--out", help="write the teacher (and NAME.json manifest) here (default: the cache, reused "
+                                       "when present, resumed when cut short)")
+    distill.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    distill.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    distill.add_argument("--eval-every", type=int, help="steps between held-out variance figures (default 100)")
+    distill.add_argument("--stop-after", type=int, help="stop at this step with a checkpoint, to --resume later "
+                                                        "(e.g. across sessions)")
     distill.set_defaults(func=_distill)
 
     bench = sub.add_parser("benchmark", help="train, export and evaluate models on every category; write a report")

@@ -12,9 +12,11 @@ changes it.  A user who already has a teacher passes its file instead.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,17 +31,30 @@ from anomalib.models.image.efficient_ad.torch_model import (
     SmallPatchDescriptionNetwork,
 )
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exporter import backbones
 from exporter.data import IMAGE_SUFFIXES
+from exporter.progress import Progress
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NATURAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "natural"
 PDN_STRIDE = 4  # both PDN sizes: two 2x2 average pools
 SIZES = {"small": SmallPatchDescriptionNetwork, "medium": MediumPatchDescriptionNetwork}
+# Teachers that ship with the repository, used by ``train --model efficientad`` when no --teacher is given.
+SHIPPED_TEACHERS = Path(__file__).resolve().parent / "teachers"
+CHECKPOINT_EVERY = 100  # steps between checkpoints: a few seconds of writing per hour of distillation
+EVAL_EVERY = 100  # steps between held-out variance figures
+HELD_OUT_SEED = 0  # fixed, so every seed's teacher is measured on the same held-out photos and crops
+EVAL_CROPS_PER_IMAGE = 2
+EVAL_BATCH = 16
+FP16_TOLERANCE = 1e-3  # held-out variance share an fp16 teacher may lose and still be saved as fp16
+IMAGENET_LICENCE = ("ImageNet sample (one photo per ImageNet-1k class; ../shared/data/natural/SOURCES.txt) under "
+                    "ImageNet's terms of access: non-commercial research and education only; a teacher distilled "
+                    "from it carries that restriction")
 
 
 @dataclass
@@ -52,6 +67,7 @@ class TeacherSettings:
     batch_size: int = 8
     lr: float = 1e-3
     grayscale_p: float = 0.1  # as the paper: some grey crops, since inspection images often are
+    held_out: int = 50  # natural photos never cropped for training (at most a fifth), for the variance figure
     seed: int = 0
 
     def as_dict(self) -> dict:
@@ -140,9 +156,13 @@ class BackboneTargets(nn.Module):
 
 
 def _key(settings: TeacherSettings, backbone_sha: str | None, natural: list[Path]) -> str:
-    listing = hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}" for p in natural).encode()).hexdigest()
-    text = json.dumps({**settings.as_dict(), "backbone_sha256": backbone_sha, "natural": listing}, sort_keys=True)
+    text = json.dumps({**settings.as_dict(), "backbone_sha256": backbone_sha, "natural": _listing(natural)},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _listing(natural: list[Path]) -> str:
+    return hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}" for p in natural).encode()).hexdigest()
 
 
 def cache_path(settings: TeacherSettings, natural_dir: Path) -> Path:
@@ -151,63 +171,275 @@ def cache_path(settings: TeacherSettings, natural_dir: Path) -> Path:
     return backbones.cache_root() / "teachers" / f"pdn-{settings.size}-{key}.safetensors"
 
 
-def distill(settings: TeacherSettings, natural_dir: Path, out: Path) -> Path:
-    """Train a PDN to regress standardised backbone features on natural crops; write safetensors + metadata."""
+def checkpoint_path(out: Path) -> Path:
+    """Where ``distill`` keeps its resumable state for the teacher ``out``."""
+    return out.with_name(out.stem + ".ckpt.safetensors")
+
+
+def manifest_path(teacher: Path) -> Path:
+    return teacher.with_suffix(".json")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def held_out_split(paths: list[Path], wanted: int) -> tuple[list[Path], list[Path]]:
+    """(training, held-out): a fixed subset, the same for every seed, of at most a fifth of the images.
+
+    The held-out photos never give a training crop, so the variance figure on them measures
+    how well the teacher generalises to natural images, not how well it memorised its crops.
+    """
+    if len(paths) < 2:
+        raise ValueError(f"distillation needs at least 2 natural images (one held out), not {len(paths)}")
+    n = max(1, min(wanted, len(paths) // 5))
+    held = set(random.Random(HELD_OUT_SEED).sample(range(len(paths)), n))
+    return [p for i, p in enumerate(paths) if i not in held], [p for i, p in enumerate(paths) if i in held]
+
+
+@torch.no_grad()
+def explained_variance(net: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of the targets' per-channel variance the PDN explains: 1 - SSE / SST, at most 1, 0 for the mean."""
+    pred = torch.cat([net(crops[i : i + EVAL_BATCH]) for i in range(0, len(crops), EVAL_BATCH)])
+    sse = (pred - targets).pow(2).sum()
+    sst = (targets - targets.mean((0, 2, 3), keepdim=True)).pow(2).sum()
+    return float(1 - sse / sst)
+
+
+def data_licence(natural_dir: Path) -> str:
+    """The terms a teacher inherits from its distillation photos."""
+    if Path(natural_dir).resolve().is_relative_to(DEFAULT_NATURAL.resolve()):
+        return IMAGENET_LICENCE
+    return f"the terms of the images in {natural_dir} (not the project's ImageNet sample)"
+
+
+@dataclass
+class _Run:
+    """Everything a distillation needs besides the optimised state: data, targets, geometry."""
+
+    paths: list[Path]
+    images: list[np.ndarray]  # training photos only
+    held_out: list[Path]
+    targets: BackboneTargets
+    rf: int
+    out_hw: tuple[int, int]
+    eval_crops: torch.Tensor
+    key: str
+
+    @classmethod
+    def prepare(cls, settings: TeacherSettings, natural_dir: Path) -> _Run:
+        paths = natural_images(natural_dir)
+        train, held = held_out_split(paths, settings.held_out)
+        rf = receptive_field(pdn(settings.size, 1))[0]  # out_channels does not change the geometry
+        with torch.no_grad():
+            out_hw = tuple(pdn(settings.size, 1)(torch.zeros(1, 3, settings.crop, settings.crop)).shape[-2:])
+        eval_rng = random.Random(HELD_OUT_SEED)
+        eval_crops = torch.cat([random_crops([image], EVAL_CROPS_PER_IMAGE, settings.crop, 0.0, eval_rng)
+                                for image in load_rgb(held)])
+        targets = BackboneTargets(settings)
+        return cls(paths, load_rgb(train), held, targets, rf, (out_hw[0], out_hw[1]), eval_crops,
+                   _key(settings, targets.weights_sha256, paths))
+
+    def features(self, crops: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.targets(crops[i : i + EVAL_BATCH], self.out_hw, self.rf)
+                          for i in range(0, len(crops), EVAL_BATCH)])
+
+
+def _save_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimizer,
+                     schedule: torch.optim.lr_scheduler.LRScheduler, rng: random.Random, norm: dict[str, torch.Tensor],
+                     state: dict) -> None:
+    """Model, optimiser, schedule, both RNGs, step and history in one safetensors file, replaced atomically.
+
+    Tensors go in the safetensors body, everything else as JSON in its header: nothing is pickled,
+    and one file means a crash can never pair the weights of one step with the history of another.
+    """
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    tensors |= {f"norm.{k}": v for k, v in norm.items()}
+    opt = optimiser.state_dict()
+    for index, values in opt["state"].items():
+        tensors |= {f"optimiser.{index}.{k}": v for k, v in values.items()}
+    tensors["torch_rng"] = torch.get_rng_state()
+    meta = {**state, "optimiser_param_groups": opt["param_groups"], "scheduler": schedule.state_dict(),
+            "python_rng": rng.getstate()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"checkpoint": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {})["checkpoint"])
+
+
+def _load_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimizer,
+                     schedule: torch.optim.lr_scheduler.LRScheduler, rng: random.Random) -> tuple[dict, dict]:
+    """Restore what ``_save_checkpoint`` wrote into fresh objects; returns (JSON state, normalisation tensors)."""
+    meta = _checkpoint_meta(path)
+    tensors = load_file(str(path))
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimiser."):
+            _, index, name = k.split(".", 2)
+            state.setdefault(int(index), {})[name] = v
+    optimiser.load_state_dict({"state": state, "param_groups": meta.pop("optimiser_param_groups")})
+    schedule.load_state_dict(meta.pop("scheduler"))
+    version, internal, gauss = meta.pop("python_rng")
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(tensors["torch_rng"])
+    return meta, {k[5:]: v for k, v in tensors.items() if k.startswith("norm.")}
+
+
+def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: bool = False,
+            checkpoint_every: int = CHECKPOINT_EVERY, eval_every: int = EVAL_EVERY,
+            stop_after: int | None = None) -> Path:
+    """Train a PDN to regress standardised backbone features on natural crops; write safetensors + manifest.
+
+    State is checkpointed beside ``out`` every ``checkpoint_every`` steps so that a run cut short
+    (a session ending, ``stop_after``) continues with ``resume`` to the weights an uninterrupted run
+    gives.  Returns the teacher, or the checkpoint when stopped before the last step.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_path(out)
+    if ckpt.is_file() and not resume:
+        raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or delete it to start again")
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    paths = natural_images(natural_dir)
-    images = load_rgb(paths)
-    targets = BackboneTargets(settings)
-    net = pdn(settings.size, 1)  # only to measure geometry; out_channels does not change it
-    rf = receptive_field(net)[0]
-    with torch.no_grad():
-        probe = random_crops(images, 2, settings.crop, 0.0, rng)
-        out_hw = tuple(net(probe).shape[-2:])
-        # Channel statistics of the targets on a fixed sample, so the PDN regresses standardised features.
-        sample = torch.cat([targets(random_crops(images, 16, settings.crop, 0.0, rng), out_hw, rf) for _ in range(4)])
-    channels = sample.shape[1]
-    mean = sample.mean((0, 2, 3), keepdim=True)
-    std = sample.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    run = _Run.prepare(settings, natural_dir)
+    if resume and ckpt.is_file():
+        channels = _checkpoint_meta(ckpt)["channels"]
+    else:
+        with torch.no_grad():
+            # Channel statistics of the targets on a fixed sample, so the PDN regresses standardised features.
+            sample = run.features(torch.cat([random_crops(run.images, 16, settings.crop, 0.0, rng) for _ in range(4)]))
+        channels = sample.shape[1]
     net = pdn(settings.size, channels)
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.lr, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
-    log.info("distilling %s PDN (%d channels, receptive field %d px) from %s %s: %d steps of %d crops of %d px",
-             settings.size, channels, rf, settings.backbone, settings.layers, settings.steps, settings.batch_size,
-             settings.crop)
-    started = time.monotonic()
-    losses = []
-    for step in range(settings.steps):
-        x = random_crops(images, settings.batch_size, settings.crop, settings.grayscale_p, rng)
-        target = (targets(x, out_hw, rf) - mean) / std
+    if resume and ckpt.is_file():
+        state, norm = _load_checkpoint(ckpt, net, optimiser, schedule, rng)
+        if state["settings"] != settings.as_dict() or state["key"] != run.key:
+            raise ValueError(f"{ckpt} is from other settings or images ({state['settings']}); delete it or match them")
+        log.info("resuming %s at step %d/%d", ckpt, state["step"], settings.steps)
+    else:
+        norm = {"mean": sample.mean((0, 2, 3), keepdim=True),
+                "std": sample.std((0, 2, 3), keepdim=True).clamp_min(1e-6)}
+        state = {"settings": settings.as_dict(), "key": run.key, "channels": channels, "step": 0, "losses": [],
+                 "held_out_curve": [], "train_s": 0.0}
+    eval_targets = (run.features(run.eval_crops) - norm["mean"]) / norm["std"]
+    if not state["held_out_curve"]:
+        state["held_out_curve"].append([0, explained_variance(net, run.eval_crops, eval_targets)])
+    log.info("distilling %s PDN (%d channels, receptive field %d px) from %s %s: %d steps of %d crops of %d px "
+             "from %d photos, %d held out", settings.size, channels, run.rf, settings.backbone, settings.layers,
+             settings.steps, settings.batch_size, settings.crop, len(run.images), len(run.held_out))
+    end = settings.steps if stop_after is None else min(stop_after, settings.steps)
+    progress = Progress("teacher", settings.steps, start=state["step"])
+    started = time.monotonic() - state["train_s"]
+    for step in range(state["step"], end):
+        x = random_crops(run.images, settings.batch_size, settings.crop, settings.grayscale_p, rng)
+        target = (run.targets(x, run.out_hw, run.rf) - norm["mean"]) / norm["std"]
         loss = F.mse_loss(net(x), target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == settings.steps:
-            log.info("teacher step %d/%d loss %.4f (%.1f s)", step + 1, settings.steps,
-                     float(np.mean(losses[-50:])), time.monotonic() - started)
-    meta = {
-        **settings.as_dict(),
-        "out_channels": channels,
-        "receptive_field": rf,
-        "backbone_weights_sha256": targets.weights_sha256,
-        "natural_images": len(paths),
-        "final_loss": round(float(np.mean(losses[-50:])), 5),
-        "train_s": round(time.monotonic() - started, 1),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out),
-              metadata={"teacher": json.dumps(meta)})
-    log.info("teacher written to %s", out)
+        state["losses"].append(loss.item())
+        state["step"] = step + 1
+        progress.update(step + 1, loss.item())
+        if (step + 1) % eval_every == 0 or step + 1 == settings.steps:
+            figure = explained_variance(net, run.eval_crops, eval_targets)
+            state["held_out_curve"].append([step + 1, figure])
+            log.info("teacher step %d: loss %.4f, held-out variance explained %.4f", step + 1,
+                     float(np.mean(state["losses"][-eval_every:])), figure)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == end:
+            state["train_s"] = time.monotonic() - started
+            _save_checkpoint(ckpt, net, optimiser, schedule, rng, norm, state)
+    if state["step"] < settings.steps:
+        log.info("stopped at step %d/%d; continue with --resume from %s", state["step"], settings.steps, ckpt)
+        return ckpt
+    _write_teacher(out, net, run, settings, natural_dir, eval_targets, state)
+    ckpt.unlink(missing_ok=True)
     return out
 
 
+def _write_teacher(out: Path, net: nn.Module, run: _Run, settings: TeacherSettings, natural_dir: Path,
+                   eval_targets: torch.Tensor, state: dict) -> None:
+    """The teacher (fp16 when that keeps the held-out figure within FP16_TOLERANCE), then its JSON manifest."""
+    figure32 = explained_variance(net, run.eval_crops, eval_targets)
+    weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    half = pdn(settings.size, state["channels"])
+    half.load_state_dict({k: v.half().float() for k, v in weights.items()})
+    figure16 = explained_variance(half, run.eval_crops, eval_targets)
+    fp16 = figure32 - figure16 <= FP16_TOLERANCE
+    figure = figure16 if fp16 else figure32
+    losses = state["losses"]
+    meta = {
+        **settings.as_dict(),
+        "out_channels": state["channels"],
+        "receptive_field": run.rf,
+        "backbone_weights_sha256": run.targets.weights_sha256,
+        "natural_images": len(run.paths),
+        "held_out_images": len(run.held_out),
+        "held_out_explained_variance": round(figure, 5),
+        "final_loss": round(float(np.mean(losses[-50:])), 5),
+        "train_s": round(state["train_s"], 1),
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.half() if fp16 else v for k, v in weights.items()}, str(tmp), metadata={"teacher": json.dumps(meta)})
+    os.replace(tmp, out)
+    curve = state["held_out_curve"]
+    marks = [s for s, _ in curve]
+    manifest = {
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "dtype": "float16" if fp16 else "float32",
+        "recipe": {**settings.as_dict(), "natural": str(natural_dir), "natural_images": len(run.paths),
+                   "training_images": len(run.images), "held_out_images": len(run.held_out),
+                   "held_out_crops": len(run.eval_crops), "backbone_weights_sha256": run.targets.weights_sha256},
+        "steps_done": state["step"],
+        "held_out_explained_variance": round(figure, 5),
+        "held_out_explained_variance_fp32": round(figure32, 5),
+        "held_out_curve": [[s, round(v, 5)] for s, v in curve],
+        "loss_curve": [[b, round(float(np.mean(losses[a:b])), 5)] for a, b in itertools.pairwise(marks)],
+        "final_loss": meta["final_loss"],
+        "train_s": meta["train_s"],
+        "data_licence": data_licence(natural_dir),
+    }
+    manifest_path(out).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("teacher written to %s (%s, held-out variance explained %.4f; fp32 %.4f)", out, manifest["dtype"],
+             figure, figure32)
+
+
 def teacher_file(settings: TeacherSettings, natural_dir: Path) -> Path:
-    """The cached teacher for these settings, distilled first if absent."""
+    """The cached teacher for these settings, distilled first if absent (resuming a cut-short run)."""
     path = cache_path(settings, natural_dir)
-    return path if path.is_file() else distill(settings, natural_dir, path)
+    return path if path.is_file() else distill(settings, natural_dir, path, resume=True)
+
+
+def shipped_teacher(size: str, folder: Path | None = None) -> Path | None:
+    """The repository's teacher of this size (``exporter/teachers/pdn-SIZE.safetensors``), checked; None if absent.
+
+    ``EDGE_INSPECT_TEACHERS`` (or ``folder``) points the lookup elsewhere.  A file whose sha256 is
+    not its manifest's is refused: a silently swapped teacher would change every model trained on it.
+    """
+    folder = Path(folder or os.environ.get("EDGE_INSPECT_TEACHERS") or SHIPPED_TEACHERS)
+    path = folder / f"pdn-{size}.safetensors"
+    if not path.is_file():
+        return None
+    manifest = manifest_path(path)
+    if not manifest.is_file():
+        raise ValueError(f"shipped teacher {path} has no manifest {manifest.name}")
+    expected = json.loads(manifest.read_text()).get("sha256")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ValueError(f"shipped teacher {path}: sha256 {actual} is not its manifest's {expected}; "
+                         "restore the file or distil it again")
+    return path
 
 
 def load_teacher(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -216,11 +448,9 @@ def load_teacher(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise FileNotFoundError(f"teacher file {path} not found")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("teacher", "{}"))
-        return load_file(str(path)), meta
+        return {k: v.float() for k, v in load_file(str(path)).items()}, meta  # fp16 files too
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state), {}
 

@@ -25,7 +25,18 @@ from torch import nn
 
 from bundle import InputSpec
 from exporter.data import read_image
-from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, load_rgb, load_teacher, natural_images, teacher_channels, teacher_file
+from exporter.progress import Progress
+from exporter.teacher import (
+    DEFAULT_NATURAL,
+    TeacherSettings,
+    load_rgb,
+    load_teacher,
+    natural_images,
+    sha256_file,
+    shipped_teacher,
+    teacher_channels,
+    teacher_file,
+)
 from exporter.train.embedding import DefectEmbedding
 from exporter.train.patchcore import to_tensor
 
@@ -35,16 +46,17 @@ log = logging.getLogger(__name__)
 MEAN = (0.0, 0.0, 0.0)
 STD = (1.0, 1.0, 1.0)
 MIN_SIZE = 256
+PASSES = 10  # default student budget: passes over the training images at batch 1
 
 
 @dataclass
 class EfficientAdSettings:
     model_size: str = "small"
-    teacher: str | None = None  # a teacher file; None: distil one (cached) with teacher_steps
-    teacher_steps: int = TeacherSettings.steps
+    teacher: str | None = None  # a teacher file; None: the shipped one, else distil one (cached)
+    teacher_steps: int | None = None  # distil with this many steps (cached) even when a teacher ships
     natural: str = str(DEFAULT_NATURAL)  # penalty images, and the teacher's distillation set
     input_size: int = 256
-    steps: int = 1000
+    steps: int | None = None  # None: PASSES passes over the training images
     lr: float = 1e-4
     weight_decay: float = 1e-5
     seed: int = 0
@@ -89,12 +101,14 @@ def _penalty_image(images: list[np.ndarray], size: int, rng: random.Random) -> t
 
 def build_model(settings: EfficientAdSettings) -> tuple[EfficientAdModel, dict]:
     """anomalib's model with our teacher loaded (and frozen); returns it with the teacher's metadata."""
-    natural = Path(settings.natural)
+    shipped = None if settings.teacher or settings.teacher_steps else shipped_teacher(settings.model_size)
     if settings.teacher:
         path = Path(settings.teacher)
+    elif shipped:
+        path = shipped
     else:
-        path = teacher_file(TeacherSettings(size=settings.model_size, steps=settings.teacher_steps, seed=settings.seed),
-                            natural)
+        path = teacher_file(TeacherSettings(size=settings.model_size, steps=settings.teacher_steps or TeacherSettings.steps,
+                                            seed=settings.seed), Path(settings.natural))
     state, meta = load_teacher(path)
     size, channels = teacher_channels(state)
     if size != settings.model_size:
@@ -102,7 +116,12 @@ def build_model(settings: EfficientAdSettings) -> tuple[EfficientAdModel, dict]:
     model = EfficientAdModel(teacher_out_channels=channels, model_size=EfficientAdModelSize(size), padding=False)
     model.teacher.load_state_dict(state)
     model.teacher.requires_grad_(False)
-    return model, {"teacher_file": str(path), "teacher": meta}
+    return model, {"teacher_file": str(path), "teacher_sha256": sha256_file(path), "teacher": meta}
+
+
+def step_budget(settings: EfficientAdSettings, n_train: int) -> int:
+    """``settings.steps``, else PASSES passes over the training images: the budget scales with the data."""
+    return settings.steps or PASSES * n_train
 
 
 @torch.no_grad()
@@ -129,7 +148,11 @@ def _map_quantiles(model: EfficientAdModel, images: torch.Tensor) -> None:
 
 
 def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], spec: InputSpec) -> tuple[EfficientAdGraph, dict]:
-    """Train student and autoencoder on ``train``; map quantiles from ``normals``; returns graph and timings."""
+    """Train student and autoencoder on ``train``; map quantiles from ``normals``; returns graph and timings.
+
+    The step budget (``steps`` in the returned record, which the manifest keeps) is ``settings.steps``
+    or PASSES passes over ``train`` at batch 1.
+    """
     if settings.input_size < MIN_SIZE:
         raise ValueError(f"EfficientAD needs input_size >= {MIN_SIZE} (its autoencoder ends in an 8x8 convolution "
                          f"after five stride-2 ones), not {settings.input_size}")
@@ -143,11 +166,15 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
     embedder = DefectEmbedding.fit(_channel_mean_std(model, images), seed=settings.seed)
     params = list(model.student.parameters()) + list(model.ae.parameters())
     optimiser = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, int(0.95 * settings.steps)), gamma=0.1)
+    steps = step_budget(settings, len(train))
+    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, int(0.95 * steps)), gamma=0.1)
     model.train()
+    log.info("efficientad: %d steps at batch 1 (%s)", steps,
+             "--steps" if settings.steps else f"{PASSES} passes over {len(train)} training images")
+    progress = Progress("efficientad", steps)
     train_started = time.monotonic()
     recent: list[float] = []
-    for step in range(settings.steps):
+    for step in range(steps):
         batch = images[rng.randrange(len(images))].unsqueeze(0)
         loss_st, loss_ae, loss_stae = model(batch, _penalty_image(penalty, settings.input_size, rng))
         loss = loss_st + loss_ae + loss_stae
@@ -156,17 +183,16 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
         optimiser.step()
         schedule.step()
         recent.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == settings.steps:
-            log.info("efficientad step %d/%d loss %.4f (%.0f s)", step + 1, settings.steps,
-                     float(np.mean(recent[-100:])), time.monotonic() - train_started)
+        progress.update(step + 1, recent[-1])
     trained = time.monotonic()
     _map_quantiles(model, to_tensor([read_image(p, spec) for p in normals], spec))
     graph = EfficientAdGraph(model, embedder).eval()
     timings = {
         **teacher_info,
+        "steps": steps,
         "teacher_s": round(teacher_s, 2),
         "train_steps_s": round(trained - train_started, 2),
-        "step_s": round((trained - train_started) / max(1, settings.steps), 3),
+        "step_s": round((trained - train_started) / max(1, steps), 3),
         "final_loss": round(float(np.mean(recent[-100:])), 5) if recent else None,
         "fit_s": round(time.monotonic() - started, 2),
     }

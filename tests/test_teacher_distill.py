@@ -1,0 +1,121 @@
+"""Teacher distillation: resumable checkpoints without pickle, the held-out figure, the manifest, shipped teachers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from exporter.teacher import (
+    TeacherSettings,
+    checkpoint_path,
+    distill,
+    load_teacher,
+    manifest_path,
+    sha256_file,
+    shipped_teacher,
+)
+from exporter.train import efficientad
+
+TINY = TeacherSettings(steps=6, batch_size=2, crop=64)
+PHOTOS = SHARED / "natural" / "imagenet-sample"
+
+
+@pytest.fixture(scope="module")
+def natural(tmp_path_factory) -> Path:
+    """20 of the natural photos (16 give training crops, 4 are held out); generated images where they are absent."""
+    root = tmp_path_factory.mktemp("natural")
+    if PHOTOS.is_dir():
+        for photo in sorted(PHOTOS.glob("*.jpg"))[::50]:
+            shutil.copy(photo, root)
+        return root
+    from exporter.synthetic import generate
+
+    generate(root, "weave", size=128, n_train=20, n_test=1, seed=2)
+    return root / "weave" / "train"
+
+
+@pytest.fixture(scope="module")
+def straight(natural, tmp_path_factory) -> Path:
+    """TINY distilled in one go, a figure every 3 steps."""
+    return distill(TINY, natural, tmp_path_factory.mktemp("straight") / "pdn-small.safetensors", eval_every=3)
+
+
+def test_resumed_distillation_ends_where_an_uninterrupted_one_does(natural, straight, tmp_path):
+    out = tmp_path / "pdn-small.safetensors"
+    ckpt = distill(TINY, natural, out, eval_every=3, checkpoint_every=2, stop_after=3)
+    assert ckpt == checkpoint_path(out) and ckpt.is_file() and not out.exists()
+    with pytest.raises(ValueError, match="--resume"):
+        distill(TINY, natural, out)  # never silently overwrites a run in progress
+    with pytest.raises(ValueError, match="other settings"):
+        distill(TeacherSettings(steps=6, batch_size=2, crop=64, lr=1e-2), natural, out, resume=True)
+    assert distill(TINY, natural, out, eval_every=3, resume=True) == out
+    assert not ckpt.exists()  # the finished teacher replaces its checkpoint
+    a, b = load_file(str(straight)), load_file(str(out))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    ma, mb = json.loads(manifest_path(straight).read_text()), json.loads(manifest_path(out).read_text())
+    assert ma["held_out_curve"] == mb["held_out_curve"] and ma["loss_curve"] == mb["loss_curve"]
+
+
+def test_checkpoint_is_safetensors_with_json_header_and_no_pickle(natural, tmp_path):
+    out = tmp_path / "pdn-small.safetensors"
+    ckpt = distill(TINY, natural, out, checkpoint_every=2, stop_after=2)
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]  # no temporary file left behind
+    assert not ckpt.read_bytes().startswith(b"\x80")  # a pickle stream starts with its protocol byte
+    with safe_open(str(ckpt), "pt") as f:
+        state = json.loads(f.metadata()["checkpoint"])
+        names = set(f.keys())
+    assert state["step"] == 2 and len(state["losses"]) == 2 and state["settings"] == TINY.as_dict()
+    assert {"torch_rng", "norm.mean", "norm.std", "net.conv1.weight", "optimiser.0.exp_avg"} <= names
+    assert state["scheduler"]["last_epoch"] == 2 and len(state["python_rng"][1]) == 625
+
+
+def test_manifest_records_recipe_curves_checksum_and_a_held_out_figure_that_improves(natural, straight):
+    manifest = json.loads(manifest_path(straight).read_text())
+    assert manifest["sha256"] == sha256_file(straight) and manifest["steps_done"] == 6
+    recipe = manifest["recipe"]
+    assert recipe["natural"] == str(natural) and recipe["natural_images"] == 20
+    assert recipe["training_images"] == 16 and recipe["held_out_images"] == 4 and recipe["steps"] == 6
+    curve = manifest["held_out_curve"]
+    assert [s for s, _ in curve] == [0, 3, 6] and [s for s, _ in manifest["loss_curve"]] == [3, 6]
+    untrained, final = curve[0][1], manifest["held_out_explained_variance"]
+    assert all(v <= 1 for _, v in curve)
+    assert "terms of the images" in manifest["data_licence"]  # a copy, not the project's folder
+    # fp16 only when it keeps the figure; the loaded weights are float32 either way.
+    assert manifest["dtype"] == "float16"
+    assert manifest["held_out_explained_variance_fp32"] - final <= 1e-3
+    state, meta = load_teacher(straight)
+    assert all(v.dtype == torch.float32 for v in state.values()) and meta["held_out_images"] == 4
+    if not PHOTOS.is_dir():
+        pytest.skip(f"{PHOTOS} absent: generated textures are no test of learning natural features")
+    assert final > untrained, curve  # the untrained PDN's figure is the baseline a few steps must beat
+
+
+def test_default_teacher_is_the_shipped_one_and_a_changed_file_is_refused(straight, tmp_path, monkeypatch):
+    shipped = tmp_path / "teachers"
+    monkeypatch.setenv("EDGE_INSPECT_TEACHERS", str(shipped))
+    assert shipped_teacher("small") is None  # none ships: train distils (cached), as before
+    shipped.mkdir()
+    shutil.copy(straight, shipped / "pdn-small.safetensors")
+    shutil.copy(manifest_path(straight), shipped / "pdn-small.json")
+    assert shipped_teacher("small") == shipped / "pdn-small.safetensors"
+    model, info = efficientad.build_model(efficientad.EfficientAdSettings())
+    assert info["teacher_file"] == str(shipped / "pdn-small.safetensors")
+    assert info["teacher_sha256"] == sha256_file(straight) and model.teacher_out_channels == 152
+    manifest = json.loads((shipped / "pdn-small.json").read_text())
+    (shipped / "pdn-small.json").write_text(json.dumps({**manifest, "sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="sha256"):
+        efficientad.build_model(efficientad.EfficientAdSettings())
+
+
+def test_student_budget_is_ten_passes_unless_steps_are_given():
+    assert efficientad.step_budget(efficientad.EfficientAdSettings(), 238) == 2380
+    assert efficientad.step_budget(efficientad.EfficientAdSettings(steps=40), 238) == 40

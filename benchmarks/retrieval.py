@@ -36,6 +36,7 @@ from exporter import backbones
 from exporter.build import VAL_FRACTION
 from exporter.data import Sample, load_category, read_image
 from exporter.export import score_images
+from exporter.families import FAMILIES
 from exporter.train.embedding import DefectEmbedding
 from exporter.train.patchcore import PatchcoreSettings, patch_features, to_tensor
 
@@ -138,14 +139,13 @@ def table(rows: list[tuple[str, str, dict]], types: list[str]) -> str:
     return "\n".join(lines)
 
 
-def train(family: str, data: Path, category: str, out: Path) -> Path:
-    from exporter import build
+def train(name: str, data: Path, category: str, out: Path) -> Path:
+    """A bundle of that family with its default settings (no test metrics: this benchmark measures retrieval)."""
+    from exporter.build import package
+    from exporter.thresholds import NORMALS
 
-    if family == "patchcore":
-        return build.train_patchcore(data, category, out, PatchcoreSettings(), evaluate_test=False)
-    from exporter.train.efficientad import EfficientAdSettings
-
-    return build.train_efficientad(data, category, out, EfficientAdSettings(), evaluate_test=False)
+    family = FAMILIES[name]
+    return package(family.fit(data, category, family.settings(), NORMALS), out, evaluate_test=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mvtec")
     ap.add_argument("--category", default="grid")
     ap.add_argument("--bundle", type=Path, action="append", default=[], help="an existing bundle (repeatable)")
-    ap.add_argument("--train", action="append", default=[], choices=["patchcore", "efficientad"],
+    ap.add_argument("--train", action="append", default=[], choices=list(FAMILIES),
                     help="train this family first (repeatable)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edge-inspect-retrieval"), help="where --train writes bundles")
     ap.add_argument("--ablation", action="store_true", help="also measure other poolings of the same features")

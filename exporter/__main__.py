@@ -10,33 +10,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bundle import PRECISIONS, BundleError
+from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, refuse_unused, select
 
 if TYPE_CHECKING:
     from exporter.thresholds import ThresholdChoice
 
 
 def _train(args: argparse.Namespace) -> int:
+    family = FAMILIES[args.model]
+    refuse_unused(args, [family])
+    if args.precision not in family.weight_precisions:
+        raise ValueError(f"--precision {args.precision} is not a weight precision of {family.name} "
+                         f"(it has {', '.join(family.weight_precisions)})")
+    from exporter.build import package
     from exporter.thresholds import ThresholdChoice
 
     threshold = ThresholdChoice(args.threshold_mode, {"far": args.target_far, "recall": args.target_recall}.get(
         args.threshold_mode))
     _check_data(Path(args.data), args.category, threshold)
-    if args.model == "efficientad":
-        from exporter.build import train_efficientad
-
-        if args.precision != "fp32":
-            raise ValueError("--precision int8 (weight quantisation) is for PatchCore bundles only")
-        out = train_efficientad(Path(args.data), args.category, Path(args.out), _efficientad_settings(args),
-                                name=args.name, evaluate_test=not args.no_eval, precisions=_list(args.precisions),
-                                threshold=threshold)
-        print(out)
-        return 0
-    from exporter.build import train_patchcore
-
-    out = train_patchcore(Path(args.data), args.category, Path(args.out), _patchcore_settings(args), name=args.name,
-                          evaluate_test=not args.no_eval, precision=args.precision,
-                          precisions=_list(args.precisions), threshold=threshold)
-    print(out)
+    trained = family.fit(Path(args.data), args.category, family.settings(args), threshold)
+    print(package(trained, Path(args.out), name=args.name, evaluate_test=not args.no_eval, precision=args.precision,
+                  precisions=_list(args.precisions)))
     return 0
 
 
@@ -51,19 +45,6 @@ def _check_data(data: Path, category: str | None, threshold: ThresholdChoice) ->
     problems = summary.problems()
     if problems:
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
-
-
-def _patchcore_settings(args: argparse.Namespace):
-    from exporter.train.patchcore import PatchcoreSettings
-
-    return PatchcoreSettings(**_given(args, "backbone", "backbone_weights", "input_size", "coreset_ratio", "max_bank"),
-                             **({"layers": args.layers.split(",")} if getattr(args, "layers", None) else {}))
-
-
-def _efficientad_settings(args: argparse.Namespace):
-    from exporter.train.efficientad import EfficientAdSettings
-
-    return EfficientAdSettings(**_given(args, "model_size", "teacher", "teacher_steps", "natural", "input_size", "steps"))
 
 
 def _list(value: str | None) -> list[str] | None:
@@ -92,11 +73,13 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
+    families = select(args.models.split(","))
+    refuse_unused(args, families)
     from exporter.benchmark import run
 
-    report = run(Path(args.data), args.models.split(","), Path(args.out),
-                 args.categories.split(",") if args.categories else None, _patchcore_settings(args),
-                 _efficientad_settings(args), precisions=_list(args.precisions))
+    report = run(Path(args.data), [f.name for f in families], Path(args.out),
+                 args.categories.split(",") if args.categories else None, {f.name: f.settings(args) for f in families},
+                 precisions=_list(args.precisions))
     print(report)
     return 0
 
@@ -105,19 +88,6 @@ def _add_precisions_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precisions", help="inference precisions to measure thresholds and test metrics at, "
                                              "comma-separated (default: every one this CPU runs natively; the "
                                              "reference f32, or int8 for an INT8 bundle, always)")
-
-
-def _add_efficientad_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("EfficientAD (defaults: exporter.train.efficientad.EfficientAdSettings)")
-    group.add_argument("--model-size", choices=["small", "medium"])
-    group.add_argument("--steps", type=int, help="student/autoencoder training steps at batch 1 "
-                                                 "(default: 10 passes over the training images)")
-    group.add_argument("--teacher", help="PDN teacher file to use (.safetensors or weights-only .pt); default: "
-                                          "exporter/teachers/pdn-SIZE.safetensors if it ships (sha256 checked; "
-                                          "EDGE_INSPECT_TEACHERS overrides the folder), else distil one, cached")
-    group.add_argument("--teacher-steps", type=int, help="distil a teacher with this many steps (cached) instead "
-                                                         "of using a shipped one")
-    group.add_argument("--natural", help="natural photos: penalty set and distillation set (default ../shared/data/natural)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -153,17 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="folder holding CATEGORY/, or the data folder or CSV/JSON list "
                        "itself (layouts: README, Training data)")
     train.add_argument("--category", help="sub-folder of --data to use (default: --data itself)")
-    train.add_argument("--model", choices=["patchcore", "efficientad"], default="patchcore")
+    train.add_argument("--model", choices=list(FAMILIES), default="patchcore")
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--name", help="bundle name (default CATEGORY-MODEL)")
-    train.add_argument("--backbone", help="timm name; offline weights exist for efficientnet_lite0/1/2 (default lite0)")
-    train.add_argument("--backbone-weights", help="local weights file for --backbone (.pth or .safetensors)")
-    train.add_argument("--layers", help="comma-separated backbone layers (default blocks.2,blocks.4)")
-    train.add_argument("--input-size", type=int, help="square input side in pixels (default: PatchcoreSettings)")
-    train.add_argument("--coreset-ratio", type=float, help="memory-bank share of all patch features (default 0.01)")
-    train.add_argument("--max-bank", type=int, help="cap on PatchCore memory-bank rows (bounds bundle size and latency)")
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
-    train.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+    train.add_argument("--precision", choices=WEIGHT_PRECISIONS, default="fp32",
                        help="weights: int8 = NNCF post-training quantisation calibrated on the normal training images")
     _add_precisions_option(train)
     train.add_argument("--threshold-mode", choices=["normals", "far", "recall"], default="normals",
@@ -172,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "defects held out of the test split")
     train.add_argument("--target-far", type=float, help="false-alarm rate for --threshold-mode far, e.g. 0.01")
     train.add_argument("--target-recall", type=float, help="defect recall for --threshold-mode recall, e.g. 0.95")
-    _add_efficientad_options(train)
+    add_options(train)
     train.set_defaults(func=_train)
 
     distill = sub.add_parser("distill-teacher", help="distil EfficientAD's PDN teacher from an offline backbone")
@@ -196,12 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("benchmark", help="train, export and evaluate models on every category; write a report")
     bench.add_argument("--data", required=True, help="folder holding MVTec AD categories")
-    bench.add_argument("--models", default="patchcore,efficientad")
+    bench.add_argument("--models", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
     bench.add_argument("--categories", help="comma-separated subset (default: every category found)")
     bench.add_argument("--out", required=True, help="report folder")
-    bench.add_argument("--input-size", type=int, help="input size of every model (default: each model's own)")
-    bench.add_argument("--coreset-ratio", type=float, help="PatchCore memory-bank share (default: PatchcoreSettings)")
-    _add_efficientad_options(bench)
+    add_options(bench)
     _add_precisions_option(bench)
     bench.set_defaults(func=_benchmark)
 

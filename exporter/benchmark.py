@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bundle.runtime import CompiledBundle
-from exporter.build import Trained, fit_efficientad, fit_patchcore, package
+from exporter.build import Trained, package
 from exporter.data import find_categories, read_image, read_mask
 from exporter.export import score_images
+from exporter.families import Family, select
 from exporter.report import write_report
-from exporter.train.efficientad import EfficientAdSettings
-from exporter.train.patchcore import PatchcoreSettings, to_tensor
+from exporter.thresholds import NORMALS
+from exporter.train.patchcore import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,6 @@ MVTEC_CATEGORIES = (
 # Image AUROC the seed tutorial published for grid (the only category it reports).
 SEED_IMAGE_AUROC = {("patchcore", "grid"): 0.979, ("efficientad", "grid"): 0.993}
 SCORE_RTOL = 1e-3
-MODELS = ("patchcore", "efficientad")
 
 
 def _torch_scores(trained: Trained, images: list[np.ndarray], batch: int = 8) -> np.ndarray:
@@ -45,12 +46,12 @@ def _bundle_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def run_one(data: Path, category: str, model: str, out: Path, patchcore: PatchcoreSettings,
-            efficientad: EfficientAdSettings, precisions: list[str] | None = None) -> dict:
+def run_one(data: Path, category: str, family: Family[Any], out: Path, settings: Any,
+            precisions: list[str] | None = None) -> dict:
     """Train one model on one category, export it, and measure bundle metrics and torch parity."""
     started = time.monotonic()
-    trained = fit_patchcore(data, category, patchcore) if model == "patchcore" else \
-        fit_efficientad(data, category, efficientad)
+    model = family.name
+    trained = family.fit(data, category, settings, NORMALS)
     bundle_dir = package(trained, out / "bundles" / f"{category}-{model}", precisions=precisions)
     compiled = CompiledBundle(bundle_dir, hint="LATENCY", precision="f32")  # parity with torch: f32 on every CPU
     manifest = compiled.manifest
@@ -89,12 +90,13 @@ def run_one(data: Path, category: str, model: str, out: Path, patchcore: Patchco
 
 
 def run(data: Path, models: list[str], out: Path, categories: list[str] | None = None,
-        patchcore: PatchcoreSettings | None = None, efficientad: EfficientAdSettings | None = None,
-        precisions: list[str] | None = None) -> Path:
-    """Benchmark every model on every category found under ``data``; returns the Markdown report's path."""
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+        settings: dict[str, Any] | None = None, precisions: list[str] | None = None) -> Path:
+    """Benchmark every model on every category found under ``data``; returns the Markdown report's path.
+
+    ``settings`` maps a family's name to its settings; a family not in it uses its defaults.
+    """
+    families = select(models)
+    given = settings or {}
     found = find_categories(data)
     chosen = [c for c in (categories or found) if c in found]
     if not chosen:
@@ -103,8 +105,7 @@ def run(data: Path, models: list[str], out: Path, categories: list[str] | None =
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for category in chosen:
-        for model in models:
-            log.info("benchmark: %s on %s", model, category)
-            rows.append(run_one(data, category, model, out, patchcore or PatchcoreSettings(),
-                                efficientad or EfficientAdSettings(), precisions))
+        for family in families:
+            log.info("benchmark: %s on %s", family.name, category)
+            rows.append(run_one(data, category, family, out, given.get(family.name) or family.settings(), precisions))
     return write_report(rows, out, data, absent)

@@ -96,21 +96,6 @@ def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSetti
                    val_defects, threshold)
 
 
-def train_patchcore(data: Path, category: str | None, out: Path, settings: PatchcoreSettings, name: str | None = None,
-                    evaluate_test: bool = True, precision: str = "fp32", precisions: list[str] | None = None,
-                    threshold: ThresholdChoice = NORMALS) -> Path:
-    """Train PatchCore on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    return package(fit_patchcore(data, category, settings, threshold), out, name, evaluate_test, precision, precisions)
-
-
-def train_efficientad(data: Path, category: str | None, out: Path, settings: EfficientAdSettings,
-                      name: str | None = None, evaluate_test: bool = True, precisions: list[str] | None = None,
-                      threshold: ThresholdChoice = NORMALS) -> Path:
-    """Train EfficientAD on ``data/category`` and write a bundle to ``out``; returns ``out``."""
-    return package(fit_efficientad(data, category, settings, threshold), out, name, evaluate_test,
-                   precisions=precisions)
-
-
 def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
             precision: str = "fp32", precisions: list[str] | None = None) -> Path:
     """Export the graph, set thresholds on held-out images (``trained.threshold``) and measure the test split at

@@ -1,0 +1,164 @@
+"""Model families as plugins: each declares its settings, CLI options and weight precisions and fits an export graph.
+
+The network and its training live in ``exporter/train/<family>.py`` (as anomalib splits ``torch_model`` from
+``lightning_model``); a :class:`Family` is the small adapter the commands use, registered in :data:`FAMILIES` by
+the name ``bundle.json`` records, so no command branches on a family's name.  This module stays light (no torch,
+anomalib or OpenVINO at import): the parser is built from it before any command needs those.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from exporter.build import Trained
+    from exporter.thresholds import ThresholdChoice
+    from exporter.train.efficientad import EfficientAdSettings
+    from exporter.train.patchcore import PatchcoreSettings
+
+S = TypeVar("S")
+
+
+def _names(value: str) -> list[str]:
+    """A comma-separated list option, e.g. ``--layers blocks.2,blocks.4``."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
+
+
+@dataclass(frozen=True)
+class Option:
+    """One CLI option that sets the settings field of the same name; no default here: the settings hold it."""
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+class Family(ABC, Generic[S]):
+    """A model family: its name in ``bundle.json``, its options and what it can export."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]]
+    weight_precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # what `train --precision` may ask of this family
+
+    @abstractmethod
+    def settings_class(self) -> type[S]:
+        """The settings dataclass, imported on use (it lives beside the network, with torch and anomalib)."""
+
+    def settings(self, args: argparse.Namespace | None = None) -> S:
+        """Settings from the options the user set; every other field keeps the dataclass's default."""
+        given = {o.dest: getattr(args, o.dest) for o in self.options if getattr(args, o.dest, None) is not None}
+        return self.settings_class()(**given)
+
+    @abstractmethod
+    def fit(self, data: Path, category: str | None, settings: S, threshold: ThresholdChoice) -> Trained:
+        """Split the data, fit, and return the export graph with its training record, ready for ``build.package``."""
+
+
+class PatchCore(Family["PatchcoreSettings"]):
+    """anomalib's PatchcoreModel with our memory-bank fit; its exported graph is the one NNCF int8 is wired for."""
+
+    name = "patchcore"
+    title = "PatchCore"
+    options = (
+        Option("--backbone", "timm name; offline weights exist for efficientnet_lite0/1/2"),
+        Option("--backbone-weights", "local weights file for --backbone (.pth or .safetensors)"),
+        Option("--layers", "comma-separated backbone layers", _names),
+        Option("--input-size", "square input side in pixels", int),
+        Option("--coreset-ratio", "memory-bank share of all patch features", float),
+        Option("--max-bank", "cap on memory-bank rows (bounds bundle size and latency)", int),
+    )
+    weight_precisions = ("fp32", "int8")
+
+    def settings_class(self) -> type[PatchcoreSettings]:
+        from exporter.train.patchcore import PatchcoreSettings
+
+        return PatchcoreSettings
+
+    def fit(self, data: Path, category: str | None, settings: PatchcoreSettings, threshold: ThresholdChoice) -> Trained:
+        from exporter.build import fit_patchcore
+
+        return fit_patchcore(data, category, settings, threshold)
+
+
+class EfficientAd(Family["EfficientAdSettings"]):
+    """anomalib's EfficientAdModel trained by our own loop with a local teacher (nothing downloaded)."""
+
+    name = "efficientad"
+    title = "EfficientAD"
+    options = (
+        Option("--input-size", "square input side in pixels (at least 256)", int),
+        Option("--model-size", "PDN size", choices=("small", "medium")),
+        Option("--steps", "student/autoencoder training steps at batch 1 (default: 10 passes over the training images)", int),
+        Option("--teacher", "PDN teacher file to use (.safetensors or weights-only .pt); default: "
+                            "exporter/teachers/pdn-SIZE.safetensors if it ships (sha256 checked; EDGE_INSPECT_TEACHERS "
+                            "overrides the folder), else distil one, cached"),
+        Option("--teacher-steps", "distil a teacher with this many steps (cached) instead of using a shipped one", int),
+        Option("--natural", "natural photos: penalty set and distillation set"),
+    )
+
+    def settings_class(self) -> type[EfficientAdSettings]:
+        from exporter.train.efficientad import EfficientAdSettings
+
+        return EfficientAdSettings
+
+    def fit(self, data: Path, category: str | None, settings: EfficientAdSettings, threshold: ThresholdChoice) -> Trained:
+        from exporter.build import fit_efficientad
+
+        return fit_efficientad(data, category, settings, threshold)
+
+
+FAMILIES: dict[str, Family[Any]] = {f.name: f for f in (PatchCore(), EfficientAd())}
+WEIGHT_PRECISIONS = tuple(dict.fromkeys(p for f in FAMILIES.values() for p in f.weight_precisions))
+
+
+def select(names: Iterable[str]) -> list[Family[Any]]:
+    """The families named, in order; an unknown name is refused with the known ones."""
+    names = list(names)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(FAMILIES)}")
+    return [FAMILIES[n] for n in names]
+
+
+def _owners() -> list[tuple[Option, list[Family[Any]]]]:
+    """Each option (as its first family declares it) with the families that use it, in registry order."""
+    owners: dict[str, tuple[Option, list[Family[Any]]]] = {}
+    for family in FAMILIES.values():
+        for option in family.options:
+            owners.setdefault(option.flag, (option, []))[1].append(family)
+    return list(owners.values())
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Every family's options, one group each; an option several families share goes in a common group."""
+    shared = parser.add_argument_group("options of several model families (defaults: each family's settings)")
+    groups = {f.name: parser.add_argument_group(f"{f.title} (defaults: the settings in exporter/train/{f.name}.py)")
+              for f in FAMILIES.values()}
+    for option, families in _owners():
+        if len(families) == 1:
+            groups[families[0].name].add_argument(option.flag, type=option.type, choices=option.choices, help=option.help)
+        else:
+            shared.add_argument(option.flag, type=option.type, choices=option.choices,
+                                help=f"{option.help} [{', '.join(f.name for f in families)}]")
+
+
+def refuse_unused(args: argparse.Namespace, families: list[Family[Any]]) -> None:
+    """Refuse a family option that none of the chosen families uses, rather than ignore it silently."""
+    for option, owners in _owners():
+        if getattr(args, option.dest, None) is not None and not any(f in families for f in owners):
+            raise ValueError(f"{option.flag} is not an option of {' or '.join(f.name for f in families)} "
+                             f"(it is {' and '.join(f.name for f in owners)}'s)")

@@ -1,0 +1,63 @@
+"""Model families as plugins: the registry covers the bundle contract and the CLI, and no option is ignored."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from bundle import Manifest
+from conftest import ROOT
+from exporter.__main__ import build_parser
+from exporter.families import FAMILIES, WEIGHT_PRECISIONS, refuse_unused
+
+
+def _choices(command: str, dest: str) -> list[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return list(next(a for a in sub._actions if a.dest == dest).choices)
+
+
+def test_every_bundle_family_is_registered_and_offered_by_the_cli():
+    assert set(typing.get_args(Manifest.model_fields["family"].annotation)) == set(FAMILIES)
+    assert all(name == family.name for name, family in FAMILIES.items())
+    assert _choices("train", "model") == list(FAMILIES)
+    assert _choices("train", "precision") == list(WEIGHT_PRECISIONS)
+    assert all("fp32" in f.weight_precisions for f in FAMILIES.values())
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_options_set_settings_fields_and_defaults_stay_in_the_settings(name):
+    family = FAMILIES[name]
+    cls = family.settings_class()
+    assert cls.__module__ == f"exporter.train.{name}"  # the help text points there for the defaults
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert {o.dest for o in family.options} <= fields
+    assert family.settings() == family.settings(build_parser().parse_args(["train", "--data", "d", "--out", "o"])) == cls()
+    assert family.settings(argparse.Namespace(input_size=320)).input_size == 320
+
+
+def test_a_shared_option_of_one_chosen_family_is_accepted():
+    args = build_parser().parse_args(["benchmark", "--data", "d", "--out", "o", "--coreset-ratio", "0.1", "--steps", "3"])
+    refuse_unused(args, list(FAMILIES.values()))
+    with pytest.raises(ValueError, match="--steps is not an option of patchcore"):
+        refuse_unused(args, [FAMILIES["patchcore"]])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--model", "efficientad", "--coreset-ratio", "0.1"], "--coreset-ratio is not an option of efficientad"),
+    (["train", "--model", "efficientad", "--layers", "blocks.2"], "--layers is not an option of efficientad"),
+    (["train", "--steps", "5"], "--steps is not an option of patchcore"),
+    (["train", "--model", "patchcore", "--teacher", "t.safetensors"], "--teacher is not an option of patchcore"),
+    (["train", "--model", "efficientad", "--precision", "int8"], "--precision int8 is not a weight precision of efficientad"),
+    (["benchmark", "--models", "efficientad", "--max-bank", "100"], "--max-bank is not an option of efficientad"),
+])
+def test_an_option_the_chosen_family_does_not_use_is_refused(argv, message, tmp_path):
+    """Refused before the data is even read (the folder does not exist), with the flag and the family named."""
+    proc = subprocess.run([sys.executable, "-m", "exporter", *argv, "--data", str(tmp_path / "none"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -55,14 +55,14 @@ def bundle_dir(dataset, tmp_path_factory) -> Path:
 
 
 class Client:
-    """A paho MQTT v5 client that records everything under the prefix."""
+    """A paho client (MQTT v5 unless ``protocol`` says otherwise) that records everything under the prefix."""
 
-    def __init__(self, port: int, prefix: str = "inspect") -> None:
+    def __init__(self, port: int, prefix: str = "inspect", protocol: int = mqtt.MQTTv5) -> None:
         self.prefix = prefix
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Condition()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+                                  client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=protocol)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: subscribed.set()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -46,39 +45,6 @@ def running(broker, bundle_dir, tmp_path, worker_factory):
     client.close()
 
 
-class Client311:
-    """A plain MQTT 3.1.1 client: it cannot send or receive user properties."""
-
-    def __init__(self, port: int, prefix: str) -> None:
-        self.messages: list[mqtt.MQTTMessage] = []
-        self.cond = threading.Condition()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"t311-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(f"{prefix}/#", qos=1)
-        assert subscribed.wait(30), "no SUBACK from the broker"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self.cond:
-            self.messages.append(msg)
-            self.cond.notify_all()
-
-    def wait_for(self, topic: str, count: int, timeout: float = 90) -> list[mqtt.MQTTMessage]:
-        with self.cond:
-            self.cond.wait_for(lambda: sum(m.topic == topic for m in self.messages) >= count, timeout)
-            found = [m for m in self.messages if m.topic == topic]
-        assert len(found) >= count, f"{len(found)}/{count} messages on {topic}"
-        return found
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 def _good(dataset: Path) -> bytes:
     return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
 
@@ -102,14 +68,14 @@ def test_generated_ids_are_unique_across_processes_and_ordered_within_one():
 
 def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryable(running, broker, dataset):
     prefix, client, worker = running
-    old = Client311(broker.port, prefix)
+    old = Client(broker.port, prefix, protocol=mqtt.MQTTv311)  # cannot send or receive user properties
     try:
         good = _good(dataset)
         before = time.time()
         for _ in range(3):
             old.client.publish(f"{prefix}/loose/frame", good, qos=1).wait_for_publish(5)
-        results = [json.loads(m.payload) for m in old.wait_for(f"{prefix}/loose/result", 3)]
-        heatmaps = old.wait_for(f"{prefix}/loose/heatmap", 3)
+        results = [json.loads(m.payload) for m in old.wait_for(lambda m: m.topic == f"{prefix}/loose/result", count=3)]
+        heatmaps = old.wait_for(lambda m: m.topic == f"{prefix}/loose/heatmap", count=3)
         assert all(m.payload[:2] == b"\xff\xd8" for m in heatmaps)  # JPEG heatmaps reach a 3.1.1 client
 
         ids = [r["frame_id"] for r in results]
@@ -121,7 +87,7 @@ def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryab
 
         # The same frame on a camera that requires metadata is refused, not guessed.
         old.client.publish(f"{prefix}/strict/frame", good, qos=1).wait_for_publish(5)
-        error = json.loads(old.wait_for(f"{prefix}/strict/error", 1)[0].payload)
+        error = json.loads(old.wait_for(lambda m: m.topic == f"{prefix}/strict/error")[0].payload)
         assert error["code"] == "missing_metadata" and error["frame_id"] is None
 
         # The history holds them under their generated ids: a query by one finds the other two.

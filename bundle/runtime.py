@@ -88,9 +88,10 @@ class CompiledBundle:
         if precision == "int8" and self.manifest.precision != "INT8":
             raise BundleError(f"{self.folder}: precision int8 needs a quantised bundle "
                               "(python -m exporter train --precision int8); this one is " + self.manifest.precision)
-        if precision in _CAPABILITY and precision not in supported_precisions(core, device, self.manifest.precision):
+        native = supported_precisions(core, device, self.manifest.precision)
+        if precision in _CAPABILITY and precision not in native:
             raise BundleError(f"{device} ({device_name(core, device)}) does not run {precision} natively; "
-                              f"it runs {', '.join(supported_precisions(core, device, self.manifest.precision))}")
+                              f"it runs {', '.join(native)}")
         return "f32" if precision == "int8" else precision
 
     def _effective_precision(self) -> Precision:

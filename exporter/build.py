@@ -138,9 +138,8 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
         write_manifest(staging, fields)  # provisional, in the staging folder only: the runtime reads the IR through it
         val_images = [read_image(p, spec) for p in val]
         defect_images = [read_image(s.path, spec) for s in trained.val_defects]
-        test_images = cat.test if evaluate_test else []
-        records = {p: measure_precision(staging, p, val_images, cat if test_images else None, defect_images,
-                                        trained.threshold)
+        evaluated = cat if evaluate_test and cat.test else None
+        records = {p: measure_precision(staging, p, val_images, evaluated, defect_images, trained.threshold)
                    for p in _precisions_to_measure(precision, precisions)}
         reference = records[next(iter(records))]
         fields["thresholds"] = reference.thresholds

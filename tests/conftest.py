@@ -153,6 +153,27 @@ def write_config(folder: Path, port: int, bundle: Path, **sections) -> Path:
     return path
 
 
+def wait_online(client: Client, prefix: str, worker_id: str = "w-test", timeout: float = 120) -> None:
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/{worker_id}/availability" and m.payload == b"online",
+                    timeout=timeout)
+
+
+def start_on_embedded_store(folder: Path, port: int, bundle: Path, prefix: str, spool: Path, client: Client,
+                            worker_factory) -> tuple[WorkerProcess, Path]:
+    """The store is back: a worker on the embedded store (``folder``/qdrant) with the same spool, returned once
+    the spooled backlog is written (or 60 s have passed; the caller asserts what is left)."""
+    store_dir = folder / "qdrant"
+    config = write_config(folder / "b", port, bundle, topics={"prefix": prefix}, store={"path": str(store_dir)},
+                          spool={"path": str(spool), "retry_s": 0.5})
+    client.messages.clear()
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    deadline = time.monotonic() + 60
+    while list(spool.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll interval while the recorder replays, with a deadline
+    return worker, store_dir
+
+
 @pytest.fixture
 def worker_factory(tmp_path):
     started: list[WorkerProcess] = []

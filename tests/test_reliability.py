@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import Client, write_config
+from conftest import Client, start_on_embedded_store, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.config import StoreConfig
 from worker.store import VectorStore
@@ -45,11 +45,6 @@ def _png_header(width: int, height: int, depth: int = 8, colour: int = 0) -> byt
 
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def _wait_online(client: Client, prefix: str, worker_id: str = "w-test", timeout: float = 120) -> None:
-    client.wait_for(lambda m: m.topic == f"{prefix}/workers/{worker_id}/availability" and m.payload == b"online",
-                    timeout=timeout)
 
 
 def _outcomes(client: Client, prefix: str, camera: str) -> dict[str, list[str]]:
@@ -116,7 +111,7 @@ def fuzz_worker(broker, bundle_dir, tmp_path_factory):
                           store={"log_normal_every": 0})
     client = Client(broker.port, prefix)
     worker = WorkerProcess(config, folder / "worker.log")
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     yield prefix, client, worker
     client.close()
     worker.stop(signal.SIGKILL)
@@ -217,7 +212,7 @@ def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, data
     observer = PersistentClient(port, prefix, f"observer-{prefix}")
     camera = PersistentClient(port, prefix, f"camera-{prefix}")
     worker = worker_factory(config)
-    _wait_online(observer, prefix)
+    wait_online(observer, prefix)
     frame = _good_png(dataset)
     n = 40
     ids = [f"r{i:03d}" for i in range(n)]
@@ -254,7 +249,7 @@ def test_flood_is_handled_by_the_queue_policy(policy, broker, bundle_dir, datase
                           store={"log_normal_every": 0})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     frame = _good_png(dataset)
     n = 150
     for i in range(n):  # as fast as the broker takes them: far above the sustainable rate
@@ -302,7 +297,7 @@ def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, t
                         spool={"path": str(spool), "retry_s": 0.5})
     client = Client(broker.port, prefix)
     worker = worker_factory(down)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     frames = sorted((dataset / "weave" / "test").glob("*/*.png"))[:8]
     for i, path in enumerate(frames):
         client.publish_frame("cam", path.read_bytes(), f"s{i}")
@@ -317,15 +312,8 @@ def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, t
           f"{len(list(spool.glob('*.json')))} spooled batches")
 
     # The store is back (here: the embedded one, same spool): the backlog is written, in order.
-    store_dir = tmp_path / "qdrant"
-    up = write_config(tmp_path / "b", broker.port, bundle_dir, topics={"prefix": prefix},
-                      store={"path": str(store_dir)}, spool={"path": str(spool), "retry_s": 0.5})
-    client.messages.clear()
-    worker = worker_factory(up)
-    _wait_online(client, prefix)
-    deadline = time.monotonic() + 60
-    while list(spool.glob("*.json")) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    worker, store_dir = start_on_embedded_store(tmp_path, broker.port, bundle_dir, prefix, spool, client,
+                                                worker_factory)
     assert not list(spool.glob("*.json"))
     assert worker.stop() == 0
     assert "replayed" in worker.output()
@@ -348,7 +336,7 @@ def test_results_respect_the_brokers_maximum_packet_size(bundle_dir, dataset, tm
     try:
         client = Client(broker.port, prefix)
         worker = worker_factory(config)
-        _wait_online(client, prefix)
+        wait_online(client, prefix)
         for i in range(3):
             client.publish_frame("cam", _good_png(dataset), f"p{i}")
         results = client.json_on(f"{prefix}/cam/result", count=3)
@@ -375,7 +363,7 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(brok
                           heatmap={"format": "png", "size": 1024})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     frame = _good_png(dataset)
     # Enough frames, each made slow by a 1024 px PNG heatmap, that the worker cannot drain them all between
     # the second result and SIGTERM even when this test process is starved of CPU (40 light frames were all

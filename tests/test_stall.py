@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,18 +18,14 @@ from pathlib import Path
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import Client, write_config
+from benchmarks.start_burst import burst
+from conftest import Client, start_on_embedded_store, wait_online, write_config
 from scripts.broker import free_port
 from worker.store import point_id
 
 
 def _png(dataset: Path) -> bytes:
     return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
-
-
-def _wait_online(client: Client, prefix: str, timeout: float = 120) -> None:
-    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online",
-                    timeout=timeout)
 
 
 def request(client: Client, topic: str, payload: bytes, timeout: float = 60) -> dict:
@@ -66,7 +61,7 @@ def test_non_finite_or_absurd_timestamps_are_refused_and_the_worker_goes_on(brok
     config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     frame = _png(dataset)
     sent = []
     for value in ("nan", "inf", "1e15", "-1e20"):
@@ -111,7 +106,7 @@ def test_malformed_control_is_answered_and_the_request_plane_keeps_working(broke
     config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     for payload in BAD_CONTROL:
         answer = request(client, f"{prefix}/workers/w-test/control", payload)
         assert answer["ok"] is False and answer["error"]["code"] == "bad_request", (payload[:60], answer)
@@ -131,30 +126,6 @@ def test_malformed_control_is_answered_and_the_request_plane_keeps_working(broke
 
 # Reproduction 3: inference threads deadlocked in their first InferRequest.infer at start ---------------
 
-def _burst(port: int, prefix: str, frame: bytes, tag: str) -> list[str]:
-    """8 QoS 1 frames from 4 cameras, published in parallel (one connection per camera)."""
-    ids: list[str] = []
-    lock = threading.Lock()
-
-    def camera(n: int) -> None:
-        c = Client(port, prefix)
-        try:
-            for i in range(2):
-                frame_id = f"{tag}-cam{n}-{i}"
-                c.publish_frame(f"cam{n}", frame, frame_id)
-                with lock:
-                    ids.append(frame_id)
-        finally:
-            c.close()
-
-    threads = [threading.Thread(target=camera, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return ids
-
-
 def test_worker_starts_under_a_burst_of_parallel_frames_every_time(broker, bundle_dir, dataset, tmp_path,
                                                                    worker_factory):
     """The burst is waiting in the worker's persistent session, so it arrives the moment the worker subscribes,
@@ -166,14 +137,14 @@ def test_worker_starts_under_a_burst_of_parallel_frames_every_time(broker, bundl
     client = Client(broker.port, prefix)
     frame = _png(dataset)
     first = worker_factory(config)  # creates the persistent session
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     assert first.stop() == 0
     starts = 6
     for n in range(starts):
         client.messages.clear()
-        waiting = _burst(broker.port, prefix, frame, f"s{n}a")
+        waiting = burst(broker.port, prefix, frame, f"s{n}a")
         worker = worker_factory(config)
-        ids = waiting + _burst(broker.port, prefix, frame, f"s{n}b")
+        ids = waiting | burst(broker.port, prefix, frame, f"s{n}b")
         results = client.wait_for(lambda m: m.topic.endswith("/result"), count=len(ids), timeout=120)
         assert sorted(json.loads(m.payload)["frame_id"] for m in results) == sorted(ids), f"start {n}"
         assert worker.stop(timeout=60) == 0, worker.output()[-2000:]
@@ -195,7 +166,7 @@ def test_a_stuck_thread_fails_healthz_and_the_worker_exits_with_code_3(broker, b
     os.mkfifo(fifo)
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read())
     assert health["ok"] is True and {"recorder", "requests", "infer-0"} <= set(health["threads"]), health
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -250,7 +221,7 @@ def test_kill_9_during_spool_writes_then_restart_with_a_truncated_spool(broker, 
                         spool={"path": str(spool), "retry_s": 0.5})
     client = Client(broker.port, prefix)
     worker = worker_factory(down)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     frame = _png(dataset)
     n = 12
     for i in range(n):
@@ -267,15 +238,7 @@ def test_kill_9_during_spool_writes_then_restart_with_a_truncated_spool(broker, 
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # what a kill -9 mid-write leaves
     (spool / "999999999999.tmp").write_bytes(b'{"points": [')
 
-    store_dir = tmp_path / "qdrant"
-    up = write_config(tmp_path / "b", broker.port, bundle_dir, topics={"prefix": prefix},
-                      store={"path": str(store_dir)}, spool={"path": str(spool), "retry_s": 0.5})
-    client.messages.clear()
-    worker = worker_factory(up)
-    _wait_online(client, prefix)
-    deadline = time.monotonic() + 60
-    while list(spool.glob("*.json")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    worker, _ = start_on_embedded_store(tmp_path, broker.port, bundle_dir, prefix, spool, client, worker_factory)
     assert not list(spool.glob("*.json")) and [p.name for p in spool.glob("*.corrupt")] == [
         newest.with_suffix(".corrupt").name]
     stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]
@@ -296,7 +259,7 @@ def test_a_camera_flooding_at_ten_times_its_share_does_not_evict_another_cameras
                           heatmap={"format": "png", "size": 1024}, store={"log_normal_every": 0})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
-    _wait_online(client, prefix)
+    wait_online(client, prefix)
     frame = _png(dataset)
     normal = [f"n{i}" for i in range(8)]
     flood = [f"f{i}" for i in range(80)]

@@ -224,7 +224,13 @@ def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, data
                 broker = Broker(tmp_path / "b2", port=port, persistence_dir=store_dir)
             camera.publish_frame("cam", frame, frame_id, wait=False)  # paho queues QoS 1 while disconnected
             time.sleep(0.05)
-        results = observer.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=n, timeout=180)
+        # Results are QoS 1 too: one can arrive twice across the restart, so wait for each frame's, not for n.
+        topic = f"{prefix}/cam/result"
+        deadline = time.monotonic() + 180
+        for frame_id in ids:
+            observer.wait_for(lambda m, f=frame_id: m.topic == topic and json.loads(m.payload)["frame_id"] == f,
+                              timeout=max(1.0, deadline - time.monotonic()))
+        results = [m for m in observer.messages if m.topic == topic]
         assert {json.loads(m.payload)["frame_id"] for m in results} == set(ids)
         assert worker.stop() == 0
         stopped = worker.output()

@@ -6,7 +6,7 @@ Each ``SIZE:ROWS`` is the exported PatchCore graph (EfficientNet-Lite0 blocks.2+
 production ``PatchcoreGraph``) at that input size with a memory bank of that many rows; the
 rows are random, which does not change the work (a dense distance to every row).  Configs are
 compiled once and timed interleaved, ``--repeats`` rounds of ``--frames`` single-frame
-inferences each (LATENCY hint, ``--threads`` threads): median of each round, then median and
+inferences each (LATENCY hint, ``--threads`` threads, ``--precision``, f32 unless set): median of each round, then median and
 range over rounds.  The defaults are what grid gives at 1 % coreset: 2437 rows at 256 px,
 15232 at 640 px (the default input size).
 """
@@ -26,7 +26,7 @@ from benchmarks.common import fmt, md_table, summary
 log = logging.getLogger("benchmarks.latency")
 
 
-def compile_graph(size: int, rows: int, threads: int):
+def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     import openvino as ov
     import torch
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
@@ -44,7 +44,8 @@ def compile_graph(size: int, rows: int, threads: int):
     model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
     graph = PatchcoreGraph(model, size, DefectEmbedding(torch.zeros(dim), torch.eye(dim))).eval()
     return ov.Core().compile_model(convert(graph, input_spec(size, bb.mean, bb.std)), "CPU",
-                                   {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+                                   {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                    "INFERENCE_PRECISION_HINT": precision})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--frames", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     configs = [tuple(map(int, c.split(":"))) for c in (args.config or ["256:2437", "640:15232"])]
-    compiled = {c: compile_graph(*c, args.threads) for c in configs}
+    compiled = {c: compile_graph(*c, args.threads, args.precision) for c in configs}
     frames = {c: np.random.default_rng(0).integers(0, 255, (1, c[0], c[0], 3), dtype=np.uint8) for c in configs}
     rounds: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     for c in configs:

@@ -1,6 +1,6 @@
 """Where a bundle's inference time goes: OpenVINO per-operation counters, backbone vs heads, by op type.
 
-    python -m benchmarks.profile BUNDLE [BUNDLE ...] --runs 20
+    python -m benchmarks.profile BUNDLE [BUNDLE ...] --runs 20 --precision f32 --threads 1
 
 "heads" = operations whose name matches :data:`exporter.quantize.HEADS` (pooling, memory-bank
 distances and score, blur, embedding); the rest is the CNN backbone and pre-processing.
@@ -22,10 +22,11 @@ from bundle import read_manifest
 from exporter.quantize import HEADS
 
 
-def profile(bundle: Path, runs: int) -> tuple[Counter, Counter]:
+def profile(bundle: Path, runs: int, precision: str = "f32", threads: int = 1) -> tuple[Counter, Counter]:
     spec = read_manifest(bundle).input
     compiled = ov.Core().compile_model(str(bundle / "model.xml"), "CPU",
-                                       {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1})
+                                       {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY",
+                                        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
     image = np.random.default_rng(0).integers(0, 255, (1, spec.height, spec.width, 3), dtype=np.uint8)
     part, kind = Counter(), Counter()
@@ -45,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundles", type=Path, nargs="+")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"),
+                        help="inference precision (set, never the CPU's default)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     for bundle in args.bundles:
-        part, kind = profile(bundle, args.runs)
+        part, kind = profile(bundle, args.runs, args.precision, args.threads)
         total = sum(part.values())
-        print(f"\n{bundle} ({read_manifest(bundle).precision}), 1 thread, mean of {args.runs} runs: {total / 1000:.1f} ms\n")
+        print(f"\n{bundle} ({read_manifest(bundle).precision} weights, {args.precision}), {args.threads} thread(s), "
+              f"mean of {args.runs} runs: {total / 1000:.1f} ms\n")
         print(md_table(["part", "ms", "share"], [[k, f"{v / 1000:.1f}", f"{v / total:.0%}"] for k, v in part.most_common()]))
         print()
         print(md_table(["op (kernel)", "ms", "share"], [[k, f"{v / 1000:.1f}", f"{v / total:.0%}"] for k, v in kind.most_common(8)]))

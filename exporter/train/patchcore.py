@@ -113,21 +113,32 @@ class PatchcoreGraph(nn.Module):
         self.blur_border = blur.border_type
 
     def _dist(self, x: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance of every row of x [..., C] to every memory-bank entry."""
+        """Euclidean distance of every row of x [..., C] to every memory-bank entry (small x only)."""
         bank = self.model.memory_bank
         d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ bank.T + self.bank_sq
         return d2.clamp_min(0).sqrt()
+
+    def _nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Distance of every row of x [..., C] to its nearest memory-bank entry.
+
+        The query x bank matrix is the frame's largest tensor, so only one fused matrix product with a bias
+        and one reduction touch it: ``|x|^2`` is the same for every entry and is added after the minimum, and
+        the factor -2 scales the queries, not the product.  No index is taken here; the one patch whose
+        nearest entry the score needs gets it from ``_dist``.
+        """
+        partial = (x * -2) @ self.model.memory_bank.T + self.bank_sq
+        return (partial.amin(-1) + (x * x).sum(-1)).clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         emb = patch_features(self.model, x)
         n, c, h, w = emb.shape
         flat = emb.flatten(2).transpose(1, 2)  # N, hw, C
-        patch, loc = self._dist(flat).min(-1)  # N, hw
+        patch = self._nearest(flat)  # N, hw
 
         # Image score: the paper's re-weighting of the most anomalous patch (as anomalib).
         s_star, idx = patch.max(1)
         f_star = flat.gather(1, idx.view(n, 1, 1).expand(n, 1, c)).squeeze(1)
-        m_star = self.model.memory_bank[loc.gather(1, idx.view(n, 1)).squeeze(1)]
+        m_star = self.model.memory_bank[self._dist(f_star).argmin(-1)]
         support = self._dist(m_star).topk(self.k_support, largest=False).indices  # N, k
         d_support = (f_star.unsqueeze(1) - self.model.memory_bank[support]).norm(dim=-1)
         score = (1 - F.softmax(d_support, 1)[:, 0]) * s_star

@@ -55,6 +55,27 @@ def publish_frame(client: mqtt.Client, topic: str, payload: bytes, frame_id: str
     client.publish(topic, payload, qos=1, properties=props)
 
 
+def frames_per_s(compiled, images: list[np.ndarray]) -> float:
+    """Frames/s of a compiled bundle through OpenVINO's async queue (its THROUGHPUT hint decides the requests)."""
+    queue = compiled.async_queue()
+    started = time.perf_counter()
+    for image in images:
+        queue.start_async({0: image[np.newaxis]})
+    queue.wait_all()
+    return len(images) / (time.perf_counter() - started)
+
+
+def latency_ms(compiled, images: list[np.ndarray]) -> float:
+    """Median single-frame latency (one request, synchronous) over ``images``."""
+    request = compiled.create_request()
+    times = []
+    for image in images:
+        started = time.perf_counter()
+        compiled.infer(image[np.newaxis], request)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def summary(values: list[float]) -> dict[str, float]:
     """median and range of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -22,19 +22,24 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, md_table
+from bundle import prepare_image
 from exporter import backbones
 from exporter.build import VAL_FRACTION
-from exporter.data import load_category, read_image, read_mask
+from exporter.data import Category, load_category, read_image, read_mask
 from exporter.export import input_spec
+from exporter.metrics import aupro
 from exporter.train.patchcore import PatchcoreSettings, fit, to_tensor
+from exporter.validation import natural_photos, synthesise
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
-KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma"}
+KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
+        "rows": "max_bank"}
 
 
 def parse(config: str) -> PatchcoreSettings:
@@ -45,12 +50,42 @@ def parse(config: str) -> PatchcoreSettings:
         if key not in KEYS:
             raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS)}")
         field = KEYS[key]
-        changes[field] = value.split("+") if field == "layers" else \
-            float(value) if field == "map_sigma" else type(getattr(defaults, field))(value)
+        changes[field] = value.split("+") if field == "layers" else float(value) if field == "map_sigma" else \
+            int(value) if field == "max_bank" else type(getattr(defaults, field))(value)
     return dataclasses.replace(defaults, **changes)
 
 
-def measure(data: Path, category: str, config: str) -> dict:
+def _scores(graph: torch.nn.Module, images: list[np.ndarray], bb: backbones.Backbone) -> tuple[np.ndarray, np.ndarray]:
+    scores, maps = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 4):
+            s, m, _ = graph(to_tensor(images[i : i + 4], bb))
+            scores.append(s.numpy())
+            maps.append(m.numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def _metrics(score: np.ndarray, amap: np.ndarray, labels: np.ndarray, masks: np.ndarray, types: list[str]) -> dict:
+    good = labels == 0
+    per_type = {}
+    for defect in sorted(set(types) - {"good"}):
+        pick = good | np.array([t == defect for t in types])
+        per_type[defect] = roc_auc_score(masks[pick].ravel(), amap[pick].ravel())
+    return {"image": roc_auc_score(labels, score), "pixel": roc_auc_score(masks.ravel(), amap.ravel()),
+            "aupro": aupro(amap, masks), "per_type": per_type}
+
+
+def validation_set(cat: Category, seed: int, natural: Path | None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Held-out normals (good) and one synthetic anomaly of each kind on each of them, at full resolution."""
+    _, val = cat.split_train(VAL_FRACTION, seed)
+    normals = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in val]
+    bad = synthesise(normals, seed, natural_photos(natural))
+    images = normals + [b.image for b in bad]
+    masks = [np.zeros(n.shape[:2], np.uint8) for n in normals] + [b.mask for b in bad]
+    return images, masks, ["good"] * len(normals) + [b.kind for b in bad]
+
+
+def measure(data: Path, category: str, config: str, split: str, natural: Path | None) -> dict:
     settings = parse(config)
     cat = load_category(data, category)
     train, _ = cat.split_train(VAL_FRACTION, settings.seed)
@@ -59,23 +94,19 @@ def measure(data: Path, category: str, config: str) -> dict:
     started = time.monotonic()
     graph, timings = fit(settings, bb, train, spec)
     fit_s = time.monotonic() - started
-    scores, maps = [], []
-    with torch.no_grad():
-        for i in range(0, len(cat.test), 4):
-            s, m, _ = graph(to_tensor([read_image(x.path, spec) for x in cat.test[i : i + 4]], bb))
-            scores.append(s.numpy())
-            maps.append(m.numpy())
-    score, amap = np.concatenate(scores), np.concatenate(maps)
-    labels = np.array([x.label for x in cat.test])
-    masks = np.stack([read_mask(x.mask, spec) for x in cat.test])
-    good = labels == 0
-    per_type = {}
-    for defect in sorted({x.defect for x in cat.test} - {"good"}):
-        pick = good | np.array([x.defect == defect for x in cat.test])
-        per_type[defect] = roc_auc_score(masks[pick].ravel(), amap[pick].ravel())
+    if split == "validation":
+        full, full_masks, types = validation_set(cat, settings.seed, natural)
+        images = [prepare_image(i, spec) for i in full]
+        masks = np.stack([cv2.resize(m, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST) for m in full_masks])
+    else:
+        images = [read_image(x.path, spec) for x in cat.test]
+        masks = np.stack([read_mask(x.mask, spec) for x in cat.test])
+        types = [x.defect for x in cat.test]
+    labels = np.array([t != "good" for t in types], dtype=int)
+    score, amap = _scores(graph, images, bb)
     return {"config": config or "defaults", "bank": timings["memory_bank"], "fit_s": fit_s,
-            "image": roc_auc_score(labels, score), "pixel": roc_auc_score(masks.ravel(), amap.ravel()),
-            "sigma": settings.blur_sigma, "per_type": per_type}
+            "coreset_s": timings["coreset_s"], "sigma": settings.blur_sigma,
+            **_metrics(score, amap, labels, masks, types)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,17 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--category", default="grid")
     ap.add_argument("--config", action="append", help="key=value,... over the defaults (repeatable)")
+    ap.add_argument("--split", choices=("validation", "test"), default="validation",
+                    help="validation: synthetic anomalies on the held-out normals (choose here); test: report once")
+    ap.add_argument("--natural", type=Path, default=DATA.parent / "natural",
+                    help="natural photos the Perlin anomalies are filled with (noise when absent)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = []
     for config in args.config or [""]:
-        results.append(measure(args.data, args.category, config))
+        results.append(measure(args.data, args.category, config, args.split, args.natural))
         log.info("%s", results[-1])
     types = list(results[0]["per_type"])
-    print(md_table(["config", "bank rows", "blur sigma px", "fit s", "image AUROC", "pixel AUROC"]
+    print(f"{args.category}, {args.split} split\n")
+    print(md_table(["config", "bank rows", "blur sigma px", "fit s (coreset s)", "image AUROC", "pixel AUROC", "AUPRO"]
                    + [f"pixel {t}" for t in types],
-                   [[r["config"], str(r["bank"]), f"{r['sigma']:g}", f"{r['fit_s']:.0f}", f"{r['image']:.4f}",
-                     f"{r['pixel']:.4f}"] + [f"{r['per_type'][t]:.4f}" for t in types] for r in results]))
+                   [[r["config"], str(r["bank"]), f"{r['sigma']:g}", f"{r['fit_s']:.0f} ({r['coreset_s']:.0f})",
+                     f"{r['image']:.4f}", f"{r['pixel']:.4f}", f"{r['aupro']:.4f}"]
+                    + [f"{r['per_type'][t]:.4f}" for t in types] for r in results]))
     return 0
 
 

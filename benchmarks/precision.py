@@ -15,36 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.common import DATA, fmt, md_table, summary
+from benchmarks.common import DATA, fmt, frames_per_s, latency_ms, md_table, summary
 
 log = logging.getLogger("benchmarks.precision")
-
-
-def _frames_per_s(compiled, images: list[np.ndarray]) -> float:
-    queue = compiled.async_queue()
-    started = time.perf_counter()
-    for image in images:
-        queue.start_async({0: image[np.newaxis]})
-    queue.wait_all()
-    return len(images) / (time.perf_counter() - started)
-
-
-def _latency_ms(compiled, images: list[np.ndarray]) -> float:
-    request = compiled.create_request()
-    times = []
-    for image in images:
-        started = time.perf_counter()
-        compiled.infer(image[np.newaxis], request)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     lat = {k: CompiledBundle(bundles[k[0]], hint="LATENCY", precision=k[1]) for k in pairs}
     thr = {k: CompiledBundle(bundles[k[0]], hint="THROUGHPUT", precision=k[1]) for k in pairs}
     for k in pairs:
-        _latency_ms(lat[k], images[:3])  # warm-up
-        _frames_per_s(thr[k], images[:3])
+        latency_ms(lat[k], images[:3])  # warm-up
+        frames_per_s(thr[k], images[:3])
         latency[k], throughput[k] = [], []
     for r in range(args.repeats):
         for k in pairs:
-            latency[k].append(_latency_ms(lat[k], images))
-            throughput[k].append(_frames_per_s(thr[k], images))
+            latency[k].append(latency_ms(lat[k], images))
+            throughput[k].append(frames_per_s(thr[k], images))
         log.info("round %d/%d done", r + 1, args.repeats)
     base = pairs[0]
     rows = []

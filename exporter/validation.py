@@ -1,0 +1,111 @@
+"""A validation set that is not the test split: synthetic anomalies, with masks, on held-out normal images.
+
+Settings (input size, memory bank, blur) are chosen on this set and the test split is reported once
+(docs/quality/README.md).  Three kinds of anomaly, each drawn at the image's own resolution so that every
+candidate input size sees the same defects:
+
+* ``perlin``: anomalib's ``PerlinAnomalyGenerator`` (the DRAEM recipe: a Perlin-noise blob filled with an
+  augmented natural photo, or with augmented noise when no photos are given);
+* ``cutpaste``: a small rotated piece of another normal image pasted elsewhere (misplaced structure);
+* ``scratch``: a thin bright or dark curve (the thin defects a texture's pixel AUROC hides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+KINDS = ("perlin", "cutpaste", "scratch")
+
+
+@dataclass(frozen=True)
+class Anomalous:
+    """One synthetic anomaly: the BGR image, its 0/1 mask (same size) and its kind."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    kind: str
+
+
+def _perlin(image: np.ndarray, rng: np.random.Generator, photos: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+
+    seed = int(rng.integers(2**31))
+    source = str(photos[int(rng.integers(len(photos)))]) if photos else None
+    generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=(0.5, 1.0))
+    h, w = image.shape[:2]
+    with torch.random.fork_rng():  # anomalib draws from torch's global generator: seed it here, restore it after
+        torch.manual_seed(seed)
+        perturbation, mask = generator.generate_perturbation(h, w, anomaly_source_path=source)
+    rgb = torch.from_numpy(image[..., ::-1].copy()).float() / 255.0
+    beta = float(rng.uniform(0.5, 1.0))
+    out = rgb * (1 - mask) + beta * perturbation + (1 - beta) * rgb * mask
+    bgr = (out.clamp(0, 1).numpy()[..., ::-1] * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(bgr), (mask[..., 0].numpy() > 0.5).astype(np.uint8)
+
+
+def _cutpaste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    ph, pw = (int(side * rng.uniform(0.03, 0.12)) for _ in range(2))
+    y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
+    piece = donor[y : y + ph, x : x + pw]
+    canvas = np.zeros_like(image)
+    mask = np.zeros((h, w), np.uint8)
+    ty, tx = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
+    canvas[ty : ty + ph, tx : tx + pw] = piece
+    mask[ty : ty + ph, tx : tx + pw] = 1
+    turn = cv2.getRotationMatrix2D((tx + pw / 2, ty + ph / 2), float(rng.uniform(-90, 90)), 1.0)
+    canvas = cv2.warpAffine(canvas, turn, (w, h), flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(mask, turn, (w, h), flags=cv2.INTER_NEAREST)
+    out = np.where(mask[..., None] > 0, canvas, image)
+    return out, mask
+
+
+def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    mask = np.zeros((h, w), np.uint8)
+    start = rng.uniform(0.15, 0.85, 2) * (w, h)
+    angle = rng.uniform(0, 2 * np.pi)
+    points = [start]
+    for _ in range(4):
+        angle += rng.normal(0, 0.4)
+        points.append(points[-1] + side * rng.uniform(0.03, 0.08) * np.array([np.cos(angle), np.sin(angle)]))
+    curve = np.clip(np.array(points), 0, [w - 1, h - 1]).round().astype(np.int32)
+    cv2.polylines(mask, [curve], False, 1, max(2, round(side * rng.uniform(0.003, 0.008))))
+    shade = int(rng.integers(0, 40)) if rng.random() < 0.5 else int(rng.integers(215, 256))
+    out = image.copy()
+    out[mask > 0] = shade
+    return out, mask
+
+
+def synthesise(images: list[np.ndarray], seed: int = 0, photos: list[Path] | None = None,
+               kinds: tuple[str, ...] = KINDS) -> list[Anomalous]:
+    """One anomaly of each kind on each image (at its own resolution); deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, image in enumerate(images):
+        for kind in kinds:
+            if kind == "perlin":
+                bad, mask = _perlin(image, rng, photos or [])
+            elif kind == "cutpaste":
+                donor = images[(i + 1) % len(images)]
+                bad, mask = _cutpaste(image, cv2.resize(donor, image.shape[1::-1]), rng)
+            elif kind == "scratch":
+                bad, mask = _scratch(image, rng)
+            else:
+                raise ValueError(f"unknown anomaly kind {kind!r}; choose from {KINDS}")
+            out.append(Anomalous(bad, mask, kind))
+    return out
+
+
+def natural_photos(folder: Path | None) -> list[Path]:
+    """The photos under ``folder`` (Perlin fill), or none when it is absent."""
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

@@ -62,7 +62,8 @@ PROBE = """() => {
     .observe(dialog, {attributes: true});
   new MutationObserver(() => {
     const t = status.textContent;
-    if (m.clickAt && m.hitsMs === undefined && (t.includes('similar frames') || t.startsWith('error'))) m.hitsMs = performance.now() - m.clickAt;
+    if (m.clickAt && m.hitsMs === undefined && (t.includes('similar frames') || t.startsWith('error')))
+      m.hitsMs = performance.now() - m.clickAt;
   }).observe(status, {childList: true, characterData: true, subtree: true});
 }"""
 

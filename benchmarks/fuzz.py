@@ -96,7 +96,8 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
         st.just([("frame_id", "t"), ("captured_at", str(time.time()))]),
     )
     requests = [
-        st.builds(lambda body, reply, ch=ch: {"channel": ch, "topic": topic_for, "payload": body, "response": reply},
+        st.builds(lambda body, reply, ch=ch, topic_for=topic_for: {"channel": ch, "topic": topic_for, "payload": body,
+                                                                   "response": reply},
                   _request_body(ch), st.booleans())
         for ch, topic_for in (("query", f"{prefix}/query"), ("control", f"{prefix}/workers/{worker_id}/control"),
                               ("label", f"{prefix}/label"))

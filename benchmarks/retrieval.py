@@ -131,10 +131,10 @@ def ranking(emb: np.ndarray, query: int) -> np.ndarray:
 
 
 def table(rows: list[tuple[str, str, dict]], types: list[str]) -> str:
-    head = "| bundle | embedding | D | " + " | ".join(f"{t} P@1 / P@5 / mAP" for t in types + ["all"]) + " |"
+    head = "| bundle | embedding | D | " + " | ".join(f"{t} P@1 / P@5 / mAP" for t in [*types, "all"]) + " |"
     lines = [head, "|" + "---|" * (3 + len(types) + 1)]
     for bundle, name, (dim, m) in rows:
-        cells = " | ".join(f"{m[t][0]:.2f} / {m[t][1]:.2f} / {m[t][2]:.2f}" for t in types + ["all"])
+        cells = " | ".join(f"{m[t][0]:.2f} / {m[t][1]:.2f} / {m[t][2]:.2f}" for t in [*types, "all"])
         lines.append(f"| {bundle} | {name} | {dim} | {cells} |")
     return "\n".join(lines)
 

@@ -1,20 +1,34 @@
-"""Inference benchmark: the worker against the raw OpenVINO runtime and against torch, side by side in one run.
+"""Inference benchmark: the worker against the raw OpenVINO runtime, anomalib's deployment paths and torch.
 
-One PatchCore model is trained here (``fit_patchcore``) and packaged as an FP32 bundle (and,
-with ``--int8``, an NNCF INT8 bundle of the same graph).  Each round then runs, on the same
-frames (the category's test images, resized to ``--frame-size``):
+One PatchCore model is trained here (``fit_patchcore`` at ``--input-size``, default the product's
+``PatchcoreSettings().input_size``) and packaged as an FP32 bundle (and, with ``--int8``, an NNCF
+INT8 bundle of the same graph).  Each round then runs, on the same frames (the category's test
+images, resized to ``--frame-size``):
 
 - ``raw``: the compiled bundle through ``AsyncInferQueue`` with OpenVINO's optimal number
   of requests, THROUGHPUT hint (benchmark_app's method: the ceiling);
 - ``raw-sync``: one request, synchronous, LATENCY hint (one worker thread's way);
+  both in a process of their own (``python -m benchmarks.raw_runtime``: bundle, OpenVINO and
+  numpy, no torch), fed the same prepared frames through a ``.npy`` file;
 - ``worker``: ``python -m worker`` as a subprocess behind a real mosquitto; frames published
   as JPEG (QoS 1, ``limits.queue_policy: block``) as fast as the broker takes them; a frame
   counts when its result AND heatmap came back; then a paced run at 80 % of that rate;
+- ``anomalib-openvino``: anomalib's ``Engine.export(..., ExportType.OPENVINO)`` of a Lightning
+  ``Patchcore`` holding the trained ``PatchcoreModel``, run per image by ``OpenVINOInferencer``;
+  where the export cannot run (anomalib 2.7 needs ``onnxscript`` for it) the table says why;
 - ``torch-inferencer``: anomalib's ``TorchInferencer`` on the same model, exported the
   way ``Engine.export(..., ExportType.TORCH)`` does (``to_torch``: ``{"model": lightning module}``);
-- ``torch``: anomalib's ``PatchcoreModel`` called per image under ``no_grad`` (the tutorial way).
+- ``torch``: anomalib's ``PatchcoreModel`` called per image under ``no_grad`` (the tutorial way);
+- ``torch (export graph)``: the ``PatchcoreGraph`` the bundle is exported from, per image under ``no_grad``.
+
+The bundle rows and ``torch (export graph)`` apply the anomaly-map blur as two 1-D passes; the
+anomalib rows use anomalib's 2-D blur with the same kernel (the table's ``blur`` column).
+``--precision`` (f32 by default, never OpenVINO's own default) is what the raw process, the worker
+(``model.precision``) and ``OpenVINOInferencer`` run; the header names it, what OpenVINO really ran,
+and the CPU model.  Torch rows run f32.
 
     python -m benchmarks.throughput --int8 --rounds 3
+    python -m benchmarks.throughput --input-size 256 --precision f32 --rounds 3
 """
 
 from __future__ import annotations
@@ -38,63 +52,41 @@ import paho.mqtt.client as mqtt
 import psutil
 import yaml
 
-from benchmarks.common import DATA, ROOT, fmt, md_table, percentiles, publish_frame, summary, train_bundles
-from bundle import prepare_image
-from bundle.runtime import CompiledBundle
+from benchmarks.common import DATA, ROOT, fmt, md_table, publish_frame, summary, train_bundles
+from benchmarks.raw_runtime import result
+from bundle import PRECISIONS, prepare_image
 
 log = logging.getLogger("benchmarks.throughput")
 CAMERA = "bench"
 
 
-# --- raw OpenVINO ---------------------------------------------------------------------------------
-def raw_async(bundle: CompiledBundle, frames: list[np.ndarray], n: int) -> dict:
-    queue = bundle.async_queue()
-    latencies: list[float] = []
-    queue.set_callback(lambda request, t0: latencies.append(time.perf_counter() - t0))
-    for i in range(len(queue)):  # warm-up: every request once
-        queue.start_async({0: frames[i % len(frames)][np.newaxis]}, time.perf_counter())
-    queue.wait_all()
-    latencies.clear()
-    started = time.perf_counter()
-    cpu0 = psutil.Process().cpu_times()
-    for i in range(n):
-        queue.start_async({0: frames[i % len(frames)][np.newaxis]}, time.perf_counter())
-    queue.wait_all()
-    return _result(n, time.perf_counter() - started, latencies, cpu0)
-
-
-def raw_sync(bundle: CompiledBundle, frames: list[np.ndarray], n: int) -> dict:
-    request = bundle.create_request()
-    bundle.infer(frames[0][np.newaxis], request)
-    latencies = []
-    started = time.perf_counter()
-    cpu0 = psutil.Process().cpu_times()
-    for i in range(n):
-        t0 = time.perf_counter()
-        bundle.infer(frames[i % len(frames)][np.newaxis], request)
-        latencies.append(time.perf_counter() - t0)
-    return _result(n, time.perf_counter() - started, latencies, cpu0)
-
-
-def _result(n: int, elapsed: float, latencies: list[float], cpu0, proc: psutil.Process | None = None) -> dict:
-    p50, p99 = percentiles(latencies)
-    cpu1 = (proc or psutil.Process()).cpu_times()
-    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-    return {"fps": n / elapsed, "p50_ms": p50, "p99_ms": p99, "cpu_ms_per_frame": 1000 * cpu / n}
+# --- raw OpenVINO, in a process of its own ---------------------------------------------------------
+def raw_rows(bundle: Path, frames_npy: Path, n: int, precision: str, folder: Path) -> dict:
+    """``raw`` and ``raw-sync`` for ``bundle`` from ``python -m benchmarks.raw_runtime`` (no torch in that process)."""
+    out = folder / f"raw-{uuid.uuid4().hex[:8]}.json"
+    cmd = [sys.executable, "-m", "benchmarks.raw_runtime", str(bundle), str(frames_npy), "--frames", str(n),
+           "--precision", precision, "--cache-dir", str(folder / "ov-cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    rows = json.loads(out.read_text())
+    if rows["torch_imported"]:
+        raise RuntimeError("the raw-runtime process imported torch: its figures would not be the runtime's alone")
+    return rows
 
 
 # --- the worker behind mosquitto -------------------------------------------------------------------
 class WorkerRig:
     """mosquitto + ``python -m worker`` + a paho client that times each frame until result and heatmap are back."""
 
-    def __init__(self, bundle: Path, folder: Path, cache_dir: Path | None = None) -> None:
+    def __init__(self, bundle: Path, folder: Path, precision: str = "f32", cache_dir: Path | None = None) -> None:
         from scripts.broker import Broker, free_port
 
         self.broker = Broker(folder / "broker")
         cfg = {
             "worker": {"id": "bench", "stats_interval_s": 60},
             "mqtt": {"port": self.broker.port, "client_id": f"w-{uuid.uuid4().hex[:8]}"},
-            "model": {"bundle": str(bundle), "cache_dir": str(cache_dir or folder / "ov-cache")},
+            "model": {"bundle": str(bundle), "cache_dir": str(cache_dir or folder / "ov-cache"), "precision": precision},
             "store": {"path": str(folder / "qdrant")},
             "evidence": {"path": str(folder / "evidence")},
             "limits": {"queue_policy": "block"},
@@ -175,7 +167,7 @@ class WorkerRig:
         stop.set()
         sampler.join()
         elapsed = max(done.values()) - started
-        out = _result(n, elapsed, [done[f] - sent[f] for f in sent], cpu0, self.ps)
+        out = result(n, elapsed, [done[f] - sent[f] for f in sent], cpu0, self.ps)
         out.update(rss_mb=max(rss_peak) / 2**20, errors=errors)
         with self.cond:
             for stage in ("queue", "decode", "infer", "post"):
@@ -192,10 +184,14 @@ class WorkerRig:
         self.broker.stop()
 
 
-# --- torch ---------------------------------------------------------------------------------------
-def torch_inferencer(graph, spec, folder: Path):
-    """Export the trained model as anomalib's ``ExportType.TORCH`` does and load it with ``TorchInferencer``."""
-    from anomalib.deploy import TorchInferencer
+# --- torch and anomalib's own deployment paths ---------------------------------------------------------
+BLUR_2D = "2-D (anomalib)"
+BLUR_SEPARABLE = "separable (bundle graph)"
+
+
+def lightning_patchcore(graph, spec):
+    """anomalib's Lightning ``Patchcore`` holding the trained ``PatchcoreModel`` (backbone and memory bank), with a
+    Resize + Normalize pre-processor.  The module is built without weights; its ``model`` is then the trained one."""
     from anomalib.models import Patchcore
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms import v2
@@ -204,9 +200,41 @@ def torch_inferencer(graph, spec, folder: Path):
     module = Patchcore(backbone="resnet18", layers=["layer2"], pre_trained=False, pre_processor=PreProcessor(transform),
                        evaluator=False, visualizer=False)
     module.model = graph.model  # the trained PatchcoreModel, memory bank included
-    path = module.to_torch(folder)
+    return module.eval()
+
+
+def torch_inferencer(graph, spec, folder: Path):
+    """Export the trained model as anomalib's ``ExportType.TORCH`` does and load it with ``TorchInferencer``."""
+    from anomalib.deploy import TorchInferencer
+
+    path = lightning_patchcore(graph, spec).to_torch(folder)
     os.environ["TRUST_REMOTE_CODE"] = "1"  # our own file, written just above
     return TorchInferencer(path, device="cpu")
+
+
+def anomalib_openvino(graph, spec, frame_size: int, precision: str, folder: Path):
+    """anomalib's ``Engine.export(..., ExportType.OPENVINO)`` of the trained model, loaded with ``OpenVINOInferencer``
+    at ``precision`` (LATENCY hint: one image per call).  Returns (inferencer or None, note): None with the error
+    when the export cannot run here (anomalib 2.7 exports through ``torch.onnx`` with dynamo, which needs onnxscript).
+    """
+    import contextlib
+
+    from anomalib.deploy import ExportType, OpenVINOInferencer
+    from anomalib.engine import Engine
+
+    module = lightning_patchcore(graph, spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.chdir(folder):  # Engine and the inferencer write their folders into the working directory
+            path = Engine(default_root_dir=folder / "engine", logger=False).export(
+                module, ExportType.OPENVINO, export_root=folder, input_size=(frame_size, frame_size))
+    except Exception as exc:  # any failure of the export is reported in the table, not fatal
+        return None, f"anomalib Engine.export(ExportType.OPENVINO) failed: {type(exc).__name__}: {exc}"
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    with contextlib.chdir(folder):
+        inferencer = OpenVINOInferencer(path, device="CPU", config=config)
+    ran = inferencer.model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return inferencer, f"anomalib Engine.export(ExportType.OPENVINO) -> {path.name}; OpenVINOInferencer runs {ran}"
 
 
 def run_torch(predict, frames: list[np.ndarray], n: int) -> dict:
@@ -218,19 +246,42 @@ def run_torch(predict, frames: list[np.ndarray], n: int) -> dict:
         t0 = time.perf_counter()
         predict(frames[i % len(frames)])
         latencies.append(time.perf_counter() - t0)
-    return _result(n, time.perf_counter() - started, latencies, cpu0)
+    return result(n, time.perf_counter() - started, latencies, cpu0)
 
 
 # --- main ----------------------------------------------------------------------------------------
+FLOAT_PRECISIONS = [p for p in PRECISIONS if p != "int8"]  # int8 is a bundle (--int8), run at f32 by OpenVINO
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as ``lscpu`` (else /proc/cpuinfo) gives it."""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--category", default="grid")
     parser.add_argument("--train-images", type=int, default=60, help="normals to train on (0 = all); the bank size is --bank either way")
     parser.add_argument("--bank", type=int, default=2437, help="memory-bank rows (2437 = 1%% of all grid patches, the default model)")
+    parser.add_argument("--input-size", type=int, help="model input side in px (default: PatchcoreSettings().input_size)")
+    parser.add_argument("--precision", choices=FLOAT_PRECISIONS, default="f32",
+                        help="OpenVINO inference precision for the raw, worker and anomalib-OpenVINO rows (torch rows run f32)")
     parser.add_argument("--frame-size", type=int, default=256, help="side of the published JPEG frames")
     parser.add_argument("--frames", type=int, default=96, help="frames per raw/worker measurement")
-    parser.add_argument("--torch-frames", type=int, default=16, help="frames per torch measurement")
+    parser.add_argument("--torch-frames", type=int, default=16, help="frames per torch / anomalib-inferencer measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="also package an INT8 bundle and measure it (raw and worker)")
     parser.add_argument("--json", type=Path, help="write all measurements here")
@@ -239,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from exporter.train.patchcore import to_tensor
+    from exporter.train.patchcore import PatchcoreSettings, to_tensor
 
+    input_size = args.input_size or PatchcoreSettings().input_size
     work = Path(tempfile.mkdtemp(prefix="edge-inspect-throughput-"))
     trained, bundles = train_bundles(args.data, args.category, args.train_images, args.bank, work,
-                                     ("fp32", "int8") if args.int8 else ("fp32",))
+                                     ("fp32", "int8") if args.int8 else ("fp32",), input_size=input_size)
     spec = trained.spec
     metrics = {k: json.loads((p / "bundle.json").read_text())["metrics"]["test"] for k, p in bundles.items()}
 
@@ -253,39 +305,65 @@ def main(argv: list[str] | None = None) -> int:
     payloads = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in frames]
     prepared = [prepare_image(f, spec) for f in frames]
     rgb = [np.ascontiguousarray(f[..., ::-1]) for f in frames]
+    frames_npy = work / "frames.npy"  # what the raw-runtime process reads: the same prepared frames
+    np.save(frames_npy, np.stack(prepared))
 
     inferencer = torch_inferencer(trained.graph, spec, work / "torch-export")
-    model = trained.graph.model.eval()
+    ov_inferencer, ov_note = anomalib_openvino(trained.graph, spec, args.frame_size, args.precision, work / "anomalib-openvino")
+    log.info("%s", ov_note)
+    graph = trained.graph.eval()
+    model = graph.model.eval()
 
     def tutorial(image: np.ndarray) -> None:
         with torch.no_grad():
             model(to_tensor([image], spec))
 
-    compiled = {k: CompiledBundle(p, hint="THROUGHPUT") for k, p in bundles.items()}
-    latency = {k: CompiledBundle(p, hint="LATENCY") for k, p in bundles.items()}
-    rigs = {k: WorkerRig(p, work / f"worker-{k}") for k, p in bundles.items()}
+    def export_graph(image: np.ndarray) -> None:
+        with torch.no_grad():
+            graph(to_tensor([image], spec))
+
+    rigs = {k: WorkerRig(p, work / f"worker-{k}", args.precision) for k, p in bundles.items()}
     rounds: list[dict] = []
+    ran: dict[str, str] = {}  # bundle -> precision OpenVINO ran in the raw process
+    device = ""
     try:
         for r in range(args.rounds):
             row: dict[str, dict] = {}
             for k in bundles:
-                row[f"raw-{k}"] = raw_async(compiled[k], prepared, args.frames)
-                row[f"raw-sync-{k}"] = raw_sync(latency[k], prepared, args.frames)
+                raw = raw_rows(bundles[k], frames_npy, args.frames, args.precision, work)
+                ran[k], device = raw["precision"], raw["device"]
+                row[f"raw-{k}"], row[f"raw-sync-{k}"] = raw["raw"], raw["raw-sync"]
                 row[f"worker-{k}"] = rigs[k].run(payloads, args.frames, None, f"r{r}-burst")
                 paced = 0.8 * row[f"worker-{k}"]["fps"]
                 row[f"worker-{k}@80%"] = rigs[k].run(payloads, args.frames, paced, f"r{r}-paced")
+            if ov_inferencer is not None:
+                row["anomalib-openvino"] = run_torch(ov_inferencer.predict, rgb, args.torch_frames)
             row["torch-inferencer"] = run_torch(inferencer.predict, rgb, args.torch_frames)
             row["torch"] = run_torch(tutorial, prepared, args.torch_frames)
+            row["torch (export graph)"] = run_torch(export_graph, prepared, args.torch_frames)
             rounds.append(row)
             log.info("round %d: %s", r, {k: round(v["fps"], 2) for k, v in row.items()})
     finally:
         for rig in rigs.values():
             rig.close()
 
+    blur = {"anomalib-openvino": BLUR_2D, "torch-inferencer": BLUR_2D, "torch": BLUR_2D,
+            "torch (export graph)": BLUR_SEPARABLE}
+    how = {"anomalib-openvino": "anomalib Engine.export(OPENVINO) + OpenVINOInferencer",
+           "torch-inferencer": "anomalib to_torch + TorchInferencer",
+           "torch": "anomalib PatchcoreModel, no_grad",
+           "torch (export graph)": "PatchcoreGraph (what the bundle exports), no_grad"}
+    for k in bundles:
+        for prefix, text in (("raw-", "bundle, AsyncInferQueue, THROUGHPUT, own process"),
+                             ("raw-sync-", "bundle, 1 request, LATENCY, own process"),
+                             ("worker-", "python -m worker behind mosquitto")):
+            blur[prefix + k] = BLUR_SEPARABLE
+            how[prefix + k] = text
     names = list(rounds[0])
     table = []
     for name in names:
-        cols = [name]
+        base = name.removesuffix("@80%")
+        cols = [name, how[base] + (", paced at 80 %" if name != base else ""), blur[base]]
         for key, digits in (("fps", 2), ("p50_ms", 1), ("p99_ms", 1), ("cpu_ms_per_frame", 1)):
             cols.append(fmt(summary([rd[name][key] for rd in rounds]), digits))
         rss = [rd[name].get("rss_mb") for rd in rounds]
@@ -295,15 +373,22 @@ def main(argv: list[str] | None = None) -> int:
         "worker / raw (fp32)": [rd["worker-fp32"]["fps"] / rd["raw-fp32"]["fps"] for rd in rounds],
         "worker / torch-inferencer (fp32)": [rd["worker-fp32"]["fps"] / rd["torch-inferencer"]["fps"] for rd in rounds],
         "worker / torch (fp32)": [rd["worker-fp32"]["fps"] / rd["torch"]["fps"] for rd in rounds],
+        "worker / torch (export graph) (fp32)": [rd["worker-fp32"]["fps"] / rd["torch (export graph)"]["fps"] for rd in rounds],
         "p99 / p50 at 80% (worker fp32)": [rd["worker-fp32@80%"]["p99_ms"] / rd["worker-fp32@80%"]["p50_ms"] for rd in rounds],
     }
+    if ov_inferencer is not None:
+        ratios["worker / anomalib-openvino (fp32)"] = [rd["worker-fp32"]["fps"] / rd["anomalib-openvino"]["fps"]
+                                                        for rd in rounds]
     if args.int8:
         ratios["raw int8 / raw fp32"] = [rd["raw-int8"]["fps"] / rd["raw-fp32"]["fps"] for rd in rounds]
         ratios["worker int8 / worker fp32"] = [rd["worker-int8"]["fps"] / rd["worker-fp32"]["fps"] for rd in rounds]
-    print(f"\n{args.rounds} rounds; median [min-max]; bank {args.bank} rows; frames {args.frame_size} px JPEG; "
-          f"{psutil.cpu_count()} CPUs\n")
-    print(md_table(["run", "frames/s", "p50 ms", "p99 ms", "CPU ms/frame", "worker RSS MB"], table))
-    print()
+    header = (f"{args.rounds} rounds; median [min-max]; CPU: {cpu_model()} ({psutil.cpu_count()} logical CPUs; "
+              f"OpenVINO sees {device}); precision {args.precision} (OpenVINO ran "
+              f"{', '.join(f'{v} for {k}' for k, v in ran.items())}; torch rows f32); model input {input_size} px; "
+              f"bank {args.bank} rows; frames {args.frame_size} px JPEG")
+    print(f"\n{header}\n")
+    print(md_table(["run", "how", "blur", "frames/s", "p50 ms", "p99 ms", "CPU ms/frame", "worker RSS MB"], table))
+    print(f"\nanomalib-openvino: {ov_note}\n")
     print(md_table(["ratio", "median [min-max]"], [[k, fmt(summary(v), 2)] for k, v in ratios.items()]))
     print()
     stages = ("queue", "decode", "infer", "post")
@@ -315,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                    [[k, str(m.get("image_auroc")), str(m.get("pixel_auroc")), str(m.get("image_f1")),
                      f"{(bundles[k] / 'model.bin').stat().st_size / 2**20:.1f}"] for k, m in metrics.items()]))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
-                                         "ratios": ratios, "metrics": metrics}, indent=1))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "header": header,
+                                         "cpu": cpu_model(), "precision_ran": ran, "anomalib_openvino": ov_note,
+                                         "rounds": rounds, "ratios": ratios, "metrics": metrics}, indent=1))
     return 0
 
 

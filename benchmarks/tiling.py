@@ -92,7 +92,7 @@ def measure(bundles: list[Path], grid: tuple[int, int], overlap: float, repeats:
         whole = times[(str(path), "whole")]
         for name in ways:
             ms = times[(str(path), name)]
-            ratio = summary([m / w for m, w in zip(ms, whole)])
+            ratio = summary([m / w for m, w in zip(ms, whole, strict=True)])
             tiles = "1" if name == "whole" else f"{grid[0]}x{grid[1]}"
             rows.append([Path(path).name, f"{spec.width} px", f"{name} ({tiles})", fmt(summary(ms), 1), fmt(ratio, 2)])
     return rows

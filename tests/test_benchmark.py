@@ -28,3 +28,30 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
         assert f"]({plot})" in text
         assert 1_000 < (out / plot).stat().st_size < 300_000
     assert (out / "bundles" / "weave-patchcore" / "bundle.json").is_file()
+
+
+def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(dataset, tmp_path):
+    """benchmarks.settings (test split, bundles, f32) and benchmarks.patchcore_sweep (validation split) end to end."""
+    out = tmp_path / "settings"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.settings", "--data", str(dataset), "--category", "weave",
+                           "--setting", "small=--input-size 64 --coreset-ratio 0.1",
+                           "--setting", "capped=--input-size 96 --coreset-ratio 0.1 --max-bank 50",
+                           "--fit-images", "40", "--repeats", "2", "--frames", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| small")
+            or line.startswith("| capped")}
+    assert set(rows) == {"small", "capped"}
+    assert "| 64 px |" in rows["small"] and "| 96 px | 50 |" in rows["capped"]  # the cap bounds the bank
+    assert "OpenVINO at f32" in proc.stdout and "fit s (40 generated)" in proc.stdout
+    manifest = json.loads((out / "capped" / "bundle.json").read_text())
+    assert manifest["training"]["max_bank"] == 50 and set(manifest["precisions"]) == {"f32"}
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.patchcore_sweep", "--data", str(dataset), "--category",
+                           "weave", "--natural", str(tmp_path / "none"), "--config", "size=64,ratio=0.1,rows=40"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "weave, validation split" in proc.stdout
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| size=64")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "40" and all(0 <= float(c) <= 1 for c in cells[4:])  # AUROCs and AUPRO are real numbers

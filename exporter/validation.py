@@ -36,10 +36,12 @@ def _perlin(image: np.ndarray, rng: np.random.Generator, photos: list[Path]) -> 
 
     seed = int(rng.integers(2**31))
     source = str(photos[int(rng.integers(len(photos)))]) if photos else None
-    generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=(0.5, 1.0))
     h, w = image.shape[:2]
-    with torch.random.fork_rng():  # anomalib draws from torch's global generator: seed it here, restore it after
+    # anomalib draws from torch's global generator, in the constructor too (its solarize threshold): seed it
+    # for both here, and restore it after.
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
+        generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=(0.5, 1.0))
         perturbation, mask = generator.generate_perturbation(h, w, anomaly_source_path=source)
     rgb = torch.from_numpy(image[..., ::-1].copy()).float() / 255.0
     beta = float(rng.uniform(0.5, 1.0))

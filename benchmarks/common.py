@@ -15,8 +15,8 @@ from paho.mqtt.properties import Properties
 log = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mvtec"
-# The speed benchmarks train 256 px bundles (the fast setting the demo uses, `--input-size 256`);
-# their figures in docs/benchmarks.md are for it.  The default 640 px is measured in benchmarks.latency.
+# The older speed benchmarks train 256 px bundles (the fast setting before issue 15) unless told otherwise
+# (benchmarks.throughput --input-size); their figures in docs/benchmarks.md are for it.
 FAST_INPUT = 256
 
 

@@ -1,14 +1,14 @@
 """What input size and memory-bank rows cost: PatchCore export-graph latency on the OpenVINO runtime.
 
-    python -m benchmarks.latency --config 256:2437 --config 512:9748 --config 640:15232 --repeats 5
+    python -m benchmarks.latency --config 640:7616 --config 512:750 --config 320:1000 --repeats 5
 
 Each ``SIZE:ROWS`` is the exported PatchCore graph (EfficientNet-Lite0 blocks.2+4, the
 production ``PatchcoreGraph``) at that input size with a memory bank of that many rows; the
 rows are random, which does not change the work (a dense distance to every row).  Configs are
 compiled once and timed interleaved, ``--repeats`` rounds of ``--frames`` single-frame
 inferences each (LATENCY hint, ``--threads`` threads, ``--precision``, f32 unless set): median of each round, then median and
-range over rounds.  The defaults are what grid gives at 1 % coreset: 2437 rows at 256 px,
-15232 at 640 px (the default input size).
+range over rounds.  Without ``--config``: the old default (640 px, 7616 rows on grid), the default
+(512 px, 750 rows) and the fast setting (320 px, 1000 rows).
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", action="append", help="SIZE:ROWS (repeatable; default 256:2437 and 640:15232)")
+    ap.add_argument("--config", action="append", help="SIZE:ROWS (repeatable; default 640:7616, 512:750 and 320:1000)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--frames", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ["256:2437", "640:15232"])]
+    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ["640:7616", "512:750", "320:1000"])]
     compiled = {c: compile_graph(*c, args.threads, args.precision) for c in configs}
     frames = {c: np.random.default_rng(0).integers(0, 255, (1, c[0], c[0], 3), dtype=np.uint8) for c in configs}
     rounds: dict[tuple[int, int], list[float]] = {c: [] for c in configs}

@@ -226,13 +226,20 @@ def anomalib_openvino(graph, spec, frame_size: int, precision: str, folder: Path
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.chdir(folder):  # Engine and the inferencer write their folders into the working directory
+            # A static batch of 1 (one frame a call, as the worker runs): anomalib's default dynamic batch traces
+            # the graph at batch 2, and dynamo bakes that 2 into one branch of this model's feature concat.
             path = Engine(default_root_dir=folder / "engine", logger=False).export(
-                module, ExportType.OPENVINO, export_root=folder, input_size=(frame_size, frame_size))
+                module, ExportType.OPENVINO, export_root=folder, input_size=(frame_size, frame_size),
+                onnx_kwargs={"dynamic_shapes": None})
     except Exception as exc:  # any failure of the export is reported in the table, not fatal
         return None, f"anomalib Engine.export(ExportType.OPENVINO) failed: {type(exc).__name__}: {exc}"
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
-    with contextlib.chdir(folder):
-        inferencer = OpenVINOInferencer(path, device="CPU", config=config)
+    try:
+        with contextlib.chdir(folder):
+            inferencer = OpenVINOInferencer(path, device="CPU", config=config)
+        inferencer.predict(np.zeros((frame_size, frame_size, 3), np.uint8))  # a model that cannot run is a note too
+    except Exception as exc:
+        return None, f"anomalib's exported model did not run in OpenVINOInferencer: {type(exc).__name__}: {exc}"
     ran = inferencer.model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     return inferencer, f"anomalib Engine.export(ExportType.OPENVINO) -> {path.name}; OpenVINOInferencer runs {ran}"
 

@@ -79,7 +79,8 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--layers", "comma-separated backbone layers", _names),
         Option("--input-size", "square input side in pixels", int),
         Option("--coreset-ratio", "memory-bank share of all patch features", float),
-        Option("--max-bank", "cap on memory-bank rows (bounds bundle size and latency)", int),
+        Option("--max-bank", "cap on memory-bank rows, which bounds latency, bundle size and fit time "
+                             "(0: no cap, the bank is --coreset-ratio of all patch features)", int),
     )
     weight_precisions = ("fp32", "int8")
 

@@ -57,13 +57,13 @@ def _cutpaste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) ->
     y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
     piece = donor[y : y + ph, x : x + pw]
     canvas = np.zeros_like(image)
-    mask = np.zeros((h, w), np.uint8)
+    square = np.zeros((h, w), np.uint8)
     ty, tx = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
     canvas[ty : ty + ph, tx : tx + pw] = piece
-    mask[ty : ty + ph, tx : tx + pw] = 1
+    square[ty : ty + ph, tx : tx + pw] = 1
     turn = cv2.getRotationMatrix2D((tx + pw / 2, ty + ph / 2), float(rng.uniform(-90, 90)), 1.0)
     canvas = cv2.warpAffine(canvas, turn, (w, h), flags=cv2.INTER_LINEAR)
-    mask = cv2.warpAffine(mask, turn, (w, h), flags=cv2.INTER_NEAREST)
+    mask = cv2.warpAffine(square, turn, (w, h), flags=cv2.INTER_NEAREST)
     out = np.where(mask[..., None] > 0, canvas, image)
     return out, mask
 

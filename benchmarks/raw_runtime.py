@@ -2,7 +2,7 @@
 
 The throughput benchmark imports torch and anomalib (to train, and for its torch rows); a raw
 measurement inside that process would share it with them.  This module imports only ``bundle``,
-OpenVINO, numpy and psutil, as the worker does, and is what the benchmark runs as a subprocess:
+OpenVINO, numpy, psutil and ``benchmarks.common`` (paho, no torch), as the worker does, and is what the benchmark runs as a subprocess:
 
     python -m benchmarks.raw_runtime BUNDLE FRAMES.npy --frames 96 --precision f32 --out raw.json
 
@@ -28,13 +28,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from benchmarks.common import percentiles
 from bundle.runtime import CompiledBundle
-
-
-def percentiles(latencies_s: list[float]) -> tuple[float, float]:
-    """p50, p99 in milliseconds."""
-    arr = np.asarray(latencies_s) * 1000
-    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
 def result(n: int, elapsed: float, latencies: list[float], cpu0, proc: psutil.Process | None = None) -> dict:

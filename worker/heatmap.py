@@ -29,10 +29,18 @@ def fit_size(image: np.ndarray, longer_side: int | None) -> np.ndarray:
 
 
 def render(frame: np.ndarray, anomaly_map: np.ndarray, norm: Normalisation, cfg: HeatmapConfig) -> bytes:
-    """Blend a JET colour map of the normalised anomaly map (0.5 = pixel threshold) over ``frame``."""
-    level = (np.asarray(norm(anomaly_map)) * 255).astype(np.uint8)
-    colour = cv2.applyColorMap(level, cv2.COLORMAP_JET)
-    if colour.shape[:2] != frame.shape[:2]:
-        colour = cv2.resize(colour, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_LINEAR)
-    blended = cv2.addWeighted(colour, cfg.alpha, frame, 1 - cfg.alpha, 0)
-    return encode(fit_size(blended, cfg.size), cfg.format, cfg.quality)
+    """Blend a JET colour map of the normalised anomaly map (0.5 = pixel threshold) over ``frame``.
+
+    Every step runs in OpenCV on 8-bit images at the output size (the frame is scaled before the blend, not
+    after), since this runs once per published frame on the cores that also run inference.
+    """
+    frame = fit_size(frame, cfg.size)
+    span = max(norm.threshold - norm.low, 1e-12)
+    scale = 127.5 / span  # norm's 0..1 (0.5 at the threshold) as 0..255, saturated above
+    level = cv2.convertScaleAbs(np.maximum(anomaly_map, norm.low, dtype=np.float32), alpha=scale, beta=-norm.low * scale)
+    if level.shape[:2] != frame.shape[:2]:
+        shrink = level.shape[0] * level.shape[1] > frame.shape[0] * frame.shape[1]
+        level = cv2.resize(level, (frame.shape[1], frame.shape[0]),
+                           interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    blended = cv2.addWeighted(cv2.applyColorMap(level, cv2.COLORMAP_JET), cfg.alpha, frame, 1 - cfg.alpha, 0)
+    return encode(blended, cfg.format, cfg.quality)

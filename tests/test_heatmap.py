@@ -1,0 +1,43 @@
+"""The heatmap image: where the map is above the pixel threshold it is red, below it blue, at the asked size."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from bundle import Normalisation
+from worker.config import HeatmapConfig
+from worker.heatmap import render
+
+NORM = Normalisation(low=1.0, threshold=3.0)
+
+
+def decoded(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    return image
+
+
+@pytest.mark.parametrize("size", [None, 64, 512])
+def test_hot_region_is_red_and_the_rest_blue(size: int | None) -> None:
+    frame = np.full((256, 256, 3), 128, np.uint8)
+    amap = np.full((256, 256), 0.5, np.float32)  # below `low`: the bottom of the colour map
+    amap[:128, :128] = 9.0  # far above the threshold: the top
+    cfg = HeatmapConfig(format="png", alpha=1.0, size=size)
+    image = decoded(render(frame, amap, NORM, cfg))
+    side = size or 256
+    assert image.shape == (side, side, 3)
+    q = side // 4
+    hot = image[:q, :q].reshape(-1, 3).mean(0)  # BGR
+    cold = image[-q:, -q:].reshape(-1, 3).mean(0)
+    assert hot[2] > 100 and hot[0] < 30  # red
+    assert cold[0] > 100 and cold[2] < 30  # blue
+
+
+def test_the_pixel_threshold_maps_to_the_middle_of_the_colour_map() -> None:
+    frame = np.zeros((32, 32, 3), np.uint8)
+    amap = np.full((32, 32), NORM.threshold, np.float32)
+    image = decoded(render(frame, amap, NORM, HeatmapConfig(format="png", alpha=1.0)))
+    middle = cv2.applyColorMap(np.array([[127, 128]], np.uint8), cv2.COLORMAP_JET)[0]
+    assert any(np.abs(image[16, 16].astype(int) - m.astype(int)).max() <= 1 for m in middle)

@@ -193,7 +193,9 @@ class PatchcoreGraph(nn.Module):
         # The extension: only the K patches farthest from the bank can matter, so only they meet it.
         k = self.k
         vals, top = patch.topk(k, dim=1)  # N, K
-        candidates = flat.gather(1, top.unsqueeze(-1).expand(n, k, c))  # N, K, C
+        # Rows of the flattened batch (a Gather), not flat.gather over the feature axis (a GatherElements, which
+        # OpenVINO's CPU plugin runs with a reference kernel).
+        candidates = flat.reshape(-1, c)[top + torch.arange(n).unsqueeze(1) * (h * w)]  # N, K, C
         candidate_scores = torch.minimum(vals, self._nearest(candidates, extension, ext_sq))
         patch = patch.scatter(1, top, candidate_scores)
 

@@ -31,6 +31,7 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     import torch
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
+    from bundle import EXTENSION_PAD
     from exporter import backbones
     from exporter.export import convert, input_spec
     from exporter.train.embedding import DefectEmbedding
@@ -43,9 +44,12 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
         dim = patch_features(model, torch.zeros(1, 3, 64, 64)).shape[1]
     model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
     graph = PatchcoreGraph(model, size, DefectEmbedding(torch.zeros(dim), torch.eye(dim))).eval()
-    return ov.Core().compile_model(convert(graph, input_spec(size, bb.mean, bb.std)), "CPU",
-                                   {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-                                    "INFERENCE_PRECISION_HINT": precision})
+    ir = convert(graph, input_spec(size, bb.mean, bb.std))
+    ir.reshape({"extension": [1, dim]})  # the empty bank extension: one pad row, static as the worker compiles it
+    compiled = ov.Core().compile_model(ir, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                   "INFERENCE_PRECISION_HINT": precision})
+    pad = np.full((1, dim), EXTENSION_PAD, np.float32)
+    return lambda frame: compiled({0: frame, 1: pad})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def _scores(graph: torch.nn.Module, images: list[np.ndarray], bb: backbones.Back
     scores, maps = [], []
     with torch.no_grad():
         for i in range(0, len(images), 4):
-            s, m, _ = graph(to_tensor(images[i : i + 4], bb))
+            s, m = graph(to_tensor(images[i : i + 4], bb))[:2]
             scores.append(s.numpy())
             maps.append(m.numpy())
     return np.concatenate(scores), np.concatenate(maps)

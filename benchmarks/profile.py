@@ -23,16 +23,18 @@ from exporter.quantize import HEADS
 
 
 def profile(bundle: Path, runs: int, precision: str = "f32", threads: int = 1) -> tuple[Counter, Counter]:
-    spec = read_manifest(bundle).input
+    manifest = read_manifest(bundle)
+    spec, ext = manifest.input, manifest.extension
     compiled = ov.Core().compile_model(str(bundle / "model.xml"), "CPU",
                                        {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY",
                                         "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
     image = np.random.default_rng(0).integers(0, 255, (1, spec.height, spec.width, 3), dtype=np.uint8)
+    inputs = {0: image} if ext is None else {0: image, ext.input: np.full((1, ext.feature_dim), ext.pad, np.float32)}
     part, kind = Counter(), Counter()
     heads = re.compile(HEADS)
     for i in range(runs + 1):
-        request.infer({0: image})
+        request.infer(inputs)
         if i == 0:
             continue  # warm-up
         for info in request.profiling_info:

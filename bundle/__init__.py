@@ -39,6 +39,11 @@ Precision = Literal["f32", "bf16", "f16", "int8"]
 ``INFERENCE_PRECISION_HINT``; ``int8`` is a quantised (INT8) bundle whose other operations run in f32."""
 PRECISIONS: tuple[Precision, ...] = ("f32", "bf16", "f16", "int8")
 
+EXTENSION_PAD = 1e3
+"""Every value of an unused bank-extension row.  The extension input has a fixed number of rows once compiled,
+and the runtime fills the rows not in use with it; the graph puts a row of nothing but this value at infinite
+distance (masked, so no f16/bf16 overflow), and it is far from any patch feature besides."""
+
 
 class BundleError(Exception):
     """A bundle that is missing, malformed, of another schema, or fails its checksums."""
@@ -105,6 +110,23 @@ class PrecisionRecord(_Strict):
     measured_on: str = Field(description="OpenVINO device name the thresholds were measured on (the CPU model).")
 
 
+class ExtensionSpec(_Strict):
+    """The bank extension (issue 17): rows declared normal after export, fed as a second input.
+
+    The graph takes ``input`` [E, feature_dim] f32 (E >= 1, dynamic in the IR; unused rows = ``pad``) and, per
+    frame, returns the ``candidates`` patch features farthest from the memory bank (``candidates_output``
+    [N, K, feature_dim]) and their distances after the extension (``candidate_scores_output`` [N, K]).  A
+    false alarm is taught by adding its candidates (those above the pixel threshold, say) to the extension.
+    """
+
+    input: str = "extension"
+    feature_dim: int = Field(gt=0, description="C: the patch-feature (memory-bank row) dimension.")
+    candidates: int = Field(gt=0, description="K: patches per frame compared with the extension and returned.")
+    candidates_output: str = "candidates"
+    candidate_scores_output: str = "candidate_scores"
+    pad: float = Field(EXTENSION_PAD, description="Value of every entry of an unused extension row.")
+
+
 class Manifest(_Strict):
     """``bundle.json``."""
 
@@ -127,6 +149,8 @@ class Manifest(_Strict):
     versions: dict[str, str] = Field(description="Library versions used to train and export.")
     precision: Literal["FP32", "FP16", "INT8"] = "FP32"
     files: dict[str, str] = Field(description="sha256 of each file of the bundle except the manifest.")
+    extension: ExtensionSpec | None = Field(None, description="The bank-extension input and candidate outputs "
+                                                             "(PatchCore); None: the graph has the image input only.")
 
     @property
     def reference_precision(self) -> Precision:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from bundle import PRECISIONS, BundleError, Manifest, Precision, Thresholds, read_manifest
+from bundle import PRECISIONS, BundleError, ExtensionSpec, Manifest, Precision, Thresholds, read_manifest
 
 AUTO = "auto"
 _CAPABILITY = {"bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPABILITIES a device needs for a floating precision
@@ -34,11 +34,24 @@ def device_name(core: ov.Core, device: str) -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Outputs for a batch: raw scores [N], raw anomaly maps [N, H, W], embeddings [N, D]."""
+    """Outputs for a batch: raw scores [N], raw anomaly maps [N, H, W], embeddings [N, D]; for a bundle with a
+    bank extension also the candidate patch features [N, K, C] and their distances after the extension [N, K]
+    (the rows to add to the extension when the frame is declared a false alarm), else None."""
 
     score: np.ndarray
     anomaly_map: np.ndarray
     embedding: np.ndarray
+    candidates: np.ndarray | None = None
+    candidate_scores: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _Extension:
+    """The extension rows in use (``count`` of them, then pad rows), and the tensor that shares their memory."""
+
+    rows: np.ndarray
+    count: int
+    tensor: ov.Tensor
 
 
 class CompiledBundle:
@@ -46,7 +59,8 @@ class CompiledBundle:
 
     def __init__(self, folder: Path | str, device: str = "CPU", cache_dir: Path | None = None,
                  hint: str = "THROUGHPUT", verify: bool = True, batch: int | None = None,
-                 precision: Precision | str = "f32", require_thresholds: bool = True) -> None:
+                 precision: Precision | str = "f32", require_thresholds: bool = True,
+                 extension_rows: int | None = None) -> None:
         """``batch`` fixes the batch size (the IR's is dynamic).  The worker serves one frame per request:
         a static shape is what the CPU plugin runs best, and requests then never reshape their input
         tensors; two requests reshaping at once were seen to hang inside OpenVINO 2026.4.
@@ -66,9 +80,24 @@ class CompiledBundle:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cache_dir)})
         model = core.read_model(self.folder / "model.xml")
+        self.extension_spec: ExtensionSpec | None = self.manifest.extension
+        declared = {self.manifest.input.name} | ({self.extension_spec.input} if self.extension_spec else set())
+        found = {i.any_name for i in model.inputs}
+        if found != declared:
+            raise BundleError(f"{self.folder}: the graph's inputs {sorted(found)} are not the ones its manifest "
+                              f"declares {sorted(declared)}")
+        shapes: dict[str, ov.PartialShape] = {}
         if batch is not None:
             spec = self.manifest.input
-            model.reshape({model.inputs[0].any_name: ov.PartialShape([batch, spec.height, spec.width, 3])})
+            shapes[spec.name] = ov.PartialShape([batch, spec.height, spec.width, 3])
+        self.extension_capacity = 0
+        if self.extension_spec is not None:
+            self.extension_capacity = 1 if extension_rows is None else extension_rows
+            if self.extension_capacity < 1:
+                raise BundleError(f"extension_rows must be at least 1 (one pad row is the plain model), not {extension_rows}")
+            shapes[self.extension_spec.input] = ov.PartialShape([self.extension_capacity, self.extension_spec.feature_dim])
+        if shapes:
+            model.reshape(shapes)
         self.compiled = core.compile_model(model, device, config)
         self.optimal_requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.device_name = device_name(core, device)
@@ -80,7 +109,11 @@ class CompiledBundle:
                               f"{', '.join(have)}); run one of those, or re-export on a CPU that runs {self.precision}")
         self.thresholds: Thresholds = thresholds or self.manifest.thresholds
         outputs = self.manifest.outputs
-        self._names = (outputs["score"].name, outputs["anomaly_map"].name, outputs["embedding"].name)
+        self._names: tuple[str, ...] = (outputs["score"].name, outputs["anomaly_map"].name, outputs["embedding"].name)
+        self._extension: _Extension | None = None
+        if self.extension_spec is not None:
+            self._names += (self.extension_spec.candidates_output, self.extension_spec.candidate_scores_output)
+            self.set_extension(np.zeros((0, self.extension_spec.feature_dim), np.float32))
 
     def _hint_for(self, core: ov.Core, device: str, precision: str) -> str:
         if precision not in PRECISIONS:
@@ -106,24 +139,76 @@ class CompiledBundle:
             return "int8"
         return hint
 
+    def set_extension(self, rows: np.ndarray) -> None:
+        """Use ``rows`` (float32 [e, C], e <= ``extension_capacity``; e = 0 empties it) as the bank extension from
+        the next request on.  The rows are copied and padded with the manifest's pad value to the compiled
+        capacity, and the new array replaces the old one in one assignment, so a request running concurrently
+        uses either the old extension or the new one, whole."""
+        ext = self.extension_spec
+        if ext is None:
+            raise BundleError(f"{self.folder}: this bundle ({self.manifest.family}) has no bank extension input")
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != ext.feature_dim:
+            raise BundleError(f"extension rows must be [e, {ext.feature_dim}], not {list(rows.shape)}")
+        if rows.shape[0] > self.extension_capacity:
+            raise BundleError(f"{rows.shape[0]} extension rows exceed the compiled capacity of {self.extension_capacity} "
+                              "(CompiledBundle(extension_rows=...))")
+        if not np.isfinite(rows).all():
+            raise BundleError("extension rows must be finite")
+        full = np.full((self.extension_capacity, ext.feature_dim), ext.pad, np.float32)
+        full[: rows.shape[0]] = rows  # shared with the requests' input tensors from here on: never changed in place
+        self._extension = _Extension(full, int(rows.shape[0]), ov.Tensor(full, shared_memory=True))
+
+    @property
+    def extension_count(self) -> int:
+        """Extension rows in use (0 for an empty extension or a bundle without one)."""
+        return self._extension.count if self._extension else 0
+
+    def extension(self) -> np.ndarray | None:
+        """The extension rows in use [e, C] (read-only), or None for a bundle without an extension input."""
+        if self._extension is None:
+            return None
+        view = self._extension.rows[: self._extension.count]
+        view.flags.writeable = False
+        return view
+
+    def inputs(self, images: np.ndarray) -> dict[int | str, np.ndarray | ov.Tensor]:
+        """A request's inputs for ``images``: the images, and the current extension where the bundle has one."""
+        ext = self._extension  # one read: this request sees one extension whatever set_extension does meanwhile
+        if ext is None or self.extension_spec is None:
+            return {0: images}
+        return {0: images, self.extension_spec.input: ext.tensor}
+
     def create_request(self) -> ov.InferRequest:
-        return self.compiled.create_infer_request()
+        """A request whose extension input already holds the current extension (never OpenVINO's uninitialised
+        buffer), for a caller that feeds ``{0: images}`` only."""
+        return self._with_extension(self.compiled.create_infer_request())
+
+    def _with_extension(self, request: ov.InferRequest) -> ov.InferRequest:
+        ext = self._extension
+        if ext is not None and self.extension_spec is not None:
+            request.set_tensor(self.extension_spec.input, ext.tensor)
+        return request
 
     def infer(self, images: np.ndarray, request: ov.InferRequest | None = None) -> Prediction:
         """``images``: uint8 [N, H, W, 3] BGR at the bundle's input size (see :func:`bundle.prepare_image`)."""
         request = request or self.create_request()
-        request.infer({0: images})
+        request.infer(self.inputs(images))
         return self.prediction(request)
 
     def prediction(self, request: ov.InferRequest) -> Prediction:
         """Copy the outputs of a finished request (sync, or in an :meth:`async_queue` callback)."""
-        score, amap, emb = (request.get_tensor(name).data.copy() for name in self._names)
-        return Prediction(score.reshape(-1), amap, emb)
+        score, amap, emb, *candidates = (request.get_tensor(name).data.copy() for name in self._names)
+        return Prediction(score.reshape(-1), amap, emb, *candidates)
 
     def async_queue(self, jobs: int = 0) -> ov.AsyncInferQueue:
         """``jobs`` requests (0 = the device's optimal number) run in OpenVINO's own threads, no Python thread each.
 
-        ``queue.set_callback(fn(request, userdata))`` then ``queue.start_async({0: images}, userdata)``;
-        read outputs in the callback with :meth:`prediction`.
+        ``queue.set_callback(fn(request, userdata))`` then ``queue.start_async(bundle.inputs(images), userdata)``
+        (:meth:`inputs` adds the bank extension where the bundle has one); read outputs in the callback with
+        :meth:`prediction`.
         """
-        return ov.AsyncInferQueue(self.compiled, jobs or self.optimal_requests)
+        queue = ov.AsyncInferQueue(self.compiled, jobs or self.optimal_requests)
+        for i in range(len(queue)):
+            self._with_extension(queue[i])
+        return queue

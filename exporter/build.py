@@ -20,7 +20,7 @@ from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones
 from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_image
 from exporter.evaluate import evaluate
-from exporter.export import convert, input_spec, library_versions, output_specs, save_ir, timestamp
+from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
 from exporter.quantize import quantize
 from exporter.thresholds import NORMALS, VAL_DEFECT_FRACTION, ThresholdChoice, choose_thresholds
 from exporter.train import efficientad
@@ -134,6 +134,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val)},
             versions=library_versions(),
             precision=precision.upper(),
+            extension=extension_spec(graph),
         )
         write_manifest(staging, fields)  # provisional, in the staging folder only: the runtime reads the IR through it
         val_images = [read_image(p, spec) for p in val]

@@ -14,7 +14,7 @@ import torch
 from openvino.preprocess import ColorFormat, PrePostProcessor
 from torch import nn
 
-from bundle import InputSpec, Normalisation, OutputSpec, Thresholds
+from bundle import EXTENSION_PAD, ExtensionSpec, InputSpec, Normalisation, OutputSpec, Thresholds
 from bundle.runtime import CompiledBundle
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,34 @@ def input_spec(size: int, mean: tuple[float, float, float], std: tuple[float, fl
     return InputSpec(height=size, width=size, in_graph=IN_GRAPH_STEPS, mean=mean, std=std)
 
 
+def extension_spec(graph: nn.Module) -> ExtensionSpec | None:
+    """The graph's bank-extension input and candidate outputs, or None for a graph without them (EfficientAD)."""
+    spec = getattr(graph, "extension_spec", None)
+    return spec() if callable(spec) else None
+
+
 def convert(graph: nn.Module, spec: InputSpec) -> ov.Model:
-    """Trace the graph with a dynamic batch and fold pre-processing into it with PrePostProcessor."""
-    example = torch.zeros(2, 3, spec.height, spec.width)
+    """Trace the graph with a dynamic batch (and, with an extension input, dynamic extension rows) and fold
+    pre-processing into the image input with PrePostProcessor."""
+    image = torch.zeros(2, 3, spec.height, spec.width)
+    shapes = [([-1, 3, spec.height, spec.width], ov.Type.f32)]
+    names: tuple[str, ...] = OUTPUT_NAMES
+    ext = extension_spec(graph)
     with torch.no_grad():
-        model = ov.convert_model(graph, example_input=example, input=[([-1, 3, spec.height, spec.width], ov.Type.f32)])
-    for output, name in zip(model.outputs, OUTPUT_NAMES, strict=True):
+        if ext is None:
+            model = ov.convert_model(graph, example_input=image, input=shapes)
+        else:
+            rows = torch.full((3, ext.feature_dim), EXTENSION_PAD)
+            model = ov.convert_model(graph, example_input=(image, rows), input=[*shapes, ([-1, ext.feature_dim], ov.Type.f32)])
+            model.inputs[1].get_tensor().set_names({ext.input})
+            names = (*OUTPUT_NAMES, ext.candidates_output, ext.candidate_scores_output)
+    for output, name in zip(model.outputs, names, strict=True):
         output.get_tensor().set_names({name})
     model.inputs[0].get_tensor().set_names({spec.name})
     ppp = PrePostProcessor(model)
-    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
-    ppp.input().model().set_layout(ov.Layout("NCHW"))
-    ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).mean(
+    ppp.input(spec.name).tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
+    ppp.input(spec.name).model().set_layout(ov.Layout("NCHW"))
+    ppp.input(spec.name).preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).mean(
         [255.0 * m for m in spec.mean]
     ).scale([255.0 * s for s in spec.std])
     return ppp.build()

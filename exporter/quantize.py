@@ -7,11 +7,13 @@ them (uint8 NHWC BGR at the input size), because pre-processing is inside the gr
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nncf
 import numpy as np
 import openvino as ov
+
+from bundle import EXTENSION_PAD
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,17 @@ def quantize(model: ov.Model, calibration_images: Sequence[np.ndarray], subset_s
     """
     if not calibration_images:
         raise ValueError("INT8 quantisation needs at least one calibration image")
-    dataset = nncf.Dataset(list(calibration_images), lambda image: image[np.newaxis])
+    dataset = nncf.Dataset(list(calibration_images), _feed(model))
     ignored = nncf.IgnoredScope(patterns=[keep_fp32], validate=False) if keep_fp32 else nncf.IgnoredScope()
     log.info("NNCF INT8 quantisation on %d calibration images (kept FP32: %s)", len(calibration_images), keep_fp32)
     return nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED,
                          subset_size=min(subset_size, len(calibration_images)), ignored_scope=ignored)
+
+
+def _feed(model: ov.Model) -> Callable[[np.ndarray], np.ndarray | dict[int, np.ndarray]]:
+    """Calibration input for one image; a graph with a bank-extension input gets the empty (one pad row) extension,
+    so the calibration sees what a bundle serves before any false alarm is taught."""
+    if len(model.inputs) == 1:
+        return lambda image: image[np.newaxis]
+    pad = np.full((1, model.inputs[1].get_partial_shape()[1].get_length()), EXTENSION_PAD, np.float32)
+    return lambda image: {0: image[np.newaxis], 1: pad}

@@ -75,14 +75,15 @@ def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path):
     graph, _ = fit(settings, bb, cat.train, spec)
     save_ir(convert(graph, spec), tmp_path)
     from bundle import Normalisation, Thresholds, write_manifest
-    from exporter.export import library_versions, output_specs, timestamp
+    from exporter.export import extension_spec, library_versions, output_specs, timestamp
 
     norm = Normalisation(low=0, threshold=1)
     write_manifest(tmp_path, dict(
         name="parity", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
-        outputs=output_specs(spec, 304), embedding_dim=304,
+        outputs=output_specs(spec, 304), embedding_dim=304, extension=extension_spec(graph),
         thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
-    compiled = CompiledBundle(tmp_path)
+    compiled = CompiledBundle(tmp_path)  # the extension compiled with one pad row: the plain PatchCore outputs
+    assert compiled.extension_capacity == 1 and compiled.extension_count == 0
 
     images = [read_image(s.path, spec) for s in cat.test]
     ov_pred = compiled.infer(np.stack(images))

@@ -6,6 +6,10 @@ anomalib's ``PatchcoreModel``.  :class:`PatchcoreGraph` re-expresses its inferen
 path with batch-size-independent tensor ops (anomalib's own export fixes the batch)
 and adds the embedding output, so one compiled model yields score, map and
 embedding.  The parity test checks the graph against ``PatchcoreModel.forward``.
+
+It also takes a bank extension (rows an operator declared normal after a false alarm, issue 17) as a
+second input, so the torch-free worker can teach a bundle without re-exporting it, and returns each
+frame's most anomalous patch features as the candidates for such an extension.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
-from bundle import InputSpec
+from bundle import EXTENSION_PAD, ExtensionSpec, InputSpec
 from exporter.backbones import Backbone
 from exporter.coreset import greedy_coreset
 from exporter.data import read_image
@@ -52,6 +56,10 @@ class PatchcoreSettings:
     batch_size: int = 8
     seed: int = 0
     map_sigma: float | None = None  # anomaly-map blur in px; None: scaled with the input (blur_sigma)
+    # Patches per frame checked against the bank extension and returned as candidates for it (capped at the
+    # frame's patch count): the extension can only lower these patches' distances, so it costs a small
+    # matrix product instead of a second full one.
+    extension_candidates: int = 256
 
     @property
     def blur_sigma(self) -> float:
@@ -88,13 +96,25 @@ def patch_features(model: PatchcoreModel, x: torch.Tensor) -> torch.Tensor:
 
 
 class PatchcoreGraph(nn.Module):
-    """Inference path for export: ``(score [N], anomaly_map [N,H,W], embedding [N,D])``."""
+    """Inference path for export: ``(x [N,3,H,W], extension [E,C])`` ->
+    ``(score [N], anomaly_map [N,H,W], embedding [N,D], candidates [N,K,C], candidate_scores [N,K])``.
+
+    ``extension`` holds rows that count as normal on top of the memory bank (a false alarm's patch
+    features); unused rows are all :data:`bundle.EXTENSION_PAD`, at infinite distance from everything, so
+    one pad row gives the plain PatchCore outputs.  Only the K patches farthest from the bank (the candidates)
+    are compared with the extension: their distances become ``min(bank, extension)``, exactly the distance to
+    the union of both.  Every other patch keeps its bank distance, an upper bound of its union distance (and
+    at most the K-th largest bank distance), so scores and maps can only come out too high, never too low: the
+    score is exact whenever its patch is a candidate, i.e. when no candidate falls below the largest distance
+    outside them.  The image score's re-weighting (the nearest row m* and its support) is taken over the
+    union of bank and extension.
+    """
 
     bank_sq: torch.Tensor
     blur_rows: torch.Tensor
     blur_cols: torch.Tensor
 
-    def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding) -> None:
+    def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int = 256) -> None:
         super().__init__()
         self.model = model.eval()
         self.input_size = input_size
@@ -102,6 +122,9 @@ class PatchcoreGraph(nn.Module):
         bank = model.memory_bank
         self.register_buffer("bank_sq", (bank * bank).sum(1))
         self.k_support = min(model.num_neighbors, int(bank.shape[0]))
+        self.feature_dim = int(bank.shape[1])
+        self.candidates = candidates
+        self.k = min(candidates, self.patches())  # a Python int, so the traced TopK has a constant K
         # anomalib's Gaussian blur as two 1-D passes: its normalised 2-D kernel is the outer product of
         # these, so the map is the same, at 2k instead of k^2 multiply-adds per pixel (k = 33 at sigma 4,
         # where the 2-D convolution took about half of the whole graph's time on a CPU).
@@ -112,35 +135,78 @@ class PatchcoreGraph(nn.Module):
         self.blur_padding = list(blur.padding_shape)
         self.blur_border = blur.border_type
 
-    def _dist(self, x: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance of every row of x [..., C] to every memory-bank entry (small x only)."""
-        bank = self.model.memory_bank
-        d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ bank.T + self.bank_sq
+    def patches(self) -> int:
+        """Patches per frame (h * w of the feature grid), from one forward pass of the backbone."""
+        with torch.no_grad():
+            emb = patch_features(self.model, torch.zeros(1, 3, self.input_size, self.input_size))
+        return int(emb.shape[2] * emb.shape[3])
+
+    def extension_spec(self) -> ExtensionSpec:
+        """What the exported graph's extension input and candidate outputs are (the manifest's ``extension``)."""
+        return ExtensionSpec(feature_dim=self.feature_dim, candidates=self.k)
+
+    def pad_extension(self) -> torch.Tensor:
+        """One pad row: the empty extension."""
+        return torch.full((1, self.feature_dim), EXTENSION_PAD)
+
+    @staticmethod
+    def _dist(x: torch.Tensor, rows: torch.Tensor, rows_sq: torch.Tensor) -> torch.Tensor:
+        """Euclidean distance of every row of x [..., C] to every one of ``rows`` (small x only)."""
+        d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ rows.T + rows_sq
         return d2.clamp_min(0).sqrt()
 
-    def _nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Distance of every row of x [..., C] to its nearest memory-bank entry.
+    @staticmethod
+    def _nearest(x: torch.Tensor, rows: torch.Tensor, rows_sq: torch.Tensor) -> torch.Tensor:
+        """Distance of every row of x [..., C] to its nearest one of ``rows``.
 
         The query x bank matrix is the frame's largest tensor, so only one fused matrix product with a bias
         and one reduction touch it: ``|x|^2`` is the same for every entry and is added after the minimum, and
         the factor -2 scales the queries, not the product.  No index is taken here; the one patch whose
         nearest entry the score needs gets it from ``_dist``.
         """
-        partial = (x * -2) @ self.model.memory_bank.T + self.bank_sq
+        partial = (x * -2) @ rows.T + rows_sq
         return (partial.amin(-1) + (x * x).sum(-1)).clamp_min(0).sqrt()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _union_rows(self, idx: torch.Tensor, extension: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of concat(bank, extension), without copying the bank into a concatenation each frame."""
+        bank = self.model.memory_bank
+        m = bank.shape[0]
+        in_bank = (idx < m).unsqueeze(-1)
+        return torch.where(in_bank, bank[idx.clamp(max=m - 1)], extension[(idx - m).clamp(min=0)])
+
+    def forward(self, x: torch.Tensor, extension: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if extension is None:
+            extension = self.pad_extension()
+        bank = self.model.memory_bank
+        # Pad rows are masked, not merely far: their distance is +inf, and they enter the products as zeros, so
+        # no pad value can overflow f16/bf16 arithmetic (a 1e3 row's squared norm does) and turn into NaN.
+        is_pad = (extension == EXTENSION_PAD).all(1)
+        extension = torch.where(is_pad.unsqueeze(1), torch.zeros_like(extension), extension)
+        ext_sq = torch.where(is_pad, torch.full_like(is_pad, float("inf"), dtype=extension.dtype),
+                             (extension * extension).sum(1))
         emb = patch_features(self.model, x)
         n, c, h, w = emb.shape
         flat = emb.flatten(2).transpose(1, 2)  # N, hw, C
-        patch = self._nearest(flat)  # N, hw
+        patch = self._nearest(flat, bank, self.bank_sq)  # N, hw
 
-        # Image score: the paper's re-weighting of the most anomalous patch (as anomalib).
+        # The extension: only the K patches farthest from the bank can matter, so only they meet it.
+        k = self.k
+        vals, top = patch.topk(k, dim=1)  # N, K
+        # Rows of the flattened batch (a Gather), not flat.gather over the feature axis (a GatherElements, which
+        # OpenVINO's CPU plugin runs with a reference kernel).
+        candidates = flat.reshape(-1, c)[top + torch.arange(n).unsqueeze(1) * (h * w)]  # N, K, C
+        candidate_scores = torch.minimum(vals, self._nearest(candidates, extension, ext_sq))
+        patch = patch.scatter(1, top, candidate_scores)
+
+        # Image score: the paper's re-weighting of the most anomalous patch (as anomalib), over bank + extension.
         s_star, idx = patch.max(1)
         f_star = flat.gather(1, idx.view(n, 1, 1).expand(n, 1, c)).squeeze(1)
-        m_star = self.model.memory_bank[self._dist(f_star).argmin(-1)]
-        support = self._dist(m_star).topk(self.k_support, largest=False).indices  # N, k
-        d_support = (f_star.unsqueeze(1) - self.model.memory_bank[support]).norm(dim=-1)
+        d_f = torch.cat([self._dist(f_star, bank, self.bank_sq), self._dist(f_star, extension, ext_sq)], 1)
+        m_star = self._union_rows(d_f.argmin(-1), extension)
+        d_m = torch.cat([self._dist(m_star, bank, self.bank_sq), self._dist(m_star, extension, ext_sq)], 1)
+        support = d_m.topk(self.k_support, largest=False).indices  # N, k
+        d_support = (f_star.unsqueeze(1) - self._union_rows(support, extension)).norm(dim=-1)
         score = (1 - F.softmax(d_support, 1)[:, 0]) * s_star
 
         # anomalib's AnomalyMapGenerator (nearest upsampling, then the blur), with the blur separated.
@@ -151,7 +217,8 @@ class PatchcoreGraph(nn.Module):
         # Embedding: what is wrong (exporter/train/embedding.py), from the same features, weighted by the
         # blurred map brought back to the feature grid: the weighting the retrieval benchmark's ablation
         # measured and tuned (docs/retrieval.md), smoother than the raw patch distances.
-        return score, amap[:, 0], self.embedder(flat, F.adaptive_avg_pool2d(amap, (h, w)).flatten(1))
+        embedding = self.embedder(flat, F.adaptive_avg_pool2d(amap, (h, w)).flatten(1))
+        return score, amap[:, 0], embedding, candidates, candidate_scores
 
 
 def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int) -> torch.Tensor:
@@ -190,7 +257,8 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     idx = greedy_coreset(features, n_select, settings.coreset_projection, settings.seed)
     model.memory_bank = features[idx].contiguous()
     done = time.monotonic()
-    graph = PatchcoreGraph(model, settings.input_size, DefectEmbedding.fit(features, seed=settings.seed)).eval()
+    graph = PatchcoreGraph(model, settings.input_size, DefectEmbedding.fit(features, seed=settings.seed),
+                           settings.extension_candidates).eval()
     timings = {
         "feature_extraction_s": round(extracted - started, 2),
         "coreset_s": round(done - extracted, 2),

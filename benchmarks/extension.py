@@ -1,0 +1,101 @@
+"""What the bank extension (issue 17) costs per frame: a bundle from before it against one with it, empty and full.
+
+    python -m benchmarks.extension --before /work/bench/settings/default --after /work/bench/ext-default \\
+        --data ../shared/data/mvtec --category grid --rows 1000 --repeats 7
+
+Rows, each compiled by ``bundle.runtime.CompiledBundle`` at f32 (set explicitly: the CPU plugin's default is
+bf16 on CPUs with AMX), LATENCY hint, static batch 1 as the worker compiles it:
+
+- ``before``: a bundle exported without the extension input (``--before``);
+- ``extension 1 row``: the bundle with it (``--after``), compiled with one pad row, the plain model;
+- ``extension N rows``: the same bundle compiled with ``--rows`` rows, all of them real patch features: the
+  candidates the bundle itself returns for the category's test frames, which is what a taught false alarm adds.
+
+All rows are timed interleaved: ``--repeats`` rounds, each the median latency of ``--frames`` single frames per
+row (after a warm-up), then median [range] over rounds and the ratio to ``before`` in the same round.  Both
+bundles' scores on the frames are compared too: with the same settings and data, ``before`` and the empty
+extension are the same model.  Give ``--after`` more than once (e.g. a bundle trained with another
+``extension_candidates``) to time several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import DATA, fmt, latency_ms, md_table, summary
+
+log = logging.getLogger("benchmarks.extension")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", type=Path, required=True, help="a bundle without the extension input")
+    ap.add_argument("--after", type=Path, action="append", required=True, help="a bundle with it (repeatable)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--category", default="grid")
+    ap.add_argument("--rows", type=int, default=1000, help="extension rows of real patch features")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--frames", type=int, default=10)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    import openvino as ov
+
+    from bundle.runtime import CompiledBundle, device_name
+    from exporter.data import load_category, read_image
+
+    def compiled_at_f32(folder: Path, rows: int | None = None) -> CompiledBundle:
+        return CompiledBundle(folder, hint="LATENCY", precision="f32", batch=1, extension_rows=rows)
+
+    before = compiled_at_f32(args.before)
+    if before.extension_spec is not None:
+        raise SystemExit(f"{args.before} already has the extension input: give a bundle exported before it")
+    test = load_category(args.data, args.category).test
+    spec = before.manifest.input
+    frames = [read_image(s.path, spec) for s in test[: args.frames]]
+    rows = {"before": before}
+    for folder in args.after:
+        empty = compiled_at_f32(folder)
+        ext = empty.extension_spec
+        if ext is None or empty.manifest.input != spec:
+            raise SystemExit(f"{folder}: not a bundle with the extension input at {spec.height} px")
+        k = ext.candidates
+        # Real patch features: the bundle's own candidates for test frames, as many frames as the rows need.
+        need = -(-args.rows // k)
+        features = np.concatenate([empty.infer(read_image(s.path, spec)[np.newaxis]).candidates[0]  # type: ignore[index]
+                                   for s in test[:need]])[: args.rows]
+        full = compiled_at_f32(folder, args.rows)
+        full.set_extension(features)
+        tag = f" (K={k})" if len(args.after) > 1 else ""
+        rows[f"extension 1 row{tag}"] = empty
+        rows[f"extension {args.rows} rows{tag}"] = full
+        scores = np.array([before.infer(f[np.newaxis]).score[0] for f in frames])
+        same = np.array([empty.infer(f[np.newaxis]).score[0] for f in frames])
+        log.info("%s: empty extension vs before, max relative score difference %.2e over %d frames", folder,
+                 float(np.max(np.abs(same - scores) / scores)), len(frames))
+
+    latency: dict[str, list[float]] = {n: [] for n in rows}
+    for c in rows.values():
+        latency_ms(c, frames[:3])  # warm-up
+    for r in range(args.repeats):
+        for n, c in rows.items():
+            latency[n].append(latency_ms(c, frames))
+        log.info("round %d/%d done", r + 1, args.repeats)
+
+    threads = {int(c.compiled.get_property("INFERENCE_NUM_THREADS")) for c in rows.values()}
+    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}, {spec.height} px; OpenVINO f32, LATENCY hint, "
+          f"batch 1, {'/'.join(map(str, sorted(threads)))} inference threads; {args.repeats} rounds of "
+          f"{len(frames)} frames\n")
+    print(md_table(["graph", "ms / frame: median [range] over rounds", "x before, same round"],
+                   [[n, fmt(summary(v), 2), fmt(summary([a / b for a, b in zip(v, latency["before"], strict=True)]), 3)]
+                    for n, v in latency.items()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

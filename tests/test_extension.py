@@ -1,0 +1,187 @@
+"""The bank extension (issue 17): a second graph input of rows declared normal after a false alarm.
+
+The exported graph compares each frame's K most anomalous patches with the extension; the torch-free runtime
+compiles the input with a static row count and feeds it on every request.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+
+from bundle import EXTENSION_PAD, BundleError, Normalisation, Thresholds, read_manifest, write_manifest
+from bundle.runtime import CompiledBundle, supported_precisions
+from exporter import backbones
+from exporter.data import load_category, read_image
+from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
+from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, fit, to_tensor
+
+
+def _bundle(graph: PatchcoreGraph, spec, folder: Path) -> Path:
+    """Export ``graph`` as a minimal bundle (placeholder thresholds) in ``folder``."""
+    save_ir(convert(graph, spec), folder)
+    norm = Normalisation(low=0, threshold=1)
+    with torch.no_grad():
+        dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
+    write_manifest(folder, dict(
+        name="ext", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
+        outputs=output_specs(spec, dim), embedding_dim=dim, extension=extension_spec(graph),
+        thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(dataset):
+    """A tiny fitted graph (128 px: 16 x 16 patches, all of them candidates at the default K), its input spec,
+    backbone and the generated test images."""
+    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05)
+    cat = load_category(dataset, "weave")
+    bb = backbones.resolve(settings.backbone)
+    spec = input_spec(settings.input_size, bb.mean, bb.std)
+    graph, _ = fit(settings, bb, cat.train, spec)
+    images = [read_image(s.path, spec) for s in cat.test]
+    labels = np.array([s.label for s in cat.test])
+    return graph, spec, bb, images, labels
+
+
+def test_pad_rows_change_nothing(fitted):
+    """One pad row (the empty extension) or many give the same outputs, and the candidates are the K patches
+    farthest from the bank with their bank distances."""
+    graph, _, bb, images, _ = fitted
+    x = to_tensor(images[:4], bb)
+    with torch.no_grad():
+        one = graph(x, graph.pad_extension())
+        many = graph(x, torch.full((50, graph.feature_dim), EXTENSION_PAD))
+        features = graph.model.generate_embedding(
+            {k: graph.model.feature_pooler(f) for k, f in graph.model.feature_extractor(x).items()})
+        flat = features.flatten(2).transpose(1, 2)
+        bank = torch.cdist(flat, graph.model.memory_bank).amin(-1)
+    for a, b in zip(one, many, strict=True):
+        torch.testing.assert_close(a, b)
+    k = graph.extension_spec().candidates
+    assert one[3].shape == (4, k, graph.feature_dim) and one[4].shape == (4, k)
+    torch.testing.assert_close(one[4], bank.topk(k, 1).values, rtol=1e-4, atol=1e-4)
+
+
+def test_extension_equals_a_bank_holding_its_rows(fitted, tmp_path):
+    """Every patch a candidate (K = h*w): the OpenVINO bundle with extension X scores and maps like a bundle whose
+    memory bank is bank + X with an empty extension (the exact PatchCore of the union)."""
+    graph, spec, bb, images, labels = fitted
+    assert graph.extension_spec().candidates == graph.patches()
+    with torch.no_grad():  # X: patch features of two defect frames, the kind of rows a false alarm adds
+        defects = [i for i, label in enumerate(labels) if label][:2]
+        x_rows = graph(to_tensor([images[i] for i in defects], bb))[3][:, :40].reshape(-1, graph.feature_dim)
+    model = graph.model
+    bank = model.memory_bank
+    model.memory_bank = torch.cat([bank, x_rows])
+    union = PatchcoreGraph(model, spec.height, graph.embedder, graph.candidates).eval()
+    union_dir = _bundle(union, spec, tmp_path / "union")
+    model.memory_bank = bank
+    extended = CompiledBundle(_bundle(graph, spec, tmp_path / "extended"), extension_rows=100)
+    extended.set_extension(x_rows.numpy())
+    assert extended.extension_count == 80
+    batch = np.stack(images)
+    want = CompiledBundle(union_dir).infer(batch)
+    got = extended.infer(batch)
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-3)
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-3, atol=1e-3 * want.anomaly_map.max())
+    np.testing.assert_allclose(got.embedding, want.embedding, atol=1e-3)
+    plain = CompiledBundle(extended.folder).infer(batch)
+    assert (got.score[defects] < plain.score[defects] * 0.9).all(), (got.score, plain.score)
+
+
+def test_a_false_alarm_taught_scores_as_normal(bundle_dir, dataset):
+    """The bundle `exporter train` writes: a defect frame's own candidates put into the extension bring its score
+    to the floor (below every normal test frame's), and no frame's map rises (distances can only drop)."""
+    manifest = read_manifest(bundle_dir)
+    assert manifest.extension is not None and manifest.training["extension_candidates"] == 256
+    compiled = CompiledBundle(bundle_dir, extension_rows=manifest.extension.candidates)
+    spec = manifest.input
+    test = load_category(dataset, "weave").test
+    batch = np.stack([read_image(s.path, spec) for s in test])
+    before = compiled.infer(batch)
+    assert before.candidates is not None and before.candidate_scores is not None
+    assert before.candidates.shape == (len(test), manifest.extension.candidates, manifest.extension.feature_dim)
+    good = np.array([s.label == 0 for s in test])
+    alarm = int(np.argmax(np.where(good, -np.inf, before.score)))
+    compiled.set_extension(before.candidates[alarm])
+    after = compiled.infer(batch)
+    assert after.score[alarm] < 0.1 * before.score[good].min(), (after.score[alarm], before.score[good])
+    assert after.candidate_scores is not None and after.candidate_scores[alarm].max() < 1e-2 * before.score[alarm]
+    assert (after.anomaly_map <= before.anomaly_map + 1e-4 * before.anomaly_map.max()).all()
+    compiled.set_extension(np.zeros((0, manifest.extension.feature_dim), np.float32))
+    np.testing.assert_allclose(compiled.infer(batch).score, before.score, rtol=1e-5)
+
+
+def test_pad_rows_are_safe_at_every_precision(bundle_dir, dataset):
+    """A pad row's squared norm overflows f16; the graph masks pad rows, so at every precision the CPU runs, a
+    bundle with a large empty extension scores as with one pad row and near its f32 scores."""
+    spec = read_manifest(bundle_dir).input
+    batch = np.stack([read_image(s.path, spec) for s in load_category(dataset, "weave").test])
+    reference = CompiledBundle(bundle_dir).infer(batch).score
+    for precision in supported_precisions(ov.Core(), "CPU"):
+        one = CompiledBundle(bundle_dir, precision=precision).infer(batch)
+        many = CompiledBundle(bundle_dir, precision=precision, extension_rows=64).infer(batch)
+        assert np.isfinite(one.anomaly_map).all() and np.isfinite(one.candidate_scores).all(), precision
+        np.testing.assert_allclose(many.score, one.score, rtol=1e-3, err_msg=precision)
+        np.testing.assert_allclose(one.score, reference, rtol=0.02, err_msg=precision)
+
+
+def test_extension_rows_are_checked(bundle_dir):
+    compiled = CompiledBundle(bundle_dir, extension_rows=4)
+    dim = compiled.manifest.extension.feature_dim if compiled.manifest.extension else 0
+    with pytest.raises(BundleError, match="exceed the compiled capacity of 4"):
+        compiled.set_extension(np.zeros((5, dim), np.float32))
+    with pytest.raises(BundleError, match=rf"must be \[e, {dim}\]"):
+        compiled.set_extension(np.zeros((2, dim + 1), np.float32))
+    with pytest.raises(BundleError, match="finite"):
+        compiled.set_extension(np.full((1, dim), np.nan, np.float32))
+    with pytest.raises(BundleError, match="at least 1"):
+        CompiledBundle(bundle_dir, extension_rows=0)
+    rows = np.ones((3, dim), np.float32)
+    compiled.set_extension(rows)
+    rows[:] = 7  # the caller's array is copied, not shared with the requests
+    extension = compiled.extension()
+    assert extension is not None and extension.shape == (3, dim) and (extension == 1).all()
+
+
+def test_a_new_extension_reaches_concurrent_requests_whole(bundle_dir, dataset):
+    """Two threads infer on their own requests while the extension is swapped between empty and a taught false
+    alarm: every score is the frame's score under one of the two, never a mix or a stale half."""
+    compiled = CompiledBundle(bundle_dir, batch=1, extension_rows=256)
+    spec = compiled.manifest.input
+    frame = np.stack([read_image(s.path, spec) for s in load_category(dataset, "weave").test if s.label][:1])
+    plain = compiled.infer(frame)
+    assert plain.candidates is not None
+    taught = plain.candidates[0][:128]
+    compiled.set_extension(taught)
+    low = float(compiled.infer(frame).score[0])
+    high = float(plain.score[0])
+    assert low < 0.9 * high
+    scores: list[float] = []
+    done = threading.Event()
+
+    def run() -> None:
+        request = compiled.create_request()
+        while not done.is_set():
+            scores.append(float(compiled.infer(frame, request).score[0]))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        i = 0
+        while len(scores) < 40:  # swap until both threads have run 40 requests between them
+            i += 1
+            compiled.set_extension(taught if i % 2 else taught[:0])
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert any(np.isclose(s, low, rtol=1e-4) for s in scores) and any(np.isclose(s, high, rtol=1e-4) for s in scores)
+    assert all(np.isclose(s, low, rtol=1e-4) or np.isclose(s, high, rtol=1e-4) for s in scores), sorted(set(scores))

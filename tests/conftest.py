@@ -143,6 +143,8 @@ def write_config(folder: Path, port: int, bundle: Path, **sections) -> Path:
         "evidence": {"path": str(folder / "evidence"), "max_frames": 100},
         "limits": {"max_frame_bytes": 2_000_000},
         "spool": {"path": str(folder / "spool")},
+        "learning": {"path": str(folder / "extensions")},
+        "capture": {"path": str(folder / "capture"), "export_path": str(folder / "training")},
         "metrics": {"enabled": False},
     }
     for key, value in sections.items():

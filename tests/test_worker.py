@@ -56,7 +56,7 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
         assert r["threshold"] == pytest.approx(manifest["thresholds"]["image"]["threshold"], rel=1e-4)
         assert r["verdict"] == ("anomalous" if r["raw_score"] >= r["threshold"] else "normal")
         assert r["model"] == {"name": manifest["name"], "version": manifest["version"], "family": "patchcore",
-                              "precision": "f32"}
+                              "precision": "f32", "extension": {"revision": 0, "rows": 0, "labels": 0, "max_rows": 1024}}
         assert set(r["latency_ms"]) == {"queue", "decode", "infer", "post", "total"}
         assert r["latency_ms"]["total"] >= r["latency_ms"]["infer"] > 0
     good = [r["raw_score"] for f, r in results.items() if f.startswith("good")]
@@ -210,6 +210,7 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
         return _query(client, prefix, body, topic="label")
 
     answer = label({"action": "set", "frame_id": target, "camera": "cam4", "label": "false_alarm", "note": "glare"})
+    assert "patches" in answer.pop("absorbed")  # what the model learned from it: tests/test_learning.py
     assert answer == {"ok": True, "frame_id": target, "camera": "cam4", "label": "false_alarm", "defect_type": None}
     assert label({"action": "set", "frame_id": other, "camera": "cam4", "label": "confirmed_defect",
                   "defect_type": "hole"})["ok"]

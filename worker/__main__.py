@@ -1,5 +1,6 @@
-"""``python -m worker --config FILE`` runs the worker; ``query`` asks it for similar frames, ``labels`` exports
-the operators' labels, ``console`` serves the operator web page."""
+"""``python -m worker --config FILE`` runs the worker; ``query`` asks it for similar frames, ``label`` labels a
+frame, ``labels`` exports the operators' labels, ``capture`` exports the captured frames for retraining,
+``console`` serves the operator web page."""
 
 from __future__ import annotations
 
@@ -86,6 +87,46 @@ def _labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    """One label over MQTT; a false alarm's answer says what the model absorbed."""
+    from worker.api_client import ApiClient, ApiError
+
+    cfg = load_config(args.config)
+    if args.clear:
+        body = {"action": "unlabel", "frame_id": args.frame_id, "camera": args.camera}
+    else:
+        body = {"action": "set", "frame_id": args.frame_id, "camera": args.camera, "note": args.note,
+                "label": "false_alarm" if args.false_alarm else "confirmed_defect", "defect_type": args.defect}
+    try:
+        with ApiClient(cfg, "label") as client:
+            answer = client.label(body)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not answer.get("ok"):
+        print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+def _capture(args: argparse.Namespace) -> int:
+    """Export the captured frames from the local capture folder (the worker need not run)."""
+    from worker.capture import Capture
+
+    cfg = load_config(args.config)
+    written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance).export(
+        Path(args.out), [args.camera] if args.camera else None)
+    if not written:
+        print(f"error: nothing captured under {cfg.capture.path}" + (f" for camera {args.camera}" if args.camera else ""),
+              file=sys.stderr)
+        return 1
+    for camera, w in written.items():
+        print(f"{camera}: {w['normal']} normal frames and {w['false_alarms']} false alarms in {w['folder']}; train with\n"
+              f"  python -m exporter train --data {args.out} --category {Path(w['folder']).name} --out BUNDLE")
+    return 0
+
+
 def _console(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logging.getLogger().setLevel(cfg.worker.log_level)
@@ -121,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--format", choices=("csv", "json"), default="csv")
     labels.add_argument("--out", help="write to this file instead of stdout")
     labels.set_defaults(func=_labels)
+    label = sub.add_parser("label", help="label a past frame (a false alarm is absorbed into the model at once)")
+    label.add_argument("--config", default=argparse.SUPPRESS)
+    label.add_argument("--frame-id", required=True)
+    label.add_argument("--camera", required=True)
+    kind = label.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--false-alarm", action="store_true", help="the frame is normal: the model learns it")
+    kind.add_argument("--defect", metavar="TYPE", help="a confirmed defect of this type")
+    kind.add_argument("--clear", action="store_true", help="withdraw the frame's label (and what it taught the model)")
+    label.add_argument("--note")
+    label.set_defaults(func=_label)
+    capture = sub.add_parser("capture", help="export the captured normal frames and false alarms as a training folder")
+    capture.add_argument("--config", default=argparse.SUPPRESS)
+    capture.add_argument("--out", required=True, help="folder to write <camera>/good/ into")
+    capture.add_argument("--camera", help="only this camera")
+    capture.set_defaults(func=_capture)
     console = sub.add_parser("console", help="serve the operator web console (console.host:console.port)")
     console.add_argument("--config", default=argparse.SUPPRESS)
     console.set_defaults(func=_console)

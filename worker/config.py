@@ -238,6 +238,32 @@ class EvidenceConfig(_Section):
     thumbnail_size: int = Field(128, ge=16, description="Longer side of the thumbnail kept for every logged frame.")
 
 
+class LearningConfig(_Section):
+    """A false alarm an operator labels is absorbed into the bundle's bank extension (PatchCore bundles that have one)."""
+
+    enabled: bool = Field(True, description="Absorb false-alarm labels; off: labels are only recorded.")
+    path: Path = Field(Path("data/extensions"), description="One folder per bundle (by its weights' sha256) with the rows each label "
+                                                           "added; survives restarts.")
+    max_rows: int = Field(1024, ge=1, le=65536, description="Rows an extension may hold; a label that would overflow it is refused "
+                                                            "(nothing older is evicted). Every frame pays for this many rows, used or "
+                                                            "not.")
+    margin: float = Field(0.8, gt=0, le=2, description="A label absorbs the frame's patches whose distance is at least this share of "
+                                                       "the raw image threshold.")
+
+
+class CaptureConfig(_Section):
+    """A bounded sample of each camera's normal frames (and its false alarms) at full resolution, for the next training set."""
+
+    enabled: bool = Field(True, description="Keep the sample; off: nothing is captured.")
+    path: Path = Field(Path("data/capture"), description="One folder per camera; survives restarts.")
+    max_frames: int = Field(500, ge=1, description="Normal frames kept per camera, a uniform sample of all it sent (reservoir "
+                                                   "sampling).")
+    min_distance: float = Field(0.01, ge=0, le=2, description="A frame this close (cosine, on a 16x16 grey signature) to a kept one is "
+                                                              "skipped as a near-duplicate (0 = keep duplicates).")
+    export_path: Path = Field(Path("data/training"), description="Where an export requested over MQTT or from the console is "
+                                                                 "written (one timestamped folder per export).")
+
+
 class QueryConfig(_Section):
     max_top_k: int = Field(50, ge=1, description="Largest top_k a query may ask for.")
     timeout_s: float = Field(10, gt=0, description="CLI: how long to wait for the worker's answer.")
@@ -285,6 +311,8 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     evidence: EvidenceConfig = EvidenceConfig()
     query: QueryConfig = QueryConfig()
+    learning: LearningConfig = LearningConfig()
+    capture: CaptureConfig = CaptureConfig()
     console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
@@ -356,6 +384,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     config.store.path = fix(config.store.path)
     config.evidence.path = fix(config.evidence.path)
     config.spool.path = fix(config.spool.path)
+    config.learning.path = fix(config.learning.path)
+    config.capture.path = fix(config.capture.path)
+    config.capture.export_path = fix(config.capture.export_path)
     if config.mqtt.password_file:
         config.mqtt.password_file = fix(config.mqtt.password_file)
     if config.mqtt.tls:

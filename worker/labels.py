@@ -2,7 +2,9 @@
 
 Requests arrive on ``<prefix>/label`` (MQTT v5 request/response, like queries) from the
 console or the CLI.  Labels then travel with every similarity answer, and ``export``
-lists them (JSON or CSV) for re-thresholding or retraining.
+lists them (JSON or CSV) for re-thresholding or retraining.  A ``false_alarm`` label is
+also absorbed into the model (worker/learning.py: the answer's ``absorbed``); clearing
+it (``label: null`` or ``action: unlabel``) takes the absorption back (``released``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.evidence import EvidenceStore
+from worker.learning import Learner
 from worker.query import serve_request
 from worker.store import Label, VectorStore
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
@@ -35,6 +38,22 @@ class SetLabel(BaseModel):
     note: str | None = Field(None, max_length=500)
 
 
+class Unlabel(BaseModel):
+    """The same as ``set`` with ``label: null``: the frame's label, and what it taught the model, are withdrawn."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["unlabel"]
+    frame_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+
+
+class ListExtensions(BaseModel):
+    """What false alarms each served bundle has absorbed (for the console's undo list)."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["extensions"]
+
+
 class ExportLabels(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["export"]
@@ -43,31 +62,50 @@ class ExportLabels(BaseModel):
 
 class LabelService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]],
-                 evidence: EvidenceStore | None = None) -> None:
+                 evidence: EvidenceStore | None = None, learner: Learner | None = None) -> None:
         self.use_store = use_store
         self.evidence = evidence
+        self.learner = learner
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
-        def pick(raw: object) -> type[SetLabel | ExportLabels]:
-            return ExportLabels if isinstance(raw, dict) and raw.get("action") == "export" else SetLabel
+        def pick(raw: object) -> type[SetLabel | Unlabel | ListExtensions | ExportLabels]:
+            action = raw.get("action") if isinstance(raw, dict) else None
+            kinds: dict[object, type[SetLabel | Unlabel | ListExtensions | ExportLabels]] = {
+                "export": ExportLabels, "unlabel": Unlabel, "extensions": ListExtensions}
+            return kinds.get(action, SetLabel)
 
-        return serve_request(payload, pick, self.use_store,
-                             lambda r, store: self.set(r, store) if isinstance(r, SetLabel) else self.export(r, store))
+        def handle(request: SetLabel | Unlabel | ListExtensions | ExportLabels, store: VectorStore) -> dict:
+            if isinstance(request, ExportLabels):
+                return self.export(request, store)
+            if isinstance(request, ListExtensions):
+                return {"ok": True, "extensions": self.learner.extensions() if self.learner is not None else []}
+            if isinstance(request, Unlabel):
+                request = SetLabel(action="set", frame_id=request.frame_id, camera=request.camera, label=None)
+            return self.set(request, store)
+
+        return serve_request(payload, pick, self.use_store, handle)
 
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)
         if found is None:
             raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
         pid, vector, payload = found
+        was_false_alarm = payload.get("label") == "false_alarm"
         labelled = request.label is not None
         payload.update(label=request.label, defect_type=request.defect_type if labelled else None,
                        note=request.note if labelled else None, labelled_at=iso(time.time()) if labelled else None)
         store.upsert([(pid, vector, payload)])
         if self.evidence is not None:  # a labelled frame's evidence moves to the labelled budget
             self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
-        return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
-                "defect_type": payload["defect_type"]}
+        answer = {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
+                  "defect_type": payload["defect_type"]}
+        if self.learner is not None:
+            if request.label == "false_alarm":
+                answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload)
+            elif was_false_alarm:
+                answer["released"] = self.learner.release(pid, request.camera)
+        return answer
 
     def export(self, request: ExportLabels, store: VectorStore) -> dict:
         rows = sorted(({k: p.get(k) for k in EXPORT_FIELDS} for p in store.labelled()),

@@ -5,7 +5,9 @@ swaps one reference, so inference threads switch between two frames and none is
 dropped; the replaced model is kept for one rollback.  All bundles must produce
 embeddings of the same size, since they share one vector-store collection.  A camera
 with its own precision but no bundle of its own gets its own compiled copy of the
-default bundle, which follows the default through reloads.
+default bundle, which follows the default through reloads.  A PatchCore bundle with a bank-extension input
+is compiled with room for ``learning.max_rows`` extension rows and starts with the rows its
+:class:`~worker.extension.Extension` holds on disk; compiled copies of one bundle share one extension.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from bundle import MANIFEST, BundleError, Normalisation
 from bundle.runtime import CompiledBundle
 from worker.config import Config
+from worker.extension import Extension
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,20 @@ class Model:
     bundle: CompiledBundle
     path: Path
     loaded_at: float
+    extension: Extension | None = None  # None: the bundle has no extension input, or learning is off
 
     @property
     def info(self) -> dict:
+        """What results and the model topic say of the model; the version gains ``+x<revision>`` once the
+        extension has changed, so two results scored by different extensions never claim the same model."""
         m = self.bundle.manifest
-        return {"name": m.name, "version": m.version, "family": m.family, "precision": self.bundle.precision}
+        info: dict = {"name": m.name, "version": m.version, "family": m.family, "precision": self.bundle.precision}
+        if self.extension is not None:
+            ext = self.extension.info()
+            info["extension"] = ext
+            if ext["revision"]:
+                info["version"] = f"{m.version}+x{ext['revision']}"
+        return info
 
 
 class Models:
@@ -58,6 +70,7 @@ class Models:
         self._current: dict[str, Model] = {}
         self._previous: dict[str, Model] = {}
         self.embedding_dim: int | None = None
+        self._extensions: dict[Path, Extension] = {}
         self.load(DEFAULT, cfg.model.bundle)
         for camera, override in cfg.cameras.items():
             if override.bundle is not None or override.precision is not None:
@@ -74,17 +87,47 @@ class Models:
 
     def _compile(self, path: Path, precision: str) -> Model:
         started = time.monotonic()
-        bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir, batch=1, precision=precision)
+        learning = self.cfg.learning
+        bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir, batch=1, precision=precision,
+                                extension_rows=learning.max_rows if learning.enabled else None)
         dim = bundle.manifest.embedding_dim
         if self.embedding_dim is not None and dim != self.embedding_dim:
             raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
                               "(they share one vector-store collection)")
         m = bundle.manifest
+        extension = self._extension(bundle) if learning.enabled else None
+        if extension is not None:
+            bundle.set_extension(extension.rows)
         warm_up(bundle)
-        log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests", m.name, m.version,
+        log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests%s", m.name, m.version,
                  m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,
-                 bundle.optimal_requests)
-        return Model(bundle, Path(path), time.time())
+                 bundle.optimal_requests, f", extension of {len(extension.rows)} rows" if extension else "")
+        return Model(bundle, Path(path), time.time(), extension)
+
+    def _extension(self, bundle: CompiledBundle) -> Extension | None:
+        """The on-disk extension of this bundle (by its weights' sha256), shared by its compiled copies."""
+        m = bundle.manifest
+        if m.extension is None:
+            return None
+        folder = self.cfg.learning.path / f"{m.name}-{m.files['model.bin'][:16]}"
+        with self._lock:
+            ext = self._extensions.get(folder)
+            if ext is None:
+                ext = self._extensions[folder] = Extension(folder, m.extension.feature_dim, self.cfg.learning.max_rows)
+            return ext
+
+    def extensions(self) -> list[Extension]:
+        with self._lock:
+            return list(self._extensions.values())
+
+    def apply(self, extension: Extension) -> None:
+        """Every compiled bundle that shares ``extension`` scores with its current rows from the next frame on
+        (the replaced models kept for rollback too, so a rollback does not bring a false alarm back)."""
+        with self._lock:
+            models = [*self._current.values(), *self._previous.values()]
+        for model in models:
+            if model.extension is extension:
+                model.bundle.set_extension(extension.rows)
 
     def load(self, scope: str, path: Path) -> Model:
         """Verify, compile and switch ``scope`` to the bundle at ``path``; raises BundleError and keeps the old one.

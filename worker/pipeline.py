@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from bundle import prepare_image
 from worker import heatmap, tiling
+from worker.capture import Capture
 from worker.config import Config, HeatmapConfig
 from worker.decode import FrameError, decode, probe
 from worker.ingest import Ingest
@@ -56,8 +57,10 @@ class Frame:
 
 class Pipeline:
     def __init__(self, cfg: Config, models: Models, link: Transport, topics: Topics, recorder: Recorder,
-                 stats: Stats, liveness: Liveness) -> None:
+                 stats: Stats, liveness: Liveness, capture: Capture | None = None) -> None:
+        """``capture`` is offered every normal frame (worker/capture.py keeps a bounded sample)."""
         self.cfg = cfg
+        self.capture = capture
         self.models = models
         self.link = link
         self.topics = topics
@@ -246,10 +249,14 @@ class Pipeline:
             raise FrameError("roi_outside_frame", f"roi {override.roi} lies outside the {image.shape[1]}x{image.shape[0]} frame")
         return crop
 
+    def frame_image(self, data: bytes, camera: str) -> np.ndarray:
+        """A camera's frame as inference sees it: decoded and cropped to its roi (tiling comes after)."""
+        return self._crop(decode(data), camera)
+
     def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
         manifest = model.bundle.manifest
-        cropped = self._crop(decode(frame.data), frame.camera)
+        cropped = self.frame_image(frame.data, frame.camera)
         t_decoded = time.monotonic()
         override = self.cfg.cameras.get(frame.camera)
         seen = tiling.see(model.bundle, request, cropped, override.tiling if override else None)
@@ -300,6 +307,10 @@ class Pipeline:
                           properties=publish_properties({"frame_id": frame.frame_id}, "application/json"))
         self.stats.add(frame.camera, "processed")
         self.stats.observe(latency_ms)
+        if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
+            cropped_by_roi = override is not None and override.roi is not None
+            self.capture.offer(frame.camera, point_id(frame.camera, frame.frame_id), cropped,
+                               lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
         if anomalous:
             self.stats.add(frame.camera, "anomalous")
         if logged:

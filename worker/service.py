@@ -20,9 +20,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bundle import BundleError
+from worker.capture import Capture
 from worker.config import Config, QueuePolicy
 from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
 from worker.labels import LabelService
+from worker.learning import Learner
 from worker.metrics import Stats
 from worker.models import DEFAULT, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
@@ -66,10 +68,13 @@ class Worker:
                                             self.topics.control],
                              will=(self.topics.availability, "offline"))
         self.link.client.manual_ack_set(True)
-        self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness)
+        self.capture = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance) if cfg.capture.enabled else None
+        self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness,
+                                 self.capture)
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
                                     lambda: embedding_space_of(self.models.default.bundle.manifest))
-        self.labels = LabelService(self.recorder.use_store, self.evidence)
+        self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.frame_image, self._publish_models, self.capture)
+        self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
         self.query_queue: BoundedQueue[Inbound] = BoundedQueue(
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
@@ -96,11 +101,14 @@ class Worker:
         self.link.publish(self.topics.model, json.dumps(body), retain=True)
 
     def control(self, payload: bytes | dict) -> dict:
-        """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves."""
+        """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves;
+        export_capture {camera?}: the captured frames as a training folder (the answer says where)."""
         try:
             command = validate(ControlRequest, decode_json(payload) if isinstance(payload, bytes) else payload)
         except RequestError as exc:
-            return error_answer(exc.code, f"{exc.message} (command: reload | rollback | status)")
+            return error_answer(exc.code, f"{exc.message} (command: reload | rollback | status | export_capture)")
+        if command.command == "export_capture":
+            return self.export_capture(command.camera)
         scope = command.camera or DEFAULT
         try:
             if command.command == "reload":
@@ -114,6 +122,21 @@ class Worker:
             return error_answer(ErrorCode.RELOAD_FAILED, str(exc))
         self._publish_models()
         return {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}
+
+    def export_capture(self, camera: str | None) -> dict:
+        """Write the captured frames under capture.export_path/<UTC time>/ (never a path a client chose)."""
+        if self.capture is None:
+            return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
+        folder = self.cfg.capture.export_path / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            written = self.capture.export(folder, [camera] if camera else None)
+        except OSError as exc:
+            return error_answer(ErrorCode.INTERNAL_ERROR, f"export to {folder} failed: {exc}")
+        if not written:
+            return error_answer(ErrorCode.BAD_REQUEST, f"nothing captured{f' for camera {camera}' if camera else ''} yet")
+        return {"ok": True, "folder": str(folder), "cameras": written,
+                "train": {c: f"python -m exporter train --data {folder} --category {Path(w['folder']).name} --out BUNDLE"
+                          for c, w in written.items()}}
 
     def _route(self, raw: mqtt.MQTTMessage) -> None:
         """paho's network thread: hand the message on, then acknowledge it, exactly once, whatever happened."""
@@ -192,6 +215,8 @@ class Worker:
             "recorder_dropped": self.recorder.dropped,
             "evidence_frames": len(self.evidence),
             "evidence": self.evidence.counts(),
+            "capture": self.capture.counts() if self.capture is not None else None,
+            "extensions": [e.info() for e in self.models.extensions()],
             "cameras": self.stats.snapshot(),
             "threads": self.liveness.snapshot(),
             "healthy": not self.liveness.problems(),

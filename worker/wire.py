@@ -163,10 +163,11 @@ def validate(model: type[M], raw: Any) -> M:
 
 
 class ControlRequest(BaseModel):
-    """``<prefix>/workers/<id>/control``: reload {bundle?, camera?} | rollback {camera?} | status."""
+    """``<prefix>/workers/<id>/control``: reload {bundle?, camera?} | rollback {camera?} | status |
+    export_capture {camera?} (the captured frames as a training folder under capture.export_path)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    command: Literal["reload", "rollback", "status"]
+    command: Literal["reload", "rollback", "status", "export_capture"]
     bundle: str | None = Field(None, min_length=1, max_length=4096)
     camera: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
 

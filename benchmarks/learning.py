@@ -1,0 +1,308 @@
+"""Learns on the line: a benign appearance the bundle has never seen stops being flagged once an operator marks
+three frames of it as false alarms, and real defects stay caught.
+
+    python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split validation \\
+        --margins 0.6,0.8,1.0 --trials 5
+    python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split test --margins 0.8
+    python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --worker-timing 5
+
+BUNDLE is a PatchCore bundle with a bank extension (``exporter train`` since issue 17).  The benign
+appearances are drawn on the category's held-out normal images (the ones ``exporter train`` keeps out of
+the bank to set thresholds, so the bank has never seen them):
+
+* ``mark``: a small dark ink dot with a soft edge (an allowed marking);
+* ``glare``: a soft local brightening (a new reflection).
+
+For each appearance and margin, ``--trials`` times: the images are shuffled, the operator marks the first
+three that the bundle flags, exactly as the worker absorbs a label (``worker.extension.offending`` on the
+graph's candidates, added to an :class:`~worker.extension.Extension`, one label after the other), and the
+other marked images are scored again.  Guard: image AUROC and the detection rate at the bundle's threshold
+of every defect type, before and after, on ``--split``: ``validation`` (synthetic anomalies on the same
+held-out normals, exporter/validation.py) to choose the margin, ``test`` (the category's test split) to
+report it once.  Everything runs at f32, set explicitly.
+
+``--worker-timing N`` instead runs the worker behind a real mosquitto: a marked frame is streamed at
+20 frames/s, labelled over MQTT, and the time from the label request to the first result scored with the
+new extension revision is measured N times (N different frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from benchmarks.common import DATA, fmt, md_table, summary
+from bundle import prepare_image
+from bundle.runtime import CompiledBundle
+
+log = logging.getLogger("benchmarks.learning")
+APPEARANCES = ("mark", "glare")
+LABELLED = 3
+
+
+def benign(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """``image`` with one benign appearance of ``kind`` at a random place (the same look every time)."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    y, x = (rng.uniform(0.15, 0.85, 2) * (h, w)).astype(int)
+    out = image.astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    if kind == "mark":
+        radius = 0.025 * side
+        weight = np.clip(radius + 1.5 - np.hypot(yy - y, xx - x), 0, 1.5) / 1.5  # a dot with a soft rim
+        ink = np.array([90, 40, 30], np.float32)  # dark blue, BGR
+        out = out * (1 - weight[..., None]) + ink * weight[..., None]
+    elif kind == "glare":
+        sigma = 0.06 * side
+        out = out + 70 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma**2))[..., None]
+    else:
+        raise ValueError(f"unknown appearance {kind!r}; choose from {APPEARANCES}")
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def held_out_normals(data: Path, category: str) -> list[np.ndarray]:
+    from exporter.build import VAL_FRACTION
+    from exporter.data import load_category
+
+    _, val = load_category(data, category).split_train(VAL_FRACTION, 0)
+    return [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in val]
+
+
+def guard_set(data: Path, category: str, split: str, normals: list[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+    """(images, types: 'good' or a defect type) the absorption must not blind the bundle on."""
+    if split == "test":
+        from exporter.data import load_category
+
+        samples = load_category(data, category).test
+        return [cv2.imread(str(s.path), cv2.IMREAD_COLOR) for s in samples], [s.defect for s in samples]
+    from exporter.validation import natural_photos, synthesise
+
+    bad = synthesise(normals, seed=1, photos=natural_photos(data.parent / "natural" / "imagenet-sample"))
+    return [*normals, *(a.image for a in bad)], ["good"] * len(normals) + [a.kind for a in bad]
+
+
+class Scorer:
+    """The bundle at f32 with room for the extension, scoring images as the worker does."""
+
+    def __init__(self, bundle: Path, rows: int) -> None:
+        self.compiled = CompiledBundle(bundle, batch=1, precision="f32", hint="LATENCY", extension_rows=rows)
+        if self.compiled.extension_spec is None:
+            raise SystemExit(f"{bundle}: no bank extension input; re-export it with this version's exporter")
+        self.spec = self.compiled.manifest.input
+        self.threshold = self.compiled.thresholds.image.threshold
+        self.request = self.compiled.create_request()
+
+    def predict(self, image: np.ndarray):
+        return self.compiled.infer(prepare_image(image, self.spec)[np.newaxis], self.request)
+
+    def scores(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.array([float(self.predict(i).score[0]) for i in images])
+
+
+def guard_figures(scores: np.ndarray, types: list[str], threshold: float) -> dict:
+    labels = np.array([t != "good" for t in types])
+    out = {"image_auroc": float(roc_auc_score(labels, scores)),
+           "good_flagged": int((scores[~labels] >= threshold).sum())}
+    for kind in sorted(set(types) - {"good"}):
+        picked = np.array([t == kind for t in types])
+        out[f"caught {kind}"] = float((scores[picked] >= threshold).mean())
+    return out
+
+
+def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndarray], list[str]], margin: float,
+             trials: int, guard_before: dict, folder: Path) -> dict:
+    from worker.extension import Extension, offending
+
+    spec = scorer.compiled.extension_spec
+    assert spec is not None
+    before = scorer.scores(marked)
+    flagged = [i for i in range(len(marked)) if before[i] >= scorer.threshold]
+    passes, rows, deltas = [], [], []
+    worst: dict[str, float] = {}
+    for trial in range(trials):
+        order = flagged[:]
+        random.Random(trial).shuffle(order)
+        chosen = order[:LABELLED]
+        ext = Extension(folder / f"m{margin}-t{trial}-{uuid.uuid4().hex[:6]}", spec.feature_dim, scorer.compiled.extension_capacity)
+        scorer.compiled.set_extension(ext.rows)
+        for i in chosen:
+            pred = scorer.predict(marked[i])
+            assert pred.candidates is not None and pred.candidate_scores is not None
+            ext.add(str(uuid.uuid4()), offending(pred.candidates[0], pred.candidate_scores[0], scorer.threshold, margin),
+                    f"marked-{i}", "bench")
+            scorer.compiled.set_extension(ext.rows)
+        rest = [marked[i] for i in range(len(marked)) if i not in chosen]
+        passes.append(float((scorer.scores(rest) < scorer.threshold).mean()))
+        rows.append(len(ext.rows))
+        after = guard_figures(scorer.scores(guard[0]), guard[1], scorer.threshold)
+        deltas.append(after["image_auroc"] - guard_before["image_auroc"])
+        for key, value in after.items():
+            if key.startswith("caught") or key == "good_flagged":
+                change = value - guard_before[key]
+                worst[key] = min(worst.get(key, change), change) if key.startswith("caught") else max(worst.get(key, change), change)
+        scorer.compiled.set_extension(np.zeros((0, spec.feature_dim), np.float32))
+    return {"flagged_before": len(flagged) / len(marked), "pass_after": summary(passes), "rows": summary(rows),
+            "auroc_delta": summary(deltas), "worst": worst}
+
+
+def quality(args: argparse.Namespace) -> None:
+    normals = held_out_normals(args.data, args.category)
+    guard = guard_set(args.data, args.category, args.split, normals)
+    scorer = Scorer(args.bundle, args.rows)
+    guard_before = guard_figures(scorer.scores(guard[0]), guard[1], scorer.threshold)
+    print(f"# Learns on the line: {args.bundle} on {args.category}, guard split {args.split}\n")
+    print(f"CPU: {scorer.compiled.device_name}; precision {scorer.compiled.precision} (read back); extension capacity "
+          f"{args.rows} rows; {len(normals)} held-out normals; {LABELLED} labelled per trial, {args.trials} trials.\n")
+    print("Guard before absorption: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in guard_before.items()) + "\n")
+    rows_out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in APPEARANCES:
+            rng = np.random.default_rng(7)
+            marked = [benign(image, kind, rng) for image in normals]
+            for margin in args.margins:
+                r = scenario(scorer, marked, guard, margin, args.trials, guard_before, Path(tmp))
+                worst = ", ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v:+d}" for k, v in r["worst"].items())
+                rows_out.append([kind, margin, f"{r['flagged_before']:.2f}", fmt(r["pass_after"], 2), fmt(r["rows"], 0),
+                                 fmt(r["auroc_delta"], 4), worst])
+    print(md_table(["appearance", "margin", "flagged before", "other marked pass after, median [range]",
+                    "extension rows", "guard image AUROC change", "guard worst change per type (over trials)"], rows_out))
+
+
+def worker_timing(args: argparse.Namespace) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from benchmarks.throughput import WorkerRig
+
+    normals = held_out_normals(args.data, args.category)
+    rng = np.random.default_rng(7)
+    marked = [cv2.imencode(".jpg", benign(image, "mark", rng), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+              for image in normals]
+    folder = Path(tempfile.mkdtemp(prefix="learning-"))
+    rig = WorkerRig(args.bundle, folder)
+    results: dict[str, dict] = {}
+    answers: dict[bytes, dict] = {}
+    cond = threading.Condition()
+    original = rig.client.on_message
+
+    def on_message(client, userdata, msg) -> None:
+        original(client, userdata, msg)
+        with cond:
+            if msg.topic.endswith("/result"):
+                body = json.loads(msg.payload)
+                results[body["frame_id"]] = {**body, "arrived": time.perf_counter()}
+            elif msg.topic.startswith("bench-answers/"):
+                answers[msg.properties.CorrelationData] = json.loads(msg.payload)
+            cond.notify_all()
+
+    rig.client.on_message = on_message
+    rig.client.subscribe("bench-answers/#", qos=1)
+
+    def wait(predicate, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        with cond:
+            while (found := predicate()) is None:
+                if not cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError("timed out waiting for the worker")
+            return found
+
+    def ask(topic: str, body: dict) -> tuple[float, bytes]:
+        token = uuid.uuid4().hex.encode()
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = "bench-answers/x", token
+        sent = time.perf_counter()
+        rig.client.publish(topic, json.dumps(body), qos=1, properties=props)
+        return sent, token
+
+    def stored(frame_id: str) -> None:
+        """Until the recorder has written the frame (the operator labels what the history shows)."""
+        for _ in range(100):
+            _, token = ask("inspect/query", {"frame_id": frame_id, "camera": "bench", "top_k": 1})
+            if wait(lambda token=token: answers.get(token))["ok"]:
+                return
+            with cond:
+                cond.wait(0.1)
+        raise RuntimeError(f"{frame_id} never reached the store")
+
+    from benchmarks.common import publish_frame
+
+    delays, revisions, verdicts = [], [], []
+    try:
+        used = 0
+        for n in range(args.worker_timing):
+            # find a flagged marked frame the extension has not absorbed yet
+            while True:
+                fid = f"probe-{used}"
+                publish_frame(rig.client, "inspect/bench/frame", marked[used % len(marked)], fid)
+                probe = wait(lambda fid=fid: results.get(fid))
+                used += 1
+                if probe["verdict"] == "anomalous":
+                    break
+            data = marked[(used - 1) % len(marked)]
+            stop = threading.Event()
+
+            def stream(data: bytes = data, n: int = n, stop: threading.Event = stop) -> None:
+                i = 0
+                while not stop.wait(0.05):
+                    publish_frame(rig.client, "inspect/bench/frame", data, f"s{n}-{i}")
+                    i += 1
+
+            streamer = threading.Thread(target=stream, daemon=True)
+            streamer.start()
+            revision = probe["model"].get("extension", {}).get("revision", 0)
+            stored(probe["frame_id"])
+            sent, token = ask("inspect/label", {"action": "set", "frame_id": probe["frame_id"], "camera": "bench",
+                                                "label": "false_alarm"})
+            first = wait(lambda n=n, revision=revision, sent=sent: next(
+                (r for f, r in sorted(results.items(), key=lambda kv: kv[1]["arrived"])
+                 if f.startswith(f"s{n}-") and r["arrived"] > sent
+                 and r["model"].get("extension", {}).get("revision", 0) > revision), None))
+            stop.set()
+            streamer.join()
+            answer = wait(lambda token=token: answers.get(token))
+            delays.append(first["arrived"] - sent)
+            revisions.append(first["model"]["extension"]["revision"])
+            verdicts.append(first["verdict"])
+            log.info("label %d: %s; first frame with the extension after %.3f s: %s", n, answer.get("absorbed"),
+                     delays[-1], first["verdict"])
+    finally:
+        rig.close()
+    print(f"Label request -> first result scored with the new extension ({len(delays)} labels, 20 frames/s streamed, "
+          f"worker at f32 behind mosquitto): median {statistics.median(delays):.3f} s, range "
+          f"[{min(delays):.3f}-{max(delays):.3f}] s; verdicts of those frames: {verdicts}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--category", default="grid")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
+    parser.add_argument("--margins", type=lambda s: [float(v) for v in s.split(",")], default=[0.8])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=1024, help="extension capacity (the worker's learning.max_rows)")
+    parser.add_argument("--worker-timing", type=int, default=0, help="measure label -> first frame through the worker")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.worker_timing:
+        worker_timing(args)
+    else:
+        quality(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Capture for retraining: a bounded, uniform, de-duplicated sample per camera that the exporter can train on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+from exporter.data import load_category
+from worker.capture import INDEX, Capture, camera_folder
+
+
+def image(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)  # unlike each other
+
+
+def frame(i: int) -> bytes:
+    return cv2.imencode(".png", image(i))[1].tobytes()
+
+
+def png(i: int) -> Callable[[], tuple[bytes, str]]:
+    return lambda: (frame(i), "png")
+
+
+def test_the_sample_is_bounded_and_uniform_over_the_history(tmp_path) -> None:
+    capture = Capture(tmp_path, max_frames=50, min_distance=0.0, seed=0)
+    for i in range(1000):
+        capture.offer("cam", f"k{i:04d}", image(i), png(i))
+    assert capture.counts() == {"cam": {"seen": 1000, "kept": 50, "false_alarms": 0}}
+    kept = sorted(int(p.stem[1:]) for p in (tmp_path / "cam").glob("k*.png"))
+    assert len(kept) == 50
+    assert sum(k >= 500 for k in kept) in range(15, 36)  # about half from each half of the history, not the newest 50
+
+
+def test_near_duplicates_are_skipped(tmp_path) -> None:
+    capture = Capture(tmp_path, max_frames=50, min_distance=0.01, seed=0)
+    same = image(1)
+    assert capture.offer("cam", "a", same, lambda: (frame(1), "png"))
+    brighter = np.clip(same.astype(int) + 3, 0, 255).astype(np.uint8)  # the same part, the light a bit up
+    assert not capture.offer("cam", "b", brighter, lambda: (frame(2), "png"))
+    assert capture.offer("cam", "c", image(2), lambda: (frame(3), "png"))
+    assert capture.counts()["cam"]["kept"] == 2
+
+
+def test_state_survives_a_restart_and_exports_a_training_folder(tmp_path) -> None:
+    capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)
+    for i in range(12):
+        capture.offer("line 1/cam", f"k{i}", image(i), png(i))
+    capture.add_false_alarm("line 1/cam", "fa", image(99))
+    capture.add_false_alarm("line 1/cam", "gone", image(98))
+    capture.remove_false_alarm("line 1/cam", "gone")
+    again = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
+    assert again.counts() == {"line 1/cam": {"seen": 12, "kept": 12, "false_alarms": 1}}
+    written = again.export(tmp_path / "out")
+    name = camera_folder("line 1/cam")
+    assert "/" not in name and name != "line 1/cam"
+    assert written == {"line 1/cam": {"folder": str(tmp_path / "out" / name), "normal": 12, "false_alarms": 1}}
+    category = load_category(tmp_path / "out", name)
+    assert len(category.train) == 13 and category.test == []
+
+
+def test_an_unreadable_state_starts_the_sample_afresh(tmp_path) -> None:
+    capture = Capture(tmp_path, max_frames=5, min_distance=0.0)
+    capture.offer("cam", "a", image(1), lambda: (frame(1), "png"))
+    (tmp_path / "cam" / INDEX).write_text("{torn")
+    again = Capture(tmp_path, max_frames=5, min_distance=0.0)
+    assert again.offer("cam", "b", image(2), lambda: (frame(2), "png"))
+    assert json.loads((tmp_path / "cam" / INDEX).read_text())["files"] == ["b.png"]

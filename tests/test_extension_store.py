@@ -1,0 +1,92 @@
+"""The bank extension on disk: bounded, undoable per label, survives restarts and crashes mid-write."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+from worker.extension import INDEX, Extension, ExtensionFull, offending
+
+C = 8
+
+
+def key() -> str:
+    return str(uuid.uuid4())
+
+
+def rows(n: int, value: float) -> np.ndarray:
+    return np.full((n, C), value, np.float32)
+
+
+def test_add_remove_and_restart(tmp_path) -> None:
+    ext = Extension(tmp_path, C, max_rows=10)
+    a, b = key(), key()
+    ext.add(a, rows(3, 1.0), "f1", "cam")
+    ext.add(b, rows(2, 2.0), "f2", "cam")
+    assert ext.rows.shape == (5, C) and ext.info() == {"revision": 2, "rows": 5, "labels": 2, "max_rows": 10}
+    assert ext.remove(a) == 3 and ext.remove(a) == 0
+    assert np.array_equal(ext.rows, rows(2, 2.0)) and ext.revision == 3
+    again = Extension(tmp_path, C, max_rows=10)
+    assert again.revision == 3 and np.array_equal(again.rows, rows(2, 2.0))
+    assert [e.frame_id for e in again.entries()] == ["f2"]
+
+
+def test_relabelling_a_frame_replaces_its_rows(tmp_path) -> None:
+    ext = Extension(tmp_path, C, max_rows=4)
+    a = key()
+    ext.add(a, rows(3, 1.0), "f1", "cam")
+    ext.add(a, rows(4, 5.0), "f1", "cam")  # fits: its own earlier 3 rows do not count
+    assert np.array_equal(ext.rows, rows(4, 5.0))
+
+
+def test_full_extension_refuses_and_keeps_what_it_has(tmp_path) -> None:
+    ext = Extension(tmp_path, C, max_rows=4)
+    ext.add(key(), rows(3, 1.0), "f1", "cam")
+    with pytest.raises(ExtensionFull, match="3 of its 4 rows"):
+        ext.add(key(), rows(2, 2.0), "f2", "cam")
+    assert ext.rows.shape == (3, C) and ext.revision == 1
+
+
+def test_bad_rows_and_keys_are_refused(tmp_path) -> None:
+    ext = Extension(tmp_path, C, max_rows=4)
+    with pytest.raises(ValueError, match="rows must be"):
+        ext.add(key(), np.zeros((2, C + 1), np.float32), "f", "cam")
+    with pytest.raises(ValueError, match="not a point id"):
+        ext.add("../escape", rows(1, 0.0), "f", "cam")
+    assert not any(tmp_path.glob("*.npy"))
+
+
+def test_crash_states_recover(tmp_path) -> None:
+    ext = Extension(tmp_path, C, max_rows=10)
+    kept = key()
+    ext.add(kept, rows(2, 1.0), "f1", "cam")
+    stray = key()  # rows written, but the crash came before the index named them
+    np.save(tmp_path / f"{stray}.npy", rows(1, 9.0))
+    (tmp_path / "x.npy.tmp").write_bytes(b"half")
+    again = Extension(tmp_path, C, max_rows=10)
+    assert np.array_equal(again.rows, rows(2, 1.0))
+    assert not (tmp_path / f"{stray}.npy").exists() and not (tmp_path / "x.npy.tmp").exists()
+    (tmp_path / INDEX).write_text("{not json")  # a torn index: moved aside, the worker starts empty
+    empty = Extension(tmp_path, C, max_rows=10)
+    assert empty.rows.shape == (0, C) and (tmp_path / "index.corrupt").is_file()
+
+
+def test_entries_of_another_shape_or_beyond_the_bound_are_dropped(tmp_path) -> None:
+    ext = Extension(tmp_path, C, max_rows=10)
+    first, second = key(), key()
+    ext.add(first, rows(4, 1.0), "f1", "cam")
+    ext.add(second, rows(4, 2.0), "f2", "cam")
+    assert np.array_equal(Extension(tmp_path, C, max_rows=5).rows, rows(4, 1.0))  # a smaller bound keeps the oldest
+    assert [e["frame_id"] for e in json.loads((tmp_path / INDEX).read_text())["entries"]] == ["f1"]
+    assert Extension(tmp_path, C + 1, max_rows=10).rows.shape == (0, C + 1)  # a bundle with other features
+
+
+def test_offending_takes_the_patches_at_or_above_the_margin() -> None:
+    candidates = np.arange(4 * C, dtype=np.float32).reshape(1, 4, C)
+    scores = np.array([[5.0, 3.0, 2.0, 0.5]], np.float32)
+    picked = offending(candidates, scores, threshold=4.0, margin=0.5)
+    assert np.array_equal(picked, candidates[0, :3])
+    assert offending(candidates, scores, threshold=4.0, margin=2.0).shape == (0, C)

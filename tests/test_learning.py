@@ -1,0 +1,94 @@
+"""Learns on the line, end to end: a real worker behind mosquitto absorbs a false alarm labelled over MQTT, the
+next frame of that appearance passes, the label can be taken back, and the extension survives a restart."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import Client, wait_online, write_config
+from test_worker import _query
+
+
+def _marked(dataset: Path, name: str = "000") -> bytes:
+    """A good test frame with a dark dot on it: an appearance the bundle never saw (a mark the line accepts)."""
+    image = cv2.imread(str(dataset / "weave" / "test" / "good" / f"{name}.png"), cv2.IMREAD_COLOR)
+    cv2.circle(image, (40, 52), 9, (90, 40, 30), -1)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def _until_stored(client: Client, prefix: str, frame_id: str, camera: str) -> None:
+    """Until the recorder has written the frame: the operator labels what the history shows."""
+    for _ in range(200):
+        if _query(client, prefix, {"frame_id": frame_id, "camera": camera, "top_k": 1})["ok"]:
+            return
+        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5)  # the next stats tick (every second)
+    raise AssertionError(f"{frame_id} never reached the store")
+
+
+@pytest.fixture
+def learning(broker, bundle_dir, tmp_path, worker_factory):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    yield prefix, client, worker, config, worker_factory
+    client.close()
+
+
+def _score(client: Client, prefix: str, data: bytes, frame_id: str) -> dict:
+    client.publish_frame("cam1", data, frame_id)
+    msg = client.wait_for(lambda m: m.topic == f"{prefix}/cam1/result" and json.loads(m.payload)["frame_id"] == frame_id,
+                          timeout=60)[0]
+    return json.loads(msg.payload)
+
+
+def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(learning, dataset):
+    prefix, client, worker, config, start = learning
+    marked = _marked(dataset)
+    first = _score(client, prefix, marked, "m-0")
+    assert first["verdict"] == "anomalous", first
+    assert first["model"]["extension"]["revision"] == 0 and "+x" not in first["model"]["version"]
+    plain = _score(client, prefix, (dataset / "weave" / "test" / "good" / "001.png").read_bytes(), "plain-0")
+    _until_stored(client, prefix, "m-0", "cam1")
+    _until_stored(client, prefix, "plain-0", "cam1")
+
+    def label(body: dict) -> dict:
+        return _query(client, prefix, body, topic="label")
+
+    answer = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})
+    absorbed = answer["absorbed"]
+    assert answer["ok"] and absorbed["patches"] > 0 and absorbed["revision"] == 1, answer
+    assert absorbed["extension_rows"] == absorbed["patches"] and "absorbed" in absorbed["message"]
+    again = _score(client, prefix, marked, "m-1")
+    assert again["verdict"] == "normal" and again["score"] < first["score"], again
+    assert again["model"]["version"].endswith("+x1") and again["model"]["extension"]["rows"] == absorbed["patches"]
+    model = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/model"
+                            and json.loads(m.payload).get("extension", {}).get("revision") == 1)[-1]
+    assert json.loads(model.payload)["scopes"]["default"]["extension"]["rows"] == absorbed["patches"]
+
+    # Labelling it again changes nothing; other labels absorb nothing.
+    assert label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]["revision"] == 1
+    assert "absorbed" not in label({"action": "set", "frame_id": "plain-0", "camera": "cam1", "label": "confirmed_defect"})
+    nothing = label({"action": "set", "frame_id": "plain-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
+    assert plain["verdict"] == "normal" and nothing["patches"] == 0 and "not flagged" in nothing["reason"]
+
+    # Undo: the rows go, the appearance is flagged again.
+    released = label({"action": "unlabel", "frame_id": "m-0", "camera": "cam1"})["released"]
+    assert released["patches"] == absorbed["patches"] and released["revision"] == 2
+    undone = _score(client, prefix, marked, "m-2")
+    assert undone["verdict"] == "anomalous" and undone["model"]["extension"] == {
+        "revision": 2, "rows": 0, "labels": 0, "max_rows": 1024}
+
+    # Absorbed again, then a restart: the extension is read back from disk.
+    assert label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]["revision"] == 3
+    assert worker.stop() == 0
+    client.messages.clear()
+    start(config)
+    wait_online(client, prefix)
+    after = _score(client, prefix, marked, "m-3")
+    assert after["verdict"] == "normal" and after["model"]["version"].endswith("+x3"), after

@@ -1,0 +1,206 @@
+"""Capture for retraining: per camera, a bounded, de-duplicated sample of the line's normal frames at full
+resolution, plus the frames operators marked as false alarms, exported as a training folder.
+
+Policy (``capture.max_frames`` per camera): **reservoir sampling** (Vitter's algorithm R) over the
+normal frames a camera has sent, so the sample stays uniform over the whole history, a shift's worth as
+likely as the last minute's, without holding more than the bound.  A frame whose signature (the frame
+shrunk to 16x16 grey, centred and normalised) is within ``capture.min_distance`` (cosine) of one already
+kept is skipped: a stopped line sends the same part for minutes.  Frames are kept as the camera sent
+them (the original bytes).  A false-alarm frame is kept apart (``false_alarm/``) until its label is
+withdrawn; both go to ``good/`` at export, since the operator said they are normal.
+
+``export`` writes ``OUT/<camera>/good/*`` (a layout ``python -m exporter train --data OUT --category
+<camera>`` reads: a folder of good images), so the next bundle is trained on what the line really
+looks like now.  State is per camera: ``index.json`` (frames seen, kept files) and ``signatures.npy``,
+both replaced whole on every change, so a crash leaves either the old or the new sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INDEX, EMBEDDINGS, FALSE_ALARMS = "index.json", "signatures.npy", "false_alarm"
+SIGNATURE_SIDE = 16
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def camera_folder(camera: str) -> str:
+    """A folder name for a camera id: its safe characters, and a hash when anything had to be replaced."""
+    safe = _SAFE.sub("_", camera)[:64].lstrip(".") or "_"
+    return safe if safe == camera else f"{safe}-{hashlib.sha1(camera.encode()).hexdigest()[:8]}"
+
+
+def signature(image: np.ndarray) -> np.ndarray:
+    """The frame shrunk to 16x16 grey, centred and unit-length: near-identical frames are near-parallel."""
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    small = cv2.resize(grey, (SIGNATURE_SIDE, SIGNATURE_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32).reshape(-1)
+    small -= small.mean()
+    return small / max(float(np.linalg.norm(small)), 1e-6)
+
+
+class _Camera:
+    """One camera's sample on disk; the caller holds the lock."""
+
+    def __init__(self, folder: Path, camera: str) -> None:
+        self.folder = folder
+        self.camera = camera
+        self.seen = 0
+        self.files: list[str] = []
+        self.vectors: np.ndarray | None = None
+        self.false_alarms: set[str] = set()
+        index = folder / INDEX
+        if not index.is_file():
+            return
+        try:
+            raw = json.loads(index.read_text())
+            seen, files = int(raw["seen"]), [str(f) for f in raw["files"]]
+            vectors = np.load(folder / EMBEDDINGS, allow_pickle=False) if files else None
+            if vectors is not None and len(vectors) != len(files):
+                raise ValueError(f"{len(files)} files but {len(vectors)} embeddings")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("capture state of %s is unreadable (%s): starting its sample afresh", folder, exc)
+            seen, files, vectors = 0, [], None
+        self.seen, self.files, self.vectors = seen, [f for f in files if (folder / f).is_file()], vectors
+        if vectors is not None and len(self.files) != len(files):
+            self.vectors = vectors[[i for i, f in enumerate(files) if (folder / f).is_file()]]
+        for stray in folder.iterdir():  # replaced or never indexed (a crash): the bound holds on disk too
+            if stray.is_file() and stray.name not in (INDEX, EMBEDDINGS) and stray.name not in self.files:
+                stray.unlink(missing_ok=True)
+        if (folder / FALSE_ALARMS).is_dir():
+            self.false_alarms = {p.name for p in (folder / FALSE_ALARMS).iterdir() if not p.name.endswith(".tmp")}
+
+    def save(self) -> None:
+        if self.vectors is not None:
+            with (self.folder / (EMBEDDINGS + ".tmp")).open("wb") as fh:
+                np.save(fh, self.vectors, allow_pickle=False)
+            (self.folder / (EMBEDDINGS + ".tmp")).replace(self.folder / EMBEDDINGS)
+        tmp = self.folder / (INDEX + ".tmp")
+        tmp.write_text(json.dumps({"camera": self.camera, "seen": self.seen, "files": self.files}))
+        tmp.replace(self.folder / INDEX)
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class Capture:
+    """Thread-safe: inference threads offer frames, the request thread adds false alarms and exports."""
+
+    def __init__(self, root: Path, max_frames: int, min_distance: float, seed: int | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_frames = max_frames
+        self.min_distance = min_distance
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._cameras: dict[str, _Camera] = {}
+
+    def _camera(self, camera: str) -> _Camera:
+        state = self._cameras.get(camera)
+        if state is None:
+            folder = self.root / camera_folder(camera)
+            folder.mkdir(parents=True, exist_ok=True)
+            state = self._cameras[camera] = _Camera(folder, camera)
+        return state
+
+    def _load_all(self) -> None:
+        """Cameras with a sample on disk that have sent nothing since the restart (caller holds the lock)."""
+        for index in self.root.glob(f"*/{INDEX}"):
+            try:
+                camera = str(json.loads(index.read_text())["camera"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # _Camera reports it when that camera sends again
+            if camera not in self._cameras and index.parent.name == camera_folder(camera):
+                self._cameras[camera] = _Camera(index.parent, camera)
+
+    def offer(self, camera: str, key: str, image: np.ndarray, encoded: Callable[[], tuple[bytes, str]]) -> bool:
+        """A normal frame (``image`` decoded BGR; ``encoded()`` its file bytes and extension, asked for only when
+        it is kept): kept (True) when the reservoir draws it and nothing kept is a near-duplicate."""
+        vector = signature(image)
+        with self._lock:
+            state = self._camera(camera)
+            state.seen += 1
+            if len(state.files) < self.max_frames:
+                slot = len(state.files)
+            else:
+                slot = self._rng.randrange(state.seen)
+                if slot >= self.max_frames:
+                    return False
+            if self._duplicate(state, vector):
+                return False
+            data, ext = encoded()
+            name = f"{key}.{ext}"
+            _write(state.folder / name, data)
+            if slot == len(state.files):
+                state.files.append(name)
+                state.vectors = vector[None] if state.vectors is None else np.vstack([state.vectors, vector])
+            else:
+                (state.folder / state.files[slot]).unlink(missing_ok=True)
+                state.files[slot] = name
+                assert state.vectors is not None  # as many rows as files
+                state.vectors[slot] = vector
+            state.save()
+            return True
+
+    def _duplicate(self, state: _Camera, vector: np.ndarray) -> bool:
+        """Within ``min_distance`` (cosine) of a kept frame."""
+        if state.vectors is None or not len(state.vectors):
+            return False
+        return float(1 - (state.vectors @ vector).max()) < self.min_distance
+
+    def add_false_alarm(self, camera: str, key: str, image: np.ndarray) -> None:
+        """A frame the operator labelled a false alarm (``image``: as the model sees it, cropped), kept as PNG."""
+        data = cv2.imencode(".png", image)[1].tobytes()
+        with self._lock:
+            state = self._camera(camera)
+            _write(state.folder / FALSE_ALARMS / f"{key}.png", data)
+            state.false_alarms.add(f"{key}.png")
+
+    def remove_false_alarm(self, camera: str, key: str) -> None:
+        with self._lock:
+            state = self._camera(camera)
+            for name in [n for n in state.false_alarms if n.split(".", 1)[0] == key]:
+                (state.folder / FALSE_ALARMS / name).unlink(missing_ok=True)
+                state.false_alarms.discard(name)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per camera: normal frames seen, kept, and false alarms kept (for the stats topic and the console)."""
+        with self._lock:
+            self._load_all()
+            return {camera: {"seen": s.seen, "kept": len(s.files), "false_alarms": len(s.false_alarms)}
+                    for camera, s in self._cameras.items()}
+
+    def export(self, out: Path, cameras: list[str] | None = None) -> dict[str, dict]:
+        """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``; returns what was written where."""
+        out = Path(out)
+        written = {}
+        with self._lock:
+            self._load_all()
+            for camera, state in sorted(self._cameras.items()):
+                if cameras and camera not in cameras:
+                    continue
+                good = out / camera_folder(camera) / "good"
+                good.mkdir(parents=True, exist_ok=True)
+                sources = [state.folder / f for f in state.files] + [state.folder / FALSE_ALARMS / f for f in sorted(state.false_alarms)]
+                for source in sources:
+                    if source.is_file():
+                        shutil.copyfile(source, good / source.name)
+                written[camera] = {"folder": str(good.parent), "normal": len(state.files),
+                                   "false_alarms": len(state.false_alarms)}
+        return written

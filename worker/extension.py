@@ -1,0 +1,177 @@
+"""A PatchCore bundle's memory bank, extended on the line with the patches of frames an operator marked as
+false alarms (worker/learning.py absorbs them), kept on disk beside the worker's other state.
+
+A frame is normal when each of its patches has a close neighbour in the bank; adding
+the patches that made a false alarm makes that appearance normal from the next frame
+on, without retraining.  The extension is one :class:`Extension` per bundle (keyed by
+the sha256 of its weights, so a retrained bundle starts empty), one entry per labelled
+frame, so a label's rows can be taken back (``unlabel``).  It is bounded in rows: a
+label that would overflow it is refused with a clear error rather than evicting an
+older absorption (which would bring that false alarm back unannounced).
+
+Files: ``<folder>/index.json`` (revision and entries) and one ``<entry>.npy`` per
+entry, each written to a temporary file and renamed; the index is written last, so a
+crash leaves either the old or the new state, and files the index does not name are
+removed at start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.json"
+_KEY = re.compile(r"^[0-9a-f-]{1,64}$")  # entry keys are point ids (UUIDs), never camera-chosen text
+
+
+class ExtensionFull(Exception):
+    """Adding these rows would take the extension past its row bound."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str  # the labelled frame's point id
+    frame_id: str
+    camera: str
+    rows: int
+    at: float
+
+
+def offending(candidates: np.ndarray, scores: np.ndarray, threshold: float, margin: float) -> np.ndarray:
+    """The candidate patches an absorption adds: those whose distance is at least ``margin`` x the threshold.
+
+    ``candidates`` [K, C] are the frame's most anomalous patches and ``scores`` [K] their distances (the
+    graph's ``candidates`` / ``candidate_scores``); ``threshold`` is the bundle's raw image threshold.  A margin
+    below 1 also takes the patches just under the threshold, so the next frame of the same appearance, which
+    never matches exactly, passes too.
+    """
+    keep = np.asarray(scores, np.float32).reshape(-1) >= margin * threshold
+    return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep])
+
+
+class Extension:
+    """The rows one bundle's bank is extended with, by label; thread-safe, persisted on every change."""
+
+    def __init__(self, folder: Path, feature_dim: int, max_rows: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.feature_dim = feature_dim
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self.revision = 0
+        self._entries: dict[str, Entry] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._load()
+        self._rows = self._concat()
+
+    def _load(self) -> None:
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                raw = json.loads(index.read_text())
+                self.revision = int(raw["revision"])
+                entries = [Entry(**e) for e in raw["entries"]]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                broken = index.with_suffix(".corrupt")
+                index.replace(broken)
+                log.error("extension index %s is unreadable (%s): moved aside as %s; starting empty", index, exc, broken.name)
+                entries = []
+            for entry in entries:
+                try:
+                    rows = np.load(self.folder / f"{entry.key}.npy", allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    log.error("extension entry %s of %s is unreadable (%s): dropped", entry.key, self.folder, exc)
+                    continue
+                if rows.ndim != 2 or rows.shape[1] != self.feature_dim:
+                    log.error("extension entry %s of %s has shape %s, not [n, %d]: dropped", entry.key, self.folder,
+                              rows.shape, self.feature_dim)
+                    continue
+                self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
+                self._arrays[entry.key] = rows.astype(np.float32, copy=False)
+        if sum(e.rows for e in self._entries.values()) > self.max_rows:
+            log.warning("extension %s holds more rows than max_rows %d: keeping the oldest entries that fit",
+                        self.folder, self.max_rows)
+            kept, total = {}, 0
+            for key, entry in sorted(self._entries.items(), key=lambda kv: kv[1].at):
+                if total + entry.rows <= self.max_rows:
+                    kept[key], total = entry, total + entry.rows
+            self._entries = kept
+            self._arrays = {k: self._arrays[k] for k in kept}
+        if index.is_file() or self._entries:
+            self._write_index()  # the index names exactly what is kept
+        for stray in self.folder.glob("*.npy"):  # written, but no index names it (a crash, or dropped above)
+            if stray.stem not in self._entries:
+                stray.unlink(missing_ok=True)
+        for tmp in self.folder.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def _concat(self) -> np.ndarray:
+        parts = [self._arrays[k] for k in self._entries]
+        return np.concatenate(parts) if parts else np.empty((0, self.feature_dim), np.float32)
+
+    def _write_index(self) -> None:
+        body = {"revision": self.revision, "entries": [asdict(e) for e in self._entries.values()]}
+        tmp = self.folder / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        tmp.replace(self.folder / INDEX)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """All rows [n, C], oldest entry first (a new array after every change; never modified in place)."""
+        return self._rows
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def info(self) -> dict:
+        """What results and the retained model topic say about the extension."""
+        with self._lock:
+            return {"revision": self.revision, "rows": int(self._rows.shape[0]), "labels": len(self._entries),
+                    "max_rows": self.max_rows}
+
+    def add(self, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
+        """Absorb ``rows`` for the frame ``key`` (replacing that frame's earlier rows); raises ExtensionFull."""
+        if not _KEY.match(key):
+            raise ValueError(f"extension entry key {key!r} is not a point id")
+        rows = np.ascontiguousarray(rows, np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.feature_dim:
+            raise ValueError(f"extension rows must be [n, {self.feature_dim}], not {list(rows.shape)}")
+        with self._lock:
+            others = sum(e.rows for k, e in self._entries.items() if k != key)
+            if others + len(rows) > self.max_rows:
+                raise ExtensionFull(f"the extension holds {others} of its {self.max_rows} rows and this frame needs "
+                                    f"{len(rows)} more: undo older false-alarm labels, or raise learning.max_rows")
+            entry = Entry(key, frame_id, camera, len(rows), time.time())
+            tmp = self.folder / f"{key}.npy.tmp"
+            with tmp.open("wb") as fh:
+                np.save(fh, rows, allow_pickle=False)
+            tmp.replace(self.folder / f"{key}.npy")
+            self._entries.pop(key, None)
+            self._entries[key], self._arrays[key] = entry, rows
+            self.revision += 1
+            self._write_index()
+            self._rows = self._concat()
+            return entry
+
+    def remove(self, key: str) -> int:
+        """Take back the rows of frame ``key``; returns how many (0 when it had none)."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return 0
+            del self._arrays[key]
+            self.revision += 1
+            self._write_index()
+            (self.folder / f"{key}.npy").unlink(missing_ok=True)
+            self._rows = self._concat()
+            return entry.rows

@@ -1,0 +1,127 @@
+"""Learning on the line: a frame an operator labels ``false_alarm`` is absorbed into its bundle's bank extension.
+
+The label request (worker/labels.py, on the request thread) hands the frame here.  The
+frame's original image is in the evidence store (the worker keeps it for every flagged
+frame); it is scored again by the model now serving its camera, with the camera's crop
+and tiling, and the candidate patches at or above ``learning.margin`` x the image
+threshold are added to the extension (worker/extension.py).  Every compiled copy of the
+bundle uses the new rows from its next frame on, and the retained model topic announces
+the new revision.  Clearing the label (or ``unlabel``) takes the rows back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from bundle import prepare_image
+from worker import tiling
+from worker.capture import Capture
+from worker.config import Config
+from worker.evidence import EvidenceStore
+from worker.extension import Entry, Extension, ExtensionFull, offending
+from worker.models import Model, Models
+from worker.wire import iso
+
+log = logging.getLogger(__name__)
+
+
+class Learner:
+    def __init__(self, cfg: Config, models: Models, evidence: EvidenceStore,
+                 frame_image: Callable[[bytes, str], np.ndarray], on_change: Callable[[], None],
+                 capture: Capture | None = None) -> None:
+        """``frame_image(data, camera)``: the decoded, cropped frame as the pipeline sees it; ``on_change`` runs
+        after every change of an extension (the worker republishes its retained model topic); ``capture`` keeps
+        false alarms for the next training set, whether or not the bundle can absorb them."""
+        self.cfg = cfg
+        self.capture = capture
+        self.models = models
+        self.evidence = evidence
+        self.frame_image = frame_image
+        self.on_change = on_change
+
+    def absorb(self, key: str, frame_id: str, camera: str, payload: dict) -> dict:
+        """Add the offending patches of the labelled frame ``key``; the answer says what happened and why."""
+        model = self.models.for_camera(camera)
+        ext = model.extension
+        if ext is not None and (done := next((e for e in ext.entries() if e.key == key), None)) is not None:
+            return self._answer(ext, done, "already absorbed")
+        if payload.get("verdict") != "anomalous":
+            return {"patches": 0, "reason": "the frame was not flagged: there is nothing to absorb"}
+        relative = (payload.get("evidence") or {}).get("frame")
+        data = self.evidence.read(relative)
+        if data is None:
+            return {"patches": 0, "reason": "the frame's image is no longer kept (evidence.anomalous budget)"}
+        image = self.frame_image(data, camera)
+        if self.capture is not None:  # normal by the operator's word: part of the next training set
+            self.capture.add_false_alarm(camera, key, image)
+        if ext is None:
+            why = ("learning is off (learning.enabled)" if not self.cfg.learning.enabled else
+                   f"the {model.info['family']} bundle {model.info['name']} has no bank extension: re-export it with this "
+                   "version's exporter (PatchCore)")
+            return {"patches": 0, "reason": why}
+        rows = self._offending(model, camera, image)
+        if not len(rows):
+            return {"patches": 0, "reason": "no patch of this frame is above the threshold any more"}
+        try:
+            entry = ext.add(key, rows, frame_id, camera)
+        except ExtensionFull as exc:
+            return {"patches": 0, "reason": str(exc)}
+        self.models.apply(ext)
+        log.info("false alarm %s/%s absorbed: %d patches, extension revision %d, %d rows", camera, frame_id,
+                 entry.rows, ext.revision, len(ext.rows))
+        self.on_change()
+        return self._answer(ext, entry, f"absorbed: {entry.rows} patches; the next frames of this kind will pass")
+
+    def release(self, key: str, camera: str) -> dict:
+        """Take back what frame ``key`` added, from whichever extension holds it."""
+        if self.capture is not None:
+            self.capture.remove_false_alarm(camera, key)
+        for ext in self.models.extensions():
+            removed = ext.remove(key)
+            if removed:
+                self.models.apply(ext)
+                log.info("false alarm label withdrawn: %d patches removed, extension revision %d", removed, ext.revision)
+                self.on_change()
+                return {"patches": removed, "revision": ext.revision, "extension_rows": len(ext.rows),
+                        "message": f"released: {removed} patches; frames like it are scored as before"}
+        return {"patches": 0, "reason": "this frame had added nothing to an extension"}
+
+    def extensions(self) -> list[dict]:
+        """Every extension the served bundles use: its figures and one entry per absorbed false alarm."""
+        out: list[dict] = []
+        scopes = self.models.scopes()
+        for model in scopes.values():
+            ext = model.extension
+            if ext is None or any(o["folder"] == ext.folder.name for o in out):
+                continue
+            out.append({"folder": ext.folder.name, "bundle": model.info["name"], "scopes": sorted(
+                s for s, m in scopes.items() if m.extension is ext), **ext.info(),
+                "entries": [{"frame_id": e.frame_id, "camera": e.camera, "rows": e.rows, "at": iso(e.at)}
+                            for e in ext.entries()]})
+        return out
+
+    def _offending(self, model: Model, camera: str, image: np.ndarray) -> np.ndarray:
+        """Candidate patches above the margin, over every tile the camera's frames are cut into."""
+        bundle = model.bundle
+        spec = bundle.manifest.input
+        override = self.cfg.cameras.get(camera)
+        if override is not None and override.tiling is not None:
+            canvas, tiles = tiling.cut(image, spec.width, spec.height, override.tiling)
+            views = [canvas[y:y + spec.height, x:x + spec.width] for _, _, x, y in tiles]
+        else:
+            views = [image]
+        threshold = self.models.image_norm(model, camera).threshold
+        request = bundle.create_request()
+        found = []
+        for view in views:
+            pred = bundle.infer(prepare_image(view, spec)[np.newaxis], request)
+            assert pred.candidates is not None and pred.candidate_scores is not None  # the bundle has an extension
+            found.append(offending(pred.candidates[0], pred.candidate_scores[0], threshold, self.cfg.learning.margin))
+        return np.concatenate(found)
+
+    @staticmethod
+    def _answer(ext: Extension, entry: Entry, message: str) -> dict:
+        return {"patches": entry.rows, "revision": ext.revision, "extension_rows": len(ext.rows), "message": message}

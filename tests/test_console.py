@@ -51,6 +51,23 @@ def test_basic_auth_guards_every_path(tmp_path):
     assert page.status_code == 200 and "/static/app.js" in page.text
 
 
+def test_control_and_learning_endpoints_refuse_bad_input_before_asking_the_worker(tmp_path):
+    from starlette.testclient import TestClient
+
+    from worker.console.app import create_app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {bundle: b}\n")
+    http = TestClient(create_app(load_config(config)))  # no lifespan, no broker: a 400 never reaches MQTT
+    bad = [("/api/models/reload", {}), ("/api/models/reload", {"bundle": 3}), ("/api/models/reload", "[]"),
+           ("/api/models/reload", {"bundle": "b", "camera": ["cam"]}), ("/api/models/rollback", {"camera": 1}),
+           ("/api/capture/export", "not json"), ("/api/capture/export", {"camera": False}),
+           ("/api/labels/unlabel", {"frame_id": "f"}), ("/api/labels/unlabel", {"frame_id": "", "camera": "c"})]
+    for path, body in bad:
+        answer = http.post(path, content=body if isinstance(body, str) else json.dumps(body))
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", (path, body, answer.text)
+
+
 def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
     static = ROOT / "worker" / "console" / "static"
     for name in ("index.html", "app.js", "app.css"):
@@ -248,3 +265,80 @@ def test_labels_from_the_page_reach_the_store_and_the_export(stack):
     assert cli.returncode == 0, cli.stderr
     rows = {f"{r['camera']}/{r['frame_id']}": r for r in csv.DictReader(io.StringIO(cli.stdout))}
     assert rows[queried]["defect_type"] == "hole" and rows[best]["label"] == "false_alarm"
+
+
+def _learned(stack: Stack) -> list[dict]:
+    """Every entry the worker's extensions hold (its ``extensions`` label action, the CLI's code path)."""
+    with ApiClient(load_config(stack.config), "test") as api:
+        answer = api.label({"action": "extensions"})
+    assert answer["ok"], answer
+    return [e for ext in answer["extensions"] for e in ext["entries"]]
+
+
+@needs_chromium
+def test_a_false_alarm_labelled_on_the_page_is_learned_and_undone(stack, dataset):
+    from playwright.sync_api import expect
+    from test_learning import _marked, _until_stored
+
+    page, client, prefix = stack.page, stack.client, stack.prefix
+    with ApiClient(load_config(stack.config), "test") as api:  # start clean: earlier tests may have taught it
+        for entry in _learned(stack):
+            assert api.label({"action": "unlabel", "frame_id": entry["frame_id"], "camera": entry["camera"]})["ok"]
+    client.publish_frame("cam-l", _marked(dataset), "m-0")
+    result = client.json_on(f"{prefix}/cam-l/result", timeout=60)[0]
+    assert result["verdict"] == "anomalous", result
+    _until_stored(client, prefix, "m-0", "cam-l")
+
+    card = page.locator('#defects li[data-key="cam-l/m-0"]')
+    card.locator("button.fa").click()
+    expect(card.locator(".lab")).to_have_text("false alarm", timeout=15_000)
+    expect(card.locator(".learn")).to_contain_text("absorbed:")
+    expect(card.locator(".learn")).to_contain_text("the next frames of this kind will pass")
+    learned = page.locator('#learned-list li[data-key="cam-l/m-0"]')
+    expect(learned).to_contain_text("patches", timeout=15_000)
+    assert [(e["camera"], e["frame_id"]) for e in _learned(stack)] == [("cam-l", "m-0")]
+
+    learned.locator("button.undo").click()
+    expect(page.locator("#learned-status")).to_contain_text("released:", timeout=15_000)
+    expect(page.locator("#learned-list li")).to_have_count(0, timeout=15_000)
+    expect(card.locator(".lab")).to_have_text("label cleared")
+    assert _learned(stack) == []
+
+
+@needs_chromium
+def test_capture_counters_and_export_from_the_page(stack):
+    from playwright.sync_api import expect
+
+    page = stack.page
+    row = page.locator('#capture-rows tr[data-camera="cam-a"]')
+    expect(row).to_be_visible(timeout=15_000)
+    assert int(row.locator("td").nth(2).inner_text()) > 0  # kept: the normal frames cam-a sent
+    page.select_option("#cap-camera", "")
+    page.locator("#capture-export").click()
+    status = page.locator("#capture-status")
+    expect(status).to_contain_text("written to", timeout=30_000)
+    folder = Path(status.get_attribute("data-folder") or "")
+    assert folder.is_dir() and str(folder) in status.inner_text()
+    assert any((folder / "cam-a" / "good").glob("*.*"))
+    expect(page.locator("#capture-train")).to_contain_text("python -m exporter train --data")
+
+
+@needs_chromium
+def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir):
+    from playwright.sync_api import expect
+
+    page = stack.page
+    expect(page.locator('#model-rows tr[data-scope="default"]')).to_contain_text(str(bundle_dir), timeout=15_000)
+    page.fill("#m-bundle", str(bundle_dir))
+    page.select_option("#m-camera", "cam-b")
+    page.locator("#m-canary").click()
+    expect(page.locator("#model-status")).to_contain_text("cam-b now runs", timeout=120_000)
+    scope = page.locator('#model-rows tr[data-scope="cam-b"]')  # from the retained model topic
+    expect(scope).to_contain_text(str(bundle_dir), timeout=15_000)
+
+    missing = bundle_dir.parent / "no-such-bundle"
+    page.fill("#m-bundle", str(missing))
+    page.locator("#m-canary").click()
+    expect(page.locator("#model-status")).to_contain_text("refused:", timeout=60_000)
+    assert "bad" in (page.locator("#model-status").get_attribute("class") or "")
+    expect(scope).to_contain_text(str(bundle_dir))  # the canary still runs

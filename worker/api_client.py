@@ -1,4 +1,4 @@
-"""A client of the worker's MQTT v5 request/response APIs (similarity queries, labels).
+"""A client of the worker's MQTT v5 request/response APIs (similarity queries, labels, control).
 
 The CLI (``python -m worker query``/``labels``) and the operator console both use it, so
 every caller goes through the same worker code path: a request is published on
@@ -94,5 +94,10 @@ class ApiClient:
         return self.request(self.topics.query, request, timeout)
 
     def label(self, request: dict, timeout: float | None = None) -> dict:
-        """Set a frame's label (``action: set``) or export every label (``action: export``)."""
+        """Set a frame's label (``action: set``/``unlabel``), list what false alarms taught the model
+        (``action: extensions``) or export every label (``action: export``)."""
         return self.request(self.topics.label, request, timeout)
+
+    def control(self, request: dict, timeout: float | None = None) -> dict:
+        """A command to this worker (reload, rollback, status, export_capture), on its own control topic."""
+        return self.request(self.topics.control, request, timeout)

@@ -2,7 +2,8 @@
 
 It is an MQTT client like any other: it subscribes to the worker's output (live view,
 defect feed, score plot), pushes every change to browsers as server-sent events, and
-sends similarity queries and labels to the worker over MQTT v5 request/response
+sends similarity queries, labels and control commands (reload, rollback, capture export) to the
+worker over MQTT v5 request/response
 (:class:`worker.api_client.ApiClient`, the CLI's code path).  It never opens the store.
 """
 
@@ -35,6 +36,7 @@ from worker.wire import parse_timestamp
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 15
+RELOAD_TIMEOUT_S = 120  # a reload compiles a bundle on the worker: far longer than answering a query
 CLIENT_QUEUE = 1000  # events a slow browser may lag behind before it misses some
 
 
@@ -78,6 +80,16 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"ok": False, "error": {"code": code, "message": message}}, status)
 
 
+def _optional_id(body: dict, key: str) -> str | None:
+    """A camera id (or other optional name) from a request body: absent, null, "" or a string; else ValueError."""
+    value = body.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string")
+    return value
+
+
 def create_app(cfg: Config) -> Starlette:
     hub = Hub(Topics(cfg.topics.prefix, cfg.worker.id), cfg.console)
     client = ApiClient(cfg, "console", subscriptions=hub.subscriptions, qos=0)
@@ -97,7 +109,7 @@ def create_app(cfg: Config) -> Starlette:
 
     async def state(request: Request) -> Response:
         return JSONResponse({**hub.snapshot(), "series": hub.score_series(), "broker": client.link.connected.is_set(),
-                             "series_minutes": cfg.console.series_minutes})
+                             "worker": cfg.worker.id, "series_minutes": cfg.console.series_minutes})
 
     async def stream(request: Request) -> Response:
         queue: asyncio.Queue[str] = asyncio.Queue(CLIENT_QUEUE)
@@ -136,9 +148,9 @@ def create_app(cfg: Config) -> Starlette:
             return _error(400, "bad_request", str(exc))
         return JSONResponse({"ok": True, "frames": hub.defect_feed(q.get("camera") or None, since, until, limit)})
 
-    async def _ask(call, body: dict) -> Response:
+    async def _ask(call, body: dict, timeout: float | None = None) -> Response:
         try:
-            answer = await run_in_threadpool(call, body)
+            answer = await run_in_threadpool(call, body, timeout)
         except ApiError as exc:
             return _error(504, "no_answer", str(exc))
         return JSONResponse(answer, 200 if answer.get("ok") else 400)
@@ -174,6 +186,59 @@ def create_app(cfg: Config) -> Starlette:
                           answer.get("label"), answer.get("defect_type"))
         return response
 
+    async def unlabel(request: Request) -> Response:
+        """Undo from the Learned panel: the frame's label goes, and what it taught the model with it."""
+        body = await _json_body(request)
+        if body is None or not isinstance(body.get("frame_id"), str) or not isinstance(body.get("camera"), str) \
+                or not body["frame_id"] or not body["camera"]:
+            return _error(400, "bad_request", "send {frame_id, camera} as JSON")
+        response = await _ask(client.label, {"action": "unlabel", "frame_id": body["frame_id"], "camera": body["camera"]})
+        if response.status_code == 200:
+            hub.set_label(body["camera"], body["frame_id"], None, None)
+        return response
+
+    async def extensions(request: Request) -> Response:
+        """What the served bundles learned from false alarms, per extension, with one entry per frame."""
+        return await _ask(client.label, {"action": "extensions"})
+
+    async def export_capture(request: Request) -> Response:
+        """The worker writes its captured frames as a training folder (on the worker's box) and says where."""
+        body = await _json_body(request)
+        try:
+            if body is None:
+                raise ValueError("send {camera?} as a JSON object")
+            camera = _optional_id(body, "camera")
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        return await _ask(client.control, {"command": "export_capture", **({"camera": camera} if camera else {})},
+                          RELOAD_TIMEOUT_S)
+
+    async def reload(request: Request) -> Response:
+        """Canary (with a camera) or roll-out (without) of the bundle at a path on the worker's box."""
+        body = await _json_body(request)
+        try:
+            if body is None:
+                raise ValueError("send {bundle, camera?} as a JSON object")
+            bundle, camera = _optional_id(body, "bundle"), _optional_id(body, "camera")
+            if bundle is None:
+                raise ValueError("bundle (a bundle folder on the worker's box) is required")
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        return await _ask(client.control, {"command": "reload", "bundle": bundle,
+                                           **({"camera": camera} if camera else {})}, RELOAD_TIMEOUT_S)
+
+    async def rollback(request: Request) -> Response:
+        """Back to the model a camera (or the default) ran before its last reload."""
+        body = await _json_body(request)
+        try:
+            if body is None:
+                raise ValueError("send {camera?} as a JSON object")
+            camera = _optional_id(body, "camera")
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        return await _ask(client.control, {"command": "rollback", **({"camera": camera} if camera else {})},
+                          RELOAD_TIMEOUT_S)
+
     async def export(request: Request) -> Response:
         fmt = request.query_params.get("format", "csv")
         if fmt not in ("csv", "json"):
@@ -198,6 +263,11 @@ def create_app(cfg: Config) -> Starlette:
         Route("/api/similar", similar, methods=["POST"]),
         Route("/api/labels", label, methods=["POST"]),
         Route("/api/labels/export", export),
+        Route("/api/labels/unlabel", unlabel, methods=["POST"]),
+        Route("/api/extensions", extensions),
+        Route("/api/capture/export", export_capture, methods=["POST"]),
+        Route("/api/models/reload", reload, methods=["POST"]),
+        Route("/api/models/rollback", rollback, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)
     if cfg.console.username is not None and cfg.console.password is not None:  # both or neither (ConsoleConfig)

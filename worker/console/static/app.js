@@ -1,4 +1,5 @@
-// edge-inspect operator console: live tiles, defect feed, similar past frames, labels.
+// edge-inspect operator console: live tiles, defect feed, similar past frames, labels, what the model
+// learned from false alarms (with undo), capture export and canary roll-out of bundles.
 // Plain browser JavaScript, no build step, no external assets. Updates are pushed by the
 // console as server-sent events; the DOM is touched at most once per animation frame.
 "use strict";
@@ -14,6 +15,8 @@ let feedPending = [];
 let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
 let overlay = 1;
+let controlled = null;  // the worker id this console sends control commands to (config worker.id)
+const modelSeen = new Map();  // worker id -> the scopes' versions last shown: a change refreshes "Learned"
 
 const imageUrl = (camera, frameId, kind) => `/api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
 const keyOf = (camera, frameId) => `${camera}/${frameId}`;  // neither may contain "/" (topic level, API rule)
@@ -49,7 +52,7 @@ function camera(name) {
   tiles.insertBefore(el, after || null);
   cam = {el, latest: null, dirty: false, points: [], plotted: 0};
   cams.set(name, cam);
-  for (const sel of ["#feed-camera", "#q-camera"]) {
+  for (const sel of ["#feed-camera", "#q-camera", "#cap-camera", "#m-camera"]) {
     const opt = new Option(name, name);
     $(sel).append(opt);
   }
@@ -175,6 +178,7 @@ function card(r, hit = false) {
   $(".pics2", li).addEventListener("click", () => openSimilar(r));
   $(".fa", li).addEventListener("click", () => setLabel(r, "false_alarm", null, li));
   $(".cd", li).addEventListener("click", () => setLabel(r, "confirmed_defect", $(".dt", li).value.trim() || null, li));
+  $(".cl", li).addEventListener("click", () => setLabel(r, null, null, li));
   return li;
 }
 
@@ -188,6 +192,16 @@ async function setLabel(r, label, defectType, li) {
   r.label = answer.label; r.defect_type = answer.defect_type;
   if (defectType) rememberDefectType(defectType);
   applyLabel({camera: r.camera, frame_id: r.frame_id, label: answer.label, defect_type: answer.defect_type});
+  $(".learn", li).textContent = learnedText(answer);
+  loadLearned();
+}
+
+// What a label taught the model (or why it taught nothing), in the worker's words.
+function learnedText(answer) {
+  const change = answer.absorbed || answer.released;
+  if (!change) return "";
+  if (change.message) return change.message;
+  return `${answer.absorbed ? "not absorbed" : "nothing to release"}: ${change.reason || "no reason given"}`;
 }
 
 function applyLabel(l) {
@@ -260,6 +274,142 @@ async function search(event) {
   hits.replaceChildren(...answer.hits.map((h) => card(h, true)));
 }
 
+// ---- learned, capture, models ---------------------------------------------------------------
+async function post(path, body) {
+  const res = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  return res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+}
+
+function setStatus(sel, text, bad = false) {
+  const el = $(sel);
+  el.textContent = text;
+  el.classList.toggle("bad", bad);
+}
+
+let learnedBusy = false, learnedAgain = false;
+
+// Asks the worker what its extensions hold; calls that arrive meanwhile are folded into one more ask.
+async function loadLearned() {
+  if (learnedBusy) { learnedAgain = true; return; }
+  learnedBusy = true;
+  try {
+    do {
+      learnedAgain = false;
+      const res = await fetch("/api/extensions");
+      const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+      if (answer.ok) renderLearned(answer.extensions);
+      else setStatus("#learned-status", `cannot list: ${answer.error?.message || res.status}`, true);
+    } while (learnedAgain);
+  } finally { learnedBusy = false; }
+}
+
+function renderLearned(extensions) {
+  const box = $("#learned-list");
+  const byCamera = new Map();
+  const summary = [];
+  for (const ext of extensions) {
+    summary.push(`${ext.bundle} (${ext.scopes.join(", ")}): ${ext.rows}/${ext.max_rows} rows, revision ${ext.revision}`);
+    for (const e of ext.entries) {
+      if (!byCamera.has(e.camera)) byCamera.set(e.camera, []);
+      byCamera.get(e.camera).push(e);
+    }
+  }
+  const nodes = [];
+  if (summary.length) {
+    const p = document.createElement("p"); p.className = "sub"; p.textContent = summary.join(" · ");
+    nodes.push(p);
+  }
+  for (const [cam, entries] of [...byCamera].sort(([a], [b]) => (a < b ? -1 : 1))) {
+    const div = document.createElement("div"); div.className = "learned-cam"; div.dataset.camera = cam;
+    const h = document.createElement("h3"); h.textContent = cam;
+    const ul = document.createElement("ul");
+    entries.sort((a, b) => Date.parse(b.at) - Date.parse(a.at));
+    for (const e of entries) {
+      const li = document.createElement("li");
+      li.dataset.key = keyOf(e.camera, e.frame_id);
+      const what = document.createElement("span"); what.className = "what";
+      what.textContent = `${e.frame_id} · ${e.rows} patches · ${fmtTime(e.at)}`;
+      const undo = document.createElement("button"); undo.type = "button"; undo.className = "undo"; undo.textContent = "Undo";
+      undo.title = "withdraw the false-alarm label: frames like it are flagged again";
+      undo.addEventListener("click", () => unlearn(e, undo));
+      li.append(what, undo);
+      ul.append(li);
+    }
+    div.append(h, ul);
+    nodes.push(div);
+  }
+  if (!byCamera.size) {
+    const p = document.createElement("p"); p.className = "empty"; p.textContent = "Nothing learned yet.";
+    nodes.push(p);
+  }
+  box.replaceChildren(...nodes);
+}
+
+async function unlearn(entry, button) {
+  button.disabled = true;
+  setStatus("#learned-status", `undoing ${entry.frame_id}…`);
+  const answer = await post("/api/labels/unlabel", {frame_id: entry.frame_id, camera: entry.camera});
+  if (answer.ok) setStatus("#learned-status", `${entry.camera}/${entry.frame_id}: ${learnedText(answer) || "label cleared"}`);
+  else { setStatus("#learned-status", `not undone: ${answer.error?.message || "error"}`, true); button.disabled = false; }
+  loadLearned();
+}
+
+function renderCapture(capture) {
+  const rows = Object.entries(capture || {}).sort(([a], [b]) => (a < b ? -1 : 1)).map(([cam, c]) => {
+    const tr = document.createElement("tr");
+    tr.dataset.camera = cam;
+    for (const v of [cam, c.seen, c.kept, c.false_alarms]) {
+      const td = document.createElement("td"); td.textContent = String(v); tr.append(td);
+    }
+    return tr;
+  });
+  $("#capture-rows").replaceChildren(...rows);
+}
+
+async function exportCapture(event) {
+  event.preventDefault();
+  const cam = $("#cap-camera").value;
+  const status = $("#capture-status"), train = $("#capture-train");
+  setStatus("#capture-status", "exporting…");
+  delete status.dataset.folder;
+  train.hidden = true;
+  const answer = await post("/api/capture/export", cam ? {camera: cam} : {});
+  if (!answer.ok) { setStatus("#capture-status", `not exported: ${answer.error?.message || "error"}`, true); return; }
+  const what = Object.entries(answer.cameras).map(([c, w]) => `${c}: ${w.normal} normal, ${w.false_alarms} false alarms`);
+  setStatus("#capture-status", `written to ${answer.folder} (${what.join("; ")})`);
+  status.dataset.folder = answer.folder;
+  train.textContent = Object.values(answer.train).join("\n");
+  train.hidden = false;
+}
+
+function renderModels(model) {
+  const scopes = Object.entries(model?.scopes || {}).sort(([a], [b]) => (a === "default" ? -1 : b === "default" ? 1 : a < b ? -1 : 1));
+  $("#model-rows").replaceChildren(...scopes.map(([scope, m]) => {
+    const tr = document.createElement("tr");
+    tr.dataset.scope = scope;
+    const ext = m.extension ? `${m.extension.rows}/${m.extension.max_rows}` : "–";
+    for (const v of [scope, m.name, m.version, ext, m.bundle]) {
+      const td = document.createElement("td"); td.textContent = v ?? ""; tr.append(td);
+    }
+    return tr;
+  }));
+  const input = $("#m-bundle");
+  if (!input.value && !input.dataset.touched && model?.scopes?.default?.bundle) input.value = model.scopes.default.bundle;
+}
+
+async function modelCommand(kind) {
+  const bundle = $("#m-bundle").value.trim(), cam = $("#m-camera").value;
+  if (kind !== "rollback" && !bundle) { setStatus("#model-status", "enter the bundle folder (a path on the worker's box)", true); return; }
+  if (kind === "canary" && !cam) { setStatus("#model-status", "pick the camera for the canary", true); return; }
+  const scope = kind === "rollout" || !cam ? "default" : cam;
+  const body = kind === "rollback" ? (cam ? {camera: cam} : {}) : {bundle, ...(kind === "canary" ? {camera: cam} : {})};
+  setStatus("#model-status", kind === "rollback" ? `rolling back ${scope}…` : `loading ${bundle} on ${scope}…`);
+  const answer = await post(kind === "rollback" ? "/api/models/rollback" : "/api/models/reload", body);
+  if (!answer.ok) { setStatus("#model-status", `refused: ${answer.error?.message || "error"}`, true); return; }
+  const m = answer.models?.[scope] || {};
+  setStatus("#model-status", `${scope} now runs ${m.name || "?"} ${m.version || ""}`);
+}
+
 // ---- workers, errors, feed ------------------------------------------------------------------
 function renderWorker(w) {
   let el = document.getElementById(`worker-${w.id}`);
@@ -273,6 +423,13 @@ function renderWorker(w) {
   el.className = `pill ${w.availability === "online" ? "on" : "off"}`;
   el.textContent = `${w.id}: ${w.availability || "?"}` + (w.model ? ` · ${w.model.name || ""} ${w.model.version || ""}` : "")
     + (stats.queue !== undefined ? ` · queue ${stats.queue}` : "");
+  if (w.id === controlled) {
+    renderCapture(stats.capture);
+    renderModels(w.model);
+  }
+  const seen = JSON.stringify(Object.entries(w.model?.scopes || {}).map(([s, m]) => [s, m.version, m.extension?.revision]));
+  if (w.model && modelSeen.has(w.id) && modelSeen.get(w.id) !== seen) loadLearned();
+  modelSeen.set(w.id, seen);
   for (const [name, c] of Object.entries(stats.cameras || {})) {
     const rate = w.rates?.[name];
     $(".rate", camera(name).el).textContent = `${rate !== undefined ? rate.toFixed(1) : "–"} frames/s · received ${c.received}`
@@ -311,11 +468,13 @@ async function start() {
   const state = await (await fetch("/api/state")).json();
   seriesSeconds = state.series_minutes * 60;
   setBroker(state.broker);
+  controlled = state.worker;
   for (const [name, points] of Object.entries(state.series)) camera(name).points = points;
   for (const r of Object.values(state.cameras)) { const cam = camera(r.camera); cam.latest = r; cam.dirty = true; }
   for (const w of Object.values(state.workers)) renderWorker(w);
   for (const [name, e] of Object.entries(state.errors)) renderError({camera: name, ...e});
   await loadFeed();
+  loadLearned();
   schedule();
   const events = new EventSource("/api/events");
   events.onopen = () => setLink(true, "live");
@@ -323,7 +482,7 @@ async function start() {
   events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
   events.addEventListener("worker", (e) => renderWorker(JSON.parse(e.data)));
   events.addEventListener("camera_error", (e) => renderError(JSON.parse(e.data)));
-  events.addEventListener("label", (e) => applyLabel(JSON.parse(e.data)));
+  events.addEventListener("label", (e) => { applyLabel(JSON.parse(e.data)); loadLearned(); });
   events.addEventListener("ping", (e) => setBroker(JSON.parse(e.data).broker));
   setInterval(schedule, PLOT_EVERY_MS);  // plots scroll with time even when a camera is quiet
 }
@@ -335,6 +494,11 @@ $("#overlay").addEventListener("input", (e) => {
   for (const cam of cams.values()) if (cam.latest) cam.dirty = true;
   schedule();
 });
+$("#capture-form").addEventListener("submit", exportCapture);
+$("#m-bundle").addEventListener("input", (e) => { e.target.dataset.touched = "1"; });
+$("#m-canary").addEventListener("click", () => modelCommand("canary"));
+$("#m-rollout").addEventListener("click", () => modelCommand("rollout"));
+$("#m-rollback").addEventListener("click", () => modelCommand("rollback"));
 $("#upload-btn").addEventListener("click", () => $("#upload").click());
 $("#upload").addEventListener("change", (e) => {
   const file = e.target.files[0];

@@ -302,6 +302,15 @@ def test_a_false_alarm_labelled_on_the_page_is_learned_and_undone(stack, dataset
     expect(page.locator("#learned-status")).to_contain_text("released:", timeout=15_000)
     expect(page.locator("#learned-list li")).to_have_count(0, timeout=15_000)
     expect(card.locator(".lab")).to_have_text("label cleared")
+    expect(card.locator(".learn")).to_contain_text("released:")
+    assert _learned(stack) == []
+
+    # Labelled elsewhere (the CLI's code path): the retained model topic changes and the panel follows it.
+    with ApiClient(load_config(stack.config), "test") as api:
+        assert api.label({"action": "set", "frame_id": "m-0", "camera": "cam-l", "label": "false_alarm"})["absorbed"]["patches"]
+        expect(learned).to_be_visible(timeout=15_000)
+        assert api.label({"action": "unlabel", "frame_id": "m-0", "camera": "cam-l"})["released"]["patches"]
+    expect(page.locator("#learned-list li")).to_have_count(0, timeout=15_000)
     assert _learned(stack) == []
 
 

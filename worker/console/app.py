@@ -90,6 +90,17 @@ def _optional_id(body: dict, key: str) -> str | None:
     return value
 
 
+def learned_text(answer: dict) -> str | None:
+    """What a label taught the model, in the worker's words: its absorbed/released message, or why nothing."""
+    kind = "absorbed" if "absorbed" in answer else "released" if "released" in answer else None
+    change = answer.get(kind) if kind else None
+    if not isinstance(change, dict):
+        return None
+    if change.get("message"):
+        return str(change["message"])
+    return f"{'not absorbed' if kind == 'absorbed' else 'nothing to release'}: {change.get('reason') or 'no reason given'}"
+
+
 def create_app(cfg: Config) -> Starlette:
     hub = Hub(Topics(cfg.topics.prefix, cfg.worker.id), cfg.console)
     client = ApiClient(cfg, "console", subscriptions=hub.subscriptions, qos=0)
@@ -183,7 +194,7 @@ def create_app(cfg: Config) -> Starlette:
         answer = json.loads(bytes(response.body))  # starlette types a body bytes | memoryview
         if answer.get("ok"):
             hub.set_label(answer.get("camera") or body["camera"], answer.get("frame_id") or body["frame_id"],
-                          answer.get("label"), answer.get("defect_type"))
+                          answer.get("label"), answer.get("defect_type"), learned_text(answer))
         return response
 
     async def unlabel(request: Request) -> Response:
@@ -194,7 +205,7 @@ def create_app(cfg: Config) -> Starlette:
             return _error(400, "bad_request", "send {frame_id, camera} as JSON")
         response = await _ask(client.label, {"action": "unlabel", "frame_id": body["frame_id"], "camera": body["camera"]})
         if response.status_code == 200:
-            hub.set_label(body["camera"], body["frame_id"], None, None)
+            hub.set_label(body["camera"], body["frame_id"], None, None, learned_text(json.loads(bytes(response.body))))
         return response
 
     async def extensions(request: Request) -> Response:

@@ -228,13 +228,16 @@ class Hub:
         return {cam: round((c.get("processed", 0) - old.get(cam, {}).get("processed", 0)) / dt, 2)
                 for cam, c in after.get("cameras", {}).items()}
 
-    def set_label(self, camera: str, frame_id: str, label: str | None, defect_type: str | None) -> None:
-        """Show a label the worker accepted on the frame, if the console still has it."""
+    def set_label(self, camera: str, frame_id: str, label: str | None, defect_type: str | None,
+                  learned: str | None = None) -> None:
+        """Show a label the worker accepted on the frame, if the console still has it, and on every open page
+        what the model learned from it (``learned``: the worker's absorbed/released message)."""
         with self.lock:
             entry = self.recent.get((camera, frame_id)) or self.defects.get((camera, frame_id))
             if entry is not None:
                 entry.result.update(label=label, defect_type=defect_type)
-        self._emit("label", {"camera": camera, "frame_id": frame_id, "label": label, "defect_type": defect_type})
+        self._emit("label", {"camera": camera, "frame_id": frame_id, "label": label, "defect_type": defect_type,
+                             "learned": learned})
 
     def image(self, camera: str, frame_id: str, kind: str) -> bytes | None:
         with self.lock:

@@ -191,12 +191,12 @@ async function setLabel(r, label, defectType, li) {
   if (!answer.ok) { status.textContent = `not saved: ${answer.error?.message || res.status}`; return; }
   r.label = answer.label; r.defect_type = answer.defect_type;
   if (defectType) rememberDefectType(defectType);
-  applyLabel({camera: r.camera, frame_id: r.frame_id, label: answer.label, defect_type: answer.defect_type});
-  $(".learn", li).textContent = learnedText(answer);
+  applyLabel({camera: r.camera, frame_id: r.frame_id, label: answer.label, defect_type: answer.defect_type,
+              learned: learnedText(answer)});
   loadLearned();
 }
 
-// What a label taught the model (or why it taught nothing), in the worker's words.
+// What a label taught the model (or why it taught nothing), in the worker's words (as learned_text in app.py).
 function learnedText(answer) {
   const change = answer.absorbed || answer.released;
   if (!change) return "";
@@ -207,6 +207,7 @@ function learnedText(answer) {
 function applyLabel(l) {
   for (const li of document.querySelectorAll(`[data-key="${CSS.escape(keyOf(l.camera, l.frame_id))}"]`)) {
     $(".lab", li).textContent = labelText(l.label, l.defect_type) || "label cleared";
+    $(".learn", li).textContent = l.learned || "";
     li.classList.add("labelled");
   }
 }

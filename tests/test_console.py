@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -81,8 +82,8 @@ def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
 
     port = free_port()
     config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{bundle: b}}\nmqtt: {{port: {broker.port}}}\n"
-                      f"console: {{port: {port}, username: op, password: s3cret}}\n")
+    config.write_text(f"model: {{bundle: b}}\nmqtt: {{port: {broker.port}}}\nquery: {{timeout_s: 1}}\n"
+                      f"console: {{port: {port}, username: op, password: s3cret, control_timeout_s: 1}}\n")
     console = ConsoleProcess(config, tmp_path / "console.log", port, auth=("op", "s3cret"))
     try:
         with sync_playwright() as p:
@@ -91,7 +92,17 @@ def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
             page.goto(console.url)
             expect(page.locator("#link")).to_have_text("live", timeout=10_000)  # EventSource sends the login too
             expect(page.locator("#broker")).to_have_text("broker connected")
+            # No worker behind this broker: the page says so, and every worker request is a 504.
+            expect(page.locator("#learned-status")).to_contain_text("no answer from a worker")
+            page.fill("#m-bundle", "/nowhere")
+            page.locator("#m-rollout").click()
+            expect(page.locator("#model-status")).to_contain_text("no answer from a worker", timeout=10_000)
             browser.close()
+        auth = {"Authorization": "Basic " + base64.b64encode(b"op:s3cret").decode(), "Content-Type": "application/json"}
+        for path, body in (("/api/models/rollback", b"{}"), ("/api/capture/export", b"{}"), ("/api/extensions", None)):
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(urllib.request.Request(f"{console.url}{path}", body, auth), timeout=15)
+            assert failed.value.code == 504 and json.loads(failed.value.read())["error"]["code"] == "no_answer"
     finally:
         assert console.stop() == 0
 

@@ -279,6 +279,8 @@ class ConsoleConfig(_Section):
     recent_frames: int = Field(64, ge=8, description="Latest frames (camera bytes, heatmap, result) of all cameras kept in memory for the "
                                                      "live tiles.")
     series_minutes: float = Field(60, gt=0, description="Score-over-time window per camera.")
+    control_timeout_s: float = Field(120, gt=0, description="How long the console waits for the worker to answer a reload, rollback or "
+                                                            "capture export (a reload compiles the bundle) before HTTP 504.")
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> ConsoleConfig:

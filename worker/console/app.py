@@ -36,7 +36,6 @@ from worker.wire import parse_timestamp
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 15
-RELOAD_TIMEOUT_S = 120  # a reload compiles a bundle on the worker: far longer than answering a query
 CLIENT_QUEUE = 1000  # events a slow browser may lag behind before it misses some
 
 
@@ -222,7 +221,7 @@ def create_app(cfg: Config) -> Starlette:
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))
         return await _ask(client.control, {"command": "export_capture", **({"camera": camera} if camera else {})},
-                          RELOAD_TIMEOUT_S)
+                          cfg.console.control_timeout_s)
 
     async def reload(request: Request) -> Response:
         """Canary (with a camera) or roll-out (without) of the bundle at a path on the worker's box."""
@@ -236,7 +235,7 @@ def create_app(cfg: Config) -> Starlette:
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))
         return await _ask(client.control, {"command": "reload", "bundle": bundle,
-                                           **({"camera": camera} if camera else {})}, RELOAD_TIMEOUT_S)
+                                           **({"camera": camera} if camera else {})}, cfg.console.control_timeout_s)
 
     async def rollback(request: Request) -> Response:
         """Back to the model a camera (or the default) ran before its last reload."""
@@ -248,7 +247,7 @@ def create_app(cfg: Config) -> Starlette:
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))
         return await _ask(client.control, {"command": "rollback", **({"camera": camera} if camera else {})},
-                          RELOAD_TIMEOUT_S)
+                          cfg.console.control_timeout_s)
 
     async def export(request: Request) -> Response:
         fmt = request.query_params.get("format", "csv")

@@ -406,7 +406,11 @@ async function modelCommand(kind) {
   const body = kind === "rollback" ? (cam ? {camera: cam} : {}) : {bundle, ...(kind === "canary" ? {camera: cam} : {})};
   setStatus("#model-status", kind === "rollback" ? `rolling back ${scope}…` : `loading ${bundle} on ${scope}…`);
   const answer = await post(kind === "rollback" ? "/api/models/rollback" : "/api/models/reload", body);
-  if (!answer.ok) { setStatus("#model-status", `refused: ${answer.error?.message || "error"}`, true); return; }
+  if (!answer.ok) {  // a 504 (no worker answered) is not a refusal: the command may still be carried out
+    const how = answer.error?.code === "no_answer" ? "no answer" : "refused";
+    setStatus("#model-status", `${how}: ${answer.error?.message || "error"}`, true);
+    return;
+  }
   const m = answer.models?.[scope] || {};
   setStatus("#model-status", `${scope} now runs ${m.name || "?"} ${m.version || ""}`);
 }

@@ -412,7 +412,7 @@ async function modelCommand(kind) {
     return;
   }
   const m = answer.models?.[scope] || {};
-  setStatus("#model-status", `${scope} now runs ${m.name || "?"} ${m.version || ""}`);
+  setStatus("#model-status", `${scope} ${kind === "rollback" ? "back on" : "now runs"} ${m.name || "?"} ${m.version || ""}`);
 }
 
 // ---- workers, errors, feed ------------------------------------------------------------------

@@ -176,8 +176,9 @@ def quality(args: argparse.Namespace) -> None:
             for margin in args.margins:
                 r = scenario(scorer, marked, guard, margin, args.trials, guard_before, Path(tmp))
                 worst = ", ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v:+d}" for k, v in r["worst"].items())
-                rows_out.append([kind, margin, f"{r['flagged_before']:.2f}", fmt(r["pass_after"], 2), fmt(r["rows"], 0),
+                rows_out.append([kind, f"{margin:g}", f"{r['flagged_before']:.2f}", fmt(r["pass_after"], 2), fmt(r["rows"], 0),
                                  fmt(r["auroc_delta"], 4), worst])
+                log.info("%s", " | ".join(rows_out[-1]))
     print(md_table(["appearance", "margin", "flagged before", "other marked pass after, median [range]",
                     "extension rows", "guard image AUROC change", "guard worst change per type (over trials)"], rows_out))
 
@@ -246,6 +247,8 @@ def worker_timing(args: argparse.Namespace) -> None:
         for n in range(args.worker_timing):
             # find a flagged marked frame the extension has not absorbed yet
             while True:
+                if used >= 3 * len(marked):
+                    raise RuntimeError("no marked frame is flagged any more: nothing left to label")
                 fid = f"probe-{used}"
                 publish_frame(rig.client, "inspect/bench/frame", marked[used % len(marked)], fid)
                 probe = wait(lambda fid=fid: results.get(fid))

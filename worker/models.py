@@ -145,8 +145,18 @@ class Models:
                 self._current[s] = model
         return compiled[scope]
 
+    def _configured(self, scope: str) -> bool:
+        """A scope config.yaml gives a model of its own (a bundle or a precision), as opposed to a canary's."""
+        override = self.cfg.cameras.get(scope)
+        return scope == DEFAULT or (override is not None and (override.bundle is not None or override.precision is not None))
+
     def rollback(self, scope: str) -> Model:
+        """The scope's previous model again; a camera's first canary (a scope only a reload made) is dropped,
+        so the camera follows the default again."""
         with self._lock:
+            if scope not in self._previous and scope in self._current and not self._configured(scope):
+                del self._current[scope]
+                return self._current[DEFAULT]
             if scope not in self._previous:
                 raise BundleError(f"no previous model to roll back to for {scope!r}")
             followers = [s for s in self._previous if scope == DEFAULT and self._follows_default(s)]

@@ -411,8 +411,9 @@ async function modelCommand(kind) {
     setStatus("#model-status", `${how}: ${answer.error?.message || "error"}`, true);
     return;
   }
-  const m = answer.models?.[scope] || {};
-  setStatus("#model-status", `${scope} ${kind === "rollback" ? "back on" : "now runs"} ${m.name || "?"} ${m.version || ""}`);
+  const own = answer.models?.[scope], m = own || answer.models?.default || {};  // a dropped canary: the default's
+  const what = kind === "rollback" ? (own ? "back on" : "back on the default's") : "now runs";
+  setStatus("#model-status", `${scope} ${what} ${m.name || "?"} ${m.version || ""}`);
 }
 
 // ---- workers, errors, feed ------------------------------------------------------------------

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = before.manifest.input
     frames = [read_image(s.path, spec) for s in test[: args.frames]]
     rows = {"before": before}
+    checks: list[str] = []
     for folder in args.after:
         empty = compiled_at_f32(folder)
         ext = empty.extension_spec
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         rows[f"extension {args.rows} rows{tag}"] = full
         scores = np.array([before.infer(f[np.newaxis]).score[0] for f in frames])
         same = np.array([empty.infer(f[np.newaxis]).score[0] for f in frames])
-        log.info("%s: empty extension vs before, max relative score difference %.2e over %d frames", folder,
-                 float(np.max(np.abs(same - scores) / scores)), len(frames))
+        checks.append(f"{folder}: empty extension vs before, max relative score difference "
+                      f"{float(np.max(np.abs(same - scores) / scores)):.1e} over {len(frames)} frames")
 
     latency: dict[str, list[float]] = {n: [] for n in rows}
     for c in rows.values():
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = {int(c.compiled.get_property("INFERENCE_NUM_THREADS")) for c in rows.values()}
     print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}, {spec.height} px; OpenVINO f32, LATENCY hint, "
           f"batch 1, {'/'.join(map(str, sorted(threads)))} inference threads; {args.repeats} rounds of "
-          f"{len(frames)} frames\n")
+          f"{len(frames)} frames")
+    print("\n".join(checks) + "\n")
     print(md_table(["graph", "ms / frame: median [range] over rounds", "x before, same round"],
                    [[n, fmt(summary(v), 2), fmt(summary([a / b for a, b in zip(v, latency["before"], strict=True)]), 3)]
                     for n, v in latency.items()]))

@@ -55,3 +55,24 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
     (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| size=64")]
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1] == "40" and all(0 <= float(c) <= 1 for c in cells[4:])  # AUROCs and AUPRO are real numbers
+
+
+def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):
+    """benchmarks.extension end to end: a bundle exported without the extension (--extension-candidates 0) against
+    the default one, empty and with real rows; the empty extension scores as the bundle without it."""
+    before = tmp_path / "before"
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                           "--out", str(before), "--input-size", "128", "--coreset-ratio", "0.05", "--no-eval",
+                           "--precisions", "f32", "--extension-candidates", "0"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extension" not in json.loads((before / "bundle.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.extension", "--before", str(before), "--after",
+                           str(bundle_dir), "--data", str(dataset), "--category", "weave", "--rows", "300",
+                           "--repeats", "2", "--frames", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["graph", "before", "extension 1 row", "extension 300 rows"], proc.stdout
+    assert "OpenVINO f32, LATENCY hint, batch 1" in proc.stdout
+    (check,) = [line for line in proc.stdout.splitlines() if "empty extension vs before" in line]
+    assert float(check.split("difference ")[1].split()[0]) < 1e-4, check

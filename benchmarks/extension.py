@@ -35,6 +35,52 @@ from benchmarks.common import DATA, fmt, latency_ms, md_table, summary
 log = logging.getLogger("benchmarks.extension")
 
 
+def op_times(folder: Path, image: np.ndarray, extension: np.ndarray | None, runs: int) -> dict[str, float]:
+    """Mean ms per frame of every operation of the graph's top level (OpenVINO's PERF_COUNT, f32, 1 thread)."""
+    import openvino as ov
+
+    from bundle import read_manifest
+
+    spec = read_manifest(folder).input
+    core = ov.Core()
+    model = core.read_model(folder / "model.xml")
+    shapes = {spec.name: [1, spec.height, spec.width, 3]}
+    inputs: dict[int | str, np.ndarray] = {0: image[np.newaxis]}
+    if extension is not None:
+        shapes["extension"] = list(extension.shape)
+        inputs["extension"] = extension
+    model.reshape(shapes)
+    compiled = core.compile_model(model, "CPU", {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY",
+                                                 "INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    out: dict[str, float] = {}
+    for i in range(runs + 1):
+        request.infer(inputs)
+        if i:  # the first run warms up
+            for info in request.profiling_info:
+                out[info.node_name] = out.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1000 / runs
+    return out
+
+
+def profile_table(before: Path, afters: list[Path], rows: int, features: dict[Path, np.ndarray], image: np.ndarray,
+                  runs: int) -> str:
+    """Summed per-operation time of each graph, and of the head operations (named ``aten::``, as the export names
+    them) that only the extension graph has: the extension's own cost, whatever the rest of the machine does."""
+    from bundle import EXTENSION_PAD
+
+    base = op_times(before, image, None, runs)
+    table = [["before", f"{sum(base.values()):.2f}", "-"]]
+    for folder in afters:
+        dim = features[folder].shape[1]
+        for name, ext in ((f"{folder.name}, 1 row", np.full((1, dim), EXTENSION_PAD, np.float32)),
+                          (f"{folder.name}, {rows} rows", features[folder])):
+            ops = op_times(folder, image, ext, runs)
+            added = sum(v for k, v in ops.items() if k not in base and "aten::" in k)
+            table.append([name, f"{sum(ops.values()):.2f}", f"{added:.3f}"])
+    return md_table(["graph (per-op counters, 1 thread)", "summed ms / frame", "ms in ops only the extension graph has"],
+                    table)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", type=Path, required=True, help="a bundle without the extension input")
@@ -44,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=1000, help="extension rows of real patch features")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--frames", type=int, default=10)
+    ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                    help="also sum OpenVINO's per-operation counters over RUNS frames (1 thread) and report the time "
+                         "of the operations only the extension graph has (independent of the other operations' noise)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -63,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = [read_image(s.path, spec) for s in test[: args.frames]]
     rows = {"before": before}
     checks: list[str] = []
+    features_of: dict[Path, np.ndarray] = {}
     for folder in args.after:
         empty = compiled_at_f32(folder)
         ext = empty.extension_spec
@@ -75,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                    for s in test[:need]])[: args.rows]
         full = compiled_at_f32(folder, args.rows)
         full.set_extension(features)
+        features_of[folder] = features
         tag = f" (K={k})" if len(args.after) > 1 else ""
         rows[f"extension 1 row{tag}"] = empty
         rows[f"extension {args.rows} rows{tag}"] = full
@@ -107,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
           f"batch 1, {'/'.join(map(str, sorted(threads)))} inference threads; {args.repeats} rounds of "
           f"{len(frames)} frames")
     print("\n".join(checks) + "\n")
+    if args.profile:
+        print(profile_table(args.before, args.after, args.rows, features_of, frames[0], args.profile) + "\n")
     def ratio(values: dict[str, list[float]], n: str) -> str:
         return fmt(summary([a / b for a, b in zip(values[n], values["before"], strict=True)]), 3)
 

@@ -69,10 +69,14 @@ def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tm
     assert "extension" not in json.loads((before / "bundle.json").read_text())
     proc = subprocess.run([sys.executable, "-m", "benchmarks.extension", "--before", str(before), "--after",
                            str(bundle_dir), "--data", str(dataset), "--category", "weave", "--rows", "300",
-                           "--repeats", "2", "--frames", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           "--repeats", "2", "--frames", "3", "--profile", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows == ["graph", "before", "extension 1 row", "extension 300 rows"], proc.stdout
+    assert rows == ["graph (per-op counters, 1 thread)", "before", "weave-patchcore, 1 row", "weave-patchcore, 300 rows",
+                    "graph", "before", "extension 1 row", "extension 300 rows"], proc.stdout
+    added = [float(line.split("|")[3]) for line in proc.stdout.splitlines() if line.startswith("| weave-patchcore")]
+    assert 0 < added[0] < added[1], proc.stdout  # the extension's own ops cost something, more with more rows
     assert "OpenVINO f32, LATENCY hint, batch 1" in proc.stdout
     (check,) = [line for line in proc.stdout.splitlines() if "empty extension vs before" in line]
     assert float(check.split("difference ")[1].split()[0]) < 1e-4, check

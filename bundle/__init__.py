@@ -179,7 +179,9 @@ def write_manifest(folder: Path, manifest_fields: dict, files: tuple[str, ...] =
     """
     files_sha = {name: sha256_file(folder / name) for name in files}
     manifest = Manifest(**{**manifest_fields, "files": files_sha})
-    (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    # A bundle without an extension leaves the key out, so readers from before it (extra keys forbidden) still read it.
+    omit = {"extension"} if manifest.extension is None else None
+    (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json", exclude=omit), indent=2) + "\n")
     return manifest
 
 

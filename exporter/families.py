@@ -81,6 +81,8 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--coreset-ratio", "memory-bank share of all patch features", float),
         Option("--max-bank", "cap on memory-bank rows, which bounds latency, bundle size and fit time "
                              "(0: no cap, the bank is --coreset-ratio of all patch features)", int),
+        Option("--extension-candidates", "patches per frame compared with the bank extension and returned as "
+                                         "candidates for it (issue 17; 0: a graph without the extension input)", int),
     )
     weight_precisions = ("fp32", "int8")
 

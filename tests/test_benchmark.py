@@ -69,3 +69,27 @@ def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, 
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "0.8" and 0 <= float(cells[2]) <= 1 and 0 <= float(cells[3].split()[0]) <= 1
     assert "precision f32" in proc.stdout and "Guard before absorption: image_auroc" in proc.stdout
+
+def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):
+    """benchmarks.extension end to end: a bundle exported without the extension (--extension-candidates 0) against
+    the default one, empty and with real rows; the empty extension scores as the bundle without it."""
+    before = tmp_path / "before"
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                           "--out", str(before), "--input-size", "128", "--coreset-ratio", "0.05", "--no-eval",
+                           "--precisions", "f32", "--extension-candidates", "0"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extension" not in json.loads((before / "bundle.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.extension", "--before", str(before), "--after",
+                           str(bundle_dir), "--data", str(dataset), "--category", "weave", "--rows", "300",
+                           "--repeats", "2", "--frames", "3", "--profile", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["graph (per-op counters, 1 thread)", "before", "weave-patchcore, 1 row", "weave-patchcore, 300 rows",
+                    "graph", "before", "extension 1 row", "extension 300 rows"], proc.stdout
+    added = [float(line.split("|")[3]) for line in proc.stdout.splitlines() if line.startswith("| weave-patchcore")]
+    assert 0 < added[0] < added[1], proc.stdout  # the extension's own ops cost something, more with more rows
+    assert "OpenVINO f32, LATENCY hint, batch 1" in proc.stdout
+    (check,) = [line for line in proc.stdout.splitlines() if "empty extension vs before" in line]
+    assert float(check.split("difference ")[1].split()[0]) < 1e-4, check

@@ -6,6 +6,8 @@ compiles the input with a static row count and feeds it on every request.
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -185,3 +187,39 @@ def test_a_new_extension_reaches_concurrent_requests_whole(bundle_dir, dataset):
             t.join()
     assert any(np.isclose(s, low, rtol=1e-4) for s in scores) and any(np.isclose(s, high, rtol=1e-4) for s in scores)
     assert all(np.isclose(s, low, rtol=1e-4) or np.isclose(s, high, rtol=1e-4) for s in scores), sorted(set(scores))
+
+
+def test_a_graph_without_candidates_has_no_extension(fitted, tmp_path):
+    """``extension_candidates`` 0 exports the graph as before issue 17: image input only, three outputs, the same
+    numbers as the extension graph with an empty extension; the runtime serves it with ``candidates`` None and
+    refuses to set an extension on it."""
+    graph, spec, bb, images, _ = fitted
+    plain = PatchcoreGraph(graph.model, spec.height, graph.embedder, 0).eval()
+    assert plain.extension_spec() is None
+    with torch.no_grad():
+        want = graph(to_tensor(images[:4], bb))
+        got = plain(to_tensor(images[:4], bb))
+    assert len(got) == 3
+    for a, b in zip(got, want[:3], strict=True):
+        torch.testing.assert_close(a, b)
+    compiled = CompiledBundle(_bundle(plain, spec, tmp_path / "plain"), extension_rows=10)
+    assert compiled.manifest.extension is None and compiled.extension_capacity == 0
+    assert "extension" not in json.loads((compiled.folder / "bundle.json").read_text())  # as bundles before it
+    assert [i.any_name for i in compiled.compiled.inputs] == [spec.name]
+    pred = compiled.infer(np.stack(images[:4]))
+    assert pred.candidates is None and pred.candidate_scores is None and compiled.extension() is None
+    np.testing.assert_allclose(pred.score, want[0].numpy(), rtol=1e-3)
+    with pytest.raises(BundleError, match="has no bank extension input"):
+        compiled.set_extension(np.zeros((1, graph.feature_dim), np.float32))
+
+
+def test_a_manifest_must_declare_the_graphs_inputs(bundle_dir, tmp_path):
+    """An extension graph whose manifest does not declare the extension (a reader would leave the input unfed)
+    is refused before anything runs."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    del raw["extension"]
+    (copy / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="inputs"):
+        CompiledBundle(copy)

@@ -58,7 +58,7 @@ class PatchcoreSettings:
     map_sigma: float | None = None  # anomaly-map blur in px; None: scaled with the input (blur_sigma)
     # Patches per frame checked against the bank extension and returned as candidates for it (capped at the
     # frame's patch count): the extension can only lower these patches' distances, so it costs a small
-    # matrix product instead of a second full one.
+    # matrix product instead of a second full one.  0: no extension input (the graph as before issue 17).
     extension_candidates: int = 256
 
     @property
@@ -107,7 +107,7 @@ class PatchcoreGraph(nn.Module):
     at most the K-th largest bank distance), so scores and maps can only come out too high, never too low: the
     score is exact whenever its patch is a candidate, i.e. when no candidate falls below the largest distance
     outside them.  The image score's re-weighting (the nearest row m* and its support) is taken over the
-    union of bank and extension.
+    union of bank and extension.  With ``candidates`` 0 the graph has neither the input nor the two outputs.
     """
 
     bank_sq: torch.Tensor
@@ -124,7 +124,7 @@ class PatchcoreGraph(nn.Module):
         self.k_support = min(model.num_neighbors, int(bank.shape[0]))
         self.feature_dim = int(bank.shape[1])
         self.candidates = candidates
-        self.k = min(candidates, self.patches())  # a Python int, so the traced TopK has a constant K
+        self.k = min(max(candidates, 0), self.patches())  # a Python int, so the traced TopK has a constant K
         # anomalib's Gaussian blur as two 1-D passes: its normalised 2-D kernel is the outer product of
         # these, so the map is the same, at 2k instead of k^2 multiply-adds per pixel (k = 33 at sigma 4,
         # where the 2-D convolution took about half of the whole graph's time on a CPU).
@@ -141,9 +141,10 @@ class PatchcoreGraph(nn.Module):
             emb = patch_features(self.model, torch.zeros(1, 3, self.input_size, self.input_size))
         return int(emb.shape[2] * emb.shape[3])
 
-    def extension_spec(self) -> ExtensionSpec:
-        """What the exported graph's extension input and candidate outputs are (the manifest's ``extension``)."""
-        return ExtensionSpec(feature_dim=self.feature_dim, candidates=self.k)
+    def extension_spec(self) -> ExtensionSpec | None:
+        """What the exported graph's extension input and candidate outputs are (the manifest's ``extension``);
+        None for a graph without them."""
+        return ExtensionSpec(feature_dim=self.feature_dim, candidates=self.k) if self.k else None
 
     def pad_extension(self) -> torch.Tensor:
         """One pad row: the empty extension."""
@@ -167,45 +168,50 @@ class PatchcoreGraph(nn.Module):
         partial = (x * -2) @ rows.T + rows_sq
         return (partial.amin(-1) + (x * x).sum(-1)).clamp_min(0).sqrt()
 
-    def _union_rows(self, idx: torch.Tensor, extension: torch.Tensor) -> torch.Tensor:
+    def _union_dist(self, x: torch.Tensor, extension: torch.Tensor | None, ext_sq: torch.Tensor) -> torch.Tensor:
+        """Distances of x [N, C] to every row of concat(bank, extension) (of the bank alone without an extension)."""
+        d = self._dist(x, self.model.memory_bank, self.bank_sq)
+        return d if extension is None else torch.cat([d, self._dist(x, extension, ext_sq)], 1)
+
+    def _union_rows(self, idx: torch.Tensor, extension: torch.Tensor | None) -> torch.Tensor:
         """Rows ``idx`` of concat(bank, extension), without copying the bank into a concatenation each frame."""
         bank = self.model.memory_bank
+        if extension is None:
+            return bank[idx]
         m = bank.shape[0]
         in_bank = (idx < m).unsqueeze(-1)
         return torch.where(in_bank, bank[idx.clamp(max=m - 1)], extension[(idx - m).clamp(min=0)])
 
-    def forward(self, x: torch.Tensor, extension: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if extension is None:
-            extension = self.pad_extension()
+    def forward(self, x: torch.Tensor, extension: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        if not self.k:
+            return self._forward(x, None)
+        return self._forward(x, self.pad_extension() if extension is None else extension)
+
+    def _forward(self, x: torch.Tensor, extension: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         bank = self.model.memory_bank
-        # Pad rows are masked, not merely far: their distance is +inf, and they enter the products as zeros, so
-        # no pad value can overflow f16/bf16 arithmetic (a 1e3 row's squared norm does) and turn into NaN.
-        is_pad = (extension == EXTENSION_PAD).all(1)
-        extension = torch.where(is_pad.unsqueeze(1), torch.zeros_like(extension), extension)
-        ext_sq = torch.where(is_pad, torch.full_like(is_pad, float("inf"), dtype=extension.dtype),
-                             (extension * extension).sum(1))
         emb = patch_features(self.model, x)
         n, c, h, w = emb.shape
         flat = emb.flatten(2).transpose(1, 2)  # N, hw, C
         patch = self._nearest(flat, bank, self.bank_sq)  # N, hw
-
-        # The extension: only the K patches farthest from the bank can matter, so only they meet it.
-        k = self.k
-        vals, top = patch.topk(k, dim=1)  # N, K
-        # Rows of the flattened batch (a Gather), not flat.gather over the feature axis (a GatherElements, which
-        # OpenVINO's CPU plugin runs with a reference kernel).
-        candidates = flat.reshape(-1, c)[top + torch.arange(n).unsqueeze(1) * (h * w)]  # N, K, C
-        candidate_scores = torch.minimum(vals, self._nearest(candidates, extension, ext_sq))
-        patch = patch.scatter(1, top, candidate_scores)
+        if extension is None:
+            ext_sq = self.bank_sq[:0]
+            extra: tuple[torch.Tensor, ...] = ()
+        else:
+            extension, ext_sq = self._masked(extension)
+            # Only the K patches farthest from the bank can matter, so only they meet the extension.  Rows of the
+            # flattened batch are gathered (a Gather), not flat.gather over the feature axis (a GatherElements,
+            # which OpenVINO's CPU plugin runs with a reference kernel).
+            vals, top = patch.topk(self.k, dim=1)  # N, K
+            candidates = flat.reshape(-1, c)[top + torch.arange(n).unsqueeze(1) * (h * w)]  # N, K, C
+            candidate_scores = torch.minimum(vals, self._nearest(candidates, extension, ext_sq))
+            patch = patch.scatter(1, top, candidate_scores)
+            extra = (candidates, candidate_scores)
 
         # Image score: the paper's re-weighting of the most anomalous patch (as anomalib), over bank + extension.
         s_star, idx = patch.max(1)
         f_star = flat.gather(1, idx.view(n, 1, 1).expand(n, 1, c)).squeeze(1)
-        d_f = torch.cat([self._dist(f_star, bank, self.bank_sq), self._dist(f_star, extension, ext_sq)], 1)
-        m_star = self._union_rows(d_f.argmin(-1), extension)
-        d_m = torch.cat([self._dist(m_star, bank, self.bank_sq), self._dist(m_star, extension, ext_sq)], 1)
-        support = d_m.topk(self.k_support, largest=False).indices  # N, k
+        m_star = self._union_rows(self._union_dist(f_star, extension, ext_sq).argmin(-1), extension)
+        support = self._union_dist(m_star, extension, ext_sq).topk(self.k_support, largest=False).indices  # N, k
         d_support = (f_star.unsqueeze(1) - self._union_rows(support, extension)).norm(dim=-1)
         score = (1 - F.softmax(d_support, 1)[:, 0]) * s_star
 
@@ -218,7 +224,18 @@ class PatchcoreGraph(nn.Module):
         # blurred map brought back to the feature grid: the weighting the retrieval benchmark's ablation
         # measured and tuned (docs/retrieval.md), smoother than the raw patch distances.
         embedding = self.embedder(flat, F.adaptive_avg_pool2d(amap, (h, w)).flatten(1))
-        return score, amap[:, 0], embedding, candidates, candidate_scores
+        return score, amap[:, 0], embedding, *extra
+
+    @staticmethod
+    def _masked(extension: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The extension with pad rows zeroed, and its rows' squared norms with pad rows at +inf."""
+        # Pad rows are masked, not merely far: their distance is +inf, and they enter the products as zeros, so
+        # no pad value can overflow f16/bf16 arithmetic (a 1e3 row's squared norm does) and turn into NaN.
+        is_pad = (extension == EXTENSION_PAD).all(1)
+        extension = torch.where(is_pad.unsqueeze(1), torch.zeros_like(extension), extension)
+        ext_sq = torch.where(is_pad, torch.full_like(is_pad, float("inf"), dtype=extension.dtype),
+                             (extension * extension).sum(1))
+        return extension, ext_sq
 
 
 def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int) -> torch.Tensor:

@@ -107,6 +107,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fold(args: argparse.Namespace) -> int:
+    from exporter.fold import fold
+
+    manifest = fold(Path(args.bundle), Path(args.extension), Path(args.out))
+    record = manifest.training["folds"][-1]
+    print(f"{args.out}: {manifest.name}@{manifest.version}, bank {record['bank_before']} + "
+          f"{record['extension_rows']} rows = {record['bank_after']} (extension revision {record['extension_revision']})")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from exporter.synthetic import generate
 
@@ -177,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "default, bf16 on CPUs with AMX); the bundle's thresholds for it are used")
     ev.add_argument("--json", help="also write the metrics to this file")
     ev.set_defaults(func=_evaluate)
+
+    fold = sub.add_parser("fold-extension", help="write a new PatchCore bundle whose memory bank holds a worker's "
+                                                 "bank-extension rows (the absorbed false alarms, made permanent)")
+    fold.add_argument("bundle", help="the PatchCore bundle the extension was absorbed for")
+    fold.add_argument("extension", help="its extension folder under the worker's learning.path "
+                                        "(NAME-<sha256 of model.bin, 16 hex>, with index.json)")
+    fold.add_argument("--out", required=True, help="new bundle folder to write (must not exist or be empty)")
+    fold.set_defaults(func=_fold)
 
     synth = sub.add_parser("synth", help="generate a small texture dataset in MVTec AD layout")
     synth.add_argument("--out", required=True)

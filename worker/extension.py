@@ -175,3 +175,39 @@ class Extension:
             (self.folder / f"{key}.npy").unlink(missing_ok=True)
             self._rows = self._concat()
             return entry.rows
+
+
+def read_folder(folder: Path, feature_dim: int) -> tuple[int, list[Entry], np.ndarray]:
+    """An extension folder's revision, entries and rows [n, C], read strictly and without changing anything.
+
+    For a reader outside the worker (``python -m exporter fold-extension``): where :class:`Extension` drops a
+    broken entry and carries on serving, this raises ValueError naming it, since folding part of what an
+    operator absorbed would bring the rest of those false alarms back unannounced.
+    """
+    folder = Path(folder)
+    index = folder / INDEX
+    if not index.is_file():
+        raise ValueError(f"{folder}: no {INDEX} (not a bank-extension folder)")
+    try:
+        raw = json.loads(index.read_text())
+        revision = int(raw["revision"])
+        entries = [Entry(**e) for e in raw["entries"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index}: unreadable ({exc})") from exc
+    parts = []
+    for entry in entries:
+        path = folder / f"{entry.key}.npy"
+        if not _KEY.match(entry.key):
+            raise ValueError(f"{index}: entry key {entry.key!r} is not a point id")
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable ({exc})") from exc
+        if rows.ndim != 2 or rows.shape[1] != feature_dim:
+            raise ValueError(f"{path}: rows of shape {list(rows.shape)}, not [n, {feature_dim}] (the bundle's "
+                             "feature dimension): this extension belongs to another bundle")
+        if not np.isfinite(rows).all():
+            raise ValueError(f"{path}: rows are not all finite")
+        parts.append(rows.astype(np.float32, copy=False))
+    rows = np.concatenate(parts) if parts else np.empty((0, feature_dim), np.float32)
+    return revision, entries, rows

@@ -1,0 +1,130 @@
+"""``python -m exporter fold-extension`` (issue 17): a worker's bank extension folded into a new bundle's bank.
+
+Real OpenVINO on the session bundle (128 px: 16 x 16 patches, all of them candidates at the default K = 256), so
+the source bundle with the rows as its extension computes exactly the PatchCore of bank + rows, which is what the
+folded bundle must compute with an empty extension.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from bundle import read_manifest, sha256_file, write_manifest
+from bundle.runtime import CompiledBundle
+from exporter.__main__ import main
+from exporter.data import load_category, read_image
+from exporter.fold import FoldError, fold, fold_ir
+from worker.extension import Extension
+
+
+@pytest.fixture(scope="module")
+def taught(bundle_dir, dataset, tmp_path_factory):
+    """The test images, the source's plain predictions and an extension folder (as the worker keeps it) holding
+    the candidates of two defect frames, as two absorbed false alarms."""
+    manifest = read_manifest(bundle_dir)
+    assert manifest.extension is not None
+    test = load_category(dataset, "weave").test
+    batch = np.stack([read_image(s.path, manifest.input) for s in test])
+    plain = CompiledBundle(bundle_dir).infer(batch)
+    assert plain.candidates is not None
+    defects = [i for i, s in enumerate(test) if s.label][:2]
+    folder = tmp_path_factory.mktemp("learning") / f"{manifest.name}-{manifest.files['model.bin'][:16]}"
+    ext = Extension(folder, manifest.extension.feature_dim, 10_000)
+    for n, i in enumerate(defects):
+        ext.add(f"0000-{n}", plain.candidates[i][:60], f"frame-{i}", "cam")
+    return batch, plain, folder, ext.rows, defects
+
+
+def test_the_folded_bank_scores_as_the_source_with_its_extension(bundle_dir, taught, tmp_path):
+    batch, plain, folder, rows, defects = taught
+    out = tmp_path / "folded"
+    assert main(["fold-extension", str(bundle_dir), str(folder), "--out", str(out)]) == 0
+    source, manifest = read_manifest(bundle_dir), read_manifest(out)  # verifies the re-hashed files
+
+    extended = CompiledBundle(bundle_dir, extension_rows=len(rows))
+    extended.set_extension(rows)
+    want = extended.infer(batch)
+    folded = CompiledBundle(out)
+    assert folded.extension_count == 0 and folded.extension_spec == source.extension
+    got = folded.infer(batch)
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-4)
+    # A row equal to a patch feature is at distance ~0, where |x|^2 - 2 x.r + |r|^2 cancels: a few 1e-2 absolute.
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=2e-3 * float(want.anomaly_map.max()))
+    np.testing.assert_allclose(got.embedding, want.embedding, atol=1e-4)
+    assert got.candidate_scores is not None and want.candidate_scores is not None
+    np.testing.assert_allclose(np.sort(got.candidate_scores, 1), np.sort(want.candidate_scores, 1), atol=0.05)
+    assert (got.score[defects] < 0.9 * plain.score[defects]).all()
+    assert (got.score <= plain.score * (1 + 1e-5)).all()
+
+    assert manifest.name == source.name and manifest.version != source.version
+    assert manifest.embedding_space == source.embedding_space  # same features, same embedder
+    record = manifest.training["folds"][-1]
+    assert record["source_version"] == source.version
+    assert record["source_model_bin_sha256"] == sha256_file(bundle_dir / "model.bin")
+    assert record["extension_rows"] == len(rows) and record["extension_revision"] == 2
+    assert manifest.training["memory_bank"] == record["bank_after"] == record["bank_before"] + len(rows)
+    assert manifest.thresholds.image == source.thresholds.image and manifest.thresholds.pixel == source.thresholds.pixel
+    assert "conservative" in manifest.thresholds.method
+    assert manifest.metrics == {}
+    for precision, rec in manifest.precisions.items():
+        assert rec.thresholds.image == source.precisions[precision].thresholds.image
+    assert (out / "model.bin").stat().st_size > (bundle_dir / "model.bin").stat().st_size  # FP32, bank grown
+
+
+def _copy_with(bundle_dir: Path, folder: Path, **changes) -> Path:
+    """A copy of the bundle whose manifest has ``changes`` (files re-hashed, so it verifies)."""
+    shutil.copytree(bundle_dir, folder)
+    raw = json.loads((folder / "bundle.json").read_text())
+    raw.pop("files")
+    write_manifest(folder, {**raw, **changes})
+    return folder
+
+
+def test_what_cannot_be_folded_is_refused(bundle_dir, taught, tmp_path, capsys):
+    _, _, folder, _, _ = taught
+    dim = read_manifest(bundle_dir).extension.feature_dim  # type: ignore[union-attr]
+    efficientad = _copy_with(bundle_dir, tmp_path / "ead", family="efficientad")
+    with pytest.raises(FoldError, match="efficientad bundle: only PatchCore"):
+        fold(efficientad, folder, tmp_path / "o1")
+    no_ext = _copy_with(bundle_dir, tmp_path / "plain", extension=None)
+    with pytest.raises(FoldError, match="has no bank extension"):
+        fold(no_ext, folder, tmp_path / "o2")
+
+    wrong = Extension(tmp_path / "wrong", dim + 1, 100)
+    wrong.add("0000-9", np.ones((3, dim + 1), np.float32), "f", "cam")
+    with pytest.raises(FoldError, match=rf"not \[n, {dim}\]"):
+        fold(bundle_dir, tmp_path / "wrong", tmp_path / "o3")
+    Extension(tmp_path / "empty", dim, 100)
+    (tmp_path / "empty" / "index.json").write_text(json.dumps({"revision": 3, "entries": []}))
+    with pytest.raises(FoldError, match="no rows"):
+        fold(bundle_dir, tmp_path / "empty", tmp_path / "o4")
+    other = tmp_path / "weave-patchcore-0123456789abcdef"
+    shutil.copytree(folder, other)
+    with pytest.raises(FoldError, match="not of this bundle's"):
+        fold(bundle_dir, other, tmp_path / "o5")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    assert main(["fold-extension", str(bundle_dir), str(folder), "--out", str(tmp_path / "busy")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_a_bank_constant_that_cannot_be_rebuilt_is_named(bundle_dir):
+    """An IR whose bank-norm constant does not hold the bank's norms is refused, naming that constant."""
+    model = ov.Core().read_model(bundle_dir / "model.xml")
+    dim = read_manifest(bundle_dir).extension.feature_dim  # type: ignore[union-attr]
+    bank = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+                and list(op.get_output_shape(0)) == [int(read_manifest(bundle_dir).training["memory_bank"]), dim])
+    norms = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Constant" and op.get_data().ndim == 2
+                 and op.get_output_shape(0)[1] == bank.get_output_shape(0)[0] and op.get_output_shape(0)[0] == 1)
+    broken = ov.op.Constant(np.zeros(norms.get_data().shape, np.float32))
+    broken.set_friendly_name("broken_norms")
+    norms.output(0).replace(broken.output(0))
+    with pytest.raises(FoldError, match=r"'broken_norms'.*cannot rebuild it"):
+        fold_ir(model, np.ones((2, dim), np.float32), 9)

@@ -20,8 +20,8 @@ import numpy as np
 import openvino as ov
 
 from bundle import BundleError, Manifest, Thresholds, read_manifest, sha256_file, write_manifest
+from bundle.extension import read_folder
 from exporter.export import library_versions, timestamp
-from worker.extension import read_folder
 
 _SQ_RTOL = 1e-4  # a bank-norm constant is recognised by its values: the IR stores them in f32
 

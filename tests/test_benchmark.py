@@ -60,14 +60,14 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
 def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, dataset):
     """benchmarks.learning end to end on the generated set: its table has a row per appearance, with real figures."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.learning", str(bundle_dir), "--data", str(dataset),
-                           "--category", "weave", "--split", "test", "--margins", "0.8", "--trials", "2"],
+                           "--category", "weave", "--split", "test", "--margins", "0.8", "--labels", "1,2", "--trials", "2"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| mark", "| glare"))]
-    assert len(rows) == 2, proc.stdout
+    assert len(rows) == 4, proc.stdout  # two appearances, 1 and 2 labels
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert cells[1] == "0.8" and 0 <= float(cells[2]) <= 1 and 0 <= float(cells[3].split()[0]) <= 1
+        assert cells[1] == "0.8" and cells[3] in ("1", "2") and 0 <= float(cells[2]) <= 1 and 0 <= float(cells[4].split()[0]) <= 1
     assert "precision f32" in proc.stdout and "Guard before absorption: image_auroc" in proc.stdout
 
 def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):

@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from worker.extension import INDEX, Extension, ExtensionFull, offending
+from bundle.extension import INDEX, Extension, ExtensionFull, offending
 
 C = 8
 

@@ -16,11 +16,11 @@ import openvino as ov
 import pytest
 
 from bundle import read_manifest, sha256_file, write_manifest
+from bundle.extension import Extension
 from bundle.runtime import CompiledBundle
 from exporter.__main__ import main
 from exporter.data import load_category, read_image
 from exporter.fold import FoldError, fold, fold_ir
-from worker.extension import Extension
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ The label request (worker/labels.py, on the request thread) hands the frame here
 frame's original image is in the evidence store (the worker keeps it for every flagged
 frame); it is scored again by the model now serving its camera, with the camera's crop
 and tiling, and the candidate patches at or above ``learning.margin`` x the image
-threshold are added to the extension (worker/extension.py).  Every compiled copy of the
+threshold are added to the extension (bundle/extension.py).  Every compiled copy of the
 bundle uses the new rows from its next frame on, and the retained model topic announces
 the new revision.  Clearing the label (or ``unlabel``) takes the rows back.
 """
@@ -17,11 +17,11 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import prepare_image
+from bundle.extension import Entry, Extension, ExtensionFull, offending
 from worker import tiling
 from worker.capture import Capture
 from worker.config import Config
 from worker.evidence import EvidenceStore
-from worker.extension import Entry, Extension, ExtensionFull, offending
 from worker.models import Model, Models
 from worker.wire import iso
 

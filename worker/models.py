@@ -7,7 +7,7 @@ embeddings of the same size, since they share one vector-store collection.  A ca
 with its own precision but no bundle of its own gets its own compiled copy of the
 default bundle, which follows the default through reloads.  A PatchCore bundle with a bank-extension input
 is compiled with room for ``learning.max_rows`` extension rows and starts with the rows its
-:class:`~worker.extension.Extension` holds on disk; compiled copies of one bundle share one extension.
+:class:`~bundle.extension.Extension` holds on disk; compiled copies of one bundle share one extension.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from bundle import MANIFEST, BundleError, Normalisation
+from bundle.extension import Extension
 from bundle.runtime import CompiledBundle
 from worker.config import Config
-from worker.extension import Extension
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """A PatchCore bundle's memory bank, extended on the line with the patches of frames an operator marked as
-false alarms (worker/learning.py absorbs them), kept on disk beside the worker's other state.
+false alarms (worker/learning.py absorbs them), kept on disk beside the worker's other state.  The folder
+format is shared: the worker writes it, ``exporter fold-extension`` reads it (:func:`read_folder`).
 
 A frame is normal when each of its patches has a close neighbour in the bank; adding
 the patches that made a false alarm makes that appearance normal from the next frame

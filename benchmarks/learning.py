@@ -141,9 +141,7 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
         chosen: list[int] = []
         walk = iter(order)
         for n in sorted(labels):
-            for i in walk:
-                if len(chosen) == n:
-                    break
+            while len(chosen) < n and (i := next(walk, None)) is not None:
                 pred = scorer.predict(marked[i])
                 if float(pred.score[0]) < scorer.threshold:
                     continue  # passes already: nothing to label

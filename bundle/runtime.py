@@ -6,7 +6,7 @@ artefact the worker serves, not of the torch model it came from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +43,18 @@ class Prediction:
     embedding: np.ndarray
     candidates: np.ndarray | None = None
     candidate_scores: np.ndarray | None = None
+    extension_revision: int | None = None  # the revision of the extension these outputs were computed with (infer)
 
 
 @dataclass(frozen=True)
 class _Extension:
-    """The extension rows in use (``count`` of them, then pad rows), and the tensor that shares their memory."""
+    """The extension rows in use (``count`` of them, then pad rows), the tensor that shares their memory, and the
+    caller's revision of them (so a result can name the extension that really scored it)."""
 
     rows: np.ndarray
     count: int
     tensor: ov.Tensor
+    revision: int = 0
 
 
 class CompiledBundle:
@@ -139,11 +142,11 @@ class CompiledBundle:
             return "int8"
         return hint
 
-    def set_extension(self, rows: np.ndarray) -> None:
-        """Use ``rows`` (float32 [e, C], e <= ``extension_capacity``; e = 0 empties it) as the bank extension from
-        the next request on.  The rows are copied and padded with the manifest's pad value to the compiled
-        capacity, and the new array replaces the old one in one assignment, so a request running concurrently
-        uses either the old extension or the new one, whole."""
+    def set_extension(self, rows: np.ndarray, revision: int = 0) -> None:
+        """Use ``rows`` (float32 [e, C], e <= ``extension_capacity``; e = 0 empties it), the caller's ``revision``
+        of them, as the bank extension from the next request on.  The rows are copied and padded with the
+        manifest's pad value to the compiled capacity, and the new array replaces the old one in one assignment,
+        so a request running concurrently uses either the old extension or the new one, whole."""
         ext = self.extension_spec
         if ext is None:
             raise BundleError(f"{self.folder}: this bundle ({self.manifest.family}) has no bank extension input")
@@ -157,7 +160,7 @@ class CompiledBundle:
             raise BundleError("extension rows must be finite")
         full = np.full((self.extension_capacity, ext.feature_dim), ext.pad, np.float32)
         full[: rows.shape[0]] = rows  # shared with the requests' input tensors from here on: never changed in place
-        self._extension = _Extension(full, int(rows.shape[0]), ov.Tensor(full, shared_memory=True))
+        self._extension = _Extension(full, int(rows.shape[0]), ov.Tensor(full, shared_memory=True), revision)
 
     @property
     def extension_count(self) -> int:
@@ -191,10 +194,15 @@ class CompiledBundle:
         return request
 
     def infer(self, images: np.ndarray, request: ov.InferRequest | None = None) -> Prediction:
-        """``images``: uint8 [N, H, W, 3] BGR at the bundle's input size (see :func:`bundle.prepare_image`)."""
+        """``images``: uint8 [N, H, W, 3] BGR at the bundle's input size (see :func:`bundle.prepare_image`); the
+        prediction names the extension revision it was computed with."""
         request = request or self.create_request()
-        request.infer(self.inputs(images))
-        return self.prediction(request)
+        ext = self._extension  # one read: the rows fed and the revision reported are the same
+        if ext is None or self.extension_spec is None:
+            request.infer({0: images})
+            return self.prediction(request)
+        request.infer({0: images, self.extension_spec.input: ext.tensor})
+        return replace(self.prediction(request), extension_revision=ext.revision)
 
     def prediction(self, request: ov.InferRequest) -> Prediction:
         """Copy the outputs of a finished request (sync, or in an :meth:`async_queue` callback)."""

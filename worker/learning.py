@@ -28,6 +28,10 @@ from worker.wire import iso
 log = logging.getLogger(__name__)
 
 
+def _patches(n: int) -> str:
+    return f"{n} patch" if n == 1 else f"{n} patches"
+
+
 class Learner:
     def __init__(self, cfg: Config, models: Models, evidence: EvidenceStore,
                  frame_image: Callable[[bytes, str], np.ndarray], on_change: Callable[[], None],
@@ -73,7 +77,7 @@ class Learner:
         log.info("false alarm %s/%s absorbed: %d patches, extension revision %d, %d rows", camera, frame_id,
                  entry.rows, ext.revision, len(ext.rows))
         self.on_change()
-        return self._answer(ext, entry, f"absorbed: {entry.rows} patches; the next frames of this kind will pass")
+        return self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}; the next frames of this kind will pass")
 
     def release(self, key: str, camera: str) -> dict:
         """Take back what frame ``key`` added, from whichever extension holds it."""
@@ -86,7 +90,7 @@ class Learner:
                 log.info("false alarm label withdrawn: %d patches removed, extension revision %d", removed, ext.revision)
                 self.on_change()
                 return {"patches": removed, "revision": ext.revision, "extension_rows": len(ext.rows),
-                        "message": f"released: {removed} patches; frames like it are scored as before"}
+                        "message": f"released: {_patches(removed)}; frames like it are scored as before"}
         return {"patches": 0, "reason": "this frame had added nothing to an extension"}
 
     def extensions(self) -> list[dict]:

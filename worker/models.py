@@ -51,12 +51,19 @@ class Model:
 
     @property
     def info(self) -> dict:
-        """What results and the model topic say of the model; the version gains ``+x<revision>`` once the
-        extension has changed, so two results scored by different extensions never claim the same model."""
+        """What the model topic says of the model; the version gains ``+x<revision>`` once the extension has
+        changed, so two results scored by different extensions never claim the same model."""
+        return self.scored_by(None)
+
+    def scored_by(self, revision: int | None) -> dict:
+        """:attr:`info` for a result whose prediction names the extension ``revision`` that scored it (None: the
+        current one), so a frame in flight while a label lands is not credited to the new extension."""
         m = self.bundle.manifest
         info: dict = {"name": m.name, "version": m.version, "family": m.family, "precision": self.bundle.precision}
         if self.extension is not None:
             ext = self.extension.info()
+            if revision is not None and revision != ext["revision"]:
+                ext = {**ext, "revision": revision, "rows": None}  # an older extension: its row count is gone
             info["extension"] = ext
             if ext["revision"]:
                 info["version"] = f"{m.version}+x{ext['revision']}"
@@ -97,7 +104,7 @@ class Models:
         m = bundle.manifest
         extension = self._extension(bundle) if learning.enabled else None
         if extension is not None:
-            bundle.set_extension(extension.rows)
+            bundle.set_extension(extension.rows, extension.revision)
         warm_up(bundle)
         log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests%s", m.name, m.version,
                  m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,
@@ -127,7 +134,7 @@ class Models:
             models = [*self._current.values(), *self._previous.values()]
         for model in models:
             if model.extension is extension:
-                model.bundle.set_extension(extension.rows)
+                model.bundle.set_extension(extension.rows, extension.revision)
 
     def load(self, scope: str, path: Path) -> Model:
         """Verify, compile and switch ``scope`` to the bundle at ``path``; raises BundleError and keeps the old one.

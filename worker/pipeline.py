@@ -278,7 +278,7 @@ class Pipeline:
             "raw_score": round(raw, 5),
             "threshold": round(norm.threshold, 5),
             "verdict": "anomalous" if anomalous else "normal",
-            "model": model.info,
+            "model": model.scored_by(seen.extension_revision),
             "heatmap": {"topic": self.topics.heatmap(frame.camera), "format": look.format} if publish_heat else None,
             "logged": logged,
             "worker": self.cfg.worker.id,

@@ -30,6 +30,7 @@ class Seen:
     anomaly_map: np.ndarray
     embedding: np.ndarray
     tiles: dict | None = None
+    extension_revision: int | None = None  # of the bank extension that scored it (the lowest of its tiles)
 
 
 def _starts(canvas: int, tile: int, n: int) -> list[int]:
@@ -61,13 +62,17 @@ def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: Tili
     if tiling is None:
         image = prepare_image(frame, spec)
         pred = bundle.infer(image[np.newaxis], request)
-        return Seen(image, float(pred.score[0]), pred.anomaly_map[0], pred.embedding[0])
+        return Seen(image, float(pred.score[0]), pred.anomaly_map[0], pred.embedding[0],
+                    extension_revision=pred.extension_revision)
     w, h = spec.width, spec.height
     canvas, tiles = cut(frame, w, h, tiling)
     merged = np.full(canvas.shape[:2], -np.inf, np.float32)
     best: tuple[float, np.ndarray, list[int]] = (-np.inf, np.empty(0), [0, 0])
+    revisions: list[int] = []
     for col, row, x, y in tiles:
         pred = bundle.infer(np.ascontiguousarray(canvas[y:y + h, x:x + w])[np.newaxis], request)
+        if pred.extension_revision is not None:
+            revisions.append(pred.extension_revision)
         amap = pred.anomaly_map[0].astype(np.float32, copy=False)
         if amap.shape != (h, w):
             amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -77,4 +82,5 @@ def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: Tili
         if score > best[0]:
             best = (score, pred.embedding[0], [col, row])
     cols, rows = tiling.grid
-    return Seen(canvas, best[0], merged, best[1], {"count": len(tiles), "grid": [cols, rows], "worst": best[2]})
+    return Seen(canvas, best[0], merged, best[1], {"count": len(tiles), "grid": [cols, rows], "worst": best[2]},
+                min(revisions) if revisions else None)

@@ -4,13 +4,18 @@ next frame of that appearance passes, the label can be taken back, and the exten
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import cv2
 import pytest
-from conftest import Client, wait_online, write_config
+from conftest import ROOT, Client, wait_online, write_config
 from test_worker import _query
+
+from exporter.data import load_category
+from worker.store import point_id
 
 
 def _marked(dataset: Path, name: str = "000") -> bytes:
@@ -92,3 +97,20 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
     wait_online(client, prefix)
     after = _score(client, prefix, marked, "m-3")
     assert after["verdict"] == "normal" and after["model"]["version"].endswith("+x3"), after
+
+    # The CLI: export what was captured as a training folder the exporter reads, withdraw the label, export again.
+    cli = [sys.executable, "-m", "worker"]
+
+    def exported(out: Path) -> set[str]:
+        done = subprocess.run([*cli, "capture", "--config", str(config), "--out", str(out)], capture_output=True,
+                              text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 0 and "python -m exporter train --data" in done.stdout, done.stderr
+        return {p.stem for p in load_category(out, "cam1").train}
+
+    names = exported(config.parent / "training-1")
+    assert point_id("cam1", "plain-0") in names and point_id("cam1", "m-0") in names  # a normal frame, the false alarm
+    assert len({point_id("cam1", f"m-{i}") for i in (1, 3)} & names) == 1  # the same frame twice: kept once
+    done = subprocess.run([*cli, "label", "--config", str(config), "--frame-id", "m-0", "--camera", "cam1", "--clear"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and json.loads(done.stdout)["released"]["revision"] == 4, done.stderr
+    assert point_id("cam1", "m-0") not in exported(config.parent / "training-2")

@@ -11,10 +11,15 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bundle import BundleError
-from worker.config import ConfigError, load_config
+from worker.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # the MQTT client is imported when a command needs it
+    from worker.api_client import ApiClient
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -35,9 +40,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query(args: argparse.Namespace) -> int:
+def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict]) -> dict | None:
+    """One request to the running worker over MQTT; None, after saying why, when none answered."""
     from worker.api_client import ApiClient, ApiError
 
+    try:
+        with ApiClient(cfg, name) as client:
+            return send(client)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _query(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     request: dict = {"top_k": args.top_k, "filters": {"cameras": args.cameras.split(",") if args.cameras else [],
                                                       "anomalous_only": args.anomalous_only,
@@ -47,11 +62,8 @@ def _query(args: argparse.Namespace) -> int:
     else:
         request["frame_id"] = args.frame_id
         request["camera"] = args.camera
-    try:
-        with ApiClient(cfg, "query") as client:
-            answer = client.query(request)
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    answer = _ask(cfg, "query", lambda client: client.query(request))
+    if answer is None:
         return 2
     if args.json:
         print(json.dumps(answer, indent=2))
@@ -66,14 +78,9 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _labels(args: argparse.Namespace) -> int:
-    from worker.api_client import ApiClient, ApiError
-
     cfg = load_config(args.config)
-    try:
-        with ApiClient(cfg, "labels") as client:
-            answer = client.label({"action": "export", "format": args.format})
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    answer = _ask(cfg, "labels", lambda client: client.label({"action": "export", "format": args.format}))
+    if answer is None:
         return 2
     if not answer.get("ok"):
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
@@ -89,19 +96,14 @@ def _labels(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     """One label over MQTT; a false alarm's answer says what the model absorbed."""
-    from worker.api_client import ApiClient, ApiError
-
     cfg = load_config(args.config)
     if args.clear:
         body = {"action": "unlabel", "frame_id": args.frame_id, "camera": args.camera}
     else:
         body = {"action": "set", "frame_id": args.frame_id, "camera": args.camera, "note": args.note,
                 "label": "false_alarm" if args.false_alarm else "confirmed_defect", "defect_type": args.defect}
-    try:
-        with ApiClient(cfg, "label") as client:
-            answer = client.label(body)
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    answer = _ask(cfg, "label", lambda client: client.label(body))
+    if answer is None:
         return 2
     if not answer.get("ok"):
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)

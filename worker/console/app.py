@@ -211,8 +211,8 @@ def create_app(cfg: Config) -> Starlette:
         """What the served bundles learned from false alarms, per extension, with one entry per frame."""
         return await _ask(client.label, {"action": "extensions"})
 
-    async def export_capture(request: Request) -> Response:
-        """The worker writes its captured frames as a training folder (on the worker's box) and says where."""
+    async def _camera_command(request: Request, command: str) -> Response:
+        """A control command that takes an optional camera: {camera?} in, the worker's answer out."""
         body = await _json_body(request)
         try:
             if body is None:
@@ -220,8 +220,12 @@ def create_app(cfg: Config) -> Starlette:
             camera = _optional_id(body, "camera")
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))
-        return await _ask(client.control, {"command": "export_capture", **({"camera": camera} if camera else {})},
+        return await _ask(client.control, {"command": command, **({"camera": camera} if camera else {})},
                           cfg.console.control_timeout_s)
+
+    async def export_capture(request: Request) -> Response:
+        """The worker writes its captured frames as a training folder (on the worker's box) and says where."""
+        return await _camera_command(request, "export_capture")
 
     async def reload(request: Request) -> Response:
         """Canary (with a camera) or roll-out (without) of the bundle at a path on the worker's box."""
@@ -239,15 +243,7 @@ def create_app(cfg: Config) -> Starlette:
 
     async def rollback(request: Request) -> Response:
         """Back to the model a camera (or the default) ran before its last reload."""
-        body = await _json_body(request)
-        try:
-            if body is None:
-                raise ValueError("send {camera?} as a JSON object")
-            camera = _optional_id(body, "camera")
-        except ValueError as exc:
-            return _error(400, "bad_request", str(exc))
-        return await _ask(client.control, {"command": "rollback", **({"camera": camera} if camera else {})},
-                          cfg.console.control_timeout_s)
+        return await _camera_command(request, "rollback")
 
     async def export(request: Request) -> Response:
         fmt = request.query_params.get("format", "csv")

@@ -304,7 +304,7 @@ def test_a_false_alarm_labelled_on_the_page_is_learned_and_undone(stack, dataset
     card.locator("button.fa").click()
     expect(card.locator(".lab")).to_have_text("false alarm", timeout=15_000)
     expect(card.locator(".learn")).to_contain_text("absorbed:")
-    expect(card.locator(".learn")).to_contain_text("the next frames of this kind will pass")
+    expect(card.locator(".learn")).to_contain_text("frames that look like this one now pass")
     learned = page.locator('#learned-list li[data-key="cam-l/m-0"]')
     expect(learned).to_contain_text("patches", timeout=15_000)
     assert [(e["camera"], e["frame_id"]) for e in _learned(stack)] == [("cam-l", "m-0")]

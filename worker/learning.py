@@ -77,7 +77,7 @@ class Learner:
         log.info("false alarm %s/%s absorbed: %d patches, extension revision %d, %d rows", camera, frame_id,
                  entry.rows, ext.revision, len(ext.rows))
         self.on_change()
-        return self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}; the next frames of this kind will pass")
+        return self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}; frames that look like this one now pass")
 
     def release(self, key: str, camera: str) -> dict:
         """Take back what frame ``key`` added, from whichever extension holds it."""

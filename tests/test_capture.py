@@ -51,6 +51,7 @@ def test_state_survives_a_restart_and_exports_a_training_folder(tmp_path) -> Non
     capture.add_false_alarm("line 1/cam", "fa", image(99))
     capture.add_false_alarm("line 1/cam", "gone", image(98))
     capture.remove_false_alarm("line 1/cam", "gone")
+    capture.flush()  # the worker's shutdown
     again = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
     assert again.counts() == {"line 1/cam": {"seen": 12, "kept": 12, "false_alarms": 1}}
     written = again.export(tmp_path / "out")
@@ -68,3 +69,16 @@ def test_an_unreadable_state_starts_the_sample_afresh(tmp_path) -> None:
     again = Capture(tmp_path, max_frames=5, min_distance=0.0)
     assert again.offer("cam", "b", image(2), lambda: (frame(2), "png"))
     assert json.loads((tmp_path / "cam" / INDEX).read_text())["files"] == ["b.png"]
+
+
+def test_a_reader_beside_the_running_worker_changes_nothing(tmp_path) -> None:
+    """The export CLI opens the folder read-only: frames the worker kept since its last state write stay on disk."""
+    worker = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)
+    for i in range(5):
+        worker.offer("cam", f"k{i}", image(i), png(i))  # the first one wrote the state; the others not yet
+    files = sorted(p.name for p in (tmp_path / "cap" / "cam").iterdir())
+    written = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, read_only=True).export(tmp_path / "out")
+    assert written["cam"]["normal"] == 1
+    assert sorted(p.name for p in (tmp_path / "cap" / "cam").iterdir()) == files
+    worker.flush()
+    assert Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, read_only=True).counts()["cam"]["kept"] == 5

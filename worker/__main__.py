@@ -117,7 +117,7 @@ def _capture(args: argparse.Namespace) -> int:
     from worker.capture import Capture
 
     cfg = load_config(args.config)
-    written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance).export(
+    written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, read_only=True).export(
         Path(args.out), [args.camera] if args.camera else None)
     if not written:
         print(f"error: nothing captured under {cfg.capture.path}" + (f" for camera {args.camera}" if args.camera else ""),

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INDEX, EMBEDDINGS, FALSE_ALARMS = "index.json", "signatures.npy", "false_alarm"
 SIGNATURE_SIDE = 16
+SAVE_EVERY_S = 5.0  # at most one state write per camera this often: the sample is best effort, the frames are not blocked
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -54,9 +56,10 @@ def signature(image: np.ndarray) -> np.ndarray:
 class _Camera:
     """One camera's sample on disk; the caller holds the lock."""
 
-    def __init__(self, folder: Path, camera: str) -> None:
+    def __init__(self, folder: Path, camera: str, read_only: bool = False) -> None:
         self.folder = folder
         self.camera = camera
+        self.saved_at = float("-inf")
         self.seen = 0
         self.files: list[str] = []
         self.vectors: np.ndarray | None = None
@@ -76,7 +79,7 @@ class _Camera:
         self.seen, self.files, self.vectors = seen, [f for f in files if (folder / f).is_file()], vectors
         if vectors is not None and len(self.files) != len(files):
             self.vectors = vectors[[i for i, f in enumerate(files) if (folder / f).is_file()]]
-        for stray in folder.iterdir():  # replaced or never indexed (a crash): the bound holds on disk too
+        for stray in [] if read_only else folder.iterdir():  # replaced or never indexed (a crash): the bound holds
             if stray.is_file() and stray.name not in (INDEX, EMBEDDINGS) and stray.name not in self.files:
                 stray.unlink(missing_ok=True)
         if (folder / FALSE_ALARMS).is_dir():
@@ -102,9 +105,14 @@ def _write(path: Path, data: bytes) -> None:
 class Capture:
     """Thread-safe: inference threads offer frames, the request thread adds false alarms and exports."""
 
-    def __init__(self, root: Path, max_frames: int, min_distance: float, seed: int | None = None) -> None:
+    def __init__(self, root: Path, max_frames: int, min_distance: float, seed: int | None = None,
+                 read_only: bool = False) -> None:
+        """``read_only``: another process (the running worker) owns the folder, e.g. for the export CLI: nothing is
+        cleaned up or written, and what the worker kept in its last few seconds may not be listed yet."""
+        self.read_only = read_only
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.max_frames = max_frames
         self.min_distance = min_distance
         self._rng = random.Random(seed)
@@ -116,7 +124,7 @@ class Capture:
         if state is None:
             folder = self.root / camera_folder(camera)
             folder.mkdir(parents=True, exist_ok=True)
-            state = self._cameras[camera] = _Camera(folder, camera)
+            state = self._cameras[camera] = _Camera(folder, camera, self.read_only)
         return state
 
     def _load_all(self) -> None:
@@ -127,12 +135,13 @@ class Capture:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # _Camera reports it when that camera sends again
             if camera not in self._cameras and index.parent.name == camera_folder(camera):
-                self._cameras[camera] = _Camera(index.parent, camera)
+                self._cameras[camera] = _Camera(index.parent, camera, self.read_only)
 
     def offer(self, camera: str, key: str, image: np.ndarray, encoded: Callable[[], tuple[bytes, str]]) -> bool:
         """A normal frame (``image`` decoded BGR; ``encoded()`` its file bytes and extension, asked for only when
-        it is kept): kept (True) when the reservoir draws it and nothing kept is a near-duplicate."""
-        vector = signature(image)
+        it is kept): kept (True) when the reservoir draws it and nothing kept is a near-duplicate.  Runs on an
+        inference thread: a frame the reservoir does not draw costs a counter, and the state is written at most
+        every ``SAVE_EVERY_S`` (after a crash, frames kept since are dropped at start)."""
         with self._lock:
             state = self._camera(camera)
             state.seen += 1
@@ -141,8 +150,11 @@ class Capture:
             else:
                 slot = self._rng.randrange(state.seen)
                 if slot >= self.max_frames:
+                    self._save_due(state)
                     return False
+            vector = signature(image)
             if self._duplicate(state, vector):
+                self._save_due(state)
                 return False
             data, ext = encoded()
             name = f"{key}.{ext}"
@@ -155,8 +167,20 @@ class Capture:
                 state.files[slot] = name
                 assert state.vectors is not None  # as many rows as files
                 state.vectors[slot] = vector
-            state.save()
+            self._save_due(state)
             return True
+
+    def _save_due(self, state: _Camera) -> None:
+        now = time.monotonic()
+        if now - state.saved_at >= SAVE_EVERY_S:
+            state.save()
+            state.saved_at = now
+
+    def flush(self) -> None:
+        """Write every camera's state now (at shutdown)."""
+        with self._lock:
+            for state in self._cameras.values():
+                state.save()
 
     def _duplicate(self, state: _Camera, vector: np.ndarray) -> bool:
         """Within ``min_distance`` (cosine) of a kept frame."""

@@ -277,6 +277,8 @@ class Worker:
         self.query_thread.join(5)
         flushed = self.recorder.flush(timeout)
         self.recorder.stop()
+        if self.capture is not None:
+            self.capture.flush()
         if self.link.connected.is_set():
             self.link.publish(self.topics.stats, json.dumps(self.stats_payload()))
             info = self.link.publish(self.topics.availability, "stopped", retain=True)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle import Manifest
+
 log = logging.getLogger(__name__)
 
 INDEX = "index.json"
@@ -45,6 +47,16 @@ class Entry:
     camera: str
     rows: int
     at: float
+
+
+def weights_key(manifest: Manifest) -> str:
+    """The part of an extension folder's name that ties it to one bundle's weights (its model.bin sha256)."""
+    return manifest.files["model.bin"][:16]
+
+
+def folder_name(manifest: Manifest) -> str:
+    """The worker's folder for a bundle's extension: ``<name>-<weights_key>``, so a retrained bundle starts empty."""
+    return f"{manifest.name}-{weights_key(manifest)}"
 
 
 def offending(candidates: np.ndarray, scores: np.ndarray, threshold: float, margin: float) -> np.ndarray:

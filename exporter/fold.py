@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from bundle import BundleError, Manifest, Thresholds, read_manifest, sha256_file, write_manifest
-from bundle.extension import read_folder
+from bundle import BundleError, Manifest, Thresholds, read_manifest, write_manifest
+from bundle.extension import read_folder, weights_key
 from exporter.export import library_versions, timestamp
 
 _SQ_RTOL = 1e-4  # a bank-norm constant is recognised by its values: the IR stores them in f32
@@ -125,11 +125,12 @@ def _fold_support(model: ov.Model, old_k: int, new_k: int) -> None:
 
 
 def _check_folder_owner(folder: Path, source: Manifest) -> None:
-    """The worker names a bundle's extension ``<name>-<sha256 of model.bin, 16 hex>``: refuse another bundle's."""
+    """The worker names a bundle's extension ``<name>-<weights key>`` (bundle.extension.folder_name): refuse another
+    bundle's."""
     match = re.fullmatch(r".*-([0-9a-f]{16})", folder.name)
-    if match and match.group(1) != source.files["model.bin"][:16]:
+    if match and match.group(1) != weights_key(source):
         raise FoldError(f"{folder} is the extension of weights {match.group(1)}..., not of this bundle's "
-                        f"({source.files['model.bin'][:16]}...)")
+                        f"({weights_key(source)}...)")
 
 
 def _thresholds(t: Thresholds, note: str) -> Thresholds:
@@ -170,7 +171,7 @@ def fold(bundle: Path, extension: Path, out: Path) -> Manifest:
     record = {
         "folded_at": timestamp(),
         "source_version": source.version,
-        "source_model_bin_sha256": sha256_file(bundle / "model.bin"),
+        "source_model_bin_sha256": source.files["model.bin"],  # verified by read_manifest
         "extension_folder": extension.name,
         "extension_revision": revision,
         "extension_rows": len(rows),

@@ -118,6 +118,7 @@ class Capture:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._cameras: dict[str, _Camera] = {}
+        self._load_all()
 
     def _camera(self, camera: str) -> _Camera:
         state = self._cameras.get(camera)
@@ -128,7 +129,7 @@ class Capture:
         return state
 
     def _load_all(self) -> None:
-        """Cameras with a sample on disk that have sent nothing since the restart (caller holds the lock)."""
+        """The cameras with a sample on disk, once at start: from then on this object holds their state."""
         for index in self.root.glob(f"*/{INDEX}"):
             try:
                 camera = str(json.loads(index.read_text())["camera"])
@@ -195,6 +196,7 @@ class Capture:
             state = self._camera(camera)
             _write(state.folder / FALSE_ALARMS / f"{key}.png", data)
             state.false_alarms.add(f"{key}.png")
+            state.save()  # a label is rare: the camera is then found on disk after a restart even with no sample yet
 
     def remove_false_alarm(self, camera: str, key: str) -> None:
         with self._lock:
@@ -206,7 +208,6 @@ class Capture:
     def counts(self) -> dict[str, dict[str, int]]:
         """Per camera: normal frames seen, kept, and false alarms kept (for the stats topic and the console)."""
         with self._lock:
-            self._load_all()
             return {camera: {"seen": s.seen, "kept": len(s.files), "false_alarms": len(s.false_alarms)}
                     for camera, s in self._cameras.items()}
 
@@ -215,7 +216,6 @@ class Capture:
         out = Path(out)
         written = {}
         with self._lock:
-            self._load_all()
             for camera, state in sorted(self._cameras.items()):
                 if cameras and camera not in cameras:
                     continue

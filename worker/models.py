@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle import MANIFEST, BundleError, Normalisation
-from bundle.extension import Extension
+from bundle.extension import Extension, folder_name
 from bundle.runtime import CompiledBundle
 from worker.config import Config
 
@@ -80,7 +80,7 @@ class Models:
         self._extensions: dict[Path, Extension] = {}
         self.load(DEFAULT, cfg.model.bundle)
         for camera, override in cfg.cameras.items():
-            if override.bundle is not None or override.precision is not None:
+            if self._configured(camera):
                 self.load(camera, override.bundle or cfg.model.bundle)
 
     def precision(self, scope: str) -> str:
@@ -116,7 +116,7 @@ class Models:
         m = bundle.manifest
         if m.extension is None:
             return None
-        folder = self.cfg.learning.path / f"{m.name}-{m.files['model.bin'][:16]}"
+        folder = self.cfg.learning.path / folder_name(m)
         with self._lock:
             ext = self._extensions.get(folder)
             if ext is None:

@@ -177,10 +177,15 @@ class CompiledBundle:
 
     def inputs(self, images: np.ndarray) -> dict[int | str, np.ndarray | ov.Tensor]:
         """A request's inputs for ``images``: the images, and the current extension where the bundle has one."""
-        ext = self._extension  # one read: this request sees one extension whatever set_extension does meanwhile
+        return self._inputs(images)[0]
+
+    def _inputs(self, images: np.ndarray) -> tuple[dict[int | str, np.ndarray | ov.Tensor], int | None]:
+        """The inputs and the revision of the extension among them (None without one), from one read of it, so
+        the rows fed and the revision reported agree whatever set_extension does meanwhile."""
+        ext = self._extension
         if ext is None or self.extension_spec is None:
-            return {0: images}
-        return {0: images, self.extension_spec.input: ext.tensor}
+            return {0: images}, None
+        return {0: images, self.extension_spec.input: ext.tensor}, ext.revision
 
     def create_request(self) -> ov.InferRequest:
         """A request whose extension input already holds the current extension (never OpenVINO's uninitialised
@@ -197,12 +202,9 @@ class CompiledBundle:
         """``images``: uint8 [N, H, W, 3] BGR at the bundle's input size (see :func:`bundle.prepare_image`); the
         prediction names the extension revision it was computed with."""
         request = request or self.create_request()
-        ext = self._extension  # one read: the rows fed and the revision reported are the same
-        if ext is None or self.extension_spec is None:
-            request.infer({0: images})
-            return self.prediction(request)
-        request.infer({0: images, self.extension_spec.input: ext.tensor})
-        return replace(self.prediction(request), extension_revision=ext.revision)
+        inputs, revision = self._inputs(images)
+        request.infer(inputs)
+        return replace(self.prediction(request), extension_revision=revision)
 
     def prediction(self, request: ov.InferRequest) -> Prediction:
         """Copy the outputs of a finished request (sync, or in an :meth:`async_queue` callback)."""

@@ -205,7 +205,8 @@ function learnedText(answer) {
 }
 
 function applyLabel(l) {
-  for (const li of document.querySelectorAll(`[data-key="${CSS.escape(keyOf(l.camera, l.frame_id))}"]`)) {
+  // Frame cards only: the Learned panel's entries carry the same data-key but no label fields.
+  for (const li of document.querySelectorAll(`li.card[data-key="${CSS.escape(keyOf(l.camera, l.frame_id))}"]`)) {
     $(".lab", li).textContent = labelText(l.label, l.defect_type) || "label cleared";
     $(".learn", li).textContent = l.learned || "";
     li.classList.add("labelled");

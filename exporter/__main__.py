@@ -59,7 +59,8 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 def _distill(args: argparse.Namespace) -> int:
     from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, cache_path, distill
 
-    settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop", "held_out"),
+    settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop", "held_out",
+                                        "train_precision"),
                                **({"layers": args.layers.split(",")} if args.layers else {}))
     natural = Path(args.natural or DEFAULT_NATURAL)
     out = Path(args.out) if args.out else cache_path(settings, natural)
@@ -68,7 +69,7 @@ def _distill(args: argparse.Namespace) -> int:
         return 0
     # The cache is keyed by every setting, so its checkpoint is always this run's: resume it without asking.
     print(distill(settings, natural, out, resume=args.resume or not args.out, stop_after=args.stop_after,
-                  **_given(args, "checkpoint_every", "eval_every")))
+                  write_now=args.write_now, **_given(args, "checkpoint_every", "eval_every")))
     return 0
 
 
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--natural", help="folder of natural photos (default ../shared/data/natural)")
     distill.add_argument("--held-out", type=int, help="natural photos held out of training for the variance "
                                                        "figure (default 50, at most a fifth)")
+    distill.add_argument("--train-precision", choices=["f32", "bf16"],
+                         help="f32 (default) or bf16 under torch's CPU autocast: several times faster where the CPU "
+                              "has AMX, slower where it has no bf16 units")
     distill.add_argument("--out", help="write the teacher (and NAME.json manifest) here (default: the cache, reused "
                                        "when present, resumed when cut short)")
     distill.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
@@ -166,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--eval-every", type=int, help="steps between held-out variance figures (default 100)")
     distill.add_argument("--stop-after", type=int, help="stop at this step with a checkpoint, to --resume later "
                                                         "(e.g. across sessions)")
+    distill.add_argument("--write-now", action="store_true",
+                         help="write the teacher and its manifest where the run stops (--stop-after, else the resumed "
+                              "checkpoint's step) and keep the checkpoint, so a later --resume still goes on")
     distill.set_defaults(func=_distill)
 
     bench = sub.add_parser("benchmark", help="train, export and evaluate models on every category; write a report")

@@ -69,9 +69,24 @@ class TeacherSettings:
     grayscale_p: float = 0.1  # as the paper: some grey crops, since inspection images often are
     held_out: int = 50  # natural photos never cropped for training (at most a fifth), for the variance figure
     seed: int = 0
+    train_precision: str = "f32"  # or "bf16": see autocast()
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+TRAIN_PRECISIONS = ("f32", "bf16")
+
+
+def autocast(precision: str) -> torch.autocast:
+    """The training loops' forward passes at ``precision``: f32, or bf16 by torch's CPU autocast.
+
+    bf16 is several times faster where the CPU has bf16 matrix units (Intel AMX) and slower where it
+    emulates them; it is never chosen from the CPU, so the same command trains the same way everywhere.
+    """
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"training precision must be one of {TRAIN_PRECISIONS}, not {precision!r}")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def pdn(size: str, out_channels: int) -> nn.Module:
@@ -157,8 +172,10 @@ class BackboneTargets(nn.Module):
 
 
 def _key(settings: TeacherSettings, backbone_sha: str | None, natural: list[Path]) -> str:
-    text = json.dumps({**settings.as_dict(), "backbone_sha256": backbone_sha, "natural": _listing(natural)},
-                      sort_keys=True)
+    fields = settings.as_dict()
+    if fields["train_precision"] == "f32":
+        del fields["train_precision"]  # f32 teachers and checkpoints keep the keys they had before bf16 existed
+    text = json.dumps({**fields, "backbone_sha256": backbone_sha, "natural": _listing(natural)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -297,16 +314,20 @@ def _load_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimize
 
 def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: bool = False,
             checkpoint_every: int = CHECKPOINT_EVERY, eval_every: int = EVAL_EVERY,
-            stop_after: int | None = None) -> Path:
+            stop_after: int | None = None, write_now: bool = False) -> Path:
     """Train a PDN to regress standardised backbone features on natural crops; write safetensors + manifest.
 
     State is checkpointed beside ``out`` every ``checkpoint_every`` steps so that a run cut short
     (a session ending, ``stop_after``) continues with ``resume`` to the weights an uninterrupted run
-    gives.  Returns the teacher, or the checkpoint when stopped before the last step.
+    gives.  Returns the teacher, or the checkpoint when stopped before the last step.  ``write_now``
+    writes the teacher where the run stops (at ``stop_after``, else at the resumed checkpoint's step)
+    and keeps the checkpoint: a long distillation can ship a teacher on the way and still go on.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_path(out)
+    if write_now and stop_after is None and not (resume and ckpt.is_file()):
+        raise ValueError(f"writing the teacher now needs --stop-after, or a checkpoint {ckpt} to --resume")
     if ckpt.is_file() and not resume:
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or delete it to start again")
     torch.manual_seed(settings.seed)
@@ -324,7 +345,7 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
     if resume and ckpt.is_file():
         state, norm = _load_checkpoint(ckpt, net, optimiser, schedule, rng)
-        if state["settings"] != settings.as_dict() or state["key"] != run.key:
+        if {"train_precision": "f32", **state["settings"]} != settings.as_dict() or state["key"] != run.key:
             raise ValueError(f"{ckpt} is from other settings or images ({state['settings']}); delete it or match them")
         log.info("resuming %s at step %d/%d", ckpt, state["step"], settings.steps)
     else:
@@ -338,13 +359,16 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     log.info("distilling %s PDN (%d channels, receptive field %d px) from %s %s: %d steps of %d crops of %d px "
              "from %d photos, %d held out", settings.size, channels, run.rf, settings.backbone, settings.layers,
              settings.steps, settings.batch_size, settings.crop, len(run.images), len(run.held_out))
+    if write_now and stop_after is None:
+        stop_after = state["step"]
     end = settings.steps if stop_after is None else min(stop_after, settings.steps)
     progress = Progress("teacher", settings.steps, start=state["step"])
     started = time.monotonic() - state["train_s"]
     for step in range(state["step"], end):
         x = random_crops(run.images, settings.batch_size, settings.crop, settings.grayscale_p, rng)
-        target = (run.targets(x, run.out_hw, run.rf) - norm["mean"]) / norm["std"]
-        loss = F.mse_loss(net(x), target)
+        with autocast(settings.train_precision):
+            target = (run.targets(x, run.out_hw, run.rf).float() - norm["mean"]) / norm["std"]
+            loss = F.mse_loss(net(x).float(), target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -362,9 +386,13 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
             _save_checkpoint(ckpt, net, optimiser, schedule, rng, norm, state)
     if state["step"] < settings.steps:
         log.info("stopped at step %d/%d; continue with --resume from %s", state["step"], settings.steps, ckpt)
-        return ckpt
+        if not write_now:
+            return ckpt
+        if not state["held_out_curve"] or state["held_out_curve"][-1][0] != state["step"]:
+            state["held_out_curve"].append([state["step"], explained_variance(net, run.eval_crops, eval_targets)])
     _write_teacher(out, net, run, settings, natural_dir, eval_targets, state)
-    ckpt.unlink(missing_ok=True)
+    if state["step"] == settings.steps:
+        ckpt.unlink(missing_ok=True)
     return out
 
 
@@ -387,7 +415,7 @@ def _write_teacher(out: Path, net: nn.Module, run: _Run, settings: TeacherSettin
         "natural_images": len(run.paths),
         "held_out_images": len(run.held_out),
         "held_out_explained_variance": round(figure, 5),
-        "final_loss": round(float(np.mean(losses[-50:])), 5),
+        "final_loss": round(float(np.mean(losses[-50:])), 5) if losses else None,
         "train_s": round(state["train_s"], 1),
     }
     tmp = out.with_name(out.name + ".tmp")

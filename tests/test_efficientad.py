@@ -101,13 +101,14 @@ def test_openvino_bundle_matches_anomalib_torch_model(small, teacher, tmp_path):
 def test_train_command_builds_an_efficientad_bundle_from_a_given_teacher(small, teacher, tmp_path):
     out = tmp_path / "b"
     proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--model", "efficientad", "--data", str(small),
-                           "--category", "weave", "--out", str(out), "--steps", "2",
+                           "--category", "weave", "--out", str(out), "--steps", "2", "--train-precision", "bf16",
                            "--teacher", str(teacher), "--natural", str(small / "weave" / "train")],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(out)
     assert manifest.family == "efficientad" and manifest.name == "weave-efficientad"
     assert manifest.training["steps"] == 2 and manifest.training["teacher_file"] == str(teacher)
+    assert manifest.training["train_precision"] == "bf16" and np.isfinite(manifest.training["final_loss"])
     assert manifest.training["teacher"]["receptive_field"] == 33
     assert manifest.input.mean == (0.0, 0.0, 0.0) and manifest.input.std == (1.0, 1.0, 1.0)
     assert manifest.thresholds.image.threshold > manifest.thresholds.image.low

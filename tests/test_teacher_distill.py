@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SHARED
@@ -63,6 +64,35 @@ def test_resumed_distillation_ends_where_an_uninterrupted_one_does(natural, stra
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     ma, mb = json.loads(manifest_path(straight).read_text()), json.loads(manifest_path(out).read_text())
     assert ma["held_out_curve"] == mb["held_out_curve"] and ma["loss_curve"] == mb["loss_curve"]
+
+
+def test_a_teacher_written_on_the_way_keeps_its_checkpoint_and_the_run_goes_on(natural, straight, tmp_path):
+    out = tmp_path / "pdn-small.safetensors"
+    with pytest.raises(ValueError, match="--stop-after"):
+        distill(TINY, natural, out, write_now=True)  # nothing to write from
+    assert distill(TINY, natural, out, eval_every=3, stop_after=4, write_now=True) == out
+    early = json.loads(manifest_path(out).read_text())
+    assert checkpoint_path(out).is_file() and early["steps_done"] == 4 and early["recipe"]["steps"] == 6
+    assert [s for s, _ in early["held_out_curve"]] == [0, 3, 4]  # the figure of what is shipped
+    first = out.read_bytes()
+    assert distill(TINY, natural, out, resume=True, write_now=True) == out  # from the checkpoint, no step more
+    assert out.read_bytes() == first and checkpoint_path(out).is_file()
+    assert distill(TINY, natural, out, eval_every=3, resume=True) == out and not checkpoint_path(out).exists()
+    assert load_file(str(out)).keys() == load_file(str(straight)).keys()
+    assert json.loads(manifest_path(out).read_text())["held_out_curve"] == json.loads(
+        manifest_path(straight).read_text())["held_out_curve"]  # the early figure stays out of the run's curve
+
+
+def test_bf16_distillation_is_its_own_run_and_says_so(natural, tmp_path):
+    out = tmp_path / "pdn-small.safetensors"
+    bf16 = TeacherSettings(steps=6, batch_size=2, crop=64, train_precision="bf16")
+    assert distill(bf16, natural, out, eval_every=3, stop_after=3, write_now=True) == out
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["recipe"]["train_precision"] == "bf16" and np.isfinite(manifest["final_loss"])
+    with pytest.raises(ValueError, match="other settings"):
+        distill(TINY, natural, out, resume=True)  # an f32 run never continues a bf16 checkpoint
+    with pytest.raises(ValueError, match="training precision"):
+        distill(TeacherSettings(steps=6, batch_size=2, crop=64, train_precision="fp8"), natural, tmp_path / "x.safetensors")
 
 
 def test_checkpoint_is_safetensors_with_json_header_and_no_pickle(natural, tmp_path):

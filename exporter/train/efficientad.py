@@ -29,6 +29,7 @@ from exporter.progress import Progress
 from exporter.teacher import (
     DEFAULT_NATURAL,
     TeacherSettings,
+    autocast,
     load_rgb,
     load_teacher,
     natural_images,
@@ -60,6 +61,7 @@ class EfficientAdSettings:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     seed: int = 0
+    train_precision: str = "f32"  # or "bf16" (exporter.teacher.autocast); the export is f32 either way
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +110,8 @@ def build_model(settings: EfficientAdSettings) -> tuple[EfficientAdModel, dict]:
         path = shipped
     else:
         path = teacher_file(TeacherSettings(size=settings.model_size, steps=settings.teacher_steps or TeacherSettings.steps,
-                                            seed=settings.seed), Path(settings.natural))
+                                            seed=settings.seed, train_precision=settings.train_precision),
+                            Path(settings.natural))
     state, meta = load_teacher(path)
     size, channels = teacher_channels(state)
     if size != settings.model_size:
@@ -176,8 +179,9 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
     recent: list[float] = []
     for step in range(steps):
         batch = images[rng.randrange(len(images))].unsqueeze(0)
-        loss_st, loss_ae, loss_stae = model(batch, _penalty_image(penalty, settings.input_size, rng))
-        loss = loss_st + loss_ae + loss_stae
+        with autocast(settings.train_precision):
+            loss_st, loss_ae, loss_stae = model(batch, _penalty_image(penalty, settings.input_size, rng))
+            loss = (loss_st + loss_ae + loss_stae).float()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -7,8 +7,11 @@ production ``PatchcoreGraph``) at that input size with a memory bank of that man
 rows are random, which does not change the work (a dense distance to every row).  Configs are
 compiled once and timed interleaved, ``--repeats`` rounds of ``--frames`` single-frame
 inferences each (LATENCY hint, ``--threads`` threads, ``--precision``, f32 unless set): median of each round, then median and
-range over rounds.  Without ``--config``: the old default (640 px, 7616 rows on grid), the default
-(512 px, 750 rows) and the fast setting (320 px, 1000 rows).
+range over rounds.  Without ``--config`` or ``--bundle``: the old default (640 px, 7616 rows on grid), the
+default (512 px, 750 rows) and the fast setting (320 px, 1000 rows).  ``--bundle DIR`` (repeatable) times an
+exported bundle of any family in the same rounds, compiled the same way (its bank extension, if any, empty):
+
+    python -m benchmarks.latency --config 512:750 --bundle bundles/grid-efficientad --repeats 5
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -52,37 +57,60 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     return lambda frame: compiled({0: frame, 1: pad})
 
 
+def compile_bundle(folder: Path, threads: int, precision: str = "f32") -> tuple[int, Callable]:
+    """An exported bundle's IR, compiled as :func:`compile_graph` compiles the graph; (input side, infer)."""
+    import openvino as ov
+
+    from bundle import EXTENSION_PAD, read_manifest
+
+    manifest = read_manifest(folder)
+    core = ov.Core()
+    model = core.read_model(str(folder / "model.xml"))
+    feeds: dict[int, np.ndarray] = {}
+    if manifest.extension is not None:
+        dim = manifest.extension.feature_dim
+        model.reshape({"extension": [1, dim]})
+        feeds[1] = np.full((1, dim), EXTENSION_PAD, np.float32)
+    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                 "INFERENCE_PRECISION_HINT": precision})
+    return manifest.input.height, lambda frame: compiled({0: frame, **feeds})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", action="append", help="SIZE:ROWS (repeatable; default 640:7616, 512:750 and 320:1000)")
+    ap.add_argument("--bundle", action="append", type=Path, default=[], help="an exported bundle folder (repeatable)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--frames", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ["640:7616", "512:750", "320:1000"])]
-    compiled = {c: compile_graph(*c, args.threads, args.precision) for c in configs}
-    frames = {c: np.random.default_rng(0).integers(0, 255, (1, c[0], c[0], 3), dtype=np.uint8) for c in configs}
-    rounds: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
-    for c in configs:
+    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ([] if args.bundle else ["640:7616", "512:750", "320:1000"]))]
+    entries: dict[str, tuple[int, Callable]] = {f"PatchCore graph, {s} px, {n} rows": (s, compile_graph(s, n, args.threads, args.precision))
+                                                for s, n in configs}
+    for folder in args.bundle:
+        entries[f"bundle {folder.name}"] = compile_bundle(folder, args.threads, args.precision)
+    frames = {k: np.random.default_rng(0).integers(0, 255, (1, side, side, 3), dtype=np.uint8) for k, (side, _) in entries.items()}
+    rounds: dict[str, list[float]] = {k: [] for k in entries}
+    for k, (_, infer) in entries.items():
         for _ in range(3):
-            compiled[c](frames[c])  # warm-up
+            infer(frames[k])  # warm-up
     for r in range(args.repeats):
-        for c in configs:
+        for k, (_, infer) in entries.items():
             times = []
             for _ in range(args.frames):
                 started = time.perf_counter()
-                compiled[c](frames[c])
+                infer(frames[k])
                 times.append((time.perf_counter() - started) * 1000)
-            rounds[c].append(statistics.median(times))
+            rounds[k].append(statistics.median(times))
         log.info("round %d/%d done", r + 1, args.repeats)
-    base = configs[0]
-    rows = [[str(s), str(n), fmt(summary(rounds[(s, n)]), 1),
-             fmt(summary([a / b for a, b in zip(rounds[(s, n)], rounds[base], strict=True)]), 2)]
-            for s, n in configs]
-    print(md_table(["input px", "bank rows", "ms / frame: median [range] over rounds",
-                    f"x the {base[0]} px / {base[1]}-row graph, same round"], rows))
+    base = next(iter(entries))
+    rows = [[k, str(side), fmt(summary(rounds[k]), 1),
+             fmt(summary([a / b for a, b in zip(rounds[k], rounds[base], strict=True)]), 2)]
+            for k, (side, _) in entries.items()]
+    print(f"precision {args.precision}, INFERENCE_NUM_THREADS {args.threads}, LATENCY hint, batch 1\n")
+    print(md_table(["what", "input px", "ms / frame: median [range] over rounds", f"x {base}, same round"], rows))
     return 0
 
 

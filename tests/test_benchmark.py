@@ -93,3 +93,16 @@ def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tm
     assert "OpenVINO f32, LATENCY hint, batch 1" in proc.stdout
     (check,) = [line for line in proc.stdout.splitlines() if "empty extension vs before" in line]
     assert float(check.split("difference ")[1].split()[0]) < 1e-4, check
+
+
+def test_latency_benchmark_times_exported_bundles_beside_graphs(bundle_dir):
+    """benchmarks.latency --bundle: an exported bundle (its extension empty) timed in the rounds of a graph config."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--config", "128:50", "--bundle", str(bundle_dir),
+                           "--repeats", "2", "--frames", "2", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0] for r in rows[1:]] == ["PatchCore graph, 128 px, 50 rows", f"bundle {bundle_dir.name}"], proc.stdout
+    assert rows[2][1] == str(json.loads((bundle_dir / "bundle.json").read_text())["input"]["height"])
+    assert float(rows[2][2].split()[0]) > 0 and rows[1][3].startswith("1.00"), proc.stdout
+    assert "precision f32, INFERENCE_NUM_THREADS 1" in proc.stdout

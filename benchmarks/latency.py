@@ -31,6 +31,11 @@ from benchmarks.common import fmt, md_table, summary
 log = logging.getLogger("benchmarks.latency")
 
 
+def _config(threads: int, precision: str) -> dict:
+    """How every timed model is compiled: one frame at a time, a fixed thread count, the precision named."""
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
+
+
 def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     import openvino as ov
     import torch
@@ -51,8 +56,7 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     graph = PatchcoreGraph(model, size, DefectEmbedding(torch.zeros(dim), torch.eye(dim))).eval()
     ir = convert(graph, input_spec(size, bb.mean, bb.std))
     ir.reshape({"extension": [1, dim]})  # the empty bank extension: one pad row, static as the worker compiles it
-    compiled = ov.Core().compile_model(ir, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-                                                   "INFERENCE_PRECISION_HINT": precision})
+    compiled = ov.Core().compile_model(ir, "CPU", _config(threads, precision))
     pad = np.full((1, dim), EXTENSION_PAD, np.float32)
     return lambda frame: compiled({0: frame, 1: pad})
 
@@ -71,8 +75,7 @@ def compile_bundle(folder: Path, threads: int, precision: str = "f32") -> tuple[
         dim = manifest.extension.feature_dim
         model.reshape({"extension": [1, dim]})
         feeds[1] = np.full((1, dim), EXTENSION_PAD, np.float32)
-    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-                                                 "INFERENCE_PRECISION_HINT": precision})
+    compiled = core.compile_model(model, "CPU", _config(threads, precision))
     return manifest.input.height, lambda frame: compiled({0: frame, **feeds})
 
 

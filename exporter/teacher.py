@@ -345,7 +345,7 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
     if resume and ckpt.is_file():
         state, norm = _load_checkpoint(ckpt, net, optimiser, schedule, rng)
-        if {"train_precision": "f32", **state["settings"]} != settings.as_dict() or state["key"] != run.key:
+        if state["key"] != run.key:  # the key covers every setting (an f32 run's as before bf16 existed) and the photos
             raise ValueError(f"{ckpt} is from other settings or images ({state['settings']}); delete it or match them")
         log.info("resuming %s at step %d/%d", ckpt, state["step"], settings.steps)
     else:
@@ -388,7 +388,7 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
         log.info("stopped at step %d/%d; continue with --resume from %s", state["step"], settings.steps, ckpt)
         if not write_now:
             return ckpt
-        if not state["held_out_curve"] or state["held_out_curve"][-1][0] != state["step"]:
+        if state["held_out_curve"][-1][0] != state["step"]:  # the figure of what is written
             state["held_out_curve"].append([state["step"], explained_variance(net, run.eval_crops, eval_targets)])
     _write_teacher(out, net, run, settings, natural_dir, eval_targets, state)
     if state["step"] == settings.steps:

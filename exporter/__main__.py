@@ -60,7 +60,7 @@ def _distill(args: argparse.Namespace) -> int:
     from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, cache_path, distill
 
     settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop", "held_out",
-                                        "train_precision"),
+                                        "train_precision", "backbone_scale"),
                                **({"layers": args.layers.split(",")} if args.layers else {}))
     natural = Path(args.natural or DEFAULT_NATURAL)
     out = Path(args.out) if args.out else cache_path(settings, natural)
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--steps", type=int)
     distill.add_argument("--batch-size", type=int)
     distill.add_argument("--crop", type=int, help="side of the random crops")
+    distill.add_argument("--backbone-scale", type=int,
+                         help="the backbone sees each crop upscaled by this factor (default 1; 2 is the paper's recipe, "
+                              "which puts one stride-8 feature on each of the PDN's stride-4 cells)")
     distill.add_argument("--natural", help="folder of natural photos (default ../shared/data/natural)")
     distill.add_argument("--held-out", type=int, help="natural photos held out of training for the variance "
                                                        "figure (default 50, at most a fifth)")

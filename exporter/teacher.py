@@ -63,6 +63,10 @@ class TeacherSettings:
     backbone: str = "efficientnet_lite0"
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
     crop: int = 128  # side of the random natural-image crops the PDN is trained on
+    # The backbone sees each crop upscaled by this factor, the PDN sees it as it is.  At 2 (the paper's recipe:
+    # its feature extractor takes 512 px where the PDN takes 256) a stride-8 feature falls on each of the PDN's
+    # stride-4 cells and the target depends on less context beyond the PDN's 33 px receptive field.
+    backbone_scale: int = 1
     steps: int = 250
     batch_size: int = 8
     lr: float = 1e-3
@@ -154,6 +158,9 @@ class BackboneTargets(nn.Module):
         super().__init__()
         bb = backbones.resolve(settings.backbone)
         self.weights_sha256 = bb.weights_sha256
+        if settings.backbone_scale < 1:
+            raise ValueError(f"the backbone scale must be a whole factor of at least 1, not {settings.backbone_scale}")
+        self.scale = settings.backbone_scale
         self.model = PatchcoreModel(layers=settings.layers, backbone=bb.timm_name, pre_trained=bb.pre_trained).eval()
         self.register_buffer("mean", torch.tensor(bb.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(bb.std).view(1, 3, 1, 1))
@@ -162,8 +169,10 @@ class BackboneTargets(nn.Module):
     def forward(self, x: torch.Tensor, out_hw: tuple[int, int], rf: int) -> torch.Tensor:
         from exporter.train.patchcore import patch_features
 
-        feats = patch_features(self.model, (x - self.mean) / self.std)
-        # Output cell i of the PDN sees input pixels [4i, 4i + rf): sample the features at that centre.
+        scaled = x if self.scale == 1 else F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        feats = patch_features(self.model, (scaled - self.mean) / self.std)
+        # Output cell i of the PDN sees input pixels [4i, 4i + rf): sample the features at that centre (grid_sample's
+        # coordinates are relative to the image, so they hold at any backbone scale).
         h, w = x.shape[-2:]
         ys = (torch.arange(out_hw[0]) * PDN_STRIDE + rf / 2) / h * 2 - 1
         xs = (torch.arange(out_hw[1]) * PDN_STRIDE + rf / 2) / w * 2 - 1
@@ -173,8 +182,10 @@ class BackboneTargets(nn.Module):
 
 def _key(settings: TeacherSettings, backbone_sha: str | None, natural: list[Path]) -> str:
     fields = settings.as_dict()
-    if fields["train_precision"] == "f32":
-        del fields["train_precision"]  # f32 teachers and checkpoints keep the keys they had before bf16 existed
+    # Teachers and checkpoints at the first defaults of later fields keep the keys they had before those existed.
+    for name, first in (("train_precision", "f32"), ("backbone_scale", 1)):
+        if fields[name] == first:
+            del fields[name]
     text = json.dumps({**fields, "backbone_sha256": backbone_sha, "natural": _listing(natural)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -356,9 +367,10 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     eval_targets = (run.features(run.eval_crops) - norm["mean"]) / norm["std"]
     if not state["held_out_curve"]:
         state["held_out_curve"].append([0, explained_variance(net, run.eval_crops, eval_targets)])
-    log.info("distilling %s PDN (%d channels, receptive field %d px) from %s %s: %d steps of %d crops of %d px "
+    log.info("distilling %s PDN (%d channels, receptive field %d px) from %s %s at %dx: %d steps of %d crops of %d px "
              "from %d photos, %d held out", settings.size, channels, run.rf, settings.backbone, settings.layers,
-             settings.steps, settings.batch_size, settings.crop, len(run.images), len(run.held_out))
+             settings.backbone_scale, settings.steps, settings.batch_size, settings.crop, len(run.images),
+             len(run.held_out))
     if write_now and stop_after is None:
         stop_after = state["step"]
     end = settings.steps if stop_after is None else min(stop_after, settings.steps)

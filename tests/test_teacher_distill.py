@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -149,3 +150,22 @@ def test_default_teacher_is_the_shipped_one_and_a_changed_file_is_refused(straig
 def test_student_budget_is_ten_passes_unless_steps_are_given():
     assert efficientad.step_budget(efficientad.EfficientAdSettings(), 238) == 2380
     assert efficientad.step_budget(efficientad.EfficientAdSettings(steps=40), 238) == 40
+
+
+def test_backbone_scale_targets_the_same_cells_from_an_upscaled_crop(natural):
+    """At scale 2 the backbone sees the crop at twice its size (the paper's recipe): the targets keep the PDN's
+    output grid but are other features; scale 1 keeps the key a teacher had before the option existed."""
+    from exporter.teacher import BackboneTargets, _key, _listing
+
+    crops = torch.rand(2, 3, 64, 64)
+    one, two = (BackboneTargets(TeacherSettings(backbone_scale=s)) for s in (1, 2))
+    plain, scaled = one(crops, (8, 8), 33), two(crops, (8, 8), 33)
+    assert plain.shape == scaled.shape == (2, 152, 8, 8)
+    assert not torch.allclose(plain, scaled, atol=1e-3)
+    fields = TeacherSettings().as_dict()
+    del fields["train_precision"], fields["backbone_scale"]  # the fields of the first f32 teachers' keys
+    before = json.dumps({**fields, "backbone_sha256": "sha", "natural": _listing([])}, sort_keys=True)
+    assert _key(TeacherSettings(), "sha", []) == hashlib.sha256(before.encode()).hexdigest()[:12]
+    assert _key(TeacherSettings(backbone_scale=2), "sha", []) != _key(TeacherSettings(), "sha", [])
+    with pytest.raises(ValueError, match="whole factor"):
+        BackboneTargets(TeacherSettings(backbone_scale=0))

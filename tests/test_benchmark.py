@@ -106,3 +106,21 @@ def test_latency_benchmark_times_exported_bundles_beside_graphs(bundle_dir):
     assert rows[2][1] == str(json.loads((bundle_dir / "bundle.json").read_text())["input"]["height"])
     assert float(rows[2][2].split()[0]) > 0 and rows[1][3].startswith("1.00"), proc.stdout
     assert "precision f32, INFERENCE_NUM_THREADS 1" in proc.stdout
+
+
+def test_thresholds_benchmark_reports_leave_one_out_and_catches_per_rule(bundle_dir, dataset):
+    """benchmarks.thresholds: the bundle's own rule reproduces its threshold; leave-one-out counts each normal once."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.thresholds", "--bundle", str(bundle_dir), "--data", str(dataset),
+                           "--category", "weave", "--natural", str(dataset / "absent")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0].split(" (")[0] for r in rows[1:]] == ["max(mean + 3 std, max)", "max of the normals"], proc.stdout
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    assert abs(float(rows[1][1]) - manifest["thresholds"]["image"]["threshold"]) < 1e-3, (rows, manifest["thresholds"])
+    flagged, of = rows[2][2].split(" of ")
+    assert int(of) > 0 and 0 <= int(flagged) <= 1  # left out, the highest normal is the only one the max can flag
+    assert "perlin" in rows[1][3] and "good 0/" in rows[1][4], proc.stdout
+    validation = next(line for line in proc.stdout.splitlines() if line.startswith("validation split"))
+    figures = [float(part.split()[-1]) for part in validation.split(": ", 1)[1].split(", ")]
+    assert len(figures) == 3 and all(0.0 <= f <= 1.0 for f in figures), validation

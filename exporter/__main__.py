@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--crop", type=int, help="side of the random crops")
     distill.add_argument("--backbone-scale", type=int,
                          help="the backbone sees each crop upscaled by this factor (default 2, the paper's recipe: one "
-                              "stride-8 feature on each of the PDN's stride-4 cells; 1: the shipped teacher's recipe)")
+                              "stride-8 feature on each of the PDN's stride-4 cells; 1: the first shipped teacher's recipe)")
     distill.add_argument("--natural", help="folder of natural photos (default ../shared/data/natural)")
     distill.add_argument("--held-out", type=int, help="natural photos held out of training for the variance "
                                                        "figure (default 50, at most a fifth)")

@@ -66,7 +66,7 @@ class TeacherSettings:
     # The backbone sees each crop upscaled by this factor, the PDN sees it as it is.  At 2 (the paper's recipe:
     # its feature extractor takes 512 px where the PDN takes 256) a stride-8 feature falls on each of the PDN's
     # stride-4 cells and the target depends on less context beyond the PDN's 33 px receptive field; chosen by
-    # the held-out figure (exporter/teachers/README.md).  The shipped teacher predates it (scale 1).
+    # the held-out figure (exporter/teachers/README.md).
     backbone_scale: int = 2
     steps: int = 250
     batch_size: int = 8

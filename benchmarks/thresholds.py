@@ -1,5 +1,6 @@
-"""A bundle on the validation split, and how its image-threshold rule behaves: the held-out normals' scores, leave-one-out false alarms, and
-what each rule catches on the validation split (synthetic anomalies) and on the test split.
+"""A bundle on the validation split, and how its image-threshold rule behaves: the held-out normals' scores,
+leave-one-out false alarms, and what each rule catches on the validation split (synthetic anomalies) and on
+the test split.
 
 A threshold rule is chosen on data that is not the test split: leave-one-out over the held-out normals
 estimates a rule's false-alarm rate (threshold from n - 1 normals, is the last one flagged?), the synthetic
@@ -26,12 +27,12 @@ from bundle.runtime import CompiledBundle
 from exporter.build import THRESHOLD_SIGMAS as SIGMAS
 from exporter.build import VAL_FRACTION
 from exporter.data import load_category, read_image
-from exporter.export import score_images
+from exporter.export import image_threshold, score_images
 from exporter.metrics import aupro
 
 Rule = Callable[[np.ndarray], float]
 RULES: dict[str, Rule] = {
-    f"max(mean + {SIGMAS:g} std, max) (the bundle's)": lambda s: max(float(s.mean() + SIGMAS * s.std()), float(s.max())),
+    f"max(mean + {SIGMAS:g} std, max) (the bundle's)": lambda s: image_threshold(s, SIGMAS),
     "max of the normals": lambda s: float(s.max()),
 }
 

@@ -89,9 +89,14 @@ def output_specs(spec: InputSpec, embedding_dim: int) -> dict[str, OutputSpec]:
     }
 
 
+def image_threshold(scores: np.ndarray, sigmas: float) -> float:
+    """The image threshold from held-out normal scores: mean + k*std, never below their maximum."""
+    return max(float(scores.mean() + sigmas * scores.std()), float(scores.max()))
+
+
 def thresholds_from_normals(scores: np.ndarray, maps: np.ndarray, sigmas: float) -> Thresholds:
-    """Thresholds from held-out normal images only: mean + k*std of their scores, never below their maximum."""
-    image_thr = max(float(scores.mean() + sigmas * scores.std()), float(scores.max()))
+    """Thresholds from held-out normal images only: :func:`image_threshold`, and the map's percentiles."""
+    image_thr = image_threshold(scores, sigmas)
     pixel_low, pixel_thr = np.quantile(maps, [0.5, 0.9999])
     return Thresholds(
         image=Normalisation(low=float(scores.min()), threshold=image_thr),

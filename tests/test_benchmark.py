@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 from conftest import ROOT
+
+from benchmarks.thresholds import leave_one_out
 
 
 def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tmp_path):
@@ -120,6 +123,7 @@ def test_thresholds_benchmark_reports_leave_one_out_and_catches_per_rule(bundle_
     assert abs(float(rows[1][1]) - manifest["thresholds"]["image"]["threshold"]) < 1e-3, (rows, manifest["thresholds"])
     flagged, of = rows[2][2].split(" of ")
     assert int(of) > 0 and 0 <= int(flagged) <= 1  # left out, the highest normal is the only one the max can flag
+    assert leave_one_out(np.array([1.0, 2.0]), np.min) == 1  # a normal never sets the threshold it is judged by
     assert "perlin" in rows[1][3] and "good 0/" in rows[1][4], proc.stdout
     validation = next(line for line in proc.stdout.splitlines() if line.startswith("validation split"))
     figures = [float(part.split()[-1]) for part in validation.split(": ", 1)[1].split(", ")]

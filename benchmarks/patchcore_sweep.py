@@ -35,7 +35,7 @@ from exporter.data import Category, load_category, read_image, read_mask
 from exporter.export import input_spec
 from exporter.metrics import aupro
 from exporter.train.patchcore import PatchcoreSettings, fit, to_tensor
-from exporter.validation import natural_photos, synthesise
+from exporter.validation import HARD_KINDS, KINDS, natural_photos, synthesise
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
@@ -75,17 +75,19 @@ def _metrics(score: np.ndarray, amap: np.ndarray, labels: np.ndarray, masks: np.
             "aupro": aupro(amap, masks), "per_type": per_type}
 
 
-def validation_set(cat: Category, seed: int, natural: Path | None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+def validation_set(cat: Category, seed: int, natural: Path | None,
+                   kinds: tuple[str, ...] = KINDS) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Held-out normals (good) and one synthetic anomaly of each kind on each of them, at full resolution."""
     _, val = cat.split_train(VAL_FRACTION, seed)
     normals = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in val]
-    bad = synthesise(normals, seed, natural_photos(natural))
+    bad = synthesise(normals, seed, natural_photos(natural), kinds)
     images = normals + [b.image for b in bad]
     masks = [np.zeros(n.shape[:2], np.uint8) for n in normals] + [b.mask for b in bad]
     return images, masks, ["good"] * len(normals) + [b.kind for b in bad]
 
 
-def measure(data: Path, category: str, config: str, split: str, natural: Path | None) -> dict:
+def measure(data: Path, category: str, config: str, split: str, natural: Path | None,
+            kinds: tuple[str, ...] = KINDS) -> dict:
     settings = parse(config)
     cat = load_category(data, category)
     train, _ = cat.split_train(VAL_FRACTION, settings.seed)
@@ -95,7 +97,7 @@ def measure(data: Path, category: str, config: str, split: str, natural: Path | 
     graph, timings = fit(settings, bb, train, spec)
     fit_s = time.monotonic() - started
     if split == "validation":
-        full, full_masks, types = validation_set(cat, settings.seed, natural)
+        full, full_masks, types = validation_set(cat, settings.seed, natural, kinds)
         images = [prepare_image(i, spec) for i in full]
         masks = np.stack([cv2.resize(m, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST) for m in full_masks])
     else:
@@ -118,14 +120,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="validation: synthetic anomalies on the held-out normals (choose here); test: report once")
     ap.add_argument("--natural", type=Path, default=DATA.parent / "natural",
                     help="natural photos the Perlin anomalies are filled with (noise when absent)")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"synthetic anomaly kinds of the validation split, comma-separated (default: %(default)s; "
+                         f"subtler, in the texture's own material: {','.join(HARD_KINDS)})")
     args = ap.parse_args(argv)
+    kinds = tuple(filter(None, args.kinds.split(",")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = []
     for config in args.config or [""]:
-        results.append(measure(args.data, args.category, config, args.split, args.natural))
+        results.append(measure(args.data, args.category, config, args.split, args.natural, kinds))
         log.info("%s", results[-1])
     types = list(results[0]["per_type"])
-    print(f"{args.category}, {args.split} split\n")
+    print(f"{args.category}, {args.split} split" + (f" ({','.join(kinds)})" if args.split == "validation" else "") + "\n")
     print(md_table(["config", "bank rows", "blur sigma px", "fit s (coreset s)", "image AUROC", "pixel AUROC", "AUPRO"]
                    + [f"pixel {t}" for t in types],
                    [[r["config"], str(r["bank"]), f"{r['sigma']:g}", f"{r['fit_s']:.0f} ({r['coreset_s']:.0f})",

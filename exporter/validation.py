@@ -8,6 +8,13 @@ candidate input size sees the same defects:
   augmented natural photo, or with augmented noise when no photos are given);
 * ``cutpaste``: a small rotated piece of another normal image pasted elsewhere (misplaced structure);
 * ``scratch``: a thin bright or dark curve (the thin defects a texture's pixel AUROC hides).
+
+Those three are blatant at the image level: almost every candidate setting finds them all, so they cannot
+tell a memory bank that covers the normal variation from one that does not (docs/quality/README.md).  Two
+subtler kinds, in the texture's own material, are there for that (``HARD_KINDS``, opt-in):
+
+* ``deform``: a local smooth displacement of the texture (a bent wire, a dent), no new colour at all;
+* ``stain``: a translucent, soft-edged blob of low contrast (glue, a smear).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import cv2
 import numpy as np
 
 KINDS = ("perlin", "cutpaste", "scratch")
+HARD_KINDS = ("deform", "stain")
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,37 @@ def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     return out, mask
 
 
+def _deform(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    sigma = side * rng.uniform(0.02, 0.05)
+    amplitude = sigma * rng.uniform(0.5, 1.0)
+    cy, cx = rng.uniform(0.15, 0.85, 2) * (h, w)
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    bump = (amplitude * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))).astype(np.float32)
+    warped = cv2.remap(image, xx - bump * np.float32(np.cos(angle)), yy - bump * np.float32(np.sin(angle)),
+                       cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    mask = (bump >= 2.0).astype(np.uint8)  # where the texture moved by two pixels or more
+    return np.where(mask[..., None] > 0, warped, image), mask
+
+
+def _stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    shape = np.zeros((h, w), np.float32)
+    centre = (int(rng.uniform(0.15, 0.85) * w), int(rng.uniform(0.15, 0.85) * h))
+    axes = (max(2, int(side * rng.uniform(0.03, 0.08))), max(2, int(side * rng.uniform(0.03, 0.08))))
+    cv2.ellipse(shape, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+    blob = cv2.GaussianBlur(shape, (0, 0), max(axes) / 3)
+    weight = np.clip((blob - 0.25) / 0.5, 0, 1)  # soft edge inside the mask, exactly 0 outside it
+    mask = (weight > 0).astype(np.uint8)
+    shade = float(rng.integers(0, 256))
+    alpha = rng.uniform(0.2, 0.45) * weight[..., None]
+    out = image.astype(np.float32) * (1 - alpha) + shade * alpha
+    return np.clip(out, 0, 255).round().astype(np.uint8), mask
+
+
 def synthesise(images: list[np.ndarray], seed: int = 0, photos: list[Path] | None = None,
                kinds: tuple[str, ...] = KINDS) -> list[Anomalous]:
     """One anomaly of each kind on each image (at its own resolution); deterministic for a seed."""
@@ -100,8 +139,12 @@ def synthesise(images: list[np.ndarray], seed: int = 0, photos: list[Path] | Non
                 bad, mask = _cutpaste(image, cv2.resize(donor, image.shape[1::-1]), rng)
             elif kind == "scratch":
                 bad, mask = _scratch(image, rng)
+            elif kind == "deform":
+                bad, mask = _deform(image, rng)
+            elif kind == "stain":
+                bad, mask = _stain(image, rng)
             else:
-                raise ValueError(f"unknown anomaly kind {kind!r}; choose from {KINDS}")
+                raise ValueError(f"unknown anomaly kind {kind!r}; choose from {KINDS + HARD_KINDS}")
             out.append(Anomalous(bad, mask, kind))
     return out
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from exporter.synthetic import sample
-from exporter.validation import KINDS, natural_photos, synthesise
+from exporter.validation import HARD_KINDS, KINDS, natural_photos, synthesise
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,11 @@ def normals() -> list[np.ndarray]:
 
 
 def test_every_kind_changes_the_image_only_inside_its_mask(normals):
-    made = synthesise(normals, seed=1)
-    assert [a.kind for a in made] == list(KINDS) * len(normals)
+    kinds = KINDS + HARD_KINDS
+    made = synthesise(normals, seed=1, kinds=kinds)
+    assert [a.kind for a in made] == list(kinds) * len(normals)
     for i, anomaly in enumerate(made):
-        normal = normals[i // len(KINDS)]
+        normal = normals[i // len(kinds)]
         assert anomaly.image.shape == normal.shape and anomaly.mask.shape == normal.shape[:2]
         assert anomaly.mask.any(), anomaly.kind
         changed = np.abs(anomaly.image.astype(int) - normal.astype(int)).max(axis=2) > 0

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"subtler, in the texture's own material: {','.join(HARD_KINDS)})")
     args = ap.parse_args(argv)
     kinds = tuple(filter(None, args.kinds.split(",")))
+    if unknown := set(kinds) - set(KINDS + HARD_KINDS):  # refused before the fit, not minutes into it
+        ap.error(f"unknown anomaly kinds {sorted(unknown)}; choose from {','.join(KINDS + HARD_KINDS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = []
     for config in args.config or [""]:

@@ -3,7 +3,8 @@
     python -m benchmarks.latency --config 640:7616 --config 512:750 --config 320:1000 --repeats 5
 
 Each ``SIZE:ROWS`` is the exported PatchCore graph (EfficientNet-Lite0 blocks.2+4, the
-production ``PatchcoreGraph``) at that input size with a memory bank of that many rows; the
+production ``PatchcoreGraph``, with the map blur a fitted bundle gets at that size) at that input size
+with a memory bank of that many rows; the
 rows are random, which does not change the work (a dense distance to every row).  Configs are
 compiled once and timed interleaved, ``--repeats`` rounds of ``--frames`` single-frame
 inferences each (LATENCY hint, ``--threads`` threads, ``--precision``, f32 unless set): median of each round, then median and
@@ -39,6 +40,7 @@ def _config(threads: int, precision: str) -> dict:
 def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     import openvino as ov
     import torch
+    from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     from bundle import EXTENSION_PAD
@@ -47,9 +49,12 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     from exporter.train.embedding import DefectEmbedding
     from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, patch_features
 
-    settings = PatchcoreSettings()
+    settings = PatchcoreSettings(input_size=size)
     bb = backbones.resolve(settings.backbone)
     model = PatchcoreModel(layers=settings.layers, backbone=bb.timm_name, pre_trained=bb.pre_trained).eval()
+    # The blur that size gets in a fitted bundle: its kernel grows with the input, and OpenVINO's convolution
+    # kernels differ in speed by shape, so anomalib's fixed 256 px blur would time a different graph.
+    model.anomaly_map_generator = AnomalyMapGenerator(sigma=settings.blur_sigma)  # type: ignore[arg-type]  # annotated int, takes any float
     with torch.no_grad():
         dim = patch_features(model, torch.zeros(1, 3, 64, 64)).shape[1]
     model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))

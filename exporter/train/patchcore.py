@@ -125,15 +125,14 @@ class PatchcoreGraph(nn.Module):
         self.feature_dim = int(bank.shape[1])
         self.candidates = candidates
         self.k = min(max(candidates, 0), self.patches())  # a Python int, so the traced TopK has a constant K
-        # anomalib's Gaussian blur as two 1-D passes: its normalised 2-D kernel is the outer product of
-        # these, so the map is the same, at 2k instead of k^2 multiply-adds per pixel (k = 33 at sigma 4,
-        # where the 2-D convolution took about half of the whole graph's time on a CPU).
+        # anomalib's Gaussian blur as two 1-D passes (its normalised 2-D kernel is the outer product of the two
+        # sums below), each written as a product with a banded [H, H] matrix that also holds the border padding:
+        # the same map, with no Pad and no convolution, whose OpenVINO CPU kernels were several times slower at
+        # some input sizes than at others (docs/quality/README.md).
         blur = model.anomaly_map_generator.blur
         kernel = blur.kernel[0, 0]
-        self.register_buffer("blur_rows", kernel.sum(1).view(1, 1, -1, 1))
-        self.register_buffer("blur_cols", kernel.sum(0).view(1, 1, 1, -1))
-        self.blur_padding = list(blur.padding_shape)
-        self.blur_border = blur.border_type
+        self.register_buffer("blur_rows", blur_matrix(kernel.sum(1), input_size, blur.border_type))
+        self.register_buffer("blur_cols", blur_matrix(kernel.sum(0), input_size, blur.border_type).T.contiguous())
 
     def patches(self) -> int:
         """Patches per frame (h * w of the feature grid), from one forward pass of the backbone."""
@@ -217,8 +216,7 @@ class PatchcoreGraph(nn.Module):
 
         # anomalib's AnomalyMapGenerator (nearest upsampling, then the blur), with the blur separated.
         amap = F.interpolate(patch.view(n, 1, h, w), size=(self.input_size, self.input_size))
-        amap = F.pad(amap, self.blur_padding, mode=self.blur_border)
-        amap = F.conv2d(F.conv2d(amap, self.blur_rows), self.blur_cols)
+        amap = self.blur_rows @ amap @ self.blur_cols
 
         # Embedding: what is wrong (exporter/train/embedding.py), from the same features, weighted by the
         # blurred map brought back to the feature grid: the weighting the retrieval benchmark's ablation
@@ -236,6 +234,14 @@ class PatchcoreGraph(nn.Module):
         ext_sq = torch.where(is_pad, torch.full_like(is_pad, float("inf"), dtype=extension.dtype),
                              (extension * extension).sum(1))
         return extension, ext_sq
+
+
+def blur_matrix(taps: torch.Tensor, size: int, border: str) -> torch.Tensor:
+    """[size, size] matrix A with ``A @ x`` = x padded by ``border`` along its first axis, then correlated with
+    ``taps`` (odd length), as ``F.pad`` and ``F.conv2d`` with a [k, 1] kernel would do it."""
+    half = len(taps) // 2
+    padded = F.pad(torch.eye(size).view(1, 1, size, size), [0, 0, half, half], mode=border)[0, 0]  # [size + 2 half, size]
+    return F.conv1d(padded.T.unsqueeze(1), taps.view(1, 1, -1).to(padded.dtype))[:, 0].T.contiguous()
 
 
 def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int) -> torch.Tensor:

@@ -128,7 +128,7 @@ class PatchcoreGraph(nn.Module):
         # anomalib's Gaussian blur as two 1-D passes (its normalised 2-D kernel is the outer product of the two
         # sums below), each written as a product with a banded [H, H] matrix that also holds the border padding:
         # the same map, with no Pad and no convolution, whose OpenVINO CPU kernels were several times slower at
-        # some input sizes than at others (docs/quality/README.md).
+        # some input sizes than at others (docs/benchmarks.md, "the map blur as matrix products").
         blur = model.anomaly_map_generator.blur
         kernel = blur.kernel[0, 0]
         self.register_buffer("blur_rows", blur_matrix(kernel.sum(1), input_size, blur.border_type))

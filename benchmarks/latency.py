@@ -40,21 +40,16 @@ def _config(threads: int, precision: str) -> dict:
 def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     import openvino as ov
     import torch
-    from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
-    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     from bundle import EXTENSION_PAD
     from exporter import backbones
     from exporter.export import convert, input_spec
     from exporter.train.embedding import DefectEmbedding
-    from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, patch_features
+    from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, build_model, patch_features
 
     settings = PatchcoreSettings(input_size=size)
     bb = backbones.resolve(settings.backbone)
-    model = PatchcoreModel(layers=settings.layers, backbone=bb.timm_name, pre_trained=bb.pre_trained).eval()
-    # The blur that size gets in a fitted bundle: its kernel grows with the input, and OpenVINO's convolution
-    # kernels differ in speed by shape, so anomalib's fixed 256 px blur would time a different graph.
-    model.anomaly_map_generator = AnomalyMapGenerator(sigma=settings.blur_sigma)  # type: ignore[arg-type]  # annotated int, takes any float
+    model = build_model(settings, bb)  # with the blur a fitted bundle gets at that size: its cost depends on the size
     with torch.no_grad():
         dim = patch_features(model, torch.zeros(1, 3, 64, 64)).shape[1]
     model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))

@@ -258,9 +258,8 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
     return torch.cat(out)
 
 
-def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec: InputSpec) -> tuple[PatchcoreGraph, dict]:
-    """Build the memory bank from normal images; returns the export graph and timings."""
-    torch.manual_seed(settings.seed)
+def build_model(settings: PatchcoreSettings, backbone: Backbone) -> PatchcoreModel:
+    """anomalib's PatchcoreModel for these settings, its memory bank still empty."""
     model = PatchcoreModel(
         layers=settings.layers,
         backbone=backbone.timm_name,
@@ -270,6 +269,13 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     # anomalib's fixed sigma of 4 px is tuned for 256 px inputs; larger inputs get the same share of the frame
     # (docs/quality/README.md), and anomalib's own forward (the parity reference) then uses the same blur.
     model.anomaly_map_generator = AnomalyMapGenerator(sigma=settings.blur_sigma)  # type: ignore[arg-type]  # annotated int, takes any float
+    return model
+
+
+def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec: InputSpec) -> tuple[PatchcoreGraph, dict]:
+    """Build the memory bank from normal images; returns the export graph and timings."""
+    torch.manual_seed(settings.seed)
+    model = build_model(settings, backbone)
     started = time.monotonic()
     features = extract(model, train, spec, backbone, settings.batch_size)
     extracted = time.monotonic()

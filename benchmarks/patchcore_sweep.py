@@ -5,7 +5,8 @@
 
 Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``PatchcoreSettings`` (keys: ``bb``, ``layers`` as ``blocks.2+blocks.4``, ``size``, ``ratio``,
-``sigma`` = a fixed map blur in px (``map_sigma``) instead of the default that scales with the input).  Each is
+``sigma`` = a fixed map blur in px (``map_sigma``) instead of the default that scales with the input, ``rows`` =
+``max_bank``, ``seed`` = another draw: other held-out normals, other synthetic anomalies, other coreset).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
 and scored on the test split with the torch export graph (``PatchcoreGraph``, which the parity
 tests tie to the OpenVINO bundle): image AUROC, pixel AUROC over all test pixels, and pixel
@@ -39,7 +40,7 @@ from exporter.validation import HARD_KINDS, KINDS, natural_photos, synthesise
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
-        "rows": "max_bank"}
+        "rows": "max_bank", "seed": "seed"}
 
 
 def parse(config: str) -> PatchcoreSettings:
@@ -51,7 +52,7 @@ def parse(config: str) -> PatchcoreSettings:
             raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS)}")
         field = KEYS[key]
         changes[field] = value.split("+") if field == "layers" else float(value) if field == "map_sigma" else \
-            int(value) if field == "max_bank" else type(getattr(defaults, field))(value)
+            int(value) if field in ("max_bank", "seed") else type(getattr(defaults, field))(value)
     return dataclasses.replace(defaults, **changes)
 
 

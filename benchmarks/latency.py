@@ -1,6 +1,6 @@
 """What input size and memory-bank rows cost: PatchCore export-graph latency on the OpenVINO runtime.
 
-    python -m benchmarks.latency --config 640:7616 --config 512:750 --config 320:1000 --repeats 5
+    python -m benchmarks.latency --config 640:7616 --config 512:750 --config 384:750 --repeats 5
 
 Each ``SIZE:ROWS`` is the exported PatchCore graph (EfficientNet-Lite0 blocks.2+4, the
 production ``PatchcoreGraph``, with the map blur a fitted bundle gets at that size) at that input size
@@ -9,7 +9,7 @@ rows are random, which does not change the work (a dense distance to every row).
 compiled once and timed interleaved, ``--repeats`` rounds of ``--frames`` single-frame
 inferences each (LATENCY hint, ``--threads`` threads, ``--precision``, f32 unless set): median of each round, then median and
 range over rounds.  Without ``--config`` or ``--bundle``: the old default (640 px, 7616 rows on grid), the
-default (512 px, 750 rows) and the fast setting (320 px, 1000 rows).  ``--bundle DIR`` (repeatable) times an
+default (512 px, 750 rows) and the fast setting (384 px, 750 rows).  ``--bundle DIR`` (repeatable) times an
 exported bundle of any family in the same rounds, compiled the same way (its bank extension, if any, empty):
 
     python -m benchmarks.latency --config 512:750 --bundle bundles/grid-efficientad --repeats 5
@@ -81,7 +81,7 @@ def compile_bundle(folder: Path, threads: int, precision: str = "f32") -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", action="append", help="SIZE:ROWS (repeatable; default 640:7616, 512:750 and 320:1000)")
+    ap.add_argument("--config", action="append", help="SIZE:ROWS (repeatable; default 640:7616, 512:750 and 384:750)")
     ap.add_argument("--bundle", action="append", type=Path, default=[], help="an exported bundle folder (repeatable)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--frames", type=int, default=10)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ([] if args.bundle else ["640:7616", "512:750", "320:1000"]))]
+    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ([] if args.bundle else ["640:7616", "512:750", "384:750"]))]
     entries: dict[str, tuple[int, Callable]] = {f"PatchCore graph, {s} px, {n} rows": (s, compile_graph(s, n, args.threads, args.precision))
                                                 for s, n in configs}
     for folder in args.bundle:

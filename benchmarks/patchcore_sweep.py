@@ -52,7 +52,7 @@ def parse(config: str) -> PatchcoreSettings:
             raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS)}")
         field = KEYS[key]
         changes[field] = value.split("+") if field == "layers" else float(value) if field == "map_sigma" else \
-            int(value) if field in ("max_bank", "seed") else type(getattr(defaults, field))(value)
+            int(value) if field == "max_bank" else type(getattr(defaults, field))(value)
     return dataclasses.replace(defaults, **changes)
 
 

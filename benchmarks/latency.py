@@ -79,9 +79,13 @@ def compile_bundle(folder: Path, threads: int, precision: str = "f32") -> tuple[
     return manifest.input.height, lambda frame: compiled({0: frame, **feeds})
 
 
+# The old default, the default and the fast setting, as SIZE:ROWS (README, "Exporter").
+DEFAULT_CONFIGS = ("640:7616", "512:750", "384:750")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", action="append", help="SIZE:ROWS (repeatable; default 640:7616, 512:750 and 384:750)")
+    ap.add_argument("--config", action="append", help=f"SIZE:ROWS (repeatable; default {', '.join(DEFAULT_CONFIGS)})")
     ap.add_argument("--bundle", action="append", type=Path, default=[], help="an exported bundle folder (repeatable)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--frames", type=int, default=10)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ([] if args.bundle else ["640:7616", "512:750", "384:750"]))]
+    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ([] if args.bundle else DEFAULT_CONFIGS))]
     entries: dict[str, tuple[int, Callable]] = {f"PatchCore graph, {s} px, {n} rows": (s, compile_graph(s, n, args.threads, args.precision))
                                                 for s, n in configs}
     for folder in args.bundle:

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "figure (default 50, at most a fifth)")
     distill.add_argument("--train-precision", choices=["f32", "bf16"],
                          help="f32 (default) or bf16 under torch's CPU autocast: several times faster where the CPU "
-                              "has AMX, slower where it has no bf16 units")
+                              "has AMX; refused where it has no bf16 units (AVX512_BF16 or AMX)")
     distill.add_argument("--out", help="write the teacher (and NAME.json manifest) here (default: the cache, reused "
                                        "when present, resumed when cut short)")
     distill.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")

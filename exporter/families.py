@@ -112,7 +112,7 @@ class EfficientAd(Family["EfficientAdSettings"]):
         Option("--teacher-steps", "distil a teacher with this many steps (cached) instead of using a shipped one", int),
         Option("--natural", "natural photos: penalty set and distillation set"),
         Option("--train-precision", "f32 (default) or bf16: the training loops under torch's CPU autocast, several "
-                                    "times faster where the CPU has AMX, slower where it has no bf16 units; the "
+                                    "times faster where the CPU has AMX, refused where it has no bf16 units; the "
                                     "bundle is exported at f32 either way", choices=("f32", "bf16")),
     )
 

@@ -83,14 +83,30 @@ class TeacherSettings:
 TRAIN_PRECISIONS = ("f32", "bf16")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 units (AVX512_BF16 or AMX) for torch's kernels, rather than emulating bf16."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def check_train_precision(precision: str, native: bool | None = None) -> None:
+    """Refuse a training precision this CPU cannot run at speed (``native``: whether it has bf16 units, default
+    :func:`native_bf16`), before any work: emulated bf16 convolutions run many times slower than f32, so a
+    bf16 run there would look hung.  The precision is never switched silently: the command means one thing."""
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"training precision must be one of {TRAIN_PRECISIONS}, not {precision!r}")
+    if precision == "bf16" and not (native_bf16() if native is None else native):
+        raise ValueError("--train-precision bf16 needs a CPU with bf16 units (AVX512_BF16 or AMX); this one would "
+                         "emulate it, many times slower than f32: use --train-precision f32 here")
+
+
 def autocast(precision: str) -> torch.autocast:
     """The training loops' forward passes at ``precision``: f32, or bf16 by torch's CPU autocast.
 
-    bf16 is several times faster where the CPU has bf16 matrix units (Intel AMX) and slower where it
-    emulates them; it is never chosen from the CPU, so the same command trains the same way everywhere.
+    bf16 is several times faster where the CPU has bf16 matrix units (Intel AMX); where it has none, it is
+    refused (:func:`check_train_precision`).  It is never chosen from the CPU, so the same command trains the
+    same way everywhere it runs.
     """
-    if precision not in TRAIN_PRECISIONS:
-        raise ValueError(f"training precision must be one of {TRAIN_PRECISIONS}, not {precision!r}")
+    check_train_precision(precision)
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -335,6 +351,7 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     writes the teacher where the run stops (at ``stop_after``, else at the resumed checkpoint's step)
     and keeps the checkpoint: a long distillation can ship a teacher on the way and still go on.
     """
+    check_train_precision(settings.train_precision)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_path(out)

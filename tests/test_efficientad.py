@@ -16,7 +16,16 @@ from bundle.runtime import CompiledBundle
 from conftest import ROOT
 from exporter.build import fit_efficientad, package
 from exporter.data import read_image
-from exporter.teacher import TeacherSettings, cache_path, load_teacher, pdn, receptive_field, teacher_channels, teacher_file
+from exporter.teacher import (
+    TeacherSettings,
+    cache_path,
+    load_teacher,
+    native_bf16,
+    pdn,
+    receptive_field,
+    teacher_channels,
+    teacher_file,
+)
 from exporter.train import efficientad
 from exporter.train.patchcore import to_tensor
 
@@ -99,16 +108,25 @@ def test_openvino_bundle_matches_anomalib_torch_model(small, teacher, tmp_path):
 
 
 def test_train_command_builds_an_efficientad_bundle_from_a_given_teacher(small, teacher, tmp_path):
+    """In bf16 where the CPU has bf16 units; elsewhere bf16 is refused at once, and f32 builds the bundle."""
+    def train(out: Path, precision: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "exporter", "train", "--model", "efficientad", "--data", str(small),
+                               "--category", "weave", "--out", str(out), "--steps", "2", "--train-precision", precision,
+                               "--teacher", str(teacher), "--natural", str(small / "weave" / "train")],
+                              capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+    precision = "bf16" if native_bf16() else "f32"
+    if precision == "f32":
+        refused = train(tmp_path / "refused", "bf16")
+        assert refused.returncode == 2 and "bf16 units" in refused.stderr, refused.stderr[-3000:]
+        assert not (tmp_path / "refused").exists()
     out = tmp_path / "b"
-    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--model", "efficientad", "--data", str(small),
-                           "--category", "weave", "--out", str(out), "--steps", "2", "--train-precision", "bf16",
-                           "--teacher", str(teacher), "--natural", str(small / "weave" / "train")],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = train(out, precision)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(out)
     assert manifest.family == "efficientad" and manifest.name == "weave-efficientad"
     assert manifest.training["steps"] == 2 and manifest.training["teacher_file"] == str(teacher)
-    assert manifest.training["train_precision"] == "bf16" and np.isfinite(manifest.training["final_loss"])
+    assert manifest.training["train_precision"] == precision and np.isfinite(manifest.training["final_loss"])
     assert manifest.training["teacher"]["receptive_field"] == 33
     assert manifest.input.mean == (0.0, 0.0, 0.0) and manifest.input.std == (1.0, 1.0, 1.0)
     assert manifest.thresholds.image.threshold > manifest.thresholds.image.low

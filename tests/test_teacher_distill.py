@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 
 from exporter.teacher import (
     TeacherSettings,
+    check_train_precision,
     checkpoint_path,
     distill,
     load_teacher,
     manifest_path,
+    native_bf16,
     sha256_file,
     shipped_teacher,
 )
@@ -84,6 +86,21 @@ def test_a_teacher_written_on_the_way_keeps_its_checkpoint_and_the_run_goes_on(n
         manifest_path(straight).read_text())["held_out_curve"]  # the early figure stays out of the run's curve
 
 
+def test_bf16_training_is_refused_where_the_cpu_would_emulate_it(natural, tmp_path):
+    check_train_precision("bf16", native=True)
+    check_train_precision("f32", native=False)
+    with pytest.raises(ValueError, match="bf16 units"):
+        check_train_precision("bf16", native=False)
+    with pytest.raises(ValueError, match="training precision"):
+        distill(TeacherSettings(steps=6, batch_size=2, crop=64, train_precision="fp8"), natural, tmp_path / "x.safetensors")
+    if not native_bf16():  # this CPU: refused before anything is written
+        out = tmp_path / "pdn-small.safetensors"
+        with pytest.raises(ValueError, match="bf16 units"):
+            distill(TeacherSettings(steps=6, batch_size=2, crop=64, train_precision="bf16"), natural, out)
+        assert not out.exists() and not checkpoint_path(out).exists()
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no bf16 units: bf16 training is refused here (test above)")
 def test_bf16_distillation_is_its_own_run_and_says_so(natural, tmp_path):
     out = tmp_path / "pdn-small.safetensors"
     bf16 = TeacherSettings(steps=6, batch_size=2, crop=64, train_precision="bf16")
@@ -92,8 +109,6 @@ def test_bf16_distillation_is_its_own_run_and_says_so(natural, tmp_path):
     assert manifest["recipe"]["train_precision"] == "bf16" and np.isfinite(manifest["final_loss"])
     with pytest.raises(ValueError, match="other settings"):
         distill(TINY, natural, out, resume=True)  # an f32 run never continues a bf16 checkpoint
-    with pytest.raises(ValueError, match="training precision"):
-        distill(TeacherSettings(steps=6, batch_size=2, crop=64, train_precision="fp8"), natural, tmp_path / "x.safetensors")
 
 
 def test_checkpoint_is_safetensors_with_json_header_and_no_pickle(natural, tmp_path):

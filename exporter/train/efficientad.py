@@ -30,6 +30,7 @@ from exporter.teacher import (
     DEFAULT_NATURAL,
     TeacherSettings,
     autocast,
+    check_train_precision,
     load_rgb,
     load_teacher,
     natural_images,
@@ -159,6 +160,7 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
     if settings.input_size < MIN_SIZE:
         raise ValueError(f"EfficientAD needs input_size >= {MIN_SIZE} (its autoencoder ends in an 8x8 convolution "
                          f"after five stride-2 ones), not {settings.input_size}")
+    check_train_precision(settings.train_precision)
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     started = time.monotonic()

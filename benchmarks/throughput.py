@@ -13,6 +13,8 @@ images, resized to ``--frame-size``):
 - ``worker``: ``python -m worker`` as a subprocess behind a real mosquitto; frames published
   as JPEG (QoS 1, ``limits.queue_policy: block``) as fast as the broker takes them; a frame
   counts when its result AND heatmap came back; then a paced run at 80 % of that rate;
+  ``--worker-variant NAME:KEY=VALUE,...`` adds a ``worker-fp32[NAME]`` row, the same worker with
+  those config keys changed (dotted, YAML values), measured in the same rounds for a side-by-side ratio;
 - ``anomalib-openvino``: anomalib's ``Engine.export(..., ExportType.OPENVINO)`` of a Lightning
   ``Patchcore`` holding the trained ``PatchcoreModel``, run per image by ``OpenVINOInferencer``;
   where the export cannot run (anomalib 2.7 needs ``onnxscript`` for it) the table says why;
@@ -28,6 +30,8 @@ anomalib rows use anomalib's 2-D blur with the same kernel (the table's ``blur``
 and the CPU model.  Torch rows run f32.
 
     python -m benchmarks.throughput --int8 --rounds 3
+    python -m benchmarks.throughput --input-size 512 --bank 750 --frame-size 512 --no-baselines \
+        --worker-variant "threads3:limits.inference_threads=3"
     python -m benchmarks.throughput --input-size 256 --precision f32 --rounds 3
 """
 
@@ -79,7 +83,9 @@ def raw_rows(bundle: Path, frames_npy: Path, n: int, precision: str, folder: Pat
 class WorkerRig:
     """mosquitto + ``python -m worker`` + a paho client that times each frame until result and heatmap are back."""
 
-    def __init__(self, bundle: Path, folder: Path, precision: str = "f32", cache_dir: Path | None = None) -> None:
+    def __init__(self, bundle: Path, folder: Path, precision: str = "f32", cache_dir: Path | None = None,
+                 overrides: dict[str, object] | None = None) -> None:
+        """``overrides``: dotted config keys (``limits.inference_threads``) and their values, set on top of the rig's."""
         from scripts.broker import Broker, free_port
 
         self.broker = Broker(folder / "broker")
@@ -92,6 +98,12 @@ class WorkerRig:
             "limits": {"queue_policy": "block"},
             "metrics": {"port": free_port()},
         }
+        for key, value in (overrides or {}).items():
+            *sections, leaf = key.split(".")
+            node = cfg
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = value
         (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
         self.log = (folder / "worker.log").open("wb")
         self.spawned = time.perf_counter()
@@ -257,6 +269,15 @@ def run_torch(predict, frames: list[np.ndarray], n: int) -> dict:
 
 
 # --- main ----------------------------------------------------------------------------------------
+def worker_variant(text: str) -> tuple[str, dict[str, object]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE]`` -> (name, {dotted key: YAML-parsed value})."""
+    name, sep, rest = text.partition(":")
+    pairs = [p.partition("=") for p in rest.split(",") if p]
+    if not sep or not name or not pairs or any(not k or not eq for k, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    return name, {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
+
+
 FLOAT_PRECISIONS = [p for p in PRECISIONS if p != "int8"]  # int8 is a bundle (--int8), run at f32 by OpenVINO
 
 
@@ -274,8 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-frames", type=int, default=16, help="frames per torch / anomalib-inferencer measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="also package an INT8 bundle and measure it (raw and worker)")
+    parser.add_argument("--worker-variant", type=worker_variant, action="append", default=[],
+                        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="also run the fp32 worker with these config keys changed (dotted, YAML values); repeatable")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="skip the torch and anomalib rows (the worker against the raw runtime only)")
     parser.add_argument("--json", type=Path, help="write all measurements here")
     args = parser.parse_args(argv)
+    variants = dict(args.worker_variant)
+    if len(variants) != len(args.worker_variant):
+        parser.error("--worker-variant names must differ")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch
@@ -298,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     frames_npy = work / "frames.npy"  # what the raw-runtime process reads: the same prepared frames
     np.save(frames_npy, np.stack(prepared))
 
-    inferencer = torch_inferencer(trained.graph, spec, work / "torch-export")
-    ov_inferencer, ov_note = anomalib_openvino(trained.graph, spec, args.frame_size, args.precision, work / "anomalib-openvino")
+    inferencer, ov_inferencer, ov_note = None, None, "not run (--no-baselines)"
+    if args.baselines:
+        inferencer = torch_inferencer(trained.graph, spec, work / "torch-export")
+        ov_inferencer, ov_note = anomalib_openvino(trained.graph, spec, args.frame_size, args.precision,
+                                                   work / "anomalib-openvino")
     log.info("%s", ov_note)
     graph = trained.graph.eval()
     model = graph.model.eval()
@@ -313,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             graph(to_tensor([image], spec))
 
     rigs = {k: WorkerRig(p, work / f"worker-{k}", args.precision) for k, p in bundles.items()}
+    for name, overrides in variants.items():
+        rigs[f"fp32[{name}]"] = WorkerRig(bundles["fp32"], work / f"worker-variant-{len(rigs)}", args.precision,
+                                          overrides=overrides)
     rounds: list[dict] = []
     ran: dict[str, str] = {}  # bundle -> precision OpenVINO ran in the raw process
     device = ""
@@ -326,11 +361,14 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"worker-{k}"] = rigs[k].run(payloads, args.frames, None, f"r{r}-burst")
                 paced = 0.8 * row[f"worker-{k}"]["fps"]
                 row[f"worker-{k}@80%"] = rigs[k].run(payloads, args.frames, paced, f"r{r}-paced")
+            for name in variants:
+                row[f"worker-fp32[{name}]"] = rigs[f"fp32[{name}]"].run(payloads, args.frames, None, f"r{r}-burst")
             if ov_inferencer is not None:
                 row["anomalib-openvino"] = run_torch(ov_inferencer.predict, rgb, args.torch_frames)
-            row["torch-inferencer"] = run_torch(inferencer.predict, rgb, args.torch_frames)
-            row["torch"] = run_torch(tutorial, prepared, args.torch_frames)
-            row["torch (export graph)"] = run_torch(export_graph, prepared, args.torch_frames)
+            if inferencer is not None:
+                row["torch-inferencer"] = run_torch(inferencer.predict, rgb, args.torch_frames)
+                row["torch"] = run_torch(tutorial, prepared, args.torch_frames)
+                row["torch (export graph)"] = run_torch(export_graph, prepared, args.torch_frames)
             rounds.append(row)
             log.info("round %d: %s", r, {k: round(v["fps"], 2) for k, v in row.items()})
     finally:
@@ -349,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                              ("worker-", "python -m worker behind mosquitto")):
             blur[prefix + k] = BLUR_SEPARABLE
             how[prefix + k] = text
+    for name, overrides in variants.items():
+        blur[f"worker-fp32[{name}]"] = BLUR_SEPARABLE
+        how[f"worker-fp32[{name}]"] = "the worker with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
     names = list(rounds[0])
     table = []
     for name in names:
@@ -359,13 +400,18 @@ def main(argv: list[str] | None = None) -> int:
         rss = [rd[name].get("rss_mb") for rd in rounds]
         cols.append(fmt(summary(rss), 0) if rss[0] is not None else "")
         table.append(cols)
-    ratios = {
-        "worker / raw (fp32)": [rd["worker-fp32"]["fps"] / rd["raw-fp32"]["fps"] for rd in rounds],
-        "worker / torch-inferencer (fp32)": [rd["worker-fp32"]["fps"] / rd["torch-inferencer"]["fps"] for rd in rounds],
-        "worker / torch (fp32)": [rd["worker-fp32"]["fps"] / rd["torch"]["fps"] for rd in rounds],
-        "worker / torch (export graph) (fp32)": [rd["worker-fp32"]["fps"] / rd["torch (export graph)"]["fps"] for rd in rounds],
-        "p99 / p50 at 80% (worker fp32)": [rd["worker-fp32@80%"]["p99_ms"] / rd["worker-fp32@80%"]["p50_ms"] for rd in rounds],
-    }
+    ratios = {"worker / raw (fp32)": [rd["worker-fp32"]["fps"] / rd["raw-fp32"]["fps"] for rd in rounds]}
+    for name in variants:
+        ratios[f"worker[{name}] / raw (fp32)"] = [rd[f"worker-fp32[{name}]"]["fps"] / rd["raw-fp32"]["fps"] for rd in rounds]
+    if inferencer is not None:
+        ratios.update({
+            "worker / torch-inferencer (fp32)": [rd["worker-fp32"]["fps"] / rd["torch-inferencer"]["fps"] for rd in rounds],
+            "worker / torch (fp32)": [rd["worker-fp32"]["fps"] / rd["torch"]["fps"] for rd in rounds],
+            "worker / torch (export graph) (fp32)": [rd["worker-fp32"]["fps"] / rd["torch (export graph)"]["fps"]
+                                                     for rd in rounds],
+        })
+    ratios["p99 / p50 at 80% (worker fp32)"] = [rd["worker-fp32@80%"]["p99_ms"] / rd["worker-fp32@80%"]["p50_ms"]
+                                                for rd in rounds]
     if ov_inferencer is not None:
         ratios["worker / anomalib-openvino (fp32)"] = [rd["worker-fp32"]["fps"] / rd["anomalib-openvino"]["fps"]
                                                         for rd in rounds]

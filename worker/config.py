@@ -247,8 +247,9 @@ class LearningConfig(_Section):
     max_rows: int = Field(1024, ge=1, le=65536, description="Rows an extension may hold; a label that would overflow it is refused "
                                                             "(nothing older is evicted). Every frame pays for this many rows, used or "
                                                             "not.")
-    margin: float = Field(0.9, gt=0, le=2, description="A label absorbs the frame's patches whose distance is at least this share of "
-                                                       "the raw image threshold (chosen on the validation split: docs/benchmarks.md).")
+    margin: float = Field(1.0, gt=0, le=2, description="A label absorbs the frame's patches whose distance is at least this share of "
+                                                       "the raw image threshold; lower learns faster and blinds more (chosen on the "
+                                                       "validation split: docs/benchmarks.md).")
 
 
 class CaptureConfig(_Section):

@@ -84,8 +84,11 @@ TRAIN_PRECISIONS = ("f32", "bf16")
 
 
 def native_bf16() -> bool:
-    """Whether this CPU has bf16 units (AVX512_BF16 or AMX) for torch's kernels, rather than emulating bf16."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Whether this CPU has bf16 units (AVX512_BF16 or AMX) for torch's kernels, rather than emulating bf16.
+
+    torch names these probes privately; a torch without them counts as no bf16 units (f32 always runs)."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(bool(probe()) for probe in probes if probe is not None)
 
 
 def check_train_precision(precision: str, native: bool | None = None) -> None:

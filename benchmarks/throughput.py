@@ -80,6 +80,22 @@ def raw_rows(bundle: Path, frames_npy: Path, n: int, precision: str, folder: Pat
 
 
 # --- the worker behind mosquitto -------------------------------------------------------------------
+# OS thread names the worker gives (worker.supervise): its own loops, and the threads OpenVINO starts while compiling
+LOOPS, OPENVINO = ("infer-", "recorder", "requests"), "openvino"
+
+
+def thread_cpu(proc: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far per OS thread name of ``proc`` (Linux; empty elsewhere)."""
+    out: dict[str, float] = {}
+    for t in proc.threads():
+        try:
+            name = Path(f"/proc/{proc.pid}/task/{t.id}/comm").read_text().strip()
+        except OSError:  # ended meanwhile, or no /proc
+            continue
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    return out
+
+
 class WorkerRig:
     """mosquitto + ``python -m worker`` + a paho client that times each frame until result and heatmap are back."""
 
@@ -158,6 +174,7 @@ class WorkerRig:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         cpu0 = self.ps.cpu_times()
+        threads0 = thread_cpu(self.ps)
         started = time.perf_counter()
         for i in range(n):
             if rate:
@@ -180,6 +197,12 @@ class WorkerRig:
         sampler.join()
         elapsed = max(done.values()) - started
         out = result(n, elapsed, [done[f] - sent[f] for f in sent], cpu0, self.ps)
+        spent = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu(self.ps).items()}
+        loops = sum(v for k, v in spent.items() if k.startswith(LOOPS))
+        openvino = spent.get(OPENVINO, 0.0)
+        out.update(loops_cpu_ms_per_frame=1000 * loops / n, openvino_cpu_ms_per_frame=1000 * openvino / n,
+                   other_cpu_ms_per_frame=1000 * (sum(spent.values()) - loops - openvino) / n,
+                   thread_cpu_s={k: round(v, 3) for k, v in spent.items()})
         out.update(rss_mb=max(rss_peak) / 2**20, errors=errors)
         with self.cond:
             for stage in ("queue", "decode", "infer", "post"):
@@ -428,9 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     print(md_table(["ratio", "median [min-max]"], [[k, fmt(summary(v), 2)] for k, v in ratios.items()]))
     print()
     stages = ("queue", "decode", "infer", "post")
-    print(md_table(["worker run (its own latency_ms, mean)", *stages],
-                   [[name, *(fmt(summary([rd[name][f"worker_{st}_ms"] for rd in rounds]), 1) for st in stages)]
+    cpu_columns = ("loops_cpu_ms_per_frame", "openvino_cpu_ms_per_frame", "other_cpu_ms_per_frame")
+    print(md_table(["worker run (its own latency_ms, mean)", *stages, "CPU ms/frame: its loops", "OpenVINO", "other"],
+                   [[name, *(fmt(summary([rd[name][f"worker_{st}_ms"] for rd in rounds]), 1) for st in stages),
+                     *(fmt(summary([rd[name][key] for rd in rounds]), 1) for key in cpu_columns)]
                     for name in names if name.startswith("worker")]))
+    print("\nCPU by OS thread name: its loops = the inference threads (decode, heatmap, publish), the recorder and the "
+          "request thread; OpenVINO = the threads it started while compiling; other = paho's network loop, the main "
+          "thread, the store's.")
     print()
     print(md_table(["bundle", "image AUROC", "pixel AUROC", "F1", "model.bin MB"],
                    [[k, str(m.get("image_auroc")), str(m.get("pixel_auroc")), str(m.get("image_f1")),

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from worker.metrics import OTHER, Stats
 from worker.queueing import BoundedQueue
 from worker.recorder import Record, Recorder, Spool
 from worker.store import VectorStore
-from worker.supervise import Liveness, StopLoop, supervised_loop
+from worker.supervise import Liveness, StopLoop, os_thread_named, supervised_loop
 from worker.wire import ControlRequest, ErrorCode, FrameMetadata, RequestError, decode_json, parse_timestamp, validate
 
 
@@ -80,6 +81,33 @@ def test_the_loop_goes_on_after_an_exception_and_counts_it():
     supervised_loop(liveness, "t", step, errors.append)
     assert done == [1, 2] and [str(e) for e in errors] == ["boom"]
     assert liveness.snapshot()["t"]["restarts"] == 1 and liveness.problems() == []
+
+
+def _os_name() -> str:
+    return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="OS thread names are read from Linux's /proc")
+def test_loops_and_the_threads_a_compile_starts_carry_their_names_for_the_os():
+    seen: dict[str, str] = {}
+
+    def loop() -> None:
+        def step() -> None:
+            seen["loop"] = _os_name()
+            with os_thread_named("openvino"):  # as worker.models compiles: threads started here inherit the name
+                seen["inside"] = _os_name()
+                child = threading.Thread(target=lambda: seen.setdefault("child", _os_name()))
+                child.start()
+                child.join()
+            seen["after"] = _os_name()
+            raise StopLoop
+
+        supervised_loop(Liveness(0), "requests", step)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    thread.join()
+    assert seen == {"loop": "requests", "inside": "openvino", "child": "openvino", "after": "requests"}
 
 
 def test_healthz_fails_while_a_thread_is_stuck_or_dead():

@@ -105,6 +105,27 @@ def _truncated_jpeg(dataset: Path) -> bytes:
     return data[: len(data) * 2 // 3]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="OS thread names are read from Linux's /proc")
+def test_top_tells_the_worker_loops_from_openvino_threads(running, dataset):
+    """``top -H`` / ``ps -L`` show each loop by name and OpenVINO's threads as ``openvino`` (what the throughput
+    benchmark splits the worker's CPU by)."""
+    prefix, client, worker, _, _ = running
+    frame_id, data, _ = _frames(dataset)[0]
+    client.publish_frame("cam1", data, frame_id)
+    client.json_on(f"{prefix}/cam1/result", count=1, timeout=60)  # every loop has run by now
+
+    def names() -> set[str]:
+        found = set()
+        for task in Path(f"/proc/{worker.proc.pid}/task").iterdir():
+            try:
+                found.add((task / "comm").read_text().strip())
+            except OSError:  # a thread that ended meanwhile
+                continue
+        return found
+
+    assert {"infer-0", "recorder", "requests", "openvino"} <= names()
+
+
 def test_bad_input_gets_an_error_and_the_next_frame_still_works(running, dataset):
     prefix, client, worker, _, _ = running
     good = next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()

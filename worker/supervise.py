@@ -16,7 +16,6 @@ stack and ends the process.  Each supervised loop also names its thread at the O
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import faulthandler
 import logging
@@ -111,10 +110,17 @@ class Liveness:
 _PR_SET_NAME, _PR_GET_NAME = 15, 16  # prctl options: the calling thread's OS name (Linux; at most 15 bytes)
 
 
+def _prctl(option: int, arg: ctypes.Array | ctypes.c_char_p) -> bool:
+    """prctl(2) on the calling thread; False where libc has none (off Linux): the names stay Python's own."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def name_os_thread(name: str) -> None:
     """Name the calling thread for the OS too (Python 3.11 names it for Python only); a no-op off Linux."""
-    with contextlib.suppress(OSError, AttributeError):  # no libc prctl here: the names stay Python's own
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
 
 
 @contextmanager
@@ -122,16 +128,14 @@ def os_thread_named(name: str) -> Iterator[None]:
     """The calling thread carries ``name`` for the OS inside the block.  Threads started meanwhile inherit it:
     OpenVINO's, started while a model compiles, are then named for what they run, whichever thread compiled."""
     old = ctypes.create_string_buffer(16)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_GET_NAME, old, 0, 0, 0)
-    except (OSError, AttributeError):
-        yield
-        return
-    name_os_thread(name)
+    renamed = _prctl(_PR_GET_NAME, old)
+    if renamed:
+        name_os_thread(name)
     try:
         yield
     finally:
-        name_os_thread(old.value.decode(errors="replace"))
+        if renamed:
+            name_os_thread(old.value.decode(errors="replace"))
 
 
 def supervised_loop(liveness: Liveness, name: str, step: Callable[[], object],

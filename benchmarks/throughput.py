@@ -59,6 +59,7 @@ import yaml
 from benchmarks.common import DATA, ROOT, fmt, md_table, publish_frame, summary, train_bundles
 from benchmarks.raw_runtime import result
 from bundle import PRECISIONS, prepare_image
+from worker.supervise import OPENVINO_THREADS
 
 log = logging.getLogger("benchmarks.throughput")
 CAMERA = "bench"
@@ -80,8 +81,7 @@ def raw_rows(bundle: Path, frames_npy: Path, n: int, precision: str, folder: Pat
 
 
 # --- the worker behind mosquitto -------------------------------------------------------------------
-# OS thread names the worker gives (worker.supervise): its own loops, and the threads OpenVINO starts while compiling
-LOOPS, OPENVINO = ("infer-", "recorder", "requests"), "openvino"
+LOOPS = ("infer-", "recorder", "requests")  # the OS names of the worker's own loops (worker.supervise.supervised_loop)
 
 
 def thread_cpu(proc: psutil.Process) -> dict[str, float]:
@@ -199,7 +199,7 @@ class WorkerRig:
         out = result(n, elapsed, [done[f] - sent[f] for f in sent], cpu0, self.ps)
         spent = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu(self.ps).items()}
         loops = sum(v for k, v in spent.items() if k.startswith(LOOPS))
-        openvino = spent.get(OPENVINO, 0.0)
+        openvino = spent.get(OPENVINO_THREADS, 0.0)
         out.update(loops_cpu_ms_per_frame=1000 * loops / n, openvino_cpu_ms_per_frame=1000 * openvino / n,
                    other_cpu_ms_per_frame=1000 * (sum(spent.values()) - loops - openvino) / n,
                    thread_cpu_s={k: round(v, 3) for k, v in spent.items()})

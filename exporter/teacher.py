@@ -105,11 +105,12 @@ def check_train_precision(precision: str, native: bool | None = None) -> None:
 def autocast(precision: str) -> torch.autocast:
     """The training loops' forward passes at ``precision``: f32, or bf16 by torch's CPU autocast.
 
-    bf16 is several times faster where the CPU has bf16 matrix units (Intel AMX); where it has none, it is
-    refused (:func:`check_train_precision`).  It is never chosen from the CPU, so the same command trains the
-    same way everywhere it runs.
+    bf16 is several times faster where the CPU has bf16 matrix units (Intel AMX); where it has none, the
+    training entry points refuse it before any work (:func:`check_train_precision`), not here in every step.
+    It is never chosen from the CPU, so the same command trains the same way everywhere it runs.
     """
-    check_train_precision(precision)
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"training precision must be one of {TRAIN_PRECISIONS}, not {precision!r}")
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

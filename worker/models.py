@@ -24,7 +24,7 @@ from bundle import MANIFEST, BundleError, Normalisation
 from bundle.extension import Extension, folder_name
 from bundle.runtime import CompiledBundle
 from worker.config import Config
-from worker.supervise import os_thread_named
+from worker.supervise import OPENVINO_THREADS, os_thread_named
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +96,17 @@ class Models:
     def _compile(self, path: Path, precision: str) -> Model:
         started = time.monotonic()
         learning = self.cfg.learning
-        with os_thread_named("openvino"):  # its threads start here and in warm_up (top -H then names them)
+        with os_thread_named(OPENVINO_THREADS):  # its threads start in the compile and the warm-up (top -H names them)
             bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir, batch=1, precision=precision,
                                     extension_rows=learning.max_rows if learning.enabled else None)
-        dim = bundle.manifest.embedding_dim
-        if self.embedding_dim is not None and dim != self.embedding_dim:
-            raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
-                              "(they share one vector-store collection)")
-        m = bundle.manifest
-        extension = self._extension(bundle) if learning.enabled else None
-        if extension is not None:
-            bundle.set_extension(extension.rows, extension.revision)
-        with os_thread_named("openvino"):
+            dim = bundle.manifest.embedding_dim
+            if self.embedding_dim is not None and dim != self.embedding_dim:
+                raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
+                                  "(they share one vector-store collection)")
+            m = bundle.manifest
+            extension = self._extension(bundle) if learning.enabled else None
+            if extension is not None:
+                bundle.set_extension(extension.rows, extension.revision)
             warm_up(bundle)
         log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests%s", m.name, m.version,
                  m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,

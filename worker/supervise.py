@@ -107,6 +107,7 @@ class Liveness:
                 for s in states}
 
 
+OPENVINO_THREADS = "openvino"  # the OS name of the threads OpenVINO starts while the worker compiles a model
 _PR_SET_NAME, _PR_GET_NAME = 15, 16  # prctl options: the calling thread's OS name (Linux; at most 15 bytes)
 
 

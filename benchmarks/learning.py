@@ -2,8 +2,8 @@
 a few frames of it as false alarms (the goal: 3), and real defects stay caught.
 
     python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split validation \\
-        --margins 0.9,1.0 --labels 1,3,5,8 --trials 5
-    python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split test --margins 1.0
+        --margins 1.0 --views frame,flips,d4 --labels 3 --trials 5
+    python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split test --margins 1.0 --views d4
     python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --worker-timing 5
 
 BUNDLE is a PatchCore bundle with a bank extension (``exporter train`` since issue 17).  The benign
@@ -13,10 +13,11 @@ the bank to set thresholds, so the bank has never seen them):
 * ``mark``: a small dark ink dot with a soft edge (an allowed marking);
 * ``glare``: a soft, strong local brightening (a new reflection).
 
-For each appearance, margin and number of labels n in ``--labels``, ``--trials`` times: the images are
-shuffled, the operator goes through them and labels each one the bundle still flags until n are labelled,
-exactly as the worker absorbs a label (``bundle.extension.offending`` on the graph's candidates, added to an
-:class:`~bundle.extension.Extension`, one label after the other), and the other marked images are scored
+For each appearance, margin, set of views (``learning.views``) and number of labels n in ``--labels``,
+``--trials`` times: the images are shuffled, the operator goes through them and labels each one the bundle
+still flags until n are labelled, exactly as the worker absorbs a label (``bundle.extension.offending`` on
+the graph's candidates for each view of the frame, added to an :class:`~bundle.extension.Extension`, one
+label after the other), and the other marked images are scored
 again.  Guard: image AUROC and the detection rate at the bundle's threshold
 of every defect type, before and after, on ``--split``: ``validation`` (synthetic anomalies of each of
 ``--guard-kinds`` on the same held-out normals, exporter/validation.py; by default all five, the subtle
@@ -25,7 +26,8 @@ once.  Everything runs at f32, set explicitly.
 
 ``--worker-timing N`` instead runs the worker behind a real mosquitto: a marked frame is streamed at
 20 frames/s, labelled over MQTT, and the time from the label request to the first result scored with the
-new extension revision is measured N times (N different frames).
+new extension revision (the frame's own patches) and to the label's answer (every view absorbed) is measured
+N times (N different frames).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, fmt, md_table, summary
 from bundle import prepare_image
-from bundle.runtime import CompiledBundle
+from bundle.extension import Extension, Views, offending
+from bundle.runtime import CompiledBundle, ExtensionState
 
 log = logging.getLogger("benchmarks.learning")
 APPEARANCES = ("mark", "glare")
@@ -114,6 +117,27 @@ class Scorer:
     def predict(self, image: np.ndarray):
         return self.compiled.infer(prepare_image(image, self.spec)[np.newaxis], self.request)
 
+    def absorb(self, ext: Extension, key: str, image: np.ndarray, margin: float, views: Views) -> None:
+        """Absorb a label of ``image`` as worker/learning.py does (one tile): the frame's own offending patches, put
+        to use, then those of its other views, scored against the extension as it was before the label, in place
+        of that entry."""
+        copies = views.of(prepare_image(image, self.spec))
+        before = self.compiled.extension_state
+        rows = self._offending(copies[:1], margin)
+        ext.add(key, rows, key, "bench")
+        self.compiled.set_extension(ext.rows)
+        if len(copies) > 1:
+            ext.add(key, np.concatenate([rows, self._offending(copies[1:], margin, before)]), key, "bench")
+            self.compiled.set_extension(ext.rows)
+
+    def _offending(self, copies: list[np.ndarray], margin: float, extension: ExtensionState | None = None) -> np.ndarray:
+        found = []
+        for copy in copies:
+            pred = self.compiled.infer(copy[np.newaxis], self.request, extension)
+            assert pred.candidates is not None and pred.candidate_scores is not None
+            found.append(offending(pred.candidates[0], pred.candidate_scores[0], self.threshold, margin))
+        return np.concatenate(found)
+
     def scores(self, images: list[np.ndarray]) -> np.ndarray:
         return np.array([float(self.predict(i).score[0]) for i in images])
 
@@ -129,12 +153,12 @@ def guard_figures(scores: np.ndarray, types: list[str], threshold: float) -> dic
 
 
 def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndarray], list[str]], margin: float,
-             labels: list[int], trials: int, guard_before: dict, folder: Path) -> dict[int, dict]:
+             views: Views, labels: list[int], trials: int, guard_before: dict, folder: Path) -> dict[int, dict]:
     """Per number of labels in ``labels``: the other marked images' pass rate, rows and the guard's change.
 
     The operator goes through the marked images in a random order (one per trial) and labels each one the
-    bundle, with what it has absorbed so far, still flags, until it has labelled n of them."""
-    from bundle.extension import Extension, offending
+    bundle, with what it has absorbed so far, still flags, until it has labelled n of them; each label adds the
+    offending patches of the ``views`` of its frame, as the worker does."""
 
     spec = scorer.compiled.extension_spec
     assert spec is not None
@@ -151,10 +175,7 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
                 pred = scorer.predict(marked[i])
                 if float(pred.score[0]) < scorer.threshold:
                     continue  # passes already: nothing to label
-                assert pred.candidates is not None and pred.candidate_scores is not None
-                ext.add(str(uuid.uuid4()), offending(pred.candidates[0], pred.candidate_scores[0], scorer.threshold, margin),
-                        f"marked-{i}", "bench")
-                scorer.compiled.set_extension(ext.rows)
+                scorer.absorb(ext, str(uuid.uuid4()), marked[i], margin, views)
                 chosen.append(i)
             rest = [marked[i] for i in range(len(marked)) if i not in chosen]
             after = guard_figures(scorer.scores(guard[0]), guard[1], scorer.threshold)
@@ -191,12 +212,15 @@ def quality(args: argparse.Namespace) -> None:
             marked = [benign(image, kind, rng) for image in normals]
             flagged = float((scorer.scores(marked) >= scorer.threshold).mean())
             for margin in args.margins:
-                for n, r in scenario(scorer, marked, guard, margin, args.labels, args.trials, guard_before, Path(tmp)).items():
-                    worst = ", ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v:+d}" for k, v in r["worst"].items())
-                    rows_out.append([kind, f"{margin:g}", f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2), fmt(r["rows"], 0),
-                                     fmt(r["auroc_delta"], 4), worst])
-                    log.info("%s", " | ".join(rows_out[-1]))
-    print(md_table(["appearance", "margin", "flagged before", "labels", "other marked pass after, median [range]",
+                for views in args.views:
+                    for n, r in scenario(scorer, marked, guard, margin, views, args.labels, args.trials, guard_before,
+                                         Path(tmp)).items():
+                        worst = ", ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v:+d}"
+                                          for k, v in r["worst"].items())
+                        rows_out.append([kind, f"{margin:g}", views.value, f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2),
+                                         fmt(r["rows"], 0), fmt(r["auroc_delta"], 4), worst])
+                        log.info("%s", " | ".join(rows_out[-1]))
+    print(md_table(["appearance", "margin", "views", "flagged before", "labels", "other marked pass after, median [range]",
                     "extension rows", "guard image AUROC change", "guard worst change per type (over trials)"], rows_out))
 
 
@@ -224,7 +248,7 @@ def worker_timing(args: argparse.Namespace) -> None:
                 body = json.loads(msg.payload)
                 results[body["frame_id"]] = {**body, "arrived": time.perf_counter()}
             elif msg.topic.startswith("bench-answers/"):
-                answers[msg.properties.CorrelationData] = json.loads(msg.payload)
+                answers[msg.properties.CorrelationData] = {**json.loads(msg.payload), "arrived": time.perf_counter()}
             cond.notify_all()
 
     rig.client.on_message = on_message
@@ -258,7 +282,7 @@ def worker_timing(args: argparse.Namespace) -> None:
 
     from benchmarks.common import publish_frame
 
-    delays, revisions, verdicts = [], [], []
+    delays, answered, revisions, verdicts = [], [], [], []
     try:
         used = 0
         for n in range(args.worker_timing):
@@ -295,6 +319,7 @@ def worker_timing(args: argparse.Namespace) -> None:
             streamer.join()
             answer = wait(lambda token=token: answers.get(token))
             delays.append(first["arrived"] - sent)
+            answered.append(answer["arrived"] - sent)
             revisions.append(first["model"]["extension"]["revision"])
             verdicts.append(first["verdict"])
             log.info("label %d: %s; first frame with the extension after %.3f s: %s", n, answer.get("absorbed"),
@@ -303,7 +328,9 @@ def worker_timing(args: argparse.Namespace) -> None:
         rig.close()
     print(f"Label request -> first result scored with the new extension ({len(delays)} labels, 20 frames/s streamed, "
           f"worker at f32 behind mosquitto): median {statistics.median(delays):.3f} s, range "
-          f"[{min(delays):.3f}-{max(delays):.3f}] s; verdicts of those frames: {verdicts}")
+          f"[{min(delays):.3f}-{max(delays):.3f}] s; verdicts of those frames: {verdicts}.\n"
+          f"Label request -> its answer (every view of the frame absorbed, learning.views): median "
+          f"{statistics.median(answered):.3f} s, range [{min(answered):.3f}-{max(answered):.3f}] s.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guard-kinds", type=lambda s: tuple(s.split(",")), default=GUARD_KINDS,
                         help="synthetic anomaly kinds of the validation guard (runs before 2026-12-01: perlin,cutpaste,scratch)")
     parser.add_argument("--margins", type=lambda s: [float(v) for v in s.split(",")], default=[1.0])
+    parser.add_argument("--views", type=lambda s: [Views(v) for v in s.split(",")], default=[Views.D4],
+                        help="views of a labelled frame to absorb (learning.views), comma-separated: frame, flips, d4")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=[3],
                         help="numbers of labelled frames to report (the goal is stated for 3)")

@@ -24,6 +24,7 @@ import re
 import threading
 import time
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,29 @@ def offending(candidates: np.ndarray, scores: np.ndarray, threshold: float, marg
     """
     keep = np.asarray(scores, np.float32).reshape(-1) >= margin * threshold
     return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep])
+
+
+class Views(StrEnum):
+    """Which views of a labelled frame an absorption reads its patches from.
+
+    A false alarm recurs at other places on the part, over other texture than in the frame the operator
+    labelled, so the patches of that one frame rarely cover it.  Flipped and rotated copies of the frame show
+    the same appearance over differently arranged texture; their offending patches cover much more of it.
+    """
+
+    FRAME = "frame"  # the labelled frame alone
+    FLIPS = "flips"  # the frame and its horizontal, vertical and double flips
+    D4 = "d4"  # the flips and the four transposed / quarter-turned copies (square inputs; others get the flips)
+
+    def of(self, image: np.ndarray) -> list[np.ndarray]:
+        """The views of a prepared HWC image, the image itself first; every view has its shape."""
+        out = [image]
+        if self is not Views.FRAME:
+            out += [image[:, ::-1], image[::-1], image[::-1, ::-1]]
+        if self is Views.D4 and image.shape[0] == image.shape[1]:
+            t = image.transpose(1, 0, *range(2, image.ndim))
+            out += [t, t[:, ::-1], t[::-1], t[::-1, ::-1]]
+        return [np.ascontiguousarray(v) for v in out]
 
 
 class Extension:

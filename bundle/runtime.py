@@ -47,7 +47,7 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class _Extension:
+class ExtensionState:
     """The extension rows in use (``count`` of them, then pad rows), the tensor that shares their memory, and the
     caller's revision of them (so a result can name the extension that really scored it)."""
 
@@ -113,7 +113,7 @@ class CompiledBundle:
         self.thresholds: Thresholds = thresholds or self.manifest.thresholds
         outputs = self.manifest.outputs
         self._names: tuple[str, ...] = (outputs["score"].name, outputs["anomaly_map"].name, outputs["embedding"].name)
-        self._extension: _Extension | None = None
+        self._extension: ExtensionState | None = None
         if self.extension_spec is not None:
             self._names += (self.extension_spec.candidates_output, self.extension_spec.candidate_scores_output)
             self.set_extension(np.zeros((0, self.extension_spec.feature_dim), np.float32))
@@ -160,7 +160,7 @@ class CompiledBundle:
             raise BundleError("extension rows must be finite")
         full = np.full((self.extension_capacity, ext.feature_dim), ext.pad, np.float32)
         full[: rows.shape[0]] = rows  # shared with the requests' input tensors from here on: never changed in place
-        self._extension = _Extension(full, int(rows.shape[0]), ov.Tensor(full, shared_memory=True), revision)
+        self._extension = ExtensionState(full, int(rows.shape[0]), ov.Tensor(full, shared_memory=True), revision)
 
     @property
     def extension_count(self) -> int:
@@ -179,10 +179,16 @@ class CompiledBundle:
         """A request's inputs for ``images``: the images, and the current extension where the bundle has one."""
         return self._inputs(images)[0]
 
-    def _inputs(self, images: np.ndarray) -> tuple[dict[int | str, np.ndarray | ov.Tensor], int | None]:
+    @property
+    def extension_state(self) -> ExtensionState | None:
+        """The extension in use now, to score against later whatever set_extension does meanwhile (:meth:`infer`)."""
+        return self._extension
+
+    def _inputs(self, images: np.ndarray, state: ExtensionState | None = None
+                ) -> tuple[dict[int | str, np.ndarray | ov.Tensor], int | None]:
         """The inputs and the revision of the extension among them (None without one), from one read of it, so
         the rows fed and the revision reported agree whatever set_extension does meanwhile."""
-        ext = self._extension
+        ext = state or self._extension
         if ext is None or self.extension_spec is None:
             return {0: images}, None
         return {0: images, self.extension_spec.input: ext.tensor}, ext.revision
@@ -198,11 +204,13 @@ class CompiledBundle:
             request.set_tensor(self.extension_spec.input, ext.tensor)
         return request
 
-    def infer(self, images: np.ndarray, request: ov.InferRequest | None = None) -> Prediction:
+    def infer(self, images: np.ndarray, request: ov.InferRequest | None = None,
+              extension: ExtensionState | None = None) -> Prediction:
         """``images``: uint8 [N, H, W, 3] BGR at the bundle's input size (see :func:`bundle.prepare_image`); the
-        prediction names the extension revision it was computed with."""
+        prediction names the extension revision it was computed with: ``extension`` (an earlier
+        :attr:`extension_state`), else the one in use."""
         request = request or self.create_request()
-        inputs, revision = self._inputs(images)
+        inputs, revision = self._inputs(images, extension)
         request.infer(inputs)
         return replace(self.prediction(request), extension_revision=revision)
 

@@ -70,7 +70,8 @@ def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, 
     assert len(rows) == 4, proc.stdout  # two appearances, 1 and 2 labels
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert cells[1] == "0.8" and cells[3] in ("1", "2") and 0 <= float(cells[2]) <= 1 and 0 <= float(cells[4].split()[0]) <= 1
+        assert cells[1] == "0.8" and cells[2] == "d4" and cells[4] in ("1", "2")  # margin, views (learning.views), labels
+        assert 0 <= float(cells[3]) <= 1 and 0 <= float(cells[5].split()[0]) <= 1
     assert "precision f32" in proc.stdout and "Guard before absorption: image_auroc" in proc.stdout
 
 def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):

@@ -99,7 +99,8 @@ def test_extension_equals_a_bank_holding_its_rows(fitted, tmp_path):
 
 def test_a_false_alarm_taught_scores_as_normal(bundle_dir, dataset):
     """The bundle `exporter train` writes: a defect frame's own candidates put into the extension bring its score
-    to the floor (below every normal test frame's), and no frame's map rises (distances can only drop)."""
+    to the floor (below every normal test frame's), and no frame's map rises (distances can only drop); a state
+    of the extension taken before scores as before."""
     manifest = read_manifest(bundle_dir)
     assert manifest.extension is not None and manifest.training["extension_candidates"] == 256
     compiled = CompiledBundle(bundle_dir, extension_rows=manifest.extension.candidates)
@@ -111,11 +112,16 @@ def test_a_false_alarm_taught_scores_as_normal(bundle_dir, dataset):
     assert before.candidates.shape == (len(test), manifest.extension.candidates, manifest.extension.feature_dim)
     good = np.array([s.label == 0 for s in test])
     alarm = int(np.argmax(np.where(good, -np.inf, before.score)))
-    compiled.set_extension(before.candidates[alarm])
+    empty = compiled.extension_state
+    compiled.set_extension(before.candidates[alarm], revision=1)
     after = compiled.infer(batch)
     assert after.score[alarm] < 0.1 * before.score[good].min(), (after.score[alarm], before.score[good])
     assert after.candidate_scores is not None and after.candidate_scores[alarm].max() < 1e-2 * before.score[alarm]
     assert (after.anomaly_map <= before.anomaly_map + 1e-4 * before.anomaly_map.max()).all()
+    # An earlier state scores as it did then (a label's other views are read against the extension before it).
+    then = compiled.infer(batch, extension=empty)
+    assert then.extension_revision == 0 and after.extension_revision == 1
+    np.testing.assert_allclose(then.score, before.score, rtol=1e-5)
     compiled.set_extension(np.zeros((0, manifest.extension.feature_dim), np.float32))
     np.testing.assert_allclose(compiled.infer(batch).score, before.score, rtol=1e-5)
 

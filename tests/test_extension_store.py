@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from bundle.extension import INDEX, Extension, ExtensionFull, offending
+from bundle.extension import INDEX, Extension, ExtensionFull, Views, offending
 
 C = 8
 
@@ -90,3 +90,18 @@ def test_offending_takes_the_patches_at_or_above_the_margin() -> None:
     picked = offending(candidates, scores, threshold=4.0, margin=0.5)
     assert np.array_equal(picked, candidates[0, :3])
     assert offending(candidates, scores, threshold=4.0, margin=2.0).shape == (0, C)
+
+
+@pytest.mark.parametrize("views, square, other", [(Views.FRAME, 1, 1), (Views.FLIPS, 4, 4), (Views.D4, 8, 4)])
+def test_views_are_the_frame_and_its_symmetries(views: Views, square: int, other: int) -> None:
+    """Each view is the frame's pixels rearranged (so its patches are the frame's, seen flipped or turned), none
+    twice, the frame first; a frame that is not square cannot be turned a quarter and keeps its shape."""
+    for shape, count in (((6, 6, 3), square), ((4, 6, 3), other)):
+        image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        out = views.of(image)
+        assert len(out) == count and np.array_equal(out[0], image)
+        assert len({v.tobytes() for v in out}) == count
+        assert all(v.shape == image.shape and v.flags.c_contiguous for v in out)
+        assert all(np.array_equal(np.sort(v, axis=None), np.sort(image, axis=None)) for v in out)
+    turned = Views.D4.of(np.arange(4, dtype=np.uint8).reshape(2, 2))
+    assert any(np.array_equal(v, np.rot90(turned[0])) for v in turned)

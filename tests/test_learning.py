@@ -67,36 +67,40 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
 
     answer = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})
     absorbed = answer["absorbed"]
-    assert answer["ok"] and absorbed["patches"] > 0 and absorbed["revision"] == 1, answer
-    assert absorbed["extension_rows"] == absorbed["patches"] and "absorbed" in absorbed["message"]
+    # One revision for the frame's own patches, one more when its flipped and turned views (learning.views) add some.
+    rev = absorbed["revision"]
+    assert answer["ok"] and absorbed["patches"] > 0 and rev in (1, 2), answer
+    assert absorbed["extension_rows"] == absorbed["patches"]
+    assert absorbed["message"].startswith(f"absorbed: {absorbed['patches']} patches; "), absorbed
     again = _score(client, prefix, marked, "m-1")
     assert again["verdict"] == "normal" and again["score"] < first["score"], again
-    assert again["model"]["version"].endswith("+x1") and again["model"]["extension"]["rows"] == absorbed["patches"]
+    assert again["model"]["version"].endswith(f"+x{rev}") and again["model"]["extension"]["rows"] == absorbed["patches"]
     model = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/model"
-                            and json.loads(m.payload).get("extension", {}).get("revision") == 1)[-1]
+                            and json.loads(m.payload).get("extension", {}).get("revision") == rev)[-1]
     assert json.loads(model.payload)["scopes"]["default"]["extension"]["rows"] == absorbed["patches"]
 
     # Labelling it again changes nothing; other labels absorb nothing.
-    assert label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]["revision"] == 1
+    assert label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]["revision"] == rev
     assert "absorbed" not in label({"action": "set", "frame_id": "plain-0", "camera": "cam1", "label": "confirmed_defect"})
     nothing = label({"action": "set", "frame_id": "plain-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
     assert plain["verdict"] == "normal" and nothing["patches"] == 0 and "not flagged" in nothing["reason"]
 
     # Undo: the rows go, the appearance is flagged again.
     released = label({"action": "unlabel", "frame_id": "m-0", "camera": "cam1"})["released"]
-    assert released["patches"] == absorbed["patches"] and released["revision"] == 2
+    assert released["patches"] == absorbed["patches"] and released["revision"] == rev + 1
     undone = _score(client, prefix, marked, "m-2")
     assert undone["verdict"] == "anomalous" and undone["model"]["extension"] == {
-        "revision": 2, "rows": 0, "labels": 0, "max_rows": 1024}
+        "revision": rev + 1, "rows": 0, "labels": 0, "max_rows": 1024}
 
-    # Absorbed again, then a restart: the extension is read back from disk.
-    assert label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]["revision"] == 3
+    # Absorbed again (the same rows: the same frame, the same bank), then a restart: the extension is read back from disk.
+    relabelled = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
+    assert relabelled["revision"] == 2 * rev + 1 and relabelled["patches"] == absorbed["patches"], relabelled
     assert worker.stop() == 0
     client.messages.clear()
     start(config)
     wait_online(client, prefix)
     after = _score(client, prefix, marked, "m-3")
-    assert after["verdict"] == "normal" and after["model"]["version"].endswith("+x3"), after
+    assert after["verdict"] == "normal" and after["model"]["version"].endswith(f"+x{2 * rev + 1}"), after
 
     # The CLI: export what was captured as a training folder the exporter reads, withdraw the label, export again.
     cli = [sys.executable, "-m", "worker"]
@@ -112,5 +116,5 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
     assert len({point_id("cam1", f"m-{i}") for i in (1, 3)} & names) == 1  # the same frame twice: kept once
     done = subprocess.run([*cli, "label", "--config", str(config), "--frame-id", "m-0", "--camera", "cam1", "--clear"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert done.returncode == 0 and json.loads(done.stdout)["released"]["revision"] == 4, done.stderr
+    assert done.returncode == 0 and json.loads(done.stdout)["released"]["revision"] == 2 * rev + 2, done.stderr
     assert point_id("cam1", "m-0") not in exported(config.parent / "training-2")

@@ -16,6 +16,8 @@ from typing import Literal, Union, get_args, get_origin, overload
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from bundle.extension import Views
+
 ENV_PREFIX = "EDGE_INSPECT__"
 
 
@@ -250,6 +252,11 @@ class LearningConfig(_Section):
     margin: float = Field(1.0, gt=0, le=2, description="A label absorbs the frame's patches whose distance is at least this share of "
                                                        "the raw image threshold; lower learns faster and blinds more (chosen on the "
                                                        "validation split: docs/benchmarks.md).")
+    views: Views = Field(Views.D4, description="Views of a labelled frame whose patches are absorbed: frame (it alone), flips (and its "
+                                               "three flips), d4 (and its rotations too). More views learn an appearance that "
+                                               "recurs elsewhere on the part from fewer labels, with more rows per label (chosen "
+                                               "on the validation split: docs/benchmarks.md); a texture that is not the same "
+                                               "flipped or turned may want frame or flips.")
 
 
 class CaptureConfig(_Section):

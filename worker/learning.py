@@ -3,8 +3,9 @@
 The label request (worker/labels.py, on the request thread) hands the frame here.  The
 frame's original image is in the evidence store (the worker keeps it for every flagged
 frame); it is scored again by the model now serving its camera, with the camera's crop
-and tiling, and the candidate patches at or above ``learning.margin`` x the image
-threshold are added to the extension (bundle/extension.py).  Every compiled copy of the
+and tiling, in every view ``learning.views`` names (flipped and rotated copies), and the
+candidate patches at or above ``learning.margin`` x the image threshold are added to the
+extension (bundle/extension.py).  Every compiled copy of the
 bundle uses the new rows from its next frame on, and the retained model topic announces
 the new revision.  Clearing the label (or ``unlabel``) takes the rows back.
 """
@@ -17,7 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import prepare_image
-from bundle.extension import Entry, Extension, ExtensionFull, offending
+from bundle.extension import Entry, Extension, ExtensionFull, Views, offending
+from bundle.runtime import ExtensionState
 from worker import tiling
 from worker.capture import Capture
 from worker.config import Config
@@ -66,18 +68,33 @@ class Learner:
                    f"the {model.info['family']} bundle {model.info['name']} has no bank extension: re-export it with this "
                    "version's exporter (PatchCore)")
             return {"patches": 0, "reason": why}
-        rows = self._offending(model, camera, image)
+        # The frame itself first, so the next frames pass at once; then its other views, in place of that entry,
+        # scored against the extension as it was before this label, exactly as if all had been read at once.
+        before = model.bundle.extension_state
+        rows = self._offending(model, camera, image, others=False)
         if not len(rows):
             return {"patches": 0, "reason": "no patch of this frame is above the threshold any more"}
         try:
-            entry = ext.add(key, rows, frame_id, camera)
+            entry = self._add(ext, key, rows, frame_id, camera)
         except ExtensionFull as exc:
             return {"patches": 0, "reason": str(exc)}
+        refused = ""
+        if self.cfg.learning.views is not Views.FRAME:
+            more = self._offending(model, camera, image, others=True, extension=before)
+            try:
+                entry = self._add(ext, key, np.concatenate([rows, more]), frame_id, camera) if len(more) else entry
+            except ExtensionFull as exc:
+                refused = f" of the frame itself (its flipped and turned views did not fit: {exc})"
+        return self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}{refused}; frames that look like this one now pass")
+
+    def _add(self, ext: Extension, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
+        """Add (or replace) frame ``key``'s rows and put them to use: every compiled copy, the model topic."""
+        entry = ext.add(key, rows, frame_id, camera)
         self.models.apply(ext)
         log.info("false alarm %s/%s absorbed: %d patches, extension revision %d, %d rows", camera, frame_id,
                  entry.rows, ext.revision, len(ext.rows))
         self.on_change()
-        return self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}; frames that look like this one now pass")
+        return entry
 
     def release(self, key: str, camera: str) -> dict:
         """Take back what frame ``key`` added, from whichever extension holds it."""
@@ -107,8 +124,11 @@ class Learner:
                             for e in ext.entries()]})
         return out
 
-    def _offending(self, model: Model, camera: str, image: np.ndarray) -> np.ndarray:
-        """Candidate patches above the margin, over every tile the camera's frames are cut into."""
+    def _offending(self, model: Model, camera: str, image: np.ndarray, others: bool,
+                   extension: ExtensionState | None = None) -> np.ndarray:
+        """Candidate patches above the margin, over every tile the camera's frames are cut into: of the tile as it
+        is, or (``others``) of its other views that ``learning.views`` names; scored with ``extension``, else the
+        extension in use."""
         bundle = model.bundle
         spec = bundle.manifest.input
         override = self.cfg.cameras.get(camera)
@@ -121,9 +141,11 @@ class Learner:
         request = bundle.create_request()
         found = []
         for view in views:
-            pred = bundle.infer(prepare_image(view, spec)[np.newaxis], request)
-            assert pred.candidates is not None and pred.candidate_scores is not None  # the bundle has an extension
-            found.append(offending(pred.candidates[0], pred.candidate_scores[0], threshold, self.cfg.learning.margin))
+            copies = self.cfg.learning.views.of(prepare_image(view, spec))
+            for copy in copies[1:] if others else copies[:1]:
+                pred = bundle.infer(copy[np.newaxis], request, extension)
+                assert pred.candidates is not None and pred.candidate_scores is not None  # the bundle has an extension
+                found.append(offending(pred.candidates[0], pred.candidate_scores[0], threshold, self.cfg.learning.margin))
         return np.concatenate(found)
 
     @staticmethod

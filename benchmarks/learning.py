@@ -50,8 +50,8 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, fmt, md_table, summary
 from bundle import prepare_image
-from bundle.extension import Extension, Views, offending
-from bundle.runtime import CompiledBundle, ExtensionState
+from bundle.extension import Extension, Views, offending_views
+from bundle.runtime import CompiledBundle
 
 log = logging.getLogger("benchmarks.learning")
 APPEARANCES = ("mark", "glare")
@@ -123,20 +123,13 @@ class Scorer:
         of that entry."""
         copies = views.of(prepare_image(image, self.spec))
         before = self.compiled.extension_state
-        rows = self._offending(copies[:1], margin)
+        rows = offending_views(self.compiled, self.request, copies[:1], self.threshold, margin)
         ext.add(key, rows, key, "bench")
         self.compiled.set_extension(ext.rows)
         if len(copies) > 1:
-            ext.add(key, np.concatenate([rows, self._offending(copies[1:], margin, before)]), key, "bench")
+            more = offending_views(self.compiled, self.request, copies[1:], self.threshold, margin, before)
+            ext.add(key, np.concatenate([rows, more]), key, "bench")
             self.compiled.set_extension(ext.rows)
-
-    def _offending(self, copies: list[np.ndarray], margin: float, extension: ExtensionState | None = None) -> np.ndarray:
-        found = []
-        for copy in copies:
-            pred = self.compiled.infer(copy[np.newaxis], self.request, extension)
-            assert pred.candidates is not None and pred.candidate_scores is not None
-            found.append(offending(pred.candidates[0], pred.candidate_scores[0], self.threshold, margin))
-        return np.concatenate(found)
 
     def scores(self, images: list[np.ndarray]) -> np.ndarray:
         return np.array([float(self.predict(i).score[0]) for i in images])

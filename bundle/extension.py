@@ -26,10 +26,16 @@ import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bundle import Manifest
+
+if TYPE_CHECKING:  # the runtime needs OpenVINO; the folder format (exporter fold-extension) does not
+    import openvino as ov
+
+    from bundle.runtime import CompiledBundle, ExtensionState
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,19 @@ def offending(candidates: np.ndarray, scores: np.ndarray, threshold: float, marg
     """
     keep = np.asarray(scores, np.float32).reshape(-1) >= margin * threshold
     return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep])
+
+
+def offending_views(bundle: CompiledBundle, request: ov.InferRequest, copies: list[np.ndarray], threshold: float,
+                    margin: float, extension: ExtensionState | None = None) -> np.ndarray:
+    """The offending rows (:func:`offending`) of each prepared view in ``copies``, scored by ``bundle`` with
+    ``extension`` (an earlier state of it), else with the extension in use."""
+    found = []
+    for copy in copies:
+        pred = bundle.infer(copy[np.newaxis], request, extension)
+        if pred.candidates is None or pred.candidate_scores is None:
+            raise ValueError(f"{bundle.folder}: the bundle has no bank extension")
+        found.append(offending(pred.candidates[0], pred.candidate_scores[0], threshold, margin))
+    return np.concatenate(found)
 
 
 class Views(StrEnum):

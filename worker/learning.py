@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import prepare_image
-from bundle.extension import Entry, Extension, ExtensionFull, Views, offending
+from bundle.extension import Entry, Extension, ExtensionFull, Views, offending_views
 from bundle.runtime import ExtensionState
 from worker import tiling
 from worker.capture import Capture
@@ -142,10 +142,8 @@ class Learner:
         found = []
         for view in views:
             copies = self.cfg.learning.views.of(prepare_image(view, spec))
-            for copy in copies[1:] if others else copies[:1]:
-                pred = bundle.infer(copy[np.newaxis], request, extension)
-                assert pred.candidates is not None and pred.candidate_scores is not None  # the bundle has an extension
-                found.append(offending(pred.candidates[0], pred.candidate_scores[0], threshold, self.cfg.learning.margin))
+            found.append(offending_views(bundle, request, copies[1:] if others else copies[:1], threshold,
+                                         self.cfg.learning.margin, extension))
         return np.concatenate(found)
 
     @staticmethod

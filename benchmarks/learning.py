@@ -18,8 +18,8 @@ For each appearance, margin, set of views (``learning.views``) and number of lab
 still flags until n are labelled, exactly as the worker absorbs a label (``bundle.extension.offending`` on
 the graph's candidates for each view of the frame, added to an :class:`~bundle.extension.Extension`, one
 label after the other), and the other marked images are scored
-again.  Guard: image AUROC and the detection rate at the bundle's threshold
-of every defect type, before and after, on ``--split``: ``validation`` (synthetic anomalies of each of
+again.  Guard: image AUROC, the detection rate at the bundle's threshold and the mean share by which
+the scores fell, of every defect type, before and after, on ``--split``: ``validation`` (synthetic anomalies of each of
 ``--guard-kinds`` on the same held-out normals, exporter/validation.py; by default all five, the subtle
 ``deform`` and ``stain`` included) to choose the margin, ``test`` (the category's test split) to report it
 once.  Everything runs at f32, set explicitly.
@@ -145,9 +145,17 @@ def guard_figures(scores: np.ndarray, types: list[str], threshold: float) -> dic
     return out
 
 
+def score_drops(before: np.ndarray, after: np.ndarray, types: list[str]) -> dict[str, float]:
+    """Per defect type, the mean share by which its images' scores fell: the guard's harm below the threshold too
+    (a defect far above it can lose much of its score and still be caught, on the test split it may not)."""
+    kinds = np.array(types)
+    return {kind: float(np.mean(1 - after[kinds == kind] / before[kinds == kind])) for kind in sorted(set(types) - {"good"})}
+
+
 def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndarray], list[str]], margin: float,
-             views: Views, labels: list[int], trials: int, guard_before: dict, folder: Path) -> dict[int, dict]:
-    """Per number of labels in ``labels``: the other marked images' pass rate, rows and the guard's change.
+             views: Views, labels: list[int], trials: int, guard_scores: np.ndarray, folder: Path) -> dict[int, dict]:
+    """Per number of labels in ``labels``: the other marked images' pass rate, rows and the guard's change
+    (``guard_scores``: the guard's scores before any label).
 
     The operator goes through the marked images in a random order (one per trial) and labels each one the
     bundle, with what it has absorbed so far, still flags, until it has labelled n of them; each label adds the
@@ -155,7 +163,8 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
 
     spec = scorer.compiled.extension_spec
     assert spec is not None
-    found: dict[int, dict[str, list]] = {n: {"passes": [], "rows": [], "deltas": [], "worst": []} for n in labels}
+    guard_before = guard_figures(guard_scores, guard[1], scorer.threshold)
+    found: dict[int, dict[str, list]] = {n: {"passes": [], "rows": [], "deltas": [], "worst": [], "drops": []} for n in labels}
     for trial in range(trials):
         order = list(range(len(marked)))
         random.Random(trial).shuffle(order)
@@ -171,8 +180,10 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
                 scorer.absorb(ext, str(uuid.uuid4()), marked[i], margin, views)
                 chosen.append(i)
             rest = [marked[i] for i in range(len(marked)) if i not in chosen]
-            after = guard_figures(scorer.scores(guard[0]), guard[1], scorer.threshold)
+            now = scorer.scores(guard[0])
+            after = guard_figures(now, guard[1], scorer.threshold)
             row = found[n]
+            row["drops"].append(score_drops(guard_scores, now, guard[1]))
             row["passes"].append(float((scorer.scores(rest) < scorer.threshold).mean()))
             row["rows"].append(len(ext.rows))
             row["deltas"].append(after["image_auroc"] - guard_before["image_auroc"])
@@ -182,8 +193,9 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
     for n, row in found.items():
         worst = {k: min(w[k] for w in row["worst"]) if k.startswith("caught") else max(w[k] for w in row["worst"])
                  for k in row["worst"][0]}
+        drops = {k: (statistics.median(d[k] for d in row["drops"]), max(d[k] for d in row["drops"])) for k in row["drops"][0]}
         out[n] = {"pass_after": summary(row["passes"]), "rows": summary(row["rows"]),
-                  "auroc_delta": summary(row["deltas"]), "worst": worst}
+                  "auroc_delta": summary(row["deltas"]), "worst": worst, "drops": drops}
     return out
 
 
@@ -191,7 +203,8 @@ def quality(args: argparse.Namespace) -> None:
     normals = held_out_normals(args.data, args.category)
     guard = guard_set(args.data, args.category, args.split, normals, args.guard_kinds)
     scorer = Scorer(args.bundle, args.rows)
-    guard_before = guard_figures(scorer.scores(guard[0]), guard[1], scorer.threshold)
+    guard_scores = scorer.scores(guard[0])
+    guard_before = guard_figures(guard_scores, guard[1], scorer.threshold)
     what = f"guard split {args.split}" + (f" ({', '.join(args.guard_kinds)})" if args.split == "validation" else "")
     print(f"# Learns on the line: {args.bundle} on {args.category}, {what}\n")
     print(f"CPU: {scorer.compiled.device_name}; precision {scorer.compiled.precision} (read back); extension capacity "
@@ -206,15 +219,17 @@ def quality(args: argparse.Namespace) -> None:
             flagged = float((scorer.scores(marked) >= scorer.threshold).mean())
             for margin in args.margins:
                 for views in args.views:
-                    for n, r in scenario(scorer, marked, guard, margin, views, args.labels, args.trials, guard_before,
+                    for n, r in scenario(scorer, marked, guard, margin, views, args.labels, args.trials, guard_scores,
                                          Path(tmp)).items():
                         worst = ", ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v:+d}"
                                           for k, v in r["worst"].items())
+                        drops = ", ".join(f"{k} {100 * m:.1f} ({100 * w:.1f})" for k, (m, w) in r["drops"].items())
                         rows_out.append([kind, f"{margin:g}", views.value, f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2),
-                                         fmt(r["rows"], 0), fmt(r["auroc_delta"], 4), worst])
+                                         fmt(r["rows"], 0), fmt(r["auroc_delta"], 4), worst, drops])
                         log.info("%s", " | ".join(rows_out[-1]))
     print(md_table(["appearance", "margin", "views", "flagged before", "labels", "other marked pass after, median [range]",
-                    "extension rows", "guard image AUROC change", "guard worst change per type (over trials)"], rows_out))
+                    "extension rows", "guard image AUROC change", "guard worst change per type (over trials)",
+                    "guard score drop per type, %: median (worst) over trials"], rows_out))
 
 
 def worker_timing(args: argparse.Namespace) -> None:

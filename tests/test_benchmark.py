@@ -72,6 +72,9 @@ def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, 
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "0.8" and cells[2] == "d4" and cells[4] in ("1", "2")  # margin, views (learning.views), labels
         assert 0 <= float(cells[3]) <= 1 and 0 <= float(cells[5].split()[0]) <= 1
+        drops = dict(part.rsplit(" ", 2)[0:2] for part in cells[9].split(", "))  # type -> median score drop, %
+        assert drops and set(drops) == {c.split()[1] for c in cells[8].split(", ") if c.startswith("caught")}, cells
+        assert all(-100 <= float(v) <= 100 for v in drops.values()), cells
     assert "precision f32" in proc.stdout and "Guard before absorption: image_auroc" in proc.stdout
 
 def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):

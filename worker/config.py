@@ -254,9 +254,10 @@ class LearningConfig(_Section):
                                                        "validation split: docs/benchmarks.md).")
     views: Views = Field(Views.D4, description="Views of a labelled frame whose patches are absorbed: frame (it alone), flips (and its "
                                                "three flips), d4 (and its rotations too). More views learn an appearance that "
-                                               "recurs elsewhere on the part from fewer labels, with more rows per label (chosen "
-                                               "on the validation split: docs/benchmarks.md); a texture that is not the same "
-                                               "flipped or turned may want frame or flips.")
+                                               "recurs elsewhere on the part from fewer labels, with more rows per label, and "
+                                               "blind more to real defects that look like it (chosen on the validation split: "
+                                               "docs/benchmarks.md); frame is the careful setting, and a texture that is not "
+                                               "the same flipped or turned wants frame or flips.")
 
 
 class CaptureConfig(_Section):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import prepare_image
-from bundle.extension import Entry, Extension, ExtensionFull, Views, offending_views
+from bundle.extension import Entry, Extension, ExtensionFull, offending_views
 from bundle.runtime import ExtensionState
 from worker import tiling
 from worker.capture import Capture
@@ -71,7 +71,8 @@ class Learner:
         # The frame itself first, so the next frames pass at once; then its other views, in place of that entry,
         # scored against the extension as it was before this label, exactly as if all had been read at once.
         before = model.bundle.extension_state
-        rows = self._offending(model, camera, image, others=False)
+        tiles = self._tiles(model, camera, image)
+        rows = self._offending(model, camera, tiles)
         if not len(rows):
             return {"patches": 0, "reason": "no patch of this frame is above the threshold any more"}
         try:
@@ -79,8 +80,8 @@ class Learner:
         except ExtensionFull as exc:
             return {"patches": 0, "reason": str(exc)}
         refused = ""
-        if self.cfg.learning.views is not Views.FRAME:
-            more = self._offending(model, camera, image, others=True, extension=before)
+        if others := [view for tile in tiles for view in self.cfg.learning.views.of(tile)[1:]]:
+            more = self._offending(model, camera, others, before)
             try:
                 entry = self._add(ext, key, np.concatenate([rows, more]), frame_id, camera) if len(more) else entry
             except ExtensionFull as exc:
@@ -124,27 +125,22 @@ class Learner:
                             for e in ext.entries()]})
         return out
 
-    def _offending(self, model: Model, camera: str, image: np.ndarray, others: bool,
-                   extension: ExtensionState | None = None) -> np.ndarray:
-        """Candidate patches above the margin, over every tile the camera's frames are cut into: of the tile as it
-        is, or (``others``) of its other views that ``learning.views`` names; scored with ``extension``, else the
-        extension in use."""
-        bundle = model.bundle
-        spec = bundle.manifest.input
+    def _tiles(self, model: Model, camera: str, image: np.ndarray) -> list[np.ndarray]:
+        """The frame as the model sees it: every tile the camera's frames are cut into, prepared for the graph."""
+        spec = model.bundle.manifest.input
         override = self.cfg.cameras.get(camera)
-        if override is not None and override.tiling is not None:
-            canvas, tiles = tiling.cut(image, spec.width, spec.height, override.tiling)
-            views = [canvas[y:y + spec.height, x:x + spec.width] for _, _, x, y in tiles]
-        else:
-            views = [image]
+        if override is None or override.tiling is None:
+            return [prepare_image(image, spec)]
+        canvas, tiles = tiling.cut(image, spec.width, spec.height, override.tiling)
+        return [prepare_image(canvas[y:y + spec.height, x:x + spec.width], spec) for _, _, x, y in tiles]
+
+    def _offending(self, model: Model, camera: str, copies: list[np.ndarray],
+                   extension: ExtensionState | None = None) -> np.ndarray:
+        """Candidate patches above the margin of each prepared view in ``copies``, scored with ``extension`` (the
+        extension before this label), else the extension in use."""
         threshold = self.models.image_norm(model, camera).threshold
-        request = bundle.create_request()
-        found = []
-        for view in views:
-            copies = self.cfg.learning.views.of(prepare_image(view, spec))
-            found.append(offending_views(bundle, request, copies[1:] if others else copies[:1], threshold,
-                                         self.cfg.learning.margin, extension))
-        return np.concatenate(found)
+        return offending_views(model.bundle, model.bundle.create_request(), copies, threshold, self.cfg.learning.margin,
+                               extension)
 
     @staticmethod
     def _answer(ext: Extension, entry: Entry, message: str) -> dict:

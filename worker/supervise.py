@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import functools
 import logging
 import sys
 import threading
@@ -111,12 +112,18 @@ OPENVINO_THREADS = "openvino"  # the OS name of the threads OpenVINO starts whil
 _PR_SET_NAME, _PR_GET_NAME = 15, 16  # prctl options: the calling thread's OS name (Linux; at most 15 bytes)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _prctl(option: int, arg: ctypes.Array | ctypes.c_char_p) -> bool:
     """prctl(2) on the calling thread; False where libc has none (off Linux): the names stay Python's own."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    prctl = getattr(_libc(), "prctl", None)
+    return prctl is not None and prctl(option, arg, 0, 0, 0) == 0
 
 
 def name_os_thread(name: str) -> None:

@@ -15,6 +15,11 @@ subtler kinds, in the texture's own material, are there for that (``HARD_KINDS``
 
 * ``deform``: a local smooth displacement of the texture (a bent wire, a dent), no new colour at all;
 * ``stain``: a translucent, soft-edged blob of low contrast (glue, a smear).
+
+Held-out normals alone cannot show false alarms: they come from the same session as the memory bank.  A line's
+good parts drift (exposure, focus, placement, compression), so each normal also gets one **benign variant** of
+each kind in ``BENIGN_KINDS``; a setting whose threshold flags them would flag good parts on the line.  Their
+magnitudes are fixed in advance, not tuned (docs/quality/README.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 KINDS = ("perlin", "cutpaste", "scratch")
 HARD_KINDS = ("deform", "stain")
+BENIGN_KINDS = ("light", "gamma", "focus", "noise", "place", "jpeg")
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,38 @@ def synthesise(images: list[np.ndarray], seed: int = 0, photos: list[Path] | Non
                 raise ValueError(f"unknown anomaly kind {kind!r}; choose from {KINDS + HARD_KINDS}")
             out.append(Anomalous(bad, mask, kind))
     return out
+
+
+def _benign(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    h, w = image.shape[:2]
+    if kind == "light":  # exposure drift
+        return cv2.convertScaleAbs(image, alpha=float(rng.uniform(0.9, 1.1)), beta=float(rng.uniform(-8, 8)))
+    if kind == "gamma":  # another camera response
+        table = 255.0 * (np.arange(256) / 255.0) ** float(rng.uniform(0.85, 1.18))
+        return cv2.LUT(image, table.round().astype(np.uint8))
+    if kind == "focus":  # focus drift
+        return cv2.GaussianBlur(image, (0, 0), float(rng.uniform(0.5, 1.0)))
+    if kind == "noise":  # sensor noise at a higher gain
+        noisy = image.astype(np.float32) + rng.normal(0, float(rng.uniform(2, 4)), image.shape).astype(np.float32)
+        return np.clip(noisy, 0, 255).round().astype(np.uint8)
+    if kind == "place":  # the part a few pixels off and turned by up to a degree
+        move = cv2.getRotationMatrix2D((w / 2, h / 2), float(rng.uniform(-1, 1)), 1.0)
+        move[:, 2] = move[:, 2] + rng.uniform(-6, 6, 2)
+        return cv2.warpAffine(image, move, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    if kind == "jpeg":  # the camera's compression
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 86))])
+        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
+        if decoded is None:
+            raise RuntimeError("OpenCV could not round-trip a JPEG")
+        return np.asarray(decoded, np.uint8)
+    raise ValueError(f"unknown benign kind {kind!r}; choose from {BENIGN_KINDS}")
+
+
+def benign(images: list[np.ndarray], seed: int = 0, kinds: tuple[str, ...] = BENIGN_KINDS) -> list[tuple[str, np.ndarray]]:
+    """One benign variant of each kind of each normal image, as (kind, image); deterministic for a seed and
+    independent of the synthetic anomalies' draw."""
+    rng = np.random.default_rng([seed, 1])
+    return [(kind, _benign(image, kind, rng)) for image in images for kind in kinds]
 
 
 def natural_photos(folder: Path | None) -> list[Path]:

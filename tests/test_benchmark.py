@@ -57,7 +57,11 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
     assert "weave, validation split" in proc.stdout
     (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| size=64")]
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[1] == "40" and all(0 <= float(c) <= 1 for c in cells[4:])  # AUROCs and AUPRO are real numbers
+    assert cells[1] == "40" and all(0 <= float(c) <= 1 for c in cells[4:-2])  # AUROCs and AUPRO are real numbers
+    flagged, of, total = cells[-2].split()  # benign variants of the held-out normals the threshold flags
+    per_kind = [int(n) for n in cells[-1].split(" / ")]
+    assert of == "of" and int(total) % 6 == 0 and int(total) > 0 and len(per_kind) == 6
+    assert sum(per_kind) == int(flagged) <= int(total)
 
 
 def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, dataset):

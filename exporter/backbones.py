@@ -38,9 +38,8 @@ class OfflineWeights:
     std: tuple[float, float, float]
 
 
-# The TF-ported EfficientNet-Lite weights expect inputs scaled to -1..1: measured on the
-# 1000-photo ImageNet sample (centre crop 224, 300 photos) top-1 is 0.81 with mean=std=0.5
-# and 0.73 with ImageNet statistics.
+# The TF-ported EfficientNet-Lite weights expect inputs scaled to -1..1, not ImageNet statistics: their
+# ImageNet top-1 is higher that way (docs/quality/README.md, "PatchCore: how the defaults were picked").
 _LITE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 OFFLINE: dict[str, OfflineWeights] = {
     "efficientnet_lite0": OfflineWeights(

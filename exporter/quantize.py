@@ -22,7 +22,7 @@ PRECISIONS = ("fp32", "int8")
 # CNN - feature pooling, memory-bank distances and score (top-level ``aten::`` ops of the export
 # graph), blur, embedding.  Quantising their inputs breaks the output contract (embeddings no
 # longer unit length).  The convolutions keep generic names after conversion, so the heads are
-# what is named, not the backbone.  Quantising the heads too cost 0.08 image AUROC on grid.
+# what is named, not the backbone.  Quantising the heads too cost image AUROC (docs/benchmarks.md, "INT8").
 HEADS = r".*(embedder|anomaly_map_generator|feature_pooler)|aten::"  # NNCF applies re.match
 
 

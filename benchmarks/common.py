@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,10 @@ DATA = ROOT.parent / "shared" / "data" / "mvtec"
 # The older speed benchmarks train 256 px bundles (the fast setting before issue 15) unless told otherwise
 # (benchmarks.throughput --input-size); their figures in docs/benchmarks.md are for it.
 FAST_INPUT = 256
+# A burst rig publishes every frame before the workers can take them, so they wait in mosquitto, whose default
+# queue (1000 QoS 1 messages per client) drops the rest even at QoS 1: the run would then wait for answers that
+# never come.  The rigs' brokers hold every frame they are sent.
+BURST_BROKER = "max_queued_messages 0\n"
 
 
 def subset(data: Path, category: str, train_images: int, folder: Path) -> Path:
@@ -95,3 +101,19 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def wait_for_answers(cond: threading.Condition, answered: Callable[[], int], n: int, alive: Callable[[], bool],
+                     stall_s: float = 60.0) -> None:
+    """Wait, holding ``cond``, until ``answered()`` reaches ``n``; fail as soon as the workers exit or no new answer
+    has come for ``stall_s`` (a lost frame), rather than after a deadline that grows with ``n``."""
+    last, progress = -1, time.monotonic()
+    while (count := answered()) < n:
+        if count != last:
+            last, progress = count, time.monotonic()
+        if not alive():
+            raise RuntimeError(f"a worker exited with {count}/{n} frames answered")
+        if time.monotonic() - progress > stall_s:
+            raise RuntimeError(f"{count}/{n} frames answered and none for {stall_s:.0f} s: frames were lost "
+                               "(the broker's and the worker's logs say where)")
+        cond.wait(1)

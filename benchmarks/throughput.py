@@ -56,7 +56,7 @@ import paho.mqtt.client as mqtt
 import psutil
 import yaml
 
-from benchmarks.common import DATA, ROOT, fmt, md_table, publish_frame, summary, train_bundles
+from benchmarks.common import BURST_BROKER, DATA, ROOT, fmt, md_table, publish_frame, summary, train_bundles, wait_for_answers
 from benchmarks.raw_runtime import result
 from bundle import PRECISIONS, prepare_image
 from worker.supervise import OPENVINO_THREADS
@@ -104,7 +104,7 @@ class WorkerRig:
         """``overrides``: dotted config keys (``limits.inference_threads``) and their values, set on top of the rig's."""
         from scripts.broker import Broker, free_port
 
-        self.broker = Broker(folder / "broker")
+        self.broker = Broker(folder / "broker", extra=BURST_BROKER)
         cfg = {
             "worker": {"id": "bench", "stats_interval_s": 60},
             "mqtt": {"port": self.broker.port, "client_id": f"w-{uuid.uuid4().hex[:8]}"},
@@ -185,12 +185,9 @@ class WorkerRig:
             sent[frame_id] = time.perf_counter()
             publish_frame(self.client, f"inspect/{CAMERA}/frame", payloads[i % len(payloads)], frame_id)
         with self.cond:
-            deadline = time.monotonic() + 60 + n
-            while not all(len(self.arrived.get(f, {}).keys() & {"result", "heatmap"}) == 2
-                          or "error" in self.arrived.get(f, {}) for f in sent):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"worker answered {sum(f in self.arrived for f in sent)}/{n} frames")
-                self.cond.wait(1)
+            wait_for_answers(self.cond, lambda: sum(len(self.arrived.get(f, {}).keys() & {"result", "heatmap"}) == 2
+                                                    or "error" in self.arrived.get(f, {}) for f in sent),
+                             n, lambda: self.proc.poll() is None)
             done = {f: max(self.arrived[f].values()) for f in sent}
             errors = sum("error" in self.arrived[f] for f in sent)
         stop.set()

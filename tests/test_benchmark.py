@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
+from benchmarks.common import wait_for_answers
 from benchmarks.thresholds import leave_one_out
 
 
@@ -138,3 +141,22 @@ def test_thresholds_benchmark_reports_leave_one_out_and_catches_per_rule(bundle_
     validation = next(line for line in proc.stdout.splitlines() if line.startswith("validation split"))
     figures = [float(part.split()[-1]) for part in validation.split(": ", 1)[1].split(", ")]
     assert len(figures) == 3 and all(0.0 <= f <= 1.0 for f in figures), validation
+
+
+def test_a_burst_rig_stops_waiting_when_answers_stop_or_a_worker_exits():
+    """A lost frame ends a throughput or scale-out run with an error once answers stop, not after n seconds."""
+    cond = threading.Condition()
+    answered = [0]
+
+    def answer_all() -> None:
+        with cond:
+            answered[0] = 5
+            cond.notify_all()
+
+    with cond:
+        threading.Thread(target=answer_all).start()
+        wait_for_answers(cond, lambda: answered[0], 5, lambda: True)  # returns once all five are in
+        with pytest.raises(RuntimeError, match="5/6 frames answered and none for 0 s"):
+            wait_for_answers(cond, lambda: answered[0], 6, lambda: True, stall_s=0.2)
+        with pytest.raises(RuntimeError, match="a worker exited with 5/6"):
+            wait_for_answers(cond, lambda: answered[0], 6, lambda: False)

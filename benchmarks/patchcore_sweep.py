@@ -39,7 +39,7 @@ from exporter.data import Category, load_category, read_image, read_mask
 from exporter.export import image_threshold, input_spec
 from exporter.metrics import aupro
 from exporter.train.patchcore import PatchcoreSettings, fit, to_tensor
-from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign, natural_photos, synthesise
+from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants, natural_photos, synthesise
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
@@ -113,7 +113,7 @@ def measure(data: Path, category: str, config: str, split: str, natural: Path | 
     flagged: dict[str, int] = {}
     if split == "validation":
         threshold = image_threshold(score[labels == 0], THRESHOLD_SIGMAS)
-        variants = benign([i for i, t in zip(full, types, strict=True) if t == "good"], settings.seed)
+        variants = benign_variants([i for i, t in zip(full, types, strict=True) if t == "good"], settings.seed)
         benign_scores, _ = _scores(graph, [prepare_image(v, spec) for _, v in variants], bb)
         flagged = {k: int(sum(s >= threshold for (kind, _), s in zip(variants, benign_scores, strict=True) if kind == k))
                    for k in BENIGN_KINDS}

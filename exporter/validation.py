@@ -18,8 +18,9 @@ subtler kinds, in the texture's own material, are there for that (``HARD_KINDS``
 
 Held-out normals alone cannot show false alarms: they come from the same session as the memory bank.  A line's
 good parts drift (exposure, focus, placement, compression), so each normal also gets one **benign variant** of
-each kind in ``BENIGN_KINDS``; a setting whose threshold flags them would flag good parts on the line.  Their
-magnitudes are fixed in advance, not tuned (docs/quality/README.md).
+each kind in ``BENIGN_KINDS``; a setting whose threshold flags them would flag good parts that drift so.  Their
+magnitudes are fixed in advance, not tuned.  On grid they did not predict the test split's false alarms
+(docs/quality/README.md, "The fast setting chosen again").
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _benign(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
     raise ValueError(f"unknown benign kind {kind!r}; choose from {BENIGN_KINDS}")
 
 
-def benign(images: list[np.ndarray], seed: int = 0, kinds: tuple[str, ...] = BENIGN_KINDS) -> list[tuple[str, np.ndarray]]:
+def benign_variants(images: list[np.ndarray], seed: int = 0, kinds: tuple[str, ...] = BENIGN_KINDS) -> list[tuple[str, np.ndarray]]:
     """One benign variant of each kind of each normal image, as (kind, image); deterministic for a seed and
     independent of the synthetic anomalies' draw."""
     rng = np.random.default_rng([seed, 1])

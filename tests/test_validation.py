@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from exporter.synthetic import sample
-from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign, natural_photos, synthesise
+from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants, natural_photos, synthesise
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_an_unknown_kind_is_refused(normals):
 
 
 def test_benign_variants_change_every_image_a_little_and_are_drawn_apart_from_the_anomalies(normals):
-    made = benign(normals, seed=4)
+    made = benign_variants(normals, seed=4)
     assert [k for k, _ in made] == list(BENIGN_KINDS) * len(normals)
     for i, (kind, image) in enumerate(made):
         normal = normals[i // len(BENIGN_KINDS)]
@@ -68,7 +68,7 @@ def test_benign_variants_change_every_image_a_little_and_are_drawn_apart_from_th
         assert np.abs(image.astype(int) - normal.astype(int)).mean() > 0, kind
         assert abs(image.mean() - normal.mean()) < 20 and abs(image.std() - normal.std()) < 20, kind  # drift, not another picture
     synthesise(normals, seed=4)  # drawing the anomalies in between changes nothing
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(made, benign(normals, seed=4), strict=True))
-    assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(made, benign(normals, seed=5), strict=True))
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(made, benign_variants(normals, seed=4), strict=True))
+    assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(made, benign_variants(normals, seed=5), strict=True))
     with pytest.raises(ValueError, match="unknown benign kind"):
-        benign(normals, kinds=("flood",))
+        benign_variants(normals, kinds=("flood",))

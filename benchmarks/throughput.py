@@ -128,6 +128,7 @@ class WorkerRig:
         self.ps = psutil.Process(self.proc.pid)
         self.cond = threading.Condition()
         self.arrived: dict[str, dict[str, float]] = {}
+        self.complete: set[str] = set()  # frames whose result and heatmap (or error) are all back
         self.stages: dict[str, dict[str, float]] = {}  # the worker's own latency_ms per frame
         self.online = False
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -157,6 +158,8 @@ class WorkerRig:
                 if frame_id is None and kind == "error":
                     frame_id = json.loads(msg.payload).get("frame_id")
                 self.arrived.setdefault(frame_id, {})[kind] = now
+                if frame_id is not None and (kind == "error" or {"result", "heatmap"} <= self.arrived[frame_id].keys()):
+                    self.complete.add(frame_id)
                 if kind == "result":
                     self.stages[frame_id] = json.loads(msg.payload)["latency_ms"]
             self.cond.notify_all()
@@ -175,6 +178,8 @@ class WorkerRig:
         sampler.start()
         cpu0 = self.ps.cpu_times()
         threads0 = thread_cpu(self.ps)
+        with self.cond:
+            before = len(self.complete)
         started = time.perf_counter()
         for i in range(n):
             if rate:
@@ -185,9 +190,8 @@ class WorkerRig:
             sent[frame_id] = time.perf_counter()
             publish_frame(self.client, f"inspect/{CAMERA}/frame", payloads[i % len(payloads)], frame_id)
         with self.cond:
-            wait_for_answers(self.cond, lambda: sum(len(self.arrived.get(f, {}).keys() & {"result", "heatmap"}) == 2
-                                                    or "error" in self.arrived.get(f, {}) for f in sent),
-                             n, lambda: self.proc.poll() is None)
+            # every earlier run's frames are complete, so this run's are the count beyond them
+            wait_for_answers(self.cond, lambda: len(self.complete) - before, n, lambda: self.proc.poll() is None)
             done = {f: max(self.arrived[f].values()) for f in sent}
             errors = sum("error" in self.arrived[f] for f in sent)
         stop.set()

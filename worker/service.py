@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import paho.mqtt.client as mqtt
 
 from bundle import BundleError
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        cv2.setNumThreads(cfg.limits.opencv_threads or -1)  # -1: OpenCV's default
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)
         dim = self.models.embedding_dim

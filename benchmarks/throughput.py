@@ -12,7 +12,8 @@ images, resized to ``--frame-size``):
   numpy, no torch), fed the same prepared frames through a ``.npy`` file;
 - ``worker``: ``python -m worker`` as a subprocess behind a real mosquitto; frames published
   as JPEG (QoS 1, ``limits.queue_policy: block``) as fast as the broker takes them; a frame
-  counts when its result AND heatmap came back; then a paced run at 80 % of that rate;
+  counts when its result AND heatmap came back (the result alone where it says no heatmap is
+  published); then a paced run at 80 % of that rate;
   ``--worker-variant NAME:KEY=VALUE,...`` adds a ``worker-fp32[NAME]`` row, the same worker with
   those config keys changed (dotted, YAML values), measured in the same rounds for a side-by-side ratio;
 - ``anomalib-openvino``: anomalib's ``Engine.export(..., ExportType.OPENVINO)`` of a Lightning
@@ -129,6 +130,7 @@ class WorkerRig:
         self.cond = threading.Condition()
         self.arrived: dict[str, dict[str, float]] = {}
         self.complete: set[str] = set()  # frames whose result and heatmap (or error) are all back
+        self.without_heatmap: set[str] = set()  # frames whose result says no heatmap is published for them
         self.stages: dict[str, dict[str, float]] = {}  # the worker's own latency_ms per frame
         self.online = False
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -157,11 +159,16 @@ class WorkerRig:
                 frame_id = dict(getattr(msg.properties, "UserProperty", None) or []).get("frame_id")
                 if frame_id is None and kind == "error":
                     frame_id = json.loads(msg.payload).get("frame_id")
-                self.arrived.setdefault(frame_id, {})[kind] = now
-                if frame_id is not None and (kind == "error" or {"result", "heatmap"} <= self.arrived[frame_id].keys()):
-                    self.complete.add(frame_id)
+                arrived = self.arrived.setdefault(frame_id, {})
+                arrived[kind] = now
                 if kind == "result":
-                    self.stages[frame_id] = json.loads(msg.payload)["latency_ms"]
+                    result = json.loads(msg.payload)
+                    self.stages[frame_id] = result["latency_ms"]
+                    if result["heatmap"] is None:  # heatmap.publish anomalous or never: nothing more will come
+                        self.without_heatmap.add(frame_id)
+                heatmap_done = "heatmap" in arrived or frame_id in self.without_heatmap
+                if frame_id is not None and (kind == "error" or ("result" in arrived and heatmap_done)):
+                    self.complete.add(frame_id)
             self.cond.notify_all()
 
     def run(self, payloads: list[bytes], n: int, rate: float | None, tag: str) -> dict:

@@ -163,3 +163,20 @@ def test_a_burst_rig_stops_waiting_when_answers_stop_or_a_worker_exits():
         with pytest.raises(RuntimeError, match="a worker exited with 5/6"):
             wait_for_answers(cond, lambda: answered[0], 6, lambda: False)
     answerer.join()
+
+
+def test_the_throughput_rig_counts_a_frame_on_its_result_when_no_heatmap_is_published(bundle_dir, dataset, tmp_path):
+    """A worker variant with ``heatmap.publish: never`` can be measured: each result says no heatmap follows."""
+    import cv2
+
+    from benchmarks.throughput import WorkerRig
+
+    images = sorted((dataset / "weave" / "test").rglob("*.png"))[:3]
+    payloads = [cv2.imencode(".jpg", cv2.imread(str(p)))[1].tobytes() for p in images]
+    rig = WorkerRig(bundle_dir, tmp_path, overrides={"heatmap.publish": "never"})
+    try:
+        out = rig.run(payloads, 6, None, "t")
+    finally:
+        rig.close()
+    sent = {f"t-{i}" for i in range(6)}
+    assert out["errors"] == 0 and rig.complete == rig.without_heatmap == sent

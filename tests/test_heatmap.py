@@ -8,6 +8,7 @@ import pytest
 
 from bundle import Normalisation
 from worker.config import HeatmapConfig
+from worker.decode import use_opencv_threads
 from worker.heatmap import render
 
 NORM = Normalisation(low=1.0, threshold=3.0)
@@ -41,3 +42,15 @@ def test_the_pixel_threshold_maps_to_the_middle_of_the_colour_map() -> None:
     image = decoded(render(frame, amap, NORM, HeatmapConfig(format="png", alpha=1.0)))
     middle = cv2.applyColorMap(np.array([[127, 128]], np.uint8), cv2.COLORMAP_JET)[0]
     assert any(np.abs(image[16, 16].astype(int) - m.astype(int)).max() <= 1 for m in middle)
+
+
+def test_opencv_threads_zero_gives_opencvs_own_pool_back_not_no_threading():
+    """``limits.opencv_threads: 0`` is OpenCV's pool (one thread per CPU); OpenCV's own 0 would mean no threading."""
+    before = cv2.getNumThreads()
+    try:
+        use_opencv_threads(1)
+        assert cv2.getNumThreads() == 1
+        use_opencv_threads(0)
+        assert cv2.getNumThreads() == cv2.getNumberOfCPUs()
+    finally:
+        cv2.setNumThreads(before)

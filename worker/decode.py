@@ -32,6 +32,14 @@ class FrameError(Exception):
         self.message = message
 
 
+def use_opencv_threads(n: int) -> None:
+    """OpenCV's threads per call, process-wide: ``n`` (1 = the calling thread), or 0 for OpenCV's own pool.
+
+    OpenCV's own ``setNumThreads(0)`` would mean "no threading", so 0 is passed on as its "default" (-1).
+    """
+    cv2.setNumThreads(n or -1)
+
+
 def probe(data: bytes, max_bytes: int, max_pixels: int) -> str:
     """Check size, format and dimensions from the header only; returns the format name."""
     if not data:

@@ -17,12 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 import paho.mqtt.client as mqtt
 
 from bundle import BundleError
 from worker.capture import Capture
 from worker.config import Config, QueuePolicy
+from worker.decode import use_opencv_threads
 from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
 from worker.labels import LabelService
 from worker.learning import Learner
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        cv2.setNumThreads(cfg.limits.opencv_threads or -1)  # -1: OpenCV's default
+        use_opencv_threads(cfg.limits.opencv_threads)
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)
         dim = self.models.embedding_dim

@@ -119,8 +119,8 @@ class LimitsConfig(_Section):
     queue_size: int = Field(32, ge=1, description="Frames waiting for inference.")
     queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
     inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
-    opencv_threads: int = Field(1, ge=0, description="OpenCV's own thread pool for decode, resize and heatmaps; 0 = OpenCV's "
-                                                     "default (one per core). The inference threads already work on frames "
+    opencv_threads: int = Field(1, ge=0, description="Threads OpenCV may use per call (resizing, heatmaps); 0 = its own pool "
+                                                     "(one thread per core). The inference threads already work on frames "
                                                      "in parallel, and a pool on top spends CPU that inference needs.")
     dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries.")
     queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies "

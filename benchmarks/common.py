@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 log = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mvtec"
-# The older speed benchmarks train 256 px bundles (the fast setting before issue 15) unless told otherwise
+# The older speed benchmarks train 256 px bundles (the fast setting's input size) unless told otherwise
 # (benchmarks.throughput --input-size); their figures in docs/benchmarks.md are for it.
 FAST_INPUT = 256
 # A burst rig publishes every frame before the workers can take them, so they wait in mosquitto, whose default

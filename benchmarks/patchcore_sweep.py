@@ -6,7 +6,8 @@
 Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``PatchcoreSettings`` (keys: ``bb``, ``layers`` as ``blocks.2+blocks.4``, ``size``, ``ratio``,
 ``sigma`` = a fixed map blur in px (``map_sigma``) instead of the default that scales with the input, ``rows`` =
-``max_bank``, ``seed`` = another draw: other held-out normals, other synthetic anomalies, other coreset).  Each is
+``max_bank``, ``seed`` = another draw: other held-out normals, other synthetic anomalies, other coreset; ``score`` =
+``image_score``, ``map_max`` or ``reweighted``).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
 and scored on the test split with the torch export graph (``PatchcoreGraph``, which the parity
 tests tie to the OpenVINO bundle): image AUROC, pixel AUROC over all test pixels, and pixel
@@ -38,12 +39,12 @@ from exporter.build import THRESHOLD_SIGMAS, VAL_FRACTION
 from exporter.data import Category, load_category, read_image, read_mask
 from exporter.export import image_threshold, input_spec
 from exporter.metrics import aupro
-from exporter.train.patchcore import PatchcoreSettings, fit, to_tensor
+from exporter.train.patchcore import IMAGE_SCORES, PatchcoreSettings, fit, to_tensor
 from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants, natural_photos, synthesise
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
-        "rows": "max_bank", "seed": "seed"}
+        "rows": "max_bank", "seed": "seed", "score": "image_score"}
 
 
 def parse(config: str) -> PatchcoreSettings:
@@ -54,6 +55,8 @@ def parse(config: str) -> PatchcoreSettings:
         if key not in KEYS:
             raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS)}")
         field = KEYS[key]
+        if field == "image_score" and value not in IMAGE_SCORES:
+            raise SystemExit(f"score={value!r} in {config!r}: use one of {', '.join(IMAGE_SCORES)}")
         changes[field] = value.split("+") if field == "layers" else float(value) if field == "map_sigma" else \
             int(value) if field == "max_bank" else type(getattr(defaults, field))(value)
     return dataclasses.replace(defaults, **changes)

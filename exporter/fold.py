@@ -6,9 +6,10 @@ memory bank is bank + extension rows, so the absorbed false alarms are permanent
 extension of the new bundle (keyed by its new weights) starts empty.
 
 The bundle holds only the OpenVINO IR, not the torch graph, so the IR is edited: the memory-bank constant
-[B, C] and every constant derived from B (the rows' squared norms, the index bounds B, B - 1 and -B that split
-bank and extension rows, the re-weighting's support count min(num_neighbors, B)) are replaced by those of
-concat(bank, rows).  A constant that depends on B but is none of these is an error, never left stale.
+[B, C] and every constant derived from B (the rows' squared norms and, where the image score is the re-weighted
+one, the index bounds B, B - 1 and -B that split bank and extension rows and the support count
+min(num_neighbors, B)) are replaced by those of concat(bank, rows).  A constant that depends on B but is none of
+these is an error, never left stale.
 """
 
 from __future__ import annotations
@@ -45,28 +46,39 @@ def _replace(node: ov.Node, value: np.ndarray) -> None:
     node.output(0).replace(new.output(0))
 
 
-def _find_bank(model: ov.Model, feature_dim: int) -> ov.Node:
-    """The memory bank: the one f32 [B, C] constant that is both multiplied (distances) and gathered from (rows)."""
-    found = []
-    for node in _constants(model):
-        shape = list(node.get_output_shape(0))
-        kinds = {kind for kind, _ in _users(node)}
-        if (len(shape) == 2 and shape[1] == feature_dim and node.get_element_type() == ov.Type.f32
-                and {"MatMul", "Gather"} <= kinds):
-            found.append(node)
+def _has_norms(model: ov.Model, node: ov.Node) -> bool:
+    """Whether some other constant holds the squared row norms of ``node`` (the bank's are compiled in beside it)."""
+    sq = (node.get_data().astype(np.float64) ** 2).sum(1)
+    return any(other.get_output_element_type(0) == ov.Type.f32 and other.get_data().size == sq.size
+               and np.allclose(other.get_data().reshape(-1), sq, rtol=_SQ_RTOL)
+               for other in _constants(model) if other is not node and other.get_data().size == sq.size)
+
+
+def _find_bank(model: ov.Model, shape: list[int], uses: set[str]) -> ov.Node:
+    """The memory bank: the one f32 [B, C] constant used by ``uses`` (multiplied for distances; with the re-weighted
+    score also gathered from), and where the embedder's [C, C] matrix has that shape too, the one whose rows'
+    squared norms are in the graph."""
+    found = [node for node in _constants(model)
+             if list(node.get_output_shape(0)) == shape and node.get_element_type() == ov.Type.f32
+             and uses <= {kind for kind, _ in _users(node)}]
+    if len(found) > 1:
+        found = [node for node in found if _has_norms(model, node)]
     if len(found) != 1:
-        raise FoldError(f"expected one memory-bank constant [B, {feature_dim}] used by MatMul and Gather in the IR, "
-                        f"found {len(found)}: this graph is not the PatchCore export graph this tool knows")
+        raise FoldError(f"expected one memory-bank constant {shape} used by {' and '.join(sorted(uses))} in "
+                        f"the IR, found {len(found)}: this graph is not the PatchCore export graph this tool knows")
     return found[0]
 
 
-def fold_ir(model: ov.Model, rows: np.ndarray, num_neighbors: int) -> tuple[int, int]:
-    """Replace the bank of ``model`` (in place) by concat(bank, rows); returns (B before, B after).
+def fold_ir(model: ov.Model, bank_rows: int, rows: np.ndarray, num_neighbors: int | None) -> tuple[int, int]:
+    """Replace the bank of ``model`` (``bank_rows`` rows, in place) by concat(bank, rows); returns (B before, B after).
 
-    Raises :class:`FoldError` naming any constant that depends on the bank size but cannot be rebuilt.
+    ``num_neighbors``: the re-weighted image score's, or None for a graph whose score is the map's maximum (no
+    row is gathered from the bank, no support is counted).  Raises :class:`FoldError` naming any constant that
+    depends on the bank size but cannot be rebuilt.
     """
     feature_dim = int(rows.shape[1])
-    bank_node = _find_bank(model, feature_dim)
+    reweighted = num_neighbors is not None
+    bank_node = _find_bank(model, [bank_rows, feature_dim], {"MatMul", "Gather"} if reweighted else {"MatMul"})
     bank = bank_node.get_data().astype(np.float32)
     old, new = int(bank.shape[0]), int(bank.shape[0] + rows.shape[0])
     merged = np.concatenate([bank, rows.astype(np.float32)])
@@ -74,7 +86,7 @@ def fold_ir(model: ov.Model, rows: np.ndarray, num_neighbors: int) -> tuple[int,
     new_sq = (merged.astype(np.float64) ** 2).sum(1).astype(np.float32)
     # Index bounds of _union_rows: idx < B picks bank rows, min(idx, B - 1) and idx - B index the two parts.
     bounds = {"Less": (old, new), "Minimum": (old - 1, new - 1), "Add": (-old, -new)}
-    replaced = {"bank norms": 0, "Less": 0, "Minimum": 0, "Add": 0}
+    replaced = {"bank norms": 0, **(dict.fromkeys(bounds, 0) if reweighted else {})}
     for node in _constants(model):
         if node.get_friendly_name() == bank_node.get_friendly_name():
             continue
@@ -86,18 +98,19 @@ def fold_ir(model: ov.Model, rows: np.ndarray, num_neighbors: int) -> tuple[int,
                                 "its rows' squared norms: cannot rebuild it for the folded bank")
             _replace(node, new_sq.reshape([new if d == old else d for d in shape]))
             replaced["bank norms"] += 1
-        elif data.dtype.kind in "iu" and data.size == 1 and len(users) == 1:
+        elif reweighted and data.dtype.kind in "iu" and data.size == 1 and len(users) == 1:
             kind, port = users[0]
             want = bounds.get(kind)
             if want is not None and port == 1 and int(data.reshape(-1)[0]) == want[0]:
                 _replace(node, np.full(data.shape, want[1]))
                 replaced[kind] += 1
     missing = [k for k, n in replaced.items() if n == 0]
-    if missing or len({replaced["Less"], replaced["Minimum"], replaced["Add"]}) != 1:
+    if missing or len({replaced.get(kind, 0) for kind in bounds}) != 1:
         raise FoldError(f"IR constants derived from the bank not found as expected ({replaced}; none of "
                         f"{', '.join(missing) or 'no kind'}): refusing to write a bundle that mixes old and new bank")
     _replace(bank_node, merged)
-    _fold_support(model, min(num_neighbors, old), min(num_neighbors, new))
+    if num_neighbors is not None:
+        _fold_support(model, min(num_neighbors, old), min(num_neighbors, new))
     model.validate_nodes_and_infer_types()
     return old, new
 
@@ -151,9 +164,12 @@ def fold(bundle: Path, extension: Path, out: Path) -> Manifest:
                         "bundles only (re-export, then quantise)")
     if out.exists() and any(out.iterdir()):
         raise FoldError(f"{out} exists and is not empty: choose a new folder for the folded bundle")
-    num_neighbors = source.training.get("num_neighbors")
-    if not isinstance(num_neighbors, int):
-        raise FoldError(f"{bundle}: its manifest's training has no num_neighbors: cannot keep the support count")
+    # Bundles exported before the image score was a setting have the re-weighted one.
+    num_neighbors = None
+    if source.training.get("image_score", "reweighted") == "reweighted":
+        num_neighbors = source.training.get("num_neighbors")
+        if not isinstance(num_neighbors, int):
+            raise FoldError(f"{bundle}: its manifest's training has no num_neighbors: cannot keep the support count")
     _check_folder_owner(extension, source)
     try:
         revision, entries, rows = read_folder(extension, source.extension.feature_dim)
@@ -163,7 +179,7 @@ def fold(bundle: Path, extension: Path, out: Path) -> Manifest:
         raise FoldError(f"{extension} holds no rows (revision {revision}): nothing to fold")
 
     model = ov.Core().read_model(bundle / "model.xml")
-    old, new = fold_ir(model, rows, num_neighbors)
+    old, new = fold_ir(model, int(source.training["memory_bank"]), rows, num_neighbors)
     out.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
 

@@ -55,11 +55,11 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
     assert manifest["training"]["max_bank"] == 50 and set(manifest["precisions"]) == {"f32"}
 
     proc = subprocess.run([sys.executable, "-m", "benchmarks.patchcore_sweep", "--data", str(dataset), "--category",
-                           "weave", "--natural", str(tmp_path / "none"), "--config", "size=64,ratio=0.1,rows=40,seed=1"],
+                           "weave", "--natural", str(tmp_path / "none"), "--config", "size=64,ratio=0.1,rows=40,seed=1,score=map_max"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weave, validation split" in proc.stdout
-    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| size=64")]
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| size=64")]  # score=map_max: the key parses
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1] == "40" and all(0 <= float(c) <= 1 for c in cells[4:-2])  # AUROCs and AUPRO are real numbers
     flagged, of, total = cells[-2].split()  # benign variants of the held-out normals the threshold flags

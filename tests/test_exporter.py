@@ -66,9 +66,11 @@ def test_dynamic_batch_gives_the_same_scores(bundle_dir, dataset):
     np.testing.assert_allclose(np.linalg.norm(together.embedding, axis=1), 1.0, atol=1e-4)
 
 
-def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path):
-    """Our export graph, compiled by OpenVINO, against anomalib's own PatchcoreModel.forward in torch."""
-    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05)
+@pytest.mark.parametrize("image_score", ["map_max", "reweighted"])
+def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_score):
+    """Our export graph, compiled by OpenVINO, against anomalib's own PatchcoreModel.forward in torch, for each way
+    of reading the image score."""
+    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, image_score=image_score)
     cat = load_category(dataset, "weave")
     bb = backbones.resolve(settings.backbone)
     spec = input_spec(settings.input_size, bb.mean, bb.std)
@@ -89,9 +91,10 @@ def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path):
     ov_pred = compiled.infer(np.stack(images))
     with torch.no_grad():
         reference = graph.model(to_tensor(images, bb))  # anomalib's PatchcoreModel, eval mode
-    torch_scores = reference.pred_score.numpy().reshape(-1)
-    np.testing.assert_allclose(ov_pred.score, torch_scores, rtol=SCORE_RTOL)
     torch_maps = reference.anomaly_map.numpy()[:, 0]
+    # anomalib's score is the re-weighted one; the map's maximum is read from its map
+    torch_scores = reference.pred_score.numpy().reshape(-1) if image_score == "reweighted" else torch_maps.max((1, 2))
+    np.testing.assert_allclose(ov_pred.score, torch_scores, rtol=SCORE_RTOL)
     np.testing.assert_allclose(ov_pred.anomaly_map, torch_maps, rtol=1e-3, atol=1e-3 * torch_maps.max())
     threshold = float(np.median(torch_scores))
     assert ((ov_pred.score >= threshold) == (torch_scores >= threshold)).all()

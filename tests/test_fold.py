@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +25,27 @@ from exporter.data import load_category, read_image
 from exporter.fold import FoldError, fold, fold_ir
 
 
+@pytest.fixture(scope="module", params=["reweighted", "map_max"])
+def source(request, bundle_dir, dataset, tmp_path_factory) -> Path:
+    """The session bundle (the default image score, re-weighted), and one whose score is the map's maximum: their
+    IRs differ in what depends on the bank size."""
+    if request.param == "reweighted":
+        assert read_manifest(bundle_dir).training["image_score"] == "reweighted"
+        return bundle_dir
+    out = tmp_path_factory.mktemp("bundles") / "weave-patchcore"
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                           "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05",
+                           "--image-score", "map_max"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_manifest(out).training["image_score"] == "map_max"
+    return out
+
+
 @pytest.fixture(scope="module")
-def taught(bundle_dir, dataset, tmp_path_factory):
+def taught(source, dataset, tmp_path_factory):
     """The test images, the source's plain predictions and an extension folder (as the worker keeps it) holding
     the candidates of two defect frames, as two absorbed false alarms."""
+    bundle_dir = source
     manifest = read_manifest(bundle_dir)
     assert manifest.extension is not None
     test = load_category(dataset, "weave").test
@@ -41,7 +60,8 @@ def taught(bundle_dir, dataset, tmp_path_factory):
     return batch, plain, folder, ext.rows, defects
 
 
-def test_the_folded_bank_scores_as_the_source_with_its_extension(bundle_dir, taught, tmp_path):
+def test_the_folded_bank_scores_as_the_source_with_its_extension(source, taught, tmp_path):
+    bundle_dir = source
     batch, plain, folder, rows, defects = taught
     out = tmp_path / "folded"
     assert main(["fold-extension", str(bundle_dir), str(folder), "--out", str(out)]) == 0
@@ -121,10 +141,10 @@ def test_a_bank_constant_that_cannot_be_rebuilt_is_named(bundle_dir):
     dim = read_manifest(bundle_dir).extension.feature_dim  # type: ignore[union-attr]
     bank = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
                 and list(op.get_output_shape(0)) == [int(read_manifest(bundle_dir).training["memory_bank"]), dim])
-    norms = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Constant" and op.get_data().ndim == 2
-                 and op.get_output_shape(0)[1] == bank.get_output_shape(0)[0] and op.get_output_shape(0)[0] == 1)
+    norms = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+                 and op.get_data().dtype == np.float32 and op.get_data().size == bank.get_output_shape(0)[0])
     broken = ov.op.Constant(np.zeros(norms.get_data().shape, np.float32))
     broken.set_friendly_name("broken_norms")
     norms.output(0).replace(broken.output(0))
     with pytest.raises(FoldError, match=r"'broken_norms'.*cannot rebuild it"):
-        fold_ir(model, np.ones((2, dim), np.float32), 9)
+        fold_ir(model, bank.get_output_shape(0)[0], np.ones((2, dim), np.float32), 9)

@@ -1,8 +1,7 @@
 """PatchCore on anomalib 2.7: anomalib's network, our memory-bank fit and our export graph.
 
 The network (timm feature extractor, 3x3 feature pooling, multi-layer embedding,
-nearest-neighbour scoring with the paper's re-weighting, Gaussian-blurred map) is
-anomalib's ``PatchcoreModel``.  :class:`PatchcoreGraph` re-expresses its inference
+nearest-neighbour scoring, Gaussian-blurred map) is anomalib's ``PatchcoreModel``.  :class:`PatchcoreGraph` re-expresses its inference
 path with batch-size-independent tensor ops (anomalib's own export fixes the batch)
 and adds the embedding output, so one compiled model yields score, map and
 embedding.  The parity test checks the graph against ``PatchcoreModel.forward``.
@@ -37,6 +36,11 @@ log = logging.getLogger(__name__)
 
 
 BLUR_SIGMA_AT_256 = 4.0
+# How a frame's score is read from its patches: ``reweighted``, anomalib's (the paper's) re-weighted distance of the
+# most anomalous patch, or ``map_max``, the maximum of the blurred anomaly map.  The validation split ranks map_max
+# higher, but a false alarm's absorption (bundle.extension.offending compares patch distances with the image
+# threshold, which map_max lowers) then takes more rows than an extension holds: docs/quality/README.md.
+IMAGE_SCORES = ("reweighted", "map_max")
 
 
 @dataclass
@@ -60,6 +64,7 @@ class PatchcoreSettings:
     # frame's patch count): the extension can only lower these patches' distances, so it costs a small
     # matrix product instead of a second full one.  0: no extension input (the graph as before issue 17).
     extension_candidates: int = 256
+    image_score: str = "reweighted"  # one of IMAGE_SCORES
 
     @property
     def blur_sigma(self) -> float:
@@ -104,18 +109,23 @@ class PatchcoreGraph(nn.Module):
     one pad row gives the plain PatchCore outputs.  Only the K patches farthest from the bank (the candidates)
     are compared with the extension: their distances become ``min(bank, extension)``, exactly the distance to
     the union of both.  Every other patch keeps its bank distance, an upper bound of its union distance (and
-    at most the K-th largest bank distance), so scores and maps can only come out too high, never too low: the
-    score is exact whenever its patch is a candidate, i.e. when no candidate falls below the largest distance
-    outside them.  The image score's re-weighting (the nearest row m* and its support) is taken over the
-    union of bank and extension.  With ``candidates`` 0 the graph has neither the input nor the two outputs.
+    at most the K-th largest bank distance), so scores and maps can only come out too high, never too low, and
+    they are exact for an extension whose rows lie nearer to none of the other patches than the bank does.
+    ``image_score`` says how the score is read (:data:`IMAGE_SCORES`): the re-weighting of the most anomalous
+    patch, whose nearest row m* and support are taken over the union of bank and extension, or the blurred
+    map's maximum.  With ``candidates`` 0 the graph has neither the input nor the two outputs.
     """
 
     bank_sq: torch.Tensor
     blur_rows: torch.Tensor
     blur_cols: torch.Tensor
 
-    def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int = 256) -> None:
+    def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int = 256,
+                 image_score: str = "reweighted") -> None:
         super().__init__()
+        if image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, not {image_score!r}")
+        self.image_score = image_score
         self.model = model.eval()
         self.input_size = input_size
         self.embedder = embedder
@@ -206,17 +216,18 @@ class PatchcoreGraph(nn.Module):
             patch = patch.scatter(1, top, candidate_scores)
             extra = (candidates, candidate_scores)
 
-        # Image score: the paper's re-weighting of the most anomalous patch (as anomalib), over bank + extension.
-        s_star, idx = patch.max(1)
-        f_star = flat.gather(1, idx.view(n, 1, 1).expand(n, 1, c)).squeeze(1)
-        m_star = self._union_rows(self._union_dist(f_star, extension, ext_sq).argmin(-1), extension)
-        support = self._union_dist(m_star, extension, ext_sq).topk(self.k_support, largest=False).indices  # N, k
-        d_support = (f_star.unsqueeze(1) - self._union_rows(support, extension)).norm(dim=-1)
-        score = (1 - F.softmax(d_support, 1)[:, 0]) * s_star
-
         # anomalib's AnomalyMapGenerator (nearest upsampling, then the blur), with the blur separated.
         amap = F.interpolate(patch.view(n, 1, h, w), size=(self.input_size, self.input_size))
         amap = self.blur_rows @ amap @ self.blur_cols
+        if self.image_score == "map_max":
+            score = amap.flatten(1).amax(1)
+        else:  # the paper's re-weighting of the most anomalous patch (as anomalib), over bank + extension
+            s_star, idx = patch.max(1)
+            f_star = flat.gather(1, idx.view(n, 1, 1).expand(n, 1, c)).squeeze(1)
+            m_star = self._union_rows(self._union_dist(f_star, extension, ext_sq).argmin(-1), extension)
+            support = self._union_dist(m_star, extension, ext_sq).topk(self.k_support, largest=False).indices  # N, k
+            d_support = (f_star.unsqueeze(1) - self._union_rows(support, extension)).norm(dim=-1)
+            score = (1 - F.softmax(d_support, 1)[:, 0]) * s_star
 
         # Embedding: what is wrong (exporter/train/embedding.py), from the same features, weighted by the
         # blurred map brought back to the feature grid: the weighting the retrieval benchmark's ablation
@@ -287,7 +298,7 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     model.memory_bank = features[idx].contiguous()
     done = time.monotonic()
     graph = PatchcoreGraph(model, settings.input_size, DefectEmbedding.fit(features, seed=settings.seed),
-                           settings.extension_candidates).eval()
+                           settings.extension_candidates, settings.image_score).eval()
     timings = {
         "feature_extraction_s": round(extracted - started, 2),
         "coreset_s": round(done - extracted, 2),

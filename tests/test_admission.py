@@ -7,9 +7,14 @@ import json
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
+from bundle import prepare_image, read_manifest
+from bundle.runtime import CompiledBundle
 from worker.config import Config
+from worker.decode import Header, decode, probe, reduction
 from worker.evidence import EvidenceStore
 from worker.metrics import Stats
 from worker.models import Models
@@ -77,3 +82,30 @@ def test_a_flooding_camera_pays_for_its_own_flood(pipeline, dataset):
     results = transport.wait(lambda m: m.topic.endswith("/result"), 6, timeout=120)
     assert sorted(json.loads(m.payload)["frame_id"] for m in results if m.topic == "inspect/steady/result") == [
         "s0", "s10", "s20"]
+
+
+def test_a_large_jpeg_is_decoded_smaller_and_scores_as_decoded_in_full(pipeline, dataset, bundle_dir):
+    """A JPEG four times the model's input is decoded at a quarter of its size (limits.reduced_decode, on by
+    default): the model sees it to a fraction of a grey level, and the frame scores as a full decode does."""
+    p, transport = pipeline
+    spec = read_manifest(bundle_dir).input
+    w, h = spec.width, spec.height
+    assert reduction(Header("jpeg", 4 * w + 8, 4 * h), w, h) == 4  # the largest factor that still covers the input
+    assert reduction(Header("jpeg", 4 * w + 8, 4 * h), w, h + 1) == 2
+    assert reduction(Header("jpeg", 4 * w, 4 * h), 4 * w, 4 * h) == 1
+    assert reduction(Header("png", 8 * w, 8 * h), w, h) == 1  # only libjpeg scales while decoding
+    image = cv2.imread(str(sorted((dataset / "weave" / "test").glob("*/*.png"))[-1]))
+    large = cv2.resize(image, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", large, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    header = probe(data, 1 << 24, 1 << 24)
+    assert header == ("jpeg", 4 * w, 4 * h) and reduction(header, w, h) == 4
+    small = decode(data, 4)
+    assert small.shape == (h, w, 3)
+    full = prepare_image(decode(data), spec)
+    assert np.abs(small.astype(int) - full).mean() < 0.5
+
+    p.start()
+    p.on_frame(_frame("cam", "large", data))
+    (result,) = [json.loads(m.payload) for m in transport.wait(lambda m: m.topic == "inspect/cam/result", 1, timeout=120)]
+    want = float(CompiledBundle(bundle_dir).infer(full[np.newaxis]).score[0])
+    assert result["raw_score"] == pytest.approx(want, rel=0.02)

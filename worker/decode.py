@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -21,6 +22,15 @@ from worker.wire import ErrorCode
 Image.MAX_IMAGE_PIXELS = None
 
 FORMATS = {"JPEG": "jpeg", "PNG": "png", "BMP": "bmp"}
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+class Header(NamedTuple):
+    """What a frame's header says: its format name (a value of FORMATS) and size."""
+
+    format: str
+    width: int
+    height: int
 
 
 class FrameError(Exception):
@@ -40,8 +50,8 @@ def use_opencv_threads(n: int) -> None:
     cv2.setNumThreads(n or -1)
 
 
-def probe(data: bytes, max_bytes: int, max_pixels: int) -> str:
-    """Check size, format and dimensions from the header only; returns the format name."""
+def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
+    """Check size, format and dimensions from the header only."""
     if not data:
         raise FrameError("empty_payload", "the frame payload is empty")
     if len(data) > max_bytes:
@@ -61,12 +71,21 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> str:
         raise FrameError("image_too_large", f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
     if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise FrameError("truncated_image", "JPEG has no end-of-image marker (truncated)")
-    return FORMATS[fmt]
+    return Header(FORMATS[fmt], width, height)
 
 
-def decode(data: bytes) -> np.ndarray:
-    """Decode an admitted frame to 8-bit BGR."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+def reduction(header: Header, width: int, height: int) -> int:
+    """The largest of 2, 4 and 8 by which a JPEG frame can be decoded and still cover ``width`` x ``height`` (the
+    model's input) on both sides, else 1.  libjpeg then scales while decoding, in the DCT domain, at a fraction
+    of a full decode's cost, and the smaller image needs a smaller resize; other formats decode in full."""
+    if header.format != "jpeg":
+        return 1
+    return max((f for f in _REDUCED if header.width // f >= width and header.height // f >= height), default=1)
+
+
+def decode(data: bytes, reduce: int = 1) -> np.ndarray:
+    """Decode an admitted frame to 8-bit BGR, at 1/``reduce`` of its size (a :func:`reduction`; 1 = full size)."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_COLOR)
     if image is None:
         raise FrameError("corrupt_image", "the image header is valid but its data cannot be decoded")
     return image

@@ -23,7 +23,7 @@ from bundle import prepare_image
 from worker import heatmap, tiling
 from worker.capture import Capture
 from worker.config import Config, HeatmapConfig
-from worker.decode import FrameError, decode, probe
+from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.ingest import Ingest
 from worker.metrics import Stats
 from worker.models import Model, Models
@@ -49,10 +49,14 @@ class Frame:
     captured_at: str
     captured_ts: float
     data: bytes
-    fmt: str
+    header: Header
     received_ts: float
     received_mono: float
     generated: tuple[str, ...] = ()  # fields the worker made up (metadata: optional)
+
+    @property
+    def fmt(self) -> str:
+        return self.header.format
 
 
 class Pipeline:
@@ -157,9 +161,9 @@ class Pipeline:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             raise FrameError(ErrorCode.BAD_METADATA, problems[:500]) from None
-        fmt = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
+        header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         ts = meta.captured_ts
-        return Frame(camera, meta.frame_id, iso(ts), ts, data, fmt, received_ts, received_mono, generated)
+        return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated)
 
     def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:
         code = ErrorCode(code).value
@@ -249,14 +253,24 @@ class Pipeline:
             raise FrameError("roi_outside_frame", f"roi {override.roi} lies outside the {image.shape[1]}x{image.shape[0]} frame")
         return crop
 
-    def frame_image(self, data: bytes, camera: str) -> np.ndarray:
-        """A camera's frame as inference sees it: decoded and cropped to its roi (tiling comes after)."""
-        return self._crop(decode(data), camera)
+    def frame_image(self, data: bytes, camera: str, reduce: int = 1) -> np.ndarray:
+        """A camera's frame as inference sees it: decoded (at 1/``reduce`` of its size) and cropped to its roi
+        (tiling comes after)."""
+        return self._crop(decode(data, reduce), camera)
+
+    def _reduction(self, header: Header, model: Model, camera: str) -> int:
+        """How much smaller a frame may be decoded (limits.reduced_decode): never for a camera with an roi (its
+        rectangle is in the frame's pixels) or tiling (its tiles are cut at full resolution)."""
+        override = self.cfg.cameras.get(camera)
+        if not self.cfg.limits.reduced_decode or (override is not None and (override.roi is not None or override.tiling is not None)):
+            return 1
+        spec = model.bundle.manifest.input
+        return reduction(header, spec.width, spec.height)
 
     def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
         manifest = model.bundle.manifest
-        cropped = self.frame_image(frame.data, frame.camera)
+        cropped = self.frame_image(frame.data, frame.camera, self._reduction(frame.header, model, frame.camera))
         t_decoded = time.monotonic()
         override = self.cfg.cameras.get(frame.camera)
         seen = tiling.see(model.bundle, request, cropped, override.tiling if override else None)
@@ -326,9 +340,11 @@ class Pipeline:
 
     def embed(self, data: bytes) -> np.ndarray:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request)."""
-        probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
+        header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         model = self.models.default
-        image = prepare_image(decode(data), model.bundle.manifest.input)
+        spec = model.bundle.manifest.input
+        reduce = reduction(header, spec.width, spec.height) if self.cfg.limits.reduced_decode else 1
+        image = prepare_image(decode(data, reduce), spec)
         with self._query_lock:
             request = self._query_requests.get(model)
             if request is None:

@@ -93,6 +93,7 @@ def test_a_large_jpeg_is_decoded_smaller_and_scores_as_decoded_in_full(pipeline,
     assert reduction(Header("jpeg", 4 * w + 8, 4 * h), w, h) == 4  # the largest factor that still covers the input
     assert reduction(Header("jpeg", 4 * w + 8, 4 * h), w, h + 1) == 2
     assert reduction(Header("jpeg", 4 * w, 4 * h), 4 * w, 4 * h) == 1
+    assert reduction(Header("jpeg", 4 * w, 2 * h), w, h) == 2  # the shorter side decides (EXIF may turn the frame)
     assert reduction(Header("png", 8 * w, 8 * h), w, h) == 1  # only libjpeg scales while decoding
     image = cv2.imread(str(sorted((dataset / "weave" / "test").glob("*/*.png"))[-1]))
     large = cv2.resize(image, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)

@@ -77,10 +77,11 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
 def reduction(header: Header, width: int, height: int) -> int:
     """The largest of 2, 4 and 8 by which a JPEG frame can be decoded and still cover ``width`` x ``height`` (the
     model's input) on both sides, else 1.  libjpeg then scales while decoding, in the DCT domain, at a fraction
-    of a full decode's cost, and the smaller image needs a smaller resize; other formats decode in full."""
+    of a full decode's cost, and the smaller image needs a smaller resize; other formats decode in full.  The
+    shorter side must cover the longer one: the header's sides are before any EXIF rotation the decoder applies."""
     if header.format != "jpeg":
         return 1
-    return max((f for f in _REDUCED if header.width // f >= width and header.height // f >= height), default=1)
+    return max((f for f in _REDUCED if min(header.width, header.height) // f >= max(width, height)), default=1)
 
 
 def decode(data: bytes, reduce: int = 1) -> np.ndarray:

@@ -38,9 +38,10 @@ class Learner:
     def __init__(self, cfg: Config, models: Models, evidence: EvidenceStore,
                  frame_image: Callable[[bytes, str], np.ndarray], on_change: Callable[[], None],
                  capture: Capture | None = None) -> None:
-        """``frame_image(data, camera)``: the decoded, cropped frame as the pipeline sees it; ``on_change`` runs
-        after every change of an extension (the worker republishes its retained model topic); ``capture`` keeps
-        false alarms for the next training set, whether or not the bundle can absorb them."""
+        """``frame_image(data, camera)``: the frame decoded in full and cropped as the pipeline crops it (so false
+        alarms are captured at full resolution); ``on_change`` runs after every change of an extension (the worker
+        republishes its retained model topic); ``capture`` keeps false alarms for the next training set, whether or
+        not the bundle can absorb them."""
         self.cfg = cfg
         self.capture = capture
         self.models = models

@@ -1,7 +1,8 @@
 """PatchCore on anomalib 2.7: anomalib's network, our memory-bank fit and our export graph.
 
 The network (timm feature extractor, 3x3 feature pooling, multi-layer embedding,
-nearest-neighbour scoring, Gaussian-blurred map) is anomalib's ``PatchcoreModel``.  :class:`PatchcoreGraph` re-expresses its inference
+nearest-neighbour scoring, Gaussian-blurred map) is anomalib's ``PatchcoreModel``.
+:class:`PatchcoreGraph` re-expresses its inference
 path with batch-size-independent tensor ops (anomalib's own export fixes the batch)
 and adds the embedding output, so one compiled model yields score, map and
 embedding.  The parity test checks the graph against ``PatchcoreModel.forward``.

@@ -124,11 +124,10 @@ class LimitsConfig(_Section):
                                                      "in parallel, and a pool on top spends CPU that inference needs.")
     reduced_decode: bool = Field(True, description="Decode a JPEG frame at 1/2, 1/4 or 1/8 of its size (libjpeg scales "
                                                     "while decoding, at a fraction of the cost) when that still covers the "
-                                                    "model's input on both sides; not for cameras with an roi or tiling. The "
-                                                    "model's input then differs from a full decode's by a fraction of a grey "
-                                                    "level at whole multiples of its size, a grey level or two otherwise "
-                                                    "(docs/benchmarks.md); evidence and the capture sample keep the frame as "
-                                                    "sent. false: always decode in full.")
+                                                    "model's input; not for cameras with an roi or tiling. The model's input "
+                                                    "then differs slightly from a full decode's (docs/benchmarks.md, \"large "
+                                                    "frames decoded smaller\"); evidence and the capture sample keep the "
+                                                    "frame as sent. false: always decode in full.")
     dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries.")
     queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies "
                                                                "to either).")

@@ -40,18 +40,22 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(dataset, tmp_path_factory) -> Path:
-    """A real PatchCore bundle trained on the generated set through the CLI (seconds)."""
-    out = tmp_path_factory.mktemp("bundles") / "weave-patchcore"
+def train_bundle(dataset: Path, out: Path, *flags: str) -> Path:
+    """The session bundle's ``exporter train`` (128 px, 5 % coreset on the generated weave), with ``flags`` added."""
     proc = subprocess.run(
         [sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
-         "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05"],
+         "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05", *flags],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(dataset, tmp_path_factory) -> Path:
+    """A real PatchCore bundle trained on the generated set through the CLI (seconds)."""
+    return train_bundle(dataset, tmp_path_factory.mktemp("bundles") / "weave-patchcore")
 
 
 class Client:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import pytest
+from conftest import train_bundle
 
 from bundle import read_manifest, sha256_file, write_manifest
 from bundle.extension import Extension
@@ -32,11 +31,7 @@ def source(request, bundle_dir, dataset, tmp_path_factory) -> Path:
     if request.param == "reweighted":
         assert read_manifest(bundle_dir).training["image_score"] == "reweighted"
         return bundle_dir
-    out = tmp_path_factory.mktemp("bundles") / "weave-patchcore"
-    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
-                           "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05",
-                           "--image-score", "map_max"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = train_bundle(dataset, tmp_path_factory.mktemp("bundles") / "weave-patchcore", "--image-score", "map_max")
     assert read_manifest(out).training["image_score"] == "map_max"
     return out
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from bundle import prepare_image
 from worker import heatmap, tiling
 from worker.capture import Capture
-from worker.config import Config, HeatmapConfig
+from worker.config import CameraConfig, Config, HeatmapConfig
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.ingest import Ingest
 from worker.metrics import Stats
@@ -258,10 +258,10 @@ class Pipeline:
         (tiling comes after)."""
         return self._crop(decode(data, reduce), camera)
 
-    def _reduction(self, header: Header, model: Model, camera: str) -> int:
-        """How much smaller a frame may be decoded (limits.reduced_decode): never for a camera with an roi (its
-        rectangle is in the frame's pixels) or tiling (its tiles are cut at full resolution)."""
-        override = self.cfg.cameras.get(camera)
+    def _reduction(self, header: Header, model: Model, override: CameraConfig | None) -> int:
+        """How much smaller a frame (or a query's image, ``override`` None) may be decoded (limits.reduced_decode):
+        never for a camera with an roi (its rectangle is in the frame's pixels) or tiling (its tiles are cut at
+        full resolution)."""
         if not self.cfg.limits.reduced_decode or (override is not None and (override.roi is not None or override.tiling is not None)):
             return 1
         spec = model.bundle.manifest.input
@@ -270,9 +270,9 @@ class Pipeline:
     def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
         manifest = model.bundle.manifest
-        cropped = self.frame_image(frame.data, frame.camera, self._reduction(frame.header, model, frame.camera))
-        t_decoded = time.monotonic()
         override = self.cfg.cameras.get(frame.camera)
+        cropped = self.frame_image(frame.data, frame.camera, self._reduction(frame.header, model, override))
+        t_decoded = time.monotonic()
         seen = tiling.see(model.bundle, request, cropped, override.tiling if override else None)
         t_inferred = time.monotonic()
         raw = seen.score
@@ -342,9 +342,7 @@ class Pipeline:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request)."""
         header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         model = self.models.default
-        spec = model.bundle.manifest.input
-        reduce = reduction(header, spec.width, spec.height) if self.cfg.limits.reduced_decode else 1
-        image = prepare_image(decode(data, reduce), spec)
+        image = prepare_image(decode(data, self._reduction(header, model, None)), model.bundle.manifest.input)
         with self._query_lock:
             request = self._query_requests.get(model)
             if request is None:

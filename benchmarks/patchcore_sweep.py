@@ -7,7 +7,7 @@ Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``PatchcoreSettings`` (keys: ``bb``, ``layers`` as ``blocks.2+blocks.4``, ``size``, ``ratio``,
 ``sigma`` = a fixed map blur in px (``map_sigma``) instead of the default that scales with the input, ``rows`` =
 ``max_bank``, ``seed`` = another draw: other held-out normals, other synthetic anomalies, other coreset; ``score`` =
-``image_score``, ``map_max`` or ``reweighted``).  Each is
+``image_score``, ``map_max`` or ``reweighted``; ``views`` = ``bank_views``, ``frame``, ``flips`` or ``d4``).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
 and scored on the test split with the torch export graph (``PatchcoreGraph``, which the parity
 tests tie to the OpenVINO bundle): image AUROC, pixel AUROC over all test pixels, and pixel
@@ -34,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, md_table
 from bundle import prepare_image
+from bundle.extension import Views
 from exporter import backbones
 from exporter.build import THRESHOLD_SIGMAS, VAL_FRACTION
 from exporter.data import Category, load_category, read_image, read_mask
@@ -44,7 +45,7 @@ from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
-        "rows": "max_bank", "seed": "seed", "score": "image_score"}
+        "rows": "max_bank", "seed": "seed", "score": "image_score", "views": "bank_views"}
 
 
 def parse(config: str) -> PatchcoreSettings:
@@ -57,6 +58,8 @@ def parse(config: str) -> PatchcoreSettings:
         field = KEYS[key]
         if field == "image_score" and value not in IMAGE_SCORES:
             raise SystemExit(f"score={value!r} in {config!r}: use one of {', '.join(IMAGE_SCORES)}")
+        if field == "bank_views" and value not in {v.value for v in Views}:
+            raise SystemExit(f"views={value!r} in {config!r}: use one of {', '.join(v.value for v in Views)}")
         changes[field] = value.split("+") if field == "layers" else float(value) if field == "map_sigma" else \
             int(value) if field == "max_bank" else type(getattr(defaults, field))(value)
     return dataclasses.replace(defaults, **changes)

@@ -86,6 +86,10 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--image-score", "how a frame's score is read: reweighted, anomalib's re-weighted distance of the most "
                                 "anomalous patch (default), or map_max, the blurred anomaly map's maximum (a false "
                                 "alarm's absorption then takes many more extension rows)", choices=("reweighted", "map_max")),
+        Option("--bank-views", "copies of each training image the memory bank is built from: frame (the image "
+                               "alone, default), flips (and its three flips) or d4 (and its quarter turns too): for "
+                               "textures and parts whose flipped or turned image is a good part too, never for a part "
+                               "with a handedness; fit time grows with the views", choices=("frame", "flips", "d4")),
     )
     weight_precisions = ("fp32", "int8")
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bundle import BundleError, read_manifest
+from bundle.extension import Views
 from bundle.runtime import CompiledBundle
 from conftest import ROOT
 from exporter import backbones
@@ -112,6 +113,26 @@ def test_fast_coreset_equals_exact_greedy_without_projection():
         dist = torch.minimum(dist, torch.cdist(features, features[nxt : nxt + 1])[:, 0])
     assert picked.tolist() == chosen
     assert len(set(picked.tolist())) == 40
+
+
+def test_bank_views_make_every_flip_and_turn_of_a_training_image_normal(dataset):
+    """With ``bank_views: d4`` (and no coreset, so the bank is every patch) each flipped or turned copy of a training
+    image lies in the bank: its score is nil.  Built from the images alone, the bank leaves some copy far off."""
+    cat = load_category(dataset, "weave")
+    train = cat.train[:6]
+    bb = backbones.resolve("efficientnet_lite0")
+    spec = input_spec(128, bb.mean, bb.std)
+    image = read_image(train[0], spec)
+    scores = {}
+    for views in ("frame", "d4"):
+        settings = PatchcoreSettings(input_size=128, coreset_ratio=1.0, max_bank=None, bank_views=views)
+        graph, timings = fit(settings, bb, train, spec)
+        assert timings["patch_features"] == len(train) * (8 if views == "d4" else 1) * (128 // 8) ** 2
+        with torch.no_grad():
+            scores[views] = graph(to_tensor(Views.D4.of(image), bb))[0].numpy()
+    # nil up to the rounding of |a|^2 - 2ab + |b|^2; the image itself is in both banks
+    assert scores["frame"][0] < 0.01 * scores["frame"].max()
+    assert (scores["d4"] < 0.01 * scores["frame"].max()).all()
 
 
 @pytest.mark.parametrize("name", sorted(backbones.OFFLINE))

@@ -28,6 +28,7 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
 from bundle import EXTENSION_PAD, ExtensionSpec, InputSpec
+from bundle.extension import Views
 from exporter.backbones import Backbone
 from exporter.coreset import greedy_coreset
 from exporter.data import read_image
@@ -66,6 +67,11 @@ class PatchcoreSettings:
     # matrix product instead of a second full one.  0: no extension input (the graph as before issue 17).
     extension_candidates: int = 256
     image_score: str = "reweighted"  # one of IMAGE_SCORES
+    # Which copies of each training image the memory bank is built from (bundle.extension.Views: frame, flips,
+    # d4).  For a texture or part whose flipped and turned images are good parts too, the bank then covers each
+    # local appearance in every orientation; a part with a handedness (a flipped nut is a defect) wants frame.
+    # The bank keeps its rows; the features and the coreset cost one share per view.
+    bank_views: str = Views.FRAME.value
 
     @property
     def blur_sigma(self) -> float:
@@ -256,17 +262,21 @@ def blur_matrix(taps: torch.Tensor, size: int, border: str) -> torch.Tensor:
     return F.conv1d(padded.T.unsqueeze(1), taps.view(1, 1, -1).to(padded.dtype))[:, 0].T.contiguous()
 
 
-def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int) -> torch.Tensor:
-    """Patch features of all images, flattened to [N * h * w, C]."""
+def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int,
+            views: Views = Views.FRAME) -> torch.Tensor:
+    """Patch features of all images (each in every one of ``views``, the image itself first), flattened to
+    [N * views * h * w, C]."""
     out = []
-    for start in range(0, len(paths), batch_size):
-        images = [read_image(p, spec) for p in paths[start : start + batch_size]]
-        with torch.no_grad():
-            emb = patch_features(model, to_tensor(images, backbone))
-        out.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
-        done = min(start + batch_size, len(paths))
-        if done == len(paths) or (done // batch_size) % 8 == 0:
-            log.info("features %d/%d images", done, len(paths))
+    pending: list[np.ndarray] = []
+    for i, path in enumerate(paths, 1):
+        pending += views.of(read_image(path, spec))
+        while len(pending) >= batch_size or (i == len(paths) and pending):
+            with torch.no_grad():
+                emb = patch_features(model, to_tensor(pending[:batch_size], backbone))
+            out.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+            del pending[:batch_size]
+        if i == len(paths) or i % (8 * batch_size) == 0:
+            log.info("features %d/%d images", i, len(paths))
     return torch.cat(out)
 
 
@@ -289,7 +299,7 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     torch.manual_seed(settings.seed)
     model = build_model(settings, backbone)
     started = time.monotonic()
-    features = extract(model, train, spec, backbone, settings.batch_size)
+    features = extract(model, train, spec, backbone, settings.batch_size, Views(settings.bank_views))
     extracted = time.monotonic()
     n_select = max(1, int(features.shape[0] * settings.coreset_ratio))
     if settings.max_bank:

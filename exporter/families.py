@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from bundle.extension import Views
+
 if TYPE_CHECKING:
     from exporter.build import Trained
     from exporter.thresholds import ThresholdChoice
@@ -89,7 +91,7 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--bank-views", "copies of each training image the memory bank is built from: frame (the image "
                                "alone, default), flips (and its three flips) or d4 (and its quarter turns too): for "
                                "textures and parts whose flipped or turned image is a good part too, never for a part "
-                               "with a handedness; fit time grows with the views", choices=("frame", "flips", "d4")),
+                               "with a handedness; fit time and memory grow with the views", choices=tuple(v.value for v in Views)),
     )
     weight_precisions = ("fp32", "int8")
 

@@ -267,16 +267,15 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
     """Patch features of all images (each in every one of ``views``, the image itself first), flattened to
     [N * views * h * w, C]."""
     out = []
-    pending: list[np.ndarray] = []
-    for i, path in enumerate(paths, 1):
-        pending += views.of(read_image(path, spec))
-        while len(pending) >= batch_size or (i == len(paths) and pending):
+    for start in range(0, len(paths), batch_size):
+        images = [v for p in paths[start : start + batch_size] for v in views.of(read_image(p, spec))]
+        for first in range(0, len(images), batch_size):
             with torch.no_grad():
-                emb = patch_features(model, to_tensor(pending[:batch_size], backbone))
+                emb = patch_features(model, to_tensor(images[first : first + batch_size], backbone))
             out.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
-            del pending[:batch_size]
-        if i == len(paths) or i % (8 * batch_size) == 0:
-            log.info("features %d/%d images", i, len(paths))
+        done = min(start + batch_size, len(paths))
+        if done == len(paths) or (done // batch_size) % 8 == 0:
+            log.info("features %d/%d images", done, len(paths))
     return torch.cat(out)
 
 

@@ -115,6 +115,22 @@ def test_fast_coreset_equals_exact_greedy_without_projection():
     assert len(set(picked.tolist())) == 40
 
 
+def test_fast_coreset_is_the_greedy_rule_on_the_seeded_projection():
+    """With a projection (proj_dim below the feature width) the picks are the plain greedy's on ``features @ P``,
+    P the seeded Gaussian matrix: the feature-major layout changes how the distances are computed, not the rule."""
+    features = torch.randn(600, 24, generator=torch.Generator().manual_seed(1))
+    picked = greedy_coreset(features, 30, proj_dim=8, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    projected = features @ (torch.randn(24, 8, generator=gen) / 8**0.5)
+    chosen = [int(torch.randint(600, (1,), generator=gen))]
+    dist = torch.cdist(projected, projected[chosen]).min(1).values
+    for _ in range(29):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(projected, projected[nxt : nxt + 1])[:, 0])
+    assert picked.tolist() == chosen
+
+
 def test_bank_views_make_every_flip_and_turn_of_a_training_image_normal(dataset):
     """With ``bank_views: d4`` (and no coreset, so the bank is every patch) each flipped or turned copy of a training
     image lies in the bank: its score is nil.  Built from the images alone, the bank leaves some copy far off."""

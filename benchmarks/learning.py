@@ -4,6 +4,7 @@ a few frames of it as false alarms (the goal: 3), and real defects stay caught.
     python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split validation \\
         --margins 1.0 --views frame,flips,d4 --labels 3 --trials 5
     python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split test --margins 1.0 --views d4
+    python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --split test --confirmed 3
     python -m benchmarks.learning BUNDLE --data ../shared/data/mvtec --category grid --worker-timing 5
 
 BUNDLE is a PatchCore bundle with a bank extension (``exporter train`` since issue 17).  The benign
@@ -22,7 +23,9 @@ again.  Guard: image AUROC, the detection rate at the bundle's threshold and the
 the scores fell, of every defect type, before and after, on ``--split``: ``validation`` (synthetic anomalies of each of
 ``--guard-kinds`` on the same held-out normals, exporter/validation.py; by default all five, the subtle
 ``deform`` and ``stain`` included) to choose the margin, ``test`` (the category's test split) to report it
-once.  Everything runs at f32, set explicitly.
+once.  ``--confirmed K`` draws K images of each defect type out of the guard as the operator's confirmed defects
+(``learning.guard_defects``) and runs each setting twice on the rest, without and with them guarding the
+absorptions.  Everything runs at f32, set explicitly.
 
 ``--worker-timing N`` instead runs the worker behind a real mosquitto: a marked frame is streamed at
 20 frames/s, labelled over MQTT, and the time from the label request to the first result scored with the
@@ -50,7 +53,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, fmt, md_table, summary
 from bundle import prepare_image
-from bundle.extension import Extension, Views, offending_views
+from bundle.extension import Extension, Views, decisive_patches, offending_views, spared
 from bundle.runtime import CompiledBundle
 
 log = logging.getLogger("benchmarks.learning")
@@ -117,17 +120,22 @@ class Scorer:
     def predict(self, image: np.ndarray):
         return self.compiled.infer(prepare_image(image, self.spec)[np.newaxis], self.request)
 
-    def absorb(self, ext: Extension, key: str, image: np.ndarray, margin: float, views: Views) -> None:
+    def absorb(self, ext: Extension, key: str, image: np.ndarray, margin: float, views: Views,
+               protected: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """Absorb a label of ``image`` as worker/learning.py does (one tile): the frame's own offending patches, put
         to use, then those of its other views, scored against the extension as it was before the label, in place
-        of that entry."""
+        of that entry; rows that would lower a ``protected`` (confirmed) defect are left out."""
         copies = views.of(prepare_image(image, self.spec))
         before = self.compiled.extension_state
         rows = offending_views(self.compiled, self.request, copies[:1], self.threshold, margin)
+        rows = rows[spared(rows, protected)]
+        if not len(rows):
+            return
         ext.add(key, rows, key, "bench")
         self.compiled.set_extension(ext.rows)
         if len(copies) > 1:
             more = offending_views(self.compiled, self.request, copies[1:], self.threshold, margin, before)
+            more = more[spared(more, protected)]
             ext.add(key, np.concatenate([rows, more]), key, "bench")
             self.compiled.set_extension(ext.rows)
 
@@ -153,9 +161,11 @@ def score_drops(before: np.ndarray, after: np.ndarray, types: list[str]) -> dict
 
 
 def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndarray], list[str]], margin: float,
-             views: Views, labels: list[int], trials: int, guard_scores: np.ndarray, folder: Path) -> dict[int, dict]:
+             views: Views, labels: list[int], trials: int, guard_scores: np.ndarray, folder: Path,
+             protected: list[tuple[np.ndarray, np.ndarray]]) -> dict[int, dict]:
     """Per number of labels in ``labels``: the other marked images' pass rate, rows and the guard's change
-    (``guard_scores``: the guard's scores before any label).
+    (``guard_scores``: the guard's scores before any label; ``protected``: the confirmed defects' anomalous patches,
+    which no label may bring a row nearer to).
 
     The operator goes through the marked images in a random order (one per trial) and labels each one the
     bundle, with what it has absorbed so far, still flags, until it has labelled n of them; each label adds the
@@ -177,7 +187,7 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
                 pred = scorer.predict(marked[i])
                 if float(pred.score[0]) < scorer.threshold:
                     continue  # passes already: nothing to label
-                scorer.absorb(ext, str(uuid.uuid4()), marked[i], margin, views)
+                scorer.absorb(ext, str(uuid.uuid4()), marked[i], margin, views, protected)
                 chosen.append(i)
             rest = [marked[i] for i in range(len(marked)) if i not in chosen]
             now = scorer.scores(guard[0])
@@ -199,16 +209,37 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
     return out
 
 
+def confirm(scorer: Scorer, guard: tuple[list[np.ndarray], list[str]], per_type: int
+            ) -> tuple[tuple[list[np.ndarray], list[str]], list[tuple[np.ndarray, np.ndarray]]]:
+    """The operator's confirmed defects: ``per_type`` images of each defect type drawn from the guard (seeded),
+    taken out of it (they are not measured) and turned into the anomalous patches an absorption must not come
+    nearer to, scored by the bank alone as the worker scores them (learning.guard_defects)."""
+    images, types = guard
+    rng = random.Random(11)
+    chosen = {i for kind in sorted(set(types) - {"good"})
+              for i in rng.sample([j for j, t in enumerate(types) if t == kind], per_type)}
+    protected = []
+    for i in sorted(chosen):
+        pred = scorer.predict(images[i])
+        protected.append(decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),
+                                          scorer.threshold))
+    keep = [i for i in range(len(images)) if i not in chosen]
+    return ([images[i] for i in keep], [types[i] for i in keep]), protected
+
+
 def quality(args: argparse.Namespace) -> None:
     normals = held_out_normals(args.data, args.category)
     guard = guard_set(args.data, args.category, args.split, normals, args.guard_kinds)
     scorer = Scorer(args.bundle, args.rows)
+    guard, protected = confirm(scorer, guard, args.confirmed)
     guard_scores = scorer.scores(guard[0])
     guard_before = guard_figures(guard_scores, guard[1], scorer.threshold)
     what = f"guard split {args.split}" + (f" ({', '.join(args.guard_kinds)})" if args.split == "validation" else "")
     print(f"# Learns on the line: {args.bundle} on {args.category}, {what}\n")
     print(f"CPU: {scorer.compiled.device_name}; precision {scorer.compiled.precision} (read back); extension capacity "
-          f"{args.rows} rows; {len(normals)} held-out normals; {args.trials} trials (orders).\n")
+          f"{args.rows} rows; {len(normals)} held-out normals; {args.trials} trials (orders); {len(protected)} confirmed "
+          f"defects ({args.confirmed} of each type, out of the guard set), each setting run without and with them "
+          "guarding the absorptions (the guard column).\n")
     print("Guard before absorption: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in guard_before.items()) + "\n")
     rows_out = []
@@ -218,16 +249,17 @@ def quality(args: argparse.Namespace) -> None:
             marked = [benign(image, kind, rng) for image in normals]
             flagged = float((scorer.scores(marked) >= scorer.threshold).mean())
             for margin in args.margins:
-                for views in args.views:
+                for views, guarded in ((v, g) for v in args.views for g in ([[], protected] if protected else [[]])):
                     for n, r in scenario(scorer, marked, guard, margin, views, args.labels, args.trials, guard_scores,
-                                         Path(tmp)).items():
+                                         Path(tmp), guarded).items():
                         worst = ", ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v:+d}"
                                           for k, v in r["worst"].items())
                         drops = ", ".join(f"{k} {100 * m:.1f} ({100 * w:.1f})" for k, (m, w) in r["drops"].items())
-                        rows_out.append([kind, f"{margin:g}", views.value, f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2),
+                        rows_out.append([kind, f"{margin:g}", views.value, "confirmed" if guarded else "none",
+                                         f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2),
                                          fmt(r["rows"], 0), fmt(r["auroc_delta"], 4), worst, drops])
                         log.info("%s", " | ".join(rows_out[-1]))
-    print(md_table(["appearance", "margin", "views", "flagged before", "labels", "other marked pass after, median [range]",
+    print(md_table(["appearance", "margin", "views", "guard", "flagged before", "labels", "other marked pass after, median [range]",
                     "extension rows", "guard image AUROC change", "guard worst change per type (over trials)",
                     "guard score drop per type, %: median (worst) over trials"], rows_out))
 
@@ -356,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], default=[3],
                         help="numbers of labelled frames to report (the goal is stated for 3)")
     parser.add_argument("--rows", type=int, default=1024, help="extension capacity (the worker's learning.max_rows)")
+    parser.add_argument("--confirmed", type=int, default=0,
+                        help="defects of each type the operator has confirmed (learning.guard_defects): drawn from the "
+                             "guard, they guard every absorption and are not measured")
     parser.add_argument("--worker-timing", type=int, default=0, help="measure label -> first frame through the worker")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -74,8 +74,58 @@ def offending(candidates: np.ndarray, scores: np.ndarray, threshold: float, marg
     below 1 also takes the patches just under the threshold, so the next frame of the same appearance, which
     never matches exactly, passes too.
     """
-    keep = np.asarray(scores, np.float32).reshape(-1) >= margin * threshold
-    return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep])
+    return anomalous_patches(candidates, scores, margin * threshold)[0]
+
+
+def anomalous_patches(candidates: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(patches [m, C], their distances [m]): the candidates at or above ``threshold``."""
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    keep = scores >= threshold
+    return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep]), scores[keep]
+
+
+def decisive_patches(candidates: np.ndarray, scores: np.ndarray, image_score: float, threshold: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(patches [m, C], reach [m]) that keep a flagged frame flagged, what a confirmed defect's guard protects
+    (:func:`spared`).
+
+    The image score is the farthest patch's distance times a factor below 1 (PatchCore's re-weighting, or the
+    map's blur), so the frame stays flagged while one patch keeps at least ``need`` = farthest distance x
+    threshold / image score.  The patches at or above ``need`` are the decisive ones, and a new row within
+    ``need`` of one of them is what could bring it below.  Nothing for a frame that is not flagged.
+    """
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    if image_score < threshold or not len(scores):
+        return np.empty((0, np.asarray(candidates).shape[-1]), np.float32), np.empty(0, np.float32)
+    need = float(scores.max()) * threshold / image_score
+    patches, _ = anomalous_patches(candidates, scores, need)
+    return patches, np.full(len(patches), need, np.float32)
+
+
+# Distances are compared in float64 here and in f32 by the graph: a row this much nearer than the boundary
+# could still land on the wrong side of it there.
+_GUARD_SLACK = 1e-4
+
+
+def spared(rows: np.ndarray, protected: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Which of ``rows`` [n, C] an absorption may add without unflagging a confirmed defect: none within the reach
+    of one of its decisive patches (``protected``: (patches, reach) per defect, :func:`decisive_patches`).
+
+    A benign mark and a real defect can look alike; the operator's confirmed defects say which ones must stay
+    flagged, so the rows that would bring them below the threshold are left out (boolean mask, True = keep).
+    """
+    keep = np.ones(len(rows), bool)
+    if not len(rows):
+        return keep
+    r = np.asarray(rows, np.float64)
+    r_sq = (r * r).sum(1, keepdims=True)
+    for patches, reach in protected:
+        if not len(patches):
+            continue
+        p = np.asarray(patches, np.float64)
+        d2 = r_sq - 2 * r @ p.T + (p * p).sum(1)
+        keep &= ~(d2 < (np.asarray(reach, np.float64) * (1 + _GUARD_SLACK)) ** 2).any(1)
+    return keep
 
 
 def offending_views(bundle: CompiledBundle, request: ov.InferRequest, copies: list[np.ndarray], threshold: float,

@@ -158,9 +158,17 @@ class CompiledBundle:
                               "(CompiledBundle(extension_rows=...))")
         if not np.isfinite(rows).all():
             raise BundleError("extension rows must be finite")
+        self._extension = self.extension_state_of(rows, revision)
+
+    def extension_state_of(self, rows: np.ndarray, revision: int = 0) -> ExtensionState:
+        """An extension state holding ``rows`` (checked by :meth:`set_extension`), to score with (:meth:`infer`)
+        without putting it to use: e.g. the bank alone, with no rows."""
+        ext = self.extension_spec
+        if ext is None:
+            raise BundleError(f"{self.folder}: this bundle ({self.manifest.family}) has no bank extension input")
         full = np.full((self.extension_capacity, ext.feature_dim), ext.pad, np.float32)
         full[: rows.shape[0]] = rows  # shared with the requests' input tensors from here on: never changed in place
-        self._extension = ExtensionState(full, int(rows.shape[0]), ov.Tensor(full, shared_memory=True), revision)
+        return ExtensionState(full, int(rows.shape[0]), ov.Tensor(full, shared_memory=True), revision)
 
     @property
     def extension_count(self) -> int:

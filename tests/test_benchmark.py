@@ -69,21 +69,27 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
 
 
 def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, dataset):
-    """benchmarks.learning end to end on the generated set: its table has a row per appearance, with real figures."""
+    """benchmarks.learning end to end on the generated set: its table has a row per appearance, guard and number of
+    labels, with real figures; one confirmed defect of each type guards the second row of each pair."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.learning", str(bundle_dir), "--data", str(dataset),
-                           "--category", "weave", "--split", "test", "--margins", "0.8", "--labels", "1,2", "--trials", "2"],
+                           "--category", "weave", "--split", "test", "--margins", "0.8", "--labels", "1,2", "--trials", "2",
+                           "--confirmed", "1"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| mark", "| glare"))]
-    assert len(rows) == 4, proc.stdout  # two appearances, 1 and 2 labels
+    assert len(rows) == 8, proc.stdout  # two appearances, without and with the guard, 1 and 2 labels
+    guards = []
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert cells[1] == "0.8" and cells[2] == "d4" and cells[4] in ("1", "2")  # margin, views (learning.views), labels
-        assert 0 <= float(cells[3]) <= 1 and 0 <= float(cells[5].split()[0]) <= 1
-        drops = dict(part.rsplit(" ", 2)[0:2] for part in cells[9].split(", "))  # type -> median score drop, %
-        assert drops and set(drops) == {c.split()[1] for c in cells[8].split(", ") if c.startswith("caught")}, cells
+        assert cells[1] == "0.8" and cells[2] == "d4" and cells[5] in ("1", "2")  # margin, views (learning.views), labels
+        guards.append(cells[3])
+        assert 0 <= float(cells[4]) <= 1 and 0 <= float(cells[6].split()[0]) <= 1
+        drops = dict(part.rsplit(" ", 2)[0:2] for part in cells[10].split(", "))  # type -> median score drop, %
+        assert drops and set(drops) == {c.split()[1] for c in cells[9].split(", ") if c.startswith("caught")}, cells
         assert all(-100 <= float(v) <= 100 for v in drops.values()), cells
+    assert guards == ["none", "none", "confirmed", "confirmed"] * 2
     assert "precision f32" in proc.stdout and "Guard before absorption: image_auroc" in proc.stdout
+    assert "confirmed defects (1 of each type, out of the guard set)" in proc.stdout
 
 def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):
     """benchmarks.extension end to end: a bundle exported without the extension (--extension-candidates 0) against

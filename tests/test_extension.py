@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bundle import EXTENSION_PAD, BundleError, Normalisation, Thresholds, read_manifest, write_manifest
+from bundle.extension import decisive_patches, spared
 from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones
 from exporter.data import load_category, read_image
@@ -124,6 +125,40 @@ def test_a_false_alarm_taught_scores_as_normal(bundle_dir, dataset):
     np.testing.assert_allclose(then.score, before.score, rtol=1e-5)
     compiled.set_extension(np.zeros((0, manifest.extension.feature_dim), np.float32))
     np.testing.assert_allclose(compiled.infer(batch).score, before.score, rtol=1e-5)
+
+
+def test_rows_spared_for_a_confirmed_defect_keep_it_flagged(bundle_dir, dataset):
+    """Absorbing two defect frames' candidates blinds the bundle to both; with one of them confirmed (``spared``
+    against its decisive patches) that one keeps those patches at their reach or farther and stays flagged, while
+    the other frame's rows that do not come near them are still absorbed."""
+    manifest = read_manifest(bundle_dir)
+    assert manifest.extension is not None
+    compiled = CompiledBundle(bundle_dir, extension_rows=2 * manifest.extension.candidates)
+    threshold = compiled.thresholds.image.threshold
+    test = load_category(dataset, "weave").test
+    batch = np.stack([read_image(s.path, manifest.input) for s in test])
+    before = compiled.infer(batch)
+    assert before.candidates is not None and before.candidate_scores is not None
+    flagged = [i for i in np.argsort(-before.score) if test[i].label and before.score[i] >= threshold]
+    taught, confirmed = flagged[0], next(i for i in flagged if test[i].defect != test[flagged[0]].defect)
+    rows = np.concatenate([before.candidates[taught], before.candidates[confirmed]])
+    compiled.set_extension(rows)
+    assert compiled.infer(batch).score[confirmed] < threshold  # unguarded: the confirmed defect would pass
+    patches, reach = decisive_patches(before.candidates[confirmed], before.candidate_scores[confirmed],
+                                      float(before.score[confirmed]), threshold)
+    decisive = before.candidate_scores[confirmed] >= reach[0]
+    assert decisive.any() and len(patches) == decisive.sum() and reach[0] <= before.candidate_scores[confirmed].max()
+    keep = spared(rows, [(patches, reach)])
+    assert keep[: len(rows) // 2].any() and not keep[len(rows) // 2:][decisive].any()  # not its decisive patches
+    compiled.set_extension(rows[keep])
+    after = compiled.infer(batch)
+    assert after.candidate_scores is not None
+    assert (after.candidate_scores[confirmed][decisive] >= reach[0] * (1 - 1e-5)).all()
+    assert after.score[confirmed] >= threshold and after.score[taught] < before.score[taught]
+    # A frame that is not flagged has nothing decisive.
+    good = next(i for i in range(len(test)) if before.score[i] < threshold)
+    assert len(decisive_patches(before.candidates[good], before.candidate_scores[good], float(before.score[good]),
+                                threshold)[0]) == 0
 
 
 def test_pad_rows_are_safe_at_every_precision(bundle_dir, dataset):

@@ -118,3 +118,29 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0 and json.loads(done.stdout)["released"]["revision"] == 2 * rev + 2, done.stderr
     assert point_id("cam1", "m-0") not in exported(config.parent / "training-2")
+
+
+def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(learning, dataset):
+    """The operator confirmed a dot as a defect; a later false-alarm label on the same dot must not teach it: the
+    patches that keep the confirmed frame flagged, and every patch near them, are left out, and the dot stays
+    flagged.  Once the defect label is withdrawn, the same false alarm is absorbed."""
+    prefix, client, _, _, _ = learning
+    marked = _marked(dataset)
+    for fid in ("d-0", "m-0"):
+        assert _score(client, prefix, marked, fid)["verdict"] == "anomalous"
+        _until_stored(client, prefix, fid, "cam1")
+
+    def label(body: dict) -> dict:
+        return _query(client, prefix, body, topic="label")
+
+    assert label({"action": "set", "frame_id": "d-0", "camera": "cam1", "label": "confirmed_defect"})["ok"]
+    guarded = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
+    said = guarded.get("reason") or guarded["message"]
+    assert guarded["left_out"] > 0 and "confirmed defect" in said, guarded
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"
+
+    assert label({"action": "unlabel", "frame_id": "d-0", "camera": "cam1"})["ok"]
+    assert label({"action": "unlabel", "frame_id": "m-0", "camera": "cam1"})["ok"]
+    taught = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
+    assert taught["patches"] > 0 and taught["left_out"] == 0, taught
+    assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"

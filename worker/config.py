@@ -267,6 +267,11 @@ class LearningConfig(_Section):
                                                "blind more to real defects that look like it (chosen on the validation split: "
                                                "docs/benchmarks.md); frame is the careful setting, and a texture that is not "
                                                "the same flipped or turned wants frame or flips.")
+    guard_defects: int = Field(200, ge=0, description="A label absorbs no patch that could take a confirmed defect below its threshold "
+                                                      "(one near the patches that keep it flagged); this many of the newest frames "
+                                                      "labelled confirmed_defect whose image is still kept are checked, each scored "
+                                                      "once per model (0: no guard; chosen on the validation split: "
+                                                      "docs/benchmarks.md).")
 
 
 class CaptureConfig(_Section):

@@ -102,7 +102,8 @@ class LabelService:
                   "defect_type": payload["defect_type"]}
         if self.learner is not None:
             if request.label == "false_alarm":
-                answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload)
+                confirmed = [p for p in store.labelled() if p.get("label") == "confirmed_defect"]
+                answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, confirmed)
             elif was_false_alarm:
                 answer["released"] = self.learner.release(pid, request.camera)
         return answer

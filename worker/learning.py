@@ -5,7 +5,8 @@ frame's original image is in the evidence store (the worker keeps it for every f
 frame); it is scored again by the model now serving its camera, with the camera's crop
 and tiling, in every view ``learning.views`` names (flipped and rotated copies), and the
 candidate patches at or above ``learning.margin`` x the image threshold are added to the
-extension (bundle/extension.py).  Every compiled copy of the
+extension (bundle/extension.py), except those that could take one of the operator's confirmed defects below its
+threshold (``learning.guard_defects``).  Every compiled copy of the
 bundle uses the new rows from its next frame on, and the retained model topic announces
 the new revision.  Clearing the label (or ``unlabel``) takes the rows back.
 """
@@ -18,13 +19,15 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import prepare_image
-from bundle.extension import Entry, Extension, ExtensionFull, offending_views
+from bundle.extension import Entry, Extension, ExtensionFull, decisive_patches, offending_views, spared
 from bundle.runtime import ExtensionState
 from worker import tiling
 from worker.capture import Capture
 from worker.config import Config
+from worker.decode import FrameError
 from worker.evidence import EvidenceStore
 from worker.models import Model, Models
+from worker.store import point_id
 from worker.wire import iso
 
 log = logging.getLogger(__name__)
@@ -48,9 +51,14 @@ class Learner:
         self.evidence = evidence
         self.frame_image = frame_image
         self.on_change = on_change
+        # (model, defect key) -> that defect's decisive patches and their reach, scored by the bank alone; an entry
+        # lives as long as its model serves and the frame stays confirmed (rebuilt on each absorption).
+        self._guards: dict[tuple[Model, str], tuple[np.ndarray, np.ndarray]] = {}
 
-    def absorb(self, key: str, frame_id: str, camera: str, payload: dict) -> dict:
-        """Add the offending patches of the labelled frame ``key``; the answer says what happened and why."""
+    def absorb(self, key: str, frame_id: str, camera: str, payload: dict, confirmed: list[dict] | None = None) -> dict:
+        """Add the offending patches of the labelled frame ``key``, less those that would lower one of the
+        ``confirmed`` defects (the payloads of frames labelled ``confirmed_defect``); the answer says what happened
+        and why."""
         model = self.models.for_camera(camera)
         ext = model.extension
         if ext is not None and (done := next((e for e in ext.entries() if e.key == key), None)) is not None:
@@ -76,6 +84,13 @@ class Learner:
         rows = self._offending(model, camera, tiles)
         if not len(rows):
             return {"patches": 0, "reason": "no patch of this frame is above the threshold any more"}
+        protected = self._protected(model, confirmed or [])
+        keep = spared(rows, protected)
+        left_out = int((~keep).sum())
+        if not keep.any():
+            return {"patches": 0, "left_out": left_out, "reason": f"each of its {_patches(left_out)} lies near a confirmed "
+                    "defect's decisive patches: absorbing it could hide that defect"}
+        rows = rows[keep]
         try:
             entry = self._add(ext, key, rows, frame_id, camera)
         except ExtensionFull as exc:
@@ -83,11 +98,52 @@ class Learner:
         refused = ""
         if others := [view for tile in tiles for view in self.cfg.learning.views.of(tile)[1:]]:
             more = self._offending(model, camera, others, before)
+            keep = spared(more, protected)
+            left_out += int((~keep).sum())
+            more = more[keep]
             try:
                 entry = self._add(ext, key, np.concatenate([rows, more]), frame_id, camera) if len(more) else entry
             except ExtensionFull as exc:
                 refused = f" of the frame itself (its flipped and turned views did not fit: {exc})"
-        return self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}{refused}; frames that look like this one now pass")
+        guarded = f"; {_patches(left_out)} left out, near confirmed defects" if left_out else ""
+        answer = self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}{refused}{guarded}; frames that look like "
+                              "this one now pass")
+        return {**answer, "left_out": left_out}
+
+    def _protected(self, model: Model, confirmed: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The decisive patches and their reach (bundle.extension.decisive_patches, scored by the bank alone) of the
+        newest ``learning.guard_defects`` confirmed defects seen by cameras this model serves and whose image is
+        still kept; each is scored once per model and remembered."""
+        wanted = sorted((p for p in confirmed if self.models.for_camera(str(p.get("camera"))) is model),
+                        key=lambda p: str(p.get("labelled_at") or ""), reverse=True)[: self.cfg.learning.guard_defects]
+        keys = {point_id(str(p["camera"]), str(p["frame_id"])) for p in wanted}
+        live = set(self.models.scopes().values())
+        self._guards = {k: v for k, v in self._guards.items() if k[0] in live and (k[0] is not model or k[1] in keys)}
+        spec = model.bundle.extension_spec
+        if spec is None:
+            return []
+        bank_alone = None
+        for p in wanted:
+            key = point_id(str(p["camera"]), str(p["frame_id"]))
+            if (model, key) in self._guards:
+                continue
+            data = self.evidence.read((p.get("evidence") or {}).get("frame"))
+            if data is None:  # its image is gone (evidence budget): nothing to score it by
+                continue
+            camera = str(p["camera"])
+            try:
+                image = self.frame_image(data, camera)
+            except FrameError as exc:
+                log.warning("confirmed defect %s/%s cannot guard absorptions: %s", camera, p["frame_id"], exc.message)
+                continue
+            bank_alone = bank_alone or model.bundle.extension_state_of(np.zeros((0, spec.feature_dim), np.float32))
+            threshold = self.models.image_norm(model, camera).threshold
+            request = model.bundle.create_request()
+            found = [decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),  # type: ignore[index]
+                                      threshold) for pred in (model.bundle.infer(tile[np.newaxis], request, bank_alone)
+                                  for tile in self._tiles(model, camera, image))]
+            self._guards[(model, key)] = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
+        return [v for (m, _), v in self._guards.items() if m is model]
 
     def _add(self, ext: Extension, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
         """Add (or replace) frame ``key``'s rows and put them to use: every compiled copy, the model topic."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -23,6 +24,8 @@ from worker.learning import Learner
 from worker.query import serve_request
 from worker.store import Label, VectorStore
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
+
+log = logging.getLogger(__name__)
 
 EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label", "defect_type", "note",
                  "labelled_at", "model_version")
@@ -101,6 +104,12 @@ class LabelService:
         answer = {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
                   "defect_type": payload["defect_type"]}
         if self.learner is not None:
+            if request.label == "confirmed_defect":
+                try:  # scored now for the guard of later false-alarm labels, which would otherwise score it then
+                    self.learner.confirm(pid, payload)
+                except Exception:  # the label is stored either way; the guard scores the frame again when it needs it
+                    log.exception("confirmed defect %s/%s could not be scored for the absorption guard",
+                                  request.camera, request.frame_id)
             if request.label == "false_alarm":
                 confirmed = [p for p in store.labelled() if p.get("label") == "confirmed_defect"]
                 answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, confirmed)

@@ -110,40 +110,47 @@ class Learner:
                               "this one now pass")
         return {**answer, "left_out": left_out}
 
+    def confirm(self, key: str, payload: dict) -> None:
+        """Score a frame just labelled ``confirmed_defect`` for its model's guard now (one inference), so that the
+        next false-alarm label does not wait for it."""
+        model = self.models.for_camera(str(payload.get("camera")))
+        if model.bundle.extension_spec is not None and (model, key) not in self._guards:
+            self._guard(model, key, payload)
+
     def _protected(self, model: Model, confirmed: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The decisive patches and their reach (bundle.extension.decisive_patches, scored by the bank alone) of the
-        newest ``learning.guard_defects`` confirmed defects seen by cameras this model serves and whose image is
-        still kept; each is scored once per model and remembered."""
+        """The decisive patches and their reach of the newest ``learning.guard_defects`` confirmed defects seen by
+        cameras this model serves and whose image is still kept; each is scored once per model and remembered
+        (:meth:`confirm`, or here)."""
         wanted = sorted((p for p in confirmed if self.models.for_camera(str(p.get("camera"))) is model),
                         key=lambda p: str(p.get("labelled_at") or ""), reverse=True)[: self.cfg.learning.guard_defects]
-        keys = {point_id(str(p["camera"]), str(p["frame_id"])) for p in wanted}
+        keys = {point_id(str(p["camera"]), str(p["frame_id"])): p for p in wanted}
         live = set(self.models.scopes().values())
         self._guards = {k: v for k, v in self._guards.items() if k[0] in live and (k[0] is not model or k[1] in keys)}
-        spec = model.bundle.extension_spec
-        if spec is None:
-            return []
-        bank_alone = None
-        for p in wanted:
-            key = point_id(str(p["camera"]), str(p["frame_id"]))
-            if (model, key) in self._guards:
-                continue
-            data = self.evidence.read((p.get("evidence") or {}).get("frame"))
-            if data is None:  # its image is gone (evidence budget): nothing to score it by
-                continue
-            camera = str(p["camera"])
-            try:
-                image = self.frame_image(data, camera)
-            except FrameError as exc:
-                log.warning("confirmed defect %s/%s cannot guard absorptions: %s", camera, p["frame_id"], exc.message)
-                continue
-            bank_alone = bank_alone or model.bundle.extension_state_of(np.zeros((0, spec.feature_dim), np.float32))
-            threshold = self.models.image_norm(model, camera).threshold
-            request = model.bundle.create_request()
-            found = [decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),  # type: ignore[index]
-                                      threshold) for pred in (model.bundle.infer(tile[np.newaxis], request, bank_alone)
-                                  for tile in self._tiles(model, camera, image))]
-            self._guards[(model, key)] = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
+        for key, p in keys.items():
+            if (model, key) not in self._guards:
+                self._guard(model, key, p)
         return [v for (m, _), v in self._guards.items() if m is model]
+
+    def _guard(self, model: Model, key: str, payload: dict) -> None:
+        """Remember the decisive patches (bundle.extension.decisive_patches) of confirmed defect ``key``, scored by
+        ``model``'s bank alone, in every tile of its frame; nothing when its image is no longer kept."""
+        spec = model.bundle.extension_spec
+        data = self.evidence.read((payload.get("evidence") or {}).get("frame"))
+        if spec is None or data is None:  # its image is gone (evidence budget): nothing to score it by
+            return
+        camera = str(payload["camera"])
+        try:
+            image = self.frame_image(data, camera)
+        except FrameError as exc:
+            log.warning("confirmed defect %s/%s cannot guard absorptions: %s", camera, payload["frame_id"], exc.message)
+            return
+        bank_alone = model.bundle.extension_state_of(np.zeros((0, spec.feature_dim), np.float32))
+        threshold = self.models.image_norm(model, camera).threshold
+        request = model.bundle.create_request()
+        found = [decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),  # type: ignore[index]
+                                  threshold) for pred in (model.bundle.infer(tile[np.newaxis], request, bank_alone)
+                                                          for tile in self._tiles(model, camera, image))]
+        self._guards[(model, key)] = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
 
     def _add(self, ext: Extension, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
         """Add (or replace) frame ``key``'s rows and put them to use: every compiled copy, the model topic."""

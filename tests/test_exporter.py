@@ -101,17 +101,21 @@ def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_s
     assert ((ov_pred.score >= threshold) == (torch_scores >= threshold)).all()
 
 
+def _plain_greedy(points: torch.Tensor, start: int, n: int) -> list[int]:
+    """Exact k-center greedy, written out plainly: ``n`` picks from ``start``, each the point farthest from the rest."""
+    chosen = [start]
+    dist = torch.cdist(points, points[chosen]).min(1).values
+    for _ in range(n - 1):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(points, points[nxt : nxt + 1])[:, 0])
+    return chosen
+
+
 def test_fast_coreset_equals_exact_greedy_without_projection():
     features = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
     picked = greedy_coreset(features, 40, proj_dim=16, seed=3)
-    # Exact k-center greedy, written out plainly from the same start point.
-    chosen = [int(picked[0])]
-    dist = torch.cdist(features, features[chosen]).min(1).values
-    for _ in range(39):
-        nxt = int(dist.argmax())
-        chosen.append(nxt)
-        dist = torch.minimum(dist, torch.cdist(features, features[nxt : nxt + 1])[:, 0])
-    assert picked.tolist() == chosen
+    assert picked.tolist() == _plain_greedy(features, int(picked[0]), 40)  # from the same start point
     assert len(set(picked.tolist())) == 40
 
 
@@ -122,13 +126,7 @@ def test_fast_coreset_is_the_greedy_rule_on_the_seeded_projection():
     picked = greedy_coreset(features, 30, proj_dim=8, seed=5)
     gen = torch.Generator().manual_seed(5)
     projected = features @ (torch.randn(24, 8, generator=gen) / 8**0.5)
-    chosen = [int(torch.randint(600, (1,), generator=gen))]
-    dist = torch.cdist(projected, projected[chosen]).min(1).values
-    for _ in range(29):
-        nxt = int(dist.argmax())
-        chosen.append(nxt)
-        dist = torch.minimum(dist, torch.cdist(projected, projected[nxt : nxt + 1])[:, 0])
-    assert picked.tolist() == chosen
+    assert picked.tolist() == _plain_greedy(projected, int(torch.randint(600, (1,), generator=gen)), 30)
 
 
 def test_bank_views_make_every_flip_and_turn_of_a_training_image_normal(dataset):

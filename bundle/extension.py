@@ -74,14 +74,8 @@ def offending(candidates: np.ndarray, scores: np.ndarray, threshold: float, marg
     below 1 also takes the patches just under the threshold, so the next frame of the same appearance, which
     never matches exactly, passes too.
     """
-    return anomalous_patches(candidates, scores, margin * threshold)[0]
-
-
-def anomalous_patches(candidates: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(patches [m, C], their distances [m]): the candidates at or above ``threshold``."""
-    scores = np.asarray(scores, np.float32).reshape(-1)
-    keep = scores >= threshold
-    return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep]), scores[keep]
+    keep = np.asarray(scores, np.float32).reshape(-1) >= margin * threshold
+    return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep])
 
 
 def decisive_patches(candidates: np.ndarray, scores: np.ndarray, image_score: float, threshold: float
@@ -98,7 +92,7 @@ def decisive_patches(candidates: np.ndarray, scores: np.ndarray, image_score: fl
     if image_score < threshold or not len(scores):
         return np.empty((0, np.asarray(candidates).shape[-1]), np.float32), np.empty(0, np.float32)
     need = float(scores.max()) * threshold / image_score
-    patches, _ = anomalous_patches(candidates, scores, need)
+    patches = offending(candidates, scores, need, 1.0)
     return patches, np.full(len(patches), need, np.float32)
 
 

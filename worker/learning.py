@@ -114,7 +114,7 @@ class Learner:
         """Score a frame just labelled ``confirmed_defect`` for its model's guard now (one inference), so that the
         next false-alarm label does not wait for it."""
         model = self.models.for_camera(str(payload.get("camera")))
-        if model.bundle.extension_spec is not None and (model, key) not in self._guards:
+        if self.cfg.learning.guard_defects and model.bundle.extension_spec is not None and (model, key) not in self._guards:
             self._guard(model, key, payload)
 
     def _protected(self, model: Model, confirmed: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:

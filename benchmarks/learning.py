@@ -28,9 +28,13 @@ once.  ``--confirmed K`` draws K images of each defect type out of the guard as 
 absorptions.  Everything runs at f32, set explicitly.
 
 ``--worker-timing N`` instead runs the worker behind a real mosquitto: a marked frame is streamed at
-20 frames/s, labelled over MQTT, and the time from the label request to the first result scored with the
+``--stream-rate`` frames/s (20; keep it under what the worker serves, or its backlog never drains), labelled
+over MQTT, and the time from the label request to the first result scored with the
 new extension revision (the frame's own patches) and to the label's answer (every view absorbed) is measured
-N times (N different frames).
+N times (N different frames).  With ``--restart-confirmed M``, M frames of the category's real defects (its test
+split, sent again under new frame ids past its size) are labelled ``confirmed_defect`` first and the worker is
+restarted before the labels are timed: the first label then needs the guards of all M (``learning.guard_defects``).
+A label whose every patch lies near a confirmed defect absorbs nothing; its answer time is reported apart.
 """
 
 from __future__ import annotations
@@ -127,14 +131,14 @@ class Scorer:
         of that entry; rows that would lower a ``protected`` (confirmed) defect are left out."""
         copies = views.of(prepare_image(image, self.spec))
         before = self.compiled.extension_state
-        rows = offending_views(self.compiled, self.request, copies[:1], self.threshold, margin)
+        rows, _ = offending_views(self.compiled, self.request, copies[:1], self.threshold, margin)
         rows = rows[spared(rows, protected)]
         if not len(rows):
             return
         ext.add(key, rows, key, "bench")
         self.compiled.set_extension(ext.rows)
         if len(copies) > 1:
-            more = offending_views(self.compiled, self.request, copies[1:], self.threshold, margin, before)
+            more, _ = offending_views(self.compiled, self.request, copies[1:], self.threshold, margin, before)
             more = more[spared(more, protected)]
             ext.add(key, np.concatenate([rows, more]), key, "bench")
             self.compiled.set_extension(ext.rows)
@@ -322,26 +326,57 @@ def worker_timing(args: argparse.Namespace) -> None:
 
     from benchmarks.common import publish_frame
 
-    delays, answered, revisions, verdicts = [], [], [], []
+    def confirm_defects(m: int) -> None:
+        """Label ``m`` flagged frames of real defects ``confirmed_defect`` (their answers waited for)."""
+        from exporter.data import load_category
+
+        defects = [cv2.imencode(".jpg", cv2.imread(str(s.path), cv2.IMREAD_COLOR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+                   .tobytes() for s in load_category(args.data, args.category).test if s.defect != "good"]
+        done, sent = 0, 0
+        while done < m:
+            if sent >= 3 * m + len(defects):
+                raise RuntimeError(f"only {done} of {m} defect frames were flagged")
+            fid = f"defect-{sent}"
+            publish_frame(rig.client, "inspect/bench/frame", defects[sent % len(defects)], fid)
+            sent += 1
+            if wait(lambda fid=fid: results.get(fid))["verdict"] != "anomalous":
+                continue
+            stored(fid)
+            _, token = ask("inspect/label", {"action": "set", "frame_id": fid, "camera": "bench", "label": "confirmed_defect"})
+            if not wait(lambda token=token: answers.get(token))["ok"]:
+                raise RuntimeError(f"labelling {fid} failed: {answers[token]}")
+            done += 1
+        log.info("%d defect frames confirmed (%d sent); restarting the worker", done, sent)
+
+    delays, answered, revisions, verdicts, nothing = [], [], [], [], []
     try:
+        if args.restart_confirmed:
+            confirm_defects(args.restart_confirmed)
+            rig.restart()
         used = 0
-        for n in range(args.worker_timing):
+        n = 0  # labels sent; a label whose every patch lies near a confirmed defect absorbs nothing and is not timed
+        while len(delays) < args.worker_timing:
             # find a flagged marked frame the extension has not absorbed yet
-            while True:
-                if used >= 3 * len(marked):
-                    raise RuntimeError("no marked frame is flagged any more: nothing left to label")
+            probe = None
+            while used < 3 * len(marked):
                 fid = f"probe-{used}"
                 publish_frame(rig.client, "inspect/bench/frame", marked[used % len(marked)], fid)
-                probe = wait(lambda fid=fid: results.get(fid))
+                found = wait(lambda fid=fid: results.get(fid))
                 used += 1
-                if probe["verdict"] == "anomalous":
+                if found["verdict"] == "anomalous":
+                    probe = found
                     break
+            if probe is None:
+                if not delays:
+                    raise RuntimeError("no marked frame is flagged any more: nothing left to label")
+                log.warning("no marked frame is flagged any more: %d labels timed of %d", len(delays), args.worker_timing)
+                break
             data = marked[(used - 1) % len(marked)]
             stop = threading.Event()
 
             def stream(data: bytes = data, n: int = n, stop: threading.Event = stop) -> None:
                 i = 0
-                while not stop.wait(0.05):
+                while not stop.wait(1 / args.stream_rate):
                     publish_frame(rig.client, "inspect/bench/frame", data, f"s{n}-{i}")
                     i += 1
 
@@ -351,26 +386,42 @@ def worker_timing(args: argparse.Namespace) -> None:
             stored(probe["frame_id"])
             sent, token = ask("inspect/label", {"action": "set", "frame_id": probe["frame_id"], "camera": "bench",
                                                 "label": "false_alarm"})
-            first = wait(lambda n=n, revision=revision, sent=sent: next(
-                (r for f, r in sorted(results.items(), key=lambda kv: kv[1]["arrived"])
-                 if f.startswith(f"s{n}-") and r["arrived"] > sent
-                 and r["model"].get("extension", {}).get("revision", 0) > revision), None))
+
+            def outcome(n: int = n, revision: int = revision, sent: float = sent, token: bytes = token) -> dict | None:
+                """The first result scored with the label's rows, or the answer of a label that absorbed nothing."""
+                answer = answers.get(token)
+                if answer is not None and not (answer.get("absorbed") or {}).get("patches"):
+                    return answer
+                return next((r for f, r in sorted(results.items(), key=lambda kv: kv[1]["arrived"])
+                             if f.startswith(f"s{n}-") and r["arrived"] > sent
+                             and r["model"].get("extension", {}).get("revision", 0) > revision), None)
+
+            first = wait(outcome, 600)
+            n += 1
             stop.set()
             streamer.join()
-            answer = wait(lambda token=token: answers.get(token))
+            answer = wait(lambda token=token: answers.get(token), 600)
+            if "verdict" not in first:
+                nothing.append(answer["arrived"] - sent)
+                log.info("label %d absorbed nothing after %.3f s: %s", n - 1, nothing[-1], answer.get("absorbed"))
+                continue
             delays.append(first["arrived"] - sent)
             answered.append(answer["arrived"] - sent)
             revisions.append(first["model"]["extension"]["revision"])
             verdicts.append(first["verdict"])
-            log.info("label %d: %s; first frame with the extension after %.3f s: %s", n, answer.get("absorbed"),
+            log.info("label %d: %s; first frame with the extension after %.3f s: %s", n - 1, answer.get("absorbed"),
                      delays[-1], first["verdict"])
     finally:
         rig.close()
-    print(f"Label request -> first result scored with the new extension ({len(delays)} labels, 20 frames/s streamed, "
-          f"worker at f32 behind mosquitto): median {statistics.median(delays):.3f} s, range "
+    after = f", after {args.restart_confirmed} confirmed defects and a restart" if args.restart_confirmed else ""
+    print(f"Label request -> first result scored with the new extension ({len(delays)} labels{after}, "
+          f"{args.stream_rate:g} frames/s streamed, "
+          f"worker at f32 behind mosquitto): first label {delays[0]:.3f} s; median {statistics.median(delays):.3f} s, range "
           f"[{min(delays):.3f}-{max(delays):.3f}] s; verdicts of those frames: {verdicts}.\n"
           f"Label request -> its answer (every view of the frame absorbed, learning.views): median "
-          f"{statistics.median(answered):.3f} s, range [{min(answered):.3f}-{max(answered):.3f}] s.")
+          f"{statistics.median(answered):.3f} s, range [{min(answered):.3f}-{max(answered):.3f}] s; first label {answered[0]:.3f} s.\n"
+          f"Labels that absorbed nothing (every patch near a confirmed defect): {len(nothing)}, answered after "
+          f"{', '.join(f'{t:.3f}' for t in nothing) or '-'} s.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="defects of each type the operator has confirmed (learning.guard_defects): drawn from the "
                              "guard, they guard every absorption and are not measured")
     parser.add_argument("--worker-timing", type=int, default=0, help="measure label -> first frame through the worker")
+    parser.add_argument("--stream-rate", type=float, default=20.0, help="with --worker-timing: frames/s streamed")
+    parser.add_argument("--restart-confirmed", type=int, default=0,
+                        help="with --worker-timing: confirm this many real defect frames and restart the worker first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.worker_timing:

@@ -112,6 +112,8 @@ class WorkerRig:
             "model": {"bundle": str(bundle), "cache_dir": str(cache_dir or folder / "ov-cache"), "precision": precision},
             "store": {"path": str(folder / "qdrant")},
             "evidence": {"path": str(folder / "evidence")},
+            "learning": {"path": str(folder / "extensions")},
+            "capture": {"path": str(folder / "capture")},
             "limits": {"queue_policy": "block"},
             "metrics": {"port": free_port()},
         }
@@ -121,12 +123,9 @@ class WorkerRig:
             for section in sections:
                 node = node.setdefault(section, {})
             node[leaf] = value
+        self.folder = folder
         (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
         self.log = (folder / "worker.log").open("wb")
-        self.spawned = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(folder / "config.yaml")],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        self.ps = psutil.Process(self.proc.pid)
         self.cond = threading.Condition()
         self.arrived: dict[str, dict[str, float]] = {}
         self.complete: set[str] = set()  # frames whose result and heatmap (or error) are all back
@@ -141,13 +140,29 @@ class WorkerRig:
         self.client.connect("127.0.0.1", self.broker.port)
         self.client.loop_start()
         self.client.subscribe("inspect/#", qos=1)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start ``python -m worker`` on the rig's config and wait until it says it is online."""
+        self.spawned = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(self.folder / "config.yaml")],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 120
         with self.cond:
             while not self.online:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"worker did not come online: {(folder / 'worker.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"worker did not come online: {(self.folder / 'worker.log').read_text()[-2000:]}")
                 self.cond.wait(0.5)
         self.online_s = time.perf_counter() - self.spawned
+
+    def restart(self) -> None:
+        """Stop the worker as a service manager does (SIGTERM) and start it again on the same broker, config and state."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        with self.cond:
+            self.online = False
+        self._spawn()
 
     def _on_message(self, client, userdata, msg) -> None:
         now = time.perf_counter()

@@ -123,16 +123,17 @@ def spared(rows: np.ndarray, protected: list[tuple[np.ndarray, np.ndarray]]) -> 
 
 
 def offending_views(bundle: CompiledBundle, request: ov.InferRequest, copies: list[np.ndarray], threshold: float,
-                    margin: float, extension: ExtensionState | None = None) -> np.ndarray:
+                    margin: float, extension: ExtensionState | None = None) -> tuple[np.ndarray, list[float]]:
     """The offending rows (:func:`offending`) of each prepared view in ``copies``, scored by ``bundle`` with
-    ``extension`` (an earlier state of it), else with the extension in use."""
-    found = []
+    ``extension`` (an earlier state of it), else with the extension in use; and each view's raw image score."""
+    found, scores = [], []
     for copy in copies:
         pred = bundle.infer(copy[np.newaxis], request, extension)
         if pred.candidates is None or pred.candidate_scores is None:
             raise ValueError(f"{bundle.folder}: the bundle has no bank extension")
         found.append(offending(pred.candidates[0], pred.candidate_scores[0], threshold, margin))
-    return np.concatenate(found)
+        scores.append(float(pred.score[0]))
+    return np.concatenate(found), scores
 
 
 class Views(StrEnum):

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from conftest import ROOT, Client, wait_online, write_config
 from test_worker import _query
@@ -123,8 +124,9 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
 def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(learning, dataset):
     """The operator confirmed a dot as a defect; a later false-alarm label on the same dot must not teach it: the
     patches that keep the confirmed frame flagged, and every patch near them, are left out, and the dot stays
-    flagged.  Once the defect label is withdrawn, the same false alarm is absorbed."""
-    prefix, client, _, _, _ = learning
+    flagged, also after a restart that finds the confirmed frame's image gone (its guard was kept when it was
+    labelled).  Once the defect label is withdrawn, the same false alarm is absorbed."""
+    prefix, client, worker, config, start = learning
     marked = _marked(dataset)
     for fid in ("d-0", "m-0"):
         assert _score(client, prefix, marked, fid)["verdict"] == "anomalous"
@@ -134,6 +136,12 @@ def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(
         return _query(client, prefix, body, topic="label")
 
     assert label({"action": "set", "frame_id": "d-0", "camera": "cam1", "label": "confirmed_defect"})["ok"]
+    assert worker.stop() == 0
+    for image in (config.parent / "evidence").glob(f"*/{point_id('cam1', 'd-0')}.frame.*"):
+        image.unlink()  # as the evidence budget would: nothing left to score the confirmed defect by
+    client.messages.clear()
+    start(config)
+    wait_online(client, prefix)
     guarded = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
     said = guarded.get("reason") or guarded["message"]
     assert guarded["left_out"] > 0 and "confirmed defect" in said, guarded
@@ -144,3 +152,19 @@ def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(
     taught = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
     assert taught["patches"] > 0 and taught["left_out"] == 0, taught
     assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"
+    assert not list((config.parent / "extensions").glob("*/guards/*"))  # the withdrawn defect's guard is gone too
+
+
+def test_a_label_scores_the_frame_as_the_worker_did(learning, dataset):
+    """A large JPEG frame is decoded smaller (limits.reduced_decode); the label must score the stored frame the same
+    way, or a frame flagged near the threshold could come back as having nothing above it."""
+    prefix, client, _, _, _ = learning
+    image = cv2.imdecode(np.frombuffer(_marked(dataset), np.uint8), cv2.IMREAD_COLOR)
+    large = cv2.imencode(".jpg", cv2.resize(image, (300, 300), interpolation=cv2.INTER_CUBIC),
+                         [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    flagged = _score(client, prefix, large, "j-0")
+    assert flagged["verdict"] == "anomalous", flagged
+    _until_stored(client, prefix, "j-0", "cam1")
+    absorbed = _query(client, prefix, {"action": "set", "frame_id": "j-0", "camera": "cam1", "label": "false_alarm"},
+                      topic="label")["absorbed"]
+    assert absorbed["patches"] > 0 and absorbed["raw_score"] == pytest.approx(flagged["raw_score"], abs=2e-5), (absorbed, flagged)

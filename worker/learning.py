@@ -6,13 +6,14 @@ frame); it is scored again by the model now serving its camera, with the camera'
 and tiling, in every view ``learning.views`` names (flipped and rotated copies), and the
 candidate patches at or above ``learning.margin`` x the image threshold are added to the
 extension (bundle/extension.py), except those that could take one of the operator's confirmed defects below its
-threshold (``learning.guard_defects``).  Every compiled copy of the
+threshold (``learning.guard_defects``; their guards are kept on disk, worker/guards.py).  Every compiled copy of the
 bundle uses the new rows from its next frame on, and the retained model topic announces
 the new revision.  Clearing the label (or ``unlabel``) takes the rows back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from worker.capture import Capture
 from worker.config import Config
 from worker.decode import FrameError
 from worker.evidence import EvidenceStore
+from worker.guards import Guard, Guards
 from worker.models import Model, Models
 from worker.store import point_id
 from worker.wire import iso
@@ -39,10 +41,11 @@ def _patches(n: int) -> str:
 
 class Learner:
     def __init__(self, cfg: Config, models: Models, evidence: EvidenceStore,
-                 frame_image: Callable[[bytes, str], np.ndarray], on_change: Callable[[], None],
+                 frame_image: Callable[[bytes, str, Model | None], np.ndarray], on_change: Callable[[], None],
                  capture: Capture | None = None) -> None:
-        """``frame_image(data, camera)``: the frame decoded in full and cropped as the pipeline crops it (so false
-        alarms are captured at full resolution); ``on_change`` runs after every change of an extension (the worker
+        """``frame_image(data, camera, model)``: a stored frame decoded and cropped as the pipeline did for ``model``
+        (so a label scores the frame the operator saw flagged), or in full for None (false alarms are captured at
+        full resolution); ``on_change`` runs after every change of an extension (the worker
         republishes its retained model topic); ``capture`` keeps false alarms for the next training set, whether or
         not the bundle can absorb them."""
         self.cfg = cfg
@@ -51,9 +54,7 @@ class Learner:
         self.evidence = evidence
         self.frame_image = frame_image
         self.on_change = on_change
-        # (model, defect key) -> that defect's decisive patches and their reach, scored by the bank alone; an entry
-        # lives as long as its model serves and the frame stays confirmed (rebuilt on each absorption).
-        self._guards: dict[tuple[Model, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.guards = Guards()
 
     def absorb(self, key: str, frame_id: str, camera: str, payload: dict, confirmed: list[dict] | None = None) -> dict:
         """Add the offending patches of the labelled frame ``key``, less those that would lower one of the
@@ -69,9 +70,8 @@ class Learner:
         data = self.evidence.read(relative)
         if data is None:
             return {"patches": 0, "reason": "the frame's image is no longer kept (evidence.anomalous budget)"}
-        image = self.frame_image(data, camera)
         if self.capture is not None:  # normal by the operator's word: part of the next training set
-            self.capture.add_false_alarm(camera, key, image)
+            self.capture.add_false_alarm(camera, key, self.frame_image(data, camera, None))
         if ext is None:
             why = ("learning is off (learning.enabled)" if not self.cfg.learning.enabled else
                    f"the {model.info['family']} bundle {model.info['name']} has no bank extension: re-export it with this "
@@ -80,24 +80,25 @@ class Learner:
         # The frame itself first, so the next frames pass at once; then its other views, in place of that entry,
         # scored against the extension as it was before this label, exactly as if all had been read at once.
         before = model.bundle.extension_state
-        tiles = self._tiles(model, camera, image)
-        rows = self._offending(model, camera, tiles)
+        tiles = self._tiles(model, camera, self.frame_image(data, camera, model))
+        rows, scores = self._offending(model, camera, tiles)
+        raw_score = round(max(scores), 5)  # as the frame was scored when flagged (same decode, crop, tiles), less later labels
         if not len(rows):
-            return {"patches": 0, "reason": "no patch of this frame is above the threshold any more"}
+            return {"patches": 0, "raw_score": raw_score, "reason": "no patch of this frame is above the threshold any more"}
         protected = self._protected(model, confirmed or [])
         keep = spared(rows, protected)
         left_out = int((~keep).sum())
         if not keep.any():
-            return {"patches": 0, "left_out": left_out, "reason": f"each of its {_patches(left_out)} lies near a confirmed "
-                    "defect's decisive patches: absorbing it could hide that defect"}
+            return {"patches": 0, "left_out": left_out, "raw_score": raw_score, "reason": f"each of its {_patches(left_out)} "
+                    "lies near a confirmed defect's decisive patches: absorbing it could hide that defect"}
         rows = rows[keep]
         try:
             entry = self._add(ext, key, rows, frame_id, camera)
         except ExtensionFull as exc:
-            return {"patches": 0, "reason": str(exc)}
+            return {"patches": 0, "raw_score": raw_score, "reason": str(exc)}
         refused = ""
         if others := [view for tile in tiles for view in self.cfg.learning.views.of(tile)[1:]]:
-            more = self._offending(model, camera, others, before)
+            more, _ = self._offending(model, camera, others, before)
             keep = spared(more, protected)
             left_out += int((~keep).sum())
             more = more[keep]
@@ -108,49 +109,65 @@ class Learner:
         guarded = f"; {_patches(left_out)} left out, near confirmed defects" if left_out else ""
         answer = self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}{refused}{guarded}; frames that look like "
                               "this one now pass")
-        return {**answer, "left_out": left_out}
+        return {**answer, "left_out": left_out, "raw_score": raw_score}
 
     def confirm(self, key: str, payload: dict) -> None:
-        """Score a frame just labelled ``confirmed_defect`` for its model's guard now (one inference), so that the
-        next false-alarm label does not wait for it."""
-        model = self.models.for_camera(str(payload.get("camera")))
-        if self.cfg.learning.guard_defects and model.bundle.extension_spec is not None and (model, key) not in self._guards:
+        """Score a frame just labelled ``confirmed_defect`` for its model's guard now (one inference per tile), so that
+        the next false-alarm label does not wait for it."""
+        camera = str(payload.get("camera"))
+        model = self.models.for_camera(camera)
+        if self.cfg.learning.guard_defects and model.extension is not None \
+                and self.guards.get(model, key, self._how(model, camera)) is None:
             self._guard(model, key, payload)
 
-    def _protected(self, model: Model, confirmed: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _protected(self, model: Model, confirmed: list[dict]) -> list[Guard]:
         """The decisive patches and their reach of the newest ``learning.guard_defects`` confirmed defects seen by
-        cameras this model serves and whose image is still kept; each is scored once per model and remembered
-        (:meth:`confirm`, or here)."""
+        cameras this model serves; each is scored once per model and kept (:meth:`confirm`, or here; worker/guards.py),
+        so a confirmed defect whose image is no longer kept guards only if it was scored while it was."""
         wanted = sorted((p for p in confirmed if self.models.for_camera(str(p.get("camera"))) is model),
                         key=lambda p: str(p.get("labelled_at") or ""), reverse=True)[: self.cfg.learning.guard_defects]
         keys = {point_id(str(p["camera"]), str(p["frame_id"])): p for p in wanted}
-        live = set(self.models.scopes().values())
-        self._guards = {k: v for k, v in self._guards.items() if k[0] in live and (k[0] is not model or k[1] in keys)}
+        self.guards.keep(set(self.models.scopes().values()), model, set(keys),
+                         {point_id(str(p["camera"]), str(p["frame_id"])) for p in confirmed})
+        found = []
         for key, p in keys.items():
-            if (model, key) not in self._guards:
-                self._guard(model, key, p)
-        return [v for (m, _), v in self._guards.items() if m is model]
+            guard = self.guards.get(model, key, self._how(model, str(p["camera"]))) or self._guard(model, key, p)
+            if guard is not None:
+                found.append(guard)
+        return found
 
-    def _guard(self, model: Model, key: str, payload: dict) -> None:
-        """Remember the decisive patches (bundle.extension.decisive_patches) of confirmed defect ``key``, scored by
-        ``model``'s bank alone, in every tile of its frame; nothing when its image is no longer kept."""
+    def _how(self, model: Model, camera: str) -> str:
+        """What a guard's patches depend on besides the bundle's weights: the precision, the camera's threshold, crop
+        and tiling; a guard scored otherwise is scored again."""
+        override = self.cfg.cameras.get(camera)
+        return json.dumps({"precision": model.bundle.precision, "threshold": repr(self.models.image_norm(model, camera).threshold),
+                           "reduced_decode": self.cfg.limits.reduced_decode,
+                           "roi": override.roi if override else None,
+                           "tiling": override.tiling.model_dump(mode="json") if override and override.tiling else None},
+                          sort_keys=True)
+
+    def _guard(self, model: Model, key: str, payload: dict) -> Guard | None:
+        """Score the decisive patches (bundle.extension.decisive_patches) of confirmed defect ``key`` by ``model``'s bank
+        alone, in every tile of its frame, and keep them; None when its image is no longer kept."""
         spec = model.bundle.extension_spec
         data = self.evidence.read((payload.get("evidence") or {}).get("frame"))
         if spec is None or data is None:  # its image is gone (evidence budget): nothing to score it by
-            return
+            return None
         camera = str(payload["camera"])
         try:
-            image = self.frame_image(data, camera)
+            image = self.frame_image(data, camera, model)
         except FrameError as exc:
             log.warning("confirmed defect %s/%s cannot guard absorptions: %s", camera, payload["frame_id"], exc.message)
-            return
+            return None
         bank_alone = model.bundle.extension_state_of(np.zeros((0, spec.feature_dim), np.float32))
         threshold = self.models.image_norm(model, camera).threshold
         request = model.bundle.create_request()
         found = [decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),  # type: ignore[index]
                                   threshold) for pred in (model.bundle.infer(tile[np.newaxis], request, bank_alone)
                                                           for tile in self._tiles(model, camera, image))]
-        self._guards[(model, key)] = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
+        guard = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
+        self.guards.put(model, key, self._how(model, camera), guard)
+        return guard
 
     def _add(self, ext: Extension, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
         """Add (or replace) frame ``key``'s rows and put them to use: every compiled copy, the model topic."""
@@ -199,9 +216,9 @@ class Learner:
         return [prepare_image(canvas[y:y + spec.height, x:x + spec.width], spec) for _, _, x, y in tiles]
 
     def _offending(self, model: Model, camera: str, copies: list[np.ndarray],
-                   extension: ExtensionState | None = None) -> np.ndarray:
+                   extension: ExtensionState | None = None) -> tuple[np.ndarray, list[float]]:
         """Candidate patches above the margin of each prepared view in ``copies``, scored with ``extension`` (the
-        extension before this label), else the extension in use."""
+        extension before this label), else the extension in use; and each view's raw score."""
         threshold = self.models.image_norm(model, camera).threshold
         return offending_views(model.bundle, model.bundle.create_request(), copies, threshold, self.cfg.learning.margin,
                                extension)

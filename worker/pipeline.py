@@ -258,6 +258,14 @@ class Pipeline:
         (tiling comes after)."""
         return self._crop(decode(data, reduce), camera)
 
+    def stored_image(self, data: bytes, camera: str, model: Model | None = None) -> np.ndarray:
+        """A stored frame (evidence) decoded and cropped as :meth:`_process` did for ``model``, at the same reduction,
+        so a label or a confirmed defect is scored as its frame was; None: in full (the capture's resolution)."""
+        if model is None:
+            return self.frame_image(data, camera)
+        header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
+        return self.frame_image(data, camera, self._reduction(header, model, self.cfg.cameras.get(camera)))
+
     def _reduction(self, header: Header, model: Model, override: CameraConfig | None) -> int:
         """How much smaller a frame (or a query's image, ``override`` None) may be decoded (limits.reduced_decode):
         never for a camera with an roi (its rectangle is in the frame's pixels) or tiling (its tiles are cut at

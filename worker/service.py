@@ -75,7 +75,7 @@ class Worker:
                                  self.capture)
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
                                     lambda: embedding_space_of(self.models.default.bundle.manifest))
-        self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.frame_image, self._publish_models, self.capture)
+        self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
         self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
         self.query_queue: BoundedQueue[Inbound] = BoundedQueue(

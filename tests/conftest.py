@@ -17,6 +17,7 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+import worker.mqtt  # noqa: F401  (its lenient string reader: the test clients receive the fuzzed frames too)
 from scripts.broker import Broker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ paho reconnects by itself (``connect_async`` + ``loop_start`` + backoff); on eve
 (re)connect we subscribe again and re-publish availability.  paho does not enforce
 the broker's CONNACK ``Maximum Packet Size``: an oversize publish makes the broker
 drop the connection and paho loops reconnecting, so :meth:`MqttLink.publish`
-refuses such payloads itself.
+refuses such payloads itself.  paho also drops the connection on a received string property it
+deems malformed (:func:`_read_utf` reads them leniently instead).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import threading
 from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
+from paho.mqtt import properties as paho_properties
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -22,6 +25,25 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from worker.config import MQTTConfig
 
 log = logging.getLogger(__name__)
+
+
+def _read_utf(buffer: bytes, maxlen: int) -> tuple[str, int]:
+    """A string of a received packet, read as paho 2.2 reads it but without dropping the connection over its content.
+
+    paho raises MalformedPacket for U+FEFF (which MQTT v5, 1.5.4, says a receiver must keep) and U+0000, and closes
+    the connection; the broker then delivers the same message again on every reconnect, so one camera's user
+    property would wedge the worker for good.  Read leniently (undecodable bytes as U+FFFD), the frame reaches the
+    metadata check, which refuses it with an error answer, and the message is acknowledged.
+    """
+    if maxlen < 2:
+        raise MalformedPacket("Not enough data to read string length")
+    length = int.from_bytes(buffer[:2], "big")
+    if length > maxlen - 2:
+        raise MalformedPacket("Length delimited string too long")
+    return bytes(buffer[2 : 2 + length]).decode("utf-8", errors="replace"), length + 2
+
+
+paho_properties.readUTF = _read_utf  # looked up by name when paho unpacks received properties
 
 
 class PacketTooLarge(Exception):

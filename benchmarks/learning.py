@@ -34,6 +34,8 @@ new extension revision (the frame's own patches) and to the label's answer (ever
 N times (N different frames).  With ``--restart-confirmed M``, M frames of the category's real defects (its test
 split, sent again under new frame ids past its size) are labelled ``confirmed_defect`` first and the worker is
 restarted before the labels are timed: the first label then needs the guards of all M (``learning.guard_defects``).
+``--without-guards`` deletes the guards kept on disk before that restart (as a new bundle finds none) and waits
+until the idle worker has scored all M again, timing that.
 A label whose every patch lies near a confirmed defect absorbs nothing; its answer time is reported apart.
 """
 
@@ -352,7 +354,20 @@ def worker_timing(args: argparse.Namespace) -> None:
     try:
         if args.restart_confirmed:
             confirm_defects(args.restart_confirmed)
-            rig.restart()
+            kept = rig.folder / "extensions"
+
+            def drop_guards() -> None:
+                for path in kept.glob("*/guards/*"):
+                    path.unlink()
+
+            rig.restart(drop_guards if args.without_guards else None)
+            if args.without_guards:
+                while (n_kept := len(list(kept.glob("*/guards/*.npz")))) < args.restart_confirmed:
+                    if time.perf_counter() - rig.spawned > 600:
+                        raise RuntimeError(f"the idle worker scored only {n_kept} of {args.restart_confirmed} guards in 600 s")
+                    time.sleep(0.2)  # a benchmark's poll of the worker's files, not a test's synchronisation
+                warmed = time.perf_counter() - rig.spawned - rig.online_s
+                log.info("the idle worker scored %d guards in %.1f s after coming online", n_kept, warmed)
         used = 0
         n = 0  # labels sent; a label whose every patch lies near a confirmed defect absorbs nothing and is not timed
         while len(delays) < args.worker_timing:
@@ -443,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="defects of each type the operator has confirmed (learning.guard_defects): drawn from the "
                              "guard, they guard every absorption and are not measured")
     parser.add_argument("--worker-timing", type=int, default=0, help="measure label -> first frame through the worker")
+    parser.add_argument("--without-guards", action="store_true",
+                        help="with --restart-confirmed: delete the guards on disk before the restart, time their scoring")
     parser.add_argument("--stream-rate", type=float, default=20.0, help="with --worker-timing: frames/s streamed")
     parser.add_argument("--restart-confirmed", type=int, default=0,
                         help="with --worker-timing: confirm this many real defect frames and restart the worker first")

@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -156,10 +157,13 @@ class WorkerRig:
                 self.cond.wait(0.5)
         self.online_s = time.perf_counter() - self.spawned
 
-    def restart(self) -> None:
-        """Stop the worker as a service manager does (SIGTERM) and start it again on the same broker, config and state."""
+    def restart(self, between: Callable[[], None] | None = None) -> None:
+        """Stop the worker as a service manager does (SIGTERM) and start it again on the same broker, config and state
+        (``between`` runs while it is stopped)."""
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
+        if between is not None:
+            between()
         with self.cond:
             self.online = False
         self._spawn()

@@ -124,8 +124,9 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
 def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(learning, dataset):
     """The operator confirmed a dot as a defect; a later false-alarm label on the same dot must not teach it: the
     patches that keep the confirmed frame flagged, and every patch near them, are left out, and the dot stays
-    flagged, also after a restart that finds the confirmed frame's image gone (its guard was kept when it was
-    labelled).  Once the defect label is withdrawn, the same false alarm is absorbed."""
+    flagged.  A worker that finds no guard on disk (a new bundle, or a restart after an upgrade) scores it while
+    idle, and keeps it on disk, so it guards after a restart that finds the frame's image gone.  Once the defect
+    label is withdrawn, the same false alarm is absorbed."""
     prefix, client, worker, config, start = learning
     marked = _marked(dataset)
     for fid in ("d-0", "m-0"):
@@ -136,6 +137,19 @@ def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(
         return _query(client, prefix, body, topic="label")
 
     assert label({"action": "set", "frame_id": "d-0", "camera": "cam1", "label": "confirmed_defect"})["ok"]
+    guards = config.parent / "extensions"
+    assert worker.stop() == 0
+    for kept in guards.glob("*/guards/*"):
+        kept.unlink()
+    client.messages.clear()
+    worker = start(config)
+    wait_online(client, prefix)
+    for tick in range(1, 61):  # no request comes: the worker scores the missing guard on its own
+        if list(guards.glob("*/guards/*.npz")):
+            break
+        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=tick)  # one more stats tick (1 s)
+    else:
+        raise AssertionError("the confirmed defect's guard was not scored while the worker was idle")
     assert worker.stop() == 0
     for image in (config.parent / "evidence").glob(f"*/{point_id('cam1', 'd-0')}.frame.*"):
         image.unlink()  # as the evidence budget would: nothing left to score the confirmed defect by

@@ -270,10 +270,10 @@ class LearningConfig(_Section):
     guard_defects: int = Field(200, ge=0, description="A label absorbs no patch that could take a confirmed defect below its threshold "
                                                       "(one near the patches that keep it flagged); this many of the newest frames "
                                                       "labelled confirmed_defect are checked, each scored once per model (when it is "
-                                                      "labelled, or at the next false-alarm label after a model change, if its image "
-                                                      "is still kept) and kept on disk beside the extension, so restarts do not "
-                                                      "score it again (0: no guard; chosen on the validation split: "
-                                                      "docs/benchmarks.md).")
+                                                      "labelled; for a new bundle while the worker is idle, or at the next "
+                                                      "false-alarm label, if its image is still kept) and kept on disk beside the "
+                                                      "extension, so restarts do not score it again (0: no guard; chosen on the "
+                                                      "validation split: docs/benchmarks.md).")
 
 
 class CaptureConfig(_Section):

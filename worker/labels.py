@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from worker.evidence import EvidenceStore
 from worker.learning import Learner
 from worker.query import serve_request
+from worker.recorder import StoreUnavailable
 from worker.store import Label, VectorStore
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 
@@ -116,6 +117,21 @@ class LabelService:
             elif was_false_alarm:
                 answer["released"] = self.learner.release(pid, request.camera)
         return answer
+
+    def warm(self) -> bool:
+        """Score one confirmed defect's guard a served model lacks (worker/learning.py ``Learner.warm``); True when one
+        was scored.  Called by the request thread while no request waits."""
+        if self.learner is None:
+            return False
+
+        def confirmed() -> list[dict]:
+            with self.use_store() as store:
+                return [p for p in store.labelled() if p.get("label") == "confirmed_defect"]
+
+        try:
+            return self.learner.warm(confirmed)
+        except StoreUnavailable:  # listed again at the next change of the served models, or by the next label
+            return False
 
     def export(self, request: ExportLabels, store: VectorStore) -> dict:
         rows = sorted(({k: p.get(k) for k in EXPORT_FIELDS} for p in store.labelled()),

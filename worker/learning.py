@@ -55,6 +55,8 @@ class Learner:
         self.frame_image = frame_image
         self.on_change = on_change
         self.guards = Guards()
+        self._warmed: frozenset[Model] = frozenset()  # the served models whose missing guards were listed last
+        self._pending: list[tuple[Model, str, dict]] = []  # guards still to score for them, newest defect last
 
     def absorb(self, key: str, frame_id: str, camera: str, payload: dict, confirmed: list[dict] | None = None) -> dict:
         """Add the offending patches of the labelled frame ``key``, less those that would lower one of the
@@ -124,9 +126,7 @@ class Learner:
         """The decisive patches and their reach of the newest ``learning.guard_defects`` confirmed defects seen by
         cameras this model serves; each is scored once per model and kept (:meth:`confirm`, or here; worker/guards.py),
         so a confirmed defect whose image is no longer kept guards only if it was scored while it was."""
-        wanted = sorted((p for p in confirmed if self.models.for_camera(str(p.get("camera"))) is model),
-                        key=lambda p: str(p.get("labelled_at") or ""), reverse=True)[: self.cfg.learning.guard_defects]
-        keys = {point_id(str(p["camera"]), str(p["frame_id"])): p for p in wanted}
+        keys = self._wanted(model, confirmed)
         self.guards.keep(set(self.models.scopes().values()), model, set(keys),
                          {point_id(str(p["camera"]), str(p["frame_id"])) for p in confirmed})
         found = []
@@ -136,9 +136,34 @@ class Learner:
                 found.append(guard)
         return found
 
+    def _wanted(self, model: Model, confirmed: list[dict]) -> dict[str, dict]:
+        """The newest ``learning.guard_defects`` of ``confirmed`` seen by cameras ``model`` serves, by point id."""
+        wanted = sorted((p for p in confirmed if self.models.for_camera(str(p.get("camera"))) is model),
+                        key=lambda p: str(p.get("labelled_at") or ""), reverse=True)[: self.cfg.learning.guard_defects]
+        return {point_id(str(p["camera"]), str(p["frame_id"])): p for p in wanted}
+
+    def warm(self, confirmed: Callable[[], list[dict]]) -> bool:
+        """Score one guard that a served model still lacks (the request thread calls this while it is idle), so that
+        after a restart without them on disk or a new bundle the first false-alarm label need not score them all;
+        ``confirmed`` reads the confirmed defects' payloads, once per change of the served models.  True when one
+        was scored (call again at once)."""
+        if not self.cfg.learning.guard_defects:
+            return False
+        served = frozenset(m for m in self.models.scopes().values() if m.extension is not None)
+        if served != self._warmed:
+            payloads = confirmed()
+            self._warmed = served
+            self._pending = [(m, k, p) for m in served for k, p in reversed(self._wanted(m, payloads).items())]
+        while self._pending:
+            model, key, payload = self._pending.pop()
+            if model in served and self.guards.get(model, key, self._how(model, str(payload["camera"]))) is None:
+                self._guard(model, key, payload)
+                return True
+        return False
+
     def _how(self, model: Model, camera: str) -> str:
         """What a guard's patches depend on besides the bundle's weights: the precision, the camera's threshold, crop
-        and tiling; a guard scored otherwise is scored again."""
+        and tiling, and the frame's decode; a guard scored otherwise is scored again."""
         override = self.cfg.cameras.get(camera)
         return json.dumps({"precision": model.bundle.precision, "threshold": repr(self.models.image_norm(model, camera).threshold),
                            "reduced_decode": self.cfg.limits.reduced_decode,

@@ -176,16 +176,20 @@ class Worker:
             self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
 
     def _serve_requests(self) -> None:
-        """Queries, labels and control commands, one at a time, off the MQTT and inference threads."""
+        """Queries, labels and control commands, one at a time, off the MQTT and inference threads; while none
+        waits, the confirmed defects' guards a served model lacks are scored, one per turn."""
         current: list[Inbound] = []
+        warming = [True]
 
         def step() -> None:
             current.clear()
             try:
-                msg = self.query_queue.get(timeout=0.5)
+                msg = self.query_queue.get(timeout=0 if warming[0] else 0.5)
             except Closed:
                 raise StopLoop from None
             if msg is None:
+                warming[0] = False  # after a failure (logged by the loop), the next try waits for an idle turn
+                warming[0] = self.labels.warm()
                 return
             current.append(msg)
             if msg.topic == self.topics.control:

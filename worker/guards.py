@@ -76,10 +76,15 @@ class Guards:
         except OSError as exc:
             log.warning("guard %s could not be written (%s): it is scored again after a restart", path, exc)
 
+    def served(self, live: set[Model]) -> None:
+        """Forget the guards of models no longer served (so a replaced bundle is not kept alive by them)."""
+        self._memory = {k: v for k, v in self._memory.items() if k[0] in live}
+
     def keep(self, live: set[Model], model: Model, keys: set[str], confirmed: set[str]) -> None:
         """Forget guards of models no longer served and, for ``model``, those not in ``keys`` (the confirmed defects it
         guards now); delete the files of frames not in ``confirmed`` (every confirmed defect, any camera)."""
-        self._memory = {k: v for k, v in self._memory.items() if k[0] in live and (k[0] is not model or k[1] in keys)}
+        self.served(live)
+        self._memory = {k: v for k, v in self._memory.items() if k[0] is not model or k[1] in keys}
         if model.extension is None:
             return
         for path in (model.extension.folder / FOLDER).glob("*"):

@@ -151,6 +151,7 @@ class Learner:
             return False
         served = frozenset(m for m in self.models.scopes().values() if m.extension is not None)
         if served != self._warmed:
+            self.guards.served(set(self.models.scopes().values()))
             payloads = confirmed()
             self._warmed = served
             self._pending = [(m, k, p) for m in served for k, p in reversed(self._wanted(m, payloads).items())]

@@ -5,7 +5,7 @@ Scoring one takes a decode and an inference per tile; with ``learning.guard_defe
 first label after a restart would hold that label (and the frames waiting behind it) for seconds.  So each guard is
 kept in memory and on disk, in ``guards/`` inside the bundle's extension folder (which is tied to the bundle's weights):
 a restart reads it back, and it outlives the frame's image (evidence budget).  A guard records how it was scored
-(precision, threshold, the camera's roi and tiling); one scored otherwise is scored again.  Files are written to a
+(precision, threshold, the camera's roi and tiling, the frame's decode); one scored otherwise is scored again.  Files are written to a
 temporary name and renamed, and those of frames no longer confirmed are removed.
 """
 

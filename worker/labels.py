@@ -64,6 +64,11 @@ class ExportLabels(BaseModel):
     format: Literal["json", "csv"] = "json"
 
 
+def _confirmed(store: VectorStore) -> list[dict]:
+    """The payloads of the frames labelled ``confirmed_defect`` (the guard of every absorption)."""
+    return [p for p in store.labelled() if p.get("label") == "confirmed_defect"]
+
+
 class LabelService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]],
                  evidence: EvidenceStore | None = None, learner: Learner | None = None) -> None:
@@ -112,8 +117,7 @@ class LabelService:
                     log.exception("confirmed defect %s/%s could not be scored for the absorption guard",
                                   request.camera, request.frame_id)
             if request.label == "false_alarm":
-                confirmed = [p for p in store.labelled() if p.get("label") == "confirmed_defect"]
-                answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, confirmed)
+                answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, _confirmed(store))
             elif was_false_alarm:
                 answer["released"] = self.learner.release(pid, request.camera)
         return answer
@@ -126,7 +130,7 @@ class LabelService:
 
         def confirmed() -> list[dict]:
             with self.use_store() as store:
-                return [p for p in store.labelled() if p.get("label") == "confirmed_defect"]
+                return _confirmed(store)
 
         try:
             return self.learner.warm(confirmed)

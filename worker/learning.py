@@ -129,9 +129,9 @@ class Learner:
         keys = self._wanted(model, confirmed)
         self.guards.keep(set(self.models.scopes().values()), model, set(keys),
                          {point_id(str(p["camera"]), str(p["frame_id"])) for p in confirmed})
-        found = []
+        found, hows = [], {camera: self._how(model, camera) for camera in {str(p["camera"]) for p in keys.values()}}
         for key, p in keys.items():
-            guard = self.guards.get(model, key, self._how(model, str(p["camera"]))) or self._guard(model, key, p)
+            guard = self.guards.get(model, key, hows[str(p["camera"])]) or self._guard(model, key, p)
             if guard is not None:
                 found.append(guard)
         return found

@@ -59,7 +59,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, fmt, md_table, summary
 from bundle import prepare_image
-from bundle.extension import Extension, Views, decisive_patches, offending_views, spared
+from bundle.extension import Extension, ExtensionFull, Views, decisive_patches, offending_views, spared
 from bundle.runtime import CompiledBundle
 
 log = logging.getLogger("benchmarks.learning")
@@ -127,23 +127,32 @@ class Scorer:
         return self.compiled.infer(prepare_image(image, self.spec)[np.newaxis], self.request)
 
     def absorb(self, ext: Extension, key: str, image: np.ndarray, margin: float, views: Views,
-               protected: list[tuple[np.ndarray, np.ndarray]]) -> None:
+               protected: list[tuple[np.ndarray, np.ndarray]]) -> bool:
         """Absorb a label of ``image`` as worker/learning.py does (one tile): the frame's own offending patches, put
         to use, then those of its other views, scored against the extension as it was before the label, in place
-        of that entry; rows that would lower a ``protected`` (confirmed) defect are left out."""
+        of that entry; rows that would lower a ``protected`` (confirmed) defect are left out.  Where the extension
+        is full, as in the worker, the views' rows are dropped (the frame's own kept) or the label absorbs nothing:
+        False then."""
         copies = views.of(prepare_image(image, self.spec))
         before = self.compiled.extension_state
         rows, _ = offending_views(self.compiled, self.request, copies[:1], self.threshold, margin)
         rows = rows[spared(rows, protected)]
         if not len(rows):
-            return
-        ext.add(key, rows, key, "bench")
+            return True
+        try:
+            ext.add(key, rows, key, "bench")
+        except ExtensionFull:
+            return False
         self.compiled.set_extension(ext.rows)
         if len(copies) > 1:
             more, _ = offending_views(self.compiled, self.request, copies[1:], self.threshold, margin, before)
             more = more[spared(more, protected)]
-            ext.add(key, np.concatenate([rows, more]), key, "bench")
+            try:
+                ext.add(key, np.concatenate([rows, more]), key, "bench")
+            except ExtensionFull:
+                return False
             self.compiled.set_extension(ext.rows)
+        return True
 
     def scores(self, images: list[np.ndarray]) -> np.ndarray:
         return np.array([float(self.predict(i).score[0]) for i in images])
@@ -180,7 +189,9 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
     spec = scorer.compiled.extension_spec
     assert spec is not None
     guard_before = guard_figures(guard_scores, guard[1], scorer.threshold)
-    found: dict[int, dict[str, list]] = {n: {"passes": [], "rows": [], "deltas": [], "worst": [], "drops": []} for n in labels}
+    found: dict[int, dict[str, list]] = {n: {"passes": [], "rows": [], "deltas": [], "worst": [], "drops": [], "cut": []}
+                                         for n in labels}
+    cut = [0] * trials  # labels the full extension cut short (views dropped, or nothing absorbed), per trial
     for trial in range(trials):
         order = list(range(len(marked)))
         random.Random(trial).shuffle(order)
@@ -193,7 +204,8 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
                 pred = scorer.predict(marked[i])
                 if float(pred.score[0]) < scorer.threshold:
                     continue  # passes already: nothing to label
-                scorer.absorb(ext, str(uuid.uuid4()), marked[i], margin, views, protected)
+                if not scorer.absorb(ext, str(uuid.uuid4()), marked[i], margin, views, protected):
+                    cut[trial] += 1
                 chosen.append(i)
             rest = [marked[i] for i in range(len(marked)) if i not in chosen]
             now = scorer.scores(guard[0])
@@ -202,6 +214,7 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
             row["drops"].append(score_drops(guard_scores, now, guard[1]))
             row["passes"].append(float((scorer.scores(rest) < scorer.threshold).mean()))
             row["rows"].append(len(ext.rows))
+            row["cut"].append(cut[trial])
             row["deltas"].append(after["image_auroc"] - guard_before["image_auroc"])
             row["worst"].append({k: v - guard_before[k] for k, v in after.items() if k.startswith("caught") or k == "good_flagged"})
         scorer.compiled.set_extension(np.zeros((0, spec.feature_dim), np.float32))
@@ -211,7 +224,7 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
                  for k in row["worst"][0]}
         drops = {k: (statistics.median(d[k] for d in row["drops"]), max(d[k] for d in row["drops"])) for k in row["drops"][0]}
         out[n] = {"pass_after": summary(row["passes"]), "rows": summary(row["rows"]),
-                  "auroc_delta": summary(row["deltas"]), "worst": worst, "drops": drops}
+                  "auroc_delta": summary(row["deltas"]), "worst": worst, "drops": drops, "cut": sum(row["cut"])}
     return out
 
 
@@ -263,10 +276,11 @@ def quality(args: argparse.Namespace) -> None:
                         drops = ", ".join(f"{k} {100 * m:.1f} ({100 * w:.1f})" for k, (m, w) in r["drops"].items())
                         rows_out.append([kind, f"{margin:g}", views.value, "confirmed" if guarded else "none",
                                          f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2),
-                                         fmt(r["rows"], 0), fmt(r["auroc_delta"], 4), worst, drops])
+                                         fmt(r["rows"], 0), str(r["cut"]), fmt(r["auroc_delta"], 4), worst, drops])
                         log.info("%s", " | ".join(rows_out[-1]))
     print(md_table(["appearance", "margin", "views", "guard", "flagged before", "labels", "other marked pass after, median [range]",
-                    "extension rows", "guard image AUROC change", "guard worst change per type (over trials)",
+                    "extension rows", "labels cut short by a full extension (all trials)",
+                    "guard image AUROC change", "guard worst change per type (over trials)",
                     "guard score drop per type, %: median (worst) over trials"], rows_out))
 
 

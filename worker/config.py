@@ -258,9 +258,11 @@ class LearningConfig(_Section):
     max_rows: int = Field(1024, ge=1, le=65536, description="Rows an extension may hold; a label that would overflow it is refused "
                                                             "(nothing older is evicted). Every frame pays for this many rows, used or "
                                                             "not.")
-    margin: float = Field(1.0, gt=0, le=2, description="A label absorbs the frame's patches whose distance is at least this share of "
-                                                       "the raw image threshold; lower learns faster and blinds more (chosen on the "
-                                                       "validation split: docs/benchmarks.md).")
+    margin: float = Field(0.975, gt=0, le=2, description="A label absorbs the frame's patches whose distance is at least this share "
+                                                         "of the raw image threshold, so the next frames of the same appearance, "
+                                                         "which come a little farther, pass too; lower learns faster and blinds more "
+                                                         "(chosen on the validation split with confirmed defects guarding: "
+                                                         "docs/benchmarks.md).")
     views: Views = Field(Views.D4, description="Views of a labelled frame whose patches are absorbed: frame (it alone), flips (and its "
                                                "three flips), d4 (and its rotations too). More views learn an appearance that "
                                                "recurs elsewhere on the part from fewer labels, with more rows per label, and "

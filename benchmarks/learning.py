@@ -189,8 +189,10 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
     spec = scorer.compiled.extension_spec
     assert spec is not None
     guard_before = guard_figures(guard_scores, guard[1], scorer.threshold)
-    found: dict[int, dict[str, list]] = {n: {"passes": [], "rows": [], "deltas": [], "worst": [], "drops": [], "cut": []}
-                                         for n in labels}
+    found: dict[int, dict[str, list]] = {n: {"passes": [], "rows": [], "deltas": [], "worst": [], "drops": [], "cut": [],
+                                             "lost": []} for n in labels}
+    defects = np.array([t != "good" for t in guard[1]])
+    caught_before = defects & (guard_scores >= scorer.threshold)
     cut = [0] * trials  # labels the full extension cut short (views dropped, or nothing absorbed), per trial
     for trial in range(trials):
         order = list(range(len(marked)))
@@ -216,6 +218,7 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
             row["rows"].append(len(ext.rows))
             row["cut"].append(cut[trial])
             row["deltas"].append(after["image_auroc"] - guard_before["image_auroc"])
+            row["lost"].append(int((caught_before & (now < scorer.threshold)).sum()))
             row["worst"].append({k: v - guard_before[k] for k, v in after.items() if k.startswith("caught") or k == "good_flagged"})
         scorer.compiled.set_extension(np.zeros((0, spec.feature_dim), np.float32))
     out = {}
@@ -224,7 +227,8 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
                  for k in row["worst"][0]}
         drops = {k: (statistics.median(d[k] for d in row["drops"]), max(d[k] for d in row["drops"])) for k in row["drops"][0]}
         out[n] = {"pass_after": summary(row["passes"]), "rows": summary(row["rows"]),
-                  "auroc_delta": summary(row["deltas"]), "worst": worst, "drops": drops, "cut": sum(row["cut"])}
+                  "auroc_delta": summary(row["deltas"]), "worst": worst, "drops": drops, "cut": sum(row["cut"]),
+                  "lost": row["lost"]}
     return out
 
 
@@ -276,12 +280,14 @@ def quality(args: argparse.Namespace) -> None:
                         drops = ", ".join(f"{k} {100 * m:.1f} ({100 * w:.1f})" for k, (m, w) in r["drops"].items())
                         rows_out.append([kind, f"{margin:g}", views.value, "confirmed" if guarded else "none",
                                          f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2),
-                                         fmt(r["rows"], 0), str(r["cut"]), fmt(r["auroc_delta"], 4), worst, drops])
+                                         fmt(r["rows"], 0), str(r["cut"]), fmt(r["auroc_delta"], 4), worst, drops,
+                                         ", ".join(map(str, r["lost"]))])
                         log.info("%s", " | ".join(rows_out[-1]))
     print(md_table(["appearance", "margin", "views", "guard", "flagged before", "labels", "other marked pass after, median [range]",
                     "extension rows", "labels cut short by a full extension (all trials)",
                     "guard image AUROC change", "guard worst change per type (over trials)",
-                    "guard score drop per type, %: median (worst) over trials"], rows_out))
+                    "guard score drop per type, %: median (worst) over trials",
+                    "defects no longer caught, per order"], rows_out))
 
 
 def worker_timing(args: argparse.Namespace) -> None:

@@ -41,6 +41,12 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
+def good_png(dataset: Path) -> Path:
+    """The generated set's first good test image by name: the same file on every run (a directory's listing order
+    is the file system's, and varies between runs)."""
+    return min((dataset / "weave" / "test" / "good").glob("*.png"))
+
+
 def train_bundle(dataset: Path, out: Path, *flags: str) -> Path:
     """The session bundle's ``exporter train`` (128 px, 5 % coreset on the generated weave), with ``flags`` added."""
     proc = subprocess.run(

@@ -13,6 +13,7 @@ import pytest
 
 from bundle import prepare_image, read_manifest
 from bundle.runtime import CompiledBundle
+from conftest import good_png
 from worker.config import Config
 from worker.decode import Header, decode, probe, reduction
 from worker.evidence import EvidenceStore
@@ -50,7 +51,7 @@ def _frame(camera: str, frame_id: str, png: bytes, **user: str) -> Inbound:
 
 
 def _png(dataset: Path) -> bytes:
-    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    return good_png(dataset).read_bytes()
 
 
 def test_admission_without_a_broker(pipeline, dataset):

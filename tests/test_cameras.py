@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Client, user_props, write_config
+from conftest import Client, good_png, user_props, write_config
 from test_worker import _query
 
 from exporter.synthetic import _texture
@@ -46,7 +46,7 @@ def running(broker, bundle_dir, tmp_path, worker_factory):
 
 
 def _good(dataset: Path) -> bytes:
-    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    return good_png(dataset).read_bytes()
 
 
 def _query_until_found(client: Client, prefix: str, request: dict, timeout: float = 30) -> dict:

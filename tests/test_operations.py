@@ -18,12 +18,12 @@ from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 from bundle import read_manifest, write_manifest
-from conftest import Client, write_config
+from conftest import Client, good_png, write_config
 from scripts.broker import free_port
 
 
 def _good(dataset: Path) -> bytes:
-    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    return good_png(dataset).read_bytes()
 
 
 def _online(client: Client, prefix: str, worker_id: str = "w-test") -> None:

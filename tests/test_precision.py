@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import openvino as ov
 import pytest
-from conftest import Client, write_config
+from conftest import Client, good_png, write_config
 
 from bundle import BundleError, read_manifest
 from bundle.runtime import CompiledBundle, supported_precisions
@@ -87,7 +87,7 @@ def test_worker_serves_bf16_with_the_bf16_thresholds(broker, bundle_dir, dataset
     worker_factory(config)
     (model,) = client.json_on(f"{prefix}/workers/w-test/model", timeout=120)
     assert model["precision"] == "bf16" and model["scopes"]["exact"]["precision"] == "f32"
-    data = next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    data = good_png(dataset).read_bytes()
     client.publish_frame("line", data, "f-1")
     client.publish_frame("exact", data, "f-2")
     (fast,) = client.json_on(f"{prefix}/line/result")

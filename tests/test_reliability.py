@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import Client, start_on_embedded_store, wait_online, write_config
+from conftest import Client, good_png, start_on_embedded_store, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.config import StoreConfig
 from worker.store import VectorStore
@@ -35,7 +35,7 @@ ERROR_CODES = {"empty_payload", "payload_too_large", "not_an_image", "unsupporte
 
 
 def _good_png(dataset: Path) -> bytes:
-    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    return good_png(dataset).read_bytes()
 
 
 def _png_header(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
@@ -79,7 +79,7 @@ def _mutations(base: bytes):
 
 def _payloads(dataset: Path):
     png = _good_png(dataset)
-    image = cv2.imread(str(next((dataset / "weave" / "test" / "good").glob("*.png"))))
+    image = cv2.imread(str(good_png(dataset)))
     jpeg = cv2.imencode(".jpg", image)[1].tobytes()
     variants = [
         cv2.imencode(".png", image.astype(np.uint16) * 257)[1].tobytes(),  # 16-bit

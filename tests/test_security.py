@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import ROOT
+from conftest import ROOT, good_png
 from scripts.broker import Broker, broker_readable_dir, free_port
 
 DEPLOY = ROOT / "deploy" / "mosquitto"
@@ -123,7 +123,7 @@ def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bund
         camera.on_publish = lambda c, u, mid, reason_code, props: acks.__setitem__(mid, reason_code)
         leaked: list[mqtt.MQTTMessage] = []
         camera.on_message = lambda c, u, m: leaked.append(m)
-        frame = next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+        frame = good_png(dataset).read_bytes()
 
         def publish(topic: str, frame_id: str) -> int:
             props = Properties(PacketTypes.PUBLISH)

@@ -20,13 +20,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks.start_burst import burst
-from conftest import Client, start_on_embedded_store, wait_online, write_config
+from conftest import Client, good_png, start_on_embedded_store, wait_online, write_config
 from scripts.broker import free_port
 from worker.store import point_id
 
 
 def _png(dataset: Path) -> bytes:
-    return next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    return good_png(dataset).read_bytes()
 
 
 def request(client: Client, topic: str, payload: bytes, timeout: float = 60) -> dict:

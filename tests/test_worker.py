@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, Client, user_props, write_config
+from conftest import ROOT, Client, good_png, user_props, write_config
 from worker.config import StoreConfig
 from worker.store import VectorStore
 
@@ -100,7 +100,7 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
 
 
 def _truncated_jpeg(dataset: Path) -> bytes:
-    image = cv2.imread(str(next((dataset / "weave" / "test" / "good").glob("*.png"))))
+    image = cv2.imread(str(good_png(dataset)))
     data = cv2.imencode(".jpg", image)[1].tobytes()
     return data[: len(data) * 2 // 3]
 
@@ -128,7 +128,7 @@ def test_top_tells_the_worker_loops_from_openvino_threads(running, dataset):
 
 def test_bad_input_gets_an_error_and_the_next_frame_still_works(running, dataset):
     prefix, client, worker, _, _ = running
-    good = next((dataset / "weave" / "test" / "good").glob("*.png")).read_bytes()
+    good = good_png(dataset).read_bytes()
     bomb = cv2.imencode(".png", np.zeros((5000, 5000), np.uint8))[1].tobytes()  # 25 Mpx in a few kB
     cases = [
         ("not-image", b"this is not an image at all", "not_an_image", {}),

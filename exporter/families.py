@@ -84,7 +84,8 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--max-bank", "cap on memory-bank rows, which bounds latency, bundle size and fit time "
                              "(0: no cap, the bank is --coreset-ratio of all patch features)", int),
         Option("--extension-candidates", "patches per frame compared with the bank extension and returned as "
-                                         "candidates for it (issue 17; 0: a graph without the extension input)", int),
+                                         "candidates for it (issue 17; default a sixteenth of the frame's patches, "
+                                         "64 to 256; 0: a graph without the extension input)", int),
         Option("--image-score", "how a frame's score is read: reweighted, anomalib's re-weighted distance of the most "
                                 "anomalous patch (default), or map_max, the blurred anomaly map's maximum (a false "
                                 "alarm's absorption then takes many more extension rows)", choices=("reweighted", "map_max")),

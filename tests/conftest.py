@@ -48,10 +48,14 @@ def good_png(dataset: Path) -> Path:
 
 
 def train_bundle(dataset: Path, out: Path, *flags: str) -> Path:
-    """The session bundle's ``exporter train`` (128 px, 5 % coreset on the generated weave), with ``flags`` added."""
+    """The session bundle's ``exporter train`` (128 px, 5 % coreset on the generated weave), with ``flags`` added.
+
+    Every one of its 16 x 16 patches is a bank-extension candidate (K = 256, not the default's share of the frame),
+    so a bundle with rows in its extension computes exactly the PatchCore of bank + rows, which the extension and
+    fold tests compare with."""
     proc = subprocess.run(
         [sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
-         "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05", *flags],
+         "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05", "--extension-candidates", "256", *flags],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,7 +22,7 @@ from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones
 from exporter.data import load_category, read_image
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
-from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, fit, to_tensor
+from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, auto_candidates, fit, to_tensor
 
 
 def _bundle(graph: PatchcoreGraph, spec, folder: Path) -> Path:
@@ -40,9 +40,9 @@ def _bundle(graph: PatchcoreGraph, spec, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fitted(dataset):
-    """A tiny fitted graph (128 px: 16 x 16 patches, all of them candidates at the default K), its input spec,
-    backbone and the generated test images."""
-    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05)
+    """A tiny fitted graph (128 px: 16 x 16 patches, all of them candidates), its input spec, backbone and the
+    generated test images."""
+    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, extension_candidates=256)
     cat = load_category(dataset, "weave")
     bb = backbones.resolve(settings.backbone)
     spec = input_spec(settings.input_size, bb.mean, bb.std)
@@ -82,7 +82,7 @@ def test_extension_equals_a_bank_holding_its_rows(fitted, tmp_path):
     model = graph.model
     bank = model.memory_bank
     model.memory_bank = torch.cat([bank, x_rows])
-    union = PatchcoreGraph(model, spec.height, graph.embedder, graph.candidates).eval()
+    union = PatchcoreGraph(model, spec.height, graph.embedder, graph.k).eval()
     union_dir = _bundle(union, spec, tmp_path / "union")
     model.memory_bank = bank
     extended = CompiledBundle(_bundle(graph, spec, tmp_path / "extended"), extension_rows=100)
@@ -228,6 +228,16 @@ def test_a_new_extension_reaches_concurrent_requests_whole(bundle_dir, dataset):
             t.join()
     assert any(np.isclose(s, low, rtol=1e-4) for s in scores) and any(np.isclose(s, high, rtol=1e-4) for s in scores)
     assert all(np.isclose(s, low, rtol=1e-4) or np.isclose(s, high, rtol=1e-4) for s in scores), sorted(set(scores))
+
+
+def test_the_default_candidates_are_a_share_of_the_frame(fitted):
+    """Unset, K is a sixteenth of the frame's patches within 64..256 (512 px: 256 of 4096; 256 px: 64 of 1024), so
+    a small input does not compare a quarter of its patches with every extension row; never more than it has."""
+    assert [auto_candidates(n) for n in (4096, 6400, 1024, 2304, 256, 40)] == [256, 256, 64, 144, 64, 40]
+    graph, spec, _, _, _ = fitted
+    default = PatchcoreGraph(graph.model, spec.height, graph.embedder).eval()
+    spec64 = default.extension_spec()
+    assert graph.patches() == 256 and spec64 is not None and spec64.candidates == 64
 
 
 def test_a_graph_without_candidates_has_no_extension(fitted, tmp_path):

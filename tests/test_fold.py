@@ -1,6 +1,6 @@
 """``python -m exporter fold-extension`` (issue 17): a worker's bank extension folded into a new bundle's bank.
 
-Real OpenVINO on the session bundle (128 px: 16 x 16 patches, all of them candidates at the default K = 256), so
+Real OpenVINO on the session bundle (128 px: 16 x 16 patches, all of them candidates, K = 256), so
 the source bundle with the rows as its extension computes exactly the PatchCore of bank + rows, which is what the
 folded bundle must compute with an empty extension.
 """

@@ -45,6 +45,16 @@ BLUR_SIGMA_AT_256 = 4.0
 IMAGE_SCORES = ("reweighted", "map_max")
 
 
+def auto_candidates(patches: int) -> int:
+    """The bank extension's candidates when not set: a sixteenth of the frame's patches (256 at 512 px), 64 to 256.
+
+    Every candidate meets every extension row on every frame, so a fixed 256 would be a quarter of a 256 px
+    frame's patches and cost the fast setting four times the default's share; at a sixteenth, learning on
+    the validation split was the same (docs/benchmarks.md, "the extension's candidates scaled with the frame").
+    """
+    return min(patches, max(64, min(256, patches // 16)))
+
+
 @dataclass
 class PatchcoreSettings:
     backbone: str = "efficientnet_lite0"
@@ -62,10 +72,11 @@ class PatchcoreSettings:
     batch_size: int = 8
     seed: int = 0
     map_sigma: float | None = None  # anomaly-map blur in px; None: scaled with the input (blur_sigma)
-    # Patches per frame checked against the bank extension and returned as candidates for it (capped at the
-    # frame's patch count): the extension can only lower these patches' distances, so it costs a small
-    # matrix product instead of a second full one.  0: no extension input (the graph as before issue 17).
-    extension_candidates: int = 256
+    # Patches per frame checked against the bank extension and returned as candidates for it: the extension can
+    # only lower these patches' distances, so it costs a small matrix product instead of a second full one.
+    # None: the same share of the frame at every input size (auto_candidates); 0: no extension input (the graph
+    # as before issue 17); else that many, capped at the frame's patch count.
+    extension_candidates: int | None = None
     image_score: str = "reweighted"  # one of IMAGE_SCORES
     # Which copies of each training image the memory bank is built from (bundle.extension.Views: frame, flips,
     # d4).  For a texture or part whose flipped and turned images are good parts too, the bank then covers each
@@ -127,7 +138,7 @@ class PatchcoreGraph(nn.Module):
     blur_rows: torch.Tensor
     blur_cols: torch.Tensor
 
-    def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int = 256,
+    def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int | None = None,
                  image_score: str = "reweighted") -> None:
         super().__init__()
         if image_score not in IMAGE_SCORES:
@@ -140,8 +151,9 @@ class PatchcoreGraph(nn.Module):
         self.register_buffer("bank_sq", (bank * bank).sum(1))
         self.k_support = min(model.num_neighbors, int(bank.shape[0]))
         self.feature_dim = int(bank.shape[1])
-        self.candidates = candidates
-        self.k = min(max(candidates, 0), self.patches())  # a Python int, so the traced TopK has a constant K
+        patches = self.patches()
+        # a Python int, so the traced TopK has a constant K
+        self.k = auto_candidates(patches) if candidates is None else min(max(candidates, 0), patches)
         # anomalib's Gaussian blur as two 1-D passes (its normalised 2-D kernel is the outer product of the two
         # sums below), each written as a product with a banded [H, H] matrix that also holds the border padding:
         # the same map, with no Pad and no convolution, whose OpenVINO CPU kernels were several times slower at

@@ -18,9 +18,10 @@ For each appearance, margin, set of views (``learning.views``) and number of lab
 ``--trials`` times: the images are shuffled, the operator goes through them and labels each one the bundle
 still flags until n are labelled, exactly as the worker absorbs a label (``bundle.extension.offending`` on
 the graph's candidates for each view of the frame, added to an :class:`~bundle.extension.Extension`, one
-label after the other), and the other marked images are scored
+label after the other; a label the full extension cuts short is counted), and the other marked images are scored
 again.  Guard: image AUROC, the detection rate at the bundle's threshold and the mean share by which
-the scores fell, of every defect type, before and after, on ``--split``: ``validation`` (synthetic anomalies of each of
+the scores fell, of every defect type, before and after, and how many defects each order no longer catches,
+on ``--split``: ``validation`` (synthetic anomalies of each of
 ``--guard-kinds`` on the same held-out normals, exporter/validation.py; by default all five, the subtle
 ``deform`` and ``stain`` included) to choose the margin, ``test`` (the category's test split) to report it
 once.  ``--confirmed K`` draws K images of each defect type out of the guard as the operator's confirmed defects

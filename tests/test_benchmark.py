@@ -92,6 +92,13 @@ def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, 
     assert guards == ["none", "none", "confirmed", "confirmed"] * 2
     assert "precision f32" in proc.stdout and "Guard before absorption: image_auroc" in proc.stdout
     assert "confirmed defects (1 of each type, out of the guard set)" in proc.stdout
+    # An extension too small for one label: the label is cut short as the worker cuts it, counted, and the run goes on.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.learning", str(bundle_dir), "--data", str(dataset),
+                           "--category", "weave", "--split", "test", "--margins", "0.8", "--labels", "1", "--trials", "1",
+                           "--rows", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cut = [int(line.split("|")[9]) for line in proc.stdout.splitlines() if line.startswith(("| mark", "| glare"))]
+    assert len(cut) == 2 and max(cut) == 1, proc.stdout
 
 def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):
     """benchmarks.extension end to end: a bundle exported without the extension (--extension-candidates 0) against

@@ -149,9 +149,10 @@ class Learner:
         was scored (call again at once)."""
         if not self.cfg.learning.guard_defects:
             return False
-        served = frozenset(m for m in self.models.scopes().values() if m.extension is not None)
+        live = set(self.models.scopes().values())
+        served = frozenset(m for m in live if m.extension is not None)
         if served != self._warmed:
-            self.guards.served(set(self.models.scopes().values()))
+            self.guards.served(live)
             payloads = confirmed()
             self._warmed = served
             self._pending = [(m, k, p) for m in served for k, p in reversed(self._wanted(m, payloads).items())]

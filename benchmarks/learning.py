@@ -60,7 +60,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, fmt, md_table, summary
 from bundle import prepare_image
-from bundle.extension import Extension, ExtensionFull, Views, decisive_patches, offending_views, spared
+from bundle.extension import Extension, Views, absorb, decisive_patches
 from bundle.runtime import CompiledBundle
 
 log = logging.getLogger("benchmarks.learning")
@@ -129,31 +129,11 @@ class Scorer:
 
     def absorb(self, ext: Extension, key: str, image: np.ndarray, margin: float, views: Views,
                protected: list[tuple[np.ndarray, np.ndarray]]) -> bool:
-        """Absorb a label of ``image`` as worker/learning.py does (one tile): the frame's own offending patches, put
-        to use, then those of its other views, scored against the extension as it was before the label, in place
-        of that entry; rows that would lower a ``protected`` (confirmed) defect are left out.  Where the extension
-        is full, as in the worker, the views' rows are dropped (the frame's own kept) or the label absorbs nothing:
-        False then."""
-        copies = views.of(prepare_image(image, self.spec))
-        before = self.compiled.extension_state
-        rows, _ = offending_views(self.compiled, self.request, copies[:1], self.threshold, margin)
-        rows = rows[spared(rows, protected)]
-        if not len(rows):
-            return True
-        try:
-            ext.add(key, rows, key, "bench")
-        except ExtensionFull:
-            return False
-        self.compiled.set_extension(ext.rows)
-        if len(copies) > 1:
-            more, _ = offending_views(self.compiled, self.request, copies[1:], self.threshold, margin, before)
-            more = more[spared(more, protected)]
-            try:
-                ext.add(key, np.concatenate([rows, more]), key, "bench")
-            except ExtensionFull:
-                return False
-            self.compiled.set_extension(ext.rows)
-        return True
+        """Absorb a label of ``image`` as the worker does (one tile; bundle.extension.absorb); False where the full
+        extension cut it short (its views' rows dropped, or nothing absorbed)."""
+        done = absorb(self.compiled, self.request, ext, key, [prepare_image(image, self.spec)], views, self.threshold,
+                      margin, protected, lambda e: self.compiled.set_extension(e.rows), key, "bench")
+        return not done.full
 
     def scores(self, images: list[np.ndarray]) -> np.ndarray:
         return np.array([float(self.predict(i).score[0]) for i in images])

@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -134,6 +135,53 @@ def offending_views(bundle: CompiledBundle, request: ov.InferRequest, copies: li
         found.append(offending(pred.candidates[0], pred.candidate_scores[0], threshold, margin))
         scores.append(float(pred.score[0]))
     return np.concatenate(found), scores
+
+
+@dataclass(frozen=True)
+class Absorbed:
+    """What :func:`absorb` did with one label."""
+
+    entry: Entry | None  # the label's entry; None where nothing was added
+    raw_score: float  # the frame's raw image score before the label (its highest tile's)
+    left_out: int  # offending rows left out because they lie near a confirmed defect's decisive patches
+    full: str = ""  # the ExtensionFull message where the frame's rows (entry None) or its views' rows did not fit
+
+
+def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key: str, tiles: list[np.ndarray],
+           views: Views, threshold: float, margin: float, protected: list[tuple[np.ndarray, np.ndarray]],
+           put: Callable[[Extension], None], frame_id: str, camera: str) -> Absorbed:
+    """Absorb a false-alarm label of the frame ``key`` (its prepared ``tiles``) into ``ext``; ``put`` puts the
+    extension's rows to use wherever the bundle scores.
+
+    The frame's own offending patches first, put to use at once so the next frames pass; then those of its other
+    ``views``, scored against the extension as it was before this label (as if all had been read at once), in
+    place of that entry.  Rows within reach of a ``protected`` confirmed defect (:func:`spared`) are left out.
+    Where the extension is full the views' rows are dropped (the frame's own kept), or nothing is absorbed.
+    """
+    before = bundle.extension_state
+    rows, scores = offending_views(bundle, request, tiles, threshold, margin)
+    raw_score = max(scores)
+    keep = spared(rows, protected)
+    left_out = int((~keep).sum())
+    if not keep.any():
+        return Absorbed(None, raw_score, left_out)
+    rows = rows[keep]
+    try:
+        entry = ext.add(key, rows, frame_id, camera)
+    except ExtensionFull as exc:
+        return Absorbed(None, raw_score, left_out, str(exc))
+    put(ext)
+    if others := [view for tile in tiles for view in views.of(tile)[1:]]:
+        more, _ = offending_views(bundle, request, others, threshold, margin, before)
+        keep = spared(more, protected)
+        left_out += int((~keep).sum())
+        if keep.any():
+            try:
+                entry = ext.add(key, np.concatenate([rows, more[keep]]), frame_id, camera)
+            except ExtensionFull as exc:
+                return Absorbed(entry, raw_score, left_out, str(exc))
+            put(ext)
+    return Absorbed(entry, raw_score, left_out)
 
 
 class Views(StrEnum):

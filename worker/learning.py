@@ -20,8 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import prepare_image
-from bundle.extension import Entry, Extension, ExtensionFull, decisive_patches, offending_views, spared
-from bundle.runtime import ExtensionState
+from bundle.extension import Entry, Extension, absorb, decisive_patches
 from worker import tiling
 from worker.capture import Capture
 from worker.config import Config
@@ -64,8 +63,8 @@ class Learner:
         and why."""
         model = self.models.for_camera(camera)
         ext = model.extension
-        if ext is not None and (done := next((e for e in ext.entries() if e.key == key), None)) is not None:
-            return self._answer(ext, done, "already absorbed")
+        if ext is not None and (earlier := next((e for e in ext.entries() if e.key == key), None)) is not None:
+            return self._answer(ext, earlier, "already absorbed")
         if payload.get("verdict") != "anomalous":
             return {"patches": 0, "reason": "the frame was not flagged: there is nothing to absorb"}
         relative = (payload.get("evidence") or {}).get("frame")
@@ -79,39 +78,22 @@ class Learner:
                    f"the {model.info['family']} bundle {model.info['name']} has no bank extension: re-export it with this "
                    "version's exporter (PatchCore)")
             return {"patches": 0, "reason": why}
-        # The frame itself first, so the next frames pass at once; then its other views, in place of that entry,
-        # scored against the extension as it was before this label, exactly as if all had been read at once.
-        before = model.bundle.extension_state
         tiles = self._tiles(model, camera, self.frame_image(data, camera, model))
-        rows, scores = self._offending(model, camera, tiles)
-        raw_score = round(max(scores), 5)  # as the frame was scored when flagged (same decode, crop, tiles), less later labels
-        if not len(rows):
-            return {"patches": 0, "raw_score": raw_score, "reason": "no patch of this frame is above the threshold any more"}
-        protected = self._protected(model, confirmed or [])
-        keep = spared(rows, protected)
-        left_out = int((~keep).sum())
-        if not keep.any():
-            return {"patches": 0, "left_out": left_out, "raw_score": raw_score, "reason": f"each of its {_patches(left_out)} "
-                    "lies near a confirmed defect's decisive patches: absorbing it could hide that defect"}
-        rows = rows[keep]
-        try:
-            entry = self._add(ext, key, rows, frame_id, camera)
-        except ExtensionFull as exc:
-            return {"patches": 0, "raw_score": raw_score, "reason": str(exc)}
-        refused = ""
-        if others := [view for tile in tiles for view in self.cfg.learning.views.of(tile)[1:]]:
-            more, _ = self._offending(model, camera, others, before)
-            keep = spared(more, protected)
-            left_out += int((~keep).sum())
-            more = more[keep]
-            try:
-                entry = self._add(ext, key, np.concatenate([rows, more]), frame_id, camera) if len(more) else entry
-            except ExtensionFull as exc:
-                refused = f" of the frame itself (its flipped and turned views did not fit: {exc})"
-        guarded = f"; {_patches(left_out)} left out, near confirmed defects" if left_out else ""
-        answer = self._answer(ext, entry, f"absorbed: {_patches(entry.rows)}{refused}{guarded}; frames that look like "
-                              "this one now pass")
-        return {**answer, "left_out": left_out, "raw_score": raw_score}
+        threshold = self.models.image_norm(model, camera).threshold
+        done = absorb(model.bundle, model.bundle.create_request(), ext, key, tiles, self.cfg.learning.views, threshold,
+                      self.cfg.learning.margin, self._protected(model, confirmed or []),
+                      lambda e: self._put(e, camera, frame_id), frame_id, camera)
+        figures = {"left_out": done.left_out, "raw_score": round(done.raw_score, 5)}  # the raw score as when flagged
+        if done.entry is None:
+            why = done.full or (f"each of its {_patches(done.left_out)} lies near a confirmed defect's decisive patches: "
+                                "absorbing it could hide that defect" if done.left_out else
+                                "no patch of this frame is above the threshold any more")
+            return {"patches": 0, **figures, "reason": why}
+        refused = f" of the frame itself (its flipped and turned views did not fit: {done.full})" if done.full else ""
+        guarded = f"; {_patches(done.left_out)} left out, near confirmed defects" if done.left_out else ""
+        answer = self._answer(ext, done.entry, f"absorbed: {_patches(done.entry.rows)}{refused}{guarded}; frames that "
+                              "look like this one now pass")
+        return {**answer, **figures}
 
     def confirm(self, key: str, payload: dict) -> None:
         """Score a frame just labelled ``confirmed_defect`` for its model's guard now (one inference per tile), so that
@@ -196,14 +178,12 @@ class Learner:
         self.guards.put(model, key, self._how(model, camera), guard)
         return guard
 
-    def _add(self, ext: Extension, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
-        """Add (or replace) frame ``key``'s rows and put them to use: every compiled copy, the model topic."""
-        entry = ext.add(key, rows, frame_id, camera)
+    def _put(self, ext: Extension, camera: str, frame_id: str) -> None:
+        """Put the extension's rows to use: every compiled copy, the model topic."""
         self.models.apply(ext)
-        log.info("false alarm %s/%s absorbed: %d patches, extension revision %d, %d rows", camera, frame_id,
-                 entry.rows, ext.revision, len(ext.rows))
+        log.info("false alarm %s/%s absorbed: extension revision %d, %d rows", camera, frame_id, ext.revision,
+                 len(ext.rows))
         self.on_change()
-        return entry
 
     def release(self, key: str, camera: str) -> dict:
         """Take back what frame ``key`` added, from whichever extension holds it."""
@@ -241,14 +221,6 @@ class Learner:
             return [prepare_image(image, spec)]
         canvas, tiles = tiling.cut(image, spec.width, spec.height, override.tiling)
         return [prepare_image(canvas[y:y + spec.height, x:x + spec.width], spec) for _, _, x, y in tiles]
-
-    def _offending(self, model: Model, camera: str, copies: list[np.ndarray],
-                   extension: ExtensionState | None = None) -> tuple[np.ndarray, list[float]]:
-        """Candidate patches above the margin of each prepared view in ``copies``, scored with ``extension`` (the
-        extension before this label), else the extension in use; and each view's raw score."""
-        threshold = self.models.image_norm(model, camera).threshold
-        return offending_views(model.bundle, model.bundle.create_request(), copies, threshold, self.cfg.learning.margin,
-                               extension)
 
     @staticmethod
     def _answer(ext: Extension, entry: Entry, message: str) -> dict:

@@ -15,7 +15,7 @@ from bundle import prepare_image, read_manifest
 from bundle.runtime import CompiledBundle
 from conftest import good_png
 from worker.config import Config
-from worker.decode import Header, decode, probe, reduction
+from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.evidence import EvidenceStore
 from worker.metrics import Stats
 from worker.models import Models
@@ -111,3 +111,28 @@ def test_a_large_jpeg_is_decoded_smaller_and_scores_as_decoded_in_full(pipeline,
     (result,) = [json.loads(m.payload) for m in transport.wait(lambda m: m.topic == "inspect/cam/result", 1, timeout=120)]
     want = float(CompiledBundle(bundle_dir).infer(full[np.newaxis]).score[0])
     assert result["raw_score"] == pytest.approx(want, rel=0.02)
+
+
+def test_a_jpeg_is_refused_when_cut_short_not_when_bytes_follow_its_end(dataset):
+    """A frame grabbed from an MJPEG stream often ends in the multipart's line break, or a camera appends a trailer:
+    the image is whole and is decoded.  Cut short anywhere in its scan, or with the thumbnail's end marker as the
+    last one, it is refused before decoding (libjpeg would fill the rest with grey)."""
+    image = cv2.imread(str(good_png(dataset)))
+    plain = cv2.imencode(".jpg", image)[1].tobytes()
+    progressive = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    for jpeg in (plain, progressive):
+        for tail in (b"", b"\r\n", b"\xff", b"\x00\x00", b"trailer"):
+            header = probe(jpeg + tail, len(jpeg) + 16, 10**8)
+            assert np.array_equal(decode(jpeg + tail), decode(jpeg)) and header.width == image.shape[1]
+        scan = jpeg.rfind(b"\xff\xda")
+        for cut in (scan + 64, (scan + len(jpeg)) // 2, len(jpeg) - 1):
+            with pytest.raises(FrameError) as refused:
+                probe(jpeg[:cut], len(jpeg), 10**8)
+            assert refused.value.code.value == "truncated_image"
+    thumbnail = cv2.imencode(".jpg", cv2.resize(image, (32, 32)))[1].tobytes()
+    exif = b"Exif\x00\x00" + thumbnail  # an APP1 segment holding a complete JPEG, as an EXIF thumbnail is
+    with_thumbnail = plain[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + plain[2:]
+    assert np.array_equal(decode(with_thumbnail), decode(plain))
+    with pytest.raises(FrameError) as refused:
+        probe(with_thumbnail[:len(with_thumbnail) - 100], len(with_thumbnail), 10**8)
+    assert refused.value.code.value == "truncated_image"

@@ -245,6 +245,45 @@ def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, data
         broker.stop()
 
 
+def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bundle_dir, dataset, tmp_path,
+                                                                     worker_factory):
+    """A camera or a tool that publishes with the retain flag leaves its last message on the broker, which hands it to
+    every new subscription: at each start and reconnect the worker would score that stale frame again and run that
+    stale command again.  It subscribes without retained messages; what is published while it listens arrives."""
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    frame = _good_png(dataset)
+    stale = Properties(PacketTypes.PUBLISH)
+    stale.UserProperty = [("frame_id", "stale"), ("captured_at", str(time.time()))]
+    client.client.publish(f"{prefix}/cam/frame", frame, qos=1, retain=True, properties=stale).wait_for_publish(5)
+    control = f"{prefix}/workers/w-test/control"
+
+    def status(token: bytes, retain: bool) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = f"{prefix}/query/response/test", token
+        client.client.publish(control, json.dumps({"command": "status"}), qos=1, retain=retain,
+                              properties=props).wait_for_publish(5)
+
+    status(b"stale", retain=True)
+    worker = worker_factory(write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}))
+    try:
+        wait_online(client, prefix)
+        client.publish_frame("cam", frame, "live")
+        status(b"live", retain=False)
+        client.json_on(f"{prefix}/cam/result")
+        replies = client.wait_for(lambda m: m.topic == f"{prefix}/query/response/test"
+                                  and m.properties.CorrelationData == b"live")  # one request at a time, in order
+        assert [m.properties.CorrelationData for m in client.messages if m.topic == replies[0].topic] == [b"live"]
+        assert worker.stop() == 0
+        final = json.loads(worker.output().split("stopped: ", 1)[1].split("; ", 1)[0])["cam"]
+        assert final["received"] == final["processed"] == 1, final
+        assert [json.loads(m.payload)["frame_id"] for m in client.messages if m.topic == f"{prefix}/cam/result"] == ["live"]
+    finally:
+        for topic in (f"{prefix}/cam/frame", control):  # an empty retained message clears the broker's copy
+            client.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        client.close()
+
+
 # 3. Overload is handled by policy -------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest", "block"])

@@ -74,9 +74,13 @@ class MqttLink:
     """One client connection; callers set ``on_message`` and ``on_connected`` before :meth:`start`."""
 
     def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
-                 will: tuple[str, str] | None = None) -> None:
+                 will: tuple[str, str] | None = None, retained: bool = True) -> None:
+        """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
+        handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
+        every start and reconnect; what is published while we are subscribed still arrives."""
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
+        self._retain_handling = 0 if retained else 2
         self.on_message: Callable[[mqtt.MQTTMessage], None] | None = None
         self.on_connected: Callable[[], None] | None = None
         self.max_packet_size: int | None = None
@@ -124,7 +128,8 @@ class MqttLink:
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
         if self.subscriptions:
-            client.subscribe([(topic, SubscribeOptions(qos=self.cfg.qos)) for topic in self.subscriptions])
+            client.subscribe([(topic, SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling))
+                              for topic in self.subscriptions])
         self.connected.set()
         if self.on_connected:
             self.on_connected()

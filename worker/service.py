@@ -68,7 +68,7 @@ class Worker:
                                             self.topics.shared(self.topics.query, cfg.topics.share_group),
                                             self.topics.shared(self.topics.label, cfg.topics.share_group),
                                             self.topics.control],
-                             will=(self.topics.availability, "offline"))
+                             will=(self.topics.availability, "offline"), retained=False)
         self.link.client.manual_ack_set(True)
         self.capture = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance) if cfg.capture.enabled else None
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness,

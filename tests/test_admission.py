@@ -57,7 +57,7 @@ def _png(dataset: Path) -> bytes:
 def test_admission_without_a_broker(pipeline, dataset):
     p, transport = pipeline
     png = _png(dataset)
-    for value in ("nan", "inf", "1e15", "-1e20"):
+    for value in ("nan", "inf", "1e25", "-1e20"):
         p.on_frame(_frame("cam", f"t-{value}", png, captured_at=value))
     p.on_frame(_frame("cam", "x/y", png))
     p.on_frame(Inbound("inspect/cam/frame", png, 1, {"frame_id": "m"}))

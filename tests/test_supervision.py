@@ -225,11 +225,19 @@ def test_recorder_backlog_is_bounded_in_bytes(tmp_path):
 
 # Validation ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e15", "-1e20", "1e308", "0", "9999-12-31T23:59:59",
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e25", "-1e20", "1e308", "0", "9999-12-31T23:59:59", "5e9", "5e12",
                                    "", "now", "2026-13-01T00:00:00"])
 def test_timestamps_must_be_finite_and_in_range(value):
     with pytest.raises(ValueError):
         parse_timestamp(value)
+
+
+@pytest.mark.parametrize("value", ["1795996800", "1795996800000", "1795996800000000", "1795996800000000000",
+                                   "1795996800.25", 1795996800000, 1.7959968e12, "2026-11-30T00:00:00Z"])
+def test_epoch_numbers_in_seconds_milliseconds_microseconds_or_nanoseconds_are_told_apart_by_size(value):
+    """Between 2000 and 2100 an epoch number in each unit lies in a range no other unit reaches, so a camera gateway
+    that sends JavaScript's Date.now() (milliseconds) or a nanosecond clock gets its frame's time, not an error."""
+    assert parse_timestamp(value) == pytest.approx(1795996800.0, abs=0.3)
 
 
 def test_frame_metadata_and_control_models():

@@ -66,26 +66,39 @@ def iso(ts: float) -> str:
 
 
 def parse_timestamp(value: str | float | int) -> float:
-    """ISO-8601 (naive means UTC) or epoch seconds -> epoch seconds; ValueError unless finite and in range."""
+    """ISO-8601 (naive means UTC) or an epoch number -> epoch seconds; ValueError unless finite and in range.
+
+    Epoch numbers may be seconds, milliseconds (JavaScript's ``Date.now()``, Java's ``currentTimeMillis``),
+    microseconds or nanoseconds: between 2000 and 2100 the four ranges do not overlap, so the size tells the unit.
+    """
     if isinstance(value, bool):
         raise ValueError("a timestamp is not a boolean")
     if isinstance(value, (int, float)):
-        ts = float(value)
+        ts = _epoch_seconds(float(value))
     else:
         text = str(value).strip()
         try:
-            ts = float(text)
+            ts = _epoch_seconds(float(text))
         except ValueError:
             try:
                 stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
             except (ValueError, OverflowError) as exc:
-                raise ValueError(f"{text[:64]!r} is not ISO-8601 or epoch seconds") from exc
+                raise ValueError(f"{text[:64]!r} is not ISO-8601 or an epoch number") from exc
             if stamp.tzinfo is None:
                 stamp = stamp.replace(tzinfo=UTC)
             ts = stamp.timestamp()
     if not math.isfinite(ts) or not MIN_TS <= ts < MAX_TS:
         raise ValueError(f"{str(value)[:64]!r} is not a time between 2000-01-01 and 2100-01-01")
     return ts
+
+
+def _epoch_seconds(number: float) -> float:
+    """``number`` in seconds, read as seconds, milliseconds, microseconds or nanoseconds by the range it lies in
+    (unchanged when it lies in none, for the range check to refuse)."""
+    for per_second in (1.0, 1e3, 1e6, 1e9):
+        if MIN_TS * per_second <= number < MAX_TS * per_second:
+            return number / per_second
+    return number
 
 
 def valid_id(value: object) -> TypeGuard[str]:

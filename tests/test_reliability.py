@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import struct
+import subprocess
 import threading
 import time
 import uuid
@@ -281,6 +282,80 @@ def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bun
     finally:
         for topic in (f"{prefix}/cam/frame", control):  # an empty retained message clears the broker's copy
             client.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        client.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 100 MB tmpfs: a disk that can really fill up (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file until the disk refuses more."""
+    filler = folder / "filler"
+    with filler.open("wb") as fh:
+        try:
+            while True:
+                fh.write(bytes(1 << 20))
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, dataset, tmp_path, small_disk, worker_factory):
+    """The store, evidence, spool and capture sample share a disk that fills up while the worker runs: every frame
+    still gets exactly one answer, the losses are counted, the worker stops cleanly (qdrant-edge's own flush fails
+    then), and once space is freed the history is written again.  The embedded store maps its files into memory,
+    where a write to a full disk kills the process, so it is not written below ``store.min_free_mb``."""
+    prefix = f"d{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix},
+                          store={"path": str(small_disk / "qdrant"), "flush_s": 0.1},
+                          evidence={"path": str(small_disk / "evidence"), "max_frames": 1000},
+                          spool={"path": str(small_disk / "spool")},
+                          capture={"path": str(small_disk / "capture"), "export_path": str(tmp_path / "training")})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    frames = [f.read_bytes() for f in sorted((dataset / "weave" / "train" / "good").glob("*.png"))]  # each its own
+    stats_topic = f"{prefix}/workers/w-test/stats"
+    answer_topics = (f"{prefix}/cam/result", f"{prefix}/cam/error")
+
+    def send(tag: str, n: int) -> None:
+        ids = [f"{tag}{i}" for i in range(n)]
+        for i, frame_id in enumerate(ids):
+            client.publish_frame("cam", frames[(len(tag) * 7 + i) % len(frames)], frame_id)
+        for frame_id in ids:
+            client.wait_for(lambda m, f=frame_id: m.topic in answer_topics and json.loads(m.payload)["frame_id"] == f)
+
+    def stats(predicate) -> dict:
+        return json.loads(client.wait_for(lambda m: m.topic == stats_topic and predicate(json.loads(m.payload)),
+                                          timeout=60)[-1].payload)
+
+    try:
+        wait_online(client, prefix)
+        send("before", 5)
+        written = stats(lambda s: s["store_written"] >= 5)["store_written"]
+        filler = _fill(small_disk)
+        send("full", 20)
+        full = stats(lambda s: s["recorder_lost"] > 0 and s["cameras"]["cam"]["processed"] == 25)
+        assert full["capture_failed_writes"] > 0 and full["store_written"] == written, full
+        filler.unlink()
+        send("after", 5)
+        stats(lambda s: s["store_written"] > written)
+        answers = [json.loads(m.payload) for m in client.messages if m.topic in answer_topics]
+        assert sorted(a["frame_id"] for a in answers) == sorted(
+            [f"before{i}" for i in range(5)] + [f"full{i}" for i in range(20)] + [f"after{i}" for i in range(5)])
+        assert not [m for m in client.messages if m.topic == f"{prefix}/cam/error"]
+        _fill(small_disk)  # full again for the stop: the store's flush at close fails
+        assert worker.stop() == 0, worker.output()[-3000:]
+    finally:
         client.close()
 
 

@@ -190,6 +190,21 @@ def test_query_errors_are_answered_clearly(tmp_path):
     store.close()
 
 
+def test_the_embedded_store_is_not_opened_below_its_free_space_floor(tmp_path):
+    """qdrant-edge maps its files into memory, and a page it writes on a full disk kills the process (SIGBUS):
+    below ``store.min_free_mb`` the store refuses to open, saying why, and writes nothing; 0 turns the check off."""
+    store = _store(tmp_path)
+    store.upsert(_frames(3))
+    store.close()
+    files = {f: f.stat().st_size for f in (tmp_path / "store").rglob("*") if f.is_file()}
+    with pytest.raises(StoreError, match=r"MB free on the disk of .*store.min_free_mb"):
+        _store(tmp_path, min_free_mb=2**40)  # more than any disk has
+    assert {f: f.stat().st_size for f in (tmp_path / "store").rglob("*") if f.is_file()} == files
+    store = _store(tmp_path, min_free_mb=0)
+    assert store.count() == 3
+    store.close()
+
+
 def test_store_errors_are_clear(tmp_path):
     store = _store(tmp_path)
     store.upsert(_frames(3))

@@ -98,7 +98,11 @@ class _Camera:
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves a partial file
+        raise
     tmp.replace(path)
 
 
@@ -118,6 +122,8 @@ class Capture:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._cameras: dict[str, _Camera] = {}
+        self.failed_writes = 0
+        self._reported_at = float("-inf")
         self._load_all()
 
     def _camera(self, camera: str) -> _Camera:
@@ -144,32 +150,40 @@ class Capture:
         inference thread: a frame the reservoir does not draw costs a counter, and the state is written at most
         every ``SAVE_EVERY_S`` (after a crash, frames kept since are dropped at start)."""
         with self._lock:
-            state = self._camera(camera)
-            state.seen += 1
-            if len(state.files) < self.max_frames:
-                slot = len(state.files)
-            else:
-                slot = self._rng.randrange(state.seen)
-                if slot >= self.max_frames:
-                    self._save_due(state)
-                    return False
-            vector = signature(image)
-            if self._duplicate(state, vector):
+            try:
+                return self._offer(camera, key, image, encoded)
+            except OSError as exc:  # e.g. a full disk: the frame was answered already, and the sample waits
+                self._write_failed(exc)
+                return False
+
+    def _offer(self, camera: str, key: str, image: np.ndarray, encoded: Callable[[], tuple[bytes, str]]) -> bool:
+        """:meth:`offer` under the lock."""
+        state = self._camera(camera)
+        state.seen += 1
+        if len(state.files) < self.max_frames:
+            slot = len(state.files)
+        else:
+            slot = self._rng.randrange(state.seen)
+            if slot >= self.max_frames:
                 self._save_due(state)
                 return False
-            data, ext = encoded()
-            name = f"{key}.{ext}"
-            _write(state.folder / name, data)
-            if slot == len(state.files):
-                state.files.append(name)
-                state.vectors = vector[None] if state.vectors is None else np.vstack([state.vectors, vector])
-            else:
-                (state.folder / state.files[slot]).unlink(missing_ok=True)
-                state.files[slot] = name
-                assert state.vectors is not None  # as many rows as files
-                state.vectors[slot] = vector
+        vector = signature(image)
+        if self._duplicate(state, vector):
             self._save_due(state)
-            return True
+            return False
+        data, ext = encoded()
+        name = f"{key}.{ext}"
+        _write(state.folder / name, data)
+        if slot == len(state.files):
+            state.files.append(name)
+            state.vectors = vector[None] if state.vectors is None else np.vstack([state.vectors, vector])
+        else:
+            (state.folder / state.files[slot]).unlink(missing_ok=True)
+            state.files[slot] = name
+            assert state.vectors is not None  # as many rows as files
+            state.vectors[slot] = vector
+        self._save_due(state)
+        return True
 
     def _save_due(self, state: _Camera) -> None:
         now = time.monotonic()
@@ -177,11 +191,23 @@ class Capture:
             state.save()
             state.saved_at = now
 
+    def _write_failed(self, exc: OSError) -> None:
+        """Count a write that failed, and say so at most once a minute (a full disk fails every frame)."""
+        self.failed_writes += 1
+        now = time.monotonic()
+        if now - self._reported_at >= 60:
+            self._reported_at = now
+            log.error("capture sample %s: cannot write (%s); %d writes failed so far, the sample keeps what it has",
+                      self.root, exc, self.failed_writes)
+
     def flush(self) -> None:
         """Write every camera's state now (at shutdown)."""
         with self._lock:
             for state in self._cameras.values():
-                state.save()
+                try:
+                    state.save()
+                except OSError as exc:
+                    self._write_failed(exc)
 
     def _duplicate(self, state: _Camera, vector: np.ndarray) -> bool:
         """Within ``min_distance`` (cosine) of a kept frame."""

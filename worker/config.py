@@ -219,6 +219,9 @@ class StoreConfig(_Section):
                                                             "no limit.")
     retention_every_s: float = Field(60, gt=0, description="How often retention runs while the worker runs (on the recorder thread, never "
                                                            "the inference path).")
+    min_free_mb: int = Field(64, ge=0, description="Embedded: no write starts while its disk has less free (a vacuum needs the "
+                                                   "collection's size on top); embeddings are spooled meanwhile. The engine maps its "
+                                                   "files into memory, and a write to a full disk would kill the worker. 0 = no check.")
 
 
 class SpoolConfig(_Section):

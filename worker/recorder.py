@@ -26,7 +26,7 @@ from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
-from worker.store import VectorStore
+from worker.store import StoreError, VectorStore
 from worker.supervise import Liveness, StopLoop, supervised_loop
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class Recorder:
                                                         size=lambda r: r.nbytes)
         self.liveness = liveness
         self.dropped = 0
+        self.lost = 0  # records neither stored nor spooled (the evidence or the spool could not be written)
         self.written = 0
         self._store_lock = threading.Lock()
         self._next_try = 0.0
@@ -205,7 +206,10 @@ class Recorder:
         self._thread.join(timeout)
         with self._store_lock:
             if self.store is not None:
-                self.store.close()
+                try:
+                    self.store.close()
+                except StoreError as exc:  # e.g. a full disk: what it had not flushed is replayed from its log at start
+                    log.error("%s", exc)
                 self.store = None
 
     # --- recorder thread ---------------------------------------------------------------------
@@ -296,7 +300,12 @@ class Recorder:
                     # Order is kept: while anything is spooled, new batches queue behind it.
                     if len(self.spool) or not self._upsert(points):
                         self.spool.push(points)
+                except OSError as exc:  # e.g. a full disk: neither the evidence nor the spool takes it
+                    self.lost += len(batch)
+                    log.error("recorder could not write a batch of %d (%s); it is lost (%d records so far)",
+                              len(batch), exc, self.lost)
                 except Exception:
+                    self.lost += len(batch)
                     log.exception("recorder failed on a batch of %d; it is lost", len(batch))
                 finally:
                     self._settled(len(batch))

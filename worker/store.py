@@ -16,6 +16,7 @@ path; retention (count and age) runs on that thread too (:meth:`VectorStore.reta
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -97,9 +98,18 @@ def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | 
 
 
 class _Edge:
-    """qdrant-edge-py shard at ``path/collection``."""
+    """qdrant-edge-py shard at ``path/collection``.
 
-    def __init__(self, folder: Path, dim: int, hnsw: bool) -> None:
+    The engine maps its files into memory, and a page it writes on a full disk kills the whole process (SIGBUS)
+    instead of raising, so no write starts while the disk has less than ``min_free`` bytes free; a vacuum, which
+    may rewrite every segment, needs the collection's own size on top.  The recorder then spools, as for any
+    store outage, and tries again.
+    """
+
+    def __init__(self, folder: Path, dim: int, hnsw: bool, min_free: int = 0) -> None:
+        self.folder = folder
+        self.min_free = min_free
+        self._room("open")
         # Exact: indexing threshold 0 = never build a vector index (optimize() then only vacuums deletes).
         index = edge.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000) if hnsw else None
         optimizers = None if hnsw else edge.EdgeOptimizersConfig(indexing_threshold=0)
@@ -120,7 +130,18 @@ class _Edge:
                 self.shard.update(edge.UpdateOperation.create_field_index(name, _EDGE_SCHEMA[schema]))
         self.params = edge.SearchParams(exact=not hnsw)
 
+    def _room(self, what: str, extra: int = 0) -> None:
+        """Raise :class:`StoreError` unless the store's disk has ``min_free`` + ``extra`` bytes free."""
+        if not self.min_free:
+            return
+        where = next(p for p in (self.folder, *self.folder.parents) if p.exists())
+        free, need = shutil.disk_usage(where).free, self.min_free + extra
+        if free < need:
+            raise StoreError(f"not starting the store's {what}: {free / 2**20:.0f} MB free on the disk of {self.folder}, "
+                             f"{need / 2**20:.0f} MB needed (store.min_free_mb): free some space")
+
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
+        self._room("write")
         points = [edge.Point(uuid.UUID(pid), vec.astype(np.float32).tolist(), payload) for pid, vec, payload in items]
         self.shard.update(edge.UpdateOperation.upsert_points(points))
 
@@ -156,12 +177,14 @@ class _Edge:
         return [str(r.id) for r in recs]
 
     def delete(self, ids: list[str]) -> None:
+        self._room("delete")
         self.shard.update(edge.UpdateOperation.delete_points([uuid.UUID(i) for i in ids]))
 
     def count(self) -> int:
         return int(self.shard.count(edge.CountRequest(exact=True)))
 
     def optimize(self) -> None:
+        self._room("vacuum", sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file()))
         self.shard.optimize()
 
     def close(self) -> None:
@@ -196,7 +219,7 @@ class VectorStore:
                     raise StoreError("no vector store: set store.path (embedded) or store.url (a Qdrant server)")
                 folder = cfg.path / cfg.collection
                 folder.parent.mkdir(parents=True, exist_ok=True)
-                self.engine = _Edge(folder, dim, cfg.hnsw)
+                self.engine = _Edge(folder, dim, cfg.hnsw, cfg.min_free_mb * 2**20)
                 where = f"embedded qdrant-edge at {folder}{' (HNSW)' if cfg.hnsw else ''}"
         except StoreError:
             raise

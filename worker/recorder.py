@@ -208,7 +208,7 @@ class Recorder:
             if self.store is not None:
                 try:
                     self.store.close()
-                except StoreError as exc:  # e.g. a full disk: what it had not flushed is replayed from its log at start
+                except StoreError as exc:  # e.g. a full disk: said, and the shutdown goes on
                     log.error("%s", exc)
                 self.store = None
 

@@ -101,6 +101,28 @@ def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryab
     assert worker.proc.poll() is None
 
 
+def test_an_optional_metadata_camera_with_an_unset_clock_is_stamped_not_refused(running, dataset):
+    """A camera whose clock was never set sends 1970, and a sloppy one an unusable id: with ``metadata: optional`` the
+    worker stamps such frames as it stamps frames without metadata, and says so (``generated``); a camera that
+    requires metadata still gets ``bad_metadata``."""
+    prefix, client, worker = running
+    good = _good(dataset)
+    before = time.time()
+    client.publish_frame("loose", good, "clock-unset", captured_at="1970-01-01T00:00:12Z")
+    client.publish_frame("loose", good, "bad/id", captured_at="now")
+    client.publish_frame("strict", good, "clock-unset", captured_at="1970-01-01T00:00:12Z")
+    results = client.json_on(f"{prefix}/loose/result", count=2)
+    stamped = next(r for r in results if r["frame_id"] == "clock-unset")
+    assert stamped["generated"] == ["captured_at"]
+    assert before - 2 <= datetime.fromisoformat(stamped["captured_at"]).timestamp() <= time.time() + 1
+    renamed = next(r for r in results if r["frame_id"] != "clock-unset")
+    assert renamed["generated"] == ["frame_id"] and renamed["frame_id"].startswith("g-")
+    error = client.json_on(f"{prefix}/strict/error")[0]
+    assert error["code"] == "bad_metadata" and error["frame_id"] == "clock-unset"
+    assert not [m for m in client.messages if m.topic == f"{prefix}/loose/error"]
+    assert worker.proc.poll() is None
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

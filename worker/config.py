@@ -66,8 +66,9 @@ class TopicsConfig(_Section):
     prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
     cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
     metadata: MetadataPolicy = Field("required", description="Frames without frame_id/captured_at: refused with missing_metadata "
-                                                             "(required), or given a generated frame_id and captured_at = receive time "
-                                                             "(optional: cameras and MQTT 3.1.1 clients that cannot send user properties); "
+                                                             "(required), or given a generated frame_id and captured_at = receive time, "
+                                                             "also in place of unusable ones (optional: cameras and MQTT 3.1.1 clients "
+                                                             "that cannot send user properties, cameras whose clock is not set); "
                                                              "cameras.<id>.metadata overrides it.")
     share_group: str | None = Field(None, description="Join MQTT v5 shared subscription $share/<group>/...: the broker balances frames "
                                                       "(and queries) across the workers of a group. Set mqtt.session_expiry_s to 0 (or a "

@@ -12,13 +12,16 @@ import base64
 import binascii
 import itertools
 import json
+import logging
 import secrets
 import threading
 from dataclasses import dataclass
 
 from worker.config import Config
 from worker.decode import FrameError
-from worker.wire import ErrorCode
+from worker.wire import ErrorCode, parse_timestamp, valid_id
+
+log = logging.getLogger(__name__)
 
 # Envelope keys by the frame field they carry.  The first of each row is ours; the others are what
 # other publishers name them: ``image``/``data`` (Node-RED flows after a base64 node, plain base64 or a
@@ -116,6 +119,7 @@ class Ingest:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.ids = FrameIds()
+        self._warned: set[tuple[str, str]] = set()  # (camera, field) whose unusable values were said once
 
     def arrive(self, camera: str, user: dict[str, str], payload: bytes, received_ts: float) -> Arrival:
         """User properties win over envelope fields; generated fields are named in the result."""
@@ -127,11 +131,28 @@ class Ingest:
         policy = (override.metadata if override is not None and override.metadata else None) or self.cfg.topics.metadata
         if policy == "required":
             return Arrival(fields, data)
+        # Missing, or sent but unusable (a camera whose clock was never set says 1970): made up, and named.
         generated = []
-        if "frame_id" not in fields:
+        if not valid_id(fields.get("frame_id")):
+            self._unusable(camera, "frame_id", fields)
             fields = {**fields, "frame_id": self.ids.next()}
             generated.append("frame_id")
-        if "captured_at" not in fields:
+        if not _usable_time(fields.get("captured_at")):
+            self._unusable(camera, "captured_at", fields)
             fields = {**fields, "captured_at": repr(received_ts)}
             generated.append("captured_at")
         return Arrival(fields, data, tuple(generated))
+
+    def _unusable(self, camera: str, field: str, fields: dict[str, str]) -> None:
+        """Say once per camera and field that a value it sent is replaced (absent values are the policy's point)."""
+        if field in fields and len(self._warned) < 10_000 and (camera, field) not in self._warned:
+            self._warned.add((camera, field))
+            log.warning("camera %s sends %s %r, which cannot be used: replaced by the worker's own (metadata: optional); "
+                        "its results list it under generated", camera, field, str(fields[field])[:64])
+
+
+def _usable_time(value: str | None) -> bool:
+    try:
+        return value is not None and bool(parse_timestamp(value))
+    except ValueError:
+        return False

@@ -152,7 +152,11 @@ class Ingest:
 
 
 def _usable_time(value: str | None) -> bool:
+    """Whether ``value`` is a ``captured_at`` admission accepts (:func:`parse_timestamp`)."""
+    if value is None:
+        return False
     try:
-        return value is not None and bool(parse_timestamp(value))
+        parse_timestamp(value)
     except ValueError:
         return False
+    return True

@@ -300,13 +300,10 @@ class Recorder:
                     # Order is kept: while anything is spooled, new batches queue behind it.
                     if len(self.spool) or not self._upsert(points):
                         self.spool.push(points)
-                except OSError as exc:  # e.g. a full disk: neither the evidence nor the spool takes it
+                except Exception as exc:  # an OSError is e.g. a full disk (neither the evidence nor the spool takes it)
                     self.lost += len(batch)
-                    log.error("recorder could not write a batch of %d (%s); it is lost (%d records so far)",
-                              len(batch), exc, self.lost)
-                except Exception:
-                    self.lost += len(batch)
-                    log.exception("recorder failed on a batch of %d; it is lost", len(batch))
+                    log.error("recorder could not write a batch of %d (%s: %s); it is lost (%d records so far)",
+                              len(batch), type(exc).__name__, exc, self.lost, exc_info=not isinstance(exc, OSError))
                 finally:
                     self._settled(len(batch))
             if batch is None:

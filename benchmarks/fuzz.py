@@ -2,8 +2,9 @@
 
     python -m benchmarks.fuzz --messages 10000 [--bundle DIR] [--batch 200]
 
-Channels: frame user properties and payloads, topic levels, query, control and label requests
-(wrong types, unknown fields, huge or deeply nested JSON, missing response topic, raw bytes).
+Channels: frame user properties and payloads, topic levels, query, control and label requests (wrong types,
+unknown fields, huge or deeply nested JSON, missing response topic, raw bytes), and the worker's own availability
+topic (the payloads and user properties a second process under its worker.id would send).
 After each batch three canaries must be answered: a QoS 1 frame from another camera (a result),
 a control ``status`` and a query.  At the end the worker gets SIGTERM and a client takes over its
 persistent session: any QoS 1 message the worker never acknowledged is redelivered to it and
@@ -36,7 +37,7 @@ from paho.mqtt.properties import Properties
 
 from benchmarks.common import ROOT
 
-CHANNELS = ("frame", "topic", "query", "control", "label")
+CHANNELS = ("frame", "topic", "query", "control", "label", "availability")
 # MQTT strings: valid UTF-8 without control characters (mosquitto drops a publisher that sends them).
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cn")), max_size=40)
 NUMBERS = st.sampled_from(["nan", "inf", "-inf", "1e15", "-1e20", "1e308", "0", "-1", "1.5e9", "", " ", "now"])
@@ -102,7 +103,15 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
         for ch, topic_for in (("query", f"{prefix}/query"), ("control", f"{prefix}/workers/{worker_id}/control"),
                               ("label", f"{prefix}/label"))
     ]
-    return st.one_of(frame, frame, topic, *requests)  # frames weigh double: the busiest channel
+    # The worker reads its own availability topic (a second process under its worker.id, worker/presence.py).
+    presence_keys = st.sampled_from(["instance", "host", "pid", "client_id", "connection"])
+    availability = st.builds(
+        lambda payload, props: {"channel": "availability", "topic": f"{prefix}/workers/{worker_id}/availability",
+                                "payload": payload, "user": props},
+        st.one_of(st.just(b"online"), st.just(b"offline"), st.binary(max_size=64)),
+        st.lists(st.tuples(presence_keys | TEXT, TEXT), max_size=6),
+    )
+    return st.one_of(frame, frame, topic, *requests, availability)  # frames weigh double: the busiest channel
 
 
 class Fuzzer:

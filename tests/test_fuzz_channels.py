@@ -1,9 +1,9 @@
 """Property-based fuzzing of every input channel against a real worker and a real mosquitto.
 
-Frame user properties and payloads, topic levels, query, control and label requests, drawn from the
-strategies of benchmarks/fuzz.py (which runs >= 10,000 of them; figures in docs/reliability.md).  After
-each batch the canaries (a QoS 1 frame from another camera, a control status, a query) must be answered;
-at the end no QoS 1 message may be left unacknowledged and the frame counters must add up.
+Frame user properties and payloads, topic levels, query, control and label requests, and the availability topic
+the worker reads back, drawn from the strategies of benchmarks/fuzz.py (which runs >= 10,000 of them; figures in
+docs/reliability.md).  After each batch the canaries (a QoS 1 frame from another camera, a control status, a
+query) must be answered; at the end no QoS 1 message may be left unacknowledged and the frame counters must add up.
 """
 
 from __future__ import annotations

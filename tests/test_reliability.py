@@ -285,6 +285,57 @@ def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bun
         client.close()
 
 
+def test_a_second_process_under_the_same_worker_id_is_named(broker, bundle_dir, tmp_path, worker_factory):
+    """Two boxes installed from one config share worker.id and so the MQTT client id: the broker hands the session
+    from one to the other every second, and each log only said "disconnected".  Each process now announces itself
+    in its retained ``online`` and names the other in its log and stats.  A predecessor that froze without its last
+    will (the service manager started a new one) leaves its ``online`` behind: that alone is no proof of a second
+    live process."""
+    prefix = f"p{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    same = {"client_id": f"twin-{uuid.uuid4().hex[:6]}"}
+    configs = [write_config(tmp_path / name, broker.port, bundle_dir, topics={"prefix": prefix}, mqtt=same)
+               for name in ("frozen", "second", "third")]
+    stats_topic = f"{prefix}/workers/w-test/stats"
+
+    def stats_of(pid: int, after: int = 0, count: int = 1) -> list[dict]:
+        """Stats messages of the process ``pid`` among those received after the first ``after`` messages."""
+        found = client.wait_for(lambda m: m.topic == stats_topic and client.messages.index(m) >= after
+                                and json.loads(m.payload)["process"]["pid"] == str(pid), count=count)
+        return [json.loads(m.payload) for m in found]
+
+    frozen = worker_factory(configs[0])
+    try:
+        wait_online(client, prefix)
+        frozen.proc.send_signal(signal.SIGSTOP)  # hung: no last will is sent, its retained online stays
+        second = worker_factory(configs[1])
+        stats_of(second.proc.pid)  # connected, subscribed: the frozen one's retained online has reached it
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = f"{prefix}/query/response/test", b"barrier"
+        client.client.publish(f"{prefix}/workers/w-test/control", json.dumps({"command": "status"}), qos=1,
+                              properties=props).wait_for_publish(5)
+        answered = client.wait_for(lambda m: m.topic == f"{prefix}/query/response/test")[0]
+        later = stats_of(second.proc.pid, after=client.messages.index(answered) + 1)[0]
+        assert later["other_process"] is None, later  # the retained online of a dead predecessor proves nothing
+        frozen.stop(signal.SIGKILL)
+
+        third = worker_factory(configs[2])  # a live twin: same worker.id, same client id
+        named = client.wait_for(lambda m: m.topic == stats_topic
+                                and (json.loads(m.payload).get("other_process") or {}).get("pid") == str(third.proc.pid))
+        assert json.loads(named[0].payload)["process"]["pid"] == str(second.proc.pid)
+        named = client.wait_for(lambda m: m.topic == stats_topic
+                                and (json.loads(m.payload).get("other_process") or {}).get("pid") == str(second.proc.pid))
+        assert json.loads(named[0].payload)["process"]["pid"] == str(third.proc.pid)
+        assert second.stop() == 0 and third.stop() == 0
+        for log, other in ((second.output(), third), (third.output(), second)):
+            assert "another worker process runs as worker.id 'w-test' on this broker: host" in log
+            assert f"pid {other.proc.pid} (this one" in log
+            assert "Both connect as MQTT client" in log
+    finally:
+        client.client.publish(f"{prefix}/workers/w-test/availability", b"", qos=1, retain=True).wait_for_publish(5)
+        client.close()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 100 MB tmpfs: a disk that can really fill up (root only; skipped where mounting is not allowed)."""

@@ -74,12 +74,16 @@ class MqttLink:
     """One client connection; callers set ``on_message`` and ``on_connected`` before :meth:`start`."""
 
     def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
-                 will: tuple[str, str] | None = None, retained: bool = True) -> None:
+                 will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = ()) -> None:
         """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
         handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
-        every start and reconnect; what is published while we are subscribed still arrives."""
+        every start and reconnect; what is published while we are subscribed still arrives.  ``watch``: topics
+        subscribed with their retained message whatever ``retained`` says (the worker's own status), at QoS 0: the
+        broker queues nothing of them for the session while we are away, and nothing waits for our acknowledgement
+        (our own last ``stopped`` would otherwise stay in the session after every shutdown)."""
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
+        self.watch = list(watch)
         self._retain_handling = 0 if retained else 2
         self.on_message: Callable[[mqtt.MQTTMessage], None] | None = None
         self.on_connected: Callable[[], None] | None = None
@@ -127,9 +131,10 @@ class MqttLink:
             return
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
-        if self.subscriptions:
+        if self.subscriptions or self.watch:
             client.subscribe([(topic, SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling))
-                              for topic in self.subscriptions])
+                              for topic in self.subscriptions]
+                             + [(topic, SubscribeOptions(qos=0, retainHandling=0)) for topic in self.watch])
         self.connected.set()
         if self.on_connected:
             self.on_connected()

@@ -30,6 +30,7 @@ from worker.metrics import Stats
 from worker.models import DEFAULT, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
 from worker.pipeline import Pipeline
+from worker.presence import Presence
 from worker.query import QueryService
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
@@ -63,12 +64,15 @@ class Worker:
                                  cfg.evidence.thumbnail_size, self.liveness, cfg.limits.recorder_max_records,
                                  cfg.limits.recorder_max_bytes)
         self.stats = Stats(self.liveness, cfg.metrics.max_cameras)
-        self.link = MqttLink(cfg.mqtt, cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}",
+        client_id = cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}"
+        self.presence = Presence(cfg.worker.id, client_id)
+        self.link = MqttLink(cfg.mqtt, client_id,
                              subscriptions=[self.topics.shared(self.topics.frames, cfg.topics.share_group),
                                             self.topics.shared(self.topics.query, cfg.topics.share_group),
                                             self.topics.shared(self.topics.label, cfg.topics.share_group),
                                             self.topics.control],
-                             will=(self.topics.availability, "offline"), retained=False)
+                             will=(self.topics.availability, "offline"), retained=False,
+                             watch=[self.topics.availability])
         self.link.client.manual_ack_set(True)
         self.capture = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance) if cfg.capture.enabled else None
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness,
@@ -87,7 +91,7 @@ class Worker:
         self.link.on_connected = self._announce
 
     def _announce(self) -> None:
-        self.link.publish(self.topics.availability, "online", retain=True)
+        self.link.publish(self.topics.availability, "online", retain=True, properties=self.presence.online_properties())
         self._publish_models()
 
     def _publish_models(self) -> None:
@@ -155,8 +159,11 @@ class Worker:
                 self.link.client.ack(raw.mid, raw.qos)
 
     def dispatch(self, msg: Inbound) -> None:
-        """A request goes to the request queue (answered busy when it is full), anything else to the pipeline."""
-        if msg.topic in (self.topics.query, self.topics.label, self.topics.control):
+        """A request goes to the request queue (answered busy when it is full), our own availability to the
+        presence check, anything else to the pipeline."""
+        if msg.topic == self.topics.availability:
+            self.presence.observe(msg.payload, msg.replayed, msg.user)
+        elif msg.topic in (self.topics.query, self.topics.label, self.topics.control):
             for refused in self.query_queue.put(msg):
                 self._respond(refused, error_answer(ErrorCode.BUSY, "too many requests waiting"))
         else:
@@ -228,6 +235,8 @@ class Worker:
             "cameras": self.stats.snapshot(),
             "threads": self.liveness.snapshot(),
             "healthy": not self.liveness.problems(),
+            "process": self.presence.identity(),
+            "other_process": self.presence.snapshot(),
         }
 
     def run(self, stop: threading.Event) -> None:

@@ -25,13 +25,15 @@ class Inbound:
     response_topic: str | None = None
     correlation: bytes | None = None
     mid: int = 0
+    replayed: bool = False  # from the broker's store, not published just now: retained, or redelivered (DUP)
 
     @classmethod
     def from_paho(cls, msg: Any) -> Inbound:
         """From a paho ``MQTTMessage`` (the last value wins on duplicate user properties)."""
         props = getattr(msg, "properties", None)
         return cls(msg.topic, bytes(msg.payload), msg.qos, dict(getattr(props, "UserProperty", None) or []),
-                   getattr(props, "ResponseTopic", None) or None, getattr(props, "CorrelationData", None), msg.mid)
+                   getattr(props, "ResponseTopic", None) or None, getattr(props, "CorrelationData", None), msg.mid,
+                   bool(msg.retain or msg.dup))
 
 
 class Transport(Protocol):

@@ -427,9 +427,11 @@ function renderWorker(w) {
     $("#workers").append(el);
   }
   const stats = w.stats || {};
-  el.className = `pill ${w.availability === "online" ? "on" : "off"}`;
+  const twin = stats.other_process;  // a second process runs under this worker.id (worker/presence.py)
+  el.className = `pill ${w.availability === "online" && !twin ? "on" : "off"}`;
   el.textContent = `${w.id}: ${w.availability || "?"}` + (w.model ? ` · ${w.model.name || ""} ${w.model.version || ""}` : "")
-    + (stats.queue !== undefined ? ` · queue ${stats.queue}` : "");
+    + (stats.queue !== undefined ? ` · queue ${stats.queue}` : "")
+    + (twin ? ` · also running on ${twin.host} (pid ${twin.pid}): give each worker its own worker.id` : "");
   if (w.id === controlled) {
     renderCapture(stats.capture);
     renderModels(w.model);

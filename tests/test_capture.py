@@ -28,10 +28,39 @@ def test_the_sample_is_bounded_and_uniform_over_the_history(tmp_path) -> None:
     capture = Capture(tmp_path, max_frames=50, min_distance=0.0, seed=0)
     for i in range(1000):
         capture.offer("cam", f"k{i:04d}", image(i), png(i))
-    assert capture.counts() == {"cam": {"seen": 1000, "kept": 50, "false_alarms": 0}}
+    counts = capture.counts()["cam"]
+    assert (counts["seen"], counts["kept"], counts["false_alarms"]) == (1000, 50, 0)
     kept = sorted(int(p.stem[1:]) for p in (tmp_path / "cam").glob("k*.png"))
     assert len(kept) == 50
     assert sum(k >= 500 for k in kept) in range(15, 36)  # about half from each half of the history, not the newest 50
+
+
+def test_the_sample_stops_at_its_megabytes_and_stays_uniform(tmp_path) -> None:
+    """Full-resolution PNG or BMP frames fill the disk long before the frame count: the sample also stops at
+    capture.max_mb, still drawn uniformly from the whole history, and when larger frames come later it drops kept
+    ones until it fits again."""
+    budget = 20_000
+    capture = Capture(tmp_path, max_frames=500, min_distance=0.0, seed=0, max_mb=budget / 1e6)
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in (tmp_path / "cam").glob("k*.png"))
+
+    for i in range(1000):
+        capture.offer("cam", f"k{i:04d}", image(i), png(i))
+        assert on_disk() <= budget
+    kept = sorted(int(p.stem[1:]) for p in (tmp_path / "cam").glob("k*.png"))
+    assert len(frame(0)) * len(kept) > budget - 2 * len(frame(0))  # full: about budget / frame size
+    assert capture.counts()["cam"]["kept"] == len(kept) and capture.counts()["cam"]["mb"] == round(on_disk() / 1e6, 1)
+    assert sum(k >= 500 for k in kept) in range(len(kept) // 4, len(kept) * 3 // 4 + 1)  # not the newest ones
+
+    def large(i: int) -> np.ndarray:
+        return np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+
+    for i in range(1000, 3000):  # the camera's resolution went up: each frame four times the bytes
+        capture.offer("cam", f"k{i:04d}", large(i), lambda i=i: (cv2.imencode(".png", large(i))[1].tobytes(), "png"))
+        assert on_disk() <= budget
+    again = Capture(tmp_path, max_frames=500, min_distance=0.0, max_mb=budget / 1e6)  # counted again from disk
+    assert again.counts()["cam"]["mb"] == round(on_disk() / 1e6, 1)
 
 
 def test_near_duplicates_are_skipped(tmp_path) -> None:
@@ -53,7 +82,8 @@ def test_state_survives_a_restart_and_exports_a_training_folder(tmp_path) -> Non
     capture.remove_false_alarm("line 1/cam", "gone")
     capture.flush()  # the worker's shutdown
     again = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
-    assert again.counts() == {"line 1/cam": {"seen": 12, "kept": 12, "false_alarms": 1}}
+    counts = again.counts()["line 1/cam"]
+    assert (counts["seen"], counts["kept"], counts["false_alarms"]) == (12, 12, 1)
     written = again.export(tmp_path / "out")
     name = camera_folder("line 1/cam")
     assert "/" not in name and name != "line 1/cam"

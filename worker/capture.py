@@ -1,13 +1,15 @@
 """Capture for retraining: per camera, a bounded, de-duplicated sample of the line's normal frames at full
 resolution, plus the frames operators marked as false alarms, exported as a training folder.
 
-Policy (``capture.max_frames`` per camera): **reservoir sampling** (Vitter's algorithm R) over the
-normal frames a camera has sent, so the sample stays uniform over the whole history, a shift's worth as
-likely as the last minute's, without holding more than the bound.  A frame whose signature (the frame
-shrunk to 16x16 grey, centred and normalised) is within ``capture.min_distance`` (cosine) of one already
-kept is skipped: a stopped line sends the same part for minutes.  Frames are kept as the camera sent
-them (the original bytes).  A false-alarm frame is kept apart (``false_alarm/``) until its label is
-withdrawn; both go to ``good/`` at export, since the operator said they are normal.
+Policy (``capture.max_frames`` and ``capture.max_mb`` per camera): **reservoir sampling** (Vitter's algorithm R)
+over the normal frames a camera has sent, so the sample stays uniform over the whole history, a shift's worth as
+likely as the last minute's, without holding more than the bound.  The sample stops growing at whichever bound
+comes first (large BMP or PNG frames reach the megabytes long before the frame count); should larger frames
+replace smaller ones past the megabytes, kept frames drawn at random are dropped until it fits again.  A frame
+whose signature (the frame shrunk to 16x16 grey, centred and normalised) is within ``capture.min_distance``
+(cosine) of one already kept is skipped: a stopped line sends the same part for minutes.  Frames are kept as
+the camera sent them (the original bytes).  A false-alarm frame is kept apart (``false_alarm/``) until its label
+is withdrawn; both go to ``good/`` at export, since the operator said they are normal.
 
 ``export`` writes ``OUT/<camera>/good/*`` (a layout ``python -m exporter train --data OUT --category
 <camera>`` reads: a folder of good images), so the next bundle is trained on what the line really
@@ -62,6 +64,7 @@ class _Camera:
         self.saved_at = float("-inf")
         self.seen = 0
         self.files: list[str] = []
+        self.bytes = 0  # of the kept files
         self.vectors: np.ndarray | None = None
         self.false_alarms: set[str] = set()
         index = folder / INDEX
@@ -79,6 +82,7 @@ class _Camera:
         self.seen, self.files, self.vectors = seen, [f for f in files if (folder / f).is_file()], vectors
         if vectors is not None and len(self.files) != len(files):
             self.vectors = vectors[[i for i, f in enumerate(files) if (folder / f).is_file()]]
+        self.bytes = sum((folder / f).stat().st_size for f in self.files)
         for stray in [] if read_only else folder.iterdir():  # replaced or never indexed (a crash): the bound holds
             if stray.is_file() and stray.name not in (INDEX, EMBEDDINGS) and stray.name not in self.files:
                 stray.unlink(missing_ok=True)
@@ -110,7 +114,7 @@ class Capture:
     """Thread-safe: inference threads offer frames, the request thread adds false alarms and exports."""
 
     def __init__(self, root: Path, max_frames: int, min_distance: float, seed: int | None = None,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, max_mb: float | None = None) -> None:
         """``read_only``: another process (the running worker) owns the folder, e.g. for the export CLI: nothing is
         cleaned up or written, and what the worker kept in its last few seconds may not be listed yet."""
         self.read_only = read_only
@@ -118,6 +122,7 @@ class Capture:
         if not read_only:
             self.root.mkdir(parents=True, exist_ok=True)
         self.max_frames = max_frames
+        self.max_bytes = None if max_mb is None else int(max_mb * 1_000_000)
         self.min_distance = min_distance
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -160,30 +165,56 @@ class Capture:
         """:meth:`offer` under the lock."""
         state = self._camera(camera)
         state.seen += 1
-        if len(state.files) < self.max_frames:
-            slot = len(state.files)
-        else:
-            slot = self._rng.randrange(state.seen)
-            if slot >= self.max_frames:
-                self._save_due(state)
-                return False
+        slot = len(state.files) if len(state.files) < self.max_frames and not self._over(state, 0) else self._draw(state)
+        if slot is None:
+            self._save_due(state)
+            return False
         vector = signature(image)
         if self._duplicate(state, vector):
             self._save_due(state)
             return False
         data, ext = encoded()
+        if slot == len(state.files) and self._over(state, len(data)):  # it would not fit: full by megabytes
+            slot = self._draw(state)
+            if slot is None:
+                self._save_due(state)
+                return False
         name = f"{key}.{ext}"
         _write(state.folder / name, data)
         if slot == len(state.files):
             state.files.append(name)
             state.vectors = vector[None] if state.vectors is None else np.vstack([state.vectors, vector])
         else:
-            (state.folder / state.files[slot]).unlink(missing_ok=True)
+            self._unlink(state, state.files[slot])
             state.files[slot] = name
             assert state.vectors is not None  # as many rows as files
             state.vectors[slot] = vector
+        state.bytes += len(data)
+        while self._over(state, 0) and len(state.files) > 1:  # larger frames replaced smaller ones
+            drop = self._rng.randrange(len(state.files))
+            self._unlink(state, state.files.pop(drop))
+            assert state.vectors is not None
+            state.vectors = np.delete(state.vectors, drop, axis=0)
         self._save_due(state)
-        return True
+        return name in state.files
+
+    def _over(self, state: _Camera, adding: int) -> bool:
+        """Past the megabytes with ``adding`` more bytes (reaching the budget exactly fits)."""
+        return self.max_bytes is not None and state.bytes + adding > self.max_bytes
+
+    def _draw(self, state: _Camera) -> int | None:
+        """A full sample's reservoir draw: the slot the new frame replaces, or None (not kept)."""
+        slot = self._rng.randrange(state.seen)
+        return slot if slot < len(state.files) else None
+
+    @staticmethod
+    def _unlink(state: _Camera, name: str) -> None:
+        path = state.folder / name
+        try:
+            state.bytes -= path.stat().st_size
+        except FileNotFoundError:
+            return
+        path.unlink(missing_ok=True)
 
     def _save_due(self, state: _Camera) -> None:
         now = time.monotonic()
@@ -231,10 +262,12 @@ class Capture:
                 (state.folder / FALSE_ALARMS / name).unlink(missing_ok=True)
                 state.false_alarms.discard(name)
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Per camera: normal frames seen, kept, and false alarms kept (for the stats topic and the console)."""
+    def counts(self) -> dict[str, dict[str, int | float]]:
+        """Per camera: normal frames seen, kept (and their megabytes), and false alarms kept (for the stats topic
+        and the console)."""
         with self._lock:
-            return {camera: {"seen": s.seen, "kept": len(s.files), "false_alarms": len(s.false_alarms)}
+            return {camera: {"seen": s.seen, "kept": len(s.files), "mb": round(s.bytes / 1e6, 1),
+                             "false_alarms": len(s.false_alarms)}
                     for camera, s in self._cameras.items()}
 
     def export(self, out: Path, cameras: list[str] | None = None) -> dict[str, dict]:

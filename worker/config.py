@@ -289,6 +289,9 @@ class CaptureConfig(_Section):
     path: Path = Field(Path("data/capture"), description="One folder per camera; survives restarts.")
     max_frames: int = Field(500, ge=1, description="Normal frames kept per camera, a uniform sample of all it sent (reservoir "
                                                    "sampling).")
+    max_mb: float | None = Field(1000, gt=0, description="... and at most this many megabytes of them per camera (whichever bound comes "
+                                                        "first: full-resolution PNG or BMP frames reach it long before max_frames); "
+                                                        "none = no limit.")
     min_distance: float = Field(0.01, ge=0, le=2, description="A frame this close (cosine, on a 16x16 grey signature) to a kept one is "
                                                               "skipped as a near-duplicate (0 = keep duplicates).")
     export_path: Path = Field(Path("data/training"), description="Where an export requested over MQTT or from the console is "

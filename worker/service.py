@@ -74,7 +74,8 @@ class Worker:
                              will=(self.topics.availability, "offline"), retained=False,
                              watch=[self.topics.availability])
         self.link.client.manual_ack_set(True)
-        self.capture = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance) if cfg.capture.enabled else None
+        self.capture = (Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, max_mb=cfg.capture.max_mb)
+                        if cfg.capture.enabled else None)
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness,
                                  self.capture)
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,

@@ -360,7 +360,7 @@ function renderCapture(capture) {
   const rows = Object.entries(capture || {}).sort(([a], [b]) => (a < b ? -1 : 1)).map(([cam, c]) => {
     const tr = document.createElement("tr");
     tr.dataset.camera = cam;
-    for (const v of [cam, c.seen, c.kept, c.false_alarms]) {
+    for (const v of [cam, c.seen, c.kept, c.mb ?? "–", c.false_alarms]) {
       const td = document.createElement("td"); td.textContent = String(v); tr.append(td);
     }
     return tr;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import textwrap
 import time
 import uuid
 from datetime import datetime
@@ -167,6 +168,28 @@ def test_json_envelopes_are_validated_like_user_properties(running, dataset):
     assert {user_props(m)["frame_id"] for m in heatmaps} == set(results)
     loose = client.json_on(f"{prefix}/envloose/result")[0]
     assert loose["generated"] == ["frame_id", "captured_at"] and loose["frame_id"].startswith("g-")
+    assert worker.proc.poll() is None
+
+
+def test_a_raw_camera_may_send_base64_text_and_json_is_refused_with_the_setting_that_reads_it(running, dataset):
+    """Home Assistant's MQTT camera (``image_encoding: b64``) and Node-RED flows publish an image as base64 text,
+    a data URL too: a raw camera decodes it.  A JSON document sent to a raw camera is refused with the setting
+    that reads envelopes, not as an unrecognised image."""
+    prefix, client, worker = running
+    good = _good(dataset)
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(good_png(dataset))))[1].tobytes()
+    mime = "\r\n".join(textwrap.wrap("data:image/jpeg;base64," + _b64(jpeg), 76)).encode()  # MIME's line breaks
+    sent = [("b64-png", _b64(good).encode(), None), ("b64-url", mime, None), ("raw", good, None),
+            ("json", json.dumps({"image_b64": _b64(good)}).encode(), "not_an_image"),
+            ("bad-b64", b"/9j/%%% not base64 %%%", "not_an_image")]
+    for frame_id, body, _ in sent:
+        client.publish_frame("strict", body, frame_id)
+    errors = {e["frame_id"]: e for e in client.json_on(f"{prefix}/strict/error", count=2)}
+    assert {k: e["code"] for k, e in errors.items()} == {f: code for f, _, code in sent if code}
+    assert "cameras.strict.payload: json_envelope" in errors["json"]["message"]
+    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/strict/result", count=3)}
+    assert set(results) == {"b64-png", "b64-url", "raw"}
+    assert results["b64-png"]["raw_score"] == results["raw"]["raw_score"]  # the same image, decoded from text
     assert worker.proc.poll() is None
 
 

@@ -1,9 +1,10 @@
 """What a camera sends, turned into one frame's fields and image bytes before admission.
 
-Cameras as they are: tools such as Node-RED flows publish a JSON envelope (base64 image plus
-fields) instead of raw image bytes, and cameras or MQTT 3.1.1 clients cannot send MQTT v5 user
-properties at all.  Both are opt-in per camera; what comes out goes through the same admission
-(worker/pipeline.py) as a raw frame with user properties, so the checks and error codes are the same.
+Cameras as they are: tools such as Node-RED flows publish a JSON envelope (base64 image plus fields) or the
+image as base64 text instead of raw image bytes, and cameras or MQTT 3.1.1 clients cannot send MQTT v5 user
+properties at all.  Base64 text is read on any raw camera; envelopes and generated metadata are opt-in per camera.
+What comes out goes through the same admission (worker/pipeline.py) as a raw frame with user properties, so the
+checks and error codes are the same.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ ENVELOPE_KEYS: dict[str, tuple[str, ...]] = {
     "camera_id": ("camera_id", "camera"),
 }
 _FIELD_OF = {key: field for field, keys in ENVELOPE_KEYS.items() for key in keys}
-# Slack over the image limit for base64 (4/3) and the envelope's other fields.
+# Slack over the image limit for base64 (4/3) and an envelope's other fields.
 _ENVELOPE_SLACK = 65_536
+# How base64 text of an accepted image begins (JPEG's FF D8 FF, PNG's signature, BMP's "BM"): raw image bytes
+# never begin so, so such a payload on a raw camera is text to decode, not a frame to refuse.
+_BASE64_IMAGE = (b"/9j/", b"iVBORw0KGgo", b"Qk")
 
 
 class FrameIds:
@@ -113,6 +117,29 @@ def open_envelope(payload: bytes, max_image_bytes: int) -> Arrival:
     return Arrival(fields, data)
 
 
+def open_raw(payload: bytes, camera: str, max_image_bytes: int) -> bytes:
+    """A raw camera's image bytes: as sent, or decoded where the publisher sent the image as base64 text (Home
+    Assistant's MQTT camera with ``image_encoding: b64``, Node-RED after a base64 node; a ``data:`` URL too).
+    JSON is refused with the setting that reads it."""
+    head = payload[:64].lstrip()
+    if head.startswith(b"data:image/"):
+        payload = payload.partition(b",")[2]
+        head = payload[:64].lstrip()
+    if head.startswith(_BASE64_IMAGE):
+        limit = max_image_bytes * 4 // 3 + _ENVELOPE_SLACK
+        if len(payload) > limit:
+            raise FrameError(ErrorCode.PAYLOAD_TOO_LARGE, f"base64 payload is {len(payload)} bytes, limit is {limit}")
+        try:
+            return base64.b64decode(b"".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise FrameError(ErrorCode.NOT_AN_IMAGE, "payload begins like base64 text of an image but is not valid "
+                                                     "base64") from None
+    if head.startswith((b"{", b"[")):
+        raise FrameError(ErrorCode.NOT_AN_IMAGE, f"payload is JSON, not an image: for a JSON envelope set "
+                                                 f"cameras.{camera}.payload: json_envelope (README, Worker API)")
+    return payload
+
+
 class Ingest:
     """Per camera: unwrap its payload (raw or json_envelope) and fill missing metadata when it is optional."""
 
@@ -128,6 +155,8 @@ class Ingest:
         if override is not None and override.payload == "json_envelope":
             envelope = open_envelope(payload, self.cfg.limits.max_frame_bytes)
             fields, data = {**envelope.fields, **user}, envelope.data
+        else:
+            data = open_raw(payload, camera, self.cfg.limits.max_frame_bytes)
         policy = (override.metadata if override is not None and override.metadata else None) or self.cfg.topics.metadata
         if policy == "required":
             return Arrival(fields, data)

@@ -212,6 +212,32 @@ def test_the_dead_mans_switch_ends_a_process_whose_gil_is_held(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_the_dead_mans_switch_re_armed_often_keeps_a_live_process_and_arms_its_timer_rarely(tmp_path):
+    """The main loop re-arms every 0.2 s; each re-arm of faulthandler's timer holds the GIL until the old timer
+    thread has exited, so the switch re-arms only every tenth of its timeout, and a loop that keeps calling it
+    still keeps the process alive well past the timeout."""
+    import subprocess
+    import sys
+
+    code = ("import faulthandler, time\n"
+            "from worker.supervise import DeadMansSwitch\n"
+            "armed = []\n"
+            "real = faulthandler.dump_traceback_later\n"
+            "faulthandler.dump_traceback_later = lambda *a, **k: (armed.append(1), real(*a, **k))\n"
+            "switch = DeadMansSwitch(1)\n"
+            "end = time.monotonic() + 3\n"
+            "calls = 0\n"
+            "while time.monotonic() < end:\n"
+            "    switch.arm(); calls += 1; time.sleep(0.005)\n"
+            "switch.disarm()\n"
+            "print(calls, len(armed))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]  # alive 3 s past a 1 s timeout: re-arming still works
+    calls, armed = map(int, proc.stdout.split())
+    assert calls > 100 and armed <= 31, (calls, armed)  # at most every 0.1 s (plus the first), not every call
+
+
 # Recorder and spool: kill -9 mid-write, a truncated spool at start, a store server that is not there --------
 
 def test_kill_9_during_spool_writes_then_restart_with_a_truncated_spool(broker, bundle_dir, dataset, tmp_path,

@@ -331,7 +331,8 @@ class WorkerConfig(_Section):
     stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
     watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker "
                                                      "exits with code 3 for its service manager to restart it; the process also ends if "
-                                                     "its main loop stops running this long (0 = off).")
+                                                     "its main loop stops running for 0.9-1.0 of this (its timer is re-armed every "
+                                                     "tenth) (0 = off).")
 
 
 class Config(_Section):

@@ -76,15 +76,48 @@ def test_shared_subscription_balances_and_survives_a_worker_kill(broker, bundle_
         assert w.stop() == 0
 
 
-def _relabelled(bundle_dir: Path, folder: Path, version: str) -> Path:
-    """A copy of a bundle under another version (same weights), as a new release would be installed."""
+def _relabelled(bundle_dir: Path, folder: Path, version: str, name: str | None = None) -> Path:
+    """A copy of a bundle under another version (same weights), as a new release would be installed; with
+    ``name``, as another product's bundle would be."""
     shutil.copytree(bundle_dir, folder)
     manifest = read_manifest(folder)
     fields = manifest.model_dump()
     fields.pop("files")
     fields["version"] = version
+    if name is not None:
+        fields["name"] = name
     write_manifest(folder, fields)
     return folder
+
+
+def test_the_model_cache_keeps_only_the_bundles_served_or_kept_for_rollback(bundle_dir, tmp_path):
+    """Each retrained bundle adds its compiled blobs to OpenVINO's cache: a line retrained every week would fill the
+    disk.  The cache holds a folder per bundle, and the folders of bundles neither served nor kept for rollback go,
+    as do blobs of the older flat layout; nothing else in the folder is touched."""
+    from bundle.extension import folder_name
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    cache = tmp_path / "ov"
+    cache.mkdir()
+    (cache / "1234.blob").write_bytes(b"compiled by an older worker, flat")
+    (cache / "README").write_text("not ours")
+    b, c = (_relabelled(bundle_dir, tmp_path / name, "1.0.0", name=name) for name in ("line-b", "line-c"))
+    names = {p: folder_name(read_manifest(p)) for p in (bundle_dir, b, c)}
+    models = Models(Config.model_validate({"model": {"bundle": str(bundle_dir), "cache_dir": str(cache)},
+                                           "learning": {"path": str(tmp_path / "extensions")}}))
+
+    def kept() -> set[str]:
+        return {p.name for p in cache.iterdir()}
+
+    assert kept() == {names[bundle_dir], "README"}
+    assert list((cache / names[bundle_dir]).glob("*.blob"))  # compiled into its own folder
+    models.load(DEFAULT, b)
+    assert kept() == {names[bundle_dir], names[b], "README"}  # the replaced one is kept for rollback
+    models.load(DEFAULT, c)
+    assert kept() == {names[b], names[c], "README"}
+    assert models.rollback(DEFAULT).bundle.manifest.name == "line-b"
+    assert kept() == {names[b], names[c], "README"}
 
 
 def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, dataset, tmp_path, worker_factory):

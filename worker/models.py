@@ -13,6 +13,8 @@ is compiled with room for ``learning.max_rows`` extension rows and starts with t
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle import MANIFEST, BundleError, Normalisation
+from bundle import MANIFEST, BundleError, Normalisation, read_manifest
 from bundle.extension import Extension, folder_name
 from bundle.runtime import CompiledBundle
 from worker.config import Config
@@ -71,6 +73,9 @@ class Model:
         return info
 
 
+_CACHE_FOLDER = re.compile(r".+-[0-9a-f]{16}")
+
+
 class Models:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -79,10 +84,13 @@ class Models:
         self._previous: dict[str, Model] = {}
         self.embedding_dim: int | None = None
         self._extensions: dict[Path, Extension] = {}
+        self._started = False
         self.load(DEFAULT, cfg.model.bundle)
         for camera, override in cfg.cameras.items():
             if self._configured(camera):
                 self.load(camera, override.bundle or cfg.model.bundle)
+        self._started = True
+        self._prune_cache()
 
     def precision(self, scope: str) -> str:
         override = self.cfg.cameras.get(scope)
@@ -93,11 +101,44 @@ class Models:
         override = self.cfg.cameras.get(scope)
         return override is not None and override.bundle is None and scope != DEFAULT
 
+    def _cache_for(self, path: Path) -> Path | None:
+        """A bundle's own folder in the OpenVINO model cache (``<name>-<weights>``), so the blobs of bundles no
+        longer served can be found and deleted (:meth:`_prune_cache`)."""
+        root = self.cfg.model.cache_dir
+        return None if root is None else root / folder_name(read_manifest(path, verify=False))
+
+    def _prune_cache(self) -> None:
+        """Delete the cache folders of bundles neither served nor kept for rollback, and blobs of the older flat
+        layout: each retrained bundle adds its compiled blobs, and a line retrained weekly would fill the disk.
+        Only what looks like ours goes: ``<name>-<16 hex>`` folders holding blobs, and ``*.blob`` files."""
+        root = self.cfg.model.cache_dir
+        if root is None or not root.is_dir():
+            return
+        with self._lock:
+            keep = {folder_name(m.bundle.manifest) for m in [*self._current.values(), *self._previous.values()]}
+        try:
+            entries = list(root.iterdir())
+        except OSError as exc:
+            log.warning("model cache: cannot list %s (%s)", root, exc)
+            return
+        for entry in entries:
+            try:
+                if entry.is_dir() and entry.name not in keep and _CACHE_FOLDER.fullmatch(entry.name) \
+                        and all(f.suffix == ".blob" for f in entry.iterdir()):
+                    shutil.rmtree(entry)
+                elif entry.is_file() and entry.suffix == ".blob":
+                    entry.unlink()
+                else:
+                    continue
+                log.info("model cache: deleted %s (no bundle served or kept for rollback uses it)", entry)
+            except OSError as exc:
+                log.warning("model cache: could not delete %s (%s)", entry, exc)
+
     def _compile(self, path: Path, precision: str) -> Model:
         started = time.monotonic()
         learning = self.cfg.learning
         with os_thread_named(OPENVINO_THREADS):  # its threads start in the compile and the warm-up (top -H names them)
-            bundle = CompiledBundle(path, self.cfg.model.device, self.cfg.model.cache_dir, batch=1, precision=precision,
+            bundle = CompiledBundle(path, self.cfg.model.device, self._cache_for(path), batch=1, precision=precision,
                                     extension_rows=learning.max_rows if learning.enabled else None)
             dim = bundle.manifest.embedding_dim
             if self.embedding_dim is not None and dim != self.embedding_dim:
@@ -152,6 +193,8 @@ class Models:
                 if s in self._current:
                     self._previous[s] = self._current[s]
                 self._current[s] = model
+        if self._started:
+            self._prune_cache()
         return compiled[scope]
 
     def _configured(self, scope: str) -> bool:

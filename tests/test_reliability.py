@@ -296,6 +296,8 @@ def test_a_second_process_under_the_same_worker_id_is_named(broker, bundle_dir, 
     same = {"client_id": f"twin-{uuid.uuid4().hex[:6]}"}
     configs = [write_config(tmp_path / name, broker.port, bundle_dir, topics={"prefix": prefix}, mqtt=same)
                for name in ("frozen", "second", "third")]
+    own_id = write_config(tmp_path / "fourth", broker.port, bundle_dir, topics={"prefix": prefix},
+                          mqtt={"client_id": f"own-{uuid.uuid4().hex[:6]}"})
     stats_topic = f"{prefix}/workers/w-test/stats"
 
     def stats_of(pid: int, after: int = 0, count: int = 1) -> list[dict]:
@@ -320,17 +322,24 @@ def test_a_second_process_under_the_same_worker_id_is_named(broker, bundle_dir, 
         frozen.stop(signal.SIGKILL)
 
         third = worker_factory(configs[2])  # a live twin: same worker.id, same client id
-        named = client.wait_for(lambda m: m.topic == stats_topic
-                                and (json.loads(m.payload).get("other_process") or {}).get("pid") == str(third.proc.pid))
-        assert json.loads(named[0].payload)["process"]["pid"] == str(second.proc.pid)
-        named = client.wait_for(lambda m: m.topic == stats_topic
-                                and (json.loads(m.payload).get("other_process") or {}).get("pid") == str(second.proc.pid))
-        assert json.loads(named[0].payload)["process"]["pid"] == str(third.proc.pid)
-        assert second.stop() == 0 and third.stop() == 0
+        def named_by(one, other) -> None:
+            """Wait until ``one`` names ``other`` in its stats."""
+            client.wait_for(lambda m: m.topic == stats_topic and json.loads(m.payload)["process"]["pid"] == str(one.proc.pid)
+                            and (json.loads(m.payload)["other_process"] or {}).get("pid") == str(other.proc.pid))
+
+        named_by(second, third)
+        named_by(third, second)
+        assert third.stop() == 0
         for log, other in ((second.output(), third), (third.output(), second)):
             assert "another worker process runs as worker.id 'w-test' on this broker: host" in log
             assert f"pid {other.proc.pid} (this one" in log
             assert "Both connect as MQTT client" in log
+
+        fourth = worker_factory(own_id)  # the same worker.id with its own client id: both stay connected
+        named_by(second, fourth)
+        named_by(fourth, second)  # it found only the second's retained online at start: the second announced again
+        assert second.stop() == 0 and fourth.stop() == 0
+        assert "Both publish under the same worker topics" in fourth.output()
     finally:
         client.client.publish(f"{prefix}/workers/w-test/availability", b"", qos=1, retain=True).wait_for_publish(5)
         client.close()

@@ -5,7 +5,7 @@ then hands the session back and forth between them (mosquitto closes the older c
 each side only sees "disconnected"), and both answer frames and publish under the same worker topics.
 
 Each process announces itself with its retained ``online`` message (user properties: a random instance id, its
-host, pid, client id and connection number) and reads that topic back with its retained message.  Another
+host, pid, client id and announcement number) and reads that topic back with its retained message.  Another
 instance's ``online`` proves a second live process when it arrives live, or when a second distinct one arrives
 from the broker's store: the retained ``online`` found at start may be a predecessor's that froze without its
 last will being sent and was replaced by the service manager, so that one alone proves nothing.
@@ -29,6 +29,7 @@ from worker.wire import iso
 log = logging.getLogger(__name__)
 
 REPEAT_S = 600  # while the other process lives, the error is repeated this often (each reconnect would spam it)
+PROVEN_KEPT = 16  # other processes remembered (a flood of made-up announcements must not grow memory)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Instance:
     host: str
     pid: str
     client_id: str
-    connection: str = ""
+    announcement: str = ""
 
     @classmethod
     def of(cls, props: dict[str, str]) -> Instance | None:
@@ -48,7 +49,7 @@ class Instance:
         if not props.get("instance"):
             return None
         return cls(props["instance"], props.get("host", "?"), props.get("pid", "?"), props.get("client_id", "?"),
-                   props.get("connection", ""))
+                   props.get("announcement", ""))
 
 
 class Presence:
@@ -58,42 +59,48 @@ class Presence:
         self.worker_id = worker_id
         self.me = Instance(uuid.uuid4().hex[:12], socket.gethostname(), str(os.getpid()), client_id)
         self._lock = threading.Lock()
-        self._connections = 0
-        self._replayed: set[Instance] = set()
+        self._announcements = 0
+        self._first_replayed: Instance | None = None
+        self._proven: dict[str, None] = {}  # instance ids proven live, oldest first (bounded)
         self._other: Instance | None = None
         self._seen_at = 0.0
         self._sightings = 0
         self._reported_at = float("-inf")
 
     def online_properties(self) -> Properties:
-        """User properties for this connection's ``online`` message (each connection numbered)."""
+        """User properties for an ``online`` announcement (each numbered: at every connect, and again when another
+        process is found)."""
         with self._lock:
-            self._connections += 1
-            number = self._connections
+            self._announcements += 1
+            number = self._announcements
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("instance", self.me.instance), ("host", self.me.host), ("pid", self.me.pid),
-                              ("client_id", self.me.client_id), ("connection", str(number))]
+                              ("client_id", self.me.client_id), ("announcement", str(number))]
         return props
 
-    def observe(self, payload: bytes, replayed: bool, props: dict[str, str]) -> None:
+    def observe(self, payload: bytes, replayed: bool, props: dict[str, str]) -> bool:
         """An availability message on this worker's own topic (paho's thread); ``replayed``: from the broker's
-        store (retained, or redelivered from the session), so possibly sent by a process that is gone."""
+        store (retained, or redelivered from the session), so possibly sent by a process that is gone.  True when
+        it proves a process not proven before: the caller announces itself again, so that the other one, which
+        may have found only our retained ``online`` from before it started, learns of us too."""
         sender = Instance.of(props)
         if payload != b"online" or sender is None or sender.instance == self.me.instance:
-            return  # offline / stopped (a will or a clean stop), or our own announcement
+            return False  # offline / stopped (a will or a clean stop), or our own announcement
         with self._lock:
-            if replayed:
-                self._replayed.add(sender)
-                if len(self._replayed) < 2:
-                    return  # possibly a dead predecessor's: only a second one proves a live process
+            if replayed and self._first_replayed in (None, sender):
+                self._first_replayed = sender
+                return False  # possibly a dead predecessor's: only a second one proves a live process
             self._other, self._seen_at = sender, time.time()
             self._sightings += 1
+            new = sender.instance not in self._proven
+            self._proven[sender.instance] = None
+            while len(self._proven) > PROVEN_KEPT:
+                self._proven.pop(next(iter(self._proven)))
             now = time.monotonic()
-            report = now - self._reported_at >= REPEAT_S
-            if report:
+            if new or now - self._reported_at >= REPEAT_S:  # said before the stats can show it
                 self._reported_at = now
-        if report:
-            log.error("%s", self.explain(sender))
+                log.error("%s", self.explain(sender))
+        return new
 
     def explain(self, other: Instance) -> str:
         same = other.client_id == self.me.client_id

@@ -92,8 +92,11 @@ class Worker:
         self.link.on_connected = self._announce
 
     def _announce(self) -> None:
-        self.link.publish(self.topics.availability, "online", retain=True, properties=self.presence.online_properties())
+        self._announce_online()
         self._publish_models()
+
+    def _announce_online(self) -> None:
+        self.link.publish(self.topics.availability, "online", retain=True, properties=self.presence.online_properties())
 
     def _publish_models(self) -> None:
         scopes = {}
@@ -163,7 +166,8 @@ class Worker:
         """A request goes to the request queue (answered busy when it is full), our own availability to the
         presence check, anything else to the pipeline."""
         if msg.topic == self.topics.availability:
-            self.presence.observe(msg.payload, msg.replayed, msg.user)
+            if self.presence.observe(msg.payload, msg.replayed, msg.user):
+                self._announce_online()
         elif msg.topic in (self.topics.query, self.topics.label, self.topics.control):
             for refused in self.query_queue.put(msg):
                 self._respond(refused, error_answer(ErrorCode.BUSY, "too many requests waiting"))

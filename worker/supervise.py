@@ -194,3 +194,4 @@ class DeadMansSwitch:
 
     def disarm(self) -> None:
         faulthandler.cancel_dump_traceback_later()
+        self._armed_at = float("-inf")  # the next arm() arms at once

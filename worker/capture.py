@@ -33,6 +33,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from worker.supervise import Throttle
+
 log = logging.getLogger(__name__)
 
 INDEX, EMBEDDINGS, FALSE_ALARMS = "index.json", "signatures.npy", "false_alarm"
@@ -89,6 +91,15 @@ class _Camera:
         if (folder / FALSE_ALARMS).is_dir():
             self.false_alarms = {p.name for p in (folder / FALSE_ALARMS).iterdir() if not p.name.endswith(".tmp")}
 
+    def delete(self, name: str) -> None:
+        """Delete a kept file (no longer listed) and take its bytes off the count."""
+        path = self.folder / name
+        try:
+            self.bytes -= path.stat().st_size
+        except FileNotFoundError:
+            return
+        path.unlink(missing_ok=True)
+
     def save(self) -> None:
         if self.vectors is not None:
             with (self.folder / (EMBEDDINGS + ".tmp")).open("wb") as fh:
@@ -128,7 +139,7 @@ class Capture:
         self._lock = threading.Lock()
         self._cameras: dict[str, _Camera] = {}
         self.failed_writes = 0
-        self._reported_at = float("-inf")
+        self._report = Throttle(60)
         self._load_all()
 
     def _camera(self, camera: str) -> _Camera:
@@ -185,14 +196,14 @@ class Capture:
             state.files.append(name)
             state.vectors = vector[None] if state.vectors is None else np.vstack([state.vectors, vector])
         else:
-            self._unlink(state, state.files[slot])
+            state.delete(state.files[slot])
             state.files[slot] = name
             assert state.vectors is not None  # as many rows as files
             state.vectors[slot] = vector
         state.bytes += len(data)
         while self._over(state, 0) and len(state.files) > 1:  # larger frames replaced smaller ones
             drop = self._rng.randrange(len(state.files))
-            self._unlink(state, state.files.pop(drop))
+            state.delete(state.files.pop(drop))
             assert state.vectors is not None
             state.vectors = np.delete(state.vectors, drop, axis=0)
         self._save_due(state)
@@ -207,14 +218,6 @@ class Capture:
         slot = self._rng.randrange(state.seen)
         return slot if slot < len(state.files) else None
 
-    @staticmethod
-    def _unlink(state: _Camera, name: str) -> None:
-        path = state.folder / name
-        try:
-            state.bytes -= path.stat().st_size
-        except FileNotFoundError:
-            return
-        path.unlink(missing_ok=True)
 
     def _save_due(self, state: _Camera) -> None:
         now = time.monotonic()
@@ -225,9 +228,7 @@ class Capture:
     def _write_failed(self, exc: OSError) -> None:
         """Count a write that failed, and say so at most once a minute (a full disk fails every frame)."""
         self.failed_writes += 1
-        now = time.monotonic()
-        if now - self._reported_at >= 60:
-            self._reported_at = now
+        if self._report.ready():
             log.error("capture sample %s: cannot write (%s); %d writes failed so far, the sample keeps what it has",
                       self.root, exc, self.failed_writes)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from worker.supervise import Throttle
 from worker.wire import iso
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Presence:
         self._other: Instance | None = None
         self._seen_at = 0.0
         self._sightings = 0
-        self._reported_at = float("-inf")
+        self._report = Throttle(REPEAT_S)
 
     def online_properties(self) -> Properties:
         """User properties for an ``online`` announcement (each numbered: at every connect, and again when another
@@ -96,9 +97,7 @@ class Presence:
             self._proven[sender.instance] = None
             while len(self._proven) > PROVEN_KEPT:
                 self._proven.pop(next(iter(self._proven)))
-            now = time.monotonic()
-            if new or now - self._reported_at >= REPEAT_S:  # said before the stats can show it
-                self._reported_at = now
+            if self._report.ready(force=new):  # said before the stats can show it
                 log.error("%s", self.explain(sender))
         return new
 

@@ -172,6 +172,27 @@ def supervised_loop(liveness: Liveness, name: str, step: Callable[[], object],
                     log.exception("%s: the error handler failed too", name)
 
 
+class Throttle:
+    """Says yes at most once per ``period_s``: for logs a failing disk would repeat every frame, and for timers that
+    are costly to re-arm."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._at = float("-inf")
+
+    def ready(self, force: bool = False) -> bool:
+        """True (and the period starts again) when ``period_s`` has passed since the last True, or ``force``."""
+        now = time.monotonic()
+        if force or now - self._at >= self.period_s:
+            self._at = now
+            return True
+        return False
+
+    def reset(self) -> None:
+        """The next :meth:`ready` says yes."""
+        self._at = float("-inf")
+
+
 class DeadMansSwitch:
     """Ends the process when the main loop stops re-arming it (e.g. a thread holds the GIL forever).
 
@@ -184,14 +205,12 @@ class DeadMansSwitch:
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._armed_at = float("-inf")
+        self._rearm = Throttle(timeout_s * self.REARM_FRACTION)
 
     def arm(self) -> None:
-        now = time.monotonic()
-        if self.timeout_s and now - self._armed_at >= self.timeout_s * self.REARM_FRACTION:
+        if self.timeout_s and self._rearm.ready():
             faulthandler.dump_traceback_later(self.timeout_s, repeat=False, file=sys.stderr, exit=True)
-            self._armed_at = now
 
     def disarm(self) -> None:
         faulthandler.cancel_dump_traceback_later()
-        self._armed_at = float("-inf")  # the next arm() arms at once
+        self._rearm.reset()

@@ -27,6 +27,20 @@ from worker.topics import Topics
 from worker.transport import Inbound, MemoryTransport
 
 
+class CountsAtEachAnswer(MemoryTransport):
+    """Keeps the worker's counters as they stood when each frame's answer (result or error) was published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: Stats | None = None
+        self.counts: list[tuple[str, dict]] = []
+
+    def publish(self, topic, payload, **kwargs) -> None:
+        super().publish(topic, payload, **kwargs)
+        if self.stats is not None and topic.endswith(("/result", "/error")):
+            self.counts.append((topic, self.stats.snapshot()))
+
+
 @pytest.fixture
 def pipeline(bundle_dir, tmp_path):
     cfg = Config.model_validate({
@@ -39,8 +53,9 @@ def pipeline(bundle_dir, tmp_path):
     models = Models(cfg)
     recorder = Recorder(lambda: VectorStore(cfg.store, models.embedding_dim), EvidenceStore(cfg.evidence.path, 10),
                         cfg.store, cfg.spool, 16, liveness)
-    transport = MemoryTransport()
+    transport = CountsAtEachAnswer()
     p = Pipeline(cfg, models, transport, Topics("inspect", "w"), recorder, Stats(liveness), liveness)
+    transport.stats = p.stats
     yield p, transport
     if p.threads[0].ident is not None:  # started by the test
         p.stop(10)
@@ -67,6 +82,26 @@ def test_admission_without_a_broker(pipeline, dataset):
     assert len(p.queue) == 0
     p.on_frame(_frame("cam", "good", png))
     assert len(p.queue) == 1
+
+
+def test_a_frame_is_counted_before_its_answer_leaves(pipeline, dataset):
+    """Whoever has seen a frame's result or error and then reads the counters finds the frame in them: each answer
+    is published after its outcome (and a result's verdict) is counted."""
+    p, transport = pipeline
+    p.start()
+    frames = [("good", _png(dataset)), ("defect", min((dataset / "weave" / "test" / "hole").glob("*.png"))
+                                        .read_bytes()), ("cut", _png(dataset)[:200])]
+    for n, (frame_id, data) in enumerate(frames, 1):  # one at a time: nothing else in flight at its answer
+        p.on_frame(_frame("cam", frame_id, data))
+        transport.wait(lambda m, f=frame_id: m.topic.endswith(("/result", "/error")) and json.loads(m.payload)[
+            "frame_id"] == f, 1, timeout=120)
+        topic, counts = transport.counts[-1]
+        cam = counts["cam"]
+        assert cam["received"] == n == cam["processed"] + cam["errored"] + cam["dropped"] + cam["duplicates"], counts
+    verdicts = [json.loads(m.payload)["verdict"] for m in transport.on("inspect/cam/result")]
+    assert verdicts == ["normal", "anomalous"]
+    assert [c["cam"]["anomalous"] for _, c in transport.counts] == [0, 1, 1]
+    assert [topic for topic, _ in transport.counts] == ["inspect/cam/result"] * 2 + ["inspect/cam/error"]
 
 
 def test_a_flooding_camera_pays_for_its_own_flood(pipeline, dataset):

@@ -153,7 +153,8 @@ class MqttLink:
             log.exception("message handler failed for %s", msg.topic)
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
-                properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
+                properties: Properties | None = None, accepted: Callable[[], None] | None = None) -> mqtt.MQTTMessageInfo:
+        """See :meth:`worker.transport.Transport.publish`."""
         data = payload.encode() if isinstance(payload, str) else payload
         if self.max_packet_size is not None:
             # fixed header (5) + topic (2+len) + packet id (2) + properties (bounded generously)
@@ -161,6 +162,8 @@ class MqttLink:
             if len(data) + overhead > self.max_packet_size:
                 raise PacketTooLarge(f"{topic}: {len(data) + overhead} bytes exceed the broker's maximum packet size "
                                      f"{self.max_packet_size}")
+        if accepted is not None:
+            accepted()
         return self.client.publish(topic, data, qos=self.cfg.qos if qos is None else qos, retain=retain,
                                    properties=properties)
 

@@ -325,16 +325,20 @@ class Pipeline:
         }
         result["latency_ms"] = latency_ms
         result["published_at"] = iso(time.time())
+
+        def counted() -> None:  # before the result leaves: whoever has seen it sees it counted
+            self.stats.add(frame.camera, "processed")
+            if anomalous:
+                self.stats.add(frame.camera, "anomalous")
+
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),
-                          properties=publish_properties({"frame_id": frame.frame_id}, "application/json"))
-        self.stats.add(frame.camera, "processed")
+                          properties=publish_properties({"frame_id": frame.frame_id}, "application/json"),
+                          accepted=counted)
         self.stats.observe(latency_ms)
         if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
             cropped_by_roi = override is not None and override.roi is not None
             self.capture.offer(frame.camera, point_id(frame.camera, frame.frame_id), cropped,
                                lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
-        if anomalous:
-            self.stats.add(frame.camera, "anomalous")
         if logged:
             files = {}
             if anomalous:

@@ -10,6 +10,7 @@ and websocket communicators from the code that uses them.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,8 +39,11 @@ class Inbound:
 
 class Transport(Protocol):
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
-                properties: Any = None) -> Any:
-        """Send one message; raises :class:`worker.mqtt.PacketTooLarge` past the broker's packet size."""
+                properties: Any = None, accepted: Callable[[], None] | None = None) -> Any:
+        """Send one message; raises :class:`worker.mqtt.PacketTooLarge` past the broker's packet size.
+
+        ``accepted`` runs once the message will be sent and before it leaves, so what it counts is counted before
+        any subscriber can see the message."""
 
 
 @dataclass
@@ -57,7 +61,9 @@ class MemoryTransport:
         self.cond = threading.Condition()
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
-                properties: Any = None) -> None:
+                properties: Any = None, accepted: Callable[[], None] | None = None) -> None:
+        if accepted is not None:
+            accepted()
         with self.cond:
             self.published.append(Published(topic, payload.encode() if isinstance(payload, str) else payload,
                                             properties))

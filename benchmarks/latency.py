@@ -1,6 +1,6 @@
 """What input size and memory-bank rows cost: PatchCore export-graph latency on the OpenVINO runtime.
 
-    python -m benchmarks.latency --config 640:7616 --config 512:750 --config 256:1500 --repeats 5
+    python -m benchmarks.latency --config 640:7616 --config 512:750 --config 512:750:int8 --repeats 5
 
 Each ``SIZE:ROWS`` is the exported PatchCore graph (EfficientNet-Lite0 blocks.2+4, the
 production ``PatchcoreGraph``, with the map blur a fitted bundle gets at that size) at that input size
@@ -37,7 +37,9 @@ def _config(threads: int, precision: str) -> dict:
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
 
 
-def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
+def compile_graph(size: int, rows: int, threads: int, precision: str = "f32", int8: bool = False):
+    """The graph at ``size`` px with ``rows`` random bank rows; ``int8``: its backbone quantised as ``exporter train
+    --precision int8`` does, calibrated on random frames (the scales move, the work does not)."""
     import openvino as ov
     import torch
 
@@ -55,6 +57,11 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32"):
     model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
     graph = PatchcoreGraph(model, size, DefectEmbedding(torch.zeros(dim), torch.eye(dim))).eval()
     ir = convert(graph, input_spec(size, bb.mean, bb.std))
+    if int8:
+        from exporter.quantize import quantize
+
+        rng = np.random.default_rng(0)
+        ir = quantize(ir, [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(8)])
     ir.reshape({"extension": [1, dim]})  # the empty bank extension: one pad row, static as the worker compiles it
     compiled = ov.Core().compile_model(ir, "CPU", _config(threads, precision))
     pad = np.full((1, dim), EXTENSION_PAD, np.float32)
@@ -85,7 +92,8 @@ DEFAULT_CONFIGS = ("640:7616", "512:750", "256:1500")
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", action="append", help=f"SIZE:ROWS (repeatable; default {', '.join(DEFAULT_CONFIGS)})")
+    ap.add_argument("--config", action="append", help=f"SIZE:ROWS, or SIZE:ROWS:int8 for an INT8 backbone (repeatable; "
+                                                      f"default {', '.join(DEFAULT_CONFIGS)})")
     ap.add_argument("--bundle", action="append", type=Path, default=[], help="an exported bundle folder (repeatable)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--frames", type=int, default=10)
@@ -93,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    configs = [tuple(map(int, c.split(":"))) for c in (args.config or ([] if args.bundle else DEFAULT_CONFIGS))]
-    entries: dict[str, tuple[int, Callable]] = {f"PatchCore graph, {s} px, {n} rows": (s, compile_graph(s, n, args.threads, args.precision))
-                                                for s, n in configs}
+    entries: dict[str, tuple[int, Callable]] = {}
+    for config in args.config or ([] if args.bundle else DEFAULT_CONFIGS):
+        size, rows, *kind = config.split(":")
+        if kind not in ([], ["int8"]):
+            ap.error(f"--config {config}: use SIZE:ROWS or SIZE:ROWS:int8")
+        entries[f"PatchCore graph, {size} px, {rows} rows" + (", INT8 backbone" if kind else "")] = (
+            int(size), compile_graph(int(size), int(rows), args.threads, args.precision, int8=bool(kind)))
     for folder in args.bundle:
         entries[f"bundle {folder.name}"] = compile_bundle(folder, args.threads, args.precision)
     frames = {k: np.random.default_rng(0).integers(0, 255, (1, side, side, 3), dtype=np.uint8) for k, (side, _) in entries.items()}

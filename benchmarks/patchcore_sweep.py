@@ -7,10 +7,12 @@ Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``PatchcoreSettings`` (keys: ``bb``, ``layers`` as ``blocks.2+blocks.4``, ``size``, ``ratio``,
 ``sigma`` = a fixed map blur in px (``map_sigma``) instead of the default that scales with the input, ``rows`` =
 ``max_bank``, ``seed`` = another draw: other held-out normals, other synthetic anomalies, other coreset; ``score`` =
-``image_score``, ``map_max`` or ``reweighted``; ``views`` = ``bank_views``, ``frame``, ``flips`` or ``d4``).  Each is
+``image_score``, ``map_max`` or ``reweighted``; ``views`` = ``bank_views``, ``frame``, ``flips`` or ``d4``;
+``precision`` = ``torch`` (the default), ``f32`` or ``int8``: the graph converted to OpenVINO as ``exporter train``
+converts it, INT8 quantised as ``--precision int8`` does, and run at f32 elsewhere).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
 and scored on the test split with the torch export graph (``PatchcoreGraph``, which the parity
-tests tie to the OpenVINO bundle): image AUROC, pixel AUROC over all test pixels, and pixel
+tests tie to the OpenVINO bundle) or its OpenVINO conversion: image AUROC, pixel AUROC over all test pixels, and pixel
 AUROC per defect type (that type's images plus the good ones).  On the validation split it also counts the
 benign variants of the held-out normals (``exporter.validation.BENIGN_KINDS``: exposure, focus, placement, ...)
 that the bundle's image threshold, set on the clean held-out normals, would flag: the false alarms a setting
@@ -25,6 +27,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -33,12 +36,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, md_table
-from bundle import prepare_image
+from bundle import InputSpec, prepare_image
 from bundle.extension import Views
 from exporter import backbones
 from exporter.build import THRESHOLD_SIGMAS, VAL_FRACTION
 from exporter.data import Category, load_category, read_image, read_mask
-from exporter.export import image_threshold, input_spec
+from exporter.export import convert, extension_spec, image_threshold, input_spec
 from exporter.metrics import aupro
 from exporter.train.patchcore import IMAGE_SCORES, PatchcoreSettings, fit, to_tensor
 from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants, natural_photos, synthesise
@@ -48,11 +51,21 @@ KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "co
         "rows": "max_bank", "seed": "seed", "score": "image_score", "views": "bank_views"}
 
 
-def parse(config: str) -> PatchcoreSettings:
+PRECISIONS = ("torch", "f32", "int8")
+
+
+def parse(config: str) -> tuple[PatchcoreSettings, str]:
+    """The settings a config names, and what runs the graph (``precision``)."""
     defaults = PatchcoreSettings()
     changes: dict = {}
+    precision = "torch"
     for item in filter(None, config.split(",")):
         key, _, value = item.partition("=")
+        if key == "precision":
+            if value not in PRECISIONS:
+                raise SystemExit(f"precision={value!r} in {config!r}: use one of {', '.join(PRECISIONS)}")
+            precision = value
+            continue
         if key not in KEYS:
             raise SystemExit(f"unknown key {key!r} in {config!r}; use {sorted(KEYS)}")
         field = KEYS[key]
@@ -62,17 +75,45 @@ def parse(config: str) -> PatchcoreSettings:
             raise SystemExit(f"views={value!r} in {config!r}: use one of {', '.join(v.value for v in Views)}")
         changes[field] = value.split("+") if field == "layers" else float(value) if field == "map_sigma" else \
             int(value) if field == "max_bank" else type(getattr(defaults, field))(value)
-    return dataclasses.replace(defaults, **changes)
+    return dataclasses.replace(defaults, **changes), precision
 
 
-def _scores(graph: torch.nn.Module, images: list[np.ndarray], bb: backbones.Backbone) -> tuple[np.ndarray, np.ndarray]:
-    scores, maps = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), 4):
-            s, m = graph(to_tensor(images[i : i + 4], bb))[:2]
-            scores.append(s.numpy())
-            maps.append(m.numpy())
-    return np.concatenate(scores), np.concatenate(maps)
+Scorer = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
+def _torch_scorer(graph: torch.nn.Module, bb: backbones.Backbone) -> Scorer:
+    def scores(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        out_scores, maps = [], []
+        with torch.no_grad():
+            for i in range(0, len(images), 4):
+                s, m = graph(to_tensor(images[i : i + 4], bb))[:2]
+                out_scores.append(s.numpy())
+                maps.append(m.numpy())
+        return np.concatenate(out_scores), np.concatenate(maps)
+
+    return scores
+
+
+def _openvino_scorer(graph: torch.nn.Module, spec: InputSpec, train: list[Path], precision: str) -> Scorer:
+    """The graph as a bundle holds it (INT8: calibrated on the fitting images, as ``exporter train`` does), run at
+    f32 with its bank extension empty."""
+    import openvino as ov
+
+    from bundle import EXTENSION_PAD
+    from exporter.quantize import quantize
+
+    model = convert(graph, spec)
+    if precision == "int8":
+        model = quantize(model, [read_image(p, spec) for p in train])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+    ext = extension_spec(graph)
+    feeds = {1: np.full((1, ext.feature_dim), EXTENSION_PAD, np.float32)} if ext is not None else {}
+
+    def scores(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        out = [compiled({0: image[np.newaxis], **feeds}) for image in images]
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    return scores
 
 
 def _metrics(score: np.ndarray, amap: np.ndarray, labels: np.ndarray, masks: np.ndarray, types: list[str]) -> dict:
@@ -98,7 +139,7 @@ def validation_set(cat: Category, seed: int, natural: Path | None,
 
 def measure(data: Path, category: str, config: str, split: str, natural: Path | None,
             kinds: tuple[str, ...] = KINDS) -> dict:
-    settings = parse(config)
+    settings, precision = parse(config)
     cat = load_category(data, category)
     train, _ = cat.split_train(VAL_FRACTION, settings.seed)
     bb = backbones.resolve(settings.backbone)
@@ -106,6 +147,7 @@ def measure(data: Path, category: str, config: str, split: str, natural: Path | 
     started = time.monotonic()
     graph, timings = fit(settings, bb, train, spec)
     fit_s = time.monotonic() - started
+    scorer = _torch_scorer(graph, bb) if precision == "torch" else _openvino_scorer(graph, spec, train, precision)
     if split == "validation":
         full, full_masks, types = validation_set(cat, settings.seed, natural, kinds)
         images = [prepare_image(i, spec) for i in full]
@@ -115,12 +157,12 @@ def measure(data: Path, category: str, config: str, split: str, natural: Path | 
         masks = np.stack([read_mask(x.mask, spec) for x in cat.test])
         types = [x.defect for x in cat.test]
     labels = np.array([t != "good" for t in types], dtype=int)
-    score, amap = _scores(graph, images, bb)
+    score, amap = scorer(images)
     flagged: dict[str, int] = {}
     if split == "validation":
         threshold = image_threshold(score[labels == 0], THRESHOLD_SIGMAS)
         variants = benign_variants([i for i, t in zip(full, types, strict=True) if t == "good"], settings.seed)
-        benign_scores, _ = _scores(graph, [prepare_image(v, spec) for _, v in variants], bb)
+        benign_scores, _ = scorer([prepare_image(v, spec) for _, v in variants])
         flagged = {k: int(sum(s >= threshold for (kind, _), s in zip(variants, benign_scores, strict=True) if kind == k))
                    for k in BENIGN_KINDS}
     return {"config": config or "defaults", "bank": timings["memory_bank"], "fit_s": fit_s,

@@ -30,6 +30,11 @@ def quantize(model: ov.Model, calibration_images: Sequence[np.ndarray], subset_s
              keep_fp32: str | None = HEADS) -> ov.Model:
     """INT8 copy of ``model`` (NNCF PTQ, mixed preset); ``calibration_images``: uint8 HWC BGR at the input size.
 
+    Every layer's weights get 7 bits (NNCF's overflow fix on all layers, not only the first): CPUs without VNNI
+    (AVX2, AVX-512 before VNNI) sum pairs of 8-bit products in 16 bits, which saturates on depthwise networks
+    like EfficientNet-Lite, so 8-bit weights would score differently there than on a VNNI or AMX CPU
+    (docs/benchmarks.md, "INT8 weights in 7 bits").
+
     Operations whose friendly name matches the regex ``keep_fp32`` are not quantised (``None``: all are).
     """
     if not calibration_images:
@@ -38,7 +43,8 @@ def quantize(model: ov.Model, calibration_images: Sequence[np.ndarray], subset_s
     ignored = nncf.IgnoredScope(patterns=[keep_fp32], validate=False) if keep_fp32 else nncf.IgnoredScope()
     log.info("NNCF INT8 quantisation on %d calibration images (kept FP32: %s)", len(calibration_images), keep_fp32)
     return nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED,
-                         subset_size=min(subset_size, len(calibration_images)), ignored_scope=ignored)
+                         subset_size=min(subset_size, len(calibration_images)), ignored_scope=ignored,
+                         advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE))
 
 
 def _feed(model: ov.Model) -> Callable[[np.ndarray], np.ndarray | dict[int, np.ndarray]]:

@@ -6,6 +6,7 @@ artefact the worker serves, not of the torch model it came from.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np
 import openvino as ov
 
 from bundle import PRECISIONS, BundleError, ExtensionSpec, Manifest, Precision, Thresholds, read_manifest
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 _CAPABILITY = {"bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPABILITIES a device needs for a floating precision
@@ -55,6 +58,14 @@ class ExtensionState:
     count: int
     tensor: ov.Tensor
     revision: int = 0
+
+
+def _eight_bit_dense_weights(model: ov.Model) -> bool:
+    """Whether a dense convolution's INT8 weights use the 8th bit, which saturates 16-bit pair sums on CPUs without
+    VNNI (exporter.quantize keeps them to 7 bits; depthwise convolutions, 5-D weights, do not sum pairs)."""
+    return any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8
+               and len(op.get_output_shape(0)) == 4 and int(np.abs(op.get_data().astype(np.int16)).max(initial=0)) > 64
+               for op in model.get_ordered_ops())
 
 
 class CompiledBundle:
@@ -111,6 +122,14 @@ class CompiledBundle:
             raise BundleError(f"{self.folder}: no thresholds measured at {self.precision} (this bundle has "
                               f"{', '.join(have)}); run one of those, or re-export on a CPU that runs {self.precision}")
         self.thresholds: Thresholds = thresholds or self.manifest.thresholds
+        if self.precision == "int8" and _eight_bit_dense_weights(model):
+            record = self.manifest.precisions.get("int8")
+            measured_on = record.measured_on if record is not None else "the exporting CPU"
+            if measured_on != self.device_name:
+                log.warning("%s: its INT8 layers have 8-bit weights (exported before 7-bit weights), which CPUs "
+                            "without VNNI compute differently from CPUs with it; its thresholds were measured on %s, "
+                            "not on this %s, so they may not hold here: export it again with "
+                            "python -m exporter train --precision int8", self.folder, measured_on, self.device_name)
         outputs = self.manifest.outputs
         self._names: tuple[str, ...] = (outputs["score"].name, outputs["anomaly_map"].name, outputs["embedding"].name)
         self._extension: ExtensionState | None = None

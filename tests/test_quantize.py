@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -52,6 +55,37 @@ def test_int8_weights_fit_in_7_bits_so_every_cpu_kind_computes_the_same(int8_dir
     dense = [w for w in weights if w.ndim == 4]  # Convolution weights [out, in, kh, kw]
     assert len(dense) >= 10 and len(weights) > len(dense)
     assert max(int(np.abs(w.astype(int)).max()) for w in dense) <= 64
+
+
+def test_a_bundle_with_8_bit_weights_warns_on_a_cpu_its_thresholds_were_not_measured_on(int8_dir, bundle_dir, dataset,
+                                                                                       tmp_path, caplog):
+    """INT8 bundles exported before 7-bit weights score differently on CPUs with and without VNNI: served on a CPU
+    other than the one its thresholds were measured on, such a bundle is named in the log; a current one is not."""
+    import nncf
+
+    from exporter.quantize import HEADS, _feed
+
+    def moved(name: str, model: ov.Model | None = None):
+        folder = tmp_path / name
+        shutil.copytree(int8_dir, folder)
+        manifest = json.loads((folder / "bundle.json").read_text())
+        manifest["precisions"]["int8"]["measured_on"] = "another CPU"
+        (folder / "bundle.json").write_text(json.dumps(manifest))
+        if model is not None:
+            ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+        return folder
+
+    spec = read_manifest(int8_dir).input
+    images = [read_image(p, spec) for p in load_category(dataset, "weave").train[:8]]
+    source = ov.Core().read_model(bundle_dir / "model.xml")  # the same graph in FP32, quantised as NNCF defaults do
+    old = nncf.quantize(source, nncf.Dataset(images, _feed(source)), preset=nncf.QuantizationPreset.MIXED,
+                        subset_size=len(images), ignored_scope=nncf.IgnoredScope(patterns=[HEADS], validate=False))
+    with caplog.at_level(logging.WARNING, logger="bundle.runtime"):
+        CompiledBundle(moved("current"), verify=False)
+        assert not [r for r in caplog.records if "8-bit weights" in r.getMessage()]
+        CompiledBundle(moved("old", old), verify=False)
+    (warning,) = [r.getMessage() for r in caplog.records if "8-bit weights" in r.getMessage()]
+    assert "another CPU" in warning and "exporter train --precision int8" in warning
 
 
 def test_int8_outputs_are_finite_and_agree_with_fp32(int8_dir, bundle_dir, dataset):

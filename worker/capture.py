@@ -218,7 +218,6 @@ class Capture:
         slot = self._rng.randrange(state.seen)
         return slot if slot < len(state.files) else None
 
-
     def _save_due(self, state: _Camera) -> None:
         now = time.monotonic()
         if now - state.saved_at >= SAVE_EVERY_S:

@@ -151,23 +151,34 @@ class PatchcoreGraph(nn.Module):
         self.register_buffer("bank_sq", (bank * bank).sum(1))
         self.k_support = min(model.num_neighbors, int(bank.shape[0]))
         self.feature_dim = int(bank.shape[1])
-        patches = self.patches()
+        h, w = self.grid()
+        patches = h * w
         # a Python int, so the traced TopK has a constant K
         self.k = auto_candidates(patches) if candidates is None else min(max(candidates, 0), patches)
-        # anomalib's Gaussian blur as two 1-D passes (its normalised 2-D kernel is the outer product of the two
-        # sums below), each written as a product with a banded [H, H] matrix that also holds the border padding:
-        # the same map, with no Pad and no convolution, whose OpenVINO CPU kernels were several times slower at
-        # some input sizes than at others (docs/benchmarks.md, "the map blur as matrix products").
+        # anomalib's map: the patch grid upsampled (nearest) to the input, then its Gaussian blur as two 1-D
+        # passes (its normalised 2-D kernel is the outer product of the two sums below).  Each pass is a product
+        # with a banded matrix that also holds the border padding (no Pad and no convolution, whose OpenVINO CPU
+        # kernels were several times slower at some input sizes than at others: docs/benchmarks.md, "the map
+        # blur as matrix products"), and the upsampling, itself a product with a 0/1 matrix on each side, is
+        # folded into them: ``[H, h] @ patches @ [w, W]`` gives the same map as ``[H, H] @ up(patches) @ [W, W]``
+        # at a fraction of the multiply-adds.
         blur = model.anomaly_map_generator.blur
         kernel = blur.kernel[0, 0]
-        self.register_buffer("blur_rows", blur_matrix(kernel.sum(1), input_size, blur.border_type))
-        self.register_buffer("blur_cols", blur_matrix(kernel.sum(0), input_size, blur.border_type).T.contiguous())
+        up_rows = F.interpolate(torch.eye(h).view(1, 1, h, h), size=(input_size, h))[0, 0]  # [H, h]
+        up_cols = F.interpolate(torch.eye(w).view(1, 1, w, w), size=(input_size, w))[0, 0]  # [W, w]
+        self.register_buffer("blur_rows", blur_matrix(kernel.sum(1), input_size, blur.border_type) @ up_rows)
+        self.register_buffer("blur_cols", (blur_matrix(kernel.sum(0), input_size, blur.border_type) @ up_cols).T.contiguous())
 
-    def patches(self) -> int:
-        """Patches per frame (h * w of the feature grid), from one forward pass of the backbone."""
+    def grid(self) -> tuple[int, int]:
+        """The feature grid (h, w) a frame's patches lie on, from one forward pass of the backbone."""
         with torch.no_grad():
             emb = patch_features(self.model, torch.zeros(1, 3, self.input_size, self.input_size))
-        return int(emb.shape[2] * emb.shape[3])
+        return int(emb.shape[2]), int(emb.shape[3])
+
+    def patches(self) -> int:
+        """Patches per frame (h * w of the feature grid)."""
+        h, w = self.grid()
+        return h * w
 
     def extension_spec(self) -> ExtensionSpec | None:
         """What the exported graph's extension input and candidate outputs are (the manifest's ``extension``);
@@ -235,9 +246,8 @@ class PatchcoreGraph(nn.Module):
             patch = patch.scatter(1, top, candidate_scores)
             extra = (candidates, candidate_scores)
 
-        # anomalib's AnomalyMapGenerator (nearest upsampling, then the blur), with the blur separated.
-        amap = F.interpolate(patch.view(n, 1, h, w), size=(self.input_size, self.input_size))
-        amap = self.blur_rows @ amap @ self.blur_cols
+        # anomalib's AnomalyMapGenerator (nearest upsampling, then the blur), as two products (see __init__).
+        amap = self.blur_rows @ patch.view(n, 1, h, w) @ self.blur_cols
         if self.image_score == "map_max":
             score = amap.flatten(1).amax(1)
         else:  # the paper's re-weighting of the most anomalous patch (as anomalib), over bank + extension

@@ -41,8 +41,9 @@ def subset(data: Path, category: str, train_images: int, folder: Path) -> Path:
 
 
 def train_bundles(data: Path, category: str, train_images: int, bank: int, folder: Path,
-                  precisions: tuple[str, ...] = ("fp32",), input_size: int = FAST_INPUT):
-    """PatchCore (``input_size`` px, ``bank`` memory-bank rows, else default settings) on a subset; one bundle per precision.
+                  precisions: tuple[str, ...] = ("fp32",), input_size: int = FAST_INPUT, screen_rows: int | None = None):
+    """PatchCore (``input_size`` px, ``bank`` memory-bank rows, ``screen_rows`` when given, else default settings) on a
+    subset; one bundle per precision.
 
     Returns the ``Trained`` (its ``graph`` is the torch model) and ``{precision: bundle folder}``.
     """
@@ -50,7 +51,8 @@ def train_bundles(data: Path, category: str, train_images: int, bank: int, folde
     from exporter.train.patchcore import PatchcoreSettings
 
     trained = fit_patchcore(subset(data, category, train_images, folder / "data"), category,
-                            PatchcoreSettings(input_size=input_size, coreset_ratio=1.0, max_bank=bank))
+                            PatchcoreSettings(input_size=input_size, coreset_ratio=1.0, max_bank=bank,
+                                              **({} if screen_rows is None else {"screen_rows": screen_rows})))
     return trained, {p: package(trained, folder / p, precision=p) for p in precisions}
 
 

@@ -8,6 +8,7 @@ Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``sigma`` = a fixed map blur in px (``map_sigma``) instead of the default that scales with the input, ``rows`` =
 ``max_bank``, ``seed`` = another draw: other held-out normals, other synthetic anomalies, other coreset; ``score`` =
 ``image_score``, ``map_max`` or ``reweighted``; ``views`` = ``bank_views``, ``frame``, ``flips`` or ``d4``;
+``screen`` = ``screen_rows``, the bank rows every patch meets, and ``refine`` the share of patches that meets them all;
 ``precision`` = ``torch`` (the default), ``f32`` or ``int8``: the graph converted to OpenVINO as ``exporter train``
 converts it, INT8 quantised as ``--precision int8`` does, and run at f32 elsewhere).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
@@ -48,7 +49,8 @@ from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
-        "rows": "max_bank", "seed": "seed", "score": "image_score", "views": "bank_views"}
+        "rows": "max_bank", "seed": "seed", "score": "image_score", "views": "bank_views",
+        "screen": "screen_rows", "refine": "refine"}
 
 
 PRECISIONS = ("torch", "f32", "int8")
@@ -74,7 +76,7 @@ def parse(config: str) -> tuple[PatchcoreSettings, str]:
         if field == "bank_views" and value not in {v.value for v in Views}:
             raise SystemExit(f"views={value!r} in {config!r}: use one of {', '.join(v.value for v in Views)}")
         changes[field] = value.split("+") if field == "layers" else float(value) if field == "map_sigma" else \
-            int(value) if field == "max_bank" else type(getattr(defaults, field))(value)
+            int(value) if field in ("max_bank", "screen_rows") else type(getattr(defaults, field))(value)
     return dataclasses.replace(defaults, **changes), precision
 
 

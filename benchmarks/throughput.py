@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bank", type=int, default=2437, help="memory-bank rows (2437 = 1%% of grid's 256 px patches, the older "
                         "benchmarks' model; the default is 750, the fast setting 1500)")
     parser.add_argument("--input-size", type=int, help="model input side in px (default: PatchcoreSettings().input_size)")
+    parser.add_argument("--screen-rows", type=int, help="the bank's screen (exporter train --screen-rows; default: "
+                        "PatchcoreSettings().screen_rows, 0: none)")
     parser.add_argument("--precision", choices=FLOAT_PRECISIONS, default="f32",
                         help="OpenVINO inference precision for the raw, worker and anomalib-OpenVINO rows (torch rows run f32)")
     parser.add_argument("--frame-size", type=int, default=256, help="side of the published JPEG frames")
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     input_size = args.input_size or PatchcoreSettings().input_size
     work = Path(tempfile.mkdtemp(prefix="edge-inspect-throughput-"))
     trained, bundles = train_bundles(args.data, args.category, args.train_images, args.bank, work,
-                                     ("fp32", "int8") if args.int8 else ("fp32",), input_size=input_size)
+                                     ("fp32", "int8") if args.int8 else ("fp32",), input_size=input_size,
+                                     screen_rows=args.screen_rows)
     spec = trained.spec
     metrics = {k: json.loads((p / "bundle.json").read_text())["metrics"]["test"] for k, p in bundles.items()}
 
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{args.rounds} rounds; median [min-max]; CPU: {device} (OpenVINO's name; {psutil.cpu_count()} logical CPUs); "
               f"precision {args.precision} (OpenVINO ran "
               f"{', '.join(f'{v} for {k}' for k, v in ran.items())}; torch rows f32); model input {input_size} px; "
-              f"bank {args.bank} rows; frames {args.frame_size} px JPEG")
+              f"bank {args.bank} rows, screen {trained.graph.screen or 'none'}; frames {args.frame_size} px JPEG")
     print(f"\n{header}\n")
     print(md_table(["run", "how", "blur", "frames/s", "p50 ms", "p99 ms", "CPU ms/frame", "worker RSS MB"], table))
     print(f"\nanomalib-openvino: {ov_note}\n")

@@ -93,6 +93,10 @@ class PatchCore(Family["PatchcoreSettings"]):
                                "alone, default), flips (and its three flips) or d4 (and its quarter turns too): for "
                                "textures and parts whose flipped or turned image is a good part too, never for a part "
                                "with a handedness; fit time and memory grow with the views", choices=tuple(v.value for v in Views)),
+        Option("--screen-rows", "a cheap first stage: every patch meets only the bank's first N rows (a coarser "
+                                "coreset of their own), and the --refine share of patches farthest from them meets "
+                                "the whole bank (0: every patch meets the whole bank)", int),
+        Option("--refine", "with --screen-rows: the share of a frame's patches that meets the whole bank", float),
     )
     weight_precisions = ("fp32", "int8")
 

@@ -8,8 +8,9 @@ extension of the new bundle (keyed by its new weights) starts empty.
 The bundle holds only the OpenVINO IR, not the torch graph, so the IR is edited: the memory-bank constant
 [B, C] and every constant derived from B (the rows' squared norms and, where the image score is the re-weighted
 one, the index bounds B, B - 1 and -B that split bank and extension rows and the support count
-min(num_neighbors, B)) are replaced by those of concat(bank, rows).  A constant that depends on B but is none of
-these is an error, never left stale.
+min(num_neighbors, B)) are replaced by those of concat(bank, rows); in a screened graph (``screen_rows``) the rows
+past the screen, a constant of their own with their norms, gain the rows too.  A constant that depends on B but is
+none of these is an error, never left stale.
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ def _find_bank(model: ov.Model, shape: list[int], uses: set[str]) -> ov.Node:
     return found[0]
 
 
-def fold_ir(model: ov.Model, bank_rows: int, rows: np.ndarray, num_neighbors: int | None) -> tuple[int, int]:
+def fold_ir(model: ov.Model, bank_rows: int, rows: np.ndarray, num_neighbors: int | None,
+            screen_rows: int = 0) -> tuple[int, int]:
     """Replace the bank of ``model`` (``bank_rows`` rows, in place) by concat(bank, rows); returns (B before, B after).
 
     ``num_neighbors``: the re-weighted image score's, or None for a graph whose score is the map's maximum (no
-    row is gathered from the bank, no support is counted).  Raises :class:`FoldError` naming any constant that
-    depends on the bank size but cannot be rebuilt.
+    row is gathered from the bank, no support is counted).  ``screen_rows``: the graph's screen (its training's
+    ``screen_rows``, 0 for none), whose rows stay as they are while the folded rows join the rows past it.
+    Raises :class:`FoldError` naming any constant that depends on the bank size but cannot be rebuilt.
     """
     feature_dim = int(rows.shape[1])
     reweighted = num_neighbors is not None
@@ -108,11 +111,30 @@ def fold_ir(model: ov.Model, bank_rows: int, rows: np.ndarray, num_neighbors: in
     if missing or len({replaced.get(kind, 0) for kind in bounds}) != 1:
         raise FoldError(f"IR constants derived from the bank not found as expected ({replaced}; none of "
                         f"{', '.join(missing) or 'no kind'}): refusing to write a bundle that mixes old and new bank")
+    if 0 < screen_rows < old:
+        _fold_screened(model, bank[screen_rows:], rows.astype(np.float32))
     _replace(bank_node, merged)
     if num_neighbors is not None:
         _fold_support(model, min(num_neighbors, old), min(num_neighbors, new))
     model.validate_nodes_and_infer_types()
     return old, new
+
+
+def _fold_screened(model: ov.Model, rest: np.ndarray, rows: np.ndarray) -> None:
+    """A screened graph multiplies the rows past its screen as a constant of their own, beside their squared norms:
+    both gain the folded rows, so the refined patches meet them (the screen itself stays the bank's first rows)."""
+    rest_sq = (rest.astype(np.float64) ** 2).sum(1)
+    consts = _constants(model)
+    found = [n for n in consts if list(n.get_output_shape(0)) == list(rest.shape) and np.array_equal(n.get_data(), rest)]
+    norms = [n for n in consts if n.get_data().dtype.kind == "f" and n.get_data().size == rest_sq.size
+             and n.get_data().ndim > 1 and np.allclose(n.get_data().reshape(-1), rest_sq, rtol=_SQ_RTOL)]
+    if len(found) != 1 or len(norms) != 1:
+        raise FoldError(f"expected the bank's rows past the screen {list(rest.shape)} and their norms once each in the "
+                        f"IR, found {len(found)} and {len(norms)}: refusing to write a bundle that mixes old and new bank")
+    merged = np.concatenate([rest, rows])
+    _replace(found[0], merged)
+    shape = list(norms[0].get_output_shape(0))
+    _replace(norms[0], (merged.astype(np.float64) ** 2).sum(1).astype(np.float32).reshape([*shape[:-1], len(merged)]))
 
 
 def _fold_support(model: ov.Model, old_k: int, new_k: int) -> None:
@@ -179,7 +201,8 @@ def fold(bundle: Path, extension: Path, out: Path) -> Manifest:
         raise FoldError(f"{extension} holds no rows (revision {revision}): nothing to fold")
 
     model = ov.Core().read_model(bundle / "model.xml")
-    old, new = fold_ir(model, int(source.training["memory_bank"]), rows, num_neighbors)
+    old, new = fold_ir(model, int(source.training["memory_bank"]), rows, num_neighbors,
+                       int(source.training.get("screen_rows", 0)) if source.training.get("refine", 0) else 0)
     out.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
 

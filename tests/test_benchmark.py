@@ -55,13 +55,14 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
     assert manifest["training"]["max_bank"] == 50 and set(manifest["precisions"]) == {"f32"}
 
     proc = subprocess.run([sys.executable, "-m", "benchmarks.patchcore_sweep", "--data", str(dataset), "--category",
-                           "weave", "--natural", str(tmp_path / "none"), "--config", "size=64,ratio=0.1,rows=40,seed=1,score=map_max",
+                           "weave", "--natural", str(tmp_path / "none"),
+                           "--config", "size=64,ratio=0.1,rows=40,seed=1,score=map_max,screen=10",
                            "--config", "size=64,ratio=0.1,rows=40,precision=int8"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weave, validation split" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| size=64")]  # score=map_max: the key parses
-    assert [r.split("|")[1].strip() for r in rows] == ["size=64,ratio=0.1,rows=40,seed=1,score=map_max",
+    assert [r.split("|")[1].strip() for r in rows] == ["size=64,ratio=0.1,rows=40,seed=1,score=map_max,screen=10",
                                                        "size=64,ratio=0.1,rows=40,precision=int8"]  # by OpenVINO, INT8
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -141,15 +142,16 @@ def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tm
 def test_latency_benchmark_times_exported_bundles_beside_graphs(bundle_dir):
     """benchmarks.latency --bundle: an exported bundle (its extension empty) timed in the rounds of a graph config."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--config", "128:50", "--config", "128:50:int8",
-                           "--bundle", str(bundle_dir),
+                           "--config", "128:50:screen=10:refine=0.5", "--bundle", str(bundle_dir),
                            "--repeats", "2", "--frames", "2", "--threads", "1"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [r[0] for r in rows[1:]] == ["PatchCore graph, 128 px, 50 rows", "PatchCore graph, 128 px, 50 rows, INT8 backbone",
+                                        "PatchCore graph, 128 px, 50 rows, screen 10, refine 0.5",
                                         f"bundle {bundle_dir.name}"], proc.stdout
-    assert rows[3][1] == str(json.loads((bundle_dir / "bundle.json").read_text())["input"]["height"])
-    assert float(rows[3][2].split()[0]) > 0 and float(rows[2][2].split()[0]) > 0 and rows[1][3].startswith("1.00"), proc.stdout
+    assert rows[4][1] == str(json.loads((bundle_dir / "bundle.json").read_text())["input"]["height"])
+    assert all(float(r[2].split()[0]) > 0 for r in rows[2:]) and rows[1][3].startswith("1.00"), proc.stdout
     assert "precision f32, INFERENCE_NUM_THREADS 1" in proc.stdout
 
 

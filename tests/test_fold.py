@@ -24,15 +24,18 @@ from exporter.data import load_category, read_image
 from exporter.fold import FoldError, fold, fold_ir
 
 
-@pytest.fixture(scope="module", params=["reweighted", "map_max"])
+@pytest.fixture(scope="module", params=["reweighted", "map_max", "screened"])
 def source(request, bundle_dir, dataset, tmp_path_factory) -> Path:
-    """The session bundle (the default image score, re-weighted), and one whose score is the map's maximum: their
+    """The session bundle (the default image score, re-weighted), one whose score is the map's maximum, and one
+    with a screened bank (every patch refined, so the folded rows meet every patch as the extension's do): their
     IRs differ in what depends on the bank size."""
     if request.param == "reweighted":
         assert read_manifest(bundle_dir).training["image_score"] == "reweighted"
         return bundle_dir
-    out = train_bundle(dataset, tmp_path_factory.mktemp("bundles") / "weave-patchcore", "--image-score", "map_max")
-    assert read_manifest(out).training["image_score"] == "map_max"
+    flags = ("--image-score", "map_max") if request.param == "map_max" else ("--screen-rows", "20", "--refine", "1")
+    out = train_bundle(dataset, tmp_path_factory.mktemp("bundles") / "weave-patchcore", *flags)
+    training = read_manifest(out).training
+    assert training["image_score"] == "map_max" if request.param == "map_max" else training["screen_rows"] == 20
     return out
 
 

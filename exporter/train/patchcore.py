@@ -83,6 +83,12 @@ class PatchcoreSettings:
     # local appearance in every orientation; a part with a handedness (a flipped nut is a defect) wants frame.
     # The bank keeps its rows; the features and the coreset cost one share per view.
     bank_views: str = Views.FRAME.value
+    # A cheap first stage (0: off): every patch meets only the bank's first ``screen_rows`` rows (the greedy
+    # coreset's picks are nested, so they are a coarser coreset of their own), and the ``refine`` share of the
+    # frame's patches farthest from those meets the rest of the bank too, so a larger bank costs a fraction of
+    # its rows per frame.  Unrefined patches keep their distance to the screen rows, an upper bound.
+    screen_rows: int = 0
+    refine: float = 0.25
 
     @property
     def blur_sigma(self) -> float:
@@ -139,7 +145,7 @@ class PatchcoreGraph(nn.Module):
     blur_cols: torch.Tensor
 
     def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int | None = None,
-                 image_score: str = "reweighted") -> None:
+                 image_score: str = "reweighted", screen_rows: int = 0, refine: float = 0.25) -> None:
         super().__init__()
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, not {image_score!r}")
@@ -153,6 +159,9 @@ class PatchcoreGraph(nn.Module):
         self.feature_dim = int(bank.shape[1])
         h, w = self.grid()
         patches = h * w
+        # Python ints, so the traced slices and TopK are constants; no screen when it would hold the whole bank
+        self.screen = screen_rows if 0 < screen_rows < bank.shape[0] and refine > 0 else 0
+        self.refine = min(patches, max(1, round(patches * refine)))
         # a Python int, so the traced TopK has a constant K
         self.k = auto_candidates(patches) if candidates is None else min(max(candidates, 0), patches)
         # anomalib's map: the patch grid upsampled (nearest) to the input, then its Gaussian blur as two 1-D
@@ -231,7 +240,14 @@ class PatchcoreGraph(nn.Module):
         emb = patch_features(self.model, x)
         n, c, h, w = emb.shape
         flat = emb.flatten(2).transpose(1, 2)  # N, hw, C
-        patch = self._nearest(flat, bank, self.bank_sq)  # N, hw
+        if self.screen:
+            s = self.screen
+            patch = self._nearest(flat, bank[:s], self.bank_sq[:s])
+            vals, top = patch.topk(self.refine, dim=1)
+            picked = flat.reshape(-1, c)[top + torch.arange(n).unsqueeze(1) * (h * w)]
+            patch = patch.scatter(1, top, torch.minimum(vals, self._nearest(picked, bank[s:], self.bank_sq[s:])))
+        else:
+            patch = self._nearest(flat, bank, self.bank_sq)  # N, hw
         if extension is None:
             ext_sq = self.bank_sq[:0]
             extra: tuple[torch.Tensor, ...] = ()
@@ -330,7 +346,8 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     model.memory_bank = features[idx].contiguous()
     done = time.monotonic()
     graph = PatchcoreGraph(model, settings.input_size, DefectEmbedding.fit(features, seed=settings.seed),
-                           settings.extension_candidates, settings.image_score).eval()
+                           settings.extension_candidates, settings.image_score, settings.screen_rows,
+                           settings.refine).eval()
     timings = {
         "feature_extraction_s": round(extracted - started, 2),
         "coreset_s": round(done - extracted, 2),

@@ -25,15 +25,16 @@ images, resized to ``--frame-size``):
 - ``torch (export graph)``: the ``PatchcoreGraph`` the bundle is exported from, per image under ``no_grad``.
 
 The bundle rows and ``torch (export graph)`` apply the anomaly-map blur as two 1-D passes; the
-anomalib rows use anomalib's 2-D blur with the same kernel (the table's ``blur`` column).
+anomalib rows use anomalib's 2-D blur with the same kernel (the table's ``blur`` column), and where the bundle
+screens its bank (``--screen-rows``) they still meet every row with every patch.
 ``--precision`` (f32 by default, never OpenVINO's own default) is what the raw process, the worker
 (``model.precision``) and ``OpenVINOInferencer`` run; the header names it, what OpenVINO really ran,
 and the CPU model.  Torch rows run f32.
 
     python -m benchmarks.throughput --int8 --rounds 3
-    python -m benchmarks.throughput --input-size 512 --bank 750 --frame-size 512 --no-baselines \
+    python -m benchmarks.throughput --input-size 512 --bank 1500 --frame-size 512 --no-baselines \
         --worker-variant "threads3:limits.inference_threads=3"
-    python -m benchmarks.throughput --input-size 256 --precision f32 --rounds 3
+    python -m benchmarks.throughput --input-size 256 --bank 1500 --screen-rows 0 --precision f32 --rounds 3
 """
 
 from __future__ import annotations
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", default="grid")
     parser.add_argument("--train-images", type=int, default=60, help="normals to train on (0 = all); the bank size is --bank either way")
     parser.add_argument("--bank", type=int, default=2437, help="memory-bank rows (2437 = 1%% of grid's 256 px patches, the older "
-                        "benchmarks' model; the default is 750, the fast setting 1500)")
+                        "benchmarks' model; the default and the fast setting are 1500, the default's behind a 500-row screen)")
     parser.add_argument("--input-size", type=int, help="model input side in px (default: PatchcoreSettings().input_size)")
     parser.add_argument("--screen-rows", type=int, help="the bank's screen (exporter train --screen-rows; default: "
                         "PatchcoreSettings().screen_rows, 0: none)")

@@ -165,11 +165,12 @@ def main() -> int:
     bundle = out / "bundles" / f"{category}-patchcore"
     if args.retrain or not (bundle / "bundle.json").is_file():
         banner(f"training PatchCore on {data / category} (offline backbone weights)")
-        # The fast setting as the README states it (256 px, 1500 bank rows, the bank from every flip and quarter
-        # turn of the training images: both data sets are textures); the default (512 px, 750 rows) gives the
-        # finer maps (docs/quality/README.md).
+        # The fast setting as the README states it (256 px, 1500 bank rows, each met by every patch, the bank from
+        # every flip and quarter turn of the training images: both data sets are textures); the default (512 px,
+        # 1500 rows behind a 500-row screen) gives the finer maps (docs/quality/README.md).
         run([sys.executable, "-m", "exporter", "train", "--data", str(data), "--category", category,
-             "--out", str(bundle), "--input-size", "256", "--max-bank", "1500", "--bank-views", "d4"])
+             "--out", str(bundle), "--input-size", "256", "--max-bank", "1500", "--screen-rows", "0",
+             "--bank-views", "d4"])
     else:
         banner(f"reusing bundle {bundle} (--retrain to train again)")
     manifest = json.loads((bundle / "bundle.json").read_text())

@@ -130,8 +130,9 @@ def test_fast_coreset_is_the_greedy_rule_on_the_seeded_projection():
 
 
 def test_bank_views_make_every_flip_and_turn_of_a_training_image_normal(dataset):
-    """With ``bank_views: d4`` (and no coreset, so the bank is every patch) each flipped or turned copy of a training
-    image lies in the bank: its score is nil.  Built from the images alone, the bank leaves some copy far off."""
+    """With ``bank_views: d4`` (and no coreset or screen, so every patch meets every patch of the training images) each
+    flipped or turned copy of a training image lies in the bank: its score is nil.  Built from the images alone, the
+    bank leaves some copy far off."""
     cat = load_category(dataset, "weave")
     train = cat.train[:6]
     bb = backbones.resolve("efficientnet_lite0")
@@ -139,7 +140,8 @@ def test_bank_views_make_every_flip_and_turn_of_a_training_image_normal(dataset)
     image = read_image(train[0], spec)
     scores = {}
     for views in ("frame", "d4"):
-        settings = PatchcoreSettings(input_size=128, coreset_ratio=1.0, max_bank=None, bank_views=views)
+        settings = PatchcoreSettings(input_size=128, coreset_ratio=1.0, max_bank=None, screen_rows=0,
+                                     bank_views=views)
         graph, timings = fit(settings, bb, train, spec)
         assert timings["patch_features"] == len(train) * (8 if views == "d4" else 1) * (128 // 8) ** 2
         with torch.no_grad():

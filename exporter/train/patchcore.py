@@ -61,13 +61,14 @@ class PatchcoreSettings:
     backbone_weights: str | None = None
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
     # Chosen on the validation split (synthetic anomalies on held-out normals, exporter/validation.py) within a
-    # latency budget of a quarter of the earlier 640 px / 0.5 % default; docs/quality/README.md has the table,
-    # the rule and the commands.  The bank is capped in rows, not a share of the patches, so a frame's cost does
-    # not grow with the training set and the coreset's fit time grows only linearly with it.
+    # latency budget of a quarter of the earlier 640 px / 0.5 % default, together with the screen below;
+    # docs/quality/README.md has the tables, the rules and the commands.  The bank is capped in rows, not a share
+    # of the patches, so a frame's cost does not grow with the training set and the coreset's fit time grows only
+    # linearly with it.
     input_size: int = 512
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
-    max_bank: int | None = 750  # cap on memory-bank rows (0 or None: no cap): bounds latency, bundle size, fit time
+    max_bank: int | None = 1500  # cap on memory-bank rows (0 or None: no cap): bounds latency, bundle size, fit time
     num_neighbors: int = 9
     batch_size: int = 8
     seed: int = 0
@@ -87,7 +88,7 @@ class PatchcoreSettings:
     # coreset's picks are nested, so they are a coarser coreset of their own), and the ``refine`` share of the
     # frame's patches farthest from those meets the rest of the bank too, so a larger bank costs a fraction of
     # its rows per frame.  Unrefined patches keep their distance to the screen rows, an upper bound.
-    screen_rows: int = 0
+    screen_rows: int = 500
     refine: float = 0.25
 
     @property

@@ -138,7 +138,9 @@ class PatchcoreGraph(nn.Module):
     they are exact for an extension whose rows lie nearer to none of the other patches than the bank does.
     ``image_score`` says how the score is read (:data:`IMAGE_SCORES`): the re-weighting of the most anomalous
     patch, whose nearest row m* and support are taken over the union of bank and extension, or the blurred
-    map's maximum.  With ``candidates`` 0 the graph has neither the input nor the two outputs.
+    map's maximum.  With ``candidates`` 0 the graph has neither the input nor the two outputs.  With ``screen_rows``
+    every patch first meets the bank's first rows only, and the ``refine`` share farthest from them the whole bank
+    (:class:`PatchcoreSettings`); the extension then meets the K farthest of the resulting distances.
     """
 
     bank_sq: torch.Tensor
@@ -245,8 +247,8 @@ class PatchcoreGraph(nn.Module):
             s = self.screen
             patch = self._nearest(flat, bank[:s], self.bank_sq[:s])
             vals, top = patch.topk(self.refine, dim=1)
-            picked = flat.reshape(-1, c)[top + torch.arange(n).unsqueeze(1) * (h * w)]
-            patch = patch.scatter(1, top, torch.minimum(vals, self._nearest(picked, bank[s:], self.bank_sq[s:])))
+            rest = self._nearest(self._rows_at(flat, top), bank[s:], self.bank_sq[s:])
+            patch = patch.scatter(1, top, torch.minimum(vals, rest))
         else:
             patch = self._nearest(flat, bank, self.bank_sq)  # N, hw
         if extension is None:
@@ -254,11 +256,9 @@ class PatchcoreGraph(nn.Module):
             extra: tuple[torch.Tensor, ...] = ()
         else:
             extension, ext_sq = self._masked(extension)
-            # Only the K patches farthest from the bank can matter, so only they meet the extension.  Rows of the
-            # flattened batch are gathered (a Gather), not flat.gather over the feature axis (a GatherElements,
-            # which OpenVINO's CPU plugin runs with a reference kernel).
+            # Only the K patches farthest from the bank can matter, so only they meet the extension.
             vals, top = patch.topk(self.k, dim=1)  # N, K
-            candidates = flat.reshape(-1, c)[top + torch.arange(n).unsqueeze(1) * (h * w)]  # N, K, C
+            candidates = self._rows_at(flat, top)  # N, K, C
             candidate_scores = torch.minimum(vals, self._nearest(candidates, extension, ext_sq))
             patch = patch.scatter(1, top, candidate_scores)
             extra = (candidates, candidate_scores)
@@ -280,6 +280,14 @@ class PatchcoreGraph(nn.Module):
         # measured and tuned (docs/retrieval.md), smoother than the raw patch distances.
         embedding = self.embedder(flat, F.adaptive_avg_pool2d(amap, (h, w)).flatten(1))
         return score, amap[:, 0], embedding, *extra
+
+    @staticmethod
+    def _rows_at(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Patch features ``flat`` [N, P, C] at the patch indices ``idx`` [N, K] -> [N, K, C].  Rows of the flattened
+        batch are gathered (a Gather), not flat.gather over the feature axis (a GatherElements, which OpenVINO's
+        CPU plugin runs with a reference kernel)."""
+        n, p, c = flat.shape
+        return flat.reshape(-1, c)[idx + torch.arange(n).unsqueeze(1) * p]
 
     @staticmethod
     def _masked(extension: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

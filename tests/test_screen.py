@@ -29,8 +29,9 @@ def fitted(dataset):
     return graph, spec, to_tensor(list(frames), bb), frames
 
 
-def _screened(graph: PatchcoreGraph, spec, screen: int, refine: float) -> PatchcoreGraph:
-    return PatchcoreGraph(graph.model, spec.height, graph.embedder, graph.k, screen_rows=screen, refine=refine).eval()
+def _screened(graph: PatchcoreGraph, spec, screen: int, refine: float, unrefined: str = "bound") -> PatchcoreGraph:
+    return PatchcoreGraph(graph.model, spec.height, graph.embedder, graph.k, screen_rows=screen, refine=refine,
+                          unrefined=unrefined).eval()
 
 
 def test_the_farthest_patches_meet_the_whole_bank_and_the_others_the_screen(fitted):
@@ -49,6 +50,25 @@ def test_the_farthest_patches_meet_the_whole_bank_and_the_others_the_screen(fitt
     assert (to_bank.gather(1, top) < to_screen.gather(1, top) - 1e-3).any()  # the refinement lowered some
 
 
+def test_scaled_unrefined_patches_take_the_frames_refined_ratio(fitted):
+    """``unrefined="scaled"``: each unrefined patch's screen distance times the frame's mean ratio of whole-bank to
+    screen distance over its refined patches; the refined ones as before."""
+    graph, spec, x, _ = fitted
+    bank = graph.model.memory_bank
+    with torch.no_grad():
+        got = _screened(graph, spec, 20, 0.25, unrefined="scaled")(x)[4]
+        flat = patch_features(graph.model, x).flatten(2).transpose(1, 2)
+        to_screen = torch.cdist(flat, bank[:20]).amin(-1)
+        to_bank = torch.cdist(flat, bank).amin(-1)
+    top = to_screen.topk(64, dim=1).indices
+    ratio = (to_bank.gather(1, top) / to_screen.gather(1, top)).mean(1, keepdim=True)
+    assert (ratio < 0.999).all()
+    want = (to_screen * ratio).scatter(1, top, to_bank.gather(1, top))
+    torch.testing.assert_close(got, want.sort(1, descending=True).values, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="unrefined"):
+        _screened(graph, spec, 20, 0.25, unrefined="guess")
+
+
 def test_a_screen_that_refines_every_patch_is_the_plain_graph(fitted):
     graph, spec, x, _ = fitted
     with torch.no_grad():
@@ -65,10 +85,11 @@ def test_no_screen_where_it_would_hold_the_whole_bank(fitted):
     assert PatchcoreGraph(graph.model, spec.height, graph.embedder, graph.k).screen == 0
 
 
-def test_the_screened_graph_runs_in_openvino_as_in_torch(fitted, tmp_path):
+@pytest.mark.parametrize("unrefined", ["bound", "scaled"])
+def test_the_screened_graph_runs_in_openvino_as_in_torch(fitted, tmp_path, unrefined):
     """Exported and run at f32: the slices of the bank become constants of their own, the same numbers."""
     graph, spec, x, frames = fitted
-    screened = _screened(graph, spec, 20, 0.25)
+    screened = _screened(graph, spec, 20, 0.25, unrefined)
     save_ir(convert(screened, spec), tmp_path)
     compiled = ov.Core().compile_model(str(tmp_path / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     with torch.no_grad():

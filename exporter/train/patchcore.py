@@ -43,6 +43,7 @@ BLUR_SIGMA_AT_256 = 4.0
 # higher, but a false alarm's absorption (bundle.extension.offending compares patch distances with the image
 # threshold, which map_max lowers) then takes more rows than an extension holds: docs/quality/README.md.
 IMAGE_SCORES = ("reweighted", "map_max")
+UNREFINED = ("bound", "scaled")
 
 
 def auto_candidates(patches: int) -> int:
@@ -90,6 +91,10 @@ class PatchcoreSettings:
     # its rows per frame.  Unrefined patches keep their distance to the screen rows, an upper bound.
     screen_rows: int = 500
     refine: float = 0.25
+    # What an unrefined patch's distance is: its distance to the screen rows (``bound``, never smaller than its
+    # distance to the whole bank), or that times the frame's mean ratio of whole-bank to screen distance over its
+    # refined patches (``scaled``, an estimate).
+    unrefined: str = "bound"
 
     @property
     def blur_sigma(self) -> float:
@@ -148,11 +153,15 @@ class PatchcoreGraph(nn.Module):
     blur_cols: torch.Tensor
 
     def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int | None = None,
-                 image_score: str = "reweighted", screen_rows: int = 0, refine: float = 0.25) -> None:
+                 image_score: str = "reweighted", screen_rows: int = 0, refine: float = 0.25,
+                 unrefined: str = "bound") -> None:
         super().__init__()
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, not {image_score!r}")
+        if unrefined not in UNREFINED:
+            raise ValueError(f"unrefined must be one of {', '.join(UNREFINED)}, not {unrefined!r}")
         self.image_score = image_score
+        self.unrefined = unrefined
         self.model = model.eval()
         self.input_size = input_size
         self.embedder = embedder
@@ -247,8 +256,10 @@ class PatchcoreGraph(nn.Module):
             s = self.screen
             patch = self._nearest(flat, bank[:s], self.bank_sq[:s])
             vals, top = patch.topk(self.refine, dim=1)
-            rest = self._nearest(self._rows_at(flat, top), bank[s:], self.bank_sq[s:])
-            patch = patch.scatter(1, top, torch.minimum(vals, rest))
+            exact = torch.minimum(vals, self._nearest(self._rows_at(flat, top), bank[s:], self.bank_sq[s:]))
+            if self.unrefined == "scaled":
+                patch = patch * (exact / vals.clamp_min(1e-6)).mean(1, keepdim=True)
+            patch = patch.scatter(1, top, exact)
         else:
             patch = self._nearest(flat, bank, self.bank_sq)  # N, hw
         if extension is None:
@@ -356,7 +367,7 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     done = time.monotonic()
     graph = PatchcoreGraph(model, settings.input_size, DefectEmbedding.fit(features, seed=settings.seed),
                            settings.extension_candidates, settings.image_score, settings.screen_rows,
-                           settings.refine).eval()
+                           settings.refine, settings.unrefined).eval()
     timings = {
         "feature_extraction_s": round(extracted - started, 2),
         "coreset_s": round(done - extracted, 2),

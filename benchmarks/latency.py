@@ -6,7 +6,8 @@
 Each ``SIZE:ROWS`` is the exported PatchCore graph (EfficientNet-Lite0 blocks.2+4, the
 production ``PatchcoreGraph``, with the map blur a fitted bundle gets at that size) at that input size
 with a memory bank of that many rows (``:screen=N`` screens it with its first N rows, ``:refine=SHARE`` of the
-patches meeting them all, as ``exporter train --screen-rows N --refine SHARE``); the
+patches meeting them all, ``:unrefined=bound|scaled`` the others' distance, as ``exporter train --screen-rows N
+--refine SHARE --unrefined WHAT``); the
 rows are random, which does not change the work (a dense distance to every row).  Configs are
 compiled once and timed interleaved, ``--repeats`` rounds of ``--frames`` single-frame
 inferences each (LATENCY hint, ``--threads`` threads, ``--precision``, f32 unless set): median of each round, then median and
@@ -40,7 +41,7 @@ def _config(threads: int, precision: str) -> dict:
 
 
 def compile_graph(size: int, rows: int, threads: int, precision: str = "f32", int8: bool = False, screen: int = 0,
-                  refine: float = 0.25):
+                  refine: float = 0.25, unrefined: str | None = None):
     """The graph at ``size`` px with ``rows`` random bank rows; ``int8``: its backbone quantised as ``exporter train
     --precision int8`` does, calibrated on random frames (the scales move, the work does not)."""
     import openvino as ov
@@ -59,7 +60,7 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32", in
         dim = patch_features(model, torch.zeros(1, 3, 64, 64)).shape[1]
     model.memory_bank = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
     graph = PatchcoreGraph(model, size, DefectEmbedding(torch.zeros(dim), torch.eye(dim)), screen_rows=screen,
-                           refine=refine).eval()
+                           refine=refine, unrefined=unrefined or settings.unrefined).eval()
     ir = convert(graph, input_spec(size, bb.mean, bb.std))
     if int8:
         from exporter.quantize import quantize
@@ -105,17 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from exporter.train.patchcore import UNREFINED
+
     entries: dict[str, tuple[int, Callable]] = {}
     for config in args.config or ([] if args.bundle else DEFAULT_CONFIGS):
         size, rows, *extra = config.split(":")
         options = dict(item.partition("=")[::2] for item in extra)
-        if set(options) - {"int8", "screen", "refine"} or options.get("int8", "") != "":
-            ap.error(f"--config {config}: use SIZE:ROWS, then optionally :int8, :screen=ROWS, :refine=SHARE")
+        if set(options) - {"int8", "screen", "refine", "unrefined"} or options.get("int8", "") != "":
+            ap.error(f"--config {config}: use SIZE:ROWS, then optionally :int8, :screen=ROWS, :refine=SHARE, "
+                     ":unrefined=bound|scaled")
         screen, refine = int(options.get("screen", 0)), float(options.get("refine", 0.25))
+        unrefined = options.get("unrefined")
+        if unrefined is not None and unrefined not in UNREFINED:
+            ap.error(f"--config {config}: unrefined is one of {', '.join(UNREFINED)}")
         name = (f"PatchCore graph, {size} px, {rows} rows" + (", INT8 backbone" if "int8" in options else "")
-                + (f", screen {screen}, refine {refine:g}" if screen else ""))
+                + (f", screen {screen}, refine {refine:g}" if screen else "")
+                + (f", unrefined {unrefined}" if unrefined else ""))
         entries[name] = (int(size), compile_graph(int(size), int(rows), args.threads, args.precision,
-                                                  int8="int8" in options, screen=screen, refine=refine))
+                                                  int8="int8" in options, screen=screen, refine=refine,
+                                                  unrefined=unrefined))
     for folder in args.bundle:
         entries[f"bundle {folder.name}"] = compile_bundle(folder, args.threads, args.precision)
     frames = {k: np.random.default_rng(0).integers(0, 255, (1, side, side, 3), dtype=np.uint8) for k, (side, _) in entries.items()}

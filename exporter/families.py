@@ -98,8 +98,9 @@ class PatchCore(Family["PatchcoreSettings"]):
                                 "the whole bank (0: every patch meets the whole bank)", int),
         Option("--refine", "with --screen-rows: the share of a frame's patches that meets the whole bank", float),
         Option("--unrefined", "with --screen-rows: an unrefined patch's distance is its distance to the screen rows "
-                              "(bound, default: never smaller than to the whole bank) or that scaled by the frame's "
-                              "refined patches' mean ratio of whole-bank to screen distance (scaled: an estimate)",
+                              "scaled by the frame's refined patches' mean ratio of whole-bank to screen distance "
+                              "(scaled, default: an estimate) or that distance as it is (bound: never smaller than "
+                              "to the whole bank)",
                choices=("bound", "scaled")),
     )
     weight_precisions = ("fp32", "int8")

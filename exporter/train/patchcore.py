@@ -88,13 +88,13 @@ class PatchcoreSettings:
     # A cheap first stage (0: off): every patch meets only the bank's first ``screen_rows`` rows (the greedy
     # coreset's picks are nested, so they are a coarser coreset of their own), and the ``refine`` share of the
     # frame's patches farthest from those meets the rest of the bank too, so a larger bank costs a fraction of
-    # its rows per frame.  Unrefined patches keep their distance to the screen rows, an upper bound.
+    # its rows per frame.
     screen_rows: int = 500
     refine: float = 0.25
-    # What an unrefined patch's distance is: its distance to the screen rows (``bound``, never smaller than its
-    # distance to the whole bank), or that times the frame's mean ratio of whole-bank to screen distance over its
-    # refined patches (``scaled``, an estimate).
-    unrefined: str = "bound"
+    # What an unrefined patch's distance is: its distance to the screen rows times the frame's mean ratio of
+    # whole-bank to screen distance over its refined patches (``scaled``, an estimate), or the screen distance as
+    # it is (``bound``, never smaller than its distance to the whole bank, so the maps of thin defects blur).
+    unrefined: str = "scaled"
 
     @property
     def blur_sigma(self) -> float:
@@ -154,7 +154,7 @@ class PatchcoreGraph(nn.Module):
 
     def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int | None = None,
                  image_score: str = "reweighted", screen_rows: int = 0, refine: float = 0.25,
-                 unrefined: str = "bound") -> None:
+                 unrefined: str = "scaled") -> None:
         super().__init__()
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, not {image_score!r}")

@@ -93,7 +93,7 @@ class PatchcoreSettings:
     refine: float = 0.25
     # What an unrefined patch's distance is: its distance to the screen rows times the frame's mean ratio of
     # whole-bank to screen distance over its refined patches (``scaled``, an estimate), or the screen distance as
-    # it is (``bound``, never smaller than its distance to the whole bank, so the maps of thin defects blur).
+    # it is (``bound``, never smaller than its distance to the whole bank: an upper bound, which coarsens the maps).
     unrefined: str = "scaled"
 
     @property

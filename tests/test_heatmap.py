@@ -44,6 +44,15 @@ def test_the_pixel_threshold_maps_to_the_middle_of_the_colour_map() -> None:
     assert any(np.abs(image[16, 16].astype(int) - m.astype(int)).max() <= 1 for m in middle)
 
 
+def test_every_level_has_opencvs_jet_colour() -> None:
+    """The map's 256 levels, one per column, come out as OpenCV's built-in JET (the worker keeps it as a table)."""
+    levels = np.arange(256, dtype=np.float32)
+    amap = np.tile(NORM.low + levels * (NORM.threshold - NORM.low) / 127.5, (4, 1))  # level L in column L
+    image = decoded(render(np.zeros((4, 256, 3), np.uint8), amap, NORM, HeatmapConfig(format="png", alpha=1.0, size=256)))
+    expected = cv2.applyColorMap(np.tile(np.arange(256, dtype=np.uint8), (4, 1)), cv2.COLORMAP_JET)
+    np.testing.assert_array_equal(image, expected)
+
+
 def test_opencv_threads_zero_gives_opencvs_own_pool_back_not_no_threading():
     """``limits.opencv_threads: 0`` is OpenCV's pool (one thread per CPU); OpenCV's own 0 would mean no threading."""
     before = cv2.getNumThreads()

@@ -10,6 +10,9 @@ from worker.config import HeatmapConfig
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 
+# OpenCV's JET as a user colour map, built once: applyColorMap rebuilds a built-in map on every call.
+_JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, np.newaxis], cv2.COLORMAP_JET)
+
 
 def encode(image: np.ndarray, fmt: str, quality: int = 85) -> bytes:
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
@@ -37,10 +40,11 @@ def render(frame: np.ndarray, anomaly_map: np.ndarray, norm: Normalisation, cfg:
     frame = fit_size(frame, cfg.size)
     span = max(norm.threshold - norm.low, 1e-12)
     scale = 127.5 / span  # norm's 0..1 (0.5 at the threshold) as 0..255, saturated above
-    level = cv2.convertScaleAbs(np.maximum(anomaly_map, norm.low, dtype=np.float32), alpha=scale, beta=-norm.low * scale)
+    floor = cv2.max(np.asarray(anomaly_map, dtype=np.float32), norm.low)  # at least `low`: the scaled level stays >= 0
+    level = cv2.convertScaleAbs(floor, alpha=scale, beta=-norm.low * scale)
     if level.shape[:2] != frame.shape[:2]:
         shrink = level.shape[0] * level.shape[1] > frame.shape[0] * frame.shape[1]
         level = cv2.resize(level, (frame.shape[1], frame.shape[0]),
                            interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    blended = cv2.addWeighted(cv2.applyColorMap(level, cv2.COLORMAP_JET), cfg.alpha, frame, 1 - cfg.alpha, 0)
+    blended = cv2.addWeighted(cv2.applyColorMap(level, _JET), cfg.alpha, frame, 1 - cfg.alpha, 0)
     return encode(blended, cfg.format, cfg.quality)

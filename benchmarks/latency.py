@@ -106,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from bundle import BundleError, read_manifest
     from exporter.train.patchcore import UNREFINED
+
+    for folder in args.bundle:  # a wrong folder is a one-line error before anything is compiled
+        try:
+            read_manifest(folder)
+        except BundleError as exc:
+            ap.error(f"--bundle: {exc}")
 
     entries: dict[str, tuple[int, Callable]] = {}
     for config in args.config or ([] if args.bundle else DEFAULT_CONFIGS):

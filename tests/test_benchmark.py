@@ -155,6 +155,14 @@ def test_latency_benchmark_times_exported_bundles_beside_graphs(bundle_dir):
     assert "precision f32, INFERENCE_NUM_THREADS 1" in proc.stdout
 
 
+def test_latency_benchmark_refuses_a_folder_that_is_not_a_bundle_in_one_line(tmp_path):
+    """A mistyped --bundle is a usage error naming the folder, before any graph is built or compiled."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--config", "128:50", "--bundle", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"--bundle: {tmp_path}: no bundle.json" in proc.stderr.splitlines()[-1], proc.stderr[-3000:]
+
+
 def test_thresholds_benchmark_reports_leave_one_out_and_catches_per_rule(bundle_dir, dataset):
     """benchmarks.thresholds: the bundle's own rule reproduces its threshold; leave-one-out counts each normal once."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.thresholds", "--bundle", str(bundle_dir), "--data", str(dataset),

@@ -57,7 +57,7 @@ def demo_config(out: Path, port: int, bundle: Path) -> Path:
     cfg["store"]["path"] = str(out / "qdrant")
     cfg["evidence"]["path"] = str(out / "evidence")
     cfg["limits"]["queue_policy"] = "block"  # a replay should lose nothing: back-pressure instead of drops
-    cfg["worker"]["stats_interval_s"] = 5
+    cfg["worker"]["stats_interval_s"] = 1  # the demo waits on the stats topic for the store to catch up
     cfg["console"]["port"] = free_port()
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -74,6 +74,9 @@ class Watcher:
         self.heatmap_dir = heatmap_dir
         self.status: list[str] = []
         self.done = threading.Event()
+        self.logged = 0  # results the worker says it recorded (their embeddings go to the store)
+        self.stats: dict = {}
+        self.stats_seen = threading.Condition()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id="demo-watcher")
         self.client.on_message = self._on_message
@@ -86,6 +89,7 @@ class Watcher:
         if leaf == "result":
             r = json.loads(msg.payload)
             self.results.append(r)
+            self.logged += bool(r.get("logged"))
             mark = "ANOMALOUS" if r["verdict"] == "anomalous" else "normal   "
             print(f"[{len(self.results):3d}/{self.total}] {r['camera']} {r['frame_id']:<28} score {r['score']:.3f} "
                   f"{mark} infer {r['latency_ms']['infer']:6.1f} ms  total {r['latency_ms']['total']:7.1f} ms",
@@ -96,11 +100,22 @@ class Watcher:
         elif leaf == "error":
             self.errors.append(json.loads(msg.payload))
             print(f"error: {msg.payload.decode()}", flush=True)
+        elif leaf == "stats":
+            with self.stats_seen:
+                self.stats = json.loads(msg.payload)
+                self.stats_seen.notify_all()
         elif leaf == "availability":
             self.status.append(msg.payload.decode())
             print(f"worker availability: {msg.payload.decode()}", flush=True)
         if len(self.results) + len(self.errors) >= self.total:
             self.done.set()
+
+    def wait_stored(self, timeout: float) -> bool:
+        """Until the worker's stats say every recorded result is written to the store (none left to write)."""
+        def caught_up() -> bool:
+            return self.stats.get("store_written", 0) >= self.logged and self.stats.get("store_pending") == 0
+        with self.stats_seen:
+            return self.stats_seen.wait_for(caught_up, timeout)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -217,7 +232,9 @@ def main() -> int:
         fps = len(watcher.results) / max(last - replay_start, 1e-6)
         print(f"\n{len(watcher.results)} results, {len(watcher.errors)} errors, {fps:.1f} frames/s through the worker")
 
-        time.sleep(1.0)  # let the recorder's last batch reach the store
+        if not watcher.wait_stored(60):
+            print(f"warning: the store holds {watcher.stats.get('store_written', 0)} of the {watcher.logged} recorded "
+                  "frames after 60 s; the query below may miss some")
         query_id = sorted(f"{p.parent.name}_{p.stem}" for p in frames if p.parent.name == query_type)[0]
         banner(f"past defects most similar to {query_id}")
         run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", query_id,

@@ -6,7 +6,6 @@ import base64
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -169,6 +168,19 @@ def _query(client: Client, prefix: str, request: dict, timeout: float = 30, topi
     return json.loads(msg.payload)
 
 
+def _wait_stored(client, prefix: str, results: list[dict]) -> None:
+    """Until the worker's stats say every logged result is in the store (the recorder writes in batches)."""
+    logged = sum(bool(r["logged"]) for r in results)
+
+    def caught_up(m) -> bool:
+        if m.topic != f"{prefix}/workers/w-test/stats":
+            return False
+        stats = json.loads(m.payload)
+        return stats["store_written"] >= logged and stats["store_pending"] == 0
+
+    client.wait_for(caught_up, timeout=60)
+
+
 def test_similarity_queries_over_mqtt_and_cli(running, dataset):
     prefix, client, _, config, _ = running
     empty = _query(client, prefix, {"frame_id": "nothing-yet", "top_k": 3})
@@ -177,8 +189,7 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset):
     frames = _frames(dataset)
     for frame_id, data, _ in frames:
         client.publish_frame("cam3", data, frame_id)
-    client.json_on(f"{prefix}/cam3/result", count=len(frames), timeout=120)
-    time.sleep(1.0)  # the recorder writes in batches every flush_s
+    _wait_stored(client, prefix, client.json_on(f"{prefix}/cam3/result", count=len(frames), timeout=120))
 
     # The very image of a logged frame finds that frame first, with cosine similarity ~1.
     frame_id, data, _ = frames[5]
@@ -223,8 +234,7 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
     frames = _frames(dataset)[:6]
     for frame_id, data, _ in frames:
         client.publish_frame("cam4", data, frame_id)
-    client.json_on(f"{prefix}/cam4/result", count=len(frames), timeout=120)
-    time.sleep(1.0)
+    _wait_stored(client, prefix, client.json_on(f"{prefix}/cam4/result", count=len(frames), timeout=120))
     target, other = frames[0][0], frames[1][0]
 
     def label(body: dict) -> dict:

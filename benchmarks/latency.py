@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import fmt, md_table, summary
+from bundle import BundleError, Manifest, read_manifest
 
 log = logging.getLogger("benchmarks.latency")
 
@@ -73,13 +74,13 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32", in
     return lambda frame: compiled({0: frame, 1: pad})
 
 
-def compile_bundle(folder: Path, threads: int, precision: str = "f32") -> tuple[int, Callable]:
-    """An exported bundle's IR, compiled as :func:`compile_graph` compiles the graph; (input side, infer)."""
+def compile_bundle(folder: Path, manifest: Manifest, threads: int, precision: str = "f32") -> tuple[int, Callable]:
+    """An exported bundle's IR (``manifest``: its verified ``bundle.json``), compiled as :func:`compile_graph`
+    compiles the graph; (input side, infer)."""
     import openvino as ov
 
-    from bundle import EXTENSION_PAD, read_manifest
+    from bundle import EXTENSION_PAD
 
-    manifest = read_manifest(folder)
     core = ov.Core()
     model = core.read_model(str(folder / "model.xml"))
     feeds: dict[int, np.ndarray] = {}
@@ -106,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="f32", choices=("f32", "bf16", "f16"), help="inference precision (always set)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from bundle import BundleError, read_manifest
     from exporter.train.patchcore import UNREFINED
 
+    manifests: dict[Path, Manifest] = {}
     for folder in args.bundle:  # a wrong folder is a one-line error before anything is compiled
         try:
-            read_manifest(folder)
+            manifests[folder] = read_manifest(folder)
         except BundleError as exc:
             ap.error(f"--bundle: {exc}")
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   int8="int8" in options, screen=screen, refine=refine,
                                                   unrefined=unrefined))
     for folder in args.bundle:
-        entries[f"bundle {folder.name}"] = compile_bundle(folder, args.threads, args.precision)
+        entries[f"bundle {folder.name}"] = compile_bundle(folder, manifests[folder], args.threads, args.precision)
     frames = {k: np.random.default_rng(0).integers(0, 255, (1, side, side, 3), dtype=np.uint8) for k, (side, _) in entries.items()}
     rounds: dict[str, list[float]] = {k: [] for k in entries}
     for k, (_, infer) in entries.items():

@@ -81,6 +81,8 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--layers", "comma-separated backbone layers", _names),
         Option("--input-size", "square input side in pixels", int),
         Option("--coreset-ratio", "memory-bank share of all patch features", float),
+        Option("--neighbourhood", "feature cells (odd, p x p) averaged into each patch's feature (PatchCore's local "
+                                  "neighbourhood; default 3, anomalib's)", int),
         Option("--max-bank", "cap on memory-bank rows, which bounds latency, bundle size and fit time "
                              "(0: no cap, the bank is --coreset-ratio of all patch features)", int),
         Option("--extension-candidates", "patches per frame compared with the bank extension and returned as "

@@ -21,7 +21,7 @@ from exporter import backbones
 from exporter.coreset import greedy_coreset
 from exporter.data import load_category, read_image
 from exporter.export import convert, input_spec, save_ir
-from exporter.train.patchcore import PatchcoreSettings, fit, to_tensor
+from exporter.train.patchcore import PatchcoreSettings, build_model, fit, to_tensor
 
 SCORE_RTOL = 1e-3  # OpenVINO FP32 vs torch: relative tolerance on image scores
 
@@ -67,15 +67,17 @@ def test_dynamic_batch_gives_the_same_scores(bundle_dir, dataset):
     np.testing.assert_allclose(np.linalg.norm(together.embedding, axis=1), 1.0, atol=1e-4)
 
 
-@pytest.mark.parametrize("image_score", ["map_max", "reweighted"])
-def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_score):
+@pytest.mark.parametrize(("image_score", "neighbourhood"), [("map_max", 3), ("reweighted", 3), ("reweighted", 5)])
+def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_score, neighbourhood):
     """Our export graph, compiled by OpenVINO, against anomalib's own PatchcoreModel.forward in torch, for each way
-    of reading the image score."""
-    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, image_score=image_score)
+    of reading the image score, and with a wider patch neighbourhood than anomalib's."""
+    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, image_score=image_score,
+                                 neighbourhood=neighbourhood)
     cat = load_category(dataset, "weave")
     bb = backbones.resolve(settings.backbone)
     spec = input_spec(settings.input_size, bb.mean, bb.std)
     graph, _ = fit(settings, bb, cat.train, spec)
+    assert graph.model.feature_pooler.kernel_size == neighbourhood
     save_ir(convert(graph, spec), tmp_path)
     from bundle import Normalisation, Thresholds, write_manifest
     from exporter.export import extension_spec, library_versions, output_specs, timestamp
@@ -99,6 +101,11 @@ def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_s
     np.testing.assert_allclose(ov_pred.anomaly_map, torch_maps, rtol=1e-3, atol=1e-3 * torch_maps.max())
     threshold = float(np.median(torch_scores))
     assert ((ov_pred.score >= threshold) == (torch_scores >= threshold)).all()
+
+
+def test_an_even_neighbourhood_is_refused():
+    with pytest.raises(ValueError, match="odd"):
+        build_model(PatchcoreSettings(neighbourhood=4), backbones.resolve("efficientnet_lite0"))
 
 
 def _plain_greedy(points: torch.Tensor, start: int, n: int) -> list[int]:

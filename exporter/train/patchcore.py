@@ -71,6 +71,9 @@ class PatchcoreSettings:
     coreset_projection: int = 128
     max_bank: int | None = 1500  # cap on memory-bank rows (0 or None: no cap): bounds latency, bundle size, fit time
     num_neighbors: int = 9
+    # PatchCore's local neighbourhood (the paper's p): a patch's feature is the mean of the p x p feature cells
+    # around it (anomalib's 3), so each patch also describes a little of its surroundings; odd, so it stays centred.
+    neighbourhood: int = 3
     batch_size: int = 8
     seed: int = 0
     map_sigma: float | None = None  # anomaly-map blur in px; None: scaled with the input (blur_sigma)
@@ -345,6 +348,10 @@ def build_model(settings: PatchcoreSettings, backbone: Backbone) -> PatchcoreMod
         pre_trained=backbone.pre_trained,
         num_neighbors=settings.num_neighbors,
     ).eval()
+    if settings.neighbourhood < 1 or settings.neighbourhood % 2 == 0:
+        raise ValueError(f"neighbourhood must be an odd number of feature cells, not {settings.neighbourhood}")
+    # anomalib's own forward (the parity reference) pools with the same module
+    model.feature_pooler = torch.nn.AvgPool2d(settings.neighbourhood, 1, settings.neighbourhood // 2)
     # anomalib's fixed sigma of 4 px is tuned for 256 px inputs; larger inputs get the same share of the frame
     # (docs/quality/README.md), and anomalib's own forward (the parity reference) then uses the same blur.
     model.anomaly_map_generator = AnomalyMapGenerator(sigma=settings.blur_sigma)  # type: ignore[arg-type]  # annotated int, takes any float

@@ -6,7 +6,6 @@ import base64
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,7 +50,10 @@ class ConsoleProcess:
 
 
 def launch(playwright, width: int = 1280, height: int = 900, **options):
-    """A headless chromium context with a new, empty profile (``options``: Playwright's, e.g. http_credentials)."""
-    return playwright.chromium.launch_persistent_context(
-        tempfile.mkdtemp(prefix="chromium-"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-        viewport={"width": width, "height": height}, **options)
+    """A headless chromium context with a new, empty profile (``options``: Playwright's, e.g. http_credentials).
+
+    Playwright makes the profile folder and deletes it when the browser closes (at the latest when its
+    ``sync_playwright()`` block ends), so runs leave no profile behind.
+    """
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    return browser.new_context(viewport={"width": width, "height": height}, **options)

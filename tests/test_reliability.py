@@ -6,6 +6,7 @@ See docs/reliability.md for the promises, their limits and the figures these tes
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import struct
 import subprocess
@@ -246,6 +247,7 @@ def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, data
         camera.close()
         observer.close()
         broker.stop()
+        shutil.rmtree(store_dir, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir)
 
 
 def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bundle_dir, dataset, tmp_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -42,6 +43,7 @@ def secure_broker(tmp_path_factory):
     broker = Broker(tmp_path_factory.mktemp("secure"), port=port, listener=conf)
     yield broker, files
     broker.stop()
+    shutil.rmtree(files, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir), so ours to remove
 
 
 def _client(port: int, ca, user: str | None, secret: str | None = None, tls: bool = True):

@@ -46,6 +46,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -429,6 +430,7 @@ def worker_timing(args: argparse.Namespace) -> None:
                      delays[-1], first["verdict"])
     finally:
         rig.close()
+        shutil.rmtree(folder, ignore_errors=True)
     after = f", after {args.restart_confirmed} confirmed defects and a restart" if args.restart_confirmed else ""
     print(f"Label request -> first result scored with the new extension ({len(delays)} labels{after}, "
           f"{args.stream_rate:g} frames/s streamed, "

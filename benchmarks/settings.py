@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         package(fit_patchcore(args.data, args.category, s), bundles[name], precisions=["f32"])
     fits = {}
     if args.fit_images:
-        generated = larger_set(args.data, args.category, args.fit_images, Path(tempfile.mkdtemp(prefix="fitset-")))
-        fits = {name: fit_only(generated, args.category, s) for name, s in settings.items()}
+        with tempfile.TemporaryDirectory(prefix="fitset-") as tmp:
+            generated = larger_set(args.data, args.category, args.fit_images, Path(tmp))
+            fits = {name: fit_only(generated, args.category, s) for name, s in settings.items()}
         for name, f in fits.items():
             log.info("%s: fit on %d images: %s", name, args.fit_images, f)
 

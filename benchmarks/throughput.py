@@ -360,13 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(variants) != len(args.worker_variant):
         parser.error("--worker-variant names must differ")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory(prefix="edge-inspect-throughput-") as work:  # bundles, exports, worker state
+        return measure(args, variants, Path(work))
 
+
+def measure(args: argparse.Namespace, variants: dict[str, dict], work: Path) -> int:
+    """Train the bundles into ``work``, run every row and print the tables."""
     import torch
 
     from exporter.train.patchcore import PatchcoreSettings, to_tensor
 
     input_size = args.input_size or PatchcoreSettings().input_size
-    work = Path(tempfile.mkdtemp(prefix="edge-inspect-throughput-"))
     trained, bundles = train_bundles(args.data, args.category, args.train_images, args.bank, work,
                                      ("fp32", "int8") if args.int8 else ("fp32",), input_size=input_size,
                                      screen_rows=args.screen_rows)

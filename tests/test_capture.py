@@ -112,3 +112,22 @@ def test_a_reader_beside_the_running_worker_changes_nothing(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "cap" / "cam").iterdir()) == files
     worker.flush()
     assert Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, read_only=True).counts()["cam"]["kept"] == 5
+
+
+def test_cameras_past_the_bound_are_counted_not_sampled_even_after_a_restart(tmp_path) -> None:
+    """Where any topic level is accepted as a camera, a client that invents camera ids must not fill the disk: at most
+    ``max_cameras`` cameras get a sample (those on disk count after a restart); a false alarm is kept regardless."""
+    capture = Capture(tmp_path, max_frames=5, min_distance=0.0, seed=0, max_cameras=2)
+    for i in range(6):
+        for camera in ("a", "b", "c"):
+            capture.offer(camera, f"{camera}{i}", image(i), png(i))
+    assert sorted(capture.counts()) == ["a", "b"] and capture.counts()["b"]["kept"] == 5
+    assert capture.skipped_frames == 6 and not (tmp_path / "c").exists()
+    capture.flush()
+
+    again = Capture(tmp_path, max_frames=5, min_distance=0.0, seed=0, max_cameras=2)
+    assert not again.offer("d", "d0", image(0), png(0)) and again.skipped_frames == 1
+    again.offer("a", "a9", image(9), png(9))
+    assert again.counts()["a"]["seen"] == 7  # a camera with a sample goes on
+    again.add_false_alarm("e", "e0", image(1))
+    assert again.counts()["e"]["false_alarms"] == 1

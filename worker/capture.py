@@ -1,7 +1,8 @@
 """Capture for retraining: per camera, a bounded, de-duplicated sample of the line's normal frames at full
 resolution, plus the frames operators marked as false alarms, exported as a training folder.
 
-Policy (``capture.max_frames`` and ``capture.max_mb`` per camera): **reservoir sampling** (Vitter's algorithm R)
+Policy (``capture.max_frames`` and ``capture.max_mb`` per camera, for at most ``capture.max_cameras`` cameras, so
+the disk it can take is bounded even where any topic level is accepted as a camera): **reservoir sampling** (Vitter's algorithm R)
 over the normal frames a camera has sent, so the sample stays uniform over the whole history, a shift's worth as
 likely as the last minute's, without holding more than the bound.  The sample stops growing at whichever bound
 comes first (large BMP or PNG frames reach the megabytes long before the frame count); should larger frames
@@ -125,9 +126,11 @@ class Capture:
     """Thread-safe: inference threads offer frames, the request thread adds false alarms and exports."""
 
     def __init__(self, root: Path, max_frames: int, min_distance: float, seed: int | None = None,
-                 read_only: bool = False, max_mb: float | None = None) -> None:
+                 read_only: bool = False, max_mb: float | None = None, max_cameras: int | None = None) -> None:
         """``read_only``: another process (the running worker) owns the folder, e.g. for the export CLI: nothing is
-        cleaned up or written, and what the worker kept in its last few seconds may not be listed yet."""
+        cleaned up or written, and what the worker kept in its last few seconds may not be listed yet.
+        ``max_cameras``: the normal frames of cameras past that many with a sample (those on disk count) are not
+        sampled, only counted (``skipped_frames``); a false alarm is always kept, an operator asked for it."""
         self.read_only = read_only
         self.root = Path(root)
         if not read_only:
@@ -138,8 +141,11 @@ class Capture:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._cameras: dict[str, _Camera] = {}
+        self.max_cameras = max_cameras
         self.failed_writes = 0
+        self.skipped_frames = 0
         self._report = Throttle(60)
+        self._report_skipped = Throttle(60)
         self._load_all()
 
     def _camera(self, camera: str) -> _Camera:
@@ -174,6 +180,13 @@ class Capture:
 
     def _offer(self, camera: str, key: str, image: np.ndarray, encoded: Callable[[], tuple[bytes, str]]) -> bool:
         """:meth:`offer` under the lock."""
+        if camera not in self._cameras and self.max_cameras is not None and len(self._cameras) >= self.max_cameras:
+            self.skipped_frames += 1
+            if self._report_skipped.ready():
+                log.warning("capture sample: %d cameras have a sample (capture.max_cameras); frames of camera %r and "
+                            "any further one are not sampled (%d frames so far)", len(self._cameras), camera,
+                            self.skipped_frames)
+            return False
         state = self._camera(camera)
         state.seen += 1
         slot = len(state.files) if len(state.files) < self.max_frames and not self._over(state, 0) else self._draw(state)

@@ -293,6 +293,10 @@ class CaptureConfig(_Section):
     max_mb: float | None = Field(1000, gt=0, description="... and at most this many megabytes of them per camera (whichever bound comes "
                                                         "first: full-resolution PNG or BMP frames reach it long before max_frames); "
                                                         "none = no limit.")
+    max_cameras: int = Field(64, ge=1, description="Cameras with a sample: normal frames of further cameras are not sampled, "
+                                                   "only counted (stats topic capture_skipped_frames), so the sample takes at most "
+                                                   "max_cameras x max_mb of disk where topics.cameras accepts any camera; false "
+                                                   "alarms are always kept.")
     min_distance: float = Field(0.01, ge=0, le=2, description="A frame this close (cosine, on a 16x16 grey signature) to a kept one is "
                                                               "skipped as a near-duplicate (0 = keep duplicates).")
     export_path: Path = Field(Path("data/training"), description="Where an export requested over MQTT or from the console is "

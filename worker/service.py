@@ -74,7 +74,8 @@ class Worker:
                              will=(self.topics.availability, "offline"), retained=False,
                              watch=[self.topics.availability])
         self.link.client.manual_ack_set(True)
-        self.capture = (Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, max_mb=cfg.capture.max_mb)
+        self.capture = (Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, max_mb=cfg.capture.max_mb,
+                                max_cameras=cfg.capture.max_cameras)
                         if cfg.capture.enabled else None)
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness,
                                  self.capture)
@@ -236,6 +237,7 @@ class Worker:
             "evidence": self.evidence.counts(),
             "capture": self.capture.counts() if self.capture is not None else None,
             "capture_failed_writes": self.capture.failed_writes if self.capture is not None else None,
+            "capture_skipped_frames": self.capture.skipped_frames if self.capture is not None else None,
             "extensions": [e.info() for e in self.models.extensions()],
             "cameras": self.stats.snapshot(),
             "threads": self.liveness.snapshot(),

@@ -297,3 +297,32 @@ def test_the_console_hub_survives_messages_it_cannot_read():
             "verdict": "normal", "threshold": 1.0, "model": {"version": "v"}}
     hub.on_message(msg("inspect/cam/result", json.dumps(good).encode()))
     assert "cam" in hub.snapshot()["cameras"]
+
+
+def test_the_console_hub_keeps_the_most_recently_active_cameras_only():
+    """Where any topic level is a camera, invented camera ids must not grow the console's memory: its tiles, score
+    series and error counts keep the ``console.max_cameras`` most recently active cameras."""
+    import paho.mqtt.client as mqtt
+
+    from worker.config import ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig(max_cameras=3))
+
+    def send(camera: str, kind: str, body: dict) -> None:
+        m = mqtt.MQTTMessage(topic=f"inspect/{camera}/{kind}".encode())
+        m.payload = json.dumps(body).encode()
+        hub.on_message(m)
+
+    def result(camera: str, n: int) -> None:
+        send(camera, "result", {"frame_id": f"f{n}", "camera": camera, "captured_at": "2026-11-30T00:00:00+00:00",
+                                "score": 0.1, "verdict": "normal", "threshold": 1.0, "model": {"version": "v"}})
+
+    for n, camera in enumerate(["a", "b", "c", "a", "d"]):  # a is active again before d arrives: b goes
+        result(camera, n)
+        send(camera, "error", {"code": "not_an_image", "message": "x"})
+    state = hub.snapshot()
+    assert sorted(state["cameras"]) == ["a", "c", "d"] and sorted(state["errors"]) == ["a", "c", "d"]
+    assert state["errors"]["a"]["count"] == 2
+    assert sorted(hub.score_series()) == ["a", "c", "d"]

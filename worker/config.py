@@ -318,6 +318,9 @@ class ConsoleConfig(_Section):
     recent_frames: int = Field(64, ge=8, description="Latest frames (camera bytes, heatmap, result) of all cameras kept in memory for the "
                                                      "live tiles.")
     series_minutes: float = Field(60, gt=0, description="Score-over-time window per camera.")
+    max_cameras: int = Field(64, ge=1, description="Cameras the console keeps (tile, score series, error count): the most recently "
+                                                   "active; past this many the longest quiet one is dropped, so invented camera ids "
+                                                   "cannot grow its memory.")
     control_timeout_s: float = Field(120, gt=0, description="How long the console waits for the worker to answer a reload, rollback or "
                                                             "capture export (a reload compiles the bundle) before HTTP 504.")
 

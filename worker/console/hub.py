@@ -95,12 +95,21 @@ class Hub:
         # every camera's latest frames
         self.recent: Bounded[tuple[str, str], Entry] = Bounded(cfg.recent_frames, self._forget_frame)
         self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
-        self.latest: dict[str, Entry] = {}
-        self.series: dict[str, deque[tuple[float, float]]] = {}
-        self.errors: dict[str, dict] = {}  # camera -> {"count", "last"}
+        # per camera, the most recently active cfg.max_cameras (see _touch)
+        self.latest: Bounded[str, Entry] = Bounded(cfg.max_cameras)
+        self.series: Bounded[str, deque[tuple[float, float]]] = Bounded(cfg.max_cameras)
+        self.errors: Bounded[str, dict] = Bounded(cfg.max_cameras)  # camera -> {"count", "last"}
         self.workers: dict[str, dict] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
         self.liveness = Liveness(0)  # the hub runs on the console's MQTT thread
+
+    @staticmethod
+    def _touch(table: Bounded[str, _V], camera: str, value: Callable[[], _V]) -> _V:
+        """The camera's item (``value()`` when it has none), moved to the newest end: the table then forgets the
+        camera quiet the longest."""
+        item = table.pop(camera) if camera in table else value()
+        table[camera] = item
+        return item
 
     @staticmethod
     def _forget_frame(entry: Entry) -> None:
@@ -166,6 +175,7 @@ class Hub:
             if previous is not None:  # the same frame again: keep its label
                 entry.result.update({k: previous.result[k] for k in ("label", "defect_type") if k in previous.result})
             self.recent[key] = entry
+            self.latest.pop(key[0], None)  # to the newest end (see _touch)
             self.latest[key[0]] = entry
             self._add_point(key[0], result)
         if result.get("verdict") == "anomalous":
@@ -185,7 +195,7 @@ class Hub:
 
     def _add_point(self, camera: str, result: dict) -> None:
         at = epoch(result.get("captured_at")) or time.time()
-        points = self.series.setdefault(camera, deque())
+        points = self._touch(self.series, camera, deque)
         points.append((at, float(result.get("score", 0.0))))
         horizon = time.time() - self.cfg.series_minutes * 60
         while points and points[0][0] < horizon:
@@ -193,7 +203,7 @@ class Hub:
 
     def _on_error(self, camera: str, error: dict) -> None:
         with self.lock:
-            record = self.errors.setdefault(camera, {"count": 0, "last": None})
+            record = self._touch(self.errors, camera, lambda: {"count": 0, "last": None})
             record["count"] += 1
             record["last"] = error
             data = {"camera": camera, **record}

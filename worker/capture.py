@@ -2,9 +2,9 @@
 resolution, plus the frames operators marked as false alarms, exported as a training folder.
 
 Policy (``capture.max_frames`` and ``capture.max_mb`` per camera, for at most ``capture.max_cameras`` cameras, so
-the disk it can take is bounded even where any topic level is accepted as a camera): **reservoir sampling** (Vitter's algorithm R)
-over the normal frames a camera has sent, so the sample stays uniform over the whole history, a shift's worth as
-likely as the last minute's, without holding more than the bound.  The sample stops growing at whichever bound
+the disk it takes stays bounded where any topic level is accepted as a camera): **reservoir sampling** (Vitter's
+algorithm R) over the normal frames a camera has sent, so the sample stays uniform over the whole history, a
+shift's worth as likely as the last minute's, without holding more than the bound.  The sample stops growing at whichever bound
 comes first (large BMP or PNG frames reach the megabytes long before the frame count); should larger frames
 replace smaller ones past the megabytes, kept frames drawn at random are dropped until it fits again.  A frame
 whose signature (the frame shrunk to 16x16 grey, centred and normalised) is within ``capture.min_distance``

@@ -58,6 +58,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import psutil
 import yaml
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from benchmarks.common import BURST_BROKER, DATA, ROOT, fmt, md_table, publish_frame, summary, train_bundles, wait_for_answers
 from benchmarks.raw_runtime import result
@@ -141,7 +142,9 @@ class WorkerRig:
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", self.broker.port)
         self.client.loop_start()
-        self.client.subscribe("inspect/#", qos=1)
+        # no_local: the broker does not send the rig its own frames back (it reads only what the worker publishes),
+        # which would double the broker's traffic and the rig's CPU on the cores the worker is measured on
+        self.client.subscribe("inspect/#", options=SubscribeOptions(qos=1, noLocal=True))
         self._spawn()
 
     def _spawn(self) -> None:

@@ -2,10 +2,14 @@
 
 Layouts (:func:`load_category` tells them apart; README "Training data" has an example of each):
 
-* **MVTec AD**: ``CATEGORY/train/good``, ``CATEGORY/test/<type>``, optional ``CATEGORY/ground_truth/<type>/*_mask.png``
-  (a defect type without a ground-truth folder is labelled per image only);
+* **MVTec AD** and the public sets built like it: ``CATEGORY/train/good``, ``CATEGORY/test/<type>``, optional
+  ``CATEGORY/ground_truth/<type>/`` masks (a defect type without them is labelled per image only). Read as they are
+  downloaded: normal folders named ``good``, ``ok`` (BTAD) or ``normal``; a mask named ``<stem>_mask.*`` (MVTec AD,
+  MPDD, MVTec AD 2) or ``<stem>.*`` (BTAD, VisA as anomalib splits it), or a folder ``<stem>/`` of masks whose union
+  is the truth (MVTec LOCO, AutoVI); images in an ``rgb/`` folder with masks in ``gt/`` beside it (MVTec 3D-AD);
+  the labelled test split in ``test_public/`` with its ``ground_truth/`` inside (MVTec AD 2);
 * **good only**: a folder of normal images, no test split (train, threshold, export; nothing to evaluate);
-* **labelled folders**: ``good/`` (or ``ok/``) plus one folder per defect type (or ``ng/``), no masks;
+* **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), no masks;
 * **a list**: ``.csv`` (``path,label[,mask]``) or ``.json`` (``[{"path", "label", "mask"?}]``), paths relative
   to the list file.
 
@@ -34,8 +38,10 @@ from bundle import InputSpec, prepare_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 LIST_SUFFIXES = {".csv", ".json"}
-GOOD_NAMES = ("good", "ok")  # folder names / list labels of normal images (case-insensitive)
-GOOD_LABELS = {*GOOD_NAMES, "normal", "0"}
+GOOD_NAMES = ("good", "ok", "normal")  # folder names / list labels of normal images (case-insensitive)
+GOOD_LABELS = {*GOOD_NAMES, "0"}
+TEST_FOLDERS = ("test", "test_public")  # MVTec AD 2 names its labelled test split test_public
+TRUTH = "ground_truth"
 TEST_GOOD_FRACTION = 0.2  # share of good images held out for test when the data has no test split of its own
 MIN_TRAIN_IMAGES = 8  # below this the fit and the held-out threshold images are too few to mean anything
 
@@ -94,6 +100,22 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 
+def _is_good(folder: Path) -> bool:
+    return folder.name.lower() in GOOD_NAMES
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """A folder's images, or those of its ``rgb/`` (MVTec 3D-AD keeps ``rgb/``, ``xyz/`` and ``gt/`` per folder)."""
+    return _images(folder) or _images(folder / "rgb")
+
+
+def _train_folder(root: Path) -> Path | None:
+    """``root/train/good`` (or ``ok``/``normal``, any case) when ``root`` is laid out like MVTec AD."""
+    train = root / "train"
+    found = [d for d in sorted(train.iterdir()) if d.is_dir() and _is_good(d)] if train.is_dir() else []
+    return found[0] if found else None
+
+
 def load_category(data: Path, category: str | None = None, seed: int = 0) -> Category:
     """Read ``data/category`` (or ``data`` itself without a category) in whichever layout it is."""
     root = Path(data) / category if category else Path(data)
@@ -104,12 +126,12 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
     if (root / "train").is_dir():
         return _mvtec(root)
     folders = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)]
-    good = [d for d in folders if d.name.lower() in GOOD_NAMES]
+    good = [d for d in folders if _is_good(d)]
     if good:
         defects = [Sample(p, d.name, None) for d in folders if d not in good for p in _images(d)]
         return _held_out(root, "labelled folders", _images(good[0]), defects, seed)
     if folders:
-        raise DatasetError(f"{root} has image folders {[d.name for d in folders]} but none named good/ or ok/: "
+        raise DatasetError(f"{root} has image folders {[d.name for d in folders]} but none named good/, ok/ or normal/: "
                            "put the normal images in good/ (or ok/) and each defect type in its own folder")
     if _images(root):
         return Category(root, _images(root), [], "good only", "none: good images only, nothing to evaluate")
@@ -117,25 +139,47 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
 
 
+def _masks_by_stem(folder: Path) -> dict[str, Path]:
+    """The masks in one type's truth folder, keyed by the stem of the image each belongs to."""
+    masks: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if entry.is_dir() and _images(entry):  # one image, several masks (MVTec LOCO, AutoVI)
+            masks[entry.name] = entry
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            stem = entry.stem.removesuffix("_mask")
+            masks.setdefault(stem, entry)  # "<stem>_mask" sorts after "<stem>", so a set holding both keeps "<stem>"
+    return masks
+
+
 def _mvtec(root: Path) -> Category:
-    train = _images(root / "train" / "good")
+    train_folder = _train_folder(root)
+    train = _folder_images(train_folder) if train_folder else []
     if not train:
         raise DatasetError(f"{root}/train/good has no images: put the normal training images there (MVTec AD layout)")
     test: list[Sample] = []
-    test_root = root / "test"
+    test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), root / TEST_FOLDERS[0])
     missing: list[Path] = []
-    for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()) if test_root.is_dir() else []:
-        truth = root / "ground_truth" / type_dir.name
-        has_masks = type_dir.name != "good" and bool(_images(truth))  # no mask folder: image labels only
-        for image in _images(type_dir):
-            mask = truth / f"{image.stem}_mask.png" if has_masks else None
-            if mask is not None and not mask.is_file():
-                missing.append(mask)
+    types = sorted(p for p in test_root.iterdir() if p.is_dir() and p.name != TRUTH) if test_root.is_dir() else []
+    for type_dir in types:
+        images = _folder_images(type_dir)
+        if _is_good(type_dir):
+            test += [Sample(image, "good", None) for image in images]
+            continue
+        # The first truth folder that holds masks; none: this type is labelled per image only.
+        folders = (type_dir / "gt", root / TRUTH / type_dir.name, test_root / TRUTH / type_dir.name)
+        masks = next((found for found in map(_masks_by_stem, folders) if found), {})
+        for image in images:
+            mask = masks.get(image.stem) if masks else None
+            if masks and mask is None:
+                missing.append(image)
             test.append(Sample(image, type_dir.name, mask))
     if missing:
-        raise DatasetError(f"{len(missing)} ground-truth masks missing, e.g. {missing[0]}: give every image of a type "
-                           "a mask, or remove that type's ground_truth folder to use image labels only")
-    return Category(root, train, test)
+        raise DatasetError(f"{len(missing)} defect images have no ground-truth mask, e.g. {missing[0]} (looked for "
+                           "<stem>_mask.png, <stem>.png or a folder <stem>/ in its type's ground_truth folder): give "
+                           "every image of a type a mask, or remove that type's ground_truth folder to use image "
+                           "labels only")
+    split = "the data's own test split" + ("" if test_root.name == TEST_FOLDERS[0] else f" ({test_root.name}/)")
+    return Category(root, train, test, split=split)
 
 
 def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], seed: int) -> Category:
@@ -184,7 +228,7 @@ def _from_list(path: Path, seed: int) -> Category:
 
 def find_categories(data: Path) -> list[str]:
     """Every sub-folder of ``data`` that looks like an MVTec AD category."""
-    return sorted(p.name for p in Path(data).iterdir() if (p / "train" / "good").is_dir())
+    return sorted(p.name for p in Path(data).iterdir() if p.is_dir() and _train_folder(p) is not None)
 
 
 def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Category, list[Sample]]:
@@ -206,15 +250,25 @@ def read_image(path: Path, spec: InputSpec) -> np.ndarray:
     return prepare_image(image, spec)
 
 
+def mask_files(path: Path) -> list[Path]:
+    """The files of one image's truth: a mask, or a folder of masks (one per defect region or type)."""
+    return _images(path) if path.is_dir() else [path]
+
+
 def read_mask(path: Path | None, spec: InputSpec) -> np.ndarray:
-    """Ground-truth mask at the graph's resolution (nearest neighbour), as 0/1 uint8."""
-    if path is None:
-        return np.zeros((spec.height, spec.width), np.uint8)
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise DatasetError(f"{path}: cannot be decoded as a mask")
-    mask = cv2.resize(mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST)
-    return (mask > 127).astype(np.uint8)
+    """Ground-truth mask at the graph's resolution (nearest neighbour), as 0/1 uint8: any non-zero pixel is defect.
+
+    Non-zero rather than bright, as anomalib reads masks: some public sets store a defect as 1 (VisA as downloaded)
+    or as a per-defect value. A folder of masks is their union.
+    """
+    out = np.zeros((spec.height, spec.width), np.uint8)
+    for file in mask_files(path) if path is not None else []:
+        mask = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise DatasetError(f"{file}: cannot be decoded as a mask")
+        mask = cv2.resize(mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST)
+        out |= (mask > 0).astype(np.uint8)
+    return out
 
 
 @dataclass(frozen=True)
@@ -283,5 +337,6 @@ def summarise(category: Category) -> Summary:
         sizes[(image.shape[1], image.shape[0])] += 1
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
-    unreadable += [s.mask for s in category.test if s.mask is not None and cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE) is None]
+    masks = [file for s in category.test if s.mask is not None for file in mask_files(s.mask)]
+    unreadable += [file for file in masks if cv2.imread(str(file), cv2.IMREAD_GRAYSCALE) is None]
     return Summary(category, sizes, channels, depths, unreadable)

@@ -15,7 +15,7 @@ import torch
 
 from bundle import read_manifest
 from conftest import ROOT
-from exporter.data import DatasetError, load_category, read_image, summarise
+from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
 from exporter.export import input_spec
 from exporter.metrics import aupro, pixel_metrics
 from exporter.synthetic import DEFECTS, sample
@@ -121,8 +121,101 @@ def test_mvtec_masks_are_optional_per_defect_type(tmp_path):
     assert {s.defect for s in cat.test if s.mask is None} == {"good", "smear"}
     assert all(s.mask is not None and s.mask.is_file() for s in cat.test if s.defect in ("hole", "scratch"))
     (root / "ground_truth" / "hole" / "000_mask.png").unlink()
-    with pytest.raises(DatasetError, match="1 ground-truth masks missing.*remove that type's ground_truth folder"):
+    with pytest.raises(DatasetError, match="1 defect images have no ground-truth mask.*hole/000.png.*remove that "
+                                           "type's ground_truth folder"):
         load_category(tmp_path, "weave")
+
+
+def _public_layout(root: Path, name: str, rng: np.random.Generator) -> dict[str, int]:
+    """A small copy of one public set's layout as it is downloaded; returns the defect images' mask pixels by name."""
+    def image(kind: str) -> tuple[np.ndarray, np.ndarray]:
+        return sample(rng, 64, kind)
+
+    truth: dict[str, int] = {}
+    if name == "btad":  # BTAD: ok/ko, bitmaps, masks named like their image
+        for i in range(8):
+            _write(root / "train" / "ok" / f"{i:04d}.bmp", image("good")[0])
+        _write(root / "test" / "ok" / "0000.bmp", image("good")[0])
+        for i in range(2):
+            picture, mask = image("hole")
+            _write(root / "test" / "ko" / f"{i:04d}.bmp", picture)
+            _write(root / "ground_truth" / "ko" / f"{i:04d}.png", mask)
+            truth[f"{i:04d}.bmp"] = int((mask > 0).sum())
+    elif name == "visa":  # VisA as anomalib splits it: upper-case JPEG, masks named like their image
+        for i in range(8):
+            _write(root / "train" / "good" / f"{i:03d}.JPG", image("good")[0])
+        _write(root / "test" / "good" / "100.JPG", image("good")[0])
+        picture, mask = image("scratch")
+        _write(root / "test" / "bad" / "000.JPG", picture)
+        _write(root / "ground_truth" / "bad" / "000.png", mask)
+        truth["000.JPG"] = int((mask > 0).sum())
+    elif name == "mvtec3d":  # MVTec 3D-AD: rgb/, xyz/ and gt/ in every folder
+        for i in range(8):
+            _write(root / "train" / "good" / "rgb" / f"{i:03d}.png", image("good")[0])
+            _write(root / "train" / "good" / "xyz" / f"{i:03d}.tiff", np.zeros((8, 8, 3), np.float32))
+        _write(root / "test" / "good" / "rgb" / "000.png", image("good")[0])
+        _write(root / "test" / "good" / "gt" / "000.png", np.zeros((64, 64), np.uint8))
+        picture, mask = image("hole")
+        _write(root / "test" / "crack" / "rgb" / "000.png", picture)
+        _write(root / "test" / "crack" / "gt" / "000.png", mask)
+        truth["000.png"] = int((mask > 0).sum())
+    elif name == "mvtec_ad_2":  # MVTec AD 2: the labelled test split is test_public/, its ground_truth inside
+        for i in range(8):
+            _write(root / "train" / "good" / f"{i:03d}_regular.png", image("good")[0])
+        _write(root / "validation" / "good" / "000_regular.png", image("good")[0])
+        _write(root / "test_public" / "good" / "000_regular.png", image("good")[0])
+        picture, mask = image("scratch")
+        _write(root / "test_public" / "bad" / "000_regular.png", picture)
+        _write(root / "test_public" / "ground_truth" / "bad" / "000_regular_mask.png", mask)
+        _write(root / "test_private" / "000_regular.png", image("good")[0])  # unlabelled: not read
+        truth["000_regular.png"] = int((mask > 0).sum())
+    else:  # MVTec LOCO: a folder of masks per image, one per defect, stored as that defect's grey value
+        for i in range(8):
+            _write(root / "train" / "good" / f"{i:03d}.png", image("good")[0])
+        _write(root / "test" / "good" / "000.png", image("good")[0])
+        picture, first = image("hole")
+        second = image("scratch")[1]
+        _write(root / "test" / "logical_anomalies" / "000.png", picture)
+        _write(root / "ground_truth" / "logical_anomalies" / "000" / "000.png", (first > 0).astype(np.uint8) * 73)
+        _write(root / "ground_truth" / "logical_anomalies" / "000" / "001.png", (second > 0).astype(np.uint8))
+        truth["000.png"] = int(((first > 0) | (second > 0)).sum())
+    return truth
+
+
+@pytest.mark.parametrize("name", ["btad", "visa", "mvtec3d", "mvtec_ad_2", "mvtec_loco"])
+def test_public_sets_are_read_as_downloaded(tmp_path, name):
+    """Their normal folders, test folders and mask names and folders; a mask pixel is any non-zero value."""
+    root = tmp_path / name
+    truth = _public_layout(root, name, np.random.default_rng(6))
+    cat = load_category(tmp_path, name)
+    assert len(cat.train) == 8 and all(p.suffix != ".tiff" for p in cat.train)
+    assert [s.defect for s in cat.test].count("good") == 1
+    defects = [s for s in cat.test if s.label]
+    assert {s.path.name for s in defects} == set(truth) and all(s.mask is not None for s in defects)
+    spec = input_spec(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert {s.path.name: int(read_mask(s.mask, spec).sum()) for s in defects} == truth
+    assert not summarise(cat).unreadable and find_categories(tmp_path) == [name]
+    if name == "mvtec_ad_2":
+        assert cat.split == "the data's own test split (test_public/)"
+
+
+def test_a_public_set_trains_and_evaluates_with_pixel_metrics(tmp_path):
+    """BTAD's layout end to end: ok/ and ko/ folders, bitmaps, masks named like their image."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "01"
+    for i in range(16):
+        _write(root / "train" / "ok" / f"{i:04d}.bmp", sample(rng, 64)[0])
+    for i in range(3):
+        _write(root / "test" / "ok" / f"{i:04d}.bmp", sample(rng, 64)[0])
+        picture, mask = sample(rng, 64, "hole")
+        _write(root / "test" / "ko" / f"{10 + i:04d}.bmp", picture)
+        _write(root / "ground_truth" / "ko" / f"{10 + i:04d}.png", mask)
+    proc = _exporter("train", "--data", str(tmp_path), "--category", "01", "--out", str(tmp_path / "b"), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test split: the data's own test split: good 3, ko 3" in proc.stdout and "masks: ko" in proc.stdout
+    test = read_manifest(tmp_path / "b").metrics["test"]
+    assert test["images"] == 6 and set(test["detection_rate"]) == {"good", "ko"}
+    assert 0 <= test["aupro"] <= 1 and 0 <= test["pixel_auroc"] <= 1
 
 
 def test_labelled_folders_hold_out_good_images_for_test(tmp_path):
@@ -201,7 +294,7 @@ def test_summary_and_refusals(tmp_path):
     (tmp_path / "nogood" / "scratch").mkdir(parents=True)
     _write(tmp_path / "nogood" / "scratch" / "0.png", sample(rng, 64)[0])
     proc = _exporter("train", "--data", str(tmp_path), "--category", "nogood", "--out", str(tmp_path / "b"))
-    assert proc.returncode == 2 and "none named good/ or ok/" in proc.stderr
+    assert proc.returncode == 2 and "none named good/, ok/ or normal/" in proc.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = _exporter("train", "--data", str(empty), "--out", str(tmp_path / "b"))

@@ -21,6 +21,7 @@ import time
 import torch
 
 log = logging.getLogger(__name__)
+SQUARE_ROWS = 65536  # patches per slice of the squared norms
 
 
 def greedy_coreset(features: torch.Tensor, n_select: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -36,7 +37,10 @@ def greedy_coreset(features: torch.Tensor, n_select: int, proj_dim: int = 128, s
     else:
         by_dim = feats.T.contiguous()
     rows = by_dim.T  # [N, D] view of the same memory: torch.mv over it streams the columns
-    sq = (by_dim * by_dim).sum(0)
+    sq = torch.empty(n)
+    for start in range(0, n, SQUARE_ROWS):  # in slices: the squares of all patches at once would be as large as by_dim
+        part = by_dim[:, start : start + SQUARE_ROWS]
+        torch.sum(part * part, 0, out=sq[start : start + SQUARE_ROWS])
     selected = torch.empty(n_select, dtype=torch.long)
     current = int(torch.randint(n, (1,), generator=gen))
     min_dist = torch.full((n,), float("inf"))

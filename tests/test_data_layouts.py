@@ -301,6 +301,35 @@ def test_summary_and_refusals(tmp_path):
     assert proc.returncode == 2 and "has no images; expected MVTec AD layout" in proc.stderr
 
 
+def test_a_set_too_large_for_the_memory_left_is_refused_with_what_it_needs():
+    from exporter.resources import OutOfMemory, available_bytes, check_fits
+
+    check_fits(10**9, "x", "y", available=2 * 10**9)
+    with pytest.raises(OutOfMemory, match=r"^the patch features of 5000 images need about 12\.5 GB of memory and 8\.0 GB "
+                                          r"is available: train on fewer images$"):
+        check_fits(12_500_000_000, "the patch features of 5000 images", "train on fewer images", available=8 * 10**9)
+    assert 0 < available_bytes() <= __import__("psutil").virtual_memory().total
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_containers_memory_limit_bounds_what_a_fit_may_take(tmp_path, version):
+    """The limit less what the cgroup uses, page cache the kernel can drop counted as free; no limit: the machine's."""
+    from exporter.resources import _cgroup_headroom, available_bytes
+
+    gb = 10**9
+    limit, usage, stat = (("memory.max", "memory.current", "memory.stat") if version == "v2" else
+                          ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat"))
+    cache_key = "inactive_file" if version == "v2" else "total_inactive_file"
+    (tmp_path / "memory").mkdir()
+    (tmp_path / limit).write_text(f"{4 * gb}\n")
+    (tmp_path / usage).write_text(f"{3 * gb}\n")
+    (tmp_path / stat).write_text(f"anon 123\n{cache_key} {gb // 2}\nactive_file 7\n")
+    assert _cgroup_headroom(tmp_path) == gb + gb // 2
+    assert available_bytes(tmp_path) == gb + gb // 2  # below what the machine has free
+    (tmp_path / limit).write_text("max\n" if version == "v2" else "9223372036854771712\n")
+    assert _cgroup_headroom(tmp_path) is None  # no limit set: the machine's available memory alone
+
+
 # --- end to end: train, export, evaluate with OpenVINO ---------------------------------------------------------
 
 TINY = ["--input-size", "64", "--coreset-ratio", "0.05"]

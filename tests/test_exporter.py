@@ -119,7 +119,12 @@ def _plain_greedy(points: torch.Tensor, start: int, n: int) -> list[int]:
     return chosen
 
 
-def test_fast_coreset_equals_exact_greedy_without_projection():
+@pytest.mark.parametrize("slice_rows", [65536, 64])
+def test_fast_coreset_equals_exact_greedy_without_projection(monkeypatch, slice_rows):
+    """Also with the squared norms summed in many slices (grid's fit has 15), as one."""
+    from exporter import coreset
+
+    monkeypatch.setattr(coreset, "SQUARE_ROWS", slice_rows)
     features = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
     picked = greedy_coreset(features, 40, proj_dim=16, seed=3)
     assert picked.tolist() == _plain_greedy(features, int(picked[0]), 40)  # from the same start point

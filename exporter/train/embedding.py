@@ -63,10 +63,11 @@ class DefectEmbedding(nn.Module):
     def fit(cls, normal_features: torch.Tensor, eps: float = WHITEN_EPS, temperature: float = TEMPERATURE,
             max_samples: int = MAX_FIT_SAMPLES, seed: int = 0) -> DefectEmbedding:
         """PCA whitening (ridge ``eps``) fitted on patch features [M, C] of NORMAL training images."""
-        x = normal_features.reshape(-1, normal_features.shape[-1]).double()
-        if x.shape[0] > max_samples:
+        x = normal_features.reshape(-1, normal_features.shape[-1])
+        if x.shape[0] > max_samples:  # sampled before the float64 copy, which of every feature would double the fit's peak
             pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_samples]
             x = x[pick]
+        x = x.double()
         mean = x.mean(0)
         centred = x - mean
         cov = centred.T @ centred / max(1, x.shape[0] - 1)

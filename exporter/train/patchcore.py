@@ -32,6 +32,7 @@ from bundle.extension import Views
 from exporter.backbones import Backbone
 from exporter.coreset import greedy_coreset
 from exporter.data import read_image
+from exporter.resources import check_fits
 from exporter.train.embedding import DefectEmbedding
 
 log = logging.getLogger(__name__)
@@ -326,18 +327,43 @@ def blur_matrix(taps: torch.Tensor, size: int, border: str) -> torch.Tensor:
 def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int,
             views: Views = Views.FRAME) -> torch.Tensor:
     """Patch features of all images (each in every one of ``views``, the image itself first), flattened to
-    [N * views * h * w, C]."""
-    out = []
+    [N * views * h * w, C].
+
+    Written into one tensor sized after the first batch, which is also when a set too large for the memory
+    left is refused (the coreset later adds its projection, at most as large again).
+    """
+    features: torch.Tensor | None = None
+    first_batch: list[torch.Tensor] = []
+    row = 0
     for start in range(0, len(paths), batch_size):
-        images = [v for p in paths[start : start + batch_size] for v in views.of(read_image(p, spec))]
+        batch = paths[start : start + batch_size]
+        images = [v for p in batch for v in views.of(read_image(p, spec))]
         for first in range(0, len(images), batch_size):
             with torch.no_grad():
                 emb = patch_features(model, to_tensor(images[first : first + batch_size], backbone))
-            out.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+            rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+            if features is None:
+                first_batch.append(rows)
+                continue
+            features[row : row + rows.shape[0]] = rows
+            row += rows.shape[0]
+        if features is None:
+            joined = torch.cat(first_batch)
+            total = joined.shape[0] // len(batch) * len(paths)
+            check_fits(2 * total * joined.shape[1] * joined.element_size(),
+                       f"the patch features of {len(paths)} training images ({total} rows of {joined.shape[1]})",
+                       "train on fewer images, a smaller --input-size or fewer --bank-views")
+            features = torch.empty(total, joined.shape[1], dtype=joined.dtype)
+            features[: joined.shape[0]] = joined
+            row = joined.shape[0]
+            del first_batch, joined
         done = min(start + batch_size, len(paths))
         if done == len(paths) or (done // batch_size) % 8 == 0:
             log.info("features %d/%d images", done, len(paths))
-    return torch.cat(out)
+    if features is None or row != features.shape[0]:
+        raise ValueError(f"no patch features from {len(paths)} images" if features is None else
+                         f"{row} patch features where {features.shape[0]} were expected")
+    return features
 
 
 def build_model(settings: PatchcoreSettings, backbone: Backbone) -> PatchcoreModel:

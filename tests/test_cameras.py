@@ -95,6 +95,21 @@ def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryab
         answer = _query_until_found(client, prefix, {"frame_id": ids[0], "camera": "loose", "top_k": 5})
         assert answer["ok"], answer
         assert {h["frame_id"] for h in answer["hits"]} == set(ids[1:])
+
+        # A 3.1.1 client has no response topic: it names one in the request, and gets the same answers.
+        old.client.publish(f"{prefix}/query", json.dumps({"frame_id": ids[0], "camera": "loose", "top_k": 5,
+                                                          "reply_to": f"{prefix}/replies/q"}), qos=1)
+        old.client.publish(f"{prefix}/label", json.dumps({"action": "extensions", "reply_to": f"{prefix}/replies/l"}),
+                           qos=1)
+        old.client.publish(f"{prefix}/label", json.dumps({"action": "extensions", "reply_to": f"{prefix}/replies/#"}),
+                           qos=1)  # a wildcard is no topic to answer on: logged, and the next request is served
+        old.client.publish(f"{prefix}/workers/w-test/control",
+                           json.dumps({"command": "status", "reply_to": f"{prefix}/replies/c"}), qos=1)
+        replies = {m.topic.rsplit("/", 1)[1]: json.loads(m.payload)
+                   for m in old.wait_for(lambda m: m.topic.startswith(f"{prefix}/replies/"), count=3)}
+        assert {h["frame_id"] for h in replies["q"]["hits"]} == set(ids[1:])
+        assert replies["l"]["ok"] and "extensions" in replies["l"], replies["l"]
+        assert replies["c"]["ok"] and replies["c"]["models"], replies["c"]
     finally:
         old.close()
     v5_results = client.json_on(f"{prefix}/loose/result", count=3)

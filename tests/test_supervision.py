@@ -326,3 +326,16 @@ def test_the_console_hub_keeps_the_most_recently_active_cameras_only():
     assert sorted(state["cameras"]) == ["a", "c", "d"] and sorted(state["errors"]) == ["a", "c", "d"]
     assert state["errors"]["a"]["count"] == 2
     assert sorted(hub.score_series()) == ["a", "c", "d"]
+
+
+def test_a_request_names_its_reply_topic_for_clients_without_mqtt_v5():
+    """``reply_to`` is taken out of the body (the request's own schema stays strict) and checked as a topic."""
+    from worker.wire import RequestError, split_reply_to
+
+    body, topic = split_reply_to(json.dumps({"action": "extensions", "reply_to": "plc/7/answers"}).encode())
+    assert json.loads(body) == {"action": "extensions"} and topic == "plc/7/answers"
+    for payload in (b'{"action": "extensions"}', b"not json reply_to", b'["reply_to"]', b"[" * 50 + b'"reply_to"'):
+        assert split_reply_to(payload) == (payload, None)  # left to the request's own checks
+    for bad in ("a/#", "a/+/b", "$SYS/x", "", 7, None, "a\0b", "x" * 70000):
+        with pytest.raises(RequestError, match="reply_to must be a topic to publish to"):
+            split_reply_to(json.dumps({"action": "extensions", "reply_to": bad}).encode())

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -39,7 +40,7 @@ from worker.store import VectorStore
 from worker.supervise import DeadMansSwitch, Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound
-from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, validate
+from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, split_reply_to, validate
 
 EXIT_STUCK = 3
 
@@ -204,6 +205,12 @@ class Worker:
                 warming[0] = False  # after a failure (logged by the loop), the next try waits for an idle turn
                 warming[0] = self.labels.warm()
                 return
+            try:
+                body, reply_to = split_reply_to(msg.payload)
+            except RequestError as exc:  # answered on a v5 response topic if there is one, else logged
+                self._respond(msg, error_answer(exc.code, exc.message))
+                return
+            msg = replace(msg, payload=body, response_topic=msg.response_topic or reply_to)  # v5's property first
             current.append(msg)
             if msg.topic == self.topics.control:
                 answer = self.control(msg.payload)

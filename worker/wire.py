@@ -162,6 +162,32 @@ def decode_json(payload: bytes) -> Any:
     return raw
 
 
+REPLY_TO = "reply_to"  # a request's answer topic, for MQTT 3.1.1 clients: they cannot set v5's response topic
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
+
+
+def split_reply_to(payload: bytes) -> tuple[bytes, str | None]:
+    """A request body without its ``reply_to`` field, and the topic that field names (``None`` without one).
+
+    A body that is not a JSON object comes back as it is, for the request's own checks to refuse. RequestError
+    when ``reply_to`` is no topic a reply can be published to (not a string, empty, a wildcard, ``$``-topics).
+    """
+    if REPLY_TO.encode() not in payload:
+        return payload, None
+    try:
+        raw = decode_json(payload)
+    except RequestError:
+        return payload, None
+    if not isinstance(raw, dict) or REPLY_TO not in raw:
+        return payload, None
+    topic = raw.pop(REPLY_TO)
+    if not (isinstance(topic, str) and topic and not topic.startswith("$") and not set(topic) & {"+", "#", "\0"}
+            and len(topic.encode()) <= MAX_TOPIC_BYTES):
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{REPLY_TO} must be a topic to publish to (no wildcards, no "
+                                                  f"$-topic), not {json.dumps(topic)[:200]}")
+    return json.dumps(raw).encode(), topic
+
+
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -11,26 +11,48 @@ from pathlib import Path
 
 import psutil
 
-# (limit, usage, stat file, key of reclaimable page cache in it) for cgroup v2 and v1, as a container sees them
-_CGROUPS = (
-    ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
-)
+# (limit, usage, stat file, key of reclaimable page cache in it) for cgroup v2 and v1
+V2 = ("memory.max", "memory.current", "memory.stat", "inactive_file")
+V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file")
+
+
+def _memory_cgroups(root: Path) -> list[tuple[Path, tuple[str, str, str, str]]]:
+    """This process's memory cgroup folders from its own up to the hierarchy's root (a parent's limit binds too),
+    then the roots themselves, which is where a container sees its own."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    out: list[tuple[Path, tuple[str, str, str, str]]] = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            base, files = root, V2
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", V1
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        out += [(f, files) for f in (folder, *folder.parents) if f == base or base in f.parents]
+    return [*out, (root, V2), (root / "memory", V1)]
 
 
 def _cgroup_headroom(root: Path) -> int | None:
-    """Bytes left under this process's cgroup memory limit (page cache the kernel can drop counts as free)."""
-    for limit_file, usage_file, stat_file, cache_key in _CGROUPS:
+    """Bytes left under the tightest cgroup memory limit over this process (page cache the kernel can drop counts
+    as free); None without a limit."""
+    headroom: int | None = None
+    for folder, (limit_file, usage_file, stat_file, cache_key) in _memory_cgroups(root):
         try:
-            limit = int((root / limit_file).read_text())  # "max" (no limit) is not an int
-            usage = int((root / usage_file).read_text())
-            stats = dict(line.split() for line in (root / stat_file).read_text().splitlines())
+            limit = int((folder / limit_file).read_text())  # "max" (no limit) is not an int
+            usage = int((folder / usage_file).read_text())
+            stats = dict(line.split()[:2] for line in (folder / stat_file).read_text().splitlines())
         except (OSError, ValueError):
             continue
         if limit >= psutil.virtual_memory().total:  # v1 writes "no limit" as a huge number
-            return None
-        return max(limit - (usage - int(stats.get(cache_key, 0))), 0)
-    return None
+            continue
+        left = max(limit - (usage - int(stats.get(cache_key, 0))), 0)
+        headroom = left if headroom is None else min(headroom, left)
+    return headroom
 
 
 def available_bytes(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -44,9 +66,11 @@ class OutOfMemory(RuntimeError):
     """A step would need more memory than the machine has left; the message says how much and what to change."""
 
 
-def check_fits(need: int, what: str, advice: str, available: int | None = None) -> None:
-    """Refuse ``what`` when it needs more than the memory available now (``available``: measured when omitted)."""
+def check_fits(unit: int, count: int, what: str, advice: str, available: int | None = None) -> None:
+    """Refuse ``what``, ``count`` items of ``unit`` bytes each, when it needs more than the memory available now
+    (``available``: measured when omitted); the message says how many would fit."""
     free = available_bytes() if available is None else available
+    need = unit * count
     if need > free:
-        raise OutOfMemory(f"{what} need about {need / 1e9:.1f} GB of memory and {free / 1e9:.1f} GB is available: "
-                          f"{advice}")
+        raise OutOfMemory(f"{what} need about {need / 1e9:.1f} GB of memory and {free / 1e9:.1f} GB is available, "
+                          f"enough for about {free // unit} of the {count}: {advice}")

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import cv2
@@ -304,10 +305,10 @@ def test_summary_and_refusals(tmp_path):
 def test_a_set_too_large_for_the_memory_left_is_refused_with_what_it_needs():
     from exporter.resources import OutOfMemory, available_bytes, check_fits
 
-    check_fits(10**9, "x", "y", available=2 * 10**9)
-    with pytest.raises(OutOfMemory, match=r"^the patch features of 5000 images need about 12\.5 GB of memory and 8\.0 GB "
-                                          r"is available: train on fewer images$"):
-        check_fits(12_500_000_000, "the patch features of 5000 images", "train on fewer images", available=8 * 10**9)
+    check_fits(5_000_000, 400, "x", "y", available=2 * 10**9)
+    with pytest.raises(OutOfMemory, match=r"^the patch features of 5000 images need about 25\.0 GB of memory and 8\.0 GB "
+                                          r"is available, enough for about 1600 of the 5000: train on fewer images$"):
+        check_fits(5_000_000, 5000, "the patch features of 5000 images", "train on fewer images", available=8 * 10**9)
     assert 0 < available_bytes() <= __import__("psutil").virtual_memory().total
 
 
@@ -328,6 +329,42 @@ def test_a_containers_memory_limit_bounds_what_a_fit_may_take(tmp_path, version)
     assert available_bytes(tmp_path) == gb + gb // 2  # below what the machine has free
     (tmp_path / limit).write_text("max\n" if version == "v2" else "9223372036854771712\n")
     assert _cgroup_headroom(tmp_path) is None  # no limit set: the machine's available memory alone
+
+
+def _memory_cgroup(limit: int) -> Path | None:
+    """A child of this process's cgroup v1 memory cgroup, limited to ``limit`` bytes, where the machine lets us."""
+    line = next((x for x in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in x), None)
+    if line is None:
+        return None
+    folder = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/") / f"edge-inspect-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir()
+        (folder / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError:
+        if folder.is_dir():
+            folder.rmdir()
+        return None
+    return folder
+
+
+def test_a_fit_larger_than_a_containers_memory_limit_stops_with_what_it_needs(tmp_path):
+    """Without the check the kernel kills the run once the features fill the limit; with it, one line says why."""
+    group = _memory_cgroup(2_500_000_000)
+    if group is None:
+        pytest.skip("no cgroup v1 memory cgroup can be made here (needs root and a writable cgroup v1 hierarchy)")
+    try:
+        rng = np.random.default_rng(8)
+        for i in range(800):  # 720 to fit at 512 px: about 3.6 GB of patch features and their projection
+            _write(tmp_path / "many" / f"{i:03d}.png", sample(rng, 64)[0])
+        proc = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"', sys.executable, "-m",
+                               "exporter", "train", "--data", str(tmp_path / "many"), "--out", str(tmp_path / "b"),
+                               "--input-size", "512"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    finally:
+        group.rmdir()  # the process has ended; its charge moves to the parent
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: the patch features of 720 training images (2949120 rows of 152) need about 3.6 GB" in proc.stderr
+    assert "GB is available, enough for about " in proc.stderr and "train on fewer images" in proc.stderr
+    assert not (tmp_path / "b").exists()
 
 
 # --- end to end: train, export, evaluate with OpenVINO ---------------------------------------------------------

@@ -350,7 +350,7 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
         if features is None:
             joined = torch.cat(first_batch)
             total = joined.shape[0] // len(batch) * len(paths)
-            check_fits(2 * total * joined.shape[1] * joined.element_size(),
+            check_fits(2 * total // len(paths) * joined.shape[1] * joined.element_size(), len(paths),
                        f"the patch features of {len(paths)} training images ({total} rows of {joined.shape[1]})",
                        "train on fewer images, a smaller --input-size or fewer --bank-views")
             features = torch.empty(total, joined.shape[1], dtype=joined.dtype)

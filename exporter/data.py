@@ -10,11 +10,13 @@ Layouts (:func:`load_category` tells them apart; README "Training data" has an e
   the labelled test split in ``test_public/`` with its ``ground_truth/`` inside (MVTec AD 2);
 * **good only**: a folder of normal images, no test split (train, threshold, export; nothing to evaluate);
 * **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), no masks;
-* **a list**: ``.csv`` (``path,label[,mask]``) or ``.json`` (``[{"path", "label", "mask"?}]``), paths relative
-  to the list file.
+* **a list**: ``.csv`` (``path,label[,mask]``, or any columns a header names, ``image`` for ``path``, with an
+  optional ``split`` (train/test) and ``object`` column: VisA's ``split_csv/1cls.csv`` as it is downloaded, an
+  object picked by ``--category``) or ``.json`` (``[{"path", "label", "mask"?, "split"?, "object"?}]``), paths
+  relative to the list file (or the folder above it, as VisA's are).
 
-For the last two a test split is made here: every defect image goes to test, and a seeded
-share (:data:`TEST_GOOD_FRACTION`) of the good images too; training never sees a test image.
+For the last two a test split is made here (unless a list has a ``split`` column): every defect image goes to
+test, and a seeded share (:data:`TEST_GOOD_FRACTION`) of the good images too; training never sees a test image.
 
 Images are read with OpenCV ``IMREAD_COLOR`` and resized with :func:`bundle.prepare_image`, exactly as the
 worker decodes and resizes a frame, so training, evaluation and serving see identical pixels: grey images
@@ -38,6 +40,8 @@ from bundle import InputSpec, prepare_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 LIST_SUFFIXES = {".csv", ".json"}
+# a list's column (CSV header or JSON key) -> what it holds; VisA's split_csv names the image column "image"
+LIST_COLUMNS = {"path": "path", "image": "path", "label": "label", "mask": "mask", "split": "split", "object": "object"}
 GOOD_NAMES = ("good", "ok", "normal")  # folder names / list labels of normal images (case-insensitive)
 GOOD_LABELS = {*GOOD_NAMES, "0"}
 TEST_FOLDERS = ("test", "test_public")  # MVTec AD 2 names its labelled test split test_public
@@ -73,9 +77,12 @@ class Category:
     test: list[Sample]
     layout: str = "mvtec"
     split: str = "the data's own test split"  # how the test split was made, for the summary and the manifest
+    category: str | None = None  # the object a list's rows were filtered to (VisA's split_csv holds every object)
 
     @property
     def name(self) -> str:
+        if self.category:
+            return self.category
         return self.root.stem if self.root.suffix.lower() in LIST_SUFFIXES else self.root.name
 
     @property
@@ -118,6 +125,8 @@ def _train_folder(root: Path) -> Path | None:
 
 def load_category(data: Path, category: str | None = None, seed: int = 0) -> Category:
     """Read ``data/category`` (or ``data`` itself without a category) in whichever layout it is."""
+    if Path(data).suffix.lower() in LIST_SUFFIXES and Path(data).is_file():  # a list; --category picks its object
+        return _from_list(Path(data), seed, category)
     root = Path(data) / category if category else Path(data)
     if root.suffix.lower() in LIST_SUFFIXES and root.is_file():
         return _from_list(root, seed)
@@ -194,36 +203,68 @@ def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], 
     return Category(root, sorted(shuffled[n_test:]), test, layout, split)
 
 
-def _from_list(path: Path, seed: int) -> Category:
+def _list_rows(path: Path) -> list[dict[str, str]]:
+    """The list's rows as ``{path, label, mask?, split?, object?}``: JSON objects, CSV rows named by a header (any
+    column order; ``image`` for ``path``, as VisA's ``split_csv`` has it), or a CSV without one by position."""
     if path.suffix.lower() == ".json":
         try:
-            rows = [(r["path"], str(r["label"]), r.get("mask")) for r in json.loads(path.read_text())]
-        except (ValueError, KeyError, TypeError) as exc:
+            rows = [{LIST_COLUMNS[k]: str(v) for k, v in r.items() if k in LIST_COLUMNS and v not in (None, "")}
+                    for r in json.loads(path.read_text())]
+        except (ValueError, TypeError, AttributeError) as exc:
             raise DatasetError(f"{path}: expected a JSON list of {{\"path\", \"label\", \"mask\"?}} objects ({exc})") from exc
     else:
         with path.open(newline="") as fh:
             lines = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-        if lines and lines[0][0].strip().lower() == "path":
-            lines = lines[1:]
-        bad = [i for i, r in enumerate(lines, 1) if len(r) not in (2, 3)]
+        header = [c.strip().lower() for c in lines[0]] if lines else []
+        if "label" in header and {"path", "image"} & set(header):
+            names, lines = [LIST_COLUMNS.get(c) for c in header], lines[1:]  # trailing empty columns may be left out
+        else:
+            names = ["path", "label", "mask"]
+        bad = [i for i, r in enumerate(lines, 1) if not 2 <= len(r) <= len(names)]
         if bad:
-            raise DatasetError(f"{path}: rows {bad[:5]} do not have 2 or 3 columns (path,label[,mask])")
-        rows = [(r[0].strip(), r[1].strip(), r[2].strip() if len(r) == 3 and r[2].strip() else None) for r in lines]
+            raise DatasetError(f"{path}: rows {bad[:5]} do not have 2 to {len(names)} columns "
+                               "(path,label[,mask], or the columns its header names)")
+        rows = [{n: c.strip() for n, c in zip(names, r, strict=False) if n and c.strip()} for r in lines]
+    incomplete = [i for i, r in enumerate(rows, 1) if not {"path", "label"} <= set(r)]
+    if incomplete:
+        raise DatasetError(f"{path}: rows {incomplete[:5]} lack a path or a label")
+    return rows
+
+
+def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
+    rows = _list_rows(path)
+    if category is not None:
+        objects = sorted({r.get("object", "") for r in rows})
+        rows = [r for r in rows if r.get("object") == category]
+        if not rows:
+            raise DatasetError(f"{path}: no rows whose object is {category!r} (objects: {objects[:20]})")
+    # Paths are relative to the list's folder, or to the folder above it, where VisA keeps its split_csv/.
+    base = next((b for b in (path.parent, path.parent.parent) if rows and (b / rows[0]["path"]).is_file()), path.parent)
+    train: list[Path] = []
     good: list[Path] = []
     defects: list[Sample] = []
     missing: list[str] = []
-    for file, label, mask in rows:
-        image = path.parent / file
-        mask_path = path.parent / mask if mask else None
+    for row in rows:
+        image = base / row["path"]
+        mask_path = base / row["mask"] if "mask" in row else None
         missing += [str(p) for p in (image, mask_path) if p is not None and not p.is_file()]
-        if label.strip().lower() in GOOD_LABELS:
+        label = row["label"].lower()
+        if row.get("split", "").lower() == "train":
+            if label not in GOOD_LABELS:
+                raise DatasetError(f"{path}: {row['path']} is labelled {row['label']!r} in the train split; "
+                                   "training takes normal images only")
+            train.append(image)
+        elif label in GOOD_LABELS:
             good.append(image)
         else:
-            defects.append(Sample(image, "defect" if label.strip() == "1" else label.strip(), mask_path))
+            defects.append(Sample(image, "defect" if label == "1" else row["label"], mask_path))
     if missing:
         raise DatasetError(f"{path}: {len(missing)} listed files do not exist, e.g. {missing[:3]} "
-                           f"(paths are relative to {path.parent})")
-    return _held_out(path, "list", good, defects, seed)
+                           f"(paths are relative to {base})")
+    if any("split" in r for r in rows):
+        test = [Sample(p, "good", None) for p in good] + sorted(defects, key=lambda s: (s.defect, s.path))
+        return Category(path, sorted(train), test, "list", "the list's own split column", category)
+    return replace(_held_out(path, "list", good, defects, seed), category=category)
 
 
 def find_categories(data: Path) -> list[str]:

@@ -302,6 +302,50 @@ def test_summary_and_refusals(tmp_path):
     assert proc.returncode == 2 and "has no images; expected MVTec AD layout" in proc.stderr
 
 
+def _visa(root: Path, rng: np.random.Generator) -> Path:
+    """VisA as downloaded: per object Data/Images/{Normal,Anomaly} and Data/Masks/Anomaly (defect pixels stored as
+    1), and split_csv/1cls.csv naming every object's split, with paths relative to the VisA folder."""
+    rows = ["object,split,label,image,mask"]
+    for obj in ("candle", "pcb1"):
+        for i in range(14):
+            _write(root / obj / "Data" / "Images" / "Normal" / f"{i:04d}.JPG", sample(rng, 64)[0])
+            rows.append(f"{obj},{'train' if i < 11 else 'test'},normal,{obj}/Data/Images/Normal/{i:04d}.JPG,")
+        for i in range(3):
+            image, mask = sample(rng, 64, "hole")
+            _write(root / obj / "Data" / "Images" / "Anomaly" / f"{i:03d}.JPG", image)
+            _write(root / obj / "Data" / "Masks" / "Anomaly" / f"{i:03d}.png", (mask > 0).astype(np.uint8))
+            rows.append(f"{obj},test,anomaly,{obj}/Data/Images/Anomaly/{i:03d}.JPG,{obj}/Data/Masks/Anomaly/{i:03d}.png")
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    return root / "split_csv" / "1cls.csv"
+
+
+def test_visa_as_downloaded_reads_its_own_split_and_masks_per_object(tmp_path):
+    split = _visa(tmp_path / "VisA", np.random.default_rng(9))
+    cat = load_category(split, "candle")
+    assert cat.name == "candle" and cat.split == "the list's own split column"
+    assert len(cat.train) == 11 and all("candle/Data/Images/Normal" in str(p) for p in cat.train)
+    assert [s.defect for s in cat.test] == ["good"] * 3 + ["anomaly"] * 3
+    assert all(read_mask(s.mask, SPEC).any() for s in cat.test if s.label)  # 1 is a defect pixel
+    assert not set(cat.train) & {s.path for s in cat.test}
+    with pytest.raises(DatasetError, match="no rows whose object is 'cashew'.*candle.*pcb1"):
+        load_category(split, "cashew")
+    folders = load_category(tmp_path / "VisA" / "candle" / "Data" / "Images")  # the folders alone: image labels
+    assert folders.layout == "labelled folders" and {s.defect for s in folders.test} == {"good", "Anomaly"}
+
+    proc = _exporter("train", "--data", str(split), "--category", "pcb1", "--out", str(tmp_path / "b"), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.category == "pcb1" and manifest.training["test_split"] == "the list's own split column"
+    test = manifest.metrics["test"]
+    assert test["images"] == 6 and test["pixel_auroc"] is not None and test["aupro"] is not None
+    out = tmp_path / "m.json"
+    proc = _exporter("evaluate", "--bundle", str(tmp_path / "b"), "--data", str(split), "--category", "pcb1",
+                     "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["images"] == 6
+
+
 def test_a_set_too_large_for_the_memory_left_is_refused_with_what_it_needs():
     from exporter.resources import OutOfMemory, available_bytes, check_fits
 

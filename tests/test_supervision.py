@@ -336,6 +336,6 @@ def test_a_request_names_its_reply_topic_for_clients_without_mqtt_v5():
     assert json.loads(body) == {"action": "extensions"} and topic == "plc/7/answers"
     for payload in (b'{"action": "extensions"}', b"not json reply_to", b'["reply_to"]', b"[" * 50 + b'"reply_to"'):
         assert split_reply_to(payload) == (payload, None)  # left to the request's own checks
-    for bad in ("a/#", "a/+/b", "$SYS/x", "", 7, None, "a\0b", "x" * 70000):
+    for bad in ("a/#", "a/+/b", "$SYS/x", "", 7, None, "a\0b", "x" * 70000, "a/\ud800"):
         with pytest.raises(RequestError, match="reply_to must be a topic to publish to"):
             split_reply_to(json.dumps({"action": "extensions", "reply_to": bad}).encode())

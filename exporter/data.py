@@ -233,8 +233,11 @@ def _list_rows(path: Path) -> list[dict[str, str]]:
 
 def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
     rows = _list_rows(path)
+    objects = sorted({r.get("object", "") for r in rows})
+    if category is None and len(objects) > 1:
+        raise DatasetError(f"{path} lists {len(objects)} objects ({', '.join(objects[:20])}): one model is trained "
+                           "per object, pick one with --category")
     if category is not None:
-        objects = sorted({r.get("object", "") for r in rows})
         rows = [r for r in rows if r.get("object") == category]
         if not rows:
             raise DatasetError(f"{path}: no rows whose object is {category!r} (objects: {objects[:20]})")

@@ -330,6 +330,8 @@ def test_visa_as_downloaded_reads_its_own_split_and_masks_per_object(tmp_path):
     assert not set(cat.train) & {s.path for s in cat.test}
     with pytest.raises(DatasetError, match="no rows whose object is 'cashew'.*candle.*pcb1"):
         load_category(split, "cashew")
+    with pytest.raises(DatasetError, match="lists 2 objects \\(candle, pcb1\\).*pick one with --category"):
+        load_category(split)
     folders = load_category(tmp_path / "VisA" / "candle" / "Data" / "Images")  # the folders alone: image labels
     assert folders.layout == "labelled folders" and {s.defect for s in folders.test} == {"good", "Anomaly"}
 

@@ -313,7 +313,11 @@ class Worker:
         if self.link.connected.is_set():
             self.link.publish(self.topics.stats, json.dumps(self.stats_payload()))
             info = self.link.publish(self.topics.availability, "stopped", retain=True)
-            info.wait_for_publish(5)
+            try:
+                info.wait_for_publish(5)
+            except RuntimeError as exc:  # the link dropped since the check (a twin took the session): still a clean stop
+                log.warning("could not publish 'stopped' on %s (%s); availability is left to the broker and the last will",
+                            self.topics.availability, exc)
         self.link.stop()
         log.info("stopped: %s; %d frames refused at shutdown; store flushed: %s",
                  json.dumps(self.stats.snapshot()), left, flushed)

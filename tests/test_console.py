@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -150,10 +151,13 @@ def stack(broker, bundle_dir, dataset, tmp_path_factory):
             expect(page.locator("#tiles .empty")).to_be_visible()  # nothing yet: what follows arrives by push
 
             good, bad = _frames(dataset)
+            # Capture times 10 ms apart: the worker's timestamps have milliseconds, and frames published back to back
+            # can share one, which leaves "the newest frame" of a camera to the order its results happen to finish in.
+            stamps = iter(time.time() + 0.01 * k for k in range(len(good + bad) + 2))
             for frame_id, data in good[:2]:
-                client.publish_frame("cam-b", data, frame_id)
+                client.publish_frame("cam-b", data, frame_id, captured_at=str(next(stamps)))
             for frame_id, data in good + bad:
-                client.publish_frame("cam-a", data, frame_id)
+                client.publish_frame("cam-a", data, frame_id, captured_at=str(next(stamps)))
             results = {f"{r['camera']}/{r['frame_id']}": r
                        for camera, n in (("cam-a", len(good + bad)), ("cam-b", 2))
                        for r in client.json_on(f"{prefix}/{camera}/result", count=n)}

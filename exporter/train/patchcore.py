@@ -333,7 +333,6 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
     left is refused (the coreset later adds its projection, at most as large again).
     """
     features: torch.Tensor | None = None
-    first_batch: list[torch.Tensor] = []
     row = 0
     for start in range(0, len(paths), batch_size):
         batch = paths[start : start + batch_size]
@@ -342,21 +341,14 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
             with torch.no_grad():
                 emb = patch_features(model, to_tensor(images[first : first + batch_size], backbone))
             rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
-            if features is None:
-                first_batch.append(rows)
-                continue
+            if features is None:  # every image has the input's shape: as many views and patches as the first
+                per_image = len(images) // len(batch) * emb.shape[2] * emb.shape[3]
+                check_fits(2 * per_image * rows.shape[1] * rows.element_size(), len(paths),
+                           f"the patch features of {len(paths)} training images ({per_image * len(paths)} rows of "
+                           f"{rows.shape[1]})", "train on fewer images, a smaller --input-size or fewer --bank-views")
+                features = torch.empty(per_image * len(paths), rows.shape[1], dtype=rows.dtype)
             features[row : row + rows.shape[0]] = rows
             row += rows.shape[0]
-        if features is None:
-            joined = torch.cat(first_batch)
-            total = joined.shape[0] // len(batch) * len(paths)
-            check_fits(2 * total // len(paths) * joined.shape[1] * joined.element_size(), len(paths),
-                       f"the patch features of {len(paths)} training images ({total} rows of {joined.shape[1]})",
-                       "train on fewer images, a smaller --input-size or fewer --bank-views")
-            features = torch.empty(total, joined.shape[1], dtype=joined.dtype)
-            features[: joined.shape[0]] = joined
-            row = joined.shape[0]
-            del first_batch, joined
         done = min(start + batch_size, len(paths))
         if done == len(paths) or (done // batch_size) % 8 == 0:
             log.info("features %d/%d images", done, len(paths))

@@ -12,10 +12,11 @@ from sklearn.metrics import f1_score, roc_auc_score
 from bundle import Thresholds
 from bundle.runtime import CompiledBundle
 from exporter.data import Category, read_image, read_mask
-from exporter.export import score_images
-from exporter.metrics import pixel_metrics
+from exporter.metrics import PixelMetrics
 
 log = logging.getLogger(__name__)
+
+BATCH = 8  # images scored per inference call
 
 
 def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds | None = None) -> dict:
@@ -30,11 +31,20 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     if not samples:
         raise ValueError(f"{category.root}: no test images ({category.split}); evaluation needs labelled good and "
                          "defect images (README: Training data)")
-    started = time.monotonic()
-    images = [read_image(s.path, spec) for s in samples]
-    scores, maps, _ = score_images(bundle, images)
-    elapsed = time.monotonic() - started
     labels = np.array([s.label for s in samples])
+    both_classes = bool(0 < labels.sum() < len(labels))
+    started = time.monotonic()
+    request = bundle.create_request()
+    pixels = PixelMetrics()
+    parts = []
+    for first in range(0, len(samples), BATCH):  # a batch at a time: neither the images nor the maps are all held
+        batch = samples[first : first + BATCH]
+        out = bundle.infer(np.stack([read_image(s.path, spec) for s in batch]), request)
+        parts.append(out.score)
+        for sample, anomaly_map in zip(batch, out.anomaly_map, strict=True) if both_classes else ():
+            pixels.add(anomaly_map, read_mask(sample.mask, spec) if sample.has_pixel_truth else None, sample.defect)
+    scores = np.concatenate(parts)
+    elapsed = time.monotonic() - started
     threshold = (thresholds or bundle.thresholds).image.threshold
     predicted = (scores >= threshold).astype(int)
     result: dict = {
@@ -45,10 +55,9 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
         "image_f1": round(float(f1_score(labels, predicted, zero_division=0)), 4),
         "seconds": round(elapsed, 2),
     }
-    if 0 < labels.sum() < len(labels):
+    if both_classes:
         result["image_auroc"] = round(float(roc_auc_score(labels, scores)), 4)
-        masks = [read_mask(s.mask, spec) if s.has_pixel_truth else None for s in samples]
-        result.update(pixel_metrics(maps, masks, [s.defect for s in samples]))
+        result.update(pixels.result())
     else:
         log.warning("test split has only one class: AUROC undefined")
     types = sorted({s.defect for s in samples})

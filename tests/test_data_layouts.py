@@ -18,6 +18,7 @@ from bundle import read_manifest
 from conftest import ROOT
 from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
 from exporter.export import input_spec
+from exporter import metrics
 from exporter.metrics import aupro, pixel_metrics
 from exporter.synthetic import DEFECTS, sample
 from exporter.thresholds import far_threshold, recall_threshold
@@ -99,6 +100,50 @@ def test_pixel_metrics_say_which_images_they_cover():
     assert "good and the types with masks (hole)" in partial["pixel_metrics"] and "no masks: glue" in partial["pixel_metrics"]
     full = pixel_metrics(maps[:2], [mask * 0, mask], ["good", "hole"])
     assert full["pixel_metrics"] == "all 2 test images" and full["aupro"] == partial["aupro"]
+
+
+def test_pixel_auroc_equals_sklearns_and_chunks_change_nothing(monkeypatch):
+    """The curves walk the scores in chunks; ties spanning a chunk's edge and regions across images agree exactly."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    masks = np.zeros((7, 30, 34), np.uint8)
+    for i in range(1, 7):
+        y, x = rng.integers(0, 24, 2)
+        masks[i, y : y + rng.integers(2, 7), x : x + rng.integers(2, 9)] = 255 if i % 2 else 1
+    maps = np.round(rng.random(masks.shape) + 0.5 * (masks > 0), 2).astype(np.float32)  # many ties
+    truth = [None if i == 6 else m for i, m in enumerate(masks)]
+    whole = pixel_metrics(maps, truth, ["good", *["hole"] * 5, "glue"])
+    area = aupro(maps[:6], masks[:6])
+    assert whole["pixel_auroc"] == round(roc_auc_score((masks[:6] > 0).reshape(-1), maps[:6].reshape(-1)), 4)
+    assert whole["pixel_metrics"].startswith("6 of 7 test images")
+    monkeypatch.setattr(metrics, "CHUNK", 5)
+    assert pixel_metrics(maps, truth, ["good", *["hole"] * 5, "glue"]) == whole
+    assert aupro(maps[:6], masks[:6]) == pytest.approx(area, abs=1e-12)
+
+
+def test_pixel_metrics_of_a_large_split_fit_a_small_memory_limit():
+    """300 maps at 640 px: the scores alone are about 0.5 GB; every map, mask and sort index held at once (the
+    metrics before) needs several GB, and the kernel killed that run here."""
+    group = _memory_cgroup(1_500_000_000)
+    if group is None:
+        pytest.skip("no cgroup v1 memory cgroup can be made here (needs root and a writable cgroup v1 hierarchy)")
+    script = """if True:
+        import cv2, numpy as np
+        from exporter.metrics import PixelMetrics
+        rng, metrics = np.random.default_rng(0), PixelMetrics()
+        for i in range(300):  # defect scores U(0.5, 1.5) against background U(0, 1): AUROC 7/8
+            mask = cv2.circle(np.zeros((640, 640), np.uint8), (320, 320), 64, 1, -1) * (i % 2)
+            metrics.add(rng.random((640, 640), dtype=np.float32) + np.float32(0.5) * mask, mask, "hole")
+        print(metrics.result()["pixel_auroc"])
+    """
+    try:
+        proc = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"', sys.executable,
+                               "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    finally:
+        group.rmdir()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout) == pytest.approx(0.875, abs=0.002)
 
 
 def test_far_and_recall_thresholds():

@@ -108,6 +108,41 @@ def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
         assert console.stop() == 0
 
 
+def test_a_cameras_tile_keeps_its_newest_frame_when_results_arrive_out_of_order(broker, tmp_path):
+    """Two infer requests can finish out of capture order; the state a page loads shows the newest frame, as the
+    page itself does, not the result that arrived last."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+
+    def publish(camera: str, frame_id: str, captured_at: str) -> None:
+        body = {"camera": camera, "frame_id": frame_id, "captured_at": captured_at, "verdict": "normal", "score": 0.1}
+        client.client.publish(f"{prefix}/{camera}/result", json.dumps(body), qos=1).wait_for_publish(10)
+
+    def cameras_once(predicate) -> dict:
+        deadline = time.monotonic() + 30
+        while True:
+            cameras = json.loads(urllib.request.urlopen(f"{console.url}/api/state", timeout=5).read())["cameras"]
+            if predicate(cameras) or time.monotonic() > deadline:
+                return cameras
+            time.sleep(0.05)  # polling the console's state for the change, not waiting a fixed time
+
+    try:
+        publish("cam-a", "f2", "2026-12-03T10:00:00.020Z")
+        assert cameras_once(lambda c: "cam-a" in c)["cam-a"]["frame_id"] == "f2"
+        publish("cam-a", "f1", "2026-12-03T10:00:00.010Z")  # captured earlier, arrives later
+        publish("cam-b", "marker", "2026-12-03T10:00:00.030Z")  # after f1 on the same link: f1 has been handled
+        cameras = cameras_once(lambda c: "cam-b" in c)
+        assert cameras["cam-b"]["frame_id"] == "marker" and cameras["cam-a"]["frame_id"] == "f2", cameras
+        publish("cam-a", "f3", "2026-12-03T10:00:00.040Z")
+        assert cameras_once(lambda c: c["cam-a"]["frame_id"] == "f3")["cam-a"]["frame_id"] == "f3"
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+
+
 def _frames(dataset: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     test = dataset / "weave" / "test"
     good = [(f"good-{p.stem}", p.read_bytes()) for p in sorted((test / "good").glob("*.png"))]

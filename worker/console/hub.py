@@ -62,6 +62,14 @@ class Entry:
                 "has_thumbnail": self.thumbnail is not None}
 
 
+def _not_older(entry: Entry, shown: Entry) -> bool:
+    """The page's rule for a camera's tile: the newest frame by capture time, or the shown frame again (a late
+    image); results of two infer requests can arrive out of capture order. A time that cannot be read counts as new."""
+    at, shown_at = epoch(entry.result.get("captured_at")), epoch(shown.result.get("captured_at"))
+    return entry.result.get("frame_id") == shown.result.get("frame_id") or at is None or shown_at is None or \
+        at >= shown_at
+
+
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -175,8 +183,9 @@ class Hub:
             if previous is not None:  # the same frame again: keep its label
                 entry.result.update({k: previous.result[k] for k in ("label", "defect_type") if k in previous.result})
             self.recent[key] = entry
-            self.latest.pop(key[0], None)  # to the newest end (see _touch)
-            self.latest[key[0]] = entry
+            shown = self._touch(self.latest, key[0], lambda: entry)
+            if shown is not entry and _not_older(entry, shown):
+                self.latest[key[0]] = entry
             self._add_point(key[0], result)
         if result.get("verdict") == "anomalous":
             entry.thumbnail = self._thumbnail(entry.frame)

@@ -43,6 +43,9 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
         parts.append(out.score)
         for sample, anomaly_map in zip(batch, out.anomaly_map, strict=True) if both_classes else ():
             pixels.add(anomaly_map, read_mask(sample.mask, spec) if sample.has_pixel_truth else None, sample.defect)
+        done = first + len(batch)
+        if done == len(samples) or (done // BATCH) % 8 == 0:
+            log.info("evaluate (%s): %d/%d test images", bundle.precision, done, len(samples))
     scores = np.concatenate(parts)
     elapsed = time.monotonic() - started
     threshold = (thresholds or bundle.thresholds).image.threshold

@@ -38,7 +38,7 @@ import numpy as np
 
 from bundle import InputSpec, prepare_image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".csv", ".json"}
 # a list's column (CSV header or JSON key) -> what it holds; VisA's split_csv names the image column "image"
 LIST_COLUMNS = {"path": "path", "image": "path", "label": "label", "mask": "mask", "split": "split", "object": "object"}

@@ -208,6 +208,30 @@ def test_a_raw_camera_may_send_base64_text_and_json_is_refused_with_the_setting_
     assert worker.proc.poll() is None
 
 
+def test_tiff_and_webp_frames_score_as_the_same_png_does(running, dataset):
+    """Machine-vision cameras save TIFF (often 16-bit grey), which the exporter trains on, and some bridges send
+    WebP: lossless copies of a frame score exactly as its PNG, raw or as base64 text, and a 16-bit grey TIFF as its
+    top 8 bits in an 8-bit PNG; a format the worker does not read is refused naming the ones it does."""
+    prefix, client, worker = running
+    image = cv2.imread(str(good_png(dataset)))
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    tiff = cv2.imencode(".tiff", image)[1].tobytes()
+    sent = [("png", _good(dataset)), ("tiff", tiff), ("tiff-b64", _b64(tiff).encode()),
+            ("webp", cv2.imencode(".webp", image, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()),  # over 100: lossless
+            ("grey8", cv2.imencode(".png", grey)[1].tobytes()),
+            ("grey16", cv2.imencode(".tiff", grey.astype(np.uint16) << 8 | 0x5A)[1].tobytes()),
+            ("ppm", cv2.imencode(".ppm", image)[1].tobytes())]
+    for frame_id, body in sent:
+        client.publish_frame("strict", body, frame_id)
+    (error,) = client.json_on(f"{prefix}/strict/error")
+    assert error["frame_id"] == "ppm" and error["code"] == "unsupported_format"
+    assert "(JPEG, PNG, BMP, TIFF or WebP)" in error["message"]
+    scores = {r["frame_id"]: r["raw_score"] for r in client.json_on(f"{prefix}/strict/result", count=len(sent) - 1)}
+    assert scores["tiff"] == scores["tiff-b64"] == scores["webp"] == scores["png"], scores
+    assert scores["grey16"] == scores["grey8"], scores
+    assert worker.proc.poll() is None
+
+
 def _big_frames(dataset: Path) -> tuple[bytes, bytes, tuple[float, float, float, float]]:
     """A 4000x3000 good frame and the same with one small hole, as JPEG, and the hole's box (x0, y0, x1, y1)
     in frame pixels.

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from conftest import ROOT, Client, WorkerProcess, write_config
 
@@ -78,6 +80,23 @@ def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
 
 
 @needs_chromium
+def test_frames_a_browser_cannot_show_are_served_as_png_within_the_limits():
+    """The worker reads TIFF frames; browsers do not: the console serves them as lossless PNG, pixel for pixel,
+    and leaves a frame past the worker's limits undecoded (anyone may publish on a camera's frame topic)."""
+    from worker.config import LimitsConfig
+    from worker.console.hub import for_browser
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    tiff = cv2.imencode(".tiff", image)[1].tobytes()
+    shown, kind = for_browser(tiff, LimitsConfig())
+    assert kind == "image/png" and np.array_equal(cv2.imdecode(np.frombuffer(shown, np.uint8), cv2.IMREAD_COLOR), image)
+    for ext, expected in ((".webp", "image/webp"), (".jpg", "image/jpeg"), (".png", "image/png"), (".bmp", "image/bmp")):
+        data = cv2.imencode(ext, image)[1].tobytes()
+        assert for_browser(data, LimitsConfig()) == (data, expected)
+    assert for_browser(tiff, LimitsConfig(max_pixels=48 * 64 - 1)) == (tiff, "application/octet-stream")
+    assert for_browser(b"not an image", LimitsConfig()) == (b"not an image", "application/octet-stream")
+
+
 def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 

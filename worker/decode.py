@@ -1,7 +1,7 @@
 """Frame admission and decoding: every check that can be made before decoding is made first.
 
 A frame is refused with a :class:`FrameError` (a stable ``code`` plus a human
-message) when its payload is too large, not a JPEG/PNG/BMP, larger than the pixel
+message) when its payload is too large, not a JPEG/PNG/BMP/TIFF/WebP, larger than the pixel
 limit according to its header (decompression bombs never reach the decoder),
 truncated, or not decodable.  Pillow reads only the header; OpenCV decodes.
 """
@@ -21,7 +21,9 @@ from worker.wire import ErrorCode
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
 Image.MAX_IMAGE_PIXELS = None
 
-FORMATS = {"JPEG": "jpeg", "PNG": "png", "BMP": "bmp"}
+# TIFF: what machine-vision cameras save (often 16-bit grey), and what the exporter trains on; only its first page
+# is read. WebP: what some camera bridges and browsers send.
+FORMATS = {"JPEG": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
@@ -64,7 +66,7 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     except Exception as exc:  # Pillow raises many types for garbage; all mean the same here
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
     if fmt not in FORMATS:
-        raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG or BMP)")
+        raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     if width * height > max_pixels:

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker.api_client import ApiClient, ApiError
 from worker.config import Config
-from worker.console.hub import Hub, content_type
+from worker.console.hub import Hub, for_browser
 from worker.topics import Topics
 from worker.wire import parse_timestamp
 
@@ -146,7 +146,8 @@ def create_app(cfg: Config) -> Starlette:
         data = hub.image(request.path_params["camera"], request.path_params["frame_id"], kind)
         if data is None:
             return _error(404, "not_found", "the console no longer has this image")
-        return Response(data, media_type=content_type(data), headers={"Cache-Control": "private, max-age=3600"})
+        shown, kind = await run_in_threadpool(for_browser, data, cfg.limits)
+        return Response(shown, media_type=kind, headers={"Cache-Control": "private, max-age=3600"})
 
     async def defects(request: Request) -> Response:
         q = request.query_params

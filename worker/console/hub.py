@@ -20,8 +20,8 @@ from typing import TypeVar, cast
 
 import paho.mqtt.client as mqtt
 
-from worker.config import ConsoleConfig
-from worker.decode import FrameError, decode
+from worker.config import ConsoleConfig, LimitsConfig
+from worker.decode import FrameError, decode, probe
 from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
 from worker.supervise import Liveness
@@ -37,7 +37,24 @@ _MAGIC = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"BM", "image
 
 
 def content_type(data: bytes) -> str:
+    """The type of an image a browser can show, else ``application/octet-stream``."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
     return next((ct for magic, ct in _MAGIC if data.startswith(magic)), "application/octet-stream")
+
+
+def for_browser(data: bytes, limits: LimitsConfig) -> tuple[bytes, str]:
+    """An image and its content type as a browser can show it: a frame browsers cannot decode (TIFF, which the
+    worker accepts) as a lossless PNG, decoded only within the worker's limits (anyone may publish a frame);
+    anything else as it is."""
+    kind = content_type(data)
+    if kind != "application/octet-stream":
+        return data, kind
+    try:
+        probe(data, limits.max_frame_bytes, limits.max_pixels)
+        return encode(decode(data), "png"), "image/png"
+    except FrameError:
+        return data, kind
 
 
 def epoch(stamp: str | None) -> float | None:

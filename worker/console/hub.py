@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 HUB = "console-hub"
 
 THUMBNAIL_SIZE = 160
+BROWSER_JPEG_QUALITY = 90  # a frame a browser cannot show (TIFF), as the page gets it
 SERIES_BUCKETS = 360  # score-over-time resolution: one point per window/360 (10 s for an hour)
 _MAGIC = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"BM", "image/bmp"))
 
@@ -45,14 +46,15 @@ def content_type(data: bytes) -> str:
 
 def for_browser(data: bytes, limits: LimitsConfig) -> tuple[bytes, str]:
     """An image and its content type as a browser can show it: a frame browsers cannot decode (TIFF, which the
-    worker accepts) as a lossless PNG, decoded only within the worker's limits (anyone may publish a frame);
-    anything else as it is."""
+    worker accepts) as a JPEG, decoded only within the worker's limits (anyone may publish a frame); anything else
+    as it is. JPEG rather than PNG: a page asks for every new frame of a tile, and a multi-megapixel PNG costs
+    the edge box's cores many times what the JPEG does."""
     kind = content_type(data)
     if kind != "application/octet-stream":
         return data, kind
     try:
         probe(data, limits.max_frame_bytes, limits.max_pixels)
-        return encode(decode(data), "png"), "image/png"
+        return encode(decode(data), "jpeg", BROWSER_JPEG_QUALITY), "image/jpeg"
     except FrameError:
         return data, kind
 

@@ -74,7 +74,7 @@ class PixelMetrics:
         defect, weight = self._sorted_defects()
         return {
             "pixel_auroc": round(_auroc(background, defect), 4),
-            "aupro": round(float(_aupro(background, defect, weight, self.fpr_limit)), 4),
+            "aupro": round(_aupro(background, defect, weight, self.fpr_limit), 4),
             "pixel_metrics": scope,
         }
 

@@ -104,11 +104,11 @@ def _openvino_scorer(graph: torch.nn.Module, spec: InputSpec, train: list[Path],
     import openvino as ov
 
     from bundle import EXTENSION_PAD
-    from exporter.quantize import quantize
+    from exporter.quantize import CALIBRATION_IMAGES, quantize
 
     model = convert(graph, spec)
     if precision == "int8":
-        model = quantize(model, [read_image(p, spec) for p in train])
+        model = quantize(model, [read_image(p, spec) for p in train[:CALIBRATION_IMAGES]])
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
     ext = extension_spec(graph)
     feeds = {1: np.full((1, ext.feature_dim), EXTENSION_PAD, np.float32)} if ext is not None else {}

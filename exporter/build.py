@@ -21,7 +21,7 @@ from exporter import backbones
 from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_image
 from exporter.evaluate import evaluate
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
-from exporter.quantize import quantize
+from exporter.quantize import CALIBRATION_IMAGES, quantize
 from exporter.thresholds import NORMALS, VAL_DEFECT_FRACTION, ThresholdChoice, choose_thresholds
 from exporter.train import efficientad
 from exporter.train.efficientad import EfficientAdSettings
@@ -115,7 +115,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
         log.info("exporting to OpenVINO IR")
         model = convert(graph, spec)
         if precision == "int8":
-            model = quantize(model, [read_image(p, spec) for p in trained.train])
+            model = quantize(model, [read_image(p, spec) for p in trained.train[:CALIBRATION_IMAGES]])
         save_ir(model, staging)
         version = timestamp().replace(":", "").replace("-", "")
         name = name or f"{category}-{family}"

@@ -26,7 +26,12 @@ PRECISIONS = ("fp32", "int8")
 HEADS = r".*(embedder|anomaly_map_generator|feature_pooler)|aten::"  # NNCF applies re.match
 
 
-def quantize(model: ov.Model, calibration_images: Sequence[np.ndarray], subset_size: int = 300,
+# NNCF collects its statistics on the first this many calibration images and never reads the rest: a caller reads
+# no more images than that.
+CALIBRATION_IMAGES = 300
+
+
+def quantize(model: ov.Model, calibration_images: Sequence[np.ndarray], subset_size: int = CALIBRATION_IMAGES,
              keep_fp32: str | None = HEADS) -> ov.Model:
     """INT8 copy of ``model`` (NNCF PTQ, mixed preset); ``calibration_images``: uint8 HWC BGR at the input size.
 

@@ -34,7 +34,7 @@ def _memory_cgroups(root: Path) -> list[tuple[Path, tuple[str, str, str, str]]]:
             continue
         folder = base / path.lstrip("/")
         out += [(f, files) for f in (folder, *folder.parents) if f == base or base in f.parents]
-    return [*out, (root, V2), (root / "memory", V1)]
+    return list(dict.fromkeys([*out, (root, V2), (root / "memory", V1)]))  # each folder read once
 
 
 def _cgroup_headroom(root: Path) -> int | None:

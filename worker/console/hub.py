@@ -16,6 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import TypeVar, cast
 
 import paho.mqtt.client as mqtt
@@ -75,6 +76,11 @@ class Entry:
     frame: bytes | None = None  # the camera's bytes; only while the entry is among the recent frames
     thumbnail: bytes | None = None  # JPEG of the frame; anomalous frames only (kept in the defect feed)
 
+    @cached_property
+    def captured(self) -> float | None:
+        """The result's capture time in epoch seconds, parsed once (the tile, the plot and the feed all read it)."""
+        return epoch(self.result.get("captured_at"))
+
     def view(self) -> dict:
         """The result as the browser gets it, with which images exist."""
         return {**self.result, "has_heatmap": self.heatmap is not None, "has_frame": self.frame is not None,
@@ -84,9 +90,8 @@ class Entry:
 def _not_older(entry: Entry, shown: Entry) -> bool:
     """The page's rule for a camera's tile: the newest frame by capture time, or the shown frame again (a late
     image); results of two infer requests can arrive out of capture order. A time that cannot be read counts as new."""
-    at, shown_at = epoch(entry.result.get("captured_at")), epoch(shown.result.get("captured_at"))
-    return entry.result.get("frame_id") == shown.result.get("frame_id") or at is None or shown_at is None or \
-        at >= shown_at
+    return entry.result.get("frame_id") == shown.result.get("frame_id") or entry.captured is None or \
+        shown.captured is None or entry.captured >= shown.captured
 
 
 _K = TypeVar("_K")
@@ -205,7 +210,7 @@ class Hub:
             shown = self._touch(self.latest, key[0], lambda: entry)
             if shown is not entry and _not_older(entry, shown):
                 self.latest[key[0]] = entry
-            self._add_point(key[0], result)
+            self._add_point(key[0], entry)
         if result.get("verdict") == "anomalous":
             entry.thumbnail = self._thumbnail(entry.frame)
             with self.lock:
@@ -221,10 +226,10 @@ class Hub:
         except FrameError:
             return None
 
-    def _add_point(self, camera: str, result: dict) -> None:
-        at = epoch(result.get("captured_at")) or time.time()
+    def _add_point(self, camera: str, entry: Entry) -> None:
+        at = entry.captured or time.time()
         points = self._touch(self.series, camera, deque)
-        points.append((at, float(result.get("score", 0.0))))
+        points.append((at, float(entry.result.get("score", 0.0))))
         horizon = time.time() - self.cfg.series_minutes * 60
         while points and points[0][0] < horizon:
             points.popleft()
@@ -285,7 +290,7 @@ class Hub:
     def defect_feed(self, camera: str | None, since: float | None, until: float | None, limit: int) -> list[dict]:
         """Anomalous frames seen since the console started, newest (by capture time) first."""
         with self.lock:
-            found = [(epoch(e.result.get("captured_at")) or 0, e.view()) for e in self.defects.values()
+            found = [(e.captured or 0, e.view()) for e in self.defects.values()
                      if not camera or e.result["camera"] == camera]
         found = [(at, view) for at, view in found if (not since or at >= since) and (not until or at <= until)]
         found.sort(key=lambda item: item[0], reverse=True)

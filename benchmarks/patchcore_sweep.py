@@ -47,7 +47,7 @@ from exporter.data import Category, load_category, read_image, read_mask
 from exporter.export import convert, extension_spec, image_threshold, input_spec
 from exporter.metrics import aupro
 from exporter.train.patchcore import IMAGE_SCORES, PatchcoreSettings, fit, to_tensor
-from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants, natural_photos, synthesise
+from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants, examples, natural_photos
 
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
@@ -134,11 +134,10 @@ def validation_set(cat: Category, seed: int, natural: Path | None,
                    kinds: tuple[str, ...] = KINDS) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Held-out normals (good) and one synthetic anomaly of each kind on each of them, at full resolution."""
     _, val = cat.split_train(VAL_FRACTION, seed)
-    normals = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in val]
-    bad = synthesise(normals, seed, natural_photos(natural), kinds)
-    images = normals + [b.image for b in bad]
-    masks = [np.zeros(n.shape[:2], np.uint8) for n in normals] + [b.mask for b in bad]
-    return images, masks, ["good"] * len(normals) + [b.kind for b in bad]
+    drawn = list(examples(val, seed, natural_photos(natural), kinds, benign=()))
+    ordered = [e for e in drawn if e.mask is None] + [e for e in drawn if e.mask is not None]  # the normals first
+    masks = [np.zeros(e.image.shape[:2], np.uint8) if e.mask is None else e.mask for e in ordered]
+    return [e.image for e in ordered], masks, [e.kind for e in ordered]
 
 
 def measure(data: Path, category: str, config: str, split: str, natural: Path | None,

@@ -13,6 +13,7 @@ from bundle import PRECISIONS, BundleError
 from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, refuse_unused, select
 
 if TYPE_CHECKING:
+    from exporter.build import Trained
     from exporter.thresholds import ThresholdChoice
 
 
@@ -27,11 +28,28 @@ def _train(args: argparse.Namespace) -> int:
 
     threshold = ThresholdChoice(args.threshold_mode, {"far": args.target_far, "recall": args.target_recall}.get(
         args.threshold_mode))
+    if args.validation_photos and not args.choose:
+        raise ValueError("--validation-photos is for --choose (the photos its synthetic anomalies are filled with)")
     _check_data(Path(args.data), args.category, threshold)
-    trained = family.fit(Path(args.data), args.category, family.settings(args), threshold)
+    trained = (_choose(args, threshold) if args.choose
+               else family.fit(Path(args.data), args.category, family.settings(args), threshold))
     print(package(trained, Path(args.out), name=args.name, evaluate_test=not args.no_eval, precision=args.precision,
                   precisions=_list(args.precisions)))
     return 0
+
+
+def _choose(args: argparse.Namespace, threshold: ThresholdChoice) -> Trained:
+    """``train --choose``: the PatchCore candidate that wins on this data's validation split (exporter/choose.py)."""
+    if args.model != "patchcore":
+        raise ValueError(f"--choose picks among PatchCore settings; --model {args.model} has no candidates")
+    from exporter.choose import candidate_names, choose
+    from exporter.teacher import DEFAULT_NATURAL
+
+    family = FAMILIES["patchcore"]
+    given = [o.dest for o in family.options if getattr(args, o.dest, None) is not None]
+    photos = Path(args.validation_photos) if args.validation_photos else DEFAULT_NATURAL
+    return choose(Path(args.data), args.category, family.settings(args), given, candidate_names(args.choose),
+                  threshold, photos)
 
 
 def _check_data(data: Path, category: str | None, threshold: ThresholdChoice) -> None:
@@ -147,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "defects held out of the test split")
     train.add_argument("--target-far", type=float, help="false-alarm rate for --threshold-mode far, e.g. 0.01")
     train.add_argument("--target-recall", type=float, help="defect recall for --threshold-mode recall, e.g. 0.95")
+    train.add_argument("--choose", metavar="CANDIDATES",
+                       help="PatchCore: fit each named setting (fast, default, fine; comma-separated, e.g. fast,default), "
+                            "score each on this data's validation split (synthetic anomalies and benign variants of "
+                            "the held-out normals) and export the one the rule picks (README: Choosing a setting)")
+    train.add_argument("--validation-photos", help="with --choose: natural photos the Perlin anomalies are filled with "
+                                                   "(default ../shared/data/natural where present, else noise)")
     add_options(train)
     train.set_defaults(func=_train)
 

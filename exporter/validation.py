@@ -25,6 +25,7 @@ magnitudes are fixed in advance, not tuned.  On grid they did not predict the te
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,28 +133,67 @@ def _stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return np.clip(out, 0, 255).round().astype(np.uint8), mask
 
 
+def _anomaly(kind: str, image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
+             photos: list[Path]) -> Anomalous:
+    if kind == "perlin":
+        bad, mask = _perlin(image, rng, photos)
+    elif kind == "cutpaste":
+        bad, mask = _cutpaste(image, cv2.resize(donor, image.shape[1::-1]), rng)
+    elif kind == "scratch":
+        bad, mask = _scratch(image, rng)
+    elif kind == "deform":
+        bad, mask = _deform(image, rng)
+    elif kind == "stain":
+        bad, mask = _stain(image, rng)
+    else:
+        raise ValueError(f"unknown anomaly kind {kind!r}; choose from {KINDS + HARD_KINDS}")
+    return Anomalous(bad, mask, kind)
+
+
 def synthesise(images: list[np.ndarray], seed: int = 0, photos: list[Path] | None = None,
                kinds: tuple[str, ...] = KINDS) -> list[Anomalous]:
-    """One anomaly of each kind on each image (at its own resolution); deterministic for a seed."""
+    """One anomaly of each kind on each image (at its own resolution); deterministic for a seed.  A cut-paste
+    piece comes from the next image."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i, image in enumerate(images):
+    return [_anomaly(kind, image, images[(i + 1) % len(images)], rng, photos or [])
+            for i, image in enumerate(images) for kind in kinds]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image of the validation split: a held-out normal (``good``), a synthetic anomaly (its kind, with
+    its mask) or a benign variant of a normal (``benign`` set to its kind: a good part that drifted)."""
+
+    image: np.ndarray
+    kind: str
+    mask: np.ndarray | None = None
+    benign: str | None = None
+
+
+def examples(normals: list[Path], seed: int = 0, photos: list[Path] | None = None, kinds: tuple[str, ...] = KINDS,
+             benign: tuple[str, ...] = BENIGN_KINDS) -> Iterator[Example]:
+    """The validation split one image at a time, read from the normals' files: each normal, its anomalies (as
+    :func:`synthesise` draws them) and its benign variants (as :func:`benign_variants`), so that no more than two
+    full-resolution normals are held at once, however large the frames."""
+    anomaly_rng, benign_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    first = _read(normals[0])
+    image = first
+    for i in range(len(normals)):
+        donor = first if i + 1 == len(normals) else _read(normals[i + 1])
+        yield Example(image, "good")
         for kind in kinds:
-            if kind == "perlin":
-                bad, mask = _perlin(image, rng, photos or [])
-            elif kind == "cutpaste":
-                donor = images[(i + 1) % len(images)]
-                bad, mask = _cutpaste(image, cv2.resize(donor, image.shape[1::-1]), rng)
-            elif kind == "scratch":
-                bad, mask = _scratch(image, rng)
-            elif kind == "deform":
-                bad, mask = _deform(image, rng)
-            elif kind == "stain":
-                bad, mask = _stain(image, rng)
-            else:
-                raise ValueError(f"unknown anomaly kind {kind!r}; choose from {KINDS + HARD_KINDS}")
-            out.append(Anomalous(bad, mask, kind))
-    return out
+            bad = _anomaly(kind, image, donor, anomaly_rng, photos or [])
+            yield Example(bad.image, kind, bad.mask)
+        for kind in benign:
+            yield Example(_benign(image, kind, benign_rng), "good", benign=kind)
+        image = donor
+
+
+def _read(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: cannot be decoded as an image")
+    return image
 
 
 def _benign(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:

@@ -8,6 +8,9 @@ Layouts (:func:`load_category` tells them apart; README "Training data" has an e
   MPDD, MVTec AD 2) or ``<stem>.*`` (BTAD, VisA as anomalib splits it), or a folder ``<stem>/`` of masks whose union
   is the truth (MVTec LOCO, AutoVI); images in an ``rgb/`` folder with masks in ``gt/`` beside it (MVTec 3D-AD);
   the labelled test split in ``test_public/`` with its ``ground_truth/`` inside (MVTec AD 2);
+* **masks beside images**: ``<stem>_GT.png`` (KolektorSDD2), ``<stem>_label.bmp`` (KolektorSDD) or ``<stem>_mask.*``
+  beside ``<stem>.*``; an image is a defect when its mask has a non-zero pixel.  In ``train/`` and ``test/``
+  (KolektorSDD2: the defects in ``train/`` are left out), one folder per part (KolektorSDD) or a single folder;
 * **good only**: a folder of normal images, no test split (train, threshold, export; nothing to evaluate);
 * **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), no masks;
 * **a list**: ``.csv`` (``path,label[,mask]``, or any columns a header names, ``image`` for ``path``, with an
@@ -15,8 +18,9 @@ Layouts (:func:`load_category` tells them apart; README "Training data" has an e
   object picked by ``--category``) or ``.json`` (``[{"path", "label", "mask"?, "split"?, "object"?}]``), paths
   relative to the list file (or the folder above it, as VisA's are).
 
-For the last two a test split is made here (unless a list has a ``split`` column): every defect image goes to
-test, and a seeded share (:data:`TEST_GOOD_FRACTION`) of the good images too; training never sees a test image.
+For the last two, and for masks beside images without ``train/`` and ``test/``, a test split is made here (unless
+a list has a ``split`` column): every defect image goes to test, and a seeded share (:data:`TEST_GOOD_FRACTION`) of
+the good images too; training never sees a test image.
 
 Images are read with OpenCV ``IMREAD_COLOR`` and resized with :func:`bundle.prepare_image`, exactly as the
 worker decodes and resizes a frame, so training, evaluation and serving see identical pixels: grey images
@@ -48,6 +52,9 @@ TEST_FOLDERS = ("test", "test_public")  # MVTec AD 2 names its labelled test spl
 TRUTH = "ground_truth"
 TEST_GOOD_FRACTION = 0.2  # share of good images held out for test when the data has no test split of its own
 MIN_TRAIN_IMAGES = 8  # below this the fit and the held-out threshold images are too few to mean anything
+# A mask stored beside its image as <stem><suffix>.<ext>: KolektorSDD2 (_GT), KolektorSDD (_label), others (_mask)
+BESIDE_SUFFIXES = ("_gt", "_label", "_mask")
+BESIDE = "images with masks beside them"
 
 
 class DatasetError(ValueError):
@@ -133,9 +140,19 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder or list file (give --data DIR [--category NAME] or --data LIST.csv)")
     if (root / "train").is_dir():
+        if _train_folder(root) is None and _beside(root / "train"):
+            return _beside_split(root)
         return _mvtec(root)
     folders = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)]
     good = [d for d in folders if _is_good(d)]
+    pairs = [] if good else [_beside(d) for d in [root, *folders]]
+    if any(pairs):  # KolektorSDD: one folder per part, or all in one folder
+        if unpaired := [d.name for d, found in zip(folders, pairs[1:], strict=True) if not found]:
+            raise DatasetError(f"{root}: folders {unpaired} hold images without masks beside them, while others have "
+                               "masks (<stem>_GT, <stem>_label or <stem>_mask): give every folder its masks or move them")
+        found = [pair for pair in pairs if pair]
+        goods = sorted(p for g, _ in found for p in g)
+        return _held_out(root, BESIDE, goods, [d for _, defects in found for d in defects], seed)
     if good:
         defects = [Sample(p, d.name, None) for d in folders if d not in good for p in _images(d)]
         return _held_out(root, "labelled folders", _images(good[0]), defects, seed)
@@ -146,6 +163,46 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         return Category(root, _images(root), [], "good only", "none: good images only, nothing to evaluate")
     raise DatasetError(f"{root} has no images; expected MVTec AD layout (train/good, test/<type>), a folder of good "
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
+
+
+def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
+    """The good images and the defects of a folder whose masks lie beside their images (``<stem>_GT.png`` beside
+    ``<stem>.png``), or None when it holds no such mask.  An image is a defect when its mask has a non-zero pixel,
+    good when the mask is blank or the image has none."""
+    images = _images(folder)
+    by_stem = {p.stem: p for p in images}
+    masks = {}
+    for path in images:
+        stem = path.stem
+        for suffix in BESIDE_SUFFIXES:
+            if stem.lower().endswith(suffix) and stem[: -len(suffix)] in by_stem:
+                masks[stem[: -len(suffix)]] = path
+    if not masks:
+        return None
+    good, defects = [], []
+    for path in images:
+        if path in masks.values():
+            continue
+        mask = masks.get(path.stem)
+        pixels = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) if mask else None
+        if mask and pixels is None:
+            raise DatasetError(f"{mask}: the mask of {path.name} cannot be decoded; save it again as PNG")
+        if pixels is not None and pixels.any():
+            defects.append(Sample(path, "defect", mask))
+        else:
+            good.append(path)
+    return good, defects
+
+
+def _beside_split(root: Path) -> Category:
+    """KolektorSDD2: ``train/`` and ``test/`` of images with masks beside them; the defects in ``train/`` are left out
+    (the fit learns from good images only)."""
+    train_pairs = _beside(root / "train") or ([], [])
+    test_pairs = _beside(root / "test") or (_images(root / "test"), [])
+    test = [Sample(p, "good", None) for p in test_pairs[0]] + test_pairs[1]
+    left = f"; {len(train_pairs[1])} defect images in train/ left out (the fit takes good images only)" if train_pairs[1] else ""
+    return Category(root, train_pairs[0], sorted(test, key=lambda s: (s.defect, s.path)), BESIDE,
+                    "the data's own test split" + left)
 
 
 def _masks_by_stem(folder: Path) -> dict[str, Path]:

@@ -536,3 +536,59 @@ def test_list_with_some_masks_and_a_recall_threshold(tmp_path):
                      str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["images"] == 8
+
+
+def _kolektor2(root: Path, rng: np.random.Generator) -> dict[str, int]:
+    """KolektorSDD2 as downloaded: train/ and test/ of PNGs with <stem>_GT.png beside each (blank for good ones);
+    returns the test defects' mask pixels by name."""
+    truth: dict[str, int] = {}
+    for split, good, bad in (("train", 16, 2), ("test", 3, 2)):
+        for i in range(good + bad):
+            picture, mask = sample(rng, 64, "good" if i < good else "hole")
+            _write(root / split / f"{split[:2]}{i:04d}.png", picture)
+            _write(root / split / f"{split[:2]}{i:04d}_GT.png", mask)
+            if split == "test" and i >= good:
+                truth[f"te{i:04d}.png"] = int((mask > 0).sum())
+    return truth
+
+
+def test_masks_beside_images_kolektorsdd2_train_and_evaluate_with_pixel_metrics(tmp_path):
+    """A blank mask is a good image, a marked one a defect; the defects in train/ are never trained on."""
+    truth = _kolektor2(tmp_path / "ksdd2", np.random.default_rng(8))
+    cat = load_category(tmp_path, "ksdd2")
+    assert [p.name for p in cat.train] == [f"tr{i:04d}.png" for i in range(16)]  # no mask, no train defect
+    assert [s.defect for s in cat.test].count("good") == 3
+    defects = [s for s in cat.test if s.label]
+    assert {s.path.name: int(read_mask(s.mask, SPEC).sum()) for s in defects} == truth
+    assert "2 defect images in train/ left out" in cat.split
+    proc = _exporter("train", "--data", str(tmp_path), "--category", "ksdd2", "--out", str(tmp_path / "b"), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(images with masks beside them)" in proc.stdout and "masks: defect" in proc.stdout
+    test = read_manifest(tmp_path / "b").metrics["test"]
+    assert test["images"] == 5 and set(test["detection_rate"]) == {"good", "defect"}
+    assert 0 <= test["aupro"] <= 1 and test["pixel_metrics"] == "all 5 test images"
+
+
+def test_masks_beside_images_in_part_folders_or_one_folder_get_a_held_out_test_split(tmp_path):
+    """KolektorSDD (a folder per part, <stem>_label.bmp) and a single folder of <stem>_mask.png files."""
+    rng = np.random.default_rng(9)
+    for part in range(6):
+        for i in range(3):
+            picture, mask = sample(rng, 64, "scratch" if (part, i) == (2, 1) else "good")
+            _write(tmp_path / "ksdd" / f"kos{part:02d}" / f"Part{i}.jpg", picture)
+            _write(tmp_path / "ksdd" / f"kos{part:02d}" / f"Part{i}_label.bmp", mask)
+    cat = load_category(tmp_path, "ksdd")
+    assert cat.layout == "images with masks beside them" and len(cat.train) + len(cat.test) == 18
+    assert [(s.path.parent.name, s.path.name) for s in cat.test if s.label] == [("kos02", "Part1.jpg")]
+    assert not any("_label" in p.name for p in cat.train)
+    for i in range(10):
+        picture, mask = sample(rng, 64, "hole" if i == 9 else "good")
+        _write(tmp_path / "flat" / f"{i}.png", picture)
+        if i >= 8:  # a good image may come without a mask
+            _write(tmp_path / "flat" / f"{i}_mask.png", mask)
+    flat = load_category(tmp_path, "flat")
+    assert [s.path.name for s in flat.test if s.label] == ["9.png"]
+    assert {p.name for p in flat.train} | {s.path.name for s in flat.test} == {f"{i}.png" for i in range(10)}
+    _write(tmp_path / "ksdd" / "extra" / "a.png", sample(rng, 64)[0])  # a part folder without masks
+    with pytest.raises(DatasetError, match=r"folders \['extra'\] hold images without masks beside them"):
+        load_category(tmp_path, "ksdd")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,8 @@ import numpy as np
 import torch
 
 from bundle.runtime import CompiledBundle
-from exporter.build import Trained, package
+from exporter.build import package
 from exporter.data import find_categories, read_image, read_mask
-from exporter.export import score_images
 from exporter.families import Family, select
 from exporter.report import write_report
 from exporter.thresholds import NORMALS
@@ -34,12 +34,17 @@ MVTEC_CATEGORIES = (
 # Image AUROC the seed tutorial published for grid (the only category it reports).
 SEED_IMAGE_AUROC = {("patchcore", "grid"): 0.979, ("efficientad", "grid"): 0.993}
 SCORE_RTOL = 1e-3
+BATCH = 8  # test images scored per inference call
 
 
-def _torch_scores(trained: Trained, images: list[np.ndarray], batch: int = 8) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([trained.graph(to_tensor(images[i : i + batch], trained.spec))[0].numpy()
-                               for i in range(0, len(images), batch)])
+@dataclass(frozen=True)
+class First:
+    """A defect type's first test image with the bundle's outputs: one tile of the report's heatmap grid."""
+
+    image: np.ndarray
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    score: float
 
 
 def _bundle_bytes(folder: Path) -> int:
@@ -56,9 +61,21 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
     compiled = CompiledBundle(bundle_dir, hint="LATENCY", precision="f32")  # parity with torch: f32 on every CPU
     manifest = compiled.manifest
     samples = trained.category.test
-    images = [read_image(s.path, trained.spec) for s in samples]
-    ov_scores, ov_maps, _ = score_images(compiled, images)
-    torch_scores = _torch_scores(trained, images)
+    firsts = {s.defect: i for i, s in reversed(list(enumerate(samples)))}  # each type's first test image
+    kept: dict[str, First] = {}
+    ov_parts, torch_parts = [], []
+    request = compiled.create_request()
+    for start in range(0, len(samples), BATCH):  # a batch at a time: no image or map of the split is held but a type's first
+        images = [read_image(s.path, trained.spec) for s in samples[start : start + BATCH]]
+        result = compiled.infer(np.stack(images), request)
+        with torch.no_grad():
+            torch_parts.append(trained.graph(to_tensor(images, trained.spec))[0].numpy())
+        ov_parts.append(result.score)
+        for offset, sample in enumerate(samples[start : start + BATCH]):
+            if firsts[sample.defect] == start + offset:
+                kept[sample.defect] = First(images[offset], result.anomaly_map[offset],
+                                            read_mask(sample.mask, trained.spec), float(result.score[offset]))
+    ov_scores, torch_scores = np.concatenate(ov_parts), np.concatenate(torch_parts)
     threshold = compiled.thresholds.image.threshold
     rel = np.abs(ov_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1e-12)
     return {
@@ -78,13 +95,10 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
             "within_tolerance": bool((rel <= SCORE_RTOL).all()),
             "same_verdicts": bool(((ov_scores >= threshold) == (torch_scores >= threshold)).all()),
         },
-        # For the plots only (not in the JSON): per-image outputs of the bundle and the ground truth.
+        # For the plots only (not in the JSON): the bundle's scores and the labels (ROC), each type's first image.
         "_scores": ov_scores,
-        "_maps": ov_maps,
         "_labels": np.array([s.label for s in samples]),
-        "_defects": [s.defect for s in samples],
-        "_images": images,
-        "_masks": [read_mask(s.mask, trained.spec) for s in samples],
+        "_firsts": {defect: kept[defect] for defect in sorted(firsts, key=firsts.__getitem__)},
         "_pixel": (compiled.thresholds.pixel.low, compiled.thresholds.pixel.threshold),
     }
 

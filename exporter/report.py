@@ -51,14 +51,14 @@ def _tile(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, pixel: tuple[fl
 
 def heatmap_grid(rows: list[dict], path: Path) -> None:
     """One row per model, one column per defect type (its first test image) of a category."""
-    defects = list(dict.fromkeys(rows[0]["_defects"]))
-    picks = [rows[0]["_defects"].index(d) for d in defects]
-    fig, axes = plt.subplots(len(rows), len(picks), figsize=(1.3 * len(picks), 1.45 * len(rows)), squeeze=False)
+    defects = list(rows[0]["_firsts"])
+    fig, axes = plt.subplots(len(rows), len(defects), figsize=(1.3 * len(defects), 1.45 * len(rows)), squeeze=False)
     for i, r in enumerate(rows):
-        for j, k in enumerate(picks):
+        for j, defect in enumerate(defects):
             ax = axes[i, j]
-            ax.imshow(_tile(r["_images"][k], r["_maps"][k], r["_masks"][k], r["_pixel"]))
-            verdict = "NG" if r["_scores"][k] >= r["threshold"] else "OK"
+            first = r["_firsts"][defect]
+            ax.imshow(_tile(first.image, first.anomaly_map, first.mask, r["_pixel"]))
+            verdict = "NG" if first.score >= r["threshold"] else "OK"
             ax.set_title(f"{defects[j]}\n{verdict}", fontsize=6)
             ax.set_xticks([])
             ax.set_yticks([])

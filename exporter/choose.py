@@ -43,6 +43,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 VALIDATION_KINDS = KINDS + HARD_KINDS  # the five kinds the defaults were chosen on
 LEVEL = 0.005  # validation image AUROCs this close count as level
 MAX_NORMALS = 50  # held-out normals the validation split is drawn on (the first of them): bounds its cost
+FEW_NORMALS = 20  # below this many held-out normals the summary says the ranking is coarse
 BATCH = 4
 RULE = (f"the highest validation image AUROC; candidates within {LEVEL} of it are level, and among those the one "
         "that flags the fewest benign variants of the held-out normals at its own image threshold wins, then the "
@@ -172,6 +173,10 @@ def summary(scored: list[Scored], winner: Scored) -> str:
                      f"{r['image_auroc']:>11.4f}  {_figure(r['pixel_auroc']):>11}  {_figure(r['aupro']):>6}  "
                      f"{r['benign_flagged']:>5} of {r['benign_total']:<5}  {r['fit_s']:>5.0f}")
     lines.append(f"chosen: {winner.name} ({RULE})")
+    normals = min(len(winner.trained.val), MAX_NORMALS)
+    if normals < FEW_NORMALS:
+        lines.append(f"note: only {normals} held-out normals: each moves the validation image AUROC by up to "
+                     f"{1 / normals:.2f}, so close figures rank nothing; more good training images make the choice firmer")
     return "\n".join(lines)
 
 

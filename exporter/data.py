@@ -9,8 +9,9 @@ Layouts (:func:`load_category` tells them apart; README "Training data" has an e
   is the truth (MVTec LOCO, AutoVI); images in an ``rgb/`` folder with masks in ``gt/`` beside it (MVTec 3D-AD);
   the labelled test split in ``test_public/`` with its ``ground_truth/`` inside (MVTec AD 2);
 * **masks beside images**: ``<stem>_GT.png`` (KolektorSDD2), ``<stem>_label.bmp`` (KolektorSDD) or ``<stem>_mask.*``
-  beside ``<stem>.*``; an image is a defect when its mask has a non-zero pixel.  In ``train/`` and ``test/``
-  (KolektorSDD2: the defects in ``train/`` are left out), one folder per part (KolektorSDD) or a single folder;
+  beside ``<stem>.*``, or in a ``Label/`` folder beside the images (DAGM 2007: ``Train/Label/0002_label.PNG``); an
+  image is a defect when its mask has a non-zero pixel.  In ``train/`` and ``test/`` folders (any case; the
+  defects among the training images are left out), one folder per part (KolektorSDD) or a single folder;
 * **good only**: a folder of normal images, no test split (train, threshold, export; nothing to evaluate);
 * **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), no masks;
 * **a list**: ``.csv`` (``path,label[,mask]``, or any columns a header names, ``image`` for ``path``, with an
@@ -55,6 +56,7 @@ MIN_TRAIN_IMAGES = 8  # below this the fit and the held-out threshold images are
 # A mask stored beside its image as <stem><suffix>.<ext>: KolektorSDD2 (_GT), KolektorSDD (_label), others (_mask)
 BESIDE_SUFFIXES = ("_gt", "_label", "_mask")
 BESIDE = "images with masks beside them"
+MASK_FOLDERS = ("label", "labels")  # a folder of such masks inside the images' own (DAGM 2007: Train/Label/)
 
 
 class DatasetError(ValueError):
@@ -139,20 +141,22 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         return _from_list(root, seed)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder or list file (give --data DIR [--category NAME] or --data LIST.csv)")
+    train = _child(root, "train")
+    if train and _train_folder(root) is None and (pairs := _beside(train)):
+        return _beside_split(root, pairs, _child(root, "test"))
     if (root / "train").is_dir():
-        if _train_folder(root) is None and _beside(root / "train"):
-            return _beside_split(root)
         return _mvtec(root)
     folders = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)]
     good = [d for d in folders if _is_good(d)]
-    pairs = [] if good else [_beside(d) for d in [root, *folders]]
-    if any(pairs):  # KolektorSDD: one folder per part, or all in one folder
-        if unpaired := [d.name for d, found in zip(folders, pairs[1:], strict=True) if not found]:
+    found = [] if good else [_beside(d) for d in [root, *folders]]
+    if any(found):  # KolektorSDD: one folder per part, or all in one folder
+        if unpaired := [d.name for d, pair in zip(folders, found[1:], strict=True) if not pair and d.name.lower()
+                        not in MASK_FOLDERS]:
             raise DatasetError(f"{root}: folders {unpaired} hold images without masks beside them, while others have "
                                "masks (<stem>_GT, <stem>_label or <stem>_mask): give every folder its masks or move them")
-        found = [pair for pair in pairs if pair]
-        goods = sorted(p for g, _ in found for p in g)
-        return _held_out(root, BESIDE, goods, [d for _, defects in found for d in defects], seed)
+        paired = [pair for pair in found if pair]
+        goods = sorted(p for g, _ in paired for p in g)
+        return _held_out(root, BESIDE, goods, [d for _, defects in paired for d in defects], seed)
     if good:
         defects = [Sample(p, d.name, None) for d in folders if d not in good for p in _images(d)]
         return _held_out(root, "labelled folders", _images(good[0]), defects, seed)
@@ -167,12 +171,14 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
 
 def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
     """The good images and the defects of a folder whose masks lie beside their images (``<stem>_GT.png`` beside
-    ``<stem>.png``), or None when it holds no such mask.  An image is a defect when its mask has a non-zero pixel,
-    good when the mask is blank or the image has none."""
+    ``<stem>.png``) or in its ``Label/`` folder (DAGM), or None when it holds no such mask.  An image is a defect when
+    its mask has a non-zero pixel, good when the mask is blank or the image has none."""
     images = _images(folder)
     by_stem = {p.stem: p for p in images}
+    labels = [p for sub in sorted(folder.iterdir()) if sub.is_dir() and sub.name.lower() in MASK_FOLDERS
+              for p in _images(sub)] if folder.is_dir() else []
     masks = {}
-    for path in images:
+    for path in images + labels:
         stem = path.stem
         for suffix in BESIDE_SUFFIXES:
             if stem.lower().endswith(suffix) and stem[: -len(suffix)] in by_stem:
@@ -194,14 +200,19 @@ def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
     return good, defects
 
 
-def _beside_split(root: Path) -> Category:
-    """KolektorSDD2: ``train/`` and ``test/`` of images with masks beside them; the defects in ``train/`` are left out
-    (the fit learns from good images only)."""
-    train_pairs = _beside(root / "train") or ([], [])
-    test_pairs = _beside(root / "test") or (_images(root / "test"), [])
-    test = [Sample(p, "good", None) for p in test_pairs[0]] + test_pairs[1]
-    left = f"; {len(train_pairs[1])} defect images in train/ left out (the fit takes good images only)" if train_pairs[1] else ""
-    return Category(root, train_pairs[0], sorted(test, key=lambda s: (s.defect, s.path)), BESIDE,
+def _child(root: Path, name: str) -> Path | None:
+    """``root``'s sub-folder called ``name`` in any case (DAGM names them ``Train`` and ``Test``)."""
+    return next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() == name), None)
+
+
+def _beside_split(root: Path, train: tuple[list[Path], list[Sample]], test_folder: Path | None) -> Category:
+    """KolektorSDD2, DAGM: a training and a test folder of images with masks beside them; the defects among the
+    training images are left out (the fit learns from good images only)."""
+    good, defects = (_beside(test_folder) or (_images(test_folder), [])) if test_folder else ([], [])
+    test = [Sample(p, "good", None) for p in good] + defects
+    left = f"; {len(train[1])} defect images of the training folder left out (the fit takes good images only)" \
+        if train[1] else ""
+    return Category(root, train[0], sorted(test, key=lambda s: (s.defect, s.path)), BESIDE,
                     "the data's own test split" + left)
 
 

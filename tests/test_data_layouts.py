@@ -560,7 +560,7 @@ def test_masks_beside_images_kolektorsdd2_train_and_evaluate_with_pixel_metrics(
     assert [s.defect for s in cat.test].count("good") == 3
     defects = [s for s in cat.test if s.label]
     assert {s.path.name: int(read_mask(s.mask, SPEC).sum()) for s in defects} == truth
-    assert "2 defect images in train/ left out" in cat.split
+    assert "2 defect images of the training folder left out" in cat.split
     proc = _exporter("train", "--data", str(tmp_path), "--category", "ksdd2", "--out", str(tmp_path / "b"), *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(images with masks beside them)" in proc.stdout and "masks: defect" in proc.stdout
@@ -592,3 +592,22 @@ def test_masks_beside_images_in_part_folders_or_one_folder_get_a_held_out_test_s
     _write(tmp_path / "ksdd" / "extra" / "a.png", sample(rng, 64)[0])  # a part folder without masks
     with pytest.raises(DatasetError, match=r"folders \['extra'\] hold images without masks beside them"):
         load_category(tmp_path, "ksdd")
+
+
+def test_dagm_masks_in_a_label_folder_only_for_the_defects(tmp_path):
+    """DAGM 2007: Train/ and Test/ (capitalised) of .PNG images, Label/<stem>_label.PNG for the defective ones only."""
+    rng = np.random.default_rng(10)
+    for split, count in (("Train", 12), ("Test", 4)):
+        for i in range(count):
+            picture, mask = sample(rng, 64, "hole" if i % 4 == 3 else "good")
+            _write(tmp_path / "Class1" / split / f"{i:04d}.PNG", picture)
+            if mask.any():
+                _write(tmp_path / "Class1" / split / "Label" / f"{i:04d}_label.PNG", mask)
+    (tmp_path / "Class1" / "Train" / "Label" / "Labels.txt").write_text("1\n")  # DAGM's list, not read
+    cat = load_category(tmp_path, "Class1")
+    assert cat.layout == "images with masks beside them"
+    assert [p.name for p in cat.train] == [f"{i:04d}.PNG" for i in range(12) if i % 4 != 3]
+    assert [(s.path.name, s.defect, s.mask.name if s.mask else None) for s in cat.test] == [
+        ("0003.PNG", "defect", "0003_label.PNG"), *((f"{i:04d}.PNG", "good", None) for i in range(3))]
+    assert "3 defect images of the training folder left out" in cat.split
+    assert not summarise(cat).problems()

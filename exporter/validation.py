@@ -175,6 +175,8 @@ def examples(normals: list[Path], seed: int = 0, photos: list[Path] | None = Non
     """The validation split one image at a time, read from the normals' files: each normal, its anomalies (as
     :func:`synthesise` draws them) and its benign variants (as :func:`benign_variants`), so that no more than two
     full-resolution normals are held at once, however large the frames."""
+    if not normals:
+        return
     anomaly_rng, benign_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     first = _read(normals[0])
     image = first

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.set_defaults(func=_distill)
 
     bench = sub.add_parser("benchmark", help="train, export and evaluate models on every category; write a report")
-    bench.add_argument("--data", required=True, help="folder holding MVTec AD categories")
+    bench.add_argument("--data", required=True, help="folder holding categories: MVTec AD layout, or a training "
+                       "folder with masks beside its images (DAGM 2007 Class1 ...)")
     bench.add_argument("--models", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
     bench.add_argument("--categories", help="comma-separated subset (default: every category found)")
     bench.add_argument("--out", required=True, help="report folder")

@@ -339,8 +339,10 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
 
 
 def find_categories(data: Path) -> list[str]:
-    """Every sub-folder of ``data`` that looks like an MVTec AD category."""
-    return sorted(p.name for p in Path(data).iterdir() if p.is_dir() and _train_folder(p) is not None)
+    """Every sub-folder of ``data`` that looks like an MVTec AD category, or holds a training folder of images with
+    masks beside them (DAGM's ``Class1`` ... ``Class10``)."""
+    return sorted(p.name for p in Path(data).iterdir() if p.is_dir() and (
+        _train_folder(p) is not None or ((train := _child(p, "train")) is not None and _beside(train) is not None)))
 
 
 def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Category, list[Sample]]:

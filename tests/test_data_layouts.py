@@ -611,3 +611,5 @@ def test_dagm_masks_in_a_label_folder_only_for_the_defects(tmp_path):
         ("0003.PNG", "defect", "0003_label.PNG"), *((f"{i:04d}.PNG", "good", None) for i in range(3))]
     assert "3 defect images of the training folder left out" in cat.split
     assert not summarise(cat).problems()
+    _write(tmp_path / "notes" / "a.png", sample(rng, 64)[0])  # no training folder: not a category
+    assert find_categories(tmp_path) == ["Class1"]  # what `exporter benchmark --data` runs on

@@ -232,6 +232,22 @@ def test_tiff_and_webp_frames_score_as_the_same_png_does(running, dataset):
     assert worker.proc.poll() is None
 
 
+def test_a_damaged_tiff_is_answered_without_libtiffs_messages_in_the_log(running, dataset):
+    """A TIFF whose compressed pixels are damaged (a bad link) gets its result or error like any frame, and
+    libtiff's complaints, which name no frame, stay out of the worker's log: a camera sending such frames would
+    fill the journal."""
+    prefix, client, worker = running
+    tiff = bytearray(cv2.imencode(".tiff", cv2.imread(str(good_png(dataset))))[1].tobytes())  # LZW by default
+    directory = int.from_bytes(tiff[4:8], "little")  # OpenCV writes the pixels first, the directory after them
+    for i in range(16, directory, 7):
+        tiff[i] ^= 0xFF
+    client.publish_frame("strict", bytes(tiff), "damaged")
+    client.wait_for(lambda m: m.topic in (f"{prefix}/strict/result", f"{prefix}/strict/error")
+                    and json.loads(m.payload).get("frame_id") == "damaged")
+    assert "TIFF" not in worker.output()
+    assert worker.proc.poll() is None
+
+
 def _big_frames(dataset: Path) -> tuple[bytes, bytes, tuple[float, float, float, float]]:
     """A 4000x3000 good frame and the same with one small hole, as JPEG, and the hole's box (x0, y0, x1, y1)
     in frame pixels.

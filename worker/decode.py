@@ -20,6 +20,10 @@ from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
 Image.MAX_IMAGE_PIXELS = None
+# OpenCV logs libtiff's complaints about a damaged TIFF (two lines or more per frame, and none names the frame):
+# a camera on a bad link would fill the journal.  The worker answers every frame it cannot decode itself (error
+# topic, counter, its own log line), so OpenCV keeps only fatal messages.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 
 # TIFF: what machine-vision cameras save (often 16-bit grey), and what the exporter trains on; only its first page
 # is read. WebP: what some camera bridges and browsers send.

@@ -158,8 +158,7 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         goods = sorted(p for g, _ in paired for p in g)
         return _held_out(root, BESIDE, goods, [d for _, defects in paired for d in defects], seed)
     if good:
-        defects = [Sample(p, d.name, None) for d in folders if d not in good for p in _images(d)]
-        return _held_out(root, "labelled folders", _images(good[0]), defects, seed)
+        return _held_out(root, "labelled folders", *_labelled(good[0], [d for d in folders if d not in good]), seed)
     if folders:
         raise DatasetError(f"{root} has image folders {[d.name for d in folders]} but none named good/, ok/ or normal/: "
                            "put the normal images in good/ (or ok/) and each defect type in its own folder")
@@ -198,6 +197,18 @@ def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
         else:
             good.append(path)
     return good, defects
+
+
+def _labelled(good: Path, types: list[Path]) -> tuple[list[Path], list[Sample]]:
+    """Labelled folders: the good images and each type's, a defect's mask taken where one lies beside it (a mask
+    file is never read as an image)."""
+    unmarked, marked = _beside(good) or (_images(good), [])
+    normals = sorted(unmarked + [s.path for s in marked])  # the folder says good, whatever a mask in it shows
+    defects = []
+    for folder in types:
+        unmarked, marked = _beside(folder) or (_images(folder), [])
+        defects += [Sample(p, folder.name, None) for p in unmarked] + [replace(s, defect=folder.name) for s in marked]
+    return normals, defects
 
 
 def _child(root: Path, name: str) -> Path | None:

@@ -613,3 +613,21 @@ def test_dagm_masks_in_a_label_folder_only_for_the_defects(tmp_path):
     assert not summarise(cat).problems()
     _write(tmp_path / "notes" / "a.png", sample(rng, 64)[0])  # no training folder: not a category
     assert find_categories(tmp_path) == ["Class1"]  # what `exporter benchmark --data` runs on
+
+
+def test_labelled_folders_take_a_defects_mask_from_beside_it_and_never_train_on_a_mask(tmp_path):
+    rng = np.random.default_rng(11)
+    for i in range(10):
+        picture, blank = sample(rng, 64)
+        _write(tmp_path / "part" / "good" / f"{i}.png", picture)
+        _write(tmp_path / "part" / "good" / f"{i}_mask.png", blank)
+    picture, mask = sample(rng, 64, "scratch")
+    _write(tmp_path / "part" / "scratch" / "a.png", picture)
+    _write(tmp_path / "part" / "scratch" / "a_mask.png", mask)
+    _write(tmp_path / "part" / "scratch" / "b.png", sample(rng, 64, "scratch")[0])  # labelled by its folder only
+    cat = load_category(tmp_path, "part")
+    assert cat.layout == "labelled folders"
+    assert not any("_mask" in p.name for p in cat.train) and not any("_mask" in s.path.name for s in cat.test)
+    assert len(cat.train) + sum(1 for s in cat.test if not s.label) == 10
+    assert [(s.path.name, s.defect, s.mask.name if s.mask else None) for s in cat.test if s.label] == [
+        ("a.png", "scratch", "a_mask.png"), ("b.png", "scratch", None)]

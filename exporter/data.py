@@ -13,7 +13,8 @@ Layouts (:func:`load_category` tells them apart; README "Training data" has an e
   image is a defect when its mask has a non-zero pixel.  In ``train/`` and ``test/`` folders (any case; the
   defects among the training images are left out), one folder per part (KolektorSDD) or a single folder;
 * **good only**: a folder of normal images, no test split (train, threshold, export; nothing to evaluate);
-* **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), no masks;
+* **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), a
+  defect's mask where one lies beside it;
 * **a list**: ``.csv`` (``path,label[,mask]``, or any columns a header names, ``image`` for ``path``, with an
   optional ``split`` (train/test) and ``object`` column: VisA's ``split_csv/1cls.csv`` as it is downloaded, an
   object picked by ``--category``) or ``.json`` (``[{"path", "label", "mask"?, "split"?, "object"?}]``), paths

@@ -186,8 +186,9 @@ def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
     if not masks:
         return None
     good, defects = [], []
+    mask_files = set(masks.values())
     for path in images:
-        if path in masks.values():
+        if path in mask_files:
             continue
         mask = masks.get(path.stem)
         pixels = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) if mask else None

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
@@ -43,7 +42,7 @@ from bundle import InputSpec, prepare_image
 from bundle.extension import Views
 from exporter import backbones
 from exporter.build import THRESHOLD_SIGMAS, VAL_FRACTION
-from exporter.data import Category, load_category, read_image, read_mask
+from exporter.data import Category, load_category, prepare_mask, read_image, read_mask
 from exporter.export import convert, extension_spec, image_threshold, input_spec
 from exporter.metrics import aupro
 from exporter.train.patchcore import IMAGE_SCORES, PatchcoreSettings, fit, to_tensor
@@ -154,7 +153,7 @@ def measure(data: Path, category: str, config: str, split: str, natural: Path | 
     if split == "validation":
         full, full_masks, types = validation_set(cat, settings.seed, natural, kinds)
         images = [prepare_image(i, spec) for i in full]
-        masks = np.stack([cv2.resize(m, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST) for m in full_masks])
+        masks = np.stack([prepare_mask(m, spec) for m in full_masks])
     else:
         images = [read_image(x.path, spec) for x in cat.test]
         masks = np.stack([read_mask(x.mask, spec) for x in cat.test])

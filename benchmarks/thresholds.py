@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
@@ -26,7 +25,7 @@ from bundle import prepare_image
 from bundle.runtime import CompiledBundle
 from exporter.build import THRESHOLD_SIGMAS as SIGMAS
 from exporter.build import VAL_FRACTION
-from exporter.data import load_category, read_image
+from exporter.data import load_category, prepare_mask, read_image
 from exporter.export import image_threshold, score_images
 from exporter.metrics import aupro
 
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     images, masks, kinds = validation_set(cat, seed, args.natural)  # the bundle's own held-out normals, then synthetic
     val_scores, val_maps, _ = score_images(bundle, [prepare_image(i, spec) for i in images])
     val_kinds = np.array(kinds)
-    val_masks = np.stack([cv2.resize(m, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST) for m in masks])
+    val_masks = np.stack([prepare_mask(m, spec) for m in masks])
     normals = val_scores[val_kinds == "good"]
     test_scores, _, _ = score_images(bundle, [read_image(s.path, spec) for s in cat.test])
     test_kinds = np.array([s.defect for s in cat.test])

@@ -61,8 +61,7 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
     compiled = CompiledBundle(bundle_dir, hint="LATENCY", precision="f32")  # parity with torch: f32 on every CPU
     manifest = compiled.manifest
     samples = trained.category.test
-    firsts = {s.defect: i for i, s in reversed(list(enumerate(samples)))}  # each type's first test image
-    kept: dict[str, First] = {}
+    firsts: dict[str, First] = {}  # each type's first test image, in the order the types first appear
     ov_parts, torch_parts = [], []
     request = compiled.create_request()
     for start in range(0, len(samples), BATCH):  # a batch at a time: no image or map of the split is held but a type's first
@@ -72,8 +71,8 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
             torch_parts.append(trained.graph(to_tensor(images, trained.spec))[0].numpy())
         ov_parts.append(result.score)
         for offset, sample in enumerate(samples[start : start + BATCH]):
-            if firsts[sample.defect] == start + offset:
-                kept[sample.defect] = First(images[offset], result.anomaly_map[offset],
+            if sample.defect not in firsts:
+                firsts[sample.defect] = First(images[offset], result.anomaly_map[offset],
                                             read_mask(sample.mask, trained.spec), float(result.score[offset]))
     ov_scores, torch_scores = np.concatenate(ov_parts), np.concatenate(torch_parts)
     threshold = compiled.thresholds.image.threshold
@@ -98,7 +97,7 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
         # For the plots only (not in the JSON): the bundle's scores and the labels (ROC), each type's first image.
         "_scores": ov_scores,
         "_labels": np.array([s.label for s in samples]),
-        "_firsts": {defect: kept[defect] for defect in sorted(firsts, key=firsts.__getitem__)},
+        "_firsts": firsts,
         "_pixel": (compiled.thresholds.pixel.low, compiled.thresholds.pixel.threshold),
     }
 

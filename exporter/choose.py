@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
 from bundle import prepare_image
 from exporter.build import THRESHOLD_SIGMAS, Trained, fit_patchcore
+from exporter.data import prepare_mask
 from exporter.export import image_threshold
 from exporter.metrics import PixelMetrics
 from exporter.thresholds import ThresholdChoice
@@ -110,8 +110,8 @@ def score(trained: Trained, natural: Path | None, kinds: tuple[str, ...] = VALID
             group = "benign" if example.benign else "good" if example.mask is None else "anomalous"
             scores[group].append(float(value))
             if group != "benign":
-                pixels.add(anomaly_map, blank if example.mask is None else cv2.resize(
-                    example.mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST), example.kind)
+                pixels.add(anomaly_map, blank if example.mask is None else prepare_mask(example.mask, spec),
+                           example.kind)
         batch.clear()
 
     for example in examples(trained.val[:MAX_NORMALS], seed, natural_photos(natural), kinds):

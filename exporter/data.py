@@ -393,9 +393,13 @@ def read_mask(path: Path | None, spec: InputSpec) -> np.ndarray:
         mask = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise DatasetError(f"{file}: cannot be decoded as a mask")
-        mask = cv2.resize(mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST)
-        out |= (mask > 0).astype(np.uint8)
+        out |= prepare_mask(mask, spec)
     return out
+
+
+def prepare_mask(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A mask at the graph's resolution (nearest neighbour) as 0/1 uint8, as :func:`read_mask` reads a file."""
+    return (cv2.resize(mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8)
 
 
 @dataclass(frozen=True)

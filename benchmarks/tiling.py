@@ -4,7 +4,7 @@
 
 For each bundle, three ways of inferring the same decoded 4000x3000 frame, timed interleaved in
 ``--repeats`` rounds of ``--frames`` frames (median of each round, then median [range] over rounds):
-``whole`` (resize to the input size, one inference: the untiled worker), ``tiled`` (worker/tiling.py:
+``whole`` (resize to the input size, one inference: the untiled worker), ``tiled`` (bundle/tiling.py:
 one resize to the canvas, then the tiles one after another on one batch-1 request, merged map), and
 ``batched`` (the same tiles as one inference on a second compile with a static batch of cols x rows:
 what compiling a second batch size would buy).  JPEG decoding of the frame is timed apart: it is the
@@ -46,8 +46,8 @@ def grid_bundle(folder: Path) -> Path:
 
 def measure(bundles: list[Path], grid: tuple[int, int], overlap: float, repeats: int, frames: int,
             width: int, height: int) -> list[list[str]]:
+    from bundle import tiling
     from bundle.runtime import CompiledBundle
-    from worker import tiling
     from worker.config import TilingConfig
     from worker.decode import decode
 

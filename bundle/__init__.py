@@ -27,7 +27,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: thresholds for the reference precision only, no embedding space
@@ -127,6 +127,22 @@ class ExtensionSpec(_Strict):
     pad: float = Field(EXTENSION_PAD, description="Value of every entry of an unused extension row.")
 
 
+class TilingSpec(_Strict):
+    """The model was trained on tiles, not whole frames: the caller cuts a frame as :func:`bundle.tiling.cut` does
+    (resized once with ``INTER_AREA`` to a canvas on which ``grid`` tiles of the input size overlap by ``overlap``)
+    and scores it as its highest tile, so each tile shows the model the scale it learnt."""
+
+    grid: tuple[int, int] = Field(description="Tiles across and down [cols, rows], each 1..16.")
+    overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour.")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not (1 <= v[0] <= 16 and 1 <= v[1] <= 16):
+            raise ValueError("cols and rows must be 1..16")
+        return v
+
+
 class Manifest(_Strict):
     """``bundle.json``."""
 
@@ -151,6 +167,8 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(description="sha256 of each file of the bundle except the manifest.")
     extension: ExtensionSpec | None = Field(None, description="The bank-extension input and candidate outputs "
                                                              "(PatchCore); None: the graph has the image input only.")
+    tiling: TilingSpec | None = Field(None, description="How frames are cut into tiles for this model (trained on "
+                                                       "tiles); None: a frame is scored whole.")
 
     @property
     def reference_precision(self) -> Precision:
@@ -179,8 +197,9 @@ def write_manifest(folder: Path, manifest_fields: dict, files: tuple[str, ...] =
     """
     files_sha = {name: sha256_file(folder / name) for name in files}
     manifest = Manifest(**{**manifest_fields, "files": files_sha})
-    # A bundle without an extension leaves the key out, so readers from before it (extra keys forbidden) still read it.
-    omit = {"extension"} if manifest.extension is None else None
+    # A bundle without an extension or tiling leaves the key out, so readers from before them (extra keys forbidden)
+    # still read it; a tiled bundle is refused there rather than scored whole.
+    omit = {key for key in ("extension", "tiling") if getattr(manifest, key) is None} or None
     (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json", exclude=omit), indent=2) + "\n")
     return manifest
 

@@ -13,6 +13,7 @@ from bundle import PRECISIONS, BundleError
 from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, refuse_unused, select
 
 if TYPE_CHECKING:
+    from bundle import TilingSpec
     from exporter.build import Trained
     from exporter.thresholds import ThresholdChoice
 
@@ -30,7 +31,12 @@ def _train(args: argparse.Namespace) -> int:
         args.threshold_mode))
     if args.validation_photos and not args.choose:
         raise ValueError("--validation-photos is for --choose (the photos its synthetic anomalies are filled with)")
-    _check_data(Path(args.data), args.category, threshold)
+    from exporter.data import tiling_of
+
+    tiling = tiling_of(family.settings(args))
+    if tiling is not None and args.choose:
+        raise ValueError("--choose scores its candidates on whole images, not tiles: with --tiling, train one setting")
+    _check_data(Path(args.data), args.category, threshold, tiling)
     trained = (_choose(args, threshold) if args.choose
                else family.fit(Path(args.data), args.category, family.settings(args), threshold))
     print(package(trained, Path(args.out), name=args.name, evaluate_test=not args.no_eval, precision=args.precision,
@@ -52,14 +58,14 @@ def _choose(args: argparse.Namespace, threshold: ThresholdChoice) -> Trained:
                   threshold, photos)
 
 
-def _check_data(data: Path, category: str | None, threshold: ThresholdChoice) -> None:
+def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, tiling: TilingSpec | None) -> None:
     """Print what was found and what it will be used for; refuse data that cannot be trained on, saying why."""
     from exporter.build import VAL_FRACTION
     from exporter.data import DatasetError, load_category, summarise
 
     summary = summarise(load_category(data, category))
     fit, held = summary.category.split_train(VAL_FRACTION)
-    print(summary.text(len(fit), len(held)) + f"\n  image threshold: {threshold.describe()}", flush=True)
+    print(summary.text(len(fit), len(held), tiling) + f"\n  image threshold: {threshold.describe()}", flush=True)
     problems = summary.problems()
     if problems:
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
@@ -94,6 +100,8 @@ def _distill(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     families = select(args.models.split(","))
     refuse_unused(args, families)
+    if args.tiling is not None or args.tile_overlap is not None:
+        raise ValueError("--tiling is for train: benchmark scores whole images")
     from exporter.benchmark import run
 
     report = run(Path(args.data), [f.name for f in families], Path(args.out),

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,10 @@ import openvino as ov
 import torch
 from torch import nn
 
-from bundle import MANIFEST, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, write_manifest
+from bundle import MANIFEST, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, TilingSpec, write_manifest
 from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones
-from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_image
+from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_frame, read_tiles, tiling_of
 from exporter.evaluate import evaluate
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
 from exporter.quantize import CALIBRATION_IMAGES, quantize
@@ -47,6 +48,7 @@ class Trained:
     started: float = field(default_factory=time.monotonic)
     val_defects: list[Sample] = field(default_factory=list)  # labelled defects held out of test to set a threshold
     threshold: ThresholdChoice = field(default_factory=ThresholdChoice)
+    tiling: TilingSpec | None = None  # trained on tiles: every image is cut as the worker cuts a tiled camera's frames
 
 
 def _split(data: Path, category: str | None, seed: int, threshold: ThresholdChoice
@@ -82,7 +84,8 @@ def fit_patchcore(data: Path, category: str | None, settings: PatchcoreSettings,
         **timings,
         **record,
     }
-    return Trained(graph, spec, "patchcore", cat, train, val, training, started, val_defects, threshold)
+    return Trained(graph, spec, "patchcore", cat, train, val, training, started, val_defects, threshold,
+                   tiling_of(settings))
 
 
 def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSettings,
@@ -93,7 +96,7 @@ def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSetti
     spec = input_spec(settings.input_size, efficientad.MEAN, efficientad.STD)
     graph, timings = efficientad.fit(settings, train, val, spec)
     return Trained(graph, spec, "efficientad", cat, train, val, {**settings.as_dict(), **timings, **record}, started,
-                   val_defects, threshold)
+                   val_defects, threshold, tiling_of(settings))
 
 
 def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
@@ -115,7 +118,8 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
         log.info("exporting to OpenVINO IR")
         model = convert(graph, spec)
         if precision == "int8":
-            model = quantize(model, [read_image(p, spec) for p in trained.train[:CALIBRATION_IMAGES]])
+            tiles = (t for p in trained.train for t in read_tiles(p, spec, trained.tiling))
+            model = quantize(model, list(islice(tiles, CALIBRATION_IMAGES)))
         save_ir(model, staging)
         version = timestamp().replace(":", "").replace("-", "")
         name = name or f"{category}-{family}"
@@ -135,10 +139,11 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             versions=library_versions(),
             precision=precision.upper(),
             extension=extension_spec(graph),
+            tiling=trained.tiling,
         )
         write_manifest(staging, fields)  # provisional, in the staging folder only: the runtime reads the IR through it
-        val_images = [read_image(p, spec) for p in val]
-        defect_images = [read_image(s.path, spec) for s in trained.val_defects]
+        val_images = [read_frame(p, spec, trained.tiling) for p in val]
+        defect_images = [read_frame(s.path, spec, trained.tiling) for s in trained.val_defects]
         evaluated = cat if evaluate_test and cat.test else None
         records = {p: measure_precision(staging, p, val_images, evaluated, defect_images, trained.threshold)
                    for p in _precisions_to_measure(precision, precisions)}

@@ -27,7 +27,7 @@ the good images too; training never sees a test image.
 Images are read with OpenCV ``IMREAD_COLOR`` and resized with :func:`bundle.prepare_image`, exactly as the
 worker decodes and resizes a frame, so training, evaluation and serving see identical pixels: grey images
 become three equal channels, 16-bit images are scaled to 8 bits by OpenCV's fixed full-range shift (not by
-each image's own range), and any size is stretched to the square input (INTER_AREA).
+each image's own range), and any size is stretched to the square input (INTER_AREA), or cut into tiles with --tiling.
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
+from pydantic import ValidationError
 
-from bundle import InputSpec, prepare_image
+from bundle import InputSpec, TilingSpec, prepare_image
+from bundle.tiling import canvas_size, tiles
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".csv", ".json"}
@@ -369,12 +372,51 @@ def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Ca
     return category.without({s.path for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
 
 
-def read_image(path: Path, spec: InputSpec) -> np.ndarray:
-    """Read an image file as the worker would see it: 8-bit BGR, resized for the graph."""
+def _decoded(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"{path}: cannot be decoded as an image")
-    return prepare_image(image, spec)
+    return image
+
+
+def read_image(path: Path, spec: InputSpec) -> np.ndarray:
+    """Read an image file as the worker would see it: 8-bit BGR, resized for the graph."""
+    return prepare_image(_decoded(path), spec)
+
+
+class Tiled(Protocol):
+    """Settings that say whether the model is trained on tiles (``train --tiling``; both families have them)."""
+
+    tiling: tuple[int, int] | None
+    tile_overlap: float | None
+
+
+def tiling_of(settings: Tiled) -> TilingSpec | None:
+    """The tiling ``settings`` ask for, checked (None: whole frames)."""
+    if settings.tiling is None:
+        if settings.tile_overlap is not None:
+            raise ValueError("--tile-overlap is for --tiling (the tiles' grid)")
+        return None
+    overlap = {} if settings.tile_overlap is None else {"overlap": settings.tile_overlap}
+    try:
+        return TilingSpec(grid=settings.tiling, **overlap)
+    except ValidationError as exc:
+        raise ValueError(f"--tiling {settings.tiling[0]}x{settings.tiling[1]} --tile-overlap {settings.tile_overlap}: "
+                         f"{'; '.join(e['msg'] for e in exc.errors())}") from None
+
+
+def read_frame(path: Path, spec: InputSpec, tiling: TilingSpec | None) -> np.ndarray:
+    """An image as the worker scores a frame with this tiling: prepared for the graph (untiled), or resized once to
+    the canvas its tiles are cut from (:mod:`bundle.tiling`), which is all of the frame a tiled model sees."""
+    if tiling is None:
+        return read_image(path, spec)
+    size = canvas_size(tiling, spec.width, spec.height)
+    return np.ascontiguousarray(cv2.resize(_decoded(path), size, interpolation=cv2.INTER_AREA))
+
+
+def read_tiles(path: Path, spec: InputSpec, tiling: TilingSpec | None) -> list[np.ndarray]:
+    """What a model is trained on from one image: its tiles, or the image itself untiled, each prepared."""
+    return tiles(_decoded(path), spec, tiling)
 
 
 def mask_files(path: Path) -> list[Path]:
@@ -382,24 +424,28 @@ def mask_files(path: Path) -> list[Path]:
     return _images(path) if path.is_dir() else [path]
 
 
-def read_mask(path: Path | None, spec: InputSpec) -> np.ndarray:
-    """Ground-truth mask at the graph's resolution (nearest neighbour), as 0/1 uint8: any non-zero pixel is defect.
+def read_mask(path: Path | None, spec: InputSpec, tiling: TilingSpec | None = None) -> np.ndarray:
+    """Ground-truth mask at the resolution of the map scored (nearest neighbour): the graph's, or the tiles' canvas
+    (``tiling``); as 0/1 uint8: any non-zero pixel is defect.
 
     Non-zero rather than bright, as anomalib reads masks: some public sets store a defect as 1 (VisA as downloaded)
     or as a per-defect value. A folder of masks is their union.
     """
-    out = np.zeros((spec.height, spec.width), np.uint8)
+    width, height = canvas_size(tiling, spec.width, spec.height) if tiling else (spec.width, spec.height)
+    out = np.zeros((height, width), np.uint8)
     for file in mask_files(path) if path is not None else []:
         mask = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise DatasetError(f"{file}: cannot be decoded as a mask")
-        out |= prepare_mask(mask, spec)
+        out |= prepare_mask(mask, (width, height))
     return out
 
 
-def prepare_mask(mask: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """A mask at the graph's resolution (nearest neighbour) as 0/1 uint8, as :func:`read_mask` reads a file."""
-    return (cv2.resize(mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8)
+def prepare_mask(mask: np.ndarray, size: InputSpec | tuple[int, int]) -> np.ndarray:
+    """A mask at the graph's resolution, or ``size`` (width, height), (nearest neighbour) as 0/1 uint8, as
+    :func:`read_mask` reads a file."""
+    width, height = (size.width, size.height) if isinstance(size, InputSpec) else size
+    return (cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -425,7 +471,7 @@ class Summary:
                        "remove them or save them again as PNG/JPEG")
         return out
 
-    def text(self, n_fit: int, n_threshold: int) -> str:
+    def text(self, n_fit: int, n_threshold: int, tiling: TilingSpec | None = None) -> str:
         cat = self.category
         types = Counter(s.defect for s in cat.test)
         masked = sorted({s.defect for s in cat.test if s.mask is not None})
@@ -439,6 +485,11 @@ class Summary:
             "(read as 8-bit BGR like the worker: grey -> 3 channels, 16-bit -> top 8 bits; stretched to the input size)",
             f"  masks: {', '.join(masked) if masked else 'none'}" + (f"; image labels only: {', '.join(unmasked)}" if unmasked else ""),
         ]
+        if tiling is not None:
+            lines.append(f"  tiles: every image cut into {tiling.grid[0]}x{tiling.grid[1]} tiles (overlap {tiling.overlap:g}), "
+                         "each at the input size; a frame scores as its highest tile")
+        elif self.sizes and (note := _stretch_note(*self.sizes.most_common(1)[0][0])):
+            lines.append(note)
         if not cat.test:
             lines.append("  evaluation: none (no labelled test images); the bundle is exported unevaluated")
         elif not any(s.label for s in cat.test):
@@ -447,6 +498,20 @@ class Summary:
             pixel = "pixel AUROC and AUPRO on the images with masks" if masked else "no pixel metrics (no masks)"
             lines.append(f"  evaluation: image AUROC and F1 on the test split; {pixel}")
         return "\n".join(lines)
+
+
+STRETCH_NOTED = 1.5  # aspect ratio (long side / short side) from which the summary suggests tiles
+
+
+def _stretch_note(width: int, height: int) -> str | None:
+    """A note for elongated images: the square input squeezes their long side; tiles along it keep the proportions."""
+    ratio = max(width, height) / min(width, height)
+    if ratio < STRETCH_NOTED:
+        return None
+    grid = f"{round(ratio)}x1" if width > height else f"1x{round(ratio)}"
+    return (f"  note: most images are {width}x{height}, {ratio:.1f} times longer than wide: stretched to the square input, "
+            f"which squeezes them along their long side; --tiling {grid} cuts them into tiles of about the input's "
+            "shape instead")
 
 
 def _counts(counter: dict) -> str:

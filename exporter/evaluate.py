@@ -11,7 +11,8 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from bundle import Thresholds
 from bundle.runtime import CompiledBundle
-from exporter.data import Category, read_image, read_mask
+from exporter.data import Category, read_frame, read_mask
+from exporter.export import score_images
 from exporter.metrics import PixelMetrics
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ BATCH = 8  # images scored per inference call
 
 def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds | None = None) -> dict:
     """Image AUROC, F1 and per-type detection at the bundle threshold; pixel AUROC and AUPRO (at the graph's
-    resolution) over the images with pixel ground truth, or ``None`` with the reason when no defect has a mask.
+    resolution, or the tiles' canvas for a bundle trained on tiles) over the images with pixel ground truth, or
+    ``None`` with the reason when no defect has a mask.
 
     The threshold is the bundle's for the precision it was compiled at (``thresholds`` overrides it while
     the exporter is still measuring them).  The result names that precision and the device.
@@ -35,14 +37,16 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     both_classes = bool(0 < labels.sum() < len(labels))
     started = time.monotonic()
     request = bundle.create_request()
+    tiling = bundle.manifest.tiling  # trained on tiles: each image scored as the worker scores a frame, maps merged
     pixels = PixelMetrics()
     parts = []
     for first in range(0, len(samples), BATCH):  # a batch at a time: neither the images nor the maps are all held
         batch = samples[first : first + BATCH]
-        out = bundle.infer(np.stack([read_image(s.path, spec) for s in batch]), request)
-        parts.append(out.score)
-        for sample, anomaly_map in zip(batch, out.anomaly_map, strict=True) if both_classes else ():
-            pixels.add(anomaly_map, read_mask(sample.mask, spec) if sample.has_pixel_truth else None, sample.defect)
+        scores, maps, _ = score_images(bundle, [read_frame(s.path, spec, tiling) for s in batch], BATCH, request)
+        parts.append(scores)
+        for sample, anomaly_map in zip(batch, maps, strict=True) if both_classes else ():
+            pixels.add(anomaly_map, read_mask(sample.mask, spec, tiling) if sample.has_pixel_truth else None,
+                       sample.defect)
         done = first + len(batch)
         if done == len(samples) or (done // BATCH) % 8 == 0:
             log.info("evaluate (%s): %d/%d test images", bundle.precision, done, len(samples))

@@ -16,6 +16,7 @@ from torch import nn
 
 from bundle import EXTENSION_PAD, ExtensionSpec, InputSpec, Normalisation, OutputSpec, Thresholds
 from bundle.runtime import CompiledBundle
+from bundle.tiling import see
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,16 @@ def save_ir(model: ov.Model, folder: Path) -> None:
     ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
 
 
-def score_images(bundle: CompiledBundle, images: list[np.ndarray], batch: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the compiled bundle over prepared images; returns (scores, maps, embeddings)."""
-    request = bundle.create_request()
+def score_images(bundle: CompiledBundle, images: list[np.ndarray], batch: int = 8,
+                 request: ov.InferRequest | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the compiled bundle over images as :func:`exporter.data.read_frame` reads them; returns (scores, maps,
+    embeddings).  A bundle trained on tiles scores each image as the worker scores a frame (bundle.tiling.see: its
+    highest tile, the maps merged on the tiles' canvas)."""
+    request = request or bundle.create_request()
+    if bundle.manifest.tiling is not None:
+        seen = [see(bundle, request, image, bundle.manifest.tiling) for image in images]
+        return (np.array([s.score for s in seen], np.float32), np.stack([s.anomaly_map for s in seen]),
+                np.stack([s.embedding for s in seen]))
     parts = [bundle.infer(np.stack(images[i : i + batch]), request) for i in range(0, len(images), batch)]
     return (
         np.concatenate([p.score for p in parts]),

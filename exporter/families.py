@@ -48,6 +48,23 @@ class Option:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
+def _grid(value: str) -> tuple[int, int]:
+    """``--tiling 4x3``: tiles across and down."""
+    cols, sep, rows = value.lower().partition("x")
+    if not sep or not cols.strip().isdigit() or not rows.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: give tiles across and down as COLSxROWS, e.g. 4x3")
+    return int(cols), int(rows)
+
+
+# Training on tiles is the same for every family: the data is cut as the worker cuts a tiled camera's frames.
+TILING = (
+    Option("--tiling", "train on COLSxROWS tiles of each image (e.g. 4x3), each at the input size, cut as the "
+                       "worker's camera tiling cuts frames; the bundle records it and the worker tiles every camera "
+                       "that sets no tiling of its own (README, Tiling)", _grid),
+    Option("--tile-overlap", "with --tiling: fraction of a tile shared with its neighbour (default 0.1)", float),
+)
+
+
 class Family(ABC, Generic[S]):
     """A model family: its name in ``bundle.json``, its options and what it can export."""
 
@@ -104,6 +121,7 @@ class PatchCore(Family["PatchcoreSettings"]):
                               "(scaled, default: an estimate) or that distance as it is (bound: never smaller than "
                               "to the whole bank)",
                choices=("bound", "scaled")),
+        *TILING,
     )
     weight_precisions = ("fp32", "int8")
 
@@ -135,6 +153,7 @@ class EfficientAd(Family["EfficientAdSettings"]):
         Option("--train-precision", "f32 (default) or bf16: the training loops under torch's CPU autocast, several "
                                     "times faster where the CPU has AMX, refused where it has no bf16 units; the "
                                     "bundle is exported at f32 either way", choices=("f32", "bf16")),
+        *TILING,
     )
 
     def settings_class(self) -> type[EfficientAdSettings]:

@@ -18,8 +18,8 @@ import pytest
 from conftest import Client, good_png, user_props, write_config
 from test_worker import _query
 
+from bundle import tiling
 from exporter.synthetic import _texture
-from worker import tiling
 from worker.config import TilingConfig
 from worker.ingest import FrameIds
 

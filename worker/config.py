@@ -126,7 +126,7 @@ class LimitsConfig(_Section):
                                                      "in parallel, and a pool on top spends CPU that inference needs.")
     reduced_decode: bool = Field(True, description="Decode a JPEG frame at 1/2, 1/4 or 1/8 of its size (libjpeg scales "
                                                     "while decoding, at a fraction of the cost) when that still covers the "
-                                                    "model's input; not for cameras with an roi or tiling. The model's input "
+                                                    "model's input; not for cameras with an roi or tiles. The model's input "
                                                     "then differs slightly from a full decode's (docs/benchmarks.md, \"large "
                                                     "frames decoded smaller\"); evidence and the capture sample keep the "
                                                     "frame as sent. false: always decode in full.")
@@ -184,7 +184,8 @@ class CameraConfig(_Section):
     payload: Literal["raw", "json_envelope"] = Field("raw", description="raw: the payload is the image; json_envelope: a JSON object with "
                                                                         "the base64 image and its fields (README, Worker API).")
     tiling: TilingConfig | None = Field(None, description="Inspect the frame (after roi) as a grid of tiles at the model's input size; "
-                                                          "score = the highest tile's.")
+                                                          "score = the highest tile's. Unset: the bundle's own tiling, if it was "
+                                                          "trained on tiles (exporter train --tiling), else the whole frame.")
 
     @field_validator("roi")
     @classmethod

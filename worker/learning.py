@@ -19,9 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bundle import prepare_image
+from bundle import tiling
 from bundle.extension import Entry, Extension, absorb, decisive_patches
-from worker import tiling
 from worker.capture import Capture
 from worker.config import Config
 from worker.decode import FrameError
@@ -152,7 +151,7 @@ class Learner:
         return json.dumps({"precision": model.bundle.precision, "threshold": repr(self.models.image_norm(model, camera).threshold),
                            "reduced_decode": self.cfg.limits.reduced_decode,
                            "roi": override.roi if override else None,
-                           "tiling": override.tiling.model_dump(mode="json") if override and override.tiling else None},
+                           "tiling": tiling.record(model.tiling(override))},
                           sort_keys=True)
 
     def _guard(self, model: Model, key: str, payload: dict) -> Guard | None:
@@ -215,12 +214,7 @@ class Learner:
 
     def _tiles(self, model: Model, camera: str, image: np.ndarray) -> list[np.ndarray]:
         """The frame as the model sees it: every tile the camera's frames are cut into, prepared for the graph."""
-        spec = model.bundle.manifest.input
-        override = self.cfg.cameras.get(camera)
-        if override is None or override.tiling is None:
-            return [prepare_image(image, spec)]
-        canvas, tiles = tiling.cut(image, spec.width, spec.height, override.tiling)
-        return [prepare_image(canvas[y:y + spec.height, x:x + spec.width], spec) for _, _, x, y in tiles]
+        return tiling.tiles(image, model.bundle.manifest.input, model.tiling(self.cfg.cameras.get(camera)))
 
     @staticmethod
     def _answer(ext: Extension, entry: Entry, message: str) -> dict:

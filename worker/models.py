@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle import MANIFEST, BundleError, Normalisation, read_manifest
+from bundle import MANIFEST, BundleError, Normalisation, read_manifest, tiling
 from bundle.extension import Extension, folder_name
 from bundle.runtime import CompiledBundle
-from worker.config import Config
+from worker.config import CameraConfig, Config
 from worker.supervise import OPENVINO_THREADS, os_thread_named
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class Model:
     path: Path
     loaded_at: float
     extension: Extension | None = None  # None: the bundle has no extension input, or learning is off
+
+    def tiling(self, camera: CameraConfig | None) -> tiling.Grid | None:
+        """How a camera's frames are cut for this model: the camera's ``tiling``, else the bundle's (trained on tiles)."""
+        return camera.tiling if camera is not None and camera.tiling is not None else self.bundle.manifest.tiling
 
     @property
     def info(self) -> dict:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from bundle import prepare_image
-from worker import heatmap, tiling
+from bundle import tiling
+from worker import heatmap
 from worker.capture import Capture
 from worker.config import CameraConfig, Config, HeatmapConfig
 from worker.decode import FrameError, Header, decode, probe, reduction
@@ -268,9 +268,9 @@ class Pipeline:
 
     def _reduction(self, header: Header, model: Model, override: CameraConfig | None) -> int:
         """How much smaller a frame (or a query's image, ``override`` None) may be decoded (limits.reduced_decode):
-        never for a camera with an roi (its rectangle is in the frame's pixels) or tiling (its tiles are cut at
-        full resolution)."""
-        if not self.cfg.limits.reduced_decode or (override is not None and (override.roi is not None or override.tiling is not None)):
+        never for a camera with an roi (its rectangle is in the frame's pixels) or tiles (they are cut at full
+        resolution)."""
+        if not self.cfg.limits.reduced_decode or (override is not None and override.roi is not None) or model.tiling(override) is not None:
             return 1
         spec = model.bundle.manifest.input
         return reduction(header, spec.width, spec.height)
@@ -281,7 +281,7 @@ class Pipeline:
         override = self.cfg.cameras.get(frame.camera)
         cropped = self.frame_image(frame.data, frame.camera, self._reduction(frame.header, model, override))
         t_decoded = time.monotonic()
-        seen = tiling.see(model.bundle, request, cropped, override.tiling if override else None)
+        seen = tiling.see(model.bundle, request, cropped, model.tiling(override))
         t_inferred = time.monotonic()
         raw = seen.score
         norm = self.models.image_norm(model, frame.camera)
@@ -351,13 +351,14 @@ class Pipeline:
             self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files))
 
     def embed(self, data: bytes) -> np.ndarray:
-        """Embedding of an image sent with a query (same checks as a frame; its own infer request)."""
+        """Embedding of an image sent with a query (same checks as a frame; its own infer request); a bundle trained on
+        tiles embeds the image's most anomalous tile, as the frames it stored were."""
         header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         model = self.models.default
-        image = prepare_image(decode(data, self._reduction(header, model, None)), model.bundle.manifest.input)
+        image = decode(data, self._reduction(header, model, None))
         with self._query_lock:
             request = self._query_requests.get(model)
             if request is None:
                 self._query_requests = {model: model.bundle.create_request()}
                 request = self._query_requests[model]
-            return model.bundle.infer(image[np.newaxis], request).embedding[0]
+            return tiling.see(model.bundle, request, image, model.bundle.manifest.tiling).embedding

@@ -24,7 +24,7 @@ from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, Eff
 from torch import nn
 
 from bundle import InputSpec
-from exporter.data import read_image
+from exporter.data import read_tiles, tiling_of
 from exporter.progress import Progress
 from exporter.teacher import (
     DEFAULT_NATURAL,
@@ -63,6 +63,8 @@ class EfficientAdSettings:
     weight_decay: float = 1e-5
     seed: int = 0
     train_precision: str = "f32"  # or "bf16" (exporter.teacher.autocast); the export is f32 either way
+    tiling: tuple[int, int] | None = None  # train on tiles (cols, rows) of each image, as PatchcoreSettings.tiling
+    tile_overlap: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -166,16 +168,17 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
     started = time.monotonic()
     model, teacher_info = build_model(settings)
     teacher_s = time.monotonic() - started
-    images = to_tensor([read_image(p, spec) for p in train], spec)
+    tiling = tiling_of(settings)
+    images = to_tensor([tile for p in train for tile in read_tiles(p, spec, tiling)], spec)
     penalty = load_rgb(natural_images(Path(settings.natural)))
     embedder = DefectEmbedding.fit(_channel_mean_std(model, images), seed=settings.seed)
     params = list(model.student.parameters()) + list(model.ae.parameters())
     optimiser = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = step_budget(settings, len(train))
+    steps = step_budget(settings, len(images))
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, int(0.95 * steps)), gamma=0.1)
     model.train()
     log.info("efficientad: %d steps at batch 1 (%s)", steps,
-             "--steps" if settings.steps else f"{PASSES} passes over {len(train)} training images")
+             "--steps" if settings.steps else f"{PASSES} passes over {len(images)} training images")
     progress = Progress("efficientad", steps)
     train_started = time.monotonic()
     recent: list[float] = []
@@ -191,7 +194,7 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
         recent.append(loss.item())
         progress.update(step + 1, recent[-1])
     trained = time.monotonic()
-    _map_quantiles(model, to_tensor([read_image(p, spec) for p in normals], spec))
+    _map_quantiles(model, to_tensor([tile for p in normals for tile in read_tiles(p, spec, tiling)], spec))
     graph = EfficientAdGraph(model, embedder).eval()
     timings = {
         **teacher_info,

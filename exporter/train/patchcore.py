@@ -27,11 +27,11 @@ from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
-from bundle import EXTENSION_PAD, ExtensionSpec, InputSpec
+from bundle import EXTENSION_PAD, ExtensionSpec, InputSpec, TilingSpec
 from bundle.extension import Views
 from exporter.backbones import Backbone
 from exporter.coreset import greedy_coreset
-from exporter.data import read_image
+from exporter.data import read_tiles, tiling_of
 from exporter.resources import check_fits
 from exporter.train.embedding import DefectEmbedding
 
@@ -99,6 +99,10 @@ class PatchcoreSettings:
     # whole-bank to screen distance over its refined patches (``scaled``, an estimate), or the screen distance as
     # it is (``bound``, never smaller than its distance to the whole bank: an upper bound, which coarsens the maps).
     unrefined: str = "scaled"
+    # Train on tiles (cols, rows) of each image, cut as the worker cuts a tiled camera's frames (bundle/tiling.py),
+    # so a small defect in a large frame is seen at the scale the model learnt; None: whole images.
+    tiling: tuple[int, int] | None = None
+    tile_overlap: float | None = None  # None: bundle.TilingSpec's default
 
     @property
     def blur_sigma(self) -> float:
@@ -325,9 +329,9 @@ def blur_matrix(taps: torch.Tensor, size: int, border: str) -> torch.Tensor:
 
 
 def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone: Backbone, batch_size: int,
-            views: Views = Views.FRAME) -> torch.Tensor:
-    """Patch features of all images (each in every one of ``views``, the image itself first), flattened to
-    [N * views * h * w, C].
+            views: Views = Views.FRAME, tiling: TilingSpec | None = None) -> torch.Tensor:
+    """Patch features of all images (each tile of each with ``tiling``, each in every one of ``views``, the image
+    itself first), flattened to [N * tiles * views * h * w, C].
 
     Written into one tensor sized after the first batch, which is also when a set too large for the memory
     left is refused (the coreset later adds its projection, at most as large again).
@@ -336,7 +340,7 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
     row = 0
     for start in range(0, len(paths), batch_size):
         batch = paths[start : start + batch_size]
-        images = [v for p in batch for v in views.of(read_image(p, spec))]
+        images = [v for p in batch for tile in read_tiles(p, spec, tiling) for v in views.of(tile)]
         for first in range(0, len(images), batch_size):
             with torch.no_grad():
                 emb = patch_features(model, to_tensor(images[first : first + batch_size], backbone))
@@ -381,7 +385,8 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     torch.manual_seed(settings.seed)
     model = build_model(settings, backbone)
     started = time.monotonic()
-    features = extract(model, train, spec, backbone, settings.batch_size, Views(settings.bank_views))
+    features = extract(model, train, spec, backbone, settings.batch_size, Views(settings.bank_views),
+                       tiling_of(settings))
     extracted = time.monotonic()
     n_select = max(1, int(features.shape[0] * settings.coreset_ratio))
     if settings.max_bank:

@@ -1,5 +1,9 @@
 """One frame, one or many inferences: the whole frame at the model's input size, or a grid of tiles.
 
+The worker cuts a camera's frames as its ``tiling`` (or the bundle's) says; the exporter cuts training,
+held-out and test images of a tiled bundle the same way with these same functions, so a model trained
+on tiles sees tiles at the scale it learnt and its threshold is set on frame scores as the worker reads them.
+
 A defect a few pixels wide in a 4000x3000 frame vanishes when the frame is shrunk to a model's
 input size; tiles keep it.  The frame (after roi) is resized once to a canvas on which each tile is
 exactly the model's input size, so tiles are plain crops and their anomaly maps lie on the canvas
@@ -11,13 +15,25 @@ thread's own infer request (the bundle is compiled with a static batch of 1; doc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
 
-from bundle import prepare_image
-from bundle.runtime import CompiledBundle
-from worker.config import TilingConfig
+from bundle import InputSpec, prepare_image
+
+if TYPE_CHECKING:
+    from bundle.runtime import CompiledBundle
+
+
+class Grid(Protocol):
+    """A tiling: a camera's (worker config) or a bundle's (:class:`bundle.TilingSpec`)."""
+
+    @property
+    def grid(self) -> tuple[int, int]: ...
+
+    @property
+    def overlap(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -40,14 +56,14 @@ def _starts(canvas: int, tile: int, n: int) -> list[int]:
     return [round(i * (canvas - tile) / (n - 1)) for i in range(n)]
 
 
-def canvas_size(tiling: TilingConfig, width: int, height: int) -> tuple[int, int]:
+def canvas_size(tiling: Grid, width: int, height: int) -> tuple[int, int]:
     """Canvas (width, height) on which ``tiling.grid`` tiles of ``width`` x ``height`` overlap by ``tiling.overlap``."""
     cols, rows = tiling.grid
     return (round(width * (cols - (cols - 1) * tiling.overlap)),
             round(height * (rows - (rows - 1) * tiling.overlap)))
 
 
-def cut(frame: np.ndarray, width: int, height: int, tiling: TilingConfig) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+def cut(frame: np.ndarray, width: int, height: int, tiling: Grid) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """The canvas (``frame`` resized once) and its tiles as (col, row, x, y); each tile is ``width`` x ``height``."""
     cw, ch = canvas_size(tiling, width, height)
     canvas = np.ascontiguousarray(cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA))
@@ -56,7 +72,7 @@ def cut(frame: np.ndarray, width: int, height: int, tiling: TilingConfig) -> tup
                     for col, x in enumerate(_starts(cw, width, cols))]
 
 
-def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: TilingConfig | None) -> Seen:
+def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: Grid | None) -> Seen:
     """Infer ``frame`` (8-bit BGR) whole or tiled; a tiled frame scores as its most anomalous tile."""
     spec = bundle.manifest.input
     if tiling is None:
@@ -84,3 +100,16 @@ def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: Tili
     cols, rows = tiling.grid
     return Seen(canvas, best[0], merged, best[1], {"count": len(tiles), "grid": [cols, rows], "worst": best[2]},
                 min(revisions) if revisions else None)
+
+
+def record(tiling: Grid | None) -> dict | None:
+    """A tiling as JSON: what a stored guard's patches depend on."""
+    return None if tiling is None else {"grid": list(tiling.grid), "overlap": tiling.overlap}
+
+
+def tiles(frame: np.ndarray, spec: InputSpec, tiling: Grid | None) -> list[np.ndarray]:
+    """Every tile of ``frame`` prepared for the graph (:func:`bundle.prepare_image`); untiled, the frame itself."""
+    if tiling is None:
+        return [prepare_image(frame, spec)]
+    canvas, grid = cut(frame, spec.width, spec.height, tiling)
+    return [prepare_image(canvas[y:y + spec.height, x:x + spec.width], spec) for _, _, x, y in grid]

@@ -1,0 +1,124 @@
+"""Training on tiles (`exporter train --tiling`): images are cut as the worker cuts a tiled camera's frames, the
+threshold is set on frame scores as the worker reads them, and the worker tiles every camera by the bundle unless the
+camera sets its own tiling.  Real OpenVINO, mosquitto and worker; a generated weave of 243 px frames, on which a
+2x2 grid of 128 px tiles shows the weave at the scale of the tests' other bundles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import Client, wait_online, write_config
+
+from bundle.runtime import CompiledBundle
+from bundle.tiling import see, tiles
+from exporter.build import THRESHOLD_SIGMAS, VAL_FRACTION
+from exporter.data import load_category
+from exporter.export import image_threshold
+from exporter.synthetic import generate
+
+FRAME = 243  # the canvas of 2x2 tiles of 128 px overlapping by 0.1: round(128 * 1.9)
+
+
+def _train(data: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(data), "--category", "weave",
+                           "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05", "--precisions", "f32",
+                           *flags], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiled")
+    generate(root / "data", "weave", size=FRAME, n_train=24, n_test=4, seed=1)
+    proc = _train(root / "data", root / "bundle", "--tiling", "2x2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cut into 2x2 tiles" in proc.stdout and "note: most images" not in proc.stdout
+    return root / "data", root / "bundle"
+
+
+def test_a_tiled_bundle_records_its_tiles_and_is_measured_on_frames_as_the_worker_scores_them(tiled):
+    data, bundle = tiled
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["tiling"] == {"grid": [2, 2], "overlap": 0.1}
+    test = manifest["metrics"]["test"]
+    assert test["images"] == 16  # frames, not their 64 tiles
+    assert test["image_auroc"] >= 0.9 and test["pixel_metrics"] == "all 16 test images"
+
+    # The held-out normals scored as the worker scores a frame (the decoded file, cut by bundle.tiling.see): the
+    # bundle's threshold is the rule's on these frame scores, not on the scores of their tiles.
+    compiled = CompiledBundle(bundle, hint="LATENCY", precision="f32")
+    request = compiled.create_request()
+    _, held = load_category(data, "weave").split_train(VAL_FRACTION, 0)
+    frames = [see(compiled, request, cv2.imread(str(p)), compiled.manifest.tiling).score for p in held]
+    spec, tiling = compiled.manifest.input, compiled.manifest.tiling
+    tile_scores = [see(compiled, request, tile, None).score for p in held for tile in tiles(cv2.imread(str(p)), spec, tiling)]
+    threshold = manifest["thresholds"]["image"]["threshold"]
+    assert threshold == pytest.approx(image_threshold(np.array(frames), THRESHOLD_SIGMAS), rel=1e-5)
+    assert abs(image_threshold(np.array(tile_scores), THRESHOLD_SIGMAS) - threshold) > 1e-3 * threshold
+
+
+def test_the_worker_tiles_a_camera_by_its_bundle_unless_the_camera_sets_its_own(tiled, broker, tmp_path,
+                                                                                 worker_factory):
+    data, bundle = tiled
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle, topics={"prefix": prefix},
+                          cameras={"own": {"tiling": {"grid": [1, 1]}}})
+    client = Client(broker.port, prefix)
+    try:
+        worker_factory(config)
+        wait_online(client, prefix)
+        good = min((data / "weave" / "test" / "good").glob("*.png")).read_bytes()
+        hole = min((data / "weave" / "test" / "hole").glob("*.png")).read_bytes()
+        client.publish_frame("line", good, "good")
+        client.publish_frame("line", hole, "hole")
+        client.publish_frame("own", good, "good")
+        line = {r["frame_id"]: r for r in client.json_on(f"{prefix}/line/result", count=2)}
+        own = client.json_on(f"{prefix}/own/result")[0]
+    finally:
+        client.close()
+    assert line["good"]["tiles"]["count"] == 4 and line["good"]["tiles"]["grid"] == [2, 2]
+    assert line["good"]["verdict"] == "normal" and line["hole"]["verdict"] == "anomalous"
+    assert own["tiles"] == {"count": 1, "grid": [1, 1], "worst": [0, 0]}  # the camera's own tiling wins
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--tile-overlap", "0.2"), "--tile-overlap is for --tiling"),
+    (("--tiling", "0x2"), "cols and rows must be 1..16"),
+    (("--tiling", "2x2", "--tile-overlap", "0.5"), "--tile-overlap 0.5"),
+    (("--tiling", "2by2"), "COLSxROWS"),
+    (("--tiling", "2x2", "--choose", "fast,default"), "--choose scores its candidates on whole images"),
+])
+def test_tiling_options_that_cannot_be_honoured_are_refused_before_any_fit(dataset, tmp_path, flags, message):
+    proc = _train(dataset, tmp_path / "out", *flags)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "features" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_refuses_tiling(dataset, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(dataset), "--out",
+                           str(tmp_path / "report"), "--tiling", "2x2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--tiling is for train" in proc.stderr
+
+
+def test_the_data_summary_suggests_tiles_for_elongated_images_and_not_for_square_ones(tmp_path, dataset):
+    from bundle import TilingSpec
+    from exporter.data import summarise
+
+    good = tmp_path / "strip" / "train" / "good"
+    good.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):  # 80x230: a strip like KolektorSDD2's, about three times longer than wide
+        cv2.imwrite(str(good / f"{i}.png"), rng.integers(0, 255, (230, 80), np.uint8))
+    text = summarise(load_category(tmp_path, "strip")).text
+    assert "note: most images are 80x230, 2.9 times longer than wide" in text(9, 1) and "--tiling 1x3" in text(9, 1)
+    tiled = text(9, 1, TilingSpec(grid=(1, 3)))
+    assert "note: most images" not in tiled and "cut into 1x3 tiles" in tiled
+    assert "note: most images" not in summarise(load_category(dataset, "weave")).text(9, 1)  # square: no note

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import pytest
 from conftest import Client, wait_online, write_config
+from test_learning import _until_stored
+from test_worker import _query
 
 from bundle.runtime import CompiledBundle
 from bundle.tiling import see, tiles
@@ -22,6 +24,8 @@ from exporter.build import THRESHOLD_SIGMAS, VAL_FRACTION
 from exporter.data import load_category
 from exporter.export import image_threshold
 from exporter.synthetic import generate
+from worker.capture import train_command
+from worker.config import load_config
 
 FRAME = 243  # the canvas of 2x2 tiles of 128 px overlapping by 0.1: round(128 * 1.9)
 
@@ -36,7 +40,9 @@ def _train(data: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
 def tiled(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiled")
     generate(root / "data", "weave", size=FRAME, n_train=24, n_test=4, seed=1)
-    proc = _train(root / "data", root / "bundle", "--tiling", "2x2")
+    # Every patch of a tile is an extension candidate, as in the tests' session bundle (conftest.train_bundle): at
+    # 128 px the default's 64 candidates left the labelled mark's frame just above the threshold.
+    proc = _train(root / "data", root / "bundle", "--tiling", "2x2", "--extension-candidates", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cut into 2x2 tiles" in proc.stdout and "note: most images" not in proc.stdout
     return root / "data", root / "bundle"
@@ -63,8 +69,8 @@ def test_a_tiled_bundle_records_its_tiles_and_is_measured_on_frames_as_the_worke
     assert abs(image_threshold(np.array(tile_scores), THRESHOLD_SIGMAS) - threshold) > 1e-3 * threshold
 
 
-def test_the_worker_tiles_a_camera_by_its_bundle_unless_the_camera_sets_its_own(tiled, broker, tmp_path,
-                                                                                 worker_factory):
+def test_the_worker_tiles_a_camera_by_its_bundle_learns_on_its_tiles_and_asks_for_them_in_training(
+        tiled, broker, tmp_path, worker_factory):
     data, bundle = tiled
     prefix = f"t{uuid.uuid4().hex[:8]}"
     config = write_config(tmp_path, broker.port, bundle, topics={"prefix": prefix},
@@ -73,18 +79,44 @@ def test_the_worker_tiles_a_camera_by_its_bundle_unless_the_camera_sets_its_own(
     try:
         worker_factory(config)
         wait_online(client, prefix)
-        good = min((data / "weave" / "test" / "good").glob("*.png")).read_bytes()
-        hole = min((data / "weave" / "test" / "hole").glob("*.png")).read_bytes()
-        client.publish_frame("line", good, "good")
-        client.publish_frame("line", hole, "hole")
-        client.publish_frame("own", good, "good")
-        line = {r["frame_id"]: r for r in client.json_on(f"{prefix}/line/result", count=2)}
+        good_file = min((data / "weave" / "test" / "good").glob("*.png"))
+        marked = cv2.imread(str(good_file))
+        cv2.circle(marked, (60, 70), 9, (90, 40, 30), -1)  # a mark the line accepts, in the first tile only
+        frames = {"good": good_file.read_bytes(), "hole": min((data / "weave" / "test" / "hole").glob("*.png")).read_bytes(),
+                  "m-0": cv2.imencode(".png", marked)[1].tobytes()}
+        for frame_id, payload in frames.items():
+            client.publish_frame("line", payload, frame_id)
+        client.publish_frame("own", frames["good"], "good")
+        line = {r["frame_id"]: r for r in client.json_on(f"{prefix}/line/result", count=3)}
         own = client.json_on(f"{prefix}/own/result")[0]
+        assert line["good"]["tiles"]["count"] == 4 and line["good"]["tiles"]["grid"] == [2, 2]
+        assert line["good"]["verdict"] == "normal" and line["hole"]["verdict"] == "anomalous"
+        assert own["tiles"] == {"count": 1, "grid": [1, 1], "worst": [0, 0]}  # the camera's own tiling wins
+
+        # A false alarm on a tiled camera: its tiles' patches are absorbed, and the mark passes from the next frame on.
+        assert line["m-0"]["verdict"] == "anomalous" and line["m-0"]["tiles"]["worst"] == [0, 0], line["m-0"]
+        _until_stored(client, prefix, "m-0", "line")
+        answer = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "line", "label": "false_alarm"},
+                        topic="label")
+        assert answer["ok"] and answer["absorbed"]["patches"] > 0, answer
+        client.publish_frame("line", frames["m-0"], "m-1")
+        again = client.json_on(f"{prefix}/line/result", count=4)[-1]
+        assert again["frame_id"] == "m-1" and again["verdict"] == "normal", again
+
+        # The capture's training command asks for the tiles each camera's frames are cut into.
+        exported = _query(client, prefix, {"command": "export_capture"}, topic="workers/w-test/control")
+        assert exported["ok"], exported
+        assert "--tiling 2x2 --tile-overlap 0.1 " in exported["train"]["line"]
+        assert "own" not in exported["train"]  # its frames, shrunk whole, were all flagged: nothing captured
     finally:
         client.close()
-    assert line["good"]["tiles"]["count"] == 4 and line["good"]["tiles"]["grid"] == [2, 2]
-    assert line["good"]["verdict"] == "normal" and line["hole"]["verdict"] == "anomalous"
-    assert own["tiles"] == {"count": 1, "grid": [1, 1], "worst": [0, 0]}  # the camera's own tiling wins
+    assert "--tiling 1x1 --tile-overlap 0.1 " in train_command(load_config(config), "own", tmp_path, "own")
+
+
+def test_the_training_command_of_an_untiled_camera_and_bundle_names_no_tiles(bundle_dir, tmp_path, broker):
+    config = load_config(write_config(tmp_path, broker.port, bundle_dir))
+    assert train_command(config, "line", tmp_path, "line") == \
+        f"python -m exporter train --data {tmp_path} --category line --out BUNDLE"
 
 
 @pytest.mark.parametrize("flags, message", [

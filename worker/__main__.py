@@ -114,7 +114,7 @@ def _label(args: argparse.Namespace) -> int:
 
 def _capture(args: argparse.Namespace) -> int:
     """Export the captured frames from the local capture folder (the worker need not run)."""
-    from worker.capture import Capture
+    from worker.capture import Capture, train_command
 
     cfg = load_config(args.config)
     written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, read_only=True).export(
@@ -125,7 +125,7 @@ def _capture(args: argparse.Namespace) -> int:
         return 1
     for camera, w in written.items():
         print(f"{camera}: {w['normal']} normal frames and {w['false_alarms']} false alarms in {w['folder']}; train with\n"
-              f"  python -m exporter train --data {args.out} --category {Path(w['folder']).name} --out BUNDLE")
+              f"  {train_command(cfg, camera, Path(args.out), Path(w['folder']).name)}")
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bundle import BundleError
-from worker.capture import Capture
+from worker.capture import Capture, train_command
 from worker.config import Config, QueuePolicy
 from worker.decode import use_opencv_threads
 from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
@@ -147,8 +147,7 @@ class Worker:
         if not written:
             return error_answer(ErrorCode.BAD_REQUEST, f"nothing captured{f' for camera {camera}' if camera else ''} yet")
         return {"ok": True, "folder": str(folder), "cameras": written,
-                "train": {c: f"python -m exporter train --data {folder} --category {Path(w['folder']).name} --out BUNDLE"
-                          for c, w in written.items()}}
+                "train": {c: train_command(self.cfg, c, folder, Path(w["folder"]).name) for c, w in written.items()}}
 
     def _route(self, raw: mqtt.MQTTMessage) -> None:
         """paho's network thread: hand the message on, then acknowledge it, exactly once, whatever happened."""

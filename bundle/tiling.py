@@ -89,17 +89,23 @@ def see(bundle: CompiledBundle, request: object, frame: np.ndarray, tiling: Grid
         pred = bundle.infer(np.ascontiguousarray(canvas[y:y + h, x:x + w])[np.newaxis], request)
         if pred.extension_revision is not None:
             revisions.append(pred.extension_revision)
-        amap = pred.anomaly_map[0].astype(np.float32, copy=False)
-        if amap.shape != (h, w):
-            amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
-        view = merged[y:y + h, x:x + w]
-        np.maximum(view, amap, out=view)
+        paste(merged, pred.anomaly_map[0], x, y, w, h)
         score = float(pred.score[0])
         if score > best[0]:
             best = (score, pred.embedding[0], [col, row])
     cols, rows = tiling.grid
     return Seen(canvas, best[0], merged, best[1], {"count": len(tiles), "grid": [cols, rows], "worst": best[2]},
                 min(revisions) if revisions else None)
+
+
+def paste(merged: np.ndarray, anomaly_map: np.ndarray, x: int, y: int, width: int, height: int) -> None:
+    """Merge one tile's map (resized to the tile if the graph's map is smaller) into the canvas's map at (x, y),
+    keeping the larger value where tiles overlap; ``merged`` starts at -inf."""
+    amap: np.ndarray = anomaly_map.astype(np.float32, copy=False)
+    if amap.shape != (height, width):
+        amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
+    view = merged[y:y + height, x:x + width]
+    np.maximum(view, amap, out=view)
 
 
 def record(tiling: Grid | None) -> dict | None:

@@ -34,8 +34,6 @@ def _train(args: argparse.Namespace) -> int:
     from exporter.data import tiling_of
 
     tiling = tiling_of(family.settings(args))
-    if tiling is not None and args.choose:
-        raise ValueError("--choose scores its candidates on whole images, not tiles: with --tiling, train one setting")
     _check_data(Path(args.data), args.category, threshold, tiling)
     trained = (_choose(args, threshold) if args.choose
                else family.fit(Path(args.data), args.category, family.settings(args), threshold))

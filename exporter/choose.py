@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bundle import prepare_image
+from bundle import InputSpec, TilingSpec, prepare_image
+from bundle.tiling import canvas_size, cut, paste, record
 from exporter.build import THRESHOLD_SIGMAS, Trained, fit_patchcore
 from exporter.data import prepare_mask
 from exporter.export import image_threshold
@@ -96,26 +97,32 @@ def candidate_settings(base: PatchcoreSettings, given: Iterable[str], name: str)
 def score(trained: Trained, natural: Path | None, kinds: tuple[str, ...] = VALIDATION_KINDS) -> Scored:
     """Image AUROC (held-out normals against their synthetic anomalies), pixel AUROC and AUPRO over them, and the
     benign variants flagged at the image threshold the held-out normals set, with the torch export graph."""
-    spec, seed = trained.spec, int(trained.training["seed"])
+    spec, seed, tiling = trained.spec, int(trained.training["seed"]), trained.tiling
     graph = trained.graph.eval()
     scores: dict[str, list[float]] = {"good": [], "anomalous": [], "benign": []}
     pixels = PixelMetrics()
-    blank = np.zeros((spec.height, spec.width), np.uint8)
+    size = canvas_size(tiling, spec.width, spec.height) if tiling else (spec.width, spec.height)  # the map's
+    blank = np.zeros((size[1], size[0]), np.uint8)
     batch: list[tuple[np.ndarray, Example]] = []  # the image prepared for the graph; the example's mask as read
 
     def flush() -> None:
-        with torch.no_grad():
-            out = graph(to_tensor([image for image, _ in batch], spec))
-        for (_, example), value, anomaly_map in zip(batch, out[0].numpy(), out[1].numpy(), strict=True):
+        if tiling is None:
+            with torch.no_grad():
+                out = graph(to_tensor([image for image, _ in batch], spec))
+            values, maps = list(out[0].numpy()), list(out[1].numpy())
+        else:
+            values, maps = map(list, zip(*(_tiled(graph, image, spec, tiling) for image, _ in batch), strict=True))
+        for (_, example), value, anomaly_map in zip(batch, values, maps, strict=True):
             group = "benign" if example.benign else "good" if example.mask is None else "anomalous"
             scores[group].append(float(value))
             if group != "benign":
-                pixels.add(anomaly_map, blank if example.mask is None else prepare_mask(example.mask, spec),
+                pixels.add(anomaly_map, blank if example.mask is None else prepare_mask(example.mask, size),
                            example.kind)
         batch.clear()
 
     for example in examples(trained.val[:MAX_NORMALS], seed, natural_photos(natural), kinds):
-        batch.append((prepare_image(example.image, spec), dataclasses.replace(example, image=blank)))
+        image = prepare_image(example.image, spec) if tiling is None else example.image
+        batch.append((image, dataclasses.replace(example, image=blank)))
         if len(batch) == BATCH:
             flush()
     if batch:
@@ -126,6 +133,23 @@ def score(trained: Trained, natural: Path | None, kinds: tuple[str, ...] = VALID
     result = pixels.result()
     return Scored("", trained, float(auroc), result["pixel_auroc"], result["aupro"],
                   int(sum(b >= threshold for b in scores["benign"])), len(scores["benign"]), 0.0)
+
+
+def _tiled(graph: torch.nn.Module, frame: np.ndarray, spec: InputSpec, tiling: TilingSpec) -> tuple[float, np.ndarray]:
+    """A frame as the worker scores it with a tiled bundle (bundle.tiling.see), by the torch graph: its highest
+    tile's score and the tiles' maps merged on the canvas."""
+    canvas, boxes = cut(frame, spec.width, spec.height, tiling)
+    merged = np.full(canvas.shape[:2], -np.inf, np.float32)
+    best = -np.inf
+    for first in range(0, len(boxes), BATCH):
+        chunk = boxes[first : first + BATCH]
+        crops = [prepare_image(canvas[y : y + spec.height, x : x + spec.width], spec) for _, _, x, y in chunk]
+        with torch.no_grad():
+            out = graph(to_tensor(crops, spec))
+        best = max(best, float(out[0].max()))
+        for (_, _, x, y), anomaly_map in zip(chunk, out[1].numpy(), strict=True):
+            paste(merged, anomaly_map, x, y, spec.width, spec.height)
+    return best, merged
 
 
 def pick(scored: list[Scored]) -> Scored:
@@ -158,6 +182,7 @@ def choose(data: Path, category: str | None, base: PatchcoreSettings, given: Ite
         "winner": winner.name, "rule": RULE, "candidates": table,
         "validation": {"normals": min(len(winner.trained.val), MAX_NORMALS), "kinds": list(VALIDATION_KINDS),
                        "benign_kinds": list(BENIGN_KINDS), "seed": int(winner.trained.training["seed"]),
+                       "tiling": record(winner.trained.tiling),
                        "scored_by": f"torch export graph, f32, {torch.get_num_threads()} threads"}}
     print(summary(scored, winner), flush=True)
     return winner.trained

@@ -124,7 +124,6 @@ def test_the_training_command_of_an_untiled_camera_and_bundle_names_no_tiles(bun
     (("--tiling", "0x2"), "cols and rows must be 1..16"),
     (("--tiling", "2x2", "--tile-overlap", "0.5"), "--tile-overlap 0.5"),
     (("--tiling", "2by2"), "COLSxROWS"),
-    (("--tiling", "2x2", "--choose", "fast,default"), "--choose scores its candidates on whole images"),
 ])
 def test_tiling_options_that_cannot_be_honoured_are_refused_before_any_fit(dataset, tmp_path, flags, message):
     proc = _train(dataset, tmp_path / "out", *flags)
@@ -154,3 +153,34 @@ def test_the_data_summary_suggests_tiles_for_elongated_images_and_not_for_square
     tiled = text(9, 1, TilingSpec(grid=(1, 3)))
     assert "note: most images" not in tiled and "cut into 1x3 tiles" in tiled
     assert "note: most images" not in summarise(load_category(dataset, "weave")).text(9, 1)  # square: no note
+
+
+def test_choose_scores_its_candidates_on_tiles_as_the_worker_would(tiled, tmp_path):
+    data, _ = tiled
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(data), "--category", "weave", "--out",
+                           str(tmp_path / "chosen"), "--tiling", "2x2", "--choose", "fast,default", "--coreset-ratio",
+                           "0.02", "--precisions", "f32"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "chosen" / "bundle.json").read_text())
+    chosen = manifest["training"]["chosen"]
+    assert manifest["tiling"] == chosen["validation"]["tiling"] == {"grid": [2, 2], "overlap": 0.1}
+    assert [c["name"] for c in chosen["candidates"]] == ["fast", "default"]
+    assert all(c["aupro"] is not None for c in chosen["candidates"])  # maps merged on the canvas, masks at its size
+
+
+def test_a_candidate_is_scored_on_tiles_as_its_exported_bundle_scores_a_frame(tiled, tmp_path):
+    """The torch graph over a frame's tiles (choose) and the exported bundle in OpenVINO (the worker's see)."""
+    from exporter.build import fit_patchcore, package
+    from exporter.choose import _tiled
+    from exporter.train.patchcore import PatchcoreSettings
+
+    data, _ = tiled
+    trained = fit_patchcore(data, "weave", PatchcoreSettings(input_size=128, coreset_ratio=0.05, tiling=(2, 2)))
+    compiled = CompiledBundle(package(trained, tmp_path / "b", evaluate_test=False, precisions=["f32"]),
+                              hint="LATENCY", precision="f32")
+    frame = cv2.imread(str(min((data / "weave" / "test" / "hole").glob("*.png"))))
+    score, merged = _tiled(trained.graph, frame, trained.spec, trained.tiling)
+    seen = see(compiled, compiled.create_request(), frame, compiled.manifest.tiling)
+    assert merged.shape == seen.anomaly_map.shape == (FRAME, FRAME)
+    assert score == pytest.approx(seen.score, rel=1e-3)
+    assert np.allclose(merged, seen.anomaly_map, rtol=1e-3, atol=1e-3 * float(seen.anomaly_map.max()))

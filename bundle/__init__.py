@@ -23,11 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: thresholds for the reference precision only, no embedding space
@@ -127,20 +127,23 @@ class ExtensionSpec(_Strict):
     pad: float = Field(EXTENSION_PAD, description="Value of every entry of an unused extension row.")
 
 
+def _tile_grid(v: tuple[int, int]) -> tuple[int, int]:
+    if not (1 <= v[0] <= 16 and 1 <= v[1] <= 16):
+        raise ValueError("cols and rows must be 1..16")
+    return v
+
+
+TileGrid = Annotated[tuple[int, int], AfterValidator(_tile_grid)]
+"""Tiles across and down, [cols, rows], each 1..16: a bundle's and a camera's tiling."""
+
+
 class TilingSpec(_Strict):
     """The model was trained on tiles, not whole frames: the caller cuts a frame as :func:`bundle.tiling.cut` does
     (resized once with ``INTER_AREA`` to a canvas on which ``grid`` tiles of the input size overlap by ``overlap``)
     and scores it as its highest tile, so each tile shows the model the scale it learnt."""
 
-    grid: tuple[int, int] = Field(description="Tiles across and down [cols, rows], each 1..16.")
+    grid: TileGrid = Field(description="Tiles across and down [cols, rows], each 1..16.")
     overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour.")
-
-    @field_validator("grid")
-    @classmethod
-    def _grid(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not (1 <= v[0] <= 16 and 1 <= v[1] <= 16):
-            raise ValueError("cols and rows must be 1..16")
-        return v
 
 
 class Manifest(_Strict):

@@ -16,6 +16,7 @@ from typing import Literal, Union, get_args, get_origin, overload
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from bundle import TileGrid
 from bundle.extension import Views
 
 ENV_PREFIX = "EDGE_INSPECT__"
@@ -157,16 +158,10 @@ class HeatmapConfig(_Section):
 class TilingConfig(_Section):
     """Cut a high-resolution frame into overlapping tiles, each inferred at the model's input size."""
 
-    grid: tuple[int, int] = Field(description="Tiles across and down [cols, rows]; pick them so a tile has about the model's aspect ratio.")
+    grid: TileGrid = Field(description="Tiles across and down [cols, rows], each 1..16; pick them so a tile has about the model's "
+                                       "aspect ratio.")
     overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour, so a defect on a seam is whole in "
                                                           "one tile.")
-
-    @field_validator("grid")
-    @classmethod
-    def _grid(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not (1 <= v[0] <= 16 and 1 <= v[1] <= 16):
-            raise ValueError("cols and rows must be 1..16")
-        return v
 
 
 class CameraConfig(_Section):

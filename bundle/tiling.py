@@ -109,7 +109,7 @@ def paste(merged: np.ndarray, anomaly_map: np.ndarray, x: int, y: int, width: in
 
 
 def record(tiling: Grid | None) -> dict | None:
-    """A tiling as JSON: what a stored guard's patches depend on."""
+    """A tiling as JSON (what a stored guard's patches depend on; what ``--choose`` scored on)."""
     return None if tiling is None else {"grid": list(tiling.grid), "overlap": tiling.overlap}
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
@@ -121,7 +122,8 @@ def score(trained: Trained, natural: Path | None, kinds: tuple[str, ...] = VALID
         batch.clear()
 
     for example in examples(trained.val[:MAX_NORMALS], seed, natural_photos(natural), kinds):
-        image = prepare_image(example.image, spec) if tiling is None else example.image
+        # Tiled: the canvas the worker's one resize makes (the tiles are cut from it), not the full-size image.
+        image = prepare_image(example.image, spec) if tiling is None else cv2.resize(example.image, size, interpolation=cv2.INTER_AREA)
         batch.append((image, dataclasses.replace(example, image=blank)))
         if len(batch) == BATCH:
             flush()

@@ -401,8 +401,9 @@ def tiling_of(settings: Tiled) -> TilingSpec | None:
     try:
         return TilingSpec(grid=settings.tiling, **overlap)
     except ValidationError as exc:
-        raise ValueError(f"--tiling {settings.tiling[0]}x{settings.tiling[1]} --tile-overlap {settings.tile_overlap}: "
-                         f"{'; '.join(e['msg'] for e in exc.errors())}") from None
+        given = f"--tiling {settings.tiling[0]}x{settings.tiling[1]}" + (
+            f" --tile-overlap {settings.tile_overlap:g}" if settings.tile_overlap is not None else "")
+        raise ValueError(f"{given}: {'; '.join(e['msg'] for e in exc.errors())}") from None
 
 
 def read_frame(path: Path, spec: InputSpec, tiling: TilingSpec | None) -> np.ndarray:

@@ -178,7 +178,7 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, int(0.95 * steps)), gamma=0.1)
     model.train()
     log.info("efficientad: %d steps at batch 1 (%s)", steps,
-             "--steps" if settings.steps else f"{PASSES} passes over {len(images)} training images")
+             "--steps" if settings.steps else f"{PASSES} passes over {len(images)} training {'tiles' if tiling else 'images'}")
     progress = Progress("efficientad", steps)
     train_started = time.monotonic()
     recent: list[float] = []

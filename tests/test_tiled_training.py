@@ -184,3 +184,22 @@ def test_a_candidate_is_scored_on_tiles_as_its_exported_bundle_scores_a_frame(ti
     assert merged.shape == seen.anomaly_map.shape == (FRAME, FRAME)
     assert score == pytest.approx(seen.score, rel=1e-3)
     assert np.allclose(merged, seen.anomaly_map, rtol=1e-3, atol=1e-3 * float(seen.anomaly_map.max()))
+
+
+def test_the_mosaic_benchmark_set_puts_each_test_image_and_its_mask_in_one_corner(dataset, tmp_path):
+    from benchmarks.mosaic import build
+
+    root = build(dataset, "weave", tmp_path, size=64)
+    category = load_category(tmp_path, root.name)
+    assert len(category.train) == 32 // 4 and len(category.test) == 4 * 4  # each normal used once; each test image
+    for sample in category.test:
+        frame = cv2.imread(str(sample.path), cv2.IMREAD_GRAYSCALE)
+        assert frame.shape == (128, 128)
+        if sample.mask is not None:
+            mask = cv2.imread(str(sample.mask), cv2.IMREAD_GRAYSCALE) > 0
+            corners = [mask[y:y + 64, x:x + 64].any() for y in (0, 64) for x in (0, 64)]
+            assert corners.count(True) == 1, sample.path  # the defect lies in its own part only
+            source = cv2.imread(str(dataset / "weave" / "test" / sample.defect / sample.path.name), cv2.IMREAD_GRAYSCALE)
+            y, x = divmod(corners.index(True), 2)
+            part = frame[64 * y:64 * y + 64, 64 * x:64 * x + 64]
+            assert np.abs(part.astype(int) - cv2.resize(source, (64, 64), interpolation=cv2.INTER_AREA)).max() <= 1

@@ -189,9 +189,9 @@ def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
     if not masks:
         return None
     good, defects = [], []
-    mask_files = set(masks.values())
+    mask_paths = set(masks.values())
     for path in images:
-        if path in mask_files:
+        if path in mask_paths:
             continue
         mask = masks.get(path.stem)
         pixels = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) if mask else None
@@ -372,7 +372,8 @@ def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Ca
     return category.without({s.path for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
 
 
-def _decoded(path: Path) -> np.ndarray:
+def read_decoded(path: Path) -> np.ndarray:
+    """An image file as 8-bit BGR at its own size (``IMREAD_COLOR``, as the worker decodes a frame)."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"{path}: cannot be decoded as an image")
@@ -381,7 +382,7 @@ def _decoded(path: Path) -> np.ndarray:
 
 def read_image(path: Path, spec: InputSpec) -> np.ndarray:
     """Read an image file as the worker would see it: 8-bit BGR, resized for the graph."""
-    return prepare_image(_decoded(path), spec)
+    return prepare_image(read_decoded(path), spec)
 
 
 class Tiled(Protocol):
@@ -412,12 +413,12 @@ def read_frame(path: Path, spec: InputSpec, tiling: TilingSpec | None) -> np.nda
     if tiling is None:
         return read_image(path, spec)
     size = canvas_size(tiling, spec.width, spec.height)
-    return np.ascontiguousarray(cv2.resize(_decoded(path), size, interpolation=cv2.INTER_AREA))
+    return np.ascontiguousarray(cv2.resize(read_decoded(path), size, interpolation=cv2.INTER_AREA))
 
 
 def read_tiles(path: Path, spec: InputSpec, tiling: TilingSpec | None) -> list[np.ndarray]:
     """What a model is trained on from one image: its tiles, or the image itself untiled, each prepared."""
-    return tiles(_decoded(path), spec, tiling)
+    return tiles(read_decoded(path), spec, tiling)
 
 
 def mask_files(path: Path) -> list[Path]:

@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from exporter.data import read_decoded
+
 KINDS = ("perlin", "cutpaste", "scratch")
 HARD_KINDS = ("deform", "stain")
 BENIGN_KINDS = ("light", "gamma", "focus", "noise", "place", "jpeg")
@@ -178,10 +180,10 @@ def examples(normals: list[Path], seed: int = 0, photos: list[Path] | None = Non
     if not normals:
         return
     anomaly_rng, benign_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    first = _read(normals[0])
+    first = read_decoded(normals[0])
     image = first
     for i in range(len(normals)):
-        donor = first if i + 1 == len(normals) else _read(normals[i + 1])
+        donor = first if i + 1 == len(normals) else read_decoded(normals[i + 1])
         yield Example(image, "good")
         for kind in kinds:
             bad = _anomaly(kind, image, donor, anomaly_rng, photos or [])
@@ -189,13 +191,6 @@ def examples(normals: list[Path], seed: int = 0, photos: list[Path] | None = Non
         for kind in benign:
             yield Example(_benign(image, kind, benign_rng), "good", benign=kind)
         image = donor
-
-
-def _read(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"{path}: cannot be decoded as an image")
-    return image
 
 
 def _benign(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:

@@ -145,6 +145,8 @@ class Absorbed:
     raw_score: float  # the frame's raw image score before the label (its highest tile's)
     left_out: int  # offending rows left out because they lie near a confirmed defect's decisive patches
     full: str = ""  # the ExtensionFull message where the frame's rows (entry None) or its views' rows did not fit
+    after: float | None = None  # the frame's raw image score with the label's rows in use; None where none were added
+    still: int = 0  # the frame's candidate patches still at or above the margin then (left out, or not matched)
 
 
 def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key: str, tiles: list[np.ndarray],
@@ -157,6 +159,8 @@ def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key
     ``views``, scored against the extension as it was before this label (as if all had been read at once), in
     place of that entry.  Rows within reach of a ``protected`` confirmed defect (:func:`spared`) are left out.
     Where the extension is full the views' rows are dropped (the frame's own kept), or nothing is absorbed.
+    Then the frame is scored once more, so the answer can say whether it passes now: it need not, since only the
+    K candidate patches farthest from the bank meet the extension, and a change over much of the frame has more.
     """
     before = bundle.extension_state
     rows, scores = offending_views(bundle, request, tiles, threshold, margin)
@@ -171,6 +175,7 @@ def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key
     except ExtensionFull as exc:
         return Absorbed(None, raw_score, left_out, str(exc))
     put(ext)
+    full = ""
     if others := [view for tile in tiles for view in views.of(tile)[1:]]:
         more, _ = offending_views(bundle, request, others, threshold, margin, before)
         keep = spared(more, protected)
@@ -179,9 +184,11 @@ def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key
             try:
                 entry = ext.add(key, np.concatenate([rows, more[keep]]), frame_id, camera)
             except ExtensionFull as exc:
-                return Absorbed(entry, raw_score, left_out, str(exc))
-            put(ext)
-    return Absorbed(entry, raw_score, left_out)
+                full = str(exc)
+            else:
+                put(ext)
+    still, after = offending_views(bundle, request, tiles, threshold, margin)
+    return Absorbed(entry, raw_score, left_out, full, max(after), len(still))
 
 
 class Views(StrEnum):

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, Client, wait_online, write_config
+from conftest import ROOT, Client, good_png, train_bundle, wait_online, write_config
 from test_worker import _query
 
 from exporter.data import load_category
@@ -73,6 +73,8 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
     assert answer["ok"] and absorbed["patches"] > 0 and rev in (1, 2), answer
     assert absorbed["extension_rows"] == absorbed["patches"]
     assert absorbed["message"].startswith(f"absorbed: {absorbed['patches']} patches; "), absorbed
+    assert absorbed["passes"] is True and absorbed["message"].endswith("now pass")
+    assert absorbed["score_after"] < absorbed["raw_score"]
     again = _score(client, prefix, marked, "m-1")
     assert again["verdict"] == "normal" and again["score"] < first["score"], again
     assert again["model"]["version"].endswith(f"+x{rev}") and again["model"]["extension"]["rows"] == absorbed["patches"]
@@ -182,3 +184,31 @@ def test_a_label_scores_the_frame_as_the_worker_did(learning, dataset):
     absorbed = _query(client, prefix, {"action": "set", "frame_id": "j-0", "camera": "cam1", "label": "false_alarm"},
                       topic="label")["absorbed"]
     assert absorbed["patches"] > 0 and absorbed["raw_score"] == pytest.approx(flagged["raw_score"], abs=2e-5), (absorbed, flagged)
+
+
+def test_a_label_that_cannot_make_its_frame_pass_says_so(broker, dataset, tmp_path, worker_factory):
+    """Only the K candidate patches farthest from the bank meet the extension, so a false alarm spread over more
+    patches than K stays flagged however it is absorbed.  The answer must say so, and why, rather than promise that
+    such frames now pass; where the rows do make the frame pass (the first test), it says that."""
+    bundle = train_bundle(dataset, tmp_path / "k8", "--extension-candidates", "8", "--no-eval", "--precisions", "f32")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "w", broker.port, bundle, topics={"prefix": prefix},
+                          learning={"path": str(tmp_path / "w" / "extensions"), "guard_defects": 0})
+    client = Client(broker.port, prefix)
+    try:
+        worker_factory(config)
+        wait_online(client, prefix)
+        image = cv2.imread(str(good_png(dataset)), cv2.IMREAD_COLOR)
+        cv2.rectangle(image, (16, 16), (111, 111), (40, 40, 40), -1)  # a dark panel over most of the frame
+        wide = cv2.imencode(".png", image)[1].tobytes()
+        assert _score(client, prefix, wide, "w-0")["verdict"] == "anomalous"
+        _until_stored(client, prefix, "w-0", "cam1")
+        absorbed = _query(client, prefix, {"action": "set", "frame_id": "w-0", "camera": "cam1",
+                                           "label": "false_alarm"}, topic="label")["absorbed"]
+        assert absorbed["patches"] > 0 and absorbed["passes"] is False, absorbed
+        assert absorbed["score_after"] < absorbed["raw_score"], absorbed
+        assert "more of its patches stand out than the 8 per frame" in absorbed["message"], absorbed
+        assert "now pass" not in absorbed["message"]
+        assert _score(client, prefix, wide, "w-1")["verdict"] == "anomalous"  # as the answer said
+    finally:
+        client.close()

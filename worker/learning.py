@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import tiling
-from bundle.extension import Entry, Extension, absorb, decisive_patches
+from bundle.extension import Absorbed, Entry, Extension, absorb, decisive_patches
 from worker.capture import Capture
 from worker.config import Config
 from worker.decode import FrameError
@@ -83,16 +83,31 @@ class Learner:
                       self.cfg.learning.margin, self._protected(model, confirmed or []),
                       lambda e: self._put(e, camera, frame_id), frame_id, camera)
         figures = {"left_out": done.left_out, "raw_score": round(done.raw_score, 5)}  # the raw score as when flagged
-        if done.entry is None:
+        if done.entry is None or done.after is None:
             why = done.full or (f"each of its {_patches(done.left_out)} lies near a confirmed defect's decisive patches: "
                                 "absorbing it could hide that defect" if done.left_out else
                                 "no patch of this frame is above the threshold any more")
             return {"patches": 0, **figures, "reason": why}
         refused = f" of the frame itself (its flipped and turned views did not fit: {done.full})" if done.full else ""
         guarded = f"; {_patches(done.left_out)} left out, near confirmed defects" if done.left_out else ""
-        answer = self._answer(ext, done.entry, f"absorbed: {_patches(done.entry.rows)}{refused}{guarded}; frames that "
-                              "look like this one now pass")
-        return {**answer, **figures}
+        passes = done.after < threshold
+        outcome = "frames that look like this one now pass" if passes else self._still_flagged(model, done, threshold)
+        answer = self._answer(ext, done.entry, f"absorbed: {_patches(done.entry.rows)}{refused}{guarded}; {outcome}")
+        return {**answer, **figures, "score_after": round(done.after, 5), "passes": passes}
+
+    @staticmethod
+    def _still_flagged(model: Model, done: Absorbed, threshold: float) -> str:
+        """Why a frame whose rows were absorbed still scores at or above ``threshold``, in the operator's terms."""
+        said = f"the frame itself still scores {done.after:.4g} against the threshold {threshold:.4g}"
+        if done.still and done.left_out:
+            return f"{said}: the patches left out near confirmed defects keep it flagged"
+        if done.still:
+            return f"{said}: {_patches(done.still)} of it still stand out: capture frames and retrain"
+        spec = model.bundle.extension_spec
+        k = spec.candidates if spec is not None else 0
+        return (f"{said}: more of its patches stand out than the {k} per frame that the bundle compares with its "
+                "extension (a change over much of the frame, such as the light or the material): capture frames and "
+                "retrain, or export the bundle with more --extension-candidates")
 
     def confirm(self, key: str, payload: dict) -> None:
         """Score a frame just labelled ``confirmed_defect`` for its model's guard now (one inference per tile), so that

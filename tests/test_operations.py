@@ -157,7 +157,7 @@ def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, datas
     switches = [i for i in range(1, n) if versions[i] != versions[i - 1]]
     assert versions[0] == v1 and versions[-1] == v1 and "2.0.0" in versions and len(switches) == 2, versions
     retained = client.json_on(f"{prefix}/workers/w-test/model", count=1)[-1]
-    assert retained["version"] == v1
+    assert retained["version"] == v1 and retained["tiling"] is None and retained["input"] == [128, 128], retained
     assert worker.stop() == 0
 
 

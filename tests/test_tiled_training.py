@@ -92,6 +92,8 @@ def test_the_worker_tiles_a_camera_by_its_bundle_learns_on_its_tiles_and_asks_fo
         assert line["good"]["tiles"]["count"] == 4 and line["good"]["tiles"]["grid"] == [2, 2]
         assert line["good"]["verdict"] == "normal" and line["hole"]["verdict"] == "anomalous"
         assert own["tiles"] == {"count": 1, "grid": [1, 1], "worst": [0, 0]}  # the camera's own tiling wins
+        model = json.loads(client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/model")[0].payload)
+        assert model["tiling"] == {"grid": [2, 2], "overlap": 0.1} and model["input"] == [128, 128], model
 
         # A false alarm on a tiled camera: its tiles' patches are absorbed, and the mark passes from the next frame on.
         assert line["m-0"]["verdict"] == "anomalous" and line["m-0"]["tiles"]["worst"] == [0, 0], line["m-0"]

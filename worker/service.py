@@ -20,7 +20,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from bundle import BundleError
+from bundle import BundleError, tiling
 from worker.capture import Capture, train_command
 from worker.config import Config, QueuePolicy
 from worker.decode import use_opencv_threads
@@ -105,6 +105,8 @@ class Worker:
         for scope, model in self.models.scopes().items():
             scopes[scope] = {**model.info, "bundle": str(model.path),
                              "embedding_space": embedding_space_of(model.bundle.manifest),
+                             "input": [model.bundle.manifest.input.width, model.bundle.manifest.input.height],
+                             "tiling": tiling.record(model.bundle.manifest.tiling),  # cuts cameras without their own
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
             self.stats.set_model(scope, model.info["name"], model.info["version"], model.info["precision"])
         body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,

@@ -147,7 +147,8 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         raise DatasetError(f"{root}: no such folder or list file (give --data DIR [--category NAME] or --data LIST.csv)")
     train = _child(root, "train")
     if train and _train_folder(root) is None and (pairs := _beside(train)):
-        return _beside_split(root, pairs, _child(root, "test"))
+        test = _child(root, "test")  # without one, the defects among the training images are the test split's
+        return _beside_split(root, pairs, test) if test else _held_out(root, BESIDE, *pairs, seed)
     if (root / "train").is_dir():
         return _mvtec(root)
     folders = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)]
@@ -221,10 +222,10 @@ def _child(root: Path, name: str) -> Path | None:
     return next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() == name), None)
 
 
-def _beside_split(root: Path, train: tuple[list[Path], list[Sample]], test_folder: Path | None) -> Category:
+def _beside_split(root: Path, train: tuple[list[Path], list[Sample]], test_folder: Path) -> Category:
     """KolektorSDD2, DAGM: a training and a test folder of images with masks beside them; the defects among the
     training images are left out (the fit learns from good images only)."""
-    good, defects = (_beside(test_folder) or (_images(test_folder), [])) if test_folder else ([], [])
+    good, defects = _beside(test_folder) or (_images(test_folder), [])
     test = [Sample(p, "good", None) for p in good] + defects
     left = f"; {len(train[1])} defect images of the training folder left out (the fit takes good images only)" \
         if train[1] else ""

@@ -589,6 +589,11 @@ def test_masks_beside_images_in_part_folders_or_one_folder_get_a_held_out_test_s
     flat = load_category(tmp_path, "flat")
     assert [s.path.name for s in flat.test if s.label] == ["9.png"]
     assert {p.name for p in flat.train} | {s.path.name for s in flat.test} == {f"{i}.png" for i in range(10)}
+    (tmp_path / "flat-train").mkdir()
+    (tmp_path / "flat").rename(tmp_path / "flat-train" / "train")  # a train/ folder and no test/ beside it
+    held = load_category(tmp_path, "flat-train")
+    assert [s.path.name for s in held.test if s.label] == ["9.png"] and len(held.test) == 3, held.test
+    assert held.split.startswith("all defect images and 2 of 9 good images") and len(held.train) == 7
     _write(tmp_path / "ksdd" / "extra" / "a.png", sample(rng, 64)[0])  # a part folder without masks
     with pytest.raises(DatasetError, match=r"folders \['extra'\] hold images without masks beside them"):
         load_category(tmp_path, "ksdd")

@@ -9,5 +9,5 @@ mkdir -p "$OUT"
 "$PY" -m benchmarks.coreset --ratio 0.01 --repeats 3 --json "$OUT/coreset.json" 2>"$OUT/coreset.log"
 "$PY" -m benchmarks.throughput --int8 --rounds 3 --json "$OUT/throughput.json" 2>"$OUT/throughput.log"
 "$PY" -m benchmarks.startup --repeats 3 --json "$OUT/startup.json" 2>"$OUT/startup.log"
-"$PY" -m benchmarks.latency --config 640:7616 --config 512:750 --config 256:1500 --config 384:750 --repeats 5 \
+"$PY" -m benchmarks.latency --config 640:7616 --config 512:1500:screen=500 --config 256:1500 --repeats 5 \
     >"$OUT/latency.md" 2>"$OUT/latency.log"

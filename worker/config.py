@@ -48,8 +48,8 @@ class MQTTConfig(_Section):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive; the broker publishes our last will after 1.5x this.")
     qos: Literal[0, 1] = Field(1, description="QoS for subscriptions and publications.")
     session_expiry_s: int = Field(3600, ge=0, description="Broker keeps our subscriptions and queued frames this long while we are away.")
-    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay after the broker is lost.")
-    reconnect_max_s: float = Field(30, gt=0, description="Reconnect delays double up to this.")
+    reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay after the broker is lost (whole seconds, as paho takes it).")
+    reconnect_max_s: int = Field(30, ge=1, description="Reconnect delays double up to this (whole seconds).")
 
     def secret(self) -> str | None:
         if self.password is not None:

@@ -95,7 +95,7 @@ class MqttLink:
             protocol=mqtt.MQTTv5,
         )
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=max(1, int(cfg.reconnect_min_s)), max_delay=int(cfg.reconnect_max_s))
+        self.client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.secret())
         if cfg.tls is not None:

@@ -2,14 +2,14 @@
 
     <prefix>/<camera>/frame                      in   image bytes; user properties frame_id, captured_at[, camera_id]
     <prefix>/<camera>/result                     out  JSON result per frame
-    <prefix>/<camera>/heatmap                    out  JPEG/PNG colour map over the frame; user property frame_id
+    <prefix>/<camera>/heatmap                    out  JPEG/PNG colour map over the frame; user properties frame_id, camera_id
     <prefix>/<camera>/error                      out  JSON error per refused frame
     <prefix>/query                               in   similarity request (MQTT v5 response_topic + correlation_data)
-    <prefix>/label                               in   operator label set/export (MQTT v5 request/response)
+    <prefix>/label                               in   operator label set/unlabel/extensions/export (MQTT v5 request/response)
     <prefix>/workers/<worker_id>/availability    out  retained: online | offline (last will) | stopped
     <prefix>/workers/<worker_id>/model           out  retained JSON: the bundle this worker runs
     <prefix>/workers/<worker_id>/stats           out  JSON counters, every stats interval
-    <prefix>/workers/<worker_id>/control         in   JSON command: reload | rollback | status (v5 response_topic)
+    <prefix>/workers/<worker_id>/control         in   JSON command: reload | rollback | status | export_capture (v5 response_topic)
 """
 
 from __future__ import annotations

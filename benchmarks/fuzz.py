@@ -5,9 +5,10 @@
 Channels: frame user properties and payloads, topic levels, query, control and label requests (wrong types,
 unknown fields, huge or deeply nested JSON, missing response topic, raw bytes), and the worker's own availability
 topic (the payloads and user properties a second process under its worker.id would send).
-After each batch three canaries must be answered: a QoS 1 frame from another camera (a result),
-a control ``status`` and a query.  At the end the worker gets SIGTERM and a client takes over its
-persistent session: any QoS 1 message the worker never acknowledged is redelivered to it and
+After each batch three canaries must be answered: a QoS 1 frame from another camera (a result, or the
+queue policy's ``dropped`` when the queue is full of one frame per camera), a control ``status`` and a query.
+No message may make the worker log a traceback (an ``internal_error``: a bug).  At the end the worker gets
+SIGTERM and a client takes over its persistent session: any QoS 1 message the worker never acknowledged is redelivered to it and
 counted as unacked.  Prints per-channel counts, canaries answered, the worker's maximum RSS.
 The hypothesis strategies here are also what tests/test_fuzz_channels.py draws from.
 """
@@ -126,10 +127,11 @@ class Fuzzer:
         self.client.max_inflight_messages_set(100)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe([(f"{prefix}/canary/result", 1), (f"{prefix}/replies/#", 1),
+        self.client.subscribe([(f"{prefix}/canary/result", 1), (f"{prefix}/canary/error", 1), (f"{prefix}/replies/#", 1),
                                (f"{prefix}/workers/{worker_id}/availability", 1)])
         self.client.loop_start()
         self.counts = {c: 0 for c in CHANNELS}
+        self.dropped = 0  # canary frames answered `dropped` by the queue policy (a full queue of one frame per camera)
 
     def _on_message(self, client, userdata, msg) -> None:
         with self.cond:
@@ -163,7 +165,17 @@ class Fuzzer:
             p.CorrelationData = tag.encode()
             self.client.publish(topic, body, qos=1, properties=p)
         deadline = time.monotonic() + timeout
-        answered = self.wait(f"{self.prefix}/canary/result", timeout, lambda p: json.loads(p)["frame_id"] == f"c-{tag}")
+
+        def mine(payload: bytes) -> bool:
+            return json.loads(payload)["frame_id"] == f"c-{tag}"
+
+        with self.cond:
+            self.cond.wait_for(lambda: any(mine(p) for t in ("result", "error")
+                                           for p in self.seen.get(f"{self.prefix}/canary/{t}", [])), timeout)
+            errors = [json.loads(p)["code"] for p in self.seen.get(f"{self.prefix}/canary/error", []) if mine(p)]
+            answered = any(mine(p) for p in self.seen.get(f"{self.prefix}/canary/result", []))
+        if errors == ["dropped"]:  # answered, by the policy: the queue held one frame of each of as many cameras
+            answered, self.dropped = True, self.dropped + 1
         for kind in ("control", "query"):
             answered += self.wait(f"{self.prefix}/replies/{kind}-{tag}", max(0.0, deadline - time.monotonic()))
         return answered
@@ -261,10 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         fuzzer.client.loop_stop()
         broker.stop()
     sent, canaries, answered = totals["sent"], totals["canaries"], totals["answered"]
+    tracebacks = (work / "worker.log").read_text(errors="replace").count("Traceback")  # each an internal_error: a bug
     print(json.dumps({"messages": sent, "per_channel": fuzzer.counts, "canaries": canaries,
-                      "canaries_answered": answered, "max_rss_mb": round(totals["max_rss"] / 1e6), "unacked": unacked,
-                      "alive_at_end": alive, "exit_code": code, "seconds": round(time.monotonic() - started)}))
-    return 0 if answered == canaries and unacked == 0 and alive and code == 0 else 1
+                      "canaries_answered": answered, "canary_frames_dropped_by_policy": fuzzer.dropped,
+                      "max_rss_mb": round(totals["max_rss"] / 1e6), "unacked": unacked, "tracebacks": tracebacks,
+                      "alive_at_end": alive, "exit_code": code, "seconds": round(time.monotonic() - started),
+                      "worker_log": str(work / "worker.log")}))
+    return 0 if answered == canaries and unacked == 0 and not tracebacks and alive and code == 0 else 1
 
 
 if __name__ == "__main__":

@@ -261,3 +261,6 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
     assert bad["ok"] is False and bad["error"]["code"] == "unknown_frame"
     bad = label({"action": "set", "frame_id": target, "camera": "cam4", "label": "maybe"})
     assert bad["ok"] is False and bad["error"]["code"] == "bad_request"
+    for action in ({"export": 1}, ["unlabel"], 3):  # an action that is no string: a bad request, not a crash
+        bad = label({"action": action, "frame_id": target, "camera": "cam4"})
+        assert bad["ok"] is False and bad["error"]["code"] == "bad_request" and "action" in bad["error"]["message"], bad

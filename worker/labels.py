@@ -80,9 +80,10 @@ class LabelService:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
         def pick(raw: object) -> type[SetLabel | Unlabel | ListExtensions | ExportLabels]:
             action = raw.get("action") if isinstance(raw, dict) else None
-            kinds: dict[object, type[SetLabel | Unlabel | ListExtensions | ExportLabels]] = {
+            kinds: dict[str, type[SetLabel | Unlabel | ListExtensions | ExportLabels]] = {
                 "export": ExportLabels, "unlabel": Unlabel, "extensions": ListExtensions}
-            return kinds.get(action, SetLabel)
+            # anything else, an object or a list too, is validated as a set, which refuses it as a bad request
+            return kinds.get(action, SetLabel) if isinstance(action, str) else SetLabel
 
         def handle(request: SetLabel | Unlabel | ListExtensions | ExportLabels, store: VectorStore) -> dict:
             if isinstance(request, ExportLabels):

@@ -67,9 +67,13 @@ def test_control_and_learning_endpoints_refuse_bad_input_before_asking_the_worke
            ("/api/models/reload", {"bundle": "b", "camera": ["cam"]}), ("/api/models/rollback", {"camera": 1}),
            ("/api/capture/export", "not json"), ("/api/capture/export", {"camera": False}),
            ("/api/labels/unlabel", {"frame_id": "f"}), ("/api/labels/unlabel", {"frame_id": "", "camera": "c"})]
+    deep, huge = "[" * 100_000 + "]" * 100_000, json.dumps({"image_b64": "A" * 4_100_000})
+    posts = ("/api/similar", "/api/labels", "/api/labels/unlabel", "/api/capture/export", "/api/models/reload",
+             "/api/models/rollback")  # bodies no request can be: refused as the worker refuses them, never a 500
+    bad += [(path, body) for path in posts for body in (deep, '{"a": ' + deep + "}", huge, "[]")]
     for path, body in bad:
         answer = http.post(path, content=body if isinstance(body, str) else json.dumps(body))
-        assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", (path, body, answer.text)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", (path, body[:40], answer.text)
 
 
 def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():

@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -31,7 +32,7 @@ from worker.api_client import ApiClient, ApiError
 from worker.config import Config
 from worker.console.hub import Hub, for_browser
 from worker.topics import Topics
-from worker.wire import parse_timestamp
+from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, parse_timestamp
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -166,18 +167,35 @@ def create_app(cfg: Config) -> Starlette:
             return _error(504, "no_answer", str(exc))
         return JSONResponse(answer, 200 if answer.get("ok") else 400)
 
-    async def _json_body(request: Request) -> dict | None:
+    async def _json_body(request: Request) -> dict:
+        """The request's JSON object, read within the worker's own request limits (size, depth, ``decode_json``), so
+        no body can exhaust the console's memory or recursion; ValueError says what is wrong with it."""
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_REQUEST_BYTES:
+                raise ValueError(f"the body is over {MAX_REQUEST_BYTES} bytes")
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        return body if isinstance(body, dict) else None
+            body = decode_json(bytes(data))
+        except RequestError as exc:
+            raise ValueError(exc.message) from None
+        if not isinstance(body, dict):
+            raise ValueError("send a JSON object")
+        return body
 
+    def refusing(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """A POST handler whose ValueError (a body that is no request of its kind) is answered 400 bad_request."""
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ValueError as exc:
+                return _error(400, "bad_request", str(exc))
+        return handle
+
+    @refusing
     async def similar(request: Request) -> Response:
         """The worker's query request, passed on unchanged: validation and search are the worker's."""
         body = await _json_body(request)
-        if body is None:
-            return _error(400, "bad_request", "send the query request as a JSON object")
         if isinstance(body.get("image_b64"), str):
             try:
                 base64.b64decode(body["image_b64"], validate=True)
@@ -185,10 +203,11 @@ def create_app(cfg: Config) -> Starlette:
                 return _error(400, "bad_image", "image_b64 is not valid base64")
         return await _ask(client.query, body)
 
+    @refusing
     async def label(request: Request) -> Response:
         body = await _json_body(request)
-        if body is None or not body.get("frame_id"):
-            return _error(400, "bad_request", "send {frame_id, camera, label, defect_type, note} as JSON")
+        if not body.get("frame_id"):
+            raise ValueError("send {frame_id, camera, label, defect_type, note} as JSON")
         keys = ("frame_id", "camera", "label", "defect_type", "note")
         response = await _ask(client.label, {"action": "set", **{k: body.get(k) for k in keys}})
         answer = json.loads(bytes(response.body))  # starlette types a body bytes | memoryview
@@ -197,12 +216,13 @@ def create_app(cfg: Config) -> Starlette:
                           answer.get("label"), answer.get("defect_type"), learned_text(answer))
         return response
 
+    @refusing
     async def unlabel(request: Request) -> Response:
         """Undo from the Learned panel: the frame's label goes, and what it taught the model with it."""
         body = await _json_body(request)
-        if body is None or not isinstance(body.get("frame_id"), str) or not isinstance(body.get("camera"), str) \
+        if not isinstance(body.get("frame_id"), str) or not isinstance(body.get("camera"), str) \
                 or not body["frame_id"] or not body["camera"]:
-            return _error(400, "bad_request", "send {frame_id, camera} as JSON")
+            raise ValueError("send {frame_id, camera} as JSON")
         response = await _ask(client.label, {"action": "unlabel", "frame_id": body["frame_id"], "camera": body["camera"]})
         if response.status_code == 200:
             hub.set_label(body["camera"], body["frame_id"], None, None, learned_text(json.loads(bytes(response.body))))
@@ -214,34 +234,26 @@ def create_app(cfg: Config) -> Starlette:
 
     async def _camera_command(request: Request, command: str) -> Response:
         """A control command that takes an optional camera: {camera?} in, the worker's answer out."""
-        body = await _json_body(request)
-        try:
-            if body is None:
-                raise ValueError("send {camera?} as a JSON object")
-            camera = _optional_id(body, "camera")
-        except ValueError as exc:
-            return _error(400, "bad_request", str(exc))
+        camera = _optional_id(await _json_body(request), "camera")
         return await _ask(client.control, {"command": command, **({"camera": camera} if camera else {})},
                           cfg.console.control_timeout_s)
 
+    @refusing
     async def export_capture(request: Request) -> Response:
         """The worker writes its captured frames as a training folder (on the worker's box) and says where."""
         return await _camera_command(request, "export_capture")
 
+    @refusing
     async def reload(request: Request) -> Response:
         """Canary (with a camera) or roll-out (without) of the bundle at a path on the worker's box."""
         body = await _json_body(request)
-        try:
-            if body is None:
-                raise ValueError("send {bundle, camera?} as a JSON object")
-            bundle, camera = _optional_id(body, "bundle"), _optional_id(body, "camera")
-            if bundle is None:
-                raise ValueError("bundle (a bundle folder on the worker's box) is required")
-        except ValueError as exc:
-            return _error(400, "bad_request", str(exc))
+        bundle, camera = _optional_id(body, "bundle"), _optional_id(body, "camera")
+        if bundle is None:
+            raise ValueError("bundle (a bundle folder on the worker's box) is required")
         return await _ask(client.control, {"command": "reload", "bundle": bundle,
                                            **({"camera": camera} if camera else {})}, cfg.console.control_timeout_s)
 
+    @refusing
     async def rollback(request: Request) -> Response:
         """Back to the model a camera (or the default) ran before its last reload."""
         return await _camera_command(request, "rollback")

@@ -22,6 +22,12 @@ def test_the_shipped_config_is_valid():
         ("model: {bundle: b}\nlimits: {queue_policy: sometimes}\n", "limits.queue_policy"),
         ("mqtt: {port: 1883}\n", "model"),
         ("model: {bundle: b}\ntopics: {prefix: 'a/#'}\n", "topics.prefix"),
+        # names that are topic levels: one that could never match a topic is refused, not ignored
+        ("model: {bundle: b}\ncameras: {'line/1': {threshold: 3}}\n", "cameras: camera id 'line/1'"),
+        ("model: {bundle: b}\ncameras: {'': {threshold: 3}}\n", "cameras: camera id ''"),
+        ("model: {bundle: b}\ntopics: {cameras: [a, '+']}\n", "topics.cameras"),
+        ("model: {bundle: b}\nworker: {id: 'w#1'}\n", "worker.id"),
+        ("model: {bundle: b}\ntopics: {share_group: 'g/1'}\n", "topics.share_group"),
     ],
 )
 def test_errors_name_the_bad_key(tmp_path, text, key):
@@ -38,6 +44,9 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "bad.yaml", environ={})
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", environ={})
+    (tmp_path / "latin1.yaml").write_bytes("model: {bundle: b}\nworker: {id: K\xf6ln}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot be read as UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml", environ={})
 
 
 def test_environment_overrides_and_secrets_stay_secret(tmp_path):

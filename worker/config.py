@@ -63,6 +63,14 @@ class MQTTConfig(_Section):
 MetadataPolicy = Literal["required", "optional"]
 
 
+def one_topic_level(value: str) -> str:
+    """``value`` when it can be one level of an MQTT topic (a camera id, the worker id, a share group): a name that
+    could never match a topic the worker reads or writes is refused at start rather than ignored."""
+    if not value or any(ch in value for ch in "+#/\0"):
+        raise ValueError(f"{value!r} must be one non-empty topic level, without '/', '+', '#' or NUL")
+    return value
+
+
 class TopicsConfig(_Section):
     prefix: str = Field("inspect", description="First level of every topic, as Frigate's 'frigate/'.")
     cameras: list[str] = Field(default_factory=list, description="Allowed camera ids; empty accepts any camera.")
@@ -86,9 +94,12 @@ class TopicsConfig(_Section):
     @field_validator("share_group")
     @classmethod
     def _one_level(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(ch in v for ch in "+#/")):
-            raise ValueError("must be one non-empty topic level without '+', '#' or '/'")
-        return v
+        return None if v is None else one_topic_level(v)
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_levels(cls, v: list[str]) -> list[str]:
+        return [one_topic_level(c) for c in v]
 
 
 PrecisionSetting = Literal["f32", "bf16", "f16", "int8", "auto"]
@@ -331,6 +342,11 @@ class ConsoleConfig(_Section):
 
 class WorkerConfig(_Section):
     id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
+
+    @field_validator("id")
+    @classmethod
+    def _one_level(cls, v: str) -> str:
+        return one_topic_level(v)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
     watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker "
@@ -363,6 +379,11 @@ class Config(_Section):
         unlisted = sorted(set(self.cameras) - set(self.topics.cameras))
         if self.topics.cameras and unlisted:
             raise ValueError(f"cameras: {', '.join(unlisted)} not in topics.cameras")
+        for camera in self.cameras:
+            try:
+                one_topic_level(camera)
+            except ValueError as exc:
+                raise ValueError(f"cameras: camera id {exc}") from None
         return self
 
 
@@ -439,9 +460,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Config:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

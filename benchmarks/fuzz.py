@@ -8,8 +8,8 @@ topic (the payloads and user properties a second process under its worker.id wou
 After each batch three canaries must be answered: a QoS 1 frame from another camera (a result, or the
 queue policy's ``dropped`` when the queue is full of one frame per camera), a control ``status`` and a query.
 No message may make the worker log a traceback (an ``internal_error``: a bug).  At the end the worker gets
-SIGTERM and a client takes over its persistent session: any QoS 1 message the worker never acknowledged is redelivered to it and
-counted as unacked.  Prints per-channel counts, canaries answered, the worker's maximum RSS.
+SIGTERM and a client takes over its persistent session: any QoS 1 message the worker never acknowledged is
+redelivered to it and counted as unacked.  Prints per-channel counts, canaries answered, the worker's maximum RSS.
 The hypothesis strategies here are also what tests/test_fuzz_channels.py draws from.
 """
 

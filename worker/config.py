@@ -342,17 +342,17 @@ class ConsoleConfig(_Section):
 
 class WorkerConfig(_Section):
     id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
-
-    @field_validator("id")
-    @classmethod
-    def _one_level(cls, v: str) -> str:
-        return one_topic_level(v)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
     watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker "
                                                      "exits with code 3 for its service manager to restart it; the process also ends if "
                                                      "its main loop stops running for 0.9-1.0 of this (its timer is re-armed every "
                                                      "tenth) (0 = off).")
+
+    @field_validator("id")
+    @classmethod
+    def _one_level(cls, v: str) -> str:
+        return one_topic_level(v)
 
 
 class Config(_Section):

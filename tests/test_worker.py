@@ -143,6 +143,7 @@ def test_bad_input_gets_an_error_and_the_next_frame_still_works(running, dataset
     for frame_id, data, _, extra in cases:
         captured = extra.pop("captured_at", "now") if "captured_at" in extra else "now"
         client.publish_frame("cam2", data, frame_id, captured_at=captured, extra=extra)
+    client.publish_frame("", good, "no-camera")  # <prefix>//frame: no camera to answer, so said in the log
     client.publish_frame("cam2", good, "after-the-garbage")
 
     errors = client.json_on(f"{prefix}/cam2/error", count=len(cases))
@@ -152,6 +153,7 @@ def test_bad_input_gets_an_error_and_the_next_frame_still_works(running, dataset
     result = client.json_on(f"{prefix}/cam2/result")[0]
     assert result["frame_id"] == "after-the-garbage"
     assert worker.proc.poll() is None, "the worker must keep running"
+    assert f"frames on {prefix}//frame are ignored: its camera level is empty" in worker.output()
 
 
 def _query(client: Client, prefix: str, request: dict, timeout: float = 30, topic: str = "query") -> dict:

@@ -81,6 +81,7 @@ class Pipeline:
         n = cfg.limits.inference_threads or max(1, models.default.bundle.optimal_requests)
         self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
         self._normal_seen: Counter = Counter()
+        self._empty_level_said = False  # a frame topic without a camera level was reported (once: a misconfigured camera)
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
         self._query_lock = threading.Lock()
@@ -96,7 +97,11 @@ class Pipeline:
     def on_frame(self, msg: Inbound) -> None:
         """Admit or refuse one frame message; every frame on a camera topic gets exactly one outcome."""
         camera = self.topics.camera_of(msg.topic)
-        if camera is None:
+        if camera is None:  # the subscription matched an empty camera level (<prefix>//frame): nobody to answer
+            if not self._empty_level_said:
+                self._empty_level_said = True
+                log.warning("frames on %s are ignored: its camera level is empty (frames go to %s)", msg.topic,
+                            self.topics.frame("<camera>"))
             return
         props = msg.user
         try:

@@ -2,9 +2,10 @@
 
     python -m benchmarks.fuzz --messages 10000 [--bundle DIR] [--batch 200]
 
-Channels: frame user properties and payloads, topic levels, query, control and label requests (wrong types,
-unknown fields, huge or deeply nested JSON, missing response topic, raw bytes), and the worker's own availability
-topic (the payloads and user properties a second process under its worker.id would send).
+Channels: frame user properties and payloads, JSON envelopes (a camera with ``payload: json_envelope``), topic
+levels, query, control and label requests (wrong types, unknown fields, huge or deeply nested JSON, missing response
+topic, raw bytes), and the worker's own availability topic (the payloads and user properties a second process under
+its worker.id would send).
 After each batch three canaries must be answered: a QoS 1 frame from another camera (a result, or the
 queue policy's ``dropped`` when the queue is full of one frame per camera), a control ``status`` and a query.
 No message may make the worker log a traceback (an ``internal_error``: a bug).  At the end the worker gets
@@ -16,6 +17,7 @@ The hypothesis strategies here are also what tests/test_fuzz_channels.py draws f
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import signal
 import subprocess
@@ -38,7 +40,8 @@ from paho.mqtt.properties import Properties
 
 from benchmarks.common import ROOT
 
-CHANNELS = ("frame", "topic", "query", "control", "label", "availability")
+CHANNELS = ("frame", "envelope", "topic", "query", "control", "label", "availability")
+ENVELOPE_CAMERA = "fe"  # a camera configured with payload: json_envelope (cameras.fe in the fuzzed worker's config)
 # MQTT strings: valid UTF-8 without control characters (mosquitto drops a publisher that sends them).
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cn")), max_size=40)
 NUMBERS = st.sampled_from(["nan", "inf", "-inf", "1e15", "-1e20", "1e308", "0", "-1", "1.5e9", "", " ", "now"])
@@ -91,6 +94,18 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
                   st.one_of(st.none(), st.none(), st.just("fz"), TEXT),
                   st.lists(st.tuples(TEXT, TEXT), max_size=2)),
     )
+    # A JSON envelope camera: documents with the fields publishers use, a valid image among them or not.
+    b64 = base64.b64encode(GOOD).decode()
+    envelope_key = st.sampled_from(["image_b64", "image", "data", "frame_id", "id", "captured_at", "timestamp",
+                                    "frame_time", "camera_id", "camera"])
+    # flat values keep a batch within hypothesis's entropy budget (nested ones made it end runs early)
+    envelope_value = st.one_of(st.just(b64), st.just(f"data:image/png;base64,{b64}"), NUMBERS,
+                               st.builds(lambda: str(time.time())), TEXT, st.integers(), st.none())
+    envelope = st.builds(
+        lambda payload: {"channel": "envelope", "topic": f"{prefix}/{ENVELOPE_CAMERA}/frame", "payload": payload},
+        st.one_of(st.dictionaries(envelope_key | TEXT, envelope_value, max_size=4)
+                  .map(lambda d: json.dumps(d).encode("utf-8", "surrogatepass")), st.binary(max_size=128)),
+    )
     topic = st.builds(
         lambda level, user: {"channel": "topic", "topic": f"{prefix}/{level}/frame", "payload": GOOD, "user": user},
         st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cn"), blacklist_characters="/+#\x00"),
@@ -112,7 +127,7 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
         st.one_of(st.just(b"online"), st.just(b"offline"), st.binary(max_size=64)),
         st.lists(st.tuples(presence_keys | TEXT, TEXT), max_size=6),
     )
-    return st.one_of(frame, frame, topic, *requests, availability)  # frames weigh double: the busiest channel
+    return st.one_of(frame, frame, envelope, topic, *requests, availability)  # frames weigh double: the busiest channel
 
 
 class Fuzzer:
@@ -245,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
            "limits": {"max_frame_bytes": 200_000, "queue_policy": "drop_oldest"},
            "store": {"path": str(work / "qdrant"), "log_normal_every": 50},
            "evidence": {"path": str(work / "evidence"), "max_frames": 200}, "spool": {"path": str(work / "spool")},
-           "metrics": {"enabled": False}}
+           "cameras": {ENVELOPE_CAMERA: {"payload": "json_envelope"}}, "metrics": {"enabled": False}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     fuzzer = Fuzzer(broker.port, prefix, worker_id)
     log = (work / "worker.log").open("wb")

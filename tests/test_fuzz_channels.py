@@ -1,9 +1,10 @@
 """Property-based fuzzing of every input channel against a real worker and a real mosquitto.
 
-Frame user properties and payloads, topic levels, query, control and label requests, and the availability topic
-the worker reads back, drawn from the strategies of benchmarks/fuzz.py (which runs >= 10,000 of them; figures in
-docs/reliability.md).  After each batch the canaries (a QoS 1 frame from another camera, a control status, a
-query) must be answered; at the end no QoS 1 message may be left unacknowledged and the frame counters must add up.
+Frame user properties and payloads, JSON envelopes (a camera with payload: json_envelope), topic levels, query,
+control and label requests, and the availability topic the worker reads back, drawn from the strategies of
+benchmarks/fuzz.py (which runs >= 10,000 of them; figures in docs/reliability.md).  After each batch the canaries
+(a QoS 1 frame from another camera, a control status, a query) must be answered; at the end no QoS 1 message may
+be left unacknowledged and the frame counters must add up.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.fuzz import CHANNELS, Fuzzer, message, tracebacks_in, unacked_after_stop
+from benchmarks.fuzz import CHANNELS, ENVELOPE_CAMERA, Fuzzer, message, tracebacks_in, unacked_after_stop
 from conftest import WorkerProcess, write_config
 
 PREFIX = f"y{uuid.uuid4().hex[:6]}"
@@ -32,7 +33,8 @@ def fuzzed(broker, bundle_dir, tmp_path_factory):
     config = write_config(folder, broker.port, bundle_dir, topics={"prefix": PREFIX},
                           mqtt={"client_id": client_id, "session_expiry_s": 600},
                           limits={"max_frame_bytes": 200_000}, store={"log_normal_every": 0},
-                          metrics={"enabled": False, "max_cameras": 8})
+                          metrics={"enabled": False, "max_cameras": 8},
+                          cameras={ENVELOPE_CAMERA: {"payload": "json_envelope"}})
     fuzzer = Fuzzer(broker.port, PREFIX, WORKER_ID)
     worker = WorkerProcess(config, folder / "worker.log")
     assert fuzzer.wait(f"{PREFIX}/workers/{WORKER_ID}/availability", 120, lambda p: p == b"online")

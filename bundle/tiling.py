@@ -66,7 +66,9 @@ def canvas_size(tiling: Grid, width: int, height: int) -> tuple[int, int]:
 def cut(frame: np.ndarray, width: int, height: int, tiling: Grid) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """The canvas (``frame`` resized once) and its tiles as (col, row, x, y); each tile is ``width`` x ``height``."""
     cw, ch = canvas_size(tiling, width, height)
-    canvas = np.ascontiguousarray(cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA))
+    # a frame read at the canvas's size already (exporter.data.read_frame) is not resized a second time
+    canvas = frame if frame.shape[:2] == (ch, cw) else cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA)
+    canvas = np.ascontiguousarray(canvas)
     cols, rows = tiling.grid
     return canvas, [(col, row, x, y) for row, y in enumerate(_starts(ch, height, rows))
                     for col, x in enumerate(_starts(cw, width, cols))]

@@ -24,6 +24,8 @@ For the last two, and for masks beside images without ``train/`` and ``test/``, 
 a list has a ``split`` column): every defect image goes to test, and a seeded share (:data:`TEST_GOOD_FRACTION`) of
 the good images too; training never sees a test image.
 
+Hidden files and folders (:func:`hidden`) are never read as data.
+
 Images are read with OpenCV ``IMREAD_COLOR`` and resized with :func:`bundle.prepare_image`, exactly as the
 worker decodes and resizes a frame, so training, evaluation and serving see identical pixels: grey images
 become three equal channels, 16-bit images are scaled to 8 bits by OpenCV's fixed full-range shift (not by
@@ -116,8 +118,26 @@ class Category:
         return replace(self, test=[s for s in self.test if s.path not in paths])
 
 
+def hidden(name: str) -> bool:
+    """Whether a file or folder is one that nobody put there as data: a dot name (``.DS_Store``, macOS's ``._<name>``
+    resource forks beside every file copied to a foreign disk, ``.ipynb_checkpoints``) or the ``__MACOSX`` folder of a
+    zip made on a Mac.  Read as images they would stop the training as undecodable, or become a defect type."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def entries(folder: Path) -> list[Path]:
+    """A folder's entries in name order, hidden ones left out (:func:`hidden`); none when it is not a folder."""
+    return sorted(p for p in folder.iterdir() if not hidden(p.name)) if folder.is_dir() else []
+
+
+def images_under(folder: Path, suffixes: set[str] | tuple[str, ...] = tuple(IMAGE_SUFFIXES)) -> list[Path]:
+    """Every image file below ``folder``, at any depth, in path order, none inside a hidden folder or hidden itself."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes
+                  and not any(hidden(part) for part in p.relative_to(folder).parts))
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    return [p for p in entries(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def _is_good(folder: Path) -> bool:
@@ -132,7 +152,7 @@ def _folder_images(folder: Path) -> list[Path]:
 def _train_folder(root: Path) -> Path | None:
     """``root/train/good`` (or ``ok``/``normal``, any case) when ``root`` is laid out like MVTec AD."""
     train = root / "train"
-    found = [d for d in sorted(train.iterdir()) if d.is_dir() and _is_good(d)] if train.is_dir() else []
+    found = [d for d in entries(train) if d.is_dir() and _is_good(d)]
     return found[0] if found else None
 
 
@@ -151,7 +171,7 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         return _beside_split(root, pairs, test) if test else _held_out(root, BESIDE, *pairs, seed)
     if (root / "train").is_dir():
         return _mvtec(root)
-    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)]
+    folders = [d for d in entries(root) if d.is_dir() and _images(d)]
     good = [d for d in folders if _is_good(d)]
     found = [] if good else [_beside(d) for d in [root, *folders]]
     if any(found):  # KolektorSDD: one folder per part, or all in one folder
@@ -179,8 +199,7 @@ def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
     its mask has a non-zero pixel, good when the mask is blank or the image has none."""
     images = _images(folder)
     by_stem = {p.stem: p for p in images}
-    labels = [p for sub in sorted(folder.iterdir()) if sub.is_dir() and sub.name.lower() in MASK_FOLDERS
-              for p in _images(sub)] if folder.is_dir() else []
+    labels = [p for sub in entries(folder) if sub.is_dir() and sub.name.lower() in MASK_FOLDERS for p in _images(sub)]
     masks = {}
     for path in images + labels:
         stem = path.stem
@@ -219,7 +238,7 @@ def _labelled(good: Path, types: list[Path]) -> tuple[list[Path], list[Sample]]:
 
 def _child(root: Path, name: str) -> Path | None:
     """``root``'s sub-folder called ``name`` in any case (DAGM names them ``Train`` and ``Test``)."""
-    return next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() == name), None)
+    return next((d for d in entries(root) if d.is_dir() and d.name.lower() == name), None)
 
 
 def _beside_split(root: Path, train: tuple[list[Path], list[Sample]], test_folder: Path) -> Category:
@@ -236,7 +255,7 @@ def _beside_split(root: Path, train: tuple[list[Path], list[Sample]], test_folde
 def _masks_by_stem(folder: Path) -> dict[str, Path]:
     """The masks in one type's truth folder, keyed by the stem of the image each belongs to."""
     masks: dict[str, Path] = {}
-    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for entry in entries(folder):
         if entry.is_dir() and _images(entry):  # one image, several masks (MVTec LOCO, AutoVI)
             masks[entry.name] = entry
         elif entry.suffix.lower() in IMAGE_SUFFIXES:
@@ -253,7 +272,7 @@ def _mvtec(root: Path) -> Category:
     test: list[Sample] = []
     test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), root / TEST_FOLDERS[0])
     missing: list[Path] = []
-    types = sorted(p for p in test_root.iterdir() if p.is_dir() and p.name != TRUTH) if test_root.is_dir() else []
+    types = [p for p in entries(test_root) if p.is_dir() and p.name != TRUTH]
     for type_dir in types:
         images = _folder_images(type_dir)
         if _is_good(type_dir):
@@ -358,7 +377,7 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
 def find_categories(data: Path) -> list[str]:
     """Every sub-folder of ``data`` that looks like an MVTec AD category, or holds a training folder of images with
     masks beside them (DAGM's ``Class1`` ... ``Class10``)."""
-    return sorted(p.name for p in Path(data).iterdir() if p.is_dir() and (
+    return sorted(p.name for p in entries(Path(data)) if p.is_dir() and (
         _train_folder(p) is not None or ((train := _child(p, "train")) is not None and _beside(train) is not None)))
 
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exporter import backbones
-from exporter.data import IMAGE_SUFFIXES
+from exporter.data import images_under
 from exporter.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def receptive_field(net: nn.Module, side: int = 96) -> tuple[int, int]:
 
 
 def natural_images(folder: Path) -> list[Path]:
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = images_under(Path(folder))
     if not paths:
         raise FileNotFoundError(f"no natural images under {folder}")
     return paths

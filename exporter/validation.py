@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from exporter.data import read_decoded
+from exporter.data import images_under, read_decoded
 
 KINDS = ("perlin", "cutpaste", "scratch")
 HARD_KINDS = ("deform", "stain")
@@ -229,4 +229,4 @@ def natural_photos(folder: Path | None) -> list[Path]:
     """The photos under ``folder`` (Perlin fill), or none when it is absent."""
     if folder is None or not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return images_under(folder, (".jpg", ".jpeg", ".png"))

@@ -245,6 +245,41 @@ def test_public_sets_are_read_as_downloaded(tmp_path, name):
         assert cat.split == "the data's own test split (test_public/)"
 
 
+def _as_copied_from_a_mac(root: Path) -> None:
+    """What a folder gains on its way from a Mac (a zip, a USB disk): a ``._<name>`` resource fork beside every
+    file and folder, a ``.DS_Store`` in every folder, the zip's ``__MACOSX/`` mirror; and a notebook's hidden
+    ``.ipynb_checkpoints/`` holding a copy of an image."""
+    for path in sorted(root.rglob("*")):
+        (path.parent / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble, not an image
+        if path.is_dir():
+            (path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    first = next(p for p in sorted(root.rglob("*.png")) if not p.name.startswith("."))
+    for folder in (root / "__MACOSX" / first.parent.relative_to(root), first.parent / ".ipynb_checkpoints"):
+        folder.mkdir(parents=True)
+        shutil.copy(first, folder / first.name)
+
+
+@pytest.mark.parametrize("name", ["mvtec_ad_2", "mvtec_loco", "labelled"])
+def test_hidden_files_and_folders_are_not_data(tmp_path, name):
+    """The data reads as it did before the copy: no resource fork is an undecodable image, and no hidden folder a
+    defect type, a mask folder or a category."""
+    rng = np.random.default_rng(8)
+    for copy in ("clean", "mac"):
+        if name == "labelled":
+            for i in range(10):
+                _write(tmp_path / copy / name / "good" / f"{i}.png", sample(rng, 64)[0])
+            _write(tmp_path / copy / name / "dent" / "0.png", sample(rng, 64, "hole")[0])
+        else:
+            _public_layout(tmp_path / copy / name, name, rng)
+    _as_copied_from_a_mac(tmp_path / "mac")
+    clean, mac = load_category(tmp_path / "clean", name), load_category(tmp_path / "mac", name)
+    relative = lambda cat: ([p.relative_to(cat.root) for p in cat.train],  # noqa: E731
+                            [(s.path.relative_to(cat.root), s.defect, s.mask and s.mask.relative_to(cat.root))
+                             for s in cat.test])
+    assert relative(mac) == relative(clean) and (mac.layout, mac.split) == (clean.layout, clean.split)
+    assert summarise(mac).problems() == [] and find_categories(tmp_path / "mac") == find_categories(tmp_path / "clean")
+
+
 def test_a_public_set_trains_and_evaluates_with_pixel_metrics(tmp_path):
     """BTAD's layout end to end: ok/ and ko/ folders, bitmaps, masks named like their image."""
     rng = np.random.default_rng(7)

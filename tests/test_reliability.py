@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 from conftest import Client, good_png, start_on_embedded_store, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.config import StoreConfig
-from worker.store import VectorStore
+from worker.store import StoreError, VectorStore
 
 ERROR_CODES = {"empty_payload", "payload_too_large", "not_an_image", "unsupported_format", "bad_dimensions",
                "image_too_large", "truncated_image", "corrupt_image", "missing_metadata", "bad_metadata",
@@ -514,6 +514,42 @@ def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, t
         assert all(store.find(f"s{i}", "cam") is not None for i in range(len(frames)))
     finally:
         store.close()
+
+
+def test_a_corrupt_embedded_store_costs_the_history_not_the_worker(broker, bundle_dir, dataset, tmp_path,
+                                                                   worker_factory):
+    """A power cut can leave qdrant-edge's files half written. Loading a truncated status file makes its engine
+    panic: a Rust panic reaches Python as a BaseException that ``except Exception`` lets through, so it ended the
+    recorder's thread. The store is now unavailable like any outage (named, spooled, tried again), and every frame
+    is still scored and answered."""
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    store_dir = tmp_path / "qdrant"
+    dim = json.loads((bundle_dir / "bundle.json").read_text())["embedding_dim"]
+    store = VectorStore(StoreConfig(path=store_dir), dim)
+    store.upsert([(str(uuid.uuid4()), np.ones(dim, np.float32), {"frame_id": "old", "camera": "cam"})])
+    store.close()
+    status = sorted(store_dir.rglob("vector_storage/deleted/status.dat"))
+    assert status, "the engine's file layout changed: pick another file that a power cut can leave empty"
+    status[0].write_bytes(b"")
+    with pytest.raises(StoreError, match="cannot open the vector store"):
+        VectorStore(StoreConfig(path=store_dir), dim)
+    config = write_config(tmp_path / "a", broker.port, bundle_dir, topics={"prefix": prefix},
+                          store={"path": str(store_dir)}, spool={"path": str(tmp_path / "spool"), "retry_s": 0.5})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    frames = sorted((dataset / "weave" / "test").glob("*/*.png"))[:4]
+    for i, path in enumerate(frames):
+        client.publish_frame("cam", path.read_bytes(), f"c{i}")
+    assert len(client.json_on(f"{prefix}/cam/result", count=len(frames))) == len(frames)
+    spooled = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
+                              and json.loads(m.payload)["spool_batches"] >= 1, timeout=60)
+    stats = json.loads(spooled[-1].payload)
+    assert stats["store_available"] is False and stats["healthy"], stats
+    assert all(t["alive"] for t in stats["threads"].values()), stats["threads"]
+    assert worker.stop() == 0
+    log = worker.output()
+    assert "vector store unavailable" in log and str(store_dir) in log and "PanicException" not in log, log[-3000:]
 
 
 # 5. The broker's maximum packet size is respected ------------------------------------------------

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from worker.evidence import EvidenceStore
 from worker.metrics import OTHER, Stats
 from worker.queueing import BoundedQueue
 from worker.recorder import Record, Recorder, Spool
-from worker.store import VectorStore
+from worker.store import StoreError, VectorStore
 from worker.supervise import Liveness, StopLoop, os_thread_named, supervised_loop
 from worker.wire import ControlRequest, ErrorCode, FrameMetadata, RequestError, decode_json, parse_timestamp, validate
 
@@ -81,6 +82,46 @@ def test_the_loop_goes_on_after_an_exception_and_counts_it():
     supervised_loop(liveness, "t", step, errors.append)
     assert done == [1, 2] and [str(e) for e in errors] == ["boom"]
     assert liveness.snapshot()["t"]["restarts"] == 1 and liveness.problems() == []
+
+
+def _damaged_shard(folder: Path) -> Path:
+    """A qdrant-edge shard with one point whose status file is left empty, as a power cut while it wrote can."""
+    store = VectorStore(StoreConfig(path=folder), 4)
+    store.upsert([(str(uuid.uuid4()), np.ones(4, np.float32), {"frame_id": "f", "camera": "c"})])
+    store.close()
+    status = sorted(folder.rglob("vector_storage/deleted/status.dat"))
+    assert status, "the engine's file layout changed: pick another file that a power cut can leave empty"
+    status[0].write_bytes(b"")
+    return folder / StoreConfig().collection
+
+
+def test_a_panic_in_a_compiled_library_is_a_loop_error_not_the_end_of_the_thread(tmp_path):
+    """qdrant-edge panics on damaged files, and pyo3 raises a panic as a BaseException, which ``except Exception``
+    would let through to end the loop's thread; a KeyboardInterrupt still ends it."""
+    import qdrant_edge as edge
+
+    shard = _damaged_shard(tmp_path / "store")
+    liveness = Liveness(0)
+    steps = iter([lambda: edge.EdgeShard.load(str(shard)), StopLoop])
+    errors: list[BaseException] = []
+
+    def step() -> None:
+        work = next(steps)
+        if work is StopLoop:
+            raise StopLoop
+        work()
+
+    supervised_loop(liveness, "t", step, errors.append)
+    assert [type(e).__name__ for e in errors] == ["PanicException"]
+    assert liveness.snapshot()["t"]["restarts"] == 1
+    with pytest.raises(StoreError, match="panicked.*move the collection's folder aside"):
+        VectorStore(StoreConfig(path=tmp_path / "store"), 4)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        supervised_loop(Liveness(0), "u", interrupted)
 
 
 def _os_name() -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import qdrant_edge as edge
 
 from worker.config import StoreConfig
+from worker.supervise import is_failure
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -95,6 +96,14 @@ def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | 
         must.append(edge.FieldCondition("embedding_space", match=edge.MatchValue(filters.space)))
     must_not: list = [edge.HasIdCondition({uuid.UUID(exclude)})] if exclude else []
     return edge.Filter(must=must, must_not=must_not) if must or must_not else None
+
+
+def _said(exc: BaseException) -> str:
+    """An engine error for a log line; a panic says so, with what to do about its files."""
+    if isinstance(exc, Exception):
+        return str(exc)
+    return (f"the embedded engine panicked ({exc}): its files are damaged, e.g. by a power cut while it wrote; "
+            "move the collection's folder aside to start a new history")
 
 
 class _Edge:
@@ -223,8 +232,10 @@ class VectorStore:
                 where = f"embedded qdrant-edge at {folder}{' (HNSW)' if cfg.hnsw else ''}"
         except StoreError:
             raise
-        except Exception as exc:
-            raise StoreError(f"cannot open the vector store ({cfg.url or cfg.path}): {exc}") from exc
+        except BaseException as exc:
+            if not is_failure(exc):
+                raise
+            raise StoreError(f"cannot open the vector store ({cfg.url or cfg.path}): {_said(exc)}") from exc
         log.info("vector store: %s, collection %s", where, cfg.collection)
 
     def _call(self, what: str, fn, *args) -> Any:
@@ -233,8 +244,10 @@ class VectorStore:
                 return fn(*args)
         except StoreError:
             raise
-        except Exception as exc:
-            raise StoreError(f"vector store {what} failed: {exc}") from exc
+        except BaseException as exc:
+            if not is_failure(exc):
+                raise
+            raise StoreError(f"vector store {what} failed: {_said(exc)}") from exc
 
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
         if items:

@@ -146,6 +146,13 @@ def os_thread_named(name: str) -> Iterator[None]:
             name_os_thread(old.value.decode(errors="replace"))
 
 
+def is_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the work, not the process being stopped: any Exception, or a Rust panic in a
+    compiled library (qdrant-edge loading files that a power cut left half written, say), which pyo3 raises as
+    ``PanicException``, a BaseException so that ``except Exception`` lets it through and ends the calling thread."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 def supervised_loop(liveness: Liveness, name: str, step: Callable[[], object],
                     on_error: Callable[[BaseException], None] | None = None) -> None:
     """Call ``step`` (one item of work, or one bounded idle wait) until it raises :class:`StopLoop`.
@@ -162,7 +169,9 @@ def supervised_loop(liveness: Liveness, name: str, step: Callable[[], object],
         except StopLoop:
             liveness.finished(name)
             return
-        except Exception as exc:
+        except BaseException as exc:
+            if not is_failure(exc):
+                raise
             liveness.failed(name)
             log.exception("%s: unexpected error; the loop goes on", name)
             if on_error is not None:

@@ -244,12 +244,15 @@ class Extension:
             for entry in entries:
                 try:
                     rows = np.load(self.folder / f"{entry.key}.npy", allow_pickle=False)
-                except (OSError, ValueError) as exc:
+                except Exception as exc:  # a damaged file (a power cut) can make numpy raise almost anything
                     log.error("extension entry %s of %s is unreadable (%s): dropped", entry.key, self.folder, exc)
                     continue
                 if rows.ndim != 2 or rows.shape[1] != self.feature_dim:
                     log.error("extension entry %s of %s has shape %s, not [n, %d]: dropped", entry.key, self.folder,
                               rows.shape, self.feature_dim)
+                    continue
+                if not np.isfinite(rows).all():  # damaged bytes; a row of NaN would make every frame's score NaN
+                    log.error("extension entry %s of %s holds values that are not finite: dropped", entry.key, self.folder)
                     continue
                 self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
                 self._arrays[entry.key] = rows.astype(np.float32, copy=False)
@@ -357,7 +360,7 @@ def read_folder(folder: Path, feature_dim: int) -> tuple[int, list[Entry], np.nd
             raise ValueError(f"{index}: entry key {entry.key!r} is not a point id")
         try:
             rows = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a damaged file can make numpy raise almost anything
             raise ValueError(f"{path}: unreadable ({exc})") from exc
         if rows.ndim != 2 or rows.shape[1] != feature_dim:
             raise ValueError(f"{path}: rows of shape {list(rows.shape)}, not [n, {feature_dim}] (the bundle's "

@@ -204,3 +204,18 @@ def worker_factory(tmp_path):
     for w in started:
         if w.proc.poll() is None:
             w.stop(signal.SIGKILL)
+
+
+DAMAGE = ("empty", "cut", "header")
+
+
+def damage(path: Path, how: str) -> None:
+    """What a power cut can leave of a file written without fsync: nothing, its first half, or a garbled byte in
+    its NumPy header (numpy then raises EOFError, ValueError, or tokenize's TokenError: none is an OSError)."""
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "cut":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(data[:11] + b"(" + data[12:])  # an unclosed bracket where the header's dict opens

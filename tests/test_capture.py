@@ -7,9 +7,11 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+import pytest
 
+from conftest import DAMAGE, damage
 from exporter.data import load_category
-from worker.capture import INDEX, Capture, camera_folder
+from worker.capture import EMBEDDINGS, INDEX, Capture, camera_folder
 
 
 def image(i: int) -> np.ndarray:
@@ -99,6 +101,17 @@ def test_an_unreadable_state_starts_the_sample_afresh(tmp_path) -> None:
     again = Capture(tmp_path, max_frames=5, min_distance=0.0)
     assert again.offer("cam", "b", image(2), lambda: (frame(2), "png"))
     assert json.loads((tmp_path / "cam" / INDEX).read_text())["files"] == ["b.png"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_signatures_start_the_sample_afresh(tmp_path, how) -> None:
+    """The worker's start read them unguarded: an emptied file stopped it with EOFError, a restart loop."""
+    capture = Capture(tmp_path, max_frames=5, min_distance=0.0)
+    capture.offer("cam", "a", image(1), png(1))
+    capture.flush()
+    damage(tmp_path / "cam" / EMBEDDINGS, how)
+    again = Capture(tmp_path, max_frames=5, min_distance=0.0)
+    assert again.counts()["cam"]["kept"] == 0 and again.offer("cam", "b", image(2), png(2))
 
 
 def test_a_reader_beside_the_running_worker_changes_nothing(tmp_path) -> None:

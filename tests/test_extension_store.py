@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bundle.extension import INDEX, Extension, ExtensionFull, Views, offending
+from conftest import DAMAGE, damage
 
 C = 8
 
@@ -72,6 +73,21 @@ def test_crash_states_recover(tmp_path) -> None:
     (tmp_path / INDEX).write_text("{not json")  # a torn index: moved aside, the worker starts empty
     empty = Extension(tmp_path, C, max_rows=10)
     assert empty.rows.shape == (0, C) and (tmp_path / "index.corrupt").is_file()
+
+
+@pytest.mark.parametrize("how", [*DAMAGE, "not finite"])
+def test_a_damaged_entry_is_dropped_and_the_others_kept(tmp_path, how) -> None:
+    """An emptied entry stopped the worker's start with EOFError; a NaN row would make every score NaN."""
+    ext = Extension(tmp_path, C, max_rows=10)
+    kept, broken = key(), key()
+    ext.add(kept, rows(2, 1.0), "f1", "cam")
+    ext.add(broken, rows(3, 2.0), "f2", "cam")
+    if how == "not finite":
+        np.save(tmp_path / f"{broken}.npy", np.full((3, C), np.nan, np.float32))
+    else:
+        damage(tmp_path / f"{broken}.npy", how)
+    again = Extension(tmp_path, C, max_rows=10)
+    assert np.array_equal(again.rows, rows(2, 1.0)) and [e.frame_id for e in again.entries()] == ["f1"]
 
 
 def test_entries_of_another_shape_or_beyond_the_bound_are_dropped(tmp_path) -> None:

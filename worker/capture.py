@@ -96,9 +96,9 @@ class _Camera:
             raw = json.loads(index.read_text())
             seen, files = int(raw["seen"]), [str(f) for f in raw["files"]]
             vectors = np.load(folder / EMBEDDINGS, allow_pickle=False) if files else None
-            if vectors is not None and len(vectors) != len(files):
-                raise ValueError(f"{len(files)} files but {len(vectors)} embeddings")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if vectors is not None and vectors.shape != (len(files), SIGNATURE_SIDE ** 2):
+                raise ValueError(f"{len(files)} files but embeddings of shape {vectors.shape}")
+        except Exception as exc:  # a damaged file (a power cut) can make json and numpy raise almost anything
             log.error("capture state of %s is unreadable (%s): starting its sample afresh", folder, exc)
             seen, files, vectors = 0, [], None
         self.seen, self.files, self.vectors = seen, [f for f in files if (folder / f).is_file()], vectors

@@ -50,7 +50,7 @@ class Guards:
         try:
             with np.load(path, allow_pickle=False) as saved:
                 recorded, patches, reach = str(saved["how"]), saved["patches"], saved["reach"]
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # a damaged file (a power cut) can make numpy raise almost anything
             log.warning("guard %s is unreadable (%s): the confirmed defect is scored again", path, exc)
             return None
         spec = model.bundle.extension_spec

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from bundle import PRECISIONS, BundleError, ExtensionSpec, Manifest, Precision, Thresholds, read_manifest
+from bundle import PRECISIONS, BundleError, ExtensionSpec, Manifest, Precision, Thresholds, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,46 @@ def _eight_bit_dense_weights(model: ov.Model) -> bool:
                for op in model.get_ordered_ops())
 
 
+BLOB_DIGEST = ".sha256"  # beside each blob that OpenVINO writes into a model cache: <blob>.blob.sha256
+
+
+def drop_unverified_blobs(cache_dir: Path) -> None:
+    """Delete the compiled blobs in ``cache_dir`` that do not match the digest :func:`record_blobs` wrote after a
+    compile, or have none (half written by a crash, or left by a version without digests); OpenVINO then compiles
+    the model again.  OpenVINO reads a cached blob back without checking its bytes, so a bit that flips on the disk
+    would change every score silently, where the bundle's own files are verified against its manifest."""
+    for blob in sorted(cache_dir.glob("*.blob")):
+        digest = blob.with_name(blob.name + BLOB_DIGEST)
+        try:
+            recorded = digest.read_text().strip() if digest.is_file() else None
+            if recorded is not None and recorded == sha256_file(blob):
+                continue
+            if recorded is not None:
+                log.warning("model cache: %s does not match its digest (damaged on disk): compiling again", blob)
+            blob.unlink(missing_ok=True)
+            digest.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("model cache: cannot check %s (%s)", blob, exc)
+    for digest in cache_dir.glob("*.blob" + BLOB_DIGEST):
+        if not digest.with_name(digest.name.removesuffix(BLOB_DIGEST)).exists():
+            digest.unlink(missing_ok=True)
+
+
+def record_blobs(cache_dir: Path) -> None:
+    """Write the digest of each blob in ``cache_dir`` that has none yet (those the compile just wrote)."""
+    for blob in sorted(cache_dir.glob("*.blob")):
+        digest = blob.with_name(blob.name + BLOB_DIGEST)
+        if digest.exists():
+            continue
+        tmp = digest.with_name(digest.name + ".tmp")
+        try:
+            tmp.write_text(sha256_file(blob) + "\n")
+            tmp.replace(digest)
+        except OSError as exc:  # e.g. a full disk: the blob is compiled again at the next start
+            tmp.unlink(missing_ok=True)
+            log.warning("model cache: cannot record the digest of %s (%s)", blob, exc)
+
+
 class CompiledBundle:
     """A verified bundle compiled for one device; hands out infer requests for concurrent use."""
 
@@ -92,6 +132,7 @@ class CompiledBundle:
             config["INFERENCE_PRECISION_HINT"] = self._hint_for(core, device, precision)
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            drop_unverified_blobs(Path(cache_dir))
             core.set_property({"CACHE_DIR": str(cache_dir)})
         model = core.read_model(self.folder / "model.xml")
         self.extension_spec: ExtensionSpec | None = self.manifest.extension
@@ -113,6 +154,8 @@ class CompiledBundle:
         if shapes:
             model.reshape(shapes)
         self.compiled = core.compile_model(model, device, config)
+        if cache_dir is not None:
+            record_blobs(Path(cache_dir))
         self.optimal_requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.device_name = device_name(core, device)
         self.precision: Precision = self._effective_precision()

@@ -1,11 +1,14 @@
 """bundle.runtime's async queue (OpenVINO's own request threads) gives the same outputs as synchronous infer,
-bank extension included."""
+bank extension included; its model cache serves no blob damaged on disk."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-from bundle.runtime import CompiledBundle
+from bundle import sha256_file
+from bundle.runtime import BLOB_DIGEST, CompiledBundle
 from exporter.data import load_category, read_image
 
 
@@ -31,3 +34,25 @@ def test_async_queue_matches_infer(bundle_dir, dataset):
         np.testing.assert_allclose(got[i].embedding, want.embedding, atol=1e-5)
         np.testing.assert_allclose(got[i].candidate_scores, want.candidate_scores, rtol=1e-4, atol=1e-5)
     assert got[0].score[0] < 0.5 * taught.score[0]  # the taught frame: the queue's requests use the extension
+
+
+def test_a_cached_blob_damaged_on_disk_is_compiled_again_not_served(bundle_dir, dataset, tmp_path):
+    """OpenVINO reads a cached blob back without checking its bytes: one flipped bit was served silently."""
+    image = read_image(load_category(dataset, "weave").test[0].path, CompiledBundle(bundle_dir).manifest.input)
+    want = CompiledBundle(bundle_dir, batch=1).infer(image[np.newaxis]).score
+    CompiledBundle(bundle_dir, cache_dir=tmp_path, batch=1)
+    blobs = sorted(tmp_path.glob("*.blob"))
+    assert blobs and all(blob.with_name(blob.name + BLOB_DIGEST).is_file() for blob in blobs)
+    blob = blobs[0]
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    blob.chmod(0o600)  # OpenVINO writes it read-only
+    blob.write_bytes(damaged)
+    again = CompiledBundle(bundle_dir, cache_dir=tmp_path, batch=1)
+    assert sha256_file(blob) != hashlib.sha256(damaged).hexdigest(), "the damaged blob was served"
+    np.testing.assert_array_equal(again.infer(image[np.newaxis]).score, want)
+    blob.with_name(blob.name + BLOB_DIGEST).unlink()  # a blob without a digest: half written when the power went
+    blob.chmod(0o600)
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    CompiledBundle(bundle_dir, cache_dir=tmp_path, batch=1)
+    assert blob.with_name(blob.name + BLOB_DIGEST).read_text().strip() == sha256_file(blob)

@@ -24,7 +24,7 @@ import numpy as np
 
 from bundle import MANIFEST, BundleError, Normalisation, read_manifest, tiling
 from bundle.extension import Extension, folder_name
-from bundle.runtime import CompiledBundle
+from bundle.runtime import BLOB_DIGEST, CompiledBundle
 from worker.config import CameraConfig, Config
 from worker.supervise import OPENVINO_THREADS, os_thread_named
 
@@ -114,7 +114,7 @@ class Models:
     def _prune_cache(self) -> None:
         """Delete the cache folders of bundles neither served nor kept for rollback, and blobs of the older flat
         layout: each retrained bundle adds its compiled blobs, and a line retrained weekly would fill the disk.
-        Only what looks like ours goes: ``<name>-<16 hex>`` folders holding blobs, and ``*.blob`` files."""
+        Only what looks like ours goes: ``<name>-<16 hex>`` folders holding blobs (and their digests), and ``*.blob`` files."""
         root = self.cfg.model.cache_dir
         if root is None or not root.is_dir():
             return
@@ -128,7 +128,7 @@ class Models:
         for entry in entries:
             try:
                 if entry.is_dir() and entry.name not in keep and _CACHE_FOLDER.fullmatch(entry.name) \
-                        and all(f.suffix == ".blob" for f in entry.iterdir()):
+                        and all(f.name.endswith((".blob", ".blob" + BLOB_DIGEST)) for f in entry.iterdir()):
                     shutil.rmtree(entry)
                 elif entry.is_file() and entry.suffix == ".blob":
                     entry.unlink()

@@ -112,10 +112,10 @@ class ModelConfig(_Section):
                                                            "on CPUs that run them natively, e.g. bf16 with AMX), int8 (INT8 bundles), auto "
                                                            "(the device's default). The bundle's thresholds for that precision are used; a "
                                                            "bundle without them is refused.")
-    cache_dir: Path | None = Field(Path("data/ov-cache"), description="OpenVINO model cache (faster restarts): a folder per bundle; "
-                                                                     "those of bundles neither served nor kept for rollback are deleted; a compiled "
-                                                                     "blob that no longer matches the digest recorded after its compile is "
-                                                                     "compiled again.")
+    cache_dir: Path | None = Field(Path("data/ov-cache"), description=(
+        "OpenVINO model cache (faster restarts): a folder per bundle; those of bundles neither served nor kept for "
+        "rollback are deleted; a compiled blob that no longer matches the digest recorded after its compile is "
+        "compiled again."))
     threshold: float | None = Field(None, description="Override the bundle's raw image threshold.")
     watch_s: float = Field(0, ge=0, description="Check every N seconds whether a configured bundle changed on disk and hot-reload it (0 = "
                                                 "off; reloads also come over the control topic).")

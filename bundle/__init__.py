@@ -238,6 +238,19 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
     return manifest
 
 
+def jpeg_cut_short(data: bytes) -> bool:
+    """Whether ``data`` is a JPEG whose last scan is not followed by its end-of-image marker: cut short (a copy or
+    a transfer that stopped).  libjpeg decodes such a file without an error, filling what is missing with grey,
+    so the worker refuses the frame and the exporter the file.  Bytes after the marker are allowed: frames grabbed
+    from an MJPEG stream often keep the multipart's line break, and some cameras append a trailer.  Inside a scan's
+    coded data a 0xFF byte is always followed by 0x00 or a restart marker, so neither marker can appear there by
+    chance."""
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    end = data.rfind(b"\xff\xd9")
+    return end < 0 or data.find(b"\xff\xda", end) >= 0
+
+
 def prepare_image(bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Resize a decoded 8-bit BGR image to the graph's input size (HWC, uint8, contiguous)."""
     if bgr.ndim == 2:

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from bundle import InputSpec, TilingSpec, prepare_image
+from bundle import InputSpec, TilingSpec, jpeg_cut_short, prepare_image
 from bundle.tiling import canvas_size, tiles
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -392,11 +392,24 @@ def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Ca
     return category.without({s.path for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
 
 
+def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
+    """An image file decoded with OpenCV's ``flags``, or None where it cannot be decoded or is a JPEG cut short
+    (:func:`bundle.jpeg_cut_short`: OpenCV would fill its missing part with grey, and the worker refuses such a
+    frame)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if jpeg_cut_short(data):
+        return None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
 def read_decoded(path: Path) -> np.ndarray:
     """An image file as 8-bit BGR at its own size (``IMREAD_COLOR``, as the worker decodes a frame)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = decoded(path)
     if image is None:
-        raise DatasetError(f"{path}: cannot be decoded as an image")
+        raise DatasetError(f"{path}: cannot be decoded as an image, or is cut short")
     return image
 
 
@@ -456,7 +469,7 @@ def read_mask(path: Path | None, spec: InputSpec, tiling: TilingSpec | None = No
     width, height = canvas_size(tiling, spec.width, spec.height) if tiling else (spec.width, spec.height)
     out = np.zeros((height, width), np.uint8)
     for file in mask_files(path) if path is not None else []:
-        mask = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
+        mask = decoded(file, cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise DatasetError(f"{file}: cannot be decoded as a mask")
         out |= prepare_mask(mask, (width, height))
@@ -489,8 +502,8 @@ class Summary:
         if self.unreadable:
             shown = ", ".join(str(p) for p in self.unreadable[:10])
             more = f" and {len(self.unreadable) - 10} more" if len(self.unreadable) > 10 else ""
-            out.append(f"{len(self.unreadable)} files cannot be decoded: {shown}{more}; "
-                       "remove them or save them again as PNG/JPEG")
+            out.append(f"{len(self.unreadable)} files cannot be decoded or are cut short: {shown}{more}; "
+                       "remove them, or copy or save them again")
         return out
 
     def text(self, n_fit: int, n_threshold: int, tiling: TilingSpec | None = None) -> str:
@@ -548,7 +561,7 @@ def summarise(category: Category) -> Summary:
     unreadable: list[Path] = []
     files = [*category.train, *(s.path for s in category.test)]
     for path in files:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        image = decoded(path, cv2.IMREAD_UNCHANGED)
         if image is None:
             unreadable.append(path)
             continue
@@ -556,5 +569,5 @@ def summarise(category: Category) -> Summary:
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
     masks = [file for s in category.test if s.mask is not None for file in mask_files(s.mask)]
-    unreadable += [file for file in masks if cv2.imread(str(file), cv2.IMREAD_GRAYSCALE) is None]
+    unreadable += [file for file in masks if decoded(file, cv2.IMREAD_GRAYSCALE) is None]
     return Summary(category, sizes, channels, depths, unreadable)

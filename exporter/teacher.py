@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exporter import backbones
-from exporter.data import images_under
+from exporter.data import images_under, read_decoded
 from exporter.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,7 @@ def natural_images(folder: Path) -> list[Path]:
 
 
 def load_rgb(paths: list[Path]) -> list[np.ndarray]:
-    out = []
-    for p in paths:
-        image = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"{p}: cannot be decoded as an image")
-        out.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    return out
+    return [cv2.cvtColor(read_decoded(p), cv2.COLOR_BGR2RGB) for p in paths]
 
 
 def random_crops(images: list[np.ndarray], n: int, crop: int, grayscale_p: float, rng: random.Random) -> torch.Tensor:

@@ -352,6 +352,29 @@ def test_16_bit_grey_non_square_images_read_like_the_worker_reads_them(tmp_path)
     np.testing.assert_array_equal(frame[:, :, 0], (grey16 >> 8).astype(np.uint8))
 
 
+def test_a_jpeg_cut_short_is_refused_as_the_worker_refuses_it(tmp_path):
+    """OpenCV decodes a JPEG that a stopped copy cut short without an error, its missing part grey: the exporter
+    trained on such files, where the worker refuses the same bytes as a frame (``truncated_image``)."""
+    from worker.decode import FrameError, probe
+
+    rng = np.random.default_rng(3)
+    for i in range(9):
+        _write(tmp_path / "parts" / f"{i}.jpg", sample(rng, 64)[0])
+    whole = (tmp_path / "parts" / "0.jpg").read_bytes()
+    assert not summarise(load_category(tmp_path / "parts")).problems()
+    cut = tmp_path / "parts" / "0.jpg"
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert cv2.imread(str(cut)) is not None  # what the exporter read before
+    with pytest.raises(FrameError, match="truncated"):
+        probe(cut.read_bytes(), 10**6, 10**6)
+    problems = summarise(load_category(tmp_path / "parts")).problems()
+    assert problems == [f"1 files cannot be decoded or are cut short: {cut}; remove them, or copy or save them again"]
+    with pytest.raises(DatasetError, match="cut short"):
+        read_image(cut, SPEC)
+    cut.write_bytes(whole + b"\r\n")  # bytes after the end marker, as an MJPEG grab keeps: read
+    assert read_image(cut, SPEC).shape == (64, 64, 3)
+
+
 def test_summary_and_refusals(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):
@@ -364,7 +387,7 @@ def test_summary_and_refusals(tmp_path):
     problems = summary.problems()
     assert len(problems) == 2
     assert "only 6 good training images; at least 8" in problems[0]
-    assert "1 files cannot be decoded: " + str(tmp_path / "few" / "notes.png") in problems[1]
+    assert "1 files cannot be decoded or are cut short: " + str(tmp_path / "few" / "notes.png") in problems[1]
 
     proc = _exporter("train", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from bundle import jpeg_cut_short
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -75,18 +76,9 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     if width * height > max_pixels:
         raise FrameError("image_too_large", f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
-    if fmt == "JPEG" and not _jpeg_complete(data):
+    if fmt == "JPEG" and jpeg_cut_short(data):
         raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
     return Header(FORMATS[fmt], width, height)
-
-
-def _jpeg_complete(data: bytes) -> bool:
-    """Whether a JPEG's last scan is followed by its end-of-image marker (libjpeg would fill a truncated image with
-    grey and decode it without an error).  Bytes after the marker are allowed: frames grabbed from an MJPEG stream
-    often keep the multipart's line break, and some cameras append a trailer.  Inside a scan's coded data a 0xFF
-    byte is always followed by 0x00 or a restart marker, so neither marker can appear there by chance."""
-    end = data.rfind(b"\xff\xd9")
-    return end >= 0 and data.find(b"\xff\xda", end) < 0
 
 
 def reduction(header: Header, width: int, height: int) -> int:

@@ -22,6 +22,7 @@ def test_the_shipped_config_is_valid():
         ("model: {bundle: b}\nlimits: {queue_policy: sometimes}\n", "limits.queue_policy"),
         ("mqtt: {port: 1883}\n", "model"),
         ("model: {bundle: b}\ntopics: {prefix: 'a/#'}\n", "topics.prefix"),
+        ("model: {bundle: b}\ntopics: {prefix: '$SYS/inspect'}\n", "topics.prefix"),
         # names that are topic levels: one that could never match a topic is refused, not ignored
         ("model: {bundle: b}\ncameras: {'line/1': {threshold: 3}}\n", "cameras: camera id 'line/1'"),
         ("model: {bundle: b}\ncameras: {'': {threshold: 3}}\n", "cameras: camera id ''"),

@@ -87,8 +87,9 @@ class TopicsConfig(_Section):
     @field_validator("prefix")
     @classmethod
     def _no_wildcards(cls, v: str) -> str:
-        if not v or any(ch in v for ch in "+#") or v.startswith("/") or v.endswith("/"):
-            raise ValueError("must be non-empty, without '+', '#' or a leading/trailing '/'")
+        if not v or any(ch in v for ch in "+#\0") or v.startswith(("/", "$")) or v.endswith("/"):
+            # '$' topics are the broker's own ($SYS): mosquitto refuses a client's publish there
+            raise ValueError("must be non-empty, without '+', '#' or NUL, a leading '$' or a leading/trailing '/'")
         return v
 
     @field_validator("share_group")

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, Client, good_png, train_bundle, wait_online, write_config
+from conftest import ROOT, Client, damage, good_png, train_bundle, wait_online, write_config
 from test_worker import _query
 
 from exporter.data import load_category
@@ -169,6 +169,22 @@ def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(
     assert taught["patches"] > 0 and taught["left_out"] == 0, taught
     assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"
     assert not list((config.parent / "extensions").glob("*/guards/*"))  # the withdrawn defect's guard is gone too
+
+
+def test_a_false_alarm_whose_stored_image_was_damaged_is_labelled_and_says_why_nothing_was_absorbed(learning, dataset):
+    """The label was stored, then decoding the damaged evidence file failed and the request was answered
+    internal_error, as if nothing had happened."""
+    prefix, client, worker, config, start = learning
+    for fid, how in (("m-0", "empty"), ("m-1", "cut")):
+        assert _score(client, prefix, _marked(dataset), fid)["verdict"] == "anomalous"
+        _until_stored(client, prefix, fid, "cam1")
+        damage(next((config.parent / "evidence").glob(f"*/{point_id('cam1', fid)}.frame.*")), how)
+        answer = _query(client, prefix, {"action": "set", "frame_id": fid, "camera": "cam1", "label": "false_alarm"},
+                        topic="label")
+        assert answer["ok"] and answer["label"] == "false_alarm", answer
+        assert answer["absorbed"]["patches"] == 0 and "stored image cannot be read" in answer["absorbed"]["reason"]
+    exported = _query(client, prefix, {"action": "export", "format": "json"}, topic="label")
+    assert {r["frame_id"] for r in exported["labels"] if r["label"] == "false_alarm"} == {"m-0", "m-1"}, exported
 
 
 def test_a_label_scores_the_frame_as_the_worker_did(learning, dataset):

@@ -70,14 +70,20 @@ class Learner:
         data = self.evidence.read(relative)
         if data is None:
             return {"patches": 0, "reason": "the frame's image is no longer kept (evidence.anomalous budget)"}
-        if self.capture is not None:  # normal by the operator's word: part of the next training set
-            self.capture.add_false_alarm(camera, key, self.frame_image(data, camera, None))
-        if ext is None:
+        try:
+            full = self.frame_image(data, camera, None) if self.capture is not None else None
+            scored = self.frame_image(data, camera, model) if ext is not None else None
+        except FrameError as exc:  # the stored file was damaged on disk (a power cut, a failing card)
+            log.warning("false alarm %s/%s: its stored image cannot be read: %s", camera, frame_id, exc.message)
+            return {"patches": 0, "reason": f"the frame's stored image cannot be read ({exc.message}): nothing to absorb"}
+        if full is not None and self.capture is not None:  # normal by the operator's word: part of the next training set
+            self.capture.add_false_alarm(camera, key, full)
+        if ext is None or scored is None:
             why = ("learning is off (learning.enabled)" if not self.cfg.learning.enabled else
                    f"the {model.info['family']} bundle {model.info['name']} has no bank extension: re-export it with this "
                    "version's exporter (PatchCore)")
             return {"patches": 0, "reason": why}
-        tiles = self._tiles(model, camera, self.frame_image(data, camera, model))
+        tiles = self._tiles(model, camera, scored)
         threshold = self.models.image_norm(model, camera).threshold
         done = absorb(model.bundle, model.bundle.create_request(), ext, key, tiles, self.cfg.learning.views, threshold,
                       self.cfg.learning.margin, self._protected(model, confirmed or []),

@@ -266,9 +266,9 @@ class Pipeline:
     def stored_image(self, data: bytes, camera: str, model: Model | None = None) -> np.ndarray:
         """A stored frame (evidence) decoded and cropped as :meth:`_process` did for ``model``, at the same reduction,
         so a label or a confirmed defect is scored as its frame was; None: in full (the capture's resolution)."""
+        header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)  # a file damaged on disk
         if model is None:
             return self.frame_image(data, camera)
-        header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         return self.frame_image(data, camera, self._reduction(header, model, self.cfg.cameras.get(camera)))
 
     def _reduction(self, header: Header, model: Model, override: CameraConfig | None) -> int:

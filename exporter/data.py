@@ -35,11 +35,12 @@ each image's own range), and any size is stretched to the square input (INTER_AR
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Protocol
 
 import cv2
@@ -307,18 +308,30 @@ def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], 
     return Category(root, sorted(shuffled[n_test:]), test, layout, split)
 
 
+def _delimiter(text: str) -> str:
+    """The CSV's delimiter: a comma, or the semicolon or tab that Excel writes where the comma is a decimal mark,
+    told by its first line."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return max(",;\t", key=first.count) if first else ","
+
+
 def _list_rows(path: Path) -> list[dict[str, str]]:
     """The list's rows as ``{path, label, mask?, split?, object?}``: JSON objects, CSV rows named by a header (any
     column order; ``image`` for ``path``, as VisA's ``split_csv`` has it), or a CSV without one by position."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 "
+                           "(Excel: \"CSV UTF-8\")") from None
     if path.suffix.lower() == ".json":
         try:
             rows = [{LIST_COLUMNS[k]: str(v) for k, v in r.items() if k in LIST_COLUMNS and v not in (None, "")}
-                    for r in json.loads(path.read_text())]
+                    for r in json.loads(text)]
         except (ValueError, TypeError, AttributeError) as exc:
             raise DatasetError(f"{path}: expected a JSON list of {{\"path\", \"label\", \"mask\"?}} objects ({exc})") from exc
     else:
-        with path.open(newline="") as fh:
-            lines = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        lines = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
+                 if r and any(c.strip() for c in r)]
         header = [c.strip().lower() for c in lines[0]] if lines else []
         if "label" in header and {"path", "image"} & set(header):
             names, lines = [LIST_COLUMNS.get(c) for c in header], lines[1:]  # trailing empty columns may be left out
@@ -335,6 +348,13 @@ def _list_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _listed(base: Path, name: str) -> Path:
+    """A listed file: ``name`` under ``base``, its backslashes read as folder separators where the name as written
+    is no file (a list made on Windows)."""
+    path = base / name
+    return path if "\\" not in name or path.exists() else base / PureWindowsPath(name).as_posix()
+
+
 def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
     rows = _list_rows(path)
     objects = sorted({r.get("object", "") for r in rows})
@@ -346,14 +366,15 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
         if not rows:
             raise DatasetError(f"{path}: no rows whose object is {category!r} (objects: {objects[:20]})")
     # Paths are relative to the list's folder, or to the folder above it, where VisA keeps its split_csv/.
-    base = next((b for b in (path.parent, path.parent.parent) if rows and (b / rows[0]["path"]).is_file()), path.parent)
+    base = next((b for b in (path.parent, path.parent.parent) if rows and _listed(b, rows[0]["path"]).is_file()),
+                path.parent)
     train: list[Path] = []
     good: list[Path] = []
     defects: list[Sample] = []
     missing: list[str] = []
     for row in rows:
-        image = base / row["path"]
-        mask_path = base / row["mask"] if "mask" in row else None
+        image = _listed(base, row["path"])
+        mask_path = _listed(base, row["mask"]) if "mask" in row else None
         missing += [str(p) for p in (image, mask_path) if p is not None and not p.is_file()]
         label = row["label"].lower()
         if row.get("split", "").lower() == "train":

@@ -337,6 +337,37 @@ def test_csv_and_json_lists(tmp_path):
         load_category(tmp_path / "broken.csv")
 
 
+@pytest.mark.parametrize("variant", ["byte-order mark, CRLF", "semicolons", "tabs", "Windows paths", "JSON with a BOM"])
+def test_lists_as_spreadsheets_and_windows_save_them_read_as_the_plain_list(tmp_path, variant):
+    """Excel's "CSV UTF-8" starts with a byte-order mark (its header was read as a file named '\\ufeffpath'); where
+    the comma is a decimal mark it writes semicolons; a list made on Windows names files with backslashes."""
+    rng = np.random.default_rng(1)
+    rows = [(f"img/g{i}.png", "good", "") for i in range(9)] + [("img/dé faut.png", "hole", "masks/dé faut.png")]
+    for name, _, mask in rows:
+        image, truth = sample(rng, 64, "hole" if mask else "good")
+        _write(tmp_path / name, image)
+        if mask:
+            _write(tmp_path / mask, truth)
+    (tmp_path / "plain.csv").write_text("path,label,mask\n" + "".join(f"{p},{lab},{m}\n" for p, lab, m in rows))
+    out = tmp_path / ("list.json" if "JSON" in variant else "list.csv")
+    if variant == "byte-order mark, CRLF":
+        out.write_bytes(("path,label,mask\r\n" + "".join(f"{p},{lab},{m}\r\n" for p, lab, m in rows)).encode("utf-8-sig"))
+    elif variant in ("semicolons", "tabs"):
+        sep = ";" if variant == "semicolons" else "\t"
+        out.write_text(sep.join(["path", "label", "mask"]) + "\n" + "".join(f"{sep.join(r)}\n" for r in rows))
+    elif variant == "Windows paths":
+        out.write_text("path,label,mask\r\n" + "".join(f"{p},{lab},{m}\r\n".replace("/", "\\") for p, lab, m in rows))
+    else:
+        out.write_bytes(json.dumps([{"path": p, "label": lab, **({"mask": m} if m else {})} for p, lab, m in rows])
+                        .encode("utf-8-sig"))
+    plain, read = load_category(tmp_path / "plain.csv"), load_category(out)
+    assert (read.train, read.test) == (plain.train, plain.test) and len(plain.train) + len(plain.test) == 10
+    assert [s.mask for s in read.test if s.label] == [tmp_path / "masks" / "dé faut.png"]
+    (tmp_path / "ansi.csv").write_bytes((tmp_path / "plain.csv").read_text().encode("cp1252"))
+    with pytest.raises(DatasetError, match="not UTF-8 text.*CSV UTF-8"):
+        load_category(tmp_path / "ansi.csv")
+
+
 def test_16_bit_grey_non_square_images_read_like_the_worker_reads_them(tmp_path):
     """Top 8 bits, three equal channels, stretched to the square input: what worker/decode.py + prepare_image do."""
     grey16 = _grey16_nonsquare(sample(np.random.default_rng(0), 96)[0])

@@ -185,11 +185,17 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         return _held_out(root, BESIDE, goods, [d for _, defects in paired for d in defects], seed)
     if good:
         return _held_out(root, "labelled folders", *_labelled(good[0], [d for d in folders if d not in good]), seed)
+    nested = next((d for d in entries(root) if d.is_dir() and _is_good(d) and not _images(d) and images_under(d)), None)
+    if nested is not None:
+        raise DatasetError(f"{nested} holds its images in sub-folders, which are not read (they could be defect types "
+                           f"or masks): move the normal images into {nested.name}/ itself")
     if folders:
         raise DatasetError(f"{root} has image folders {[d.name for d in folders]} but none named good/, ok/ or normal/: "
                            "put the normal images in good/ (or ok/) and each defect type in its own folder")
     if _images(root):
         return Category(root, _images(root), [], "good only", "none: good images only, nothing to evaluate")
+    if categories := find_categories(root):
+        raise DatasetError(f"{root} holds the categories {categories[:20]}: pick one with --category NAME")
     raise DatasetError(f"{root} has no images; expected MVTec AD layout (train/good, test/<type>), a folder of good "
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
 

@@ -406,6 +406,19 @@ def test_a_jpeg_cut_short_is_refused_as_the_worker_refuses_it(tmp_path):
     assert read_image(cut, SPEC).shape == (64, 64, 3)
 
 
+def test_a_good_folder_of_sub_folders_and_a_folder_of_categories_are_refused_saying_what_to_change(tmp_path):
+    """They were refused as a folder without good/ (it had one) and as a folder without images."""
+    rng = np.random.default_rng(4)
+    for i in range(4):
+        _write(tmp_path / "part" / "good" / f"batch{i % 2}" / f"{i}.png", sample(rng, 64)[0])
+    _write(tmp_path / "part" / "scratch" / "0.png", sample(rng, 64, "hole")[0])
+    with pytest.raises(DatasetError, match=r"part/good holds its images in sub-folders.*move the normal images into good/"):
+        load_category(tmp_path / "part")
+    _public_layout(tmp_path / "sets" / "btad", "btad", rng)
+    with pytest.raises(DatasetError, match=r"holds the categories \['btad'\]: pick one with --category"):
+        load_category(tmp_path / "sets")
+
+
 def test_summary_and_refusals(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import ROOT
-from worker.config import ConfigError, QueuePolicy, load_config
+from worker.config import ConfigError, MQTTConfig, QueuePolicy, load_config
 
 
 def test_the_shipped_config_is_valid():
@@ -59,3 +61,18 @@ def test_environment_overrides_and_secrets_stay_secret(tmp_path):
     (tmp_path / "pw").write_text("from-a-file\n")
     path.write_text("model: {bundle: b}\nmqtt: {username: worker, password_file: pw}\n")
     assert load_config(path, environ={}).mqtt.secret() == "from-a-file"
+
+
+def test_credentials_that_cannot_be_read_stop_the_start_naming_the_key(tmp_path):
+    """A missing password file or certificate, or a file that is no certificate, gave a traceback at start. The
+    files are read where the worker runs, not when a config is checked (they may exist only there)."""
+    from worker.mqtt import MqttLink
+
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    cases = {"mqtt.password_file": {"username": "w", "password_file": str(tmp_path / "missing")},
+             "mqtt.tls: the certificate files cannot be loaded (ca_file": {"tls": {"ca_file": str(tmp_path / "no.crt")}},
+             "mqtt.tls: the certificate files cannot be loaded (cert_file": {"tls": {"cert_file": str(tmp_path / "not-a-cert.pem")}}}
+    for said, mqtt in cases.items():
+        cfg = MQTTConfig.model_validate(mqtt)  # a valid config: the files are not read here
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            MqttLink(cfg, "c")

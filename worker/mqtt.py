@@ -14,6 +14,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import properties as paho_properties
@@ -22,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from worker.config import MQTTConfig
+from worker.config import ConfigError, MQTTConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,23 @@ class MqttLink:
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
         if cfg.username is not None:
-            self.client.username_pw_set(cfg.username, cfg.secret())
+            try:
+                secret = cfg.secret()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"mqtt.password_file: {cfg.password_file} cannot be read ({exc})") from None
+            self.client.username_pw_set(cfg.username, secret)
         if cfg.tls is not None:
             insecure = cfg.tls.insecure_skip_verify
-            self.client.tls_set(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if insecure else ssl.CERT_REQUIRED,
-            )
+            try:  # read here, not when the config is checked: the files may exist only where the worker runs
+                self.client.tls_set(
+                    ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                    certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                    keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                    cert_reqs=ssl.CERT_NONE if insecure else ssl.CERT_REQUIRED,
+                )
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                files = ", ".join(f"{k} {v}" for k, v in cfg.tls.model_dump().items() if isinstance(v, Path))
+                raise ConfigError(f"mqtt.tls: the certificate files cannot be loaded ({files}): {exc}") from None
             if insecure:
                 log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
                 self.client.tls_insecure_set(True)

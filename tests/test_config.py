@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -76,3 +77,21 @@ def test_credentials_that_cannot_be_read_stop_the_start_naming_the_key(tmp_path)
         cfg = MQTTConfig.model_validate(mqtt)  # a valid config: the files are not read here
         with pytest.raises(ConfigError, match=re.escape(said)):
             MqttLink(cfg, "c")
+
+
+@pytest.mark.parametrize("key", ["evidence.path", "spool.path", "learning.path", "capture.path", "model.cache_dir"])
+def test_a_folder_the_worker_cannot_write_stops_the_start_naming_its_key(tmp_path, bundle_dir, capsys, key):
+    """A path below a file (or on a read-only mount) gave a traceback from whichever part opened it first."""
+    from worker.__main__ import main
+
+    (tmp_path / "a-file").write_text("")
+    section, name = key.split(".")
+    folders = {"evidence": "path", "spool": "path", "learning": "path", "capture": "path"}
+    cfg = {s: {n: str(tmp_path / s)} for s, n in folders.items()}
+    cfg["model"] = {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov")}
+    cfg["mqtt"] = {"port": 1}
+    cfg[section][name] = str(tmp_path / "a-file" / "below")
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    assert f"error: {key}: the worker cannot write to {tmp_path / 'a-file' / 'below'} (Not a directory)" \
+        in capsys.readouterr().err

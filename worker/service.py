@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 
 from bundle import BundleError, tiling
 from worker.capture import Capture, train_command
-from worker.config import Config, QueuePolicy
+from worker.config import Config, ConfigError, QueuePolicy
 from worker.decode import use_opencv_threads
 from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
 from worker.labels import LabelService
@@ -47,9 +47,30 @@ EXIT_STUCK = 3
 log = logging.getLogger(__name__)
 
 
+def check_folders(cfg: Config) -> None:
+    """Create the folders the worker writes and write a file in each, so that a path that is a file, lies on a
+    read-only mount or is not the worker's to write stops the start naming its key (ConfigError), not with a
+    traceback from whichever part opens it first.  The store's folder is not checked: it is an outage like any
+    other (spooled, tried again)."""
+    folders = {"evidence.path": cfg.evidence.path, "spool.path": cfg.spool.path, "model.cache_dir": cfg.model.cache_dir,
+               "learning.path": cfg.learning.path if cfg.learning.enabled else None,
+               "capture.path": cfg.capture.path if cfg.capture.enabled else None}
+    for key, folder in folders.items():
+        if folder is None:
+            continue
+        probe = folder / f".write-check-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc})") from None
+
+
 class Worker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        check_folders(cfg)
         use_opencv_threads(cfg.limits.opencv_threads)
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)

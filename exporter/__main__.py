@@ -24,8 +24,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.precision not in family.weight_precisions:
         raise ValueError(f"--precision {args.precision} is not a weight precision of {family.name} "
                          f"(it has {', '.join(family.weight_precisions)})")
-    from exporter.build import package
+    from exporter.build import check_out, package
     from exporter.thresholds import ThresholdChoice
+
+    check_out(Path(args.out))
 
     threshold = ThresholdChoice(args.threshold_mode, {"far": args.target_far, "recall": args.target_recall}.get(
         args.threshold_mode))
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (BundleError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (BundleError, OSError, ValueError, RuntimeError) as exc:  # OSError: e.g. a full disk, said plainly
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -189,6 +189,22 @@ def measure_precision(folder: Path, precision: Precision, val_images: list, cate
     return PrecisionRecord(thresholds=thresholds, metrics=metrics, measured_on=compiled.device_name)
 
 
+def check_out(out: Path) -> None:
+    """Refuse ``--out`` before any fit, where the bundle could not be moved there after it: a folder (or file) that
+    is not a model bundle, or a place the exporter cannot write."""
+    out = out.resolve()
+    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
+        raise ValueError(f"--out {out} exists and is not a model bundle; not replacing it: choose another folder")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"--out {out}: {above} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.check-", dir=out.parent).cleanup()
+    except OSError as exc:
+        raise ValueError(f"--out {out}: the bundle cannot be written there ({exc.strerror or exc})") from None
+
+
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished bundle to ``out``; an existing bundle there is replaced (renamed aside, then removed)."""
     if not out.exists():

@@ -419,6 +419,23 @@ def test_a_good_folder_of_sub_folders_and_a_folder_of_categories_are_refused_say
         load_category(tmp_path / "sets")
 
 
+def test_an_out_folder_the_bundle_cannot_go_to_is_refused_before_the_data_is_read(tmp_path):
+    """It was found after the fit: minutes of training, then a traceback (or the refusal to replace a folder that
+    is not a bundle)."""
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        _write(tmp_path / "parts" / f"{i}.png", sample(rng, 64)[0])
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    for out, said in ((tmp_path / "a-file" / "bundle", "a-file is a file, not a folder"),
+                      (tmp_path / "notes", "exists and is not a model bundle")):
+        proc = _exporter("train", "--data", str(tmp_path / "parts"), "--out", str(out))
+        assert proc.returncode == 2 and f"error: --out {out}" in proc.stderr and said in proc.stderr, proc.stderr
+        assert "data:" not in proc.stdout  # refused before the summary, so before any fit
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
 def test_summary_and_refusals(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):

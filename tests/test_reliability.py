@@ -479,23 +479,30 @@ def test_flood_is_handled_by_the_queue_policy(policy, broker, bundle_dir, datase
 
 # 4. Vector store outage loses no embedding -------------------------------------------------------
 
-def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, tmp_path, worker_factory):
+def _scored_while_the_store_is_down(store: dict, frames: int, broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """A worker on a store it cannot open (``store``: that config section), spooling and trying again every 0.5 s,
+    scores ``frames`` test images of camera ``cam``: its prefix, client, process, the results, and the first stats
+    that count a spooled batch."""
     prefix = f"s{uuid.uuid4().hex[:6]}"
-    spool = tmp_path / "spool"
-    down = write_config(tmp_path / "a", broker.port, bundle_dir, topics={"prefix": prefix},
-                        store={"url": f"http://127.0.0.1:{free_port()}", "path": None},
-                        spool={"path": str(spool), "retry_s": 0.5})
+    config = write_config(tmp_path / "a", broker.port, bundle_dir, topics={"prefix": prefix}, store=store,
+                          spool={"path": str(tmp_path / "spool"), "retry_s": 0.5})
     client = Client(broker.port, prefix)
-    worker = worker_factory(down)
+    worker = worker_factory(config)
     wait_online(client, prefix)
-    frames = sorted((dataset / "weave" / "test").glob("*/*.png"))[:8]
-    for i, path in enumerate(frames):
+    for i, path in enumerate(sorted((dataset / "weave" / "test").glob("*/*.png"))[:frames]):
         client.publish_frame("cam", path.read_bytes(), f"s{i}")
-    results = client.json_on(f"{prefix}/cam/result", count=len(frames))
-    assert all(r["logged"] for r in results)
+    results = client.json_on(f"{prefix}/cam/result", count=frames)
     spooled = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
                               and json.loads(m.payload)["spool_batches"] >= 1, timeout=60)
-    assert json.loads(spooled[-1].payload)["store_available"] is False
+    return prefix, client, worker, results, json.loads(spooled[-1].payload)
+
+
+def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    spool = tmp_path / "spool"
+    prefix, client, worker, results, stats = _scored_while_the_store_is_down(
+        {"url": f"http://127.0.0.1:{free_port()}", "path": None}, 8, broker, bundle_dir, dataset, tmp_path, worker_factory)
+    assert all(r["logged"] for r in results)
+    assert stats["store_available"] is False
     assert worker.stop() == 0
     assert list(spool.glob("*.json")), "embeddings must wait on disk"
     print(f"\nFIGURES store outage: {len(results)} results while the store was down, "
@@ -510,8 +517,8 @@ def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, t
     dim = json.loads((bundle_dir / "bundle.json").read_text())["embedding_dim"]
     store = VectorStore(StoreConfig(path=store_dir), dim)
     try:
-        assert store.count() == len(frames)
-        assert all(store.find(f"s{i}", "cam") is not None for i in range(len(frames)))
+        assert store.count() == len(results)
+        assert all(store.find(f"s{i}", "cam") is not None for i in range(len(results)))
     finally:
         store.close()
 
@@ -522,7 +529,6 @@ def test_a_corrupt_embedded_store_costs_the_history_not_the_worker(broker, bundl
     panic: a Rust panic reaches Python as a BaseException that ``except Exception`` lets through, so it ended the
     recorder's thread. The store is now unavailable like any outage (named, spooled, tried again), and every frame
     is still scored and answered."""
-    prefix = f"c{uuid.uuid4().hex[:6]}"
     store_dir = tmp_path / "qdrant"
     dim = json.loads((bundle_dir / "bundle.json").read_text())["embedding_dim"]
     store = VectorStore(StoreConfig(path=store_dir), dim)
@@ -533,19 +539,9 @@ def test_a_corrupt_embedded_store_costs_the_history_not_the_worker(broker, bundl
     status[0].write_bytes(b"")
     with pytest.raises(StoreError, match="cannot open the vector store"):
         VectorStore(StoreConfig(path=store_dir), dim)
-    config = write_config(tmp_path / "a", broker.port, bundle_dir, topics={"prefix": prefix},
-                          store={"path": str(store_dir)}, spool={"path": str(tmp_path / "spool"), "retry_s": 0.5})
-    client = Client(broker.port, prefix)
-    worker = worker_factory(config)
-    wait_online(client, prefix)
-    frames = sorted((dataset / "weave" / "test").glob("*/*.png"))[:4]
-    for i, path in enumerate(frames):
-        client.publish_frame("cam", path.read_bytes(), f"c{i}")
-    assert len(client.json_on(f"{prefix}/cam/result", count=len(frames))) == len(frames)
-    spooled = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
-                              and json.loads(m.payload)["spool_batches"] >= 1, timeout=60)
-    stats = json.loads(spooled[-1].payload)
-    assert stats["store_available"] is False and stats["healthy"], stats
+    *_, worker, results, stats = _scored_while_the_store_is_down(
+        {"path": str(store_dir)}, 4, broker, bundle_dir, dataset, tmp_path, worker_factory)
+    assert len(results) == 4 and stats["store_available"] is False and stats["healthy"], stats
     assert all(t["alive"] for t in stats["threads"].values()), stats["threads"]
     assert worker.stop() == 0
     log = worker.output()

@@ -221,7 +221,7 @@ def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
         if path in mask_paths:
             continue
         mask = masks.get(path.stem)
-        pixels = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) if mask else None
+        pixels = mask_pixels(mask) if mask else None
         if mask and pixels is None:
             raise DatasetError(f"{mask}: the mask of {path.name} cannot be decoded; save it again as PNG")
         if pixels is not None and pixels.any():
@@ -432,6 +432,18 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
 
 
+def mask_pixels(path: Path) -> np.ndarray | None:
+    """A mask file as 0/1 uint8 at its own size: 1 wherever a colour channel is non-zero, at the file's own bit
+    depth (None: it cannot be decoded).  Read as grey, a 16-bit label image with defect value 1 became 0, and so
+    did a colour mark of value 1 in one channel; an alpha channel is not read, as grey reading ignored it."""
+    pixels = decoded(path, cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        return None
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, :3].max(axis=2) if pixels.shape[2] >= 3 else pixels[:, :, 0]
+    return (pixels > 0).astype(np.uint8)
+
+
 def read_decoded(path: Path) -> np.ndarray:
     """An image file as 8-bit BGR at its own size (``IMREAD_COLOR``, as the worker decodes a frame)."""
     image = decoded(path)
@@ -488,7 +500,7 @@ def mask_files(path: Path) -> list[Path]:
 
 def read_mask(path: Path | None, spec: InputSpec, tiling: TilingSpec | None = None) -> np.ndarray:
     """Ground-truth mask at the resolution of the map scored (nearest neighbour): the graph's, or the tiles' canvas
-    (``tiling``); as 0/1 uint8: any non-zero pixel is defect.
+    (``tiling``); as 0/1 uint8: any non-zero pixel is defect (:func:`mask_pixels`).
 
     Non-zero rather than bright, as anomalib reads masks: some public sets store a defect as 1 (VisA as downloaded)
     or as a per-defect value. A folder of masks is their union.
@@ -496,7 +508,7 @@ def read_mask(path: Path | None, spec: InputSpec, tiling: TilingSpec | None = No
     width, height = canvas_size(tiling, spec.width, spec.height) if tiling else (spec.width, spec.height)
     out = np.zeros((height, width), np.uint8)
     for file in mask_files(path) if path is not None else []:
-        mask = decoded(file, cv2.IMREAD_GRAYSCALE)
+        mask = mask_pixels(file)
         if mask is None:
             raise DatasetError(f"{file}: cannot be decoded as a mask")
         out |= prepare_mask(mask, (width, height))
@@ -596,5 +608,5 @@ def summarise(category: Category) -> Summary:
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
     masks = [file for s in category.test if s.mask is not None for file in mask_files(s.mask)]
-    unreadable += [file for file in masks if decoded(file, cv2.IMREAD_GRAYSCALE) is None]
+    unreadable += [file for file in masks if mask_pixels(file) is None]
     return Summary(category, sizes, channels, depths, unreadable)

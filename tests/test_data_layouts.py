@@ -280,6 +280,29 @@ def test_hidden_files_and_folders_are_not_data(tmp_path, name):
     assert summarise(mac).problems() == [] and find_categories(tmp_path / "mac") == find_categories(tmp_path / "clean")
 
 
+def test_a_mask_pixel_is_a_defect_at_any_bit_depth_and_in_any_colour_channel(tmp_path):
+    """Masks were read as 8-bit grey: a 16-bit label image with defect value 1 became all 0 (the defect image then
+    counted as good beside its mask, or lost its pixels), and so did a mark of value 1 in one colour channel."""
+    rng = np.random.default_rng(9)
+    region = np.zeros((64, 64), bool)
+    region[20:30, 12:40] = True
+    masks = {"label16": region.astype(np.uint16),  # a labelling tool's 16-bit label image, class id 1
+             "red1": np.dstack([np.zeros((64, 64, 2), np.uint8), region.astype(np.uint8)])}  # BGR: red = 1
+    for name, mask in masks.items():
+        for i in range(8):
+            _write(tmp_path / "mvtec" / name / "train" / "good" / f"{i}.png", sample(rng, 64)[0])
+        _write(tmp_path / "mvtec" / name / "test" / "dent" / "0.png", sample(rng, 64, "hole")[0])
+        _write(tmp_path / "mvtec" / name / "ground_truth" / "dent" / "0_mask.png", mask)
+        (sample_in_mvtec,) = [s for s in load_category(tmp_path / "mvtec", name).test if s.label]
+        assert int(read_mask(sample_in_mvtec.mask, SPEC).sum()) == int(region.sum())
+        for i in range(8):
+            _write(tmp_path / "beside" / name / f"{i}.png", sample(rng, 64)[0])
+        _write(tmp_path / "beside" / name / "8.png", sample(rng, 64, "hole")[0])
+        _write(tmp_path / "beside" / name / "8_mask.png", mask)
+        cat = load_category(tmp_path / "beside", name)
+        assert [s.path.name for s in cat.test if s.label] == ["8.png"] and not summarise(cat).unreadable
+
+
 def test_a_public_set_trains_and_evaluates_with_pixel_metrics(tmp_path):
     """BTAD's layout end to end: ok/ and ko/ folders, bitmaps, masks named like their image."""
     rng = np.random.default_rng(7)

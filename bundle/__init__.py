@@ -215,12 +215,18 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
     """
     folder = Path(folder)
     path = folder / MANIFEST
+    if folder.is_file():
+        raise BundleError(f"{folder} is a file: give the bundle's folder ({folder.parent}), not a file in it")
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such folder (a model bundle is a folder holding {MANIFEST})")
     if not path.is_file():
         raise BundleError(f"{folder}: no {MANIFEST} (not a model bundle)")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not JSON: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_SCHEMAS:
         version = raw.get("schema_version") if isinstance(raw, dict) else None
         raise BundleError(f"{path}: schema_version {version!r}, this software reads {', '.join(map(str, READABLE_SCHEMAS))}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -54,6 +55,14 @@ def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
     (copy / "bundle.json").write_text(json.dumps({**raw, "schema_version": 99}))
     with pytest.raises(BundleError, match="schema_version"):
         read_manifest(copy, verify=False)
+    (copy / "bundle.json").write_bytes(b"\xff\xfe{}")  # not UTF-8: was a UnicodeDecodeError
+    with pytest.raises(BundleError, match="not JSON"):
+        read_manifest(copy, verify=False)
+    # the bundle's manifest named instead of its folder (was: "bundle.json: no bundle.json"), and no folder at all
+    with pytest.raises(BundleError, match=f"is a file: give the bundle's folder \\({re.escape(str(copy))}\\)"):
+        read_manifest(copy / "bundle.json")
+    with pytest.raises(BundleError, match="no such folder"):
+        read_manifest(tmp_path / "nothere")
 
 
 def test_dynamic_batch_gives_the_same_scores(bundle_dir, dataset):

@@ -144,3 +144,16 @@ def test_cameras_past_the_bound_are_counted_not_sampled_even_after_a_restart(tmp
     assert again.counts()["a"]["seen"] == 7  # a camera with a sample goes on
     again.add_false_alarm("e", "e0", image(1))
     assert again.counts()["e"]["false_alarms"] == 1
+
+
+def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, capsys) -> None:
+    """An --out below a file (or on a full disk) gave a traceback."""
+    from worker.__main__ import main
+
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    capture.offer("cam", "a", image(1), png(1))
+    capture.flush()
+    (tmp_path / "c.yaml").write_text(f"model: {{bundle: b}}\ncapture: {{path: {tmp_path / 'cap'}}}\n")
+    (tmp_path / "a-file").write_text("")
+    assert main(["capture", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "a-file" / "out")]) == 2
+    assert f"error: the training folder cannot be written under {tmp_path / 'a-file' / 'out'}" in capsys.readouterr().err

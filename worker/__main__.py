@@ -117,8 +117,12 @@ def _capture(args: argparse.Namespace) -> int:
     from worker.capture import Capture, train_command
 
     cfg = load_config(args.config)
-    written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, read_only=True).export(
-        Path(args.out), [args.camera] if args.camera else None)
+    try:
+        written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, read_only=True).export(
+            Path(args.out), [args.camera] if args.camera else None)
+    except OSError as exc:  # --out below a file, on a full disk, not ours to write
+        print(f"error: the training folder cannot be written under {args.out} ({exc})", file=sys.stderr)
+        return 2
     if not written:
         print(f"error: nothing captured under {cfg.capture.path}" + (f" for camera {args.camera}" if args.camera else ""),
               file=sys.stderr)

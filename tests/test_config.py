@@ -95,3 +95,12 @@ def test_a_folder_the_worker_cannot_write_stops_the_start_naming_its_key(tmp_pat
     assert main(["--config", str(tmp_path / "c.yaml")]) == 2
     assert f"error: {key}: the worker cannot write to {tmp_path / 'a-file' / 'below'} (Not a directory)" \
         in capsys.readouterr().err
+
+
+def test_a_query_image_that_cannot_be_read_is_an_error_line(tmp_path, capsys):
+    """worker query --image with a missing file gave a traceback."""
+    from worker.__main__ import main
+
+    (tmp_path / "c.yaml").write_text("model: {bundle: b}\n")
+    assert main(["query", "--config", str(tmp_path / "c.yaml"), "--image", str(tmp_path / "missing.png")]) == 2
+    assert f"error: --image {tmp_path / 'missing.png'}: No such file or directory" in capsys.readouterr().err

@@ -58,7 +58,11 @@ def _query(args: argparse.Namespace) -> int:
                                                       "anomalous_only": args.anomalous_only,
                                                       "since": args.since, "until": args.until}}
     if args.image:
-        request["image_b64"] = base64.b64encode(Path(args.image).read_bytes()).decode()
+        try:
+            request["image_b64"] = base64.b64encode(Path(args.image).read_bytes()).decode()
+        except OSError as exc:
+            print(f"error: --image {args.image}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     else:
         request["frame_id"] = args.frame_id
         request["camera"] = args.camera

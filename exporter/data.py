@@ -35,11 +35,12 @@ each image's own range), and any size is stretched to the square input (INTER_AR
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PureWindowsPath
 from typing import Protocol
 
@@ -427,9 +428,11 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
         data = path.read_bytes()
     except OSError:
         return None
-    if jpeg_cut_short(data):
-        return None
-    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    return _decode(data, flags)
+
+
+def _decode(data: bytes, flags: int) -> np.ndarray | None:
+    return None if jpeg_cut_short(data) else cv2.imdecode(np.frombuffer(data, np.uint8), flags)
 
 
 def mask_pixels(path: Path) -> np.ndarray | None:
@@ -531,6 +534,7 @@ class Summary:
     channels: Counter
     depths: Counter
     unreadable: list[Path]
+    in_both: list[tuple[Path, Path]] = field(default_factory=list)  # (test image, the training image it copies)
 
     def problems(self) -> list[str]:
         """Why the data cannot be trained on, each with how to fix it; empty when it can."""
@@ -564,6 +568,10 @@ class Summary:
                          "each at the input size; a frame scores as its highest tile")
         elif self.sizes and (note := _stretch_note(*self.sizes.most_common(1)[0][0])):
             lines.append(note)
+        if self.in_both:
+            test, train = self.in_both[0]
+            lines.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
+                         f"{train}): the test figures will overstate the model; remove the copies from one side")
         if not cat.test:
             lines.append("  evaluation: none (no labelled test images); the bundle is exported unevaluated")
         elif not any(s.label for s in cat.test):
@@ -598,9 +606,19 @@ def summarise(category: Category) -> Summary:
     channels: Counter = Counter()
     depths: Counter = Counter()
     unreadable: list[Path] = []
-    files = [*category.train, *(s.path for s in category.test)]
-    for path in files:
-        image = decoded(path, cv2.IMREAD_UNCHANGED)
+    trained: dict[bytes, Path] = {}
+    in_both: list[tuple[Path, Path]] = []
+    for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        digest = hashlib.sha256(data).digest()
+        if i < len(category.train):
+            trained.setdefault(digest, path)
+        elif digest in trained and data:
+            in_both.append((path, trained[digest]))
+        image = _decode(data, cv2.IMREAD_UNCHANGED)
         if image is None:
             unreadable.append(path)
             continue
@@ -609,4 +627,4 @@ def summarise(category: Category) -> Summary:
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
     masks = [file for s in category.test if s.mask is not None for file in mask_files(s.mask)]
     unreadable += [file for file in masks if mask_pixels(file) is None]
-    return Summary(category, sizes, channels, depths, unreadable)
+    return Summary(category, sizes, channels, depths, unreadable, in_both)

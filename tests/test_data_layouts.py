@@ -459,6 +459,23 @@ def test_an_out_folder_the_bundle_cannot_go_to_is_refused_before_the_data_is_rea
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
+def test_test_images_that_copy_training_images_are_named_in_the_summary(tmp_path):
+    """A set assembled by hand often has the same file in train/good and test/good: nothing said so, and the test
+    figures then overstate the model."""
+    rng = np.random.default_rng(6)
+    for i in range(8):
+        _write(tmp_path / "part" / "train" / "good" / f"{i}.png", sample(rng, 64)[0])
+    _write(tmp_path / "part" / "test" / "good" / "a.png", sample(rng, 64)[0])
+    _write(tmp_path / "part" / "test" / "dent" / "0.png", sample(rng, 64, "hole")[0])
+    assert "warning" not in summarise(load_category(tmp_path, "part")).text(6, 2)
+    for name in ("3.png", "5.png"):
+        shutil.copy(tmp_path / "part" / "train" / "good" / name, tmp_path / "part" / "test" / "good" / f"copy-{name}")
+    summary = summarise(load_category(tmp_path, "part"))
+    assert [(t.name, s.name) for t, s in summary.in_both] == [("copy-3.png", "3.png"), ("copy-5.png", "5.png")]
+    assert "warning: 2 test images are byte for byte training images (e.g. " in summary.text(6, 2)
+    assert not summary.problems()  # said, not refused: the user decides
+
+
 def test_summary_and_refusals(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):

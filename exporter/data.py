@@ -432,7 +432,9 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
 
 
 def _decode(data: bytes, flags: int) -> np.ndarray | None:
-    return None if jpeg_cut_short(data) else cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if not data or jpeg_cut_short(data):  # OpenCV asserts on no bytes at all (imread said None)
+        return None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
 
 
 def mask_pixels(path: Path) -> np.ndarray | None:

@@ -481,14 +481,16 @@ def test_summary_and_refusals(tmp_path):
     for i in range(5):
         _write(tmp_path / "few" / f"{i}.png", _grey16_nonsquare(sample(rng, 96)[0]))
     (tmp_path / "few" / "notes.png").write_text("not an image")
+    (tmp_path / "few" / "empty.png").write_bytes(b"")  # OpenCV asserts on no bytes at all
     summary = summarise(load_category(tmp_path / "few"))
     text = summary.text(4, 2)
     assert "(good only)" in text and "96x72 (5)" in text and "grey (5)" in text and "16-bit (5)" in text
     assert "evaluation: none" in text
     problems = summary.problems()
     assert len(problems) == 2
-    assert "only 6 good training images; at least 8" in problems[0]
-    assert "1 files cannot be decoded or are cut short: " + str(tmp_path / "few" / "notes.png") in problems[1]
+    assert "only 7 good training images; at least 8" in problems[0]
+    assert (f"2 files cannot be decoded or are cut short: {tmp_path / 'few' / 'empty.png'}, "
+            f"{tmp_path / 'few' / 'notes.png'}") in problems[1]
 
     proc = _exporter("train", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2

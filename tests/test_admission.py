@@ -3,6 +3,7 @@ with :class:`worker.transport.MemoryTransport` in place of the broker."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from worker.store import VectorStore
 from worker.supervise import Liveness
 from worker.topics import Topics
 from worker.transport import Inbound, MemoryTransport
+from worker.wire import ErrorCode
 
 
 class CountsAtEachAnswer(MemoryTransport):
@@ -171,3 +173,15 @@ def test_a_jpeg_is_refused_when_cut_short_not_when_bytes_follow_its_end(dataset)
     with pytest.raises(FrameError) as refused:
         probe(with_thumbnail[:len(with_thumbnail) - 100], len(with_thumbnail), 10**8)
     assert refused.value.code.value == "truncated_image"
+
+
+def test_a_tiff_of_32_bit_samples_is_refused_as_a_format_not_as_damaged():
+    """A depth or float image saved as TIFF was answered corrupt_image, as if damaged in transit."""
+    from PIL import Image
+
+    for samples, said in ((np.zeros((8, 8), np.float32), "floating-point"), (np.zeros((8, 8), np.int32), "integer")):
+        out = io.BytesIO()
+        Image.fromarray(samples).save(out, "TIFF")
+        with pytest.raises(FrameError, match=f"TIFF with 32-bit {said} samples") as refused:
+            probe(out.getvalue(), 10**6, 10**6)
+        assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT

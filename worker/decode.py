@@ -67,11 +67,14 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             header = Image.open(io.BytesIO(data))
-            fmt, (width, height) = header.format, header.size
+            fmt, (width, height), mode = header.format, header.size, header.mode
     except Exception as exc:  # Pillow raises many types for garbage; all mean the same here
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
     if fmt not in FORMATS:
         raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")
+    if fmt == "TIFF" and mode in ("F", "I"):  # OpenCV has no fixed way to 8 bits for these (was: corrupt_image)
+        raise FrameError("unsupported_format", f"TIFF with 32-bit {'floating-point' if mode == 'F' else 'integer'} "
+                                               "samples is not accepted (8- or 16-bit samples)")
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     if width * height > max_pixels:

@@ -40,6 +40,23 @@ def test_binding_beyond_loopback_needs_a_password(tmp_path):
         load_config(config)
 
 
+def test_a_port_in_use_is_an_error_naming_the_config_keys(tmp_path, capsys):
+    """uvicorn logged it after "operator console on ..." and exited 3, the worker's exit code for a stuck thread."""
+    import socket
+
+    from worker.__main__ import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "c.yaml").write_text(f"model: {{bundle: b}}\nconsole: {{port: {port}}}\n")
+        assert main(["console", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: console.host/console.port: cannot listen on 127.0.0.1:{port} (Address already in use)" in err, err
+    assert "operator console on" not in err
+
+
 def test_basic_auth_guards_every_path(tmp_path):
     from starlette.testclient import TestClient
 

@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker.api_client import ApiClient, ApiError
-from worker.config import Config
+from worker.config import Config, ConfigError
 from worker.console.hub import Hub, for_browser
 from worker.topics import Topics
 from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, parse_timestamp
@@ -299,10 +300,18 @@ def serve(cfg: Config) -> None:
     """Run the console until SIGINT/SIGTERM."""
     import uvicorn
 
+    host, port = cfg.console.host, cfg.console.port
+    try:  # bound here, so a port in use is said as the config's (uvicorn logs it after "console on" and exits 3)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"console.host/console.port: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     # uvicorn shuts down on SIGINT/SIGTERM and then re-raises the signal to the handler that was there
     # before: make that one a no-op, so a requested stop exits 0 like the worker.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    log.info("operator console on http://%s:%d/", cfg.console.host, cfg.console.port)
-    uvicorn.run(create_app(cfg), host=cfg.console.host, port=cfg.console.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=2)
+    log.info("operator console on http://%s:%d/", host, port)
+    uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="warning", access_log=False,
+                                  timeout_graceful_shutdown=2)).run(sockets=[listener])

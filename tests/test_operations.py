@@ -178,18 +178,21 @@ def test_per_camera_threshold_heatmap_policy_and_roi(broker, bundle_dir, dataset
     cfg["cameras"] = {
         "left": {"roi": [0, 0, width // 2, mask.shape[0]], "heatmap": "never", "threshold": 1e9},
         "quiet": {"heatmap": "anomalous", "heatmap_format": "png", "heatmap_size": 64},
+        "beyond": {"roi": [width // 2, 0, width, mask.shape[0]]},  # half of it outside: was cut off and stretched
     }
     config.write_text(__import__("yaml").safe_dump(cfg))
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     _online(client, prefix)
-    for camera in ("full", "left", "quiet"):
+    for camera in ("full", "left", "quiet", "beyond"):
         client.publish_frame(camera, data, f"{camera}-defect")
     client.publish_frame("quiet", _good(dataset), "quiet-good")
     full = client.json_on(f"{prefix}/full/result")[0]
     left = client.json_on(f"{prefix}/left/result")[0]
     quiet = {r["frame_id"]: r for r in client.json_on(f"{prefix}/quiet/result", count=2)}
     assert left["raw_score"] < full["raw_score"], "the ROI must hide the defect outside it"
+    beyond = client.json_on(f"{prefix}/beyond/error")[0]
+    assert beyond["code"] == "roi_outside_frame" and "does not fit in the" in beyond["message"], beyond
     assert left["threshold"] == 1e9 and left["verdict"] == "normal" and left["heatmap"] is None
     assert not [m for m in client.messages if m.topic == f"{prefix}/left/heatmap"]
     heatmaps = [m for m in client.messages if m.topic == f"{prefix}/quiet/heatmap"]

@@ -188,7 +188,8 @@ class CameraConfig(_Section):
     heatmap_format: Literal["jpeg", "png"] | None = Field(None, description="Heatmap encoding for this camera.")
     heatmap_size: int | None = Field(None, ge=16, description="Heatmap longer side for this camera.")
     roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is "
-                                                                    "inspected.")
+                                                                    "inspected; a frame it does not fit in is refused "
+                                                                    "(roi_outside_frame).")
     metadata: MetadataPolicy | None = Field(None, description="required or optional for this camera (default topics.metadata).")
     payload: Literal["raw", "json_envelope"] = Field("raw", description="raw: the payload is the image; json_envelope: a JSON object with "
                                                                         "the base64 image and its fields (README, Worker API).")

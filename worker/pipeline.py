@@ -253,10 +253,11 @@ class Pipeline:
         if override is None or override.roi is None:
             return image
         x, y, w, h = override.roi
-        crop = image[y : y + h, x : x + w]
-        if crop.size == 0:
-            raise FrameError("roi_outside_frame", f"roi {override.roi} lies outside the {image.shape[1]}x{image.shape[0]} frame")
-        return crop
+        height, width = image.shape[:2]
+        if x + w > width or y + h > height:  # cut off, the rest would be stretched to the input: another picture
+            raise FrameError("roi_outside_frame", f"roi {override.roi} does not fit in the {width}x{height} frame "
+                                                  "(did the camera's resolution change?)")
+        return image[y : y + h, x : x + w]
 
     def frame_image(self, data: bytes, camera: str, reduce: int = 1) -> np.ndarray:
         """A camera's frame as inference sees it: decoded (at 1/``reduce`` of its size) and cropped to its roi

@@ -91,8 +91,11 @@ def output_specs(spec: InputSpec, embedding_dim: int) -> dict[str, OutputSpec]:
 
 
 def image_threshold(scores: np.ndarray, sigmas: float) -> float:
-    """The image threshold from held-out normal scores: mean + k*std, never below their maximum."""
-    return max(float(scores.mean() + sigmas * scores.std()), float(scores.max()))
+    """The image threshold from held-out normal scores: mean + k*std, never below their maximum, and never at it
+    either: a score at the threshold is flagged, and where every held-out score is the same (frames that do not
+    change) the threshold would otherwise flag each frame like them."""
+    top = np.asarray(scores, np.float32).max()
+    return max(float(scores.mean() + sigmas * scores.std()), float(np.nextafter(top, np.float32(np.inf))))
 
 
 def thresholds_from_normals(scores: np.ndarray, maps: np.ndarray, sigmas: float) -> Thresholds:

@@ -155,6 +155,17 @@ def test_far_and_recall_thresholds():
     assert recall_threshold(defects, 0.8) == 5.0
 
 
+def test_the_default_threshold_passes_every_held_out_normal_even_when_they_all_score_the_same():
+    """Frames that do not change (a constant part, a still camera) all score the same: the threshold was that
+    score, and the worker flags a score at the threshold, so every frame like the training images was flagged."""
+    from exporter.export import image_threshold
+
+    for scores in (np.full(6, 23.956987, np.float32), np.array([1, 2, 3, 3.0001], np.float32)):
+        threshold = image_threshold(scores, 0.0)
+        assert all(float(s) < threshold for s in scores)  # as the worker compares: raw >= threshold is flagged
+        assert threshold == pytest.approx(float(scores.max()), rel=1e-6)
+
+
 # --- layouts ---------------------------------------------------------------------------------------------------
 
 

@@ -64,7 +64,8 @@ def check_folders(cfg: Config) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc})") from None
+            fix = "; set it to null to run without a model cache" if key == "model.cache_dir" else ""
+            raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc}){fix}") from None
 
 
 class Worker:

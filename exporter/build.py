@@ -189,11 +189,16 @@ def measure_precision(folder: Path, precision: Precision, val_images: list, cate
     return PrecisionRecord(thresholds=thresholds, metrics=metrics, measured_on=compiled.device_name)
 
 
+def _replaceable(out: Path) -> bool:
+    """Whether a bundle may be moved to ``out``: nothing is there, an empty folder, or a bundle (which it replaces)."""
+    return not out.exists() or (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir())))
+
+
 def check_out(out: Path) -> None:
     """Refuse ``--out`` before any fit, where the bundle could not be moved there after it: a folder (or file) that
     is not a model bundle, or a place the exporter cannot write."""
     out = out.resolve()
-    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
+    if not _replaceable(out):
         raise ValueError(f"--out {out} exists and is not a model bundle; not replacing it: choose another folder")
     above = next(p for p in out.parents if p.exists())
     if not above.is_dir():
@@ -210,7 +215,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+    if not _replaceable(out):
         raise ValueError(f"{out} exists and is not a model bundle; not replacing it")
     aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
     out.rename(aside)

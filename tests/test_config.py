@@ -86,8 +86,7 @@ def test_a_folder_the_worker_cannot_write_stops_the_start_naming_its_key(tmp_pat
 
     (tmp_path / "a-file").write_text("")
     section, name = key.split(".")
-    folders = {"evidence": "path", "spool": "path", "learning": "path", "capture": "path"}
-    cfg = {s: {n: str(tmp_path / s)} for s, n in folders.items()}
+    cfg = {s: {"path": str(tmp_path / s)} for s in ("evidence", "spool", "learning", "capture")}
     cfg["model"] = {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov")}
     cfg["mqtt"] = {"port": 1}
     cfg[section][name] = str(tmp_path / "a-file" / "below")

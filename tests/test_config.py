@@ -53,6 +53,33 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "latin1.yaml", environ={})
 
 
+def test_text_keys_take_their_value_as_written(tmp_path):
+    """YAML 1.1 reads `off`, `no` and `007` as false, false and 7: a camera named so, a numeric worker id or password
+    would be refused as not text, or lose its zeros. Keys of other types still read YAML's values."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {bundle: 2024}\nworker: {id: 7}\nmqtt: {username: 0042, password: 0123, port: 1884}\n"
+                    "topics: {cameras: [no, 007, line1, 'off']}\n"
+                    "cameras: {off: {metadata: optional, roi: [0, 0, 64, 48]}, 007: {threshold: 3}}\n"
+                    "capture: {enabled: off}\n")
+    cfg = load_config(path, environ={})
+    assert cfg.topics.cameras == ["no", "007", "line1", "off"] and sorted(cfg.cameras) == ["007", "off"]
+    assert (cfg.worker.id, cfg.mqtt.username, cfg.mqtt.secret(), cfg.model.bundle.name) == ("7", "0042", "0123", "2024")
+    assert cfg.mqtt.port == 1884 and cfg.cameras["off"].roi == (0, 0, 64, 48) and cfg.cameras["007"].threshold == 3.0
+    assert cfg.capture.enabled is False
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: the first camera block's settings would be lost."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {bundle: b}\ncameras:\n  line1: {metadata: optional}\n  line1: {heatmap: never}\n")
+    with pytest.raises(ConfigError, match=r"'line1' is given twice \(first on line 3\)"):
+        load_config(path, environ={})
+    path.write_text("model: {bundle: b}\ncameras:\n  line1: &d {metadata: optional, heatmap: never}\n"
+                    "  line2: {<<: *d, heatmap: always}\n")  # a merge's keys may be overridden
+    line2 = load_config(path, environ={}).cameras["line2"]
+    assert (line2.metadata, line2.heatmap) == ("optional", "always")
+
+
 def test_environment_overrides_and_secrets_stay_secret(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {bundle: b}\nmqtt: {username: worker, password: from-file}\n")

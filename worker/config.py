@@ -1,6 +1,7 @@
 """The worker's configuration: ``config.yaml``, validated at start, every key documented here.
 
-Unknown keys are errors (a typo must not silently fall back to a default).  Any key
+Unknown keys are errors (a typo must not silently fall back to a default), as is a key given twice; a text
+key takes its value as written (camera ``off``, user ``007``), other keys YAML's value.  Any key
 can be overridden from the environment as ``EDGE_INSPECT__SECTION__KEY`` (for
 secrets: ``EDGE_INSPECT__MQTT__PASSWORD``), and a password can be read from a file.
 """
@@ -11,7 +12,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin, overload
+from typing import Literal, Union, cast, get_args, get_origin, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -434,6 +435,69 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
     return raw
 
 
+class _Plain(str):
+    """A plain (unquoted) YAML scalar's text, with the value YAML 1.1 reads in it: which one the config takes is
+    decided by its key's type, as for the environment overrides."""
+
+    value: object
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML read as the config means it.  YAML 1.1 reads ``off`` as false and ``007`` as 7, so camera ``off`` or
+    user ``007`` would be refused as not text, or a zero lost; a text key takes them as written.  A key given twice
+    is an error (PyYAML keeps the last one silently: a camera's settings written twice would lose the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged from an anchor may be overridden: that is what a merge is for
+            key = str(self.construct_object(key_node))
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"in the mapping starting on line {node.start_mark.line + 1}", node.start_mark,
+                    f"{key!r} is given twice (first on line {seen[key]}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        mapping = super().construct_mapping(node, deep=True)
+        return {str(k) if isinstance(k, _Plain) else k: v for k, v in mapping.items()}
+
+
+def _plain(tag: str) -> None:
+    construct = _Loader.yaml_constructors[tag]
+
+    def keep_text(loader: _Loader, node: yaml.ScalarNode) -> object:
+        value = construct(loader, node)
+        if node.style is not None:
+            return value
+        plain = _Plain(node.value)
+        plain.value = value
+        return plain
+
+    _Loader.add_constructor(tag, keep_text)
+
+
+for _tag in ("bool", "int", "float", "timestamp"):
+    _plain(f"tag:yaml.org,2002:{_tag}")
+
+
+def _typed(raw: object, annotation: object) -> object:
+    """``raw`` with each plain scalar as its key's type asks: the text for a text key, else YAML's value."""
+    if isinstance(raw, _Plain):
+        return str(raw) if _is_text(annotation) else raw.value
+    args = tuple(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        annotation, args = args[0], get_args(args[0])
+    if isinstance(raw, dict):
+        fields = getattr(annotation, "model_fields", None)
+        if fields is not None:
+            return {k: _typed(v, fields[k].annotation if k in fields else None) for k, v in raw.items()}
+        value = args[1] if get_origin(annotation) is dict else None
+        return {k: _typed(v, value) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_typed(v, args[0] if args else None) for v in raw]
+    return raw
+
+
 def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths in the file are relative to the file, not to wherever the worker was started."""
     @overload
@@ -464,7 +528,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Config:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
@@ -473,7 +537,7 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Conf
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = _apply_env(raw, dict(os.environ if environ is None else environ))
+    raw = _apply_env(cast(dict, _typed(raw, Config)), dict(os.environ if environ is None else environ))
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 import zlib
 from pathlib import Path
@@ -254,6 +255,43 @@ def test_broker_restart_mid_stream_loses_no_frame_and_no_result(bundle_dir, data
         observer.close()
         broker.stop()
         shutil.rmtree(store_dir, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir)
+
+
+def test_a_worker_started_before_its_broker_says_so_then_serves_when_it_comes(bundle_dir, dataset, tmp_path,
+                                                                             worker_factory):
+    """paho retries a broker it cannot reach without a word: a worker started before its broker, or pointed at the
+    wrong host, logged nothing and looked idle. It names the address it tries, and /metrics says it is not connected."""
+    port, metrics_port, prefix = free_port(), free_port(), f"p{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path / "w", port, bundle_dir, topics={"prefix": prefix}, mqtt={"reconnect_max_s": 1},
+                          metrics={"enabled": True, "port": metrics_port})
+    worker = worker_factory(config)
+
+    def connected() -> str | None:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return None  # not serving yet
+        return next(line.split()[1] for line in text.splitlines() if line.startswith("edge_inspect_broker_connected "))
+
+    deadline = time.monotonic() + 120
+    while f"cannot reach the broker at 127.0.0.1:{port} (mqtt.host, mqtt.port)" not in worker.output() \
+            or connected() is None:
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
+        time.sleep(0.1)
+    assert connected() == "0.0"
+    broker = Broker(tmp_path / "b", port=port)
+    try:
+        client = Client(port, prefix)
+        wait_online(client, prefix)
+        client.publish_frame("cam", _good_png(dataset), "late")
+        assert client.json_on(f"{prefix}/cam/result")[0]["frame_id"] == "late"
+        while connected() != "1.0":  # the main loop sets the gauge
+            assert time.monotonic() < deadline, "the gauge never said connected"
+            time.sleep(0.1)
+        assert worker.stop() == 0
+        client.close()
+    finally:
+        broker.stop()
 
 
 def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bundle_dir, dataset, tmp_path,

@@ -51,6 +51,8 @@ class Stats:
         self.store_lag = Gauge("edge_inspect_store_pending", "Logged frames not yet written to the vector store "
                                "(recorder backlog + spooled points).", registry=self.registry)
         self.store_up = Gauge("edge_inspect_store_available", "1 when the vector store answers.", registry=self.registry)
+        self.broker_up = Gauge("edge_inspect_broker_connected", "1 while the MQTT broker connection is up (frames can "
+                               "arrive).", registry=self.registry)
         self.model = Gauge("edge_inspect_model_info", "The bundle serving each camera group (value 1).",
                            ["scope", "name", "version", "precision"], registry=self.registry)
         self.registry.register(_LivenessCollector(self.liveness))

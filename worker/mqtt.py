@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -90,6 +92,8 @@ class MqttLink:
         self.on_connected: Callable[[], None] | None = None
         self.max_packet_size: int | None = None
         self.connected = threading.Event()
+        self.connect_failures = 0  # attempts that did not reach the broker since the last connection
+        self._next_failure_log = 0.0
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -122,6 +126,7 @@ class MqttLink:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
 
     def start(self) -> None:
@@ -139,6 +144,7 @@ class MqttLink:
             log.error("broker refused the connection: %s", reason_code)
             return
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        self.connect_failures, self._next_failure_log = 0, 0.0
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
         if self.subscriptions or self.watch:
             client.subscribe([(topic, SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling))
@@ -148,9 +154,23 @@ class MqttLink:
         if self.on_connected:
             self.on_connected()
 
+    def _on_connect_fail(self, client, userdata) -> None:
+        """paho retries a broker it cannot reach (no such host, nothing listening, a firewall) without a word, so a
+        worker started before its broker, or pointed at the wrong one, would look idle: say so at the first failure
+        and then once a minute."""
+        self.connect_failures += 1
+        now = time.monotonic()
+        if now < self._next_failure_log:
+            return
+        self._next_failure_log = now + 60.0
+        reason = sys.exc_info()[1]  # paho calls this inside its `except OSError` around the attempt
+        log.error("cannot reach the broker at %s:%d (mqtt.host, mqtt.port): %s; retrying (%d attempt(s) so far)",
+                  self.cfg.host, self.cfg.port, reason or "connection failed", self.connect_failures)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        if reason_code != 0:
+        if reason_code != 0 and was_connected:  # a refused CONNACK was logged by _on_connect already
             log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:

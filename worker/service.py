@@ -301,6 +301,7 @@ class Worker:
             self.stats.queue_depth.set(len(self.pipeline.queue))
             self.stats.store_lag.set(self.recorder.pending + self.recorder.spool.points)
             self.stats.store_up.set(int(self.recorder.store is not None))
+            self.stats.broker_up.set(int(self.link.connected.is_set()))
             if now >= next_stats and self.link.connected.is_set():
                 self.link.publish(self.topics.stats, json.dumps(self.stats_payload()))
                 next_stats = now + self.cfg.worker.stats_interval_s

@@ -103,6 +103,30 @@ def _run_worker(tmp_path, port: int, files, bundle_dir):
         del os.environ["EDGE_INSPECT__MQTT__PASSWORD"]
 
 
+def test_a_worker_the_broker_will_not_take_says_why(secure_broker, bundle_dir, tmp_path):
+    """The commonest slips against a secured broker: no `mqtt.tls` for a TLS listener (the broker closes the connection
+    before it answers: paho retried without a word, and this worker looked idle), and a wrong password."""
+    from conftest import WorkerProcess, write_config
+
+    broker, files = secure_broker
+    plain = write_config(tmp_path / "plain", broker.port, bundle_dir,
+                         mqtt={"username": "worker", "password": USERS["worker"], "reconnect_max_s": 1})
+    wrong = write_config(tmp_path / "wrong", broker.port, bundle_dir,
+                         mqtt={"username": "worker", "password": "not-it", "tls": {"ca_file": str(files / "ca.crt")}})
+    workers = {"the connection was closed before the broker answered": WorkerProcess(plain, tmp_path / "plain.log"),
+               "broker refused the connection: Not authorized": WorkerProcess(wrong, tmp_path / "wrong.log")}
+    try:
+        deadline = time.monotonic() + 120
+        for line, worker in workers.items():
+            while line not in worker.output():
+                assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
+                time.sleep(0.1)
+        assert "not-it" not in workers["broker refused the connection: Not authorized"].output()
+    finally:
+        codes = [worker.stop() for worker in workers.values()]
+    assert codes == [0, 0]
+
+
 def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bundle_dir, dataset, tmp_path):
     broker, files = secure_broker
     ca = files / "ca.crt"

@@ -94,6 +94,7 @@ class MqttLink:
         self.connected = threading.Event()
         self.connect_failures = 0  # attempts that did not reach the broker since the last connection
         self._next_failure_log = 0.0
+        self._refused = False  # the broker answered CONNECT with a refusal (logged with its reason)
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -141,6 +142,7 @@ class MqttLink:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self._refused = True
             log.error("broker refused the connection: %s", reason_code)
             return
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
@@ -154,24 +156,32 @@ class MqttLink:
         if self.on_connected:
             self.on_connected()
 
-    def _on_connect_fail(self, client, userdata) -> None:
-        """paho retries a broker it cannot reach (no such host, nothing listening, a firewall) without a word, so a
-        worker started before its broker, or pointed at the wrong one, would look idle: say so at the first failure
-        and then once a minute."""
+    def _attempt_failed(self, reason: object) -> None:
+        """paho retries a broker it cannot reach without a word, so a worker started before its broker, or pointed
+        at the wrong one, would look idle: say so at the first failed attempt and then once a minute."""
         self.connect_failures += 1
         now = time.monotonic()
         if now < self._next_failure_log:
             return
         self._next_failure_log = now + 60.0
-        reason = sys.exc_info()[1]  # paho calls this inside its `except OSError` around the attempt
         log.error("cannot reach the broker at %s:%d (mqtt.host, mqtt.port): %s; retrying (%d attempt(s) so far)",
-                  self.cfg.host, self.cfg.port, reason or "connection failed", self.connect_failures)
+                  self.cfg.host, self.cfg.port, reason, self.connect_failures)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """No connection at all: no such host, nothing listening, a firewall, a TLS handshake that failed."""
+        self._attempt_failed(sys.exc_info()[1] or "connection failed")  # paho calls this inside its `except OSError`
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
-        if reason_code != 0 and was_connected:  # a refused CONNACK was logged by _on_connect already
-            log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
+        if was_connected:
+            if reason_code != 0:
+                log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
+        elif self._refused:
+            self._refused = False  # _on_connect logged the broker's reason
+        else:
+            self._attempt_failed(f"the connection was closed before the broker answered ({reason_code}); a TLS "
+                                 "listener reached without mqtt.tls does this")
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if self.on_message is None:

@@ -83,8 +83,8 @@ class Normalisation(_Strict):
     their minimum, ``threshold`` the decision boundary.
     """
 
-    low: float
-    threshold: float
+    low: float = Field(allow_inf_nan=False)
+    threshold: float = Field(allow_inf_nan=False)  # NaN compares false: every frame would pass
 
     def __call__(self, raw: np.ndarray | float) -> np.ndarray | float:
         span = max(self.threshold - self.low, 1e-12)

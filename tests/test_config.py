@@ -32,6 +32,13 @@ def test_the_shipped_config_is_valid():
         ("model: {bundle: b}\ntopics: {cameras: [a, '+']}\n", "topics.cameras"),
         ("model: {bundle: b}\nworker: {id: 'w#1'}\n", "worker.id"),
         ("model: {bundle: b}\ntopics: {share_group: 'g/1'}\n", "topics.share_group"),
+        # a NaN threshold passed every frame (and made the store refuse each point); an infinite or astronomic
+        # interval overflowed the OS's timers (a traceback at start, or a thread dead)
+        ("model: {bundle: b, threshold: .nan}\n", "model.threshold: Input should be a finite number"),
+        ("model: {bundle: b}\ncameras: {a: {threshold: -.inf}}\n", "cameras.a.threshold"),
+        ("model: {bundle: b}\nworker: {watchdog_s: .inf}\n", "worker.watchdog_s"),
+        ("model: {bundle: b}\nstore: {flush_s: 1.0e+300}\n", "store.flush_s"),
+        ("model: {bundle: b}\nmqtt: {session_expiry_s: 4294967296}\n", "mqtt.session_expiry_s"),
     ],
 )
 def test_errors_name_the_bad_key(tmp_path, text, key):
@@ -85,6 +92,8 @@ def test_environment_overrides_and_secrets_stay_secret(tmp_path):
     path.write_text("model: {bundle: b}\nmqtt: {username: worker, password: from-file}\n")
     cfg = load_config(path, environ={"EDGE_INSPECT__MQTT__PASSWORD": "s3cret", "EDGE_INSPECT__MQTT__PORT": "8883"})
     assert cfg.mqtt.secret() == "s3cret" and cfg.mqtt.port == 8883
+    with pytest.raises(ConfigError, match="model.threshold: Input should be a finite number"):
+        load_config(path, environ={"EDGE_INSPECT__MODEL__THRESHOLD": "nan"})
     assert "s3cret" not in repr(cfg) and "s3cret" not in cfg.model_dump_json()
     (tmp_path / "pw").write_text("from-a-file\n")
     path.write_text("model: {bundle: b}\nmqtt: {username: worker, password_file: pw}\n")

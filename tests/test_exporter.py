@@ -55,6 +55,11 @@ def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
     (copy / "bundle.json").write_text(json.dumps({**raw, "schema_version": 99}))
     with pytest.raises(BundleError, match="schema_version"):
         read_manifest(copy, verify=False)
+    thresholds = raw["thresholds"]
+    nan = {**thresholds, "image": {**thresholds["image"], "threshold": float("nan")}}  # a hand edit: every frame passed
+    (copy / "bundle.json").write_text(json.dumps({**raw, "thresholds": nan}))
+    with pytest.raises(BundleError, match="thresholds.image.threshold\n  Input should be a finite number"):
+        read_manifest(copy, verify=False)
     (copy / "bundle.json").write_bytes(b"\xff\xfe{}")  # not UTF-8: was a UnicodeDecodeError
     with pytest.raises(BundleError, match="not JSON"):
         read_manifest(copy, verify=False)

@@ -27,8 +27,12 @@ class ConfigError(Exception):
     """The config file is missing, not YAML, or names a bad key or value (the message says which)."""
 
 
+YEAR_S = 366 * 86400  # the longest interval or timeout a key takes: the OS's timers overflow not far beyond
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a NaN threshold would pass every frame, an infinite interval overflows the OS's timers: finite numbers only
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TLSConfig(_Section):
@@ -48,9 +52,11 @@ class MQTTConfig(_Section):
     tls: TLSConfig | None = Field(None, description="Set to use TLS; leave out for plain TCP on a trusted network.")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive; the broker publishes our last will after 1.5x this.")
     qos: Literal[0, 1] = Field(1, description="QoS for subscriptions and publications.")
-    session_expiry_s: int = Field(3600, ge=0, description="Broker keeps our subscriptions and queued frames this long while we are away.")
-    reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay after the broker is lost (whole seconds, as paho takes it).")
-    reconnect_max_s: int = Field(30, ge=1, description="Reconnect delays double up to this (whole seconds).")
+    session_expiry_s: int = Field(3600, ge=0, le=0xFFFFFFFF, description="Broker keeps our subscriptions and queued frames this long "
+                                                                         "while we are away.")
+    reconnect_min_s: int = Field(1, ge=1, le=YEAR_S, description="First reconnect delay after the broker is lost (whole seconds, as "
+                                                                 "paho takes it).")
+    reconnect_max_s: int = Field(30, ge=1, le=YEAR_S, description="Reconnect delays double up to this (whole seconds).")
 
     def secret(self) -> str | None:
         if self.password is not None:
@@ -119,8 +125,8 @@ class ModelConfig(_Section):
         "rollback are deleted; a compiled blob that no longer matches the digest recorded after its compile is "
         "compiled again."))
     threshold: float | None = Field(None, description="Override the bundle's raw image threshold.")
-    watch_s: float = Field(0, ge=0, description="Check every N seconds whether a configured bundle changed on disk and hot-reload it (0 = "
-                                                "off; reloads also come over the control topic).")
+    watch_s: float = Field(0, ge=0, le=YEAR_S, description="Check every N seconds whether a configured bundle changed on disk and "
+                                                           "hot-reload it (0 = off; reloads also come over the control topic).")
 
 
 class QueuePolicy(StrEnum):
@@ -225,14 +231,14 @@ class StoreConfig(_Section):
     log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always "
                                                        "logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
-    flush_s: float = Field(0.5, gt=0, description="Longest an embedding waits before it is written.")
+    flush_s: float = Field(0.5, gt=0, le=YEAR_S, description="Longest an embedding waits before it is written.")
     max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) unlabelled normal "
                                                            "frames are deleted first, anomalous or labelled ones only when no normal frame "
                                                            "is left; none = no limit.")
-    max_age_h: float | None = Field(None, gt=0, description="Retention: frames captured more than this many hours ago are deleted; none = "
-                                                            "no limit.")
-    retention_every_s: float = Field(60, gt=0, description="How often retention runs while the worker runs (on the recorder thread, never "
-                                                           "the inference path).")
+    max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Retention: frames captured more than this many "
+                                                                                    "hours ago are deleted; none = no limit.")
+    retention_every_s: float = Field(60, gt=0, le=YEAR_S, description="How often retention runs while the worker runs (on the recorder "
+                                                                      "thread, never the inference path).")
     min_free_mb: int = Field(64, ge=0, description="Embedded: no write starts while its disk has less free (a vacuum needs the "
                                                    "collection's size on top); embeddings are spooled meanwhile. The engine maps its "
                                                    "files into memory, and a write to a full disk would kill the worker. 0 = no check.")
@@ -241,13 +247,14 @@ class StoreConfig(_Section):
 class SpoolConfig(_Section):
     path: Path = Field(Path("data/spool"), description="Embeddings the store could not take wait here, in order, across restarts.")
     max_mb: int = Field(200, ge=1, description="Past this, the oldest spooled batches are dropped (and counted).")
-    retry_s: float = Field(5, gt=0, description="How often an unavailable store is tried again.")
+    retry_s: float = Field(5, gt=0, le=YEAR_S, description="How often an unavailable store is tried again.")
 
 
 class EvidenceBudget(_Section):
     max_frames: int = Field(20_000, ge=1, description="Oldest frames of this class are deleted past this many.")
     max_mb: float | None = Field(None, gt=0, description="... or past this many megabytes of files; none = no limit.")
-    max_age_h: float | None = Field(None, gt=0, description="... or once written longer ago than this many hours; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="... or once written longer ago than this many "
+                                                                                    "hours; none = no limit.")
 
 
 class EvidenceConfig(_Section):
@@ -256,8 +263,9 @@ class EvidenceConfig(_Section):
                                                     "(anomalous and labelled frames have budgets of their own and are never evicted by "
                                                     "normal traffic).")
     max_mb: float | None = Field(None, gt=0, description="Normal frames: byte budget in megabytes; none = no limit.")
-    max_age_h: float | None = Field(None, gt=0, description="Normal frames: evidence older than this many hours is deleted (checked with "
-                                                            "store retention); none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Normal frames: evidence older than this many "
+                                                                                    "hours is deleted (checked with store retention); "
+                                                                                    "none = no limit.")
     anomalous: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000, max_mb=4000), description="Budget of anomalous frames (thumbnail, "
                                                                                                   "original frame, heatmap); default 20000 "
                                                                                                   "frames, 4000 MB.")
@@ -317,7 +325,7 @@ class CaptureConfig(_Section):
 
 class QueryConfig(_Section):
     max_top_k: int = Field(50, ge=1, description="Largest top_k a query may ask for.")
-    timeout_s: float = Field(10, gt=0, description="CLI: how long to wait for the worker's answer.")
+    timeout_s: float = Field(10, gt=0, le=YEAR_S, description="CLI: how long to wait for the worker's answer.")
 
 
 class ConsoleConfig(_Section):
@@ -329,12 +337,13 @@ class ConsoleConfig(_Section):
                                                 "feed.")
     recent_frames: int = Field(64, ge=8, description="Latest frames (camera bytes, heatmap, result) of all cameras kept in memory for the "
                                                      "live tiles.")
-    series_minutes: float = Field(60, gt=0, description="Score-over-time window per camera.")
+    series_minutes: float = Field(60, gt=0, le=YEAR_S / 60, description="Score-over-time window per camera.")
     max_cameras: int = Field(64, ge=1, description="Cameras the console keeps (tile, score series, error count): the most recently "
                                                    "active; past this many the longest quiet one is dropped, so invented camera ids "
                                                    "cannot grow its memory.")
-    control_timeout_s: float = Field(120, gt=0, description="How long the console waits for the worker to answer a reload, rollback or "
-                                                            "capture export (a reload compiles the bundle) before HTTP 504.")
+    control_timeout_s: float = Field(120, gt=0, le=YEAR_S, description="How long the console waits for the worker to answer a reload, "
+                                                                       "rollback or capture export (a reload compiles the bundle) before "
+                                                                       "HTTP 504.")
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> ConsoleConfig:
@@ -348,11 +357,11 @@ class ConsoleConfig(_Section):
 class WorkerConfig(_Section):
     id: str = Field("worker-1", description="Names this worker in topics and its availability status.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
-    stats_interval_s: float = Field(10, gt=0, description="How often counters are published on the stats topic.")
-    watchdog_s: float = Field(120, ge=0, description="A thread busy this long without progress is stuck: /healthz fails and the worker "
-                                                     "exits with code 3 for its service manager to restart it; the process also ends if "
-                                                     "its main loop stops running for 0.9-1.0 of this (its timer is re-armed every "
-                                                     "tenth) (0 = off).")
+    stats_interval_s: float = Field(10, gt=0, le=YEAR_S, description="How often counters are published on the stats topic.")
+    watchdog_s: float = Field(120, ge=0, le=YEAR_S, description="A thread busy this long without progress is stuck: /healthz fails and "
+                                                                "the worker exits with code 3 for its service manager to restart it; the "
+                                                                "process also ends if its main loop stops running for 0.9-1.0 of "
+                                                                "this (its timer is re-armed every tenth) (0 = off).")
 
     @field_validator("id")
     @classmethod

@@ -39,6 +39,7 @@ def test_the_shipped_config_is_valid():
         ("model: {bundle: b}\nworker: {watchdog_s: .inf}\n", "worker.watchdog_s"),
         ("model: {bundle: b}\nstore: {flush_s: 1.0e+300}\n", "store.flush_s"),
         ("model: {bundle: b}\nmqtt: {session_expiry_s: 4294967296}\n", "mqtt.session_expiry_s"),
+        ("model: {bundle: b}\nheatmap: {size: 100000}\n", "heatmap.size"),
     ],
 )
 def test_errors_name_the_bad_key(tmp_path, text, key):

@@ -28,6 +28,7 @@ class ConfigError(Exception):
 
 
 YEAR_S = 366 * 86400  # the longest interval or timeout a key takes: the OS's timers overflow not far beyond
+MAX_SIDE = 8192  # the longest side of an image the worker makes: a typo of 100000 would cost 30 GB per heatmap
 
 
 class _Section(BaseModel):
@@ -172,7 +173,7 @@ class HeatmapConfig(_Section):
                                                          "(evidence keeps anomalous heatmaps regardless).")
     format: Literal["jpeg", "png"] = Field("jpeg", description="jpeg (small) or png (lossless).")
     quality: int = Field(85, ge=10, le=100, description="JPEG quality.")
-    size: int | None = Field(None, ge=16, description="Longer side in pixels; default the model's input size.")
+    size: int | None = Field(None, ge=16, le=MAX_SIDE, description="Longer side in pixels; default the model's input size.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the colour map over the frame.")
 
 
@@ -193,7 +194,7 @@ class CameraConfig(_Section):
     precision: PrecisionSetting | None = Field(None, description="Inference precision for this camera (default model.precision).")
     heatmap: HeatmapPolicy | None = Field(None, description="Heatmap policy for this camera: always, anomalous or never.")
     heatmap_format: Literal["jpeg", "png"] | None = Field(None, description="Heatmap encoding for this camera.")
-    heatmap_size: int | None = Field(None, ge=16, description="Heatmap longer side for this camera.")
+    heatmap_size: int | None = Field(None, ge=16, le=MAX_SIDE, description="Heatmap longer side for this camera.")
     roi: tuple[int, int, int, int] | None = Field(None, description="Region of interest x, y, width, height in frame pixels; only it is "
                                                                     "inspected; a frame it does not fit in is refused "
                                                                     "(roi_outside_frame).")
@@ -271,7 +272,7 @@ class EvidenceConfig(_Section):
                                                                                                   "frames, 4000 MB.")
     labelled: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000), description="Budget of frames an operator labelled (kept apart, so "
                                                                                     "labels outlive both other classes).")
-    thumbnail_size: int = Field(128, ge=16, description="Longer side of the thumbnail kept for every logged frame.")
+    thumbnail_size: int = Field(128, ge=16, le=MAX_SIDE, description="Longer side of the thumbnail kept for every logged frame.")
 
 
 class LearningConfig(_Section):

@@ -48,6 +48,35 @@ class Option:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer option within bounds, refused by the parser before any data is read (an input side of 0 or 100000
+    failed only once the images were being resized, the second as a 30 GB allocation)."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"{number} is outside {low}..{high}" if high is not None
+                                             else f"{number} is below {low}")
+        return number
+    return parse
+
+
+def _share(value: str) -> float:
+    """A share in (0, 1]: 0 or 2 were taken, NaN failed only after the features were extracted."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a share in (0, 1]")
+    return number
+
+
+MAX_INPUT = 2048  # larger frames: --tiling, which keeps each tile at a size the backbone was made for
+
+
 def _grid(value: str) -> tuple[int, int]:
     """``--tiling 4x3``: tiles across and down."""
     cols, sep, rows = value.lower().partition("x")
@@ -96,15 +125,15 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--backbone", "timm name; offline weights exist for efficientnet_lite0/1/2"),
         Option("--backbone-weights", "local weights file for --backbone (.pth or .safetensors)"),
         Option("--layers", "comma-separated backbone layers", _names),
-        Option("--input-size", "square input side in pixels", int),
-        Option("--coreset-ratio", "memory-bank share of all patch features", float),
+        Option("--input-size", f"square input side in pixels (32..{MAX_INPUT})", _int_in(32, MAX_INPUT)),
+        Option("--coreset-ratio", "memory-bank share of all patch features, in (0, 1]", _share),
         Option("--neighbourhood", "feature cells (odd, p x p) averaged into each patch's feature (PatchCore's local "
-                                  "neighbourhood; default 3, anomalib's)", int),
+                                  "neighbourhood; default 3, anomalib's)", _int_in(1, 15)),
         Option("--max-bank", "cap on memory-bank rows, which bounds latency, bundle size and fit time "
-                             "(0: no cap, the bank is --coreset-ratio of all patch features)", int),
+                             "(0: no cap, the bank is --coreset-ratio of all patch features)", _int_in(0)),
         Option("--extension-candidates", "patches per frame compared with the bank extension and returned as "
                                          "candidates for it (issue 17; default a sixteenth of the frame's patches, "
-                                         "64 to 256; 0: a graph without the extension input)", int),
+                                         "64 to 256; 0: a graph without the extension input)", _int_in(0)),
         Option("--image-score", "how a frame's score is read: reweighted, anomalib's re-weighted distance of the most "
                                 "anomalous patch (default), or map_max, the blurred anomaly map's maximum (a false "
                                 "alarm's absorption then takes many more extension rows)", choices=("reweighted", "map_max")),
@@ -114,8 +143,8 @@ class PatchCore(Family["PatchcoreSettings"]):
                                "with a handedness; fit time and memory grow with the views", choices=tuple(v.value for v in Views)),
         Option("--screen-rows", "a cheap first stage: every patch meets only the bank's first N rows (a coarser "
                                 "coreset of their own), and the --refine share of patches farthest from them meets "
-                                "the whole bank (0: every patch meets the whole bank)", int),
-        Option("--refine", "with --screen-rows: the share of a frame's patches that meets the whole bank", float),
+                                "the whole bank (0: every patch meets the whole bank)", _int_in(0)),
+        Option("--refine", "with --screen-rows: the share of a frame's patches that meets the whole bank", _share),
         Option("--unrefined", "with --screen-rows: an unrefined patch's distance is its distance to the screen rows "
                               "scaled by the frame's refined patches' mean ratio of whole-bank to screen distance "
                               "(scaled, default: an estimate) or that distance as it is (bound: never smaller than "
@@ -142,13 +171,15 @@ class EfficientAd(Family["EfficientAdSettings"]):
     name = "efficientad"
     title = "EfficientAD"
     options = (
-        Option("--input-size", "square input side in pixels (at least 256)", int),
+        Option("--input-size", f"square input side in pixels (256..{MAX_INPUT})", _int_in(256, MAX_INPUT)),
         Option("--model-size", "PDN size", choices=("small", "medium")),
-        Option("--steps", "student/autoencoder training steps at batch 1 (default: 10 passes over the training images)", int),
+        Option("--steps", "student/autoencoder training steps at batch 1 (default: 10 passes over the training images)",
+               _int_in(1)),
         Option("--teacher", "PDN teacher file to use (.safetensors or weights-only .pt); default: "
                             "exporter/teachers/pdn-SIZE.safetensors if it ships (sha256 checked; EDGE_INSPECT_TEACHERS "
                             "overrides the folder), else distil one, cached"),
-        Option("--teacher-steps", "distil a teacher with this many steps (cached) instead of using a shipped one", int),
+        Option("--teacher-steps", "distil a teacher with this many steps (cached) instead of using a shipped one",
+               _int_in(1)),
         Option("--natural", "natural photos: penalty set and distillation set"),
         Option("--train-precision", "f32 (default) or bf16: the training loops under torch's CPU autocast, several "
                                     "times faster where the CPU has AMX, refused where it has no bf16 units; the "

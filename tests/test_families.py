@@ -61,3 +61,24 @@ def test_an_option_the_chosen_family_does_not_use_is_refused(argv, message, tmp_
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--input-size", "0"], "argument --input-size: 0 is outside 32..2048"),
+    (["--input-size", "100000"], "argument --input-size: 100000 is outside 32..2048"),  # was a 30 GB resize
+    (["--coreset-ratio", "0"], "argument --coreset-ratio: 0 is not a share in (0, 1]"),  # was taken
+    (["--coreset-ratio", "nan"], "argument --coreset-ratio: nan is not a share in (0, 1]"),  # failed after the features
+    (["--refine", "1.5"], "argument --refine: 1.5 is not a share in (0, 1]"),
+    (["--max-bank", "-1"], "argument --max-bank: -1 is below 0"),
+    (["--model", "efficientad", "--steps", "0"], "argument --steps: 0 is below 1"),  # was the default's 10 passes
+])
+def test_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--input-size", "32"], ["--input-size", "2048"], ["--coreset-ratio", "1"],
+                                  ["--max-bank", "0"], ["--model", "efficientad", "--steps", "1"]])
+def test_numbers_at_the_bounds_are_taken(argv):
+    build_parser().parse_args(["train", "--data", "d", "--out", "o", *argv])

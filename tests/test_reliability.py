@@ -333,6 +333,30 @@ def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bun
         client.close()
 
 
+def test_a_second_worker_on_the_same_folders_is_refused_and_a_killed_one_leaves_them_free(broker, bundle_dir, tmp_path,
+                                                                                           worker_factory):
+    """Two workers started from one config on one box (worker.id set apart in the environment) wrote one spool, one
+    evidence index, one extension and one capture sample, and the second spooled its history for ever against the
+    embedded store's lock. The second now stops at once naming the folder and its holder; the claim is an OS lock,
+    so a worker killed without a word leaves nothing behind that blocks the next start."""
+    prefix = f"p{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    first = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix})
+    second = tmp_path / "second.yaml"
+    second.write_text(first.read_text().replace("id: w-test", "id: w-other"))
+    worker = worker_factory(first)
+    wait_online(client, prefix)
+    twin = worker_factory(second)
+    assert twin.proc.wait(120) == 2
+    assert (f"error: evidence.path: {tmp_path / 'w' / 'evidence'} is in use by worker 'w-test' (pid {worker.proc.pid} "
+            in twin.output()), twin.output()[-2000:]
+    worker.stop(signal.SIGKILL)
+    successor = worker_factory(second)
+    wait_online(client, prefix, "w-other")
+    assert successor.stop() == 0, successor.output()[-2000:]
+    client.close()
+
+
 def test_a_second_process_under_the_same_worker_id_is_named(broker, bundle_dir, tmp_path, worker_factory):
     """Two boxes installed from one config share worker.id and so the MQTT client id: the broker hands the session
     from one to the other every second, and each log only said "disconnected".  Each process now announces itself

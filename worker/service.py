@@ -10,13 +10,16 @@ next start instead of us dropping them.  Every thread is supervised
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
 import paho.mqtt.client as mqtt
 
@@ -47,11 +50,19 @@ EXIT_STUCK = 3
 log = logging.getLogger(__name__)
 
 
-def check_folders(cfg: Config) -> None:
+LOCK_NAME = ".worker.lock"
+
+
+def check_folders(cfg: Config) -> list[IO[str]]:
     """Create the folders the worker writes and write a file in each, so that a path that is a file, lies on a
     read-only mount or is not the worker's to write stops the start naming its key (ConfigError), not with a
     traceback from whichever part opens it first.  The store's folder is not checked: it is an outage like any
-    other (spooled, tried again)."""
+    other (spooled, tried again).
+
+    Each folder that is this worker's alone is claimed too: two workers started from one config (``worker.id`` set
+    apart in the environment) would write one spool, one evidence index, one bank extension and one capture sample,
+    and the second would find the embedded store locked and spool its history for ever.  The claims (held open
+    file locks, which the OS releases when the process ends however it ends) are returned for the worker to keep."""
     folders = {"evidence.path": cfg.evidence.path, "spool.path": cfg.spool.path, "model.cache_dir": cfg.model.cache_dir,
                "learning.path": cfg.learning.path if cfg.learning.enabled else None,
                "capture.path": cfg.capture.path if cfg.capture.enabled else None}
@@ -66,12 +77,43 @@ def check_folders(cfg: Config) -> None:
         except OSError as exc:
             fix = "; set it to null to run without a model cache" if key == "model.cache_dir" else ""
             raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc}){fix}") from None
+    own = {**folders, "store.path": cfg.store.path if cfg.store.url is None else None}
+    del own["model.cache_dir"]  # compiled blobs are checked by their digests: workers may share them
+    owner = f"worker {cfg.worker.id!r} (pid {os.getpid()} on {socket.gethostname()})"
+    return [claim for key, folder in own.items()
+            if folder is not None and (claim := _claim(key, folder, owner)) is not None]
+
+
+def _claim(key: str, folder: Path, owner: str) -> IO[str] | None:
+    """An exclusive lock on ``folder``'s lock file, or ConfigError naming the process that holds it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / LOCK_NAME).open("a+")
+    except OSError as exc:
+        if key == "store.path":
+            return None  # an outage of the store, as above
+        raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{key}: {folder} is in use by {holder}; give each worker on this box its own folder") from None
+    except OSError as exc:  # a file system without locks (some network mounts): run, unguarded
+        log.warning("%s: %s cannot be locked (%s); make sure no other worker writes to it", key, folder, exc)
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(owner + "\n")
+    handle.flush()
+    return handle
 
 
 class Worker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        check_folders(cfg)
+        self.claims = check_folders(cfg)  # held for the process's life
         use_opencv_threads(cfg.limits.opencv_threads)
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
         self.models = Models(cfg)

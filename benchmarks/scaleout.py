@@ -57,6 +57,8 @@ class Group:
                 "store": {"path": str(folder / f"qdrant-{i}")},
                 "evidence": {"path": str(folder / f"evidence-{i}")},
                 "spool": {"path": str(folder / f"spool-{i}")},
+                "learning": {"path": str(folder / f"extensions-{i}")},
+                "capture": {"path": str(folder / f"capture-{i}"), "export_path": str(folder / f"training-{i}")},
                 "metrics": {"enabled": False},
             }
             path = folder / f"w{i}.yaml"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -191,6 +191,8 @@ def create_app(cfg: Config) -> Starlette:
                 return await handler(request)
             except ValueError as exc:
                 return _error(400, "bad_request", str(exc))
+            except ClientDisconnect:  # the browser went away mid-body: nobody to answer, nothing to log as a bug
+                return Response(status_code=400)
         return handle
 
     @refusing

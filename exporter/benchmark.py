@@ -19,7 +19,7 @@ import torch
 
 from bundle.runtime import CompiledBundle
 from exporter.build import package
-from exporter.data import find_categories, read_image, read_mask
+from exporter.data import DatasetError, find_categories, read_image, read_mask
 from exporter.families import Family, select
 from exporter.report import write_report
 from exporter.thresholds import NORMALS
@@ -116,9 +116,15 @@ def run(data: Path, models: list[str], out: Path, categories: list[str] | None =
         raise ValueError(f"no requested category under {data} (found: {found})")
     absent = [c for c in (categories or MVTEC_CATEGORIES) if c not in found]
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failed = [], []
     for category in chosen:
         for family in families:
             log.info("benchmark: %s on %s", family.name, category)
-            rows.append(run_one(data, category, family, out, given.get(family.name) or family.settings(), precisions))
-    return write_report(rows, out, data, absent)
+            try:
+                rows.append(run_one(data, category, family, out, given.get(family.name) or family.settings(), precisions))
+            except DatasetError as exc:  # one category's bad data costs that category's row, not the whole run
+                log.error("benchmark: %s on %s cannot be run: %s", family.name, category, exc)
+                failed.append({"model": family.name, "category": category, "error": str(exc)})
+    if not rows:
+        raise DatasetError("no category could be benchmarked: " + "; ".join(f"{f['category']}: {f['error']}" for f in failed))
+    return write_report(rows, out, data, absent, failed)

@@ -201,10 +201,9 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
 
 
-def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
-    """The good images and the defects of a folder whose masks lie beside their images (``<stem>_GT.png`` beside
-    ``<stem>.png``) or in its ``Label/`` folder (DAGM), or None when it holds no such mask.  An image is a defect when
-    its mask has a non-zero pixel, good when the mask is blank or the image has none."""
+def _masks_beside(folder: Path) -> tuple[list[Path], dict[str, Path]]:
+    """A folder's images and, by image stem, the masks that lie beside them (``<stem>_GT.png`` beside ``<stem>.png``)
+    or in its ``Label/`` folder (DAGM); found by name, nothing decoded."""
     images = _images(folder)
     by_stem = {p.stem: p for p in images}
     labels = [p for sub in entries(folder) if sub.is_dir() and sub.name.lower() in MASK_FOLDERS for p in _images(sub)]
@@ -214,6 +213,13 @@ def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
         for suffix in BESIDE_SUFFIXES:
             if stem.lower().endswith(suffix) and stem[: -len(suffix)] in by_stem:
                 masks[stem[: -len(suffix)]] = path
+    return images, masks
+
+
+def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
+    """The good images and the defects of a folder whose masks lie beside their images, or None when it holds no
+    such mask.  An image is a defect when its mask has a non-zero pixel, good when the mask is blank or it has none."""
+    images, masks = _masks_beside(folder)
     if not masks:
         return None
     good, defects = [], []
@@ -404,9 +410,10 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
 
 def find_categories(data: Path) -> list[str]:
     """Every sub-folder of ``data`` that looks like an MVTec AD category, or holds a training folder of images with
-    masks beside them (DAGM's ``Class1`` ... ``Class10``)."""
+    masks beside them (DAGM's ``Class1`` ... ``Class10``).  Nothing is decoded: a category's damaged mask is that
+    category's error when it is read, not every category's."""
     return sorted(p.name for p in entries(Path(data)) if p.is_dir() and (
-        _train_folder(p) is not None or ((train := _child(p, "train")) is not None and _beside(train) is not None)))
+        _train_folder(p) is not None or ((train := _child(p, "train")) is not None and _masks_beside(train)[1])))
 
 
 def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Category, list[Sample]]:

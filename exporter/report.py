@@ -74,7 +74,7 @@ def _mark(value: float | None, target: float) -> str:
     return f"{value:.4f} {'✓' if value >= target else '✗'}"
 
 
-def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) -> str:
+def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], failed: list[dict] | None = None) -> str:
     lines = [
         "# Detection quality benchmark",
         "",
@@ -126,6 +126,8 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
     lines += [
         "",
         f"Categories absent under the data root (not benchmarked): {', '.join(absent) if absent else 'none'}.",
+        *([""] + [f"Not benchmarked, its data unusable: {f['model']} / {f['category']}: {f['error']}" for f in failed]
+          if failed else []),
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
@@ -138,8 +140,10 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str]) 
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], out: Path, data: Path, absent: list[str]) -> Path:
-    """report.md, report.json, roc.png and heatmaps-CATEGORY.png in ``out``; returns report.md."""
+def write_report(rows: list[dict], out: Path, data: Path, absent: list[str], failed: list[dict] | None = None) -> Path:
+    """report.md, report.json, roc.png and heatmaps-CATEGORY.png in ``out``; returns report.md.  ``failed``: the
+    model/category pairs whose data could not be used, each with its ``error``."""
+    failed = failed or []
     out.mkdir(parents=True, exist_ok=True)
     plots = ["roc.png"]
     roc_plot(rows, out / "roc.png")
@@ -148,8 +152,9 @@ def write_report(rows: list[dict], out: Path, data: Path, absent: list[str]) -> 
         heatmap_grid([r for r in rows if r["category"] == category], out / name)
         plots.append(name)
     (out / "report.json").write_text(json.dumps({
-        "data": str(data), "absent_categories": absent, "targets": TARGETS, "rows": [_public(r) for r in rows],
+        "data": str(data), "absent_categories": absent, "failed": failed, "targets": TARGETS,
+        "rows": [_public(r) for r in rows],
     }, indent=2, default=str) + "\n")
     path = out / "report.md"
-    path.write_text(markdown(rows, data, absent, plots))
+    path.write_text(markdown(rows, data, absent, plots, failed))
     return path

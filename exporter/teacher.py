@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bundle import sha256_file
 from exporter import backbones
 from exporter.data import images_under, read_decoded
 from exporter.progress import Progress
@@ -222,14 +223,6 @@ def checkpoint_path(out: Path) -> Path:
 
 def manifest_path(teacher: Path) -> Path:
     return teacher.with_suffix(".json")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def held_out_split(paths: list[Path], wanted: int) -> tuple[list[Path], list[Path]]:

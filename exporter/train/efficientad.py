@@ -23,7 +23,7 @@ import torch
 from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, EfficientAdModelSize, reduce_tensor_elems
 from torch import nn
 
-from bundle import InputSpec
+from bundle import InputSpec, sha256_file
 from exporter.data import read_tiles, tiling_of
 from exporter.progress import Progress
 from exporter.teacher import (
@@ -34,7 +34,6 @@ from exporter.teacher import (
     load_rgb,
     load_teacher,
     natural_images,
-    sha256_file,
     shipped_teacher,
     teacher_channels,
     teacher_file,

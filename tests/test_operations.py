@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -158,6 +159,39 @@ def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, datas
     assert versions[0] == v1 and versions[-1] == v1 and "2.0.0" in versions and len(switches) == 2, versions
     retained = client.json_on(f"{prefix}/workers/w-test/model", count=1)[-1]
     assert retained["version"] == v1 and retained["tiling"] is None and retained["input"] == [128, 128], retained
+    assert worker.stop() == 0
+
+
+def test_a_watched_bundle_is_loaded_once_copied_whole_and_a_half_copy_is_said_once(broker, bundle_dir, dataset,
+                                                                                   tmp_path, worker_factory):
+    """``model.watch_s``: a release copied over the served bundle is loaded between two frames. While the copy is
+    incomplete (its bundle.json there, its model.bin not yet whole) the worker keeps its model and tries again at
+    every tick; it logged the refusal at every tick too (five lines a second here), now once."""
+    prefix = f"w{uuid.uuid4().hex[:6]}"
+    served = shutil.copytree(bundle_dir, tmp_path / "served")
+    release = _relabelled(bundle_dir, tmp_path / "release", "2.0.0")
+    config = write_config(tmp_path / "w", broker.port, served, topics={"prefix": prefix}, model={"watch_s": 0.2},
+                          worker={"id": "w-test", "stats_interval_s": 0.5})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _online(client, prefix)
+    weights = (release / "model.bin").read_bytes()
+    (served / "model.bin").write_bytes(weights[: len(weights) // 2])
+    shutil.copy2(release / "bundle.json", served / "bundle.json")
+    os.utime(served / "bundle.json")  # newer than the model loaded from it
+    refusal = "changed on disk but was not loaded"
+    deadline = time.monotonic() + 60
+    while refusal not in worker.output():
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
+        time.sleep(0.1)
+    stats = f"{prefix}/workers/w-test/stats"
+    seen = len([m for m in client.messages if m.topic == stats])
+    client.wait_for(lambda m: m.topic == stats, count=seen + 4)  # 2 s at least: ten ticks
+    assert worker.output().count(refusal) == 1, worker.output()[-3000:]
+    (served / "model.bin").write_bytes(weights)  # the copy completes
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/model" and b'"2.0.0"' in m.payload)
+    client.publish_frame("cam", _good(dataset), "after")
+    assert client.json_on(f"{prefix}/cam/result")[0]["model"]["version"] == "2.0.0"
     assert worker.stop() == 0
 
 

@@ -334,6 +334,7 @@ class Worker:
         switch = DeadMansSwitch(self.cfg.worker.watchdog_s)
         now = time.monotonic()
         next_stats, next_watch = now + self.cfg.worker.stats_interval_s, now + self.cfg.model.watch_s
+        unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused
         while not stop.wait(0.2):
             switch.arm()
             problems = self.liveness.problems()
@@ -351,8 +352,11 @@ class Worker:
                 for scope, path in self.models.changed_on_disk():
                     answer = self.control({"command": "reload", "camera": None if scope == DEFAULT else scope,
                                            "bundle": str(path)})
-                    if not answer["ok"]:
-                        log.warning("bundle %s changed on disk but was not loaded: %s", path, answer["error"]["message"])
+                    said = None if answer["ok"] else answer["error"]["message"]
+                    if said is not None and said != unloaded.get(scope):  # a bundle being copied: said once, tried on
+                        log.warning("bundle %s changed on disk but was not loaded (tried again every %g s): %s", path,
+                                    self.cfg.model.watch_s, said)
+                    unloaded[scope] = said
                 next_watch = now + self.cfg.model.watch_s
         # A shutdown that hangs must end too: the switch stays armed, with room for its own timeouts.
         DeadMansSwitch(self.cfg.worker.watchdog_s and self.cfg.worker.watchdog_s + 90).arm()

@@ -76,6 +76,16 @@ def test_text_keys_take_their_value_as_written(tmp_path):
     assert cfg.capture.enabled is False
 
 
+def test_the_embedded_store_is_bounded_unless_told_otherwise(tmp_path):
+    """The embedded engine holds every point in the worker's memory: unbounded by default, a camera logging each
+    frame would take the box's memory within days. A server holds a shared history and keeps its own size."""
+    path = tmp_path / "c.yaml"
+    for store, bound in (("{}", 100_000), ("{max_points: null}", None), ("{max_points: 7}", 7),
+                         ("{url: 'http://qdrant:6333'}", None)):
+        path.write_text(f"model: {{bundle: b}}\nstore: {store}\n")
+        assert load_config(path, environ={}).store.max_points == bound, store
+
+
 def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
     """PyYAML keeps the last of two equal keys without a word: the first camera block's settings would be lost."""
     path = tmp_path / "c.yaml"

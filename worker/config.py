@@ -28,6 +28,7 @@ class ConfigError(Exception):
 
 
 YEAR_S = 366 * 86400  # the longest interval or timeout a key takes: the OS's timers overflow not far beyond
+EMBEDDED_MAX_POINTS = 100_000  # the history the store benchmark measured; the worker's memory grows with each point
 MAX_SIDE = 8192  # the longest side of an image the worker makes: a typo of 100000 would cost 30 GB per heatmap
 
 
@@ -228,14 +229,16 @@ class StoreConfig(_Section):
     api_key: SecretStr | None = Field(None, description="Qdrant server API key (prefer EDGE_INSPECT__STORE__API_KEY).")
     collection: str = Field("frames", description="Qdrant collection; one per embedding space (model family/backbone).")
     hnsw: bool = Field(False, description="Embedded: approximate HNSW index (rebuilt on the recorder thread at each retention pass) "
-                                          "instead of exact search; for histories well past 100k frames.")
+                                          "instead of exact search; for histories well past 100k frames (raise max_points with it).")
     log_normal_every: int = Field(1, ge=0, description="Log every Nth normal frame per camera (0 = none); anomalous frames are always "
                                                        "logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
     flush_s: float = Field(0.5, gt=0, le=YEAR_S, description="Longest an embedding waits before it is written.")
     max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) unlabelled normal "
                                                            "frames are deleted first, anomalous or labelled ones only when no normal frame "
-                                                           "is left; none = no limit.")
+                                                           "is left. Left unset: 100000 for the embedded store (its memory and its exact "
+                                                           "search's time grow with every frame: docs/store.md), no limit for a server; "
+                                                           "null = no limit.")
     max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Retention: frames captured more than this many "
                                                                                     "hours ago are deleted; none = no limit.")
     retention_every_s: float = Field(60, gt=0, le=YEAR_S, description="How often retention runs while the worker runs (on the recorder "
@@ -243,6 +246,13 @@ class StoreConfig(_Section):
     min_free_mb: int = Field(64, ge=0, description="Embedded: no write starts while its disk has less free (a vacuum needs the "
                                                    "collection's size on top); embeddings are spooled meanwhile. The engine maps its "
                                                    "files into memory, and a write to a full disk would kill the worker. 0 = no check.")
+
+
+    @model_validator(mode="after")
+    def _bounded_when_embedded(self) -> StoreConfig:
+        if "max_points" not in self.model_fields_set and self.url is None:
+            self.max_points = EMBEDDED_MAX_POINTS
+        return self
 
 
 class SpoolConfig(_Section):

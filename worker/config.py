@@ -247,7 +247,6 @@ class StoreConfig(_Section):
                                                    "collection's size on top); embeddings are spooled meanwhile. The engine maps its "
                                                    "files into memory, and a write to a full disk would kill the worker. 0 = no check.")
 
-
     @model_validator(mode="after")
     def _bounded_when_embedded(self) -> StoreConfig:
         if "max_points" not in self.model_fields_set and self.url is None:

@@ -146,11 +146,20 @@ class TilingSpec(_Strict):
     overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour.")
 
 
+def bundle_name(value: str) -> str:
+    """``value`` when it can name a bundle: the worker names folders after it (its bank extension, its compiled
+    cache), so it is one plain path component; ``--name ../x`` would have put them outside their folders."""
+    if not 1 <= len(value) <= 200 or value.startswith(".") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"{value!r} cannot name a bundle: 1..200 characters, no '/', '\\' or NUL, not starting with "
+                         "'.'")
+    return value
+
+
 class Manifest(_Strict):
     """``bundle.json``."""
 
     schema_version: int = SCHEMA_VERSION
-    name: str
+    name: Annotated[str, AfterValidator(bundle_name)]
     version: str
     family: Literal["patchcore", "efficientad"]
     category: str

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bundle import PRECISIONS, BundleError
+from bundle import PRECISIONS, BundleError, bundle_name
 from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, refuse_unused, select
 
 if TYPE_CHECKING:
@@ -69,6 +69,13 @@ def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, ti
     problems = summary.problems()
     if problems:
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
+
+
+def _bundle_name(value: str) -> str:
+    try:
+        return bundle_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _list(value: str | None) -> list[str] | None:
@@ -162,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--category", help="sub-folder of --data to use (default: --data itself)")
     train.add_argument("--model", choices=list(FAMILIES), default="patchcore")
     train.add_argument("--out", required=True, help="bundle folder to write")
-    train.add_argument("--name", help="bundle name (default CATEGORY-MODEL)")
+    train.add_argument("--name", type=_bundle_name, help="bundle name (default CATEGORY-MODEL)")
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
     train.add_argument("--precision", choices=WEIGHT_PRECISIONS, default="fp32",
                        help="weights: int8 = NNCF post-training quantisation calibrated on the normal training images")

@@ -60,6 +60,10 @@ def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
     (copy / "bundle.json").write_text(json.dumps({**raw, "thresholds": nan}))
     with pytest.raises(BundleError, match="thresholds.image.threshold\n  Input should be a finite number"):
         read_manifest(copy, verify=False)
+    # the worker names folders after the bundle: a name that is a path would put its extension outside learning.path
+    (copy / "bundle.json").write_text(json.dumps({**raw, "name": "../../elsewhere"}))
+    with pytest.raises(BundleError, match="cannot name a bundle"):
+        read_manifest(copy, verify=False)
     (copy / "bundle.json").write_bytes(b"\xff\xfe{}")  # not UTF-8: was a UnicodeDecodeError
     with pytest.raises(BundleError, match="not JSON"):
         read_manifest(copy, verify=False)

@@ -71,6 +71,7 @@ def test_an_option_the_chosen_family_does_not_use_is_refused(argv, message, tmp_
     (["--refine", "1.5"], "argument --refine: 1.5 is not a share in (0, 1]"),
     (["--max-bank", "-1"], "argument --max-bank: -1 is below 0"),
     (["--model", "efficientad", "--steps", "0"], "argument --steps: 0 is below 1"),  # was the default's 10 passes
+    (["--name", "../x"], "argument --name: '../x' cannot name a bundle"),  # a path: the worker's folders are named after it
 ])
 def test_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -638,8 +638,11 @@ def test_results_respect_the_brokers_maximum_packet_size(bundle_dir, dataset, tm
 
 # 6. Clean shutdown: in-flight frames are finished or explicitly accounted -----------------------
 
-def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(broker, bundle_dir, dataset, tmp_path,
-                                                                            worker_factory):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(stop_signal, broker, bundle_dir, dataset,
+                                                                            tmp_path, worker_factory):
+    """SIGHUP as SIGTERM: a terminal or ssh session that closes sends it, and by default it ended the process at
+    once, losing the queued frames the broker had been told were taken."""
     prefix = f"q{uuid.uuid4().hex[:6]}"
     config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
                           mqtt={"client_id": f"w-{prefix}"},
@@ -656,7 +659,7 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(brok
     for i in range(n):
         client.publish_frame("cam", frame, f"q{i:03d}")
     client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=2)
-    assert worker.stop(signal.SIGTERM) == 0
+    assert worker.stop(stop_signal) == 0
     client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
     first = _outcomes(client, prefix, "cam")
     assert all(v in (["result"], ["shutdown"]) for v in first.values()), first

@@ -34,7 +34,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too (a terminal or ssh session that closes): by default it ends the process at once, and the frames in
+    # its queue, already acknowledged to the broker, would be lost with it
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     worker.run(stop)
     return 0

@@ -40,6 +40,7 @@ def test_the_shipped_config_is_valid():
         ("model: {bundle: b}\nstore: {flush_s: 1.0e+300}\n", "store.flush_s"),
         ("model: {bundle: b}\nmqtt: {session_expiry_s: 4294967296}\n", "mqtt.session_expiry_s"),
         ("model: {bundle: b}\nheatmap: {size: 100000}\n", "heatmap.size"),
+        ("model: {bundle: b}\nstore: {collection: ../../elsewhere}\n", "store.collection"),  # was a path for the store
     ],
 )
 def test_errors_name_the_bad_key(tmp_path, text, key):
@@ -141,6 +142,26 @@ def test_a_folder_the_worker_cannot_write_stops_the_start_naming_its_key(tmp_pat
     assert main(["--config", str(tmp_path / "c.yaml")]) == 2
     assert f"error: {key}: the worker cannot write to {tmp_path / 'a-file' / 'below'} (Not a directory)" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("paths", "said"), [
+    ({"evidence": "data", "capture": "data"}, "evidence.path ({d}) and capture.path ({d}) overlap"),
+    ({"evidence": "data", "spool": "data/spool"}, "evidence.path ({d}) and spool.path ({d}/spool) overlap"),
+    ({"learning": "data/x", "store": "data"}, "learning.path ({d}/x) and store.path ({d}) overlap"),
+])
+def test_folders_that_overlap_stop_the_start(tmp_path, bundle_dir, capsys, paths, said):
+    """Each part tidies its own folder: the evidence index took every file two levels down as a frame's and deleted
+    the oldest past its budget, the capture sample deleted files it had not kept, so a spool inside the evidence
+    folder, or one folder for both, lost one part's files to the other."""
+    from worker.__main__ import main
+
+    cfg = {s: {"path": str(tmp_path / s)} for s in ("evidence", "spool", "learning", "capture", "store")}
+    cfg.update({s: {"path": str(tmp_path / p)} for s, p in paths.items()})
+    cfg["model"] = {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov")}
+    cfg["mqtt"] = {"port": 1}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    assert f"error: {said.format(d=tmp_path / 'data')}: give each its own folder" in capsys.readouterr().err
 
 
 def test_a_query_image_that_cannot_be_read_is_an_error_line(tmp_path, capsys):

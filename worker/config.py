@@ -247,6 +247,14 @@ class StoreConfig(_Section):
                                                    "collection's size on top); embeddings are spooled meanwhile. The engine maps its "
                                                    "files into memory, and a write to a full disk would kill the worker. 0 = no check.")
 
+    @field_validator("collection")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        """The embedded store keeps a collection in ``path/<collection>``: a name that is a path would put it elsewhere."""
+        if not v or v.startswith(".") or any(c in v for c in "/\\\0"):
+            raise ValueError("a collection name is one plain name: not empty, no '/', '\\' or NUL, not starting with '.'")
+        return v
+
     @model_validator(mode="after")
     def _bounded_when_embedded(self) -> StoreConfig:
         if "max_points" not in self.model_fields_set and self.url is None:

@@ -78,10 +78,23 @@ def check_folders(cfg: Config) -> list[IO[str]]:
             fix = "; set it to null to run without a model cache" if key == "model.cache_dir" else ""
             raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc}){fix}") from None
     own = {**folders, "store.path": cfg.store.path if cfg.store.url is None else None}
+    _apart({**own, "capture.export_path": cfg.capture.export_path if cfg.capture.enabled else None})
     del own["model.cache_dir"]  # compiled blobs are checked by their digests: workers may share them
     owner = f"worker {cfg.worker.id!r} (pid {os.getpid()} on {socket.gethostname()})"
     return [claim for key, folder in own.items()
             if folder is not None and (claim := _claim(key, folder, owner)) is not None]
+
+
+def _apart(folders: dict[str, Path | None]) -> None:
+    """ConfigError when two keys name one folder or one lies inside another: each part tidies its own folder (the
+    evidence index takes every file two levels down as a frame's and deletes the oldest, the capture sample deletes
+    files it did not keep), so one key's files would be taken, or deleted, as another's."""
+    named = [(key, folder.resolve()) for key, folder in folders.items() if folder is not None]
+    for i, (key, folder) in enumerate(named):
+        for other, place in named[i + 1:]:
+            if folder == place or folder in place.parents or place in folder.parents:
+                raise ConfigError(f"{key} ({folder}) and {other} ({place}) overlap: give each its own folder, side by "
+                                  "side (as the defaults under data/ are)")
 
 
 def _claim(key: str, folder: Path, owner: str) -> IO[str] | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bundle import PRECISIONS, BundleError, bundle_name
-from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, refuse_unused, select
+from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, int_in, refuse_unused, select
 
 if TYPE_CHECKING:
     from bundle import TilingSpec
@@ -193,14 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--size", choices=["small", "medium"])
     distill.add_argument("--backbone", help="offline backbone the PDN regresses (default efficientnet_lite0)")
     distill.add_argument("--layers", help="comma-separated backbone layers (default blocks.2,blocks.4)")
-    distill.add_argument("--steps", type=int)
-    distill.add_argument("--batch-size", type=int)
-    distill.add_argument("--crop", type=int, help="side of the random crops")
-    distill.add_argument("--backbone-scale", type=int,
+    distill.add_argument("--steps", type=int_in(1))
+    distill.add_argument("--batch-size", type=int_in(1))
+    distill.add_argument("--crop", type=int_in(32, 1024), help="side of the random crops")
+    distill.add_argument("--backbone-scale", type=int_in(1, 4),
                          help="the backbone sees each crop upscaled by this factor (default 2, the paper's recipe: one "
                               "stride-8 feature on each of the PDN's stride-4 cells; 1: the first shipped teacher's recipe)")
     distill.add_argument("--natural", help="folder of natural photos (default ../shared/data/natural)")
-    distill.add_argument("--held-out", type=int, help="natural photos held out of training for the variance "
+    distill.add_argument("--held-out", type=int_in(0), help="natural photos held out of training for the variance "
                                                        "figure (default 50, at most a fifth)")
     distill.add_argument("--train-precision", choices=["f32", "bf16"],
                          help="f32 (default) or bf16 under torch's CPU autocast: several times faster where the CPU "
@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", help="write the teacher (and NAME.json manifest) here (default: the cache, reused "
                                        "when present, resumed when cut short)")
     distill.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    distill.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
-    distill.add_argument("--eval-every", type=int, help="steps between held-out variance figures (default 100)")
-    distill.add_argument("--stop-after", type=int, help="stop at this step with a checkpoint, to --resume later "
+    distill.add_argument("--checkpoint-every", type=int_in(1), help="steps between checkpoints (default 100)")
+    distill.add_argument("--eval-every", type=int_in(1), help="steps between held-out variance figures (default 100)")
+    distill.add_argument("--stop-after", type=int_in(1), help="stop at this step with a checkpoint, to --resume later "
                                                         "(e.g. across sessions)")
     distill.add_argument("--write-now", action="store_true",
                          help="write the teacher and its manifest where the run stops (--stop-after, else the resumed "
@@ -249,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="generate a small texture dataset in MVTec AD layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--category", default="weave")
-    synth.add_argument("--size", type=int, default=128)
-    synth.add_argument("--train", type=int, default=24)
-    synth.add_argument("--test", type=int, default=4)
+    synth.add_argument("--size", type=int_in(16, 2048), default=128)
+    synth.add_argument("--train", type=int_in(1), default=24)
+    synth.add_argument("--test", type=int_in(0), default=4)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
     return parser

@@ -48,7 +48,7 @@ class Option:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An integer option within bounds, refused by the parser before any data is read (an input side of 0 or 100000
     failed only once the images were being resized, the second as a 30 GB allocation)."""
     def parse(value: str) -> int:
@@ -125,15 +125,15 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--backbone", "timm name; offline weights exist for efficientnet_lite0/1/2"),
         Option("--backbone-weights", "local weights file for --backbone (.pth or .safetensors)"),
         Option("--layers", "comma-separated backbone layers", _names),
-        Option("--input-size", f"square input side in pixels (32..{MAX_INPUT})", _int_in(32, MAX_INPUT)),
+        Option("--input-size", f"square input side in pixels (32..{MAX_INPUT})", int_in(32, MAX_INPUT)),
         Option("--coreset-ratio", "memory-bank share of all patch features, in (0, 1]", _share),
         Option("--neighbourhood", "feature cells (odd, p x p) averaged into each patch's feature (PatchCore's local "
-                                  "neighbourhood; default 3, anomalib's)", _int_in(1, 15)),
+                                  "neighbourhood; default 3, anomalib's)", int_in(1, 15)),
         Option("--max-bank", "cap on memory-bank rows, which bounds latency, bundle size and fit time "
-                             "(0: no cap, the bank is --coreset-ratio of all patch features)", _int_in(0)),
+                             "(0: no cap, the bank is --coreset-ratio of all patch features)", int_in(0)),
         Option("--extension-candidates", "patches per frame compared with the bank extension and returned as "
                                          "candidates for it (issue 17; default a sixteenth of the frame's patches, "
-                                         "64 to 256; 0: a graph without the extension input)", _int_in(0)),
+                                         "64 to 256; 0: a graph without the extension input)", int_in(0)),
         Option("--image-score", "how a frame's score is read: reweighted, anomalib's re-weighted distance of the most "
                                 "anomalous patch (default), or map_max, the blurred anomaly map's maximum (a false "
                                 "alarm's absorption then takes many more extension rows)", choices=("reweighted", "map_max")),
@@ -143,7 +143,7 @@ class PatchCore(Family["PatchcoreSettings"]):
                                "with a handedness; fit time and memory grow with the views", choices=tuple(v.value for v in Views)),
         Option("--screen-rows", "a cheap first stage: every patch meets only the bank's first N rows (a coarser "
                                 "coreset of their own), and the --refine share of patches farthest from them meets "
-                                "the whole bank (0: every patch meets the whole bank)", _int_in(0)),
+                                "the whole bank (0: every patch meets the whole bank)", int_in(0)),
         Option("--refine", "with --screen-rows: the share of a frame's patches that meets the whole bank", _share),
         Option("--unrefined", "with --screen-rows: an unrefined patch's distance is its distance to the screen rows "
                               "scaled by the frame's refined patches' mean ratio of whole-bank to screen distance "
@@ -171,15 +171,15 @@ class EfficientAd(Family["EfficientAdSettings"]):
     name = "efficientad"
     title = "EfficientAD"
     options = (
-        Option("--input-size", f"square input side in pixels (256..{MAX_INPUT})", _int_in(256, MAX_INPUT)),
+        Option("--input-size", f"square input side in pixels (256..{MAX_INPUT})", int_in(256, MAX_INPUT)),
         Option("--model-size", "PDN size", choices=("small", "medium")),
         Option("--steps", "student/autoencoder training steps at batch 1 (default: 10 passes over the training images)",
-               _int_in(1)),
+               int_in(1)),
         Option("--teacher", "PDN teacher file to use (.safetensors or weights-only .pt); default: "
                             "exporter/teachers/pdn-SIZE.safetensors if it ships (sha256 checked; EDGE_INSPECT_TEACHERS "
                             "overrides the folder), else distil one, cached"),
         Option("--teacher-steps", "distil a teacher with this many steps (cached) instead of using a shipped one",
-               _int_in(1)),
+               int_in(1)),
         Option("--natural", "natural photos: penalty set and distillation set"),
         Option("--train-precision", "f32 (default) or bf16: the training loops under torch's CPU autocast, several "
                                     "times faster where the CPU has AMX, refused where it has no bf16 units; the "

@@ -79,6 +79,18 @@ def test_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "0"], "argument --batch-size: 0 is below 1"),  # wrote a teacher trained on nothing
+    (["--checkpoint-every", "0"], "argument --checkpoint-every: 0 is below 1"),  # a ZeroDivisionError traceback
+    (["--steps", "0"], "argument --steps: 0 is below 1"),  # a ZeroDivisionError traceback
+    (["--crop", "0"], "argument --crop: 0 is outside 32..1024"),  # a convolution's error about padded input sizes
+])
+def test_distillation_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["distill-teacher", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["--input-size", "32"], ["--input-size", "2048"], ["--coreset-ratio", "1"],
                                   ["--max-bank", "0"], ["--model", "efficientad", "--steps", "1"]])
 def test_numbers_at_the_bounds_are_taken(argv):

@@ -361,6 +361,12 @@ def test_labels_from_the_page_reach_the_store_and_the_export(stack):
     assert cli.returncode == 0, cli.stderr
     rows = {f"{r['camera']}/{r['frame_id']}": r for r in csv.DictReader(io.StringIO(cli.stdout))}
     assert rows[queried]["defect_type"] == "hole" and rows[best]["label"] == "false_alarm"
+    cli = subprocess.run([sys.executable, "-m", "worker", "labels", "--config", str(stack.config), "--out",
+                          str(stack.config.parent)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert cli.returncode == 2 and f"error: --out {stack.config.parent}: Is a directory" in cli.stderr, cli.stderr
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a negative limit cut the newest frames off the end
+        urllib.request.urlopen(f"{stack.console.url}/api/defects?limit=-5", timeout=15)
+    assert refused.value.code == 400 and "limit must be at least 1" in refused.value.read().decode()
 
 
 def _learned(stack: Stack) -> list[dict]:

@@ -93,7 +93,11 @@ def _labels(args: argparse.Namespace) -> int:
         return 1
     text = answer["csv"] if args.format == "csv" else json.dumps(answer["labels"], indent=2) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).write_text(text)
+        except OSError as exc:  # a folder, a path below a file, a place not ours to write
+            print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"{len(answer['labels'])} labels written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

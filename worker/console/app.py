@@ -159,6 +159,8 @@ def create_app(cfg: Config) -> Starlette:
             limit = min(int(q.get("limit", 100)), cfg.console.history)
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))
+        if limit < 1:  # a negative one cut the newest frames off the end instead
+            return _error(400, "bad_request", f"limit must be at least 1, not {limit}")
         return JSONResponse({"ok": True, "frames": hub.defect_feed(q.get("camera") or None, since, until, limit)})
 
     async def _ask(call, body: dict, timeout: float | None = None) -> Response:

@@ -141,9 +141,15 @@ class CompiledBundle:
         if found != declared:
             raise BundleError(f"{self.folder}: the graph's inputs {sorted(found)} are not the ones its manifest "
                               f"declares {sorted(declared)}")
+        spec = self.manifest.input
+        image = model.input(spec.name).get_partial_shape()
+        taken = [image[i].get_length() if image.rank.is_static and image[i].is_static else None for i in (1, 2)]
+        if None not in taken and taken != [spec.height, spec.width]:  # the graph's own size is static: it is the truth
+            raise BundleError(f"{self.folder}: the graph takes {taken[1]}x{taken[0]} images, its manifest says "
+                              f"{spec.width}x{spec.height} (bundle.json edited, or from another model): frames would be "
+                              "resized to a size it was not trained at")
         shapes: dict[str, ov.PartialShape] = {}
         if batch is not None:
-            spec = self.manifest.input
             shapes[spec.name] = ov.PartialShape([batch, spec.height, spec.width, 3])
         self.extension_capacity = 0
         if self.extension_spec is not None:

@@ -74,6 +74,18 @@ def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
         read_manifest(tmp_path / "nothere")
 
 
+def test_a_manifest_whose_input_size_is_not_the_graphs_is_refused(bundle_dir, tmp_path):
+    """bundle.json's digests cover the graph, not the manifest's own fields: an input size edited by hand compiled,
+    and the graph (static at its trained size, but reshaped to the manifest's) scored every frame wrongly."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    side = raw["input"]["width"]
+    (copy / "bundle.json").write_text(json.dumps({**raw, "input": {**raw["input"], "height": side * 2, "width": side * 2}}))
+    with pytest.raises(BundleError, match=f"the graph takes {side}x{side} images, its manifest says {2 * side}x{2 * side}"):
+        CompiledBundle(copy)
+
+
 def test_dynamic_batch_gives_the_same_scores(bundle_dir, dataset):
     compiled = CompiledBundle(bundle_dir)
     spec = compiled.manifest.input

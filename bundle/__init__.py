@@ -146,13 +146,18 @@ class TilingSpec(_Strict):
     overlap: float = Field(0.1, ge=0, lt=0.5, description="Fraction of a tile shared with its neighbour.")
 
 
+def plain_name(value: str, what: str) -> str:
+    """``value`` when a folder can be named after it, one plain path component (a path such as ``../x`` would put
+    the folder elsewhere); ValueError naming ``what`` it was to name."""
+    if not 1 <= len(value) <= 200 or value.startswith(".") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"{value!r} cannot name {what}: 1..200 characters, no '/', '\\' or NUL, not starting with '.'")
+    return value
+
+
 def bundle_name(value: str) -> str:
     """``value`` when it can name a bundle: the worker names folders after it (its bank extension, its compiled
-    cache), so it is one plain path component; ``--name ../x`` would have put them outside their folders."""
-    if not 1 <= len(value) <= 200 or value.startswith(".") or any(c in value for c in "/\\\0"):
-        raise ValueError(f"{value!r} cannot name a bundle: 1..200 characters, no '/', '\\' or NUL, not starting with "
-                         "'.'")
-    return value
+    cache); ``--name ../x`` would have put them outside their folders."""
+    return plain_name(value, "a bundle")
 
 
 class Manifest(_Strict):

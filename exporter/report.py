@@ -74,7 +74,7 @@ def _mark(value: float | None, target: float) -> str:
     return f"{value:.4f} {'✓' if value >= target else '✗'}"
 
 
-def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], failed: list[dict] | None = None) -> str:
+def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], failed: list[dict]) -> str:
     lines = [
         "# Detection quality benchmark",
         "",
@@ -126,8 +126,8 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], 
     lines += [
         "",
         f"Categories absent under the data root (not benchmarked): {', '.join(absent) if absent else 'none'}.",
-        *([""] + [f"Not benchmarked, its data unusable: {f['model']} / {f['category']}: {f['error']}" for f in failed]
-          if failed else []),
+        *([""] if failed else []),
+        *[f"Not benchmarked, its data unusable: {f['model']} / {f['category']}: {f['error']}" for f in failed],
         "",
         *[f"![{p}]({p})" for p in plots],
         "",

@@ -17,7 +17,7 @@ from typing import Literal, Union, cast, get_args, get_origin, overload
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from bundle import TileGrid
+from bundle import TileGrid, plain_name
 from bundle.extension import Views
 
 ENV_PREFIX = "EDGE_INSPECT__"
@@ -251,9 +251,7 @@ class StoreConfig(_Section):
     @classmethod
     def _one_folder(cls, v: str) -> str:
         """The embedded store keeps a collection in ``path/<collection>``: a name that is a path would put it elsewhere."""
-        if not v or v.startswith(".") or any(c in v for c in "/\\\0"):
-            raise ValueError("a collection name is one plain name: not empty, no '/', '\\' or NUL, not starting with '.'")
-        return v
+        return plain_name(v, "a collection")
 
     @model_validator(mode="after")
     def _bounded_when_embedded(self) -> StoreConfig:

@@ -294,6 +294,40 @@ def test_a_worker_started_before_its_broker_says_so_then_serves_when_it_comes(bu
         broker.stop()
 
 
+def test_a_broker_that_hangs_is_said_once_as_such_and_served_again_when_it_answers(bundle_dir, dataset, tmp_path,
+                                                                                    worker_factory):
+    """A broker that stops answering (hung, its host frozen) ends the link by the keep-alive: paho reports that loss
+    twice, and the second report was logged as a failed connection attempt with a TLS hint. The loss is said once, each
+    attempt the hung broker takes but does not answer is named as that, and frames are served once it answers."""
+    prefix = f"h{uuid.uuid4().hex[:6]}"
+    broker = Broker(tmp_path / "b")
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix},
+                          mqtt={"keepalive_s": 5, "reconnect_max_s": 1})
+    try:
+        client = Client(broker.port, prefix)
+        worker = worker_factory(config)
+        wait_online(client, prefix)
+        client.close()
+        broker.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 120
+        while "did not answer it within mqtt.keepalive_s (5 s): a hung or overloaded broker" not in worker.output():
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
+            time.sleep(0.1)
+        broker.proc.send_signal(signal.SIGCONT)
+        client = Client(broker.port, prefix)
+        wait_online(client, prefix)
+        client.publish_frame("cam", _good_png(dataset), "after")
+        assert client.json_on(f"{prefix}/cam/result")[0]["frame_id"] == "after"
+        client.close()
+        assert worker.stop() == 0
+        log = worker.output()
+        assert log.count("disconnected from broker (Keep alive timeout)") == 1, log[-3000:]
+        assert "TLS listener" not in log, log[-3000:]
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
 def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bundle_dir, dataset, tmp_path,
                                                                      worker_factory):
     """A camera or a tool that publishes with the retain flag leaves its last message on the broker, which hands it to

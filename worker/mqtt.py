@@ -94,7 +94,7 @@ class MqttLink:
         self.connected = threading.Event()
         self.connect_failures = 0  # attempts that did not reach the broker since the last connection
         self._next_failure_log = 0.0
-        self._refused = False  # the broker answered CONNECT with a refusal (logged with its reason)
+        self._attempting = False  # a connection attempt is under way: no CONNACK, refusal or failure yet
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -125,6 +125,7 @@ class MqttLink:
                 self.client.tls_insecure_set(True)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_pre_connect = self._on_pre_connect
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
@@ -140,9 +141,12 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
+    def _on_pre_connect(self, client, userdata) -> None:
+        self._attempting = True
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._attempting = False
         if reason_code.is_failure:
-            self._refused = True
             log.error("broker refused the connection: %s", reason_code)
             return
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
@@ -169,16 +173,23 @@ class MqttLink:
 
     def _on_connect_fail(self, client, userdata) -> None:
         """No connection at all: no such host, nothing listening, a firewall, a TLS handshake that failed."""
+        self._attempting = False
         self._attempt_failed(sys.exc_info()[1] or "connection failed")  # paho calls this inside its `except OSError`
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        was_connected = self.connected.is_set()
+        """Called once per lost connection or failed attempt, and a second time for a keep-alive timeout (paho's
+        ``loop_misc`` reports it again): only the first is said."""
+        was_connected, attempting = self.connected.is_set(), self._attempting
         self.connected.clear()
+        self._attempting = False
         if was_connected:
             if reason_code != 0:
                 log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
-        elif self._refused:
-            self._refused = False  # _on_connect logged the broker's reason
+        elif not attempting:
+            return  # said already: the second report of a keep-alive timeout, or the close after a refusal
+        elif reason_code == "Keep alive timeout":
+            self._attempt_failed(f"the broker took the connection but did not answer it within mqtt.keepalive_s "
+                                 f"({self.cfg.keepalive_s} s): a hung or overloaded broker")
         else:
             self._attempt_failed(f"the connection was closed before the broker answered ({reason_code}); a TLS "
                                  "listener reached without mqtt.tls does this")

@@ -17,6 +17,17 @@ def test_the_shipped_config_is_valid():
     assert cfg.limits.queue_policy is QueuePolicy.DROP_OLDEST
 
 
+
+def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
+    """Deployments switch a `current` link to the next bundle and ask for a reload (or let model.watch_s see it): a
+    relative path was resolved at start, so the worker read the bundle the link pointed to then, for ever, where an
+    absolute path was followed anew."""
+    (tmp_path / "bundles" / "v1").mkdir(parents=True)
+    (tmp_path / "bundles" / "current").symlink_to("v1")
+    (tmp_path / "config.yaml").write_text("model: {bundle: bundles/current}\n")
+    bundle = load_config(tmp_path / "config.yaml", environ={}).model.bundle
+    assert bundle.is_absolute() and bundle.is_symlink() and bundle == tmp_path.resolve() / "bundles" / "current"
+
 @pytest.mark.parametrize(
     "text, key",
     [

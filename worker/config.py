@@ -524,13 +524,15 @@ def _typed(raw: object, annotation: object) -> object:
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
-    """Relative paths in the file are relative to the file, not to wherever the worker was started."""
+    """Relative paths in the file are relative to the file, not to wherever the worker was started; a symbolic link
+    stays a link (as an absolute path does), so a bundle path ``bundles/current`` that is switched to the next
+    bundle is read anew by a reload or ``model.watch_s``, not the bundle it pointed to at start."""
     @overload
     def fix(p: Path) -> Path: ...
     @overload
     def fix(p: Path | None) -> Path | None: ...
     def fix(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else (base / p).resolve()
+        return p if p is None or p.is_absolute() else base / p
 
     config.model.bundle = fix(config.model.bundle)
     for camera in config.cameras.values():

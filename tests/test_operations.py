@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import threading
@@ -166,7 +165,8 @@ def test_a_watched_bundle_is_loaded_once_copied_whole_and_a_half_copy_is_said_on
                                                                                    tmp_path, worker_factory):
     """``model.watch_s``: a release copied over the served bundle is loaded between two frames. While the copy is
     incomplete (its bundle.json there, its model.bin not yet whole) the worker keeps its model and tries again at
-    every tick; it logged the refusal at every tick too (five lines a second here), now once."""
+    every tick; it logged the refusal at every tick too (five lines a second here), now once. A release copied with
+    its times kept is older than the served model: it was never loaded while the watcher looked for a newer file."""
     prefix = f"w{uuid.uuid4().hex[:6]}"
     served = shutil.copytree(bundle_dir, tmp_path / "served")
     release = _relabelled(bundle_dir, tmp_path / "release", "2.0.0")
@@ -177,8 +177,7 @@ def test_a_watched_bundle_is_loaded_once_copied_whole_and_a_half_copy_is_said_on
     _online(client, prefix)
     weights = (release / "model.bin").read_bytes()
     (served / "model.bin").write_bytes(weights[: len(weights) // 2])
-    shutil.copy2(release / "bundle.json", served / "bundle.json")
-    os.utime(served / "bundle.json")  # newer than the model loaded from it
+    shutil.copy2(release / "bundle.json", served / "bundle.json")  # its times kept, as cp -a and rsync -a do
     refusal = "changed on disk but was not loaded"
     deadline = time.monotonic() + 60
     while refusal not in worker.output():

@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 DEFAULT = "default"
 
 
+def manifest_signature(path: Path) -> tuple[int, ...] | None:
+    """Which bundle.json is at ``path`` now (device, inode, size, modification time), None when none can be read:
+    a release copied with its times kept (``cp -a``, ``rsync -a``) is older than the model served, and a ``current``
+    link switched to another bundle shows that bundle's times, so "newer than the load" missed both."""
+    try:
+        st = (path / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def warm_up(bundle: CompiledBundle) -> None:
     """One inference on the calling thread before any inference thread may use ``bundle``.
 
@@ -49,7 +60,7 @@ def warm_up(bundle: CompiledBundle) -> None:
 class Model:
     bundle: CompiledBundle
     path: Path
-    loaded_at: float
+    manifest: tuple[int, ...] | None  # bundle.json as it was when read (:func:`manifest_signature`)
     extension: Extension | None = None  # None: the bundle has no extension input, or learning is off
 
     def tiling(self, camera: CameraConfig | None) -> tiling.Grid | None:
@@ -139,7 +150,7 @@ class Models:
                 log.warning("model cache: could not delete %s (%s)", entry, exc)
 
     def _compile(self, path: Path, precision: str) -> Model:
-        started = time.monotonic()
+        started, signature = time.monotonic(), manifest_signature(path)
         learning = self.cfg.learning
         with os_thread_named(OPENVINO_THREADS):  # its threads start in the compile and the warm-up (top -H names them)
             bundle = CompiledBundle(path, self.cfg.model.device, self._cache_for(path), batch=1, precision=precision,
@@ -156,7 +167,7 @@ class Models:
         log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests%s", m.name, m.version,
                  m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,
                  bundle.optimal_requests, f", extension of {len(extension.rows)} rows" if extension else "")
-        return Model(bundle, Path(path), time.time(), extension)
+        return Model(bundle, Path(path), signature, extension)
 
     def _extension(self, bundle: CompiledBundle) -> Extension | None:
         """The on-disk extension of this bundle (by its weights' sha256), shared by its compiled copies."""
@@ -240,12 +251,7 @@ class Models:
         return base if threshold is None else Normalisation(low=base.low, threshold=threshold)
 
     def changed_on_disk(self) -> list[tuple[str, Path]]:
-        """Scopes whose bundle.json is newer than the model loaded from it (for model.watch_s)."""
-        out = []
-        for scope, model in self.scopes().items():
-            try:
-                if (model.path / MANIFEST).stat().st_mtime > model.loaded_at:
-                    out.append((scope, model.path))
-            except FileNotFoundError:
-                continue
-        return out
+        """Scopes whose bundle.json is another file, or was written again, since the model was read (model.watch_s);
+        a folder with no bundle.json (being replaced) is left until one is there."""
+        return [(scope, model.path) for scope, model in self.scopes().items()
+                if (now := manifest_signature(model.path)) is not None and now != model.manifest]

@@ -153,7 +153,7 @@ def write_config(folder: Path, port: int, bundle: Path, **sections) -> Path:
     cfg = {
         "worker": {"id": "w-test", "stats_interval_s": 1},
         "mqtt": {"port": port, "client_id": f"w-{uuid.uuid4().hex[:8]}"},
-        "model": {"bundle": str(bundle), "cache_dir": str(folder / "ov-cache")},
+        "model": {"bundle": str(bundle), "cache_dir": str(folder / "ov-cache"), "rollout_path": str(folder / "rollout")},
         "store": {"path": str(folder / "qdrant"), "flush_s": 0.1},
         "evidence": {"path": str(folder / "evidence"), "max_frames": 100},
         "limits": {"max_frame_bytes": 2_000_000},

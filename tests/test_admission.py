@@ -46,7 +46,7 @@ class CountsAtEachAnswer(MemoryTransport):
 @pytest.fixture
 def pipeline(bundle_dir, tmp_path):
     cfg = Config.model_validate({
-        "model": {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov")},
+        "model": {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov"), "rollout_path": str(tmp_path / "rollout")},
         "store": {"path": str(tmp_path / "q"), "log_normal_every": 0},
         "spool": {"path": str(tmp_path / "spool")}, "evidence": {"path": str(tmp_path / "ev")},
         "limits": {"queue_size": 6, "inference_threads": 1},

@@ -168,7 +168,7 @@ def test_folders_that_overlap_stop_the_start(tmp_path, bundle_dir, capsys, paths
 
     cfg = {s: {"path": str(tmp_path / s)} for s in ("evidence", "spool", "learning", "capture", "store")}
     cfg.update({s: {"path": str(tmp_path / p)} for s, p in paths.items()})
-    cfg["model"] = {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov")}
+    cfg["model"] = {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov"), "rollout_path": str(tmp_path / "r")}
     cfg["mqtt"] = {"port": 1}
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     assert main(["--config", str(tmp_path / "c.yaml")]) == 2

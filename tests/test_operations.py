@@ -105,7 +105,8 @@ def test_the_model_cache_keeps_only_the_bundles_served_or_kept_for_rollback(bund
     (cache / "README").write_text("not ours")
     b, c = (_relabelled(bundle_dir, tmp_path / name, "1.0.0", name=name) for name in ("line-b", "line-c"))
     names = {p: folder_name(read_manifest(p)) for p in (bundle_dir, b, c)}
-    models = Models(Config.model_validate({"model": {"bundle": str(bundle_dir), "cache_dir": str(cache)},
+    models = Models(Config.model_validate({"model": {"bundle": str(bundle_dir), "cache_dir": str(cache),
+                                                     "rollout_path": str(tmp_path / "rollout")},
                                            "learning": {"path": str(tmp_path / "extensions")}}))
 
     def kept() -> set[str]:
@@ -120,6 +121,47 @@ def test_the_model_cache_keeps_only_the_bundles_served_or_kept_for_rollback(bund
     assert models.rollback(DEFAULT).bundle.manifest.name == "line-b"
     assert kept() == {names[b], names[c], "README"}
 
+
+
+def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_another(bundle_dir, tmp_path, caplog):
+    """A restart (a power cut, the watchdog's exit) went back to config.yaml's bundles without a word: a model rolled
+    out from the console, and a canary, were gone, and so was the rollback.  Each reload and rollback is recorded;
+    a restart serves them with their rollback, until config.yaml names another bundle for the scope."""
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    v1 = read_manifest(bundle_dir).version
+    v2, v3 = (_relabelled(bundle_dir, tmp_path / v, v) for v in ("2.0.0", "3.0.0"))
+
+    def start(bundle: Path) -> Models:
+        return Models(Config.model_validate({"model": {"bundle": str(bundle), "cache_dir": None,
+                                                       "rollout_path": str(tmp_path / "rollout")},
+                                             "learning": {"path": str(tmp_path / "extensions")}}))
+
+    def serving(models: Models) -> dict[str, str]:
+        return {scope: model.bundle.manifest.version for scope, model in models.scopes().items()}
+
+    models = start(bundle_dir)
+    models.load(DEFAULT, v2)
+    models.load("line2", v3)  # a canary
+    models = start(bundle_dir)  # the restart
+    assert serving(models) == {DEFAULT: "2.0.0", "line2": "3.0.0"}
+    assert models.rollback("line2").bundle.manifest.version == "2.0.0"  # the canary ends: the default serves it
+    assert models.rollback(DEFAULT).bundle.manifest.version == v1  # kept for rollback by the run before
+    models = start(bundle_dir)
+    assert serving(models) == {DEFAULT: v1}
+    assert models.rollback(DEFAULT).bundle.manifest.version == "2.0.0"  # and back again, after this restart too
+
+    shutil.rmtree(v2)  # what was rolled out is gone: config.yaml's serves, and the log says why
+    with caplog.at_level("ERROR", logger="worker.models"):
+        models = start(bundle_dir)
+    assert serving(models) == {DEFAULT: v1} and "cannot serve" in caplog.text
+    models.load(DEFAULT, v3)
+    assert serving(start(bundle_dir)) == {DEFAULT: "3.0.0"}
+    v4 = _relabelled(bundle_dir, tmp_path / "4.0.0", "4.0.0")
+    with caplog.at_level("WARNING", logger="worker.models"):
+        models = start(v4)  # config.yaml edited since the rollout: it wins
+    assert serving(models) == {DEFAULT: "4.0.0"} and "config.yaml names" in caplog.text
 
 def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, dataset, tmp_path, worker_factory):
     prefix = f"h{uuid.uuid4().hex[:6]}"

@@ -127,6 +127,10 @@ class ModelConfig(_Section):
         "rollback are deleted; a compiled blob that no longer matches the digest recorded after its compile is "
         "compiled again."))
     threshold: float | None = Field(None, description="Override the bundle's raw image threshold.")
+    rollout_path: Path | None = Field(Path("data/rollout"), description=(
+        "Where reloads and rollbacks (control topic, console, model.watch_s) are recorded, so a restart serves what was "
+        "rolled out, with its rollback, until config.yaml names another bundle for that scope; null = a restart "
+        "serves config.yaml's bundles."))
     watch_s: float = Field(0, ge=0, le=YEAR_S, description="Check every N seconds whether a configured bundle changed on disk and "
                                                            "hot-reload it (0 = off; reloads also come over the control topic).")
 
@@ -538,6 +542,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     for camera in config.cameras.values():
         camera.bundle = fix(camera.bundle)
     config.model.cache_dir = fix(config.model.cache_dir)
+    config.model.rollout_path = fix(config.model.rollout_path)
     config.store.path = fix(config.store.path)
     config.evidence.path = fix(config.evidence.path)
     config.spool.path = fix(config.spool.path)

@@ -5,13 +5,18 @@ swaps one reference, so inference threads switch between two frames and none is
 dropped; the replaced model is kept for one rollback.  All bundles must produce
 embeddings of the same size, since they share one vector-store collection.  A camera
 with its own precision but no bundle of its own gets its own compiled copy of the
-default bundle, which follows the default through reloads.  A PatchCore bundle with a bank-extension input
+default bundle, which follows the default through reloads.  Each reload and rollback is recorded in
+``model.rollout_path`` (``rollout.json``: per scope the bundle served, the one kept for rollback, and what
+config.yaml named then), so a restart (a power cut, the watchdog's exit) serves what was rolled out rather than
+silently going back to config.yaml's bundles; a scope whose bundle config.yaml has since changed serves
+config.yaml's.  A PatchCore bundle with a bank-extension input
 is compiled with room for ``learning.max_rows`` extension rows and starts with the rows its
 :class:`~bundle.extension.Extension` holds on disk; compiled copies of one bundle share one extension.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -31,6 +36,18 @@ from worker.supervise import OPENVINO_THREADS, os_thread_named
 log = logging.getLogger(__name__)
 
 DEFAULT = "default"
+ROLLOUT = "rollout.json"
+RELOAD_ERRORS = (BundleError, OSError, RuntimeError, ValueError)  # what a bundle that cannot be served raises
+
+
+@dataclass(frozen=True)
+class Rolled:
+    """A scope as the last reload or rollback left it: its bundle, the one kept for rollback, and the bundle
+    config.yaml named for the scope then (a different one now means config.yaml was edited since, and wins)."""
+
+    bundle: Path
+    configured: Path
+    previous: Path | None
 
 
 def manifest_signature(path: Path) -> tuple[int, ...] | None:
@@ -99,13 +116,86 @@ class Models:
         self._previous: dict[str, Model] = {}
         self.embedding_dim: int | None = None
         self._extensions: dict[Path, Extension] = {}
+        self._previous_paths: dict[str, Path] = {}  # kept for rollback by a run before this one, not compiled
+        self._record_lock = threading.Lock()
         self._started = False
-        self.load(DEFAULT, cfg.model.bundle)
-        for camera, override in cfg.cameras.items():
-            if self._configured(camera):
-                self.load(camera, override.bundle or cfg.model.bundle)
+        rolled = self._read_rollout()
+        for scope in [DEFAULT, *(camera for camera in cfg.cameras if self._configured(camera))]:
+            self._restore(scope, rolled.pop(scope, None), fallback=True)
+        for scope, entry in rolled.items():  # canaries: camera scopes only a reload made
+            if scope != DEFAULT:
+                self._restore(scope, entry, fallback=False)
         self._started = True
+        self._record()
         self._prune_cache()
+
+    def _configured_bundle(self, scope: str) -> Path:
+        """The bundle config.yaml gives ``scope``: a camera's own, else model.bundle."""
+        override = self.cfg.cameras.get(scope)
+        return override.bundle if override is not None and override.bundle is not None else self.cfg.model.bundle
+
+    def _restore(self, scope: str, rolled: Rolled | None, fallback: bool) -> None:
+        """Start ``scope`` on what was rolled out for it, else (``fallback``) on config.yaml's bundle."""
+        configured = self._configured_bundle(scope).absolute()
+        if rolled is not None and rolled.configured != configured:
+            log.warning("rollout: config.yaml names %s for %s since %s was rolled out (config.yaml named %s then): "
+                        "config.yaml's serves", configured, scope, rolled.bundle, rolled.configured)
+            rolled = None
+        if rolled is not None and rolled.bundle != configured:
+            try:
+                model = self.load(scope, rolled.bundle)
+            except RELOAD_ERRORS as exc:
+                log.error("rollout: %s cannot serve %s, rolled out before this start (%s); %s", scope, rolled.bundle,
+                          exc, f"config.yaml's {configured} serves" if fallback else "the camera follows the default")
+            else:
+                log.info("rollout: %s serves %s %s from %s as rolled out before this start (config.yaml names %s)",
+                         scope, model.info["name"], model.info["version"], rolled.bundle, configured)
+                if rolled.previous is not None:
+                    self._previous_paths[scope] = rolled.previous
+                return
+        elif rolled is not None and rolled.previous is not None:  # rolled back to config.yaml's: rollback goes on
+            self._previous_paths[scope] = rolled.previous
+        if fallback:
+            self.load(scope, configured)
+
+    def _read_rollout(self) -> dict[str, Rolled]:
+        root = self.cfg.model.rollout_path
+        if root is None:
+            return {}
+        try:
+            body = json.loads((root / ROLLOUT).read_text())
+            return {str(scope): Rolled(Path(e["bundle"]), Path(e["configured"]),
+                                       Path(e["previous"]) if e["previous"] else None)
+                    for scope, e in body["scopes"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # damaged: a power cut, a hand edit
+            log.error("rollout: %s cannot be read (%s: %s); config.yaml's bundles serve", root / ROLLOUT,
+                      type(exc).__name__, exc)
+            return {}
+
+    def _record(self) -> None:
+        """Write what each scope serves and keeps for rollback, replacing the file whole (a crash leaves the old
+        or the new one).  A write that fails is said: the models serve on, but a restart would not know them."""
+        root = self.cfg.model.rollout_path
+        if root is None:
+            return
+        tmp = root / (ROLLOUT + ".tmp")
+        with self._record_lock:  # the state read and written by one caller at a time: the last change is the file's
+            with self._lock:
+                scopes = {}
+                for scope, model in self._current.items():
+                    previous = self._previous[scope].path if scope in self._previous else self._previous_paths.get(scope)
+                    scopes[scope] = {"bundle": str(model.path.absolute()),
+                                     "configured": str(self._configured_bundle(scope).absolute()),
+                                     "previous": None if previous is None else str(previous.absolute())}
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps({"scopes": scopes}, indent=1))
+                tmp.replace(root / ROLLOUT)
+            except OSError as exc:
+                log.error("rollout: cannot record the models served in %s (%s): a restart would serve config.yaml's "
+                          "bundles", root / ROLLOUT, exc)
 
     def precision(self, scope: str) -> str:
         override = self.cfg.cameras.get(scope)
@@ -207,8 +297,10 @@ class Models:
             for s, model in compiled.items():
                 if s in self._current:
                     self._previous[s] = self._current[s]
+                    self._previous_paths.pop(s, None)
                 self._current[s] = model
         if self._started:
+            self._record()
             self._prune_cache()
         return compiled[scope]
 
@@ -218,18 +310,28 @@ class Models:
         return scope == DEFAULT or (override is not None and (override.bundle is not None or override.precision is not None))
 
     def rollback(self, scope: str) -> Model:
-        """The scope's previous model again; a camera's first canary (a scope only a reload made) is dropped,
-        so the camera follows the default again."""
+        """The scope's previous model again (compiled now where a run before this one kept it); a camera's first
+        canary (a scope only a reload made) is dropped, so the camera follows the default again."""
         with self._lock:
-            if scope not in self._previous and scope in self._current and not self._configured(scope):
-                del self._current[scope]
-                return self._current[DEFAULT]
-            if scope not in self._previous:
-                raise BundleError(f"no previous model to roll back to for {scope!r}")
-            followers = [s for s in self._previous if scope == DEFAULT and self._follows_default(s)]
-            for s in [scope, *followers]:
-                self._current[s], self._previous[s] = self._previous[s], self._current[s]
-            return self._current[scope]
+            earlier = self._previous_paths.get(scope) if scope not in self._previous else None
+            if earlier is None:
+                model = self._swap_back(scope)
+        if earlier is not None:
+            return self.load(scope, earlier)  # records itself; the path stays kept if it fails
+        self._record()
+        return model
+
+    def _swap_back(self, scope: str) -> Model:
+        """:meth:`rollback` among the compiled models, under the lock."""
+        if scope not in self._previous and scope in self._current and not self._configured(scope):
+            del self._current[scope]
+            return self._current[DEFAULT]
+        if scope not in self._previous:
+            raise BundleError(f"no previous model to roll back to for {scope!r}")
+        followers = [s for s in self._previous if scope == DEFAULT and self._follows_default(s)]
+        for s in [scope, *followers]:
+            self._current[s], self._previous[s] = self._previous[s], self._current[s]
+        return self._current[scope]
 
     @property
     def default(self) -> Model:

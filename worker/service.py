@@ -23,7 +23,7 @@ from typing import IO
 
 import paho.mqtt.client as mqtt
 
-from bundle import BundleError, tiling
+from bundle import tiling
 from worker.capture import Capture, train_command
 from worker.config import Config, ConfigError, QueuePolicy
 from worker.decode import use_opencv_threads
@@ -31,7 +31,7 @@ from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
 from worker.labels import LabelService
 from worker.learning import Learner
 from worker.metrics import Stats
-from worker.models import DEFAULT, Models
+from worker.models import DEFAULT, RELOAD_ERRORS, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
 from worker.pipeline import Pipeline
 from worker.presence import Presence
@@ -64,6 +64,7 @@ def check_folders(cfg: Config) -> list[IO[str]]:
     and the second would find the embedded store locked and spool its history for ever.  The claims (held open
     file locks, which the OS releases when the process ends however it ends) are returned for the worker to keep."""
     folders = {"evidence.path": cfg.evidence.path, "spool.path": cfg.spool.path, "model.cache_dir": cfg.model.cache_dir,
+               "model.rollout_path": cfg.model.rollout_path,
                "learning.path": cfg.learning.path if cfg.learning.enabled else None,
                "capture.path": cfg.capture.path if cfg.capture.enabled else None}
     for key, folder in folders.items():
@@ -209,7 +210,7 @@ class Worker:
             elif command.command == "rollback":
                 model = self.models.rollback(scope)
                 log.info("rollback: %s now runs %s %s", scope, model.info["name"], model.info["version"])
-        except (BundleError, OSError, RuntimeError, ValueError) as exc:
+        except RELOAD_ERRORS as exc:
             return error_answer(ErrorCode.RELOAD_FAILED, str(exc))
         self._publish_models()
         return {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}

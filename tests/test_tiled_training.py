@@ -18,6 +18,7 @@ from conftest import Client, wait_online, write_config
 from test_learning import _until_stored
 from test_worker import _query
 
+from bundle import read_manifest
 from bundle.runtime import CompiledBundle
 from bundle.tiling import see, tiles
 from exporter.build import THRESHOLD_SIGMAS, VAL_FRACTION
@@ -25,7 +26,7 @@ from exporter.data import load_category
 from exporter.export import image_threshold
 from exporter.synthetic import generate
 from worker.capture import train_command
-from worker.config import load_config
+from worker.config import camera_tiling, load_config
 
 FRAME = 243  # the canvas of 2x2 tiles of 128 px overlapping by 0.1: round(128 * 1.9)
 
@@ -112,13 +113,33 @@ def test_the_worker_tiles_a_camera_by_its_bundle_learns_on_its_tiles_and_asks_fo
         assert "own" not in exported["train"]  # its frames, shrunk whole, were all flagged: nothing captured
     finally:
         client.close()
-    assert "--tiling 1x1 --tile-overlap 0.1 " in train_command(load_config(config), "own", tmp_path, "own")
+    own = camera_tiling(load_config(config).cameras["own"], read_manifest(bundle).tiling)  # its own tiles win
+    assert "--tiling 1x1 --tile-overlap 0.1 " in train_command(tmp_path, "own", own)
 
 
-def test_the_training_command_of_an_untiled_camera_and_bundle_names_no_tiles(bundle_dir, tmp_path, broker):
-    config = load_config(write_config(tmp_path, broker.port, bundle_dir))
-    assert train_command(config, "line", tmp_path, "line") == \
-        f"python -m exporter train --data {tmp_path} --category line --out BUNDLE"
+def test_the_training_command_of_an_untiled_camera_and_bundle_names_no_tiles(tmp_path):
+    assert train_command(tmp_path, "line", None) == f"python -m exporter train --data {tmp_path} --category line --out BUNDLE"
+
+
+def test_the_training_command_asks_for_the_tiles_of_the_model_serving_the_camera_now(tiled, bundle_dir, broker,
+                                                                                    tmp_path, worker_factory):
+    """After a camera's canary (a reload to a tiled bundle), its capture's training command named the tiles of the
+    bundle config.yaml gives it (none here), so the next bundle would be trained whole for a camera cut in tiles."""
+    data, bundle = tiled
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    client = Client(broker.port, prefix)
+    try:
+        worker_factory(write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}))
+        wait_online(client, prefix)
+        answer = _query(client, prefix, {"command": "reload", "camera": "line", "bundle": str(bundle)},
+                        topic="workers/w-test/control")
+        assert answer["ok"] and answer["models"]["line"]["version"] == read_manifest(bundle).version, answer
+        client.publish_frame("line", min((data / "weave" / "test" / "good").glob("*.png")).read_bytes(), "good")
+        assert client.json_on(f"{prefix}/line/result")[0]["verdict"] == "normal"
+        exported = _query(client, prefix, {"command": "export_capture"}, topic="workers/w-test/control")
+        assert exported["ok"] and "--tiling 2x2 --tile-overlap 0.1 " in exported["train"]["line"], exported
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("flags, message", [

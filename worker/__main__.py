@@ -124,7 +124,9 @@ def _label(args: argparse.Namespace) -> int:
 
 def _capture(args: argparse.Namespace) -> int:
     """Export the captured frames from the local capture folder (the worker need not run)."""
+    from bundle import BundleError, read_manifest
     from worker.capture import Capture, train_command
+    from worker.config import camera_tiling
 
     cfg = load_config(args.config)
     try:
@@ -138,8 +140,14 @@ def _capture(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     for camera, w in written.items():
+        override = cfg.cameras.get(camera)
+        try:  # the worker need not run: the tiles of the bundle config.yaml gives the camera
+            bundle_tiling = read_manifest(override.bundle if override is not None and override.bundle else cfg.model.bundle,
+                                          verify=False).tiling
+        except BundleError:
+            bundle_tiling = None  # the bundle is gone or unreadable: the command then says nothing of tiles
         print(f"{camera}: {w['normal']} normal frames and {w['false_alarms']} false alarms in {w['folder']}; train with\n"
-              f"  {train_command(cfg, camera, Path(args.out), Path(w['folder']).name)}")
+              f"  {train_command(Path(args.out), Path(w['folder']).name, camera_tiling(override, bundle_tiling))}")
     return 0
 
 

@@ -34,9 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bundle import BundleError, read_manifest
 from bundle.tiling import Grid
-from worker.config import Config
 from worker.supervise import Throttle
 
 log = logging.getLogger(__name__)
@@ -53,18 +51,9 @@ def camera_folder(camera: str) -> str:
     return safe if safe == camera else f"{safe}-{hashlib.sha1(camera.encode()).hexdigest()[:8]}"
 
 
-def train_command(cfg: Config, camera: str, data: Path, category: str) -> str:
+def train_command(data: Path, category: str, tiling: Grid | None) -> str:
     """The exporter command for the next bundle from an exported capture, with the tiles the camera's frames are cut
-    into (its own ``tiling``, else its bundle's; frames are captured whole), so the new model learns the scale it
-    will be shown."""
-    override = cfg.cameras.get(camera)
-    tiling: Grid | None = override.tiling if override is not None else None
-    if tiling is None:
-        try:
-            tiling = read_manifest(override.bundle if override is not None and override.bundle else cfg.model.bundle,
-                                   verify=False).tiling
-        except BundleError:
-            tiling = None  # the bundle is gone or unreadable: the command then says nothing of tiles
+    into (frames are captured whole), so the new model learns the scale it will be shown."""
     flags = f" --tiling {tiling.grid[0]}x{tiling.grid[1]} --tile-overlap {tiling.overlap:g}" if tiling else ""
     return f"python -m exporter train --data {data} --category {category}{flags} --out BUNDLE"
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from bundle import TileGrid, plain_name
 from bundle.extension import Views
+from bundle.tiling import Grid
 
 ENV_PREFIX = "EDGE_INSPECT__"
 
@@ -217,6 +218,11 @@ class CameraConfig(_Section):
             raise ValueError("x, y must be >= 0 and width, height > 0")
         return v
 
+
+
+def camera_tiling(camera: CameraConfig | None, bundle: Grid | None) -> Grid | None:
+    """How a camera's frames are cut: its own ``tiling``, else its bundle's (one trained on tiles), else whole."""
+    return camera.tiling if camera is not None and camera.tiling is not None else bundle
 
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")

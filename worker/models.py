@@ -30,7 +30,7 @@ import numpy as np
 from bundle import MANIFEST, BundleError, Normalisation, read_manifest, tiling
 from bundle.extension import Extension, folder_name
 from bundle.runtime import BLOB_DIGEST, CompiledBundle
-from worker.config import CameraConfig, Config
+from worker.config import CameraConfig, Config, camera_tiling
 from worker.supervise import OPENVINO_THREADS, os_thread_named
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Model:
 
     def tiling(self, camera: CameraConfig | None) -> tiling.Grid | None:
         """How a camera's frames are cut for this model: the camera's ``tiling``, else the bundle's (trained on tiles)."""
-        return camera.tiling if camera is not None and camera.tiling is not None else self.bundle.manifest.tiling
+        return camera_tiling(camera, self.bundle.manifest.tiling)
 
     @property
     def info(self) -> dict:

@@ -227,7 +227,9 @@ class Worker:
         if not written:
             return error_answer(ErrorCode.BAD_REQUEST, f"nothing captured{f' for camera {camera}' if camera else ''} yet")
         return {"ok": True, "folder": str(folder), "cameras": written,
-                "train": {c: train_command(self.cfg, c, folder, Path(w["folder"]).name) for c, w in written.items()}}
+                "train": {c: train_command(folder, Path(w["folder"]).name,
+                                           self.models.for_camera(c).tiling(self.cfg.cameras.get(c)))  # as served now
+                          for c, w in written.items()}}
 
     def _route(self, raw: mqtt.MQTTMessage) -> None:
         """paho's network thread: hand the message on, then acknowledge it, exactly once, whatever happened."""

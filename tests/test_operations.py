@@ -144,8 +144,10 @@ def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_a
     models = start(bundle_dir)
     models.load(DEFAULT, v2)
     models.load("line2", v3)  # a canary
+    models.load("line3", bundle_dir)  # a canary of config.yaml's own bundle, while the default serves another
     models = start(bundle_dir)  # the restart
-    assert serving(models) == {DEFAULT: "2.0.0", "line2": "3.0.0"}
+    assert serving(models) == {DEFAULT: "2.0.0", "line2": "3.0.0", "line3": v1}
+    assert models.rollback("line3").bundle.manifest.version == "2.0.0"
     assert models.rollback("line2").bundle.manifest.version == "2.0.0"  # the canary ends: the default serves it
     assert models.rollback(DEFAULT).bundle.manifest.version == v1  # kept for rollback by the run before
     models = start(bundle_dir)

@@ -141,7 +141,7 @@ class Models:
             log.warning("rollout: config.yaml names %s for %s since %s was rolled out (config.yaml named %s then): "
                         "config.yaml's serves", configured, scope, rolled.bundle, rolled.configured)
             rolled = None
-        if rolled is not None and rolled.bundle != configured:
+        if rolled is not None and (rolled.bundle != configured or not fallback):  # a canary may be config.yaml's own
             try:
                 model = self.load(scope, rolled.bundle)
             except RELOAD_ERRORS as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from datetime import UTC
 from pathlib import Path
 
 import cv2
@@ -85,6 +86,24 @@ def test_admission_without_a_broker(pipeline, dataset):
     p.on_frame(_frame("cam", "good", png))
     assert len(p.queue) == 1
 
+
+
+def test_a_camera_stamping_its_frames_in_the_future_is_said_once(pipeline, dataset, caplog):
+    """A camera that sends its local time without a UTC offset is hours off, read as UTC: retention by age and the
+    history's time filters then place its frames hours away, without a word.  It is said once per camera; a frame
+    stamped in the past (a backlog) is not."""
+    from datetime import datetime, timedelta
+
+    p, transport = pipeline
+    png = _png(dataset)
+    local = (datetime.now(UTC) + timedelta(hours=2)).replace(tzinfo=None)  # UTC+2 local time, no offset
+    with caplog.at_level("WARNING", logger="worker.ingest"):
+        p.on_frame(_frame("east", "e1", png, captured_at=local.isoformat()))
+        p.on_frame(_frame("east", "e2", png, captured_at=(local + timedelta(seconds=1)).isoformat()))
+        p.on_frame(_frame("backlog", "b1", png, captured_at=str(time.time() - 7200)))
+    said = [r.getMessage() for r in caplog.records if "ahead of this box's clock" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("camera east stamps its frames 2.00 h ahead"), said
+    assert len(p.queue) == 3  # said, not refused
 
 def test_a_frame_is_counted_before_its_answer_leaves(pipeline, dataset):
     """Whoever has seen a frame's result or error and then reads the counters finds the frame in them: each answer

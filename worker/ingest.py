@@ -141,6 +141,9 @@ def open_raw(payload: bytes, camera: str, max_image_bytes: int) -> bytes:
     return payload
 
 
+AHEAD_S = 300.0  # a captured_at this far past the worker's clock is no backlog: a time zone or a clock is wrong
+
+
 class Ingest:
     """Per camera: unwrap its payload (raw or json_envelope) and fill missing metadata when it is optional."""
 
@@ -172,6 +175,19 @@ class Ingest:
             fields = {**fields, "captured_at": repr(received_ts)}
             generated.append("captured_at")
         return Arrival(fields, data, tuple(generated))
+
+    def check_clock(self, camera: str, captured_ts: float, received_ts: float) -> None:
+        """Say once per camera that its frames are stamped in this box's future.  A camera that sends its local time
+        without a UTC offset (Python's ``datetime.now().isoformat()``) is hours off, read as UTC, and retention
+        (``store.max_age_h``), the history's time filters and the defect feed then place its frames hours away.  A
+        frame stamped in the past may be a backlog (a broker's queue after an outage), so only the future is said."""
+        ahead = captured_ts - received_ts
+        if ahead > AHEAD_S and len(self._warned) < 10_000 and (camera, "clock") not in self._warned:
+            self._warned.add((camera, "clock"))
+            log.warning("camera %s stamps its frames %.2f h ahead of this box's clock: a local time sent without its UTC "
+                        "offset (ISO-8601 without one is read as UTC), or a clock set wrong here or there; retention "
+                        "(store.max_age_h), the history's time filters and the defect feed use captured_at as sent",
+                        camera, ahead / 3600)
 
     def _unusable(self, camera: str, field: str, fields: dict[str, str]) -> None:
         """Say once per camera and field that a value it sent is replaced (absent values are the policy's point)."""

@@ -168,6 +168,7 @@ class Pipeline:
             raise FrameError(ErrorCode.BAD_METADATA, problems[:500]) from None
         header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         ts = meta.captured_ts
+        self.ingest.check_clock(camera, ts, received_ts)
         return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated)
 
     def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:

@@ -133,10 +133,11 @@ def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_a
     v1 = read_manifest(bundle_dir).version
     v2, v3 = (_relabelled(bundle_dir, tmp_path / v, v) for v in ("2.0.0", "3.0.0"))
 
-    def start(bundle: Path) -> Models:
+    def start(bundle: Path, cameras: dict | None = None) -> Models:
         return Models(Config.model_validate({"model": {"bundle": str(bundle), "cache_dir": None,
                                                        "rollout_path": str(tmp_path / "rollout")},
-                                             "learning": {"path": str(tmp_path / "extensions")}}))
+                                             "learning": {"path": str(tmp_path / "extensions")},
+                                             "cameras": cameras or {}}))
 
     def serving(models: Models) -> dict[str, str]:
         return {scope: model.bundle.manifest.version for scope, model in models.scopes().items()}
@@ -147,6 +148,8 @@ def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_a
     models.load("line3", bundle_dir)  # a canary of config.yaml's own bundle, while the default serves another
     models = start(bundle_dir)  # the restart
     assert serving(models) == {DEFAULT: "2.0.0", "line2": "3.0.0", "line3": v1}
+    # A camera given its own precision since follows what the default serves, not config.yaml's bundle.
+    assert serving(start(bundle_dir, {"fast": {"precision": "f32"}}))["fast"] == "2.0.0"
     assert models.rollback("line3").bundle.manifest.version == "2.0.0"
     assert models.rollback("line2").bundle.manifest.version == "2.0.0"  # the canary ends: the default serves it
     assert models.rollback(DEFAULT).bundle.manifest.version == v1  # kept for rollback by the run before

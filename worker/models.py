@@ -121,7 +121,11 @@ class Models:
         self._started = False
         rolled = self._read_rollout()
         for scope in [DEFAULT, *(camera for camera in cfg.cameras if self._configured(camera))]:
-            self._restore(scope, rolled.pop(scope, None), fallback=True)
+            if self._follows_default(scope):  # its own precision of whatever the default serves
+                rolled.pop(scope, None)
+                self.load(scope, self._current[DEFAULT].path)
+            else:
+                self._restore(scope, rolled.pop(scope, None), fallback=True)
         for scope, entry in rolled.items():  # canaries: camera scopes only a reload made
             if scope != DEFAULT:
                 self._restore(scope, entry, fallback=False)

@@ -712,3 +712,32 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(stop
           f"({sum(v == ['shutdown'] for v in first.values())} as shutdown errors), the second run the other "
           f"{n - len(first)}")
     assert worker2.stop() == 0
+
+
+def test_requests_waiting_at_a_stop_are_each_answered(broker, bundle_dir, tmp_path, worker_factory):
+    """Requests are acknowledged when queued, so the broker never hands them out again: those the request thread had
+    not reached 5 s into the stop went unanswered, a client waiting on each for ever.  The one in hand is answered,
+    each waiting one ``shutdown``."""
+    prefix = f"s{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          model={"cache_dir": None},  # each reload compiles: most still wait at the stop
+                          limits={"request_queue_size": 200})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    reply = f"{prefix}/replies"
+    for i in range(120):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = reply, str(i).encode()
+        client.client.publish(f"{prefix}/workers/w-test/control", json.dumps({"command": "reload"}), qos=1,
+                              properties=props)
+    client.wait_for(lambda m: m.topic == reply)
+    assert worker.stop() == 0
+    answers = client.wait_for(lambda m: m.topic == reply, count=120)
+    by_request: dict[bytes, list[dict]] = {}
+    for m in answers:
+        by_request.setdefault(m.properties.CorrelationData, []).append(json.loads(m.payload))
+    assert len(by_request) == 120 and all(len(a) == 1 for a in by_request.values())
+    refused = [a[0] for a in by_request.values() if not a[0]["ok"]]
+    assert refused and {a["error"]["code"] for a in refused} == {"shutdown"}, refused[:3]
+    client.close()

@@ -391,7 +391,8 @@ class Worker:
         self.accepting = False
         left = self.pipeline.stop(timeout)
         self.query_queue.close()
-        self.query_thread.join(5)
+        unanswered = self._refuse_waiting_requests()
+        self.query_thread.join(timeout)  # the request in hand is answered (a reload's compile can take seconds)
         flushed = self.recorder.flush(timeout)
         self.recorder.stop()
         if self.capture is not None:
@@ -405,5 +406,25 @@ class Worker:
                 log.warning("could not publish 'stopped' on %s (%s); availability is left to the broker and the last will",
                             self.topics.availability, exc)
         self.link.stop()
-        log.info("stopped: %s; %d frames refused at shutdown; store flushed: %s",
-                 json.dumps(self.stats.snapshot()), left, flushed)
+        log.info("stopped: %s; %d frames and %d requests refused at shutdown; store flushed: %s",
+                 json.dumps(self.stats.snapshot()), left, unanswered, flushed)
+
+    def _refuse_waiting_requests(self) -> int:
+        """Answer ``shutdown`` to the requests waiting at the stop: they were acknowledged to the broker, so nothing
+        else would answer them, and serving them (reloads, labels) would hold the stop up; returns how many."""
+        refused = 0
+        while True:
+            try:
+                msg = self.query_queue.get(timeout=0)
+            except Closed:
+                break
+            if msg is None:
+                break
+            refused += 1
+            try:
+                reply_to = split_reply_to(msg.payload)[1]
+            except RequestError:
+                reply_to = None
+            self._respond(replace(msg, response_topic=msg.response_topic or reply_to),
+                          error_answer(ErrorCode.SHUTDOWN, "the worker stopped before this request was served; ask again"))
+        return refused

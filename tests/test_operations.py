@@ -168,6 +168,25 @@ def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_a
         models = start(v4)  # config.yaml edited since the rollout: it wins
     assert serving(models) == {DEFAULT: "4.0.0"} and "config.yaml names" in caplog.text
 
+
+def test_a_bundle_rolled_out_to_all_ends_its_canary_so_a_rollback_takes_every_camera_back(bundle_dir, tmp_path):
+    """The README's roll-out: a canary on one camera, then to all, then a rollback if it misbehaves.  The canary's
+    camera kept its own scope on the new bundle, so the rollback left it there (and every later release too)."""
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    v1 = read_manifest(bundle_dir).version
+    v2, v3 = (_relabelled(bundle_dir, tmp_path / v, v) for v in ("2.0.0", "3.0.0"))
+    models = Models(Config.model_validate({"model": {"bundle": str(bundle_dir), "cache_dir": None, "rollout_path": None},
+                                           "learning": {"path": str(tmp_path / "extensions")}}))
+    models.load("line2", v2)
+    models.load("line3", v3)  # another trial, not rolled out: it stays
+    models.load(DEFAULT, v2)
+    assert set(models.scopes()) == {DEFAULT, "line3"}
+    models.rollback(DEFAULT)
+    assert models.for_camera("line2").bundle.manifest.version == v1
+    assert models.for_camera("line3").bundle.manifest.version == "3.0.0"
+
 def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, dataset, tmp_path, worker_factory):
     prefix = f"h{uuid.uuid4().hex[:6]}"
     v1 = read_manifest(bundle_dir).version

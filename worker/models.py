@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle import MANIFEST, BundleError, Normalisation, read_manifest, tiling
+from bundle import MANIFEST, BundleError, Manifest, Normalisation, read_manifest, tiling
 from bundle.extension import Extension, folder_name
 from bundle.runtime import BLOB_DIGEST, CompiledBundle
 from worker.config import CameraConfig, Config, camera_tiling
@@ -303,10 +303,24 @@ class Models:
                     self._previous[s] = self._current[s]
                     self._previous_paths.pop(s, None)
                 self._current[s] = model
+            if scope == DEFAULT:
+                self._end_canaries_of(compiled[scope].bundle.manifest)
         if self._started:
             self._record()
             self._prune_cache()
         return compiled[scope]
+
+    def _end_canaries_of(self, manifest: Manifest) -> None:
+        """A bundle rolled out to all ends its canaries (camera scopes only a reload made, serving that bundle): they
+        follow the default from now on, so a rollback of the default takes them back too (they stayed on it)."""
+        for scope, model in list(self._current.items()):
+            m = model.bundle.manifest
+            if scope != DEFAULT and not self._configured(scope) and (folder_name(m), m.version) == (
+                    folder_name(manifest), manifest.version):
+                del self._current[scope]
+                self._previous.pop(scope, None)
+                self._previous_paths.pop(scope, None)
+                log.info("canary on %s ends: %s %s now serves every camera", scope, m.name, m.version)
 
     def _configured(self, scope: str) -> bool:
         """A scope config.yaml gives a model of its own (a bundle or a precision), as opposed to a canary's."""

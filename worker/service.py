@@ -167,6 +167,8 @@ class Worker:
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
             size=lambda m: len(m.payload))
         self.query_thread = threading.Thread(target=self._serve_requests, name="requests", daemon=True)
+        self._next_watch = time.monotonic() + cfg.model.watch_s
+        self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
         self.accepting = True
         self.link.on_message = self._route
         self.link.on_connected = self._announce
@@ -270,16 +272,35 @@ class Worker:
             error = error_answer(ErrorCode.RESPONSE_TOO_LARGE, f"{exc}; ask for fewer hits")
             self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
 
+    def _watch_bundles(self) -> None:
+        """``model.watch_s``: reload each scope whose bundle changed on disk.  On the request thread, so a watched
+        reload never runs beside a label's or another reload (one racing a label could put a model with the label's
+        old rows in service, and two compiles at once can deadlock: worker/models.py), nor holds up the main loop."""
+        now = time.monotonic()
+        if not self.cfg.model.watch_s or now < self._next_watch:
+            return
+        self._next_watch = now + self.cfg.model.watch_s
+        for scope, path in self.models.changed_on_disk():
+            answer = self.control({"command": "reload", "camera": None if scope == DEFAULT else scope, "bundle": str(path)})
+            said = None if answer["ok"] else answer["error"]["message"]
+            if said is not None and said != self._unloaded.get(scope):  # a bundle being copied: said once, tried on
+                log.warning("bundle %s changed on disk but was not loaded (tried again every %g s): %s", path,
+                            self.cfg.model.watch_s, said)
+            self._unloaded[scope] = said
+
     def _serve_requests(self) -> None:
-        """Queries, labels and control commands, one at a time, off the MQTT and inference threads; while none
-        waits, the confirmed defects' guards a served model lacks are scored, one per turn."""
+        """Queries, labels and control commands, one at a time, off the MQTT and inference threads, and the
+        bundles ``model.watch_s`` watches; while no request waits, the confirmed defects' guards a served model lacks
+        are scored, one per turn."""
         current: list[Inbound] = []
         warming = [True]
+        idle = min(0.5, self.cfg.model.watch_s or 0.5)
 
         def step() -> None:
             current.clear()
+            self._watch_bundles()
             try:
-                msg = self.query_queue.get(timeout=0 if warming[0] else 0.5)
+                msg = self.query_queue.get(timeout=0 if warming[0] else idle)
             except Closed:
                 raise StopLoop from None
             if msg is None:
@@ -349,8 +370,7 @@ class Worker:
         self.link.start()
         switch = DeadMansSwitch(self.cfg.worker.watchdog_s)
         now = time.monotonic()
-        next_stats, next_watch = now + self.cfg.worker.stats_interval_s, now + self.cfg.model.watch_s
-        unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused
+        next_stats = now + self.cfg.worker.stats_interval_s
         while not stop.wait(0.2):
             switch.arm()
             problems = self.liveness.problems()
@@ -364,16 +384,6 @@ class Worker:
             if now >= next_stats and self.link.connected.is_set():
                 self.link.publish(self.topics.stats, json.dumps(self.stats_payload()))
                 next_stats = now + self.cfg.worker.stats_interval_s
-            if self.cfg.model.watch_s and now >= next_watch:
-                for scope, path in self.models.changed_on_disk():
-                    answer = self.control({"command": "reload", "camera": None if scope == DEFAULT else scope,
-                                           "bundle": str(path)})
-                    said = None if answer["ok"] else answer["error"]["message"]
-                    if said is not None and said != unloaded.get(scope):  # a bundle being copied: said once, tried on
-                        log.warning("bundle %s changed on disk but was not loaded (tried again every %g s): %s", path,
-                                    self.cfg.model.watch_s, said)
-                    unloaded[scope] = said
-                next_watch = now + self.cfg.model.watch_s
         # A shutdown that hangs must end too: the switch stays armed, with room for its own timeouts.
         DeadMansSwitch(self.cfg.worker.watchdog_s and self.cfg.worker.watchdog_s + 90).arm()
         self.shutdown()

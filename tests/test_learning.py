@@ -123,6 +123,34 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
     assert point_id("cam1", "m-0") not in exported(config.parent / "training-2")
 
 
+
+def test_a_label_withdrawn_leaves_every_extension_that_holds_it(learning, dataset, tmp_path):
+    """A false alarm labelled again after a reload to another bundle is in both bundles' extensions: the unlabel took
+    it from the first extension it found only, and after a restart the bundle kept for rollback (a path, its
+    extension never opened) kept it too, so the rollback brought the withdrawn label back."""
+    prefix, client, worker, config, start = learning
+    other = train_bundle(dataset, tmp_path / "other", "--coreset-ratio", "0.1")  # other weights: its own extension
+    marked = _marked(dataset)
+    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+
+    def ask(body: dict, topic: str = "label") -> dict:
+        return _query(client, prefix, body, topic=topic)
+
+    label = {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"}
+    first = ask(label)["absorbed"]["patches"]
+    assert ask({"command": "reload", "bundle": str(other)}, topic="workers/w-test/control")["ok"]
+    second = ask(label)["absorbed"]["patches"]
+    assert first > 0 and second > 0
+    assert worker.stop() == 0
+    client.messages.clear()
+    start(config)  # the other bundle serves, the first is kept for rollback (model.rollout_path)
+    wait_online(client, prefix)
+    released = ask({"action": "unlabel", "frame_id": "m-0", "camera": "cam1"})["released"]
+    assert released["patches"] == first + second and released["extensions"] == 2, released
+    assert ask({"command": "rollback"}, topic="workers/w-test/control")["ok"]
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"
+
 def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(learning, dataset):
     """The operator confirmed a dot as a defect; a later false-alarm label on the same dot must not teach it: the
     patches that keep the confirmed frame flagged, and every patch near them, are left out, and the dot stays

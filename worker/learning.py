@@ -206,18 +206,23 @@ class Learner:
         self.on_change()
 
     def release(self, key: str, camera: str) -> dict:
-        """Take back what frame ``key`` added, from whichever extension holds it."""
+        """Take back what frame ``key`` added, from every extension that holds it (labelled again after a reload to
+        another bundle, it is in both); the answer's revision and rows are the camera's model's where it held some."""
         if self.capture is not None:
             self.capture.remove_false_alarm(camera, key)
-        for ext in self.models.extensions():
-            removed = ext.remove(key)
-            if removed:
-                self.models.apply(ext)
-                log.info("false alarm label withdrawn: %d patches removed, extension revision %d", removed, ext.revision)
-                self.on_change()
-                return {"patches": removed, "revision": ext.revision, "extension_rows": len(ext.rows),
-                        "message": f"released: {_patches(removed)}; frames like it are scored as before"}
-        return {"patches": 0, "reason": "this frame had added nothing to an extension"}
+        released = [(ext, removed) for ext in self.models.extensions() if (removed := ext.remove(key))]
+        if not released:
+            return {"patches": 0, "reason": "this frame had added nothing to an extension"}
+        for ext, removed in released:
+            self.models.apply(ext)
+            log.info("false alarm label withdrawn: %d patches removed from %s, extension revision %d", removed,
+                     ext.folder.name, ext.revision)
+        self.on_change()
+        serving = self.models.for_camera(camera).extension
+        ext = next((e for e, _ in released if e is serving), released[-1][0])
+        patches = sum(removed for _, removed in released)
+        return {"patches": patches, "revision": ext.revision, "extension_rows": len(ext.rows), "extensions": len(released),
+                "message": f"released: {_patches(patches)}; frames like it are scored as before"}
 
     def extensions(self) -> list[dict]:
         """Every extension the served bundles use: its figures and one entry per absorbed false alarm."""

@@ -254,7 +254,7 @@ class Models:
                 raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
                                   "(they share one vector-store collection)")
             m = bundle.manifest
-            extension = self._extension(bundle) if learning.enabled else None
+            extension = self._extension(bundle.manifest) if learning.enabled else None
             if extension is not None:
                 bundle.set_extension(extension.rows, extension.revision)
             warm_up(bundle)
@@ -263,9 +263,8 @@ class Models:
                  bundle.optimal_requests, f", extension of {len(extension.rows)} rows" if extension else "")
         return Model(bundle, Path(path), signature, extension)
 
-    def _extension(self, bundle: CompiledBundle) -> Extension | None:
+    def _extension(self, m: Manifest) -> Extension | None:
         """The on-disk extension of this bundle (by its weights' sha256), shared by its compiled copies."""
-        m = bundle.manifest
         if m.extension is None:
             return None
         folder = self.cfg.learning.path / folder_name(m)
@@ -276,6 +275,16 @@ class Models:
             return ext
 
     def extensions(self) -> list[Extension]:
+        """The extensions of the bundles served or kept for rollback: those a run before this one kept (a path, not
+        compiled) are opened too, so a label withdrawn now leaves them as well (a rollback would bring it back)."""
+        with self._lock:
+            kept = list(self._previous_paths.values())
+        if self.cfg.learning.enabled:
+            for path in kept:
+                try:
+                    self._extension(read_manifest(path, verify=False))
+                except BundleError:
+                    continue  # gone or unreadable: a rollback to it fails, and says so
         with self._lock:
             return list(self._extensions.values())
 

@@ -192,17 +192,10 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        left = 0
-        while True:
-            try:
-                frame = self.queue.get(timeout=0)
-            except Closed:
-                break
-            if frame is None:
-                break
-            left += 1
+        left = self.queue.drain()
+        for frame in left:
             self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, "worker stopped before this frame was processed")
-        return left
+        return len(left)
 
     def _run(self) -> None:
         name = threading.current_thread().name

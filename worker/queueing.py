@@ -102,6 +102,16 @@ class BoundedQueue(Generic[T]):
             self._cond.notify_all()
             return item
 
+    def drain(self) -> list[T]:
+        """Everything still queued, taken at once (at a stop, for the caller to answer each)."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            for item in items:
+                self._forget(item)
+            self._cond.notify_all()
+            return items
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

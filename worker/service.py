@@ -422,19 +422,12 @@ class Worker:
     def _refuse_waiting_requests(self) -> int:
         """Answer ``shutdown`` to the requests waiting at the stop: they were acknowledged to the broker, so nothing
         else would answer them, and serving them (reloads, labels) would hold the stop up; returns how many."""
-        refused = 0
-        while True:
-            try:
-                msg = self.query_queue.get(timeout=0)
-            except Closed:
-                break
-            if msg is None:
-                break
-            refused += 1
+        waiting = self.query_queue.drain()
+        for msg in waiting:
             try:
                 reply_to = split_reply_to(msg.payload)[1]
             except RequestError:
                 reply_to = None
             self._respond(replace(msg, response_topic=msg.response_topic or reply_to),
                           error_answer(ErrorCode.SHUTDOWN, "the worker stopped before this request was served; ask again"))
-        return refused
+        return len(waiting)

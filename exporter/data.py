@@ -151,6 +151,21 @@ def _folder_images(folder: Path) -> list[Path]:
     return _images(folder) or _images(folder / "rgb")
 
 
+NOT_CLASSES = {*MASK_FOLDERS, TRUTH, "mask", "masks", "rgb", "xyz", "gt"}  # sub-folders of masks or 3D data
+
+
+def _unread_below(folders: list[Path]) -> None:
+    """DatasetError when a class folder (or a folder beside them) keeps images in sub-folders: only a class folder's
+    own images are read, so ``test/glue/batch1/*.png``, ``good/line2/*.png`` or ``bad/broken/*.png`` were left out
+    of the split without a word."""
+    for folder in folders:
+        deeper = [d.name for d in entries(folder) if d.is_dir() and d.name.lower() not in NOT_CLASSES and images_under(d)]
+        if deeper:
+            raise DatasetError(f"{folder} keeps images in its sub-folders {deeper[:10]}, which are not read (only a class "
+                               f"folder's own images are): move them into {folder.name}/ itself, or give each defect "
+                               "type its own folder beside good/")
+
+
 def _train_folder(root: Path) -> Path | None:
     """``root/train/good`` (or ``ok``/``normal``, any case) when ``root`` is laid out like MVTec AD."""
     train = root / "train"
@@ -185,6 +200,11 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         goods = sorted(p for g, _ in paired for p in g)
         return _held_out(root, BESIDE, goods, [d for _, defects in paired for d in defects], seed)
     if good:
+        _unread_below(folders)
+        if nested := [d.name for d in entries(root) if d.is_dir() and d not in folders
+                      and d.name.lower() not in NOT_CLASSES and images_under(d)]:
+            raise DatasetError(f"{root}: the folders {nested[:10]} keep their images in sub-folders, which are not read "
+                               "(bad/broken/*.png): give each defect type its own folder beside good/")
         return _held_out(root, "labelled folders", *_labelled(good[0], [d for d in folders if d not in good]), seed)
     nested = next((d for d in entries(root) if d.is_dir() and _is_good(d) and not _images(d) and images_under(d)), None)
     if nested is not None:
@@ -287,6 +307,7 @@ def _mvtec(root: Path) -> Category:
     test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), root / TEST_FOLDERS[0])
     missing: list[Path] = []
     types = [p for p in entries(test_root) if p.is_dir() and p.name != TRUTH]
+    _unread_below([train_folder, *types] if train_folder else types)
     for type_dir in types:
         images = _folder_images(type_dir)
         if _is_good(type_dir):

@@ -453,6 +453,22 @@ def test_a_good_folder_of_sub_folders_and_a_folder_of_categories_are_refused_say
         load_category(tmp_path / "sets")
 
 
+
+@pytest.mark.parametrize("files, said", [
+    (["good/0.png", "good/1.png", "bad/broken/0.png", "bad/glue/0.png"], r"the folders \['bad'\] keep their images"),
+    (["good/0.png", "good/1.png", "good/line2/0.png", "scratch/0.png"], r"good keeps images in its sub-folders \['line2'\]"),
+    (["train/good/0.png", "train/good/1.png", "test/good/0.png", "test/glue/batch1/0.png", "test/glue/0.png"],
+     r"glue keeps images in its sub-folders \['batch1'\]"),
+])
+def test_images_in_sub_folders_of_a_class_are_refused_not_left_out(tmp_path, files, said):
+    """Only a class folder's own images are read: defects in bad/broken/, goods in good/line2/ or a type's batch1/
+    were left out of the split (a set whose defects all lay deeper trained with no test split) without a word."""
+    rng = np.random.default_rng(5)
+    for name in files:
+        _write(tmp_path / "part" / name, sample(rng, 64)[0])
+    with pytest.raises(DatasetError, match=said):
+        load_category(tmp_path / "part")
+
 def test_an_out_folder_the_bundle_cannot_go_to_is_refused_before_the_data_is_read(tmp_path):
     """It was found after the fit: minutes of training, then a traceback (or the refusal to replace a folder that
     is not a bundle)."""

@@ -201,9 +201,9 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         return _held_out(root, BESIDE, goods, [d for _, defects in paired for d in defects], seed)
     if good:
         _unread_below(folders)
-        if nested := [d.name for d in entries(root) if d.is_dir() and d not in folders
+        if deeper := [d.name for d in entries(root) if d.is_dir() and d not in folders
                       and d.name.lower() not in NOT_CLASSES and images_under(d)]:
-            raise DatasetError(f"{root}: the folders {nested[:10]} keep their images in sub-folders, which are not read "
+            raise DatasetError(f"{root}: the folders {deeper[:10]} keep their images in sub-folders, which are not read "
                                "(bad/broken/*.png): give each defect type its own folder beside good/")
         return _held_out(root, "labelled folders", *_labelled(good[0], [d for d in folders if d not in good]), seed)
     nested = next((d for d in entries(root) if d.is_dir() and _is_good(d) and not _images(d) and images_under(d)), None)
@@ -565,6 +565,7 @@ class Summary:
     depths: Counter
     unreadable: list[Path]
     in_both: list[tuple[Path, Path]] = field(default_factory=list)  # (test image, the training image it copies)
+    wide_samples: list[Path] = field(default_factory=list)  # 32-bit or floating-point samples: not read as 8-bit BGR
 
     def problems(self) -> list[str]:
         """Why the data cannot be trained on, each with how to fix it; empty when it can."""
@@ -577,6 +578,12 @@ class Summary:
             more = f" and {len(self.unreadable) - 10} more" if len(self.unreadable) > 10 else ""
             out.append(f"{len(self.unreadable)} files cannot be decoded or are cut short: {shown}{more}; "
                        "remove them, or copy or save them again")
+        if self.wide_samples:
+            shown = ", ".join(str(p) for p in self.wide_samples[:10])
+            more = f" and {len(self.wide_samples) - 10} more" if len(self.wide_samples) > 10 else ""
+            out.append(f"{len(self.wide_samples)} images have 32-bit or floating-point samples, which neither training "
+                       f"nor the worker reads (it refuses them: unsupported_format): {shown}{more}; save them with 8- or "
+                       "16-bit samples")
         return out
 
     def text(self, n_fit: int, n_threshold: int, tiling: TilingSpec | None = None) -> str:
@@ -636,6 +643,7 @@ def summarise(category: Category) -> Summary:
     channels: Counter = Counter()
     depths: Counter = Counter()
     unreadable: list[Path] = []
+    wide: list[Path] = []
     trained: dict[bytes, Path] = {}
     in_both: list[tuple[Path, Path]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
@@ -655,6 +663,8 @@ def summarise(category: Category) -> Summary:
         sizes[(image.shape[1], image.shape[0])] += 1
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
+        if image.dtype not in (np.uint8, np.uint16):  # read_image (IMREAD_COLOR) gets nothing from these
+            wide.append(path)
     masks = [file for s in category.test if s.mask is not None for file in mask_files(s.mask)]
     unreadable += [file for file in masks if mask_pixels(file) is None]
-    return Summary(category, sizes, channels, depths, unreadable, in_both)
+    return Summary(category, sizes, channels, depths, unreadable, in_both, wide)

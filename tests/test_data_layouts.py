@@ -469,6 +469,18 @@ def test_images_in_sub_folders_of_a_class_are_refused_not_left_out(tmp_path, fil
     with pytest.raises(DatasetError, match=said):
         load_category(tmp_path / "part")
 
+
+def test_images_with_32_bit_samples_are_named_before_the_fit(tmp_path):
+    """The summary read a floating-point TIFF (as stored) and listed no problem; training reads images as 8-bit BGR,
+    which gets nothing from it, so the run stopped after the whole fit calling the file cut short."""
+    rng = np.random.default_rng(6)
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    cv2.imwrite(str(tmp_path / "part" / "good" / "f.tif"), sample(rng, 64)[0].astype(np.float32) / 255)
+    problems = summarise(load_category(tmp_path / "part")).problems()
+    assert len(problems) == 1 and problems[0].startswith("1 images have 32-bit or floating-point samples"), problems
+    assert "f.tif" in problems[0]
+
 def test_an_out_folder_the_bundle_cannot_go_to_is_refused_before_the_data_is_read(tmp_path):
     """It was found after the fit: minutes of training, then a traceback (or the refusal to replace a folder that
     is not a bundle)."""

@@ -127,9 +127,12 @@ class ExtensionSpec(_Strict):
     pad: float = Field(EXTENSION_PAD, description="Value of every entry of an unused extension row.")
 
 
+MAX_TILES = 16  # tiles along one side of a frame
+
+
 def _tile_grid(v: tuple[int, int]) -> tuple[int, int]:
-    if not (1 <= v[0] <= 16 and 1 <= v[1] <= 16):
-        raise ValueError("cols and rows must be 1..16")
+    if not (1 <= v[0] <= MAX_TILES and 1 <= v[1] <= MAX_TILES):
+        raise ValueError(f"cols and rows must be 1..{MAX_TILES}")
     return v
 
 

@@ -38,6 +38,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -48,7 +49,7 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from bundle import InputSpec, TilingSpec, jpeg_cut_short, prepare_image
+from bundle import MAX_TILES, InputSpec, TilingSpec, jpeg_cut_short, prepare_image
 from bundle.tiling import canvas_size, tiles
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -100,7 +101,8 @@ class Category:
     def name(self) -> str:
         if self.category:
             return self.category
-        return self.root.stem if self.root.suffix.lower() in LIST_SUFFIXES else self.root.name
+        root = self.root.absolute()  # `--data .` or `..` has no name of its own; the folder it is has one
+        return root.stem if root.suffix.lower() in LIST_SUFFIXES else Path(os.path.normpath(root)).name
 
     @property
     def base(self) -> Path:
@@ -627,7 +629,8 @@ def _stretch_note(width: int, height: int) -> str | None:
     ratio = max(width, height) / min(width, height)
     if ratio < STRETCH_NOTED:
         return None
-    grid = f"{round(ratio)}x1" if width > height else f"1x{round(ratio)}"
+    n = min(round(ratio), MAX_TILES)  # the most tiles --tiling takes along one side
+    grid = f"{n}x1" if width > height else f"1x{n}"
     return (f"  note: most images are {width}x{height}, {ratio:.1f} times longer than wide: stretched to the square input, "
             f"which squeezes them along their long side; --tiling {grid} cuts them into tiles of about the input's "
             "shape instead")

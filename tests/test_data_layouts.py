@@ -481,6 +481,18 @@ def test_images_with_32_bit_samples_are_named_before_the_fit(tmp_path):
     assert len(problems) == 1 and problems[0].startswith("1 images have 32-bit or floating-point samples"), problems
     assert "f.tif" in problems[0]
 
+
+def test_data_given_as_a_dot_is_named_after_the_folder_it_is(tmp_path, monkeypatch):
+    """`--data ..` named the bundle `..-patchcore`, refused only when written after the whole fit; `--data .` made
+    a bundle `-patchcore` of category ''."""
+    rng = np.random.default_rng(7)
+    for i in range(8):
+        _write(tmp_path / "bracket" / "good" / f"{i}.png", sample(rng, 64)[0])
+    monkeypatch.chdir(tmp_path / "bracket" / "good")
+    assert load_category(Path("..")).name == "bracket"
+    monkeypatch.chdir(tmp_path / "bracket")
+    assert load_category(Path(".")).name == "bracket"
+
 def test_an_out_folder_the_bundle_cannot_go_to_is_refused_before_the_data_is_read(tmp_path):
     """It was found after the fit: minutes of training, then a traceback (or the refusal to replace a folder that
     is not a bundle)."""

@@ -176,6 +176,11 @@ def test_the_data_summary_suggests_tiles_for_elongated_images_and_not_for_square
     tiled = text(9, 1, TilingSpec(grid=(1, 3)))
     assert "note: most images" not in tiled and "cut into 1x3 tiles" in tiled
     assert "note: most images" not in summarise(load_category(dataset, "weave")).text(9, 1)  # square: no note
+    line = tmp_path / "line" / "train" / "good"
+    line.mkdir(parents=True)
+    for i in range(10):  # a line-scan strip, 20 times longer than high: the note asked for 20 tiles, 16 is the most
+        cv2.imwrite(str(line / f"{i}.png"), rng.integers(0, 255, (20, 400), np.uint8))
+    assert "--tiling 16x1" in summarise(load_category(tmp_path, "line")).text(9, 1)
 
 
 def test_choose_scores_its_candidates_on_tiles_as_the_worker_would(tiled, tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from bundle.runtime import CompiledBundle
 from exporter.build import package
-from exporter.data import DatasetError, find_categories, read_image, read_mask
+from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
 from exporter.families import Family, select
 from exporter.report import write_report
 from exporter.thresholds import NORMALS
@@ -118,9 +118,15 @@ def run(data: Path, models: list[str], out: Path, categories: list[str] | None =
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     for category in chosen:
+        try:  # the checks train makes before its fit (too few good images, files it cannot read)
+            problems = summarise(load_category(data, category)).problems()
+        except DatasetError as exc:
+            problems = [str(exc)]
         for family in families:
             log.info("benchmark: %s on %s", family.name, category)
             try:
+                if problems:
+                    raise DatasetError("unusable data: " + "; ".join(problems))
                 rows.append(run_one(data, category, family, out, given.get(family.name) or family.settings(), precisions))
             except DatasetError as exc:  # one category's bad data costs that category's row, not the whole run
                 log.error("benchmark: %s on %s cannot be run: %s", family.name, category, exc)

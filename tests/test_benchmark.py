@@ -18,19 +18,23 @@ from exporter.validation import BENIGN_KINDS
 
 
 def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tmp_path):
-    """Beside weave, a copy of it with one mask missing: that category's row is lost, named in the report, and the
-    run goes on (one category's bad data stopped the whole benchmark)."""
+    """Beside weave, a copy of it with one mask missing and one with 3 good images: those categories' rows are lost,
+    named in the report, and the run goes on (one category's bad data stopped the whole benchmark)."""
     data, out = tmp_path / "data", tmp_path / "report"
     shutil.copytree(dataset / "weave", data / "weave")
     shutil.copytree(dataset / "weave", data / "partial")
     next((data / "partial" / "ground_truth").glob("*/*.png")).unlink()
+    shutil.copytree(dataset / "weave", data / "few")  # 3 good training images: the run stopped at its thresholds
+    for extra in sorted((data / "few" / "train" / "good").glob("*.png"))[3:]:
+        extra.unlink()
     proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models", "patchcore",
                            "--input-size", "128", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert "grid" in report["absent_categories"] and "weave" not in report["absent_categories"]
-    (failed,) = report["failed"]
+    few, failed = report["failed"]  # in name order
     assert failed["category"] == "partial" and "mask" in failed["error"], failed
+    assert few["category"] == "few" and "only 3 good training images" in few["error"], few
     assert f"Not benchmarked, its data unusable: patchcore / partial: {failed['error']}" in (out / "report.md").read_text()
     (row,) = report["rows"]
     assert row["model"] == "patchcore" and row["category"] == "weave"

@@ -172,7 +172,15 @@ def _train_folder(root: Path) -> Path | None:
     """``root/train/good`` (or ``ok``/``normal``, any case) when ``root`` is laid out like MVTec AD."""
     train = root / "train"
     found = [d for d in entries(train) if d.is_dir() and _is_good(d)]
+    _one_good(found)
     return found[0] if found else None
+
+
+def _one_good(folders: list[Path]) -> None:
+    """DatasetError for two folders of normal images side by side (good/ and ok/): only the first was read."""
+    if len([d for d in folders if _folder_images(d)]) > 1:
+        raise DatasetError(f"{folders[0].parent} has {len(folders)} folders of normal images "
+                           f"({', '.join(d.name + '/' for d in folders)}), and only one is read: put them in one")
 
 
 def load_category(data: Path, category: str | None = None, seed: int = 0) -> Category:
@@ -202,6 +210,7 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         goods = sorted(p for g, _ in paired for p in g)
         return _held_out(root, BESIDE, goods, [d for _, defects in paired for d in defects], seed)
     if good:
+        _one_good(good)
         _unread_below(folders)
         if deeper := [d.name for d in entries(root) if d.is_dir() and d not in folders
                       and d.name.lower() not in NOT_CLASSES and images_under(d)]:

@@ -459,10 +459,13 @@ def test_a_good_folder_of_sub_folders_and_a_folder_of_categories_are_refused_say
     (["good/0.png", "good/1.png", "good/line2/0.png", "scratch/0.png"], r"good keeps images in its sub-folders \['line2'\]"),
     (["train/good/0.png", "train/good/1.png", "test/good/0.png", "test/glue/batch1/0.png", "test/glue/0.png"],
      r"glue keeps images in its sub-folders \['batch1'\]"),
+    (["good/0.png", "ok/0.png", "scratch/0.png"], r"2 folders of normal images \(good/, ok/\), and only one is read"),
+    (["train/good/0.png", "train/ok/0.png", "test/good/0.png"], r"2 folders of normal images \(good/, ok/\)"),
 ])
 def test_images_in_sub_folders_of_a_class_are_refused_not_left_out(tmp_path, files, said):
     """Only a class folder's own images are read: defects in bad/broken/, goods in good/line2/ or a type's batch1/
-    were left out of the split (a set whose defects all lay deeper trained with no test split) without a word."""
+    were left out of the split (a set whose defects all lay deeper trained with no test split) without a word, and
+    of good/ and ok/ side by side only the first."""
     rng = np.random.default_rng(5)
     for name in files:
         _write(tmp_path / "part" / name, sample(rng, 64)[0])

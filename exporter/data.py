@@ -157,9 +157,8 @@ NOT_CLASSES = {*MASK_FOLDERS, TRUTH, "mask", "masks", "rgb", "xyz", "gt"}  # sub
 
 
 def _unread_below(folders: list[Path]) -> None:
-    """DatasetError when a class folder (or a folder beside them) keeps images in sub-folders: only a class folder's
-    own images are read, so ``test/glue/batch1/*.png``, ``good/line2/*.png`` or ``bad/broken/*.png`` were left out
-    of the split without a word."""
+    """DatasetError when a class folder keeps images in sub-folders: only a class folder's own images are read, so
+    ``test/glue/batch1/*.png`` or ``good/line2/*.png`` were left out of the split without a word."""
     for folder in folders:
         deeper = [d.name for d in entries(folder) if d.is_dir() and d.name.lower() not in NOT_CLASSES and images_under(d)]
         if deeper:

@@ -454,17 +454,23 @@ def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir):
     assert "bad" in (page.locator("#model-status").get_attribute("class") or "")
     expect(scope).to_contain_text(str(bundle_dir))  # the canary still runs
 
-    # Roll out to all (the default), then back; rolling back a camera's first canary drops its scope.
+    # Rolling back a camera's first canary drops its scope.
+    page.locator("#m-rollback").click()
+    expect(page.locator("#model-status")).to_contain_text("cam-b back on the default's", timeout=60_000)
+    expect(scope).to_have_count(0, timeout=15_000)  # the retained model topic no longer lists it
+
+    # A canary again, then rolled out to all: the canary ends (its camera follows the default), and one rollback
+    # takes every camera back.
     page.fill("#m-bundle", str(bundle_dir))
+    page.locator("#m-canary").click()
+    expect(scope).to_contain_text(str(bundle_dir), timeout=120_000)
     page.select_option("#m-camera", "")
     page.locator("#m-rollout").click()
     expect(page.locator("#model-status")).to_contain_text("default now runs", timeout=120_000)
+    expect(scope).to_have_count(0, timeout=15_000)
     page.locator("#m-rollback").click()
     expect(page.locator("#model-status")).to_contain_text("default back on", timeout=60_000)
     expect(page.locator("#model-status")).not_to_have_class("status bad")
     page.select_option("#m-camera", "cam-b")
-    page.locator("#m-rollback").click()
-    expect(page.locator("#model-status")).to_contain_text("cam-b back on the default's", timeout=60_000)
-    expect(scope).to_have_count(0, timeout=15_000)  # the retained model topic no longer lists it
     page.locator("#m-rollback").click()
     expect(page.locator("#model-status")).to_contain_text("refused: no previous model", timeout=60_000)

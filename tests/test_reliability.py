@@ -725,12 +725,15 @@ def test_requests_waiting_at_a_stop_are_each_answered(broker, bundle_dir, tmp_pa
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     wait_online(client, prefix)
-    reply = f"{prefix}/replies"
+    reply, reply_v3 = f"{prefix}/replies", f"{prefix}/replies-v3"
     for i in range(120):
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic, props.CorrelationData = reply, str(i).encode()
         client.client.publish(f"{prefix}/workers/w-test/control", json.dumps({"command": "reload"}), qos=1,
                               properties=props)
+        if i % 6 == 0:  # and a client without MQTT v5, naming its answer topic in the body
+            client.client.publish(f"{prefix}/workers/w-test/control",
+                                  json.dumps({"command": "reload", "reply_to": reply_v3}), qos=1)
     client.wait_for(lambda m: m.topic == reply)
     assert worker.stop() == 0
     answers = client.wait_for(lambda m: m.topic == reply, count=120)
@@ -740,4 +743,6 @@ def test_requests_waiting_at_a_stop_are_each_answered(broker, bundle_dir, tmp_pa
     assert len(by_request) == 120 and all(len(a) == 1 for a in by_request.values())
     refused = [a[0] for a in by_request.values() if not a[0]["ok"]]
     assert refused and {a["error"]["code"] for a in refused} == {"shutdown"}, refused[:3]
+    v3 = [json.loads(m.payload) for m in client.wait_for(lambda m: m.topic == reply_v3, count=20)]
+    assert {a["error"]["code"] for a in v3 if not a["ok"]} == {"shutdown"}, v3[:3]
     client.close()

@@ -10,6 +10,7 @@ next start instead of us dropping them.  Every thread is supervised
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -122,6 +123,13 @@ def _claim(key: str, folder: Path, owner: str) -> IO[str] | None:
     handle.write(owner + "\n")
     handle.flush()
     return handle
+
+
+def routed(msg: Inbound) -> Inbound:
+    """The request with its body's ``reply_to`` taken out and made its answer route where MQTT v5 gave none (the
+    property wins). RequestError for a ``reply_to`` that names no topic a reply can be published to."""
+    body, reply_to = split_reply_to(msg.payload)
+    return replace(msg, payload=body, response_topic=msg.response_topic or reply_to)
 
 
 class Worker:
@@ -308,11 +316,10 @@ class Worker:
                 warming[0] = self.labels.warm()
                 return
             try:
-                body, reply_to = split_reply_to(msg.payload)
+                msg = routed(msg)
             except RequestError as exc:  # answered on a v5 response topic if there is one, else logged
                 self._respond(msg, error_answer(exc.code, exc.message))
                 return
-            msg = replace(msg, payload=body, response_topic=msg.response_topic or reply_to)  # v5's property first
             current.append(msg)
             if msg.topic == self.topics.control:
                 answer = self.control(msg.payload)
@@ -424,10 +431,7 @@ class Worker:
         else would answer them, and serving them (reloads, labels) would hold the stop up; returns how many."""
         waiting = self.query_queue.drain()
         for msg in waiting:
-            try:
-                reply_to = split_reply_to(msg.payload)[1]
-            except RequestError:
-                reply_to = None
-            self._respond(replace(msg, response_topic=msg.response_topic or reply_to),
-                          error_answer(ErrorCode.SHUTDOWN, "the worker stopped before this request was served; ask again"))
+            with contextlib.suppress(RequestError):  # no body topic to answer on: the v5 one if any, else logged
+                msg = routed(msg)
+            self._respond(msg, error_answer(ErrorCode.SHUTDOWN, "the worker stopped before this request was served; ask again"))
         return len(waiting)

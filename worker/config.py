@@ -159,7 +159,8 @@ class LimitsConfig(_Section):
                                                     "then differs slightly from a full decode's (docs/benchmarks.md, \"large "
                                                     "frames decoded smaller\"); evidence and the capture sample keep the "
                                                     "frame as sent. false: always decode in full.")
-    dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries.")
+    dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries "
+                                "(the same id and captured_at; an id sent again with another time is a new frame).")
     queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies "
                                                                "to either).")
     recorder_max_records: int = Field(1000, ge=1, description="Logged frames waiting for the recorder; past this (or recorder_max_bytes) "

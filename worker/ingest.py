@@ -150,7 +150,7 @@ class Ingest:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.ids = FrameIds()
-        self._warned: set[tuple[str, str]] = set()  # (camera, field) whose unusable values were said once
+        self._warned: set[tuple[str, str]] = set()  # (camera, what) said once (first_time)
 
     def arrive(self, camera: str, user: dict[str, str], payload: bytes, received_ts: float) -> Arrival:
         """User properties win over envelope fields; generated fields are named in the result."""
@@ -176,14 +176,21 @@ class Ingest:
             generated.append("captured_at")
         return Arrival(fields, data, tuple(generated))
 
+    def first_time(self, camera: str, what: str) -> bool:
+        """True the first time ``what`` is asked about ``camera``: a camera's problem is said once, not per frame (the
+        memory of what was said is bounded; past it, nothing more is said)."""
+        if len(self._warned) >= 10_000 or (camera, what) in self._warned:
+            return False
+        self._warned.add((camera, what))
+        return True
+
     def check_clock(self, camera: str, captured_ts: float, received_ts: float) -> None:
         """Say once per camera that its frames are stamped in this box's future.  A camera that sends its local time
         without a UTC offset (Python's ``datetime.now().isoformat()``) is hours off, read as UTC, and retention
         (``store.max_age_h``), the history's time filters and the defect feed then place its frames hours away.  A
         frame stamped in the past may be a backlog (a broker's queue after an outage), so only the future is said."""
         ahead = captured_ts - received_ts
-        if ahead > AHEAD_S and len(self._warned) < 10_000 and (camera, "clock") not in self._warned:
-            self._warned.add((camera, "clock"))
+        if ahead > AHEAD_S and self.first_time(camera, "clock"):
             log.warning("camera %s stamps its frames %.2f h ahead of this box's clock: a local time sent without its UTC "
                         "offset (ISO-8601 without one is read as UTC), or a clock set wrong here or there; retention "
                         "(store.max_age_h), the history's time filters and the defect feed use captured_at as sent",
@@ -191,8 +198,7 @@ class Ingest:
 
     def _unusable(self, camera: str, field: str, fields: dict[str, str]) -> None:
         """Say once per camera and field that a value it sent is replaced (absent values are the policy's point)."""
-        if field in fields and len(self._warned) < 10_000 and (camera, field) not in self._warned:
-            self._warned.add((camera, field))
+        if field in fields and self.first_time(camera, field):
             log.warning("camera %s sends %s %r, which cannot be used: replaced by the worker's own (metadata: optional); "
                         "its results list it under generated", camera, field, str(fields[field])[:64])
 

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from worker.topics import Topics
 from worker.transport import Inbound, Transport
 from worker.wire import ErrorCode, FrameMetadata, iso, valid_id
 
+_UNSEEN = object()  # no frame remembered under this (camera, frame_id)
 log = logging.getLogger(__name__)
 
 __all__ = ["Frame", "Pipeline", "iso"]
@@ -82,7 +84,7 @@ class Pipeline:
         self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
         self._normal_seen: Counter = Counter()
         self._empty_level_said = False  # a frame topic without a camera level was reported (once: a misconfigured camera)
-        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, str], str | int | None] = OrderedDict()  # (camera, id): its mark
         self._lock = threading.Lock()
         self._query_lock = threading.Lock()
         self._query_requests: dict[Model, object] = {}
@@ -119,7 +121,7 @@ class Pipeline:
             self._fail(camera, props.get("frame_id"), exc.code, exc.message)
             return
         props, payload = arrival.fields, arrival.data
-        if "frame_id" not in arrival.generated and self._seen_before(camera, props.get("frame_id")):
+        if "frame_id" not in arrival.generated and self._seen_before(camera, props, payload, arrival.generated):
             # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
             self.stats.add(camera, "duplicates")
             log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
@@ -137,17 +139,27 @@ class Pipeline:
                            f"queue full ({self.queue.maxsize} frames or {self.queue.max_bytes} bytes); "
                            f"policy {self.queue.policy.value}", counter="dropped")
 
-    def _seen_before(self, camera: str, frame_id: str | None) -> bool:
-        """Remember the last ``limits.dedupe_window`` (camera, frame_id) pairs; True for a repeat."""
+    def _seen_before(self, camera: str, props: dict[str, str], payload: bytes, generated: tuple[str, ...]) -> bool:
+        """True for a redelivery of a frame among the last ``limits.dedupe_window`` (camera, frame_id) pairs: the
+        same id with the same ``captured_at`` as sent (the same bytes where the worker stamps the time).  The same id
+        with another is a camera that reuses ids (a frame counter that starts again at a reboot): a new frame, said
+        once per camera since a frame id names one stored frame."""
+        frame_id = props.get("frame_id")
         if not valid_id(frame_id):
             return False
-        key = (camera, frame_id)
+        key = (camera, str(frame_id))
+        mark = zlib.crc32(payload) if "captured_at" in generated else props.get("captured_at")
         with self._lock:
-            if key in self._recent:
-                return True
-            self._recent[key] = None
+            earlier = self._recent.pop(key, _UNSEEN)
+            self._recent[key] = mark
             if len(self._recent) > self.cfg.limits.dedupe_window:
                 self._recent.popitem(last=False)
+        if earlier == mark:
+            return True
+        if earlier is not _UNSEEN and self.ingest.first_time(camera, "frame_id reuse"):
+            log.warning("camera %s reuses frame ids (%r again, another frame): each is scored, but the history keeps "
+                        "one frame per camera and id, so the earlier frame's record and label are replaced; give "
+                        "frames ids that do not repeat (e.g. with the camera's boot time)", camera, frame_id)
         return False
 
     def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float,

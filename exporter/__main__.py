@@ -132,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
     training = read_manifest(Path(args.bundle), verify=False).training
     category = load_category(Path(args.data), args.category, int(training.get("seed", 0)))
-    category = category.without({category.base / p for p in training.get("validation_defects", [])})
+    category = category.without(training.get("validation_defects", []))
     metrics = evaluate_folder(Path(args.bundle), category, args.device, args.precision)
     text = json.dumps(metrics, indent=2)
     if args.json:

@@ -66,7 +66,7 @@ def _split(data: Path, category: str | None, seed: int, threshold: ThresholdChoi
     log.info("%s: %d train, %d held-out normals, %d held-out defects, %d test images", cat.name, len(train), len(val),
              len(val_defects), len(cat.test))
     record = {"data_layout": cat.layout, "test_split": cat.split, "seed": seed,
-              **({"validation_defects": [str(s.path.relative_to(cat.base)) for s in val_defects]} if val_defects else {})}
+              **({"validation_defects": [cat.recorded(s.path) for s in val_defects]} if val_defects else {})}
     return cat, train, val, val_defects, record
 
 

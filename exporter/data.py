@@ -41,6 +41,7 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PureWindowsPath
 from typing import Protocol
@@ -117,9 +118,14 @@ class Category:
         n_val = max(round(len(paths) * val_fraction), min(10, len(paths) // 4)) if len(paths) > 1 else 0
         return sorted(paths[n_val:]), sorted(paths[:n_val])
 
-    def without(self, paths: set[Path]) -> Category:
-        """The same data with these test images removed (held out for validation)."""
-        return replace(self, test=[s for s in self.test if s.path not in paths])
+    def recorded(self, path: Path) -> str:
+        """``path`` as the manifest records it, relative to :attr:`base` (a list's rows may lie above its folder)."""
+        return os.path.relpath(path, self.base)
+
+    def without(self, paths: Iterable[Path | str]) -> Category:
+        """The same data without these test images (held out for validation): paths, or as :meth:`recorded` names them."""
+        gone = {os.path.normpath(self.base / p) for p in paths}
+        return replace(self, test=[s for s in self.test if os.path.normpath(s.path) not in gone])
 
 
 def hidden(name: str) -> bool:

@@ -21,7 +21,8 @@ from exporter.export import input_spec
 from exporter import metrics
 from exporter.metrics import aupro, pixel_metrics
 from exporter.synthetic import DEFECTS, sample
-from exporter.thresholds import far_threshold, recall_threshold
+from exporter.build import _split
+from exporter.thresholds import ThresholdChoice, far_threshold, recall_threshold
 
 SPEC = input_spec(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -592,6 +593,8 @@ def test_visa_as_downloaded_reads_its_own_split_and_masks_per_object(tmp_path):
         load_category(split, "cashew")
     with pytest.raises(DatasetError, match="lists 2 objects \\(candle, pcb1\\).*pick one with --category"):
         load_category(split)
+    cat_pcb1, _, _, held, record = _split(split, "pcb1", 0, ThresholdChoice("recall", 0.9))  # defects held out to choose on
+    assert held and load_category(split, "pcb1").without(record["validation_defects"]).test == cat_pcb1.test
     folders = load_category(tmp_path / "VisA" / "candle" / "Data" / "Images")  # the folders alone: image labels
     assert folders.layout == "labelled folders" and {s.defect for s in folders.test} == {"good", "Anomaly"}
 

@@ -582,6 +582,13 @@ class Summary:
     unreadable: list[Path]
     in_both: list[tuple[Path, Path]] = field(default_factory=list)  # (test image, the training image it copies)
     wide_samples: list[Path] = field(default_factory=list)  # 32-bit or floating-point samples: not read as 8-bit BGR
+    # (mask, its size, its image's size as decoded for training) where the two differ: rescaled, or another shape
+    misfit_masks: list[tuple[Path, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
+        """Masks whose proportions are not their image's: stretched onto it, they mark other pixels."""
+        return [m for m in self.misfit_masks if abs(m[1][0] * m[2][1] - m[1][1] * m[2][0]) > 0.02 * m[1][0] * m[2][1]]
 
     def problems(self) -> list[str]:
         """Why the data cannot be trained on, each with how to fix it; empty when it can."""
@@ -600,6 +607,11 @@ class Summary:
             out.append(f"{len(self.wide_samples)} images have 32-bit or floating-point samples, which neither training "
                        f"nor the worker reads (it refuses them: unsupported_format): {shown}{more}; save them with 8- or "
                        "16-bit samples")
+        if bad := self.misshapen_masks:
+            mask, (mw, mh), (w, h) = bad[0]
+            out.append(f"{len(bad)} masks are not the shape of their image (e.g. {mask} is {mw}x{mh}, its image {w}x{h} as "
+                       "decoded, a JPEG's EXIF rotation applied): stretched onto it, they would mark other pixels; save "
+                       "each mask at its image's size and orientation")
         return out
 
     def text(self, n_fit: int, n_threshold: int, tiling: TilingSpec | None = None) -> str:
@@ -621,6 +633,9 @@ class Summary:
                          "each at the input size; a frame scores as its highest tile")
         elif self.sizes and (note := _stretch_note(*self.sizes.most_common(1)[0][0])):
             lines.append(note)
+        if rescaled := len(self.misfit_masks) - len(self.misshapen_masks):
+            lines.append(f"  note: {rescaled} masks are at another scale than their images (same proportions): "
+                         "resized to them")
         if self.in_both:
             test, train = self.in_both[0]
             lines.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
@@ -682,6 +697,12 @@ def summarise(category: Category) -> Summary:
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
         if image.dtype not in (np.uint8, np.uint16):  # read_image (IMREAD_COLOR) gets nothing from these
             wide.append(path)
-    masks = [file for s in category.test if s.mask is not None for file in mask_files(s.mask)]
-    unreadable += [file for file in masks if mask_pixels(file) is None]
-    return Summary(category, sizes, channels, depths, unreadable, in_both, wide)
+    misfit: list[tuple[Path, tuple[int, int], tuple[int, int]]] = []
+    for sample in category.test:
+        image = decoded(sample.path) if sample.mask is not None and sample.path not in unreadable else None
+        for file in mask_files(sample.mask) if sample.mask is not None else []:
+            if (mask := mask_pixels(file)) is None:
+                unreadable.append(file)
+            elif image is not None and mask.shape[:2] != image.shape[:2]:
+                misfit.append((file, (mask.shape[1], mask.shape[0]), (image.shape[1], image.shape[0])))
+    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, misfit)

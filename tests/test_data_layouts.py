@@ -486,6 +486,36 @@ def test_images_with_32_bit_samples_are_named_before_the_fit(tmp_path):
     assert "f.tif" in problems[0]
 
 
+def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
+    """Masks were stretched onto their image whatever their shape: a phone photo (a JPEG turned by its EXIF
+    orientation when decoded) with a mask of the stored pixels, or a mask saved turned, gave pixel figures against
+    the wrong pixels without a word.  A mask at another scale with the same proportions is resized, and said."""
+    from PIL import Image
+
+    rng = np.random.default_rng(8)
+    root = tmp_path / "part"
+    for i in range(8):
+        _write(root / "train" / "good" / f"{i}.png", sample(rng, 64)[0])
+    image, mask = sample(rng, 64, "hole")
+    wide, wide_mask = image[:48], mask[:48]  # 64 x 48
+    _write(root / "test" / "hole" / "0.png", wide)
+    _write(root / "ground_truth" / "hole" / "0_mask.png", wide_mask)
+    _write(root / "test" / "hole" / "1.png", wide)
+    _write(root / "ground_truth" / "hole" / "1_mask.png", cv2.resize(wide_mask, (32, 24), interpolation=cv2.INTER_NEAREST))
+    assert summarise(load_category(root)).problems() == []
+    assert "note: 1 masks are at another scale than their images" in summarise(load_category(root)).text(6, 2)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter when shown
+    Image.fromarray(wide).save(root / "test" / "hole" / "2.jpg", exif=exif.tobytes())
+    _write(root / "ground_truth" / "hole" / "2_mask.png", wide_mask)  # the stored pixels' mask
+    _write(root / "test" / "hole" / "3.png", wide)
+    _write(root / "ground_truth" / "hole" / "3_mask.png", np.ascontiguousarray(wide_mask.T))  # saved turned
+    problems = summarise(load_category(root)).problems()
+    assert len(problems) == 1 and problems[0].startswith("2 masks are not the shape of their image (e.g. "), problems
+    assert "2_mask.png is 64x48, its image 48x64 as decoded" in problems[0]
+
+
 def test_data_given_as_a_dot_is_named_after_the_folder_it_is(tmp_path, monkeypatch):
     """`--data ..` named the bundle `..-patchcore`, refused only when written after the whole fit; `--data .` made
     a bundle `-patchcore` of category ''."""

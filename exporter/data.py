@@ -48,6 +48,7 @@ from typing import Protocol
 
 import cv2
 import numpy as np
+from PIL import ExifTags, Image
 from pydantic import ValidationError
 
 from bundle import MAX_TILES, InputSpec, TilingSpec, jpeg_cut_short, prepare_image
@@ -669,6 +670,16 @@ def _counts(counter: dict) -> str:
     return ", ".join(f"{k} ({v})" for k, v in sorted(counter.items(), key=lambda kv: -kv[1])) or "-"
 
 
+def _turned(data: bytes) -> bool:
+    """Whether decoding for training turns this image a quarter (EXIF orientation 5 to 8: OpenCV's ``IMREAD_COLOR``
+    applies it, the summary's ``IMREAD_UNCHANGED`` does not)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    except Exception:  # not an image Pillow reads (or too large for it): OpenCV's own size stands
+        return False
+
+
 def summarise(category: Category) -> Summary:
     """Decode every image and mask as stored (IMREAD_UNCHANGED) to report sizes, channels and depth, and find bad files."""
     sizes: Counter = Counter()
@@ -692,7 +703,8 @@ def summarise(category: Category) -> Summary:
         if image is None:
             unreadable.append(path)
             continue
-        sizes[(image.shape[1], image.shape[0])] += 1
+        height, width = image.shape[:2]
+        sizes[(height, width) if _turned(data) else (width, height)] += 1
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
         if image.dtype not in (np.uint8, np.uint16):  # read_image (IMREAD_COLOR) gets nothing from these

@@ -511,7 +511,9 @@ def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     _write(root / "ground_truth" / "hole" / "2_mask.png", wide_mask)  # the stored pixels' mask
     _write(root / "test" / "hole" / "3.png", wide)
     _write(root / "ground_truth" / "hole" / "3_mask.png", np.ascontiguousarray(wide_mask.T))  # saved turned
-    problems = summarise(load_category(root)).problems()
+    summary = summarise(load_category(root))
+    assert summary.sizes == {(64, 64): 8, (64, 48): 3, (48, 64): 1}  # sizes as trained on: the JPEG turned
+    problems = summary.problems()
     assert len(problems) == 1 and problems[0].startswith("2 masks are not the shape of their image (e.g. "), problems
     assert "2_mask.png is 64x48, its image 48x64 as decoded" in problems[0]
 

@@ -143,7 +143,8 @@ def test_a_camera_that_restarts_its_frame_ids_is_still_inspected(running, datase
     """A camera whose frame counter starts again at a reboot sends ids it sent before: those frames were taken for
     QoS 1 redeliveries and dropped without a result for as long as the ids were remembered
     (``limits.dedupe_window``).  A redelivery repeats the frame's ``captured_at`` (or, where the worker stamps it,
-    its bytes); a reused id does not, is served, and the reuse is said once per camera."""
+    its bytes); a reused id does not, is served, and the reuse is said once per camera.  A frame refused (cut short
+    in transit) and sent again whole is no redelivery either."""
     prefix, client, worker = running
     good = _good(dataset)
     other = cv2.imencode(".png", cv2.flip(cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_COLOR), 1))[1].tobytes()
@@ -151,14 +152,17 @@ def test_a_camera_that_restarts_its_frame_ids_is_still_inspected(running, datase
     for n in (1, 2):
         client.publish_frame("strict", good, str(n), captured_at=str(boot + n))
     client.publish_frame("strict", good, "1", captured_at=str(boot + 1))  # a redelivery
+    client.publish_frame("strict", good[: len(good) // 2], "3", captured_at=str(boot + 3))  # cut short in transit
+    assert client.json_on(f"{prefix}/strict/error")[0]["frame_id"] == "3"
+    client.publish_frame("strict", good, "3", captured_at=str(boot + 3))  # sent again, whole: not a redelivery
     for n in (1, 2):  # after the reboot
         client.publish_frame("strict", good, str(n), captured_at=str(boot + 300 + n))
     client.publish_frame("loose", good, "7", captured_at=None)
     client.publish_frame("loose", good, "7", captured_at=None)  # a redelivery: stamped on arrival, same bytes
     client.publish_frame("loose", other, "7", captured_at=None)  # the id again, another frame
-    strict = client.json_on(f"{prefix}/strict/result", count=4)
+    strict = client.json_on(f"{prefix}/strict/result", count=5)
     assert sorted((r["frame_id"], round(datetime.fromisoformat(r["captured_at"]).timestamp() - boot)) for r in strict) \
-        == [("1", 1), ("1", 301), ("2", 2), ("2", 302)]
+        == [("1", 1), ("1", 301), ("2", 2), ("2", 302), ("3", 3)]
     assert len(client.json_on(f"{prefix}/loose/result", count=2)) == 2
     assert worker.stop() == 0
 
@@ -167,13 +171,14 @@ def test_a_camera_that_restarts_its_frame_ids_is_still_inspected(running, datase
             return False
         cams = json.loads(m.payload)["cameras"]
         return all(c in cams and cams[c]["received"] == n == cams[c]["processed"] + cams[c]["duplicates"]
-                   for c, n in (("strict", 5), ("loose", 3)))
+                   + cams[c]["errored"] for c, n in (("strict", 7), ("loose", 3)))
 
     counts = json.loads(client.wait_for(settled)[-1].payload)["cameras"]
-    assert (counts["strict"]["processed"], counts["strict"]["duplicates"]) == (4, 1), counts
+    assert (counts["strict"]["processed"], counts["strict"]["duplicates"]) == (5, 1), counts
     assert (counts["loose"]["processed"], counts["loose"]["duplicates"]) == (2, 1), counts
     said = [line for line in worker.output().splitlines() if "reuses frame ids" in line]
-    assert len(said) == 2 and "strict" in said[0] + said[1] and "loose" in said[0] + said[1], said
+    assert len(said) == 2 and "camera strict reuses frame ids ('1' again" in said[0] + said[1] \
+        and "camera loose reuses frame ids ('7' again" in said[0] + said[1], said
 
 
 def _b64(data: bytes) -> str:

@@ -121,7 +121,8 @@ class Pipeline:
             self._fail(camera, props.get("frame_id"), exc.code, exc.message)
             return
         props, payload = arrival.fields, arrival.data
-        if "frame_id" not in arrival.generated and self._seen_before(camera, props, payload, arrival.generated):
+        delivery = None if "frame_id" in arrival.generated else self._delivery(camera, props, payload, arrival.generated)
+        if delivery is not None and self._seen(*delivery):
             # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
             self.stats.add(camera, "duplicates")
             log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
@@ -131,6 +132,8 @@ class Pipeline:
         except FrameError as exc:
             self._fail(camera, props.get("frame_id"), exc.code, exc.message)
             return
+        if delivery is not None:
+            self._remember(*delivery)
         for dropped in self.queue.put(frame):
             if self.queue.closed:
                 self._fail(dropped.camera, dropped.frame_id, ErrorCode.SHUTDOWN, "the worker is stopping")
@@ -139,28 +142,34 @@ class Pipeline:
                            f"queue full ({self.queue.maxsize} frames or {self.queue.max_bytes} bytes); "
                            f"policy {self.queue.policy.value}", counter="dropped")
 
-    def _seen_before(self, camera: str, props: dict[str, str], payload: bytes, generated: tuple[str, ...]) -> bool:
-        """True for a redelivery of a frame among the last ``limits.dedupe_window`` (camera, frame_id) pairs: the
-        same id with the same ``captured_at`` as sent (the same bytes where the worker stamps the time).  The same id
-        with another is a camera that reuses ids (a frame counter that starts again at a reboot): a new frame, said
-        once per camera since a frame id names one stored frame."""
+    @staticmethod
+    def _delivery(camera: str, props: dict[str, str], payload: bytes,
+                  generated: tuple[str, ...]) -> tuple[tuple[str, str], str | int | None] | None:
+        """What tells a QoS 1 redelivery of a frame from another frame: its (camera, frame_id) and a mark, the
+        ``captured_at`` as sent (the bytes' checksum where the worker stamps the time); None without a usable id."""
         frame_id = props.get("frame_id")
         if not valid_id(frame_id):
-            return False
-        key = (camera, str(frame_id))
-        mark = zlib.crc32(payload) if "captured_at" in generated else props.get("captured_at")
+            return None
+        return (camera, str(frame_id)), zlib.crc32(payload) if "captured_at" in generated else props.get("captured_at")
+
+    def _seen(self, key: tuple[str, str], mark: str | int | None) -> bool:
+        """Whether this delivery is one of the last ``limits.dedupe_window`` frames accepted."""
+        with self._lock:
+            return self._recent.get(key, _UNSEEN) == mark
+
+    def _remember(self, key: tuple[str, str], mark: str | int | None) -> None:
+        """Remember an accepted frame.  The same id with another mark is a camera that reuses ids (a frame counter
+        that starts again at a reboot): a new frame, said once per camera since a frame id names one stored frame."""
         with self._lock:
             earlier = self._recent.pop(key, _UNSEEN)
             self._recent[key] = mark
             if len(self._recent) > self.cfg.limits.dedupe_window:
                 self._recent.popitem(last=False)
-        if earlier == mark:
-            return True
+        camera, frame_id = key
         if earlier is not _UNSEEN and self.ingest.first_time(camera, "frame_id reuse"):
             log.warning("camera %s reuses frame ids (%r again, another frame): each is scored, but the history keeps "
                         "one frame per camera and id, so the earlier frame's record and label are replaced; give "
                         "frames ids that do not repeat (e.g. with the camera's boot time)", camera, frame_id)
-        return False
 
     def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float,
                generated: tuple[str, ...] = ()) -> Frame:
@@ -184,6 +193,10 @@ class Pipeline:
         return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated)
 
     def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:
+        """Answer a frame that is not processed, and forget it was accepted: sent again (mended), it is served."""
+        if frame_id is not None:
+            with self._lock:
+                self._recent.pop((camera, frame_id), None)
         code = ErrorCode(code).value
         self.stats.add(camera, counter, code=code)
         body = {"code": code, "message": message, "frame_id": frame_id if valid_id(frame_id) else None,

@@ -28,7 +28,10 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 
 # TIFF: what machine-vision cameras save (often 16-bit grey), and what the exporter trains on; only its first page
 # is read. WebP: what some camera bridges and browsers send.
-FORMATS = {"JPEG": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
+# MPO: a JPEG carrying a second picture (a phone's HDR gain map, a stereo pair); its first is the photo, as OpenCV
+# and the exporter read it.
+FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
+REDUCED_HEADROOM = 2.0  # a frame decoded smaller still has twice the model's input on its shorter side
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
@@ -73,25 +76,29 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     if fmt not in FORMATS:
         raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")
     if fmt == "TIFF" and mode in ("F", "I"):  # OpenCV has no fixed way to 8 bits for these (was: corrupt_image)
-        raise FrameError("unsupported_format", f"TIFF with 32-bit {'floating-point' if mode == 'F' else 'integer'} "
-                                               "samples is not accepted (8- or 16-bit samples)")
+        raise FrameError("unsupported_format", f"TIFF with {'32-bit floating-point' if mode == 'F' else '32-bit or signed integer'} "
+                                               "samples is not accepted (8- or 16-bit unsigned samples)")
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     if width * height > max_pixels:
         raise FrameError("image_too_large", f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
-    if fmt == "JPEG" and jpeg_cut_short(data):
+    if FORMATS[fmt] == "jpeg" and jpeg_cut_short(data):
         raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
     return Header(FORMATS[fmt], width, height)
 
 
-def reduction(header: Header, width: int, height: int) -> int:
-    """The largest of 2, 4 and 8 by which a JPEG frame can be decoded and still cover ``width`` x ``height`` (the
-    model's input) on both sides, else 1.  libjpeg then scales while decoding, in the DCT domain, at a fraction
-    of a full decode's cost, and the smaller image needs a smaller resize; other formats decode in full.  The
-    shorter side must cover the longer one: the header's sides are before any EXIF rotation the decoder applies."""
+def reduction(header: Header, width: int, height: int, headroom: float = REDUCED_HEADROOM) -> int:
+    """The largest of 2, 4 and 8 by which a JPEG frame can be decoded and still cover ``headroom`` times ``width`` x
+    ``height`` (the model's input) on both sides, else 1.  libjpeg then scales while decoding, in the DCT domain, at
+    a fraction of a full decode's cost, and the smaller image needs a smaller resize; other formats decode in full.
+    The headroom keeps the last resize an average over several pixels, as from the full frame: resized from just
+    above the input's size, the model's input took another grid of pixels and scores moved with a direction
+    (docs/benchmarks.md, "Large frames decoded smaller").  The shorter side must cover the longer one: the header's
+    sides are before any EXIF rotation the decoder applies."""
     if header.format != "jpeg":
         return 1
-    return max((f for f in _REDUCED if min(header.width, header.height) // f >= max(width, height)), default=1)
+    need = headroom * max(width, height)
+    return max((f for f in _REDUCED if min(header.width, header.height) // f >= need), default=1)
 
 
 def decode(data: bytes, reduce: int = 1) -> np.ndarray:

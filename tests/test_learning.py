@@ -151,6 +151,40 @@ def test_a_label_withdrawn_leaves_every_extension_that_holds_it(learning, datase
     assert ask({"command": "rollback"}, topic="workers/w-test/control")["ok"]
     assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"
 
+def test_a_false_alarm_gone_from_the_history_can_still_be_withdrawn(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """Retention by age removes labelled frames too; the unlabel then answered unknown_frame while the frame's rows
+    went on making frames like it pass: a wrong false-alarm label could no longer be undone."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          store={"max_age_h": 0.006, "retention_every_s": 1})  # 21.6 s
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    marked = _marked(dataset)
+    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+    absorbed = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
+                      topic="label")["absorbed"]
+    assert absorbed["patches"] > 0, absorbed
+    for _ in range(200):  # until retention has taken the frame out of the history
+        found = _query(client, prefix, {"frame_id": "m-0", "camera": "cam1", "top_k": 1})
+        if not found["ok"]:
+            assert found["error"]["code"] in ("unknown_frame", "empty_store"), found
+            break
+        ticks = len(client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5))
+        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=ticks + 1)  # the next stats tick
+    else:
+        raise AssertionError("retention never took m-0")
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # the rows still serve
+    answer = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}, topic="label")
+    assert answer["ok"] and answer["released"]["patches"] == absorbed["patches"], answer
+    assert _score(client, prefix, marked, "m-2")["verdict"] == "anomalous"
+    gone = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}, topic="label")
+    assert gone["error"]["code"] == "unknown_frame", gone  # nothing left to withdraw
+    assert worker.stop() == 0
+    client.close()
+
+
 def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(learning, dataset):
     """The operator confirmed a dot as a defect; a later false-alarm label on the same dot must not teach it: the
     patches that keep the confirmed frame flagged, and every patch near them, are left out, and the dot stays

@@ -23,7 +23,7 @@ from worker.evidence import EvidenceStore
 from worker.learning import Learner
 from worker.query import serve_request
 from worker.recorder import StoreUnavailable
-from worker.store import Label, VectorStore
+from worker.store import Label, VectorStore, point_id
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,14 @@ class LabelService:
 
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)
+        if found is None and request.label is None and self.learner is not None:
+            # A false alarm's frame may be gone from the history (retention by age) while its rows still make frames
+            # like it pass: withdrawing it must still work, or a wrong label could not be undone.
+            released = self.learner.release(point_id(request.camera, request.frame_id), request.camera)
+            if released["patches"]:
+                return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": None,
+                        "defect_type": None, "released": released,
+                        "note": "the frame is no longer in the history; what it taught the model is withdrawn"}
         if found is None:
             raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
         pid, vector, payload = found

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -216,3 +217,62 @@ def test_store_errors_are_clear(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(StoreError, match=f"127.0.0.1:{port}.*refused"):
         VectorStore(StoreConfig(url=f"http://127.0.0.1:{port}"), DIM)
+
+
+# Embeddings of two sizes (a bundle swap) ------------------------------------------------------------------
+
+def _records(n: int, dim: int, start: int = 0) -> list[Record]:
+    """n records on camera a whose embeddings have ``dim`` dimensions (a bundle of that embedding size)."""
+    rng = np.random.default_rng(start)
+    return [Record(point_id("a", f"f{i}"), rng.normal(size=dim).astype(np.float32),
+                   {"frame_id": f"f{i}", "camera": "a", "captured_ts": NOW + i, "anomalous": False, "verdict": "normal"},
+                   np.zeros((32, 32, 3), np.uint8)) for i in range(start, start + n)]
+
+
+def _unreachable() -> VectorStore:
+    raise StoreError("the vector store is not reachable")
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll interval of an observable state, with a deadline
+    return check()
+
+
+def test_a_spooled_batch_of_another_vector_size_is_set_aside_and_replay_goes_on(tmp_path):
+    """A bundle of another embedding size served during an outage spooled batches the store can never take; the
+    first of them stopped every later batch (new frames too) until the spool overflowed.  It is set aside now."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    store = VectorStore(cfg, DIM)  # the history of the bundle of DIM-d embeddings
+    store.upsert([(r.key, r.vector, r.payload) for r in _records(2, DIM)])
+    store.close()
+
+    other = Recorder(_unreachable, evidence, cfg, spool, 16, Liveness(0))  # the other bundle, during an outage
+    other.start()
+    for rec in _records(3, DIM * 2, start=10):
+        other.submit(rec)
+    assert other.flush(20)
+    other.stop()
+    spooled = sorted(p.name for p in (tmp_path / "spool").glob("*.json"))
+    assert spooled and other.spool.points == 3
+
+    back = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    back.start()
+    try:
+        for rec in _records(5, DIM, start=20):
+            back.submit(rec)
+        assert back.flush(20)
+        assert _wait_for(lambda: back.written == 5 and len(back.spool) == 0), (back.written, len(back.spool))
+        assert back.spool.refused_batches == len(spooled) and back.spool.refused_points == 3
+        assert sorted(p.name for p in (tmp_path / "spool" / "refused").iterdir()) == spooled
+        with back.use_store() as opened:
+            assert opened.count() == 7 and opened.find("f24", "a") is not None and opened.find("f10", "a") is None
+    finally:
+        back.stop()
+    again = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    assert len(again.spool) == 0  # set aside for good: not read again at the next start
+    again.spool.push([(r.key, r.vector, r.payload) for r in _records(1, DIM, start=30)])
+    assert [int(p.stem) for p in (tmp_path / "spool").glob("*.json")] == [len(spooled)]  # no set-aside name reused

@@ -6,7 +6,9 @@ write fails, batches go to a bounded on-disk spool and are replayed in arrival
 order once the store answers again, so an outage delays history instead of losing
 it and inference never waits.  The spool survives restarts; a batch file that cannot
 be read (a crash mid-write, a full disk) is moved aside as ``*.corrupt`` and counted,
-so it can never stop the worker from starting or the spool from draining.
+so it can never stop the worker from starting or the spool from draining.  A batch the open store refuses
+for good (vectors of another size, spooled while another bundle served) is moved to ``refused/`` and counted, so
+it cannot hold up the batches behind it either.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
-from worker.store import StoreError, VectorStore
+from worker.store import BatchRefused, StoreError, VectorStore
 from worker.supervise import Liveness, StopLoop, supervised_loop
 
 log = logging.getLogger(__name__)
 
 Point = tuple[str, np.ndarray, dict]
+REFUSED = "refused"  # the spool's sub-folder of batches the store refused for good
 
 
 class StoreUnavailable(Exception):
@@ -62,6 +65,8 @@ class Spool:
             tmp.unlink()
         self.dropped_points = 0
         self.corrupt_batches = 0
+        self.refused_batches = 0
+        self.refused_points = 0
         self._files: list[Path] = []
         self._counts: dict[Path, int] = {}
         for path in sorted(self.folder.glob("*.json")):
@@ -69,7 +74,8 @@ class Spool:
             if points is not None:
                 self._files.append(path)
                 self._counts[path] = len(points)
-        last = max((int(p.stem) for p in self.folder.glob("*.*") if p.stem.isdigit()), default=-1)
+        named = [*self.folder.glob("*.*"), *(self.folder / REFUSED).glob("*.json")]  # a new batch never takes a set-aside name
+        last = max((int(p.stem) for p in named if p.stem.isdigit()), default=-1)
         self._seq = last + 1
 
     def _read(self, path: Path) -> list[dict] | None:
@@ -129,6 +135,28 @@ class Spool:
         self._files.remove(path)
         self._counts.pop(path, None)
         path.unlink(missing_ok=True)
+
+    def set_aside(self, path: Path, reason: str) -> None:
+        """Move a batch the store refuses for good to ``refused/``: kept for a store of its vector size, out of the
+        way of the batches behind it.  The first one is explained in the log; all are counted."""
+        self._files.remove(path)
+        points = self._counts.pop(path, 0)
+        self.refused_batches += 1
+        self.refused_points += points
+        target = self.folder / REFUSED / path.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            path.replace(target)
+        except OSError as exc:  # left where it is: refused again after a restart, still never blocking
+            log.error("could not move refused spool batch %s to %s (%s)", path.name, target.parent, exc)
+        if self.refused_batches == 1:
+            log.error("spool batch %s (%d points) cannot be written to this store: %s. It was spooled while a bundle "
+                      "of another embedding size served; it and any like it are moved to %s and counted "
+                      "(spool_refused_batches), and replay goes on. Such points fit only a collection of their size: "
+                      "move the files into the spool.path of a worker serving one, or delete them",
+                      path.name, points, reason, target.parent)
+        else:
+            log.debug("spool batch %s refused by the store (%s): moved to %s", path.name, reason, target.parent)
 
     def _enforce(self) -> None:
         total = sum(p.stat().st_size for p in self._files)
@@ -232,6 +260,8 @@ class Recorder:
                 return False
             try:
                 self.store.upsert(points)
+            except BatchRefused:
+                raise  # not an outage: the caller sets the batch aside
             except Exception as exc:
                 log.warning("vector store write of %d points failed (%s); spooling", len(points), exc)
                 self._next_try = time.monotonic() + self.retry_s
@@ -240,13 +270,17 @@ class Recorder:
         return True
 
     def _replay(self) -> None:
-        """Write spooled batches oldest first; stop at the first failure."""
+        """Write spooled batches oldest first; stop at the first outage, set aside a batch the store refuses for good."""
         if time.monotonic() < self._next_try or not self._try_open():
             return
         while (item := self.spool.oldest()) is not None:
             path, points = item
-            if not self._upsert(points):
-                return
+            try:
+                if not self._upsert(points):
+                    return
+            except BatchRefused as exc:
+                self.spool.set_aside(path, str(exc))
+                continue
             self.spool.remove(path)
             log.info("replayed %d spooled points (%d batches left)", len(points), len(self.spool))
 

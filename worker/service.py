@@ -347,6 +347,7 @@ class Worker:
             "spool_batches": len(self.recorder.spool),
             "spool_dropped_points": self.recorder.spool.dropped_points,
             "spool_corrupt_batches": self.recorder.spool.corrupt_batches,
+            "spool_refused_batches": self.recorder.spool.refused_batches,
             "recorder_dropped": self.recorder.dropped,
             "recorder_lost": self.recorder.lost,
             "evidence_frames": len(self.evidence),

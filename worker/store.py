@@ -60,6 +60,10 @@ class StoreError(Exception):
     """The store cannot be opened or reached, or does not fit this model (e.g. another embedding size)."""
 
 
+class BatchRefused(StoreError):
+    """Points of another vector size than the open store holds: no retry can write them there, unlike an outage."""
+
+
 def dense(vector: object) -> list[float]:
     """A point's vector as this store keeps it: one unnamed dense vector (the engines' types also allow named,
     multi and sparse vectors, and none)."""
@@ -210,6 +214,7 @@ class VectorStore:
 
     def __init__(self, cfg: StoreConfig, dim: int, client: QdrantClient | None = None) -> None:
         self.cfg = cfg
+        self.dim = dim  # the collection's vector size: an open store holds vectors of this size only
         self._lock = threading.Lock()  # the recorder thread writes, query threads read
         self._next_retention = 0.0
         try:
@@ -250,8 +255,15 @@ class VectorStore:
             raise StoreError(f"vector store {what} failed: {_said(exc)}") from exc
 
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
-        if items:
-            self._call("write", self.engine.upsert, items)
+        """Write points; :class:`BatchRefused` (before any is written) where one has another size than the store's,
+        which both engines refuse for good: the recorder must set such a batch aside, not retry it."""
+        if not items:
+            return
+        sizes = sorted({int(np.size(vec)) for _, vec, _ in items} - {self.dim})
+        if sizes:
+            raise BatchRefused(f"{'/'.join(map(str, sizes))}-d vectors, but collection {self.cfg.collection!r} "
+                               f"holds {self.dim}-d ones")
+        self._call("write", self.engine.upsert, items)
 
     def search(self, vector: np.ndarray, top_k: int, filters: Filters, exclude: str | None = None) -> list[Hit]:
         hits = self._call("search", self.engine.search, np.asarray(vector, np.float32), top_k, filters, exclude)

@@ -21,7 +21,7 @@ from worker.evidence import EvidenceStore
 from worker.query import QueryService
 from worker.supervise import Liveness
 from worker.recorder import Record, Recorder
-from worker.store import Filters, StoreError, VectorStore, point_id
+from worker.store import Filters, StoreError, StoreMismatch, VectorStore, point_id
 
 DIM = 16
 NOW = 1_800_000_000.0
@@ -276,3 +276,56 @@ def test_a_spooled_batch_of_another_vector_size_is_set_aside_and_replay_goes_on(
     assert len(again.spool) == 0  # set aside for good: not read again at the next start
     again.spool.push([(r.key, r.vector, r.payload) for r in _records(1, DIM, start=30)])
     assert [int(p.stem) for p in (tmp_path / "spool").glob("*.json")] == [len(spooled)]  # no set-aside name reused
+
+
+def test_a_store_of_another_embedding_size_is_said_once_answered_and_not_spooled(tmp_path, caplog):
+    """Restarting on a bundle of another embedding size than the collection's was taken for an outage: the same
+    warning every spool.retry_s, every frame spooled for a store that can never take it, queries told the store was
+    "not reachable".  Now inspection goes on, the cause is said once and answered, and nothing is spooled."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    store = VectorStore(cfg, DIM)
+    store.upsert([(r.key, r.vector, r.payload) for r in _records(2, DIM)])
+    store.close()
+    opened: list[int] = []
+
+    def open_store() -> VectorStore:
+        opened.append(1)
+        return VectorStore(cfg, DIM * 2)
+
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(open_store, evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        assert recorder.store_error is not None and f"{DIM}-d" in recorder.store_error
+        for rec in _records(6, DIM * 2, start=10):
+            recorder.submit(rec)
+        assert recorder.flush(20)
+        assert recorder.unrecorded == 6 and len(recorder.spool) == 0 and len(evidence) == 0
+        assert _wait_for(lambda: len(opened) >= 3)  # tried again...
+        said = [r for r in caplog.records if r.name == "worker.recorder" and r.levelname in ("WARNING", "ERROR")]
+        assert len(said) == 1 and "store.collection" in said[0].getMessage()  # ...but said once
+        answer = _ask(QueryService(recorder.use_store, evidence, _embed, max_top_k=10), frame_id="f10", camera="a")
+        message = answer["error"]["message"]
+        assert answer["error"]["code"] == "store_unavailable" and "not reachable" not in message
+        assert all(s in message for s in ("'frames'", f"{DIM}-d", f"{DIM * 2}-d", "store.collection")), message
+
+        (tmp_path / "store" / "frames").rename(tmp_path / "store" / "frames-old")  # the way out without a restart
+        assert _wait_for(lambda: recorder.store is not None)
+        assert recorder.store_error is None
+        for rec in _records(3, DIM * 2, start=20):
+            recorder.submit(rec)
+        assert recorder.flush(20)
+        assert _wait_for(lambda: recorder.written == 3)
+    finally:
+        recorder.stop()
+
+
+def test_a_server_collection_of_another_size_is_a_mismatch_not_an_outage():
+    """The server engine says the same (qdrant-client's local mode stands in for a server: none can run here)."""
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(location=":memory:")
+    VectorStore(StoreConfig(path=None), DIM, client=client)
+    with pytest.raises(StoreMismatch, match=rf"'frames' holds vectors of another size \({DIM}-d\).*store.collection.*serve a bundle of {DIM}-d"):
+        VectorStore(StoreConfig(path=None), DIM * 2, client=client)

@@ -26,13 +26,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logging.getLogger().setLevel(cfg.worker.log_level)
     from worker.service import Worker  # imports OpenVINO/Qdrant only once the config is valid
-    from worker.store import StoreError
 
-    try:
-        worker = Worker(cfg)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # The store is not opened here: one that is down is an outage (spooled), one of another embedding size is said
+    # and answered while inspection goes on (worker/recorder.py); results are the worker's main job.
+    worker = Worker(cfg)
     stop = threading.Event()
     # SIGHUP too (a terminal or ssh session that closes): by default it ends the process at once, and the frames in
     # its queue, already acknowledged to the broker, would be lost with it

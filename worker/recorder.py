@@ -8,7 +8,9 @@ it and inference never waits.  The spool survives restarts; a batch file that ca
 be read (a crash mid-write, a full disk) is moved aside as ``*.corrupt`` and counted,
 so it can never stop the worker from starting or the spool from draining.  A batch the open store refuses
 for good (vectors of another size, spooled while another bundle served) is moved to ``refused/`` and counted, so
-it cannot hold up the batches behind it either.
+it cannot hold up the batches behind it either.  A store whose collection holds vectors of another size than the
+served model's is no outage: no retry writes there, so nothing is spooled for it (the frames are counted as not
+recorded) and its cause, with what to do, is said once and answered to queries.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
-from worker.store import BatchRefused, StoreError, VectorStore
+from worker.store import BatchRefused, StoreError, StoreMismatch, VectorStore
 from worker.supervise import Liveness, StopLoop, supervised_loop
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,8 @@ class Recorder:
         self.liveness = liveness
         self.dropped = 0
         self.lost = 0  # records neither stored nor spooled (the evidence or the spool could not be written)
+        self.unrecorded = 0  # records not kept because the store holds vectors of another size (store_error)
+        self.store_error: str | None = None  # why the store can never take this model's points, while it cannot
         self.written = 0
         self._store_lock = threading.Lock()
         self._next_try = 0.0
@@ -221,6 +225,8 @@ class Recorder:
         """The open store, for readers (queries); serialised with writes."""
         with self._store_lock:
             if self.store is None:
+                if self.store_error is not None:
+                    raise StoreUnavailable(f"{self.store_error}; until then frames are inspected but not recorded")
                 raise StoreUnavailable("the vector store is not reachable; embeddings are being spooled")
             yield self.store
 
@@ -247,12 +253,23 @@ class Recorder:
                 return True
             try:
                 self.store = self._open_store()
-                log.info("vector store available")
-                return True
-            except Exception as exc:
-                log.warning("vector store unavailable (%s); spooling, next try in %.0f s", exc, self.retry_s)
+            except StoreMismatch as exc:  # said once (again only if the cause changes), tried quietly on
                 self._next_try = time.monotonic() + self.retry_s
+                if str(exc) != self.store_error:
+                    log.error("%s. Inspection goes on; frames are not recorded in the history (counted as "
+                              "recorder_unrecorded) until the store fits, tried again every %g s", exc, self.retry_s)
+                self.store_error = str(exc)
                 return False
+            except Exception as exc:
+                self._next_try = time.monotonic() + self.retry_s
+                self.store_error = None
+                log.warning("vector store unavailable (%s); spooling, next try in %.0f s", exc, self.retry_s)
+                return False
+            if self.store_error is not None:
+                log.warning("the vector store fits the served model now: frames are recorded again")
+            self.store_error = None
+            log.info("vector store available")
+            return True
 
     def _upsert(self, points: list[Point]) -> bool:
         with self._store_lock:
@@ -330,10 +347,16 @@ class Recorder:
         try:
             if batch:
                 try:
-                    points = self._prepare(batch)
-                    # Order is kept: while anything is spooled, new batches queue behind it.
-                    if len(self.spool) or not self._upsert(points):
-                        self.spool.push(points)
+                    if self.store_error is not None and self.store is None:  # spooled, they would never be written
+                        self.unrecorded += len(batch)
+                    else:
+                        points = self._prepare(batch)
+                        # Order is kept: while anything is spooled, new batches queue behind it.
+                        if len(self.spool) or not self._upsert(points):
+                            self.spool.push(points)
+                except BatchRefused as exc:  # not expected (the store opened for this model's size): never spooled
+                    self.unrecorded += len(batch)
+                    log.error("the vector store refused a batch of %d for good (%s); not recorded", len(batch), exc)
                 except Exception as exc:  # an OSError is e.g. a full disk (neither the evidence nor the spool takes it)
                     self.lost += len(batch)
                     log.error("recorder could not write a batch of %d (%s: %s); it is lost (%d records so far)",
@@ -344,6 +367,8 @@ class Recorder:
                 self._next_try = 0.0  # last chance before exit; what is left stays spooled on disk
             if len(self.spool):
                 self._replay()
+            elif self.store_error is not None and time.monotonic() >= self._next_try:
+                self._try_open()  # e.g. the collection's folder moved aside: a new history without a restart
             self._retain()
         finally:
             if batch is None:

@@ -15,6 +15,7 @@ path; retention (count and age) runs on that thread too (:meth:`VectorStore.reta
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -58,6 +59,28 @@ def point_id(camera: str, frame_id: str) -> str:
 
 class StoreError(Exception):
     """The store cannot be opened or reached, or does not fit this model (e.g. another embedding size)."""
+
+
+class StoreMismatch(StoreError):
+    """The collection holds vectors of another size than the served model makes: unlike an outage no retry opens
+    it for this model; a new ``store.collection`` or a bundle of the collection's size does."""
+
+
+def mismatch(where: str, held: int | None, dim: int) -> str:
+    """What a :class:`StoreMismatch` says: the collection, both sizes and the two ways out."""
+    sizes = f"another size ({held}-d)" if held is not None else "another size"
+    bundle = f"a bundle of {held}-d embeddings" if held is not None else "a bundle of the collection's embedding size"
+    return (f"{where} holds vectors of {sizes} than the served model's {dim}-d embeddings: set store.collection to "
+            f"a new name (a new history) or serve {bundle}")
+
+
+def _edge_size(folder: Path) -> int | None:
+    """The vector size an embedded collection was created with (its ``edge_config.json``); None where unreadable,
+    and the engine's own load then decides."""
+    try:
+        return int(json.loads((folder / "edge_config.json").read_text())["vectors"][""]["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class BatchRefused(StoreError):
@@ -130,12 +153,15 @@ class _Edge:
                                  hnsw_config=index, optimizers=optimizers, wal_enabled=True)
         self.hnsw = hnsw
         if folder.is_dir() and any(folder.iterdir()):
+            where = f"collection {folder.name!r} at {folder}"
+            held = _edge_size(folder)  # checked before loading: the recorder tries again every spool.retry_s
+            if held is not None and held != dim:
+                raise StoreMismatch(mismatch(where, held, dim))
             try:
                 self.shard = edge.EdgeShard.load(str(folder), config)
             except Exception as exc:
                 if "vector size" in str(exc):
-                    raise StoreError(f"{folder} holds vectors of another size than this model's {dim}-d: "
-                                     f"set store.collection to a new name ({exc})") from exc
+                    raise StoreMismatch(f"{mismatch(where, None, dim)} ({exc})") from exc
                 raise
         else:
             self.shard = edge.EdgeShard.create(str(folder), config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreError, dense
+from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, dense, mismatch
 
 
 def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
@@ -38,11 +38,10 @@ class ServerEngine:
         else:
             vectors = client.get_collection(collection).config.params.vectors
             if not isinstance(vectors, models.VectorParams):  # named vectors (a dict), or none
-                raise StoreError(f"collection {collection!r} does not hold one unnamed vector per point: "
-                                 "set store.collection to a new name")
+                raise StoreMismatch(f"collection {collection!r} does not hold one unnamed vector per point: "
+                                    "set store.collection to a new name")
             if vectors.size != dim:
-                raise StoreError(f"collection {collection!r} holds {vectors.size}-d vectors, this model makes {dim}-d: "
-                                 "set store.collection to a new name")
+                raise StoreMismatch(mismatch(f"collection {collection!r}", vectors.size, dim))
 
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
         points = [models.PointStruct(id=pid, vector=vec.tolist(), payload=payload) for pid, vec, payload in items]

@@ -90,7 +90,8 @@ def test_control_and_learning_endpoints_refuse_bad_input_before_asking_the_worke
              "/api/models/rollback")  # bodies no request can be: refused as the worker refuses them, never a 500
     bad += [(path, body) for path in posts for body in (deep, '{"a": ' + deep + "}", huge, "[]")]
     for path, body in bad:
-        answer = http.post(path, content=body if isinstance(body, str) else json.dumps(body))
+        answer = http.post(path, content=body if isinstance(body, str) else json.dumps(body),
+                           headers={"Content-Type": "application/json"})
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", (path, body[:40], answer.text)
 
 
@@ -187,6 +188,56 @@ def test_a_cameras_tile_keeps_its_newest_frame_when_results_arrive_out_of_order(
         client.close()
         assert console.stop() == 0, console.log_path.read_text()[-2000:]
     assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
+def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
+    """A page on another site can POST a text/plain "form" to the console (no CORS preflight) with the operator's
+    login: it absorbed a false alarm. Changes are taken only as JSON from the console's own origin."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, console={"port": port})
+    client = Client(broker.port, prefix)
+    worker = WorkerProcess(config, tmp_path / "worker.log")
+    console = None
+    try:
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online", 60)
+        frame_id, data = _frames(dataset)[1][0]
+        client.publish_frame("cam-a", data, frame_id)
+        assert client.json_on(f"{prefix}/cam-a/result")[0]["verdict"] == "anomalous"
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
+                        and json.loads(m.payload)["store_written"] >= 1, timeout=30)
+        console = ConsoleProcess(config, tmp_path / "console.log", port)
+        body = json.dumps({"frame_id": frame_id, "camera": "cam-a", "label": "false_alarm", "defect_type": None,
+                           "note": "x"}).encode()
+
+        def post(path: str, headers: dict[str, str]) -> tuple[int, dict]:
+            try:
+                reply = urllib.request.urlopen(urllib.request.Request(f"{console.url}{path}", body, headers), timeout=30)
+                return reply.status, json.loads(reply.read())
+            except urllib.error.HTTPError as refused:
+                return refused.code, json.loads(refused.read())
+
+        form = {"Content-Type": "text/plain", "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+        for path in ("/api/labels", "/api/models/rollback", "/api/models/reload", "/api/labels/unlabel"):
+            status, answer = post(path, form)
+            assert status == 403 and "cross-site request refused" in answer["error"]["message"], (path, answer)
+        assert post("/api/labels", {"Content-Type": "application/json", "Origin": "http://evil.example"})[0] == 403
+        assert post("/api/labels", {"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"})[0] == 403
+        status, answer = post("/api/labels", {"Content-Type": "text/plain", "Origin": console.url})
+        assert status == 415 and "application/json" in answer["error"]["message"], answer
+        assert post("/api/labels", {})[0] == 415
+        with ApiClient(load_config(config), "test") as api:
+            assert api.label({"action": "export", "format": "json"})["labels"] == []  # refused before the worker
+        status, answer = post("/api/labels", {"Content-Type": "application/json; charset=utf-8", "Origin": console.url,
+                                              "Sec-Fetch-Site": "same-origin"})
+        assert status == 200 and answer["ok"] and answer["label"] == "false_alarm", answer
+        with ApiClient(load_config(config), "test") as api:
+            labels = api.label({"action": "export", "format": "json"})["labels"]
+        assert [(r["frame_id"], r["label"]) for r in labels] == [(frame_id, "false_alarm")]
+    finally:
+        if console is not None:
+            assert console.stop() == 0, console.log_path.read_text()[-2000:]
+        assert worker.stop() == 0, worker.output()[-2000:]
+        client.close()
 
 
 def _frames(dataset: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:

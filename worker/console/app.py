@@ -20,6 +20,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -56,6 +57,53 @@ class BasicAuth:
                     scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _netloc(url: str) -> str:
+    """host[:port] of a URL, lower case; "" for one that is not a URL (``Origin: null`` too)."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return ""
+
+
+class SameOriginJson:
+    """Refuses a state-changing request (any method but GET/HEAD/OPTIONS) that another site's page could send.
+
+    A cross-site ``<form>`` or ``fetch`` without a preflight can POST ``text/plain`` to the console with the
+    operator's basic auth (or just on loopback), labelling frames or reloading models: such a request must come
+    from the console's own origin (``Origin``, ``Sec-Fetch-Site``) and carry ``Content-Type: application/json``,
+    which a cross-site page cannot send without a CORS preflight the console never grants.
+    """
+
+    SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in self.SAFE:
+            refusal = self.refusal(dict(scope["headers"]))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def refusal(headers: dict[bytes, bytes]) -> Response | None:
+        """The answer to a request the console must not act on, or None.  The origin is compared by host and port
+        (the ``Host`` the browser sent): behind a TLS proxy the scheme differs from the console's own."""
+        site = headers.get(b"sec-fetch-site", b"").decode(errors="replace").lower()
+        origin = headers.get(b"origin", b"").decode(errors="replace")
+        host = headers.get(b"host", b"").decode(errors="replace").lower()
+        if site not in ("", "same-origin", "none") or (origin and (not host or _netloc(origin) != host)):
+            return _error(403, "forbidden", f"cross-site request refused (Origin {origin or 'absent'}, Sec-Fetch-Site "
+                                            f"{site or 'absent'}): the console takes changes only from its own page")
+        kind = headers.get(b"content-type", b"").decode(errors="replace").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return _error(415, "unsupported_media_type",
+                          f"send the body as Content-Type: application/json, not {kind or 'none'}")
+        return None
 
 
 class Broadcaster:
@@ -294,6 +342,7 @@ def create_app(cfg: Config) -> Starlette:
         Route("/api/models/rollback", rollback, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)
+    app.add_middleware(SameOriginJson)
     if cfg.console.username is not None and cfg.console.password is not None:  # both or neither (ConsoleConfig)
         app.add_middleware(BasicAuth, username=cfg.console.username,
                            password=cfg.console.password.get_secret_value())

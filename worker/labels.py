@@ -32,6 +32,17 @@ EXPORT_FIELDS = ("frame_id", "camera", "captured_at", "score", "verdict", "label
                  "labelled_at", "model_version")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
+
+
+def csv_cell(value: object) -> object:
+    """A value as a CSV cell a spreadsheet shows rather than runs: a text starting like a formula (a camera picks its
+    own frame ids; notes are typed by anyone with the console) gets a leading ``'`` (OWASP's CSV injection advice)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class SetLabel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["set"]
@@ -154,6 +165,6 @@ class LabelService:
             out = io.StringIO()
             writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)  # JSON keeps the values as they are
             answer["csv"] = out.getvalue()
         return answer

@@ -95,7 +95,23 @@ def test_control_and_learning_endpoints_refuse_bad_input_before_asking_the_worke
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", (path, body[:40], answer.text)
 
 
-def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
+def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
+    """It answered an empty feed, as if no defect had been seen in the window."""
+    from starlette.testclient import TestClient
+
+    from worker.console.app import create_app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {bundle: b}\n")
+    http = TestClient(create_app(load_config(config)))  # no lifespan, no broker: the feed is the console's own
+    refused = http.get("/api/defects", params={"since": "2026-12-04T00:00:00Z", "until": "2026-12-03T00:00:00Z"})
+    assert refused.status_code == 400 and refused.json()["error"] == {
+        "code": "bad_request", "message": "since (2026-12-04T00:00:00Z) is after until (2026-12-03T00:00:00Z)"}
+    ordered = http.get("/api/defects", params={"since": "2026-12-03T00:00:00Z", "until": "2026-12-03T00:00:00Z"})
+    assert ordered.status_code == 200 and ordered.json() == {"ok": True, "frames": []}
+
+
+
     static = ROOT / "worker" / "console" / "static"
     for name in ("index.html", "app.js", "app.css"):
         text = (static / name).read_text()

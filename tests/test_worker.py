@@ -218,9 +218,15 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset):
         ({"image_b64": base64.b64encode(b"garbage").decode()}, "bad_image"),
         ({"frame_id": frame_id, "image_b64": "AAAA"}, "bad_request"),
         ({"frame_id": frame_id, "top_k": 1000}, "bad_request"),
+        ({"frame_id": frame_id, "top_k": "3"}, "bad_request"),  # strict: read as 3 before
+        ({"frame_id": frame_id, "top_k": True}, "bad_request"),  # read as 1
+        ({"frame_id": frame_id, "include_heatmaps": "no"}, "bad_request"),
+        ({"frame_id": frame_id, "filters": {"since": "2026-12-04T00:00:00Z", "until": "2026-12-03T00:00:00Z"}},
+         "bad_request"),  # answered ok with no hits
     ]:
         reply = _query(client, prefix, request)
         assert reply["ok"] is False and reply["error"]["code"] == code, reply
+    assert "since (2026-12-04T00:00:00Z) is after filters.until (2026-12-03T00:00:00Z)" in reply["error"]["message"]
 
     # The CLI goes through the same request/response API.
     cli = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", frame_id,
@@ -231,6 +237,10 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset):
     missing = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", "nope",
                               "--top-k", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert missing.returncode == 1 and "unknown_frame" in missing.stderr
+    backwards = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", frame_id,
+                                "--since", "2099-01-01", "--until", "2000-01-01"], capture_output=True, text=True,
+                               timeout=60, cwd=ROOT)
+    assert backwards.returncode == 1 and "bad_request" in backwards.stderr and "is after filters.until" in backwards.stderr
 
 
 def test_labels_round_trip_into_the_store_and_export(running, dataset):

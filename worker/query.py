@@ -33,7 +33,7 @@ R = TypeVar("R", bound=BaseModel)  # the request model serve_request validates a
 class QueryFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cameras: list[str] = Field(default_factory=list, max_length=1000)
-    anomalous_only: bool = False
+    anomalous_only: bool = Field(False, strict=True)
     since: str | float | None = None
     until: str | float | None = None
 
@@ -43,6 +43,8 @@ class QueryFilters(BaseModel):
             until = parse_timestamp(self.until) if self.until is not None else None
         except ValueError as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, f"filters.since/until: {exc}") from None
+        if since is not None and until is not None and since > until:  # answered ok with no hits, as if none matched
+            raise RequestError(ErrorCode.BAD_REQUEST, f"filters.since ({self.since}) is after filters.until ({self.until})")
         return Filters(tuple(self.cameras), self.anomalous_only, since, until)
 
 
@@ -51,9 +53,9 @@ class QueryRequest(BaseModel):
     frame_id: str | None = Field(None, max_length=MAX_ID_LENGTH)
     camera: str | None = Field(None, max_length=MAX_ID_LENGTH, description="Camera of frame_id, when frame ids repeat across cameras.")
     image_b64: str | None = None
-    top_k: int = Field(5, ge=1)
+    top_k: int = Field(5, ge=1, strict=True)  # strict: "3", 3.0 and true are refused, not read as a number
     filters: QueryFilters = QueryFilters()
-    include_heatmaps: bool = True
+    include_heatmaps: bool = Field(True, strict=True)
 
     @model_validator(mode="after")
     def _one_source(self) -> QueryRequest:

@@ -209,6 +209,8 @@ def create_app(cfg: Config) -> Starlette:
             return _error(400, "bad_request", str(exc))
         if limit < 1:  # a negative one cut the newest frames off the end instead
             return _error(400, "bad_request", f"limit must be at least 1, not {limit}")
+        if since is not None and until is not None and since > until:  # else an empty feed, as if nothing matched
+            return _error(400, "bad_request", f"since ({q['since']}) is after until ({q['until']})")
         return JSONResponse({"ok": True, "frames": hub.defect_feed(q.get("camera") or None, since, until, limit)})
 
     async def _ask(call, body: dict, timeout: float | None = None) -> Response:

@@ -154,8 +154,8 @@ class LimitsConfig(_Section):
                                                      "(one thread per core). The inference threads already work on frames "
                                                      "in parallel, and a pool on top spends CPU that inference needs.")
     reduced_decode: bool = Field(True, description="Decode a JPEG frame at 1/2, 1/4 or 1/8 of its size (libjpeg scales "
-                                                    "while decoding, at a fraction of the cost) when that still covers the "
-                                                    "model's input; not for cameras with an roi or tiles. The model's input "
+                                                    "while decoding, at a fraction of the cost) when that still leaves twice "
+                                                    "the model's input; not for cameras with an roi or tiles. The model's input "
                                                     "then differs slightly from a full decode's (docs/benchmarks.md, \"large "
                                                     "frames decoded smaller\"); evidence and the capture sample keep the "
                                                     "frame as sent. false: always decode in full.")

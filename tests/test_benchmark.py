@@ -231,3 +231,18 @@ def test_the_throughput_rig_counts_a_frame_on_its_result_when_no_heatmap_is_publ
         rig.close()
     sent = {f"t-{i}" for i in range(6)}
     assert out["errors"] == 0 and rig.complete == rig.without_heatmap == sent
+
+
+def test_reduced_decode_benchmark_compares_each_headroom_with_a_full_decode(dataset, bundle_dir):
+    """benchmarks.reduced_decode end to end: a row per frame size and headroom; a full decode ("inf") is the exporter's
+    own reading, so it changes nothing."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.reduced_decode", "--bundle", str(bundle_dir), "--data",
+                           str(dataset), "--category", "weave", "--sizes", "560x560,700x500"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| frame")]
+    assert [(r[0], r[1]) for r in rows] == [(size, h) for size in ("560 x 560", "700 x 500") for h in ("1", "2", "inf")]
+    assert all(r[2] == "1/1" and r[4] == "0.00 % / 0.00 %" and r[6].startswith("0 / ") for r in rows if r[1] == "inf")
+    assert rows[0][2] == "1/4" and rows[1][2] == "1/2", rows  # 560 px for a 128 px model: to 140 px, or to 280
+    assert "OpenVINO f32" in proc.stdout

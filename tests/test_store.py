@@ -321,6 +321,35 @@ def test_a_store_of_another_embedding_size_is_said_once_answered_and_not_spooled
         recorder.stop()
 
 
+def test_a_store_folder_deleted_while_the_worker_runs_is_made_again(tmp_path, caplog):
+    """``rm -rf`` of the collection while the worker ran: the engine went on writing to files no longer on disk,
+    queries kept answering, and after the next start the history since was gone, said only as a failed close."""
+    import shutil
+
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        for rec in _records(2, DIM):
+            recorder.submit(rec)
+        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 2)
+        shutil.rmtree(tmp_path / "store" / "frames")
+        for rec in _records(3, DIM, start=10):
+            recorder.submit(rec)
+        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 5 and len(recorder.spool) == 0)
+        with recorder.use_store() as opened:
+            assert opened.count() == 3 and opened.find("f12", "a") is not None
+    finally:
+        recorder.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "worker.recorder" and r.levelname == "ERROR"]
+    assert len(said) == 1 and "is gone (deleted or moved away" in said[0], said
+    reopened = VectorStore(cfg, DIM)  # what the next start reads
+    assert reopened.count() == 3
+    reopened.close()
+
+
 def test_a_server_collection_of_another_size_is_a_mismatch_not_an_outage():
     """The server engine says the same (qdrant-client's local mode stands in for a server: none can run here)."""
     from qdrant_client import QdrantClient

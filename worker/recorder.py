@@ -30,7 +30,7 @@ from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
-from worker.store import BatchRefused, StoreError, StoreMismatch, VectorStore
+from worker.store import BatchRefused, StoreError, StoreGone, StoreMismatch, VectorStore
 from worker.supervise import Liveness, StopLoop, supervised_loop
 
 log = logging.getLogger(__name__)
@@ -279,12 +279,26 @@ class Recorder:
                 self.store.upsert(points)
             except BatchRefused:
                 raise  # not an outage: the caller sets the batch aside
+            except StoreGone as exc:  # opened again at once: a new collection, which the spool then fills
+                log.error("%s: a new one is made there and this batch and the next are written to it", exc)
+                self._let_go()
+                return False
             except Exception as exc:
                 log.warning("vector store write of %d points failed (%s); spooling", len(points), exc)
                 self._next_try = time.monotonic() + self.retry_s
                 return False
         self.written += len(points)
         return True
+
+    def _let_go(self) -> None:
+        """Close a store whose folder is gone (its engine may fail to flush there) so the next turn opens it anew."""
+        store, self.store = self.store, None
+        self._next_try = 0.0
+        if store is not None:
+            try:
+                store.close()
+            except StoreError as exc:
+                log.debug("closing the store whose folder is gone: %s", exc)
 
     def _replay(self) -> None:
         """Write spooled batches oldest first; stop at the first outage, set aside a batch the store refuses for good."""

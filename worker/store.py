@@ -83,6 +83,11 @@ def _edge_size(folder: Path) -> int | None:
         return None
 
 
+class StoreGone(StoreError):
+    """The embedded collection's folder vanished while open (deleted or moved away): the engine would go on writing
+    to files no longer there, and the history since would be missing at the next start without a word."""
+
+
 class BatchRefused(StoreError):
     """Points of another vector size than the open store holds: no retry can write them there, unlike an outage."""
 
@@ -180,6 +185,8 @@ class _Edge:
                              f"{need / 2**20:.0f} MB needed (store.min_free_mb): free some space")
 
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
+        if not self.folder.is_dir():
+            raise StoreGone(f"the collection's folder {self.folder} is gone (deleted or moved away while the worker ran)")
         self._room("write")
         points = [edge.Point(uuid.UUID(pid), vec.astype(np.float32).tolist(), payload) for pid, vec, payload in items]
         self.shard.update(edge.UpdateOperation.upsert_points(points))

@@ -59,7 +59,8 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
         "device": bundle.device_name,
         "images": len(samples),
         "threshold": threshold,
-        "image_f1": round(float(f1_score(labels, predicted, zero_division=0)), 4),
+        # undefined without a defect image (no true positive can exist): not 0, which reads as a model that missed all
+        "image_f1": round(float(f1_score(labels, predicted, zero_division=0)), 4) if any(labels) else None,
         "seconds": round(elapsed, 2),
     }
     if both_classes:

@@ -94,10 +94,11 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], 
         p = r["parity"]
         seed = f"{r['seed_image_auroc']:.3f}" if r["seed_image_auroc"] is not None else "n/a"
         aupro = f"{r['aupro']:.4f}" if r.get("aupro") is not None else "n/a"
+        f1 = f"{r['image_f1']:.4f}" if r.get("image_f1") is not None else "n/a"
         lines.append(
             f"| {r['model']} | {r['category']} | {_mark(r.get('image_auroc'), TARGETS['image_auroc'])} "
             f"| {_mark(r.get('pixel_auroc'), TARGETS['pixel_auroc'])} "
-            f"| {aupro} | {r['image_f1']:.4f} | {seed} "
+            f"| {aupro} | {f1} | {seed} "
             f"| {r['train_s']:.0f} | {r['bundle_bytes'] / 1e6:.1f} "
             f"| {p['max_relative_score_difference']:.1e} (tol {p['score_rtol']:g}), {'yes' if p['same_verdicts'] else 'NO'} |"
         )

@@ -220,6 +220,21 @@ def test_evaluate_command_writes_metrics(bundle_dir, dataset, tmp_path):
     assert set(metrics["detection_rate"]) == {"good", "hole", "scratch", "smear"}
 
 
+def test_a_test_split_of_good_images_only_has_no_f1(bundle_dir, dataset):
+    """Without a defect image F1 is undefined (no true positive can exist); it was reported 0.0, which reads as a
+    model that missed every defect.  The false-alarm rate stands (detection_rate of good)."""
+    from dataclasses import replace
+
+    from exporter.data import load_category
+    from exporter.evaluate import evaluate_folder
+
+    category = load_category(dataset, "weave")
+    good = evaluate_folder(bundle_dir, replace(category, test=[s for s in category.test if not s.label]))
+    assert good["image_f1"] is None and "image_auroc" not in good and set(good["detection_rate"]) == {"good"}
+    defects = evaluate_folder(bundle_dir, replace(category, test=[s for s in category.test if s.label]))
+    assert defects["image_f1"] > 0 and "good" not in defects["detection_rate"]
+
+
 def test_train_reports_a_clear_error_for_a_bad_data_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(tmp_path), "--category", "nope",
                            "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=ROOT)

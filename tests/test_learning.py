@@ -151,6 +151,27 @@ def test_a_label_withdrawn_leaves_every_extension_that_holds_it(learning, datase
     assert ask({"command": "rollback"}, topic="workers/w-test/control")["ok"]
     assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"
 
+def test_a_frame_labelled_or_asked_about_as_soon_as_its_result_arrives_is_found(broker, bundle_dir, dataset, tmp_path,
+                                                                                 worker_factory):
+    """The recorder writes in batches (``store.flush_s``): a client that labelled or queried a frame as soon as its
+    result arrived (a PLC, a script) was answered unknown_frame.  It now waits for the frames on their way."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, store={"flush_s": 3})
+    client = Client(broker.port, prefix)
+    worker_factory(config)
+    wait_online(client, prefix)
+    _score(client, prefix, (dataset / "weave" / "test" / "good" / "001.png").read_bytes(), "p-0")
+    labelled = _query(client, prefix, {"action": "set", "frame_id": "p-0", "camera": "cam1", "label": "confirmed_defect"},
+                      topic="label")
+    assert labelled["ok"] and labelled["label"] == "confirmed_defect", labelled
+    _score(client, prefix, (dataset / "weave" / "test" / "good" / "002.png").read_bytes(), "p-1")
+    found = _query(client, prefix, {"frame_id": "p-1", "camera": "cam1", "top_k": 1})
+    assert found["ok"], found
+    missing = _query(client, prefix, {"frame_id": "never-sent", "camera": "cam1", "top_k": 1})
+    assert missing["error"]["code"] == "unknown_frame", missing
+    client.close()
+
+
 def test_a_false_alarm_gone_from_the_history_can_still_be_withdrawn(broker, bundle_dir, dataset, tmp_path, worker_factory):
     """Retention by age removes labelled frames too; the unlabel then answered unknown_frame while the frame's rows
     went on making frames like it pass: a wrong false-alarm label could no longer be undone."""

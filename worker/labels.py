@@ -82,8 +82,11 @@ def _confirmed(store: VectorStore) -> list[dict]:
 
 class LabelService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]],
-                 evidence: EvidenceStore | None = None, learner: Learner | None = None) -> None:
+                 evidence: EvidenceStore | None = None, learner: Learner | None = None,
+                 settle: Callable[[], object] | None = None) -> None:
+        """``settle`` waits for the frames on their way to the store (worker/query.py ``serve_request``)."""
         self.use_store = use_store
+        self.settle = settle
         self.evidence = evidence
         self.learner = learner
 
@@ -105,7 +108,7 @@ class LabelService:
                 request = SetLabel(action="set", frame_id=request.frame_id, camera=request.camera, label=None)
             return self.set(request, store)
 
-        return serve_request(payload, pick, self.use_store, handle)
+        return serve_request(payload, pick, self.use_store, handle, self.settle)
 
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)

@@ -356,15 +356,7 @@ class Pipeline:
             if anomalous:
                 self.stats.add(frame.camera, "anomalous")
 
-        self.link.publish(self.topics.result(frame.camera), json.dumps(result),
-                          properties=publish_properties({"frame_id": frame.frame_id}, "application/json"),
-                          accepted=counted)
-        self.stats.observe(latency_ms)
-        if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
-            cropped_by_roi = override is not None and override.roi is not None
-            self.capture.offer(frame.camera, point_id(frame.camera, frame.frame_id), cropped,
-                               lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
-        if logged:
+        if logged:  # before the result leaves: a label or query sent on seeing it finds the frame on its way (settle)
             files = {}
             if anomalous:
                 files["frame"] = (frame.fmt, frame.data)
@@ -374,6 +366,14 @@ class Pipeline:
             payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=manifest.name,
                            model_version=manifest.version, embedding_space=embedding_space_of(manifest))
             self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files))
+        self.link.publish(self.topics.result(frame.camera), json.dumps(result),
+                          properties=publish_properties({"frame_id": frame.frame_id}, "application/json"),
+                          accepted=counted)
+        self.stats.observe(latency_ms)
+        if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
+            cropped_by_roi = override is not None and override.roi is not None
+            self.capture.offer(frame.camera, point_id(frame.camera, frame.frame_id), cropped,
+                               lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
 
     def embed(self, data: bytes) -> np.ndarray:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request); a bundle trained on

@@ -70,15 +70,24 @@ def _b64(data: bytes | None) -> str | None:
 
 def serve_request(payload: bytes, pick: Callable[[object], type[R]],
                   use_store: Callable[[], AbstractContextManager[VectorStore]],
-                  handle: Callable[[R, VectorStore], dict]) -> dict:
+                  handle: Callable[[R, VectorStore], dict], settle: Callable[[], object] | None = None) -> dict:
     """Parse and validate one JSON request (``pick`` chooses its model) and answer it against the store.
 
     Shared by queries and labels, so both report bad requests and an unavailable store the same way;
     never raises: a store that fails mid-request answers ``store_unavailable``, anything else ``internal_error``.
+    A frame not found is looked for once more after ``settle`` (the recorder's frames on their way are written):
+    a client that asks about a frame as soon as its result arrives would otherwise beat the recorder's batch.
     """
     try:
         raw = decode_json(payload)
         request = validate(pick(raw), raw)
+        try:
+            with use_store() as store:
+                return handle(request, store)
+        except RequestError as exc:
+            if settle is None or exc.code not in (ErrorCode.UNKNOWN_FRAME, ErrorCode.EMPTY_STORE):
+                raise
+        settle()  # with the store let go: the recorder takes it to write
         with use_store() as store:
             return handle(request, store)
     except (StoreUnavailable, StoreError) as exc:
@@ -93,9 +102,11 @@ def serve_request(payload: bytes, pick: Callable[[object], type[R]],
 class QueryService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]], evidence: EvidenceStore,
                  embed: Callable[[bytes], np.ndarray], max_top_k: int,
-                 image_space: Callable[[], str] | None = None) -> None:
-        """``embed`` turns an uploaded image into a vector of the space ``image_space()`` names."""
+                 image_space: Callable[[], str] | None = None, settle: Callable[[], object] | None = None) -> None:
+        """``embed`` turns an uploaded image into a vector of the space ``image_space()`` names; ``settle`` waits for
+        the frames on their way to the store (:func:`serve_request`)."""
         self.image_space = image_space
+        self.settle = settle
         self.use_store = use_store
         self.evidence = evidence
         self.embed = embed
@@ -104,7 +115,7 @@ class QueryService:
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request payload; never raises, errors come back as ``{"ok": false, "error": ...}``."""
         started = time.monotonic()
-        answer = serve_request(payload, lambda raw: QueryRequest, self.use_store, self.answer)
+        answer = serve_request(payload, lambda raw: QueryRequest, self.use_store, self.answer, self.settle)
         answer["took_ms"] = round((time.monotonic() - started) * 1000, 1)
         return answer
 

@@ -194,6 +194,8 @@ class Recorder:
         self._store_lock = threading.Lock()
         self._next_try = 0.0
         self._outstanding = 0  # submitted records not yet written, spooled or dropped
+        self._submitted = 0  # records submitted so far, and of them settled (written, spooled, dropped or lost): the
+        self._finished = 0  # queue is first in, first out, so the first ``_finished`` are settled
         self._done = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
@@ -205,6 +207,7 @@ class Recorder:
     def submit(self, record: Record) -> None:
         with self._done:
             self._outstanding += 1
+            self._submitted += 1
         dropped = self.queue.put(record)
         if dropped:
             self.dropped += len(dropped)
@@ -214,6 +217,7 @@ class Recorder:
     def _settled(self, n: int) -> None:
         with self._done:
             self._outstanding -= n
+            self._finished += n
             self._done.notify_all()
 
     @property
@@ -231,9 +235,11 @@ class Recorder:
             yield self.store
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every record submitted so far is written, spooled or dropped (not merely dequeued)."""
+        """Wait until every record submitted so far is written, spooled or dropped (not merely dequeued); records
+        submitted meanwhile are not waited for, so a steady stream of frames cannot hold it up."""
         with self._done:
-            return self._done.wait_for(lambda: self._outstanding <= 0, timeout)
+            target = self._submitted
+            return self._done.wait_for(lambda: self._finished >= target, timeout)
 
     def stop(self, timeout: float = 10) -> None:
         self.queue.close()
@@ -252,7 +258,7 @@ class Recorder:
             if self.store is not None:
                 return True
             try:
-                self.store = self._open_store()
+                store = self._open_store()
             except StoreMismatch as exc:  # said once (again only if the cause changes), tried quietly on
                 self._next_try = time.monotonic() + self.retry_s
                 if str(exc) != self.store_error:
@@ -267,7 +273,8 @@ class Recorder:
                 return False
             if self.store_error is not None:
                 log.warning("the vector store fits the served model now: frames are recorded again")
-            self.store_error = None
+            self.store_error = None  # before the store: whoever sees it open (stats, tests) sees no error with it
+            self.store = store
             log.info("vector store available")
             return True
 

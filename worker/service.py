@@ -167,9 +167,9 @@ class Worker:
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness,
                                  self.capture)
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
-                                    lambda: embedding_space_of(self.models.default.bundle.manifest))
+                                    lambda: embedding_space_of(self.models.default.bundle.manifest), self._settle)
         self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
-        self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner)
+        self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
         self.query_queue: BoundedQueue[Inbound] = BoundedQueue(
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
@@ -334,6 +334,11 @@ class Worker:
                 self._respond(current[0], error_answer(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
 
         supervised_loop(self.liveness, self.query_thread.name, step, answer_error)
+
+    def _settle(self) -> None:
+        """Wait for the frames on their way to the store: one asked about as soon as its result arrived may wait in the
+        recorder's batch for up to ``store.flush_s``."""
+        self.recorder.flush(min(self.cfg.store.flush_s + 1, 5))
 
     def stats_payload(self) -> dict:
         return {

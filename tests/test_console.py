@@ -111,7 +111,7 @@ def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
     assert ordered.status_code == 200 and ordered.json() == {"ok": True, "frames": []}
 
 
-
+def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
     static = ROOT / "worker" / "console" / "static"
     for name in ("index.html", "app.js", "app.css"):
         text = (static / name).read_text()

@@ -78,13 +78,16 @@ def test_admission_without_a_broker(pipeline, dataset):
     for value in ("nan", "inf", "1e25", "-1e20"):
         p.on_frame(_frame("cam", f"t-{value}", png, captured_at=value))
     p.on_frame(_frame("cam", "x/y", png))
+    for path_step in (".", ".."):  # folded away in the console's image URLs, as browsers and HTTP clients do
+        p.on_frame(_frame("cam", path_step, png))
     p.on_frame(Inbound("inspect/cam/frame", png, 1, {"frame_id": "m"}))
     p.on_frame(_frame("cam", "mismatch", png, camera_id="other"))
     codes = [json.loads(m.payload)["code"] for m in transport.on("inspect/cam/error")]
-    assert codes == ["bad_metadata"] * 5 + ["missing_metadata", "camera_mismatch"]
+    assert codes == ["bad_metadata"] * 7 + ["missing_metadata", "camera_mismatch"]
     assert len(p.queue) == 0
-    p.on_frame(_frame("cam", "good", png))
-    assert len(p.queue) == 1
+    for fine in ("good", "...", ".hidden"):
+        p.on_frame(_frame("cam", fine, png))
+    assert len(p.queue) == 3
 
 
 

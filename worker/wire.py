@@ -102,9 +102,10 @@ def _epoch_seconds(number: float) -> float:
 
 
 def valid_id(value: object) -> TypeGuard[str]:
-    """A frame or camera id we can echo and use in keys: 1..128 printable characters without '/'."""
+    """A frame or camera id we can echo and use in keys and URLs: 1..128 printable characters without '/', and not
+    '.' or '..', which browsers and HTTP clients fold away as path steps (the console's image URLs)."""
     return (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()
-            and "/" not in value)
+            and "/" not in value and value not in (".", ".."))
 
 
 class RequestError(Exception):
@@ -232,7 +233,7 @@ class FrameMetadata(BaseModel):
     @classmethod
     def _id(cls, v: str) -> str:
         if not valid_id(v):
-            raise ValueError(f"must be 1..{MAX_ID_LENGTH} printable characters without '/'")
+            raise ValueError(f"must be 1..{MAX_ID_LENGTH} printable characters without '/', not '.' or '..'")
         return v
 
     @field_validator("captured_at")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -204,6 +205,31 @@ def test_a_false_alarm_gone_from_the_history_can_still_be_withdrawn(broker, bund
     assert gone["error"]["code"] == "unknown_frame", gone  # nothing left to withdraw
     assert worker.stop() == 0
     client.close()
+
+
+def test_a_false_alarm_whose_id_a_camera_reused_can_still_be_withdrawn(learning, dataset):
+    """A camera that starts its frame ids again (a reboot) replaces the stored record of a labelled false alarm with
+    its new frame: the unlabel then read no false-alarm label there and left the rows in the extension for good."""
+    prefix, client, worker, config, start = learning
+    marked = _marked(dataset)
+    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+    absorbed = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
+                      topic="label")["absorbed"]
+    assert absorbed["patches"] > 0, absorbed
+    client.publish_frame("cam1", (dataset / "weave" / "test" / "good" / "001.png").read_bytes(), "m-0",
+                         captured_at=str(time.time() + 60))  # the camera rebooted: the same id, another frame
+    for _ in range(200):  # until the new frame's record replaced the labelled one (no label left to export)
+        labels = _query(client, prefix, {"action": "export", "format": "json"}, topic="label")["labels"]
+        if not labels:
+            break
+        ticks = len(client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5))
+        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=ticks + 1)
+    else:
+        raise AssertionError(f"the reused id's frame never replaced the stored one: {labels}")
+    answer = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}, topic="label")
+    assert answer["ok"] and answer["released"]["patches"] == absorbed["patches"], answer
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"  # the rows are gone
 
 
 def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(learning, dataset):

@@ -141,8 +141,11 @@ class LabelService:
                                   request.camera, request.frame_id)
             if request.label == "false_alarm":
                 answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, _confirmed(store))
-            elif was_false_alarm:
-                answer["released"] = self.learner.release(pid, request.camera)
+            else:  # an extension may hold rows of this id while the stored frame says otherwise: a camera that
+                # reused the id replaced the false alarm's record, so its label can no longer say what to release
+                released = self.learner.release(pid, request.camera)
+                if was_false_alarm or released["patches"]:
+                    answer["released"] = released
         return answer
 
     def warm(self) -> bool:

@@ -734,6 +734,13 @@ def test_requests_waiting_at_a_stop_are_each_answered(broker, bundle_dir, tmp_pa
         if i % 6 == 0:  # and a client without MQTT v5, naming its answer topic in the body
             client.client.publish(f"{prefix}/workers/w-test/control",
                                   json.dumps({"command": "reload", "reply_to": reply_v3}), qos=1)
+        if i == 60:  # response topics no answer may go to: a wildcard (paho raised, and the stop ended in an abort),
+            # and the API's own topics (a client could make the worker post a result or a command it may not write)
+            for nowhere in ("answers/+/x", f"{prefix}/cam/result", f"{prefix}/workers/w-test/control", f"{prefix}/label"):
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = nowhere
+                client.client.publish(f"{prefix}/workers/w-test/control", json.dumps({"command": "status"}), qos=1,
+                                      properties=props)
     client.wait_for(lambda m: m.topic == reply)
     assert worker.stop() == 0
     answers = client.wait_for(lambda m: m.topic == reply, count=120)
@@ -745,4 +752,7 @@ def test_requests_waiting_at_a_stop_are_each_answered(broker, bundle_dir, tmp_pa
     assert refused and {a["error"]["code"] for a in refused} == {"shutdown"}, refused[:3]
     v3 = [json.loads(m.payload) for m in client.wait_for(lambda m: m.topic == reply_v3, count=20)]
     assert {a["error"]["code"] for a in v3 if not a["ok"]} == {"shutdown"}, v3[:3]
+    stopped = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
+    assert stopped and not [m for m in client.messages if m.topic in (f"{prefix}/cam/result", f"{prefix}/label")
+                            or (m.topic == f"{prefix}/workers/w-test/control" and b'"ok"' in m.payload)]
     client.close()

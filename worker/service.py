@@ -44,7 +44,7 @@ from worker.store import VectorStore
 from worker.supervise import DeadMansSwitch, Liveness, StopLoop, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound
-from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, split_reply_to, validate
+from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
 
 EXIT_STUCK = 3
 
@@ -178,6 +178,7 @@ class Worker:
         self._next_watch = time.monotonic() + cfg.model.watch_s
         self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
         self.accepting = True
+        self._unanswerable = 0  # requests whose answer had no topic to go to (logged, the first few)
         self.link.on_message = self._route
         self.link.on_connected = self._announce
 
@@ -268,17 +269,28 @@ class Worker:
             self.pipeline.on_frame(msg)
 
     def _respond(self, msg: Inbound, answer: dict) -> None:
+        """Publish a request's answer on its response topic; one it cannot go to (none, a wildcard or ``$``-topic,
+        one of the API's own topics) is logged instead, the first few and then every hundredth."""
         topic = msg.response_topic
-        if not topic:
-            log.log(logging.INFO if answer.get("ok") else logging.WARNING,
-                    "request on %s without response_topic: %s", msg.topic, json.dumps(answer)[:300])
+        why = ("without a response topic" if not topic else
+               f"naming response topic {topic[:200]!r}, which no answer can be published to" if not publishable(topic) else
+               f"naming response topic {topic!r}, one of the API's own (frames, results, requests, workers)"
+               if self.topics.of_the_api(topic) else None)
+        if why is not None or topic is None:
+            self._unanswerable += 1
+            if self._unanswerable <= 3 or self._unanswerable % 100 == 0:
+                log.log(logging.INFO if answer.get("ok") else logging.WARNING, "request on %s %s (%d such so far): %s",
+                        msg.topic, why, self._unanswerable, json.dumps(answer)[:300])
             return
         reply = publish_properties(content_type="application/json", correlation=msg.correlation)
         try:
             self.link.publish(topic, json.dumps(answer), properties=reply, qos=1)
         except PacketTooLarge as exc:
             error = error_answer(ErrorCode.RESPONSE_TOO_LARGE, f"{exc}; ask for fewer hits")
-            self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
+            try:
+                self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
+            except PacketTooLarge as again:  # its correlation data alone is too large: nothing can answer it
+                log.warning("request on %s not answered: %s", msg.topic, again)
 
     def _watch_bundles(self) -> None:
         """``model.watch_s``: reload each scope whose bundle changed on disk.  On the request thread, so a watched
@@ -441,5 +453,9 @@ class Worker:
         for msg in waiting:
             with contextlib.suppress(RequestError):  # no body topic to answer on: the v5 one if any, else logged
                 msg = routed(msg)
-            self._respond(msg, error_answer(ErrorCode.SHUTDOWN, "the worker stopped before this request was served; ask again"))
+            try:
+                self._respond(msg, error_answer(ErrorCode.SHUTDOWN, "the worker stopped before this request was served; "
+                                                "ask again"))
+            except Exception:  # the stop goes on whatever one answer does
+                log.exception("answering a request waiting at the stop failed")
         return len(waiting)

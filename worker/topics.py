@@ -71,6 +71,17 @@ class Topics:
     def control(self) -> str:
         return self._worker("control")
 
+    def of_the_api(self, topic: str) -> bool:
+        """Whether ``topic`` is one of the API's own: any camera's frame, result, heatmap or error, a request topic,
+        any worker's.  A request's answer is never published there: it would pose as a frame, a result, a command
+        or a worker's state, on a topic the asking client may not be allowed to write itself."""
+        head, parts = self.prefix.split("/"), topic.split("/")
+        if parts[: len(head)] != head:
+            return False
+        rest = parts[len(head):]
+        return ((len(rest) == 2 and rest[1] in ("frame", "result", "heatmap", "error")) or rest in (["query"], ["label"])
+                or rest[:1] == ["workers"])
+
     def camera_of(self, topic: str) -> str | None:
         """The camera id in a frame topic, or None when the topic is not ``<prefix>/<camera>/frame``."""
         head, sep, rest = topic.partition(self.prefix + "/")

@@ -167,7 +167,7 @@ REPLY_TO = "reply_to"  # a request's answer topic, for MQTT 3.1.1 clients: they 
 MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 
 
-def _publishable(topic: object) -> TypeGuard[str]:
+def publishable(topic: object) -> TypeGuard[str]:
     """A topic name a message can be published to: UTF-8, no wildcard or NUL, not a broker ``$``-topic."""
     if not (isinstance(topic, str) and topic and not topic.startswith("$") and not set(topic) & {"+", "#", "\0"}):
         return False
@@ -192,7 +192,7 @@ def split_reply_to(payload: bytes) -> tuple[bytes, str | None]:
     if not isinstance(raw, dict) or REPLY_TO not in raw:
         return payload, None
     topic = raw.pop(REPLY_TO)
-    if not _publishable(topic):
+    if not publishable(topic):
         raise RequestError(ErrorCode.BAD_REQUEST, f"{REPLY_TO} must be a topic to publish to (no wildcards, no "
                                                   f"$-topic), not {json.dumps(topic)[:200]}")
     return json.dumps(raw).encode(), topic

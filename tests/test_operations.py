@@ -73,8 +73,51 @@ def test_shared_subscription_balances_and_survives_a_worker_kill(broker, bundle_
     results = client.json_on(f"{prefix}/cam/result", count=30, timeout=180)
     assert sorted(r["frame_id"] for r in results) == [f"b{i:03d}" for i in range(30)]
     assert {r["worker"] for r in results} == {"w1", "w2"}
-    for w in workers[1:]:
+
+    # A clean stop of a member while a camera streams: the frames the broker sent it after the stop began were left
+    # unacknowledged, and lost with its session (expiry 0). It leaves the group first now, and finishes what it had.
+    client.messages.clear()
+    streaming = threading.Thread(target=lambda: [(client.publish_frame("cam", frame, f"c{i:03d}"),
+                                                  time.sleep(0.02)) for i in range(80)])  # a camera's frame rate
+    streaming.start()
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result" and json.loads(m.payload)["worker"] == "w1")
+    assert workers[1].stop() == 0
+    streaming.join()
+    results = client.json_on(f"{prefix}/cam/result", count=80, timeout=180)
+    assert sorted(r["frame_id"] for r in results) == [f"c{i:03d}" for i in range(80)], "each frame exactly once"
+    assert not [m for m in client.messages if m.topic == f"{prefix}/cam/error"]
+    assert workers[2].stop() == 0
+
+
+def test_a_worker_that_joins_a_group_leaves_the_subscriptions_its_session_kept(broker, bundle_dir, dataset, tmp_path,
+                                                                              worker_factory):
+    """Scaling out as deploy/README says: a worker that ran alone (a persistent session) restarted with
+    ``topics.share_group`` beside a second member.  Its session still held the plain frame subscription, so it took
+    every frame besides its share of the group's: frames were scored and stored by both workers."""
+    prefix = f"j{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    alone = dict(worker={"id": "w0"}, topics={"prefix": prefix}, mqtt={"client_id": f"{prefix}-w0"},
+                 limits={"inference_threads": 1})
+    first = worker_factory(write_config(tmp_path / "w0", broker.port, bundle_dir, **alone))
+    _online(client, prefix, "w0")
+    assert first.stop() == 0
+    grouped = {**alone, "topics": {"prefix": prefix, "share_group": "line"}}
+    workers = [worker_factory(write_config(tmp_path / "w0", broker.port, bundle_dir, **grouped)),
+               worker_factory(write_config(tmp_path / "w1", broker.port, bundle_dir,
+                                           **{**grouped, "worker": {"id": "w1"}, "mqtt": {"client_id": f"{prefix}-w1"}}))]
+    client.messages.clear()
+    for worker_id in ("w0", "w1"):
+        _online(client, prefix, worker_id)
+    frame = _good(dataset)
+    for i in range(20):
+        client.publish_frame("cam", frame, f"a{i:03d}")
+    client.json_on(f"{prefix}/cam/result", count=20, timeout=180)
+    for w in workers:
         assert w.stop() == 0
+    for worker_id in ("w0", "w1"):  # published after every result of its worker
+        client.wait_for(lambda m, w=worker_id: m.topic == f"{prefix}/workers/{w}/availability" and m.payload == b"stopped")
+    results = [json.loads(m.payload) for m in client.messages if m.topic == f"{prefix}/cam/result"]
+    assert sorted(r["frame_id"] for r in results) == [f"a{i:03d}" for i in range(20)], "each frame once, by one worker"
 
 
 def _relabelled(bundle_dir: Path, folder: Path, version: str, name: str | None = None) -> Path:

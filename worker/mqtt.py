@@ -77,15 +77,21 @@ class MqttLink:
     """One client connection; callers set ``on_message`` and ``on_connected`` before :meth:`start`."""
 
     def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
-                 will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = ()) -> None:
+                 will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = (),
+                 stale: Sequence[str] = ()) -> None:
         """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
         handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
         every start and reconnect; what is published while we are subscribed still arrives.  ``watch``: topics
         subscribed with their retained message whatever ``retained`` says (the worker's own status), at QoS 0: the
         broker queues nothing of them for the session while we are away, and nothing waits for our acknowledgement
-        (our own last ``stopped`` would otherwise stay in the session after every shutdown)."""
+        (our own last ``stopped`` would otherwise stay in the session after every shutdown).  ``stale``: filters a
+        resumed session may still hold from an earlier configuration (a persistent session keeps its subscriptions),
+        unsubscribed at every connect that finds a session."""
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
+        self.stale = list(stale)
+        self._unsubscribed: dict[int, threading.Event] = {}  # UNSUBSCRIBE message id -> set at its UNSUBACK
+        self._lock = threading.Lock()
         self.watch = list(watch)
         self._retain_handling = 0 if retained else 2
         self.on_message: Callable[[mqtt.MQTTMessage], None] | None = None
@@ -130,6 +136,7 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
+        self.client.on_unsubscribe = self._on_unsubscribe
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
@@ -137,6 +144,26 @@ class MqttLink:
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
                                   clean_start=self.cfg.session_expiry_s == 0, properties=props)
         self.client.loop_start()
+
+    def unsubscribe(self, timeout: float) -> bool:
+        """Leave every subscription (not the watched topics) and wait for the broker's UNSUBACK: what it sent before
+        is then in hand, and nothing more comes; False when not connected or not answered in time."""
+        topics, self.subscriptions = self.subscriptions, []  # a reconnect meanwhile does not take them again
+        if not topics or not self.connected.is_set():
+            return False
+        done = threading.Event()
+        with self._lock:
+            result, mid = self.client.unsubscribe(topics)
+            if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+                return False
+            self._unsubscribed[mid] = done
+        return done.wait(timeout)
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            done = self._unsubscribed.pop(mid, None)
+        if done is not None:
+            done.set()
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -152,6 +179,8 @@ class MqttLink:
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         self.connect_failures, self._next_failure_log = 0, 0.0
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
+        if flags.session_present and self.stale:
+            client.unsubscribe(self.stale)
         if self.subscriptions or self.watch:
             client.subscribe([(topic, SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling))
                               for topic in self.subscriptions]

@@ -159,7 +159,11 @@ class Worker:
                                             self.topics.shared(self.topics.label, cfg.topics.share_group),
                                             self.topics.control],
                              will=(self.topics.availability, "offline"), retained=False,
-                             watch=[self.topics.availability])
+                             watch=[self.topics.availability],
+                             # joining a group: the plain filters a persistent session kept would hand this worker
+                             # every frame besides its share of the group's
+                             stale=[self.topics.frames, self.topics.query, self.topics.label]
+                             if cfg.topics.share_group else [])
         self.link.client.manual_ack_set(True)
         self.capture = (Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, max_mb=cfg.capture.max_mb,
                                 max_cameras=cfg.capture.max_cameras)
@@ -425,6 +429,11 @@ class Worker:
 
     def shutdown(self, timeout: float = 30) -> None:
         log.info("stopping: finishing %d queued frames", len(self.pipeline.queue))
+        # No session outlives this connection: a frame or request the broker sends from now on and we leave
+        # unacknowledged is lost with it (in a group, the other members would have served it). Leave the
+        # subscriptions first; what came before the broker's UNSUBACK is taken and finished like the rest.
+        if self.cfg.mqtt.session_expiry_s == 0 and self.link.connected.is_set() and not self.link.unsubscribe(5):
+            log.warning("the broker did not confirm the unsubscribe at the stop: frames it sends meanwhile are lost")
         self.accepting = False
         left = self.pipeline.stop(timeout)
         self.query_queue.close()

@@ -27,13 +27,30 @@ def _marked(dataset: Path, name: str = "000") -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
 
 
+def _next_tick(client: Client) -> None:
+    """Until the next stats message (every second): a pace for asking again, after something has changed."""
+    ticks = len(client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5))
+    client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=ticks + 1)
+
+
 def _until_stored(client: Client, prefix: str, frame_id: str, camera: str) -> None:
     """Until the recorder has written the frame: the operator labels what the history shows."""
     for _ in range(200):
         if _query(client, prefix, {"frame_id": frame_id, "camera": camera, "top_k": 1})["ok"]:
             return
-        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5)  # the next stats tick (every second)
+        _next_tick(client)
     raise AssertionError(f"{frame_id} never reached the store")
+
+
+def _absorbed_false_alarm(client: Client, prefix: str, dataset: Path) -> tuple[bytes, dict]:
+    """A marked frame m-0 on cam1, flagged, stored and labelled a false alarm: its bytes and the label's absorbed."""
+    marked = _marked(dataset)
+    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+    absorbed = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
+                      topic="label")["absorbed"]
+    assert absorbed["patches"] > 0, absorbed
+    return marked, absorbed
 
 
 @pytest.fixture
@@ -182,19 +199,13 @@ def test_a_false_alarm_gone_from_the_history_can_still_be_withdrawn(broker, bund
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     wait_online(client, prefix)
-    marked = _marked(dataset)
-    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
-    _until_stored(client, prefix, "m-0", "cam1")
-    absorbed = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
-                      topic="label")["absorbed"]
-    assert absorbed["patches"] > 0, absorbed
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
     for _ in range(200):  # until retention has taken the frame out of the history
         found = _query(client, prefix, {"frame_id": "m-0", "camera": "cam1", "top_k": 1})
         if not found["ok"]:
             assert found["error"]["code"] in ("unknown_frame", "empty_store"), found
             break
-        ticks = len(client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5))
-        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=ticks + 1)  # the next stats tick
+        _next_tick(client)
     else:
         raise AssertionError("retention never took m-0")
     assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # the rows still serve
@@ -211,20 +222,14 @@ def test_a_false_alarm_whose_id_a_camera_reused_can_still_be_withdrawn(learning,
     """A camera that starts its frame ids again (a reboot) replaces the stored record of a labelled false alarm with
     its new frame: the unlabel then read no false-alarm label there and left the rows in the extension for good."""
     prefix, client, worker, config, start = learning
-    marked = _marked(dataset)
-    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
-    _until_stored(client, prefix, "m-0", "cam1")
-    absorbed = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
-                      topic="label")["absorbed"]
-    assert absorbed["patches"] > 0, absorbed
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
     client.publish_frame("cam1", (dataset / "weave" / "test" / "good" / "001.png").read_bytes(), "m-0",
                          captured_at=str(time.time() + 60))  # the camera rebooted: the same id, another frame
     for _ in range(200):  # until the new frame's record replaced the labelled one (no label left to export)
         labels = _query(client, prefix, {"action": "export", "format": "json"}, topic="label")["labels"]
         if not labels:
             break
-        ticks = len(client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5))
-        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=ticks + 1)
+        _next_tick(client)
     else:
         raise AssertionError(f"the reused id's frame never replaced the stored one: {labels}")
     answer = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}, topic="label")

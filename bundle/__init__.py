@@ -128,6 +128,10 @@ class ExtensionSpec(_Strict):
 
 
 MAX_TILES = 16  # tiles along one side of a frame
+# The largest frame a worker takes unless told otherwise (limits.max_pixels, limits.max_frame_bytes): here, so that
+# training can say when its images are larger than the frames a worker would take.
+FRAME_MAX_PIXELS = 16_000_000
+FRAME_MAX_BYTES = 8_000_000
 
 
 def _tile_grid(v: tuple[int, int]) -> tuple[int, int]:

@@ -51,7 +51,7 @@ import numpy as np
 from PIL import ExifTags, Image
 from pydantic import ValidationError
 
-from bundle import MAX_TILES, InputSpec, TilingSpec, jpeg_cut_short, prepare_image
+from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, MAX_TILES, InputSpec, TilingSpec, jpeg_cut_short, prepare_image
 from bundle.tiling import canvas_size, tiles
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -583,6 +583,8 @@ class Summary:
     unreadable: list[Path]
     in_both: list[tuple[Path, Path]] = field(default_factory=list)  # (test image, the training image it copies)
     wide_samples: list[Path] = field(default_factory=list)  # 32-bit or floating-point samples: not read as 8-bit BGR
+    # (image, width, height, bytes) of images larger than a worker takes as a frame by default
+    beyond_frames: list[tuple[Path, int, int, int]] = field(default_factory=list)
     # (mask, its size, its image's size as decoded for training) where the two differ: rescaled, or another shape
     misfit_masks: list[tuple[Path, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
 
@@ -634,6 +636,12 @@ class Summary:
                          "each at the input size; a frame scores as its highest tile")
         elif self.sizes and (note := _stretch_note(*self.sizes.most_common(1)[0][0])):
             lines.append(note)
+        if self.beyond_frames:
+            path, width, height, size = self.beyond_frames[0]
+            lines.append(f"  note: {len(self.beyond_frames)} images are larger than a worker takes as a frame unless told "
+                         f"(e.g. {path}: {width}x{height}, {size / 1e6:.1f} MB; limits.max_pixels "
+                         f"{FRAME_MAX_PIXELS / 1e6:g} MP, limits.max_frame_bytes {FRAME_MAX_BYTES / 1e6:g} MB): raise "
+                         "them in the worker's config.yaml for cameras that send such frames")
         if rescaled := len(self.misfit_masks) - len(self.misshapen_masks):
             lines.append(f"  note: {rescaled} masks are at another scale than their images (same proportions): "
                          "resized to them")
@@ -687,6 +695,7 @@ def summarise(category: Category) -> Summary:
     depths: Counter = Counter()
     unreadable: list[Path] = []
     wide: list[Path] = []
+    beyond: list[tuple[Path, int, int, int]] = []
     trained: dict[bytes, Path] = {}
     in_both: list[tuple[Path, Path]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
@@ -705,6 +714,8 @@ def summarise(category: Category) -> Summary:
             continue
         height, width = image.shape[:2]
         sizes[(height, width) if _turned(data) else (width, height)] += 1
+        if width * height > FRAME_MAX_PIXELS or len(data) > FRAME_MAX_BYTES:
+            beyond.append((path, width, height, len(data)))
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
         if image.dtype not in (np.uint8, np.uint16):  # read_image (IMREAD_COLOR) gets nothing from these
@@ -717,4 +728,4 @@ def summarise(category: Category) -> Summary:
                 unreadable.append(file)
             elif image is not None and mask.shape[:2] != image.shape[:2]:
                 misfit.append((file, (mask.shape[1], mask.shape[0]), (image.shape[1], image.shape[0])))
-    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, misfit)
+    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit)

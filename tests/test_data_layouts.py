@@ -518,6 +518,20 @@ def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     assert "2_mask.png is 64x48, its image 48x64 as decoded" in problems[0]
 
 
+def test_images_larger_than_a_worker_takes_are_said_in_the_summary(tmp_path):
+    """A 20 MP camera's images trained without a word, and the worker then refused every frame of that camera
+    (image_too_large, or payload_too_large as PNG) until its limits were raised."""
+    rng = np.random.default_rng(9)
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    assert "larger than a worker takes" not in summarise(load_category(tmp_path / "part")).text(6, 2)
+    cv2.imwrite(str(tmp_path / "part" / "good" / "big.png"), np.full((4000, 4100), 128, np.uint8))  # 16.4 MP
+    summary = summarise(load_category(tmp_path / "part"))
+    assert summary.problems() == []  # said, not refused: the worker's limits can be raised
+    assert "note: 1 images are larger than a worker takes as a frame unless told (e.g. " in summary.text(6, 2)
+    assert "big.png: 4100x4000" in summary.text(6, 2)
+
+
 def test_data_given_as_a_dot_is_named_after_the_folder_it_is(tmp_path, monkeypatch):
     """`--data ..` named the bundle `..-patchcore`, refused only when written after the whole fit; `--data .` made
     a bundle `-patchcore` of category ''."""

@@ -17,7 +17,7 @@ from typing import Literal, Union, cast, get_args, get_origin, overload
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from bundle import TileGrid, plain_name
+from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, TileGrid, plain_name
 from bundle.extension import Views
 from bundle.tiling import Grid
 
@@ -145,8 +145,8 @@ class QueuePolicy(StrEnum):
 
 
 class LimitsConfig(_Section):
-    max_frame_bytes: int = Field(8_000_000, gt=0, description="Larger payloads are rejected before decoding.")
-    max_pixels: int = Field(16_000_000, gt=0, description="Width x height limit, checked from the header before decoding.")
+    max_frame_bytes: int = Field(FRAME_MAX_BYTES, gt=0, description="Larger payloads are rejected before decoding.")
+    max_pixels: int = Field(FRAME_MAX_PIXELS, gt=0, description="Width x height limit, checked from the header before decoding.")
     queue_size: int = Field(32, ge=1, description="Frames waiting for inference.")
     queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
     inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")

@@ -764,3 +764,22 @@ def test_requests_waiting_at_a_stop_are_each_answered(broker, bundle_dir, tmp_pa
     assert not [m for m in client.messages if m.topic in (f"{prefix}/cam/result", f"{prefix}/label")
                 or (m.topic == f"{prefix}/workers/w-test/control" and b'"ok"' in m.payload)]
     client.close()
+
+
+def test_two_workers_sharing_a_client_id_are_told_why_the_broker_keeps_closing(broker, bundle_dir, tmp_path,
+                                                                                  worker_factory):
+    """One config.yaml with mqtt.client_id set, worker.id set per box: each connection takes the session from the
+    other every few seconds, and the log said only "disconnected from broker (Unspecified error)"."""
+    prefix, client_id = f"k{uuid.uuid4().hex[:6]}", f"same-{uuid.uuid4().hex[:6]}"
+    workers = [worker_factory(write_config(tmp_path / name, broker.port, bundle_dir, topics={"prefix": prefix},
+                                           worker={"id": name}, mqtt={"client_id": client_id, "reconnect_min_s": 1,
+                                                                      "reconnect_max_s": 2}))
+               for name in ("a", "b")]
+    said = "the usual cause is another client connecting with the same client id"
+    deadline = time.monotonic() + 120
+    while not any(said in w.output() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)  # poll interval of an observable state (the logs), with a deadline
+    assert any(f"{said} '{client_id}'" in w.output() for w in workers), workers[0].output()[-2000:]
+    for w in workers:
+        w.stop(signal.SIGKILL)
+

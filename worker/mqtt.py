@@ -15,6 +15,7 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def user_properties(msg: mqtt.MQTTMessage) -> dict[str, str]:
     return dict(getattr(props, "UserProperty", None) or [])
 
 
+TAKEOVER_CLOSES, TAKEOVER_WINDOW_S = 3, 60.0  # closes by the broker within the window that suggest a takeover
+
+
 class MqttLink:
     """One client connection; callers set ``on_message`` and ``on_connected`` before :meth:`start`."""
 
@@ -91,6 +95,9 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.stale = list(stale)
         self._unsubscribed: dict[int, threading.Event] = {}  # UNSUBSCRIBE message id -> set at its UNSUBACK
+        self.client_id = client_id
+        self._closed_at: deque[float] = deque(maxlen=TAKEOVER_CLOSES)  # when the broker last closed a connection
+        self._takeover_said = -float("inf")
         self._lock = threading.Lock()
         self.watch = list(watch)
         self._retain_handling = 0 if retained else 2
@@ -214,6 +221,8 @@ class MqttLink:
         if was_connected:
             if reason_code != 0:
                 log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
+                if reason_code != "Keep alive timeout":  # the broker's own doing, not a hung broker's or link's
+                    self._closed(reason_code)
         elif not attempting:
             return  # said already: the second report of a keep-alive timeout, or the close after a refusal
         elif reason_code == "Keep alive timeout":
@@ -222,6 +231,19 @@ class MqttLink:
         else:
             self._attempt_failed(f"the connection was closed before the broker answered ({reason_code}); a TLS "
                                  "listener reached without mqtt.tls does this")
+
+    def _closed(self, reason: object) -> None:
+        """A connection the broker keeps closing soon after it is made is most often a second process with the same
+        client id taking the session over (mosquitto says only "Unspecified error"): say so, once an hour."""
+        now = time.monotonic()
+        self._closed_at.append(now)
+        if (len(self._closed_at) == TAKEOVER_CLOSES and now - self._closed_at[0] < TAKEOVER_WINDOW_S
+                and now - self._takeover_said > 3600):
+            self._takeover_said = now
+            log.error("the broker closed this connection %d times in %.0f s (%s): the usual cause is another client "
+                      "connecting with the same client id %r, each taking the session from the other; give each "
+                      "process its own mqtt.client_id (the default is edge-inspect-<worker.id>)", TAKEOVER_CLOSES,
+                      now - self._closed_at[0], reason, self.client_id)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if self.on_message is None:

@@ -696,6 +696,7 @@ def summarise(category: Category) -> Summary:
     unreadable: list[Path] = []
     wide: list[Path] = []
     beyond: list[tuple[Path, int, int, int]] = []
+    trained_size: dict[Path, tuple[int, int]] = {}  # (width, height) as decoded for training, EXIF turn applied
     trained: dict[bytes, Path] = {}
     in_both: list[tuple[Path, Path]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
@@ -713,7 +714,8 @@ def summarise(category: Category) -> Summary:
             unreadable.append(path)
             continue
         height, width = image.shape[:2]
-        sizes[(height, width) if _turned(data) else (width, height)] += 1
+        trained_size[path] = (height, width) if _turned(data) else (width, height)
+        sizes[trained_size[path]] += 1
         if width * height > FRAME_MAX_PIXELS or len(data) > FRAME_MAX_BYTES:
             beyond.append((path, width, height, len(data)))
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
@@ -722,10 +724,10 @@ def summarise(category: Category) -> Summary:
             wide.append(path)
     misfit: list[tuple[Path, tuple[int, int], tuple[int, int]]] = []
     for sample in category.test:
-        image = decoded(sample.path) if sample.mask is not None and sample.path not in unreadable else None
+        size = trained_size.get(sample.path)  # None where the image is unreadable
         for file in mask_files(sample.mask) if sample.mask is not None else []:
             if (mask := mask_pixels(file)) is None:
                 unreadable.append(file)
-            elif image is not None and mask.shape[:2] != image.shape[:2]:
-                misfit.append((file, (mask.shape[1], mask.shape[0]), (image.shape[1], image.shape[0])))
+            elif size is not None and (mask.shape[1], mask.shape[0]) != size:
+                misfit.append((file, (mask.shape[1], mask.shape[0]), size))
     return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit)

@@ -245,12 +245,7 @@ class Recorder:
         self.queue.close()
         self._thread.join(timeout)
         with self._store_lock:
-            if self.store is not None:
-                try:
-                    self.store.close()
-                except StoreError as exc:  # e.g. a full disk: said, and the shutdown goes on
-                    log.error("%s", exc)
-                self.store = None
+            self._close_store(logging.ERROR)  # e.g. a full disk: said, and the shutdown goes on
 
     # --- recorder thread ---------------------------------------------------------------------
     def _try_open(self) -> bool:
@@ -299,13 +294,17 @@ class Recorder:
 
     def _let_go(self) -> None:
         """Close a store whose folder is gone (its engine may fail to flush there) so the next turn opens it anew."""
-        store, self.store = self.store, None
         self._next_try = 0.0
+        self._close_store(logging.DEBUG)
+
+    def _close_store(self, level: int) -> None:
+        """Close the open store, if any (the caller holds ``_store_lock``); a failure to close is logged at ``level``."""
+        store, self.store = self.store, None
         if store is not None:
             try:
                 store.close()
             except StoreError as exc:
-                log.debug("closing the store whose folder is gone: %s", exc)
+                log.log(level, "closing the vector store: %s", exc)
 
     def _replay(self) -> None:
         """Write spooled batches oldest first; stop at the first outage, set aside a batch the store refuses for good."""

@@ -72,12 +72,15 @@ def bundle_dir(dataset, tmp_path_factory) -> Path:
 class Client:
     """A paho client (MQTT v5 unless ``protocol`` says otherwise) that records everything under the prefix."""
 
-    def __init__(self, port: int, prefix: str = "inspect", protocol: int = mqtt.MQTTv5) -> None:
+    def __init__(self, port: int, prefix: str = "inspect", protocol: int = mqtt.MQTTv5,
+                 username: str | None = None, password: str | None = None) -> None:
         self.prefix = prefix
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Condition()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=protocol)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: subscribed.set()

@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import ROOT, good_png
+from conftest import ROOT, Client, good_png, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 
 DEPLOY = ROOT / "deploy" / "mosquitto"
@@ -88,10 +88,10 @@ def test_anonymous_and_plaintext_connections_are_refused(secure_broker):
             ctx.wrap_socket(raw, server_hostname="localhost")
 
 
-def _run_worker(tmp_path, port: int, files, bundle_dir):
-    from conftest import WorkerProcess, write_config
+def _run_worker(tmp_path, port: int, files, bundle_dir, prefix: str = "inspect"):
+    from conftest import WorkerProcess
 
-    config = write_config(tmp_path, port, bundle_dir, topics={"prefix": "inspect"},
+    config = write_config(tmp_path, port, bundle_dir, topics={"prefix": prefix},
                           mqtt={"username": "worker", "tls": {"ca_file": str(files / "ca.crt")}})
     env_password = {"EDGE_INSPECT__MQTT__PASSWORD": USERS["worker"]}
     import os
@@ -142,6 +142,10 @@ def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bund
             assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
             time.sleep(0.1)
         assert "s3cret" not in worker.output() and USERS["worker"] not in worker.output()
+        while not any(m.topic == "inspect/workers/w-test/stats" and json.loads(m.payload)["own_announcement_read_back"]
+                      for m in seen):
+            assert time.monotonic() < deadline, "the worker reads its own topics back"
+            time.sleep(0.1)
 
         camera, rc = _client(broker.port, ca, "cam1", USERS["cam1"])
         assert not rc.is_failure
@@ -173,6 +177,78 @@ def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bund
         assert [r["frame_id"] for r in results] == ["own"]
         assert not [m.topic for m in leaked if not m.topic.endswith("/frame")], "a camera must not read results"
         camera.loop_stop()
+        stats = [json.loads(m.payload) for m in seen if m.topic == "inspect/workers/w-test/stats"][-1]
+        assert (stats["publishes_refused"], stats["subscriptions_refused"]) == (0, {})
     finally:
         worker.stop()
         operator.loop_stop()
+
+
+
+
+def test_a_prefix_the_acl_does_not_cover_is_said(secure_broker, bundle_dir, tmp_path):
+    """topics.prefix changed and the shipped ACL not: mosquitto's acl_file takes the worker's subscriptions and drops
+    every message on them, and refuses its publishes in the PUBACK only; the worker ran online-looking and deaf."""
+    broker, files = secure_broker
+    worker = _run_worker(tmp_path, broker.port, files, bundle_dir, prefix="plant")
+    try:
+        deadline = time.monotonic() + 120
+        for line in ("the broker refused 1 message(s) this worker published, the last on "
+                     "plant/workers/w-test/availability (Not authorized)",
+                     "this worker's own 'online' on plant/workers/w-test/availability did not come back"):
+            while line not in worker.output():
+                assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-3000:]
+                time.sleep(0.1)
+    finally:
+        assert worker.stop() == 0
+
+def test_subscriptions_the_broker_refuses_are_said_and_taken_once_allowed(bundle_dir, dataset, tmp_path,
+                                                                          worker_factory):
+    """A prefix changed in config.yaml and not in the broker's access rules: a broker refuses the subscriptions in
+    its SUBACK only and keeps the connection, so the worker was online, healthy and never got a frame, without a
+    word.  It names the topics and the reason, lists them in its stats, and takes them once they are allowed,
+    without a restart.  mosquitto's dynamic security plugin refuses in the SUBACK (its `acl_file` grants every
+    subscription and drops what may not be read, which no client can tell; deploy/README.md)."""
+    files = broker_readable_dir("mosq-dynsec-")
+    rules = files / "dynamic-security.json"
+    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(rules), "admin", "admin-pass"], check=True,
+                   capture_output=True)
+    rules.chmod(0o666)  # the plugin saves every change, as the user mosquitto drops to
+    files.chmod(0o777)
+    broker = Broker(tmp_path / "broker", extra="plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\n"
+                                               f"plugin_opt_config_file {rules}\n")
+
+    def dynsec(*command: str) -> None:
+        subprocess.run(["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(broker.port), "-u", "admin", "-P",
+                        "admin-pass", "dynsec", *command], check=True, capture_output=True, timeout=30)
+
+    for user, secret, subscribe in (("worker", "w-pass", "inspect/#"), ("observer", "o-pass", "#")):
+        dynsec("createClient", user, "-p", secret)
+        dynsec("createRole", user)
+        dynsec("addRoleACL", user, "subscribePattern", subscribe, "allow")
+        dynsec("addRoleACL", user, "publishClientSend", "#", "allow")
+        dynsec("addClientRole", user, user)
+    observer = Client(broker.port, prefix="plant", username="observer", password="o-pass")
+    try:
+        worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": "plant"},
+                                             mqtt={"username": "worker", "password": "w-pass"}))
+        wait_online(observer, "plant")
+        stats = json.loads(observer.wait_for(lambda m: m.topic == "plant/workers/w-test/stats"
+                                             and json.loads(m.payload)["subscriptions_refused"])[0].payload)
+        assert stats["subscriptions_refused"] == {t: "Not authorized" for t in (
+            "plant/+/frame", "plant/query", "plant/label", "plant/workers/w-test/control",
+            "plant/workers/w-test/availability")}
+        assert "the broker refused to subscribe this worker to plant/+/frame (Not authorized)" in worker.output()
+
+        dynsec("addRoleACL", "worker", "subscribePattern", "plant/#", "allow")
+        observer.messages.clear()
+        observer.wait_for(lambda m: m.topic == "plant/workers/w-test/stats"
+                          and json.loads(m.payload)["subscriptions_refused"] == {})
+        assert "the broker now takes the subscription to plant/+/frame" in worker.output()
+        observer.publish_frame("cam1", good_png(dataset).read_bytes(), "once-allowed")
+        assert observer.json_on("plant/cam1/result")[0]["frame_id"] == "once-allowed"
+        assert worker.stop() == 0
+    finally:
+        observer.close()
+        broker.stop()
+        shutil.rmtree(files, ignore_errors=True)

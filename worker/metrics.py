@@ -53,6 +53,11 @@ class Stats:
         self.store_up = Gauge("edge_inspect_store_available", "1 when the vector store answers.", registry=self.registry)
         self.broker_up = Gauge("edge_inspect_broker_connected", "1 while the MQTT broker connection is up (frames can "
                                "arrive).", registry=self.registry)
+        self.refused = Gauge("edge_inspect_subscriptions_refused", "Topics the broker refuses to subscribe the worker "
+                             "to (its ACL): nothing published there arrives.", registry=self.registry)
+        self.publishes_refused = PromCounter("edge_inspect_publishes_refused", "Messages the broker refused to take "
+                                             "from the worker (results, heatmaps, answers: lost).",
+                                             registry=self.registry)
         self.model = Gauge("edge_inspect_model_info", "The bundle serving each camera group (value 1).",
                            ["scope", "name", "version", "precision"], registry=self.registry)
         self.registry.register(_LivenessCollector(self.liveness))

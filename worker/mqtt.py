@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker.config import ConfigError, MQTTConfig
+from worker.supervise import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def user_properties(msg: mqtt.MQTTMessage) -> dict[str, str]:
 
 
 TAKEOVER_CLOSES, TAKEOVER_WINDOW_S = 3, 60.0  # closes by the broker within the window that suggest a takeover
+RESUBSCRIBE_S = (2.0, 60.0)  # a subscription the broker refused is asked for again after 2 s, doubling up to 60 s
 
 
 class MqttLink:
@@ -95,6 +97,12 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.stale = list(stale)
         self._unsubscribed: dict[int, threading.Event] = {}  # UNSUBSCRIBE message id -> set at its UNSUBACK
+        self._subscribing: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE message id -> (topic, QoS asked)
+        self._refused: dict[str, str] = {}  # topic -> the broker's reason, while its last SUBACK refused it
+        self._resubscribe_at, self._resubscribe_after = float("inf"), RESUBSCRIBE_S[0]
+        self.publishes_refused = 0  # QoS 1 messages the broker refused in its PUBACK (lost)
+        self.last_refused: dict[str, str] | None = None  # the last one's topic and the broker's reason
+        self._refusals_said, self._refusal_log = 0, Throttle(60)
         self.client_id = client_id
         self._closed_at: deque[float] = deque(maxlen=TAKEOVER_CLOSES)  # when the broker last closed a connection
         self._takeover_said = -float("inf")
@@ -144,6 +152,8 @@ class MqttLink:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.on_unsubscribe = self._on_unsubscribe
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
@@ -172,6 +182,88 @@ class MqttLink:
         if done is not None:
             done.set()
 
+    def _subscribe(self, topics: list[str]) -> None:
+        """Subscribe and remember what was asked, for the SUBACK to be read against it."""
+        if not topics:
+            return
+        asked = [(topic, SubscribeOptions(qos=0, retainHandling=0) if topic in self.watch
+                  else SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling)) for topic in topics]
+        with self._lock:
+            result, mid = self.client.subscribe(asked)
+            if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._subscribing[mid] = [(topic, options.QoS) for topic, options in asked]
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        """A broker refuses a subscription in its SUBACK only (an ACL without the topic, a prefix changed on one side
+        only): the connection stays up and nothing arrives on that topic, so say which and why, and ask again, less
+        and less often (``RESUBSCRIBE_S``), for as long as it refuses: a mended ACL then takes effect without a
+        restart."""
+        with self._lock:
+            asked = self._subscribing.pop(mid, [])
+        refused, granted = {}, []
+        for (topic, qos), code in zip(asked, reason_codes, strict=False):
+            if code.is_failure:
+                refused[topic] = str(code)
+                continue
+            granted.append(topic)
+            if code.value < qos and topic not in self.watch:
+                log.warning("the broker granted QoS %d, not %d, for %s: frames and requests sent to it at QoS 1 "
+                            "reach this worker at most once and are lost when the connection drops", code.value,
+                            qos, topic)
+        with self._lock:
+            new = {t: r for t, r in refused.items() if self._refused.get(t) != r}
+            mended = [t for t in granted if t in self._refused]
+            for topic in mended:
+                del self._refused[topic]
+            self._refused.update(refused)
+            if not self._refused:
+                self._resubscribe_at, self._resubscribe_after = float("inf"), RESUBSCRIBE_S[0]
+            elif self._resubscribe_at == float("inf"):
+                self._resubscribe_at = time.monotonic() + self._resubscribe_after
+        if new:
+            who = f"user {self.cfg.username!r}" if self.cfg.username else "anonymous clients"
+            log.error("the broker refused to subscribe this worker to %s: nothing published there reaches it; the "
+                      "broker's ACL must let %s read it, under the prefix set in topics.prefix; asking again every "
+                      "%.0f s at most", ", ".join(f"{t} ({r})" for t, r in new.items()), who, RESUBSCRIBE_S[1])
+        if mended:
+            log.info("the broker now takes the subscription to %s", ", ".join(mended))
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """A QoS 1 message the broker refused in its PUBACK (v5: an ACL without the topic, a quota) is lost, and paho
+        says so only here: named with its topic the first time, then once a minute with the count."""
+        if not reason_code.is_failure:
+            return
+        message = getattr(client, "_out_messages", {}).get(mid)  # paho keeps it until this callback returns
+        topic = message.topic if message is not None else "?"
+        with self._lock:
+            self.publishes_refused += 1
+            self.last_refused = {"topic": topic, "reason": str(reason_code)}
+            count = self.publishes_refused - self._refusals_said
+            say = self._refusal_log.ready()
+            if say:
+                self._refusals_said = self.publishes_refused
+        if say:
+            who = f"user {self.cfg.username!r}" if self.cfg.username else "anonymous clients"
+            log.error("the broker refused %d message(s) this worker published, the last on %s (%s): they are lost "
+                      "(results, heatmaps, answers); the broker's ACL must let %s write the worker's topics, under "
+                      "the prefix set in topics.prefix", count, topic, reason_code, who)
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """The topics the broker refuses us, with its reasons (a copy: the network thread updates them)."""
+        with self._lock:
+            return dict(self._refused)
+
+    def resubscribe_refused(self) -> None:
+        """Ask again for the subscriptions the broker refused, when due; called from the service's loop."""
+        with self._lock:
+            due = time.monotonic() >= self._resubscribe_at and self.connected.is_set()
+            topics = [t for t in self._refused if t in self.subscriptions or t in self.watch] if due else []
+            if due:
+                self._resubscribe_after = min(2 * self._resubscribe_after, RESUBSCRIBE_S[1])
+                self._resubscribe_at = time.monotonic() + self._resubscribe_after
+        self._subscribe(topics)
+
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
@@ -188,10 +280,7 @@ class MqttLink:
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
         if flags.session_present and self.stale:
             client.unsubscribe(self.stale)
-        if self.subscriptions or self.watch:
-            client.subscribe([(topic, SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling))
-                              for topic in self.subscriptions]
-                             + [(topic, SubscribeOptions(qos=0, retainHandling=0)) for topic in self.watch])
+        self._subscribe(self.subscriptions + self.watch)
         self.connected.set()
         if self.on_connected:
             self.on_connected()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 REPEAT_S = 600  # while the other process lives, the error is repeated this often (each reconnect would spam it)
 PROVEN_KEPT = 16  # other processes remembered (a flood of made-up announcements must not grow memory)
+ECHO_S = 10.0  # an announcement not read back within this: the broker does not let us read (or write) our own topic
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class Presence:
         self._seen_at = 0.0
         self._sightings = 0
         self._report = Throttle(REPEAT_S)
+        self._announced_at: float | None = None  # the last announcement, until it is read back
+        self.read_back: bool | None = None  # whether our last announcement came back (None: not yet known)
 
     def online_properties(self) -> Properties:
         """User properties for an ``online`` announcement (each numbered: at every connect, and again when another
@@ -74,6 +77,7 @@ class Presence:
         with self._lock:
             self._announcements += 1
             number = self._announcements
+            self._announced_at = time.monotonic()
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("instance", self.me.instance), ("host", self.me.host), ("pid", self.me.pid),
                               ("client_id", self.me.client_id), ("announcement", str(number))]
@@ -85,8 +89,12 @@ class Presence:
         it proves a process not proven before: the caller announces itself again, so that the other one, which
         may have found only our retained ``online`` from before it started, learns of us too."""
         sender = Instance.of(props)
-        if payload != b"online" or sender is None or sender.instance == self.me.instance:
-            return False  # offline / stopped (a will or a clean stop), or our own announcement
+        if payload == b"online" and sender is not None and sender.instance == self.me.instance:
+            with self._lock:
+                self._announced_at, self.read_back = None, True
+            return False
+        if payload != b"online" or sender is None:
+            return False  # offline / stopped (a will or a clean stop)
         with self._lock:
             if replayed and self._first_replayed in (None, sender):
                 self._first_replayed = sender
@@ -100,6 +108,16 @@ class Presence:
             if self._report.ready(force=new):  # said before the stats can show it
                 log.error("%s", self.explain(sender))
         return new
+
+    def unread(self) -> bool:
+        """True, once per announcement, when it has not come back within ``ECHO_S``: the broker takes our
+        subscription to our own topic and drops what we may not read (mosquitto's ``acl_file`` does, and does the
+        same to frames), or refused the announcement itself; then no second process can be seen either."""
+        with self._lock:
+            if self._announced_at is None or time.monotonic() - self._announced_at < ECHO_S:
+                return False
+            self._announced_at, self.read_back = None, False
+            return True
 
     def explain(self, other: Instance) -> str:
         same = other.client_id == self.me.client_id

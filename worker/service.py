@@ -35,7 +35,7 @@ from worker.metrics import Stats
 from worker.models import DEFAULT, RELOAD_ERRORS, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
 from worker.pipeline import Pipeline
-from worker.presence import Presence
+from worker.presence import ECHO_S, Presence
 from worker.query import QueryService
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
@@ -183,6 +183,7 @@ class Worker:
         self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
         self.accepting = True
         self._unanswerable = 0  # requests whose answer had no topic to go to (logged, the first few)
+        self._refusals_counted = 0  # of the link's refused publishes, those added to the Prometheus counter
         self.link.on_message = self._route
         self.link.on_connected = self._announce
 
@@ -362,6 +363,10 @@ class Worker:
             "at": iso(time.time()),
             "uptime_s": round(time.time() - self.stats.started, 1),
             "queue": len(self.pipeline.queue),
+            "subscriptions_refused": self.link.refused,
+            "publishes_refused": self.link.publishes_refused,
+            "last_publish_refused": self.link.last_refused,
+            "own_announcement_read_back": self.presence.read_back,
             "store_pending": self.recorder.pending,
             "store_written": self.recorder.written,
             "store_available": self.recorder.store is not None,
@@ -412,6 +417,17 @@ class Worker:
             self.stats.store_lag.set(self.recorder.pending + self.recorder.spool.points)
             self.stats.store_up.set(int(self.recorder.store is not None))
             self.stats.broker_up.set(int(self.link.connected.is_set()))
+            self.link.resubscribe_refused()
+            self.stats.refused.set(len(self.link.refused))
+            refused = self.link.publishes_refused
+            self.stats.publishes_refused.inc(refused - self._refusals_counted)
+            self._refusals_counted = refused
+            if self.link.connected.is_set() and self.presence.unread():
+                log.error("this worker's own 'online' on %s did not come back from the broker within %.0f s: the "
+                          "broker does not let it read (or write) its own topics, and frames on topics it may not "
+                          "read never reach it (mosquitto's acl_file takes such a subscription and drops the "
+                          "messages); the broker's ACL must cover the prefix set in topics.prefix",
+                          self.topics.availability, ECHO_S)
             if now >= next_stats and self.link.connected.is_set():
                 self.link.publish(self.topics.stats, json.dumps(self.stats_payload()))
                 next_stats = now + self.cfg.worker.stats_interval_s

@@ -39,6 +39,7 @@ from worker.transport import Inbound, Transport
 from worker.wire import ErrorCode, FrameMetadata, iso, valid_id
 
 _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
+Mark = tuple[str | None, int]  # a delivery's captured_at as sent (None: stamped here) and its bytes' CRC-32
 log = logging.getLogger(__name__)
 
 __all__ = ["Frame", "Pipeline", "iso"]
@@ -84,7 +85,7 @@ class Pipeline:
         self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
         self._normal_seen: Counter = Counter()
         self._empty_level_said = False  # a frame topic without a camera level was reported (once: a misconfigured camera)
-        self._recent: OrderedDict[tuple[str, str], str | int | None] = OrderedDict()  # (camera, id): its mark
+        self._recent: OrderedDict[tuple[str, str], Mark] = OrderedDict()  # (camera, id): its mark
         self._lock = threading.Lock()
         self._query_lock = threading.Lock()
         self._query_requests: dict[Model, object] = {}
@@ -144,20 +145,23 @@ class Pipeline:
 
     @staticmethod
     def _delivery(camera: str, props: dict[str, str], payload: bytes,
-                  generated: tuple[str, ...]) -> tuple[tuple[str, str], str | int | None] | None:
+                  generated: tuple[str, ...]) -> tuple[tuple[str, str], Mark] | None:
         """What tells a QoS 1 redelivery of a frame from another frame: its (camera, frame_id) and a mark, the
-        ``captured_at`` as sent (the bytes' checksum where the worker stamps the time); None without a usable id."""
+        ``captured_at`` as sent (none where the worker stamps the time) and the bytes' checksum, all of which a
+        redelivery repeats; None without a usable id.  The time alone is not enough: a camera whose clock and
+        frame counter both start again at a reboot (a clock reset to 2000, a 1 s resolution) repeats both."""
         frame_id = props.get("frame_id")
         if not valid_id(frame_id):
             return None
-        return (camera, str(frame_id)), zlib.crc32(payload) if "captured_at" in generated else props.get("captured_at")
+        sent = None if "captured_at" in generated else props.get("captured_at")
+        return (camera, str(frame_id)), (sent, zlib.crc32(payload))
 
-    def _seen(self, key: tuple[str, str], mark: str | int | None) -> bool:
+    def _seen(self, key: tuple[str, str], mark: Mark) -> bool:
         """Whether this delivery is one of the last ``limits.dedupe_window`` frames accepted."""
         with self._lock:
             return self._recent.get(key, _UNSEEN) == mark
 
-    def _remember(self, key: tuple[str, str], mark: str | int | None) -> None:
+    def _remember(self, key: tuple[str, str], mark: Mark) -> None:
         """Remember an accepted frame.  The same id with another mark is a camera that reuses ids (a frame counter
         that starts again at a reboot): a new frame, said once per camera since a frame id names one stored frame."""
         with self._lock:

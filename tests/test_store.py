@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import qdrant_edge as edge
 
 from worker.config import SpoolConfig, StoreConfig
 from worker.decode import decode, probe
@@ -126,6 +127,73 @@ def test_retention_by_age_for_vectors_and_evidence(tmp_path):
     assert evidence.read(frames[1][2]["evidence"]["thumbnail"]) == b"x"
     assert len(evidence) == 2
     store.close()
+
+
+YEAR = 365 * 24 * 3600.0
+
+
+def _arrived(fid: str, captured: float, received: float | None, verdict: str = "normal", label: str | None = None):
+    """A frame of camera ``fid[:-1]`` captured and received at these times (None: written before ``received_ts``)."""
+    vec = np.random.default_rng(len(fid) * 7 + int(fid[-1])).normal(size=DIM).astype(np.float32)
+    payload = {"frame_id": fid, "camera": fid[:-1], "captured_ts": captured, "verdict": verdict,
+               "anomalous": verdict == "anomalous", **({"received_ts": received} if received is not None else {}),
+               **({"label": label} if label else {})}
+    return point_id(fid[:-1], fid), vec / np.linalg.norm(vec), payload
+
+
+# by age (store.max_age_h 5): a camera 25 years behind but received now stays; one a year ahead, received 9-10 h
+# ago, goes; of the earlier version's points, the one captured 8 h ago goes
+BY_AGE = [_arrived("slow1", NOW - 25 * YEAR, NOW - 60), _arrived("slow2", NOW - 25 * YEAR, NOW - 30, "anomalous"),
+          _arrived("fast1", NOW + YEAR, NOW - 10 * 3600), _arrived("fast2", NOW + YEAR, NOW - 9 * 3600, "anomalous"),
+          _arrived("legacy1", NOW - 8 * 3600, None), _arrived("legacy2", NOW - 1 * 3600, None)]
+# by count (store.max_points 4): unlabelled normal frames first (cam3, cam6), then the oldest unlabelled defects (the
+# earlier version's old8, then cam2), labelled frames last
+BY_COUNT = [_arrived("cam1", NOW, NOW - 7000, "anomalous", "confirmed_defect"),
+            _arrived("cam2", NOW, NOW - 6000, "anomalous"), _arrived("cam3", NOW, NOW - 5000, "normal"),
+            _arrived("cam4", NOW, NOW - 4000, "anomalous"), _arrived("cam5", NOW, NOW - 3000, "normal", "false_alarm"),
+            _arrived("cam6", NOW, NOW - 2000, "normal"), _arrived("slo7", NOW - 25 * YEAR, NOW - 1000, "anomalous"),
+            _arrived("old8", NOW - 9 * YEAR, None, "anomalous")]
+
+
+def _kept(store: VectorStore, frames) -> set[str]:
+    return {h.payload["frame_id"] for h in store.search(frames[0][1], 20, Filters())}
+
+
+def test_retention_goes_by_when_frames_arrived_not_by_the_cameras_clocks(tmp_path):
+    """A camera whose clock was reset to 2000 lost every frame, defects and labels too, at the next retention pass
+    (``max_age_h``); one a year ahead kept its frames past every other camera's (``max_points``).  Retention goes by
+    when the worker received a frame; points written before it recorded that (an earlier version's collection,
+    without its index) age by their capture time and go first.  Among what ``max_points`` takes, unlabelled
+    defects go before labelled frames."""
+    store = _store(tmp_path, max_age_h=5)
+    store.upsert(BY_AGE)
+    store.close()
+    engine = _store(tmp_path).engine  # an earlier version's collection: no index of received_ts
+    engine.shard.update(edge.UpdateOperation.delete_field_index("received_ts"))
+    engine.close()
+    store = _store(tmp_path, max_age_h=5)
+    assert len(store.retain(now=NOW, force=True)) == 3
+    assert _kept(store, BY_AGE) == {"slow1", "slow2", "legacy2"}
+    store.close()
+
+    store = _store(tmp_path / "count", max_points=4)
+    store.upsert(BY_COUNT)
+    store.retain(now=NOW, force=True)
+    assert _kept(store, BY_COUNT) == {"cam1", "cam4", "cam5", "slo7"}
+    store.close()
+
+
+def test_a_server_store_retains_by_arrival_too():
+    """The server engine's retention, in qdrant-client's local mode (no Qdrant server can run here)."""
+    from qdrant_client import QdrantClient
+
+    for cfg, frames, kept in ((StoreConfig(path=None, max_age_h=5), BY_AGE, {"slow1", "slow2", "legacy2"}),
+                              (StoreConfig(path=None, max_points=4), BY_COUNT, {"cam1", "cam4", "cam5", "slo7"})):
+        store = VectorStore(cfg, DIM, client=QdrantClient(location=":memory:"))
+        store.upsert(frames)
+        store.retain(now=NOW, force=True)
+        assert _kept(store, frames) == kept
+        store.close()
 
 
 def test_retention_runs_while_the_recorder_writes(tmp_path):

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -92,6 +93,9 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
         assert payload["frame_id"] == frame_id
         assert payload["verdict"] == results[frame_id]["verdict"]
         assert payload["camera"] == "cam1"
+        # retention goes by when the worker received the frame (store.py), not by the camera's clock
+        assert payload["received_ts"] == pytest.approx(
+            datetime.fromisoformat(results[frame_id]["received_at"]).timestamp(), abs=0.001)
         assert len(vector) == manifest["embedding_dim"]
         assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-3)
         assert (folder / "evidence" / payload["evidence"]["thumbnail"]).is_file()

@@ -245,13 +245,16 @@ class StoreConfig(_Section):
                                                        "logged.")
     batch_size: int = Field(64, ge=1, description="Embeddings written per batch, off the inference path.")
     flush_s: float = Field(0.5, gt=0, le=YEAR_S, description="Longest an embedding waits before it is written.")
-    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by captured_at) unlabelled normal "
-                                                           "frames are deleted first, anomalous or labelled ones only when no normal frame "
-                                                           "is left. Left unset: 100000 for the embedded store (its memory and its exact "
-                                                           "search's time grow with every frame: docs/store.md), no limit for a server; "
+    max_points: int | None = Field(None, ge=1, description="Retention: past this many frames the oldest (by when the worker received them, "
+                                                           "not by the camera's clock) unlabelled normal frames are deleted first, then "
+                                                           "unlabelled anomalous ones, labelled ones last. Left unset: 100000 for the "
+                                                           "embedded store (its memory and its exact search's time grow with every "
+                                                           "frame: docs/store.md), no limit for a server; "
                                                            "null = no limit.")
-    max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Retention: frames captured more than this many "
-                                                                                    "hours ago are deleted; none = no limit.")
+    max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Retention: frames received more than this many "
+                                                                                    "hours ago are deleted (labelled ones too; "
+                                                                                    "a camera's wrong clock does not count); "
+                                                                                    "none = no limit.")
     retention_every_s: float = Field(60, gt=0, le=YEAR_S, description="How often retention runs while the worker runs (on the recorder "
                                                                       "thread, never the inference path).")
     min_free_mb: int = Field(64, ge=0, description="Embedded: no write starts while its disk has less free (a vacuum needs the "

@@ -142,6 +142,7 @@ def open_raw(payload: bytes, camera: str, max_image_bytes: int) -> bytes:
 
 
 AHEAD_S = 300.0  # a captured_at this far past the worker's clock is no backlog: a time zone or a clock is wrong
+BEHIND_S = 7 * 24 * 3600.0  # ... and this far before it no broker's queue either: a clock never set, or reset
 
 
 class Ingest:
@@ -188,13 +189,17 @@ class Ingest:
         """Say once per camera that its frames are stamped in this box's future.  A camera that sends its local time
         without a UTC offset (Python's ``datetime.now().isoformat()``) is hours off, read as UTC, and retention
         (``store.max_age_h``), the history's time filters and the defect feed then place its frames hours away.  A
-        frame stamped in the past may be a backlog (a broker's queue after an outage), so only the future is said."""
+        frame stamped in the past may be a backlog (a broker's queue after an outage), so only a week behind is."""
         ahead = captured_ts - received_ts
         if ahead > AHEAD_S and self.first_time(camera, "clock"):
             log.warning("camera %s stamps its frames %.2f h ahead of this box's clock: a local time sent without its UTC "
-                        "offset (ISO-8601 without one is read as UTC), or a clock set wrong here or there; retention "
-                        "(store.max_age_h), the history's time filters and the defect feed use captured_at as sent",
-                        camera, ahead / 3600)
+                        "offset (ISO-8601 without one is read as UTC), or a clock set wrong here or there; the "
+                        "history's time filters and the defect feed use captured_at as sent (retention goes by when "
+                        "frames arrive)", camera, ahead / 3600)
+        elif -ahead > BEHIND_S and self.first_time(camera, "clock"):
+            log.warning("camera %s stamps its frames %.1f days before this box's clock: a clock never set, or reset at a "
+                        "reboot; the history's time filters place its frames at captured_at as sent (retention goes "
+                        "by when frames arrive)", camera, -ahead / 86400)
 
     def _unusable(self, camera: str, field: str, fields: dict[str, str]) -> None:
         """Say once per camera and field that a value it sent is replaced (absent values are the policy's point)."""

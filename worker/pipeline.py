@@ -367,7 +367,8 @@ class Pipeline:
                 if heat is not None:  # rendered for every logged anomalous frame
                     files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
-            payload.update(captured_ts=frame.captured_ts, anomalous=anomalous, model_name=manifest.name,
+            payload.update(captured_ts=frame.captured_ts, received_ts=frame.received_ts, anomalous=anomalous,
+                           model_name=manifest.name,
                            model_version=manifest.version, embedding_space=embedding_space_of(manifest))
             self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files))
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),

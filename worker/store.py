@@ -43,7 +43,11 @@ _NAMESPACE = uuid.UUID("5b0e4f8e-3f4c-4b8e-9a55-6a1c2f0d7e11")
 # "verdict", not the bool "anomalous", carries the anomalous-only filter: qdrant-edge-py 0.9 never matches
 # MatchValue(True) on a bool field (measured), and one field keeps both engines identical.
 PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keyword", "captured_ts": "float",
-                   "embedding_space": "keyword"}
+                   "embedding_space": "keyword", "received_ts": "float"}
+# Retention goes by when the worker received a frame (``received_ts``), not by the camera's clock: a camera set to
+# 2000 would lose each frame at once to ``max_age_h``, one set a year ahead would keep its frames past every other
+# camera's.  Points written before ``received_ts`` was recorded age by ``captured_ts``, and go first.
+Tier = Literal["normal", "unlabelled", "any"]  # which frames retention takes, in this order
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
 _DELETE_CHUNK = 1024
 
@@ -170,7 +174,9 @@ class _Edge:
                 raise
         else:
             self.shard = edge.EdgeShard.create(str(folder), config)
-            for name, schema in PAYLOAD_INDEXES.items():
+        indexed = self.shard.info().payload_schema
+        for name, schema in PAYLOAD_INDEXES.items():  # a collection from an earlier version may lack the newer ones
+            if name not in indexed:
                 self.shard.update(edge.UpdateOperation.create_field_index(name, _EDGE_SCHEMA[schema]))
         self.params = edge.SearchParams(exact=not hnsw)
 
@@ -210,17 +216,30 @@ class _Edge:
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=False))
         return [(str(r.id), [], dict(r.payload or {})) for r in recs]
 
-    def oldest(self, n: int, normal_only: bool = False) -> list[str]:
-        order = edge.OrderBy("captured_ts", direction=edge.Direction.Asc)
-        flt = edge.Filter(must=[edge.FieldCondition("verdict", match=edge.MatchValue("normal"))],
-                          must_not=[edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))]) if normal_only else None
-        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n, order_by=order, filter=flt, with_payload=False))
-        return [str(r.id) for r in recs]
+    def oldest(self, n: int, tier: Tier) -> list[str]:
+        must: list = [edge.FieldCondition("verdict", match=edge.MatchValue("normal"))] if tier == "normal" else []
+        must_not: list = [edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))] if tier != "any" else []
+        found: list[str] = []
+        for key, legacy in (("captured_ts", [edge.IsEmptyCondition("received_ts")]), ("received_ts", [])):
+            order = edge.OrderBy(key, direction=edge.Direction.Asc)
+            flt = edge.Filter(must=must + legacy, must_not=must_not)
+            recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n - len(found), order_by=order, filter=flt,
+                                                           with_payload=False))
+            found += [str(r.id) for r in recs]
+            if len(found) >= n:
+                break
+        return found
 
     def before(self, ts: float, n: int) -> list[str]:
-        flt = edge.Filter(must=[edge.FieldCondition("captured_ts", range=edge.RangeFloat(lt=ts))])
-        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n, filter=flt, with_payload=False))
-        return [str(r.id) for r in recs]
+        found: list[str] = []
+        for flt in (edge.Filter(must=[edge.FieldCondition("received_ts", range=edge.RangeFloat(lt=ts))]),
+                    edge.Filter(must=[edge.IsEmptyCondition("received_ts"),
+                                      edge.FieldCondition("captured_ts", range=edge.RangeFloat(lt=ts))])):
+            recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n - len(found), filter=flt, with_payload=False))
+            found += [str(r.id) for r in recs]
+            if len(found) >= n:
+                break
+        return found
 
     def delete(self, ids: list[str]) -> None:
         self._room("delete")
@@ -330,8 +349,8 @@ class VectorStore:
         self._call("optimize", self.engine.optimize)
 
     def retain(self, evidence: EvidenceStore | None = None, now: float | None = None, force: bool = False) -> list[str]:
-        """Apply ``store.max_age_h`` and ``store.max_points`` (oldest unlabelled normal frames first, then the
-        oldest of the rest, by captured_at) and the evidence's own
+        """Apply ``store.max_age_h`` and ``store.max_points`` (the oldest unlabelled normal frames first, then
+        unlabelled anomalous ones, labelled ones last; oldest by when they were received) and the evidence's own
         limits; returns the deleted point ids.  Runs at most every ``store.retention_every_s`` unless ``force``;
         called from the recorder thread, so it never blocks inference.  Errors are logged, not raised."""
         clock = time.monotonic()
@@ -348,9 +367,10 @@ class VectorStore:
                     deleted += ids
             if self.cfg.max_points is not None:
                 excess = self.count() - self.cfg.max_points
-                while excess > 0:  # by value: unlabelled normal frames go first, defects and labels last
-                    ids = (self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), True)
-                           or self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), False))
+                while excess > 0:  # by value: unlabelled normal frames go first, then defects, labels last
+                    ids = next((found for tier in get_args(Tier)
+                                if (found := self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), tier))),
+                               [])
                     if not ids:
                         break
                     self.delete(ids)

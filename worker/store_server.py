@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, dense, mismatch
+from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, Tier, dense, mismatch
 
 
 def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
@@ -42,6 +42,10 @@ class ServerEngine:
                                     "set store.collection to a new name")
             if vectors.size != dim:
                 raise StoreMismatch(mismatch(f"collection {collection!r}", vectors.size, dim))
+            indexed = client.get_collection(collection).payload_schema
+            for name, schema in PAYLOAD_INDEXES.items():  # a collection from an earlier version may lack newer ones
+                if name not in indexed:
+                    client.create_payload_index(collection, name, field_schema=models.PayloadSchemaType(schema))
 
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
         points = [models.PointStruct(id=pid, vector=vec.tolist(), payload=payload) for pid, vec, payload in items]
@@ -66,19 +70,33 @@ class ServerEngine:
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
         return [(str(p.id), [], dict(p.payload or {})) for p in recs]
 
-    def oldest(self, n: int, normal_only: bool = False) -> list[str]:
-        flt = models.Filter(
-            must=[models.FieldCondition(key="verdict", match=models.MatchValue(value="normal"))],
-            must_not=[models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))],
-        ) if normal_only else None
-        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n,
-                                     order_by=models.OrderBy(key="captured_ts"), with_payload=False)
-        return [str(p.id) for p in recs]
+    def oldest(self, n: int, tier: Tier) -> list[str]:
+        """As :meth:`worker.store._Edge.oldest`: points without ``received_ts`` first, by ``captured_ts``."""
+        must: list = [models.FieldCondition(key="verdict", match=models.MatchValue(value="normal"))] \
+            if tier == "normal" else []
+        must_not: list = [models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))] \
+            if tier != "any" else []
+        found: list[str] = []
+        for key, legacy in (("captured_ts", [models.IsEmptyCondition(is_empty=models.PayloadField(key="received_ts"))]),
+                            ("received_ts", [])):
+            recs, _ = self.client.scroll(self.collection, scroll_filter=models.Filter(must=must + legacy,
+                                                                                      must_not=must_not),
+                                         limit=n - len(found), order_by=models.OrderBy(key=key), with_payload=False)
+            found += [str(p.id) for p in recs]
+            if len(found) >= n:
+                break
+        return found
 
     def before(self, ts: float, n: int) -> list[str]:
-        flt = models.Filter(must=[models.FieldCondition(key="captured_ts", range=models.Range(lt=ts))])
-        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n, with_payload=False)
-        return [str(p.id) for p in recs]
+        found: list[str] = []
+        for flt in (models.Filter(must=[models.FieldCondition(key="received_ts", range=models.Range(lt=ts))]),
+                    models.Filter(must=[models.IsEmptyCondition(is_empty=models.PayloadField(key="received_ts")),
+                                        models.FieldCondition(key="captured_ts", range=models.Range(lt=ts))])):
+            recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n - len(found), with_payload=False)
+            found += [str(p.id) for p in recs]
+            if len(found) >= n:
+                break
+        return found
 
     def delete(self, ids: list[str]) -> None:
         self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import cv2
@@ -167,8 +167,8 @@ def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
 
 
 def test_a_cameras_tile_keeps_its_newest_frame_when_results_arrive_out_of_order(broker, tmp_path):
-    """Two infer requests can finish out of capture order; the state a page loads shows the newest frame, as the
-    page itself does, not the result that arrived last."""
+    """Two infer requests can finish out of capture order; the state a page loads (and every page, told by the
+    console) keeps the newer frame, not the slightly older result that arrived right after it."""
     prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
     config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
                           console={"port": port})
@@ -204,6 +204,100 @@ def test_a_cameras_tile_keeps_its_newest_frame_when_results_arrive_out_of_order(
         client.close()
         assert console.stop() == 0, console.log_path.read_text()[-2000:]
     assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
+def _publish_result(client: Client, camera: str, frame_id: str, captured: datetime, verdict: str = "normal") -> None:
+    """A worker's result, as the console reads it, with the capture time a camera's clock gave it."""
+    body = {"camera": camera, "frame_id": frame_id, "captured_at": captured.isoformat(), "verdict": verdict,
+            "score": 0.9 if verdict == "anomalous" else 0.1}
+    client.client.publish(f"{client.prefix}/{camera}/result", json.dumps(body), qos=1).wait_for_publish(10)
+
+
+def test_a_camera_clock_step_neither_freezes_its_tile_nor_tops_the_defect_feed(broker, tmp_path):
+    """The tile showed the newest frame by capture time: one frame stamped 10 years ahead (or an NTP step back by an
+    hour) froze it until the console restarted while defects kept coming, and the defect feed, sorted and windowed
+    by capture time, kept the future frame on top and left a camera reset to 2000 out of every recent window."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    markers = iter(range(1_000))
+
+    def get(path: str) -> dict:
+        return json.loads(urllib.request.urlopen(f"{console.url}{path}", timeout=5).read())
+
+    def handled() -> dict:
+        """The console's cameras once it handled everything published so far (a marker after it on the same link)."""
+        marker = f"m{next(markers)}"
+        _publish_result(client, "cam-marker", marker, datetime.now(UTC))
+        deadline = time.monotonic() + 30
+        while True:
+            cameras = get("/api/state")["cameras"]
+            if cameras.get("cam-marker", {}).get("frame_id") == marker:
+                return cameras
+            assert time.monotonic() < deadline, cameras
+            time.sleep(0.05)  # polling the console's state for the marker, not waiting a fixed time
+
+    try:
+        now = datetime.now(UTC)
+        _publish_result(client, "cam-a", "before", now)
+        _publish_result(client, "cam-a", "ahead", now + timedelta(days=3653), "anomalous")
+        assert handled()["cam-a"]["frame_id"] == "ahead"
+        _publish_result(client, "cam-a", "fixed", now, "anomalous")  # the clock corrected, defects keep coming
+        assert handled()["cam-a"]["frame_id"] == "fixed"
+        _publish_result(client, "cam-a", "stepped-back", now - timedelta(hours=1))  # an NTP step back by an hour
+        assert handled()["cam-a"]["frame_id"] == "stepped-back"
+
+        _publish_result(client, "cam-b", "reset", datetime(2000, 1, 1, 12, tzinfo=UTC), "anomalous")
+        cameras = handled()
+        assert cameras["cam-b"]["frame_id"] == "reset" and cameras["cam-b"]["seen_at"] >= now.timestamp() - 1
+        feed = [f"{r['camera']}/{r['frame_id']}" for r in get("/api/defects")["frames"]]
+        assert feed == ["cam-b/reset", "cam-a/fixed", "cam-a/ahead"], feed  # the last received first
+        # since/until bound the console's receive time: the last minute holds all three, an hour ago none
+        recent = get(f"/api/defects?since={time.time() - 60}&camera=cam-b")["frames"]
+        assert [r["frame_id"] for r in recent] == ["reset"], recent
+        assert get(f"/api/defects?until={time.time() - 3600}")["frames"] == []
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
+@needs_chromium
+def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_today(broker, tmp_path):
+    """The page applied the same capture-time rule as the console (a tile frozen on a future frame, the feed sorted
+    by capture time), and a tile's caption showed only the time of day, so a frame dated 2000-01-01 looked current."""
+    from playwright.sync_api import expect, sync_playwright
+
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page()
+            page.goto(console.url)
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)  # what follows arrives by push
+            now = datetime.now(UTC)
+            _publish_result(client, "cam-a", "ahead", now + timedelta(days=3653), "anomalous")
+            _publish_result(client, "cam-a", "fixed", now, "anomalous")
+            _publish_result(client, "cam-b", "reset", datetime(2000, 1, 1, 12, tzinfo=UTC), "anomalous")
+            feed = page.locator("#defects li")
+            expect(feed).to_have_count(3, timeout=10_000)  # the 2000 frame too: the page's "last hour" is receipt
+            assert [feed.nth(i).get_attribute("data-key") for i in range(3)] == \
+                ["cam-b/reset", "cam-a/fixed", "cam-a/ahead"]
+            tile_a, tile_b = page.locator('.tile[data-camera="cam-a"]'), page.locator('.tile[data-camera="cam-b"]')
+            expect(tile_a).to_have_attribute("data-frame-id", "fixed")
+            expect(tile_b.locator(".fid")).to_contain_text("2000")  # the date, as the browser writes it
+            today = page.evaluate("() => new Date().getFullYear()")
+            assert str(today) not in (tile_a.locator(".fid").text_content() or "")  # today's frame: time of day only
+            browser.close()
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
 
 
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
@@ -349,8 +443,9 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     feed = page.locator("#defects li")
     expect(feed).to_have_count(len(order), timeout=10_000)
     shown = [feed.nth(i).get_attribute("data-key") for i in range(len(order))]
-    captured = [datetime.fromisoformat(results[k]["captured_at"]) for k in shown]
-    assert set(shown) == set(order) and captured == sorted(captured, reverse=True)
+    listed = json.loads(urllib.request.urlopen(f"{stack.console.url}/api/defects", timeout=15).read())["frames"]
+    assert set(shown) == set(order) and shown == [f"{r['camera']}/{r['frame_id']}" for r in listed]  # last received first
+    assert [r["seen_at"] for r in listed] == sorted((r["seen_at"] for r in listed), reverse=True)
     for kind in ("thumb", "hm"):  # the camera frame's thumbnail and the heatmap
         page.wait_for_function(f"""() => {{ const i = document.querySelector('#defects li img.{kind}');
                                    return i && !i.hidden && i.complete && i.naturalWidth > 0; }}""", timeout=10_000)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from typing import TypeVar, cast
@@ -35,6 +35,9 @@ HUB = "console-hub"
 THUMBNAIL_SIZE = 160
 BROWSER_JPEG_QUALITY = 90  # a frame a browser cannot show (TIFF), as the page gets it
 SERIES_BUCKETS = 360  # score-over-time resolution: one point per window/360 (10 s for an hour)
+# Results of parallel infer requests finish out of capture order, close together in both times: only then does capture
+# order keep a tile on the frame it shows. Beyond it a capture time older than the shown one is a camera clock step.
+REORDER_WINDOW_S = 5.0
 _MAGIC = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"BM", "image/bmp"))
 
 
@@ -75,6 +78,9 @@ class Entry:
     heatmap: bytes | None = None
     frame: bytes | None = None  # the camera's bytes; only while the entry is among the recent frames
     thumbnail: bytes | None = None  # JPEG of the frame; anomalous frames only (kept in the defect feed)
+    # When the console got the result, on its own clocks: cameras' clocks can be years off or step back an hour.
+    seen_at: float = field(default_factory=time.time)  # epoch seconds: the feed's filter, the score plot
+    arrived: float = field(default_factory=time.monotonic)  # the tile's reorder window
 
     @cached_property
     def captured(self) -> float | None:
@@ -82,16 +88,19 @@ class Entry:
         return epoch(self.result.get("captured_at"))
 
     def view(self) -> dict:
-        """The result as the browser gets it, with which images exist."""
+        """The result as the browser gets it, with which images exist and when the console got it."""
         return {**self.result, "has_heatmap": self.heatmap is not None, "has_frame": self.frame is not None,
-                "has_thumbnail": self.thumbnail is not None}
+                "has_thumbnail": self.thumbnail is not None, "seen_at": round(self.seen_at, 3)}
 
 
-def _not_older(entry: Entry, shown: Entry) -> bool:
-    """The page's rule for a camera's tile: the newest frame by capture time, or the shown frame again (a late
-    image); results of two infer requests can arrive out of capture order. A time that cannot be read counts as new."""
-    return entry.result.get("frame_id") == shown.result.get("frame_id") or entry.captured is None or \
-        shown.captured is None or entry.captured >= shown.captured
+def _replaces(entry: Entry, shown: Entry) -> bool:
+    """Whether a camera's tile moves from ``shown`` to ``entry``, which arrived after it: it follows arrival, except
+    for a late result of a slightly older frame (two infer requests finishing out of order). Capture order alone froze
+    a tile on a frame stamped in the future until the console restarted. A time that cannot be read counts as new."""
+    if entry.result.get("frame_id") == shown.result.get("frame_id") or entry.captured is None or shown.captured is None:
+        return True
+    return not (0 < shown.captured - entry.captured <= REORDER_WINDOW_S
+                and entry.arrived - shown.arrived <= REORDER_WINDOW_S)
 
 
 _K = TypeVar("_K")
@@ -196,7 +205,7 @@ class Hub:
                 (self.pending_frames if kind == "frame" else self.pending_heatmaps)[key] = data
                 return
             setattr(entry, kind, data)
-            view = entry.view()
+            view = {**entry.view(), "first": False, "tile": self.latest.get(camera) is entry}
         self._emit("frame", view)
 
     def _on_result(self, result: dict) -> None:
@@ -204,18 +213,22 @@ class Hub:
         with self.lock:
             entry = Entry(result, self.pending_heatmaps.pop(key, None), self.pending_frames.pop(key, None))
             previous = self.recent.pop(key, None) or self.defects.get(key)
-            if previous is not None:  # the same frame again: keep its label
+            if previous is not None:  # the same frame again: keep its label and its place in the feed
                 entry.result.update({k: previous.result[k] for k in ("label", "defect_type") if k in previous.result})
+                entry.seen_at = previous.seen_at
             self.recent[key] = entry
             shown = self._touch(self.latest, key[0], lambda: entry)
-            if shown is not entry and _not_older(entry, shown):
+            if shown is not entry and _replaces(entry, shown):
                 self.latest[key[0]] = entry
-            self._add_point(key[0], entry)
+            tile = self.latest[key[0]] is entry
+            if previous is None:
+                self._add_point(key[0], entry)
         if result.get("verdict") == "anomalous":
             entry.thumbnail = self._thumbnail(entry.frame)
             with self.lock:
                 self.defects[key] = entry
-        self._emit("frame", entry.view())
+        # The page follows the hub: "tile" (this frame is the camera's tile now), "first" (a new point and feed item).
+        self._emit("frame", {**entry.view(), "first": previous is None, "tile": tile})
 
     @staticmethod
     def _thumbnail(frame: bytes | None) -> bytes | None:
@@ -227,7 +240,7 @@ class Hub:
             return None
 
     def _add_point(self, camera: str, entry: Entry) -> None:
-        at = entry.captured or time.time()
+        at = entry.seen_at  # the camera's clock may be years off: the plot's "last hour" is the console's
         points = self._touch(self.series, camera, deque)
         points.append((at, float(entry.result.get("score", 0.0))))
         horizon = time.time() - self.cfg.series_minutes * 60
@@ -288,13 +301,13 @@ class Hub:
             return getattr(entry, kind, None) if entry is not None else None
 
     def defect_feed(self, camera: str | None, since: float | None, until: float | None, limit: int) -> list[dict]:
-        """Anomalous frames seen since the console started, newest (by capture time) first."""
+        """Anomalous frames seen since the console started, the last received first; ``since``/``until`` bound the
+        console's receive time. Capture times would put a camera whose clock runs ahead on top for good, and leave
+        one whose clock runs behind out of every recent window."""
         with self.lock:
-            found = [(e.captured or 0, e.view()) for e in self.defects.values()
-                     if not camera or e.result["camera"] == camera]
-        found = [(at, view) for at, view in found if (not since or at >= since) and (not until or at <= until)]
-        found.sort(key=lambda item: item[0], reverse=True)
-        return [view for _, view in found[:limit]]
+            found = [e.view() for e in reversed(self.defects.values()) if (not camera or e.result["camera"] == camera)
+                     and (not since or e.seen_at >= since) and (not until or e.seen_at <= until)]
+        return found[:limit]
 
     def score_series(self) -> dict[str, list[list[float]]]:
         """Per camera, the highest score in each time bucket of the window: ``[[bucket_start, max_score], ...]``."""

@@ -21,7 +21,12 @@ const modelSeen = new Map();  // worker id -> the scopes' versions last shown: a
 const imageUrl = (camera, frameId, kind) => `/api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
 const keyOf = (camera, frameId) => `${camera}/${frameId}`;  // neither may contain "/" (topic level, API rule)
 const fmtTime = (iso) => { const d = new Date(iso); return isNaN(d) ? String(iso) : d.toLocaleString(); };
-const epochOf = (iso) => Date.parse(iso) / 1000;
+// A tile's capture time: the time of day, with the date when it is not today (a camera clock reset to 2000 shows).
+const fmtCaptured = (iso) => {
+  const d = new Date(iso);
+  if (isNaN(d)) return String(iso);
+  return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+};
 
 // Latest-wins image loading: a tile never queues up stale images behind a slow one.
 function show(img, url) {
@@ -94,7 +99,7 @@ function renderTile(cam) {
   el.classList.toggle("anomalous", r.verdict === "anomalous");
   $(".verdict", el).textContent = r.verdict;
   $(".score", el).textContent = `score ${r.score.toFixed(3)} (raw ${r.raw_score} / ${r.threshold})`;
-  $(".fid", el).textContent = `${r.frame_id} · ${new Date(r.captured_at).toLocaleTimeString()}`;
+  $(".fid", el).textContent = `${r.frame_id} · ${fmtCaptured(r.captured_at)}`;
   $(".model", el).textContent = r.model ? `${r.model.name} ${r.model.version}` : "";
   const frame = $(".frame", el), heat = $(".heat", el);
   // The worker's heatmap is already blended over the frame: the camera image is only fetched when it shows.
@@ -118,12 +123,8 @@ function render() {
   if (feedPending.length && now - feedAt >= FEED_EVERY_MS) {
     feedAt = now;
     const list = $("#defects");
-    feedPending.sort((a, b) => epochOf(a.captured_at) - epochOf(b.captured_at));
-    for (const r of feedPending.slice(-FEED_MAX)) {  // newest first by capture time (results may finish out of order)
-      let before = list.firstElementChild;
-      while (before && Number(before.dataset.at) > epochOf(r.captured_at)) before = before.nextElementSibling;
-      list.insertBefore(card(r), before);
-    }
+    // The last received first, as /api/defects lists them: events come in the console's receive order.
+    for (const r of feedPending.slice(-FEED_MAX)) list.insertBefore(card(r), list.firstElementChild);
     while (list.children.length > FEED_MAX) list.lastElementChild.remove();
     feedPending = [];
   } else if (feedPending.length && !feedTimer) {
@@ -137,15 +138,16 @@ function schedule() {
 
 function feedMatches(r) {
   const camSel = $("#feed-camera").value, since = $("#feed-since").value;
-  return (!camSel || r.camera === camSel) && (!since || epochOf(r.captured_at) >= Date.now() / 1000 - Number(since));
+  return (!camSel || r.camera === camSel) && (!since || r.seen_at >= Date.now() / 1000 - Number(since));
 }
 
+// The console decides (hub.py): "tile" when this frame is its camera's tile now, "first" when its result is new
+// rather than a late image or a repeat. Camera clocks can be years off, so the page compares no capture times.
 function onFrame(r) {
   const cam = camera(r.camera);
-  const repeat = cam.latest && cam.latest.frame_id === r.frame_id;  // the same frame again (a late image)
-  if (!repeat) addPoint(cam, epochOf(r.captured_at), r.score);
-  if (repeat || !cam.latest || epochOf(r.captured_at) >= epochOf(cam.latest.captured_at)) { cam.latest = r; cam.dirty = true; }
-  if (r.verdict === "anomalous" && !repeat && feedMatches(r)) feedPending.push(r);
+  if (r.first) addPoint(cam, r.seen_at, r.score);
+  if (r.tile) { cam.latest = r; cam.dirty = true; }
+  if (r.verdict === "anomalous" && r.first && feedMatches(r)) feedPending.push(r);
   schedule();
 }
 
@@ -159,7 +161,6 @@ function card(r, hit = false) {
   const li = $("#card-tpl").content.firstElementChild.cloneNode(true);
   li.dataset.key = keyOf(r.camera, r.frame_id);
   li.dataset.frameId = r.frame_id;
-  li.dataset.at = epochOf(r.captured_at);
   li.classList.toggle("anomalous", r.verdict === "anomalous");
   const thumb = $(".thumb", li), hm = $(".hm", li);
   if (hit) {

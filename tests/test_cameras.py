@@ -204,6 +204,7 @@ def test_json_envelopes_are_validated_like_user_properties(running, dataset):
         (json.dumps({"image_b64": _b64(b"garbage bytes"), "frame_id": "garbage", "captured_at": "1795000000"}), "not_an_image"),
         (json.dumps({"image_b64": _b64(good), "captured_at": "1795000000"}), "missing_metadata"),
         (json.dumps({"image_b64": _b64(good), "frame_id": "bad-time", "captured_at": "soon"}), "bad_metadata"),
+        (json.dumps({"image_b64": _b64(good), "frame_id": "bool-time", "captured_at": True}), "bad_metadata"),
         (json.dumps({"image_b64": _b64(good), "frame_id": {"nested": 1}, "captured_at": "1795000000"}), "bad_metadata"),
         (json.dumps({"image_b64": _b64(good), "frame_id": "wrong-cam", "captured_at": "1795000000", "camera_id": "cam9"}),
          "camera_mismatch"),
@@ -218,6 +219,9 @@ def test_json_envelopes_are_validated_like_user_properties(running, dataset):
     expected_errors = [code for _, code in frames if code]
     errors = client.json_on(f"{prefix}/env/error", count=len(expected_errors))
     assert [e["code"] for e in errors] == expected_errors
+    # each error names the frame where the envelope gave a usable id, for its publisher to match it
+    assert [e["frame_id"] for e in errors] == [None, None, "no-image", "bad-b64", "two-images", "garbage", None,
+                                               "bad-time", "bool-time", None, "wrong-cam", None]
     assert all(e["message"] for e in errors)
     results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/env/result", count=3)}
     assert set(results) == {"env-1", "env-2", "env-3"}  # the last one came after all the bad ones: no stall

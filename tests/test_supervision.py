@@ -273,7 +273,8 @@ def test_timestamps_must_be_finite_and_in_range(value):
 
 
 @pytest.mark.parametrize("value", ["1795996800", "1795996800000", "1795996800000000", "1795996800000000000",
-                                   "1795996800.25", 1795996800000, 1.7959968e12, "2026-11-30T00:00:00Z"])
+                                   "1795996800.25", 1795996800000, 1.7959968e12, "2026-11-30T00:00:00Z",
+                                   "2026-11-30t00:00:00z", "2026-11-30T01:00:00+01:00"])
 def test_epoch_numbers_in_seconds_milliseconds_microseconds_or_nanoseconds_are_told_apart_by_size(value):
     """Between 2000 and 2100 an epoch number in each unit lies in a range no other unit reaches, so a camera gateway
     that sends JavaScript's Date.now() (milliseconds) or a nanosecond clock gets its frame's time, not an error."""

@@ -50,6 +50,7 @@ class FrameError(Exception):
         super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
+        self.frame_id: str | None = None  # the frame's id where only the refused payload held it (a JSON envelope)
 
 
 def use_opencv_threads(n: int) -> None:

@@ -95,6 +95,16 @@ def open_envelope(payload: bytes, max_image_bytes: int) -> Arrival:
         raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope is not JSON ({type(exc).__name__})") from None
     if not isinstance(doc, dict):
         raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope is a JSON {type(doc).__name__}, not an object")
+    sent_id = next((value for key, value in doc.items() if _FIELD_OF.get(key) == "frame_id"), None)
+    try:
+        return _read_envelope(doc)
+    except FrameError as exc:  # the error answer names the frame, for its publisher to match it
+        exc.frame_id = sent_id if valid_id(sent_id) else None
+        raise
+
+
+def _read_envelope(doc: dict) -> Arrival:
+    """The fields and the image of a JSON object (:func:`open_envelope`)."""
     found: dict[str, tuple[str, object]] = {}
     for key, value in doc.items():
         field = _FIELD_OF.get(key)

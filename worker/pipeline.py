@@ -119,7 +119,7 @@ class Pipeline:
         try:
             arrival = self.ingest.arrive(camera, props, payload, received_ts)
         except FrameError as exc:
-            self._fail(camera, props.get("frame_id"), exc.code, exc.message)
+            self._fail(camera, props.get("frame_id") or exc.frame_id, exc.code, exc.message)
             return
         props, payload = arrival.fields, arrival.data
         delivery = None if "frame_id" in arrival.generated else self._delivery(camera, props, payload, arrival.generated)

@@ -81,7 +81,8 @@ def parse_timestamp(value: str | float | int) -> float:
             ts = _epoch_seconds(float(text))
         except ValueError:
             try:
-                stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+                # RFC 3339 allows a lower-case "z" (and "t", which Python reads)
+                stamp = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
             except (ValueError, OverflowError) as exc:
                 raise ValueError(f"{text[:64]!r} is not ISO-8601 or an epoch number") from exc
             if stamp.tzinfo is None:

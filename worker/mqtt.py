@@ -24,6 +24,7 @@ from paho.mqtt import properties as paho_properties
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker.config import ConfigError, MQTTConfig
@@ -49,6 +50,29 @@ def _read_utf(buffer: bytes, maxlen: int) -> tuple[str, int]:
 
 
 paho_properties.readUTF = _read_utf  # looked up by name when paho unpacks received properties
+
+_strict_name = ReasonCode.__getName__
+
+
+def _reason_name(self: ReasonCode, packet_type: int, identifier: int) -> str:
+    """A received reason code's name, read leniently: paho 2.2 drops the connection over a code the MQTT v5 table
+    does not list for that packet, and mosquitto answers a publish over its ``message_size_limit`` with a PUBACK of
+    149 (Packet too large), a code the table gives DISCONNECT only.  paho then resent the publish at every
+    reconnect, for ever, and the frames behind it were delivered and scored again each time."""
+    try:
+        return _strict_name(self, packet_type, identifier)
+    except (KeyError, ValueError):
+        names = ReasonCode.names.get(identifier)
+        return next(iter(names)) if names else f"reason code {identifier}"
+
+
+def _unpack_reason(self: ReasonCode, buffer: bytes | bytearray) -> int:
+    self.value = buffer[0]
+    return 1
+
+
+ReasonCode.__getName__ = _reason_name  # type: ignore[method-assign,assignment]
+ReasonCode.unpack = _unpack_reason  # type: ignore[method-assign]
 
 
 class PacketTooLarge(Exception):
@@ -144,6 +168,8 @@ class MqttLink:
             if insecure:
                 log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
                 self.client.tls_insecure_set(True)
+        self.will = will
+        self.max_qos, self.retain_available = 1, True  # as the broker's last CONNACK announced
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_pre_connect = self._on_pre_connect
@@ -182,6 +208,18 @@ class MqttLink:
         if done is not None:
             done.set()
 
+    def _degrade(self, max_qos: int, retain: bool) -> None:
+        """Take the broker's announced limits (MQTT v5 CONNACK: Maximum QoS, Retain Available) for what the worker
+        publishes and its last will: a broker refuses a connection whose will exceeds them, and closes one that
+        publishes beyond them.  Said once each."""
+        if max_qos < 1 <= self.max_qos:
+            log.warning("the broker takes QoS 0 only: results, heatmaps, answers and frames travel at most once and "
+                        "are lost when the connection drops")
+        if not retain and self.retain_available:
+            log.warning("the broker keeps no retained messages: this worker's availability and model are published "
+                        "unretained, seen only by clients subscribed at the time")
+        self.max_qos, self.retain_available = max_qos, retain
+
     def _subscribe(self, topics: list[str]) -> None:
         """Subscribe and remember what was asked, for the SUBACK to be read against it."""
         if not topics:
@@ -206,7 +244,7 @@ class MqttLink:
                 refused[topic] = str(code)
                 continue
             granted.append(topic)
-            if code.value < qos and topic not in self.watch:
+            if code.value < min(qos, self.max_qos) and topic not in self.watch:  # not what the broker announced
                 log.warning("the broker granted QoS %d, not %d, for %s: frames and requests sent to it at QoS 1 "
                             "reach this worker at most once and are lost when the connection drops", code.value,
                             qos, topic)
@@ -235,6 +273,7 @@ class MqttLink:
             return
         message = getattr(client, "_out_messages", {}).get(mid)  # paho keeps it until this callback returns
         topic = message.topic if message is not None else "?"
+        size = len(message.payload) if message is not None else None
         with self._lock:
             self.publishes_refused += 1
             self.last_refused = {"topic": topic, "reason": str(reason_code)}
@@ -242,11 +281,16 @@ class MqttLink:
             say = self._refusal_log.ready()
             if say:
                 self._refusals_said = self.publishes_refused
-        if say:
+        if not say:
+            return
+        if reason_code.value == 149:  # Packet too large: mosquitto's message_size_limit, which no CONNACK announces
+            cause = (f"its {size}-byte payload is over the broker's message size limit (mosquitto: message_size_limit): "
+                     "raise it, or make heatmaps smaller (heatmap.size, heatmap.format: jpeg) or send fewer (heatmap.publish)")
+        else:
             who = f"user {self.cfg.username!r}" if self.cfg.username else "anonymous clients"
-            log.error("the broker refused %d message(s) this worker published, the last on %s (%s): they are lost "
-                      "(results, heatmaps, answers); the broker's ACL must let %s write the worker's topics, under "
-                      "the prefix set in topics.prefix", count, topic, reason_code, who)
+            cause = f"the broker's ACL must let {who} write the worker's topics, under the prefix set in topics.prefix"
+        log.error("the broker refused %d message(s) this worker published, the last on %s (%s): they are lost "
+                  "(results, heatmaps, answers); %s", count, topic, reason_code, cause)
 
     @property
     def refused(self) -> dict[str, str]:
@@ -274,8 +318,13 @@ class MqttLink:
         self._attempting = False
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
+            if reason_code.value in (0x9A, 0x9B) and self.will is not None:  # the will's retain flag or QoS 1
+                self._degrade(0 if reason_code.value == 0x9B else self.max_qos,
+                              self.retain_available and reason_code.value != 0x9A)
+                client.will_set(self.will[0], self.will[1], qos=self.max_qos, retain=self.retain_available)
             return
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        self._degrade(min(getattr(properties, "MaximumQoS", 2), 1), bool(getattr(properties, "RetainAvailable", 1)))
         self.connect_failures, self._next_failure_log = 0, 0.0
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
         if flags.session_present and self.stale:
@@ -283,7 +332,10 @@ class MqttLink:
         self._subscribe(self.subscriptions + self.watch)
         self.connected.set()
         if self.on_connected:
-            self.on_connected()
+            try:
+                self.on_connected()
+            except Exception:  # raised into paho, it would end the network thread: no message would come again
+                log.exception("announcing this worker on the connection failed")
 
     def _attempt_failed(self, reason: object) -> None:
         """paho retries a broker it cannot reach without a word, so a worker started before its broker, or pointed
@@ -354,8 +406,9 @@ class MqttLink:
                                      f"{self.max_packet_size}")
         if accepted is not None:
             accepted()
-        return self.client.publish(topic, data, qos=self.cfg.qos if qos is None else qos, retain=retain,
-                                   properties=properties)
+        # a broker closes the connection over a QoS or a retain flag its CONNACK said it does not take
+        return self.client.publish(topic, data, qos=min(self.cfg.qos if qos is None else qos, self.max_qos),
+                                   retain=retain and self.retain_available, properties=properties)
 
     def stop(self) -> None:
         self.client.disconnect()

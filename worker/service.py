@@ -41,7 +41,7 @@ from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
 from worker.spaces import embedding_space_of
 from worker.store import VectorStore
-from worker.supervise import DeadMansSwitch, Liveness, StopLoop, supervised_loop
+from worker.supervise import DeadMansSwitch, Liveness, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
@@ -184,6 +184,8 @@ class Worker:
         self.accepting = True
         self._unanswerable = 0  # requests whose answer had no topic to go to (logged, the first few)
         self._refusals_counted = 0  # of the link's refused publishes, those added to the Prometheus counter
+        self._too_large = Throttle(3600)  # status messages over the broker's maximum packet size, said
+        self._stats_reduced = Throttle(3600)  # ... and stats sent without their per-camera parts
         self.link.on_message = self._route
         self.link.on_connected = self._announce
 
@@ -192,7 +194,30 @@ class Worker:
         self._publish_models()
 
     def _announce_online(self) -> None:
-        self.link.publish(self.topics.availability, "online", retain=True, properties=self.presence.online_properties())
+        self._status(self.topics.availability, "online", properties=self.presence.online_properties())
+
+    def _publish_stats(self) -> None:
+        """The stats; past the broker's maximum packet size (they grow with every camera) without the per-camera
+        parts, which /metrics and the console still have, rather than none."""
+        stats = self.stats_payload()
+        try:
+            self.link.publish(self.topics.stats, json.dumps(stats))
+        except PacketTooLarge as exc:
+            if self._stats_reduced.ready():
+                log.error("stats published without their per-camera parts: %s; raise the broker's maximum packet size "
+                          "(mosquitto: max_packet_size)", exc)
+            per_camera = ("cameras", "capture", "evidence")
+            self._status(self.topics.stats, json.dumps({**{k: v for k, v in stats.items() if k not in per_camera},
+                                                        "omitted": list(per_camera)}), retain=False)
+
+    def _status(self, topic: str, payload: str, retain: bool = True, **kw) -> None:
+        """Publish one of the worker's own status messages; one the broker's maximum packet size refuses is said
+        (once an hour) instead of raised: it would end the main loop, or paho's network thread on a connect."""
+        try:
+            self.link.publish(topic, payload, retain=retain, **kw)
+        except PacketTooLarge as exc:
+            if self._too_large.ready():
+                log.error("not published: %s; raise the broker's maximum packet size (mosquitto: max_packet_size)", exc)
 
     def _publish_models(self) -> None:
         scopes = {}
@@ -206,7 +231,7 @@ class Worker:
         body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,
                 "device_name": self.models.default.bundle.device_name,
                 "embedding_dim": self.models.embedding_dim}
-        self.link.publish(self.topics.model, json.dumps(body), retain=True)
+        self._status(self.topics.model, json.dumps(body))
 
     def control(self, payload: bytes | dict) -> dict:
         """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves;
@@ -429,7 +454,7 @@ class Worker:
                           "messages); the broker's ACL must cover the prefix set in topics.prefix",
                           self.topics.availability, ECHO_S)
             if now >= next_stats and self.link.connected.is_set():
-                self.link.publish(self.topics.stats, json.dumps(self.stats_payload()))
+                self._publish_stats()
                 next_stats = now + self.cfg.worker.stats_interval_s
         # A shutdown that hangs must end too: the switch stays armed, with room for its own timeouts.
         DeadMansSwitch(self.cfg.worker.watchdog_s and self.cfg.worker.watchdog_s + 90).arm()
@@ -460,7 +485,7 @@ class Worker:
         if self.capture is not None:
             self.capture.flush()
         if self.link.connected.is_set():
-            self.link.publish(self.topics.stats, json.dumps(self.stats_payload()))
+            self._publish_stats()
             info = self.link.publish(self.topics.availability, "stopped", retain=True)
             try:
                 info.wait_for_publish(5)

@@ -1,0 +1,102 @@
+"""Brokers configured as factories run them: limits a broker announces in its CONNACK or applies on its own, with the
+real worker and a real mosquitto set up that way."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import cv2
+import numpy as np
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import Client, good_png, wait_online, write_config
+from scripts.broker import Broker
+
+
+def _frame_properties(frame_id: str) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("frame_id", frame_id), ("captured_at", str(time.time()))]
+    return props
+
+
+def test_a_message_size_limit_below_the_heatmaps_costs_the_heatmaps_not_the_connection(bundle_dir, dataset,
+                                                                                         tmp_path, worker_factory):
+    """mosquitto's message_size_limit is announced to no client: it answers a publish over it with a PUBACK of
+    149 (Packet too large), which paho 2.2 took for a malformed packet.  It closed the connection and resent the
+    heatmap at every reconnect, once a second for ever, and every frame not yet acknowledged was delivered and
+    scored again each time.  Now the heatmaps are lost, said and counted; the connection and the results stay."""
+    broker = Broker(tmp_path / "broker", extra="message_size_limit 20000\n")
+    client = Client(broker.port)
+    try:
+        worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir,
+                                             heatmap={"format": "png", "size": 512}))
+        wait_online(client, "inspect")
+        for n in range(3):
+            client.publish_frame("cam1", good_png(dataset).read_bytes(), f"big-{n}")
+        results = client.json_on("inspect/cam1/result", count=3)
+        assert sorted(r["frame_id"] for r in results) == ["big-0", "big-1", "big-2"]
+
+        def counted(m) -> bool:
+            return m.topic == "inspect/workers/w-test/stats" and json.loads(m.payload)["publishes_refused"] >= 3
+
+        stats = json.loads(client.wait_for(counted)[-1].payload)
+        assert stats["last_publish_refused"] == {"topic": "inspect/cam1/heatmap", "reason": "Packet too large"}
+        output = worker.output()
+        assert "disconnected from broker" not in output, output[-3000:]
+        assert "over the broker's message size limit (mosquitto: message_size_limit)" in output
+        assert worker.stop() == 0
+    finally:
+        client.close()
+        broker.stop()
+
+
+def test_stats_past_the_brokers_maximum_packet_size_leave_out_their_per_camera_parts(bundle_dir, tmp_path,
+                                                                                      worker_factory):
+    """The stats grow with every camera; past the maximum packet size a broker announces, their publish raised in
+    the worker's main loop and the worker exited.  They now go without their per-camera parts."""
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 4096\n")
+    client = Client(broker.port)
+    try:
+        worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir, heatmap={"publish": "never"}))
+        wait_online(client, "inspect")
+        tiny = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))[1].tobytes()  # the broker takes 4 kB
+        cameras = [f"camera-with-a-long-name-{n:02d}" for n in range(40)]
+        for camera in cameras:
+            client.publish_frame(camera, tiny, "f1")
+        answered = client.wait_for(lambda m: m.topic.endswith(("/result", "/error")), count=len(cameras))
+        assert {m.topic.split("/")[1] for m in answered} == set(cameras)  # a result, or a "dropped" past the queue
+
+        def reduced(m) -> bool:
+            return m.topic == "inspect/workers/w-test/stats" and "omitted" in json.loads(m.payload)
+
+        first, second = (json.loads(m.payload) for m in client.wait_for(reduced, count=2)[:2])
+        assert first["omitted"] == ["cameras", "capture", "evidence"] and "cameras" not in first
+        assert second["uptime_s"] > first["uptime_s"]  # the main loop goes on
+        assert "stats published without their per-camera parts" in worker.output()
+        assert worker.stop() == 0
+    finally:
+        client.close()
+        broker.stop()
+
+
+def test_a_broker_without_retain_or_qos_1_is_served_at_what_it_takes(bundle_dir, dataset, tmp_path, worker_factory):
+    """`retain_available false` and `max_qos 0`: mosquitto refuses a connection whose last will is retained or at QoS
+    1, and the worker tried again for ever ("Retain not supported").  It now sends its will, and publishes, within
+    what the broker takes, and says what that costs."""
+    broker = Broker(tmp_path / "broker", extra="retain_available false\nmax_qos 0\n")
+    client = Client(broker.port)  # subscribed before the worker starts: availability is not retained here
+    try:
+        worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir))
+        wait_online(client, "inspect")
+        client.client.publish("inspect/cam1/frame", good_png(dataset).read_bytes(), qos=0,
+                              properties=_frame_properties("at-qos-0"))
+        assert client.json_on("inspect/cam1/result")[0]["frame_id"] == "at-qos-0"
+        output = worker.output()
+        assert "the broker keeps no retained messages" in output and "the broker takes QoS 0 only" in output
+        assert "disconnected from broker" not in output, output[-3000:]
+        assert worker.stop() == 0
+    finally:
+        client.close()
+        broker.stop()

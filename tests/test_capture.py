@@ -144,6 +144,12 @@ def test_cameras_past_the_bound_are_counted_not_sampled_even_after_a_restart(tmp
     assert again.counts()["a"]["seen"] == 7  # a camera with a sample goes on
     again.add_false_alarm("e", "e0", image(1))
     assert again.counts()["e"]["false_alarms"] == 1
+    # a camera known for a false alarm, or an unlabel, gets no sample past the bound
+    again.remove_false_alarm("f", "f0")
+    assert not (tmp_path / "f").exists() and "f" not in again.counts()
+    for camera in ("e", "f"):
+        assert not again.offer(camera, f"{camera}1", image(2), png(2))
+    assert again.skipped_frames == 3 and again.counts()["e"]["kept"] == 0
 
 
 def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, capsys) -> None:

@@ -188,11 +188,12 @@ class Capture:
 
     def _offer(self, camera: str, key: str, image: np.ndarray, encoded: Callable[[], tuple[bytes, str]]) -> bool:
         """:meth:`offer` under the lock."""
-        if camera not in self._cameras and self.max_cameras is not None and len(self._cameras) >= self.max_cameras:
+        known = self._cameras.get(camera)
+        if (known is None or not known.seen) and self.max_cameras is not None and self._sampled() >= self.max_cameras:
             self.skipped_frames += 1
             if self._report_skipped.ready():
                 log.warning("capture sample: %d cameras have a sample (capture.max_cameras); frames of camera %r and "
-                            "any further one are not sampled (%d frames so far)", len(self._cameras), camera,
+                            "any further one are not sampled (%d frames so far)", self._sampled(), camera,
                             self.skipped_frames)
             return False
         state = self._camera(camera)
@@ -267,6 +268,11 @@ class Capture:
             return False
         return float(1 - (state.vectors @ vector).max()) < self.min_distance
 
+    def _sampled(self) -> int:
+        """Cameras with a sample of normal frames: the bound's count.  A camera known only for its false alarms (a
+        label, an unlabel) is not one: counted, each label gave a camera a sample past the bound."""
+        return sum(1 for state in self._cameras.values() if state.seen)
+
     def add_false_alarm(self, camera: str, key: str, image: np.ndarray) -> None:
         """A frame the operator labelled a false alarm (``image``: as the model sees it, cropped), kept as PNG."""
         data = cv2.imencode(".png", image)[1].tobytes()
@@ -278,7 +284,9 @@ class Capture:
 
     def remove_false_alarm(self, camera: str, key: str) -> None:
         with self._lock:
-            state = self._camera(camera)
+            state = self._cameras.get(camera)  # an unlabel of a camera never labelled makes it no folder
+            if state is None:
+                return
             for name in [n for n in state.false_alarms if n.split(".", 1)[0] == key]:
                 (state.folder / FALSE_ALARMS / name).unlink(missing_ok=True)
                 state.false_alarms.discard(name)

@@ -123,6 +123,18 @@ def test_environment_overrides_and_secrets_stay_secret(tmp_path):
     assert load_config(path, environ={}).mqtt.secret() == "from-a-file"
 
 
+def test_a_password_without_a_user_name_is_refused_not_dropped(tmp_path):
+    """MQTT sends no password without a user name: a password set alone (e.g. only EDGE_INSPECT__MQTT__PASSWORD)
+    was dropped, and the broker refused an anonymous worker as "Not authorized" with no hint why."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {bundle: b}\n")
+    with pytest.raises(ConfigError, match="mqtt.password is set but mqtt.username is not"):
+        load_config(path, environ={"EDGE_INSPECT__MQTT__PASSWORD": "s3cret"})
+    path.write_text("model: {bundle: b}\nmqtt: {username: w, password: a, password_file: pw}\n")
+    with pytest.raises(ConfigError, match="mqtt.password and mqtt.password_file are both set"):
+        load_config(path, environ={})
+
+
 def test_credentials_that_cannot_be_read_stop_the_start_naming_the_key(tmp_path):
     """A missing password file or certificate, or a file that is no certificate, gave a traceback at start. The
     files are read where the worker runs, not when a config is checked (they may exist only there)."""

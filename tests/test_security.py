@@ -114,14 +114,15 @@ def test_a_worker_the_broker_will_not_take_says_why(secure_broker, bundle_dir, t
     wrong = write_config(tmp_path / "wrong", broker.port, bundle_dir,
                          mqtt={"username": "worker", "password": "not-it", "tls": {"ca_file": str(files / "ca.crt")}})
     workers = {"the connection was closed before the broker answered": WorkerProcess(plain, tmp_path / "plain.log"),
-               "broker refused the connection: Not authorized": WorkerProcess(wrong, tmp_path / "wrong.log")}
+               "broker refused the connection: Not authorized (as user 'worker')": WorkerProcess(wrong,
+                                                                                                 tmp_path / "wrong.log")}
     try:
         deadline = time.monotonic() + 120
         for line, worker in workers.items():
             while line not in worker.output():
                 assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
                 time.sleep(0.1)
-        assert "not-it" not in workers["broker refused the connection: Not authorized"].output()
+        assert "not-it" not in workers["broker refused the connection: Not authorized (as user 'worker')"].output()
     finally:
         codes = [worker.stop() for worker in workers.values()]
     assert codes == [0, 0]

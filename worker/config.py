@@ -61,6 +61,18 @@ class MQTTConfig(_Section):
                                                                  "paho takes it).")
     reconnect_max_s: int = Field(30, ge=1, le=YEAR_S, description="Reconnect delays double up to this (whole seconds).")
 
+    @model_validator(mode="after")
+    def _login(self) -> MQTTConfig:
+        """MQTT sends no password without a user name: one given alone was dropped, and the worker connected
+        anonymously, refused as "Not authorized" with no hint why."""
+        given = [name for name in ("password", "password_file") if getattr(self, name) is not None]
+        if given and self.username is None:
+            raise ValueError(f"mqtt.{given[0]} is set but mqtt.username is not: the broker gets no password without a "
+                             "user name")
+        if len(given) == 2:
+            raise ValueError("mqtt.password and mqtt.password_file are both set: keep one")
+        return self
+
     def secret(self) -> str | None:
         if self.password is not None:
             return self.password.get_secret_value()

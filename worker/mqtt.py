@@ -317,7 +317,8 @@ class MqttLink:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._attempting = False
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            log.error("broker refused the connection: %s (%s)", reason_code,
+                      f"as user {self.cfg.username!r}" if self.cfg.username else "anonymous: mqtt.username is not set")
             if reason_code.value in (0x9A, 0x9B) and self.will is not None:  # the will's retain flag or QoS 1
                 self._degrade(0 if reason_code.value == 0x9B else self.max_qos,
                               self.retain_available and reason_code.value != 0x9A)

@@ -103,19 +103,29 @@ def _run_worker(tmp_path, port: int, files, bundle_dir, prefix: str = "inspect")
         del os.environ["EDGE_INSPECT__MQTT__PASSWORD"]
 
 
-def test_a_worker_the_broker_will_not_take_says_why(secure_broker, bundle_dir, tmp_path):
+def test_a_worker_the_broker_will_not_take_says_why(secure_broker, broker, bundle_dir, tmp_path):
     """The commonest slips against a secured broker: no `mqtt.tls` for a TLS listener (the broker closes the connection
-    before it answers: paho retried without a word, and this worker looked idle), and a wrong password."""
-    from conftest import WorkerProcess, write_config
+    before it answers: paho retried without a word, and this worker looked idle), a wrong password, the CA of
+    another broker (said as a broker that cannot be reached), and TLS against a listener without it (said as
+    "Connection reset by peer" only)."""
+    from conftest import WorkerProcess
 
-    broker, files = secure_broker
-    plain = write_config(tmp_path / "plain", broker.port, bundle_dir,
+    secure, files = secure_broker
+    other = tmp_path / "other-ca"
+    subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(other)], check=True, capture_output=True)
+    tls = {"ca_file": str(files / "ca.crt")}
+    plain = write_config(tmp_path / "plain", secure.port, bundle_dir,
                          mqtt={"username": "worker", "password": USERS["worker"], "reconnect_max_s": 1})
-    wrong = write_config(tmp_path / "wrong", broker.port, bundle_dir,
-                         mqtt={"username": "worker", "password": "not-it", "tls": {"ca_file": str(files / "ca.crt")}})
+    wrong = write_config(tmp_path / "wrong", secure.port, bundle_dir,
+                         mqtt={"username": "worker", "password": "not-it", "tls": tls})
+    untrusted = write_config(tmp_path / "untrusted", secure.port, bundle_dir,
+                             mqtt={"username": "worker", "password": "not-it", "tls": {"ca_file": str(other / "ca.crt")}})
+    tls_to_plain = write_config(tmp_path / "tls-to-plain", broker.port, bundle_dir, mqtt={"tls": tls})
     workers = {"the connection was closed before the broker answered": WorkerProcess(plain, tmp_path / "plain.log"),
                "broker refused the connection: Not authorized (as user 'worker')": WorkerProcess(wrong,
-                                                                                                 tmp_path / "wrong.log")}
+                                                                                                 tmp_path / "wrong.log"),
+               "the broker's certificate is not trusted (": WorkerProcess(untrusted, tmp_path / "untrusted.log"),
+               "the TLS handshake failed (": WorkerProcess(tls_to_plain, tmp_path / "tls-to-plain.log")}
     try:
         deadline = time.monotonic() + 120
         for line, worker in workers.items():
@@ -125,7 +135,7 @@ def test_a_worker_the_broker_will_not_take_says_why(secure_broker, bundle_dir, t
         assert "not-it" not in workers["broker refused the connection: Not authorized (as user 'worker')"].output()
     finally:
         codes = [worker.stop() for worker in workers.values()]
-    assert codes == [0, 0]
+    assert codes == [0, 0, 0, 0]
 
 
 def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bundle_dir, dataset, tmp_path):

@@ -352,7 +352,14 @@ class MqttLink:
     def _on_connect_fail(self, client, userdata) -> None:
         """No connection at all: no such host, nothing listening, a firewall, a TLS handshake that failed."""
         self._attempting = False
-        self._attempt_failed(sys.exc_info()[1] or "connection failed")  # paho calls this inside its `except OSError`
+        exc = sys.exc_info()[1]  # paho calls this inside its `except OSError`
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            self._attempt_failed(f"the broker's certificate is not trusted ({exc.verify_message}): mqtt.tls.ca_file "
+                                 "must hold the CA that signed it, and the certificate must name mqtt.host")
+        elif self.cfg.tls is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
+            self._attempt_failed(f"the TLS handshake failed ({exc}); a listener without TLS at this port does this")
+        else:
+            self._attempt_failed(exc or "connection failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         """Called once per lost connection or failed attempt, and a second time for a keep-alive timeout (paho's
@@ -371,8 +378,10 @@ class MqttLink:
             self._attempt_failed(f"the broker took the connection but did not answer it within mqtt.keepalive_s "
                                  f"({self.cfg.keepalive_s} s): a hung or overloaded broker")
         else:
-            self._attempt_failed(f"the connection was closed before the broker answered ({reason_code}); a TLS "
-                                 "listener reached without mqtt.tls does this")
+            self._attempt_failed(f"the connection was closed before the broker answered ({reason_code}); "
+                                 + ("a broker that requires a client certificate (mqtt.tls.cert_file, key_file) "
+                                    "does this" if self.cfg.tls is not None else
+                                    "a TLS listener reached without mqtt.tls does this"))
 
     def _closed(self, reason: object) -> None:
         """A connection the broker keeps closing soon after it is made is most often a second process with the same

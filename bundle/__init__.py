@@ -132,6 +132,13 @@ MAX_TILES = 16  # tiles along one side of a frame
 # training can say when its images are larger than the frames a worker would take.
 FRAME_MAX_PIXELS = 16_000_000
 FRAME_MAX_BYTES = 8_000_000
+# The formats a worker takes a frame in, by Pillow's name for the file's content (not its name) -> the worker's own
+# name: here, so that training refuses images its worker would refuse as unsupported_format.
+# TIFF: what machine-vision cameras save (often 16-bit grey), and what the exporter trains on; only its first page
+# is read. WebP: what some camera bridges and browsers send.
+# MPO: a JPEG carrying a second picture (a phone's HDR gain map, a stereo pair); its first is the photo, as OpenCV
+# and the exporter read it.
+FRAME_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 
 
 def _tile_grid(v: tuple[int, int]) -> tuple[int, int]:

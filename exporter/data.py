@@ -24,7 +24,9 @@ For the last two, and for masks beside images without ``train/`` and ``test/``, 
 a list has a ``split`` column): every defect image goes to test, and a seeded share (:data:`TEST_GOOD_FRACTION`) of
 the good images too; training never sees a test image.
 
-Hidden files and folders (:func:`hidden`) are never read as data.
+Hidden files and folders (:func:`hidden`) are never read as data.  In folders, an image is told by its name
+(:data:`IMAGE_SUFFIXES`); the summary names the other files that are not read (:func:`not_read`), and refuses an
+image whose content is in a format the worker refuses as a frame (:data:`bundle.FRAME_FORMATS`), whatever its name.
 
 Images are read with OpenCV ``IMREAD_COLOR`` and resized with :func:`bundle.prepare_image`, exactly as the
 worker decodes and resizes a frame, so training, evaluation and serving see identical pixels: grey images
@@ -40,6 +42,7 @@ import io
 import json
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -51,10 +54,13 @@ import numpy as np
 from PIL import ExifTags, Image
 from pydantic import ValidationError
 
-from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, MAX_TILES, InputSpec, TilingSpec, jpeg_cut_short, prepare_image
+from bundle import FRAME_FORMATS, FRAME_MAX_BYTES, FRAME_MAX_PIXELS, MAX_TILES, InputSpec, TilingSpec, jpeg_cut_short, prepare_image
 from bundle.tiling import canvas_size, tiles
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff", ".webp"}  # .jfif: Windows' JPEG name
+# Files beside images that nobody means as one (notes, lists, Windows' thumbnail cache): not named as not read
+NOT_IMAGE_NAMES = {"thumbs.db", "desktop.ini"}
+NOT_IMAGE_SUFFIXES = {".txt", ".md", ".csv", ".json", ".xml", ".yaml", ".yml", ".ini", ".log", ".pdf", ".html"}
 LIST_SUFFIXES = {".csv", ".json"}
 # a list's column (CSV header or JSON key) -> what it holds; VisA's split_csv names the image column "image"
 LIST_COLUMNS = {"path": "path", "image": "path", "label": "label", "mask": "mask", "split": "split", "object": "object"}
@@ -151,6 +157,32 @@ def _images(folder: Path) -> list[Path]:
     return [p for p in entries(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def not_read(root: Path) -> list[Path]:
+    """The files below ``root`` that are not read because their name is not an image's (``.gif``, ``.pgm``, no
+    suffix), in path order; hidden ones and those nobody means as an image (notes, lists) are left out."""
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        found += [Path(folder, f) for f in files if not hidden(f) and f.lower() not in NOT_IMAGE_NAMES
+                  and Path(f).suffix.lower() not in IMAGE_SUFFIXES | NOT_IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def by_kind(paths: list[Path], base: Path, shown: int = 3) -> str:
+    """``paths`` counted by suffix, a few of each named relative to ``base``: ``2 .gif (a.gif, b.gif), ...``."""
+    kinds: dict[str, list[Path]] = {}
+    for path in paths:
+        kinds.setdefault(path.suffix.lower() or "without a suffix", []).append(path)
+    return ", ".join(f"{len(of)} {kind} ({', '.join(os.path.relpath(p, base) for p in of[:shown])}"
+                     f"{', ...' if len(of) > shown else ''})" for kind, of in sorted(kinds.items(), key=lambda kv: -len(kv[1])))
+
+
+def _unread_said(folder: Path) -> str:
+    """For a "no images" refusal: the files the folder does hold that are not read, if any."""
+    files = not_read(folder)
+    return f" (it holds {len(files)} files not read, their names not an image's: {by_kind(files, folder)})" if files else ""
+
+
 def _is_good(folder: Path) -> bool:
     return folder.name.lower() in GOOD_NAMES
 
@@ -234,7 +266,7 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         return Category(root, _images(root), [], "good only", "none: good images only, nothing to evaluate")
     if categories := find_categories(root):
         raise DatasetError(f"{root} holds the categories {categories[:20]}: pick one with --category NAME")
-    raise DatasetError(f"{root} has no images; expected MVTec AD layout (train/good, test/<type>), a folder of good "
+    raise DatasetError(f"{root} has no images{_unread_said(root)}; expected MVTec AD layout (train/good, test/<type>), a folder of good "
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
 
 
@@ -319,7 +351,9 @@ def _mvtec(root: Path) -> Category:
     train_folder = _train_folder(root)
     train = _folder_images(train_folder) if train_folder else []
     if not train:
-        raise DatasetError(f"{root}/train/good has no images: put the normal training images there (MVTec AD layout)")
+        said = _unread_said(train_folder) if train_folder else ""
+        raise DatasetError(f"{root}/train/good has no images{said}: put the normal training images there as PNG, "
+                           "JPEG, BMP, TIFF or WebP (MVTec AD layout)")
     test: list[Sample] = []
     test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), root / TEST_FOLDERS[0])
     missing: list[Path] = []
@@ -587,6 +621,9 @@ class Summary:
     beyond_frames: list[tuple[Path, int, int, int]] = field(default_factory=list)
     # (mask, its size, its image's size as decoded for training) where the two differ: rescaled, or another shape
     misfit_masks: list[tuple[Path, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+    not_read: list[Path] = field(default_factory=list)  # files in the data's folders not read: not an image's name
+    # (image, the format its content is in) where a worker refuses that format as a frame (unsupported_format)
+    refused_formats: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -610,6 +647,12 @@ class Summary:
             out.append(f"{len(self.wide_samples)} images have 32-bit or floating-point samples, which neither training "
                        f"nor the worker reads (it refuses them: unsupported_format): {shown}{more}; save them with 8- or "
                        "16-bit samples")
+        if self.refused_formats:
+            shown = ", ".join(f"{p} ({fmt})" for p, fmt in self.refused_formats[:10])
+            more = f" and {len(self.refused_formats) - 10} more" if len(self.refused_formats) > 10 else ""
+            out.append(f"{len(self.refused_formats)} images are in a format the worker refuses as a frame "
+                       f"(unsupported_format; it takes JPEG, PNG, BMP, TIFF and WebP, told by content, not name): "
+                       f"{shown}{more}; save them as PNG, or leave them out")
         if bad := self.misshapen_masks:
             mask, (mw, mh), (w, h) = bad[0]
             out.append(f"{len(bad)} masks are not the shape of their image (e.g. {mask} is {mw}x{mh}, its image {w}x{h} as "
@@ -642,6 +685,9 @@ class Summary:
                          f"(e.g. {path}: {width}x{height}, {size / 1e6:.1f} MB; limits.max_pixels "
                          f"{FRAME_MAX_PIXELS / 1e6:g} MP, limits.max_frame_bytes {FRAME_MAX_BYTES / 1e6:g} MB): raise "
                          "them in the worker's config.yaml for cameras that send such frames")
+        if self.not_read:
+            lines.append(f"  note: {len(self.not_read)} files are not read, their names not a PNG, JPEG, BMP, TIFF or "
+                         f"WebP image's: {by_kind(self.not_read, cat.base)}; save them as PNG to train on them")
         if rescaled := len(self.misfit_masks) - len(self.misshapen_masks):
             lines.append(f"  note: {rescaled} masks are at another scale than their images (same proportions): "
                          "resized to them")
@@ -678,14 +724,19 @@ def _counts(counter: dict) -> str:
     return ", ".join(f"{k} ({v})" for k, v in sorted(counter.items(), key=lambda kv: -kv[1])) or "-"
 
 
-def _turned(data: bytes) -> bool:
-    """Whether decoding for training turns this image a quarter (EXIF orientation 5 to 8: OpenCV's ``IMREAD_COLOR``
-    applies it, the summary's ``IMREAD_UNCHANGED`` does not)."""
+def _header(data: bytes) -> tuple[str | None, bool]:
+    """The format of an image's content as the worker's decoder tells a frame's (Pillow's name; ``unknown``: none
+    Pillow reads; None: too large for Pillow to say), and whether decoding for training turns it a quarter (EXIF
+    orientation 5 to 8: OpenCV's ``IMREAD_COLOR`` applies it, the summary's ``IMREAD_UNCHANGED`` does not)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
-    except Exception:  # not an image Pillow reads (or too large for it): OpenCV's own size stands
-        return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.format, image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    except Image.DecompressionBombError:  # beyond any frame a worker takes, which the summary says
+        return None, False
+    except Exception:  # OpenCV's own size stands
+        return "unknown", False
 
 
 def summarise(category: Category) -> Summary:
@@ -699,6 +750,7 @@ def summarise(category: Category) -> Summary:
     trained_size: dict[Path, tuple[int, int]] = {}  # (width, height) as decoded for training, EXIF turn applied
     trained: dict[bytes, Path] = {}
     in_both: list[tuple[Path, Path]] = []
+    refused: list[tuple[Path, str]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
         try:
             data = path.read_bytes()
@@ -714,7 +766,10 @@ def summarise(category: Category) -> Summary:
             unreadable.append(path)
             continue
         height, width = image.shape[:2]
-        trained_size[path] = (height, width) if _turned(data) else (width, height)
+        fmt, turned = _header(data)
+        if fmt is not None and fmt not in FRAME_FORMATS:
+            refused.append((path, fmt))
+        trained_size[path] = (height, width) if turned else (width, height)
         sizes[trained_size[path]] += 1
         if width * height > FRAME_MAX_PIXELS or len(data) > FRAME_MAX_BYTES:
             beyond.append((path, width, height, len(data)))
@@ -730,4 +785,5 @@ def summarise(category: Category) -> Summary:
                 unreadable.append(file)
             elif size is not None and (mask.shape[1], mask.shape[0]) != size:
                 misfit.append((file, (mask.shape[1], mask.shape[0]), size))
-    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit)
+    unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
+    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused)

@@ -900,3 +900,52 @@ def test_labelled_folders_take_a_defects_mask_from_beside_it_and_never_train_on_
     assert len(cat.train) + sum(1 for s in cat.test if not s.label) == 10
     assert [(s.path.name, s.defect, s.mask.name if s.mask else None) for s in cat.test if s.label] == [
         ("a.png", "scratch", "a_mask.png"), ("b.png", "scratch", None)]
+
+
+def test_images_by_other_names_are_read_or_named_and_formats_the_worker_refuses_are_refused(tmp_path):
+    """``.jfif``/``.jpe`` JPEGs (Windows' names) were left out of a folder without a word, a folder of only them had
+    "no images", and so were GIF and PGM files; listed in a CSV, those two trained, and the worker refuses them as
+    frames (unsupported_format): a bundle was trained on images its worker cannot take."""
+    from PIL import Image
+
+    from worker.decode import FrameError, probe
+
+    rng = np.random.default_rng(10)
+    root = tmp_path / "parts"
+    for i in range(8):
+        _write(root / f"{i}.png", sample(rng, 64)[0])
+    for name in ("a.jfif", "b.jfif", "c.jpe"):
+        (root / name).write_bytes(cv2.imencode(".jpg", sample(rng, 64)[0])[1].tobytes())
+    Image.fromarray(sample(rng, 64)[0]).save(root / "d.gif")
+    Image.fromarray(sample(rng, 64)[0]).save(root / "e.pgm")
+    for name in ("notes.txt", "Thumbs.db", "desktop.ini", ".DS_Store", "._0.png"):  # not data, as before: not said
+        (root / name).write_bytes(b"\x00\x05\x16\x07")
+    cat = load_category(root)
+    assert sorted(p.name for p in cat.train) == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png", "6.png",
+                                                 "7.png", "a.jfif", "b.jfif", "c.jpe"]
+    summary = summarise(cat)
+    assert summary.problems() == []
+    notes = [line for line in summary.text(9, 2).splitlines() if "not read" in line]
+    assert notes == ["  note: 2 files are not read, their names not a PNG, JPEG, BMP, TIFF or WebP image's: "
+                     "1 .gif (d.gif), 1 .pgm (e.pgm); save them as PNG to train on them"], notes
+    for name in ("a.jfif", "c.jpe"):  # the worker takes these as frames
+        assert probe((root / name).read_bytes(), 10**6, 10**6).format == "jpeg"
+
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(root / "d.gif", only / "d.gif")
+    with pytest.raises(DatasetError, match=r"only has no images \(it holds 1 files not read, their names not an "
+                                           r"image's: 1 \.gif \(d\.gif\)\)"):
+        load_category(only)
+
+    shutil.copy(root / "d.gif", root / "f.png")  # a GIF by content, whatever its name
+    (tmp_path / "list.csv").write_text("".join(f"parts/{p.name},good\n" for p in sorted(root.iterdir())
+                                               if p.suffix in (".png", ".jfif", ".jpe", ".gif", ".pgm")
+                                               and not p.name.startswith(".")))
+    problems = summarise(load_category(tmp_path / "list.csv")).problems()
+    assert len(problems) == 1 and problems[0].startswith("3 images are in a format the worker refuses as a frame"), problems
+    assert f"{root / 'd.gif'} (GIF), {root / 'e.pgm'} (PPM), {root / 'f.png'} (GIF)" in problems[0]
+    for name in ("d.gif", "e.pgm", "f.png"):
+        with pytest.raises(FrameError) as refused:
+            probe((root / name).read_bytes(), 10**6, 10**6)
+        assert refused.value.code == "unsupported_format"

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bundle import jpeg_cut_short
+from bundle import FRAME_FORMATS, jpeg_cut_short
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -26,17 +26,12 @@ Image.MAX_IMAGE_PIXELS = None
 # topic, counter, its own log line), so OpenCV keeps only fatal messages.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 
-# TIFF: what machine-vision cameras save (often 16-bit grey), and what the exporter trains on; only its first page
-# is read. WebP: what some camera bridges and browsers send.
-# MPO: a JPEG carrying a second picture (a phone's HDR gain map, a stereo pair); its first is the photo, as OpenCV
-# and the exporter read it.
-FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 REDUCED_HEADROOM = 2.0  # a frame decoded smaller still has twice the model's input on its shorter side
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 class Header(NamedTuple):
-    """What a frame's header says: its format name (a value of FORMATS) and size."""
+    """What a frame's header says: its format name (a value of bundle.FRAME_FORMATS) and size."""
 
     format: str
     width: int
@@ -74,7 +69,7 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
             fmt, (width, height), mode = header.format, header.size, header.mode
     except Exception as exc:  # Pillow raises many types for garbage; all mean the same here
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
-    if fmt not in FORMATS:
+    if fmt not in FRAME_FORMATS:
         raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")
     if fmt == "TIFF" and mode in ("F", "I"):  # OpenCV has no fixed way to 8 bits for these (was: corrupt_image)
         raise FrameError("unsupported_format", f"TIFF with {'32-bit floating-point' if mode == 'F' else '32-bit or signed integer'} "
@@ -83,9 +78,9 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     if width * height > max_pixels:
         raise FrameError("image_too_large", f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
-    if FORMATS[fmt] == "jpeg" and jpeg_cut_short(data):
+    if FRAME_FORMATS[fmt] == "jpeg" and jpeg_cut_short(data):
         raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
-    return Header(FORMATS[fmt], width, height)
+    return Header(FRAME_FORMATS[fmt], width, height)
 
 
 def reduction(header: Header, width: int, height: int, headroom: float = REDUCED_HEADROOM) -> int:

@@ -73,6 +73,9 @@ MIN_TRAIN_IMAGES = 8  # below this the fit and the held-out threshold images are
 # A mask stored beside its image as <stem><suffix>.<ext>: KolektorSDD2 (_GT), KolektorSDD (_label), others (_mask)
 BESIDE_SUFFIXES = ("_gt", "_label", "_mask")
 BESIDE = "images with masks beside them"
+# 16-bit images whose largest value fits in this many bits (a 12- or 10-bit camera writing into 16-bit files) read
+# as almost black 8-bit images: the top 8 bits, as the worker reads a frame
+LOW_BITS = 12
 MASK_FOLDERS = ("label", "labels")  # a folder of such masks inside the images' own (DAGM 2007: Train/Label/)
 
 
@@ -624,6 +627,7 @@ class Summary:
     not_read: list[Path] = field(default_factory=list)  # files in the data's folders not read: not an image's name
     # (image, the format its content is in) where a worker refuses that format as a frame (unsupported_format)
     refused_formats: list[tuple[Path, str]] = field(default_factory=list)
+    low_bits: list[tuple[Path, int]] = field(default_factory=list)  # (16-bit image, its largest value) below LOW_BITS
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -691,6 +695,14 @@ class Summary:
         if rescaled := len(self.misfit_masks) - len(self.misshapen_masks):
             lines.append(f"  note: {rescaled} masks are at another scale than their images (same proportions): "
                          "resized to them")
+        if self.low_bits:
+            path, top = max(self.low_bits, key=lambda m: m[1])
+            bits = max(top.bit_length(), 1)
+            lines.append(f"  warning: {len(self.low_bits)} 16-bit images use only their low {bits} bits (e.g. {path}: "
+                         f"largest value {top} of 65535, a {bits}-bit camera's data): read as 8-bit like the worker reads "
+                         f"a frame (the top 8 bits), they are almost black (0..{top >> 8}); scale them to the full 16-bit "
+                         f"range (x{1 << (16 - bits)}) before training, and the camera's frames the same way (or have it "
+                         "send 8-bit frames)")
         if self.in_both:
             test, train = self.in_both[0]
             lines.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
@@ -751,6 +763,7 @@ def summarise(category: Category) -> Summary:
     trained: dict[bytes, Path] = {}
     in_both: list[tuple[Path, Path]] = []
     refused: list[tuple[Path, str]] = []
+    low_bits: list[tuple[Path, int]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
         try:
             data = path.read_bytes()
@@ -775,6 +788,8 @@ def summarise(category: Category) -> Summary:
             beyond.append((path, width, height, len(data)))
         channels[{1: "grey", 3: "colour", 4: "colour+alpha"}.get(1 if image.ndim == 2 else image.shape[2], "other")] += 1
         depths[f"{image.dtype.itemsize * 8}-bit"] += 1
+        if image.dtype == np.uint16 and (top := int(image[..., :3].max() if image.ndim == 3 else image.max())) < 1 << LOW_BITS:
+            low_bits.append((path, top))
         if image.dtype not in (np.uint8, np.uint16):  # read_image (IMREAD_COLOR) gets nothing from these
             wide.append(path)
     misfit: list[tuple[Path, tuple[int, int], tuple[int, int]]] = []
@@ -786,4 +801,5 @@ def summarise(category: Category) -> Summary:
             elif size is not None and (mask.shape[1], mask.shape[0]) != size:
                 misfit.append((file, (mask.shape[1], mask.shape[0]), size))
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
-    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused)
+    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
+                   low_bits)

@@ -949,3 +949,24 @@ def test_images_by_other_names_are_read_or_named_and_formats_the_worker_refuses_
         with pytest.raises(FrameError) as refused:
             probe((root / name).read_bytes(), 10**6, 10**6)
         assert refused.value.code == "unsupported_format"
+
+
+def test_16_bit_images_of_12_bit_data_are_warned_of_in_the_summary(tmp_path):
+    """A 12-bit camera's images in 16-bit files trained without a word on almost black pixels (0..15), as the
+    worker reads such frames too; full-range 16-bit images are not warned of."""
+    from worker.decode import decode
+
+    rng = np.random.default_rng(11)
+    for i in range(9):
+        _write(tmp_path / "full" / f"{i}.png", _grey16_nonsquare(sample(rng, 96)[0]))
+        twelve = sample(rng, 64)[0].astype(np.uint16) << 4
+        twelve[0, 0] = 4095
+        _write(tmp_path / "twelve" / f"{i}.png", twelve)
+    assert "warning" not in summarise(load_category(tmp_path / "full")).text(7, 2)
+    summary = summarise(load_category(tmp_path / "twelve"))
+    assert summary.problems() == []  # said, not refused
+    warning = [line for line in summary.text(7, 2).splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("  warning: 9 16-bit images use only their low 12 bits (e.g. "), warning
+    assert "they are almost black (0..15); scale them to the full 16-bit range (x16) before training" in warning[0]
+    frame = decode((tmp_path / "twelve" / "0.png").read_bytes())  # what the worker makes of such a frame
+    assert frame.max() <= 15

@@ -121,12 +121,21 @@ class Category:
         return self.root.parent if self.root.suffix.lower() in LIST_SUFFIXES else self.root
 
     def split_train(self, val_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
-        """Hold out normal training images to set thresholds without looking at test labels."""
+        """Hold out normal training images to set thresholds without looking at test labels.  Copies of one file
+        (:func:`copies`) stay on one side: a held-out copy of a fitted image scores as memorised and set the
+        threshold."""
         paths = list(self.train)
         random.Random(seed).shuffle(paths)
         # At least a quarter (up to 10) of a small set, so the threshold rests on more than one or two images.
         n_val = max(round(len(paths) * val_fraction), min(10, len(paths) // 4)) if len(paths) > 1 else 0
-        return sorted(paths[n_val:]), sorted(paths[:n_val])
+        group = {path: found for found in copies(paths) for path in found}
+        held: set[Path] = set()
+        for path in paths:
+            if len(held) >= n_val:
+                break
+            if len(held | set(together := group.get(path, [path]))) < len(paths):  # the fit keeps an image
+                held.update(together)
+        return sorted(p for p in paths if p not in held), sorted(held)
 
     def recorded(self, path: Path) -> str:
         """``path`` as the manifest records it, relative to :attr:`base` (a list's rows may lie above its folder)."""
@@ -158,6 +167,24 @@ def images_under(folder: Path, suffixes: set[str] | tuple[str, ...] = tuple(IMAG
 
 def _images(folder: Path) -> list[Path]:
     return [p for p in entries(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def copies(paths: list[Path]) -> list[list[Path]]:
+    """The groups of files among ``paths`` with the same bytes (a copy, ``img (1).png``, a link), each in path order;
+    only files of one size are read, and one that cannot be read is no copy (the summary names it)."""
+    def key(path: Path, read: bool) -> object:
+        try:
+            return hashlib.sha256(path.read_bytes()).digest() if read else path.stat().st_size
+        except OSError:
+            return path
+
+    by_size: dict[object, list[Path]] = {}
+    for path in paths:
+        by_size.setdefault(key(path, False), []).append(path)
+    by_digest: dict[object, list[Path]] = {}
+    for path in (p for same in by_size.values() if len(same) > 1 for p in same):
+        by_digest.setdefault(key(path, True), []).append(path)
+    return sorted(sorted(g) for g in by_digest.values() if len(g) > 1)
 
 
 def not_read(root: Path) -> list[Path]:
@@ -628,6 +655,7 @@ class Summary:
     # (image, the format its content is in) where a worker refuses that format as a frame (unsupported_format)
     refused_formats: list[tuple[Path, str]] = field(default_factory=list)
     low_bits: list[tuple[Path, int]] = field(default_factory=list)  # (16-bit image, its largest value) below LOW_BITS
+    train_copies: list[tuple[Path, Path]] = field(default_factory=list)  # (training image, the earlier one it copies)
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -637,8 +665,9 @@ class Summary:
     def problems(self) -> list[str]:
         """Why the data cannot be trained on, each with how to fix it; empty when it can."""
         cat, out = self.category, []
-        if len(cat.train) < MIN_TRAIN_IMAGES:
-            out.append(f"only {len(cat.train)} good training images; at least {MIN_TRAIN_IMAGES} are needed (a few "
+        if (distinct := len(cat.train) - len(self.train_copies)) < MIN_TRAIN_IMAGES:
+            copied = f" ({len(self.train_copies)} more are copies of these)" if self.train_copies else ""
+            out.append(f"only {distinct} good training images{copied}; at least {MIN_TRAIN_IMAGES} are needed (a few "
                        "dozen or more is better): add photos of normal parts")
         if self.unreadable:
             shown = ", ".join(str(p) for p in self.unreadable[:10])
@@ -703,6 +732,11 @@ class Summary:
                          f"a frame (the top 8 bits), they are almost black (0..{top >> 8}); scale them to the full 16-bit "
                          f"range (x{1 << (16 - bits)}) before training, and the camera's frames the same way (or have it "
                          "send 8-bit frames)")
+        if self.train_copies:
+            copy, original = self.train_copies[0]
+            lines.append(f"  note: {len(self.train_copies)} training images are byte for byte copies of others (e.g. "
+                         f"{original} and {copy}): each kept with the one it copies in the fit or among the "
+                         "held-out images, so that no held-out image has been fitted")
         if self.in_both:
             test, train = self.in_both[0]
             lines.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
@@ -764,6 +798,7 @@ def summarise(category: Category) -> Summary:
     in_both: list[tuple[Path, Path]] = []
     refused: list[tuple[Path, str]] = []
     low_bits: list[tuple[Path, int]] = []
+    train_copies: list[tuple[Path, Path]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
         try:
             data = path.read_bytes()
@@ -771,6 +806,8 @@ def summarise(category: Category) -> Summary:
             data = b""
         digest = hashlib.sha256(data).digest()
         if i < len(category.train):
+            if digest in trained and data:
+                train_copies.append((path, trained[digest]))
             trained.setdefault(digest, path)
         elif digest in trained and data:
             in_both.append((path, trained[digest]))
@@ -802,4 +839,4 @@ def summarise(category: Category) -> Summary:
                 misfit.append((file, (mask.shape[1], mask.shape[0]), size))
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
     return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
-                   low_bits)
+                   low_bits, train_copies)

@@ -970,3 +970,34 @@ def test_16_bit_images_of_12_bit_data_are_warned_of_in_the_summary(tmp_path):
     assert "they are almost black (0..15); scale them to the full 16-bit range (x16) before training" in warning[0]
     frame = decode((tmp_path / "twelve" / "0.png").read_bytes())  # what the worker makes of such a frame
     assert frame.max() <= 15
+
+
+def test_copies_among_the_training_images_stay_on_one_side_of_the_threshold_split(tmp_path):
+    """A file and its copy (``img (1).png``) or link were two training images, and could land one in the fit and one
+    among the held-out normals: the copy then scored as memorised and set the threshold, without a word."""
+    from exporter.build import VAL_FRACTION
+
+    rng = np.random.default_rng(12)
+    root = tmp_path / "parts"
+    for i in range(16):
+        _write(root / f"{i:02d}.png", sample(rng, 64)[0])
+    groups = []
+    for i in (1, 4, 7, 10, 13):
+        shutil.copy(root / f"{i:02d}.png", root / f"{i:02d} (1).png")
+        groups.append({root / f"{i:02d}.png", root / f"{i:02d} (1).png"})
+    (root / "zz.png").symlink_to(root / "02.png")
+    groups.append({root / "02.png", root / "zz.png"})
+    cat = load_category(root)
+    assert len(cat.train) == 22
+    for seed in range(10):
+        fit, held = cat.split_train(VAL_FRACTION, seed)
+        assert sorted(fit + held) == sorted(cat.train) and len(fit) >= 16 and held
+        assert all(group <= set(fit) or group <= set(held) for group in groups), (seed, held)
+    text = summarise(cat).text(17, 5)
+    assert (f"note: 6 training images are byte for byte copies of others (e.g. {root / '01 (1).png'} and "
+            f"{root / '01.png'}): each kept with the one it copies in the fit or among the held-out images") in text, text
+    for path in root.iterdir():
+        if path.name[:2] not in ("00", "01", "02", "04", "05", "07", "08"):
+            path.unlink()
+    problems = summarise(load_category(root)).problems()  # 10 files, 7 images
+    assert problems and problems[0].startswith("only 7 good training images (3 more are copies of these); at least 8"), problems

@@ -745,6 +745,9 @@ class Summary:
             lines.append("  evaluation: none (no labelled test images); the bundle is exported unevaluated")
         elif not any(s.label for s in cat.test):
             lines.append("  evaluation: false-alarm rate only (no defect images)")
+        elif all(s.label for s in cat.test):
+            pixel = "pixel AUROC and AUPRO on the images with masks" if masked else "no pixel metrics (no masks)"
+            lines.append(f"  evaluation: detection rate and F1 only, no image AUROC (no good test images); {pixel}")
         else:
             pixel = "pixel AUROC and AUPRO on the images with masks" if masked else "no pixel metrics (no masks)"
             lines.append(f"  evaluation: image AUROC and F1 on the test split; {pixel}")

@@ -23,7 +23,8 @@ BATCH = 8  # images scored per inference call
 def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds | None = None) -> dict:
     """Image AUROC, F1 and per-type detection at the bundle threshold; pixel AUROC and AUPRO (at the graph's
     resolution, or the tiles' canvas for a bundle trained on tiles) over the images with pixel ground truth, or
-    ``None`` with the reason when no defect has a mask.
+    ``None`` with the reason when no defect has a mask.  A split of defects only has no image AUROC (``None``, the
+    reason in ``image_metrics``) but its masks' pixels hold both classes; one of good images only has neither.
 
     The threshold is the bundle's for the precision it was compiled at (``thresholds`` overrides it while
     the exporter is still measuring them).  The result names that precision and the device.
@@ -35,6 +36,7 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
                          "defect images (README: Training data)")
     labels = np.array([s.label for s in samples])
     both_classes = bool(0 < labels.sum() < len(labels))
+    score_pixels = both_classes or any(s.mask is not None for s in samples)
     started = time.monotonic()
     request = bundle.create_request()
     tiling = bundle.manifest.tiling  # trained on tiles: each image scored as the worker scores a frame, maps merged
@@ -44,7 +46,7 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
         batch = samples[first : first + BATCH]
         scores, maps, _ = score_images(bundle, [read_frame(s.path, spec, tiling) for s in batch], BATCH, request)
         parts.append(scores)
-        for sample, anomaly_map in zip(batch, maps, strict=True) if both_classes else ():
+        for sample, anomaly_map in zip(batch, maps, strict=True) if score_pixels else ():
             pixels.add(anomaly_map, read_mask(sample.mask, spec, tiling) if sample.has_pixel_truth else None,
                        sample.defect)
         done = first + len(batch)
@@ -65,9 +67,12 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     }
     if both_classes:
         result["image_auroc"] = round(float(roc_auc_score(labels, scores)), 4)
-        result.update(pixels.result())
     else:
         log.warning("test split has only one class: AUROC undefined")
+    if labels.all():
+        result.update(image_auroc=None, image_metrics="image AUROC undefined: no good test images")
+    if score_pixels:
+        result.update(pixels.result())
     types = sorted({s.defect for s in samples})
     result["detection_rate"] = {
         t: round(float(predicted[[i for i, s in enumerate(samples) if s.defect == t]].mean()), 4) for t in types

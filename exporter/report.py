@@ -29,7 +29,8 @@ def roc_plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4, 4))
     for r in rows:
         fpr, tpr, _ = roc_curve(r["_labels"], r["_scores"])
-        ax.plot(fpr, tpr, label=f"{r['model']} / {r['category']} (AUROC {r.get('image_auroc', float('nan')):.4f})")
+        auroc = r.get("image_auroc")  # None for a test split of defects only
+        ax.plot(fpr, tpr, label=f"{r['model']} / {r['category']} (AUROC {float('nan') if auroc is None else auroc:.4f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Image-level ROC (OpenVINO bundle)")
     ax.legend(fontsize=7, loc="lower right")

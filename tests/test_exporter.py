@@ -310,3 +310,21 @@ def test_a_bundle_is_replaced_whole_while_a_watcher_reads_it(bundle_dir, dataset
     assert {v for v, _ in seen} <= {old, new} and old in {v for v, _ in seen}
     assert not any(method == "provisional" for _, method in seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]
+
+
+def test_a_test_split_of_defects_only_says_why_it_has_no_auroc_and_has_pixel_metrics(bundle_dir, dataset):
+    """The summary promised image AUROC and pixel metrics for a split without good images, and the metrics had
+    neither, nor a reason: image AUROC is undefined there, but the masks' pixels hold both classes."""
+    from dataclasses import replace
+
+    from exporter.data import load_category, summarise
+    from exporter.evaluate import evaluate_folder
+
+    category = load_category(dataset, "weave")
+    defects = replace(category, test=[s for s in category.test if s.label])
+    assert ("evaluation: detection rate and F1 only, no image AUROC (no good test images); pixel AUROC and AUPRO on "
+            "the images with masks") in summarise(defects).text(6, 2)
+    metrics = evaluate_folder(bundle_dir, defects)
+    assert metrics["image_auroc"] is None and metrics["image_metrics"] == "image AUROC undefined: no good test images"
+    assert metrics["pixel_auroc"] > 0.8 and metrics["aupro"] > 0.3, metrics
+    assert metrics["pixel_metrics"] == f"all {len(defects.test)} test images", metrics

@@ -710,7 +710,8 @@ class Summary:
         if tiling is not None:
             lines.append(f"  tiles: every image cut into {tiling.grid[0]}x{tiling.grid[1]} tiles (overlap {tiling.overlap:g}), "
                          "each at the input size; a frame scores as its highest tile")
-        elif self.sizes and (note := _stretch_note(*self.sizes.most_common(1)[0][0])):
+        elif self.sizes and (common := self.sizes.most_common(1)[0])[1] * 2 > self.sizes.total() \
+                and (note := _stretch_note(*common[0])):  # a size most images have: of mixed sizes, none is "most"
             lines.append(note)
         if self.beyond_frames:
             path, width, height, size = self.beyond_frames[0]

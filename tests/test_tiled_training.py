@@ -181,6 +181,12 @@ def test_the_data_summary_suggests_tiles_for_elongated_images_and_not_for_square
     for i in range(10):  # a line-scan strip, 20 times longer than high: the note asked for 20 tiles, 16 is the most
         cv2.imwrite(str(line / f"{i}.png"), rng.integers(0, 255, (20, 400), np.uint8))
     assert "--tiling 16x1" in summarise(load_category(tmp_path, "line")).text(9, 1)
+    mixed = tmp_path / "mixed" / "train" / "good"
+    mixed.mkdir(parents=True)
+    for i, (h, w) in enumerate([(200, 300), (200, 300), (480, 640), (640, 480), (300, 300), (256, 200), (512, 512),
+                                (800, 200), (224, 224), (100, 150)]):  # the first size is the commonest, of 2 in 10
+        cv2.imwrite(str(mixed / f"{i}.png"), rng.integers(0, 255, (h, w), np.uint8))
+    assert "note: most images" not in summarise(load_category(tmp_path, "mixed")).text(9, 1)
 
 
 def test_choose_scores_its_candidates_on_tiles_as_the_worker_would(tiled, tmp_path):

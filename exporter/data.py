@@ -371,8 +371,9 @@ def _masks_by_stem(folder: Path) -> dict[str, Path]:
     for entry in entries(folder):
         if entry.is_dir() and _images(entry):  # one image, several masks (MVTec LOCO, AutoVI)
             masks[entry.name] = entry
-        elif entry.suffix.lower() in IMAGE_SUFFIXES:
-            stem = entry.stem.removesuffix("_mask")
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:  # <stem>_mask (MVTec AD), _gt or _label, as beside images
+            stem = next((entry.stem[: -len(end)] for end in BESIDE_SUFFIXES if entry.stem.lower().endswith(end)),
+                        entry.stem)
             masks.setdefault(stem, entry)  # "<stem>_mask" sorts after "<stem>", so a set holding both keeps "<stem>"
     return masks
 
@@ -387,6 +388,7 @@ def _mvtec(root: Path) -> Category:
     test: list[Sample] = []
     test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), root / TEST_FOLDERS[0])
     missing: list[Path] = []
+    unmatched: list[Path] = []  # masks in a truth folder that name no image of their type
     types = [p for p in entries(test_root) if p.is_dir() and p.name != TRUTH]
     _unread_below([train_folder, *types] if train_folder else types)
     for type_dir in types:
@@ -402,11 +404,13 @@ def _mvtec(root: Path) -> Category:
             if masks and mask is None:
                 missing.append(image)
             test.append(Sample(image, type_dir.name, mask))
+        unmatched += [mask for stem, mask in masks.items() if stem not in {image.stem for image in images}]
     if missing:
+        found = f"; its folders hold masks named for no image, e.g. {', '.join(map(str, unmatched[:3]))}" if unmatched else ""
         raise DatasetError(f"{len(missing)} defect images have no ground-truth mask, e.g. {missing[0]} (looked for "
-                           "<stem>_mask.png, <stem>.png or a folder <stem>/ in its type's ground_truth folder): give "
-                           "every image of a type a mask, or remove that type's ground_truth folder to use image "
-                           "labels only")
+                           "<stem>_mask.png, <stem>_gt.png, <stem>_label.png, <stem>.png or a folder <stem>/ in its "
+                           f"type's ground_truth folder{found}): give every image of a type a mask, or remove that "
+                           "type's ground_truth folder to use image labels only")
     split = "the data's own test split" + ("" if test_root.name == TEST_FOLDERS[0] else f" ({test_root.name}/)")
     return Category(root, train, test, split=split)
 

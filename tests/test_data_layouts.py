@@ -178,9 +178,14 @@ def test_mvtec_masks_are_optional_per_defect_type(tmp_path):
     cat = load_category(tmp_path, "weave")
     assert {s.defect for s in cat.test if s.mask is None} == {"good", "smear"}
     assert all(s.mask is not None and s.mask.is_file() for s in cat.test if s.defect in ("hole", "scratch"))
-    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
-    with pytest.raises(DatasetError, match="1 defect images have no ground-truth mask.*hole/000.png.*remove that "
-                                           "type's ground_truth folder"):
+    hole = root / "ground_truth" / "hole"
+    for mask in hole.glob("*_mask.png"):  # masks named <stem>_gt, as some conversions of MVTec AD name them
+        mask.rename(hole / mask.name.replace("_mask", "_GT"))
+    assert all(s.mask is not None and s.mask.name.endswith("_GT.png") for s in
+               load_category(tmp_path, "weave").test if s.defect == "hole")
+    (hole / "000_GT.png").rename(hole / "mask_000.png")  # a name that belongs to no image: said
+    with pytest.raises(DatasetError, match="1 defect images have no ground-truth mask.*hole/000.png.*named for no "
+                                           "image, e.g. .*hole/mask_000.png.*remove that type's ground_truth folder"):
         load_category(tmp_path, "weave")
 
 

@@ -533,6 +533,25 @@ def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Ca
     return category.without({s.path for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
 
 
+def _why_unreadable(path: Path) -> str:
+    """What is wrong with a file :func:`decoded` cannot read, for the user to delete it or copy it again."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if not data:
+        return "empty"
+    if jpeg_cut_short(data):
+        return "a JPEG cut short"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(io.BytesIO(data)).verify()
+    except Exception:  # Pillow raises many types; a known format cut short says so in its message
+        return "not an image, or cut short"
+    return "cut short or damaged"
+
+
 def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """An image file decoded with OpenCV's ``flags``, or None where it cannot be decoded or is a JPEG cut short
     (:func:`bundle.jpeg_cut_short`: OpenCV would fill its missing part with grey, and the worker refuses such a
@@ -674,10 +693,11 @@ class Summary:
             out.append(f"only {distinct} good training images{copied}; at least {MIN_TRAIN_IMAGES} are needed (a few "
                        "dozen or more is better): add photos of normal parts")
         if self.unreadable:
-            shown = ", ".join(str(p) for p in self.unreadable[:10])
+            shown = ", ".join(f"{p} ({_why_unreadable(p)})" for p in self.unreadable[:10])
             more = f" and {len(self.unreadable) - 10} more" if len(self.unreadable) > 10 else ""
-            out.append(f"{len(self.unreadable)} files cannot be decoded or are cut short: {shown}{more}; "
-                       "remove them, or copy or save them again")
+            files = "file cannot" if len(self.unreadable) == 1 else "files cannot"
+            out.append(f"{len(self.unreadable)} {files} be decoded: {shown}{more}; remove them (not images), or copy "
+                       "or save them again (empty, cut short)")
         if self.wide_samples:
             shown = ", ".join(str(p) for p in self.wide_samples[:10])
             more = f" and {len(self.wide_samples) - 10} more" if len(self.wide_samples) > 10 else ""

@@ -439,7 +439,8 @@ def test_a_jpeg_cut_short_is_refused_as_the_worker_refuses_it(tmp_path):
     with pytest.raises(FrameError, match="truncated"):
         probe(cut.read_bytes(), 10**6, 10**6)
     problems = summarise(load_category(tmp_path / "parts")).problems()
-    assert problems == [f"1 files cannot be decoded or are cut short: {cut}; remove them, or copy or save them again"]
+    assert problems == [f"1 file cannot be decoded: {cut} (a JPEG cut short); remove them (not images), or copy or "
+                        "save them again (empty, cut short)"]
     with pytest.raises(DatasetError, match="cut short"):
         read_image(cut, SPEC)
     cut.write_bytes(whole + b"\r\n")  # bytes after the end marker, as an MJPEG grab keeps: read
@@ -595,8 +596,8 @@ def test_summary_and_refusals(tmp_path):
     problems = summary.problems()
     assert len(problems) == 2
     assert "only 7 good training images; at least 8" in problems[0]
-    assert (f"2 files cannot be decoded or are cut short: {tmp_path / 'few' / 'empty.png'}, "
-            f"{tmp_path / 'few' / 'notes.png'}") in problems[1]
+    assert (f"2 files cannot be decoded: {tmp_path / 'few' / 'empty.png'} (empty), "  # which to copy, which to delete
+            f"{tmp_path / 'few' / 'notes.png'} (not an image, or cut short)") in problems[1]
 
     proc = _exporter("train", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 
 import cv2
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: thresholds for the reference precision only, no embedding space
@@ -201,6 +201,14 @@ class Manifest(_Strict):
     tiling: TilingSpec | None = Field(None, description="How frames are cut into tiles for this model (trained on "
                                                        "tiles); None: a frame is scored whole.")
 
+    @field_validator("files")
+    @classmethod
+    def _lists_the_model(cls, files: dict[str, str]) -> dict[str, str]:
+        """The model's files are what is verified: a manifest that leaves one out would serve it unchecked."""
+        if missing := [name for name in BUNDLE_FILES if name not in files]:
+            raise ValueError(f"files does not list {', '.join(missing)}: its sha256 is what a bundle is verified by")
+        return files
+
     @property
     def reference_precision(self) -> Precision:
         """The precision ``thresholds`` and ``metrics`` belong to: the bundle's own weights, other operations f32."""
@@ -264,12 +272,17 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
         raise BundleError(f"{path}: invalid manifest: {exc}") from exc
     if verify:
         for name, expected in manifest.files.items():
-            file = folder / name
-            if not file.is_file():
-                raise BundleError(f"{folder}: {name} is listed in {MANIFEST} but missing")
-            if sha256_file(file) != expected:
-                raise BundleError(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
+            verify_file(folder, name, expected)
     return manifest
+
+
+def verify_file(folder: Path, name: str, expected: str) -> None:
+    """Raise :class:`BundleError` unless ``folder/name`` is there with the sha256 ``expected``."""
+    file = folder / name
+    if not file.is_file():
+        raise BundleError(f"{folder}: {name} is listed in {MANIFEST} but missing")
+    if sha256_file(file) != expected:
+        raise BundleError(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
 
 
 def jpeg_cut_short(data: bytes) -> bool:

@@ -6,6 +6,7 @@ artefact the worker serves, not of the torch model it came from.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,19 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from bundle import PRECISIONS, BundleError, ExtensionSpec, Manifest, Precision, Thresholds, read_manifest, sha256_file
+from bundle import (
+    BUNDLE_FILES,
+    MANIFEST,
+    PRECISIONS,
+    BundleError,
+    ExtensionSpec,
+    Manifest,
+    Precision,
+    Thresholds,
+    read_manifest,
+    sha256_file,
+    verify_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +138,10 @@ class CompiledBundle:
         precision; a bundle without them is refused (``require_thresholds``), since raw scores move with it.
         """
         self.folder = Path(folder)
-        self.manifest: Manifest = read_manifest(self.folder, verify=verify)
+        self.manifest: Manifest = read_manifest(self.folder, verify=False)  # the model's files: checked as read
+        if verify:
+            for name in sorted(set(self.manifest.files) - set(BUNDLE_FILES)):
+                verify_file(self.folder, name, self.manifest.files[name])
         core = ov.Core()
         config: dict = {"PERFORMANCE_HINT": hint}
         if precision != AUTO:
@@ -134,7 +150,7 @@ class CompiledBundle:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             drop_unverified_blobs(Path(cache_dir))
             core.set_property({"CACHE_DIR": str(cache_dir)})
-        model = core.read_model(self.folder / "model.xml")
+        model = self._read_model(core, verify)
         self.extension_spec: ExtensionSpec | None = self.manifest.extension
         declared = {self.manifest.input.name} | ({self.extension_spec.input} if self.extension_spec else set())
         found = {i.any_name for i in model.inputs}
@@ -185,6 +201,27 @@ class CompiledBundle:
         if self.extension_spec is not None:
             self._names += (self.extension_spec.candidates_output, self.extension_spec.candidate_scores_output)
             self.set_extension(np.zeros((0, self.extension_spec.feature_dim), np.float32))
+
+    def _read_model(self, core: ov.Core, verify: bool) -> ov.Model:
+        """The graph from the bytes its manifest's checksums were compared with, read into memory: OpenVINO maps
+        ``model.bin`` from its file by default, so a bundle copied over the served one changed its scores with no
+        reload (and a copy caught half way ended the worker with SIGBUS), and a file swapped after the check was
+        read unchecked."""
+        data = {}
+        for name in BUNDLE_FILES:
+            try:
+                data[name] = (self.folder / name).read_bytes()
+            except FileNotFoundError:
+                raise BundleError(f"{self.folder}: {name} is listed in {MANIFEST} but missing") from None
+            except OSError as exc:
+                raise BundleError(f"{self.folder}: {name} cannot be read ({exc.strerror or exc})") from exc
+            if verify and hashlib.sha256(data[name]).hexdigest() != self.manifest.files[name]:
+                raise BundleError(f"{self.folder}: {name} does not match its sha256 in {MANIFEST}")
+        self._weights = np.frombuffer(data["model.bin"], np.uint8)  # the graph's constants may share this memory
+        try:
+            return core.read_model(data["model.xml"].decode(), ov.Tensor(self._weights))
+        except (RuntimeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{self.folder}: OpenVINO cannot read the model ({exc})") from exc
 
     def _hint_for(self, core: ov.Core, device: str, precision: str) -> str:
         if precision not in PRECISIONS:

@@ -1,13 +1,17 @@
 """bundle.runtime's async queue (OpenVINO's own request threads) gives the same outputs as synchronous infer,
-bank extension included; its model cache serves no blob damaged on disk."""
+bank extension included; its model cache serves no blob damaged on disk; a bundle's files changed after it was
+compiled change nothing."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 
 import numpy as np
+import pytest
 
-from bundle import sha256_file
+from bundle import BundleError, sha256_file
 from bundle.runtime import BLOB_DIGEST, CompiledBundle
 from exporter.data import load_category, read_image
 
@@ -56,3 +60,32 @@ def test_a_cached_blob_damaged_on_disk_is_compiled_again_not_served(bundle_dir, 
     blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
     CompiledBundle(bundle_dir, cache_dir=tmp_path, batch=1)
     assert blob.with_name(blob.name + BLOB_DIGEST).read_text().strip() == sha256_file(blob)
+
+
+def test_a_bundle_copied_over_the_served_one_changes_nothing_until_reloaded(bundle_dir, dataset, tmp_path):
+    """OpenVINO maps model.bin from its file unless told otherwise: bytes copied over the served bundle (the next
+    model, a copy half way) changed its scores with no reload and no word, or ended the process with SIGBUS.  The
+    graph is read into memory, from the bytes its checksums were compared with."""
+    served = tmp_path / "served"
+    shutil.copytree(bundle_dir, served)
+    image = read_image(load_category(dataset, "weave").test[0].path, CompiledBundle(bundle_dir).manifest.input)
+    compiled = CompiledBundle(served, batch=1)
+    before = compiled.infer(image[np.newaxis]).score
+    weights = served / "model.bin"
+    with weights.open("r+b") as fh:  # in place, same size: what a copy over the file does to its pages
+        fh.write(np.random.default_rng(0).integers(0, 255, weights.stat().st_size, np.uint8).tobytes())
+    np.testing.assert_array_equal(compiled.infer(image[np.newaxis]).score, before)
+    with pytest.raises(BundleError, match="model.bin does not match its sha256"):
+        CompiledBundle(served, batch=1)
+
+
+def test_a_manifest_that_leaves_the_model_unlisted_is_refused(bundle_dir, tmp_path):
+    """A bundle.json whose `files` leaves out model.bin loaded it unchecked (a tampered model served under the
+    genuine name and version), or answered a reload with a KeyError."""
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle_dir, edited)
+    manifest = json.loads((edited / "bundle.json").read_text())
+    del manifest["files"]["model.bin"]
+    (edited / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="files does not list model.bin"):
+        CompiledBundle(edited, batch=1)

@@ -5,7 +5,8 @@ paho reconnects by itself (``connect_async`` + ``loop_start`` + backoff); on eve
 the broker's CONNACK ``Maximum Packet Size``: an oversize publish makes the broker
 drop the connection and paho loops reconnecting, so :meth:`MqttLink.publish`
 refuses such payloads itself.  paho also drops the connection on a received string property it
-deems malformed (:func:`_read_utf` reads them leniently instead).
+deems malformed (:func:`_read_utf` reads them leniently instead), and on a reason code its table does not list for
+the packet that carries it (:func:`_reason_name`).
 """
 
 from __future__ import annotations
@@ -259,10 +260,9 @@ class MqttLink:
             elif self._resubscribe_at == float("inf"):
                 self._resubscribe_at = time.monotonic() + self._resubscribe_after
         if new:
-            who = f"user {self.cfg.username!r}" if self.cfg.username else "anonymous clients"
             log.error("the broker refused to subscribe this worker to %s: nothing published there reaches it; the "
                       "broker's ACL must let %s read it, under the prefix set in topics.prefix; asking again every "
-                      "%.0f s at most", ", ".join(f"{t} ({r})" for t, r in new.items()), who, RESUBSCRIBE_S[1])
+                      "%.0f s at most", ", ".join(f"{t} ({r})" for t, r in new.items()), self._who, RESUBSCRIBE_S[1])
         if mended:
             log.info("the broker now takes the subscription to %s", ", ".join(mended))
 
@@ -287,10 +287,15 @@ class MqttLink:
             cause = (f"its {size}-byte payload is over the broker's message size limit (mosquitto: message_size_limit): "
                      "raise it, or make heatmaps smaller (heatmap.size, heatmap.format: jpeg) or send fewer (heatmap.publish)")
         else:
-            who = f"user {self.cfg.username!r}" if self.cfg.username else "anonymous clients"
-            cause = f"the broker's ACL must let {who} write the worker's topics, under the prefix set in topics.prefix"
+            cause = (f"the broker's ACL must let {self._who} write the worker's topics, under the prefix set in "
+                     "topics.prefix")
         log.error("the broker refused %d message(s) this worker published, the last on %s (%s): they are lost "
                   "(results, heatmaps, answers); %s", count, topic, reason_code, cause)
+
+    @property
+    def _who(self) -> str:
+        """Whom a broker's ACL must name for this connection."""
+        return f"user {self.cfg.username!r}" if self.cfg.username else "anonymous clients"
 
     @property
     def refused(self) -> dict[str, str]:

@@ -109,12 +109,14 @@ class Presence:
                 log.error("%s", self.explain(sender))
         return new
 
-    def unread(self) -> bool:
-        """True, once per announcement, when it has not come back within ``ECHO_S``: the broker takes our
-        subscription to our own topic and drops what we may not read (mosquitto's ``acl_file`` does, and does the
-        same to frames), or refused the announcement itself; then no second process can be seen either."""
+    def unread(self, heard_at: float) -> bool:
+        """True, once per announcement, when it has not come back within ``ECHO_S`` and nothing else came since
+        (``heard_at``, monotonic: a session's backlog of frames delays it): the broker takes our subscription to our
+        own topic and drops what we may not read (mosquitto's ``acl_file`` does, and does the same to frames), or
+        refused the announcement itself; then no second process can be seen either."""
         with self._lock:
-            if self._announced_at is None or time.monotonic() - self._announced_at < ECHO_S:
+            if (self._announced_at is None or time.monotonic() - self._announced_at < ECHO_S
+                    or heard_at > self._announced_at):
                 return False
             self._announced_at, self.read_back = None, False
             return True

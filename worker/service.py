@@ -184,6 +184,7 @@ class Worker:
         self.accepting = True
         self._unanswerable = 0  # requests whose answer had no topic to go to (logged, the first few)
         self._refusals_counted = 0  # of the link's refused publishes, those added to the Prometheus counter
+        self._heard = 0.0  # when the broker last handed us a message (monotonic)
         self._too_large = Throttle(3600)  # status messages over the broker's maximum packet size, said
         self._stats_reduced = Throttle(3600)  # ... and stats sent without their per-camera parts
         self.link.on_message = self._route
@@ -274,6 +275,7 @@ class Worker:
 
     def _route(self, raw: mqtt.MQTTMessage) -> None:
         """paho's network thread: hand the message on, then acknowledge it, exactly once, whatever happened."""
+        self._heard = time.monotonic()
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next session
         try:
@@ -447,7 +449,7 @@ class Worker:
             refused = self.link.publishes_refused
             self.stats.publishes_refused.inc(refused - self._refusals_counted)
             self._refusals_counted = refused
-            if self.link.connected.is_set() and self.presence.unread():
+            if self.link.connected.is_set() and self.presence.unread(self._heard):
                 log.error("this worker's own 'online' on %s did not come back from the broker within %.0f s: the "
                           "broker does not let it read (or write) its own topics, and frames on topics it may not "
                           "read never reach it (mosquitto's acl_file takes such a subscription and drops the "

@@ -270,6 +270,44 @@ def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, datas
     assert worker.stop() == 0
 
 
+def test_a_worker_that_reloaded_twice_still_stops_cleanly(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """OpenVINO's CPU plugin gives the thread that compiles a model an alternate signal stack of its own and, when
+    the model is destroyed, unmaps it and restores the old one on the thread that destroys it.  The start-up model
+    was compiled on the main thread and destroyed by another at the second reload (it left the rollback slot), so
+    the main thread kept a stack that was gone, and SIGTERM there ended the worker with SIGSEGV: no "stopped", no
+    flushed store, availability left to the last will."""
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _online(client, prefix)
+    control = f"{prefix}/workers/w-test/control"
+    frame = _good(dataset)
+    stop = threading.Event()
+
+    def stream() -> None:  # three cameras at a line's pace while the models change
+        for i in range(10_000):
+            if stop.is_set():
+                return
+            client.publish_frame(f"cam{i % 3}", frame, f"s{i:05d}")
+            time.sleep(0.2)
+
+    feeder = threading.Thread(target=stream)
+    feeder.start()
+    try:
+        for bundle in (_relabelled(bundle_dir, tmp_path / "v2", "2.0.0"), bundle_dir):
+            client.wait_for(lambda m: m.topic.startswith(f"{prefix}/cam") and m.topic.endswith("/result"), count=5)
+            answer = _request(client, control, {"command": "reload", "bundle": str(bundle)})
+            assert answer["ok"], answer
+            client.messages.clear()
+        client.wait_for(lambda m: m.topic.startswith(f"{prefix}/cam") and m.topic.endswith("/result"), count=5)
+    finally:
+        stop.set()
+        feeder.join()
+    assert worker.stop() == 0, worker.output()[-2000:]
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
+
+
 def test_a_watched_bundle_is_loaded_once_copied_whole_and_a_half_copy_is_said_once(broker, bundle_dir, dataset,
                                                                                    tmp_path, worker_factory):
     """``model.watch_s``: a release copied over the served bundle is loaded between two frames. While the copy is

@@ -41,7 +41,7 @@ from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
 from worker.spaces import embedding_space_of
 from worker.store import VectorStore
-from worker.supervise import DeadMansSwitch, Liveness, StopLoop, Throttle, supervised_loop
+from worker.supervise import DeadMansSwitch, Liveness, StopLoop, Throttle, off_the_main_thread, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
@@ -138,7 +138,7 @@ class Worker:
         self.claims = check_folders(cfg)  # held for the process's life
         use_opencv_threads(cfg.limits.opencv_threads)
         self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
-        self.models = Models(cfg)
+        self.models = off_the_main_thread(lambda: Models(cfg), "models")  # see there: OpenVINO's signal stacks
         dim = self.models.embedding_dim
         assert dim is not None  # set by Models(), which loads the default bundle or raises
         ev = cfg.evidence

@@ -26,8 +26,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StopLoop(Exception):
@@ -144,6 +146,29 @@ def os_thread_named(name: str) -> Iterator[None]:
     finally:
         if renamed:
             name_os_thread(old.value.decode(errors="replace"))
+
+
+def off_the_main_thread(make: Callable[[], T], name: str) -> T:
+    """``make()`` run on a thread of its own, its result or exception handed back.  For what compiles OpenVINO
+    models: the CPU plugin gives the compiling thread an alternate signal stack and, when the model is destroyed,
+    unmaps it and restores the old one on the destroying thread.  A model compiled on the main thread and dropped
+    by another (a reload) left the main thread a stack that was gone, and the next signal there (SIGTERM) ended
+    the process with SIGSEGV; process signals go to the main thread."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((make(), None))
+        except BaseException as exc:  # handed to the caller, as if raised there
+            box.append((None, exc))
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    result, exc = box[0]
+    if exc is not None:
+        raise exc
+    return result
 
 
 def is_failure(exc: BaseException) -> bool:

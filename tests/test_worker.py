@@ -284,6 +284,35 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
         assert bad["ok"] is False and bad["error"]["code"] == "bad_request" and "action" in bad["error"]["message"], bad
 
 
+def test_a_label_no_worker_answered_is_not_applied_at_the_next_start(broker, bundle_dir, dataset, tmp_path,
+                                                                     worker_factory):
+    """A label sent while the worker was away was answered "no answer from a worker" and kept in the worker's
+    session by the broker: the next start applied it (a false alarm absorbed into the model) although the operator
+    had been told it failed.  A request now expires with its caller's wait."""
+    from worker.api_client import ApiClient, ApiError
+    from worker.config import load_config
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, query={"timeout_s": 1})
+    client = Client(broker.port, prefix)
+    online = (lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online")
+    worker = worker_factory(config)
+    client.wait_for(online, timeout=120)
+    frame_id, data, _ = _frames(dataset)[0]
+    client.publish_frame("cam1", data, frame_id)
+    _wait_stored(client, prefix, client.json_on(f"{prefix}/cam1/result"))
+    assert worker.stop() == 0
+    with ApiClient(load_config(config, environ={}), "late") as api, pytest.raises(ApiError, match="no answer"):
+        api.label({"action": "set", "frame_id": frame_id, "camera": "cam1", "label": "false_alarm"})
+    client.messages.clear()
+    worker = worker_factory(config)  # the same session: what the broker kept for it comes first
+    client.wait_for(online, timeout=120)
+    assert _query(client, prefix, {"action": "export"}, topic="label")["labels"] == []
+    assert "absorbed" not in worker.output()
+    assert worker.stop() == 0
+    client.close()
+
+
 def test_the_csv_export_shows_formulas_as_text(running, dataset):
     """A camera picks its own frame ids and camera ids, an operator types notes: a CSV cell starting with = + - @ tab or
     CR ran as a formula in the spreadsheet it was opened in. CSV cells so started get a leading ', JSON keeps them."""

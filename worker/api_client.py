@@ -80,8 +80,11 @@ class ApiClient:
         with self._lock:
             self._pending[correlation] = (done, answer)
         try:
+            # expires with the wait: a label sent while the worker is away would otherwise be applied at its next
+            # start, long after this caller was told it failed
             self.link.publish(topic, json.dumps(body), qos=1, properties=publish_properties(
-                content_type="application/json", response_topic=self.reply_topic, correlation=correlation))
+                content_type="application/json", response_topic=self.reply_topic, correlation=correlation,
+                expiry_s=timeout))
             if not done.wait(timeout):
                 raise ApiError(f"no answer from a worker on {topic} within {timeout:g} s")
             return answer[0]

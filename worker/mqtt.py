@@ -12,6 +12,7 @@ the packet that carries it (:func:`_reason_name`).
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import sys
 import threading
@@ -81,8 +82,13 @@ class PacketTooLarge(Exception):
 
 
 def publish_properties(user: dict[str, str] | None = None, content_type: str | None = None,
-                       response_topic: str | None = None, correlation: bytes | None = None) -> Properties:
+                       response_topic: str | None = None, correlation: bytes | None = None,
+                       expiry_s: float | None = None) -> Properties:
+    """``expiry_s``: the broker discards the message once it has waited this long for a subscriber (MQTT v5
+    Message Expiry Interval, whole seconds)."""
     props = Properties(PacketTypes.PUBLISH)
+    if expiry_s is not None:
+        props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
     if user:
         props.UserProperty = [(k, str(v)) for k, v in user.items()]
     if content_type:

@@ -152,6 +152,22 @@ def test_cameras_past_the_bound_are_counted_not_sampled_even_after_a_restart(tmp
     assert again.skipped_frames == 3 and again.counts()["e"]["kept"] == 0
 
 
+def test_a_frame_labelled_a_defect_leaves_the_sample_and_an_export_does_not_merge(tmp_path) -> None:
+    """A normal-scored frame the operator confirmed as a defect stayed in the captured good frames, and an export
+    into an earlier one's folder kept files the sample had since dropped: the next model learnt them as good."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    for i in range(3):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    assert capture.forget("cam", "k1") and not capture.forget("cam", "k1") and not capture.forget("other", "k0")
+    written = capture.export(tmp_path / "out")
+    assert written["cam"]["normal"] == 2
+    assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == ["k0", "k2"]
+    capture.flush()
+    assert Capture(tmp_path / "cap", max_frames=5, min_distance=0.0).counts()["cam"]["kept"] == 2  # after a restart
+    with pytest.raises(FileExistsError, match="already holds 2 files: export to a new folder"):
+        capture.export(tmp_path / "out")
+
+
 def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, capsys) -> None:
     """An --out below a file (or on a full disk) gave a traceback."""
     from worker.__main__ import main

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, Client, good_png, user_props, write_config
 from worker.config import StoreConfig
-from worker.store import VectorStore
+from worker.store import VectorStore, point_id
 
 
 def _frames(dataset: Path) -> list[tuple[str, bytes, str]]:
@@ -261,8 +261,13 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
     answer = label({"action": "set", "frame_id": target, "camera": "cam4", "label": "false_alarm", "note": "glare"})
     assert "patches" in answer.pop("absorbed")  # what the model learned from it: tests/test_learning.py
     assert answer == {"ok": True, "frame_id": target, "camera": "cam4", "label": "false_alarm", "defect_type": None}
-    assert label({"action": "set", "frame_id": other, "camera": "cam4", "label": "confirmed_defect",
-                  "defect_type": "hole"})["ok"]
+    confirmed = label({"action": "set", "frame_id": other, "camera": "cam4", "label": "confirmed_defect",
+                       "defect_type": "hole"})
+    # scored normal, it was captured as a good frame: the next model must not learn it as one
+    assert confirmed["ok"] and confirmed["capture"] == "taken out of the captured normal frames", confirmed
+    exported = _query(client, prefix, {"command": "export_capture"}, topic="workers/w-test/control")
+    good = {p.stem for p in Path(exported["cameras"]["cam4"]["folder"], "good").iterdir()}
+    assert point_id("cam4", other) not in good and point_id("cam4", frames[2][0]) in good, good
     hits = _query(client, prefix, {"frame_id": other, "camera": "cam4", "top_k": 10})["hits"]
     labelled = {h["frame_id"]: (h["label"], h["defect_type"]) for h in hits}
     assert labelled[target] == ("false_alarm", None)

@@ -282,6 +282,21 @@ class Capture:
             state.false_alarms.add(f"{key}.png")
             state.save()  # a label is rare: the camera is then found on disk after a restart even with no sample yet
 
+    def forget(self, camera: str, key: str) -> bool:
+        """Take a kept normal frame out of the sample: an operator labelled it a confirmed defect, which the next
+        model must not learn as good.  True when one was kept."""
+        with self._lock:
+            state = self._cameras.get(camera)
+            slot = next((i for i, name in enumerate(state.files) if name.split(".", 1)[0] == key), None) \
+                if state is not None else None
+            if state is None or slot is None:
+                return False
+            state.delete(state.files.pop(slot))
+            if state.vectors is not None:
+                state.vectors = np.delete(state.vectors, slot, axis=0)
+            state.save()
+            return True
+
     def remove_false_alarm(self, camera: str, key: str) -> None:
         with self._lock:
             state = self._cameras.get(camera)  # an unlabel of a camera never labelled makes it no folder
@@ -308,6 +323,9 @@ class Capture:
                 if cameras and camera not in cameras:
                     continue
                 good = out / camera_folder(camera) / "good"
+                if good.is_dir() and (earlier := sum(1 for _ in good.iterdir())):  # frames since dropped would stay
+                    raise FileExistsError(f"{good} already holds {earlier} files: export to a new folder (an export "
+                                          "does not merge with an earlier one)")
                 good.mkdir(parents=True, exist_ok=True)
                 sources = [state.folder / f for f in state.files] + [state.folder / FALSE_ALARMS / f for f in sorted(state.false_alarms)]
                 for source in sources:

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.capture import Capture
 from worker.evidence import EvidenceStore
 from worker.learning import Learner
 from worker.query import serve_request
@@ -83,12 +84,14 @@ def _confirmed(store: VectorStore) -> list[dict]:
 class LabelService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]],
                  evidence: EvidenceStore | None = None, learner: Learner | None = None,
-                 settle: Callable[[], object] | None = None) -> None:
-        """``settle`` waits for the frames on their way to the store (worker/query.py ``serve_request``)."""
+                 settle: Callable[[], object] | None = None, capture: Capture | None = None) -> None:
+        """``settle`` waits for the frames on their way to the store (worker/query.py ``serve_request``); a frame
+        labelled a confirmed defect leaves the ``capture`` sample of normal frames."""
         self.use_store = use_store
         self.settle = settle
         self.evidence = evidence
         self.learner = learner
+        self.capture = capture
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
@@ -132,6 +135,8 @@ class LabelService:
             self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
         answer = {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
                   "defect_type": payload["defect_type"]}
+        if request.label == "confirmed_defect" and self.capture is not None and self.capture.forget(request.camera, pid):
+            answer["capture"] = "taken out of the captured normal frames"  # the next model must not learn it as good
         if self.learner is not None:
             if request.label == "confirmed_defect":
                 try:  # scored now for the guard of later false-alarm labels, which would otherwise score it then

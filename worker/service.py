@@ -173,7 +173,7 @@ class Worker:
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
                                     lambda: embedding_space_of(self.models.default.bundle.manifest), self._settle)
         self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
-        self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle)
+        self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle, self.capture)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
         self.query_queue: BoundedQueue[Inbound] = BoundedQueue(
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,

@@ -407,4 +407,16 @@ def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp
     version = read_manifest(bundle_dir).version
     assert samples[("edge_inspect_model_info", (("name", "weave-patchcore"), ("precision", "f32"),
                                                  ("scope", "default"), ("version", version)))] == 1
+
+    def models() -> set[tuple]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {(s.labels["scope"], s.labels["version"]) for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "edge_inspect_model_info"}
+
+    control = f"{prefix}/workers/w-test/control"  # a canary, then its rollback: its sample goes with it
+    canary = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
+    assert _request(client, control, {"command": "reload", "bundle": str(canary), "camera": "cam"})["ok"]
+    assert models() == {("default", version), ("cam", "2.0.0")}
+    assert _request(client, control, {"command": "rollback", "camera": "cam"})["ok"]
+    assert models() == {("default", version)}
     assert worker.stop() == 0

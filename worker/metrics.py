@@ -95,6 +95,14 @@ class Stats:
                     self.model.remove(scope, sample.labels["name"], sample.labels["version"], sample.labels["precision"])
             self.model.labels(scope, name, version, precision).set(1)
 
+    def keep_models(self, scopes: set[str]) -> None:
+        """Drop the model samples of scopes no longer served (a canary ended by a rollback or a roll-out)."""
+        with self._lock:
+            for sample in [s for metric in self.model.collect() for s in metric.samples]:
+                if sample.labels["scope"] not in scopes:
+                    self.model.remove(sample.labels["scope"], sample.labels["name"], sample.labels["version"],
+                                      sample.labels["precision"])
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {cam: {f: c[f] for f in self.FIELDS} for cam, c in self._counts.items()}

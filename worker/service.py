@@ -229,6 +229,7 @@ class Worker:
                              "tiling": tiling.record(model.bundle.manifest.tiling),  # cuts cameras without their own
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
             self.stats.set_model(scope, model.info["name"], model.info["version"], model.info["precision"])
+        self.stats.keep_models(set(scopes))
         body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,
                 "device_name": self.models.default.bundle.device_name,
                 "embedding_dim": self.models.embedding_dim}

@@ -117,6 +117,9 @@ class Models:
         self.embedding_dim: int | None = None
         self._extensions: dict[Path, Extension] = {}
         self._previous_paths: dict[str, Path] = {}  # kept for rollback by a run before this one, not compiled
+        # rolled out before this start but not served now (its bundle was missing or broken at the start): kept in
+        # the record for the next start, until a reload or rollback of its scope replaces it
+        self._unrestored: dict[str, Rolled] = {}
         self._record_lock = threading.Lock()
         self._started = False
         rolled = self._read_rollout()
@@ -149,8 +152,10 @@ class Models:
             try:
                 model = self.load(scope, rolled.bundle)
             except RELOAD_ERRORS as exc:
-                log.error("rollout: %s cannot serve %s, rolled out before this start (%s); %s", scope, rolled.bundle,
-                          exc, f"config.yaml's {configured} serves" if fallback else "the camera follows the default")
+                log.error("rollout: %s cannot serve %s, rolled out before this start (%s); %s, and the next start "
+                          "tries it again (a reload or rollback of %s replaces it)", scope, rolled.bundle, exc,
+                          f"config.yaml's {configured} serves" if fallback else "the camera follows the default", scope)
+                self._unrestored[scope] = rolled
             else:
                 log.info("rollout: %s serves %s %s from %s as rolled out before this start (config.yaml names %s)",
                          scope, model.info["name"], model.info["version"], rolled.bundle, configured)
@@ -193,6 +198,9 @@ class Models:
                     scopes[scope] = {"bundle": str(model.path.absolute()),
                                      "configured": str(self._configured_bundle(scope).absolute()),
                                      "previous": None if previous is None else str(previous.absolute())}
+                for scope, rolled in self._unrestored.items():  # a bundle missing for one start is not forgotten
+                    scopes[scope] = {"bundle": str(rolled.bundle), "configured": str(rolled.configured),
+                                     "previous": None if rolled.previous is None else str(rolled.previous)}
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 tmp.write_text(json.dumps({"scopes": scopes}, indent=1))
@@ -312,6 +320,8 @@ class Models:
                     self._previous[s] = self._current[s]
                     self._previous_paths.pop(s, None)
                 self._current[s] = model
+                if self._started:
+                    self._unrestored.pop(s, None)
             if scope == DEFAULT:
                 self._end_canaries_of(compiled[scope].bundle.manifest)
         if self._started:
@@ -343,6 +353,7 @@ class Models:
             earlier = self._previous_paths.get(scope) if scope not in self._previous else None
             if earlier is None:
                 model = self._swap_back(scope)
+                self._unrestored.pop(scope, None)
         if earlier is not None:
             return self.load(scope, earlier)  # records itself; the path stays kept if it fails
         self._record()

@@ -420,8 +420,12 @@ def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp
 
     control = f"{prefix}/workers/w-test/control"  # a canary, then its rollback: its sample goes with it
     canary = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
-    assert _request(client, control, {"command": "reload", "bundle": str(canary), "camera": "cam"})["ok"]
+    answer = _request(client, control, {"command": "reload", "bundle": str(canary), "camera": "cam"})
+    assert answer["ok"] and "note" not in answer, answer
     assert models() == {("default", version), ("cam", "2.0.0")}
+    typo = _request(client, control, {"command": "reload", "bundle": str(canary), "camera": "cma"})
+    assert typo["ok"] and "camera 'cma' has sent this worker no frame" in typo["note"], typo  # a canary it would wait for
+    assert _request(client, control, {"command": "rollback", "camera": "cma"})["ok"]
     assert _request(client, control, {"command": "rollback", "camera": "cam"})["ok"]
     assert models() == {("default", version)}
     assert worker.stop() == 0

@@ -256,7 +256,12 @@ class Worker:
         except RELOAD_ERRORS as exc:
             return error_answer(ErrorCode.RELOAD_FAILED, str(exc))
         self._publish_models()
-        return {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}
+        answer = {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}
+        if command.command == "reload" and command.camera and command.camera not in self.stats.snapshot() \
+                and command.camera not in self.cfg.cameras:  # a typo's canary would wait, unseen, for a camera
+            answer["note"] = (f"camera {command.camera!r} has sent this worker no frame since it started, and "
+                              "config.yaml does not name it: check the camera id")
+        return answer
 
     def export_capture(self, camera: str | None) -> dict:
         """Write the captured frames under capture.export_path/<UTC time>/ (never a path a client chose)."""

@@ -235,7 +235,8 @@ def main() -> int:
         if not watcher.wait_stored(60):
             print(f"warning: the store holds {watcher.stats.get('store_written', 0)} of the {watcher.logged} recorded "
                   "frames after 60 s; the query below may miss some")
-        query_id = sorted(f"{p.parent.name}_{p.stem}" for p in frames if p.parent.name == query_type)[0]
+        # the publisher's ids are <run>-<n>-<folder>_<stem> (unique per run): the first frame of that defect type
+        query_id = sorted(r["frame_id"] for r in watcher.results if f"-{query_type}_" in r["frame_id"])[0]
         banner(f"past defects most similar to {query_id}")
         run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", query_id,
              "--camera", CAMERA, "--top-k", "5"])

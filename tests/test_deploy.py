@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, Client, user_props
 
-from conftest import ROOT
+from scripts.broker import Broker, free_port
 from worker.config import load_config
+from worker.wire import valid_id
 
 DEPLOY = ROOT / "deploy"
 
@@ -34,3 +45,213 @@ def test_systemd_unit_verifies():
     problems = [line for line in proc.stderr.splitlines()
                 if "edge-inspect-worker.service" in line and "No such file or directory" not in line]  # not installed here
     assert not problems, proc.stderr
+
+
+# -- deploy/camera_publisher.py: a real mosquitto, the publisher as a subprocess, a paho subscriber ----------------
+
+PUBLISHER = DEPLOY / "camera_publisher.py"
+# <start time>-<random hex>-<frame number>[-<path under --folder>]
+PUBLISHER_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{4}-(\d{8})(?:-(.+))?$")
+
+
+class Publisher:
+    """camera_publisher.py as a process; its output goes to a file (a pipe nobody reads would block it)."""
+
+    def __init__(self, folder: Path, port: int, *args: str) -> None:
+        self.log_path = folder / f"publisher-{uuid.uuid4().hex[:8]}.log"
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([sys.executable, str(PUBLISHER), "--port", str(port), *args], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_output(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None, f"the publisher exited ({self.proc.returncode}):\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.output()[-3000:]}"
+            time.sleep(0.05)  # poll interval, with a deadline
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+
+def image_folder(folder: Path, names: list[str]) -> Path:
+    png = cv2.imencode(".png", np.full((16, 16, 3), 128, np.uint8))[1].tobytes()  # the publisher never decodes
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(png)
+    return folder
+
+
+def frame_ids(sub: Client, camera: str) -> list[str]:
+    with sub.lock:
+        return [user_props(m)["frame_id"] for m in sub.messages if m.topic == f"inspect/{camera}/frame"]
+
+
+def is_frame(camera: str):
+    return lambda m: m.topic == f"inspect/{camera}/frame"
+
+
+@pytest.fixture
+def publishers(tmp_path):
+    started: list[Publisher] = []
+
+    def start(port: int, *args: str) -> Publisher:
+        p = Publisher(tmp_path, port, *args)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.stop(signal.SIGKILL)
+
+
+def test_publisher_survives_a_broker_restart_and_stops_cleanly(tmp_path, publishers):
+    folder = image_folder(tmp_path / "imgs", ["000.png", "001.png", "002.png"])
+    broker = Broker(tmp_path / "broker1")
+    port = broker.port
+    sub = Client(port)
+    try:
+        pub = publishers(port, "--camera", "rcam", "--folder", str(folder), "--fps", "10", "--loop")
+        sub.wait_for(is_frame("rcam"), timeout=30, count=3)
+        sub.close()
+        broker.stop()
+        pub.wait_output("is away")  # the publisher noticed, and lives on
+        broker = Broker(tmp_path / "broker2", port=port)
+        sub = Client(port)
+        sub.wait_for(is_frame("rcam"), timeout=60, count=3)  # reconnected (paho's backoff is at most 10 s)
+        assert pub.proc.poll() is None, pub.output()[-3000:]
+        assert pub.stop(signal.SIGTERM) == 0
+        out = pub.output()
+        assert "Traceback" not in out and "stopped by SIGTERM" in out, out[-3000:]
+        assert re.search(r"published \d+ frames to inspect/rcam/frame .*[1-9]\d* dropped", out), out[-3000:]
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_publisher_waits_for_a_broker_that_is_down_at_start(tmp_path, publishers):
+    folder = image_folder(tmp_path / "imgs", ["000.png"])
+    port = free_port()
+    pub = publishers(port, "--camera", "wcam", "--folder", str(folder), "--fps", "5", "--loop")
+    pub.wait_output("waiting for the broker")
+    broker = Broker(tmp_path / "broker", port=port)
+    try:
+        sub = Client(port)
+        sub.wait_for(is_frame("wcam"), timeout=60, count=2)
+        sub.close()
+        assert pub.stop(signal.SIGINT) == 0
+        assert "Traceback" not in pub.output(), pub.output()[-3000:]
+    finally:
+        broker.stop()
+
+
+def test_publisher_ids_never_repeat_across_runs_passes_and_sub_folders(tmp_path, broker, publishers):
+    """The worker replaces the record and label of a frame whose (camera, id) comes again: ids must not repeat."""
+    folder = image_folder(tmp_path / "imgs", ["a/x/000.png", "b/x/000.png", "b/x/001.png"])
+    sub = Client(broker.port)
+    try:
+        first = publishers(broker.port, "--camera", "icam", "--folder", str(folder), "--fps", "0")
+        assert first.proc.wait(60) == 0, first.output()[-3000:]
+        second = publishers(broker.port, "--camera", "icam", "--folder", str(folder), "--fps", "0", "--loop",
+                            "--limit", "6")
+        assert second.proc.wait(60) == 0, second.output()[-3000:]
+        sub.wait_for(is_frame("icam"), timeout=30, count=9)
+        ids = frame_ids(sub, "icam")
+    finally:
+        sub.close()
+    assert len(ids) == 9 and len(set(ids)) == 9, ids
+    assert all(valid_id(i) and PUBLISHER_ID.match(i) for i in ids), ids
+    assert sorted(PUBLISHER_ID.match(i).group(2) for i in ids[:3]) == ["a_x_000", "b_x_000", "b_x_001"], ids
+
+
+@pytest.mark.parametrize("how", ["missing folder", "empty folder with --loop", "not a video"])
+def test_publisher_refuses_a_source_without_frames(tmp_path, broker, how):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.png").write_text("not an image")
+    source = {"missing folder": ["--folder", str(tmp_path / "nope")],
+              "empty folder with --loop": ["--folder", str(tmp_path / "empty"), "--loop"],
+              "not a video": ["--video", str(tmp_path / "notes.png")]}[how]
+    proc = subprocess.run([sys.executable, str(PUBLISHER), "--port", str(broker.port), "--camera", "bad", *source],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "error: --" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_publisher_skips_hidden_and_vanished_files_and_sends_tiff_and_webp(tmp_path, broker, publishers):
+    names = ["000.png", "001.tif", "002.tiff", "003.webp", "004.png", "005.png", "006.png",
+             ".hidden.png", "._000.png", ".thumbs/007.png", "notes.txt"]
+    folder = image_folder(tmp_path / "imgs", names)
+    sub = Client(broker.port)
+    try:
+        pub = publishers(broker.port, "--camera", "vcam", "--folder", str(folder), "--fps", "2")
+        sub.wait_for(is_frame("vcam"), timeout=30)
+        (folder / "006.png").unlink()  # an archiver takes it while the publisher runs (it reads 006 3 s later)
+        assert pub.proc.wait(60) == 0, pub.output()[-3000:]
+        sub.wait_for(is_frame("vcam"), timeout=30, count=6)
+        names_sent = [PUBLISHER_ID.match(i).group(2) if PUBLISHER_ID.match(i) else i for i in frame_ids(sub, "vcam")]
+    finally:
+        sub.close()
+    assert names_sent == ["000", "001", "002", "003", "004", "005"], names_sent
+    assert "skipped" in pub.output() and "006.png" in pub.output(), pub.output()[-3000:]
+
+
+def test_two_publishers_for_one_camera_do_not_disconnect_each_other(tmp_path, broker, publishers):
+    folder = image_folder(tmp_path / "imgs", ["000.png", "001.png"])
+    sub = Client(broker.port)
+    args = ("--camera", "dup", "--folder", str(folder), "--fps", "10", "--loop")
+    try:
+        first = publishers(broker.port, *args)
+        sub.wait_for(is_frame("dup"), timeout=30)
+        second = publishers(broker.port, *args)
+
+        def runs_seen(m) -> bool:
+            tokens = {i.rsplit("-", 2)[0] for i in frame_ids(sub, "dup")}
+            return len(tokens) == 2 and all(
+                sum(i.startswith(t) for i in frame_ids(sub, "dup")) >= 10 for t in tokens)
+
+        sub.wait_for(lambda m: runs_seen(m), timeout=30)
+        assert first.proc.poll() is None and second.proc.poll() is None, first.output()[-2000:] + second.output()
+    finally:
+        sub.close()
+
+
+def test_publisher_after_a_hung_broker_keeps_its_pace_and_says_what_was_not_acknowledged(tmp_path, publishers):
+    folder = image_folder(tmp_path / "imgs", ["000.png", "001.png", "002.png"])
+    broker = Broker(tmp_path / "broker")
+    sub = Client(broker.port)
+    fps = 5
+    try:
+        pub = publishers(broker.port, "--camera", "hcam", "--folder", str(folder), "--fps", str(fps), "--loop",
+                         "--ack-timeout", "1")
+        sub.wait_for(is_frame("hcam"), timeout=30, count=2)
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            pub.wait_output("was not acknowledged")
+            # a few seconds of frames at this pace would be a burst if they were caught up with
+            pub.wait_output("dropping frames")
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        before = len(frame_ids(sub, "hcam"))
+        got = sub.wait_for(is_frame("hcam"), timeout=60, count=before + 14)[before:before + 14]
+        out = pub.output()
+        unacked = re.search(r"frame (\S+) was not acknowledged", out).group(1)
+        assert f"sent {unacked} " not in out, out[-3000:]
+        # after the first few (what was pending when the broker hung), frames come at the pace, not in a burst
+        stamps = [float(user_props(m)["captured_at"]) for m in got[4:]]
+        assert stamps[-1] - stamps[0] >= 0.7 * (len(stamps) - 1) / fps, stamps
+        assert pub.proc.poll() is None
+    finally:
+        sub.close()
+        broker.stop()

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 
 import cv2
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: thresholds for the reference precision only, no embedding space
@@ -268,8 +268,12 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
         raise BundleError(f"{path}: schema_version {version!r}, this software reads {', '.join(map(str, READABLE_SCHEMAS))}")
     try:
         manifest = Manifest.model_validate(raw)
-    except ValueError as exc:
-        raise BundleError(f"{path}: invalid manifest: {exc}") from exc
+    except ValidationError as exc:  # one line per problem, without pydantic's links
+        errors = exc.errors()
+        said = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in errors[:5])
+        newer = " (fields this software does not know: written by a newer exporter?)" \
+            if any(e["type"] == "extra_forbidden" for e in errors) else ""
+        raise BundleError(f"{path}: invalid manifest: {said}{newer}") from exc
     if verify:
         for name, expected in manifest.files.items():
             verify_file(folder, name, expected)

@@ -89,3 +89,17 @@ def test_a_manifest_that_leaves_the_model_unlisted_is_refused(bundle_dir, tmp_pa
     (edited / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="files does not list model.bin"):
         CompiledBundle(edited, batch=1)
+
+
+def test_a_manifest_from_a_newer_exporter_is_refused_in_one_line_that_says_so(bundle_dir, tmp_path):
+    """An unknown field was refused with pydantic's multi-line text and a link to its website."""
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle_dir, edited)
+    manifest = json.loads((edited / "bundle.json").read_text())
+    manifest["calibration"] = {"added": "later"}
+    (edited / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as refused:
+        CompiledBundle(edited, batch=1)
+    said = str(refused.value)
+    assert "calibration: Extra inputs are not permitted" in said and "written by a newer exporter?" in said, said
+    assert "\n" not in said and "pydantic.dev" not in said, said

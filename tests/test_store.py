@@ -196,6 +196,32 @@ def test_a_server_store_retains_by_arrival_too():
         store.close()
 
 
+def test_a_history_at_its_bound_keeps_its_segments_and_memory_bounded(tmp_path):
+    """Past ``store.max_points`` every retention pass deletes and vacuums; qdrant-edge-py 0.9 kept each segment a
+    vacuum replaced, mapped and on disk, until the shard was closed: a worker at its bound grew in memory and disk
+    without end (docs/store.md).  The shard is loaded again when replaced segments pile up."""
+    from worker.store import STALE_SEGMENTS
+
+    store = _store(tmp_path, max_points=300)
+    segments = tmp_path / "store" / "frames" / "segments"
+    rng = np.random.default_rng(0)
+    most = 0
+    for batch in range(100):
+        items = []
+        for i in range(40):
+            n = batch * 40 + i
+            vec = rng.normal(size=DIM).astype(np.float32)
+            items.append((point_id("c", f"f{n}"), vec / np.linalg.norm(vec),
+                          {"frame_id": f"f{n}", "camera": "c", "captured_ts": NOW + n, "received_ts": NOW + n,
+                           "verdict": "normal", "anomalous": False}))
+        store.upsert(items)
+        store.retain(now=NOW, force=True)
+        most = max(most, sum(1 for _ in segments.iterdir()))
+    assert most <= 1 + STALE_SEGMENTS, most
+    assert store.count() == 300 and store.find("f3999", "c") is not None and store.find("f3699", "c") is None
+    store.close()
+
+
 def test_retention_runs_while_the_recorder_writes(tmp_path):
     store = _store(tmp_path, max_points=5, retention_every_s=0.05, flush_s=0.05, batch_size=4)
     evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)

@@ -50,6 +50,7 @@ PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keywo
 Tier = Literal["normal", "unlabelled", "any"]  # which frames retention takes, in this order
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
 _DELETE_CHUNK = 1024
+STALE_SEGMENTS = 2  # replaced segments kept after a vacuum before the embedded shard is loaded again (_Edge._reopen)
 
 
 Label = Literal["false_alarm", "confirmed_defect"]  # operator labels (worker/labels.py)
@@ -160,6 +161,7 @@ class _Edge:
         optimizers = None if hnsw else edge.EdgeOptimizersConfig(indexing_threshold=0)
         config = edge.EdgeConfig(vectors=edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine),
                                  hnsw_config=index, optimizers=optimizers, wal_enabled=True)
+        self.config = config
         self.hnsw = hnsw
         if folder.is_dir() and any(folder.iterdir()):
             where = f"collection {folder.name!r} at {folder}"
@@ -251,6 +253,19 @@ class _Edge:
     def optimize(self) -> None:
         self._room("vacuum", sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file()))
         self.shard.optimize()
+        segments = self.folder / "segments"
+        kept = sum(1 for _ in segments.iterdir()) if segments.is_dir() else 0
+        if kept > self.shard.info().segments_count + STALE_SEGMENTS:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """qdrant-edge-py 0.9 keeps each segment a vacuum replaced mapped, and on disk, until the shard is closed:
+        past ``store.max_points`` every retention pass deletes and vacuums, and a worker's memory and disk grew
+        without bound (a segment per pass).  Closed and loaded again, the shard holds what it needs."""
+        self._room("open")
+        self.shard.flush()
+        self.shard.close()
+        self.shard = edge.EdgeShard.load(str(self.folder), self.config)
 
     def close(self) -> None:
         self.shard.flush()

@@ -33,6 +33,9 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: thresholds for the reference precision only, no embedding space
 MANIFEST = "bundle.json"
 BUNDLE_FILES = ("model.xml", "model.bin")
+PROVISIONAL = "provisional"
+"""``thresholds.method`` of the manifest the exporter writes in its staging folder before thresholds are measured;
+such a folder is left behind only by a run that was killed, and is never a bundle to serve."""
 
 Precision = Literal["f32", "bf16", "f16", "int8"]
 """Inference precision of a compiled bundle.  ``f32``/``bf16``/``f16`` name OpenVINO's

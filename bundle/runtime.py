@@ -18,6 +18,7 @@ from bundle import (
     BUNDLE_FILES,
     MANIFEST,
     PRECISIONS,
+    PROVISIONAL,
     BundleError,
     ExtensionSpec,
     Manifest,
@@ -135,7 +136,8 @@ class CompiledBundle:
         ``precision`` is always set explicitly (``auto`` = the device's own default, resolved and recorded):
         OpenVINO's CPU plugin runs bf16 by default on CPUs with AMX or AVX512_BF16, so an unset hint gives
         other numbers on other machines.  The thresholds used are the ones the bundle measured at that
-        precision; a bundle without them is refused (``require_thresholds``), since raw scores move with it.
+        precision; a bundle without them, or with the exporter's provisional ones, is refused
+        (``require_thresholds``; only the exporter, measuring them, compiles without), since raw scores move with it.
         """
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder, verify=False)  # the model's files: checked as read
@@ -187,6 +189,10 @@ class CompiledBundle:
             raise BundleError(f"{self.folder}: no thresholds measured at {self.precision} (this bundle has "
                               f"{', '.join(have)}); run one of those, or re-export on a CPU that runs {self.precision}")
         self.thresholds: Thresholds = thresholds or self.manifest.thresholds
+        if require_thresholds and self.thresholds.method == PROVISIONAL:
+            raise BundleError(f"{self.folder}: its thresholds are provisional, not measured (an exporter's staging "
+                              "folder, left by a run that was killed): every frame would be scored against them; "
+                              "export the bundle again")
         if self.precision == "int8" and _eight_bit_dense_weights(model):
             record = self.manifest.precisions.get("int8")
             measured_on = record.measured_on if record is not None else "the exporting CPU"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bundle import PRECISIONS, BundleError, bundle_name
+from exporter import stopping
 from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, int_in, refuse_unused, select
 
 if TYPE_CHECKING:
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return args.func(args)
+        with stopping.handled():
+            return args.func(args)
     except (BundleError, OSError, ValueError, RuntimeError) as exc:  # OSError: e.g. a full disk, said plainly
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -16,9 +18,9 @@ import openvino as ov
 import torch
 from torch import nn
 
-from bundle import MANIFEST, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, TilingSpec, write_manifest
+from bundle import MANIFEST, PROVISIONAL, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, TilingSpec, write_manifest
 from bundle.runtime import CompiledBundle, supported_precisions
-from exporter import backbones
+from exporter import backbones, stopping
 from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_frame, read_tiles, tiling_of
 from exporter.evaluate import evaluate
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
@@ -113,7 +115,10 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
         embedding_dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale_staging(out)
+    with stopping.deferred():
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        stopping.remove_on_stop(staging)
     try:
         log.info("exporting to OpenVINO IR")
         model = convert(graph, spec)
@@ -134,7 +139,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             embedding_dim=embedding_dim,
             embedding_space=f"{family}/{trained.training.get('backbone', 'pdn')}/whitened by {name}@{version}",
             thresholds=Thresholds(image=Normalisation(low=0, threshold=1), pixel=Normalisation(low=0, threshold=1),
-                                  method="provisional"),
+                                  method=PROVISIONAL),
             training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val)},
             versions=library_versions(),
             precision=precision.upper(),
@@ -157,9 +162,11 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             log.warning("not evaluated: the data has no labelled test images (%s)", cat.layout)
         fields["training"]["total_s"] = round(time.monotonic() - trained.started, 2)
         write_manifest(staging, fields)
-        _move_into_place(staging, out)
+        with stopping.deferred():
+            _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        stopping.keep_on_stop(staging)
     return out
 
 
@@ -208,6 +215,31 @@ def check_out(out: Path) -> None:
         tempfile.TemporaryDirectory(prefix=f".{out.name}.check-", dir=out.parent).cleanup()
     except OSError as exc:
         raise ValueError(f"--out {out}: the bundle cannot be written there ({exc.strerror or exc})") from None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (one of another user's too); a reused pid reads as alive, which keeps a folder."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the folders beside ``out`` that runs to it were killed before removing (``.NAME.partial-PID-*``,
+    ``.NAME.replaced-PID``): each can hold a whole model.  Only those of processes no longer running, so two runs
+    to one ``--out`` at once leave each other's staging folder alone."""
+    for entry in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:partial-(\d+)-.+|replaced-(\d+))", entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        pid = int(match[1] or match[2])
+        if pid != os.getpid() and not _alive(pid):
+            log.info("removing %s, left by an exporter run (pid %d) that was killed", entry, pid)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

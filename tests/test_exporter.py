@@ -7,17 +7,19 @@ import json
 import re
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from bundle import BundleError, read_manifest
+from bundle import BundleError, read_manifest, write_manifest
 from bundle.extension import Views
 from bundle.runtime import CompiledBundle
-from conftest import ROOT
+from conftest import ROOT, train_bundle
 from exporter import backbones
 from exporter.coreset import greedy_coreset
 from exporter.data import load_category, read_image
@@ -310,6 +312,57 @@ def test_a_bundle_is_replaced_whole_while_a_watcher_reads_it(bundle_dir, dataset
     assert {v for v, _ in seen} <= {old, new} and old in {v for v, _ in seen}
     assert not any(method == "provisional" for _, method in seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_packaging_removes_the_staging_folder(stop, dataset, tmp_path):
+    """SIGTERM (kill, systemd stop) ended the run at once, before its ``finally``, and Ctrl-C's KeyboardInterrupt
+    was swallowed by OpenVINO's converter or aborted the process in its telemetry thread: the staging folder, a
+    whole model with provisional thresholds, stayed beside --out.  Now: cleaned up, one line, no traceback."""
+    err = (tmp_path / "stderr").open("w+")
+    out = tmp_path / "runs" / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                             "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05", "--no-eval",
+                             "--precisions", "f32"], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    while proc.poll() is None and not list(out.parent.glob(".b.partial-*")):
+        time.sleep(0.01)  # polling for the staging folder: the signal is sent once the run is packaging
+    assert proc.returncode is None, "the run ended before it was seen packaging"
+    proc.send_signal(stop)
+    assert proc.wait(timeout=120) == 128 + stop
+    err.seek(0)
+    text = err.read()
+    said = "error: interrupted (Ctrl-C)" if stop == signal.SIGINT else "error: stopped by SIGTERM"
+    assert "Traceback" not in text and text.splitlines()[-1] == said, text[-2000:]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_path):
+    """Folders of runs killed (SIGKILL, a power cut) stayed forever beside --out, each a whole model; a later run to
+    the same --out removes those whose process is gone, and leaves a running one's (two runs at once) alone."""
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale = [tmp_path / f".live.partial-{gone.pid}-x1", tmp_path / f".live.replaced-{gone.pid}"]
+    kept = [tmp_path / f".live.partial-{os.getpid()}-y2", tmp_path / f".other.partial-{gone.pid}-z3"]
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "model.bin").write_bytes(b"weights")
+    train_bundle(dataset, tmp_path / "live", "--no-eval", "--precisions", "f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["live", *(k.name for k in kept)])
+
+
+def test_a_bundle_with_provisional_thresholds_is_refused_but_measured_by_the_exporter(bundle_dir, tmp_path):
+    """A killed run's staging folder, copied to a worker, loaded and scored every normal frame 1.000 anomalous
+    against its placeholder thresholds; only the exporter, measuring them, compiles it."""
+    copy = tmp_path / "leftover"
+    shutil.copytree(bundle_dir, copy)
+    fields = read_manifest(copy).model_dump(exclude={"files"})
+    fields["thresholds"] = {"image": {"low": 0, "threshold": 1}, "pixel": {"low": 0, "threshold": 1},
+                            "method": "provisional"}
+    fields["precisions"] = {}
+    write_manifest(copy, fields)
+    with pytest.raises(BundleError, match="thresholds are provisional"):
+        CompiledBundle(copy)
+    assert CompiledBundle(copy, require_thresholds=False).thresholds.method == "provisional"
 
 
 def test_a_test_split_of_defects_only_says_why_it_has_no_auroc_and_has_pixel_metrics(bundle_dir, dataset):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -194,3 +197,55 @@ def test_a_query_image_that_cannot_be_read_is_an_error_line(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("model: {bundle: b}\n")
     assert main(["query", "--config", str(tmp_path / "c.yaml"), "--image", str(tmp_path / "missing.png")]) == 2
     assert f"error: --image {tmp_path / 'missing.png'}: No such file or directory" in capsys.readouterr().err
+
+
+def test_a_query_image_over_the_request_limit_is_refused_before_sending_saying_what_to_do(tmp_path, capsys):
+    """A 3.9 MB PNG the worker takes as a camera frame came back as ``bad_request: request is N bytes, limit L``:
+    it did not say that base64 adds a third, nor what to do."""
+    from worker.__main__ import main
+    from worker.wire import MAX_REQUEST_BYTES
+
+    (tmp_path / "c.yaml").write_text("model: {bundle: b}\nmqtt: {port: 1}\n")  # nothing is sent: no broker needed
+    image = tmp_path / "big.png"
+    image.write_bytes(bytes(MAX_REQUEST_BYTES * 3 // 4 + 1000))
+    assert main(["query", "--config", str(tmp_path / "c.yaml"), "--image", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert f"the worker takes requests up to {MAX_REQUEST_BYTES} bytes: re-encode the image as JPEG" in err, err
+
+
+def test_a_request_over_the_brokers_packet_size_is_an_error_line(tmp_path, capsys):
+    """A query larger than the broker's max_packet_size gave a worker.mqtt.PacketTooLarge traceback."""
+    from scripts.broker import Broker
+    from worker.__main__ import main
+
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 100000\n")
+    try:
+        (tmp_path / "c.yaml").write_text(f"model: {{bundle: b}}\nmqtt: {{port: {broker.port}}}\n")
+        image = tmp_path / "mid.png"
+        image.write_bytes(bytes(200_000))
+        assert main(["query", "--config", str(tmp_path / "c.yaml"), "--image", str(image)]) == 2
+    finally:
+        broker.stop()
+    err = capsys.readouterr().err
+    assert re.search(r"error: inspect/query: \d+ bytes exceed the broker's maximum packet size 100000 \(its "
+                     r"max_packet_size\): send less \(a query image re-encoded as JPEG", err), err
+
+
+@pytest.mark.parametrize("command", [["query", "--frame-id", "x"], ["labels"],
+                                     ["label", "--frame-id", "x", "--camera", "c", "--false-alarm"]])
+def test_ctrl_c_in_a_cli_command_is_one_line_and_exit_130(tmp_path, command):
+    """Ctrl-C while a command waits for the broker printed a KeyboardInterrupt traceback."""
+    (tmp_path / "c.yaml").write_text("model: {bundle: b}\nmqtt: {port: 1}\n")  # nothing listens: it retries
+    proc = subprocess.Popen([sys.executable, "-m", "worker", command[0], "--config", str(tmp_path / "c.yaml"),
+                             *command[1:]], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # Ctrl-C once it is waiting: its first "retrying" line
+        lines.append(line)
+        if "retrying" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=30) == 130, "".join(lines)
+    said = "error: interrupted (Ctrl-C)" + (": the label may still be applied" if command[0] == "label" else "")
+    assert lines[-1].strip() == said and not any("Traceback" in line for line in lines), "".join(lines)

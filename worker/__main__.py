@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from bundle import BundleError
 from worker.config import Config, ConfigError, load_config
+from worker.wire import MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:  # the MQTT client is imported when a command needs it
     from worker.api_client import ApiClient
@@ -42,12 +43,17 @@ def _run(args: argparse.Namespace) -> int:
 def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict]) -> dict | None:
     """One request to the running worker over MQTT; None, after saying why, when none answered."""
     from worker.api_client import ApiClient, ApiError
+    from worker.mqtt import PacketTooLarge
 
     try:
         with ApiClient(cfg, name) as client:
             return send(client)
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    except PacketTooLarge as exc:
+        print(f"error: {exc} (its max_packet_size): send less (a query image re-encoded as JPEG, or smaller), or "
+              "raise the broker's max_packet_size", file=sys.stderr)
         return None
 
 
@@ -61,6 +67,12 @@ def _query(args: argparse.Namespace) -> int:
             request["image_b64"] = base64.b64encode(Path(args.image).read_bytes()).decode()
         except OSError as exc:
             print(f"error: --image {args.image}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        size = len(json.dumps(request))
+        if size > MAX_REQUEST_BYTES:  # the worker would refuse it unread; say so before it is sent
+            print(f"error: --image {args.image}: the request would be {size} bytes (base64 adds a third to the "
+                  f"image's {Path(args.image).stat().st_size}); the worker takes requests up to {MAX_REQUEST_BYTES} "
+                  "bytes: re-encode the image as JPEG (or make it smaller), or query by --frame-id", file=sys.stderr)
             return 2
     else:
         request["frame_id"] = args.frame_id
@@ -213,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while a command waits (the broker, an answer): a line, not a traceback
+        print("error: interrupted (Ctrl-C)" + (": the label may still be applied" if args.command == "label" else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

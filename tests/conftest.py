@@ -9,7 +9,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -194,19 +197,26 @@ def start_on_embedded_store(folder: Path, port: int, bundle: Path, prefix: str, 
     return worker, store_dir
 
 
-@pytest.fixture
-def worker_factory(tmp_path):
-    started: list[WorkerProcess] = []
+@contextmanager
+def killed_after(make: Callable[[int], Any]) -> Iterator[Callable[[int], Any]]:
+    """``start(n)`` = ``make(n)`` (n: how many were started before), each still running at the end killed."""
+    started: list = []
 
-    def start(config: Path) -> WorkerProcess:
-        w = WorkerProcess(config, tmp_path / f"worker{len(started)}.log")
-        started.append(w)
-        return w
+    def start(*args: Any) -> Any:
+        process = make(len(started), *args)
+        started.append(process)
+        return process
 
     yield start
-    for w in started:
-        if w.proc.poll() is None:
-            w.stop(signal.SIGKILL)
+    for process in started:
+        if process.proc.poll() is None:
+            process.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    with killed_after(lambda n, config: WorkerProcess(config, tmp_path / f"worker{n}.log")) as start:
+        yield start
 
 
 DAMAGE = ("empty", "cut", "header")

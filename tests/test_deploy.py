@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, Client, user_props
+from conftest import ROOT, Client, killed_after, user_props
 
 from scripts.broker import Broker, free_port
 from worker.config import load_config
@@ -104,17 +104,8 @@ def is_frame(camera: str):
 
 @pytest.fixture
 def publishers(tmp_path):
-    started: list[Publisher] = []
-
-    def start(port: int, *args: str) -> Publisher:
-        p = Publisher(tmp_path, port, *args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        if p.proc.poll() is None:
-            p.stop(signal.SIGKILL)
+    with killed_after(lambda n, port, *args: Publisher(tmp_path, port, *args)) as start:
+        yield start
 
 
 def test_publisher_survives_a_broker_restart_and_stops_cleanly(tmp_path, publishers):

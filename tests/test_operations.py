@@ -235,15 +235,19 @@ def test_a_bundle_rolled_out_to_all_ends_its_canary_so_a_rollback_takes_every_ca
     assert models.for_camera("line2").bundle.manifest.version == v1
     assert models.for_camera("line3").bundle.manifest.version == "3.0.0"
 
+def _serving(broker, bundle: Path, folder: Path, worker_factory) -> tuple[str, Client, object, str]:
+    """A worker online on ``bundle`` under a prefix of its own: (prefix, client, worker, its control topic)."""
+    prefix = f"o{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    worker = worker_factory(write_config(folder, broker.port, bundle, topics={"prefix": prefix}))
+    _online(client, prefix)
+    return prefix, client, worker, f"{prefix}/workers/w-test/control"
+
+
 def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, dataset, tmp_path, worker_factory):
-    prefix = f"h{uuid.uuid4().hex[:6]}"
     v1 = read_manifest(bundle_dir).version
     v2 = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
-    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
-    client = Client(broker.port, prefix)
-    worker = worker_factory(config)
-    _online(client, prefix)
-    control = f"{prefix}/workers/w-test/control"
+    prefix, client, worker, control = _serving(broker, bundle_dir, tmp_path, worker_factory)
     frame = _good(dataset)
     n = 60
     stop = threading.Event()
@@ -281,12 +285,7 @@ def test_a_worker_that_reloaded_twice_still_stops_cleanly(broker, bundle_dir, da
     was compiled on the main thread and destroyed by another at the second reload (it left the rollback slot), so
     the main thread kept a stack that was gone, and SIGTERM there ended the worker with SIGSEGV: no "stopped", no
     flushed store, availability left to the last will."""
-    prefix = f"r{uuid.uuid4().hex[:6]}"
-    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
-    client = Client(broker.port, prefix)
-    worker = worker_factory(config)
-    _online(client, prefix)
-    control = f"{prefix}/workers/w-test/control"
+    prefix, client, worker, control = _serving(broker, bundle_dir, tmp_path, worker_factory)
     frame = _good(dataset)
     stop = threading.Event()
 

@@ -236,8 +236,10 @@ def test_a_request_over_the_brokers_packet_size_is_an_error_line(tmp_path, capsy
 def test_ctrl_c_in_a_cli_command_is_one_line_and_exit_130(tmp_path, command):
     """Ctrl-C while a command waits for the broker printed a KeyboardInterrupt traceback."""
     (tmp_path / "c.yaml").write_text("model: {bundle: b}\nmqtt: {port: 1}\n")  # nothing listens: it retries
+    # a terminal's Ctrl-C: a shell's background job (a CI runner's) ignores SIGINT, and its children inherit that
     proc = subprocess.Popen([sys.executable, "-m", "worker", command[0], "--config", str(tmp_path / "c.yaml"),
-                             *command[1:]], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             *command[1:]], stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     lines = []
     for line in proc.stderr:  # Ctrl-C once it is waiting: its first "retrying" line

@@ -60,7 +60,7 @@ def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
     thresholds = raw["thresholds"]
     nan = {**thresholds, "image": {**thresholds["image"], "threshold": float("nan")}}  # a hand edit: every frame passed
     (copy / "bundle.json").write_text(json.dumps({**raw, "thresholds": nan}))
-    with pytest.raises(BundleError, match="thresholds.image.threshold\n  Input should be a finite number"):
+    with pytest.raises(BundleError, match="invalid manifest: thresholds.image.threshold: Input should be a finite number"):
         read_manifest(copy, verify=False)
     # the worker names folders after the bundle: a name that is a path would put its extension outside learning.path
     (copy / "bundle.json").write_text(json.dumps({**raw, "name": "../../elsewhere"}))

@@ -81,10 +81,10 @@ class ApiClient:
             self._pending[correlation] = (done, answer)
         try:
             # expires with the wait: a label sent while the worker is away would otherwise be applied at its next
-            # start, long after this caller was told it failed
+            # start, long after this caller was told it failed (a second less: brokers count it in whole seconds)
             self.link.publish(topic, json.dumps(body), qos=1, properties=publish_properties(
                 content_type="application/json", response_topic=self.reply_topic, correlation=correlation,
-                expiry_s=timeout))
+                expiry_s=max(1.0, timeout - 1)))
             if not done.wait(timeout):
                 raise ApiError(f"no answer from a worker on {topic} within {timeout:g} s")
             return answer[0]

@@ -283,12 +283,13 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
     return manifest
 
 
-def verify_file(folder: Path, name: str, expected: str) -> None:
-    """Raise :class:`BundleError` unless ``folder/name`` is there with the sha256 ``expected``."""
+def verify_file(folder: Path, name: str, expected: str, data: bytes | None = None) -> None:
+    """Raise :class:`BundleError` unless ``folder/name`` is there with the sha256 ``expected`` (of ``data``, its
+    bytes already read, where given)."""
     file = folder / name
-    if not file.is_file():
+    if data is None and not file.is_file():
         raise BundleError(f"{folder}: {name} is listed in {MANIFEST} but missing")
-    if sha256_file(file) != expected:
+    if (sha256_file(file) if data is None else hashlib.sha256(data).hexdigest()) != expected:
         raise BundleError(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
 
 

@@ -6,7 +6,6 @@ artefact the worker serves, not of the torch model it came from.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -221,8 +220,8 @@ class CompiledBundle:
                 raise BundleError(f"{self.folder}: {name} is listed in {MANIFEST} but missing") from None
             except OSError as exc:
                 raise BundleError(f"{self.folder}: {name} cannot be read ({exc.strerror or exc})") from exc
-            if verify and hashlib.sha256(data[name]).hexdigest() != self.manifest.files[name]:
-                raise BundleError(f"{self.folder}: {name} does not match its sha256 in {MANIFEST}")
+            if verify:
+                verify_file(self.folder, name, self.manifest.files[name], data[name])
         self._weights = np.frombuffer(data["model.bin"], np.uint8)  # the graph's constants may share this memory
         try:
             return core.read_model(data["model.xml"].decode(), ov.Tensor(self._weights))

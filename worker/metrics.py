@@ -87,21 +87,13 @@ class Stats:
         for stage in ("queue", "infer", "total"):
             self._latency.labels(stage).observe(latency_ms[stage] / 1000)
 
-    def set_model(self, scope: str, name: str, version: str, precision: str) -> None:
-        """Called from the MQTT thread (on connect) and the request thread (reload): serialised."""
+    def set_models(self, served: dict[str, tuple[str, str, str]]) -> None:
+        """The bundle serving each scope, (name, version, precision), and no other: a canary ended by a rollback or
+        a roll-out leaves.  Called from the MQTT thread (on connect) and the request thread (reload): serialised."""
         with self._lock:
-            for sample in [s for metric in self.model.collect() for s in metric.samples]:
-                if sample.labels["scope"] == scope:
-                    self.model.remove(scope, sample.labels["name"], sample.labels["version"], sample.labels["precision"])
-            self.model.labels(scope, name, version, precision).set(1)
-
-    def keep_models(self, scopes: set[str]) -> None:
-        """Drop the model samples of scopes no longer served (a canary ended by a rollback or a roll-out)."""
-        with self._lock:
-            for sample in [s for metric in self.model.collect() for s in metric.samples]:
-                if sample.labels["scope"] not in scopes:
-                    self.model.remove(sample.labels["scope"], sample.labels["name"], sample.labels["version"],
-                                      sample.labels["precision"])
+            self.model.clear()
+            for scope, (name, version, precision) in served.items():
+                self.model.labels(scope, name, version, precision).set(1)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:

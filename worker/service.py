@@ -228,8 +228,7 @@ class Worker:
                              "input": [model.bundle.manifest.input.width, model.bundle.manifest.input.height],
                              "tiling": tiling.record(model.bundle.manifest.tiling),  # cuts cameras without their own
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
-            self.stats.set_model(scope, model.info["name"], model.info["version"], model.info["precision"])
-        self.stats.keep_models(set(scopes))
+        self.stats.set_models({scope: (m["name"], m["version"], m["precision"]) for scope, m in scopes.items()})
         body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,
                 "device_name": self.models.default.bundle.device_name,
                 "embedding_dim": self.models.embedding_dim}

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -48,6 +49,7 @@ PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keywo
 # 2000 would lose each frame at once to ``max_age_h``, one set a year ahead would keep its frames past every other
 # camera's.  Points written before ``received_ts`` was recorded age by ``captured_ts``, and go first.
 Tier = Literal["normal", "unlabelled", "any"]  # which frames retention takes, in this order
+Pass = tuple[Any, str | None]  # an engine's filter, and the payload key to order by (None: any order)
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
 _DELETE_CHUNK = 1024
 STALE_SEGMENTS = 2  # replaced segments kept after a vacuum before the embedded shard is loaded again (_Edge._reopen)
@@ -60,6 +62,17 @@ LABELS: tuple[str, ...] = get_args(Label)
 def point_id(camera: str, frame_id: str) -> str:
     """Stable id of a frame: the same camera + frame id always maps to the same point."""
     return str(uuid.uuid5(_NAMESPACE, f"{camera}/{frame_id}"))
+
+
+def first_found(n: int, fetch: Callable[[int, Any, str | None], list[str]], passes: list[Pass]) -> list[str]:
+    """Up to ``n`` point ids, pass by pass, each asked only for what the earlier ones left (``fetch(limit, filter,
+    order key)``, an engine's scroll): retention takes an earlier version's points, without ``received_ts``, first."""
+    found: list[str] = []
+    for flt, key in passes:
+        if len(found) >= n:
+            break
+        found += fetch(n - len(found), flt, key)
+    return found
 
 
 class StoreError(Exception):
@@ -218,30 +231,23 @@ class _Edge:
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=False))
         return [(str(r.id), [], dict(r.payload or {})) for r in recs]
 
+    def _ids(self, limit: int, flt: edge.Filter, key: str | None) -> list[str]:
+        order = edge.OrderBy(key, direction=edge.Direction.Asc) if key else None
+        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, order_by=order, filter=flt, with_payload=False))
+        return [str(r.id) for r in recs]
+
     def oldest(self, n: int, tier: Tier) -> list[str]:
         must: list = [edge.FieldCondition("verdict", match=edge.MatchValue("normal"))] if tier == "normal" else []
         must_not: list = [edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))] if tier != "any" else []
-        found: list[str] = []
-        for key, legacy in (("captured_ts", [edge.IsEmptyCondition("received_ts")]), ("received_ts", [])):
-            order = edge.OrderBy(key, direction=edge.Direction.Asc)
-            flt = edge.Filter(must=must + legacy, must_not=must_not)
-            recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n - len(found), order_by=order, filter=flt,
-                                                           with_payload=False))
-            found += [str(r.id) for r in recs]
-            if len(found) >= n:
-                break
-        return found
+        return first_found(n, self._ids, [
+            (edge.Filter(must=[*must, edge.IsEmptyCondition("received_ts")], must_not=must_not), "captured_ts"),
+            (edge.Filter(must=must, must_not=must_not), "received_ts")])
 
     def before(self, ts: float, n: int) -> list[str]:
-        found: list[str] = []
-        for flt in (edge.Filter(must=[edge.FieldCondition("received_ts", range=edge.RangeFloat(lt=ts))]),
-                    edge.Filter(must=[edge.IsEmptyCondition("received_ts"),
-                                      edge.FieldCondition("captured_ts", range=edge.RangeFloat(lt=ts))])):
-            recs, _ = self.shard.scroll(edge.ScrollRequest(limit=n - len(found), filter=flt, with_payload=False))
-            found += [str(r.id) for r in recs]
-            if len(found) >= n:
-                break
-        return found
+        return first_found(n, self._ids, [
+            (edge.Filter(must=[edge.FieldCondition("received_ts", range=edge.RangeFloat(lt=ts))]), None),
+            (edge.Filter(must=[edge.IsEmptyCondition("received_ts"),
+                               edge.FieldCondition("captured_ts", range=edge.RangeFloat(lt=ts))]), None)])
 
     def delete(self, ids: list[str]) -> None:
         self._room("delete")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, Tier, dense, mismatch
+from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, Tier, dense, first_found, mismatch
+
+_NO_RECEIVED_TS = models.IsEmptyCondition(is_empty=models.PayloadField(key="received_ts"))  # an earlier version's point
 
 
 def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
@@ -70,33 +72,25 @@ class ServerEngine:
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
         return [(str(p.id), [], dict(p.payload or {})) for p in recs]
 
+    def _ids(self, limit: int, flt: models.Filter, key: str | None) -> list[str]:
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=False,
+                                     order_by=models.OrderBy(key=key) if key else None)
+        return [str(p.id) for p in recs]
+
     def oldest(self, n: int, tier: Tier) -> list[str]:
-        """As :meth:`worker.store._Edge.oldest`: points without ``received_ts`` first, by ``captured_ts``."""
+        """As :meth:`worker.store._Edge.oldest`."""
         must: list = [models.FieldCondition(key="verdict", match=models.MatchValue(value="normal"))] \
             if tier == "normal" else []
         must_not: list = [models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))] \
             if tier != "any" else []
-        found: list[str] = []
-        for key, legacy in (("captured_ts", [models.IsEmptyCondition(is_empty=models.PayloadField(key="received_ts"))]),
-                            ("received_ts", [])):
-            recs, _ = self.client.scroll(self.collection, scroll_filter=models.Filter(must=must + legacy,
-                                                                                      must_not=must_not),
-                                         limit=n - len(found), order_by=models.OrderBy(key=key), with_payload=False)
-            found += [str(p.id) for p in recs]
-            if len(found) >= n:
-                break
-        return found
+        return first_found(n, self._ids, [(models.Filter(must=[*must, _NO_RECEIVED_TS], must_not=must_not), "captured_ts"),
+                                          (models.Filter(must=must, must_not=must_not), "received_ts")])
 
     def before(self, ts: float, n: int) -> list[str]:
-        found: list[str] = []
-        for flt in (models.Filter(must=[models.FieldCondition(key="received_ts", range=models.Range(lt=ts))]),
-                    models.Filter(must=[models.IsEmptyCondition(is_empty=models.PayloadField(key="received_ts")),
-                                        models.FieldCondition(key="captured_ts", range=models.Range(lt=ts))])):
-            recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=n - len(found), with_payload=False)
-            found += [str(p.id) for p in recs]
-            if len(found) >= n:
-                break
-        return found
+        return first_found(n, self._ids, [
+            (models.Filter(must=[models.FieldCondition(key="received_ts", range=models.Range(lt=ts))]), None),
+            (models.Filter(must=[_NO_RECEIVED_TS, models.FieldCondition(key="captured_ts", range=models.Range(lt=ts))]),
+             None)])
 
     def delete(self, ids: list[str]) -> None:
         self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -136,6 +137,38 @@ def test_a_worker_the_broker_will_not_take_says_why(secure_broker, broker, bundl
     finally:
         codes = [worker.stop() for worker in workers.values()]
     assert codes == [0, 0, 0, 0]
+
+
+def test_a_cli_the_broker_refuses_says_why_at_once(secure_broker, bundle_dir, tmp_path):
+    """A wrong password for `python -m worker label` was retried in silence for the whole request timeout and then
+    said as "cannot reach the broker"; the broker's refusal is final for those credentials, so it is said at once."""
+    secure, files = secure_broker
+    config = write_config(tmp_path, secure.port, bundle_dir, query={"timeout_s": 600},
+                          mqtt={"username": "operator", "password": "not-it", "tls": {"ca_file": str(files / "ca.crt")}})
+    done = subprocess.run([sys.executable, "-m", "worker", "label", "--config", str(config), "--frame-id", "f1",
+                           "--camera", "cam1", "--false-alarm"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "error: the broker refused the connection: Not authorized (as user 'operator')" in done.stderr, done.stderr
+    assert "not-it" not in done.stderr
+
+
+def test_the_console_says_the_broker_refused_it(secure_broker, bundle_dir, tmp_path):
+    """The console keeps trying (the page shows the link), and says why it has none: the refusal names the login."""
+    from starlette.testclient import TestClient
+
+    from worker.config import load_config
+    from worker.console.app import create_app
+
+    secure, files = secure_broker
+    config = write_config(tmp_path, secure.port, bundle_dir,
+                          mqtt={"username": "operator", "password": "not-it", "tls": {"ca_file": str(files / "ca.crt")}})
+    with TestClient(create_app(load_config(config))) as http:
+        deadline = time.monotonic() + 60
+        while not (state := http.get("/api/state").json())["broker_problem"]:
+            assert time.monotonic() < deadline, state
+            time.sleep(0.1)
+    assert not state["broker"]
+    assert state["broker_problem"] == "the broker refused the connection: Not authorized (as user 'operator')"
 
 
 def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bundle_dir, dataset, tmp_path):

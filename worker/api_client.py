@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -42,11 +43,15 @@ class ApiClient:
         self._lock = threading.Lock()
 
     def start(self, timeout: float | None = None) -> None:
-        """Connect; raises :class:`ApiError` when the broker is not reachable within ``timeout``."""
+        """Connect; raises :class:`ApiError` when the broker refuses us (at once: asking again with the same
+        credentials cannot help) or cannot be reached within ``timeout``, saying why."""
         self.link.start()
-        if not self.link.wait_connected(self.timeout_s if timeout is None else timeout):
-            self.link.stop()
-            raise ApiError(f"cannot reach the broker at {self.link.cfg.host}:{self.link.cfg.port}")
+        deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+        while not self.link.connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.link.turned_away.is_set() or time.monotonic() >= deadline:
+                self.link.stop()
+                raise ApiError(f"{self.link.problem or 'cannot reach the broker'} (broker "
+                               f"{self.link.cfg.host}:{self.link.cfg.port}, mqtt: in the config)")
 
     def close(self) -> None:
         self.link.stop()

@@ -107,6 +107,9 @@ def user_properties(msg: mqtt.MQTTMessage) -> dict[str, str]:
 
 
 TAKEOVER_CLOSES, TAKEOVER_WINDOW_S = 3, 60.0  # closes by the broker within the window that suggest a takeover
+# CONNACK reason codes after which the same attempt may succeed later: the broker unavailable or busy, a quota or
+# a connection rate, the will's retain flag or QoS (the link then lowers them), so retrying is worth it
+TRANSIENT_REFUSALS = frozenset({0x88, 0x89, 0x97, 0x9A, 0x9B, 0x9F})
 RESUBSCRIBE_S = (2.0, 60.0)  # a subscription the broker refused is asked for again after 2 s, doubling up to 60 s
 
 
@@ -145,6 +148,8 @@ class MqttLink:
         self.max_packet_size: int | None = None
         self.connected = threading.Event()
         self.connect_failures = 0  # attempts that did not reach the broker since the last connection
+        self.problem: str | None = None  # why there is no connection now (None while connected or not yet tried)
+        self.turned_away = threading.Event()  # the broker refused these credentials/settings: retrying cannot help
         self._next_failure_log = 0.0
         self._attempting = False  # a connection attempt is under way: no CONNACK, refusal or failure yet
         self.client = mqtt.Client(
@@ -328,8 +333,12 @@ class MqttLink:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._attempting = False
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s (%s)", reason_code,
-                      f"as user {self.cfg.username!r}" if self.cfg.username else "anonymous: mqtt.username is not set")
+            self.problem = (f"the broker refused the connection: {reason_code} ("
+                            + (f"as user {self.cfg.username!r})" if self.cfg.username
+                               else "anonymous: mqtt.username is not set)"))
+            log.error("%s", self.problem)
+            if reason_code.value not in TRANSIENT_REFUSALS:
+                self.turned_away.set()
             if reason_code.value in (0x9A, 0x9B) and self.will is not None:  # the will's retain flag or QoS 1
                 self._degrade(0 if reason_code.value == 0x9B else self.max_qos,
                               self.retain_available and reason_code.value != 0x9A)
@@ -338,6 +347,8 @@ class MqttLink:
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         self._degrade(min(getattr(properties, "MaximumQoS", 2), 1), bool(getattr(properties, "RetainAvailable", 1)))
         self.connect_failures, self._next_failure_log = 0, 0.0
+        self.problem = None
+        self.turned_away.clear()
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
         if flags.session_present and self.stale:
             client.unsubscribe(self.stale)
@@ -353,6 +364,7 @@ class MqttLink:
         """paho retries a broker it cannot reach without a word, so a worker started before its broker, or pointed
         at the wrong one, would look idle: say so at the first failed attempt and then once a minute."""
         self.connect_failures += 1
+        self.problem = f"cannot reach the broker: {reason}"
         now = time.monotonic()
         if now < self._next_failure_log:
             return
@@ -379,6 +391,7 @@ class MqttLink:
         self.connected.clear()
         self._attempting = False
         if was_connected:
+            self.problem = f"the connection was lost ({reason_code}); reconnecting"
             if reason_code != 0:
                 log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
                 if reason_code != "Keep alive timeout":  # the broker's own doing, not a hung broker's or link's

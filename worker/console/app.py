@@ -164,11 +164,15 @@ def create_app(cfg: Config) -> Starlette:
         yield
         client.close()
 
+    def link_state() -> dict:
+        """The console's own MQTT connection, and why it is down (a refusal names the login)."""
+        return {"broker": client.link.connected.is_set(), "broker_problem": client.link.problem}
+
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
     async def state(request: Request) -> Response:
-        return JSONResponse({**hub.snapshot(), "series": hub.score_series(), "broker": client.link.connected.is_set(),
+        return JSONResponse({**hub.snapshot(), "series": hub.score_series(), **link_state(),
                              "worker": cfg.worker.id, "series_minutes": cfg.console.series_minutes})
 
     async def stream(request: Request) -> Response:
@@ -182,7 +186,7 @@ def create_app(cfg: Config) -> Starlette:
                     try:
                         yield await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                     except TimeoutError:
-                        yield f"event: ping\ndata: {json.dumps({'broker': client.link.connected.is_set()})}\n\n"
+                        yield f"event: ping\ndata: {json.dumps(link_state())}\n\n"
             finally:
                 events.queues.discard(queue)
 

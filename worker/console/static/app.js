@@ -468,16 +468,17 @@ function setLink(ok, text) {
   el.textContent = text;
 }
 
-function setBroker(ok) {
+function setBroker(ok, problem) {
   const el = $("#broker");
   el.className = `pill ${ok ? "on" : "off"}`;
-  el.textContent = ok ? "broker connected" : "broker unreachable";
+  el.textContent = ok ? "broker connected" : problem && problem.includes("refused") ? "broker refused the console" : "broker unreachable";
+  el.title = ok ? "console's MQTT connection" : problem || "console's MQTT connection: not connected yet";
 }
 
 async function start() {
   const state = await (await fetch("/api/state")).json();
   seriesSeconds = state.series_minutes * 60;
-  setBroker(state.broker);
+  setBroker(state.broker, state.broker_problem);
   controlled = state.worker;
   for (const [name, points] of Object.entries(state.series)) camera(name).points = points;
   for (const r of Object.values(state.cameras)) { const cam = camera(r.camera); cam.latest = r; cam.dirty = true; }
@@ -493,7 +494,7 @@ async function start() {
   events.addEventListener("worker", (e) => renderWorker(JSON.parse(e.data)));
   events.addEventListener("camera_error", (e) => renderError(JSON.parse(e.data)));
   events.addEventListener("label", (e) => { applyLabel(JSON.parse(e.data)); loadLearned(); });
-  events.addEventListener("ping", (e) => setBroker(JSON.parse(e.data).broker));
+  events.addEventListener("ping", (e) => { const p = JSON.parse(e.data); setBroker(p.broker, p.broker_problem); });
   setInterval(schedule, PLOT_EVERY_MS);  // plots scroll with time even when a camera is quiet
 }
 

@@ -141,6 +141,9 @@ FRAME_MAX_BYTES = 8_000_000
 # is read. WebP: what some camera bridges and browsers send.
 # MPO: a JPEG carrying a second picture (a phone's HDR gain map, a stereo pair); its first is the photo, as OpenCV
 # and the exporter read it.
+# A frame whose proportions differ from every training image's by more than this factor is another picture once
+# stretched to the input (a 16:9 camera on a model of square images): said, since its scores are not comparable.
+ASPECT_TOLERANCE = 1.1
 FRAME_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 
 
@@ -216,6 +219,26 @@ class Manifest(_Strict):
     def reference_precision(self) -> Precision:
         """The precision ``thresholds`` and ``metrics`` belong to: the bundle's own weights, other operations f32."""
         return "int8" if self.precision == "INT8" else "f32"
+
+    def unlike_training(self, width: int, height: int, tiled: bool = False) -> str | None:
+        """Why a ``width`` x ``height`` picture (a frame, or its roi) is not what the model was trained on, or None:
+        proportions no training image had, or smaller than the input where no training image was (upscaled).  Both
+        sides stretch alike, so nothing fails: the scores are just not comparable.  None for bundles that do not
+        record their training images' sizes (``training.frame_sizes``, since exporters of 2026-12-04)."""
+        sizes = [tuple(map(int, key.split("x"))) for key in self.training.get("frame_sizes") or {}]
+        if not sizes or width <= 0 or height <= 0:
+            return None
+        trained = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+        if all(max(r := (width / height) / (w / h), 1 / r) > ASPECT_TOLERANCE for w, h in sizes):
+            return (f"{width}x{height} has proportions none of the training images had ({trained}): stretched to the "
+                    "model's input, it is another picture and scores higher; crop it to the training images' shape "
+                    "(cameras.<id>.roi) or train on frames from this camera")
+        spec = self.input
+        if not tiled and (width < spec.width or height < spec.height) \
+                and all(w >= spec.width and h >= spec.height for w, h in sizes):
+            return (f"{width}x{height} is smaller than the model's {spec.width}x{spec.height} input, which no training "
+                    f"image was ({trained}): upscaled, it is blurrier than what the model learned as normal")
+        return None
 
     def thresholds_for(self, precision: Precision) -> Thresholds | None:
         """Thresholds measured at ``precision``, or None when the bundle has none for it."""

@@ -21,7 +21,7 @@ from torch import nn
 from bundle import MANIFEST, PROVISIONAL, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, TilingSpec, write_manifest
 from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones, stopping
-from exporter.data import Category, DatasetError, Sample, hold_out_defects, load_category, read_frame, read_tiles, tiling_of
+from exporter.data import Category, DatasetError, Sample, frame_sizes, hold_out_defects, load_category, read_frame, read_tiles, tiling_of
 from exporter.evaluate import evaluate
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
 from exporter.quantize import CALIBRATION_IMAGES, quantize
@@ -140,7 +140,8 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             embedding_space=f"{family}/{trained.training.get('backbone', 'pdn')}/whitened by {name}@{version}",
             thresholds=Thresholds(image=Normalisation(low=0, threshold=1), pixel=Normalisation(low=0, threshold=1),
                                   method=PROVISIONAL),
-            training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val)},
+            training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val),
+                      "frame_sizes": frame_sizes([*trained.train, *val])},
             versions=library_versions(),
             precision=precision.upper(),
             extension=extension_spec(graph),

@@ -813,6 +813,24 @@ def _header(data: bytes) -> tuple[str | None, bool]:
         return "unknown", False
 
 
+def frame_sizes(paths: Iterable[Path], most: int = 8) -> dict[str, int]:
+    """The ``most`` commonest sizes of these images as decoded for training (EXIF turn applied), ``"WxH": count``,
+    from their headers: the bundle records them (``training.frame_sizes``) so that a worker can say when a camera's
+    frames have another shape (stretched alike to the input, they are another picture)."""
+    sizes: Counter = Counter()
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as image:
+                    turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+                    width, height = image.size
+        except Exception:  # a format Pillow does not read (OpenCV may): its size is not recorded
+            continue
+        sizes[f"{height}x{width}" if turned else f"{width}x{height}"] += 1
+    return dict(sizes.most_common(most))
+
+
 def summarise(category: Category) -> Summary:
     """Decode every image and mask as stored (IMREAD_UNCHANGED) to report sizes, channels and depth, and find bad files."""
     sizes: Counter = Counter()

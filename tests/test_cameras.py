@@ -280,6 +280,34 @@ def test_tiff_and_webp_frames_score_as_the_same_png_does(running, dataset):
     assert worker.proc.poll() is None
 
 
+def test_frames_unlike_the_training_images_are_scored_and_say_so(running, dataset, bundle_dir):
+    """A camera whose frames have proportions no training image had (a 16:9 camera on a model of square parts) is
+    stretched to the input like any frame, and every one of its frames scored as anomalous with nothing said; now
+    its results carry why (``unlike_training``) and the log says it once per camera and size.  A camera's tiles of
+    the training images' shape, and frames like the training images, carry nothing."""
+    from bundle import read_manifest
+
+    prefix, client, worker = running
+    assert read_manifest(bundle_dir).training["frame_sizes"] == {"128x128": 32}  # the generated set's 32 images
+    image = cv2.imread(str(good_png(dataset)))
+    sent = [("strict", "square", _good(dataset)),
+            ("strict", "wide-1", cv2.imencode(".png", cv2.resize(image, (228, 128)))[1].tobytes()),
+            ("strict", "wide-2", cv2.imencode(".png", cv2.resize(image, (228, 128)))[1].tobytes()),
+            ("strict", "small", cv2.imencode(".png", cv2.resize(image, (64, 64)))[1].tobytes()),
+            # 4x3 tiles overlapping by 0.1: tiles of 200x200 pixels, the training images' shape
+            ("tiled", "tiles", cv2.imencode(".png", cv2.resize(image, (740, 560)))[1].tobytes())]
+    for camera, frame_id, body in sent:
+        client.publish_frame(camera, body, frame_id)
+    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/strict/result", count=4)}
+    results.update((r["frame_id"], r) for r in client.json_on(f"{prefix}/tiled/result"))
+    assert "unlike_training" not in results["square"] and "unlike_training" not in results["tiles"]
+    for frame_id in ("wide-1", "wide-2"):
+        assert results[frame_id]["unlike_training"].startswith("228x128 has proportions none of the training "
+                                                               "images had (128x128)"), results[frame_id]
+    assert results["small"]["unlike_training"].startswith("64x64 is smaller than the model's 128x128 input")
+    assert worker.output().count("camera strict sends frames that") == 2, worker.output()[-3000:]
+
+
 def test_a_damaged_tiff_is_answered_without_libtiffs_messages_in_the_log(running, dataset):
     """A TIFF whose compressed pixels are damaged (a bad link) gets its result or error like any frame, and
     libtiff's complaints, which name no frame, stay out of the worker's log: a camera sending such frames would

@@ -89,6 +89,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._query_lock = threading.Lock()
         self._query_requests: dict[Model, object] = {}
+        self._shape_notes: dict[tuple[int, int, str, str, bool], str | None] = {}  # see _unlike_training
         base = cfg.heatmap
         self._heatmap_by_camera = {
             camera: (o.heatmap or base.publish,
@@ -304,6 +305,30 @@ class Pipeline:
         spec = model.bundle.manifest.input
         return reduction(header, spec.width, spec.height)
 
+    def _unlike_training(self, frame: Frame, model: Model, override: CameraConfig | None) -> str | None:
+        """Why this frame (its roi; its tiles for a camera that tiles a whole-picture model) is not the kind of picture
+        the model was trained on (another shape, smaller than the input), or None; logged once per camera, size and
+        bundle.  Nothing refuses it: a camera moved to another resolution still gets scores, and its results say why
+        they are off."""
+        roi = override.roi if override is not None else None
+        width, height = (roi[2], roi[3]) if roi is not None else (frame.header.width, frame.header.height)
+        manifest, grid = model.bundle.manifest, model.tiling(override)
+        if grid is not None and manifest.tiling is None:  # a whole-picture model on a camera's tiles: each tile is one
+            cols, rows = grid.grid
+            width = round(width / (cols - (cols - 1) * grid.overlap))
+            height = round(height / (rows - (rows - 1) * grid.overlap))
+        key = (width, height, manifest.name, manifest.version, manifest.tiling is not None)
+        if key not in self._shape_notes:
+            if len(self._shape_notes) >= 1000:  # sizes x bundles seen: a bound, not a working set
+                self._shape_notes.clear()
+            self._shape_notes[key] = manifest.unlike_training(width, height, tiled=key[4])
+        note = self._shape_notes[key]
+        if note and self.ingest.first_time(frame.camera, f"shape {key}"):
+            log.warning("camera %s sends frames that %s %s does not expect: %s (said once per camera, size and "
+                        "bundle; each result carries it as unlike_training)", frame.camera, manifest.name,
+                        manifest.version, note)
+        return note
+
     def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
         manifest = model.bundle.manifest
@@ -337,6 +362,8 @@ class Pipeline:
         }
         if seen.tiles is not None:
             result["tiles"] = seen.tiles
+        if note := self._unlike_training(frame, model, override):
+            result["unlike_training"] = note
         if publish_heat and heat is not None:  # rendered whenever it is published
             try:
                 self.link.publish(self.topics.heatmap(frame.camera), heat, properties=publish_properties(

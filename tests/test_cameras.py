@@ -324,6 +324,27 @@ def test_a_damaged_tiff_is_answered_without_libtiffs_messages_in_the_log(running
     assert worker.proc.poll() is None
 
 
+def test_a_png_whose_colour_profile_does_not_fit_is_scored_without_libpngs_warnings_in_the_log(running, dataset):
+    """A grey PNG carrying an RGB colour profile (some camera software writes one) made libpng warn on stderr at
+    every frame, a line naming no frame: the profile is left out before decoding (OpenCV does not apply it), and the
+    frame scores as the same PNG without it."""
+    import io
+
+    from PIL import Image, ImageCms
+
+    prefix, client, worker = running
+    grey = Image.open(good_png(dataset)).convert("L")
+    plain, profiled = io.BytesIO(), io.BytesIO()
+    grey.save(plain, "PNG")
+    grey.save(profiled, "PNG", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    for frame_id, body in (("plain", plain.getvalue()), ("profiled-1", profiled.getvalue()),
+                           ("profiled-2", profiled.getvalue())):
+        client.publish_frame("strict", body, frame_id)
+    scores = {r["frame_id"]: r["raw_score"] for r in client.json_on(f"{prefix}/strict/result", count=3)}
+    assert scores["profiled-1"] == scores["profiled-2"] == scores["plain"], scores
+    assert "libpng" not in worker.output(), worker.output()[-2000:]
+
+
 def _big_frames(dataset: Path) -> tuple[bytes, bytes, tuple[float, float, float, float]]:
     """A 4000x3000 good frame and the same with one small hole, as JPEG, and the hole's box (x0, y0, x1, y1)
     in frame pixels.

@@ -63,6 +63,11 @@ def test_shared_subscription_balances_and_survives_a_worker_kill(broker, bundle_
     assert sorted(r["frame_id"] for r in results) == [f"a{i:03d}" for i in range(n)], "each frame exactly once"
     share = {w: sum(r["worker"] == w for r in results) for w in ("w0", "w1", "w2")}
     assert min(share.values()) >= n // 6, share  # roughly even: the broker balances
+    # A label reaches one member, which knows only the frames it scored: the answer names it and says so.
+    answer = _request(client, f"{prefix}/label", {"action": "set", "frame_id": "never-sent", "camera": "cam",
+                                                  "label": "false_alarm"})
+    assert answer["worker"] in share and answer["error"]["code"] == "unknown_frame", answer
+    assert f"of worker {answer['worker']}, one of share group 'line'" in answer["error"]["message"], answer
 
     workers[0].stop(signal.SIGKILL)
     # The broker has dropped the dead member once it publishes its last will: from then on it shares among two.
@@ -118,6 +123,54 @@ def test_a_worker_that_joins_a_group_leaves_the_subscriptions_its_session_kept(b
         client.wait_for(lambda m, w=worker_id: m.topic == f"{prefix}/workers/{w}/availability" and m.payload == b"stopped")
     results = [json.loads(m.payload) for m in client.messages if m.topic == f"{prefix}/cam/result"]
     assert sorted(r["frame_id"] for r in results) == [f"a{i:03d}" for i in range(20)], "each frame once, by one worker"
+
+
+def test_a_worker_moved_from_a_group_to_another_line_leaves_the_groups_subscriptions(broker, bundle_dir, dataset,
+                                                                                      tmp_path, worker_factory):
+    """A group member (persistent session, as by default) reconfigured for another line (``topics.prefix``, no
+    group) kept the group's ``$share`` subscriptions in its session: the broker still gave it its share of the old
+    line's frames, which it could not read as its own, and they were lost with no error.  The worker remembers the
+    filters its session holds (``mqtt.session_file``) and leaves those no longer configured at the next connect."""
+    import paho.mqtt.client as mqtt
+
+    old, new = f"m{uuid.uuid4().hex[:6]}", f"n{uuid.uuid4().hex[:6]}"
+    grouped = dict(worker={"id": "w0"}, topics={"prefix": old, "share_group": "line"}, mqtt={"client_id": f"{old}-w0"})
+    first = worker_factory(write_config(tmp_path / "w0", broker.port, bundle_dir, **grouped))
+    client = Client(broker.port, old)
+    _online(client, old, "w0")
+    assert first.stop() == 0
+    moved = write_config(tmp_path / "w0", broker.port, bundle_dir, **{**grouped, "topics": {"prefix": new}})
+    worker_factory(moved)
+    watcher = Client(broker.port, new)
+    _online(watcher, new, "w0")
+    watcher.close()
+    record, key = tmp_path / "w0" / "data" / "mqtt-session.json", f"{old}-w0@127.0.0.1:{broker.port}"
+    deadline = time.monotonic() + 60  # the record is rewritten at the broker's UNSUBACK
+    while not record.is_file() or any(f.startswith("$share/") for f in json.loads(record.read_text())[key]):
+        assert time.monotonic() < deadline, record.read_text() if record.is_file() else "no record"
+        time.sleep(0.1)
+    # The group's remaining member on the old line: a client of the very filter the worker had
+    member = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                         client_id=f"{old}-member")
+    got: list[str] = []
+    subscribed = threading.Event()
+    member.on_message = lambda c, u, m: got.append(m.topic)
+    member.on_subscribe = lambda *args: subscribed.set()
+    member.connect("127.0.0.1", broker.port)
+    member.loop_start()
+    try:
+        member.subscribe(f"$share/line/{old}/+/frame", qos=1)
+        assert subscribed.wait(30)
+        for i in range(20):
+            client.publish_frame("cam", _good(dataset), f"f{i:02d}")
+        deadline = time.monotonic() + 60
+        while len(got) < 20:
+            assert time.monotonic() < deadline, f"the group's member got {len(got)} of 20 frames"
+            time.sleep(0.1)
+    finally:
+        member.loop_stop()
+        member.disconnect()
+        client.close()
 
 
 def _relabelled(bundle_dir: Path, folder: Path, version: str, name: str | None = None) -> Path:

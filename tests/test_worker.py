@@ -261,7 +261,8 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
 
     answer = label({"action": "set", "frame_id": target, "camera": "cam4", "label": "false_alarm", "note": "glare"})
     assert "patches" in answer.pop("absorbed")  # what the model learned from it: tests/test_learning.py
-    assert answer == {"ok": True, "frame_id": target, "camera": "cam4", "label": "false_alarm", "defect_type": None}
+    assert answer == {"ok": True, "frame_id": target, "camera": "cam4", "label": "false_alarm", "defect_type": None,
+                      "worker": "w-test"}  # the worker that answered: in a share group, one of several
     confirmed = label({"action": "set", "frame_id": other, "camera": "cam4", "label": "confirmed_defect",
                        "defect_type": "hole"})
     # scored normal, it was captured as a good frame: the next model must not learn it as one

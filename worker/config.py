@@ -60,6 +60,10 @@ class MQTTConfig(_Section):
     reconnect_min_s: int = Field(1, ge=1, le=YEAR_S, description="First reconnect delay after the broker is lost (whole seconds, as "
                                                                  "paho takes it).")
     reconnect_max_s: int = Field(30, ge=1, le=YEAR_S, description="Reconnect delays double up to this (whole seconds).")
+    session_file: Path | None = Field(Path("data/mqtt-session.json"), description=(
+        "Remembers the topic filters the worker's persistent session holds at the broker, so that after a change of "
+        "topics.prefix, topics.share_group or worker.id the filters no longer configured are left at the next "
+        "connect (a kept session would still deliver them: half of a group's frames, lost); none: not remembered."))
 
     @model_validator(mode="after")
     def _login(self) -> MQTTConfig:
@@ -571,6 +575,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     config.learning.path = fix(config.learning.path)
     config.capture.path = fix(config.capture.path)
     config.capture.export_path = fix(config.capture.export_path)
+    config.mqtt.session_file = fix(config.mqtt.session_file)
     if config.mqtt.password_file:
         config.mqtt.password_file = fix(config.mqtt.password_file)
     if config.mqtt.tls:

@@ -11,6 +11,7 @@ the packet that carries it (:func:`_reason_name`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import ssl
@@ -118,7 +119,7 @@ class MqttLink:
 
     def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
                  will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = (),
-                 stale: Sequence[str] = ()) -> None:
+                 stale: Sequence[str] = (), record: Path | None = None) -> None:
         """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
         handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
         every start and reconnect; what is published while we are subscribed still arrives.  ``watch``: topics
@@ -126,10 +127,13 @@ class MqttLink:
         broker queues nothing of them for the session while we are away, and nothing waits for our acknowledgement
         (our own last ``stopped`` would otherwise stay in the session after every shutdown).  ``stale``: filters a
         resumed session may still hold from an earlier configuration (a persistent session keeps its subscriptions),
-        unsubscribed at every connect that finds a session."""
+        unsubscribed at every connect that finds a session.  ``record``: a file where the filters this session holds
+        are remembered, so that those an earlier configuration subscribed and this one does not are left too."""
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
         self.stale = list(stale)
+        self.record, self._record_key = record, f"{client_id}@{cfg.host}:{cfg.port}"
+        self._leaving: int | None = None  # the UNSUBSCRIBE of filters an earlier configuration left, until its UNSUBACK
         self._unsubscribed: dict[int, threading.Event] = {}  # UNSUBSCRIBE message id -> set at its UNSUBACK
         self._subscribing: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE message id -> (topic, QoS asked)
         self._refused: dict[str, str] = {}  # topic -> the broker's reason, while its last SUBACK refused it
@@ -219,6 +223,35 @@ class MqttLink:
             done = self._unsubscribed.pop(mid, None)
         if done is not None:
             done.set()
+        if mid == self._leaving:
+            self._leaving = None
+            self._remember(self.subscriptions + self.watch)
+
+    def _recorded(self) -> list[str]:
+        """The filters :attr:`record` says this client's session holds at this broker ([] when unknown)."""
+        try:
+            filters = json.loads(self.record.read_text()).get(self._record_key, []) if self.record else []
+        except (OSError, ValueError, AttributeError):
+            return []
+        return [f for f in filters if isinstance(f, str)] if isinstance(filters, list) else []
+
+    def _remember(self, filters: list[str]) -> None:
+        """Record the filters the session holds now (written whole, then renamed: a crash leaves the old record)."""
+        if self.record is None:
+            return
+        try:
+            try:
+                sessions = json.loads(self.record.read_text())
+            except (OSError, ValueError):
+                sessions = {}
+            sessions = {**(sessions if isinstance(sessions, dict) else {}), self._record_key: filters}
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.record.with_name(self.record.name + ".tmp")
+            partial.write_text(json.dumps(sessions, indent=1) + "\n")
+            partial.replace(self.record)
+        except OSError as exc:
+            log.warning("cannot remember this session's subscriptions in %s (mqtt.session_file): %s; a later change "
+                        "of topics may leave the old ones delivering", self.record, exc)
 
     def _degrade(self, max_qos: int, retain: bool) -> None:
         """Take the broker's announced limits (MQTT v5 CONNACK: Maximum QoS, Retain Available) for what the worker
@@ -350,9 +383,14 @@ class MqttLink:
         self.problem = None
         self.turned_away.clear()
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
-        if flags.session_present and self.stale:
-            client.unsubscribe(self.stale)
-        self._subscribe(self.subscriptions + self.watch)
+        wanted = self.subscriptions + self.watch
+        left = [t for t in dict.fromkeys(self.stale + self._recorded()) if t not in wanted] if flags.session_present else []
+        if left:
+            log.info("leaving what an earlier configuration subscribed in this session: %s", ", ".join(left))
+            self._leaving = client.unsubscribe(left)[1]  # the record is rewritten at its UNSUBACK
+        else:
+            self._remember(wanted)
+        self._subscribe(wanted)
         self.connected.set()
         if self.on_connected:
             try:

@@ -163,7 +163,7 @@ class Worker:
                              # joining a group: the plain filters a persistent session kept would hand this worker
                              # every frame besides its share of the group's
                              stale=[self.topics.frames, self.topics.query, self.topics.label]
-                             if cfg.topics.share_group else [])
+                             if cfg.topics.share_group else [], record=cfg.mqtt.session_file)
         self.link.client.manual_ack_set(True)
         self.capture = (Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, max_mb=cfg.capture.max_mb,
                                 max_cameras=cfg.capture.max_cameras)
@@ -305,6 +305,17 @@ class Worker:
         else:
             self.pipeline.on_frame(msg)
 
+    def _signed(self, answer: dict) -> dict:
+        """An answer naming the worker that gave it: in a share group a request reaches one member, and with embedded
+        stores that member knows only the frames it scored, which an unknown frame's message then says."""
+        error, group = answer.get("error"), self.cfg.topics.share_group
+        if group and self.cfg.store.url is None and isinstance(error, dict) \
+                and error.get("code") == ErrorCode.UNKNOWN_FRAME.value:
+            answer = {**answer, "error": {**error, "message": f"{error.get('message')} of worker {self.cfg.worker.id}, "
+                                                              f"one of share group {group!r}, each of which keeps only "
+                                                              "the frames it scored (deploy/README.md, Scale-out)"}}
+        return {**answer, "worker": self.cfg.worker.id}
+
     def _respond(self, msg: Inbound, answer: dict) -> None:
         """Publish a request's answer on its response topic; one it cannot go to (none, a wildcard or ``$``-topic,
         one of the API's own topics) is logged instead, the first few and then every hundredth."""
@@ -320,10 +331,11 @@ class Worker:
                         msg.topic, why, self._unanswerable, json.dumps(answer)[:300])
             return
         reply = publish_properties(content_type="application/json", correlation=msg.correlation)
+        answer = self._signed(answer)
         try:
             self.link.publish(topic, json.dumps(answer), properties=reply, qos=1)
         except PacketTooLarge as exc:
-            error = error_answer(ErrorCode.RESPONSE_TOO_LARGE, f"{exc}; ask for fewer hits")
+            error = self._signed(error_answer(ErrorCode.RESPONSE_TOO_LARGE, f"{exc}; ask for fewer hits"))
             try:
                 self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
             except PacketTooLarge as again:  # its correlation data alone is too large: nothing can answer it

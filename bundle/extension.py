@@ -18,6 +18,7 @@ removed at start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -46,6 +47,11 @@ _KEY = re.compile(r"^[0-9a-f-]{1,64}$")  # entry keys are point ids (UUIDs), nev
 
 class ExtensionFull(Exception):
     """Adding these rows would take the extension past its row bound."""
+
+
+class ExtensionUnwritable(Exception):
+    """The extension's folder could not be written (a full or read-only disk); the change was not made, on disk or in
+    use, so the same request can be made again once the folder can be written."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,9 @@ def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key
     The frame's own offending patches first, put to use at once so the next frames pass; then those of its other
     ``views``, scored against the extension as it was before this label (as if all had been read at once), in
     place of that entry.  Rows within reach of a ``protected`` confirmed defect (:func:`spared`) are left out.
-    Where the extension is full the views' rows are dropped (the frame's own kept), or nothing is absorbed.
+    Where the extension is full the views' rows are dropped (the frame's own kept), or nothing is absorbed.  Where
+    its folder cannot be written, nothing is absorbed (the frame's own rows are taken back) and ExtensionUnwritable
+    is raised.
     Then the frame is scored once more, so the answer can say whether it passes now: it need not, since only the
     K candidate patches farthest from the bank meet the extension, and a change over much of the frame has more.
     """
@@ -185,6 +193,15 @@ def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key
                 entry = ext.add(key, np.concatenate([rows, more[keep]]), frame_id, camera)
             except ExtensionFull as exc:
                 full = str(exc)
+            except ExtensionUnwritable as exc:  # all or nothing: the frame's own rows are taken back
+                try:
+                    ext.remove(key)
+                except ExtensionUnwritable:
+                    raise ExtensionUnwritable(f"{exc}; the frame's own rows, absorbed first, could not be taken back "
+                                              "either: withdraw the label (unlabel) once there is space, then label "
+                                              "it again") from exc
+                put(ext)
+                raise
             else:
                 put(ext)
     still, after = offending_views(bundle, request, tiles, threshold, margin)
@@ -277,11 +294,24 @@ class Extension:
         parts = [self._arrays[k] for k in self._entries]
         return np.concatenate(parts) if parts else np.empty((0, self.feature_dim), np.float32)
 
-    def _write_index(self) -> None:
-        body = {"revision": self.revision, "entries": [asdict(e) for e in self._entries.values()]}
+    def _write_index(self, revision: int | None = None, entries: dict[str, Entry] | None = None) -> None:
+        """Write the index of ``entries`` at ``revision`` (by default the state in use) whole, or raise OSError and
+        leave the one on disk as it was."""
+        entries = self._entries if entries is None else entries
+        body = {"revision": self.revision if revision is None else revision,
+                "entries": [asdict(e) for e in entries.values()]}
         tmp = self.folder / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(self.folder / INDEX)
+        try:
+            tmp.write_text(json.dumps(body, indent=1))
+            tmp.replace(self.folder / INDEX)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+
+    def _unwritable(self, exc: OSError, what: str) -> ExtensionUnwritable:
+        return ExtensionUnwritable(f"{what}: the bank extension in {self.folder} could not be written ({exc}); nothing "
+                                   "was changed: free space there (learning.path) and try again")
 
     @property
     def rows(self) -> np.ndarray:
@@ -299,7 +329,8 @@ class Extension:
                     "max_rows": self.max_rows}
 
     def add(self, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
-        """Absorb ``rows`` for the frame ``key`` (replacing that frame's earlier rows); raises ExtensionFull."""
+        """Absorb ``rows`` for the frame ``key`` (replacing that frame's earlier rows); raises ExtensionFull, or
+        ExtensionUnwritable where the folder cannot be written (then nothing changed)."""
         if not _KEY.match(key):
             raise ValueError(f"extension entry key {key!r} is not a point id")
         rows = np.ascontiguousarray(rows, np.float32)
@@ -311,28 +342,58 @@ class Extension:
                 raise ExtensionFull(f"the extension holds {others} of its {self.max_rows} rows and this frame needs "
                                     f"{len(rows)} more: undo older false-alarm labels, or raise learning.max_rows")
             entry = Entry(key, frame_id, camera, len(rows), time.time())
-            tmp = self.folder / f"{key}.npy.tmp"
-            with tmp.open("wb") as fh:
-                np.save(fh, rows, allow_pickle=False)
-            tmp.replace(self.folder / f"{key}.npy")
-            self._entries.pop(key, None)
-            self._entries[key], self._arrays[key] = entry, rows
+            entries = {k: e for k, e in self._entries.items() if k != key}
+            entries[key] = entry
+            npy, tmp, prev = (self.folder / f"{key}{suffix}" for suffix in (".npy", ".npy.tmp", ".prev.tmp"))
+            try:  # all or nothing: the rows and the index on disk first, then in use
+                try:
+                    with tmp.open("wb") as fh:
+                        np.save(fh, rows, allow_pickle=False)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                    raise
+                kept = key in self._entries and npy.is_file()
+                if kept:  # the frame's earlier rows stay on disk until the index no longer names them
+                    npy.replace(prev)
+                tmp.replace(npy)
+                try:
+                    self._write_index(self.revision + 1, entries)
+                except OSError:
+                    if kept:
+                        prev.replace(npy)
+                    else:
+                        npy.unlink(missing_ok=True)
+                    raise
+            except OSError as exc:
+                raise self._unwritable(exc, f"the false alarm {frame_id} from camera {camera} was not absorbed") from exc
+            if kept:
+                with contextlib.suppress(OSError):  # removed at the next start otherwise
+                    prev.unlink(missing_ok=True)
+            self._entries, self._arrays[key] = entries, rows
             self.revision += 1
-            self._write_index()
             self._rows = self._concat()
             return entry
 
     def remove(self, key: str) -> int:
-        """Take back the rows of frame ``key``; returns how many (0 when it had none)."""
+        """Take back the rows of frame ``key``; returns how many (0 when it had none).  Raises ExtensionUnwritable
+        where the folder cannot be written: the rows are then still listed and in use."""
         with self._lock:
-            entry = self._entries.pop(key, None)
+            entry = self._entries.get(key)
             if entry is None:
                 return 0
+            entries = {k: e for k, e in self._entries.items() if k != key}
+            try:  # all or nothing: the index on disk first, then in use
+                self._write_index(self.revision + 1, entries)
+            except OSError as exc:
+                raise self._unwritable(exc, f"the false alarm {entry.frame_id} from camera {entry.camera} was not "
+                                            "withdrawn") from exc
+            self._entries = entries
             del self._arrays[key]
             self.revision += 1
-            self._write_index()
-            (self.folder / f"{key}.npy").unlink(missing_ok=True)
             self._rows = self._concat()
+            with contextlib.suppress(OSError):  # no index names it now: removed at the next start otherwise
+                (self.folder / f"{key}.npy").unlink(missing_ok=True)
             return entry.rows
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bundle import EXTENSION_PAD, BundleError, Normalisation, Thresholds, read_manifest, write_manifest
-from bundle.extension import decisive_patches, spared
+from bundle.extension import Extension, ExtensionUnwritable, Views, absorb, decisive_patches, spared
 from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones
 from exporter.data import load_category, read_image
@@ -274,3 +274,55 @@ def test_a_manifest_must_declare_the_graphs_inputs(bundle_dir, tmp_path):
     (copy / "bundle.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="inputs"):
         CompiledBundle(copy)
+
+
+def test_a_label_cut_short_by_the_disk_is_absorbed_whole_or_not_at_all(bundle_dir, dataset, tmp_path):
+    """absorb handled only ExtensionFull between its two adds: where the disk refused the views' rows, the frame's own
+    stayed in use and a retry answered "already absorbed", so the views were never added.  Now the frame's own rows
+    are taken back, ExtensionUnwritable says so, and a retry once the folder can be written absorbs it whole."""
+    manifest = read_manifest(bundle_dir)
+    assert manifest.extension is not None
+    compiled = CompiledBundle(bundle_dir, extension_rows=64 * manifest.extension.candidates)
+    threshold = compiled.thresholds.image.threshold
+    test = load_category(dataset, "weave").test
+    images = [read_image(s.path, manifest.input) for s in test]
+    scores = compiled.infer(np.stack(images)).score
+    tile = images[int(np.argmax(scores))]
+    assert scores.max() >= threshold
+    ext = Extension(tmp_path / "ext", manifest.extension.feature_dim, max_rows=64 * manifest.extension.candidates)
+    blocked = ext.folder / "index.json.tmp"
+    puts: list[int] = []
+
+    def put(e: Extension) -> None:
+        compiled.set_extension(e.rows, e.revision)
+        puts.append(len(e.rows))
+        if len(puts) == 1 and not blocked.exists():  # the disk fills between the frame's own rows and its views'
+            blocked.mkdir()
+
+    key = "0f0f0f0f-0000-0000-0000-000000000001"
+    args = (compiled, compiled.create_request(), ext, key, [tile], Views.FLIPS, threshold, 0.9, [], put, "f", "cam")
+    with pytest.raises(ExtensionUnwritable, match=r"was not absorbed.*could not be written.*own rows.*could not be "
+                                                  r"taken back either"):
+        absorb(*args)  # the index cannot be written to take them back either
+    assert [e.frame_id for e in ext.entries()] == ["f"]  # what is left is in use and listed, to be withdrawn
+    blocked.rmdir()
+    assert ext.remove(key) and not len(ext.rows)
+    put(ext)  # out of use too, as the label service does
+    puts.clear()
+    with pytest.raises(ExtensionUnwritable, match=r"was not absorbed.*nothing was changed"):
+        absorb(*args[:9], _blocking_views(ext, key, puts, compiled), "f", "cam")
+    assert not ext.entries() and not len(ext.rows) and puts[-1] == 0  # taken back, and out of use
+    (ext.folder / f"{key}.npy.tmp").rmdir()
+    done = absorb(*args)  # the retry absorbs the frame and its views
+    assert done.entry is not None and not done.full and done.entry.rows > puts[0] and done.entry.rows == len(ext.rows)
+
+
+def _blocking_views(ext: Extension, key: str, puts: list[int], compiled: CompiledBundle):
+    """A ``put`` that, after the frame's own rows, makes writing the entry's rows fail for real (a directory where
+    its temporary file goes), as a disk that fills between the two writes."""
+    def put(e: Extension) -> None:
+        compiled.set_extension(e.rows, e.revision)
+        puts.append(len(e.rows))
+        if len(puts) == 1:
+            (ext.folder / f"{key}.npy.tmp").mkdir()
+    return put

@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from bundle.extension import INDEX, Extension, ExtensionFull, Views, offending
+from bundle.extension import INDEX, Extension, ExtensionFull, ExtensionUnwritable, Views, offending
 from conftest import DAMAGE, damage
 
 C = 8
@@ -121,3 +121,48 @@ def test_views_are_the_frame_and_its_symmetries(views: Views, square: int, other
         assert all(np.array_equal(np.sort(v, axis=None), np.sort(image, axis=None)) for v in out)
     turned = Views.D4.of(np.arange(4, dtype=np.uint8).reshape(2, 2))
     assert any(np.array_equal(v, np.rot90(turned[0])) for v in turned)
+
+
+def _block(path) -> None:
+    """Make writing ``path`` fail for real, as root too: a directory where the file is to be written."""
+    path.mkdir()
+
+
+def test_a_withdrawal_that_cannot_be_written_changes_nothing_and_can_be_retried(tmp_path) -> None:
+    """remove took the entry out of memory before writing the index: on a full disk the rows stayed in use with no
+    entry naming them, a second remove released nothing, and a restart brought the entry back."""
+    ext = Extension(tmp_path, C, max_rows=10)
+    a, b = key(), key()
+    ext.add(a, rows(3, 1.0), "f1", "cam")
+    ext.add(b, rows(2, 2.0), "f2", "cam")
+    _block(tmp_path / f"{INDEX}.tmp")
+    with pytest.raises(ExtensionUnwritable, match=f"f1 from camera cam was not withdrawn.*{tmp_path}.*try again"):
+        ext.remove(a)
+    assert [e.frame_id for e in ext.entries()] == ["f1", "f2"] and ext.rows.shape == (5, C) and ext.revision == 2
+    (tmp_path / f"{INDEX}.tmp").rmdir()  # space again: what is on disk is as before, and the retry works
+    assert Extension(tmp_path, C, max_rows=10).rows.shape == (5, C)
+    assert ext.remove(a) == 3 and np.array_equal(ext.rows, rows(2, 2.0)) and ext.revision == 3
+    again = Extension(tmp_path, C, max_rows=10)
+    assert [e.frame_id for e in again.entries()] == ["f2"] and again.revision == 3
+
+
+@pytest.mark.parametrize("blocked", [".npy.tmp", "index"])
+def test_an_absorption_that_cannot_be_written_changes_nothing(tmp_path, blocked) -> None:
+    """add put the rows in use before the index was written; where the index failed, a replaced entry's rows on disk
+    were the new ones while the index and memory disagreed."""
+    ext = Extension(tmp_path, C, max_rows=10)
+    a = key()
+    ext.add(a, rows(2, 1.0), "f1", "cam")
+    b = key()
+    for k, n in ((a, 4), (b, 3)):  # a replacement of a frame's rows, and a new frame
+        obstacle = tmp_path / (f"{k}.npy.tmp" if blocked == ".npy.tmp" else f"{INDEX}.tmp")
+        _block(obstacle)
+        with pytest.raises(ExtensionUnwritable, match=r"was not absorbed.*could not be written"):
+            ext.add(k, rows(n, 5.0), "f", "cam")
+        assert np.array_equal(ext.rows, rows(2, 1.0)) and ext.revision == 1 and len(ext.entries()) == 1
+        obstacle.rmdir()
+        assert {p.name for p in tmp_path.glob("*.npy")} == {f"{a}.npy"}
+        again = Extension(tmp_path, C, max_rows=10)
+        assert np.array_equal(again.rows, rows(2, 1.0)) and again.revision == 1
+    ext.add(b, rows(3, 5.0), "f", "cam")  # the retry works
+    assert ext.rows.shape == (5, C) and Extension(tmp_path, C, max_rows=10).rows.shape == (5, C)

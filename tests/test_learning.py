@@ -343,3 +343,28 @@ def test_a_label_that_cannot_make_its_frame_pass_says_so(broker, dataset, tmp_pa
         assert _score(client, prefix, wide, "w-1")["verdict"] == "anomalous"  # as the answer said
     finally:
         client.close()
+
+
+def test_a_withdrawal_the_disk_refuses_changes_nothing_and_a_retry_works(learning, dataset):
+    """Unlabel with learning.path unwritable cleared the store's label and the in-memory entry while the rows stayed in
+    use; a second unlabel then released nothing.  Now it is refused whole: the label, the entry and the rows stay,
+    the answer names the folder and the cause, and the retry once the folder can be written releases the rows."""
+    prefix, client, _, config, _ = learning
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
+    [index] = (config.parent / "extensions").glob(f"*/{'index.json'}")
+    blocked = index.parent / "index.json.tmp"
+    blocked.mkdir()  # writing the index fails for real, as on a full disk (and as root, unlike a read-only folder)
+    unlabel = {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}
+    refused = _query(client, prefix, unlabel, topic="label")
+    assert not refused["ok"] and "was not withdrawn" in refused["error"]["message"], refused
+    assert str(index.parent) in refused["error"]["message"] and "Is a directory" in refused["error"]["message"]
+    labels = _query(client, prefix, {"action": "export"}, topic="label")["labels"]
+    assert [(r["frame_id"], r["label"]) for r in labels] == [("m-0", "false_alarm")]
+    [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
+    assert [e["frame_id"] for e in ext["entries"]] == ["m-0"] and ext["rows"] == absorbed["patches"], ext
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # its rows are still in use
+    blocked.rmdir()
+    released = _query(client, prefix, unlabel, topic="label")["released"]
+    assert released["patches"] == absorbed["patches"], released
+    assert _query(client, prefix, {"action": "export"}, topic="label")["labels"] == []
+    assert _score(client, prefix, marked, "m-2")["verdict"] == "anomalous"

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bundle.extension import ExtensionUnwritable
 from worker.capture import Capture
 from worker.evidence import EvidenceStore
 from worker.learning import Learner
@@ -118,7 +119,10 @@ class LabelService:
         if found is None and request.label is None and self.learner is not None:
             # A false alarm's frame may be gone from the history (retention by age) while its rows still make frames
             # like it pass: withdrawing it must still work, or a wrong label could not be undone.
-            released = self.learner.release(point_id(request.camera, request.frame_id), request.camera)
+            try:
+                released = self.learner.release(point_id(request.camera, request.frame_id), request.camera)
+            except ExtensionUnwritable as exc:
+                raise RequestError(ErrorCode.INTERNAL_ERROR, str(exc)) from exc
             if released["patches"]:
                 return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": None,
                         "defect_type": None, "released": released,
@@ -128,29 +132,34 @@ class LabelService:
         pid, vector, payload = found
         was_false_alarm = payload.get("label") == "false_alarm"
         labelled = request.label is not None
+        answer: dict = {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
+                        "defect_type": request.defect_type if labelled else None}
+        if self.learner is not None:  # the model first: where its extension cannot be written, the label is unchanged
+            try:
+                if request.label == "false_alarm":
+                    others = [p for p in _confirmed(store) if (p.get("camera"), p.get("frame_id")) !=
+                              (request.camera, request.frame_id)]  # this frame's own earlier label is being replaced
+                    answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, others)
+                else:  # an extension may hold rows of this id while the stored frame says otherwise: a camera that
+                    # reused the id replaced the false alarm's record, so its label can no longer say what to release
+                    released = self.learner.release(pid, request.camera)
+                    if was_false_alarm or released["patches"]:
+                        answer["released"] = released
+            except ExtensionUnwritable as exc:
+                raise RequestError(ErrorCode.INTERNAL_ERROR, f"{exc}; the label is unchanged") from exc
         payload.update(label=request.label, defect_type=request.defect_type if labelled else None,
                        note=request.note if labelled else None, labelled_at=iso(time.time()) if labelled else None)
         store.upsert([(pid, vector, payload)])
         if self.evidence is not None:  # a labelled frame's evidence moves to the labelled budget
             self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
-        answer = {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,
-                  "defect_type": payload["defect_type"]}
         if request.label == "confirmed_defect" and self.capture is not None and self.capture.forget(request.camera, pid):
             answer["capture"] = "taken out of the captured normal frames"  # the next model must not learn it as good
-        if self.learner is not None:
-            if request.label == "confirmed_defect":
-                try:  # scored now for the guard of later false-alarm labels, which would otherwise score it then
-                    self.learner.confirm(pid, payload)
-                except Exception:  # the label is stored either way; the guard scores the frame again when it needs it
-                    log.exception("confirmed defect %s/%s could not be scored for the absorption guard",
-                                  request.camera, request.frame_id)
-            if request.label == "false_alarm":
-                answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, _confirmed(store))
-            else:  # an extension may hold rows of this id while the stored frame says otherwise: a camera that
-                # reused the id replaced the false alarm's record, so its label can no longer say what to release
-                released = self.learner.release(pid, request.camera)
-                if was_false_alarm or released["patches"]:
-                    answer["released"] = released
+        if self.learner is not None and request.label == "confirmed_defect":
+            try:  # scored now for the guard of later false-alarm labels, which would otherwise score it then
+                self.learner.confirm(pid, payload)
+            except Exception:  # the label is stored either way; the guard scores the frame again when it needs it
+                log.exception("confirmed defect %s/%s could not be scored for the absorption guard",
+                              request.camera, request.frame_id)
         return answer
 
     def warm(self) -> bool:

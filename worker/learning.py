@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bundle import tiling
-from bundle.extension import Absorbed, Entry, Extension, absorb, decisive_patches
+from bundle.extension import Absorbed, Entry, Extension, ExtensionUnwritable, absorb, decisive_patches
 from worker.capture import Capture
 from worker.config import Config
 from worker.decode import FrameError
@@ -85,9 +85,14 @@ class Learner:
             return {"patches": 0, "reason": why}
         tiles = self._tiles(model, camera, scored)
         threshold = self.models.image_norm(model, camera).threshold
-        done = absorb(model.bundle, model.bundle.create_request(), ext, key, tiles, self.cfg.learning.views, threshold,
-                      self.cfg.learning.margin, self._protected(model, confirmed or []),
-                      lambda e: self._put(e, camera, frame_id), frame_id, camera)
+        try:
+            done = absorb(model.bundle, model.bundle.create_request(), ext, key, tiles, self.cfg.learning.views,
+                          threshold, self.cfg.learning.margin, self._protected(model, confirmed or []),
+                          lambda e: self._put(e, camera, frame_id), frame_id, camera)
+        except ExtensionUnwritable:  # not labelled after all: not a false alarm of the next training set either
+            if full is not None and self.capture is not None:
+                self.capture.remove_false_alarm(camera, key)
+            raise
         figures = {"left_out": done.left_out, "raw_score": round(done.raw_score, 5)}  # the raw score as when flagged
         if done.entry is None or done.after is None:
             why = done.full or (f"each of its {_patches(done.left_out)} lies near a confirmed defect's decisive patches: "
@@ -208,16 +213,22 @@ class Learner:
     def release(self, key: str, camera: str) -> dict:
         """Take back what frame ``key`` added, from every extension that holds it (labelled again after a reload to
         another bundle, it is in both); the answer's revision and rows are the camera's model's where it held some."""
+        released: list[tuple[Extension, int]] = []
+        try:  # raises ExtensionUnwritable where one cannot be written: that one keeps the rows, and a retry takes them
+            for ext in self.models.extensions():
+                if removed := ext.remove(key):
+                    released.append((ext, removed))
+        finally:
+            for ext, removed in released:
+                self.models.apply(ext)
+                log.info("false alarm label withdrawn: %d patches removed from %s, extension revision %d", removed,
+                         ext.folder.name, ext.revision)
+            if released:
+                self.on_change()
         if self.capture is not None:
             self.capture.remove_false_alarm(camera, key)
-        released = [(ext, removed) for ext in self.models.extensions() if (removed := ext.remove(key))]
         if not released:
             return {"patches": 0, "reason": "this frame had added nothing to an extension"}
-        for ext, removed in released:
-            self.models.apply(ext)
-            log.info("false alarm label withdrawn: %d patches removed from %s, extension revision %d", removed,
-                     ext.folder.name, ext.revision)
-        self.on_change()
         serving = self.models.for_camera(camera).extension
         ext = next((e for e, _ in released if e is serving), released[-1][0])
         patches = sum(removed for _, removed in released)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import threading
@@ -481,3 +482,35 @@ def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp
     assert _request(client, control, {"command": "rollback", "camera": "cam"})["ok"]
     assert models() == {("default", version)}
     assert worker.stop() == 0
+
+
+def test_a_rollout_the_disk_refuses_is_said_and_written_once_it_can_be(bundle_dir, tmp_path, caplog):
+    """A reload whose rollout.json could not be written was answered ok with no word, the log said a restart would
+    serve config.yaml's bundles while it served the older file's, and the file was never written again.  Now the
+    failure is kept for the answer, the log names what the file on disk still records, and it is written again."""
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    v2, v3 = (_relabelled(bundle_dir, tmp_path / v, v) for v in ("2.0.0", "3.0.0"))
+
+    def start() -> Models:
+        return Models(Config.model_validate({"model": {"bundle": str(bundle_dir), "cache_dir": None,
+                                                       "rollout_path": str(tmp_path / "rollout")},
+                                             "learning": {"path": str(tmp_path / "extensions")}}))
+
+    models = start()
+    models.load(DEFAULT, v2)
+    assert models.unrecorded is None
+    blocked = tmp_path / "rollout" / "rollout.json.tmp"
+    blocked.mkdir()  # writing the file fails for real, as on a full disk (and as root, unlike a read-only folder)
+    with caplog.at_level(logging.ERROR, logger="worker.models"):
+        models.load(DEFAULT, v3)
+    assert models.unrecorded is not None and "rollout.json could not be written" in models.unrecorded
+    said = [r.getMessage() for r in caplog.records if "cannot record" in r.getMessage()]
+    assert len(said) == 1 and f"what it still records from before: default {v2.absolute()}" in said[0], said
+    models.record_again(quiet=True)  # still refused: said once only
+    assert len([r for r in caplog.records if "cannot record" in r.getMessage()]) == 1
+    blocked.rmdir()
+    models.record_again()  # the stats tick or the clean stop, once there is space
+    assert models.unrecorded is None
+    assert start().default.bundle.manifest.version == "3.0.0"  # the restart serves what was rolled out last

@@ -16,6 +16,7 @@ is compiled with room for ``learning.max_rows`` extension rows and starts with t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -121,6 +122,8 @@ class Models:
         # the record for the next start, until a reload or rollback of its scope replaces it
         self._unrestored: dict[str, Rolled] = {}
         self._record_lock = threading.Lock()
+        # why what serves now is not what rollout.json records (its last write failed); None when it is
+        self.unrecorded: str | None = None
         self._started = False
         rolled = self._read_rollout()
         for scope in [DEFAULT, *(camera for camera in cfg.cameras if self._configured(camera))]:
@@ -183,9 +186,16 @@ class Models:
                       type(exc).__name__, exc)
             return {}
 
-    def _record(self) -> None:
+    def record_again(self, quiet: bool = False) -> None:
+        """Write rollout.json again where its last write failed (:attr:`unrecorded`): the worker calls this on its
+        stats tick (``quiet``: a failure that persists is not logged each time) and at a clean stop."""
+        if self.unrecorded is not None:
+            self._record(quiet)
+
+    def _record(self, quiet: bool = False) -> None:
         """Write what each scope serves and keeps for rollback, replacing the file whole (a crash leaves the old
-        or the new one).  A write that fails is said: the models serve on, but a restart would not know them."""
+        or the new one).  A write that fails is said, with what the file on disk still records (what a restart
+        would serve), and kept in :attr:`unrecorded` for the answer and for :meth:`record_again`."""
         root = self.cfg.model.rollout_path
         if root is None:
             return
@@ -202,12 +212,28 @@ class Models:
                     scopes[scope] = {"bundle": str(rolled.bundle), "configured": str(rolled.configured),
                                      "previous": None if rolled.previous is None else str(rolled.previous)}
             try:
-                root.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(json.dumps({"scopes": scopes}, indent=1))
-                tmp.replace(root / ROLLOUT)
+                try:
+                    root.mkdir(parents=True, exist_ok=True)
+                    tmp.write_text(json.dumps({"scopes": scopes}, indent=1))
+                    tmp.replace(root / ROLLOUT)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                    raise
             except OSError as exc:
-                log.error("rollout: cannot record the models served in %s (%s): a restart would serve config.yaml's "
-                          "bundles", root / ROLLOUT, exc)
+                was, self.unrecorded = self.unrecorded, f"{root / ROLLOUT} could not be written ({exc})"
+                if quiet and was is not None:
+                    return
+                old = self._read_rollout()
+                serves = ("what it still records from before: " + ", ".join(f"{s} {r.bundle}" for s, r in old.items())
+                          if old else "config.yaml's bundles")
+                log.error("rollout: cannot record the models served in %s (%s): until it can, a restart would serve %s; "
+                          "it is written again at the next reload or rollback, at the next stats tick and at a clean "
+                          "stop", root / ROLLOUT, exc, serves)
+                return
+            if self.unrecorded is not None:
+                log.info("rollout: %s records the models served again", root / ROLLOUT)
+            self.unrecorded = None
 
     def precision(self, scope: str) -> str:
         override = self.cfg.cameras.get(scope)

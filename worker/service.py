@@ -260,6 +260,9 @@ class Worker:
                 and command.camera not in self.cfg.cameras:  # a typo's canary would wait, unseen, for a camera
             answer["note"] = (f"camera {command.camera!r} has sent this worker no frame since it started, and "
                               "config.yaml does not name it: check the camera id")
+        if self.models.unrecorded is not None:  # serving, but a restart would not know it
+            answer["warning"] = (f"not persisted: {self.models.unrecorded}; the worker serves it now, a restart would "
+                                 "not until the file is written (retried every stats tick and at a clean stop)")
         return answer
 
     def export_capture(self, camera: str | None) -> dict:
@@ -472,6 +475,8 @@ class Worker:
                           "read never reach it (mosquitto's acl_file takes such a subscription and drops the "
                           "messages); the broker's ACL must cover the prefix set in topics.prefix",
                           self.topics.availability, ECHO_S)
+            if now >= next_stats:
+                self.models.record_again(quiet=True)  # a rollout.json a full disk refused, once there is space
             if now >= next_stats and self.link.connected.is_set():
                 self._publish_stats()
                 next_stats = now + self.cfg.worker.stats_interval_s
@@ -499,6 +504,7 @@ class Worker:
         self.query_queue.close()
         unanswered = self._refuse_waiting_requests()
         self.query_thread.join(timeout)  # the request in hand is answered (a reload's compile can take seconds)
+        self.models.record_again()  # what serves now is what the next start serves, where rollout.json was refused
         flushed = self.recorder.flush(timeout)
         self.recorder.stop()
         if self.capture is not None:

@@ -48,3 +48,30 @@ def test_byte_and_age_budgets_apply_per_class(tmp_path):
     assert evidence.retain() == 1
     assert evidence.read(old["thumbnail"]) is None and evidence.read(new["thumbnail"]) == b"b"
     assert evidence.counts()[NORMAL]["frames"] == 10  # normal frames have no age budget here
+
+
+def test_a_write_cut_short_leaves_no_partial_file(tmp_path):
+    """A full disk cut an evidence write short: its partial ``.tmp`` file stayed for good (at every later frame
+    another), and a restart skipped such files without removing them.  Both are removed now.  The file size limit
+    (RLIMIT_FSIZE, with SIGXFSZ ignored) makes the write fail part way, as a full disk does."""
+    import resource
+    import signal
+
+    import pytest
+
+    store = EvidenceStore(tmp_path, max_frames=10)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        with pytest.raises(OSError):
+            store.save(_key(1), {"frame": ("png", b"x" * 10_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert not list(tmp_path.glob("*/*.tmp")), "the partial write stayed"
+    crashed = tmp_path / _key(2)[:2] / f"{_key(2)}.frame.png.tmp"  # as a crash mid-write leaves it
+    crashed.parent.mkdir(exist_ok=True)
+    crashed.write_bytes(b"x" * 100)
+    EvidenceStore(tmp_path, max_frames=10)
+    assert not crashed.exists()

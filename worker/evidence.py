@@ -12,6 +12,7 @@ from the folder at start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,6 +55,9 @@ class EvidenceStore:
         self._bytes = dict.fromkeys(CLASSES, 0)
         self._class_of: dict[str, str] = {}
         by_key: dict[str, list[Path]] = {}
+        for partial in self.root.glob("*/*.tmp"):  # a write cut short (a full disk, a crash): never a frame's file
+            with contextlib.suppress(OSError):
+                partial.unlink()
         files = sorted((p for p in self.root.glob("*/*.*") if p.is_file() and not p.name.endswith(".tmp")),
                        key=lambda p: p.stat().st_mtime)
         for path in files:
@@ -104,8 +108,13 @@ class EvidenceStore:
             path = self._path(key, kind, ext)
             path.parent.mkdir(exist_ok=True)
             tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            try:
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            except OSError:  # a full disk: the part written would stay for good
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise
             written.append(path)
         with self._lock:
             self._add(key, value, list(dict.fromkeys(previous + written)))

@@ -31,7 +31,7 @@ from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
 from worker.store import BatchRefused, StoreError, StoreGone, StoreMismatch, VectorStore
-from worker.supervise import Liveness, StopLoop, supervised_loop
+from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class Recorder:
         self.liveness = liveness
         self.dropped = 0
         self.lost = 0  # records neither stored nor spooled (the evidence or the spool could not be written)
+        self._lost_log = Throttle(60)
         self.unrecorded = 0  # records not kept because the store holds vectors of another size (store_error)
         self.store_error: str | None = None  # why the store can never take this model's points, while it cannot
         self.written = 0
@@ -379,8 +380,10 @@ class Recorder:
                     log.error("the vector store refused a batch of %d for good (%s); not recorded", len(batch), exc)
                 except Exception as exc:  # an OSError is e.g. a full disk (neither the evidence nor the spool takes it)
                     self.lost += len(batch)
-                    log.error("recorder could not write a batch of %d (%s: %s); it is lost (%d records so far)",
-                              len(batch), type(exc).__name__, exc, self.lost, exc_info=not isinstance(exc, OSError))
+                    if self._lost_log.ready():  # a full disk fails every batch: said once a minute, with the count
+                        log.error("recorder could not write a batch of %d (%s: %s); it is lost (%d records so far; "
+                                  "said at most once a minute)", len(batch), type(exc).__name__, exc, self.lost,
+                                  exc_info=not isinstance(exc, OSError))
                 finally:
                     self._settled(len(batch))
             if batch is None:

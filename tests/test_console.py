@@ -119,11 +119,12 @@ def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
 
 
 @needs_chromium
-def test_frames_a_browser_cannot_show_are_served_as_png_within_the_limits():
+def test_frames_a_browser_cannot_show_are_served_as_jpeg_and_none_past_the_limits():
     """The worker reads TIFF frames; browsers do not: the console serves them as JPEG, and leaves a frame past the
     worker's limits undecoded (anyone may publish on a camera's frame topic)."""
     from worker.config import LimitsConfig
     from worker.console.hub import for_browser
+    from worker.decode import FrameError
 
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
     tiff = cv2.imencode(".tiff", image)[1].tobytes()
@@ -132,8 +133,11 @@ def test_frames_a_browser_cannot_show_are_served_as_png_within_the_limits():
     for ext, expected in ((".webp", "image/webp"), (".jpg", "image/jpeg"), (".png", "image/png"), (".bmp", "image/bmp")):
         data = cv2.imencode(ext, image)[1].tobytes()
         assert for_browser(data, LimitsConfig()) == (data, expected)
-    assert for_browser(tiff, LimitsConfig(max_pixels=48 * 64 - 1)) == (tiff, "application/octet-stream")
-    assert for_browser(b"not an image", LimitsConfig()) == (b"not an image", "application/octet-stream")
+    png = cv2.imencode(".png", image)[1].tobytes()  # every format is checked within the limits before it is served
+    for data, limits in ((tiff, LimitsConfig(max_pixels=48 * 64 - 1)), (png, LimitsConfig(max_pixels=48 * 64 - 1)),
+                         (png, LimitsConfig(max_frame_bytes=len(png) - 1)), (b"not an image", LimitsConfig())):
+        with pytest.raises(FrameError):
+            for_browser(data, limits)
 
 
 def test_page_and_event_stream_behind_basic_auth(broker, tmp_path):
@@ -258,6 +262,74 @@ def test_a_camera_clock_step_neither_freezes_its_tile_nor_tops_the_defect_feed(b
         recent = get(f"/api/defects?since={time.time() - 60}&camera=cam-b")["frames"]
         assert [r["frame_id"] for r in recent] == ["reset"], recent
         assert get(f"/api/defects?until={time.time() - 3600}")["frames"] == []
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
+def _until_handled(console: ConsoleProcess, client: Client, marker: str) -> dict:
+    """The console's state once it handled everything published so far: a marker result after it on the same link."""
+    _publish_result(client, "cam-marker", marker, datetime.now(UTC))
+    deadline = time.monotonic() + 30
+    while True:
+        state = json.loads(urllib.request.urlopen(f"{console.url}/api/state", timeout=5).read())
+        if state["cameras"].get("cam-marker", {}).get("frame_id") == marker:
+            return state
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)  # polling the console's state for the marker, not waiting a fixed time
+
+
+def _png(side: int, seed: int) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 256, (side, side, 3), np.uint8)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def test_camera_frames_are_kept_within_the_limits_and_only_as_scored(broker, tmp_path):
+    """A camera that may publish only its own frame topic made the console hold every payload of any size while it
+    waited for a result, decode a 20000x20000 PNG bomb for a thumbnail and serve it to browsers, and file a second
+    frame under the id of the one the worker scored."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          limits={"max_frame_bytes": 50_000, "max_pixels": 100 * 100},
+                          console={"port": port, "recent_frames": 16, "pending_max_bytes": 30_000})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+
+    def served(camera: str, frame_id: str) -> tuple[int, bytes]:
+        try:
+            reply = urllib.request.urlopen(f"{console.url}/api/frames/{camera}/{frame_id}/frame", timeout=5)
+            return reply.status, reply.read()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read()
+
+    try:
+        now = datetime.now(UTC)
+        client.publish_frame("cam-a", b"\x89PNG" + bytes(60_000), "big")  # over limits.max_frame_bytes
+        bomb = cv2.imencode(".png", np.zeros((200, 200, 3), np.uint8))[1].tobytes()  # small file, over max_pixels
+        assert len(bomb) < 50_000
+        client.publish_frame("cam-a", bomb, "bomb")
+        scored, other = _png(32, 1), _png(32, 2)
+        client.publish_frame("cam-a", scored, "twice")
+        client.publish_frame("cam-a", other, "twice")  # the same id again: not the bytes the worker scores
+        for frame_id in ("big", "bomb", "twice"):
+            _publish_result(client, "cam-a", frame_id, now, "anomalous")
+        waiting = [_png(60, 10 + k) for k in range(5)]  # each over a third of console.pending_max_bytes
+        assert all(10_000 < len(w) < 15_000 for w in waiting)
+        for k, data in enumerate(waiting):
+            client.publish_frame("cam-b", data, f"p{k}")
+        for k in range(5):
+            _publish_result(client, "cam-b", f"p{k}", now, "anomalous")
+        state = _until_handled(console, client, "m0")
+        feed = {f"{r['camera']}/{r['frame_id']}": r for r in json.loads(urllib.request.urlopen(
+            f"{console.url}/api/defects", timeout=5).read())["frames"]}
+        for key in ("cam-a/big", "cam-a/bomb"):
+            assert not feed[key]["has_frame"] and not feed[key]["has_thumbnail"], feed[key]
+            assert served(*key.split("/"))[0] == 404
+        assert served("cam-a", "twice") == (200, scored)
+        # drop_oldest within pending_max_bytes: the frames waiting the longest went, the newest two stayed
+        assert [feed[f"cam-b/p{k}"]["has_frame"] for k in range(5)] == [False, False, False, True, True], feed
+        assert state["dropped"] == {"payload_too_large": 1, "image_too_large": 1, "duplicate_id": 1}, state["dropped"]
     finally:
         client.close()
         assert console.stop() == 0, console.log_path.read_text()[-2000:]

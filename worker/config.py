@@ -387,6 +387,14 @@ class ConsoleConfig(_Section):
     max_cameras: int = Field(64, ge=1, description="Cameras the console keeps (tile, score series, error count): the most recently "
                                                    "active; past this many the longest quiet one is dropped, so invented camera ids "
                                                    "cannot grow its memory.")
+    pending_max_bytes: int = Field(64_000_000, gt=0, description="Bytes of camera frames (and of heatmaps, counted apart) the "
+                                                                 "console holds while they wait for their result, with at most "
+                                                                 "recent_frames of each; past either bound pending_policy applies. "
+                                                                 "A frame over limits.max_frame_bytes or limits.max_pixels is never kept.")
+    pending_policy: Literal["drop_oldest", "drop_newest"] = Field(
+        "drop_oldest", description="Which waiting image goes when pending_max_bytes or recent_frames is reached: drop_oldest "
+                                   "forgets the one waiting the longest (its result likely never comes), drop_newest refuses "
+                                   "the new one.")
     control_timeout_s: float = Field(120, gt=0, le=YEAR_S, description="How long the console waits for the worker to answer a reload, "
                                                                        "rollback or capture export (a reload compiles the bundle) before "
                                                                        "HTTP 504.")

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from worker.api_client import ApiClient, ApiError
 from worker.config import Config, ConfigError
 from worker.console.hub import Hub, for_browser
+from worker.decode import FrameError
 from worker.topics import Topics
 from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, parse_timestamp
 
@@ -151,7 +152,7 @@ def learned_text(answer: dict) -> str | None:
 
 
 def create_app(cfg: Config) -> Starlette:
-    hub = Hub(Topics(cfg.topics.prefix, cfg.worker.id), cfg.console)
+    hub = Hub(Topics(cfg.topics.prefix, cfg.worker.id), cfg.console, cfg.limits)
     client = ApiClient(cfg, "console", subscriptions=hub.subscriptions, qos=0)
     client.on_message = hub.on_message
     events = Broadcaster()
@@ -200,7 +201,10 @@ def create_app(cfg: Config) -> Starlette:
         data = hub.image(request.path_params["camera"], request.path_params["frame_id"], kind)
         if data is None:
             return _error(404, "not_found", "the console no longer has this image")
-        shown, kind = await run_in_threadpool(for_browser, data, cfg.limits)
+        try:
+            shown, kind = await run_in_threadpool(for_browser, data, cfg.limits)
+        except FrameError as exc:
+            return _error(422, "image_refused", f"not served: {exc.message}")
         return Response(shown, media_type=kind, headers={"Cache-Control": "private, max-age=3600"})
 
     async def defects(request: Request) -> Response:

@@ -22,7 +22,7 @@ from typing import TypeVar, cast
 import paho.mqtt.client as mqtt
 
 from worker.config import ConsoleConfig, LimitsConfig
-from worker.decode import FrameError, decode, probe
+from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
 from worker.supervise import Liveness
@@ -50,17 +50,15 @@ def content_type(data: bytes) -> str:
 
 def for_browser(data: bytes, limits: LimitsConfig) -> tuple[bytes, str]:
     """An image and its content type as a browser can show it: a frame browsers cannot decode (TIFF, which the
-    worker accepts) as a JPEG, decoded only within the worker's limits (anyone may publish a frame); anything else
-    as it is. JPEG rather than PNG: a page asks for every new frame of a tile, and a multi-megapixel PNG costs
-    the edge box's cores many times what the JPEG does."""
+    worker accepts) as a JPEG; anything else as it is. JPEG rather than PNG: a page asks for every new frame of a
+    tile, and a multi-megapixel PNG costs the edge box's cores many times what the JPEG does. Every image is first
+    checked from its header within the worker's limits (anyone may publish a frame): FrameError says why not, and
+    nothing past them is decoded or handed to a browser."""
+    probe(data, limits.max_frame_bytes, limits.max_pixels)
     kind = content_type(data)
     if kind != "application/octet-stream":
         return data, kind
-    try:
-        probe(data, limits.max_frame_bytes, limits.max_pixels)
-        return encode(decode(data), "jpeg", BROWSER_JPEG_QUALITY), "image/jpeg"
-    except FrameError:
-        return data, kind
+    return encode(decode(data), "jpeg", BROWSER_JPEG_QUALITY), "image/jpeg"
 
 
 def epoch(stamp: str | None) -> float | None:
@@ -103,6 +101,41 @@ def _replaces(entry: Entry, shown: Entry) -> bool:
                 and entry.arrived - shown.arrived <= REORDER_WINDOW_S)
 
 
+class Pending:
+    """Images waiting for their frame's result, bounded by count and by bytes; past either bound ``policy`` says
+    which goes: ``drop_oldest`` forgets the image waiting the longest, ``drop_newest`` refuses the new one. The
+    first image under a key stays: a second one under the same key is refused, so the console never shows bytes
+    other than those it held when the worker's result came (a camera may send another frame under the same id)."""
+
+    def __init__(self, limit: int, max_bytes: int, policy: str) -> None:
+        self.items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.limit, self.max_bytes, self.policy = limit, max_bytes, policy
+        self.bytes = 0
+
+    def put(self, key: tuple[str, str], data: bytes) -> str | None:
+        """Keeps ``data`` under ``key``, or says why not ("duplicate_id", "pending_full")."""
+        if key in self.items:
+            return "duplicate_id"
+        if len(data) > self.max_bytes:
+            return "pending_full"
+        while self.items and (len(self.items) >= self.limit or self.bytes + len(data) > self.max_bytes):
+            if self.policy == "drop_newest":
+                return "pending_full"
+            self.bytes -= len(self.items.popitem(last=False)[1])
+        self.items[key] = data
+        self.bytes += len(data)
+        return None
+
+    def take(self, key: tuple[str, str]) -> bytes | None:
+        data = self.items.pop(key, None)
+        if data is not None:
+            self.bytes -= len(data)
+        return data
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -126,13 +159,15 @@ class Bounded(OrderedDict[_K, _V]):
 class Hub:
     """Live state for the console; every mutation happens under one lock and is pushed to listeners."""
 
-    def __init__(self, topics: Topics, cfg: ConsoleConfig) -> None:
+    def __init__(self, topics: Topics, cfg: ConsoleConfig, limits: LimitsConfig | None = None) -> None:
         self.topics = topics
         self.cfg = cfg
+        self.limits = limits or LimitsConfig()
         self.lock = threading.Lock()
         # (camera, frame_id) -> bytes, before its result
-        self.pending_frames: Bounded[tuple[str, str], bytes] = Bounded(cfg.recent_frames)
-        self.pending_heatmaps: Bounded[tuple[str, str], bytes] = Bounded(cfg.recent_frames)
+        self.pending_frames = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
+        self.pending_heatmaps = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
+        self.dropped: dict[str, int] = {}  # why -> images and results the console did not keep
         # every camera's latest frames
         self.recent: Bounded[tuple[str, str], Entry] = Bounded(cfg.recent_frames, self._forget_frame)
         self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
@@ -197,12 +232,29 @@ class Hub:
             elif leaf == "error":
                 self._on_error(camera, json.loads(payload))
 
+    def _drop(self, why: str) -> None:
+        with self.lock:
+            self.dropped[why] = self.dropped.get(why, 0) + 1
+
     def _on_image(self, kind: str, camera: str, frame_id: str, data: bytes) -> None:
+        """An image is kept only within the worker's limits (its header checked, never decoded here), and only the
+        first under its (camera, frame_id): a camera frame only before the frame's result, so the console shows the
+        bytes the worker scored or none."""
+        try:
+            probe(data, self.limits.max_frame_bytes, self.limits.max_pixels)
+        except FrameError as exc:
+            self._drop(exc.code.value)
+            return
         key = (camera, frame_id)
         with self.lock:
             entry = self.recent.get(key)
             if entry is None:  # the usual order: frame, heatmap, then the result
-                (self.pending_frames if kind == "frame" else self.pending_heatmaps)[key] = data
+                refused = (self.pending_frames if kind == "frame" else self.pending_heatmaps).put(key, data)
+                if refused:
+                    self.dropped[refused] = self.dropped.get(refused, 0) + 1
+                return
+            if kind == "frame" or getattr(entry, kind) is not None:  # after its result: not what the worker scored
+                self.dropped["after_result"] = self.dropped.get("after_result", 0) + 1
                 return
             setattr(entry, kind, data)
             view = {**entry.view(), "first": False, "tile": self.latest.get(camera) is entry}
@@ -211,7 +263,7 @@ class Hub:
     def _on_result(self, result: dict) -> None:
         key = (result["camera"], result["frame_id"])
         with self.lock:
-            entry = Entry(result, self.pending_heatmaps.pop(key, None), self.pending_frames.pop(key, None))
+            entry = Entry(result, self.pending_heatmaps.take(key), self.pending_frames.take(key))
             previous = self.recent.pop(key, None) or self.defects.get(key)
             if previous is not None:  # the same frame again: keep its label and its place in the feed
                 entry.result.update({k: previous.result[k] for k in ("label", "defect_type") if k in previous.result})
@@ -230,12 +282,15 @@ class Hub:
         # The page follows the hub: "tile" (this frame is the camera's tile now), "first" (a new point and feed item).
         self._emit("frame", {**entry.view(), "first": previous is None, "tile": tile})
 
-    @staticmethod
-    def _thumbnail(frame: bytes | None) -> bytes | None:
+    def _thumbnail(self, frame: bytes | None) -> bytes | None:
+        """A JPEG of the frame within THUMBNAIL_SIZE, decoded only within the worker's limits (a JPEG at a reduced
+        size where that still covers the thumbnail)."""
         if frame is None:
             return None
         try:
-            return encode(fit_size(decode(frame), THUMBNAIL_SIZE), "jpeg", 80)
+            header: Header = probe(frame, self.limits.max_frame_bytes, self.limits.max_pixels)
+            image = decode(frame, reduction(header, THUMBNAIL_SIZE, THUMBNAIL_SIZE, headroom=1.0))
+            return encode(fit_size(image, THUMBNAIL_SIZE), "jpeg", 80)
         except FrameError:
             return None
 
@@ -249,6 +304,8 @@ class Hub:
 
     def _on_error(self, camera: str, error: dict) -> None:
         with self.lock:
+            if isinstance(error.get("frame_id"), str):  # the worker refused that frame: its bytes get no result
+                self.pending_frames.take((camera, error["frame_id"]))
             record = self._touch(self.errors, camera, lambda: {"count": 0, "last": None})
             record["count"] += 1
             record["last"] = error
@@ -329,4 +386,5 @@ class Hub:
                 "errors": dict(self.errors),
                 "workers": {w: dict(s) for w, s in self.workers.items()},
                 "threads": self.liveness.snapshot(),
+                "dropped": dict(self.dropped),
             }

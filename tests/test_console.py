@@ -336,6 +336,64 @@ def test_camera_frames_are_kept_within_the_limits_and_only_as_scored(broker, tmp
     assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
 
 
+def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
+    """A result with a string or null score was taken into the hub's state: null raised halfway through (the tile's
+    entry stored, its score point not), and a string froze every page's render loop."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    try:
+        now = datetime.now(UTC).isoformat()
+        good = {"camera": "cam-a", "frame_id": "f1", "captured_at": now, "verdict": "anomalous", "score": 0.9}
+        bad = [{**good, "score": "0.9"}, {**good, "score": None}, {**good, "verdict": "maybe"},
+               {**good, "threshold": "high"}, {**good, "camera": ["cam-a"]}, {**good, "model": "v1"}, [good]]
+        for body in bad:
+            client.client.publish(f"{prefix}/cam-a/result", json.dumps(body), qos=1).wait_for_publish(10)
+        state = _until_handled(console, client, "m0")
+        assert "cam-a" not in state["cameras"] and state["dropped"] == {"bad_result": len(bad)}, state
+        assert json.loads(urllib.request.urlopen(f"{console.url}/api/defects", timeout=5).read())["frames"] == []
+        client.client.publish(f"{prefix}/cam-a/result", json.dumps(good), qos=1).wait_for_publish(10)
+        state = _until_handled(console, client, "m1")
+        assert state["cameras"]["cam-a"]["frame_id"] == "f1"
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    text = console.log_path.read_text()
+    assert "Traceback" not in text, text[-2000:]
+    assert text.count("not understood and dropped") == 1, text[-2000:]  # one warning a minute, with the count
+
+
+@needs_chromium
+def test_one_tile_that_cannot_be_drawn_does_not_stop_the_others(broker, tmp_path):
+    """A tile whose render threw stopped the page's render loop: no other tile or feed item changed again."""
+    from playwright.sync_api import expect, sync_playwright
+
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(console.url)
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+            page.evaluate("() => { const c = camera('cam-broken'); c.latest = null; c.dirty = true; schedule(); }")
+            _publish_result(client, "cam-ok", "f1", datetime.now(UTC), "anomalous")
+            expect(page.locator('.tile[data-camera="cam-ok"]')).to_have_attribute("data-frame-id", "f1", timeout=10_000)
+            expect(page.locator("#defects li")).to_have_count(1)
+            assert any("cam-broken" in e for e in errors), errors
+            browser.close()
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+
+
 @needs_chromium
 def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_today(broker, tmp_path):
     """The page applied the same capture-time rule as the console (a tile frozen on a future frame, the feed sorted

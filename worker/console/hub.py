@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -27,8 +28,10 @@ from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
 from worker.supervise import Liveness
 from worker.topics import Topics
+from worker.wire import valid_id
 
 log = logging.getLogger(__name__)
+BAD_RESULT_LOG_EVERY_S = 60.0  # results not understood: one warning with a count at most this often
 
 HUB = "console-hub"
 
@@ -59,6 +62,35 @@ def for_browser(data: bytes, limits: LimitsConfig) -> tuple[bytes, str]:
     if kind != "application/octet-stream":
         return data, kind
     return encode(decode(data), "jpeg", BROWSER_JPEG_QUALITY), "image/jpeg"
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def result_problem(result: object) -> str | None:
+    """What makes a result unusable for the console's state and pages, or None. Anyone may publish under the prefix
+    on an open broker: a result is checked whole before any state changes."""
+    if not isinstance(result, dict):
+        return "not a JSON object"
+    for key in ("camera", "frame_id"):
+        if not valid_id(result.get(key)):
+            return f"{key} is not an id"
+    if not _number(result.get("score")):
+        return "score is not a finite number"
+    for key in ("raw_score", "threshold"):
+        if result.get(key) is not None and not _number(result[key]):
+            return f"{key} is not a finite number"
+    if result.get("verdict") not in ("normal", "anomalous"):
+        return "verdict is neither normal nor anomalous"
+    model = result.get("model")
+    if model is not None and not (isinstance(model, dict) and all(
+            isinstance(model.get(k), str | None) for k in ("name", "version"))):
+        return "model is not an object with a name and version"
+    for key in ("captured_at", "published_at"):
+        if result.get(key) is not None and not isinstance(result[key], str):
+            return f"{key} is not a string"
+    return None
 
 
 def epoch(stamp: str | None) -> float | None:
@@ -168,6 +200,8 @@ class Hub:
         self.pending_frames = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.pending_heatmaps = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.dropped: dict[str, int] = {}  # why -> images and results the console did not keep
+        self._bad_logged_at: float | None = None
+        self._bad_since_log = 0
         # every camera's latest frames
         self.recent: Bounded[tuple[str, str], Entry] = Bounded(cfg.recent_frames, self._forget_frame)
         self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
@@ -260,7 +294,20 @@ class Hub:
             view = {**entry.view(), "first": False, "tile": self.latest.get(camera) is entry}
         self._emit("frame", view)
 
+    def _bad_result(self, problem: str) -> None:
+        """Counted in ``dropped``; logged with the count at most once every BAD_RESULT_LOG_EVERY_S."""
+        self._drop("bad_result")
+        self._bad_since_log += 1
+        now = time.monotonic()
+        if self._bad_logged_at is None or now - self._bad_logged_at >= BAD_RESULT_LOG_EVERY_S:
+            log.warning("console: %d result(s) not understood and dropped (last: %s)", self._bad_since_log, problem)
+            self._bad_logged_at, self._bad_since_log = now, 0
+
     def _on_result(self, result: dict) -> None:
+        problem = result_problem(result)
+        if problem is not None:
+            self._bad_result(problem)
+            return
         key = (result["camera"], result["frame_id"])
         with self.lock:
             entry = Entry(result, self.pending_heatmaps.take(key), self.pending_frames.take(key))
@@ -297,7 +344,7 @@ class Hub:
     def _add_point(self, camera: str, entry: Entry) -> None:
         at = entry.seen_at  # the camera's clock may be years off: the plot's "last hour" is the console's
         points = self._touch(self.series, camera, deque)
-        points.append((at, float(entry.result.get("score", 0.0))))
+        points.append((at, float(entry.result["score"])))
         horizon = time.time() - self.cfg.series_minutes * 60
         while points and points[0][0] < horizon:
             points.popleft()

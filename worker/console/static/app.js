@@ -98,7 +98,7 @@ function renderTile(cam) {
   const r = cam.latest, el = cam.el;
   el.classList.toggle("anomalous", r.verdict === "anomalous");
   $(".verdict", el).textContent = r.verdict;
-  $(".score", el).textContent = `score ${r.score.toFixed(3)} (raw ${r.raw_score} / ${r.threshold})`;
+  $(".score", el).textContent = `score ${Number(r.score).toFixed(3)} (raw ${r.raw_score} / ${r.threshold})`;
   $(".fid", el).textContent = `${r.frame_id} · ${fmtCaptured(r.captured_at)}`;
   $(".model", el).textContent = r.model ? `${r.model.name} ${r.model.version}` : "";
   const frame = $(".frame", el), heat = $(".heat", el);
@@ -117,8 +117,14 @@ function render() {
   renderQueued = false;
   const now = performance.now();
   for (const cam of cams.values()) {
-    if (cam.dirty) { renderTile(cam); cam.dirty = false; }
-    if (now - cam.plotted > PLOT_EVERY_MS) drawPlot(cam);
+    // One tile that cannot be drawn must not stop the others, the plots or the feed: its error is logged.
+    try {
+      if (cam.dirty) { cam.dirty = false; renderTile(cam); }
+      if (now - cam.plotted > PLOT_EVERY_MS) drawPlot(cam);
+    } catch (err) {
+      cam.plotted = now;
+      console.error("console: tile", cam.el && cam.el.dataset.camera, err);
+    }
   }
   if (feedPending.length && now - feedAt >= FEED_EVERY_MS) {
     feedAt = now;

@@ -80,7 +80,7 @@ def test_control_and_learning_endpoints_refuse_bad_input_before_asking_the_worke
 
     config = tmp_path / "c.yaml"
     config.write_text("model: {bundle: b}\n")
-    http = TestClient(create_app(load_config(config)))  # no lifespan, no broker: a 400 never reaches MQTT
+    http = TestClient(create_app(load_config(config)), base_url="http://127.0.0.1:8080")  # no lifespan: no MQTT
     bad = [("/api/models/reload", {}), ("/api/models/reload", {"bundle": 3}), ("/api/models/reload", "[]"),
            ("/api/models/reload", {"bundle": "b", "camera": ["cam"]}), ("/api/models/rollback", {"camera": 1}),
            ("/api/capture/export", "not json"), ("/api/capture/export", {"camera": False}),
@@ -95,6 +95,30 @@ def test_control_and_learning_endpoints_refuse_bad_input_before_asking_the_worke
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", (path, body[:40], answer.text)
 
 
+def test_a_loopback_console_answers_only_requests_for_a_loopback_host(tmp_path):
+    """DNS rebinding: a page under a name an attacker controls, rebound to 127.0.0.1, was "same origin" (its Origin
+    matched the Host it sent): it could label, reload and read the state and the label export."""
+    from starlette.testclient import TestClient
+
+    from worker.console.app import create_app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {bundle: b}\n")
+    app = create_app(load_config(config))  # no lifespan, no broker: refused before anything reaches MQTT
+    rebound = TestClient(app, base_url="http://rebind.evil.example:8080")
+    origin = {"Origin": "http://rebind.evil.example:8080", "Sec-Fetch-Site": "same-origin",
+              "Content-Type": "application/json"}
+    for answer in (rebound.get("/api/defects"), rebound.get("/"), rebound.get("/api/labels/export?format=json"),
+                   rebound.post("/api/labels", content=b"{}", headers=origin)):
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_host", answer.text
+        assert "rebind.evil.example:8080" in answer.json()["error"]["message"]
+    for base in ("http://localhost:8080", "http://127.0.0.1:8080", "http://127.0.0.5", "http://[::1]:8080"):
+        assert TestClient(app, base_url=base).get("/api/defects").status_code == 200, base
+    config.write_text("model: {bundle: b}\nconsole: {host: 0.0.0.0, username: op, password: s3cret}\n")
+    beyond = TestClient(create_app(load_config(config)), base_url="http://edge-box.plant:8080")  # auth guards it
+    assert beyond.get("/api/defects", auth=("op", "s3cret")).status_code == 200
+
+
 def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
     """It answered an empty feed, as if no defect had been seen in the window."""
     from starlette.testclient import TestClient
@@ -103,7 +127,7 @@ def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
 
     config = tmp_path / "c.yaml"
     config.write_text("model: {bundle: b}\n")
-    http = TestClient(create_app(load_config(config)))  # no lifespan, no broker: the feed is the console's own
+    http = TestClient(create_app(load_config(config)), base_url="http://localhost:8080")  # no lifespan, no broker
     refused = http.get("/api/defects", params={"since": "2026-12-04T00:00:00Z", "until": "2026-12-03T00:00:00Z"})
     assert refused.status_code == 400 and refused.json()["error"] == {
         "code": "bad_request", "message": "since (2026-12-04T00:00:00Z) is after until (2026-12-03T00:00:00Z)"}
@@ -202,7 +226,7 @@ def test_a_cameras_tile_keeps_its_newest_frame_when_results_arrive_out_of_order(
         assert cameras_once(lambda c: c["cam-a"]["frame_id"] == "f3")["cam-a"]["frame_id"] == "f3"
         # a browser that goes away halfway through sending a request is no error of the console's (was a traceback)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            raw.sendall(b"POST /api/labels HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            raw.sendall(b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 1000\r\n\r\n{\"frame_id\": ")
     finally:
         client.close()

@@ -162,7 +162,7 @@ def test_the_console_says_the_broker_refused_it(secure_broker, bundle_dir, tmp_p
     secure, files = secure_broker
     config = write_config(tmp_path, secure.port, bundle_dir,
                           mqtt={"username": "operator", "password": "not-it", "tls": {"ca_file": str(files / "ca.crt")}})
-    with TestClient(create_app(load_config(config))) as http:
+    with TestClient(create_app(load_config(config)), base_url="http://127.0.0.1:8080") as http:  # a loopback Host
         deadline = time.monotonic() + 60
         while not (state := http.get("/api/state").json())["broker_problem"]:
             assert time.monotonic() < deadline, state

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ipaddress
 import json
 import logging
 import secrets
@@ -105,6 +106,46 @@ class SameOriginJson:
             return _error(415, "unsupported_media_type",
                           f"send the body as Content-Type: application/json, not {kind or 'none'}")
         return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or a request's host name is this machine's loopback (localhost, 127.x, ::1)."""
+    host = host.lower().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name in a ``Host`` header, without its port; IPv6 keeps its brackets off."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class LoopbackHost:
+    """On a console bound to loopback, refuses every request (GETs too) whose ``Host`` names anything but this
+    machine: a page under a name an attacker controls, its DNS rebound to 127.0.0.1, is otherwise "same origin" and
+    may read the state and labels and send commands. Bound beyond loopback, basic auth guards the console."""
+
+    def __init__(self, app: ASGIApp, configured: str) -> None:
+        self.app = app
+        self.configured = configured.lower().strip("[]")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope["headers"]).get(b"host", b"").decode(errors="replace")
+            name = _host_name(header)
+            if not (is_loopback(name) or name == self.configured):
+                await _error(400, "bad_host", f"Host {header or 'absent'!r} is not this console: bound to loopback, it "
+                                              "answers only localhost, 127.0.0.1, [::1] or console.host (a guard "
+                                              "against DNS rebinding)")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class Broadcaster:
@@ -356,6 +397,8 @@ def create_app(cfg: Config) -> Starlette:
     if cfg.console.username is not None and cfg.console.password is not None:  # both or neither (ConsoleConfig)
         app.add_middleware(BasicAuth, username=cfg.console.username,
                            password=cfg.console.password.get_secret_value())
+    if is_loopback(cfg.console.host):  # outermost: a rebound name gets no answer at all, not even a login prompt
+        app.add_middleware(LoopbackHost, configured=cfg.console.host)
     return app
 
 

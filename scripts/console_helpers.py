@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -21,13 +22,16 @@ class ConsoleProcess:
     """``python -m worker console --config FILE``; ready once its API answers and it reached the broker."""
 
     def __init__(self, config: Path, log: Path, port: int, timeout: float = 30,
-                 auth: tuple[str, str] | None = None) -> None:
+                 auth: tuple[str, str] | None = None, open_files: tuple[int, int] | None = None) -> None:
+        """``open_files``: the (soft, hard) RLIMIT_NOFILE the console starts with (default: this process's)."""
         self.url = f"http://127.0.0.1:{port}"
         headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
         self.log_path = log
         self.log = log.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "worker", "console", "--config", str(config)], cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files))
+                                     if open_files else None)
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -234,6 +234,97 @@ def test_a_cameras_tile_keeps_its_newest_frame_when_results_arrive_out_of_order(
     assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
 
 
+def test_event_streams_and_connections_are_capped_and_the_open_files_limit_raised(broker, tmp_path):
+    """1100 held event streams (or idle connections) from one client locked the operator out: nothing capped them,
+    and the console kept the soft open-files limit it was started with (1024 for a service or a shell)."""
+    import http.client
+    import resource
+
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port, "max_event_streams": 3, "max_event_streams_per_client": 2,
+                                   "max_connections": 8})
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    console = ConsoleProcess(config, tmp_path / "console.log", port, open_files=(256, hard))
+    held: list = []
+
+    def stream(source: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+        conn.request("GET", "/api/events")
+        answer = conn.getresponse()
+        if answer.status == 200:
+            held.append(conn)
+            return 200, ""
+        text = answer.read().decode()
+        conn.close()
+        return answer.status, text
+
+    def state() -> tuple[int, dict]:
+        try:
+            reply = urllib.request.urlopen(f"{console.url}/api/state", timeout=10)
+            return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, {}
+
+    def until(predicate, what: str):
+        deadline = time.monotonic() + 30
+        while not (found := predicate()):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)  # polling the console for the change, not waiting a fixed time
+        return found
+
+    try:
+        limits = Path(f"/proc/{console.proc.pid}/limits").read_text()
+        assert next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")) == \
+            [str(hard), str(hard)], limits
+        assert stream("127.0.0.1")[0] == 200 and stream("127.0.0.1")[0] == 200
+        status, text = stream("127.0.0.1")
+        assert status == 503 and "127.0.0.1 already holds 2 event streams" in text, text
+        assert stream("127.0.0.2")[0] == 200
+        status, text = stream("127.0.0.3")
+        assert status == 503 and "already serves 3 event streams" in text, text
+        held.pop(0).close()  # a page closed: its slot comes back
+        until(lambda: stream("127.0.0.3")[0] == 200, "a closed stream's slot came back")
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]  # 3 streams + 5 idle
+        try:
+            until(lambda: state()[0] == 503, "past console.max_connections: 503")
+        finally:
+            for sock in idle:
+                sock.close()
+        assert until(lambda: (answer := state())[0] == 200 and answer[1], "served again")["event_streams"] == 3
+    finally:
+        for conn in held:
+            conn.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+
+
+def test_running_out_of_file_descriptors_logs_once_a_minute(broker, tmp_path):
+    """Out of descriptors, asyncio logged a traceback for every failed accept(): 373 MB of log in about a minute."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port, open_files=(64, 64))
+    try:
+        failed, deadline = 0, time.monotonic() + 30
+        while failed < 3:  # each burst past the limit fails at least one accept()
+            assert time.monotonic() < deadline, f"accept() failed {failed} times"
+            burst = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(80)]
+            for sock in burst:
+                sock.close()
+            while True:  # the console serves again once the burst is gone (asyncio retries accept after a second)
+                try:
+                    reply = urllib.request.urlopen(f"{console.url}/api/state", timeout=10)
+                    failed = json.loads(reply.read()).get("accept_failed", 0)
+                    break
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    assert time.monotonic() < deadline, "the console did not serve again"
+    finally:
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    text = console.log_path.read_text()
+    assert text.count("socket.accept() out of system resource") == 1 and "Traceback" not in text, text[-3000:]
+    assert "Too many open files" in text and "1 time(s) since the last such message" in text, text[-3000:]
+
+
 def _publish_result(client: Client, camera: str, frame_id: str, captured: datetime, verdict: str = "normal") -> None:
     """A worker's result, as the console reads it, with the capture time a camera's clock gave it."""
     body = {"camera": camera, "frame_id": frame_id, "captured_at": captured.isoformat(), "verdict": verdict,

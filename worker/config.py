@@ -395,6 +395,17 @@ class ConsoleConfig(_Section):
         "drop_oldest", description="Which waiting image goes when pending_max_bytes or recent_frames is reached: drop_oldest "
                                    "forgets the one waiting the longest (its result likely never comes), drop_newest refuses "
                                    "the new one.")
+    max_connections: int = Field(200, ge=4, description="HTTP connections and requests the console serves at once (uvicorn's "
+                                                        "limit_concurrency); a request past it is answered 503 and its "
+                                                        "connection closed. Keep it well under the open-files limit (the "
+                                                        "console raises its soft limit to the hard one at start).")
+    max_event_streams: int = Field(32, ge=1, description="Open live-update streams (one per open page) in all; past it a new "
+                                                         "one is answered 503 too_many_streams.")
+    max_event_streams_per_client: int = Field(8, ge=1, description="Open live-update streams per client address; past it "
+                                                                   "503 too_many_streams (behind a reverse proxy every page "
+                                                                   "shares the proxy's address).")
+    keep_alive_s: int = Field(5, ge=1, le=300, description="An idle keep-alive HTTP connection is closed after this "
+                                                             "many seconds.")
     control_timeout_s: float = Field(120, gt=0, le=YEAR_S, description="How long the console waits for the worker to answer a reload, "
                                                                        "rollback or capture export (a reload compiles the bundle) before "
                                                                        "HTTP 504.")

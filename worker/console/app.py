@@ -16,9 +16,11 @@ import contextlib
 import ipaddress
 import json
 import logging
+import resource
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -148,6 +150,66 @@ class LoopbackHost:
         await self.app(scope, receive, send)
 
 
+class ThrottledLog(logging.Filter):
+    """Lets a log record whose message starts with one of ``prefixes`` through at most once every ``every_s``, as one
+    line without its traceback and with how many such records came since. Out of file descriptors, asyncio logs a
+    traceback for every failed ``accept()``, and uvicorn a line for every request past its concurrency limit: a
+    flood that can fill the edge box's disk."""
+
+    def __init__(self, prefixes: tuple[str, ...], every_s: float = 60.0) -> None:
+        super().__init__()
+        self.prefixes, self.every_s = prefixes, every_s
+        self.total: dict[str, int] = dict.fromkeys(prefixes, 0)  # every such record, logged or not
+        self._since: dict[str, int] = dict.fromkeys(prefixes, 0)
+        self._logged_at: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        prefix = next((p for p in self.prefixes if message.startswith(p)), None)
+        if prefix is None:
+            return True
+        self.total[prefix] += 1
+        self._since[prefix] += 1
+        now = time.monotonic()
+        if prefix in self._logged_at and now - self._logged_at[prefix] < self.every_s:
+            return False
+        cause = f" ({record.exc_info[1]})" if record.exc_info and record.exc_info[1] else ""
+        record.msg, record.args = (f"{prefix}{cause}: {self._since[prefix]} time(s) since the last such message, "
+                                   f"logged at most every {self.every_s:.0f} s"), ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        self._logged_at[prefix], self._since[prefix] = now, 0
+        return True
+
+
+ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's words
+OVER_CONCURRENCY = "Exceeded concurrency limit."  # uvicorn's words
+THROTTLED = ThrottledLog((ACCEPT_FAILED, OVER_CONCURRENCY))
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """The soft limit on open files raised to the hard one (a service's or shell's soft default is often 1024,
+    which a client holding connections exhausts): (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class _StreamResponse(StreamingResponse):
+    """An event stream that gives its slot back however it ends (a body generator that never started would not)."""
+
+    def __init__(self, release: Callable[[], None], *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 class Broadcaster:
     """Fans hub events out to every connected browser (one bounded queue each), on the event loop."""
 
@@ -215,9 +277,26 @@ def create_app(cfg: Config) -> Starlette:
 
     async def state(request: Request) -> Response:
         return JSONResponse({**hub.snapshot(), "series": hub.score_series(), **link_state(),
+                             "event_streams": sum(streams.values()), "accept_failed": THROTTLED.total[ACCEPT_FAILED],
                              "worker": cfg.worker.id, "series_minutes": cfg.console.series_minutes})
 
+    streams: dict[str, int] = {}  # client address -> open event streams
+
     async def stream(request: Request) -> Response:
+        address = request.client.host if request.client else ""
+        if sum(streams.values()) >= cfg.console.max_event_streams:
+            return _error(503, "too_many_streams", f"the console already serves {cfg.console.max_event_streams} event "
+                                                   "streams (console.max_event_streams): close a page, or try later")
+        if streams.get(address, 0) >= cfg.console.max_event_streams_per_client:
+            return _error(503, "too_many_streams", f"{address} already holds {cfg.console.max_event_streams_per_client} "
+                                                   "event streams (console.max_event_streams_per_client): close a page")
+        streams[address] = streams.get(address, 0) + 1
+
+        def release() -> None:
+            streams[address] -= 1
+            if not streams[address]:
+                del streams[address]
+
         queue: asyncio.Queue[str] = asyncio.Queue(CLIENT_QUEUE)
         events.queues.add(queue)
 
@@ -232,8 +311,8 @@ def create_app(cfg: Config) -> Starlette:
             finally:
                 events.queues.discard(queue)
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _StreamResponse(release, body(), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def image(request: Request) -> Response:
         kind = request.path_params["kind"]
@@ -418,6 +497,14 @@ def serve(cfg: Config) -> None:
     # before: make that one a no-op, so a requested stop exits 0 like the worker.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    before, after = raise_open_files_limit()
+    if after != before:
+        log.info("console: open-files limit raised from %d to %d", before, after)
+    for name in ("asyncio", "uvicorn.error"):
+        logging.getLogger(name).addFilter(THROTTLED)
     log.info("operator console on http://%s:%d/", host, port)
-    uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="warning", access_log=False,
-                                  timeout_graceful_shutdown=2)).run(sockets=[listener])
+    # limit_concurrency: past it uvicorn answers 503 and closes, rather than the process running out of descriptors.
+    # A client that never finishes its headers is not timed out by uvicorn: docs/console.md (a reverse proxy).
+    uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                                  limit_concurrency=cfg.console.max_connections,
+                                  timeout_keep_alive=cfg.console.keep_alive_s)).run(sockets=[listener])

@@ -73,6 +73,25 @@ def test_basic_auth_guards_every_path(tmp_path):
     assert page.status_code == 200 and "/static/app.js" in page.text
 
 
+def test_failed_logins_are_logged_with_the_address_once_a_minute(tmp_path, caplog):
+    """15886 wrong passwords in 5 s left no line in the console's log."""
+    from starlette.testclient import TestClient
+
+    from worker.console.app import create_app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {bundle: b}\nconsole: {host: 0.0.0.0, username: op, password: s3cret}\n")
+    http = TestClient(create_app(load_config(config)))  # no lifespan: no broker needed; its client is "testclient"
+    with caplog.at_level("WARNING", logger="worker.console.app"):
+        assert http.get("/api/state").status_code == 401  # a browser's first request, before it asks: no login tried
+        for _ in range(5):
+            assert http.get("/api/state", auth=("op", "guess")).status_code == 401
+        assert http.get("/api/state", auth=("op", "s3cret")).status_code != 401
+    lines = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
+    assert lines == ["console: failed login from testclient as 'op': 1 failed since the last such line for this "
+                     "address (logged at most every 60 s)"], lines
+
+
 def test_control_and_learning_endpoints_refuse_bad_input_before_asking_the_worker(tmp_path):
     from starlette.testclient import TestClient
 

@@ -21,6 +21,7 @@ import secrets
 import signal
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,20 +48,44 @@ CLIENT_QUEUE = 1000  # events a slow browser may lag behind before it misses som
 
 
 class BasicAuth:
-    """HTTP basic auth on every path (browsers ask once and resend it, also for EventSource)."""
+    """HTTP basic auth on every path (browsers ask once and resend it, also for EventSource). A wrong login is
+    logged with the client's address, at most once a minute per address with the count since (a guesser must
+    not fill the log either); a request without any login (a browser's first, before it asks) is not."""
+
+    LOG_EVERY_S = 60.0
+    ADDRESSES = 1024  # addresses whose failures are remembered; the longest quiet is forgotten first
 
     def __init__(self, app: ASGIApp, username: str, password: str) -> None:
         self.app = app
         self.expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.failures: OrderedDict[str, list] = OrderedDict()  # address -> [failures since logged, logged at]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             given = dict(scope["headers"]).get(b"authorization", b"").decode(errors="replace")
             if not secrets.compare_digest(given.encode(), self.expected.encode()):
+                if given:
+                    self._failed(scope["client"][0] if scope.get("client") else "unknown", given)
                 await Response("login required", 401, {"WWW-Authenticate": 'Basic realm="edge-inspect"'})(
                     scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _failed(self, address: str, given: str) -> None:
+        record = self.failures.pop(address, None) or [0, None]
+        self.failures[address] = record
+        while len(self.failures) > self.ADDRESSES:
+            self.failures.popitem(last=False)
+        record[0] += 1
+        now = time.monotonic()
+        if record[1] is None or now - record[1] >= self.LOG_EVERY_S:
+            try:
+                user = base64.b64decode(given.removeprefix("Basic "), validate=True).decode().split(":", 1)[0]
+            except (binascii.Error, UnicodeDecodeError):
+                user = "(not basic auth)"
+            log.warning("console: failed login from %s as %r: %d failed since the last such line for this address "
+                        "(logged at most every %.0f s)", address, user[:64], record[0], self.LOG_EVERY_S)
+            record[0], record[1] = 0, now
 
 
 def _netloc(url: str) -> str:

@@ -446,7 +446,12 @@ def test_camera_frames_are_kept_within_the_limits_and_only_as_scored(broker, tmp
         scored, other = _png(32, 1), _png(32, 2)
         client.publish_frame("cam-a", scored, "twice")
         client.publish_frame("cam-a", other, "twice")  # the same id again: not the bytes the worker scores
-        for frame_id in ("big", "bomb", "twice"):
+        client.publish_frame("cam-a", _png(32, 3), "mended")
+        error = {"code": "corrupt_image", "message": "x", "frame_id": "mended", "camera": "cam-a"}
+        client.client.publish(f"{prefix}/cam-a/error", json.dumps(error), qos=1).wait_for_publish(10)
+        mended = _png(32, 4)  # the worker refused the first and scores this one: the console keeps it
+        client.publish_frame("cam-a", mended, "mended")
+        for frame_id in ("big", "bomb", "twice", "mended"):
             _publish_result(client, "cam-a", frame_id, now, "anomalous")
         waiting = [_png(60, 10 + k) for k in range(5)]  # each over a third of console.pending_max_bytes
         assert all(10_000 < len(w) < 15_000 for w in waiting)
@@ -461,9 +466,11 @@ def test_camera_frames_are_kept_within_the_limits_and_only_as_scored(broker, tmp
             assert not feed[key]["has_frame"] and not feed[key]["has_thumbnail"], feed[key]
             assert served(*key.split("/"))[0] == 404
         assert served("cam-a", "twice") == (200, scored)
+        assert served("cam-a", "mended") == (200, mended)
         # drop_oldest within pending_max_bytes: the frames waiting the longest went, the newest two stayed
         assert [feed[f"cam-b/p{k}"]["has_frame"] for k in range(5)] == [False, False, False, True, True], feed
-        assert state["dropped"] == {"payload_too_large": 1, "image_too_large": 1, "duplicate_id": 1}, state["dropped"]
+        assert state["dropped"] == {"payload_too_large": 1, "image_too_large": 1, "duplicate_id": 1,
+                                    "pending_evicted": 3}, state["dropped"]
     finally:
         client.close()
         assert console.stop() == 0, console.log_path.read_text()[-2000:]

@@ -143,6 +143,7 @@ class Pending:
         self.items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self.limit, self.max_bytes, self.policy = limit, max_bytes, policy
         self.bytes = 0
+        self.evicted = 0  # images forgotten by drop_oldest
 
     def put(self, key: tuple[str, str], data: bytes) -> str | None:
         """Keeps ``data`` under ``key``, or says why not ("duplicate_id", "pending_full")."""
@@ -154,6 +155,7 @@ class Pending:
             if self.policy == "drop_newest":
                 return "pending_full"
             self.bytes -= len(self.items.popitem(last=False)[1])
+            self.evicted += 1
         self.items[key] = data
         self.bytes += len(data)
         return None
@@ -433,5 +435,6 @@ class Hub:
                 "errors": dict(self.errors),
                 "workers": {w: dict(s) for w, s in self.workers.items()},
                 "threads": self.liveness.snapshot(),
-                "dropped": dict(self.dropped),
+                "dropped": {**self.dropped, **({"pending_evicted": evicted} if (
+                    evicted := self.pending_frames.evicted + self.pending_heatmaps.evicted) else {})},
             }

@@ -307,6 +307,7 @@ def test_event_streams_and_connections_are_capped_and_the_open_files_limit_raise
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]  # 3 streams + 5 idle
         try:
             until(lambda: state()[0] == 503, "past console.max_connections: 503")
+            assert state()[0] == 503 and state()[0] == 503  # uvicorn's line for each is logged once a minute
         finally:
             for sock in idle:
                 sock.close()
@@ -315,6 +316,8 @@ def test_event_streams_and_connections_are_capped_and_the_open_files_limit_raise
         for conn in held:
             conn.close()
         assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    text = console.log_path.read_text()
+    assert text.count("Exceeded concurrency limit.") == 1, text[-2000:]  # three requests past it, one line
 
 
 def test_running_out_of_file_descriptors_logs_once_a_minute(broker, tmp_path):

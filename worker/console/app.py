@@ -208,7 +208,10 @@ class ThrottledLog(logging.Filter):
 
 ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's words
 OVER_CONCURRENCY = "Exceeded concurrency limit."  # uvicorn's words
-THROTTLED = ThrottledLog((ACCEPT_FAILED, OVER_CONCURRENCY))
+# asyncio takes the listener up again a second after a failed accept(); a stop within that second closes it first,
+# and the retry then fails with a traceback ("Invalid file descriptor: -1")
+ACCEPT_RETRY = "Exception in callback BaseSelectorEventLoop._start_serving"
+THROTTLED = ThrottledLog((ACCEPT_FAILED, OVER_CONCURRENCY, ACCEPT_RETRY))
 
 
 def raise_open_files_limit() -> tuple[int, int]:

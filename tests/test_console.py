@@ -907,6 +907,10 @@ def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir):
     page.locator("#m-rollback").click()
     expect(page.locator("#model-status")).to_contain_text("default back on", timeout=60_000)
     expect(page.locator("#model-status")).not_to_have_class("status bad")
+    # A second click put back the bundle just rolled back from, and the page called it "back on": refused now.
+    page.locator("#m-rollback").click()
+    expect(page.locator("#model-status")).to_contain_text("refused: no previous model to roll back to for 'default'",
+                                                          timeout=60_000)
     page.select_option("#m-camera", "cam-b")
     page.locator("#m-rollback").click()
     expect(page.locator("#model-status")).to_contain_text("refused: no previous model", timeout=60_000)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
-from bundle import read_manifest, write_manifest
+from bundle import BundleError, read_manifest, write_manifest
 from conftest import Client, good_png, write_config
 from scripts.broker import free_port
 
@@ -250,9 +251,16 @@ def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_a
     assert models.rollback("line3").bundle.manifest.version == "2.0.0"
     assert models.rollback("line2").bundle.manifest.version == "2.0.0"  # the canary ends: the default serves it
     assert models.rollback(DEFAULT).bundle.manifest.version == v1  # kept for rollback by the run before
+    # A rollback was a toggle: a second one put back the bundle just rolled back from (2.0.0) and called it "back
+    # on".  It goes back one bundle, once; a second is refused and changes nothing, after a restart too.
+    with pytest.raises(BundleError, match="no previous model to roll back to for 'default': it serves"):
+        models.rollback(DEFAULT)
+    assert serving(models) == {DEFAULT: v1}
     models = start(bundle_dir)
     assert serving(models) == {DEFAULT: v1}
-    assert models.rollback(DEFAULT).bundle.manifest.version == "2.0.0"  # and back again, after this restart too
+    with pytest.raises(BundleError, match="no previous model"):
+        models.rollback(DEFAULT)
+    models.load(DEFAULT, v2)
 
     shutil.move(v2, tmp_path / "away")  # what was rolled out is gone: config.yaml's serves, and the log says why
     with caplog.at_level("ERROR", logger="worker.models"):
@@ -322,6 +330,9 @@ def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, datas
     client.wait_for(lambda m: m.topic == f"{prefix}/cam/result" and b'"2.0.0"' in m.payload, count=10)
     back = _request(client, control, {"command": "rollback"})
     assert back["ok"] and back["models"]["default"]["version"] == v1
+    again = _request(client, control, {"command": "rollback"})  # it put 2.0.0 back: a toggle
+    assert again["ok"] is False and again["error"]["code"] == "reload_failed", again
+    assert "no previous model to roll back to" in again["error"]["message"], again
     feeder.join()
     results = client.json_on(f"{prefix}/cam/result", count=n, timeout=120)
     assert not [m for m in client.messages if m.topic.endswith("/error")], "no frame may be lost to a reload"

@@ -374,14 +374,19 @@ class Models:
 
     def rollback(self, scope: str) -> Model:
         """The scope's previous model again (compiled now where a run before this one kept it); a camera's first
-        canary (a scope only a reload made) is dropped, so the camera follows the default again."""
+        canary (a scope only a reload made) is dropped, so the camera follows the default again.  The model rolled
+        back from is not kept: a second rollback is refused rather than putting it back (a rollback was a toggle,
+        and an operator who clicked twice re-deployed the bundle just rolled back from)."""
         with self._lock:
             earlier = self._previous_paths.get(scope) if scope not in self._previous else None
             if earlier is None:
                 model = self._swap_back(scope)
                 self._unrestored.pop(scope, None)
         if earlier is not None:
-            return self.load(scope, earlier)  # records itself; the path stays kept if it fails
+            model = self.load(scope, earlier)  # the path stays kept if it fails
+            with self._lock:
+                for s in [scope, *(s for s in self._previous if scope == DEFAULT and self._follows_default(s))]:
+                    self._previous.pop(s, None)
         self._record()
         return model
 
@@ -391,10 +396,14 @@ class Models:
             del self._current[scope]
             return self._current[DEFAULT]
         if scope not in self._previous:
-            raise BundleError(f"no previous model to roll back to for {scope!r}")
+            now = self._current.get(scope) or self._current[DEFAULT]
+            m = now.bundle.manifest
+            raise BundleError(f"no previous model to roll back to for {scope!r}: it serves {m.name} {m.version}, and "
+                              "no earlier bundle is kept (a rollback goes back one bundle, once; reload the bundle "
+                              "you want)")
         followers = [s for s in self._previous if scope == DEFAULT and self._follows_default(s)]
         for s in [scope, *followers]:
-            self._current[s], self._previous[s] = self._previous[s], self._current[s]
+            self._current[s] = self._previous.pop(s)
         return self._current[scope]
 
     @property

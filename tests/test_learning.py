@@ -368,3 +368,34 @@ def test_a_withdrawal_the_disk_refuses_changes_nothing_and_a_retry_works(learnin
     assert released["patches"] == absorbed["patches"], released
     assert _query(client, prefix, {"action": "export"}, topic="label")["labels"] == []
     assert _score(client, prefix, marked, "m-2")["verdict"] == "anomalous"
+
+
+def test_withdrawing_a_false_alarm_folded_into_the_serving_bundle_says_it_still_passes(learning, dataset, bundle_dir):
+    """With a folded bundle serving (exporter fold-extension), withdrawing an absorbed false alarm took its rows out
+    of the extension of the bundle kept for rollback and answered "released ...; frames like it are scored as
+    before", while the folded bank that serves still held them and frames like it went on passing.  The answer now
+    says the rows are folded into the serving bundle's bank and names the bundle to roll back to."""
+    from bundle import read_manifest
+    from bundle.extension import folder_name
+    from exporter.__main__ import main as exporter
+
+    prefix, client, worker, config, start = learning
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
+    source = read_manifest(bundle_dir)
+    folded = config.parent / "folded"
+    assert exporter(["fold-extension", str(bundle_dir), str(config.parent / "extensions" / folder_name(source)),
+                     "--out", str(folded)]) == 0
+    version = read_manifest(folded).version
+    assert _query(client, prefix, {"command": "reload", "bundle": str(folded)}, topic="workers/w-test/control")["ok"]
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # the folded bank holds the label's rows
+
+    released = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"},
+                      topic="label")["released"]
+    assert released["patches"] == absorbed["patches"], released  # from the extension of the bundle kept for rollback
+    message = released["message"]
+    assert "released" not in message and "scored as before" not in message, message
+    assert f"the serving bundle {source.name} {version} has this label's rows folded into its bank" in message, message
+    assert f"roll back to {source.name} {source.version}" in message, message
+    assert released["folded"] == {"bundle": f"{source.name} {version}", "from": f"{source.name} {source.version}"}
+    assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"  # what the answer says: it still passes
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import datetime
 
 import numpy as np
 
@@ -35,6 +36,23 @@ log = logging.getLogger(__name__)
 
 def _patches(n: int) -> str:
     return f"{n} patch" if n == 1 else f"{n} patches"
+
+
+def _folded_in(model: Model, held: dict[str, Entry]) -> dict | None:
+    """The fold record (``training.folds``, exporter fold-extension) by which ``model``'s bank holds one of the
+    ``held`` entries (a label's, by extension folder name): an extension folded before the entry was added holds no
+    rows of it."""
+    for record in reversed(model.bundle.manifest.training.get("folds") or []):
+        weights = str(record.get("source_model_bin_sha256") or "")[:16]  # the folder is keyed by the source's weights
+        entry = held.get(str(record.get("extension_folder"))) or next(
+            (e for name, e in held.items() if weights and name.endswith(f"-{weights}")), None)
+        try:
+            folded_at = datetime.fromisoformat(str(record.get("folded_at"))).timestamp()
+        except ValueError:
+            folded_at = float("inf")  # a record without its time: the rows may be in it
+        if entry is not None and entry.at <= folded_at + 1:  # folded_at is in whole seconds
+            return dict(record)
+    return None
 
 
 class Learner:
@@ -213,6 +231,8 @@ class Learner:
     def release(self, key: str, camera: str) -> dict:
         """Take back what frame ``key`` added, from every extension that holds it (labelled again after a reload to
         another bundle, it is in both); the answer's revision and rows are the camera's model's where it held some."""
+        held = {ext.folder.name: entry for ext in self.models.extensions()
+                for entry in ext.entries() if entry.key == key}
         released: list[tuple[Extension, int]] = []
         try:  # raises ExtensionUnwritable where one cannot be written: that one keeps the rows, and a retry takes them
             for ext in self.models.extensions():
@@ -229,11 +249,21 @@ class Learner:
             self.capture.remove_false_alarm(camera, key)
         if not released:
             return {"patches": 0, "reason": "this frame had added nothing to an extension"}
-        serving = self.models.for_camera(camera).extension
-        ext = next((e for e, _ in released if e is serving), released[-1][0])
+        model = self.models.for_camera(camera)
+        ext = next((e for e, _ in released if e is model.extension), released[-1][0])
         patches = sum(removed for _, removed in released)
-        return {"patches": patches, "revision": ext.revision, "extension_rows": len(ext.rows), "extensions": len(released),
-                "message": f"released: {_patches(patches)}; frames like it are scored as before"}
+        answer = {"patches": patches, "revision": ext.revision, "extension_rows": len(ext.rows),
+                  "extensions": len(released)}
+        fold = _folded_in(model, held)
+        if fold is None:
+            return {**answer, "message": f"released: {_patches(patches)}; frames like it are scored as before"}
+        m = model.bundle.manifest
+        source = f"{m.name} {fold.get('source_version')}"
+        return {**answer, "folded": {"bundle": f"{m.name} {m.version}", "from": source},
+                "message": f"withdrawn from the extension of {source}, but the serving bundle {m.name} {m.version} "
+                           f"has this label's rows folded into its bank (exporter fold-extension from {source}): "
+                           f"frames like it still pass; to withdraw it, roll back to {source} or fold that bundle's "
+                           "extension again without it"}
 
     def extensions(self) -> list[dict]:
         """Every extension the served bundles use: its figures and one entry per absorbed false alarm."""

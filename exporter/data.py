@@ -296,6 +296,10 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         return Category(root, _images(root), [], "good only", "none: good images only, nothing to evaluate")
     if categories := find_categories(root):
         raise DatasetError(f"{root} holds the categories {categories[:20]}: pick one with --category NAME")
+    if cameras := [d.name for d in entries(root) if d.is_dir() and (g := _child(d, "good")) is not None and _images(g)]:
+        raise DatasetError(f"{root} holds one folder of good images per camera or part, {cameras[:20]} (a worker's "
+                           "capture export): pick one with --category NAME (a bundle learns only the frames of the "
+                           "folder it is trained on)")
     raise DatasetError(f"{root} has no images{_unread_said(root)}; expected MVTec AD layout (train/good, test/<type>), a folder of good "
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
 

@@ -399,3 +399,39 @@ def test_withdrawing_a_false_alarm_folded_into_the_serving_bundle_says_it_still_
     assert released["folded"] == {"bundle": f"{source.name} {version}", "from": f"{source.name} {source.version}"}
     assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"  # what the answer says: it still passes
 
+
+def test_a_capture_export_names_its_camera_folders_and_the_serving_bundles_kind(learning, dataset):
+    """``exporter train --data <capture export>`` without --category said the folder "has no images" (it holds one
+    folder per camera), and the train command printed after an export (control topic, console, CLI) carried only
+    the tiles, so run as printed it trained the default setting, not the family and input size the camera runs."""
+    prefix, client, worker, config, start = learning
+    for i, name in enumerate(("001", "002", "003")):
+        for camera in ("cam1", "cam2"):
+            client.publish_frame(camera, (dataset / "weave" / "test" / "good" / f"{name}.png").read_bytes(), f"g-{i}")
+    client.wait_for(lambda m: m.topic.endswith("/result"), count=6, timeout=60)
+    deadline = time.monotonic() + 60
+    while True:  # until both cameras' frames are in the sample
+        answer = _query(client, prefix, {"command": "export_capture"}, topic="workers/w-test/control")
+        if answer["ok"] and set(answer["cameras"]) == {"cam1", "cam2"} or time.monotonic() > deadline:
+            break
+        _next_tick(client)
+    assert answer["ok"] and set(answer["cameras"]) == {"cam1", "cam2"}, answer
+    folder = answer["folder"]
+    assert answer["train"]["cam1"] == (f"python -m exporter train --data {folder} --category cam1 --model patchcore "
+                                       "--input-size 128 --out BUNDLE"), answer["train"]
+
+    done = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", folder, "--out",
+                           str(config.parent / "b")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "has no images" not in done.stderr, done.stderr
+    assert "one folder of good images per camera or part, ['cam1', 'cam2']" in done.stderr, done.stderr
+    assert "pick one with --category NAME" in done.stderr, done.stderr
+
+    deadline = time.monotonic() + 60
+    while True:  # the CLI reads the sample from disk, which the worker writes every few seconds
+        out = config.parent / f"cli-{time.monotonic_ns()}"
+        cli = subprocess.run([sys.executable, "-m", "worker", "capture", "--config", str(config), "--out", str(out)],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        if cli.returncode == 0 or time.monotonic() > deadline:
+            break
+        _next_tick(client)
+    assert f"--data {out} --category cam1 --model patchcore --input-size 128 --out BUNDLE" in cli.stdout, cli

@@ -150,13 +150,15 @@ def _capture(args: argparse.Namespace) -> int:
         return 1
     for camera, w in written.items():
         override = cfg.cameras.get(camera)
-        try:  # the worker need not run: the tiles of the bundle config.yaml gives the camera
-            bundle_tiling = read_manifest(override.bundle if override is not None and override.bundle else cfg.model.bundle,
-                                          verify=False).tiling
+        try:  # the worker need not run: the kind and tiles of the bundle config.yaml gives the camera
+            manifest = read_manifest(override.bundle if override is not None and override.bundle else cfg.model.bundle,
+                                     verify=False)
         except BundleError:
-            bundle_tiling = None  # the bundle is gone or unreadable: the command then says nothing of tiles
+            manifest = None  # the bundle is gone or unreadable: the command then says nothing of its kind or tiles
+        command = train_command(Path(args.out), Path(w['folder']).name,
+                                camera_tiling(override, manifest.tiling if manifest else None), manifest)
         print(f"{camera}: {w['normal']} normal frames and {w['false_alarms']} false alarms in {w['folder']}; train with\n"
-              f"  {train_command(Path(args.out), Path(w['folder']).name, camera_tiling(override, bundle_tiling))}")
+              f"  {command}")
     return 0
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bundle import Manifest
 from bundle.tiling import Grid
 from worker.supervise import Throttle
 
@@ -51,10 +52,16 @@ def camera_folder(camera: str) -> str:
     return safe if safe == camera else f"{safe}-{hashlib.sha1(camera.encode()).hexdigest()[:8]}"
 
 
-def train_command(data: Path, category: str, tiling: Grid | None) -> str:
-    """The exporter command for the next bundle from an exported capture, with the tiles the camera's frames are cut
-    into (frames are captured whole), so the new model learns the scale it will be shown."""
-    flags = f" --tiling {tiling.grid[0]}x{tiling.grid[1]} --tile-overlap {tiling.overlap:g}" if tiling else ""
+def train_command(data: Path, category: str, tiling: Grid | None, serving: Manifest | None = None) -> str:
+    """The exporter command for the next bundle from an exported capture: the ``serving`` bundle's family and input
+    size (its manifest's ``family`` and ``training.input_size``), so the new bundle is of the kind the camera runs,
+    and the tiles the camera's frames are cut into (frames are captured whole), so it learns the scale it will be
+    shown."""
+    flags = ""
+    if serving is not None:
+        size = serving.training.get("input_size") or serving.input.height
+        flags += f" --model {serving.family} --input-size {size}"
+    flags += f" --tiling {tiling.grid[0]}x{tiling.grid[1]} --tile-overlap {tiling.overlap:g}" if tiling else ""
     return f"python -m exporter train --data {data} --category {category}{flags} --out BUNDLE"
 
 

@@ -277,8 +277,9 @@ class Worker:
         if not written:
             return error_answer(ErrorCode.BAD_REQUEST, f"nothing captured{f' for camera {camera}' if camera else ''} yet")
         return {"ok": True, "folder": str(folder), "cameras": written,
-                "train": {c: train_command(folder, Path(w["folder"]).name,
-                                           self.models.for_camera(c).tiling(self.cfg.cameras.get(c)))  # as served now
+                "train": {c: train_command(folder, Path(w["folder"]).name,  # of the bundle served now
+                                           self.models.for_camera(c).tiling(self.cfg.cameras.get(c)),
+                                           self.models.for_camera(c).bundle.manifest)
                           for c, w in written.items()}}
 
     def _route(self, raw: mqtt.MQTTMessage) -> None:

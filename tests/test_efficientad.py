@@ -131,3 +131,38 @@ def test_train_command_builds_an_efficientad_bundle_from_a_given_teacher(small, 
     assert manifest.input.mean == (0.0, 0.0, 0.0) and manifest.input.std == (1.0, 1.0, 1.0)
     assert manifest.thresholds.image.threshold > manifest.thresholds.image.low
     assert set(manifest.metrics["test"]["detection_rate"]) == {"good", "hole", "scratch", "smear"}
+
+
+def test_a_false_alarm_on_an_efficientad_bundle_says_it_cannot_be_absorbed_and_what_to_do(small, teacher, tmp_path,
+                                                                                          broker, worker_factory):
+    """A false-alarm label on an EfficientAD bundle answered "has no bank extension: re-export it with this version's
+    exporter (PatchCore)": re-exporting an EfficientAD bundle never gives it one.  It now says that only PatchCore
+    bundles absorb false alarms, and that the frame is kept for the next training set."""
+    import json
+    import uuid
+
+    from conftest import Client, wait_online, write_config
+    from test_learning import _until_stored
+    from test_worker import _query
+
+    settings = efficientad.EfficientAdSettings(teacher=str(teacher), steps=2, natural=str(small / "weave" / "train"))
+    bundle = package(fit_efficientad(small, "weave", settings), tmp_path / "bundle", evaluate_test=False)
+    prefix = f"e{uuid.uuid4().hex[:6]}"
+    # every frame at or above a tiny raw threshold is flagged: a frame the operator calls a false alarm
+    config = write_config(tmp_path / "run", broker.port, bundle, topics={"prefix": prefix}, model={"threshold": 1e-9})
+    client = Client(broker.port, prefix)
+    worker_factory(config)
+    wait_online(client, prefix)
+    image = sorted((small / "weave" / "test" / "good").glob("*.png"))[0]
+    client.publish_frame("cam1", image.read_bytes(), "e-0")
+    result = json.loads(client.wait_for(lambda m: m.topic == f"{prefix}/cam1/result", timeout=120)[0].payload)
+    assert result["verdict"] == "anomalous", result
+    _until_stored(client, prefix, "e-0", "cam1")
+    answer = _query(client, prefix, {"action": "set", "frame_id": "e-0", "camera": "cam1", "label": "false_alarm"},
+                    topic="label")
+    reason = answer["absorbed"]["reason"]
+    assert answer["ok"] and answer["absorbed"]["patches"] == 0, answer
+    assert "re-export" not in reason, reason
+    assert "cannot absorb false alarms: only PatchCore bundles learn from labels on the line" in reason, reason
+    assert "kept for the next training set" in reason, reason
+    client.close()

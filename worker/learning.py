@@ -97,9 +97,17 @@ class Learner:
         if full is not None and self.capture is not None:  # normal by the operator's word: part of the next training set
             self.capture.add_false_alarm(camera, key, full)
         if ext is None or scored is None:
-            why = ("learning is off (learning.enabled)" if not self.cfg.learning.enabled else
-                   f"the {model.info['family']} bundle {model.info['name']} has no bank extension: re-export it with this "
-                   "version's exporter (PatchCore)")
+            kept = ("the label is stored and the frame is kept for the next training set (capture export, then "
+                    "retrain)" if self.capture is not None else "the label is stored")
+            if not self.cfg.learning.enabled:
+                why = "learning is off (learning.enabled)"
+            elif model.info["family"] != "patchcore":  # re-exporting it would not give it an extension
+                why = (f"the {model.info['family']} bundle {model.info['name']} cannot absorb false alarms: only "
+                       f"PatchCore bundles learn from labels on the line; {kept}, or serve a PatchCore bundle on this "
+                       "camera to teach it away now")
+            else:
+                why = (f"the PatchCore bundle {model.info['name']} has no bank extension (exported before issue 17 or "
+                       f"with --extension-candidates 0): re-export it with this version's exporter; {kept}")
             return {"patches": 0, "reason": why}
         tiles = self._tiles(model, camera, scored)
         threshold = self.models.image_norm(model, camera).threshold

@@ -178,13 +178,15 @@ def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key
     if not keep.any():
         return Absorbed(None, raw_score, left_out)
     rows = rows[keep]
+    others = [view for tile in tiles for view in views.of(tile)[1:]]
     try:
         entry = ext.add(key, rows, frame_id, camera)
-    except ExtensionFull as exc:
-        return Absorbed(None, raw_score, left_out, str(exc))
+    except ExtensionFull as exc:  # the frame's own patches: its views, read after them, would need more rows still
+        said = " (the frame's own patches only: its flipped and turned views, learning.views, need more)" if others else ""
+        return Absorbed(None, raw_score, left_out, f"{exc}{said}")
     put(ext)
     full = ""
-    if others := [view for tile in tiles for view in views.of(tile)[1:]]:
+    if others:
         more, _ = offending_views(bundle, request, others, threshold, margin, before)
         keep = spared(more, protected)
         left_out += int((~keep).sum())
@@ -339,8 +341,10 @@ class Extension:
         with self._lock:
             others = sum(e.rows for k, e in self._entries.items() if k != key)
             if others + len(rows) > self.max_rows:
-                raise ExtensionFull(f"the extension holds {others} of its {self.max_rows} rows and this frame needs "
-                                    f"{len(rows)} more: undo older false-alarm labels, or raise learning.max_rows")
+                raise ExtensionFull(f"the extension is full: it holds {others} of its {self.max_rows} rows "
+                                    f"({self.max_rows - others} free) and these patches need {len(rows)}: undo older "
+                                    "false-alarm labels, fold the extension into a new bundle (python -m exporter "
+                                    "fold-extension), or raise learning.max_rows")
             entry = Entry(key, frame_id, camera, len(rows), time.time())
             entries = {k: e for k, e in self._entries.items() if k != key}
             entries[key] = entry

@@ -435,3 +435,28 @@ def test_a_capture_export_names_its_camera_folders_and_the_serving_bundles_kind(
             break
         _next_tick(client)
     assert f"--data {out} --category cam1 --model patchcore --input-size 128 --out BUNDLE" in cli.stdout, cli
+
+
+def test_a_label_the_full_extension_cannot_take_says_so_and_the_cli_exits_3(broker, bundle_dir, dataset, tmp_path,
+                                                                           worker_factory):
+    """A full extension answered "needs N more" counting the frame's own patches only (its views took more, so an
+    operator who freed N rows was refused again), and the CLI exited 0 with ok: true for a label that absorbed
+    nothing.  The answer now says the extension is full, how many rows are free and that the views need more; the
+    CLI exits 3."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, learning={"max_rows": 8})
+    client = Client(broker.port, prefix)
+    worker_factory(config)
+    wait_online(client, prefix)
+    assert _score(client, prefix, _marked(dataset), "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+    done = subprocess.run([sys.executable, "-m", "worker", "label", "--config", str(config), "--frame-id", "m-0",
+                           "--camera", "cam1", "--false-alarm"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
+    absorbed = json.loads(done.stdout)["absorbed"]
+    assert absorbed["patches"] == 0 and absorbed["full"] is True, absorbed
+    assert absorbed["reason"].startswith("the extension is full: it holds 0 of its 8 rows (8 free) and these patches "
+                                         "need "), absorbed
+    assert "its flipped and turned views, learning.views, need more" in absorbed["reason"], absorbed
+    assert "error: the label is stored but nothing was absorbed: the extension is full" in done.stderr, done.stderr
+    client.close()

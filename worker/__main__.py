@@ -128,6 +128,9 @@ def _label(args: argparse.Namespace) -> int:
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
         return 1
     print(json.dumps(answer, indent=2))
+    if (answer.get("absorbed") or {}).get("full"):  # stored, but the false alarm keeps being flagged
+        print(f"error: the label is stored but nothing was absorbed: {answer['absorbed']['reason']}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -124,7 +124,7 @@ class Learner:
             why = done.full or (f"each of its {_patches(done.left_out)} lies near a confirmed defect's decisive patches: "
                                 "absorbing it could hide that defect" if done.left_out else
                                 "no patch of this frame is above the threshold any more")
-            return {"patches": 0, **figures, "reason": why}
+            return {"patches": 0, **figures, "reason": why, **({"full": True} if done.full else {})}
         refused = f" of the frame itself (its flipped and turned views did not fit: {done.full})" if done.full else ""
         guarded = f"; {_patches(done.left_out)} left out, near confirmed defects" if done.left_out else ""
         passes = done.after < threshold

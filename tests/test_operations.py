@@ -495,6 +495,47 @@ def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp
     assert worker.stop() == 0
 
 
+def test_an_image_query_is_embedded_by_the_model_of_its_camera_and_says_what_other_models_hold(
+        broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """Image queries were always embedded by the default model: a canary camera's frames since its canary (another
+    embedding space) could not be found by image, and after a reload an image query over a full history answered
+    ok with no hit and no word.  The image is embedded by the model serving the camera asked about, and an answer
+    short of hits names the other models that scored frames matching the filters."""
+    import base64
+
+    prefix = f"q{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    worker_factory(write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                                store={"log_normal_every": 1, "flush_s": 0.1}))
+    _online(client, prefix)
+    control, query = f"{prefix}/workers/w-test/control", f"{prefix}/query"
+    frame = _good(dataset)
+    image = base64.b64encode(frame).decode()
+    retrained = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")  # as a retrained bundle: its own space
+    fields = read_manifest(retrained).model_dump()
+    fields.pop("files")
+    write_manifest(retrained, {**fields, "embedding_space": fields["embedding_space"].replace(
+        read_manifest(bundle_dir).version, "2.0.0")})
+    assert _request(client, control, {"command": "reload", "bundle": str(retrained), "camera": "cam2"})["ok"]
+    for camera in ("cam1", "cam2"):
+        client.publish_frame(camera, frame, f"{camera}-f")
+    client.json_on(f"{prefix}/cam1/result")
+    client.json_on(f"{prefix}/cam2/result")
+    deadline = time.monotonic() + 60
+    while not _request(client, query, {"frame_id": "cam2-f", "camera": "cam2"})["ok"]:  # written to the store
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    by_camera = _request(client, query, {"image_b64": image, "camera": "cam2", "top_k": 3})
+    assert [h["frame_id"] for h in by_camera["hits"]] == ["cam2-f"], by_camera  # the canary's space, cam2's frame
+    assert "2.0.0" in by_camera["space"] and by_camera["query"]["camera"] == "cam2"
+    assert "1 frame(s) matching the filters were scored by other models (weave-patchcore " in by_camera["note"]
+    filtered = _request(client, query, {"image_b64": image, "filters": {"cameras": ["cam2"]}, "top_k": 3})
+    assert [h["frame_id"] for h in filtered["hits"]] == ["cam2-f"] and "note" not in filtered, filtered
+    default = _request(client, query, {"image_b64": image, "top_k": 3})
+    assert [h["frame_id"] for h in default["hits"]] == ["cam1-f"] and "2.0.0)" in default["note"], default
+    client.close()
+
+
 def test_a_rollout_the_disk_refuses_is_said_and_written_once_it_can_be(bundle_dir, tmp_path, caplog):
     """A reload whose rollout.json could not be written was answered ok with no word, the log said a restart would
     serve config.yaml's bundles while it served the older file's, and the file was never written again.  Now the

@@ -25,8 +25,8 @@ def test_points_carry_their_space_and_queries_stay_inside_one(tmp_path):
                                                          "captured_ts": 1.8e9 + i, "embedding_space": space})
               for space in ("patchcore/lite0", "efficientad/pdn") for i in range(4)]
     store.upsert(points)
-    service = QueryService(lambda: nullcontext(store), EvidenceStore(tmp_path / "ev", 10), lambda data: same, 10,
-                           lambda: "efficientad/pdn")
+    service = QueryService(lambda: nullcontext(store), EvidenceStore(tmp_path / "ev", 10),
+                           lambda data, camera: (same, "efficientad/pdn"), 10)
     by_frame = service.answer_bytes(json.dumps({"frame_id": "p0", "camera": "c", "top_k": 10}).encode())
     assert by_frame["ok"] and by_frame["space"] == "patchcore/lite0"
     assert sorted(h["frame_id"] for h in by_frame["hits"]) == ["p1", "p2", "p3"]

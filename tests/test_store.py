@@ -245,13 +245,14 @@ def _png(color: int) -> bytes:
     return cv2.imencode(".png", np.full((24, 24, 3), color, np.uint8))[1].tobytes()
 
 
-def _embed(data: bytes) -> np.ndarray:
-    """Stands in for the model: real decoding and its errors, a vector from the image's mean colour."""
+def _embed(data: bytes, camera: str | None = None) -> tuple[np.ndarray, None]:
+    """Stands in for the model: real decoding and its errors, a vector from the image's mean colour (no space:
+    compared with any)."""
     probe(data, 1 << 20, 1 << 20)
     level = float(decode(data).mean()) / 255
     vec = np.full(DIM, 0.1, np.float32)
     vec[0] = level
-    return vec / np.linalg.norm(vec)
+    return vec / np.linalg.norm(vec), None
 
 
 def _ask(service: QueryService, **request) -> dict:

@@ -407,15 +407,19 @@ class Pipeline:
             self.capture.offer(frame.camera, point_id(frame.camera, frame.frame_id), cropped,
                                lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
 
-    def embed(self, data: bytes) -> np.ndarray:
-        """Embedding of an image sent with a query (same checks as a frame; its own infer request); a bundle trained on
-        tiles embeds the image's most anomalous tile, as the frames it stored were."""
+    def embed(self, data: bytes, camera: str | None = None) -> tuple[np.ndarray, str]:
+        """Embedding of an image sent with a query (same checks as a frame; its own infer request) as the model that
+        serves ``camera`` (None: the default) embeds its frames, tiles included (the most anomalous tile's), and the
+        name of that model's space: a canary camera's history is in its canary's space."""
         header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
-        model = self.models.default
+        override = self.cfg.cameras.get(camera) if camera is not None else None
+        model = self.models.for_camera(camera) if camera is not None else self.models.default
         image = decode(data, self._reduction(header, model, None))
+        grid = model.tiling(override) if camera is not None else model.bundle.manifest.tiling
         with self._query_lock:
             request = self._query_requests.get(model)
             if request is None:
-                self._query_requests = {model: model.bundle.create_request()}
+                self._query_requests = {**{m: r for m, r in self._query_requests.items()
+                                           if m in self.models.scopes().values()}, model: model.bundle.create_request()}
                 request = self._query_requests[model]
-            return tiling.see(model.bundle, request, image, model.bundle.manifest.tiling).embedding
+            return tiling.see(model.bundle, request, image, grid).embedding, embedding_space_of(model.bundle.manifest)

@@ -101,11 +101,11 @@ def serve_request(payload: bytes, pick: Callable[[object], type[R]],
 
 class QueryService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]], evidence: EvidenceStore,
-                 embed: Callable[[bytes], np.ndarray], max_top_k: int,
-                 image_space: Callable[[], str] | None = None, settle: Callable[[], object] | None = None) -> None:
-        """``embed`` turns an uploaded image into a vector of the space ``image_space()`` names; ``settle`` waits for
-        the frames on their way to the store (:func:`serve_request`)."""
-        self.image_space = image_space
+                 embed: Callable[[bytes, str | None], tuple[np.ndarray, str | None]], max_top_k: int,
+                 settle: Callable[[], object] | None = None) -> None:
+        """``embed(image, camera)`` turns an uploaded image into a vector as the model serving ``camera`` (None: the
+        default model) embeds that camera's frames, with the name of its space (None: compared with any); ``settle``
+        waits for the frames on their way to the store (:func:`serve_request`)."""
         self.settle = settle
         self.use_store = use_store
         self.evidence = evidence
@@ -140,16 +140,35 @@ class QueryService:
                 data = base64.b64decode(request.image_b64 or "", validate=True)
             except binascii.Error:
                 raise RequestError(ErrorCode.BAD_IMAGE, "image_b64 is not valid base64") from None
+            # as the model of the camera it is about (its camera, or the only one filtered on) embeds its frames
+            camera = request.camera or (request.filters.cameras[0] if len(request.filters.cameras) == 1 else None)
             try:
-                vector = self.embed(data)
+                vector, space = self.embed(data, camera)
             except FrameError as exc:
                 raise RequestError(ErrorCode.BAD_IMAGE, f"{exc.code}: {exc.message}") from None
-            space = self.image_space() if self.image_space is not None else None
-            query = {"image_bytes": len(data)}
+            query = {"image_bytes": len(data), "camera": camera}
         # Only vectors of the query's embedding space are comparable with it (a point from before spaces: any).
         hits = store.search(vector, request.top_k, replace(filters, space=space), exclude=exclude)
-        return {"ok": True, "query": query, "space": space,
-                "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+        answer = {"ok": True, "query": query, "space": space,
+                  "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+        if space is not None and len(hits) < request.top_k and (note := self._elsewhere(store, vector, request, filters,
+                                                                                        space, exclude)):
+            answer["note"] = note
+        return answer
+
+    @staticmethod
+    def _elsewhere(store: VectorStore, vector: np.ndarray, request: QueryRequest, filters: Filters, space: str,
+                   exclude: str | None) -> str | None:
+        """Fewer hits than asked for: say so when frames that match the filters were embedded by other models (a
+        reload or a retrain starts a new space), which this query cannot be compared with, or None."""
+        others = [h.payload for h in store.search(vector, request.top_k, filters, exclude=exclude)
+                  if h.payload.get(PAYLOAD_KEY) not in (space, None)]
+        if not others:
+            return None
+        models = sorted({f"{p.get('model_name')} {p.get('model_version')}" for p in others})
+        return (f"{'at least ' if len(others) == request.top_k else ''}{len(others)} frame(s) matching the filters "
+                f"were scored by other models ({', '.join(models[:5])}), whose embeddings cannot be compared with "
+                "this query's: ask about one of those frames by frame_id to search among them")
 
     def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:
         evidence = payload.get("evidence") or {}

@@ -171,7 +171,7 @@ class Worker:
         self.pipeline = Pipeline(cfg, self.models, self.link, self.topics, self.recorder, self.stats, self.liveness,
                                  self.capture)
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
-                                    lambda: embedding_space_of(self.models.default.bundle.manifest), self._settle)
+                                    self._settle)
         self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
         self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle, self.capture)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.

@@ -271,7 +271,7 @@ async function search(event) {
     // The console still has the camera's image: ask by image instead.
     const blob = await (await fetch(imageUrl(currentQuery.camera, currentQuery.frame_id, "frame"))).blob();
     const b64 = await new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(String(r.result).split(",", 2)[1]); r.readAsDataURL(blob); });
-    delete request.frame_id; delete request.camera;
+    delete request.frame_id;  // the camera stays: the model serving it embeds the image, as it did its frames
     request.image_b64 = b64;
     const again = await fetch("/api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
                                                body: JSON.stringify(request)});
@@ -279,7 +279,7 @@ async function search(event) {
     how = " by its image: the frame is not in the history";
   }
   if (!answer.ok) { status.textContent = `error: ${answer.error?.code || ""} ${answer.error?.message || ""}`; return; }
-  status.textContent = `${answer.hits.length} similar frames${how} (${Math.round(performance.now() - started)} ms, worker ${answer.took_ms} ms)`;
+  status.textContent = `${answer.hits.length} similar frames${how} (${Math.round(performance.now() - started)} ms, worker ${answer.took_ms} ms)${answer.note ? `; ${answer.note}` : ""}`;
   hits.replaceChildren(...answer.hits.map((h) => card(h, true)));
 }
 

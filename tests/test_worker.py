@@ -291,6 +291,39 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
         assert bad["ok"] is False and bad["error"]["code"] == "bad_request" and "action" in bad["error"]["message"], bad
 
 
+def test_frames_confirmed_as_defects_before_leave_the_capture_at_the_next_start(broker, bundle_dir, dataset, tmp_path,
+                                                                                 worker_factory):
+    """A frame confirmed as a defect leaves the capture sample when it is labelled; one labelled before that (an
+    earlier version, or capture off then) stayed in it for good, and the next bundle trained on the capture learned
+    it as good.  At the next start the sample gives such frames up, and the log says so."""
+    prefix = f"k{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    settings = dict(topics={"prefix": prefix}, store={"log_normal_every": 1})
+    first = worker_factory(write_config(tmp_path, broker.port, bundle_dir, **settings))
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online", 120)
+    images = sorted((dataset / "weave" / "train" / "good").glob("*.png"))[:4]
+    for i, path in enumerate(images):
+        client.publish_frame("cam", path.read_bytes(), f"g{i}")
+    _wait_stored(client, prefix, client.json_on(f"{prefix}/cam/result", count=len(images), timeout=120))
+    assert first.stop() == 0
+    kept = lambda: {p.name.split(".", 1)[0] for p in (tmp_path / "capture").glob("*/*") if p.suffix != ".json"}  # noqa: E731
+    assert point_id("cam", "g0") in kept(), kept()
+    client.messages.clear()
+    off = worker_factory(write_config(tmp_path, broker.port, bundle_dir, **settings, capture={"enabled": False}))
+    client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online", 120)
+    answer = _query(client, prefix, {"action": "set", "frame_id": "g0", "camera": "cam", "label": "confirmed_defect"},
+                    topic="label")
+    assert answer["ok"] and "capture" not in answer, answer
+    assert off.stop() == 0 and point_id("cam", "g0") in kept()
+    again = worker_factory(write_config(tmp_path, broker.port, bundle_dir, **settings))
+    deadline = time.monotonic() + 60  # the log line follows the sample's change
+    while "capture: 1 frame(s) labelled confirmed defects were still among the captured" not in again.output():
+        assert time.monotonic() < deadline, again.output()[-2000:]
+        time.sleep(0.1)
+    assert point_id("cam", "g0") not in kept() and point_id("cam", "g1") in kept(), kept()
+    client.close()
+
+
 def test_a_label_no_worker_answered_is_not_applied_at_the_next_start(broker, bundle_dir, dataset, tmp_path,
                                                                      worker_factory):
     """A label sent while the worker was away was answered "no answer from a worker" and kept in the worker's

@@ -25,7 +25,7 @@ from worker.evidence import EvidenceStore
 from worker.learning import Learner
 from worker.query import serve_request
 from worker.recorder import StoreUnavailable
-from worker.store import Label, VectorStore, point_id
+from worker.store import Label, StoreError, VectorStore, point_id
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class LabelService:
         self.evidence = evidence
         self.learner = learner
         self.capture = capture
+        self._capture_checked = capture is None  # see warm
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
@@ -164,7 +165,23 @@ class LabelService:
 
     def warm(self) -> bool:
         """Score one confirmed defect's guard a served model lacks (worker/learning.py ``Learner.warm``); True when one
-        was scored.  Called by the request thread while no request waits."""
+        was scored.  Called by the request thread while no request waits.  First, once, the capture sample gives up
+        the frames labelled confirmed defects while it did not take them out (labelled before this version, or with
+        capture off): the next model would learn them as good."""
+        if not self._capture_checked and self.capture is not None:
+            try:
+                with self.use_store() as store:
+                    defects = _confirmed(store)
+            except (StoreUnavailable, StoreError):  # tried again at the next idle turn
+                return False
+            self._capture_checked = True
+            taken = [p for p in defects if isinstance(p.get("camera"), str) and isinstance(p.get("frame_id"), str)
+                     and self.capture.forget(p["camera"], point_id(p["camera"], p["frame_id"]))]
+            if taken:
+                log.warning("capture: %d frame(s) labelled confirmed defects were still among the captured normal "
+                            "frames (labelled before this version, or while capture was off): taken out, e.g. %s/%s",
+                            len(taken), taken[0]["camera"], taken[0]["frame_id"])
+            return True
         if self.learner is None:
             return False
 

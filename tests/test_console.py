@@ -914,3 +914,24 @@ def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir):
     page.select_option("#m-camera", "cam-b")
     page.locator("#m-rollback").click()
     expect(page.locator("#model-status")).to_contain_text("refused: no previous model", timeout=60_000)
+
+
+def test_a_confirmed_defect_taken_out_of_the_capture_is_said_on_the_page():
+    """The worker answers a confirmed-defect label with ``capture`` when the frame leaves the captured normal frames
+    (the next training set); the console dropped it.  learned_text (and app.js's learnedText, its copy) keep it."""
+    from worker.console.app import learned_text
+
+    taken = "taken out of the captured normal frames"
+    assert learned_text({"ok": True, "label": "confirmed_defect", "capture": taken}) == taken
+    assert learned_text({"ok": True, "released": {"message": "released: 3 patches"}, "capture": taken}) == \
+        f"released: 3 patches; {taken}"
+    assert learned_text({"ok": True, "label": "confirmed_defect"}) is None
+
+
+@needs_chromium
+def test_the_page_says_a_confirmed_defect_left_the_capture(stack):
+    """app.js's learnedText, which the label buttons show, keeps the answer's capture note as learned_text does."""
+    taken = "taken out of the captured normal frames"
+    assert stack.page.evaluate("(a) => learnedText(a)", {"ok": True, "capture": taken}) == taken
+    assert stack.page.evaluate("(a) => learnedText(a)", {"ok": True, "released": {"message": "released: 3 patches"},
+                                                          "capture": taken}) == f"released: 3 patches; {taken}"

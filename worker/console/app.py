@@ -272,14 +272,16 @@ def _optional_id(body: dict, key: str) -> str | None:
 
 
 def learned_text(answer: dict) -> str | None:
-    """What a label taught the model, in the worker's words: its absorbed/released message, or why nothing."""
+    """What a label taught the model, in the worker's words: its absorbed/released message, or why nothing; and a
+    confirmed defect taken out of the captured normal frames (the next training set)."""
     kind = "absorbed" if "absorbed" in answer else "released" if "released" in answer else None
     change = answer.get(kind) if kind else None
+    capture = answer.get("capture") if isinstance(answer.get("capture"), str) else None
     if not isinstance(change, dict):
-        return None
-    if change.get("message"):
-        return str(change["message"])
-    return f"{'not absorbed' if kind == 'absorbed' else 'nothing to release'}: {change.get('reason') or 'no reason given'}"
+        return capture
+    text = str(change["message"]) if change.get("message") else \
+        f"{'not absorbed' if kind == 'absorbed' else 'nothing to release'}: {change.get('reason') or 'no reason given'}"
+    return f"{text}; {capture}" if capture else text
 
 
 def create_app(cfg: Config) -> Starlette:

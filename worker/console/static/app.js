@@ -206,9 +206,10 @@ async function setLabel(r, label, defectType, li) {
 // What a label taught the model (or why it taught nothing), in the worker's words (as learned_text in app.py).
 function learnedText(answer) {
   const change = answer.absorbed || answer.released;
-  if (!change) return "";
-  if (change.message) return change.message;
-  return `${answer.absorbed ? "not absorbed" : "nothing to release"}: ${change.reason || "no reason given"}`;
+  const capture = typeof answer.capture === "string" ? answer.capture : "";  // a confirmed defect left the capture
+  if (!change) return capture;
+  const text = change.message || `${answer.absorbed ? "not absorbed" : "nothing to release"}: ${change.reason || "no reason given"}`;
+  return capture ? `${text}; ${capture}` : text;
 }
 
 function applyLabel(l) {

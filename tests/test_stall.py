@@ -164,11 +164,11 @@ def test_a_stuck_thread_fails_healthz_and_the_worker_exits_with_code_3(broker, b
                           worker={"watchdog_s": 4}, metrics={"enabled": True, "port": port})
     key = point_id("cam", "stuck-1")
     fifo = tmp_path / "evidence" / key[:2] / f"{key}.thumbnail.jpg.tmp"
-    fifo.parent.mkdir(parents=True)
-    os.mkfifo(fifo)
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     wait_online(client, prefix)
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # once the worker runs: at its start it removes what a write cut short left (*.tmp)
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read())
     assert health["ok"] is True and {"recorder", "requests", "infer-0"} <= set(health["threads"]), health
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -309,3 +309,39 @@ def test_a_camera_flooding_at_ten_times_its_share_does_not_evict_another_cameras
     print(f"\nFIGURES fairness: flood 80 -> {codes.count('result')} results, {codes.count('dropped')} dropped; "
           f"steady 8 -> {len(steady)} results, 0 dropped")
     assert worker.stop() == 0
+
+
+def test_a_stalled_capture_disk_costs_the_sample_frames_not_inspection(broker, bundle_dir, dataset, tmp_path,
+                                                                        worker_factory):
+    """The capture sample wrote its files on the inference threads, under its lock: a data disk that stalled
+    (fsfreeze, a dying SD card) stopped inference, and frames were dropped with nothing said.  The sample is written
+    on a thread of its own behind a bounded queue.  A FIFO where the sample writes its first file blocks that write
+    as a stalled disk does, until the test opens it for reading."""
+    from worker.capture import camera_folder
+
+    prefix = f"s{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix})
+    folder = tmp_path / "capture" / camera_folder("cam")
+    folder.mkdir(parents=True)
+    fifos = [folder / f"{point_id('cam', f'f{i:02d}')}.png.tmp" for i in range(12)]  # whichever frame comes first
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    frame = _png(dataset)
+    try:
+        for i in range(12):
+            client.publish_frame("cam", frame, f"f{i:02d}")
+        results = client.json_on(f"{prefix}/cam/result", count=12, timeout=60)
+        assert sorted(r["frame_id"] for r in results) == [f"f{i:02d}" for i in range(12)]
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
+                        and json.loads(m.payload)["capture_busy_skipped"] >= 1, timeout=30)
+    finally:  # the disk comes back: a reader at each FIFO lets the stalled write complete (into the pipe's buffer)
+        readers = [os.open(fifo, os.O_RDONLY | os.O_NONBLOCK) for fifo in fifos]
+    try:
+        assert worker.stop() == 0, worker.output()[-2000:]
+    finally:
+        for reader in readers:
+            os.close(reader)
+        client.close()

@@ -159,6 +159,8 @@ class Capture:
         self.max_cameras = max_cameras
         self.failed_writes = 0
         self.skipped_frames = 0
+        self.busy_skipped = 0  # frames not offered: the capture thread was behind (a slow disk), see worker/pipeline.py
+        self._counts: dict[str, dict[str, int | float]] = {}  # the last counts(), while a write holds the lock
         self._report = Throttle(60)
         self._report_skipped = Throttle(60)
         self._load_all()
@@ -315,11 +317,16 @@ class Capture:
 
     def counts(self) -> dict[str, dict[str, int | float]]:
         """Per camera: normal frames seen, kept (and their megabytes), and false alarms kept (for the stats topic
-        and the console)."""
-        with self._lock:
-            return {camera: {"seen": s.seen, "kept": len(s.files), "mb": round(s.bytes / 1e6, 1),
-                             "false_alarms": len(s.false_alarms)}
-                    for camera, s in self._cameras.items()}
+        and the console).  The last ones while a write holds the sample (a stalled disk must not stall the stats)."""
+        if not self._lock.acquire(timeout=0.1):
+            return self._counts
+        try:
+            self._counts = {camera: {"seen": s.seen, "kept": len(s.files), "mb": round(s.bytes / 1e6, 1),
+                                     "false_alarms": len(s.false_alarms)}
+                            for camera, s in self._cameras.items()}
+            return self._counts
+        finally:
+            self._lock.release()
 
     def export(self, out: Path, cameras: list[str] | None = None) -> dict[str, dict]:
         """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``; returns what was written where."""

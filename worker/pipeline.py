@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from bundle import tiling
 from worker import heatmap
 from worker.capture import Capture
-from worker.config import CameraConfig, Config, HeatmapConfig
+from worker.config import CameraConfig, Config, HeatmapConfig, QueuePolicy
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.ingest import Ingest
 from worker.metrics import Stats
@@ -39,6 +40,9 @@ from worker.transport import Inbound, Transport
 from worker.wire import ErrorCode, FrameMetadata, iso, valid_id
 
 _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
+# A normal frame for the capture sample: camera, point id, the image as the model saw it, its file bytes and extension
+Offer = tuple[str, str, np.ndarray, Callable[[], tuple[bytes, str]]]
+CAPTURE_QUEUE = (8, 256_000_000)  # frames and bytes (decoded images) waiting for the capture thread
 Mark = tuple[str | None, int]  # a delivery's captured_at as sent (None: stamped here) and its bytes' CRC-32
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,12 @@ class Pipeline:
                                                        key=lambda f: f.camera)
         n = cfg.limits.inference_threads or max(1, models.default.bundle.optimal_requests)
         self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
+        # The capture sample writes files: on a thread of its own, so a slow or stalled disk costs the sample
+        # frames, never inspection.  Policy: drop_newest past CAPTURE_QUEUE frames or bytes, counted.
+        self.offers: BoundedQueue[Offer] = BoundedQueue(CAPTURE_QUEUE[0], QueuePolicy.DROP_NEWEST, CAPTURE_QUEUE[1],
+                                                        size=lambda o: o[2].nbytes)
+        if capture is not None:
+            self.threads.append(threading.Thread(target=self._offer_loop, name="capture", daemon=True))
         self._normal_seen: Counter = Counter()
         self._empty_level_said = False  # a frame topic without a camera level was reported (once: a misconfigured camera)
         self._recent: OrderedDict[tuple[str, str], Mark] = OrderedDict()  # (camera, id): its mark
@@ -221,6 +231,8 @@ class Pipeline:
         self.queue.close()
         deadline = time.monotonic() + timeout
         for t in self.threads:
+            if t.name == "capture":
+                self.offers.close()  # after the inference threads: their last offers are taken
             t.join(max(0.0, deadline - time.monotonic()))
         left = self.queue.drain()
         for frame in left:
@@ -404,8 +416,25 @@ class Pipeline:
         self.stats.observe(latency_ms)
         if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
             cropped_by_roi = override is not None and override.roi is not None
-            self.capture.offer(frame.camera, point_id(frame.camera, frame.frame_id), cropped,
-                               lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
+            offer: Offer = (frame.camera, point_id(frame.camera, frame.frame_id), cropped,
+                            lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
+            if self.offers.put(offer):  # the capture thread is behind (a slow disk): the sample skips this one
+                self.capture.busy_skipped += 1
+
+    def _offer_loop(self) -> None:
+        """The capture thread: offers normal frames to the sample (which may write a file)."""
+        assert self.capture is not None
+        capture = self.capture
+
+        def step() -> None:
+            try:
+                offer = self.offers.get(timeout=0.5)
+            except Closed:
+                raise StopLoop from None
+            if offer is not None:
+                capture.offer(*offer)
+
+        supervised_loop(self.liveness, "capture", step)
 
     def embed(self, data: bytes, camera: str | None = None) -> tuple[np.ndarray, str]:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request) as the model that

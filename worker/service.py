@@ -431,6 +431,7 @@ class Worker:
             "capture": self.capture.counts() if self.capture is not None else None,
             "capture_failed_writes": self.capture.failed_writes if self.capture is not None else None,
             "capture_skipped_frames": self.capture.skipped_frames if self.capture is not None else None,
+            "capture_busy_skipped": self.capture.busy_skipped if self.capture is not None else None,
             "extensions": [e.info() for e in self.models.extensions()],
             "cameras": self.stats.snapshot(),
             "threads": self.liveness.snapshot(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -483,12 +484,8 @@ def test_camera_frames_are_kept_within_the_limits_and_only_as_scored(broker, tmp
 def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
     """A result with a string or null score was taken into the hub's state: null raised halfway through (the tile's
     entry stored, its score point not), and a string froze every page's render loop."""
-    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
-    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
-                          console={"port": port})
-    console = ConsoleProcess(config, tmp_path / "console.log", port)
-    client = Client(broker.port, prefix)
-    try:
+    with _console_alone(broker, tmp_path) as (console, client):
+        prefix = client.prefix
         now = datetime.now(UTC).isoformat()
         good = {"camera": "cam-a", "frame_id": "f1", "captured_at": now, "verdict": "anomalous", "score": 0.9}
         bad = [{**good, "score": "0.9"}, {**good, "score": None}, {**good, "verdict": "maybe"},
@@ -501,9 +498,6 @@ def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
         client.client.publish(f"{prefix}/cam-a/result", json.dumps(good), qos=1).wait_for_publish(10)
         state = _until_handled(console, client, "m1")
         assert state["cameras"]["cam-a"]["frame_id"] == "f1"
-    finally:
-        client.close()
-        assert console.stop() == 0, console.log_path.read_text()[-2000:]
     text = console.log_path.read_text()
     assert "Traceback" not in text, text[-2000:]
     assert text.count("not understood and dropped") == 1, text[-2000:]  # one warning a minute, with the count
@@ -512,63 +506,65 @@ def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
 @needs_chromium
 def test_one_tile_that_cannot_be_drawn_does_not_stop_the_others(broker, tmp_path):
     """A tile whose render threw stopped the page's render loop: no other tile or feed item changed again."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
-    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
-                          console={"port": port})
-    console = ConsoleProcess(config, tmp_path / "console.log", port)
-    client = Client(broker.port, prefix)
-    try:
-        with sync_playwright() as p:
-            browser = launch(p)
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(console.url)
-            expect(page.locator("#link")).to_have_text("live", timeout=10_000)
-            page.evaluate("() => { const c = camera('cam-broken'); c.latest = null; c.dirty = true; schedule(); }")
-            _publish_result(client, "cam-ok", "f1", datetime.now(UTC), "anomalous")
-            expect(page.locator('.tile[data-camera="cam-ok"]')).to_have_attribute("data-frame-id", "f1", timeout=10_000)
-            expect(page.locator("#defects li")).to_have_count(1)
-            assert any("cam-broken" in e for e in errors), errors
-            browser.close()
-    finally:
-        client.close()
-        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        page.evaluate("() => { const c = camera('cam-broken'); c.latest = null; c.dirty = true; schedule(); }")
+        _publish_result(client, "cam-ok", "f1", datetime.now(UTC), "anomalous")
+        expect(page.locator('.tile[data-camera="cam-ok"]')).to_have_attribute("data-frame-id", "f1", timeout=10_000)
+        expect(page.locator("#defects li")).to_have_count(1)
+        assert any("cam-broken" in e for e in errors), errors
 
 
 @needs_chromium
 def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_today(broker, tmp_path):
     """The page applied the same capture-time rule as the console (a tile frozen on a future frame, the feed sorted
     by capture time), and a tile's caption showed only the time of day, so a frame dated 2000-01-01 looked current."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, _):  # live: what follows arrives by push
+        now = datetime.now(UTC)
+        _publish_result(client, "cam-a", "ahead", now + timedelta(days=3653), "anomalous")
+        _publish_result(client, "cam-a", "fixed", now, "anomalous")
+        _publish_result(client, "cam-b", "reset", datetime(2000, 1, 1, 12, tzinfo=UTC), "anomalous")
+        feed = page.locator("#defects li")
+        expect(feed).to_have_count(3, timeout=10_000)  # the 2000 frame too: the page's "last hour" is receipt
+        assert [feed.nth(i).get_attribute("data-key") for i in range(3)] == \
+            ["cam-b/reset", "cam-a/fixed", "cam-a/ahead"]
+        tile_a, tile_b = page.locator('.tile[data-camera="cam-a"]'), page.locator('.tile[data-camera="cam-b"]')
+        expect(tile_a).to_have_attribute("data-frame-id", "fixed")
+        expect(tile_b.locator(".fid")).to_contain_text("2000")  # the date, as the browser writes it
+        today = page.evaluate("() => new Date().getFullYear()")
+        assert str(today) not in (tile_a.locator(".fid").text_content() or "")  # today's frame: time of day only
+
+
+@contextlib.contextmanager
+def _live_page(broker, tmp_path: Path):
+    """A console with no worker behind it and a Chromium page on it, live (its event stream open); yields the page,
+    a client under the console's prefix and the page's console errors."""
     from playwright.sync_api import expect, sync_playwright
 
+    with _console_alone(broker, tmp_path) as (console, client), sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(console.url)
+        expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+        yield page, client, errors
+        browser.close()
+
+
+@contextlib.contextmanager
+def _console_alone(broker, tmp_path: Path):
+    """A console process with no worker behind it, and a client under its prefix; stopped cleanly (exit 0) after."""
     prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
     config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
                           console={"port": port})
     console = ConsoleProcess(config, tmp_path / "console.log", port)
     client = Client(broker.port, prefix)
     try:
-        with sync_playwright() as p:
-            browser = launch(p)
-            page = browser.new_page()
-            page.goto(console.url)
-            expect(page.locator("#link")).to_have_text("live", timeout=10_000)  # what follows arrives by push
-            now = datetime.now(UTC)
-            _publish_result(client, "cam-a", "ahead", now + timedelta(days=3653), "anomalous")
-            _publish_result(client, "cam-a", "fixed", now, "anomalous")
-            _publish_result(client, "cam-b", "reset", datetime(2000, 1, 1, 12, tzinfo=UTC), "anomalous")
-            feed = page.locator("#defects li")
-            expect(feed).to_have_count(3, timeout=10_000)  # the 2000 frame too: the page's "last hour" is receipt
-            assert [feed.nth(i).get_attribute("data-key") for i in range(3)] == \
-                ["cam-b/reset", "cam-a/fixed", "cam-a/ahead"]
-            tile_a, tile_b = page.locator('.tile[data-camera="cam-a"]'), page.locator('.tile[data-camera="cam-b"]')
-            expect(tile_a).to_have_attribute("data-frame-id", "fixed")
-            expect(tile_b.locator(".fid")).to_contain_text("2000")  # the date, as the browser writes it
-            today = page.evaluate("() => new Date().getFullYear()")
-            assert str(today) not in (tile_a.locator(".fid").text_content() or "")  # today's frame: time of day only
-            browser.close()
+        yield console, client
     finally:
         client.close()
         assert console.stop() == 0, console.log_path.read_text()[-2000:]

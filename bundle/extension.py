@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -61,6 +62,22 @@ class Entry:
     camera: str
     rows: int
     at: float
+
+
+def _sync(fh) -> None:
+    """A file's bytes on the disk before it replaces the one in use: a power cut after the rename otherwise can leave
+    an empty file under the final name (the rename reaches the disk before the data)."""
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    """The folder's entries (a rename) on the disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def weights_key(manifest: Manifest) -> str:
@@ -258,8 +275,13 @@ class Extension:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 broken = index.with_suffix(".corrupt")
                 index.replace(broken)
-                log.error("extension index %s is unreadable (%s): moved aside as %s; starting empty", index, exc, broken.name)
-                entries = []
+                # the rows are in their own files, named by their frames' point ids: kept, not lost with the index
+                entries = [Entry(p.stem, "", "", 0, p.stat().st_mtime) for p in sorted(self.folder.glob("*.npy"))
+                           if _KEY.match(p.stem)]
+                self.revision = 1
+                log.error("extension index %s is unreadable (%s): moved aside as %s; its %d entries are taken again "
+                          "from their files (their frame ids are unknown until labelled again: a withdrawal by frame "
+                          "id still finds them)", index, exc, broken.name, len(entries))
             for entry in entries:
                 try:
                     rows = np.load(self.folder / f"{entry.key}.npy", allow_pickle=False)
@@ -304,8 +326,11 @@ class Extension:
                 "entries": [asdict(e) for e in entries.values()]}
         tmp = self.folder / (INDEX + ".tmp")
         try:
-            tmp.write_text(json.dumps(body, indent=1))
+            with tmp.open("w") as fh:
+                fh.write(json.dumps(body, indent=1))
+                _sync(fh)
             tmp.replace(self.folder / INDEX)
+            _sync_folder(self.folder)
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -353,6 +378,7 @@ class Extension:
                 try:
                     with tmp.open("wb") as fh:
                         np.save(fh, rows, allow_pickle=False)
+                        _sync(fh)
                 except OSError:
                     with contextlib.suppress(OSError):
                         tmp.unlink(missing_ok=True)

@@ -70,9 +70,14 @@ def test_crash_states_recover(tmp_path) -> None:
     again = Extension(tmp_path, C, max_rows=10)
     assert np.array_equal(again.rows, rows(2, 1.0))
     assert not (tmp_path / f"{stray}.npy").exists() and not (tmp_path / "x.npy.tmp").exists()
-    (tmp_path / INDEX).write_text("{not json")  # a torn index: moved aside, the worker starts empty
-    empty = Extension(tmp_path, C, max_rows=10)
-    assert empty.rows.shape == (0, C) and (tmp_path / "index.corrupt").is_file()
+    other = key()
+    again.add(other, rows(1, 3.0), "f2", "cam")
+    (tmp_path / INDEX).write_text("")  # a torn index (a power cut after its rename): moved aside; the entries, each
+    rebuilt = Extension(tmp_path, C, max_rows=10)  # in a file of its own, are taken again (they were all deleted)
+    assert (tmp_path / "index.corrupt").is_file()
+    assert sorted(e.key for e in rebuilt.entries()) == sorted([kept, other]) and rebuilt.rows.shape == (3, C)
+    assert rebuilt.remove(other) == 1 and rebuilt.rows.shape == (2, C)  # withdrawn by its key (frame and camera)
+    assert [e.key for e in Extension(tmp_path, C, max_rows=10).entries()] == [kept]  # the new index holds
 
 
 @pytest.mark.parametrize("how", [*DAMAGE, "not finite"])

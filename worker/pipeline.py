@@ -419,7 +419,8 @@ class Pipeline:
             offer: Offer = (frame.camera, point_id(frame.camera, frame.frame_id), cropped,
                             lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
             if self.offers.put(offer):  # the capture thread is behind (a slow disk): the sample skips this one
-                self.capture.busy_skipped += 1
+                with self._lock:  # inference threads count it together
+                    self.capture.busy_skipped += 1
 
     def _offer_loop(self) -> None:
         """The capture thread: offers normal frames to the sample (which may write a file)."""

@@ -94,24 +94,28 @@ def test_state_survives_a_restart_and_exports_a_training_folder(tmp_path) -> Non
     assert len(category.train) == 13 and category.test == []
 
 
-def test_an_unreadable_state_starts_the_sample_afresh(tmp_path) -> None:
+def test_an_unreadable_state_is_rebuilt_from_its_images(tmp_path) -> None:
+    """A torn index started the sample afresh and deleted its images, which a power cut had left whole."""
     capture = Capture(tmp_path, max_frames=5, min_distance=0.0)
     capture.offer("cam", "a", image(1), lambda: (frame(1), "png"))
     (tmp_path / "cam" / INDEX).write_text("{torn")
     again = Capture(tmp_path, max_frames=5, min_distance=0.0)
     assert again.offer("cam", "b", image(2), lambda: (frame(2), "png"))
-    assert json.loads((tmp_path / "cam" / INDEX).read_text())["files"] == ["b.png"]
+    assert json.loads((tmp_path / "cam" / INDEX).read_text())["files"] == ["a.png", "b.png"]
 
 
 @pytest.mark.parametrize("how", DAMAGE)
-def test_damaged_signatures_start_the_sample_afresh(tmp_path, how) -> None:
-    """The worker's start read them unguarded: an emptied file stopped it with EOFError, a restart loop."""
+def test_damaged_signatures_are_computed_again_from_the_images(tmp_path, how) -> None:
+    """The worker's start read them unguarded: an emptied file stopped it with EOFError, a restart loop; then the
+    sample started afresh and deleted its images.  The signatures are computed again from them."""
     capture = Capture(tmp_path, max_frames=5, min_distance=0.0)
     capture.offer("cam", "a", image(1), png(1))
     capture.flush()
     damage(tmp_path / "cam" / EMBEDDINGS, how)
-    again = Capture(tmp_path, max_frames=5, min_distance=0.0)
-    assert again.counts()["cam"]["kept"] == 0 and again.offer("cam", "b", image(2), png(2))
+    again = Capture(tmp_path, max_frames=5, min_distance=0.05)
+    assert again.counts()["cam"]["kept"] == 1
+    assert not again.offer("cam", "a2", image(1), png(1))  # a near-duplicate of the kept one, by its new signature
+    assert again.offer("cam", "b", image(2), png(2)) and again.counts()["cam"]["kept"] == 2
 
 
 def test_a_reader_beside_the_running_worker_changes_nothing(tmp_path) -> None:

@@ -95,8 +95,9 @@ class _Camera:
             if vectors is not None and vectors.shape != (len(files), SIGNATURE_SIDE ** 2):
                 raise ValueError(f"{len(files)} files but embeddings of shape {vectors.shape}")
         except Exception as exc:  # a damaged file (a power cut) can make json and numpy raise almost anything
-            log.error("capture state of %s is unreadable (%s): starting its sample afresh", folder, exc)
-            seen, files, vectors = 0, [], None
+            seen, files, vectors = self._rebuilt()
+            log.error("capture state of %s is unreadable (%s): the sample is rebuilt from its %d images", folder, exc,
+                      len(files))
         self.seen, self.files, self.vectors = seen, [f for f in files if (folder / f).is_file()], vectors
         if vectors is not None and len(self.files) != len(files):
             self.vectors = vectors[[i for i, f in enumerate(files) if (folder / f).is_file()]]
@@ -106,6 +107,20 @@ class _Camera:
                 stray.unlink(missing_ok=True)
         if (folder / FALSE_ALARMS).is_dir():
             self.false_alarms = {p.name for p in (folder / FALSE_ALARMS).iterdir() if not p.name.endswith(".tmp")}
+
+    def _rebuilt(self) -> tuple[int, list[str], np.ndarray | None]:
+        """(seen, files, signatures) from the images in the folder, for a state a power cut damaged: the images, each
+        written whole before it is listed, outlive it.  ``seen`` restarts at their count (the reservoir then favours
+        the next frames a little)."""
+        files, vectors = [], []
+        for path in sorted(self.folder.iterdir()):
+            if not path.is_file() or path.name in (INDEX, EMBEDDINGS) or path.name.endswith(".tmp"):
+                continue
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is not None:
+                files.append(path.name)
+                vectors.append(signature(image))
+        return len(files), files, np.stack(vectors) if vectors else None
 
     def delete(self, name: str) -> None:
         """Delete a kept file (no longer listed) and take its bytes off the count."""

@@ -802,6 +802,12 @@ def _counts(counter: dict) -> str:
     return ", ".join(f"{k} ({v})" for k, v in sorted(counter.items(), key=lambda kv: -kv[1])) or "-"
 
 
+def _turned(image: Image.Image) -> bool:
+    """Whether decoding for training turns the image a quarter (EXIF orientation 5 to 8, which OpenCV's
+    ``IMREAD_COLOR`` applies): its width and height swap."""
+    return image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+
+
 def _header(data: bytes) -> tuple[str | None, bool]:
     """The format of an image's content as the worker's decoder tells a frame's (Pillow's name; ``unknown``: none
     Pillow reads; None: too large for Pillow to say), and whether decoding for training turns it a quarter (EXIF
@@ -810,7 +816,7 @@ def _header(data: bytes) -> tuple[str | None, bool]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as image:
-                return image.format, image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+                return image.format, _turned(image)
     except Image.DecompressionBombError:  # beyond any frame a worker takes, which the summary says
         return None, False
     except Exception:  # OpenCV's own size stands
@@ -827,7 +833,7 @@ def frame_sizes(paths: Iterable[Path], most: int = 8) -> dict[str, int]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with Image.open(path) as image:
-                    turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+                    turned = _turned(image)
                     width, height = image.size
         except Exception:  # a format Pillow does not read (OpenCV may): its size is not recorded
             continue

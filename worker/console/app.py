@@ -20,7 +20,6 @@ import resource
 import secrets
 import signal
 import socket
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ from worker.api_client import ApiClient, ApiError
 from worker.config import Config, ConfigError
 from worker.console.hub import Hub, for_browser
 from worker.decode import FrameError
+from worker.supervise import Throttle
 from worker.topics import Topics
 from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, parse_timestamp
 
@@ -58,7 +58,7 @@ class BasicAuth:
     def __init__(self, app: ASGIApp, username: str, password: str) -> None:
         self.app = app
         self.expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
-        self.failures: OrderedDict[str, list] = OrderedDict()  # address -> [failures since logged, logged at]
+        self.failures: OrderedDict[str, list] = OrderedDict()  # address -> [failures since logged, its Throttle]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -72,20 +72,19 @@ class BasicAuth:
         await self.app(scope, receive, send)
 
     def _failed(self, address: str, given: str) -> None:
-        record = self.failures.pop(address, None) or [0, None]
+        record = self.failures.pop(address, None) or [0, Throttle(self.LOG_EVERY_S)]
         self.failures[address] = record
         while len(self.failures) > self.ADDRESSES:
             self.failures.popitem(last=False)
         record[0] += 1
-        now = time.monotonic()
-        if record[1] is None or now - record[1] >= self.LOG_EVERY_S:
+        if record[1].ready():
             try:
                 user = base64.b64decode(given.removeprefix("Basic "), validate=True).decode().split(":", 1)[0]
             except (binascii.Error, UnicodeDecodeError):
                 user = "(not basic auth)"
             log.warning("console: failed login from %s as %r: %d failed since the last such line for this address "
                         "(logged at most every %.0f s)", address, user[:64], record[0], self.LOG_EVERY_S)
-            record[0], record[1] = 0, now
+            record[0] = 0
 
 
 def _netloc(url: str) -> str:
@@ -186,7 +185,7 @@ class ThrottledLog(logging.Filter):
         self.prefixes, self.every_s = prefixes, every_s
         self.total: dict[str, int] = dict.fromkeys(prefixes, 0)  # every such record, logged or not
         self._since: dict[str, int] = dict.fromkeys(prefixes, 0)
-        self._logged_at: dict[str, float] = {}
+        self._log = {prefix: Throttle(every_s) for prefix in prefixes}
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -195,14 +194,13 @@ class ThrottledLog(logging.Filter):
             return True
         self.total[prefix] += 1
         self._since[prefix] += 1
-        now = time.monotonic()
-        if prefix in self._logged_at and now - self._logged_at[prefix] < self.every_s:
+        if not self._log[prefix].ready():
             return False
         cause = f" ({record.exc_info[1]})" if record.exc_info and record.exc_info[1] else ""
         record.msg, record.args = (f"{prefix}{cause}: {self._since[prefix]} time(s) since the last such message, "
                                    f"logged at most every {self.every_s:.0f} s"), ()
         record.exc_info, record.exc_text, record.stack_info = None, None, None
-        self._logged_at[prefix], self._since[prefix] = now, 0
+        self._since[prefix] = 0
         return True
 
 

@@ -26,7 +26,7 @@ from worker.config import ConsoleConfig, LimitsConfig
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
-from worker.supervise import Liveness
+from worker.supervise import Liveness, Throttle
 from worker.topics import Topics
 from worker.wire import valid_id
 
@@ -202,8 +202,7 @@ class Hub:
         self.pending_frames = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.pending_heatmaps = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.dropped: dict[str, int] = {}  # why -> images and results the console did not keep
-        self._bad_logged_at: float | None = None
-        self._bad_since_log = 0
+        self._bad_log, self._bad_since_log = Throttle(BAD_RESULT_LOG_EVERY_S), 0
         # every camera's latest frames
         self.recent: Bounded[tuple[str, str], Entry] = Bounded(cfg.recent_frames, self._forget_frame)
         self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
@@ -300,10 +299,9 @@ class Hub:
         """Counted in ``dropped``; logged with the count at most once every BAD_RESULT_LOG_EVERY_S."""
         self._drop("bad_result")
         self._bad_since_log += 1
-        now = time.monotonic()
-        if self._bad_logged_at is None or now - self._bad_logged_at >= BAD_RESULT_LOG_EVERY_S:
+        if self._bad_log.ready():
             log.warning("console: %d result(s) not understood and dropped (last: %s)", self._bad_since_log, problem)
-            self._bad_logged_at, self._bad_since_log = now, 0
+            self._bad_since_log = 0
 
     def _on_result(self, result: dict) -> None:
         problem = result_problem(result)

@@ -633,15 +633,16 @@ def test_a_corrupt_embedded_store_costs_the_history_not_the_worker(broker, bundl
     status = sorted(store_dir.rglob("vector_storage/deleted/status.dat"))
     assert status, "the engine's file layout changed: pick another file that a power cut can leave empty"
     status[0].write_bytes(b"")
-    with pytest.raises(StoreError, match="cannot open the vector store"):
+    with pytest.raises(StoreError, match="cannot be loaded .*panicked.*damaged"):
         VectorStore(StoreConfig(path=store_dir), dim)
     *_, worker, results, stats = _scored_while_the_store_is_down(
         {"path": str(store_dir)}, 4, broker, bundle_dir, dataset, tmp_path, worker_factory)
     assert len(results) == 4 and stats["store_available"] is False and stats["healthy"], stats
+    assert "damaged" in stats["store_damaged"], stats
     assert all(t["alive"] for t in stats["threads"].values()), stats["threads"]
     assert worker.stop() == 0
     log = worker.output()
-    assert "vector store unavailable" in log and str(store_dir) in log and "PanicException" not in log, log[-3000:]
+    assert "damaged" in log and str(store_dir) in log and "PanicException" not in log, log[-3000:]
 
 
 # 5. The broker's maximum packet size is respected ------------------------------------------------

@@ -416,6 +416,59 @@ def test_a_store_of_another_embedding_size_is_said_once_answered_and_not_spooled
         recorder.stop()
 
 
+def test_damaged_embedded_files_are_set_aside_or_said_as_damage(tmp_path, caplog):
+    """A store whose files a failing card or a power cut left damaged was answered "not reachable" for good, with a
+    warning at every retry.  A damaged config or write-ahead log is set aside and the points kept; a damaged segment
+    is said once as damage, answered as such, spooled, and a new history starts once the folder is moved aside."""
+    folder = tmp_path / "store" / "frames"
+    store = _store(tmp_path)
+    store.upsert(_frames(3))
+    store.close()
+    (folder / "edge_config.json").write_text("")  # emptied: the worker holds the whole config itself
+    store = _store(tmp_path)
+    assert store.count() == 3 and (folder / "edge_config.json.damaged").read_text() == ""
+    store.close()
+    wal = sorted(p for p in (folder / "wal").iterdir() if p.name.startswith("open"))
+    assert wal, "the engine's file layout changed: pick another write-ahead log file a power cut can leave empty"
+    wal[0].write_bytes(b"")
+    store = _store(tmp_path)
+    assert store.count() == 3 and (folder / "wal.damaged").is_dir()
+    store.close()
+
+    status = sorted(folder.rglob("vector_storage/deleted/status.dat"))
+    assert status, "the engine's file layout changed: pick another segment file a power cut can leave empty"
+    status[0].write_bytes(b"")  # the engine panics loading it
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    opened: list[int] = []
+
+    def open_store() -> VectorStore:
+        opened.append(1)
+        return VectorStore(cfg, DIM)
+
+    recorder = Recorder(open_store, evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        assert recorder.store is None and recorder.store_damaged is not None
+        for rec in _records(4, DIM, start=10):
+            recorder.submit(rec)
+        assert recorder.flush(20) and recorder.spool.points == 4
+        assert _wait_for(lambda: len(opened) >= 4)  # tried again, said once
+        said = [r for r in caplog.records if r.name == "worker.recorder" and r.levelname in ("WARNING", "ERROR")]
+        assert len(said) == 1 and said[0].levelname == "ERROR" and "damaged" in said[0].getMessage(), said
+        answer = _ask(QueryService(recorder.use_store, evidence, _embed, max_top_k=10), frame_id="f10", camera="a")
+        message = answer["error"]["message"]
+        assert answer["error"]["code"] == "store_unavailable" and "damaged" in message and str(folder) in message
+        assert "Move the folder aside" in message and "not reachable" not in message
+
+        folder.rename(folder.with_name("frames-damaged"))  # what the answer says to do, without a restart
+        assert _wait_for(lambda: recorder.written == 4), recorder.written
+        assert recorder.store_damaged is None and len(recorder.spool) == 0
+    finally:
+        recorder.stop()
+
+
 def test_a_store_folder_deleted_while_the_worker_runs_is_made_again(tmp_path, caplog):
     """``rm -rf`` of the collection while the worker ran: the engine went on writing to files no longer on disk,
     queries kept answering, and after the next start the history since was gone, said only as a failed close."""

@@ -113,7 +113,7 @@ def test_a_panic_in_a_compiled_library_is_a_loop_error_not_the_end_of_the_thread
     supervised_loop(liveness, "t", step, errors.append)
     assert [type(e).__name__ for e in errors] == ["PanicException"]
     assert liveness.snapshot()["t"]["restarts"] == 1
-    with pytest.raises(StoreError, match="panicked.*move the collection's folder aside"):
+    with pytest.raises(StoreError, match="panicked.*damaged.*Move the folder aside"):
         VectorStore(StoreConfig(path=tmp_path / "store"), 4)
 
     def interrupted() -> None:

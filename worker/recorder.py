@@ -30,7 +30,7 @@ from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
 from worker.queueing import BoundedQueue, Closed
-from worker.store import BatchRefused, StoreError, StoreGone, StoreMismatch, VectorStore
+from worker.store import BatchRefused, StoreDamaged, StoreError, StoreGone, StoreMismatch, VectorStore
 from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,8 @@ class Recorder:
         self._lost_log = Throttle(60)
         self.unrecorded = 0  # records not kept because the store holds vectors of another size (store_error)
         self.store_error: str | None = None  # why the store can never take this model's points, while it cannot
+        self.store_damaged: str | None = None  # why the embedded store's files cannot be loaded, while they cannot
+        self._outage: tuple[str, Throttle] = ("", Throttle(600))  # the last outage said, and when to say it again
         self.written = 0
         self._store_lock = threading.Lock()
         self._next_try = 0.0
@@ -232,6 +234,8 @@ class Recorder:
             if self.store is None:
                 if self.store_error is not None:
                     raise StoreUnavailable(f"{self.store_error}; until then frames are inspected but not recorded")
+                if self.store_damaged is not None:
+                    raise StoreUnavailable(self.store_damaged)
                 raise StoreUnavailable("the vector store is not reachable; embeddings are being spooled")
             yield self.store
 
@@ -262,14 +266,30 @@ class Recorder:
                               "recorder_unrecorded) until the store fits, tried again every %g s", exc, self.retry_s)
                 self.store_error = str(exc)
                 return False
-            except Exception as exc:
+            except StoreDamaged as exc:  # said once (again if the cause changes); spooled, tried quietly on
                 self._next_try = time.monotonic() + self.retry_s
                 self.store_error = None
-                log.warning("vector store unavailable (%s); spooling, next try in %.0f s", exc, self.retry_s)
+                if str(exc) != self.store_damaged:
+                    log.error("%s (tried again every %g s)", exc, self.retry_s)
+                self.store_damaged = str(exc)
+                return False
+            except Exception as exc:  # an outage: said when its cause changes, else every ten minutes
+                self._next_try = time.monotonic() + self.retry_s
+                self.store_error = self.store_damaged = None
+                said, again = self._outage
+                if str(exc) != said or again.ready():
+                    again.ready(force=True)
+                    self._outage = (str(exc), again)
+                    log.warning("vector store unavailable (%s); spooling, tried again every %g s (said again "
+                                "every ten minutes while the cause is the same)", exc, self.retry_s)
                 return False
             if self.store_error is not None:
                 log.warning("the vector store fits the served model now: frames are recorded again")
-            self.store_error = None  # before the store: whoever sees it open (stats, tests) sees no error with it
+            if self.store_damaged is not None:
+                log.warning("the vector store opens again: frames are recorded again, the spooled ones replayed")
+            # before the store: whoever sees it open (stats, tests) sees no error with it
+            self.store_error = self.store_damaged = None
+            self._outage = ("", self._outage[1])
             self.store = store
             log.info("vector store available")
             return True
@@ -390,7 +410,7 @@ class Recorder:
                 self._next_try = 0.0  # last chance before exit; what is left stays spooled on disk
             if len(self.spool):
                 self._replay()
-            elif self.store_error is not None and time.monotonic() >= self._next_try:
+            elif (self.store_error or self.store_damaged) is not None and time.monotonic() >= self._next_try:
                 self._try_open()  # e.g. the collection's folder moved aside: a new history without a restart
             self._retain()
         finally:

@@ -419,6 +419,7 @@ class Worker:
             "store_written": self.recorder.written,
             "store_available": self.recorder.store is not None,
             "store_error": self.recorder.store_error,
+            "store_damaged": self.recorder.store_damaged,
             "spool_batches": len(self.recorder.spool),
             "spool_dropped_points": self.recorder.spool.dropped_points,
             "spool_corrupt_batches": self.recorder.spool.corrupt_batches,

@@ -79,6 +79,11 @@ class StoreError(Exception):
     """The store cannot be opened or reached, or does not fit this model (e.g. another embedding size)."""
 
 
+class StoreDamaged(StoreError):
+    """The embedded collection's files cannot be loaded (cut or overwritten, e.g. by a power cut or a failing card):
+    unlike an outage, trying again changes nothing until someone moves the folder aside."""
+
+
 class StoreMismatch(StoreError):
     """The collection holds vectors of another size than the served model makes: unlike an outage no retry opens
     it for this model; a new ``store.collection`` or a bundle of the collection's size does."""
@@ -90,6 +95,29 @@ def mismatch(where: str, held: int | None, dim: int) -> str:
     bundle = f"a bundle of {held}-d embeddings" if held is not None else "a bundle of the collection's embedding size"
     return (f"{where} holds vectors of {sizes} than the served model's {dim}-d embeddings: set store.collection to "
             f"a new name (a new history) or serve {bundle}")
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to a free ``<name>.damaged[-N]`` beside it: kept for whoever wants to look, out of the load."""
+    target, n = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    path.rename(target)
+    return target
+
+
+def _unreadable_config(folder: Path) -> str | None:
+    """Why the collection's ``edge_config.json`` cannot be read as a config, or None (absent, fine, or an OS error
+    such as a permission, which is not damage).  The worker holds the whole config itself, so such a file is set
+    aside and the engine writes it again."""
+    try:
+        json.loads((folder / "edge_config.json").read_text())["vectors"][""]["size"]
+    except OSError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _edge_size(folder: Path) -> int | None:
@@ -167,6 +195,7 @@ class _Edge:
 
     def __init__(self, folder: Path, dim: int, hnsw: bool, min_free: int = 0) -> None:
         self.folder = folder
+        self.dim = dim
         self.min_free = min_free
         self._room("open")
         # Exact: indexing threshold 0 = never build a vector index (optimize() then only vacuums deletes).
@@ -181,12 +210,11 @@ class _Edge:
             held = _edge_size(folder)  # checked before loading: the recorder tries again every spool.retry_s
             if held is not None and held != dim:
                 raise StoreMismatch(mismatch(where, held, dim))
-            try:
-                self.shard = edge.EdgeShard.load(str(folder), config)
-            except Exception as exc:
-                if "vector size" in str(exc):
-                    raise StoreMismatch(f"{mismatch(where, None, dim)} ({exc})") from exc
-                raise
+            if (why := _unreadable_config(folder)) is not None:
+                aside = _set_aside(folder / "edge_config.json")
+                log.warning("%s: its edge_config.json was damaged (%s), set aside as %s; written again from the "
+                            "worker's store settings", where, why, aside.name)
+            self.shard = self._load(where)
         else:
             self.shard = edge.EdgeShard.create(str(folder), config)
         indexed = self.shard.info().payload_schema
@@ -194,6 +222,42 @@ class _Edge:
             if name not in indexed:
                 self.shard.update(edge.UpdateOperation.create_field_index(name, _EDGE_SCHEMA[schema]))
         self.params = edge.SearchParams(exact=not hnsw)
+
+    def _load(self, where: str) -> edge.EdgeShard:
+        """Load the existing collection.  A write-ahead log the engine cannot open (e.g. emptied by a power cut) is
+        set aside and the collection loaded without it: the points already in its segments are kept, the last
+        writes before the damage may be missing.  Any other load failure is :class:`StoreDamaged`."""
+        try:
+            return self._load_once(where)
+        except StoreDamaged as exc:
+            wal = self.folder / "wal"
+            if "WAL" not in str(exc) or not wal.is_dir():
+                raise
+            aside = _set_aside(wal)
+            try:
+                shard = self._load_once(where)
+            except StoreError:
+                aside.rename(wal)  # not (only) the log: the folder is left as it was found, for whoever looks
+                raise
+            log.error("%s: its write-ahead log could not be opened (%s): set aside as %s and the history opened "
+                      "without it; the last writes before the damage may be missing", where, exc.__cause__, aside.name)
+            return shard
+
+    def _load_once(self, where: str) -> edge.EdgeShard:
+        try:
+            return edge.EdgeShard.load(str(self.folder), self.config)
+        except BaseException as exc:
+            if not is_failure(exc):
+                raise
+            if "vector size" in str(exc):
+                raise StoreMismatch(f"{mismatch(where, None, self.dim)} ({exc})") from exc
+            if "Permission denied" in str(exc) or "os error 13" in str(exc):
+                raise  # the files may be fine: an outage, said as one, until the permissions are mended
+            cause = str(exc) if isinstance(exc, Exception) else f"the engine panicked: {exc}"
+            raise StoreDamaged(f"{where} cannot be loaded ({cause}): its files are damaged, e.g. by a power "
+                               "cut or a failing card. Move the folder aside: the worker then starts a new history "
+                               "without a restart (the frames in the old one are no longer found by queries). "
+                               "Until then frames are inspected and their records spooled") from exc
 
     def _room(self, what: str, extra: int = 0) -> None:
         """Raise :class:`StoreError` unless the store's disk has ``min_free`` + ``extra`` bytes free."""

@@ -22,7 +22,7 @@ from worker.evidence import EvidenceStore
 from worker.query import QueryService
 from worker.supervise import Liveness
 from worker.recorder import Record, Recorder
-from worker.store import Filters, StoreError, StoreMismatch, VectorStore, point_id
+from worker.store import Filters, StoreDamaged, StoreError, StoreMismatch, VectorStore, point_id
 
 DIM = 16
 NOW = 1_800_000_000.0
@@ -423,6 +423,10 @@ def test_damaged_embedded_files_are_set_aside_or_said_as_damage(tmp_path, caplog
     folder = tmp_path / "store" / "frames"
     store = _store(tmp_path)
     store.upsert(_frames(3))
+    with pytest.raises(StoreError) as held:  # another process holding the files is no damage: nothing set aside
+        _store(tmp_path)
+    assert not isinstance(held.value, StoreDamaged) and sorted(p.name for p in folder.iterdir()) == [
+        "edge_config.json", "segments", "wal"], held.value
     store.close()
     (folder / "edge_config.json").write_text("")  # emptied: the worker holds the whole config itself
     store = _store(tmp_path)

@@ -97,6 +97,10 @@ def mismatch(where: str, held: int | None, dim: int) -> str:
             f"a new name (a new history) or serve {bundle}")
 
 
+# Load failures that say nothing about the files' content: another process holds them (a lock), or a permission.
+_NOT_DAMAGE = ("WouldBlock", "os error 11", "Permission denied", "os error 13")
+
+
 def _set_aside(path: Path) -> Path:
     """Rename ``path`` to a free ``<name>.damaged[-N]`` beside it: kept for whoever wants to look, out of the load."""
     target, n = path.with_name(f"{path.name}.damaged"), 1
@@ -251,8 +255,8 @@ class _Edge:
                 raise
             if "vector size" in str(exc):
                 raise StoreMismatch(f"{mismatch(where, None, self.dim)} ({exc})") from exc
-            if "Permission denied" in str(exc) or "os error 13" in str(exc):
-                raise  # the files may be fine: an outage, said as one, until the permissions are mended
+            if any(sign in str(exc) for sign in _NOT_DAMAGE):
+                raise  # the files may be fine: an outage, said as one, until the other process or the permissions let go
             cause = str(exc) if isinstance(exc, Exception) else f"the engine panicked: {exc}"
             raise StoreDamaged(f"{where} cannot be loaded ({cause}): its files are damaged, e.g. by a power "
                                "cut or a failing card. Move the folder aside: the worker then starts a new history "

@@ -451,6 +451,36 @@ def test_a_second_process_under_the_same_worker_id_is_named(broker, bundle_dir, 
         client.close()
 
 
+def test_twins_on_one_client_id_without_a_persistent_session_are_named(broker, bundle_dir, tmp_path, worker_factory):
+    """With ``mqtt.session_expiry_s: 0`` each takeover ends the session: neither twin ever saw the other's ``online``
+    live, only its retained last will or ``online`` at its own next connect, so the stats and the console never named
+    the other process while the worker went offline and online every second.  The will now carries the process's
+    identity, and the broker closing the connection again and again names the process found at two connects."""
+    prefix = f"p{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    same = {"client_id": f"twin-{uuid.uuid4().hex[:6]}", "session_expiry_s": 0}
+    configs = [write_config(tmp_path / name, broker.port, bundle_dir, topics={"prefix": prefix}, mqtt=same)
+               for name in ("one", "two")]
+    stats_topic = f"{prefix}/workers/w-test/stats"
+    try:
+        one = worker_factory(configs[0])
+        wait_online(client, prefix)
+        two = worker_factory(configs[1])
+        for named, other in ((one, two), (two, one)):
+            client.wait_for(lambda m, n=named, o=other: m.topic == stats_topic
+                            and json.loads(m.payload)["process"]["pid"] == str(n.proc.pid)
+                            and (json.loads(m.payload)["other_process"] or {}).get("pid") == str(o.proc.pid),
+                            timeout=120)
+        two.stop()
+        one.stop()
+        for log, other in ((one.output(), two), (two.output(), one)):
+            assert f"another worker process runs as worker.id 'w-test' on this broker: host" in log, log[-3000:]
+            assert f"pid {other.proc.pid} (this one" in log and "Both connect as MQTT client" in log
+    finally:
+        client.client.publish(f"{prefix}/workers/w-test/availability", b"", qos=1, retain=True).wait_for_publish(5)
+        client.close()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 100 MB tmpfs: a disk that can really fill up (root only; skipped where mounting is not allowed)."""

@@ -119,7 +119,8 @@ class MqttLink:
 
     def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
                  will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = (),
-                 stale: Sequence[str] = (), record: Path | None = None) -> None:
+                 stale: Sequence[str] = (), record: Path | None = None, will_properties: Properties | None = None,
+                 on_takeover: Callable[[], None] | None = None) -> None:
         """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
         handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
         every start and reconnect; what is published while we are subscribed still arrives.  ``watch``: topics
@@ -184,10 +185,10 @@ class MqttLink:
             if insecure:
                 log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
                 self.client.tls_insecure_set(True)
-        self.will = will
+        self.will, self.will_properties, self.on_takeover = will, will_properties, on_takeover
         self.max_qos, self.retain_available = 1, True  # as the broker's last CONNACK announced
         if will is not None:
-            self.client.will_set(will[0], will[1], qos=1, retain=True)
+            self.client.will_set(will[0], will[1], qos=1, retain=True, properties=will_properties)
         self.client.on_pre_connect = self._on_pre_connect
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -375,7 +376,8 @@ class MqttLink:
             if reason_code.value in (0x9A, 0x9B) and self.will is not None:  # the will's retain flag or QoS 1
                 self._degrade(0 if reason_code.value == 0x9B else self.max_qos,
                               self.retain_available and reason_code.value != 0x9A)
-                client.will_set(self.will[0], self.will[1], qos=self.max_qos, retain=self.retain_available)
+                client.will_set(self.will[0], self.will[1], qos=self.max_qos, retain=self.retain_available,
+                                properties=self.will_properties)
             return
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         self._degrade(min(getattr(properties, "MaximumQoS", 2), 1), bool(getattr(properties, "RetainAvailable", 1)))
@@ -450,8 +452,11 @@ class MqttLink:
         client id taking the session over (mosquitto says only "Unspecified error"): say so, once an hour."""
         now = time.monotonic()
         self._closed_at.append(now)
-        if (len(self._closed_at) == TAKEOVER_CLOSES and now - self._closed_at[0] < TAKEOVER_WINDOW_S
-                and now - self._takeover_said > 3600):
+        if len(self._closed_at) < TAKEOVER_CLOSES or now - self._closed_at[0] >= TAKEOVER_WINDOW_S:
+            return
+        if self.on_takeover is not None:
+            self.on_takeover()
+        if now - self._takeover_said > 3600:
             self._takeover_said = now
             log.error("the broker closed this connection %d times in %.0f s (%s): the usual cause is another client "
                       "connecting with the same client id %r, each taking the session from the other; give each "

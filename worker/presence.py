@@ -9,6 +9,12 @@ host, pid, client id and announcement number) and reads that topic back with its
 instance's ``online`` proves a second live process when it arrives live, or when a second distinct one arrives
 from the broker's store: the retained ``online`` found at start may be a predecessor's that froze without its
 last will being sent and was replaced by the service manager, so that one alone proves nothing.
+
+With ``mqtt.session_expiry_s: 0`` two processes with one client id never see each other's ``online`` live: each
+takeover ends the session, and each only finds the other's retained last will (which carries the same identity) or
+its ``online`` at its own next connect.  There the broker's closing of our connection again and again
+(:meth:`Presence.takeover`, from the link) together with another instance's messages found after two or more of our
+own connects is the proof.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class Presence:
         self._sightings = 0
         self._report = Throttle(REPEAT_S)
         self._announced_at: float | None = None  # the last announcement, until it is read back
+        self._found: Instance | None = None  # another instance whose status messages this process read last...
+        self._found_after: set[int] = set()  # ...and after which of our announcements (the first two kept)
         self.read_back: bool | None = None  # whether our last announcement came back (None: not yet known)
 
     def online_properties(self) -> Properties:
@@ -83,30 +91,58 @@ class Presence:
                               ("client_id", self.me.client_id), ("announcement", str(number))]
         return props
 
+    def will_properties(self) -> Properties:
+        """The last will says who it is, as ``online`` does: read by another process at its next connect."""
+        props = Properties(PacketTypes.WILLMESSAGE)
+        props.UserProperty = [("instance", self.me.instance), ("host", self.me.host), ("pid", self.me.pid),
+                              ("client_id", self.me.client_id)]
+        return props
+
     def observe(self, payload: bytes, replayed: bool, props: dict[str, str]) -> bool:
         """An availability message on this worker's own topic (paho's thread); ``replayed``: from the broker's
         store (retained, or redelivered from the session), so possibly sent by a process that is gone.  True when
         it proves a process not proven before: the caller announces itself again, so that the other one, which
         may have found only our retained ``online`` from before it started, learns of us too."""
         sender = Instance.of(props)
-        if payload == b"online" and sender is not None and sender.instance == self.me.instance:
-            with self._lock:
-                self._announced_at, self.read_back = None, True
+        if sender is None:
+            return False  # an older worker's or another client's
+        if sender.instance == self.me.instance:
+            if payload == b"online":
+                with self._lock:
+                    self._announced_at, self.read_back = None, True
             return False
-        if payload != b"online" or sender is None:
-            return False  # offline / stopped (a will or a clean stop)
         with self._lock:
+            if sender != self._found:
+                self._found, self._found_after = sender, set()
+            if len(self._found_after) < 2:
+                self._found_after.add(self._announcements)
+            if payload != b"online":
+                return False  # offline / stopped (a will or a clean stop): proof only with a takeover (takeover())
             if replayed and self._first_replayed in (None, sender):
                 self._first_replayed = sender
                 return False  # possibly a dead predecessor's: only a second one proves a live process
-            self._other, self._seen_at = sender, time.time()
-            self._sightings += 1
-            new = sender.instance not in self._proven
-            self._proven[sender.instance] = None
-            while len(self._proven) > PROVEN_KEPT:
-                self._proven.pop(next(iter(self._proven)))
-            if self._report.ready(force=new):  # said before the stats can show it
-                log.error("%s", self.explain(sender))
+            return self._sighted(sender)
+
+    def takeover(self) -> None:
+        """The broker keeps closing our connection (the link's guess: another client with our client id).  Where the
+        same other instance's messages were found after two or more of our connects, with our client id, that is
+        the process: named in the log and the stats.  A dead predecessor's will is found after our first connect
+        only, our own ``online`` replacing it."""
+        with self._lock:
+            other = self._found
+            if other is not None and other.client_id == self.me.client_id and len(self._found_after) >= 2:
+                self._sighted(other)
+
+    def _sighted(self, sender: Instance) -> bool:
+        """Another live process (under ``_lock``); True when it was not proven before."""
+        self._other, self._seen_at = sender, time.time()
+        self._sightings += 1
+        new = sender.instance not in self._proven
+        self._proven[sender.instance] = None
+        while len(self._proven) > PROVEN_KEPT:
+            self._proven.pop(next(iter(self._proven)))
+        if self._report.ready(force=new):  # said before the stats can show it
+            log.error("%s", self.explain(sender))
         return new
 
     def unread(self, heard_at: float) -> bool:

@@ -263,7 +263,7 @@ def test_event_streams_and_connections_are_capped_and_the_open_files_limit_raise
     prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
     config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
                           console={"port": port, "max_event_streams": 3, "max_event_streams_per_client": 2,
-                                   "max_connections": 8})
+                                   "max_connections": 8, "header_timeout_s": 300})  # the idle ones are held
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     console = ConsoleProcess(config, tmp_path / "console.log", port, open_files=(256, hard))
     held: list = []
@@ -319,6 +319,34 @@ def test_event_streams_and_connections_are_capped_and_the_open_files_limit_raise
         assert console.stop() == 0, console.log_path.read_text()[-2000:]
     text = console.log_path.read_text()
     assert text.count("Exceeded concurrency limit.") == 1, text[-2000:]  # three requests past it, one line
+
+
+def test_connections_that_never_finish_their_headers_are_closed(broker, tmp_path):
+    """uvicorn waits for ever for a request's headers: a client that opened connections and never finished them
+    (slowloris) held them up to the open-files limit, before any login is asked.  Each connection now has
+    console.header_timeout_s to complete its headers; an event stream being answered is not cut."""
+    import http.client
+
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port, "header_timeout_s": 1})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    stream = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        stream.request("GET", "/api/events")
+        events = stream.getresponse()
+        assert events.status == 200
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(6)]
+        for i, sock in enumerate(slow[:4]):  # two send nothing at all
+            sock.sendall(b"GET /api/state HTTP/1.1\r\nHost: localhost\r\n" + b"X-Slow: 1\r\n" * i)
+        for sock in slow:
+            assert sock.recv(1024) == b"", "the console closes the connection"  # blocks until then (30 s at most)
+            sock.close()
+        reply = urllib.request.urlopen(f"{console.url}/api/state", timeout=10)
+        assert reply.status == 200 and json.loads(reply.read())["event_streams"] == 1  # the stream lives on
+    finally:
+        stream.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
 
 
 def test_running_out_of_file_descriptors_logs_once_a_minute(broker, tmp_path):

@@ -406,6 +406,10 @@ class ConsoleConfig(_Section):
                                                                    "shares the proxy's address).")
     keep_alive_s: int = Field(5, ge=1, le=300, description="An idle keep-alive HTTP connection is closed after this "
                                                              "many seconds.")
+    header_timeout_s: float = Field(10, gt=0, le=300, description="A connection that has not sent a request's complete headers "
+                                                                  "this many seconds after it opened or after its last "
+                                                                  "answer is closed: a client that opens connections and "
+                                                                  "never finishes them (slowloris) cannot hold them.")
     control_timeout_s: float = Field(120, gt=0, le=YEAR_S, description="How long the console waits for the worker to answer a reload, "
                                                                        "rollback or capture export (a reload compiles the bundle) before "
                                                                        "HTTP 504.")

@@ -532,7 +532,51 @@ def serve(cfg: Config) -> None:
         logging.getLogger(name).addFilter(THROTTLED)
     log.info("operator console on http://%s:%d/", host, port)
     # limit_concurrency: past it uvicorn answers 503 and closes, rather than the process running out of descriptors.
-    # A client that never finishes its headers is not timed out by uvicorn: docs/console.md (a reverse proxy).
+    protocol = type("HeaderDeadline", (header_deadline(),), {"header_timeout_s": cfg.console.header_timeout_s})
     uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="warning", access_log=False, timeout_graceful_shutdown=2,
-                                  limit_concurrency=cfg.console.max_connections,
+                                  limit_concurrency=cfg.console.max_connections, http=protocol,
                                   timeout_keep_alive=cfg.console.keep_alive_s)).run(sockets=[listener])
+
+
+def header_deadline() -> type:
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's headers.  uvicorn waits for ever for headers: a
+    client that opens connections and never finishes them (slowloris) held them, up to the open-files limit, and no
+    login is asked before the headers are complete.  Each connection must complete a request's headers within
+    ``header_timeout_s`` of opening or of its last answer; a request being answered (an event stream) is never cut."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        header_timeout_s: float = 10.0
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._deadline is not None and self.cycle is not None and not self.cycle.response_complete:
+                self._deadline.cancel()  # the headers are in: the request is the app's now
+                self._deadline = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets its own deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(self.header_timeout_s, self._too_slow)
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline

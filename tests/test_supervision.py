@@ -6,16 +6,22 @@ tests/test_reliability.py; these pin the mechanisms down one by one.
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
+import socket
+import struct
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.registry import Collector
 
 from worker.config import ConfigError, QueuePolicy, SpoolConfig, StoreConfig, load_config
 from worker.evidence import EvidenceStore
@@ -182,6 +188,59 @@ def test_healthz_fails_while_a_thread_is_stuck_or_dead():
         assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())["ok"]
     finally:
         release.set()
+        stats.close()
+
+
+class _SlowScrape(Collector):
+    """A metric that takes its time (a scrape on a starved or paused box), and one that fails, on cue."""
+
+    def __init__(self) -> None:
+        self.scraping, self.release, self.fail = threading.Event(), threading.Event(), False
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator:
+        if self.fail:
+            raise ValueError("a collector's own bug")
+        self.scraping.set()
+        self.release.wait(30)
+        return iter(())
+
+
+def test_a_metrics_client_that_gives_up_leaves_no_traceback_but_a_failing_scrape_does(capfd, caplog):
+    """A /metrics or /healthz client that closed before its answer (its timeout) put http.server's full traceback
+    (BrokenPipeError, ConnectionResetError) in the worker's log, which reads as a worker error: now one DEBUG line."""
+    caplog.set_level(logging.DEBUG, logger="worker.metrics")
+    stats = Stats(Liveness(0))
+    slow = _SlowScrape()
+    stats.registry.register(slow)
+    port = stats.serve("127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+            assert slow.scraping.wait(10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
+        slow.release.set()
+        err = ""
+        deadline = time.monotonic() + 10
+        while "went away" not in caplog.text and "Traceback" not in err and time.monotonic() < deadline:
+            err += capfd.readouterr().err
+            slow.scraping.wait(0.05)  # poll interval of this observer (already set: returns at once)
+        err += capfd.readouterr().err
+        assert "Traceback" not in err and "Traceback" not in caplog.text, err
+        assert "went away before its answer" in caplog.text
+        assert [r.levelno for r in caplog.records if r.name == "worker.metrics"] == [logging.DEBUG]
+        slow.fail = True  # a real error is still shown, with its traceback
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        deadline = time.monotonic() + 10
+        while "a collector's own bug" not in caplog.text and time.monotonic() < deadline:
+            slow.scraping.wait(0.05)
+        failed = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert failed and failed[0].exc_info and "a collector's own bug" in caplog.text
+    finally:
+        slow.release.set()
         stats.close()
 
 

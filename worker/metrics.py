@@ -9,6 +9,8 @@ come from topic levels, so at most ``metrics.max_cameras`` of them become labels
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -23,6 +25,7 @@ from prometheus_client.registry import Collector
 from worker.supervise import Liveness
 
 OTHER = "_other"
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -125,8 +128,7 @@ class Stats:
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not log lines
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), Handler)
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         return self._server.server_address[1]
 
@@ -134,6 +136,20 @@ class Stats:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        """A client that gave up before its answer (a probe's timeout on a starved or paused box) is no error of the
+        worker: said at DEBUG, without a traceback; anything else is logged with its traceback (the default prints
+        it to stderr, outside the log's format)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            log.debug("metrics: client %s:%s went away before its answer (%s)", *client_address[:2], exc)
+            return
+        log.exception("metrics: a request from %s:%s failed", *client_address[:2])
 
 
 class _LivenessCollector(Collector):

@@ -16,6 +16,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import cv2
+import numpy as np
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -195,6 +197,101 @@ def test_a_stuck_thread_fails_healthz_and_the_worker_exits_with_code_3(broker, b
     offline = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"offline",
                               timeout=90)  # the broker publishes the last will
     assert offline
+
+
+def _healthz(port: int) -> dict | None:
+    """/healthz's body, 200 or 503; None while it does not answer."""
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read())
+        except (http.client.IncompleteRead, ValueError):
+            return None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def _large_png(side: int = 3900) -> bytes:
+    """A frame of many pixels in few bytes: each takes a noticeable time to decode, so a burst of them waits in the
+    worker's queue."""
+    image = np.full((side, side, 3), 120, np.uint8)
+    image[::50] = 30
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
+def test_the_frames_queued_when_the_watchdog_gives_up_are_each_answered(broker, bundle_dir, dataset, tmp_path,
+                                                                        worker_factory):
+    """The watchdog's exit (code 3) used os._exit with frames in the queue: acknowledged to the broker, they were
+    never answered, by this process or the next.  Now each is answered ``shutdown`` ("worker restarting: ...")."""
+    prefix = f"g{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          worker={"watchdog_s": 4}, metrics={"enabled": True, "port": port},
+                          limits={"inference_threads": 1, "max_frame_bytes": 2_000_000})
+    key = point_id("cam", "stuck-1")
+    fifo = tmp_path / "evidence" / key[:2] / f"{key}.thumbnail.jpg.tmp"
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # the recorder blocks for good on the frame stuck-1 (as on a hung disk)
+    client.publish_frame("cam", _png(dataset), "stuck-1")
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the recorder is 2 s from the watchdog's limit: the burst goes now
+        health = _healthz(port)
+        if health is not None and (health["threads"]["recorder"]["busy_s"] or 0) >= 2:
+            break
+        time.sleep(0.1)  # poll interval of this observer, not a synchronisation
+    else:
+        raise AssertionError(f"the recorder never got stuck: {worker.output()[-3000:]}")
+    large = _large_png()
+    ids = [f"big-{i}" for i in range(24)]
+    for frame_id in ids:
+        client.publish_frame("big", large, frame_id)
+    assert worker.proc.wait(60) == 3, worker.output()[-3000:]
+    answered = client.wait_for(lambda m: m.topic in (f"{prefix}/big/result", f"{prefix}/big/error"),
+                               count=len(ids), timeout=30)
+    assert sorted(json.loads(m.payload)["frame_id"] for m in answered) == sorted(ids)  # each once
+    errors = [json.loads(m.payload) for m in answered if m.topic.endswith("/error")]
+    assert errors, "the burst was all processed before the exit: the test proves nothing"
+    assert all(e["code"] == "shutdown" and e["message"].startswith("worker restarting: recorder: stuck")
+               for e in errors), errors
+    assert "answered shutdown before the exit" in worker.output()
+
+
+def test_a_freeze_of_the_whole_process_is_not_a_stuck_thread(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """SIGSTOP (as docker pause or a paused VM) for longer than worker.watchdog_s: the monotonic clock runs on, so
+    the dead man's switch fired the moment the process resumed (exit 1, a stack dump that read like a deadlock), and
+    the watchdog would have called every thread stuck.  Now the main loop sees that the process did not run, says
+    so once, and goes on."""
+    prefix = f"z{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, worker={"watchdog_s": 4})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    frame = _png(dataset)
+    client.publish_frame("cam", frame, "before")
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", timeout=60)
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(5.5)  # the freeze itself (longer than watchdog_s), not a synchronisation
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    client.publish_frame("cam", frame, "after")
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result" and json.loads(m.payload)["frame_id"] == "after",
+                    timeout=60)
+    assert worker.proc.poll() is None, worker.output()[-3000:]
+    deadline = time.monotonic() + 10
+    while "the process did not run for" not in worker.output() and time.monotonic() < deadline:
+        time.sleep(0.1)  # poll interval of this observer, not a synchronisation
+    output = worker.output()
+    assert "WARNING" in output and "the process did not run for" in output, output[-3000:]
+    assert "watchdog:" not in output and "Timeout (" not in output, output[-3000:]
+    assert worker.stop() == 0, worker.output()[-3000:]
 
 
 def test_the_dead_mans_switch_ends_a_process_whose_gil_is_held(tmp_path):

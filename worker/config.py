@@ -428,9 +428,10 @@ class WorkerConfig(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     stats_interval_s: float = Field(10, gt=0, le=YEAR_S, description="How often counters are published on the stats topic.")
     watchdog_s: float = Field(120, ge=0, le=YEAR_S, description="A thread busy this long without progress is stuck: /healthz fails and "
-                                                                "the worker exits with code 3 for its service manager to restart it; the "
-                                                                "process also ends if its main loop stops running for 0.9-1.0 of "
-                                                                "this (its timer is re-armed every tenth) (0 = off).")
+                                                                "the worker answers its queued frames shutdown and exits with code 3 for "
+                                                                "its service manager to restart it; the process also ends (exit 1, every "
+                                                                "thread's stack) if its main loop stops running for 1.8-2 times this. "
+                                                                "Time the whole process was stopped or paused is not counted (0 = off).")
 
     @field_validator("id")
     @classmethod

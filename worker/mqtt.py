@@ -140,6 +140,7 @@ class MqttLink:
         self._refused: dict[str, str] = {}  # topic -> the broker's reason, while its last SUBACK refused it
         self._resubscribe_at, self._resubscribe_after = float("inf"), RESUBSCRIBE_S[0]
         self.publishes_refused = 0  # QoS 1 messages the broker refused in its PUBACK (lost)
+        self.last_sent: mqtt.MQTTMessageInfo | None = None  # the last publish: once acknowledged, so is every one before
         self.last_refused: dict[str, str] | None = None  # the last one's topic and the broker's reason
         self._refusals_said, self._refusal_log = 0, Throttle(60)
         self.client_id = client_id
@@ -484,8 +485,9 @@ class MqttLink:
         if accepted is not None:
             accepted()
         # a broker closes the connection over a QoS or a retain flag its CONNACK said it does not take
-        return self.client.publish(topic, data, qos=min(self.cfg.qos if qos is None else qos, self.max_qos),
-                                   retain=retain and self.retain_available, properties=properties)
+        self.last_sent = self.client.publish(topic, data, qos=min(self.cfg.qos if qos is None else qos, self.max_qos),
+                                             retain=retain and self.retain_available, properties=properties)
+        return self.last_sent
 
     def stop(self) -> None:
         self.client.disconnect()

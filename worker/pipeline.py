@@ -239,6 +239,21 @@ class Pipeline:
             self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, "worker stopped before this frame was processed")
         return len(left)
 
+    def abandon(self, message: str, timeout: float) -> int:
+        """A watchdog exit: close the queue, let the inference threads that still run finish the frame in hand
+        (bounded by ``timeout``: a stuck one keeps its frame), then answer each frame left in the queue ``shutdown``
+        with ``message`` (acknowledged to the broker, nothing else would answer them); returns how many.  A frame
+        that arrives meanwhile is refused by the closed queue, and answered too."""
+        self.queue.close()
+        left = self.queue.drain()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            if t.name != "capture":
+                t.join(max(0.0, deadline - time.monotonic()))
+        for frame in left:
+            self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, message)
+        return len(left)
+
     def _run(self) -> None:
         name = threading.current_thread().name
         requests: dict[Model, object] = {}  # one infer request per model this thread has served (keeps it alive)

@@ -41,12 +41,14 @@ from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
 from worker.spaces import embedding_space_of
 from worker.store import VectorStore
-from worker.supervise import DeadMansSwitch, Liveness, StopLoop, Throttle, off_the_main_thread, supervised_loop
+from worker.supervise import DeadMansSwitch, Liveness, StopLoop, Throttle, off_the_main_thread, pause_after, supervised_loop, switch_timeout
 from worker.topics import Topics
 from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
 
 EXIT_STUCK = 3
+LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the gauges
+GIVE_UP_ANSWER_S = 3.0  # at most this long answering the queued frames and requests before a watchdog exit
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,7 @@ class Worker:
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
             size=lambda m: len(m.payload))
         self.query_thread = threading.Thread(target=self._serve_requests, name="requests", daemon=True)
+        self.stats_thread: threading.Thread | None = None  # started by run(), which holds the stop event
         self._next_watch = time.monotonic() + cfg.model.watch_s
         self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
         self.accepting = True
@@ -455,15 +458,25 @@ class Worker:
         self.liveness.register(self.query_thread.name, self.query_thread)
         self.query_thread.start()
         self.link.start()
-        switch = DeadMansSwitch(self.cfg.worker.watchdog_s)
-        now = time.monotonic()
-        next_stats = now + self.cfg.worker.stats_interval_s
-        while not stop.wait(0.2):
-            switch.arm()
+        self.stats_thread = threading.Thread(target=self._serve_stats, args=(stop,), name="stats", daemon=True)
+        self.liveness.register(self.stats_thread.name, self.stats_thread)
+        self.stats_thread.start()
+        switch = DeadMansSwitch(switch_timeout(self.cfg.worker.watchdog_s))
+        pause = pause_after(self.cfg.worker.watchdog_s)
+        while True:
+            asked = time.monotonic()
+            if stop.wait(LOOP_S):
+                break
+            now = time.monotonic()
+            gap = now - asked - LOOP_S
+            if gap > pause:  # no thread of this process ran either: a freeze is not a stuck thread
+                log.warning("the process did not run for %.0f s (stopped or paused: SIGSTOP, docker pause, a paused "
+                            "VM, or starved of CPU); the watchdog does not count that time against its threads", gap)
+                self.liveness.excuse(gap, now)
+            switch.arm(force=gap > pause)
             problems = self.liveness.problems()
             if problems:
                 self._give_up(problems)
-            now = time.monotonic()
             self.stats.queue_depth.set(len(self.pipeline.queue))
             self.stats.store_lag.set(self.recorder.pending + self.recorder.spool.points)
             self.stats.store_up.set(int(self.recorder.store is not None))
@@ -479,22 +492,62 @@ class Worker:
                           "read never reach it (mosquitto's acl_file takes such a subscription and drops the "
                           "messages); the broker's ACL must cover the prefix set in topics.prefix",
                           self.topics.availability, ECHO_S)
-            if now >= next_stats:
-                self.models.record_again(quiet=True)  # a rollout.json a full disk refused, once there is space
-            if now >= next_stats and self.link.connected.is_set():
-                self._publish_stats()
-                next_stats = now + self.cfg.worker.stats_interval_s
+        self.stats_thread.join(LOOP_S * 5)  # between two steps (one in hand is finished: it may publish once more)
         # A shutdown that hangs must end too: the switch stays armed, with room for its own timeouts.
         DeadMansSwitch(self.cfg.worker.watchdog_s and self.cfg.worker.watchdog_s + 90).arm()
         self.shutdown()
         switch.disarm()
 
+    def _serve_stats(self, stop: threading.Event) -> None:
+        """The stats topic every ``worker.stats_interval_s``, and rollout.json again where a full disk refused it.  On
+        a thread of its own: building the stats reads parts whose locks are held while they write files (evidence,
+        extensions, capture), and the main loop, which must see a stuck thread, must never wait behind one."""
+        next_stats = [time.monotonic() + self.cfg.worker.stats_interval_s]
+
+        def step() -> None:
+            if stop.wait(min(0.5, self.cfg.worker.stats_interval_s)):
+                raise StopLoop
+            now = time.monotonic()
+            if now < next_stats[0]:
+                return
+            self.models.record_again(quiet=True)  # a rollout.json a full disk refused, once there is space
+            if self.link.connected.is_set():
+                self._publish_stats()
+                next_stats[0] = now + self.cfg.worker.stats_interval_s
+
+        supervised_loop(self.liveness, "stats", step)
+
     def _give_up(self, problems: list[str]) -> None:
         """A thread is dead or stuck: nothing in-process can be trusted to recover it, so exit for the
-        service manager (systemd Restart=on-failure) to start a fresh worker; the broker keeps what is unacked."""
-        log.critical("watchdog: %s; exiting with code %d for a restart", "; ".join(problems), EXIT_STUCK)
+        service manager (systemd Restart=on-failure) to start a fresh worker.  What the broker still holds
+        (unacknowledged) comes to the next start; the frames and requests in our queues were acknowledged, so each
+        is answered ``shutdown`` first, on a thread of its own and for at most ``GIVE_UP_ANSWER_S``: the exit must
+        not wait behind whatever made a thread stuck."""
+        reason = "; ".join(problems)
+        log.critical("watchdog: %s; exiting with code %d for a restart", reason, EXIT_STUCK)
+        answering = threading.Thread(target=self._answer_before_exit, args=(f"worker restarting: {reason}",),
+                                     name="give-up", daemon=True)
+        answering.start()
+        answering.join(GIVE_UP_ANSWER_S + 1)
         logging.shutdown()
         os._exit(EXIT_STUCK)
+
+    def _answer_before_exit(self, message: str) -> None:
+        """Answer ``shutdown`` with ``message`` to every queued frame and waiting request (the inference threads that
+        still run finish the frame in hand first), and wait, bounded, until the broker has taken what was published
+        last: it acknowledges in order, so it then has every answer before it.  New frames are left unacknowledged,
+        for the broker to hand to the next start."""
+        deadline = time.monotonic() + GIVE_UP_ANSWER_S
+        self.accepting = False
+        self.query_queue.close()
+        frames = self.pipeline.abandon(message, GIVE_UP_ANSWER_S / 2)
+        requests = self._refuse_waiting_requests(message)
+        log.warning("watchdog: %d queued frame(s) and %d waiting request(s) answered shutdown before the exit", frames,
+                    requests)
+        last = self.link.last_sent
+        if last is not None:
+            with contextlib.suppress(RuntimeError, ValueError):  # not connected: what is unsent is lost with the process
+                last.wait_for_publish(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, timeout: float = 30) -> None:
         log.info("stopping: finishing %d queued frames", len(self.pipeline.queue))
@@ -506,7 +559,7 @@ class Worker:
         self.accepting = False
         left = self.pipeline.stop(timeout)
         self.query_queue.close()
-        unanswered = self._refuse_waiting_requests()
+        unanswered = self._refuse_waiting_requests("the worker stopped before this request was served; ask again")
         self.query_thread.join(timeout)  # the request in hand is answered (a reload's compile can take seconds)
         self.models.record_again()  # what serves now is what the next start serves, where rollout.json was refused
         flushed = self.recorder.flush(timeout)
@@ -525,16 +578,16 @@ class Worker:
         log.info("stopped: %s; %d frames and %d requests refused at shutdown; store flushed: %s",
                  json.dumps(self.stats.snapshot()), left, unanswered, flushed)
 
-    def _refuse_waiting_requests(self) -> int:
-        """Answer ``shutdown`` to the requests waiting at the stop: they were acknowledged to the broker, so nothing
-        else would answer them, and serving them (reloads, labels) would hold the stop up; returns how many."""
+    def _refuse_waiting_requests(self, message: str) -> int:
+        """Answer ``shutdown`` (``message``) to the requests waiting at the stop: they were acknowledged to the broker,
+        so nothing else would answer them, and serving them (reloads, labels) would hold the stop up; returns how
+        many."""
         waiting = self.query_queue.drain()
         for msg in waiting:
             with contextlib.suppress(RequestError):  # no body topic to answer on: the v5 one if any, else logged
                 msg = routed(msg)
             try:
-                self._respond(msg, error_answer(ErrorCode.SHUTDOWN, "the worker stopped before this request was served; "
-                                                "ask again"))
+                self._respond(msg, error_answer(ErrorCode.SHUTDOWN, message))
             except Exception:  # the stop goes on whatever one answer does
                 log.exception("answering a request waiting at the stop failed")
         return len(waiting)

@@ -10,7 +10,10 @@ Both make ``/healthz`` fail and the worker exit non-zero so its service manager
 restarts it.  Python cannot see a thread that holds the GIL forever, so the main
 loop also re-arms :func:`faulthandler.dump_traceback_later` (a C thread that needs
 no GIL): if the main loop itself stops running, that timer dumps every thread's
-stack and ends the process.  Each supervised loop also names its thread at the OS level, so
+stack and ends the process.  Its timeout is ``SWITCH_FACTOR`` times the watchdog's, so that a stuck thread is
+always ended by the watchdog, with its reason, and a freeze of the whole process (SIGSTOP, ``docker pause``, a
+paused VM: the monotonic clock runs on meanwhile) shorter than that is excused (:meth:`Liveness.excuse`) instead of
+taken for a hang.  Each supervised loop also names its thread at the OS level, so
 ``top -H``, ``ps -L`` and ``/proc/PID/task/*/comm`` tell the worker's loops from OpenVINO's threads.
 """
 
@@ -64,18 +67,34 @@ class Liveness:
 
     @contextmanager
     def busy(self, name: str) -> Iterator[None]:
-        """Mark ``name`` busy for the block; progress when it ends, however it ends."""
+        """Mark ``name`` busy for the block; progress when it ends, however it ends.  The times are set under the
+        lock, so that :meth:`excuse` cannot put back a start the thread has just cleared."""
         state = self.register(name)
-        state.busy_since = time.monotonic()
+        with self._lock:
+            state.busy_since = time.monotonic()
         try:
             yield
         finally:
-            state.busy_since = None
-            state.last_progress = time.monotonic()
+            with self._lock:
+                state.busy_since = None
+                state.last_progress = time.monotonic()
 
     def beat(self, name: str) -> None:
         """Progress without work (an idle wait came back)."""
-        self.register(name).last_progress = time.monotonic()
+        state = self.register(name)
+        with self._lock:
+            state.last_progress = time.monotonic()
+
+    def excuse(self, gap_s: float, resumed_at: float) -> None:
+        """The whole process did not run for ``gap_s`` seconds up to ``resumed_at`` (stopped, paused): no thread could
+        make progress meanwhile, so every busy start and last progress before then moves forward by the gap (never
+        past ``resumed_at``), and a freeze is not taken for a stuck thread."""
+        with self._lock:
+            for s in self._threads.values():
+                if s.busy_since is not None and s.busy_since < resumed_at:
+                    s.busy_since = min(s.busy_since + gap_s, resumed_at)
+                if s.last_progress < resumed_at:
+                    s.last_progress = min(s.last_progress + gap_s, resumed_at)
 
     def failed(self, name: str) -> None:
         with self._lock:
@@ -227,13 +246,29 @@ class Throttle:
         self._at = float("-inf")
 
 
+SWITCH_FACTOR = 2  # the dead man's switch's timeout, in watchdog_s: clearly after the watchdog's own check
+PAUSE_S = 5.0  # a main-loop wait this much longer than asked means the process did not run (at most watchdog_s / 4)
+
+
+def switch_timeout(watchdog_s: float) -> float:
+    """The dead man's switch's timeout for ``worker.watchdog_s`` (0: off)."""
+    return SWITCH_FACTOR * watchdog_s
+
+
+def pause_after(watchdog_s: float) -> float:
+    """How much longer than asked a main-loop wait must take to count as a freeze of the process: well under the
+    watchdog's limit, so a freeze is excused before a thread could be called stuck for it."""
+    return min(PAUSE_S, watchdog_s / 4) if watchdog_s else PAUSE_S
+
+
 class DeadMansSwitch:
     """Ends the process when the main loop stops re-arming it (e.g. a thread holds the GIL forever).
 
     Re-arming replaces faulthandler's timer thread and waits, holding the GIL, until the old one has exited: on
     cores busy with inference that wait can last milliseconds, during which no other Python thread runs.  So
     :meth:`arm` re-arms at most every tenth of the timeout; the process ends between 0.9 and 1.0 of the timeout
-    after the loop stopped."""
+    after the loop stopped.  The timer counts time the process was stopped: after a freeze longer than that it
+    fires as the process resumes, before the loop can re-arm it (no faulthandler option avoids that)."""
 
     REARM_FRACTION = 0.1
 
@@ -241,8 +276,9 @@ class DeadMansSwitch:
         self.timeout_s = timeout_s
         self._rearm = Throttle(timeout_s * self.REARM_FRACTION)
 
-    def arm(self) -> None:
-        if self.timeout_s and self._rearm.ready():
+    def arm(self, force: bool = False) -> None:
+        """Re-arm when a tenth of the timeout has passed since the last time, or ``force`` (after a freeze)."""
+        if self.timeout_s and self._rearm.ready(force):
             faulthandler.dump_traceback_later(self.timeout_s, repeat=False, file=sys.stderr, exit=True)
 
     def disarm(self) -> None:

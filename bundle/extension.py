@@ -227,6 +227,34 @@ def absorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key
     return Absorbed(entry, raw_score, left_out, full, max(after), len(still))
 
 
+def reabsorb(bundle: CompiledBundle, request: ov.InferRequest, ext: Extension, key: str, tiles: list[np.ndarray],
+             views: Views, threshold: float, margin: float, protected: list[tuple[np.ndarray, np.ndarray]],
+             put: Callable[[Extension], None], frame_id: str, camera: str, before: ExtensionState | None
+             ) -> Absorbed | None:
+    """After rows were withdrawn from ``ext``: add to the entry of the false alarm ``key`` (a new one where it has
+    none) what its frame and ``views`` now miss, if the frame is flagged now but passed with the extension as it
+    was ``before``; None where it passes, or was flagged then too (not the withdrawal's doing).
+
+    A label absorbs only the patches the rows in use leave at or above the margin, so its frame can lean on an
+    earlier label's rows; withdrawing that label must not bring this one back unannounced.  The views are scored
+    together against the extension as it is now, and rows near a ``protected`` confirmed defect are left out, as
+    :func:`absorb` does.  Raises ExtensionFull or ExtensionUnwritable (then nothing was added).
+    """
+    rows, scores = offending_views(bundle, request, tiles, threshold, margin)
+    if max(scores) < threshold or max(offending_views(bundle, request, tiles, threshold, margin, before)[1]) >= threshold:
+        return None
+    others = [view for tile in tiles for view in views.of(tile)[1:]]
+    if others:
+        rows = np.concatenate([rows, offending_views(bundle, request, others, threshold, margin)[0]])
+    keep = spared(rows, protected)
+    entry = None
+    if keep.any():
+        entry = ext.add(key, np.concatenate([ext.rows_of(key), rows[keep]]), frame_id, camera)
+        put(ext)
+    still, after = offending_views(bundle, request, tiles, threshold, margin)
+    return Absorbed(entry, max(scores), int((~keep).sum()), "", max(after), len(still))
+
+
 class Views(StrEnum):
     """Which views of a labelled frame an absorption reads its patches from.
 
@@ -348,6 +376,11 @@ class Extension:
     def entries(self) -> list[Entry]:
         with self._lock:
             return list(self._entries.values())
+
+    def rows_of(self, key: str) -> np.ndarray:
+        """The rows frame ``key`` added [n, C] (none where it has no entry)."""
+        with self._lock:
+            return self._arrays.get(key, np.empty((0, self.feature_dim), np.float32))
 
     def info(self) -> dict:
         """What results and the retained model topic say about the extension."""

@@ -17,7 +17,8 @@ from conftest import ROOT, Client, damage, good_png, train_bundle, wait_online, 
 from test_worker import _query
 
 from exporter.data import load_category
-from worker.store import point_id
+from worker.config import StoreConfig
+from worker.store import VectorStore, point_id
 
 
 def _marked(dataset: Path, name: str = "000") -> bytes:
@@ -460,3 +461,119 @@ def test_a_label_the_full_extension_cannot_take_says_so_and_the_cli_exits_3(brok
     assert "its flipped and turned views, learning.views, need more" in absorbed["reason"], absorbed
     assert "error: the label is stored but nothing was absorbed: the extension is full" in done.stderr, done.stderr
     client.close()
+
+
+def test_withdrawing_a_false_alarm_leaves_the_later_ones_that_leaned_on_it_passing(learning, dataset):
+    """A label absorbs only what the rows already in use leave at or above the margin, so a later false alarm of the
+    same mark absorbed a few patches and leaned on the first one's rows: withdrawing the first brought it back while
+    the extensions list still showed it absorbed and its answer had said passes.  The withdrawal now scores the
+    later false alarms again and re-absorbs what they miss; one whose image is gone is named in no_longer_pass."""
+    prefix, client, _, config, _ = learning
+    frames = {"a-0": _marked(dataset, "000"), "b-0": _marked(dataset, "001"), "c-0": _marked(dataset, "002")}
+    for fid, data in frames.items():
+        assert _score(client, prefix, data, fid)["verdict"] == "anomalous"
+        _until_stored(client, prefix, fid, "cam1")
+
+    def label(body: dict) -> dict:
+        return _query(client, prefix, body, topic="label")
+
+    first = label({"action": "set", "frame_id": "a-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
+    leaning = label({"action": "set", "frame_id": "b-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
+    assert first["patches"] > 0 and leaning["passes"] is True, (first, leaning)
+    assert leaning["patches"] < first["patches"] / 4, leaning  # the same mark: most of it was in use already
+    assert label({"action": "set", "frame_id": "c-0", "camera": "cam1", "label": "false_alarm"})["ok"]
+    for image in (config.parent / "evidence").glob(f"*/{point_id('cam1', 'c-0')}.frame.*"):
+        image.unlink()  # as the evidence budget would: c-0 cannot be scored again
+
+    released = label({"action": "unlabel", "frame_id": "a-0", "camera": "cam1"})["released"]
+    assert released["patches"] == first["patches"], released
+    assert _score(client, prefix, frames["b-0"], "b-1")["verdict"] == "normal"  # as its label's answer said
+    [again] = released["reabsorbed"]
+    assert again["frame_id"] == "b-0" and again["patches"] > 0 and again["passes"] is True, released
+    assert "cam1/b-0" in released["message"] and "leaned on its rows" in released["message"], released
+    [lost] = released["no_longer_pass"]
+    assert lost["frame_id"] == "c-0" and "image is no longer kept" in lost["reason"], released
+    [ext] = label({"action": "extensions"})["extensions"]
+    entries = {e["frame_id"]: e for e in ext["entries"]}
+    assert entries["b-0"]["rows"] == leaning["patches"] + again["patches"] and "no_longer_pass" not in entries["b-0"]
+    if "c-0" in entries:  # c-0 absorbed rows of its own: the list says it may be flagged again
+        assert "image is no longer kept" in entries["c-0"]["no_longer_pass"], entries
+
+
+def _offline_store(config: Path, bundle_dir: Path) -> VectorStore:
+    """The worker's history opened by the test while the worker is stopped."""
+    from bundle import read_manifest
+
+    return VectorStore(StoreConfig(path=config.parent / "qdrant"), read_manifest(bundle_dir).embedding_dim)
+
+
+def test_a_false_alarm_absorbed_but_not_recorded_before_a_crash_is_labelled_at_start(learning, dataset, bundle_dir):
+    """A label absorbs its frame first and records the label second: a worker killed in between kept the rows in use
+    while the history had no label, so retention deleted the frame as an ordinary one and the label export did not
+    show it.  At start the frame is labelled as the operator asked; an entry whose frame is gone is logged and marked
+    in the extensions list, and can be withdrawn."""
+    prefix, client, worker, config, start = learning
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
+    assert worker.stop() == 0
+    store = _offline_store(config, bundle_dir)
+    try:  # the history as a kill between the absorption and the label's write left it
+        pid, vector, payload = store.find("m-0", "cam1")
+        payload.update(label=None, defect_type=None, note=None, labelled_at=None)
+        store.upsert([(pid, vector, payload)])
+    finally:
+        store.close()
+    client.messages.clear()
+    worker = start(config)
+    wait_online(client, prefix)
+    for _ in range(60):  # labelled while the worker is idle after its start
+        labels = _query(client, prefix, {"action": "export"}, topic="label")["labels"]
+        if labels:
+            break
+        _next_tick(client)
+    assert [(r["frame_id"], r["label"]) for r in labels] == [("m-0", "false_alarm")], labels
+    assert "the worker stopped after absorbing it" in labels[0]["note"]
+    assert "labelled now" in worker.output()
+
+    assert worker.stop() == 0
+    store = _offline_store(config, bundle_dir)
+    try:  # now as retention left it: the frame gone from the history, its rows still in use
+        store.delete([point_id("cam1", "m-0")])
+    finally:
+        store.close()
+    client.messages.clear()
+    worker = start(config)
+    wait_online(client, prefix)
+    for _ in range(60):
+        [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
+        if "unrecorded" in ext["entries"][0]:
+            break
+        _next_tick(client)
+    assert "no label in the history names it" in ext["entries"][0]["unrecorded"], ext
+    assert "no label in the history names them" in worker.output()
+    assert "cam1/m-0 (its frame is no longer in the history)" in worker.output()
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # the rows serve until withdrawn
+    answer = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}, topic="label")
+    assert answer["released"]["patches"] == absorbed["patches"], answer
+    assert _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"][0]["entries"] == []
+
+
+def test_a_false_alarm_label_the_store_refuses_takes_its_absorption_back(learning, dataset):
+    """The store refusing the label's write after the absorption left rows in use with no label in the history (the
+    same half state as a kill in between), while the answer said store_unavailable.  The absorption is now taken
+    back, and the answer says so."""
+    prefix, client, _, config, _ = learning
+    marked = _marked(dataset)
+    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+    collection = config.parent / "qdrant" / "frames"  # store.collection
+    moved = collection.with_name("moved-away")
+    collection.rename(moved)  # the store's next write fails for real (StoreGone), its reads still answer
+    try:
+        answer = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
+                        topic="label")
+        assert answer["error"]["code"] == "store_unavailable", answer
+        assert _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"][0]["entries"] == []
+        assert "the label is unchanged and nothing was absorbed" in answer["error"]["message"], answer
+    finally:
+        moved.rename(collection)
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"  # nothing was taught

@@ -94,6 +94,7 @@ class LabelService:
         self.learner = learner
         self.capture = capture
         self._capture_checked = capture is None  # see warm
+        self._reconciled = learner is None  # see warm
 
     def answer_bytes(self, payload: bytes) -> dict:
         """Answer a raw request; errors come back as ``{"ok": false, "error": ...}``."""
@@ -121,7 +122,8 @@ class LabelService:
             # A false alarm's frame may be gone from the history (retention by age) while its rows still make frames
             # like it pass: withdrawing it must still work, or a wrong label could not be undone.
             try:
-                released = self.learner.release(point_id(request.camera, request.frame_id), request.camera)
+                released = self.learner.release(point_id(request.camera, request.frame_id), request.camera,
+                                                store.labelled)
             except ExtensionUnwritable as exc:
                 raise RequestError(ErrorCode.INTERNAL_ERROR, str(exc)) from exc
             if released["patches"]:
@@ -143,14 +145,19 @@ class LabelService:
                     answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, others)
                 else:  # an extension may hold rows of this id while the stored frame says otherwise: a camera that
                     # reused the id replaced the false alarm's record, so its label can no longer say what to release
-                    released = self.learner.release(pid, request.camera)
+                    released = self.learner.release(pid, request.camera, lambda: [
+                        p for p in store.labelled() if (p.get("camera"), p.get("frame_id")) !=
+                        (request.camera, request.frame_id)])  # its own label is being withdrawn
                     if was_false_alarm or released["patches"]:
                         answer["released"] = released
             except ExtensionUnwritable as exc:
                 raise RequestError(ErrorCode.INTERNAL_ERROR, f"{exc}; the label is unchanged") from exc
         payload.update(label=request.label, defect_type=request.defect_type if labelled else None,
                        note=request.note if labelled else None, labelled_at=iso(time.time()) if labelled else None)
-        store.upsert([(pid, vector, payload)])
+        try:
+            store.upsert([(pid, vector, payload)])
+        except StoreError as exc:
+            raise StoreError(f"{exc}; {self._undo(pid, request, was_false_alarm, answer)}") from exc
         if self.evidence is not None:  # a labelled frame's evidence moves to the labelled budget
             self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
         if request.label == "confirmed_defect" and self.capture is not None and self.capture.forget(request.camera, pid):
@@ -162,6 +169,24 @@ class LabelService:
                 log.exception("confirmed defect %s/%s could not be scored for the absorption guard",
                               request.camera, request.frame_id)
         return answer
+
+    def _undo(self, key: str, request: SetLabel, was_false_alarm: bool, answer: dict) -> str:
+        """After the store refused the label: take back the absorption made for it, so that no rows make frames like
+        it pass while the history has no false-alarm label (retention would delete the frame as an ordinary one, and
+        the label export would not show it); what the error should add."""
+        if (answer.get("released") or {}).get("patches"):
+            return "the label is unchanged, but the rows it had absorbed are withdrawn: send the request again"
+        if self.learner is None or request.label != "false_alarm" or was_false_alarm:
+            return "the label is unchanged"
+        try:
+            self.learner.release(key, request.camera)
+        except ExtensionUnwritable as exc:
+            log.error("false alarm %s/%s: the store refused its label and its absorption could not be taken back "
+                      "(%s): its rows stay in use with no label in the history until it is labelled again or "
+                      "withdrawn", request.camera, request.frame_id, exc)
+            return (f"the label is unchanged, but its absorption could not be taken back ({exc}): label it again or "
+                    "withdraw it (unlabel)")
+        return "the label is unchanged and nothing was absorbed"
 
     def warm(self) -> bool:
         """Score one confirmed defect's guard a served model lacks (worker/learning.py ``Learner.warm``); True when one
@@ -184,6 +209,14 @@ class LabelService:
             return True
         if self.learner is None:
             return False
+        if not self._reconciled:
+            try:
+                with self.use_store() as store:
+                    self._reconcile(store, self.learner)
+            except (StoreUnavailable, StoreError):  # tried again at the next idle turn
+                return False
+            self._reconciled = True
+            return True
 
         def confirmed() -> list[dict]:
             with self.use_store() as store:
@@ -193,6 +226,41 @@ class LabelService:
             return self.learner.warm(confirmed)
         except StoreUnavailable:  # listed again at the next change of the served models, or by the next label
             return False
+
+    def _reconcile(self, store: VectorStore, learner: Learner) -> None:
+        """Make the history agree with the extensions after a crash: a label absorbs its frame first and records
+        the label second (so that a label the extension cannot take leaves the history unchanged), and a worker
+        killed in between left rows in use with no false-alarm label in the history (retention then deleted the
+        frame as an ordinary one, and the label export did not show it).  An entry whose frame is still the one
+        absorbed (received before the entry was written) is labelled now, as the operator asked; one whose frame is
+        gone (that, or retention by age), or was replaced by a later frame of the same id, is logged and marked
+        ``unrecorded`` in the ``extensions`` list, so it can be withdrawn."""
+        unrecorded = []
+        for key, entry in {e.key: e for ext in learner.models.extensions() for e in ext.entries()}.items():
+            found = store.get(key)
+            payload = found[2] if found is not None else {}
+            if payload.get("label") == "false_alarm":
+                continue
+            said = f"{payload.get('camera', entry.camera)}/{payload.get('frame_id', entry.frame_id)}"
+            if found is not None and float(payload.get("received_ts", float("inf"))) <= entry.at:
+                payload.update(label="false_alarm", defect_type=None, labelled_at=iso(entry.at),
+                               note="labelled at start: the worker stopped after absorbing it, before recording the label")
+                store.upsert([(key, found[1], payload)])
+                if self.evidence is not None:
+                    self.evidence.set_labelled(key, True, payload.get("verdict") == "anomalous")
+                log.warning("false alarm %s: absorbed (%d rows), but the worker stopped before its label was recorded: "
+                            "labelled now", said, entry.rows)
+                continue
+            why = ("its frame is no longer in the history" if found is None else
+                   "its frame id now names a later frame: the camera reused it")
+            learner.unrecorded[key] = (f"absorbed, but no label in the history names it ({why}): withdraw it "
+                                       "(unlabel) unless frames like it should pass")
+            unrecorded.append(f"{said} ({why})")
+        if unrecorded:
+            log.warning("%d absorbed false alarm(s) make frames like them pass while no label in the history names them "
+                        "(retention by age, a camera that reused the id, or a worker stopped between absorbing one and "
+                        "recording its label): withdraw them (unlabel) unless frames like them should pass; %s",
+                        len(unrecorded), "; ".join(unrecorded[:10]))
 
     def export(self, request: ExportLabels, store: VectorStore) -> dict:
         rows = sorted(({k: p.get(k) for k in EXPORT_FIELDS} for p in store.labelled()),

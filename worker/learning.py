@@ -8,7 +8,8 @@ candidate patches at or above ``learning.margin`` x the image threshold are adde
 extension (bundle/extension.py), except those that could take one of the operator's confirmed defects below its
 threshold (``learning.guard_defects``; their guards are kept on disk, worker/guards.py).  Every compiled copy of the
 bundle uses the new rows from its next frame on, and the retained model topic announces
-the new revision.  Clearing the label (or ``unlabel``) takes the rows back.
+the new revision.  Clearing the label (or ``unlabel``) takes the rows back; the false alarms labelled after it,
+whose rows were chosen with its rows in use, are scored again and absorb what they now miss.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bundle import tiling
-from bundle.extension import Absorbed, Entry, Extension, ExtensionUnwritable, absorb, decisive_patches
+from bundle.extension import Absorbed, Entry, Extension, ExtensionFull, ExtensionUnwritable, absorb, decisive_patches, reabsorb
 from worker.capture import Capture
 from worker.config import Config
 from worker.decode import FrameError
@@ -31,11 +34,34 @@ from worker.models import Model, Models
 from worker.store import point_id
 from worker.wire import iso
 
+if TYPE_CHECKING:
+    from bundle.runtime import ExtensionState
+
 log = logging.getLogger(__name__)
 
 
 def _patches(n: int) -> str:
     return f"{n} patch" if n == 1 else f"{n} patches"
+
+
+def _when(stamp: object) -> float:
+    """A payload's ISO time (``labelled_at``) as a timestamp; 0 where it has none."""
+    try:
+        return datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _others(reabsorbed: list[dict], lost: list[dict]) -> str:
+    """What a withdrawal did to the false alarms that leaned on its rows, for its message."""
+    said = ""
+    if reabsorbed:
+        said += (f"; {len(reabsorbed)} later false alarm(s) leaned on its rows and absorbed what they missed: "
+                 + ", ".join(f"{d['camera']}/{d['frame_id']} ({_patches(d['patches'])})" for d in reabsorbed))
+    if lost:
+        said += (f"; {len(lost)} false alarm(s) may no longer pass: "
+                 + ", ".join(f"{d['camera']}/{d['frame_id']} ({d['reason']})" for d in lost))
+    return said
 
 
 def _folded_in(model: Model, held: dict[str, Entry]) -> dict | None:
@@ -73,6 +99,8 @@ class Learner:
         self.guards = Guards()
         self._warmed: frozenset[Model] = frozenset()  # the served models whose missing guards were listed last
         self._pending: list[tuple[Model, str, dict]] = []  # guards still to score for them, newest defect last
+        self._lost: dict[str, str] = {}  # entry key -> why its frame may no longer pass (a withdrawal it leaned on)
+        self.unrecorded: dict[str, str] = {}  # entry key -> why no label in the history names it (worker/labels.py)
 
     def absorb(self, key: str, frame_id: str, camera: str, payload: dict, confirmed: list[dict] | None = None) -> dict:
         """Add the offending patches of the labelled frame ``key``, less those that would lower one of the
@@ -125,6 +153,8 @@ class Learner:
                                 "absorbing it could hide that defect" if done.left_out else
                                 "no patch of this frame is above the threshold any more")
             return {"patches": 0, **figures, "reason": why, **({"full": True} if done.full else {})}
+        self._lost.pop(key, None)  # absorbed anew: scored as it is now
+        self.unrecorded.pop(key, None)
         refused = f" of the frame itself (its flipped and turned views did not fit: {done.full})" if done.full else ""
         guarded = f"; {_patches(done.left_out)} left out, near confirmed defects" if done.left_out else ""
         passes = done.after < threshold
@@ -229,18 +259,23 @@ class Learner:
         self.guards.put(model, key, self._how(model, camera), guard)
         return guard
 
-    def _put(self, ext: Extension, camera: str, frame_id: str) -> None:
+    def _put(self, ext: Extension, camera: str, frame_id: str, what: str = "absorbed") -> None:
         """Put the extension's rows to use: every compiled copy, the model topic."""
         self.models.apply(ext)
-        log.info("false alarm %s/%s absorbed: extension revision %d, %d rows", camera, frame_id, ext.revision,
+        log.info("false alarm %s/%s %s: extension revision %d, %d rows", camera, frame_id, what, ext.revision,
                  len(ext.rows))
         self.on_change()
 
-    def release(self, key: str, camera: str) -> dict:
+    def release(self, key: str, camera: str, labelled: Callable[[], list[dict]] | None = None) -> dict:
         """Take back what frame ``key`` added, from every extension that holds it (labelled again after a reload to
-        another bundle, it is in both); the answer's revision and rows are the camera's model's where it held some."""
+        another bundle, it is in both); the answer's revision and rows are the camera's model's where it held some.
+
+        ``labelled`` reads the payloads of the labelled frames (the store's); the false alarms among them absorbed after
+        this one may lean on its rows, so each whose frame passed with them and is flagged without them gets what it
+        now misses (``reabsorbed``), or is named (``no_longer_pass``) where that cannot be done."""
         held = {ext.folder.name: entry for ext in self.models.extensions()
                 for entry in ext.entries() if entry.key == key}
+        before = {model: model.bundle.extension_state for model in self.models.scopes().values()}
         released: list[tuple[Extension, int]] = []
         try:  # raises ExtensionUnwritable where one cannot be written: that one keeps the rows, and a retry takes them
             for ext in self.models.extensions():
@@ -253,28 +288,111 @@ class Learner:
                          ext.folder.name, ext.revision)
             if released:
                 self.on_change()
+        self._lost.pop(key, None)
+        self.unrecorded.pop(key, None)
         if self.capture is not None:
             self.capture.remove_false_alarm(camera, key)
         if not released:
             return {"patches": 0, "reason": "this frame had added nothing to an extension"}
+        reabsorbed: list[dict] = []
+        lost: list[dict] = []
+        unchecked = ""
+        try:  # the withdrawal is done and must be answered as such whatever happens here
+            payloads = labelled() if labelled is not None else None
+            for ext, _ in released:
+                if payloads is not None:
+                    done, failed = self._lean(ext, held[ext.folder.name].at, payloads, before)
+                    reabsorbed += done
+                    lost += failed
+        except Exception:
+            log.exception("false alarm label withdrawn: the later false alarms that may lean on its rows could not "
+                          "all be scored again")
+            unchecked = ("; the later false alarms that may lean on its rows could not all be scored again (see the "
+                         "worker's log): frames like them may be flagged again")
         model = self.models.for_camera(camera)
         ext = next((e for e, _ in released if e is model.extension), released[-1][0])
         patches = sum(removed for _, removed in released)
         answer = {"patches": patches, "revision": ext.revision, "extension_rows": len(ext.rows),
-                  "extensions": len(released)}
+                  "extensions": len(released), "reabsorbed": reabsorbed, "no_longer_pass": lost}
+        others = _others(reabsorbed, lost) + unchecked
         fold = _folded_in(model, held)
         if fold is None:
-            return {**answer, "message": f"released: {_patches(patches)}; frames like it are scored as before"}
+            return {**answer, "message": f"released: {_patches(patches)}; frames like it are scored as before{others}"}
         m = model.bundle.manifest
         source = f"{m.name} {fold.get('source_version')}"
         return {**answer, "folded": {"bundle": f"{m.name} {m.version}", "from": source},
                 "message": f"withdrawn from the extension of {source}, but the serving bundle {m.name} {m.version} "
                            f"has this label's rows folded into its bank (exporter fold-extension from {source}): "
                            f"frames like it still pass; to withdraw it, roll back to {source} or fold that bundle's "
-                           "extension again without it"}
+                           f"extension again without it{others}"}
+
+    def _lean(self, ext: Extension, since: float, labelled: list[dict], before: dict[Model, ExtensionState | None]
+              ) -> tuple[list[dict], list[dict]]:
+        """The false alarms absorbed into ``ext`` after ``since`` (when the withdrawn label's rows came), oldest first,
+        scored again by the model serving their camera (one inference per tile; the dependent ones a few more): those
+        that passed ``before`` the withdrawal and are flagged now are re-absorbed (:func:`bundle.extension.reabsorb`).
+        Returns (re-absorbed, no longer passing), each a list of ``{frame_id, camera, ...}``; the entries of the
+        latter are marked in :meth:`extensions`."""
+        if not any(m.extension is ext for m in self.models.scopes().values()):
+            return [], []  # kept for rollback only: no model scores with it now
+        entries = {e.key: e for e in ext.entries()}
+        frames = {point_id(p["camera"], p["frame_id"]): p for p in labelled if p.get("label") == "false_alarm"
+                  and isinstance(p.get("camera"), str) and isinstance(p.get("frame_id"), str)}
+        confirmed = [p for p in labelled if p.get("label") == "confirmed_defect"]
+        due = []
+        for key, p in frames.items():
+            model = self.models.for_camera(p["camera"])
+            entry = entries.get(key)
+            when = max(_when(p.get("labelled_at")), entry.at if entry is not None else 0.0)
+            if model.extension is ext and p.get("verdict") == "anomalous" and when > since:
+                due.append((when, key, p, model))
+        reabsorbed: list[dict] = []
+        lost: dict[str, dict] = {key: {"frame_id": e.frame_id, "camera": e.camera, "reason": (
+            "its frame is no longer in the history, so it could not be scored again: frames like it may be flagged "
+            "again")} for key, e in entries.items() if key not in frames and e.at > since}
+        for _, key, p, model in sorted(due, key=lambda d: d[0]):
+            camera, frame_id = p["camera"], p["frame_id"]
+            said = {"frame_id": frame_id, "camera": camera}
+            data = self.evidence.read((p.get("evidence") or {}).get("frame"))
+            if data is None:
+                lost[key] = {**said, "reason": "its image is no longer kept, so it could not be scored again: frames "
+                             "like it may be flagged again"}
+                continue
+            threshold = self.models.image_norm(model, camera).threshold
+            had = len(ext.rows_of(key))
+            try:
+                tiles = self._tiles(model, camera, self.frame_image(data, camera, model))
+                done = reabsorb(model.bundle, model.bundle.create_request(), ext, key, tiles, self.cfg.learning.views,
+                                threshold, self.cfg.learning.margin, self._protected(model, confirmed),
+                                partial(self._put, camera=camera, frame_id=frame_id, what="re-absorbed"), frame_id,
+                                camera, before.get(model))
+            except FrameError as exc:
+                lost[key] = {**said, "reason": f"its stored image cannot be read ({exc.message}), so it could not be "
+                             "scored again: frames like it may be flagged again"}
+                continue
+            except (ExtensionFull, ExtensionUnwritable) as exc:
+                lost[key] = {**said, "reason": f"it leaned on the withdrawn rows and what it misses now was not "
+                             f"absorbed: {exc}"}
+                continue
+            if done is None:  # it passes, or it was flagged with the withdrawn rows too
+                continue
+            added = (done.entry.rows if done.entry is not None else had) - had
+            passes = done.after is not None and done.after < threshold
+            if added:
+                reabsorbed.append({**said, "patches": added, "passes": passes})
+            if passes:
+                self._lost.pop(key, None)  # an earlier withdrawal's mark: it passes again
+            else:
+                guarded = f"; {_patches(done.left_out)} of it lie near confirmed defects" if done.left_out else ""
+                lost[key] = {**said, "reason": f"it leaned on the withdrawn rows and is flagged again{guarded}"}
+        held = {e.key for e in ext.entries()}
+        self._lost.update({key: said["reason"] for key, said in lost.items() if key in held})
+        return reabsorbed, list(lost.values())
 
     def extensions(self) -> list[dict]:
-        """Every extension the served bundles use: its figures and one entry per absorbed false alarm."""
+        """Every extension the served bundles use: its figures and one entry per absorbed false alarm, with
+        ``no_longer_pass`` where a withdrawal it leaned on flagged its frame again and that could not be mended, and
+        ``unrecorded`` where no label in the history names it (worker/labels.py ``LabelService.warm``)."""
         out: list[dict] = []
         scopes = self.models.scopes()
         for model in scopes.values():
@@ -283,7 +401,9 @@ class Learner:
                 continue
             out.append({"folder": ext.folder.name, "bundle": model.info["name"], "scopes": sorted(
                 s for s, m in scopes.items() if m.extension is ext), **ext.info(),
-                "entries": [{"frame_id": e.frame_id, "camera": e.camera, "rows": e.rows, "at": iso(e.at)}
+                "entries": [{"frame_id": e.frame_id, "camera": e.camera, "rows": e.rows, "at": iso(e.at),
+                             **({"no_longer_pass": self._lost[e.key]} if e.key in self._lost else {}),
+                             **({"unrecorded": self.unrecorded[e.key]} if e.key in self.unrecorded else {})}
                             for e in ext.entries()]})
         return out
 

@@ -410,13 +410,17 @@ class VectorStore:
         hits = self._call("search", self.engine.search, np.asarray(vector, np.float32), top_k, filters, exclude)
         return [Hit(score, payload) for score, payload in hits]
 
+    def get(self, key: str) -> tuple[str, np.ndarray, dict] | None:
+        """A logged frame by its point id (an extension entry's key, which may lack its frame id: a torn index)."""
+        found = self._call("read", self.engine.retrieve, [key])
+        return (found[0][0], np.asarray(found[0][1], np.float32), found[0][2]) if found else None
+
     def find(self, frame_id: str, camera: str | None = None) -> tuple[str, np.ndarray, dict] | None:
         """A logged frame by id (newest if several cameras used the same id and none is named)."""
         if camera is not None:
-            found = self._call("read", self.engine.retrieve, [point_id(camera, frame_id)])
-        else:
-            found = sorted(self._call("read", self.engine.by_frame, frame_id, 16),
-                           key=lambda r: r[2].get("captured_ts", 0), reverse=True)
+            return self.get(point_id(camera, frame_id))
+        found = sorted(self._call("read", self.engine.by_frame, frame_id, 16),
+                       key=lambda r: r[2].get("captured_ts", 0), reverse=True)
         if not found:
             return None
         pid, vector, payload = found[0]

@@ -339,6 +339,9 @@ function renderLearned(extensions) {
       li.dataset.key = keyOf(e.camera, e.frame_id);
       const what = document.createElement("span"); what.className = "what";
       what.textContent = `${e.frame_id} · ${e.rows} patches · ${fmtTime(e.at)}`;
+      // The worker's doubts about this entry: a withdrawal it leaned on, or no label in the history naming it.
+      const doubt = [e.no_longer_pass, e.unrecorded].filter(Boolean).join("; ");
+      if (doubt) { what.textContent += ` · ${doubt}`; li.classList.add("doubt"); }
       const undo = document.createElement("button"); undo.type = "button"; undo.className = "undo"; undo.textContent = "Undo";
       undo.title = "withdraw the false-alarm label: frames like it are flagged again";
       undo.addEventListener("click", () => unlearn(e, undo));

@@ -100,3 +100,36 @@ def test_a_broker_without_retain_or_qos_1_is_served_at_what_it_takes(bundle_dir,
     finally:
         client.close()
         broker.stop()
+
+
+def test_a_response_topic_the_acl_forbids_is_said_as_the_requesters(bundle_dir, tmp_path, worker_factory):
+    """A request naming a response topic the broker's ACL does not let the worker write: the log told the operator to
+    let the worker write its own topics, though the topic was the requester's choice."""
+    import shutil
+
+    from scripts.broker import broker_readable_dir
+
+    files = broker_readable_dir("mosq-acl-")
+    acl = files / "acl"
+    acl.write_text("topic readwrite inspect/#\ntopic read elsewhere/#\n")
+    acl.chmod(0o644)
+    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}\n")
+    client = Client(broker.port)
+    try:
+        worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir))
+        wait_online(client, "inspect")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = "elsewhere/answers", b"r1"
+        client.client.publish("inspect/workers/w-test/control", json.dumps({"command": "status"}), qos=1,
+                              properties=props).wait_for_publish(5)
+        said = "elsewhere/answers is outside topics.prefix: a response topic a request named"
+        deadline = time.monotonic() + 60
+        while said not in worker.output():
+            assert time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.1)  # polling the worker's log for the line, not waiting a fixed time
+        assert "must let anonymous clients write the worker's topics" not in worker.output()
+        assert worker.stop() == 0
+    finally:
+        client.close()
+        broker.stop()
+        shutil.rmtree(files, ignore_errors=True)

@@ -120,7 +120,7 @@ class MqttLink:
     def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
                  will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = (),
                  stale: Sequence[str] = (), record: Path | None = None, will_properties: Properties | None = None,
-                 on_takeover: Callable[[], None] | None = None) -> None:
+                 on_takeover: Callable[[], None] | None = None, prefix: str | None = None) -> None:
         """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
         handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
         every start and reconnect; what is published while we are subscribed still arrives.  ``watch``: topics
@@ -187,6 +187,7 @@ class MqttLink:
                 log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
                 self.client.tls_insecure_set(True)
         self.will, self.will_properties, self.on_takeover = will, will_properties, on_takeover
+        self.prefix = prefix  # the worker's own topics (topics.prefix); a refused publish outside it was a requester's
         self.max_qos, self.retain_available = 1, True  # as the broker's last CONNACK announced
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True, properties=will_properties)
@@ -332,6 +333,9 @@ class MqttLink:
         if reason_code.value == 149:  # Packet too large: mosquitto's message_size_limit, which no CONNACK announces
             cause = (f"its {size}-byte payload is over the broker's message size limit (mosquitto: message_size_limit): "
                      "raise it, or make heatmaps smaller (heatmap.size, heatmap.format: jpeg) or send fewer (heatmap.publish)")
+        elif self.prefix is not None and not topic.startswith(f"{self.prefix}/"):
+            cause = (f"{topic} is outside topics.prefix: a response topic a request named, which the broker's ACL does "
+                     f"not let {self._who} write; the requester must name one it may (e.g. under the prefix)")
         else:
             cause = (f"the broker's ACL must let {self._who} write the worker's topics, under the prefix set in "
                      "topics.prefix")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DAMAGE, damage
 from exporter.data import load_category
-from worker.capture import EMBEDDINGS, INDEX, Capture, camera_folder
+from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, camera_folder
 
 
 def image(i: int) -> np.ndarray:
@@ -89,7 +89,8 @@ def test_state_survives_a_restart_and_exports_a_training_folder(tmp_path) -> Non
     written = again.export(tmp_path / "out")
     name = camera_folder("line 1/cam")
     assert "/" not in name and name != "line 1/cam"
-    assert written == {"line 1/cam": {"folder": str(tmp_path / "out" / name), "normal": 12, "false_alarms": 1}}
+    assert written == {"line 1/cam": {"folder": str(tmp_path / "out" / name), "normal": 12, "false_alarms": 1,
+                                      "confirmed_defects": 0}}
     category = load_category(tmp_path / "out", name)
     assert len(category.train) == 13 and category.test == []
 
@@ -168,8 +169,31 @@ def test_a_frame_labelled_a_defect_leaves_the_sample_and_an_export_does_not_merg
     assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == ["k0", "k2"]
     capture.flush()
     assert Capture(tmp_path / "cap", max_frames=5, min_distance=0.0).counts()["cam"]["kept"] == 2  # after a restart
+    assert [p.stem for p in (tmp_path / "out" / "cam" / DEFECTS).iterdir()] == ["k1"]  # see the next test
     with pytest.raises(FileExistsError, match="already holds 2 files: export to a new folder"):
         capture.export(tmp_path / "out")
+
+
+def test_confirmed_defects_are_the_exports_test_images(tmp_path) -> None:
+    """A capture export held good frames only, so the next bundle trained on it was exported unevaluated: it missed
+    the very defect the operator had confirmed, and nothing said so (a helper's probe).  Confirmed defects, moved out
+    of the sample or kept from their stored frame, are exported beside good/, which the exporter reads as a labelled
+    set: it holds some good frames out and evaluates the new bundle on them and the defects."""
+    capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)
+    for i in range(10):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    assert capture.forget("cam", "k3")  # scored normal and captured: moved
+    capture.add_defect("cam", "flagged", image(50))  # scored anomalous: from its stored frame
+    capture.add_defect("cam", "withdrawn", image(51))
+    capture.remove_defect("cam", "withdrawn")
+    capture.flush()
+    again = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
+    assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (9, 2)
+    written = again.export(tmp_path / "out")
+    assert written["cam"]["confirmed_defects"] == 2
+    category = load_category(tmp_path / "out", "cam")
+    defects = sorted(s.path.stem for s in category.test if s.label)
+    assert defects == ["flagged", "k3"] and len(category.test) == 4 and len(category.train) == 7, category.test
 
 
 def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, capsys) -> None:

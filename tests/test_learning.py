@@ -254,7 +254,11 @@ def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(
     def label(body: dict) -> dict:
         return _query(client, prefix, body, topic="label")
 
-    assert label({"action": "set", "frame_id": "d-0", "camera": "cam1", "label": "confirmed_defect"})["ok"]
+    confirmed = label({"action": "set", "frame_id": "d-0", "camera": "cam1", "label": "confirmed_defect"})
+    # flagged, so never captured as normal: kept from its stored frame for the next training set's test images
+    assert confirmed["ok"] and confirmed["capture"] == "kept for the next training set's test images", confirmed
+    assert [p.stem for p in (config.parent / "capture" / "cam1" / "confirmed_defect").iterdir()] == [
+        point_id("cam1", "d-0")]
     guards = config.parent / "extensions"
     assert worker.stop() == 0
     for kept in guards.glob("*/guards/*"):

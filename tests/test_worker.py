@@ -270,6 +270,9 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
     exported = _query(client, prefix, {"command": "export_capture"}, topic="workers/w-test/control")
     good = {p.stem for p in Path(exported["cameras"]["cam4"]["folder"], "good").iterdir()}
     assert point_id("cam4", other) not in good and point_id("cam4", frames[2][0]) in good, good
+    assert [p.stem for p in Path(exported["cameras"]["cam4"]["folder"], "confirmed_defect").iterdir()] == [
+        point_id("cam4", other)]  # the next bundle's test image
+    assert exported["cameras"]["cam4"]["confirmed_defects"] == 1
     hits = _query(client, prefix, {"frame_id": other, "camera": "cam4", "top_k": 10})["hits"]
     labelled = {h["frame_id"]: (h["label"], h["defect_type"]) for h in hits}
     assert labelled[target] == ("false_alarm", None)

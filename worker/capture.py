@@ -41,6 +41,7 @@ from worker.supervise import Throttle
 log = logging.getLogger(__name__)
 
 INDEX, EMBEDDINGS, FALSE_ALARMS = "index.json", "signatures.npy", "false_alarm"
+DEFECTS = "confirmed_defect"  # frames the operator confirmed as defects: the next training set's test images
 SIGNATURE_SIDE = 16
 SAVE_EVERY_S = 5.0  # at most one state write per camera this often: the sample is best effort, the frames are not blocked
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -85,6 +86,9 @@ class _Camera:
         self.bytes = 0  # of the kept files
         self.vectors: np.ndarray | None = None
         self.false_alarms: set[str] = set()
+        self.defects: set[str] = set()
+        if (folder / DEFECTS).is_dir():
+            self.defects = {p.name for p in (folder / DEFECTS).iterdir() if not p.name.endswith(".tmp")}
         index = folder / INDEX
         if not index.is_file():
             return
@@ -308,18 +312,47 @@ class Capture:
 
     def forget(self, camera: str, key: str) -> bool:
         """Take a kept normal frame out of the sample: an operator labelled it a confirmed defect, which the next
-        model must not learn as good.  True when one was kept."""
+        model must not learn as good; it is kept among the camera's confirmed defects (the export's test images).
+        True when one was kept."""
         with self._lock:
             state = self._cameras.get(camera)
             slot = next((i for i, name in enumerate(state.files) if name.split(".", 1)[0] == key), None) \
                 if state is not None else None
             if state is None or slot is None:
                 return False
-            state.delete(state.files.pop(slot))
+            name = state.files.pop(slot)
+            (state.folder / DEFECTS).mkdir(exist_ok=True)
+            try:
+                state.bytes -= (state.folder / name).stat().st_size
+                (state.folder / name).replace(state.folder / DEFECTS / name)
+                state.defects.add(name)
+            except FileNotFoundError:
+                pass
             if state.vectors is not None:
                 state.vectors = np.delete(state.vectors, slot, axis=0)
             state.save()
             return True
+
+    def add_defect(self, camera: str, key: str, image: np.ndarray) -> None:
+        """A frame the operator confirmed as a defect that the sample did not hold (``image``: in full, cropped as the
+        camera's frames are captured), kept as PNG: the export gives it to the next training set as a test image, so
+        the retrained model is evaluated on the defects this line has seen."""
+        data = cv2.imencode(".png", image)[1].tobytes()
+        with self._lock:
+            state = self._camera(camera)
+            _write(state.folder / DEFECTS / f"{key}.png", data)
+            state.defects.add(f"{key}.png")
+            state.save()  # the camera is then found on disk after a restart even with no sample yet
+
+    def remove_defect(self, camera: str, key: str) -> None:
+        """A confirmed defect's label withdrawn or changed: no longer a test image of the next training set."""
+        with self._lock:
+            state = self._cameras.get(camera)
+            if state is None:
+                return
+            for name in [n for n in state.defects if n.split(".", 1)[0] == key]:
+                (state.folder / DEFECTS / name).unlink(missing_ok=True)
+                state.defects.discard(name)
 
     def remove_false_alarm(self, camera: str, key: str) -> None:
         with self._lock:
@@ -337,14 +370,16 @@ class Capture:
             return self._counts
         try:
             self._counts = {camera: {"seen": s.seen, "kept": len(s.files), "mb": round(s.bytes / 1e6, 1),
-                                     "false_alarms": len(s.false_alarms)}
+                                     "false_alarms": len(s.false_alarms), "confirmed_defects": len(s.defects)}
                             for camera, s in self._cameras.items()}
             return self._counts
         finally:
             self._lock.release()
 
     def export(self, out: Path, cameras: list[str] | None = None) -> dict[str, dict]:
-        """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``; returns what was written where."""
+        """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``, and its confirmed defects to
+        ``out/<camera>/confirmed_defect/`` (the exporter reads good/ beside defect folders as a labelled set: it holds
+        some good images out, and evaluates the new bundle on them and the defects); returns what was written where."""
         out = Path(out)
         written = {}
         with self._lock:
@@ -360,6 +395,12 @@ class Capture:
                 for source in sources:
                     if source.is_file():
                         shutil.copyfile(source, good / source.name)
+                defects = [state.folder / DEFECTS / f for f in sorted(state.defects)]
+                if defects:
+                    (good.parent / DEFECTS).mkdir(exist_ok=True)
+                for source in defects:
+                    if source.is_file():
+                        shutil.copyfile(source, good.parent / DEFECTS / source.name)
                 written[camera] = {"folder": str(good.parent), "normal": len(state.files),
-                                   "false_alarms": len(state.false_alarms)}
+                                   "false_alarms": len(state.false_alarms), "confirmed_defects": len(state.defects)}
         return written

@@ -15,18 +15,22 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bundle.extension import ExtensionUnwritable
 from worker.capture import Capture
+from worker.decode import FrameError
 from worker.evidence import EvidenceStore
 from worker.learning import Learner
 from worker.query import serve_request
 from worker.recorder import StoreUnavailable
 from worker.store import Label, StoreError, VectorStore, point_id
 from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +89,17 @@ def _confirmed(store: VectorStore) -> list[dict]:
 class LabelService:
     def __init__(self, use_store: Callable[[], AbstractContextManager[VectorStore]],
                  evidence: EvidenceStore | None = None, learner: Learner | None = None,
-                 settle: Callable[[], object] | None = None, capture: Capture | None = None) -> None:
+                 settle: Callable[[], object] | None = None, capture: Capture | None = None,
+                 stored_image: Callable[[bytes, str], np.ndarray] | None = None) -> None:
         """``settle`` waits for the frames on their way to the store (worker/query.py ``serve_request``); a frame
-        labelled a confirmed defect leaves the ``capture`` sample of normal frames."""
+        labelled a confirmed defect leaves the ``capture`` sample of normal frames and is kept among the camera's
+        confirmed defects, from the sample or from its evidence (``stored_image``: decoded and cropped in full)."""
         self.use_store = use_store
         self.settle = settle
         self.evidence = evidence
         self.learner = learner
         self.capture = capture
+        self.stored_image = stored_image
         self._capture_checked = capture is None  # see warm
         self._reconciled = learner is None  # see warm
 
@@ -160,8 +167,8 @@ class LabelService:
             raise StoreError(f"{exc}; {self._undo(pid, request, was_false_alarm, answer)}") from exc
         if self.evidence is not None:  # a labelled frame's evidence moves to the labelled budget
             self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
-        if request.label == "confirmed_defect" and self.capture is not None and self.capture.forget(request.camera, pid):
-            answer["capture"] = "taken out of the captured normal frames"  # the next model must not learn it as good
+        if self.capture is not None:
+            self._capture_label(request, pid, payload, answer)
         if self.learner is not None and request.label == "confirmed_defect":
             try:  # scored now for the guard of later false-alarm labels, which would otherwise score it then
                 self.learner.confirm(pid, payload)
@@ -169,6 +176,28 @@ class LabelService:
                 log.exception("confirmed defect %s/%s could not be scored for the absorption guard",
                               request.camera, request.frame_id)
         return answer
+
+    def _capture_label(self, request: SetLabel, key: str, payload: dict, answer: dict) -> None:
+        """A confirmed defect leaves the captured normal frames (the next model must not learn it as good) and is kept
+        for the next training set's test images, from the sample or from its stored frame; any other label takes it
+        out of them again."""
+        assert self.capture is not None
+        if request.label != "confirmed_defect":
+            self.capture.remove_defect(request.camera, key)
+            return
+        if self.capture.forget(request.camera, key):
+            answer["capture"] = "taken out of the captured normal frames"
+            return
+        data = self.evidence.read((payload.get("evidence") or {}).get("frame")) if self.evidence is not None else None
+        if data is None or self.stored_image is None:
+            return  # a frame scored normal keeps a thumbnail only: nothing to train on
+        try:
+            self.capture.add_defect(request.camera, key, self.stored_image(data, request.camera))
+        except (FrameError, OSError) as exc:  # the stored file damaged, or the capture disk full: the label stands
+            log.warning("confirmed defect %s/%s is not kept for the next training set: %s", request.camera,
+                        request.frame_id, getattr(exc, "message", exc))
+            return
+        answer["capture"] = "kept for the next training set's test images"
 
     def _undo(self, key: str, request: SetLabel, was_false_alarm: bool, answer: dict) -> str:
         """After the store refused the label: take back the absorption made for it, so that no rows make frames like

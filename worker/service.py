@@ -177,7 +177,8 @@ class Worker:
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
                                     self._settle)
         self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
-        self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle, self.capture)
+        self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle, self.capture,
+                                   self.pipeline.stored_image)
         # Policy: drop_newest (answered busy) past request_queue_size or request_queue_max_bytes.
         self.query_queue: BoundedQueue[Inbound] = BoundedQueue(
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,

@@ -196,6 +196,89 @@ def test_a_server_store_retains_by_arrival_too():
         store.close()
 
 
+BOOT = 120.0  # a box without a battery-backed clock reads 1970-01-01T00:02Z two minutes after power-on
+
+
+def _engines(tmp_path: Path) -> list[Callable[..., VectorStore]]:
+    """Both engines: embedded, and the server's in qdrant-client's local mode (no Qdrant server can run here)."""
+    from qdrant_client import QdrantClient
+
+    return [lambda **cfg: _store(tmp_path, **cfg),
+            lambda **cfg: VectorStore(StoreConfig(path=None, **cfg), DIM, client=QdrantClient(location=":memory:"))]
+
+
+def _stamp(evidence_root: Path, pid: str, at: float) -> None:
+    """A frame's evidence files as a kernel whose clock read ``at`` wrote them."""
+    for path in evidence_root.glob(f"*/{pid}.*"):
+        os.utime(path, (at, at))
+
+
+def test_frames_received_before_the_box_clock_was_set_are_stamped_anew_not_deleted(tmp_path):
+    """An edge box without a battery-backed clock boots at 1970 until NTP steps it: the first retention pass after
+    the step deleted every frame received meanwhile (``max_age_h``: decades old), operator labels included, and
+    their evidence files.  While the clock is not set nothing is aged, and ``max_points`` takes those frames after
+    every frame with a real stamp (they arrived after them); once it is set, they and their files are stamped
+    anew and age from then, while frames that are really old still go."""
+    for n, make in enumerate(_engines(tmp_path)):
+        now = time.time()
+        boot = [_arrived("boot1", now, BOOT), _arrived("boot2", now, BOOT + 5, "anomalous", "confirmed_defect")]
+        past = [_arrived("past1", now - 48 * 3600, now - 48 * 3600)]  # an earlier boot's, past max_age_h
+        earlier = [_arrived("prev1", now, now - 3000), _arrived("prev2", now, now - 2000)]  # an earlier boot's
+        root = tmp_path / f"evidence{n}"
+        evidence = EvidenceStore(root, max_frames=100, max_age_h=24)
+        for pid, _, p in boot + past:
+            p["evidence"] = evidence.save(pid, {"thumbnail": ("jpg", b"x")})
+            _stamp(root, pid, p["received_ts"])
+        evidence = EvidenceStore(root, max_frames=100, max_age_h=24)  # a restart reads the files' times
+
+        counted = make(max_points=2)
+        counted.upsert(earlier + boot)
+        counted.retain(now=BOOT + 60, force=True)  # the clock still unset: only max_points applies
+        assert _kept(counted, boot) == {"boot1", "boot2"}, "max_points took the newest frames first"
+        counted.close()
+
+        store = make(max_age_h=24)
+        store.upsert(boot + past)
+        assert store.retain(now=BOOT + 60, force=True) == [] and evidence.retain(now=BOOT + 60) == 0
+        set_at = time.time()
+        deleted = store.retain(evidence, force=True)  # NTP has set the clock
+        assert deleted == [past[0][0]], "frames received while the clock was unset were deleted as decades old"
+        assert _kept(store, boot) == {"boot1", "boot2"}
+        assert store.labelled()[0]["frame_id"] == "boot2"
+        for pid, _, p in boot:
+            assert set_at - 60 <= store.find(p["frame_id"], p["camera"])[2]["received_ts"] <= time.time()
+            assert evidence.read(p["evidence"]["thumbnail"]) == b"x"
+            assert all(f.stat().st_mtime >= set_at - 60 for f in root.glob(f"*/{pid}.*"))
+        assert evidence.read(past[0][2]["evidence"]["thumbnail"]) is None
+        assert store.retain(evidence, now=time.time() + 23 * 3600, force=True) == []  # they age from the step
+        store.close()
+
+
+def test_after_the_clock_steps_back_the_frames_received_since_are_not_taken_first(tmp_path):
+    """A box whose clock ran a year ahead and then stepped back: the frames received before the step sorted as the
+    newest, so ``max_points`` deleted the frames received since (the newest) first, and ``max_age_h`` kept the
+    earlier ones a year too long.  Retention takes such stamps as made at the step (before every frame since)."""
+    for n, make in enumerate(_engines(tmp_path)):
+        store = make(max_points=4)
+        root = tmp_path / f"evidence{n}"
+        evidence = EvidenceStore(root, max_frames=100, max_age_h=1)
+        ahead = [_arrived(f"ahead{i}", time.time(), time.time() + YEAR + i) for i in range(3)]
+        since = [_arrived(f"now{i}", time.time(), time.time() + i / 1000) for i in range(3)]
+        for pid, _, p in ahead:
+            evidence.save(pid, {"thumbnail": ("jpg", b"x")})
+            _stamp(root, pid, p["received_ts"])
+        evidence = EvidenceStore(root, max_frames=100, max_age_h=1)
+        store.upsert(ahead + since)
+        store.retain(evidence, force=True)
+        kept = _kept(store, ahead + since)
+        assert {"now0", "now1", "now2"} <= kept and len(kept) == 4, kept
+        stamps = [store.find(p["frame_id"], p["camera"])[2]["received_ts"] for _, _, p in ahead + since
+                  if p["frame_id"] in kept]
+        assert max(stamps) <= time.time(), "a stamp made while the clock ran ahead is still in the future"
+        assert all(f.stat().st_mtime <= time.time() for f in root.glob("*/*.*")), "evidence a year in the future"
+        store.close()
+
+
 def test_a_history_at_its_bound_keeps_its_segments_and_memory_bounded(tmp_path):
     """Past ``store.max_points`` every retention pass deletes and vacuums; qdrant-edge-py 0.9 kept each segment a
     vacuum replaced, mapped and on disk, until the shard was closed: a worker at its bound grew in memory and disk
@@ -215,7 +298,7 @@ def test_a_history_at_its_bound_keeps_its_segments_and_memory_bounded(tmp_path):
                           {"frame_id": f"f{n}", "camera": "c", "captured_ts": NOW + n, "received_ts": NOW + n,
                            "verdict": "normal", "anomalous": False}))
         store.upsert(items)
-        store.retain(now=NOW, force=True)
+        store.retain(now=NOW + n, force=True)  # the clock reads the newest frame's time
         most = max(most, sum(1 for _ in segments.iterdir()))
     assert most <= 1 + STALE_SEGMENTS, most
     assert store.count() == 300 and store.find("f3999", "c") is not None and store.find("f3699", "c") is None

@@ -269,7 +269,9 @@ class StoreConfig(_Section):
                                                            "null = no limit.")
     max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Retention: frames received more than this many "
                                                                                     "hours ago are deleted (labelled ones too; "
-                                                                                    "a camera's wrong clock does not count); "
+                                                                                    "a camera's wrong clock does not count, nor "
+                                                                                    "this box's before NTP sets it or after it "
+                                                                                    "steps back: docs/reliability.md); "
                                                                                     "none = no limit.")
     retention_every_s: float = Field(60, gt=0, le=YEAR_S, description="How often retention runs while the worker runs (on the recorder "
                                                                       "thread, never the inference path).")

@@ -8,17 +8,24 @@ and ``labelled`` (an operator labelled it; a ``label`` marker file says so).  A
 class only ever evicts its own oldest frames, so a busy line of normal frames can
 never push a defect out, and a labelled frame outlives both.  The index is rebuilt
 from the folder at start.
+
+Age goes by a file's write time (its mtime).  Files written while this box's clock was not set (a box without a
+battery-backed clock boots at 1970) or ahead of it are never aged by that time: the first pass on a set clock stamps
+them anew (:class:`worker.wire.Restamp`), as the vector store does its points.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+from worker.wire import AHEAD_MARGIN_S, Restamp, clock_set, iso
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +61,17 @@ class EvidenceStore:
         self._index: dict[str, OrderedDict[str, tuple[list[Path], int]]] = {c: OrderedDict() for c in CLASSES}
         self._bytes = dict.fromkeys(CLASSES, 0)
         self._class_of: dict[str, str] = {}
+        self._restamp = Restamp()
+        self._unset = False  # a file was written while this box's clock was not set
+        self._latest = 0.0  # the latest time a file was written at: past a set clock, that clock stepped back
         by_key: dict[str, list[Path]] = {}
         for partial in self.root.glob("*/*.tmp"):  # a write cut short (a full disk, a crash): never a frame's file
             with contextlib.suppress(OSError):
                 partial.unlink()
-        files = sorted((p for p in self.root.glob("*/*.*") if p.is_file() and not p.name.endswith(".tmp")),
-                       key=lambda p: p.stat().st_mtime)
-        for path in files:
+        written = {p: p.stat().st_mtime for p in self.root.glob("*/*.*") if p.is_file() and not p.name.endswith(".tmp")}
+        for mtime in written.values():
+            self._wrote(mtime)
+        for path in sorted(written, key=written.__getitem__):
             by_key.setdefault(path.name.split(".", 1)[0], []).append(path)
         for key, paths in by_key.items():
             kinds = {p.name.split(".")[1] for p in paths}
@@ -118,6 +129,7 @@ class EvidenceStore:
             written.append(path)
         with self._lock:
             self._add(key, value, list(dict.fromkeys(previous + written)))
+            self._wrote(time.time())
             self._enforce(value)
         return {kind: str(p.relative_to(self.root)) for kind, p in zip(files, written, strict=True)}
 
@@ -131,6 +143,7 @@ class EvidenceStore:
             if labelled:
                 marker.parent.mkdir(exist_ok=True)
                 marker.write_bytes(b"")
+                self._wrote(time.time())
                 paths = list(dict.fromkeys([*paths, marker]))
             else:
                 marker.unlink(missing_ok=True)
@@ -155,11 +168,23 @@ class EvidenceStore:
                 for path in self._pop(key):
                     path.unlink(missing_ok=True)
 
+    def _wrote(self, at: float) -> None:
+        """Note a file written at ``at`` (this box's clock), for :meth:`retain` to know when to stamp files anew."""
+        self._unset = self._unset or not clock_set(at)
+        self._latest = max(self._latest, at)
+
     def retain(self, now: float | None = None) -> int:
-        """Delete frames written longer ago than their class's age budget (oldest first); returns how many."""
+        """Delete frames written longer ago than their class's age budget (oldest first); returns how many.  While
+        this box's clock is not set no age can be told; once it is, files written while it was not, or while it ran
+        ahead, are stamped anew first (:meth:`_restamp_files`)."""
         now = time.time() if now is None else now
+        to = self._restamp.start(now)
+        if not clock_set(now):
+            return 0
         removed = 0
         with self._lock:
+            if self._unset or self._latest > now + AHEAD_MARGIN_S:
+                self._restamp_files(now, to)
             for value, index in self._index.items():
                 max_age = self.budgets[value].max_age_s
                 if max_age is None:
@@ -174,6 +199,33 @@ class EvidenceStore:
                         path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+    def _restamp_files(self, now: float, to: float) -> None:
+        """Files written while this box's clock was not set (1970: decades old to an age budget) or ahead of it (a
+        step back) take the time ``to`` (:class:`worker.wire.Restamp`), and each class is put back in the order of
+        its frames' times, as a start reads it: the age pass stops at the first frame young enough.  The caller
+        holds ``_lock``."""
+        stamped = 0
+        for value, index in self._index.items():
+            oldest: dict[str, float] = {}
+            for key, (paths, _) in index.items():
+                times = []
+                for path in paths:
+                    try:
+                        mtime = path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if not Restamp.trusted(mtime, now):
+                        os.utime(path, (to, to))
+                        mtime = to
+                        stamped += 1
+                    times.append(mtime)
+                oldest[key] = min(times, default=0.0)
+            self._index[value] = OrderedDict((key, index[key]) for key in sorted(index, key=oldest.__getitem__))
+        self._unset, self._latest = False, now
+        if stamped:
+            log.info("retention: %d evidence files written while this box's clock was not set, or ran ahead, are taken as "
+                     "written at %s: they age from then", stamped, iso(to))
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Frames and bytes held per class (for the stats topic)."""

@@ -31,6 +31,7 @@ import qdrant_edge as edge
 
 from worker.config import StoreConfig
 from worker.supervise import is_failure
+from worker.wire import AHEAD_MARGIN_S, CLOCK_FLOOR, Restamp, clock_set, iso
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -47,7 +48,10 @@ PAYLOAD_INDEXES = {"camera": "keyword", "frame_id": "keyword", "verdict": "keywo
                    "embedding_space": "keyword", "received_ts": "float"}
 # Retention goes by when the worker received a frame (``received_ts``), not by the camera's clock: a camera set to
 # 2000 would lose each frame at once to ``max_age_h``, one set a year ahead would keep its frames past every other
-# camera's.  Points written before ``received_ts`` was recorded age by ``captured_ts``, and go first.
+# camera's.  Points written before ``received_ts`` was recorded age by ``captured_ts``, and go first.  A point
+# received while this box's own clock was not set (before wire.CLOCK_FLOOR: a box without a battery-backed clock boots
+# at 1970) or ahead of it is never aged by that stamp: the first pass on a set clock stamps it anew (wire.Restamp),
+# and until then ``max_points`` takes it after every point with a real stamp (it arrived after them).
 Tier = Literal["normal", "unlabelled", "any"]  # which frames retention takes, in this order
 Pass = tuple[Any, str | None]  # an engine's filter, and the payload key to order by (None: any order)
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
@@ -180,6 +184,11 @@ def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | 
     return edge.Filter(must=must, must_not=must_not) if must or must_not else None
 
 
+def _received(**bounds: float | None) -> edge.FieldCondition:
+    """``received_ts`` in a range (``lt``, ``gt``, ``gte``)."""
+    return edge.FieldCondition("received_ts", range=edge.RangeFloat(**bounds))
+
+
 def _said(exc: BaseException) -> str:
     """An engine error for a log line; a panic says so, with what to do about its files."""
     if isinstance(exc, Exception):
@@ -309,7 +318,17 @@ class _Edge:
         must_not: list = [edge.FieldCondition("label", match=edge.MatchAny(list(LABELS)))] if tier != "any" else []
         return first_found(n, self._ids, [
             (edge.Filter(must=[*must, edge.IsEmptyCondition("received_ts")], must_not=must_not), "captured_ts"),
-            (edge.Filter(must=must, must_not=must_not), "received_ts")])
+            (edge.Filter(must=[*must, _received(gte=CLOCK_FLOOR)], must_not=must_not), "received_ts"),
+            (edge.Filter(must=[*must, _received(lt=CLOCK_FLOOR)], must_not=must_not), "received_ts")])
+
+    def received_in(self, n: int, lt: float | None = None, gt: float | None = None) -> list[str]:
+        """Up to ``n`` ids of points received before ``lt`` and after ``gt``."""
+        return self._ids(n, edge.Filter(must=[_received(lt=lt, gt=gt)]), None)
+
+    def stamp(self, ids: list[str], payload: dict) -> None:
+        """Set ``payload``'s keys on these points."""
+        self._room("write")
+        self.shard.update(edge.UpdateOperation.set_payload([uuid.UUID(i) for i in ids], payload))
 
     def before(self, ts: float, n: int) -> list[str]:
         return first_found(n, self._ids, [
@@ -358,6 +377,7 @@ class VectorStore:
         self.dim = dim  # the collection's vector size: an open store holds vectors of this size only
         self._lock = threading.Lock()  # the recorder thread writes, query threads read
         self._next_retention = 0.0
+        self._restamp = Restamp()
         try:
             if client is not None or cfg.url:
                 # qdrant-client takes seconds to import: only the server path pays for it.
@@ -445,15 +465,22 @@ class VectorStore:
         """Apply ``store.max_age_h`` and ``store.max_points`` (the oldest unlabelled normal frames first, then
         unlabelled anomalous ones, labelled ones last; oldest by when they were received) and the evidence's own
         limits; returns the deleted point ids.  Runs at most every ``store.retention_every_s`` unless ``force``;
-        called from the recorder thread, so it never blocks inference.  Errors are logged, not raised."""
+        called from the recorder thread, so it never blocks inference.  Errors are logged, not raised.
+
+        While this box's clock is not set no age can be told: only ``max_points`` applies.  Once it is, points
+        received while it was not, or while it ran ahead, are stamped anew (:meth:`_restamp_points`) before any
+        is aged."""
         clock = time.monotonic()
         if not force and clock < self._next_retention:
             return []
         self._next_retention = clock + self.cfg.retention_every_s
         now = time.time() if now is None else now
+        to = self._restamp.start(now)
         deleted: list[str] = []
         try:
-            if self.cfg.max_age_h is not None:
+            if clock_set(now):
+                self._restamp_points(now, to)
+            if self.cfg.max_age_h is not None and clock_set(now):
                 cutoff = now - self.cfg.max_age_h * 3600
                 while ids := self._call("read", self.engine.before, cutoff, _DELETE_CHUNK):
                     self.delete(ids)
@@ -479,6 +506,22 @@ class VectorStore:
         if deleted:
             log.info("retention: %d frames deleted from the history", len(deleted))
         return deleted
+
+    def _restamp_points(self, now: float, to: float) -> None:
+        """Points received while this box's clock was not set (a 1970 stamp: every one would be decades old to
+        ``max_age_h``) or ahead of it (a step back: they would outlive the age limit by the step, and ``max_points``
+        would take the frames received since first) are taken as received at ``to`` (:class:`worker.wire.Restamp`)."""
+        bounds: tuple[tuple[str, int, float | None, float | None], ...] = (
+            ("was not set", logging.INFO, CLOCK_FLOOR, None),  # every boot of a box without a battery-backed clock
+            ("ran ahead (it has stepped back since)", logging.WARNING, None, now + AHEAD_MARGIN_S))
+        for why, level, lt, gt in bounds:
+            n = 0
+            while ids := self._call("read", self.engine.received_in, _DELETE_CHUNK, lt, gt):
+                self._call("write", self.engine.stamp, ids, {"received_ts": to})
+                n += len(ids)
+            if n:
+                log.log(level, "retention: %d frames received while this box's clock %s are taken as received at %s: "
+                        "they age from then", n, why, iso(to))
 
     def close(self) -> None:
         self._call("close", self.engine.close)

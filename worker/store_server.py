@@ -9,8 +9,14 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, Tier, dense, first_found, mismatch
+from worker.wire import CLOCK_FLOOR
 
 _NO_RECEIVED_TS = models.IsEmptyCondition(is_empty=models.PayloadField(key="received_ts"))  # an earlier version's point
+
+
+def _received(**bounds: float | None) -> models.FieldCondition:
+    """``received_ts`` in a range (``lt``, ``gt``, ``gte``)."""
+    return models.FieldCondition(key="received_ts", range=models.Range(**bounds))
 
 
 def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
@@ -83,8 +89,17 @@ class ServerEngine:
             if tier == "normal" else []
         must_not: list = [models.FieldCondition(key="label", match=models.MatchAny(any=list(LABELS)))] \
             if tier != "any" else []
-        return first_found(n, self._ids, [(models.Filter(must=[*must, _NO_RECEIVED_TS], must_not=must_not), "captured_ts"),
-                                          (models.Filter(must=must, must_not=must_not), "received_ts")])
+        return first_found(n, self._ids, [
+            (models.Filter(must=[*must, _NO_RECEIVED_TS], must_not=must_not), "captured_ts"),
+            (models.Filter(must=[*must, _received(gte=CLOCK_FLOOR)], must_not=must_not), "received_ts"),
+            (models.Filter(must=[*must, _received(lt=CLOCK_FLOOR)], must_not=must_not), "received_ts")])
+
+    def received_in(self, n: int, lt: float | None = None, gt: float | None = None) -> list[str]:
+        """As :meth:`worker.store._Edge.received_in`."""
+        return self._ids(n, models.Filter(must=[_received(lt=lt, gt=gt)]), None)
+
+    def stamp(self, ids: list[str], payload: dict) -> None:
+        self.client.set_payload(self.collection, payload=payload, points=models.PointIdsList(points=ids), wait=True)
 
     def before(self, ts: float, n: int) -> list[str]:
         return first_found(n, self._ids, [

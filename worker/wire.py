@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal, TypeGuard, TypeVar
@@ -20,6 +21,13 @@ MAX_ID_LENGTH = 128
 # datetime cannot represent some of them (NaN, inf, 1e15) at all.
 MIN_TS = 946_684_800.0
 MAX_TS = 4_102_444_800.0
+# This box's own clock reads "not set" before this date: an edge box without a battery-backed clock boots at 1970 (a
+# dead RTC battery: its reset value, often 2000) until NTP steps it.  No correct clock reads a time before the software
+# reading it was written, so the floor is this worker's first release (2026-11-29), the rule systemd applies at boot
+# with its own build date (TIME_EPOCH).  MIN_TS cannot serve: 2000 is a reset RTC's own reading.
+CLOCK_FLOOR = 1_795_910_400.0
+# A stamp this far past the box's clock was made while the clock ran ahead: it has stepped back since.
+AHEAD_MARGIN_S = 60.0
 # Requests (query, label, control) are small JSON documents; anything larger or deeper is refused unread.
 MAX_REQUEST_BYTES = 4_000_000
 MAX_JSON_DEPTH = 8
@@ -63,6 +71,33 @@ def iso(ts: float) -> str:
     """Epoch seconds -> ISO-8601 UTC with milliseconds (only for timestamps that passed :func:`parse_timestamp`
     or came from the local clock)."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def clock_set(ts: float) -> bool:
+    """Whether a reading of this box's wall clock can be the real time (:data:`CLOCK_FLOOR`)."""
+    return ts >= CLOCK_FLOOR
+
+
+class Restamp:
+    """The time a retention pass gives stamps it cannot age: made while this box's clock was not set, or ahead of it.
+
+    The clock was set (or stepped back) since the previous pass: such stamps were made before that step, every stamp
+    made after it reads at least the clock's reading at the previous pass (now less the monotonic time since).  Stamped
+    so, those frames age from then and keep their place before the frames received since, for retention's order."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+
+    def start(self, now: float) -> float:
+        """Begin a pass at wall time ``now`` (every pass, the clock set or not); the time to give such stamps."""
+        mono = time.monotonic()
+        since, self._last = mono - self._last, mono
+        return max(now - since, CLOCK_FLOOR)
+
+    @staticmethod
+    def trusted(ts: float, now: float) -> bool:
+        """Whether a stamp ``ts`` can be aged at ``now`` (a set clock's): neither unset nor in the future."""
+        return clock_set(ts) and ts <= now + AHEAD_MARGIN_S
 
 
 def parse_timestamp(value: str | float | int) -> float:

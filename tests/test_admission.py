@@ -108,6 +108,21 @@ def test_a_camera_stamping_its_frames_in_the_future_is_said_once(pipeline, datas
     assert len(said) == 1 and said[0].startswith("camera east stamps its frames 2.00 h ahead"), said
     assert len(p.queue) == 3  # said, not refused
 
+
+def test_a_camera_clock_off_both_ways_is_said_once_each_way(pipeline, dataset, caplog):
+    """The camera-clock warning was said once per camera whichever way came first: a camera that later sent
+    frames from 2000 (its clock reset at a reboot) was never named again.  Each direction is said once."""
+    p, transport = pipeline
+    png = _png(dataset)
+    with caplog.at_level("WARNING", logger="worker.ingest"):
+        p.on_frame(_frame("cam", "a1", png, captured_at=str(time.time() + 3 * 3600)))
+        p.on_frame(_frame("cam", "a2", png, captured_at=str(time.time() + 3 * 3600)))
+        p.on_frame(_frame("cam", "r1", png, captured_at="2000-01-02T00:00:00Z"))
+        p.on_frame(_frame("cam", "r2", png, captured_at="2000-01-03T00:00:00Z"))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("camera cam stamps its frames")]
+    assert len(said) == 2 and "3.00 h ahead" in said[0] and "days before this box's clock" in said[1], said
+    assert len(p.queue) == 4
+
 def test_a_frame_is_counted_before_its_answer_leaves(pipeline, dataset):
     """Whoever has seen a frame's result or error and then reads the counters finds the frame in them: each answer
     is published after its outcome (and a result's verdict) is counted."""

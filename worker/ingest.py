@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from worker.config import Config
 from worker.decode import FrameError
-from worker.wire import ErrorCode, parse_timestamp, valid_id
+from worker.wire import CLOCK_FLOOR, ErrorCode, clock_set, iso, parse_timestamp, valid_id
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,9 @@ class Ingest:
         self.ids = FrameIds()
         self._warned: set[tuple[str, str]] = set()  # (camera, what) said once (first_time)
 
-    def arrive(self, camera: str, user: dict[str, str], payload: bytes, received_ts: float) -> Arrival:
-        """User properties win over envelope fields; generated fields are named in the result."""
+    def arrive(self, camera: str, user: dict[str, str], payload: bytes) -> Arrival:
+        """User properties win over envelope fields; generated fields are named in the result.  A generated
+        ``captured_at`` is left out of the fields: admission stamps the frame with its receive time, unchecked."""
         override = self.cfg.cameras.get(camera)
         fields, data = user, payload
         if override is not None and override.payload == "json_envelope":
@@ -183,7 +184,7 @@ class Ingest:
             generated.append("frame_id")
         if not _usable_time(fields.get("captured_at")):
             self._unusable(camera, "captured_at", fields)
-            fields = {**fields, "captured_at": repr(received_ts)}
+            fields = {key: value for key, value in fields.items() if key != "captured_at"}
             generated.append("captured_at")
         return Arrival(fields, data, tuple(generated))
 
@@ -195,18 +196,31 @@ class Ingest:
         self._warned.add((camera, what))
         return True
 
+    def check_box_clock(self, received_ts: float) -> None:
+        """Say once that this box's own clock is not set (it reads a time before ``wire.CLOCK_FLOOR``: a box
+        without a battery-backed clock boots at 1970 until NTP steps it).  Frames are still served; what is off is
+        the box, not its cameras."""
+        if not clock_set(received_ts) and self.first_time("", "box clock"):
+            log.warning("this box's clock is not set (it reads %s, before %s): frames are inspected and stamped with "
+                        "it (received_at, and captured_at where the worker stamps it), and every camera's time looks "
+                        "far ahead of it; the history ages such frames from when the clock is set. Give the box a "
+                        "time source (NTP, or a battery-backed clock)", iso(received_ts), iso(CLOCK_FLOOR)[:10])
+
     def check_clock(self, camera: str, captured_ts: float, received_ts: float) -> None:
-        """Say once per camera that its frames are stamped in this box's future.  A camera that sends its local time
-        without a UTC offset (Python's ``datetime.now().isoformat()``) is hours off, read as UTC, and retention
-        (``store.max_age_h``), the history's time filters and the defect feed then place its frames hours away.  A
-        frame stamped in the past may be a backlog (a broker's queue after an outage), so only a week behind is."""
+        """Say once per camera and direction that its frames are stamped in this box's future, or far in its past.  A
+        camera that sends its local time without a UTC offset (Python's ``datetime.now().isoformat()``) is hours off,
+        read as UTC, and retention (``store.max_age_h``), the history's time filters and the defect feed then place
+        its frames hours away.  A frame stamped in the past may be a backlog (a broker's queue after an outage), so
+        only a week behind is.  While this box's clock is not set the skew is its own (:meth:`check_box_clock`)."""
+        if not clock_set(received_ts):
+            return
         ahead = captured_ts - received_ts
-        if ahead > AHEAD_S and self.first_time(camera, "clock"):
+        if ahead > AHEAD_S and self.first_time(camera, "clock ahead"):
             log.warning("camera %s stamps its frames %.2f h ahead of this box's clock: a local time sent without its UTC "
                         "offset (ISO-8601 without one is read as UTC), or a clock set wrong here or there; the "
                         "history's time filters and the defect feed use captured_at as sent (retention goes by when "
                         "frames arrive)", camera, ahead / 3600)
-        elif -ahead > BEHIND_S and self.first_time(camera, "clock"):
+        elif -ahead > BEHIND_S and self.first_time(camera, "clock behind"):
             log.warning("camera %s stamps its frames %.1f days before this box's clock: a clock never set, or reset at a "
                         "reboot; the history's time filters place its frames at captured_at as sent (retention goes "
                         "by when frames arrive)", camera, -ahead / 86400)

@@ -42,7 +42,7 @@ class Stats:
         self._labelled: set[str] = set()
         self._server: ThreadingHTTPServer | None = None
         self._counts: dict[str, Counter] = defaultdict(Counter)
-        self.started = time.time()
+        self.started = time.monotonic()  # for uptime: a wall clock set by NTP after boot jumps decades
         self.registry = CollectorRegistry()
         self._frames = PromCounter("edge_inspect_frames", "Frames by camera and outcome.", ["camera", "outcome"],
                                    registry=self.registry)

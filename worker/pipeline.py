@@ -127,8 +127,9 @@ class Pipeline:
     def _on_frame(self, camera: str, props: dict[str, str], payload: bytes) -> None:
         received_ts, received_mono = time.time(), time.monotonic()
         self.stats.add(camera, "received")
+        self.ingest.check_box_clock(received_ts)
         try:
-            arrival = self.ingest.arrive(camera, props, payload, received_ts)
+            arrival = self.ingest.arrive(camera, props, payload)
         except FrameError as exc:
             self._fail(camera, props.get("frame_id") or exc.frame_id, exc.code, exc.message)
             return
@@ -193,7 +194,7 @@ class Pipeline:
         claimed = props.get("camera_id")
         if claimed is not None and claimed != camera:
             raise FrameError(ErrorCode.CAMERA_MISMATCH, f"user property camera_id {claimed!r} differs from the topic's camera {camera!r}")
-        missing = [k for k in ("frame_id", "captured_at") if k not in props]
+        missing = [k for k in ("frame_id", "captured_at") if k not in props and k not in generated]
         if missing:
             raise FrameError(ErrorCode.MISSING_METADATA, f"{', '.join(missing)} required (MQTT v5 user properties or "
                              "envelope fields), or set metadata: optional for this camera")
@@ -204,7 +205,10 @@ class Pipeline:
             raise FrameError(ErrorCode.BAD_METADATA, problems[:500]) from None
         header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         ts = meta.captured_ts
-        self.ingest.check_clock(camera, ts, received_ts)
+        if ts is None:  # the worker's own receive time (metadata: optional): never refused, even on an unset clock
+            ts = received_ts
+        else:
+            self.ingest.check_clock(camera, ts, received_ts)
         return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated)
 
     def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:

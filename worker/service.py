@@ -415,7 +415,7 @@ class Worker:
         return {
             "worker": self.cfg.worker.id,
             "at": iso(time.time()),
-            "uptime_s": round(time.time() - self.stats.started, 1),
+            "uptime_s": round(time.monotonic() - self.stats.started, 1),
             "queue": len(self.pipeline.queue),
             "subscriptions_refused": self.link.refused,
             "publishes_refused": self.link.publishes_refused,

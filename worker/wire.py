@@ -262,7 +262,7 @@ class FrameMetadata(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     frame_id: str
-    captured_at: str
+    captured_at: str | None = None  # None: the worker stamps the frame itself (metadata: optional)
     camera_id: str | None = None
 
     @field_validator("frame_id")
@@ -274,10 +274,11 @@ class FrameMetadata(BaseModel):
 
     @field_validator("captured_at")
     @classmethod
-    def _timestamp(cls, v: str) -> str:
-        parse_timestamp(v)
+    def _timestamp(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_timestamp(v)
         return v
 
     @property
-    def captured_ts(self) -> float:
-        return parse_timestamp(self.captured_at)
+    def captured_ts(self) -> float | None:
+        return None if self.captured_at is None else parse_timestamp(self.captured_at)

@@ -153,6 +153,8 @@ def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
         "code": "bad_request", "message": "since (2026-12-04T00:00:00Z) is after until (2026-12-03T00:00:00Z)"}
     ordered = http.get("/api/defects", params={"since": "2026-12-03T00:00:00Z", "until": "2026-12-03T00:00:00Z"})
     assert ordered.status_code == 200 and ordered.json() == {"ok": True, "frames": []}
+    noon = http.get("/api/defects", params={"since": "2026-12-03T12:00:00Z", "until": "2026-12-03"})  # the whole day
+    assert noon.status_code == 200 and noon.json() == {"ok": True, "frames": []}
 
 
 def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():

@@ -369,6 +369,26 @@ def test_query_errors_are_answered_clearly(tmp_path):
     store.close()
 
 
+def test_a_date_alone_as_until_means_the_whole_day(tmp_path):
+    """``until: "2027-01-15"`` matched only the frames captured at that day's midnight: a date alone now means the
+    whole day (UTC); a time given with it still bounds exactly, and since/until of one day is not refused."""
+    store = _store(tmp_path)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=100)
+    service = QueryService(lambda: nullcontext(store), evidence, _embed, max_top_k=30)
+    store.upsert(_frames(24))  # NOW = 2027-01-15T08:00Z, then one an hour back: f0..f8 on the 15th, f9.. the 14th
+    image = base64.b64encode(_png(128)).decode()
+
+    def day(**filters) -> set[str]:
+        answer = _ask(service, image_b64=image, top_k=30, filters=filters)
+        assert answer["ok"], answer
+        return {h["frame_id"] for h in answer["hits"]}
+
+    assert day(since="2027-01-15", until="2027-01-15") == {f"f{i}" for i in range(9)}
+    assert day(until="2027-01-14") == {f"f{i}" for i in range(9, 24)}
+    assert day(since="2027-01-15", until="2027-01-15T00:00:00Z") == {"f8"}
+    store.close()
+
+
 def test_the_embedded_store_is_not_opened_below_its_free_space_floor(tmp_path):
     """qdrant-edge maps its files into memory, and a page it writes on a full disk kills the process (SIGBUS):
     below ``store.min_free_mb`` the store refuses to open, saying why, and writes nothing; 0 turns the check off."""

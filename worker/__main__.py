@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--cameras", help="only frames from these cameras (comma-separated)")
     query.add_argument("--anomalous-only", action="store_true")
     query.add_argument("--since", help="only frames captured at or after (ISO-8601 or epoch seconds)")
-    query.add_argument("--until", help="only frames captured at or before")
+    query.add_argument("--until", help="only frames captured at or before (a date alone: through that day, UTC)")
     query.add_argument("--json", action="store_true", help="print the whole answer as JSON (with thumbnails)")
     query.set_defaults(func=_query)
     labels = sub.add_parser("labels", help="export the operators' labels (false alarm / confirmed defect) from the store")

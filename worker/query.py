@@ -24,7 +24,7 @@ from worker.evidence import EvidenceStore
 from worker.recorder import StoreUnavailable
 from worker.spaces import PAYLOAD_KEY
 from worker.store import Filters, StoreError, VectorStore
-from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, decode_json, error_answer, parse_timestamp, validate
+from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, decode_json, error_answer, parse_timestamp, parse_until, validate
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)  # the request model serve_request validates and hands on
@@ -40,7 +40,7 @@ class QueryFilters(BaseModel):
     def to_filters(self) -> Filters:
         try:
             since = parse_timestamp(self.since) if self.since is not None else None
-            until = parse_timestamp(self.until) if self.until is not None else None
+            until = parse_until(self.until) if self.until is not None else None
         except ValueError as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, f"filters.since/until: {exc}") from None
         if since is not None and until is not None and since > until:  # answered ok with no hits, as if none matched

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, Literal, TypeGuard, TypeVar
 
@@ -125,6 +125,19 @@ def parse_timestamp(value: str | float | int) -> float:
             ts = stamp.timestamp()
     if not math.isfinite(ts) or not MIN_TS <= ts < MAX_TS:
         raise ValueError(f"{str(value)[:64]!r} is not a time between 2000-01-01 and 2100-01-01")
+    return ts
+
+
+def parse_until(value: str | float | int) -> float:
+    """The end of a time range, inclusive: :func:`parse_timestamp`, except that a date alone (``2026-12-04``, a week
+    or ordinal date) means the whole of that day (UTC), not its first instant: the last time before the next day."""
+    ts = parse_timestamp(value)
+    if isinstance(value, str):
+        try:
+            date.fromisoformat(value.strip())
+        except ValueError:
+            return ts
+        return math.nextafter(ts + 86_400, -math.inf)
     return ts
 
 

@@ -39,7 +39,7 @@ from worker.console.hub import Hub, for_browser
 from worker.decode import FrameError
 from worker.supervise import Throttle
 from worker.topics import Topics
-from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, parse_timestamp
+from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, parse_timestamp, parse_until
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -359,7 +359,7 @@ def create_app(cfg: Config) -> Starlette:
         q = request.query_params
         try:
             since = parse_timestamp(q["since"]) if q.get("since") else None
-            until = parse_timestamp(q["until"]) if q.get("until") else None
+            until = parse_until(q["until"]) if q.get("until") else None
             limit = min(int(q.get("limit", 100)), cfg.console.history)
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))

@@ -404,3 +404,29 @@ def test_tiling_finds_a_small_defect_the_whole_frame_misses(running, dataset, bu
     y, x = np.unravel_index(np.argmax(heat), heat.shape)
     fx, fy, margin = x * 4000 / cw, y * 3000 / ch, 300
     assert bx0 - margin < fx < bx1 + margin and by0 - margin < fy < by1 + margin, ((fx, fy), (bx0, by0, bx1, by1))
+
+
+def test_frames_that_no_label_or_query_could_name_are_refused_and_a_cleared_retained_frame_is_not(running, dataset):
+    """A camera id over 128 characters or '..' was scored and stored, then no label, query or console could name it;
+    one at MQTT's longest topic was scored, then answered internal_error with a 65 KB traceback.  A frame_id given
+    twice was read as the last one, and the first never answered.  Clearing a retained frame (an empty retained
+    publish) was answered missing_metadata and counted as an error (a helper's probe)."""
+    prefix, client, worker = running
+    good = _good(dataset)
+    client.publish_frame("C" * 129, good, "long-camera")
+    client.publish_frame("..", good, "dots")
+    longest = "L" * (65535 - len(f"{prefix}//frame"))  # no error topic can be longer than MQTT allows
+    client.publish_frame(longest, good, "longest")
+    client.publish_frame("strict", good, "dup-a", extra={"frame_id": "dup-b"})
+    client.client.publish(f"{prefix}/strict/frame", b"", qos=1, retain=True).wait_for_publish(5)
+    client.publish_frame("strict", good, "after")
+    for camera, frame_id in (("C" * 129, "long-camera"), ("..", "dots")):
+        error = client.json_on(f"{prefix}/{camera}/error")[0]
+        assert (error["code"], error["frame_id"], error["camera"]) == ("bad_camera", frame_id, camera), error
+    assert client.json_on(f"{prefix}/strict/result")[0]["frame_id"] == "after"
+    errors = client.json_on(f"{prefix}/strict/error")  # the result came after: every answer before it is in
+    assert [(e["code"], e["frame_id"]) for e in errors] == [("bad_metadata", None)], errors
+    assert "frame_id given more than once" in errors[0]["message"]
+    assert not [m for m in client.messages if m.topic.endswith("/result") and "strict" not in m.topic]
+    log = worker.output()
+    assert log.count("frames refused (bad_camera)") == 1 and "Traceback" not in log, log[-3000:]  # once a minute

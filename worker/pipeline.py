@@ -27,17 +27,17 @@ from worker.capture import Capture
 from worker.config import CameraConfig, Config, HeatmapConfig, QueuePolicy
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.ingest import Ingest
-from worker.metrics import Stats
+from worker.metrics import OTHER, Stats
 from worker.models import Model, Models
 from worker.mqtt import PacketTooLarge, publish_properties
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Record, Recorder
 from worker.spaces import embedding_space_of
 from worker.store import point_id
-from worker.supervise import Liveness, StopLoop, supervised_loop
+from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound, Transport
-from worker.wire import ErrorCode, FrameMetadata, iso, valid_id
+from worker.wire import ErrorCode, FrameMetadata, iso, publishable, valid_id
 
 _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
 # A normal frame for the capture sample: camera, point id, the image as the model saw it, its file bytes and extension
@@ -94,6 +94,8 @@ class Pipeline:
         if capture is not None:
             self.threads.append(threading.Thread(target=self._offer_loop, name="capture", daemon=True))
         self._normal_seen: Counter = Counter()
+        self.bad_camera_frames = 0  # frames refused for their camera id (see _bad_camera)
+        self._bad_camera_log, self._cleared_log = Throttle(60), Throttle(60)
         self._empty_level_said = False  # a frame topic without a camera level was reported (once: a misconfigured camera)
         self._recent: OrderedDict[tuple[str, str], Mark] = OrderedDict()  # (camera, id): its mark
         self._lock = threading.Lock()
@@ -117,7 +119,20 @@ class Pipeline:
                 log.warning("frames on %s are ignored: its camera level is empty (frames go to %s)", msg.topic,
                             self.topics.frame("<camera>"))
             return
+        if not msg.payload and not msg.user:  # how a client clears a retained frame: no frame, nothing to answer
+            if self._cleared_log.ready():
+                log.info("an empty message without properties on %s is ignored (a retained frame cleared?; said at "
+                         "most once a minute)", msg.topic[:200])
+            return
+        if not valid_id(camera):
+            self._bad_camera(camera, msg.user)
+            return
         props = msg.user
+        if ambiguous := sorted(msg.repeated & FrameMetadata.model_fields.keys()):
+            self.stats.add(camera, "received")
+            self._fail(camera, None, ErrorCode.BAD_METADATA, f"user propert{'ies' if len(ambiguous) > 1 else 'y'} "
+                       f"{', '.join(ambiguous)} given more than once: which is meant cannot be told")
+            return
         try:
             self._on_frame(camera, props, msg.payload)
         except Exception as exc:  # a bug in admission must cost this frame only
@@ -210,6 +225,27 @@ class Pipeline:
         else:
             self.ingest.check_clock(camera, ts, received_ts)
         return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated)
+
+    def _bad_camera(self, camera: str, props: dict[str, str]) -> None:
+        """A frame from a camera id no label, query or console can name (over 128 characters, not printable, '.' or
+        '..'): it was scored and stored, and then could never be labelled, asked about or seen.  Refused before any
+        decoding, answered where its error topic can be published to (a topic over MQTT's 64 KiB cannot), counted
+        in the stats' overflow bucket (an id invented per frame must not grow them), logged once a minute."""
+        self.bad_camera_frames += 1
+        message = ("camera ids (the topic level before /frame) are 1 to 128 printable characters without '/', and "
+                   "not '.' or '..': frames of this one could never be labelled, asked about or shown on the console")
+        self.stats.add(OTHER, "received")
+        self.stats.add(OTHER, "errored", code=ErrorCode.BAD_CAMERA.value)
+        if self._bad_camera_log.ready():
+            log.warning("frames refused (bad_camera) from camera %r%s: %s (%d so far; said at most once a minute)",
+                        camera[:64], "..." if len(camera) > 64 else "", message, self.bad_camera_frames)
+        topic = self.topics.error(camera)
+        if publishable(topic):
+            frame_id = props.get("frame_id")
+            body = {"code": ErrorCode.BAD_CAMERA.value, "message": message,
+                    "frame_id": frame_id if valid_id(frame_id) else None, "camera": camera,
+                    "worker": self.cfg.worker.id, "at": iso(time.time())}
+            self.link.publish(topic, json.dumps(body), properties=publish_properties(content_type="application/json"))
 
     def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:
         """Answer a frame that is not processed, and forget it was accepted: sent again (mended), it is served."""

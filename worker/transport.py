@@ -10,6 +10,7 @@ and websocket communicators from the code that uses them.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,14 +28,18 @@ class Inbound:
     correlation: bytes | None = None
     mid: int = 0
     replayed: bool = False  # from the broker's store, not published just now: retained, or redelivered (DUP)
+    repeated: frozenset[str] = frozenset()  # user property names given more than once (``user`` keeps the last)
 
     @classmethod
     def from_paho(cls, msg: Any) -> Inbound:
-        """From a paho ``MQTTMessage`` (the last value wins on duplicate user properties)."""
+        """From a paho ``MQTTMessage`` (the last value wins on duplicate user properties; their names are kept in
+        ``repeated``, for a frame to be refused when one of its metadata fields is ambiguous)."""
         props = getattr(msg, "properties", None)
-        return cls(msg.topic, bytes(msg.payload), msg.qos, dict(getattr(props, "UserProperty", None) or []),
+        pairs = list(getattr(props, "UserProperty", None) or [])
+        names = Counter(name for name, _ in pairs)
+        return cls(msg.topic, bytes(msg.payload), msg.qos, dict(pairs),
                    getattr(props, "ResponseTopic", None) or None, getattr(props, "CorrelationData", None), msg.mid,
-                   bool(msg.retain or msg.dup))
+                   bool(msg.retain or msg.dup), frozenset(name for name, n in names.items() if n > 1))
 
 
 class Transport(Protocol):

@@ -49,6 +49,7 @@ class ErrorCode(StrEnum):
     BAD_ENVELOPE = "bad_envelope"
     BAD_METADATA = "bad_metadata"
     UNKNOWN_CAMERA = "unknown_camera"
+    BAD_CAMERA = "bad_camera"
     CAMERA_MISMATCH = "camera_mismatch"
     ROI_OUTSIDE_FRAME = "roi_outside_frame"
     DROPPED = "dropped"

@@ -245,3 +245,14 @@ def test_a_tiff_of_32_bit_samples_is_refused_as_a_format_not_as_damaged():
         with pytest.raises(FrameError, match=f"TIFF with {said} samples") as refused:
             probe(out.getvalue(), 10**6, 10**6)
         assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT
+
+
+def test_the_normal_frame_count_per_camera_is_bounded(pipeline):
+    """``store.log_normal_every`` counted the normal frames of every camera id ever seen, for good: a source that
+    puts a timestamp in its topic grew it by a camera per frame (a helper's long-run probe)."""
+    p, _ = pipeline
+    p.cfg = p.cfg.model_copy(update={"store": p.cfg.store.model_copy(update={"log_normal_every": 3})})
+    logged = [p._should_log(f"cam-{i}", anomalous=False) for i in range(5000)]
+    assert all(logged[: p.cfg.metrics.max_cameras])  # each camera's first normal frame is logged
+    assert len(p._normal_seen) == p.cfg.metrics.max_cameras + 1  # then one shared count ("_other")
+    assert [p._should_log("cam-0", anomalous=False) for _ in range(3)] == [False, False, True]

@@ -133,3 +133,30 @@ def test_a_response_topic_the_acl_forbids_is_said_as_the_requesters(bundle_dir, 
         client.close()
         broker.stop()
         shutil.rmtree(files, ignore_errors=True)
+
+
+def test_a_broker_restarting_is_not_said_as_a_client_id_takeover(bundle_dir, tmp_path, worker_factory):
+    """Three broker restarts within a minute were logged as "another client connecting with the same client id" (a
+    helper's probe): the broker closing the connection three times looks like a takeover, but a takeover leaves the
+    broker reachable, and a restart does not."""
+    broker = Broker(tmp_path / "broker")
+    worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir,
+                                         mqtt={"reconnect_min_s": 1, "reconnect_max_s": 1}))
+
+    def until(count: int, line: str) -> None:
+        deadline = time.monotonic() + 60
+        while worker.output().count(line) < count:
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-3000:]
+            time.sleep(0.1)  # polling the worker's log for the line, not waiting a fixed time
+
+    try:
+        until(1, "connected to 127.0.0.1")
+        for restart in range(1, 4):
+            broker.stop()
+            until(restart, "cannot reach the broker at")  # said at the first failed attempt of each outage
+            broker = Broker(tmp_path / "broker", port=broker.port)
+            until(restart + 1, "connected to 127.0.0.1")
+        assert "the usual cause is another client" not in worker.output(), worker.output()[-3000:]
+        assert worker.stop() == 0
+    finally:
+        broker.stop()

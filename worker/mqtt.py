@@ -409,6 +409,7 @@ class MqttLink:
         """paho retries a broker it cannot reach without a word, so a worker started before its broker, or pointed
         at the wrong one, would look idle: say so at the first failed attempt and then once a minute."""
         self.connect_failures += 1
+        self._closed_at.clear()  # a broker restarting, not a takeover: another client's takeover leaves it reachable
         self.problem = f"cannot reach the broker: {reason}"
         now = time.monotonic()
         if now < self._next_failure_log:

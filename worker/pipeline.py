@@ -328,11 +328,12 @@ class Pipeline:
         every = self.cfg.store.log_normal_every
         if anomalous:
             return True
-        if every == 0:
-            return False
-        with self._lock:
-            seen = self._normal_seen[camera]
-            self._normal_seen[camera] = seen + 1
+        if every <= 1:
+            return every == 1
+        with self._lock:  # bounded as the stats are: a camera id invented per frame must not grow it for good
+            key = camera if camera in self._normal_seen or len(self._normal_seen) < self.cfg.metrics.max_cameras else OTHER
+            seen = self._normal_seen[key]
+            self._normal_seen[key] = seen + 1
         return seen % every == 0
 
     def _heatmap_settings(self, camera: str) -> tuple[str, HeatmapConfig]:

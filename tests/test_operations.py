@@ -216,6 +216,8 @@ def test_the_model_cache_keeps_only_the_bundles_served_or_kept_for_rollback(bund
     assert kept() == {names[bundle_dir], names[b], "README"}  # the replaced one is kept for rollback
     models.load(DEFAULT, c)
     assert kept() == {names[b], names[c], "README"}
+    # so are the bank extensions listed (stats, console, label withdrawals): one per bundle ever served, until now
+    assert {e.folder.name for e in models.extensions()} == {names[b], names[c]}
     assert models.rollback(DEFAULT).bundle.manifest.name == "line-b"
     assert kept() == {names[b], names[c], "README"}
 

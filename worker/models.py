@@ -310,17 +310,23 @@ class Models:
 
     def extensions(self) -> list[Extension]:
         """The extensions of the bundles served or kept for rollback: those a run before this one kept (a path, not
-        compiled) are opened too, so a label withdrawn now leaves them as well (a rollback would bring it back)."""
+        compiled) are opened too, so a label withdrawn now leaves them as well (a rollback would bring it back).  Not
+        those of bundles served earlier and replaced since (each reload opens one: the list, the stats and the
+        console grew by one per bundle ever rolled out); served again, a bundle finds its extension as it was."""
         with self._lock:
             kept = list(self._previous_paths.values())
+            wanted = {m.extension.folder for m in [*self._current.values(), *self._previous.values()]
+                      if m.extension is not None}
         if self.cfg.learning.enabled:
             for path in kept:
                 try:
-                    self._extension(read_manifest(path, verify=False))
+                    ext = self._extension(read_manifest(path, verify=False))
                 except BundleError:
                     continue  # gone or unreadable: a rollback to it fails, and says so
+                if ext is not None:
+                    wanted.add(ext.folder)
         with self._lock:
-            return list(self._extensions.values())
+            return [ext for folder, ext in self._extensions.items() if folder in wanted]
 
     def apply(self, extension: Extension) -> None:
         """Every compiled bundle that shares ``extension`` scores with its current rows from the next frame on

@@ -603,6 +603,104 @@ def test_flood_is_handled_by_the_queue_policy(policy, broker, bundle_dir, datase
     assert worker.stop() == 0
 
 
+def _burst(client: Client, prefix: str, frame: bytes, n: int, tag: str) -> None:
+    """``n`` frames on camera ``cam`` as fast as the broker takes them (QoS 1)."""
+    for i in range(n):
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("frame_id", f"{tag}{i:04d}"), ("captured_at", str(time.time()))]
+        client.client.publish(f"{prefix}/cam/frame", frame, qos=1, properties=props)
+
+
+def _worker_traffic(log: str, client_id: str) -> tuple[int, int]:
+    """From a mosquitto log (log_type all): the most frames the broker had sent the worker and the worker had not
+    acknowledged, and the most frames the worker had acknowledged beyond the answers (results, errors) it had
+    published, each at any point of the log."""
+    sent = acked = answered = 0
+    window = ahead = 0
+    for line in log.splitlines():
+        if f"Sending PUBLISH to {client_id} " in line and "/frame'" in line:
+            sent += 1
+        elif f"Received PUBACK from {client_id} " in line:
+            acked += 1
+        elif f"Received PUBLISH from {client_id} " in line and ("/result'" in line or "/error'" in line):
+            answered += 1
+        window, ahead = max(window, sent - acked), max(ahead, acked - answered)
+    return window, ahead
+
+
+def test_block_leaves_the_surge_with_the_broker_and_acknowledges_only_answered_frames(bundle_dir, dataset, tmp_path,
+                                                                                       worker_factory):
+    """``block`` waited for room in the queue on paho's network thread, which also reads the broker's PUBACKs of the
+    worker's results: results piled up inside the worker while it went on acknowledging frames (a probe: 401 taken,
+    20 answers out), so a surge moved from the broker into the worker's memory.  Now the worker asks the broker for at
+    most queue + threads unanswered frames (MQTT v5 Receive Maximum) and acknowledges each once the broker has its
+    answer (a broker that sends past the window, as mosquitto 2.0.11 does, is no longer read from until there is
+    room)."""
+    broker = Broker(tmp_path / "broker", extra="log_type all\n")
+    try:
+        prefix, client_id = f"b{uuid.uuid4().hex[:6]}", f"w-{uuid.uuid4().hex[:6]}"
+        config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                              mqtt={"client_id": client_id}, store={"log_normal_every": 0},
+                              limits={"queue_size": 4, "queue_policy": "block", "inference_threads": 1})
+        client = Client(broker.port, prefix)
+        worker = worker_factory(config)
+        wait_online(client, prefix)
+        n = 300
+        _burst(client, prefix, _good_png(dataset), n, "b")
+        outcomes: dict[str, list[str]] = {}
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and len(outcomes) < n:
+            outcomes = _outcomes(client, prefix, "cam")
+            time.sleep(0.1)  # poll interval, with a deadline
+        assert outcomes == {f"b{i:04d}": ["result"] for i in range(n)}, {k: v for k, v in outcomes.items() if v != ["result"]}
+        window, ahead = _worker_traffic(broker.log_path.read_text(errors="replace"), client_id)
+        print(f"\nFIGURES block burst: {n} answered; at most {window} frames unacknowledged at the broker, "
+              f"acknowledged beyond the answers: {ahead}")
+        # mosquitto 2.0.11 sends past the Receive Maximum (eclipse/mosquitto#2301): the window is not asserted here
+        assert ahead <= 0, f"the worker acknowledged {ahead} frames before the broker had their answers"
+        client.messages.clear()
+        stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]
+        assert stats["receive_maximum"] == 5 and stats["cameras"]["cam"]["dropped"] == 0, stats
+        assert worker.stop() == 0
+        client.close()
+    finally:
+        broker.stop()
+
+
+def test_a_worker_killed_in_a_burst_under_block_loses_no_frame(broker, bundle_dir, dataset, tmp_path,
+                                                               worker_factory):
+    """SIGKILL in a burst under ``block``: the frames the broker handed over and the worker had not answered (and
+    not acknowledged) come to the next start in the persistent session, so every frame is answered; those answered
+    but not yet acknowledged at the kill (at most the Receive Maximum) are answered twice.  A probe lost 223-438 of
+    600 this way."""
+    prefix = f"k{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          mqtt={"client_id": f"w-{prefix}"}, store={"log_normal_every": 0},
+                          limits={"queue_size": 8, "queue_policy": "block", "inference_threads": 1})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    n = 400
+    _burst(client, prefix, _good_png(dataset), n, "k")
+    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=20)
+    worker.stop(signal.SIGKILL)
+    first = set(_outcomes(client, prefix, "cam"))
+    worker_factory(config)  # same client id: the broker hands over what was not acknowledged
+    outcomes: dict[str, list[str]] = {}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(outcomes) < n:
+        outcomes = _outcomes(client, prefix, "cam")
+        time.sleep(0.1)  # poll interval, with a deadline
+    lost = [f"k{i:04d}" for i in range(n) if f"k{i:04d}" not in outcomes]
+    twice = [k for k, v in outcomes.items() if len(v) > 1]
+    print(f"\nFIGURES SIGKILL under block: sent {n}, answered before the kill {len(first)}, never answered {len(lost)}, "
+          f"answered twice {len(twice)}")
+    assert not lost, f"{len(lost)} frames never answered: {lost[:5]}"
+    assert all(set(v) == {"result"} for v in outcomes.values())
+    assert set(twice) <= first, "only an answer whose acknowledgement the kill cut off is given again"
+    client.close()
+
+
 # 4. Vector store outage loses no embedding -------------------------------------------------------
 
 def _scored_while_the_store_is_down(store: dict, frames: int, broker, bundle_dir, dataset, tmp_path, worker_factory):

@@ -157,14 +157,18 @@ class QueuePolicy(StrEnum):
 
     DROP_OLDEST = "drop_oldest"  # keep the newest frames: a live line cares about now
     DROP_NEWEST = "drop_newest"  # keep what arrived first
-    BLOCK = "block"  # stop reading from the broker (the broker then queues, and drops past its own limit)
+    BLOCK = "block"  # the broker keeps the surge (and drops past its own limit): see LimitsConfig.queue_policy
 
 
 class LimitsConfig(_Section):
     max_frame_bytes: int = Field(FRAME_MAX_BYTES, gt=0, description="Larger payloads are rejected before decoding.")
     max_pixels: int = Field(FRAME_MAX_PIXELS, gt=0, description="Width x height limit, checked from the header before decoding.")
     queue_size: int = Field(32, ge=1, description="Frames waiting for inference.")
-    queue_policy: QueuePolicy = QueuePolicy.DROP_OLDEST
+    queue_policy: QueuePolicy = Field(QueuePolicy.DROP_OLDEST, description=(
+        "What happens to a new frame when the internal queue is full: drop_oldest, drop_newest (answered dropped), "
+        "or block: the broker keeps the surge; the worker asks it for at most min(queue_size, queue_max_bytes / "
+        "max_frame_bytes) + inference_threads unanswered frames (MQTT v5 Receive Maximum) and acknowledges each "
+        "once the broker has its answer, so a killed worker's unanswered frames come to its next start."))
     inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
     opencv_threads: int = Field(1, ge=0, description="Threads OpenCV may use per call (resizing, heatmaps); 0 = its own pool "
                                                      "(one thread per core). The inference threads already work on frames "

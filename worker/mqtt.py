@@ -11,6 +11,7 @@ the packet that carries it (:func:`_reason_name`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from worker.acks import Acks
 from worker.config import ConfigError, MQTTConfig
 from worker.supervise import Throttle
 
@@ -120,7 +122,8 @@ class MqttLink:
     def __init__(self, cfg: MQTTConfig, client_id: str, subscriptions: Sequence[str] = (),
                  will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = (),
                  stale: Sequence[str] = (), record: Path | None = None, will_properties: Properties | None = None,
-                 on_takeover: Callable[[], None] | None = None, prefix: str | None = None) -> None:
+                 on_takeover: Callable[[], None] | None = None, prefix: str | None = None,
+                 receive_maximum: int | None = None) -> None:
         """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
         handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
         every start and reconnect; what is published while we are subscribed still arrives.  ``watch``: topics
@@ -129,7 +132,9 @@ class MqttLink:
         (our own last ``stopped`` would otherwise stay in the session after every shutdown).  ``stale``: filters a
         resumed session may still hold from an earlier configuration (a persistent session keeps its subscriptions),
         unsubscribed at every connect that finds a session.  ``record``: a file where the filters this session holds
-        are remembered, so that those an earlier configuration subscribed and this one does not are left too."""
+        are remembered, so that those an earlier configuration subscribed and this one does not are left too.
+        ``receive_maximum``: at most this many QoS 1 messages the broker may send us unacknowledged (MQTT v5 Receive
+        Maximum on CONNECT; None: the protocol's 65535), for messages acknowledged through :attr:`acks`."""
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
         self.stale = list(stale)
@@ -164,6 +169,9 @@ class MqttLink:
             protocol=mqtt.MQTTv5,
         )
         self.client.max_queued_messages_set(0)
+        self.receive_maximum = receive_maximum
+        self.acks = Acks(self.client.ack)
+        self._settle: dict[int, Callable[[], None]] = {}  # message id of a QoS 1 publish -> run at its PUBACK
         self.client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
         if cfg.username is not None:
             try:
@@ -203,6 +211,8 @@ class MqttLink:
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry_s
+        if self.receive_maximum is not None:
+            props.ReceiveMaximum = self.receive_maximum
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
                                   clean_start=self.cfg.session_expiry_s == 0, properties=props)
         self.client.loop_start()
@@ -316,6 +326,12 @@ class MqttLink:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         """A QoS 1 message the broker refused in its PUBACK (v5: an ACL without the topic, a quota) is lost, and paho
         says so only here: named with its topic the first time, then once a minute with the count."""
+        settle = self._settle.pop(mid, None)
+        if settle is not None:
+            try:
+                settle()
+            except Exception:  # raised into paho, it would end the network thread
+                log.exception("settling the publish %d failed", mid)
         if not reason_code.is_failure:
             return
         message = getattr(client, "_out_messages", {}).get(mid)  # paho keeps it until this callback returns
@@ -433,6 +449,7 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         """Called once per lost connection or failed attempt, and a second time for a keep-alive timeout (paho's
         ``loop_misc`` reports it again): only the first is said."""
+        self.acks.reset()  # before paho connects again: a packet id of this connection means nothing on the next
         was_connected, attempting = self.connected.is_set(), self._attempting
         self.connected.clear()
         self._attempting = False
@@ -478,20 +495,34 @@ class MqttLink:
             log.exception("message handler failed for %s", msg.topic)
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
-                properties: Properties | None = None, accepted: Callable[[], None] | None = None) -> mqtt.MQTTMessageInfo:
+                properties: Properties | None = None, accepted: Callable[[], None] | None = None,
+                settled: Callable[[], None] | None = None) -> mqtt.MQTTMessageInfo:
         """See :meth:`worker.transport.Transport.publish`."""
         data = payload.encode() if isinstance(payload, str) else payload
-        if self.max_packet_size is not None:
-            # fixed header (5) + topic (2+len) + packet id (2) + properties (bounded generously)
-            overhead = 9 + len(topic.encode()) + (len(properties.pack()) if properties is not None else 1)
-            if len(data) + overhead > self.max_packet_size:
-                raise PacketTooLarge(f"{topic}: {len(data) + overhead} bytes exceed the broker's maximum packet size "
-                                     f"{self.max_packet_size}")
-        if accepted is not None:
-            accepted()
         # a broker closes the connection over a QoS or a retain flag its CONNACK said it does not take
-        self.last_sent = self.client.publish(topic, data, qos=min(self.cfg.qos if qos is None else qos, self.max_qos),
-                                             retain=retain and self.retain_available, properties=properties)
+        qos = min(self.cfg.qos if qos is None else qos, self.max_qos)
+        try:
+            if self.max_packet_size is not None:
+                # fixed header (5) + topic (2+len) + packet id (2) + properties (bounded generously)
+                overhead = 9 + len(topic.encode()) + (len(properties.pack()) if properties is not None else 1)
+                if len(data) + overhead > self.max_packet_size:
+                    raise PacketTooLarge(f"{topic}: {len(data) + overhead} bytes exceed the broker's maximum packet "
+                                         f"size {self.max_packet_size}")
+            if accepted is not None:
+                accepted()
+            # paho's PUBACK handler holds this (re-entrant) lock: ``settled`` is in place before it can look (a
+            # paho without it: a PUBACK faster than this line leaves the frame unacknowledged until a reconnect)
+            with getattr(self.client, "_out_message_mutex", None) or contextlib.nullcontext():
+                self.last_sent = self.client.publish(topic, data, qos=qos, retain=retain and self.retain_available,
+                                                     properties=properties)
+                if settled is not None and qos:
+                    self._settle[self.last_sent.mid] = settled
+        except BaseException:
+            if settled is not None:  # nothing goes to the broker
+                settled()
+            raise
+        if settled is not None and not qos:
+            settled()
         return self.last_sent
 
     def stop(self) -> None:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from bundle import tiling
 from worker import heatmap
+from worker.acks import Ticket
 from worker.capture import Capture
 from worker.config import CameraConfig, Config, HeatmapConfig, QueuePolicy
 from worker.decode import FrameError, Header, decode, probe, reduction
@@ -46,7 +47,23 @@ CAPTURE_QUEUE = (8, 256_000_000)  # frames and bytes (decoded images) waiting fo
 Mark = tuple[str | None, int]  # a delivery's captured_at as sent (None: stamped here) and its bytes' CRC-32
 log = logging.getLogger(__name__)
 
-__all__ = ["Frame", "Pipeline", "iso"]
+__all__ = ["Frame", "Pipeline", "iso", "receive_maximum"]
+
+
+def inference_threads(cfg: Config, models: Models) -> int:
+    return cfg.limits.inference_threads or max(1, models.default.bundle.optimal_requests)
+
+
+def receive_maximum(cfg: Config, models: Models) -> int | None:
+    """Under ``block``: how many frames the broker may hand the worker before it has answered them (MQTT v5 Receive
+    Maximum), as many as the other policies hold at most: a full queue (``limits.queue_size`` frames, and
+    ``limits.queue_max_bytes`` of frames as large as ``limits.max_frame_bytes``) and one frame in each inference
+    thread.  None for the drop policies, which take every frame and answer those they drop."""
+    limits = cfg.limits
+    if limits.queue_policy is not QueuePolicy.BLOCK:
+        return None
+    queued = max(1, min(limits.queue_size, limits.queue_max_bytes // limits.max_frame_bytes))
+    return min(queued + inference_threads(cfg, models), 0xFFFF)
 
 
 @dataclass
@@ -60,6 +77,7 @@ class Frame:
     received_ts: float
     received_mono: float
     generated: tuple[str, ...] = ()  # fields the worker made up (metadata: optional)
+    ticket: Ticket | None = None  # under block: its acknowledgement, released once the broker has its answer
 
     @property
     def fmt(self) -> str:
@@ -81,11 +99,16 @@ class Pipeline:
         self.allowed = set(cfg.topics.cameras) | set(cfg.cameras) if cfg.topics.cameras else set()
         self.ingest = Ingest(cfg)
         # Policy: limits.queue_policy when full in frames (limits.queue_size) or bytes (limits.queue_max_bytes);
-        # a drop evicts a frame of the camera holding the most, so a flooding camera pays for its own flood.
-        self.queue: BoundedQueue[Frame] = BoundedQueue(cfg.limits.queue_size, cfg.limits.queue_policy,
-                                                       cfg.limits.queue_max_bytes, size=lambda f: len(f.data),
-                                                       key=lambda f: f.camera)
-        n = cfg.limits.inference_threads or max(1, models.default.bundle.optimal_requests)
+        # a drop evicts a frame of the camera holding the most, so a flooding camera pays for its own flood.  Under
+        # block the broker's window (receive_maximum) bounds the frames held, so the queue never fills and put never
+        # waits on paho's network thread, except with a broker that sends past the window (mosquitto 2.0.11 does):
+        # then the thread waits, and the broker's socket with it, as before the window.
+        self.window = receive_maximum(cfg, models)
+        self.queue: BoundedQueue[Frame] = BoundedQueue(
+            self.window or cfg.limits.queue_size, cfg.limits.queue_policy,
+            None if self.window else cfg.limits.queue_max_bytes, size=lambda f: len(f.data), key=lambda f: f.camera)
+        self._holding: dict[tuple[str, str], Ticket] = {}  # under block: (camera, id) of a frame held -> its ticket
+        n = inference_threads(cfg, models)
         self.threads = [threading.Thread(target=self._run, name=f"infer-{i}", daemon=True) for i in range(n)]
         # The capture sample writes files: on a thread of its own, so a slow or stalled disk costs the sample
         # frames, never inspection.  Policy: drop_newest past CAPTURE_QUEUE frames or bytes, counted.
@@ -110,65 +133,90 @@ class Pipeline:
         }
 
     # --- MQTT thread -------------------------------------------------------------------------
-    def on_frame(self, msg: Inbound) -> None:
-        """Admit or refuse one frame message; every frame on a camera topic gets exactly one outcome."""
+    def on_frame(self, msg: Inbound, ticket: Ticket | None = None) -> bool:
+        """Admit or refuse one frame message; every frame on a camera topic gets exactly one outcome.  ``ticket``:
+        its acknowledgement; True when the pipeline keeps it to release once the frame is answered (under block),
+        False when the caller releases it now (each answer given meanwhile holds it until the broker has it)."""
         camera = self.topics.camera_of(msg.topic)
         if camera is None:  # the subscription matched an empty camera level (<prefix>//frame): nobody to answer
             if not self._empty_level_said:
                 self._empty_level_said = True
                 log.warning("frames on %s are ignored: its camera level is empty (frames go to %s)", msg.topic,
                             self.topics.frame("<camera>"))
-            return
+            return False
         if not msg.payload and not msg.user:  # how a client clears a retained frame: no frame, nothing to answer
             if self._cleared_log.ready():
                 log.info("an empty message without properties on %s is ignored (a retained frame cleared?; said at "
                          "most once a minute)", msg.topic[:200])
-            return
+            return False
         if not valid_id(camera):
-            self._bad_camera(camera, msg.user)
-            return
+            self._bad_camera(camera, msg.user, ticket)
+            return False
         props = msg.user
         if ambiguous := sorted(msg.repeated & FrameMetadata.model_fields.keys()):
             self.stats.add(camera, "received")
             self._fail(camera, None, ErrorCode.BAD_METADATA, f"user propert{'ies' if len(ambiguous) > 1 else 'y'} "
-                       f"{', '.join(ambiguous)} given more than once: which is meant cannot be told")
-            return
+                       f"{', '.join(ambiguous)} given more than once: which is meant cannot be told", ticket=ticket)
+            return False
         try:
-            self._on_frame(camera, props, msg.payload)
+            return self._on_frame(camera, props, msg.payload, ticket)
         except Exception as exc:  # a bug in admission must cost this frame only
             log.exception("admission of a frame from %s failed", camera)
-            self._fail(camera, props.get("frame_id"), ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            self._fail(camera, props.get("frame_id"), ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}",
+                       ticket=ticket)
+            return False
 
-    def _on_frame(self, camera: str, props: dict[str, str], payload: bytes) -> None:
+    def _on_frame(self, camera: str, props: dict[str, str], payload: bytes, ticket: Ticket | None) -> bool:
         received_ts, received_mono = time.time(), time.monotonic()
         self.stats.add(camera, "received")
         self.ingest.check_box_clock(received_ts)
         try:
             arrival = self.ingest.arrive(camera, props, payload)
         except FrameError as exc:
-            self._fail(camera, props.get("frame_id") or exc.frame_id, exc.code, exc.message)
-            return
+            self._fail(camera, props.get("frame_id") or exc.frame_id, exc.code, exc.message, ticket=ticket)
+            return False
         props, payload = arrival.fields, arrival.data
         delivery = None if "frame_id" in arrival.generated else self._delivery(camera, props, payload, arrival.generated)
         if delivery is not None and self._seen(*delivery):
             # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
             self.stats.add(camera, "duplicates")
             log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
-            return
+            with self._lock:
+                held = self._holding.get(delivery[0])
+            if held is None or ticket is None:
+                return False
+            held.then(ticket.release)  # acknowledged with the first copy, once it is answered
+            return True
         try:
             frame = self._admit(camera, props, payload, received_ts, received_mono, arrival.generated)
         except FrameError as exc:
-            self._fail(camera, props.get("frame_id"), exc.code, exc.message)
-            return
+            self._fail(camera, props.get("frame_id"), exc.code, exc.message, ticket=ticket)
+            return False
         if delivery is not None:
             self._remember(*delivery)
-        for dropped in self.queue.put(frame):
+        if self.window is not None:
+            frame.ticket = ticket
+        dropped = self.queue.put(frame)
+        for lost in dropped:
             if self.queue.closed:
-                self._fail(dropped.camera, dropped.frame_id, ErrorCode.SHUTDOWN, "the worker is stopping")
+                self._fail(lost.camera, lost.frame_id, ErrorCode.SHUTDOWN, "the worker is stopping", ticket=ticket)
             else:
-                self._fail(dropped.camera, dropped.frame_id, ErrorCode.DROPPED,
+                self._fail(lost.camera, lost.frame_id, ErrorCode.DROPPED,
                            f"queue full ({self.queue.maxsize} frames or {self.queue.max_bytes} bytes); "
                            f"policy {self.queue.policy.value}", counter="dropped")
+        if frame.ticket is None or dropped:
+            return False
+        if delivery is not None:
+            key, held = delivery[0], frame.ticket
+            with self._lock:
+                self._holding[key] = held
+            held.then(lambda: self._unhold(key, held))
+        return True
+
+    def _unhold(self, key: tuple[str, str], ticket: Ticket) -> None:
+        with self._lock:
+            if self._holding.get(key) is ticket:
+                del self._holding[key]
 
     @staticmethod
     def _delivery(camera: str, props: dict[str, str], payload: bytes,
@@ -226,7 +274,7 @@ class Pipeline:
             self.ingest.check_clock(camera, ts, received_ts)
         return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated)
 
-    def _bad_camera(self, camera: str, props: dict[str, str]) -> None:
+    def _bad_camera(self, camera: str, props: dict[str, str], ticket: Ticket | None) -> None:
         """A frame from a camera id no label, query or console can name (over 128 characters, not printable, '.' or
         '..'): it was scored and stored, and then could never be labelled, asked about or seen.  Refused before any
         decoding, answered where its error topic can be published to (a topic over MQTT's 64 KiB cannot), counted
@@ -245,10 +293,13 @@ class Pipeline:
             body = {"code": ErrorCode.BAD_CAMERA.value, "message": message,
                     "frame_id": frame_id if valid_id(frame_id) else None, "camera": camera,
                     "worker": self.cfg.worker.id, "at": iso(time.time())}
-            self.link.publish(topic, json.dumps(body), properties=publish_properties(content_type="application/json"))
+            self.link.publish(topic, json.dumps(body), properties=publish_properties(content_type="application/json"),
+                              settled=ticket.hold() if ticket is not None else None)
 
-    def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored") -> None:
-        """Answer a frame that is not processed, and forget it was accepted: sent again (mended), it is served."""
+    def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored",
+              ticket: Ticket | None = None) -> None:
+        """Answer a frame that is not processed, and forget it was accepted: sent again (mended), it is served.
+        ``ticket``: its acknowledgement, held until the broker has the answer."""
         if frame_id is not None:
             with self._lock:
                 self._recent.pop((camera, frame_id), None)
@@ -258,7 +309,8 @@ class Pipeline:
                 "camera": camera, "worker": self.cfg.worker.id, "at": iso(time.time())}
         log.info("frame %s/%s refused: %s: %s", camera, body["frame_id"], code, message)
         self.link.publish(self.topics.error(camera), json.dumps(body),
-                          properties=publish_properties(content_type="application/json"))
+                          properties=publish_properties(content_type="application/json"),
+                          settled=ticket.hold() if ticket is not None else None)
 
     # --- inference threads -------------------------------------------------------------------
     def start(self) -> None:
@@ -276,7 +328,10 @@ class Pipeline:
             t.join(max(0.0, deadline - time.monotonic()))
         left = self.queue.drain()
         for frame in left:
-            self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, "worker stopped before this frame was processed")
+            self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, "worker stopped before this frame was processed",
+                       ticket=frame.ticket)
+            if frame.ticket is not None:
+                frame.ticket.release()
         return len(left)
 
     def abandon(self, message: str, timeout: float) -> int:
@@ -291,7 +346,9 @@ class Pipeline:
             if t.name != "capture":
                 t.join(max(0.0, deadline - time.monotonic()))
         for frame in left:
-            self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, message)
+            self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, message, ticket=frame.ticket)
+            if frame.ticket is not None:
+                frame.ticket.release()
         return len(left)
 
     def _run(self) -> None:
@@ -315,12 +372,16 @@ class Pipeline:
                     request = requests[model] = model.bundle.create_request()
                 self._process(frame, model, request)
             except FrameError as exc:
-                self._fail(frame.camera, frame.frame_id, exc.code, exc.message)
+                self._fail(frame.camera, frame.frame_id, exc.code, exc.message, ticket=frame.ticket)
             except PacketTooLarge as exc:
-                self._fail(frame.camera, frame.frame_id, ErrorCode.RESULT_TOO_LARGE, str(exc))
+                self._fail(frame.camera, frame.frame_id, ErrorCode.RESULT_TOO_LARGE, str(exc), ticket=frame.ticket)
             except Exception as exc:  # keep serving; the frame still gets its error message
                 log.exception("frame %s/%s failed", frame.camera, frame.frame_id)
-                self._fail(frame.camera, frame.frame_id, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+                self._fail(frame.camera, frame.frame_id, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}",
+                           ticket=frame.ticket)
+            finally:  # the frame's own hold: its answer's, taken above, keeps the acknowledgement until the broker has it
+                if frame.ticket is not None:
+                    frame.ticket.release()
 
         supervised_loop(self.liveness, name, step)
 
@@ -468,7 +529,7 @@ class Pipeline:
             self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files))
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),
                           properties=publish_properties({"frame_id": frame.frame_id}, "application/json"),
-                          accepted=counted)
+                          accepted=counted, settled=frame.ticket.hold() if frame.ticket is not None else None)
         self.stats.observe(latency_ms)
         if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
             cropped_by_roi = override is not None and override.roi is not None

@@ -4,7 +4,9 @@ Every queue in the worker is one of these (frames: ``limits.queue_*``; recorder
 records; requests).  With a ``key`` (the camera, for frames) the eviction is fair:
 a full queue gives up an item of whichever key holds the most, so one camera
 flooding the worker loses its own frames and never pushes out another camera's.
-A closed queue refuses new items (they are returned to the caller to answer).
+A closed queue refuses new items (they are returned to the caller to answer).  Under ``block`` a full queue makes
+:meth:`put` wait; the frame queue is kept from filling by the broker (the worker's MQTT v5 Receive Maximum,
+worker/acks.py), so it waits only where a broker sends past it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The worker process: wires config -> mqtt -> pipeline -> recorder/store -> queries, and shuts down cleanly.
 
-Frames are acknowledged to the broker (QoS 1, manual acks) once they are in our
-queue or answered, exactly once whatever happens to them (an unacknowledged message
+Frames are acknowledged to the broker (QoS 1, manual acks, in the order they came) once
+they are in our queue or answered, or under ``block`` once the broker has their answer
+(worker/acks.py), exactly once whatever happens to them (an unacknowledged message
 holds a slot of the broker's in-flight window for good); during shutdown new frames
 are left unacknowledged, so the broker keeps them in the persistent session for the
 next start instead of us dropping them.  Every thread is supervised
@@ -25,6 +26,7 @@ from typing import IO
 import paho.mqtt.client as mqtt
 
 from bundle import tiling
+from worker.acks import Ticket
 from worker.capture import Capture, train_command
 from worker.config import Config, ConfigError, QueuePolicy
 from worker.decode import use_opencv_threads
@@ -34,7 +36,7 @@ from worker.learning import Learner
 from worker.metrics import Stats
 from worker.models import DEFAULT, RELOAD_ERRORS, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
-from worker.pipeline import Pipeline
+from worker.pipeline import Pipeline, receive_maximum
 from worker.presence import ECHO_S, Presence
 from worker.query import QueryService
 from worker.queueing import BoundedQueue, Closed
@@ -167,7 +169,7 @@ class Worker:
                              stale=[self.topics.frames, self.topics.query, self.topics.label]
                              if cfg.topics.share_group else [], record=cfg.mqtt.session_file,
                              will_properties=self.presence.will_properties(), on_takeover=self.presence.takeover,
-                             prefix=cfg.topics.prefix)
+                             prefix=cfg.topics.prefix, receive_maximum=receive_maximum(cfg, self.models))
         self.link.client.manual_ack_set(True)
         self.capture = (Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, max_mb=cfg.capture.max_mb,
                                 max_cameras=cfg.capture.max_cameras)
@@ -289,23 +291,27 @@ class Worker:
                           for c, w in written.items()}}
 
     def _route(self, raw: mqtt.MQTTMessage) -> None:
-        """paho's network thread: hand the message on, then acknowledge it, exactly once, whatever happened."""
+        """paho's network thread: hand the message on, then acknowledge it (or, under block, a queued frame once the
+        broker has its answer), exactly once, whatever happened.  Never waits: this thread also reads the broker's
+        acknowledgements of what the worker publishes."""
         self._heard = time.monotonic()
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next session
+        ticket = self.link.acks.open(raw.mid, raw.qos) if raw.qos else None
+        kept = False
         try:
             with self.liveness.busy("mqtt"):
-                self.dispatch(Inbound.from_paho(raw))
+                kept = self.dispatch(Inbound.from_paho(raw), ticket)
         except Exception:
             self.liveness.failed("mqtt")
             log.exception("handling a message on %s failed", raw.topic)
         finally:
-            if raw.qos:
-                self.link.client.ack(raw.mid, raw.qos)
+            if ticket is not None and not kept:
+                ticket.release()
 
-    def dispatch(self, msg: Inbound) -> None:
+    def dispatch(self, msg: Inbound, ticket: Ticket | None = None) -> bool:
         """A request goes to the request queue (answered busy when it is full), our own availability to the
-        presence check, anything else to the pipeline."""
+        presence check, anything else to the pipeline; True when the pipeline keeps ``ticket`` (see there)."""
         if msg.topic == self.topics.availability:
             if self.presence.observe(msg.payload, msg.replayed, msg.user):
                 self._announce_online()
@@ -313,7 +319,8 @@ class Worker:
             for refused in self.query_queue.put(msg):
                 self._respond(refused, error_answer(ErrorCode.BUSY, "too many requests waiting"))
         else:
-            self.pipeline.on_frame(msg)
+            return self.pipeline.on_frame(msg, ticket)
+        return False
 
     def _signed(self, answer: dict) -> dict:
         """An answer naming the worker that gave it: in a share group a request reaches one member, and with embedded
@@ -417,6 +424,8 @@ class Worker:
             "at": iso(time.time()),
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
             "queue": len(self.pipeline.queue),
+            "unacknowledged": self.link.acks.unacknowledged,
+            "receive_maximum": self.link.receive_maximum,
             "subscriptions_refused": self.link.refused,
             "publishes_refused": self.link.publishes_refused,
             "last_publish_refused": self.link.last_refused,

@@ -44,11 +44,13 @@ class Inbound:
 
 class Transport(Protocol):
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
-                properties: Any = None, accepted: Callable[[], None] | None = None) -> Any:
+                properties: Any = None, accepted: Callable[[], None] | None = None,
+                settled: Callable[[], None] | None = None) -> Any:
         """Send one message; raises :class:`worker.mqtt.PacketTooLarge` past the broker's packet size.
 
         ``accepted`` runs once the message will be sent and before it leaves, so what it counts is counted before
-        any subscriber can see the message."""
+        any subscriber can see the message.  ``settled`` runs once the broker has it (its PUBACK; at once for QoS 0),
+        or once it is certain never to go (the publish raised)."""
 
 
 @dataclass
@@ -66,13 +68,16 @@ class MemoryTransport:
         self.cond = threading.Condition()
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
-                properties: Any = None, accepted: Callable[[], None] | None = None) -> None:
+                properties: Any = None, accepted: Callable[[], None] | None = None,
+                settled: Callable[[], None] | None = None) -> None:
         if accepted is not None:
             accepted()
         with self.cond:
             self.published.append(Published(topic, payload.encode() if isinstance(payload, str) else payload,
                                             properties))
             self.cond.notify_all()
+        if settled is not None:
+            settled()
 
     def on(self, topic: str) -> list[Published]:
         with self.cond:

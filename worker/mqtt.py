@@ -283,7 +283,8 @@ class MqttLink:
         if not topics:
             return
         asked = [(topic, SubscribeOptions(qos=0, retainHandling=0) if topic in self.watch
-                  else SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling)) for topic in topics]
+                  else SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling, retainAsPublished=True))
+                 for topic in topics]
         with self._lock:
             result, mid = self.client.subscribe(asked)
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:

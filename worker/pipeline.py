@@ -144,10 +144,10 @@ class Pipeline:
                 log.warning("frames on %s are ignored: its camera level is empty (frames go to %s)", msg.topic,
                             self.topics.frame("<camera>"))
             return False
-        if not msg.payload and not msg.user:  # how a client clears a retained frame: no frame, nothing to answer
+        if not msg.payload and msg.retained:  # how a client clears a retained frame: no frame, nothing to answer
             if self._cleared_log.ready():
-                log.info("an empty message without properties on %s is ignored (a retained frame cleared?; said at "
-                         "most once a minute)", msg.topic[:200])
+                log.info("an empty retained message on %s is ignored (a retained frame cleared; said at most once a "
+                         "minute)", msg.topic[:200])
             return False
         if not valid_id(camera):
             self._bad_camera(camera, msg.user, ticket)

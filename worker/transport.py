@@ -29,6 +29,7 @@ class Inbound:
     mid: int = 0
     replayed: bool = False  # from the broker's store, not published just now: retained, or redelivered (DUP)
     repeated: frozenset[str] = frozenset()  # user property names given more than once (``user`` keeps the last)
+    retained: bool = False  # published with the retain flag (the worker subscribes retain-as-published)
 
     @classmethod
     def from_paho(cls, msg: Any) -> Inbound:
@@ -39,7 +40,7 @@ class Inbound:
         names = Counter(name for name, _ in pairs)
         return cls(msg.topic, bytes(msg.payload), msg.qos, dict(pairs),
                    getattr(props, "ResponseTopic", None) or None, getattr(props, "CorrelationData", None), msg.mid,
-                   bool(msg.retain or msg.dup), frozenset(name for name, n in names.items() if n > 1))
+                   bool(msg.retain or msg.dup), frozenset(name for name, n in names.items() if n > 1), bool(msg.retain))
 
 
 class Transport(Protocol):

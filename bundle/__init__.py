@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -277,18 +278,18 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
     """
     folder = Path(folder)
     path = folder / MANIFEST
-    if folder.is_file():
-        raise BundleError(f"{folder} is a file: give the bundle's folder ({folder.parent}), not a file in it")
-    if not folder.is_dir():
-        raise BundleError(f"{folder}: no such folder (a model bundle is a folder holding {MANIFEST})")
-    if not path.is_file():
-        raise BundleError(f"{folder}: no {MANIFEST} (not a model bundle)")
     try:
+        if folder.is_file():
+            raise BundleError(f"{folder} is a file: give the bundle's folder ({folder.parent}), not a file in it")
+        if not folder.is_dir():
+            raise BundleError(f"{folder}: no such folder (a model bundle is a folder holding {MANIFEST})")
+        if not path.is_file():
+            raise BundleError(f"{folder}: no {MANIFEST} (not a model bundle)")
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not JSON: {exc}") from exc
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    except OSError as exc:  # a folder copied as root with the exporter's or cp's modes: not a traceback at start
+        raise unreadable(path, exc) from exc
     if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_SCHEMAS:
         version = raw.get("schema_version") if isinstance(raw, dict) else None
         raise BundleError(f"{path}: schema_version {version!r}, this software reads {', '.join(map(str, READABLE_SCHEMAS))}")
@@ -310,10 +311,30 @@ def verify_file(folder: Path, name: str, expected: str, data: bytes | None = Non
     """Raise :class:`BundleError` unless ``folder/name`` is there with the sha256 ``expected`` (of ``data``, its
     bytes already read, where given)."""
     file = folder / name
-    if data is None and not file.is_file():
-        raise BundleError(f"{folder}: {name} is listed in {MANIFEST} but missing")
-    if (sha256_file(file) if data is None else hashlib.sha256(data).hexdigest()) != expected:
+    try:
+        if data is None and not file.is_file():
+            raise BundleError(f"{folder}: {name} is listed in {MANIFEST} but missing")
+        actual = sha256_file(file) if data is None else hashlib.sha256(data).hexdigest()
+    except OSError as exc:
+        raise unreadable(file, exc) from exc
+    if actual != expected:
         raise BundleError(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
+
+
+def unreadable(path: Path, exc: OSError) -> BundleError:
+    """The error for a bundle file this process cannot read, naming the file, the reason and (permission denied:
+    a bundle copied as root keeps modes only root may read) the user who must be able to read it."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, PermissionError) and hasattr(os, "geteuid"):
+        uid = os.geteuid()
+        try:
+            import pwd
+            user = f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+        except (ImportError, KeyError):
+            user = f"uid {uid}"
+        reason += (f": the bundle's folder and files must be readable by {user}, which runs this "
+                   "(e.g. chown -R that user, or chmod -R a+rX the bundle)")
+    return BundleError(f"{path}: cannot be read ({reason})")
 
 
 def jpeg_cut_short(data: bytes) -> bool:

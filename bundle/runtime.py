@@ -25,6 +25,7 @@ from bundle import (
     Thresholds,
     read_manifest,
     sha256_file,
+    unreadable,
     verify_file,
 )
 
@@ -219,7 +220,7 @@ class CompiledBundle:
             except FileNotFoundError:
                 raise BundleError(f"{self.folder}: {name} is listed in {MANIFEST} but missing") from None
             except OSError as exc:
-                raise BundleError(f"{self.folder}: {name} cannot be read ({exc.strerror or exc})") from exc
+                raise unreadable(self.folder / name, exc) from exc
             if verify:
                 verify_file(self.folder, name, self.manifest.files[name], data[name])
         self._weights = np.frombuffer(data["model.bin"], np.uint8)  # the graph's constants may share this memory

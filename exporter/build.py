@@ -244,7 +244,13 @@ def remove_stale_staging(out: Path) -> None:
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished bundle to ``out``; an existing bundle there is replaced (renamed aside, then removed)."""
+    """Rename the finished bundle to ``out``; an existing bundle there is replaced (renamed aside, then removed).
+
+    The staging folder gets the mode any folder made under this umask has: mkdtemp makes it 0700, and a bundle
+    copied from there as root (deploy/README) was then unreadable to the worker's own user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     if not out.exists():
         staging.rename(out)
         return

@@ -42,6 +42,14 @@ def test_bundle_manifest_is_complete_and_checksummed(bundle_dir):
     assert manifest.training["backbone_weights_sha256"]
 
 
+def test_the_bundle_folder_has_the_mode_the_umask_gives_any_folder(bundle_dir):
+    """The exporter builds in a mkdtemp folder (0700) and renamed it into place as it was: a bundle copied from
+    there as root (deploy/README) could not be read by the worker's user.  Now it has the umask's mode."""
+    umask = os.umask(0)
+    os.umask(umask)  # the exporter ran as a child of this process, under the same umask
+    assert bundle_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle_dir, copy)

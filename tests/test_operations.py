@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -20,7 +23,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 from bundle import BundleError, read_manifest, write_manifest
-from conftest import Client, good_png, write_config
+from conftest import ROOT, Client, WorkerProcess, good_png, killed_after, write_config
 from scripts.broker import free_port
 
 
@@ -410,6 +413,79 @@ def test_a_watched_bundle_is_loaded_once_copied_whole_and_a_half_copy_is_said_on
     client.publish_frame("cam", _good(dataset), "after")
     assert client.json_on(f"{prefix}/cam/result")[0]["model"]["version"] == "2.0.0"
     assert worker.stop() == 0
+
+
+def _as_service_user() -> list[str]:
+    """The command prefix under which a folder with mode 0 is as unreadable to the worker as a root-only bundle is to
+    its service user: root's override of file permissions dropped (nothing when the tests do not run as root)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot run the worker without root's file access")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+class _ServiceUserWorker(WorkerProcess):
+    """The worker as its service user would run it: unable to read what its user may not."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen([*_as_service_user(), sys.executable, "-m", "worker", "--config", str(config)],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+
+def test_a_bundle_the_worker_may_not_read_stops_the_start_with_exit_2_naming_it(broker, bundle_dir, tmp_path):
+    """A bundle copied as root kept modes only root may read (the exporter made its folders 0700): the start ended
+    with a PermissionError traceback and exit 1, which the unit restarts in a loop; now exit 2 and one line naming
+    the file, the reason and the user."""
+    locked = shutil.copytree(bundle_dir, tmp_path / "locked")
+    config = write_config(tmp_path / "w", broker.port, locked, topics={"prefix": f"u{uuid.uuid4().hex[:6]}"})
+    locked.chmod(0)
+    try:
+        proc = subprocess.run([*_as_service_user(), sys.executable, "-m", "worker", "--config", str(config)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {locked / 'bundle.json'}: cannot be read (Permission denied"), line
+    assert "must be readable by" in line, line
+
+
+def test_a_watched_bundle_swapped_for_one_the_worker_may_not_read_is_said_once(broker, bundle_dir, dataset, tmp_path):
+    """``model.watch_s`` and a release swapped in with ``mv`` (deploy/README) that the worker's user may not read:
+    the watcher took the folder it could not look into for one being copied and kept the old model without a word.
+    Now the refusal is said once, the old model serves meanwhile, and the release is loaded once it is readable."""
+    prefix = f"u{uuid.uuid4().hex[:6]}"
+    served = shutil.copytree(bundle_dir, tmp_path / "served")
+    release = _relabelled(bundle_dir, tmp_path / "release", "2.0.0")
+    config = write_config(tmp_path / "w", broker.port, served, topics={"prefix": prefix}, model={"watch_s": 0.2},
+                          worker={"id": "w-test", "stats_interval_s": 0.5})
+    client = Client(broker.port, prefix)
+    with killed_after(lambda n, cfg: _ServiceUserWorker(cfg, tmp_path / f"worker{n}.log")) as start:
+        worker = start(config)
+        _online(client, prefix)
+        release.chmod(0)
+        try:
+            served.rename(tmp_path / "old")
+            release.rename(served)
+            deadline = time.monotonic() + 30
+            while "changed on disk but was not loaded" not in worker.output():
+                assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
+                time.sleep(0.1)
+            stats = f"{prefix}/workers/w-test/stats"
+            seen = len([m for m in client.messages if m.topic == stats])
+            client.wait_for(lambda m: m.topic == stats, count=seen + 4)  # 2 s at least: ten ticks
+            said = [line for line in worker.output().splitlines() if "changed on disk but was not loaded" in line]
+            assert len(said) == 1 and "Permission denied" in said[0] and str(served) in said[0], said
+            client.publish_frame("cam", _good(dataset), "meanwhile")
+            assert client.json_on(f"{prefix}/cam/result")[0]["model"]["version"] != "2.0.0"
+        finally:
+            served.chmod(0o755)
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/model" and b'"2.0.0"' in m.payload)
+        assert worker.stop() == 0, worker.output()[-2000:]
 
 
 def test_per_camera_threshold_heatmap_policy_and_roi(broker, bundle_dir, dataset, tmp_path, worker_factory):

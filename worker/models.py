@@ -52,13 +52,17 @@ class Rolled:
 
 
 def manifest_signature(path: Path) -> tuple[int, ...] | None:
-    """Which bundle.json is at ``path`` now (device, inode, size, modification time), None when none can be read:
-    a release copied with its times kept (``cp -a``, ``rsync -a``) is older than the model served, and a ``current``
-    link switched to another bundle shows that bundle's times, so "newer than the load" missed both."""
+    """Which bundle.json is at ``path`` now (device, inode, size, modification time), None when there is none (a
+    folder being replaced): a release copied with its times kept (``cp -a``, ``rsync -a``) is older than the model
+    served, and a ``current`` link switched to another bundle shows that bundle's times, so "newer than the load"
+    missed both.  One that cannot be looked at (a folder this user may not read) is ``(-errno,)``: a change, so the
+    watcher tries it and says why it was refused, rather than serving the old model without a word."""
     try:
         st = (path / MANIFEST).stat()
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        return (-(exc.errno or 1),)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 

@@ -170,6 +170,21 @@ def test_a_folder_the_worker_cannot_write_stops_the_start_naming_its_key(tmp_pat
         in capsys.readouterr().err
 
 
+def test_a_session_file_the_worker_cannot_write_stops_the_start_naming_its_key(tmp_path, bundle_dir):
+    """mqtt.session_file's default lies in config.yaml's folder, read-only under the unit: the worker only warned at
+    every connect that it could not remember its subscriptions (and the cleanup of stale ones was off)."""
+    (tmp_path / "a-file").write_text("")
+    cfg = {s: {"path": str(tmp_path / s)} for s in ("evidence", "spool", "learning", "capture")}
+    cfg["model"] = {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov"), "rollout_path": str(tmp_path / "ro")}
+    cfg["mqtt"] = {"port": 1, "session_file": str(tmp_path / "a-file" / "below" / "mqtt-session.json")}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(tmp_path / "c.yaml")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: mqtt.session_file: the worker cannot write to {tmp_path / 'a-file' / 'below'} (Not a directory)" \
+        in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize(("paths", "said"), [
     ({"evidence": "data", "capture": "data"}, "evidence.path ({d}) and capture.path ({d}) overlap"),
     ({"evidence": "data", "spool": "data/spool"}, "evidence.path ({d}) and spool.path ({d}/spool) overlap"),

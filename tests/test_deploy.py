@@ -30,6 +30,21 @@ def test_production_worker_config_validates():
     assert cfg.mqtt.tls is not None and cfg.mqtt.port == 8883 and cfg.topics.share_group
 
 
+def test_every_path_the_production_config_writes_is_one_the_unit_lets_the_worker_write():
+    """mqtt.session_file was left at its default, in config.yaml's folder, which the unit makes read-only: the worker
+    warned at every connect that it could not remember its subscriptions."""
+    cfg = load_config(DEPLOY / "worker.yaml", environ={"EDGE_INSPECT__MQTT__PASSWORD": "x"})
+    unit = (DEPLOY / "systemd" / "edge-inspect-worker.service").read_text()
+    writable = [Path(p) for line in unit.splitlines() if line.startswith("ReadWritePaths=") for p in line.split("=", 1)[1].split()]
+    written = {"store.path": cfg.store.path, "evidence.path": cfg.evidence.path, "spool.path": cfg.spool.path,
+               "learning.path": cfg.learning.path, "capture.path": cfg.capture.path,
+               "capture.export_path": cfg.capture.export_path, "model.cache_dir": cfg.model.cache_dir,
+               "model.rollout_path": cfg.model.rollout_path, "mqtt.session_file": cfg.mqtt.session_file}
+    outside = {key: str(path) for key, path in written.items()
+               if path is not None and not any(w == path or w in path.parents for w in writable)}
+    assert writable and not outside, (writable, outside)
+
+
 def test_compose_file_wires_the_worker_to_the_broker_and_qdrant():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     assert set(compose["services"]) == {"mosquitto", "qdrant", "worker"}

@@ -72,7 +72,9 @@ def check_folders(cfg: Config) -> list[IO[str]]:
                "model.rollout_path": cfg.model.rollout_path,
                "learning.path": cfg.learning.path if cfg.learning.enabled else None,
                "capture.path": cfg.capture.path if cfg.capture.enabled else None}
-    for key, folder in folders.items():
+    session = cfg.mqtt.session_file
+    # the session file's folder is written, not owned: it may hold the others (/var/lib/edge-inspect)
+    for key, folder in {**folders, "mqtt.session_file": session.parent if session is not None else None}.items():
         if folder is None:
             continue
         probe = folder / f".write-check-{os.getpid()}"
@@ -81,7 +83,9 @@ def check_folders(cfg: Config) -> list[IO[str]]:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            fix = "; set it to null to run without a model cache" if key == "model.cache_dir" else ""
+            fix = {"model.cache_dir": "; set it to null to run without a model cache",
+                   "mqtt.session_file": " (a relative path is in config.yaml's folder); give a file in the worker's "
+                                        "state folder"}.get(key, "")
             raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc}){fix}") from None
     own = {**folders, "store.path": cfg.store.path if cfg.store.url is None else None}
     _apart({**own, "capture.export_path": cfg.capture.export_path if cfg.capture.enabled else None})

@@ -27,7 +27,20 @@ DEPLOY = ROOT / "deploy"
 
 def test_production_worker_config_validates():
     cfg = load_config(DEPLOY / "worker.yaml", environ={"EDGE_INSPECT__MQTT__PASSWORD": "x"})
-    assert cfg.mqtt.tls is not None and cfg.mqtt.port == 8883 and cfg.topics.share_group
+    assert cfg.mqtt.tls is not None and cfg.mqtt.port == 8883
+
+
+def test_the_production_config_keeps_a_lone_workers_frames_across_a_restart_and_offers_the_group_as_an_opt_in(tmp_path):
+    """worker.yaml shipped a share group with mqtt.session_expiry_s 0: a worker alone (the common box) lost every
+    frame sent while it restarted (a probe: 206 of 300), against the unit's and docs/reliability.md's promise.  Now
+    it keeps a persistent session, and the group's settings are commented out, to be set together."""
+    text = (DEPLOY / "worker.yaml").read_text()
+    cfg = load_config(DEPLOY / "worker.yaml", environ={"EDGE_INSPECT__MQTT__PASSWORD": "x"})
+    assert cfg.topics.share_group is None and cfg.mqtt.session_expiry_s > 0
+    opted_in = tmp_path / "group.yaml"
+    opted_in.write_text(re.sub(r"^(\s*)# ((?:share_group|session_expiry_s|keepalive_s): )", r"\1\2", text, flags=re.M))
+    group = load_config(opted_in, environ={"EDGE_INSPECT__MQTT__PASSWORD": "x"})
+    assert group.topics.share_group and group.mqtt.session_expiry_s == 0 and group.mqtt.keepalive_s <= 10
 
 
 def test_every_path_the_production_config_writes_is_one_the_unit_lets_the_worker_write():

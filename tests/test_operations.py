@@ -488,6 +488,30 @@ def test_a_watched_bundle_swapped_for_one_the_worker_may_not_read_is_said_once(b
         assert worker.stop() == 0, worker.output()[-2000:]
 
 
+def test_a_camera_sending_only_bad_frames_logs_one_line_per_kind_not_one_per_frame(broker, bundle_dir, tmp_path,
+                                                                                   worker_factory):
+    """Each refused frame was one INFO line: a misconfigured camera at 10 frames/s wrote 36,000 lines an hour, and
+    journald's rate limit then dropped the worker's real errors.  Now a camera's first refusal of a kind is logged,
+    later ones at most once a minute with their count; every one is still answered on the error topic."""
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    _online(client, prefix)
+    for i in range(100):
+        client.publish_frame("cam", b"not an image", None, captured_at=None, wait=i == 99)  # no metadata
+    for i in range(100):
+        client.publish_frame("cam", b"not an image", f"bad-{i}", wait=i == 99)
+    errors = client.json_on(f"{prefix}/cam/error", count=200)
+    codes = {code: sum(e["code"] == code for e in errors) for code in {e["code"] for e in errors}}
+    assert codes["missing_metadata"] == 100 and len(codes) == 2, codes
+    other = next(code for code in codes if code != "missing_metadata")
+    refused = [line for line in worker.output().splitlines() if " refused: " in line]
+    assert [line.split(" refused: ")[1].split(":")[0] for line in refused] == ["missing_metadata", other], refused
+    assert refused[0].endswith("(more missing_metadata refusals of cam: one line a minute)"), refused
+    assert worker.stop() == 0
+
+
 def test_per_camera_threshold_heatmap_policy_and_roi(broker, bundle_dir, dataset, tmp_path, worker_factory):
     # A defect whose mask lies in one half of the image: a region of interest on the other half hides it.
     for mask_path in sorted((dataset / "weave" / "ground_truth").glob("*/*_mask.png")):

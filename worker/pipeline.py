@@ -35,7 +35,7 @@ from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Record, Recorder
 from worker.spaces import embedding_space_of
 from worker.store import point_id
-from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
+from worker.supervise import Liveness, Repeats, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound, Transport
 from worker.wire import ErrorCode, FrameMetadata, iso, publishable, valid_id
@@ -44,6 +44,8 @@ _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
 # A normal frame for the capture sample: camera, point id, the image as the model saw it, its file bytes and extension
 Offer = tuple[str, str, np.ndarray, Callable[[], tuple[bytes, str]]]
 CAPTURE_QUEUE = (8, 256_000_000)  # frames and bytes (decoded images) waiting for the capture thread
+REFUSAL_LOG_S = 60.0  # a camera's refusals of one code after its first: one log line per this, with their count
+REFUSAL_LOG_KEYS = 1024  # (camera, code) pairs remembered for that; the least recently refused is forgotten
 Mark = tuple[str | None, int]  # a delivery's captured_at as sent (None: stamped here) and its bytes' CRC-32
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ class Pipeline:
         self._normal_seen: Counter = Counter()
         self.bad_camera_frames = 0  # frames refused for their camera id (see _bad_camera)
         self._bad_camera_log, self._cleared_log = Throttle(60), Throttle(60)
+        self._refusals_said = Repeats(REFUSAL_LOG_S, REFUSAL_LOG_KEYS)  # per (camera, code): see _fail
         self._empty_level_said = False  # a frame topic without a camera level was reported (once: a misconfigured camera)
         self._recent: OrderedDict[tuple[str, str], Mark] = OrderedDict()  # (camera, id): its mark
         self._lock = threading.Lock()
@@ -307,7 +310,11 @@ class Pipeline:
         self.stats.add(camera, counter, code=code)
         body = {"code": code, "message": message, "frame_id": frame_id if valid_id(frame_id) else None,
                 "camera": camera, "worker": self.cfg.worker.id, "at": iso(time.time())}
-        log.info("frame %s/%s refused: %s: %s", camera, body["frame_id"], code, message)
+        passed = self._refusals_said.ready((camera, code))  # every one is on the error topic and in the stats
+        if passed is not None:
+            log.info("frame %s/%s refused: %s: %s (%s)", camera, body["frame_id"], code, message,
+                     f"and {passed} more since the last line" if passed else
+                     f"more {code} refusals of {camera}: one line a minute")
         self.link.publish(self.topics.error(camera), json.dumps(body),
                           properties=publish_properties(content_type="application/json"),
                           settled=ticket.hold() if ticket is not None else None)

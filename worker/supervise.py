@@ -26,7 +26,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -244,6 +245,33 @@ class Throttle:
     def reset(self) -> None:
         """The next :meth:`ready` says yes."""
         self._at = float("-inf")
+
+
+class Repeats:
+    """Per key (a camera and an error code, say): yes to the first event, then at most once per ``period_s``, with
+    how many were passed over since; so a camera that sends nothing valid at 10 frames/s logs one line a minute, not
+    36,000 an hour that journald's rate limit answers by dropping the worker's own errors.  Policy past ``max_keys``
+    keys: the least recently seen is forgotten (its next event is said again)."""
+
+    def __init__(self, period_s: float, max_keys: int) -> None:
+        self.period_s = period_s
+        self.max_keys = max_keys
+        self._keys: OrderedDict[Hashable, tuple[Throttle, list[int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def ready(self, key: Hashable) -> int | None:
+        """None: pass this one over; else how many of ``key`` were passed over since the last yes (0: the first)."""
+        with self._lock:
+            entry = self._keys.pop(key, None) or (Throttle(self.period_s), [0])
+            self._keys[key] = entry
+            if len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
+            throttle, passed = entry
+            if not throttle.ready():
+                passed[0] += 1
+                return None
+            said, passed[0] = passed[0], 0
+            return said
 
 
 SWITCH_FACTOR = 2  # the dead man's switch's timeout, in watchdog_s: clearly after the watchdog's own check

@@ -66,6 +66,20 @@ def test_compose_file_wires_the_worker_to_the_broker_and_qdrant():
     assert "python -m worker --config" in compose["services"]["worker"]["command"]
 
 
+def test_compose_certificate_names_the_broker_as_the_worker_does_and_pip_builds_outside_the_read_only_tree():
+    """The certificate was made for ``mqtt`` while the worker connects to ``mosquitto`` (TLS: hostname mismatch),
+    and ``pip install '.[worker]'`` ran in the read-only /app mount, where pip's in-tree build cannot write."""
+    text = (DEPLOY / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    worker = compose["services"]["worker"]
+    made_for = re.search(r"make-certs\.sh deploy/mosquitto/certs (\S+)", text)
+    assert made_for and made_for[1] == worker["environment"]["EDGE_INSPECT__MQTT__HOST"] in compose["services"]
+    read_only = [v.split(":")[1] for v in worker["volumes"] if v.startswith("..:") and v.endswith(":ro")]
+    assert read_only == ["/app"], worker["volumes"]
+    installs = re.findall(r"pip install [^&]*?'([^'\[]+)\[worker\]'", worker["command"])
+    assert installs and all(not str((Path(worker["working_dir"]) / i)).startswith("/app") for i in installs), installs
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed here")
 def test_systemd_unit_verifies():
     proc = subprocess.run(["systemd-analyze", "verify", str(DEPLOY / "systemd" / "edge-inspect-worker.service")],

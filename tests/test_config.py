@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -124,6 +125,27 @@ def test_environment_overrides_and_secrets_stay_secret(tmp_path):
     (tmp_path / "pw").write_text("from-a-file\n")
     path.write_text("model: {bundle: b}\nmqtt: {username: worker, password_file: pw}\n")
     assert load_config(path, environ={}).mqtt.secret() == "from-a-file"
+
+
+def test_a_bad_environment_override_is_blamed_on_its_variable_and_a_one_underscore_one_is_said(tmp_path, bundle_dir):
+    """Under systemd the overrides come from worker.env: a typo there was reported as
+    "config.yaml: mqtt.pasword", a key the user then looked for in a file that does not have it, and
+    EDGE_INSPECT_METRICS_PORT (one underscore) was ignored without a word."""
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"model": {"bundle": str(bundle_dir)}, "metrics": {"port": "not-a-port"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_INSPECT")}
+    proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**env, "EDGE_INSPECT__MQTT__PASWORD": "x",
+                                                      "EDGE_INSPECT_MQTT_KEEPALIVE_S": "10",
+                                                      "EDGE_INSPECT_CACHE": str(tmp_path)})  # the exporter's own
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "EDGE_INSPECT_CACHE" not in proc.stderr, lines
+    assert lines[0].endswith("WARNING worker.config: EDGE_INSPECT_MQTT_KEEPALIVE_S is ignored: an override is "
+                             "EDGE_INSPECT__<SECTION>__<KEY>, two underscores after the prefix and between the parts "
+                             "(EDGE_INSPECT__MQTT__KEEPALIVE_S?)"), lines
+    assert lines[1].startswith("error: EDGE_INSPECT__MQTT__PASWORD (environment): mqtt.pasword: Extra inputs are not "
+                               f"permitted; {path}: metrics.port: "), lines
 
 
 def test_a_password_without_a_user_name_is_refused_not_dropped(tmp_path):

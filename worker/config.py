@@ -8,6 +8,7 @@ secrets: ``EDGE_INSPECT__MQTT__PASSWORD``), and a password can be read from a fi
 
 from __future__ import annotations
 
+import logging
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -21,7 +22,9 @@ from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, TileGrid, plain_name
 from bundle.extension import Views
 from bundle.tiling import Grid
 
+log = logging.getLogger(__name__)
 ENV_PREFIX = "EDGE_INSPECT__"
+OTHER_ENV = {"EDGE_INSPECT_CACHE", "EDGE_INSPECT_TEACHERS"}  # the exporter's own variables, not overrides
 
 
 class ConfigError(Exception):
@@ -498,13 +501,20 @@ def _is_text(annotation: object) -> bool:
     return annotation in (str, SecretStr, Path)
 
 
-def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
-    """Overrides from EDGE_INSPECT__SECTION__KEY.  Text keys (passwords, paths, ids) take the value verbatim;
-    other keys (numbers, booleans, lists) are read as YAML, so ``[a, b]`` and ``null`` work there."""
+def _apply_env(raw: dict, environ: dict[str, str]) -> tuple[dict, dict[tuple[str, ...], str]]:
+    """Overrides from EDGE_INSPECT__SECTION__KEY, and which variable set each key (errors in it name the variable,
+    not config.yaml).  Text keys (passwords, paths, ids) take the value verbatim; other keys (numbers, booleans,
+    lists) are read as YAML, so ``[a, b]`` and ``null`` work there.  EDGE_INSPECT_ with one underscore is not an
+    override: said, since it would be ignored without a word."""
+    sources: dict[tuple[str, ...], str] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
+            if key.startswith(ENV_PREFIX[:-1]) and key not in OTHER_ENV:
+                log.warning("%s is ignored: an override is %s<SECTION>__<KEY>, two underscores after the prefix and "
+                            "between the parts%s", key, ENV_PREFIX, _meant(key[len(ENV_PREFIX) - 1:]))
             continue
         path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        sources[tuple(path)] = key
         node = raw
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -517,7 +527,17 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> dict:
             node[path[-1]] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: not a valid value ({exc.__class__.__name__})") from None
-    return raw
+    return raw, sources
+
+
+def _meant(rest: str) -> str:
+    """``(EDGE_INSPECT__SECTION__KEY?)`` where ``rest`` (after EDGE_INSPECT_) reads as a section and one of its
+    keys joined by single underscores, else nothing."""
+    for section, field in Config.model_fields.items():
+        keys = getattr(field.annotation, "model_fields", {})
+        if rest.lower().startswith(section + "_") and (key := rest.lower()[len(section) + 1:]) in keys:
+            return f" ({ENV_PREFIX}{section.upper()}__{key.upper()}?)"
+    return ""
 
 
 class _Plain(str):
@@ -626,10 +646,20 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Conf
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = _apply_env(cast(dict, _typed(raw, Config)), dict(os.environ if environ is None else environ))
+    raw, sources = _apply_env(cast(dict, _typed(raw, Config)), dict(os.environ if environ is None else environ))
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from exc
+        said, in_file = [], []
+        for e in exc.errors():
+            loc = tuple(str(p) for p in e["loc"])
+            problem = f"{'.'.join(loc) or '(top)'}: {e['msg']}"
+            variable = next((v for key, v in sources.items() if loc[:len(key)] == key), None)
+            if variable is None:
+                in_file.append(problem)
+            else:
+                said.append(f"{variable} (environment): {problem}")
+        if in_file:
+            said.append(f"{path}: {'; '.join(in_file)}")
+        raise ConfigError("; ".join(said)) from exc
     return _resolve_paths(config, path.parent.resolve())

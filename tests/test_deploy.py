@@ -89,6 +89,17 @@ def test_systemd_unit_verifies():
     assert not problems, proc.stderr
 
 
+def test_the_unit_leaves_config_errors_down_restarts_the_rest_and_waits_out_the_slowest_stop():
+    """The unit restarted exit 2 (a config or bundle error: no restart can mend it) every 5 s until its start limit,
+    left the worker down after a stray SIGHUP (exit 0), and its TimeoutStopSec (60 s) was shorter than the stop's
+    own bounds, so systemd could SIGKILL a slow stop mid-flush."""
+    unit = dict(line.split("=", 1) for line in (DEPLOY / "systemd" / "edge-inspect-worker.service").read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+    assert unit["Restart"] == "always" and "2" in unit["RestartPreventExitStatus"].split()
+    # Worker.shutdown: unsubscribe 5 s, pipeline 30 s, request thread 30 s, recorder flush 30 s and stop 10 s, 'stopped' 5 s
+    assert int(unit["TimeoutStopSec"]) >= 5 + 30 + 30 + 30 + 10 + 5
+
+
 # -- deploy/camera_publisher.py: a real mosquitto, the publisher as a subprocess, a paho subscriber ----------------
 
 PUBLISHER = DEPLOY / "camera_publisher.py"

@@ -534,7 +534,7 @@ class Worker:
 
     def _give_up(self, problems: list[str]) -> None:
         """A thread is dead or stuck: nothing in-process can be trusted to recover it, so exit for the
-        service manager (systemd Restart=on-failure) to start a fresh worker.  What the broker still holds
+        service manager (the systemd unit's Restart=) to start a fresh worker.  What the broker still holds
         (unacknowledged) comes to the next start; the frames and requests in our queues were acknowledged, so each
         is answered ``shutdown`` first, on a thread of its own and for at most ``GIVE_UP_ANSWER_S``: the exit must
         not wait behind whatever made a thread stuck."""

@@ -100,6 +100,31 @@ def test_the_unit_leaves_config_errors_down_restarts_the_rest_and_waits_out_the_
     assert int(unit["TimeoutStopSec"]) >= 5 + 30 + 30 + 30 + 10 + 5
 
 
+def test_under_the_journal_lines_carry_their_priority_and_no_timestamp_of_their_own(tmp_path):
+    """Under systemd every line carried its own timestamp (two in journalctl) and no syslog priority, so
+    ``journalctl -p warning`` missed the worker's warnings and errors.  With stderr the journal's stream
+    (JOURNAL_STREAM names its device and inode) each line starts with the sd-daemon ``<N>`` prefix; a stderr that
+    is not that stream (a redirected child inherits the variable) keeps the terminal's format."""
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {bundle: /nonexistent}\nmetrics: {port: not-a-port}\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGE_INSPECT")}, "EDGE_INSPECT_MQTT_PORT": "1"}
+    said = {}
+    for case in ("journal", "elsewhere"):
+        log = tmp_path / f"{case}.log"
+        with log.open("wb") as out:
+            st = os.fstat(out.fileno())
+            stream = f"{st.st_dev}:{st.st_ino}" if case == "journal" else f"{st.st_dev}:{st.st_ino + 1}"
+            code = subprocess.run([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT, stderr=out,
+                                  env={**env, "JOURNAL_STREAM": stream}, timeout=60).returncode
+        assert code == 2
+        said[case] = log.read_text().splitlines()
+    journal, elsewhere = said["journal"], said["elsewhere"]
+    assert len(journal) == 2 and journal[0].startswith("<4>WARNING worker.config: EDGE_INSPECT_MQTT_PORT is ignored"), journal
+    assert journal[1].startswith(f"<3>error: {config}: metrics.port: "), journal
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING worker.config: ", elsewhere[0]), elsewhere
+    assert elsewhere[1].startswith("error: "), elsewhere
+
+
 # -- deploy/camera_publisher.py: a real mosquitto, the publisher as a subprocess, a paho subscriber ----------------
 
 PUBLISHER = DEPLOY / "camera_publisher.py"

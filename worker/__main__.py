@@ -8,6 +8,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -222,17 +223,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def to_journal() -> bool:
+    """Whether stderr is systemd's journal stream: JOURNAL_STREAM names its device and inode (sd-daemon), and a
+    child whose stderr was redirected inherits the variable but not the stream."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (ValueError, OSError):
+        return False
+
+
+def prioritised(text: str, level: int) -> str:
+    """``text`` with the sd-daemon ``<N>`` prefix of ``level`` on each line (a traceback's too), so journald files
+    it at that priority (``journalctl -p warning`` finds it)."""
+    return "\n".join(f"<{SYSLOG_PRIORITY.get(level, 6)}>{line}" for line in text.split("\n"))
+
+
+class JournalFormatter(logging.Formatter):
+    """No timestamp (journald adds its own) and the syslog priority of each line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return prioritised(super().format(record), record.levelno)
+
+
+def _say_error(text: str, journal: bool) -> None:
+    print(prioritised(text, logging.ERROR) if journal else text, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    journal = to_journal()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s") if journal else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         return args.func(args)
     except (ConfigError, BundleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_error(f"error: {exc}", journal)
         return 2
     except KeyboardInterrupt:  # Ctrl-C while a command waits (the broker, an answer): a line, not a traceback
-        print("error: interrupted (Ctrl-C)" + (": the label may still be applied" if args.command == "label" else ""),
-              file=sys.stderr)
+        _say_error("error: interrupted (Ctrl-C)" + (": the label may still be applied" if args.command == "label" else ""),
+                   journal)
         return 130
 
 

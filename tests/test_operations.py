@@ -555,6 +555,24 @@ def test_per_camera_threshold_heatmap_policy_and_roi(broker, bundle_dir, dataset
     assert worker.stop() == 0
 
 
+def test_a_metrics_port_in_use_stops_the_start_with_exit_2_naming_its_keys(broker, bundle_dir, tmp_path):
+    """The worker logged an ERROR and ran on without /metrics and /healthz: the service's health check then got
+    nothing, or the other process's answer, which looks fine.  Now the start stops with exit 2, as the console's."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": f"p{uuid.uuid4().hex[:6]}"},
+                              metrics={"enabled": True, "host": "127.0.0.1", "port": port})
+        proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: metrics.host/metrics.port: cannot listen on 127.0.0.1:{port} (Address already in use)"), proc.stderr[-2000:]
+
+
 def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp_path, worker_factory):
     prefix = f"m{uuid.uuid4().hex[:6]}"
     port = free_port()

@@ -251,7 +251,8 @@ def camera_tiling(camera: CameraConfig | None, bundle: Grid | None) -> Grid | No
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
-    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own.")
+    port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own "
+                                                 "(one in use stops the start, exit code 2).")
     max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under "
                                                    "camera=\"_other\" (bounds the series when topics.cameras is empty).")
 

@@ -466,8 +466,11 @@ class Worker:
             try:
                 self.stats.serve(self.cfg.metrics.host, self.cfg.metrics.port)
             except OSError as exc:  # e.g. a second worker on this box with the same metrics.port
-                log.error("metrics: cannot listen on %s:%d (%s); /metrics is off, inspection goes on",
-                          self.cfg.metrics.host, self.cfg.metrics.port, exc)
+                # Not run on without it: /healthz is the service's health check, and a probe would reach the other
+                # process's, which looks fine.  Nothing has started yet: the start stops with exit 2, as the console's.
+                raise ConfigError(f"metrics.host/metrics.port: cannot listen on {self.cfg.metrics.host}:"
+                                  f"{self.cfg.metrics.port} ({exc.strerror or exc}); give another metrics.port, or "
+                                  "metrics.enabled: false to run without /metrics and /healthz") from None
         self.recorder.start()
         self.pipeline.start()
         self.liveness.register(self.query_thread.name, self.query_thread)

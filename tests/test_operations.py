@@ -282,6 +282,12 @@ def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_a
     with caplog.at_level("WARNING", logger="worker.models"):
         models = start(v4)  # config.yaml edited since the rollout: it wins
     assert serving(models) == {DEFAULT: "4.0.0"} and "config.yaml names" in caplog.text
+    # Nothing rolled out since (rollout.json is written at every start and stop): an edit of config.yaml was met
+    # with the same warning, naming a roll-out nobody did
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="worker.models"):
+        models = start(v3)
+    assert serving(models) == {DEFAULT: "3.0.0"} and "rolled out" not in caplog.text, caplog.text
 
 
 def test_a_bundle_rolled_out_to_all_ends_its_canary_so_a_rollback_takes_every_camera_back(bundle_dir, tmp_path):

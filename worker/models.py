@@ -152,8 +152,11 @@ class Models:
         """Start ``scope`` on what was rolled out for it, else (``fallback``) on config.yaml's bundle."""
         configured = self._configured_bundle(scope).absolute()
         if rolled is not None and rolled.configured != configured:
-            log.warning("rollout: config.yaml names %s for %s since %s was rolled out (config.yaml named %s then): "
-                        "config.yaml's serves", configured, scope, rolled.bundle, rolled.configured)
+            # rollout.json is written at every start and stop: a scope no reload or rollback touched records
+            # config.yaml's bundle with nothing kept for rollback, and an edit of config.yaml since is no news
+            if rolled.bundle != rolled.configured or rolled.previous is not None:
+                log.warning("rollout: config.yaml names %s for %s since %s was rolled out (config.yaml named %s "
+                            "then): config.yaml's serves", configured, scope, rolled.bundle, rolled.configured)
             rolled = None
         if rolled is not None and (rolled.bundle != configured or not fallback):  # a canary may be config.yaml's own
             try:

@@ -85,6 +85,19 @@ def weights_key(manifest: Manifest) -> str:
     return manifest.files["model.bin"][:16]
 
 
+def stored_dimension(folder: Path) -> int | None:
+    """The feature dimension of the rows an extension folder holds (read from its first entry's file), or None where
+    it holds none or they cannot be read: enough to open it for a withdrawal without its bundle."""
+    for rows in sorted(Path(folder).glob("*.npy")):
+        try:
+            shape = np.load(rows, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError, EOFError):
+            continue
+        if len(shape) == 2:
+            return int(shape[1])
+    return None
+
+
 def folder_name(manifest: Manifest) -> str:
     """The worker's folder for a bundle's extension: ``<name>-<weights_key>``, so a retrained bundle starts empty."""
     return f"{manifest.name}-{weights_key(manifest)}"

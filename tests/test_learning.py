@@ -171,6 +171,60 @@ def test_a_label_withdrawn_leaves_every_extension_that_holds_it(learning, datase
     assert ask({"command": "rollback"}, topic="workers/w-test/control")["ok"]
     assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"
 
+def test_a_label_withdrawn_leaves_the_extension_of_a_bundle_served_two_reloads_ago(learning, dataset, bundle_dir,
+                                                                                  tmp_path):
+    """Two reloads later a bundle is neither served nor kept for rollback: its extension was not among those a
+    withdrawal walks, so the unlabel released nothing and serving that bundle again made frames like the withdrawn
+    false alarm pass (a helper's review).  A withdrawal reaches every extension under learning.path."""
+    import shutil
+
+    from bundle import read_manifest, write_manifest
+
+    prefix, client, worker, config, start = learning
+    others = []
+    for name in ("line-b", "line-c"):  # the same weights under other names: extensions of their own
+        folder = tmp_path / name
+        shutil.copytree(bundle_dir, folder)
+        fields = read_manifest(folder).model_dump()
+        fields.pop("files")
+        write_manifest(folder, {**fields, "name": name})
+        others.append(folder)
+    marked = _marked(dataset)
+    assert _score(client, prefix, marked, "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+
+    def ask(body: dict, topic: str = "label") -> dict:
+        return _query(client, prefix, body, topic=topic)
+
+    absorbed = ask({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]["patches"]
+    for other in others:
+        assert ask({"command": "reload", "bundle": str(other)}, topic="workers/w-test/control")["ok"]
+    released = ask({"action": "unlabel", "frame_id": "m-0", "camera": "cam1"})["released"]
+    assert absorbed > 0 and released["patches"] == absorbed, released
+    assert ask({"command": "reload", "bundle": str(bundle_dir)}, topic="workers/w-test/control")["ok"]
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"
+
+
+def test_a_false_alarm_made_a_confirmed_defect_guards_the_look_alikes_absorbed_again(learning, dataset):
+    """A look-alike labelled a false alarm after the first absorbed nothing (it leaned on the first's rows).  Made a
+    confirmed defect, the first was withdrawn and the look-alike re-absorbed all of it, unguarded: a copy of the
+    confirmed defect then passed (a helper's review).  The defect being confirmed guards that re-absorption."""
+    prefix, client, worker, config, start = learning
+    marked = _marked(dataset)
+    for fid in ("m-0", "m-1"):
+        assert _score(client, prefix, marked, fid)["verdict"] == "anomalous"
+        _until_stored(client, prefix, fid, "cam1")
+
+    def label(frame_id: str, kind: str) -> dict:
+        return _query(client, prefix, {"action": "set", "frame_id": frame_id, "camera": "cam1", "label": kind},
+                      topic="label")
+
+    assert label("m-0", "false_alarm")["absorbed"]["patches"] > 0
+    assert label("m-1", "false_alarm")["absorbed"]["patches"] == 0  # it leans on m-0's rows
+    assert label("m-0", "confirmed_defect")["ok"]
+    assert _score(client, prefix, marked, "m-2")["verdict"] == "anomalous"
+
+
 def test_a_frame_labelled_or_asked_about_as_soon_as_its_result_arrives_is_found(broker, bundle_dir, dataset, tmp_path,
                                                                                  worker_factory):
     """The recorder writes in batches (``store.flush_s``): a client that labelled or queried a frame as soon as its

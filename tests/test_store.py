@@ -613,3 +613,37 @@ def test_a_server_collection_of_another_size_is_a_mismatch_not_an_outage():
     VectorStore(StoreConfig(path=None), DIM, client=client)
     with pytest.raises(StoreMismatch, match=rf"'frames' holds vectors of another size \({DIM}-d\).*store.collection.*serve a bundle of {DIM}-d"):
         VectorStore(StoreConfig(path=None), DIM * 2, client=client)
+
+
+def test_a_store_the_process_lacks_the_files_to_open_is_an_outage_not_damage(tmp_path):
+    """Out of file descriptors, loading an intact store failed with "Too many open files": it was said as damage, with
+    "move the folder aside", and its write-ahead log was set aside and back (a helper's review)."""
+    import subprocess
+    import sys
+
+    store = _store(tmp_path)
+    store.upsert(_frames(3))
+    store.close()
+    code = f"""
+import os, resource
+from pathlib import Path
+from worker.config import StoreConfig
+from worker.store import StoreDamaged, StoreError, VectorStore
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+used = len(os.listdir("/proc/self/fd"))
+said = set()
+for extra in range(0, 60):  # each limit in turn, up to one the load gets through
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + extra, hard))
+    try:
+        VectorStore(StoreConfig(path=Path({str(tmp_path / "store")!r})), {DIM}).close()
+        break
+    except StoreError as exc:
+        said.add(type(exc).__name__)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(sorted(said))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and "StoreDamaged" not in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "StoreError" in done.stdout  # the limits below the load's needs were met
+    assert sorted(p.name for p in (tmp_path / "store" / "frames").iterdir()) == ["edge_config.json", "segments", "wal"]

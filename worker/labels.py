@@ -152,9 +152,14 @@ class LabelService:
                     answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, others)
                 else:  # an extension may hold rows of this id while the stored frame says otherwise: a camera that
                     # reused the id replaced the false alarm's record, so its label can no longer say what to release
-                    released = self.learner.release(pid, request.camera, lambda: [
-                        p for p in store.labelled() if (p.get("camera"), p.get("frame_id")) !=
-                        (request.camera, request.frame_id)])  # its own label is being withdrawn
+                    def remaining() -> list[dict]:  # its own label is being withdrawn, or made a confirmed defect
+                        others = [p for p in store.labelled() if (p.get("camera"), p.get("frame_id")) !=
+                                  (request.camera, request.frame_id)]
+                        # a false alarm made a defect guards at once: the later look-alikes re-absorbed must not
+                        # make it pass
+                        return others + [{**payload, "label": request.label}] * (request.label == "confirmed_defect")
+
+                    released = self.learner.release(pid, request.camera, remaining)
                     if was_false_alarm or released["patches"]:
                         answer["released"] = released
             except ExtensionUnwritable as exc:

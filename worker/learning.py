@@ -273,12 +273,12 @@ class Learner:
         ``labelled`` reads the payloads of the labelled frames (the store's); the false alarms among them absorbed after
         this one may lean on its rows, so each whose frame passed with them and is flagged without them gets what it
         now misses (``reabsorbed``), or is named (``no_longer_pass``) where that cannot be done."""
-        held = {ext.folder.name: entry for ext in self.models.extensions()
+        held = {ext.folder.name: entry for ext in self.models.extensions(every=True)
                 for entry in ext.entries() if entry.key == key}
         before = {model: model.bundle.extension_state for model in self.models.scopes().values()}
         released: list[tuple[Extension, int]] = []
         try:  # raises ExtensionUnwritable where one cannot be written: that one keeps the rows, and a retry takes them
-            for ext in self.models.extensions():
+            for ext in self.models.extensions(every=True):
                 if removed := ext.remove(key):
                     released.append((ext, removed))
         finally:

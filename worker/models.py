@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle import MANIFEST, BundleError, Manifest, Normalisation, read_manifest, tiling
-from bundle.extension import Extension, folder_name
+from bundle.extension import INDEX, Extension, folder_name, stored_dimension
 from bundle.runtime import BLOB_DIGEST, CompiledBundle
 from worker.config import CameraConfig, Config, camera_tiling
 from worker.supervise import OPENVINO_THREADS, os_thread_named
@@ -315,11 +315,12 @@ class Models:
                 ext = self._extensions[folder] = Extension(folder, m.extension.feature_dim, self.cfg.learning.max_rows)
             return ext
 
-    def extensions(self) -> list[Extension]:
+    def extensions(self, every: bool = False) -> list[Extension]:
         """The extensions of the bundles served or kept for rollback: those a run before this one kept (a path, not
-        compiled) are opened too, so a label withdrawn now leaves them as well (a rollback would bring it back).  Not
-        those of bundles served earlier and replaced since (each reload opens one: the list, the stats and the
-        console grew by one per bundle ever rolled out); served again, a bundle finds its extension as it was."""
+        compiled) are opened too.  Not those of bundles served earlier and replaced since (each reload opens one: the
+        stats and the console grew by one per bundle ever rolled out).  ``every``: every extension under
+        ``learning.path`` too, opened where this run has not, for a withdrawal, which must leave each one: serving
+        that bundle again (a reload, a rollback after a restart) would otherwise bring the false alarm back."""
         with self._lock:
             kept = list(self._previous_paths.values())
             wanted = {m.extension.folder for m in [*self._current.values(), *self._previous.values()]
@@ -332,8 +333,26 @@ class Models:
                     continue  # gone or unreadable: a rollback to it fails, and says so
                 if ext is not None:
                     wanted.add(ext.folder)
+        if every:
+            self._open_stored()
         with self._lock:
-            return [ext for folder, ext in self._extensions.items() if folder in wanted]
+            return [ext for folder, ext in self._extensions.items() if every or folder in wanted]
+
+    def _open_stored(self) -> None:
+        """Open each extension folder under ``learning.path`` this run has not (one with entries: its rows say their
+        feature dimension); one that cannot be read is left as it is."""
+        root = self.cfg.learning.path
+        folders = [f for f in root.iterdir() if (f / INDEX).is_file()] if root.is_dir() else []
+        for folder in folders:
+            with self._lock:
+                if folder in self._extensions:
+                    continue
+            dim = stored_dimension(folder)
+            if dim is None:
+                continue
+            with self._lock:
+                if folder not in self._extensions:
+                    self._extensions[folder] = Extension(folder, dim, self.cfg.learning.max_rows)
 
     def apply(self, extension: Extension) -> None:
         """Every compiled bundle that shares ``extension`` scores with its current rows from the next frame on

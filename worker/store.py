@@ -101,8 +101,10 @@ def mismatch(where: str, held: int | None, dim: int) -> str:
             f"a new name (a new history) or serve {bundle}")
 
 
-# Load failures that say nothing about the files' content: another process holds them (a lock), or a permission.
-_NOT_DAMAGE = ("WouldBlock", "os error 11", "Permission denied", "os error 13")
+# Load failures that say nothing about the files' content: another process holds them (a lock), a permission, or
+# the process or the disk out of a resource (open files, memory, space).
+_NOT_DAMAGE = ("WouldBlock", "os error 11", "Permission denied", "os error 13", "Too many open files", "os error 24",
+               "os error 23", "Cannot allocate memory", "os error 12", "No space left", "os error 28")
 
 
 def _set_aside(path: Path) -> Path:

@@ -156,21 +156,29 @@ def test_worker_starts_under_a_burst_of_parallel_frames_every_time(broker, bundl
 
 # Watchdog: a stuck thread is seen, and the worker exits for its service manager --------------------------
 
-def test_a_stuck_thread_fails_healthz_and_the_worker_exits_with_code_3(broker, bundle_dir, dataset, tmp_path,
-                                                                        worker_factory):
-    """The recorder is made to block for real: the evidence file it will write for one frame is a FIFO
-    nobody reads, so its open() never returns (the GIL released, as in a hung disk or NFS mount)."""
+def _recorder_stuck_on(frame_id: str, broker, bundle_dir: Path, tmp_path: Path, worker_factory, **limits):
+    """A worker (watchdog 4 s, /healthz on) whose recorder will block for good on the frame ``frame_id`` of camera
+    cam: the evidence file it writes first is a FIFO nobody reads, made once the worker runs (at its start it
+    removes what a write cut short left, *.tmp).  Returns (prefix, metrics port, client, worker)."""
     prefix = f"w{uuid.uuid4().hex[:6]}"
     port = free_port()
     config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
-                          worker={"watchdog_s": 4}, metrics={"enabled": True, "port": port})
-    key = point_id("cam", "stuck-1")
+                          worker={"watchdog_s": 4}, metrics={"enabled": True, "port": port}, limits=limits)
+    key = point_id("cam", frame_id)
     fifo = tmp_path / "evidence" / key[:2] / f"{key}.thumbnail.jpg.tmp"
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     wait_online(client, prefix)
     fifo.parent.mkdir(parents=True)
-    os.mkfifo(fifo)  # once the worker runs: at its start it removes what a write cut short left (*.tmp)
+    os.mkfifo(fifo)
+    return prefix, port, client, worker
+
+
+def test_a_stuck_thread_fails_healthz_and_the_worker_exits_with_code_3(broker, bundle_dir, dataset, tmp_path,
+                                                                        worker_factory):
+    """The recorder is made to block for real: the evidence file it will write for one frame is a FIFO
+    nobody reads, so its open() never returns (the GIL released, as in a hung disk or NFS mount)."""
+    prefix, port, client, worker = _recorder_stuck_on("stuck-1", broker, bundle_dir, tmp_path, worker_factory)
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read())
     assert health["ok"] is True and {"recorder", "requests", "infer-0"} <= set(health["threads"]), health
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -226,18 +234,8 @@ def test_the_frames_queued_when_the_watchdog_gives_up_are_each_answered(broker, 
                                                                         worker_factory):
     """The watchdog's exit (code 3) used os._exit with frames in the queue: acknowledged to the broker, they were
     never answered, by this process or the next.  Now each is answered ``shutdown`` ("worker restarting: ...")."""
-    prefix = f"g{uuid.uuid4().hex[:6]}"
-    port = free_port()
-    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
-                          worker={"watchdog_s": 4}, metrics={"enabled": True, "port": port},
-                          limits={"inference_threads": 1, "max_frame_bytes": 2_000_000})
-    key = point_id("cam", "stuck-1")
-    fifo = tmp_path / "evidence" / key[:2] / f"{key}.thumbnail.jpg.tmp"
-    client = Client(broker.port, prefix)
-    worker = worker_factory(config)
-    wait_online(client, prefix)
-    fifo.parent.mkdir(parents=True)
-    os.mkfifo(fifo)  # the recorder blocks for good on the frame stuck-1 (as on a hung disk)
+    prefix, port, client, worker = _recorder_stuck_on("stuck-1", broker, bundle_dir, tmp_path, worker_factory,
+                                                      inference_threads=1, max_frame_bytes=2_000_000)
     client.publish_frame("cam", _png(dataset), "stuck-1")
     client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", timeout=60)
     deadline = time.monotonic() + 60

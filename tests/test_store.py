@@ -647,3 +647,41 @@ print(sorted(said))
     assert done.returncode == 0 and "StoreDamaged" not in done.stdout, done.stdout + done.stderr[-2000:]
     assert "StoreError" in done.stdout  # the limits below the load's needs were met
     assert sorted(p.name for p in (tmp_path / "store" / "frames").iterdir()) == ["edge_config.json", "segments", "wal"]
+
+
+def test_a_reused_frame_id_does_not_replace_a_labelled_frame(tmp_path, caplog):
+    """A camera whose frame counter starts again at a reboot sends a new frame under the id of one an operator
+    labelled: its record replaced the labelled one, and with it the label and its evidence, without a word.  The new
+    frame is now not recorded (counted, said), whether the evidence or only the store still knows the label."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, SpoolConfig(path=tmp_path / "spool"), 16,
+                        Liveness(0))
+    recorder.start()
+    try:
+        for rec in _records(3, DIM):
+            recorder.submit(rec)
+        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 3)
+        with recorder.use_store() as store:
+            for i, label in ((0, "false_alarm"), (1, "confirmed_defect")):
+                pid, vector, payload = store.find(f"f{i}", "a")
+                store.upsert([(pid, vector, {**payload, "label": label})])
+            thumbnail = (tmp_path / "evidence" / store.find("f0", "a")[2]["evidence"]["thumbnail"]).read_bytes()
+        evidence.set_labelled(point_id("a", "f0"), True, False)  # as the label service does; f1's only in the store
+        again = _records(3, DIM, start=100)  # the counter started again: f0, f1, f2 name new frames
+        for i, rec in enumerate(again):
+            rec.key, rec.payload["frame_id"] = point_id("a", f"f{i}"), f"f{i}"
+            rec.frame[:] = 255
+            recorder.submit(rec)
+        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 4)
+        assert recorder.labelled_kept == 2
+        with recorder.use_store() as store:
+            kept = {i: store.find(f"f{i}", "a")[2] for i in range(3)}
+        assert kept[0]["label"] == "false_alarm" and kept[1]["label"] == "confirmed_defect"
+        assert kept[0]["captured_ts"] == NOW and kept[1]["captured_ts"] == NOW + 1
+        assert kept[2].get("label") is None and kept[2]["captured_ts"] == NOW + 102  # an unlabelled frame is replaced
+        assert (tmp_path / "evidence" / kept[0]["evidence"]["thumbnail"]).read_bytes() == thumbnail
+        said = [r.getMessage() for r in caplog.records if r.name == "worker.recorder" and r.levelname == "WARNING"]
+        assert len(said) == 1 and "a/f0" in said[0] and "labelled" in said[0], said
+    finally:
+        recorder.stop()

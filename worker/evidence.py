@@ -133,6 +133,11 @@ class EvidenceStore:
             self._enforce(value)
         return {kind: str(p.relative_to(self.root)) for kind, p in zip(files, written, strict=True)}
 
+    def labelled(self, key: str) -> bool:
+        """Whether the frame's files are in the labelled class (an operator labelled it)."""
+        with self._lock:
+            return self._class_of.get(key) == LABELLED
+
     def set_labelled(self, key: str, labelled: bool, anomalous: bool) -> None:
         """Move a frame into (or back out of) the labelled class; its files stay where they are."""
         marker = self._path(key, *_MARKER)

@@ -250,8 +250,9 @@ class Pipeline:
         camera, frame_id = key
         if earlier is not _UNSEEN and self.ingest.first_time(camera, "frame_id reuse"):
             log.warning("camera %s reuses frame ids (%r again, another frame): each is scored, but the history keeps "
-                        "one frame per camera and id, so the earlier frame's record and label are replaced; give "
-                        "frames ids that do not repeat (e.g. with the camera's boot time)", camera, frame_id)
+                        "one frame per camera and id, so the earlier frame's record is replaced (one an operator "
+                        "labelled is kept, and the new frame not recorded); give frames ids that do not repeat (e.g. "
+                        "with the camera's boot time)", camera, frame_id)
 
     def _admit(self, camera: str, props: dict[str, str], data: bytes, received_ts: float, received_mono: float,
                generated: tuple[str, ...] = ()) -> Frame:

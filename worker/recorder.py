@@ -15,6 +15,7 @@ recorded) and its cause, with what to do, is said once and answered to queries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -190,6 +191,8 @@ class Recorder:
         self.lost = 0  # records neither stored nor spooled (the evidence or the spool could not be written)
         self._lost_log = Throttle(60)
         self.unrecorded = 0  # records not kept because the store holds vectors of another size (store_error)
+        self.labelled_kept = 0  # records not kept because their id names a frame an operator labelled (_spare_labels)
+        self._reuse_log = Throttle(60)
         self.store_error: str | None = None  # why the store can never take this model's points, while it cannot
         self.store_damaged: str | None = None  # why the embedded store's files cannot be loaded, while they cannot
         self._outage: tuple[str, Throttle] = ("", Throttle(600))  # the last outage said, and when to say it again
@@ -371,6 +374,28 @@ class Recorder:
             batch.append(item)
         return batch
 
+    def _spare_labels(self, batch: list[Record]) -> list[Record]:
+        """The records whose id does not name a frame an operator labelled.  A camera whose frame counter starts
+        again at a reboot (or a redelivery after a restart, past the dedupe window) would otherwise replace that
+        frame's record and evidence, and with them the label: the new frame is scored and answered, not recorded."""
+        labelled = {r.key for r in batch if self.evidence.labelled(r.key)}
+        store = self.store  # only this thread opens or closes it; the evidence's labelled files may have rotated out
+        if store is not None:  # on an outage the write below fails too and spools; the evidence said what it knows
+            with contextlib.suppress(StoreError):
+                labelled |= {key for key, _, payload in store.retrieve([r.key for r in batch if r.key not in labelled])
+                             if payload.get("label")}
+        if not labelled:
+            return batch
+        spared = [r for r in batch if r.key in labelled]
+        self.labelled_kept += len(spared)
+        if self._reuse_log.ready():
+            first = spared[0].payload
+            log.warning("frame %s/%s is not recorded: its id names a frame an operator labelled, whose record and label "
+                        "are kept (the camera reused the id, or sent the frame again after a restart); it is scored and "
+                        "answered only. Give frames ids that do not repeat (%d such frames so far, said at most once a "
+                        "minute)", first.get("camera"), first.get("frame_id"), self.labelled_kept)
+        return [r for r in batch if r.key not in labelled]
+
     def _prepare(self, batch: list[Record]) -> list[Point]:
         points = []
         for rec in batch:
@@ -390,8 +415,8 @@ class Recorder:
                 try:
                     if self.store_error is not None and self.store is None:  # spooled, they would never be written
                         self.unrecorded += len(batch)
-                    else:
-                        points = self._prepare(batch)
+                    elif kept := self._spare_labels(batch):
+                        points = self._prepare(kept)
                         # Order is kept: while anything is spooled, new batches queue behind it.
                         if len(self.spool) or not self._upsert(points):
                             self.spool.push(points)

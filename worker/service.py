@@ -446,6 +446,7 @@ class Worker:
             "recorder_dropped": self.recorder.dropped,
             "recorder_lost": self.recorder.lost,
             "recorder_unrecorded": self.recorder.unrecorded,
+            "recorder_labelled_kept": self.recorder.labelled_kept,
             "evidence_frames": len(self.evidence),
             "evidence": self.evidence.counts(),
             "capture": self.capture.counts() if self.capture is not None else None,

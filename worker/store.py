@@ -434,8 +434,14 @@ class VectorStore:
 
     def get(self, key: str) -> tuple[str, np.ndarray, dict] | None:
         """A logged frame by its point id (an extension entry's key, which may lack its frame id: a torn index)."""
-        found = self._call("read", self.engine.retrieve, [key])
-        return (found[0][0], np.asarray(found[0][1], np.float32), found[0][2]) if found else None
+        found = self.retrieve([key])
+        return found[0] if found else None
+
+    def retrieve(self, keys: list[str]) -> list[tuple[str, np.ndarray, dict]]:
+        """The logged frames of these point ids that the history holds."""
+        if not keys:
+            return []
+        return [(k, np.asarray(v, np.float32), p) for k, v, p in self._call("read", self.engine.retrieve, keys)]
 
     def find(self, frame_id: str, camera: str | None = None) -> tuple[str, np.ndarray, dict] | None:
         """A logged frame by id (newest if several cameras used the same id and none is named)."""

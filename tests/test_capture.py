@@ -174,6 +174,30 @@ def test_a_frame_labelled_a_defect_leaves_the_sample_and_an_export_does_not_merg
         capture.export(tmp_path / "out")
 
 
+def test_a_withdrawn_defect_label_puts_the_frame_back_in_the_sample(tmp_path) -> None:
+    """A normal frame mistakenly confirmed as a defect, then unlabelled, was deleted from the sample for good (a
+    helper's probe): it goes back where the sample has room, also after a restart; a label changed to another (a
+    false alarm is kept apart) or a sample full since drops it as before."""
+    capture = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0, seed=0)
+    for i in range(3):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    assert capture.forget("cam", "k1") and capture.forget("cam", "k2")
+    capture.flush()
+    capture = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0, seed=0)  # a restart in between
+    assert capture.remove_defect("cam", "k1", withdrawn=True)
+    assert not capture.remove_defect("cam", "k2")  # made a false alarm: not back among the normal frames
+    assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (2, 0)
+    assert capture.offer("cam", "k3", image(3), png(3)) and capture.offer("cam", "k4", image(4), png(4))
+    assert capture.forget("cam", "k4")
+    assert capture.offer("cam", "k5", image(5), png(5))  # the sample is full again
+    assert not capture.remove_defect("cam", "k4", withdrawn=True)
+    capture.flush()
+    again = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0)
+    assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (4, 0)
+    again.export(tmp_path / "out")
+    assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == ["k0", "k1", "k3", "k5"]
+
+
 def test_confirmed_defects_are_the_exports_test_images(tmp_path) -> None:
     """A capture export held good frames only, so the next bundle trained on it was exported unevaluated: it missed
     the very defect the operator had confirmed, and nothing said so (a helper's probe).  Confirmed defects, moved out

@@ -87,6 +87,7 @@ class _Camera:
         self.vectors: np.ndarray | None = None
         self.false_alarms: set[str] = set()
         self.defects: set[str] = set()
+        self.from_sample: set[str] = set()  # defects moved out of the sample: they go back if the label is withdrawn
         if (folder / DEFECTS).is_dir():
             self.defects = {p.name for p in (folder / DEFECTS).iterdir() if not p.name.endswith(".tmp")}
         index = folder / INDEX
@@ -95,6 +96,7 @@ class _Camera:
         try:
             raw = json.loads(index.read_text())
             seen, files = int(raw["seen"]), [str(f) for f in raw["files"]]
+            self.from_sample = {str(f) for f in raw.get("from_sample", [])} & self.defects
             vectors = np.load(folder / EMBEDDINGS, allow_pickle=False) if files else None
             if vectors is not None and vectors.shape != (len(files), SIGNATURE_SIDE ** 2):
                 raise ValueError(f"{len(files)} files but embeddings of shape {vectors.shape}")
@@ -141,7 +143,8 @@ class _Camera:
                 np.save(fh, self.vectors, allow_pickle=False)
             (self.folder / (EMBEDDINGS + ".tmp")).replace(self.folder / EMBEDDINGS)
         tmp = self.folder / (INDEX + ".tmp")
-        tmp.write_text(json.dumps({"camera": self.camera, "seen": self.seen, "files": self.files}))
+        tmp.write_text(json.dumps({"camera": self.camera, "seen": self.seen, "files": self.files,
+                                   "from_sample": sorted(self.from_sample & self.defects)}))
         tmp.replace(self.folder / INDEX)
 
 
@@ -326,6 +329,7 @@ class Capture:
                 state.bytes -= (state.folder / name).stat().st_size
                 (state.folder / name).replace(state.folder / DEFECTS / name)
                 state.defects.add(name)
+                state.from_sample.add(name)
             except FileNotFoundError:
                 pass
             if state.vectors is not None:
@@ -344,15 +348,43 @@ class Capture:
             state.defects.add(f"{key}.png")
             state.save()  # the camera is then found on disk after a restart even with no sample yet
 
-    def remove_defect(self, camera: str, key: str) -> None:
-        """A confirmed defect's label withdrawn or changed: no longer a test image of the next training set."""
+    def remove_defect(self, camera: str, key: str, withdrawn: bool = False) -> bool:
+        """A confirmed defect's label changed or ``withdrawn``: no longer a test image of the next training set.  A
+        withdrawn label (a mistaken click) puts a frame that :meth:`forget` took out of the sample back, where the
+        sample has room for it still; True when one went back."""
         with self._lock:
             state = self._cameras.get(camera)
             if state is None:
-                return
+                return False
+            back = False
             for name in [n for n in state.defects if n.split(".", 1)[0] == key]:
-                (state.folder / DEFECTS / name).unlink(missing_ok=True)
+                path = state.folder / DEFECTS / name
+                if withdrawn and name in state.from_sample:
+                    back = self._restore(state, path) or back
+                path.unlink(missing_ok=True)
                 state.defects.discard(name)
+                state.from_sample.discard(name)
+            try:
+                state.save()
+            except OSError as exc:
+                self._write_failed(exc)
+            return back
+
+    def _restore(self, state: _Camera, path: Path) -> bool:
+        """Move a kept frame from the confirmed defects back into the sample, if it fits (under the lock)."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None or len(state.files) >= self.max_frames or self._over(state, size):
+            return False  # the sample has moved on: the frame is dropped as a reservoir draw would have
+        path.replace(state.folder / path.name)
+        state.files.append(path.name)
+        vector = signature(image)
+        state.vectors = vector[None] if state.vectors is None else np.vstack([state.vectors, vector])
+        state.bytes += size
+        return True
 
     def remove_false_alarm(self, camera: str, key: str) -> None:
         with self._lock:

@@ -188,7 +188,8 @@ class LabelService:
         out of them again."""
         assert self.capture is not None
         if request.label != "confirmed_defect":
-            self.capture.remove_defect(request.camera, key)
+            if self.capture.remove_defect(request.camera, key, withdrawn=request.label is None):
+                answer["capture"] = "back among the captured normal frames"
             return
         if self.capture.forget(request.camera, key):
             answer["capture"] = "taken out of the captured normal frames"

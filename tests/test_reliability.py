@@ -825,7 +825,9 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(stop
     assert worker.stop(stop_signal) == 0
     client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
     first = _outcomes(client, prefix, "cam")
-    assert all(v in (["result"], ["shutdown"]) for v in first.values()), first
+    # under block with a session that outlives the stop, no frame is answered shutdown: the one paho's thread held
+    # waiting for room in the queue was (a helper's probe), acknowledged, and so never scored
+    assert all(v == ["result"] for v in first.values()), first
     assert "shutdown: finishing" in worker.output() or "stopping" in worker.output()
 
     worker2 = worker_factory(config)  # same client id: the broker hands over what we did not take
@@ -835,11 +837,9 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(stop
         outcomes = _outcomes(client, prefix, "cam")
         time.sleep(0.1)
     assert set(outcomes) == {f"q{i:03d}" for i in range(n)}
-    assert all(len(v) == 1 for v in outcomes.values()), {k: v for k, v in outcomes.items() if len(v) != 1}
+    assert all(v == ["result"] for v in outcomes.values()), {k: v for k, v in outcomes.items() if v != ["result"]}
     assert len(first) < n, "the first run should have stopped before taking every frame"
-    print(f"\nFIGURES shutdown: sent {n}; first run answered {len(first)} "
-          f"({sum(v == ['shutdown'] for v in first.values())} as shutdown errors), the second run the other "
-          f"{n - len(first)}")
+    print(f"\nFIGURES shutdown: sent {n}; first run answered {len(first)}, the second run the other {n - len(first)}")
     assert worker2.stop() == 0
 
 

@@ -31,9 +31,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5
 
 
 class Stats:
-    """Per-camera counters; ``received == processed + errored + dropped + duplicates + in flight`` at all times."""
+    """Per-camera counters; ``received == processed + errored + dropped + duplicates + handed_back + in flight`` at
+    all times (``handed_back``: left unacknowledged at a stop for the next start, see worker/pipeline.py)."""
 
-    FIELDS = ("received", "processed", "anomalous", "errored", "dropped", "duplicates")
+    FIELDS = ("received", "processed", "anomalous", "errored", "dropped", "duplicates", "handed_back")
 
     def __init__(self, liveness: Liveness | None = None, max_cameras: int = 64) -> None:
         self._lock = threading.Lock()

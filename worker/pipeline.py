@@ -106,6 +106,9 @@ class Pipeline:
         # waits on paho's network thread, except with a broker that sends past the window (mosquitto 2.0.11 does):
         # then the thread waits, and the broker's socket with it, as before the window.
         self.window = receive_maximum(cfg, models)
+        # Under block a frame is acknowledged once answered: at a stop, one not yet answered can stay with the broker
+        # for the next start instead of being answered shutdown, where the session outlives the connection.
+        self.hand_back = self.window is not None and cfg.mqtt.session_expiry_s > 0
         self.queue: BoundedQueue[Frame] = BoundedQueue(
             self.window or cfg.limits.queue_size, cfg.limits.queue_policy,
             None if self.window else cfg.limits.queue_max_bytes, size=lambda f: len(f.data), key=lambda f: f.camera)
@@ -200,6 +203,9 @@ class Pipeline:
         if self.window is not None:
             frame.ticket = ticket
         dropped = self.queue.put(frame)
+        if dropped == [frame] and self.queue.closed and self.hand_back:  # it waited for room while the stop began
+            self._hand_back([frame])
+            return True
         for lost in dropped:
             if self.queue.closed:
                 self._fail(lost.camera, lost.frame_id, ErrorCode.SHUTDOWN, "the worker is stopping", ticket=ticket)
@@ -334,7 +340,7 @@ class Pipeline:
             if t.name == "capture":
                 self.offers.close()  # after the inference threads: their last offers are taken
             t.join(max(0.0, deadline - time.monotonic()))
-        left = self.queue.drain()
+        left = self._hand_back(self.queue.drain())
         for frame in left:
             self._fail(frame.camera, frame.frame_id, ErrorCode.SHUTDOWN, "worker stopped before this frame was processed",
                        ticket=frame.ticket)
@@ -342,13 +348,27 @@ class Pipeline:
                 frame.ticket.release()
         return len(left)
 
+    def _hand_back(self, frames: list[Frame]) -> list[Frame]:
+        """At a stop, under :attr:`hand_back`: leave the frames unanswered and their tickets unreleased, so they are
+        never acknowledged and the broker hands them to the next start (counted ``handed_back``); returns the frames
+        to answer ``shutdown`` instead."""
+        if not self.hand_back:
+            return frames
+        for frame in frames:
+            self.stats.add(frame.camera, "handed_back")
+        if frames:
+            log.info("%d frame(s) not processed before the stop are left unacknowledged with the broker for the next "
+                     "start", len(frames))
+        return []
+
     def abandon(self, message: str, timeout: float) -> int:
         """A watchdog exit: close the queue, let the inference threads that still run finish the frame in hand
         (bounded by ``timeout``: a stuck one keeps its frame), then answer each frame left in the queue ``shutdown``
-        with ``message`` (acknowledged to the broker, nothing else would answer them); returns how many.  A frame
-        that arrives meanwhile is refused by the closed queue, and answered too."""
+        with ``message`` (acknowledged to the broker, nothing else would answer them; under :attr:`hand_back` they are
+        left to the next start); returns how many answered.  A frame that arrives meanwhile is refused by the closed
+        queue, and answered too (or left)."""
         self.queue.close()
-        left = self.queue.drain()
+        left = self._hand_back(self.queue.drain())
         deadline = time.monotonic() + timeout
         for t in self.threads:
             if t.name != "capture":

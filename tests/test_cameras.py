@@ -284,7 +284,13 @@ def test_frames_unlike_the_training_images_are_scored_and_say_so(running, datase
     """A camera whose frames have proportions no training image had (a 16:9 camera on a model of square parts) is
     stretched to the input like any frame, and every one of its frames scored as anomalous with nothing said; now
     its results carry why (``unlike_training``) and the log says it once per camera and size.  A camera's tiles of
-    the training images' shape, and frames like the training images, carry nothing."""
+    the training images' shape, and frames like the training images, carry nothing.  A JPEG stored on its side with
+    an EXIF orientation is judged as decoded (upright, as training read such images): it was judged by its stored
+    sides, so every frame of such a camera was said unlike frames the model had been trained on (a helper's probe)."""
+    import io
+
+    from PIL import Image
+
     from bundle import read_manifest
 
     prefix, client, worker = running
@@ -296,16 +302,21 @@ def test_frames_unlike_the_training_images_are_scored_and_say_so(running, datase
             ("strict", "small", cv2.imencode(".png", cv2.resize(image, (64, 64)))[1].tobytes()),
             # 4x3 tiles overlapping by 0.1: tiles of 200x200 pixels, the training images' shape
             ("tiled", "tiles", cv2.imencode(".png", cv2.resize(image, (740, 560)))[1].tobytes())]
+    on_its_side, exif = io.BytesIO(), Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: turn a quarter clockwise to show it
+    Image.fromarray(cv2.resize(image, (228, 128))[:, :, ::-1]).save(on_its_side, "JPEG", exif=exif)
+    sent.append(("strict", "rotated", on_its_side.getvalue()))
     for camera, frame_id, body in sent:
         client.publish_frame(camera, body, frame_id)
-    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/strict/result", count=4)}
+    results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/strict/result", count=5)}
     results.update((r["frame_id"], r) for r in client.json_on(f"{prefix}/tiled/result"))
     assert "unlike_training" not in results["square"] and "unlike_training" not in results["tiles"]
     for frame_id in ("wide-1", "wide-2"):
         assert results[frame_id]["unlike_training"].startswith("228x128 has proportions none of the training "
                                                                "images had (128x128)"), results[frame_id]
     assert results["small"]["unlike_training"].startswith("64x64 is smaller than the model's 128x128 input")
-    assert worker.output().count("camera strict sends frames that") == 2, worker.output()[-3000:]
+    assert results["rotated"]["unlike_training"].startswith("128x228 has proportions"), results["rotated"]
+    assert worker.output().count("camera strict sends frames that") == 3, worker.output()[-3000:]
 
 
 def test_a_damaged_tiff_is_answered_without_libtiffs_messages_in_the_log(running, dataset):

@@ -462,13 +462,14 @@ class Pipeline:
         spec = model.bundle.manifest.input
         return reduction(header, spec.width, spec.height)
 
-    def _unlike_training(self, frame: Frame, model: Model, override: CameraConfig | None) -> str | None:
-        """Why this frame (its roi; its tiles for a camera that tiles a whole-picture model) is not the kind of picture
-        the model was trained on (another shape, smaller than the input), or None; logged once per camera, size and
-        bundle.  Nothing refuses it: a camera moved to another resolution still gets scores, and its results say why
-        they are off."""
-        roi = override.roi if override is not None else None
-        width, height = (roi[2], roi[3]) if roi is not None else (frame.header.width, frame.header.height)
+    def _unlike_training(self, frame: Frame, model: Model, override: CameraConfig | None,
+                         size: tuple[int, int]) -> str | None:
+        """Why this frame (``size``: its roi, or the whole frame as decoded, EXIF rotation applied as training
+        did; its tiles for a camera that tiles a whole-picture model) is not the kind of picture the model was
+        trained on (another shape, smaller than the input), or None; logged once per camera, size and bundle.
+        Nothing refuses it: a camera moved to another resolution still gets scores, and its results say why they
+        are off."""
+        width, height = size
         manifest, grid = model.bundle.manifest, model.tiling(override)
         if grid is not None and manifest.tiling is None:  # a whole-picture model on a camera's tiles: each tile is one
             cols, rows = grid.grid
@@ -490,7 +491,8 @@ class Pipeline:
         t_start = time.monotonic()
         manifest = model.bundle.manifest
         override = self.cfg.cameras.get(frame.camera)
-        cropped = self.frame_image(frame.data, frame.camera, self._reduction(frame.header, model, override))
+        reduce = self._reduction(frame.header, model, override)
+        cropped = self.frame_image(frame.data, frame.camera, reduce)
         t_decoded = time.monotonic()
         seen = tiling.see(model.bundle, request, cropped, model.tiling(override))
         t_inferred = time.monotonic()
@@ -519,7 +521,7 @@ class Pipeline:
         }
         if seen.tiles is not None:
             result["tiles"] = seen.tiles
-        if note := self._unlike_training(frame, model, override):
+        if note := self._unlike_training(frame, model, override, (cropped.shape[1] * reduce, cropped.shape[0] * reduce)):
             result["unlike_training"] = note
         if publish_heat and heat is not None:  # rendered whenever it is published
             try:

@@ -685,3 +685,41 @@ def test_a_reused_frame_id_does_not_replace_a_labelled_frame(tmp_path, caplog):
         assert len(said) == 1 and "a/f0" in said[0] and "labelled" in said[0], said
     finally:
         recorder.stop()
+
+
+def test_a_reused_frame_id_spooled_in_an_outage_does_not_replace_a_labelled_frame(tmp_path):
+    """The same, for a frame that came while the store could not be opened and whose labelled frame's evidence had
+    rotated out (a helper's review): spooled, when only the evidence can say which ids are labelled, its replay
+    replaced the labelled record.  The replay asks the store, and the new frame's evidence files go with it."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1)  # f0's files rotate out when f1 comes
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        for rec in _records(2, DIM):
+            recorder.submit(rec)
+        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 2)
+        with recorder.use_store() as store:
+            pid, vector, payload = store.find("f0", "a")
+            store.upsert([(pid, vector, {**payload, "label": "confirmed_defect"})])
+        evidence.set_labelled(pid, True, False)  # as the label service does: its files are gone, nothing to move
+        assert not evidence.labelled(pid)
+    finally:
+        recorder.stop()
+    holder = VectorStore(cfg, DIM)  # at the next start another process still holds the store: an outage
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        again = _records(1, DIM, start=100)[0]  # the camera's counter started again: a new frame named f0
+        again.key, again.payload["frame_id"] = pid, "f0"
+        recorder.submit(again)
+        assert recorder.flush(20) and len(recorder.spool) == 1
+        holder.close()  # the store is back: the spool is replayed
+        assert _wait_for(lambda: len(recorder.spool) == 0 and recorder.labelled_kept == 1), recorder.labelled_kept
+        with recorder.use_store() as store:
+            kept = store.find("f0", "a")[2]
+        assert kept["label"] == "confirmed_defect" and kept["captured_ts"] == NOW, kept
+        assert recorder.written == 0 and evidence.read(kept["evidence"]["thumbnail"]) is None  # not the new frame's
+    finally:
+        recorder.stop()

@@ -336,6 +336,11 @@ class Recorder:
             return
         while (item := self.spool.oldest()) is not None:
             path, points = item
+            # spooled while the store was away, when only the evidence could say which ids are labelled
+            if spared := self._labelled([key for key, _, _ in points], ask_evidence=False):
+                self.evidence.delete([k for k in spared if not self.evidence.labelled(k)])  # the new frame's files
+                self._said_spared([payload for key, _, payload in points if key in spared])
+                points = [point for point in points if point[0] not in spared]
             try:
                 if not self._upsert(points):
                     return
@@ -378,23 +383,31 @@ class Recorder:
         """The records whose id does not name a frame an operator labelled.  A camera whose frame counter starts
         again at a reboot (or a redelivery after a restart, past the dedupe window) would otherwise replace that
         frame's record and evidence, and with them the label: the new frame is scored and answered, not recorded."""
-        labelled = {r.key for r in batch if self.evidence.labelled(r.key)}
-        store = self.store  # only this thread opens or closes it; the evidence's labelled files may have rotated out
-        if store is not None:  # on an outage the write below fails too and spools; the evidence said what it knows
+        spared = self._labelled([r.key for r in batch], ask_evidence=True)
+        self._said_spared([r.payload for r in batch if r.key in spared])
+        return [r for r in batch if r.key not in spared]
+
+    def _labelled(self, keys: list[str], ask_evidence: bool) -> set[str]:
+        """The keys that name a frame an operator labelled: by the evidence's labelled class (``ask_evidence``) and by
+        the open store, which knows where the evidence's files have rotated out."""
+        labelled = {k for k in keys if ask_evidence and self.evidence.labelled(k)}
+        store = self.store  # only this thread opens or closes it
+        if store is not None:  # on an outage the write fails too and spools; the evidence said what it knows
             with contextlib.suppress(StoreError):
-                labelled |= {key for key, _, payload in store.retrieve([r.key for r in batch if r.key not in labelled])
+                labelled |= {key for key, _, payload in store.retrieve([k for k in keys if k not in labelled])
                              if payload.get("label")}
-        if not labelled:
-            return batch
-        spared = [r for r in batch if r.key in labelled]
-        self.labelled_kept += len(spared)
+        return labelled
+
+    def _said_spared(self, payloads: list[dict]) -> None:
+        """Count the frames not recorded because their id names a labelled frame, and say so once a minute."""
+        if not payloads:
+            return
+        self.labelled_kept += len(payloads)
         if self._reuse_log.ready():
-            first = spared[0].payload
             log.warning("frame %s/%s is not recorded: its id names a frame an operator labelled, whose record and label "
                         "are kept (the camera reused the id, or sent the frame again after a restart); it is scored and "
                         "answered only. Give frames ids that do not repeat (%d such frames so far, said at most once a "
-                        "minute)", first.get("camera"), first.get("frame_id"), self.labelled_kept)
-        return [r for r in batch if r.key not in labelled]
+                        "minute)", payloads[0].get("camera"), payloads[0].get("frame_id"), self.labelled_kept)
 
     def _prepare(self, batch: list[Record]) -> list[Point]:
         points = []

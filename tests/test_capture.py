@@ -191,11 +191,15 @@ def test_a_withdrawn_defect_label_puts_the_frame_back_in_the_sample(tmp_path) ->
     assert capture.forget("cam", "k4")
     assert capture.offer("cam", "k5", image(5), png(5))  # the sample is full again
     assert not capture.remove_defect("cam", "k4", withdrawn=True)
+    assert capture.forget("cam", "k3") and capture.offer("cam", "k3", image(6), png(6))  # the camera reused the id
+    assert capture.forget("cam", "k0")  # room in the sample again
+    assert not capture.remove_defect("cam", "k3", withdrawn=True)  # the later frame of that name stays as it is
     capture.flush()
     again = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0)
-    assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (4, 0)
+    assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (3, 1)
     again.export(tmp_path / "out")
-    assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == ["k0", "k1", "k3", "k5"]
+    assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == ["k1", "k3", "k5"]
+    assert cv2.imread(str(tmp_path / "out" / "cam" / "good" / "k3.png")).tobytes() == image(6).tobytes()
 
 
 def test_confirmed_defects_are_the_exports_test_images(tmp_path) -> None:

@@ -376,6 +376,8 @@ class Capture:
             size = path.stat().st_size
         except FileNotFoundError:
             return False
+        if path.name in state.files:  # the camera reused the id since: the sample holds a later frame of that name
+            return False
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None or len(state.files) >= self.max_frames or self._over(state, size):
             return False  # the sample has moved on: the frame is dropped as a reservoir draw would have

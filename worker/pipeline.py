@@ -9,6 +9,7 @@ threads overlap.  Storage is handed to the recorder thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -287,7 +288,8 @@ class Pipeline:
     def _bad_camera(self, camera: str, props: dict[str, str], ticket: Ticket | None) -> None:
         """A frame from a camera id no label, query or console can name (over 128 characters, not printable, '.' or
         '..'): it was scored and stored, and then could never be labelled, asked about or seen.  Refused before any
-        decoding, answered where its error topic can be published to (a topic over MQTT's 64 KiB cannot), counted
+        decoding, answered where its error topic can be published to (a topic over MQTT's 64 KiB cannot, nor an answer
+        over the broker's maximum packet size), counted
         in the stats' overflow bucket (an id invented per frame must not grow them), logged once a minute."""
         self.bad_camera_frames += 1
         message = ("camera ids (the topic level before /frame) are 1 to 128 printable characters without '/', and "
@@ -303,8 +305,9 @@ class Pipeline:
             body = {"code": ErrorCode.BAD_CAMERA.value, "message": message,
                     "frame_id": frame_id if valid_id(frame_id) else None, "camera": camera,
                     "worker": self.cfg.worker.id, "at": iso(time.time())}
-            self.link.publish(topic, json.dumps(body), properties=publish_properties(content_type="application/json"),
-                              settled=ticket.hold() if ticket is not None else None)
+            with contextlib.suppress(PacketTooLarge):  # the id in the topic and the body: past what the broker takes
+                self.link.publish(topic, json.dumps(body), properties=publish_properties(content_type="application/json"),
+                                  settled=ticket.hold() if ticket is not None else None)
 
     def _fail(self, camera: str, frame_id: str | None, code: ErrorCode | str, message: str, counter: str = "errored",
               ticket: Ticket | None = None) -> None:

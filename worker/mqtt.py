@@ -473,7 +473,9 @@ class MqttLink:
 
     def _closed(self, reason: object) -> None:
         """A connection the broker keeps closing soon after it is made is most often a second process with the same
-        client id taking the session over (mosquitto says only "Unspecified error"): say so, once an hour."""
+        client id taking the session over (mosquitto says only "Unspecified error"): say so, once an hour.  A broker
+        restarted faster than the first reconnect attempt (no attempt failed in between) closes it the same way: the
+        line says that too.  Presence (worker/presence.py) names the other instance where it sees one."""
         now = time.monotonic()
         self._closed_at.append(now)
         if len(self._closed_at) < TAKEOVER_CLOSES or now - self._closed_at[0] >= TAKEOVER_WINDOW_S:
@@ -482,10 +484,10 @@ class MqttLink:
             self.on_takeover()
         if now - self._takeover_said > 3600:
             self._takeover_said = now
-            log.error("the broker closed this connection %d times in %.0f s (%s): the usual cause is another client "
-                      "connecting with the same client id %r, each taking the session from the other; give each "
-                      "process its own mqtt.client_id (the default is edge-inspect-<worker.id>)", TAKEOVER_CLOSES,
-                      now - self._closed_at[0], reason, self.client_id)
+            log.error("the broker closed this connection %d times in %.0f s (%s): unless the broker was restarted that "
+                      "often, the usual cause is another client connecting with the same client id %r, each taking "
+                      "the session from the other; give each process its own mqtt.client_id (the default is "
+                      "edge-inspect-<worker.id>)", TAKEOVER_CLOSES, now - self._closed_at[0], reason, self.client_id)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if self.on_message is None:

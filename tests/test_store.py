@@ -371,7 +371,8 @@ def test_query_errors_are_answered_clearly(tmp_path):
 
 def test_a_date_alone_as_until_means_the_whole_day(tmp_path):
     """``until: "2027-01-15"`` matched only the frames captured at that day's midnight: a date alone now means the
-    whole day (UTC); a time given with it still bounds exactly, and since/until of one day is not refused."""
+    whole day (UTC), a week alone the whole week; a time given with it still bounds exactly, and since/until of one
+    day is not refused."""
     store = _store(tmp_path)
     evidence = EvidenceStore(tmp_path / "evidence", max_frames=100)
     service = QueryService(lambda: nullcontext(store), evidence, _embed, max_top_k=30)
@@ -386,6 +387,8 @@ def test_a_date_alone_as_until_means_the_whole_day(tmp_path):
     assert day(since="2027-01-15", until="2027-01-15") == {f"f{i}" for i in range(9)}
     assert day(until="2027-01-14") == {f"f{i}" for i in range(9, 24)}
     assert day(since="2027-01-15", until="2027-01-15T00:00:00Z") == {"f8"}
+    assert day(until="2027-W02") == {f"f{i}" for i in range(24)}  # a week alone: the whole week (it meant its Monday)
+    assert day(until="2027-W02-4") == {f"f{i}" for i in range(9, 24)}  # Thursday the 14th
     store.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -130,15 +131,18 @@ def parse_timestamp(value: str | float | int) -> float:
 
 
 def parse_until(value: str | float | int) -> float:
-    """The end of a time range, inclusive: :func:`parse_timestamp`, except that a date alone (``2026-12-04``, a week
-    or ordinal date) means the whole of that day (UTC), not its first instant: the last time before the next day."""
+    """The end of a time range, inclusive: :func:`parse_timestamp`, except that a date alone (``2026-12-04``, or a
+    week date ``2026-W49-5``) means the whole of that day (UTC), and a week alone (``2026-W49``) the whole week, not
+    their first instant: the last time before the next day or week."""
     ts = parse_timestamp(value)
     if isinstance(value, str):
+        text = value.strip()
         try:
-            date.fromisoformat(value.strip())
+            date.fromisoformat(text)
         except ValueError:
             return ts
-        return math.nextafter(ts + 86_400, -math.inf)
+        days = 7 if re.fullmatch(r"\d{4}-?W\d{2}", text) else 1
+        return math.nextafter(ts + 86_400 * days, -math.inf)
     return ts
 
 

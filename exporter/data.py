@@ -24,6 +24,9 @@ For the last two, and for masks beside images without ``train/`` and ``test/``, 
 a list has a ``split`` column): every defect image goes to test, and a seeded share (:data:`TEST_GOOD_FRACTION`) of
 the good images too; training never sees a test image.
 
+A file named as a mask (``<stem>_GT``, ``_label``, ``_mask``) is never read as an image: where masks lie beside
+images, and in an MVTec AD category's image folders, one without its image is refused by name (:func:`_masks_beside`).
+
 Hidden files and folders (:func:`hidden`) are never read as data.  In folders, an image is told by its name
 (:data:`IMAGE_SUFFIXES`); the summary names the other files that are not read (:func:`not_read`), and refuses an
 image whose content is in a format the worker refuses as a frame (:data:`bundle.FRAME_FORMATS`), whatever its name.
@@ -304,25 +307,42 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
 
 
-def _masks_beside(folder: Path) -> tuple[list[Path], dict[str, Path]]:
-    """A folder's images and, by image stem, the masks that lie beside them (``<stem>_GT.png`` beside ``<stem>.png``)
-    or in its ``Label/`` folder (DAGM); found by name, nothing decoded."""
+def _mask_of(path: Path) -> str | None:
+    """The stem of the image a file is named the mask of (``<stem>_GT``, ``_label`` or ``_mask``, any case), or None."""
+    low = path.stem.lower()
+    return next((path.stem[: -len(end)] for end in BESIDE_SUFFIXES if low.endswith(end)), None)
+
+
+def _masks_beside(folder: Path) -> tuple[list[Path], dict[str, Path], list[Path]]:
+    """A folder's images, by image stem the masks that lie beside them (``<stem>_GT.png`` beside ``<stem>.png``)
+    or in its ``Label/`` folder (DAGM), and the files named as masks whose image is not there (deleted, renamed):
+    read as images they became training or test images; found by name, nothing decoded.  In a folder whose every
+    image is named so (``0001_label.png``, photos of labels) those are images, not masks."""
     images = _images(folder)
     by_stem = {p.stem: p for p in images}
     labels = [p for sub in entries(folder) if sub.is_dir() and sub.name.lower() in MASK_FOLDERS for p in _images(sub)]
-    masks = {}
-    for path in images + labels:
-        stem = path.stem
-        for suffix in BESIDE_SUFFIXES:
-            if stem.lower().endswith(suffix) and stem[: -len(suffix)] in by_stem:
-                masks[stem[: -len(suffix)]] = path
-    return images, masks
+    masks = {stem: path for path in images + labels if (stem := _mask_of(path)) in by_stem}
+    plain = any(_mask_of(p) is None for p in images)  # else every image is named so
+    orphans = [p for p in images + labels if plain and (stem := _mask_of(p)) is not None and stem not in by_stem
+               and p.stem not in masks]
+    return images, masks, orphans
+
+
+def _no_orphans(orphans: list[Path]) -> None:
+    """DatasetError naming the mask files whose image is not beside them."""
+    if orphans:
+        more = f" ({len(orphans) - 1} more like it)" if len(orphans) > 1 else ""
+        raise DatasetError(f"mask {orphans[0]} has no image (no {_mask_of(orphans[0])}.* beside it){more}: restore the "
+                           "image or delete the mask (a file named <stem>_GT, <stem>_label or <stem>_mask is the mask "
+                           "of <stem>, never read as an image)")
 
 
 def _beside(folder: Path) -> tuple[list[Path], list[Sample]] | None:
     """The good images and the defects of a folder whose masks lie beside their images, or None when it holds no
-    such mask.  An image is a defect when its mask has a non-zero pixel, good when the mask is blank or it has none."""
-    images, masks = _masks_beside(folder)
+    such mask.  An image is a defect when its mask has a non-zero pixel, good when the mask is blank or it has none.
+    A mask whose image is missing is refused (:func:`_masks_beside`)."""
+    images, masks, orphans = _masks_beside(folder)
+    _no_orphans(orphans)
     if not masks:
         return None
     good, defects = [], []
@@ -382,6 +402,18 @@ def _masks_by_stem(folder: Path) -> dict[str, Path]:
     return masks
 
 
+def _no_masks_beside(folder: Path) -> None:
+    """DatasetError for mask files among an MVTec AD folder's images (its masks are read from ``ground_truth/``
+    only): each would be read as a training or test image."""
+    _, masks, orphans = _masks_beside(folder)
+    _no_orphans(orphans)
+    if masks:
+        stem, mask = next(iter(masks.items()))
+        raise DatasetError(f"{len(masks)} masks lie beside their images in {folder}, e.g. {mask} (of {stem}), where "
+                           "they would be read as images: the MVTec AD layout reads masks from ground_truth/<type>/ "
+                           "only; move a defect's mask there and delete a good image's")
+
+
 def _mvtec(root: Path) -> Category:
     train_folder = _train_folder(root)
     train = _folder_images(train_folder) if train_folder else []
@@ -395,6 +427,8 @@ def _mvtec(root: Path) -> Category:
     unmatched: list[Path] = []  # masks in a truth folder that name no image of their type
     types = [p for p in entries(test_root) if p.is_dir() and p.name != TRUTH]
     _unread_below([train_folder, *types] if train_folder else types)
+    for folder in [train_folder, *types] if train_folder else types:
+        _no_masks_beside(folder if _images(folder) else folder / "rgb")
     for type_dir in types:
         images = _folder_images(type_dir)
         if _is_good(type_dir):

@@ -1007,3 +1007,49 @@ def test_copies_among_the_training_images_stay_on_one_side_of_the_threshold_spli
             path.unlink()
     problems = summarise(load_category(root)).problems()  # 10 files, 7 images
     assert problems and problems[0].startswith("only 7 good training images (3 more are copies of these); at least 8"), problems
+
+
+def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
+    """A mask left behind when its image was deleted was read as an image: a blank one became a good training image
+    (or a held-out threshold image), a marked one a test image.  Refused by name in every layout that pairs masks
+    with images, and in the MVTec AD layout's own folders; a folder whose every image is named so has images."""
+    rng = np.random.default_rng(12)
+    _kolektor2(tmp_path / "ksdd2", rng)
+    (tmp_path / "ksdd2" / "train" / "tr0003.png").unlink()
+    with pytest.raises(DatasetError, match=r"mask .*ksdd2/train/tr0003_GT.png has no image \(no tr0003\.\* beside "
+                                           r"it\): restore the image or delete the mask"):
+        load_category(tmp_path, "ksdd2")
+    for i in range(10):
+        _write(tmp_path / "part" / "good" / f"{i:03d}.png", sample(rng, 64)[0])
+    _write(tmp_path / "part" / "scratch" / "a.png", sample(rng, 64, "scratch")[0])
+    assert len(load_category(tmp_path, "part").train) == 8
+    blank = np.zeros((64, 64), np.uint8)
+    for orphan in ("good/010_mask.png", "scratch/gone_MASK.png"):
+        _write(tmp_path / "part" / orphan, blank)
+        with pytest.raises(DatasetError, match=rf"mask .*part/{orphan} has no image .*restore the image or delete"):
+            load_category(tmp_path, "part")
+        (tmp_path / "part" / orphan).unlink()
+    _write(tmp_path / "Class1" / "Train" / "0000.PNG", sample(rng, 64)[0])
+    _write(tmp_path / "Class1" / "Train" / "0000_label.PNG", blank)
+    _write(tmp_path / "Class1" / "Train" / "Label" / "0001_label.PNG", blank)  # DAGM, 0001.PNG deleted
+    with pytest.raises(DatasetError, match=r"mask .*Label/0001_label.PNG has no image \(no 0001\.\* beside it\)"):
+        load_category(tmp_path, "Class1")
+    from exporter.synthetic import generate
+
+    root = generate(tmp_path, "weave", size=64, n_train=4, n_test=2)
+    _write(root / "test" / "hole" / "gone_mask.png", blank)
+    with pytest.raises(DatasetError, match=r"mask .*test/hole/gone_mask.png has no image"):
+        load_category(tmp_path, "weave")
+    (root / "test" / "hole" / "gone_mask.png").unlink()
+    _write(root / "train" / "good" / "000_mask.png", blank)  # beside its image: MVTec AD reads masks from ground_truth
+    with pytest.raises(DatasetError, match=r"1 masks lie beside their images in .*train/good, e.g. .*000_mask.png "
+                                           r"\(of 000\).*ground_truth/<type>/ only"):
+        load_category(tmp_path, "weave")
+    for i in range(8):
+        _write(tmp_path / "flat" / f"{i}.png", sample(rng, 64)[0])
+    _write(tmp_path / "flat" / "8_mask.png", blank)  # a folder of good images
+    with pytest.raises(DatasetError, match=r"mask .*flat/8_mask.png has no image"):
+        load_category(tmp_path, "flat")
+    for i in range(8):  # photos of labels, every one named so: images
+        _write(tmp_path / "labels" / f"{i:04d}_label.png", sample(rng, 64)[0])
+    assert len(load_category(tmp_path, "labels").train) == 8

@@ -225,7 +225,8 @@ class Manifest(_Strict):
         """Why a ``width`` x ``height`` picture (a frame, or its roi) is not what the model was trained on, or None:
         proportions no training image had, or smaller than the input where no training image was (upscaled).  Both
         sides stretch alike, so nothing fails: the scores are just not comparable.  None for bundles that do not
-        record their training images' sizes (``training.frame_sizes``, since exporters of 2026-12-04)."""
+        record their training images' sizes (``training.frame_sizes``, since exporters of 2026-12-04: the commonest, and
+        since 2026-12-05 one of every other proportion and the narrowest and lowest too)."""
         sizes = [tuple(map(int, key.split("x"))) for key in self.training.get("frame_sizes") or {}]
         if not sizes or width <= 0 or height <= 0:
             return None

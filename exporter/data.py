@@ -57,7 +57,17 @@ import numpy as np
 from PIL import ExifTags, Image
 from pydantic import ValidationError
 
-from bundle import FRAME_FORMATS, FRAME_MAX_BYTES, FRAME_MAX_PIXELS, MAX_TILES, InputSpec, TilingSpec, jpeg_cut_short, prepare_image
+from bundle import (
+    ASPECT_TOLERANCE,
+    FRAME_FORMATS,
+    FRAME_MAX_BYTES,
+    FRAME_MAX_PIXELS,
+    MAX_TILES,
+    InputSpec,
+    TilingSpec,
+    jpeg_cut_short,
+    prepare_image,
+)
 from bundle.tiling import canvas_size, tiles
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff", ".webp"}  # .jfif: Windows' JPEG name
@@ -858,9 +868,13 @@ def _header(data: bytes) -> tuple[str | None, bool]:
 
 
 def frame_sizes(paths: Iterable[Path], most: int = 8) -> dict[str, int]:
-    """The ``most`` commonest sizes of these images as decoded for training (EXIF turn applied), ``"WxH": count``,
-    from their headers: the bundle records them (``training.frame_sizes``) so that a worker can say when a camera's
-    frames have another shape (stretched alike to the input, they are another picture)."""
+    """The sizes of these images as decoded for training (EXIF turn applied), ``"WxH": count``, from their headers:
+    the bundle records them (``training.frame_sizes``) so that a worker can say when a camera's frames have another
+    shape (stretched alike to the input, they are another picture) or are smaller than any training image
+    (:meth:`bundle.Manifest.unlike_training`).  The ``most`` commonest, then the commonest size of every other
+    proportion (more than :data:`bundle.ASPECT_TOLERANCE` from each kept one) and the narrowest and the lowest: of
+    mixed sizes (hand-cut crops) the commonest alone left out proportions and small sizes the training images had,
+    and the worker called them unseen.  Bounded by the proportions there are, not by the number of images."""
     sizes: Counter = Counter()
     for path in paths:
         try:
@@ -871,8 +885,16 @@ def frame_sizes(paths: Iterable[Path], most: int = 8) -> dict[str, int]:
                     width, height = image.size
         except Exception:  # a format Pillow does not read (OpenCV may): its size is not recorded
             continue
-        sizes[f"{height}x{width}" if turned else f"{width}x{height}"] += 1
-    return dict(sizes.most_common(most))
+        sizes[(height, width) if turned else (width, height)] += 1
+    ranked = [size for size, _ in sizes.most_common()]
+    kept = ranked[:most]
+    for width, height in ranked[most:]:
+        if all(max(r := (width / height) / (w / h), 1 / r) > ASPECT_TOLERANCE for w, h in kept):
+            kept.append((width, height))
+    for side in (0, 1) if ranked else ():  # the narrowest, the lowest
+        if (extreme := min(ranked, key=lambda size: size[side])) not in kept:
+            kept.append(extreme)
+    return {f"{w}x{h}": sizes[(w, h)] for w, h in kept}
 
 
 def summarise(category: Category) -> Summary:

@@ -775,6 +775,23 @@ def test_good_images_only_train_and_export_without_evaluation(tmp_path):
     assert proc.returncode == 2 and "no test images" in proc.stderr
 
 
+
+def test_training_images_of_mixed_sizes_are_none_of_them_unlike_the_training_images(tmp_path):
+    """Hand-cut crops, every one its own size: the manifest kept only the 8 commonest sizes, and the worker then said
+    of the portrait ones' proportions and of the small ones' size that no training image had them.  Every training
+    image is now like the training images; a frame of another proportion is still said, and the record stays short."""
+    rng = np.random.default_rng(13)
+    sizes = [(128 + 3 * i, 64 + i) for i in range(10)] + [(64 + i, 128 + 3 * i) for i in range(6)] + [(32, 40), (40, 32)]
+    for i, (width, height) in enumerate(sizes):
+        _write(tmp_path / "crops" / f"{i:02d}.png", cv2.resize(sample(rng, 128)[0], (width, height)))
+    proc = _exporter("train", "--data", str(tmp_path / "crops"), "--out", str(tmp_path / "b"), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "b")
+    assert len(manifest.training["frame_sizes"]) < len(sizes)
+    assert {size: manifest.unlike_training(*size) for size in sizes} == dict.fromkeys(sizes)
+    assert "has proportions none of the training images had" in manifest.unlike_training(300, 100)
+
+
 def test_list_with_some_masks_and_a_recall_threshold(tmp_path):
     """Masks for one type only: pixel metrics over good + that type. Recall threshold on defects kept out of test."""
     rng = np.random.default_rng(5)

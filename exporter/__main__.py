@@ -16,6 +16,7 @@ from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, int_in, 
 if TYPE_CHECKING:
     from bundle import TilingSpec
     from exporter.build import Trained
+    from exporter.data import Category
     from exporter.thresholds import ThresholdChoice
 
 
@@ -25,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.precision not in family.weight_precisions:
         raise ValueError(f"--precision {args.precision} is not a weight precision of {family.name} "
                          f"(it has {', '.join(family.weight_precisions)})")
-    from exporter.build import check_out, package
+    from exporter.build import check_out, default_name, package
     from exporter.thresholds import ThresholdChoice
 
     check_out(Path(args.out))
@@ -37,7 +38,9 @@ def _train(args: argparse.Namespace) -> int:
     from exporter.data import tiling_of
 
     tiling = tiling_of(family.settings(args))
-    _check_data(Path(args.data), args.category, threshold, tiling)
+    category = _check_data(Path(args.data), args.category, threshold, tiling)
+    if args.name is None:
+        default_name(category.name, family.name)
     trained = (_choose(args, threshold) if args.choose
                else family.fit(Path(args.data), args.category, family.settings(args), threshold))
     print(package(trained, Path(args.out), name=args.name, evaluate_test=not args.no_eval, precision=args.precision,
@@ -59,8 +62,9 @@ def _choose(args: argparse.Namespace, threshold: ThresholdChoice) -> Trained:
                   threshold, photos)
 
 
-def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, tiling: TilingSpec | None) -> None:
-    """Print what was found and what it will be used for; refuse data that cannot be trained on, saying why."""
+def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, tiling: TilingSpec | None) -> Category:
+    """Print what was found and what it will be used for; refuse data that cannot be trained on, saying why; the
+    data as read."""
     from exporter.build import VAL_FRACTION
     from exporter.data import DatasetError, load_category, summarise
 
@@ -70,6 +74,7 @@ def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, ti
     problems = summary.problems()
     if problems:
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
+    return summary.category
 
 
 def _bundle_name(value: str) -> str:

@@ -18,7 +18,18 @@ import openvino as ov
 import torch
 from torch import nn
 
-from bundle import MANIFEST, PROVISIONAL, InputSpec, Normalisation, Precision, PrecisionRecord, Thresholds, TilingSpec, write_manifest
+from bundle import (
+    MANIFEST,
+    PROVISIONAL,
+    InputSpec,
+    Normalisation,
+    Precision,
+    PrecisionRecord,
+    Thresholds,
+    TilingSpec,
+    bundle_name,
+    write_manifest,
+)
 from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones, stopping
 from exporter.data import Category, DatasetError, Sample, frame_sizes, hold_out_defects, load_category, read_frame, read_tiles, tiling_of
@@ -101,6 +112,16 @@ def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSetti
                    val_defects, threshold, tiling_of(settings))
 
 
+def default_name(category: str, family: str) -> str:
+    """The bundle's name without ``--name``, CATEGORY-MODEL, when it can name one (:func:`bundle.bundle_name`); else
+    ValueError saying to give ``--name``: checked before the fit, since a folder named ``.set`` failed only when the
+    manifest was written, after the whole fit and export."""
+    try:
+        return bundle_name(f"{category}-{family}")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (the default name: the data's folder and the model): give one with --name") from None
+
+
 def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
             precision: str = "fp32", precisions: list[str] | None = None) -> Path:
     """Export the graph, set thresholds on held-out images (``trained.threshold``) and measure the test split at
@@ -127,7 +148,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             model = quantize(model, list(islice(tiles, CALIBRATION_IMAGES)))
         save_ir(model, staging)
         version = timestamp().replace(":", "").replace("-", "")
-        name = name or f"{category}-{family}"
+        name = name or default_name(category, family)
         fields: dict[str, Any] = dict(
             name=name,
             version=version,

@@ -792,6 +792,22 @@ def test_training_images_of_mixed_sizes_are_none_of_them_unlike_the_training_ima
     assert "has proportions none of the training images had" in manifest.unlike_training(300, 100)
 
 
+
+def test_a_data_folder_whose_name_cannot_name_the_bundle_is_refused_before_the_fit(tmp_path):
+    """The default bundle name is the folder's and the model's: of a folder named ``.set`` it could not name a bundle,
+    and the run failed writing the manifest after the whole fit and export, with pydantic's raw error."""
+    rng = np.random.default_rng(14)
+    for i in range(10):
+        _write(tmp_path / ".set" / f"{i}.png", sample(rng, 64)[0])
+    proc = _exporter("train", "--data", str(tmp_path / ".set"), "--out", str(tmp_path / "b"), *TINY)
+    assert proc.returncode == 2 and not (tmp_path / "b").exists()
+    assert "error: '.set-patchcore' cannot name a bundle: " in proc.stderr and "give one with --name" in proc.stderr
+    assert "pydantic" not in proc.stderr and "coreset:" not in proc.stderr, proc.stderr[-3000:]  # nothing fitted
+    proc = _exporter("train", "--data", str(tmp_path / ".set"), "--out", str(tmp_path / "b"), *TINY, "--name", "set")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_manifest(tmp_path / "b").name == "set"
+
+
 def test_list_with_some_masks_and_a_recall_threshold(tmp_path):
     """Masks for one type only: pixel metrics over good + that type. Recall threshold on defects kept out of test."""
     rng = np.random.default_rng(5)

@@ -120,6 +120,7 @@ class Category:
     layout: str = "mvtec"
     split: str = "the data's own test split"  # how the test split was made, for the summary and the manifest
     category: str | None = None  # the object a list's rows were filtered to (VisA's split_csv holds every object)
+    empty: tuple[str, ...] = ()  # class folders without images, as "scratch/": nothing of theirs is tested, said
 
     @property
     def name(self) -> str:
@@ -297,7 +298,10 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
                       and d.name.lower() not in NOT_CLASSES and images_under(d)]:
             raise DatasetError(f"{root}: the folders {deeper[:10]} keep their images in sub-folders, which are not read "
                                "(bad/broken/*.png): give each defect type its own folder beside good/")
-        return _held_out(root, "labelled folders", *_labelled(good[0], [d for d in folders if d not in good]), seed)
+        empty = tuple(f"{d.name}/" for d in entries(root) if d.is_dir() and d not in folders
+                      and d.name.lower() not in NOT_CLASSES)  # a folder with images below them was refused above
+        return replace(_held_out(root, "labelled folders", *_labelled(good[0], [d for d in folders if d not in good]),
+                                 seed), empty=empty)
     nested = next((d for d in entries(root) if d.is_dir() and _is_good(d) and not _images(d) and images_under(d)), None)
     if nested is not None:
         raise DatasetError(f"{nested} holds its images in sub-folders, which are not read (they could be defect types "
@@ -439,8 +443,11 @@ def _mvtec(root: Path) -> Category:
     _unread_below([train_folder, *types] if train_folder else types)
     for folder in [train_folder, *types] if train_folder else types:
         _no_masks_beside(folder if _images(folder) else folder / "rgb")
+    empty: list[str] = []
     for type_dir in types:
         images = _folder_images(type_dir)
+        if not images:
+            empty.append(f"{os.path.relpath(type_dir, root)}/")
         if _is_good(type_dir):
             test += [Sample(image, "good", None) for image in images]
             continue
@@ -460,7 +467,7 @@ def _mvtec(root: Path) -> Category:
                            f"type's ground_truth folder{found}): give every image of a type a mask, or remove that "
                            "type's ground_truth folder to use image labels only")
     split = "the data's own test split" + ("" if test_root.name == TEST_FOLDERS[0] else f" ({test_root.name}/)")
-    return Category(root, train, test, split=split)
+    return Category(root, train, test, split=split, empty=tuple(empty))
 
 
 def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], seed: int) -> Category:
@@ -779,6 +786,9 @@ class Summary:
             "(read as 8-bit BGR like the worker: grey -> 3 channels, 16-bit -> top 8 bits; stretched to the input size)",
             f"  masks: {', '.join(masked) if masked else 'none'}" + (f"; image labels only: {', '.join(unmasked)}" if unmasked else ""),
         ]
+        if cat.empty:
+            lines.append(f"  note: {', '.join(cat.empty)} {'holds' if len(cat.empty) == 1 else 'hold'} no images: "
+                         "not in the test split")
         if tiling is not None:
             lines.append(f"  tiles: every image cut into {tiling.grid[0]}x{tiling.grid[1]} tiles (overlap {tiling.overlap:g}), "
                          "each at the input size; a frame scores as its highest tile")

@@ -1086,3 +1086,24 @@ def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
     for i in range(8):  # photos of labels, every one named so: images
         _write(tmp_path / "labels" / f"{i:04d}_label.png", sample(rng, 64)[0])
     assert len(load_category(tmp_path, "labels").train) == 8
+
+
+def test_a_defect_type_folder_without_images_is_said_in_the_summary(tmp_path):
+    """An empty defect folder (images not copied yet, or saved under another name) left its type out of the test
+    split without a word."""
+    rng = np.random.default_rng(15)
+    for i in range(10):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    _write(tmp_path / "part" / "scratch" / "a.png", sample(rng, 64, "scratch")[0])
+    (tmp_path / "part" / "dent").mkdir()
+    (tmp_path / "part" / "dent" / "a.gif").write_bytes(b"GIF89a")
+    text = summarise(load_category(tmp_path, "part")).text(7, 1)
+    assert "  note: dent/ holds no images: not in the test split" in text.splitlines()
+    from exporter.synthetic import generate
+
+    root = generate(tmp_path, "weave", size=64, n_train=4, n_test=2)
+    assert "no images" not in summarise(load_category(tmp_path, "weave")).text(3, 1)
+    (root / "test" / "glue").mkdir()
+    (root / "test" / "smudge").mkdir()
+    assert "note: test/glue/, test/smudge/ hold no images: not in the test split" in summarise(
+        load_category(tmp_path, "weave")).text(3, 1)

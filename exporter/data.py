@@ -335,7 +335,12 @@ def _masks_beside(folder: Path) -> tuple[list[Path], dict[str, Path], list[Path]
     images = _images(folder)
     by_stem = {p.stem: p for p in images}
     labels = [p for sub in entries(folder) if sub.is_dir() and sub.name.lower() in MASK_FOLDERS for p in _images(sub)]
-    masks = {stem: path for path in images + labels if (stem := _mask_of(path)) in by_stem}
+    masks: dict[str, Path] = {}
+    for path in images + labels:
+        if (stem := _mask_of(path)) in by_stem:
+            if stem in masks:  # the other would be read as an image
+                raise DatasetError(f"{by_stem[stem]} has two masks, {masks[stem].name} and {path.name}: keep one")
+            masks[stem] = path
     plain = any(_mask_of(p) is None for p in images)  # else every image is named so
     orphans = [p for p in images + labels if plain and (stem := _mask_of(p)) is not None and stem not in by_stem
                and p.stem not in masks]

@@ -1086,6 +1086,10 @@ def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
     for i in range(8):  # photos of labels, every one named so: images
         _write(tmp_path / "labels" / f"{i:04d}_label.png", sample(rng, 64)[0])
     assert len(load_category(tmp_path, "labels").train) == 8
+    _write(tmp_path / "Class1" / "Train" / "0001.PNG", sample(rng, 64)[0])  # the DAGM folder mended
+    _write(tmp_path / "Class1" / "Train" / "0000_GT.PNG", blank)  # a second mask of 0000: it was read as an image
+    with pytest.raises(DatasetError, match=r"0000.PNG has two masks, 0000_GT.PNG and 0000_label.PNG: keep one"):
+        load_category(tmp_path, "Class1")
 
 
 def test_a_defect_type_folder_without_images_is_said_in_the_summary(tmp_path):

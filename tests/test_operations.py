@@ -308,6 +308,59 @@ def test_a_bundle_rolled_out_to_all_ends_its_canary_so_a_rollback_takes_every_ca
     assert models.for_camera("line2").bundle.manifest.version == v1
     assert models.for_camera("line3").bundle.manifest.version == "3.0.0"
 
+def _models(bundle: Path, folder: Path):
+    """A worker's models (as at a start) on ``bundle``, recording roll-outs under ``folder``."""
+    from worker.config import Config
+    from worker.models import Models
+
+    return Models(Config.model_validate({"model": {"bundle": str(bundle), "cache_dir": None,
+                                                   "rollout_path": str(folder / "rollout")},
+                                         "learning": {"path": str(folder / "extensions")}}))
+
+
+def test_a_canary_missing_at_a_start_ends_with_a_roll_out_of_its_bundle_and_can_be_rolled_back(bundle_dir, tmp_path):
+    """A canary whose bundle was missing at a start (a mount not ready at boot) is kept for the next start; it came
+    back at a later one over the bundles rolled out to every camera since, and a rollback of its camera was refused
+    (a helper's probe).  A roll-out of its bundle ends it, a rollback drops it, and the answers list it meanwhile."""
+    from worker.models import DEFAULT
+
+    v1 = read_manifest(bundle_dir).version
+    v2, v3 = (_relabelled(bundle_dir, tmp_path / v, v) for v in ("2.0.0", "3.0.0"))
+    for ending in ("roll-out", "rollback"):
+        root = tmp_path / ending
+        _models(bundle_dir, root).load("cam1", v2)
+        shutil.move(v2, tmp_path / "away")
+        models = _models(bundle_dir, root)  # the restart: cam1 follows the default meanwhile
+        assert models.for_camera("cam1").bundle.manifest.version == v1 and models.pending() == {"cam1": str(v2)}
+        shutil.move(tmp_path / "away", v2)
+        if ending == "rollback":
+            assert models.rollback("cam1").bundle.manifest.version == v1
+        else:
+            models.load(DEFAULT, v2)
+        models.load(DEFAULT, v3)
+        assert models.pending() == {}
+        assert _models(bundle_dir, root).for_camera("cam1").bundle.manifest.version == "3.0.0"  # the next start
+
+
+def test_a_rollback_of_the_default_ends_the_canaries_of_its_bundle_with_or_without_a_restart(bundle_dir, tmp_path):
+    """Roll out v2, put one camera back on v1 (a canary), roll the default back to v1, roll out v4: the camera stayed
+    on v1 without a restart between, and went to v4 with one (a helper's probe).  Both now end the canary."""
+    from worker.models import DEFAULT
+
+    v2, v4 = (_relabelled(bundle_dir, tmp_path / v, v) for v in ("2.0.0", "4.0.0"))
+    for restart in (False, True):
+        root = tmp_path / f"restart-{restart}"
+        models = _models(bundle_dir, root)
+        models.load(DEFAULT, v2)
+        models.load("cam1", bundle_dir)
+        if restart:
+            models = _models(bundle_dir, root)
+        models.rollback(DEFAULT)
+        assert set(models.scopes()) == {DEFAULT}, restart
+        models.load(DEFAULT, v4)
+        assert models.for_camera("cam1").bundle.manifest.version == "4.0.0", restart
+
+
 def _serving(broker, bundle: Path, folder: Path, worker_factory) -> tuple[str, Client, object, str]:
     """A worker online on ``bundle`` under a prefix of its own: (prefix, client, worker, its control topic)."""
     prefix = f"o{uuid.uuid4().hex[:6]}"
@@ -344,6 +397,12 @@ def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, datas
     again = _request(client, control, {"command": "rollback"})  # it put 2.0.0 back: a toggle
     assert again["ok"] is False and again["error"]["code"] == "reload_failed", again
     assert "no previous model to roll back to" in again["error"]["message"], again
+    # a camera without a model of its own, "read again", was pinned to the default's bundle out of later roll-outs;
+    # a camera named "default" given a canary rolled it out to every camera (a helper's probe): both refused
+    pinned = _request(client, control, {"command": "reload", "camera": "cam"})
+    assert pinned["error"]["code"] == "bad_request" and "give a bundle for a canary" in pinned["error"]["message"]
+    named = _request(client, control, {"command": "reload", "camera": "default", "bundle": str(v2)})
+    assert named["error"]["code"] == "bad_request" and "rename the camera" in named["error"]["message"], named
     feeder.join()
     results = client.json_on(f"{prefix}/cam/result", count=n, timeout=120)
     assert not [m for m in client.messages if m.topic.endswith("/error")], "no frame may be lost to a reload"
@@ -352,6 +411,7 @@ def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, datas
     assert versions[0] == v1 and versions[-1] == v1 and "2.0.0" in versions and len(switches) == 2, versions
     retained = client.json_on(f"{prefix}/workers/w-test/model", count=1)[-1]
     assert retained["version"] == v1 and retained["tiling"] is None and retained["input"] == [128, 128], retained
+    assert set(retained["scopes"]) == {"default"} and retained["pending"] == {}, retained
     assert worker.stop() == 0
 
 

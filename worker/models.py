@@ -381,15 +381,23 @@ class Models:
                 if self._started:
                     self._unrestored.pop(s, None)
             if scope == DEFAULT:
-                self._end_canaries_of(compiled[scope].bundle.manifest)
+                self._end_canaries_of(compiled[scope])
         if self._started:
             self._record()
             self._prune_cache()
         return compiled[scope]
 
-    def _end_canaries_of(self, manifest: Manifest) -> None:
-        """A bundle rolled out to all ends its canaries (camera scopes only a reload made, serving that bundle): they
-        follow the default from now on, so a rollback of the default takes them back too (they stayed on it)."""
+    def _end_canaries_of(self, rolled: Model) -> None:
+        """A bundle rolled out to all (or rolled back to) ends its canaries (camera scopes only a reload made, serving
+        that bundle): they follow the default from now on, so a rollback of the default takes them back too (they
+        stayed on it).  So does a canary of that bundle's folder not served since the start (its bundle was missing
+        then): it would otherwise come back at a later start, over the bundles rolled out since."""
+        manifest = rolled.bundle.manifest
+        for scope, pending in list(self._unrestored.items()):
+            if scope != DEFAULT and not self._configured(scope) and pending.bundle.resolve() == rolled.path.resolve():
+                del self._unrestored[scope]
+                log.info("canary on %s (%s, not served since the start) ends: it now serves every camera", scope,
+                         pending.bundle)
         for scope, model in list(self._current.items()):
             m = model.bundle.manifest
             if scope != DEFAULT and not self._configured(scope) and (folder_name(m), m.version) == (
@@ -411,9 +419,16 @@ class Models:
         and an operator who clicked twice re-deployed the bundle just rolled back from)."""
         with self._lock:
             earlier = self._previous_paths.get(scope) if scope not in self._previous else None
-            if earlier is None:
+            if earlier is None and scope in self._unrestored and scope not in self._current:
+                # a canary whose bundle was missing at the start: the camera follows the default already
+                log.info("rollback: the canary on %s (%s, not served since the start) is dropped", scope,
+                         self._unrestored.pop(scope).bundle)
+                model = self._current[DEFAULT]
+            elif earlier is None:
                 model = self._swap_back(scope)
                 self._unrestored.pop(scope, None)
+                if scope == DEFAULT:  # as a rollback that compiles its bundle again does (load)
+                    self._end_canaries_of(model)
         if earlier is not None:
             model = self.load(scope, earlier)  # the path stays kept if it fails
             with self._lock:
@@ -449,6 +464,12 @@ class Models:
     def scopes(self) -> dict[str, Model]:
         with self._lock:
             return dict(self._current)
+
+    def pending(self) -> dict[str, str]:
+        """Scopes rolled out before this start whose bundle could not serve at it, by their bundle's path: the next
+        start tries them again, unless a reload or rollback of the scope (or a roll-out of that bundle) replaces them."""
+        with self._lock:
+            return {scope: str(rolled.bundle) for scope, rolled in self._unrestored.items()}
 
     def image_norm(self, model: Model, camera: str) -> Normalisation:
         """The bundle's image normalisation with the configured threshold override, per camera first."""

@@ -241,7 +241,7 @@ class Worker:
                              "tiling": tiling.record(model.bundle.manifest.tiling),  # cuts cameras without their own
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
         self.stats.set_models({scope: (m["name"], m["version"], m["precision"]) for scope, m in scopes.items()})
-        body = {**scopes[DEFAULT], "scopes": scopes, "device": self.cfg.model.device,
+        body = {**scopes[DEFAULT], "scopes": scopes, "pending": self.models.pending(), "device": self.cfg.model.device,
                 "device_name": self.models.default.bundle.device_name,
                 "embedding_dim": self.models.embedding_dim}
         self._status(self.topics.model, json.dumps(body))
@@ -256,6 +256,15 @@ class Worker:
         if command.command == "export_capture":
             return self.export_capture(command.camera)
         scope = command.camera or DEFAULT
+        if command.camera == DEFAULT and command.command != "status":
+            return error_answer(ErrorCode.BAD_REQUEST, f"{DEFAULT!r} names the model of every camera without one of its "
+                                "own, so a camera of that id cannot be given its own: rename the camera; leave camera "
+                                "out to reload or roll back that model")
+        if command.command == "reload" and command.camera and not command.bundle \
+                and command.camera not in self.models.scopes():
+            return error_answer(ErrorCode.BAD_REQUEST, f"camera {command.camera!r} serves the model every camera without "
+                                "one of its own serves: give a bundle for a canary on it, or leave camera out to read "
+                                "that model's bundle again")
         try:
             if command.command == "reload":
                 path = Path(command.bundle) if command.bundle else self.models.scopes().get(scope, self.models.default).path
@@ -268,6 +277,8 @@ class Worker:
             return error_answer(ErrorCode.RELOAD_FAILED, str(exc))
         self._publish_models()
         answer = {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}
+        if pending := self.models.pending():
+            answer["pending"] = pending
         if command.command == "reload" and command.camera and command.camera not in self.stats.snapshot() \
                 and command.camera not in self.cfg.cameras:  # a typo's canary would wait, unseen, for a camera
             answer["note"] = (f"camera {command.camera!r} has sent this worker no frame since it started, and "

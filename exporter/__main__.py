@@ -26,6 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.precision not in family.weight_precisions:
         raise ValueError(f"--precision {args.precision} is not a weight precision of {family.name} "
                          f"(it has {', '.join(family.weight_precisions)})")
+    family.check(family.settings(args))
     from exporter.build import check_out, default_name, package
     from exporter.thresholds import ThresholdChoice
 
@@ -94,11 +95,13 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from exporter.backbones import check_layers
     from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, cache_path, distill
 
     settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop", "held_out",
                                         "train_precision", "backbone_scale"),
                                **({"layers": args.layers.split(",")} if args.layers else {}))
+    check_layers(settings.backbone, settings.layers)
     natural = Path(args.natural or DEFAULT_NATURAL)
     out = Path(args.out) if args.out else cache_path(settings, natural)
     if not args.out and out.is_file():
@@ -113,6 +116,8 @@ def _distill(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     families = select(args.models.split(","))
     refuse_unused(args, families)
+    for family in families:
+        family.check(family.settings(args))
     if args.tiling is not None or args.tile_overlap is not None:
         raise ValueError("--tiling is for train: benchmark scores whole images")
     from exporter.benchmark import run
@@ -198,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill-teacher", help="distil EfficientAD's PDN teacher from an offline backbone")
     distill.add_argument("--size", choices=["small", "medium"])
     distill.add_argument("--backbone", help="offline backbone the PDN regresses (default efficientnet_lite0)")
-    distill.add_argument("--layers", help="comma-separated backbone layers (default blocks.2,blocks.4)")
+    distill.add_argument("--layers", help="comma-separated backbone layers (default blocks.2,blocks.4; "
+                         "efficientnet_lite0/1/2 have blocks.0, blocks.1, blocks.2, blocks.4, blocks.6)")
     distill.add_argument("--steps", type=int_in(1))
     distill.add_argument("--batch-size", type=int_in(1))
     distill.add_argument("--crop", type=int_in(32, 1024), help="side of the random crops")

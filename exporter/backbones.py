@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -20,6 +21,7 @@ from typing import cast
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models import FeatureInfo
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +152,24 @@ def resolve(
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
         log.info("prepared offline backbone %s from %s in %s", name, source, folder)
     return Backbone(f"local-dir:{folder}", name, True, mean, std, digest)
+
+
+def layer_names(architecture: str) -> list[str] | None:
+    """The layers anomalib's feature extractor can return for this timm architecture, read from an unweighted copy
+    (nothing is downloaded); None for a name timm does not register here (a hub name: the fit itself finds out)."""
+    if not timm.is_model(architecture):
+        return None
+    model = timm.create_model(architecture, pretrained=False, features_only=True, exportable=True)
+    return list(cast(FeatureInfo, model.feature_info).module_name())
+
+
+def check_layers(architecture: str, layers: Sequence[str]) -> None:
+    """Refuse a layer the backbone lacks before any fitting: anomalib only logs a warning, drops the layer and then
+    fails with a KeyError on the first image."""
+    names = layer_names(architecture)
+    if names is None:
+        return
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        raise ValueError(f"--layers {','.join(unknown)}: not a layer of backbone {architecture} "
+                         f"(its layers: {', '.join(names)})")

@@ -115,6 +115,9 @@ class Family(ABC, Generic[S]):
     def fit(self, data: Path, category: str | None, settings: S, threshold: ThresholdChoice) -> Trained:
         """Split the data, fit, and return the export graph with its training record, ready for ``build.package``."""
 
+    def check(self, settings: S) -> None:
+        """Refuse settings the fit would fail on only late, before the data is read; none by default."""
+
 
 class PatchCore(Family["PatchcoreSettings"]):
     """anomalib's PatchcoreModel with our memory-bank fit; its exported graph is the one NNCF int8 is wired for."""
@@ -124,7 +127,8 @@ class PatchCore(Family["PatchcoreSettings"]):
     options = (
         Option("--backbone", "timm name; offline weights exist for efficientnet_lite0/1/2"),
         Option("--backbone-weights", "local weights file for --backbone (.pth or .safetensors)"),
-        Option("--layers", "comma-separated backbone layers", _names),
+        Option("--layers", "comma-separated layers of --backbone (efficientnet_lite0/1/2: blocks.0, blocks.1, blocks.2, "
+                          "blocks.4, blocks.6); a name the backbone lacks is refused", _names),
         Option("--input-size", f"square input side in pixels (32..{MAX_INPUT})", int_in(32, MAX_INPUT)),
         Option("--coreset-ratio", "memory-bank share of all patch features, in (0, 1]", _share),
         Option("--neighbourhood", "feature cells (odd, p x p) averaged into each patch's feature (PatchCore's local "
@@ -158,6 +162,11 @@ class PatchCore(Family["PatchcoreSettings"]):
         from exporter.train.patchcore import PatchcoreSettings
 
         return PatchcoreSettings
+
+    def check(self, settings: PatchcoreSettings) -> None:
+        from exporter.backbones import check_layers
+
+        check_layers(settings.backbone, settings.layers)
 
     def fit(self, data: Path, category: str | None, settings: PatchcoreSettings, threshold: ThresholdChoice) -> Trained:
         from exporter.build import fit_patchcore

@@ -63,6 +63,41 @@ def test_an_option_the_chosen_family_does_not_use_is_refused(argv, message, tmp_
     assert not (tmp_path / "out").exists()
 
 
+LITE0_LAYERS = "(its layers: blocks.0, blocks.1, blocks.2, blocks.4, blocks.6)"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--layers", "layer2"], f"--layers layer2: not a layer of backbone efficientnet_lite0 {LITE0_LAYERS}"),
+    (["train", "--layers", "blocks.2,blocks.3"], f"--layers blocks.3: not a layer of backbone efficientnet_lite0 "
+                                                 f"{LITE0_LAYERS}"),
+    (["train", "--backbone", "resnet18", "--layers", "blocks.2"],  # nothing downloaded: refused before any weights
+     "--layers blocks.2: not a layer of backbone resnet18 (its layers: act1, layer1, layer2, layer3, layer4)"),
+    (["benchmark", "--models", "patchcore", "--layers", "layer2,layer3"], "--layers layer2,layer3: not a layer"),
+    (["distill-teacher", "--natural", "none", "--layers", "layer2"], f"--layers layer2: not a layer of backbone "
+                                                                     f"efficientnet_lite0 {LITE0_LAYERS}"),
+])
+def test_a_layer_the_backbone_lacks_is_refused_before_the_data_is_read(argv, message, tmp_path):
+    """Was a warning, then a KeyError traceback from anomalib on the first image (exit 1) once the data was read."""
+    data = [] if argv[0] == "distill-teacher" else ["--data", str(tmp_path / "none")]
+    proc = subprocess.run([sys.executable, "-m", "exporter", *argv, *data, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("argv", "layers"), [
+    ([], ["blocks.2", "blocks.4"]),  # the default
+    (["--layers", "blocks.1, blocks.6"], ["blocks.1", "blocks.6"]),  # spaces after the commas are dropped
+    (["--backbone", "efficientnet_lite2", "--layers", "blocks.0"], ["blocks.0"]),
+    (["--backbone", "resnet18", "--layers", "layer2,layer3"], ["layer2", "layer3"]),
+])
+def test_the_backbones_own_layers_are_taken(argv, layers):
+    family = FAMILIES["patchcore"]
+    settings = family.settings(build_parser().parse_args(["train", "--data", "d", "--out", "o", *argv]))
+    assert settings.layers == layers
+    family.check(settings)
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--input-size", "0"], "argument --input-size: 0 is outside 32..2048"),
     (["--input-size", "100000"], "argument --input-size: 100000 is outside 32..2048"),  # was a 30 GB resize

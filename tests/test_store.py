@@ -652,19 +652,26 @@ print(sorted(said))
     assert sorted(p.name for p in (tmp_path / "store" / "frames").iterdir()) == ["edge_config.json", "segments", "wal"]
 
 
+def _recording(tmp_path: Path, n: int, evidence_frames: int) -> tuple[Recorder, EvidenceStore, StoreConfig, SpoolConfig]:
+    """A started recorder that has written ``n`` records of camera a (f0, f1, ...), its evidence of
+    ``evidence_frames`` normal frames, and its store and spool settings."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=evidence_frames)
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    for rec in _records(n, DIM):
+        recorder.submit(rec)
+    assert recorder.flush(20) and _wait_for(lambda: recorder.written == n)
+    return recorder, evidence, cfg, spool
+
+
 def test_a_reused_frame_id_does_not_replace_a_labelled_frame(tmp_path, caplog):
     """A camera whose frame counter starts again at a reboot sends a new frame under the id of one an operator
     labelled: its record replaced the labelled one, and with it the label and its evidence, without a word.  The new
     frame is now not recorded (counted, said), whether the evidence or only the store still knows the label."""
-    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
-    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
-    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, SpoolConfig(path=tmp_path / "spool"), 16,
-                        Liveness(0))
-    recorder.start()
+    recorder, evidence, _, _ = _recording(tmp_path, 3, evidence_frames=1000)
     try:
-        for rec in _records(3, DIM):
-            recorder.submit(rec)
-        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 3)
         with recorder.use_store() as store:
             for i, label in ((0, "false_alarm"), (1, "confirmed_defect")):
                 pid, vector, payload = store.find(f"f{i}", "a")
@@ -694,15 +701,8 @@ def test_a_reused_frame_id_spooled_in_an_outage_does_not_replace_a_labelled_fram
     """The same, for a frame that came while the store could not be opened and whose labelled frame's evidence had
     rotated out (a helper's review): spooled, when only the evidence can say which ids are labelled, its replay
     replaced the labelled record.  The replay asks the store, and the new frame's evidence files go with it."""
-    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
-    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
-    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1)  # f0's files rotate out when f1 comes
-    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
-    recorder.start()
+    recorder, evidence, cfg, spool = _recording(tmp_path, 2, evidence_frames=1)  # f0's files rotate out at f1
     try:
-        for rec in _records(2, DIM):
-            recorder.submit(rec)
-        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 2)
         with recorder.use_store() as store:
             pid, vector, payload = store.find("f0", "a")
             store.upsert([(pid, vector, {**payload, "label": "confirmed_defect"})])

@@ -726,3 +726,31 @@ def test_a_reused_frame_id_spooled_in_an_outage_does_not_replace_a_labelled_fram
         assert recorder.written == 0 and evidence.read(kept["evidence"]["thumbnail"]) is None  # not the new frame's
     finally:
         recorder.stop()
+
+
+def test_a_new_history_records_frames_under_ids_an_earlier_one_labelled(tmp_path):
+    """The store's folder moved aside (the way out of a damaged store): the evidence still held the earlier history's
+    label markers, and a new frame under such an id was taken for a labelled one and never recorded (a helper's
+    review).  The open store is the history: the frame is recorded, and the stale marker goes."""
+    recorder, evidence, cfg, spool = _recording(tmp_path, 1, evidence_frames=1000)
+    try:
+        with recorder.use_store() as store:
+            pid, vector, payload = store.find("f0", "a")
+            store.upsert([(pid, vector, {**payload, "label": "false_alarm"})])
+        evidence.set_labelled(pid, True, False)
+    finally:
+        recorder.stop()
+    (tmp_path / "store" / "frames").rename(tmp_path / "store" / "frames-damaged")
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        again = _records(1, DIM, start=100)[0]
+        again.key, again.payload["frame_id"] = pid, "f0"
+        recorder.submit(again)
+        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 1), recorder.labelled_kept
+        with recorder.use_store() as store:
+            kept = store.find("f0", "a")[2]
+        assert kept.get("label") is None and kept["captured_ts"] == NOW + 100 and recorder.labelled_kept == 0
+        assert not evidence.labelled(pid) and not list((tmp_path / "evidence").rglob("*.label.*"))
+    finally:
+        recorder.stop()

@@ -112,8 +112,9 @@ class EvidenceStore:
         """Write ``{kind: (ext, data)}`` for a frame of class ``value``; returns the paths relative to the root."""
         with self._lock:
             previous = self._pop(key)
-        if any(p.name.split(".")[1] == _MARKER[0] for p in previous):
-            value = LABELLED  # a labelled frame written again stays labelled
+        for marker in [p for p in previous if p.name.split(".")[1] == _MARKER[0]]:  # of an earlier history's frame:
+            marker.unlink(missing_ok=True)  # the recorder writes no frame over one the store holds labelled
+            previous.remove(marker)
         written = []
         for kind, (ext, data) in files.items():
             path = self._path(key, kind, ext)

@@ -15,7 +15,6 @@ recorded) and its cause, with what to do, is said once and answered to queries.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -337,7 +336,7 @@ class Recorder:
         while (item := self.spool.oldest()) is not None:
             path, points = item
             # spooled while the store was away, when only the evidence could say which ids are labelled
-            if spared := self._labelled([key for key, _, _ in points], ask_evidence=False):
+            if spared := self._labelled([key for key, _, _ in points], ask_store=True):
                 self.evidence.delete([k for k in spared if not self.evidence.labelled(k)])  # the new frame's files
                 self._said_spared([payload for key, _, payload in points if key in spared])
                 points = [point for point in points if point[0] not in spared]
@@ -382,21 +381,27 @@ class Recorder:
     def _spare_labels(self, batch: list[Record]) -> list[Record]:
         """The records whose id does not name a frame an operator labelled.  A camera whose frame counter starts
         again at a reboot (or a redelivery after a restart, past the dedupe window) would otherwise replace that
-        frame's record and evidence, and with them the label: the new frame is scored and answered, not recorded."""
-        spared = self._labelled([r.key for r in batch], ask_evidence=True)
+        frame's record and evidence, and with them the label: the new frame is scored and answered, not recorded.
+        The store is asked only while writes go to it (not while the batch would be spooled anyway: an unreachable
+        server would hold every batch up for its timeout); the replay asks it for what was spooled."""
+        writing = not len(self.spool) and time.monotonic() >= self._next_try
+        spared = self._labelled([r.key for r in batch], ask_store=writing)
         self._said_spared([r.payload for r in batch if r.key in spared])
         return [r for r in batch if r.key not in spared]
 
-    def _labelled(self, keys: list[str], ask_evidence: bool) -> set[str]:
-        """The keys that name a frame an operator labelled: by the evidence's labelled class (``ask_evidence``) and by
-        the open store, which knows where the evidence's files have rotated out."""
-        labelled = {k for k in keys if ask_evidence and self.evidence.labelled(k)}
-        store = self.store  # only this thread opens or closes it
-        if store is not None:  # on an outage the write fails too and spools; the evidence said what it knows
-            with contextlib.suppress(StoreError):
-                labelled |= {key for key, _, payload in store.retrieve([k for k in keys if k not in labelled])
-                             if payload.get("label")}
-        return labelled
+    def _labelled(self, keys: list[str], ask_store: bool) -> set[str]:
+        """The keys that name a frame an operator labelled: by the open store (``ask_store``), which is the history;
+        else, or where it does not answer (then tried again after ``spool.retry_s``), by the evidence's labelled class,
+        which is all there is to ask during an outage (its marker may be of an earlier history: the replay asks the
+        store again)."""
+        store = self.store if ask_store else None  # only this thread opens or closes it
+        if store is not None:
+            try:
+                return {key for key, _, payload in store.retrieve(keys) if payload.get("label")}
+            except StoreError as exc:
+                log.warning("vector store read of %d points failed (%s); spooling", len(keys), exc)
+                self._next_try = time.monotonic() + self.retry_s
+        return {k for k in keys if self.evidence.labelled(k)}
 
     def _said_spared(self, payloads: list[dict]) -> None:
         """Count the frames not recorded because their id names a labelled frame, and say so once a minute."""
@@ -425,22 +430,23 @@ class Recorder:
         batch = self._next_batch()
         try:
             if batch:
+                kept = batch
                 try:
                     if self.store_error is not None and self.store is None:  # spooled, they would never be written
                         self.unrecorded += len(batch)
                     elif kept := self._spare_labels(batch):
                         points = self._prepare(kept)
-                        # Order is kept: while anything is spooled, new batches queue behind it.
-                        if len(self.spool) or not self._upsert(points):
+                        # Order is kept: while anything is spooled (or the store just failed), new batches queue behind.
+                        if len(self.spool) or time.monotonic() < self._next_try or not self._upsert(points):
                             self.spool.push(points)
                 except BatchRefused as exc:  # not expected (the store opened for this model's size): never spooled
-                    self.unrecorded += len(batch)
-                    log.error("the vector store refused a batch of %d for good (%s); not recorded", len(batch), exc)
+                    self.unrecorded += len(kept)
+                    log.error("the vector store refused a batch of %d for good (%s); not recorded", len(kept), exc)
                 except Exception as exc:  # an OSError is e.g. a full disk (neither the evidence nor the spool takes it)
-                    self.lost += len(batch)
+                    self.lost += len(kept)
                     if self._lost_log.ready():  # a full disk fails every batch: said once a minute, with the count
                         log.error("recorder could not write a batch of %d (%s: %s); it is lost (%d records so far; "
-                                  "said at most once a minute)", len(batch), type(exc).__name__, exc, self.lost,
+                                  "said at most once a minute)", len(kept), type(exc).__name__, exc, self.lost,
                                   exc_info=not isinstance(exc, OSError))
                 finally:
                     self._settled(len(batch))

@@ -24,8 +24,8 @@ For the last two, and for masks beside images without ``train/`` and ``test/``, 
 a list has a ``split`` column): every defect image goes to test, and a seeded share (:data:`TEST_GOOD_FRACTION`) of
 the good images too; training never sees a test image.
 
-A file named as a mask (``<stem>_GT``, ``_label``, ``_mask``) is never read as an image: where masks lie beside
-images, and in an MVTec AD category's image folders, one without its image is refused by name (:func:`_masks_beside`).
+In a folder that pairs masks with its images, a file named as a mask (``<stem>_GT``, ``_label``, ``_mask``) is never
+read as an image: one without its image is refused by name (:func:`_masks_beside`).
 
 Hidden files and folders (:func:`hidden`) are never read as data.  In folders, an image is told by its name
 (:data:`IMAGE_SUFFIXES`); the summary names the other files that are not read (:func:`not_read`), and refuses an
@@ -330,8 +330,9 @@ def _mask_of(path: Path) -> str | None:
 def _masks_beside(folder: Path) -> tuple[list[Path], dict[str, Path], list[Path]]:
     """A folder's images, by image stem the masks that lie beside them (``<stem>_GT.png`` beside ``<stem>.png``)
     or in its ``Label/`` folder (DAGM), and the files named as masks whose image is not there (deleted, renamed):
-    read as images they became training or test images; found by name, nothing decoded.  In a folder whose every
-    image is named so (``0001_label.png``, photos of labels) those are images, not masks."""
+    read as images they became training or test images; found by name, nothing decoded.  Only a folder that pairs
+    masks with images has such orphans: elsewhere a name like ``000_label.png`` (a view of part 000, a photo of a
+    label) is an image's."""
     images = _images(folder)
     by_stem = {p.stem: p for p in images}
     labels = [p for sub in entries(folder) if sub.is_dir() and sub.name.lower() in MASK_FOLDERS for p in _images(sub)]
@@ -341,10 +342,18 @@ def _masks_beside(folder: Path) -> tuple[list[Path], dict[str, Path], list[Path]
             if stem in masks:  # the other would be read as an image
                 raise DatasetError(f"{by_stem[stem]} has two masks, {masks[stem].name} and {path.name}: keep one")
             masks[stem] = path
-    plain = any(_mask_of(p) is None for p in images)  # else every image is named so
-    orphans = [p for p in images + labels if plain and (stem := _mask_of(p)) is not None and stem not in by_stem
-               and p.stem not in masks]
+    orphans = [p for p in (images + labels if masks else []) if (stem := _mask_of(p)) is not None
+               and stem not in by_stem and p.stem not in masks]
     return images, masks, orphans
+
+
+def _pairs_masks(folder: Path) -> bool:
+    """Whether masks lie beside a folder's images; one whose masks are in error counts too: that is its category's
+    error when it is read, not every category's."""
+    try:
+        return bool(_masks_beside(folder)[1])
+    except DatasetError:
+        return True
 
 
 def _no_orphans(orphans: list[Path]) -> None:
@@ -579,7 +588,7 @@ def find_categories(data: Path) -> list[str]:
     masks beside them (DAGM's ``Class1`` ... ``Class10``).  Nothing is decoded: a category's damaged mask is that
     category's error when it is read, not every category's."""
     return sorted(p.name for p in entries(Path(data)) if p.is_dir() and (
-        _train_folder(p) is not None or ((train := _child(p, "train")) is not None and _masks_beside(train)[1])))
+        _train_folder(p) is not None or ((train := _child(p, "train")) is not None and _pairs_masks(train))))
 
 
 def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Category, list[Sample]]:

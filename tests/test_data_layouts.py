@@ -1044,8 +1044,9 @@ def test_copies_among_the_training_images_stay_on_one_side_of_the_threshold_spli
 
 def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
     """A mask left behind when its image was deleted was read as an image: a blank one became a good training image
-    (or a held-out threshold image), a marked one a test image.  Refused by name in every layout that pairs masks
-    with images, and in the MVTec AD layout's own folders; a folder whose every image is named so has images."""
+    (or a held-out threshold image), a marked one a test image.  Refused by name in a folder that pairs masks with
+    its images and in a mask folder; in a folder that pairs none, such a name is an image's (a view of a part, a photo
+    of a label: refusing them told a user to delete training images, a helper's review)."""
     rng = np.random.default_rng(12)
     _kolektor2(tmp_path / "ksdd2", rng)
     (tmp_path / "ksdd2" / "train" / "tr0003.png").unlink()
@@ -1057,11 +1058,16 @@ def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
     _write(tmp_path / "part" / "scratch" / "a.png", sample(rng, 64, "scratch")[0])
     assert len(load_category(tmp_path, "part").train) == 8
     blank = np.zeros((64, 64), np.uint8)
-    for orphan in ("good/010_mask.png", "scratch/gone_MASK.png"):
-        _write(tmp_path / "part" / orphan, blank)
-        with pytest.raises(DatasetError, match=rf"mask .*part/{orphan} has no image .*restore the image or delete"):
-            load_category(tmp_path, "part")
-        (tmp_path / "part" / orphan).unlink()
+    marked = blank.copy()
+    marked[20:30, 20:30] = 255
+    _write(tmp_path / "part" / "scratch" / "a_mask.png", marked)  # this folder pairs masks with its images
+    _write(tmp_path / "part" / "scratch" / "gone_MASK.png", blank)
+    with pytest.raises(DatasetError, match=r"mask .*part/scratch/gone_MASK.png has no image .*restore the image or "
+                                           r"delete"):
+        load_category(tmp_path, "part")
+    (tmp_path / "part" / "scratch" / "gone_MASK.png").unlink()
+    _write(tmp_path / "part" / "good" / "010_label.png", sample(rng, 64)[0])  # no masks there: a view of part 010
+    assert len(load_category(tmp_path, "part").train) == 9
     _write(tmp_path / "Class1" / "Train" / "0000.PNG", sample(rng, 64)[0])
     _write(tmp_path / "Class1" / "Train" / "0000_label.PNG", blank)
     _write(tmp_path / "Class1" / "Train" / "Label" / "0001_label.PNG", blank)  # DAGM, 0001.PNG deleted
@@ -1070,8 +1076,8 @@ def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
     from exporter.synthetic import generate
 
     root = generate(tmp_path, "weave", size=64, n_train=4, n_test=2)
-    _write(root / "test" / "hole" / "gone_mask.png", blank)
-    with pytest.raises(DatasetError, match=r"mask .*test/hole/gone_mask.png has no image"):
+    _write(root / "test" / "hole" / "gone_mask.png", blank)  # a test image of its type, without a mask of its own
+    with pytest.raises(DatasetError, match=r"gone_mask.png"):
         load_category(tmp_path, "weave")
     (root / "test" / "hole" / "gone_mask.png").unlink()
     _write(root / "train" / "good" / "000_mask.png", blank)  # beside its image: MVTec AD reads masks from ground_truth
@@ -1080,9 +1086,8 @@ def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
         load_category(tmp_path, "weave")
     for i in range(8):
         _write(tmp_path / "flat" / f"{i}.png", sample(rng, 64)[0])
-    _write(tmp_path / "flat" / "8_mask.png", blank)  # a folder of good images
-    with pytest.raises(DatasetError, match=r"mask .*flat/8_mask.png has no image"):
-        load_category(tmp_path, "flat")
+    _write(tmp_path / "flat" / "8_mask.png", sample(rng, 64)[0])  # a folder of good images pairs no masks: an image
+    assert len(load_category(tmp_path, "flat").train) == 9
     for i in range(8):  # photos of labels, every one named so: images
         _write(tmp_path / "labels" / f"{i:04d}_label.png", sample(rng, 64)[0])
     assert len(load_category(tmp_path, "labels").train) == 8
@@ -1090,6 +1095,13 @@ def test_a_mask_whose_image_is_gone_is_refused_not_read_as_an_image(tmp_path):
     _write(tmp_path / "Class1" / "Train" / "0000_GT.PNG", blank)  # a second mask of 0000: it was read as an image
     with pytest.raises(DatasetError, match=r"0000.PNG has two masks, 0000_GT.PNG and 0000_label.PNG: keep one"):
         load_category(tmp_path, "Class1")
+    for cls in ("Class1", "Class2"):  # one category's doubled mask is its own error, not every category's
+        for name, image in (("0000", sample(rng, 64)[0]), ("0000_label", blank), ("0001", sample(rng, 64)[0])):
+            _write(tmp_path / "dagm" / cls / "Train" / f"{name}.PNG", image)
+    _write(tmp_path / "dagm" / "Class2" / "Train" / "0000_GT.PNG", blank)
+    with pytest.raises(DatasetError, match=r"holds the categories \['Class1', 'Class2'\]: pick one"):
+        load_category(tmp_path / "dagm")
+    assert len(load_category(tmp_path / "dagm", "Class1").train) == 2
 
 
 def test_a_defect_type_folder_without_images_is_said_in_the_summary(tmp_path):

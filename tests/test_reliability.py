@@ -843,6 +843,24 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(stop
     assert worker2.stop() == 0
 
 
+def test_frames_left_at_a_stop_are_handed_back_only_where_no_request_follows_them():
+    """Under block, frames left at a stop stay unacknowledged for the next start; but acknowledgements go in the
+    order the messages came, so a request after them (answered, or answered shutdown at the stop) stayed
+    unacknowledged too, and the broker handed it to the next start: a reload served twice (a helper's review, a
+    worker whose stop left queued frames).  Only the frames no other message follows are handed back; the others
+    are answered, which lets the request's acknowledgement go."""
+    from worker.acks import Acks
+
+    sent: list[int] = []
+    acks = Acks(lambda mid, qos: sent.append(mid))
+    f1, f2, request, f3, f4 = (acks.open(mid, 1) for mid in range(1, 6))
+    request.release()  # answered: waits for f1 and f2 to be acknowledged first
+    assert sent == [] and acks.tail([f1, f2, f3, f4]) == {f3, f4}
+    f1.release()
+    f2.release()  # answered shutdown at the stop
+    assert sent == [1, 2, 3] and acks.unacknowledged == 2  # f3 and f4 go to the next start
+
+
 def test_requests_waiting_at_a_stop_are_each_answered(broker, bundle_dir, tmp_path, worker_factory):
     """Requests are acknowledged when queued, so the broker never hands them out again: those the request thread had
     not reached 5 s into the stop went unanswered, a client waiting on each for ever.  The one in hand is answered,

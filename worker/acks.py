@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 
 class Ticket:
@@ -27,6 +27,10 @@ class Ticket:
         self._holds = 1  # the message's own, released by whoever is done with it
         self._then: list[Callable[[], None]] = []
         self.finished = False
+
+    @property
+    def ledger(self) -> Acks:
+        return self._ledger
 
     def hold(self) -> Callable[[], None]:
         """One more thing to wait for (an answer on its way): returns its release, which acts once."""
@@ -83,6 +87,19 @@ class Acks:
         while self._pending and self._pending[0].finished:
             ticket = self._pending.popleft()
             self._send(ticket.mid, ticket.qos)
+
+    def tail(self, tickets: Collection[Ticket]) -> set[Ticket]:
+        """Those of ``tickets`` that no other message of this connection follows: left unfinished (the broker hands
+        their messages to the next session), they hold up the acknowledgement of nothing else.  One followed by
+        another message (a request answered, or to be answered at the stop) would keep that one unacknowledged, and
+        the broker would hand it out again: a request served twice."""
+        with self.lock:
+            tail: set[Ticket] = set()
+            for ticket in reversed(self._pending):
+                if ticket not in tickets:
+                    break
+                tail.add(ticket)
+            return tail
 
     def reset(self) -> None:
         """The connection is lost: its tickets acknowledge nothing (the broker hands their messages out again)."""

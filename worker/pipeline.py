@@ -204,9 +204,8 @@ class Pipeline:
         if self.window is not None:
             frame.ticket = ticket
         dropped = self.queue.put(frame)
-        if dropped == [frame] and self.queue.closed and self.hand_back:  # it waited for room while the stop began
-            self._hand_back([frame])
-            return True
+        if dropped == [frame] and self.queue.closed and self.hand_back and not self._hand_back([frame]):
+            return True  # it waited for room while the stop began: left with the broker for the next start
         for lost in dropped:
             if self.queue.closed:
                 self._fail(lost.camera, lost.frame_id, ErrorCode.SHUTDOWN, "the worker is stopping", ticket=ticket)
@@ -352,17 +351,21 @@ class Pipeline:
         return len(left)
 
     def _hand_back(self, frames: list[Frame]) -> list[Frame]:
-        """At a stop, under :attr:`hand_back`: leave the frames unanswered and their tickets unreleased, so they are
-        never acknowledged and the broker hands them to the next start (counted ``handed_back``); returns the frames
-        to answer ``shutdown`` instead."""
-        if not self.hand_back:
+        """At a stop, under :attr:`hand_back`: leave the frames that no other message followed unanswered and their
+        tickets unreleased, so they are never acknowledged and the broker hands them to the next start (counted
+        ``handed_back``); returns the frames to answer ``shutdown`` instead (acknowledged in order, a request after
+        them needs them answered)."""
+        tickets = [f.ticket for f in frames if f.ticket is not None]
+        if not self.hand_back or not tickets:
             return frames
+        tail = tickets[0].ledger.tail(tickets)  # only those no other message follows: see Acks.tail
         for frame in frames:
-            self.stats.add(frame.camera, "handed_back")
-        if frames:
+            if frame.ticket in tail:
+                self.stats.add(frame.camera, "handed_back")
+        if tail:
             log.info("%d frame(s) not processed before the stop are left unacknowledged with the broker for the next "
-                     "start", len(frames))
-        return []
+                     "start", len(tail))
+        return [f for f in frames if f.ticket not in tail]
 
     def abandon(self, message: str, timeout: float) -> int:
         """A watchdog exit: close the queue, let the inference threads that still run finish the frame in hand

@@ -159,7 +159,11 @@ def test_a_label_withdrawn_leaves_every_extension_that_holds_it(learning, datase
 
     label = {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"}
     first = ask(label)["absorbed"]["patches"]
-    assert ask({"command": "reload", "bundle": str(other)}, topic="workers/w-test/control")["ok"]
+    reloaded = ask({"command": "reload", "bundle": str(other)}, topic="workers/w-test/control")
+    # the new bundle has not learned the label: the answer says so (a helper's probe: nothing did, the marked frames
+    # were flagged again after a roll-out or rollback without a word)
+    assert reloaded["ok"] and reloaded["untaught"]["frames"] == ["cam1/m-0"], reloaded
+    assert "labelled false_alarm again" in reloaded["untaught"]["message"]
     second = ask(label)["absorbed"]["patches"]
     assert first > 0 and second > 0
     assert worker.stop() == 0
@@ -445,7 +449,8 @@ def test_withdrawing_a_false_alarm_folded_into_the_serving_bundle_says_it_still_
     assert exporter(["fold-extension", str(bundle_dir), str(config.parent / "extensions" / folder_name(source)),
                      "--out", str(folded)]) == 0
     version = read_manifest(folded).version
-    assert _query(client, prefix, {"command": "reload", "bundle": str(folded)}, topic="workers/w-test/control")["ok"]
+    reloaded = _query(client, prefix, {"command": "reload", "bundle": str(folded)}, topic="workers/w-test/control")
+    assert reloaded["ok"] and "untaught" not in reloaded, reloaded  # folded in: learned
     assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # the folded bank holds the label's rows
 
     released = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"},

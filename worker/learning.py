@@ -81,6 +81,25 @@ def _folded_in(model: Model, held: dict[str, Entry]) -> dict | None:
     return None
 
 
+def untaught(before: Model, after: Model) -> dict | None:
+    """What a change of model (reload, rollback) leaves behind: the false alarms ``before``'s extension absorbed that
+    ``after`` neither holds in its own extension nor has folded into its bank, so frames like them are flagged again;
+    None when there are none.  Each bundle has an extension of its own: an operator rolling back, or out, is told."""
+    if before.extension is None or before.extension is after.extension:
+        return None
+    have = {e.key for e in after.extension.entries()} if after.extension is not None else set()
+    name = before.extension.folder.name
+    left = [e for e in before.extension.entries() if e.key not in have and _folded_in(after, {name: e}) is None]
+    if not left:
+        return None
+    frames = [f"{e.camera}/{e.frame_id}" for e in sorted(left, key=lambda e: e.at)]
+    was, now = before.bundle.manifest, after.bundle.manifest
+    return {"false_alarms": len(left), "frames": frames[:20],
+            "message": f"{len(left)} false alarm(s) absorbed by {was.name} {was.version} are not learned by "
+                       f"{now.name} {now.version}, which now serves: frames like them are flagged again until they "
+                       f"are labelled false_alarm again (e.g. {frames[0]})"}
+
+
 class Learner:
     def __init__(self, cfg: Config, models: Models, evidence: EvidenceStore,
                  frame_image: Callable[[bytes, str, Model | None], np.ndarray], on_change: Callable[[], None],

@@ -32,7 +32,7 @@ from worker.config import Config, ConfigError, QueuePolicy
 from worker.decode import use_opencv_threads
 from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
 from worker.labels import LabelService
-from worker.learning import Learner
+from worker.learning import Learner, untaught
 from worker.metrics import Stats
 from worker.models import DEFAULT, RELOAD_ERRORS, Models
 from worker.mqtt import MqttLink, PacketTooLarge, publish_properties
@@ -265,6 +265,7 @@ class Worker:
             return error_answer(ErrorCode.BAD_REQUEST, f"camera {command.camera!r} serves the model every camera without "
                                 "one of its own serves: give a bundle for a canary on it, or leave camera out to read "
                                 "that model's bundle again")
+        before = self.models.scopes().get(scope) or self.models.default
         try:
             if command.command == "reload":
                 path = Path(command.bundle) if command.bundle else self.models.scopes().get(scope, self.models.default).path
@@ -279,6 +280,8 @@ class Worker:
         answer = {"ok": True, "models": {s: m.info for s, m in self.models.scopes().items()}}
         if pending := self.models.pending():
             answer["pending"] = pending
+        if command.command in ("reload", "rollback") and (left := untaught(before, model)) is not None:
+            answer["untaught"] = left
         if command.command == "reload" and command.camera and command.camera not in self.stats.snapshot() \
                 and command.camera not in self.cfg.cameras:  # a typo's canary would wait, unseen, for a camera
             answer["note"] = (f"camera {command.camera!r} has sent this worker no frame since it started, and "

@@ -425,7 +425,7 @@ async function modelCommand(kind) {
   }
   const own = answer.models?.[scope], m = own || answer.models?.default || {};  // a dropped canary: the default's
   const what = kind === "rollback" ? (own ? "back on" : "back on the default's") : "now runs";
-  setStatus("#model-status", `${scope} ${what} ${m.name || "?"} ${m.version || ""}`);
+  setStatus("#model-status", `${scope} ${what} ${m.name || "?"} ${m.version || ""}${answer.untaught ? `; ${answer.untaught.message}` : ""}`);
 }
 
 // ---- workers, errors, feed ------------------------------------------------------------------

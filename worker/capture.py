@@ -354,10 +354,11 @@ class Capture:
         sample has room for it still; True when one went back."""
         with self._lock:
             state = self._cameras.get(camera)
-            if state is None:
+            names = [n for n in state.defects if n.split(".", 1)[0] == key] if state is not None else []
+            if state is None or not names:  # most labels are of frames never confirmed: nothing to write
                 return False
             back = False
-            for name in [n for n in state.defects if n.split(".", 1)[0] == key]:
+            for name in names:
                 path = state.folder / DEFECTS / name
                 if withdrawn and name in state.from_sample:
                     back = self._restore(state, path) or back

@@ -628,6 +628,19 @@ def _worker_traffic(log: str, client_id: str) -> tuple[int, int]:
     return window, ahead
 
 
+def _under_block(port: int, bundle_dir: Path, tmp_path: Path, worker_factory, tag: str, queue_size: int):
+    """A worker online under ``queue_policy: block`` (one inference thread, a persistent session of its own client id,
+    normal frames not logged): (prefix, config, client, worker)."""
+    prefix = f"{tag}{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, port, bundle_dir, topics={"prefix": prefix},
+                          mqtt={"client_id": f"w-{prefix}"}, store={"log_normal_every": 0},
+                          limits={"queue_size": queue_size, "queue_policy": "block", "inference_threads": 1})
+    client = Client(port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    return prefix, config, client, worker
+
+
 def test_block_leaves_the_surge_with_the_broker_and_acknowledges_only_answered_frames(bundle_dir, dataset, tmp_path,
                                                                                        worker_factory):
     """``block`` waited for room in the queue on paho's network thread, which also reads the broker's PUBACKs of the
@@ -638,13 +651,7 @@ def test_block_leaves_the_surge_with_the_broker_and_acknowledges_only_answered_f
     room)."""
     broker = Broker(tmp_path / "broker", extra="log_type all\n")
     try:
-        prefix, client_id = f"b{uuid.uuid4().hex[:6]}", f"w-{uuid.uuid4().hex[:6]}"
-        config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
-                              mqtt={"client_id": client_id}, store={"log_normal_every": 0},
-                              limits={"queue_size": 4, "queue_policy": "block", "inference_threads": 1})
-        client = Client(broker.port, prefix)
-        worker = worker_factory(config)
-        wait_online(client, prefix)
+        prefix, config, client, worker = _under_block(broker.port, bundle_dir, tmp_path, worker_factory, "b", 4)
         n = 300
         _burst(client, prefix, _good_png(dataset), n, "b")
         outcomes: dict[str, list[str]] = {}
@@ -653,7 +660,7 @@ def test_block_leaves_the_surge_with_the_broker_and_acknowledges_only_answered_f
             outcomes = _outcomes(client, prefix, "cam")
             time.sleep(0.1)  # poll interval, with a deadline
         assert outcomes == {f"b{i:04d}": ["result"] for i in range(n)}, {k: v for k, v in outcomes.items() if v != ["result"]}
-        window, ahead = _worker_traffic(broker.log_path.read_text(errors="replace"), client_id)
+        window, ahead = _worker_traffic(broker.log_path.read_text(errors="replace"), f"w-{prefix}")
         print(f"\nFIGURES block burst: {n} answered; at most {window} frames unacknowledged at the broker, "
               f"acknowledged beyond the answers: {ahead}")
         # mosquitto 2.0.11 sends past the Receive Maximum (eclipse/mosquitto#2301): the window is not asserted here
@@ -673,13 +680,7 @@ def test_a_worker_killed_in_a_burst_under_block_loses_no_frame(broker, bundle_di
     not acknowledged) come to the next start in the persistent session, so every frame is answered; those answered
     but not yet acknowledged at the kill (at most the Receive Maximum) are answered twice.  A probe lost 223-438 of
     600 this way."""
-    prefix = f"k{uuid.uuid4().hex[:6]}"
-    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
-                          mqtt={"client_id": f"w-{prefix}"}, store={"log_normal_every": 0},
-                          limits={"queue_size": 8, "queue_policy": "block", "inference_threads": 1})
-    client = Client(broker.port, prefix)
-    worker = worker_factory(config)
-    wait_online(client, prefix)
+    prefix, config, client, worker = _under_block(broker.port, bundle_dir, tmp_path, worker_factory, "k", 8)
     n = 400
     _burst(client, prefix, _good_png(dataset), n, "k")
     client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=20)

@@ -448,6 +448,15 @@ def test_a_worker_that_reloaded_twice_still_stops_cleanly(broker, bundle_dir, da
     client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
 
 
+def _watching(port: int, bundle_dir: Path, tmp_path: Path, prefix: str) -> tuple[Path, Path, Path]:
+    """A copy of the bundle served under ``model.watch_s``, a release of it (2.0.0) to swap in, and the config."""
+    served = shutil.copytree(bundle_dir, tmp_path / "served")
+    release = _relabelled(bundle_dir, tmp_path / "release", "2.0.0")
+    config = write_config(tmp_path / "w", port, served, topics={"prefix": prefix}, model={"watch_s": 0.2},
+                          worker={"id": "w-test", "stats_interval_s": 0.5})
+    return served, release, config
+
+
 def test_a_watched_bundle_is_loaded_once_copied_whole_and_a_half_copy_is_said_once(broker, bundle_dir, dataset,
                                                                                    tmp_path, worker_factory):
     """``model.watch_s``: a release copied over the served bundle is loaded between two frames. While the copy is
@@ -455,10 +464,7 @@ def test_a_watched_bundle_is_loaded_once_copied_whole_and_a_half_copy_is_said_on
     every tick; it logged the refusal at every tick too (five lines a second here), now once. A release copied with
     its times kept is older than the served model: it was never loaded while the watcher looked for a newer file."""
     prefix = f"w{uuid.uuid4().hex[:6]}"
-    served = shutil.copytree(bundle_dir, tmp_path / "served")
-    release = _relabelled(bundle_dir, tmp_path / "release", "2.0.0")
-    config = write_config(tmp_path / "w", broker.port, served, topics={"prefix": prefix}, model={"watch_s": 0.2},
-                          worker={"id": "w-test", "stats_interval_s": 0.5})
+    served, release, config = _watching(broker.port, bundle_dir, tmp_path, prefix)
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     _online(client, prefix)
@@ -525,10 +531,7 @@ def test_a_watched_bundle_swapped_for_one_the_worker_may_not_read_is_said_once(b
     the watcher took the folder it could not look into for one being copied and kept the old model without a word.
     Now the refusal is said once, the old model serves meanwhile, and the release is loaded once it is readable."""
     prefix = f"u{uuid.uuid4().hex[:6]}"
-    served = shutil.copytree(bundle_dir, tmp_path / "served")
-    release = _relabelled(bundle_dir, tmp_path / "release", "2.0.0")
-    config = write_config(tmp_path / "w", broker.port, served, topics={"prefix": prefix}, model={"watch_s": 0.2},
-                          worker={"id": "w-test", "stats_interval_s": 0.5})
+    served, release, config = _watching(broker.port, bundle_dir, tmp_path, prefix)
     client = Client(broker.port, prefix)
     with killed_after(lambda n, cfg: _ServiceUserWorker(cfg, tmp_path / f"worker{n}.log")) as start:
         worker = start(config)

@@ -397,7 +397,7 @@ class Recorder:
         store = self.store if ask_store else None  # only this thread opens or closes it
         if store is not None:
             try:
-                return {key for key, _, payload in store.retrieve(keys) if payload.get("label")}
+                return {key for key, payload in store.payloads(keys).items() if payload.get("label")}
             except StoreError as exc:
                 log.warning("vector store read of %d points failed (%s); spooling", len(keys), exc)
                 self._next_try = time.monotonic() + self.retry_s

@@ -296,9 +296,9 @@ class _Edge:
                                     filter=_edge_filter(filters, exclude), with_payload=True, params=self.params)
         return [(float(p.score), dict(p.payload or {})) for p in self.shard.query(request)]
 
-    def retrieve(self, ids: list[str]) -> list[tuple[str, list[float], dict]]:
-        recs = self.shard.retrieve([uuid.UUID(i) for i in ids], with_payload=True, with_vector=True)
-        return [(str(r.id), dense(r.vector), dict(r.payload or {})) for r in recs]
+    def retrieve(self, ids: list[str], vectors: bool = True) -> list[tuple[str, list[float], dict]]:
+        recs = self.shard.retrieve([uuid.UUID(i) for i in ids], with_payload=True, with_vector=vectors)
+        return [(str(r.id), dense(r.vector) if vectors else [], dict(r.payload or {})) for r in recs]
 
     def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
         flt = edge.Filter(must=[edge.FieldCondition("frame_id", match=edge.MatchValue(frame_id))])
@@ -442,6 +442,12 @@ class VectorStore:
         if not keys:
             return []
         return [(k, np.asarray(v, np.float32), p) for k, v, p in self._call("read", self.engine.retrieve, keys)]
+
+    def payloads(self, keys: list[str]) -> dict[str, dict]:
+        """The payloads of these point ids that the history holds, without their vectors (a cheaper read)."""
+        if not keys:
+            return {}
+        return {k: p for k, _, p in self._call("read", self.engine.retrieve, keys, False)}
 
     def find(self, frame_id: str, camera: str | None = None) -> tuple[str, np.ndarray, dict] | None:
         """A logged frame by id (newest if several cameras used the same id and none is named)."""

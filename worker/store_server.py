@@ -64,9 +64,9 @@ class ServerEngine:
                                           query_filter=_client_filter(filters, exclude), with_payload=True)
         return [(float(p.score), dict(p.payload or {})) for p in result.points]
 
-    def retrieve(self, ids: list[str]) -> list[tuple[str, list[float], dict]]:
-        recs = self.client.retrieve(self.collection, ids, with_vectors=True)
-        return [(str(p.id), dense(p.vector), dict(p.payload or {})) for p in recs]
+    def retrieve(self, ids: list[str], vectors: bool = True) -> list[tuple[str, list[float], dict]]:
+        recs = self.client.retrieve(self.collection, ids, with_vectors=vectors)
+        return [(str(p.id), dense(p.vector) if vectors else [], dict(p.payload or {})) for p in recs]
 
     def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
         flt = models.Filter(must=[models.FieldCondition(key="frame_id", match=models.MatchValue(value=frame_id))])

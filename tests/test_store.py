@@ -697,6 +697,23 @@ def test_a_reused_frame_id_does_not_replace_a_labelled_frame(tmp_path, caplog):
         recorder.stop()
 
 
+def test_a_frame_not_recorded_for_a_label_is_not_counted_unrecorded_too(tmp_path):
+    """A batch the store refuses for good (vectors of another size: a bundle with another embedding) counts its
+    records unrecorded; one whose id names a labelled frame was left out before the write and is counted once, as
+    kept for its label, not twice."""
+    recorder, _, _, _ = _recording(tmp_path, 1, evidence_frames=1000)
+    try:
+        with recorder.use_store() as store:
+            pid, vector, payload = store.find("f0", "a")
+            store.upsert([(pid, vector, {**payload, "label": "false_alarm"})])
+        for rec in _records(3, DIM + 1):  # f0 (labelled), f1, f2, each of another embedding size
+            recorder.submit(rec)
+        assert recorder.flush(20) and _wait_for(lambda: recorder.labelled_kept + recorder.unrecorded >= 3)
+        assert (recorder.labelled_kept, recorder.unrecorded, recorder.lost) == (1, 2, 0)
+    finally:
+        recorder.stop()
+
+
 def test_a_reused_frame_id_spooled_in_an_outage_does_not_replace_a_labelled_frame(tmp_path):
     """The same, for a frame that came while the store could not be opened and whose labelled frame's evidence had
     rotated out (a helper's review): spooled, when only the evidence can say which ids are labelled, its replay

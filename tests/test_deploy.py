@@ -324,3 +324,50 @@ def test_publisher_after_a_hung_broker_keeps_its_pace_and_says_what_was_not_ackn
     finally:
         sub.close()
         broker.stop()
+
+
+def test_the_documented_bridge_brings_query_and_label_answers_to_the_plant(tmp_path, bundle_dir, dataset, worker_factory):
+    """deploy/README.md's bridge from a line broker to a plant broker, as written (its TLS and login lines left out:
+    no second host here), carried results up but never a query's answer back (a helper's probe): mosquitto bridges
+    speak MQTT 3.1.1 unless told, which drops the request's response topic, and no line carried the answers out.
+    An operator on the plant broker now gets answers to queries and labels, as the worker's own CLI asks them."""
+    from conftest import good_png, wait_online, write_config
+
+    from worker.api_client import ApiClient, ApiError
+
+    text = (DEPLOY / "README.md").read_text()
+    block = re.search(r"```\n\s*(connection plant\n.*?)```", text, re.S)
+    assert block, "the bridge example is gone from deploy/README.md"
+    lines = [line.strip() for line in block.group(1).splitlines()]
+    plant = Broker(tmp_path / "plant")
+    kept = [f"address 127.0.0.1:{plant.port}" if line.startswith("address ") else line for line in lines
+            if line and not line.startswith(("bridge_cafile", "remote_username", "remote_password"))]
+    line_broker = Broker(tmp_path / "line", extra="\n".join(kept) + "\n")
+    on_plant = Client(plant.port)
+    try:
+        worker_factory(write_config(tmp_path / "w", line_broker.port, bundle_dir))
+        wait_online(on_plant, "inspect")  # the worker's retained availability came up the bridge
+        camera = Client(line_broker.port)
+        try:
+            camera.publish_frame("line1", good_png(dataset).read_bytes(), "f1")
+            on_plant.json_on("inspect/line1/result")  # results go up
+        finally:
+            camera.close()
+        plant_cfg = write_config(tmp_path / "plant-operator", plant.port, bundle_dir)
+        with ApiClient(load_config(plant_cfg), "plant-test") as operator:
+            answer = None
+            deadline = time.monotonic() + 60
+            while answer is None:  # the bridge's own subscriptions on the plant broker may lag the availability
+                try:
+                    answer = operator.query({"frame_id": "f1", "camera": "line1", "top_k": 1}, timeout=5)
+                except ApiError:
+                    if time.monotonic() > deadline:
+                        raise
+            assert answer.get("ok") is True, answer
+            labelled = operator.label({"action": "set", "frame_id": "f1", "camera": "line1", "label": "confirmed_defect"},
+                                      timeout=30)
+            assert labelled.get("ok") is True, labelled
+    finally:
+        on_plant.close()
+        line_broker.stop()
+        plant.stop()

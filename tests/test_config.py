@@ -288,3 +288,17 @@ def test_ctrl_c_in_a_cli_command_is_one_line_and_exit_130(tmp_path, command):
     assert proc.wait(timeout=30) == 130, "".join(lines)
     said = "error: interrupted (Ctrl-C)" + (": the label may still be applied" if command[0] == "label" else "")
     assert lines[-1].strip() == said and not any("Traceback" in line for line in lines), "".join(lines)
+
+
+def test_a_budget_set_in_part_keeps_the_other_documented_defaults(tmp_path):
+    """Setting one key of evidence.anomalous (its frame count) dropped the 4000 MB cap that only the section's
+    default carried, so the anomalous evidence could fill the disk (a helper's docs audit); each key has its own
+    default now, as docs/configuration.md lists it."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b}\nevidence:\n  anomalous:\n    max_frames: 30000\n")
+    budget = load_config(path, environ={}).evidence.anomalous
+    assert (budget.max_frames, budget.max_mb) == (30000, 4000)
+    path.write_text("model: {bundle: b}\n")
+    assert load_config(path, environ={}).evidence.anomalous.max_mb == 4000
+    path.write_text("model: {bundle: b}\nevidence:\n  anomalous:\n    max_mb: null\n")
+    assert load_config(path, environ={}).evidence.anomalous.max_mb is None  # no cap, when asked for

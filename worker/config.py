@@ -313,6 +313,11 @@ class EvidenceBudget(_Section):
                                                                                     "hours; none = no limit.")
 
 
+class AnomalousBudget(EvidenceBudget):
+    max_mb: float | None = Field(4000, gt=0, description="... or past this many megabytes of files (each keeps its frame and "
+                                                         "heatmap too); none = no limit.")
+
+
 class EvidenceConfig(_Section):
     path: Path = Field(Path("data/evidence"), description="Folder for thumbnails, anomalous frames and heatmaps.")
     max_frames: int = Field(5000, ge=1, description="Normal frames: the oldest normal frame's evidence is deleted past this many "
@@ -322,9 +327,8 @@ class EvidenceConfig(_Section):
     max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Normal frames: evidence older than this many "
                                                                                     "hours is deleted (checked with store retention); "
                                                                                     "none = no limit.")
-    anomalous: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000, max_mb=4000), description="Budget of anomalous frames (thumbnail, "
-                                                                                                  "original frame, heatmap); default 20000 "
-                                                                                                  "frames, 4000 MB.")
+    anomalous: AnomalousBudget = Field(AnomalousBudget(), description="Budget of anomalous frames (thumbnail, original frame, "
+                                                                      "heatmap).")
     labelled: EvidenceBudget = Field(EvidenceBudget(max_frames=20_000), description="Budget of frames an operator labelled (kept apart, so "
                                                                                     "labels outlive both other classes).")
     thumbnail_size: int = Field(128, ge=16, le=MAX_SIDE, description="Longer side of the thumbnail kept for every logged frame.")

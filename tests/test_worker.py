@@ -190,7 +190,7 @@ def _wait_stored(client, prefix: str, results: list[dict]) -> None:
     client.wait_for(caught_up, timeout=60)
 
 
-def test_similarity_queries_over_mqtt_and_cli(running, dataset):
+def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     prefix, client, _, config, _ = running
     empty = _query(client, prefix, {"frame_id": "nothing-yet", "top_k": 3})
     assert empty["ok"] is False and empty["error"]["code"] == "empty_store"
@@ -239,6 +239,13 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset):
     assert cli.returncode == 0, cli.stderr
     out = json.loads(cli.stdout)
     assert out["ok"] and len(out["hits"]) == 3 and out["query"]["frame_id"] == frame_id
+    image = tmp_path / "query.png"
+    image.write_bytes(data)  # by image, embedded as the camera named (the CLI dropped --camera with --image)
+    by_image = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--image", str(image),
+                               "--camera", "cam3", "--top-k", "1", "--json"], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT)
+    assert by_image.returncode == 0, by_image.stderr
+    assert json.loads(by_image.stdout)["query"] == {"image_bytes": len(data), "camera": "cam3"}
     missing = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", "nope",
                               "--top-k", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert missing.returncode == 1 and "unknown_frame" in missing.stderr

@@ -77,7 +77,7 @@ def _query(args: argparse.Namespace) -> int:
             return 2
     else:
         request["frame_id"] = args.frame_id
-        request["camera"] = args.camera
+    request["camera"] = args.camera
     answer = _ask(cfg, "query", lambda client: client.query(request))
     if answer is None:
         return 2
@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = query.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file to compare with the history")
     source.add_argument("--frame-id", help="a past frame's id")
-    query.add_argument("--camera", help="camera of --frame-id, when ids repeat across cameras")
+    query.add_argument("--camera", help="camera of --frame-id, when ids repeat across cameras; with --image, the "
+                       "camera whose model embeds the image (else the one --cameras names, else the default model)")
     query.add_argument("--top-k", type=int, default=5)
     query.add_argument("--cameras", help="only frames from these cameras (comma-separated)")
     query.add_argument("--anomalous-only", action="store_true")

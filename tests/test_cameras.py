@@ -110,6 +110,14 @@ def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryab
         assert {h["frame_id"] for h in replies["q"]["hits"]} == set(ids[1:])
         assert replies["l"]["ok"] and "extensions" in replies["l"], replies["l"]
         assert replies["c"]["ok"] and replies["c"]["models"], replies["c"]
+        # Refused before parsing (too large, too deep): answered there too, not logged as having no topic.
+        old.client.publish(f"{prefix}/query", json.dumps({"reply_to": f"{prefix}/replies/big",
+                                                          "image_b64": "A" * 4_000_001}), qos=1)
+        old.client.publish(f"{prefix}/query", '{"reply_to": "%s/replies/deep", "a": %s}' % (prefix, "[" * 9 + "]" * 9),
+                           qos=1)
+        for name, reason in (("big", "limit 4000000"), ("deep", "nested deeper than 8")):
+            refused = json.loads(old.wait_for(lambda m, name=name: m.topic == f"{prefix}/replies/{name}")[0].payload)
+            assert refused["error"]["code"] == "bad_request" and reason in refused["error"]["message"], refused
     finally:
         old.close()
     v5_results = client.json_on(f"{prefix}/loose/result", count=3)

@@ -439,3 +439,23 @@ def test_a_request_names_its_reply_topic_for_clients_without_mqtt_v5():
     for bad in ("a/#", "a/+/b", "$SYS/x", "", 7, None, "a\0b", "x" * 70000, "a/\ud800"):
         with pytest.raises(RequestError, match="reply_to must be a topic to publish to"):
             split_reply_to(json.dumps({"action": "extensions", "reply_to": bad}).encode())
+
+
+
+def test_a_request_refused_before_parsing_is_still_answered_where_its_body_asks():
+    """A 3.1.1 client's request over the size limit, nested too deep or not JSON was logged "without a response
+    topic" though its body named one (a helper's probe with mqtt.js): the topic is read by a scan of the bytes, so
+    the refusal is answered there; a scanned topic that is no topic to publish to is not taken."""
+    from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, split_reply_to
+
+    big = json.dumps({"reply_to": "plc/7/answers", "image_b64": "A" * MAX_REQUEST_BYTES}).encode()
+    deep = b'{"reply_to": "plc/7/answers", "a": ' + b"[" * 9 + b"]" * 9 + b"}"
+    broken = b'{"reply_to": "plc/\\u00e9", "top_k": }'
+    for payload, topic in ((big, "plc/7/answers"), (deep, "plc/7/answers"), (broken, "plc/\u00e9"),
+                           (b'{"reply_to": "plc/#", "top_k": }', None), (b'{"reply_to": 7, }', None)):
+        assert split_reply_to(payload) == (payload, topic)
+        with pytest.raises(RequestError):
+            decode_json(payload)  # the request's own check then refuses it, and the answer goes to ``topic``
+    for empty in (b"", b" \r\n"):  # mosquitto_rr 2.0's -f and -s send nothing
+        with pytest.raises(RequestError, match=r"request is empty \(\d bytes\): send one JSON object"):
+            decode_json(empty)

@@ -210,6 +210,10 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     assert sims == sorted(sims, reverse=True) and len(sims) == 4
     thumb = cv2.imdecode(np.frombuffer(base64.b64decode(answer["hits"][0]["thumbnail_b64"]), np.uint8), 1)
     assert thumb is not None and max(thumb.shape[:2]) <= 128
+    # Base64 as other tools write it (wrapped in lines by the base64 CLI, a data: URL) reads as a frame's does.
+    for text in (base64.encodebytes(data).decode(), "data:image/png;base64," + base64.b64encode(data).decode()):
+        written = _query(client, prefix, {"image_b64": text, "top_k": 1})
+        assert written["ok"] and written["hits"][0]["frame_id"] == frame_id, written
 
     # By past frame id: the frame itself is excluded; filters apply.
     anomalous = _query(client, prefix, {"frame_id": frame_id, "top_k": 50, "filters": {"anomalous_only": True}})

@@ -9,8 +9,6 @@ checks and error codes are the same.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
 import json
 import logging
@@ -20,7 +18,7 @@ from dataclasses import dataclass
 
 from worker.config import Config
 from worker.decode import FrameError
-from worker.wire import CLOCK_FLOOR, ErrorCode, clock_set, iso, parse_timestamp, valid_id
+from worker.wire import CLOCK_FLOOR, ErrorCode, b64_image, clock_set, iso, parse_timestamp, valid_id
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +116,9 @@ def _read_envelope(doc: dict) -> Arrival:
     key, image = found.pop("image")
     if not isinstance(image, str):
         raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope field {key!r} is not a base64 string")
-    if image.startswith("data:"):
-        image = image.partition(",")[2]
     try:
-        data = base64.b64decode("".join(image.split()), validate=True)
-    except (binascii.Error, ValueError):
+        data = b64_image(image)
+    except ValueError:  # binascii.Error, or a character base64 has not
         raise FrameError(ErrorCode.BAD_ENVELOPE, f"envelope field {key!r} is not valid base64") from None
     fields = {field: text for field, (_, value) in found.items() if (text := _text(field, value)) is not None}
     return Arrival(fields, data)
@@ -141,8 +137,8 @@ def open_raw(payload: bytes, camera: str, max_image_bytes: int) -> bytes:
         if len(payload) > limit:
             raise FrameError(ErrorCode.PAYLOAD_TOO_LARGE, f"base64 payload is {len(payload)} bytes, limit is {limit}")
         try:
-            return base64.b64decode(b"".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError):
+            return b64_image(payload)
+        except ValueError:
             raise FrameError(ErrorCode.NOT_AN_IMAGE, "payload begins like base64 text of an image but is not valid "
                                                      "base64") from None
     if head.startswith((b"{", b"[")):

@@ -8,7 +8,6 @@ metadata and a thumbnail (and heatmap, when the frame was anomalous).
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from worker.evidence import EvidenceStore
 from worker.recorder import StoreUnavailable
 from worker.spaces import PAYLOAD_KEY
 from worker.store import Filters, StoreError, VectorStore
-from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, decode_json, error_answer, parse_timestamp, parse_until, validate
+from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, b64_image, decode_json, error_answer, parse_timestamp, parse_until, validate
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)  # the request model serve_request validates and hands on
@@ -137,8 +136,8 @@ class QueryService:
             query = {"frame_id": payload.get("frame_id"), "camera": payload.get("camera")}
         else:
             try:
-                data = base64.b64decode(request.image_b64 or "", validate=True)
-            except binascii.Error:
+                data = b64_image(request.image_b64 or "")
+            except ValueError:
                 raise RequestError(ErrorCode.BAD_IMAGE, "image_b64 is not valid base64") from None
             # as the model of the camera it is about (its camera, or the only one filtered on) embeds its frames
             camera = request.camera or (request.filters.cameras[0] if len(request.filters.cameras) == 1 else None)

@@ -7,6 +7,7 @@ and no channel can invent a code or a timestamp rule of its own.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -206,6 +207,8 @@ def decode_json(payload: bytes) -> Any:
     """Parse a request body with size and depth limits; RequestError(bad_request) on anything else."""
     if len(payload) > MAX_REQUEST_BYTES:
         raise RequestError(ErrorCode.BAD_REQUEST, f"request is {len(payload)} bytes, limit {MAX_REQUEST_BYTES}")
+    if not payload or payload.isspace():  # mosquitto_rr 2.0's -f and -s send nothing: say so, not a parser's message
+        raise RequestError(ErrorCode.BAD_REQUEST, f"request is empty ({len(payload)} bytes): send one JSON object")
     if _nesting_bound(payload, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise RequestError(ErrorCode.BAD_REQUEST, f"request is nested deeper than {MAX_JSON_DEPTH}")
     try:
@@ -215,6 +218,17 @@ def decode_json(payload: bytes) -> Any:
     if _depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise RequestError(ErrorCode.BAD_REQUEST, f"request is nested deeper than {MAX_JSON_DEPTH}")
     return raw
+
+
+def b64_image(text: str | bytes) -> bytes:
+    """Image bytes from base64 text as publishers write it: a ``data:...;base64,`` URL or plain base64, wrapped in
+    lines or not (RFC 2045, the ``base64`` CLI).  ``binascii.Error`` (a ``ValueError``) for anything else."""
+    if isinstance(text, str):
+        text = text.encode("ascii")  # a non-ASCII character: UnicodeEncodeError, a ValueError too
+    head = text[:64].lstrip()
+    if head.startswith(b"data:"):
+        text = text.partition(b",")[2]
+    return base64.b64decode(b"".join(text.split()), validate=True)
 
 
 REPLY_TO = "reply_to"  # a request's answer topic, for MQTT 3.1.1 clients: they cannot set v5's response topic
@@ -241,8 +255,8 @@ def split_reply_to(payload: bytes) -> tuple[bytes, str | None]:
         return payload, None
     try:
         raw = decode_json(payload)
-    except RequestError:
-        return payload, None
+    except RequestError:  # too large, too deep or not JSON: its refusal is answered where the body asks, if it can say
+        return payload, _scanned_reply_to(payload)
     if not isinstance(raw, dict) or REPLY_TO not in raw:
         return payload, None
     topic = raw.pop(REPLY_TO)
@@ -250,6 +264,22 @@ def split_reply_to(payload: bytes) -> tuple[bytes, str | None]:
         raise RequestError(ErrorCode.BAD_REQUEST, f"{REPLY_TO} must be a topic to publish to (no wildcards, no "
                                                   f"$-topic), not {json.dumps(topic)[:200]}")
     return json.dumps(raw).encode(), topic
+
+
+_REPLY_TO_FIELD = re.compile(rb'"reply_to"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def _scanned_reply_to(payload: bytes) -> str | None:
+    """The first ``"reply_to": "..."`` string of a body that cannot be parsed (one linear scan of the bytes), if it
+    names a topic a reply can be published to."""
+    found = _REPLY_TO_FIELD.search(payload)
+    if found is None:
+        return None
+    try:
+        topic = json.loads(found.group(1))
+    except ValueError:  # bad escapes or bytes that are not UTF-8
+        return None
+    return topic if publishable(topic) else None
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -39,7 +39,7 @@ from worker.console.hub import Hub, for_browser
 from worker.decode import FrameError
 from worker.supervise import Throttle
 from worker.topics import Topics
-from worker.wire import MAX_REQUEST_BYTES, RequestError, decode_json, parse_timestamp, parse_until
+from worker.wire import MAX_REQUEST_BYTES, RequestError, b64_image, decode_json, parse_timestamp, parse_until
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -409,8 +409,8 @@ def create_app(cfg: Config) -> Starlette:
         body = await _json_body(request)
         if isinstance(body.get("image_b64"), str):
             try:
-                base64.b64decode(body["image_b64"], validate=True)
-            except binascii.Error:
+                b64_image(body["image_b64"])
+            except ValueError:
                 return _error(400, "bad_image", "image_b64 is not valid base64")
         return await _ask(client.query, body)
 

@@ -191,15 +191,15 @@ def test_a_withdrawn_defect_label_puts_the_frame_back_in_the_sample(tmp_path) ->
     assert capture.forget("cam", "k4")
     assert capture.offer("cam", "k5", image(5), png(5))  # the sample is full again
     assert not capture.remove_defect("cam", "k4", withdrawn=True)
-    assert capture.forget("cam", "k3") and capture.offer("cam", "k3", image(6), png(6))  # the camera reused the id
+    assert capture.forget("cam", "k3") and not capture.offer("cam", "k3", image(6), png(6))  # the id reused
     assert capture.forget("cam", "k0")  # room in the sample again
-    assert not capture.remove_defect("cam", "k3", withdrawn=True)  # the later frame of that name stays as it is
+    assert capture.remove_defect("cam", "k3", withdrawn=True)  # the labelled frame, not the later one of its id
     capture.flush()
     again = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0)
     assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (3, 1)
     again.export(tmp_path / "out")
     assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == ["k1", "k3", "k5"]
-    assert cv2.imread(str(tmp_path / "out" / "cam" / "good" / "k3.png")).tobytes() == image(6).tobytes()
+    assert cv2.imread(str(tmp_path / "out" / "cam" / "good" / "k3.png")).tobytes() == image(3).tobytes()
 
 
 def test_confirmed_defects_are_the_exports_test_images(tmp_path) -> None:
@@ -235,3 +235,41 @@ def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, 
     (tmp_path / "a-file").write_text("")
     assert main(["capture", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "a-file" / "out")]) == 2
     assert f"error: the training folder cannot be written under {tmp_path / 'a-file' / 'out'}" in capsys.readouterr().err
+
+
+def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label(tmp_path) -> None:
+    """A camera whose frame counter restarts sends ids again (a helper's probes): the sample listed the name twice
+    (the counts off the disk, a withdrawn defect not put back), a later normal frame sampled under a confirmed
+    defect's id was moved over the defect's image at the next label, and one under a false alarm's id overwrote it
+    (or was overwritten) in the export's good/.  A later frame takes its id's slot; one under a labelled id is not
+    sampled; a false alarm takes a sampled frame of its id out; a defect's image is never replaced."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    assert capture.offer("cam", "k0", image(0), png(0))
+    assert capture.offer("cam", "k0", image(1), png(1))  # the counter restarted: the later frame takes the slot
+    capture.flush()
+    assert json.loads((tmp_path / "cap" / "cam" / INDEX).read_text())["files"] == ["k0.png"]
+    assert capture.counts()["cam"]["kept"] == 1
+    assert capture.forget("cam", "k0") and capture.remove_defect("cam", "k0", withdrawn=True)  # put back
+    assert capture.counts()["cam"]["kept"] == 1
+    assert cv2.imread(str(tmp_path / "cap" / "cam" / "k0.png")).tobytes() == image(1).tobytes()
+
+    capture.add_defect("cam", "d", image(10))
+    assert not capture.offer("cam", "d", image(11), png(11))  # the id of a confirmed defect: not sampled
+    assert not capture.forget("cam", "d")  # the label edited: the defect's image stays
+    capture.add_false_alarm("cam", "f", image(12))
+    assert not capture.offer("cam", "f", image(13), png(13))  # the id of a false alarm: not sampled
+    assert capture.offer("cam", "g", image(14), png(14))
+    capture.add_false_alarm("cam", "g", image(15))  # the camera reused a sampled frame's id for a flagged one: it
+    # takes the sampled one out, else both were exported as good/g.png
+    assert capture.offer("cam", "h", image(16), png(16))
+    capture.add_defect("cam", "h", image(17))  # as an earlier version left it: the sample and the defects hold h
+    assert capture.forget("cam", "h")  # the sampled frame leaves, the defect's image stays
+    defects = tmp_path / "cap" / "cam" / DEFECTS
+    assert cv2.imread(str(defects / "d.png")).tobytes() == image(10).tobytes()
+    assert cv2.imread(str(defects / "h.png")).tobytes() == image(17).tobytes()
+    capture.flush()
+    again = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    assert (again.counts()["cam"]["kept"], again.counts()["cam"]["false_alarms"]) == (1, 2)
+    again.export(tmp_path / "out")
+    good = {p.name: cv2.imread(str(p)).tobytes() for p in (tmp_path / "out" / "cam" / "good").iterdir()}
+    assert good == {"k0.png": image(1).tobytes(), "f.png": image(12).tobytes(), "g.png": image(15).tobytes()}

@@ -10,7 +10,10 @@ replace smaller ones past the megabytes, kept frames drawn at random are dropped
 whose signature (the frame shrunk to 16x16 grey, centred and normalised) is within ``capture.min_distance``
 (cosine) of one already kept is skipped: a stopped line sends the same part for minutes.  Frames are kept as
 the camera sent them (the original bytes).  A false-alarm frame is kept apart (``false_alarm/``) until its label
-is withdrawn; both go to ``good/`` at export, since the operator said they are normal.
+is withdrawn; both go to ``good/`` at export, since the operator said they are normal.  Files are named by the
+frame's key, and a camera that reuses frame ids (its counter restarted) sends a key again: a later frame takes its
+key's place in the sample, one whose key is a labelled frame's is not sampled, and a frame labelled leaves the sample
+with the earlier frame of its key, so that no key has two files to list twice, replace or export over each other.
 
 ``export`` writes ``OUT/<camera>/good/*`` (a layout ``python -m exporter train --data OUT --category
 <camera>`` reads: a folder of good images), so the next bundle is trained on what the line really
@@ -148,6 +151,11 @@ class _Camera:
         tmp.replace(self.folder / INDEX)
 
 
+def _named(names: list[str] | set[str], key: str) -> list[str]:
+    """The file names of frame ``key`` among ``names`` (any extension)."""
+    return [n for n in names if n.split(".", 1)[0] == key]
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -228,6 +236,8 @@ class Capture:
                             self.skipped_frames)
             return False
         state = self._camera(camera)
+        if _named(state.defects, key) or _named(state.false_alarms, key):
+            return False  # a camera that reused a labelled frame's id: its files are the labelled frame's
         state.seen += 1
         slot = len(state.files) if len(state.files) < self.max_frames and not self._over(state, 0) else self._draw(state)
         if slot is None:
@@ -243,13 +253,19 @@ class Capture:
             if slot is None:
                 self._save_due(state)
                 return False
+        if same := _named(state.files, key):  # a camera that reused a kept frame's id: the later frame takes its slot
+            slot = state.files.index(same[0])
         name = f"{key}.{ext}"
-        _write(state.folder / name, data)
-        if slot == len(state.files):
+        replaced = state.files[slot] if slot < len(state.files) else None
+        written_over = (state.folder / name).stat().st_size if replaced == name and (state.folder / name).is_file() else 0
+        _write(state.folder / name, data)  # in place where the name is the same: the old file stays on a failure
+        state.bytes -= written_over
+        if replaced is None:
             state.files.append(name)
             state.vectors = vector[None] if state.vectors is None else np.vstack([state.vectors, vector])
         else:
-            state.delete(state.files[slot])
+            if replaced != name:
+                state.delete(replaced)
             state.files[slot] = name
             assert state.vectors is not None  # as many rows as files
             state.vectors[slot] = vector
@@ -305,18 +321,27 @@ class Capture:
         return sum(1 for state in self._cameras.values() if state.seen)
 
     def add_false_alarm(self, camera: str, key: str, image: np.ndarray) -> None:
-        """A frame the operator labelled a false alarm (``image``: as the model sees it, cropped), kept as PNG."""
+        """A frame the operator labelled a false alarm (``image``: as the model sees it, cropped), kept as PNG.  A
+        sampled frame of that key (an earlier frame of an id the camera reused) leaves the sample: one file per key,
+        so that neither is exported over the other."""
         data = cv2.imencode(".png", image)[1].tobytes()
         with self._lock:
             state = self._camera(camera)
             _write(state.folder / FALSE_ALARMS / f"{key}.png", data)
             state.false_alarms.add(f"{key}.png")
+            for name in _named(state.files, key):
+                slot = state.files.index(name)
+                state.delete(state.files.pop(slot))
+                assert state.vectors is not None  # as many rows as files
+                state.vectors = np.delete(state.vectors, slot, axis=0)
             state.save()  # a label is rare: the camera is then found on disk after a restart even with no sample yet
 
     def forget(self, camera: str, key: str) -> bool:
         """Take a kept normal frame out of the sample: an operator labelled it a confirmed defect, which the next
         model must not learn as good; it is kept among the camera's confirmed defects (the export's test images).
-        True when one was kept."""
+        Where a defect of that id is kept already (a camera that reused the id before the sample refused it), the
+        kept frame is deleted instead: it may be a later frame, and must not replace the defect's image.  True when
+        one was kept."""
         with self._lock:
             state = self._cameras.get(camera)
             slot = next((i for i, name in enumerate(state.files) if name.split(".", 1)[0] == key), None) \
@@ -325,13 +350,16 @@ class Capture:
                 return False
             name = state.files.pop(slot)
             (state.folder / DEFECTS).mkdir(exist_ok=True)
-            try:
-                state.bytes -= (state.folder / name).stat().st_size
-                (state.folder / name).replace(state.folder / DEFECTS / name)
-                state.defects.add(name)
-                state.from_sample.add(name)
-            except FileNotFoundError:
-                pass
+            if _named(state.defects, key):
+                state.delete(name)
+            else:
+                try:
+                    state.bytes -= (state.folder / name).stat().st_size
+                    (state.folder / name).replace(state.folder / DEFECTS / name)
+                    state.defects.add(name)
+                    state.from_sample.add(name)
+                except FileNotFoundError:
+                    pass
             if state.vectors is not None:
                 state.vectors = np.delete(state.vectors, slot, axis=0)
             state.save()
@@ -377,7 +405,7 @@ class Capture:
             size = path.stat().st_size
         except FileNotFoundError:
             return False
-        if path.name in state.files:  # the camera reused the id since: the sample holds a later frame of that name
+        if path.name in state.files:  # a later frame of that name, sampled by a version that did not refuse it
             return False
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None or len(state.files) >= self.max_frames or self._over(state, size):

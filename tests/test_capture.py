@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import cv2
 import numpy as np
@@ -12,6 +14,9 @@ import pytest
 from conftest import DAMAGE, damage
 from exporter.data import load_category
 from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, camera_folder
+from worker.config import StoreConfig
+from worker.labels import LabelService, SetLabel
+from worker.store import VectorStore, point_id
 
 
 def image(i: int) -> np.ndarray:
@@ -176,27 +181,27 @@ def test_a_frame_labelled_a_defect_leaves_the_sample_and_an_export_does_not_merg
 
 def test_a_withdrawn_defect_label_puts_the_frame_back_in_the_sample(tmp_path) -> None:
     """A normal frame mistakenly confirmed as a defect, then unlabelled, was deleted from the sample for good (a
-    helper's probe): it goes back where the sample has room, also after a restart; a label changed to another (a
-    false alarm is kept apart) or a sample full since drops it as before."""
+    helper's probe): it goes back where the sample has room, also after a restart, as it does when the label is
+    changed to a false alarm; a sample full since drops it as before."""
     capture = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0, seed=0)
     for i in range(3):
         capture.offer("cam", f"k{i}", image(i), png(i))
     assert capture.forget("cam", "k1") and capture.forget("cam", "k2")
     capture.flush()
     capture = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0, seed=0)  # a restart in between
-    assert capture.remove_defect("cam", "k1", withdrawn=True)
-    assert not capture.remove_defect("cam", "k2")  # made a false alarm: not back among the normal frames
-    assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (2, 0)
+    assert capture.remove_defect("cam", "k1")
+    assert capture.remove_defect("cam", "k2") and capture.forget("cam", "k2")  # made a false alarm: back, too
+    assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (2, 1)
     assert capture.offer("cam", "k3", image(3), png(3)) and capture.offer("cam", "k4", image(4), png(4))
     assert capture.forget("cam", "k4")
     assert capture.offer("cam", "k5", image(5), png(5))  # the sample is full again
-    assert not capture.remove_defect("cam", "k4", withdrawn=True)
+    assert not capture.remove_defect("cam", "k4")
     assert capture.forget("cam", "k3") and not capture.offer("cam", "k3", image(6), png(6))  # the id reused
     assert capture.forget("cam", "k0")  # room in the sample again
-    assert capture.remove_defect("cam", "k3", withdrawn=True)  # the labelled frame, not the later one of its id
+    assert capture.remove_defect("cam", "k3")  # the labelled frame, not the later one of its id
     capture.flush()
     again = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0)
-    assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (3, 1)
+    assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (3, 2)
     again.export(tmp_path / "out")
     assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == ["k1", "k3", "k5"]
     assert cv2.imread(str(tmp_path / "out" / "cam" / "good" / "k3.png")).tobytes() == image(3).tobytes()
@@ -249,7 +254,7 @@ def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label
     capture.flush()
     assert json.loads((tmp_path / "cap" / "cam" / INDEX).read_text())["files"] == ["k0.png"]
     assert capture.counts()["cam"]["kept"] == 1
-    assert capture.forget("cam", "k0") and capture.remove_defect("cam", "k0", withdrawn=True)  # put back
+    assert capture.forget("cam", "k0") and capture.remove_defect("cam", "k0")  # put back
     assert capture.counts()["cam"]["kept"] == 1
     assert cv2.imread(str(tmp_path / "cap" / "cam" / "k0.png")).tobytes() == image(1).tobytes()
 
@@ -273,3 +278,29 @@ def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label
     again.export(tmp_path / "out")
     good = {p.name: cv2.imread(str(p)).tobytes() for p in (tmp_path / "out" / "cam" / "good").iterdir()}
     assert good == {"k0.png": image(1).tobytes(), "f.png": image(12).tobytes(), "g.png": image(15).tobytes()}
+
+
+def _history(tmp_path, capture: Capture, frames: dict[str, str]) -> tuple[LabelService, VectorStore]:
+    """A real store holding ``frames`` (frame id: verdict) of camera "cam", and the label service over it and
+    ``capture`` (no learning, no evidence)."""
+    store = VectorStore(StoreConfig(path=tmp_path / "qdrant"), 8)
+    now = time.time()
+    store.upsert([(point_id("cam", fid), np.ones(8, np.float32), {"camera": "cam", "frame_id": fid, "verdict": verdict,
+                                                                 "received_ts": now, "captured_ts": now})
+                  for fid, verdict in frames.items()])
+    return LabelService(lambda: nullcontext(store), capture=capture), store
+
+
+def test_a_confirmed_defect_corrected_to_a_false_alarm_goes_back_among_the_normal_frames(tmp_path) -> None:
+    """A sampled normal frame mistakenly confirmed as a defect, then corrected to a false alarm (normal, by the
+    operator's word), was deleted from the capture entirely (a helper's probe): it goes back as if withdrawn."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    key = point_id("cam", "n-0")
+    assert capture.offer("cam", key, image(0), png(0))
+    labels, store = _history(tmp_path, capture, {"n-0": "normal"})
+    confirmed = labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label="confirmed_defect"), store)
+    assert confirmed["capture"] == "taken out of the captured normal frames"
+    corrected = labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label="false_alarm"), store)
+    assert corrected["capture"] == "back among the captured normal frames", corrected
+    assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (1, 0)
+    assert cv2.imread(str(tmp_path / "cap" / "cam" / f"{key}.png")).tobytes() == image(0).tobytes()

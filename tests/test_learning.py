@@ -135,7 +135,7 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
 
     names = exported(config.parent / "training-1")
     assert point_id("cam1", "m-0") in names  # the false alarm
-    assert point_id("cam1", "plain-0") not in names  # normal, but labelled a confirmed defect above: not a good frame
+    assert point_id("cam1", "plain-0") in names  # confirmed a defect above, then corrected to a false alarm: normal
     assert len({point_id("cam1", f"m-{i}") for i in (1, 3)} & names) == 1  # the same frame twice: kept once
     done = subprocess.run([*cli, "label", "--config", str(config), "--frame-id", "m-0", "--camera", "cam1", "--clear"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -376,10 +376,11 @@ class Capture:
             state.defects.add(f"{key}.png")
             state.save()  # the camera is then found on disk after a restart even with no sample yet
 
-    def remove_defect(self, camera: str, key: str, withdrawn: bool = False) -> bool:
-        """A confirmed defect's label changed or ``withdrawn``: no longer a test image of the next training set.  A
-        withdrawn label (a mistaken click) puts a frame that :meth:`forget` took out of the sample back, where the
-        sample has room for it still; True when one went back."""
+    def remove_defect(self, camera: str, key: str) -> bool:
+        """A confirmed defect's label withdrawn (a mistaken click) or changed to a false alarm: no longer a test image
+        of the next training set.  Either way the operator now says the frame is normal, so a frame that
+        :meth:`forget` took out of the sample goes back, where the sample has room for it still; True when one went
+        back."""
         with self._lock:
             state = self._cameras.get(camera)
             names = [n for n in state.defects if n.split(".", 1)[0] == key] if state is not None else []
@@ -388,7 +389,7 @@ class Capture:
             back = False
             for name in names:
                 path = state.folder / DEFECTS / name
-                if withdrawn and name in state.from_sample:
+                if name in state.from_sample:
                     back = self._restore(state, path) or back
                 path.unlink(missing_ok=True)
                 state.defects.discard(name)

@@ -184,11 +184,12 @@ class LabelService:
 
     def _capture_label(self, request: SetLabel, key: str, payload: dict, answer: dict) -> None:
         """A confirmed defect leaves the captured normal frames (the next model must not learn it as good) and is kept
-        for the next training set's test images, from the sample or from its stored frame; any other label takes it
-        out of them again."""
+        for the next training set's test images, from the sample or from its stored frame; a false alarm or no label
+        takes it out of them again, and back among the normal frames where it came from them (normal, by the
+        operator's word)."""
         assert self.capture is not None
         if request.label != "confirmed_defect":
-            if self.capture.remove_defect(request.camera, key, withdrawn=request.label is None):
+            if self.capture.remove_defect(request.camera, key):
                 answer["capture"] = "back among the captured normal frames"
             return
         if self.capture.forget(request.camera, key):

@@ -304,3 +304,22 @@ def test_a_confirmed_defect_corrected_to_a_false_alarm_goes_back_among_the_norma
     assert corrected["capture"] == "back among the captured normal frames", corrected
     assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (1, 0)
     assert cv2.imread(str(tmp_path / "cap" / "cam" / f"{key}.png")).tobytes() == image(0).tobytes()
+
+
+def test_a_false_alarm_kept_before_a_crash_recorded_its_label_is_not_exported_as_good(tmp_path) -> None:
+    """A worker killed while absorbing a false alarm had kept its image for the next training set, but the label was
+    never recorded (a helper's probe): the export gave the flagged frame to the next model as good.  At start a false
+    alarm whose frame the history holds unlabelled is deleted; one labelled, or whose frame aged out, stays."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    for i, fid in enumerate(("killed", "labelled", "aged-out")):
+        capture.add_false_alarm("cam", point_id("cam", fid), image(20 + i))
+    capture.flush()
+    restarted = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    labels, store = _history(tmp_path, restarted, {"killed": "anomalous", "labelled": "anomalous"})
+    labels.set(SetLabel(action="set", frame_id="labelled", camera="cam", label="false_alarm"), store)
+    while labels.warm():
+        pass
+    assert restarted.counts()["cam"]["false_alarms"] == 2
+    restarted.export(tmp_path / "out")
+    assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == sorted(
+        point_id("cam", fid) for fid in ("labelled", "aged-out"))

@@ -418,6 +418,12 @@ class Capture:
         state.bytes += size
         return True
 
+    def false_alarm_keys(self) -> dict[str, set[str]]:
+        """Per camera, the keys of the false alarms kept (checked against the history's labels at start)."""
+        with self._lock:
+            return {camera: {n.split(".", 1)[0] for n in s.false_alarms} for camera, s in self._cameras.items()
+                    if s.false_alarms}
+
     def remove_false_alarm(self, camera: str, key: str) -> None:
         with self._lock:
             state = self._cameras.get(camera)  # an unlabel of a camera never labelled makes it no folder

@@ -226,26 +226,9 @@ class LabelService:
 
     def warm(self) -> bool:
         """Score one confirmed defect's guard a served model lacks (worker/learning.py ``Learner.warm``); True when one
-        was scored.  Called by the request thread while no request waits.  First, once, the capture sample gives up
-        the frames labelled confirmed defects while it did not take them out (labelled before this version, or with
-        capture off): the next model would learn them as good."""
-        if not self._capture_checked and self.capture is not None:
-            try:
-                with self.use_store() as store:
-                    defects = _confirmed(store)
-            except (StoreUnavailable, StoreError):  # tried again at the next idle turn
-                return False
-            self._capture_checked = True
-            taken = [p for p in defects if isinstance(p.get("camera"), str) and isinstance(p.get("frame_id"), str)
-                     and self.capture.forget(p["camera"], point_id(p["camera"], p["frame_id"]))]
-            if taken:
-                log.warning("capture: %d frame(s) labelled confirmed defects were still among the captured normal "
-                            "frames (labelled before this version, or while capture was off): taken out, e.g. %s/%s",
-                            len(taken), taken[0]["camera"], taken[0]["frame_id"])
-            return True
-        if self.learner is None:
-            return False
-        if not self._reconciled:
+        was scored.  Called by the request thread while no request waits.  First, once, the history is made to agree
+        with the extensions (:meth:`_reconcile`), then the capture with the history's labels (:meth:`_check_capture`)."""
+        if not self._reconciled and self.learner is not None:
             try:
                 with self.use_store() as store:
                     self._reconcile(store, self.learner)
@@ -253,6 +236,16 @@ class LabelService:
                 return False
             self._reconciled = True
             return True
+        if not self._capture_checked and self.capture is not None:
+            try:
+                with self.use_store() as store:
+                    self._check_capture(store, self.capture)
+            except (StoreUnavailable, StoreError):  # tried again at the next idle turn
+                return False
+            self._capture_checked = True
+            return True
+        if self.learner is None:
+            return False
 
         def confirmed() -> list[dict]:
             with self.use_store() as store:
@@ -262,6 +255,28 @@ class LabelService:
             return self.learner.warm(confirmed)
         except StoreUnavailable:  # listed again at the next change of the served models, or by the next label
             return False
+
+    def _check_capture(self, store: VectorStore, capture: Capture) -> None:
+        """The capture sample gives up the frames labelled confirmed defects while it did not take them out (labelled
+        before this version, or with capture off): the next model would learn them as good.  A false alarm kept
+        whose frame the history holds with no false-alarm label is deleted: a worker killed while absorbing it kept
+        its image before the label was recorded, and the export would give the flagged frame to the next model as
+        good.  One whose frame is gone (retention by age) stays, until it is withdrawn.  After :meth:`_reconcile`,
+        which labels such a frame where its absorption had finished."""
+        taken = [p for p in _confirmed(store) if isinstance(p.get("camera"), str) and isinstance(p.get("frame_id"), str)
+                 and capture.forget(p["camera"], point_id(p["camera"], p["frame_id"]))]
+        if taken:
+            log.warning("capture: %d frame(s) labelled confirmed defects were still among the captured normal "
+                        "frames (labelled before this version, or while capture was off): taken out, e.g. %s/%s",
+                        len(taken), taken[0]["camera"], taken[0]["frame_id"])
+        unlabelled = [(camera, key) for camera, keys in capture.false_alarm_keys().items() for key in sorted(keys)
+                      if (found := store.get(key)) is not None and found[2].get("label") != "false_alarm"]
+        for camera, key in unlabelled:
+            capture.remove_false_alarm(camera, key)
+        if unlabelled:
+            log.warning("capture: %d false alarm(s) were kept for the next training set with no false-alarm label in "
+                        "the history (the worker stopped before the label was recorded): deleted, e.g. %s/%s",
+                        len(unlabelled), *unlabelled[0])
 
     def _reconcile(self, store: VectorStore, learner: Learner) -> None:
         """Make the history agree with the extensions after a crash: a label absorbs its frame first and records

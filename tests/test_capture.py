@@ -189,16 +189,16 @@ def test_a_withdrawn_defect_label_puts_the_frame_back_in_the_sample(tmp_path) ->
     assert capture.forget("cam", "k1") and capture.forget("cam", "k2")
     capture.flush()
     capture = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0, seed=0)  # a restart in between
-    assert capture.remove_defect("cam", "k1")
-    assert capture.remove_defect("cam", "k2") and capture.forget("cam", "k2")  # made a false alarm: back, too
+    assert capture.remove_defect("cam", "k1") == "back"
+    assert capture.remove_defect("cam", "k2") == "back" and capture.forget("cam", "k2")  # made a false alarm: back, too
     assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (2, 1)
     assert capture.offer("cam", "k3", image(3), png(3)) and capture.offer("cam", "k4", image(4), png(4))
     assert capture.forget("cam", "k4")
     assert capture.offer("cam", "k5", image(5), png(5))  # the sample is full again
-    assert not capture.remove_defect("cam", "k4")
+    assert capture.remove_defect("cam", "k4") == "removed"
     assert capture.forget("cam", "k3") and not capture.offer("cam", "k3", image(6), png(6))  # the id reused
     assert capture.forget("cam", "k0")  # room in the sample again
-    assert capture.remove_defect("cam", "k3")  # the labelled frame, not the later one of its id
+    assert capture.remove_defect("cam", "k3") == "back"  # the labelled frame, not the later one of its id
     capture.flush()
     again = Capture(tmp_path / "cap", max_frames=4, min_distance=0.0)
     assert (again.counts()["cam"]["kept"], again.counts()["cam"]["confirmed_defects"]) == (3, 2)
@@ -254,7 +254,7 @@ def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label
     capture.flush()
     assert json.loads((tmp_path / "cap" / "cam" / INDEX).read_text())["files"] == ["k0.png"]
     assert capture.counts()["cam"]["kept"] == 1
-    assert capture.forget("cam", "k0") and capture.remove_defect("cam", "k0")  # put back
+    assert capture.forget("cam", "k0") and capture.remove_defect("cam", "k0") == "back"
     assert capture.counts()["cam"]["kept"] == 1
     assert cv2.imread(str(tmp_path / "cap" / "cam" / "k0.png")).tobytes() == image(1).tobytes()
 
@@ -323,3 +323,23 @@ def test_a_false_alarm_kept_before_a_crash_recorded_its_label_is_not_exported_as
     restarted.export(tmp_path / "out")
     assert sorted(p.stem for p in (tmp_path / "out" / "cam" / "good").iterdir()) == sorted(
         point_id("cam", fid) for fid in ("labelled", "aged-out"))
+
+
+def test_a_confirmed_defect_whose_frame_aged_out_can_still_be_withdrawn(tmp_path) -> None:
+    """A confirmed defect whose frame retention took out of the history could not be withdrawn (unknown_frame), so
+    its image stayed a test image of every next training set for good (a helper's probe).  The withdrawal takes it
+    out (back among the normal frames where it came from them); a frame nothing was kept of is still unknown."""
+    from worker.wire import RequestError
+
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    capture.add_defect("cam", point_id("cam", "flagged"), image(30))
+    assert capture.offer("cam", point_id("cam", "sampled"), image(31), png(31))
+    assert capture.forget("cam", point_id("cam", "sampled"))
+    labels, store = _history(tmp_path, capture, {})  # both aged out of the history
+    flagged = labels.set(SetLabel(action="set", frame_id="flagged", camera="cam", label=None), store)
+    assert flagged["ok"] and "no longer a test image" in flagged["note"] and "capture" not in flagged, flagged
+    sampled = labels.set(SetLabel(action="set", frame_id="sampled", camera="cam", label=None), store)
+    assert sampled["capture"] == "back among the captured normal frames", sampled
+    assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (1, 0)
+    with pytest.raises(RequestError, match="is not in the history"):
+        labels.set(SetLabel(action="set", frame_id="flagged", camera="cam", label=None), store)

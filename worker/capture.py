@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -376,16 +377,16 @@ class Capture:
             state.defects.add(f"{key}.png")
             state.save()  # the camera is then found on disk after a restart even with no sample yet
 
-    def remove_defect(self, camera: str, key: str) -> bool:
+    def remove_defect(self, camera: str, key: str) -> Literal["back", "removed"] | None:
         """A confirmed defect's label withdrawn (a mistaken click) or changed to a false alarm: no longer a test image
         of the next training set.  Either way the operator now says the frame is normal, so a frame that
-        :meth:`forget` took out of the sample goes back, where the sample has room for it still; True when one went
-        back."""
+        :meth:`forget` took out of the sample goes back, where the sample has room for it still: "back" when one
+        went back, "removed" when one was kept and is deleted, None when none was kept."""
         with self._lock:
             state = self._cameras.get(camera)
             names = [n for n in state.defects if n.split(".", 1)[0] == key] if state is not None else []
             if state is None or not names:  # most labels are of frames never confirmed: nothing to write
-                return False
+                return None
             back = False
             for name in names:
                 path = state.folder / DEFECTS / name
@@ -398,7 +399,7 @@ class Capture:
                 state.save()
             except OSError as exc:
                 self._write_failed(exc)
-            return back
+            return "back" if back else "removed"
 
     def _restore(self, state: _Camera, path: Path) -> bool:
         """Move a kept frame from the confirmed defects back into the sample, if it fits (under the lock)."""

@@ -125,18 +125,24 @@ class LabelService:
 
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)
-        if found is None and request.label is None and self.learner is not None:
-            # A false alarm's frame may be gone from the history (retention by age) while its rows still make frames
-            # like it pass: withdrawing it must still work, or a wrong label could not be undone.
+        if found is None and request.label is None:
+            # A labelled frame may be gone from the history (retention by age) while a false alarm's rows still make
+            # frames like it pass, or a confirmed defect's image is still a test image of the next training set:
+            # withdrawing it must still work, or a wrong label could not be undone.
+            key = point_id(request.camera, request.frame_id)
             try:
-                released = self.learner.release(point_id(request.camera, request.frame_id), request.camera,
-                                                store.labelled)
+                released = self.learner.release(key, request.camera, store.labelled) if self.learner is not None \
+                    else {"patches": 0}
             except ExtensionUnwritable as exc:
                 raise RequestError(ErrorCode.INTERNAL_ERROR, str(exc)) from exc
-            if released["patches"]:
+            defect = self.capture.remove_defect(request.camera, key) if self.capture is not None else None
+            if released["patches"] or defect:
+                done = (["what it taught the model is withdrawn"] * bool(released["patches"]) +
+                        ["its image is no longer a test image of the next training set"] * bool(defect))
                 return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": None,
-                        "defect_type": None, "released": released,
-                        "note": "the frame is no longer in the history; what it taught the model is withdrawn"}
+                        "defect_type": None, **({"released": released} if released["patches"] else {}),
+                        **({"capture": "back among the captured normal frames"} if defect == "back" else {}),
+                        "note": f"the frame is no longer in the history; {' and '.join(done)}"}
         if found is None:
             raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
         pid, vector, payload = found
@@ -189,7 +195,7 @@ class LabelService:
         operator's word)."""
         assert self.capture is not None
         if request.label != "confirmed_defect":
-            if self.capture.remove_defect(request.camera, key):
+            if self.capture.remove_defect(request.camera, key) == "back":
                 answer["capture"] = "back among the captured normal frames"
             return
         if self.capture.forget(request.camera, key):

@@ -343,3 +343,18 @@ def test_a_confirmed_defect_whose_frame_aged_out_can_still_be_withdrawn(tmp_path
     assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (1, 0)
     with pytest.raises(RequestError, match="is not in the history"):
         labels.set(SetLabel(action="set", frame_id="flagged", camera="cam", label=None), store)
+
+
+def test_a_false_alarm_that_taught_nothing_and_aged_out_is_withdrawn_with_an_ok(tmp_path) -> None:
+    """Withdrawing a false alarm whose frame aged out of the history and that had taught the model nothing (learning
+    off) deleted its captured image but answered unknown_frame (a helper's probe): it answers ok, saying so."""
+    from worker.wire import RequestError
+
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    capture.add_false_alarm("cam", point_id("cam", "fa"), image(40))
+    labels, store = _history(tmp_path, capture, {})
+    answer = labels.set(SetLabel(action="set", frame_id="fa", camera="cam", label=None), store)
+    assert answer["ok"] and "no longer a good image of the next training set" in answer["note"], answer
+    assert capture.counts()["cam"]["false_alarms"] == 0
+    with pytest.raises(RequestError, match="is not in the history"):
+        labels.set(SetLabel(action="set", frame_id="fa", camera="cam", label=None), store)

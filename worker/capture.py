@@ -425,14 +425,18 @@ class Capture:
             return {camera: {n.split(".", 1)[0] for n in s.false_alarms} for camera, s in self._cameras.items()
                     if s.false_alarms}
 
-    def remove_false_alarm(self, camera: str, key: str) -> None:
+    def remove_false_alarm(self, camera: str, key: str) -> bool:
+        """A false alarm's label withdrawn or changed: no longer a good image of the next training set; True when one
+        was kept (a withdrawal whose frame aged out of the history is answered by it)."""
         with self._lock:
             state = self._cameras.get(camera)  # an unlabel of a camera never labelled makes it no folder
             if state is None:
-                return
-            for name in [n for n in state.false_alarms if n.split(".", 1)[0] == key]:
+                return False
+            names = _named(state.false_alarms, key)
+            for name in names:
                 (state.folder / FALSE_ALARMS / name).unlink(missing_ok=True)
                 state.false_alarms.discard(name)
+            return bool(names)
 
     def counts(self) -> dict[str, dict[str, int | float]]:
         """Per camera: normal frames seen, kept (and their megabytes), and false alarms kept (for the stats topic

@@ -130,15 +130,19 @@ class LabelService:
             # frames like it pass, or a confirmed defect's image is still a test image of the next training set:
             # withdrawing it must still work, or a wrong label could not be undone.
             key = point_id(request.camera, request.frame_id)
+            # first: the release below deletes a false alarm's captured image too, without saying so; should it fail
+            # (its folder unwritable), the withdrawal asked for is only half done, and the retry finishes it
+            false_alarm = self.capture is not None and self.capture.remove_false_alarm(request.camera, key)
             try:
                 released = self.learner.release(key, request.camera, store.labelled) if self.learner is not None \
                     else {"patches": 0}
             except ExtensionUnwritable as exc:
                 raise RequestError(ErrorCode.INTERNAL_ERROR, str(exc)) from exc
             defect = self.capture.remove_defect(request.camera, key) if self.capture is not None else None
-            if released["patches"] or defect:
+            if released["patches"] or defect or false_alarm:
                 done = (["what it taught the model is withdrawn"] * bool(released["patches"]) +
-                        ["its image is no longer a test image of the next training set"] * bool(defect))
+                        ["its image is no longer a test image of the next training set"] * bool(defect) +
+                        ["its image is no longer a good image of the next training set"] * false_alarm)
                 return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": None,
                         "defect_type": None, **({"released": released} if released["patches"] else {}),
                         **({"capture": "back among the captured normal frames"} if defect == "back" else {}),

@@ -219,6 +219,14 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     anomalous = _query(client, prefix, {"frame_id": frame_id, "top_k": 50, "filters": {"anomalous_only": True}})
     assert anomalous["ok"] and frame_id not in {h["frame_id"] for h in anomalous["hits"]}
     assert anomalous["hits"] and all(h["verdict"] == "anomalous" for h in anomalous["hits"])
+    # A client that takes only small packets (its MQTT v5 Maximum Packet Size: the broker drops a larger answer)
+    # asks for hits without their images.
+    bare = _query(client, prefix, {"frame_id": frame_id, "top_k": 3, "include_thumbnails": False,
+                                   "include_heatmaps": False})
+    assert bare["ok"] and len(bare["hits"]) == 3 and not any({"thumbnail_b64", "heatmap_b64"} & set(h) for h in bare["hits"])
+    full = _query(client, prefix, {"frame_id": frame_id, "top_k": 3})
+    assert [h["frame_id"] for h in full["hits"]] == [h["frame_id"] for h in bare["hits"]]
+    assert len(json.dumps(bare)) < 2000 < len(json.dumps(full))
     other_cam = _query(client, prefix, {"frame_id": frame_id, "top_k": 5, "filters": {"cameras": ["nope"]}})
     assert other_cam["ok"] and other_cam["hits"] == []
 
@@ -230,6 +238,7 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
         ({"frame_id": frame_id, "top_k": "3"}, "bad_request"),  # strict: read as 3 before
         ({"frame_id": frame_id, "top_k": True}, "bad_request"),  # read as 1
         ({"frame_id": frame_id, "include_heatmaps": "no"}, "bad_request"),
+        ({"frame_id": frame_id, "include_thumbnails": 0}, "bad_request"),
         ({"frame_id": frame_id, "filters": {"since": "2026-12-04T00:00:00Z", "until": "2026-12-03T00:00:00Z"}},
          "bad_request"),  # answered ok with no hits
     ]:

@@ -55,6 +55,8 @@ class QueryRequest(BaseModel):
     top_k: int = Field(5, ge=1, strict=True)  # strict: "3", 3.0 and true are refused, not read as a number
     filters: QueryFilters = QueryFilters()
     include_heatmaps: bool = Field(True, strict=True)
+    # a client whose MQTT v5 Maximum Packet Size is below an answer gets none (the broker drops it): it can ask less
+    include_thumbnails: bool = Field(True, strict=True)
 
     @model_validator(mode="after")
     def _one_source(self) -> QueryRequest:
@@ -149,7 +151,8 @@ class QueryService:
         # Only vectors of the query's embedding space are comparable with it (a point from before spaces: any).
         hits = store.search(vector, request.top_k, replace(filters, space=space), exclude=exclude)
         answer = {"ok": True, "query": query, "space": space,
-                  "hits": [self._hit(h.similarity, h.payload, request.include_heatmaps) for h in hits]}
+                  "hits": [self._hit(h.similarity, h.payload, request.include_thumbnails, request.include_heatmaps)
+                           for h in hits]}
         if space is not None and len(hits) < request.top_k and (note := self._elsewhere(store, vector, request, filters,
                                                                                         space, exclude)):
             answer["note"] = note
@@ -169,14 +172,15 @@ class QueryService:
                 f"were scored by other models ({', '.join(models[:5])}), whose embeddings cannot be compared with "
                 "this query's: ask about one of those frames by frame_id to search among them")
 
-    def _hit(self, similarity: float, payload: dict, heatmaps: bool) -> dict:
+    def _hit(self, similarity: float, payload: dict, thumbnails: bool, heatmaps: bool) -> dict:
         evidence = payload.get("evidence") or {}
         hit = {
             "similarity": round(similarity, 4),
             **{k: payload.get(k) for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict",
                                             "model_name", "model_version", "label", "defect_type")},
-            "thumbnail_b64": _b64(self.evidence.read(evidence.get("thumbnail"))),
         }
+        if thumbnails:
+            hit["thumbnail_b64"] = _b64(self.evidence.read(evidence.get("thumbnail")))
         if heatmaps:
             hit["heatmap_b64"] = _b64(self.evidence.read(evidence.get("heatmap")))
         return hit

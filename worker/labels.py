@@ -279,8 +279,10 @@ class LabelService:
             log.warning("capture: %d frame(s) labelled confirmed defects were still among the captured normal "
                         "frames (labelled before this version, or while capture was off): taken out, e.g. %s/%s",
                         len(taken), taken[0]["camera"], taken[0]["frame_id"])
-        unlabelled = [(camera, key) for camera, keys in capture.false_alarm_keys().items() for key in sorted(keys)
-                      if (found := store.get(key)) is not None and found[2].get("label") != "false_alarm"]
+        kept = capture.false_alarm_keys()
+        held = store.payloads([key for keys in kept.values() for key in keys])  # one read, without the vectors
+        unlabelled = [(camera, key) for camera, keys in kept.items() for key in sorted(keys)
+                      if key in held and held[key].get("label") != "false_alarm"]
         for camera, key in unlabelled:
             capture.remove_false_alarm(camera, key)
         if unlabelled:

@@ -75,3 +75,20 @@ def test_a_write_cut_short_leaves_no_partial_file(tmp_path):
     crashed.write_bytes(b"x" * 100)
     EvidenceStore(tmp_path, max_frames=10)
     assert not crashed.exists()
+
+
+def test_a_reused_frame_id_keeps_only_the_new_frames_files_and_evicts_no_defect_after_a_restart(tmp_path):
+    """A camera reused a frame id: its earlier frame was anomalous, the new one normal.  The earlier frame and heatmap
+    stayed under the normal record, so at the next start the frame counted as anomalous (by its ``frame`` file) and
+    pushed a real defect's evidence out of the anomalous budget.  Only the new frame's files are kept now."""
+    budgets = {ANOMALOUS: Budget(2)}
+    evidence = EvidenceStore(tmp_path, max_frames=100, budgets=budgets)
+    defect = evidence.save(_key(1), {"thumbnail": ("jpg", b"t"), "frame": ("png", b"f")}, ANOMALOUS)
+    evidence.save(_key(2), {"thumbnail": ("jpg", b"t"), "frame": ("png", b"f"), "heatmap": ("png", b"h")}, ANOMALOUS)
+    reused = evidence.save(_key(2), {"thumbnail": ("jpg", b"n")}, NORMAL)  # the camera's counter started again
+    other = evidence.save(_key(3), {"thumbnail": ("jpg", b"t"), "frame": ("png", b"f")}, ANOMALOUS)
+    assert sorted(p.name for p in tmp_path.glob(f"*/{_key(2)}.*")) == [f"{_key(2)}.thumbnail.jpg"]
+    again = EvidenceStore(tmp_path, max_frames=100, budgets=budgets)
+    assert {v: c["frames"] for v, c in again.counts().items()} == {NORMAL: 1, ANOMALOUS: 2, LABELLED: 0}
+    assert again.read(defect["frame"]) == b"f" and again.read(other["frame"]) == b"f"
+    assert again.read(reused["thumbnail"]) == b"n"

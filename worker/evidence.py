@@ -112,12 +112,14 @@ class EvidenceStore:
         """Write ``{kind: (ext, data)}`` for a frame of class ``value``; returns the paths relative to the root."""
         with self._lock:
             previous = self._pop(key)
-        for marker in [p for p in previous if p.name.split(".")[1] == _MARKER[0]]:  # of an earlier history's frame:
-            marker.unlink(missing_ok=True)  # the recorder writes no frame over one the store holds labelled
-            previous.remove(marker)
+        targets = [self._path(key, kind, ext) for kind, (ext, _) in files.items()]
+        # An earlier frame's files under this id (a reused frame id; a label marker of an earlier history's frame:
+        # the recorder writes no frame over one the store holds labelled) go: an anomalous frame's frame file left
+        # under a normal one would class it anomalous at the next start, where it would push out a real defect.
+        for stale in set(previous) - set(targets):
+            stale.unlink(missing_ok=True)
         written = []
-        for kind, (ext, data) in files.items():
-            path = self._path(key, kind, ext)
+        for path, (_, data) in zip(targets, files.values(), strict=True):
             path.parent.mkdir(exist_ok=True)
             tmp = path.with_suffix(path.suffix + ".tmp")
             try:
@@ -129,7 +131,7 @@ class EvidenceStore:
                 raise
             written.append(path)
         with self._lock:
-            self._add(key, value, list(dict.fromkeys(previous + written)))
+            self._add(key, value, written)
             self._wrote(time.time())
             self._enforce(value)
         return {kind: str(p.relative_to(self.root)) for kind, p in zip(files, written, strict=True)}

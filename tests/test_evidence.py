@@ -52,7 +52,8 @@ def test_byte_and_age_budgets_apply_per_class(tmp_path):
 
 def test_a_write_cut_short_leaves_no_partial_file(tmp_path):
     """A full disk cut an evidence write short: its partial ``.tmp`` file stayed for good (at every later frame
-    another), and a restart skipped such files without removing them.  Both are removed now.  The file size limit
+    another), and a restart skipped such files without removing them; the frame's files written before it stayed,
+    unindexed.  All are removed now.  The file size limit
     (RLIMIT_FSIZE, with SIGXFSZ ignored) makes the write fail part way, as a full disk does."""
     import resource
     import signal
@@ -65,11 +66,12 @@ def test_a_write_cut_short_leaves_no_partial_file(tmp_path):
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
         with pytest.raises(OSError):
-            store.save(_key(1), {"frame": ("png", b"x" * 10_000)})
+            store.save(_key(1), {"thumbnail": ("jpg", b"t"), "frame": ("png", b"x" * 10_000)})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert not list(tmp_path.glob("*/*.tmp")), "the partial write stayed"
+    assert not list(tmp_path.glob("*/*")), "the frame's thumbnail, written before, stayed under no record"
     crashed = tmp_path / _key(2)[:2] / f"{_key(2)}.frame.png.tmp"  # as a crash mid-write leaves it
     crashed.parent.mkdir(exist_ok=True)
     crashed.write_bytes(b"x" * 100)

@@ -771,3 +771,33 @@ def test_a_new_history_records_frames_under_ids_an_earlier_one_labelled(tmp_path
         assert not evidence.labelled(pid) and not list((tmp_path / "evidence").rglob("*.label.*"))
     finally:
         recorder.stop()
+
+
+def test_a_batch_lost_to_a_full_disk_leaves_no_partial_spool_file_and_no_evidence(tmp_path):
+    """The store away and the disk full: each batch's spool write was cut short and left its partial ``.tmp`` (one per
+    batch, uncounted in ``spool.max_mb``, removed only at a restart), and the lost records' evidence stayed under no
+    point, which no retention pass would ever take.  Both go now.  The file size limit (RLIMIT_FSIZE, SIGXFSZ
+    ignored) cuts the spool's JSON short as a full disk does, while the small thumbnails still fit."""
+    import resource
+    import signal
+
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=64)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(_unreachable, evidence, cfg, SpoolConfig(path=tmp_path / "spool", max_mb=1, retry_s=0.05),
+                        16, Liveness(0))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    recorder.start()
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))  # a batch of 64 16-d points is about 25 KB of JSON
+        for n in range(3):
+            for record in _records(64, DIM, start=n * 64):
+                recorder.submit(record)
+            assert recorder.flush(20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+        recorder.stop()
+    assert recorder.lost == 192 and len(recorder.spool) == 0
+    assert not list((tmp_path / "spool").glob("*.tmp")), "a partial spool file stayed"
+    assert len(evidence) == 0 and not list((tmp_path / "evidence").glob("*/*")), "a lost record's evidence stayed"

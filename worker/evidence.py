@@ -118,16 +118,17 @@ class EvidenceStore:
         # under a normal one would class it anomalous at the next start, where it would push out a real defect.
         for stale in set(previous) - set(targets):
             stale.unlink(missing_ok=True)
-        written = []
+        written: list[Path] = []
         for path, (_, data) in zip(targets, files.values(), strict=True):
             path.parent.mkdir(exist_ok=True)
             tmp = path.with_suffix(path.suffix + ".tmp")
             try:
                 tmp.write_bytes(data)
                 tmp.replace(path)
-            except OSError:  # a full disk: the part written would stay for good
-                with contextlib.suppress(OSError):
-                    tmp.unlink(missing_ok=True)
+            except OSError:  # a full disk: the part written would stay for good, and the files written before it
+                for part in (tmp, *written):  # unindexed, under no point, until a restart
+                    with contextlib.suppress(OSError):
+                        part.unlink(missing_ok=True)
                 raise
             written.append(path)
         with self._lock:

@@ -15,6 +15,7 @@ recorded) and its cause, with what to do, is said once and answered to queries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -111,8 +112,13 @@ class Spool:
         path = self.folder / f"{self._seq:012d}.json"
         self._seq += 1
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(body))
+            tmp.replace(path)
+        except OSError:  # a full disk: the part written would stay, uncounted in max_mb, one per failed batch
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         self._files.append(path)
         self._counts[path] = len(points)
         self._enforce()
@@ -414,12 +420,14 @@ class Recorder:
                         "answered only. Give frames ids that do not repeat (%d such frames so far, said at most once a "
                         "minute)", payloads[0].get("camera"), payloads[0].get("frame_id"), self.labelled_kept)
 
-    def _prepare(self, batch: list[Record]) -> list[Point]:
+    def _prepare(self, batch: list[Record], saved: list[str]) -> list[Point]:
+        """The batch's points, their evidence written; ``saved`` gets the key of each frame whose evidence was."""
         points = []
         for rec in batch:
             thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
             value = ANOMALOUS if rec.payload.get("anomalous") else NORMAL
             rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files}, value)
+            saved.append(rec.key)
             points.append((rec.key, rec.vector, rec.payload))
         return points
 
@@ -430,20 +438,22 @@ class Recorder:
         batch = self._next_batch()
         try:
             if batch:
-                kept = batch
+                kept, saved = batch, list[str]()
                 try:
                     if self.store_error is not None and self.store is None:  # spooled, they would never be written
                         self.unrecorded += len(batch)
                     elif kept := self._spare_labels(batch):
-                        points = self._prepare(kept)
+                        points = self._prepare(kept, saved)
                         # Order is kept: while anything is spooled (or the store just failed), new batches queue behind.
                         if len(self.spool) or time.monotonic() < self._next_try or not self._upsert(points):
                             self.spool.push(points)
                 except BatchRefused as exc:  # not expected (the store opened for this model's size): never spooled
                     self.unrecorded += len(kept)
+                    self.evidence.delete(saved)  # no point will name these files: no retention pass would take them
                     log.error("the vector store refused a batch of %d for good (%s); not recorded", len(kept), exc)
                 except Exception as exc:  # an OSError is e.g. a full disk (neither the evidence nor the spool takes it)
                     self.lost += len(kept)
+                    self.evidence.delete(saved)  # no point will name these files: no retention pass would take them
                     if self._lost_log.ready():  # a full disk fails every batch: said once a minute, with the count
                         log.error("recorder could not write a batch of %d (%s: %s); it is lost (%d records so far; "
                                   "said at most once a minute)", len(kept), type(exc).__name__, exc, self.lost,

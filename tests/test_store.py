@@ -801,3 +801,25 @@ def test_a_batch_lost_to_a_full_disk_leaves_no_partial_spool_file_and_no_evidenc
     assert recorder.lost == 192 and len(recorder.spool) == 0
     assert not list((tmp_path / "spool").glob("*.tmp")), "a partial spool file stayed"
     assert len(evidence) == 0 and not list((tmp_path / "evidence").glob("*/*")), "a lost record's evidence stayed"
+
+
+def test_the_evidence_age_budget_applies_while_the_store_is_out(tmp_path):
+    """``evidence.max_age_h`` (and the other classes' age budgets) ran only inside the store's retention pass: an
+    outage of days (an unreachable server, damaged files) kept every frame's evidence past its age.  While no store is
+    open the recorder now runs the evidence's own pass, every ``store.retention_every_s``."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4, retention_every_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000, max_age_h=1)
+    recorder = Recorder(_unreachable, evidence, cfg, SpoolConfig(path=tmp_path / "spool", retry_s=0.05), 16,
+                        Liveness(0))
+    recorder.start()
+    try:
+        for record in _records(4, DIM):
+            recorder.submit(record)
+        assert recorder.flush(20) and len(evidence) == 4
+        old = time.time() - 2 * 3600
+        for path in (tmp_path / "evidence").glob("*/*"):
+            os.utime(path, (old, old))
+        assert _wait_for(lambda: len(evidence) == 0, timeout=5), "evidence two hours old kept under a one-hour budget"
+        assert recorder.spool.points == 4  # the history itself waits for the store
+    finally:
+        recorder.stop()

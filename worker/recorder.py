@@ -204,6 +204,7 @@ class Recorder:
         self.written = 0
         self._store_lock = threading.Lock()
         self._next_try = 0.0
+        self._next_evidence_retention = 0.0  # while no store is open (the store rate-limits its own passes)
         self._outstanding = 0  # submitted records not yet written, spooled or dropped
         self._submitted = 0  # records submitted so far, and of them settled (written, spooled, dropped or lost): the
         self._finished = 0  # queue is first in, first out, so the first ``_finished`` are settled
@@ -356,7 +357,9 @@ class Recorder:
             log.info("replayed %d spooled points (%d batches left)", len(points), len(self.spool))
 
     def _retain(self) -> None:
-        """Retention (store.max_points/max_age_h, evidence.max_age_h); the store rate-limits it itself.
+        """Retention (store.max_points/max_age_h, evidence.max_age_h); the store rate-limits it itself.  While there
+        is no open store (an outage, damaged files, another embedding size) the evidence's own budgets still apply,
+        at the same rate: an outage of days would otherwise keep every frame past ``evidence.max_age_h``.
 
         Runs without ``_store_lock``: an HNSW optimize can take long and queries must not wait for it
         (the store serialises each call itself; only this thread writes or closes it while running).
@@ -364,6 +367,9 @@ class Recorder:
         store = self.store
         if store is not None:
             store.retain(self.evidence)
+        elif (clock := time.monotonic()) >= self._next_evidence_retention:
+            self._next_evidence_retention = clock + self.cfg.retention_every_s
+            self.evidence.retain()
 
     def _next_batch(self) -> list[Record] | None:
         try:

@@ -823,3 +823,34 @@ def test_the_evidence_age_budget_applies_while_the_store_is_out(tmp_path):
         assert recorder.spool.points == 4  # the history itself waits for the store
     finally:
         recorder.stop()
+
+
+def test_evidence_no_point_names_is_deleted_once_a_store_opens(tmp_path):
+    """A worker killed in a retention pass (its points deleted, their files not yet) or a new history (the store's
+    folder moved aside, ``store.collection`` set anew) left evidence no point names: no retention pass took it, and
+    the labelled ones held the labelled budget's places for good.  Once a store opens, the recorder deletes the
+    evidence of every frame it does not hold; the frames it holds keep theirs."""
+    recorder, evidence, cfg, spool = _recording(tmp_path, 6, evidence_frames=1000)
+    try:
+        with recorder.use_store() as store:
+            ids = [store.find(f"f{i}", "a")[0] for i in range(6)]
+            evidence.set_labelled(ids[0], True, False)
+            store.delete(ids[:3])  # as a retention pass killed before it deleted their files leaves them
+    finally:
+        recorder.stop()
+    assert len(evidence) == 6
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        assert _wait_for(lambda: len(evidence) == 3), evidence.counts()
+        assert sorted(evidence.keys()) == sorted(ids[3:]) and not list((tmp_path / "evidence").rglob(f"{ids[0]}.*"))
+    finally:
+        recorder.stop()
+    moved = StoreConfig(path=tmp_path / "store", collection="frames-v2", flush_s=0.05, batch_size=4)
+    recorder = Recorder(lambda: VectorStore(moved, DIM), evidence, moved, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        assert _wait_for(lambda: len(evidence) == 0), evidence.counts()
+        assert not list((tmp_path / "evidence").glob("*/*"))
+    finally:
+        recorder.stop()

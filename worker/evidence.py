@@ -236,6 +236,11 @@ class EvidenceStore:
             log.info("retention: %d evidence files written while this box's clock was not set, or ran ahead, are taken as "
                      "written at %s: they age from then", stamped, iso(to))
 
+    def keys(self) -> list[str]:
+        """The ids of the frames held, in no set order."""
+        with self._lock:
+            return list(self._class_of)
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Frames and bytes held per class (for the stats topic)."""
         with self._lock:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Point = tuple[str, np.ndarray, dict]
 REFUSED = "refused"  # the spool's sub-folder of batches the store refused for good
+SWEEP_CHUNK = 1024  # evidence keys checked against the store per recorder step (Recorder._sweep)
 
 
 class StoreUnavailable(Exception):
@@ -205,6 +206,7 @@ class Recorder:
         self._store_lock = threading.Lock()
         self._next_try = 0.0
         self._next_evidence_retention = 0.0  # while no store is open (the store rate-limits its own passes)
+        self._unswept: list[str] | None = None  # evidence keys still to check against the open store (_sweep)
         self._outstanding = 0  # submitted records not yet written, spooled or dropped
         self._submitted = 0  # records submitted so far, and of them settled (written, spooled, dropped or lost): the
         self._finished = 0  # queue is first in, first out, so the first ``_finished`` are settled
@@ -300,6 +302,7 @@ class Recorder:
             self.store_error = self.store_damaged = None
             self._outage = ("", self._outage[1])
             self.store = store
+            self._unswept = None  # a new store (or a new history in it) is checked against the evidence anew
             log.info("vector store available")
             return True
 
@@ -367,9 +370,32 @@ class Recorder:
         store = self.store
         if store is not None:
             store.retain(self.evidence)
+            self._sweep(store)
         elif (clock := time.monotonic()) >= self._next_evidence_retention:
             self._next_evidence_retention = clock + self.cfg.retention_every_s
             self.evidence.retain()
+
+    def _sweep(self, store: VectorStore) -> None:
+        """Delete the evidence of frames the open store does not hold, a chunk a step, once per opened store: a worker
+        killed in a retention pass (points deleted, their files not yet) or a new history (``store.collection`` set
+        anew, the folder moved aside) left files no point names, which no retention pass would ever take; a labelled
+        one would hold the labelled budget's places for good.  It checks only while nothing is spooled, so every frame
+        whose evidence was written is in the store by then (or was lost, its files deleted)."""
+        if self._unswept is None:
+            self._unswept = self.evidence.keys()
+        if not self._unswept or len(self.spool):
+            return
+        chunk = self._unswept[-SWEEP_CHUNK:]
+        try:
+            held = store.payloads(chunk)
+        except StoreError as exc:
+            log.warning("vector store read of %d points failed (%s); checking the evidence again later", len(chunk), exc)
+            return
+        del self._unswept[-SWEEP_CHUNK:]
+        if orphans := [key for key in chunk if key not in held]:
+            self.evidence.delete(orphans)
+            log.info("deleted the evidence of %d frames the history does not hold (a crash during retention, or a new "
+                     "history)", len(orphans))
 
     def _next_batch(self) -> list[Record] | None:
         try:

@@ -491,14 +491,21 @@ class VectorStore:
         now = time.time() if now is None else now
         to = self._restamp.start(now)
         deleted: list[str] = []
+
+        def drop(ids: list[str]) -> None:
+            """Delete points and, at once, their evidence: a crash later in the pass leaves no files without a point."""
+            self.delete(ids)
+            deleted.extend(ids)
+            if evidence is not None:
+                evidence.delete(ids)
+
         try:
             if clock_set(now):
                 self._restamp_points(now, to)
             if self.cfg.max_age_h is not None and clock_set(now):
                 cutoff = now - self.cfg.max_age_h * 3600
                 while ids := self._call("read", self.engine.before, cutoff, _DELETE_CHUNK):
-                    self.delete(ids)
-                    deleted += ids
+                    drop(ids)
             if self.cfg.max_points is not None:
                 excess = self.count() - self.cfg.max_points
                 while excess > 0:  # by value: unlabelled normal frames go first, then defects, labels last
@@ -507,15 +514,13 @@ class VectorStore:
                                [])
                     if not ids:
                         break
-                    self.delete(ids)
-                    deleted += ids
+                    drop(ids)
                     excess -= len(ids)
             if deleted or self.cfg.hnsw:
                 self.optimize()  # embedded: vacuum deletes, build HNSW for new points; a server does it itself
         except StoreError as exc:
             log.warning("retention: %s", exc)
         if evidence is not None:
-            evidence.delete(deleted)
             evidence.retain()  # by write time (wall clock), not captured_at
         if deleted:
             log.info("retention: %d frames deleted from the history", len(deleted))

@@ -94,3 +94,41 @@ def test_a_reused_frame_id_keeps_only_the_new_frames_files_and_evicts_no_defect_
     assert {v: c["frames"] for v, c in again.counts().items()} == {NORMAL: 1, ANOMALOUS: 2, LABELLED: 0}
     assert again.read(defect["frame"]) == b"f" and again.read(other["frame"]) == b"f"
     assert again.read(reused["thumbnail"]) == b"n"
+
+
+def _age(root, key: str, seconds: float) -> None:
+    at = time.time() - seconds
+    for path in root.glob(f"*/{key}.*"):
+        os.utime(path, (at, at))
+
+
+def test_a_class_is_kept_in_the_order_its_age_test_reads(tmp_path):
+    """A class's order was not its age order: at a start a labelled class went by each frame's oldest file (when it
+    was captured) while the age test read its newest (the label marker), so the pass stopped at a frame labelled just
+    now and kept one labelled past the budget; and a label withdrawn put an old frame after newer ones, so the age
+    pass stopped before it and the count budget took the newer frames first.  Both go by a frame's newest file now."""
+    hour = 3600
+    budgets = {LABELLED: Budget(100, max_age_s=10 * hour), NORMAL: Budget(3, max_age_s=10 * hour)}
+    evidence = EvidenceStore(tmp_path, max_frames=3, budgets=budgets)
+    evidence.save(_key(1), {"thumbnail": ("jpg", b"a")})  # captured first, labelled just now
+    evidence.save(_key(2), {"thumbnail": ("jpg", b"b")})  # captured later, labelled 20 h ago
+    _age(tmp_path, _key(1), 30 * hour)
+    evidence.set_labelled(_key(2), True, anomalous=False)
+    _age(tmp_path, _key(2), 20 * hour)
+    evidence.set_labelled(_key(1), True, anomalous=False)
+    again = EvidenceStore(tmp_path, max_frames=3, budgets=budgets)
+    assert again.retain() == 1 and again.keys() == [_key(1)]  # labelled 20 h ago, under a 10 h budget: gone
+
+    evidence = EvidenceStore(tmp_path / "withdrawn", max_frames=3, budgets=budgets)
+    old = evidence.save(_key(3), {"thumbnail": ("jpg", b"old")})
+    _age(tmp_path / "withdrawn", _key(3), 30 * hour)
+    evidence.set_labelled(_key(3), True, anomalous=False)
+    for i in (4, 5):
+        evidence.save(_key(i), {"thumbnail": ("jpg", b"new")})
+    evidence.set_labelled(_key(3), False, anomalous=False)  # the label withdrawn: back among the normal frames
+    assert evidence.retain() == 1 and evidence.read(old["thumbnail"]) is None
+    evidence.set_labelled(_key(4), True, anomalous=False)
+    evidence.set_labelled(_key(4), False, anomalous=False)
+    for i in (6, 7):  # over the normal budget of 3: the oldest, frame 4, goes first, not the newest
+        evidence.save(_key(i), {"thumbnail": ("jpg", b"new")})
+    assert sorted(evidence.keys()) == [_key(5), _key(6), _key(7)]

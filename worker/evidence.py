@@ -9,7 +9,11 @@ class only ever evicts its own oldest frames, so a busy line of normal frames ca
 never push a defect out, and a labelled frame outlives both.  The index is rebuilt
 from the folder at start.
 
-Age goes by a file's write time (its mtime).  Files written while this box's clock was not set (a box without a
+Age goes by a frame's time: the write time (mtime) of its newest file, which for a labelled frame is its label
+marker's (the time it was labelled).  Each class is kept in the order of that time, the age test reads it too, so
+the age and count budgets take a class's oldest frames first and the age pass stops at the first young enough.
+
+Files written while this box's clock was not set (a box without a
 battery-backed clock boots at 1970) or ahead of it are never aged by that time: the first pass on a set clock stamps
 them anew (:class:`worker.wire.Restamp`), as the vector store does its points.
 """
@@ -61,22 +65,27 @@ class EvidenceStore:
         self._index: dict[str, OrderedDict[str, tuple[list[Path], int]]] = {c: OrderedDict() for c in CLASSES}
         self._bytes = dict.fromkeys(CLASSES, 0)
         self._class_of: dict[str, str] = {}
+        self._times: dict[str, float] = {}  # a frame's time (its newest file's mtime): its place in its class
         self._restamp = Restamp()
         self._unset = False  # a file was written while this box's clock was not set
         self._latest = 0.0  # the latest time a file was written at: past a set clock, that clock stepped back
         by_key: dict[str, list[Path]] = {}
+        times: dict[str, float] = {}
         for partial in self.root.glob("*/*.tmp"):  # a write cut short (a full disk, a crash): never a frame's file
             with contextlib.suppress(OSError):
                 partial.unlink()
         written = {p: p.stat().st_mtime for p in self.root.glob("*/*.*") if p.is_file() and not p.name.endswith(".tmp")}
         for mtime in written.values():
             self._wrote(mtime)
-        for path in sorted(written, key=written.__getitem__):
-            by_key.setdefault(path.name.split(".", 1)[0], []).append(path)
-        for key, paths in by_key.items():
+        for path, mtime in written.items():
+            key = path.name.split(".", 1)[0]
+            by_key.setdefault(key, []).append(path)
+            times[key] = max(times.get(key, mtime), mtime)
+        for key in sorted(by_key, key=times.__getitem__):
+            paths = by_key[key]
             kinds = {p.name.split(".")[1] for p in paths}
             value = LABELLED if _MARKER[0] in kinds else ANOMALOUS if "frame" in kinds else NORMAL
-            self._add(key, value, paths)
+            self._add(key, value, paths, times[key])
         with self._lock:
             for value in CLASSES:
                 self._enforce(value)
@@ -94,16 +103,30 @@ class EvidenceStore:
                 continue
         return total
 
-    def _add(self, key: str, value: str, paths: list[Path]) -> None:
+    @staticmethod
+    def _newest(paths: list[Path]) -> float:
+        """A frame's time: the mtime of its newest file (0 where none is left)."""
+        times = []
+        for path in paths:
+            try:
+                times.append(path.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+        return max(times, default=0.0)
+
+    def _add(self, key: str, value: str, paths: list[Path], at: float) -> None:
+        """Index a frame of time ``at`` at the end of its class: the caller adds them in time order, or places it."""
         size = self._size(paths)
         self._index[value][key] = (paths, size)
         self._bytes[value] += size
         self._class_of[key] = value
+        self._times[key] = at
 
     def _pop(self, key: str) -> list[Path]:
         value = self._class_of.pop(key, None)
         if value is None:
             return []
+        del self._times[key]
         paths, size = self._index[value].pop(key)
         self._bytes[value] -= size
         return paths
@@ -132,8 +155,9 @@ class EvidenceStore:
                 raise
             written.append(path)
         with self._lock:
-            self._add(key, value, written)
-            self._wrote(time.time())
+            now = time.time()
+            self._add(key, value, written, now)
+            self._wrote(now)
             self._enforce(value)
         return {kind: str(p.relative_to(self.root)) for kind, p in zip(files, written, strict=True)}
 
@@ -149,16 +173,18 @@ class EvidenceStore:
             paths = self._pop(key)
             if not paths:
                 return  # rotated out already
-            if labelled:
+            value = LABELLED if labelled else ANOMALOUS if anomalous else NORMAL
+            if labelled:  # labelled now: the newest of its class
                 marker.parent.mkdir(exist_ok=True)
                 marker.write_bytes(b"")
-                self._wrote(time.time())
-                paths = list(dict.fromkeys([*paths, marker]))
-            else:
+                now = time.time()
+                self._wrote(now)
+                self._add(key, value, list(dict.fromkeys([*paths, marker])), now)
+            else:  # back among the frames of its write time, as a start would place it: not after newer ones
                 marker.unlink(missing_ok=True)
                 paths = [p for p in paths if p != marker]
-            value = LABELLED if labelled else ANOMALOUS if anomalous else NORMAL
-            self._add(key, value, paths)
+                self._add(key, value, paths, self._newest(paths))
+                self._order(value)
             self._enforce(value)
 
     def read(self, relative: str | None) -> bytes | None:
@@ -201,8 +227,7 @@ class EvidenceStore:
                 cutoff = now - max_age
                 while index:
                     key, (paths, _) = next(iter(index.items()))
-                    newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
-                    if newest >= cutoff:
+                    if self._newest(paths) >= cutoff:
                         break
                     for path in self._pop(key):
                         path.unlink(missing_ok=True)
@@ -216,7 +241,6 @@ class EvidenceStore:
         holds ``_lock``."""
         stamped = 0
         for value, index in self._index.items():
-            oldest: dict[str, float] = {}
             for key, (paths, _) in index.items():
                 times = []
                 for path in paths:
@@ -229,12 +253,17 @@ class EvidenceStore:
                         mtime = to
                         stamped += 1
                     times.append(mtime)
-                oldest[key] = min(times, default=0.0)
-            self._index[value] = OrderedDict((key, index[key]) for key in sorted(index, key=oldest.__getitem__))
+                self._times[key] = max(times, default=0.0)
+            self._order(value)
         self._unset, self._latest = False, now
         if stamped:
             log.info("retention: %d evidence files written while this box's clock was not set, or ran ahead, are taken as "
                      "written at %s: they age from then", stamped, iso(to))
+
+    def _order(self, value: str) -> None:
+        """Put a class back in the order of its frames' times (the caller holds ``_lock``)."""
+        index = self._index[value]
+        self._index[value] = OrderedDict((key, index[key]) for key in sorted(index, key=self._times.__getitem__))
 
     def keys(self) -> list[str]:
         """The ids of the frames held, in no set order."""

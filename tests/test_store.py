@@ -829,7 +829,8 @@ def test_evidence_no_point_names_is_deleted_once_a_store_opens(tmp_path):
     """A worker killed in a retention pass (its points deleted, their files not yet) or a new history (the store's
     folder moved aside, ``store.collection`` set anew) left evidence no point names: no retention pass took it, and
     the labelled ones held the labelled budget's places for good.  Once a store opens, the recorder deletes the
-    evidence of every frame it does not hold; the frames it holds keep theirs."""
+    evidence of every frame it does not hold, but an operator's labelled ones (an earlier history may be served
+    again; their class's budget takes them in turn); the frames it holds keep theirs."""
     recorder, evidence, cfg, spool = _recording(tmp_path, 6, evidence_frames=1000)
     try:
         with recorder.use_store() as store:
@@ -842,15 +843,16 @@ def test_evidence_no_point_names_is_deleted_once_a_store_opens(tmp_path):
     recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
     recorder.start()
     try:
-        assert _wait_for(lambda: len(evidence) == 3), evidence.counts()
-        assert sorted(evidence.keys()) == sorted(ids[3:]) and not list((tmp_path / "evidence").rglob(f"{ids[0]}.*"))
+        assert _wait_for(lambda: len(evidence) == 4), evidence.counts()
+        assert sorted(evidence.keys()) == sorted([ids[0], *ids[3:]]) and evidence.labelled(ids[0])
+        assert not list((tmp_path / "evidence").rglob(f"{ids[1]}.*"))
     finally:
         recorder.stop()
     moved = StoreConfig(path=tmp_path / "store", collection="frames-v2", flush_s=0.05, batch_size=4)
     recorder = Recorder(lambda: VectorStore(moved, DIM), evidence, moved, spool, 16, Liveness(0))
     recorder.start()
     try:
-        assert _wait_for(lambda: len(evidence) == 0), evidence.counts()
-        assert not list((tmp_path / "evidence").glob("*/*"))
+        assert _wait_for(lambda: len(evidence) == 1), evidence.counts()
+        assert evidence.keys() == [ids[0]] and len(list((tmp_path / "evidence").glob("*/*"))) == 2  # thumbnail, marker
     finally:
         recorder.stop()

@@ -378,8 +378,8 @@ class Recorder:
     def _sweep(self, store: VectorStore) -> None:
         """Delete the evidence of frames the open store does not hold, a chunk a step, once per opened store: a worker
         killed in a retention pass (points deleted, their files not yet) or a new history (``store.collection`` set
-        anew, the folder moved aside) left files no point names, which no retention pass would ever take; a labelled
-        one would hold the labelled budget's places for good.  It checks only while nothing is spooled, so every frame
+        anew, the folder moved aside) left files no point names, which no retention pass would ever take (but a
+        labelled frame's, which its class's budget takes in turn).  It checks only while nothing is spooled, so every frame
         whose evidence was written is in the store by then (or was lost, its files deleted)."""
         if self._unswept is None:
             self._unswept = self.evidence.keys()
@@ -392,7 +392,9 @@ class Recorder:
             log.warning("vector store read of %d points failed (%s); checking the evidence again later", len(chunk), exc)
             return
         del self._unswept[-SWEEP_CHUNK:]
-        if orphans := [key for key in chunk if key not in held]:
+        # an operator's labelled frames stay (their class's own budget takes them): a history set aside by a new
+        # store.collection may be served again, and its labels would then show their frames
+        if orphans := [key for key in chunk if key not in held and not self.evidence.labelled(key)]:
             self.evidence.delete(orphans)
             log.info("deleted the evidence of %d frames the history does not hold (a crash during retention, or a new "
                      "history)", len(orphans))

@@ -165,6 +165,10 @@ def _fold(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from exporter.synthetic import generate
 
+    root = Path(args.out) / args.category
+    if root.is_dir() and any(root.iterdir()):  # its file names are a real set's (000.png ...): it would write over them
+        raise ValueError(f"{root} exists and is not empty: synth would write its images over the ones there; choose "
+                         "another --out or --category")
     print(generate(Path(args.out), args.category, args.size, args.train, args.test, args.seed))
     return 0
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -389,3 +390,18 @@ def test_a_test_split_of_defects_only_says_why_it_has_no_auroc_and_has_pixel_met
     assert metrics["image_auroc"] is None and metrics["image_metrics"] == "image AUROC undefined: no good test images"
     assert metrics["pixel_auroc"] > 0.8 and metrics["aupro"] > 0.3, metrics
     assert metrics["pixel_metrics"] == f"all {len(defects.test)} test images", metrics
+
+
+def test_synth_refuses_a_folder_that_holds_images(tmp_path, capsys):
+    """`exporter synth --out` over a real set's category (MVTec's own names, 000.png ...) wrote its textures over
+    the real images and left a mixed set, exit 0 (a helper's probe); it refuses now, and writes nothing."""
+    from exporter.__main__ import main
+
+    good = tmp_path / "grid" / "train" / "good"
+    good.mkdir(parents=True)
+    real = np.full((40, 40, 3), 77, np.uint8)
+    assert cv2.imwrite(str(good / "000.png"), real)
+    assert main(["synth", "--out", str(tmp_path), "--category", "grid", "--train", "3", "--test", "1"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in good.iterdir()) == ["000.png"] and (cv2.imread(str(good / "000.png")) == real).all()
+    assert main(["synth", "--out", str(tmp_path), "--category", "fresh", "--train", "3", "--test", "1"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -117,8 +118,15 @@ def timestamp() -> str:
 
 
 def save_ir(model: ov.Model, folder: Path) -> None:
+    """Write ``model.xml`` + ``model.bin``; an OSError that names the folder and its free space where OpenVINO cannot
+    (it says a failed write, e.g. a full disk, only as a C++ stream error: "basic_ios::clear: iostream error")."""
     folder.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+    try:
+        ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+    except RuntimeError as exc:
+        free = shutil.disk_usage(folder).free
+        raise OSError(f"cannot write the model to {folder} ({str(exc).strip()}): {free / 2**20:.0f} MB free on its "
+                      "disk; a full disk, or a file size limit") from exc
 
 
 def score_images(bundle: CompiledBundle, images: list[np.ndarray], batch: int = 8,

@@ -133,6 +133,30 @@ def test_what_cannot_be_folded_is_refused(bundle_dir, taught, tmp_path, capsys):
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
 
 
+def test_a_fold_cut_short_by_a_full_disk_leaves_no_half_bundle(source, taught, tmp_path, capsys):
+    """A full disk during the fold said only "basic_ios::clear: iostream error" and left a truncated model.bin and an
+    empty model.xml at ``--out``, which the next fold and train refused as a folder not empty (a helper's probe on a
+    small tmpfs).  The fold is built beside ``--out`` and renamed into place whole; the error names the folder.  The
+    file size limit (RLIMIT_FSIZE, with SIGXFSZ ignored) makes the write fail part way, as a full disk does."""
+    import resource
+    import signal
+
+    _, _, folder, _, _ = taught
+    out = tmp_path / "folded"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        assert main(["fold-extension", str(source), str(folder), "--out", str(out)]) == 2
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert f"cannot write the model to {tmp_path.resolve()}" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".folded.*")), list(tmp_path.iterdir())
+    assert main(["fold-extension", str(source), str(folder), "--out", str(out)]) == 0  # room again: it folds
+    read_manifest(out)
+
+
 def test_a_bank_constant_that_cannot_be_rebuilt_is_named(bundle_dir):
     """An IR whose bank-norm constant does not hold the bank's norms is refused, naming that constant."""
     model = ov.Core().read_model(bundle_dir / "model.xml")

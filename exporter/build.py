@@ -237,6 +237,7 @@ def check_out(out: Path) -> None:
         tempfile.TemporaryDirectory(prefix=f".{out.name}.check-", dir=out.parent).cleanup()
     except OSError as exc:
         raise ValueError(f"--out {out}: the bundle cannot be written there ({exc.strerror or exc})") from None
+    remove_stale_staging(out)  # before the fit: a bundle a killed run left set aside is served again at once
 
 
 def _alive(pid: int) -> bool:
@@ -253,15 +254,22 @@ def _alive(pid: int) -> bool:
 def remove_stale_staging(out: Path) -> None:
     """Remove the folders beside ``out`` that runs to it were killed before removing (``.NAME.partial-PID-*``,
     ``.NAME.replaced-PID``): each can hold a whole model.  Only those of processes no longer running, so two runs
-    to one ``--out`` at once leave each other's staging folder alone."""
+    to one ``--out`` at once leave each other's staging folder alone.  A run killed between renaming the bundle at
+    ``out`` aside and its own into place left ``out`` missing: the bundle set aside goes back instead."""
     for entry in out.parent.glob(f".{glob.escape(out.name)}.*"):
         match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:partial-(\d+)-.+|replaced-(\d+))", entry.name)
         if match is None or not entry.is_dir():
             continue
         pid = int(match[1] or match[2])
-        if pid != os.getpid() and not _alive(pid):
-            log.info("removing %s, left by an exporter run (pid %d) that was killed", entry, pid)
-            shutil.rmtree(entry, ignore_errors=True)
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if match[2] and not out.exists() and (entry / MANIFEST).is_file():  # killed between its two renames:
+            log.warning("%s is missing and %s holds the bundle an exporter run (pid %d) was replacing when it was "
+                        "killed: putting it back", out, entry, pid)
+            entry.rename(out)  # the bundle it was replacing goes back
+            continue
+        log.info("removing %s, left by an exporter run (pid %d) that was killed", entry, pid)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -359,6 +359,21 @@ def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["live", *(k.name for k in kept)])
 
 
+def test_a_bundle_set_aside_by_a_run_killed_mid_swap_is_put_back(bundle_dir, tmp_path):
+    """A run killed between renaming the bundle at --out aside and its own into place left --out missing (a worker
+    restarted then found no bundle), and the next run deleted the bundle set aside as a stale folder before its own
+    export (a helper's probe, the gap widened).  The next run's check of --out, before any fit, puts it back."""
+    from exporter.build import check_out
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    shutil.copytree(bundle_dir, tmp_path / f".live.replaced-{gone.pid}")
+    (tmp_path / f".live.partial-{gone.pid}-x1").mkdir()  # the killed run's own bundle, maybe whole: not trusted
+    check_out(tmp_path / "live")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]
+    assert read_manifest(tmp_path / "live").files == read_manifest(bundle_dir).files  # verified as read
+
+
 def test_a_bundle_with_provisional_thresholds_is_refused_but_measured_by_the_exporter(bundle_dir, tmp_path):
     """A killed run's staging folder, copied to a worker, loaded and scored every normal frame 1.000 anomalous
     against its placeholder thresholds; only the exporter, measuring them, compiles it."""

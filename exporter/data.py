@@ -485,15 +485,24 @@ def _mvtec(root: Path) -> Category:
 
 
 def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], seed: int) -> Category:
-    """Every defect goes to test, with a seeded share of the good images; the rest of the good ones train."""
+    """Every defect goes to test, with a seeded share of the good images; the rest of the good ones train.  Copies
+    of one file (:func:`copies`) go to one side together: a tested copy of a fitted image scores as memorised, and
+    the split would not be "never trained on".  Without copies the draw is the one bundles were measured on."""
     if not defects:
         return Category(root, sorted(good), [], layout, "none: good images only, nothing to evaluate")
     shuffled = sorted(good)
     random.Random(seed).shuffle(shuffled)
     n_test = max(1, round(len(shuffled) * TEST_GOOD_FRACTION)) if len(shuffled) > 1 else 0
-    test = [Sample(p, "good", None) for p in sorted(shuffled[:n_test])] + sorted(defects, key=lambda s: (s.defect, s.path))
-    split = f"all defect images and {n_test} of {len(shuffled)} good images (seed {seed}), never trained on"
-    return Category(root, sorted(shuffled[n_test:]), test, layout, split)
+    group = {path: found for found in copies(shuffled) for path in found}
+    tested: set[Path] = set()
+    for path in shuffled:
+        if len(tested) >= n_test:
+            break
+        if len(tested | set(together := group.get(path, [path]))) < len(shuffled):  # training keeps an image
+            tested.update(together)
+    test = [Sample(p, "good", None) for p in sorted(tested)] + sorted(defects, key=lambda s: (s.defect, s.path))
+    split = f"all defect images and {len(tested)} of {len(shuffled)} good images (seed {seed}), never trained on"
+    return Category(root, sorted(p for p in shuffled if p not in tested), test, layout, split)
 
 
 def _delimiter(text: str) -> str:

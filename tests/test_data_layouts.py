@@ -355,6 +355,30 @@ def test_labelled_folders_hold_out_good_images_for_test(tmp_path):
     assert load_category(tmp_path, seed=1).train != cat.train
 
 
+def test_copies_among_good_images_go_to_one_side_of_a_drawn_test_split(tmp_path):
+    """Labelled folders with a good image stored twice (``img (1).png``): the drawn test share took one copy and
+    training the other, while the summary said the test images were never trained on."""
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        _write(tmp_path / "good" / f"{i:03d}.png", sample(rng, 64)[0])
+        if i < 15:
+            shutil.copy(tmp_path / "good" / f"{i:03d}.png", tmp_path / "good" / f"{i:03d} (1).png")
+    for i in range(3):
+        _write(tmp_path / "hole" / f"{i}.png", sample(rng, 64, "hole")[0])
+
+    def digests(paths: list[Path]) -> set[str]:
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+    for seed in range(5):
+        cat = load_category(tmp_path, seed=seed)
+        test_good = [s.path for s in cat.test if s.defect == "good"]
+        assert len(test_good) + len(cat.train) == 45 and len(test_good) >= 9, (seed, len(test_good))
+        assert not digests(test_good) & digests(cat.train), seed
+        assert not summarise(cat).in_both, seed
+
+
 def test_csv_and_json_lists(tmp_path):
     rng = np.random.default_rng(0)
     rows = []

@@ -137,13 +137,18 @@ def _add_precisions_option(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from bundle import read_manifest
-    from exporter.data import load_category
+    from exporter.data import DatasetError, load_category, summarise
     from exporter.evaluate import evaluate_folder
 
     # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
     training = read_manifest(Path(args.bundle), verify=False).training
     category = load_category(Path(args.data), args.category, int(training.get("seed", 0)))
     category = category.without(training.get("validation_defects", []))
+    # train's checks of the test files: refused on the same problems, its notes said (on stderr: stdout is the JSON)
+    summary = summarise(category, trained=False)
+    print(summary.evaluation_text(), file=sys.stderr, flush=True)
+    if problems := summary.problems():
+        raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
     metrics = evaluate_folder(Path(args.bundle), category, args.device, args.precision)
     text = json.dumps(metrics, indent=2)
     if args.json:

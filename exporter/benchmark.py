@@ -118,8 +118,11 @@ def run(data: Path, models: list[str], out: Path, categories: list[str] | None =
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     for category in chosen:
-        try:  # the checks train makes before its fit (too few good images, files it cannot read)
-            problems = summarise(load_category(data, category)).problems()
+        try:  # the checks train makes before its fit (too few good images, files it cannot read), and its notes
+            summary = summarise(load_category(data, category))
+            problems = summary.problems()
+            for note in summary.notes():
+                log.warning("benchmark: %s: %s", category, note.strip())
         except DatasetError as exc:
             problems = [str(exc)]
         for family in families:

@@ -757,6 +757,7 @@ class Summary:
     refused_formats: list[tuple[Path, str]] = field(default_factory=list)
     low_bits: list[tuple[Path, int]] = field(default_factory=list)  # (16-bit image, its largest value) below LOW_BITS
     train_copies: list[tuple[Path, Path]] = field(default_factory=list)  # (training image, the earlier one it copies)
+    trained: bool = True  # the training images were decoded and checked too: False for ``evaluate``, which fits none
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -764,9 +765,10 @@ class Summary:
         return [m for m in self.misfit_masks if abs(m[1][0] * m[2][1] - m[1][1] * m[2][0]) > 0.02 * m[1][0] * m[2][1]]
 
     def problems(self) -> list[str]:
-        """Why the data cannot be trained on, each with how to fix it; empty when it can."""
+        """Why the data cannot be trained on (or, not :attr:`trained`, evaluated), each with how to fix it; empty
+        when it can."""
         cat, out = self.category, []
-        if (distinct := len(cat.train) - len(self.train_copies)) < MIN_TRAIN_IMAGES:
+        if self.trained and (distinct := len(cat.train) - len(self.train_copies)) < MIN_TRAIN_IMAGES:
             copied = f" ({len(self.train_copies)} more are copies of these)" if self.train_copies else ""
             out.append(f"only {distinct} good training images{copied}; at least {MIN_TRAIN_IMAGES} are needed (a few "
                        "dozen or more is better): add photos of normal parts")
@@ -795,6 +797,49 @@ class Summary:
                        "each mask at its image's size and orientation")
         return out
 
+    def notes(self) -> list[str]:
+        """The summary's notes and warnings that neither stop ``train`` nor ``evaluate``, both of which print them."""
+        out: list[str] = []
+        if empty := self.category.empty:
+            out.append(f"  note: {', '.join(empty)} {'holds' if len(empty) == 1 else 'hold'} no images: not in the test split")
+        if self.beyond_frames:
+            path, width, height, size = self.beyond_frames[0]
+            out.append(f"  note: {len(self.beyond_frames)} images are larger than a worker takes as a frame unless told "
+                       f"(e.g. {path}: {width}x{height}, {size / 1e6:.1f} MB; limits.max_pixels "
+                       f"{FRAME_MAX_PIXELS / 1e6:g} MP, limits.max_frame_bytes {FRAME_MAX_BYTES / 1e6:g} MB): raise "
+                       "them in the worker's config.yaml for cameras that send such frames")
+        if self.not_read:
+            out.append(f"  note: {len(self.not_read)} files are not read, their names not a PNG, JPEG, BMP, TIFF or "
+                       f"WebP image's: {by_kind(self.not_read, self.category.base)}; save them as PNG to train on them")
+        if rescaled := len(self.misfit_masks) - len(self.misshapen_masks):
+            out.append(f"  note: {rescaled} masks are at another scale than their images (same proportions): "
+                       "resized to them")
+        if self.low_bits:
+            path, top = max(self.low_bits, key=lambda m: m[1])
+            bits = max(top.bit_length(), 1)
+            out.append(f"  warning: {len(self.low_bits)} 16-bit images use only their low {bits} bits (e.g. {path}: "
+                       f"largest value {top} of 65535, a {bits}-bit camera's data): read as 8-bit like the worker reads "
+                       f"a frame (the top 8 bits), they are almost black (0..{top >> 8}); scale them to the full 16-bit "
+                       f"range (x{1 << (16 - bits)}) before training, and the camera's frames the same way (or have it "
+                       "send 8-bit frames)")
+        if self.in_both:
+            test, train = self.in_both[0]
+            out.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
+                       f"{train}): the test figures will overstate the model; remove the copies from one side")
+        return out
+
+    def evaluation_text(self) -> str:
+        """``evaluate``'s summary: the test split it measures and the notes that concern it."""
+        cat = self.category
+        types = Counter(s.defect for s in cat.test)
+        masked = sorted({s.defect for s in cat.test if s.mask is not None})
+        return "\n".join([
+            f"data: {cat.root} ({cat.layout})",
+            f"  test split: {cat.split}" + (": " + ", ".join(f"{t} {n}" for t, n in sorted(types.items())) if types else ""),
+            f"  masks: {', '.join(masked) if masked else 'none'}",
+            *self.notes(),
+        ])
+
     def text(self, n_fit: int, n_threshold: int, tiling: TilingSpec | None = None) -> str:
         cat = self.category
         types = Counter(s.defect for s in cat.test)
@@ -809,44 +854,18 @@ class Summary:
             "(read as 8-bit BGR like the worker: grey -> 3 channels, 16-bit -> top 8 bits; stretched to the input size)",
             f"  masks: {', '.join(masked) if masked else 'none'}" + (f"; image labels only: {', '.join(unmasked)}" if unmasked else ""),
         ]
-        if cat.empty:
-            lines.append(f"  note: {', '.join(cat.empty)} {'holds' if len(cat.empty) == 1 else 'hold'} no images: "
-                         "not in the test split")
         if tiling is not None:
             lines.append(f"  tiles: every image cut into {tiling.grid[0]}x{tiling.grid[1]} tiles (overlap {tiling.overlap:g}), "
                          "each at the input size; a frame scores as its highest tile")
         elif self.sizes and (common := self.sizes.most_common(1)[0])[1] * 2 > self.sizes.total() \
                 and (note := _stretch_note(*common[0])):  # a size most images have: of mixed sizes, none is "most"
             lines.append(note)
-        if self.beyond_frames:
-            path, width, height, size = self.beyond_frames[0]
-            lines.append(f"  note: {len(self.beyond_frames)} images are larger than a worker takes as a frame unless told "
-                         f"(e.g. {path}: {width}x{height}, {size / 1e6:.1f} MB; limits.max_pixels "
-                         f"{FRAME_MAX_PIXELS / 1e6:g} MP, limits.max_frame_bytes {FRAME_MAX_BYTES / 1e6:g} MB): raise "
-                         "them in the worker's config.yaml for cameras that send such frames")
-        if self.not_read:
-            lines.append(f"  note: {len(self.not_read)} files are not read, their names not a PNG, JPEG, BMP, TIFF or "
-                         f"WebP image's: {by_kind(self.not_read, cat.base)}; save them as PNG to train on them")
-        if rescaled := len(self.misfit_masks) - len(self.misshapen_masks):
-            lines.append(f"  note: {rescaled} masks are at another scale than their images (same proportions): "
-                         "resized to them")
-        if self.low_bits:
-            path, top = max(self.low_bits, key=lambda m: m[1])
-            bits = max(top.bit_length(), 1)
-            lines.append(f"  warning: {len(self.low_bits)} 16-bit images use only their low {bits} bits (e.g. {path}: "
-                         f"largest value {top} of 65535, a {bits}-bit camera's data): read as 8-bit like the worker reads "
-                         f"a frame (the top 8 bits), they are almost black (0..{top >> 8}); scale them to the full 16-bit "
-                         f"range (x{1 << (16 - bits)}) before training, and the camera's frames the same way (or have it "
-                         "send 8-bit frames)")
         if self.train_copies:
             copy, original = self.train_copies[0]
             lines.append(f"  note: {len(self.train_copies)} training images are byte for byte copies of others (e.g. "
                          f"{original} and {copy}): each kept with the one it copies in the fit or among the "
                          "held-out images, so that no held-out image has been fitted")
-        if self.in_both:
-            test, train = self.in_both[0]
-            lines.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
-                         f"{train}): the test figures will overstate the model; remove the copies from one side")
+        lines += self.notes()
         if not cat.test:
             lines.append("  evaluation: none (no labelled test images); the bundle is exported unevaluated")
         elif not any(s.label for s in cat.test):
@@ -930,8 +949,9 @@ def frame_sizes(paths: Iterable[Path], most: int = 8) -> dict[str, int]:
     return {f"{w}x{h}": sizes[(w, h)] for w, h in kept}
 
 
-def summarise(category: Category) -> Summary:
-    """Decode every image and mask as stored (IMREAD_UNCHANGED) to report sizes, channels and depth, and find bad files."""
+def summarise(category: Category, trained: bool = True) -> Summary:
+    """Decode every image and mask as stored (IMREAD_UNCHANGED) to report sizes, channels and depth, and find bad files.
+    Not ``trained`` (``evaluate``): the training images are only read for their bytes, to find their copies in test."""
     sizes: Counter = Counter()
     channels: Counter = Counter()
     depths: Counter = Counter()
@@ -939,7 +959,7 @@ def summarise(category: Category) -> Summary:
     wide: list[Path] = []
     beyond: list[tuple[Path, int, int, int]] = []
     trained_size: dict[Path, tuple[int, int]] = {}  # (width, height) as decoded for training, EXIF turn applied
-    trained: dict[bytes, Path] = {}
+    seen: dict[bytes, Path] = {}  # a training image's bytes -> the first training image with them
     in_both: list[tuple[Path, Path]] = []
     refused: list[tuple[Path, str]] = []
     low_bits: list[tuple[Path, int]] = []
@@ -951,11 +971,13 @@ def summarise(category: Category) -> Summary:
             data = b""
         digest = hashlib.sha256(data).digest()
         if i < len(category.train):
-            if digest in trained and data:
-                train_copies.append((path, trained[digest]))
-            trained.setdefault(digest, path)
-        elif digest in trained and data:
-            in_both.append((path, trained[digest]))
+            if digest in seen and data:
+                train_copies.append((path, seen[digest]))
+            seen.setdefault(digest, path)
+        elif digest in seen and data:
+            in_both.append((path, seen[digest]))
+        if i < len(category.train) and not trained:
+            continue
         image = _decode(data, cv2.IMREAD_UNCHANGED)
         if image is None:
             unreadable.append(path)
@@ -984,4 +1006,4 @@ def summarise(category: Category) -> Summary:
                 misfit.append((file, (mask.shape[1], mask.shape[0]), size))
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
     return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
-                   low_bits, train_copies)
+                   low_bits, train_copies, trained)

@@ -231,6 +231,39 @@ def test_evaluate_command_writes_metrics(bundle_dir, dataset, tmp_path):
     assert set(metrics["detection_rate"]) == {"good", "hole", "scratch", "smear"}
 
 
+def _evaluate(bundle_dir, data, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", "evaluate", "--bundle", str(bundle_dir), "--data", str(data),
+                           *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_evaluate_makes_trains_checks_of_the_test_files(bundle_dir, dataset, tmp_path):
+    """evaluate made none of train's checks: a test image saved as GIF was left out while pixel_metrics said "all N
+    test images", and a mask of another shape than its image was stretched onto it where train refuses it."""
+    from PIL import Image
+
+    data = tmp_path / "gif"
+    shutil.copytree(dataset / "weave", data / "weave")
+    hole = min((data / "weave" / "test" / "hole").glob("*.png"))
+    Image.open(hole).save(hole.with_suffix(".gif"))
+    hole.unlink()
+    (data / "weave" / "ground_truth" / "hole" / f"{hole.stem}_mask.png").unlink()
+    proc = _evaluate(bundle_dir, data, "--category", "weave")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["images"] == 15
+    assert "data: " in proc.stderr and "test split: the data's own test split: good 4, hole 3, scratch 4" in proc.stderr
+    assert f"note: 1 files are not read, their names not a PNG, JPEG, BMP, TIFF or WebP image's: 1 .gif (test/hole/{hole.stem}.gif)" \
+        in proc.stderr, proc.stderr[-2000:]
+
+    data = tmp_path / "mask"
+    shutil.copytree(dataset / "weave", data / "weave")
+    mask = min((data / "weave" / "ground_truth" / "scratch").glob("*.png"))
+    assert cv2.imwrite(str(mask), cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)[:96])
+    proc = _evaluate(bundle_dir, data, "--category", "weave")
+    assert proc.returncode == 2 and not proc.stdout, proc.stdout[-2000:]
+    assert f"error: unusable data:\n  - 1 masks are not the shape of their image (e.g. {mask} is 128x96, its image 128x128" \
+        in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_test_split_of_good_images_only_has_no_f1(bundle_dir, dataset):
     """Without a defect image F1 is undefined (no true positive can exist); it was reported 0.0, which reads as a
     model that missed every defect.  The false-alarm rate stands (detection_rate of good)."""

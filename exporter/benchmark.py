@@ -87,7 +87,7 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
         "benchmark_s": round(time.monotonic() - started, 1),
         "bundle_bytes": _bundle_bytes(bundle_dir),
         "bundle": str(bundle_dir),
-        "training": manifest.training,
+        "training": {k: v for k, v in manifest.training.items() if k != "trained_images"},  # digests: the bundle's
         "parity": {
             "score_rtol": SCORE_RTOL,
             "max_relative_score_difference": float(rel.max()),

@@ -32,7 +32,18 @@ from bundle import (
 )
 from bundle.runtime import CompiledBundle, supported_precisions
 from exporter import backbones, stopping
-from exporter.data import Category, DatasetError, Sample, frame_sizes, hold_out_defects, load_category, read_frame, read_tiles, tiling_of
+from exporter.data import (
+    Category,
+    DatasetError,
+    Sample,
+    frame_sizes,
+    hold_out_defects,
+    load_category,
+    read_frame,
+    read_tiles,
+    short_digest,
+    tiling_of,
+)
 from exporter.evaluate import evaluate
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
 from exporter.quantize import CALIBRATION_IMAGES, quantize
@@ -162,7 +173,9 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             thresholds=Thresholds(image=Normalisation(low=0, threshold=1), pixel=Normalisation(low=0, threshold=1),
                                   method=PROVISIONAL),
             training={**trained.training, "train_images": len(trained.train), "threshold_images": len(val),
-                      "frame_sizes": frame_sizes([*trained.train, *val])},
+                      "frame_sizes": frame_sizes([*trained.train, *val]),
+                      # fitted and held-out images: a test image with their bytes is counted (and evaluate tells it)
+                      "trained_images": sorted({short_digest(p) for p in [*trained.train, *val]})},
             versions=library_versions(),
             precision=precision.upper(),
             extension=extension_spec(graph),

@@ -201,6 +201,12 @@ def copies(paths: list[Path]) -> list[list[Path]]:
     return sorted(sorted(g) for g in by_digest.values() if len(g) > 1)
 
 
+def short_digest(path: Path) -> str:
+    """A file's sha256, its first 16 hex digits: how a bundle records the images it was trained on
+    (``training.trained_images``), so that a test image with their bytes is told whatever its name or folder."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def not_read(root: Path) -> list[Path]:
     """The files below ``root`` that are not read because their name is not an image's (``.gif``, ``.pgm``, no
     suffix), in path order; hidden ones and those nobody means as an image (notes, lists) are left out."""

@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from bundle import Thresholds
 from bundle.runtime import CompiledBundle
-from exporter.data import Category, read_frame, read_mask
+from exporter.data import Category, read_frame, read_mask, short_digest
 from exporter.export import score_images
 from exporter.metrics import PixelMetrics
 
@@ -27,10 +27,12 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     reason in ``image_metrics``) but its masks' pixels hold both classes; one of good images only has neither.
 
     The threshold is the bundle's for the precision it was compiled at (``thresholds`` overrides it while
-    the exporter is still measuring them).  The result names that precision and the device.
+    the exporter is still measuring them).  The result names that precision and the device, and, where the bundle
+    records its training images, how many test images have their bytes (``trained_test_images``).
     """
     spec = bundle.manifest.input
     samples = category.test
+    trained = set(bundle.manifest.training.get("trained_images") or [])  # absent in bundles exported before
     if not samples:
         raise ValueError(f"{category.root}: no test images ({category.split}); evaluation needs labelled good and "
                          "defect images (README: Training data)")
@@ -65,6 +67,11 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
         "image_f1": round(float(f1_score(labels, predicted, zero_division=0)), 4) if any(labels) else None,
         "seconds": round(elapsed, 2),
     }
+    if trained:
+        if copied := sum(short_digest(s.path) in trained for s in samples):
+            log.warning("%d of %d test images are byte for byte images this bundle was trained on: the test figures "
+                        "overstate the model", copied, len(samples))
+        result["trained_test_images"] = copied
     if both_classes:
         result["image_auroc"] = round(float(roc_auc_score(labels, scores)), 4)
     else:

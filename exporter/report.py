@@ -119,6 +119,11 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], 
             lines.append(f"| {r['model']} | {r['category']} | {p} | {m.get('image_auroc', 'n/a')} "
                          f"| {m.get('pixel_auroc', 'n/a')} | {m.get('aupro', 'n/a')} | {m['image_f1']} "
                          f"| {m['detection_rate'].get('good', 'n/a')} |")
+    copied = [r for r in rows if r.get("trained_test_images")]
+    if copied:
+        lines += ["", "Warning, test images that are byte for byte training images (fitted or held out), so the figures "
+                      "above overstate the model: " + ", ".join(f"{r['model']} / {r['category']} {r['trained_test_images']} "
+                                                               f"of {r['images']}" for r in copied) + "."]
     lines += ["", "Training settings (from each bundle's manifest):", ""]
     for r in rows:
         t = r["training"]

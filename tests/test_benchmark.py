@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+from bundle import read_manifest
 from conftest import ROOT
 
 from benchmarks.common import wait_for_answers
@@ -19,9 +20,12 @@ from exporter.validation import BENIGN_KINDS
 
 def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tmp_path):
     """Beside weave, a copy of it with one mask missing and one with 3 good images: those categories' rows are lost,
-    named in the report, and the run goes on (one category's bad data stopped the whole benchmark)."""
+    named in the report, and the run goes on (one category's bad data stopped the whole benchmark).  A training
+    image copied into weave's test/good is counted in the bundle's test metrics and the report (train warned of it,
+    the report and bundle.json did not)."""
     data, out = tmp_path / "data", tmp_path / "report"
     shutil.copytree(dataset / "weave", data / "weave")
+    shutil.copy(min((data / "weave" / "train" / "good").glob("*.png")), data / "weave" / "test" / "good" / "copy.png")
     shutil.copytree(dataset / "weave", data / "partial")
     next((data / "partial" / "ground_truth").glob("*/*.png")).unlink()
     shutil.copytree(dataset / "weave", data / "few")  # 3 good training images: the run stopped at its thresholds
@@ -41,7 +45,13 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
     assert row["parity"]["same_verdicts"] and row["parity"]["within_tolerance"], row["parity"]
     assert 0.5 < row["image_auroc"] <= 1 and 0.5 < row["pixel_auroc"] <= 1 and 0 < row["aupro"] <= 1
     assert row["bundle_bytes"] > 0 and set(row["detection_rate"]) == {"good", "hole", "scratch", "smear"}
+    assert row["trained_test_images"] == 1 and row["images"] == 17 and "trained_images" not in row["training"], row
+    manifest = read_manifest(out / "bundles" / "weave-patchcore")
+    assert manifest.metrics["test"]["trained_test_images"] == 1
+    assert len(manifest.training["trained_images"]) == 32 and all(len(d) == 16 for d in manifest.training["trained_images"])
     text = (out / "report.md").read_text()
+    assert ("Warning, test images that are byte for byte training images (fitted or held out), so the figures above "
+            "overstate the model: patchcore / weave 1 of 17.") in text, text
     assert "| patchcore | weave |" in text and "Categories absent" in text
     assert f"| {row['aupro']:.4f} |" in text and "AUPRO (FPR <= 0.3)" in text
     for plot in ("roc.png", "heatmaps-weave.png"):

@@ -137,19 +137,35 @@ def _add_precisions_option(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from bundle import read_manifest
-    from exporter.data import DatasetError, load_category, summarise
+    from exporter.data import DatasetError, load_category, short_digest, summarise
     from exporter.evaluate import evaluate_folder
 
     # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
     training = read_manifest(Path(args.bundle), verify=False).training
     category = load_category(Path(args.data), args.category, int(training.get("seed", 0)))
     category = category.without(training.get("validation_defects", []))
+    trained = set(training.get("trained_images") or [])
+    # A split drawn again from files added or removed since the export holds some of the bundle's training images.
+    again = [s.path for s in category.test if s.defect == "good" and short_digest(s.path) in trained] \
+        if category.drawn else []
+    category = category.without(again)
     # train's checks of the test files: refused on the same problems, its notes said (on stderr: stdout is the JSON)
     summary = summarise(category, trained=False)
     print(summary.evaluation_text(), file=sys.stderr, flush=True)
     if problems := summary.problems():
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
+    if again:
+        print(f"  note: {len(again)} good images drawn into the test split are images this bundle was trained on "
+              f"(e.g. {again[0]}): left out, so the figures are of images it never saw; the good images are not "
+              "those it was trained on (added or removed since), so the split is not the one measured at export",
+              file=sys.stderr, flush=True)
+    elif category.drawn and not trained:
+        print("  note: this bundle does not record its training images (exported before training.trained_images): "
+              "if good images were added or removed since, some of its training images may be in this split",
+              file=sys.stderr, flush=True)
     metrics = evaluate_folder(Path(args.bundle), category, args.device, args.precision)
+    if again:
+        metrics["trained_left_out"] = len(again)
     text = json.dumps(metrics, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

@@ -121,6 +121,7 @@ class Category:
     split: str = "the data's own test split"  # how the test split was made, for the summary and the manifest
     category: str | None = None  # the object a list's rows were filtered to (VisA's split_csv holds every object)
     empty: tuple[str, ...] = ()  # class folders without images, as "scratch/": nothing of theirs is tested, said
+    drawn: bool = False  # the test split is drawn here from the good images (:func:`_held_out`), not the data's own
 
     @property
     def name(self) -> str:
@@ -508,7 +509,7 @@ def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], 
             tested.update(together)
     test = [Sample(p, "good", None) for p in sorted(tested)] + sorted(defects, key=lambda s: (s.defect, s.path))
     split = f"all defect images and {len(tested)} of {len(shuffled)} good images (seed {seed}), never trained on"
-    return Category(root, sorted(p for p in shuffled if p not in tested), test, layout, split)
+    return Category(root, sorted(p for p in shuffled if p not in tested), test, layout, split, drawn=True)
 
 
 def _delimiter(text: str) -> str:

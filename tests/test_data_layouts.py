@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -358,8 +359,6 @@ def test_labelled_folders_hold_out_good_images_for_test(tmp_path):
 def test_copies_among_good_images_go_to_one_side_of_a_drawn_test_split(tmp_path):
     """Labelled folders with a good image stored twice (``img (1).png``): the drawn test share took one copy and
     training the other, while the summary said the test images were never trained on."""
-    import hashlib
-
     rng = np.random.default_rng(3)
     for i in range(30):
         _write(tmp_path / "good" / f"{i:03d}.png", sample(rng, 64)[0])
@@ -781,6 +780,22 @@ def test_labelled_folders_of_16_bit_grey_non_square_images_train_and_evaluate(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads(out.read_text())
     assert again["images"] == test["images"] and again["image_auroc"] == test["image_auroc"]
+    assert again["trained_test_images"] == 0 and "trained_left_out" not in again
+
+    # Good images added since: the split drawn again took some of the bundle's training images into test, silently.
+    for i in range(20, 26):
+        _write(data / "good" / f"{i:02d}.png", _grey16_nonsquare(sample(rng, 96)[0]))
+    grown = [s.path for s in load_category(data).test if s.defect == "good"]
+    trained = set(manifest.training["trained_images"])
+    drawn_again = [p for p in grown if hashlib.sha256(p.read_bytes()).hexdigest()[:16] in trained]
+    assert drawn_again, grown  # the case: some of the new split's good images were trained on
+    proc = _exporter("evaluate", "--bundle", str(tmp_path / "b"), "--data", str(data), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grown_metrics = json.loads(out.read_text())
+    left_out = grown_metrics["trained_left_out"]
+    assert left_out > 0 and grown_metrics["trained_test_images"] == 0, grown_metrics
+    assert left_out == len(drawn_again) and grown_metrics["images"] == len(grown) - left_out + 6, grown_metrics
+    assert f"note: {left_out} good images drawn into the test split are images this bundle was trained on" in proc.stderr
 
 
 def test_good_images_only_train_and_export_without_evaluation(tmp_path):

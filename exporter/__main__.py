@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,7 +123,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise ValueError("--tiling is for train: benchmark scores whole images")
     from exporter.benchmark import run
 
-    report = run(Path(args.data), [f.name for f in families], Path(args.out),
+    report = run(Path(args.data), [f.name for f in families], Path(args.out), "python -m exporter " + shlex.join(args.argv),
                  args.categories.split(",") if args.categories else None, {f.name: f.settings(args) for f in families},
                  precisions=_list(args.precisions))
     print(report)
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # as given: the benchmark report names the command that ran
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

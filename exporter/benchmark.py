@@ -102,11 +102,12 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
     }
 
 
-def run(data: Path, models: list[str], out: Path, categories: list[str] | None = None,
+def run(data: Path, models: list[str], out: Path, command: str, categories: list[str] | None = None,
         settings: dict[str, Any] | None = None, precisions: list[str] | None = None) -> Path:
     """Benchmark every model on every category found under ``data``; returns the Markdown report's path.
 
-    ``settings`` maps a family's name to its settings; a family not in it uses its defaults.
+    ``command``: the command line as given, for the report.  ``settings`` maps a family's name to its settings; a
+    family not in it uses its defaults.
     """
     families = select(models)
     given = settings or {}
@@ -136,4 +137,4 @@ def run(data: Path, models: list[str], out: Path, categories: list[str] | None =
                 failed.append({"model": family.name, "category": category, "error": str(exc)})
     if not rows:
         raise DatasetError("no category could be benchmarked: " + "; ".join(f"{f['category']}: {f['error']}" for f in failed))
-    return write_report(rows, out, data, absent, failed)
+    return write_report(rows, out, data, absent, failed, command)

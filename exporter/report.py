@@ -75,12 +75,11 @@ def _mark(value: float | None, target: float) -> str:
     return f"{value:.4f} {'✓' if value >= target else '✗'}"
 
 
-def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], failed: list[dict]) -> str:
+def markdown(rows: list[dict], absent: list[str], plots: list[str], failed: list[dict], command: str) -> str:
     lines = [
         "# Detection quality benchmark",
         "",
-        f"Generated {timestamp()} by `python -m exporter benchmark --data {data} --models "
-        f"{','.join(dict.fromkeys(r['model'] for r in rows))} --out DIR` on {platform.machine()} with "
+        f"Generated {timestamp()} by `{command}` on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores, no GPU. Every metric is measured by running the exported OpenVINO bundle "
         f"(f32 inference precision, on {rows[0].get('device', 'the CPU')}) on the test split; the image threshold comes "
         "from held-out normal training images only.",
@@ -147,10 +146,10 @@ def markdown(rows: list[dict], data: Path, absent: list[str], plots: list[str], 
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], out: Path, data: Path, absent: list[str], failed: list[dict] | None = None) -> Path:
+def write_report(rows: list[dict], out: Path, data: Path, absent: list[str], failed: list[dict], command: str) -> Path:
     """report.md, report.json, roc.png and heatmaps-CATEGORY.png in ``out``; returns report.md.  ``failed``: the
-    model/category pairs whose data could not be used, each with its ``error``."""
-    failed = failed or []
+    model/category pairs whose data could not be used, each with its ``error``; ``command``: the command line that
+    ran, every option it was given (settings change every figure)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = ["roc.png"]
     roc_plot(rows, out / "roc.png")
@@ -159,9 +158,9 @@ def write_report(rows: list[dict], out: Path, data: Path, absent: list[str], fai
         heatmap_grid([r for r in rows if r["category"] == category], out / name)
         plots.append(name)
     (out / "report.json").write_text(json.dumps({
-        "data": str(data), "absent_categories": absent, "failed": failed, "targets": TARGETS,
+        "data": str(data), "command": command, "absent_categories": absent, "failed": failed, "targets": TARGETS,
         "rows": [_public(r) for r in rows],
     }, indent=2, default=str) + "\n")
     path = out / "report.md"
-    path.write_text(markdown(rows, data, absent, plots, failed))
+    path.write_text(markdown(rows, absent, plots, failed, command))
     return path

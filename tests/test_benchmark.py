@@ -22,7 +22,7 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
     """Beside weave, a copy of it with one mask missing and one with 3 good images: those categories' rows are lost,
     named in the report, and the run goes on (one category's bad data stopped the whole benchmark).  A training
     image copied into weave's test/good is counted in the bundle's test metrics and the report (train warned of it,
-    the report and bundle.json did not)."""
+    the report and bundle.json did not).  The report names the command line as given, every option included."""
     data, out = tmp_path / "data", tmp_path / "report"
     shutil.copytree(dataset / "weave", data / "weave")
     shutil.copy(min((data / "weave" / "train" / "good").glob("*.png")), data / "weave" / "test" / "good" / "copy.png")
@@ -52,6 +52,8 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
     text = (out / "report.md").read_text()
     assert ("Warning, test images that are byte for byte training images (fitted or held out), so the figures above "
             "overstate the model: patchcore / weave 1 of 17.") in text, text
+    assert (f"by `python -m exporter benchmark --data {data} --models patchcore --input-size 128 --out {out}` on "
+            in text and report["command"] in text), text  # the options that ran (--input-size was left out)
     assert "| patchcore | weave |" in text and "Categories absent" in text
     assert f"| {row['aupro']:.4f} |" in text and "AUPRO (FPR <= 0.3)" in text
     for plot in ("roc.png", "heatmaps-weave.png"):

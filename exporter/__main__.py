@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -141,6 +142,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from exporter.data import DatasetError, load_category, short_digest, summarise
     from exporter.evaluate import evaluate_folder
 
+    if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):  # said before, not after the run
+        raise ValueError(f"--json {args.json}: its folder does not exist or cannot be written")
     # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
     training = read_manifest(Path(args.bundle), verify=False).training
     category = load_category(Path(args.data), args.category, int(training.get("seed", 0)))
@@ -168,9 +171,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if again:
         metrics["trained_left_out"] = len(again)
     text = json.dumps(metrics, indent=2)
+    print(text, flush=True)  # first: a file that cannot be written after all does not lose the evaluation
     if args.json:
         Path(args.json).write_text(text + "\n")
-    print(text)
     return 0
 
 

@@ -264,6 +264,16 @@ def test_evaluate_makes_trains_checks_of_the_test_files(bundle_dir, dataset, tmp
         in proc.stderr, proc.stderr[-2000:]
 
 
+def test_evaluate_says_a_json_file_it_cannot_write_before_it_runs(bundle_dir, dataset, tmp_path):
+    """`evaluate --json` to a folder that does not exist evaluated every image, then said only the file's error:
+    exit 2, nothing printed, the run lost (a helper's probe).  It is refused at once now."""
+    proc = _evaluate(bundle_dir, dataset, "--category", "weave", "--json", str(tmp_path / "nodir" / "m.json"))
+    assert proc.returncode == 2 and not proc.stdout, proc.stdout[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --json {tmp_path / 'nodir' / 'm.json'}: its folder does " \
+        "not exist or cannot be written", proc.stderr[-2000:]
+    assert "test split" not in proc.stderr  # before any image was read
+
+
 def test_a_test_split_of_good_images_only_has_no_f1(bundle_dir, dataset):
     """Without a defect image F1 is undefined (no true positive can exist); it was reported 0.0, which reads as a
     model that missed every defect.  The false-alarm rate stands (detection_rate of good)."""

@@ -765,6 +765,8 @@ class Summary:
     low_bits: list[tuple[Path, int]] = field(default_factory=list)  # (16-bit image, its largest value) below LOW_BITS
     train_copies: list[tuple[Path, Path]] = field(default_factory=list)  # (training image, the earlier one it copies)
     trained: bool = True  # the training images were decoded and checked too: False for ``evaluate``, which fits none
+    lossy_masks: list[Path] = field(default_factory=list)  # masks stored as JPEG: its noise marks pixels as defect
+    blank_masks: list[Path] = field(default_factory=list)  # defect images whose masks mark no pixel
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -829,6 +831,14 @@ class Summary:
                        f"a frame (the top 8 bits), they are almost black (0..{top >> 8}); scale them to the full 16-bit "
                        f"range (x{1 << (16 - bits)}) before training, and the camera's frames the same way (or have it "
                        "send 8-bit frames)")
+        if self.lossy_masks:
+            out.append(f"  warning: {len(self.lossy_masks)} masks are JPEG (e.g. {self.lossy_masks[0]}): every pixel "
+                       "above 0 marks a defect, and JPEG's compression noise around a mark's edges does too, so the "
+                       "pixel metrics count more (and more scattered) defect regions than were drawn; save masks as PNG")
+        if self.blank_masks:
+            out.append(f"  warning: {len(self.blank_masks)} defect images have masks that mark no pixel (e.g. "
+                       f"{self.blank_masks[0]}): their pixels count as defect-free in the pixel metrics, which then "
+                       "understate the model; draw the defect in them")
         if self.in_both:
             test, train = self.in_both[0]
             out.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
@@ -1004,13 +1014,31 @@ def summarise(category: Category, trained: bool = True) -> Summary:
         if image.dtype not in (np.uint8, np.uint16):  # read_image (IMREAD_COLOR) gets nothing from these
             wide.append(path)
     misfit: list[tuple[Path, tuple[int, int], tuple[int, int]]] = []
+    lossy: list[Path] = []
+    blank: list[Path] = []
     for sample in category.test:
         size = trained_size.get(sample.path)  # None where the image is unreadable
+        marked = None
         for file in mask_files(sample.mask) if sample.mask is not None else []:
             if (mask := mask_pixels(file)) is None:
                 unreadable.append(file)
-            elif size is not None and (mask.shape[1], mask.shape[0]) != size:
+                continue
+            if size is not None and (mask.shape[1], mask.shape[0]) != size:
                 misfit.append((file, (mask.shape[1], mask.shape[0]), size))
+            if _is_jpeg(file):
+                lossy.append(file)
+            marked = bool(marked) or bool(mask.any())
+        if marked is False and sample.mask is not None and sample.defect != "good":
+            blank.append(sample.mask)
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
     return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
-                   low_bits, train_copies, trained)
+                   low_bits, train_copies, trained, lossy, blank)
+
+
+def _is_jpeg(path: Path) -> bool:
+    """Whether a file's content is JPEG (its first bytes; a mask's name may say otherwise)."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(3) == b"\xff\xd8\xff"
+    except OSError:
+        return False

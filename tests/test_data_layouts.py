@@ -1162,3 +1162,21 @@ def test_a_defect_type_folder_without_images_is_said_in_the_summary(tmp_path):
     (root / "test" / "smudge").mkdir()
     assert "note: test/glue/, test/smudge/ hold no images: not in the test split" in summarise(
         load_category(tmp_path, "weave")).text(3, 1)
+
+
+def test_jpeg_and_blank_masks_are_warned_about(dataset, tmp_path):
+    """A mask saved as JPEG (its compression noise counts as defect: in a helper's probe one drawn region became six
+    and AUPRO fell from 0.86 to 0.76) and a defect image's mask that marks nothing (its pixels then count as
+    defect-free) changed the pixel metrics without a word; the summary that train and evaluate print warns of both."""
+    shutil.copytree(dataset / "weave", tmp_path / "weave")
+    truth = tmp_path / "weave" / "ground_truth"
+    jpeg, blank = sorted((truth / "hole").glob("*.png"))[:2]
+    _, encoded = cv2.imencode(".jpg", cv2.imread(str(jpeg), cv2.IMREAD_GRAYSCALE), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    jpeg.write_bytes(encoded.tobytes())  # JPEG content under the .png name a tool kept
+    assert cv2.imwrite(str(blank), np.zeros_like(cv2.imread(str(blank), cv2.IMREAD_GRAYSCALE)))
+    summary = summarise(load_category(tmp_path, "weave"))
+    assert summary.lossy_masks == [jpeg] and summary.blank_masks == [blank]
+    notes = "\n".join(summary.notes())
+    assert f"warning: 1 masks are JPEG (e.g. {jpeg})" in notes and "save masks as PNG" in notes
+    assert f"warning: 1 defect images have masks that mark no pixel (e.g. {blank})" in notes
+    assert not summarise(load_category(dataset, "weave")).lossy_masks  # the generated set's PNG masks: no warning

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
-import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,7 +15,6 @@ import torch
 from torch import nn
 
 from bundle import (
-    MANIFEST,
     PROVISIONAL,
     InputSpec,
     Normalisation,
@@ -31,7 +26,7 @@ from bundle import (
     write_manifest,
 )
 from bundle.runtime import CompiledBundle, supported_precisions
-from exporter import backbones, stopping
+from exporter import backbones
 from exporter.data import (
     Category,
     DatasetError,
@@ -47,6 +42,7 @@ from exporter.data import (
 from exporter.evaluate import evaluate
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
 from exporter.quantize import CALIBRATION_IMAGES, quantize
+from exporter.staging import remove_stale_staging, replaceable, staged
 from exporter.thresholds import NORMALS, VAL_DEFECT_FRACTION, ThresholdChoice, choose_thresholds
 from exporter.train import efficientad
 from exporter.train.efficientad import EfficientAdSettings
@@ -146,12 +142,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
     with torch.no_grad():
         embedding_dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    with stopping.deferred():
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-        stopping.remove_on_stop(staging)
-    try:
+    with staged(out) as staging:
         log.info("exporting to OpenVINO IR")
         model = convert(graph, spec)
         if precision == "int8":
@@ -197,11 +188,6 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
             log.warning("not evaluated: the data has no labelled test images (%s)", cat.layout)
         fields["training"]["total_s"] = round(time.monotonic() - trained.started, 2)
         write_manifest(staging, fields)
-        with stopping.deferred():
-            _move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        stopping.keep_on_stop(staging)
     return out
 
 
@@ -231,16 +217,11 @@ def measure_precision(folder: Path, precision: Precision, val_images: list, cate
     return PrecisionRecord(thresholds=thresholds, metrics=metrics, measured_on=compiled.device_name)
 
 
-def _replaceable(out: Path) -> bool:
-    """Whether a bundle may be moved to ``out``: nothing is there, an empty folder, or a bundle (which it replaces)."""
-    return not out.exists() or (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir())))
-
-
 def check_out(out: Path) -> None:
     """Refuse ``--out`` before any fit, where the bundle could not be moved there after it: a folder (or file) that
     is not a model bundle, or a place the exporter cannot write."""
     out = out.resolve()
-    if not _replaceable(out):
+    if not replaceable(out):
         raise ValueError(f"--out {out} exists and is not a model bundle; not replacing it: choose another folder")
     above = next(p for p in out.parents if p.exists())
     if not above.is_dir():
@@ -253,52 +234,3 @@ def check_out(out: Path) -> None:
     remove_stale_staging(out)  # before the fit: a bundle a killed run left set aside is served again at once
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (one of another user's too); a reused pid reads as alive, which keeps a folder."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(out: Path) -> None:
-    """Remove the folders beside ``out`` that runs to it were killed before removing (``.NAME.partial-PID-*``,
-    ``.NAME.replaced-PID``): each can hold a whole model.  Only those of processes no longer running, so two runs
-    to one ``--out`` at once leave each other's staging folder alone.  A run killed between renaming the bundle at
-    ``out`` aside and its own into place left ``out`` missing: the bundle set aside goes back instead."""
-    for entry in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:partial-(\d+)-.+|replaced-(\d+))", entry.name)
-        if match is None or not entry.is_dir():
-            continue
-        pid = int(match[1] or match[2])
-        if pid == os.getpid() or _alive(pid):
-            continue
-        if match[2] and not out.exists() and (entry / MANIFEST).is_file():  # killed between its two renames:
-            log.warning("%s is missing and %s holds the bundle an exporter run (pid %d) was replacing when it was "
-                        "killed: putting it back", out, entry, pid)
-            entry.rename(out)  # the bundle it was replacing goes back
-            continue
-        log.info("removing %s, left by an exporter run (pid %d) that was killed", entry, pid)
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished bundle to ``out``; an existing bundle there is replaced (renamed aside, then removed).
-
-    The staging folder gets the mode any folder made under this umask has: mkdtemp makes it 0700, and a bundle
-    copied from there as root (deploy/README) was then unreadable to the worker's own user."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    if not out.exists():
-        staging.rename(out)
-        return
-    if not _replaceable(out):
-        raise ValueError(f"{out} exists and is not a model bundle; not replacing it")
-    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    out.rename(aside)
-    staging.rename(out)
-    shutil.rmtree(aside, ignore_errors=True)

@@ -15,10 +15,7 @@ none of these is an error, never left stale.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +23,8 @@ import openvino as ov
 
 from bundle import BundleError, Manifest, Thresholds, read_manifest, write_manifest
 from bundle.extension import read_folder, weights_key
-from exporter import stopping
 from exporter.export import library_versions, save_ir, timestamp
+from exporter.staging import staged
 
 _SQ_RTOL = 1e-4  # a bank-norm constant is recognised by its values: the IR stores them in f32
 
@@ -236,27 +233,11 @@ def fold(bundle: Path, extension: Path, out: Path) -> Manifest:
         metrics={},
         training={**source.training, "memory_bank": new, "folds": [*source.training.get("folds", []), record]},
     )
-    # Built beside ``out`` and renamed into place whole: a full disk or a Ctrl-C left a truncated model.bin there,
-    # which the next fold and train then refused as a folder not empty.
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with stopping.deferred():
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-        stopping.remove_on_stop(staging)
-    try:
+    # Built beside ``out`` and renamed into place whole (exporter/staging.py): a full disk or a Ctrl-C left a
+    # truncated model.bin there, which the next fold and train then refused as a folder not empty.
+    with staged(out.resolve()) as staging:
         save_ir(model, staging)
         try:
-            manifest = write_manifest(staging, fields)
+            return write_manifest(staging, fields)
         except BundleError as exc:
             raise FoldError(str(exc)) from exc
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the worker's own user out
-        with stopping.deferred():
-            if out.exists():
-                out.rmdir()  # empty: checked above
-            staging.rename(out)
-            stopping.keep_on_stop(staging)
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone once renamed

@@ -1,0 +1,98 @@
+"""A bundle is built in a staging folder beside ``--out`` and renamed into place whole, so a worker watching ``--out``
+never sees a half-written or provisional bundle, and a run stopped or killed part way leaves nothing at ``--out``.
+
+Used by ``train`` (exporter/build.py) and ``fold-extension`` (exporter/fold.py).  Staging folders are
+``.NAME.partial-PID-*``; a bundle being replaced is renamed aside to ``.NAME.replaced-PID`` for the moment of the swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bundle import MANIFEST
+from exporter import stopping
+
+log = logging.getLogger(__name__)
+
+
+def replaceable(out: Path) -> bool:
+    """Whether a bundle may be moved to ``out``: nothing is there, an empty folder, or a bundle (which it replaces)."""
+    return not out.exists() or (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir())))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (one of another user's too); a reused pid reads as alive, which keeps a folder."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the folders beside ``out`` that runs to it were killed before removing (``.NAME.partial-PID-*``,
+    ``.NAME.replaced-PID``): each can hold a whole model.  Only those of processes no longer running, so two runs
+    to one ``--out`` at once leave each other's staging folder alone.  A run killed between renaming the bundle at
+    ``out`` aside and its own into place left ``out`` missing: the bundle set aside goes back instead."""
+    for entry in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:partial-(\d+)-.+|replaced-(\d+))", entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        pid = int(match[1] or match[2])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if match[2] and not out.exists() and (entry / MANIFEST).is_file():  # killed between its two renames:
+            log.warning("%s is missing and %s holds the bundle an exporter run (pid %d) was replacing when it was "
+                        "killed: putting it back", out, entry, pid)
+            entry.rename(out)  # the bundle it was replacing goes back
+            continue
+        log.info("removing %s, left by an exporter run (pid %d) that was killed", entry, pid)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished bundle to ``out``; an existing bundle (or empty folder) there is replaced (renamed aside,
+    then removed).
+
+    The staging folder gets the mode any folder made under this umask has: mkdtemp makes it 0700, and a bundle
+    copied from there as root (deploy/README) was then unreadable to the worker's own user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    if not out.exists():
+        staging.rename(out)
+        return
+    if not replaceable(out):
+        raise ValueError(f"{out} exists and is not a model bundle; not replacing it")
+    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    out.rename(aside)
+    staging.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A new staging folder beside ``out`` (stale ones of killed runs removed first), renamed to ``out`` when the
+    block ends without an error and removed otherwise, on a signal too (:mod:`exporter.stopping`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    with stopping.deferred():
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        stopping.remove_on_stop(staging)
+    try:
+        yield staging
+        with stopping.deferred():
+            _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone once renamed
+        stopping.keep_on_stop(staging)

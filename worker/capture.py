@@ -237,13 +237,14 @@ class Capture:
                             self.skipped_frames)
             return False
         state = self._camera(camera)
-        if _named(state.defects, key) or _named(state.false_alarms, key):
-            return False  # a camera that reused a labelled frame's id: its files are the labelled frame's
         state.seen += 1
         slot = len(state.files) if len(state.files) < self.max_frames and not self._over(state, 0) else self._draw(state)
         if slot is None:
             self._save_due(state)
             return False
+        if _named(state.defects, key) or _named(state.false_alarms, key):  # only for a frame drawn: the hot path
+            self._save_due(state)
+            return False  # a camera that reused a labelled frame's id: its files are the labelled frame's
         vector = signature(image)
         if self._duplicate(state, vector):
             self._save_due(state)

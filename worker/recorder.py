@@ -472,7 +472,8 @@ class Recorder:
         batch = self._next_batch()
         try:
             if batch:
-                kept, saved = batch, list[str]()
+                kept = batch
+                saved: list[str] = []  # the keys whose evidence _prepare wrote: deleted if the batch is lost
                 try:
                     if self.store_error is not None and self.store is None:  # spooled, they would never be written
                         self.unrecorded += len(batch)

@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
     trained = (_choose(args, threshold) if args.choose
                else family.fit(Path(args.data), args.category, family.settings(args), threshold))
     print(package(trained, Path(args.out), name=args.name, evaluate_test=not args.no_eval, precision=args.precision,
-                  precisions=_list(args.precisions)))
+                  precisions=_list(args.precisions), then=None))
     return 0
 
 
@@ -312,4 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stopping.install()  # main puts these handlers back as it returns: a signal then still hears of its bundle
+    code = main()
+    stopping.finished()
+    sys.exit(code)

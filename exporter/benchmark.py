@@ -57,7 +57,8 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
     started = time.monotonic()
     model = family.name
     trained = family.fit(data, category, settings, NORMALS)
-    bundle_dir = package(trained, out / "bundles" / f"{category}-{model}", precisions=precisions)
+    bundle_dir = package(trained, out / "bundles" / f"{category}-{model}", precisions=precisions,
+                         then="its torch parity check, any later models and categories, and the report")
     compiled = CompiledBundle(bundle_dir, hint="LATENCY", precision="f32")  # parity with torch: f32 on every CPU
     manifest = compiled.manifest
     samples = trained.category.test

@@ -26,7 +26,7 @@ from bundle import (
     write_manifest,
 )
 from bundle.runtime import CompiledBundle, supported_precisions
-from exporter import backbones
+from exporter import backbones, stopping
 from exporter.data import (
     Category,
     DatasetError,
@@ -130,19 +130,20 @@ def default_name(category: str, family: str) -> str:
 
 
 def package(trained: Trained, out: Path, name: str | None = None, evaluate_test: bool = True,
-            precision: str = "fp32", precisions: list[str] | None = None) -> Path:
+            precision: str = "fp32", precisions: list[str] | None = None, then: str | None = stopping.REST) -> Path:
     """Export the graph, set thresholds on held-out images (``trained.threshold``) and measure the test split at
     every inference precision the CPU runs (``precisions`` limits them), write the manifest; returns ``out``.
 
     The bundle is built in a temporary folder beside ``out`` and renamed into place when complete, so a
-    worker watching ``out`` never sees a half-written or provisional bundle.
+    worker watching ``out`` never sees a half-written or provisional bundle.  ``then``: what the caller does after,
+    said if a signal stops it there (None: nothing but printing ``out``; :func:`exporter.staging.staged`).
     """
     graph, spec, family, cat, val = trained.graph, trained.spec, trained.family, trained.category, trained.val
     category = cat.name
     with torch.no_grad():
         embedding_dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
     out = out.resolve()
-    with staged(out) as staging:
+    with staged(out, then) as staging:
         log.info("exporting to OpenVINO IR")
         model = convert(graph, spec)
         if precision == "int8":

@@ -235,7 +235,7 @@ def fold(bundle: Path, extension: Path, out: Path) -> Manifest:
     )
     # Built beside ``out`` and renamed into place whole (exporter/staging.py): a full disk or a Ctrl-C left a
     # truncated model.bin there, which the next fold and train then refused as a folder not empty.
-    with staged(out.resolve()) as staging:
+    with staged(out.resolve(), then=None) as staging:
         save_ir(model, staging)
         try:
             return write_manifest(staging, fields)

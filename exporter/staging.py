@@ -81,9 +81,10 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
+def staged(out: Path, then: str | None = stopping.REST) -> Iterator[Path]:
     """A new staging folder beside ``out`` (stale ones of killed runs removed first), renamed to ``out`` when the
-    block ends without an error and removed otherwise, on a signal too (:mod:`exporter.stopping`)."""
+    block ends without an error and removed otherwise, on a signal too (:mod:`exporter.stopping`).  ``then``: what
+    the run does after the bundle is in place (None: nothing but saying where), for a signal that comes after."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     with stopping.deferred():
@@ -93,6 +94,7 @@ def staged(out: Path) -> Iterator[Path]:
         yield staging
         with stopping.deferred():
             _move_into_place(staging, out)
+            stopping.placed(out, then)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone once renamed
         stopping.keep_on_stop(staging)

@@ -4,6 +4,10 @@ An exception raised from a signal handler lands in whatever library code runs at
 converter and NNCF's imports swallowed it (the run went on and wrote its bundle), and raised inside OpenVINO's
 telemetry thread pool it aborted the process (SIGABRT), leaving the staging folder, a whole model, beside --out.
 So the handler does the cleanup itself and ends the process there.
+
+A signal that comes once the run's new bundle is in place whole (:func:`placed`) does not call the run stopped:
+where nothing else was left to do the run ends as finished, saying the signal came too late to stop anything;
+else the one line names the bundle in place and what did not run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+REST = "the rest of the run"  # what a run does after a bundle is in place, unless it says
 _abandon: set[Path] = set()
+_placed: list[tuple[Path, str | None]] = []  # bundles this run put in place whole, each with what was left after it
 
 
 def remove_on_stop(folder: Path) -> None:
@@ -30,6 +36,13 @@ def remove_on_stop(folder: Path) -> None:
 
 def keep_on_stop(folder: Path) -> None:
     _abandon.discard(folder)
+
+
+def placed(out: Path, then: str | None) -> None:
+    """``out`` now holds this run's new bundle, whole; ``then``: what the run still does after it, None for nothing
+    but printing where it is.  Call under :func:`deferred` with the rename: a signal held back by it is delivered
+    as the block ends, after the rename, and was told "stopped" though the bundle was in place."""
+    _placed.append((out, then))
 
 
 @contextlib.contextmanager
@@ -43,22 +56,46 @@ def deferred() -> Iterator[None]:
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    if _placed and _placed[-1][1] is None:  # nothing left to stop: the run finishes (prints the path, exit 0)
+        print(f"note: {name} came after the new bundle at {_placed[-1][0]} was complete and in place; nothing was "
+              "left to stop", file=sys.stderr, flush=True)
+        return
     for folder in list(_abandon):
         shutil.rmtree(folder, ignore_errors=True)
-    what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {name}"
+    if _placed:
+        out, then = _placed[-1]
+        more = f" ({len(_placed)} new bundles in place in all)" if len(_placed) > 1 else ""
+        what += f" after the new bundle at {out} was complete and in place{more}; not done: {then}"
     sys.stdout.flush()
     print(f"error: {what}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 
+def install() -> dict:
+    """The signals end the run as :func:`_stop` says from now on; the handlers they had."""
+    return {sig: signal.signal(sig, _stop) for sig in SIGNALS}
+
+
+def finished() -> None:
+    """The command is done and has said so: a signal from here until the process is gone (the interpreter's exit,
+    long with torch and OpenVINO loaded) has nothing to stop, and killed it with 128 + the signal, read as a run
+    stopped.  Ignored instead (Python leaves an ignored signal ignored as it exits)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
     """The signals end the run as :func:`_stop` says inside the block; the handlers before it are put back (main()
-    is also called in tests).  Only the main thread can set handlers."""
+    is also called in tests; a call forgets the bundles an earlier one put in place, kept after the block for a
+    signal until the process exits).  Only the main thread can set handlers."""
+    _placed.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {sig: signal.signal(sig, _stop) for sig in SIGNALS}
+    before = install()
     try:
         yield
     finally:

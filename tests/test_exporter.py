@@ -388,6 +388,53 @@ def test_a_signal_while_packaging_removes_the_staging_folder(stop, dataset, tmp_
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_signal_once_the_new_bundle_is_in_place_says_it_is_there(dataset, tmp_path):
+    """A signal that came after the rename (delivered as the rename's deferral ended, or during the interpreter's
+    exit) was told as "error: stopped by SIGTERM", exit 143 (or a bare kill), though a complete new bundle was at
+    --out and nothing was left to do.  Now the run ends as finished: its path on stdout, exit 0, nothing left beside
+    --out, and a note that the signal came too late to stop anything (none where it came once the run had said all
+    and was exiting: it is ignored then)."""
+    err = (tmp_path / "stderr").open("w+")
+    out = tmp_path / "runs" / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                             "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05", "--no-eval",
+                             "--precisions", "f32"], stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
+    while proc.poll() is None and not (out / "bundle.json").is_file():
+        time.sleep(0.01)  # polling for the bundle at --out: the signal is sent once it is in place
+    assert proc.returncode is None, "the run ended before its bundle was seen in place"
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    err.seek(0)
+    text = err.read()
+    assert proc.returncode == 0, text[-2000:]
+    assert "error:" not in text and "Traceback" not in text, text[-2000:]
+    note = f"note: SIGTERM came after the new bundle at {out} was complete and in place; nothing was left to stop"
+    assert [line for line in text.splitlines() if "SIGTERM" in line] in ([], [note]), text[-2000:]
+    assert stdout.decode().splitlines()[-1] == str(out)
+    read_manifest(out, verify=True)  # whole, its files checksummed
+    assert [p.name for p in out.parent.iterdir()] == ["b"]
+
+
+@pytest.mark.parametrize("then", [None, "the report"], ids=["nothing-after", "a-report-after"])
+def test_a_signal_after_a_bundle_is_in_place_names_it_and_what_did_not_run(then, tmp_path):
+    """How the run tells a signal that came once its bundle was in place: where nothing was left, a note and the run
+    goes on to its end (exit 0); where more was promised (benchmark: the report), the bundle in place, what did not
+    run, and 128 + the signal."""
+    script = ("import os, signal, sys; from pathlib import Path; from exporter import stopping\n"
+              "with stopping.handled():\n"
+              f"    stopping.placed(Path({str(tmp_path / 'b')!r}), {then!r})\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    print('finished')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    place = f"after the new bundle at {tmp_path / 'b'} was complete and in place"
+    if then is None:
+        assert (proc.returncode, proc.stdout) == (0, "finished\n"), proc.stderr
+        assert proc.stderr.splitlines() == [f"note: SIGTERM came {place}; nothing was left to stop"]
+    else:
+        assert (proc.returncode, proc.stdout) == (128 + signal.SIGTERM, ""), proc.stderr
+        assert proc.stderr.splitlines() == [f"error: stopped by SIGTERM {place}; not done: the report"]
+
+
 def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_path):
     """Folders of runs killed (SIGKILL, a power cut) stayed forever beside --out, each a whole model; a later run to
     the same --out removes those whose process is gone, and leaves a running one's (two runs at once) alone."""

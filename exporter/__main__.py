@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
     from exporter.data import tiling_of
 
     tiling = tiling_of(family.settings(args))
-    category = _check_data(Path(args.data), args.category, threshold, tiling)
+    category = _check_data(Path(args.data), args.category, threshold, tiling, family.settings(args).seed)
     if args.name is None:
         default_name(category.name, family.name)
     trained = (_choose(args, threshold) if args.choose
@@ -65,15 +65,20 @@ def _choose(args: argparse.Namespace, threshold: ThresholdChoice) -> Trained:
                   threshold, photos)
 
 
-def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, tiling: TilingSpec | None) -> Category:
-    """Print what was found and what it will be used for; refuse data that cannot be trained on, saying why; the
-    data as read."""
+def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, tiling: TilingSpec | None,
+                seed: int) -> Category:
+    """Print what was found and what it will be used for, split as the fit will split it (``seed``): the test split
+    said is the one evaluated, without the defects a recall threshold is chosen on.  Refuse data that cannot be
+    trained on, saying why; the data as read."""
     from exporter.build import VAL_FRACTION
-    from exporter.data import DatasetError, load_category, summarise
+    from exporter.data import DatasetError, hold_out_defects, load_category, summarise
+    from exporter.thresholds import VAL_DEFECT_FRACTION
 
-    summary = summarise(load_category(data, category))
-    fit, held = summary.category.split_train(VAL_FRACTION)
-    print(summary.text(len(fit), len(held), tiling) + f"\n  image threshold: {threshold.describe()}", flush=True)
+    summary = summarise(load_category(data, category, seed))  # every file checked, the held-out defects too
+    held_defects = hold_out_defects(summary.category, VAL_DEFECT_FRACTION, seed)[1] if threshold.needs_defects else []
+    fit, held = summary.category.split_train(VAL_FRACTION, seed)
+    print(summary.text(len(fit), len(held), tiling, held_defects) + f"\n  image threshold: {threshold.describe()}",
+          flush=True)
     problems = summary.problems()
     if problems:
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))

@@ -47,7 +47,7 @@ import os
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PureWindowsPath
 from typing import Protocol
@@ -857,15 +857,22 @@ class Summary:
             *self.notes(),
         ])
 
-    def text(self, n_fit: int, n_threshold: int, tiling: TilingSpec | None = None) -> str:
+    def text(self, n_fit: int, n_threshold: int, tiling: TilingSpec | None = None,
+             held_defects: Sequence[Sample] = ()) -> str:
+        """``train``'s summary; ``held_defects``: the defects a recall threshold is chosen on, said apart from the
+        test split they leave (it said them in it, more images than were evaluated)."""
         cat = self.category
-        types = Counter(s.defect for s in cat.test)
-        masked = sorted({s.defect for s in cat.test if s.mask is not None})
-        unmasked = sorted({s.defect for s in cat.test if not s.has_pixel_truth})
+        held = {s.path for s in held_defects}
+        test = [s for s in cat.test if s.path not in held]
+        types, held_types = Counter(s.defect for s in test), Counter(s.defect for s in held_defects)
+        masked = sorted({s.defect for s in test if s.mask is not None})
+        unmasked = sorted({s.defect for s in test if not s.has_pixel_truth})
         lines = [
             f"data: {cat.root} ({cat.layout})",
             f"  good training images: {len(cat.train)} -> {n_fit} to fit, {n_threshold} held out for the threshold",
             f"  test split: {cat.split}" + (": " + ", ".join(f"{t} {n}" for t, n in sorted(types.items())) if types else ""),
+            *([f"  held out of the test split for the threshold: {', '.join(f'{t} {n}' for t, n in sorted(held_types.items()))}"]
+              if held_types else []),
             f"  image sizes (w x h): {_counts({f'{w}x{h}': n for (w, h), n in self.sizes.items()})}",
             f"  channels: {_counts(self.channels)}; bit depth: {_counts(self.depths)} "
             "(read as 8-bit BGR like the worker: grey -> 3 channels, 16-bit -> top 8 bits; stretched to the input size)",
@@ -883,11 +890,11 @@ class Summary:
                          f"{original} and {copy}): each kept with the one it copies in the fit or among the "
                          "held-out images, so that no held-out image has been fitted")
         lines += self.notes()
-        if not cat.test:
+        if not test:
             lines.append("  evaluation: none (no labelled test images); the bundle is exported unevaluated")
-        elif not any(s.label for s in cat.test):
+        elif not any(s.label for s in test):
             lines.append("  evaluation: false-alarm rate only (no defect images)")
-        elif all(s.label for s in cat.test):
+        elif all(s.label for s in test):
             pixel = "pixel AUROC and AUPRO on the images with masks" if masked else "no pixel metrics (no masks)"
             lines.append(f"  evaluation: detection rate and F1 only, no image AUROC (no good test images); {pixel}")
         else:

@@ -848,7 +848,9 @@ def test_a_data_folder_whose_name_cannot_name_the_bundle_is_refused_before_the_f
 
 
 def test_list_with_some_masks_and_a_recall_threshold(tmp_path):
-    """Masks for one type only: pixel metrics over good + that type. Recall threshold on defects kept out of test."""
+    """Masks for one type only: pixel metrics over good + that type. Recall threshold on defects kept out of test,
+    and the summary printed before the fit says the test split without them (it said 4 of each type, 12 images, where
+    8 were evaluated)."""
     rng = np.random.default_rng(5)
     rows = []
     for i in range(20):
@@ -871,6 +873,9 @@ def test_list_with_some_masks_and_a_recall_threshold(tmp_path):
     assert manifest.thresholds.method.startswith("recall: highest image threshold flagging at least 0.5 of 4")
     test = manifest.metrics["test"]
     assert test["images"] == 4 + 4  # 4 held-out good, 2 + 2 defects left after validation took half of each type
+    said = proc.stdout.splitlines()
+    assert [line.rsplit(": ", 1)[1] for line in said if line.startswith("  test split: ")] == ["good 4, hole 2, scratch 2"]
+    assert "  held out of the test split for the threshold: hole 2, scratch 2" in said
     assert test["pixel_metrics"].startswith("6 of 8 test images: good and the types with masks (hole)")
     assert 0 <= test["aupro"] <= 1 and 0 <= test["pixel_auroc"] <= 1
     out = tmp_path / "m.json"

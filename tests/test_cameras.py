@@ -239,6 +239,17 @@ def test_json_envelopes_are_validated_like_user_properties(running, dataset):
     assert {user_props(m)["frame_id"] for m in heatmaps} == set(results)
     loose = client.json_on(f"{prefix}/envloose/result")[0]
     assert loose["generated"] == ["frame_id", "captured_at"] and loose["frame_id"].startswith("g-")
+
+    # A frame id sent as a number (Frigate's event id, a PLC's counter) is said as text, and a query or a label that
+    # names the frame by the same number finds it.
+    client.client.publish(f"{prefix}/env/frame", json.dumps({"image": _b64(good), "id": 1795, "timestamp": 1795000000}),
+                          qos=1).wait_for_publish(5)
+    assert "1795" in {r["frame_id"] for r in client.json_on(f"{prefix}/env/result", count=4)}
+    found = _query_until_found(client, prefix, {"frame_id": 1795, "camera": "env", "top_k": 2})
+    assert found["ok"] and found["query"]["frame_id"] == "1795", found
+    labelled = _query(client, prefix, {"action": "set", "frame_id": 1795, "camera": "env", "label": "confirmed_defect"},
+                      topic="label")
+    assert labelled["ok"] and labelled["frame_id"] == "1795", labelled
     assert worker.proc.poll() is None
 
 

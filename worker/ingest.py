@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from worker.config import Config
 from worker.decode import FrameError
-from worker.wire import CLOCK_FLOOR, ErrorCode, b64_image, clock_set, iso, parse_timestamp, valid_id
+from worker.wire import CLOCK_FLOOR, ErrorCode, b64_image, clock_set, iso, number_text, parse_timestamp, valid_id
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,8 @@ def _text(field: str, value: object) -> str | None:
     """An envelope value as the user-property string it stands for (numbers allowed; null = absent)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(value)
+    if isinstance(text := number_text(value), str):
+        return text
     raise FrameError(ErrorCode.BAD_METADATA, f"envelope field for {field} is a {type(value).__name__}, not a string or number")
 
 

@@ -27,7 +27,7 @@ from worker.learning import Learner
 from worker.query import serve_request
 from worker.recorder import StoreUnavailable
 from worker.store import Label, StoreError, VectorStore, point_id
-from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, iso
+from worker.wire import MAX_ID_LENGTH, ErrorCode, FrameIdField, RequestError, iso
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,7 +52,7 @@ def csv_cell(value: object) -> object:
 class SetLabel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["set"]
-    frame_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    frame_id: FrameIdField = Field(min_length=1, max_length=MAX_ID_LENGTH)
     camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     label: Label | None = Field(description="None clears the label.")
     defect_type: str | None = Field(None, max_length=64)
@@ -64,7 +64,7 @@ class Unlabel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     action: Literal["unlabel"]
-    frame_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    frame_id: FrameIdField = Field(min_length=1, max_length=MAX_ID_LENGTH)
     camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
 
 

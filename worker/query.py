@@ -23,7 +23,18 @@ from worker.evidence import EvidenceStore
 from worker.recorder import StoreUnavailable
 from worker.spaces import PAYLOAD_KEY
 from worker.store import Filters, StoreError, VectorStore
-from worker.wire import MAX_ID_LENGTH, ErrorCode, RequestError, b64_image, decode_json, error_answer, parse_timestamp, parse_until, validate
+from worker.wire import (
+    MAX_ID_LENGTH,
+    ErrorCode,
+    FrameIdField,
+    RequestError,
+    b64_image,
+    decode_json,
+    error_answer,
+    parse_timestamp,
+    parse_until,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)  # the request model serve_request validates and hands on
@@ -49,7 +60,7 @@ class QueryFilters(BaseModel):
 
 class QueryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    frame_id: str | None = Field(None, max_length=MAX_ID_LENGTH)
+    frame_id: FrameIdField | None = Field(None, max_length=MAX_ID_LENGTH)
     camera: str | None = Field(None, max_length=MAX_ID_LENGTH, description="Camera of frame_id, when frame ids repeat across cameras.")
     image_b64: str | None = None
     top_k: int = Field(5, ge=1, strict=True)  # strict: "3", 3.0 and true are refused, not read as a number

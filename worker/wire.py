@@ -14,9 +14,9 @@ import re
 import time
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Any, Literal, TypeGuard, TypeVar
+from typing import Annotated, Any, Literal, TypeGuard, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 MAX_ID_LENGTH = 128
 # Timestamps outside [2000-01-01, 2100-01-01) are refused: no camera clock is right there, and
@@ -154,6 +154,19 @@ def _epoch_seconds(number: float) -> float:
         if MIN_TS * per_second <= number < MAX_TS * per_second:
             return number / per_second
     return number
+
+
+def number_text(value: object) -> object:
+    """A JSON number as the text a frame id sent as one becomes (``repr``: 42 -> "42"), anything else as it is.
+
+    An envelope may carry its frame id as a number (Frigate's, a PLC's counter); the result then says it as text,
+    and a label or query that names the same frame by the same number finds it.  A boolean is not a number here.
+    """
+    return repr(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+# A request's frame id: text, or a JSON number read as :func:`number_text` reads it.
+FrameIdField = Annotated[str, BeforeValidator(number_text)]
 
 
 def valid_id(value: object) -> TypeGuard[str]:

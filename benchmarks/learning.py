@@ -26,7 +26,8 @@ on ``--split``: ``validation`` (synthetic anomalies of each of
 ``deform`` and ``stain`` included) to choose the margin, ``test`` (the category's test split) to report it
 once.  ``--confirmed K`` draws K images of each defect type out of the guard as the operator's confirmed defects
 (``learning.guard_defects``) and runs each setting twice on the rest, without and with them guarding the
-absorptions.  Everything runs at f32, set explicitly.
+absorptions; ``--guard-patches 0,16`` runs the guarded setting once per number of decisive patches each confirmed
+defect protects (``learning.guard_patches``, the farthest first; 0 all).  Everything runs at f32, set explicitly.
 
 ``--worker-timing N`` instead runs the worker behind a real mosquitto: a marked frame is streamed at
 ``--stream-rate`` frames/s (20; keep it under what the worker serves, or its backlog never drains), labelled
@@ -214,11 +215,12 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
     return out
 
 
-def confirm(scorer: Scorer, guard: tuple[list[np.ndarray], list[str]], per_type: int
+def confirm(scorer: Scorer, guard: tuple[list[np.ndarray], list[str]], per_type: int, protect: int = 0
             ) -> tuple[tuple[list[np.ndarray], list[str]], list[tuple[np.ndarray, np.ndarray]]]:
     """The operator's confirmed defects: ``per_type`` images of each defect type drawn from the guard (seeded),
     taken out of it (they are not measured) and turned into the anomalous patches an absorption must not come
-    nearer to, scored by the bank alone as the worker scores them (learning.guard_defects)."""
+    nearer to, scored by the bank alone as the worker scores them (learning.guard_defects; ``protect`` decisive
+    patches of each, 0 all)."""
     images, types = guard
     rng = random.Random(11)
     chosen = {i for kind in sorted(set(types) - {"good"})
@@ -227,7 +229,7 @@ def confirm(scorer: Scorer, guard: tuple[list[np.ndarray], list[str]], per_type:
     for i in sorted(chosen):
         pred = scorer.predict(images[i])
         protected.append(decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),
-                                          scorer.threshold))
+                                          scorer.threshold, protect))
     keep = [i for i in range(len(images)) if i not in chosen]
     return ([images[i] for i in keep], [types[i] for i in keep]), protected
 
@@ -236,6 +238,7 @@ def quality(args: argparse.Namespace) -> None:
     normals = held_out_normals(args.data, args.category)
     guard = guard_set(args.data, args.category, args.split, normals, args.guard_kinds)
     scorer = Scorer(args.bundle, args.rows)
+    guards = {n: confirm(scorer, guard, args.confirmed, n)[1] for n in args.guard_patches}
     guard, protected = confirm(scorer, guard, args.confirmed)
     guard_scores = scorer.scores(guard[0])
     guard_before = guard_figures(guard_scores, guard[1], scorer.threshold)
@@ -254,13 +257,15 @@ def quality(args: argparse.Namespace) -> None:
             marked = [benign(image, kind, rng) for image in normals]
             flagged = float((scorer.scores(marked) >= scorer.threshold).mean())
             for margin in args.margins:
-                for views, guarded in ((v, g) for v in args.views for g in ([[], protected] if protected else [[]])):
+                guardings = [("none", [])] + [("confirmed" + (f", top {n}" if n else ""), guards[n])
+                                              for n in args.guard_patches if protected]
+                for views, (guarding, guarded) in ((v, g) for v in args.views for g in guardings):
                     for n, r in scenario(scorer, marked, guard, margin, views, args.labels, args.trials, guard_scores,
                                          Path(tmp), guarded).items():
                         worst = ", ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v:+d}"
                                           for k, v in r["worst"].items())
                         drops = ", ".join(f"{k} {100 * m:.1f} ({100 * w:.1f})" for k, (m, w) in r["drops"].items())
-                        rows_out.append([kind, f"{margin:g}", views.value, "confirmed" if guarded else "none",
+                        rows_out.append([kind, f"{margin:g}", views.value, guarding,
                                          f"{flagged:.2f}", str(n), fmt(r["pass_after"], 2),
                                          fmt(r["rows"], 0), str(r["cut"]), fmt(r["auroc_delta"], 4), worst, drops,
                                          ", ".join(map(str, r["lost"]))])
@@ -460,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--confirmed", type=int, default=0,
                         help="defects of each type the operator has confirmed (learning.guard_defects): drawn from the "
                              "guard, they guard every absorption and are not measured")
+    parser.add_argument("--guard-patches", type=lambda s: [int(v) for v in s.split(",")], default=[0],
+                        help="with --confirmed: how many decisive patches of each confirmed defect guard (the farthest "
+                             "first; 0 all), comma-separated: each is run")
     parser.add_argument("--worker-timing", type=int, default=0, help="measure label -> first frame through the worker")
     parser.add_argument("--without-guards", action="store_true",
                         help="with --restart-confirmed: delete the guards on disk before the restart, time their scoring")

@@ -115,21 +115,26 @@ def offending(candidates: np.ndarray, scores: np.ndarray, threshold: float, marg
     return np.ascontiguousarray(np.asarray(candidates, np.float32).reshape(len(keep), -1)[keep])
 
 
-def decisive_patches(candidates: np.ndarray, scores: np.ndarray, image_score: float, threshold: float
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def decisive_patches(candidates: np.ndarray, scores: np.ndarray, image_score: float, threshold: float,
+                     protect: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(patches [m, C], reach [m]) that keep a flagged frame flagged, what a confirmed defect's guard protects
     (:func:`spared`).
 
     The image score is the farthest patch's distance times a factor below 1 (PatchCore's re-weighting, or the
     map's blur), so the frame stays flagged while one patch keeps at least ``need`` = farthest distance x
     threshold / image score.  The patches at or above ``need`` are the decisive ones, and a new row within
-    ``need`` of one of them is what could bring it below.  Nothing for a frame that is not flagged.
+    ``need`` of one of them is what could bring it below.  ``protect`` > 0 keeps only that many of them, the
+    farthest first: one kept at or above ``need`` is enough for the frame itself, the others protect what looks
+    like it.  Nothing for a frame that is not flagged.
     """
     scores = np.asarray(scores, np.float32).reshape(-1)
     if image_score < threshold or not len(scores):
         return np.empty((0, np.asarray(candidates).shape[-1]), np.float32), np.empty(0, np.float32)
     need = float(scores.max()) * threshold / image_score
-    patches = offending(candidates, scores, need, 1.0)
+    order = np.argsort(-scores, kind="stable")
+    if protect > 0:
+        order = order[:protect]
+    patches = offending(np.asarray(candidates, np.float32).reshape(len(scores), -1)[order], scores[order], need, 1.0)
     return patches, np.full(len(patches), need, np.float32)
 
 

@@ -161,6 +161,45 @@ def test_rows_spared_for_a_confirmed_defect_keep_it_flagged(bundle_dir, dataset)
                                 threshold)[0]) == 0
 
 
+def test_a_guard_of_the_farthest_decisive_patches_spares_rows_near_the_others():
+    """``protect`` = n keeps the n decisive patches farthest from the bank, whatever the candidates' order: a row near
+    a nearer decisive patch is then absorbed, one near the farthest is still left out."""
+    candidates = np.array([[1000, 0], [2000, 0], [0, 0], [3000, 0]], np.float32)  # far apart against a reach of ~44
+    scores = np.array([40, 45, 50, 10], np.float32)
+    need = 50 * 40 / 45  # farthest distance x threshold / image score
+    patches, reach = decisive_patches(candidates, scores, 45.0, 40.0)
+    assert sorted(map(tuple, patches)) == [(0, 0), (2000, 0)] and np.allclose(reach, need)
+    top, top_reach = decisive_patches(candidates, scores, 45.0, 40.0, protect=1)
+    np.testing.assert_array_equal(top, [[0, 0]])
+    assert np.allclose(top_reach, need)
+    assert len(decisive_patches(candidates, scores, 45.0, 40.0, protect=8)[0]) == 2  # never more than the decisive ones
+    rows = np.array([[2010, 0], [5, 0], [1000, 0]], np.float32)  # near the second farthest, the farthest, neither
+    np.testing.assert_array_equal(spared(rows, [(patches, reach)]), [False, False, True])
+    np.testing.assert_array_equal(spared(rows, [(top, top_reach)]), [True, False, True])
+
+
+def test_a_confirmed_defect_guarded_by_its_farthest_patch_alone_stays_flagged(bundle_dir, dataset):
+    """Protecting only a confirmed defect's farthest decisive patch leaves out fewer of the rows that look like it than
+    protecting all of them, and still keeps it flagged once the rest are absorbed."""
+    manifest = read_manifest(bundle_dir)
+    assert manifest.extension is not None
+    compiled = CompiledBundle(bundle_dir, extension_rows=manifest.extension.candidates)
+    threshold = compiled.thresholds.image.threshold
+    test = load_category(dataset, "weave").test
+    batch = np.stack([read_image(s.path, manifest.input) for s in test])
+    before = compiled.infer(batch)
+    assert before.candidates is not None and before.candidate_scores is not None
+    confirmed = next(i for i in np.argsort(-before.score) if test[i].label and before.score[i] >= threshold)
+    rows = before.candidates[confirmed]  # a label whose patches are the defect's own: the worst case
+    guard = [decisive_patches(before.candidates[confirmed], before.candidate_scores[confirmed],
+                              float(before.score[confirmed]), threshold, protect) for protect in (0, 1)]
+    assert len(guard[1][0]) == 1 < len(guard[0][0])
+    every, farthest = (spared(rows, [g]) for g in guard)
+    assert (every <= farthest).all() and farthest.sum() > every.sum()
+    compiled.set_extension(rows[farthest])
+    assert compiled.infer(batch).score[confirmed] >= threshold
+
+
 def test_pad_rows_are_safe_at_every_precision(bundle_dir, dataset):
     """A pad row's squared norm overflows f16; the graph masks pad rows, so at every precision the CPU runs, a
     bundle with a large empty extension scores as with one pad row and near its f32 scores."""

@@ -247,10 +247,11 @@ class Learner:
 
     def _how(self, model: Model, camera: str) -> str:
         """What a guard's patches depend on besides the bundle's weights: the precision, the camera's threshold, crop
-        and tiling, and the frame's decode; a guard scored otherwise is scored again."""
+        and tiling, the frame's decode and how many patches it protects; a guard scored otherwise is scored again."""
         override = self.cfg.cameras.get(camera)
         return json.dumps({"precision": model.bundle.precision, "threshold": repr(self.models.image_norm(model, camera).threshold),
                            "reduced_decode": self.cfg.limits.reduced_decode,
+                           "guard_patches": self.cfg.learning.guard_patches,
                            "roi": override.roi if override else None,
                            "tiling": tiling.record(model.tiling(override))},
                           sort_keys=True)
@@ -271,9 +272,9 @@ class Learner:
         bank_alone = model.bundle.extension_state_of(np.zeros((0, spec.feature_dim), np.float32))
         threshold = self.models.image_norm(model, camera).threshold
         request = model.bundle.create_request()
+        preds = (model.bundle.infer(tile[np.newaxis], request, bank_alone) for tile in self._tiles(model, camera, image))
         found = [decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),  # type: ignore[index]
-                                  threshold) for pred in (model.bundle.infer(tile[np.newaxis], request, bank_alone)
-                                                          for tile in self._tiles(model, camera, image))]
+                                  threshold, self.cfg.learning.guard_patches) for pred in preds]
         guard = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
         self.guards.put(model, key, self._how(model, camera), guard)
         return guard

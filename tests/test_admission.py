@@ -254,5 +254,5 @@ def test_the_normal_frame_count_per_camera_is_bounded(pipeline):
     p.cfg = p.cfg.model_copy(update={"store": p.cfg.store.model_copy(update={"log_normal_every": 3})})
     logged = [p._should_log(f"cam-{i}", anomalous=False) for i in range(5000)]
     assert all(logged[: p.cfg.metrics.max_cameras])  # each camera's first normal frame is logged
-    assert len(p._normal_seen) == p.cfg.metrics.max_cameras + 1  # then one shared count ("_other")
+    assert len(p._normal_seen) == p.cfg.metrics.max_cameras + 1  # then one shared count (metrics.OTHER)
     assert [p._should_log("cam-0", anomalous=False) for _ in range(3)] == [False, False, True]

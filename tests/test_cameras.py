@@ -22,6 +22,7 @@ from bundle import tiling
 from exporter.synthetic import _texture
 from worker.config import TilingConfig
 from worker.ingest import FrameIds
+from worker.metrics import OTHER
 
 TILING = {"grid": [4, 3], "overlap": 0.1}
 
@@ -460,3 +461,14 @@ def test_frames_that_no_label_or_query_could_name_are_refused_and_a_cleared_reta
     assert not [m for m in client.messages if m.topic.endswith("/result") and "strict" not in m.topic]
     log = worker.output()
     assert log.count("frames refused (bad_camera)") == 1 and "Traceback" not in log, log[-3000:]  # once a minute
+
+    # A camera may be named like the stats' bucket of refused and uncounted cameras: its counts stay its own.
+    client.publish_frame("_other", good, "named-like-the-bucket")
+    assert client.json_on(f"{prefix}/_other/result")[0]["frame_id"] == "named-like-the-bucket"
+
+    def settled(m: mqtt.MQTTMessage) -> bool:
+        return m.topic == f"{prefix}/workers/w-test/stats" and "_other" in json.loads(m.payload)["cameras"]
+
+    cams = json.loads(client.wait_for(settled)[-1].payload)["cameras"]
+    assert (cams["_other"]["received"], cams["_other"]["processed"], cams["_other"]["errored"]) == (1, 1, 0), cams
+    assert cams[OTHER]["errored"] >= 2, cams  # the long and the '..' camera

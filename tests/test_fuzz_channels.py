@@ -67,6 +67,6 @@ def test_fuzzing_left_nothing_unacknowledged_and_every_channel_was_reached(fuzze
     final = json.loads(worker.output().split("stopped: ", 1)[1].split("; ", 1)[0])
     for camera, c in final.items():
         assert c["received"] == c["processed"] + c["errored"] + c["dropped"] + c["duplicates"], (camera, c)
-    assert len(final) <= 8 + 1  # metrics.max_cameras, then "_other"
+    assert len(final) <= 8 + 1  # metrics.max_cameras, then metrics.OTHER
     assert unacked_after_stop(broker.port, client_id, f"{PREFIX}/workers/{WORKER_ID}/control") == 0
     print(f"\nFIGURES fuzz channels: {_totals['sent']} messages {fuzzer.counts}, 0 unacked, RSS {rss_mb:.0f} MB")

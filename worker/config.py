@@ -254,7 +254,7 @@ class MetricsConfig(_Section):
     port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own "
                                                  "(one in use stops the start, exit code 2).")
     max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under "
-                                                   "camera=\"_other\" (bounds the series when topics.cameras is empty).")
+                                                   "camera=\"/other\" (bounds the series when topics.cameras is empty).")
 
 
 class StoreConfig(_Section):

@@ -24,7 +24,9 @@ from prometheus_client.registry import Collector
 
 from worker.supervise import Liveness
 
-OTHER = "_other"
+# The stats' and /metrics' bucket of frames from cameras past metrics.max_cameras and from camera levels refused
+# (bad_camera): no camera is named so, since "/" separates topic levels.
+OTHER = "/other"
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -67,7 +69,7 @@ class Stats:
         self.registry.register(_LivenessCollector(self.liveness))
 
     def _label(self, camera: str) -> str:
-        """The camera's Prometheus label: itself for the first ``max_cameras`` cameras, then ``_other``."""
+        """The camera's Prometheus label: itself for the first ``max_cameras`` cameras, then :data:`OTHER`."""
         with self._lock:
             if camera in self._labelled:
                 return camera

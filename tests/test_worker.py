@@ -252,6 +252,13 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     assert cli.returncode == 0, cli.stderr
     out = json.loads(cli.stdout)
     assert out["ok"] and len(out["hits"]) == 3 and out["query"]["frame_id"] == frame_id
+    # Camera filters are names separated by spaces: a camera's name may hold a comma ("a,b" was two cameras).
+    for cameras, found in ((["cam3"], 2), (["nope", "cam3"], 2), (["cam3,nope"], 0)):
+        filtered = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id",
+                                   frame_id, "--top-k", "2", "--json", "--cameras", *cameras], capture_output=True,
+                                  text=True, timeout=60, cwd=ROOT)
+        assert filtered.returncode == 0 and len(json.loads(filtered.stdout)["hits"]) == found, filtered
+        assert ("is read as one camera's name" in filtered.stderr) == ("," in cameras[0]), filtered.stderr
     image = tmp_path / "query.png"
     image.write_bytes(data)  # by image, embedded as the camera named (the CLI dropped --camera with --image)
     by_image = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--image", str(image),

@@ -60,7 +60,11 @@ def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict]) -> dict | No
 
 def _query(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    request: dict = {"top_k": args.top_k, "filters": {"cameras": args.cameras.split(",") if args.cameras else [],
+    cameras = args.cameras or []
+    if commas := [c for c in cameras if "," in c]:
+        print(f"note: --cameras takes names separated by spaces; {commas[0]!r} is read as one camera's name",
+              file=sys.stderr)
+    request: dict = {"top_k": args.top_k, "filters": {"cameras": cameras,
                                                       "anomalous_only": args.anomalous_only,
                                                       "since": args.since, "until": args.until}}
     if args.image:
@@ -191,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--camera", help="camera of --frame-id, when ids repeat across cameras; with --image, the "
                        "camera whose model embeds the image (else the one --cameras names, else the default model)")
     query.add_argument("--top-k", type=int, default=5)
-    query.add_argument("--cameras", help="only frames from these cameras (comma-separated)")
+    query.add_argument("--cameras", nargs="+", action="extend", metavar="CAMERA",
+                       help="only frames from these cameras (names separated by spaces, as a camera name may hold a comma)")
     query.add_argument("--anomalous-only", action="store_true")
     query.add_argument("--since", help="only frames captured at or after (ISO-8601 or epoch seconds)")
     query.add_argument("--until", help="only frames captured at or before (a date alone: through that day, UTC)")

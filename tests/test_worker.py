@@ -391,21 +391,23 @@ def test_the_csv_export_shows_formulas_as_text(running, dataset):
     """A camera picks its own frame ids and camera ids, an operator types notes: a CSV cell starting with = + - @ tab or
     CR ran as a formula in the spreadsheet it was opened in. CSV cells so started get a leading ', JSON keeps them."""
     prefix, client, _, config, _ = running
-    defects = [(data, kind) for _, data, kind in _frames(dataset) if kind != "good"][:2]
-    frames = [("=1+2", "-cam"), ("@SUM(1;2)", "-cam")]
+    defects = [(data, kind) for _, data, kind in _frames(dataset) if kind != "good"][:3]
+    frames = [("=1+2", "-cam"), ("@SUM(1;2)", "-cam"), ("'=1+2", "-cam")]  # the last one: told apart from the first
     for (frame_id, camera), (data, _) in zip(frames, defects, strict=True):
         client.publish_frame(camera, data, frame_id)
-    results = client.json_on(f"{prefix}/-cam/result", count=2, timeout=120)
+    results = client.json_on(f"{prefix}/-cam/result", count=3, timeout=120)
     assert all(r["logged"] for r in results), results
     _wait_stored(client, prefix, results)
-    notes = {"=1+2": ('=HYPERLINK("http://evil.example","x")', "-1+1"), "@SUM(1;2)": ("\tpadded", "+x")}
+    notes = {"=1+2": ('=HYPERLINK("http://evil.example","x")', "-1+1"), "@SUM(1;2)": ("\tpadded", "+x"),
+             "'=1+2": ("'quoted", "bent")}
     for frame_id, (note, defect_type) in notes.items():
         assert _query(client, prefix, {"action": "set", "frame_id": frame_id, "camera": "-cam", "note": note,
                                        "label": "confirmed_defect", "defect_type": defect_type}, topic="label")["ok"]
 
     export = _query(client, prefix, {"action": "export", "format": "csv"}, topic="label")
     assert {r["frame_id"]: (r["note"], r["defect_type"], r["camera"]) for r in export["labels"]} == {
-        "=1+2": ('=HYPERLINK("http://evil.example","x")', "-1+1", "-cam"), "@SUM(1;2)": ("\tpadded", "+x", "-cam")}
+        "=1+2": ('=HYPERLINK("http://evil.example","x")', "-1+1", "-cam"), "@SUM(1;2)": ("\tpadded", "+x", "-cam"),
+        "'=1+2": ("'quoted", "bent", "-cam")}
     cli = subprocess.run([sys.executable, "-m", "worker", "labels", "--config", str(config), "--format", "csv"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr
@@ -413,4 +415,5 @@ def test_the_csv_export_shows_formulas_as_text(running, dataset):
         rows = {r["frame_id"]: (r["note"], r["defect_type"], r["camera"], r["label"])
                 for r in csv.DictReader(io.StringIO(text))}
         assert rows == {"'=1+2": ('\'=HYPERLINK("http://evil.example","x")', "'-1+1", "'-cam", "confirmed_defect"),
-                        "'@SUM(1;2)": ("'\tpadded", "'+x", "'-cam", "confirmed_defect")}, rows
+                        "'@SUM(1;2)": ("'\tpadded", "'+x", "'-cam", "confirmed_defect"),
+                        "''=1+2": ("''quoted", "bent", "'-cam", "confirmed_defect")}, rows

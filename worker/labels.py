@@ -43,8 +43,10 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell 
 
 def csv_cell(value: object) -> object:
     """A value as a CSV cell a spreadsheet shows rather than runs: a text starting like a formula (a camera picks its
-    own frame ids; notes are typed by anyone with the console) gets a leading ``'`` (OWASP's CSV injection advice)."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    own frame ids; notes are typed by anyone with the console) gets a leading ``'`` (OWASP's CSV injection advice).  So
+    does a text that starts with ``'`` already, so that one leading ``'`` taken off always gives the value back: ids
+    ``=1+2`` and ``'=1+2`` stay two."""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")):
         return "'" + value
     return value
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -98,6 +100,47 @@ def test_state_survives_a_restart_and_exports_a_training_folder(tmp_path) -> Non
                                       "confirmed_defects": 0}}
     category = load_category(tmp_path / "out", name)
     assert len(category.train) == 13 and category.test == []
+
+
+def test_two_cameras_never_share_a_capture_folder(tmp_path) -> None:
+    """Camera ``line_1-04e33246`` (``line 1`` as earlier versions hashed it) was given camera ``line 1``'s folder: each
+    deleted the other's frames as strays, the export failed half-written ("already holds 1 files") and after a restart
+    one camera's sample was gone (a helper's probe).  Each camera has a folder of its own, also where another
+    camera's index already lies in the one its id maps to, and plain ids keep the folder they had."""
+    crafted = "line_1-" + hashlib.sha1(b"line 1").hexdigest()[:8]
+    assert camera_folder("line 1") == crafted and camera_folder("line1") == "line1"  # as before: their samples stay
+    capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)
+    (tmp_path / "cap" / camera_folder("cam 2")).mkdir(parents=True)  # another id with the short hash of "cam 2"
+    (tmp_path / "cap" / camera_folder("cam 2") / INDEX).write_text(json.dumps({"camera": "other", "seen": 1,
+                                                                              "files": ["o.png"]}))
+    (tmp_path / "cap" / camera_folder("cam 2") / "o.png").write_bytes(frame(9))
+    for i, camera in enumerate(("line 1", crafted, "line 1", crafted, "-x", "cam 2")):
+        assert capture.offer(camera, f"{camera[:2]}{i}", image(i), png(i))
+    assert (tmp_path / "cap" / camera_folder("cam 2") / "o.png").read_bytes() == frame(9)
+    capture.flush()
+    again = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
+    assert {c: n["kept"] for c, n in again.counts().items()} == {"line 1": 2, crafted: 2, "-x": 1, "cam 2": 1}
+    written = again.export(tmp_path / "out")
+    folders = {c: w["folder"] for c, w in written.items()}
+    assert len(set(folders.values())) == 4 and not any(Path(f).name.startswith("-") for f in folders.values())
+    for camera, folder in folders.items():
+        assert len(list((Path(folder) / "good").iterdir())) == written[camera]["normal"]
+
+
+def test_a_sample_in_the_folder_an_earlier_version_gave_its_camera_is_kept(tmp_path) -> None:
+    """Ids that now map to another folder (one ending like a hash, one starting with ``-``) keep their sample."""
+    capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)
+    for i, camera in enumerate(("line-20261205", "-x")):
+        capture.offer(camera, "k", image(i), png(i))
+    capture.flush()
+    for camera in ("line-20261205", "-x"):  # where earlier versions kept them
+        (tmp_path / "cap" / camera_folder(camera)).rename(tmp_path / "cap" / camera)
+    reader = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, read_only=True)
+    assert {c: n["kept"] for c, n in reader.counts().items()} == {"line-20261205": 1, "-x": 1}
+    again = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
+    assert {c: n["kept"] for c, n in again.counts().items()} == {"line-20261205": 1, "-x": 1}
+    assert sorted(p.name for p in (tmp_path / "cap").iterdir()) == sorted(map(camera_folder, ("line-20261205", "-x")))
+    assert again.export(tmp_path / "out")["-x"]["normal"] == 1
 
 
 def test_an_unreadable_state_is_rebuilt_from_its_images(tmp_path) -> None:

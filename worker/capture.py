@@ -49,10 +49,24 @@ DEFECTS = "confirmed_defect"  # frames the operator confirmed as defects: the ne
 SIGNATURE_SIDE = 16
 SAVE_EVERY_S = 5.0  # at most one state write per camera this often: the sample is best effort, the frames are not blocked
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_HASHED = re.compile(r"-[0-9a-f]{8}(?:[0-9a-f]{32})?$")  # how a hashed folder name ends
 
 
-def camera_folder(camera: str) -> str:
-    """A folder name for a camera id: its safe characters, and a hash when anything had to be replaced."""
+def camera_folder(camera: str, long: bool = False) -> str:
+    """A folder name for a camera id, one camera's only: the id itself where it is a plain name, else its safe
+    characters and a hash of the id.  An id that ends like such a hash, or starts with ``-`` (awkward in a shell),
+    is hashed too: a plain folder name then never ends like a hashed one, so a camera cannot name another's folder.
+    ``long``: the whole hash, for a camera whose short one another camera's folder already has."""
+    safe = _SAFE.sub("_", camera)[:64].lstrip(".-") or "_"
+    if safe == camera and not _HASHED.search(camera):
+        return camera
+    digest = hashlib.sha1(camera.encode()).hexdigest()
+    return f"{safe}-{digest if long else digest[:8]}"
+
+
+def _earlier_folder(camera: str) -> str:
+    """The folder versions up to 2026-12-05 gave a camera (a plain-looking id was kept as it was, even one ending like
+    another camera's hashed folder): found at start and moved to :func:`camera_folder`'s."""
     safe = _SAFE.sub("_", camera)[:64].lstrip(".") or "_"
     return safe if safe == camera else f"{safe}-{hashlib.sha1(camera.encode()).hexdigest()[:8]}"
 
@@ -200,19 +214,44 @@ class Capture:
         state = self._cameras.get(camera)
         if state is None:
             folder = self.root / camera_folder(camera)
+            if self._taken(folder, camera):  # two ids of one short hash: the camera there keeps its files
+                folder = self.root / camera_folder(camera, long=True)
             folder.mkdir(parents=True, exist_ok=True)
             state = self._cameras[camera] = _Camera(folder, camera, self.read_only)
         return state
 
+    def _taken(self, folder: Path, camera: str) -> bool:
+        """``folder`` holds another camera's sample (known, or named by its index on disk): opened for ``camera``,
+        its files would be deleted as strays and its export merged with this one's."""
+        if any(state.folder == folder for state in self._cameras.values()):
+            return True
+        try:
+            return str(json.loads((folder / INDEX).read_text())["camera"]) != camera
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # no index (a new folder) or a torn one: _Camera rebuilds it from the images
+
     def _load_all(self) -> None:
-        """The cameras with a sample on disk, once at start: from then on this object holds their state."""
-        for index in self.root.glob(f"*/{INDEX}"):
+        """The cameras with a sample on disk, once at start: from then on this object holds their state.  A sample in
+        the folder an earlier version gave its camera is moved to the camera's folder now."""
+        for index in sorted(self.root.glob(f"*/{INDEX}")):
             try:
                 camera = str(json.loads(index.read_text())["camera"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # _Camera reports it when that camera sends again
-            if camera not in self._cameras and index.parent.name == camera_folder(camera):
-                self._cameras[camera] = _Camera(index.parent, camera, self.read_only)
+            folder = index.parent
+            if camera in self._cameras:
+                continue
+            if folder.name in (camera_folder(camera), camera_folder(camera, long=True)):
+                self._cameras[camera] = _Camera(folder, camera, self.read_only)
+            elif folder.name == _earlier_folder(camera):
+                target = self.root / camera_folder(camera)
+                if not self.read_only:
+                    if target.exists():
+                        log.warning("capture sample of camera %r in %s is not read: %s exists", camera, folder, target)
+                        continue
+                    folder = folder.rename(target)
+                    log.info("capture sample of camera %r moved to %s", camera, target)
+                self._cameras[camera] = _Camera(folder, camera, self.read_only)
 
     def offer(self, camera: str, key: str, image: np.ndarray, encoded: Callable[[], tuple[bytes, str]]) -> bool:
         """A normal frame (``image`` decoded BGR; ``encoded()`` its file bytes and extension, asked for only when
@@ -462,7 +501,7 @@ class Capture:
             for camera, state in sorted(self._cameras.items()):
                 if cameras and camera not in cameras:
                     continue
-                good = out / camera_folder(camera) / "good"
+                good = out / state.folder.name / "good"  # one camera's, as the capture folder is
                 if good.is_dir() and (earlier := sum(1 for _ in good.iterdir())):  # frames since dropped would stay
                     raise FileExistsError(f"{good} already holds {earlier} files: export to a new folder (an export "
                                           "does not merge with an earlier one)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import DAMAGE, damage
+from exporter.__main__ import build_parser
 from exporter.data import load_category
-from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, camera_folder
+from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, camera_folder, train_command
 from worker.config import StoreConfig
 from worker.labels import LabelService, SetLabel
 from worker.store import VectorStore, point_id
@@ -125,6 +127,21 @@ def test_two_cameras_never_share_a_capture_folder(tmp_path) -> None:
     assert len(set(folders.values())) == 4 and not any(Path(f).name.startswith("-") for f in folders.values())
     for camera, folder in folders.items():
         assert len(list((Path(folder) / "good").iterdir())) == written[camera]["normal"]
+
+
+def test_the_printed_train_command_gives_the_exporter_the_exact_folder_and_category(tmp_path) -> None:
+    """``--category -x`` was read by the exporter's argparse as an option (the command failed as printed), and an
+    export folder with a space was split in two by the shell."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    capture.offer("-x", "a", image(1), png(1))
+    out = tmp_path / "capture exports" / "-x"
+    folder = Path(capture.export(out)["-x"]["folder"])
+    for category in (folder.name, "-x", "line 1's"):
+        argv = shlex.split(train_command(out, category, None))
+        assert argv[:4] == ["python", "-m", "exporter", "train"]
+        args = build_parser().parse_args(argv[3:])
+        assert (Path(args.data), args.category) == (out, category)
+    assert load_category(out, folder.name).train
 
 
 def test_a_sample_in_the_folder_an_earlier_version_gave_its_camera_is_kept(tmp_path) -> None:

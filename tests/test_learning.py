@@ -481,7 +481,7 @@ def test_a_capture_export_names_its_camera_folders_and_the_serving_bundles_kind(
         _next_tick(client)
     assert answer["ok"] and set(answer["cameras"]) == {"cam1", "cam2"}, answer
     folder = answer["folder"]
-    assert answer["train"]["cam1"] == (f"python -m exporter train --data {folder} --category cam1 --model patchcore "
+    assert answer["train"]["cam1"] == (f"python -m exporter train --data {folder} --category=cam1 --model patchcore "
                                        "--input-size 128 --out BUNDLE"), answer["train"]
 
     done = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", folder, "--out",
@@ -498,7 +498,7 @@ def test_a_capture_export_names_its_camera_folders_and_the_serving_bundles_kind(
         if cli.returncode == 0 or time.monotonic() > deadline:
             break
         _next_tick(client)
-    assert f"--data {out} --category cam1 --model patchcore --input-size 128 --out BUNDLE" in cli.stdout, cli
+    assert f"--data {out} --category=cam1 --model patchcore --input-size 128 --out BUNDLE" in cli.stdout, cli
 
 
 def test_a_label_the_full_extension_cannot_take_says_so_and_the_cli_exits_3(broker, bundle_dir, dataset, tmp_path,

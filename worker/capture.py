@@ -28,6 +28,7 @@ import json
 import logging
 import random
 import re
+import shlex
 import shutil
 import threading
 import time
@@ -75,13 +76,15 @@ def train_command(data: Path, category: str, tiling: Grid | None, serving: Manif
     """The exporter command for the next bundle from an exported capture: the ``serving`` bundle's family and input
     size (its manifest's ``family`` and ``training.input_size``), so the new bundle is of the kind the camera runs,
     and the tiles the camera's frames are cut into (frames are captured whole), so it learns the scale it will be
-    shown."""
+    shown.  Meant to be pasted into a shell: the data path and category are quoted, and the category given as
+    ``--category=NAME`` so that one starting with ``-`` is not read as an option."""
     flags = ""
     if serving is not None:
         size = serving.training.get("input_size") or serving.input.height
         flags += f" --model {serving.family} --input-size {size}"
     flags += f" --tiling {tiling.grid[0]}x{tiling.grid[1]} --tile-overlap {tiling.overlap:g}" if tiling else ""
-    return f"python -m exporter train --data {data} --category {category}{flags} --out BUNDLE"
+    return (f"python -m exporter train --data {shlex.quote(str(data))} --category={shlex.quote(category)}{flags} "
+            "--out BUNDLE")
 
 
 def signature(image: np.ndarray) -> np.ndarray:

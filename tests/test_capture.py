@@ -6,6 +6,7 @@ import hashlib
 import json
 import shlex
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,11 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import DAMAGE, damage
+from conftest import DAMAGE, Client, WorkerProcess, damage, good_png, wait_online, write_config
 from exporter.__main__ import build_parser
 from exporter.data import load_category
+from worker.api_client import ApiClient
 from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, camera_folder, train_command
-from worker.config import StoreConfig
+from worker.config import StoreConfig, load_config
 from worker.labels import LabelService, SetLabel
 from worker.store import VectorStore, point_id
 
@@ -418,3 +420,37 @@ def test_a_false_alarm_that_taught_nothing_and_aged_out_is_withdrawn_with_an_ok(
     assert capture.counts()["cam"]["false_alarms"] == 0
     with pytest.raises(RequestError, match="is not in the history"):
         labels.set(SetLabel(action="set", frame_id="fa", camera="cam", label=None), store)
+
+
+def test_each_export_over_the_control_topic_gets_a_folder_of_its_own(broker, bundle_dir, dataset, tmp_path) -> None:
+    """The export folder was named by the UTC second alone: a second export within it (a double click on the console's
+    Export button) answered internal_error "... already holds 1 files" (a helper's probe).  Here the folders of the
+    next minutes are taken by earlier exports, and two exports are asked back to back: each gets a new folder,
+    said in its answer, and the earlier ones are left as they were."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix})
+    exports = tmp_path / "w" / "training"
+    now = time.time()
+    for s in range(-5, 600):  # earlier exports in every second the test may run in
+        earlier = exports / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now + s)) / "cam" / "good"
+        earlier.mkdir(parents=True)
+        (earlier / "old.png").write_bytes(b"")
+    client = Client(broker.port, prefix)
+    worker = WorkerProcess(config, tmp_path / "worker.log")
+    try:
+        wait_online(client, prefix)
+        client.publish_frame("cam", good_png(dataset).read_bytes(), "f1")
+        client.wait_for(lambda m: m.topic.endswith("/stats") and ((json.loads(m.payload).get("capture") or {})
+                                                                  .get("cam") or {}).get("kept"), timeout=60)
+        with ApiClient(load_config(config), "t") as api:
+            answers = [api.control({"command": "export_capture", "camera": "cam"}, timeout=60) for _ in range(2)]
+    finally:
+        worker.stop()
+        client.close()
+    assert all(a["ok"] for a in answers), answers
+    folders = [Path(a["folder"]) for a in answers]
+    assert folders[0] != folders[1] and all(f.parent == exports for f in folders), folders
+    for answer, folder in zip(answers, folders):
+        assert len(list((folder / "cam" / "good").iterdir())) == 1  # the frame sent, not an earlier export's
+        assert f"--data {folder} " in answer["train"]["cam"]
+    assert sum(1 for p in exports.glob("*/cam/good/old.png")) == 605

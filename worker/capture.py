@@ -87,6 +87,20 @@ def train_command(data: Path, category: str, tiling: Grid | None, serving: Manif
             "--out BUNDLE")
 
 
+def new_folder(parent: Path, name: str) -> Path:
+    """``parent/name`` created now, or ``name-2``, ``name-3``... where it exists: two exports in one second (a double
+    click on the console's button) each get a folder of their own, as an export never merges with an earlier one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
 def signature(image: np.ndarray) -> np.ndarray:
     """The frame shrunk to 16x16 grey, centred and unit-length: near-identical frames are near-parallel."""
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image

@@ -386,7 +386,9 @@ class CaptureConfig(_Section):
     min_distance: float = Field(0.01, ge=0, le=2, description="A frame this close (cosine, on a 16x16 grey signature) to a kept one is "
                                                               "skipped as a near-duplicate (0 = keep duplicates).")
     export_path: Path = Field(Path("data/training"), description="Where an export requested over MQTT or from the console is "
-                                                                 "written (one timestamped folder per export).")
+                                                                 "written (a new folder per export, named by its UTC "
+                                                                 "second: 20261205T101500Z, then -2, -3... for more in "
+                                                                 "that second).")
 
 
 class QueryConfig(_Section):

@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 
 from bundle import tiling
 from worker.acks import Ticket
-from worker.capture import Capture, train_command
+from worker.capture import Capture, new_folder, train_command
 from worker.config import Config, ConfigError, QueuePolicy
 from worker.decode import use_opencv_threads
 from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
@@ -292,12 +292,16 @@ class Worker:
         return answer
 
     def export_capture(self, camera: str | None) -> dict:
-        """Write the captured frames under capture.export_path/<UTC time>/ (never a path a client chose)."""
+        """Write the captured frames under capture.export_path/<UTC time>/ (never a path a client chose), a new folder
+        each time (``-2``, ``-3``... after the time for a second export within the same second)."""
         if self.capture is None:
             return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
         folder = self.cfg.capture.export_path / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         try:
+            folder = new_folder(folder.parent, folder.name)
             written = self.capture.export(folder, [camera] if camera else None)
+            if not written:
+                folder.rmdir()  # still empty: nothing to train on
         except OSError as exc:
             return error_answer(ErrorCode.INTERNAL_ERROR, f"export to {folder} failed: {exc}")
         if not written:

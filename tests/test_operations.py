@@ -557,13 +557,16 @@ def test_a_watched_bundle_swapped_for_one_the_worker_may_not_read_is_said_once(b
         assert worker.stop() == 0, worker.output()[-2000:]
 
 
-def test_a_camera_sending_only_bad_frames_logs_one_line_per_kind_not_one_per_frame(broker, bundle_dir, tmp_path,
+def test_a_camera_sending_only_bad_frames_logs_one_line_per_kind_not_one_per_frame(broker, bundle_dir, dataset, tmp_path,
                                                                                    worker_factory):
     """Each refused frame was one INFO line: a misconfigured camera at 10 frames/s wrote 36,000 lines an hour, and
     journald's rate limit then dropped the worker's real errors.  Now a camera's first refusal of a kind is logged,
-    later ones at most once a minute with their count; every one is still answered on the error topic."""
+    later ones at most once a minute with their count; every one is still answered on the error topic.  A publisher
+    that invents a camera name per frame (a fuzzer, a bridge's wildcard) still wrote a line per frame, and its
+    once-per-camera warnings filled the memory of what was said, after which no real camera's was said: cameras past
+    metrics.max_cameras now share one key."""
     prefix = f"r{uuid.uuid4().hex[:6]}"
-    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix})
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix}, metrics={"max_cameras": 3})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     _online(client, prefix)
@@ -578,6 +581,21 @@ def test_a_camera_sending_only_bad_frames_logs_one_line_per_kind_not_one_per_fra
     refused = [line for line in worker.output().splitlines() if " refused: " in line]
     assert [line.split(" refused: ")[1].split(":")[0] for line in refused] == ["missing_metadata", other], refused
     assert refused[0].endswith("(more missing_metadata refusals of cam: one line a minute)"), refused
+
+    ahead = str(time.time() + 3 * 3600)  # a camera clock hours ahead: said once per camera
+    good = good_png(dataset).read_bytes()
+    for i in range(30):
+        client.publish_frame(f"fz-{i}", b"not an image", f"x{i}", wait=False)
+        client.publish_frame(f"fz-{i}", good, f"y{i}", captured_at=ahead, wait=i == 29)
+    client.wait_for(lambda m: m.topic.startswith(f"{prefix}/fz-") and m.topic.endswith("/result"), count=30, timeout=120)
+    assert len(client.wait_for(lambda m: m.topic.startswith(f"{prefix}/fz-") and m.topic.endswith("/error"), count=30)) == 30
+    lines = worker.output().splitlines()
+    flood = [line for line in lines if " refused: " in line and "/x" in line]
+    assert 1 <= len(flood) <= 3 and flood[-1].endswith("refusals of cameras past metrics.max_cameras: one line a minute)"), flood
+    assert 1 <= sum("stamps its frames" in line for line in lines) <= 3, lines[-40:]
+    client.publish_frame("cam", good, "late-ahead", captured_at=ahead)  # a camera seen first keeps its own key
+    assert client.json_on(f"{prefix}/cam/result")[0]["frame_id"] == "late-ahead"
+    assert "camera cam stamps its frames" in worker.output()
     assert worker.stop() == 0
 
 

@@ -14,6 +14,8 @@ import json
 import logging
 import secrets
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.config import Config
@@ -147,15 +149,19 @@ def open_raw(payload: bytes, camera: str, max_image_bytes: int) -> bytes:
 
 AHEAD_S = 300.0  # a captured_at this far past the worker's clock is no backlog: a time zone or a clock is wrong
 BEHIND_S = 7 * 24 * 3600.0  # ... and this far before it no broker's queue either: a clock never set, or reset
+WARNED_KEYS = 10_000  # (camera bucket, what) pairs first_time remembers
 
 
 class Ingest:
     """Per camera: unwrap its payload (raw or json_envelope) and fill missing metadata when it is optional."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, bucket: Callable[[str], str] = str) -> None:
         self.cfg = cfg
         self.ids = FrameIds()
-        self._warned: set[tuple[str, str]] = set()  # (camera, what) said once (first_time)
+        self.bucket = bucket  # a camera's key in what was said: itself, or one shared by cameras past a bound
+        # (bucket, what) said once (first_time); policy past WARNED_KEYS: the least recently asked is forgotten
+        self._warned: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._warned_lock = threading.Lock()  # asked from paho's thread and the inference threads
 
     def arrive(self, camera: str, user: dict[str, str], payload: bytes) -> Arrival:
         """User properties win over envelope fields; generated fields are named in the result.  A generated
@@ -183,12 +189,18 @@ class Ingest:
         return Arrival(fields, data, tuple(generated))
 
     def first_time(self, camera: str, what: str) -> bool:
-        """True the first time ``what`` is asked about ``camera``: a camera's problem is said once, not per frame (the
-        memory of what was said is bounded; past it, nothing more is said)."""
-        if len(self._warned) >= 10_000 or (camera, what) in self._warned:
-            return False
-        self._warned.add((camera, what))
-        return True
+        """True the first time ``what`` is asked about ``camera``: a camera's problem is said once, not per frame.  Cameras
+        past the stats' ``metrics.max_cameras`` share one key (``bucket``), so a publisher that invents a camera name per
+        frame gets one line, not one per name; the memory is bounded, the least recently asked forgotten (said again)."""
+        key = (self.bucket(camera) if camera else camera, what)
+        with self._warned_lock:
+            if key in self._warned:
+                self._warned.move_to_end(key)
+                return False
+            self._warned[key] = None
+            if len(self._warned) > WARNED_KEYS:
+                self._warned.popitem(last=False)
+            return True
 
     def check_box_clock(self, received_ts: float) -> None:
         """Say once that this box's own clock is not set (it reads a time before ``wire.CLOCK_FLOOR``: a box

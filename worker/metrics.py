@@ -68,8 +68,9 @@ class Stats:
                            ["scope", "name", "version", "precision"], registry=self.registry)
         self.registry.register(_LivenessCollector(self.liveness))
 
-    def _label(self, camera: str) -> str:
-        """The camera's Prometheus label: itself for the first ``max_cameras`` cameras, then :data:`OTHER`."""
+    def bucket(self, camera: str) -> str:
+        """The camera's Prometheus label: itself for the first ``max_cameras`` cameras, then :data:`OTHER`; also what
+        the log's once-per-camera lines are keyed by, so a publisher inventing camera names does not flood it."""
         with self._lock:
             if camera in self._labelled:
                 return camera
@@ -84,7 +85,7 @@ class Stats:
                 self._counts[camera][field] += n
             else:
                 self._counts[OTHER][field] += n
-        label = self._label(camera)
+        label = self.bucket(camera)
         self._frames.labels(label, field).inc(n)
         if code is not None:
             self._errors.labels(label, code).inc(n)

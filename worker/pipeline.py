@@ -100,7 +100,7 @@ class Pipeline:
         self.stats = stats
         self.liveness = liveness
         self.allowed = set(cfg.topics.cameras) | set(cfg.cameras) if cfg.topics.cameras else set()
-        self.ingest = Ingest(cfg)
+        self.ingest = Ingest(cfg, stats.bucket)
         # Policy: limits.queue_policy when full in frames (limits.queue_size) or bytes (limits.queue_max_bytes);
         # a drop evicts a frame of the camera holding the most, so a flooding camera pays for its own flood.  Under
         # block the broker's window (receive_maximum) bounds the frames held, so the queue never fills and put never
@@ -319,11 +319,15 @@ class Pipeline:
         self.stats.add(camera, counter, code=code)
         body = {"code": code, "message": message, "frame_id": frame_id if valid_id(frame_id) else None,
                 "camera": camera, "worker": self.cfg.worker.id, "at": iso(time.time())}
-        passed = self._refusals_said.ready((camera, code))  # every one is on the error topic and in the stats
+        # every one is on the error topic and in the stats; the log says a camera's first and then one line a minute,
+        # cameras past metrics.max_cameras together (a publisher inventing a camera per frame would flood it)
+        bucket = self.stats.bucket(camera)
+        passed = self._refusals_said.ready((bucket, code))
         if passed is not None:
+            who = camera if bucket == camera else "cameras past metrics.max_cameras"
             log.info("frame %s/%s refused: %s: %s (%s)", camera, body["frame_id"], code, message,
                      f"and {passed} more since the last line" if passed else
-                     f"more {code} refusals of {camera}: one line a minute")
+                     f"more {code} refusals of {who}: one line a minute")
         self.link.publish(self.topics.error(camera), json.dumps(body),
                           properties=publish_properties(content_type="application/json"),
                           settled=ticket.hold() if ticket is not None else None)

@@ -41,9 +41,10 @@ def subset(data: Path, category: str, train_images: int, folder: Path) -> Path:
 
 
 def train_bundles(data: Path, category: str, train_images: int, bank: int, folder: Path,
-                  precisions: tuple[str, ...] = ("fp32",), input_size: int = FAST_INPUT, screen_rows: int | None = None):
-    """PatchCore (``input_size`` px, ``bank`` memory-bank rows, ``screen_rows`` when given, else default settings) on a
-    subset; one bundle per precision.
+                  precisions: tuple[str, ...] = ("fp32",), input_size: int = FAST_INPUT, screen_rows: int | None = None,
+                  backbone: str | None = None):
+    """PatchCore (``input_size`` px, ``bank`` memory-bank rows, ``screen_rows`` and ``backbone`` when given, else default
+    settings) on a subset; one bundle per precision.
 
     Returns the ``Trained`` (its ``graph`` is the torch model) and ``{precision: bundle folder}``.
     """
@@ -52,7 +53,8 @@ def train_bundles(data: Path, category: str, train_images: int, bank: int, folde
 
     trained = fit_patchcore(subset(data, category, train_images, folder / "data"), category,
                             PatchcoreSettings(input_size=input_size, coreset_ratio=1.0, max_bank=bank,
-                                              **({} if screen_rows is None else {"screen_rows": screen_rows})))
+                                              **({} if screen_rows is None else {"screen_rows": screen_rows}),
+                                              **({} if backbone is None else {"backbone": backbone})))
     return trained, {p: package(trained, folder / p, precision=p) for p in precisions}
 
 

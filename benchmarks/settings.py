@@ -2,7 +2,7 @@
 
     python -m benchmarks.settings --data ../shared/data/mvtec --category grid --out /tmp/settings \\
         --setting "old default=--input-size 640 --coreset-ratio 0.005 --max-bank 0 --screen-rows 0" --setting "default=" \\
-        --setting "fast=--input-size 256 --max-bank 1500 --screen-rows 0 --bank-views d4" --repeats 5
+        --setting "fast=--input-size 256 --max-bank 1500 --screen-rows 0 --bank-views d4 --backbone efficientnet_lite1" --repeats 5
 
 Each ``--setting NAME=FLAGS`` is rebuilt from ``python -m exporter train`` flags (an empty FLAGS is the
 current default), fitted and packaged exactly as ``exporter train`` does (f32 thresholds from the held-out

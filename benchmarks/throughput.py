@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bank", type=int, default=2437, help="memory-bank rows (2437 = 1%% of grid's 256 px patches, the older "
                         "benchmarks' model; the default and the fast setting are 1500, the default's behind a 500-row screen)")
     parser.add_argument("--input-size", type=int, help="model input side in px (default: PatchcoreSettings().input_size)")
+    parser.add_argument("--backbone", help="offline backbone (default: PatchcoreSettings().backbone)")
     parser.add_argument("--screen-rows", type=int, help="the bank's screen (exporter train --screen-rows; default: "
                         "PatchcoreSettings().screen_rows, 0: none)")
     parser.add_argument("--precision", choices=FLOAT_PRECISIONS, default="f32",
@@ -376,7 +377,7 @@ def measure(args: argparse.Namespace, variants: dict[str, dict], work: Path) -> 
     input_size = args.input_size or PatchcoreSettings().input_size
     trained, bundles = train_bundles(args.data, args.category, args.train_images, args.bank, work,
                                      ("fp32", "int8") if args.int8 else ("fp32",), input_size=input_size,
-                                     screen_rows=args.screen_rows)
+                                     screen_rows=args.screen_rows, backbone=args.backbone)
     spec = trained.spec
     metrics = {k: json.loads((p / "bundle.json").read_text())["metrics"]["test"] for k, p in bundles.items()}
 

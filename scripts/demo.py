@@ -185,7 +185,7 @@ def main() -> int:
         # 1500 rows behind a 500-row screen) gives the finer maps (docs/quality/README.md).
         run([sys.executable, "-m", "exporter", "train", "--data", str(data), "--category", category,
              "--out", str(bundle), "--input-size", "256", "--max-bank", "1500", "--screen-rows", "0",
-             "--bank-views", "d4"])
+             "--bank-views", "d4", "--backbone", "efficientnet_lite1"])
     else:
         banner(f"reusing bundle {bundle} (--retrain to train again)")
     manifest = json.loads((bundle / "bundle.json").read_text())

@@ -459,3 +459,34 @@ def test_a_request_refused_before_parsing_is_still_answered_where_its_body_asks(
     for empty in (b"", b" \r\n"):  # mosquitto_rr 2.0's -f and -s send nothing
         with pytest.raises(RequestError, match=r"request is empty \(\d bytes\): send one JSON object"):
             decode_json(empty)
+
+
+_SIGNAL_IN_LOCKED_WAIT = """
+import signal, threading
+from worker.supervise import StopSignals
+stop = threading.Event()
+{install}
+with stop._cond:  # where the main thread is inside its own stop.wait() when a signal's handler runs
+    signal.raise_signal(signal.SIGTERM)
+print("noted")
+"""
+
+
+def test_a_stop_signal_that_lands_inside_the_main_threads_wait_is_noted_not_deadlocked():
+    """The worker's main loop waited on its stop Event, and SIGTERM's handler set that Event: Python runs a handler in
+    the main thread between two bytecodes, so one landing while the main thread held the Event's lock (inside its
+    wait) waited for that lock forever, and the worker never stopped (a test run saw a worker ignore SIGTERM for 60 s).
+    The handler only notes the signal now (StopSignals); the main loop sets the Event.  The first run shows the hazard
+    with the earlier handler; the second, that StopSignals' handler returns."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    earlier = _SIGNAL_IN_LOCKED_WAIT.format(install="signal.signal(signal.SIGTERM, lambda *_: stop.set())")
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-c", earlier], capture_output=True, timeout=5, cwd=ROOT)
+    now = _SIGNAL_IN_LOCKED_WAIT.format(install="signals = StopSignals().install()") + "print(signals.received)\n"
+    done = subprocess.run([sys.executable, "-c", now], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.split() == ["noted", str(int(signal.SIGTERM))], done

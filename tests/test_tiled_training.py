@@ -118,7 +118,7 @@ def test_the_worker_tiles_a_camera_by_its_bundle_learns_on_its_tiles_and_asks_fo
 
 
 def test_the_training_command_of_an_untiled_camera_and_bundle_names_no_tiles(tmp_path):
-    assert train_command(tmp_path, "line", None) == f"python -m exporter train --data {tmp_path} --category line --out BUNDLE"
+    assert train_command(tmp_path, "line", None) == f"python -m exporter train --data {tmp_path} --category=line --out BUNDLE"
 
 
 def test_the_training_command_asks_for_the_tiles_of_the_model_serving_the_camera_now(tiled, bundle_dir, broker,

@@ -9,7 +9,6 @@ import base64
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -28,16 +27,14 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logging.getLogger().setLevel(cfg.worker.log_level)
     from worker.service import Worker  # imports OpenVINO/Qdrant only once the config is valid
+    from worker.supervise import StopSignals
 
     # The store is not opened here: one that is down is an outage (spooled), one of another embedding size is said
     # and answered while inspection goes on (worker/recorder.py); results are the worker's main job.
     worker = Worker(cfg)
-    stop = threading.Event()
     # SIGHUP too (a terminal or ssh session that closes): by default it ends the process at once, and the frames in
     # its queue, already acknowledged to the broker, would be lost with it
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
-    worker.run(stop)
+    worker.run(threading.Event(), StopSignals().install())
     return 0
 
 

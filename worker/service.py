@@ -43,7 +43,17 @@ from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Recorder
 from worker.spaces import embedding_space_of
 from worker.store import VectorStore
-from worker.supervise import DeadMansSwitch, Liveness, StopLoop, Throttle, off_the_main_thread, pause_after, supervised_loop, switch_timeout
+from worker.supervise import (
+    DeadMansSwitch,
+    Liveness,
+    StopLoop,
+    StopSignals,
+    Throttle,
+    off_the_main_thread,
+    pause_after,
+    supervised_loop,
+    switch_timeout,
+)
 from worker.topics import Topics
 from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
@@ -479,8 +489,8 @@ class Worker:
             "other_process": self.presence.snapshot(),
         }
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set, then shut down cleanly."""
+    def run(self, stop: threading.Event, signals: StopSignals) -> None:
+        """Serve until a stop signal comes (``signals``), then set ``stop`` for the other loops and shut down cleanly."""
         if self.cfg.metrics.enabled:
             try:
                 self.stats.serve(self.cfg.metrics.host, self.cfg.metrics.port)
@@ -502,7 +512,9 @@ class Worker:
         pause = pause_after(self.cfg.worker.watchdog_s)
         while True:
             asked = time.monotonic()
-            if stop.wait(LOOP_S):
+            time.sleep(LOOP_S)  # not stop.wait: see StopSignals (a signal ends the sleep's wait; PEP 475 resumes it)
+            if signals.received is not None or stop.is_set():
+                stop.set()
                 break
             now = time.monotonic()
             gap = now - asked - LOOP_S

@@ -23,6 +23,7 @@ import ctypes
 import faulthandler
 import functools
 import logging
+import signal
 import sys
 import threading
 import time
@@ -245,6 +246,27 @@ class Throttle:
     def reset(self) -> None:
         """The next :meth:`ready` says yes."""
         self._at = float("-inf")
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGHUP, noted for the main loop to read (:attr:`received`).
+
+    The handler only stores the signal: Python runs it in the main thread between two bytecodes, and one that set a
+    ``threading.Event`` there took the Event's lock, which the main thread may hold at that moment (inside its own
+    ``Event.wait``): it then waited for itself forever, and the stop never came (seen once in a test run)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, _frame: object) -> None:
+        self.received = signum
 
 
 class Repeats:

@@ -43,7 +43,32 @@ REPORT_EVERY_S = 60.0
 # while a hung broker keeps the TCP link open.
 QUEUE_LIMIT = 2
 
-STOP = threading.Event()
+
+class _Stop:
+    """Set by the signal handler, read by the main loop; not a ``threading.Event``: Python runs a handler in the main
+    thread between two bytecodes, and ``Event.set`` there waits for the Event's lock, which the main thread may hold
+    inside its own ``Event.wait``, so a Ctrl-C could hang the publisher for good (the worker's StopSignals)."""
+
+    POLL_S = 0.05
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` s, ending within POLL_S of a stop; whether it is set."""
+        deadline = time.monotonic() + timeout
+        while not self._set and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.POLL_S))
+        return self._set
+
+
+STOP = _Stop()
 _stopped_by: list[str] = []
 
 

@@ -371,3 +371,18 @@ def test_the_documented_bridge_brings_query_and_label_answers_to_the_plant(tmp_p
         on_plant.close()
         line_broker.stop()
         plant.stop()
+
+
+def test_the_publishers_stop_signal_does_not_wait_on_a_lock_the_main_thread_holds():
+    """Its handler set a threading.Event, whose lock the main thread holds inside its own Event.wait (the pacing
+    between frames): a signal landing there waited for itself forever (the worker's StopSignals has the story)."""
+    code = ("import contextlib, signal, sys; sys.path.insert(0, sys.argv[1]); import camera_publisher as cp\n"
+            "signal.signal(signal.SIGTERM, cp._on_signal)\n"
+            "with getattr(cp.STOP, '_cond', None) or contextlib.nullcontext():  # inside the wait's locked part\n"
+            "    signal.raise_signal(signal.SIGTERM)\n"
+            "print(cp.STOP.is_set(), cp._stopped_by)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(DEPLOY)], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the publisher's signal handler waited for a lock its own thread held")
+    assert done.returncode == 0 and done.stdout.strip() == "True ['SIGTERM']", done

@@ -215,21 +215,19 @@ def scenario(scorer: Scorer, marked: list[np.ndarray], guard: tuple[list[np.ndar
     return out
 
 
-def confirm(scorer: Scorer, guard: tuple[list[np.ndarray], list[str]], per_type: int, protect: int = 0
-            ) -> tuple[tuple[list[np.ndarray], list[str]], list[tuple[np.ndarray, np.ndarray]]]:
+def confirm(scorer: Scorer, guard: tuple[list[np.ndarray], list[str]], per_type: int, protects: list[int]
+            ) -> tuple[tuple[list[np.ndarray], list[str]], dict[int, list[tuple[np.ndarray, np.ndarray]]]]:
     """The operator's confirmed defects: ``per_type`` images of each defect type drawn from the guard (seeded),
     taken out of it (they are not measured) and turned into the anomalous patches an absorption must not come
-    nearer to, scored by the bank alone as the worker scores them (learning.guard_defects; ``protect`` decisive
-    patches of each, 0 all)."""
+    nearer to, scored once by the bank alone as the worker scores them (learning.guard_defects), for each number of
+    decisive patches in ``protects`` (learning.guard_patches, 0 all)."""
     images, types = guard
     rng = random.Random(11)
     chosen = {i for kind in sorted(set(types) - {"good"})
               for i in rng.sample([j for j, t in enumerate(types) if t == kind], per_type)}
-    protected = []
-    for i in sorted(chosen):
-        pred = scorer.predict(images[i])
-        protected.append(decisive_patches(pred.candidates[0], pred.candidate_scores[0], float(pred.score[0]),
-                                          scorer.threshold, protect))
+    preds = [scorer.predict(images[i]) for i in sorted(chosen)]
+    protected = {n: [decisive_patches(p.candidates[0], p.candidate_scores[0], float(p.score[0]), scorer.threshold, n)
+                     for p in preds] for n in protects}
     keep = [i for i in range(len(images)) if i not in chosen]
     return ([images[i] for i in keep], [types[i] for i in keep]), protected
 
@@ -238,14 +236,14 @@ def quality(args: argparse.Namespace) -> None:
     normals = held_out_normals(args.data, args.category)
     guard = guard_set(args.data, args.category, args.split, normals, args.guard_kinds)
     scorer = Scorer(args.bundle, args.rows)
-    guards = {n: confirm(scorer, guard, args.confirmed, n)[1] for n in args.guard_patches}
-    guard, protected = confirm(scorer, guard, args.confirmed)
+    guard, guards = confirm(scorer, guard, args.confirmed, args.guard_patches)
+    confirmed = len(guards[args.guard_patches[0]])
     guard_scores = scorer.scores(guard[0])
     guard_before = guard_figures(guard_scores, guard[1], scorer.threshold)
     what = f"guard split {args.split}" + (f" ({', '.join(args.guard_kinds)})" if args.split == "validation" else "")
     print(f"# Learns on the line: {args.bundle} on {args.category}, {what}\n")
     print(f"CPU: {scorer.compiled.device_name}; precision {scorer.compiled.precision} (read back); extension capacity "
-          f"{args.rows} rows; {len(normals)} held-out normals; {args.trials} trials (orders); {len(protected)} confirmed "
+          f"{args.rows} rows; {len(normals)} held-out normals; {args.trials} trials (orders); {confirmed} confirmed "
           f"defects ({args.confirmed} of each type, out of the guard set), each setting run without and with them "
           "guarding the absorptions (the guard column).\n")
     print("Guard before absorption: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -258,7 +256,7 @@ def quality(args: argparse.Namespace) -> None:
             flagged = float((scorer.scores(marked) >= scorer.threshold).mean())
             for margin in args.margins:
                 guardings = [("none", [])] + [("confirmed" + (f", top {n}" if n else ""), guards[n])
-                                              for n in args.guard_patches if protected]
+                                              for n in args.guard_patches if confirmed]
                 for views, (guarding, guarded) in ((v, g) for v in args.views for g in guardings):
                     for n, r in scenario(scorer, marked, guard, margin, views, args.labels, args.trials, guard_scores,
                                          Path(tmp), guarded).items():

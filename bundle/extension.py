@@ -131,10 +131,10 @@ def decisive_patches(candidates: np.ndarray, scores: np.ndarray, image_score: fl
     if image_score < threshold or not len(scores):
         return np.empty((0, np.asarray(candidates).shape[-1]), np.float32), np.empty(0, np.float32)
     need = float(scores.max()) * threshold / image_score
-    order = np.argsort(-scores, kind="stable")
     if protect > 0:
-        order = order[:protect]
-    patches = offending(np.asarray(candidates, np.float32).reshape(len(scores), -1)[order], scores[order], need, 1.0)
+        farthest = np.argsort(-scores, kind="stable")[:protect]
+        candidates, scores = np.asarray(candidates, np.float32).reshape(len(scores), -1)[farthest], scores[farthest]
+    patches = offending(candidates, scores, need, 1.0)
     return patches, np.full(len(patches), need, np.float32)
 
 

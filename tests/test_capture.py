@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shlex
@@ -454,3 +455,28 @@ def test_each_export_over_the_control_topic_gets_a_folder_of_its_own(broker, bun
         assert len(list((folder / "cam" / "good").iterdir())) == 1  # the frame sent, not an earlier export's
         assert f"--data {folder} " in answer["train"]["cam"]
     assert sum(1 for p in exports.glob("*/cam/good/old.png")) == 605
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux): a write there fails with ENOSPC")
+def test_a_false_alarm_a_full_disk_refuses_leaves_neither_its_image_nor_its_entry(tmp_path) -> None:
+    """On a full capture disk the false alarm's PNG was written, then the state's write failed: the label was
+    answered internal_error while the PNG and the entry stayed, and the export copied the frame into good/ (a
+    helper's probe).  Here the state is written to /dev/full, which fails as a full disk does (ENOSPC, for root
+    too): the add raises, the frame's image and entry are gone, the sampled frame of its id stays in the sample, and
+    the export holds it alone; once the disk takes writes again the same label is kept."""
+    capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
+    capture.offer("cam", "k1", image(1), png(1))  # a sampled frame of the id the label names (a reused id)
+    folder = tmp_path / "cap" / "cam"
+    (folder / (INDEX + ".tmp")).symlink_to("/dev/full")
+    with pytest.raises(OSError) as raised:
+        capture.add_false_alarm("cam", "k1", image(2))
+    assert raised.value.errno == errno.ENOSPC
+    assert not list((folder / "false_alarm").iterdir())
+    assert capture.counts()["cam"] == {"seen": 1, "kept": 1, "mb": 0.0, "false_alarms": 0, "confirmed_defects": 0}
+    assert capture.false_alarm_keys() == {}
+    capture.export(tmp_path / "out")
+    assert [p.read_bytes() for p in (tmp_path / "out" / "cam" / "good").iterdir()] == [frame(1)]
+    (folder / (INDEX + ".tmp")).unlink()
+    capture.add_false_alarm("cam", "k1", image(2))
+    assert (capture.counts()["cam"]["kept"], capture.false_alarm_keys()) == (0, {"cam": {"k1"}})
+

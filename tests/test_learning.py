@@ -365,6 +365,35 @@ def test_a_false_alarm_whose_stored_image_was_damaged_is_labelled_and_says_why_n
     assert {r["frame_id"] for r in exported["labels"] if r["label"] == "false_alarm"} == {"m-0", "m-1"}, exported
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux): a write there fails with ENOSPC")
+def test_a_false_alarm_on_a_full_capture_disk_is_absorbed_and_says_its_frame_is_not_kept(learning, dataset):
+    """With the capture folder's disk full, a false_alarm label was answered internal_error ("OSError: [Errno 28] No
+    space left on device", a traceback in the log), nothing absorbed, while the frame's image stayed among the
+    camera's false alarms for the next training set's good images (a helper's probe).  Here the camera's capture
+    state is written to /dev/full, which fails as a full disk does (ENOSPC, for root too): the label is stored and
+    absorbed, its answer and one warning line say the frame is not kept for retraining, and no image of it is."""
+    prefix, client, worker, config, _ = learning
+    folder = config.parent / "capture" / "cam1"
+    folder.mkdir(parents=True)
+    (folder / "index.json.tmp").symlink_to("/dev/full")
+    assert _score(client, prefix, _marked(dataset), "m-0")["verdict"] == "anomalous"
+    _until_stored(client, prefix, "m-0", "cam1")
+    answer = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
+                    topic="label")
+    assert answer["ok"] and answer["absorbed"]["patches"] > 0, answer
+    assert answer["capture"] == "not kept for the next training set: the disk of the capture folder is full", answer
+    assert not list((folder / "false_alarm").iterdir())
+    _next_tick(client)
+    stats = client.json_on(f"{prefix}/workers/w-test/stats")[-1]  # one sent after the answer
+    assert stats["capture"]["cam1"]["false_alarms"] == 0, stats["capture"]
+    labels = _query(client, prefix, {"action": "export"}, topic="label")["labels"]
+    assert [(r["frame_id"], r["label"]) for r in labels] == [("m-0", "false_alarm")]
+    assert worker.stop() == 0
+    log = worker.output()
+    assert log.count("false alarm cam1/m-0 is not kept for the next training set: the disk of the capture folder "
+                     "is full") == 1 and "Traceback" not in log, log[-3000:]
+
+
 def test_a_label_scores_the_frame_as_the_worker_did(learning, dataset):
     """A large JPEG frame is decoded smaller (limits.reduced_decode); the label must score the stored frame the same
     way, or a frame flagged near the threshold could come back as having nothing above it."""

@@ -23,7 +23,9 @@ both replaced whole on every change, so a crash leaves either the old or the new
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import random
@@ -101,6 +103,14 @@ def new_folder(parent: Path, name: str) -> Path:
             n += 1
 
 
+def unwritable(exc: OSError, what: str) -> str:
+    """Why ``what`` could not be written, in an operator's words: a full disk (or quota) said as such, else the
+    system's own message."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk of {what} is full"
+    return f"{what} cannot be written ({exc})"
+
+
 def signature(image: np.ndarray) -> np.ndarray:
     """The frame shrunk to 16x16 grey, centred and unit-length: near-identical frames are near-parallel."""
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
@@ -173,9 +183,10 @@ class _Camera:
         path.unlink(missing_ok=True)
 
     def save(self) -> None:
-        if self.vectors is not None:
-            with (self.folder / (EMBEDDINGS + ".tmp")).open("wb") as fh:
-                np.save(fh, self.vectors, allow_pickle=False)
+        if self.vectors is not None:  # written as bytes: numpy's own write says "N requested and M written", no errno
+            buffer = io.BytesIO()
+            np.save(buffer, self.vectors, allow_pickle=False)
+            (self.folder / (EMBEDDINGS + ".tmp")).write_bytes(buffer.getvalue())
             (self.folder / (EMBEDDINGS + ".tmp")).replace(self.folder / EMBEDDINGS)
         tmp = self.folder / (INDEX + ".tmp")
         tmp.write_text(json.dumps({"camera": self.camera, "seen": self.seen, "files": self.files,
@@ -381,18 +392,32 @@ class Capture:
     def add_false_alarm(self, camera: str, key: str, image: np.ndarray) -> None:
         """A frame the operator labelled a false alarm (``image``: as the model sees it, cropped), kept as PNG.  A
         sampled frame of that key (an earlier frame of an id the camera reused) leaves the sample: one file per key,
-        so that neither is exported over the other."""
+        so that neither is exported over the other.  All or nothing: where the PNG or the state cannot be written (a
+        full disk) the OSError is raised with neither the PNG nor the entry left, so that a frame the label's answer
+        says was not kept is not exported as a good image either."""
         data = cv2.imencode(".png", image)[1].tobytes()
+        name = f"{key}.png"
         with self._lock:
             state = self._camera(camera)
-            _write(state.folder / FALSE_ALARMS / f"{key}.png", data)
-            state.false_alarms.add(f"{key}.png")
-            for name in _named(state.files, key):
-                slot = state.files.index(name)
-                state.delete(state.files.pop(slot))
-                assert state.vectors is not None  # as many rows as files
-                state.vectors = np.delete(state.vectors, slot, axis=0)
-            state.save()  # a label is rare: the camera is then found on disk after a restart even with no sample yet
+            path = state.folder / FALSE_ALARMS / name
+            again = name in state.false_alarms  # labelled before: its earlier image was kept, and stays
+            _write(path, data)
+            files, vectors = state.files, state.vectors
+            sampled = _named(files, key)
+            rest = [i for i, f in enumerate(files) if f not in sampled]
+            state.files = [files[i] for i in rest]
+            state.vectors = vectors[rest] if vectors is not None else None
+            state.false_alarms.add(name)
+            try:
+                state.save()  # a label is rare: the camera is then found on disk after a restart even with no sample yet
+            except OSError:
+                state.files, state.vectors = files, vectors
+                if not again:
+                    state.false_alarms.discard(name)
+                    path.unlink(missing_ok=True)
+                raise
+            for sample in sampled:  # once the state no longer lists them
+                state.delete(sample)
 
     def forget(self, camera: str, key: str) -> bool:
         """Take a kept normal frame out of the sample: an operator labelled it a confirmed defect, which the next

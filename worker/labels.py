@@ -162,6 +162,8 @@ class LabelService:
                     others = [p for p in _confirmed(store) if (p.get("camera"), p.get("frame_id")) !=
                               (request.camera, request.frame_id)]  # this frame's own earlier label is being replaced
                     answer["absorbed"] = self.learner.absorb(pid, request.frame_id, request.camera, payload, others)
+                    if "capture" in answer["absorbed"]:  # said where a confirmed defect's capture is said
+                        answer["capture"] = answer["absorbed"].pop("capture")
                 else:  # an extension may hold rows of this id while the stored frame says otherwise: a camera that
                     # reused the id replaced the false alarm's record, so its label can no longer say what to release
                     def remaining() -> list[dict]:  # its own label is being withdrawn, or made a confirmed defect

@@ -25,7 +25,7 @@ import numpy as np
 
 from bundle import tiling
 from bundle.extension import Absorbed, Entry, Extension, ExtensionFull, ExtensionUnwritable, absorb, decisive_patches, reabsorb
-from worker.capture import Capture
+from worker.capture import Capture, unwritable
 from worker.config import Config
 from worker.decode import FrameError
 from worker.evidence import EvidenceStore
@@ -141,11 +141,16 @@ class Learner:
         except FrameError as exc:  # the stored file was damaged on disk (a power cut, a failing card)
             log.warning("false alarm %s/%s: its stored image cannot be read: %s", camera, frame_id, exc.message)
             return {"patches": 0, "reason": f"the frame's stored image cannot be read ({exc.message}): nothing to absorb"}
+        lost: dict[str, str] = {}  # why the frame is not kept for the next training set, for the label's answer
         if full is not None and self.capture is not None:  # normal by the operator's word: part of the next training set
-            self.capture.add_false_alarm(camera, key, full)
+            try:
+                self.capture.add_false_alarm(camera, key, full)
+            except OSError as exc:  # a full disk: the label and its absorption go ahead, the next training set lacks it
+                lost["capture"] = f"not kept for the next training set: {unwritable(exc, 'the capture folder')}"
+                log.warning("false alarm %s/%s is %s", camera, frame_id, lost["capture"])
         if ext is None or scored is None:
             kept = ("the label is stored and the frame is kept for the next training set (capture export, then "
-                    "retrain)" if self.capture is not None else "the label is stored")
+                    "retrain)" if self.capture is not None and not lost else "the label is stored")
             if not self.cfg.learning.enabled:
                 why = "learning is off (learning.enabled)"
             elif model.info["family"] != "patchcore":  # re-exporting it would not give it an extension
@@ -155,7 +160,7 @@ class Learner:
             else:
                 why = (f"the PatchCore bundle {model.info['name']} has no bank extension (exported before issue 17 or "
                        f"with --extension-candidates 0): re-export it with this version's exporter; {kept}")
-            return {"patches": 0, "reason": why}
+            return {"patches": 0, "reason": why, **lost}
         tiles = self._tiles(model, camera, scored)
         threshold = self.models.image_norm(model, camera).threshold
         try:
@@ -171,7 +176,7 @@ class Learner:
             why = done.full or (f"each of its {_patches(done.left_out)} lies near a confirmed defect's decisive patches: "
                                 "absorbing it could hide that defect" if done.left_out else
                                 "no patch of this frame is above the threshold any more")
-            return {"patches": 0, **figures, "reason": why, **({"full": True} if done.full else {})}
+            return {"patches": 0, **figures, "reason": why, **({"full": True} if done.full else {}), **lost}
         self._lost.pop(key, None)  # absorbed anew: scored as it is now
         self.unrecorded.pop(key, None)
         refused = f" of the frame itself (its flipped and turned views did not fit: {done.full})" if done.full else ""
@@ -179,7 +184,7 @@ class Learner:
         passes = done.after < threshold
         outcome = "frames that look like this one now pass" if passes else self._still_flagged(model, done, threshold)
         answer = self._answer(ext, done.entry, f"absorbed: {_patches(done.entry.rows)}{refused}{guarded}; {outcome}")
-        return {**answer, **figures, "score_after": round(done.after, 5), "passes": passes}
+        return {**answer, **figures, "score_after": round(done.after, 5), "passes": passes, **lost}
 
     @staticmethod
     def _still_flagged(model: Model, done: Absorbed, threshold: float) -> str:

@@ -6,6 +6,8 @@ import errno
 import hashlib
 import json
 import shlex
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -16,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import DAMAGE, Client, WorkerProcess, damage, good_png, wait_online, write_config
+from conftest import DAMAGE, ROOT, Client, WorkerProcess, damage, good_png, wait_online, write_config
 from exporter.__main__ import build_parser
 from exporter.data import load_category
 from worker.api_client import ApiClient
@@ -480,3 +482,42 @@ def test_a_false_alarm_a_full_disk_refuses_leaves_neither_its_image_nor_its_entr
     capture.add_false_alarm("cam", "k1", image(2))
     assert (capture.counts()["cam"]["kept"], capture.false_alarm_keys()) == (0, {"cam": {"k1"}})
 
+
+_EXPORT_UNDER_A_SIZE_LIMIT = """
+import resource, sys
+from pathlib import Path
+from worker.capture import Capture
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    Capture(Path(sys.argv[1]), max_frames=20, min_distance=0.0, read_only=True).export_new(Path(sys.argv[2]), "T")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_an_export_that_fails_midway_leaves_no_partial_folder(tmp_path) -> None:
+    """An export_capture on a full disk left its folder with the files copied so far and one cut short (0 bytes),
+    which the exporter reads as a training set (a helper's probe).  Here a process whose files may not grow past a
+    few kilobytes (RLIMIT_FSIZE: any user can set it; the write then fails, EFBIG, as a full disk's does) exports a
+    sample whose frames are larger: it fails, and leaves nothing under the export folder.  Without the limit the
+    same export is written whole, and a second one in the same second gets a folder of its own (``-2``)."""
+    capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
+    big = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)]
+    for i, frame_image in enumerate(big):
+        capture.offer("cam", f"k{i}", frame_image, lambda f=frame_image: (cv2.imencode(".png", f)[1].tobytes(), "png"))
+    capture.flush()
+    exports = tmp_path / "training"
+    exports.mkdir()
+    limit = 4096  # below each frame's PNG (about 12 kB of noise)
+    assert all(p.stat().st_size > limit for p in (tmp_path / "cap" / "cam").glob("*.png"))
+    done = subprocess.run([sys.executable, "-c", _EXPORT_UNDER_A_SIZE_LIMIT, str(tmp_path / "cap"), str(exports),
+                           str(limit)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == str(errno.EFBIG), (done.stdout, done.stderr)
+    assert list(exports.iterdir()) == []
+    folders = [capture.export_new(exports, "T") for _ in range(2)]
+    assert [f.name for f, _ in folders] == ["T", "T-2"]
+    for folder, written in folders:
+        assert written["cam"]["folder"] == str(folder / "cam") and len(list((folder / "cam" / "good").iterdir())) == 3
+    assert sorted(p.name for p in exports.iterdir()) == ["T", "T-2"]
+    assert capture.export_new(exports, "T", ["other"]) == (exports / "T-3", {})  # nothing captured: no folder
+    assert sorted(p.name for p in exports.iterdir()) == ["T", "T-2"]

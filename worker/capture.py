@@ -23,6 +23,7 @@ both replaced whole on every change, so a crash leaves either the old or the new
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -532,6 +533,29 @@ class Capture:
             return self._counts
         finally:
             self._lock.release()
+
+    def export_new(self, parent: Path, name: str, cameras: list[str] | None = None) -> tuple[Path, dict[str, dict]]:
+        """:meth:`export` into a new folder ``parent/name`` (:func:`new_folder`), whole or not at all: written into a
+        hidden sibling and renamed into place once every file is in, so that a failure (a full disk) leaves no
+        partial training set, whose files cut short the exporter would read as images.  Returns the folder and what
+        was written; with nothing captured, no folder is left and ``{}`` is returned."""
+        folder = new_folder(parent, name)  # taken now: a second export within the second gets the next name
+        partial = folder.with_name(f".{folder.name}.partial")
+        written: dict[str, dict] = {}
+        try:
+            partial.mkdir()
+            written = self.export(partial, cameras)
+            if written:
+                partial.replace(folder)  # onto the empty folder taken above
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            raise
+        if not written:
+            partial.rmdir()
+            folder.rmdir()
+        return folder, {camera: {**w, "folder": str(folder / Path(w["folder"]).name)} for camera, w in written.items()}
 
     def export(self, out: Path, cameras: list[str] | None = None) -> dict[str, dict]:
         """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``, and its confirmed defects to

@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 
 from bundle import tiling
 from worker.acks import Ticket
-from worker.capture import Capture, new_folder, train_command
+from worker.capture import Capture, train_command, unwritable
 from worker.config import Config, ConfigError, QueuePolicy
 from worker.decode import use_opencv_threads
 from worker.evidence import ANOMALOUS, LABELLED, NORMAL, Budget, EvidenceStore
@@ -306,14 +306,14 @@ class Worker:
         each time (``-2``, ``-3``... after the time for a second export within the same second)."""
         if self.capture is None:
             return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
-        folder = self.cfg.capture.export_path / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        parent = self.cfg.capture.export_path
         try:
-            folder = new_folder(folder.parent, folder.name)
-            written = self.capture.export(folder, [camera] if camera else None)
-            if not written:
-                folder.rmdir()  # still empty: nothing to train on
+            folder, written = self.capture.export_new(parent, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+                                                      [camera] if camera else None)
         except OSError as exc:
-            return error_answer(ErrorCode.INTERNAL_ERROR, f"export to {folder} failed: {exc}")
+            why = f"the export failed: {unwritable(exc, str(parent))}; nothing was left there (no partial training folder)"
+            log.warning("export_capture: %s", why)
+            return error_answer(ErrorCode.INTERNAL_ERROR, why)
         if not written:
             return error_answer(ErrorCode.BAD_REQUEST, f"nothing captured{f' for camera {camera}' if camera else ''} yet")
         return {"ok": True, "folder": str(folder), "cameras": written,

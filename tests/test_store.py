@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import time
@@ -854,5 +855,43 @@ def test_evidence_no_point_names_is_deleted_once_a_store_opens(tmp_path):
     try:
         assert _wait_for(lambda: len(evidence) == 1), evidence.counts()
         assert evidence.keys() == [ids[0]] and len(list((tmp_path / "evidence").glob("*/*"))) == 2  # thumbnail, marker
+    finally:
+        recorder.stop()
+
+
+def test_a_frame_whose_evidence_cannot_be_written_is_recorded_without_it(tmp_path, caplog):
+    """A full evidence disk lost the whole history although the store had room: the evidence write raised and the
+    recorder counted each batch lost (``recorder_lost``).  The point is recorded now, without its thumbnail and
+    heatmap, the frames are counted (``recorder_evidence_failed``), and it is said once when the writes start failing
+    and once when they work again.  A file in the evidence folder's place fails its writes for real, as root too."""
+    import logging
+
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, SpoolConfig(path=tmp_path / "spool"), 16,
+                        Liveness(0))
+    recorder.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.recorder"):
+            (tmp_path / "evidence").rename(tmp_path / "aside")
+            (tmp_path / "evidence").write_bytes(b"")
+            for n in range(3):
+                for record in _records(4, DIM, start=4 * n):
+                    recorder.submit(record)
+                assert recorder.flush(20)
+            (tmp_path / "evidence").unlink()
+            (tmp_path / "aside").rename(tmp_path / "evidence")
+            for record in _records(4, DIM, start=12):
+                recorder.submit(record)
+            assert recorder.flush(20)
+        assert (recorder.lost, recorder.written, len(recorder.spool)) == (0, 16, 0), "the store had room"
+        assert recorder.evidence_failed == 12
+        with recorder.use_store() as store:
+            held = store.payloads([point_id("a", f"f{i}") for i in range(16)])
+        assert [bool(held[point_id("a", f"f{i}")]["evidence"]) for i in range(16)] == [False] * 12 + [True] * 4
+        assert len(evidence) == 4
+        said = [r.getMessage() for r in caplog.records if "evidence" in r.getMessage()]
+        assert len([m for m in said if "cannot be written" in m]) == 1, said
+        assert len([m for m in said if "written again" in m]) == 1, said
     finally:
         recorder.stop()

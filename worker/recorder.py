@@ -194,8 +194,10 @@ class Recorder:
                                                         size=lambda r: r.nbytes)
         self.liveness = liveness
         self.dropped = 0
-        self.lost = 0  # records neither stored nor spooled (the evidence or the spool could not be written)
+        self.lost = 0  # records neither stored nor spooled (the store away and the spool could not be written)
         self._lost_log = Throttle(60)
+        self.evidence_failed = 0  # records kept without their evidence files (the evidence folder could not be written)
+        self._evidence_failing = False  # while evidence writes fail: said once when they start, once when they stop
         self.unrecorded = 0  # records not kept because the store holds vectors of another size (store_error)
         self.labelled_kept = 0  # records not kept because their id names a frame an operator labelled (_spare_labels)
         self._reuse_log = Throttle(60)
@@ -455,15 +457,35 @@ class Recorder:
                         "minute)", payloads[0].get("camera"), payloads[0].get("frame_id"), self.labelled_kept)
 
     def _prepare(self, batch: list[Record], saved: list[str]) -> list[Point]:
-        """The batch's points, their evidence written; ``saved`` gets the key of each frame whose evidence was."""
+        """The batch's points, their evidence written; ``saved`` gets the key of each frame whose evidence was.  A
+        frame whose evidence cannot be written (its folder's disk full) is recorded without it: the history's point
+        (score, verdict, embedding, labels) does not need the thumbnail and heatmap, and the store may have room."""
         points = []
         for rec in batch:
             thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
             value = ANOMALOUS if rec.payload.get("anomalous") else NORMAL
-            rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files}, value)
-            saved.append(rec.key)
+            try:
+                rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files}, value)
+            except OSError as exc:
+                rec.payload["evidence"] = {}
+                self._without_evidence(exc)
+            else:
+                saved.append(rec.key)
+                if self._evidence_failing:
+                    self._evidence_failing = False
+                    log.warning("evidence is written again to %s (%d frames recorded without it so far, "
+                                "recorder_evidence_failed)", self.evidence.root, self.evidence_failed)
             points.append((rec.key, rec.vector, rec.payload))
         return points
+
+    def _without_evidence(self, exc: OSError) -> None:
+        """Count a frame recorded without its evidence; said once while the writes fail (a full disk fails them all)."""
+        self.evidence_failed += 1
+        if not self._evidence_failing:
+            self._evidence_failing = True
+            log.error("the evidence folder %s cannot be written (%s): frames are recorded in the history without "
+                      "their thumbnail and heatmap (counted as recorder_evidence_failed) until it can; said again "
+                      "when it can", self.evidence.root, exc)
 
     def _run(self) -> None:
         supervised_loop(self.liveness, self._thread.name, self._step)
@@ -486,7 +508,7 @@ class Recorder:
                     self.unrecorded += len(kept)
                     self.evidence.delete(saved)  # no point will name these files: no retention pass would take them
                     log.error("the vector store refused a batch of %d for good (%s); not recorded", len(kept), exc)
-                except Exception as exc:  # an OSError is e.g. a full disk (neither the evidence nor the spool takes it)
+                except Exception as exc:  # an OSError is e.g. a full disk (the store away and the spool not taking it)
                     self.lost += len(kept)
                     self.evidence.delete(saved)  # no point will name these files: no retention pass would take them
                     if self._lost_log.ready():  # a full disk fails every batch: said once a minute, with the count

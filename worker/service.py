@@ -473,6 +473,7 @@ class Worker:
             "spool_refused_batches": self.recorder.spool.refused_batches,
             "recorder_dropped": self.recorder.dropped,
             "recorder_lost": self.recorder.lost,
+            "recorder_evidence_failed": self.recorder.evidence_failed,
             "recorder_unrecorded": self.recorder.unrecorded,
             "recorder_labelled_kept": self.recorder.labelled_kept,
             "evidence_frames": len(self.evidence),

@@ -6,6 +6,8 @@ import base64
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import qdrant_edge as edge
 from worker.config import SpoolConfig, StoreConfig
 from worker.decode import decode, probe
 from worker.evidence import EvidenceStore
+from worker.labels import LabelService
 from worker.query import QueryService
 from worker.supervise import Liveness
 from worker.recorder import Record, Recorder
@@ -893,5 +896,43 @@ def test_a_frame_whose_evidence_cannot_be_written_is_recorded_without_it(tmp_pat
         said = [r.getMessage() for r in caplog.records if "evidence" in r.getMessage()]
         assert len([m for m in said if "cannot be written" in m]) == 1, said
         assert len([m for m in said if "written again" in m]) == 1, said
+    finally:
+        recorder.stop()
+
+
+def test_a_store_below_its_free_space_floor_is_reported_unavailable_and_says_why(tmp_path):
+    """``store_available`` (the stats, ``edge_inspect_store_available``) stayed true while the free-space floor
+    (``store.min_free_mb``) refused every write of the open store, and a store the floor kept from opening answered
+    queries and exports "not reachable", which sends the operator after the network; ``extensions``, which needs no
+    store, was refused too.  Now the store is unavailable while its writes are refused and available again once one
+    succeeds, the answers carry the floor's own message, and the extensions list is answered.  The floor is set above
+    the free space of the test's disk (the open store's own knob, ``min_free``, for its writes)."""
+    floor = {"mb": shutil.disk_usage(tmp_path).free // 2**20 + 1024}
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(lambda: VectorStore(cfg.model_copy(update={"min_free_mb": floor["mb"]}), DIM), evidence, cfg,
+                        SpoolConfig(path=tmp_path / "spool", retry_s=0.05), 16, Liveness(0))
+    labels = LabelService(recorder.use_store)
+    recorder.start()
+    try:
+        refused = labels.answer_bytes(json.dumps({"action": "export"}).encode())["error"]
+        assert refused["code"] == "store_unavailable", refused
+        assert re.search(r"\d+ MB free on the disk of .*, \d+ MB needed \(store.min_free_mb\)", refused["message"])
+        assert "not reachable" not in refused["message"], refused
+        assert labels.answer_bytes(json.dumps({"action": "extensions"}).encode()) == {"ok": True, "extensions": []}
+        assert not recorder.store_available
+        floor["mb"] = 0  # room again: the next try opens it
+        for record in _records(4, DIM):
+            recorder.submit(record)
+        assert _wait_for(lambda: recorder.written == 4) and recorder.store_available
+        assert recorder.store is not None
+        recorder.store.engine.min_free = shutil.disk_usage(tmp_path).free + 2**30  # open, its writes refused
+        for record in _records(4, DIM, start=4):
+            recorder.submit(record)
+        assert recorder.flush(20) and recorder.spool.points == 4
+        assert recorder.store is not None and not recorder.store_available, "open, but its writes are refused"
+        recorder.store.engine.min_free = 0
+        assert _wait_for(lambda: recorder.written == 8), "replayed once there is room"
+        assert recorder.store_available and len(recorder.spool) == 0
     finally:
         recorder.stop()

@@ -114,16 +114,21 @@ class LabelService:
             # anything else, an object or a list too, is validated as a set, which refuses it as a bad request
             return kinds.get(action, SetLabel) if isinstance(action, str) else SetLabel
 
+        def listed(request: SetLabel | Unlabel | ListExtensions | ExportLabels) -> dict | None:
+            """The extensions list: the learner's, answered while the store is away too (the console's undo list)."""
+            if not isinstance(request, ListExtensions):
+                return None
+            return {"ok": True, "extensions": self.learner.extensions() if self.learner is not None else []}
+
         def handle(request: SetLabel | Unlabel | ListExtensions | ExportLabels, store: VectorStore) -> dict:
             if isinstance(request, ExportLabels):
                 return self.export(request, store)
-            if isinstance(request, ListExtensions):
-                return {"ok": True, "extensions": self.learner.extensions() if self.learner is not None else []}
+            assert not isinstance(request, ListExtensions)  # answered by listed, without the store
             if isinstance(request, Unlabel):
                 request = SetLabel(action="set", frame_id=request.frame_id, camera=request.camera, label=None)
             return self.set(request, store)
 
-        return serve_request(payload, pick, self.use_store, handle, self.settle)
+        return serve_request(payload, pick, self.use_store, handle, self.settle, listed)
 
     def set(self, request: SetLabel, store: VectorStore) -> dict:
         found = store.find(request.frame_id, request.camera)

@@ -56,7 +56,9 @@ class Stats:
         self.queue_depth = Gauge("edge_inspect_queue_depth", "Frames waiting for inference.", registry=self.registry)
         self.store_lag = Gauge("edge_inspect_store_pending", "Logged frames not yet written to the vector store "
                                "(recorder backlog + spooled points).", registry=self.registry)
-        self.store_up = Gauge("edge_inspect_store_available", "1 when the vector store answers.", registry=self.registry)
+        self.store_up = Gauge("edge_inspect_store_available", "1 when the vector store takes writes (0 while it cannot "
+                              "be opened or refuses them, e.g. below store.min_free_mb: frames are spooled).",
+                              registry=self.registry)
         self.broker_up = Gauge("edge_inspect_broker_connected", "1 while the MQTT broker connection is up (frames can "
                                "arrive).", registry=self.registry)
         self.refused = Gauge("edge_inspect_subscriptions_refused", "Topics the broker refuses to subscribe the worker "

@@ -82,17 +82,21 @@ def _b64(data: bytes | None) -> str | None:
 
 def serve_request(payload: bytes, pick: Callable[[object], type[R]],
                   use_store: Callable[[], AbstractContextManager[VectorStore]],
-                  handle: Callable[[R, VectorStore], dict], settle: Callable[[], object] | None = None) -> dict:
+                  handle: Callable[[R, VectorStore], dict], settle: Callable[[], object] | None = None,
+                  without_store: Callable[[R], dict | None] | None = None) -> dict:
     """Parse and validate one JSON request (``pick`` chooses its model) and answer it against the store.
 
     Shared by queries and labels, so both report bad requests and an unavailable store the same way;
     never raises: a store that fails mid-request answers ``store_unavailable``, anything else ``internal_error``.
     A frame not found is looked for once more after ``settle`` (the recorder's frames on their way are written):
     a client that asks about a frame as soon as its result arrives would otherwise beat the recorder's batch.
+    ``without_store`` answers a request that needs no store (else None), so that one is answered while it is away.
     """
     try:
         raw = decode_json(payload)
         request = validate(pick(raw), raw)
+        if without_store is not None and (answer := without_store(request)) is not None:
+            return answer
         try:
             with use_store() as store:
                 return handle(request, store)

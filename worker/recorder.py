@@ -42,7 +42,7 @@ SWEEP_CHUNK = 1024  # evidence keys checked against the store per recorder step 
 
 
 class StoreUnavailable(Exception):
-    """The vector store is not reachable right now (embeddings are being spooled)."""
+    """The vector store cannot be used right now (embeddings are being spooled); the message says why."""
 
 
 @dataclass
@@ -205,6 +205,7 @@ class Recorder:
         self.store_damaged: str | None = None  # why the embedded store's files cannot be loaded, while they cannot
         self._outage: tuple[str, Throttle] = ("", Throttle(600))  # the last outage said, and when to say it again
         self.written = 0
+        self._write_error: str | None = None  # why the open store's last write failed, until one succeeds
         self._store_lock = threading.Lock()
         self._next_try = 0.0
         self._next_evidence_retention = 0.0  # while no store is open (the store rate-limits its own passes)
@@ -240,6 +241,12 @@ class Recorder:
     def pending(self) -> int:
         return len(self.queue)
 
+    @property
+    def store_available(self) -> bool:
+        """Whether the store takes writes: open, and its last write (if any since it opened) succeeded.  An open store
+        that refuses them (its free-space floor, ``store.min_free_mb``) still answers reads, but frames are spooled."""
+        return self.store is not None and self._write_error is None
+
     @contextmanager
     def use_store(self) -> Iterator[VectorStore]:
         """The open store, for readers (queries); serialised with writes."""
@@ -249,7 +256,8 @@ class Recorder:
                     raise StoreUnavailable(f"{self.store_error}; until then frames are inspected but not recorded")
                 if self.store_damaged is not None:
                     raise StoreUnavailable(self.store_damaged)
-                raise StoreUnavailable("the vector store is not reachable; embeddings are being spooled")
+                why = self._outage[0] or "it is not open yet"  # e.g. its free-space floor, not only the network
+                raise StoreUnavailable(f"the vector store cannot be opened ({why}); embeddings are being spooled")
             yield self.store
 
     def flush(self, timeout: float) -> bool:
@@ -304,6 +312,7 @@ class Recorder:
             self.store_error = self.store_damaged = None
             self._outage = ("", self._outage[1])
             self.store = store
+            self._write_error = None
             self._unswept = None  # a new store (or a new history in it) is checked against the evidence anew
             log.info("vector store available")
             return True
@@ -323,7 +332,9 @@ class Recorder:
             except Exception as exc:
                 log.warning("vector store write of %d points failed (%s); spooling", len(points), exc)
                 self._next_try = time.monotonic() + self.retry_s
+                self._write_error = str(exc)
                 return False
+            self._write_error = None
         self.written += len(points)
         return True
 

@@ -464,7 +464,7 @@ class Worker:
             "own_announcement_read_back": self.presence.read_back,
             "store_pending": self.recorder.pending,
             "store_written": self.recorder.written,
-            "store_available": self.recorder.store is not None,
+            "store_available": self.recorder.store_available,
             "store_error": self.recorder.store_error,
             "store_damaged": self.recorder.store_damaged,
             "spool_batches": len(self.recorder.spool),
@@ -529,7 +529,7 @@ class Worker:
                 self._give_up(problems)
             self.stats.queue_depth.set(len(self.pipeline.queue))
             self.stats.store_lag.set(self.recorder.pending + self.recorder.spool.points)
-            self.stats.store_up.set(int(self.recorder.store is not None))
+            self.stats.store_up.set(int(self.recorder.store_available))
             self.stats.broker_up.set(int(self.link.connected.is_set()))
             self.link.resubscribe_refused()
             self.stats.refused.set(len(self.link.refused))

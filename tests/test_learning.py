@@ -669,3 +669,30 @@ def test_a_false_alarm_label_the_store_refuses_takes_its_absorption_back(learnin
     finally:
         moved.rename(collection)
     assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"  # nothing was taught
+
+
+def test_a_withdrawal_the_store_refuses_leaves_the_label_and_its_rows(learning, dataset):
+    """An unlabel the store refused (its disk below ``store.min_free_mb``, its folder gone) took the false alarm's rows
+    out of the extension and then failed to clear its label: the history said false_alarm while the extension held
+    nothing of it, and no restart mended that.  The store is now asked before the extension changes: the answer is
+    ``store_unavailable``, the label and its rows stay, and the withdrawal works once the store takes writes."""
+    prefix, client, _, config, _ = learning
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
+    unlabel = {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}
+    collection = config.parent / "qdrant" / "frames"  # store.collection
+    moved = collection.with_name("moved-away")
+    collection.rename(moved)  # the store's next write is refused for real (its folder gone), its reads still answer
+    try:
+        refused = _query(client, prefix, unlabel, topic="label")
+        assert refused["error"]["code"] == "store_unavailable", refused
+        assert "the label is unchanged and nothing was absorbed or withdrawn" in refused["error"]["message"], refused
+        [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
+        assert [e["frame_id"] for e in ext["entries"]] == ["m-0"] and ext["rows"] == absorbed["patches"], ext
+    finally:
+        moved.rename(collection)
+    labels = _query(client, prefix, {"action": "export"}, topic="label")["labels"]
+    assert [(r["frame_id"], r["label"]) for r in labels] == [("m-0", "false_alarm")]
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # its rows are still in use
+    released = _query(client, prefix, unlabel, topic="label")["released"]
+    assert released["patches"] == absorbed["patches"], released
+    assert _query(client, prefix, {"action": "export"}, topic="label")["labels"] == []

@@ -157,6 +157,10 @@ class LabelService:
         if found is None:
             raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
         pid, vector, payload = found
+        try:  # before the extension changes: a label the store then refuses would leave the two disagreeing
+            store.writable()
+        except StoreError as exc:
+            raise StoreError(f"{exc}; the label is unchanged and nothing was absorbed or withdrawn") from exc
         was_false_alarm = payload.get("label") == "false_alarm"
         labelled = request.label is not None
         answer: dict = {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": request.label,

@@ -284,10 +284,14 @@ class _Edge:
             raise StoreError(f"not starting the store's {what}: {free / 2**20:.0f} MB free on the disk of {self.folder}, "
                              f"{need / 2**20:.0f} MB needed (store.min_free_mb): free some space")
 
-    def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
+    def writable(self) -> None:
+        """Raise :class:`StoreError` where a write would be refused now: its folder gone, or below the floor."""
         if not self.folder.is_dir():
             raise StoreGone(f"the collection's folder {self.folder} is gone (deleted or moved away while the worker ran)")
         self._room("write")
+
+    def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
+        self.writable()
         points = [edge.Point(uuid.UUID(pid), vec.astype(np.float32).tolist(), payload) for pid, vec, payload in items]
         self.shard.update(edge.UpdateOperation.upsert_points(points))
 
@@ -416,6 +420,13 @@ class VectorStore:
             if not is_failure(exc):
                 raise
             raise StoreError(f"vector store {what} failed: {_said(exc)}") from exc
+
+    def writable(self) -> None:
+        """Raise :class:`StoreError` where the embedded store would refuse a write now (its folder gone, below its
+        free-space floor): a caller that changes something else first (a label's extension) checks before.  A server
+        is not asked: its refusal comes with the write."""
+        if isinstance(self.engine, _Edge):
+            self._call("write check", self.engine.writable)
 
     def upsert(self, items: list[tuple[str, np.ndarray, dict]]) -> None:
         """Write points; :class:`BatchRefused` (before any is written) where one has another size than the store's,

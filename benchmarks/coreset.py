@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {}
     for name, idx in picks.items():
         model.memory_bank = features[idx].contiguous()
-        graph = PatchcoreGraph(model, spec.height, trained.graph.embedder).eval()
+        graph = PatchcoreGraph(model, spec.height, trained.graph.embedder, offset=trained.graph.offset).eval()
         out = package(dataclasses.replace(trained, graph=graph), work / name)
         metrics[name] = json.loads((out / "bundle.json").read_text())["metrics"]["test"]
         metrics[name]["model_bin_mb"] = (out / "model.bin").stat().st_size / 2**20

@@ -10,7 +10,8 @@ Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``image_score``, ``map_max`` or ``reweighted``; ``views`` = ``bank_views``, ``frame``, ``flips`` or ``d4``;
 ``screen`` = ``screen_rows``, the bank rows every patch meets, and ``refine`` the share of patches that meets them all;
 ``unrefined`` = ``bound`` or ``scaled``, what the other patches' distance is; ``pool`` = ``neighbourhood``, the
-p x p feature cells averaged into each patch;
+p x p feature cells averaged into each patch; ``align`` = ``map_alignment``, ``anomalib`` or ``centred``, where the map
+puts each patch's distance;
 ``precision`` = ``torch`` (the default), ``f32`` or ``int8``: the graph converted to OpenVINO as ``exporter train``
 converts it, INT8 quantised as ``--precision int8`` does, and run at f32 elsewhere).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
@@ -51,7 +52,8 @@ from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants
 log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
         "rows": "max_bank", "seed": "seed", "score": "image_score", "views": "bank_views",
-        "screen": "screen_rows", "refine": "refine", "unrefined": "unrefined", "pool": "neighbourhood"}
+        "screen": "screen_rows", "refine": "refine", "unrefined": "unrefined", "pool": "neighbourhood",
+        "align": "map_alignment"}
 
 
 PRECISIONS = ("torch", "f32", "int8")

@@ -154,6 +154,10 @@ class PatchCore(Family["PatchcoreSettings"]):
                               "(scaled, default: an estimate) or that distance as it is (bound: never smaller than "
                               "to the whole bank)",
                choices=("bound", "scaled")),
+        Option("--map-alignment", "where the anomaly map puts a patch's distance: centred (default: at the centre "
+                                  "of what the patch's feature sees, which the fit reads from the backbone) or anomalib "
+                                  "(at the patch's grid cell, anomalib's placement, beside the defect)",
+               choices=("centred", "anomalib")),
         *TILING,
     )
     weight_precisions = ("fp32", "int8")

@@ -25,7 +25,7 @@ from exporter import backbones
 from exporter.coreset import greedy_coreset
 from exporter.data import load_category, read_image
 from exporter.export import convert, input_spec, save_ir
-from exporter.train.patchcore import PatchcoreSettings, build_model, fit, to_tensor
+from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, build_model, fit, placement, to_tensor
 
 SCORE_RTOL = 1e-3  # OpenVINO FP32 vs torch: relative tolerance on image scores
 
@@ -113,7 +113,7 @@ def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_s
     """Our export graph, compiled by OpenVINO, against anomalib's own PatchcoreModel.forward in torch, for each way
     of reading the image score, and with a wider patch neighbourhood than anomalib's."""
     settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, image_score=image_score,
-                                 neighbourhood=neighbourhood)
+                                 neighbourhood=neighbourhood, map_alignment="anomalib")
     cat = load_category(dataset, "weave")
     bb = backbones.resolve(settings.backbone)
     spec = input_spec(settings.input_size, bb.mean, bb.std)
@@ -142,6 +142,63 @@ def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_s
     np.testing.assert_allclose(ov_pred.anomaly_map, torch_maps, rtol=1e-3, atol=1e-3 * torch_maps.max())
     threshold = float(np.median(torch_scores))
     assert ((ov_pred.score >= threshold) == (torch_scores >= threshold)).all()
+
+
+def test_the_placement_at_no_offset_is_anomalibs_upsampling_and_an_offset_moves_it():
+    for size, cells in [(128, 16), (512, 64), (100, 13)]:
+        anomalib = torch.nn.functional.interpolate(torch.eye(cells).view(1, 1, cells, cells), size=(size, cells))[0, 0]
+        assert torch.equal(placement(size, cells, 0.0), anomalib)
+        moved = placement(size, cells, 10.0)
+        assert torch.equal(moved[: size - 10], anomalib[10:])  # map pixel u shows what anomalib put at u + 10
+        assert torch.equal(moved[size - 10 :], anomalib[-1:].expand(10, cells))  # the last cell fills the opened edge
+
+
+def _dotted(image: np.ndarray, y: int, x: int) -> np.ndarray:
+    out = image.copy()
+    cv2.circle(out, (x, y), 3, (30, 40, 90), -1)
+    return out
+
+
+def test_a_centred_map_marks_the_defect_where_anomalibs_placement_marks_beside_it(dataset):
+    """A CNN patch feature sees content centred up and left of its grid cell, so anomalib's map puts a small
+    defect's peak down and right of it; ``map_alignment: centred`` reads the offset from the backbone and puts the
+    peak on the defect.  Image scores, the retrieval embedding and the bank extension's candidates do not depend on
+    where the map puts things."""
+    cat = load_category(dataset, "weave")
+    bb = backbones.resolve("efficientnet_lite0")
+    spec = input_spec(128, bb.mean, bb.std)
+    good = read_image(next(s for s in cat.test if s.defect == "good").path, spec)
+    dots = [(40, 40), (64, 90), (90, 50), (70, 70)]
+    images = [good] + [_dotted(good, y, x) for y, x in dots]
+    out, errors = {}, {}
+    for align in ("anomalib", "centred"):
+        graph, timings = fit(PatchcoreSettings(input_size=128, coreset_ratio=0.05, map_alignment=align), bb, cat.train, spec)
+        with torch.no_grad():
+            out[align] = [t.numpy() for t in graph(to_tensor(images, bb))]
+        maps = out[align][1]
+        peaks = [np.unravel_index(np.argmax(m - maps[0]), m.shape) for m in maps[1:]]
+        errors[align] = np.array([(py - y, px - x) for (py, px), (y, x) in zip(peaks, dots, strict=True)], float)
+        if align == "centred":
+            assert all(v > 4 for v in timings["map_offset_px"])  # read from the backbone, recorded in the bundle
+    assert (np.median(errors["anomalib"], 0) > 4).all()  # down and right of the dot
+    assert (np.abs(np.median(errors["centred"], 0)) <= 3).all()
+    assert np.hypot(*errors["centred"].T).mean() < np.hypot(*errors["anomalib"].T).mean() / 2
+    np.testing.assert_array_equal(out["centred"][0], out["anomalib"][0])  # the same image scores
+    np.testing.assert_allclose(out["centred"][2], out["anomalib"][2], atol=1e-5)  # the same retrieval embedding
+    for candidates, theirs in zip(out["centred"][3:], out["anomalib"][3:], strict=True):  # what a label absorbs
+        np.testing.assert_array_equal(candidates, theirs)
+
+
+def test_the_embeddings_weights_are_anomalibs_blurred_map_pooled_onto_the_grid(dataset):
+    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, map_alignment="centred")
+    bb = backbones.resolve(settings.backbone)
+    graph, _ = fit(settings, bb, load_category(dataset, "weave").train[:4], input_spec(128, bb.mean, bb.std))
+    plain = PatchcoreGraph(graph.model, 128, graph.embedder, graph.k)  # anomalib's placement
+    h, w = graph.grid()
+    patch = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(0))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(plain.blur_rows @ patch @ plain.blur_cols, (h, w))
+    torch.testing.assert_close(graph.weight_rows @ patch @ graph.weight_cols, pooled)
+    assert not torch.equal(graph.blur_rows, plain.blur_rows)
 
 
 def test_an_even_neighbourhood_is_refused():

@@ -82,7 +82,7 @@ def test_extension_equals_a_bank_holding_its_rows(fitted, tmp_path):
     model = graph.model
     bank = model.memory_bank
     model.memory_bank = torch.cat([bank, x_rows])
-    union = PatchcoreGraph(model, spec.height, graph.embedder, graph.k).eval()
+    union = PatchcoreGraph(model, spec.height, graph.embedder, graph.k, offset=graph.offset).eval()
     union_dir = _bundle(union, spec, tmp_path / "union")
     model.memory_bank = bank
     extended = CompiledBundle(_bundle(graph, spec, tmp_path / "extended"), extension_rows=100)
@@ -274,7 +274,7 @@ def test_the_default_candidates_are_a_share_of_the_frame(fitted):
     a small input does not compare a quarter of its patches with every extension row; never more than it has."""
     assert [auto_candidates(n) for n in (4096, 6400, 1024, 2304, 256, 40)] == [256, 256, 64, 144, 64, 40]
     graph, spec, _, _, _ = fitted
-    default = PatchcoreGraph(graph.model, spec.height, graph.embedder).eval()
+    default = PatchcoreGraph(graph.model, spec.height, graph.embedder, offset=graph.offset).eval()
     spec64 = default.extension_spec()
     assert graph.patches() == 256 and spec64 is not None and spec64.candidates == 64
 
@@ -284,7 +284,7 @@ def test_a_graph_without_candidates_has_no_extension(fitted, tmp_path):
     numbers as the extension graph with an empty extension; the runtime serves it with ``candidates`` None and
     refuses to set an extension on it."""
     graph, spec, bb, images, _ = fitted
-    plain = PatchcoreGraph(graph.model, spec.height, graph.embedder, 0).eval()
+    plain = PatchcoreGraph(graph.model, spec.height, graph.embedder, 0, offset=graph.offset).eval()
     assert plain.extension_spec() is None
     with torch.no_grad():
         want = graph(to_tensor(images[:4], bb))

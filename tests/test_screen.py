@@ -31,7 +31,7 @@ def fitted(dataset):
 
 def _screened(graph: PatchcoreGraph, spec, screen: int, refine: float, unrefined: str = "bound") -> PatchcoreGraph:
     return PatchcoreGraph(graph.model, spec.height, graph.embedder, graph.k, screen_rows=screen, refine=refine,
-                          unrefined=unrefined).eval()
+                          unrefined=unrefined, offset=graph.offset).eval()
 
 
 def test_the_farthest_patches_meet_the_whole_bank_and_the_others_the_screen(fitted):

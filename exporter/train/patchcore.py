@@ -45,6 +45,10 @@ BLUR_SIGMA_AT_256 = 4.0
 # threshold, which map_max lowers) then takes more rows than an extension holds: docs/quality/README.md.
 IMAGE_SCORES = ("reweighted", "map_max")
 UNREFINED = ("bound", "scaled")
+# Where the map puts a patch's distance: ``anomalib``, at the patch's cell of the grid (rows [i*S, (i+1)*S) for
+# stride S), or ``centred``, at the centre of what the patch's feature sees (:func:`content_offset`), which for a
+# CNN lies up and left of its cell: the map then marks the defect itself, not a place beside it.
+ALIGNMENTS = ("anomalib", "centred")
 
 
 def auto_candidates(patches: int) -> int:
@@ -99,6 +103,9 @@ class PatchcoreSettings:
     # whole-bank to screen distance over its refined patches (``scaled``, an estimate), or the screen distance as
     # it is (``bound``, never smaller than its distance to the whole bank: an upper bound, which coarsens the maps).
     unrefined: str = "scaled"
+    # One of ALIGNMENTS; centred was chosen on grid's validation split (docs/quality/README.md, "The map centred on what
+    # each patch sees").
+    map_alignment: str = "centred"
     # Train on tiles (cols, rows) of each image, cut as the worker cuts a tiled camera's frames (bundle/tiling.py),
     # so a small defect in a large frame is seen at the scale the model learnt; None: whole images.
     tiling: tuple[int, int] | None = None
@@ -159,10 +166,12 @@ class PatchcoreGraph(nn.Module):
     bank_sq: torch.Tensor
     blur_rows: torch.Tensor
     blur_cols: torch.Tensor
+    weight_rows: torch.Tensor
+    weight_cols: torch.Tensor
 
     def __init__(self, model: PatchcoreModel, input_size: int, embedder: DefectEmbedding, candidates: int | None = None,
                  image_score: str = "reweighted", screen_rows: int = 0, refine: float = 0.25,
-                 unrefined: str = "scaled") -> None:
+                 unrefined: str = "scaled", offset: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, not {image_score!r}")
@@ -191,12 +200,18 @@ class PatchcoreGraph(nn.Module):
         # blur as matrix products"), and the upsampling, itself a product with a 0/1 matrix on each side, is
         # folded into them: ``[H, h] @ patches @ [w, W]`` gives the same map as ``[H, H] @ up(patches) @ [W, W]``
         # at a fraction of the multiply-adds.
+        # ``offset`` (rows, cols) in input pixels moves each patch's distance from its cell to the centre of what
+        # it sees (ALIGNMENTS); (0, 0) is anomalib's placement.
         blur = model.anomaly_map_generator.blur
         kernel = blur.kernel[0, 0]
-        up_rows = F.interpolate(torch.eye(h).view(1, 1, h, h), size=(input_size, h))[0, 0]  # [H, h]
-        up_cols = F.interpolate(torch.eye(w).view(1, 1, w, w), size=(input_size, w))[0, 0]  # [W, w]
-        self.register_buffer("blur_rows", blur_matrix(kernel.sum(1), input_size, blur.border_type) @ up_rows)
-        self.register_buffer("blur_cols", (blur_matrix(kernel.sum(0), input_size, blur.border_type) @ up_cols).T.contiguous())
+        blur_rows, blur_cols = (blur_matrix(kernel.sum(axis), input_size, blur.border_type) for axis in (1, 0))
+        self.offset = (float(offset[0]), float(offset[1]))  # a graph rebuilt from this one's model passes it on
+        self.register_buffer("blur_rows", blur_rows @ placement(input_size, h, self.offset[0]))
+        self.register_buffer("blur_cols", (blur_cols @ placement(input_size, w, self.offset[1])).T.contiguous())
+        # The retrieval embedding weighs each patch by its own blurred distance (anomalib's placement, whatever the
+        # map's), averaged back onto the grid: ``[h, H] @ [H, h]`` products, the same as pooling that map.
+        self.register_buffer("weight_rows", _pool(blur_rows @ placement(input_size, h, 0.0), h))
+        self.register_buffer("weight_cols", _pool(blur_cols @ placement(input_size, w, 0.0), w).T.contiguous())
 
     def grid(self) -> tuple[int, int]:
         """The feature grid (h, w) a frame's patches lie on, from one forward pass of the backbone."""
@@ -297,7 +312,7 @@ class PatchcoreGraph(nn.Module):
         # Embedding: what is wrong (exporter/train/embedding.py), from the same features, weighted by the
         # blurred map brought back to the feature grid: the weighting the retrieval benchmark's ablation
         # measured and tuned (docs/retrieval.md), smoother than the raw patch distances.
-        embedding = self.embedder(flat, F.adaptive_avg_pool2d(amap, (h, w)).flatten(1))
+        embedding = self.embedder(flat, (self.weight_rows @ patch.view(n, 1, h, w) @ self.weight_cols).flatten(1))
         return score, amap[:, 0], embedding, *extra
 
     @staticmethod
@@ -318,6 +333,45 @@ class PatchcoreGraph(nn.Module):
         ext_sq = torch.where(is_pad, torch.full_like(is_pad, float("inf"), dtype=extension.dtype),
                              (extension * extension).sum(1))
         return extension, ext_sq
+
+
+def placement(size: int, cells: int, offset: float) -> torch.Tensor:
+    """[size, cells] 0/1 matrix: the nearest-neighbour upsampling of ``cells`` grid values to ``size`` map pixels
+    that anomalib's map makes, moved ``offset`` pixels up (left), where the cells' content lies; the edge cells
+    fill what the move opens."""
+    pixel = torch.arange(size, dtype=torch.float64)
+    cell = torch.floor((pixel + offset) * cells / size).clamp(0, cells - 1).long()
+    return F.one_hot(cell, cells).float()
+
+
+def _pool(matrix: torch.Tensor, cells: int) -> torch.Tensor:
+    """``matrix`` [size, k] averaged over its rows onto ``cells`` rows, as ``F.adaptive_avg_pool2d`` pools a map."""
+    return F.adaptive_avg_pool1d(matrix.T.unsqueeze(0), cells)[0].T.contiguous()
+
+
+def content_offset(model: PatchcoreModel, image: torch.Tensor, draws: int = 8) -> tuple[float, float]:
+    """How far (rows, cols, input pixels) the centre of what a patch feature sees lies up and left of its grid
+    cell's centre: the centroid of |d(r . feature) / d input| for the central cell of ``image`` [1, 3, H, W]
+    (normalised), averaged over ``draws`` seeded random directions r.  A property of the backbone and layers, read
+    from the network rather than searched on data."""
+    x = image.detach().clone().requires_grad_(True)
+    extractor = model.feature_extractor
+    with torch.enable_grad():
+        feats = {str(layer): f for layer, f in zip(extractor.layers, extractor.feature_extractor(x), strict=True)}
+        emb = model.generate_embedding({layer: model.feature_pooler(f) for layer, f in feats.items()})
+        _, c, h, w = emb.shape
+        i, j = h // 2, w // 2
+        weight = torch.zeros(x.shape[2:], dtype=torch.float64)
+        rng = torch.Generator().manual_seed(0)
+        for _ in range(draws):
+            r = torch.randn(c, generator=rng)
+            (grad,) = torch.autograd.grad((emb[0, :, i, j] * r).sum(), x, retain_graph=True)
+            weight += grad[0].abs().sum(0).double()
+    rows = torch.arange(x.shape[2], dtype=torch.float64)
+    cols = torch.arange(x.shape[3], dtype=torch.float64)
+    total = weight.sum()
+    cy, cx = float((weight.sum(1) * rows).sum() / total), float((weight.sum(0) * cols).sum() / total)
+    return (i + 0.5) * x.shape[2] / h - 0.5 - cy, (j + 0.5) * x.shape[3] / w - 0.5 - cx
 
 
 def blur_matrix(taps: torch.Tensor, size: int, border: str) -> torch.Tensor:
@@ -383,8 +437,15 @@ def build_model(settings: PatchcoreSettings, backbone: Backbone) -> PatchcoreMod
 def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec: InputSpec) -> tuple[PatchcoreGraph, dict]:
     """Build the memory bank from normal images; returns the export graph and timings."""
     torch.manual_seed(settings.seed)
+    if settings.map_alignment not in ALIGNMENTS:
+        raise ValueError(f"map_alignment must be one of {', '.join(ALIGNMENTS)}, not {settings.map_alignment!r}")
     model = build_model(settings, backbone)
     started = time.monotonic()
+    offset = (0.0, 0.0)
+    if settings.map_alignment == "centred":
+        first = read_tiles(train[0], spec, tiling_of(settings))[0]
+        offset = content_offset(model, to_tensor([first], backbone))
+        log.info("map: patch content centred %.1f, %.1f px up and left of its cell", *offset)
     features = extract(model, train, spec, backbone, settings.batch_size, Views(settings.bank_views),
                        tiling_of(settings))
     extracted = time.monotonic()
@@ -397,7 +458,7 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     done = time.monotonic()
     graph = PatchcoreGraph(model, settings.input_size, DefectEmbedding.fit(features, seed=settings.seed),
                            settings.extension_candidates, settings.image_score, settings.screen_rows,
-                           settings.refine, settings.unrefined).eval()
+                           settings.refine, settings.unrefined, offset).eval()
     timings = {
         "feature_extraction_s": round(extracted - started, 2),
         "coreset_s": round(done - extracted, 2),
@@ -405,5 +466,6 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
         "patch_features": int(features.shape[0]),
         "memory_bank": int(n_select),
         "feature_dim": int(features.shape[1]),
+        "map_offset_px": [round(v, 2) for v in offset],
     }
     return graph, timings

@@ -138,9 +138,14 @@ def to_tensor(images: list[np.ndarray], backbone: Normalised) -> torch.Tensor:
     return (batch - mean) / std
 
 
-def patch_features(model: PatchcoreModel, x: torch.Tensor) -> torch.Tensor:
-    """Patch features [N, C, h, w], as anomalib builds them for the memory bank."""
-    feats = model.feature_extractor(x)
+def patch_features(model: PatchcoreModel, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Patch features [N, C, h, w], as anomalib builds them for the memory bank; with ``grad`` differentiable in x
+    (anomalib's extractor runs a frozen backbone under ``no_grad``, so its timm model is called directly)."""
+    if grad:
+        extractor = model.feature_extractor
+        feats = {str(layer): f for layer, f in zip(extractor.layers, extractor.feature_extractor(x), strict=True)}
+    else:
+        feats = model.feature_extractor(x)
     feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
     return model.generate_embedding(feats)
 
@@ -355,10 +360,8 @@ def content_offset(model: PatchcoreModel, image: torch.Tensor, draws: int = 8) -
     (normalised), averaged over ``draws`` seeded random directions r.  A property of the backbone and layers, read
     from the network rather than searched on data."""
     x = image.detach().clone().requires_grad_(True)
-    extractor = model.feature_extractor
     with torch.enable_grad():
-        feats = {str(layer): f for layer, f in zip(extractor.layers, extractor.feature_extractor(x), strict=True)}
-        emb = model.generate_embedding({layer: model.feature_pooler(f) for layer, f in feats.items()})
+        emb = patch_features(model, x, grad=True)
         _, c, h, w = emb.shape
         i, j = h // 2, w // 2
         weight = torch.zeros(x.shape[2:], dtype=torch.float64)

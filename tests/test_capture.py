@@ -240,7 +240,7 @@ def test_a_frame_labelled_a_defect_leaves_the_sample_and_an_export_does_not_merg
     capture.flush()
     assert Capture(tmp_path / "cap", max_frames=5, min_distance=0.0).counts()["cam"]["kept"] == 2  # after a restart
     assert [p.stem for p in (tmp_path / "out" / "cam" / DEFECTS).iterdir()] == ["k1"]  # see the next test
-    with pytest.raises(FileExistsError, match="already holds 2 files: export to a new folder"):
+    with pytest.raises(FileExistsError, match="already holds 3 files: export to a new folder"):
         capture.export(tmp_path / "out")
 
 
@@ -305,6 +305,37 @@ def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, 
     (tmp_path / "a-file").write_text("")
     assert main(["capture", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "a-file" / "out")]) == 2
     assert f"error: the training folder cannot be written under {tmp_path / 'a-file' / 'out'}" in capsys.readouterr().err
+
+
+_CLI_UNDER_A_SIZE_LIMIT = """
+import resource, sys
+from worker.__main__ import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(main(["capture", "--config", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def test_the_export_cli_leaves_no_camera_folder_cut_short(tmp_path) -> None:
+    """``python -m worker capture --out DIR`` wrote straight into DIR/<camera>/good/: on a full disk it left the
+    frames copied so far and one cut short, which the exporter reads as a training set, and a second try was refused
+    as merging.  Under a file-size limit (RLIMIT_FSIZE, as in the test above) it now fails with exit 2 and leaves
+    DIR empty; without the limit the same command writes every frame."""
+    capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0)
+    for i in range(3):
+        frame_image = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        capture.offer("cam", f"k{i}", frame_image, lambda f=frame_image: (cv2.imencode(".png", f)[1].tobytes(), "png"))
+    capture.flush()
+    (tmp_path / "c.yaml").write_text(f"model: {{bundle: b}}\ncapture: {{path: {tmp_path / 'cap'}}}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-c", _CLI_UNDER_A_SIZE_LIMIT, str(tmp_path / "c.yaml"), str(out), "4096"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "error: the training folder cannot be written" in done.stderr, done
+    assert list(out.iterdir()) == []
+    done = subprocess.run([sys.executable, "-c", _CLI_UNDER_A_SIZE_LIMIT, str(tmp_path / "c.yaml"), str(out),
+                           str(10**9)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done
+    assert len(list((out / "cam" / "good").iterdir())) == 3 and [p.name for p in out.iterdir()] == ["cam"]
 
 
 def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label(tmp_path) -> None:

@@ -560,28 +560,44 @@ class Capture:
     def export(self, out: Path, cameras: list[str] | None = None) -> dict[str, dict]:
         """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``, and its confirmed defects to
         ``out/<camera>/confirmed_defect/`` (the exporter reads good/ beside defect folders as a labelled set: it holds
-        some good images out, and evaluates the new bundle on them and the defects); returns what was written where."""
+        some good images out, and evaluates the new bundle on them and the defects); returns what was written where.
+        Each camera's folder is whole or absent: written into a hidden sibling and renamed into place, so a failure
+        (a full disk) leaves no files cut short for the exporter to read as images."""
         out = Path(out)
         written = {}
         with self._lock:
             for camera, state in sorted(self._cameras.items()):
                 if cameras and camera not in cameras:
                     continue
-                good = out / state.folder.name / "good"  # one camera's, as the capture folder is
-                if good.is_dir() and (earlier := sum(1 for _ in good.iterdir())):  # frames since dropped would stay
-                    raise FileExistsError(f"{good} already holds {earlier} files: export to a new folder (an export "
+                folder = out / state.folder.name  # one camera's, as the capture folder is
+                if folder.is_dir() and (earlier := sum(1 for _ in folder.rglob("*") if _.is_file())):
+                    raise FileExistsError(f"{folder} already holds {earlier} files: export to a new folder (an export "
                                           "does not merge with an earlier one)")
-                good.mkdir(parents=True, exist_ok=True)
-                sources = [state.folder / f for f in state.files] + [state.folder / FALSE_ALARMS / f for f in sorted(state.false_alarms)]
-                for source in sources:
-                    if source.is_file():
-                        shutil.copyfile(source, good / source.name)
-                defects = [state.folder / DEFECTS / f for f in sorted(state.defects)]
-                if defects:
-                    (good.parent / DEFECTS).mkdir(exist_ok=True)
-                for source in defects:
-                    if source.is_file():
-                        shutil.copyfile(source, good.parent / DEFECTS / source.name)
-                written[camera] = {"folder": str(good.parent), "normal": len(state.files),
+                partial = folder.with_name(f".{folder.name}.partial")
+                shutil.rmtree(partial, ignore_errors=True)  # left by an export killed midway
+                try:
+                    self._copy_sample(state, partial)
+                    partial.replace(folder)  # onto an empty folder, if one is there
+                except BaseException:
+                    shutil.rmtree(partial, ignore_errors=True)
+                    raise
+                written[camera] = {"folder": str(folder), "normal": len(state.files),
                                    "false_alarms": len(state.false_alarms), "confirmed_defects": len(state.defects)}
         return written
+
+    @staticmethod
+    def _copy_sample(state: _Camera, folder: Path) -> None:
+        """One camera's sample and false alarms into ``folder/good/``, its confirmed defects into
+        ``folder/confirmed_defect/``."""
+        good = folder / "good"
+        good.mkdir(parents=True)
+        for source in [state.folder / f for f in state.files] + [state.folder / FALSE_ALARMS / f
+                                                                   for f in sorted(state.false_alarms)]:
+            if source.is_file():
+                shutil.copyfile(source, good / source.name)
+        defects = [state.folder / DEFECTS / f for f in sorted(state.defects)]
+        if defects:
+            (folder / DEFECTS).mkdir()
+        for source in defects:
+            if source.is_file():
+                shutil.copyfile(source, folder / DEFECTS / source.name)

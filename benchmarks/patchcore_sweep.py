@@ -11,7 +11,8 @@ Each ``--config`` is comma-separated ``key=value`` over the defaults of
 ``screen`` = ``screen_rows``, the bank rows every patch meets, and ``refine`` the share of patches that meets them all;
 ``unrefined`` = ``bound`` or ``scaled``, what the other patches' distance is; ``pool`` = ``neighbourhood``, the
 p x p feature cells averaged into each patch; ``align`` = ``map_alignment``, ``anomalib`` or ``centred``, where the map
-puts each patch's distance;
+puts each patch's distance; ``layeralign`` = ``layer_alignment``, ``anomalib`` or ``centred``, how the deeper layers meet
+the first layer's grid;
 ``precision`` = ``torch`` (the default), ``f32`` or ``int8``: the graph converted to OpenVINO as ``exporter train``
 converts it, INT8 quantised as ``--precision int8`` does, and run at f32 elsewhere).  Each is
 fitted on the category's train split (minus the held-out normals, as ``exporter train`` does)
@@ -53,7 +54,7 @@ log = logging.getLogger("benchmarks.patchcore_sweep")
 KEYS = {"bb": "backbone", "layers": "layers", "size": "input_size", "ratio": "coreset_ratio", "sigma": "map_sigma",
         "rows": "max_bank", "seed": "seed", "score": "image_score", "views": "bank_views",
         "screen": "screen_rows", "refine": "refine", "unrefined": "unrefined", "pool": "neighbourhood",
-        "align": "map_alignment"}
+        "align": "map_alignment", "layeralign": "layer_alignment"}
 
 
 PRECISIONS = ("torch", "f32", "int8")

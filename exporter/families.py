@@ -158,6 +158,11 @@ class PatchCore(Family["PatchcoreSettings"]):
                                   "of what the patch's feature sees, which the fit reads from the backbone) or anomalib "
                                   "(at the patch's grid cell, anomalib's placement, beside the defect)",
                choices=("centred", "anomalib")),
+        Option("--layer-alignment", "how the deeper layers' features meet the first layer's grid: anomalib "
+                                    "(default: resampled as anomalib does, their content a few pixels up and left of "
+                                    "the first layer's) or centred (sampled where their content lies on the first "
+                                    "layer's, a shift the fit reads from the backbone)",
+               choices=("anomalib", "centred")),
         *TILING,
     )
     weight_precisions = ("fp32", "int8")

@@ -25,7 +25,17 @@ from exporter import backbones
 from exporter.coreset import greedy_coreset
 from exporter.data import load_category, read_image
 from exporter.export import convert, input_spec, save_ir
-from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, build_model, fit, placement, to_tensor
+from exporter.train.patchcore import (
+    LayerResample,
+    PatchcoreGraph,
+    PatchcoreSettings,
+    build_model,
+    fit,
+    layer_shifts,
+    patch_features,
+    placement,
+    to_tensor,
+)
 
 SCORE_RTOL = 1e-3  # OpenVINO FP32 vs torch: relative tolerance on image scores
 
@@ -187,6 +197,46 @@ def test_a_centred_map_marks_the_defect_where_anomalibs_placement_marks_beside_i
     np.testing.assert_allclose(out["centred"][2], out["anomalib"][2], atol=1e-5)  # the same retrieval embedding
     for candidates, theirs in zip(out["centred"][3:], out["anomalib"][3:], strict=True):  # what a label absorbs
         np.testing.assert_array_equal(candidates, theirs)
+
+
+def test_centred_layers_sample_the_deeper_layer_where_the_first_layers_content_lies(dataset, tmp_path):
+    """anomalib resamples blocks.4 onto blocks.2's grid so that its content lies a few pixels up and left of
+    blocks.2's; ``layer_alignment: centred`` reads that shift from the network and samples blocks.4 there, so both
+    layers' shares of a patch feature describe one place.  Unshifted, the resampling is anomalib's own; the
+    OpenVINO bundle computes what the torch graph does."""
+    bb = backbones.resolve("efficientnet_lite0")
+    spec = input_spec(128, bb.mean, bb.std)
+    cat = load_category(dataset, "weave")
+    model = build_model(PatchcoreSettings(input_size=128), bb)
+    x = to_tensor([read_image(p, spec) for p in cat.train[:2]], bb)
+    with torch.no_grad():
+        anomalib = patch_features(model, x)
+        model.layer_resample = LayerResample.of(model, x[:1], [(0.0, 0.0)])
+        torch.testing.assert_close(patch_features(model, x), anomalib)
+    shifts = layer_shifts(model, x[:1])
+    assert len(shifts) == 1 and min(shifts[0]) > 2, shifts  # blocks.4's content up and left of blocks.2's
+    model.layer_resample = LayerResample.of(model, x[:1], shifts)
+    assert max(abs(v) for v in layer_shifts(model, x[:1])[0]) < min(shifts[0]) / 2  # now (nearly) on it
+
+    settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, layer_alignment="centred")
+    graph, timings = fit(settings, bb, cat.train, spec)
+    assert timings["layer_shift_px"] == [[round(v, 2) for v in layer_shifts(build_model(settings, bb), to_tensor(
+        [read_image(cat.train[0], spec)], bb))[0]]]
+    save_ir(convert(graph, spec), tmp_path)
+    from bundle import Normalisation, Thresholds, write_manifest
+    from exporter.export import extension_spec, library_versions, output_specs, timestamp
+
+    norm = Normalisation(low=0, threshold=1)
+    write_manifest(tmp_path, dict(
+        name="parity", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
+        outputs=output_specs(spec, 304), embedding_dim=304, extension=extension_spec(graph),
+        thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
+    images = [read_image(s.path, spec) for s in cat.test[:6]]
+    ov_pred = CompiledBundle(tmp_path, precision="f32").infer(np.stack(images))
+    with torch.no_grad():
+        score, anomaly_map = (t.numpy() for t in graph(to_tensor(images, bb))[:2])
+    np.testing.assert_allclose(ov_pred.score, score, rtol=1e-3)
+    np.testing.assert_allclose(ov_pred.anomaly_map, anomaly_map, rtol=1e-3, atol=1e-2)
 
 
 def test_the_embeddings_weights_are_anomalibs_blurred_map_pooled_onto_the_grid(dataset):

@@ -14,6 +14,7 @@ frame's most anomalous patch features as the candidates for such an extension.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,11 @@ UNREFINED = ("bound", "scaled")
 # stride S), or ``centred``, at the centre of what the patch's feature sees (:func:`content_offset`), which for a
 # CNN lies up and left of its cell: the map then marks the defect itself, not a place beside it.
 ALIGNMENTS = ("anomalib", "centred")
+# How the deeper layers' features meet the first layer's grid before they are joined into one patch feature:
+# ``anomalib``, resampled bilinearly as anomalib does (a deeper layer's content then lies up and left of the first
+# layer's, by a few input pixels), or ``centred``, resampled at the place whose content lies where the first layer's
+# does (:func:`layer_shifts`), so each patch feature describes one place.
+LAYER_ALIGNMENTS = ("anomalib", "centred")
 
 
 def auto_candidates(patches: int) -> int:
@@ -106,6 +112,9 @@ class PatchcoreSettings:
     # One of ALIGNMENTS; centred was chosen on grid's validation split (docs/quality/README.md, "The map centred on what
     # each patch sees").
     map_alignment: str = "centred"
+    # One of LAYER_ALIGNMENTS; centred was tried on grid's validation split and not kept (docs/quality/README.md, "The
+    # deeper layer resampled onto the first layer's content").
+    layer_alignment: str = "anomalib"
     # Train on tiles (cols, rows) of each image, cut as the worker cuts a tiled camera's frames (bundle/tiling.py),
     # so a small defect in a large frame is seen at the scale the model learnt; None: whole images.
     tiling: tuple[int, int] | None = None
@@ -139,15 +148,62 @@ def to_tensor(images: list[np.ndarray], backbone: Normalised) -> torch.Tensor:
 
 
 def patch_features(model: PatchcoreModel, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
-    """Patch features [N, C, h, w], as anomalib builds them for the memory bank; with ``grad`` differentiable in x
-    (anomalib's extractor runs a frozen backbone under ``no_grad``, so its timm model is called directly)."""
+    """Patch features [N, C, h, w], as anomalib builds them for the memory bank (the deeper layers resampled by the
+    model's ``layer_resample`` where it has one); with ``grad`` differentiable in x (anomalib's extractor runs a
+    frozen backbone under ``no_grad``, so its timm model is called directly)."""
     if grad:
         extractor = model.feature_extractor
         feats = {str(layer): f for layer, f in zip(extractor.layers, extractor.feature_extractor(x), strict=True)}
     else:
         feats = model.feature_extractor(x)
     feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
-    return model.generate_embedding(feats)
+    resample = getattr(model, "layer_resample", None)
+    if resample is None:
+        return model.generate_embedding(feats)
+    return resample([feats[str(layer)] for layer in model.layers])
+
+
+def resample_matrix(out: int, cells: int, shift: float) -> torch.Tensor:
+    """[out, cells] bilinear weights that resample ``cells`` grid values onto ``out`` as ``F.interpolate(...,
+    mode="bilinear")`` does (half-pixel centres, clamped at the edges), each sample taken ``shift`` cells further
+    down (right)."""
+    u = ((torch.arange(out, dtype=torch.float64) + 0.5) * cells / out - 0.5 + shift).clamp(0, cells - 1)
+    low = u.floor().long()
+    high = (low + 1).clamp(max=cells - 1)
+    frac = (u - low).float()
+    matrix = torch.zeros(out, cells)
+    matrix[torch.arange(out), low] += 1 - frac
+    matrix[torch.arange(out), high] += frac
+    return matrix
+
+
+class LayerResample(nn.Module):
+    """The deeper layers' features resampled onto the first layer's grid and joined after it, as anomalib's
+    ``generate_embedding`` does, each sampled ``shifts[k]`` (rows, cols; input pixels) further down and right:
+    where its content lies on the first layer's (:func:`layer_shifts`).  All shifts 0 is anomalib's embedding.
+    Built for one input size (the layers' ``grids``, first layer first), as the exported graph is."""
+
+    def __init__(self, shifts: list[tuple[float, float]], grids: list[tuple[int, int]], size: tuple[int, int]) -> None:
+        super().__init__()
+        self.shifts = [(float(dy), float(dx)) for dy, dx in shifts]
+        (h, w), deeper = grids[0], grids[1:]
+        for k, ((dy, dx), (fh, fw)) in enumerate(zip(self.shifts, deeper, strict=True)):
+            self.register_buffer(f"rows{k}", resample_matrix(h, fh, dy * fh / size[0]))
+            self.register_buffer(f"cols{k}", resample_matrix(w, fw, dx * fw / size[1]).T.contiguous())
+
+    @classmethod
+    def of(cls, model: PatchcoreModel, image: torch.Tensor, shifts: list[tuple[float, float]]) -> LayerResample:
+        """The resampling for ``model``'s layers at ``image``'s size [1, 3, H, W]."""
+        with torch.no_grad():
+            feats = model.feature_extractor(image)
+        grids = [(int(feats[str(layer)].shape[2]), int(feats[str(layer)].shape[3])) for layer in model.layers]
+        return cls(shifts, grids, (int(image.shape[2]), int(image.shape[3])))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        parts = [feats[0]]
+        for k, f in enumerate(feats[1:]):
+            parts.append(getattr(self, f"rows{k}") @ f @ getattr(self, f"cols{k}"))
+        return torch.cat(parts, 1)
 
 
 class PatchcoreGraph(nn.Module):
@@ -354,27 +410,42 @@ def _pool(matrix: torch.Tensor, cells: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(matrix.T.unsqueeze(0), cells)[0].T.contiguous()
 
 
-def content_offset(model: PatchcoreModel, image: torch.Tensor, draws: int = 8) -> tuple[float, float]:
+def content_offset(model: PatchcoreModel, image: torch.Tensor, draws: int = 8,
+                   channels: slice | None = None) -> tuple[float, float]:
     """How far (rows, cols, input pixels) the centre of what a patch feature sees lies up and left of its grid
     cell's centre: the centroid of |d(r . feature) / d input| for the central cell of ``image`` [1, 3, H, W]
-    (normalised), averaged over ``draws`` seeded random directions r.  A property of the backbone and layers, read
-    from the network rather than searched on data."""
+    (normalised), averaged over ``draws`` seeded random directions r (over ``channels`` of the feature only, one
+    layer's share, where given).  A property of the backbone and layers, read from the network rather than
+    searched on data."""
     x = image.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         emb = patch_features(model, x, grad=True)
         _, c, h, w = emb.shape
+        part = channels or slice(0, c)
         i, j = h // 2, w // 2
         weight = torch.zeros(x.shape[2:], dtype=torch.float64)
         rng = torch.Generator().manual_seed(0)
         for _ in range(draws):
-            r = torch.randn(c, generator=rng)
-            (grad,) = torch.autograd.grad((emb[0, :, i, j] * r).sum(), x, retain_graph=True)
+            r = torch.randn(len(range(c)[part]), generator=rng)
+            (grad,) = torch.autograd.grad((emb[0, part, i, j] * r).sum(), x, retain_graph=True)
             weight += grad[0].abs().sum(0).double()
     rows = torch.arange(x.shape[2], dtype=torch.float64)
     cols = torch.arange(x.shape[3], dtype=torch.float64)
     total = weight.sum()
     cy, cx = float((weight.sum(1) * rows).sum() / total), float((weight.sum(0) * cols).sum() / total)
     return (i + 0.5) * x.shape[2] / h - 0.5 - cy, (j + 0.5) * x.shape[3] / w - 0.5 - cx
+
+
+def layer_shifts(model: PatchcoreModel, image: torch.Tensor) -> list[tuple[float, float]]:
+    """For each layer after the first: how far (rows, cols, input pixels) up and left of the first layer's its
+    content lies once anomalib has resampled it onto the first layer's grid (the difference of their
+    :func:`content_offset`), the shift :class:`LayerResample` undoes."""
+    with torch.no_grad():
+        feats = model.feature_extractor(image)
+    widths = [int(feats[str(layer)].shape[1]) for layer in model.layers]
+    edges = [sum(widths[:k]) for k in range(len(widths) + 1)]
+    offsets = [content_offset(model, image, channels=slice(a, b)) for a, b in itertools.pairwise(edges)]
+    return [(dy - offsets[0][0], dx - offsets[0][1]) for dy, dx in offsets[1:]]
 
 
 def blur_matrix(taps: torch.Tensor, size: int, border: str) -> torch.Tensor:
@@ -442,12 +513,20 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     torch.manual_seed(settings.seed)
     if settings.map_alignment not in ALIGNMENTS:
         raise ValueError(f"map_alignment must be one of {', '.join(ALIGNMENTS)}, not {settings.map_alignment!r}")
+    if settings.layer_alignment not in LAYER_ALIGNMENTS:
+        raise ValueError(f"layer_alignment must be one of {', '.join(LAYER_ALIGNMENTS)}, not {settings.layer_alignment!r}")
     model = build_model(settings, backbone)
     started = time.monotonic()
     offset = (0.0, 0.0)
+    shifts: list[tuple[float, float]] = []
+    first = to_tensor([read_tiles(train[0], spec, tiling_of(settings))[0]], backbone)
+    if settings.layer_alignment == "centred" and len(settings.layers) > 1:
+        shifts = layer_shifts(model, first)
+        model.layer_resample = LayerResample.of(model, first, shifts)
+        log.info("layers: %s resampled %s px down and right, onto %s's content", ", ".join(settings.layers[1:]),
+                 ", ".join(f"{dy:.1f}/{dx:.1f}" for dy, dx in shifts), settings.layers[0])
     if settings.map_alignment == "centred":
-        first = read_tiles(train[0], spec, tiling_of(settings))[0]
-        offset = content_offset(model, to_tensor([first], backbone))
+        offset = content_offset(model, first)
         log.info("map: patch content centred %.1f, %.1f px up and left of its cell", *offset)
     features = extract(model, train, spec, backbone, settings.batch_size, Views(settings.bank_views),
                        tiling_of(settings))
@@ -470,5 +549,6 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
         "memory_bank": int(n_select),
         "feature_dim": int(features.shape[1]),
         "map_offset_px": [round(v, 2) for v in offset],
+        "layer_shift_px": [[round(v, 2) for v in shift] for shift in shifts],
     }
     return graph, timings

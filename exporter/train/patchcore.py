@@ -438,8 +438,8 @@ def content_offset(model: PatchcoreModel, image: torch.Tensor, draws: int = 8,
 
 def layer_shifts(model: PatchcoreModel, image: torch.Tensor) -> list[tuple[float, float]]:
     """For each layer after the first: how far (rows, cols, input pixels) up and left of the first layer's its
-    content lies once anomalib has resampled it onto the first layer's grid (the difference of their
-    :func:`content_offset`), the shift :class:`LayerResample` undoes."""
+    content lies once the model has resampled it onto the first layer's grid (anomalib's way, unless the model
+    carries a :class:`LayerResample`): the difference of their :func:`content_offset`, the shift to undo."""
     with torch.no_grad():
         feats = model.feature_extractor(image)
     widths = [int(feats[str(layer)].shape[1]) for layer in model.layers]

@@ -118,6 +118,19 @@ def test_dynamic_batch_gives_the_same_scores(bundle_dir, dataset):
     np.testing.assert_allclose(np.linalg.norm(together.embedding, axis=1), 1.0, atol=1e-4)
 
 
+def _parity_bundle(graph: PatchcoreGraph, spec, folder) -> None:
+    """``graph`` as an OpenVINO bundle in ``folder``, thresholds left at 1 (the parity tests read raw outputs)."""
+    from bundle import Normalisation, Thresholds
+    from exporter.export import extension_spec, library_versions, output_specs, timestamp
+
+    save_ir(convert(graph, spec), folder)
+    norm = Normalisation(low=0, threshold=1)
+    write_manifest(folder, dict(
+        name="parity", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
+        outputs=output_specs(spec, 304), embedding_dim=304, extension=extension_spec(graph),
+        thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
+
+
 @pytest.mark.parametrize(("image_score", "neighbourhood"), [("map_max", 3), ("reweighted", 3), ("reweighted", 5)])
 def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_score, neighbourhood):
     """Our export graph, compiled by OpenVINO, against anomalib's own PatchcoreModel.forward in torch, for each way
@@ -129,15 +142,7 @@ def test_openvino_bundle_matches_anomalib_torch_model(dataset, tmp_path, image_s
     spec = input_spec(settings.input_size, bb.mean, bb.std)
     graph, _ = fit(settings, bb, cat.train, spec)
     assert graph.model.feature_pooler.kernel_size == neighbourhood
-    save_ir(convert(graph, spec), tmp_path)
-    from bundle import Normalisation, Thresholds, write_manifest
-    from exporter.export import extension_spec, library_versions, output_specs, timestamp
-
-    norm = Normalisation(low=0, threshold=1)
-    write_manifest(tmp_path, dict(
-        name="parity", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
-        outputs=output_specs(spec, 304), embedding_dim=304, extension=extension_spec(graph),
-        thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
+    _parity_bundle(graph, spec, tmp_path)
     compiled = CompiledBundle(tmp_path)  # the extension compiled with one pad row: the plain PatchCore outputs
     assert compiled.extension_capacity == 1 and compiled.extension_count == 0
 
@@ -222,15 +227,7 @@ def test_centred_layers_sample_the_deeper_layer_where_the_first_layers_content_l
     graph, timings = fit(settings, bb, cat.train, spec)
     assert timings["layer_shift_px"] == [[round(v, 2) for v in layer_shifts(build_model(settings, bb), to_tensor(
         [read_image(cat.train[0], spec)], bb))[0]]]
-    save_ir(convert(graph, spec), tmp_path)
-    from bundle import Normalisation, Thresholds, write_manifest
-    from exporter.export import extension_spec, library_versions, output_specs, timestamp
-
-    norm = Normalisation(low=0, threshold=1)
-    write_manifest(tmp_path, dict(
-        name="parity", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
-        outputs=output_specs(spec, 304), embedding_dim=304, extension=extension_spec(graph),
-        thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
+    _parity_bundle(graph, spec, tmp_path)
     images = [read_image(s.path, spec) for s in cat.test[:6]]
     ov_pred = CompiledBundle(tmp_path, precision="f32").infer(np.stack(images))
     with torch.no_grad():

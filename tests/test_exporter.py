@@ -221,7 +221,7 @@ def test_centred_layers_sample_the_deeper_layer_where_the_first_layers_content_l
     shifts = layer_shifts(model, x[:1])
     assert len(shifts) == 1 and min(shifts[0]) > 2, shifts  # blocks.4's content up and left of blocks.2's
     model.layer_resample = LayerResample.of(model, x[:1], shifts)
-    assert max(abs(v) for v in layer_shifts(model, x[:1])[0]) < min(shifts[0]) / 2  # now (nearly) on it
+    assert max(abs(v) for v in layer_shifts(model, x[:1])[0]) < 0.75 * min(shifts[0])  # nearer: bilinear moves less
 
     settings = PatchcoreSettings(input_size=128, coreset_ratio=0.05, layer_alignment="centred")
     graph, timings = fit(settings, bb, cat.train, spec)

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from conftest import DAMAGE, ROOT, Client, WorkerProcess, damage, good_png, wait
 from exporter.__main__ import build_parser
 from exporter.data import load_category
 from worker.api_client import ApiClient
-from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, camera_folder, train_command
+from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, NoRoom, camera_folder, train_command
 from worker.config import StoreConfig, load_config
 from worker.labels import LabelService, SetLabel
 from worker.store import VectorStore, point_id
@@ -336,6 +337,30 @@ def test_the_export_cli_leaves_no_camera_folder_cut_short(tmp_path) -> None:
                            str(10**9)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done
     assert len(list((out / "cam" / "good").iterdir())) == 3 and [p.name for p in out.iterdir()] == ["cam"]
+
+
+def test_an_export_its_disk_has_no_room_for_is_refused_before_it_writes(tmp_path, capsys) -> None:
+    """An export wrote until its disk was full, which it shares with the store, the evidence and the sample (each
+    then failing for a while): now it is refused before it writes anything when the disk lacks what it takes plus
+    the room kept for the worker's other writes (``store.min_free_mb``), and says how much.  Here that room is all
+    the disk has free; with none kept the same export is written."""
+    from worker.__main__ import main
+
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    for i in range(3):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    capture.flush()
+    exports = tmp_path / "training"
+    with pytest.raises(NoRoom, match=r"the export takes \d+ MB and its disk has \d+ MB free, \d+ MB of which stay"):
+        capture.export_new(exports, "T", reserve=shutil.disk_usage(tmp_path).free)
+    assert list(exports.iterdir()) == []
+    folder, written = capture.export_new(exports, "T")
+    assert written["cam"]["normal"] == 3 and len(list((folder / "cam" / "good").iterdir())) == 3
+    (tmp_path / "c.yaml").write_text(f"model: {{bundle: b}}\ncapture: {{path: {tmp_path / 'cap'}}}\n"
+                                     f"store: {{min_free_mb: {shutil.disk_usage(tmp_path).free // 2**20 + 1}}}\n")
+    assert main(["capture", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "cli")]) == 2
+    assert "MB of which stay free for the worker's other writes" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
 
 
 def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label(tmp_path) -> None:

@@ -139,15 +139,16 @@ def _label(args: argparse.Namespace) -> int:
 def _capture(args: argparse.Namespace) -> int:
     """Export the captured frames from the local capture folder (the worker need not run)."""
     from bundle import BundleError, read_manifest
-    from worker.capture import Capture, train_command
+    from worker.capture import Capture, NoRoom, train_command
     from worker.config import camera_tiling
 
     cfg = load_config(args.config)
     try:
         written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, read_only=True).export(
-            Path(args.out), [args.camera] if args.camera else None)
+            Path(args.out), [args.camera] if args.camera else None, cfg.store.min_free_mb * 2**20)
     except OSError as exc:  # --out below a file, on a full disk, not ours to write
-        print(f"error: the training folder cannot be written under {args.out} ({exc})", file=sys.stderr)
+        print(f"error: the training folder cannot be written under {args.out} "
+              f"({exc.strerror if isinstance(exc, NoRoom) else exc})", file=sys.stderr)
         return 2
     if not written:
         print(f"error: nothing captured under {cfg.capture.path}" + (f" for camera {args.camera}" if args.camera else ""),

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -104,9 +105,29 @@ def new_folder(parent: Path, name: str) -> Path:
             n += 1
 
 
+class NoRoom(OSError):
+    """An export refused before it wrote anything: its disk has less free space than the export takes plus what
+    stays free for the worker's other writes."""
+
+
+def check_room(out: Path, needed: int, reserve: int) -> None:
+    """Raise :class:`NoRoom` unless the disk ``out`` lies on (it need not exist yet) has ``needed`` bytes free on
+    top of ``reserve``, so that an export does not fill the disk the store, the evidence and the sample write to."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed + reserve > free:
+        raise NoRoom(errno.ENOSPC, f"the export takes {needed / 2**20:.0f} MB and its disk has {free / 2**20:.0f} MB "
+                                   f"free, {reserve / 2**20:.0f} MB of which stay free for the worker's other writes "
+                                   "(store.min_free_mb): free some space, or export one camera")
+
+
 def unwritable(exc: OSError, what: str) -> str:
     """Why ``what`` could not be written, in an operator's words: a full disk (or quota) said as such, else the
     system's own message."""
+    if isinstance(exc, NoRoom):
+        return f"{what}: {exc.strerror}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk of {what} is full"
     return f"{what} cannot be written ({exc})"
@@ -534,17 +555,18 @@ class Capture:
         finally:
             self._lock.release()
 
-    def export_new(self, parent: Path, name: str, cameras: list[str] | None = None) -> tuple[Path, dict[str, dict]]:
+    def export_new(self, parent: Path, name: str, cameras: list[str] | None = None,
+                   reserve: int = 0) -> tuple[Path, dict[str, dict]]:
         """:meth:`export` into a new folder ``parent/name`` (:func:`new_folder`), whole or not at all: written into a
         hidden sibling and renamed into place once every file is in, so that a failure (a full disk) leaves no
         partial training set, whose files cut short the exporter would read as images.  Returns the folder and what
-        was written; with nothing captured, no folder is left and ``{}`` is returned."""
+        was written; with nothing captured, no folder is left and ``{}`` is returned.  ``reserve``: as :meth:`export`."""
         folder = new_folder(parent, name)  # taken now: a second export within the second gets the next name
         partial = folder.with_name(f".{folder.name}.partial")
         written: dict[str, dict] = {}
         try:
             partial.mkdir()
-            written = self.export(partial, cameras)
+            written = self.export(partial, cameras, reserve)
             if written:
                 partial.replace(folder)  # onto the empty folder taken above
         except BaseException:
@@ -557,18 +579,20 @@ class Capture:
             folder.rmdir()
         return folder, {camera: {**w, "folder": str(folder / Path(w["folder"]).name)} for camera, w in written.items()}
 
-    def export(self, out: Path, cameras: list[str] | None = None) -> dict[str, dict]:
+    def export(self, out: Path, cameras: list[str] | None = None, reserve: int = 0) -> dict[str, dict]:
         """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``, and its confirmed defects to
         ``out/<camera>/confirmed_defect/`` (the exporter reads good/ beside defect folders as a labelled set: it holds
         some good images out, and evaluates the new bundle on them and the defects); returns what was written where.
         Each camera's folder is whole or absent: written into a hidden sibling and renamed into place, so a failure
-        (a full disk) leaves no files cut short for the exporter to read as images."""
+        (a full disk) leaves no files cut short for the exporter to read as images.  Refused before anything is
+        written (:class:`NoRoom`) when the disk lacks the room the export takes plus ``reserve`` bytes."""
         out = Path(out)
         written = {}
         with self._lock:
-            for camera, state in sorted(self._cameras.items()):
-                if cameras and camera not in cameras:
-                    continue
+            chosen = [(camera, state) for camera, state in sorted(self._cameras.items())
+                      if not cameras or camera in cameras]
+            check_room(out, sum(self._size(state) for _, state in chosen), reserve)
+            for camera, state in chosen:
                 folder = out / state.folder.name  # one camera's, as the capture folder is
                 if folder.is_dir() and (earlier := sum(1 for _ in folder.rglob("*") if _.is_file())):
                     raise FileExistsError(f"{folder} already holds {earlier} files: export to a new folder (an export "
@@ -586,16 +610,26 @@ class Capture:
         return written
 
     @staticmethod
-    def _copy_sample(state: _Camera, folder: Path) -> None:
+    def _sources(state: _Camera) -> tuple[list[Path], list[Path]]:
+        """One camera's files to export: its sample and false alarms (good), and its confirmed defects."""
+        good = [state.folder / f for f in state.files] + [state.folder / FALSE_ALARMS / f for f in sorted(state.false_alarms)]
+        return good, [state.folder / DEFECTS / f for f in sorted(state.defects)]
+
+    @classmethod
+    def _size(cls, state: _Camera) -> int:
+        """Bytes one camera's export takes."""
+        return sum(p.stat().st_size for p in itertools.chain(*cls._sources(state)) if p.is_file())
+
+    @classmethod
+    def _copy_sample(cls, state: _Camera, folder: Path) -> None:
         """One camera's sample and false alarms into ``folder/good/``, its confirmed defects into
         ``folder/confirmed_defect/``."""
         good = folder / "good"
         good.mkdir(parents=True)
-        for source in [state.folder / f for f in state.files] + [state.folder / FALSE_ALARMS / f
-                                                                   for f in sorted(state.false_alarms)]:
+        sources, defects = cls._sources(state)
+        for source in sources:
             if source.is_file():
                 shutil.copyfile(source, good / source.name)
-        defects = [state.folder / DEFECTS / f for f in sorted(state.defects)]
         if defects:
             (folder / DEFECTS).mkdir()
         for source in defects:

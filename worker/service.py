@@ -309,7 +309,7 @@ class Worker:
         parent = self.cfg.capture.export_path
         try:
             folder, written = self.capture.export_new(parent, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-                                                      [camera] if camera else None)
+                                                      [camera] if camera else None, self.cfg.store.min_free_mb * 2**20)
         except OSError as exc:
             why = f"the export failed: {unwritable(exc, str(parent))}; nothing was left there (no partial training folder)"
             log.warning("export_capture: %s", why)

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -361,6 +362,43 @@ def test_an_export_its_disk_has_no_room_for_is_refused_before_it_writes(tmp_path
     assert main(["capture", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "cli")]) == 2
     assert "MB of which stay free for the worker's other writes" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
+
+
+def test_an_export_does_not_hold_up_the_frames_offered_meanwhile(tmp_path, monkeypatch) -> None:
+    """An export copied the whole sample under the lock an inference thread takes to offer a frame: a large export
+    (gigabytes, on an edge box's disk) stalled every inference thread for as long, so frames were dropped and the
+    watchdog's deadline ran down.  The copy now runs outside that lock.  Here the export is held inside its first
+    copy (the real copy, behind a gate) while an inference thread offers a frame: the offer completes, and the export
+    then holds the sample as it was listed."""
+    capture = Capture(tmp_path / "cap", max_frames=10, min_distance=0.0)
+    for i in range(3):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    inside, go_on = threading.Event(), threading.Event()
+    real_copy = shutil.copyfile
+
+    def gated(source, target, **kwargs):
+        inside.set()
+        go_on.wait(60)
+        return real_copy(source, target, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", gated)
+    exported: list = []
+    export = threading.Thread(target=lambda: exported.append(capture.export_new(tmp_path / "training", "T")))
+    export.start()
+    try:
+        assert inside.wait(60), "the export never began to copy"
+        offer = threading.Thread(target=capture.offer, args=("cam", "k9", image(9), png(9)))
+        offer.start()
+        offer.join(20)
+        waited = offer.is_alive()
+    finally:
+        go_on.set()
+        export.join(60)
+    offer.join(60)
+    assert not waited, "the frame waited for the export"
+    (folder, written), = exported
+    assert written["cam"]["normal"] == 3 and len(list((folder / "cam" / "good").iterdir())) == 3
+    assert capture.counts()["cam"]["kept"] == 4
 
 
 def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label(tmp_path) -> None:

@@ -133,6 +133,30 @@ def unwritable(exc: OSError, what: str) -> str:
     return f"{what} cannot be written ({exc})"
 
 
+def _size(path: Path) -> int:
+    """A file's bytes; 0 for one gone meanwhile."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _copy_into(folder: Path, sources: list[Path]) -> int:
+    """Copy ``sources`` into ``folder`` (made where missing); one gone meanwhile (the sample dropped or moved it) is
+    left out.  Returns how many were copied."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for source in sources:
+        try:
+            shutil.copyfile(source, folder / source.name)
+        except FileNotFoundError:
+            if not folder.is_dir():
+                raise
+            continue
+        copied += 1
+    return copied
+
+
 def signature(image: np.ndarray) -> np.ndarray:
     """The frame shrunk to 16x16 grey, centred and unit-length: near-identical frames are near-parallel."""
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
@@ -250,6 +274,7 @@ class Capture:
         self.min_distance = min_distance
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._export_lock = threading.Lock()
         self._cameras: dict[str, _Camera] = {}
         self.max_cameras = max_cameras
         self.failed_writes = 0
@@ -585,53 +610,32 @@ class Capture:
         some good images out, and evaluates the new bundle on them and the defects); returns what was written where.
         Each camera's folder is whole or absent: written into a hidden sibling and renamed into place, so a failure
         (a full disk) leaves no files cut short for the exporter to read as images.  Refused before anything is
-        written (:class:`NoRoom`) when the disk lacks the room the export takes plus ``reserve`` bytes."""
+        written (:class:`NoRoom`) when the disk lacks the room the export takes plus ``reserve`` bytes.  The files
+        are listed under the sample's lock and copied outside it, so inference threads offering frames meanwhile do
+        not wait for the copy (gigabytes, on an edge box's disk); a file the sample drops meanwhile is left out."""
         out = Path(out)
         written = {}
-        with self._lock:
-            chosen = [(camera, state) for camera, state in sorted(self._cameras.items())
-                      if not cameras or camera in cameras]
-            check_room(out, sum(self._size(state) for _, state in chosen), reserve)
-            for camera, state in chosen:
-                folder = out / state.folder.name  # one camera's, as the capture folder is
+        with self._export_lock:  # one export at a time; frames and labels go on
+            with self._lock:
+                chosen = [(camera, state.folder.name, [state.folder / f for f in state.files],
+                           [state.folder / FALSE_ALARMS / f for f in sorted(state.false_alarms)],
+                           [state.folder / DEFECTS / f for f in sorted(state.defects)])
+                          for camera, state in sorted(self._cameras.items()) if not cameras or camera in cameras]
+            check_room(out, sum(_size(f) for _, _, *files in chosen for f in itertools.chain(*files)), reserve)
+            for camera, name, normal, false_alarms, defects in chosen:
+                folder = out / name  # one camera's, as the capture folder is
                 if folder.is_dir() and (earlier := sum(1 for _ in folder.rglob("*") if _.is_file())):
                     raise FileExistsError(f"{folder} already holds {earlier} files: export to a new folder (an export "
                                           "does not merge with an earlier one)")
                 partial = folder.with_name(f".{folder.name}.partial")
                 shutil.rmtree(partial, ignore_errors=True)  # left by an export killed midway
                 try:
-                    self._copy_sample(state, partial)
+                    counts = (_copy_into(partial / "good", normal), _copy_into(partial / "good", false_alarms),
+                              _copy_into(partial / DEFECTS, defects) if defects else 0)
                     partial.replace(folder)  # onto an empty folder, if one is there
                 except BaseException:
                     shutil.rmtree(partial, ignore_errors=True)
                     raise
-                written[camera] = {"folder": str(folder), "normal": len(state.files),
-                                   "false_alarms": len(state.false_alarms), "confirmed_defects": len(state.defects)}
+                written[camera] = {"folder": str(folder), "normal": counts[0], "false_alarms": counts[1],
+                                   "confirmed_defects": counts[2]}
         return written
-
-    @staticmethod
-    def _sources(state: _Camera) -> tuple[list[Path], list[Path]]:
-        """One camera's files to export: its sample and false alarms (good), and its confirmed defects."""
-        good = [state.folder / f for f in state.files] + [state.folder / FALSE_ALARMS / f for f in sorted(state.false_alarms)]
-        return good, [state.folder / DEFECTS / f for f in sorted(state.defects)]
-
-    @classmethod
-    def _size(cls, state: _Camera) -> int:
-        """Bytes one camera's export takes."""
-        return sum(p.stat().st_size for p in itertools.chain(*cls._sources(state)) if p.is_file())
-
-    @classmethod
-    def _copy_sample(cls, state: _Camera, folder: Path) -> None:
-        """One camera's sample and false alarms into ``folder/good/``, its confirmed defects into
-        ``folder/confirmed_defect/``."""
-        good = folder / "good"
-        good.mkdir(parents=True)
-        sources, defects = cls._sources(state)
-        for source in sources:
-            if source.is_file():
-                shutil.copyfile(source, good / source.name)
-        if defects:
-            (folder / DEFECTS).mkdir()
-        for source in defects:
-            if source.is_file():
-                shutil.copyfile(source, folder / DEFECTS / source.name)

@@ -28,6 +28,7 @@ from worker.capture import DEFECTS, EMBEDDINGS, INDEX, Capture, NoRoom, camera_f
 from worker.config import StoreConfig, load_config
 from worker.labels import LabelService, SetLabel
 from worker.store import VectorStore, point_id
+from worker.supervise import Liveness
 
 
 def image(i: int) -> np.ndarray:
@@ -399,6 +400,30 @@ def test_an_export_does_not_hold_up_the_frames_offered_meanwhile(tmp_path, monke
     (folder, written), = exported
     assert written["cam"]["normal"] == 3 and len(list((folder / "cam" / "good").iterdir())) == 3
     assert capture.counts()["cam"]["kept"] == 4
+
+
+def test_each_file_an_export_copies_is_progress_for_the_watchdog(tmp_path) -> None:
+    """An export runs on the request thread, which the watchdog took for stuck once one piece of its work had lasted
+    ``worker.watchdog_s`` (exit 3, for a restart): an export of gigabytes on a slow disk restarted the worker.  Each
+    file copied is now progress, so the thread is stuck only when one file takes that long."""
+    capture = Capture(tmp_path / "cap", max_frames=10, min_distance=0.0)
+    for i in range(3):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    liveness = Liveness(stuck_after_s=60)
+    copied_at: list[float] = []
+
+    def progress() -> None:
+        liveness.progress("requests")
+        copied_at.append(time.monotonic())
+
+    with liveness.busy("requests"):
+        began = liveness.register("requests").busy_since
+        capture.export_new(tmp_path / "training", "T", progress=progress)
+        moved = liveness.register("requests").busy_since
+        assert len(copied_at) == 3 and began is not None and moved is not None
+        assert began < copied_at[0] < moved  # the busy start moved with the last file
+        assert liveness.problems(now=moved + 59) == []
+        assert liveness.problems(now=moved + 61) == ["requests: stuck for 61 s"]  # a stall after it is still seen
 
 
 def test_a_camera_that_reuses_frame_ids_keeps_one_file_per_id_and_loses_no_label(tmp_path) -> None:

@@ -141,9 +141,9 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _copy_into(folder: Path, sources: list[Path]) -> int:
-    """Copy ``sources`` into ``folder`` (made where missing); one gone meanwhile (the sample dropped or moved it) is
-    left out.  Returns how many were copied."""
+def _copy_into(folder: Path, sources: list[Path], progress: Callable[[], None]) -> int:
+    """Copy ``sources`` into ``folder`` (made where missing), calling ``progress`` after each; one gone meanwhile (the
+    sample dropped or moved it) is left out.  Returns how many were copied."""
     folder.mkdir(parents=True, exist_ok=True)
     copied = 0
     for source in sources:
@@ -154,7 +154,12 @@ def _copy_into(folder: Path, sources: list[Path]) -> int:
                 raise
             continue
         copied += 1
+        progress()
     return copied
+
+
+def _nothing() -> None:
+    """No one to tell of an export's progress."""
 
 
 def signature(image: np.ndarray) -> np.ndarray:
@@ -580,18 +585,19 @@ class Capture:
         finally:
             self._lock.release()
 
-    def export_new(self, parent: Path, name: str, cameras: list[str] | None = None,
-                   reserve: int = 0) -> tuple[Path, dict[str, dict]]:
+    def export_new(self, parent: Path, name: str, cameras: list[str] | None = None, reserve: int = 0,
+                   progress: Callable[[], None] = _nothing) -> tuple[Path, dict[str, dict]]:
         """:meth:`export` into a new folder ``parent/name`` (:func:`new_folder`), whole or not at all: written into a
         hidden sibling and renamed into place once every file is in, so that a failure (a full disk) leaves no
         partial training set, whose files cut short the exporter would read as images.  Returns the folder and what
-        was written; with nothing captured, no folder is left and ``{}`` is returned.  ``reserve``: as :meth:`export`."""
+        was written; with nothing captured, no folder is left and ``{}`` is returned.  ``reserve``, ``progress``: as
+        :meth:`export`."""
         folder = new_folder(parent, name)  # taken now: a second export within the second gets the next name
         partial = folder.with_name(f".{folder.name}.partial")
         written: dict[str, dict] = {}
         try:
             partial.mkdir()
-            written = self.export(partial, cameras, reserve)
+            written = self.export(partial, cameras, reserve, progress)
             if written:
                 partial.replace(folder)  # onto the empty folder taken above
         except BaseException:
@@ -604,7 +610,8 @@ class Capture:
             folder.rmdir()
         return folder, {camera: {**w, "folder": str(folder / Path(w["folder"]).name)} for camera, w in written.items()}
 
-    def export(self, out: Path, cameras: list[str] | None = None, reserve: int = 0) -> dict[str, dict]:
+    def export(self, out: Path, cameras: list[str] | None = None, reserve: int = 0,
+               progress: Callable[[], None] = _nothing) -> dict[str, dict]:
         """Copy each camera's sample (and false alarms) to ``out/<camera>/good/``, and its confirmed defects to
         ``out/<camera>/confirmed_defect/`` (the exporter reads good/ beside defect folders as a labelled set: it holds
         some good images out, and evaluates the new bundle on them and the defects); returns what was written where.
@@ -612,7 +619,8 @@ class Capture:
         (a full disk) leaves no files cut short for the exporter to read as images.  Refused before anything is
         written (:class:`NoRoom`) when the disk lacks the room the export takes plus ``reserve`` bytes.  The files
         are listed under the sample's lock and copied outside it, so inference threads offering frames meanwhile do
-        not wait for the copy (gigabytes, on an edge box's disk); a file the sample drops meanwhile is left out."""
+        not wait for the copy (gigabytes, on an edge box's disk); a file the sample drops meanwhile is left out.
+        ``progress`` is called after each file copied (the worker's watchdog then sees a long export move on)."""
         out = Path(out)
         written = {}
         with self._export_lock:  # one export at a time; frames and labels go on
@@ -630,8 +638,9 @@ class Capture:
                 partial = folder.with_name(f".{folder.name}.partial")
                 shutil.rmtree(partial, ignore_errors=True)  # left by an export killed midway
                 try:
-                    counts = (_copy_into(partial / "good", normal), _copy_into(partial / "good", false_alarms),
-                              _copy_into(partial / DEFECTS, defects) if defects else 0)
+                    counts = (_copy_into(partial / "good", normal, progress),
+                              _copy_into(partial / "good", false_alarms, progress),
+                              _copy_into(partial / DEFECTS, defects, progress) if defects else 0)
                     partial.replace(folder)  # onto an empty folder, if one is there
                 except BaseException:
                     shutil.rmtree(partial, ignore_errors=True)

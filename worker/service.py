@@ -308,8 +308,9 @@ class Worker:
             return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
         parent = self.cfg.capture.export_path
         try:
-            folder, written = self.capture.export_new(parent, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-                                                      [camera] if camera else None, self.cfg.store.min_free_mb * 2**20)
+            folder, written = self.capture.export_new(  # on the request thread: each file copied is progress
+                parent, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), [camera] if camera else None,
+                self.cfg.store.min_free_mb * 2**20, lambda: self.liveness.progress(self.query_thread.name))
         except OSError as exc:
             why = f"the export failed: {unwritable(exc, str(parent))}; nothing was left there (no partial training folder)"
             log.warning("export_capture: %s", why)

@@ -87,6 +87,16 @@ class Liveness:
         with self._lock:
             state.last_progress = time.monotonic()
 
+    def progress(self, name: str) -> None:
+        """Progress inside one long piece of work (a file of an export copied): its busy start moves to now, so work
+        that keeps moving is not taken for a stuck thread, and work that stops moving still is."""
+        state = self.register(name)
+        with self._lock:
+            now = time.monotonic()
+            if state.busy_since is not None:
+                state.busy_since = now
+            state.last_progress = now
+
     def excuse(self, gap_s: float, resumed_at: float) -> None:
         """The whole process did not run for ``gap_s`` seconds up to ``resumed_at`` (stopped, paused): no thread could
         make progress meanwhile, so every busy start and last progress before then moves forward by the gap (never

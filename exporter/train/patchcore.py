@@ -410,41 +410,46 @@ def _pool(matrix: torch.Tensor, cells: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(matrix.T.unsqueeze(0), cells)[0].T.contiguous()
 
 
-def content_offset(model: PatchcoreModel, image: torch.Tensor, draws: int = 8,
-                   channels: slice | None = None) -> tuple[float, float]:
+def content_offset(model: PatchcoreModel, image: torch.Tensor, draws: int = 8) -> tuple[float, float]:
     """How far (rows, cols, input pixels) the centre of what a patch feature sees lies up and left of its grid
     cell's centre: the centroid of |d(r . feature) / d input| for the central cell of ``image`` [1, 3, H, W]
-    (normalised), averaged over ``draws`` seeded random directions r (over ``channels`` of the feature only, one
-    layer's share, where given).  A property of the backbone and layers, read from the network rather than
-    searched on data."""
+    (normalised), averaged over ``draws`` seeded random directions r.  A property of the backbone and layers, read
+    from the network rather than searched on data."""
+    return content_offsets(model, image, [slice(None)], draws)[0]
+
+
+def content_offsets(model: PatchcoreModel, image: torch.Tensor, parts: list[slice],
+                    draws: int = 8) -> list[tuple[float, float]]:
+    """:func:`content_offset` of each of ``parts``, a share of the feature's channels (one layer's), from one
+    forward pass."""
     x = image.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        emb = patch_features(model, x, grad=True)
-        _, c, h, w = emb.shape
-        part = channels or slice(0, c)
-        i, j = h // 2, w // 2
-        weight = torch.zeros(x.shape[2:], dtype=torch.float64)
-        rng = torch.Generator().manual_seed(0)
-        for _ in range(draws):
-            r = torch.randn(len(range(c)[part]), generator=rng)
-            (grad,) = torch.autograd.grad((emb[0, part, i, j] * r).sum(), x, retain_graph=True)
-            weight += grad[0].abs().sum(0).double()
     rows = torch.arange(x.shape[2], dtype=torch.float64)
     cols = torch.arange(x.shape[3], dtype=torch.float64)
-    total = weight.sum()
-    cy, cx = float((weight.sum(1) * rows).sum() / total), float((weight.sum(0) * cols).sum() / total)
-    return (i + 0.5) * x.shape[2] / h - 0.5 - cy, (j + 0.5) * x.shape[3] / w - 0.5 - cx
+    offsets = []
+    with torch.enable_grad():
+        emb = patch_features(model, x, grad=True)
+        _, _, h, w = emb.shape
+        i, j = h // 2, w // 2
+        for part in parts:
+            feature = emb[0, part, i, j]
+            weight = torch.zeros(x.shape[2:], dtype=torch.float64)
+            rng = torch.Generator().manual_seed(0)
+            for _ in range(draws):
+                r = torch.randn(feature.shape[0], generator=rng)
+                (grad,) = torch.autograd.grad((feature * r).sum(), x, retain_graph=True)
+                weight += grad[0].abs().sum(0).double()
+            total = weight.sum()
+            cy, cx = float((weight.sum(1) * rows).sum() / total), float((weight.sum(0) * cols).sum() / total)
+            offsets.append(((i + 0.5) * x.shape[2] / h - 0.5 - cy, (j + 0.5) * x.shape[3] / w - 0.5 - cx))
+    return offsets
 
 
 def layer_shifts(model: PatchcoreModel, image: torch.Tensor) -> list[tuple[float, float]]:
     """For each layer after the first: how far (rows, cols, input pixels) up and left of the first layer's its
     content lies once the model has resampled it onto the first layer's grid (anomalib's way, unless the model
     carries a :class:`LayerResample`): the difference of their :func:`content_offset`, the shift to undo."""
-    with torch.no_grad():
-        feats = model.feature_extractor(image)
-    widths = [int(feats[str(layer)].shape[1]) for layer in model.layers]
-    edges = [sum(widths[:k]) for k in range(len(widths) + 1)]
-    offsets = [content_offset(model, image, channels=slice(a, b)) for a, b in itertools.pairwise(edges)]
+    edges = list(itertools.accumulate(model.feature_extractor.out_dims, initial=0))  # the layers' channels, in order
+    offsets = content_offsets(model, image, [slice(a, b) for a, b in itertools.pairwise(edges)])
     return [(dy - offsets[0][0], dx - offsets[0][1]) for dy, dx in offsets[1:]]
 
 

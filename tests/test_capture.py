@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -640,3 +643,74 @@ def test_an_export_that_fails_midway_leaves_no_partial_folder(tmp_path) -> None:
     assert sorted(p.name for p in exports.iterdir()) == ["T", "T-2"]
     assert capture.export_new(exports, "T", ["other"]) == (exports / "T-3", {})  # nothing captured: no folder
     assert sorted(p.name for p in exports.iterdir()) == ["T", "T-2"]
+
+
+class _SlowDiskWorker(WorkerProcess):
+    """The worker on a disk whose copies into the export folder wait for the test (tests/slow_disk.py)."""
+
+    def __init__(self, config: Path, log: Path, gate: Path, exports: Path) -> None:
+        self.log_path = log
+        self.log = log.open("wb")
+        env = {**os.environ, "SLOW_DISK_GATE": str(gate), "SLOW_DISK_UNDER": str(exports)}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_disk.py"), "--config", str(config)],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+
+def _until(what: Callable[[], bool], timeout: float, why: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
+
+
+def test_requests_are_answered_while_an_export_runs_and_a_stop_ends_it_leaving_nothing(broker, bundle_dir, dataset,
+                                                                                        tmp_path) -> None:
+    """An export ran on the request thread: while it copied (gigabytes, minutes on an edge box's disk) every query,
+    label (a false alarm to absorb in seconds) and control command waited behind it, answered ``busy`` once
+    ``limits.request_queue_size`` had piled up.  Exports now run on a thread of their own, one at a time with one
+    more waiting (a third is answered busy), and a stop ends the one in hand at its next file, answered ``shutdown``
+    and leaving no folder.  Here the disk holds the export's first copy until the test opens it."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix})
+    exports, gate = tmp_path / "w" / "training", tmp_path / "gate"
+    gate.mkdir()
+    client = Client(broker.port, prefix)
+    worker = _SlowDiskWorker(config, tmp_path / "worker.log", gate, exports)
+    pool = ThreadPoolExecutor(3)
+    try:
+        wait_online(client, prefix)
+        client.publish_frame("cam", good_png(dataset).read_bytes(), "f1")
+        client.wait_for(lambda m: m.topic.endswith("/stats") and ((json.loads(m.payload).get("capture") or {})
+                                                                  .get("cam") or {}).get("kept"), timeout=60)
+        with ApiClient(load_config(config), "t") as api:
+            export = {"command": "export_capture", "camera": "cam"}
+            first = pool.submit(api.control, export, 120)
+            _until(lambda: (gate / "inside").exists(), 60, "the export never began to copy")
+            second = pool.submit(api.control, export, 120)
+            status = api.control({"command": "status"}, timeout=30)  # waited for the export before
+            query = api.query({"frame_id": "f1", "camera": "cam", "top_k": 1}, timeout=30)
+            third = api.control(export, timeout=30)
+            assert not first.done() and not second.done()
+            (gate / "open").touch()
+            answers = [first.result(60), second.result(60)]
+            # a stop during an export: the disk holds its copy again until the worker is stopping
+            (gate / "open").unlink()
+            (gate / "inside").unlink()
+            last = pool.submit(api.control, export, 120)
+            _until(lambda: (gate / "inside").exists(), 60, "the last export never began to copy")
+            worker.proc.send_signal(signal.SIGTERM)
+            _until(lambda: "stopping: finishing" in worker.output(), 60, "the worker did not begin to stop")
+            (gate / "open").touch()
+            stopped = last.result(60)
+            code = worker.stop()
+    finally:
+        (gate / "open").touch()
+        pool.shutdown()
+        worker.stop()
+        client.close()
+    assert status["ok"] and query["ok"], (status, query)
+    assert third["error"]["code"] == "busy" and "an export is running" in third["error"]["message"], third
+    assert all(a["ok"] for a in answers), answers
+    assert stopped["error"]["code"] == "shutdown", stopped
+    assert code == 0, worker.output()[-3000:]
+    assert sorted(p.name for p in exports.iterdir()) == sorted(Path(a["folder"]).name for a in answers)

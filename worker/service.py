@@ -61,6 +61,7 @@ from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, er
 EXIT_STUCK = 3
 LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the gauges
 GIVE_UP_ANSWER_S = 3.0  # at most this long answering the queued frames and requests before a watchdog exit
+EXPORTS_WAITING = 1  # capture exports waiting behind the one in hand (each copies up to capture.max_mb a camera)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,10 @@ def routed(msg: Inbound) -> Inbound:
     return replace(msg, payload=body, response_topic=msg.response_topic or reply_to)
 
 
+class ExportStopped(Exception):
+    """The worker stops: the export in hand gives up at its next file (export_new then leaves nothing)."""
+
+
 class Worker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -200,6 +205,12 @@ class Worker:
             cfg.limits.request_queue_size, QueuePolicy.DROP_NEWEST, cfg.limits.request_queue_max_bytes,
             size=lambda m: len(m.payload))
         self.query_thread = threading.Thread(target=self._serve_requests, name="requests", daemon=True)
+        # Policy: drop_newest (answered busy): one export runs and at most EXPORTS_WAITING wait. Exports run on a thread
+        # of their own: one of gigabytes takes minutes, and queries and labels (a false alarm absorbed in seconds) go on.
+        self.export_queue: BoundedQueue[tuple[Inbound, str | None]] = BoundedQueue(EXPORTS_WAITING,
+                                                                                   QueuePolicy.DROP_NEWEST)
+        self.export_thread = threading.Thread(target=self._serve_exports, name="exports", daemon=True)
+        self._stopping = threading.Event()  # an export in hand stops at its next file and leaves nothing
         self.stats_thread: threading.Thread | None = None  # started by run(), which holds the stop event
         self._next_watch = time.monotonic() + cfg.model.watch_s
         self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
@@ -256,15 +267,9 @@ class Worker:
                 "embedding_dim": self.models.embedding_dim}
         self._status(self.topics.model, json.dumps(body))
 
-    def control(self, payload: bytes | dict) -> dict:
-        """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves;
-        export_capture {camera?}: the captured frames as a training folder (the answer says where)."""
-        try:
-            command = validate(ControlRequest, decode_json(payload) if isinstance(payload, bytes) else payload)
-        except RequestError as exc:
-            return error_answer(exc.code, f"{exc.message} (command: reload | rollback | status | export_capture)")
-        if command.command == "export_capture":
-            return self.export_capture(command.camera)
+    def control(self, command: ControlRequest) -> dict:
+        """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves
+        (export_capture is the exports thread's: :meth:`_hand_export`)."""
         scope = command.camera or DEFAULT
         if command.camera == DEFAULT and command.command != "status":
             return error_answer(ErrorCode.BAD_REQUEST, f"{DEFAULT!r} names the model of every camera without one of its "
@@ -301,6 +306,43 @@ class Worker:
                                  "not until the file is written (retried every stats tick and at a clean stop)")
         return answer
 
+    def _hand_export(self, msg: Inbound, camera: str | None) -> dict | None:
+        """An export for the exports thread, which answers it; the answer now (busy, capture off) where it is not
+        taken, else None."""
+        if self.capture is None:
+            return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
+        if self.export_queue.put((msg, camera)):
+            return error_answer(ErrorCode.BUSY, f"an export is running and {EXPORTS_WAITING} more wait: ask again once "
+                                "one has answered")
+        return None
+
+    def _serve_exports(self) -> None:
+        """Capture exports, one at a time, answered on their response topics."""
+        current: list[Inbound] = []
+
+        def step() -> None:
+            current.clear()
+            try:
+                item = self.export_queue.get(timeout=0.5)
+            except Closed:
+                raise StopLoop from None
+            if item is not None:
+                msg, camera = item
+                current.append(msg)
+                self._respond(msg, self.export_capture(camera))
+
+        def answer_error(exc: BaseException) -> None:
+            if current:
+                self._respond(current[0], error_answer(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+
+        supervised_loop(self.liveness, self.export_thread.name, step, answer_error)
+
+    def _export_progress(self) -> None:
+        """After each file an export copies: progress for the watchdog, and the export's end at a stop."""
+        self.liveness.progress(self.export_thread.name)
+        if self._stopping.is_set():
+            raise ExportStopped
+
     def export_capture(self, camera: str | None) -> dict:
         """Write the captured frames under capture.export_path/<UTC time>/ (never a path a client chose), a new folder
         each time (``-2``, ``-3``... after the time for a second export within the same second)."""
@@ -308,9 +350,12 @@ class Worker:
             return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
         parent = self.cfg.capture.export_path
         try:
-            folder, written = self.capture.export_new(  # on the request thread: each file copied is progress
+            folder, written = self.capture.export_new(
                 parent, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), [camera] if camera else None,
-                self.cfg.store.min_free_mb * 2**20, lambda: self.liveness.progress(self.query_thread.name))
+                self.cfg.store.min_free_mb * 2**20, self._export_progress)
+        except ExportStopped:
+            return error_answer(ErrorCode.SHUTDOWN, "the worker stopped during the export; nothing was left (no "
+                                "partial training folder): ask again")
         except OSError as exc:
             why = f"the export failed: {unwritable(exc, str(parent))}; nothing was left there (no partial training folder)"
             log.warning("export_capture: %s", why)
@@ -400,7 +445,8 @@ class Worker:
             return
         self._next_watch = now + self.cfg.model.watch_s
         for scope, path in self.models.changed_on_disk():
-            answer = self.control({"command": "reload", "camera": None if scope == DEFAULT else scope, "bundle": str(path)})
+            answer = self.control(ControlRequest(command="reload", camera=None if scope == DEFAULT else scope,
+                                                 bundle=str(path)))
             said = None if answer["ok"] else answer["error"]["message"]
             if said is not None and said != self._unloaded.get(scope):  # a bundle being copied: said once, tried on
                 log.warning("bundle %s changed on disk but was not loaded (tried again every %g s): %s", path,
@@ -433,7 +479,17 @@ class Worker:
                 return
             current.append(msg)
             if msg.topic == self.topics.control:
-                answer = self.control(msg.payload)
+                try:
+                    command = validate(ControlRequest, decode_json(msg.payload))
+                except RequestError as exc:
+                    answer = error_answer(exc.code, f"{exc.message} (command: reload | rollback | status | "
+                                          "export_capture)")
+                else:
+                    if command.command == "export_capture":
+                        if (refused := self._hand_export(msg, command.camera)) is not None:
+                            self._respond(msg, refused)
+                        return
+                    answer = self.control(command)
             elif msg.topic == self.topics.label:
                 answer = self.labels.answer_bytes(msg.payload)
             else:
@@ -506,6 +562,8 @@ class Worker:
         self.pipeline.start()
         self.liveness.register(self.query_thread.name, self.query_thread)
         self.query_thread.start()
+        self.liveness.register(self.export_thread.name, self.export_thread)
+        self.export_thread.start()
         self.link.start()
         self.stats_thread = threading.Thread(target=self._serve_stats, args=(stop,), name="stats", daemon=True)
         self.liveness.register(self.stats_thread.name, self.stats_thread)
@@ -591,6 +649,7 @@ class Worker:
         deadline = time.monotonic() + GIVE_UP_ANSWER_S
         self.accepting = False
         self.query_queue.close()
+        self.export_queue.close()
         frames = self.pipeline.abandon(message, GIVE_UP_ANSWER_S / 2)
         requests = self._refuse_waiting_requests(message)
         log.warning("watchdog: %d queued frame(s) and %d waiting request(s) answered shutdown before the exit", frames,
@@ -601,6 +660,7 @@ class Worker:
                 last.wait_for_publish(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, timeout: float = 30) -> None:
+        self._stopping.set()  # an export in hand ends at its next file (answered shutdown): it may take minutes
         log.info("stopping: finishing %d queued frames", len(self.pipeline.queue))
         # No session outlives this connection: a frame or request the broker sends from now on and we leave
         # unacknowledged is lost with it (in a group, the other members would have served it). Leave the
@@ -610,8 +670,10 @@ class Worker:
         self.accepting = False
         left = self.pipeline.stop(timeout)
         self.query_queue.close()
+        self.export_queue.close()
         unanswered = self._refuse_waiting_requests("the worker stopped before this request was served; ask again")
         self.query_thread.join(timeout)  # the request in hand is answered (a reload's compile can take seconds)
+        self.export_thread.join(timeout)
         self.models.record_again()  # what serves now is what the next start serves, where rollout.json was refused
         flushed = self.recorder.flush(timeout)
         self.recorder.stop()
@@ -633,7 +695,7 @@ class Worker:
         """Answer ``shutdown`` (``message``) to the requests waiting at the stop: they were acknowledged to the broker,
         so nothing else would answer them, and serving them (reloads, labels) would hold the stop up; returns how
         many."""
-        waiting = self.query_queue.drain()
+        waiting = [*self.query_queue.drain(), *(msg for msg, _ in self.export_queue.drain())]
         for msg in waiting:
             with contextlib.suppress(RequestError):  # no body topic to answer on: the v5 one if any, else logged
                 msg = routed(msg)

@@ -663,6 +663,11 @@ def _until(what: Callable[[], bool], timeout: float, why: str) -> None:
         time.sleep(0.05)
 
 
+def _exports(msg) -> dict:
+    """A stats message's ``capture_export`` ({} for any other message)."""
+    return (json.loads(msg.payload).get("capture_export") or {}) if msg.topic.endswith("/stats") else {}
+
+
 def test_requests_are_answered_while_an_export_runs_and_a_stop_ends_it_leaving_nothing(broker, bundle_dir, dataset,
                                                                                         tmp_path) -> None:
     """An export ran on the request thread: while it copied (gigabytes, minutes on an edge box's disk) every query,
@@ -690,9 +695,14 @@ def test_requests_are_answered_while_an_export_runs_and_a_stop_ends_it_leaving_n
             status = api.control({"command": "status"}, timeout=30)  # waited for the export before
             query = api.query({"frame_id": "f1", "camera": "cam", "top_k": 1}, timeout=30)
             third = api.control(export, timeout=30)
+            # the stats say what runs and what waits
+            client.wait_for(lambda m: _exports(m).get("waiting") == 1 and (_exports(m).get("running") or {}).get(
+                "camera") == "cam", timeout=30)
             assert not first.done() and not second.done()
             (gate / "open").touch()
             answers = [first.result(60), second.result(60)]
+            said, *_ = client.wait_for(lambda m: (_exports(m).get("last") or {}).get("folder") == answers[1].get("folder"),
+                                       timeout=30)
             # a stop during an export: the disk holds its copy again until the worker is stopping
             (gate / "open").unlink()
             (gate / "inside").unlink()
@@ -709,6 +719,7 @@ def test_requests_are_answered_while_an_export_runs_and_a_stop_ends_it_leaving_n
         worker.stop()
         client.close()
     assert status["ok"] and query["ok"], (status, query)
+    assert _exports(said)["running"] is None  # ... and what the last one answered
     assert third["error"]["code"] == "busy" and "an export is running" in third["error"]["message"], third
     assert all(a["ok"] for a in answers), answers
     assert stopped["error"]["code"] == "shutdown", stopped

@@ -895,6 +895,15 @@ def test_capture_counters_and_export_from_the_page(stack):
     assert any((folder / "cam-a" / "good").glob("*.*"))
     expect(page.locator("#capture-train")).to_contain_text("python -m exporter train --data")
 
+    # An export whose answer this page did not wait for (another operator's, or one longer than the console's wait)
+    # shows from the worker's stats.
+    with ApiClient(load_config(stack.config), "test") as api:
+        other = api.control({"command": "export_capture", "camera": "cam-a"}, timeout=60)
+    assert other["ok"] and other["folder"] != str(folder), other
+    expect(status).to_contain_text("last export (", timeout=30_000)
+    expect(status).to_contain_text(f"written to {other['folder']}")
+    assert status.get_attribute("data-folder") == other["folder"]
+
 
 @needs_chromium
 def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir):

@@ -211,6 +211,10 @@ class Worker:
                                                                                    QueuePolicy.DROP_NEWEST)
         self.export_thread = threading.Thread(target=self._serve_exports, name="exports", daemon=True)
         self._stopping = threading.Event()  # an export in hand stops at its next file and leaves nothing
+        # The stats' capture_export: the export in hand and the last one's answer, for whoever did not wait for it (a
+        # console whose wait ran out, another operator). Replaced whole, never changed in place: the stats read them.
+        self._export_running: dict | None = None
+        self._export_last: dict | None = None
         self.stats_thread: threading.Thread | None = None  # started by run(), which holds the stop event
         self._next_watch = time.monotonic() + cfg.model.watch_s
         self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
@@ -240,7 +244,7 @@ class Worker:
             if self._stats_reduced.ready():
                 log.error("stats published without their per-camera parts: %s; raise the broker's maximum packet size "
                           "(mosquitto: max_packet_size)", exc)
-            per_camera = ("cameras", "capture", "evidence")
+            per_camera = ("cameras", "capture", "capture_export", "evidence")
             self._status(self.topics.stats, json.dumps({**{k: v for k, v in stats.items() if k not in per_camera},
                                                         "omitted": list(per_camera)}), retain=False)
 
@@ -318,7 +322,7 @@ class Worker:
 
     def _serve_exports(self) -> None:
         """Capture exports, one at a time, answered on their response topics."""
-        current: list[Inbound] = []
+        current: list[tuple[Inbound, str | None]] = []
 
         def step() -> None:
             current.clear()
@@ -328,14 +332,24 @@ class Worker:
                 raise StopLoop from None
             if item is not None:
                 msg, camera = item
-                current.append(msg)
-                self._respond(msg, self.export_capture(camera))
+                current.append(item)
+                self._export_running = {"camera": camera, "since": iso(time.time())}
+                answer = self.export_capture(camera)
+                self._export_done(camera, answer)
+                self._respond(msg, answer)
 
         def answer_error(exc: BaseException) -> None:
             if current:
-                self._respond(current[0], error_answer(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+                (msg, camera), = current
+                answer = error_answer(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+                self._export_done(camera, answer)
+                self._respond(msg, answer)
 
         supervised_loop(self.liveness, self.export_thread.name, step, answer_error)
+
+    def _export_done(self, camera: str | None, answer: dict) -> None:
+        self._export_last = {"at": iso(time.time()), "camera": camera, **answer}
+        self._export_running = None
 
     def _export_progress(self) -> None:
         """After each file an export copies: progress for the watchdog, and the export's end at a stop."""
@@ -539,6 +553,8 @@ class Worker:
             "capture_failed_writes": self.capture.failed_writes if self.capture is not None else None,
             "capture_skipped_frames": self.capture.skipped_frames if self.capture is not None else None,
             "capture_busy_skipped": self.capture.busy_skipped if self.capture is not None else None,
+            "capture_export": {"running": self._export_running, "waiting": len(self.export_queue),
+                               "last": self._export_last},
             "extensions": [e.info() for e in self.models.extensions()],
             "cameras": self.stats.snapshot(),
             "threads": self.liveness.snapshot(),

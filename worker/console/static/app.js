@@ -379,20 +379,49 @@ function renderCapture(capture) {
   $("#capture-rows").replaceChildren(...rows);
 }
 
-async function exportCapture(event) {
-  event.preventDefault();
-  const cam = $("#cap-camera").value;
+// The export shown: its folder, else (refused) the time of the worker's answer; the worker's stats then show only a
+// newer one (an export whose answer this page's wait did not get, or another operator's).
+let exportShown = null;
+
+function showExport(answer, lead = "") {
   const status = $("#capture-status"), train = $("#capture-train");
-  setStatus("#capture-status", "exporting…");
-  delete status.dataset.folder;
-  train.hidden = true;
-  const answer = await post("/api/capture/export", cam ? {camera: cam} : {});
-  if (!answer.ok) { setStatus("#capture-status", `not exported: ${answer.error?.message || "error"}`, true); return; }
+  exportShown = answer.folder || answer.at || null;
+  if (!answer.ok) {
+    delete status.dataset.folder;
+    train.hidden = true;
+    setStatus("#capture-status", `${lead}not exported: ${answer.error?.message || "error"}`, true);
+    return;
+  }
   const what = Object.entries(answer.cameras).map(([c, w]) => `${c}: ${w.normal} normal, ${w.false_alarms} false alarms`);
-  setStatus("#capture-status", `written to ${answer.folder} (${what.join("; ")})`);
+  setStatus("#capture-status", `${lead}written to ${answer.folder} (${what.join("; ")})`);
   status.dataset.folder = answer.folder;
   train.textContent = Object.values(answer.train).join("\n");
   train.hidden = false;
+}
+
+async function exportCapture(event) {
+  event.preventDefault();
+  const cam = $("#cap-camera").value;
+  setStatus("#capture-status", "exporting…");
+  delete $("#capture-status").dataset.folder;
+  $("#capture-train").hidden = true;
+  const answer = await post("/api/capture/export", cam ? {camera: cam} : {});
+  if (answer.error?.code === "no_answer") {  // the console's wait ran out; the export goes on: its stats say the end
+    setStatus("#capture-status", "still exporting on the worker: the result shows here when it is done");
+    return;
+  }
+  showExport(answer);
+}
+
+// The worker's capture_export stats: an export running (asked from anywhere), or a last one this page has not shown.
+function renderExport(state) {
+  if (!state) return;
+  if (state.running) {
+    const what = state.running.camera ? `camera ${state.running.camera}` : "every camera";
+    setStatus("#capture-status", `exporting on the worker (${what}, since ${fmtTime(state.running.since)})…`);
+  } else if (state.last && (state.last.folder || state.last.at) !== exportShown) {
+    showExport(state.last, `last export (${fmtTime(state.last.at)}): `);
+  }
 }
 
 function renderModels(model) {
@@ -445,6 +474,7 @@ function renderWorker(w) {
     + (twin ? ` · also running on ${twin.host} (pid ${twin.pid}): give each worker its own worker.id` : "");
   if (w.id === controlled) {
     renderCapture(stats.capture);
+    renderExport(stats.capture_export);
     renderModels(w.model);
   }
   const seen = JSON.stringify(Object.entries(w.model?.scopes || {}).map(([s, m]) => [s, m.version, m.extension?.revision]));

@@ -249,6 +249,18 @@ class Manifest(_Strict):
         return self.thresholds if precision == self.reference_precision else None
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user's too): whether a folder a run of the exporter or
+    an export of the worker left is still being written.  A reused pid reads as running, which keeps a folder."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

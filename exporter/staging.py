@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bundle import MANIFEST
+from bundle import MANIFEST, process_running
 from exporter import stopping
 
 log = logging.getLogger(__name__)
@@ -26,17 +26,6 @@ log = logging.getLogger(__name__)
 def replaceable(out: Path) -> bool:
     """Whether a bundle may be moved to ``out``: nothing is there, an empty folder, or a bundle (which it replaces)."""
     return not out.exists() or (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir())))
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (one of another user's too); a reused pid reads as alive, which keeps a folder."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_staging(out: Path) -> None:
@@ -49,7 +38,7 @@ def remove_stale_staging(out: Path) -> None:
         if match is None or not entry.is_dir():
             continue
         pid = int(match[1] or match[2])
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or process_running(pid):
             continue
         if match[2] and not out.exists() and (entry / MANIFEST).is_file():  # killed between its two renames:
             log.warning("%s is missing and %s holds the bundle an exporter run (pid %d) was replacing when it was "

@@ -725,3 +725,52 @@ def test_requests_are_answered_while_an_export_runs_and_a_stop_ends_it_leaving_n
     assert stopped["error"]["code"] == "shutdown", stopped
     assert code == 0, worker.output()[-3000:]
     assert sorted(p.name for p in exports.iterdir()) == sorted(Path(a["folder"]).name for a in answers)
+
+
+_EXPORT_THEN = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from worker.capture import Capture
+
+def progress():
+    if sys.argv[4] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.readline()  # held after its first file until the test closes stdin
+
+Capture(Path(sys.argv[1]), max_frames=10, min_distance=0.0).export_new(Path(sys.argv[2]), "T", progress=progress)
+"""
+
+
+def test_what_an_export_killed_midway_left_is_removed_by_the_next_and_a_running_ones_is_not(tmp_path) -> None:
+    """An export killed midway (kill -9, a watchdog exit, a power cut) left its hidden partial folder, up to
+    gigabytes that no listing shows, and its empty placeholder, which reads as a training set without images.  The
+    next export removes both once the process that wrote them is gone, and leaves alone the folder of an export
+    another process is still writing."""
+    capture = Capture(tmp_path / "cap", max_frames=10, min_distance=0.0)
+    for i in range(3):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    capture.flush()
+    parent = tmp_path / "training"
+    args = [sys.executable, "-c", _EXPORT_THEN, str(tmp_path / "cap"), str(parent), str(ROOT)]
+    running = subprocess.Popen([*args, "hold"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in parent.glob(".T.*.partial") if any(p.rglob("*.png"))]:
+            assert running.poll() is None, running.stderr.read().decode()[-2000:] if running.stderr else ""
+            assert time.monotonic() < deadline, "the running export never copied a file"
+            time.sleep(0.05)
+        killed = subprocess.run([*args, "kill"], capture_output=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+        assert (parent / "T-2").is_dir() and not any((parent / "T-2").iterdir())  # its placeholder...
+        assert len(list(parent.glob(".T-2.*.partial"))) == 1  # ... and the partial folder it was writing
+        folder, written = capture.export_new(parent, "U")
+        assert written["cam"]["normal"] == 3
+        assert sorted(p.name for p in parent.iterdir() if not p.name.startswith(".T.")) == ["T", "U"]
+    finally:
+        assert running.stdin is not None
+        running.stdin.close()
+        running.wait(60)
+    assert running.returncode == 0, running.stderr.read().decode()[-2000:] if running.stderr else ""
+    assert sorted(p.name for p in parent.iterdir()) == ["T", "U"]
+    assert len(list((parent / "T" / "cam" / "good").iterdir())) == 3

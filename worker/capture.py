@@ -30,10 +30,12 @@ import io
 import itertools
 import json
 import logging
+import os
 import random
 import re
 import shlex
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +45,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from bundle import Manifest
+from bundle import Manifest, process_running
 from bundle.tiling import Grid
 from worker.supervise import Throttle
 
@@ -103,6 +105,35 @@ def new_folder(parent: Path, name: str) -> Path:
             return folder
         except FileExistsError:
             n += 1
+
+
+# An export's folder while it is written: ``.<name>.<host>-<pid>.partial`` beside the ``<name>`` it becomes, so that
+# what an export killed midway left (kill -9, a watchdog exit, a power cut) can be told from one still being written,
+# by this worker or another sharing the folder.
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.partial$")
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def tidy_partials(parent: Path) -> list[str]:
+    """Remove the hidden partial folders (and their empty placeholders) that exports killed midway left in
+    ``parent``: one of this host whose process is gone.  They can hold gigabytes no listing shows, and the empty
+    placeholder reads as a training set without images.  Returns the names of the folders removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in parent.iterdir():
+            m = _PARTIAL.match(entry.name)
+            if m is None or m["host"] != _host() or int(m["pid"]) == os.getpid() or process_running(int(m["pid"])):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            with contextlib.suppress(OSError):  # not empty: the export's rename had happened, or another wrote it
+                (parent / m["name"]).rmdir()
+            removed.append(m["name"])
+    if removed:
+        log.warning("removed what %d export(s) killed midway left in %s: %s", len(removed), parent, ", ".join(removed))
+    return removed
 
 
 class NoRoom(OSError):
@@ -592,8 +623,9 @@ class Capture:
         partial training set, whose files cut short the exporter would read as images.  Returns the folder and what
         was written; with nothing captured, no folder is left and ``{}`` is returned.  ``reserve``, ``progress``: as
         :meth:`export`."""
+        tidy_partials(parent)
         folder = new_folder(parent, name)  # taken now: a second export within the second gets the next name
-        partial = folder.with_name(f".{folder.name}.partial")
+        partial = folder.with_name(f".{folder.name}.{_host()}-{os.getpid()}.partial")
         written: dict[str, dict] = {}
         try:
             partial.mkdir()

@@ -316,7 +316,7 @@ class Worker:
         if self.capture is None:
             return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
         if self.export_queue.put((msg, camera)):
-            return error_answer(ErrorCode.BUSY, f"an export is running and {EXPORTS_WAITING} more wait: ask again once "
+            return error_answer(ErrorCode.BUSY, f"an export is running and {EXPORTS_WAITING} more waiting: ask again once "
                                 "one has answered")
         return None
 

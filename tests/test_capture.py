@@ -547,6 +547,14 @@ def test_a_false_alarm_that_taught_nothing_and_aged_out_is_withdrawn_with_an_ok(
         labels.set(SetLabel(action="set", frame_id="fa", camera="cam", label=None), store)
 
 
+def _one_frame_captured(client: Client, prefix: str, dataset: Path) -> None:
+    """Once the worker is online, camera ``cam`` sends frame f1; returns when the capture sample holds it."""
+    wait_online(client, prefix)
+    client.publish_frame("cam", good_png(dataset).read_bytes(), "f1")
+    client.wait_for(lambda m: m.topic.endswith("/stats") and ((json.loads(m.payload).get("capture") or {})
+                                                              .get("cam") or {}).get("kept"), timeout=60)
+
+
 def test_each_export_over_the_control_topic_gets_a_folder_of_its_own(broker, bundle_dir, dataset, tmp_path) -> None:
     """The export folder was named by the UTC second alone: a second export within it (a double click on the console's
     Export button) answered internal_error "... already holds 1 files" (a helper's probe).  Here the folders of the
@@ -563,10 +571,7 @@ def test_each_export_over_the_control_topic_gets_a_folder_of_its_own(broker, bun
     client = Client(broker.port, prefix)
     worker = WorkerProcess(config, tmp_path / "worker.log")
     try:
-        wait_online(client, prefix)
-        client.publish_frame("cam", good_png(dataset).read_bytes(), "f1")
-        client.wait_for(lambda m: m.topic.endswith("/stats") and ((json.loads(m.payload).get("capture") or {})
-                                                                  .get("cam") or {}).get("kept"), timeout=60)
+        _one_frame_captured(client, prefix, dataset)
         with ApiClient(load_config(config), "t") as api:
             answers = [api.control({"command": "export_capture", "camera": "cam"}, timeout=60) for _ in range(2)]
     finally:
@@ -683,10 +688,7 @@ def test_requests_are_answered_while_an_export_runs_and_a_stop_ends_it_leaving_n
     worker = _SlowDiskWorker(config, tmp_path / "worker.log", gate, exports)
     pool = ThreadPoolExecutor(3)
     try:
-        wait_online(client, prefix)
-        client.publish_frame("cam", good_png(dataset).read_bytes(), "f1")
-        client.wait_for(lambda m: m.topic.endswith("/stats") and ((json.loads(m.payload).get("capture") or {})
-                                                                  .get("cam") or {}).get("kept"), timeout=60)
+        _one_frame_captured(client, prefix, dataset)
         with ApiClient(load_config(config), "t") as api:
             export = {"command": "export_capture", "camera": "cam"}
             first = pool.submit(api.control, export, 120)

@@ -45,12 +45,14 @@ class CountsAtEachAnswer(MemoryTransport):
 
 
 @pytest.fixture
-def pipeline(bundle_dir, tmp_path):
+def pipeline(bundle_dir, tmp_path, request):
+    """The pipeline, not started; ``request.param`` (indirect parametrisation): more config sections."""
     cfg = Config.model_validate({
         "model": {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov"), "rollout_path": str(tmp_path / "rollout")},
         "store": {"path": str(tmp_path / "q"), "log_normal_every": 0},
         "spool": {"path": str(tmp_path / "spool")}, "evidence": {"path": str(tmp_path / "ev")},
         "limits": {"queue_size": 6, "inference_threads": 1},
+        **getattr(request, "param", {}),
     })
     liveness = Liveness(0)
     models = Models(cfg)
@@ -89,6 +91,21 @@ def test_admission_without_a_broker(pipeline, dataset):
         p.on_frame(_frame("cam", fine, png))
     assert len(p.queue) == 3
 
+
+
+@pytest.mark.parametrize("pipeline", [{"topics": {"metadata": "optional"}}], indirect=True)
+def test_a_redelivered_frame_without_an_id_is_not_scored_twice_and_a_still_scenes_next_frame_is(pipeline, dataset):
+    """An MQTT 3.1.1 camera sends no frame_id, and the worker gives each of its frames one.  The broker's redelivery
+    of such a frame (DUP: the worker's link dropped before it acknowledged) got a new id and was scored again, two
+    results and two records of one frame.  A redelivery of bytes already accepted is now a duplicate; the same bytes
+    sent again by the camera (a still scene) are its next frame."""
+    p, transport = pipeline
+    png = _png(dataset)
+    p.on_frame(Inbound("inspect/cam/frame", png, 1))
+    p.on_frame(Inbound("inspect/cam/frame", png, 1, replayed=True))  # the broker's redelivery
+    p.on_frame(Inbound("inspect/cam/frame", png, 1))  # the camera's next frame of a still scene
+    assert len(p.queue) == 2 and transport.on("inspect/cam/error") == []
+    assert p.stats.snapshot()["cam"]["duplicates"] == 1
 
 
 def test_a_camera_stamping_its_frames_in_the_future_is_said_once(pipeline, dataset, caplog):

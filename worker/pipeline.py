@@ -166,14 +166,15 @@ class Pipeline:
                        f"{', '.join(ambiguous)} given more than once: which is meant cannot be told", ticket=ticket)
             return False
         try:
-            return self._on_frame(camera, props, msg.payload, ticket)
+            return self._on_frame(camera, props, msg.payload, ticket, msg.replayed)
         except Exception as exc:  # a bug in admission must cost this frame only
             log.exception("admission of a frame from %s failed", camera)
             self._fail(camera, props.get("frame_id"), ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}",
                        ticket=ticket)
             return False
 
-    def _on_frame(self, camera: str, props: dict[str, str], payload: bytes, ticket: Ticket | None) -> bool:
+    def _on_frame(self, camera: str, props: dict[str, str], payload: bytes, ticket: Ticket | None,
+                  replayed: bool = False) -> bool:
         received_ts, received_mono = time.time(), time.monotonic()
         self.stats.add(camera, "received")
         self.ingest.check_box_clock(received_ts)
@@ -183,8 +184,10 @@ class Pipeline:
             self._fail(camera, props.get("frame_id") or exc.frame_id, exc.code, exc.message, ticket=ticket)
             return False
         props, payload = arrival.fields, arrival.data
-        delivery = None if "frame_id" in arrival.generated else self._delivery(camera, props, payload, arrival.generated)
-        if delivery is not None and self._seen(*delivery):
+        delivery = self._delivery(camera, props, payload, arrival.generated)
+        # A frame without an id (an MQTT 3.1.1 camera) is told from a redelivery of one only by its bytes, which a
+        # still scene repeats: only the broker's redelivery (DUP) of the same bytes is one.
+        if (replayed or "frame_id" not in arrival.generated) and self._seen(*delivery):
             # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
             self.stats.add(camera, "duplicates")
             log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
@@ -199,8 +202,7 @@ class Pipeline:
         except FrameError as exc:
             self._fail(camera, props.get("frame_id"), exc.code, exc.message, ticket=ticket)
             return False
-        if delivery is not None:
-            self._remember(*delivery)
+        self._remember(*delivery, own_id="frame_id" not in arrival.generated)
         if self.window is not None:
             frame.ticket = ticket
         dropped = self.queue.put(frame)
@@ -215,11 +217,10 @@ class Pipeline:
                            f"policy {self.queue.policy.value}", counter="dropped")
         if frame.ticket is None or dropped:
             return False
-        if delivery is not None:
-            key, held = delivery[0], frame.ticket
-            with self._lock:
-                self._holding[key] = held
-            held.then(lambda: self._unhold(key, held))
+        key, held = delivery[0], frame.ticket
+        with self._lock:
+            self._holding[key] = held
+        held.then(lambda: self._unhold(key, held))
         return True
 
     def _unhold(self, key: tuple[str, str], ticket: Ticket) -> None:
@@ -229,32 +230,33 @@ class Pipeline:
 
     @staticmethod
     def _delivery(camera: str, props: dict[str, str], payload: bytes,
-                  generated: tuple[str, ...]) -> tuple[tuple[str, str], Mark] | None:
+                  generated: tuple[str, ...]) -> tuple[tuple[str, str], Mark]:
         """What tells a QoS 1 redelivery of a frame from another frame: its (camera, frame_id) and a mark, the
         ``captured_at`` as sent (none where the worker stamps the time) and the bytes' checksum, all of which a
-        redelivery repeats; None without a usable id.  The time alone is not enough: a camera whose clock and
-        frame counter both start again at a reboot (a clock reset to 2000, a 1 s resolution) repeats both."""
-        frame_id = props.get("frame_id")
-        if not valid_id(frame_id):
-            return None
+        redelivery repeats.  The time alone is not enough: a camera whose clock and frame counter both start again
+        at a reboot (a clock reset to 2000, a 1 s resolution) repeats both.  Without an id of its own, the checksum
+        stands in for it (``\0`` and the checksum: no id a camera can send)."""
         sent = None if "captured_at" in generated else props.get("captured_at")
-        return (camera, str(frame_id)), (sent, zlib.crc32(payload))
+        crc = zlib.crc32(payload)
+        frame_id = f"\0{crc:08x}" if "frame_id" in generated else str(props.get("frame_id"))
+        return (camera, frame_id), (sent, crc)
 
     def _seen(self, key: tuple[str, str], mark: Mark) -> bool:
         """Whether this delivery is one of the last ``limits.dedupe_window`` frames accepted."""
         with self._lock:
             return self._recent.get(key, _UNSEEN) == mark
 
-    def _remember(self, key: tuple[str, str], mark: Mark) -> None:
+    def _remember(self, key: tuple[str, str], mark: Mark, own_id: bool = True) -> None:
         """Remember an accepted frame.  The same id with another mark is a camera that reuses ids (a frame counter
-        that starts again at a reboot): a new frame, said once per camera since a frame id names one stored frame."""
+        that starts again at a reboot): a new frame, said once per camera since a frame id names one stored frame
+        (not for a frame without an ``own_id``, whose key its bytes make)."""
         with self._lock:
             earlier = self._recent.pop(key, _UNSEEN)
             self._recent[key] = mark
             if len(self._recent) > self.cfg.limits.dedupe_window:
                 self._recent.popitem(last=False)
         camera, frame_id = key
-        if earlier is not _UNSEEN and self.ingest.first_time(camera, "frame_id reuse"):
+        if own_id and earlier is not _UNSEEN and self.ingest.first_time(camera, "frame_id reuse"):
             log.warning("camera %s reuses frame ids (%r again, another frame): each is scored, but the history keeps "
                         "one frame per camera and id, so the earlier frame's record is replaced (one an operator "
                         "labelled is kept, and the new frame not recorded); give frames ids that do not repeat (e.g. "

@@ -117,6 +117,11 @@ def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def _partial(folder: Path) -> Path:
+    """The hidden folder ``folder`` is written into by this process before it is renamed into place."""
+    return folder.with_name(f".{folder.name}.{_host()}-{os.getpid()}.partial")
+
+
 def tidy_partials(parent: Path) -> list[str]:
     """Remove the hidden partial folders (and their empty placeholders) that exports killed midway left in
     ``parent``: one of this host whose process is gone.  They can hold gigabytes no listing shows, and the empty
@@ -625,7 +630,7 @@ class Capture:
         :meth:`export`."""
         tidy_partials(parent)
         folder = new_folder(parent, name)  # taken now: a second export within the second gets the next name
-        partial = folder.with_name(f".{folder.name}.{_host()}-{os.getpid()}.partial")
+        partial = _partial(folder)
         written: dict[str, dict] = {}
         try:
             partial.mkdir()
@@ -662,13 +667,13 @@ class Capture:
                            [state.folder / DEFECTS / f for f in sorted(state.defects)])
                           for camera, state in sorted(self._cameras.items()) if not cameras or camera in cameras]
             check_room(out, sum(_size(f) for _, _, *files in chosen for f in itertools.chain(*files)), reserve)
+            tidy_partials(out)  # the CLI's folder: what an export to it killed midway left
             for camera, name, normal, false_alarms, defects in chosen:
                 folder = out / name  # one camera's, as the capture folder is
                 if folder.is_dir() and (earlier := sum(1 for _ in folder.rglob("*") if _.is_file())):
                     raise FileExistsError(f"{folder} already holds {earlier} files: export to a new folder (an export "
                                           "does not merge with an earlier one)")
-                partial = folder.with_name(f".{folder.name}.partial")
-                shutil.rmtree(partial, ignore_errors=True)  # left by an export killed midway
+                partial = _partial(folder)
                 try:
                     counts = (_copy_into(partial / "good", normal, progress),
                               _copy_into(partial / "good", false_alarms, progress),

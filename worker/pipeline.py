@@ -185,9 +185,10 @@ class Pipeline:
             return False
         props, payload = arrival.fields, arrival.data
         delivery = self._delivery(camera, props, payload, arrival.generated)
+        own_id = "frame_id" not in arrival.generated
         # A frame without an id (an MQTT 3.1.1 camera) is told from a redelivery of one only by its bytes, which a
         # still scene repeats: only the broker's redelivery (DUP) of the same bytes is one.
-        if (replayed or "frame_id" not in arrival.generated) and self._seen(*delivery):
+        if (replayed or own_id) and self._seen(*delivery):
             # A QoS 1 redelivery (e.g. after a broker restart): already accepted once, so not again.
             self.stats.add(camera, "duplicates")
             log.debug("duplicate frame %s/%s ignored", camera, props.get("frame_id"))
@@ -202,7 +203,7 @@ class Pipeline:
         except FrameError as exc:
             self._fail(camera, props.get("frame_id"), exc.code, exc.message, ticket=ticket)
             return False
-        self._remember(*delivery, own_id="frame_id" not in arrival.generated)
+        self._remember(*delivery, own_id)
         if self.window is not None:
             frame.ticket = ticket
         dropped = self.queue.put(frame)

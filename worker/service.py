@@ -311,10 +311,8 @@ class Worker:
         return answer
 
     def _hand_export(self, msg: Inbound, camera: str | None) -> dict | None:
-        """An export for the exports thread, which answers it; the answer now (busy, capture off) where it is not
-        taken, else None."""
-        if self.capture is None:
-            return error_answer(ErrorCode.BAD_REQUEST, "capture is off (capture.enabled)")
+        """An export for the exports thread, which answers it (:meth:`export_capture`); the answer now (busy) where
+        it is not taken, else None."""
         if self.export_queue.put((msg, camera)):
             return error_answer(ErrorCode.BUSY, f"an export is running and {EXPORTS_WAITING} more waiting: ask again once "
                                 "one has answered")

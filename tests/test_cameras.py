@@ -38,7 +38,9 @@ def running(broker, bundle_dir, tmp_path, worker_factory):
                  "env": {"payload": "json_envelope"},
                  "envloose": {"payload": "json_envelope", "metadata": "optional"},
                  "tiled": {"tiling": TILING},
-                 "whole": {}})
+                 "whole": {},
+                 # an MQTT 3.1.1 bridge of a machine-vision camera: its buffers declared once (the dataset's 128 px)
+                 "mono311": {"metadata": "optional", "pixels": {"format": "Mono8", "width": 128, "height": 128}}})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online",
@@ -273,6 +275,60 @@ def test_a_raw_camera_may_send_base64_text_and_json_is_refused_with_the_setting_
     results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/strict/result", count=3)}
     assert set(results) == {"b64-png", "b64-url", "raw"}
     assert results["b64-png"]["raw_score"] == results["raw"]["raw_score"]  # the same image, decoded from text
+    assert worker.proc.poll() is None
+
+
+def test_raw_pixel_buffers_score_as_the_same_image_file_does(running, broker, dataset):
+    """A machine-vision camera (GigE Vision, USB3 Vision) hands its bridge a buffer of pixels, which the bridge may
+    publish as it is, saying its PFNC format and size: colour buffers score exactly as the frame's PNG, grey ones (8
+    or 12 bits) as its grey PNG, a Bayer one as the PNG of its demosaiced image; a buffer that does not fit what it
+    says is answered with its frame id and why; an MQTT 3.1.1 bridge declares its camera's buffers in config.yaml."""
+    prefix, client, worker = running
+    image = cv2.imread(str(good_png(dataset)))
+    height, width = image.shape[:2]
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    mosaic = image[..., 1].copy()  # RGGB: red at even rows and columns, blue at odd ones, green between
+    mosaic[0::2, 0::2], mosaic[1::2, 1::2] = image[0::2, 0::2, 2], image[1::2, 1::2, 0]
+    size = {"width": str(width), "height": str(height)}
+
+    def png(pixels: np.ndarray) -> bytes:
+        return cv2.imencode(".png", pixels)[1].tobytes()
+
+    sent = [("png", png(image), {}), ("bgr8", image.tobytes(), {"pixel_format": "BGR8", **size}),
+            ("rgb8", image[..., ::-1].tobytes(), {"pixel_format": "RGB8", **size}),
+            ("grey-png", png(grey), {}), ("mono8", grey.tobytes(), {"pixel_format": "Mono8", **size}),
+            ("mono12", (grey.astype("<u2") << 4).tobytes(), {"pixel_format": "Mono12", **size}),
+            ("bayer-png", png(cv2.cvtColor(mosaic, cv2.COLOR_BayerRGGB2BGR_EA)), {}),
+            ("bayer", mosaic.tobytes(), {"pixel_format": "BayerRG8", **size})]
+    refused = [("short", grey.tobytes()[:-width], {"pixel_format": "Mono8", **size}, "truncated_image"),
+               ("packed", grey.tobytes(), {"pixel_format": "Mono12p", **size}, "unsupported_format"),
+               ("no-height", grey.tobytes(), {"pixel_format": "Mono8", "width": str(width)}, "missing_metadata"),
+               ("a-file", png(grey) + bytes(width * height), {"pixel_format": "Mono8", **size}, "bad_dimensions")]
+    for frame_id, body, extra, *_ in sent + refused:
+        client.publish_frame("strict", body, frame_id, extra=extra)
+    errors = {e["frame_id"]: e for e in client.json_on(f"{prefix}/strict/error", count=len(refused))}
+    assert {k: e["code"] for k, e in errors.items()} == {f: code for f, _, _, code in refused}
+    assert "a Mono8 frame of 128x128 is 16384" in errors["short"]["message"]
+    assert "begins like an image file" in errors["a-file"]["message"]
+    scores = {r["frame_id"]: r["raw_score"] for r in client.json_on(f"{prefix}/strict/result", count=len(sent))}
+    assert scores["bgr8"] == scores["rgb8"] == scores["png"], scores
+    assert scores["mono8"] == scores["mono12"] == scores["grey-png"], scores
+    assert scores["bayer"] == scores["bayer-png"], scores
+
+    old = Client(broker.port, prefix, protocol=mqtt.MQTTv311)  # no user properties: the camera's config says it
+    try:
+        for _ in range(2):
+            old.client.publish(f"{prefix}/mono311/frame", grey.tobytes(), qos=1).wait_for_publish(5)
+        results = [json.loads(m.payload) for m in old.wait_for(lambda m: m.topic == f"{prefix}/mono311/result", count=2)]
+        assert [r["raw_score"] for r in results] == [scores["grey-png"]] * 2
+        # Recorded under its generated id, as like as can be to the same grey image sent as a file or a buffer (the
+        # colour frames may tie with them: the top 10 holds every frame sent here).
+        answer = _query_until_found(client, prefix, {"frame_id": results[0]["frame_id"], "camera": "mono311", "top_k": 10})
+        assert answer["ok"], answer
+        hits = {h["frame_id"]: h["similarity"] for h in answer["hits"]}
+        assert {hits.get(f) for f in ("mono8", "mono12", "grey-png", results[1]["frame_id"])} == {1.0}, answer
+    finally:
+        old.close()
     assert worker.proc.poll() is None
 
 

@@ -31,6 +31,7 @@ from conftest import Client, good_png, start_on_embedded_store, user_props, wait
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.config import StoreConfig
 from worker.store import StoreError, VectorStore
+from worker.wire import PIXEL_FORMATS
 
 ERROR_CODES = {"empty_payload", "payload_too_large", "not_an_image", "unsupported_format", "bad_dimensions",
                "image_too_large", "truncated_image", "corrupt_image", "missing_metadata", "bad_metadata",
@@ -107,6 +108,17 @@ def _payloads(dataset: Path):
     )
 
 
+def _fitted(payload: bytes, declared: tuple[str, str, str, bool] | None) -> bytes:
+    """The payload repeated or cut to the size a pixel declaration says, where it asks to fit and can."""
+    if declared is None or not declared[3] or declared[0] not in PIXEL_FORMATS:
+        return payload
+    if not (declared[1].isascii() and declared[1].isdigit() and declared[2].isascii() and declared[2].isdigit()):
+        return payload
+    size = int(declared[1]) * int(declared[2]) * PIXEL_FORMATS[declared[0]].bytes_per_pixel
+    unit = payload or b"\x80"
+    return (unit * (size // len(unit) + 1))[:size]
+
+
 @pytest.fixture(scope="module")
 def fuzz_worker(broker, bundle_dir, tmp_path_factory):
     from conftest import WorkerProcess
@@ -135,6 +147,13 @@ def test_fuzzed_frames_each_get_exactly_one_answer(fuzz_worker, dataset, data):
     payloads = data.draw(st.lists(_payloads(dataset), min_size=10, max_size=30), label="payloads")
     captured = data.draw(st.lists(st.one_of(st.just("now"), st.text(_TEXT, max_size=40)), min_size=len(payloads),
                                   max_size=len(payloads)), label="captured_at")
+    # Some declare a raw pixel buffer (worker/pixels.py): any format name and sides, the payload sized to fit or not.
+    sides = st.one_of(st.integers(0, 70).map(str), st.text(_TEXT, max_size=6))
+    buffers = data.draw(st.lists(st.one_of(st.none(), st.tuples(st.sampled_from([*PIXEL_FORMATS, "Mono12p", ""]), sides,
+                                                                  sides, st.booleans())),
+                                 min_size=len(payloads), max_size=len(payloads)), label="pixel declarations")
+    extras = [{} if b is None else {"pixel_format": b[0], "width": b[1], "height": b[2]} for b in buffers]
+    payloads = [_fitted(payload, b) for payload, b in zip(payloads, buffers)]
     # Metadata that cannot be correlated (bad frame ids) and an unknown camera.
     bad_ids = data.draw(st.lists(st.one_of(st.text(_TEXT, min_size=129, max_size=200), st.text(_TEXT, max_size=10).map(
         lambda t: t + "/x"), st.just("")), max_size=3), label="bad frame ids")
@@ -142,9 +161,9 @@ def test_fuzzed_frames_each_get_exactly_one_answer(fuzz_worker, dataset, data):
     # an example at a draw (its data exhausted), and frames already published must still be counted.
     good_id = f"good-{uuid.uuid4().hex[:10]}"
     ids = [f"z-{uuid.uuid4().hex[:10]}" for _ in payloads]
-    for frame_id, payload, when in zip(ids, payloads, captured):
+    for frame_id, payload, when, extra in zip(ids, payloads, captured, extras):
         _sent["payloads"] += 1
-        client.publish_frame("fuzz", payload, frame_id, captured_at=when)
+        client.publish_frame("fuzz", payload, frame_id, captured_at=when, extra=extra)
     for bad in bad_ids:
         client.publish_frame("meta", _good_png(dataset), bad)
     client.publish_frame("intruder", _good_png(dataset), f"i-{uuid.uuid4().hex[:8]}")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, TileGrid, plain_name
 from bundle.extension import Views
 from bundle.tiling import Grid
+from worker.wire import PIXEL_FORMATS
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "EDGE_INSPECT__"
@@ -216,6 +217,21 @@ class TilingConfig(_Section):
                                                           "one tile.")
 
 
+class PixelsConfig(_Section):
+    """A camera whose frames are raw pixel buffers, declared once here instead of in every frame."""
+
+    format: str = Field(description="GenICam pixel format: " + ", ".join(PIXEL_FORMATS) + " (README, Worker API).")
+    width: int = Field(gt=0, description="Pixels per row.")
+    height: int = Field(gt=0, description="Rows.")
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PIXEL_FORMATS:
+            raise ValueError(f"not one of {', '.join(PIXEL_FORMATS)}")
+        return v
+
+
 class CameraConfig(_Section):
     """Settings for one camera; anything left unset follows the global section."""
 
@@ -231,6 +247,9 @@ class CameraConfig(_Section):
     metadata: MetadataPolicy | None = Field(None, description="required or optional for this camera (default topics.metadata).")
     payload: Literal["raw", "json_envelope"] = Field("raw", description="raw: the payload is the image; json_envelope: a JSON object with "
                                                                         "the base64 image and its fields (README, Worker API).")
+    pixels: PixelsConfig | None = Field(None, description="The camera's frames are raw pixel buffers of this format and size "
+                                                           "(a frame's own pixel_format, width and height user properties win); "
+                                                           "unset: image files, or buffers each frame declares.")
     tiling: TilingConfig | None = Field(None, description="Inspect the frame (after roi) as a grid of tiles at the model's input size; "
                                                           "score = the highest tile's. Unset: the bundle's own tiling, if it was "
                                                           "trained on tiles (exporter train --tiling), else the whole frame.")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from worker.config import Config
 from worker.decode import FrameError
-from worker.wire import CLOCK_FLOOR, ErrorCode, b64_image, clock_set, iso, number_text, parse_timestamp, valid_id
+from worker.wire import CLOCK_FLOOR, PIXEL_FIELDS, ErrorCode, b64_image, clock_set, iso, number_text, parse_timestamp, valid_id
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ ENVELOPE_KEYS: dict[str, tuple[str, ...]] = {
     "frame_id": ("frame_id", "id"),
     "captured_at": ("captured_at", "timestamp", "frame_time"),
     "camera_id": ("camera_id", "camera"),
+    **{field: (field,) for field in PIXEL_FIELDS},  # a raw pixel buffer's layout (worker/pixels.py)
 }
 _FIELD_OF = {key: field for field, keys in ENVELOPE_KEYS.items() for key in keys}
 # Slack over the image limit for base64 (4/3) and an envelope's other fields.
@@ -64,7 +65,8 @@ class FrameIds:
 
 @dataclass(frozen=True)
 class Arrival:
-    """A frame as admission sees it: fields (user properties or envelope), image bytes, generated fields."""
+    """A frame as admission sees it: fields (user properties or envelope), image bytes (a file, or a raw pixel buffer
+    its fields or its camera declare), generated fields."""
 
     fields: dict[str, str]
     data: bytes
@@ -168,10 +170,12 @@ class Ingest:
         ``captured_at`` is left out of the fields: admission stamps the frame with its receive time, unchecked."""
         override = self.cfg.cameras.get(camera)
         fields, data = user, payload
-        if override is not None and override.payload == "json_envelope":
+        enveloped = override is not None and override.payload == "json_envelope"
+        if enveloped:
             envelope = open_envelope(payload, self.cfg.limits.max_frame_bytes)
             fields, data = {**envelope.fields, **user}, envelope.data
-        else:
+        buffer = bool(fields.get("pixel_format")) or (override is not None and override.pixels is not None)
+        if not enveloped and not buffer:  # a raw pixel buffer's bytes are pixels, never base64 text or JSON
             data = open_raw(payload, camera, self.cfg.limits.max_frame_bytes)
         policy = (override.metadata if override is not None and override.metadata else None) or self.cfg.topics.metadata
         if policy == "required":

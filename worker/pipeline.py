@@ -32,6 +32,9 @@ from worker.ingest import Ingest
 from worker.metrics import OTHER, Stats
 from worker.models import Model, Models
 from worker.mqtt import PacketTooLarge, publish_properties
+from worker.pixels import Pixels, declared, to_bgr
+from worker.pixels import check as check_pixels
+from worker.pixels import lossless_file as pixels_file
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Record, Recorder
 from worker.spaces import embedding_space_of
@@ -39,7 +42,7 @@ from worker.store import point_id
 from worker.supervise import Liveness, Repeats, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound, Transport
-from worker.wire import ErrorCode, FrameMetadata, iso, publishable, valid_id
+from worker.wire import PIXEL_FIELDS, ErrorCode, FrameMetadata, iso, publishable, valid_id
 
 _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
 # A normal frame for the capture sample: camera, point id, the image as the model saw it, its file bytes and extension
@@ -81,6 +84,13 @@ class Frame:
     received_mono: float
     generated: tuple[str, ...] = ()  # fields the worker made up (metadata: optional)
     ticket: Ticket | None = None  # under block: its acknowledgement, released once the broker has its answer
+    pixels: Pixels | None = None  # a raw pixel buffer's layout; None: ``data`` is an image file
+
+    def file(self) -> tuple[bytes, str]:
+        """The frame as an image file, for evidence and the capture sample: as sent, or a raw buffer's TIFF."""
+        if self.pixels is None:
+            return self.data, self.fmt
+        return pixels_file(self.data, self.pixels), "tiff"
 
     @property
     def fmt(self) -> str:
@@ -160,7 +170,7 @@ class Pipeline:
             self._bad_camera(camera, msg.user, ticket)
             return False
         props = msg.user
-        if ambiguous := sorted(msg.repeated & FrameMetadata.model_fields.keys()):
+        if ambiguous := sorted(msg.repeated & (FrameMetadata.model_fields.keys() | set(PIXEL_FIELDS))):
             self.stats.add(camera, "received")
             self._fail(camera, None, ErrorCode.BAD_METADATA, f"user propert{'ies' if len(ambiguous) > 1 else 'y'} "
                        f"{', '.join(ambiguous)} given more than once: which is meant cannot be told", ticket=ticket)
@@ -279,13 +289,18 @@ class Pipeline:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             raise FrameError(ErrorCode.BAD_METADATA, problems[:500]) from None
-        header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
+        override = self.cfg.cameras.get(camera)
+        pixels = declared(props, override.pixels if override is not None else None)
+        limits = self.cfg.limits
+        header = (probe(data, limits.max_frame_bytes, limits.max_pixels) if pixels is None
+                  else check_pixels(data, pixels, limits.max_frame_bytes, limits.max_pixels))
         ts = meta.captured_ts
         if ts is None:  # the worker's own receive time (metadata: optional): never refused, even on an unset clock
             ts = received_ts
         else:
             self.ingest.check_clock(camera, ts, received_ts)
-        return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated)
+        return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated,
+                     pixels=pixels)
 
     def _bad_camera(self, camera: str, props: dict[str, str], ticket: Ticket | None) -> None:
         """A frame from a camera id no label, query or console can name (over 128 characters, not printable, '.' or
@@ -453,15 +468,16 @@ class Pipeline:
                                                   "(did the camera's resolution change?)")
         return image[y : y + h, x : x + w]
 
-    def frame_image(self, data: bytes, camera: str, reduce: int = 1) -> np.ndarray:
-        """A camera's frame as inference sees it: decoded (at 1/``reduce`` of its size) and cropped to its roi
-        (tiling comes after)."""
-        return self._crop(decode(data, reduce), camera)
+    def frame_image(self, data: bytes, camera: str, reduce: int = 1, pixels: Pixels | None = None) -> np.ndarray:
+        """A camera's frame as inference sees it: decoded (at 1/``reduce`` of its size; a raw buffer of ``pixels``
+        converted) and cropped to its roi (tiling comes after)."""
+        return self._crop(decode(data, reduce) if pixels is None else to_bgr(data, pixels), camera)
 
     def stored_image(self, data: bytes, camera: str, model: Model | None = None) -> np.ndarray:
         """A stored frame (evidence) decoded and cropped as :meth:`_process` did for ``model``, at the same reduction,
         so a label or a confirmed defect is scored as its frame was; None: in full (the capture's resolution)."""
-        header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)  # a file damaged on disk
+        # A file damaged on disk; its bytes were held to the limit when it came (a raw buffer's TIFF is a little larger).
+        header = probe(data, max(len(data), self.cfg.limits.max_frame_bytes), self.cfg.limits.max_pixels)
         if model is None:
             return self.frame_image(data, camera)
         return self.frame_image(data, camera, self._reduction(header, model, self.cfg.cameras.get(camera)))
@@ -505,7 +521,7 @@ class Pipeline:
         manifest = model.bundle.manifest
         override = self.cfg.cameras.get(frame.camera)
         reduce = self._reduction(frame.header, model, override)
-        cropped = self.frame_image(frame.data, frame.camera, reduce)
+        cropped = self.frame_image(frame.data, frame.camera, reduce, frame.pixels)
         t_decoded = time.monotonic()
         seen = tiling.see(model.bundle, request, cropped, model.tiling(override))
         t_inferred = time.monotonic()
@@ -562,7 +578,8 @@ class Pipeline:
         if logged:  # before the result leaves: a label or query sent on seeing it finds the frame on its way (settle)
             files = {}
             if anomalous:
-                files["frame"] = (frame.fmt, frame.data)
+                data, fmt = frame.file()
+                files["frame"] = (fmt, data)
                 if heat is not None:  # rendered for every logged anomalous frame
                     files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
@@ -577,7 +594,7 @@ class Pipeline:
         if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
             cropped_by_roi = override is not None and override.roi is not None
             offer: Offer = (frame.camera, point_id(frame.camera, frame.frame_id), cropped,
-                            lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else (frame.data, frame.fmt))
+                            lambda: (heatmap.encode(cropped, "png"), "png") if cropped_by_roi else frame.file())
             if self.offers.put(offer):  # the capture thread is behind (a slow disk): the sample skips this one
                 with self._lock:  # inference threads count it together
                     self.capture.busy_skipped += 1

@@ -14,7 +14,7 @@ import re
 import time
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeGuard, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeGuard, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
@@ -33,6 +33,29 @@ AHEAD_MARGIN_S = 60.0
 # Requests (query, label, control) are small JSON documents; anything larger or deeper is refused unread.
 MAX_REQUEST_BYTES = 4_000_000
 MAX_JSON_DEPTH = 8
+
+
+class PixelFormat(NamedTuple):
+    """A raw pixel buffer's layout, as GenICam's Pixel Format Naming Convention names it."""
+
+    bytes_per_pixel: int
+    bits: int  # significant bits of a sample: Mono12 holds 12 in each little-endian 16-bit sample
+    colour: Literal["mono", "RGB", "BGR", "RGGB", "GBRG", "GRBG", "BGGR"]  # Bayer: the sensor's top-left 2 x 2
+
+
+# Raw pixel buffers a frame may be (worker/pixels.py): machine-vision cameras' unpacked formats. Packed ones (Mono12p,
+# Mono10Packed) and YUV are not among them.
+PIXEL_FORMATS: dict[str, PixelFormat] = {
+    "Mono8": PixelFormat(1, 8, "mono"),
+    **{f"Mono{bits}": PixelFormat(2, bits, "mono") for bits in (10, 12, 14, 16)},
+    "RGB8": PixelFormat(3, 8, "RGB"),
+    "BGR8": PixelFormat(3, 8, "BGR"),
+    "BayerRG8": PixelFormat(1, 8, "RGGB"),
+    "BayerGB8": PixelFormat(1, 8, "GBRG"),
+    "BayerGR8": PixelFormat(1, 8, "GRBG"),
+    "BayerBG8": PixelFormat(1, 8, "BGGR"),
+}
+PIXEL_FIELDS = ("pixel_format", "width", "height")  # a raw buffer's user properties (or envelope fields)
 
 
 class ErrorCode(StrEnum):

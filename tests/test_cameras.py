@@ -278,7 +278,7 @@ def test_a_raw_camera_may_send_base64_text_and_json_is_refused_with_the_setting_
     assert worker.proc.poll() is None
 
 
-def test_raw_pixel_buffers_score_as_the_same_image_file_does(running, broker, dataset):
+def test_raw_pixel_buffers_score_as_the_same_image_file_does(running, broker, dataset, tmp_path):
     """A machine-vision camera (GigE Vision, USB3 Vision) hands its bridge a buffer of pixels, which the bridge may
     publish as it is, saying its PFNC format and size: colour buffers score exactly as the frame's PNG, grey ones (8
     or 12 bits) as its grey PNG, a Bayer one as the PNG of its demosaiced image; a buffer that does not fit what it
@@ -329,6 +329,11 @@ def test_raw_pixel_buffers_score_as_the_same_image_file_does(running, broker, da
         assert {hits.get(f) for f in ("mono8", "mono12", "grey-png", results[1]["frame_id"])} == {1.0}, answer
     finally:
         old.close()
+    # The capture sample keeps the buffer as a file the exporter reads: the pixels that were scored.
+    client.wait_for(lambda m: m.topic.endswith("/stats") and ((json.loads(m.payload).get("capture") or {})
+                                                              .get("mono311") or {}).get("kept"), timeout=60)
+    kept = [cv2.imread(str(path)) for path in (tmp_path / "capture").rglob("*.tiff")]
+    assert any(np.array_equal(image, cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)) for image in kept), len(kept)
     assert worker.proc.poll() is None
 
 

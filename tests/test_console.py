@@ -511,6 +511,44 @@ def test_camera_frames_are_kept_within_the_limits_and_only_as_scored(broker, tmp
     assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
 
 
+def test_a_raw_pixel_buffer_is_shown_as_the_picture_the_worker_scored(broker, tmp_path):
+    """A machine-vision camera's buffer (worker/pixels.py) is no picture a browser can show: the console checks it as
+    the worker does, against its declaration (user properties, or the camera's ``pixels`` in config.yaml), and serves
+    and thumbnails it as a JPEG; a buffer that does not fit its declaration is not kept."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          limits={"max_frame_bytes": 50_000, "max_pixels": 100 * 100},
+                          cameras={"mono": {"pixels": {"format": "Mono8", "width": 40, "height": 30}}},
+                          console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    image = np.random.default_rng(5).integers(0, 256, (30, 40, 3), np.uint8)
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    try:
+        now = datetime.now(UTC)
+        client.publish_frame("mono", grey.tobytes(), "declared-once")
+        client.publish_frame("colour", image[..., ::-1].tobytes(), "rgb",
+                             extra={"pixel_format": "RGB8", "width": "40", "height": "30"})
+        client.publish_frame("colour", image.tobytes()[:-40], "short",
+                             extra={"pixel_format": "BGR8", "width": "40", "height": "30"})
+        for camera, frame_id in (("mono", "declared-once"), ("colour", "rgb"), ("colour", "short")):
+            _publish_result(client, camera, frame_id, now, "anomalous")
+        state = _until_handled(console, client, "m-raw")
+        for camera, frame_id, shown in (("mono", "declared-once", cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)),
+                                        ("colour", "rgb", image)):
+            reply = urllib.request.urlopen(f"{console.url}/api/frames/{camera}/{frame_id}/frame", timeout=5)
+            assert reply.headers["Content-Type"] == "image/jpeg"
+            assert reply.read() == cv2.imencode(".jpg", shown, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        feed = {r["frame_id"]: r for r in json.loads(urllib.request.urlopen(f"{console.url}/api/defects",
+                                                                                timeout=5).read())["frames"]}
+        assert feed["rgb"]["has_thumbnail"] and feed["declared-once"]["has_thumbnail"]
+        assert not feed["short"]["has_frame"] and state["dropped"] == {"truncated_image": 1}, (feed, state["dropped"])
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
 def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
     """A result with a string or null score was taken into the hub's state: null raised halfway through (the tile's
     entry stored, its score point not), and a string froze every page's render loop."""

@@ -22,10 +22,11 @@ from typing import TypeVar, cast
 
 import paho.mqtt.client as mqtt
 
-from worker.config import ConsoleConfig, LimitsConfig
+from worker.config import CameraConfig, ConsoleConfig, LimitsConfig
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
+from worker.pixels import check, declared, to_bgr
 from worker.supervise import Liveness, Throttle
 from worker.topics import Topics
 from worker.wire import valid_id
@@ -193,10 +194,13 @@ class Bounded(OrderedDict[_K, _V]):
 class Hub:
     """Live state for the console; every mutation happens under one lock and is pushed to listeners."""
 
-    def __init__(self, topics: Topics, cfg: ConsoleConfig, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, topics: Topics, cfg: ConsoleConfig, limits: LimitsConfig | None = None,
+                 cameras: dict[str, CameraConfig] | None = None) -> None:
+        """``cameras``: the worker's per-camera settings (those whose frames are raw pixel buffers)."""
         self.topics = topics
         self.cfg = cfg
         self.limits = limits or LimitsConfig()
+        self.cameras = cameras or {}
         self.lock = threading.Lock()
         # (camera, frame_id) -> bytes, before its result
         self.pending_frames = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
@@ -261,9 +265,9 @@ class Hub:
             if leaf == "result":
                 self._on_result(json.loads(payload))
             elif leaf in ("frame", "heatmap"):
-                frame_id = user_properties(msg).get("frame_id")
-                if frame_id:
-                    self._on_image(leaf, camera, frame_id, payload)
+                user = user_properties(msg)
+                if frame_id := user.get("frame_id"):
+                    self._on_image(leaf, camera, frame_id, payload, user)
             elif leaf == "error":
                 self._on_error(camera, json.loads(payload))
 
@@ -271,12 +275,19 @@ class Hub:
         with self.lock:
             self.dropped[why] = self.dropped.get(why, 0) + 1
 
-    def _on_image(self, kind: str, camera: str, frame_id: str, data: bytes) -> None:
+    def _on_image(self, kind: str, camera: str, frame_id: str, data: bytes, user: dict[str, str]) -> None:
         """An image is kept only within the worker's limits (its header checked, never decoded here), and only the
         first under its (camera, frame_id): a camera frame only before the frame's result, so the console shows the
-        bytes the worker scored or none."""
+        bytes the worker scored or none. A raw pixel buffer is checked against its declaration as the worker checks
+        it and kept as the JPEG a browser is served (no browser shows a buffer)."""
         try:
-            probe(data, self.limits.max_frame_bytes, self.limits.max_pixels)
+            camera_cfg = self.cameras.get(camera)
+            pixels = declared(user, camera_cfg.pixels if camera_cfg is not None else None) if kind == "frame" else None
+            if pixels is None:
+                probe(data, self.limits.max_frame_bytes, self.limits.max_pixels)
+            else:
+                check(data, pixels, self.limits.max_frame_bytes, self.limits.max_pixels)
+                data = encode(to_bgr(data, pixels), "jpeg", BROWSER_JPEG_QUALITY)
         except FrameError as exc:
             self._drop(exc.code.value)
             return

@@ -409,6 +409,34 @@ def test_a_label_scores_the_frame_as_the_worker_did(learning, dataset):
     assert absorbed["patches"] > 0 and absorbed["raw_score"] == pytest.approx(flagged["raw_score"], abs=2e-5), (absorbed, flagged)
 
 
+def test_a_raw_pixel_buffer_labelled_a_false_alarm_is_read_back_as_scored_and_then_passes(learning, dataset):
+    """A machine-vision camera's buffer (worker/pixels.py) is kept as a TIFF the recorder writes; a label reads that
+    file back, so it must give the pixels that were scored: a 12-bit grey buffer and a Bayer one, each labelled, score
+    as flagged when read back, and the next such frame passes."""
+    prefix, client, _, _, _ = learning
+    image = cv2.imdecode(np.frombuffer(_marked(dataset), np.uint8), cv2.IMREAD_COLOR)
+    height, width = image.shape[:2]
+    mosaic = image[..., 1].copy()  # BayerRG8
+    mosaic[0::2, 0::2], mosaic[1::2, 1::2] = image[0::2, 0::2, 2], image[1::2, 1::2, 0]
+    grey12 = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype("<u2") << 4 | 0x9  # low bits below the top 8 of 12
+
+    def sent(buffer: bytes, kind: str, frame_id: str) -> dict:
+        client.publish_frame("cam1", buffer, frame_id, extra={"pixel_format": kind, "width": str(width),
+                                                               "height": str(height)})
+        return json.loads(client.wait_for(lambda m: m.topic == f"{prefix}/cam1/result"
+                                          and json.loads(m.payload)["frame_id"] == frame_id, timeout=60)[0].payload)
+
+    for kind, buffer in (("Mono12", grey12.tobytes()), ("BayerRG8", mosaic.tobytes())):
+        flagged = sent(buffer, kind, f"{kind}-0")
+        assert flagged["verdict"] == "anomalous", flagged
+        _until_stored(client, prefix, f"{kind}-0", "cam1")
+        absorbed = _query(client, prefix, {"action": "set", "frame_id": f"{kind}-0", "camera": "cam1",
+                                           "label": "false_alarm"}, topic="label")["absorbed"]
+        assert absorbed["patches"] > 0 and absorbed["raw_score"] == pytest.approx(flagged["raw_score"], abs=2e-5), (
+            kind, absorbed, flagged)
+        assert sent(buffer, kind, f"{kind}-1")["verdict"] == "normal"
+
+
 def test_a_label_that_cannot_make_its_frame_pass_says_so(broker, dataset, tmp_path, worker_factory):
     """Only the K candidate patches farthest from the bank meet the extension, so a false alarm spread over more
     patches than K stays flagged however it is absorbed.  The answer must say so, and why, rather than promise that

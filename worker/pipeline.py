@@ -87,7 +87,7 @@ class Frame:
     pixels: Pixels | None = None  # a raw pixel buffer's layout; None: ``data`` is an image file
 
     def file(self) -> tuple[bytes, str]:
-        """The frame as an image file, for evidence and the capture sample: as sent, or a raw buffer's TIFF."""
+        """The frame as an image file, for the capture sample: as sent, or a raw buffer's TIFF."""
         if self.pixels is None:
             return self.data, self.fmt
         return pixels_file(self.data, self.pixels), "tiff"
@@ -578,15 +578,15 @@ class Pipeline:
         if logged:  # before the result leaves: a label or query sent on seeing it finds the frame on its way (settle)
             files = {}
             if anomalous:
-                data, fmt = frame.file()
-                files["frame"] = (fmt, data)
+                files["frame"] = (frame.fmt, frame.data)  # a raw buffer's TIFF is made by the recorder
                 if heat is not None:  # rendered for every logged anomalous frame
                     files["heatmap"] = ("jpg" if look.format == "jpeg" else "png", heat)
             payload = {k: result[k] for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict")}
             payload.update(captured_ts=frame.captured_ts, received_ts=frame.received_ts, anomalous=anomalous,
                            model_name=manifest.name,
                            model_version=manifest.version, embedding_space=embedding_space_of(manifest))
-            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files))
+            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files,
+                                        frame.pixels))
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),
                           properties=publish_properties({"frame_id": frame.frame_id}, "application/json"),
                           accepted=counted, settled=frame.ticket.hold() if frame.ticket is not None else None)

@@ -30,6 +30,7 @@ import numpy as np
 from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
+from worker.pixels import Pixels, lossless_file
 from worker.queueing import BoundedQueue, Closed
 from worker.store import BatchRefused, StoreDamaged, StoreError, StoreGone, StoreMismatch, VectorStore
 from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
@@ -52,6 +53,7 @@ class Record:
     payload: dict
     frame: np.ndarray  # the prepared (model-size) frame, for the thumbnail
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # evidence kind -> (ext, data)
+    frame_pixels: Pixels | None = None  # files["frame"] is a raw pixel buffer of this layout: written as its TIFF
 
     @property
     def nbytes(self) -> int:
@@ -475,8 +477,11 @@ class Recorder:
         for rec in batch:
             thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
             value = ANOMALOUS if rec.payload.get("anomalous") else NORMAL
+            files = dict(rec.files)
+            if rec.frame_pixels is not None and "frame" in files:  # made here, not on the inference thread
+                files["frame"] = ("tiff", lossless_file(files["frame"][1], rec.frame_pixels))
             try:
-                rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **rec.files}, value)
+                rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **files}, value)
             except OSError as exc:
                 rec.payload["evidence"] = {}
                 self._without_evidence(exc)

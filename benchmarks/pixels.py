@@ -7,7 +7,8 @@ Each frame size is made from the category's test images (resized; the generated 
 sent as each of: a JPEG (quality 92) and a PNG, as the worker reads files, and Mono8, Mono12, RGB8 and BayerRG8
 buffers (worker/pixels.py).  Per kind, the CPU per frame, median [range] over the rounds, of the three places the
 worker spends it, with OpenCV on the calling thread as the worker runs it (``limits.opencv_threads`` 1):
-admission on the MQTT thread (the header probe, or the declaration checked against the payload); the inference
+admission on the MQTT thread (the payload's checksum, which tells a redelivery, and the header probe or the
+declaration checked against the payload); the inference
 thread's decode or conversion and the resize to the model's input (a JPEG decoded smaller where the worker would:
 ``limits.reduced_decode``); and the file the history and the capture sample keep (as sent, or a buffer's TIFF).
 """
@@ -18,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 spent = dict.fromkeys(times, 0.0)
                 for data in payloads:
                     t0 = time.process_time()
+                    zlib.crc32(data)  # what tells a broker's redelivery (worker/pipeline.py, _delivery)
                     header = probe(data, 1 << 30, 1 << 30) if pixels is None else check(data, pixels, 1 << 30, 1 << 30)
                     t1 = time.process_time()
                     image = (decode(data, reduction(header, spec.width, spec.height)) if pixels is None

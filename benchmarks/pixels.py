@@ -4,7 +4,7 @@
         [--input 512] [--rounds 5] [--frames 10]
 
 Each frame size is made from the category's test images (resized; the generated weave where the data is absent), and
-sent as each of: a JPEG (quality 92) and a PNG, as the worker reads files, and Mono8, Mono12, RGB8 and BayerRG8
+sent as each of: a JPEG (quality 92) and a PNG, as the worker reads files, and Mono8, Mono12, Mono12p, RGB8 and BayerRG8
 buffers (worker/pixels.py).  Per kind, the CPU per frame, median [range] over the rounds, of the three places the
 worker spends it, with OpenCV on the calling thread as the worker runs it (``limits.opencv_threads`` 1):
 admission on the MQTT thread (the payload's checksum, which tells a redelivery, and the header probe or the
@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks.common import DATA, md_table
 
-KINDS = ("jpeg", "png", "Mono8", "Mono12", "RGB8", "BayerRG8")
+KINDS = ("jpeg", "png", "Mono8", "Mono12", "Mono12p", "RGB8", "BayerRG8")
 
 
 def _payload(image: np.ndarray, kind: str) -> bytes:
@@ -41,6 +41,9 @@ def _payload(image: np.ndarray, kind: str) -> bytes:
         return grey.tobytes()
     if kind == "Mono12":
         return (grey.astype("<u2") << 4).tobytes()
+    if kind == "Mono12p":  # two 12-bit samples in 3 bytes, least significant bits first
+        first, second = (grey.astype(np.uint16).reshape(-1, 2) << 4).T
+        return np.stack([first & 0xFF, first >> 8 | (second & 0xF) << 4, second >> 4], axis=1).astype(np.uint8).tobytes()
     if kind == "RGB8":
         return np.ascontiguousarray(image[..., ::-1]).tobytes()
     mosaic = image[..., 1].copy()  # BayerRG8: red at even rows and columns, blue at odd ones

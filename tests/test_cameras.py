@@ -301,7 +301,7 @@ def test_raw_pixel_buffers_score_as_the_same_image_file_does(running, broker, da
             ("bayer-png", png(cv2.cvtColor(mosaic, cv2.COLOR_BayerRGGB2BGR_EA)), {}),
             ("bayer", mosaic.tobytes(), {"pixel_format": "BayerRG8", **size})]
     refused = [("short", grey.tobytes()[:-width], {"pixel_format": "Mono8", **size}, "truncated_image"),
-               ("packed", grey.tobytes(), {"pixel_format": "Mono12p", **size}, "unsupported_format"),
+               ("packed", grey.tobytes(), {"pixel_format": "Mono14p", **size}, "unsupported_format"),
                ("no-height", grey.tobytes(), {"pixel_format": "Mono8", "width": str(width)}, "missing_metadata"),
                ("a-file", png(grey) + bytes(width * height), {"pixel_format": "Mono8", **size}, "bad_dimensions")]
     for frame_id, body, extra, *_ in sent + refused:

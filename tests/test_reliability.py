@@ -31,6 +31,7 @@ from conftest import Client, good_png, start_on_embedded_store, user_props, wait
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.config import StoreConfig
 from worker.store import StoreError, VectorStore
+from worker.pixels import Pixels
 from worker.wire import PIXEL_FORMATS
 
 ERROR_CODES = {"empty_payload", "payload_too_large", "not_an_image", "unsupported_format", "bad_dimensions",
@@ -114,7 +115,7 @@ def _fitted(payload: bytes, declared: tuple[str, str, str, bool] | None) -> byte
         return payload
     if not (declared[1].isascii() and declared[1].isdigit() and declared[2].isascii() and declared[2].isdigit()):
         return payload
-    size = int(declared[1]) * int(declared[2]) * PIXEL_FORMATS[declared[0]].bytes_per_pixel
+    size = Pixels(declared[0], int(declared[1]), int(declared[2])).nbytes
     unit = payload or b"\x80"
     return (unit * (size // len(unit) + 1))[:size]
 
@@ -149,7 +150,7 @@ def test_fuzzed_frames_each_get_exactly_one_answer(fuzz_worker, dataset, data):
                                   max_size=len(payloads)), label="captured_at")
     # Some declare a raw pixel buffer (worker/pixels.py): any format name and sides, the payload sized to fit or not.
     sides = st.one_of(st.integers(0, 70).map(str), st.text(_TEXT, max_size=6))
-    buffers = data.draw(st.lists(st.one_of(st.none(), st.tuples(st.sampled_from([*PIXEL_FORMATS, "Mono12p", ""]), sides,
+    buffers = data.draw(st.lists(st.one_of(st.none(), st.tuples(st.sampled_from([*PIXEL_FORMATS, "Mono14p", ""]), sides,
                                                                   sides, st.booleans())),
                                  min_size=len(payloads), max_size=len(payloads)), label="pixel declarations")
     extras = [{} if b is None else {"pixel_format": b[0], "width": b[1], "height": b[2]} for b in buffers]

@@ -48,7 +48,7 @@ class Pixels:
 
     @property
     def nbytes(self) -> int:
-        return self.width * self.height * self.spec.bytes_per_pixel
+        return -(-self.width * self.height * self.spec.bits_per_pixel // 8)  # a packed buffer's last byte may be part-filled
 
     def header(self) -> Header:
         return Header(RAW, self.width, self.height)
@@ -71,7 +71,7 @@ def declare(pixel_format: str | None, width: str | None, height: str | None) -> 
         return None
     if pixel_format not in PIXEL_FORMATS:
         raise FrameError(ErrorCode.UNSUPPORTED_FORMAT, f"pixel format {pixel_format!r} is not accepted "
-                                                       f"({', '.join(PIXEL_FORMATS)}; packed formats are not)")
+                                                       f"({', '.join(PIXEL_FORMATS)}; not other packed formats or YUV)")
     missing = [name for name, value in (("width", width), ("height", height)) if value is None]
     if missing:
         raise FrameError(ErrorCode.MISSING_METADATA, f"pixel_format {pixel_format} needs {' and '.join(missing)} (user "
@@ -109,22 +109,40 @@ def check(data: bytes, pixels: Pixels, max_bytes: int, max_pixels: int) -> Heade
     return pixels.header()
 
 
+def _samples(data: bytes, pixels: Pixels) -> np.ndarray:
+    """A deep grey format's samples, one uint16 each (packed ones unpacked), in rows."""
+    spec, count = pixels.spec, pixels.width * pixels.height
+    if spec.packing == "none":
+        return np.frombuffer(data, "<u2").reshape(pixels.height, pixels.width)
+    group = 5 if spec.bits == 10 else 3  # the bytes that hold a whole number of samples: 4 of 10 bits, 2 of 12
+    raw = np.zeros(-(-len(data) // group) * group, np.uint8)
+    raw[: len(data)] = np.frombuffer(data, np.uint8)
+    b = raw.reshape(-1, group).T.astype(np.uint16)
+    if spec.packing == "gige":  # Mono12Packed: pixel 0's bits 11-4, both pixels' bits 3-0, pixel 1's bits 11-4
+        unpacked = [b[0] << 4 | b[1] & 0xF, b[2] << 4 | b[1] >> 4]
+    elif spec.bits == 12:  # Mono12p
+        unpacked = [b[0] | (b[1] & 0xF) << 8, b[1] >> 4 | b[2] << 4]
+    else:  # Mono10p
+        unpacked = [b[0] | (b[1] & 0x3) << 8, b[1] >> 2 | (b[2] & 0xF) << 6, b[2] >> 4 | (b[3] & 0x3F) << 4,
+                    b[3] >> 6 | b[4] << 2]
+    return np.stack(unpacked, axis=1).ravel()[:count].reshape(pixels.height, pixels.width)
+
+
 def _full_scale(data: bytes, pixels: Pixels) -> np.ndarray:
-    """A 16-bit format's samples moved to the top of the 16 bits (Mono12's 4095 becomes 65520), as a 16-bit file
+    """A deep grey format's samples moved to the top of 16 bits (Mono12's 4095 becomes 65520), as a 16-bit file
     holds them; samples above the format's range are clipped."""
     bits = pixels.spec.bits
-    samples = np.frombuffer(data, "<u2").reshape(pixels.height, pixels.width)
-    return (np.minimum(samples, (1 << bits) - 1) << (16 - bits)).astype(np.uint16)
+    return (np.minimum(_samples(data, pixels), (1 << bits) - 1) << (16 - bits)).astype(np.uint16)
 
 
 def to_bgr(data: bytes, pixels: Pixels) -> np.ndarray:
     """8-bit BGR, as :func:`worker.decode.decode` makes of a file: 16-bit samples become their top 8 bits, as OpenCV
     reads a 16-bit file, so the frame and its kept TIFF (:func:`lossless_file`) give the same pixels."""
     spec = pixels.spec
-    if spec.bytes_per_pixel == 2:
+    if spec.bits > 8:
         image = (_full_scale(data, pixels) >> 8).astype(np.uint8)
     else:
-        image = np.frombuffer(data, np.uint8).reshape(pixels.height, pixels.width, spec.bytes_per_pixel)
+        image = np.frombuffer(data, np.uint8).reshape(pixels.height, pixels.width, spec.bits_per_pixel // 8)
     conversion = _TO_BGR[spec.colour]
     return image.copy() if conversion is None else cv2.cvtColor(image, conversion)  # a copy: the payload is read-only
 
@@ -133,7 +151,7 @@ def lossless_file(data: bytes, pixels: Pixels) -> bytes:
     """The frame as an uncompressed TIFF (grey, 16-bit grey at full scale, or the demosaiced colour): what the worker
     keeps of it and the exporter trains on."""
     spec = pixels.spec
-    if spec.bytes_per_pixel == 2:
+    if spec.bits > 8:
         image = _full_scale(data, pixels)
     elif spec.colour == "mono":
         image = np.frombuffer(data, np.uint8).reshape(pixels.height, pixels.width)

@@ -38,22 +38,28 @@ MAX_JSON_DEPTH = 8
 class PixelFormat(NamedTuple):
     """A raw pixel buffer's layout, as GenICam's Pixel Format Naming Convention names it."""
 
-    bytes_per_pixel: int
-    bits: int  # significant bits of a sample: Mono12 holds 12 in each little-endian 16-bit sample
+    bits_per_pixel: int  # in the buffer: Mono12 takes 16 (a little-endian sample), Mono12p 12
+    bits: int  # significant bits of a sample
     colour: Literal["mono", "RGB", "BGR", "RGGB", "GBRG", "GRBG", "BGGR"]  # Bayer: the sensor's top-left 2 x 2
+    # "lsb": PFNC's "p" formats, samples packed one after the other, least significant bit first, across the whole
+    # buffer; "gige": GigE Vision's Mono12Packed, two samples in 3 bytes, each byte pair's high bits first
+    packing: Literal["none", "lsb", "gige"] = "none"
 
 
-# Raw pixel buffers a frame may be (worker/pixels.py): machine-vision cameras' unpacked formats. Packed ones (Mono12p,
-# Mono10Packed) and YUV are not among them.
+# Raw pixel buffers a frame may be (worker/pixels.py): machine-vision cameras' grey, colour and Bayer formats. Other
+# packed ones (Mono14p, BayerRG12p) and YUV are not among them.
 PIXEL_FORMATS: dict[str, PixelFormat] = {
-    "Mono8": PixelFormat(1, 8, "mono"),
-    **{f"Mono{bits}": PixelFormat(2, bits, "mono") for bits in (10, 12, 14, 16)},
-    "RGB8": PixelFormat(3, 8, "RGB"),
-    "BGR8": PixelFormat(3, 8, "BGR"),
-    "BayerRG8": PixelFormat(1, 8, "RGGB"),
-    "BayerGB8": PixelFormat(1, 8, "GBRG"),
-    "BayerGR8": PixelFormat(1, 8, "GRBG"),
-    "BayerBG8": PixelFormat(1, 8, "BGGR"),
+    "Mono8": PixelFormat(8, 8, "mono"),
+    **{f"Mono{bits}": PixelFormat(16, bits, "mono") for bits in (10, 12, 14, 16)},
+    "Mono10p": PixelFormat(10, 10, "mono", "lsb"),
+    "Mono12p": PixelFormat(12, 12, "mono", "lsb"),
+    "Mono12Packed": PixelFormat(12, 12, "mono", "gige"),
+    "RGB8": PixelFormat(24, 8, "RGB"),
+    "BGR8": PixelFormat(24, 8, "BGR"),
+    "BayerRG8": PixelFormat(8, 8, "RGGB"),
+    "BayerGB8": PixelFormat(8, 8, "GBRG"),
+    "BayerGR8": PixelFormat(8, 8, "GRBG"),
+    "BayerBG8": PixelFormat(8, 8, "BGGR"),
 }
 PIXEL_FIELDS = ("pixel_format", "width", "height")  # a raw buffer's user properties (or envelope fields)
 

@@ -70,7 +70,7 @@ def declare(pixel_format: str | None, width: str | None, height: str | None) -> 
     if pixel_format is None:
         return None
     if pixel_format not in PIXEL_FORMATS:
-        raise FrameError(ErrorCode.UNSUPPORTED_FORMAT, f"pixel format {pixel_format!r} is not accepted "
+        raise FrameError(ErrorCode.UNSUPPORTED_FORMAT, f"pixel format {pixel_format[:40]!r} is not accepted "
                                                        f"({', '.join(PIXEL_FORMATS)}; not other packed formats or YUV)")
     missing = [name for name, value in (("width", width), ("height", height)) if value is None]
     if missing:

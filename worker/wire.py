@@ -47,7 +47,7 @@ class PixelFormat(NamedTuple):
 
 
 # Raw pixel buffers a frame may be (worker/pixels.py): machine-vision cameras' grey, colour and Bayer formats. Other
-# packed ones (Mono14p, BayerRG12p) and YUV are not among them.
+# packed ones (Mono14p, Mono10Packed), Bayer deeper than 8 bits and YUV are not among them.
 PIXEL_FORMATS: dict[str, PixelFormat] = {
     "Mono8": PixelFormat(8, 8, "mono"),
     **{f"Mono{bits}": PixelFormat(16, bits, "mono") for bits in (10, 12, 14, 16)},

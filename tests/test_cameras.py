@@ -94,7 +94,10 @@ def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryab
         error = json.loads(old.wait_for(lambda m: m.topic == f"{prefix}/strict/error")[0].payload)
         assert error["code"] == "missing_metadata" and error["frame_id"] is None
 
-        # The history holds them under their generated ids: a query by one finds the other two.
+        # The history holds them under their generated ids: a query by one finds the other two (each waited for in
+        # the history first: the recorder writes in batches after the results leave).
+        for frame_id in ids[1:]:
+            assert _query_until_found(client, prefix, {"frame_id": frame_id, "camera": "loose", "top_k": 1})["ok"], frame_id
         answer = _query_until_found(client, prefix, {"frame_id": ids[0], "camera": "loose", "top_k": 5})
         assert answer["ok"], answer
         assert {h["frame_id"] for h in answer["hits"]} == set(ids[1:])
@@ -322,7 +325,10 @@ def test_raw_pixel_buffers_score_as_the_same_image_file_does(running, broker, da
         results = [json.loads(m.payload) for m in old.wait_for(lambda m: m.topic == f"{prefix}/mono311/result", count=2)]
         assert [r["raw_score"] for r in results] == [scores["grey-png"]] * 2
         # Recorded under its generated id, as like as can be to the same grey image sent as a file or a buffer (the
-        # colour frames may tie with them: the top 10 holds every frame sent here).
+        # colour frames may tie with them: the top 10 holds every frame sent here). The recorder writes in batches
+        # after the results leave: each frame compared is waited for in the history first.
+        for camera, frame_id in [("strict", f) for f in ("mono8", "mono12", "grey-png")] + [("mono311", results[1]["frame_id"])]:
+            assert _query_until_found(client, prefix, {"frame_id": frame_id, "camera": camera, "top_k": 1})["ok"], frame_id
         answer = _query_until_found(client, prefix, {"frame_id": results[0]["frame_id"], "camera": "mono311", "top_k": 10})
         assert answer["ok"], answer
         hits = {h["frame_id"]: h["similarity"] for h in answer["hits"]}

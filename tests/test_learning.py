@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, Client, damage, good_png, train_bundle, wait_online, write_config
 from test_worker import _query
+from test_pixels import _packed
 
 from exporter.data import load_category
 from worker.config import StoreConfig
@@ -411,12 +412,12 @@ def test_a_label_scores_the_frame_as_the_worker_did(learning, dataset):
 
 def test_a_raw_pixel_buffer_labelled_a_false_alarm_is_read_back_as_scored_and_then_passes(learning, dataset):
     """A machine-vision camera's buffer (worker/pixels.py) is kept as a TIFF the recorder writes; a label reads that
-    file back, so it must give the pixels that were scored: a 12-bit grey buffer and a Bayer one, each labelled, score
-    as flagged when read back, and the next such frame passes."""
+    file back, so it must give the pixels that were scored: a 12-bit grey buffer and a packed 12-bit Bayer one, each
+    labelled, score as flagged when read back, and the next such frame passes."""
     prefix, client, _, _, _ = learning
     image = cv2.imdecode(np.frombuffer(_marked(dataset), np.uint8), cv2.IMREAD_COLOR)
     height, width = image.shape[:2]
-    mosaic = image[..., 1].copy()  # BayerRG8
+    mosaic = image[..., 1].copy()  # RGGB
     mosaic[0::2, 0::2], mosaic[1::2, 1::2] = image[0::2, 0::2, 2], image[1::2, 1::2, 0]
     grey12 = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype("<u2") << 4 | 0x9  # low bits below the top 8 of 12
 
@@ -426,7 +427,8 @@ def test_a_raw_pixel_buffer_labelled_a_false_alarm_is_read_back_as_scored_and_th
         return json.loads(client.wait_for(lambda m: m.topic == f"{prefix}/cam1/result"
                                           and json.loads(m.payload)["frame_id"] == frame_id, timeout=60)[0].payload)
 
-    for kind, buffer in (("Mono12", grey12.tobytes()), ("BayerRG8", mosaic.tobytes())):
+    mosaic12 = (mosaic.astype(np.uint16) << 4 | 0x9).ravel().tolist()  # a BayerRG8 mosaic in 12 bits, packed
+    for kind, buffer in (("Mono12", grey12.tobytes()), ("BayerRG12p", _packed(mosaic12, "BayerRG12p"))):
         flagged = sent(buffer, kind, f"{kind}-0")
         assert flagged["verdict"] == "anomalous", flagged
         _until_stored(client, prefix, f"{kind}-0", "cam1")

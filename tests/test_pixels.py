@@ -34,11 +34,13 @@ def _buffer(image: np.ndarray, pixel_format: str) -> bytes:
     mosaic = np.empty(image.shape[:2], np.uint8)
     for (dy, dx), colour in zip([(0, 0), (0, 1), (1, 0), (1, 1)], spec.colour, strict=True):
         mosaic[dy::2, dx::2] = image[dy::2, dx::2, CHANNEL[colour]]
-    return mosaic.tobytes()
+    if spec.bits == 8:
+        return mosaic.tobytes()
+    return _packed((mosaic.astype(np.uint16) << (spec.bits - 8)).ravel().tolist(), pixel_format)
 
 
 def _packed(samples: list[int], pixel_format: str) -> bytes:
-    """Deep grey samples laid out as the format says, one bit at a time (independently of worker/pixels.py)."""
+    """Deep samples (grey, or a Bayer mosaic) laid out as the format says, bit by bit (independently of worker/pixels.py)."""
     spec = PIXEL_FORMATS[pixel_format]
     if spec.packing == "none":
         return np.array(samples, "<u2").tobytes()

@@ -110,7 +110,7 @@ def check(data: bytes, pixels: Pixels, max_bytes: int, max_pixels: int) -> Heade
 
 
 def _samples(data: bytes, pixels: Pixels) -> np.ndarray:
-    """A deep grey format's samples, one uint16 each (packed ones unpacked), in rows."""
+    """A deep format's samples (grey, or a Bayer mosaic), one uint16 each (packed ones unpacked), in rows."""
     spec, count = pixels.spec, pixels.width * pixels.height
     if spec.packing == "none":
         return np.frombuffer(data, "<u2").reshape(pixels.height, pixels.width)
@@ -118,18 +118,18 @@ def _samples(data: bytes, pixels: Pixels) -> np.ndarray:
     raw = np.zeros(-(-len(data) // group) * group, np.uint8)
     raw[: len(data)] = np.frombuffer(data, np.uint8)
     b = raw.reshape(-1, group).T.astype(np.uint16)
-    if spec.packing == "gige":  # Mono12Packed: pixel 0's bits 11-4, both pixels' bits 3-0, pixel 1's bits 11-4
+    if spec.packing == "gige":  # 12Packed: pixel 0's bits 11-4, both pixels' bits 3-0, pixel 1's bits 11-4
         unpacked = [b[0] << 4 | b[1] & 0xF, b[2] << 4 | b[1] >> 4]
-    elif spec.bits == 12:  # Mono12p
+    elif spec.bits == 12:  # 12p
         unpacked = [b[0] | (b[1] & 0xF) << 8, b[1] >> 4 | b[2] << 4]
-    else:  # Mono10p
+    else:  # 10p
         unpacked = [b[0] | (b[1] & 0x3) << 8, b[1] >> 2 | (b[2] & 0xF) << 6, b[2] >> 4 | (b[3] & 0x3F) << 4,
                     b[3] >> 6 | b[4] << 2]
     return np.stack(unpacked, axis=1).ravel()[:count].reshape(pixels.height, pixels.width)
 
 
 def _full_scale(data: bytes, pixels: Pixels) -> np.ndarray:
-    """A deep grey format's samples moved to the top of 16 bits (Mono12's 4095 becomes 65520), as a 16-bit file
+    """A deep format's samples moved to the top of 16 bits (Mono12's 4095 becomes 65520), as a 16-bit file
     holds them; samples above the format's range are clipped."""
     bits = pixels.spec.bits
     return (np.minimum(_samples(data, pixels), (1 << bits) - 1) << (16 - bits)).astype(np.uint16)
@@ -148,10 +148,10 @@ def to_bgr(data: bytes, pixels: Pixels) -> np.ndarray:
 
 
 def lossless_file(data: bytes, pixels: Pixels) -> bytes:
-    """The frame as an uncompressed TIFF (grey, 16-bit grey at full scale, or the demosaiced colour): what the worker
-    keeps of it and the exporter trains on."""
+    """The frame as an uncompressed TIFF (grey, 16-bit grey at full scale, or the demosaiced colour as scored): what the
+    worker keeps of it and the exporter trains on."""
     spec = pixels.spec
-    if spec.bits > 8:
+    if spec.colour == "mono" and spec.bits > 8:
         image = _full_scale(data, pixels)
     elif spec.colour == "mono":
         image = np.frombuffer(data, np.uint8).reshape(pixels.height, pixels.width)

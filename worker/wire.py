@@ -35,19 +35,23 @@ MAX_REQUEST_BYTES = 4_000_000
 MAX_JSON_DEPTH = 8
 
 
+Colour = Literal["mono", "RGB", "BGR", "RGGB", "GBRG", "GRBG", "BGGR"]  # Bayer: the sensor's top-left 2 x 2
+
+
 class PixelFormat(NamedTuple):
     """A raw pixel buffer's layout, as GenICam's Pixel Format Naming Convention names it."""
 
     bits_per_pixel: int  # in the buffer: Mono12 takes 16 (a little-endian sample), Mono12p 12
     bits: int  # significant bits of a sample
-    colour: Literal["mono", "RGB", "BGR", "RGGB", "GBRG", "GRBG", "BGGR"]  # Bayer: the sensor's top-left 2 x 2
+    colour: Colour
     # "lsb": PFNC's "p" formats, samples packed one after the other, least significant bit first, across the whole
-    # buffer; "gige": GigE Vision's Mono12Packed, two samples in 3 bytes, each byte pair's high bits first
+    # buffer; "gige": GigE Vision's 12Packed formats, two samples in 3 bytes, each sample's high bits in a byte of its own
     packing: Literal["none", "lsb", "gige"] = "none"
 
 
 # Raw pixel buffers a frame may be (worker/pixels.py): machine-vision cameras' grey, colour and Bayer formats. Other
-# packed ones (Mono14p, Mono10Packed), Bayer deeper than 8 bits and YUV are not among them.
+# packed ones (Mono14p, Mono10Packed, BayerRG10Packed) and YUV are not among them.
+_BAYER: dict[str, Colour] = {"RG": "RGGB", "GB": "GBRG", "GR": "GRBG", "BG": "BGGR"}  # PFNC's names of the patterns
 PIXEL_FORMATS: dict[str, PixelFormat] = {
     "Mono8": PixelFormat(8, 8, "mono"),
     **{f"Mono{bits}": PixelFormat(16, bits, "mono") for bits in (10, 12, 14, 16)},
@@ -56,10 +60,12 @@ PIXEL_FORMATS: dict[str, PixelFormat] = {
     "Mono12Packed": PixelFormat(12, 12, "mono", "gige"),
     "RGB8": PixelFormat(24, 8, "RGB"),
     "BGR8": PixelFormat(24, 8, "BGR"),
-    "BayerRG8": PixelFormat(8, 8, "RGGB"),
-    "BayerGB8": PixelFormat(8, 8, "GBRG"),
-    "BayerGR8": PixelFormat(8, 8, "GRBG"),
-    "BayerBG8": PixelFormat(8, 8, "BGGR"),
+    **{f"Bayer{name}8": PixelFormat(8, 8, pattern) for name, pattern in _BAYER.items()},
+    **{f"Bayer{name}{bits}": PixelFormat(16, bits, pattern) for name, pattern in _BAYER.items()
+       for bits in (10, 12, 16)},
+    **{f"Bayer{name}10p": PixelFormat(10, 10, pattern, "lsb") for name, pattern in _BAYER.items()},
+    **{f"Bayer{name}12p": PixelFormat(12, 12, pattern, "lsb") for name, pattern in _BAYER.items()},
+    **{f"Bayer{name}12Packed": PixelFormat(12, 12, pattern, "gige") for name, pattern in _BAYER.items()},
 }
 PIXEL_FIELDS = ("pixel_format", "width", "height")  # a raw buffer's user properties (or envelope fields)
 

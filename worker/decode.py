@@ -56,12 +56,23 @@ def use_opencv_threads(n: int) -> None:
     cv2.setNumThreads(n or -1)
 
 
-def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
-    """Check size, format and dimensions from the header only."""
+def check_payload(data: bytes, max_bytes: int) -> None:
+    """A frame's bytes against the byte limit, before anything reads them (a file or a raw buffer)."""
     if not data:
         raise FrameError("empty_payload", "the frame payload is empty")
     if len(data) > max_bytes:
         raise FrameError("payload_too_large", f"payload is {len(data)} bytes, limit is {max_bytes}")
+
+
+def check_area(width: int, height: int, max_pixels: int) -> None:
+    """A frame's size, as its header or its declaration says, against the pixel limit: nothing past it is decoded."""
+    if width * height > max_pixels:
+        raise FrameError("image_too_large", f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
+
+
+def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
+    """Check size, format and dimensions from the header only."""
+    check_payload(data, max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -76,8 +87,7 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
                                                "samples is not accepted (8- or 16-bit unsigned samples)")
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
-    if width * height > max_pixels:
-        raise FrameError("image_too_large", f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
+    check_area(width, height, max_pixels)
     if FRAME_FORMATS[fmt] == "jpeg" and jpeg_cut_short(data):
         raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
     return Header(FRAME_FORMATS[fmt], width, height)

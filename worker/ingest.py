@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from worker.config import Config
 from worker.decode import FrameError
+from worker.pixels import is_buffer
 from worker.wire import CLOCK_FLOOR, PIXEL_FIELDS, ErrorCode, b64_image, clock_set, iso, number_text, parse_timestamp, valid_id
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,8 @@ class Ingest:
         if enveloped:
             envelope = open_envelope(payload, self.cfg.limits.max_frame_bytes)
             fields, data = {**envelope.fields, **user}, envelope.data
-        buffer = bool(fields.get("pixel_format")) or (override is not None and override.pixels is not None)
-        if not enveloped and not buffer:  # a raw pixel buffer's bytes are pixels, never base64 text or JSON
+        if not enveloped and not is_buffer(fields, override.pixels if override is not None else None):
+            # a raw pixel buffer's bytes are pixels, never base64 text or JSON
             data = open_raw(payload, camera, self.cfg.limits.max_frame_bytes)
         policy = (override.metadata if override is not None and override.metadata else None) or self.cfg.topics.metadata
         if policy == "required":

@@ -32,9 +32,8 @@ from worker.ingest import Ingest
 from worker.metrics import OTHER, Stats
 from worker.models import Model, Models
 from worker.mqtt import PacketTooLarge, publish_properties
-from worker.pixels import Pixels, declared, to_bgr
+from worker.pixels import Pixels, declared, image_file, to_bgr
 from worker.pixels import check as check_pixels
-from worker.pixels import lossless_file as pixels_file
 from worker.queueing import BoundedQueue, Closed
 from worker.recorder import Record, Recorder
 from worker.spaces import embedding_space_of
@@ -45,6 +44,7 @@ from worker.transport import Inbound, Transport
 from worker.wire import PIXEL_FIELDS, ErrorCode, FrameMetadata, iso, publishable, valid_id
 
 _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
+_SENT_ONCE = frozenset(FrameMetadata.model_fields) | frozenset(PIXEL_FIELDS)  # user properties that may not repeat
 # A normal frame for the capture sample: camera, point id, the image as the model saw it, its file bytes and extension
 Offer = tuple[str, str, np.ndarray, Callable[[], tuple[bytes, str]]]
 CAPTURE_QUEUE = (8, 256_000_000)  # frames and bytes (decoded images) waiting for the capture thread
@@ -88,9 +88,7 @@ class Frame:
 
     def file(self) -> tuple[bytes, str]:
         """The frame as an image file, for the capture sample: as sent, or a raw buffer's TIFF."""
-        if self.pixels is None:
-            return self.data, self.fmt
-        return pixels_file(self.data, self.pixels), "tiff"
+        return image_file(self.data, self.fmt, self.pixels)
 
     @property
     def fmt(self) -> str:
@@ -170,7 +168,7 @@ class Pipeline:
             self._bad_camera(camera, msg.user, ticket)
             return False
         props = msg.user
-        if ambiguous := sorted(msg.repeated & (FrameMetadata.model_fields.keys() | set(PIXEL_FIELDS))):
+        if ambiguous := sorted(msg.repeated & _SENT_ONCE):
             self.stats.add(camera, "received")
             self._fail(camera, None, ErrorCode.BAD_METADATA, f"user propert{'ies' if len(ambiguous) > 1 else 'y'} "
                        f"{', '.join(ambiguous)} given more than once: which is meant cannot be told", ticket=ticket)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from worker.decode import FrameError, Header
+from worker.decode import FrameError, Header, check_area, check_payload
 from worker.wire import PIXEL_FIELDS, PIXEL_FORMATS, ErrorCode, PixelFormat
 
 if TYPE_CHECKING:
@@ -54,13 +54,23 @@ class Pixels:
         return Header(RAW, self.width, self.height)
 
 
-def declared(fields: Mapping[str, str], default: PixelsConfig | None) -> Pixels | None:
-    """The layout a frame's fields (user properties or envelope fields) declare, each over the camera's ``pixels``;
-    None for an image file."""
+def _said(fields: Mapping[str, str], default: PixelsConfig | None) -> dict[str, str | None]:
+    """A frame's pixel fields (user properties or envelope fields), each over the camera's ``pixels``."""
     said = {name: fields.get(name) or None for name in PIXEL_FIELDS}
-    if default is not None:
-        said = {"pixel_format": said["pixel_format"] or default.format, "width": said["width"] or str(default.width),
-                "height": said["height"] or str(default.height)}
+    if default is None:
+        return said
+    return {"pixel_format": said["pixel_format"] or default.format, "width": said["width"] or str(default.width),
+            "height": said["height"] or str(default.height)}
+
+
+def is_buffer(fields: Mapping[str, str], default: PixelsConfig | None) -> bool:
+    """Whether the payload is a raw buffer (its declaration read later, by :func:`declared`), not an image file."""
+    return _said(fields, default)["pixel_format"] is not None
+
+
+def declared(fields: Mapping[str, str], default: PixelsConfig | None) -> Pixels | None:
+    """The layout a frame's fields declare, each over the camera's ``pixels``; None for an image file."""
+    said = _said(fields, default)
     return declare(said["pixel_format"], said["width"], said["height"])
 
 
@@ -90,13 +100,8 @@ def declare(pixel_format: str | None, width: str | None, height: str | None) -> 
 def check(data: bytes, pixels: Pixels, max_bytes: int, max_pixels: int) -> Header:
     """What :func:`worker.decode.probe` checks of a file, for a raw buffer: its size against the limits and its
     length against the declaration (a row more or less is a declaration or a bridge that is wrong, not a frame)."""
-    if not data:
-        raise FrameError(ErrorCode.EMPTY_PAYLOAD, "the frame payload is empty")
-    if len(data) > max_bytes:
-        raise FrameError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(data)} bytes, limit is {max_bytes}")
-    if pixels.width * pixels.height > max_pixels:
-        raise FrameError(ErrorCode.IMAGE_TOO_LARGE, f"image is {pixels.width}x{pixels.height} = "
-                                                    f"{pixels.width * pixels.height} pixels, limit is {max_pixels}")
+    check_payload(data, max_bytes)
+    check_area(pixels.width, pixels.height, max_pixels)
     if len(data) != pixels.nbytes:
         said = (f"payload is {len(data)} bytes; a {pixels.format} frame of {pixels.width}x{pixels.height} is "
                 f"{pixels.nbytes}")
@@ -145,6 +150,12 @@ def to_bgr(data: bytes, pixels: Pixels) -> np.ndarray:
         image = np.frombuffer(data, np.uint8).reshape(pixels.height, pixels.width, spec.bits_per_pixel // 8)
     conversion = _TO_BGR[spec.colour]
     return image.copy() if conversion is None else cv2.cvtColor(image, conversion)  # a copy: the payload is read-only
+
+
+def image_file(data: bytes, fmt: str, pixels: Pixels | None) -> tuple[bytes, str]:
+    """A frame as the image file the worker keeps (evidence, the capture sample) and its extension: as sent (``fmt``),
+    or a raw buffer's TIFF."""
+    return (data, fmt) if pixels is None else (lossless_file(data, pixels), "tiff")
 
 
 def lossless_file(data: bytes, pixels: Pixels) -> bytes:

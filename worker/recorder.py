@@ -30,7 +30,7 @@ import numpy as np
 from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
-from worker.pixels import Pixels, lossless_file
+from worker.pixels import Pixels, image_file
 from worker.queueing import BoundedQueue, Closed
 from worker.store import BatchRefused, StoreDamaged, StoreError, StoreGone, StoreMismatch, VectorStore
 from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
@@ -478,8 +478,9 @@ class Recorder:
             thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
             value = ANOMALOUS if rec.payload.get("anomalous") else NORMAL
             files = dict(rec.files)
-            if rec.frame_pixels is not None and "frame" in files:  # made here, not on the inference thread
-                files["frame"] = ("tiff", lossless_file(files["frame"][1], rec.frame_pixels))
+            if "frame" in files:  # a raw buffer's file is made here, not on the inference thread
+                data, ext = image_file(files["frame"][1], files["frame"][0], rec.frame_pixels)
+                files["frame"] = (ext, data)
             try:
                 rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **files}, value)
             except OSError as exc:

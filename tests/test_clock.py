@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from conftest import ROOT, Client, good_png, wait_online, write_config
+from test_learning import _until_stored
 from test_worker import _query
 
 
@@ -57,6 +58,8 @@ def test_a_box_booted_at_1970_serves_every_camera_and_keeps_its_history_when_ntp
         stamped = json.loads(opt.payload)
         assert stamped["generated"] == ["captured_at"] and stamped["captured_at"].startswith("1970-01-01")
         assert results["req-1"]["received_at"].startswith("1970-01-01")
+        for frame_id, camera in (("req-1", "req"), ("req-2", "req"), ("opt-1", "opt")):  # their evidence is written
+            _until_stored(client, prefix, frame_id, camera)
         label = _query(client, prefix, {"action": "set", "frame_id": "req-1", "camera": "req",
                                         "label": "confirmed_defect"}, topic="label")
         assert label["ok"], label

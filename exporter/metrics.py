@@ -15,8 +15,6 @@ map, mask and sort index of the split held at once would not.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import cv2
 import numpy as np
 
@@ -142,23 +140,3 @@ def _aupro(background: np.ndarray, defect: np.ndarray, weight: np.ndarray, fpr_l
             break
         end = start
     return float(area / fpr_limit)
-
-
-def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> float | None:
-    """AUPRO of a stack of maps against a stack of masks; None without defect regions or defect-free pixels."""
-    metrics = PixelMetrics(fpr_limit)
-    for anomaly_map, mask in zip(maps, masks, strict=True):
-        metrics.add(anomaly_map, mask)
-    return metrics.aupro()
-
-
-def pixel_metrics(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray | None], types: Iterable[str]) -> dict:
-    """Pixel AUROC and AUPRO over the images with pixel ground truth (``None`` mask = image label only).
-
-    Good images have known ground truth (no defect pixel); a defect image without a mask
-    cannot be scored per pixel and is left out, and the result says which types were.
-    """
-    metrics = PixelMetrics()
-    for anomaly_map, mask, defect_type in zip(maps, masks, types, strict=True):
-        metrics.add(anomaly_map, mask, defect_type)
-    return metrics.result()

@@ -81,12 +81,6 @@ class Liveness:
                 state.busy_since = None
                 state.last_progress = time.monotonic()
 
-    def beat(self, name: str) -> None:
-        """Progress without work (an idle wait came back)."""
-        state = self.register(name)
-        with self._lock:
-            state.last_progress = time.monotonic()
-
     def progress(self, name: str) -> None:
         """Progress inside one long piece of work (a file of an export copied): its busy start moves to now, so work
         that keeps moving is not taken for a stuck thread, and work that stops moving still is."""

@@ -572,6 +572,75 @@ def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
 
 
 @needs_chromium
+def test_a_request_no_worker_would_take_is_refused_at_once_and_not_sent(broker, tmp_path):
+    """With the worker stopped (its retained availability says so), an export, reload or label from the page waited
+    for console.control_timeout_s (two minutes by default) and then said only "no answer"; the request stayed queued
+    for the worker's session and could be carried out when it came back, after the operator was told it failed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port, "control_timeout_s": 1}, query={"timeout_s": 1})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    json_headers = {"Content-Type": "application/json"}
+    asks = (("/api/capture/export", b"{}"), ("/api/models/rollback", b"{}"),
+            ("/api/models/reload", b'{"bundle": "/b"}'), ("/api/labels", b'{"frame_id": "f", "camera": "c", '
+                                                                         b'"label": "false_alarm"}'),
+            ("/api/similar", b'{"frame_id": "f", "camera": "c"}'), ("/api/extensions", None),
+            ("/api/labels/export?format=json", None))
+
+    def availability(worker: str, said: bytes) -> None:
+        client.client.publish(f"{prefix}/workers/{worker}/availability", said, qos=1, retain=True).wait_for_publish(10)
+        deadline = time.monotonic() + 30
+        while (json.loads(urllib.request.urlopen(f"{console.url}/api/state", timeout=5).read())["workers"]
+               .get(worker, {}).get("availability")) != said.decode():
+            assert time.monotonic() < deadline, "the console never saw the availability"
+            time.sleep(0.05)  # polling the console's state, not waiting a fixed time
+
+    def refusals() -> dict[str, tuple[int, str]]:
+        found = {}
+        for path, body in asks:
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(urllib.request.Request(f"{console.url}{path}", body, json_headers), timeout=15)
+            error = json.loads(failed.value.read())["error"]
+            found[path] = (failed.value.code, error["code"] + ": " + error["message"])
+        return found
+
+    try:
+        availability("w-test", b"stopped")
+        refused = refusals()
+        assert {code for code, _ in refused.values()} == {503}, refused
+        assert all(said.startswith("worker_offline: worker w-test is stopped (it was shut down): nothing was sent")
+                   for _, said in refused.values()), refused
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page()
+            page.goto(console.url)
+            page.fill("#m-bundle", "/b")
+            page.locator("#m-rollout").click()
+            expect(page.locator("#model-status")).to_contain_text("not sent: worker w-test is stopped", timeout=10_000)
+            browser.close()
+        availability("w-other", b"online")  # queries and labels go to any worker; control commands to w-test
+        refused = refusals()
+        assert {path for path, (code, _) in refused.items() if code == 503} == \
+            {"/api/capture/export", "/api/models/rollback", "/api/models/reload"}, refused
+        assert all(said.startswith("no_answer") for code, said in refused.values() if code == 504), refused
+        availability("w-test", b"offline")
+        availability("w-other", b"offline")
+        will = "(its last will: it crashed or lost its link to the broker)"
+        for path, (code, said) in refusals().items():
+            to = f"worker w-test is offline {will}" if path.startswith(("/api/models", "/api/capture")) else \
+                f"worker w-other is offline {will}; worker w-test is offline {will}"
+            assert code == 503 and said == f"worker_offline: {to}: nothing was sent; ask again once it is online", said
+        availability("w-test", b"online")  # back: every request is sent again (and, with no worker here, waited for)
+        assert {said.split(":")[0] for _, said in refusals().values()} == {"no_answer"}
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+
+
+@needs_chromium
 def test_one_tile_that_cannot_be_drawn_does_not_stop_the_others(broker, tmp_path):
     """A tile whose render threw stopped the page's render loop: no other tile or feed item changed again."""
     from playwright.sync_api import expect

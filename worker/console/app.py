@@ -369,7 +369,16 @@ def create_app(cfg: Config) -> Starlette:
             return _error(400, "bad_request", f"since ({q['since']}) is after until ({q['until']})")
         return JSONResponse({"ok": True, "frames": hub.defect_feed(q.get("camera") or None, since, until, limit)})
 
-    async def _ask(call, body: dict, timeout: float | None = None) -> Response:
+    def _unsent(only: str | None = None) -> Response | None:
+        """A 503 when the workers' retained availability says none would answer (``only``: the one a control command
+        goes to), instead of a wait until the timeout; and nothing is sent, so nothing is carried out later."""
+        away = hub.away(only)
+        return None if away is None else _error(503, "worker_offline", f"{away}: nothing was sent; ask again once "
+                                                                         "it is online")
+
+    async def _ask(call, body: dict, timeout: float | None = None, only: str | None = None) -> Response:
+        if (unsent := _unsent(only)) is not None:
+            return unsent
         try:
             answer = await run_in_threadpool(call, body, timeout)
         except ApiError as exc:
@@ -447,7 +456,7 @@ def create_app(cfg: Config) -> Starlette:
         """A control command that takes an optional camera: {camera?} in, the worker's answer out."""
         camera = _optional_id(await _json_body(request), "camera")
         return await _ask(client.control, {"command": command, **({"camera": camera} if camera else {})},
-                          cfg.console.control_timeout_s)
+                          cfg.console.control_timeout_s, cfg.worker.id)
 
     @refusing
     async def export_capture(request: Request) -> Response:
@@ -462,7 +471,8 @@ def create_app(cfg: Config) -> Starlette:
         if bundle is None:
             raise ValueError("bundle (a bundle folder on the worker's box) is required")
         return await _ask(client.control, {"command": "reload", "bundle": bundle,
-                                           **({"camera": camera} if camera else {})}, cfg.console.control_timeout_s)
+                                           **({"camera": camera} if camera else {})}, cfg.console.control_timeout_s,
+                          cfg.worker.id)
 
     @refusing
     async def rollback(request: Request) -> Response:
@@ -473,6 +483,8 @@ def create_app(cfg: Config) -> Starlette:
         fmt = request.query_params.get("format", "csv")
         if fmt not in ("csv", "json"):
             return _error(400, "bad_request", "format is csv or json")
+        if (unsent := _unsent()) is not None:
+            return unsent
         try:
             answer = await run_in_threadpool(client.label, {"action": "export", "format": fmt})
         except ApiError as exc:

@@ -45,6 +45,10 @@ REORDER_WINDOW_S = 5.0
 _MAGIC = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"BM", "image/bmp"))
 
 
+# What a worker's retained availability other than "online" means, for the operator told why nothing was sent.
+AWAY = {"offline": "its last will: it crashed or lost its link to the broker", "stopped": "it was shut down"}
+
+
 def content_type(data: bytes) -> str:
     """The type of an image a browser can show, else ``application/octet-stream``."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -398,6 +402,16 @@ class Hub:
         old = before.get("cameras", {})
         return {cam: round((c.get("processed", 0) - old.get(cam, {}).get("processed", 0)) / dt, 2)
                 for cam, c in after.get("cameras", {}).items()}
+
+    def away(self, only: str | None = None) -> str | None:
+        """Why no worker would take a request now, by the availability each retains: worker ``only``'s (a control
+        command goes to one worker) or every worker's seen (a query or label goes to any). None while one is online or
+        has not said (the console has just started): the request is then sent and waited for."""
+        with self.lock:
+            said = {w: s["availability"] for w, s in self.workers.items() if only is None or w == only}
+        if not said or any(a in (None, "online") for a in said.values()):
+            return None
+        return "; ".join(f"worker {w} is {a}" + (f" ({AWAY[a]})" if a in AWAY else "") for w, a in sorted(said.items()))
 
     def set_label(self, camera: str, frame_id: str, label: str | None, defect_type: str | None,
                   learned: str | None = None) -> None:

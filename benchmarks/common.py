@@ -28,7 +28,7 @@ BURST_BROKER = "max_queued_messages 0\n"
 
 def subset(data: Path, category: str, train_images: int, folder: Path) -> Path:
     """An MVTec-layout copy of ``category`` (symlinks) keeping the first ``train_images`` normals (0 = all)."""
-    src = data / category
+    src = data.resolve() / category  # the links' targets: a relative one would be read from the copy's folder
     dst = folder / category
     (dst / "train" / "good").mkdir(parents=True, exist_ok=True)
     goods = sorted((src / "train" / "good").iterdir())

@@ -2,7 +2,7 @@
 
     python -m benchmarks.fuzz --messages 10000 [--bundle DIR] [--batch 200]
 
-Channels: frame user properties and payloads, JSON envelopes (a camera with ``payload: json_envelope``), topic
+Channels: frame user properties and payloads, raw pixel buffers (their declarations and sizes), JSON envelopes (a camera with ``payload: json_envelope``), topic
 levels, query, control and label requests (wrong types, unknown fields, huge or deeply nested JSON, missing response
 topic, raw bytes), and the worker's own availability topic (the payloads and user properties a second process under
 its worker.id would send).
@@ -39,8 +39,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks.common import ROOT
+from worker.pixels import Pixels
+from worker.wire import PIXEL_FORMATS
 
-CHANNELS = ("frame", "envelope", "topic", "query", "control", "label", "availability")
+CHANNELS = ("frame", "raw", "envelope", "topic", "query", "control", "label", "availability")
 ENVELOPE_CAMERA = "fe"  # a camera configured with payload: json_envelope (cameras.fe in the fuzzed worker's config)
 # MQTT strings: valid UTF-8 without control characters (mosquitto drops a publisher that sends them).
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cn")), max_size=40)
@@ -59,6 +61,16 @@ def png(seed: int = 0) -> bytes:
 
 
 GOOD = png()
+
+
+def _buffer(fmt: str, width: str, height: str, change: int) -> bytes:
+    """A raw pixel buffer's payload: ``change`` bytes off the declared size where the declaration is one the worker
+    reads and small, else a short run of bytes (the worker refuses those before their length counts)."""
+    if fmt in PIXEL_FORMATS and width.isascii() and width.isdigit() and height.isascii() and height.isdigit() \
+            and int(width) * int(height) <= 300 * 300:
+        size = max(0, Pixels(fmt, int(width), int(height)).nbytes + change)
+        return (bytes(range(256)) * (size // 256 + 1))[:size]
+    return bytes(range(64))
 
 
 def _request_body(channel: str) -> st.SearchStrategy[bytes]:
@@ -94,6 +106,17 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
                   st.one_of(st.none(), st.none(), st.just("fz"), TEXT),
                   st.lists(st.tuples(TEXT, TEXT), max_size=2)),
     )
+    # A machine-vision camera's raw pixel buffer (worker/pixels.py): any format name, sides as numbers or text, a
+    # declaration given twice or not at all, the payload sized to fit or a few bytes off.
+    side = st.one_of(st.integers(0, 300).map(str), st.just("99999999"), TEXT)
+    raw = st.builds(
+        lambda fmt, width, height, change, twice: {
+            "channel": "raw", "topic": f"{prefix}/fz/frame", "payload": _buffer(fmt, width, height, change),
+            "user": [("frame_id", uuid.uuid4().hex[:12]), ("captured_at", str(time.time())), ("pixel_format", fmt),
+                     ("width", width), ("height", height), *([("width", width)] if twice else [])]},
+        st.one_of(st.sampled_from([*PIXEL_FORMATS, "YUV422_8", "Mono14p"]), TEXT), side, side,
+        st.sampled_from([0, 0, 0, -1, 1, -2]), st.booleans(),
+    )
     # A JSON envelope camera: documents with the fields publishers use, a valid image among them or not.
     b64 = base64.b64encode(GOOD).decode()
     envelope_key = st.sampled_from(["image_b64", "image", "data", "frame_id", "id", "captured_at", "timestamp",
@@ -127,7 +150,7 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
         st.one_of(st.just(b"online"), st.just(b"offline"), st.binary(max_size=64)),
         st.lists(st.tuples(presence_keys | TEXT, TEXT), max_size=6),
     )
-    return st.one_of(frame, frame, envelope, topic, *requests, availability)  # frames weigh double: the busiest channel
+    return st.one_of(frame, frame, raw, envelope, topic, *requests, availability)  # frames weigh double: the busiest channel
 
 
 class Fuzzer:

@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,7 +206,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m exporter", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at DEBUG, with the libraries' notices that are otherwise left out")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model on normal images and export a bundle")
@@ -303,11 +305,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _HeadKeys(logging.Filter):
+    """timm's warning that a backbone checkpoint holds keys its feature extractor does not use: the classifier head,
+    always present in an ImageNet checkpoint and never wanted here (the keys themselves are checked when the weights
+    are prepared, exporter/backbones.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unexpected keys")
+
+
+def _quiet_libraries() -> None:
+    """Leave out what the libraries say that a user can do nothing about (shown with --verbose): their deprecation
+    notices about each other, timm's checkpoint file names and head keys, torch's note that a CPU box has no CUDA."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(timm|anomalib|torch)(\.|$)")
+    logging.getLogger("timm").setLevel(logging.WARNING)
+    logging.getLogger("timm.models._builder").addFilter(_HeadKeys())
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # as given: the benchmark report names the command that ran
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        _quiet_libraries()
     try:
         with stopping.handled():
             return args.func(args)

@@ -63,6 +63,10 @@ def train_bundle(dataset: Path, out: Path, *flags: str) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)
+    # what the libraries say that no user can act on is left out (python -m exporter -v shows it)
+    noise = [line for line in proc.stderr.splitlines() if any(
+        said in line for said in ("FutureWarning", "Unexpected keys", "No CUDA runtime", "timm.models"))]
+    assert not noise, noise
     return out
 
 

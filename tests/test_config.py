@@ -269,7 +269,8 @@ def test_a_request_over_the_brokers_packet_size_is_an_error_line(tmp_path, capsy
 
 
 @pytest.mark.parametrize("command", [["query", "--frame-id", "x"], ["labels"],
-                                     ["label", "--frame-id", "x", "--camera", "c", "--false-alarm"]])
+                                     ["label", "--frame-id", "x", "--camera", "c", "--false-alarm"],
+                                     ["reload", "--bundle", "b"], ["status"]])
 def test_ctrl_c_in_a_cli_command_is_one_line_and_exit_130(tmp_path, command):
     """Ctrl-C while a command waits for the broker printed a KeyboardInterrupt traceback."""
     (tmp_path / "c.yaml").write_text("model: {bundle: b}\nmqtt: {port: 1}\n")  # nothing listens: it retries
@@ -286,7 +287,8 @@ def test_ctrl_c_in_a_cli_command_is_one_line_and_exit_130(tmp_path, command):
     proc.send_signal(signal.SIGINT)
     lines += proc.stderr.readlines()
     assert proc.wait(timeout=30) == 130, "".join(lines)
-    said = "error: interrupted (Ctrl-C)" + (": the label may still be applied" if command[0] == "label" else "")
+    said = "error: interrupted (Ctrl-C)" + {"label": ": the label may still be applied",
+                                            "reload": ": the reload may still be carried out"}.get(command[0], "")
     assert lines[-1].strip() == said and not any("Traceback" in line for line in lines), "".join(lines)
 
 

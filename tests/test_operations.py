@@ -415,6 +415,37 @@ def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, datas
     assert worker.stop() == 0
 
 
+def test_reload_rollback_and_status_from_the_command_line(broker, bundle_dir, tmp_path, worker_factory):
+    """A canary, a roll-out and a rollback without the console meant hand-writing an MQTT v5 request with a response
+    topic and correlation data: the command line had no way to send a control command."""
+    v1 = read_manifest(bundle_dir).version
+    v2 = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
+    _, client, worker, _ = _serving(broker, bundle_dir, tmp_path / "w", worker_factory)
+    config = tmp_path / "w" / "config.yaml"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "worker", *args, "--config", str(config)], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300)
+
+    def models(done: subprocess.CompletedProcess) -> dict[str, str]:
+        assert done.returncode == 0, done.stderr
+        return {scope: m["version"] for scope, m in json.loads(done.stdout)["models"].items()}
+
+    assert models(cli("status")) == {"default": v1}
+    assert models(cli("reload", "--bundle", str(v2), "--camera", "cam")) == {"default": v1, "cam": "2.0.0"}
+    refused = cli("reload", "--bundle", str(tmp_path / "missing"))
+    assert refused.returncode == 1 and "\nerror: reload_failed: " in refused.stderr, refused.stderr
+    assert models(cli("reload", "--bundle", str(v2))) == {"default": "2.0.0"}  # the roll-out ends the canary
+    assert models(cli("rollback")) == {"default": v1}
+    again = cli("rollback")
+    assert again.returncode == 1 and "no previous model to roll back to" in again.stderr, again.stderr
+    client.close()
+    assert worker.stop() == 0
+    unanswered = cli("reload", "--bundle", str(v2), "--timeout", "2")
+    assert unanswered.returncode == 2 and "error: no answer from a worker" in unanswered.stderr, unanswered.stderr
+    assert "python -m worker status says what serves" in unanswered.stderr, unanswered.stderr
+
+
 def test_a_worker_that_reloaded_twice_still_stops_cleanly(broker, bundle_dir, dataset, tmp_path, worker_factory):
     """OpenVINO's CPU plugin gives the thread that compiles a model an alternate signal stack of its own and, when
     the model is destroyed, unmaps it and restores the old one on the thread that destroys it.  The start-up model

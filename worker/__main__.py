@@ -1,6 +1,7 @@
 """``python -m worker --config FILE`` runs the worker; ``query`` asks it for similar frames, ``label`` labels a
 frame, ``labels`` exports the operators' labels, ``capture`` exports the captured frames for retraining,
-``console`` serves the operator web page."""
+``reload``, ``rollback`` and ``status`` roll a model out, back, or say what serves, ``console`` serves the operator
+web page."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import base64
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -136,6 +138,38 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+CONTROL_TIMEOUT_S = 120  # a reload verifies and compiles the bundle before it answers
+
+
+def _seconds(text: str) -> float:
+    """A wait in seconds: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+def _control(args: argparse.Namespace) -> int:
+    """A control command to the running worker (``worker.id``'s control topic); its answer as JSON."""
+    cfg = load_config(args.config)
+    body = {"command": args.command, **({"bundle": args.bundle} if getattr(args, "bundle", None) else {}),
+            **({"camera": args.camera} if getattr(args, "camera", None) else {})}
+    answer = _ask(cfg, args.command, lambda client: client.control(body, args.timeout))
+    if answer is None:
+        if args.command != "status":  # the request expires with the wait, but one the worker took is carried out
+            print(f"note: if the worker took the {args.command} before the wait ran out, it is carried out: "
+                  "python -m worker status says what serves", file=sys.stderr)
+        return 2
+    if not answer.get("ok"):
+        print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def _capture(args: argparse.Namespace) -> int:
     """Export the captured frames from the local capture folder (the worker need not run)."""
     from bundle import BundleError, read_manifest
@@ -220,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--out", required=True, help="folder to write <camera>/good/ into")
     capture.add_argument("--camera", help="only this camera")
     capture.set_defaults(func=_capture)
+    for name, what in (("reload", "serve a bundle: on one camera (a canary) or on every camera without its own"),
+                       ("rollback", "go back to the model a camera (or the default) served before its last reload"),
+                       ("status", "say which model each camera's scope serves")):
+        command = sub.add_parser(name, help=what)
+        command.add_argument("--config", default=argparse.SUPPRESS)
+        if name == "reload":
+            command.add_argument("--bundle", help="bundle folder on the worker's box (relative: to the worker's "
+                                 "working folder); without it, the scope's own bundle read again")
+        if name != "status":
+            command.add_argument("--camera", help="only this camera's scope (a canary); without it, the default")
+        command.add_argument("--timeout", type=_seconds, default=CONTROL_TIMEOUT_S if name != "status" else None,
+                             help="seconds to wait for the answer (default: "
+                                  + (f"{CONTROL_TIMEOUT_S}, as a reload compiles the bundle)" if name != "status"
+                                     else "query.timeout_s)"))
+        command.set_defaults(func=_control)
     console = sub.add_parser("console", help="serve the operator web console (console.host:console.port)")
     console.add_argument("--config", default=argparse.SUPPRESS)
     console.set_defaults(func=_console)
@@ -271,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         _say_error(f"error: {exc}", journal)
         return 2
     except KeyboardInterrupt:  # Ctrl-C while a command waits (the broker, an answer): a line, not a traceback
-        _say_error("error: interrupted (Ctrl-C)" + (": the label may still be applied" if args.command == "label" else ""),
-                   journal)
+        # a request that changes something may be on its way
+        sent = {"label": ": the label may still be applied", "reload": ": the reload may still be carried out",
+                "rollback": ": the rollback may still be carried out"}.get(args.command, "")
+        _say_error(f"error: interrupted (Ctrl-C){sent}", journal)
         return 130
 
 

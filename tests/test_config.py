@@ -145,7 +145,7 @@ def test_a_bad_environment_override_is_blamed_on_its_variable_and_a_one_undersco
                              "EDGE_INSPECT__<SECTION>__<KEY>, two underscores after the prefix and between the parts "
                              "(EDGE_INSPECT__MQTT__KEEPALIVE_S?)"), lines
     assert lines[1].startswith("error: EDGE_INSPECT__MQTT__PASWORD (environment): mqtt.pasword: Extra inputs are not "
-                               f"permitted; {path}: metrics.port: "), lines
+                               f"permitted (did you mean password?); {path}: metrics.port: "), lines
 
 
 def test_a_password_without_a_user_name_is_refused_not_dropped(tmp_path):
@@ -304,3 +304,18 @@ def test_a_budget_set_in_part_keeps_the_other_documented_defaults(tmp_path):
     assert load_config(path, environ={}).evidence.anomalous.max_mb == 4000
     path.write_text("model: {bundle: b}\nevidence:\n  anomalous:\n    max_mb: null\n")
     assert load_config(path, environ={}).evidence.anomalous.max_mb is None  # no cap, when asked for
+
+
+def test_a_misspelt_key_is_named_with_the_key_it_may_have_meant(tmp_path):
+    """A misspelt key was refused as "Extra inputs are not permitted" alone, in a camera's section too, where the
+    operator had to look the keys up in docs/configuration.md."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b, treshold: 3}\ncamers: {}\ncameras: {c1: {heatmap_sise: 64}}\n"
+                    "learning: {margn: 1}\nstore: {zebra: 1}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={"EDGE_INSPECT__MQTT__PASWORD": "x"})
+    said = str(refused.value)
+    for key, meant in (("model.treshold", "threshold"), ("camers", "cameras"), ("cameras.c1.heatmap_sise", "heatmap_size"),
+                       ("learning.margn", "margin"), ("mqtt.pasword", "password")):
+        assert f"{key}: Extra inputs are not permitted (did you mean {meant}?)" in said, said
+    assert "store.zebra: Extra inputs are not permitted;" in said + ";", said  # nothing near it: no guess

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from difflib import get_close_matches
 from enum import StrEnum
 from pathlib import Path
 from types import UnionType
@@ -619,13 +620,35 @@ for _tag in ("bool", "int", "float", "timestamp"):
     _plain(f"tag:yaml.org,2002:{_tag}")
 
 
+def _required(annotation: object) -> tuple[object, tuple[object, ...]]:
+    """``X`` of an optional ``X | None``, else the annotation as it is; with its type arguments (None left out)."""
+    args = tuple(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return args[0], get_args(args[0])
+    return annotation, args
+
+
+def _keys_beside(loc: tuple[str, ...]) -> list[str]:
+    """The keys of the section holding ``loc``'s last key (``cameras.<id>`` is a CameraConfig's), walked as
+    :func:`_typed` walks the file: what a misspelt key may have meant; none where the section is no model."""
+    annotation: object = Config
+    for part in loc[:-1]:
+        annotation, args = _required(annotation)
+        fields = getattr(annotation, "model_fields", None)
+        if fields is not None and part in fields:
+            annotation = fields[part].annotation
+        elif fields is None and get_origin(annotation) is dict:
+            annotation = args[1]
+        else:
+            return []
+    return list(getattr(_required(annotation)[0], "model_fields", {}))
+
+
 def _typed(raw: object, annotation: object) -> object:
     """``raw`` with each plain scalar as its key's type asks: the text for a text key, else YAML's value."""
     if isinstance(raw, _Plain):
         return str(raw) if _is_text(annotation) else raw.value
-    args = tuple(a for a in get_args(annotation) if a is not type(None))
-    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
-        annotation, args = args[0], get_args(args[0])
+    annotation, args = _required(annotation)
     if isinstance(raw, dict):
         fields = getattr(annotation, "model_fields", None)
         if fields is not None:
@@ -688,6 +711,8 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Conf
         for e in exc.errors():
             loc = tuple(str(p) for p in e["loc"])
             problem = f"{'.'.join(loc) or '(top)'}: {e['msg']}"
+            if e["type"] == "extra_forbidden" and (near := get_close_matches(loc[-1], _keys_beside(loc), n=1)):
+                problem += f" (did you mean {near[0]}?)"
             variable = next((v for key, v in sources.items() if loc[:len(key)] == key), None)
             if variable is None:
                 in_file.append(problem)

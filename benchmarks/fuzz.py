@@ -2,10 +2,10 @@
 
     python -m benchmarks.fuzz --messages 10000 [--bundle DIR] [--batch 200]
 
-Channels: frame user properties and payloads, raw pixel buffers (their declarations and sizes), JSON envelopes (a camera with ``payload: json_envelope``), topic
-levels, query, control and label requests (wrong types, unknown fields, huge or deeply nested JSON, missing response
-topic, raw bytes), and the worker's own availability topic (the payloads and user properties a second process under
-its worker.id would send).
+Channels: frame user properties and payloads, raw pixel buffers (their declarations and sizes), JSON envelopes (a
+camera with ``payload: json_envelope``), topic levels, query, control and label requests (wrong types, unknown
+fields, huge or deeply nested JSON, missing response topic, raw bytes), and the worker's own availability topic (the
+payloads and user properties a second process under its worker.id would send).
 After each batch three canaries must be answered: a QoS 1 frame from another camera (a result, or the
 queue policy's ``dropped`` when the queue is full of one frame per camera), a control ``status`` and a query.
 No message may make the worker log a traceback (an ``internal_error``: a bug).  At the end the worker gets

@@ -140,3 +140,11 @@ def _aupro(background: np.ndarray, defect: np.ndarray, weight: np.ndarray, fpr_l
             break
         end = start
     return float(area / fpr_limit)
+
+
+def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> float | None:
+    """AUPRO of a stack of maps against a stack of masks; None without defect regions or defect-free pixels."""
+    metrics = PixelMetrics(fpr_limit)
+    for anomaly_map, mask in zip(maps, masks, strict=True):
+        metrics.add(anomaly_map, mask)
+    return metrics.aupro()

@@ -20,20 +20,12 @@ from conftest import ROOT
 from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
 from exporter.export import input_spec
 from exporter import metrics
-from exporter.metrics import PixelMetrics
+from exporter.metrics import PixelMetrics, aupro
 from exporter.synthetic import DEFECTS, sample
 from exporter.build import _split
 from exporter.thresholds import ThresholdChoice, far_threshold, recall_threshold
 
 SPEC = input_spec(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-def aupro(maps: np.ndarray, masks: np.ndarray) -> float | None:
-    """AUPRO of a stack of maps against a stack of masks, fed as evaluate feeds them."""
-    summed = PixelMetrics()
-    for anomaly_map, mask in zip(maps, masks, strict=True):
-        summed.add(anomaly_map, mask)
-    return summed.aupro()
 
 
 def pixel_metrics(maps, masks, types) -> dict:

@@ -608,11 +608,23 @@ def test_a_request_no_worker_would_take_is_refused_at_once_and_not_sent(broker, 
         return found
 
     try:
+        # a console whose worker.id names no worker on the broker (a config of its own, another id): said at once
+        availability("w-other", b"stopped")
+        for path, (code, said) in refusals().items():
+            if path.startswith(("/api/models", "/api/capture")):
+                assert code == 503 and said == "unknown_worker: no worker w-test has been seen on this broker (workers " \
+                    "seen: w-other (stopped)): the console sends control commands to the worker.id of its own config: " \
+                    "nothing was sent", said
+            else:
+                assert code == 503 and said.startswith("worker_offline: worker w-other is stopped"), said
         availability("w-test", b"stopped")
         refused = refusals()
         assert {code for code, _ in refused.values()} == {503}, refused
-        assert all(said.startswith("worker_offline: worker w-test is stopped (it was shut down): nothing was sent")
-                   for _, said in refused.values()), refused
+        assert all(said.startswith("worker_offline: worker w-test is stopped (it was shut down)")
+                   for path, (_, said) in refused.items() if path.startswith(("/api/models", "/api/capture"))), refused
+        assert all(said.startswith("worker_offline: worker w-other is stopped (it was shut down); worker w-test is "
+                                   "stopped (it was shut down): nothing was sent") for path, (_, said) in refused.items()
+                   if not path.startswith(("/api/models", "/api/capture"))), refused
         with sync_playwright() as p:
             browser = launch(p)
             page = browser.new_page()

@@ -373,8 +373,8 @@ def create_app(cfg: Config) -> Starlette:
         """A 503 when the workers' retained availability says none would answer (``only``: the one a control command
         goes to), instead of a wait until the timeout; and nothing is sent, so nothing is carried out later."""
         away = hub.away(only)
-        return None if away is None else _error(503, "worker_offline", f"{away}: nothing was sent; ask again once "
-                                                                         "it is online")
+        return None if away is None else _error(503, away[0], f"{away[1]}: nothing was sent" + (
+            "; ask again once it is online" if away[0] == "worker_offline" else ""))
 
     async def _ask(call, body: dict, timeout: float | None = None, only: str | None = None) -> Response:
         if (unsent := _unsent(only)) is not None:

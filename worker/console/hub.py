@@ -403,15 +403,22 @@ class Hub:
         return {cam: round((c.get("processed", 0) - old.get(cam, {}).get("processed", 0)) / dt, 2)
                 for cam, c in after.get("cameras", {}).items()}
 
-    def away(self, only: str | None = None) -> str | None:
-        """Why no worker would take a request now, by the availability each retains: worker ``only``'s (a control
-        command goes to one worker) or every worker's seen (a query or label goes to any). None while one is online or
-        has not said (the console has just started): the request is then sent and waited for."""
+    def away(self, only: str | None = None) -> tuple[str, str] | None:
+        """Why no worker would take a request now (an error code and its message), by the availability each worker
+        retains: worker ``only``'s (a control command goes to one worker) or every worker's seen (a query or label
+        goes to any). None while one is online or has not said (the console has just started): the request is then
+        sent and waited for."""
         with self.lock:
-            said = {w: s["availability"] for w, s in self.workers.items() if only is None or w == only}
+            known = {w: s["availability"] for w, s in self.workers.items()}
+        said = {w: a for w, a in known.items() if only is None or w == only}
+        if only is not None and not said and any(a is not None for a in known.values()):
+            seen = ", ".join(f"{w} ({a})" for w, a in sorted(known.items()) if a is not None)
+            return "unknown_worker", (f"no worker {only} has been seen on this broker (workers seen: {seen}): the console "
+                                      "sends control commands to the worker.id of its own config")
         if not said or any(a in (None, "online") for a in said.values()):
             return None
-        return "; ".join(f"worker {w} is {a}" + (f" ({AWAY[a]})" if a in AWAY else "") for w, a in sorted(said.items()))
+        return "worker_offline", "; ".join(f"worker {w} is {a}" + (f" ({AWAY[a]})" if a in AWAY else "")
+                                           for w, a in sorted(said.items()))
 
     def set_label(self, camera: str, frame_id: str, label: str | None, defect_type: str | None,
                   learned: str | None = None) -> None:

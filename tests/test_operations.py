@@ -760,9 +760,10 @@ def test_an_image_query_is_embedded_by_the_model_of_its_camera_and_says_what_oth
     client.json_on(f"{prefix}/cam1/result")
     client.json_on(f"{prefix}/cam2/result")
     deadline = time.monotonic() + 60
-    while not _request(client, query, {"frame_id": "cam2-f", "camera": "cam2"})["ok"]:  # written to the store
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    for camera in ("cam1", "cam2"):  # both written to the store: the image queries below count them, and do not wait
+        while not _request(client, query, {"frame_id": f"{camera}-f", "camera": camera})["ok"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)  # polling the store, with a deadline
     by_camera = _request(client, query, {"image_b64": image, "camera": "cam2", "top_k": 3})
     assert [h["frame_id"] for h in by_camera["hits"]] == ["cam2-f"], by_camera  # the canary's space, cam2's frame
     assert "2.0.0" in by_camera["space"] and by_camera["query"]["camera"] == "cam2"

@@ -63,14 +63,16 @@ def png(seed: int = 0) -> bytes:
 GOOD = png()
 
 
-def _buffer(fmt: str, width: str, height: str, change: int) -> bytes:
-    """A raw pixel buffer's payload: ``change`` bytes off the declared size where the declaration is one the worker
-    reads and small, else a short run of bytes (the worker refuses those before their length counts)."""
-    if fmt in PIXEL_FORMATS and width.isascii() and width.isdigit() and height.isascii() and height.isdigit() \
-            and int(width) * int(height) <= 300 * 300:
-        size = max(0, Pixels(fmt, int(width), int(height)).nbytes + change)
-        return (bytes(range(256)) * (size // 256 + 1))[:size]
-    return bytes(range(64))
+def fitted(payload: bytes, fmt: str, width: str, height: str, change: int = 0, max_pixels: int = 300 * 300) -> bytes:
+    """``payload`` repeated or cut to the size a raw pixel buffer's declaration gives, ``change`` bytes off, where the
+    declaration is one the worker reads and at most ``max_pixels``; else as it is (the worker refuses it before its
+    length counts)."""
+    if fmt not in PIXEL_FORMATS or not (width.isascii() and width.isdigit() and height.isascii() and height.isdigit()) \
+            or int(width) * int(height) > max_pixels:
+        return payload
+    size = max(0, Pixels(fmt, int(width), int(height)).nbytes + change)
+    unit = payload or b"\x80"
+    return (unit * (size // len(unit) + 1))[:size]
 
 
 def _request_body(channel: str) -> st.SearchStrategy[bytes]:
@@ -111,7 +113,7 @@ def message(prefix: str, worker_id: str) -> st.SearchStrategy[dict]:
     side = st.one_of(st.integers(0, 300).map(str), st.just("99999999"), TEXT)
     raw = st.builds(
         lambda fmt, width, height, change, twice: {
-            "channel": "raw", "topic": f"{prefix}/fz/frame", "payload": _buffer(fmt, width, height, change),
+            "channel": "raw", "topic": f"{prefix}/fz/frame", "payload": fitted(bytes(range(64)), fmt, width, height, change),
             "user": [("frame_id", uuid.uuid4().hex[:12]), ("captured_at", str(time.time())), ("pixel_format", fmt),
                      ("width", width), ("height", height), *([("width", width)] if twice else [])]},
         st.one_of(st.sampled_from([*PIXEL_FORMATS, "YUV422_8", "Mono14p"]), TEXT), side, side,

@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from benchmarks.fuzz import fitted
 from conftest import Client, good_png, start_on_embedded_store, user_props, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.config import StoreConfig
 from worker.store import StoreError, VectorStore
-from worker.pixels import Pixels
 from worker.wire import PIXEL_FORMATS
 
 ERROR_CODES = {"empty_payload", "payload_too_large", "not_an_image", "unsupported_format", "bad_dimensions",
@@ -109,17 +109,6 @@ def _payloads(dataset: Path):
     )
 
 
-def _fitted(payload: bytes, declared: tuple[str, str, str, bool] | None) -> bytes:
-    """The payload repeated or cut to the size a pixel declaration says, where it asks to fit and can."""
-    if declared is None or not declared[3] or declared[0] not in PIXEL_FORMATS:
-        return payload
-    if not (declared[1].isascii() and declared[1].isdigit() and declared[2].isascii() and declared[2].isdigit()):
-        return payload
-    size = Pixels(declared[0], int(declared[1]), int(declared[2])).nbytes
-    unit = payload or b"\x80"
-    return (unit * (size // len(unit) + 1))[:size]
-
-
 @pytest.fixture(scope="module")
 def fuzz_worker(broker, bundle_dir, tmp_path_factory):
     from conftest import WorkerProcess
@@ -154,7 +143,7 @@ def test_fuzzed_frames_each_get_exactly_one_answer(fuzz_worker, dataset, data):
                                                                   sides, st.booleans())),
                                  min_size=len(payloads), max_size=len(payloads)), label="pixel declarations")
     extras = [{} if b is None else {"pixel_format": b[0], "width": b[1], "height": b[2]} for b in buffers]
-    payloads = [_fitted(payload, b) for payload, b in zip(payloads, buffers)]
+    payloads = [payload if b is None or not b[3] else fitted(payload, *b[:3]) for payload, b in zip(payloads, buffers)]
     # Metadata that cannot be correlated (bad frame ids) and an unknown camera.
     bad_ids = data.draw(st.lists(st.one_of(st.text(_TEXT, min_size=129, max_size=200), st.text(_TEXT, max_size=10).map(
         lambda t: t + "/x"), st.just("")), max_size=3), label="bad frame ids")

@@ -511,6 +511,54 @@ def test_camera_frames_are_kept_within_the_limits_and_only_as_scored(broker, tmp
     assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
 
 
+def test_a_defect_storm_of_large_frames_holds_up_nothing_else(broker, tmp_path):
+    """Every frame anomalous (a lens covered) and each a PNG of many megapixels: the console made each thumbnail on
+    its MQTT thread, so the tiles, a worker going away and the worker's answers to the page waited behind seconds of
+    decodes, and the wait grew for as long as the storm lasted. Thumbnails are made on a thread of their own now, at
+    most THUMBNAIL_QUEUE frames waiting; past it the frame waiting the longest goes without one."""
+    from worker.console.hub import THUMBNAIL_QUEUE
+
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    side = 4000  # a small file (one grey level) that takes a full decode of 16 megapixels to thumbnail
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          limits={"max_frame_bytes": 1_000_000, "max_pixels": side * side}, console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    storm = THUMBNAIL_QUEUE + 8
+    big = cv2.imencode(".png", np.full((side, side), 128, np.uint8))[1].tobytes()
+
+    def feed() -> dict[str, dict]:
+        return {r["frame_id"]: r for r in json.loads(urllib.request.urlopen(
+            f"{console.url}/api/defects?camera=cam", timeout=5).read())["frames"]}
+
+    try:
+        now = datetime.now(UTC)
+        for k in range(storm):
+            client.publish_frame("cam", big, f"s{k}")
+            _publish_result(client, "cam", f"s{k}", now, "anomalous")
+        state = _until_handled(console, client, "after-storm")
+        # The marker published after the storm was shown while the storm's thumbnails were still to be made (before,
+        # only once every one was made), and the oldest waiting ones were given up at once.
+        made = sum(r["has_thumbnail"] for r in feed().values())
+        skipped = state["dropped"].get("thumbnail_skipped", 0)
+        assert made < storm - skipped and skipped > 0, (made, state["dropped"])
+        deadline = time.monotonic() + 60
+        while (made := sum(r["has_thumbnail"] for r in feed().values())) + skipped < storm:
+            assert time.monotonic() < deadline, (made, skipped)
+            time.sleep(0.1)  # polling the feed until each thumbnail is made or given up, not waiting a fixed time
+        listed = feed()
+        assert len(listed) == storm and all(r["has_frame"] for r in listed.values())
+        assert all(listed[f"s{k}"]["has_thumbnail"] for k in range(storm - THUMBNAIL_QUEUE, storm)), listed  # newest
+        thumbnail = urllib.request.urlopen(f"{console.url}/api/frames/cam/s{storm - 1}/thumbnail", timeout=5).read()
+        assert cv2.imdecode(np.frombuffer(thumbnail, np.uint8), cv2.IMREAD_COLOR).shape == (160, 160, 3)
+        threads = json.loads(urllib.request.urlopen(f"{console.url}/api/state", timeout=5).read())["threads"]
+        assert threads["console-thumbnails"]["restarts"] == 0, threads
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
 def test_a_raw_pixel_buffer_is_shown_as_the_picture_the_worker_scored(broker, tmp_path):
     """A machine-vision camera's buffer (worker/pixels.py) is no picture a browser can show: the console checks it as
     the worker does, against its declaration (user properties, or the camera's ``pixels`` in config.yaml), and serves
@@ -539,9 +587,14 @@ def test_a_raw_pixel_buffer_is_shown_as_the_picture_the_worker_scored(broker, tm
             reply = urllib.request.urlopen(f"{console.url}/api/frames/{camera}/{frame_id}/frame", timeout=5)
             assert reply.headers["Content-Type"] == "image/jpeg"
             assert reply.read() == cv2.imencode(".jpg", shown, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-        feed = {r["frame_id"]: r for r in json.loads(urllib.request.urlopen(f"{console.url}/api/defects",
-                                                                                timeout=5).read())["frames"]}
-        assert feed["rgb"]["has_thumbnail"] and feed["declared-once"]["has_thumbnail"]
+        deadline = time.monotonic() + 30
+        while True:  # thumbnails are made after their result (off the console's MQTT thread): polled for
+            feed = {r["frame_id"]: r for r in json.loads(urllib.request.urlopen(f"{console.url}/api/defects",
+                                                                                    timeout=5).read())["frames"]}
+            if feed["rgb"]["has_thumbnail"] and feed["declared-once"]["has_thumbnail"]:
+                break
+            assert time.monotonic() < deadline, feed
+            time.sleep(0.05)
         assert not feed["short"]["has_frame"] and state["dropped"] == {"truncated_image": 1}, (feed, state["dropped"])
     finally:
         client.close()

@@ -244,7 +244,7 @@ class Broadcaster:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def publish(self, event: str, data: dict) -> None:
-        """Called on the MQTT thread."""
+        """Called on the hub's threads (MQTT, thumbnails)."""
         if self.loop is not None and self.queues:
             message = f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
             self.loop.call_soon_threadsafe(self._put, message)
@@ -292,9 +292,11 @@ def create_app(cfg: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         events.loop = asyncio.get_running_loop()
+        hub.start()
         client.link.start()  # connects (and reconnects) in the background; the page shows the link state
         yield
         client.close()
+        hub.stop()
 
     def link_state() -> dict:
         """The console's own MQTT connection, and why it is down (a refusal names the login)."""

@@ -3,7 +3,9 @@
 The worker has no "list recent frames" API, so the console builds its own view from
 the topics it subscribes to (frames, results, heatmaps, errors, worker status).  MQTT
 callbacks (paho's thread) update it; the web app reads it and gets every change pushed
-through :meth:`Hub.subscribe` listeners.  Nothing here talks to the vector store.
+through :meth:`Hub.subscribe` listeners.  The one costly step, an anomalous frame's thumbnail (a full decode of a
+PNG of many megapixels), runs on a thread of its own, so that paho's thread (which also carries the worker's answers
+to the console's requests) never waits behind image decodes.  Nothing here talks to the vector store.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import TypeVar, cast
 
 import paho.mqtt.client as mqtt
 
-from worker.config import CameraConfig, ConsoleConfig, LimitsConfig
+from worker.config import CameraConfig, ConsoleConfig, LimitsConfig, QueuePolicy
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
 from worker.pixels import check, declared, to_bgr
-from worker.supervise import Liveness, Throttle
+from worker.queueing import BoundedQueue, Closed
+from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.wire import valid_id
 
@@ -35,6 +38,12 @@ log = logging.getLogger(__name__)
 BAD_RESULT_LOG_EVERY_S = 60.0  # results not understood: one warning with a count at most this often
 
 HUB = "console-hub"
+THUMBNAILER = "console-thumbnails"
+
+THUMBNAIL_QUEUE = 16  # anomalous frames waiting for their thumbnail (and within console.pending_max_bytes)
+# A defect storm (a lens covered: every frame anomalous) outruns any thumbnail rate: the newest frames are what an
+# operator looks at, so the frame waiting the longest goes without a thumbnail (counted as "thumbnail_skipped").
+THUMBNAIL_POLICY = QueuePolicy.DROP_OLDEST
 
 THUMBNAIL_SIZE = 160
 BROWSER_JPEG_QUALITY = 90  # a frame a browser cannot show (TIFF), as the page gets it
@@ -112,7 +121,7 @@ class Entry:
     result: dict
     heatmap: bytes | None = None
     frame: bytes | None = None  # the camera's bytes; only while the entry is among the recent frames
-    thumbnail: bytes | None = None  # JPEG of the frame; anomalous frames only (kept in the defect feed)
+    thumbnail: bytes | None = None  # JPEG of the frame; anomalous frames only (kept in the defect feed), made after
     # When the console got the result, on its own clocks: cameras' clocks can be years off or step back an hour.
     seen_at: float = field(default_factory=time.time)  # epoch seconds: the feed's filter, the score plot
     arrived: float = field(default_factory=time.monotonic)  # the tile's reorder window
@@ -220,7 +229,21 @@ class Hub:
         self.errors: Bounded[str, dict] = Bounded(cfg.max_cameras)  # camera -> {"count", "last"}
         self.workers: dict[str, dict] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
-        self.liveness = Liveness(0)  # the hub runs on the console's MQTT thread
+        self.liveness = Liveness(0)  # the hub runs on the console's MQTT thread, its thumbnails on their own
+        self._thumbnails: BoundedQueue[tuple[Entry, bytes]] = BoundedQueue(
+            THUMBNAIL_QUEUE, THUMBNAIL_POLICY, cfg.pending_max_bytes, size=lambda item: len(item[1]))
+        self._thumbnailer = threading.Thread(target=supervised_loop, name=THUMBNAILER, daemon=True,
+                                             args=(self.liveness, THUMBNAILER, self._thumbnail_step))
+
+    def start(self) -> None:
+        self._thumbnailer.start()
+
+    def stop(self) -> None:
+        """Frames still waiting for a thumbnail go without: nobody is left to see them."""
+        self._thumbnails.drain()
+        self._thumbnails.close()
+        if self._thumbnailer.is_alive():
+            self._thumbnailer.join()
 
     @staticmethod
     def _touch(table: Bounded[str, _V], camera: str, value: Callable[[], _V]) -> _V:
@@ -235,7 +258,8 @@ class Hub:
         entry.frame = None  # raw frames can be large: only the recent ones are kept
 
     def subscribe(self, listener: Callable[[str, dict], None]) -> None:
-        """``listener(event, data)`` is called (on the MQTT thread) for every change."""
+        """``listener(event, data)`` is called for every change, on the MQTT thread (on the thumbnail thread for
+        ``thumbnail``)."""
         self._listeners.append(listener)
 
     def _emit(self, event: str, data: dict) -> None:
@@ -337,18 +361,35 @@ class Hub:
             tile = self.latest[key[0]] is entry
             if previous is None:
                 self._add_point(key[0], entry)
-        if result.get("verdict") == "anomalous":
-            entry.thumbnail = self._thumbnail(entry.frame)
+        anomalous = result.get("verdict") == "anomalous"
+        if anomalous:
             with self.lock:
                 self.defects[key] = entry
         # The page follows the hub: "tile" (this frame is the camera's tile now), "first" (a new point and feed item).
         self._emit("frame", {**entry.view(), "first": previous is None, "tile": tile})
+        if anomalous and entry.frame is not None:  # queued after the frame event, so a page gets the thumbnail's after
+            for _ in self._thumbnails.put((entry, entry.frame)):
+                self._drop("thumbnail_skipped")
 
-    def _thumbnail(self, frame: bytes | None) -> bytes | None:
+    def _thumbnail_step(self) -> None:
+        """One anomalous frame's thumbnail, announced to the pages as a ``thumbnail`` event (its result went before)."""
+        try:
+            item = self._thumbnails.get(timeout=1.0)
+        except Closed:
+            raise StopLoop from None
+        if item is None:
+            return
+        entry, frame = item
+        thumbnail = self._thumbnail(frame)
+        if thumbnail is None:
+            return
+        with self.lock:
+            entry.thumbnail = thumbnail
+        self._emit("thumbnail", {"camera": entry.result["camera"], "frame_id": entry.result["frame_id"]})
+
+    def _thumbnail(self, frame: bytes) -> bytes | None:
         """A JPEG of the frame within THUMBNAIL_SIZE, decoded only within the worker's limits (a JPEG at a reduced
         size where that still covers the thumbnail)."""
-        if frame is None:
-            return None
         try:
             header: Header = probe(frame, self.limits.max_frame_bytes, self.limits.max_pixels)
             image = decode(frame, reduction(header, THUMBNAIL_SIZE, THUMBNAIL_SIZE, headroom=1.0))

@@ -157,6 +157,16 @@ function onFrame(r) {
   schedule();
 }
 
+// A feed item's thumbnail is made after its result, on a thread of its own (hub.py): shown when it comes.
+function onThumbnail(t) {
+  const key = keyOf(t.camera, t.frame_id);
+  for (const r of feedPending) if (keyOf(r.camera, r.frame_id) === key) r.has_thumbnail = true;
+  for (const img of document.querySelectorAll(`#defects li.card[data-key="${CSS.escape(key)}"] img.thumb`)) {
+    img.src = imageUrl(t.camera, t.frame_id, "thumbnail");
+    img.hidden = false;
+  }
+}
+
 function labelText(label, type) {
   if (!label) return "";
   return label === "false_alarm" ? "false alarm" : `confirmed${type ? ": " + type : ""}`;
@@ -531,6 +541,7 @@ async function start() {
   events.onopen = () => setLink(true, "live");
   events.onerror = () => setLink(false, "reconnecting…");
   events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
+  events.addEventListener("thumbnail", (e) => onThumbnail(JSON.parse(e.data)));
   events.addEventListener("worker", (e) => renderWorker(JSON.parse(e.data)));
   events.addEventListener("camera_error", (e) => renderError(JSON.parse(e.data)));
   events.addEventListener("label", (e) => { applyLabel(JSON.parse(e.data)); loadLearned(); });

@@ -81,11 +81,12 @@ def test_compose_certificate_names_the_broker_as_the_worker_does_and_pip_builds_
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed here")
-def test_systemd_unit_verifies():
-    proc = subprocess.run(["systemd-analyze", "verify", str(DEPLOY / "systemd" / "edge-inspect-worker.service")],
+@pytest.mark.parametrize("unit", ["edge-inspect-worker.service", "edge-inspect-console.service"])
+def test_systemd_unit_verifies(unit):
+    proc = subprocess.run(["systemd-analyze", "verify", str(DEPLOY / "systemd" / unit)],
                           capture_output=True, text=True, timeout=60)
     problems = [line for line in proc.stderr.splitlines()
-                if "edge-inspect-worker.service" in line and "No such file or directory" not in line]  # not installed here
+                if unit in line and "No such file or directory" not in line]  # not installed here
     assert not problems, proc.stderr
 
 

@@ -22,7 +22,7 @@ from conftest import ROOT, Client, good_png, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 
 DEPLOY = ROOT / "deploy" / "mosquitto"
-USERS = {"worker": "w-pass", "operator": "o-pass", "cam1": "c1-pass", "cam2": "c2-pass"}
+USERS = {"worker": "w-pass", "operator": "o-pass", "console": "k-pass", "cam1": "c1-pass", "cam2": "c2-pass"}
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +228,51 @@ def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bund
         operator.loop_stop()
 
 
+
+
+def test_the_console_login_controls_the_worker_and_a_login_that_may_not_is_told_at_once(secure_broker, bundle_dir,
+                                                                                       tmp_path):
+    """Under the shipped ACL no login the console could use might send its reloads, rollbacks and capture exports:
+    the broker refused each in its PUBACK, and the console and the CLI waited out their timeout (two minutes for
+    a reload) to say "no answer", and that a refused rollback might still be carried out. The ACL has a `console`
+    login now, and a refused request is said at once, with the topic and the broker's reason."""
+    from starlette.testclient import TestClient
+
+    from worker.config import load_config
+    from worker.console.app import create_app
+
+    broker, files = secure_broker
+    operator, rc = _client(broker.port, files / "ca.crt", "operator", USERS["operator"])
+    assert not rc.is_failure
+    online = threading.Event()
+    operator.on_message = lambda c, u, m: online.set() if m.payload == b"online" else None
+    operator.subscribe("inspect/workers/w-test/availability", qos=1)
+    worker = _run_worker(tmp_path, broker.port, files, bundle_dir)
+
+    def config(user: str):
+        return write_config(tmp_path / user, broker.port, bundle_dir, query={"timeout_s": 600},
+                            mqtt={"username": user, "password": USERS[user], "tls": {"ca_file": str(files / "ca.crt")}})
+
+    def cli(user: str, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "worker", command, "--config", str(config(user)), "--timeout",
+                               "600"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    try:
+        assert online.wait(120), worker.output()[-2000:]
+        refused = cli("operator", "rollback")
+        assert refused.returncode == 2, refused.stderr
+        assert ("error: the broker refused the request on inspect/workers/w-test/control (Not authorized), so no "
+                "worker got it: its ACL must let user 'operator' write that topic") in refused.stderr, refused.stderr
+        assert "note:" not in refused.stderr  # nothing reached the worker: nothing to be carried out later
+        status = cli("console", "status")
+        assert status.returncode == 0 and json.loads(status.stdout)["ok"], status.stderr
+        with TestClient(create_app(load_config(config("operator"))), base_url="http://127.0.0.1:8080") as http:
+            answer = http.post("/api/models/rollback", json={})
+        assert answer.status_code == 403 and answer.json()["error"]["code"] == "broker_refused", answer.text
+    finally:
+        operator.loop_stop()
+        assert worker.stop() == 0
+    assert "Not authorized" not in worker.output()  # the worker was asked nothing it could not answer
 
 
 def test_a_prefix_the_acl_does_not_cover_is_said(secure_broker, bundle_dir, tmp_path):

@@ -40,9 +40,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict]) -> dict | None:
-    """One request to the running worker over MQTT; None, after saying why, when none answered."""
-    from worker.api_client import ApiClient, ApiError
+def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict], unanswered: str | None = None) -> dict | None:
+    """One request to the running worker over MQTT; None, after saying why, when none answered (``unanswered``: a
+    note for a request that was sent and not answered, not for one the broker refused)."""
+    from worker.api_client import ApiClient, ApiError, Refused
     from worker.mqtt import PacketTooLarge
 
     try:
@@ -50,6 +51,8 @@ def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict]) -> dict | No
             return send(client)
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if unanswered is not None and not isinstance(exc, Refused):
+            print(unanswered, file=sys.stderr)
         return None
     except PacketTooLarge as exc:
         print(f"error: {exc} (its max_packet_size): send less (a query image re-encoded as JPEG, or smaller), or "
@@ -157,11 +160,11 @@ def _control(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     body = {"command": args.command, **({"bundle": args.bundle} if getattr(args, "bundle", None) else {}),
             **({"camera": args.camera} if getattr(args, "camera", None) else {})}
-    answer = _ask(cfg, args.command, lambda client: client.control(body, args.timeout))
+    # the request expires with the wait, but one the worker took is carried out
+    note = None if args.command == "status" else (f"note: if the worker took the {args.command} before the wait ran "
+                                                  "out, it is carried out: python -m worker status says what serves")
+    answer = _ask(cfg, args.command, lambda client: client.control(body, args.timeout), note)
     if answer is None:
-        if args.command != "status":  # the request expires with the wait, but one the worker took is carried out
-            print(f"note: if the worker took the {args.command} before the wait ran out, it is carried out: "
-                  "python -m worker status says what serves", file=sys.stderr)
         return 2
     if not answer.get("ok"):
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)

@@ -26,6 +26,11 @@ class ApiError(Exception):
     """The broker cannot be reached, or no worker answered in time (no answer from the worker at all)."""
 
 
+class Refused(ApiError):
+    """The broker refused the request in its PUBACK (its ACL does not let this login write the topic): nothing reached
+    a worker, and asking again as the same login cannot help."""
+
+
 class ApiClient:
     """One MQTT v5 connection for requests to the worker; ``on_message`` gets every other subscribed message."""
 
@@ -82,6 +87,11 @@ class ApiClient:
         correlation = uuid.uuid4().hex.encode()
         done = threading.Event()
         answer: list[dict] = []
+        refusal: list[str] = []
+
+        def refused(reason: str) -> None:
+            refusal.append(reason)
+            done.set()
         with self._lock:
             self._pending[correlation] = (done, answer)
         try:
@@ -89,9 +99,12 @@ class ApiClient:
             # start, long after this caller was told it failed (a second less: brokers count it in whole seconds)
             self.link.publish(topic, json.dumps(body), qos=1, properties=publish_properties(
                 content_type="application/json", response_topic=self.reply_topic, correlation=correlation,
-                expiry_s=max(1.0, timeout - 1)))
+                expiry_s=max(1.0, timeout - 1)), refused=refused)
             if not done.wait(timeout):
                 raise ApiError(f"no answer from a worker on {topic} within {timeout:g} s")
+            if refusal:
+                raise Refused(f"the broker refused the request on {topic} ({refusal[0]}), so no worker got it: its ACL "
+                              f"must let {self.link.who} write that topic")
             return answer[0]
         finally:
             with self._lock:

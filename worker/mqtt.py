@@ -172,6 +172,7 @@ class MqttLink:
         self.receive_maximum = receive_maximum
         self.acks = Acks(self.client.ack)
         self._settle: dict[int, Callable[[], None]] = {}  # message id of a QoS 1 publish -> run at its PUBACK
+        self._tell: dict[int, Callable[[str], None]] = {}  # message id of a QoS 1 publish -> told the broker's refusal
         self.client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
         if cfg.username is not None:
             try:
@@ -320,14 +321,14 @@ class MqttLink:
         if new:
             log.error("the broker refused to subscribe this worker to %s: nothing published there reaches it; the "
                       "broker's ACL must let %s read it, under the prefix set in topics.prefix; asking again every "
-                      "%.0f s at most", ", ".join(f"{t} ({r})" for t, r in new.items()), self._who, RESUBSCRIBE_S[1])
+                      "%.0f s at most", ", ".join(f"{t} ({r})" for t, r in new.items()), self.who, RESUBSCRIBE_S[1])
         if mended:
             log.info("the broker now takes the subscription to %s", ", ".join(mended))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         """A QoS 1 message the broker refused in its PUBACK (v5: an ACL without the topic, a quota) is lost, and paho
         says so only here: named with its topic the first time, then once a minute with the count."""
-        settle = self._settle.pop(mid, None)
+        settle, tell = self._settle.pop(mid, None), self._tell.pop(mid, None)
         if settle is not None:
             try:
                 settle()
@@ -342,9 +343,14 @@ class MqttLink:
             self.publishes_refused += 1
             self.last_refused = {"topic": topic, "reason": str(reason_code)}
             count = self.publishes_refused - self._refusals_said
-            say = self._refusal_log.ready()
+            say = tell is None and self._refusal_log.ready()
             if say:
                 self._refusals_said = self.publishes_refused
+        if tell is not None:  # the publisher says it to whoever asked
+            try:
+                tell(str(reason_code))
+            except Exception:
+                log.exception("telling the refusal of the publish %d failed", mid)
         if not say:
             return
         if reason_code.value == 149:  # Packet too large: mosquitto's message_size_limit, which no CONNACK announces
@@ -352,15 +358,15 @@ class MqttLink:
                      "raise it, or make heatmaps smaller (heatmap.size, heatmap.format: jpeg) or send fewer (heatmap.publish)")
         elif self.prefix is not None and not topic.startswith(f"{self.prefix}/"):
             cause = (f"{topic} is outside topics.prefix: a response topic a request named, which the broker's ACL does "
-                     f"not let {self._who} write; the requester must name one it may (e.g. under the prefix)")
+                     f"not let {self.who} write; the requester must name one it may (e.g. under the prefix)")
         else:
-            cause = (f"the broker's ACL must let {self._who} write the worker's topics, under the prefix set in "
+            cause = (f"the broker's ACL must let {self.who} write the worker's topics, under the prefix set in "
                      "topics.prefix")
         log.error("the broker refused %d message(s) this worker published, the last on %s (%s): they are lost "
                   "(results, heatmaps, answers); %s", count, topic, reason_code, cause)
 
     @property
-    def _who(self) -> str:
+    def who(self) -> str:
         """Whom a broker's ACL must name for this connection."""
         return f"user {self.cfg.username!r}" if self.cfg.username else "anonymous clients"
 
@@ -499,8 +505,10 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False, qos: int | None = None,
                 properties: Properties | None = None, accepted: Callable[[], None] | None = None,
-                settled: Callable[[], None] | None = None) -> mqtt.MQTTMessageInfo:
-        """See :meth:`worker.transport.Transport.publish`."""
+                settled: Callable[[], None] | None = None,
+                refused: Callable[[str], None] | None = None) -> mqtt.MQTTMessageInfo:
+        """See :meth:`worker.transport.Transport.publish`. ``refused``: a QoS 1 message's refusal in the broker's PUBACK
+        (its reason) goes to it instead of the link's log, for a client to tell whoever asked at once."""
         data = payload.encode() if isinstance(payload, str) else payload
         # a broker closes the connection over a QoS or a retain flag its CONNACK said it does not take
         qos = min(self.cfg.qos if qos is None else qos, self.max_qos)
@@ -520,6 +528,8 @@ class MqttLink:
                                                      properties=properties)
                 if settled is not None and qos:
                     self._settle[self.last_sent.mid] = settled
+                if refused is not None and qos:
+                    self._tell[self.last_sent.mid] = refused
         except BaseException:
             if settled is not None:  # nothing goes to the broker
                 settled()

@@ -33,7 +33,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from worker.api_client import ApiClient, ApiError
+from worker.api_client import ApiClient, ApiError, Refused
 from worker.config import Config, ConfigError
 from worker.console.hub import Hub, for_browser
 from worker.decode import FrameError
@@ -383,6 +383,8 @@ def create_app(cfg: Config) -> Starlette:
             return unsent
         try:
             answer = await run_in_threadpool(call, body, timeout)
+        except Refused as exc:
+            return _error(403, "broker_refused", str(exc))
         except ApiError as exc:
             return _error(504, "no_answer", str(exc))
         return JSONResponse(answer, 200 if answer.get("ok") else 400)
@@ -489,6 +491,8 @@ def create_app(cfg: Config) -> Starlette:
             return unsent
         try:
             answer = await run_in_threadpool(client.label, {"action": "export", "format": fmt})
+        except Refused as exc:
+            return _error(403, "broker_refused", str(exc))
         except ApiError as exc:
             return _error(504, "no_answer", str(exc))
         if not answer.get("ok"):

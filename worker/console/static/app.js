@@ -458,7 +458,7 @@ async function modelCommand(kind) {
   setStatus("#model-status", kind === "rollback" ? `rolling back ${scope}…` : `loading ${bundle} on ${scope}…`);
   const answer = await post(kind === "rollback" ? "/api/models/rollback" : "/api/models/reload", body);
   if (!answer.ok) {  // a 504 (no worker answered) is not a refusal: the command may still be carried out
-    const how = {no_answer: "no answer", worker_offline: "not sent", unknown_worker: "not sent"}[answer.error?.code] || "refused";
+    const how = {no_answer: "no answer", worker_offline: "not sent", unknown_worker: "not sent", broker_refused: "not sent"}[answer.error?.code] || "refused";
     setStatus("#model-status", `${how}: ${answer.error?.message || "error"}`, true);
     return;
   }

@@ -873,7 +873,7 @@ class Summary:
             f"  test split: {cat.split}" + (": " + ", ".join(f"{t} {n}" for t, n in sorted(types.items())) if types else ""),
             *([f"  held out of the test split for the threshold: {', '.join(f'{t} {n}' for t, n in sorted(held_types.items()))}"]
               if held_types else []),
-            f"  image sizes (w x h): {_counts({f'{w}x{h}': n for (w, h), n in self.sizes.items()})}",
+            f"  image sizes (w x h): {_counts({f'{w}x{h}': n for (w, h), n in self.sizes.items()}, SIZES_SHOWN)}",
             f"  channels: {_counts(self.channels)}; bit depth: {_counts(self.depths)} "
             "(read as 8-bit BGR like the worker: grey -> 3 channels, 16-bit -> top 8 bits; stretched to the input size)",
             f"  masks: {', '.join(masked) if masked else 'none'}" + (f"; image labels only: {', '.join(unmasked)}" if unmasked else ""),
@@ -918,8 +918,15 @@ def _stretch_note(width: int, height: int) -> str | None:
             "shape instead")
 
 
-def _counts(counter: dict) -> str:
-    return ", ".join(f"{k} ({v})" for k, v in sorted(counter.items(), key=lambda kv: -kv[1])) or "-"
+SIZES_SHOWN = 8  # photos of many sizes listed one by one made a line of hundreds of sizes
+
+
+def _counts(counter: dict, most: int | None = None) -> str:
+    """``key (count)``, the most counted first (ties by key); past ``most`` keys, how many more and how many they count."""
+    ranked = sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    rest = ranked[most:] if most is not None else []
+    shown = ", ".join(f"{k} ({v})" for k, v in ranked[:most]) or "-"
+    return shown + (f" and {len(rest)} more ({sum(v for _, v in rest)})" if rest else "")
 
 
 def _turned(image: Image.Image) -> bool:

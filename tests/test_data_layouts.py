@@ -630,6 +630,11 @@ def test_summary_and_refusals(tmp_path):
     assert (f"2 files cannot be decoded: {tmp_path / 'few' / 'empty.png'} (empty), "  # which to copy, which to delete
             f"{tmp_path / 'few' / 'notes.png'} (not an image, or cut short)") in problems[1]
 
+    for i in range(12):  # photos of many sizes: the most common listed, the others counted
+        _write(tmp_path / "sizes" / f"{i}.png", np.zeros((40 + (i > 2) * i, 50), np.uint8))
+    line = next(x for x in summarise(load_category(tmp_path / "sizes")).text(4, 2).splitlines() if "image sizes" in x)
+    assert line.endswith(": 50x40 (3), " + ", ".join(f"50x{40 + i} (1)" for i in range(3, 10)) + " and 2 more (2)"), line
+
     proc = _exporter("train", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2
     assert "data: " + str(tmp_path / "few") + " (good only)" in proc.stdout

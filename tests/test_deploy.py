@@ -60,10 +60,23 @@ def test_every_path_the_production_config_writes_is_one_the_unit_lets_the_worker
 
 def test_compose_file_wires_the_worker_to_the_broker_and_qdrant():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    assert set(compose["services"]) == {"mosquitto", "qdrant", "worker"}
+    assert set(compose["services"]) == {"mosquitto", "qdrant", "worker", "console"}
     env = compose["services"]["worker"]["environment"]
     assert env["EDGE_INSPECT__STORE__URL"].startswith("http://qdrant:")
     assert "python -m worker --config" in compose["services"]["worker"]["command"]
+
+
+def test_the_compose_console_logs_in_as_the_acls_console_and_its_page_asks_for_a_login():
+    console = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["console"]
+    assert "python -m worker console --config /etc/edge-inspect/config.yaml" in console["command"]
+    environ = {k: str(v) for k, v in console["environment"].items() if not str(v).startswith("${")}
+    cfg = load_config(DEPLOY / "worker.yaml", environ={**environ, "EDGE_INSPECT__MQTT__PASSWORD": "x",
+                                                        "EDGE_INSPECT__CONSOLE__PASSWORD": "y"})
+    assert cfg.mqtt.username == "console" and cfg.mqtt.host == "mosquitto" and cfg.console.username
+    acl = (DEPLOY / "mosquitto" / "acl").read_text().split("\nuser ")
+    rights = next(block for block in acl if block.startswith("console\n"))
+    assert "topic write inspect/workers/+/control" in rights
+    assert all(p.startswith("127.0.0.1:") for p in console["ports"]), console["ports"]
 
 
 def test_compose_certificate_names_the_broker_as_the_worker_does_and_pip_builds_outside_the_read_only_tree():
@@ -76,8 +89,9 @@ def test_compose_certificate_names_the_broker_as_the_worker_does_and_pip_builds_
     assert made_for and made_for[1] == worker["environment"]["EDGE_INSPECT__MQTT__HOST"] in compose["services"]
     read_only = [v.split(":")[1] for v in worker["volumes"] if v.startswith("..:") and v.endswith(":ro")]
     assert read_only == ["/app"], worker["volumes"]
-    installs = re.findall(r"pip install [^&]*?'([^'\[]+)\[worker\]'", worker["command"])
-    assert installs and all(not str((Path(worker["working_dir"]) / i)).startswith("/app") for i in installs), installs
+    for service, extra in ((worker, "worker"), (compose["services"]["console"], "console")):
+        installs = re.findall(rf"pip install [^&]*?'([^'\[]+)\[{extra}\]'", service["command"])
+        assert installs and all(i.startswith("/tmp/") for i in installs), installs
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed here")

@@ -194,11 +194,26 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     prefix, client, _, config, _ = running
     empty = _query(client, prefix, {"frame_id": "nothing-yet", "top_k": 3})
     assert empty["ok"] is False and empty["error"]["code"] == "empty_store"
+    none_yet = _query(client, prefix, {"top_k": 3})  # neither frame_id nor image: the latest frames, none yet
+    assert none_yet["ok"] and none_yet["hits"] == [] and none_yet["query"] == {"latest": True}, none_yet
 
     frames = _frames(dataset)
     for frame_id, data, _ in frames:
         client.publish_frame("cam3", data, frame_id)
-    _wait_stored(client, prefix, client.json_on(f"{prefix}/cam3/result", count=len(frames), timeout=120))
+    results = client.json_on(f"{prefix}/cam3/result", count=len(frames), timeout=120)
+    _wait_stored(client, prefix, results)
+
+    # The latest frames matching the filters, the last received first: what a console that starts shows.
+    defects = [r["frame_id"] for r in results if r["verdict"] == "anomalous"]
+    assert defects and all(r["logged"] for r in results if r["verdict"] == "anomalous")
+    latest = _query(client, prefix, {"top_k": 50, "filters": {"cameras": ["cam3"], "anomalous_only": True}})
+    assert latest["ok"] and sorted(h["frame_id"] for h in latest["hits"]) == sorted(defects), (latest, defects)
+    received = [h["received_at"] for h in latest["hits"]]
+    assert received == sorted(received, reverse=True) and all(received), received
+    assert all(h["similarity"] is None and h["thumbnail_b64"] and h["heatmap_b64"] for h in latest["hits"])
+    newest = _query(client, prefix, {"top_k": 2, "filters": {"cameras": ["cam3"]}, "include_heatmaps": False})
+    logged = {r["frame_id"] for r in results if r["logged"]}  # received in publish order; results come as they finish
+    assert [h["frame_id"] for h in newest["hits"]] == [f for f, _, _ in frames if f in logged][-1:-3:-1], newest
 
     # The very image of a logged frame finds that frame first, with cosine similarity ~1.
     frame_id, data, _ = frames[5]
@@ -234,6 +249,7 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
         ({"frame_id": "no-such-frame"}, "unknown_frame"),
         ({"image_b64": base64.b64encode(b"garbage").decode()}, "bad_image"),
         ({"frame_id": frame_id, "image_b64": "AAAA"}, "bad_request"),
+        ({"camera": "cam3"}, "bad_request"),  # the latest frames of a camera: filters.cameras
         ({"frame_id": frame_id, "top_k": 1000}, "bad_request"),
         ({"frame_id": frame_id, "top_k": "3"}, "bad_request"),  # strict: read as 3 before
         ({"frame_id": frame_id, "top_k": True}, "bad_request"),  # read as 1
@@ -252,6 +268,10 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     assert cli.returncode == 0, cli.stderr
     out = json.loads(cli.stdout)
     assert out["ok"] and len(out["hits"]) == 3 and out["query"]["frame_id"] == frame_id
+    listed = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--cameras", "cam3",
+                             "--anomalous-only", "--top-k", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split()[0] == "received_at" and latest["hits"][0]["frame_id"] in listed.stdout, listed.stdout
     # Camera filters are names separated by spaces: a camera's name may hold a comma ("a,b" was two cameras).
     for cameras, found in ((["cam3"], 2), (["nope", "cam3"], 2), (["cam3,nope"], 0)):
         filtered = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id",

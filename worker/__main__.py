@@ -81,18 +81,21 @@ def _query(args: argparse.Namespace) -> int:
                   f"image's {Path(args.image).stat().st_size}); the worker takes requests up to {MAX_REQUEST_BYTES} "
                   "bytes: re-encode the image as JPEG (or make it smaller), or query by --frame-id", file=sys.stderr)
             return 2
-    else:
+    elif args.frame_id:
         request["frame_id"] = args.frame_id
-    request["camera"] = args.camera
+    if args.camera:
+        request["camera"] = args.camera
     answer = _ask(cfg, "query", lambda client: client.query(request))
     if answer is None:
         return 2
     if args.json:
         print(json.dumps(answer, indent=2))
     elif answer.get("ok"):
-        print(f"{'similarity':>10}  {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  verdict")
+        first = "similarity" if args.image or args.frame_id else "received_at"  # neither: the latest frames
+        print(f"{first:>10}  {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  verdict")
         for hit in answer["hits"]:
-            print(f"{hit['similarity']:>10.4f}  {hit['camera']:<12} {hit['frame_id']:<24} {hit['captured_at']:<30} "
+            lead = f"{hit['similarity']:>10.4f}" if hit["similarity"] is not None else hit["received_at"] or "-"
+            print(f"{lead}  {hit['camera']:<12} {hit['frame_id']:<24} {hit['captured_at']:<30} "
                   f"{hit['score']:>6.3f}  {hit['verdict']}")
     else:
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
@@ -222,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("--config", default="config.yaml", help="config file (default ./config.yaml)")
     sub = parser.add_subparsers(dest="command")
-    query = sub.add_parser("query", help="ask the running worker for the most similar past frames")
+    query = sub.add_parser("query", help="ask the running worker for the most similar past frames (neither --image "
+                           "nor --frame-id: the latest frames matching the filters)")
     query.add_argument("--config", default=argparse.SUPPRESS)
-    source = query.add_mutually_exclusive_group(required=True)
+    source = query.add_mutually_exclusive_group()
     source.add_argument("--image", help="an image file to compare with the history")
     source.add_argument("--frame-id", help="a past frame's id")
     query.add_argument("--camera", help="camera of --frame-id, when ids repeat across cameras; with --image, the "

@@ -2,7 +2,9 @@
 
 A request names a past frame (``frame_id`` [+ ``camera``]) or carries an image
 (``image_b64``); the answer lists the nearest logged frames with similarity,
-metadata and a thumbnail (and heatmap, when the frame was anomalous).
+metadata and a thumbnail (and heatmap, when the frame was anomalous).  A request with
+neither lists the frames last received that match its filters (a console that starts
+shows the defects logged before it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from worker.wire import (
     b64_image,
     decode_json,
     error_answer,
+    iso,
     parse_timestamp,
     parse_until,
     validate,
@@ -71,8 +74,11 @@ class QueryRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> QueryRequest:
-        if (self.frame_id is None) == (self.image_b64 is None):
-            raise ValueError("give exactly one of frame_id or image_b64")
+        if self.frame_id is not None and self.image_b64 is not None:
+            raise ValueError("give one of frame_id or image_b64, not both (neither: the latest frames)")
+        if self.frame_id is None and self.image_b64 is None and self.camera is not None:
+            raise ValueError("camera names the camera of frame_id or image_b64; the latest frames of a camera are "
+                             "asked with filters.cameras")
         return self
 
 
@@ -139,6 +145,10 @@ class QueryService:
         if request.top_k > self.max_top_k:
             raise RequestError(ErrorCode.BAD_REQUEST, f"top_k {request.top_k} exceeds the limit {self.max_top_k}")
         filters = request.filters.to_filters()
+        if request.frame_id is None and request.image_b64 is None:
+            return {"ok": True, "query": {"latest": True}, "space": None,
+                    "hits": [self._hit(None, payload, request.include_thumbnails, request.include_heatmaps)
+                             for payload in store.latest(request.top_k, filters)]}
         if store.count() == 0:
             raise RequestError(ErrorCode.EMPTY_STORE, "no frames have been logged yet")
         exclude = None
@@ -187,12 +197,15 @@ class QueryService:
                 f"were scored by other models ({', '.join(models[:5])}), whose embeddings cannot be compared with "
                 "this query's: ask about one of those frames by frame_id to search among them")
 
-    def _hit(self, similarity: float, payload: dict, thumbnails: bool, heatmaps: bool) -> dict:
+    def _hit(self, similarity: float | None, payload: dict, thumbnails: bool, heatmaps: bool) -> dict:
+        """``similarity`` None: a frame listed among the latest, not compared."""
         evidence = payload.get("evidence") or {}
+        received = payload.get("received_ts")
         hit = {
-            "similarity": round(similarity, 4),
+            "similarity": round(similarity, 4) if similarity is not None else None,
             **{k: payload.get(k) for k in ("frame_id", "camera", "captured_at", "score", "raw_score", "verdict",
                                             "model_name", "model_version", "label", "defect_type")},
+            "received_at": iso(received) if isinstance(received, int | float) else None,
         }
         if thumbnails:
             hit["thumbnail_b64"] = _b64(self.evidence.read(evidence.get("thumbnail")))

@@ -314,6 +314,12 @@ class _Edge:
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=False))
         return [(str(r.id), [], dict(r.payload or {})) for r in recs]
 
+    def latest(self, limit: int, filters: Filters) -> list[dict]:
+        order = edge.OrderBy("received_ts", direction=edge.Direction.Desc)
+        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, order_by=order, filter=_edge_filter(filters),
+                                                       with_payload=True, with_vector=False))
+        return [dict(r.payload or {}) for r in recs]
+
     def _ids(self, limit: int, flt: edge.Filter, key: str | None) -> list[str]:
         order = edge.OrderBy(key, direction=edge.Direction.Asc) if key else None
         recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, order_by=order, filter=flt, with_payload=False))
@@ -473,6 +479,11 @@ class VectorStore:
 
     def count(self) -> int:
         return self._call("count", self.engine.count)
+
+    def latest(self, limit: int, filters: Filters) -> list[dict]:
+        """The payloads of the frames last received that match ``filters``, the last first (a point from before
+        ``received_ts`` was recorded is not among them)."""
+        return self._call("read", self.engine.latest, limit, filters)
 
     def labelled(self, limit: int = 100_000) -> list[dict]:
         """Payloads of the frames an operator has labelled (for export)."""

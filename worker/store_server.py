@@ -78,6 +78,13 @@ class ServerEngine:
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=True)
         return [(str(p.id), [], dict(p.payload or {})) for p in recs]
 
+    def latest(self, limit: int, filters: Filters) -> list[dict]:
+        """As :meth:`worker.store._Edge.latest`."""
+        recs, _ = self.client.scroll(self.collection, scroll_filter=_client_filter(filters), limit=limit,
+                                     with_payload=True, with_vectors=False,
+                                     order_by=models.OrderBy(key="received_ts", direction=models.Direction.DESC))
+        return [dict(p.payload or {}) for p in recs]
+
     def _ids(self, limit: int, flt: models.Filter, key: str | None) -> list[str]:
         recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_payload=False,
                                      order_by=models.OrderBy(key=key) if key else None)

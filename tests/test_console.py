@@ -955,6 +955,34 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     assert json.loads(reply.read())["hits"][0]["frame_id"] == bad[0][0]
 
 
+def test_a_console_that_starts_lists_the_defects_logged_before_it(stack, broker, tmp_path):
+    """A restarted console (a power cut, an update) showed an empty defect feed, though the worker's history held
+    every defect with its thumbnail and heatmap: it now asks a worker for the latest defects when it starts."""
+    port = free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": stack.prefix},
+                          console={"port": port})
+    defects = {k for k, r in stack.results.items() if r["verdict"] == "anomalous"}
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    try:
+        deadline = time.monotonic() + 60
+        while len(listed := json.loads(urllib.request.urlopen(f"{console.url}/api/defects", timeout=5).read())[
+                "frames"]) < len(defects):
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.1)  # polling the feed until the worker's answer is in it, not waiting a fixed time
+        assert {f"{r['camera']}/{r['frame_id']}" for r in listed} == defects
+        assert all(r["has_thumbnail"] and r["has_heatmap"] and not r["has_frame"] for r in listed), listed
+        assert [r["seen_at"] for r in listed] == sorted((r["seen_at"] for r in listed), reverse=True)  # last first
+        first = listed[0]
+        assert first["score"] == stack.results[f"{first['camera']}/{first['frame_id']}"]["score"]
+        for kind, magic in (("thumbnail", b"\xff\xd8"), ("heatmap", b"")):
+            reply = urllib.request.urlopen(f"{console.url}/api/frames/{first['camera']}/{first['frame_id']}/{kind}",
+                                           timeout=5)
+            assert reply.status == 200 and reply.read().startswith(magic)
+    finally:
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
 @needs_chromium
 def test_labels_from_the_page_reach_the_store_and_the_export(stack):
     from playwright.sync_api import expect

@@ -20,6 +20,7 @@ import resource
 import secrets
 import signal
 import socket
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from worker.api_client import ApiClient, ApiError, Refused
 from worker.config import Config, ConfigError
 from worker.console.hub import Hub, for_browser
 from worker.decode import FrameError
-from worker.supervise import Throttle
+from worker.supervise import StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.wire import MAX_REQUEST_BYTES, RequestError, b64_image, decode_json, parse_timestamp, parse_until
 
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 15
 CLIENT_QUEUE = 1000  # events a slow browser may lag behind before it misses some
+BACKFILL = "console-backfill"
+BACKFILL_RETRY_S = 10.0  # no worker answered for the defects logged before the console started: asked again after
 
 
 class BasicAuth:
@@ -288,13 +291,38 @@ def create_app(cfg: Config) -> Starlette:
     client.on_message = hub.on_message
     events = Broadcaster()
     hub.subscribe(events.publish)
+    stopping = threading.Event()
+    not_yet = Throttle(600)  # a console whose worker stays away says so when it starts, then every 10 minutes
+
+    def backfill_step() -> None:
+        """One try at the defects a worker logged before the console started (a restarted console showed an empty
+        feed): asked once connected, unless every worker is away, and again until one answers."""
+        if stopping.is_set():
+            raise StopLoop
+        if client.link.wait_connected(BACKFILL_RETRY_S) and not stopping.is_set() and hub.away() is None:
+            try:
+                answer = client.query({"top_k": min(cfg.console.history, cfg.query.max_top_k),
+                                       "filters": {"anomalous_only": True}})
+            except ApiError as exc:
+                answer = {"error": {"message": str(exc)}}
+            if answer.get("ok"):
+                log.info("console: %d defects logged before it started are in the feed",
+                         hub.backfill(answer.get("hits") or []))
+                raise StopLoop
+            if not_yet.ready():
+                log.info("console: the defects logged before it started are not listed yet (asked again every %.0f "
+                         "s): %s", BACKFILL_RETRY_S, (answer.get("error") or {}).get("message"))
+        stopping.wait(BACKFILL_RETRY_S)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         events.loop = asyncio.get_running_loop()
         hub.start()
         client.link.start()  # connects (and reconnects) in the background; the page shows the link state
+        threading.Thread(target=supervised_loop, args=(hub.liveness, BACKFILL, backfill_step), name=BACKFILL,
+                         daemon=True).start()
         yield
+        stopping.set()
         client.close()
         hub.stop()
 

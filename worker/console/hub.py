@@ -10,6 +10,7 @@ to the console's requests) never waits behind image decodes.  Nothing here talks
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -105,6 +106,16 @@ def result_problem(result: object) -> str | None:
         if result.get(key) is not None and not isinstance(result[key], str):
             return f"{key} is not a string"
     return None
+
+
+def _unb64(text: object) -> bytes | None:
+    """A hit's base64 image; b"" where it has none (null), None where it is not base64."""
+    if text is None:
+        return b""
+    try:
+        return base64.b64decode(str(text), validate=True)
+    except ValueError:
+        return None
 
 
 def epoch(stamp: str | None) -> float | None:
@@ -370,6 +381,34 @@ class Hub:
         if anomalous and entry.frame is not None:  # queued after the frame event, so a page gets the thumbnail's after
             for _ in self._thumbnails.put((entry, entry.frame)):
                 self._drop("thumbnail_skipped")
+
+    def backfill(self, hits: list[dict]) -> int:
+        """The defects a worker logged before the console started (its answer to a query for the latest anomalous
+        frames, the last received first), put in the feed behind those the console has seen since, each with the
+        thumbnail and heatmap the worker kept; returns how many. A hit is checked as a live result is (any client may
+        answer on the console's response topic); one the console already has is left as it is."""
+        entries: list[tuple[tuple[str, str], Entry]] = []
+        for hit in reversed(hits):  # the oldest first, the feed's order
+            result = {k: hit.get(k) for k in ("camera", "frame_id", "score", "raw_score", "verdict", "captured_at",
+                                              "label", "defect_type")}
+            result["model"] = {"name": hit.get("model_name"), "version": hit.get("model_version")}
+            images = [_unb64(hit.get(k)) for k in ("heatmap_b64", "thumbnail_b64")]
+            if result_problem(result) is not None or result["verdict"] != "anomalous" or None in images:
+                self._bad_result(result_problem(result) or "not an anomalous frame with its images")
+                continue
+            received = epoch(hit.get("received_at")) if isinstance(hit.get("received_at"), str) else None
+            entry = Entry(result, images[0] or None, thumbnail=images[1] or None, seen_at=received or time.time())
+            entries.append(((result["camera"], result["frame_id"]), entry))
+        with self.lock:
+            live = list(self.defects.items())
+            known = {key for key, _ in live} | set(self.recent)
+            added = [(key, entry) for key, entry in entries if key not in known]
+            self.defects.clear()
+            for key, entry in [*added, *live]:  # past console.history, the oldest of the worker's go first
+                self.defects[key] = entry
+        if added:
+            self._emit("feed", {"backfilled": len(added)})
+        return len(added)
 
     def _thumbnail_step(self) -> None:
         """One anomalous frame's thumbnail, announced to the pages as a ``thumbnail`` event (its result went before)."""

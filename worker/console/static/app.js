@@ -542,6 +542,7 @@ async function start() {
   events.onerror = () => setLink(false, "reconnecting…");
   events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
   events.addEventListener("thumbnail", (e) => onThumbnail(JSON.parse(e.data)));
+  events.addEventListener("feed", loadFeed);  // the defects logged before the console started, behind the live ones
   events.addEventListener("worker", (e) => renderWorker(JSON.parse(e.data)));
   events.addEventListener("camera_error", (e) => renderError(JSON.parse(e.data)));
   events.addEventListener("label", (e) => { applyLabel(JSON.parse(e.data)); loadLearned(); });

@@ -1,9 +1,9 @@
 """What the console knows: the worker's MQTT output since the console started, bounded, in memory.
 
-The worker has no "list recent frames" API, so the console builds its own view from
-the topics it subscribes to (frames, results, heatmaps, errors, worker status).  MQTT
+The worker lists only the frames it logged (the defect feed starts with them: :meth:`Hub.backfill`), so the
+console builds its live view from the topics it subscribes to (frames, results, heatmaps, errors, worker status).  MQTT
 callbacks (paho's thread) update it; the web app reads it and gets every change pushed
-through :meth:`Hub.subscribe` listeners.  The one costly step, an anomalous frame's thumbnail (a full decode of a
+through :meth:`Hub.subscribe` listeners.  The costliest step, an anomalous frame's thumbnail (a full decode of a
 PNG of many megapixels), runs on a thread of its own, so that paho's thread (which also carries the worker's answers
 to the console's requests) never waits behind image decodes.  Nothing here talks to the vector store.
 """

@@ -71,7 +71,7 @@ def test_basic_auth_guards_every_path(tmp_path):
         assert http.get(path).status_code == 401
     assert http.get("/", auth=("op", "wrong")).status_code == 401
     page = http.get("/", auth=("op", "s3cret"))
-    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert page.status_code == 200 and 'src="static/app.js"' in page.text
 
 
 def test_failed_logins_are_logged_with_the_address_once_a_minute(tmp_path, caplog):
@@ -158,10 +158,16 @@ def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
 
 
 def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
+    """...and name the console's own paths relative to the page: a console behind a reverse proxy under a path
+    (https://plant/inspect/ -> 127.0.0.1:8080/) fetched its script, API and event stream from the proxy's root."""
+    import re
+
     static = ROOT / "worker" / "console" / "static"
     for name in ("index.html", "app.js", "app.css"):
         text = (static / name).read_text()
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
+        assert not re.findall(r"""(?:src=|href=|url\(|fetch\(|post\(|EventSource\(|[=:(] *)["'`]/(?:api|static)\b""", text), \
+            (name, re.findall(r""".{30}["'`]/(?:api|static)\b.{10}""", text))
 
 
 @needs_chromium
@@ -738,6 +744,73 @@ def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_to
         expect(tile_b.locator(".fid")).to_contain_text("2000")  # the date, as the browser writes it
         today = page.evaluate("() => new Date().getFullYear()")
         assert str(today) not in (tile_a.locator(".fid").text_content() or "")  # today's frame: time of day only
+
+
+@contextlib.contextmanager
+def _under_a_path(target: str, path: str):
+    """A reverse proxy that serves ``target`` under ``path`` (the path stripped, the body streamed), as nginx's
+    ``location /path/ { proxy_pass http://target/; }`` does; yields its URL of ``path``."""
+    import threading
+
+    import httpx
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def forward(request):
+        upstream = httpx.AsyncClient(base_url=target, timeout=None)
+        sent = upstream.build_request(request.method, "/" + request.path_params["rest"], params=request.query_params,
+                                      content=await request.body(), headers={
+                                          k: v for k, v in request.headers.items() if k not in ("host", "origin")})
+        reply = await upstream.send(sent, stream=True)
+
+        async def body():
+            try:
+                async for chunk in reply.aiter_raw():
+                    yield chunk
+            finally:
+                await reply.aclose()
+                await upstream.aclose()
+        headers = {k: v for k, v in reply.headers.items() if k not in ("content-length", "transfer-encoding")}
+        return StreamingResponse(body(), reply.status_code, headers)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[
+        Route(f"/{path}/{{rest:path}}", forward, methods=["GET", "POST"])]), host="127.0.0.1", port=port,
+        log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the proxy did not start"
+        time.sleep(0.05)  # polling the server's started flag
+    try:
+        yield f"http://127.0.0.1:{port}/{path}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@needs_chromium
+def test_the_page_works_behind_a_reverse_proxy_under_a_path(broker, tmp_path):
+    """Behind a proxy under /inspect/ the page asked for /static/app.js, /api/... and /api/events at the proxy's
+    root: no script, no state, no live updates. It names them relative to itself now."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with _console_alone(broker, tmp_path) as (console, client), _under_a_path(console.url, "inspect") as url, \
+            sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page()
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url))
+        page.goto(url)
+        expect(page.locator("#link")).to_have_text("live", timeout=10_000)  # the event stream, through the proxy
+        _publish_result(client, "cam-p", "through", datetime.now(UTC), "anomalous")
+        expect(page.locator('.tile[data-camera="cam-p"]')).to_have_attribute("data-frame-id", "through", timeout=10_000)
+        expect(page.locator('#defects li[data-key="cam-p/through"]')).to_have_count(1)
+        browser.close()
+    assert asked and all(u.startswith(url) for u in asked), [u for u in asked if not u.startswith(url)]
 
 
 @contextlib.contextmanager

@@ -91,10 +91,11 @@ def _query(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
     elif answer.get("ok"):
-        first = "similarity" if args.image or args.frame_id else "received_at"  # neither: the latest frames
-        print(f"{first:>10}  {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  verdict")
+        compared = bool(args.image or args.frame_id)  # neither: the latest frames, with when each was received
+        print(f"{'similarity':>10}" if compared else f"{'received_at':<29}",
+              f" {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  verdict")
         for hit in answer["hits"]:
-            lead = f"{hit['similarity']:>10.4f}" if hit["similarity"] is not None else hit["received_at"] or "-"
+            lead = f"{hit['similarity']:>10.4f}" if compared else f"{hit['received_at'] or '-':<29}"
             print(f"{lead}  {hit['camera']:<12} {hit['frame_id']:<24} {hit['captured_at']:<30} "
                   f"{hit['score']:>6.3f}  {hit['verdict']}")
     else:

@@ -18,7 +18,7 @@ let overlay = 1;
 let controlled = null;  // the worker id this console sends control commands to (config worker.id)
 const modelSeen = new Map();  // worker id -> the scopes' versions last shown: a change refreshes "Learned"
 
-const imageUrl = (camera, frameId, kind) => `/api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
+const imageUrl = (camera, frameId, kind) => `api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
 const keyOf = (camera, frameId) => `${camera}/${frameId}`;  // neither may contain "/" (topic level, API rule)
 const fmtTime = (iso) => { const d = new Date(iso); return isNaN(d) ? String(iso) : d.toLocaleString(); };
 // A tile's capture time: the time of day, with the date when it is not today (a camera clock reset to 2000 shows).
@@ -202,7 +202,7 @@ function card(r, hit = false) {
 async function setLabel(r, label, defectType, li) {
   const status = $(".lab", li);
   status.textContent = "saving…";
-  const res = await fetch("/api/labels", {method: "POST", headers: {"Content-Type": "application/json"},
+  const res = await fetch("api/labels", {method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({frame_id: r.frame_id, camera: r.camera, label, defect_type: defectType})});
   const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
   if (!answer.ok) { status.textContent = `not saved: ${answer.error?.message || res.status}`; return; }
@@ -273,7 +273,7 @@ async function search(event) {
   status.textContent = "searching…";
   hits.replaceChildren();
   const started = performance.now();
-  const res = await fetch("/api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
+  const res = await fetch("api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
                                           body: JSON.stringify(request)});
   let answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
   let how = "";
@@ -284,7 +284,7 @@ async function search(event) {
     const b64 = await new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(String(r.result).split(",", 2)[1]); r.readAsDataURL(blob); });
     delete request.frame_id;  // the camera stays: the model serving it embeds the image, as it did its frames
     request.image_b64 = b64;
-    const again = await fetch("/api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
+    const again = await fetch("api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
                                                body: JSON.stringify(request)});
     answer = await again.json().catch(() => ({ok: false, error: {message: `HTTP ${again.status}`}}));
     how = " by its image: the frame is not in the history";
@@ -315,7 +315,7 @@ async function loadLearned() {
   try {
     do {
       learnedAgain = false;
-      const res = await fetch("/api/extensions");
+      const res = await fetch("api/extensions");
       const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
       if (answer.ok) renderLearned(answer.extensions);
       else setStatus("#learned-status", `cannot list: ${answer.error?.message || res.status}`, true);
@@ -371,7 +371,7 @@ function renderLearned(extensions) {
 async function unlearn(entry, button) {
   button.disabled = true;
   setStatus("#learned-status", `undoing ${entry.frame_id}…`);
-  const answer = await post("/api/labels/unlabel", {frame_id: entry.frame_id, camera: entry.camera});
+  const answer = await post("api/labels/unlabel", {frame_id: entry.frame_id, camera: entry.camera});
   if (answer.ok) setStatus("#learned-status", `${entry.camera}/${entry.frame_id}: ${learnedText(answer) || "label cleared"}`);
   else { setStatus("#learned-status", `not undone: ${answer.error?.message || "error"}`, true); button.disabled = false; }
   loadLearned();
@@ -415,7 +415,7 @@ async function exportCapture(event) {
   setStatus("#capture-status", "exporting…");
   delete $("#capture-status").dataset.folder;
   $("#capture-train").hidden = true;
-  const answer = await post("/api/capture/export", cam ? {camera: cam} : {});
+  const answer = await post("api/capture/export", cam ? {camera: cam} : {});
   if (answer.error?.code === "no_answer") {  // the console's wait ran out; the export goes on: its stats say the end
     setStatus("#capture-status", "still exporting on the worker: the result shows here when it is done");
     return;
@@ -456,7 +456,7 @@ async function modelCommand(kind) {
   const scope = kind === "rollout" || !cam ? "default" : cam;
   const body = kind === "rollback" ? (cam ? {camera: cam} : {}) : {bundle, ...(kind === "canary" ? {camera: cam} : {})};
   setStatus("#model-status", kind === "rollback" ? `rolling back ${scope}…` : `loading ${bundle} on ${scope}…`);
-  const answer = await post(kind === "rollback" ? "/api/models/rollback" : "/api/models/reload", body);
+  const answer = await post(kind === "rollback" ? "api/models/rollback" : "api/models/reload", body);
   if (!answer.ok) {  // a 504 (no worker answered) is not a refusal: the command may still be carried out
     const how = {no_answer: "no answer", worker_offline: "not sent", unknown_worker: "not sent", broker_refused: "not sent"}[answer.error?.code] || "refused";
     setStatus("#model-status", `${how}: ${answer.error?.message || "error"}`, true);
@@ -507,7 +507,7 @@ async function loadFeed() {
   const params = new URLSearchParams({limit: FEED_MAX});
   if ($("#feed-camera").value) params.set("camera", $("#feed-camera").value);
   if (since) params.set("since", String(Date.now() / 1000 - Number(since)));
-  const answer = await (await fetch(`/api/defects?${params}`)).json();
+  const answer = await (await fetch(`api/defects?${params}`)).json();
   feedPending = [];
   $("#defects").replaceChildren(...answer.frames.map((r) => card(r)));
 }
@@ -526,7 +526,7 @@ function setBroker(ok, problem) {
 }
 
 async function start() {
-  const state = await (await fetch("/api/state")).json();
+  const state = await (await fetch("api/state")).json();
   seriesSeconds = state.series_minutes * 60;
   setBroker(state.broker, state.broker_problem);
   controlled = state.worker;
@@ -537,7 +537,7 @@ async function start() {
   await loadFeed();
   loadLearned();
   schedule();
-  const events = new EventSource("/api/events");
+  const events = new EventSource("api/events");
   events.onopen = () => setLink(true, "live");
   events.onerror = () => setLink(false, "reconnecting…");
   events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));

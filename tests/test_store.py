@@ -211,6 +211,20 @@ def _engines(tmp_path: Path) -> list[Callable[..., VectorStore]]:
             lambda **cfg: VectorStore(StoreConfig(path=None, **cfg), DIM, client=QdrantClient(location=":memory:"))]
 
 
+def test_the_latest_frames_go_by_when_they_arrived_with_the_filters_on_both_engines(tmp_path):
+    """What a console that starts lists: the frames last received, whatever the cameras' clocks say (a camera set
+    to 2000 is not put last, one a year ahead not first); a point from before arrival times were kept is left out."""
+    for make in _engines(tmp_path):
+        store = make()
+        store.upsert(BY_AGE + BY_COUNT)
+        arrived = sorted((p for _, _, p in BY_AGE + BY_COUNT if "received_ts" in p), key=lambda p: -p["received_ts"])
+        assert [p["frame_id"] for p in store.latest(20, Filters())] == [p["frame_id"] for p in arrived]
+        defects = [p["frame_id"] for p in arrived if p["verdict"] == "anomalous"]
+        assert [p["frame_id"] for p in store.latest(3, Filters(anomalous_only=True))] == defects[:3]
+        assert [p["frame_id"] for p in store.latest(20, Filters(cameras=("slo", "fast")))] == ["slo7", "fast2", "fast1"]
+        store.close()
+
+
 def _stamp(evidence_root: Path, pid: str, at: float) -> None:
     """A frame's evidence files as a kernel whose clock read ``at`` wrote them."""
     for path in evidence_root.glob(f"*/{pid}.*"):

@@ -2,7 +2,9 @@
 
 For each candidate: ingest rate (batches of ``store.batch_size`` = 64 points, as the
 recorder writes them, and single-point upserts), then top-5 query latency p50/p99 with
-no filter and with the operator's filters, and recall@5 against exact numpy search.
+no filter and with the operator's filters, and recall@5 against exact numpy search; and the
+latest 50 defects by arrival (what a console that starts asks for), p50/p99 and whether they
+are exactly the 50 last received.
 
 Vectors: seeded from REAL bundle embeddings (``--bundle``: the bundle's embedding of the
 category's train and test images), each stored vector = a real one plus Gaussian noise
@@ -32,6 +34,7 @@ TOP = 5
 CAMERAS = 8
 DAYS = 30
 ANOMALOUS = 0.05
+LATEST = 50  # the latest defects a console asks for when it starts (query.max_top_k's default)
 
 
 def seeds_from_bundle(bundle: Path, data: Path, category: str) -> np.ndarray:
@@ -58,8 +61,8 @@ def make_payloads(n: int, rng: np.random.Generator, now: float) -> list[dict]:
     cams = rng.integers(0, CAMERAS, n)
     ts = now - rng.uniform(0, DAYS * 86400, n)  # random order: any prefix is a fair sample
     anomalous = rng.random(n) < ANOMALOUS
-    return [{"frame_id": f"f{i}", "camera": f"cam{c}", "captured_ts": float(t), "anomalous": bool(a),
-             "score": float(a), "verdict": "anomalous" if a else "normal"}
+    return [{"frame_id": f"f{i}", "camera": f"cam{c}", "captured_ts": float(t), "received_ts": float(t),
+             "anomalous": bool(a), "score": float(a), "verdict": "anomalous" if a else "normal"}
             for i, (c, t, a) in enumerate(zip(cams, ts, anomalous, strict=True))]
 
 
@@ -117,6 +120,14 @@ def run_candidate(name: str, open_store: Callable, vectors: np.ndarray, payloads
                 got = {id_to_index[str(uuid.UUID(str(h.payload["_id"])))] for h in hits} if hits else set()
                 rec.append(len(got & t) / len(t) if t else float(not got))
             out["cases"][case] = (1000 * np.percentile(lat, 50), 1000 * np.percentile(lat, 99), float(np.mean(rec)))
+        want = [p["frame_id"] for p in sorted((p for p in payloads if p["anomalous"]), key=lambda p: -p["received_ts"])]
+        lat, exact_lists = [], []
+        for _ in queries:
+            t0 = time.perf_counter()
+            got = store.latest(LATEST, Filters(anomalous_only=True))
+            lat.append(time.perf_counter() - t0)
+            exact_lists.append([p["frame_id"] for p in got] == want[:LATEST])
+        out["latest"] = (1000 * np.percentile(lat, 50), 1000 * np.percentile(lat, 99), all(exact_lists))
         store.close()
         return out
     finally:
@@ -192,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s", results[-1])
 
     head = "| engine | points | ingest pts/s (batches of 64) | single upsert ms | index build s | " + \
-        " | ".join(f"{c}: p50 / p99 ms, recall@5" for c in cases) + " |"
-    lines = [head, "|" + "---|" * (5 + len(cases))]
+        " | ".join(f"{c}: p50 / p99 ms, recall@5" for c in cases) + f" | latest {LATEST} defects: p50 / p99 ms, exact |"
+    lines = [head, "|" + "---|" * (6 + len(cases))]
     for r in results:
         cells = " | ".join(f"{p50:.1f} / {p99:.1f}, {rec:.3f}" for p50, p99, rec in r["cases"].values())
+        p50, p99, exact_latest = r["latest"]
         lines.append(f"| {r['name']} | {r['points']} | {r['ingest_pts_s']:.0f} | {r['single_upsert_ms']:.1f} | "
-                     f"{r['build_s']:.1f} | {cells} |")
+                     f"{r['build_s']:.1f} | {cells} | {p50:.1f} / {p99:.1f}, {'yes' if exact_latest else 'no'} |")
     md = "\n".join(lines)
     print(md)
     source = f"real embeddings of {args.bundle.name}" if args.bundle else "random unit vectors"

@@ -272,6 +272,9 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
                              "--anomalous-only", "--top-k", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split()[0] == "received_at" and latest["hits"][0]["frame_id"] in listed.stdout, listed.stdout
+    mixed = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--camera", "cam3"],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert mixed.returncode == 2 and "the latest frames of a camera: --cameras cam3" in mixed.stderr, mixed.stderr
     # Camera filters are names separated by spaces: a camera's name may hold a comma ("a,b" was two cameras).
     for cameras, found in ((["cam3"], 2), (["nope", "cam3"], 2), (["cam3,nope"], 0)):
         filtered = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id",

@@ -61,6 +61,10 @@ def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict], unanswered: 
 
 
 def _query(args: argparse.Namespace) -> int:
+    if args.camera and not (args.image or args.frame_id):
+        print(f"error: --camera names the camera of --frame-id or --image; the latest frames of a camera: --cameras "
+              f"{args.camera}", file=sys.stderr)
+        return 2
     cfg = load_config(args.config)
     cameras = args.cameras or []
     if commas := [c for c in cameras if "," in c]:

@@ -262,6 +262,13 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"ok": False, "error": {"code": code, "message": message}}, status)
 
 
+def _unanswered(exc: ApiError) -> JSONResponse:
+    """A request no worker answered: 403 when the broker refused it (nothing was sent), else 504 (no answer in time)."""
+    if isinstance(exc, Refused):
+        return _error(403, "broker_refused", str(exc))
+    return _error(504, "no_answer", str(exc))
+
+
 def _optional_id(body: dict, key: str) -> str | None:
     """A camera id (or other optional name) from a request body: absent, null, "" or a string; else ValueError."""
     value = body.get(key)
@@ -411,10 +418,8 @@ def create_app(cfg: Config) -> Starlette:
             return unsent
         try:
             answer = await run_in_threadpool(call, body, timeout)
-        except Refused as exc:
-            return _error(403, "broker_refused", str(exc))
         except ApiError as exc:
-            return _error(504, "no_answer", str(exc))
+            return _unanswered(exc)
         return JSONResponse(answer, 200 if answer.get("ok") else 400)
 
     async def _json_body(request: Request) -> dict:
@@ -519,10 +524,8 @@ def create_app(cfg: Config) -> Starlette:
             return unsent
         try:
             answer = await run_in_threadpool(client.label, {"action": "export", "format": fmt})
-        except Refused as exc:
-            return _error(403, "broker_refused", str(exc))
         except ApiError as exc:
-            return _error(504, "no_answer", str(exc))
+            return _unanswered(exc)
         if not answer.get("ok"):
             return JSONResponse(answer, 400)
         disposition = {"Content-Disposition": f'attachment; filename="labels.{fmt}"'}

@@ -393,11 +393,13 @@ class Hub:
                                               "label", "defect_type")}
             result["model"] = {"name": hit.get("model_name"), "version": hit.get("model_version")}
             images = [_unb64(hit.get(k)) for k in ("heatmap_b64", "thumbnail_b64")]
-            if result_problem(result) is not None or result["verdict"] != "anomalous" or None in images:
-                self._bad_result(result_problem(result) or "not an anomalous frame with its images")
+            problem = result_problem(result) or (None if result["verdict"] == "anomalous" and None not in images
+                                                 else "not an anomalous frame with its images")
+            if problem is not None:
+                self._bad_result(problem)
                 continue
-            received = epoch(hit.get("received_at")) if isinstance(hit.get("received_at"), str) else None
-            entry = Entry(result, images[0] or None, thumbnail=images[1] or None, seen_at=received or time.time())
+            entry = Entry(result, images[0] or None, thumbnail=images[1] or None,
+                          seen_at=epoch(hit.get("received_at")) or time.time())
             entries.append(((result["camera"], result["frame_id"]), entry))
         with self.lock:
             live = list(self.defects.items())

@@ -1,7 +1,8 @@
-"""The console behind a defect storm: every frame anomalous (a lens covered) and each a large PNG.
+"""The console behind a defect storm: every frame anomalous (a lens covered) and each a large PNG or raw buffer.
 
 mosquitto and the console run as processes, no worker: a client publishes ``--frames`` camera frames of
-``--megapixels`` (a smooth random texture, PNG, as a line camera's) each with an anomalous result, then a worker's
+``--megapixels`` (a smooth random texture, PNG as a line camera's, or with ``--raw FORMAT`` a machine-vision
+camera's raw buffer: Mono8, a Bayer 8-bit format or BGR8) each with an anomalous result, then a worker's
 availability ``stopped``.  Measured per round (``--rounds``):
 
 - staleness: the availability's publish -> the console's ``/api/state`` shows it (polled every 10 ms); the same
@@ -9,6 +10,7 @@ availability ``stopped``.  Measured per round (``--rounds``):
 - settled: the availability's publish -> every frame's thumbnail made or given up (``thumbnail_skipped``).
 
     python -m benchmarks.console_storm --frames 60 --megapixels 5 --rounds 3
+    python -m benchmarks.console_storm --frames 60 --megapixels 5 --rounds 3 --raw BayerRG8
 """
 
 from __future__ import annotations
@@ -27,25 +29,26 @@ import numpy as np
 from benchmarks.common import ROOT, fmt, summary
 from scripts.broker import Broker, free_port
 from scripts.console_helpers import ConsoleProcess
+from worker.pixels import PIXEL_FORMATS
 
 
 def _get(url: str) -> dict:
     return json.loads(urllib.request.urlopen(url, timeout=10).read())
 
 
-def _round(broker: Broker, folder: Path, png: bytes, frames: int) -> tuple[float, float, int]:
+def _round(broker: Broker, folder: Path, frame: bytes, raw: dict[str, str], frames: int) -> tuple[float, float, int]:
     """Staleness and settled seconds, and the thumbnails given up, of one console process."""
     from tests.conftest import Client, write_config
 
     prefix, port = f"s{uuid.uuid4().hex[:8]}", free_port()
     config = write_config(folder, broker.port, folder / "no-bundle", topics={"prefix": prefix}, console={"port": port},
-                          limits={"max_frame_bytes": len(png) + 1, "max_pixels": 50_000_000})
+                          limits={"max_frame_bytes": len(frame) + 1, "max_pixels": 50_000_000})
     console = ConsoleProcess(config, folder / "console.log", port)
     client = Client(broker.port, prefix)
     try:
         now = datetime.now(UTC).isoformat()
         for k in range(frames):
-            client.publish_frame("cam", png, f"f{k}")
+            client.publish_frame("cam", frame, f"f{k}", extra=raw)
             result = {"camera": "cam", "frame_id": f"f{k}", "score": 2.0, "threshold": 1.0, "verdict": "anomalous",
                       "captured_at": now}
             client.client.publish(f"{prefix}/cam/result", json.dumps(result), qos=1)
@@ -71,13 +74,25 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--megapixels", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--raw", metavar="FORMAT", help="raw buffers of this pixel format (8 or 24 bits a pixel)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "console-storm")
     args = parser.parse_args()
     width = int((args.megapixels * 1e6 * 4 / 3) ** 0.5)
     height = width * 3 // 4
     texture = np.random.default_rng(0).integers(0, 256, (height // 8, width // 8, 3), np.uint8)
-    png = cv2.imencode(".png", cv2.resize(texture, (width, height), interpolation=cv2.INTER_LINEAR))[1].tobytes()
-    print(f"{args.frames} anomalous frames of {width}x{height} px, PNG {len(png) / 1e6:.1f} MB each")
+    image = cv2.resize(texture, (width, height), interpolation=cv2.INTER_LINEAR)
+    raw: dict[str, str] = {}
+    if args.raw is None:
+        frame = cv2.imencode(".png", image)[1].tobytes()
+    else:
+        if args.raw not in PIXEL_FORMATS:
+            parser.error(f"--raw {args.raw}: not a pixel format ({', '.join(PIXEL_FORMATS)})")
+        bits = PIXEL_FORMATS[args.raw].bits_per_pixel
+        if bits not in (8, 24):
+            parser.error(f"--raw {args.raw}: {bits} bits a pixel; this benchmark makes 8 or 24")
+        frame = (image if bits == 24 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)).tobytes()
+        raw = {"pixel_format": args.raw, "width": str(width), "height": str(height)}
+    print(f"{args.frames} anomalous frames of {width}x{height} px, {args.raw or 'PNG'} {len(frame) / 1e6:.1f} MB each")
     args.out.mkdir(parents=True, exist_ok=True)
     broker = Broker(args.out / "broker")
     stale, settled, skipped = [], [], []
@@ -85,7 +100,7 @@ def main() -> None:
         for r in range(args.rounds):
             folder = args.out / f"round-{r}"
             folder.mkdir(exist_ok=True)
-            s, t, k = _round(broker, folder, png, args.frames)
+            s, t, k = _round(broker, folder, frame, raw, args.frames)
             stale.append(s)
             settled.append(t)
             skipped.append(k)

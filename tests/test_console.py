@@ -608,6 +608,56 @@ def test_a_raw_pixel_buffer_is_shown_as_the_picture_the_worker_scored(broker, tm
     assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
 
 
+def test_recent_frames_are_kept_within_their_bytes_and_a_raw_buffer_as_its_picture_once_shown(broker, tmp_path):
+    """``console.recent_frames`` counted frames, not bytes: 64 frames of a few megapixels each held hundreds of
+    megabytes. Past ``console.recent_max_bytes`` the oldest frames are forgotten (their results stay); a raw buffer
+    is held as it came (the console makes it a picture only when asked, off its MQTT thread) and as its JPEG once a
+    page was served it."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    side = 100
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          limits={"max_frame_bytes": 50_000, "max_pixels": 200 * 200},
+                          cameras={"mono": {"pixels": {"format": "Mono8", "width": side, "height": side}}},
+                          console={"port": port, "recent_max_bytes": 25_000})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    client = Client(broker.port, prefix)
+    ramp = np.add.outer(np.arange(side), np.arange(side)).astype(np.uint8)  # a smooth picture: a small JPEG
+
+    def publish(frame_id: str) -> None:
+        client.publish_frame("mono", ramp.tobytes(), frame_id)
+        _publish_result(client, "mono", frame_id, datetime.now(UTC))
+
+    def held() -> dict[str, bool]:
+        """Which of the camera's frames the console still holds (the rest went for the budget)."""
+        frames = {}
+        for frame_id in ("f0", "f1", "f2", "f3", "f4"):
+            try:
+                reply = urllib.request.urlopen(f"{console.url}/api/frames/mono/{frame_id}/frame", timeout=5)
+                assert reply.headers["Content-Type"] == "image/jpeg"
+                assert reply.read() == cv2.imencode(".jpg", cv2.cvtColor(ramp, cv2.COLOR_GRAY2BGR),
+                                                    [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+                frames[frame_id] = True
+            except urllib.error.HTTPError as gone:
+                assert gone.code == 404, gone.read()
+                frames[frame_id] = False
+        return frames
+
+    try:
+        for frame_id in ("f0", "f1", "f2", "f3"):  # 10,000 bytes each as received: two fit in 25,000
+            publish(frame_id)
+        _until_handled(console, client, "m0")
+        assert held() == {"f0": False, "f1": False, "f2": True, "f3": True, "f4": False}
+        publish("f4")  # f2 and f3 are held as the JPEGs just served: all three fit
+        _until_handled(console, client, "m1")
+        assert held() == {"f0": False, "f1": False, "f2": True, "f3": True, "f4": True}
+        tiles = json.loads(urllib.request.urlopen(f"{console.url}/api/state", timeout=5).read())["cameras"]
+        assert tiles["mono"]["frame_id"] == "f4" and tiles["mono"]["has_frame"], tiles
+    finally:
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+    assert "Traceback" not in console.log_path.read_text(), console.log_path.read_text()[-2000:]
+
+
 def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
     """A result with a string or null score was taken into the hub's state: null raised halfway through (the tile's
     entry stored, its score point not), and a string froze every page's render loop."""

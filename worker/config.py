@@ -427,6 +427,10 @@ class ConsoleConfig(_Section):
                                                 "feed.")
     recent_frames: int = Field(64, ge=8, description="Latest frames (camera bytes, heatmap, result) of all cameras kept in memory for the "
                                                      "live tiles.")
+    recent_max_bytes: int = Field(128_000_000, gt=0, description="Bytes of camera frames the console keeps of those recent_frames: "
+                                                                 "past it the oldest frames are forgotten (their results and "
+                                                                 "heatmaps stay, shown without the picture). A raw pixel buffer "
+                                                                 "counts as received until a page asks for it, then as its JPEG.")
     series_minutes: float = Field(60, gt=0, le=YEAR_S / 60, description="Score-over-time window per camera.")
     max_cameras: int = Field(64, ge=1, description="Cameras the console keeps (tile, score series, error count): the most recently "
                                                    "active; past this many the longest quiet one is dropped, so invented camera ids "

@@ -383,14 +383,17 @@ def create_app(cfg: Config) -> Starlette:
         kind = request.path_params["kind"]
         if kind not in ("frame", "heatmap", "thumbnail"):
             return _error(404, "not_found", f"no image kind {kind!r}")
-        data = hub.image(request.path_params["camera"], request.path_params["frame_id"], kind)
+        camera, frame_id = request.path_params["camera"], request.path_params["frame_id"]
+        data = hub.image(camera, frame_id, kind)
         if data is None:
             return _error(404, "not_found", "the console no longer has this image")
         try:
-            shown, kind = await run_in_threadpool(for_browser, data, cfg.limits)
+            shown, content = await run_in_threadpool(for_browser, data, cfg.limits)
         except FrameError as exc:
             return _error(422, "image_refused", f"not served: {exc.message}")
-        return Response(shown, media_type=kind, headers={"Cache-Control": "private, max-age=3600"})
+        if kind == "frame" and shown is not data:
+            hub.shown_as(camera, frame_id, data, shown)
+        return Response(shown, media_type=content, headers={"Cache-Control": "private, max-age=3600"})
 
     async def defects(request: Request) -> Response:
         q = request.query_params

@@ -5,7 +5,8 @@ console builds its live view from the topics it subscribes to (frames, results, 
 callbacks (paho's thread) update it; the web app reads it and gets every change pushed
 through :meth:`Hub.subscribe` listeners.  The costliest step, an anomalous frame's thumbnail (a full decode of a
 PNG of many megapixels), runs on a thread of its own, so that paho's thread (which also carries the worker's answers
-to the console's requests) never waits behind image decodes.  Nothing here talks to the vector store.
+to the console's requests) never waits behind image decodes; a raw pixel buffer is made a picture only when a page
+or a thumbnail asks for it.  Nothing here talks to the vector store.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 import paho.mqtt.client as mqtt
 
@@ -29,7 +30,7 @@ from worker.config import CameraConfig, ConsoleConfig, LimitsConfig, QueuePolicy
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.heatmap import encode, fit_size
 from worker.mqtt import user_properties
-from worker.pixels import check, declared, to_bgr
+from worker.pixels import Pixels, check, declared, to_bgr
 from worker.queueing import BoundedQueue, Closed
 from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
@@ -47,7 +48,7 @@ THUMBNAIL_QUEUE = 16  # anomalous frames waiting for their thumbnail (and within
 THUMBNAIL_POLICY = QueuePolicy.DROP_OLDEST
 
 THUMBNAIL_SIZE = 160
-BROWSER_JPEG_QUALITY = 90  # a frame a browser cannot show (TIFF), as the page gets it
+BROWSER_JPEG_QUALITY = 90  # a frame a browser cannot show (TIFF, a raw buffer), as the page gets it
 SERIES_BUCKETS = 360  # score-over-time resolution: one point per window/360 (10 s for an hour)
 # Results of parallel infer requests finish out of capture order, close together in both times: only then does capture
 # order keep a tile on the frame it shows. Beyond it a capture time older than the shown one is a camera clock step.
@@ -59,6 +60,21 @@ _MAGIC = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"BM", "image
 AWAY = {"offline": "its last will: it crashed or lost its link to the broker", "stopped": "it was shut down"}
 
 
+@dataclass(frozen=True)
+class RawFrame:
+    """A raw pixel buffer as the camera sent it, checked against its declaration: turned into a picture only when a
+    page or a thumbnail asks (a 5 MP buffer's JPEG is tens of milliseconds of a core, on whichever thread makes it)."""
+
+    data: bytes
+    pixels: Pixels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+Image = bytes | RawFrame  # a camera frame as the console holds it
+
+
 def content_type(data: bytes) -> str:
     """The type of an image a browser can show, else ``application/octet-stream``."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -66,12 +82,14 @@ def content_type(data: bytes) -> str:
     return next((ct for magic, ct in _MAGIC if data.startswith(magic)), "application/octet-stream")
 
 
-def for_browser(data: bytes, limits: LimitsConfig) -> tuple[bytes, str]:
+def for_browser(data: Image, limits: LimitsConfig) -> tuple[bytes, str]:
     """An image and its content type as a browser can show it: a frame browsers cannot decode (TIFF, which the
-    worker accepts) as a JPEG; anything else as it is. JPEG rather than PNG: a page asks for every new frame of a
+    worker accepts, or a raw buffer) as a JPEG; anything else as it is. JPEG rather than PNG: a page asks for every new frame of a
     tile, and a multi-megapixel PNG costs the edge box's cores many times what the JPEG does. Every image is first
     checked from its header within the worker's limits (anyone may publish a frame): FrameError says why not, and
-    nothing past them is decoded or handed to a browser."""
+    nothing past them is decoded or handed to a browser (a raw buffer was checked when it came)."""
+    if isinstance(data, RawFrame):
+        return encode(to_bgr(data.data, data.pixels), "jpeg", BROWSER_JPEG_QUALITY), "image/jpeg"
     probe(data, limits.max_frame_bytes, limits.max_pixels)
     kind = content_type(data)
     if kind != "application/octet-stream":
@@ -131,7 +149,7 @@ class Entry:
 
     result: dict
     heatmap: bytes | None = None
-    frame: bytes | None = None  # the camera's bytes; only while the entry is among the recent frames
+    frame: Image | None = None  # the camera's; only while the entry is among the recent frames
     thumbnail: bytes | None = None  # JPEG of the frame; anomalous frames only (kept in the defect feed), made after
     # When the console got the result, on its own clocks: cameras' clocks can be years off or step back an hour.
     seen_at: float = field(default_factory=time.time)  # epoch seconds: the feed's filter, the score plot
@@ -158,19 +176,22 @@ def _replaces(entry: Entry, shown: Entry) -> bool:
                 and entry.arrived - shown.arrived <= REORDER_WINDOW_S)
 
 
-class Pending:
+_Held = TypeVar("_Held", bound=Sized)
+
+
+class Pending(Generic[_Held]):
     """Images waiting for their frame's result, bounded by count and by bytes; past either bound ``policy`` says
     which goes: ``drop_oldest`` forgets the image waiting the longest, ``drop_newest`` refuses the new one. The
     first image under a key stays: a second one under the same key is refused, so the console never shows bytes
     other than those it held when the worker's result came (a camera may send another frame under the same id)."""
 
     def __init__(self, limit: int, max_bytes: int, policy: str) -> None:
-        self.items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.items: OrderedDict[tuple[str, str], _Held] = OrderedDict()
         self.limit, self.max_bytes, self.policy = limit, max_bytes, policy
         self.bytes = 0
         self.evicted = 0  # images forgotten by drop_oldest
 
-    def put(self, key: tuple[str, str], data: bytes) -> str | None:
+    def put(self, key: tuple[str, str], data: _Held) -> str | None:
         """Keeps ``data`` under ``key``, or says why not ("duplicate_id", "pending_full")."""
         if key in self.items:
             return "duplicate_id"
@@ -185,7 +206,7 @@ class Pending:
         self.bytes += len(data)
         return None
 
-    def take(self, key: tuple[str, str]) -> bytes | None:
+    def take(self, key: tuple[str, str]) -> _Held | None:
         data = self.items.pop(key, None)
         if data is not None:
             self.bytes -= len(data)
@@ -227,8 +248,8 @@ class Hub:
         self.cameras = cameras or {}
         self.lock = threading.Lock()
         # (camera, frame_id) -> bytes, before its result
-        self.pending_frames = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
-        self.pending_heatmaps = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
+        self.pending_frames: Pending[Image] = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
+        self.pending_heatmaps: Pending[bytes] = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.dropped: dict[str, int] = {}  # why -> images and results the console did not keep
         self._bad_log, self._bad_since_log = Throttle(BAD_RESULT_LOG_EVERY_S), 0
         # every camera's latest frames
@@ -241,7 +262,7 @@ class Hub:
         self.workers: dict[str, dict] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
         self.liveness = Liveness(0)  # the hub runs on the console's MQTT thread, its thumbnails on their own
-        self._thumbnails: BoundedQueue[tuple[Entry, bytes]] = BoundedQueue(
+        self._thumbnails: BoundedQueue[tuple[Entry, Image]] = BoundedQueue(
             THUMBNAIL_QUEUE, THUMBNAIL_POLICY, cfg.pending_max_bytes, size=lambda item: len(item[1]))
         self._thumbnailer = threading.Thread(target=supervised_loop, name=THUMBNAILER, daemon=True,
                                              args=(self.liveness, THUMBNAILER, self._thumbnail_step))
@@ -267,6 +288,17 @@ class Hub:
     @staticmethod
     def _forget_frame(entry: Entry) -> None:
         entry.frame = None  # raw frames can be large: only the recent ones are kept
+
+    def _frames_within_budget(self, newest: Entry) -> None:
+        """The recent frames' bytes brought within console.recent_max_bytes, the oldest forgotten first (with the
+        lock held): 64 frames of a few megapixels each would otherwise hold hundreds of megabytes."""
+        held = sum(len(e.frame) for e in self.recent.values() if e.frame is not None)
+        for entry in self.recent.values():
+            if held <= self.cfg.recent_max_bytes:
+                return
+            if entry is not newest and entry.frame is not None:
+                held -= len(entry.frame)
+                self._forget_frame(entry)
 
     def subscribe(self, listener: Callable[[str, dict], None]) -> None:
         """``listener(event, data)`` is called for every change, on the MQTT thread (on the thumbnail thread for
@@ -318,7 +350,8 @@ class Hub:
         """An image is kept only within the worker's limits (its header checked, never decoded here), and only the
         first under its (camera, frame_id): a camera frame only before the frame's result, so the console shows the
         bytes the worker scored or none. A raw pixel buffer is checked against its declaration as the worker checks
-        it and kept as the JPEG a browser is served (no browser shows a buffer)."""
+        it and kept as it came (:class:`RawFrame`)."""
+        image: Image = data
         try:
             camera_cfg = self.cameras.get(camera)
             pixels = declared(user, camera_cfg.pixels if camera_cfg is not None else None) if kind == "frame" else None
@@ -326,7 +359,7 @@ class Hub:
                 probe(data, self.limits.max_frame_bytes, self.limits.max_pixels)
             else:
                 check(data, pixels, self.limits.max_frame_bytes, self.limits.max_pixels)
-                data = encode(to_bgr(data, pixels), "jpeg", BROWSER_JPEG_QUALITY)
+                image = RawFrame(data, pixels)
         except FrameError as exc:
             self._drop(exc.code.value)
             return
@@ -334,14 +367,15 @@ class Hub:
         with self.lock:
             entry = self.recent.get(key)
             if entry is None:  # the usual order: frame, heatmap, then the result
-                refused = (self.pending_frames if kind == "frame" else self.pending_heatmaps).put(key, data)
+                refused = (self.pending_frames.put(key, image) if kind == "frame"
+                           else self.pending_heatmaps.put(key, data))
                 if refused:
                     self.dropped[refused] = self.dropped.get(refused, 0) + 1
                 return
             if kind == "frame" or getattr(entry, kind) is not None:  # after its result: not what the worker scored
                 self.dropped["after_result"] = self.dropped.get("after_result", 0) + 1
                 return
-            setattr(entry, kind, data)
+            setattr(entry, kind, image)
             view = {**entry.view(), "first": False, "tile": self.latest.get(camera) is entry}
         self._emit("frame", view)
 
@@ -366,6 +400,7 @@ class Hub:
                 entry.result.update({k: previous.result[k] for k in ("label", "defect_type") if k in previous.result})
                 entry.seen_at = previous.seen_at
             self.recent[key] = entry
+            self._frames_within_budget(entry)
             shown = self._touch(self.latest, key[0], lambda: entry)
             if shown is not entry and _replaces(entry, shown):
                 self.latest[key[0]] = entry
@@ -428,12 +463,15 @@ class Hub:
             entry.thumbnail = thumbnail
         self._emit("thumbnail", {"camera": entry.result["camera"], "frame_id": entry.result["frame_id"]})
 
-    def _thumbnail(self, frame: bytes) -> bytes | None:
+    def _thumbnail(self, frame: Image) -> bytes | None:
         """A JPEG of the frame within THUMBNAIL_SIZE, decoded only within the worker's limits (a JPEG at a reduced
         size where that still covers the thumbnail)."""
         try:
-            header: Header = probe(frame, self.limits.max_frame_bytes, self.limits.max_pixels)
-            image = decode(frame, reduction(header, THUMBNAIL_SIZE, THUMBNAIL_SIZE, headroom=1.0))
+            if isinstance(frame, RawFrame):
+                image = to_bgr(frame.data, frame.pixels)
+            else:
+                header: Header = probe(frame, self.limits.max_frame_bytes, self.limits.max_pixels)
+                image = decode(frame, reduction(header, THUMBNAIL_SIZE, THUMBNAIL_SIZE, headroom=1.0))
             return encode(fit_size(image, THUMBNAIL_SIZE), "jpeg", 80)
         except FrameError:
             return None
@@ -513,10 +551,18 @@ class Hub:
         self._emit("label", {"camera": camera, "frame_id": frame_id, "label": label, "defect_type": defect_type,
                              "learned": learned})
 
-    def image(self, camera: str, frame_id: str, kind: str) -> bytes | None:
+    def image(self, camera: str, frame_id: str, kind: str) -> Image | None:
         with self.lock:
             entry = self.recent.get((camera, frame_id)) or self.defects.get((camera, frame_id))
             return getattr(entry, kind, None) if entry is not None else None
+
+    def shown_as(self, camera: str, frame_id: str, held: Image, shown: bytes) -> None:
+        """Keep the picture a page was served in place of the frame it was made of (a raw buffer, a TIFF): the next
+        page gets it without a conversion, and it is smaller. Nothing changes if the frame has gone meanwhile."""
+        with self.lock:
+            entry = self.recent.get((camera, frame_id))
+            if entry is not None and entry.frame is held:
+                entry.frame = shown
 
     def defect_feed(self, camera: str | None, since: float | None, until: float | None, limit: int) -> list[dict]:
         """Anomalous frames seen since the console started, the last received first; ``since``/``until`` bound the

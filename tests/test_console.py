@@ -681,6 +681,45 @@ def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
 
 
 @needs_chromium
+def test_a_worker_status_no_worker_could_send_is_dropped_and_invented_workers_are_bounded(broker, tmp_path):
+    """A worker's stats, model and availability were taken as they came: one stats message that was not an object
+    broke every later one of that worker (its rates read the bad one), any worker id invented under
+    ``workers/<id>/`` grew the console's memory, and each message that was not JSON logged a traceback."""
+    with _console_alone(broker, tmp_path, max_workers=3) as (console, client):
+        prefix = client.prefix
+
+        def status(worker: str, leaf: str, payload: bytes) -> None:
+            client.client.publish(f"{prefix}/workers/{worker}/{leaf}", payload, qos=1).wait_for_publish(10)
+
+        def stats(at: str, processed: object) -> bytes:
+            return json.dumps({"at": at, "queue": 0, "cameras": {"cam-a": {"processed": processed}}}).encode()
+
+        status("w1", "stats", stats("2026-12-06T00:00:00Z", 10))
+        bad = [("stats", b"[1, 2]"), ("stats", stats("2026-12-06T00:00:05Z", "15")), ("stats", b"{"),
+               ("stats", b"[" * 100_000), ("model", b"null"), ("model", b'{"scopes": {"default": 7}}'),
+               ("availability", b"online\n" * 20), ("availability", b"\xff" * 100)]
+        for leaf, payload in bad:
+            status("w1", leaf, payload)
+        for payload in (b"{", b"[1]", b'{"code": 7}', b'{"code": "x", "frame_id": ["f"]}'):
+            client.client.publish(f"{prefix}/cam-a/error", payload, qos=1).wait_for_publish(10)
+        client.client.publish(f"{prefix}/cam-a/result", b"\xff\xfe", qos=1).wait_for_publish(10)
+        status("w1", "stats", stats("2026-12-06T00:00:10Z", 30))
+        status("w1", "availability", b"online")
+        state = _until_handled(console, client, "m0")
+        w1 = state["workers"]["w1"]
+        assert w1["rates"] == {"cam-a": 2.0} and w1["availability"] == "online" and w1["model"] is None, w1
+        assert state["dropped"] == {"bad_worker_status": len(bad), "bad_error": 4, "bad_result": 1}, state["dropped"]
+        assert state["errors"] == {} and state["threads"]["console-hub"]["restarts"] == 0, state
+        for k in range(5):  # invented ids: the most recently active max_workers stay
+            status(f"ghost-{k}", "availability", b"online")
+        status("w1", "stats", stats("2026-12-06T00:00:15Z", 40))
+        state = _until_handled(console, client, "m1")
+        assert sorted(state["workers"]) == ["ghost-3", "ghost-4", "w1"], state["workers"]
+    text = console.log_path.read_text()
+    assert "Traceback" not in text, text[-2000:]
+    assert text.count("not understood and dropped") == 1, text[-2000:]  # one warning a minute, with the count
+
+
 def test_a_request_no_worker_would_take_is_refused_at_once_and_not_sent(broker, tmp_path):
     """With the worker stopped (its retained availability says so), an export, reload or label from the page waited
     for console.control_timeout_s (two minutes by default) and then said only "no answer"; the request stayed queued
@@ -772,6 +811,23 @@ def test_one_tile_that_cannot_be_drawn_does_not_stop_the_others(broker, tmp_path
         expect(page.locator('.tile[data-camera="cam-ok"]')).to_have_attribute("data-frame-id", "f1", timeout=10_000)
         expect(page.locator("#defects li")).to_have_count(1)
         assert any("cam-broken" in e for e in errors), errors
+
+
+@needs_chromium
+def test_a_workers_stats_show_on_the_tiles_and_make_none(broker, tmp_path):
+    """The page made a tile for every camera a worker's stats named: anyone able to publish a stats message could
+    fill every open page with tiles, past ``console.max_cameras``. Tiles come from results only."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        _publish_result(client, "cam-ok", "f1", datetime.now(UTC), "anomalous")
+        tile = page.locator('.tile[data-camera="cam-ok"]')
+        expect(tile).to_have_attribute("data-frame-id", "f1", timeout=10_000)
+        cameras = {"cam-ok": {"received": 5}, **{f"ghost-{k}": {"received": 1} for k in range(50)}}
+        body = {"at": datetime.now(UTC).isoformat(), "queue": 0, "cameras": cameras}
+        client.client.publish(f"{client.prefix}/workers/w-test/stats", json.dumps(body), qos=1).wait_for_publish(10)
+        expect(tile.locator(".rate")).to_contain_text("received 5", timeout=10_000)
+        assert page.locator(".tile").count() == 1 and errors == [], errors
 
 
 @needs_chromium
@@ -881,11 +937,12 @@ def _live_page(broker, tmp_path: Path):
 
 
 @contextlib.contextmanager
-def _console_alone(broker, tmp_path: Path):
-    """A console process with no worker behind it, and a client under its prefix; stopped cleanly (exit 0) after."""
+def _console_alone(broker, tmp_path: Path, **console: object):
+    """A console process with no worker behind it, and a client under its prefix; stopped cleanly (exit 0) after.
+    ``console``: more of its config's console section."""
     prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
     config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
-                          console={"port": port})
+                          console={"port": port, **console})
     console = ConsoleProcess(config, tmp_path / "console.log", port)
     client = Client(broker.port, prefix)
     try:

@@ -435,6 +435,9 @@ class ConsoleConfig(_Section):
     max_cameras: int = Field(64, ge=1, description="Cameras the console keeps (tile, score series, error count): the most recently "
                                                    "active; past this many the longest quiet one is dropped, so invented camera ids "
                                                    "cannot grow its memory.")
+    max_workers: int = Field(32, ge=1, description="Workers the console keeps (availability, model, stats): the most recently active; "
+                                                   "past this many the longest quiet one is dropped, so invented worker ids "
+                                                   "cannot grow its memory.")
     pending_max_bytes: int = Field(64_000_000, gt=0, description="Bytes of camera frames (and of heatmaps, counted apart) the "
                                                                  "console holds while they wait for their result, with at most "
                                                                  "recent_frames of each; past either bound pending_policy applies. "

@@ -25,6 +25,7 @@ from functools import cached_property
 from typing import Generic, TypeVar, cast
 
 import paho.mqtt.client as mqtt
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.config import CameraConfig, ConsoleConfig, LimitsConfig, QueuePolicy
 from worker.decode import FrameError, Header, decode, probe, reduction
@@ -37,7 +38,8 @@ from worker.topics import Topics
 from worker.wire import valid_id
 
 log = logging.getLogger(__name__)
-BAD_RESULT_LOG_EVERY_S = 60.0  # results not understood: one warning with a count at most this often
+BAD_MESSAGE_LOG_EVERY_S = 60.0  # messages not understood: one warning with a count at most this often
+AVAILABILITY_MAX_CHARS = 64  # a worker's availability as the console keeps it: "online", "offline", "stopped"
 
 HUB = "console-hub"
 THUMBNAILER = "console-thumbnails"
@@ -99,6 +101,75 @@ def for_browser(data: Image, limits: LimitsConfig) -> tuple[bytes, str]:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parsed(payload: bytes) -> tuple[object, str | None]:
+    """A message's JSON, or why it is none (anyone may publish under the prefix: bytes, text, nesting past the
+    parser's depth)."""
+    try:
+        return json.loads(payload), None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"not JSON ({type(exc).__name__})"
+
+
+class _Read(BaseModel):
+    """The fields of a worker's message that the console and its page read, checked; the rest goes as it came."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _CameraCounts(_Read):
+    received: int = 0
+    processed: int = 0
+    anomalous: int = 0
+    dropped: int = 0
+    errored: int = 0
+
+
+class _OtherProcess(_Read):
+    host: str
+    pid: int
+
+
+class _Stats(_Read):
+    at: str | None = None
+    queue: int | None = None
+    cameras: dict[str, _CameraCounts] | None = None
+    capture: dict[str, dict] | None = None
+    capture_export: dict | None = None
+    other_process: _OtherProcess | None = None
+
+
+class _Scope(_Read):
+    name: str | None = None
+    version: str | None = None
+    bundle: str | None = None
+    extension: dict | None = None
+
+
+class _Model(_Read):
+    name: str | None = None
+    version: str | None = None
+    bundle: str | None = None
+    scopes: dict[str, _Scope] | None = None
+
+
+class _Error(_Read):
+    code: str
+    message: str | None = None
+    frame_id: str | None = None
+
+
+def _schema_problem(schema: type[_Read], message: object) -> str | None:
+    """The first field of ``message`` that ``schema`` refuses, or None."""
+    if not isinstance(message, dict):
+        return "not a JSON object"
+    try:
+        schema.model_validate(message)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return f"{'.'.join(map(str, first['loc'])) or 'the message'}: {first['msg']}"
+    return None
 
 
 def result_problem(result: object) -> str | None:
@@ -251,7 +322,7 @@ class Hub:
         self.pending_frames: Pending[Image] = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.pending_heatmaps: Pending[bytes] = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.dropped: dict[str, int] = {}  # why -> images and results the console did not keep
-        self._bad_log, self._bad_since_log = Throttle(BAD_RESULT_LOG_EVERY_S), 0
+        self._bad_log, self._bad_since_log = Throttle(BAD_MESSAGE_LOG_EVERY_S), 0
         # every camera's latest frames
         self.recent: Bounded[tuple[str, str], Entry] = Bounded(cfg.recent_frames, self._forget_frame)
         self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
@@ -259,7 +330,8 @@ class Hub:
         self.latest: Bounded[str, Entry] = Bounded(cfg.max_cameras)
         self.series: Bounded[str, deque[tuple[float, float]]] = Bounded(cfg.max_cameras)
         self.errors: Bounded[str, dict] = Bounded(cfg.max_cameras)  # camera -> {"count", "last"}
-        self.workers: dict[str, dict] = {}
+        # per worker id, the most recently active cfg.max_workers (anyone may publish under workers/<id>/)
+        self.workers: Bounded[str, dict] = Bounded(cfg.max_workers)
         self._listeners: list[Callable[[str, dict], None]] = []
         self.liveness = Liveness(0)  # the hub runs on the console's MQTT thread, its thumbnails on their own
         self._thumbnails: BoundedQueue[tuple[Entry, Image]] = BoundedQueue(
@@ -334,13 +406,13 @@ class Hub:
         elif len(rest) == 2:
             camera, leaf = rest
             if leaf == "result":
-                self._on_result(json.loads(payload))
+                self._on_result(payload)
             elif leaf in ("frame", "heatmap"):
                 user = user_properties(msg)
                 if frame_id := user.get("frame_id"):
                     self._on_image(leaf, camera, frame_id, payload, user)
             elif leaf == "error":
-                self._on_error(camera, json.loads(payload))
+                self._on_error(camera, payload)
 
     def _drop(self, why: str) -> None:
         with self.lock:
@@ -379,19 +451,23 @@ class Hub:
             view = {**entry.view(), "first": False, "tile": self.latest.get(camera) is entry}
         self._emit("frame", view)
 
-    def _bad_result(self, problem: str) -> None:
-        """Counted in ``dropped``; logged with the count at most once every BAD_RESULT_LOG_EVERY_S."""
-        self._drop("bad_result")
+    def _bad(self, why: str, problem: str) -> None:
+        """A message dropped whole: counted in ``dropped`` under ``why``; logged with the count at most once every
+        BAD_MESSAGE_LOG_EVERY_S (a client publishing garbage must not flood the log)."""
+        self._drop(why)
         self._bad_since_log += 1
         if self._bad_log.ready():
-            log.warning("console: %d result(s) not understood and dropped (last: %s)", self._bad_since_log, problem)
+            log.warning("console: %d message(s) not understood and dropped (last: %s, %s)", self._bad_since_log, why,
+                        problem)
             self._bad_since_log = 0
 
-    def _on_result(self, result: dict) -> None:
-        problem = result_problem(result)
+    def _on_result(self, payload: bytes) -> None:
+        result, problem = _parsed(payload)
+        problem = problem or result_problem(result)
         if problem is not None:
-            self._bad_result(problem)
+            self._bad("bad_result", problem)
             return
+        result = cast(dict, result)
         key = (result["camera"], result["frame_id"])
         with self.lock:
             entry = Entry(result, self.pending_heatmaps.take(key), self.pending_frames.take(key))
@@ -431,7 +507,7 @@ class Hub:
             problem = result_problem(result) or (None if result["verdict"] == "anomalous" and None not in images
                                                  else "not an anomalous frame with its images")
             if problem is not None:
-                self._bad_result(problem)
+                self._bad("bad_result", problem)
                 continue
             entry = Entry(result, images[0] or None, thumbnail=images[1] or None,
                           seen_at=epoch(hit.get("received_at")) or time.time())
@@ -484,9 +560,15 @@ class Hub:
         while points and points[0][0] < horizon:
             points.popleft()
 
-    def _on_error(self, camera: str, error: dict) -> None:
+    def _on_error(self, camera: str, payload: bytes) -> None:
+        error, problem = _parsed(payload)
+        problem = problem or _schema_problem(_Error, error)
+        if problem is not None:
+            self._bad("bad_error", problem)
+            return
+        error = cast(dict, error)
         with self.lock:
-            if isinstance(error.get("frame_id"), str):  # the worker refused that frame: its bytes get no result
+            if error.get("frame_id") is not None:  # the worker refused that frame: its bytes get no result
                 self.pending_frames.take((camera, error["frame_id"]))
             record = self._touch(self.errors, camera, lambda: {"count": 0, "last": None})
             record["count"] += 1
@@ -495,19 +577,29 @@ class Hub:
         self._emit("camera_error", data)
 
     def _on_worker(self, worker: str, leaf: str, payload: bytes) -> None:
+        """A worker's availability, model or stats, each checked whole before it changes anything: one a worker
+        could not have sent is dropped (``bad_worker_status``), and the worker's state stays as it was."""
+        if leaf not in ("availability", "model", "stats"):
+            return
+        value: object
+        if leaf == "availability":
+            value = payload.decode("utf-8", errors="replace")
+            said = value == "" or (valid_id(value) and len(value) <= AVAILABILITY_MAX_CHARS and "\ufffd" not in value)
+            problem = None if said else f"not a word of at most {AVAILABILITY_MAX_CHARS} characters"
+        else:
+            value, problem = _parsed(payload)
+            problem = problem or _schema_problem(_Model if leaf == "model" else _Stats, value)
+        if not valid_id(worker):
+            problem = "the worker id is not an id"
+        if problem is not None:
+            self._bad("bad_worker_status", f"{leaf} of {worker[:64]!r}: {problem}")
+            return
         with self.lock:
-            state = self.workers.setdefault(worker, {"id": worker, "availability": None, "model": None,
-                                                      "stats": None, "rates": {}})
-            if leaf == "availability":
-                state["availability"] = payload.decode(errors="replace")
-            elif leaf == "model":
-                state["model"] = json.loads(payload)
-            elif leaf == "stats":
-                stats = json.loads(payload)
-                state["rates"] = self._rates(state["stats"], stats)
-                state["stats"] = stats
-            else:
-                return
+            state = self._touch(self.workers, worker, lambda: {"id": worker, "availability": None, "model": None,
+                                                               "stats": None, "rates": {}})
+            if leaf == "stats":
+                state["rates"] = self._rates(state["stats"], cast(dict, value))
+            state[leaf] = None if value == "" else value  # an empty availability: its retained message cleared
             data = dict(state)
         self._emit("worker", data)
 

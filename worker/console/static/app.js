@@ -490,9 +490,11 @@ function renderWorker(w) {
   const seen = JSON.stringify(Object.entries(w.model?.scopes || {}).map(([s, m]) => [s, m.version, m.extension?.revision]));
   if (w.model && modelSeen.has(w.id) && modelSeen.get(w.id) !== seen) loadLearned();
   modelSeen.set(w.id, seen);
-  for (const [name, c] of Object.entries(stats.cameras || {})) {
+  for (const [name, c] of Object.entries(stats.cameras || {})) {  // tiles come from results: none made here
+    const cam = cams.get(name);
+    if (!cam) continue;
     const rate = w.rates?.[name];
-    $(".rate", camera(name).el).textContent = `${rate !== undefined ? rate.toFixed(1) : "–"} frames/s · received ${c.received}`
+    $(".rate", cam.el).textContent = `${rate !== undefined ? rate.toFixed(1) : "–"} frames/s · received ${c.received}`
       + ` · anomalous ${c.anomalous} · dropped ${c.dropped} · errors ${c.errored}`;
   }
 }

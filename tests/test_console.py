@@ -831,6 +831,28 @@ def test_a_workers_stats_show_on_the_tiles_and_make_none(broker, tmp_path):
 
 
 @needs_chromium
+def test_a_page_left_open_keeps_as_many_tiles_and_workers_as_the_console(broker, tmp_path):
+    """The console forgets the camera and the worker quiet the longest past console.max_cameras and max_workers; a
+    page left open on a wall kept every tile and worker pill it had ever shown (invented ids, renamed cameras)."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path, max_cameras=3, max_workers=2) as (page, client, errors):
+        now = datetime.now(UTC)
+        for k in range(5):
+            _publish_result(client, f"cam-{k}", "f1", now)
+            client.client.publish(f"{client.prefix}/workers/w-{k}/availability", b"online", qos=1).wait_for_publish(10)
+        _publish_result(client, "cam-2", "f2", now)  # active again: cam-3 is now the one quiet the longest
+        _publish_result(client, "cam-5", "f1", now)
+        expect(page.locator('.tile[data-camera="cam-5"]')).to_have_attribute("data-frame-id", "f1", timeout=10_000)
+        expect(page.locator(".tile")).to_have_count(3)
+        assert sorted(t.get_attribute("data-camera") for t in page.locator(".tile").all()) == ["cam-2", "cam-4", "cam-5"]
+        assert page.locator("#feed-camera option").all_text_contents()[1:] == ["cam-2", "cam-4", "cam-5"]
+        expect(page.locator("#workers .pill")).to_have_count(2)
+        assert [p.get_attribute("id") for p in page.locator("#workers .pill").all()] == ["worker-w-3", "worker-w-4"]
+        assert errors == [], errors
+
+
+@needs_chromium
 def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_today(broker, tmp_path):
     """The page applied the same capture-time rule as the console (a tile frozen on a future frame, the feed sorted
     by capture time), and a tile's caption showed only the time of day, so a frame dated 2000-01-01 looked current."""
@@ -920,17 +942,17 @@ def test_the_page_works_behind_a_reverse_proxy_under_a_path(broker, tmp_path):
 
 
 @contextlib.contextmanager
-def _live_page(broker, tmp_path: Path):
+def _live_page(broker, tmp_path: Path, **console: object):
     """A console with no worker behind it and a Chromium page on it, live (its event stream open); yields the page,
-    a client under the console's prefix and the page's console errors."""
+    a client under the console's prefix and the page's console errors. ``console``: more of its console section."""
     from playwright.sync_api import expect, sync_playwright
 
-    with _console_alone(broker, tmp_path) as (console, client), sync_playwright() as p:
+    with _console_alone(broker, tmp_path, **console) as (console_process, client), sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page()
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(console.url)
+        page.goto(console_process.url)
         expect(page.locator("#link")).to_have_text("live", timeout=10_000)
         yield page, client, errors
         browser.close()

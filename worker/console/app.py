@@ -343,7 +343,8 @@ def create_app(cfg: Config) -> Starlette:
     async def state(request: Request) -> Response:
         return JSONResponse({**hub.snapshot(), "series": hub.score_series(), **link_state(),
                              "event_streams": sum(streams.values()), "accept_failed": THROTTLED.total[ACCEPT_FAILED],
-                             "worker": cfg.worker.id, "series_minutes": cfg.console.series_minutes})
+                             "worker": cfg.worker.id, "series_minutes": cfg.console.series_minutes,
+                             "max_cameras": cfg.console.max_cameras, "max_workers": cfg.console.max_workers})
 
     streams: dict[str, int] = {}  # client address -> open event streams
 

@@ -9,8 +9,11 @@ const enc = encodeURIComponent;
 const FEED_MAX = 100;  // feed items kept in the page
 const PLOT_EVERY_MS = 1000;
 const FEED_EVERY_MS = 250;  // new feed items are added in batches: a busy line must not keep the page busy
-const cams = new Map();  // camera -> {el, latest, dirty, points, plotted}
+const cams = new Map();  // camera -> {el, latest, dirty, points, plotted}, the most recently active last
+const pills = new Map();  // worker id -> its pill, the most recently updated last
 let seriesSeconds = 3600;
+let maxCameras = 64, maxWorkers = 32;  // the console's bounds (console.max_cameras, console.max_workers): a page open
+// for weeks forgets, as the console does, the tile and the pill quiet the longest past them
 let feedPending = [];
 let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
@@ -44,9 +47,11 @@ function show(img, url) {
   next();
 }
 
+// The camera's tile, made if it has none, and moved to the most recently active end of `cams`.
 function camera(name) {
   let cam = cams.get(name);
-  if (cam) return cam;
+  if (cam) { cams.delete(name); cams.set(name, cam); return cam; }
+  if (cams.size >= maxCameras) forgetCamera(cams.keys().next().value);
   const el = $("#tile-tpl").content.firstElementChild.cloneNode(true);
   el.dataset.camera = name;
   $(".cam", el).textContent = name;
@@ -62,6 +67,14 @@ function camera(name) {
     $(sel).append(opt);
   }
   return cam;
+}
+
+function forgetCamera(name) {
+  cams.get(name).el.remove();
+  cams.delete(name);
+  for (const sel of ["#feed-camera", "#q-camera", "#cap-camera", "#m-camera"]) {
+    for (const opt of $(sel).options) if (opt.value === name) opt.remove();
+  }
 }
 
 function addPoint(cam, at, score) {
@@ -469,13 +482,16 @@ async function modelCommand(kind) {
 
 // ---- workers, errors, feed ------------------------------------------------------------------
 function renderWorker(w) {
-  let el = document.getElementById(`worker-${w.id}`);
-  if (!el) {
+  let el = pills.get(w.id);
+  if (el) pills.delete(w.id);
+  else {
     el = document.createElement("span");
     el.id = `worker-${w.id}`;
     el.className = "pill";
     $("#workers").append(el);
+    if (pills.size >= maxWorkers) { const [quiet, old] = pills.entries().next().value; old.remove(); pills.delete(quiet); }
   }
+  pills.set(w.id, el);  // the most recently updated last
   const stats = w.stats || {};
   const twin = stats.other_process;  // a second process runs under this worker.id (worker/presence.py)
   el.className = `pill ${w.availability === "online" && !twin ? "on" : "off"}`;
@@ -530,6 +546,8 @@ function setBroker(ok, problem) {
 async function start() {
   const state = await (await fetch("api/state")).json();
   seriesSeconds = state.series_minutes * 60;
+  maxCameras = state.max_cameras;
+  maxWorkers = state.max_workers;
   setBroker(state.broker, state.broker_problem);
   controlled = state.worker;
   for (const [name, points] of Object.entries(state.series)) camera(name).points = points;

@@ -208,6 +208,44 @@ class _SlowScrape(Collector):
         return iter(())
 
 
+def test_clients_holding_connections_open_cannot_grow_the_metrics_servers_threads(caplog):
+    """The metrics server ran a thread per connection for as long as the client kept it open: clients that connect
+    and send nothing (metrics.host on the line's network) grew the worker's threads until it could start none. Now
+    at most max_connections are served at once (a new one past them is answered 503 and closed) and a connection
+    silent for timeout_s is closed."""
+    import select
+
+    held: list[socket.socket] = []
+    stats = Stats(Liveness(0))
+    port = stats.serve("127.0.0.1", 0, max_connections=4, timeout_s=60.0)
+    base = threading.active_count()
+    try:
+        for _ in range(20):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            held[-1].sendall(b"GET /metr")  # a request that never ends
+        replies: dict[int, bytes] = {}
+        deadline = time.monotonic() + 30
+        while len(replies) < 16 and time.monotonic() < deadline:  # the 16 past the 4 served are answered at once
+            ready, _, _ = select.select([s for s in held if s.fileno() not in replies], [], [], 1.0)
+            replies.update({s.fileno(): s.recv(200) for s in ready})
+        assert len(replies) == 16 and all(r.startswith(b"HTTP/1.0 503 ") for r in replies.values()), replies
+        assert threading.active_count() - base <= 4  # the 4 served, each waiting for the rest of its request
+        assert caplog.text.count("connection(s) refused so far") == 1  # said once a minute, with the count so far
+    finally:
+        for sock in held:
+            sock.close()
+        stats.close()
+    stats = Stats(Liveness(0))
+    port = stats.serve("127.0.0.1", 0, max_connections=4, timeout_s=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            silent.sendall(b"GET /metr")
+            assert silent.recv(200) == b""  # closed by the worker after its silence, without an answer
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status == 200
+    finally:
+        stats.close()
+
+
 def test_a_metrics_client_that_gives_up_leaves_no_traceback_but_a_failing_scrape_does(capfd, caplog):
     """A /metrics or /healthz client that closed before its answer (its timeout) put http.server's full traceback
     (BrokenPipeError, ConnectionResetError) in the worker's log, which reads as a worker error: now one DEBUG line."""

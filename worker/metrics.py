@@ -8,6 +8,7 @@ come from topic levels, so at most ``metrics.max_cameras`` of them become labels
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -16,19 +17,26 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.supervise import Liveness
+from worker.supervise import Liveness, Throttle
 
 # The stats' and /metrics' bucket of frames from cameras past metrics.max_cameras and from camera levels refused
 # (bad_camera): no camera is named so, since "/" separates topic levels.
 OTHER = "/other"
 log = logging.getLogger(__name__)
 
+# The HTTP server runs a thread per connection: without bounds, clients that open connections and send nothing (on a
+# metrics.host reachable from the line's network) grew the worker's threads without limit, until the process could
+# start no thread at all.  Scrapers and health probes open one connection each.
+HTTP_MAX_CONNECTIONS = 32  # connections served at once; past them a new one is answered 503 and closed
+HTTP_TIMEOUT_S = 10.0  # a connection silent this long while its request is read or its answer written is closed
+HTTP_REFUSED_LOG_EVERY_S = 60.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -108,11 +116,15 @@ class Stats:
         with self._lock:
             return {cam: {f: c[f] for f in self.FIELDS} for cam, c in self._counts.items()}
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` and ``/healthz`` over HTTP on a daemon thread; returns the bound port."""
+    def serve(self, host: str, port: int, max_connections: int = HTTP_MAX_CONNECTIONS,
+              timeout_s: float = HTTP_TIMEOUT_S) -> int:
+        """Serve ``/metrics`` and ``/healthz`` over HTTP on a daemon thread, at most ``max_connections`` at once, each
+        closed after ``timeout_s`` of silence; returns the bound port."""
         registry, liveness = self.registry, self.liveness
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # socketserver.StreamRequestHandler sets it on the connection
+
             def do_GET(self) -> None:  # (http.server's name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
@@ -134,7 +146,7 @@ class Stats:
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not log lines
                 return
 
-        self._server = _Server((host, port), Handler)
+        self._server = _Server((host, port), Handler, max_connections)
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         return self._server.server_address[1]
 
@@ -146,6 +158,39 @@ class Stats:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog: a burst of connections is accepted (and answered) rather than dropped
+    BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+            b"too many connections to the worker's metrics server\n")
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        self.refused = 0  # connections answered BUSY
+        self._refused_log = Throttle(HTTP_REFUSED_LOG_EVERY_S)
+
+    def process_request(self, request: Any, client_address: Any) -> None:  # socketserver's types
+        """A thread for the connection while a slot is free; else 503 at once, on this (the accepting) thread."""
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            if self._refused_log.ready():
+                log.warning("metrics: %d connection(s) refused so far: %d already open (the most served at once)",
+                            self.refused, self.max_connections)
+            with contextlib.suppress(OSError):  # a few bytes into a new connection's empty send buffer: never blocks
+                request.sendall(self.BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         """A client that gave up before its answer (a probe's timeout on a starved or paused box) is no error of the

@@ -318,7 +318,7 @@ class Hub:
         self.limits = limits or LimitsConfig()
         self.cameras = cameras or {}
         self.lock = threading.Lock()
-        # (camera, frame_id) -> bytes, before its result
+        # (camera, frame_id) -> the image, before its result
         self.pending_frames: Pending[Image] = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.pending_heatmaps: Pending[bytes] = Pending(cfg.recent_frames, cfg.pending_max_bytes, cfg.pending_policy)
         self.dropped: dict[str, int] = {}  # why -> images and results the console did not keep

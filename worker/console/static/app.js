@@ -489,7 +489,12 @@ function renderWorker(w) {
     el.id = `worker-${w.id}`;
     el.className = "pill";
     $("#workers").append(el);
-    if (pills.size >= maxWorkers) { const [quiet, old] = pills.entries().next().value; old.remove(); pills.delete(quiet); }
+    if (pills.size >= maxWorkers) {
+      const [quiet, old] = pills.entries().next().value;
+      old.remove();
+      pills.delete(quiet);
+      modelSeen.delete(quiet);
+    }
   }
   pills.set(w.id, el);  // the most recently updated last
   const stats = w.stats || {};

@@ -467,6 +467,32 @@ def test_the_console_hub_keeps_the_most_recently_active_cameras_only():
     assert sorted(hub.score_series()) == ["a", "c", "d"]
 
 
+def test_the_console_hub_keeps_a_cameras_scores_in_buckets_whatever_its_frame_rate():
+    """Every result's score was kept for the whole plot window (series_minutes) and summed into buckets under the
+    hub's lock at each /api/state: a camera at 30 frames/s held 108,000 points an hour, and each page load held
+    up the console's MQTT thread while it read them. Now at most SERIES_BUCKETS + 1 buckets per camera."""
+    import paho.mqtt.client as mqtt
+
+    from worker.config import ConsoleConfig
+    from worker.console.hub import SERIES_BUCKETS, Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig(series_minutes=0.002))  # a 0.12 s window: buckets of 1/3 ms
+    scores = [0.1 * (k % 9) for k in range(9)]
+    started, k = time.time(), 0
+    while time.time() - started < 0.36:  # results for three windows' time: the oldest buckets must be pruned
+        m = mqtt.MQTTMessage(topic=b"inspect/cam/result")
+        m.payload = json.dumps({"camera": "cam", "frame_id": f"f{k}", "score": scores[k % 9], "verdict": "normal",
+                                "captured_at": "2026-12-06T00:00:00+00:00"}).encode()
+        hub.on_message(m)
+        k += 1
+    buckets = hub.score_series()["cam"]
+    assert 0 < len(buckets) <= SERIES_BUCKETS + 1 and len(hub.series["cam"]) == len(buckets) < k  # what is kept
+    starts = [start for start, _ in buckets]
+    assert starts == sorted(set(starts)) and starts[0] > started + 0.12  # the first window's buckets went
+    assert {score for _, score in buckets} <= set(scores)
+
+
 def test_a_request_names_its_reply_topic_for_clients_without_mqtt_v5():
     """``reply_to`` is taken out of the body (the request's own schema stays strict) and checked as a topic."""
     from worker.wire import RequestError, split_reply_to

@@ -328,7 +328,8 @@ class Hub:
         self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
         # per camera, the most recently active cfg.max_cameras (see _touch)
         self.latest: Bounded[str, Entry] = Bounded(cfg.max_cameras)
-        self.series: Bounded[str, deque[tuple[float, float]]] = Bounded(cfg.max_cameras)
+        # per camera, [bucket_start, max_score] of each SERIES_BUCKETS-th of the window, oldest first
+        self.series: Bounded[str, deque[list[float]]] = Bounded(cfg.max_cameras)
         self.errors: Bounded[str, dict] = Bounded(cfg.max_cameras)  # camera -> {"count", "last"}
         # per worker id, the most recently active cfg.max_workers (anyone may publish under workers/<id>/)
         self.workers: Bounded[str, dict] = Bounded(cfg.max_workers)
@@ -553,12 +554,23 @@ class Hub:
             return None
 
     def _add_point(self, camera: str, entry: Entry) -> None:
+        """The score into its time bucket: a camera keeps at most SERIES_BUCKETS + 1 of them, whatever its frame rate
+        (every point of the window was kept, and summed into buckets under the lock at each /api/state)."""
         at = entry.seen_at  # the camera's clock may be years off: the plot's "last hour" is the console's
-        points = self._touch(self.series, camera, deque)
-        points.append((at, float(entry.result["score"])))
+        step = self.cfg.series_minutes * 60 / SERIES_BUCKETS
+        start, score = at - at % step, max(float(entry.result["score"]), 0.0)
+        buckets = self._touch(self.series, camera, deque)
+        if not buckets or start > buckets[-1][0]:
+            buckets.append([start, score])
+        else:  # this bucket, or an earlier one (the console's clock stepped back): found from the newest end
+            at_or_before = next((i for i in range(len(buckets) - 1, -1, -1) if buckets[i][0] <= start), None)
+            if at_or_before is not None and buckets[at_or_before][0] == start:
+                buckets[at_or_before][1] = max(buckets[at_or_before][1], score)
+            else:
+                buckets.insert(0 if at_or_before is None else at_or_before + 1, [start, score])
         horizon = time.time() - self.cfg.series_minutes * 60
-        while points and points[0][0] < horizon:
-            points.popleft()
+        while buckets and buckets[0][0] + step <= horizon:
+            buckets.popleft()
 
     def _on_error(self, camera: str, payload: bytes) -> None:
         error, problem = _parsed(payload)
@@ -667,16 +679,8 @@ class Hub:
 
     def score_series(self) -> dict[str, list[list[float]]]:
         """Per camera, the highest score in each time bucket of the window: ``[[bucket_start, max_score], ...]``."""
-        step = self.cfg.series_minutes * 60 / SERIES_BUCKETS
-        out: dict[str, list[list[float]]] = {}
         with self.lock:
-            for camera, points in self.series.items():
-                buckets: dict[float, float] = {}
-                for at, score in points:
-                    start = at - at % step
-                    buckets[start] = max(score, buckets.get(start, 0.0))
-                out[camera] = [[t, s] for t, s in sorted(buckets.items())]
-        return out
+            return {camera: [list(b) for b in buckets] for camera, buckets in self.series.items()}
 
     def snapshot(self) -> dict:
         with self.lock:

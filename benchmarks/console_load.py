@@ -45,8 +45,8 @@ PROBE = """() => {
         published.set(el.dataset.camera + '/' + el.dataset.frameId, Date.parse(el.dataset.publishedAt));
         m.tile.push(now - Date.parse(el.dataset.publishedAt));
       } else if (r.attributeName === 'src' && el.classList.contains('heat')) {
-        const parts = el.getAttribute('src').split('/');
-        const t = published.get(decodeURIComponent(parts[3]) + '/' + decodeURIComponent(parts[4]));
+        const parts = el.getAttribute('src').split('/'), at = parts.indexOf('frames');  // a relative URL, or not
+        const t = published.get(decodeURIComponent(parts[at + 1]) + '/' + decodeURIComponent(parts[at + 2]));
         if (t) m.image.push(now - t);
       }
     }

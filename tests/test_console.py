@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from conftest import ROOT, Client, WorkerProcess, write_config
 
 from scripts.broker import free_port
@@ -660,13 +663,17 @@ def test_recent_frames_are_kept_within_their_bytes_and_a_raw_buffer_as_its_pictu
 
 def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
     """A result with a string or null score was taken into the hub's state: null raised halfway through (the tile's
-    entry stored, its score point not), and a string froze every page's render loop."""
+    entry stored, its score point not), and a string froze every page's render loop. A NaN or Infinity anywhere in
+    a result, which Python's parser takes, made every /api/state a 500 for as long as the result was kept."""
     with _console_alone(broker, tmp_path) as (console, client):
         prefix = client.prefix
         now = datetime.now(UTC).isoformat()
         good = {"camera": "cam-a", "frame_id": "f1", "captured_at": now, "verdict": "anomalous", "score": 0.9}
         bad = [{**good, "score": "0.9"}, {**good, "score": None}, {**good, "verdict": "maybe"},
-               {**good, "threshold": "high"}, {**good, "camera": ["cam-a"]}, {**good, "model": "v1"}, [good]]
+               {**good, "threshold": "high"}, {**good, "camera": ["cam-a"]}, {**good, "model": "v1"}, [good],
+               {**good, "label": 7},
+               # NaN and Infinity (json.dumps writes them): kept in the state, they made every /api/state a 500
+               {**good, "note": float("nan")}, {**good, "note": [float("inf")]}]
         for body in bad:
             client.client.publish(f"{prefix}/cam-a/result", json.dumps(body), qos=1).wait_for_publish(10)
         state = _until_handled(console, client, "m0")
@@ -718,6 +725,40 @@ def test_a_worker_status_no_worker_could_send_is_dropped_and_invented_workers_ar
     text = console.log_path.read_text()
     assert "Traceback" not in text, text[-2000:]
     assert text.count("not understood and dropped") == 1, text[-2000:]  # one warning a minute, with the count
+
+
+def test_an_answer_that_is_no_json_object_is_an_error_not_a_crash(broker, tmp_path):
+    """Anyone who reads a client's reply topic sees its correlation data and may answer first: bytes that are not
+    JSON raised in the client's MQTT callback and left the caller waiting out its timeout; NaN was taken."""
+    import paho.mqtt.client as mqtt
+
+    from worker.api_client import ApiError
+
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix})
+    answers = iter([b"\xff not json", b'{"ok": true, "hits": NaN}', b"[1, 2]"])
+    fake = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def answer(client, userdata, msg) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = msg.properties.CorrelationData
+        client.publish(msg.properties.ResponseTopic, next(answers), qos=1, properties=props)
+
+    fake.on_message = answer
+    fake.connect("127.0.0.1", broker.port)
+    fake.subscribe(f"{prefix}/query", qos=1)
+    fake.loop_start()
+    try:
+        with ApiClient(load_config(config), "test") as api:
+            for said in ("bytes that are not JSON (UnicodeDecodeError)", "bytes that are not JSON (ValueError)",
+                         "not a JSON object: [1, 2]"):
+                started = time.monotonic()
+                with pytest.raises(ApiError, match=re.escape(said)):
+                    api.query({"frame_id": "f1"}, timeout=60)
+                assert time.monotonic() - started < 30  # at once, not at the timeout
+    finally:
+        fake.loop_stop()
+        fake.disconnect()
 
 
 def test_a_request_no_worker_would_take_is_refused_at_once_and_not_sent(broker, tmp_path):

@@ -389,6 +389,10 @@ def test_frame_metadata_and_control_models():
     assert err.value.code is ErrorCode.BAD_REQUEST and "bundle" in err.value.message
     with pytest.raises(RequestError):
         decode_json(b'{"a":' * 20 + b"1" + b"}" * 20)
+    for not_json in (b'{"top_k": NaN}', b'{"top_k": Infinity}', b'{"top_k": -Infinity}', b'{"x": 1e999}',
+                     b'{"x": ' + b"1" * 5000 + b"}"):  # Python's parser takes them; no strict writer writes them back
+        with pytest.raises(RequestError, match="not JSON"):
+            decode_json(not_json)
 
 
 def test_readme_lists_every_error_code():

@@ -20,15 +20,25 @@ import paho.mqtt.client as mqtt
 from worker.config import Config
 from worker.mqtt import MqttLink, publish_properties
 from worker.topics import Topics
+from worker.wire import strict_json
 
 
 class ApiError(Exception):
-    """The broker cannot be reached, or no worker answered in time (no answer from the worker at all)."""
+    """The broker cannot be reached, no worker answered in time (no answer from the worker at all), or what came
+    back is no answer."""
 
 
 class Refused(ApiError):
     """The broker refused the request in its PUBACK (its ACL does not let this login write the topic): nothing reached
     a worker, and asking again as the same login cannot help."""
+
+
+def _answer(payload: bytes | bytearray) -> object:
+    """An answer's JSON, or a short account of the bytes that are none (refused by :meth:`ApiClient.request`)."""
+    try:
+        return strict_json(payload)
+    except (ValueError, RecursionError) as exc:
+        return f"{len(payload)} bytes that are not JSON ({type(exc).__name__})"
 
 
 class ApiClient:
@@ -44,7 +54,7 @@ class ApiClient:
                              subscriptions=[self.reply_topic, *subscriptions])
         self.link.on_message = self._on_message
         self.on_message: Callable[[mqtt.MQTTMessage], None] | None = None
-        self._pending: dict[bytes, tuple[threading.Event, list[dict]]] = {}
+        self._pending: dict[bytes, tuple[threading.Event, list[object]]] = {}
         self._lock = threading.Lock()
 
     def start(self, timeout: float | None = None) -> None:
@@ -74,7 +84,7 @@ class ApiClient:
             with self._lock:
                 waiter = self._pending.get(correlation) if correlation is not None else None
             if waiter is not None:
-                waiter[1].append(json.loads(msg.payload))
+                waiter[1].append(_answer(msg.payload))
                 waiter[0].set()
         elif self.on_message is not None:
             self.on_message(msg)
@@ -86,7 +96,7 @@ class ApiClient:
             raise ApiError(f"not connected to the broker at {self.link.cfg.host}:{self.link.cfg.port}")
         correlation = uuid.uuid4().hex.encode()
         done = threading.Event()
-        answer: list[dict] = []
+        answer: list[object] = []
         refusal: list[str] = []
 
         def refused(reason: str) -> None:
@@ -105,6 +115,8 @@ class ApiClient:
             if refusal:
                 raise Refused(f"the broker refused the request on {topic} ({refusal[0]}), so no worker got it: its ACL "
                               f"must let {self.link.who} write that topic")
+            if not isinstance(answer[0], dict):  # anyone may publish on the reply topic with a correlation seen on it
+                raise ApiError(f"the answer on {self.reply_topic} is not a JSON object: {answer[0]}")
             return answer[0]
         finally:
             with self._lock:

@@ -251,6 +251,24 @@ def _nesting_bound(payload: bytes, limit: int) -> int:
     return deepest
 
 
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is past a finite number's range")
+    return value
+
+
+def strict_json(payload: bytes | bytearray | str) -> Any:
+    """JSON as RFC 8259 has it: Python's parser also takes NaN and Infinity, and reads 1e999 as infinity, which no
+    strict JSON writer (a browser's, starlette's) can write back, so one such value in a kept message broke every
+    answer that carried it.  ValueError (JSONDecodeError, UnicodeDecodeError among them) or RecursionError else."""
+    return json.loads(payload, parse_constant=_not_a_number, parse_float=_finite)
+
+
 def decode_json(payload: bytes) -> Any:
     """Parse a request body with size and depth limits; RequestError(bad_request) on anything else."""
     if len(payload) > MAX_REQUEST_BYTES:
@@ -260,8 +278,8 @@ def decode_json(payload: bytes) -> Any:
     if _nesting_bound(payload, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise RequestError(ErrorCode.BAD_REQUEST, f"request is nested deeper than {MAX_JSON_DEPTH}")
     try:
-        raw = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raw = strict_json(payload)
+    except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit is a ValueError too
         raise RequestError(ErrorCode.BAD_REQUEST, f"request is not JSON: {exc}") from None
     if _depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise RequestError(ErrorCode.BAD_REQUEST, f"request is nested deeper than {MAX_JSON_DEPTH}")

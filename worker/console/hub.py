@@ -12,7 +12,6 @@ or a thumbnail asks for it.  Nothing here talks to the vector store.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 import threading
@@ -35,7 +34,7 @@ from worker.pixels import Pixels, check, declared, to_bgr
 from worker.queueing import BoundedQueue, Closed
 from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
-from worker.wire import valid_id
+from worker.wire import strict_json, valid_id
 
 log = logging.getLogger(__name__)
 BAD_MESSAGE_LOG_EVERY_S = 60.0  # messages not understood: one warning with a count at most this often
@@ -107,7 +106,7 @@ def _parsed(payload: bytes) -> tuple[object, str | None]:
     """A message's JSON, or why it is none (anyone may publish under the prefix: bytes, text, nesting past the
     parser's depth)."""
     try:
-        return json.loads(payload), None
+        return strict_json(payload), None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None, f"not JSON ({type(exc).__name__})"
 
@@ -191,7 +190,7 @@ def result_problem(result: object) -> str | None:
     if model is not None and not (isinstance(model, dict) and all(
             isinstance(model.get(k), str | None) for k in ("name", "version"))):
         return "model is not an object with a name and version"
-    for key in ("captured_at", "published_at"):
+    for key in ("captured_at", "published_at", "label", "defect_type"):
         if result.get(key) is not None and not isinstance(result[key], str):
             return f"{key} is not a string"
     return None

@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 from worker.config import Config
 from worker.mqtt import MqttLink, publish_properties
 from worker.topics import Topics
-from worker.wire import strict_json
+from worker.wire import parsed_json
 
 
 class ApiError(Exception):
@@ -35,10 +35,8 @@ class Refused(ApiError):
 
 def _answer(payload: bytes | bytearray) -> object:
     """An answer's JSON, or a short account of the bytes that are none (refused by :meth:`ApiClient.request`)."""
-    try:
-        return strict_json(payload)
-    except (ValueError, RecursionError) as exc:
-        return f"{len(payload)} bytes that are not JSON ({type(exc).__name__})"
+    value, problem = parsed_json(payload)
+    return value if problem is None else f"{len(payload)} bytes that are {problem}"
 
 
 class ApiClient:

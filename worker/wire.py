@@ -269,6 +269,15 @@ def strict_json(payload: bytes | bytearray | str) -> Any:
     return json.loads(payload, parse_constant=_not_a_number, parse_float=_finite)
 
 
+def parsed_json(payload: bytes | bytearray) -> tuple[Any, str | None]:
+    """A message's :func:`strict_json`, or None and why it is none (anyone may publish under the prefix: bytes, text,
+    nesting past the parser's depth)."""
+    try:
+        return strict_json(payload), None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"not JSON ({type(exc).__name__})"
+
+
 def decode_json(payload: bytes) -> Any:
     """Parse a request body with size and depth limits; RequestError(bad_request) on anything else."""
     if len(payload) > MAX_REQUEST_BYTES:

@@ -34,7 +34,7 @@ from worker.pixels import Pixels, check, declared, to_bgr
 from worker.queueing import BoundedQueue, Closed
 from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
-from worker.wire import strict_json, valid_id
+from worker.wire import parsed_json, valid_id
 
 log = logging.getLogger(__name__)
 BAD_MESSAGE_LOG_EVERY_S = 60.0  # messages not understood: one warning with a count at most this often
@@ -100,15 +100,6 @@ def for_browser(data: Image, limits: LimitsConfig) -> tuple[bytes, str]:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _parsed(payload: bytes) -> tuple[object, str | None]:
-    """A message's JSON, or why it is none (anyone may publish under the prefix: bytes, text, nesting past the
-    parser's depth)."""
-    try:
-        return strict_json(payload), None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None, f"not JSON ({type(exc).__name__})"
 
 
 class _Read(BaseModel):
@@ -462,7 +453,7 @@ class Hub:
             self._bad_since_log = 0
 
     def _on_result(self, payload: bytes) -> None:
-        result, problem = _parsed(payload)
+        result, problem = parsed_json(payload)
         problem = problem or result_problem(result)
         if problem is not None:
             self._bad("bad_result", problem)
@@ -572,7 +563,7 @@ class Hub:
             buckets.popleft()
 
     def _on_error(self, camera: str, payload: bytes) -> None:
-        error, problem = _parsed(payload)
+        error, problem = parsed_json(payload)
         problem = problem or _schema_problem(_Error, error)
         if problem is not None:
             self._bad("bad_error", problem)
@@ -598,7 +589,7 @@ class Hub:
             said = value == "" or (valid_id(value) and len(value) <= AVAILABILITY_MAX_CHARS and "\ufffd" not in value)
             problem = None if said else f"not a word of at most {AVAILABILITY_MAX_CHARS} characters"
         else:
-            value, problem = _parsed(payload)
+            value, problem = parsed_json(payload)
             problem = problem or _schema_problem(_Model if leaf == "model" else _Stats, value)
         if not valid_id(worker):
             problem = "the worker id is not an id"

@@ -49,6 +49,19 @@ def device_name(core: ov.Core, device: str) -> str:
         return device
 
 
+class OutputError(BundleError):
+    """The graph answered NaN or infinity: no verdict can be read from it (a broken export, or an overflow at a
+    reduced precision); a NaN score would otherwise compare as below every threshold and pass as normal."""
+
+
+def _check_finite(**arrays: np.ndarray | None) -> None:
+    """Raise :class:`OutputError` naming every output that holds NaN or infinity (a max and a min find both)."""
+    bad = [name for name, a in arrays.items()
+           if a is not None and a.size and not (np.isfinite(a.max()) and np.isfinite(a.min()))]
+    if bad:
+        raise OutputError(f"the model answered NaN or infinity in its {', '.join(bad)}")
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Outputs for a batch: raw scores [N], raw anomaly maps [N, H, W], embeddings [N, D]; for a bundle with a
@@ -334,8 +347,11 @@ class CompiledBundle:
         return replace(self.prediction(request), extension_revision=revision)
 
     def prediction(self, request: ov.InferRequest) -> Prediction:
-        """Copy the outputs of a finished request (sync, or in an :meth:`async_queue` callback)."""
+        """Copy the outputs of a finished request (sync, or in an :meth:`async_queue` callback); raises
+        :class:`OutputError` where one holds NaN or infinity."""
         score, amap, emb, *candidates = (request.get_tensor(name).data.copy() for name in self._names)
+        _check_finite(score=score, anomaly_map=amap, embedding=emb, **dict(zip(("candidates", "candidate_scores"),
+                                                                                 candidates, strict=False)))
         return Prediction(score.reshape(-1), amap, emb, *candidates)
 
     def async_queue(self, jobs: int = 0) -> ov.AsyncInferQueue:

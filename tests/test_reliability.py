@@ -5,6 +5,7 @@ See docs/reliability.md for the promises, their limits and the figures these tes
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
 import paho.mqtt.client as mqtt
 import psutil
 import pytest
@@ -28,9 +31,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks.fuzz import fitted
+from bundle import write_manifest
 from conftest import Client, good_png, start_on_embedded_store, user_props, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
-from worker.config import StoreConfig
+from worker.api_client import ApiClient
+from worker.config import StoreConfig, load_config
 from worker.store import StoreError, VectorStore
 from worker.wire import PIXEL_FORMATS
 
@@ -807,6 +812,72 @@ def test_results_respect_the_brokers_maximum_packet_size(bundle_dir, dataset, tm
         client.close()
     finally:
         broker.stop()
+
+
+# 5b. A model that answers NaN or infinity gives no verdict ------------------------------------
+
+def _nan_for(src: Path, dst: Path, frames: str) -> Path:
+    """A copy of bundle ``src`` whose score is NaN for ``bright`` frames (mean above 250: 0 x sqrt(250 - mean) added)
+    or ``dark`` ones (below 5), finite otherwise: what a broken export, or an overflow at a reduced precision,
+    answers for some frames only."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "bundle.json").read_text())
+    model = ov.Core().read_model(dst / "model.xml")
+    result = model.output(manifest["outputs"]["score"]["name"]).get_node()
+    source = result.input_value(0)
+    mean = ops.reduce_mean(ops.convert(model.inputs[0], "f32"), np.array([1, 2, 3]), keep_dims=False)
+    below = ops.subtract(np.float32(250), mean) if frames == "bright" else ops.subtract(mean, np.float32(5))
+    scored = ops.add(source, ops.reshape(ops.multiply(np.float32(0), ops.sqrt(below)), ops.shape_of(source), False))
+    names = source.get_names()
+    source.set_names(set())
+    scored.output(0).set_names(names)
+    result.input(0).replace_source_output(scored.output(0))
+    # written beside, then moved: OpenVINO maps the model.bin it read, and overwriting a mapped file is a SIGBUS
+    ov.save_model(model, dst / "nan.xml", compress_to_fp16=False)
+    del model
+    (dst / "nan.xml").replace(dst / "model.xml")
+    (dst / "nan.bin").replace(dst / "model.bin")
+    write_manifest(dst, {k: v for k, v in manifest.items() if k != "files"}, tuple(manifest["files"]))
+    return dst
+
+
+def test_a_frame_the_model_answers_nan_for_gets_an_error_not_a_normal_verdict(broker, bundle_dir, dataset, tmp_path,
+                                                                              worker_factory):
+    """A NaN score compares as below every threshold: it was published as a "normal" result (with NaN in its JSON,
+    which strict readers refuse) and its NaN embedding went to the store. Now the frame gets ``invalid_output`` and
+    is not recorded, an image query with it is answered so too, and the worker goes on serving. A bundle that
+    answers NaN for the black frame it is warmed up with is refused at a reload, saying so."""
+    bundle = _nan_for(bundle_dir, tmp_path / "nan-bright", "bright")
+    dark = _nan_for(bundle_dir, tmp_path / "nan-dark", "dark")
+    prefix = f"n{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, broker.port, bundle, topics={"prefix": prefix}, store={"log_normal_every": 1})
+    white = cv2.imencode(".png", np.full((128, 128, 3), 255, np.uint8))[1].tobytes()
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    try:
+        wait_online(client, prefix)
+        client.publish_frame("cam", white, "white")
+        client.publish_frame("cam", _good_png(dataset), "good")
+        error, = client.json_on(f"{prefix}/cam/error")
+        assert error["code"] == "invalid_output" and error["frame_id"] == "white", error
+        assert "NaN or infinity in its score" in error["message"] and "no verdict" in error["message"], error
+        result, = client.json_on(f"{prefix}/cam/result")
+        assert result["frame_id"] == "good" and result["logged"], result
+        with ApiClient(load_config(config), "t") as api:
+            answer = api.query({"image_b64": base64.b64encode(white).decode()})
+            assert answer["error"]["code"] == "invalid_output", answer
+            answer = api.query({"frame_id": "white", "camera": "cam"})
+            assert answer["error"]["code"] == "unknown_frame", answer
+            answer = api.query({"frame_id": "good", "camera": "cam"})
+            assert answer["ok"], answer
+            answer = api.control({"command": "reload", "bundle": str(dark)})
+            assert answer["error"]["code"] == "reload_failed", answer
+            assert "NaN or infinity in its score for a black frame" in answer["error"]["message"], answer
+        client.publish_frame("cam", _good_png(dataset), "still")
+        assert client.json_on(f"{prefix}/cam/result", count=2)[-1]["frame_id"] == "still"
+        assert worker.stop() == 0
+    finally:
+        client.close()
 
 
 # 6. Clean shutdown: in-flight frames are finished or explicitly accounted -----------------------

@@ -30,7 +30,7 @@ import numpy as np
 
 from bundle import MANIFEST, BundleError, Manifest, Normalisation, read_manifest, tiling
 from bundle.extension import INDEX, Extension, folder_name, stored_dimension
-from bundle.runtime import BLOB_DIGEST, CompiledBundle
+from bundle.runtime import BLOB_DIGEST, CompiledBundle, OutputError
 from worker.config import CameraConfig, Config, camera_tiling
 from worker.supervise import OPENVINO_THREADS, os_thread_named
 
@@ -75,7 +75,11 @@ def warm_up(bundle: CompiledBundle) -> None:
     compiled on the main thread at start and on the request thread on reload, never concurrently.
     """
     spec = bundle.manifest.input
-    bundle.infer(np.zeros((1, spec.height, spec.width, 3), np.uint8))
+    try:
+        bundle.infer(np.zeros((1, spec.height, spec.width, 3), np.uint8))
+    except OutputError as exc:
+        raise OutputError(f"{bundle.folder}: {exc} for a black frame at {bundle.precision}: it cannot be served "
+                          "(export it again; at another precision, see model.precision)") from None
 
 
 @dataclass(frozen=True)

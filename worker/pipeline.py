@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from bundle import tiling
+from bundle.runtime import OutputError
 from worker import heatmap
 from worker.acks import Ticket
 from worker.capture import Capture
@@ -429,6 +430,10 @@ class Pipeline:
                 self._fail(frame.camera, frame.frame_id, exc.code, exc.message, ticket=frame.ticket)
             except PacketTooLarge as exc:
                 self._fail(frame.camera, frame.frame_id, ErrorCode.RESULT_TOO_LARGE, str(exc), ticket=frame.ticket)
+            except OutputError as exc:  # no verdict, rather than a NaN that compares as normal
+                self._fail(frame.camera, frame.frame_id, ErrorCode.INVALID_OUTPUT, f"{exc} for this frame "
+                           f"({model.bundle.manifest.name} {model.bundle.manifest.version} at "
+                           f"{model.bundle.precision}): no verdict", ticket=frame.ticket)
             except Exception as exc:  # keep serving; the frame still gets its error message
                 log.exception("frame %s/%s failed", frame.camera, frame.frame_id)
                 self._fail(frame.camera, frame.frame_id, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}",

@@ -20,6 +20,7 @@ from typing import TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bundle.runtime import OutputError
 from worker.decode import FrameError
 from worker.evidence import EvidenceStore
 from worker.recorder import StoreUnavailable
@@ -116,6 +117,8 @@ def serve_request(payload: bytes, pick: Callable[[object], type[R]],
         return error_answer(ErrorCode.STORE_UNAVAILABLE, str(exc))
     except RequestError as exc:
         return error_answer(exc.code, exc.message)
+    except OutputError as exc:  # a query's image or a label's frame the model gives no numbers for
+        return error_answer(ErrorCode.INVALID_OUTPUT, str(exc))
     except Exception as exc:
         log.exception("request failed")
         return error_answer(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")

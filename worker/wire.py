@@ -102,6 +102,7 @@ class ErrorCode(StrEnum):
     RESPONSE_TOO_LARGE = "response_too_large"
     RELOAD_FAILED = "reload_failed"
     # both
+    INVALID_OUTPUT = "invalid_output"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -31,6 +31,7 @@ from exporter.data import (
     Category,
     DatasetError,
     Sample,
+    all_grey,
     frame_sizes,
     hold_out_defects,
     load_category,
@@ -90,12 +91,21 @@ def _split(data: Path, category: str | None, seed: int, threshold: ThresholdChoi
     return cat, train, val, val_defects, record
 
 
+def _grey(train: list[Path], val: list[Path]) -> bool:
+    """Whether the graph is to turn frames grey: every image it learns normal from (and is thresholded on) is."""
+    grey = all_grey([*train, *val])
+    if grey:
+        log.info("the training images are all grey: the bundle turns every frame grey before scoring it, so a colour "
+                 "camera's frames (and its tint) are judged as the grey ones it learned")
+    return grey
+
+
 def fit_patchcore(data: Path, category: str | None, settings: PatchcoreSettings,
                   threshold: ThresholdChoice = NORMALS) -> Trained:
     started = time.monotonic()
     cat, train, val, val_defects, record = _split(data, category, settings.seed, threshold)
     bb = backbones.resolve(settings.backbone, Path(settings.backbone_weights) if settings.backbone_weights else None)
-    spec = input_spec(settings.input_size, bb.mean, bb.std)
+    spec = input_spec(settings.input_size, bb.mean, bb.std, _grey(train, val))
     graph, timings = fit(settings, bb, train, spec)
     training = {
         **settings.as_dict(),
@@ -113,7 +123,7 @@ def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSetti
     """EfficientAD with a distilled (cached) or given teacher; nothing is downloaded."""
     started = time.monotonic()
     cat, train, val, val_defects, record = _split(data, category, settings.seed, threshold)
-    spec = input_spec(settings.input_size, efficientad.MEAN, efficientad.STD)
+    spec = input_spec(settings.input_size, efficientad.MEAN, efficientad.STD, _grey(train, val))
     graph, timings = efficientad.fit(settings, train, val, spec)
     return Trained(graph, spec, "efficientad", cat, train, val, {**settings.as_dict(), **timings, **record}, started,
                    val_defects, threshold, tiling_of(settings))

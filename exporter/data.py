@@ -666,6 +666,32 @@ def mask_pixels(path: Path) -> np.ndarray | None:
     return (pixels > 0).astype(np.uint8)
 
 
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}  # Pillow's modes of one-channel files (LA: + alpha)
+GREY_CHROMA = 1.0  # mean |B - G| + |G - R| in 8-bit levels below which a picture is grey (JPEG rounds grey a level off)
+
+
+def all_grey(paths: Sequence[Path]) -> bool:
+    """Whether every one of these images is grey: a one-channel file, or colour channels that hardly differ (a grey
+    picture saved in colour).  The graph then turns every frame grey (:data:`exporter.export.GREY_STEP`).  Stops at
+    the first colour one; only files with colour channels are decoded, at a quarter of their size."""
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as image:
+                    if image.mode in GREY_MODES:
+                        continue
+        except Exception:  # a format Pillow does not read: OpenCV says below
+            pass
+        pixels = decoded(path, cv2.IMREAD_REDUCED_COLOR_4)
+        if pixels is None:  # the data's summary refuses it before any fit
+            continue
+        wide = pixels.astype(np.int16)
+        if (np.abs(wide[..., 0] - wide[..., 1]) + np.abs(wide[..., 1] - wide[..., 2])).mean() >= GREY_CHROMA:
+            return False
+    return bool(paths)
+
+
 def read_decoded(path: Path) -> np.ndarray:
     """An image file as 8-bit BGR at its own size (``IMREAD_COLOR``, as the worker decodes a frame)."""
     image = decoded(path)

@@ -23,8 +23,8 @@ from bundle.runtime import CompiledBundle
 from conftest import ROOT, train_bundle
 from exporter import backbones
 from exporter.coreset import greedy_coreset
-from exporter.data import load_category, read_image
-from exporter.export import convert, input_spec, save_ir
+from exporter.data import all_grey, load_category, read_image
+from exporter.export import GREY_STEP, convert, input_spec, save_ir
 from exporter.train.patchcore import (
     LayerResample,
     PatchcoreGraph,
@@ -116,6 +116,37 @@ def test_dynamic_batch_gives_the_same_scores(bundle_dir, dataset):
     np.testing.assert_allclose(together.score, [a.score[0] for a in alone], rtol=1e-4)
     assert together.anomaly_map.shape == (5, spec.height, spec.width)
     np.testing.assert_allclose(np.linalg.norm(together.embedding, axis=1), 1.0, atol=1e-4)
+
+
+def test_a_model_of_grey_images_judges_a_colour_cameras_frames_as_the_grey_ones_it_learned(bundle_dir, dataset,
+                                                                                          tmp_path):
+    """A model that learned grey images only cannot judge colour: a colour camera's tint alone moved every frame's
+    score up by more than good frames differ. The generated weave is grey, so
+    its graph turns every frame grey first, exactly as it was on grey frames, and a tinted frame scores as its grey
+    self; data with colour keeps its colour."""
+    manifest = read_manifest(bundle_dir)
+    assert GREY_STEP in manifest.input.in_graph, manifest.input.in_graph
+    compiled = CompiledBundle(bundle_dir)
+    spec = compiled.manifest.input
+    images = np.stack([read_image(s.path, spec) for s in load_category(dataset, "weave").test])
+    assert (images[..., 0] == images[..., 1]).all()  # grey: read as three equal channels
+    tinted = np.clip(images * np.float32([0.9, 1.0, 1.1]), 0, 255).astype(np.uint8)
+    grey = cv2.cvtColor(cv2.cvtColor(tinted.reshape(-1, spec.width, 3), cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    as_grey, as_tinted = compiled.infer(grey.reshape(images.shape)), compiled.infer(tinted)
+    # scored as its grey self (OpenCV's grey is rounded to whole levels), and near the frame before the tint (whose
+    # grey is brighter by the red's 10 %), each far within the span of good frames' scores
+    span = compiled.manifest.thresholds.image.threshold - compiled.manifest.thresholds.image.low
+    assert np.abs(as_tinted.score - as_grey.score).max() < 0.1 * span
+    assert np.abs(as_tinted.score - compiled.infer(images).score).max() < 0.25 * span
+
+    # Which data is grey: one-channel files, and colour files of a grey picture (a JPEG rounds it a level off)
+    picture = images[0]
+    cv2.imwrite(str(tmp_path / "grey.png"), picture[..., 0])
+    cv2.imwrite(str(tmp_path / "grey-in-colour.jpg"), picture)
+    cv2.imwrite(str(tmp_path / "tinted.png"), tinted[0])
+    assert all_grey([tmp_path / "grey.png", tmp_path / "grey-in-colour.jpg"])
+    assert not all_grey([tmp_path / "grey.png", tmp_path / "tinted.png"]) and not all_grey([])
+    assert GREY_STEP not in input_spec(128, (0.5,) * 3, (0.5,) * 3).in_graph
 
 
 def _parity_bundle(graph: PatchcoreGraph, spec, folder) -> None:

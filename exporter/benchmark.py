@@ -20,6 +20,7 @@ import torch
 from bundle.runtime import CompiledBundle
 from exporter.build import package
 from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
+from exporter.export import as_served
 from exporter.families import Family, select
 from exporter.report import write_report
 from exporter.thresholds import NORMALS
@@ -64,12 +65,13 @@ def run_one(data: Path, category: str, family: Family[Any], out: Path, settings:
     samples = trained.category.test
     firsts: dict[str, First] = {}  # each type's first test image, in the order the types first appear
     ov_parts, torch_parts = [], []
+    served = as_served(trained.graph, trained.spec)
     request = compiled.create_request()
     for start in range(0, len(samples), BATCH):  # a batch at a time: no image or map of the split is held but a type's first
         images = [read_image(s.path, trained.spec) for s in samples[start : start + BATCH]]
         result = compiled.infer(np.stack(images), request)
         with torch.no_grad():
-            torch_parts.append(trained.graph(to_tensor(images, trained.spec))[0].numpy())
+            torch_parts.append(served(to_tensor(images, trained.spec))[0].numpy())
         ov_parts.append(result.score)
         for offset, sample in enumerate(samples[start : start + BATCH]):
             if sample.defect not in firsts:

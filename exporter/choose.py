@@ -28,7 +28,7 @@ from bundle import InputSpec, TilingSpec, prepare_image
 from bundle.tiling import canvas_size, cut, paste, record
 from exporter.build import THRESHOLD_SIGMAS, Trained, fit_patchcore
 from exporter.data import prepare_mask
-from exporter.export import image_threshold
+from exporter.export import as_served, image_threshold
 from exporter.metrics import PixelMetrics
 from exporter.thresholds import ThresholdChoice
 from exporter.train.patchcore import PatchcoreSettings, to_tensor
@@ -97,9 +97,10 @@ def candidate_settings(base: PatchcoreSettings, given: Iterable[str], name: str)
 
 def score(trained: Trained, natural: Path | None, kinds: tuple[str, ...] = VALIDATION_KINDS) -> Scored:
     """Image AUROC (held-out normals against their synthetic anomalies), pixel AUROC and AUPRO over them, and the
-    benign variants flagged at the image threshold the held-out normals set, with the torch export graph."""
+    benign variants flagged at the image threshold the held-out normals set, with the torch export graph as served
+    (turning images grey first where the bundle will)."""
     spec, seed, tiling = trained.spec, int(trained.training["seed"]), trained.tiling
-    graph = trained.graph.eval()
+    graph = as_served(trained.graph, spec).eval()
     scores: dict[str, list[float]] = {"good": [], "anomalous": [], "benign": []}
     pixels = PixelMetrics()
     size = canvas_size(tiling, spec.width, spec.height) if tiling else (spec.width, spec.height)  # the map's

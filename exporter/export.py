@@ -73,6 +73,11 @@ class GreyFirst(nn.Module):
         return self.inner(nn.functional.conv2d(image, self.weight, self.bias), *rest)
 
 
+def as_served(graph: nn.Module, spec: InputSpec) -> nn.Module:
+    """The torch graph as its bundle serves it: its images turned grey first where ``spec`` says so."""
+    return GreyFirst(graph, spec) if GREY_STEP in spec.in_graph else graph
+
+
 def extension_spec(graph: nn.Module) -> ExtensionSpec | None:
     """The graph's bank-extension input and candidate outputs, or None for a graph without them (EfficientAD)."""
     spec = getattr(graph, "extension_spec", None)
@@ -86,8 +91,7 @@ def convert(graph: nn.Module, spec: InputSpec) -> ov.Model:
     shapes = [([-1, 3, spec.height, spec.width], ov.Type.f32)]
     names: tuple[str, ...] = OUTPUT_NAMES
     ext = extension_spec(graph)
-    if GREY_STEP in spec.in_graph:
-        graph = GreyFirst(graph, spec)
+    graph = as_served(graph, spec)
     with torch.no_grad():
         if ext is None:
             model = ov.convert_model(graph, example_input=image, input=shapes)

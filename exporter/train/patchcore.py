@@ -140,7 +140,8 @@ class Normalised(Protocol):
 
 
 def to_tensor(images: list[np.ndarray], backbone: Normalised) -> torch.Tensor:
-    """uint8 BGR HWC images -> normalised float RGB NCHW, exactly what the OpenVINO graph does in-graph."""
+    """uint8 BGR HWC images -> normalised float RGB NCHW, exactly what the OpenVINO graph does in-graph first (then,
+    for a model of grey images, :func:`exporter.export.as_served`'s grey step)."""
     batch = torch.from_numpy(np.stack(images)[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std).view(1, 3, 1, 1)

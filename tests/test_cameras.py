@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from conftest import Client, good_png, user_props, write_config
 from test_worker import _query
 
@@ -40,13 +42,19 @@ def running(broker, bundle_dir, tmp_path, worker_factory):
                  "tiled": {"tiling": TILING},
                  "whole": {},
                  # an MQTT 3.1.1 bridge of a machine-vision camera: its buffers declared once (the dataset's 128 px)
-                 "mono311": {"metadata": "optional", "pixels": {"format": "Mono8", "width": 128, "height": 128}}})
+                 "mono311": {"metadata": "optional", "pixels": {"format": "Mono8", "width": 128, "height": 128}},
+                 # an existing camera's bridge that publishes on a topic of its own
+                 "own": {"metadata": "optional", "topic": _own_topic(prefix)}})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online",
                     timeout=120)
     yield prefix, client, worker
     client.close()
+
+
+def _own_topic(prefix: str) -> str:
+    return f"site-{prefix}/line1/cam3/jpeg"
 
 
 def _good(dataset: Path) -> bytes:
@@ -129,6 +137,39 @@ def test_mqtt311_camera_without_metadata_gets_results_and_its_frames_are_queryab
     v5_results = client.json_on(f"{prefix}/loose/result", count=3)
     assert {r["frame_id"] for r in v5_results} == set(ids)
     assert worker.proc.poll() is None
+
+
+def test_a_camera_on_a_topic_of_its_own_is_inspected_and_shown_as_any_other(running, broker, dataset):
+    """A camera or bridge that publishes on its own topic (``cameras.<id>.topic``), here an MQTT 3.1.1 one without
+    properties: its frames are scored and answered under ``<prefix>/<id>/`` as any camera's; the console keeps its
+    frames for their results; no request's answer may be published on its topic (it would come back as a frame)."""
+    from worker.config import ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    prefix, client, worker = running
+    old = Client(broker.port, prefix, protocol=mqtt.MQTTv311)
+    try:
+        old.client.publish(_own_topic(prefix), _good(dataset), qos=1).wait_for_publish(5)
+        result = json.loads(old.wait_for(lambda m: m.topic == f"{prefix}/own/result")[0].payload)
+        assert result["camera"] == "own" and result["generated"] == ["frame_id", "captured_at"], result
+        assert old.wait_for(lambda m: m.topic == f"{prefix}/own/heatmap")
+    finally:
+        old.close()
+    topics = Topics(prefix, "w-test", {_own_topic(prefix): "own"})
+    assert topics.of_the_api(_own_topic(prefix)) and topics.camera_of(_own_topic(prefix)) == "own"
+    assert not topics.of_the_api(f"site-{prefix}/line1/cam3") and topics.camera_of(f"{prefix}/own/frame") == "own"
+
+    hub = Hub(topics, ConsoleConfig())
+    assert _own_topic(prefix) in hub.subscriptions
+    frame = mqtt.MQTTMessage(topic=_own_topic(prefix).encode())
+    frame.payload, frame.properties = _good(dataset), Properties(PacketTypes.PUBLISH)
+    frame.properties.UserProperty = [("frame_id", "f1")]
+    shown = mqtt.MQTTMessage(topic=f"{prefix}/own/result".encode())
+    shown.payload = json.dumps({**result, "frame_id": "f1"}).encode()
+    hub.on_message(frame)
+    hub.on_message(shown)
+    assert hub.image("own", "f1", "frame") == _good(dataset)
 
 
 def test_an_optional_metadata_camera_with_an_unset_clock_is_stamped_not_refused(running, dataset):

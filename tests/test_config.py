@@ -56,6 +56,12 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
         ("model: {bundle: b}\nmqtt: {session_expiry_s: 4294967296}\n", "mqtt.session_expiry_s"),
         ("model: {bundle: b}\nheatmap: {size: 100000}\n", "heatmap.size"),
         ("model: {bundle: b}\nstore: {collection: ../../elsewhere}\n", "store.collection"),  # was a path for the store
+        # a camera's own frame topic: one exact topic, none of the API's, no other camera's
+        ("model: {bundle: b}\ncameras: {a: {topic: 'plant/+/jpeg'}}\n", "cameras.a.topic"),
+        ("model: {bundle: b}\ncameras: {a: {topic: '$SYS/x'}}\n", "cameras.a.topic"),
+        ("model: {bundle: b}\ncameras: {a: {topic: 'inspect/b/result'}}\n", "cameras.a.topic: 'inspect/b/result' is under"),
+        ("model: {bundle: b}\ncameras: {a: {topic: plant/cam}, b: {topic: plant/cam}}\n",
+         "cameras.b.topic: 'plant/cam' is camera a's too"),
     ],
 )
 def test_errors_name_the_bad_key(tmp_path, text, key):

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, TileGrid, plain_name
 from bundle.extension import Views
 from bundle.tiling import Grid
-from worker.wire import PIXEL_FORMATS
+from worker.wire import MAX_TOPIC_BYTES, PIXEL_FORMATS, publishable
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "EDGE_INSPECT__"
@@ -252,9 +252,21 @@ class CameraConfig(_Section):
     pixels: PixelsConfig | None = Field(None, description="The camera's frames are raw pixel buffers of this format and size "
                                                            "(a frame's own pixel_format, width and height user properties win); "
                                                            "unset: image files, or buffers each frame declares.")
+    topic: str | None = Field(None, description="Also read this camera's frames from this MQTT topic: a camera or bridge that "
+                                                "publishes on a topic of its own (e.g. plant/line1/cam3/jpeg). One exact topic: "
+                                                "no wildcard, no $-topic, none under topics.prefix (those are the API's), no other "
+                                                "camera's. Its results, heatmaps and errors go to <prefix>/<id>/... as any camera's.")
     tiling: TilingConfig | None = Field(None, description="Inspect the frame (after roi) as a grid of tiles at the model's input size; "
                                                           "score = the highest tile's. Unset: the bundle's own tiling, if it was "
                                                           "trained on tiles (exporter train --tiling), else the whole frame.")
+
+    @field_validator("topic")
+    @classmethod
+    def _one_topic(cls, v: str | None) -> str | None:
+        if v is not None and not publishable(v):
+            raise ValueError("must be one topic name: not empty, no '+', '#' or NUL, not a broker '$'-topic, at most "
+                             f"{MAX_TOPIC_BYTES} bytes of UTF-8")
+        return v
 
     @field_validator("roi")
     @classmethod
@@ -519,7 +531,23 @@ class Config(_Section):
                 one_topic_level(camera)
             except ValueError as exc:
                 raise ValueError(f"cameras: camera id {exc}") from None
+        taken: dict[str, str] = {}
+        for camera, override in self.cameras.items():
+            if (topic := override.topic) is None:
+                continue
+            if topic == self.topics.prefix or topic.startswith(self.topics.prefix + "/"):
+                raise ValueError(f"cameras.{camera}.topic: {topic!r} is under topics.prefix {self.topics.prefix!r}, whose "
+                                 f"topics are the API's: frames there go to {self.topics.prefix}/{camera}/frame")
+            if topic in taken:
+                raise ValueError(f"cameras.{camera}.topic: {topic!r} is camera {taken[topic]}'s too: a frame on it "
+                                 "could not be told whose")
+            taken[topic] = camera
         return self
+
+    @property
+    def camera_topics(self) -> dict[str, str]:
+        """Each camera's own frame topic (cameras.<id>.topic) -> its id."""
+        return {c.topic: camera for camera, c in self.cameras.items() if c.topic is not None}
 
 
 def _field_at(path: list[str]) -> object | None:

@@ -160,7 +160,7 @@ class Worker:
         self.cfg = cfg
         self.claims = check_folders(cfg)  # held for the process's life
         use_opencv_threads(cfg.limits.opencv_threads)
-        self.topics = Topics(cfg.topics.prefix, cfg.worker.id)
+        self.topics = Topics(cfg.topics.prefix, cfg.worker.id, cfg.camera_topics)
         self.models = off_the_main_thread(lambda: Models(cfg), "models")  # see there: OpenVINO's signal stacks
         dim = self.models.embedding_dim
         assert dim is not None  # set by Models(), which loads the default bundle or raises
@@ -177,7 +177,7 @@ class Worker:
         client_id = cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}"
         self.presence = Presence(cfg.worker.id, client_id)
         self.link = MqttLink(cfg.mqtt, client_id,
-                             subscriptions=[self.topics.shared(self.topics.frames, cfg.topics.share_group),
+                             subscriptions=[*(self.topics.shared(f, cfg.topics.share_group) for f in self.topics.frame_filters),
                                             self.topics.shared(self.topics.query, cfg.topics.share_group),
                                             self.topics.shared(self.topics.label, cfg.topics.share_group),
                                             self.topics.control],
@@ -185,7 +185,7 @@ class Worker:
                              watch=[self.topics.availability],
                              # joining a group: the plain filters a persistent session kept would hand this worker
                              # every frame besides its share of the group's
-                             stale=[self.topics.frames, self.topics.query, self.topics.label]
+                             stale=[*self.topics.frame_filters, self.topics.query, self.topics.label]
                              if cfg.topics.share_group else [], record=cfg.mqtt.session_file,
                              will_properties=self.presence.will_properties(), on_takeover=self.presence.takeover,
                              prefix=cfg.topics.prefix, receive_maximum=receive_maximum(cfg, self.models))

@@ -1,6 +1,7 @@
 """The worker's MQTT API: every topic it reads or writes, in one place (documented in README "Worker API").
 
     <prefix>/<camera>/frame                      in   image bytes; user properties frame_id, captured_at[, camera_id]
+    cameras.<camera>.topic                       in   the same, on a camera's own topic where the config names one
     <prefix>/<camera>/result                     out  JSON result per frame
     <prefix>/<camera>/heatmap                    out  JPEG/PNG colour map over the frame; user properties frame_id, camera_id
     <prefix>/<camera>/error                      out  JSON error per refused frame
@@ -14,18 +15,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Topics:
     prefix: str
     worker_id: str
+    sources: Mapping[str, str] = field(default_factory=dict)  # a camera's own frame topic -> its id (cameras.<id>.topic)
 
     @property
     def frames(self) -> str:
-        """Subscription filter for every camera's frames."""
+        """Subscription filter for every camera's frames on the API's topics."""
         return f"{self.prefix}/+/frame"
+
+    @property
+    def frame_filters(self) -> list[str]:
+        """Every subscription frames come on: the API's filter, then each camera's own topic."""
+        return [self.frames, *self.sources]
 
     @staticmethod
     def shared(topic_filter: str, group: str | None) -> str:
@@ -75,6 +83,8 @@ class Topics:
         """Whether ``topic`` is one of the API's own: any camera's frame, result, heatmap or error, a request topic,
         any worker's.  A request's answer is never published there: it would pose as a frame, a result, a command
         or a worker's state, on a topic the asking client may not be allowed to write itself."""
+        if topic in self.sources:  # a camera's own frame topic: an answer there would come back as a frame
+            return True
         head, parts = self.prefix.split("/"), topic.split("/")
         if parts[: len(head)] != head:
             return False
@@ -83,7 +93,10 @@ class Topics:
                 or rest[:1] == ["workers"])
 
     def camera_of(self, topic: str) -> str | None:
-        """The camera id in a frame topic, or None when the topic is not ``<prefix>/<camera>/frame``."""
+        """The camera id in a frame topic, or None when the topic is neither ``<prefix>/<camera>/frame`` nor a
+        camera's own (:attr:`sources`)."""
+        if (camera := self.sources.get(topic)) is not None:
+            return camera
         head, sep, rest = topic.partition(self.prefix + "/")
         if head or not sep:
             return None

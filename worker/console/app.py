@@ -293,7 +293,7 @@ def learned_text(answer: dict) -> str | None:
 
 
 def create_app(cfg: Config) -> Starlette:
-    hub = Hub(Topics(cfg.topics.prefix, cfg.worker.id), cfg.console, cfg.limits, cfg.cameras)
+    hub = Hub(Topics(cfg.topics.prefix, cfg.worker.id, cfg.camera_topics), cfg.console, cfg.limits, cfg.cameras)
     client = ApiClient(cfg, "console", subscriptions=hub.subscriptions, qos=0)
     client.on_message = hub.on_message
     events = Broadcaster()

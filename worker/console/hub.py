@@ -375,7 +375,7 @@ class Hub:
     @property
     def subscriptions(self) -> list[str]:
         p = self.topics.prefix
-        return [f"{p}/+/frame", f"{p}/+/heatmap", f"{p}/+/result", f"{p}/+/error", f"{p}/workers/+/+"]
+        return [*self.topics.frame_filters, f"{p}/+/heatmap", f"{p}/+/result", f"{p}/+/error", f"{p}/workers/+/+"]
 
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
         """Anyone may publish under the prefix: a message the hub cannot read is logged and counted, never fatal."""
@@ -389,7 +389,8 @@ class Hub:
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
         prefix_len = len(self.topics.prefix.split("/"))
-        rest = parts[prefix_len:]
+        own = self.topics.sources.get(msg.topic)  # a camera's own frame topic (cameras.<id>.topic)
+        rest = [own, "frame"] if own is not None else parts[prefix_len:]
         # paho annotates payload bytes | bytearray (what may be published); a received message's payload is bytes.
         payload = cast(bytes, msg.payload)
         if len(rest) == 3 and rest[0] == "workers":

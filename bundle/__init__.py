@@ -145,6 +145,11 @@ FRAME_MAX_BYTES = 8_000_000
 # A frame whose proportions differ from every training image's by more than this factor is another picture once
 # stretched to the input (a 16:9 camera on a model of square images): said, since its scores are not comparable.
 ASPECT_TOLERANCE = 1.1
+# Mean |B - G| + |G - R| of a picture in 8-bit levels (:func:`chroma`) below which it is grey: a grey picture saved
+# in colour (JPEG) is rounded a level off.  A model whose every training image lay at twice this or more learned
+# colour, and a grey frame (a camera set to a mono format) is another picture to it: said, as its scores are not
+# comparable.
+GREY_CHROMA = 1.0
 FRAME_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 
 
@@ -241,6 +246,18 @@ class Manifest(_Strict):
             return (f"{width}x{height} is smaller than the model's {spec.width}x{spec.height} input, which no training "
                     f"image was ({trained}): upscaled, it is blurrier than what the model learned as normal")
         return None
+
+    def unlike_training_colour(self, image: np.ndarray) -> str | None:
+        """Why ``image`` (8-bit BGR, as the graph is fed) is not what the model learned, or None: a grey frame where
+        every training image was in colour (``training.chroma``, since exporters of 2026-12-06; a model of grey images
+        turns every frame grey itself, so colour is never unlike its training).  Its :func:`chroma` is read from
+        every fourth row and column, and only for a model of colour images."""
+        least = (self.training.get("chroma") or {}).get("min")
+        if not isinstance(least, int | float) or least < 2 * GREY_CHROMA or chroma(image, 4) >= GREY_CHROMA:
+            return None
+        return (f"the frame is grey and every training image was in colour (their chroma from {least:g} levels): "
+                "a camera set to a mono pixel format, or a grey bridge, shows the model another picture, which "
+                "scores higher; send colour frames, or train on this camera's grey frames")
 
     def thresholds_for(self, precision: Precision) -> Thresholds | None:
         """Thresholds measured at ``precision``, or None when the bundle has none for it."""
@@ -361,6 +378,15 @@ def jpeg_cut_short(data: bytes) -> bool:
         return False
     end = data.rfind(b"\xff\xd9")
     return end < 0 or data.find(b"\xff\xda", end) >= 0
+
+
+def chroma(bgr: np.ndarray, step: int = 1) -> float:
+    """How far an 8-bit BGR picture is from grey: the mean of |B - G| + |G - R| over its pixels (every ``step``-th
+    row and column), in levels; 0 for a grey one (:data:`GREY_CHROMA`)."""
+    if bgr.ndim == 2 or bgr.shape[2] == 1:
+        return 0.0
+    wide = bgr[::step, ::step, :3].astype(np.int16)
+    return float((np.abs(wide[..., 0] - wide[..., 1]) + np.abs(wide[..., 1] - wide[..., 2])).mean())
 
 
 def prepare_image(bgr: np.ndarray, spec: InputSpec) -> np.ndarray:

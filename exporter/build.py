@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bundle import (
+    GREY_CHROMA,
     PROVISIONAL,
     InputSpec,
     Normalisation,
@@ -31,7 +32,7 @@ from exporter.data import (
     Category,
     DatasetError,
     Sample,
-    all_grey,
+    chroma_range,
     frame_sizes,
     hold_out_defects,
     load_category,
@@ -91,13 +92,18 @@ def _split(data: Path, category: str | None, seed: int, threshold: ThresholdChoi
     return cat, train, val, val_defects, record
 
 
-def _grey(train: list[Path], val: list[Path]) -> bool:
-    """Whether the graph is to turn frames grey: every image it learns normal from (and is thresholded on) is."""
-    grey = all_grey([*train, *val])
+def _colour(train: list[Path], val: list[Path]) -> tuple[bool, dict]:
+    """Whether the graph is to turn frames grey (every image it learns normal from, and is thresholded on, is grey),
+    and the record of the images' chroma (``training.chroma``: a worker says when a grey frame meets a model of
+    colour images, :meth:`bundle.Manifest.unlike_training_colour`)."""
+    span = chroma_range([*train, *val])
+    if span is None:
+        return False, {}
+    grey = span[1] < GREY_CHROMA
     if grey:
         log.info("the training images are all grey: the bundle turns every frame grey before scoring it, so a colour "
                  "camera's frames (and its tint) are judged as the grey ones it learned")
-    return grey
+    return grey, {"chroma": {"min": round(span[0], 2), "max": round(span[1], 2)}}
 
 
 def fit_patchcore(data: Path, category: str | None, settings: PatchcoreSettings,
@@ -105,10 +111,12 @@ def fit_patchcore(data: Path, category: str | None, settings: PatchcoreSettings,
     started = time.monotonic()
     cat, train, val, val_defects, record = _split(data, category, settings.seed, threshold)
     bb = backbones.resolve(settings.backbone, Path(settings.backbone_weights) if settings.backbone_weights else None)
-    spec = input_spec(settings.input_size, bb.mean, bb.std, _grey(train, val))
+    grey, colour = _colour(train, val)
+    spec = input_spec(settings.input_size, bb.mean, bb.std, grey)
     graph, timings = fit(settings, bb, train, spec)
     training = {
         **settings.as_dict(),
+        **colour,
         "backbone_source": bb.timm_name if not bb.timm_name.startswith("local-dir:") else "offline weights",
         "backbone_weights_sha256": bb.weights_sha256,
         **timings,
@@ -123,10 +131,11 @@ def fit_efficientad(data: Path, category: str | None, settings: EfficientAdSetti
     """EfficientAD with a distilled (cached) or given teacher; nothing is downloaded."""
     started = time.monotonic()
     cat, train, val, val_defects, record = _split(data, category, settings.seed, threshold)
-    spec = input_spec(settings.input_size, efficientad.MEAN, efficientad.STD, _grey(train, val))
+    grey, colour = _colour(train, val)
+    spec = input_spec(settings.input_size, efficientad.MEAN, efficientad.STD, grey)
     graph, timings = efficientad.fit(settings, train, val, spec)
-    return Trained(graph, spec, "efficientad", cat, train, val, {**settings.as_dict(), **timings, **record}, started,
-                   val_defects, threshold, tiling_of(settings))
+    return Trained(graph, spec, "efficientad", cat, train, val, {**settings.as_dict(), **colour, **timings, **record},
+                   started, val_defects, threshold, tiling_of(settings))
 
 
 def default_name(category: str, family: str) -> str:

@@ -65,6 +65,7 @@ from bundle import (
     MAX_TILES,
     InputSpec,
     TilingSpec,
+    chroma,
     jpeg_cut_short,
     prepare_image,
 )
@@ -667,29 +668,30 @@ def mask_pixels(path: Path) -> np.ndarray | None:
 
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}  # Pillow's modes of one-channel files (LA: + alpha)
-GREY_CHROMA = 1.0  # mean |B - G| + |G - R| in 8-bit levels below which a picture is grey (JPEG rounds grey a level off)
 
 
-def all_grey(paths: Sequence[Path]) -> bool:
-    """Whether every one of these images is grey: a one-channel file, or colour channels that hardly differ (a grey
-    picture saved in colour).  The graph then turns every frame grey (:data:`exporter.export.GREY_STEP`).  Stops at
-    the first colour one; only files with colour channels are decoded, at a quarter of their size."""
-    for path in paths:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(path) as image:
-                    if image.mode in GREY_MODES:
-                        continue
-        except Exception:  # a format Pillow does not read: OpenCV says below
-            pass
-        pixels = decoded(path, cv2.IMREAD_REDUCED_COLOR_4)
-        if pixels is None:  # the data's summary refuses it before any fit
-            continue
-        wide = pixels.astype(np.int16)
-        if (np.abs(wide[..., 0] - wide[..., 1]) + np.abs(wide[..., 1] - wide[..., 2])).mean() >= GREY_CHROMA:
-            return False
-    return bool(paths)
+def image_chroma(path: Path) -> float | None:
+    """:func:`bundle.chroma` of an image file as training reads it (0 for a one-channel file, which is not decoded;
+    a colour one is decoded at a quarter of its size); None where it cannot be decoded (the data's summary refuses
+    such a file before any fit)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                if image.mode in GREY_MODES:
+                    return 0.0
+    except Exception:  # a format Pillow does not read: OpenCV says below
+        pass
+    pixels = decoded(path, cv2.IMREAD_REDUCED_COLOR_4)
+    return None if pixels is None else chroma(pixels)
+
+
+def chroma_range(paths: Sequence[Path]) -> tuple[float, float] | None:
+    """The least and the most :func:`image_chroma` of these images (None: none could be read).  All below
+    :data:`bundle.GREY_CHROMA`: a model of grey images, whose graph turns every frame grey
+    (:data:`exporter.export.GREY_STEP`)."""
+    values = [c for c in map(image_chroma, paths) if c is not None]
+    return (min(values), max(values)) if values else None
 
 
 def read_decoded(path: Path) -> np.ndarray:

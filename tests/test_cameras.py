@@ -447,6 +447,45 @@ def test_frames_unlike_the_training_images_are_scored_and_say_so(running, datase
     assert worker.output().count("camera strict sends frames that") == 3, worker.output()[-3000:]
 
 
+def test_a_grey_frame_on_a_model_of_colour_images_says_so(broker, dataset, tmp_path, worker_factory):
+    """A camera switched to a mono pixel format (or a bridge that sends grey) shows a model of colour images another
+    picture: its results carry why (``unlike_training``), said once in the log; colour frames carry nothing."""
+    from bundle import read_manifest
+    from conftest import train_bundle
+
+    gain = np.float32([0.8, 1.0, 1.2])  # every image of the generated weave tinted: a model of colour images
+    coloured = tmp_path / "data"
+    for path in (dataset / "weave").rglob("*.png"):
+        target = coloured / path.relative_to(dataset)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if "ground_truth" not in path.parts:
+            image = np.clip(image * gain, 0, 255).astype(np.uint8)
+        cv2.imwrite(str(target), image if "ground_truth" not in path.parts else image[..., 0])
+    bundle = train_bundle(coloured, tmp_path / "colour-bundle")
+    manifest = read_manifest(bundle)
+    assert manifest.training["chroma"]["min"] > 2 and "grey" not in " ".join(manifest.input.in_graph)
+    prefix = f"g{uuid.uuid4().hex[:8]}"
+    client = Client(broker.port, prefix)
+    worker = worker_factory(write_config(tmp_path, broker.port, bundle, topics={"prefix": prefix}))
+    try:
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online",
+                        timeout=120)
+        colour = cv2.imread(str(min((coloured / "weave" / "test" / "good").glob("*.png"))))
+        for frame_id, image in (("colour", colour), ("grey-1", cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)),
+                                ("grey-2", cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))):
+            client.publish_frame("cam", cv2.imencode(".png", image)[1].tobytes(), frame_id)
+        results = {r["frame_id"]: r for r in client.json_on(f"{prefix}/cam/result", count=3)}
+        assert "unlike_training" not in results["colour"], results["colour"]
+        for frame_id in ("grey-1", "grey-2"):
+            assert results[frame_id]["unlike_training"].startswith("the frame is grey and every training image was "
+                                                                   "in colour"), results[frame_id]
+        assert worker.stop() == 0
+        assert worker.output().count("camera cam sends frames that") == 1, worker.output()[-3000:]
+    finally:
+        client.close()
+
+
 def test_a_damaged_tiff_is_answered_without_libtiffs_messages_in_the_log(running, dataset):
     """A TIFF whose compressed pixels are damaged (a bad link) gets its result or error like any frame, and
     libtiff's complaints, which name no frame, stay out of the worker's log: a camera sending such frames would

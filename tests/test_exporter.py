@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from bundle import BundleError, read_manifest, write_manifest
+from bundle import GREY_CHROMA, BundleError, read_manifest, write_manifest
 from bundle.extension import Views
 from bundle.runtime import CompiledBundle
 from conftest import ROOT, train_bundle
 from exporter import backbones
 from exporter.coreset import greedy_coreset
-from exporter.data import all_grey, load_category, read_image
+from exporter.data import chroma_range, image_chroma, load_category, read_image
 from exporter.export import GREY_STEP, convert, input_spec, save_ir
 from exporter.train.patchcore import (
     LayerResample,
@@ -144,8 +144,9 @@ def test_a_model_of_grey_images_judges_a_colour_cameras_frames_as_the_grey_ones_
     cv2.imwrite(str(tmp_path / "grey.png"), picture[..., 0])
     cv2.imwrite(str(tmp_path / "grey-in-colour.jpg"), picture)
     cv2.imwrite(str(tmp_path / "tinted.png"), tinted[0])
-    assert all_grey([tmp_path / "grey.png", tmp_path / "grey-in-colour.jpg"])
-    assert not all_grey([tmp_path / "grey.png", tmp_path / "tinted.png"]) and not all_grey([])
+    assert image_chroma(tmp_path / "grey.png") == 0.0 and image_chroma(tmp_path / "grey-in-colour.jpg") < GREY_CHROMA
+    assert image_chroma(tmp_path / "tinted.png") > 2 * GREY_CHROMA and chroma_range([]) is None
+    assert manifest.training["chroma"] == {"min": 0.0, "max": 0.0}
     assert GREY_STEP not in input_spec(128, (0.5,) * 3, (0.5,) * 3).in_graph
 
 

@@ -495,10 +495,11 @@ class Pipeline:
         return reduction(header, spec.width, spec.height)
 
     def _unlike_training(self, frame: Frame, model: Model, override: CameraConfig | None,
-                         size: tuple[int, int]) -> str | None:
+                         size: tuple[int, int], image: np.ndarray) -> str | None:
         """Why this frame (``size``: its roi, or the whole frame as decoded, EXIF rotation applied as training
-        did; its tiles for a camera that tiles a whole-picture model) is not the kind of picture the model was
-        trained on (another shape, smaller than the input), or None; logged once per camera, size and bundle.
+        did; its tiles for a camera that tiles a whole-picture model; ``image``: as the graph was fed) is not the kind
+        of picture the model was trained on (another shape, smaller than the input, grey where the model learned
+        colour), or None; logged once per camera, size and bundle (the colour once per camera and bundle).
         Nothing refuses it: a camera moved to another resolution still gets scores, and its results say why they
         are off."""
         width, height = size
@@ -512,12 +513,14 @@ class Pipeline:
             if len(self._shape_notes) >= 1000:  # sizes x bundles seen: a bound, not a working set
                 self._shape_notes.clear()
             self._shape_notes[key] = manifest.unlike_training(width, height, tiled=key[4])
-        note = self._shape_notes[key]
-        if note and self.ingest.first_time(frame.camera, f"shape {key}"):
-            log.warning("camera %s sends frames that %s %s does not expect: %s (said once per camera, size and "
-                        "bundle; each result carries it as unlike_training)", frame.camera, manifest.name,
-                        manifest.version, note)
-        return note
+        shape = self._shape_notes[key]
+        colour = manifest.unlike_training_colour(image)
+        for note, what in ((shape, f"shape {key}"), (colour, f"colour {key[2:4]}")):
+            if note and self.ingest.first_time(frame.camera, what):
+                log.warning("camera %s sends frames that %s %s does not expect: %s (said once per camera, %s and "
+                            "bundle; each result carries it as unlike_training)", frame.camera, manifest.name,
+                            manifest.version, note, what.split()[0])
+        return "; ".join(note for note in (shape, colour) if note) or None
 
     def _process(self, frame: Frame, model: Model, request) -> None:
         t_start = time.monotonic()
@@ -553,7 +556,8 @@ class Pipeline:
         }
         if seen.tiles is not None:
             result["tiles"] = seen.tiles
-        if note := self._unlike_training(frame, model, override, (cropped.shape[1] * reduce, cropped.shape[0] * reduce)):
+        if note := self._unlike_training(frame, model, override, (cropped.shape[1] * reduce, cropped.shape[0] * reduce),
+                                         seen.image):
             result["unlike_training"] = note
         if publish_heat and heat is not None:  # rendered whenever it is published
             try:

@@ -251,9 +251,9 @@ class Manifest(_Strict):
         """Why ``image`` (8-bit BGR, as the graph is fed) is not what the model learned, or None: a grey frame where
         every training image was in colour (``training.chroma``, since exporters of 2026-12-06; a model of grey images
         turns every frame grey itself, so colour is never unlike its training).  Its :func:`chroma` is read from
-        every fourth row and column, and only for a model of colour images."""
+        every eighth row and column, and only for a model of colour images."""
         least = (self.training.get("chroma") or {}).get("min")
-        if not isinstance(least, int | float) or least < 2 * GREY_CHROMA or chroma(image, 4) >= GREY_CHROMA:
+        if not isinstance(least, int | float) or least < 2 * GREY_CHROMA or chroma(image, 8) >= GREY_CHROMA:
             return None
         return (f"the frame is grey and every training image was in colour (their chroma from {least:g} levels): "
                 "a camera set to a mono pixel format, or a grey bridge, shows the model another picture, which "

@@ -872,6 +872,26 @@ def test_a_workers_stats_show_on_the_tiles_and_make_none(broker, tmp_path):
 
 
 @needs_chromium
+def test_a_cameras_tile_says_why_its_frames_are_unlike_the_training_images(broker, tmp_path):
+    """A result's ``unlike_training`` (frames of another shape, grey frames for a model of colour images) explains a
+    camera whose every frame is flagged; the page did not show it. The tile says it while its results carry it."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        note = "the frame is grey and every training image was in colour"
+        body = {"camera": "cam", "frame_id": "f1", "captured_at": datetime.now(UTC).isoformat(), "verdict": "anomalous",
+                "score": 0.9, "unlike_training": note}
+        client.client.publish(f"{client.prefix}/cam/result", json.dumps(body), qos=1).wait_for_publish(10)
+        tile = page.locator('.tile[data-camera="cam"]')
+        expect(tile).to_have_attribute("data-frame-id", "f1", timeout=10_000)
+        expect(tile.locator(".unlike")).to_have_text(f"unlike training: {note}")
+        _publish_result(client, "cam", "f2", datetime.now(UTC))
+        expect(tile).to_have_attribute("data-frame-id", "f2", timeout=10_000)
+        expect(tile.locator(".unlike")).to_be_hidden()
+        assert errors == [], errors
+
+
+@needs_chromium
 def test_a_page_left_open_keeps_as_many_tiles_and_workers_as_the_console(broker, tmp_path):
     """The console forgets the camera and the worker quiet the longest past console.max_cameras and max_workers; a
     page left open on a wall kept every tile and worker pill it had ever shown (invented ids, renamed cameras)."""

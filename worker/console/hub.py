@@ -181,7 +181,7 @@ def result_problem(result: object) -> str | None:
     if model is not None and not (isinstance(model, dict) and all(
             isinstance(model.get(k), str | None) for k in ("name", "version"))):
         return "model is not an object with a name and version"
-    for key in ("captured_at", "published_at", "label", "defect_type"):
+    for key in ("captured_at", "published_at", "label", "defect_type", "unlike_training"):
         if result.get(key) is not None and not isinstance(result[key], str):
             return f"{key} is not a string"
     return None

@@ -114,6 +114,11 @@ function renderTile(cam) {
   $(".score", el).textContent = `score ${Number(r.score).toFixed(3)} (raw ${r.raw_score} / ${r.threshold})`;
   $(".fid", el).textContent = `${r.frame_id} · ${fmtCaptured(r.captured_at)}`;
   $(".model", el).textContent = r.model ? `${r.model.name} ${r.model.version}` : "";
+  // why the worker says this camera's frames are not what the model learned (another shape, grey for a colour model)
+  const unlike = $(".unlike", el), note = typeof r.unlike_training === "string" ? r.unlike_training : "";
+  unlike.hidden = !note;
+  unlike.textContent = note && `unlike training: ${note}`;
+  unlike.title = note;
   const frame = $(".frame", el), heat = $(".heat", el);
   // The worker's heatmap is already blended over the frame: the camera image is only fetched when it shows.
   const needFrame = r.has_frame && (!r.has_heatmap || overlay < 1);

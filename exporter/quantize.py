@@ -22,8 +22,10 @@ PRECISIONS = ("fp32", "int8")
 # CNN - feature pooling, memory-bank distances and score (top-level ``aten::`` ops of the export
 # graph), blur, embedding.  Quantising their inputs breaks the output contract (embeddings no
 # longer unit length).  The convolutions keep generic names after conversion, so the heads are
-# what is named, not the backbone.  Quantising the heads too cost image AUROC (docs/benchmarks.md, "INT8").
-HEADS = r".*(embedder|anomaly_map_generator|feature_pooler)|aten::"  # NNCF applies re.match
+# what is named, not the backbone.  Quantising the heads too cost image AUROC (docs/benchmarks.md, "INT8").  A model
+# of grey images has its graph inside exporter.export.GreyFirst, whose own grey step (top-level) is kept FP32 too
+# and whose graph's top-level operations are named under its attribute ``inner``.
+HEADS = r".*(embedder|anomaly_map_generator|feature_pooler)|(__module\.inner/)?aten::"  # NNCF applies re.match
 
 
 # NNCF collects its statistics on the first this many calibration images and never reads the rest: a caller reads

@@ -515,11 +515,11 @@ class Pipeline:
             self._shape_notes[key] = manifest.unlike_training(width, height, tiled=key[4])
         shape = self._shape_notes[key]
         colour = manifest.unlike_training_colour(image)
-        for note, what in ((shape, f"shape {key}"), (colour, f"colour {key[2:4]}")):
+        for note, what, once in ((shape, f"shape {key}", "camera, size and bundle"),
+                                 (colour, f"colour {key[2:4]}", "camera and bundle")):
             if note and self.ingest.first_time(frame.camera, what):
-                log.warning("camera %s sends frames that %s %s does not expect: %s (said once per camera, %s and "
-                            "bundle; each result carries it as unlike_training)", frame.camera, manifest.name,
-                            manifest.version, note, what.split()[0])
+                log.warning("camera %s sends frames that %s %s does not expect: %s (said once per %s; each result "
+                            "carries it as unlike_training)", frame.camera, manifest.name, manifest.version, note, once)
         return "; ".join(note for note in (shape, colour) if note) or None
 
     def _process(self, frame: Frame, model: Model, request) -> None:

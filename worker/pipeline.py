@@ -516,7 +516,7 @@ class Pipeline:
         shape = self._shape_notes[key]
         colour = manifest.unlike_training_colour(image)
         for note, what, once in ((shape, f"shape {key}", "camera, size and bundle"),
-                                 (colour, f"colour {key[2:4]}", "camera and bundle")):
+                                 (colour, f"colour {manifest.name} {manifest.version}", "camera and bundle")):
             if note and self.ingest.first_time(frame.camera, what):
                 log.warning("camera %s sends frames that %s %s does not expect: %s (said once per %s; each result "
                             "carries it as unlike_training)", frame.camera, manifest.name, manifest.version, note, once)

@@ -26,7 +26,8 @@ from worker.evidence import EvidenceStore
 from worker.learning import Learner
 from worker.query import serve_request
 from worker.recorder import StoreUnavailable
-from worker.store import Label, StoreError, VectorStore, point_id
+from worker.store import StoreError, VectorStore, point_id
+from worker.store_base import Label
 from worker.wire import MAX_ID_LENGTH, ErrorCode, FrameIdField, RequestError, iso
 
 if TYPE_CHECKING:

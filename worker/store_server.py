@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from worker.store import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, Tier, dense, first_found, mismatch
+from worker.store_base import LABELS, PAYLOAD_INDEXES, Filters, StoreMismatch, Tier, dense, first_found, mismatch
 from worker.wire import CLOCK_FLOOR
 
 _NO_RECEIVED_TS = models.IsEmptyCondition(is_empty=models.PayloadField(key="received_ts"))  # an earlier version's point

@@ -73,7 +73,10 @@ class Acks:
         """``send(mid, qos)``: paho's ``Client.ack`` (it only queues the packet for the network thread)."""
         self._send = send
         self.lock = threading.RLock()
-        self._pending: deque[Ticket] = deque()  # a lost connection's are dropped: they acknowledge nothing
+        # Bounded by the broker, not here: it sends no more unacknowledged QoS 1/2 messages than its in-flight window
+        # (mosquitto's max_inflight_messages), and a ticket leaves only in order.  A lost connection's are dropped:
+        # they acknowledge nothing.
+        self._pending: deque[Ticket] = deque()
 
     def open(self, mid: int, qos: int) -> Ticket:
         """A ticket for a QoS 1 or 2 message just received (on paho's network thread, in arrival order)."""

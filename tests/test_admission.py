@@ -264,6 +264,57 @@ def test_a_tiff_of_32_bit_samples_is_refused_as_a_format_not_as_damaged():
         assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT
 
 
+def test_a_tiff_of_signed_bytes_is_refused_not_wrapped_to_bright():
+    """Pillow opens a TIFF of signed 8-bit samples as an unsigned one, and OpenCV wrapped -1 to 255: it was scored."""
+    import tifffile
+
+    out = io.BytesIO()
+    tifffile.imwrite(out, np.full((8, 8), -100, np.int8), photometric="minisblack")
+    with pytest.raises(FrameError, match="signed integer samples") as refused:
+        probe(out.getvalue(), 10**6, 10**6)
+    assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT
+
+
+def test_a_tiff_whose_tiles_pass_the_pixel_limit_is_refused_before_decoding(dataset):
+    """libtiff inflates a whole tile, whatever the picture's size: an 8 x 8 picture in 4096 x 4096 tiles passed the
+    header's pixel limit in a few kilobytes and took a tile's memory per decode.  Tiles are checked as a picture is;
+    a picture in ordinary tiles is read as the same picture in one piece."""
+    import tifffile
+
+    bomb = io.BytesIO()
+    tifffile.imwrite(bomb, np.full((8, 8, 3), 77, np.uint8), photometric="rgb", tile=(4096, 4096), compression="zlib")
+    with pytest.raises(FrameError, match="TIFF tiles are 4096x4096") as refused:
+        probe(bomb.getvalue(), 10**6, 10**6)
+    assert refused.value.code == ErrorCode.IMAGE_TOO_LARGE
+    image = cv2.imread(str(good_png(dataset)))
+    tiled = io.BytesIO()
+    tifffile.imwrite(tiled, image[:, :, ::-1], photometric="rgb", tile=(64, 64))
+    assert probe(tiled.getvalue(), 10**8, 10**8) == ("tiff", image.shape[1], image.shape[0])
+    assert np.array_equal(decode(tiled.getvalue()), image)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(dataset):
+    """Each scan of a progressive JPEG is one more pass over the whole picture and the format does not bound their
+    number: a frame of a few hundred kilobytes of repeated scans held an inference thread for minutes, past the
+    watchdog.  More than MAX_JPEG_SCANS are refused before decoding; ordinary progressive JPEGs, and a scan marker's
+    bytes inside an EXIF segment, are not scans."""
+    from worker.decode import MAX_JPEG_SCANS, jpeg_scans
+
+    image = cv2.imread(str(good_png(dataset)))
+    progressive = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert 1 < jpeg_scans(progressive) <= 10
+    assert probe(progressive, 10**8, 10**8).format == "jpeg"
+    last = progressive.rfind(b"\xff\xda")  # the last scan, its header and coded data up to the end marker
+    bomb = progressive[:-2] + progressive[last:-2] * 3 * MAX_JPEG_SCANS + b"\xff\xd9"
+    with pytest.raises(FrameError, match="scans is not accepted") as refused:
+        probe(bomb, 10**8, 10**8)
+    assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT
+    exif = b"Exif\x00\x00" + b"\xff\xda" * 2 * MAX_JPEG_SCANS  # the marker's bytes in a segment's payload
+    with_exif = progressive[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + progressive[2:]
+    assert jpeg_scans(with_exif) == jpeg_scans(progressive)
+    assert np.array_equal(decode(with_exif), decode(progressive))
+
+
 def test_the_normal_frame_count_per_camera_is_bounded(pipeline):
     """``store.log_normal_every`` counted the normal frames of every camera id ever seen, for good: a source that
     puts a timestamp in its topic grew it by a camera per frame (a helper's long-run probe)."""

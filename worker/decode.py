@@ -26,6 +26,10 @@ Image.MAX_IMAGE_PIXELS = None
 # topic, counter, its own log line), so OpenCV keeps only fatal messages.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 
+# A progressive JPEG's scans each pass over the whole picture again, and the format does not bound their number: a
+# small file of thousands of repeated scans would hold an inference thread for minutes.  Encoders write about ten
+# (libjpeg's progression: 6 for grey, 10 for colour), so a frame of more is refused before decoding.
+MAX_JPEG_SCANS = 100
 REDUCED_HEADROOM = 2.0  # a frame decoded smaller still has twice the model's input on its shorter side
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
@@ -82,15 +86,65 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
     if fmt not in FRAME_FORMATS:
         raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")
-    if fmt == "TIFF" and mode in ("F", "I"):  # OpenCV has no fixed way to 8 bits for these (was: corrupt_image)
+    if fmt == "TIFF" and (mode in ("F", "I") or _signed(header)):  # no fixed way to 8 bits (was: corrupt_image)
         raise FrameError("unsupported_format", f"TIFF with {'32-bit floating-point' if mode == 'F' else '32-bit or signed integer'} "
                                                "samples is not accepted (8- or 16-bit unsigned samples)")
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     check_area(width, height, max_pixels)
-    if FRAME_FORMATS[fmt] == "jpeg" and jpeg_cut_short(data):
-        raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
+    if fmt == "TIFF":  # libtiff inflates a whole tile, whatever the picture's size: a tile is checked as a picture
+        tags = getattr(header, "tag_v2", {})
+        tile_width, tile_length = tags.get(322), tags.get(323)  # absent in a TIFF of strips
+        if isinstance(tile_width, int) and isinstance(tile_length, int) and tile_width * tile_length > max_pixels:
+            raise FrameError("image_too_large", f"TIFF tiles are {tile_width}x{tile_length} = {tile_width * tile_length} "
+                                                f"pixels (in a {width}x{height} image), limit is {max_pixels}")
+    if FRAME_FORMATS[fmt] == "jpeg":
+        if jpeg_cut_short(data):
+            raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
+        if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+            raise FrameError("unsupported_format", f"JPEG of {scans} scans is not accepted (at most {MAX_JPEG_SCANS}: "
+                                                   "each is one more pass over the whole picture)")
     return Header(FRAME_FORMATS[fmt], width, height)
+
+
+def _signed(header: Image.Image) -> bool:
+    """Whether a TIFF's SampleFormat tag says signed integer or floating-point samples: Pillow opens 8-bit signed
+    ones as unsigned, and OpenCV would wrap -1 to 255."""
+    tags = getattr(header, "tag_v2", None)
+    formats = tags.get(339) if tags is not None else None
+    values = formats if isinstance(formats, tuple) else (formats,)
+    return any(v not in (None, 1) for v in values)
+
+
+def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
+    """How many scans the first picture of a JPEG has, where that can be more than ``limit``; else a bound of at
+    most ``limit``.  Inside a scan's coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the
+    scan marker FF DA appears only as a marker or inside a marker segment's payload (an EXIF thumbnail, a maker
+    note): its count over the bytes is a bound, and the segments are walked only where the bound passes ``limit``."""
+    if (bound := data.count(b"\xff\xda")) <= limit:
+        return bound
+    scans, at = 0, 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return scans  # not a marker where one must be: the decoder says what is wrong
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xD9:  # end of the (first) picture
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            while (at := data.find(b"\xff", at)) >= 0 and at + 1 < len(data) \
+                    and (data[at + 1] == 0 or 0xD0 <= data[at + 1] <= 0xD7):
+                at += 2
+            if at < 0:
+                break
+    return scans
 
 
 def reduction(header: Header, width: int, height: int, headroom: float = REDUCED_HEADROOM) -> int:

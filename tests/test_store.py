@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -712,6 +714,71 @@ def test_a_reused_frame_id_does_not_replace_a_labelled_frame(tmp_path, caplog):
         said = [r.getMessage() for r in caplog.records if r.name == "worker.recorder" and r.levelname == "WARNING"]
         assert len(said) == 1 and "a/f0" in said[0] and "labelled" in said[0], said
     finally:
+        recorder.stop()
+
+
+class _HeldEvidence(EvidenceStore):
+    """Evidence on a disk that holds one write until the test lets it go: the recorder then sits between its check of
+    a batch's ids and their write, as on a slow card."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold: str | None = None
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def save(self, key, files, value="normal"):
+        if key == self.hold and not self.inside.is_set():
+            self.inside.set()
+            assert self.release.wait(20)
+        return super().save(key, files, value)
+
+
+def _waits_for_the_store(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is inside the recorder's ``use_store`` (waiting for the store's lock)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "use_store" and frame.f_code.co_filename.endswith("recorder.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_label_sent_while_a_later_frame_of_its_id_is_written_is_not_written_over(tmp_path):
+    """The recorder checked a batch's ids for labels, then wrote the batch: a label stored in between (its frame's id
+    reused by the camera, a frame of it in the batch) was answered ok and then written over, its evidence with it,
+    and the history no longer had it.  A label now waits for the batch being written, and then labels what the
+    history holds under the id."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    evidence = _HeldEvidence(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, SpoolConfig(path=tmp_path / "spool", retry_s=0.05),
+                        16, Liveness(0))
+    recorder.start()
+    try:
+        recorder.submit(_records(1, DIM)[0])
+        assert recorder.flush(20) and _wait_for(lambda: recorder.written == 1)
+        evidence.hold = point_id("a", "f0")
+        again = _records(1, DIM, start=100)[0]  # the camera's counter started again: f0 names a new frame
+        again.key, again.payload["frame_id"] = point_id("a", "f0"), "f0"
+        recorder.submit(again)
+        assert evidence.inside.wait(20)  # the recorder found f0 unlabelled and is writing the new frame's evidence
+        answers: list[dict] = []
+        label = threading.Thread(target=lambda: answers.append(LabelService(recorder.use_store, evidence=evidence)
+                                 .answer_bytes(json.dumps({"action": "set", "frame_id": "f0", "camera": "a",
+                                                           "label": "confirmed_defect"}).encode())))
+        label.start()
+        assert _wait_for(lambda: not label.is_alive() or _waits_for_the_store(label))
+        assert label.is_alive(), f"the label was stored while the batch was being written: {answers}"
+        evidence.release.set()
+        label.join(20)
+        assert answers and answers[0]["ok"], answers
+        assert recorder.flush(20) and recorder.written == 2 and recorder.labelled_kept == 0
+        with recorder.use_store() as store:
+            payload = store.find("f0", "a")[2]
+        assert payload["label"] == "confirmed_defect" and payload["captured_ts"] == NOW + 100
+        assert evidence.labelled(point_id("a", "f0"))
+        assert (tmp_path / "evidence" / payload["evidence"]["thumbnail"]).is_file()
+    finally:
+        evidence.release.set()
         recorder.stop()
 
 

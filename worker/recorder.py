@@ -208,7 +208,9 @@ class Recorder:
         self._outage: tuple[str, Throttle] = ("", Throttle(600))  # the last outage said, and when to say it again
         self.written = 0
         self._write_error: str | None = None  # why the open store's last write failed, until one succeeds
-        self._store_lock = threading.Lock()
+        # Readers, label writes and this thread's batches; reentrant, since a batch holds it from the check of its
+        # ids' labels through its write (:meth:`_step`) and the write takes it too.
+        self._store_lock = threading.RLock()
         self._next_try = 0.0
         self._next_evidence_retention = 0.0  # while no store is open (the store rate-limits its own passes)
         self._unswept: list[str] | None = None  # evidence keys still to check against the open store (_sweep)
@@ -360,14 +362,15 @@ class Recorder:
             return
         while (item := self.spool.oldest()) is not None:
             path, points = item
-            # spooled while the store was away, when only the evidence could say which ids are labelled
-            if spared := self._labelled([key for key, _, _ in points], ask_store=True):
-                self.evidence.delete([k for k in spared if not self.evidence.labelled(k)])  # the new frame's files
-                self._said_spared([payload for key, _, payload in points if key in spared])
-                points = [point for point in points if point[0] not in spared]
             try:
-                if not self._upsert(points):
-                    return
+                with self._store_lock:  # no label comes between the check of the ids and the write
+                    # spooled while the store was away, when only the evidence could say which ids are labelled
+                    if spared := self._labelled([key for key, _, _ in points], ask_store=True):
+                        self.evidence.delete([k for k in spared if not self.evidence.labelled(k)])  # the new frame's
+                        self._said_spared([payload for key, _, payload in points if key in spared])
+                        points = [point for point in points if point[0] not in spared]
+                    if not self._upsert(points):
+                        return
             except BatchRefused as exc:
                 self.spool.set_aside(path, str(exc))
                 continue
@@ -469,20 +472,25 @@ class Recorder:
                         "answered only. Give frames ids that do not repeat (%d such frames so far, said at most once a "
                         "minute)", payloads[0].get("camera"), payloads[0].get("frame_id"), self.labelled_kept)
 
-    def _prepare(self, batch: list[Record], saved: list[str]) -> list[Point]:
-        """The batch's points, their evidence written; ``saved`` gets the key of each frame whose evidence was.  A
-        frame whose evidence cannot be written (its folder's disk full) is recorded without it: the history's point
-        (score, verdict, embedding, labels) does not need the thumbnail and heatmap, and the store may have room."""
+    def _evidence_files(self, rec: Record) -> dict[str, tuple[str, bytes]]:
+        """A frame's evidence files, encoded: its thumbnail, and a raw buffer's image file, made here, not on the
+        inference thread."""
+        files = dict(rec.files)
+        if "frame" in files:
+            data, ext = image_file(files["frame"][1], files["frame"][0], rec.frame_pixels)
+            files["frame"] = (ext, data)
+        return {"thumbnail": ("jpg", encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)), **files}
+
+    def _prepare(self, batch: list[tuple[Record, dict[str, tuple[str, bytes]]]], saved: list[str]) -> list[Point]:
+        """The batch's points, each record's evidence files (:meth:`_evidence_files`) written; ``saved`` gets the key of
+        each frame whose evidence was.  A frame whose evidence cannot be written (its folder's disk full) is recorded
+        without it: the history's point (score, verdict, embedding, labels) does not need the thumbnail and heatmap,
+        and the store may have room."""
         points = []
-        for rec in batch:
-            thumb = encode(fit_size(rec.frame, self.thumbnail_size), "jpeg", 80)
+        for rec, files in batch:
             value = ANOMALOUS if rec.payload.get("anomalous") else NORMAL
-            files = dict(rec.files)
-            if "frame" in files:  # a raw buffer's file is made here, not on the inference thread
-                data, ext = image_file(files["frame"][1], files["frame"][0], rec.frame_pixels)
-                files["frame"] = (ext, data)
             try:
-                rec.payload["evidence"] = self.evidence.save(rec.key, {"thumbnail": ("jpg", thumb), **files}, value)
+                rec.payload["evidence"] = self.evidence.save(rec.key, files, value)
             except OSError as exc:
                 rec.payload["evidence"] = {}
                 self._without_evidence(exc)
@@ -516,11 +524,18 @@ class Recorder:
                 try:
                     if self.store_error is not None and self.store is None:  # spooled, they would never be written
                         self.unrecorded += len(batch)
-                    elif kept := self._spare_labels(batch):
-                        points = self._prepare(kept, saved)
-                        # Order is kept: while anything is spooled (or the store just failed), new batches queue behind.
-                        if len(self.spool) or time.monotonic() < self._next_try or not self._upsert(points):
-                            self.spool.push(points)
+                    else:
+                        encoded = [(rec, self._evidence_files(rec)) for rec in batch]  # before the lock: the CPU work
+                        # A label between the check of the batch's ids and its write would be written over by a later
+                        # frame of its id (a camera that reused it), its evidence with it: queries and labels wait.
+                        with self._store_lock:
+                            if kept := self._spare_labels(batch):
+                                keep = {id(rec) for rec in kept}
+                                points = self._prepare([pair for pair in encoded if id(pair[0]) in keep], saved)
+                                # Order is kept: while anything is spooled (or the store just failed), new batches
+                                # queue behind.
+                                if len(self.spool) or time.monotonic() < self._next_try or not self._upsert(points):
+                                    self.spool.push(points)
                 except BatchRefused as exc:  # not expected (the store opened for this model's size): never spooled
                     self.unrecorded += len(kept)
                     self.evidence.delete(saved)  # no point will name these files: no retention pass would take them

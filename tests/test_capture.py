@@ -493,6 +493,47 @@ def test_a_confirmed_defect_corrected_to_a_false_alarm_goes_back_among_the_norma
     assert cv2.imread(str(tmp_path / "cap" / "cam" / f"{key}.png")).tobytes() == image(0).tobytes()
 
 
+def test_a_defect_scored_anomalous_under_a_reused_id_is_kept_as_itself_not_as_the_earlier_frame(tmp_path) -> None:
+    """A camera that reused an id: its earlier, normal frame was sampled; the later one, scored anomalous, is
+    confirmed a defect.  The sampled file was moved into the confirmed defects as if it were the labelled frame: a
+    good frame became the next bundle's test defect and the real one was not kept (a helper's probe).  The sample
+    takes normal frames only, so next to a frame scored anomalous it holds an earlier frame: that one leaves the
+    sample, and the defect is kept from its own stored frame."""
+    from worker.evidence import EvidenceStore
+
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    key = point_id("cam", "f-0")
+    assert capture.offer("cam", key, image(0), png(0))  # the earlier frame of the id, scored normal
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=100)
+    stored = evidence.save(key, {"frame": ("png", frame(1))}, "anomalous")  # the later frame, scored anomalous
+    store = VectorStore(StoreConfig(path=tmp_path / "qdrant"), 8)
+    now = time.time()
+    store.upsert([(key, np.ones(8, np.float32), {"camera": "cam", "frame_id": "f-0", "verdict": "anomalous",
+                                                 "received_ts": now, "captured_ts": now, "evidence": stored})])
+    labels = LabelService(lambda: nullcontext(store), evidence=evidence, capture=capture,
+                          stored_image=lambda data, _: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    answer = labels.set(SetLabel(action="set", frame_id="f-0", camera="cam", label="confirmed_defect"), store)
+    assert answer["capture"] == "kept for the next training set's test images", answer
+    assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (0, 1)
+    kept = list((tmp_path / "cap" / "cam" / DEFECTS).iterdir())
+    assert [cv2.imread(str(p)).tobytes() for p in kept] == [image(1).tobytes()]
+
+
+def test_a_defect_label_is_stored_and_answered_when_the_capture_disk_is_full(tmp_path) -> None:
+    """A sampled normal frame confirmed a defect on a full capture disk: the state's write failed and the label was
+    answered internal_error although it was stored (a helper's probe).  The label is answered as stored, the frame
+    has left the sample, and the failed write is counted and said as any of the sample's."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    key = point_id("cam", "n-0")
+    assert capture.offer("cam", key, image(0), png(0))
+    labels, store = _history(tmp_path, capture, {"n-0": "normal"})
+    (tmp_path / "cap" / "cam" / (INDEX + ".tmp")).symlink_to("/dev/full")  # ENOSPC, for root too
+    answer = labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label="confirmed_defect"), store)
+    assert answer["capture"] == "taken out of the captured normal frames", answer
+    assert store.find("n-0", "cam")[2]["label"] == "confirmed_defect"
+    assert capture.counts()["cam"]["kept"] == 0 and capture.failed_writes == 1
+
+
 def test_a_false_alarm_kept_before_a_crash_recorded_its_label_is_not_exported_as_good(tmp_path) -> None:
     """A worker killed while absorbing a false alarm had kept its image for the next training set, but the label was
     never recorded (a helper's probe): the export gave the flagged frame to the next model as good.  At start a false

@@ -507,12 +507,14 @@ class Capture:
             for sample in sampled:  # once the state no longer lists them
                 state.delete(sample)
 
-    def forget(self, camera: str, key: str) -> bool:
+    def forget(self, camera: str, key: str, same_frame: bool = True) -> bool:
         """Take a kept normal frame out of the sample: an operator labelled it a confirmed defect, which the next
         model must not learn as good; it is kept among the camera's confirmed defects (the export's test images).
-        Where a defect of that id is kept already (a camera that reused the id before the sample refused it), the
-        kept frame is deleted instead: it may be a later frame, and must not replace the defect's image.  True when
-        one was kept."""
+        Where the kept frame is not the labelled one (``same_frame`` False: the labelled frame was scored anomalous,
+        and the sample takes normal frames only, so the file is an earlier frame of an id the camera reused), or a
+        defect of that id is kept already (a camera that reused the id before the sample refused it), the kept frame
+        is deleted instead: it must not become, or replace, the defect's image.  True when one was kept.  A disk that
+        cannot take the change (full) is said and counted, as for any write of the sample; the frame has left it."""
         with self._lock:
             state = self._cameras.get(camera)
             slot = next((i for i, name in enumerate(state.files) if name.split(".", 1)[0] == key), None) \
@@ -520,20 +522,25 @@ class Capture:
             if state is None or slot is None:
                 return False
             name = state.files.pop(slot)
-            (state.folder / DEFECTS).mkdir(exist_ok=True)
-            if _named(state.defects, key):
-                state.delete(name)
-            else:
-                try:
-                    state.bytes -= (state.folder / name).stat().st_size
-                    (state.folder / name).replace(state.folder / DEFECTS / name)
-                    state.defects.add(name)
-                    state.from_sample.add(name)
-                except FileNotFoundError:
-                    pass
             if state.vectors is not None:
                 state.vectors = np.delete(state.vectors, slot, axis=0)
-            state.save()
+            try:
+                if not same_frame or _named(state.defects, key):
+                    state.delete(name)
+                else:
+                    (state.folder / DEFECTS).mkdir(exist_ok=True)
+                    try:
+                        size = (state.folder / name).stat().st_size
+                        (state.folder / name).replace(state.folder / DEFECTS / name)
+                    except FileNotFoundError:
+                        pass
+                    else:
+                        state.bytes -= size
+                        state.defects.add(name)
+                        state.from_sample.add(name)
+                state.save()
+            except OSError as exc:
+                self._write_failed(exc)
             return True
 
     def add_defect(self, camera: str, key: str, image: np.ndarray) -> None:

@@ -216,7 +216,10 @@ class LabelService:
             if self.capture.remove_defect(request.camera, key) == "back":
                 answer["capture"] = "back among the captured normal frames"
             return
-        if self.capture.forget(request.camera, key):
+        # The sample takes frames scored normal only: one of this id next to a frame scored anomalous is an earlier
+        # frame of an id the camera reused, which leaves the sample without becoming this defect's image.
+        scored_normal = payload.get("verdict") != "anomalous"
+        if self.capture.forget(request.camera, key, same_frame=scored_normal) and scored_normal:
             answer["capture"] = "taken out of the captured normal frames"
             return
         data = self.evidence.read((payload.get("evidence") or {}).get("frame")) if self.evidence is not None else None
@@ -288,7 +291,8 @@ class LabelService:
         good.  One whose frame is gone (retention by age) stays, until it is withdrawn.  After :meth:`_reconcile`,
         which labels such a frame where its absorption had finished."""
         taken = [p for p in _confirmed(store) if isinstance(p.get("camera"), str) and isinstance(p.get("frame_id"), str)
-                 and capture.forget(p["camera"], point_id(p["camera"], p["frame_id"]))]
+                 and capture.forget(p["camera"], point_id(p["camera"], p["frame_id"]),
+                                    same_frame=p.get("verdict") != "anomalous")]
         if taken:
             log.warning("capture: %d frame(s) labelled confirmed defects were still among the captured normal "
                         "frames (labelled before this version, or while capture was off): taken out, e.g. %s/%s",

@@ -313,6 +313,12 @@ class Extension:
 
     def _load(self) -> None:
         index = self.folder / INDEX
+        # A frame's earlier rows set aside while its new rows went into place (:meth:`add`): a stop between the two
+        # renames left its file missing, which the index still names.  Put back, the index and the rows agree.
+        for prev in self.folder.glob("*.prev.tmp"):
+            npy = prev.with_name(prev.name.removesuffix(".prev.tmp") + ".npy")
+            if not npy.exists():
+                prev.replace(npy)
         if index.is_file():
             try:
                 raw = json.loads(index.read_text())

@@ -80,6 +80,27 @@ def test_crash_states_recover(tmp_path) -> None:
     assert [e.key for e in Extension(tmp_path, C, max_rows=10).entries()] == [kept]  # the new index holds
 
 
+def test_a_stop_while_a_frame_is_absorbed_again_keeps_its_earlier_rows(tmp_path) -> None:
+    """A frame absorbed again (its views after its own patches, or a re-absorption after a withdrawal) sets its
+    earlier rows aside while the new ones go into place: a stop between the two renames left no rows file for an
+    entry the index names, and the next start dropped the label's rows without a word (a helper's probe).  Its earlier
+    rows are put back; a stop after the second rename keeps the new ones."""
+    ext = Extension(tmp_path, C, max_rows=10)
+    frame = key()
+    ext.add(frame, rows(2, 1.0), "f1", "cam")
+    npy = tmp_path / f"{frame}.npy"
+    np.save(tmp_path / "new.npy", rows(3, 2.0))
+    (tmp_path / "new.npy").replace(tmp_path / f"{frame}.npy.tmp")  # the new rows written,
+    npy.replace(tmp_path / f"{frame}.prev.tmp")  # the earlier ones set aside: the stop comes here
+    again = Extension(tmp_path, C, max_rows=10)
+    assert [e.frame_id for e in again.entries()] == ["f1"] and np.array_equal(again.rows, rows(2, 1.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([INDEX, npy.name])
+    np.save(tmp_path / "new.npy", rows(3, 2.0))
+    npy.replace(tmp_path / f"{frame}.prev.tmp")
+    (tmp_path / "new.npy").replace(npy)  # the new rows in place, the index not yet written: the stop comes here
+    assert np.array_equal(Extension(tmp_path, C, max_rows=10).rows, rows(3, 2.0))
+
+
 @pytest.mark.parametrize("how", [*DAMAGE, "not finite"])
 def test_a_damaged_entry_is_dropped_and_the_others_kept(tmp_path, how) -> None:
     """An emptied entry stopped the worker's start with EOFError; a NaN row would make every score NaN."""

@@ -205,6 +205,26 @@ def test_a_large_jpeg_is_decoded_smaller_and_scores_as_decoded_in_full(pipeline,
     assert result["raw_score"] == pytest.approx(want, rel=0.02)
 
 
+@pytest.mark.parametrize("pipeline", [{"cameras": {"tiled": {"tiling": {"grid": [2, 2]}}}}], indirect=True)
+def test_a_query_image_for_a_tiled_camera_is_embedded_from_full_size_tiles(pipeline, dataset, bundle_dir):
+    """A camera's tiles are cut from the frame at full size; a query's image for such a camera was decoded smaller
+    first (a JPEG several times the input), so its embedding was not made as the camera's frames' are."""
+    from bundle.tiling import see
+
+    p, _ = pipeline
+    grid = p.cfg.cameras["tiled"].tiling
+    spec = read_manifest(bundle_dir).input
+    image = cv2.imread(str(sorted((dataset / "weave" / "test").glob("*/*.png"))[-1]))
+    large = cv2.resize(image, (round(8.6 * spec.width), round(8.6 * spec.height)), interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", large, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    assert reduction(probe(data, 1 << 24, 1 << 24), spec.width, spec.height) > 1  # a frame this large, untiled
+    bundle = CompiledBundle(bundle_dir)
+    full = see(bundle, bundle.create_request(), decode(data), grid).embedding
+    reduced = see(bundle, bundle.create_request(), decode(data, 2), grid).embedding
+    embedding, _ = p.embed(data, "tiled")
+    assert np.abs(embedding - full).max() < np.abs(reduced - full).max() / 100
+
+
 def test_a_jpeg_is_refused_when_cut_short_not_when_bytes_follow_its_end(dataset):
     """A frame grabbed from an MJPEG stream often ends in the multipart's line break, or a camera appends a trailer:
     the image is whole and is decoded.  Cut short anywhere in its scan, or with the thumbnail's end marker as the

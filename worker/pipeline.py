@@ -628,8 +628,8 @@ class Pipeline:
         header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         override = self.cfg.cameras.get(camera) if camera is not None else None
         model = self.models.for_camera(camera) if camera is not None else self.models.default
-        image = decode(data, self._reduction(header, model, None))
         grid = model.tiling(override) if camera is not None else model.bundle.manifest.tiling
+        image = decode(data, 1 if grid is not None else self._reduction(header, model, None))  # tiles: at full size
         with self._query_lock:
             request = self._query_requests.get(model)
             if request is None:

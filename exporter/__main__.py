@@ -158,7 +158,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # A split drawn again from files added or removed since the export holds some of the bundle's training images.
     again = [s.path for s in category.test if s.defect == "good" and short_digest(s.path) in trained] \
         if category.drawn else []
-    category = category.without(again)
+    category = category.without([category.recorded(path) for path in again])
     # train's checks of the test files: refused on the same problems, its notes said (on stderr: stdout is the JSON)
     summary = summarise(category, trained=False)
     print(summary.evaluation_text(), file=sys.stderr, flush=True)

@@ -157,9 +157,11 @@ class Category:
         """``path`` as the manifest records it, relative to :attr:`base` (a list's rows may lie above its folder)."""
         return os.path.relpath(path, self.base)
 
-    def without(self, paths: Iterable[Path | str]) -> Category:
-        """The same data without these test images (held out for validation): paths, or as :meth:`recorded` names them."""
-        gone = {os.path.normpath(self.base / p) for p in paths}
+    def without(self, recorded: Iterable[str]) -> Category:
+        """The same data without these test images (held out for validation), named as :meth:`recorded` names them:
+        relative to :attr:`base`, so that a relative ``--data`` (a sample's path then starts with it) is not joined to
+        itself."""
+        gone = {os.path.normpath(self.base / p) for p in recorded}
         return replace(self, test=[s for s in self.test if os.path.normpath(s.path) not in gone])
 
 
@@ -616,7 +618,7 @@ def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Ca
         of_type = [s for s in category.test if s.defect == defect]
         rng.shuffle(of_type)
         held += of_type[: int(len(of_type) * fraction)]
-    return category.without({s.path for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
+    return category.without({category.recorded(s.path) for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
 
 
 def _why_unreadable(path: Path) -> str:

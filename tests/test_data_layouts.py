@@ -17,7 +17,8 @@ import torch
 
 from bundle import read_manifest
 from conftest import ROOT
-from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
+from exporter.data import (DatasetError, find_categories, hold_out_defects, load_category, read_image, read_mask,
+                           summarise)
 from exporter.export import input_spec
 from exporter import metrics
 from exporter.metrics import PixelMetrics, aupro
@@ -1180,6 +1181,19 @@ def test_a_defect_type_folder_without_images_is_said_in_the_summary(tmp_path):
     (root / "test" / "smudge").mkdir()
     assert "note: test/glue/, test/smudge/ hold no images: not in the test split" in summarise(
         load_category(tmp_path, "weave")).text(3, 1)
+
+
+def test_defects_held_out_for_the_threshold_leave_the_test_split_with_a_relative_data_folder(dataset, monkeypatch):
+    """``--threshold-mode recall`` holds some defects out to choose the threshold; with ``--data`` relative (as the
+    README's commands give it) they were joined to the data folder a second time, matched no test image and were
+    scored as test images too, so the manifest's test figures included the images the threshold was tuned on."""
+    monkeypatch.chdir(dataset.parent)
+    category = load_category(Path(dataset.name), "weave")
+    assert not category.root.is_absolute() and any(s.label for s in category.test)
+    rest, held = hold_out_defects(category, 0.5, seed=0)
+    assert held and not {s.path for s in held} & {s.path for s in rest.test}
+    assert len(rest.test) == len(category.test) - len(held)
+    assert category.without([category.recorded(s.path) for s in held]).test == rest.test
 
 
 def test_jpeg_and_blank_masks_are_warned_about(dataset, tmp_path):

@@ -52,14 +52,14 @@ class ThresholdChoice:
 def far_threshold(normal_scores: np.ndarray, target_far: float) -> float:
     """The lowest threshold at which at most ``floor(target_far * n)`` normals score at or above it."""
     ranked = np.sort(normal_scores)[::-1]
-    allowed = math.floor(target_far * len(ranked))
+    allowed = math.floor(round(target_far * len(ranked), 9))  # 0.58 x 50 is 28.999999999999996 in floats
     return float(np.nextafter(ranked[allowed], np.inf)) if allowed < len(ranked) else float(ranked[-1])
 
 
 def recall_threshold(defect_scores: np.ndarray, target_recall: float) -> float:
     """The highest threshold at which at least ``ceil(target_recall * n)`` defects score at or above it."""
     ranked = np.sort(defect_scores)[::-1]
-    return float(ranked[math.ceil(target_recall * len(ranked)) - 1])
+    return float(ranked[math.ceil(round(target_recall * len(ranked), 9)) - 1])  # 0.56 x 25 is 14.000000000000002
 
 
 def choose_thresholds(bundle: CompiledBundle, normals: list[np.ndarray], defects: list[np.ndarray],

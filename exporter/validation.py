@@ -108,7 +108,9 @@ def _deform(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
     h, w = image.shape[:2]
     side = min(h, w)
     sigma = side * rng.uniform(0.02, 0.05)
-    amplitude = sigma * rng.uniform(0.5, 1.0)
+    # at least 2.5 px, so that a small image's bump moves some pixels by the 2 the mask counts (else it would be the
+    # normal image, counted as an anomaly)
+    amplitude = max(2.5, sigma * rng.uniform(0.5, 1.0))
     cy, cx = rng.uniform(0.15, 0.85, 2) * (h, w)
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

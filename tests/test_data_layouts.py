@@ -164,6 +164,9 @@ def test_far_and_recall_thresholds():
     defects = np.array([5.0, 7.0, 11.0, 12.0])
     assert recall_threshold(defects, 0.75) == 7.0 and (defects >= 7.0).mean() == 0.75
     assert recall_threshold(defects, 0.8) == 5.0
+    # a target whose count is whole, though not in floats (0.58 x 50 = 28.999..., 0.56 x 25 = 14.000...2)
+    assert (np.arange(50.0) >= far_threshold(np.arange(50.0), 0.58)).sum() == 29
+    assert (np.arange(25.0) >= recall_threshold(np.arange(25.0), 0.56)).sum() == 14
 
 
 def test_the_default_threshold_passes_every_held_out_normal_even_when_they_all_score_the_same():

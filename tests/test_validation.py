@@ -30,6 +30,15 @@ def test_every_kind_changes_the_image_only_inside_its_mask(normals):
         assert not (changed & (anomaly.mask == 0)).any(), f"{anomaly.kind} changed pixels outside its mask"
 
 
+def test_a_deformation_of_a_small_image_is_never_the_image_itself():
+    """The deformation's bump scales with the image: on images under about 200 px it often moved no pixel by the 2
+    its mask counts, and the normal image itself was counted as an anomaly in ``--choose``'s validation."""
+    rng = np.random.default_rng(4)
+    small = [cv2.cvtColor(sample(rng, 64)[0], cv2.COLOR_GRAY2BGR) for _ in range(40)]
+    for normal, anomaly in zip(small, synthesise(small, seed=2, kinds=("deform",)), strict=True):
+        assert anomaly.mask.any() and not np.array_equal(anomaly.image, normal)
+
+
 def test_the_same_seed_gives_the_same_set_and_another_seed_another(normals):
     first = synthesise(normals, seed=5)
     torch.rand(7)  # whatever ran before (a fit, a model) must not change the set

@@ -142,6 +142,25 @@ def test_a_loopback_console_answers_only_requests_for_a_loopback_host(tmp_path):
     assert beyond.get("/api/defects", auth=("op", "s3cret")).status_code == 200
 
 
+def test_changes_from_the_consoles_page_behind_a_proxy_that_passes_host_localhost_are_taken(tmp_path):
+    """docs/console.md has the reverse proxy in front of a console bound to loopback pass ``Host: localhost``; the
+    browser's ``Origin`` names the proxy's site, and every change (a label, a reload) was refused 403 as cross-site.
+    The browser's ``Sec-Fetch-Site`` decides; without it the ``Origin`` must match the ``Host`` as before."""
+    from starlette.testclient import TestClient
+
+    from worker.console.app import create_app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {bundle: b}\n")
+    proxied = TestClient(create_app(load_config(config)), base_url="http://localhost")  # as the proxy asks
+    page = {"Origin": "https://inspect.plant", "Content-Type": "application/json"}
+    taken = proxied.post("/api/labels", content=b"{}", headers={**page, "Sec-Fetch-Site": "same-origin"})
+    assert taken.status_code == 400 and taken.json()["error"]["code"] == "bad_request", taken.text  # at the labels
+    for refused in ({**page, "Sec-Fetch-Site": "cross-site"}, {**page, "Sec-Fetch-Site": "same-site"}, page):
+        answer = proxied.post("/api/labels", content=b"{}", headers=refused)
+        assert answer.status_code == 403 and "cross-site request refused" in answer.text, (refused, answer.text)
+
+
 def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
     """It answered an empty feed, as if no defect had been seen in the window."""
     from starlette.testclient import TestClient

@@ -122,12 +122,15 @@ class SameOriginJson:
 
     @staticmethod
     def refusal(headers: dict[bytes, bytes]) -> Response | None:
-        """The answer to a request the console must not act on, or None.  The origin is compared by host and port
-        (the ``Host`` the browser sent): behind a TLS proxy the scheme differs from the console's own."""
+        """The answer to a request the console must not act on, or None.  The browser's ``Sec-Fetch-Site`` decides
+        where it is sent (no page can set it): behind a reverse proxy that passes ``Host: localhost`` to a console bound
+        to loopback (docs/console.md), the ``Origin`` names the proxy's site, not that host.  A client without it (an
+        older browser) has its ``Origin`` compared with the ``Host`` it sent, by host and port: behind a TLS proxy the
+        scheme differs from the console's own."""
         site = headers.get(b"sec-fetch-site", b"").decode(errors="replace").lower()
         origin = headers.get(b"origin", b"").decode(errors="replace")
         host = headers.get(b"host", b"").decode(errors="replace").lower()
-        if site not in ("", "same-origin", "none") or (origin and (not host or _netloc(origin) != host)):
+        if site not in ("same-origin", "none") if site else (origin and (not host or _netloc(origin) != host)):
             return _error(403, "forbidden", f"cross-site request refused (Origin {origin or 'absent'}, Sec-Fetch-Site "
                                             f"{site or 'absent'}): the console takes changes only from its own page")
         kind = headers.get(b"content-type", b"").decode(errors="replace").split(";")[0].strip().lower()

@@ -440,6 +440,13 @@ def test_the_console_hub_survives_messages_it_cannot_read():
             "verdict": "normal", "threshold": 1.0, "model": {"version": "v"}}
     hub.on_message(msg("inspect/cam/result", json.dumps(good).encode()))
     assert "cam" in hub.snapshot()["cameras"]
+    # a stats message with no counts (null is allowed) made every later one fail: the worker's state stayed frozen
+    stats = "inspect/workers/w1/stats"
+    hub.on_message(msg(stats, json.dumps({"cameras": None}).encode()))
+    for at, processed in (("2026-11-30T00:00:00+00:00", 10), ("2026-11-30T00:00:10+00:00", 30)):
+        hub.on_message(msg(stats, json.dumps({"at": at, "cameras": {"cam": {"processed": processed}}}).encode()))
+    state = hub.snapshot()
+    assert state["threads"][HUB]["restarts"] == 0 and state["workers"]["w1"]["rates"] == {"cam": 2.0}, state
 
 
 def test_the_console_hub_keeps_the_most_recently_active_cameras_only():

@@ -614,9 +614,9 @@ class Hub:
         dt = (epoch(after.get("at")) or 0) - (epoch(before.get("at")) or 0)
         if dt <= 0:
             return {}
-        old = before.get("cameras", {})
-        return {cam: round((c.get("processed", 0) - old.get(cam, {}).get("processed", 0)) / dt, 2)
-                for cam, c in after.get("cameras", {}).items()}
+        old = before.get("cameras") or {}  # null in a message is allowed, as no counts
+        return {cam: round((c.get("processed", 0) - (old.get(cam) or {}).get("processed", 0)) / dt, 2)
+                for cam, c in (after.get("cameras") or {}).items()}
 
     def away(self, only: str | None = None) -> tuple[str, str] | None:
         """Why no worker would take a request now (an error code and its message), by the availability each worker

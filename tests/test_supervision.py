@@ -478,6 +478,38 @@ def test_the_console_hub_keeps_the_most_recently_active_cameras_only():
     assert sorted(hub.score_series()) == ["a", "c", "d"]
 
 
+def test_a_new_frame_under_a_reused_id_is_a_new_result_on_the_console_not_the_earlier_one_again():
+    """A camera whose counter restarted sends an id again: the hub took the new result for a repeat of the earlier
+    frame, gave it that frame's label, kept the earlier place in the feed and no new point (a helper's probe).  A
+    result is the same frame again only with the same capture time."""
+    import paho.mqtt.client as mqtt
+
+    from worker.config import ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig())
+    events: list[tuple[str, dict]] = []
+    hub.subscribe(lambda event, data: events.append((event, data)))
+
+    def result(frame_id: str, captured_at: str, score: float) -> dict:
+        m = mqtt.MQTTMessage(topic=b"inspect/cam/result")
+        m.payload = json.dumps({"frame_id": frame_id, "camera": "cam", "captured_at": captured_at, "score": score,
+                                "verdict": "anomalous", "threshold": 0.5, "model": {"version": "v"}}).encode()
+        hub.on_message(m)
+        return [data for event, data in events if event == "frame"][-1]
+
+    first = result("part-7", "2026-12-06T08:00:00+00:00", 0.9)
+    hub.set_label("cam", "part-7", "false_alarm", None)
+    result("part-8", "2026-12-06T08:00:01+00:00", 0.8)
+    again = result("part-7", "2026-12-06T08:00:00+00:00", 0.9)  # the same frame again (a redelivery)
+    assert not again["first"] and again["label"] == "false_alarm" and again["seen_at"] == first["seen_at"]
+    reused = result("part-7", "2026-12-06T09:30:00+00:00", 0.95)  # a new frame under the id
+    assert reused["first"] and reused.get("label") is None and reused["score"] == 0.95
+    feed = hub.defect_feed(None, None, None, 10)
+    assert [(r["frame_id"], r["score"]) for r in feed] == [("part-7", 0.95), ("part-8", 0.8)], feed
+
+
 def test_the_console_hub_keeps_a_cameras_scores_in_buckets_whatever_its_frame_rate():
     """Every result's score was kept for the whole plot window (series_minutes) and summed into buckets under the
     hub's lock at each /api/state: a camera at 30 frames/s held 108,000 points an hour, and each page load held

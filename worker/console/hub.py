@@ -464,6 +464,10 @@ class Hub:
         with self.lock:
             entry = Entry(result, self.pending_heatmaps.take(key), self.pending_frames.take(key))
             previous = self.recent.pop(key, None) or self.defects.get(key)
+            if previous is not None and previous.result.get("captured_at") != result.get("captured_at"):
+                # a new frame under the id (a camera whose counter restarted): its own place, not the earlier's label
+                self.defects.pop(key, None)
+                previous = None
             if previous is not None:  # the same frame again: keep its label and its place in the feed
                 entry.result.update({k: previous.result[k] for k in ("label", "defect_type") if k in previous.result})
                 entry.seen_at = previous.seen_at
@@ -529,7 +533,8 @@ class Hub:
             return
         with self.lock:
             entry.thumbnail = thumbnail
-        self._emit("thumbnail", {"camera": entry.result["camera"], "frame_id": entry.result["frame_id"]})
+        self._emit("thumbnail", {"camera": entry.result["camera"], "frame_id": entry.result["frame_id"],
+                                 "seen_at": round(entry.seen_at, 3)})
 
     def _thumbnail(self, frame: Image) -> bytes | None:
         """A JPEG of the frame within THUMBNAIL_SIZE, decoded only within the worker's limits (a JPEG at a reduced

@@ -21,7 +21,10 @@ let overlay = 1;
 let controlled = null;  // the worker id this console sends control commands to (config worker.id)
 const modelSeen = new Map();  // worker id -> the scopes' versions last shown: a change refreshes "Learned"
 
-const imageUrl = (camera, frameId, kind) => `api/frames/${enc(camera)}/${enc(frameId)}/${kind}`;
+// `seen` (when the console got the result) names the frame in the address: a camera that reuses a frame id sends
+// another picture under it, which the browser's cache would otherwise show in its place.
+const imageUrl = (camera, frameId, kind, seen) =>
+  `api/frames/${enc(camera)}/${enc(frameId)}/${kind}${seen === undefined ? "" : `?seen=${seen}`}`;
 const keyOf = (camera, frameId) => `${camera}/${frameId}`;  // neither may contain "/" (topic level, API rule)
 const fmtTime = (iso) => { const d = new Date(iso); return isNaN(d) ? String(iso) : d.toLocaleString(); };
 // A tile's capture time: the time of day, with the date when it is not today (a camera clock reset to 2000 shows).
@@ -125,8 +128,8 @@ function renderTile(cam) {
   frame.hidden = !needFrame;
   heat.hidden = !r.has_heatmap;
   heat.style.opacity = needFrame ? overlay : 1;
-  if (needFrame) show(frame, imageUrl(r.camera, r.frame_id, "frame"));
-  if (r.has_heatmap) show(heat, imageUrl(r.camera, r.frame_id, "heatmap"));
+  if (needFrame) show(frame, imageUrl(r.camera, r.frame_id, "frame", r.seen_at));
+  if (r.has_heatmap) show(heat, imageUrl(r.camera, r.frame_id, "heatmap", r.seen_at));
   el.dataset.frameId = r.frame_id;
   el.dataset.publishedAt = r.published_at;  // lets a test or benchmark measure publish-to-screen time
 }
@@ -148,7 +151,13 @@ function render() {
     feedAt = now;
     const list = $("#defects");
     // The last received first, as /api/defects lists them: events come in the console's receive order.
-    for (const r of feedPending.slice(-FEED_MAX)) list.insertBefore(card(r), list.firstElementChild);
+    for (const r of feedPending.slice(-FEED_MAX)) {
+      // a new frame under an id already listed (a camera that reused it) takes the earlier one's item, as in the hub
+      for (const old of list.querySelectorAll(`li.card[data-key="${CSS.escape(keyOf(r.camera, r.frame_id))}"]`)) {
+        old.remove();
+      }
+      list.insertBefore(card(r), list.firstElementChild);
+    }
     while (list.children.length > FEED_MAX) list.lastElementChild.remove();
     feedPending = [];
   } else if (feedPending.length && !feedTimer) {
@@ -180,7 +189,7 @@ function onThumbnail(t) {
   const key = keyOf(t.camera, t.frame_id);
   for (const r of feedPending) if (keyOf(r.camera, r.frame_id) === key) r.has_thumbnail = true;
   for (const img of document.querySelectorAll(`#defects li.card[data-key="${CSS.escape(key)}"] img.thumb`)) {
-    img.src = imageUrl(t.camera, t.frame_id, "thumbnail");
+    img.src = imageUrl(t.camera, t.frame_id, "thumbnail", t.seen_at);
     img.hidden = false;
   }
 }
@@ -201,8 +210,8 @@ function card(r, hit = false) {
     thumb.src = r.thumbnail_b64 ? `data:image/jpeg;base64,${r.thumbnail_b64}` : "";
     hm.src = r.heatmap_b64 ? `data:image/jpeg;base64,${r.heatmap_b64}` : "";
   } else {
-    thumb.src = r.has_thumbnail ? imageUrl(r.camera, r.frame_id, "thumbnail") : "";
-    hm.src = r.has_heatmap ? imageUrl(r.camera, r.frame_id, "heatmap") : "";
+    thumb.src = r.has_thumbnail ? imageUrl(r.camera, r.frame_id, "thumbnail", r.seen_at) : "";
+    hm.src = r.has_heatmap ? imageUrl(r.camera, r.frame_id, "heatmap", r.seen_at) : "";
   }
   thumb.hidden = !thumb.getAttribute("src");
   hm.hidden = !hm.getAttribute("src");
@@ -298,7 +307,8 @@ async function search(event) {
   if (answer.error?.code === "unknown_frame" && currentQuery.has_frame) {
     // Not (yet) in the store: a normal frame not logged (store.log_normal_every) or still being written.
     // The console still has the camera's image: ask by image instead.
-    const blob = await (await fetch(imageUrl(currentQuery.camera, currentQuery.frame_id, "frame"))).blob();
+    const blob = await (await fetch(imageUrl(currentQuery.camera, currentQuery.frame_id, "frame",
+                                             currentQuery.seen_at))).blob();
     const b64 = await new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(String(r.result).split(",", 2)[1]); r.readAsDataURL(blob); });
     delete request.frame_id;  // the camera stays: the model serving it embeds the image, as it did its frames
     request.image_b64 = b64;

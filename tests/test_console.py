@@ -43,6 +43,10 @@ def test_binding_beyond_loopback_needs_a_password(tmp_path):
     config.write_text("model: {bundle: b}\nconsole: {host: 0.0.0.0, username: op}\n")
     with pytest.raises(ConfigError, match="both username and password"):
         load_config(config)
+    # an empty EDGE_INSPECT__CONSOLE__PASSWORD= line in a systemd environment file gave a login with no password
+    config.write_text("model: {bundle: b}\nconsole: {host: 0.0.0.0, username: op, password: ''}\n")
+    with pytest.raises(ConfigError, match="console.password is empty"):
+        load_config(config)
 
 
 def test_a_port_in_use_is_an_error_naming_the_config_keys(tmp_path, capsys):

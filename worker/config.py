@@ -483,6 +483,8 @@ class ConsoleConfig(_Section):
             raise ValueError("set both username and password, or neither")
         if self.username is None and self.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"binding to {self.host} needs username and password (basic auth)")
+        if self.password is not None and not self.password.get_secret_value():  # e.g. an empty line in an env file
+            raise ValueError("console.password is empty: a login without a password guards nothing")
         return self
 
 

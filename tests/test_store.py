@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import cv2
@@ -780,6 +780,60 @@ def test_a_label_sent_while_a_later_frame_of_its_id_is_written_is_not_written_ov
     finally:
         evidence.release.set()
         recorder.stop()
+
+
+class _HeldDelete(VectorStore):
+    """A store whose first deletion waits until the test lets it go: retention then sits between reading the oldest
+    ids and deleting them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def delete(self, ids):
+        if not self.inside.is_set():
+            self.inside.set()
+            assert self.release.wait(20)
+        return super().delete(ids)
+
+
+def test_a_label_sent_while_retention_deletes_its_frame_is_refused_not_answered_and_lost(tmp_path):
+    """Retention read the oldest unlabelled ids, then deleted them: a label stored in between was answered ok and
+    deleted with its frame (a helper's probe).  Each chunk's read and deletion now hold the lock labels hold, so the
+    label comes after and finds the frame gone."""
+    store = _HeldDelete(StoreConfig(path=tmp_path / "store", max_points=2), DIM)
+    store.upsert([(r.key, r.vector, {**r.payload, "received_ts": NOW + i}) for i, r in enumerate(_records(3, DIM))])
+    lock = threading.RLock()
+
+    @contextmanager
+    def locked_store():
+        with lock:
+            yield store
+
+    retention = threading.Thread(target=lambda: store.retain(now=NOW + 10, force=True, lock=lock))
+    retention.start()
+    answers: list[dict] = []
+    try:
+        assert store.inside.wait(20)  # f0, the oldest, is read as unlabelled and about to be deleted
+        label = threading.Thread(target=lambda: answers.append(LabelService(locked_store).answer_bytes(json.dumps(
+            {"action": "set", "frame_id": "f0", "camera": "a", "label": "confirmed_defect"}).encode())))
+        label.start()
+
+        def waiting() -> bool:
+            frame = sys._current_frames().get(label.ident or -1)
+            while frame is not None and frame.f_code.co_name != "locked_store":
+                frame = frame.f_back
+            return frame is not None
+
+        assert _wait_for(lambda: not label.is_alive() or waiting())
+        assert label.is_alive(), f"the label was stored while retention was deleting its frame: {answers}"
+    finally:
+        store.release.set()
+        retention.join(20)
+    label.join(20)
+    assert answers[0]["error"]["code"] == "unknown_frame", answers
+    assert store.find("f0", "a") is None and store.count() == 2
+    store.close()
 
 
 def test_a_frame_not_recorded_for_a_label_is_not_counted_unrecorded_too(tmp_path):

@@ -382,12 +382,13 @@ class Recorder:
         is no open store (an outage, damaged files, another embedding size) the evidence's own budgets still apply,
         at the same rate: an outage of days would otherwise keep every frame past ``evidence.max_age_h``.
 
-        Runs without ``_store_lock``: an HNSW optimize can take long and queries must not wait for it
-        (the store serialises each call itself; only this thread writes or closes it while running).
+        Runs without ``_store_lock`` but for each chunk's read and deletion (a label between them would be deleted
+        with its frame): an HNSW optimize can take long and queries must not wait for it (the store serialises each
+        call itself; only this thread writes or closes it while running).
         """
         store = self.store
         if store is not None:
-            store.retain(self.evidence)
+            store.retain(self.evidence, lock=self._store_lock)
             self._sweep(store)
         elif (clock := time.monotonic()) >= self._next_evidence_retention:
             self._next_evidence_retention = clock + self.cfg.retention_every_s

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -435,11 +436,14 @@ class VectorStore:
         """Embedded: vacuum deleted points and (``store.hnsw``) index new ones; a no-op for a server."""
         self._call("optimize", self.engine.optimize)
 
-    def retain(self, evidence: EvidenceStore | None = None, now: float | None = None, force: bool = False) -> list[str]:
+    def retain(self, evidence: EvidenceStore | None = None, now: float | None = None, force: bool = False,
+               lock: AbstractContextManager | None = None) -> list[str]:
         """Apply ``store.max_age_h`` and ``store.max_points`` (the oldest unlabelled normal frames first, then
         unlabelled anomalous ones, labelled ones last; oldest by when they were received) and the evidence's own
         limits; returns the deleted point ids.  Runs at most every ``store.retention_every_s`` unless ``force``;
-        called from the recorder thread, so it never blocks inference.  Errors are logged, not raised.
+        called from the recorder thread, so it never blocks inference.  Errors are logged, not raised.  ``lock`` (the
+        one labels hold) is held from each chunk's read to its deletion, not for the vacuum after: a label stored in
+        between would otherwise be deleted with the frame it was read as unlabelled.
 
         While this box's clock is not set no age can be told: only ``max_points`` applies.  Once it is, points
         received while it was not, or while it ran ahead, are stamped anew (:meth:`_restamp_points`) before any
@@ -464,17 +468,20 @@ class VectorStore:
                 self._restamp_points(now, to)
             if self.cfg.max_age_h is not None and clock_set(now):
                 cutoff = now - self.cfg.max_age_h * 3600
-                while ids := self._call("read", self.engine.before, cutoff, _DELETE_CHUNK):
-                    drop(ids)
+                while True:
+                    with lock or nullcontext():
+                        if not (ids := self._call("read", self.engine.before, cutoff, _DELETE_CHUNK)):
+                            break
+                        drop(ids)
             if self.cfg.max_points is not None:
                 excess = self.count() - self.cfg.max_points
                 while excess > 0:  # by value: unlabelled normal frames go first, then defects, labels last
-                    ids = next((found for tier in get_args(Tier)
-                                if (found := self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), tier))),
-                               [])
-                    if not ids:
-                        break
-                    drop(ids)
+                    with lock or nullcontext():
+                        ids = next((found for tier in get_args(Tier) if (
+                            found := self._call("read", self.engine.oldest, min(excess, _DELETE_CHUNK), tier))), [])
+                        if not ids:
+                            break
+                        drop(ids)
                     excess -= len(ids)
             if deleted or self.cfg.hnsw:
                 self.optimize()  # embedded: vacuum deletes, build HNSW for new points; a server does it itself

@@ -99,6 +99,23 @@ def _evidence(tmp_path: Path, frames, **kw) -> EvidenceStore:
     return evidence
 
 
+@pytest.mark.parametrize("engine", ["embedded", "qdrant-client"])
+def test_a_frame_id_many_cameras_use_is_found_as_the_newest_frame(tmp_path, engine):
+    """A query by frame id without a camera answers the newest frame of that id: only 16 points of the id were read
+    and the newest among them taken, so with more cameras counting 1, 2, 3 ... an older frame came back."""
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(location=":memory:") if engine == "qdrant-client" else None
+    store = VectorStore(StoreConfig(path=tmp_path / "store"), DIM, client=client)
+    rng = np.random.default_rng(0)
+    cameras = sorted((f"cam{i}" for i in range(40)), key=lambda c: point_id(c, "1"))  # the newest: the last written
+    store.upsert([(point_id(c, "1"), rng.normal(size=DIM).astype(np.float32),  # and the last by point id
+                   {"frame_id": "1", "camera": c, "captured_ts": NOW + n, "verdict": "normal"})
+                  for n, c in enumerate(cameras)])
+    assert store.find("1")[2]["camera"] == cameras[-1]
+    store.close()
+
+
 def test_retention_by_count_deletes_oldest_normal_vectors_first_and_their_evidence(tmp_path):
     frames = _frames(20)
     store = _store(tmp_path, max_points=8)

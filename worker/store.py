@@ -244,8 +244,11 @@ class _Edge:
         return [(str(r.id), dense(r.vector) if vectors else [], dict(r.payload or {})) for r in recs]
 
     def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
+        """Points of this frame id, any camera's, the newest by capture time first."""
         flt = edge.Filter(must=[edge.FieldCondition("frame_id", match=edge.MatchValue(frame_id))])
-        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, with_payload=True, with_vector=True))
+        order = edge.OrderBy("captured_ts", direction=edge.Direction.Desc)
+        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, filter=flt, order_by=order, with_payload=True,
+                                                       with_vector=True))
         return [(str(r.id), dense(r.vector), dict(r.payload or {})) for r in recs]
 
     def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:
@@ -409,8 +412,7 @@ class VectorStore:
         """A logged frame by id (newest if several cameras used the same id and none is named)."""
         if camera is not None:
             return self.get(point_id(camera, frame_id))
-        found = sorted(self._call("read", self.engine.by_frame, frame_id, 16),
-                       key=lambda r: r[2].get("captured_ts", 0), reverse=True)
+        found = self._call("read", self.engine.by_frame, frame_id, 1)  # ordered by the engine: any number of cameras
         if not found:
             return None
         pid, vector, payload = found[0]

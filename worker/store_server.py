@@ -69,8 +69,10 @@ class ServerEngine:
         return [(str(p.id), dense(p.vector) if vectors else [], dict(p.payload or {})) for p in recs]
 
     def by_frame(self, frame_id: str, limit: int) -> list[tuple[str, list[float], dict]]:
+        """As :meth:`worker.store._Edge.by_frame`."""
         flt = models.Filter(must=[models.FieldCondition(key="frame_id", match=models.MatchValue(value=frame_id))])
-        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_vectors=True)
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit, with_vectors=True,
+                                     order_by=models.OrderBy(key="captured_ts", direction=models.Direction.DESC))
         return [(str(p.id), dense(p.vector), dict(p.payload or {})) for p in recs]
 
     def labelled(self, limit: int) -> list[tuple[str, list[float], dict]]:

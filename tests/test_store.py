@@ -853,6 +853,32 @@ def test_a_label_sent_while_retention_deletes_its_frame_is_refused_not_answered_
     store.close()
 
 
+def test_a_label_whose_marker_was_not_written_moves_its_evidence_at_the_next_start(tmp_path):
+    """A label is written to the store, then its evidence's marker: a stop between the two (or a marker that could not
+    be written) left the frame's files in the budget of unlabelled frames for good, which took them.  The marker that
+    cannot be written keeps the frame indexed as it was (it was dropped from the index, its files beyond every budget),
+    and the recorder's check of the evidence at a start moves the files to the budget the label says."""
+    recorder, evidence, cfg, spool = _recording(tmp_path, 2, evidence_frames=1000)
+    key = point_id("a", "f0")
+    marker = tmp_path / "evidence" / key[:2] / f"{key}.label.txt"
+    marker.mkdir()  # a marker that cannot be written
+    with pytest.raises(OSError):
+        evidence.set_labelled(key, True, False)
+    assert key in evidence.keys() and not evidence.labelled(key)
+    marker.rmdir()
+    with recorder.use_store() as store:  # the label's store write, with no marker after it: a stop came between
+        pid, vector, payload = store.find("f0", "a")
+        store.upsert([(pid, vector, {**payload, "label": "confirmed_defect"})])
+    recorder.stop()
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    again = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    again.start()
+    try:
+        assert _wait_for(lambda: evidence.labelled(key)) and not evidence.labelled(point_id("a", "f1"))
+    finally:
+        again.stop()
+
+
 def test_a_frame_not_recorded_for_a_label_is_not_counted_unrecorded_too(tmp_path):
     """A batch the store refuses for good (vectors of another size: a bundle with another embedding) counts its
     records unrecorded; one whose id names a labelled frame was left out before the write and is counted once, as

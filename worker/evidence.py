@@ -167,21 +167,25 @@ class EvidenceStore:
             return self._class_of.get(key) == LABELLED
 
     def set_labelled(self, key: str, labelled: bool, anomalous: bool) -> None:
-        """Move a frame into (or back out of) the labelled class; its files stay where they are."""
+        """Move a frame into (or back out of) the labelled class; its files stay where they are.  Raises OSError where
+        its marker cannot be written or removed, the frame then indexed as it was (not left unindexed, its files
+        beyond every budget until a restart)."""
         marker = self._path(key, *_MARKER)
         with self._lock:
-            paths = self._pop(key)
-            if not paths:
+            if key not in self._class_of:
                 return  # rotated out already
-            value = LABELLED if labelled else ANOMALOUS if anomalous else NORMAL
-            if labelled:  # labelled now: the newest of its class
+            if labelled:
                 marker.parent.mkdir(exist_ok=True)
                 marker.write_bytes(b"")
+            else:
+                marker.unlink(missing_ok=True)
+            paths = self._pop(key)
+            value = LABELLED if labelled else ANOMALOUS if anomalous else NORMAL
+            if labelled:  # labelled now: the newest of its class
                 now = time.time()
                 self._wrote(now)
                 self._add(key, value, list(dict.fromkeys([*paths, marker])), now)
             else:  # back among the frames of its write time, as a start would place it: not after newer ones
-                marker.unlink(missing_ok=True)
                 paths = [p for p in paths if p != marker]
                 self._add(key, value, paths, self._newest(paths))
                 self._order(value)

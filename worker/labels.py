@@ -195,7 +195,7 @@ class LabelService:
         except StoreError as exc:
             raise StoreError(f"{exc}; {self._undo(pid, request, was_false_alarm, answer)}") from exc
         if self.evidence is not None:  # a labelled frame's evidence moves to the labelled budget
-            self.evidence.set_labelled(pid, labelled, payload.get("verdict") == "anomalous")
+            self._mark(pid, labelled, payload)
         if self.capture is not None:
             self._capture_label(request, pid, payload, answer)
         if self.learner is not None and request.label == "confirmed_defect":
@@ -205,6 +205,17 @@ class LabelService:
                 log.exception("confirmed defect %s/%s could not be scored for the absorption guard",
                               request.camera, request.frame_id)
         return answer
+
+    def _mark(self, key: str, labelled: bool, payload: dict) -> None:
+        """Move a labelled frame's evidence into (or out of) the labelled budget; where its marker cannot be written
+        (a read-only remount, no inodes) the label stands, and the recorder's check at the next start moves it."""
+        assert self.evidence is not None
+        try:
+            self.evidence.set_labelled(key, labelled, payload.get("verdict") == "anomalous")
+        except OSError as exc:
+            log.warning("frame %s/%s: its label is stored, but its evidence stays in the budget of %s frames until the "
+                        "next start (%s)", payload.get("camera"), payload.get("frame_id"),
+                        "unlabelled" if labelled else "labelled", exc)
 
     def _capture_label(self, request: SetLabel, key: str, payload: dict, answer: dict) -> None:
         """A confirmed defect leaves the captured normal frames (the next model must not learn it as good) and is kept
@@ -328,7 +339,7 @@ class LabelService:
                                note="labelled at start: the worker stopped after absorbing it, before recording the label")
                 store.upsert([(key, found[1], payload)])
                 if self.evidence is not None:
-                    self.evidence.set_labelled(key, True, payload.get("verdict") == "anomalous")
+                    self._mark(key, True, payload)
                 log.warning("false alarm %s: absorbed (%d rows), but the worker stopped before its label was recorded: "
                             "labelled now", said, entry.rows)
                 continue

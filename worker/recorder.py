@@ -405,18 +405,39 @@ class Recorder:
         if not self._unswept or len(self.spool):
             return
         chunk = self._unswept[-SWEEP_CHUNK:]
-        try:
-            held = store.payloads(chunk)
-        except StoreError as exc:
-            log.warning("vector store read of %d points failed (%s); checking the evidence again later", len(chunk), exc)
-            return
-        del self._unswept[-SWEEP_CHUNK:]
+        with self._store_lock:  # a label between the read and the markers' check would be undone by it
+            try:
+                held = store.payloads(chunk)
+            except StoreError as exc:
+                log.warning("vector store read of %d points failed (%s); checking the evidence again later", len(chunk),
+                            exc)
+                return
+            del self._unswept[-SWEEP_CHUNK:]
+            self._mark_labels(held)
         # an operator's labelled frames stay (their class's own budget takes them): a history set aside by a new
         # store.collection may be served again, and its labels would then show their frames
         if orphans := [key for key in chunk if key not in held and not self.evidence.labelled(key)]:
             self.evidence.delete(orphans)
             log.info("deleted the evidence of %d frames the history does not hold (a crash during retention, or a new "
                      "history)", len(orphans))
+
+    def _mark_labels(self, held: dict[str, dict]) -> None:
+        """Put each frame's evidence in the budget its label says: a label written to the store and not to its marker
+        (a stop between the two, a marker that could not be written) left the frame's files in the budget of
+        unlabelled frames, which would take them, and a camera reusing the id during an outage could write over
+        them."""
+        moved = 0
+        for key, payload in held.items():
+            if bool(payload.get("label")) != self.evidence.labelled(key):
+                try:
+                    self.evidence.set_labelled(key, bool(payload.get("label")), payload.get("verdict") == "anomalous")
+                except OSError as exc:
+                    log.warning("evidence of %s: its label's marker cannot be changed (%s)", key, exc)
+                    return
+                moved += 1
+        if moved:
+            log.info("evidence of %d frames moved to the budget their label says (a stop between a label's store and "
+                     "marker writes)", moved)
 
     def _next_batch(self) -> list[Record] | None:
         try:

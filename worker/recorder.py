@@ -365,7 +365,10 @@ class Recorder:
             try:
                 with self._store_lock:  # no label comes between the check of the ids and the write
                     # spooled while the store was away, when only the evidence could say which ids are labelled
-                    if spared := self._labelled([key for key, _, _ in points], ask_store=True):
+                    spared = self._labelled([key for key, _, _ in points], ask_store=True)
+                    if time.monotonic() < self._next_try:  # the store did not answer which ids are labelled: later,
+                        return  # as a batch of _step waits in the spool then (a server may still take the write)
+                    if spared:
                         self.evidence.delete([k for k in spared if not self.evidence.labelled(k)])  # the new frame's
                         self._said_spared([payload for key, _, payload in points if key in spared])
                         points = [point for point in points if point[0] not in spared]

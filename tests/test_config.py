@@ -44,6 +44,8 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
         # names that are topic levels: one that could never match a topic is refused, not ignored
         ("model: {bundle: b}\ncameras: {'line/1': {threshold: 3}}\n", "cameras: camera id 'line/1'"),
         ("model: {bundle: b}\ncameras: {'': {threshold: 3}}\n", "cameras: camera id ''"),
+        # the models' name for model.bundle's scope: an override under it replaced the model of every camera
+        ("model: {bundle: b}\ncameras: {default: {bundle: c, precision: f32}}\n", "cameras.default"),
         ("model: {bundle: b}\ntopics: {cameras: [a, '+']}\n", "topics.cameras"),
         ("model: {bundle: b}\nworker: {id: 'w#1'}\n", "worker.id"),
         ("model: {bundle: b}\ntopics: {share_group: 'g/1'}\n", "topics.share_group"),

@@ -528,6 +528,10 @@ class Config(_Section):
         unlisted = sorted(set(self.cameras) - set(self.topics.cameras))
         if self.topics.cameras and unlisted:
             raise ValueError(f"cameras: {', '.join(unlisted)} not in topics.cameras")
+        if "default" in self.cameras:  # the models' name for model.bundle's scope (worker/models.py DEFAULT)
+            raise ValueError("cameras.default: 'default' names the model of every camera without one of its own "
+                             "(model.bundle, model.precision), and an override under it replaced that model for every "
+                             "camera: set model.* instead, or give the camera another id")
         for camera in self.cameras:
             try:
                 one_topic_level(camera)

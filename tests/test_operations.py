@@ -226,6 +226,32 @@ def test_the_model_cache_keeps_only_the_bundles_served_or_kept_for_rollback(bund
 
 
 
+def test_a_bundle_replaced_on_disk_is_rolled_back_on_the_cameras_that_follow_the_default_too(bundle_dir, tmp_path):
+    """``model.watch_s`` listed a camera with only its own precision beside the default: reloaded once with the
+    default and once more on its own, its kept rollback was the new bundle, and a rollback left it serving that
+    bundle (a helper's probe).  It is reloaded with the default only, and rolls back with it."""
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    served = _relabelled(bundle_dir, tmp_path / "current", "1.0.0")
+    models = Models(Config.model_validate({"model": {"bundle": str(served), "cache_dir": str(tmp_path / "ov"),
+                                                     "rollout_path": str(tmp_path / "rollout")},
+                                           "learning": {"path": str(tmp_path / "extensions")},
+                                           "cameras": {"own-precision": {"precision": "f32"}}}))
+    assert sorted(models.scopes()) == [DEFAULT, "own-precision"] and not models.changed_on_disk()
+    shutil.rmtree(served)
+    _relabelled(bundle_dir, served, "2.0.0")  # a new release installed in place
+    changed = models.changed_on_disk()
+    assert changed == [(DEFAULT, served)], changed
+    for scope, path in changed:  # as the service's watch does
+        models.load(scope, path)
+    assert {s: m.bundle.manifest.version for s, m in models.scopes().items()} == {DEFAULT: "2.0.0",
+                                                                                 "own-precision": "2.0.0"}
+    models.rollback(DEFAULT)
+    assert {s: m.bundle.manifest.version for s, m in models.scopes().items()} == {DEFAULT: "1.0.0",
+                                                                                 "own-precision": "1.0.0"}
+
+
 def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_another(bundle_dir, tmp_path, caplog):
     """A restart (a power cut, the watchdog's exit) went back to config.yaml's bundles without a word: a model rolled
     out from the console, and a canary, were gone, and so was the rollback.  Each reload and rollback is recorded;

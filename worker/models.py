@@ -484,6 +484,10 @@ class Models:
 
     def changed_on_disk(self) -> list[tuple[str, Path]]:
         """Scopes whose bundle.json is another file, or was written again, since the model was read (model.watch_s);
-        a folder with no bundle.json (being replaced) is left until one is there."""
-        return [(scope, model.path) for scope, model in self.scopes().items()
-                if (now := manifest_signature(model.path)) is not None and now != model.manifest]
+        a folder with no bundle.json (being replaced) is left until one is there.  A camera that follows the default
+        (its own precision only) is reloaded with it, not again: reloaded twice, its rollback kept the new bundle."""
+        scopes = self.scopes()
+        default = scopes.get(DEFAULT)
+        return [(scope, model.path) for scope, model in scopes.items()
+                if not (self._follows_default(scope) and default is not None and model.path == default.path)
+                and (now := manifest_signature(model.path)) is not None and now != model.manifest]

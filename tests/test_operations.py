@@ -252,6 +252,45 @@ def test_a_bundle_replaced_on_disk_is_rolled_back_on_the_cameras_that_follow_the
                                                                                  "own-precision": "1.0.0"}
 
 
+def test_a_rollback_after_a_restart_goes_to_the_folder_the_earlier_bundle_was_read_from(bundle_dir, tmp_path):
+    """A bundle replaced where it is served (a link switched to a new release, or the folder swapped as the exporter
+    does) and reloaded kept the same path "for rollback": after a restart the rollback compiled the served bundle
+    again and answered ok (a helper's probe).  The folder the earlier bundle was read from is kept (the link's old
+    target); where that folder now holds the served bundle, nothing is kept and the rollback says so.  A rollback
+    target's compiled blobs stay in the model cache over the restart."""
+    from bundle.extension import folder_name
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    def config(served: Path) -> Config:
+        return Config.model_validate({"model": {"bundle": str(served), "cache_dir": str(tmp_path / "ov"),
+                                                "rollout_path": str(tmp_path / "rollout")},
+                                      "learning": {"path": str(tmp_path / "extensions")}})
+
+    v1 = _relabelled(bundle_dir, tmp_path / "releases" / "v1", "1.0.0", name="line")
+    v2 = _relabelled(bundle_dir, tmp_path / "releases" / "v2", "2.0.0", name="line-next")
+    link = tmp_path / "current"
+    link.symlink_to(v1)
+    models = Models(config(link))
+    link.unlink()
+    link.symlink_to(v2)  # the next release
+    models.load(DEFAULT, link)
+    assert models.default.bundle.manifest.version == "2.0.0"
+    models = Models(config(link))  # a restart
+    assert (tmp_path / "ov" / folder_name(read_manifest(v1))).is_dir()  # the rollback target's blobs stay
+    assert models.rollback(DEFAULT).bundle.manifest.version == "1.0.0"
+
+    folder = _relabelled(bundle_dir, tmp_path / "swapped", "1.0.0")
+    models = Models(config(folder))
+    shutil.rmtree(folder)
+    _relabelled(bundle_dir, folder, "2.0.0")  # replaced in place, as exporter train --out does
+    models.load(DEFAULT, folder)
+    models = Models(config(folder))  # a restart
+    with pytest.raises(BundleError, match="no previous model to roll back to"):
+        models.rollback(DEFAULT)
+    assert models.default.bundle.manifest.version == "2.0.0"
+
+
 def test_what_was_rolled_out_is_served_after_a_restart_until_config_yaml_names_another(bundle_dir, tmp_path, caplog):
     """A restart (a power cut, the watchdog's exit) went back to config.yaml's bundles without a word: a model rolled
     out from the console, and a canary, were gone, and so was the rollback.  Each reload and rollback is recorded;

@@ -88,6 +88,9 @@ class Model:
     path: Path
     manifest: tuple[int, ...] | None  # bundle.json as it was when read (:func:`manifest_signature`)
     extension: Extension | None = None  # None: the bundle has no extension input, or learning is off
+    # the folder it was read from, links followed when it was: what a rollback after a restart must load, since a
+    # link (bundles/current) may name another folder by then
+    source: Path | None = None
 
     def tiling(self, camera: CameraConfig | None) -> tiling.Grid | None:
         """How a camera's frames are cut for this model: the camera's ``tiling``, else the bundle's (trained on tiles)."""
@@ -155,6 +158,9 @@ class Models:
     def _restore(self, scope: str, rolled: Rolled | None, fallback: bool) -> None:
         """Start ``scope`` on what was rolled out for it, else (``fallback``) on config.yaml's bundle."""
         configured = self._configured_bundle(scope).absolute()
+        if rolled is not None and rolled.previous is not None and rolled.previous == rolled.bundle:
+            # recorded before the folders were: a bundle replaced in place kept "for rollback" is the one served
+            rolled = Rolled(rolled.bundle, rolled.configured, None)
         if rolled is not None and rolled.configured != configured:
             # rollout.json is written at every start and stop: a scope no reload or rollback touched records
             # config.yaml's bundle with nothing kept for rollback, and an edit of config.yaml since is no news
@@ -215,7 +221,12 @@ class Models:
             with self._lock:
                 scopes = {}
                 for scope, model in self._current.items():
-                    previous = self._previous[scope].path if scope in self._previous else self._previous_paths.get(scope)
+                    previous = self._previous_paths.get(scope)
+                    if (kept := self._previous.get(scope)) is not None:
+                        # its folder as read; none where the served bundle was read from it since (a folder
+                        # replaced in place): the earlier bundle is no longer on disk, and a rollback after a
+                        # restart would load the one served
+                        previous = None if kept.source == model.source else kept.source
                     scopes[scope] = {"bundle": str(model.path.absolute()),
                                      "configured": str(self._configured_bundle(scope).absolute()),
                                      "previous": None if previous is None else str(previous.absolute())}
@@ -270,6 +281,12 @@ class Models:
             return
         with self._lock:
             keep = {folder_name(m.bundle.manifest) for m in [*self._current.values(), *self._previous.values()]}
+            kept_paths = list(self._previous_paths.values())
+        for path in kept_paths:  # kept for rollback by a run before this one: compiled again at a rollback
+            try:
+                keep.add(folder_name(read_manifest(path, verify=False)))
+            except RELOAD_ERRORS:  # gone or unreadable: a rollback to it fails and says why
+                continue
         try:
             entries = list(root.iterdir())
         except OSError as exc:
@@ -306,7 +323,7 @@ class Models:
         log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests%s", m.name, m.version,
                  m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,
                  bundle.optimal_requests, f", extension of {len(extension.rows)} rows" if extension else "")
-        return Model(bundle, Path(path), signature, extension)
+        return Model(bundle, Path(path), signature, extension, Path(path).resolve())
 
     def _extension(self, m: Manifest) -> Extension | None:
         """The on-disk extension of this bundle (by its weights' sha256), shared by its compiled copies."""

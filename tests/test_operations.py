@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bundle import BundleError, read_manifest, write_manifest
 from conftest import ROOT, Client, WorkerProcess, good_png, killed_after, write_config
 from scripts.broker import free_port
+from worker.api_client import ApiClient
+from worker.config import load_config
 
 
 def _good(dataset: Path) -> bytes:
@@ -426,11 +428,12 @@ def test_a_rollback_of_the_default_ends_the_canaries_of_its_bundle_with_or_witho
         assert models.for_camera("cam1").bundle.manifest.version == "4.0.0", restart
 
 
-def _serving(broker, bundle: Path, folder: Path, worker_factory) -> tuple[str, Client, object, str]:
-    """A worker online on ``bundle`` under a prefix of its own: (prefix, client, worker, its control topic)."""
+def _serving(broker, bundle: Path, folder: Path, worker_factory, **sections) -> tuple[str, Client, object, str]:
+    """A worker online on ``bundle`` under a prefix of its own (and more config ``sections``): (prefix, client,
+    worker, its control topic)."""
     prefix = f"o{uuid.uuid4().hex[:6]}"
     client = Client(broker.port, prefix)
-    worker = worker_factory(write_config(folder, broker.port, bundle, topics={"prefix": prefix}))
+    worker = worker_factory(write_config(folder, broker.port, bundle, topics={"prefix": prefix}, **sections))
     _online(client, prefix)
     return prefix, client, worker, f"{prefix}/workers/w-test/control"
 
@@ -509,6 +512,28 @@ def test_reload_rollback_and_status_from_the_command_line(broker, bundle_dir, tm
     unanswered = cli("reload", "--bundle", str(v2), "--timeout", "2")
     assert unanswered.returncode == 2 and "error: no answer from a worker" in unanswered.stderr, unanswered.stderr
     assert "python -m worker status says what serves" in unanswered.stderr, unanswered.stderr
+
+
+def test_a_bundle_for_a_camera_that_sets_only_its_precision_is_refused_not_dropped_later(broker, bundle_dir, tmp_path,
+                                                                                          worker_factory):
+    """A camera with only its own precision follows the default's bundle: a canary on it was served, then dropped
+    without a word at the next start, or moved by a roll-out to all (a helper's probe).  It is refused, saying how to
+    give the camera a bundle of its own; reading its bundle again, and a roll-out to all, still work."""
+    v1 = read_manifest(bundle_dir).version
+    v2 = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
+    _, client, worker, _ = _serving(broker, bundle_dir, tmp_path / "w", worker_factory,
+                                    cameras={"fast": {"precision": "f32"}})
+    try:
+        with ApiClient(load_config(tmp_path / "w" / "config.yaml"), "test") as api:
+            refused = api.control({"command": "reload", "bundle": str(v2), "camera": "fast"}, timeout=60)
+            assert refused["error"]["code"] == "bad_request" and "cameras.fast.bundle" in refused["error"]["message"]
+            again = api.control({"command": "reload", "bundle": str(bundle_dir), "camera": "fast"}, timeout=120)
+            assert again["ok"] and again["models"]["fast"]["version"] == v1, again
+            rolled = api.control({"command": "reload", "bundle": str(v2)}, timeout=120)
+            assert {s: m["version"] for s, m in rolled["models"].items()} == {"default": "2.0.0", "fast": "2.0.0"}
+    finally:
+        client.close()
+        assert worker.stop() == 0
 
 
 def test_a_worker_that_reloaded_twice_still_stops_cleanly(broker, bundle_dir, dataset, tmp_path, worker_factory):

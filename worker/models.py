@@ -138,7 +138,7 @@ class Models:
         self._started = False
         rolled = self._read_rollout()
         for scope in [DEFAULT, *(camera for camera in cfg.cameras if self._configured(camera))]:
-            if self._follows_default(scope):  # its own precision of whatever the default serves
+            if self.follows_default(scope):  # its own precision of whatever the default serves
                 rolled.pop(scope, None)
                 self.load(scope, self._current[DEFAULT].path)
             else:
@@ -261,7 +261,7 @@ class Models:
         override = self.cfg.cameras.get(scope)
         return override.precision if override and override.precision else self.cfg.model.precision
 
-    def _follows_default(self, scope: str) -> bool:
+    def follows_default(self, scope: str) -> bool:
         """A camera scope that exists only for its own precision: it serves whatever the default serves."""
         override = self.cfg.cameras.get(scope)
         return override is not None and override.bundle is None and scope != DEFAULT
@@ -390,7 +390,7 @@ class Models:
         Reloading the default also moves the cameras that follow it (own precision, no own bundle); all are
         compiled before any is switched, so a bundle that fails at one precision changes nothing.
         """
-        followers = [s for s in self.scopes() if scope == DEFAULT and self._follows_default(s)]
+        followers = [s for s in self.scopes() if scope == DEFAULT and self.follows_default(s)]
         compiled = {s: self._compile(path, self.precision(s)) for s in [scope, *followers]}
         with self._lock:
             self.embedding_dim = compiled[scope].bundle.manifest.embedding_dim
@@ -453,7 +453,7 @@ class Models:
         if earlier is not None:
             model = self.load(scope, earlier)  # the path stays kept if it fails
             with self._lock:
-                for s in [scope, *(s for s in self._previous if scope == DEFAULT and self._follows_default(s))]:
+                for s in [scope, *(s for s in self._previous if scope == DEFAULT and self.follows_default(s))]:
                     self._previous.pop(s, None)
         self._record()
         return model
@@ -469,7 +469,7 @@ class Models:
             raise BundleError(f"no previous model to roll back to for {scope!r}: it serves {m.name} {m.version}, and "
                               "no earlier bundle is kept (a rollback goes back one bundle, once; reload the bundle "
                               "you want)")
-        followers = [s for s in self._previous if scope == DEFAULT and self._follows_default(s)]
+        followers = [s for s in self._previous if scope == DEFAULT and self.follows_default(s)]
         for s in [scope, *followers]:
             self._current[s] = self._previous.pop(s)
         return self._current[scope]
@@ -506,5 +506,5 @@ class Models:
         scopes = self.scopes()
         default = scopes.get(DEFAULT)
         return [(scope, model.path) for scope, model in scopes.items()
-                if not (self._follows_default(scope) and default is not None and model.path == default.path)
+                if not (self.follows_default(scope) and default is not None and model.path == default.path)
                 and (now := manifest_signature(model.path)) is not None and now != model.manifest]

@@ -284,6 +284,12 @@ class Worker:
             return error_answer(ErrorCode.BAD_REQUEST, f"camera {command.camera!r} serves the model every camera without "
                                 "one of its own serves: give a bundle for a canary on it, or leave camera out to read "
                                 "that model's bundle again")
+        if command.command == "reload" and command.camera and command.bundle and self.models.follows_default(scope) \
+                and Path(command.bundle).resolve() != self.models.default.path.resolve():
+            return error_answer(ErrorCode.BAD_REQUEST, f"camera {command.camera!r} sets only its own precision and serves "
+                                "the bundle of every camera without one of its own: a bundle for it alone would not be "
+                                f"kept over a restart nor by a roll-out to all; set cameras.{command.camera}.bundle in "
+                                "config.yaml for a bundle of its own, or leave camera out to roll the bundle out to all")
         before = self.models.scopes().get(scope) or self.models.default
         try:
             if command.command == "reload":

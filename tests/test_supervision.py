@@ -510,6 +510,42 @@ def test_a_new_frame_under_a_reused_id_is_a_new_result_on_the_console_not_the_ea
     assert [(r["frame_id"], r["score"]) for r in feed] == [("part-7", 0.95), ("part-8", 0.8)], feed
 
 
+def test_a_quiet_cameras_tile_keeps_its_heatmap_after_busier_cameras_fill_the_recent_frames():
+    """The page's state said a quiet camera's tile had a heatmap, but the image was answered 404 once busier cameras
+    had pushed its result out of the recent frames (a helper's probe): a page loaded then showed a blank tile."""
+    import cv2
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from worker.config import ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig(recent_frames=8))
+    heatmap = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+
+    def send(camera: str, leaf: str, payload: bytes, frame_id: str | None = None) -> None:
+        m = mqtt.MQTTMessage(topic=f"inspect/{camera}/{leaf}".encode())
+        m.payload = payload
+        if frame_id is not None:
+            m.properties = Properties(PacketTypes.PUBLISH)
+            m.properties.UserProperty = [("frame_id", frame_id)]
+        hub.on_message(m)
+
+    def result(camera: str, frame_id: str) -> None:
+        send(camera, "heatmap", heatmap, frame_id)
+        send(camera, "result", json.dumps({"frame_id": frame_id, "camera": camera, "score": 0.1, "verdict": "normal",
+                                           "captured_at": "2026-12-06T00:00:00+00:00"}).encode())
+
+    result("quiet", "q1")
+    for i in range(20):
+        result("busy", f"b{i}")
+    tile = hub.snapshot()["cameras"]["quiet"]
+    assert tile["frame_id"] == "q1" and tile["has_heatmap"]
+    assert hub.image("quiet", "q1", "heatmap") == heatmap
+
+
 def test_the_console_hub_keeps_a_cameras_scores_in_buckets_whatever_its_frame_rate():
     """Every result's score was kept for the whole plot window (series_minutes) and summed into buckets under the
     hub's lock at each /api/state: a camera at 30 frames/s held 108,000 points an hour, and each page load held

@@ -654,6 +654,8 @@ class Hub:
     def image(self, camera: str, frame_id: str, kind: str) -> Image | None:
         with self.lock:
             entry = self.recent.get((camera, frame_id)) or self.defects.get((camera, frame_id))
+            if entry is None and (shown := self.latest.get(camera)) is not None and shown.result["frame_id"] == frame_id:
+                entry = shown  # a quiet camera's tile, its frame pushed out of the recent ones by busier cameras
             return getattr(entry, kind, None) if entry is not None else None
 
     def shown_as(self, camera: str, frame_id: str, held: Image, shown: bytes) -> None:

@@ -350,6 +350,42 @@ def test_a_false_alarm_that_looks_like_a_confirmed_defect_absorbs_nothing_of_it(
     assert not list((config.parent / "extensions").glob("*/guards/*"))  # the withdrawn defect's guard is gone too
 
 
+def test_a_defect_confirmed_on_a_camera_with_its_own_precision_guards_a_false_alarm_on_another(broker, bundle_dir,
+                                                                                                  dataset, tmp_path,
+                                                                                                  worker_factory):
+    """A camera that sets only its own precision has a compiled copy of the default's bundle, which shares its
+    extension: a false-alarm label on another camera put its rows to use there too, but the guard read only the
+    defects confirmed on cameras of the labelling model, so a defect confirmed on that camera was taught away
+    (a helper's probe).  The guard reads every camera whose model shares the extension."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          cameras={"cam2": {"precision": "f32"}})
+    client = Client(broker.port, prefix)
+    worker_factory(config)
+    wait_online(client, prefix)
+    marked = _marked(dataset)
+
+    def score(camera: str, frame_id: str) -> str:
+        client.publish_frame(camera, marked, frame_id)
+        msg = client.wait_for(lambda m: m.topic == f"{prefix}/{camera}/result"
+                              and json.loads(m.payload)["frame_id"] == frame_id, timeout=60)[0]
+        return json.loads(msg.payload)["verdict"]
+
+    try:
+        assert score("cam2", "d-0") == "anomalous" and score("cam1", "m-0") == "anomalous"
+        _until_stored(client, prefix, "d-0", "cam2")
+        _until_stored(client, prefix, "m-0", "cam1")
+        confirmed = _query(client, prefix, {"action": "set", "frame_id": "d-0", "camera": "cam2",
+                                            "label": "confirmed_defect"}, topic="label")
+        assert confirmed["ok"], confirmed
+        guarded = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1",
+                                          "label": "false_alarm"}, topic="label")["absorbed"]
+        assert guarded["left_out"] > 0, guarded
+        assert score("cam2", "d-1") == "anomalous"  # the confirmed defect's look is still caught where it was seen
+    finally:
+        client.close()
+
+
 def test_a_false_alarm_whose_stored_image_was_damaged_is_labelled_and_says_why_nothing_was_absorbed(learning, dataset):
     """The label was stored, then decoding the damaged evidence file failed and the request was answered
     internal_error, as if nothing had happened."""

@@ -224,9 +224,16 @@ class Learner:
         return found
 
     def _wanted(self, model: Model, confirmed: list[dict]) -> dict[str, dict]:
-        """The newest ``learning.guard_defects`` of ``confirmed`` seen by cameras ``model`` serves, by point id."""
-        wanted = sorted((p for p in confirmed if self.models.for_camera(str(p.get("camera"))) is model),
-                        key=lambda p: str(p.get("labelled_at") or ""), reverse=True)[: self.cfg.learning.guard_defects]
+        """The newest ``learning.guard_defects`` of ``confirmed`` seen by cameras whose model uses ``model``'s rows: the
+        cameras it serves, and those served by another compiled copy of its bundle (a camera's own precision, a
+        canary of it), which share its extension and so take every row it absorbs.  By point id."""
+
+        def shares(p: dict) -> bool:
+            seen_by = self.models.for_camera(str(p.get("camera")))
+            return seen_by is model or (model.extension is not None and seen_by.extension is model.extension)
+
+        wanted = sorted(filter(shares, confirmed), key=lambda p: str(p.get("labelled_at") or ""),
+                        reverse=True)[: self.cfg.learning.guard_defects]
         return {point_id(str(p["camera"]), str(p["frame_id"])): p for p in wanted}
 
     def warm(self, confirmed: Callable[[], list[dict]]) -> bool:

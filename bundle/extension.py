@@ -427,7 +427,9 @@ class Extension:
                                     f"({self.max_rows - others} free) and these patches need {len(rows)}: undo older "
                                     "false-alarm labels, fold the extension into a new bundle (python -m exporter "
                                     "fold-extension), or raise learning.max_rows")
-            entry = Entry(key, frame_id, camera, len(rows), time.time())
+            # a frame absorbed again (its views, a re-absorption after a withdrawal) keeps the time it was first
+            # absorbed: a later withdrawal re-scores the labels that came after it, by that time
+            entry = Entry(key, frame_id, camera, len(rows), self._entries[key].at if key in self._entries else time.time())
             entries = {k: e for k, e in self._entries.items() if k != key}
             entries[key] = entry
             npy, tmp, prev = (self.folder / f"{key}{suffix}" for suffix in (".npy", ".npy.tmp", ".prev.tmp"))

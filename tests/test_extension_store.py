@@ -43,6 +43,18 @@ def test_relabelling_a_frame_replaces_its_rows(tmp_path) -> None:
     assert np.array_equal(ext.rows, rows(4, 5.0))
 
 
+def test_a_frame_absorbed_again_keeps_the_time_it_was_first_absorbed(tmp_path) -> None:
+    """A withdrawal scores again the false alarms labelled after the withdrawn one, by the time each was absorbed: a
+    re-absorption (after an earlier label's withdrawal) moved its entry's time to now, so withdrawing it next skipped
+    the labels that came after it and may have leaned on its first rows (a helper's probe)."""
+    ext = Extension(tmp_path, C, max_rows=10)
+    a, b = key(), key()
+    first = ext.add(a, rows(1, 1.0), "f1", "cam").at
+    later = ext.add(b, rows(1, 2.0), "f2", "cam").at
+    assert ext.add(a, rows(2, 3.0), "f1", "cam").at == first < later
+    assert {e.key: e.at for e in Extension(tmp_path, C, max_rows=10).entries()}[a] == first  # after a restart too
+
+
 def test_full_extension_refuses_and_keeps_what_it_has(tmp_path) -> None:
     ext = Extension(tmp_path, C, max_rows=4)
     ext.add(key(), rows(3, 1.0), "f1", "cam")

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -45,6 +46,65 @@ def secure_broker(tmp_path_factory):
     yield broker, files
     broker.stop()
     shutil.rmtree(files, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir), so ours to remove
+
+
+DEBIAN_MAIN = Path("/etc/mosquitto/mosquitto.conf")
+
+
+@pytest.mark.skipif(not DEBIAN_MAIN.is_file(), reason="Debian's mosquitto package (its main config) is not installed")
+def test_the_broker_settings_start_under_debians_main_config_as_deploy_readme_installs_them(tmp_path):
+    """deploy/README.md copies mosquitto.conf into Debian's conf.d: its persistence_location, which Debian's main
+    config sets too, stopped mosquitto at start ("Duplicate persistence_location value").  Debian's main config, paths
+    swapped into a folder of the test's, with the shipped settings in its conf.d: the broker starts and takes a TLS
+    connection."""
+    files = broker_readable_dir("mosq-debian-")
+    try:
+        subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(files)], check=True, capture_output=True)
+        subprocess.run(["mosquitto_passwd", "-b", "-c", str(files / "passwords"), "worker", "w-pass"], check=True,
+                       capture_output=True)
+        (files / "acl").write_text((DEPLOY / "acl").read_text())
+        (files / "conf.d").mkdir()
+        port = free_port()
+        main = DEBIAN_MAIN.read_text()
+        for key, value in (("pid_file", files / "mosquitto.pid"), ("persistence_location", f"{files}/"),
+                           ("log_dest", f"file {files / 'mosquitto.log'}"), ("include_dir", files / "conf.d")):
+            main = re.sub(rf"(?m)^{key} .*$", f"{key} {value}", main)
+        (files / "mosquitto.conf").write_text(main)
+        (files / "conf.d" / "edge-inspect.conf").write_text(
+            (DEPLOY / "mosquitto.conf").read_text().replace("/etc/mosquitto/edge-inspect", str(files))
+            .replace("listener 8883", f"listener {port} 127.0.0.1"))
+        for f in files.rglob("*"):
+            f.chmod(0o777 if f.is_dir() else 0o644)  # readable by the user mosquitto drops to
+        broker = subprocess.Popen(["mosquitto", "-c", str(files / "mosquitto.conf")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while broker.poll() is None and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)  # poll interval of an observable state (the port), with a deadline
+            assert broker.poll() is None, broker.communicate()[0][-2000:]
+            client, rc = _client(port, files / "ca.crt", "worker", "w-pass")
+            client.loop_stop()
+            client.disconnect()
+            assert rc is not None and not isinstance(rc, Exception) and not rc.is_failure, rc
+        finally:
+            broker.terminate()
+            broker.wait(10)
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+
+
+def test_a_broker_certificate_for_an_address_names_the_address(tmp_path):
+    """make-certs.sh wrote its host as a DNS name even for an address (a broker reached as 10.0.0.5): Python's ssl,
+    which the worker, the console and the camera publisher use, refused the certificate for that address."""
+    for host, entry in (("10.0.0.5", ("IP Address", "10.0.0.5")), ("mqtt.plant.local", ("DNS", "mqtt.plant.local"))):
+        out = tmp_path / host
+        subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(out), host], check=True, capture_output=True)
+        names = ssl._ssl._test_decode_cert(str(out / "server.crt"))["subjectAltName"]
+        assert entry in names and ("IP Address", "127.0.0.1") in names, names
 
 
 def _client(port: int, ca, user: str | None, secret: str | None = None, tls: bool = True):

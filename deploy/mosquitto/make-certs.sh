@@ -10,7 +10,9 @@ cd "$out"
 openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=edge-inspect CA" \
   -keyout ca.key -out ca.crt 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=$host" -keyout server.key -out server.csr 2>/dev/null
-printf 'subjectAltName=DNS:%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$host" > server.ext
+# a broker reached by its address needs it as an IP entry: clients (Python's ssl) do not match an address to a DNS name
+if [[ "$host" =~ ^[0-9.]+$ || "$host" == *:* ]]; then name="IP:$host"; else name="DNS:$host"; fi
+printf 'subjectAltName=%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$name" > server.ext
 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 825 \
   -extfile server.ext -out server.crt 2>/dev/null
 rm -f server.csr server.ext ca.srl

@@ -347,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.fps < 0 or args.ack_timeout <= 0:
         log("error: --fps must be >= 0 and --ack-timeout > 0")
         return 2
+    # the worker reads <prefix>/<camera>/frame: a camera of several levels, or a wildcard, reaches no worker
+    if not args.camera or any(ch in args.camera for ch in "+#/\0"):
+        log(f"error: --camera {args.camera!r} must be one topic level, without '/', '+', '#' or NUL")
+        return 2
+    if not args.prefix or any(ch in args.prefix for ch in "+#\0") or args.prefix.startswith("/") \
+            or args.prefix.endswith("/"):
+        log(f"error: --prefix {args.prefix!r} must be a topic without '+', '#', NUL or a '/' at either end")
+        return 2
     try:
         frames = open_source(args)
         link = Link(args, args.client_id or f"camera-{args.camera}-{secrets.token_hex(4)}")

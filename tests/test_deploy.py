@@ -260,6 +260,18 @@ def test_publisher_ids_never_repeat_across_runs_passes_and_sub_folders(tmp_path,
     assert sorted(PUBLISHER_ID.match(i).group(2) for i in ids[:3]) == ["a_x_000", "b_x_000", "b_x_001"], ids
 
 
+@pytest.mark.parametrize("args", [["--camera", "line+1"], ["--camera", "a/b"], ["--camera", ""],
+                                  ["--camera", "c", "--prefix", "inspect/"], ["--camera", "c", "--prefix", "a/#"]])
+def test_publisher_refuses_a_camera_or_prefix_no_worker_reads(tmp_path, broker, args):
+    """A camera id with a wildcard ended in paho's traceback; one of two levels (a/b) or an empty one was published,
+    'sent', where no worker reads frames (a helper's probe)."""
+    folder = image_folder(tmp_path / "imgs", ["000.png"])
+    proc = subprocess.run([sys.executable, str(PUBLISHER), "--port", str(broker.port), "--folder", str(folder), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "error: --" in proc.stderr and "Traceback" not in proc.stderr and "sent" not in proc.stdout, proc.stderr
+
+
 @pytest.mark.parametrize("how", ["missing folder", "empty folder with --loop", "not a video"])
 def test_publisher_refuses_a_source_without_frames(tmp_path, broker, how):
     (tmp_path / "empty").mkdir()

@@ -509,6 +509,9 @@ def test_reload_rollback_and_status_from_the_command_line(broker, bundle_dir, tm
     assert again.returncode == 1 and "no previous model to roll back to" in again.stderr, again.stderr
     client.close()
     assert worker.stop() == 0
+    for wrong in ("5e9", "0", "nan"):  # 5e9 s passed the 32-bit message expiry: a traceback
+        refused = cli("reload", "--bundle", str(v2), "--timeout", wrong)
+        assert refused.returncode == 2 and "at most a day" in refused.stderr and "Traceback" not in refused.stderr
     unanswered = cli("reload", "--bundle", str(v2), "--timeout", "2")
     assert unanswered.returncode == 2 and "error: no answer from a worker" in unanswered.stderr, unanswered.stderr
     assert "python -m worker status says what serves" in unanswered.stderr, unanswered.stderr

@@ -153,13 +153,14 @@ CONTROL_TIMEOUT_S = 120  # a reload verifies and compiles the bundle before it a
 
 
 def _seconds(text: str) -> float:
-    """A wait in seconds: a finite number above 0."""
+    """A wait in seconds: above 0 and at most a day (the request's MQTT message expiry is a 32-bit count of seconds,
+    and a longer wait than a day is a typo)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    if not (0 < value <= 86400):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 and at most a day (86400)")
     return value
 
 

@@ -723,6 +723,25 @@ def test_a_camera_sending_only_bad_frames_logs_one_line_per_kind_not_one_per_fra
     assert worker.stop() == 0
 
 
+def test_a_threshold_override_below_every_normal_still_reads_one_half_at_the_threshold(bundle_dir, tmp_path):
+    """A camera's threshold set at or below the held-out normals' lowest score made the normalisation's span 0:
+    every frame it flagged read score 0.0 (a helper's probe).  The threshold still reads 0.5, higher scores more;
+    an override above that lowest score normalises as before."""
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    base = read_manifest(bundle_dir).thresholds.image
+    models = Models(Config.model_validate({
+        "model": {"bundle": str(bundle_dir), "cache_dir": str(tmp_path / "ov"), "rollout_path": str(tmp_path / "r")},
+        "learning": {"path": str(tmp_path / "extensions")},
+        "cameras": {"strict": {"threshold": base.low - 1.0}, "mild": {"threshold": base.threshold + 1.0}}}))
+    model = models.scopes()[DEFAULT]
+    strict = models.image_norm(model, "strict")
+    assert strict(base.low - 1.0) == pytest.approx(0.5) and 0.5 < strict(base.low) < 1.0
+    mild = models.image_norm(model, "mild")
+    assert (mild.low, mild.threshold) == (base.low, base.threshold + 1.0)
+
+
 def test_per_camera_threshold_heatmap_policy_and_roi(broker, bundle_dir, dataset, tmp_path, worker_factory):
     # A defect whose mask lies in one half of the image: a region of interest on the other half hides it.
     for mask_path in sorted((dataset / "weave" / "ground_truth").glob("*/*_mask.png")):

@@ -497,7 +497,12 @@ class Models:
         override = self.cfg.cameras.get(camera)
         threshold = override.threshold if override and override.threshold is not None else self.cfg.model.threshold
         base = model.bundle.thresholds.image
-        return base if threshold is None else Normalisation(low=base.low, threshold=threshold)
+        if threshold is None:
+            return base
+        # an override at or below the held-out normals' minimum keeps the bundle's span below it, so a frame at the
+        # threshold still reads 0.5 (with the minimum as low, every flagged frame read 0)
+        low = base.low if threshold > base.low else threshold - (base.threshold - base.low)
+        return Normalisation(low=low, threshold=threshold)
 
     def changed_on_disk(self) -> list[tuple[str, Path]]:
         """Scopes whose bundle.json is another file, or was written again, since the model was read (model.watch_s);

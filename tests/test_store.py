@@ -750,14 +750,12 @@ class _HeldEvidence(EvidenceStore):
         return super().save(key, files, value)
 
 
-def _waits_for_the_store(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is inside the recorder's ``use_store`` (waiting for the store's lock)."""
+def _inside(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is running in ``function`` now (a context manager waiting for the store's lock)."""
     frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None:
-        if frame.f_code.co_name == "use_store" and frame.f_code.co_filename.endswith("recorder.py"):
-            return True
+    while frame is not None and frame.f_code.co_name != function:
         frame = frame.f_back
-    return False
+    return frame is not None
 
 
 def test_a_label_sent_while_a_later_frame_of_its_id_is_written_is_not_written_over(tmp_path):
@@ -783,7 +781,7 @@ def test_a_label_sent_while_a_later_frame_of_its_id_is_written_is_not_written_ov
                                  .answer_bytes(json.dumps({"action": "set", "frame_id": "f0", "camera": "a",
                                                            "label": "confirmed_defect"}).encode())))
         label.start()
-        assert _wait_for(lambda: not label.is_alive() or _waits_for_the_store(label))
+        assert _wait_for(lambda: not label.is_alive() or _inside(label, "use_store"))
         assert label.is_alive(), f"the label was stored while the batch was being written: {answers}"
         evidence.release.set()
         label.join(20)
@@ -835,14 +833,7 @@ def test_a_label_sent_while_retention_deletes_its_frame_is_refused_not_answered_
         label = threading.Thread(target=lambda: answers.append(LabelService(locked_store).answer_bytes(json.dumps(
             {"action": "set", "frame_id": "f0", "camera": "a", "label": "confirmed_defect"}).encode())))
         label.start()
-
-        def waiting() -> bool:
-            frame = sys._current_frames().get(label.ident or -1)
-            while frame is not None and frame.f_code.co_name != "locked_store":
-                frame = frame.f_back
-            return frame is not None
-
-        assert _wait_for(lambda: not label.is_alive() or waiting())
+        assert _wait_for(lambda: not label.is_alive() or _inside(label, "locked_store"))
         assert label.is_alive(), f"the label was stored while retention was deleting its frame: {answers}"
     finally:
         store.release.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import cv2
@@ -86,18 +87,18 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
     if fmt not in FRAME_FORMATS:
         raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")
-    if fmt == "TIFF" and (mode in ("F", "I") or _signed(header)):  # no fixed way to 8 bits (was: corrupt_image)
+    tags = getattr(header, "tag_v2", {}) if fmt == "TIFF" else {}  # a TIFF's header fields, by tag number
+    if fmt == "TIFF" and (mode in ("F", "I") or _signed(tags)):  # no fixed way to 8 bits (was: corrupt_image)
         raise FrameError("unsupported_format", f"TIFF with {'32-bit floating-point' if mode == 'F' else '32-bit or signed integer'} "
                                                "samples is not accepted (8- or 16-bit unsigned samples)")
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     check_area(width, height, max_pixels)
-    if fmt == "TIFF":  # libtiff inflates a whole tile, whatever the picture's size: a tile is checked as a picture
-        tags = getattr(header, "tag_v2", {})
-        tile_width, tile_length = tags.get(322), tags.get(323)  # absent in a TIFF of strips
-        if isinstance(tile_width, int) and isinstance(tile_length, int) and tile_width * tile_length > max_pixels:
-            raise FrameError("image_too_large", f"TIFF tiles are {tile_width}x{tile_length} = {tile_width * tile_length} "
-                                                f"pixels (in a {width}x{height} image), limit is {max_pixels}")
+    # libtiff inflates a whole tile, whatever the picture's size: a tile is checked as a picture
+    tile_width, tile_length = tags.get(322), tags.get(323)  # TileWidth, TileLength: absent in a TIFF of strips
+    if isinstance(tile_width, int) and isinstance(tile_length, int) and tile_width * tile_length > max_pixels:
+        raise FrameError("image_too_large", f"TIFF tiles are {tile_width}x{tile_length} = {tile_width * tile_length} "
+                                            f"pixels (in a {width}x{height} image), limit is {max_pixels}")
     if FRAME_FORMATS[fmt] == "jpeg":
         if jpeg_cut_short(data):
             raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
@@ -107,11 +108,10 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     return Header(FRAME_FORMATS[fmt], width, height)
 
 
-def _signed(header: Image.Image) -> bool:
-    """Whether a TIFF's SampleFormat tag says signed integer or floating-point samples: Pillow opens 8-bit signed
-    ones as unsigned, and OpenCV would wrap -1 to 255."""
-    tags = getattr(header, "tag_v2", None)
-    formats = tags.get(339) if tags is not None else None
+def _signed(tags: Mapping[int, object]) -> bool:
+    """Whether a TIFF's SampleFormat tag (339) says signed integer or floating-point samples: Pillow opens 8-bit
+    signed ones as unsigned, and OpenCV would wrap -1 to 255."""
+    formats = tags.get(339)
     values = formats if isinstance(formats, tuple) else (formats,)
     return any(v not in (None, 1) for v in values)
 

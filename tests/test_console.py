@@ -1456,3 +1456,67 @@ def test_the_page_says_a_confirmed_defect_left_the_capture(stack):
     assert stack.page.evaluate("(a) => learnedText(a)", {"ok": True, "capture": taken}) == taken
     assert stack.page.evaluate("(a) => learnedText(a)", {"ok": True, "released": {"message": "released: 3 patches"},
                                                           "capture": taken}) == f"released: 3 patches; {taken}"
+
+
+
+@needs_chromium
+def test_a_page_whose_event_stream_was_cut_shows_what_changed_meanwhile(broker, tmp_path):
+    """The page read the console's state once, at its start: what changed while its event stream was down (here the
+    console restarted, and its worker went offline meanwhile) was pushed to nobody, and the page kept showing the
+    state of before the cut until it was reloaded. It reads the state and the feed again when the stream is back."""
+    from playwright.sync_api import expect, sync_playwright
+
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          console={"port": port})
+    client = Client(broker.port, prefix)
+    availability = f"{prefix}/workers/w-a/availability"
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    try:
+        with sync_playwright() as p:
+            context = launch(p)
+            page = context.new_page()
+            page.goto(console.url)
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+            client.client.publish(availability, b"online", qos=1, retain=True).wait_for_publish(10)
+            pill = page.locator("#worker-w-a")
+            expect(pill).to_have_text("w-a: online", timeout=10_000)
+            assert console.stop() == 0, console.log_path.read_text()[-2000:]
+            expect(page.locator("#link")).to_have_text("reconnecting…", timeout=10_000)
+            client.client.publish(availability, b"offline", qos=1, retain=True).wait_for_publish(10)
+            console = ConsoleProcess(config, tmp_path / "console-again.log", port)
+            expect(page.locator("#link")).to_have_text("live", timeout=20_000)
+            expect(pill).to_have_text("w-a: offline", timeout=10_000)
+            context.close()
+    finally:
+        client.client.publish(availability, b"", qos=1, retain=True).wait_for_publish(10)
+        client.close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+
+
+@needs_chromium
+def test_a_slower_earlier_search_does_not_replace_the_newer_ones_answer(stack):
+    """The page showed whichever similar-frame answer came last: a search asked again with other settings (or for
+    another frame) while the first was slow was then replaced by the first one's hits. The newest search's stays."""
+    from playwright.sync_api import expect
+
+    page = stack.page
+    anomalous = [k for k, r in stack.results.items() if r["verdict"] == "anomalous"]
+    assert len(anomalous) >= 5, "the generated defects should raise some anomalous verdicts"
+    held = []
+    page.route("**/api/similar", lambda route: held.append(route) if not held else route.continue_())
+    try:
+        page.locator(f'#defects li[data-key="{anomalous[0]}"] .pics2').click()  # asked for the top 8: held back
+        expect(page.locator("#q-status")).to_have_text("searching…")
+        page.fill("#q-topk", "3")
+        page.locator("#query-filter button[type=submit]").click()
+        expect(page.locator("#q-status")).to_contain_text("3 similar frames", timeout=20_000)
+        with page.expect_response("**/api/similar"):
+            held[0].continue_()  # the first answer (4 hits or more) comes now, after the newer one
+        expect(page.locator("#q-status")).to_have_attribute("data-superseded", "1", timeout=10_000)
+        expect(page.locator("#q-status")).to_contain_text("3 similar frames")
+        expect(page.locator("#hits li")).to_have_count(3)
+    finally:
+        page.unroute("**/api/similar")
+        page.fill("#q-topk", "8")
+        page.keyboard.press("Escape")

@@ -265,6 +265,8 @@ function rememberDefectType(type) {
 
 // ---- similar past frames ------------------------------------------------------------------
 let currentQuery = null;
+let searchSeq = 0;  // the newest search: an answer to an earlier one (slower, or for another frame) is dropped,
+// and counted in #q-status's data-superseded
 
 function openSimilar(source) {
   currentQuery = source;
@@ -288,6 +290,7 @@ function dtToEpoch(value) { return value ? new Date(value).getTime() / 1000 : nu
 async function search(event) {
   event?.preventDefault();
   if (!currentQuery) return;
+  const seq = ++searchSeq;
   const cameraSel = $("#q-camera").value;
   const request = {
     top_k: Number($("#q-topk").value) || 8,
@@ -297,12 +300,18 @@ async function search(event) {
   if (currentQuery.image_b64) request.image_b64 = currentQuery.image_b64;
   else { request.frame_id = currentQuery.frame_id; request.camera = currentQuery.camera; }
   const status = $("#q-status"), hits = $("#hits");
+  const superseded = () => {
+    if (seq === searchSeq) return false;
+    status.dataset.superseded = String(Number(status.dataset.superseded || 0) + 1);
+    return true;
+  };
   status.textContent = "searching…";
   hits.replaceChildren();
   const started = performance.now();
   const res = await fetch("api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
                                           body: JSON.stringify(request)});
   let answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+  if (superseded()) return;
   let how = "";
   if (answer.error?.code === "unknown_frame" && currentQuery.has_frame) {
     // Not (yet) in the store: a normal frame not logged (store.log_normal_every) or still being written.
@@ -315,6 +324,7 @@ async function search(event) {
     const again = await fetch("api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
                                                body: JSON.stringify(request)});
     answer = await again.json().catch(() => ({ok: false, error: {message: `HTTP ${again.status}`}}));
+    if (superseded()) return;
     how = " by its image: the frame is not in the history";
   }
   if (!answer.ok) { status.textContent = `error: ${answer.error?.code || ""} ${answer.error?.message || ""}`; return; }
@@ -563,7 +573,9 @@ function setBroker(ok, problem) {
   el.title = ok ? "console's MQTT connection" : problem || "console's MQTT connection: not connected yet";
 }
 
-async function start() {
+// The console's state: at the start, and again after the event stream reconnects (what came while it was down was
+// pushed to nobody). A tile the stream has already moved past the state's is kept.
+async function loadState() {
   const state = await (await fetch("api/state")).json();
   seriesSeconds = state.series_minutes * 60;
   maxCameras = state.max_cameras;
@@ -571,15 +583,26 @@ async function start() {
   setBroker(state.broker, state.broker_problem);
   controlled = state.worker;
   for (const [name, points] of Object.entries(state.series)) camera(name).points = points;
-  for (const r of Object.values(state.cameras)) { const cam = camera(r.camera); cam.latest = r; cam.dirty = true; }
+  for (const r of Object.values(state.cameras)) {
+    const cam = camera(r.camera);
+    if (!cam.latest || !(cam.latest.seen_at > r.seen_at)) { cam.latest = r; cam.dirty = true; }
+  }
   for (const w of Object.values(state.workers)) renderWorker(w);
   for (const [name, e] of Object.entries(state.errors)) renderError({camera: name, ...e});
+  schedule();
+}
+
+async function start() {
+  await loadState();
   await loadFeed();
   loadLearned();
-  schedule();
   const events = new EventSource("api/events");
-  events.onopen = () => setLink(true, "live");
-  events.onerror = () => setLink(false, "reconnecting…");
+  let lost = false;
+  events.onopen = () => {
+    setLink(true, "live");
+    if (lost) { lost = false; loadState(); loadFeed(); loadLearned(); }
+  };
+  events.onerror = () => { lost = true; setLink(false, "reconnecting…"); };
   events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
   events.addEventListener("thumbnail", (e) => onThumbnail(JSON.parse(e.data)));
   events.addEventListener("feed", loadFeed);  // the defects logged before the console started, behind the live ones

@@ -244,6 +244,16 @@ def test_a_query_image_that_cannot_be_read_is_an_error_line(tmp_path, capsys):
     assert f"error: --image {tmp_path / 'missing.png'}: No such file or directory" in capsys.readouterr().err
 
 
+def test_an_empty_frame_id_or_camera_on_the_query_command_line_is_an_error(tmp_path, capsys):
+    """``--frame-id ""`` listed the latest frames (exit 0), ``--camera ""`` was dropped without a word."""
+    from worker.__main__ import main
+
+    (tmp_path / "c.yaml").write_text("model: {bundle: b}\nmqtt: {port: 1}\n")  # nothing is sent: no broker needed
+    for flags, named in ((["--frame-id", ""], "--frame-id"), (["--frame-id", "f1", "--camera", ""], "--camera")):
+        assert main(["query", "--config", str(tmp_path / "c.yaml"), *flags]) == 2
+        assert f"error: {named} is empty" in capsys.readouterr().err
+
+
 def test_a_query_image_over_the_request_limit_is_refused_before_sending_saying_what_to_do(tmp_path, capsys):
     """A 3.9 MB PNG the worker takes as a camera frame came back as ``bad_request: request is N bytes, limit L``:
     it did not say that base64 adds a third, nor what to do."""

@@ -214,6 +214,11 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     newest = _query(client, prefix, {"top_k": 2, "filters": {"cameras": ["cam3"]}, "include_heatmaps": False})
     logged = {r["frame_id"] for r in results if r["logged"]}  # received in publish order; results come as they finish
     assert [h["frame_id"] for h in newest["hits"]] == [f for f, _, _ in frames if f in logged][-1:-3:-1], newest
+    # A time range bounded by a frame's captured_at as its result gives it (milliseconds) holds the frame: the
+    # camera's stamp (here time.time()) was stored to the microsecond, just after the range's end.
+    at = newest["hits"][0]["captured_at"]
+    bounded = _query(client, prefix, {"top_k": 5, "filters": {"cameras": ["cam3"], "since": at, "until": at}})
+    assert [h["frame_id"] for h in bounded["hits"]] == [newest["hits"][0]["frame_id"]], bounded
 
     # The very image of a logged frame finds that frame first, with cosine similarity ~1.
     frame_id, data, _ = frames[5]

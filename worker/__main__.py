@@ -61,6 +61,10 @@ def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict], unanswered: 
 
 
 def _query(args: argparse.Namespace) -> int:
+    if empty := [flag for flag, value in (("--frame-id", args.frame_id), ("--camera", args.camera),
+                                          ("--image", args.image)) if value == ""]:
+        print(f"error: {empty[0]} is empty: name one, or leave it out", file=sys.stderr)
+        return 2
     if args.camera and not (args.image or args.frame_id):
         print(f"error: --camera names the camera of --frame-id or --image; the latest frames of a camera: --cameras "
               f"{args.camera}", file=sys.stderr)
@@ -102,6 +106,8 @@ def _query(args: argparse.Namespace) -> int:
             lead = f"{hit['similarity']:>10.4f}" if compared else f"{hit['received_at'] or '-':<29}"
             print(f"{lead}  {hit['camera']:<12} {hit['frame_id']:<24} {hit['captured_at']:<30} "
                   f"{hit['score']:>6.3f}  {hit['verdict']}")
+        if answer.get("note"):  # why fewer frames than asked for came back (frames of other models' spaces)
+            print(f"note: {answer['note']}", file=sys.stderr)
     else:
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
     return 0 if answer.get("ok") else 1

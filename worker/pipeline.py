@@ -42,7 +42,7 @@ from worker.store import point_id
 from worker.supervise import Liveness, Repeats, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound, Transport
-from worker.wire import PIXEL_FIELDS, ErrorCode, FrameMetadata, iso, publishable, valid_id
+from worker.wire import PIXEL_FIELDS, ErrorCode, FrameMetadata, iso, publishable, valid_id, whole_ms
 
 _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
 _SENT_ONCE = frozenset(FrameMetadata.model_fields) | frozenset(PIXEL_FIELDS)  # user properties that may not repeat
@@ -298,6 +298,7 @@ class Pipeline:
             ts = received_ts
         else:
             self.ingest.check_clock(camera, ts, received_ts)
+        ts = whole_ms(ts)
         return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated,
                      pixels=pixels)
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bundle.runtime import OutputError
 from worker.decode import FrameError
@@ -37,6 +37,7 @@ from worker.wire import (
     iso,
     parse_timestamp,
     parse_until,
+    valid_id,
     validate,
 )
 
@@ -50,6 +51,17 @@ class QueryFilters(BaseModel):
     anomalous_only: bool = Field(False, strict=True)
     since: str | float | None = None
     until: str | float | None = None
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, v: list[str]) -> list[str]:
+        """Camera ids, each once (a list that names one camera twice is about that camera: its model embeds an
+        uploaded image); an id no camera can have ("" among them) matches nothing and is refused."""
+        for camera in v:
+            if not valid_id(camera):
+                raise ValueError(f"{camera[:64]!r} is no camera id: 1..{MAX_ID_LENGTH} printable characters without "
+                                 "'/', not '.' or '..'")
+        return list(dict.fromkeys(v))
 
     def to_filters(self) -> Filters:
         try:
@@ -72,6 +84,14 @@ class QueryRequest(BaseModel):
     include_heatmaps: bool = Field(True, strict=True)
     # a client whose MQTT v5 Maximum Packet Size is below an answer gets none (the broker drops it): it can ask less
     include_thumbnails: bool = Field(True, strict=True)
+
+    @field_validator("frame_id", "camera")
+    @classmethod
+    def _named(cls, v: str | None) -> str | None:
+        """An empty frame id or camera names none: refused, not looked up as a point no frame can have."""
+        if v == "":
+            raise ValueError("must not be empty (leave it out instead)")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> QueryRequest:
@@ -182,17 +202,19 @@ class QueryService:
                   "hits": [self._hit(h.similarity, h.payload, request.include_thumbnails, request.include_heatmaps)
                            for h in hits]}
         if space is not None and len(hits) < request.top_k and (note := self._elsewhere(store, vector, request, filters,
-                                                                                        space, exclude)):
+                                                                                        space, exclude, len(hits))):
             answer["note"] = note
         return answer
 
     @staticmethod
     def _elsewhere(store: VectorStore, vector: np.ndarray, request: QueryRequest, filters: Filters, space: str,
-                   exclude: str | None) -> str | None:
+                   exclude: str | None, found: int) -> str | None:
         """Fewer hits than asked for: say so when frames that match the filters were embedded by other models (a
-        reload or a retrain starts a new space), which this query cannot be compared with, or None."""
-        others = [h.payload for h in store.search(vector, request.top_k, filters, exclude=exclude)
-                  if h.payload.get(PAYLOAD_KEY) not in (space, None)]
+        reload or a retrain starts a new space), which this query cannot be compared with, or None.  ``found``: the
+        hits of the query's own space, every one of them (fewer than asked for), which the search over all spaces
+        lists too: asked for ``found`` more, it lists every other frame up to ``top_k`` of them."""
+        others = [h.payload for h in store.search(vector, request.top_k + found, filters, exclude=exclude)
+                  if h.payload.get(PAYLOAD_KEY) not in (space, None)][:request.top_k]
         if not others:
             return None
         models = sorted({f"{p.get('model_name')} {p.get('model_version')}" for p in others})

@@ -112,6 +112,13 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
+def whole_ms(ts: float) -> float:
+    """``ts`` cut to the millisecond that :func:`iso` writes: a frame's stored capture time is the one its result
+    says, so a time range that ends at (or starts from) a frame's ``captured_at`` includes it."""
+    stamp = datetime.fromtimestamp(ts, UTC)
+    return stamp.replace(microsecond=stamp.microsecond // 1000 * 1000).timestamp()
+
+
 def clock_set(ts: float) -> bool:
     """Whether a reading of this box's wall clock can be the real time (:data:`CLOCK_FLOOR`)."""
     return ts >= CLOCK_FLOOR

@@ -347,6 +347,7 @@ class PatchcoreGraph(nn.Module):
             patch = patch.scatter(1, top, exact)
         else:
             patch = self._nearest(flat, bank, self.bank_sq)  # N, hw
+        plain = patch  # the bank's distances: the embedding's weights, the same whatever the extension holds
         if extension is None:
             ext_sq = self.bank_sq[:0]
             extra: tuple[torch.Tensor, ...] = ()
@@ -373,8 +374,10 @@ class PatchcoreGraph(nn.Module):
 
         # Embedding: what is wrong (exporter/train/embedding.py), from the same features, weighted by the
         # blurred map brought back to the feature grid: the weighting the retrieval benchmark's ablation
-        # measured and tuned (docs/retrieval.md), smoother than the raw patch distances.
-        embedding = self.embedder(flat, (self.weight_rows @ patch.view(n, 1, h, w) @ self.weight_cols).flatten(1))
+        # measured and tuned (docs/retrieval.md), smoother than the raw patch distances.  The map of the bank
+        # alone: a label's extension rows change the scores, not the embedding, so the frames a bundle embedded
+        # before and after a label stay comparable (one space per bundle, worker/spaces.py).
+        embedding = self.embedder(flat, (self.weight_rows @ plain.view(n, 1, h, w) @ self.weight_cols).flatten(1))
         return score, amap[:, 0], embedding, *extra
 
     @staticmethod

@@ -691,7 +691,7 @@ def image_chroma(path: Path) -> float | None:
 def chroma_range(paths: Sequence[Path]) -> tuple[float, float] | None:
     """The least and the most :func:`image_chroma` of these images (None: none could be read).  All below
     :data:`bundle.GREY_CHROMA`: a model of grey images, whose graph turns every frame grey
-    (:data:`exporter.export.GREY_STEP`)."""
+    (:data:`exporter.train.grey.GREY_STEP`)."""
     values = [c for c in map(image_chroma, paths) if c is not None]
     return (min(values), max(values)) if values else None
 

@@ -18,6 +18,7 @@ from torch import nn
 from bundle import EXTENSION_PAD, ExtensionSpec, InputSpec, Normalisation, OutputSpec, Thresholds
 from bundle.runtime import CompiledBundle
 from bundle.tiling import see
+from exporter.train.grey import GREY_STEP, as_served
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +41,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-GREY_STEP = ("grey on every channel (BT.601's luma in 256ths: 77 R + 150 G + 29 B), as a 1x1 convolution of the "
-             "normalised channels: the training images were all grey")
-GREY_WEIGHTS = (77 / 256, 150 / 256, 29 / 256)  # R, G, B: they sum to exactly 1, so a grey picture stays as it was
-
-
 def input_spec(size: int, mean: tuple[float, float, float], std: tuple[float, float, float],
                grey: bool = False) -> InputSpec:
     """``grey``: the graph turns every frame grey first (:data:`GREY_STEP`), as a model that learned grey images
     only cannot judge colour: a colour camera's tint alone would flag every frame."""
     return InputSpec(height=size, width=size, in_graph=[*IN_GRAPH_STEPS, *([GREY_STEP] if grey else [])], mean=mean,
                      std=std)
-
-
-class GreyFirst(nn.Module):
-    """``graph`` fed its images grey.  Its input is RGB normalised by ``spec``'s mean and std, where the luma of the
-    raw channels is affine: one 1x1 convolution, which costs a fraction of what the same steps in the image's NHWC
-    layout before the normalisation cost (OpenVINO then no longer folds that normalisation into one pass)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def __init__(self, graph: nn.Module, spec: InputSpec) -> None:
-        super().__init__()
-        self.inner = graph  # not "graph": a traced module has its own attribute of that name
-        w, mean, std = torch.tensor(GREY_WEIGHTS), torch.tensor(spec.mean), torch.tensor(spec.std)
-        # raw_k = 255 (std_k x_k + mean_k); luma = sum_k w_k raw_k; out_c = (luma / 255 - mean_c) / std_c
-        self.register_buffer("weight", ((w * std)[None, :] / std[:, None])[:, :, None, None])
-        self.register_buffer("bias", ((w * mean).sum() - mean) / std)
-
-    def forward(self, image: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.inner(nn.functional.conv2d(image, self.weight, self.bias), *rest)
-
-
-def as_served(graph: nn.Module, spec: InputSpec) -> nn.Module:
-    """The torch graph as its bundle serves it: its images turned grey first where ``spec`` says so."""
-    return GreyFirst(graph, spec) if GREY_STEP in spec.in_graph else graph
 
 
 def extension_spec(graph: nn.Module) -> ExtensionSpec | None:

@@ -23,7 +23,7 @@ PRECISIONS = ("fp32", "int8")
 # graph), blur, embedding.  Quantising their inputs breaks the output contract (embeddings no
 # longer unit length).  The convolutions keep generic names after conversion, so the heads are
 # what is named, not the backbone.  Quantising the heads too cost image AUROC (docs/benchmarks.md, "INT8").  A model
-# of grey images has its graph inside exporter.export.GreyFirst, whose own grey step (top-level) is kept FP32 too
+# of grey images has its graph inside exporter.train.grey.GreyFirst, whose own grey step (top-level) is kept FP32 too
 # and whose graph's top-level operations are named under its attribute ``inner``.
 HEADS = r".*(embedder|anomaly_map_generator|feature_pooler)|(__module\.inner/)?aten::"  # NNCF applies re.match
 

@@ -150,6 +150,26 @@ def test_a_model_of_grey_images_judges_a_colour_cameras_frames_as_the_grey_ones_
     assert GREY_STEP not in input_spec(128, (0.5,) * 3, (0.5,) * 3).in_graph
 
 
+def test_a_model_of_grey_images_is_fitted_on_the_grey_pixels_it_serves(dataset, tmp_path):
+    """The graph of a model of grey images turns every frame grey, but its bank was fitted on the images' colour
+    pixels: a coloured mark in training images (a set still grey enough for the grey step) was learned as colour
+    and served as a grey mark the bank never saw. The fit's features are the served graph's."""
+    from exporter.export import as_served
+    from exporter.train.patchcore import extract
+
+    image = read_image(load_category(dataset, "weave").train[0], input_spec(64, (0.5,) * 3, (0.5,) * 3))
+    image[20:30, 20:30] = (0, 0, 255)  # a red mark
+    cv2.imwrite(str(tmp_path / "marked.png"), image)
+    bb = backbones.resolve(PatchcoreSettings().backbone)
+    spec = input_spec(64, bb.mean, bb.std, grey=True)
+    model = build_model(PatchcoreSettings(input_size=64), bb)
+    fitted = extract(model, [tmp_path / "marked.png"], spec, bb, 1)
+    with torch.no_grad():
+        served = as_served(torch.nn.Identity(), spec)(to_tensor([read_image(tmp_path / "marked.png", spec)], bb))
+        want = patch_features(model, served)
+    torch.testing.assert_close(fitted, want.permute(0, 2, 3, 1).reshape(-1, want.shape[1]), rtol=1e-4, atol=1e-4)
+
+
 def _parity_bundle(graph: PatchcoreGraph, spec, folder) -> None:
     """``graph`` as an OpenVINO bundle in ``folder``, thresholds left at 1 (the parity tests read raw outputs)."""
     from bundle import Normalisation, Thresholds

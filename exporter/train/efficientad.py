@@ -39,6 +39,7 @@ from exporter.teacher import (
     teacher_file,
 )
 from exporter.train.embedding import DefectEmbedding
+from exporter.train.grey import as_fitted
 from exporter.train.patchcore import to_tensor
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
     model, teacher_info = build_model(settings)
     teacher_s = time.monotonic() - started
     tiling = tiling_of(settings)
-    images = to_tensor([tile for p in train for tile in read_tiles(p, spec, tiling)], spec)
+    images = as_fitted(to_tensor([tile for p in train for tile in read_tiles(p, spec, tiling)], spec), spec)
     penalty = load_rgb(natural_images(Path(settings.natural)))
     embedder = DefectEmbedding.fit(_channel_mean_std(model, images), seed=settings.seed)
     params = list(model.student.parameters()) + list(model.ae.parameters())
@@ -193,7 +194,7 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
         recent.append(loss.item())
         progress.update(step + 1, recent[-1])
     trained = time.monotonic()
-    _map_quantiles(model, to_tensor([tile for p in normals for tile in read_tiles(p, spec, tiling)], spec))
+    _map_quantiles(model, as_fitted(to_tensor([tile for p in normals for tile in read_tiles(p, spec, tiling)], spec), spec))
     graph = EfficientAdGraph(model, embedder).eval()
     timings = {
         **teacher_info,

@@ -35,6 +35,7 @@ from exporter.coreset import greedy_coreset
 from exporter.data import read_tiles, tiling_of
 from exporter.resources import check_fits
 from exporter.train.embedding import DefectEmbedding
+from exporter.train.grey import as_fitted
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Normalised(Protocol):
 
 def to_tensor(images: list[np.ndarray], backbone: Normalised) -> torch.Tensor:
     """uint8 BGR HWC images -> normalised float RGB NCHW, exactly what the OpenVINO graph does in-graph first (then,
-    for a model of grey images, :func:`exporter.export.as_served`'s grey step)."""
+    for a model of grey images, the grey step: :mod:`exporter.train.grey`)."""
     batch = torch.from_numpy(np.stack(images)[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std).view(1, 3, 1, 1)
@@ -480,7 +481,7 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
         images = [v for p in batch for tile in read_tiles(p, spec, tiling) for v in views.of(tile)]
         for first in range(0, len(images), batch_size):
             with torch.no_grad():
-                emb = patch_features(model, to_tensor(images[first : first + batch_size], backbone))
+                emb = patch_features(model, as_fitted(to_tensor(images[first : first + batch_size], backbone), spec))
             rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
             if features is None:  # every image has the input's shape: as many views and patches as the first
                 per_image = len(images) // len(batch) * emb.shape[2] * emb.shape[3]
@@ -528,7 +529,7 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     started = time.monotonic()
     offset = (0.0, 0.0)
     shifts: list[tuple[float, float]] = []
-    first = to_tensor([read_tiles(train[0], spec, tiling_of(settings))[0]], backbone)
+    first = as_fitted(to_tensor([read_tiles(train[0], spec, tiling_of(settings))[0]], backbone), spec)
     if settings.layer_alignment == "centred" and len(settings.layers) > 1:
         shifts = layer_shifts(model, first)
         model.layer_resample = LayerResample.of(model, first, shifts)

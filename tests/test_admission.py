@@ -225,6 +225,25 @@ def test_a_query_image_for_a_tiled_camera_is_embedded_from_full_size_tiles(pipel
     assert np.abs(embedding - full).max() < np.abs(reduced - full).max() / 100
 
 
+@pytest.mark.parametrize("pipeline", [{"cameras": {"roi": {"roi": [16, 8, 96, 80]}}}], indirect=True)
+def test_a_query_image_for_a_camera_with_an_roi_is_cropped_as_its_frames_are(pipeline, dataset, bundle_dir):
+    """A camera's frames are cropped to its roi before scoring; a query's image for that camera (a frame of it, its
+    evidence file) was embedded whole, so it did not find its own frame. An image the rectangle does not fit in is
+    taken as the region itself."""
+    from bundle.tiling import see
+
+    p, _ = pipeline
+    image = cv2.resize(cv2.imread(str(good_png(dataset))), (160, 120), interpolation=cv2.INTER_AREA)
+    data = cv2.imencode(".png", image)[1].tobytes()
+    bundle = CompiledBundle(bundle_dir)
+    cropped = see(bundle, bundle.create_request(), image[8:88, 16:112], None).embedding
+    embedding, _ = p.embed(data, "roi")
+    np.testing.assert_allclose(embedding, cropped, atol=1e-5)
+    region = cv2.imencode(".png", image[:64, :64])[1].tobytes()  # smaller than the roi reaches: the region itself
+    np.testing.assert_allclose(p.embed(region, "roi")[0], see(bundle, bundle.create_request(), image[:64, :64],
+                                                              None).embedding, atol=1e-5)
+
+
 def test_a_jpeg_is_refused_when_cut_short_not_when_bytes_follow_its_end(dataset):
     """A frame grabbed from an MJPEG stream often ends in the multipart's line break, or a camera appends a trailer:
     the image is whole and is decoded.  Cut short anywhere in its scan, or with the thumbnail's end marker as the

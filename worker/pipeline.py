@@ -625,12 +625,17 @@ class Pipeline:
     def embed(self, data: bytes, camera: str | None = None) -> tuple[np.ndarray, str]:
         """Embedding of an image sent with a query (same checks as a frame; its own infer request) as the model that
         serves ``camera`` (None: the default) embeds its frames, tiles included (the most anomalous tile's), and the
-        name of that model's space: a canary camera's history is in its canary's space."""
+        name of that model's space: a canary camera's history is in its canary's space.  For a camera with an roi,
+        an image its rectangle fits in is one of its frames (its evidence file, say), cropped as they are; a smaller
+        one is taken as the region itself."""
         header = probe(data, self.cfg.limits.max_frame_bytes, self.cfg.limits.max_pixels)
         override = self.cfg.cameras.get(camera) if camera is not None else None
         model = self.models.for_camera(camera) if camera is not None else self.models.default
         grid = model.tiling(override) if camera is not None else model.bundle.manifest.tiling
-        image = decode(data, 1 if grid is not None else self._reduction(header, model, None))  # tiles: at full size
+        image = decode(data, self._reduction(header, model, override))  # tiles and an roi: at full size
+        if camera is not None:
+            with contextlib.suppress(FrameError):  # the rectangle does not fit: the image is the region
+                image = self._crop(image, camera)
         with self._query_lock:
             request = self._query_requests.get(model)
             if request is None:

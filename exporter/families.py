@@ -48,6 +48,15 @@ class Option:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
+def _bank_cap(value: str) -> int:
+    """--max-bank: 0 (no cap) or at least 2 rows."""
+    number = int_in(0)(value)
+    if number == 1:
+        raise argparse.ArgumentTypeError("1 row scores every image 0 (the score weighs a patch's distance by its "
+                                         "neighbours in the bank): 0 for no cap, or at least 2")
+    return number
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An integer option within bounds, refused by the parser before any data is read (an input side of 0 or 100000
     failed only once the images were being resized, the second as a 30 GB allocation)."""
@@ -134,7 +143,9 @@ class PatchCore(Family["PatchcoreSettings"]):
         Option("--neighbourhood", "feature cells (odd, p x p) averaged into each patch's feature (PatchCore's local "
                                   "neighbourhood; default 3, anomalib's)", int_in(1, 15)),
         Option("--max-bank", "cap on memory-bank rows, which bounds latency, bundle size and fit time "
-                             "(0: no cap, the bank is --coreset-ratio of all patch features)", int_in(0)),
+                             "(0: no cap, the bank is --coreset-ratio of all patch features; else at least 2: the "
+                             "score re-weights by a patch's neighbours in the bank, and one row scores every image 0)",
+               _bank_cap),
         Option("--extension-candidates", "patches per frame compared with the bank extension and returned as "
                                          "candidates for it (issue 17; default a sixteenth of the frame's patches, "
                                          "64 to 256; 0: a graph without the extension input)", int_in(0)),

@@ -96,8 +96,11 @@ def fold_ir(model: ov.Model, bank_rows: int, rows: np.ndarray, num_neighbors: in
             continue
         name, shape, data = node.get_friendly_name(), list(node.get_output_shape(0)), node.get_data()
         users = _users(node)
-        if data.dtype.kind == "f" and old in shape:
-            if data.size != old or not np.allclose(data.reshape(-1), old_sq, rtol=_SQ_RTOL):
+        # One float per bank row, added (as the norms are to the products with the bank): the norms, or a constant
+        # this tool cannot rebuild.  Other constants may share a dimension with the bank (a blur matrix at
+        # --max-bank 512 and 512 px, a kernel) and are not the bank's.
+        if data.dtype.kind == "f" and old in shape and data.size == old and any(k == "Add" for k, _ in users):
+            if not np.allclose(data.reshape(-1), old_sq, rtol=_SQ_RTOL):
                 raise FoldError(f"IR constant {name!r} {shape} has the bank's {old} rows but is neither the bank nor "
                                 "its rows' squared norms: cannot rebuild it for the folded bank")
             _replace(node, new_sq.reshape([new if d == old else d for d in shape]))
@@ -221,8 +224,8 @@ def fold(bundle: Path, extension: Path, out: Path) -> Manifest:
     }
     note = (f"Copied from {source.name}@{source.version}, whose memory bank this bundle extends by {len(rows)} "
             f"extension rows (fold of revision {revision}): a larger bank can only lower distances, so these "
-            "thresholds are conservative (no more false alarms than the source with that extension; re-export to "
-            "re-measure).")
+            "thresholds are conservative (no more false alarms than the source with that extension, up to the "
+            "re-weighted score's fraction of a percent; re-export to re-measure).")
     fields = source.model_dump(exclude={"files"})
     fields.update(
         version=version,

@@ -305,6 +305,27 @@ def test_an_even_neighbourhood_is_refused():
         build_model(PatchcoreSettings(neighbourhood=4), backbones.resolve("efficientnet_lite0"))
 
 
+def test_a_bank_of_few_patches_keeps_the_support_and_one_row_is_refused(dataset, capsys):
+    """At 32 px a small set has a few hundred patches, whose 1 % rounded to one bank row: its support of one scored
+    every image 0, so the bundle, thresholded at the next float above 0, could flag nothing (and ``train`` said
+    nothing). The bank keeps at least the re-weighting's support; ``--max-bank 1`` is refused before any data is
+    read."""
+    from exporter.__main__ import main
+
+    settings = PatchcoreSettings(input_size=32, screen_rows=0)
+    bb = backbones.resolve(settings.backbone)
+    spec = input_spec(32, bb.mean, bb.std)
+    category = load_category(dataset, "weave")
+    graph, timings = fit(settings, bb, category.train[:6], spec)
+    assert timings["patch_features"] * settings.coreset_ratio < 2 and timings["memory_bank"] == settings.num_neighbors
+    with torch.no_grad():
+        scores = graph(to_tensor([read_image(s.path, spec) for s in category.test], bb))[0]
+    assert (scores > 0).all(), scores
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--data", str(dataset), "--max-bank", "1"])
+    assert refused.value.code == 2 and "1 row scores every image 0" in capsys.readouterr().err
+
+
 def _plain_greedy(points: torch.Tensor, start: int, n: int) -> list[int]:
     """Exact k-center greedy, written out plainly: ``n`` picks from ``start``, each the point farthest from the rest."""
     chosen = [start]

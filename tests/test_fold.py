@@ -170,3 +170,32 @@ def test_a_bank_constant_that_cannot_be_rebuilt_is_named(bundle_dir):
     norms.output(0).replace(broken.output(0))
     with pytest.raises(FoldError, match=r"'broken_norms'.*cannot rebuild it"):
         fold_ir(model, bank.get_output_shape(0)[0], np.ones((2, dim), np.float32), 9)
+
+
+def test_a_bank_as_large_as_another_dimension_of_the_graph_is_folded(dataset):
+    """A bank of as many rows as the input has pixels a side (``--max-bank 512`` at 512 px: the blur matrix is
+    [512, 64]), or as the grid or a kernel has, was refused as a constant "neither the bank nor its rows' squared
+    norms". The bank's norms are told by their values; the folded IR scores as the graph of the merged bank."""
+    import torch
+
+    from exporter import backbones
+    from exporter.export import convert, input_spec
+    from exporter.train.patchcore import PatchcoreGraph, PatchcoreSettings, fit
+
+    settings = PatchcoreSettings(input_size=64, coreset_ratio=1.0, max_bank=64, screen_rows=0)
+    bb = backbones.resolve(settings.backbone)
+    spec = input_spec(64, bb.mean, bb.std)
+    graph, _ = fit(settings, bb, load_category(dataset, "weave").train[:4], spec)
+    bank = graph.model.memory_bank
+    assert bank.shape[0] == 64 and any(64 in list(c.get_output_shape(0)) and c.get_data().size != 64 for c in
+                                       convert(graph, spec).get_ordered_ops() if c.get_type_name() == "Constant")
+    rows = bank[:5] + 0.25
+    model = convert(graph, spec)
+    assert fold_ir(model, 64, rows.numpy(), settings.num_neighbors) == (64, 69)
+    graph.model.memory_bank = torch.cat([bank, rows])
+    merged = convert(PatchcoreGraph(graph.model, 64, graph.embedder, graph.k, offset=graph.offset).eval(), spec)
+    images = np.stack([read_image(s.path, spec) for s in load_category(dataset, "weave").test[:4]])
+    pad = np.full((1, rows.shape[1]), 1e3, np.float32)
+    core = ov.Core()
+    got, want = (core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})([images, pad]) for m in (model, merged))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)

@@ -541,7 +541,12 @@ def fit(settings: PatchcoreSettings, backbone: Backbone, train: list[Path], spec
     features = extract(model, train, spec, backbone, settings.batch_size, Views(settings.bank_views),
                        tiling_of(settings))
     extracted = time.monotonic()
-    n_select = max(1, int(features.shape[0] * settings.coreset_ratio))
+    # At least the re-weighting's support (a ratio of few patches rounds down to 1 row, whose support of one scores
+    # every image 0), unless a cap says fewer; a cap of 1 is refused for that reason.
+    n_select = max(int(features.shape[0] * settings.coreset_ratio), min(features.shape[0], settings.num_neighbors))
+    if settings.max_bank == 1:
+        raise ValueError("max_bank 1 scores every image 0 (the score weighs a patch's distance by its neighbours in "
+                         "the bank): 0 for no cap, or at least 2")
     if settings.max_bank:
         n_select = min(n_select, settings.max_bank)
     log.info("coreset: %d of %d patch features (ratio %.3f)", n_select, features.shape[0], settings.coreset_ratio)

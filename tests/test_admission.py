@@ -314,6 +314,23 @@ def test_a_tiff_of_signed_bytes_is_refused_not_wrapped_to_bright():
     assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT
 
 
+def test_a_colour_tiff_of_float_or_signed_samples_is_an_unsupported_format_not_garbage():
+    """Pillow has no mode for floating-point or signed colour TIFFs and cannot open them: they were answered
+    ``not_an_image``, as random bytes are, though README says such samples are refused ``unsupported_format``."""
+    import tifffile
+
+    for samples, said in ((np.full((8, 8, 3), 0.5, np.float32), "32-bit floating-point"),
+                          (np.full((8, 8, 3), -100, np.int16), "16-bit signed integer")):
+        out = io.BytesIO()
+        tifffile.imwrite(out, samples, photometric="rgb")
+        with pytest.raises(FrameError, match=f"TIFF with {said} samples") as refused:
+            probe(out.getvalue(), 10**6, 10**6)
+        assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT
+    with pytest.raises(FrameError) as garbage:  # a TIFF signature before garbage is no image still
+        probe(b"II*\x00" + bytes(range(256)) * 4, 10**6, 10**6)
+    assert garbage.value.code == ErrorCode.NOT_AN_IMAGE
+
+
 def test_a_tiff_whose_tiles_pass_the_pixel_limit_is_refused_before_decoding(dataset):
     """libtiff inflates a whole tile, whatever the picture's size: an 8 x 8 picture in 4096 x 4096 tiles passed the
     header's pixel limit in a few kilobytes and took a tile's memory per decode.  Tiles are checked as a picture is;

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from bundle import FRAME_FORMATS, jpeg_cut_short
 from worker.wire import ErrorCode
@@ -84,6 +84,9 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
             header = Image.open(io.BytesIO(data))
             fmt, (width, height), mode = header.format, header.size, header.mode
     except Exception as exc:  # Pillow raises many types for garbage; all mean the same here
+        if (samples := _tiff_samples(data)) is not None:
+            raise FrameError("unsupported_format", f"TIFF with {samples} samples is not accepted (8- or 16-bit "
+                                                   "unsigned samples)") from None
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
     if fmt not in FRAME_FORMATS:
         raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")
@@ -106,6 +109,28 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
             raise FrameError("unsupported_format", f"JPEG of {scans} scans is not accepted (at most {MAX_JPEG_SCANS}: "
                                                    "each is one more pass over the whole picture)")
     return Header(FRAME_FORMATS[fmt], width, height)
+
+
+def _tiff_samples(data: bytes) -> str | None:
+    """What a TIFF that Pillow cannot open holds, where its first directory says samples this worker does not take
+    (floating-point or signed colour, over 16 bits: Pillow has no mode for them), else None (garbage, or another
+    fault)."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    try:
+        directory = TiffImagePlugin.ImageFileDirectory_v2(ifh=data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(directory.next)
+        directory.load(stream)
+        bits, formats = directory.get(258), directory.get(339)
+    except Exception:  # a directory Pillow cannot read: not a TIFF this worker can say more of
+        return None
+    kinds = {1: "unsigned", 2: "signed integer", 3: "floating-point"}
+    kind = {kinds.get(v, "undefined") for v in (formats if isinstance(formats, tuple) else (formats or 1,))}
+    depth = max(bits if isinstance(bits, tuple) else (bits or 1,))
+    if kind == {"unsigned"} and depth <= 16:
+        return None
+    return f"{depth}-bit {' and '.join(sorted(kind))}"
 
 
 def _signed(tags: Mapping[int, object]) -> bool:

@@ -232,14 +232,18 @@ def _engines(tmp_path: Path) -> list[Callable[..., VectorStore]]:
 
 def test_the_latest_frames_go_by_when_they_arrived_with_the_filters_on_both_engines(tmp_path):
     """What a console that starts lists: the frames last received, whatever the cameras' clocks say (a camera set
-    to 2000 is not put last, one a year ahead not first); a point from before arrival times were kept is left out."""
+    to 2000 is not put last, one a year ahead not first). The points an earlier version wrote, without an arrival
+    time, were left out (an ordering skips points without its key): they were received before every other, and
+    come after them, the last captured first."""
     for make in _engines(tmp_path):
         store = make()
         store.upsert(BY_AGE + BY_COUNT)
         arrived = sorted((p for _, _, p in BY_AGE + BY_COUNT if "received_ts" in p), key=lambda p: -p["received_ts"])
-        assert [p["frame_id"] for p in store.latest(20, Filters())] == [p["frame_id"] for p in arrived]
+        legacy = ["legacy2", "legacy1", "old8"]  # captured 1 h, 8 h and 9 years ago
+        assert [p["frame_id"] for p in store.latest(20, Filters())] == [p["frame_id"] for p in arrived] + legacy
         defects = [p["frame_id"] for p in arrived if p["verdict"] == "anomalous"]
         assert [p["frame_id"] for p in store.latest(3, Filters(anomalous_only=True))] == defects[:3]
+        assert [p["frame_id"] for p in store.latest(20, Filters(anomalous_only=True))] == [*defects, "old8"]
         assert [p["frame_id"] for p in store.latest(20, Filters(cameras=("slo", "fast")))] == ["slo7", "fast2", "fast1"]
         store.close()
 

@@ -111,8 +111,9 @@ class Hit:
     payload: dict
 
 
-def _edge_filter(filters: Filters, exclude: str | None = None) -> edge.Filter | None:
-    must: list = []
+def _edge_filter(filters: Filters, exclude: str | None = None, also: tuple = ()) -> edge.Filter | None:
+    """``filters`` as the engine's filter (None: none), without point ``exclude``, with the conditions ``also``."""
+    must: list = list(also)
     if filters.cameras:
         must.append(edge.FieldCondition("camera", match=edge.MatchAny(list(filters.cameras))))
     if filters.anomalous_only:
@@ -257,9 +258,18 @@ class _Edge:
         return [(str(r.id), [], dict(r.payload or {})) for r in recs]
 
     def latest(self, limit: int, filters: Filters) -> list[dict]:
+        """The points last received first, then (an ordering skips points without its key) an earlier version's
+        points, which have no ``received_ts``, the last captured first."""
+        flt = _edge_filter(filters)
         order = edge.OrderBy("received_ts", direction=edge.Direction.Desc)
-        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, order_by=order, filter=_edge_filter(filters),
-                                                       with_payload=True, with_vector=False))
+        recs, _ = self.shard.scroll(edge.ScrollRequest(limit=limit, order_by=order, filter=flt, with_payload=True,
+                                                       with_vector=False))
+        if len(recs) < limit:
+            legacy = _edge_filter(filters, also=(edge.IsEmptyCondition("received_ts"),))
+            more, _ = self.shard.scroll(edge.ScrollRequest(
+                limit=limit - len(recs), order_by=edge.OrderBy("captured_ts", direction=edge.Direction.Desc),
+                filter=legacy, with_payload=True, with_vector=False))
+            recs = [*recs, *more]
         return [dict(r.payload or {}) for r in recs]
 
     def _ids(self, limit: int, flt: edge.Filter, key: str | None) -> list[str]:

@@ -19,8 +19,9 @@ def _received(**bounds: float | None) -> models.FieldCondition:
     return models.FieldCondition(key="received_ts", range=models.Range(**bounds))
 
 
-def _client_filter(filters: Filters, exclude: str | None = None) -> models.Filter | None:
-    must: list = []
+def _client_filter(filters: Filters, exclude: str | None = None, also: tuple = ()) -> models.Filter | None:
+    """``filters`` as the engine's filter (None: none), without point ``exclude``, with the conditions ``also``."""
+    must: list = list(also)
     if filters.cameras:
         must.append(models.FieldCondition(key="camera", match=models.MatchAny(any=list(filters.cameras))))
     if filters.anomalous_only:
@@ -82,9 +83,16 @@ class ServerEngine:
 
     def latest(self, limit: int, filters: Filters) -> list[dict]:
         """As :meth:`worker.store._Edge.latest`."""
-        recs, _ = self.client.scroll(self.collection, scroll_filter=_client_filter(filters), limit=limit,
+        flt = _client_filter(filters)
+        recs, _ = self.client.scroll(self.collection, scroll_filter=flt, limit=limit,
                                      with_payload=True, with_vectors=False,
                                      order_by=models.OrderBy(key="received_ts", direction=models.Direction.DESC))
+        if len(recs) < limit:
+            legacy = _client_filter(filters, also=(_NO_RECEIVED_TS,))
+            more, _ = self.client.scroll(self.collection, scroll_filter=legacy, limit=limit - len(recs),
+                                         with_payload=True, with_vectors=False,
+                                         order_by=models.OrderBy(key="captured_ts", direction=models.Direction.DESC))
+            recs = [*recs, *more]
         return [dict(p.payload or {}) for p in recs]
 
     def _ids(self, limit: int, flt: models.Filter, key: str | None) -> list[str]:

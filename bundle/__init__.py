@@ -130,6 +130,15 @@ class ExtensionSpec(_Strict):
     candidate_scores_output: str = "candidate_scores"
     pad: float = Field(EXTENSION_PAD, description="Value of every entry of an unused extension row.")
 
+    @field_validator("pad")
+    @classmethod
+    def _the_graphs_pad(cls, pad: float) -> float:
+        """The graph masks rows of :data:`EXTENSION_PAD` itself, whatever the manifest says: the runtime filling unused
+        rows with another value (NaN, 0) fed them as real patches, and an anomalous frame scored normal."""
+        if pad != EXTENSION_PAD:
+            raise ValueError(f"must be {EXTENSION_PAD:g} (bundle.EXTENSION_PAD, what the graph masks), not {pad!r}")
+        return pad
+
 
 MAX_TILES = 16  # tiles along one side of a frame
 # The largest frame a worker takes unless told otherwise (limits.max_pixels, limits.max_frame_bytes): here, so that

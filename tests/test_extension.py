@@ -317,6 +317,17 @@ def test_a_manifest_must_declare_the_graphs_inputs(bundle_dir, tmp_path):
         CompiledBundle(copy)
 
 
+def test_an_extension_pad_other_than_the_graphs_is_refused(bundle_dir, tmp_path):
+    """The runtime fills unused rows with the manifest's pad, the graph masks rows of EXTENSION_PAD: ``"pad": NaN``
+    scored an anomalous frame 0.0, normal, with no error."""
+    for name, pad in (("nan", "NaN"), ("zero", "0.0")):
+        copy = tmp_path / name
+        shutil.copytree(bundle_dir, copy)
+        text = (copy / "bundle.json").read_text()
+        assert f'"pad": {EXTENSION_PAD!r}' in text
+        (copy / "bundle.json").write_text(text.replace(f'"pad": {EXTENSION_PAD!r}', f'"pad": {pad}'))
+        with pytest.raises(BundleError, match=r"extension\.pad"):
+            read_manifest(copy)
 def test_a_label_cut_short_by_the_disk_is_absorbed_whole_or_not_at_all(bundle_dir, dataset, tmp_path):
     """absorb handled only ExtensionFull between its two adds: where the disk refused the views' rows, the frame's own
     stayed in use and a retry answered "already absorbed", so the views were never added.  Now the frame's own rows

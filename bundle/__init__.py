@@ -49,6 +49,9 @@ and the runtime fills the rows not in use with it; the graph puts a row of nothi
 distance (masked, so no f16/bf16 overflow), and it is far from any patch feature besides."""
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class BundleError(Exception):
     """A bundle that is missing, malformed, of another schema, or fails its checksums."""
 
@@ -101,6 +104,19 @@ class Thresholds(_Strict):
     image: Normalisation
     pixel: Normalisation
     method: str
+
+    @field_validator("image", "pixel")
+    @classmethod
+    def _low_below_threshold(cls, norm: Normalisation) -> Normalisation:
+        """``low`` under ``threshold``, both and their span within float32 (the scores' arithmetic): ``low`` above
+        the threshold published a flagged frame as score 0.0, and a span float32 cannot hold made every score NaN.
+        The exporter writes neither; a manifest edited by hand or damaged can."""
+        if not norm.low < norm.threshold:
+            raise ValueError(f"low {norm.low:g} must be below threshold {norm.threshold:g}")
+        if not max(abs(norm.low), abs(norm.threshold), norm.threshold - norm.low) <= FLOAT32_MAX:
+            raise ValueError(f"low {norm.low:g} and threshold {norm.threshold:g} must lie within float32's range "
+                             "(scores are computed in float32)")
+        return norm
 
 
 class PrecisionRecord(_Strict):

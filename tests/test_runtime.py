@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from bundle import BundleError, sha256_file
+from bundle import BundleError, read_manifest, sha256_file
 from bundle.runtime import BLOB_DIGEST, CompiledBundle
 from exporter.data import load_category, read_image
 
@@ -103,3 +103,24 @@ def test_a_manifest_from_a_newer_exporter_is_refused_in_one_line_that_says_so(bu
     said = str(refused.value)
     assert "calibration: Extra inputs are not permitted" in said and "written by a newer exporter?" in said, said
     assert "\n" not in said and "pydantic.dev" not in said, said
+
+
+def _edited(bundle_dir, tmp_path, edit, name: str = "edited"):
+    """A copy of the session bundle whose bundle.json ``edit`` (a function of the parsed manifest) changed."""
+    copy = tmp_path / name
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    edit(manifest)
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_thresholds_with_low_at_or_above_threshold_are_refused(bundle_dir, tmp_path):
+    """low 50 over threshold 40 published a raw 44.9 as score 0.0 and anomalous; low -1e39 and threshold 1e39 (beyond
+    float32, in which scores are computed) made every score NaN.  The exporter writes neither."""
+    cases = {"above": (50.0, 40.0), "beyond float32": (-1e39, 1e39)}
+    for name, (low, threshold) in cases.items():
+        def edit(m, low=low, threshold=threshold):
+            m["thresholds"]["image"].update(low=low, threshold=threshold)
+        with pytest.raises(BundleError, match=r"thresholds\.image"):
+            read_manifest(_edited(bundle_dir, tmp_path, edit, name.replace(" ", "-")))

@@ -83,6 +83,10 @@ class OutputSpec(_Strict):
     meaning: str
 
 
+OutputKey = Literal["score", "anomaly_map", "embedding"]
+OUTPUTS: tuple[OutputKey, ...] = ("score", "anomaly_map", "embedding")
+
+
 class Normalisation(_Strict):
     """Maps a raw score linearly so that ``low`` -> 0 and ``threshold`` -> 0.5 (clipped to 0..1).
 
@@ -221,7 +225,7 @@ class Manifest(_Strict):
     category: str
     created_at: str
     input: InputSpec
-    outputs: dict[Literal["score", "anomaly_map", "embedding"], OutputSpec]
+    outputs: dict[OutputKey, OutputSpec]
     embedding_dim: int = Field(gt=0)
     thresholds: Thresholds = Field(description="Thresholds of the reference precision (f32; int8 for INT8 bundles).")
     precisions: dict[Precision, PrecisionRecord] = Field(
@@ -237,6 +241,15 @@ class Manifest(_Strict):
                                                              "(PatchCore); None: the graph has the image input only.")
     tiling: TilingSpec | None = Field(None, description="How frames are cut into tiles for this model (trained on "
                                                        "tiles); None: a frame is scored whole.")
+
+    @field_validator("outputs")
+    @classmethod
+    def _names_every_output(cls, outputs: dict[str, OutputSpec]) -> dict[str, OutputSpec]:
+        """Every output is read from every frame: a manifest without one failed with a KeyError at the start (a
+        traceback), at a reload (internal_error) and at each start after it was rolled out."""
+        if missing := [key for key in OUTPUTS if key not in outputs]:
+            raise ValueError(f"names no {', '.join(missing)} output (it needs {', '.join(OUTPUTS)})")
+        return outputs
 
     @field_validator("files")
     @classmethod

@@ -650,6 +650,23 @@ def test_a_bundle_the_worker_may_not_read_stops_the_start_with_exit_2_naming_it(
     assert "must be readable by" in line, line
 
 
+def _start_fails(config: Path) -> str:
+    """The worker's start on ``config``: asserted to end with exit 2 and one error line, which is returned."""
+    proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_manifest_without_an_output_stops_the_start_with_exit_2_naming_it(broker, bundle_dir, tmp_path):
+    """A bundle.json without outputs.score ended the start with a KeyError traceback and exit 1."""
+    edited = shutil.copytree(bundle_dir, tmp_path / "edited")
+    manifest = json.loads((edited / "bundle.json").read_text())
+    del manifest["outputs"]["score"]
+    (edited / "bundle.json").write_text(json.dumps(manifest))
+    line = _start_fails(write_config(tmp_path / "w", broker.port, edited, topics={"prefix": f"u{uuid.uuid4().hex[:6]}"}))
+    assert line.startswith(f"error: {edited / 'bundle.json'}: invalid manifest: outputs") and "score" in line, line
 def test_a_watched_bundle_swapped_for_one_the_worker_may_not_read_is_said_once(broker, bundle_dir, dataset, tmp_path):
     """``model.watch_s`` and a release swapped in with ``mv`` (deploy/README) that the worker's user may not read:
     the watcher took the folder it could not look into for one being copied and kept the old model without a word.

@@ -124,3 +124,12 @@ def test_thresholds_with_low_at_or_above_threshold_are_refused(bundle_dir, tmp_p
             m["thresholds"]["image"].update(low=low, threshold=threshold)
         with pytest.raises(BundleError, match=r"thresholds\.image"):
             read_manifest(_edited(bundle_dir, tmp_path, edit, name.replace(" ", "-")))
+
+
+def test_a_manifest_without_an_output_is_refused_naming_it(bundle_dir, tmp_path):
+    """A bundle.json without outputs.score passed validation and failed with a KeyError: a traceback at start,
+    internal_error at a reload, and a worker that could not start once it was the rolled-out bundle."""
+    edited = _edited(bundle_dir, tmp_path, lambda m: m["outputs"].pop("score"))
+    with pytest.raises(BundleError, match="names no score output") as refused:
+        CompiledBundle(edited, batch=1)
+    assert "\n" not in str(refused.value)

@@ -179,6 +179,7 @@ class CompiledBundle:
             raise BundleError(f"{self.folder}: the graph takes {taken[1]}x{taken[0]} images, its manifest says "
                               f"{spec.width}x{spec.height} (bundle.json edited, or from another model): frames would be "
                               "resized to a size it was not trained at")
+        self._check_outputs(model)
         shapes: dict[str, ov.PartialShape] = {}
         if batch is not None:
             shapes[spec.name] = ov.PartialShape([batch, spec.height, spec.width, 3])
@@ -220,6 +221,37 @@ class CompiledBundle:
         if self.extension_spec is not None:
             self._names += (self.extension_spec.candidates_output, self.extension_spec.candidate_scores_output)
             self.set_extension(np.zeros((0, self.extension_spec.feature_dim), np.float32))
+
+    def _check_outputs(self, model: ov.Model) -> None:
+        """Refuse a graph whose outputs, or extension input, are not the ones its manifest names and sizes (where
+        the graph's size is static), as a mismatched input size is: an output named wrong failed at the first
+        inference (a traceback at start), an extension of another width in OpenVINO's reshape, and an
+        ``embedding_dim`` other than the graph's made the store collection that size, refusing every frame's record."""
+        m, ext = self.manifest, self.manifest.extension
+        graph = {name: o.get_partial_shape() for o in model.outputs for name in o.get_names()}
+        named = {f"outputs.{key}": spec.name for key, spec in m.outputs.items()}
+        if ext is not None:
+            named |= {"extension.candidates_output": ext.candidates_output,
+                      "extension.candidate_scores_output": ext.candidate_scores_output}
+        if missing := [f"{key} {name!r}" for key, name in named.items() if name not in graph]:
+            raise BundleError(f"{self.folder}: the graph has no output named as its manifest's {', '.join(missing)} "
+                              f"(its outputs: {', '.join(sorted(graph))}): bundle.json edited, or from another model")
+        # (what, the graph's shape, the manifest's shape: an int is a size, anything else a dynamic axis)
+        sizes: list[tuple[str, ov.PartialShape, list[int | str]]] = [
+            (f"outputs.{key}", graph[spec.name], spec.shape) for key, spec in m.outputs.items()]
+        sizes.append(("embedding_dim", graph[m.outputs["embedding"].name], ["N", m.embedding_dim]))
+        if ext is not None:
+            sizes += [("extension", model.input(ext.input).get_partial_shape(), ["E", ext.feature_dim]),
+                      ("extension.candidates", graph[ext.candidates_output], ["N", ext.candidates, ext.feature_dim]),
+                      ("extension.candidates", graph[ext.candidate_scores_output], ["N", ext.candidates])]
+        for what, shape, declared in sizes:
+            if shape.rank.is_static and shape.rank.get_length() != len(declared):
+                raise BundleError(f"{self.folder}: the graph's {what} has {shape.rank.get_length()} axes, its "
+                                  f"manifest says {declared}: bundle.json edited, or from another model")
+            if shape.rank.is_static and any(isinstance(want, int) and shape[i].is_static
+                                            and shape[i].get_length() != want for i, want in enumerate(declared)):
+                raise BundleError(f"{self.folder}: the graph's {what} is {shape}, its manifest says {declared}: "
+                                  "bundle.json edited, or from another model")
 
     def _read_model(self, core: ov.Core, verify: bool) -> ov.Model:
         """The graph from the bytes its manifest's checksums were compared with, read into memory: OpenVINO maps

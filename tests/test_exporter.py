@@ -177,9 +177,11 @@ def _parity_bundle(graph: PatchcoreGraph, spec, folder) -> None:
 
     save_ir(convert(graph, spec), folder)
     norm = Normalisation(low=0, threshold=1)
+    with torch.no_grad():  # the graph's own embedding size: the runtime refuses a manifest that says another
+        dim = int(graph(torch.zeros(1, 3, spec.height, spec.width))[2].shape[1])
     write_manifest(folder, dict(
         name="parity", version="0", family="patchcore", category="weave", created_at=timestamp(), input=spec,
-        outputs=output_specs(spec, 304), embedding_dim=304, extension=extension_spec(graph),
+        outputs=output_specs(spec, dim), embedding_dim=dim, extension=extension_spec(graph),
         thresholds=Thresholds(image=norm, pixel=norm, method="test"), training={}, versions=library_versions()))
 
 

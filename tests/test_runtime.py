@@ -133,3 +133,17 @@ def test_a_manifest_without_an_output_is_refused_naming_it(bundle_dir, tmp_path)
     with pytest.raises(BundleError, match="names no score output") as refused:
         CompiledBundle(edited, batch=1)
     assert "\n" not in str(refused.value)
+
+
+def test_output_sizes_and_names_other_than_the_graphs_are_refused(bundle_dir, tmp_path):
+    """embedding_dim 999 on a graph of 152 made the store collection 999 wide and refused every frame's record; an
+    extension feature_dim of 100 failed in OpenVINO's reshape, an output named "nope" at the first inference."""
+    dim = read_manifest(bundle_dir).embedding_dim
+    cases = {
+        "embedding_dim": lambda m: m.__setitem__("embedding_dim", dim + 1),
+        "extension": lambda m: m["extension"].__setitem__("feature_dim", 100),
+        "no output named": lambda m: m["extension"].__setitem__("candidates_output", "nope"),
+    }
+    for said, edit in cases.items():
+        with pytest.raises(BundleError, match=said):
+            CompiledBundle(_edited(bundle_dir, tmp_path, edit, said.replace(" ", "-")), batch=1)

@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 from bundle import BundleError, read_manifest, write_manifest
+from bundle.extension import folder_name
 from conftest import ROOT, Client, WorkerProcess, good_png, killed_after, write_config
 from scripts.broker import free_port
 from worker.api_client import ApiClient
@@ -667,6 +668,25 @@ def test_a_manifest_without_an_output_stops_the_start_with_exit_2_naming_it(brok
     (edited / "bundle.json").write_text(json.dumps(manifest))
     line = _start_fails(write_config(tmp_path / "w", broker.port, edited, topics={"prefix": f"u{uuid.uuid4().hex[:6]}"}))
     assert line.startswith(f"error: {edited / 'bundle.json'}: invalid manifest: outputs") and "score" in line, line
+
+
+def test_an_extension_folder_the_worker_cannot_write_stops_the_start_with_exit_2_naming_it(broker, bundle_dir, tmp_path):
+    """learning.path's root was checked, not the bundle's folder in it: one the worker could not write (another
+    user's, immutable) ended the start with a PermissionError traceback, as opening it rewrites its index."""
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": f"u{uuid.uuid4().hex[:6]}"})
+    folder = load_config(config).learning.path / folder_name(read_manifest(bundle_dir))
+    folder.mkdir(parents=True)
+    (folder / "index.json").write_text(json.dumps({"revision": 0, "entries": []}))
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (file system, or no CAP_LINUX_IMMUTABLE)")
+    try:
+        line = _start_fails(config)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert line.startswith("error: ") and f"bank extension folder {folder} cannot be written" in line, line
+    assert "learning.path" in line, line
+
+
 def test_a_watched_bundle_swapped_for_one_the_worker_may_not_read_is_said_once(broker, bundle_dir, dataset, tmp_path):
     """``model.watch_s`` and a release swapped in with ``mv`` (deploy/README) that the worker's user may not read:
     the watcher took the folder it could not look into for one being copied and kept the old model without a word.

@@ -17,8 +17,10 @@ is compiled with room for ``learning.max_rows`` extension rows and starts with t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -305,21 +307,32 @@ class Models:
             except OSError as exc:
                 log.warning("model cache: could not delete %s (%s)", entry, exc)
 
-    def _compile(self, path: Path, precision: str) -> Model:
-        started, signature = time.monotonic(), manifest_signature(path)
+    def _compile_and_warm(self, path: Path, precision: str) -> tuple[CompiledBundle, Extension | None]:
         learning = self.cfg.learning
-        with os_thread_named(OPENVINO_THREADS):  # its threads start in the compile and the warm-up (top -H names them)
-            bundle = CompiledBundle(path, self.cfg.model.device, self._cache_for(path), batch=1, precision=precision,
-                                    extension_rows=learning.max_rows if learning.enabled else None)
-            dim = bundle.manifest.embedding_dim
-            if self.embedding_dim is not None and dim != self.embedding_dim:
-                raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
-                                  "(they share one vector-store collection)")
-            m = bundle.manifest
-            extension = self._extension(bundle.manifest) if learning.enabled else None
-            if extension is not None:
-                bundle.set_extension(extension.rows, extension.revision)
-            warm_up(bundle)
+        bundle = CompiledBundle(path, self.cfg.model.device, self._cache_for(path), batch=1, precision=precision,
+                                extension_rows=learning.max_rows if learning.enabled else None)
+        dim = bundle.manifest.embedding_dim
+        if self.embedding_dim is not None and dim != self.embedding_dim:
+            raise BundleError(f"{path}: embedding_dim {dim} differs from the served models' {self.embedding_dim} "
+                              "(they share one vector-store collection)")
+        extension = self._extension(bundle.manifest) if learning.enabled else None
+        if extension is not None:
+            bundle.set_extension(extension.rows, extension.revision)
+        warm_up(bundle)
+        return bundle, extension
+
+    def _compile(self, path: Path, precision: str) -> Model:
+        """Verify, compile and warm up the bundle at ``path``; whatever stops it is a :class:`BundleError` naming the
+        bundle, so the start ends with one line (exit 2) and a reload answers reload_failed, as for a bad checksum."""
+        started, signature = time.monotonic(), manifest_signature(path)
+        try:
+            with os_thread_named(OPENVINO_THREADS):  # its threads start in the compile and the warm-up (top -H names them)
+                bundle, extension = self._compile_and_warm(path, precision)
+        except BundleError:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:  # OpenVINO's, or a file's: one line naming the bundle
+            raise BundleError(f"{path}: cannot be served ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+        m = bundle.manifest
         log.info("bundle %s %s (%s) compiled on %s (%s) at %s in %.2f s, %d infer requests%s", m.name, m.version,
                  m.family, self.cfg.model.device, bundle.device_name, bundle.precision, time.monotonic() - started,
                  bundle.optimal_requests, f", extension of {len(extension.rows)} rows" if extension else "")
@@ -333,7 +346,18 @@ class Models:
         with self._lock:
             ext = self._extensions.get(folder)
             if ext is None:
-                ext = self._extensions[folder] = Extension(folder, m.extension.feature_dim, self.cfg.learning.max_rows)
+                try:
+                    ext = Extension(folder, m.extension.feature_dim, self.cfg.learning.max_rows)
+                    if not os.access(folder, os.W_OK | os.X_OK):  # opening it writes only where there is an index
+                        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+                except OSError as exc:
+                    # learning.path's own check found its root writable, not this bundle's folder in it: every label
+                    # would fail, and opening it (rewriting its index) ended the start with a traceback
+                    raise BundleError(f"{m.name} {m.version}: its bank extension folder {folder} cannot be written "
+                                      f"({exc.strerror or exc}): make it writable by uid {os.geteuid()}, which runs "
+                                      "this worker (chown -R, and chattr -i where it was made immutable), or set "
+                                      "learning.path to a folder it can write") from exc
+                self._extensions[folder] = ext
             return ext
 
     def extensions(self, every: bool = False) -> list[Extension]:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -49,6 +51,7 @@ and the runtime fills the rows not in use with it; the graph puts a row of nothi
 distance (masked, so no f16/bf16 overflow), and it is far from any patch feature besides."""
 
 
+_FRAME_SIZE = re.compile(r"[1-9][0-9]{0,5}x[1-9][0-9]{0,5}")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -250,6 +253,30 @@ class Manifest(_Strict):
         if missing := [key for key in OUTPUTS if key not in outputs]:
             raise ValueError(f"names no {', '.join(missing)} output (it needs {', '.join(OUTPUTS)})")
         return outputs
+
+    @field_validator("training")
+    @classmethod
+    def _readable_training(cls, training: dict) -> dict:
+        """The entries of ``training`` a worker reads (the rest is a record, left as written): of the kind the
+        exporter writes, or the bundle is refused at load.  Refused rather than ignored: ignored, a damaged one
+        would silently drop the warnings it feeds (``unlike_training``); read, ``chroma: 5`` and ``frame_sizes
+        {"abc": 1}`` failed every frame with internal_error."""
+        sizes = training.get("frame_sizes")
+        if sizes is not None and not (isinstance(sizes, dict) and all(
+                isinstance(k, str) and _FRAME_SIZE.fullmatch(k) and type(n) is int for k, n in sizes.items())):
+            raise ValueError("training.frame_sizes must map \"<width>x<height>\" (positive integers) to image counts")
+        chroma_range = training.get("chroma")
+        if chroma_range is not None and not (isinstance(chroma_range, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in chroma_range.values())):
+            raise ValueError("training.chroma must hold numbers (min, max)")
+        folds = training.get("folds")
+        if folds is not None and not (isinstance(folds, list) and all(isinstance(f, dict) for f in folds)):
+            raise ValueError("training.folds must be a list of fold records")
+        for key, kind in (("input_size", int), ("backbone", str)):
+            if training.get(key) is not None and (type(training[key]) is not kind):
+                raise ValueError(f"training.{key} must be {'an integer' if kind is int else 'text'}")
+        return training
 
     @field_validator("files")
     @classmethod

@@ -147,3 +147,12 @@ def test_output_sizes_and_names_other_than_the_graphs_are_refused(bundle_dir, tm
     for said, edit in cases.items():
         with pytest.raises(BundleError, match=said):
             CompiledBundle(_edited(bundle_dir, tmp_path, edit, said.replace(" ", "-")), batch=1)
+
+
+def test_training_entries_the_worker_reads_are_validated_at_load(bundle_dir, tmp_path):
+    """training.chroma 5 failed every frame with AttributeError, training.frame_sizes {"abc": 1} with ValueError
+    (internal_error each); they are refused with the bundle, as other malformed manifests are."""
+    cases = {"chroma": 5, "frame_sizes": {"abc": 1}}
+    for key, value in cases.items():
+        with pytest.raises(BundleError, match=rf"training\.{key}"):
+            read_manifest(_edited(bundle_dir, tmp_path, lambda m, k=key, v=value: m["training"].__setitem__(k, v), key))

@@ -6,6 +6,7 @@ artefact the worker serves, not of the torch model it came from.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,11 +99,15 @@ def _eight_bit_dense_weights(model: ov.Model) -> bool:
 BLOB_DIGEST = ".sha256"  # beside each blob that OpenVINO writes into a model cache: <blob>.blob.sha256
 
 
-def drop_unverified_blobs(cache_dir: Path) -> None:
+def drop_unverified_blobs(cache_dir: Path) -> bool:
     """Delete the compiled blobs in ``cache_dir`` that do not match the digest :func:`record_blobs` wrote after a
     compile, or have none (half written by a crash, or left by a version without digests); OpenVINO then compiles
     the model again.  OpenVINO reads a cached blob back without checking its bytes, so a bit that flips on the disk
-    would change every score silently, where the bundle's own files are verified against its manifest."""
+    would change every score silently, where the bundle's own files are verified against its manifest.
+
+    Returns whether the cache may be used: False where such a blob could not be deleted, or checked (a folder this
+    process may not change or read), since OpenVINO would then serve it."""
+    usable = True
     for blob in sorted(cache_dir.glob("*.blob")):
         digest = blob.with_name(blob.name + BLOB_DIGEST)
         try:
@@ -114,10 +119,14 @@ def drop_unverified_blobs(cache_dir: Path) -> None:
             blob.unlink(missing_ok=True)
             digest.unlink(missing_ok=True)
         except OSError as exc:
-            log.warning("model cache: cannot check %s (%s)", blob, exc)
+            usable = False
+            log.warning("model cache: cannot check or delete %s (%s): compiling without the cache (%s) until it "
+                        "can be, so that blob is not served", blob, exc, cache_dir)
     for digest in cache_dir.glob("*.blob" + BLOB_DIGEST):
         if not digest.with_name(digest.name.removesuffix(BLOB_DIGEST)).exists():
-            digest.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a digest without its blob serves nothing
+                digest.unlink(missing_ok=True)
+    return usable
 
 
 def record_blobs(cache_dir: Path) -> None:
@@ -163,8 +172,10 @@ class CompiledBundle:
             config["INFERENCE_PRECISION_HINT"] = self._hint_for(core, device, precision)
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            drop_unverified_blobs(Path(cache_dir))
-            core.set_property({"CACHE_DIR": str(cache_dir)})
+            if drop_unverified_blobs(Path(cache_dir)):
+                core.set_property({"CACHE_DIR": str(cache_dir)})
+            else:
+                cache_dir = None
         model = self._read_model(core, verify)
         self.extension_spec: ExtensionSpec | None = self.manifest.extension
         declared = {self.manifest.input.name} | ({self.extension_spec.input} if self.extension_spec else set())

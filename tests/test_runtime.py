@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -156,3 +157,23 @@ def test_training_entries_the_worker_reads_are_validated_at_load(bundle_dir, tmp
     for key, value in cases.items():
         with pytest.raises(BundleError, match=rf"training\.{key}"):
             read_manifest(_edited(bundle_dir, tmp_path, lambda m, k=key, v=value: m["training"].__setitem__(k, v), key))
+
+
+def test_a_damaged_blob_the_worker_cannot_delete_is_not_served(bundle_dir, tmp_path):
+    """A cache folder made immutable (as a read-only disk would be): the damaged blob could not be deleted, was only
+    warned about, and OpenVINO served it.  Now the bundle is compiled without the cache."""
+    cache = tmp_path / "cache"
+    CompiledBundle(bundle_dir, cache_dir=cache, batch=1)
+    blob = sorted(cache.glob("*.blob"))[0]
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    blob.chmod(0o600)
+    blob.write_bytes(damaged)
+    if subprocess.run(["chattr", "+i", str(cache)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (file system, or no CAP_LINUX_IMMUTABLE)")
+    try:
+        again = CompiledBundle(bundle_dir, cache_dir=cache, batch=1)
+        assert blob.read_bytes() == damaged  # it could not be deleted
+        assert not again.compiled.get_property("LOADED_FROM_CACHE"), "the damaged blob was served"
+    finally:
+        subprocess.run(["chattr", "-i", str(cache)], check=True)

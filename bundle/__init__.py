@@ -385,7 +385,9 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
         raise BundleError(f"{path}: not JSON: {exc}") from exc
     except OSError as exc:  # a folder copied as root with the exporter's or cp's modes: not a traceback at start
         raise unreadable(path, exc) from exc
-    if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_SCHEMAS:
+    # an integer, not true (== 1 to Python) nor 2.0
+    if not isinstance(raw, dict) or type(raw.get("schema_version")) is not int \
+            or raw["schema_version"] not in READABLE_SCHEMAS:
         version = raw.get("schema_version") if isinstance(raw, dict) else None
         raise BundleError(f"{path}: schema_version {version!r}, this software reads {', '.join(map(str, READABLE_SCHEMAS))}")
     try:

@@ -64,6 +64,17 @@ class Entry:
     at: float
 
 
+def _entry(fields: dict) -> Entry:
+    """An index entry as written (TypeError or ValueError otherwise, so the index is taken for damaged): an ``at``
+    of text failed later in sorting the entries, and a key naming a path read another folder's rows."""
+    entry = Entry(**fields)
+    if not (isinstance(entry.key, str) and _KEY.match(entry.key) and isinstance(entry.frame_id, str)
+            and isinstance(entry.camera, str) and type(entry.rows) is int
+            and isinstance(entry.at, int | float) and not isinstance(entry.at, bool)):
+        raise ValueError(f"index entry {fields!r} is not of the kind this software writes")
+    return entry
+
+
 def _sync(fh) -> None:
     """A file's bytes on the disk before it replaces the one in use: a power cut after the rename otherwise can leave
     an empty file under the final name (the rename reaches the disk before the data)."""
@@ -323,7 +334,7 @@ class Extension:
             try:
                 raw = json.loads(index.read_text())
                 self.revision = int(raw["revision"])
-                entries = [Entry(**e) for e in raw["entries"]]
+                entries = [_entry(e) for e in raw["entries"]]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 broken = index.with_suffix(".corrupt")
                 index.replace(broken)

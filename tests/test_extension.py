@@ -328,6 +328,22 @@ def test_an_extension_pad_other_than_the_graphs_is_refused(bundle_dir, tmp_path)
         (copy / "bundle.json").write_text(text.replace(f'"pad": {EXTENSION_PAD!r}', f'"pad": {pad}'))
         with pytest.raises(BundleError, match=r"extension\.pad"):
             read_manifest(copy)
+
+
+def test_an_index_with_a_malformed_entry_is_taken_for_damaged(tmp_path):
+    """An entry whose ``at`` is text, in an extension holding more rows than max_rows, failed with a TypeError (not
+    a reload error) when the oldest entries were sorted out; it is a damaged index, recovered from the row files."""
+    folder = tmp_path / "ext"
+    ext = Extension(folder, 8, 100)
+    for key in ("aa", "bb"):
+        ext.add(key, np.ones((3, 8), np.float32), f"f-{key}", "cam")
+    index = json.loads((folder / "index.json").read_text())
+    index["entries"][0]["at"] = "yesterday"
+    (folder / "index.json").write_text(json.dumps(index))
+    reopened = Extension(folder, 8, 4)
+    assert len(reopened.rows) == 3 and (folder / "index.corrupt").is_file()
+
+
 def test_a_label_cut_short_by_the_disk_is_absorbed_whole_or_not_at_all(bundle_dir, dataset, tmp_path):
     """absorb handled only ExtensionFull between its two adds: where the disk refused the views' rows, the frame's own
     stayed in use and a retry answered "already absorbed", so the views were never added.  Now the frame's own rows

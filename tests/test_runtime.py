@@ -159,6 +159,12 @@ def test_training_entries_the_worker_reads_are_validated_at_load(bundle_dir, tmp
             read_manifest(_edited(bundle_dir, tmp_path, lambda m, k=key, v=value: m["training"].__setitem__(k, v), key))
 
 
+def test_a_schema_version_of_true_is_refused(bundle_dir, tmp_path):
+    """JSON true equals 1 to Python: it was read as a schema 1 bundle."""
+    with pytest.raises(BundleError, match="schema_version True"):
+        read_manifest(_edited(bundle_dir, tmp_path, lambda m: m.__setitem__("schema_version", True)))
+
+
 def test_a_damaged_blob_the_worker_cannot_delete_is_not_served(bundle_dir, tmp_path):
     """A cache folder made immutable (as a read-only disk would be): the damaged blob could not be deleted, was only
     warned about, and OpenVINO served it.  Now the bundle is compiled without the cache."""

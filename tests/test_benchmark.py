@@ -258,3 +258,15 @@ def test_reduced_decode_benchmark_compares_each_headroom_with_a_full_decode(data
     assert all(r[2] == "1/1" and r[4] == "0.00 % / 0.00 %" and r[6].startswith("0 / ") for r in rows if r[1] == "inf")
     assert rows[0][2] == "1/4" and rows[1][2] == "1/2", rows  # 560 px for a 128 px model: to 140 px, or to 280
     assert "OpenVINO f32" in proc.stdout
+
+
+def test_coreset_report_takes_extraction_and_sampler_repeats_of_different_counts():
+    """--extract-repeats and --repeats differ (run_all.sh: 1 and 3): the report pairs nothing across them, so it
+    neither raises (it did, before --json was written) nor drops repeats."""
+    from benchmarks.coreset import report
+
+    timings = {"extract": [10.0], "extract channels_last": [9.0], "ours": [1.0, 2.0, 3.0],
+               "stock (extrapolated)": [4.0, 4.0, 6.0]}
+    rows, fit = report(timings, {"ours": {"image_auroc": 1.0, "pixel_auroc": 0.9, "model_bin_mb": 2.0}}, {"ours"})
+    assert fit == [11.0, 12.0, 13.0]
+    assert [r[0] for r in rows] == list(timings) and rows[2][1] == "2.0 [1.0-3.0]", rows

@@ -58,13 +58,16 @@ def report(timings: dict[str, list[float]], metrics: dict[str, dict], samplers: 
 
     ``cold`` is the fit's own (first) extraction, a row of its own; the ``extract`` rows are warm repeats only.
     Extraction and the samplers run different numbers of times (``--extract-repeats``, ``--repeats``): the fit is the
-    warm extraction's median plus each repeat of ours.
+    warm extraction's median plus each repeat of ours.  "stock time / this" is paired per round: each round's stock
+    time over the same round's sampler time.
     """
     ref = {k: summary(v)["median"] for k, v in timings.items()}
     rows = [["extract, cold (the fit's own, 1 run)", f"{cold:.1f}", "", "", "", ""]]
     for name, values in timings.items():
         m = metrics.get(name, {})
-        ratio = [ref["stock (extrapolated)"] / v for v in values] if name in samplers else None
+        # paired per round: the same round's stock time over this sampler's
+        ratio = ([s / v for s, v in zip(timings["stock (extrapolated)"], values, strict=True)]
+                 if name in samplers else None)
         rows.append([name, fmt(summary(values), 1), fmt(summary(ratio), 1) if ratio else "",
                      str(m.get("image_auroc", "")), str(m.get("pixel_auroc", "")),
                      f"{m['model_bin_mb']:.1f}" if m else ""])

@@ -283,3 +283,14 @@ def test_coreset_report_keeps_the_cold_extraction_out_of_the_warm_series():
     rows, fit = report(timings, {}, {"ours"}, cold=30.0)
     assert rows[0][:2] == ["extract, cold (the fit's own, 1 run)", "30.0"], rows
     assert rows[1][:2] == ["extract", "11.0 [10.0-12.0]"] and fit == [12.0], rows
+
+
+def test_coreset_ratio_to_stock_is_paired_per_round():
+    """"stock time / this" divides each round's stock time by the same round's sampler time (it divided the stock
+    median by every round's)."""
+    from benchmarks.coreset import report
+
+    timings = {"extract": [10.0], "extract channels_last": [9.0], "ours": [1.0, 4.0, 2.0],
+               "stock (extrapolated)": [2.0, 20.0, 2.0]}
+    rows, _ = report(timings, {}, {"ours"}, cold=30.0)
+    assert rows[3][0] == "ours" and rows[3][2] == "2.0 [1.0-5.0]", rows  # 2/1, 20/4, 2/2

@@ -59,6 +59,7 @@ def demo_config(out: Path, port: int, bundle: Path) -> Path:
     cfg["limits"]["queue_policy"] = "block"  # a replay should lose nothing: back-pressure instead of drops
     cfg["worker"]["stats_interval_s"] = 1  # the demo waits on the stats topic for the store to catch up
     cfg["console"]["port"] = free_port()
+    cfg["metrics"]["port"] = free_port()  # config.yaml's 9108 may be another worker's /metrics
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

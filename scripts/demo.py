@@ -49,13 +49,38 @@ def choose_data(out: Path) -> tuple[Path, str, str]:
     return data, "weave", "hole"
 
 
+# Everything the worker writes (its config keys), under --out: removed at the start of each run, so a run neither
+# scores with the bank rows an earlier run's console labels added nor replays that run's spool, captures or rollouts.
+# The OpenVINO cache (model.cache_dir) is kept: it only saves compiling the same bundle again.
+WORKER_STATE = {
+    ("store", "path"): "qdrant",
+    ("evidence", "path"): "evidence",
+    ("spool", "path"): "data/spool",
+    ("learning", "path"): "data/extensions",
+    ("capture", "path"): "data/capture",
+    ("capture", "export_path"): "data/training",
+    ("model", "rollout_path"): "data/rollout",
+    ("mqtt", "session_file"): "data/mqtt-session.json",
+}
+
+
+def reset_worker_state(out: Path) -> None:
+    """Remove what an earlier run's worker (and console) wrote under ``out``."""
+    for rel in WORKER_STATE.values():
+        path = out / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def demo_config(out: Path, port: int, bundle: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["mqtt"]["port"] = port
     cfg["model"]["bundle"] = str(bundle)
     cfg["model"]["cache_dir"] = str(out / "ov-cache")
-    cfg["store"]["path"] = str(out / "qdrant")
-    cfg["evidence"]["path"] = str(out / "evidence")
+    for (section, key), rel in WORKER_STATE.items():
+        cfg.setdefault(section, {})[key] = str(out / rel)
     cfg["limits"]["queue_policy"] = "block"  # a replay should lose nothing: back-pressure instead of drops
     cfg["worker"]["stats_interval_s"] = 1  # the demo waits on the stats topic for the store to catch up
     cfg["console"]["port"] = free_port()
@@ -192,21 +217,20 @@ def main() -> int:
     manifest = json.loads((bundle / "bundle.json").read_text())
     print(json.dumps(manifest.get("metrics", {}).get("test", {}), indent=2))
 
-    for stale in ("qdrant", "evidence"):
-        shutil.rmtree(out / stale, ignore_errors=True)
+    reset_worker_state(out)
     heatmaps = out / "heatmaps"
     shutil.rmtree(heatmaps, ignore_errors=True)
     heatmaps.mkdir()
 
-    banner("starting mosquitto on a free loopback port")
-    broker = Broker(out / "broker")
-    print(f"mosquitto pid {broker.proc.pid} on 127.0.0.1:{broker.port}")
-    config = demo_config(out, broker.port, bundle)
     frames = sorted((data / category / "test").glob("*/*.png"))
-    watcher = Watcher(broker.port, len(frames), heatmaps)
-    worker_log = (out / "worker.log").open("wb")
-    worker = console = None
-    try:
+    broker = watcher = worker_log = worker = console = None
+    try:  # from the broker's start on: whatever fails, what was started is stopped
+        banner("starting mosquitto on a free loopback port")
+        broker = Broker(out / "broker")
+        print(f"mosquitto pid {broker.proc.pid} on 127.0.0.1:{broker.port}")
+        config = demo_config(out, broker.port, bundle)
+        watcher = Watcher(broker.port, len(frames), heatmaps)
+        worker_log = (out / "worker.log").open("wb")
         banner(f"starting the worker (config {config}, log {out / 'worker.log'})")
         worker = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT,
                                   stdout=worker_log, stderr=subprocess.STDOUT)
@@ -252,11 +276,14 @@ def main() -> int:
         if worker is not None and worker.poll() is None:
             worker.terminate()
             print(f"worker exited with {worker.wait(60)}")
-        worker_log.close()
-        time.sleep(0.3)
-        watcher.close()
-        broker.stop()
-        print("mosquitto stopped")
+        if worker_log is not None:
+            worker_log.close()
+        if watcher is not None:
+            time.sleep(0.3)
+            watcher.close()
+        if broker is not None:
+            broker.stop()
+            print("mosquitto stopped")
     timings = {"fps": fps, "wall_s": time.monotonic() - started}
     report = write_report(out, manifest, watcher, query, timings, query_id)
     banner(f"report: {report}")

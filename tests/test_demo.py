@@ -1,0 +1,56 @@
+"""scripts/demo.py's worker config: free ports, and every folder the worker writes is the demo's own, reset per run."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from scripts.demo import WORKER_STATE, demo_config, reset_worker_state
+from worker.config import load_config
+
+
+def _paths(model: BaseModel, where: str = "") -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            found[f"{where}{name}"] = value
+        elif isinstance(value, BaseModel):
+            found |= _paths(value, f"{where}{name}.")
+    return found
+
+
+def test_demo_config_takes_free_ports_and_keeps_every_worker_file_under_out(tmp_path):
+    """metrics.port was config.yaml's 9108 (a busy one stopped the demo); every path the worker writes is in
+    WORKER_STATE, so a second run starts from none of the first one's labels, spool, captures or rollouts."""
+    out = tmp_path / "demo-out"
+    out.mkdir()
+    config = demo_config(out, 1883, out / "bundles" / "b")
+    raw = yaml.safe_load(config.read_text())
+    ports = [raw["metrics"]["port"], raw["console"]["port"]]
+    assert 9108 not in ports and 8080 not in ports, ports
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free when chosen (nothing else here holds it)
+
+    paths = _paths(load_config(config))
+    state = {f"{section}.{key}" for section, key in WORKER_STATE}
+    written = {key for key in paths if key not in ("model.bundle", "model.cache_dir")}
+    assert written == state, written ^ state
+    assert all(paths[key] == out / WORKER_STATE[tuple(key.split("."))] for key in state)  # type: ignore[index]
+
+    for rel in WORKER_STATE.values():
+        target = out / rel
+        if rel.endswith(".json"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("{}")
+        else:
+            (target / "old").mkdir(parents=True)
+    (out / "data" / "weave").mkdir()  # the generated data set and the compiled-model cache stay
+    (out / "ov-cache").mkdir()
+    reset_worker_state(out)
+    assert not any((out / rel).exists() for rel in WORKER_STATE.values())
+    assert (out / "data" / "weave").is_dir() and (out / "ov-cache").is_dir()

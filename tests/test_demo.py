@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from scripts.demo import WORKER_STATE, demo_config, reset_worker_state
+from scripts.demo import WORKER_STATE, demo_config, replay_fps, reset_worker_state
 from worker.config import load_config
 
 
@@ -54,3 +54,11 @@ def test_demo_config_takes_free_ports_and_keeps_every_worker_file_under_out(tmp_
     reset_worker_state(out)
     assert not any((out / rel).exists() for rel in WORKER_STATE.values())
     assert (out / "data" / "weave").is_dir() and (out / "ov-cache").is_dir()
+
+
+def test_demo_frames_per_second_start_at_the_publishers_first_frame():
+    """The clock starts at the first frame's captured_at (the publisher stamps it as it sends it), not before the
+    publisher process was launched, and stops at the last result's published_at."""
+    results = [{"captured_at": "1800000010.000", "published_at": "2027-01-15T08:00:11.000+00:00"},
+               {"captured_at": "1800000010.500", "published_at": "2027-01-15T08:00:12.000+00:00"}]
+    assert replay_fps(results) == 1.0  # 2 results in the 2 s from 08:00:10 (1800000010) to 08:00:12

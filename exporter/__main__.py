@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     distill.add_argument("--checkpoint-every", type=int_in(1), help="steps between checkpoints (default 100)")
     distill.add_argument("--eval-every", type=int_in(1), help="steps between held-out variance figures (default 100)")
-    distill.add_argument("--stop-after", type=int_in(1), help="stop at this step with a checkpoint, to --resume later "
-                                                        "(e.g. across sessions)")
+    distill.add_argument("--stop-after", type=int_in(0), help="stop at this step with a checkpoint, to --resume later "
+                                                        "(e.g. across sessions); 0 with --write-now writes the untrained "
+                                                        "teacher")
     distill.add_argument("--write-now", action="store_true",
                          help="write the teacher and its manifest where the run stops (--stop-after, else the resumed "
                               "checkpoint's step) and keep the checkpoint, so a later --resume still goes on")

@@ -341,6 +341,7 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     gives.  Returns the teacher, or the checkpoint when stopped before the last step.  ``write_now``
     writes the teacher where the run stops (at ``stop_after``, else at the resumed checkpoint's step)
     and keeps the checkpoint: a long distillation can ship a teacher on the way and still go on.
+    ``stop_after=0`` with ``write_now`` writes the untrained teacher (a baseline) and no checkpoint.
     """
     check_train_precision(settings.train_precision)
     out = Path(out)
@@ -348,6 +349,9 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     ckpt = checkpoint_path(out)
     if write_now and stop_after is None and not (resume and ckpt.is_file()):
         raise ValueError(f"writing the teacher now needs --stop-after, or a checkpoint {ckpt} to --resume")
+    if stop_after == 0 and not write_now:
+        raise ValueError("--stop-after 0 stops before the first step, with no checkpoint to write: add --write-now to "
+                         "write the untrained teacher")
     if ckpt.is_file() and not resume:
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or delete it to start again")
     torch.manual_seed(settings.seed)

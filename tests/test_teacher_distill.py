@@ -86,6 +86,16 @@ def test_a_teacher_written_on_the_way_keeps_its_checkpoint_and_the_run_goes_on(n
         manifest_path(straight).read_text())["held_out_curve"]  # the early figure stays out of the run's curve
 
 
+def test_stop_after_0_with_write_now_writes_the_untrained_teacher(natural, tmp_path):
+    """docs/quality's step-0 baseline (``--stop-after 0 --write-now``); without --write-now it would write nothing."""
+    out = tmp_path / "pdn-small.safetensors"
+    with pytest.raises(ValueError, match="--write-now"):
+        distill(TINY, natural, out, stop_after=0)
+    assert distill(TINY, natural, out, eval_every=3, stop_after=0, write_now=True) == out
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["steps_done"] == 0 and [s for s, _ in manifest["held_out_curve"]] == [0], manifest
+
+
 def test_bf16_training_is_refused_where_the_cpu_would_emulate_it(natural, tmp_path):
     check_train_precision("bf16", native=True)
     check_train_precision("f32", native=False)

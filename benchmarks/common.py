@@ -18,7 +18,7 @@ log = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mvtec"
 # The older speed benchmarks train 256 px bundles (the fast setting's input size) unless told otherwise
-# (benchmarks.throughput --input-size); their figures in docs/benchmarks.md are for it.
+# (benchmarks.throughput --input-size, whose default this is); their figures in docs/benchmarks.md are for it.
 FAST_INPUT = 256
 # A burst rig publishes every frame before the workers can take them, so they wait in mosquitto, whose default
 # queue (1000 QoS 1 messages per client) drops the rest even at QoS 1: the run would then wait for answers that

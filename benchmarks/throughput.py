@@ -1,8 +1,8 @@
 """Inference benchmark: the worker against the raw OpenVINO runtime, anomalib's deployment paths and torch.
 
-One PatchCore model is trained here (``fit_patchcore`` at ``--input-size``, default the product's
-``PatchcoreSettings().input_size``) and packaged as an FP32 bundle (and, with ``--int8``, an NNCF
-INT8 bundle of the same graph).  Each round then runs, on the same frames (the category's test
+One PatchCore model is trained here (``fit_patchcore`` at ``--input-size``, default 256 px, the older speed
+benchmarks' model and the default ``--frame-size``: ``benchmarks.common.FAST_INPUT``) and packaged as an FP32
+bundle (and, with ``--int8``, an NNCF INT8 bundle of the same graph).  Each round then runs, on the same frames (the category's test
 images, resized to ``--frame-size``):
 
 - ``raw``: the compiled bundle through ``AsyncInferQueue`` with OpenVINO's optimal number
@@ -60,7 +60,7 @@ import psutil
 import yaml
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from benchmarks.common import BURST_BROKER, DATA, ROOT, fmt, md_table, publish_frame, summary, train_bundles, wait_for_answers
+from benchmarks.common import BURST_BROKER, DATA, FAST_INPUT, ROOT, fmt, md_table, publish_frame, summary, train_bundles, wait_for_answers
 from benchmarks.raw_runtime import result
 from bundle import PRECISIONS, prepare_image
 from worker.supervise import OPENVINO_THREADS
@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=60, help="normals to train on (0 = all); the bank size is --bank either way")
     parser.add_argument("--bank", type=int, default=2437, help="memory-bank rows (2437 = 1%% of grid's 256 px patches, the older "
                         "benchmarks' model; the default and the fast setting are 1500, the default's behind a 500-row screen)")
-    parser.add_argument("--input-size", type=int, help="model input side in px (default: PatchcoreSettings().input_size)")
+    parser.add_argument("--input-size", type=int, default=FAST_INPUT,
+                        help="model input side in px (default %(default)s, the older benchmarks' model, as --bank's "
+                             "default; the product default is PatchcoreSettings().input_size)")
     parser.add_argument("--backbone", help="offline backbone (default: PatchcoreSettings().backbone)")
     parser.add_argument("--screen-rows", type=int, help="the bank's screen (exporter train --screen-rows; default: "
                         "PatchcoreSettings().screen_rows, 0: none)")
@@ -372,9 +374,9 @@ def measure(args: argparse.Namespace, variants: dict[str, dict], work: Path) -> 
     """Train the bundles into ``work``, run every row and print the tables."""
     import torch
 
-    from exporter.train.patchcore import PatchcoreSettings, to_tensor
+    from exporter.train.patchcore import to_tensor
 
-    input_size = args.input_size or PatchcoreSettings().input_size
+    input_size = args.input_size
     trained, bundles = train_bundles(args.data, args.category, args.train_images, args.bank, work,
                                      ("fp32", "int8") if args.int8 else ("fp32",), input_size=input_size,
                                      screen_rows=args.screen_rows, backbone=args.backbone)

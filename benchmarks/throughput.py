@@ -100,6 +100,9 @@ def thread_cpu(proc: psutil.Process) -> dict[str, float]:
     return out
 
 
+WARM_FRAMES = 16  # a worker's unmeasured first burst (as benchmarks.scaleout's)
+
+
 class WorkerRig:
     """mosquitto + ``python -m worker`` + a paho client that times each frame until result and heatmap are back."""
 
@@ -239,6 +242,11 @@ class WorkerRig:
             for stage in ("queue", "decode", "infer", "post"):
                 out[f"worker_{stage}_ms"] = float(np.mean([self.stages[f][stage] for f in sent if f in self.stages]))
         return out
+
+    def warm_up(self, payloads: list[bytes], n: int) -> None:
+        """An unmeasured burst of ``n`` frames, as the raw rows run every request once before their clock starts: the
+        worker's first frames (its compiled model's first inferences, lazily built buffers) are not in a measurement."""
+        self.run(payloads, n, None, "warm")
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -417,6 +425,8 @@ def measure(args: argparse.Namespace, variants: dict[str, dict], work: Path) -> 
     ran: dict[str, str] = {}  # bundle -> precision OpenVINO ran in the raw process
     device = ""
     try:
+        for rig in rigs.values():  # the raw rows warm up in each of their processes; each worker before its first burst
+            rig.warm_up(payloads, min(WARM_FRAMES, args.frames))
         for r in range(args.rounds):
             row: dict[str, dict] = {}
             for k in bundles:

@@ -61,7 +61,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import DATA, fmt, md_table, summary
-from bundle import prepare_image
+from bundle import prepare_image, read_manifest
 from bundle.extension import Extension, Views, absorb, decisive_patches
 from bundle.runtime import CompiledBundle
 
@@ -92,11 +92,14 @@ def benign(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def held_out_normals(data: Path, category: str) -> list[np.ndarray]:
+def held_out_normals(data: Path, category: str, bundle: Path) -> list[np.ndarray]:
+    """The normals ``bundle`` was not fitted on: the split ``exporter train`` made, with the seed its manifest records
+    (as benchmarks.thresholds reads it)."""
     from exporter.build import VAL_FRACTION
     from exporter.data import load_category
 
-    _, val = load_category(data, category).split_train(VAL_FRACTION, 0)
+    seed = int(read_manifest(bundle, verify=False).training.get("seed", 0))
+    _, val = load_category(data, category).split_train(VAL_FRACTION, seed)
     return [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in val]
 
 
@@ -233,7 +236,7 @@ def confirm(scorer: Scorer, guard: tuple[list[np.ndarray], list[str]], per_type:
 
 
 def quality(args: argparse.Namespace) -> None:
-    normals = held_out_normals(args.data, args.category)
+    normals = held_out_normals(args.data, args.category, args.bundle)
     guard = guard_set(args.data, args.category, args.split, normals, args.guard_kinds)
     scorer = Scorer(args.bundle, args.rows)
     guard, guards = confirm(scorer, guard, args.confirmed, args.guard_patches)
@@ -281,7 +284,7 @@ def worker_timing(args: argparse.Namespace) -> None:
 
     from benchmarks.throughput import WorkerRig
 
-    normals = held_out_normals(args.data, args.category)
+    normals = held_out_normals(args.data, args.category, args.bundle)
     rng = np.random.default_rng(7)
     marked = [cv2.imencode(".jpg", benign(image, "mark", rng), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
               for image in normals]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import cv2
 import numpy as np
 import pytest
 from bundle import read_manifest
@@ -130,6 +131,26 @@ def test_learning_benchmark_runs_the_scenario_as_the_worker_absorbs(bundle_dir, 
     cut = [int(line.split("|")[9]) for line in proc.stdout.splitlines() if line.startswith(("| mark", "| glare"))]
     assert len(cut) == 2 and max(cut) == 1, proc.stdout
 
+def test_learning_benchmark_holds_out_the_normals_of_the_bundles_own_seed(bundle_dir, dataset, tmp_path):
+    """The held-out normals are drawn with the seed the bundle's manifest records (it hard-coded 0), as
+    benchmarks.thresholds reads it."""
+    from benchmarks.learning import held_out_normals
+    from exporter.build import VAL_FRACTION
+    from exporter.data import load_category
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["training"]["seed"] = 5
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    cat = load_category(dataset, "weave")
+    seed5, seed0 = (cat.split_train(VAL_FRACTION, seed)[1] for seed in (5, 0))
+    assert seed5 != seed0  # the seeds draw other normals here
+    got = held_out_normals(dataset, "weave", bundle)
+    assert len(got) == len(seed5) and all(np.array_equal(g, cv2.imread(str(p), cv2.IMREAD_COLOR))
+                                          for g, p in zip(got, seed5, strict=True))
+
+
 def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tmp_path):
     """benchmarks.extension end to end: a bundle exported without the extension (--extension-candidates 0) against
     the default one, empty and with real rows; the empty extension scores as the bundle without it."""
@@ -230,8 +251,6 @@ def test_a_burst_rig_stops_waiting_when_answers_stop_or_a_worker_exits():
 
 def test_the_throughput_rig_counts_a_frame_on_its_result_when_no_heatmap_is_published(bundle_dir, dataset, tmp_path):
     """A worker variant with ``heatmap.publish: never`` can be measured: each result says no heatmap follows."""
-    import cv2
-
     from benchmarks.throughput import WorkerRig
 
     images = sorted((dataset / "weave" / "test").rglob("*.png"))[:3]

@@ -41,10 +41,21 @@ def _config(threads: int, precision: str) -> dict:
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
 
 
+def ran_precision(compiled) -> str:
+    """The floating-point precision an OpenVINO compiled model really runs, read back (as ``CompiledBundle`` does),
+    not the one asked for."""
+    try:
+        return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    except RuntimeError:  # a device without the property runs the IR's own precision
+        return "f32"
+
+
 def compile_graph(size: int, rows: int, threads: int, precision: str = "f32", int8: bool = False, screen: int = 0,
                   refine: float = 0.25, unrefined: str | None = None):
     """The graph at ``size`` px with ``rows`` random bank rows; ``int8``: its backbone quantised as ``exporter train
-    --precision int8`` does, calibrated on random frames (the scales move, the work does not)."""
+    --precision int8`` does, calibrated on random frames (the scales move, the work does not).
+
+    Returns (infer, the precision OpenVINO runs it at, read back)."""
     import openvino as ov
     import torch
 
@@ -71,12 +82,12 @@ def compile_graph(size: int, rows: int, threads: int, precision: str = "f32", in
     ir.reshape({"extension": [1, dim]})  # the empty bank extension: one pad row, static as the worker compiles it
     compiled = ov.Core().compile_model(ir, "CPU", _config(threads, precision))
     pad = np.full((1, dim), EXTENSION_PAD, np.float32)
-    return lambda frame: compiled({0: frame, 1: pad})
+    return (lambda frame: compiled({0: frame, 1: pad})), ran_precision(compiled)
 
 
-def compile_bundle(folder: Path, manifest: Manifest, threads: int, precision: str = "f32") -> tuple[int, Callable]:
+def compile_bundle(folder: Path, manifest: Manifest, threads: int, precision: str = "f32") -> tuple[int, Callable, str]:
     """An exported bundle's IR (``manifest``: its verified ``bundle.json``), compiled as :func:`compile_graph`
-    compiles the graph; (input side, infer)."""
+    compiles the graph; (input side, infer, the precision OpenVINO runs it at, read back)."""
     import openvino as ov
 
     from bundle import EXTENSION_PAD
@@ -89,7 +100,7 @@ def compile_bundle(folder: Path, manifest: Manifest, threads: int, precision: st
         model.reshape({"extension": [1, dim]})
         feeds[1] = np.full((1, dim), EXTENSION_PAD, np.float32)
     compiled = core.compile_model(model, "CPU", _config(threads, precision))
-    return manifest.input.height, lambda frame: compiled({0: frame, **feeds})
+    return manifest.input.height, lambda frame: compiled({0: frame, **feeds}), ran_precision(compiled)
 
 
 # The old default, the default and the fast setting, as SIZE:ROWS (README, "Exporter").
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         except BundleError as exc:
             ap.error(f"--bundle: {exc}")
 
-    entries: dict[str, tuple[int, Callable]] = {}
+    entries: dict[str, tuple[int, Callable, str]] = {}
     for config in args.config or ([] if args.bundle else DEFAULT_CONFIGS):
         size, rows, *extra = config.split(":")
         options = dict(item.partition("=")[::2] for item in extra)
@@ -130,18 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         name = (f"PatchCore graph, {size} px, {rows} rows" + (", INT8 backbone" if "int8" in options else "")
                 + (f", screen {screen}, refine {refine:g}" if screen else "")
                 + (f", unrefined {unrefined}" if unrefined else ""))
-        entries[name] = (int(size), compile_graph(int(size), int(rows), args.threads, args.precision,
-                                                  int8="int8" in options, screen=screen, refine=refine,
-                                                  unrefined=unrefined))
+        entries[name] = (int(size), *compile_graph(int(size), int(rows), args.threads, args.precision,
+                                                   int8="int8" in options, screen=screen, refine=refine,
+                                                   unrefined=unrefined))
     for folder in args.bundle:
         entries[f"bundle {folder.name}"] = compile_bundle(folder, manifests[folder], args.threads, args.precision)
-    frames = {k: np.random.default_rng(0).integers(0, 255, (1, side, side, 3), dtype=np.uint8) for k, (side, _) in entries.items()}
+    frames = {k: np.random.default_rng(0).integers(0, 255, (1, side, side, 3), dtype=np.uint8) for k, (side, _, _) in entries.items()}
     rounds: dict[str, list[float]] = {k: [] for k in entries}
-    for k, (_, infer) in entries.items():
+    for k, (_, infer, _) in entries.items():
         for _ in range(3):
             infer(frames[k])  # warm-up
     for r in range(args.repeats):
-        for k, (_, infer) in entries.items():
+        for k, (_, infer, _) in entries.items():
             times = []
             for _ in range(args.frames):
                 started = time.perf_counter()
@@ -152,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     base = next(iter(entries))
     rows = [[k, str(side), fmt(summary(rounds[k]), 1),
              fmt(summary([a / b for a, b in zip(rounds[k], rounds[base], strict=True)]), 2)]
-            for k, (side, _) in entries.items()]
-    print(f"precision {args.precision}, INFERENCE_NUM_THREADS {args.threads}, LATENCY hint, batch 1\n")
+            for k, (side, _, _) in entries.items()]
+    ran = ", ".join(sorted({p for _, _, p in entries.values()}))
+    print(f"precision {ran} (read back from OpenVINO; asked {args.precision}), INFERENCE_NUM_THREADS {args.threads}, "
+          "LATENCY hint, batch 1\n")
     print(md_table(["what", "input px", "ms / frame: median [range] over rounds", f"x {base}, same round"], rows))
     return 0
 

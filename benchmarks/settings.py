@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                      str(test.get("image_auroc")), str(test.get("pixel_auroc")), str(test.get("aupro")),
                      f"{round(rates.get('good', 0) * len(good))} of {len(good)}",
                      f"{min(v for k, v in rates.items() if k != 'good'):.2f}"])
-    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}; OpenVINO at f32, LATENCY hint, batch 1; "
+    ran = ", ".join(sorted({c.precision for c in compiled.values()}))  # read back from the compiled models
+    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}; OpenVINO at {ran} (read back; asked f32), "
+          "LATENCY hint, batch 1; "
           f"test split; bundles in {folder}\n")
     print(md_table(["setting", "input", "bank rows", "fit s (train split)",
                     *([f"fit s ({args.fit_images} generated)"] if fits else []),

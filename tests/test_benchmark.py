@@ -76,7 +76,7 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
             or line.startswith("| capped")}
     assert set(rows) == {"small", "capped"}
     assert "| 64 px |" in rows["small"] and "| 96 px | 50 |" in rows["capped"]  # the cap bounds the bank
-    assert "OpenVINO at f32" in proc.stdout and "fit s (40 generated)" in proc.stdout
+    assert "OpenVINO at f32 (read back; asked f32)" in proc.stdout and "fit s (40 generated)" in proc.stdout
     manifest = json.loads((out / "capped" / "bundle.json").read_text())
     assert manifest["training"]["max_bank"] == 50 and set(manifest["precisions"]) == {"f32"}
 
@@ -198,7 +198,7 @@ def test_latency_benchmark_times_exported_bundles_beside_graphs(bundle_dir):
                                         f"bundle {bundle_dir.name}"], proc.stdout
     assert rows[4][1] == str(json.loads((bundle_dir / "bundle.json").read_text())["input"]["height"])
     assert all(float(r[2].split()[0]) > 0 for r in rows[2:]) and rows[1][3].startswith("1.00"), proc.stdout
-    assert "precision f32, INFERENCE_NUM_THREADS 1" in proc.stdout
+    assert "precision f32 (read back from OpenVINO; asked f32), INFERENCE_NUM_THREADS 1" in proc.stdout
 
 
 def test_latency_benchmark_refuses_a_folder_that_is_not_a_bundle_in_one_line(tmp_path):

@@ -16,7 +16,7 @@ Layouts (:func:`load_category` tells them apart; README "Training data" has an e
 * **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), a
   defect's mask where one lies beside it;
 * **a list**: ``.csv`` (``path,label[,mask]``, or any columns a header names, ``image`` for ``path``, with an
-  optional ``split`` (train/test) and ``object`` column: VisA's ``split_csv/1cls.csv`` as it is downloaded, an
+  optional ``split`` (train/test, :data:`SPLITS`) and ``object`` column: VisA's ``split_csv/1cls.csv`` as it is downloaded, an
   object picked by ``--category``) or ``.json`` (``[{"path", "label", "mask"?, "split"?, "object"?}]``), paths
   relative to the list file (or the folder above it, as VisA's are).
 
@@ -80,6 +80,10 @@ LIST_SUFFIXES = {".csv", ".json"}
 LIST_COLUMNS = {"path": "path", "image": "path", "label": "label", "mask": "mask", "split": "split", "object": "object"}
 GOOD_NAMES = ("good", "ok", "normal")  # folder names / list labels of normal images (case-insensitive)
 GOOD_LABELS = {*GOOD_NAMES, "0"}
+# a list's split values (any case) -> the split: a value not here (val, validation, a typo) is refused, not tested
+SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
+# labels that say neither normal nor a defect type (a JSON boolean, a spreadsheet's TRUE): which one is normal?
+AMBIGUOUS_LABELS = {"true", "false"}
 TEST_FOLDERS = ("test", "test_public")  # MVTec AD 2 names its labelled test split test_public
 TRUTH = "ground_truth"
 TEST_GOOD_FRACTION = 0.2  # share of good images held out for test when the data has no test split of its own
@@ -575,6 +579,7 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
     # Paths are relative to the list's folder, or to the folder above it, where VisA keeps its split_csv/.
     base = next((b for b in (path.parent, path.parent.parent) if rows and _listed(b, rows[0]["path"]).is_file()),
                 path.parent)
+    _known_values(path, rows)
     train: list[Path] = []
     good: list[Path] = []
     defects: list[Sample] = []
@@ -584,7 +589,7 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
         mask_path = _listed(base, row["mask"]) if "mask" in row else None
         missing += [str(p) for p in (image, mask_path) if p is not None and not p.is_file()]
         label = row["label"].lower()
-        if row.get("split", "").lower() == "train":
+        if SPLITS.get(row.get("split", "").lower()) == "train":
             if label not in GOOD_LABELS:
                 raise DatasetError(f"{path}: {row['path']} is labelled {row['label']!r} in the train split; "
                                    "training takes normal images only")
@@ -600,6 +605,20 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
         test = [Sample(p, "good", None) for p in good] + sorted(defects, key=lambda s: (s.defect, s.path))
         return Category(path, sorted(train), test, "list", "the list's own split column", category)
     return replace(_held_out(path, "list", good, defects, seed), category=category)
+
+
+def _known_values(path: Path, rows: list[dict[str, str]]) -> None:
+    """DatasetError for a split value that is neither train nor test (``val`` rows were tested, ``training`` ones
+    too, and then "0 good training images"), and for a label ``true``/``false`` (a JSON boolean became the defect
+    type "False", so normal images were tested as defects)."""
+    if any("split" in r for r in rows) and (
+            bad := sorted({r.get("split", "") for r in rows if r.get("split", "").lower() not in SPLITS})):
+        raise DatasetError(f"{path}: split values {bad} are neither train nor test ('' is a row without one); "
+                           f"accepted, any case: {', '.join(SPLITS)}: give each such row train or test, or leave "
+                           "it out of the list (a validation split is not read)")
+    if bad := sorted({r["label"] for r in rows if r["label"].lower() in AMBIGUOUS_LABELS}):
+        raise DatasetError(f"{path}: labels {bad} do not say which images are normal: label normal images "
+                           f"{', '.join(sorted(GOOD_LABELS))} and defects 1 or their defect type's name")
 
 
 def find_categories(data: Path) -> list[str]:

@@ -412,6 +412,31 @@ def test_csv_and_json_lists(tmp_path):
         load_category(tmp_path / "broken.csv")
 
 
+def test_a_lists_split_and_label_values_are_known_ones_or_refused_by_name(tmp_path):
+    """Any split value but ``train`` was the test split: a list's ``val`` rows were tested, ``training``/``testing``
+    made every row a test one (and "only 0 good training images"); a JSON ``"label": false`` became the defect type
+    "False"."""
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        _write(tmp_path / "img" / f"{i}.png", sample(rng, 64, "hole" if i >= 10 else "good")[0])
+
+    def listed(name: str, splits: list[str]) -> Path:
+        rows = [f"img/{i}.png,{'scratch' if i >= 10 else 'good'},{split}" for i, split in enumerate(splits)]
+        (tmp_path / name).write_text("path,label,split\n" + "\n".join(rows) + "\n")
+        return tmp_path / name
+
+    synonyms = load_category(listed("synonyms.csv", ["Training"] * 8 + ["testing"] * 4))
+    assert len(synonyms.train) == 8 and [s.defect for s in synonyms.test] == ["good"] * 2 + ["scratch"] * 2
+    with pytest.raises(DatasetError, match=r"split values \['val', 'validation'\] are neither train nor test.*"
+                                           "train, training, test, testing"):
+        load_category(listed("val.csv", ["train"] * 8 + ["val", "val", "validation", "test"]))
+    with pytest.raises(DatasetError, match=r"split values \[''\]"):  # a row without one, among rows with one
+        load_category(listed("gap.csv", ["train"] * 8 + ["test", "", "test", "test"]))
+    (tmp_path / "bool.json").write_text(json.dumps([{"path": f"img/{i}.png", "label": i >= 10} for i in range(12)]))
+    with pytest.raises(DatasetError, match=r"labels \['False', 'True'\] do not say which images are normal"):
+        load_category(tmp_path / "bool.json")
+
+
 @pytest.mark.parametrize("variant", ["byte-order mark, CRLF", "semicolons", "tabs", "Windows paths", "JSON with a BOM"])
 def test_lists_as_spreadsheets_and_windows_save_them_read_as_the_plain_list(tmp_path, variant):
     """Excel's "CSV UTF-8" starts with a byte-order mark (its header was read as a file named '\\ufeffpath'); where

@@ -127,6 +127,8 @@ class Category:
     category: str | None = None  # the object a list's rows were filtered to (VisA's split_csv holds every object)
     empty: tuple[str, ...] = ()  # class folders without images, as "scratch/": nothing of theirs is tested, said
     drawn: bool = False  # the test split is drawn here from the good images (:func:`_held_out`), not the data's own
+    # folders with images that the layout does not read, each said with why ("masks/ (3 images): ..."): a note
+    left_out: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -314,8 +316,9 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
                                "(bad/broken/*.png): give each defect type its own folder beside good/")
         empty = tuple(f"{d.name}/" for d in entries(root) if d.is_dir() and d not in folders
                       and d.name.lower() not in NOT_CLASSES)  # a folder with images below them was refused above
-        return replace(_held_out(root, "labelled folders", *_labelled(good[0], [d for d in folders if d not in good]),
-                                 seed), empty=empty)
+        types = [d for d in folders if d not in good and d.name.lower() not in NOT_CLASSES]
+        return replace(_held_out(root, "labelled folders", *_labelled(good[0], types), seed), empty=empty,
+                       left_out=_mask_folders_left_out(root))
     nested = next((d for d in entries(root) if d.is_dir() and _is_good(d) and not _images(d) and images_under(d)), None)
     if nested is not None:
         raise DatasetError(f"{nested} holds its images in sub-folders, which are not read (they could be defect types "
@@ -333,6 +336,14 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
                            "folder it is trained on)")
     raise DatasetError(f"{root} has no images{_unread_said(root)}; expected MVTec AD layout (train/good, test/<type>), a folder of good "
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
+
+
+def _mask_folders_left_out(root: Path) -> tuple[str, ...]:
+    """Labelled folders' folders of masks (``masks/``, ``ground_truth/``), which are no defect type (a ``masks/``
+    folder was one: its masks scored as defect images) and are not read: said, with where a defect's mask is read."""
+    return tuple(f"{d.name}/ ({len(images_under(d))} images) is not read: labelled folders take a defect's mask from "
+                 "beside its image (scratch/a.png, scratch/a_mask.png); a defect without one is labelled per image only"
+                 for d in entries(root) if d.is_dir() and d.name.lower() in NOT_CLASSES and images_under(d))
 
 
 def _mask_of(path: Path) -> str | None:
@@ -860,6 +871,7 @@ class Summary:
         out: list[str] = []
         if empty := self.category.empty:
             out.append(f"  note: {', '.join(empty)} {'holds' if len(empty) == 1 else 'hold'} no images: not in the test split")
+        out += [f"  note: {said}" for said in self.category.left_out]
         if self.beyond_frames:
             path, width, height, size = self.beyond_frames[0]
             out.append(f"  note: {len(self.beyond_frames)} images are larger than a worker takes as a frame unless told "

@@ -1027,6 +1027,24 @@ def test_labelled_folders_take_a_defects_mask_from_beside_it_and_never_train_on_
         ("a.png", "scratch", "a_mask.png"), ("b.png", "scratch", None)]
 
 
+@pytest.mark.parametrize("masks", ["masks/{i}.png", "ground_truth/scratch/{i}_mask.png"])
+def test_a_folder_of_masks_beside_labelled_folders_is_no_defect_type_and_is_said(tmp_path, masks):
+    """A ``masks/`` folder beside ``good/`` and ``scratch/`` was read as a defect type: its masks were scored as
+    defect images (and chose a recall threshold); a ``ground_truth/`` one was left out without a word."""
+    rng = np.random.default_rng(12)
+    for i in range(10):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    for i in range(3):
+        picture, mask = sample(rng, 64, "scratch")
+        _write(tmp_path / "part" / "scratch" / f"{i}.png", picture)
+        _write(tmp_path / "part" / masks.format(i=i), mask)
+    cat = load_category(tmp_path, "part")
+    assert {s.defect for s in cat.test} == {"good", "scratch"} and len([s for s in cat.test if s.label]) == 3
+    folder = masks.split("/")[0]
+    assert f"  note: {folder}/ (3 images) is not read: labelled folders take a defect's mask from beside its image" \
+        in summarise(cat).text(7, 1)
+
+
 def test_images_by_other_names_are_read_or_named_and_formats_the_worker_refuses_are_refused(tmp_path):
     """``.jfif``/``.jpe`` JPEGs (Windows' names) were left out of a folder without a word, a folder of only them had
     "no images", and so were GIF and PGM files; listed in a CSV, those two trained, and the worker refuses them as

@@ -267,9 +267,9 @@ def _unread_below(folders: list[Path]) -> None:
 
 
 def _train_folder(root: Path) -> Path | None:
-    """``root/train/good`` (or ``ok``/``normal``, any case) when ``root`` is laid out like MVTec AD."""
-    train = root / "train"
-    found = [d for d in entries(train) if d.is_dir() and _is_good(d)]
+    """``root/train/good`` (or ``ok``/``normal``; both any case) when ``root`` is laid out like MVTec AD."""
+    train = _child(root, "train")
+    found = [d for d in entries(train) if d.is_dir() and _is_good(d)] if train else []
     _one_good(found)
     return found[0] if found else None
 
@@ -294,7 +294,7 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
     if train and _train_folder(root) is None and (pairs := _beside(train)):
         test = _child(root, "test")  # without one, the defects among the training images are the test split's
         return _beside_split(root, pairs, test) if test else _held_out(root, BESIDE, *pairs, seed)
-    if (root / "train").is_dir():
+    if train:
         return _mvtec(root)
     folders = [d for d in entries(root) if d.is_dir() and _images(d)]
     good = [d for d in folders if _is_good(d)]
@@ -427,8 +427,20 @@ def _labelled(good: Path, types: list[Path]) -> tuple[list[Path], list[Sample]]:
 
 
 def _child(root: Path, name: str) -> Path | None:
-    """``root``'s sub-folder called ``name`` in any case (DAGM names them ``Train`` and ``Test``)."""
-    return next((d for d in entries(root) if d.is_dir() and d.name.lower() == name), None)
+    """``root``'s sub-folder called ``name`` in any case (DAGM names them ``Train`` and ``Test``; a set copied
+    through Windows may have ``Test/``, ``Ground_Truth/``: read only in lower case, they were left out without a
+    word); two such (``test/``, ``Test/``) are refused, as only one would be read."""
+    found = [d for d in entries(root) if d.is_dir() and d.name.lower() == name.lower()]
+    if len(found) > 1:
+        raise DatasetError(f"{root} has {len(found)} folders named {name} ({', '.join(d.name + '/' for d in found)}), "
+                           "and only one is read: put them in one")
+    return found[0] if found else None
+
+
+def _truth(root: Path, defect: str) -> Path | None:
+    """``root/ground_truth/<defect>`` in any case, where there is one."""
+    truth = _child(root, TRUTH)
+    return _child(truth, defect) if truth else None
 
 
 def _beside_split(root: Path, train: tuple[list[Path], list[Sample]], test_folder: Path) -> Category:
@@ -475,10 +487,10 @@ def _mvtec(root: Path) -> Category:
         raise DatasetError(f"{root}/train/good has no images{said}: put the normal training images there as PNG, "
                            "JPEG, BMP, TIFF or WebP (MVTec AD layout)")
     test: list[Sample] = []
-    test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), root / TEST_FOLDERS[0])
+    test_root = next((named for name in TEST_FOLDERS if (named := _child(root, name))), root / TEST_FOLDERS[0])
     missing: list[Path] = []
     unmatched: list[Path] = []  # masks in a truth folder that name no image of their type
-    types = [p for p in entries(test_root) if p.is_dir() and p.name != TRUTH]
+    types = [p for p in entries(test_root) if p.is_dir() and p.name.lower() != TRUTH]
     _unread_below([train_folder, *types] if train_folder else types)
     for folder in [train_folder, *types] if train_folder else types:
         _no_masks_beside(folder if _images(folder) else folder / "rgb")
@@ -491,8 +503,8 @@ def _mvtec(root: Path) -> Category:
             test += [Sample(image, "good", None) for image in images]
             continue
         # The first truth folder that holds masks; none: this type is labelled per image only.
-        folders = (type_dir / "gt", root / TRUTH / type_dir.name, test_root / TRUTH / type_dir.name)
-        masks = next((found for found in map(_masks_by_stem, folders) if found), {})
+        folders = (_child(type_dir, "gt"), _truth(root, type_dir.name), _truth(test_root, type_dir.name))
+        masks = next((found for found in (_masks_by_stem(f) for f in folders if f) if found), {})
         for image in images:
             mask = masks.get(image.stem) if masks else None
             if masks and mask is None:
@@ -505,7 +517,7 @@ def _mvtec(root: Path) -> Category:
                            "<stem>_mask.png, <stem>_gt.png, <stem>_label.png, <stem>.png or a folder <stem>/ in its "
                            f"type's ground_truth folder{found}): give every image of a type a mask, or remove that "
                            "type's ground_truth folder to use image labels only")
-    split = "the data's own test split" + ("" if test_root.name == TEST_FOLDERS[0] else f" ({test_root.name}/)")
+    split = "the data's own test split" + ("" if test_root.name.lower() == TEST_FOLDERS[0] else f" ({test_root.name}/)")
     return Category(root, train, test, split=split, empty=tuple(empty))
 
 

@@ -202,6 +202,30 @@ def test_mvtec_masks_are_optional_per_defect_type(tmp_path):
         load_category(tmp_path, "weave")
 
 
+@pytest.mark.parametrize("names", [("Train", "Test", "Ground_Truth"), ("train", "Test", "ground_truth"),
+                                   ("train", "test", "Ground_Truth"), ("TRAIN", "Test_Public", "GROUND_TRUTH")])
+def test_mvtec_folders_are_read_in_any_case(tmp_path, names):
+    """``train/``, ``test/`` and ``ground_truth/`` were found only in lower case (DAGM's in any): ``Test/`` was left
+    out ("evaluation: none"), ``Train/`` read as a category, ``Ground_Truth/`` masks not read."""
+    train, test, truth = names
+    rng = np.random.default_rng(13)
+    for i in range(8):
+        _write(tmp_path / "part" / train / "good" / f"{i}.png", sample(rng, 64)[0])
+    _write(tmp_path / "part" / test / "good" / "0.png", sample(rng, 64)[0])
+    for i in range(2):
+        picture, mask = sample(rng, 64, "hole")
+        _write(tmp_path / "part" / test / "bent" / f"{i}.png", picture)
+        _write(tmp_path / "part" / truth / "bent" / f"{i}_mask.png", mask)
+    cat = load_category(tmp_path, "part")
+    assert [(s.path.name, s.defect, s.mask.name if s.mask else None) for s in cat.test] == [
+        ("0.png", "bent", "0_mask.png"), ("1.png", "bent", "1_mask.png"), ("0.png", "good", None)]
+    assert len(cat.train) == 8 and find_categories(tmp_path) == ["part"]
+    assert "evaluation: image AUROC" in summarise(cat).text(6, 2)
+    (tmp_path / "part" / test.swapcase()).mkdir()  # two test folders: only one would be read
+    with pytest.raises(DatasetError, match=f"has 2 folders named {test.lower()}.*only one is read"):
+        load_category(tmp_path, "part")
+
+
 def _public_layout(root: Path, name: str, rng: np.random.Generator) -> dict[str, int]:
     """A small copy of one public set's layout as it is downloaded; returns the defect images' mask pixels by name."""
     def image(kind: str) -> tuple[np.ndarray, np.ndarray]:

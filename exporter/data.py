@@ -1003,15 +1003,26 @@ def _counts(counter: dict, most: int | None = None) -> str:
 
 
 def _turned(image: Image.Image) -> bool:
-    """Whether decoding for training turns the image a quarter (EXIF orientation 5 to 8, which OpenCV's
-    ``IMREAD_COLOR`` applies): its width and height swap."""
-    return image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    """Whether decoding for training turns the image a quarter where the summary's ``IMREAD_UNCHANGED`` does not
+    (EXIF orientation 5 to 8 of a JPEG, PNG or WebP, which OpenCV's ``IMREAD_COLOR`` applies): its width and height
+    swap.  OpenCV's TIFF decoder applies a TIFF's orientation with either flag, so its decoded size is turned already
+    (swapped again, its correct mask was refused and the worker called its camera's frames unlike training)."""
+    return image.format != "TIFF" and image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+
+
+def _decoded_size(image: Image.Image) -> tuple[int, int]:
+    """An image's (width, height) as decoded for training, from its header: a TIFF's stored size turned by its
+    orientation (Pillow reports a TIFF's size turned or not, by version), another's turned where :func:`_turned`."""
+    exif = image.getexif()
+    if image.format == "TIFF" and isinstance(width := exif.get(256), int) and isinstance(height := exif.get(257), int):
+        return (height, width) if exif.get(ExifTags.Base.Orientation) in (5, 6, 7, 8) else (width, height)
+    return image.size[::-1] if _turned(image) else image.size
 
 
 def _header(data: bytes) -> tuple[str | None, bool]:
     """The format of an image's content as the worker's decoder tells a frame's (Pillow's name; ``unknown``: none
     Pillow reads; None: too large for Pillow to say), and whether decoding for training turns it a quarter (EXIF
-    orientation 5 to 8: OpenCV's ``IMREAD_COLOR`` applies it, the summary's ``IMREAD_UNCHANGED`` does not)."""
+    orientation 5 to 8 but a TIFF's: :func:`_turned`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1037,11 +1048,10 @@ def frame_sizes(paths: Iterable[Path], most: int = 8) -> dict[str, int]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with Image.open(path) as image:
-                    turned = _turned(image)
-                    width, height = image.size
+                    size = _decoded_size(image)
         except Exception:  # a format Pillow does not read (OpenCV may): its size is not recorded
             continue
-        sizes[(height, width) if turned else (width, height)] += 1
+        sizes[size] += 1
     ranked = [size for size, _ in sizes.most_common()]
     kept = ranked[:most]
     for width, height in ranked[most:]:

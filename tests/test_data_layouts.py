@@ -608,6 +608,32 @@ def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     assert "2_mask.png is 64x48, its image 48x64 as decoded" in problems[0]
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".jpg", ".png"])
+def test_an_image_turned_by_its_orientation_is_recorded_at_its_size_as_decoded(tmp_path, suffix):
+    """OpenCV's TIFF decoder applies the orientation even with ``IMREAD_UNCHANGED``, and the size was swapped once
+    more: the TIFF's correct mask was refused, and ``frame_sizes`` recorded the stored shape, so the worker called
+    every frame of that camera ``unlike_training``."""
+    from PIL import Image
+
+    from exporter.data import frame_sizes, read_decoded
+
+    rng = np.random.default_rng(16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter when decoded
+    for i in range(12):
+        image, mask = sample(rng, 64, "hole" if i == 11 else "good")
+        name = tmp_path / "part" / ("scratch/a" if i == 11 else f"good/{i}")
+        name.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[:48]).save(name.with_suffix(suffix), exif=exif.tobytes())  # 64 wide, 48 high as stored
+    decoded = read_decoded(tmp_path / "part" / "scratch" / f"a{suffix}")
+    assert decoded.shape[:2] == (64, 48)  # turned: 48 wide, 64 high
+    _write(tmp_path / "part" / "scratch" / "a_mask.png", np.zeros((64, 48), np.uint8) | 255)  # at the decoded size
+    cat = load_category(tmp_path, "part")
+    summary = summarise(cat)
+    assert summary.problems() == [] and set(summary.sizes) == {(48, 64)}
+    assert frame_sizes([*cat.train, *(s.path for s in cat.test)]) == {"48x64": 12}
+
+
 def test_images_larger_than_a_worker_takes_are_said_in_the_summary(tmp_path):
     """A 20 MP camera's images trained without a word, and the worker then refused every frame of that camera
     (image_too_large, or payload_too_large as PNG) until its limits were raised."""

@@ -26,6 +26,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 REST = "the rest of the run"  # what a run does after a bundle is in place, unless it says
 _abandon: set[Path] = set()
 _placed: list[tuple[Path, str | None]] = []  # bundles this run put in place whole, each with what was left after it
+_installer = [0]  # the id of the process that installed the handlers: a forked child inherits them, not the run
 
 
 def remove_on_stop(folder: Path) -> None:
@@ -56,6 +57,13 @@ def deferred() -> Iterator[None]:
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
+    if os.getpid() != _installer[0]:
+        # A forked child (a data-loading worker, a converter's helper) that its owner ends with SIGTERM: it is not
+        # the run, so it says nothing ("error: stopped by SIGTERM" from a run that went on to exit 0) and removes
+        # none of the run's staging folders; it ends as it would have without the handler.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     if _placed and _placed[-1][1] is None:  # nothing left to stop: the run finishes (prints the path, exit 0)
         print(f"note: {name} came after the new bundle at {_placed[-1][0]} was complete and in place; nothing was "
@@ -74,7 +82,9 @@ def _stop(signum: int, _frame: FrameType | None) -> None:
 
 
 def install() -> dict:
-    """The signals end the run as :func:`_stop` says from now on; the handlers they had."""
+    """The signals end the run as :func:`_stop` says from now on (in this process, not in a child forked later); the
+    handlers they had."""
+    _installer[0] = os.getpid()
     return {sig: signal.signal(sig, _stop) for sig in SIGNALS}
 
 

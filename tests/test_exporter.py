@@ -614,6 +614,26 @@ def test_a_signal_after_a_bundle_is_in_place_names_it_and_what_did_not_run(then,
         assert proc.stderr.splitlines() == [f"error: stopped by SIGTERM {place}; not done: the report"]
 
 
+def test_a_forked_child_ended_by_a_signal_neither_says_the_run_stopped_nor_removes_its_staging_folders(tmp_path):
+    """A child forked during a run (a data-loading worker that its owner ends with SIGTERM) inherited the run's
+    handler: it printed "error: stopped by SIGTERM" from a run that then finished with exit 0, and removed the run's
+    staging folders.  It now ends by the signal as it would without the handler; the run goes on."""
+    staging = tmp_path / ".b.partial-1"
+    staging.mkdir()
+    script = ("import os, signal, sys; from pathlib import Path; from exporter import stopping\n"
+              "with stopping.handled():\n"
+              f"    stopping.remove_on_stop(Path({str(staging)!r}))\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "        os._exit(0)\n"
+              "    _, status = os.waitpid(child, 0)\n"
+              "    print(os.WIFSIGNALED(status) and os.WTERMSIG(status))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{int(signal.SIGTERM)}\n", "")
+    assert staging.is_dir()
+
+
 def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_path):
     """Folders of runs killed (SIGKILL, a power cut) stayed forever beside --out, each a whole model; a later run to
     the same --out removes those whose process is gone, and leaves a running one's (two runs at once) alone."""

@@ -488,6 +488,10 @@ def _mvtec(root: Path) -> Category:
                            "JPEG, BMP, TIFF or WebP (MVTec AD layout)")
     test: list[Sample] = []
     test_root = next((named for name in TEST_FOLDERS if (named := _child(root, name))), root / TEST_FOLDERS[0])
+    if loose := _images(test_root):
+        raise DatasetError(f"{test_root} holds {len(loose)} images directly (e.g. {loose[0].name}), outside a folder "
+                           f"that labels them, and they are not read: move the normal ones into {test_root.name}/good/ "
+                           f"and each defect type's into {test_root.name}/<type>/")
     missing: list[Path] = []
     unmatched: list[Path] = []  # masks in a truth folder that name no image of their type
     types = [p for p in entries(test_root) if p.is_dir() and p.name.lower() != TRUTH]
@@ -518,7 +522,24 @@ def _mvtec(root: Path) -> Category:
                            f"type's ground_truth folder{found}): give every image of a type a mask, or remove that "
                            "type's ground_truth folder to use image labels only")
     split = "the data's own test split" + ("" if test_root.name.lower() == TEST_FOLDERS[0] else f" ({test_root.name}/)")
-    return Category(root, train, test, split=split, empty=tuple(empty))
+    return Category(root, train, test, split=split, empty=tuple(empty),
+                    left_out=_mvtec_left_out(root, train_folder, test_root) if train_folder else ())
+
+
+def _mvtec_left_out(root: Path, good: Path, test_root: Path) -> tuple[str, ...]:
+    """The MVTec AD layout's images that are not read, each said (they were left out without a word): beside the
+    good training folder (``train/scratch/``), and in folders beside ``train/`` and ``test/`` (MVTec LOCO's and
+    MVTec 3D-AD's ``validation/``, MVTec AD 2's ``test_private/``)."""
+    train = good.parent
+    read = {train, test_root, _child(root, TRUTH)}
+    out = [f"{os.path.relpath(d, root)}/ ({n} images) is not read: training takes {train.name}/{good.name}/ only "
+           f"(defect images belong in {test_root.name}/<type>/)"
+           for d in entries(train) if d.is_dir() and d != good and (n := len(images_under(d)))]
+    out += [f"{d.name}/ ({n} images) is not read: the MVTec AD layout reads {train.name}/{good.name}/ and "
+            f"{test_root.name}/" for d in entries(root) if d.is_dir() and d not in read and (n := len(images_under(d)))]
+    out += [f"{folder.name}/ holds {len(loose)} images directly (e.g. {loose[0].name}), not read: "
+            f"training takes {train.name}/{good.name}/ only" for folder in (root, train) if (loose := _images(folder))]
+    return tuple(out)
 
 
 def _held_out(root: Path, layout: str, good: list[Path], defects: list[Sample], seed: int) -> Category:

@@ -226,6 +226,31 @@ def test_mvtec_folders_are_read_in_any_case(tmp_path, names):
         load_category(tmp_path, "part")
 
 
+def test_mvtec_images_outside_the_folders_read_are_said_and_loose_test_images_refused(tmp_path):
+    """Images the MVTec AD layout does not read were left out without a word: ``train/scratch/`` beside
+    ``train/good/``, LOCO's and 3D-AD's ``validation/``, and images directly in ``test/`` (then "evaluation:
+    none", exit 0)."""
+    rng = np.random.default_rng(14)
+    root = tmp_path / "part"
+    for i in range(8):
+        _write(root / "train" / "good" / f"{i}.png", sample(rng, 64)[0])
+    _write(root / "test" / "good" / "0.png", sample(rng, 64)[0])
+    _write(root / "test" / "hole" / "0.png", sample(rng, 64, "hole")[0])
+    assert not load_category(tmp_path, "part").left_out
+    for name in ("train/scratch/0.png", "train/scratch/1.png", "validation/good/0.png", "train/loose.png"):
+        _write(root / name, sample(rng, 64)[0])
+    notes = summarise(load_category(tmp_path, "part")).text(6, 2).splitlines()
+    assert [line for line in notes if "is not read" in line or "not read:" in line] == [
+        "  note: train/scratch/ (2 images) is not read: training takes train/good/ only (defect images belong in "
+        "test/<type>/)",
+        "  note: validation/ (1 images) is not read: the MVTec AD layout reads train/good/ and test/",
+        "  note: train/ holds 1 images directly (e.g. loose.png), not read: training takes train/good/ only"]
+    _write(root / "test" / "1.png", sample(rng, 64)[0])
+    with pytest.raises(DatasetError, match="test holds 1 images directly \\(e.g. 1.png\\), outside a folder that "
+                                           "labels them.*into test/good/"):
+        load_category(tmp_path, "part")
+
+
 def _public_layout(root: Path, name: str, rng: np.random.Generator) -> dict[str, int]:
     """A small copy of one public set's layout as it is downloaded; returns the defect images' mask pixels by name."""
     def image(kind: str) -> tuple[np.ndarray, np.ndarray]:

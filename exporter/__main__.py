@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -324,6 +325,16 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+def _escaped_output() -> None:
+    """Characters the console cannot encode are written escaped, not an error: a file name that is not UTF-8 (a
+    Latin-1 byte, read as ``\\udce4``) stopped the run at its summary under ``PYTHONIOENCODING=utf-8`` (strict).  A
+    stream that already passes such names through (``surrogateescape``, Python's default on a POSIX console) keeps
+    its own handler."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # as given: the benchmark report names the command that ran
@@ -341,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     stopping.install()  # main puts these handlers back as it returns: a signal then still hears of its bundle
+    _escaped_output()
     code = main()
     stopping.finished()
     sys.exit(code)

@@ -755,6 +755,24 @@ def test_summary_and_refusals(tmp_path):
     assert proc.returncode == 2 and "has no images; expected MVTec AD layout" in proc.stderr
 
 
+def test_a_file_name_that_is_not_utf_8_is_printed_escaped_not_an_error(tmp_path):
+    """A folder named in Latin-1 bytes stopped ``train`` at its summary ("'utf-8' codec can't encode character
+    '\\udce4'") where the console's encoding is strict (``PYTHONIOENCODING=utf-8``)."""
+    import os
+
+    rng = np.random.default_rng(17)
+    folder = tmp_path / os.fsdecode(b"d\xe4ta")
+    folder.mkdir()
+    for i in range(5):  # too few: refused after the summary, before any fit (OpenCV cannot write to such a name)
+        (folder / f"{i}.png").write_bytes(cv2.imencode(".png", sample(rng, 64)[0])[1].tobytes())
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(folder), "--out",
+                           str(tmp_path / "b")], capture_output=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 2
+    assert f"data: {tmp_path}/d\\udce4ta (good only)".encode() in proc.stdout, proc.stderr[-2000:]
+    assert b"error: unusable data:" in proc.stderr and b"codec" not in proc.stderr
+
+
 def _visa(root: Path, rng: np.random.Generator) -> Path:
     """VisA as downloaded: per object Data/Images/{Normal,Anomaly} and Data/Masks/Anomaly (defect pixels stored as
     1), and split_csv/1cls.csv naming every object's split, with paths relative to the VisA folder."""

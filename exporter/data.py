@@ -334,6 +334,12 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         raise DatasetError(f"{root} holds one folder of good images per camera or part, {cameras[:20]} (a worker's "
                            "capture export): pick one with --category NAME (a bundle learns only the frames of the "
                            "folder it is trained on)")
+    if (visa := _child(root, "data")) and (images := _child(visa, "images")) and images_under(images):
+        lists = sorted(root.parent.glob("split_csv/*.csv"))  # VisA keeps split_csv/ beside its object folders
+        listed = f"--data {lists[0]} --category {root.name} (its own train/test split and masks), or " if lists else ""
+        raise DatasetError(f"{root} keeps its images in {os.path.relpath(images, root)}/ (VisA as downloaded): give "
+                           f"{listed}--data {images} (its folders alone, Normal/ and Anomaly/ read as labelled "
+                           "folders, image labels only)")
     raise DatasetError(f"{root} has no images{_unread_said(root)}; expected MVTec AD layout (train/good, test/<type>), a folder of good "
                        "images, good/ plus one folder per defect type, or a CSV/JSON list (README: Training data)")
 

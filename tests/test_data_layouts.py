@@ -807,6 +807,10 @@ def test_visa_as_downloaded_reads_its_own_split_and_masks_per_object(tmp_path):
     assert held and load_category(split, "pcb1").without(record["validation_defects"]).test == cat_pcb1.test
     folders = load_category(tmp_path / "VisA" / "candle" / "Data" / "Images")  # the folders alone: image labels
     assert folders.layout == "labelled folders" and {s.defect for s in folders.test} == {"good", "Anomaly"}
+    with pytest.raises(DatasetError, match=f"candle keeps its images in Data/Images/ \\(VisA as downloaded\\): give "
+                                           f"--data {split} --category candle .*, or --data {tmp_path}/VisA/candle/Data/"
+                                           "Images \\(its folders alone"):
+        load_category(tmp_path / "VisA", "candle")  # the object folder, as the download names it
 
     proc = _exporter("train", "--data", str(split), "--category", "pcb1", "--out", str(tmp_path / "b"), *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]

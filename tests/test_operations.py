@@ -522,15 +522,22 @@ def test_a_bundle_for_a_camera_that_sets_only_its_precision_is_refused_not_dropp
                                                                                           worker_factory):
     """A camera with only its own precision follows the default's bundle: a canary on it was served, then dropped
     without a word at the next start, or moved by a roll-out to all (a helper's probe).  It is refused, saying how to
-    give the camera a bundle of its own; reading its bundle again, and a roll-out to all, still work."""
+    give the camera a bundle of its own; reading its bundle again, and a roll-out to all, still work.  A camera
+    with other settings of its own (an roi, a heatmap policy) and no precision takes a canary: it was refused too."""
     v1 = read_manifest(bundle_dir).version
     v2 = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
     _, client, worker, _ = _serving(broker, bundle_dir, tmp_path / "w", worker_factory,
-                                    cameras={"fast": {"precision": "f32"}})
+                                    cameras={"fast": {"precision": "f32"}, "cut": {"roi": [0, 0, 32, 32]},
+                                             "quiet": {"heatmap": "never"}})
     try:
         with ApiClient(load_config(tmp_path / "w" / "config.yaml"), "test") as api:
             refused = api.control({"command": "reload", "bundle": str(v2), "camera": "fast"}, timeout=60)
             assert refused["error"]["code"] == "bad_request" and "cameras.fast.bundle" in refused["error"]["message"]
+            for camera in ("cut", "quiet"):
+                canary = api.control({"command": "reload", "bundle": str(v2), "camera": camera}, timeout=120)
+                assert canary["ok"] and canary["models"][camera]["version"] == "2.0.0", canary
+                back = api.control({"command": "rollback", "camera": camera}, timeout=120)
+                assert back["ok"] and camera not in back["models"], back
             again = api.control({"command": "reload", "bundle": str(bundle_dir), "camera": "fast"}, timeout=120)
             assert again["ok"] and again["models"]["fast"]["version"] == v1, again
             rolled = api.control({"command": "reload", "bundle": str(v2)}, timeout=120)

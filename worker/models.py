@@ -264,9 +264,11 @@ class Models:
         return override.precision if override and override.precision else self.cfg.model.precision
 
     def follows_default(self, scope: str) -> bool:
-        """A camera scope that exists only for its own precision: it serves whatever the default serves."""
+        """A camera scope that exists only for its own precision: it serves whatever the default serves.  A camera
+        with other settings of its own (an roi, a heatmap policy) and no precision is no scope of config.yaml's: it
+        serves the default model itself, or a canary of its own."""
         override = self.cfg.cameras.get(scope)
-        return override is not None and override.bundle is None and scope != DEFAULT
+        return override is not None and override.bundle is None and override.precision is not None and scope != DEFAULT
 
     def _cache_for(self, path: Path) -> Path | None:
         """A bundle's own folder in the OpenVINO model cache (``<name>-<weights>``), so the blobs of bundles no

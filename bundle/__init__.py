@@ -182,6 +182,9 @@ ASPECT_TOLERANCE = 1.1
 # colour, and a grey frame (a camera set to a mono format) is another picture to it: said, as its scores are not
 # comparable.
 GREY_CHROMA = 1.0
+# The fewest good images the exporter trains on: below this the fit and the held-out threshold images are too few
+# to mean anything.  Here, so that a worker's capture export can say a camera has too few before training is tried.
+MIN_TRAIN_IMAGES = 8
 FRAME_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 
 

@@ -63,6 +63,7 @@ from bundle import (
     FRAME_MAX_BYTES,
     FRAME_MAX_PIXELS,
     MAX_TILES,
+    MIN_TRAIN_IMAGES,
     InputSpec,
     TilingSpec,
     chroma,
@@ -87,7 +88,6 @@ AMBIGUOUS_LABELS = {"true", "false"}
 TEST_FOLDERS = ("test", "test_public")  # MVTec AD 2 names its labelled test split test_public
 TRUTH = "ground_truth"
 TEST_GOOD_FRACTION = 0.2  # share of good images held out for test when the data has no test split of its own
-MIN_TRAIN_IMAGES = 8  # below this the fit and the held-out threshold images are too few to mean anything
 # A mask stored beside its image as <stem><suffix>.<ext>: KolektorSDD2 (_GT), KolektorSDD (_label), others (_mask)
 BESIDE_SUFFIXES = ("_gt", "_label", "_mask")
 BESIDE = "images with masks beside them"

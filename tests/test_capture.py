@@ -356,8 +356,10 @@ def test_an_export_its_disk_has_no_room_for_is_refused_before_it_writes(tmp_path
         capture.offer("cam", f"k{i}", image(i), png(i))
     capture.flush()
     exports = tmp_path / "training"
-    with pytest.raises(NoRoom, match=r"the export takes \d+ MB and its disk has \d+ MB free, \d+ MB of which stay"):
+    with pytest.raises(NoRoom, match=r"the export takes [\d.]+ [KM]B and its disk has [\d.]+ [KM]B free, [\d.]+ [KM]B "
+                                     "of which stay") as refused:
         capture.export_new(exports, "T", reserve=shutil.disk_usage(tmp_path).free)
+    assert "takes 0 MB" not in str(refused.value) and " KB " in str(refused.value)  # a small export said "0 MB"
     assert list(exports.iterdir()) == []
     folder, written = capture.export_new(exports, "T")
     assert written["cam"]["normal"] == 3 and len(list((folder / "cam" / "good").iterdir())) == 3
@@ -366,6 +368,12 @@ def test_an_export_its_disk_has_no_room_for_is_refused_before_it_writes(tmp_path
     assert main(["capture", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "cli")]) == 2
     assert "MB of which stay free for the worker's other writes" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
+    (tmp_path / "c.yaml").write_text(f"model: {{bundle: b}}\ncapture: {{path: {tmp_path / 'cap'}}}\n"
+                                     "store: {min_free_mb: 0}\n")
+    assert main(["capture", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "cli")]) == 0
+    said = capsys.readouterr()  # what was written, and that three good images are too few to train on
+    assert "cam: 3 normal frames, 0 false alarms in " in said.out
+    assert "note: cam has 3 good images; train needs at least 8" in said.err
 
 
 def test_an_export_does_not_hold_up_the_frames_offered_meanwhile(tmp_path, monkeypatch) -> None:
@@ -532,6 +540,16 @@ def test_a_defect_label_is_stored_and_answered_when_the_capture_disk_is_full(tmp
     assert answer["capture"] == "taken out of the captured normal frames", answer
     assert store.find("n-0", "cam")[2]["label"] == "confirmed_defect"
     assert capture.counts()["cam"]["kept"] == 0 and capture.failed_writes == 1
+
+
+def test_a_defect_label_on_a_normal_frame_not_in_the_sample_says_it_is_not_kept(tmp_path) -> None:
+    """A frame scored normal and not sampled keeps only a thumbnail: confirmed a defect, it never became a test
+    image of the next training set, and the answer said nothing of it (a helper's probe). It says so."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    labels, store = _history(tmp_path, capture, {"n-0": "normal"})
+    answer = labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label="confirmed_defect"), store)
+    assert answer["ok"] and answer["capture"].startswith("not kept for the next training set: its picture is "), answer
+    assert capture.counts().get("cam", {}).get("confirmed_defects", 0) == 0
 
 
 def test_a_false_alarm_kept_before_a_crash_recorded_its_label_is_not_exported_as_good(tmp_path) -> None:

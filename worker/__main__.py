@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bundle import BundleError
+from bundle import MIN_TRAIN_IMAGES, BundleError
 from worker.config import Config, ConfigError, load_config
 from worker.wire import MAX_REQUEST_BYTES
 
@@ -215,8 +215,12 @@ def _capture(args: argparse.Namespace) -> int:
             manifest = None  # the bundle is gone or unreadable: the command then says nothing of its kind or tiles
         command = train_command(Path(args.out), Path(w['folder']).name,
                                 camera_tiling(override, manifest.tiling if manifest else None), manifest)
-        print(f"{camera}: {w['normal']} normal frames and {w['false_alarms']} false alarms in {w['folder']}; train with\n"
-              f"  {command}")
+        defects = f" and {w['confirmed_defects']} confirmed defects (the test split)" if w["confirmed_defects"] else ""
+        print(f"{camera}: {w['normal']} normal frames, {w['false_alarms']} false alarms{defects} in {w['folder']}; "
+              f"train with\n  {command}")
+        if (good := w["normal"] + w["false_alarms"]) < MIN_TRAIN_IMAGES:
+            print(f"note: {camera} has {good} good images; train needs at least {MIN_TRAIN_IMAGES}: capture more "
+                  "first", file=sys.stderr)
     return 0
 
 

@@ -154,9 +154,15 @@ def check_room(out: Path, needed: int, reserve: int) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if needed + reserve > free:
-        raise NoRoom(errno.ENOSPC, f"the export takes {needed / 2**20:.0f} MB and its disk has {free / 2**20:.0f} MB "
-                                   f"free, {reserve / 2**20:.0f} MB of which stay free for the worker's other writes "
-                                   "(store.min_free_mb): free some space, or export one camera")
+        raise NoRoom(errno.ENOSPC, f"the export takes {_mb(needed)} and its disk has {_mb(free)} free, {_mb(reserve)} "
+                                   "of which stay free for the worker's other writes (store.min_free_mb): free some "
+                                   "space, or export one camera")
+
+
+def _mb(size: int) -> str:
+    """A size in MB with as many decimals as make it readable (a sample of 0.4 MB said "0 MB" against "0 MB" free)."""
+    mb = size / 2**20
+    return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB" if mb >= 0.1 else f"{size / 2**10:.0f} KB"
 
 
 def unwritable(exc: OSError, what: str) -> str:

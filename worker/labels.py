@@ -235,12 +235,16 @@ class LabelService:
             return
         data = self.evidence.read((payload.get("evidence") or {}).get("frame")) if self.evidence is not None else None
         if data is None or self.stored_image is None:
-            return  # a frame scored normal keeps a thumbnail only: nothing to train on
+            # a frame scored normal keeps a thumbnail only: nothing to train on, which the answer says
+            answer["capture"] = ("not kept for the next training set: its picture is neither in the captured normal "
+                                 "frames nor stored (a frame scored normal keeps only a thumbnail)")
+            return
         try:
             self.capture.add_defect(request.camera, key, self.stored_image(data, request.camera))
         except (FrameError, OSError) as exc:  # the stored file damaged, or the capture disk full: the label stands
             log.warning("confirmed defect %s/%s is not kept for the next training set: %s", request.camera,
                         request.frame_id, getattr(exc, "message", exc))
+            answer["capture"] = f"not kept for the next training set: {getattr(exc, 'message', exc)}"
             return
         answer["capture"] = "kept for the next training set's test images"
 

@@ -1460,11 +1460,11 @@ def test_the_page_says_a_confirmed_defect_left_the_capture(stack):
 
 
 @needs_chromium
-def test_a_page_whose_event_stream_was_cut_shows_what_changed_meanwhile(broker, tmp_path):
+def test_a_page_whose_event_stream_was_cut_shows_what_changed_meanwhile(stack, broker, tmp_path):
     """The page read the console's state once, at its start: what changed while its event stream was down (here the
     console restarted, and its worker went offline meanwhile) was pushed to nobody, and the page kept showing the
     state of before the cut until it was reloaded. It reads the state and the feed again when the stream is back."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
     config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", topics={"prefix": prefix},
@@ -1472,23 +1472,21 @@ def test_a_page_whose_event_stream_was_cut_shows_what_changed_meanwhile(broker, 
     client = Client(broker.port, prefix)
     availability = f"{prefix}/workers/w-a/availability"
     console = ConsoleProcess(config, tmp_path / "console.log", port)
+    page = stack.page.context.new_page()  # the module's browser: a second Playwright cannot start beside it
     try:
-        with sync_playwright() as p:
-            context = launch(p)
-            page = context.new_page()
-            page.goto(console.url)
-            expect(page.locator("#link")).to_have_text("live", timeout=10_000)
-            client.client.publish(availability, b"online", qos=1, retain=True).wait_for_publish(10)
-            pill = page.locator("#worker-w-a")
-            expect(pill).to_have_text("w-a: online", timeout=10_000)
-            assert console.stop() == 0, console.log_path.read_text()[-2000:]
-            expect(page.locator("#link")).to_have_text("reconnecting…", timeout=10_000)
-            client.client.publish(availability, b"offline", qos=1, retain=True).wait_for_publish(10)
-            console = ConsoleProcess(config, tmp_path / "console-again.log", port)
-            expect(page.locator("#link")).to_have_text("live", timeout=20_000)
-            expect(pill).to_have_text("w-a: offline", timeout=10_000)
-            context.close()
+        page.goto(console.url)
+        expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+        client.client.publish(availability, b"online", qos=1, retain=True).wait_for_publish(10)
+        pill = page.locator("#worker-w-a")
+        expect(pill).to_have_text("w-a: online", timeout=10_000)
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+        expect(page.locator("#link")).to_have_text("reconnecting…", timeout=10_000)
+        client.client.publish(availability, b"offline", qos=1, retain=True).wait_for_publish(10)
+        console = ConsoleProcess(config, tmp_path / "console-again.log", port)
+        expect(page.locator("#link")).to_have_text("live", timeout=20_000)
+        expect(pill).to_have_text("w-a: offline", timeout=10_000)
     finally:
+        page.close()
         client.client.publish(availability, b"", qos=1, retain=True).wait_for_publish(10)
         client.close()
         assert console.stop() == 0, console.log_path.read_text()[-2000:]

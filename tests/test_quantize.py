@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import openvino as ov
 import pytest
+from conftest import train_bundle
 
 from bundle import read_manifest
 from bundle.runtime import CompiledBundle
@@ -21,15 +20,9 @@ from exporter.export import score_images
 
 @pytest.fixture(scope="module")
 def int8_dir(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "weave-int8"
-    # same data, settings and seed as the bundle_dir fixture: the same graph, quantised
-    proc = subprocess.run(
-        [sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave", "--out", str(out),
-         "--input-size", "128", "--coreset-ratio", "0.05", "--precision", "int8"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    # same data, settings and seed as the bundle_dir fixture: the same graph (its extension candidates too, which
+    # the runtime checks against the manifest), quantised
+    return train_bundle(dataset, tmp_path_factory.mktemp("int8") / "weave-int8", "--precision", "int8")
 
 
 def test_int8_bundle_is_quantised_and_labelled(int8_dir, bundle_dir):

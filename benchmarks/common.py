@@ -20,6 +20,7 @@ DATA = ROOT.parent / "shared" / "data" / "mvtec"
 # The older speed benchmarks train 256 px bundles (the fast setting's input size) unless told otherwise
 # (benchmarks.throughput --input-size, whose default this is); their figures in docs/benchmarks.md are for it.
 FAST_INPUT = 256
+WARM_FRAMES = 16  # a worker's unmeasured first burst in the speed benchmarks, before their clocks start
 # A burst rig publishes every frame before the workers can take them, so they wait in mosquitto, whose default
 # queue (1000 QoS 1 messages per client) drops the rest even at QoS 1: the run would then wait for answers that
 # never come.  The rigs' brokers hold every frame they are sent.

@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks.common import fmt, md_table, summary
 from bundle import BundleError, Manifest, read_manifest
+from bundle.runtime import ran_precision
 
 log = logging.getLogger("benchmarks.latency")
 
@@ -39,15 +40,6 @@ log = logging.getLogger("benchmarks.latency")
 def _config(threads: int, precision: str) -> dict:
     """How every timed model is compiled: one frame at a time, a fixed thread count, the precision named."""
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
-
-
-def ran_precision(compiled) -> str:
-    """The floating-point precision an OpenVINO compiled model really runs, read back (as ``CompiledBundle`` does),
-    not the one asked for."""
-    try:
-        return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-    except RuntimeError:  # a device without the property runs the IR's own precision
-        return "f32"
 
 
 def compile_graph(size: int, rows: int, threads: int, precision: str = "f32", int8: bool = False, screen: int = 0,

@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 import psutil
 import yaml
 
-from benchmarks.common import BURST_BROKER, DATA, ROOT, fmt, md_table, percentiles, publish_frame, summary, wait_for_answers
+from benchmarks.common import BURST_BROKER, DATA, ROOT, WARM_FRAMES, fmt, md_table, percentiles, publish_frame, summary, wait_for_answers
 from scripts.broker import Broker
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in counts:  # side by side in every round, so load changes hit all of them
                 group = Group(broker, bundle, k, work / f"r{r}-k{k}")
                 try:
-                    group.run(payloads, min(16, args.frames), f"warm{r}")
+                    group.run(payloads, min(WARM_FRAMES, args.frames), f"warm{r}")
                     row[k] = group.run(payloads, args.frames, f"r{r}")
                 finally:
                     group.close()

@@ -60,9 +60,22 @@ import psutil
 import yaml
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from benchmarks.common import BURST_BROKER, DATA, FAST_INPUT, ROOT, fmt, md_table, publish_frame, summary, train_bundles, wait_for_answers
+from benchmarks.common import (
+    BURST_BROKER,
+    DATA,
+    FAST_INPUT,
+    ROOT,
+    WARM_FRAMES,
+    fmt,
+    md_table,
+    publish_frame,
+    summary,
+    train_bundles,
+    wait_for_answers,
+)
 from benchmarks.raw_runtime import result
 from bundle import PRECISIONS, prepare_image
+from bundle.runtime import ran_precision
 from worker.supervise import OPENVINO_THREADS
 
 log = logging.getLogger("benchmarks.throughput")
@@ -98,9 +111,6 @@ def thread_cpu(proc: psutil.Process) -> dict[str, float]:
             continue
         out[name] = out.get(name, 0.0) + t.user_time + t.system_time
     return out
-
-
-WARM_FRAMES = 16  # a worker's unmeasured first burst (as benchmarks.scaleout's)
 
 
 class WorkerRig:
@@ -314,7 +324,7 @@ def anomalib_openvino(graph, spec, frame_size: int, precision: str, folder: Path
         inferencer.predict(np.zeros((frame_size, frame_size, 3), np.uint8))  # a model that cannot run is a note too
     except Exception as exc:
         return None, f"anomalib's exported model did not run in OpenVINOInferencer: {type(exc).__name__}: {exc}"
-    ran = inferencer.model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    ran = ran_precision(inferencer.model)
     return inferencer, f"anomalib Engine.export(ExportType.OPENVINO) -> {path.name}; OpenVINOInferencer runs {ran}"
 
 
@@ -384,9 +394,8 @@ def measure(args: argparse.Namespace, variants: dict[str, dict], work: Path) -> 
 
     from exporter.train.patchcore import to_tensor
 
-    input_size = args.input_size
     trained, bundles = train_bundles(args.data, args.category, args.train_images, args.bank, work,
-                                     ("fp32", "int8") if args.int8 else ("fp32",), input_size=input_size,
+                                     ("fp32", "int8") if args.int8 else ("fp32",), input_size=args.input_size,
                                      screen_rows=args.screen_rows, backbone=args.backbone)
     spec = trained.spec
     metrics = {k: json.loads((p / "bundle.json").read_text())["metrics"]["test"] for k, p in bundles.items()}
@@ -495,7 +504,7 @@ def measure(args: argparse.Namespace, variants: dict[str, dict], work: Path) -> 
         ratios["worker int8 / worker fp32"] = [rd["worker-int8"]["fps"] / rd["worker-fp32"]["fps"] for rd in rounds]
     header = (f"{args.rounds} rounds; median [min-max]; CPU: {device} (OpenVINO's name; {psutil.cpu_count()} logical CPUs); "
               f"precision {args.precision} (OpenVINO ran "
-              f"{', '.join(f'{v} for {k}' for k, v in ran.items())}; torch rows f32); model input {input_size} px; "
+              f"{', '.join(f'{v} for {k}' for k, v in ran.items())}; torch rows f32); model input {args.input_size} px; "
               f"bank {args.bank} rows, screen {trained.graph.screen or 'none'}; frames {args.frame_size} px JPEG")
     print(f"\n{header}\n")
     print(md_table(["run", "how", "blur", "frames/s", "p50 ms", "p99 ms", "CPU ms/frame", "worker RSS MB"], table))

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import openvino as ov
@@ -94,6 +95,14 @@ def _eight_bit_dense_weights(model: ov.Model) -> bool:
     return any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8
                and len(op.get_output_shape(0)) == 4 and int(np.abs(op.get_data().astype(np.int16)).max(initial=0)) > 64
                for op in model.get_ordered_ops())
+
+
+def ran_precision(compiled: ov.CompiledModel) -> str:
+    """The floating-point precision a compiled model really runs, read back from OpenVINO (not the one asked for)."""
+    try:
+        return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    except RuntimeError:  # a device without the property runs the IR's own precision
+        return "f32"
 
 
 BLOB_DIGEST = ".sha256"  # beside each blob that OpenVINO writes into a model cache: <blob>.blob.sha256
@@ -299,15 +308,12 @@ class CompiledBundle:
 
     def _effective_precision(self) -> Precision:
         """What the compiled model really runs, read back from OpenVINO (not what was asked)."""
-        try:
-            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        except RuntimeError:  # a device without the property runs the IR's own precision
-            hint = "f32"
+        hint = ran_precision(self.compiled)
         if hint not in ("bf16", "f16", "f32"):
             raise BundleError(f"{self.folder}: the device runs {hint}, which this software has no thresholds for")
         if hint == "f32" and self.manifest.precision == "INT8":
             return "int8"
-        return hint
+        return cast(Precision, hint)
 
     def set_extension(self, rows: np.ndarray, revision: int = 0) -> None:
         """Use ``rows`` (float32 [e, C], e <= ``extension_capacity``; e = 0 empties it), the caller's ``revision``

@@ -27,6 +27,7 @@ from worker.recorder import StoreUnavailable
 from worker.spaces import PAYLOAD_KEY
 from worker.store import Filters, StoreError, VectorStore
 from worker.wire import (
+    ID_RULE,
     MAX_ID_LENGTH,
     ErrorCode,
     FrameIdField,
@@ -59,8 +60,7 @@ class QueryFilters(BaseModel):
         uploaded image); an id no camera can have ("" among them) matches nothing and is refused."""
         for camera in v:
             if not valid_id(camera):
-                raise ValueError(f"{camera[:64]!r} is no camera id: 1..{MAX_ID_LENGTH} printable characters without "
-                                 "'/', not '.' or '..'")
+                raise ValueError(f"{camera[:64]!r} is no camera id: {ID_RULE}")
         return list(dict.fromkeys(v))
 
     def to_filters(self) -> Filters:

@@ -212,6 +212,9 @@ def number_text(value: object) -> object:
 FrameIdField = Annotated[str, BeforeValidator(number_text)]
 
 
+ID_RULE = f"1..{MAX_ID_LENGTH} printable characters without '/', not '.' or '..'"  # what valid_id takes, said
+
+
 def valid_id(value: object) -> TypeGuard[str]:
     """A frame or camera id we can echo and use in keys and URLs: 1..128 printable characters without '/', and not
     '.' or '..', which browsers and HTTP clients fold away as path steps (the console's image URLs)."""
@@ -400,7 +403,7 @@ class FrameMetadata(BaseModel):
     @classmethod
     def _id(cls, v: str) -> str:
         if not valid_id(v):
-            raise ValueError(f"must be 1..{MAX_ID_LENGTH} printable characters without '/', not '.' or '..'")
+            raise ValueError(f"must be {ID_RULE}")
         return v
 
     @field_validator("captured_at")

@@ -546,6 +546,96 @@ def test_a_quiet_cameras_tile_keeps_its_heatmap_after_busier_cameras_fill_the_re
     assert hub.image("quiet", "q1", "heatmap") == heatmap
 
 
+def _hub_sender(hub):
+    """``send(camera, leaf, payload, frame_id=None)``: a message on the hub's MQTT thread, as paho hands it over."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def send(camera: str, leaf: str, payload: bytes, frame_id: str | None = None) -> None:
+        m = mqtt.MQTTMessage(topic=f"inspect/{camera}/{leaf}".encode())
+        m.payload = payload
+        if frame_id is not None:
+            m.properties = Properties(PacketTypes.PUBLISH)
+            m.properties.UserProperty = [("frame_id", frame_id)]
+        hub.on_message(m)
+    return send
+
+
+def test_a_quiet_cameras_tile_keeps_its_frame_after_busier_cameras_fill_the_recent_frames():
+    """A quiet camera's frame was forgotten once busier cameras pushed its result out of the recent frames, though
+    the tile still showed that result: a page loaded then (or the heatmap slider moved) had no frame to show. A
+    tile's frame is kept (and counted in console.recent_max_bytes); a tile the camera moved past is not."""
+    import cv2
+
+    from worker.config import ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    frames = [cv2.imencode(".png", np.full((8, 8, 3), k, np.uint8))[1].tobytes() for k in range(3)]
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig(recent_frames=8, recent_max_bytes=sum(map(len, frames)) * 8))
+    send = _hub_sender(hub)
+
+    def result(camera: str, frame_id: str, frame: bytes) -> None:
+        send(camera, "frame", frame, frame_id)
+        send(camera, "result", json.dumps({"frame_id": frame_id, "camera": camera, "score": 0.1, "verdict": "normal",
+                                           "captured_at": "2026-12-06T00:00:00+00:00"}).encode())
+
+    result("quiet", "q0", frames[0])
+    result("quiet", "q1", frames[1])
+    for i in range(20):
+        result("busy", f"b{i}", frames[2])
+    tile = hub.snapshot()["cameras"]["quiet"]
+    assert tile["frame_id"] == "q1" and tile["has_frame"], tile
+    assert hub.image("quiet", "q1", "frame") == frames[1]
+    assert hub.image("quiet", "q0", "frame") is None  # not the tile: gone with the recent frames
+    assert hub.image("busy", "b0", "frame") is None and hub.image("busy", "b19", "frame") == frames[2]
+
+
+def test_a_result_past_its_bound_is_dropped_and_only_the_fields_the_console_reads_are_kept():
+    """A result was kept whole, any size and with any fields, in the recent frames and the defect feed: anyone who
+    may publish under the prefix grew the console's memory and every /api/state and /api/defects answer with it."""
+    from worker.config import ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig())
+    send = _hub_sender(hub)
+    good = {"frame_id": "f1", "camera": "cam", "captured_at": "2026-12-06T00:00:00+00:00", "score": 0.9,
+            "verdict": "anomalous", "threshold": 0.5, "unlike_training": "grey frames",
+            "model": {"name": "m", "version": "v", "blob": "x" * 1000}, "junk": ["y" * 1000] * 8}
+    send("cam", "result", json.dumps({**good, "junk": "z" * 1_000_000}).encode())
+    assert hub.snapshot()["dropped"] == {"bad_result": 1} and hub.snapshot()["cameras"] == {}
+    send("cam", "result", json.dumps(good).encode())
+    tile = hub.snapshot()["cameras"]["cam"]
+    assert "junk" not in tile and tile["model"] == {"name": "m", "version": "v"}, tile
+    assert tile["unlike_training"] == "grey frames" and tile["score"] == 0.9
+    [listed] = hub.defect_feed(None, None, None, 10)
+    assert "junk" not in listed and listed["model"] == {"name": "m", "version": "v"}
+
+
+def test_no_frame_rate_is_said_across_a_worker_restart():
+    """A worker restarted between two stats messages counts from zero again: the console said a negative frames/s
+    (the new count less the old one over the time between)."""
+    from worker.config import ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    hub = Hub(Topics("inspect", "w"), ConsoleConfig())
+    send = _hub_sender(hub)
+
+    def stats(at: str, uptime: float, counts: dict[str, int]) -> dict:
+        send("workers/w1", "stats", json.dumps({"at": at, "uptime_s": uptime, "cameras": {
+            cam: {"processed": n} for cam, n in counts.items()}}).encode())
+        return hub.snapshot()["workers"]["w1"]["rates"]
+
+    stats("2026-12-06T00:00:00+00:00", 100.0, {"a": 500, "b": 500})
+    assert stats("2026-12-06T00:00:10+00:00", 110.0, {"a": 600, "b": 520}) == {"a": 10.0, "b": 2.0}
+    assert stats("2026-12-06T00:00:20+00:00", 5.0, {"a": 40, "b": 30}) == {}  # restarted: its uptime went down
+    assert stats("2026-12-06T00:00:30+00:00", 15.0, {"a": 140, "b": 50}) == {"a": 10.0, "b": 2.0}
+    assert stats("2026-12-06T00:00:40+00:00", 25.0, {"a": 240, "b": 10}) == {"a": 10.0}  # b's count went down
+
+
 def test_the_console_hub_keeps_a_cameras_scores_in_buckets_whatever_its_frame_rate():
     """Every result's score was kept for the whole plot window (series_minutes) and summed into buckets under the
     hub's lock at each /api/state: a camera at 30 frames/s held 108,000 points an hour, and each page load held

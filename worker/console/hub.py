@@ -39,6 +39,12 @@ from worker.wire import parsed_json, valid_id
 log = logging.getLogger(__name__)
 BAD_MESSAGE_LOG_EVERY_S = 60.0  # messages not understood: one warning with a count at most this often
 AVAILABILITY_MAX_CHARS = 64  # a worker's availability as the console keeps it: "online", "offline", "stopped"
+# A worker's result is a small object: one far larger is no worker's (anyone may publish on an open broker), and the
+# console keeps console.history of them.
+RESULT_MAX_BYTES = 16 * 1024
+# The fields of a result the console and its page read: only these are kept (with the model's name and version).
+RESULT_FIELDS = ("camera", "frame_id", "captured_at", "published_at", "score", "raw_score", "threshold", "verdict",
+                 "model", "label", "defect_type", "unlike_training")
 
 HUB = "console-hub"
 THUMBNAILER = "console-thumbnails"
@@ -317,7 +323,7 @@ class Hub:
         self.recent: Bounded[tuple[str, str], Entry] = Bounded(cfg.recent_frames, self._forget_frame)
         self.defects: Bounded[tuple[str, str], Entry] = Bounded(cfg.history)  # anomalous frames, oldest first
         # per camera, the most recently active cfg.max_cameras (see _touch)
-        self.latest: Bounded[str, Entry] = Bounded(cfg.max_cameras)
+        self.latest: Bounded[str, Entry] = Bounded(cfg.max_cameras, self._forget_frame)
         # per camera, [bucket_start, max_score] of each SERIES_BUCKETS-th of the window, oldest first
         self.series: Bounded[str, deque[list[float]]] = Bounded(cfg.max_cameras)
         self.errors: Bounded[str, dict] = Bounded(cfg.max_cameras)  # camera -> {"count", "last"}
@@ -348,20 +354,26 @@ class Hub:
         table[camera] = item
         return item
 
-    @staticmethod
-    def _forget_frame(entry: Entry) -> None:
-        entry.frame = None  # raw frames can be large: only the recent ones are kept
+    def _forget_frame(self, entry: Entry) -> None:
+        """Raw frames can be large: only the recent ones are kept, and each camera's tile (a quiet camera's tile,
+        pushed out of the recent frames by busier cameras, still shows its frame); with the lock held."""
+        camera, frame_id = entry.result["camera"], entry.result["frame_id"]
+        if self.recent.get((camera, frame_id)) is not entry and self.latest.get(camera) is not entry:
+            entry.frame = None
 
     def _frames_within_budget(self, newest: Entry) -> None:
-        """The recent frames' bytes brought within console.recent_max_bytes, the oldest forgotten first (with the
-        lock held): 64 frames of a few megapixels each would otherwise hold hundreds of megabytes."""
-        held = sum(len(e.frame) for e in self.recent.values() if e.frame is not None)
-        for entry in self.recent.values():
-            if held <= self.cfg.recent_max_bytes:
+        """The frames held (the recent ones and the tiles') brought within console.recent_max_bytes, the oldest
+        forgotten first (with the lock held): 64 frames of a few megapixels each would otherwise hold hundreds of
+        megabytes. The tiles out of the recent frames are older than any of them."""
+        recent = set(map(id, self.recent.values()))
+        held = [*(e for e in self.latest.values() if id(e) not in recent), *self.recent.values()]
+        total = sum(len(e.frame) for e in held if e.frame is not None)
+        for entry in held:
+            if total <= self.cfg.recent_max_bytes:
                 return
             if entry is not newest and entry.frame is not None:
-                held -= len(entry.frame)
-                self._forget_frame(entry)
+                total -= len(entry.frame)
+                entry.frame = None
 
     def subscribe(self, listener: Callable[[str, dict], None]) -> None:
         """``listener(event, data)`` is called for every change, on the MQTT thread (on the thumbnail thread for
@@ -454,12 +466,17 @@ class Hub:
             self._bad_since_log = 0
 
     def _on_result(self, payload: bytes) -> None:
-        result, problem = parsed_json(payload)
-        problem = problem or result_problem(result)
+        if len(payload) > RESULT_MAX_BYTES:
+            self._bad("bad_result", f"{len(payload)} bytes, over the {RESULT_MAX_BYTES} a result may have")
+            return
+        parsed, problem = parsed_json(payload)
+        problem = problem or result_problem(parsed)
         if problem is not None:
             self._bad("bad_result", problem)
             return
-        result = cast(dict, result)
+        result = {k: v for k, v in cast(dict, parsed).items() if k in RESULT_FIELDS}
+        if isinstance(result.get("model"), dict):
+            result["model"] = {k: result["model"].get(k) for k in ("name", "version")}
         key = (result["camera"], result["frame_id"])
         with self.lock:
             entry = Entry(result, self.pending_heatmaps.take(key), self.pending_frames.take(key))
@@ -476,6 +493,7 @@ class Hub:
             shown = self._touch(self.latest, key[0], lambda: entry)
             if shown is not entry and _replaces(entry, shown):
                 self.latest[key[0]] = entry
+                self._forget_frame(shown)
             tile = self.latest[key[0]] is entry
             if previous is None:
                 self._add_point(key[0], entry)
@@ -613,15 +631,18 @@ class Hub:
 
     @staticmethod
     def _rates(before: dict | None, after: dict) -> dict[str, float]:
-        """Frames processed per second and camera between two stats messages."""
+        """Frames processed per second and camera between two stats messages; none across a restart of the worker
+        (its uptime went down) nor for a camera whose count went down: its counts start again from zero."""
         if not before:
             return {}
         dt = (epoch(after.get("at")) or 0) - (epoch(before.get("at")) or 0)
-        if dt <= 0:
+        was, now = before.get("uptime_s"), after.get("uptime_s")
+        if dt <= 0 or (isinstance(was, int | float) and isinstance(now, int | float) and now < was):
             return {}
         old = before.get("cameras") or {}  # null in a message is allowed, as no counts
-        return {cam: round((c.get("processed", 0) - (old.get(cam) or {}).get("processed", 0)) / dt, 2)
-                for cam, c in (after.get("cameras") or {}).items()}
+        rates = {cam: (c.get("processed", 0) - (old.get(cam) or {}).get("processed", 0)) / dt
+                 for cam, c in (after.get("cameras") or {}).items()}
+        return {cam: round(rate, 2) for cam, rate in rates.items() if rate >= 0}
 
     def away(self, only: str | None = None) -> tuple[str, str] | None:
         """Why no worker would take a request now (an error code and its message), by the availability each worker
@@ -662,7 +683,7 @@ class Hub:
         """Keep the picture a page was served in place of the frame it was made of (a raw buffer, a TIFF): the next
         page gets it without a conversion, and it is smaller. Nothing changes if the frame has gone meanwhile."""
         with self.lock:
-            entry = self.recent.get((camera, frame_id))
+            entry = self.recent.get((camera, frame_id)) or self.latest.get(camera)
             if entry is not None and entry.frame is held:
                 entry.frame = shown
 

@@ -1058,6 +1058,229 @@ def _console_alone(broker, tmp_path: Path, **console: object):
         assert console.stop() == 0, console.log_path.read_text()[-2000:]
 
 
+def _state(console: ConsoleProcess) -> dict:
+    return json.loads(urllib.request.urlopen(f"{console.url}/api/state", timeout=5).read())
+
+
+def _until_state(console: ConsoleProcess, predicate, what: str, timeout: float = 60) -> dict:
+    """The console's state once ``predicate`` holds for it, polled with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate(state := _state(console)):
+        assert time.monotonic() < deadline, f"{what}: {state}"
+        time.sleep(0.05)  # polling the console's state, not waiting a fixed time
+    return state
+
+
+def _with_heatmap(client: Client, camera: str, frame_id: str, verdict: str = "anomalous") -> None:
+    """A result with its heatmap (published first, as the worker does): its tile and feed item have a picture."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("frame_id", frame_id)]
+    heatmap = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))[1].tobytes()
+    client.client.publish(f"{client.prefix}/{camera}/heatmap", heatmap, qos=1, properties=props).wait_for_publish(10)
+    _publish_result(client, camera, frame_id, datetime.now(UTC), verdict)
+
+
+def test_a_page_that_falls_behind_has_its_event_stream_ended_not_its_newest_events_dropped(broker, tmp_path):
+    """A browser whose event queue was full lost every newer event, unaware: its page kept the state of when it fell
+    behind for good. Its stream is ended now (counted), so that the page reconnects and reads the state again."""
+    with _console_alone(broker, tmp_path) as (console, client):
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader: it reads nothing for now
+        try:
+            raw.connect(("127.0.0.1", int(console.url.rsplit(":", 1)[1])))
+            raw.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            _until_state(console, lambda s: s["event_streams"] == 1, "the stream never opened")
+            note = "y" * 8000  # a result's own field the page shows: each event is as long
+            for k in range(3000):  # far more than the queue and both sockets' buffers hold
+                body = {"camera": "cam-a", "frame_id": f"f{k}", "verdict": "normal", "score": 0.1,
+                        "captured_at": datetime.now(UTC).isoformat(), "unlike_training": note}
+                client.client.publish(f"{client.prefix}/cam-a/result", json.dumps(body), qos=1)
+            state = _until_state(console, lambda s: s.get("event_streams_cut", 0) >= 1, "the stream was never cut")
+            assert state["event_streams_cut"] == 1, state
+            raw.settimeout(30)
+            data = b""
+            while not data.endswith(b"\r\n0\r\n\r\n"):  # the end of the chunked body: the page's EventSource reconnects
+                chunk = raw.recv(1 << 20)
+                assert chunk, data[-200:]
+                data += chunk
+        finally:
+            raw.close()
+        _until_state(console, lambda s: s["event_streams"] == 0, "the cut stream's slot was not given back")
+
+
+@needs_chromium
+def test_the_broker_pill_follows_the_consoles_link_and_a_request_unsent_says_so_at_once(tmp_path):
+    """The pill said "broker refused the console" for a broker not running ("Connection refused" in the problem's
+    words), and changed only with the stream's ping, sent after 15 s without any event: while results flowed it stayed
+    red after the broker was back. With the link down, a capture export waited console.control_timeout_s and the page
+    then said "still exporting on the worker" of a request that was never sent."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from scripts.broker import Broker
+
+    own = Broker(tmp_path / "broker")
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, own.port, tmp_path / "no-bundle", topics={"prefix": prefix},
+                          mqtt={"reconnect_max_s": 1}, console={"port": port, "control_timeout_s": 120})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    again = None
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page()
+            page.goto(console.url)
+            pill = page.locator("#broker")
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+            expect(pill).to_have_text("broker connected")
+            own.stop()
+            expect(pill).to_have_text("broker unreachable", timeout=10_000)
+            expect(pill).to_have_attribute("title", re.compile("cannot reach the broker"), timeout=10_000)
+            started = time.monotonic()
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(urllib.request.Request(f"{console.url}/api/capture/export", b"{}",
+                                                              {"Content-Type": "application/json"}), timeout=150)
+            assert time.monotonic() - started < 10  # at once, not after control_timeout_s
+            error = json.loads(failed.value.read())["error"]
+            assert failed.value.code == 503 and error["code"] == "broker_unreachable", error
+            assert error["message"].startswith("not connected to the broker") and "nothing was sent" in error["message"]
+            page.locator("#capture-export").click()
+            expect(page.locator("#capture-status")).to_contain_text("not sent: not connected to the broker",
+                                                                    timeout=10_000)
+            again = Broker(tmp_path / "broker-again", port=own.port)
+            publisher = Client(again.port, prefix)
+            try:  # results flow all along, as on a line: the stream's ping never comes
+                deadline = time.monotonic() + 30
+                while pill.inner_text() != "broker connected":
+                    assert time.monotonic() < deadline, pill.inner_text()
+                    _publish_result(publisher, "cam-a", uuid.uuid4().hex[:8], datetime.now(UTC))
+                    time.sleep(0.2)  # a result every 0.2 s (a camera's pace), polling the pill meanwhile
+            finally:
+                publisher.close()
+            browser.close()
+    finally:
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+        for each in (own, again):
+            if each is not None:
+                each.stop()
+
+
+@needs_chromium
+def test_the_label_search_and_model_buttons_say_what_became_of_a_request(broker, tmp_path):
+    """A label the worker did not answer in time was said "not saved", though it may still be applied; with the console
+    unreachable, the label, search and model buttons said "saving…", "searching…", "loading…" for ever."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with _console_alone(broker, tmp_path) as (console, client), sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page()
+        page.goto(console.url)
+        expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+        _with_heatmap(client, "cam-a", "f1")
+        card = page.locator('#defects li[data-key="cam-a/f1"]')
+        card.locator("button.fa").click()  # sent, and no worker answers it within query.timeout_s
+        expect(card.locator(".lab")).to_contain_text("unknown: the worker may still apply it", timeout=30_000)
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
+        card.locator("button.fa").click()
+        expect(card.locator(".lab")).to_have_text("not sent: console unreachable", timeout=10_000)
+        card.locator(".pics2").click()
+        expect(page.locator("#q-status")).to_have_text("not sent: console unreachable", timeout=10_000)
+        page.keyboard.press("Escape")
+        page.fill("#m-bundle", "/b")
+        page.locator("#m-rollout").click()
+        expect(page.locator("#model-status")).to_have_text("not sent: console unreachable", timeout=10_000)
+        browser.close()
+
+
+@needs_chromium
+def test_the_learned_panel_is_asked_again_when_the_worker_comes_back(broker, tmp_path):
+    """The Learned panel asked the worker once, at the page's load: with the worker away then, its error stayed when
+    the worker came back, over "Nothing learned yet." (which nobody had said), until the page was reloaded."""
+    import paho.mqtt.client as mqtt
+    from playwright.sync_api import expect, sync_playwright
+
+    with _console_alone(broker, tmp_path) as (console, client), sync_playwright() as p:
+        prefix = client.prefix
+        availability = f"{prefix}/workers/w-test/availability"
+        client.client.publish(availability, b"offline", qos=1, retain=True).wait_for_publish(10)
+        _until_state(console, lambda s: s["workers"].get("w-test", {}).get("availability") == "offline",
+                     "the console never saw the availability")
+        entry = {"frame_id": "f1", "camera": "cam-a", "rows": 3, "at": datetime.now(UTC).isoformat()}
+        extensions = {"ok": True, "extensions": [{"bundle": "b", "scopes": ["default"], "rows": 3, "max_rows": 10,
+                                                  "revision": 1, "entries": [entry]}]}
+        worker = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+        def answer(c, userdata, msg) -> None:  # the worker's answer to the console's "extensions" label action
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = msg.properties.CorrelationData
+            c.publish(msg.properties.ResponseTopic, json.dumps(extensions), qos=1, properties=props)
+
+        worker.on_message = answer
+        worker.connect("127.0.0.1", broker.port)
+        worker.subscribe(f"{prefix}/label", qos=1)
+        worker.loop_start()
+        try:
+            browser = launch(p)
+            page = browser.new_page()
+            page.goto(console.url)
+            status = page.locator("#learned-status")
+            expect(status).to_contain_text("cannot list: worker w-test is offline", timeout=10_000)
+            expect(page.locator("#learned-list")).not_to_contain_text("Nothing learned yet")
+            client.client.publish(availability, b"online", qos=1, retain=True).wait_for_publish(10)
+            expect(page.locator('#learned-list li[data-key="cam-a/f1"]')).to_contain_text("3 patches", timeout=15_000)
+            expect(status).to_have_text("")
+            browser.close()
+        finally:
+            worker.loop_stop()
+            worker.disconnect()
+            client.client.publish(availability, b"", qos=1, retain=True).wait_for_publish(10)
+
+
+@needs_chromium
+def test_error_messages_make_no_tiles_and_push_no_camera_off_the_page(broker, tmp_path):
+    """An error message for a camera with no tile made one, on a live page and on every page loaded after: past
+    console.max_cameras such tiles pushed the real cameras off the page. Tiles come from results only."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path, max_cameras=2) as (page, client, errors):
+        for camera in ("cam-a", "cam-b"):
+            _publish_result(client, camera, "f1", datetime.now(UTC))
+        error = json.dumps({"code": "not_an_image", "message": "x"})
+        for camera in ("ghost-1", "ghost-2", "ghost-3", "cam-a"):  # on one link: cam-a's comes last
+            client.client.publish(f"{client.prefix}/{camera}/error", error, qos=1).wait_for_publish(10)
+        for load in ("live", "reloaded"):
+            expect(page.locator('.tile[data-camera="cam-a"] .errs')).to_have_text("last error: not_an_image (1 seen)",
+                                                                                 timeout=10_000)
+            assert page.locator(".tile").evaluate_all("(ts) => ts.map((t) => t.dataset.camera)") == \
+                ["cam-a", "cam-b"], load
+            page.reload()
+            expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+        _publish_result(client, "ghost-3", "f1", datetime.now(UTC))  # a result: its tile, with the error said before
+        expect(page.locator('.tile[data-camera="ghost-3"] .errs')).to_have_text("last error: not_an_image (1 seen)",
+                                                                               timeout=10_000)
+        assert errors == [], errors
+
+
+@needs_chromium
+def test_similar_past_frames_open_from_the_keyboard(broker, tmp_path):
+    """A tile's and a feed item's pictures opened "Similar past frames" on a click only: no key reached them."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, _):
+        _with_heatmap(client, "cam-a", "f1")
+        dialog = page.locator("#similar")
+        for pictures, key in (('#defects li[data-key="cam-a/f1"] .pics2', "Enter"),
+                              ('.tile[data-camera="cam-a"] .pics', " ")):
+            expect(page.locator(pictures)).to_be_visible(timeout=10_000)
+            page.locator(pictures).focus()
+            assert page.locator(pictures).evaluate("(el) => el === document.activeElement")  # it takes the focus
+            assert page.locator(pictures).get_attribute("role") == "button"  # and says what it is
+            page.keyboard.press("Space" if key == " " else key)
+            expect(dialog).to_be_visible(timeout=10_000)
+            expect(page.locator("#query-frame")).to_contain_text("f1")
+            page.keyboard.press("Escape")
+            expect(dialog).to_be_hidden()
+
+
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
     """A page on another site can POST a text/plain "form" to the console (no CORS preflight) with the operator's
     login: it absorbed a false alarm. Changes are taken only as JSON from the console's own origin."""

@@ -33,6 +33,10 @@ class Refused(ApiError):
     a worker, and asking again as the same login cannot help."""
 
 
+class NotConnected(ApiError):
+    """The console's (or CLI's) link to the broker is down: the request was not sent."""
+
+
 def _answer(payload: bytes | bytearray) -> object:
     """An answer's JSON, or a short account of the bytes that are none (refused by :meth:`ApiClient.request`)."""
     value, problem = parsed_json(payload)
@@ -88,10 +92,12 @@ class ApiClient:
             self.on_message(msg)
 
     def request(self, topic: str, body: dict, timeout: float | None = None) -> dict:
-        """Publish ``body`` as a request on ``topic`` and return the worker's JSON answer (blocking, thread-safe)."""
+        """Publish ``body`` as a request on ``topic`` and return the worker's JSON answer (blocking, thread-safe);
+        :class:`NotConnected` at once while the link is down (:meth:`start` waits for it)."""
         timeout = self.timeout_s if timeout is None else timeout
-        if not self.link.wait_connected(timeout):
-            raise ApiError(f"not connected to the broker at {self.link.cfg.host}:{self.link.cfg.port}")
+        if not self.link.connected.is_set():  # said at once: waiting out the timeout for the link tells nobody more
+            raise NotConnected(f"not connected to the broker at {self.link.cfg.host}:{self.link.cfg.port} "
+                               f"({self.link.problem or 'not connected yet'})")
         correlation = uuid.uuid4().hex.encode()
         done = threading.Event()
         answer: list[object] = []

@@ -160,6 +160,8 @@ class MqttLink:
         self.connected = threading.Event()
         self.connect_failures = 0  # attempts that did not reach the broker since the last connection
         self.problem: str | None = None  # why there is no connection now (None while connected or not yet tried)
+        self.connect_refused = False  # the problem is the broker's refusal in its CONNACK, not a network failure
+        self.on_change: Callable[[], None] | None = None  # called (on paho's thread) when connected or problem changes
         self.turned_away = threading.Event()  # the broker refused these credentials/settings: retrying cannot help
         self._next_failure_log = 0.0
         self._attempting = False  # a connection attempt is under way: no CONNACK, refusal or failure yet
@@ -395,9 +397,9 @@ class MqttLink:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._attempting = False
         if reason_code.is_failure:
-            self.problem = (f"the broker refused the connection: {reason_code} ("
-                            + (f"as user {self.cfg.username!r})" if self.cfg.username
-                               else "anonymous: mqtt.username is not set)"))
+            self._problem(f"the broker refused the connection: {reason_code} ("
+                          + (f"as user {self.cfg.username!r})" if self.cfg.username
+                             else "anonymous: mqtt.username is not set)"), refused=True)
             log.error("%s", self.problem)
             if reason_code.value not in TRANSIENT_REFUSALS:
                 self.turned_away.set()
@@ -410,7 +412,7 @@ class MqttLink:
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         self._degrade(min(getattr(properties, "MaximumQoS", 2), 1), bool(getattr(properties, "RetainAvailable", 1)))
         self.connect_failures, self._next_failure_log = 0, 0.0
-        self.problem = None
+        self.problem, self.connect_refused = None, False
         self.turned_away.clear()
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
         wanted = self.subscriptions + self.watch
@@ -422,18 +424,31 @@ class MqttLink:
             self._remember(wanted)
         self._subscribe(wanted)
         self.connected.set()
+        self._changed()
         if self.on_connected:
             try:
                 self.on_connected()
             except Exception:  # raised into paho, it would end the network thread: no message would come again
                 log.exception("announcing this worker on the connection failed")
 
+    def _problem(self, problem: str, refused: bool = False) -> None:
+        """Why there is no connection now; ``refused``: the broker's CONNACK said no (else it was not reached)."""
+        self.problem, self.connect_refused = problem, refused
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # raised into paho, it would end the network thread
+                log.exception("announcing the connection's state failed")
+
     def _attempt_failed(self, reason: object) -> None:
         """paho retries a broker it cannot reach without a word, so a worker started before its broker, or pointed
         at the wrong one, would look idle: say so at the first failed attempt and then once a minute."""
         self.connect_failures += 1
         self._closed_at.clear()  # a broker restarting, not a takeover: another client's takeover leaves it reachable
-        self.problem = f"cannot reach the broker: {reason}"
+        self._problem(f"cannot reach the broker: {reason}")
         now = time.monotonic()
         if now < self._next_failure_log:
             return
@@ -461,7 +476,7 @@ class MqttLink:
         self.connected.clear()
         self._attempting = False
         if was_connected:
-            self.problem = f"the connection was lost ({reason_code}); reconnecting"
+            self._problem(f"the connection was lost ({reason_code}); reconnecting")
             if reason_code != 0:
                 log.warning("disconnected from broker (%s); paho will reconnect with backoff", reason_code)
                 if reason_code != "Keep alive timeout":  # the broker's own doing, not a hung broker's or link's

@@ -34,7 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from worker.api_client import ApiClient, ApiError, Refused
+from worker.api_client import ApiClient, ApiError, NotConnected, Refused
 from worker.config import Config, ConfigError
 from worker.console.hub import Hub, for_browser
 from worker.decode import FrameError
@@ -45,7 +45,7 @@ from worker.wire import MAX_REQUEST_BYTES, RequestError, b64_image, decode_json,
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 15
-CLIENT_QUEUE = 1000  # events a slow browser may lag behind before it misses some
+CLIENT_QUEUE = 1000  # events a slow browser may lag behind before its stream is ended (its page reloads the state)
 BACKFILL = "console-backfill"
 BACKFILL_RETRY_S = 10.0  # no worker answered for the defects logged before the console started: asked again after
 
@@ -243,11 +243,14 @@ class _StreamResponse(StreamingResponse):
 
 
 class Broadcaster:
-    """Fans hub events out to every connected browser (one bounded queue each), on the event loop."""
+    """Fans hub events out to every connected browser (one bounded queue each), on the event loop. A browser that
+    falls CLIENT_QUEUE events behind has its stream ended (counted in ``cut``) rather than miss events unaware: its
+    page reconnects and reads the state, the feed and the Learned panel again."""
 
     def __init__(self) -> None:
-        self.queues: set[asyncio.Queue[str]] = set()
+        self.queues: set[asyncio.Queue[str | None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.cut = 0  # streams ended because their browser fell behind
 
     def publish(self, event: str, data: dict) -> None:
         """Called on the hub's threads (MQTT, thumbnails)."""
@@ -256,9 +259,15 @@ class Broadcaster:
             self.loop.call_soon_threadsafe(self._put, message)
 
     def _put(self, message: str) -> None:
-        for queue in self.queues:
-            with contextlib.suppress(asyncio.QueueFull):
+        for queue in list(self.queues):
+            try:
                 queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self.queues.discard(queue)
+                self.cut += 1
+                while not queue.empty():  # what it has not read yet is stale: its page reads the state again
+                    queue.get_nowait()
+                queue.put_nowait(None)  # the end of its stream
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -266,9 +275,12 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _unanswered(exc: ApiError) -> JSONResponse:
-    """A request no worker answered: 403 when the broker refused it (nothing was sent), else 504 (no answer in time)."""
+    """A request no worker answered: 403 when the broker refused it, 503 while the console has no link to the broker
+    (nothing was sent either way), else 504 (sent: no answer in time, and the worker may still carry it out)."""
     if isinstance(exc, Refused):
         return _error(403, "broker_refused", str(exc))
+    if isinstance(exc, NotConnected):
+        return _error(503, "broker_unreachable", f"{exc}: nothing was sent")
     return _error(504, "no_answer", str(exc))
 
 
@@ -337,15 +349,30 @@ def create_app(cfg: Config) -> Starlette:
         hub.stop()
 
     def link_state() -> dict:
-        """The console's own MQTT connection, and why it is down (a refusal names the login)."""
-        return {"broker": client.link.connected.is_set(), "broker_problem": client.link.problem}
+        """The console's own MQTT connection, and why it is down (a refusal names the login); ``broker_refused``:
+        the broker said no to the console's login (else it was not reached)."""
+        return {"broker": client.link.connected.is_set(), "broker_problem": client.link.problem,
+                "broker_refused": client.link.connect_refused}
+
+    said: list[dict] = []  # the link state last pushed (paho's thread only)
+
+    def link_changed() -> None:
+        """Every page is told when the console's MQTT link comes or goes: the stream's ping comes only after
+        KEEPALIVE_S without any other event, never while results flow."""
+        now = link_state()
+        if said != [now]:
+            said[:] = [now]
+            events.publish("link", now)
+
+    client.link.on_change = link_changed
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
     async def state(request: Request) -> Response:
         return JSONResponse({**hub.snapshot(), "series": hub.score_series(), **link_state(),
-                             "event_streams": sum(streams.values()), "accept_failed": THROTTLED.total[ACCEPT_FAILED],
+                             "event_streams": sum(streams.values()), "event_streams_cut": events.cut,
+                             "accept_failed": THROTTLED.total[ACCEPT_FAILED],
                              "worker": cfg.worker.id, "series_minutes": cfg.console.series_minutes,
                              "max_cameras": cfg.console.max_cameras, "max_workers": cfg.console.max_workers})
 
@@ -366,7 +393,7 @@ def create_app(cfg: Config) -> Starlette:
             if not streams[address]:
                 del streams[address]
 
-        queue: asyncio.Queue[str] = asyncio.Queue(CLIENT_QUEUE)
+        queue: asyncio.Queue[str | None] = asyncio.Queue(CLIENT_QUEUE)
         events.queues.add(queue)
 
         async def body():
@@ -374,9 +401,12 @@ def create_app(cfg: Config) -> Starlette:
                 yield "retry: 2000\n\n"
                 while True:
                     try:
-                        yield await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                        message = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                     except TimeoutError:
-                        yield f"event: ping\ndata: {json.dumps(link_state())}\n\n"
+                        message = f"event: ping\ndata: {json.dumps(link_state())}\n\n"
+                    if message is None:  # it fell too far behind (Broadcaster): its page reconnects
+                        return
+                    yield message
             finally:
                 events.queues.discard(queue)
 

@@ -19,6 +19,7 @@ let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
 let overlay = 1;
 let controlled = null;  // the worker id this console sends control commands to (config worker.id)
+let controlledWas;  // its availability as last shown
 const modelSeen = new Map();  // worker id -> the scopes' versions last shown: a change refreshes "Learned"
 
 // `seen` (when the console got the result) names the frame in the address: a camera that reuses a frame id sends
@@ -50,6 +51,17 @@ function show(img, url) {
   next();
 }
 
+// A picture that opens "Similar past frames": by click, and by Enter or Space once focused (Tab reaches it).
+function pressable(el, action) {
+  el.tabIndex = 0;
+  el.setAttribute("role", "button");
+  el.title = "similar past frames";
+  el.addEventListener("click", action);
+  el.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); action(); }
+  });
+}
+
 // The camera's tile, made if it has none, and moved to the most recently active end of `cams`.
 function camera(name) {
   let cam = cams.get(name);
@@ -58,13 +70,14 @@ function camera(name) {
   const el = $("#tile-tpl").content.firstElementChild.cloneNode(true);
   el.dataset.camera = name;
   $(".cam", el).textContent = name;
-  $(".pics", el).addEventListener("click", () => cam.latest && openSimilar(cam.latest));
+  pressable($(".pics", el), () => cam.latest && openSimilar(cam.latest));
   const tiles = $("#tiles");
   $(".empty", tiles)?.remove();
   const after = [...tiles.children].find((t) => t.dataset.camera > name);
   tiles.insertBefore(el, after || null);
   cam = {el, latest: null, dirty: false, points: [], plotted: 0};
   cams.set(name, cam);
+  if (lastErrors.has(name)) showError(cam, lastErrors.get(name));
   for (const sel of ["#feed-camera", "#q-camera", "#cap-camera", "#m-camera"]) {
     const opt = new Option(name, name);
     $(sel).append(opt);
@@ -219,7 +232,7 @@ function card(r, hit = false) {
   $(".sub", li).textContent = `${fmtTime(r.captured_at)} · score ${Number(r.score).toFixed(3)} · ${r.verdict} · ${r.frame_id}`
     + (hit && r.model_version ? ` · ${r.model_version}` : "");
   $(".lab", li).textContent = labelText(r.label, r.defect_type);
-  $(".pics2", li).addEventListener("click", () => openSimilar(r));
+  pressable($(".pics2", li), () => openSimilar(r));
   $(".fa", li).addEventListener("click", () => setLabel(r, "false_alarm", null, li));
   $(".cd", li).addEventListener("click", () => setLabel(r, "confirmed_defect", $(".dt", li).value.trim() || null, li));
   $(".cl", li).addEventListener("click", () => setLabel(r, null, null, li));
@@ -229,10 +242,8 @@ function card(r, hit = false) {
 async function setLabel(r, label, defectType, li) {
   const status = $(".lab", li);
   status.textContent = "saving…";
-  const res = await fetch("api/labels", {method: "POST", headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({frame_id: r.frame_id, camera: r.camera, label, defect_type: defectType})});
-  const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
-  if (!answer.ok) { status.textContent = `not saved: ${answer.error?.message || res.status}`; return; }
+  const answer = await ask("api/labels", {frame_id: r.frame_id, camera: r.camera, label, defect_type: defectType});
+  if (!answer.ok) { status.textContent = `${failedHow(answer, "not saved")}: ${answer.error?.message || "error"}`; return; }
   r.label = answer.label; r.defect_type = answer.defect_type;
   if (defectType) rememberDefectType(defectType);
   applyLabel({camera: r.camera, frame_id: r.frame_id, label: answer.label, defect_type: answer.defect_type,
@@ -308,35 +319,51 @@ async function search(event) {
   status.textContent = "searching…";
   hits.replaceChildren();
   const started = performance.now();
-  const res = await fetch("api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
-                                          body: JSON.stringify(request)});
-  let answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
+  let answer = await ask("api/similar", request);
   if (superseded()) return;
   let how = "";
   if (answer.error?.code === "unknown_frame" && currentQuery.has_frame) {
     // Not (yet) in the store: a normal frame not logged (store.log_normal_every) or still being written.
     // The console still has the camera's image: ask by image instead.
-    const blob = await (await fetch(imageUrl(currentQuery.camera, currentQuery.frame_id, "frame",
-                                             currentQuery.seen_at))).blob();
-    const b64 = await new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(String(r.result).split(",", 2)[1]); r.readAsDataURL(blob); });
-    delete request.frame_id;  // the camera stays: the model serving it embeds the image, as it did its frames
-    request.image_b64 = b64;
-    const again = await fetch("api/similar", {method: "POST", headers: {"Content-Type": "application/json"},
-                                               body: JSON.stringify(request)});
-    answer = await again.json().catch(() => ({ok: false, error: {message: `HTTP ${again.status}`}}));
-    if (superseded()) return;
-    how = " by its image: the frame is not in the history";
+    const blob = await fetch(imageUrl(currentQuery.camera, currentQuery.frame_id, "frame", currentQuery.seen_at))
+      .then((res) => res.blob()).catch(() => null);
+    if (blob) {
+      const b64 = await new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(String(r.result).split(",", 2)[1]); r.readAsDataURL(blob); });
+      delete request.frame_id;  // the camera stays: the model serving it embeds the image, as it did its frames
+      request.image_b64 = b64;
+      answer = await ask("api/similar", request);
+      if (superseded()) return;
+      how = " by its image: the frame is not in the history";
+    } else answer = {ok: false, error: {code: "unreachable", message: "console unreachable"}};
   }
+  if (answer.error?.code === "unreachable") { status.textContent = "not sent: console unreachable"; return; }
   if (!answer.ok) { status.textContent = `error: ${answer.error?.code || ""} ${answer.error?.message || ""}`; return; }
   status.textContent = `${answer.hits.length} similar frames${how} (${Math.round(performance.now() - started)} ms, worker ${answer.took_ms} ms)${answer.note ? `; ${answer.note}` : ""}`;
   hits.replaceChildren(...answer.hits.map((h) => card(h, true)));
 }
 
 // ---- learned, capture, models ---------------------------------------------------------------
-async function post(path, body) {
-  const res = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+// The console's JSON answer to a GET (no body) or a POST; a fetch that fails (the console is down, the network or
+// a proxy is) is the answer {ok: false, error: {code: "unreachable"}}, so no status is left saying "saving…".
+async function ask(path, body) {
+  let res;
+  try {
+    res = await fetch(path, body === undefined ? {} :
+      {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  } catch {
+    return {ok: false, error: {code: "unreachable", message: "console unreachable"}};
+  }
   return res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
 }
+
+// How a request that failed ended: nothing reached a worker, or it did and no answer came in time (the worker may
+// still carry it out), or the worker said no.
+function failedHow(answer, refused = "refused") {
+  const code = answer.error?.code;
+  if (code === "no_answer") return "unknown: the worker may still apply it";
+  return NOT_SENT.has(code) ? "not sent" : refused;
+}
+const NOT_SENT = new Set(["unreachable", "worker_offline", "unknown_worker", "broker_refused", "broker_unreachable"]);
 
 function setStatus(sel, text, bad = false) {
   const el = $(sel);
@@ -353,15 +380,24 @@ async function loadLearned() {
   try {
     do {
       learnedAgain = false;
-      const res = await fetch("api/extensions");
-      const answer = await res.json().catch(() => ({ok: false, error: {message: `HTTP ${res.status}`}}));
-      if (answer.ok) renderLearned(answer.extensions);
-      else setStatus("#learned-status", `cannot list: ${answer.error?.message || res.status}`, true);
+      const answer = await ask("api/extensions");
+      const status = $("#learned-status");
+      if (answer.ok) {
+        renderLearned(answer.extensions);
+        if (status.dataset.listing) { delete status.dataset.listing; setStatus("#learned-status", ""); }
+      } else {
+        setStatus("#learned-status", `cannot list: ${answer.error?.message || "error"}`, true);
+        status.dataset.listing = "failed";  // cleared by the next listing that succeeds, not by an undo's words
+        if (!learnedListed) $("#learned-list").replaceChildren();  // not "Nothing learned yet": nobody said so
+      }
     } while (learnedAgain);
   } finally { learnedBusy = false; }
 }
 
+let learnedListed = false;  // a worker has listed what it learned, once at least
+
 function renderLearned(extensions) {
+  learnedListed = true;
   const box = $("#learned-list");
   const byCamera = new Map();
   const summary = [];
@@ -409,9 +445,12 @@ function renderLearned(extensions) {
 async function unlearn(entry, button) {
   button.disabled = true;
   setStatus("#learned-status", `undoing ${entry.frame_id}…`);
-  const answer = await post("api/labels/unlabel", {frame_id: entry.frame_id, camera: entry.camera});
+  const answer = await ask("api/labels/unlabel", {frame_id: entry.frame_id, camera: entry.camera});
   if (answer.ok) setStatus("#learned-status", `${entry.camera}/${entry.frame_id}: ${learnedText(answer) || "label cleared"}`);
-  else { setStatus("#learned-status", `not undone: ${answer.error?.message || "error"}`, true); button.disabled = false; }
+  else {
+    setStatus("#learned-status", `${failedHow(answer, "not undone")}: ${answer.error?.message || "error"}`, true);
+    button.disabled = false;
+  }
   loadLearned();
 }
 
@@ -453,9 +492,13 @@ async function exportCapture(event) {
   setStatus("#capture-status", "exporting…");
   delete $("#capture-status").dataset.folder;
   $("#capture-train").hidden = true;
-  const answer = await post("api/capture/export", cam ? {camera: cam} : {});
+  const answer = await ask("api/capture/export", cam ? {camera: cam} : {});
   if (answer.error?.code === "no_answer") {  // the console's wait ran out; the export goes on: its stats say the end
     setStatus("#capture-status", "still exporting on the worker: the result shows here when it is done");
+    return;
+  }
+  if (NOT_SENT.has(answer.error?.code)) {
+    setStatus("#capture-status", `not sent: ${answer.error.message}`, true);
     return;
   }
   showExport(answer);
@@ -494,9 +537,9 @@ async function modelCommand(kind) {
   const scope = kind === "rollout" || !cam ? "default" : cam;
   const body = kind === "rollback" ? (cam ? {camera: cam} : {}) : {bundle, ...(kind === "canary" ? {camera: cam} : {})};
   setStatus("#model-status", kind === "rollback" ? `rolling back ${scope}…` : `loading ${bundle} on ${scope}…`);
-  const answer = await post(kind === "rollback" ? "api/models/rollback" : "api/models/reload", body);
+  const answer = await ask(kind === "rollback" ? "api/models/rollback" : "api/models/reload", body);
   if (!answer.ok) {  // a 504 (no worker answered) is not a refusal: the command may still be carried out
-    const how = {no_answer: "no answer", worker_offline: "not sent", unknown_worker: "not sent", broker_refused: "not sent"}[answer.error?.code] || "refused";
+    const how = answer.error?.code === "no_answer" ? "no answer" : failedHow(answer);
     setStatus("#model-status", `${how}: ${answer.error?.message || "error"}`, true);
     return;
   }
@@ -529,6 +572,9 @@ function renderWorker(w) {
     + (stats.queue !== undefined ? ` · queue ${stats.queue}` : "")
     + (twin ? ` · also running on ${twin.host} (pid ${twin.pid}): give each worker its own worker.id` : "");
   if (w.id === controlled) {
+    // the worker back (or seen for the first time): what it learned is asked again, a failed listing replaced
+    if (w.availability === "online" && controlledWas !== "online") loadLearned();
+    controlledWas = w.availability;
     renderCapture(stats.capture);
     renderExport(stats.capture_export);
     renderModels(w.model);
@@ -545,9 +591,20 @@ function renderWorker(w) {
   }
 }
 
+// Tiles come from results only: an error message (anyone may publish one, for any camera name) makes none. It is
+// kept for a tile that comes later, for as many cameras as the console keeps errors of.
+const lastErrors = new Map();
+
 function renderError(e) {
-  const last = e.last || {};
-  $(".errs", camera(e.camera).el).textContent = `last error: ${last.code} (${e.count} seen)`;
+  lastErrors.delete(e.camera);
+  lastErrors.set(e.camera, e);
+  while (lastErrors.size > maxCameras) lastErrors.delete(lastErrors.keys().next().value);
+  const cam = cams.get(e.camera);
+  if (cam) showError(cam, e);
+}
+
+function showError(cam, e) {
+  $(".errs", cam.el).textContent = `last error: ${(e.last || {}).code} (${e.count} seen)`;
 }
 
 async function loadFeed() {
@@ -566,10 +623,12 @@ function setLink(ok, text) {
   el.textContent = text;
 }
 
-function setBroker(ok, problem) {
+// The console's MQTT link, as its state and its "link" events say: "refused" only when the broker answered the
+// login with a refusal (a problem's words such as "Connection refused" are a broker not reached).
+function setBroker(ok, problem, refused) {
   const el = $("#broker");
   el.className = `pill ${ok ? "on" : "off"}`;
-  el.textContent = ok ? "broker connected" : problem && problem.includes("refused") ? "broker refused the console" : "broker unreachable";
+  el.textContent = ok ? "broker connected" : refused ? "broker refused the console" : "broker unreachable";
   el.title = ok ? "console's MQTT connection" : problem || "console's MQTT connection: not connected yet";
 }
 
@@ -580,7 +639,7 @@ async function loadState() {
   seriesSeconds = state.series_minutes * 60;
   maxCameras = state.max_cameras;
   maxWorkers = state.max_workers;
-  setBroker(state.broker, state.broker_problem);
+  setBroker(state.broker, state.broker_problem, state.broker_refused);
   controlled = state.worker;
   for (const [name, points] of Object.entries(state.series)) camera(name).points = points;
   for (const r of Object.values(state.cameras)) {
@@ -609,7 +668,9 @@ async function start() {
   events.addEventListener("worker", (e) => renderWorker(JSON.parse(e.data)));
   events.addEventListener("camera_error", (e) => renderError(JSON.parse(e.data)));
   events.addEventListener("label", (e) => { applyLabel(JSON.parse(e.data)); loadLearned(); });
-  events.addEventListener("ping", (e) => { const p = JSON.parse(e.data); setBroker(p.broker, p.broker_problem); });
+  for (const kind of ["ping", "link"]) {  // "link": the console's MQTT link came or went
+    events.addEventListener(kind, (e) => { const p = JSON.parse(e.data); setBroker(p.broker, p.broker_problem, p.broker_refused); });
+  }
   setInterval(schedule, PLOT_EVERY_MS);  // plots scroll with time even when a camera is quiet
 }
 

@@ -105,15 +105,19 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 def _distill(args: argparse.Namespace) -> int:
     from exporter.backbones import check_layers
-    from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, cache_path, distill
+    from exporter.teacher import DEFAULT_NATURAL, TeacherSettings, cache_path, distill, finished
 
     settings = TeacherSettings(**_given(args, "size", "backbone", "steps", "batch_size", "crop", "held_out",
                                         "train_precision", "backbone_scale"),
                                **({"layers": args.layers.split(",")} if args.layers else {}))
     check_layers(settings.backbone, settings.layers)
     natural = Path(args.natural or DEFAULT_NATURAL)
+    if args.write_now and not args.out:
+        # The cache holds finished teachers only: train takes what it finds there as the run its key names.
+        raise ValueError("--write-now writes a teacher on the way, which the cache does not hold (train would take it "
+                         "for the finished one): give --out for it")
     out = Path(args.out) if args.out else cache_path(settings, natural)
-    if not args.out and out.is_file():
+    if not args.out and finished(out, settings.steps):
         print(out)  # the cache already holds this teacher
         return 0
     # The cache is keyed by every setting, so its checkpoint is always this run's: resume it without asking.
@@ -264,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "teacher")
     distill.add_argument("--write-now", action="store_true",
                          help="write the teacher and its manifest where the run stops (--stop-after, else the resumed "
-                              "checkpoint's step) and keep the checkpoint, so a later --resume still goes on")
+                              "checkpoint's step) and keep the checkpoint, so a later --resume still goes on (needs --out: the cache "
+                              "holds finished teachers only)")
     distill.set_defaults(func=_distill)
 
     bench = sub.add_parser("benchmark", help="train, export and evaluate models on every category; write a report")

@@ -145,11 +145,21 @@ def load_rgb(paths: list[Path]) -> list[np.ndarray]:
     return [cv2.cvtColor(read_decoded(p), cv2.COLOR_BGR2RGB) for p in paths]
 
 
+def at_least(image: np.ndarray, side: int) -> np.ndarray:
+    """The image upscaled so that its short side is ``side`` where it is shorter: a crop must fit in it (a thumbnail
+    among the natural photos stopped the distillation); larger images are returned as they are."""
+    short = min(image.shape[:2])
+    if short >= side:
+        return image
+    h, w = (max(side, round(d * side / short)) for d in image.shape[:2])
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 def random_crops(images: list[np.ndarray], n: int, crop: int, grayscale_p: float, rng: random.Random) -> torch.Tensor:
     """n augmented crops (random scale, position, flip, grey), RGB float 0..1 NCHW."""
     out = np.empty((n, crop, crop, 3), np.uint8)
     for i in range(n):
-        image = images[rng.randrange(len(images))]
+        image = at_least(images[rng.randrange(len(images))], crop)
         scale = rng.uniform(crop / min(image.shape[:2]), 1.0)
         if scale != 1.0:
             image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
@@ -210,10 +220,13 @@ def _listing(natural: list[Path]) -> str:
     return hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}" for p in natural).encode()).hexdigest()
 
 
+def run_key(settings: TeacherSettings, natural_dir: Path) -> str:
+    """The key of a distillation of ``settings`` on these photos: the cache's file name, a checkpoint's ``key``."""
+    return _key(settings, backbones.resolve(settings.backbone).weights_sha256, natural_images(natural_dir))
+
+
 def cache_path(settings: TeacherSettings, natural_dir: Path) -> Path:
-    bb = backbones.resolve(settings.backbone)
-    key = _key(settings, bb.weights_sha256, natural_images(natural_dir))
-    return backbones.cache_root() / "teachers" / f"pdn-{settings.size}-{key}.safetensors"
+    return backbones.cache_root() / "teachers" / f"pdn-{settings.size}-{run_key(settings, natural_dir)}.safetensors"
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -354,11 +367,17 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
                          "write the untrained teacher")
     if ckpt.is_file() and not resume:
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or delete it to start again")
+    resuming = resume and ckpt.is_file()
+    if resuming:
+        # Before anything is built: another --size's checkpoint would fail in load_state_dict with torch's key dump.
+        saved = _checkpoint_meta(ckpt)
+        if saved["key"] != run_key(settings, natural_dir):  # every setting (an f32 run's as before bf16) and the photos
+            raise ValueError(f"{ckpt} is from other settings or images ({saved['settings']}); delete it or match them")
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     run = _Run.prepare(settings, natural_dir)
-    if resume and ckpt.is_file():
-        channels = _checkpoint_meta(ckpt)["channels"]
+    if resuming:
+        channels = saved["channels"]
     else:
         with torch.no_grad():
             # Channel statistics of the targets on a fixed sample, so the PDN regresses standardised features.
@@ -367,10 +386,8 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     net = pdn(settings.size, channels)
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.lr, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
-    if resume and ckpt.is_file():
+    if resuming:
         state, norm = _load_checkpoint(ckpt, net, optimiser, schedule, rng)
-        if state["key"] != run.key:  # the key covers every setting (an f32 run's as before bf16 existed) and the photos
-            raise ValueError(f"{ckpt} is from other settings or images ({state['settings']}); delete it or match them")
         log.info("resuming %s at step %d/%d", ckpt, state["step"], settings.steps)
     else:
         norm = {"mean": sample.mean((0, 2, 3), keepdim=True),
@@ -442,15 +459,15 @@ def _write_teacher(out: Path, net: nn.Module, run: _Run, settings: TeacherSettin
         "held_out_explained_variance": round(figure, 5),
         "final_loss": round(float(np.mean(losses[-50:])), 5) if losses else None,
         "train_s": round(state["train_s"], 1),
+        "steps_done": state["step"],  # "steps" is the recipe's: a teacher written on the way has done fewer
     }
     tmp = out.with_name(out.name + ".tmp")
     save_file({k: v.half() if fp16 else v for k, v in weights.items()}, str(tmp), metadata={"teacher": json.dumps(meta)})
-    os.replace(tmp, out)
     curve = state["held_out_curve"]
     marks = [s for s, _ in curve]
     manifest = {
         "file": out.name,
-        "sha256": sha256_file(out),
+        "sha256": sha256_file(tmp),
         "dtype": "float16" if fp16 else "float32",
         "recipe": {**settings.as_dict(), "natural": str(natural_dir), "natural_images": len(run.paths),
                    "training_images": len(run.images), "held_out_images": len(run.held_out),
@@ -464,15 +481,41 @@ def _write_teacher(out: Path, net: nn.Module, run: _Run, settings: TeacherSettin
         "train_s": meta["train_s"],
         "data_licence": data_licence(natural_dir),
     }
-    manifest_path(out).write_text(json.dumps(manifest, indent=2) + "\n")
+    # The old manifest goes first and the new one comes last, each file replaced whole: a run stopped on the way
+    # leaves the old pair, or a teacher without a manifest (never taken as finished), not a pair that disagrees.
+    manifest_path(out).unlink(missing_ok=True)
+    os.replace(tmp, out)
+    tmp_manifest = out.with_name(manifest_path(out).name + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_manifest, manifest_path(out))
     log.info("teacher written to %s (%s, held-out variance explained %.4f; fp32 %.4f)", out, manifest["dtype"],
              figure, figure32)
 
 
+def finished(teacher: Path, steps: int) -> bool:
+    """Whether ``teacher`` is a whole distillation of ``steps`` steps: its manifest says so, the file is the one the
+    manifest names by sha256, and no checkpoint of a run still going lies beside it.  A teacher written on the way
+    (``--write-now``) or cut off while written is not, so the cache never hands one out as finished."""
+    if not teacher.is_file() or checkpoint_path(teacher).exists():
+        return False
+    return _manifest_of(teacher).get("steps_done") == steps
+
+
+def _manifest_of(teacher: Path) -> dict:
+    """The teacher's JSON manifest if it names this file by sha256, else empty (absent, unreadable or another's)."""
+    try:
+        record = json.loads(manifest_path(teacher).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("file") != teacher.name or record.get("sha256") != sha256_file(teacher):
+        return {}
+    return record
+
+
 def teacher_file(settings: TeacherSettings, natural_dir: Path) -> Path:
-    """The cached teacher for these settings, distilled first if absent (resuming a cut-short run)."""
+    """The cached teacher for these settings if finished, else distilled (resuming a cut-short run)."""
     path = cache_path(settings, natural_dir)
-    return path if path.is_file() else distill(settings, natural_dir, path, resume=True)
+    return path if finished(path, settings.steps) else distill(settings, natural_dir, path, resume=True)
 
 
 def shipped_teacher(size: str, folder: Path | None = None) -> Path | None:
@@ -497,20 +540,44 @@ def shipped_teacher(size: str, folder: Path | None = None) -> Path | None:
 
 
 def load_teacher(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A teacher's weights and metadata: our safetensors file, or a weights-only torch file of a PDN."""
+    """A teacher's weights and metadata: our safetensors file, or a weights-only torch file of a PDN.
+
+    A file that cannot be read, or whose weights are not a PDN's, is refused naming it (ValueError), not left to
+    fail later in a key lookup or state-dict load.  ``steps_done`` comes from the file's header, or for a teacher
+    written before the header held it (the shipped one) from the manifest beside it when that manifest names this
+    very file by sha256."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher file {path} not found")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("teacher", "{}"))
-        return {k: v.float() for k, v in load_file(str(path)).items()}, meta  # fp16 files too
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state), {}
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("teacher", "{}"))
+            state = {k: v.float() for k, v in load_file(str(path)).items()}  # fp16 files too
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            state, meta = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded, {}
+    except Exception as exc:  # safetensors', pickle's and torch's errors alike: the file is not one we can read
+        raise ValueError(f"teacher file {path} cannot be read as a PDN teacher ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not isinstance(meta, dict):
+        raise ValueError(f"teacher file {path} holds no PDN weights (a name-to-tensor mapping)")
+    size, channels = teacher_channels(state, path)
+    expected = {k: tuple(v.shape) for k, v in pdn(size, channels).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if found != expected:
+        wrong = sorted(set(expected) ^ set(state) | {k for k in expected if found.get(k, expected[k]) != expected[k]})
+        raise ValueError(f"teacher file {path} is not a {size} PDN's weights: {', '.join(wrong[:5])} "
+                         f"{'differ' if len(wrong) > 1 else 'differs'} from anomalib's PDN")
+    if "steps_done" not in meta and "steps_done" in (record := _manifest_of(path)):
+        meta["steps_done"] = record["steps_done"]
+    return state, meta
 
 
-def teacher_channels(state: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """PDN size and output channels, read from the weights themselves."""
+def teacher_channels(state: dict[str, torch.Tensor], path: Path | None = None) -> tuple[str, int]:
+    """PDN size and output channels, read from the weights themselves (``path``: the file named if they are none)."""
     size = "medium" if "conv6.weight" in state else "small"
     last = "conv6.weight" if size == "medium" else "conv4.weight"
-    return size, int(state[last].shape[0])
+    weight = state.get(last)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 4:
+        raise ValueError(f"teacher {path or 'weights'} holds no PDN weights: no 4-d {last} (its output layer)")
+    return size, int(weight.shape[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -14,16 +15,20 @@ from conftest import SHARED
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from exporter.__main__ import main
 from exporter.teacher import (
     TeacherSettings,
+    cache_path,
     check_train_precision,
     checkpoint_path,
     distill,
     load_teacher,
     manifest_path,
     native_bf16,
+    random_crops,
     sha256_file,
     shipped_teacher,
+    teacher_file,
 )
 from exporter.train import efficientad
 
@@ -59,6 +64,8 @@ def test_resumed_distillation_ends_where_an_uninterrupted_one_does(natural, stra
         distill(TINY, natural, out)  # never silently overwrites a run in progress
     with pytest.raises(ValueError, match="other settings"):
         distill(TeacherSettings(steps=6, batch_size=2, crop=64, lr=1e-2), natural, out, resume=True)
+    with pytest.raises(ValueError, match="other settings"):  # not torch's state-dict error from loading it first
+        distill(TeacherSettings(steps=6, batch_size=2, crop=64, size="medium"), natural, out, resume=True)
     assert distill(TINY, natural, out, eval_every=3, resume=True) == out
     assert not ckpt.exists()  # the finished teacher replaces its checkpoint
     a, b = load_file(str(straight)), load_file(str(out))
@@ -76,6 +83,8 @@ def test_a_teacher_written_on_the_way_keeps_its_checkpoint_and_the_run_goes_on(n
     assert distill(TINY, natural, out, eval_every=3, stop_after=4, write_now=True) == out
     early = json.loads(manifest_path(out).read_text())
     assert checkpoint_path(out).is_file() and early["steps_done"] == 4 and early["recipe"]["steps"] == 6
+    meta = load_teacher(out)[1]
+    assert meta["steps"] == 6 and meta["steps_done"] == 4  # the header says what was done, as the bundle copies it
     assert [s for s, _ in early["held_out_curve"]] == [0, 3, 4]  # the figure of what is shipped
     first = out.read_bytes()
     assert distill(TINY, natural, out, resume=True, write_now=True) == out  # from the checkpoint, no step more
@@ -195,3 +204,46 @@ def test_backbone_scale_targets_the_same_cells_from_an_upscaled_crop(natural):
     assert _key(TeacherSettings(), "sha", []) != _key(first, "sha", [])
     with pytest.raises(ValueError, match="whole factor"):
         BackboneTargets(TeacherSettings(backbone_scale=0))
+
+
+def test_a_teacher_written_on_the_way_is_never_taken_from_the_cache_for_the_finished_one(natural, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """`distill-teacher --stop-after 3 --write-now` without --out put a 3-step teacher at the cache path of the 6-step
+    one; `--resume` then only printed it, and `train --teacher-steps 6` used it, recording 6."""
+    monkeypatch.setenv("EDGE_INSPECT_CACHE", str(tmp_path))
+    tiny = ["distill-teacher", "--natural", str(natural), "--steps", "6", "--batch-size", "2", "--crop", "64"]
+    assert main([*tiny, "--stop-after", "3", "--write-now"]) == 2
+    assert "give --out" in capsys.readouterr().err and not (tmp_path / "teachers").exists()
+    cached = cache_path(TINY, natural)
+    distill(TINY, natural, cached, stop_after=3, write_now=True)  # what the command wrote there before
+    assert main([*tiny, "--resume"]) == 0 and capsys.readouterr().out.strip() == str(cached)
+    assert json.loads(manifest_path(cached).read_text())["steps_done"] == 6 and not checkpoint_path(cached).exists()
+    distill(TINY, natural, cached, stop_after=3, write_now=True)
+    checkpoint_path(cached).unlink()  # a run on the way whose checkpoint is gone: distilled again, not taken
+    assert teacher_file(TINY, natural) == cached
+    assert json.loads(manifest_path(cached).read_text())["steps_done"] == 6 and load_teacher(cached)[1]["steps_done"] == 6
+
+
+def test_a_natural_photo_smaller_than_the_crop_is_upscaled_to_hold_it():
+    """A thumbnail among the photos ended the distillation with "empty range for randrange()"."""
+    from exporter.teacher import at_least
+
+    thumb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
+    crops = random_crops([thumb], 4, 64, 0.0, random.Random(0))
+    assert crops.shape == (4, 3, 64, 64) and float(crops.std()) > 0
+    assert at_least(thumb, 64).shape == (64, 80, 3)
+    photo = np.zeros((64, 90, 3), np.uint8)
+    assert at_least(photo, 64) is photo  # photos that hold a crop are cropped as before: the same crops, the same run
+
+
+def test_the_shipped_teacher_records_the_steps_it_was_distilled_for_and_done(monkeypatch):
+    """Its recipe says 10000 steps, 700 were done; a bundle trained on it said 10000 (the header has no steps_done:
+    the manifest beside it, which names the file by sha256, says it)."""
+    monkeypatch.delenv("EDGE_INSPECT_TEACHERS", raising=False)
+    path = shipped_teacher("small")
+    assert path is not None
+    manifest = json.loads(manifest_path(path).read_text())
+    _, info = efficientad.build_model(efficientad.EfficientAdSettings())
+    assert info["teacher_file"] == str(path)
+    assert info["teacher"]["steps"] == manifest["recipe"]["steps"]
+    assert info["teacher"]["steps_done"] == manifest["steps_done"] < manifest["recipe"]["steps"]

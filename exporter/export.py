@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import warnings
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -63,7 +64,11 @@ def convert(graph: nn.Module, spec: InputSpec) -> ov.Model:
     names: tuple[str, ...] = OUTPUT_NAMES
     ext = extension_spec(graph)
     graph = as_served(graph, spec)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        if not log.isEnabledFor(logging.DEBUG):  # -v shows them
+            # Python values read from tensors (anomalib's constants, its map size) are traced as constants: right
+            # here, since the graph's height and width are fixed by the input spec and only the batch varies.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
         if ext is None:
             model = ov.convert_model(graph, example_input=image, input=shapes)
         else:

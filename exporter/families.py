@@ -221,6 +221,11 @@ class EfficientAd(Family["EfficientAdSettings"]):
 
         return EfficientAdSettings
 
+    def check(self, settings: EfficientAdSettings) -> None:
+        from exporter.train.efficientad import check
+
+        check(settings)
+
     def fit(self, data: Path, category: str | None, settings: EfficientAdSettings, threshold: ThresholdChoice) -> Trained:
         from exporter.build import fit_efficientad
 

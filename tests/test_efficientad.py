@@ -123,6 +123,7 @@ def test_train_command_builds_an_efficientad_bundle_from_a_given_teacher(small, 
     out = tmp_path / "b"
     proc = train(out, precision)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TracerWarning" not in proc.stderr  # torch's notes on tracing anomalib's constants: -v shows them
     manifest = read_manifest(out)
     assert manifest.family == "efficientad" and manifest.name == "weave-efficientad"
     assert manifest.training["steps"] == 2 and manifest.training["teacher_file"] == str(teacher)
@@ -166,3 +167,49 @@ def test_a_false_alarm_on_an_efficientad_bundle_says_it_cannot_be_absorbed_and_w
     assert "cannot absorb false alarms: only PatchCore bundles learn from labels on the line" in reason, reason
     assert "kept for the next training set" in reason, reason
     client.close()
+
+
+def test_efficientad_settings_it_cannot_honour_are_refused_before_the_data_is_read(small, teacher, tmp_path, capsys):
+    """--input-size 128 was refused only after the data was read; --teacher with --teacher-steps ignored the steps
+    and recorded them; a --teacher that is not a PDN, or is damaged, ended in a traceback."""
+    from exporter.__main__ import main
+
+    not_pdn, junk = tmp_path / "not-pdn.pt", tmp_path / "junk.safetensors"
+    torch.save({"foo": torch.zeros(2)}, not_pdn)
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 1000, np.uint8).tobytes())
+    base = ["train", "--model", "efficientad", "--data", str(small), "--category", "weave", "--steps", "1",
+            "--natural", str(small / "weave" / "train"), "--no-eval"]
+    cases = [(["--input-size", "128", "--teacher", str(teacher)], "input_size >= 256"),
+             (["--teacher", str(teacher), "--teacher-steps", "3"], "give one of them"),
+             (["--teacher", str(not_pdn)], f"teacher {not_pdn} holds no PDN weights"),
+             (["--teacher", str(junk)], f"teacher file {junk} cannot be read")]
+    if not native_bf16():
+        cases.append((["--teacher", str(teacher), "--train-precision", "bf16"], "bf16 units"))
+    for i, (options, said) in enumerate(cases):
+        assert main([*base, "--out", str(tmp_path / f"b{i}"), *options]) == 2, options
+        out, err = capsys.readouterr()
+        assert said in err and out == "", (options, out, err)  # out: the data summary, printed once it is read
+        assert not (tmp_path / f"b{i}").exists()
+
+
+def test_featureless_normal_images_are_refused_by_name_not_exported_as_nan(small, teacher, tmp_path):
+    """Flat normal images gave maps whose 90th and 99.5th percentiles were equal: the map normalisation divided 0
+    by 0 and the export failed on a NaN map after the whole fit."""
+    import cv2
+
+    from exporter.export import input_spec
+
+    flat = []
+    for i in range(4):
+        flat.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(flat[-1]), np.full((64, 64, 3), 120 + i, np.uint8))
+    settings = efficientad.EfficientAdSettings(teacher=str(teacher), steps=1, natural=str(small / "weave" / "train"))
+    spec = input_spec(256, efficientad.MEAN, efficientad.STD, grey=False)
+    with pytest.raises(ValueError, match="single flat colour"):  # before the teacher is even loaded
+        efficientad.fit(settings, flat[:3], flat[3:], spec)
+    # Normals that are not all flat can still give maps without spread: refused where the spread is measured.
+    torch.manual_seed(0)
+    model, _ = efficientad.build_model(settings)
+    efficientad._channel_mean_std(model, torch.rand(2, 3, 256, 256))
+    with pytest.raises(ValueError, match="student-teacher anomaly maps have no spread"):
+        efficientad._map_quantiles(model, torch.full((2, 3, 256, 256), 0.5))

@@ -104,6 +104,20 @@ def _penalty_image(images: list[np.ndarray], size: int, rng: random.Random) -> t
     return torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0).float() / 255.0
 
 
+def check(settings: EfficientAdSettings) -> None:
+    """Refuse what the fit would fail on, or silently not do, before any data is read: an input too small, a
+    teacher file given with --teacher-steps (a distillation that would not run, yet be recorded), a bf16 this CPU
+    would emulate, a teacher file that is not a PDN's."""
+    if settings.input_size < MIN_SIZE:
+        raise ValueError(f"EfficientAD needs input_size >= {MIN_SIZE} (its autoencoder ends in an 8x8 convolution "
+                         f"after five stride-2 ones), not {settings.input_size}")
+    if settings.teacher and settings.teacher_steps:
+        raise ValueError("--teacher-steps distils a teacher, --teacher uses the one in a file: give one of them")
+    check_train_precision(settings.train_precision)
+    if settings.teacher:
+        load_teacher(Path(settings.teacher))
+
+
 def build_model(settings: EfficientAdSettings) -> tuple[EfficientAdModel, dict]:
     """anomalib's model with our teacher loaded (and frozen); returns it with the teacher's metadata."""
     shipped = None if settings.teacher or settings.teacher_steps else shipped_teacher(settings.model_size)
@@ -147,10 +161,24 @@ def _map_quantiles(model: EfficientAdModel, images: torch.Tensor) -> None:
     maps = [model.get_maps(images[i : i + 1], normalize=False) for i in range(len(images))]
     st = reduce_tensor_elems(torch.cat([m[0] for m in maps]))
     ae = reduce_tensor_elems(torch.cat([m[1] for m in maps]))
-    model.quantiles.update({
-        "qa_st": torch.quantile(st, 0.9), "qb_st": torch.quantile(st, 0.995),
-        "qa_ae": torch.quantile(ae, 0.9), "qb_ae": torch.quantile(ae, 0.995),
-    })
+    quantiles = {"qa_st": torch.quantile(st, 0.9), "qb_st": torch.quantile(st, 0.995),
+                 "qa_ae": torch.quantile(ae, 0.9), "qb_ae": torch.quantile(ae, 0.995)}
+    for name, map_name in (("st", "student-teacher"), ("ae", "autoencoder")):
+        # The map is normalised by (map - qa) / (qb - qa): with no spread every value becomes 0/0, a NaN bundle.
+        if not quantiles[f"qb_{name}"] > quantiles[f"qa_{name}"]:
+            raise ValueError(f"the held-out normal images' {map_name} anomaly maps have no spread (their 90th and "
+                             "99.5th percentiles are equal), so EfficientAD's map normalisation would divide by zero: "
+                             "the normal images are featureless (flat?); train on images with texture, or use PatchCore")
+    model.quantiles.update(quantiles)
+
+
+def _refuse_flat(images: torch.Tensor) -> None:
+    """Refuse normal images that are each one flat colour: EfficientAD learns their texture and normalises its maps
+    by their spread on the held-out ones, and such images have neither (the fit would end in a NaN bundle)."""
+    if bool((images.flatten(1).std(1) == 0).all()):
+        raise ValueError(f"every one of the {len(images)} normal images (or tiles) is a single flat colour: EfficientAD "
+                         "has no texture to learn and its anomaly maps no spread to normalise by; train on images "
+                         "with texture, or use PatchCore")
 
 
 def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], spec: InputSpec) -> tuple[EfficientAdGraph, dict]:
@@ -159,17 +187,16 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
     The step budget (``steps`` in the returned record, which the manifest keeps) is ``settings.steps``
     or PASSES passes over ``train`` at batch 1.
     """
-    if settings.input_size < MIN_SIZE:
-        raise ValueError(f"EfficientAD needs input_size >= {MIN_SIZE} (its autoencoder ends in an 8x8 convolution "
-                         f"after five stride-2 ones), not {settings.input_size}")
-    check_train_precision(settings.train_precision)
+    check(settings)
+    tiling = tiling_of(settings)
+    images = as_fitted(to_tensor([tile for p in train for tile in read_tiles(p, spec, tiling)], spec), spec)
+    held = as_fitted(to_tensor([tile for p in normals for tile in read_tiles(p, spec, tiling)], spec), spec)
+    _refuse_flat(torch.cat([images, held]))
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     started = time.monotonic()
     model, teacher_info = build_model(settings)
     teacher_s = time.monotonic() - started
-    tiling = tiling_of(settings)
-    images = as_fitted(to_tensor([tile for p in train for tile in read_tiles(p, spec, tiling)], spec), spec)
     penalty = load_rgb(natural_images(Path(settings.natural)))
     embedder = DefectEmbedding.fit(_channel_mean_std(model, images), seed=settings.seed)
     params = list(model.student.parameters()) + list(model.ae.parameters())
@@ -194,7 +221,7 @@ def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], s
         recent.append(loss.item())
         progress.update(step + 1, recent[-1])
     trained = time.monotonic()
-    _map_quantiles(model, as_fitted(to_tensor([tile for p in normals for tile in read_tiles(p, spec, tiling)], spec), spec))
+    _map_quantiles(model, held)
     graph = EfficientAdGraph(model, embedder).eval()
     timings = {
         **teacher_info,

@@ -337,3 +337,46 @@ def test_a_misspelt_key_is_named_with_the_key_it_may_have_meant(tmp_path):
                        ("learning.margn", "margin"), ("mqtt.pasword", "password")):
         assert f"{key}: Extra inputs are not permitted (did you mean {meant}?)" in said, said
     assert "store.zebra: Extra inputs are not permitted;" in said + ";", said  # nothing near it: no guess
+
+
+@pytest.mark.parametrize("variable, key", [("EDGE_INSPECT__MQTT__HOST", "mqtt.host"),
+                                           ("EDGE_INSPECT__METRICS__HOST", "metrics.host"),
+                                           ("EDGE_INSPECT__CONSOLE__HOST", "console.host"),
+                                           ("EDGE_INSPECT__STORE__URL", "store.url")])
+def test_an_empty_host_or_store_url_is_refused_naming_its_variable(tmp_path, variable, key):
+    """A variable left empty in an env file: an empty mqtt.host ended in paho's ValueError traceback, an empty
+    metrics.host listened on every address where the docs say loopback, an empty store.url opened the embedded store
+    without its max_points bound and without its folder's lock (the config read it as set, the store as unset)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_INSPECT")}
+    proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**env, variable: ""})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {variable} (environment): {key}: String should have at "
+                                                "least 1 character"], proc.stderr
+
+
+def test_an_environment_list_keeps_its_text_as_written(tmp_path):
+    """A list given in the environment was read by plain YAML: camera ids ``007`` and ``off`` became 7 and false and
+    were refused, where the same list in config.yaml is taken as written."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b}\n")
+    cfg = load_config(path, environ={"EDGE_INSPECT__TOPICS__CAMERAS": "[cam1, 007, off]",
+                                     "EDGE_INSPECT__CAMERAS__007__THRESHOLD": "28",
+                                     "EDGE_INSPECT__MQTT__TLS__CA_FILE": "0123"})
+    assert cfg.topics.cameras == ["cam1", "007", "off"]
+    assert cfg.cameras["007"].threshold == 28.0
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == tmp_path.resolve() / "0123"
+
+
+def test_a_section_whose_keys_are_all_commented_out_takes_its_defaults(tmp_path):
+    """YAML reads a section with only comments under it as null: it was refused ("Input should be a valid
+    dictionary"), a camera with none of its settings left too, and an override into it was "not a section"."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  bundle: b\nheatmap:\n  # size: 512\ncameras:\n  line1:\n"
+                    "console:\n  # password: x\nmqtt:\n  tls:\n")
+    cfg = load_config(path, environ={"EDGE_INSPECT__CONSOLE__PORT": "8081"})
+    assert cfg.heatmap.size == load_config(path, environ={}).heatmap.size == type(cfg.heatmap)().size
+    assert cfg.cameras["line1"].threshold is None and cfg.console.port == 8081
+    assert cfg.mqtt.tls is None  # an optional section left null stays off

@@ -51,7 +51,7 @@ class TLSConfig(_Section):
 
 
 class MQTTConfig(_Section):
-    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
     client_id: str | None = Field(None, description="Default: edge-inspect-<worker.id>. Keep it stable for persistent sessions.")
     username: str | None = Field(None, description="Broker user name, if the broker requires a login.")
@@ -283,7 +283,7 @@ def camera_tiling(camera: CameraConfig | None, bundle: Grid | None) -> Grid | No
 
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
-    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
     port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own "
                                                  "(one in use stops the start, exit code 2).")
     max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under "
@@ -293,7 +293,7 @@ class MetricsConfig(_Section):
 class StoreConfig(_Section):
     path: Path | None = Field(Path("data/qdrant"), description="Embedded store (qdrant-edge) folder on disk, the default; one sub-folder "
                                                                "per collection.")
-    url: str | None = Field(None, description="Qdrant server URL; when set, used instead of path.")
+    url: str | None = Field(None, min_length=1, description="Qdrant server URL; when set, used instead of path.")
     api_key: SecretStr | None = Field(None, description="Qdrant server API key (prefer EDGE_INSPECT__STORE__API_KEY).")
     collection: str = Field("frames", description="Qdrant collection; one per embedding space (model family/backbone).")
     hnsw: bool = Field(False, description="Embedded: approximate HNSW index (rebuilt on the recorder thread at each retention pass) "
@@ -431,7 +431,8 @@ class QueryConfig(_Section):
 
 
 class ConsoleConfig(_Section):
-    host: str = Field("127.0.0.1", description="Operator console (python -m worker console) bind address; loopback by default.")
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="Operator console (python -m worker console) bind address; loopback by default.")
     port: int = Field(8080, ge=1, le=65535, description="Operator console HTTP port.")
     username: str | None = Field(None, description="Console HTTP basic-auth user; required (with password) to bind beyond loopback.")
     password: SecretStr | None = Field(None, description="Console basic-auth password (prefer EDGE_INSPECT__CONSOLE__PASSWORD).")
@@ -557,15 +558,18 @@ class Config(_Section):
 
 
 def _field_at(path: list[str]) -> object | None:
-    """The annotation of the config key at ``path`` (None when the path is not a known key)."""
-    model: object = Config
-    annotation = None
+    """The annotation of the config key at ``path`` (None when the path is not a known key), walked as
+    :func:`_typed` walks the file: through optional sections (``mqtt.tls``) and a camera's id (``cameras.<id>``)."""
+    annotation: object = Config
     for part in path:
+        model, args = _required(annotation)
         fields = getattr(model, "model_fields", None)
-        if fields is None or part not in fields:
+        if fields is not None and part in fields:
+            annotation = fields[part].annotation
+        elif fields is None and get_origin(model) is dict:
+            annotation = args[1]
+        else:
             return None
-        annotation = fields[part].annotation
-        model = annotation
     return annotation
 
 
@@ -593,14 +597,16 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> tuple[dict, dict[tuple[str
         sources[tuple(path)] = key
         node = raw
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a section whose keys are all commented out, or an optional one left null
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
         if not value or _is_text(_field_at(path)):
             node[path[-1]] = value
             continue
-        try:
-            node[path[-1]] = yaml.safe_load(value)
+        try:  # read as the file is: a list of camera ids keeps ``off`` and ``007`` as written
+            node[path[-1]] = _typed(yaml.load(value, Loader=_Loader), _field_at(path))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: not a valid value ({exc.__class__.__name__})") from None
     return raw, sources
@@ -689,7 +695,10 @@ def _typed(raw: object, annotation: object) -> object:
     """``raw`` with each plain scalar as its key's type asks: the text for a text key, else YAML's value."""
     if isinstance(raw, _Plain):
         return str(raw) if _is_text(annotation) else raw.value
+    optional = annotation is not _required(annotation)[0]
     annotation, args = _required(annotation)
+    if raw is None and not optional and (hasattr(annotation, "model_fields") or get_origin(annotation) is dict):
+        return {}  # a section (or camera) whose keys are all commented out: its defaults, as if it were left out
     if isinstance(raw, dict):
         fields = getattr(annotation, "model_fields", None)
         if fields is not None:

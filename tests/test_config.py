@@ -380,3 +380,15 @@ def test_a_section_whose_keys_are_all_commented_out_takes_its_defaults(tmp_path)
     assert cfg.heatmap.size == load_config(path, environ={}).heatmap.size == type(cfg.heatmap)().size
     assert cfg.cameras["line1"].threshold is None and cfg.console.port == 8081
     assert cfg.mqtt.tls is None  # an optional section left null stays off
+
+
+def test_a_reload_that_never_reached_the_broker_does_not_say_it_may_be_carried_out(tmp_path, capsys):
+    """The note "if the worker took the reload before the wait ran out, it is carried out" was printed when the
+    broker could not be reached at all: nothing was sent, nothing can be carried out."""
+    from worker.__main__ import main
+
+    (tmp_path / "c.yaml").write_text("model: {bundle: b}\nmqtt: {port: 1}\nquery: {timeout_s: 1}\n")  # nothing listens
+    for command in (["reload", "--bundle", "b"], ["rollback"]):
+        assert main([command[0], "--config", str(tmp_path / "c.yaml"), *command[1:], "--timeout", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "error: cannot reach the broker" in err and "note:" not in err, err

@@ -42,8 +42,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict], unanswered: str | None = None) -> dict | None:
     """One request to the running worker over MQTT; None, after saying why, when none answered (``unanswered``: a
-    note for a request that was sent and not answered, not for one the broker refused)."""
-    from worker.api_client import ApiClient, ApiError, Refused
+    note for a request that was sent and not answered, not for one the broker refused or that never went out)."""
+    from worker.api_client import ApiClient, ApiError, Unanswered
     from worker.mqtt import PacketTooLarge
 
     try:
@@ -51,7 +51,7 @@ def _ask(cfg: Config, name: str, send: Callable[[ApiClient], dict], unanswered: 
             return send(client)
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if unanswered is not None and not isinstance(exc, Refused):
+        if unanswered is not None and isinstance(exc, Unanswered):
             print(unanswered, file=sys.stderr)
         return None
     except PacketTooLarge as exc:

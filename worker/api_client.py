@@ -28,6 +28,10 @@ class ApiError(Exception):
     back is no answer."""
 
 
+class Unanswered(ApiError):
+    """The request went out and no answer came in time: a worker may still have taken it (and carry it out)."""
+
+
 class Refused(ApiError):
     """The broker refused the request in its PUBACK (its ACL does not let this login write the topic): nothing reached
     a worker, and asking again as the same login cannot help."""
@@ -115,7 +119,7 @@ class ApiClient:
                 content_type="application/json", response_topic=self.reply_topic, correlation=correlation,
                 expiry_s=max(1.0, timeout - 1)), refused=refused)
             if not done.wait(timeout):
-                raise ApiError(f"no answer from a worker on {topic} within {timeout:g} s")
+                raise Unanswered(f"no answer from a worker on {topic} within {timeout:g} s")
             if refusal:
                 raise Refused(f"the broker refused the request on {topic} ({refusal[0]}), so no worker got it: its ACL "
                               f"must let {self.link.who} write that topic")

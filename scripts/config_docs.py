@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from enum import Enum
 from pathlib import Path
@@ -73,9 +74,14 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Unknown arguments (``--help`` aside, which prints the usage) are refused: only no argument rewrites the file."""
+    parser = argparse.ArgumentParser(prog="python -m scripts.config_docs",
+                                     description=f"Write {OUT.relative_to(OUT.parents[1])} from worker/config.py.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale instead of writing it")
+    args = parser.parse_args(argv)
     text = render()
-    if "--check" in sys.argv:
+    if args.check:
         if not OUT.is_file() or OUT.read_text() != text:
             print(f"{OUT} is stale: run python -m scripts.config_docs", file=sys.stderr)
             return 1

@@ -510,11 +510,10 @@ def small_disk(tmp_path):
 def _fill(folder: Path) -> Path:
     """Write a file until the disk refuses more."""
     filler = folder / "filler"
-    with filler.open("wb") as fh:
+    with filler.open("wb", buffering=0) as fh:  # unbuffered: nothing is left to write (and refused) at the close
         try:
             while True:
                 fh.write(bytes(1 << 20))
-                fh.flush()
         except OSError:
             pass
     return filler
@@ -567,6 +566,28 @@ def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, datas
         assert worker.stop() == 0, worker.output()[-3000:]
     finally:
         client.close()
+
+
+def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(broker, bundle_dir, dataset, tmp_path, small_disk,
+                                                                    worker_factory):
+    """A first start on a full disk ended in a traceback (exit 1): the claim's owner line, written into each new
+    folder's lock file, was not guarded. The lock is the claim; its owner line is said as not written."""
+    prefix = f"f{uuid.uuid4().hex[:6]}"
+    config = write_config(small_disk / "w", broker.port, bundle_dir, topics={"prefix": prefix},
+                          store={"path": str(small_disk / "w" / "qdrant")},
+                          mqtt={"session_file": str(small_disk / "w" / "mqtt-session.json")})
+    _fill(small_disk)
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    try:
+        wait_online(client, prefix)
+        client.publish_frame("cam", good_png(dataset).read_bytes(), "on-a-full-disk")
+        client.json_on(f"{prefix}/cam/result")
+        assert worker.stop() == 0, worker.output()[-3000:]
+    finally:
+        client.close()
+    assert (f"WARNING worker.service: evidence.path: the owner line of {small_disk / 'w' / 'evidence' / '.worker.lock'} "
+            "cannot be written (No space left on device); the folder is claimed all the same") in worker.output()
 
 
 # 3. Overload is handled by policy -------------------------------------------------------------

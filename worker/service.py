@@ -137,10 +137,14 @@ def _claim(key: str, folder: Path, owner: str) -> IO[str] | None:
     except OSError as exc:  # a file system without locks (some network mounts): run, unguarded
         log.warning("%s: %s cannot be locked (%s); make sure no other worker writes to it", key, folder, exc)
         return handle
-    handle.seek(0)
-    handle.truncate()
-    handle.write(owner + "\n")
-    handle.flush()
+    try:  # the owner is only named for a second worker's error: the lock is the claim
+        handle.seek(0)
+        handle.truncate()
+        handle.write(owner + "\n")
+        handle.flush()
+    except OSError as exc:  # a full disk at the first start: the lock holds, a second worker's error names no owner
+        log.warning("%s: the owner line of %s cannot be written (%s); the folder is claimed all the same", key,
+                    folder / LOCK_NAME, exc.strerror or exc)
     return handle
 
 

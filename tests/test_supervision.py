@@ -724,3 +724,29 @@ def test_a_stop_signal_that_lands_inside_the_main_threads_wait_is_noted_not_dead
     now = _SIGNAL_IN_LOCKED_WAIT.format(install="signals = StopSignals().install()") + "print(signals.received)\n"
     done = subprocess.run([sys.executable, "-c", now], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.split() == ["noted", str(int(signal.SIGTERM))], done
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_stop_signal_during_the_start_stops_it_cleanly_before_serving(stop_signal, broker, bundle_dir, tmp_path):
+    """The stop signals' handler was installed only once the worker was built (OpenVINO imported, the bundle compiled,
+    the folders claimed): SIGTERM then ended the start at once without a word (-15), SIGHUP likewise (-1), SIGINT with
+    a KeyboardInterrupt traceback from an import, exit 130, or an abort (-6) with the compile thread still running.
+    The signal is sent at the worker's first log line, before the imports and the compile."""
+    import signal
+
+    from conftest import WorkerProcess, write_config
+
+    config = write_config(tmp_path / "w", broker.port, bundle_dir)
+    worker = WorkerProcess(config, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not worker.output().strip() and worker.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # poll interval for the first log line, with a deadline
+        code = worker.stop(getattr(signal, stop_signal))
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+    out = worker.output()
+    assert code == 0, out[-3000:]
+    assert f"INFO worker: stopped by {stop_signal} during the start, before serving" in out, out[-3000:]
+    assert "connected to" not in out and "Traceback" not in out, out[-3000:]

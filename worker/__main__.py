@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -24,19 +25,30 @@ from worker.wire import MAX_REQUEST_BYTES
 if TYPE_CHECKING:  # the MQTT client is imported when a command needs it
     from worker.api_client import ApiClient
 
+log = logging.getLogger("worker")
+
 
 def _run(args: argparse.Namespace) -> int:
+    from worker.supervise import StopSignals
+
+    # Before the imports and the compile, which take seconds: a stop signal meanwhile (the default ends the process at
+    # once, or raises KeyboardInterrupt into an import or past a compile thread) stops the start once it is done.
+    # SIGHUP too (a terminal or ssh session that closes): by default it ends the process at once, and the frames in
+    # its queue, already acknowledged to the broker, would be lost with it
+    signals = StopSignals().install()
     cfg = load_config(args.config)
     logging.getLogger().setLevel(cfg.worker.log_level)
+    log.info("starting worker %r: loading and compiling %s", cfg.worker.id, cfg.model.bundle)
     from worker.service import Worker  # imports OpenVINO/Qdrant only once the config is valid
-    from worker.supervise import StopSignals
 
     # The store is not opened here: one that is down is an outage (spooled), one of another embedding size is said
     # and answered while inspection goes on (worker/recorder.py); results are the worker's main job.
     worker = Worker(cfg)
-    # SIGHUP too (a terminal or ssh session that closes): by default it ends the process at once, and the frames in
-    # its queue, already acknowledged to the broker, would be lost with it
-    worker.run(threading.Event(), StopSignals().install())
+    if signals.received is not None:  # nothing was taken from the broker yet: nothing to finish
+        log.info("stopped by %s during the start, before serving (nothing was taken from the broker)",
+                 signal.Signals(signals.received).name)
+        return 0
+    worker.run(threading.Event(), signals)
     return 0
 
 

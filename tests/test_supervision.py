@@ -349,6 +349,35 @@ def test_recorder_survives_an_oserror_in_retention_and_flush_waits_for_the_batch
         recorder.stop()
 
 
+def test_the_recorders_stop_is_bounded_while_the_store_is_held(tmp_path, caplog):
+    """recorder.stop() waited for the store's lock without a limit after its thread's 10 s join: a reader or a write
+    that does not return (a hung disk or server) held the clean stop past the service manager's kill. Here a reader
+    holds the store through the stop."""
+    cfg = StoreConfig(path=tmp_path / "store")
+    recorder = Recorder(lambda: VectorStore(cfg, 4), EvidenceStore(tmp_path / "e", 100), cfg,
+                        SpoolConfig(path=tmp_path / "spool"), 16, Liveness(0))
+    recorder.start()
+    holding, release = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with recorder.use_store():
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert holding.wait(30)
+        started = time.monotonic()
+        with caplog.at_level(logging.ERROR, logger="worker.recorder"):
+            recorder.stop(1)
+        assert time.monotonic() - started < 10
+        assert "the store is left unclosed at the stop: a thread still holds it" in caplog.text
+    finally:
+        release.set()
+        thread.join(60)
+
+
 def test_recorder_backlog_is_bounded_in_bytes(tmp_path):
     cfg = StoreConfig(path=tmp_path / "store")
     recorder = Recorder(lambda: VectorStore(cfg, 4), EvidenceStore(tmp_path / "e", 100), cfg,

@@ -272,10 +272,19 @@ class Recorder:
             return self._done.wait_for(lambda: self._finished >= target, timeout)
 
     def stop(self, timeout: float = 10) -> None:
+        """Close the queue and the store, within ``timeout`` in all: a recorder thread stuck in a write (a hung
+        disk) holds the store's lock, and the stop must end before the service manager's kill."""
+        deadline = time.monotonic() + timeout
         self.queue.close()
         self._thread.join(timeout)
-        with self._store_lock:
+        if not self._store_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            log.error("the store is left unclosed at the stop: a thread still holds it after %g s (a write or a read "
+                      "that does not return: a hung disk or server); what it had not flushed may be lost", timeout)
+            return
+        try:
             self._close_store(logging.ERROR)  # e.g. a full disk: said, and the shutdown goes on
+        finally:
+            self._store_lock.release()
 
     # --- recorder thread ---------------------------------------------------------------------
     def _try_open(self) -> bool:

@@ -111,8 +111,11 @@ def test_the_unit_leaves_config_errors_down_restarts_the_rest_and_waits_out_the_
     unit = dict(line.split("=", 1) for line in (DEPLOY / "systemd" / "edge-inspect-worker.service").read_text().splitlines()
                 if "=" in line and not line.startswith("#"))
     assert unit["Restart"] == "always" and "2" in unit["RestartPreventExitStatus"].split()
-    # Worker.shutdown: unsubscribe 5 s, pipeline 30 s, request thread 30 s, recorder flush 30 s and stop 10 s, 'stopped' 5 s
-    assert int(unit["TimeoutStopSec"]) >= 5 + 30 + 30 + 30 + 10 + 5
+    # Worker.shutdown's steps, each bounded, add up past it (the export in hand, the wait for a broker that is away):
+    # one deadline bounds them all, and the dead man's switch armed for the stop fires only past it
+    from worker.service import STOP_S, STOPPED_S
+
+    assert int(unit["TimeoutStopSec"]) > STOP_S + STOPPED_S
 
 
 def test_under_the_journal_lines_carry_their_priority_and_no_timestamp_of_their_own(tmp_path):

@@ -945,6 +945,65 @@ def test_sigterm_finishes_queued_frames_and_leaves_the_rest_with_the_broker(stop
     assert worker2.stop() == 0
 
 
+def _logged(worker, text: str, timeout: float = 120) -> bool:
+    """Whether ``text`` is in the worker's log within ``timeout`` (polled; False at once when the worker ended)."""
+    deadline = time.monotonic() + timeout
+    while text not in worker.output() and worker.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll interval for the log, with a deadline
+    return text in worker.output()
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["broker-back-during-the-stop", "broker-gone"])
+def test_a_clean_stop_while_the_broker_is_away_waits_for_it_and_counts_what_it_never_took(comes_back, bundle_dir,
+                                                                                           dataset, tmp_path,
+                                                                                           worker_factory):
+    """Results published while the broker is away wait in paho's queue, sent again at a reconnect; a clean stop
+    then disconnected at once and they died with the process: frames acknowledged on arrival, never answered, and
+    the stop said "0 frames refused" (a helper's probe: 7 of 30 answered). The stop now waits (worker.stop_wait_s)
+    for the broker; what it never takes is logged as an error and counted in the stopped line."""
+    store_dir = broker_readable_dir()
+    port = free_port()
+    broker = Broker(tmp_path / "b1", port=port, persistence_dir=store_dir)
+    prefix = f"u{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, port, bundle_dir, topics={"prefix": prefix},
+                          worker={"stop_wait_s": 60 if comes_back else 2},
+                          mqtt={"reconnect_min_s": 1, "reconnect_max_s": 1},
+                          limits={"queue_size": 100, "inference_threads": 1}, heatmap={"format": "png", "size": 1024})
+    observer = PersistentClient(port, prefix, f"observer-{prefix}")
+    camera = Client(port, prefix)
+    worker = worker_factory(config)
+    n = 60
+    ids = [f"u{i:03d}" for i in range(n)]
+    try:
+        wait_online(observer, prefix)
+        for frame_id in ids:
+            camera.publish_frame("cam", _good_png(dataset), frame_id)
+        observer.wait_for(lambda m: m.topic == f"{prefix}/cam/result")  # scoring: the rest are queued or in hand
+        camera.close()
+        broker.stop()  # saves its sessions: the observer's gets what the broker takes while it is away
+        worker.proc.send_signal(signal.SIGTERM)
+        assert _logged(worker, "the broker has not taken (it is away): waiting up to"), worker.output()[-3000:]
+        if comes_back:
+            broker = Broker(tmp_path / "b2", port=port, persistence_dir=store_dir)
+        assert worker.stop(timeout=120) == 0, worker.output()[-3000:]
+        out = worker.output()
+        unsent = int(out.split("unsent_at_stop: ", 1)[1].split(";", 1)[0])
+        if not comes_back:
+            assert unsent > 0 and f"ERROR worker.service: {unsent} published messages" in out, out[-3000:]
+            return
+        assert unsent == 0 and "were never taken by the broker" not in out, out[-3000:]
+        topic = f"{prefix}/cam/result"
+        deadline = time.monotonic() + 60
+        for frame_id in ids:  # the results taken during the stop reach the observer's session
+            observer.wait_for(lambda m, f=frame_id: m.topic == topic and json.loads(m.payload)["frame_id"] == f,
+                              timeout=max(1.0, deadline - time.monotonic()))
+        observer.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
+    finally:
+        observer.close()
+        broker.stop()
+        shutil.rmtree(store_dir, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir)
+
+
 def test_frames_left_at_a_stop_are_handed_back_only_where_no_request_follows_them():
     """Under block, frames left at a stop stay unacknowledged for the next start; but acknowledgements go in the
     order the messages came, so a request after them (answered, or answered shutdown at the stop) stayed

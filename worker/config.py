@@ -498,6 +498,11 @@ class WorkerConfig(_Section):
                                                                 "its service manager to restart it; the process also ends (exit 1, every "
                                                                 "thread's stack) if its main loop stops running for 1.8-2 times this. "
                                                                 "Time the whole process was stopped or paused is not counted (0 = off).")
+    stop_wait_s: float = Field(30, ge=0, le=60, description="At a stop with results and answers the broker has not taken (it "
+                                                            "is away), wait up to this long for it to come back and take "
+                                                            "them; those left then are lost with the process, logged and "
+                                                            "counted (unsent_at_stop in the stopped line). Within the stop's "
+                                                            "110 s in all.")
 
     @field_validator("id")
     @classmethod

@@ -553,6 +553,23 @@ class MqttLink:
             settled()
         return self.last_sent
 
+    @property
+    def unsent(self) -> int:
+        """QoS 1 messages published and not yet acknowledged by the broker: paho holds them (while the broker is away
+        too) and sends them again at a reconnect, but only while this process runs."""
+        return len(getattr(self.client, "_out_messages", {}))
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until the broker has acknowledged every QoS 1 message published so far (paho
+        reconnects meanwhile, with its backoff); True when none is left."""
+        deadline = time.monotonic() + timeout
+        while self.unsent:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.1, left))  # paho tells of each acknowledgement, not of an empty outgoing queue
+        return True
+
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

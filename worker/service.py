@@ -61,6 +61,13 @@ from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, er
 EXIT_STUCK = 3
 LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the gauges
 GIVE_UP_ANSWER_S = 3.0  # at most this long answering the queued frames and requests before a watchdog exit
+# The whole clean stop: deploy/systemd's TimeoutStopSec=120 leaves room for the exit after it. Each wait is bounded by
+# its own limit too, and by what is left of this.
+STOP_S = 110.0
+STEP_S = 30.0  # the queued frames, the request in hand, the export in hand, the store's flush: each at most this
+UNSUBSCRIBE_S = 5.0  # the broker's UNSUBACK (mqtt.session_expiry_s 0)
+RECORDER_CLOSE_S = 10.0  # the recorder thread's end and the store's close
+STOPPED_S = 5.0  # the broker's acknowledgement of 'stopped', kept back from the wait for unsent messages
 EXPORTS_WAITING = 1  # capture exports waiting behind the one in hand (each copies up to capture.max_mb a camera)
 
 log = logging.getLogger(__name__)
@@ -626,8 +633,8 @@ class Worker:
                           "messages); the broker's ACL must cover the prefix set in topics.prefix",
                           self.topics.availability, ECHO_S)
         self.stats_thread.join(LOOP_S * 5)  # between two steps (one in hand is finished: it may publish once more)
-        # A shutdown that hangs must end too: the switch stays armed, with room for its own timeouts.
-        DeadMansSwitch(self.cfg.worker.watchdog_s and self.cfg.worker.watchdog_s + 90).arm()
+        # A shutdown that hangs must end too: the switch stays armed, with room for the stop's own bound.
+        DeadMansSwitch(self.cfg.worker.watchdog_s and STOP_S + STOPPED_S).arm()
         self.shutdown()
         switch.disarm()
 
@@ -683,37 +690,63 @@ class Worker:
             with contextlib.suppress(RuntimeError, ValueError):  # not connected: what is unsent is lost with the process
                 last.wait_for_publish(max(0.0, deadline - time.monotonic()))
 
-    def shutdown(self, timeout: float = 30) -> None:
+    def shutdown(self, budget: float = STOP_S) -> None:
+        """Finish what was taken, within ``budget`` seconds in all (each step within its own limit and what is left):
+        the queued frames, the requests, the store's flush, and the results and answers the broker has not taken."""
+        deadline = time.monotonic() + budget
+
+        def left(limit: float) -> float:
+            return max(0.0, min(limit, deadline - time.monotonic()))
+
         self._stopping.set()  # an export in hand ends at its next file (answered shutdown): it may take minutes
         log.info("stopping: finishing %d queued frames", len(self.pipeline.queue))
         # No session outlives this connection: a frame or request the broker sends from now on and we leave
         # unacknowledged is lost with it (in a group, the other members would have served it). Leave the
         # subscriptions first; what came before the broker's UNSUBACK is taken and finished like the rest.
-        if self.cfg.mqtt.session_expiry_s == 0 and self.link.connected.is_set() and not self.link.unsubscribe(5):
+        if self.cfg.mqtt.session_expiry_s == 0 and self.link.connected.is_set() \
+                and not self.link.unsubscribe(left(UNSUBSCRIBE_S)):
             log.warning("the broker did not confirm the unsubscribe at the stop: frames it sends meanwhile are lost")
         self.accepting = False
-        left = self.pipeline.stop(timeout)
+        refused = self.pipeline.stop(left(STEP_S))
         self.query_queue.close()
         self.export_queue.close()
         unanswered = self._refuse_waiting_requests("the worker stopped before this request was served; ask again")
-        self.query_thread.join(timeout)  # the request in hand is answered (a reload's compile can take seconds)
-        self.export_thread.join(timeout)
+        self.query_thread.join(left(STEP_S))  # the request in hand is answered (a reload's compile can take seconds)
+        self.export_thread.join(left(STEP_S))
         self.models.record_again()  # what serves now is what the next start serves, where rollout.json was refused
-        flushed = self.recorder.flush(timeout)
-        self.recorder.stop()
+        flushed = self.recorder.flush(left(STEP_S))
+        self.recorder.stop(left(RECORDER_CLOSE_S))
         if self.capture is not None:
             self.capture.flush()
+        unsent = self._deliver(max(0.0, left(self.cfg.worker.stop_wait_s + STOPPED_S) - STOPPED_S))
         if self.link.connected.is_set():
             self._publish_stats()
             info = self.link.publish(self.topics.availability, "stopped", retain=True)
             try:
-                info.wait_for_publish(5)
+                info.wait_for_publish(left(STOPPED_S))
             except RuntimeError as exc:  # the link dropped since the check (a twin took the session): still a clean stop
                 log.warning("could not publish 'stopped' on %s (%s); availability is left to the broker and the last will",
                             self.topics.availability, exc)
         self.link.stop()
-        log.info("stopped: %s; %d frames and %d requests refused at shutdown; store flushed: %s",
-                 json.dumps(self.stats.snapshot()), left, unanswered, flushed)
+        log.info("stopped: %s; %d frames and %d requests refused at shutdown; unsent_at_stop: %d; store flushed: %s",
+                 json.dumps(self.stats.snapshot()), refused, unanswered, unsent, flushed)
+
+    def _deliver(self, wait: float) -> int:
+        """Wait up to ``wait`` for the broker to take the messages published and not yet acknowledged (results,
+        errors, heatmaps, answers; it may be away: paho sends them again once it is back); returns how many are left,
+        lost with the process."""
+        if self.link.unsent and not self.link.connected.is_set():
+            log.warning("stopping with %d published messages (results, errors, heatmaps, answers) the broker has not "
+                        "taken (it is away): waiting up to %.0f s for it to come back (worker.stop_wait_s)",
+                        self.link.unsent, wait)
+        if self.link.wait_delivered(wait):
+            return 0
+        unsent = self.link.unsent
+        log.error("%d published messages (results, errors, heatmaps, answers) were never taken by the broker (%s) and "
+                  "are lost with this process: the requests and, but under limits.queue_policy block, the frames they "
+                  "answer were acknowledged on arrival, so nothing answers them again; counted as unsent_at_stop",
+                  unsent, self.link.problem or "not acknowledged in time")
+        return unsent
 
     def _refuse_waiting_requests(self, message: str) -> int:
         """Answer ``shutdown`` (``message``) to the requests waiting at the stop: they were acknowledged to the broker,

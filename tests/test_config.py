@@ -49,6 +49,12 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
         ("model: {bundle: b}\ntopics: {cameras: [a, '+']}\n", "topics.cameras"),
         ("model: {bundle: b}\nworker: {id: 'w#1'}\n", "worker.id"),
         ("model: {bundle: b}\ntopics: {share_group: 'g/1'}\n", "topics.share_group"),
+        # characters a broker refuses in a topic or client id: passed here, then every connection was closed
+        ("model: {bundle: b}\ntopics: {prefix: \"inspect\\r\"}\n", "topics.prefix: Value error, 'inspect\\r' holds '\\r' (U+000D)"),
+        ("model: {bundle: b}\nworker: {id: \"w\\tbox1\"}\n", "worker.id: Value error, 'w\\tbox1' holds '\\t' (U+0009)"),
+        ("model: {bundle: b}\nmqtt: {client_id: \"edge\\u0085\"}\n", "mqtt.client_id: Value error, 'edge\\x85' holds '\\x85' (U+0085)"),
+        ("model: {bundle: b}\ncameras: {a: {topic: \"plant/a\\uffff\"}}\n", "cameras.a.topic: Value error, 'plant/a\\uffff' holds"),
+        ("model: {bundle: b}\ntopics: {cameras: [\"cam\\ufdd0\"]}\n", "topics.cameras: Value error, 'cam\\ufdd0' holds"),
         # a NaN threshold passed every frame (and made the store refuse each point); an infinite or astronomic
         # interval overflowed the OS's timers (a traceback at start, or a thread dead)
         ("model: {bundle: b, threshold: .nan}\n", "model.threshold: Input should be a finite number"),
@@ -213,6 +219,17 @@ def test_a_session_file_the_worker_cannot_write_stops_the_start_naming_its_key(t
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: mqtt.session_file: the worker cannot write to {tmp_path / 'a-file' / 'below'} (Not a directory)" \
         in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_prefix_with_a_control_character_stops_the_start_with_exit_2_naming_it(tmp_path):
+    """topics.prefix with a CR (a Windows-edited environment file) passed the check; the broker then closed every
+    connection as malformed and the log blamed "a TLS listener reached without mqtt.tls", for ever."""
+    cfg = {"model": {"bundle": str(tmp_path)}, "topics": {"prefix": "inspect\r"}, "mqtt": {"port": 1}}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(tmp_path / "c.yaml")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "topics.prefix: Value error, 'inspect\\r' holds '\\r' (U+000D)" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("paths", "said"), [

@@ -381,6 +381,40 @@ def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bun
         client.close()
 
 
+def test_a_reply_to_with_a_character_the_broker_refuses_is_refused_not_published(broker, bundle_dir, dataset,
+                                                                                 tmp_path, worker_factory):
+    """A request whose ``reply_to`` held a control character or a noncharacter: the worker published its answer
+    there, mosquitto closed the worker's connection as malformed, and paho sent that answer again at every reconnect:
+    frames went unanswered until a restart.  Such a ``reply_to`` is refused (bad_request where a v5 response topic
+    can take the answer) and the worker stays connected."""
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    v311 = Client(broker.port, prefix, protocol=mqtt.MQTTv311)
+    worker = worker_factory(write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}))
+    try:
+        wait_online(client, prefix)
+        for topic, body, character in (("workers/w-test/control", {"command": "status"}, "\u0001"),
+                                       ("query", {"frame_id": "x"}, "\uffff"),
+                                       ("label", {"action": "extensions"}, "\ufdd0")):
+            v311.client.publish(f"{prefix}/{topic}", json.dumps({**body, "reply_to": f"{prefix}/a/x{character}"}),
+                                qos=1).wait_for_publish(5)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = f"{prefix}/answers/v5", b"v5"
+        client.client.publish(f"{prefix}/workers/w-test/control",
+                              json.dumps({"command": "status", "reply_to": f"{prefix}/a/\x85"}), qos=1,
+                              properties=props).wait_for_publish(5)
+        answer = client.json_on(f"{prefix}/answers/v5", timeout=30)[0]
+        assert answer["error"]["code"] == "bad_request" and "reply_to" in answer["error"]["message"], answer
+        client.publish_frame("cam", _good_png(dataset), "after")
+        assert client.json_on(f"{prefix}/cam/result", timeout=30)[0]["frame_id"] == "after"
+        assert "disconnected from broker" not in worker.output(), worker.output()[-3000:]
+        assert worker.stop() == 0
+        assert worker.output().count("reply_to must be a topic to publish to") == 3, worker.output()[-3000:]  # logged
+    finally:
+        v311.close()
+        client.close()
+
+
 def test_a_second_worker_on_the_same_folders_is_refused_and_a_killed_one_leaves_them_free(broker, bundle_dir, tmp_path,
                                                                                            worker_factory):
     """Two workers started from one config on one box (worker.id set apart in the environment) wrote one spool, one

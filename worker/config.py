@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, TileGrid, plain_name
 from bundle.extension import Views
 from bundle.tiling import Grid
-from worker.wire import MAX_TOPIC_BYTES, PIXEL_FORMATS, publishable
+from worker.wire import MAX_TOPIC_BYTES, PIXEL_FORMATS, publishable, refused_character, said
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "EDGE_INSPECT__"
@@ -70,6 +70,11 @@ class MQTTConfig(_Section):
         "topics.prefix, topics.share_group or worker.id the filters no longer configured are left at the next "
         "connect (a kept session would still deliver them: half of a group's frames, lost); none: not remembered."))
 
+    @field_validator("client_id")
+    @classmethod
+    def _sendable(cls, v: str | None) -> str | None:
+        return None if v is None else mqtt_text(v)
+
     @model_validator(mode="after")
     def _login(self) -> MQTTConfig:
         """MQTT sends no password without a user name: one given alone was dropped, and the worker connected
@@ -94,12 +99,21 @@ class MQTTConfig(_Section):
 MetadataPolicy = Literal["required", "optional"]
 
 
+def mqtt_text(value: str) -> str:
+    """``value`` unless it holds a character a broker refuses in a topic or client id (worker.wire.refused_character):
+    the config check passed it, then the broker closed every connection and the log blamed a TLS listener."""
+    if (character := refused_character(value)) is not None:
+        raise ValueError(f"{value!r} holds {said(character)}, a control character or noncharacter, which MQTT brokers "
+                         "refuse in topics and client ids")
+    return value
+
+
 def one_topic_level(value: str) -> str:
     """``value`` when it can be one level of an MQTT topic (a camera id, the worker id, a share group): a name that
     could never match a topic the worker reads or writes is refused at start rather than ignored."""
-    if not value or any(ch in value for ch in "+#/\0"):
-        raise ValueError(f"{value!r} must be one non-empty topic level, without '/', '+', '#' or NUL")
-    return value
+    if not value or any(ch in value for ch in "+#/"):
+        raise ValueError(f"{value!r} must be one non-empty topic level, without '/', '+' or '#'")
+    return mqtt_text(value)
 
 
 class TopicsConfig(_Section):
@@ -118,10 +132,10 @@ class TopicsConfig(_Section):
     @field_validator("prefix")
     @classmethod
     def _no_wildcards(cls, v: str) -> str:
-        if not v or any(ch in v for ch in "+#\0") or v.startswith(("/", "$")) or v.endswith("/"):
+        if not v or any(ch in v for ch in "+#") or v.startswith(("/", "$")) or v.endswith("/"):
             # '$' topics are the broker's own ($SYS): mosquitto refuses a client's publish there
-            raise ValueError("must be non-empty, without '+', '#' or NUL, a leading '$' or a leading/trailing '/'")
-        return v
+            raise ValueError("must be non-empty, without '+', '#', a leading '$' or a leading/trailing '/'")
+        return mqtt_text(v)
 
     @field_validator("share_group")
     @classmethod
@@ -264,7 +278,8 @@ class CameraConfig(_Section):
     @classmethod
     def _one_topic(cls, v: str | None) -> str | None:
         if v is not None and not publishable(v):
-            raise ValueError("must be one topic name: not empty, no '+', '#' or NUL, not a broker '$'-topic, at most "
+            mqtt_text(v)  # a control character or noncharacter: named
+            raise ValueError("must be one topic name: not empty, no '+' or '#', not a broker '$'-topic, at most "
                              f"{MAX_TOPIC_BYTES} bytes of UTF-8")
         return v
 

@@ -321,21 +321,40 @@ REPLY_TO = "reply_to"  # a request's answer topic, for MQTT 3.1.1 clients: they 
 MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 
 
+# What MQTT (v5 1.5.4, 3.1.1 1.5.3) lets a server refuse in a topic or client id, and mosquitto refuses by closing the
+# connection that sent it: control characters, surrogates (no UTF-8 encodes them) and noncharacters.
+_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+                      + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17)) + "]")
+
+
+def refused_character(text: str) -> str | None:
+    """The first character of ``text`` a broker refuses in a topic or client id (:data:`_REFUSED`), or None.  A
+    publish with one made mosquitto close the worker's connection, and paho sent that message again at every
+    reconnect: the worker was cut off until restarted."""
+    found = _REFUSED.search(text)
+    return None if found is None else found.group()
+
+
+def said(character: str) -> str:
+    """A refused character as a message names it: ``'\\x01' (U+0001)``."""
+    return f"{character!r} (U+{ord(character):04X})"
+
+
 def publishable(topic: object) -> TypeGuard[str]:
-    """A topic name a message can be published to: UTF-8, no wildcard or NUL, not a broker ``$``-topic."""
-    if not (isinstance(topic, str) and topic and not topic.startswith("$") and not set(topic) & {"+", "#", "\0"}):
+    """A topic name a message can be published to: UTF-8, no wildcard, not a broker ``$``-topic, no character a broker
+    refuses (:func:`refused_character`: NUL, control characters, noncharacters)."""
+    if not (isinstance(topic, str) and topic and not topic.startswith("$") and not set(topic) & {"+", "#"}
+            and refused_character(topic) is None):
         return False
-    try:
-        return len(topic.encode()) <= MAX_TOPIC_BYTES
-    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
-        return False
+    return len(topic.encode()) <= MAX_TOPIC_BYTES  # encodable: a lone surrogate, which JSON can carry, is refused above
 
 
 def split_reply_to(payload: bytes) -> tuple[bytes, str | None]:
     """A request body without its ``reply_to`` field, and the topic that field names (``None`` without one).
 
     A body that is not a JSON object comes back as it is, for the request's own checks to refuse. RequestError
-    when ``reply_to`` is no topic a reply can be published to (not a string, empty, a wildcard, ``$``-topics).
+    when ``reply_to`` is no topic a reply can be published to (not a string, empty, a wildcard, ``$``-topics, a
+    character a broker refuses).
     """
     if REPLY_TO.encode() not in payload:
         return payload, None
@@ -348,7 +367,8 @@ def split_reply_to(payload: bytes) -> tuple[bytes, str | None]:
     topic = raw.pop(REPLY_TO)
     if not publishable(topic):
         raise RequestError(ErrorCode.BAD_REQUEST, f"{REPLY_TO} must be a topic to publish to (no wildcards, no "
-                                                  f"$-topic), not {json.dumps(topic)[:200]}")
+                                                  "$-topic, no control characters or noncharacters), not "
+                                                  f"{json.dumps(topic)[:200]}")
     return json.dumps(raw).encode(), topic
 
 

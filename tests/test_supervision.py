@@ -291,6 +291,44 @@ def test_camera_labels_in_metrics_are_bounded():
     assert stats.snapshot()[OTHER]["received"] == 47 and len(stats.snapshot()) == 4
 
 
+
+def test_the_bucket_of_other_cameras_takes_none_of_the_camera_slots():
+    """Frames refused for their camera level (bad_camera) count in the /other bucket: it took one of the
+    metrics.max_cameras slots, and the last real camera was counted as /other."""
+    stats = Stats(max_cameras=2)
+    stats.add(OTHER, "received")
+    stats.add("cam0", "received")
+    stats.add("cam1", "received")
+    labels = {s.labels["camera"] for s in stats._frames.collect()[0].samples}
+    assert labels == {"cam0", "cam1", OTHER}
+    assert set(stats.snapshot()) == {"cam0", "cam1", OTHER} and stats.snapshot()[OTHER]["received"] == 1
+
+
+def test_a_metrics_client_trickling_bytes_is_closed_at_its_deadline():
+    """Clients sending a byte now and then held every slot of the metrics server (each read had its own timeout), and
+    /healthz answered 503 "too many connections".  A connection now has timeout_s in all to send its request and
+    take its answer."""
+    stats = Stats(Liveness(0))
+    port = stats.serve("127.0.0.1", 0, max_connections=1, timeout_s=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+            slow.settimeout(0.2)  # the trickle's pace: one byte per read that times out
+            started, closed = time.monotonic(), False
+            while not closed and time.monotonic() - started < 10:
+                try:
+                    slow.sendall(b"X")
+                    closed = slow.recv(200) == b""
+                except TimeoutError:
+                    continue
+                except OSError:  # reset by the server's close
+                    closed = True
+            assert closed and time.monotonic() - started < 5
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status == 200
+    finally:
+        stats.close()
+
+
 # Spool and recorder -----------------------------------------------------------------------------------
 
 def _points(n: int, start: int = 0) -> list:

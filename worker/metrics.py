@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import sys
 import threading
 import time
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 # metrics.host reachable from the line's network) grew the worker's threads without limit, until the process could
 # start no thread at all.  Scrapers and health probes open one connection each.
 HTTP_MAX_CONNECTIONS = 32  # connections served at once; past them a new one is answered 503 and closed
-HTTP_TIMEOUT_S = 10.0  # a connection silent this long while its request is read or its answer written is closed
+# A connection is closed this long after it was taken, whether its request is read and its answer written or not:
+# a deadline for each read alone let clients that send a byte now and then hold every slot for as long as they liked.
+HTTP_TIMEOUT_S = 10.0
 HTTP_REFUSED_LOG_EVERY_S = 60.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -72,7 +75,8 @@ class Stats:
         self.refused = Gauge("edge_inspect_subscriptions_refused", "Topics the broker refuses to subscribe the worker "
                              "to (its ACL): nothing published there arrives.", registry=self.registry)
         self.publishes_refused = PromCounter("edge_inspect_publishes_refused", "Messages the broker refused to take "
-                                             "from the worker (results, heatmaps, answers: lost).",
+                                             "from the worker, lost: results, heatmaps, errors, answers or the "
+                                             "worker's own status (the stats' last_publish_refused names the topic).",
                                              registry=self.registry)
         self.model = Gauge("edge_inspect_model_info", "The bundle serving each camera group (value 1).",
                            ["scope", "name", "version", "precision"], registry=self.registry)
@@ -82,7 +86,7 @@ class Stats:
         """The camera's Prometheus label: itself for the first ``max_cameras`` cameras, then :data:`OTHER`; also what
         the log's once-per-camera lines are keyed by, so a publisher inventing camera names does not flood it."""
         with self._lock:
-            if camera in self._labelled:
+            if camera in self._labelled or camera == OTHER:  # the bucket takes none of the cameras' slots
                 return camera
             if len(self._labelled) < self.max_cameras:
                 self._labelled.add(camera)
@@ -91,7 +95,7 @@ class Stats:
 
     def add(self, camera: str, field: str, n: int = 1, code: str | None = None) -> None:
         with self._lock:
-            if camera in self._counts or len(self._counts) < self.max_cameras:
+            if camera in self._counts or len(self._counts.keys() - {OTHER}) < self.max_cameras:
                 self._counts[camera][field] += n
             else:
                 self._counts[OTHER][field] += n
@@ -119,11 +123,11 @@ class Stats:
     def serve(self, host: str, port: int, max_connections: int = HTTP_MAX_CONNECTIONS,
               timeout_s: float = HTTP_TIMEOUT_S) -> int:
         """Serve ``/metrics`` and ``/healthz`` over HTTP on a daemon thread, at most ``max_connections`` at once, each
-        closed after ``timeout_s`` of silence; returns the bound port."""
+        closed ``timeout_s`` after it was taken; returns the bound port."""
         registry, liveness = self.registry, self.liveness
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = timeout_s  # socketserver.StreamRequestHandler sets it on the connection
+            timeout = timeout_s  # socketserver.StreamRequestHandler sets it on the connection: bounds each read
 
             def do_GET(self) -> None:  # (http.server's name)
                 path = self.path.split("?")[0]
@@ -146,8 +150,9 @@ class Stats:
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not log lines
                 return
 
-        self._server = _Server((host, port), Handler, max_connections)
+        self._server = _Server((host, port), Handler, max_connections, timeout_s)
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        threading.Thread(target=self._server.reap, name="metrics-deadlines", daemon=True).start()
         return self._server.server_address[1]
 
     def close(self) -> None:
@@ -162,8 +167,13 @@ class _Server(ThreadingHTTPServer):
     BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
             b"too many connections to the worker's metrics server\n")
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int,
+                 timeout_s: float) -> None:
         super().__init__(address, handler)
+        self.timeout_s = timeout_s
+        self._deadlines: dict[socket.socket, float] = {}  # each connection served (at most max_connections): its end
+        self._deadline_changed = threading.Condition()
+        self._closing = False
         self._slots = threading.BoundedSemaphore(max_connections)
         self.max_connections = max_connections
         self.refused = 0  # connections answered BUSY
@@ -180,17 +190,45 @@ class _Server(ThreadingHTTPServer):
                 request.sendall(self.BUSY)
             self.shutdown_request(request)
             return
+        with self._deadline_changed:
+            self._deadlines[request] = time.monotonic() + self.timeout_s
+            self._deadline_changed.notify()
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._served(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._served(request)
+
+    def _served(self, request: socket.socket) -> None:
+        with self._deadline_changed:
+            self._deadlines.pop(request, None)
+        self._slots.release()
+
+    def reap(self) -> None:
+        """Shut each connection still open ``timeout_s`` after it was taken, whatever it sends: the handler's read or
+        write under way then ends, and the connection is closed (a timeout per read let a client that sends a byte
+        now and then hold its slot for as long as it liked).  One thread for all connections."""
+        with self._deadline_changed:
+            while not self._closing:
+                now = time.monotonic()
+                for request, deadline in list(self._deadlines.items()):
+                    if deadline <= now:
+                        del self._deadlines[request]
+                        with contextlib.suppress(OSError):
+                            request.shutdown(socket.SHUT_RDWR)
+                self._deadline_changed.wait(min(self._deadlines.values(), default=now + 60) - now)
+
+    def server_close(self) -> None:
+        with self._deadline_changed:
+            self._closing = True
+            self._deadline_changed.notify()
+        super().server_close()
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         """A client that gave up before its answer (a probe's timeout on a starved or paused box) is no error of the

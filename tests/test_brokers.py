@@ -164,3 +164,50 @@ def test_a_broker_restarting_is_not_said_as_a_client_id_takeover(bundle_dir, tmp
         assert worker.stop() == 0
     finally:
         broker.stop()
+
+
+def test_an_own_announcement_the_acl_drops_is_said_while_frames_stream_in(bundle_dir, dataset, tmp_path,
+                                                                          worker_factory):
+    """The ACL lets the worker read frames but not its own workers/ topics: the check that its ``online`` comes back
+    waited while any message arrived after it, so with a camera streaming it never said so."""
+    import shutil
+    import threading
+
+    from scripts.broker import broker_readable_dir
+
+    files = broker_readable_dir("mosq-acl-")
+    acl = files / "acl"
+    acl.write_text("topic read inspect/+/frame\ntopic write inspect/#\n")
+    acl.chmod(0o644)
+    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}\n")
+    camera = Client(broker.port)
+    streaming = threading.Event()
+    stop = threading.Event()
+
+    def stream() -> None:
+        frame, i = good_png(dataset).read_bytes(), 0
+        while not stop.is_set():
+            camera.publish_frame("cam", frame, f"s{i}")
+            streaming.set()
+            i += 1
+            stop.wait(0.5)  # the camera's frame rate
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    try:
+        assert streaming.wait(30)
+        worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir))
+        said = "this worker's own 'online' on inspect/workers/w-test/availability did not come back"
+        deadline = time.monotonic() + 60
+        while said not in worker.output():
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-3000:]
+            time.sleep(0.1)  # polling the worker's log for the line, not waiting a fixed time
+        assert worker.stop() == 0
+        final = json.loads(worker.output().split("stopped: ", 1)[1].split("; ", 1)[0])["cam"]
+        assert final["processed"] > 0, final  # frames did stream in meanwhile
+    finally:
+        stop.set()
+        thread.join(10)
+        camera.close()
+        broker.stop()
+        shutil.rmtree(files, ignore_errors=True)

@@ -133,6 +133,47 @@ def test_a_worker_that_joins_a_group_leaves_the_subscriptions_its_session_kept(b
     assert sorted(r["frame_id"] for r in results) == [f"a{i:03d}" for i in range(20)], "each frame once, by one worker"
 
 
+def test_a_subscription_kept_from_an_earlier_prefix_is_named_and_left(broker, bundle_dir, dataset, tmp_path,
+                                                                      worker_factory):
+    """topics.prefix changed where the session's filters were not remembered (``mqtt.session_file: null``, or a state
+    folder replaced): the kept subscription still delivered, and its messages were acknowledged, dropped and logged as
+    "its camera level is empty".  They are named as an earlier configuration's, and its filter is left.  The metrics
+    server on ``metrics.port: 0`` says in the log which port it took."""
+    import re
+
+    old_prefix, new_prefix = f"o{uuid.uuid4().hex[:6]}", f"n{uuid.uuid4().hex[:6]}"
+    old, new = Client(broker.port, old_prefix), Client(broker.port, new_prefix)
+    kept = {"client_id": f"{old_prefix}-w", "session_file": None}
+    first = worker_factory(write_config(tmp_path / "a", broker.port, bundle_dir, topics={"prefix": old_prefix},
+                                        mqtt=kept))
+    _online(old, old_prefix, "w-test")
+    assert first.stop() == 0
+    worker = worker_factory(write_config(tmp_path / "b", broker.port, bundle_dir, topics={"prefix": new_prefix},
+                                         mqtt=kept, metrics={"enabled": True, "host": "127.0.0.1", "port": 0}))
+    try:
+        _online(new, new_prefix, "w-test")
+        frame = _good(dataset)
+        old.publish_frame("cam1", frame, "old-1")
+        said = "came through a subscription this configuration does not hold"
+        deadline = time.monotonic() + 30
+        while said not in worker.output():
+            assert time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.1)  # polling the worker's log for the line, not waiting a fixed time
+        assert f"{old_prefix}/+/frame" in worker.output().split(said, 1)[1].splitlines()[0]
+        old.publish_frame("cam1", frame, "old-2")  # after the filter was left: not delivered
+        new.publish_frame("cam1", frame, "barrier")
+        assert new.json_on(f"{new_prefix}/cam1/result")[0]["frame_id"] == "barrier"
+        log = worker.output()
+        assert log.count(said) == 1 and "messages still come" not in log and "camera level is empty" not in log, log
+        assert not [m for m in old.messages if m.topic.endswith(("/result", "/error"))]
+        port = int(re.search(r"serving /metrics and /healthz on 127\.0\.0\.1:(\d+)", log).group(1))
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status == 200
+        assert worker.stop() == 0
+    finally:
+        old.close()
+        new.close()
+
+
 def test_a_worker_moved_from_a_group_to_another_line_leaves_the_groups_subscriptions(broker, bundle_dir, dataset,
                                                                                       tmp_path, worker_factory):
     """A group member (persistent session, as by default) reconfigured for another line (``topics.prefix``, no

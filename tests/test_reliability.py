@@ -381,6 +381,31 @@ def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bun
         client.close()
 
 
+def test_a_camera_publishing_retained_frames_without_ids_gets_each_answered(broker, bundle_dir, dataset, tmp_path,
+                                                                          worker_factory):
+    """An MQTT 3.1.1 camera (no frame ids, ``metadata: optional``) that publishes with the retain flag: frames are read
+    retain-as-published, so each live frame carried the flag, was taken for a replay, and a still scene's repeated
+    bytes were dropped as duplicates (one result of three).  Only the broker's redelivery (DUP) is a replay."""
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    camera = Client(broker.port, prefix, protocol=mqtt.MQTTv311)
+    frame = _good_png(dataset)
+    worker = worker_factory(write_config(tmp_path, broker.port, bundle_dir,
+                                         topics={"prefix": prefix, "metadata": "optional"}))
+    try:
+        wait_online(client, prefix)
+        for sent in range(1, 4):
+            camera.client.publish(f"{prefix}/cam/frame", frame, qos=1, retain=True).wait_for_publish(5)
+            client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", timeout=30, count=sent)
+        assert worker.stop() == 0
+        final = json.loads(worker.output().split("stopped: ", 1)[1].split("; ", 1)[0])["cam"]
+        assert final["processed"] == 3 and final["duplicates"] == 0, final
+    finally:
+        client.client.publish(f"{prefix}/cam/frame", b"", qos=1, retain=True).wait_for_publish(5)
+        camera.close()
+        client.close()
+
+
 def test_a_reply_to_with_a_character_the_broker_refuses_is_refused_not_published(broker, bundle_dir, dataset,
                                                                                  tmp_path, worker_factory):
     """A request whose ``reply_to`` held a control character or a noncharacter: the worker published its answer
@@ -496,6 +521,57 @@ def test_a_second_process_under_the_same_worker_id_is_named(broker, bundle_dir, 
         assert "Both publish under the same worker topics" in fourth.output()
     finally:
         client.client.publish(f"{prefix}/workers/w-test/availability", b"", qos=1, retain=True).wait_for_publish(5)
+        client.close()
+
+
+def test_the_process_left_running_under_a_worker_id_reads_online_when_the_other_stops_or_dies(
+        broker, bundle_dir, tmp_path, worker_factory):
+    """Two processes under one worker.id with their own client ids: when one stopped (its ``stopped``) or died (its
+    last will ``offline``), the retained availability said so for as long as the other ran.  The one left announces
+    itself again, and ``stopped`` says who sent it, as ``online`` and the will do."""
+    prefix = f"p{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    topic = f"{prefix}/workers/w-test/availability"
+
+    def config(name: str) -> Path:
+        return write_config(tmp_path / name, broker.port, bundle_dir, topics={"prefix": prefix},
+                            mqtt={"client_id": f"{name}-{uuid.uuid4().hex[:6]}"})
+
+    def retained_becomes(payload: bytes, pid: int) -> None:
+        """Poll the retained availability (a new subscriber each time) until it is ``payload`` from ``pid``."""
+        deadline, seen = time.monotonic() + 30, None
+        while True:
+            reader = Client(broker.port, prefix)
+            try:
+                msg = reader.wait_for(lambda m: m.topic == topic and m.retain, timeout=10)[0]
+            finally:
+                reader.close()
+            seen = (msg.payload, user_props(msg).get("pid"))
+            if seen == (payload, str(pid)):
+                return
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.2)  # poll interval of this observer
+
+    try:
+        left = worker_factory(config("left"))
+        wait_online(client, prefix)
+        stopping = worker_factory(config("stopping"))
+        client.wait_for(lambda m: m.topic == topic and m.payload == b"online"
+                        and user_props(m).get("pid") == str(stopping.proc.pid))
+        assert stopping.stop() == 0
+        stopped = client.wait_for(lambda m: m.topic == topic and m.payload == b"stopped")[0]
+        assert user_props(stopped)["pid"] == str(stopping.proc.pid)  # says who stopped
+        retained_becomes(b"online", left.proc.pid)
+
+        dying = worker_factory(config("dying"))
+        client.wait_for(lambda m: m.topic == topic and m.payload == b"online"
+                        and user_props(m).get("pid") == str(dying.proc.pid))
+        dying.stop(signal.SIGKILL)
+        client.wait_for(lambda m: m.topic == topic and m.payload == b"offline")
+        retained_becomes(b"online", left.proc.pid)
+        assert left.stop() == 0
+    finally:
+        client.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
         client.close()
 
 

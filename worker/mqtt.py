@@ -114,6 +114,7 @@ TAKEOVER_CLOSES, TAKEOVER_WINDOW_S = 3, 60.0  # closes by the broker within the 
 # a connection rate, the will's retain flag or QoS (the link then lowers them), so retrying is worth it
 TRANSIENT_REFUSALS = frozenset({0x88, 0x89, 0x97, 0x9A, 0x9B, 0x9F})
 RESUBSCRIBE_S = (2.0, 60.0)  # a subscription the broker refused is asked for again after 2 s, doubling up to 60 s
+LEFT_KEPT = 64  # filters of an earlier configuration left (remembered, so each is asked for once; bounded)
 
 
 class MqttLink:
@@ -141,6 +142,9 @@ class MqttLink:
         self.record, self._record_key = record, f"{client_id}@{cfg.host}:{cfg.port}"
         self._leaving: int | None = None  # the UNSUBSCRIBE of filters an earlier configuration left, until its UNSUBACK
         self._unsubscribed: dict[int, threading.Event] = {}  # UNSUBSCRIBE message id -> set at its UNSUBACK
+        self._left: set[str] = set()  # filters left by :meth:`leftover`
+        self._left_done: threading.Event | None = None  # set at the UNSUBACK of the last of them
+        self._leftover_log = Throttle(60)
         self._subscribing: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE message id -> (topic, QoS asked)
         self._refused: dict[str, str] = {}  # topic -> the broker's reason, while its last SUBACK refused it
         self._resubscribe_at, self._resubscribe_after = float("inf"), RESUBSCRIBE_S[0]
@@ -233,6 +237,30 @@ class MqttLink:
                 return False
             self._unsubscribed[mid] = done
         return done.wait(timeout)
+
+    def leftover(self, topic: str, filters: list[str]) -> None:
+        """A message on ``topic`` came through none of this configuration's subscriptions: a persistent session kept
+        one of an earlier configuration (where mqtt.session_file did not remember it).  ``filters`` (those that can
+        have delivered it; none of this configuration's) are unsubscribed, once each; said at once, and once a
+        minute while messages still come after the broker confirmed it."""
+        wanted = set(self.subscriptions + self.watch)
+        with self._lock:
+            new = [f for f in filters if f not in self._left and f not in wanted][: max(0, LEFT_KEPT - len(self._left))]
+            in_flight = self._left_done is not None and not self._left_done.is_set()
+            if new and self.connected.is_set():
+                result, mid = self.client.unsubscribe(new)
+                if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                    self._left.update(new)
+                    self._left_done = self._unsubscribed[mid] = threading.Event()
+        if new:
+            log.warning("a message on %s came through a subscription this configuration does not hold: the broker's "
+                        "persistent session kept it from an earlier configuration (topics.prefix, worker.id or a "
+                        "camera's topic changed); acknowledged and ignored, and %s left", topic[:200], ", ".join(new))
+        elif not in_flight and self._leftover_log.ready():
+            log.warning("messages still come on %s through a subscription of an earlier configuration: the session "
+                        "holds a filter that cannot be told from the message (a shared subscription of an earlier "
+                        "topics.share_group); they are acknowledged and ignored until the session ends (connect once "
+                        "with mqtt.session_expiry_s: 0)", topic[:200])
 
     def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
@@ -364,8 +392,19 @@ class MqttLink:
         else:
             cause = (f"the broker's ACL must let {self.who} write the worker's topics, under the prefix set in "
                      "topics.prefix")
-        log.error("the broker refused %d message(s) this worker published, the last on %s (%s): they are lost "
-                  "(results, heatmaps, answers); %s", count, topic, reason_code, cause)
+        log.error("the broker refused %d message(s) this worker published, the last on %s (%s, %s): they are lost; "
+                  "%s", count, topic, reason_code, self._kind(topic), cause)
+
+    def _kind(self, topic: str) -> str:
+        """What a refused publish on ``topic`` was, for the log: the worker's own status under ``workers/``, a
+        frame's answer under the prefix, else a request's answer."""
+        if self.prefix is None:
+            return "a result, heatmap, error, answer or the worker's status"
+        if topic.startswith(f"{self.prefix}/workers/"):
+            return "the worker's own status: stats, availability or model"
+        if topic.startswith(f"{self.prefix}/"):
+            return "a frame's result, heatmap or error, or a request's answer"
+        return "a request's answer"
 
     @property
     def who(self) -> str:

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 REPEAT_S = 600  # while the other process lives, the error is repeated this often (each reconnect would spam it)
 PROVEN_KEPT = 16  # other processes remembered (a flood of made-up announcements must not grow memory)
-ECHO_S = 10.0  # an announcement not read back within this: the broker does not let us read (or write) our own topic
+ECHO_S = 10.0  # an announcement not read back within this of its PUBACK: the broker does not let us read (or write) it
+REANNOUNCE_S = 2.0  # at most this often, ``online`` again over another message on our availability topic
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,10 @@ class Presence:
         self._seen_at = 0.0
         self._sightings = 0
         self._report = Throttle(REPEAT_S)
-        self._announced_at: float | None = None  # the last announcement, until it is read back
+        self._unread = False  # an announcement was made and none has been read back since
+        self._delivered_at: float | None = None  # when the broker took it (its PUBACK), while unread
+        self._owed = False  # another message replaced our retained ``online``: announce again
+        self._reannounce = Throttle(REANNOUNCE_S)
         self._found: Instance | None = None  # another instance whose status messages this process read last...
         self._found_after: set[int] = set()  # ...and after which of our announcements (the first two kept)
         self.read_back: bool | None = None  # whether our last announcement came back (None: not yet known)
@@ -85,15 +89,30 @@ class Presence:
         with self._lock:
             self._announcements += 1
             number = self._announcements
-            self._announced_at = time.monotonic()
+            self._unread, self._delivered_at, self._owed = True, None, False
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("instance", self.me.instance), ("host", self.me.host), ("pid", self.me.pid),
                               ("client_id", self.me.client_id), ("announcement", str(number))]
         return props
 
+    def delivered(self) -> None:
+        """The broker has taken an announcement (its PUBACK; at once at QoS 0): the echo check's clock starts.  The
+        broker sends the echo with or before the PUBACK, behind whatever the session held for us (a backlog of
+        frames), so a stream of frames arriving meanwhile does not delay the verdict."""
+        with self._lock:
+            if self._unread and self._delivered_at is None:
+                self._delivered_at = time.monotonic()
+
     def will_properties(self) -> Properties:
         """The last will says who it is, as ``online`` does: read by another process at its next connect."""
-        props = Properties(PacketTypes.WILLMESSAGE)
+        return self._identity(Properties(PacketTypes.WILLMESSAGE))
+
+    def stopped_properties(self) -> Properties:
+        """A clean stop's ``stopped`` says who it is, as the will does: a process left running under the same
+        worker.id tells it from its own status, and announces itself again."""
+        return self._identity(Properties(PacketTypes.PUBLISH))
+
+    def _identity(self, props: Properties) -> Properties:
         props.UserProperty = [("instance", self.me.instance), ("host", self.me.host), ("pid", self.me.pid),
                               ("client_id", self.me.client_id)]
         return props
@@ -102,15 +121,21 @@ class Presence:
         """An availability message on this worker's own topic (paho's thread); ``replayed``: from the broker's
         store (retained, or redelivered from the session), so possibly sent by a process that is gone.  True when
         it proves a process not proven before: the caller announces itself again, so that the other one, which
-        may have found only our retained ``online`` from before it started, learns of us too."""
+        may have found only our retained ``online`` from before it started, learns of us too.  Any other live
+        message there but ``online`` (another process's ``stopped`` or last will) has replaced our retained
+        ``online``: one is owed (:meth:`owed`), or this process would read stopped or offline for as long as it
+        runs.  (Another's ``online`` owes none: two live processes would answer each other for ever.)"""
         sender = Instance.of(props)
-        if sender is None:
-            return False  # an older worker's or another client's
-        if sender.instance == self.me.instance:
+        if sender is not None and sender.instance == self.me.instance:
             if payload == b"online":
                 with self._lock:
-                    self._announced_at, self.read_back = None, True
+                    self._unread, self._delivered_at, self.read_back = False, None, True
             return False
+        if not replayed and payload != b"online":
+            with self._lock:
+                self._owed = True
+        if sender is None:
+            return False  # an older worker's or another client's
         with self._lock:
             if sender != self._found:
                 self._found, self._found_after = sender, set()
@@ -145,16 +170,25 @@ class Presence:
             log.error("%s", self.explain(sender))
         return new
 
-    def unread(self, heard_at: float) -> bool:
-        """True, once per announcement, when it has not come back within ``ECHO_S`` and nothing else came since
-        (``heard_at``, monotonic: a session's backlog of frames delays it): the broker takes our subscription to our
-        own topic and drops what we may not read (mosquitto's ``acl_file`` does, and does the same to frames), or
-        refused the announcement itself; then no second process can be seen either."""
+    def owed(self) -> bool:
+        """True when an announcement is owed (:meth:`observe`) and none was made in the last ``REANNOUNCE_S``: a
+        stream of messages on our topic (a client publishing there) costs at most one announcement per period, and
+        one owed meanwhile is made at its end."""
         with self._lock:
-            if (self._announced_at is None or time.monotonic() - self._announced_at < ECHO_S
-                    or heard_at > self._announced_at):
+            if not self._owed or not self._reannounce.ready():
                 return False
-            self._announced_at, self.read_back = None, False
+            self._owed = False
+            return True
+
+    def unread(self) -> bool:
+        """True, once per announcement, when it has not come back within ``ECHO_S`` of the broker taking it
+        (:meth:`delivered`): the broker takes our subscription to our own topic and drops what we may not read
+        (mosquitto's ``acl_file`` does, and does the same to frames), or refused the announcement itself; then no
+        second process can be seen either."""
+        with self._lock:
+            if self._delivered_at is None or time.monotonic() - self._delivered_at < ECHO_S:
+                return False
+            self._unread, self._delivered_at, self.read_back = False, None, False
             return True
 
     def explain(self, other: Instance) -> str:

@@ -232,7 +232,6 @@ class Worker:
         self.accepting = True
         self._unanswerable = 0  # requests whose answer had no topic to go to (logged, the first few)
         self._refusals_counted = 0  # of the link's refused publishes, those added to the Prometheus counter
-        self._heard = 0.0  # when the broker last handed us a message (monotonic)
         self._too_large = Throttle(3600)  # status messages over the broker's maximum packet size, said
         self._stats_reduced = Throttle(3600)  # ... and stats sent without their per-camera parts
         self.link.on_message = self._route
@@ -243,7 +242,8 @@ class Worker:
         self._publish_models()
 
     def _announce_online(self) -> None:
-        self._status(self.topics.availability, "online", properties=self.presence.online_properties())
+        self._status(self.topics.availability, "online", properties=self.presence.online_properties(),
+                     settled=self.presence.delivered)
 
     def _publish_stats(self) -> None:
         """The stats; past the broker's maximum packet size (they grow with every camera) without the per-camera
@@ -401,7 +401,6 @@ class Worker:
         """paho's network thread: hand the message on, then acknowledge it (or, under block, a queued frame once the
         broker has its answer), exactly once, whatever happened.  Never waits: this thread also reads the broker's
         acknowledgements of what the worker publishes."""
-        self._heard = time.monotonic()
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next session
         ticket = self.link.acks.open(raw.mid, raw.qos) if raw.qos else None
@@ -418,13 +417,16 @@ class Worker:
 
     def dispatch(self, msg: Inbound, ticket: Ticket | None = None) -> bool:
         """A request goes to the request queue (answered busy when it is full), our own availability to the
-        presence check, anything else to the pipeline; True when the pipeline keeps ``ticket`` (see there)."""
+        presence check, a message no subscription of this configuration matches to the link to leave its filter,
+        anything else to the pipeline; True when the pipeline keeps ``ticket`` (see there)."""
         if msg.topic == self.topics.availability:
-            if self.presence.observe(msg.payload, msg.replayed, msg.user):
+            if self.presence.observe(msg.payload, msg.replayed or msg.retained, msg.user):
                 self._announce_online()
         elif msg.topic in (self.topics.query, self.topics.label, self.topics.control):
             for refused in self.query_queue.put(msg):
                 self._respond(refused, error_answer(ErrorCode.BUSY, "too many requests waiting"))
+        elif not self.topics.reads(msg.topic):
+            self.link.leftover(msg.topic, self.topics.earlier_filters(msg.topic))
         else:
             return self.pipeline.on_frame(msg, ticket)
         return False
@@ -582,13 +584,15 @@ class Worker:
         """Serve until a stop signal comes (``signals``), then set ``stop`` for the other loops and shut down cleanly."""
         if self.cfg.metrics.enabled:
             try:
-                self.stats.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+                port = self.stats.serve(self.cfg.metrics.host, self.cfg.metrics.port)
             except OSError as exc:  # e.g. a second worker on this box with the same metrics.port
                 # Not run on without it: /healthz is the service's health check, and a probe would reach the other
                 # process's, which looks fine.  Nothing has started yet: the start stops with exit 2, as the console's.
                 raise ConfigError(f"metrics.host/metrics.port: cannot listen on {self.cfg.metrics.host}:"
                                   f"{self.cfg.metrics.port} ({exc.strerror or exc}); give another metrics.port, or "
                                   "metrics.enabled: false to run without /metrics and /healthz") from None
+            # metrics.port 0 takes a free port: the log is the only place that says which
+            log.info("serving /metrics and /healthz on %s:%d", self.cfg.metrics.host, port)
         self.recorder.start()
         self.pipeline.start()
         self.liveness.register(self.query_thread.name, self.query_thread)
@@ -626,7 +630,9 @@ class Worker:
             refused = self.link.publishes_refused
             self.stats.publishes_refused.inc(refused - self._refusals_counted)
             self._refusals_counted = refused
-            if self.link.connected.is_set() and self.presence.unread(self._heard):
+            if self.link.connected.is_set() and self.presence.owed():
+                self._announce_online()
+            if self.link.connected.is_set() and self.presence.unread():
                 log.error("this worker's own 'online' on %s did not come back from the broker within %.0f s: the "
                           "broker does not let it read (or write) its own topics, and frames on topics it may not "
                           "read never reach it (mosquitto's acl_file takes such a subscription and drops the "
@@ -721,7 +727,8 @@ class Worker:
         unsent = self._deliver(max(0.0, left(self.cfg.worker.stop_wait_s + STOPPED_S) - STOPPED_S))
         if self.link.connected.is_set():
             self._publish_stats()
-            info = self.link.publish(self.topics.availability, "stopped", retain=True)
+            info = self.link.publish(self.topics.availability, "stopped", retain=True,
+                                     properties=self.presence.stopped_properties())
             try:
                 info.wait_for_publish(left(STOPPED_S))
             except RuntimeError as exc:  # the link dropped since the check (a twin took the session): still a clean stop

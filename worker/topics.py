@@ -92,6 +92,22 @@ class Topics:
         return ((len(rest) == 2 and rest[1] in ("frame", "result", "heatmap", "error")) or rest in (["query"], ["label"])
                 or rest[:1] == ["workers"])
 
+    def reads(self, topic: str) -> bool:
+        """Whether one of the filters this configuration subscribes matches ``topic`` (frames, requests, control, its
+        own availability).  A message on another came through a subscription a persistent session kept from an
+        earlier configuration (topics.prefix, worker.id or a camera's topic changed)."""
+        return any(_matches(f, topic) for f in (*self.frame_filters, self.query, self.label, self.control,
+                                                self.availability))
+
+    @staticmethod
+    def earlier_filters(topic: str) -> list[str]:
+        """The filters an earlier configuration subscribed that can have delivered ``topic``: its frame filter
+        (``<prefix>/+/frame``) for a frame's topic, and the topic itself (a request's, a camera's own).  A shared
+        subscription (``$share/<group>/...``) of an earlier group cannot be told from a message."""
+        parts = topic.split("/")
+        frame = "/".join([*parts[:-2], "+", "frame"]) if len(parts) >= 3 and parts[-1] == "frame" else None
+        return [f for f in (frame, topic) if f is not None]
+
     def camera_of(self, topic: str) -> str | None:
         """The camera id in a frame topic, or None when the topic is neither ``<prefix>/<camera>/frame`` nor a
         camera's own (:attr:`sources`)."""
@@ -102,3 +118,17 @@ class Topics:
             return None
         camera, _, leaf = rest.partition("/")
         return camera if camera and leaf == "frame" else None
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    """MQTT's matching of a filter (``+`` one level, ``#`` the rest) against a topic name; a shared subscription's
+    ``$share/<group>/`` is not part of its filter."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]
+    want, have = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)

@@ -27,9 +27,12 @@ class Inbound:
     response_topic: str | None = None
     correlation: bytes | None = None
     mid: int = 0
-    replayed: bool = False  # from the broker's store, not published just now: retained, or redelivered (DUP)
+    # redelivered (DUP): sent to us before, unacknowledged.  Not the retain flag: frames are subscribed
+    # retain-as-published, so a camera's live frame published retained carries it too (retained ones waiting at
+    # subscribe time are not sent at all: retain handling 2); the watched availability topic reads ``retained``
+    replayed: bool = False
     repeated: frozenset[str] = frozenset()  # user property names given more than once (``user`` keeps the last)
-    retained: bool = False  # published with the retain flag (the worker subscribes retain-as-published)
+    retained: bool = False  # the retain flag: as published on frame topics, from the broker's store on watched ones
 
     @classmethod
     def from_paho(cls, msg: Any) -> Inbound:
@@ -40,7 +43,7 @@ class Inbound:
         names = Counter(name for name, _ in pairs)
         return cls(msg.topic, bytes(msg.payload), msg.qos, dict(pairs),
                    getattr(props, "ResponseTopic", None) or None, getattr(props, "CorrelationData", None), msg.mid,
-                   bool(msg.retain or msg.dup), frozenset(name for name, n in names.items() if n > 1), bool(msg.retain))
+                   bool(msg.dup), frozenset(name for name, n in names.items() if n > 1), bool(msg.retain))
 
 
 class Transport(Protocol):

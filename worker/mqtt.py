@@ -392,7 +392,7 @@ class MqttLink:
         else:
             cause = (f"the broker's ACL must let {self.who} write the worker's topics, under the prefix set in "
                      "topics.prefix")
-        log.error("the broker refused %d message(s) this worker published, the last on %s (%s, %s): they are lost; "
+        log.error("the broker refused %d message(s) this worker published, the last on %s (%s): they are lost (%s); "
                   "%s", count, topic, reason_code, self._kind(topic), cause)
 
     def _kind(self, topic: str) -> str:

@@ -97,8 +97,11 @@ class ApiClient:
 
     def request(self, topic: str, body: dict, timeout: float | None = None) -> dict:
         """Publish ``body`` as a request on ``topic`` and return the worker's JSON answer (blocking, thread-safe);
-        :class:`NotConnected` at once while the link is down (:meth:`start` waits for it)."""
+        :class:`NotConnected` at once while the link is down, after the first attempt to connect if it is still under
+        way (a request made as the console starts)."""
         timeout = self.timeout_s if timeout is None else timeout
+        if self.link.problem is None:  # no attempt has failed yet: the first one is under way
+            self.link.wait_connected(timeout)
         if not self.link.connected.is_set():  # said at once: waiting out the timeout for the link tells nobody more
             raise NotConnected(f"not connected to the broker at {self.link.cfg.host}:{self.link.cfg.port} "
                                f"({self.link.problem or 'not connected yet'})")

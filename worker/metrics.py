@@ -169,15 +169,15 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int,
                  timeout_s: float) -> None:
-        super().__init__(address, handler)
         self.timeout_s = timeout_s
         self._deadlines: dict[socket.socket, float] = {}  # each connection served (at most max_connections): its end
-        self._deadline_changed = threading.Condition()
+        self._deadline_changed = threading.Condition()  # set before the bind: a port in use closes the server at once
         self._closing = False
         self._slots = threading.BoundedSemaphore(max_connections)
         self.max_connections = max_connections
         self.refused = 0  # connections answered BUSY
         self._refused_log = Throttle(HTTP_REFUSED_LOG_EVERY_S)
+        super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:  # socketserver's types
         """A thread for the connection while a slot is free; else 503 at once, on this (the accepting) thread."""

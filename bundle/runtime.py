@@ -217,6 +217,12 @@ class CompiledBundle:
         self.optimal_requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.device_name = device_name(core, device)
         self.precision: Precision = self._effective_precision()
+        asked = config.get("INFERENCE_PRECISION_HINT")
+        if asked is not None and (ran := ran_precision(self.compiled)) != asked:
+            # OpenVINO may substitute another precision for a hint (an f16 hint runs bf16 on a CPU without FP16
+            # units): serving it would use thresholds, and report figures, of a precision nobody chose
+            raise BundleError(f"{self.folder}: asked {precision}, but {device} ({self.device_name}) runs it at "
+                              f"{ran}; ask for {ran} (or auto) to serve that")
         thresholds = self.manifest.thresholds_for(self.precision)
         if thresholds is None and require_thresholds:
             have = sorted({self.manifest.reference_precision, *self.manifest.precisions})
@@ -227,6 +233,7 @@ class CompiledBundle:
             raise BundleError(f"{self.folder}: its thresholds are provisional, not measured (an exporter's staging "
                               "folder, left by a run that was killed): every frame would be scored against them; "
                               "export the bundle again")
+        self._warn_if_measured_elsewhere()
         if self.precision == "int8" and _eight_bit_dense_weights(model):
             record = self.manifest.precisions.get("int8")
             measured_on = record.measured_on if record is not None else "the exporting CPU"
@@ -241,6 +248,15 @@ class CompiledBundle:
         if self.extension_spec is not None:
             self._names += (self.extension_spec.candidates_output, self.extension_spec.candidate_scores_output)
             self.set_extension(np.zeros((0, self.extension_spec.feature_dim), np.float32))
+
+    def _warn_if_measured_elsewhere(self) -> None:
+        """Warn, once per compile, when bf16/f16 thresholds were measured on another CPU: reduced-precision kernels
+        (AMX, AVX512_BF16, AVX512_FP16, ARM) round differently, so those thresholds may not hold on this one."""
+        record = self.manifest.precisions.get(self.precision) if self.precision in _CAPABILITY else None
+        if record is not None and record.measured_on != self.device_name:
+            log.warning("%s: its %s thresholds were measured on %s, not on this %s, whose %s kernels may round "
+                        "differently: they may not hold here (export it again on this CPU, or serve f32)",
+                        self.folder, self.precision, record.measured_on, self.device_name, self.precision)
 
     def _check_outputs(self, model: ov.Model) -> None:
         """Refuse a graph whose outputs, or extension input, are not the ones its manifest names and sizes (where

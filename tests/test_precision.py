@@ -8,6 +8,7 @@ it is refused, so both paths are exercised whichever CPU CI lands on.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import uuid
 
@@ -57,6 +58,25 @@ def test_a_precision_without_thresholds_or_hardware_is_refused(bundle_dir, tmp_p
     message = "no thresholds measured at" if precision in SUPPORTED else "does not run .* natively"
     with pytest.raises(BundleError, match=message):
         CompiledBundle(copy, precision=precision)
+
+
+@needs_bf16
+def test_bf16_thresholds_measured_on_another_cpu_are_named_in_the_log_once(bundle_dir, tmp_path, caplog):
+    """bf16 kernels round differently from CPU to CPU (AMX, AVX512_BF16): thresholds measured on another CPU are
+    served with a warning, as INT8's are; the bundle's own CPU, or f32, gives none."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    raw["precisions"]["bf16"]["measured_on"] = raw["precisions"]["f32"]["measured_on"] = "another CPU"
+    (copy / "bundle.json").write_text(json.dumps(raw))
+    with caplog.at_level(logging.WARNING, logger="bundle.runtime"):
+        CompiledBundle(bundle_dir, precision="bf16")
+        CompiledBundle(copy, precision="f32")
+        assert not [r for r in caplog.records if "measured on" in r.getMessage()]
+        bf16 = CompiledBundle(copy, precision="bf16")
+        score_images(bf16, [np.zeros((bf16.manifest.input.height, bf16.manifest.input.width, 3), np.uint8)] * 2)
+    (warning,) = [r.getMessage() for r in caplog.records if "measured on" in r.getMessage()]
+    assert "bf16 thresholds were measured on another CPU" in warning and bf16.device_name in warning
 
 
 def test_int8_needs_a_quantised_bundle(bundle_dir):

@@ -159,15 +159,22 @@ class Watcher:
         self.client.disconnect()
 
 
-def write_report(out: Path, manifest: dict, watcher: Watcher, query: dict, timings: dict, query_id: str) -> Path:
+def write_report(out: Path, manifest: dict, watcher: Watcher, query: dict, timings: dict, query_id: str,
+                 cpu: str) -> Path:
+    """report/README.md: the figures the README quotes, each naming the CPU and precision it was measured at
+    (``cpu``: the worker's, this machine's), since they differ from CPU to CPU and precision to precision."""
     report = out / "report"
     report.mkdir(exist_ok=True)
-    test = manifest.get("metrics", {}).get("test", {})
+    test = manifest.get("metrics", {}).get("test") or {}
+    served = ", ".join(sorted({r["model"]["precision"] for r in watcher.results})) or "no results"
     lines = [
         "# edge-inspect demo report",
         "",
         f"Bundle `{manifest['name']}` version `{manifest['version']}` ({manifest['family']}, "
         f"{manifest['training']['backbone']}, {manifest['input']['width']} px).",
+        "",
+        f"Quality measured on {test.get('device', 'an unrecorded CPU')} at {test.get('precision', 'an unrecorded precision')}"
+        f" (the bundle's test metrics); frames served on {cpu} at {served} (the results' model.precision).",
         "",
         "| measure | value |", "|---|---|",
         f"| image AUROC (OpenVINO bundle, test split) | {test.get('image_auroc')} |",
@@ -292,7 +299,11 @@ def main() -> int:
             broker.stop()
             print("mosquitto stopped")
     timings = {"fps": fps, "wall_s": time.monotonic() - started}
-    report = write_report(out, manifest, watcher, query, timings, query_id)
+    import openvino as ov
+
+    from bundle.runtime import device_name
+
+    report = write_report(out, manifest, watcher, query, timings, query_id, device_name(ov.Core(), "CPU"))
     banner(f"report: {report}")
     print(f"demo wall time {timings['wall_s']:.0f} s")
     return 0

@@ -1,14 +1,17 @@
-"""scripts/demo.py's worker config: free ports, and every folder the worker writes is the demo's own, reset per run."""
+"""scripts/demo.py's worker config: free ports, and every folder the worker writes is the demo's own, reset per run;
+its report names the CPU and precision of its figures."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from pydantic import BaseModel
 
-from scripts.demo import WORKER_STATE, demo_config, replay_fps, reset_worker_state
+from scripts.demo import WORKER_STATE, demo_config, replay_fps, reset_worker_state, write_report
 from worker.config import load_config
 
 
@@ -62,3 +65,17 @@ def test_demo_frames_per_second_start_at_the_publishers_first_frame():
     results = [{"captured_at": "1800000010.000", "published_at": "2027-01-15T08:00:11.000+00:00"},
                {"captured_at": "1800000010.500", "published_at": "2027-01-15T08:00:12.000+00:00"}]
     assert replay_fps(results) == 1.0  # 2 results in the 2 s from 08:00:10 (1800000010) to 08:00:12
+
+
+def test_demo_report_names_the_cpu_and_precision_of_its_figures(bundle_dir, tmp_path):
+    """The README quotes the report's AUROC and frames/s: each differs from CPU to CPU and precision to precision, so
+    the report names the bundle's measuring CPU and precision (metrics.test) and those the worker served at."""
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    test = manifest["metrics"]["test"]
+    result = {"frame_id": "f0", "score": 1.0, "verdict": "normal", "latency_ms": {"infer": 1, "total": 2},
+              "model": {"precision": "bf16"}}  # as a worker serving model.precision bf16 answers
+    watcher = SimpleNamespace(total=1, results=[result], errors=[], heatmap_dir=tmp_path)
+    report = write_report(tmp_path, manifest, watcher, {}, {"fps": 1.0, "wall_s": 1.0}, "f0",  # type: ignore[arg-type]
+                          "Serving CPU").read_text()
+    assert f"Quality measured on {test['device']} at {test['precision']}" in report
+    assert "frames served on Serving CPU at bf16" in report

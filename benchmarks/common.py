@@ -6,7 +6,7 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,37 @@ WARM_FRAMES = 16  # a worker's unmeasured first burst in the speed benchmarks, b
 # queue (1000 QoS 1 messages per client) drops the rest even at QoS 1: the run would then wait for answers that
 # never come.  The rigs' brokers hold every frame they are sent.
 BURST_BROKER = "max_queued_messages 0\n"
+
+
+TORCH = "torch f32"  # what a figure computed by torch (fits, features, samplers) ran at
+
+
+def cpu_name() -> str:
+    """The CPU a benchmark ran on, as OpenVINO names it (lscpu's model name): figures move from CPU to CPU."""
+    import openvino as ov
+
+    from bundle.runtime import device_name
+
+    return device_name(ov.Core(), "CPU")
+
+
+def openvino_ran(precisions: Iterable[str], asked: str | None = None) -> str:
+    """OpenVINO's precision(s) as read back from the compiled models (``ran_precision``, ``CompiledBundle.precision``),
+    never the one asked for, which a CPU may run as another (an f16 hint runs bf16 without FP16 units)."""
+    ran = ", ".join(sorted(set(precisions))) or "nothing compiled"
+    return f"OpenVINO {ran} (read back" + (f"; asked {asked})" if asked else ")")
+
+
+def measured_on(*precisions: str) -> dict[str, str]:
+    """The CPU and the precisions (:func:`openvino_ran`, :data:`TORCH`) a benchmark's figures were measured at,
+    for its JSON; every figure names both, since either changes the figure."""
+    return {"cpu": cpu_name(), "precision": "; ".join(precisions)}
+
+
+def header(*precisions: str) -> str:
+    """The line that heads a benchmark's printed figures: ``CPU: <name>; <precisions>`` (:func:`measured_on`)."""
+    where = measured_on(*precisions)
+    return f"CPU: {where['cpu']}; {where['precision']}"
 
 
 def subset(data: Path, category: str, train_images: int, folder: Path) -> Path:

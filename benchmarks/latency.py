@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import fmt, md_table, summary
+from benchmarks.common import fmt, header, md_table, openvino_ran, summary
 from bundle import BundleError, Manifest, read_manifest
 from bundle.runtime import ran_precision
 
@@ -156,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[k, str(side), fmt(summary(rounds[k]), 1),
              fmt(summary([a / b for a, b in zip(rounds[k], rounds[base], strict=True)]), 2)]
             for k, (side, _, _) in entries.items()]
-    ran = ", ".join(sorted({p for _, _, p in entries.values()}))
-    print(f"precision {ran} (read back from OpenVINO; asked {args.precision}), INFERENCE_NUM_THREADS {args.threads}, "
-          "LATENCY hint, batch 1\n")
+    ran = openvino_ran([p for _, _, p in entries.values()], args.precision)
+    print(f"{header(ran)}, INFERENCE_NUM_THREADS {args.threads}, LATENCY hint, batch 1\n")
     print(md_table(["what", "input px", "ms / frame: median [range] over rounds", f"x {base}, same round"], rows))
     return 0
 

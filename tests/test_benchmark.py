@@ -10,8 +10,10 @@ import threading
 
 import cv2
 import numpy as np
+import openvino as ov
 import pytest
 from bundle import read_manifest
+from bundle.runtime import supported_precisions
 from conftest import ROOT
 
 from benchmarks.common import wait_for_answers
@@ -198,7 +200,24 @@ def test_latency_benchmark_times_exported_bundles_beside_graphs(bundle_dir):
                                         f"bundle {bundle_dir.name}"], proc.stdout
     assert rows[4][1] == str(json.loads((bundle_dir / "bundle.json").read_text())["input"]["height"])
     assert all(float(r[2].split()[0]) > 0 for r in rows[2:]) and rows[1][3].startswith("1.00"), proc.stdout
-    assert "precision f32 (read back from OpenVINO; asked f32), INFERENCE_NUM_THREADS 1" in proc.stdout
+    cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    assert f"CPU: {cpu}; OpenVINO f32 (read back; asked f32), INFERENCE_NUM_THREADS 1" in proc.stdout
+
+
+@pytest.mark.parametrize("precision", ["f16", "bf16"])
+def test_profile_names_the_cpu_and_the_precision_it_ran_or_refuses_one_the_cpu_lacks(bundle_dir, precision):
+    """benchmarks.profile printed the precision it asked for: an f16 hint runs bf16 on a CPU without FP16 units, so
+    it profiled bf16 under an f16 label.  It prints the CPU and the precision read back, and refuses, as the runtime
+    does, a precision the CPU does not run natively."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile", str(bundle_dir), "--runs", "1",
+                           "--precision", precision], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    core = ov.Core()
+    if precision not in supported_precisions(core, "CPU"):
+        assert proc.returncode == 2 and f"does not run {precision} natively" in proc.stderr, proc.stderr[-2000:]
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpu = core.get_property("CPU", "FULL_DEVICE_NAME")
+    assert f"CPU: {cpu}; OpenVINO {precision} (read back; asked {precision})" in proc.stdout, proc.stdout
 
 
 def test_latency_benchmark_refuses_a_folder_that_is_not_a_bundle_in_one_line(tmp_path):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DATA, FAST_INPUT, fmt, md_table, subset, summary
+from benchmarks.common import DATA, FAST_INPUT, TORCH, fmt, header, md_table, measured_on, openvino_ran, subset, summary
 
 log = logging.getLogger("benchmarks.coreset")
 
@@ -140,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         metrics[name] = json.loads((out / "bundle.json").read_text())["metrics"]["test"]
         metrics[name]["model_bin_mb"] = (out / "model.bin").stat().st_size / 2**20
 
+    # timings: torch extraction and samplers; AUROC: the packaged bundles, at the precision their metrics record
+    where = (f"{TORCH} (extraction, samplers)", "AUROC: " + openvino_ran(m["precision"] for m in metrics.values()))
     if args.json:
-        args.json.write_text(json.dumps({"timings": timings, "extract_cold_s": cold, "metrics": metrics,
+        args.json.write_text(json.dumps({"measured_on": measured_on(*where), "timings": timings, "extract_cold_s": cold, "metrics": metrics,
                                          "n_select": n_select, "features": list(features.shape)}, indent=1))
     rows, fit_ours = report(timings, metrics, set(samplers), cold)
-    print(f"\n{features.shape[0]} patch features x {features.shape[1]} from {len(trained.train)} images; "
+    print(f"\n{header(*where)}")
+    print(f"{features.shape[0]} patch features x {features.shape[1]} from {len(trained.train)} images; "
           f"{n_select} picks (ratio {args.ratio}); {args.repeats} repeats, median [min-max]; stock: "
           f"{args.stock_picks} picks timed, extrapolated to {n_select}\n")
     print(md_table(["step", "seconds", "stock time / this", "image AUROC", "pixel AUROC", "model.bin MB"], rows))

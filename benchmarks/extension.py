@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("round %d/%d done", r + 1, args.repeats)
 
     threads = {int(c.compiled.get_property("INFERENCE_NUM_THREADS")) for c in rows.values()}
-    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}, {spec.height} px; OpenVINO f32, LATENCY hint, "
+    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}, {spec.height} px; "
+          f"OpenVINO {', '.join(sorted({c.precision for c in rows.values()}))} (read back), LATENCY hint, "
           f"batch 1, {'/'.join(map(str, sorted(threads)))} inference threads; {args.repeats} rounds of "
           f"{len(frames)} frames")
     print("\n".join(checks) + "\n")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.common import DATA, md_table
+from benchmarks.common import DATA, TORCH, header, md_table, openvino_ran
 from bundle import InputSpec, prepare_image
 from bundle.extension import Views
 from exporter import backbones
@@ -100,12 +100,13 @@ def _torch_scorer(graph: torch.nn.Module, bb: backbones.Backbone) -> Scorer:
     return scores
 
 
-def _openvino_scorer(graph: torch.nn.Module, spec: InputSpec, train: list[Path], precision: str) -> Scorer:
+def _openvino_scorer(graph: torch.nn.Module, spec: InputSpec, train: list[Path], precision: str) -> tuple[Scorer, str]:
     """The graph as a bundle holds it (INT8: calibrated on the fitting images, as ``exporter train`` does), run at
-    f32 with its bank extension empty."""
+    f32 with its bank extension empty; and the precision OpenVINO ran (read back)."""
     import openvino as ov
 
     from bundle import EXTENSION_PAD
+    from bundle.runtime import ran_precision
     from exporter.quantize import CALIBRATION_IMAGES, quantize
 
     model = convert(graph, spec)
@@ -119,7 +120,8 @@ def _openvino_scorer(graph: torch.nn.Module, spec: InputSpec, train: list[Path],
         out = [compiled({0: image[np.newaxis], **feeds}) for image in images]
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
-    return scores
+    ran = ran_precision(compiled)
+    return scores, openvino_ran([ran], "f32") + (", INT8 backbone" if precision == "int8" else "")
 
 
 def _metrics(score: np.ndarray, amap: np.ndarray, labels: np.ndarray, masks: np.ndarray, types: list[str]) -> dict:
@@ -152,7 +154,8 @@ def measure(data: Path, category: str, config: str, split: str, natural: Path | 
     started = time.monotonic()
     graph, timings = fit(settings, bb, train, spec)
     fit_s = time.monotonic() - started
-    scorer = _torch_scorer(graph, bb) if precision == "torch" else _openvino_scorer(graph, spec, train, precision)
+    scorer, ran = (_torch_scorer(graph, bb), TORCH) if precision == "torch" else \
+        _openvino_scorer(graph, spec, train, precision)
     if split == "validation":
         full, full_masks, types = validation_set(cat, settings.seed, natural, kinds)
         images = [prepare_image(i, spec) for i in full]
@@ -171,7 +174,7 @@ def measure(data: Path, category: str, config: str, split: str, natural: Path | 
         flagged = {k: int(sum(s >= threshold for (kind, _), s in zip(variants, benign_scores, strict=True) if kind == k))
                    for k in BENIGN_KINDS}
     return {"config": config or "defaults", "bank": timings["memory_bank"], "fit_s": fit_s,
-            "coreset_s": timings["coreset_s"], "sigma": settings.blur_sigma, "benign_flagged": flagged,
+            "coreset_s": timings["coreset_s"], "precision": ran, "sigma": settings.blur_sigma, "benign_flagged": flagged,
             "benign_total": int(labels.size - labels.sum()) * len(BENIGN_KINDS) if flagged else 0,
             **_metrics(score, amap, labels, masks, types)}
 
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s", results[-1])
     types = list(results[0]["per_type"])
     validation = args.split == "validation"
+    print(header(*sorted({r["precision"] for r in results})) + "; fits: " + TORCH)
     print(f"{args.category}, {args.split} split" + (f" ({','.join(kinds)})" if validation else "") + "\n")
     print(md_table(["config", "bank rows", "blur sigma px", "fit s (coreset s)", "image AUROC", "pixel AUROC", "AUPRO"]
                    + [f"pixel {t}" for t in types]

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k in pairs:
         q = quality[k]
-        rows.append([("INT8" if k[0] == "int8" else "FP32"), k[1], fmt(summary(latency[k]), 1),
+        rows.append([("INT8" if k[0] == "int8" else "FP32"), lat[k].precision, fmt(summary(latency[k]), 1),
                      fmt(summary([b / a for a, b in zip(latency[k], latency[base], strict=True)]), 2),
                      fmt(summary(throughput[k]), 1), f"{q.get('image_auroc')}", f"{q.get('pixel_auroc')}",
                      f"{q['image_f1']}", f"{q['detection_rate'].get('good', 'n/a')}"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.common import DATA, md_table
+from benchmarks.common import DATA, header, md_table, openvino_ran
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality", type=int, default=92)
     args = ap.parse_args(argv)
 
-    import openvino as ov
 
     from bundle import prepare_image
-    from bundle.runtime import CompiledBundle, device_name
+    from bundle.runtime import CompiledBundle
     from worker.decode import decode, probe, reduction
 
     compiled = CompiledBundle(Path(args.bundle), batch=1, precision="f32")
@@ -59,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             image = cv2.resize(cv2.imread(str(file), cv2.IMREAD_COLOR), size, interpolation=cv2.INTER_AREA)
             data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, args.quality])[1].tobytes()
             frames.append((data, score(prepare_image(decode(data), spec))))
-        header = probe(frames[0][0], 1 << 30, 1 << 30)
+        jpeg = probe(frames[0][0], 1 << 30, 1 << 30)
         for headroom in (float(h) for h in args.headroom.split(",")):
-            factor = reduction(header, spec.width, spec.height, headroom)
+            factor = reduction(jpeg, spec.width, spec.height, headroom)
             started = time.process_time()
             inputs = [prepare_image(decode(data, factor), spec) for data, _ in frames]
             cpu_ms = (time.process_time() - started) * 1000 / len(frames)
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([f"{size[0]} x {size[1]}", f"{headroom:g}", f"1/{factor}", f"{cpu_ms:.2f}",
                          f"{np.median(np.abs(change)) * 100:.2f} % / {np.abs(change).max() * 100:.2f} %",
                          f"{change.mean() * 100:+.2f} %", f"{flips} / {len(frames)}"])
-    print(f"CPU: {device_name(ov.Core(), 'CPU')}; OpenVINO f32; {args.category} test split, {len(files)} images, "
+    print(f"{header(openvino_ran([compiled.precision]))}; {args.category} test split, {len(files)} images, "
           f"JPEG quality {args.quality}; bundle input {spec.width} x {spec.height}\n")
     print(md_table(["frame", "headroom", "decoded at", "decode + resize, CPU ms / frame", "score change, median / max",
                     "signed mean", "verdicts changed"], rows))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
+from benchmarks.common import TORCH, header, openvino_ran
 from bundle.runtime import CompiledBundle
 from exporter import backbones
 from exporter.build import VAL_FRACTION
@@ -182,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str, tuple[int, dict]]] = []
     pictures: dict[str, np.ndarray] = {}
     features: dict[tuple, tuple] = {}
+    ran: set[str] = set()
     for folder in bundles:
         compiled = CompiledBundle(folder, hint="THROUGHPUT")
+        ran.add(compiled.precision)
         man = compiled.manifest
         images = [read_image(p, man.input) for p in paths]
         _, maps, emb = score_images(compiled, images)
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         pictures[f"{man.family} (a) global mean"] = ranking(variants[next(iter(variants))], query)
         pictures[f"{man.family} (b) bundle embedding"] = ranking(emb, query)
 
-    md = table(rows, types)
+    md = f"{header(openvino_ran(ran) + ' (embeddings, maps)', TORCH + ' (backbone features)')}\n\n{table(rows, types)}"
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.picture.parent.mkdir(parents=True, exist_ok=True)

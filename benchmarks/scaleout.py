@@ -25,7 +25,20 @@ import paho.mqtt.client as mqtt
 import psutil
 import yaml
 
-from benchmarks.common import BURST_BROKER, DATA, ROOT, WARM_FRAMES, fmt, md_table, percentiles, publish_frame, summary, wait_for_answers
+from benchmarks.common import (
+    BURST_BROKER,
+    DATA,
+    ROOT,
+    WARM_FRAMES,
+    fmt,
+    header,
+    md_table,
+    openvino_ran,
+    percentiles,
+    publish_frame,
+    summary,
+    wait_for_answers,
+)
 from scripts.broker import Broker
 
 
@@ -37,6 +50,7 @@ class Group:
         self.cond = threading.Condition()
         self.online: set[str] = set()
         self.results: dict[str, float] = {}
+        self.precisions: set[str] = set()  # what the workers ran, read back (their results' model.precision)
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=f"bench-{self.prefix}")
         self.client.max_inflight_messages_set(64)
@@ -76,7 +90,9 @@ class Group:
             if msg.topic.endswith("/availability") and msg.payload == b"online":
                 self.online.add(msg.topic.split("/")[-2])
             elif msg.topic.endswith("/result"):
-                self.results[json.loads(msg.payload)["frame_id"]] = time.perf_counter()
+                result = json.loads(msg.payload)
+                self.results[result["frame_id"]] = time.perf_counter()
+                self.precisions.add(result["model"]["precision"])
             self.cond.notify_all()
 
     def run(self, payloads: list[bytes], n: int, tag: str) -> dict:
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(k) for k in args.workers.split(",")]
     broker = Broker(work / "broker", extra=BURST_BROKER)
     rounds: list[dict[int, dict]] = []
+    ran: set[str] = set()
     try:
         for r in range(args.rounds):
             row = {}
@@ -138,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     group.run(payloads, min(WARM_FRAMES, args.frames), f"warm{r}")
                     row[k] = group.run(payloads, args.frames, f"r{r}")
+                    ran |= group.precisions
                 finally:
                     group.close()
                 print(f"round {r + 1}: {k} worker(s): {row[k]['fps']:.1f} frames/s", flush=True)
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                       fmt(summary([rd[k]["p99_ms"] for rd in rounds]), 0),
                       fmt(summary([rd[k]["cpu_ms_per_frame"] for rd in rounds]), 0),
                       fmt(summary([rd[k]["rss_mb"] for rd in rounds]), 0)])
-    print(f"\n{args.frames} frames per run (grid test images, 1024 px PNG), burst, queue_policy block; "
+    print(f"\n{header(openvino_ran(ran))}; {args.frames} frames per run (grid test images, 1024 px PNG), burst, queue_policy block; "
           f"median [min-max] of {args.rounds} rounds; {psutil.cpu_count()} CPUs\n")
     print(md_table(["workers", "frames/s", f"vs {counts[0]} worker", "p50 ms (burst)", "p99 ms (burst)",
                     "CPU ms/frame", "RSS MB (all)"], table))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import cv2
 
-from benchmarks.common import DATA, ROOT, fmt, md_table, summary, train_bundles
+from benchmarks.common import DATA, ROOT, fmt, header, md_table, measured_on, openvino_ran, summary, train_bundles
 from benchmarks.throughput import WorkerRig
 
 log = logging.getLogger("benchmarks.startup")
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "spawn -> online, cold (s)", "spawn -> first result, cold (s)",
         "spawn -> online, warm (s)", "spawn -> first result, warm (s)",
         "RSS after first result (MB)", f"RSS after {args.frames} frames (MB)")}
+    ran: set[str] = set()  # what the workers ran, read back
     for r in range(args.repeats):
         res["import worker (s)"].append(fresh(IMPORT))
         cache = work / f"cache-{r}"
@@ -85,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                     res["RSS after first result (MB)"].append(rig.ps.memory_info().rss / 2**20)
                     steady = rig.run(payloads, args.frames, None, "steady")
                     res[f"RSS after {args.frames} frames (MB)"].append(steady["rss_mb"])
+                ran |= rig.precisions
             finally:
                 rig.close()
-    print(f"\n{args.repeats} repeats, median [min-max]; bundle {bundle} "
+    print(f"\n{header(openvino_ran(ran, 'f32'))}; {args.repeats} repeats, median [min-max]; bundle {bundle} "
           f"(model.bin {(bundle / 'model.bin').stat().st_size / 2**20:.1f} MB)\n")
     print(md_table(["measure", "median [min-max]"], [[k, fmt(summary(v), 2)] for k, v in res.items()]))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
+        args.json.write_text(json.dumps({**res, "measured_on": measured_on(openvino_ran(ran, "f32"))}, indent=1))
     return 0
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import header, openvino_ran
+
 log = logging.getLogger("benchmarks.store")
 ROOT = Path(__file__).resolve().parents[1]
 TOP = 5
@@ -37,7 +39,8 @@ ANOMALOUS = 0.05
 LATEST = 50  # the latest defects a console asks for when it starts (query.max_top_k's default)
 
 
-def seeds_from_bundle(bundle: Path, data: Path, category: str) -> np.ndarray:
+def seeds_from_bundle(bundle: Path, data: Path, category: str) -> tuple[np.ndarray, str]:
+    """The bundle's embeddings of the category's images, and the precision OpenVINO ran them at (read back)."""
     from bundle.runtime import CompiledBundle
     from exporter.data import load_category, read_image
     from exporter.export import score_images
@@ -45,7 +48,7 @@ def seeds_from_bundle(bundle: Path, data: Path, category: str) -> np.ndarray:
     compiled = CompiledBundle(bundle)
     cat = load_category(data, category)
     paths = list(cat.train) + [s.path for s in cat.test]
-    return score_images(compiled, [read_image(p, compiled.manifest.input) for p in paths])[2]
+    return score_images(compiled, [read_image(p, compiled.manifest.input) for p in paths])[2], compiled.precision
 
 
 def make_vectors(seeds: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -153,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     rng = np.random.default_rng(0)
-    seeds = seeds_from_bundle(args.bundle, args.data, args.category) if args.bundle else \
-        rng.normal(size=(512, 152)).astype(np.float32)
+    seeds, ran = seeds_from_bundle(args.bundle, args.data, args.category) if args.bundle else \
+        (rng.normal(size=(512, 152)).astype(np.float32), "")
     seeds /= np.linalg.norm(seeds, axis=1, keepdims=True)
     now = time.time()
     vectors = make_vectors(seeds, args.points, rng)
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         p50, p99, exact_latest = r["latest"]
         lines.append(f"| {r['name']} | {r['points']} | {r['ingest_pts_s']:.0f} | {r['single_upsert_ms']:.1f} | "
                      f"{r['build_s']:.1f} | {cells} | {p50:.1f} / {p99:.1f}, {'yes' if exact_latest else 'no'} |")
-    md = "\n".join(lines)
+    md = header(f"embeddings: {openvino_ran([ran])}" if ran else "random vectors, no inference") + "\n\n" + \
+        "\n".join(lines)
     print(md)
     source = f"real embeddings of {args.bundle.name}" if args.bundle else "random unit vectors"
     args.out.write_text(f"# Store benchmark ({args.points} points, {vectors.shape[1]}-d, {source})\n\n"

@@ -147,6 +147,7 @@ class WorkerRig:
         self.complete: set[str] = set()  # frames whose result and heatmap (or error) are all back
         self.without_heatmap: set[str] = set()  # frames whose result says no heatmap is published for them
         self.stages: dict[str, dict[str, float]] = {}  # the worker's own latency_ms per frame
+        self.precisions: set[str] = set()  # what the worker ran, read back (its results' model.precision)
         self.online = False
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"bench-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
@@ -200,6 +201,7 @@ class WorkerRig:
                 if kind == "result":
                     result = json.loads(msg.payload)
                     self.stages[frame_id] = result["latency_ms"]
+                    self.precisions.add(result["model"]["precision"])
                     if result["heatmap"] is None:  # heatmap.publish anomalous or never: nothing more will come
                         self.without_heatmap.add(frame_id)
                 heatmap_done = "heatmap" in arrived or frame_id in self.without_heatmap

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.common import DATA, fmt, md_table, summary
+from benchmarks.common import DATA, fmt, header, md_table, openvino_ran, summary
 
 log = logging.getLogger("benchmarks.tiling")
 
@@ -45,7 +45,8 @@ def grid_bundle(folder: Path) -> Path:
 
 
 def measure(bundles: list[Path], grid: tuple[int, int], overlap: float, repeats: int, frames: int,
-            width: int, height: int) -> list[list[str]]:
+            width: int, height: int) -> tuple[list[list[str]], set[str]]:
+    """The table's rows, and the precisions OpenVINO ran (read back)."""
     from bundle import tiling
     from bundle.runtime import CompiledBundle
     from worker.config import TilingConfig
@@ -54,11 +55,12 @@ def measure(bundles: list[Path], grid: tuple[int, int], overlap: float, repeats:
     cfg = TilingConfig(grid=grid, overlap=overlap)
     data = frame_jpeg(width, height)
     frame = decode(data)
-    runners = []
+    runners, ran = [], set()
     for path in bundles:
         single = CompiledBundle(path, batch=1)
         batched = CompiledBundle(path, batch=grid[0] * grid[1])
         request, batch_request = single.create_request(), batched.create_request()
+        ran |= {single.precision, batched.precision}
         spec = single.manifest.input
 
         def batch_run(b=batched, r=batch_request, s=spec) -> None:
@@ -95,7 +97,7 @@ def measure(bundles: list[Path], grid: tuple[int, int], overlap: float, repeats:
             ratio = summary([m / w for m, w in zip(ms, whole, strict=True)])
             tiles = "1" if name == "whole" else f"{grid[0]}x{grid[1]}"
             rows.append([Path(path).name, f"{spec.width} px", f"{name} ({tiles})", fmt(summary(ms), 1), fmt(ratio, 2)])
-    return rows
+    return rows, ran
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         bundles = list(args.bundle) + ([grid_bundle(Path(tmp))] if args.grid_bundle else [])
         if not bundles:
             parser.error("give --bundle and/or --grid-bundle")
-        rows = measure(bundles, tuple(args.grid), args.overlap, args.repeats, args.frames, *args.size)
+        rows, ran = measure(bundles, tuple(args.grid), args.overlap, args.repeats, args.frames, *args.size)
+    print(header(openvino_ran(ran)) + "\n")
     print(md_table(["bundle", "input", "way (tiles)", "ms / frame: median [range] over rounds", "x whole, same round"], rows))
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.common import DATA, md_table
+from benchmarks.common import DATA, header, md_table, openvino_ran
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tints", default="0,0.05,0.1,0.2")
     args = ap.parse_args(argv)
 
-    import openvino as ov
 
     from bundle import prepare_image
-    from bundle.runtime import CompiledBundle, device_name
+    from bundle.runtime import CompiledBundle
     from exporter.export import GREY_STEP
 
     files = sorted((Path(args.data) / args.category / "test").glob("*/*.png"))
@@ -39,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     images = [cv2.imread(str(f), cv2.IMREAD_COLOR).astype(np.float32) for f in files]
     good = np.array([f.parent.name == "good" for f in files])
-    rows = []
+    rows, ran = [], set()
     for path in args.bundles:
         compiled = CompiledBundle(Path(path), batch=1, precision="f32")
         spec, threshold = compiled.manifest.input, compiled.thresholds.image.threshold
         request = compiled.create_request()
+        ran.add(compiled.precision)
         grey = "grey step" if GREY_STEP in spec.in_graph else "no grey step"
         for tint in (float(t) for t in args.tints.split(",")):
             gain = np.float32([1 - tint, 1.0, 1 + tint])
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                                [np.newaxis], request).score[0] >= threshold for image in images])
             rows.append([f"{Path(path).name} ({grey})", f"{tint:g}", f"{(flagged & good).sum()} of {good.sum()}",
                          f"{(flagged & ~good).sum()} of {(~good).sum()}"])
-    print(f"CPU: {device_name(ov.Core(), 'CPU')}; OpenVINO f32; {args.category} test split, {len(files)} images\n")
+    print(f"{header(openvino_ran(ran))}; {args.category} test split, {len(files)} images\n")
     print(md_table(["bundle", "tint", "good flagged", "defects caught"], rows))
     return 0
 

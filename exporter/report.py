@@ -75,13 +75,19 @@ def _mark(value: float | None, target: float) -> str:
     return f"{value:.4f} {'✓' if value >= target else '✗'}"
 
 
+def _recorded(rows: list[dict], key: str) -> str:
+    """The rows' own ``key`` (their test metrics record the CPU and precision that measured them), never a default."""
+    return ", ".join(sorted({str(r.get(key, f"an unrecorded {key}")) for r in rows}))
+
+
 def markdown(rows: list[dict], absent: list[str], plots: list[str], failed: list[dict], command: str) -> str:
     lines = [
         "# Detection quality benchmark",
         "",
         f"Generated {timestamp()} by `{command}` on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores, no GPU. Every metric is measured by running the exported OpenVINO bundle "
-        f"(f32 inference precision, on {rows[0].get('device', 'the CPU')}) on the test split; the image threshold comes "
+        f"({_recorded(rows, 'precision')} inference precision, on {_recorded(rows, 'device')}) on the test split; "
+        "the image threshold comes "
         "from held-out normal training images only.",
         f"Targets: image AUROC >= {TARGETS['image_auroc']}, pixel AUROC >= {TARGETS['pixel_auroc']} (✓ met, ✗ missed).",
         "",

@@ -89,6 +89,8 @@ def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(da
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weave, validation split" in proc.stdout
+    cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")  # figures name the CPU and what each config really ran
+    assert f"CPU: {cpu}; OpenVINO f32 (read back; asked f32), INT8 backbone; torch f32; fits: torch f32" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| size=64")]  # score=map_max: the key parses
     assert [r.split("|")[1].strip() for r in rows] == ["size=64,ratio=0.1,rows=40,seed=1,score=map_max,screen=10",
                                                        "size=64,ratio=0.1,rows=40,precision=int8"]  # by OpenVINO, INT8
@@ -182,7 +184,7 @@ def test_extension_benchmark_times_before_empty_and_full(dataset, bundle_dir, tm
     for name in ("weave-patchcore, 1 row", "weave-patchcore, 300 rows"):
         heads, over = float(cells[name][1]), float(cells[name][2])
         assert heads > 0 and abs(heads - base - over) < 2e-3, (name, cells[name], base)
-    assert "OpenVINO f32, LATENCY hint, batch 1" in proc.stdout
+    assert "OpenVINO f32 (read back), LATENCY hint, batch 1" in proc.stdout
     (check,) = [line for line in proc.stdout.splitlines() if "empty extension vs before" in line]
     assert float(check.split("difference ")[1].split()[0]) < 1e-4, check
 
@@ -296,7 +298,7 @@ def test_reduced_decode_benchmark_compares_each_headroom_with_a_full_decode(data
     assert [(r[0], r[1]) for r in rows] == [(size, h) for size in ("560 x 560", "700 x 500") for h in ("1", "2", "inf")]
     assert all(r[2] == "1/1" and r[4] == "0.00 % / 0.00 %" and r[6].startswith("0 / ") for r in rows if r[1] == "inf")
     assert rows[0][2] == "1/4" and rows[1][2] == "1/2", rows  # 560 px for a 128 px model: to 140 px, or to 280
-    assert "OpenVINO f32" in proc.stdout
+    assert f"CPU: {ov.Core().get_property('CPU', 'FULL_DEVICE_NAME')}; OpenVINO f32 (read back)" in proc.stdout
 
 
 def test_coreset_report_takes_extraction_and_sampler_repeats_of_different_counts():

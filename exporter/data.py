@@ -680,14 +680,27 @@ def find_categories(data: Path) -> list[str]:
 
 
 def hold_out_defects(category: Category, fraction: float, seed: int) -> tuple[Category, list[Sample]]:
-    """A seeded share of each defect type for choosing a threshold; the rest stays in test, so they never overlap."""
+    """A seeded share of each defect type for choosing a threshold; the rest stays in test, so they never overlap.
+    Copies of one file (:func:`copies`) are held out together, as long as every type keeps an image in test: a
+    tested copy of a defect the threshold was chosen on would flatter the test recall.  Without copies the draw is
+    the one bundles were measured on."""
     rng = random.Random(seed)
-    held: list[Sample] = []
-    for defect in sorted({s.defect for s in category.test} - {"good"}):
-        of_type = [s for s in category.test if s.defect == defect]
+    defects = [s for s in category.test if s.defect != "good"]
+    group = {path: found for found in copies([s.path for s in defects]) for path in found}
+    types = {defect: {s.path for s in defects if s.defect == defect} for defect in sorted({s.defect for s in defects})}
+    held: set[Path] = set()
+    for paths in types.values():
+        of_type = sorted(paths)
         rng.shuffle(of_type)
-        held += of_type[: int(len(of_type) * fraction)]
-    return category.without({category.recorded(s.path) for s in held}), sorted(held, key=lambda s: (s.defect, s.path))
+        wanted = int(len(of_type) * fraction)
+        for path in of_type:
+            if len(held & paths) >= wanted:
+                break
+            together = held | set(group.get(path, [path]))
+            if all(of - together for of in types.values()):  # every type keeps a tested image
+                held = together
+    kept = [s for s in defects if s.path in held]
+    return category.without({category.recorded(s.path) for s in kept}), sorted(kept, key=lambda s: (s.defect, s.path))
 
 
 def _why_unreadable(path: Path) -> str:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from exporter.synthetic import sample
+from exporter.data import hold_out_defects, load_category
+from exporter.synthetic import DEFECTS, generate, sample
+from exporter.thresholds import VAL_DEFECT_FRACTION
 from exporter.validation import BENIGN_KINDS, HARD_KINDS, KINDS, benign_variants, natural_photos, synthesise
 
 
@@ -81,3 +85,19 @@ def test_benign_variants_change_every_image_a_little_and_are_drawn_apart_from_th
     assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(made, benign_variants(normals, seed=5), strict=True))
     with pytest.raises(ValueError, match="unknown benign kind"):
         benign_variants(normals, kinds=("flood",))
+
+
+def test_copies_of_a_defect_are_held_out_for_the_recall_threshold_together(tmp_path):
+    """A defect held out to choose a recall threshold had its byte-for-byte copies (another name) left in the test
+    split, whose recall then counted an image the threshold was chosen on."""
+    root = generate(tmp_path, size=32, n_train=8, n_test=4)
+    for i in range(3):
+        shutil.copy(root / "test" / "hole" / "000.png", root / "test" / "hole" / f"copy{i}.png")
+        shutil.copy(root / "ground_truth" / "hole" / "000_mask.png", root / "ground_truth" / "hole" / f"copy{i}_mask.png")
+    category = load_category(tmp_path, "weave")
+    for seed in range(6):
+        rest, held = hold_out_defects(category, VAL_DEFECT_FRACTION, seed)
+        held_bytes = {s.path.read_bytes() for s in held}
+        assert not [s.path.name for s in rest.test if s.path.read_bytes() in held_bytes], seed
+        assert {s.defect for s in rest.test} == {s.defect for s in category.test}  # every type is still tested
+        assert {s.defect for s in held} == set(DEFECTS)

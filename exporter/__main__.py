@@ -36,6 +36,10 @@ def _train(args: argparse.Namespace) -> int:
 
     check_out(Path(args.out))
 
+    for flag, mode, target in (("--target-far", "far", args.target_far), ("--target-recall", "recall", args.target_recall)):
+        if target is not None and args.threshold_mode != mode:  # else the bundle had another mode's threshold, unsaid
+            raise ValueError(f"{flag} is for --threshold-mode {mode}, and this run's mode is {args.threshold_mode}: "
+                             f"give --threshold-mode {mode} with it, or leave it out")
     threshold = ThresholdChoice(args.threshold_mode, {"far": args.target_far, "recall": args.target_recall}.get(
         args.threshold_mode))
     if args.validation_photos and not args.choose:

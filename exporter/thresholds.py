@@ -33,7 +33,7 @@ class ThresholdChoice:
             raise ValueError(f"unknown threshold mode {self.mode!r}; choose normals, far or recall")
         if self.mode != "normals" and not (self.target is not None and 0 < self.target < 1):
             raise ValueError(f"--threshold-mode {self.mode} needs a target in (0, 1): "
-                             f"--target-{'far' if self.mode == 'far' else 'recall'} 0.01")
+                             f"{'--target-far 0.01' if self.mode == 'far' else '--target-recall 0.95'}")
 
     @property
     def needs_defects(self) -> bool:

@@ -709,3 +709,20 @@ def test_synth_refuses_a_folder_that_holds_images(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in good.iterdir()) == ["000.png"] and (cv2.imread(str(good / "000.png")) == real).all()
     assert main(["synth", "--out", str(tmp_path), "--category", "fresh", "--train", "3", "--test", "1"]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--target-far", "0.01"), "--target-far is for --threshold-mode far, and this run's mode is normals"),
+    (("--threshold-mode", "recall", "--target-recall", "0.9", "--target-far", "0.01"), "--target-far is for"),
+    (("--threshold-mode", "far", "--target-far", "0.01", "--target-recall", "0.9"), "--target-recall is for"),
+    (("--threshold-mode", "recall", "--target-recall", "1"), "needs a target in (0, 1): --target-recall 0.95"),
+    (("--threshold-mode", "far", "--target-far", "nan"), "needs a target in (0, 1): --target-far 0.01"),
+])
+def test_a_target_its_threshold_mode_does_not_use_is_refused_before_the_data_is_read(tmp_path, capsys, flags, message):
+    """``--target-far 0.01`` without ``--threshold-mode far`` was dropped without a word: the bundle's threshold was
+    the normals' default, not the false-alarm rate asked for."""
+    from exporter.__main__ import main
+
+    assert main(["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no such folder" not in err  # refused before the data was looked at

@@ -83,8 +83,9 @@ def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, ti
     summary = summarise(load_category(data, category, seed))  # every file checked, the held-out defects too
     held_defects = hold_out_defects(summary.category, VAL_DEFECT_FRACTION, seed)[1] if threshold.needs_defects else []
     fit, held = summary.category.split_train(VAL_FRACTION, seed)
-    print(summary.text(len(fit), len(held), tiling, held_defects) + f"\n  image threshold: {threshold.describe()}",
-          flush=True)
+    warning = threshold.warning(len(held))
+    print(summary.text(len(fit), len(held), tiling, held_defects) + f"\n  image threshold: {threshold.describe()}"
+          + (f"\n{warning}" if warning else ""), flush=True)
     problems = summary.problems()
     if problems:
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))

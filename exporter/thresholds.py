@@ -18,6 +18,7 @@ from bundle.runtime import CompiledBundle
 from exporter.export import score_images, thresholds_from_normals
 
 VAL_DEFECT_FRACTION = 0.5  # share of each defect type held out of test to choose a recall threshold
+FEW_NORMALS = 10  # the held-out normals a set of 40 good images gives (a quarter of a small set, up to 10)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,19 @@ class ThresholdChoice:
             return (f"highest that flags at least {self.target:g} of a seeded {VAL_DEFECT_FRACTION:g} of each defect "
                     "type, which leaves the test split")
         return "max(mean + 3 std, max) of the held-out normals' scores"
+
+    def warning(self, normals: int) -> str | None:
+        """A line for the data summary where ``normals`` held-out normals are too few for this image threshold:
+        a false-alarm target finer than they resolve is not met but set above them all, and a threshold from a
+        handful of images moves with each of them; None where they suffice (recall: set on the defects)."""
+        if self.mode == "far" and self.target is not None and math.floor(round(self.target * normals, 9)) < 1:
+            return (f"  warning: --target-far {self.target:g} is finer than {normals} held-out normals resolve "
+                    f"(1/{normals}): the image threshold is set just above the highest of them, a false-alarm rate "
+                    "that is not measured; more good training images make it measurable")
+        if self.mode != "recall" and normals < FEW_NORMALS:
+            return (f"  warning: only {normals} held-out normals set the image threshold, so each of them moves it; "
+                    f"more good training images make it firmer (a set of 40 holds out {FEW_NORMALS})")
+        return None
 
 
 def far_threshold(normal_scores: np.ndarray, target_far: float) -> float:

@@ -726,3 +726,24 @@ def test_a_target_its_threshold_mode_does_not_use_is_refused_before_the_data_is_
     assert main(["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "no such folder" not in err  # refused before the data was looked at
+
+
+@pytest.mark.parametrize("train, flags, warned", [
+    (8, (), "warning: only 2 held-out normals set the image threshold"),
+    (40, ("--threshold-mode", "far", "--target-far", "0.05"), "warning: --target-far 0.05 is finer than 10 held-out "
+                                                            "normals resolve (1/10)"),
+    (40, ("--threshold-mode", "far", "--target-far", "0.1"), None),
+    (40, (), None),
+])
+def test_the_summary_warns_of_a_threshold_set_on_too_few_held_out_normals(tmp_path, capsys, train, flags, warned):
+    """Eight good images held out two to set the threshold on, and ``--target-far 0.01`` of 26 held-out normals set
+    it above them all, both without a word.  (The unreadable test image stops the run after the summary.)"""
+    from exporter.__main__ import main
+    from exporter.synthetic import generate
+
+    root = generate(tmp_path, "weave", size=16, n_train=train, n_test=1)
+    (root / "test" / "good" / "broken.png").write_bytes(b"not an image")
+    assert main(["train", "--data", str(tmp_path), "--category", "weave", "--out", str(tmp_path / "out"), *flags]) == 2
+    out = capsys.readouterr().out
+    assert "held out for the threshold" in out
+    assert (warned in out) if warned else ("warning: " not in out.split("image threshold:")[1]), out

@@ -34,6 +34,8 @@ import numpy as np
 
 from exporter.data import images_under, read_decoded
 
+PERLIN_TRIES = 10  # draws of a Perlin blob until one marks a pixel
+PERLIN_SIDE = 32  # the smallest side anomalib's Perlin noise is drawn at
 KINDS = ("perlin", "cutpaste", "scratch")
 HARD_KINDS = ("deform", "stain")
 BENIGN_KINDS = ("light", "gamma", "focus", "noise", "place", "jpeg")
@@ -60,7 +62,14 @@ def _perlin(image: np.ndarray, rng: np.random.Generator, photos: list[Path]) -> 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=(0.5, 1.0))
-        perturbation, mask = generator.generate_perturbation(h, w, anomaly_source_path=source)
+        for _ in range(PERLIN_TRIES):  # a small image's turned noise can leave no pixel above the blob's level
+            # anomalib's noise needs 32 px a side (its coarsest scale; a side of 16 raised a RuntimeError): a
+            # smaller image's is drawn that large and cut to it
+            perturbation, mask = generator.generate_perturbation(max(h, PERLIN_SIDE), max(w, PERLIN_SIDE),
+                                                                 anomaly_source_path=source)
+            perturbation, mask = perturbation[:h, :w], mask[:h, :w]
+            if bool((mask > 0.5).any()):
+                break
     rgb = torch.from_numpy(image[..., ::-1].copy()).float() / 255.0
     beta = float(rng.uniform(0.5, 1.0))
     out = rgb * (1 - mask) + beta * perturbation + (1 - beta) * rgb * mask
@@ -71,7 +80,7 @@ def _perlin(image: np.ndarray, rng: np.random.Generator, photos: list[Path]) -> 
 def _cutpaste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
     side = min(h, w)
-    ph, pw = (int(side * rng.uniform(0.03, 0.12)) for _ in range(2))
+    ph, pw = (max(3, int(side * rng.uniform(0.03, 0.12))) for _ in range(2))  # a small image's piece had no pixel
     y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
     piece = donor[y : y + ph, x : x + pw]
     canvas = np.zeros_like(image)
@@ -107,7 +116,7 @@ def _scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
 def _deform(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
     side = min(h, w)
-    sigma = side * rng.uniform(0.02, 0.05)
+    sigma = max(1.5, side * rng.uniform(0.02, 0.05))  # narrower, a small image's bump could fall between pixels
     # at least 2.5 px, so that a small image's bump moves some pixels by the 2 the mask counts (else it would be the
     # normal image, counted as an anomaly)
     amplitude = max(2.5, sigma * rng.uniform(0.5, 1.0))

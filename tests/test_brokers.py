@@ -3,8 +3,11 @@ real worker and a real mosquitto set up that way."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -12,7 +15,22 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import Client, good_png, wait_online, write_config
-from scripts.broker import Broker
+from scripts.broker import Broker, broker_readable_dir
+
+
+@contextlib.contextmanager
+def _acl_broker(tmp_path, rules: str) -> Iterator[Broker]:
+    """A mosquitto whose ACL file (for all clients) holds ``rules``, stopped and its files removed at the end."""
+    files = broker_readable_dir("mosq-acl-")
+    acl = files / "acl"
+    acl.write_text(rules)
+    acl.chmod(0o644)
+    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}\n")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(files, ignore_errors=True)
 
 
 def _frame_properties(frame_id: str) -> Properties:
@@ -109,15 +127,11 @@ def test_a_broker_without_retain_or_qos_1_is_served_at_what_it_takes(bundle_dir,
 def test_a_response_topic_the_acl_forbids_is_said_as_the_requesters(bundle_dir, tmp_path, worker_factory):
     """A request naming a response topic the broker's ACL does not let the worker write: the log told the operator to
     let the worker write its own topics, though the topic was the requester's choice."""
-    import shutil
+    with _acl_broker(tmp_path, "topic readwrite inspect/#\ntopic read elsewhere/#\n") as broker:
+        _response_topic_refused(broker, bundle_dir, tmp_path, worker_factory)
 
-    from scripts.broker import broker_readable_dir
 
-    files = broker_readable_dir("mosq-acl-")
-    acl = files / "acl"
-    acl.write_text("topic readwrite inspect/#\ntopic read elsewhere/#\n")
-    acl.chmod(0o644)
-    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}\n")
+def _response_topic_refused(broker: Broker, bundle_dir, tmp_path, worker_factory) -> None:
     client = Client(broker.port)
     try:
         worker = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir))
@@ -135,8 +149,6 @@ def test_a_response_topic_the_acl_forbids_is_said_as_the_requesters(bundle_dir, 
         assert worker.stop() == 0
     finally:
         client.close()
-        broker.stop()
-        shutil.rmtree(files, ignore_errors=True)
 
 
 def test_a_broker_restarting_is_not_said_as_a_client_id_takeover(bundle_dir, tmp_path, worker_factory):
@@ -170,16 +182,13 @@ def test_an_own_announcement_the_acl_drops_is_said_while_frames_stream_in(bundle
                                                                           worker_factory):
     """The ACL lets the worker read frames but not its own workers/ topics: the check that its ``online`` comes back
     waited while any message arrived after it, so with a camera streaming it never said so."""
-    import shutil
+    with _acl_broker(tmp_path, "topic read inspect/+/frame\ntopic write inspect/#\n") as broker:
+        _own_announcement_dropped(broker, bundle_dir, dataset, tmp_path, worker_factory)
+
+
+def _own_announcement_dropped(broker: Broker, bundle_dir, dataset, tmp_path, worker_factory) -> None:
     import threading
 
-    from scripts.broker import broker_readable_dir
-
-    files = broker_readable_dir("mosq-acl-")
-    acl = files / "acl"
-    acl.write_text("topic read inspect/+/frame\ntopic write inspect/#\n")
-    acl.chmod(0o644)
-    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}\n")
     camera = Client(broker.port)
     streaming = threading.Event()
     stop = threading.Event()
@@ -209,5 +218,3 @@ def test_an_own_announcement_the_acl_drops_is_said_while_frames_stream_in(bundle
         stop.set()
         thread.join(10)
         camera.close()
-        broker.stop()
-        shutil.rmtree(files, ignore_errors=True)

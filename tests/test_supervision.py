@@ -588,9 +588,6 @@ def test_a_quiet_cameras_tile_keeps_its_heatmap_after_busier_cameras_fill_the_re
     """The page's state said a quiet camera's tile had a heatmap, but the image was answered 404 once busier cameras
     had pushed its result out of the recent frames (a helper's probe): a page loaded then showed a blank tile."""
     import cv2
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
 
     from worker.config import ConsoleConfig
     from worker.console.hub import Hub
@@ -598,14 +595,7 @@ def test_a_quiet_cameras_tile_keeps_its_heatmap_after_busier_cameras_fill_the_re
 
     hub = Hub(Topics("inspect", "w"), ConsoleConfig(recent_frames=8))
     heatmap = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
-
-    def send(camera: str, leaf: str, payload: bytes, frame_id: str | None = None) -> None:
-        m = mqtt.MQTTMessage(topic=f"inspect/{camera}/{leaf}".encode())
-        m.payload = payload
-        if frame_id is not None:
-            m.properties = Properties(PacketTypes.PUBLISH)
-            m.properties.UserProperty = [("frame_id", frame_id)]
-        hub.on_message(m)
+    send = _hub_sender(hub)
 
     def result(camera: str, frame_id: str) -> None:
         send(camera, "heatmap", heatmap, frame_id)

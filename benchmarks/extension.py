@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import DATA, fmt, latency_ms, md_table, summary
+from benchmarks.common import DATA, cpu_name, fmt, latency_ms, md_table, summary
 
 log = logging.getLogger("benchmarks.extension")
 
@@ -101,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    import openvino as ov
 
-    from bundle.runtime import CompiledBundle, device_name
+    from bundle.runtime import CompiledBundle
     from exporter.data import load_category, read_image
 
     def compiled_at_f32(folder: Path, rows: int | None = None) -> CompiledBundle:
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("round %d/%d done", r + 1, args.repeats)
 
     threads = {int(c.compiled.get_property("INFERENCE_NUM_THREADS")) for c in rows.values()}
-    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}, {spec.height} px; "
+    print(f"\nCPU: {cpu_name()}; {args.category}, {spec.height} px; "
           f"OpenVINO {', '.join(sorted({c.precision for c in rows.values()}))} (read back), LATENCY hint, "
           f"batch 1, {'/'.join(map(str, sorted(threads)))} inference threads; {args.repeats} rounds of "
           f"{len(frames)} frames")

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.common import DATA, md_table
+from benchmarks.common import DATA, cpu_name, md_table
 
 KINDS = ("jpeg", "png", "Mono8", "Mono12", "Mono12p", "RGB8", "BayerRG8")
 
@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=10)
     args = ap.parse_args(argv)
 
-    import openvino as ov
 
     from bundle import InputSpec, prepare_image
-    from bundle.runtime import device_name
     from worker.decode import decode, probe, reduction
     from worker.pixels import Pixels, check, lossless_file, to_bgr
 
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
             rows.append([f"{size[0]} x {size[1]}", kind, f"{statistics.median(len(p) for p in payloads) / 1e6:.2f}",
                          cell(times["admit"]), cell(times["convert"]), cell(times["keep"])])
-    print(f"CPU: {device_name(ov.Core(), 'CPU')}; OpenCV {cv2.__version__} on the calling thread; model input "
+    print(f"CPU: {cpu_name()}; OpenCV {cv2.__version__} on the calling thread; model input "
           f"{spec.width} x {spec.height}; {len(sources)} images, {args.rounds} rounds\n")
     print(md_table(["frame", "sent as", "MB", "admission (MQTT thread), CPU ms", "decode or convert + resize "
                     "(inference thread), CPU ms", "kept file (recorder and capture threads), CPU ms"], rows))

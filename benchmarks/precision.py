@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import DATA, fmt, frames_per_s, latency_ms, md_table, summary
+from benchmarks.common import DATA, cpu_name, fmt, frames_per_s, latency_ms, md_table, summary
 
 log = logging.getLogger("benchmarks.precision")
 
@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    import openvino as ov
 
     from bundle import read_manifest
-    from bundle.runtime import CompiledBundle, device_name
+    from bundle.runtime import CompiledBundle
     from exporter.build import fit_patchcore, package
     from exporter.data import load_category, read_image
     from exporter.evaluate import evaluate
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                      fmt(summary(throughput[k]), 1), f"{q.get('image_auroc')}", f"{q.get('pixel_auroc')}",
                      f"{q['image_f1']}", f"{q['detection_rate'].get('good', 'n/a')}"])
     training = read_manifest(bundles["fp32"]).training
-    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}, input {spec.height} px, "
+    print(f"\nCPU: {cpu_name()}; {args.category}, input {spec.height} px, "
           f"{training.get('memory_bank', '?')} bank rows; bundles in {folder}\n")
     print(md_table(["weights", "inference precision", "ms / frame (LATENCY, batch 1)", "speed-up vs f32, same round",
                     "frames/s (THROUGHPUT, async)", "image AUROC", "pixel AUROC", "F1", "good flagged"], rows))

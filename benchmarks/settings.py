@@ -29,7 +29,7 @@ from pathlib import Path
 
 import cv2
 
-from benchmarks.common import DATA, fmt, latency_ms, md_table, summary
+from benchmarks.common import DATA, cpu_name, fmt, latency_ms, md_table, summary
 
 log = logging.getLogger("benchmarks.settings")
 
@@ -87,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    import openvino as ov
 
     from bundle import read_manifest
-    from bundle.runtime import CompiledBundle, device_name
+    from bundle.runtime import CompiledBundle
     from exporter.build import fit_patchcore, package
     from exporter.data import load_category, read_image
 
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{round(rates.get('good', 0) * len(good))} of {len(good)}",
                      f"{min(v for k, v in rates.items() if k != 'good'):.2f}"])
     ran = ", ".join(sorted({c.precision for c in compiled.values()}))  # read back from the compiled models
-    print(f"\nCPU: {device_name(ov.Core(), 'CPU')}; {args.category}; OpenVINO at {ran} (read back; asked f32), "
+    print(f"\nCPU: {cpu_name()}; {args.category}; OpenVINO at {ran} (read back; asked f32), "
           "LATENCY hint, batch 1; "
           f"test split; bundles in {folder}\n")
     print(md_table(["setting", "input", "bank rows", "fit s (train split)",

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from paho.mqtt.client import topic_matches_sub
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -121,14 +123,8 @@ class Topics:
 
 
 def _matches(topic_filter: str, topic: str) -> bool:
-    """MQTT's matching of a filter (``+`` one level, ``#`` the rest) against a topic name; a shared subscription's
-    ``$share/<group>/`` is not part of its filter."""
+    """MQTT's matching of a filter against a topic (paho's); a shared subscription's ``$share/<group>/`` is not part
+    of its filter."""
     if topic_filter.startswith("$share/"):
         topic_filter = topic_filter.split("/", 2)[2]
-    want, have = topic_filter.split("/"), topic.split("/")
-    for i, level in enumerate(want):
-        if level == "#":
-            return True
-        if i >= len(have) or (level != "+" and level != have[i]):
-            return False
-    return len(want) == len(have)
+    return topic_matches_sub(topic_filter, topic)

@@ -42,6 +42,7 @@ REPORT_EVERY_S = 60.0
 # Frames paho may hold unacknowledged: publishing past it fails at once, so memory stays bounded
 # while a hung broker keeps the TCP link open.
 QUEUE_LIMIT = 2
+REFUSALS_KEPT = 16  # refusals remembered until their frame's wait asks for them
 
 
 class _Stop:
@@ -69,6 +70,7 @@ class _Stop:
 
 
 STOP = _Stop()
+Pending = tuple[mqtt.MQTTMessageInfo, float]  # a frame paho took, and when it was published
 _stopped_by: list[str] = []
 
 
@@ -129,7 +131,8 @@ def file_name_part(folder: Path, path: Path) -> str:
 
 def folder_frames(folder: Path, pattern: str, loop: bool) -> Iterator[tuple[str | None, bytes]]:
     """(name, bytes) for each image file; files that vanish or cannot be read are skipped, not fatal."""
-    empty = Notice()
+    empty, unreadable = Notice(), Notice()
+    skipped: set[Path] = set()  # the files the last pass skipped: a file that stays unreadable is said once
     while not STOP.is_set():
         paths = image_files(folder, pattern)
         if not paths:
@@ -141,20 +144,33 @@ def folder_frames(folder: Path, pattern: str, loop: bool) -> Iterator[tuple[str 
             continue
         if empty.clear():
             log(f"image files under {folder} again")
+        skipped_now: set[Path] = set()
+        read = 0
         for path in paths:
             if STOP.is_set():
                 return
             try:
                 data = path.read_bytes()
+                why = "" if data else "empty file"
             except OSError as e:  # deleted by an archiver or a ring buffer since the listing
-                log(f"skipped {path}: {e.strerror or e}")
+                why = e.strerror or str(e)
+            if why:
+                skipped_now.add(path)
+                if path not in skipped:
+                    log(f"skipped {path}: {why}")
                 continue
-            if not data:
-                log(f"skipped {path}: empty file")
-                continue
+            read += 1
             yield file_name_part(folder, path), data
+        skipped = skipped_now
         if not loop:
             return
+        if read:
+            if unreadable.clear():
+                log(f"image files under {folder} can be read again")
+        else:  # --loop over files still being written (empty) or unreadable: wait for them instead of spinning
+            unreadable.say(f"none of the {len(paths)} image files under {folder} can be read{unreadable.minutes()}; "
+                           "looking again every second")
+            STOP.wait(1.0)
 
 
 def _is_live(source: str) -> bool:
@@ -210,6 +226,10 @@ class Link:
         self.where = f"{args.host}:{args.port}"
         self.up = threading.Event()
         self.reason = "not connected yet"
+        # mid -> (the broker's reason, when it came) for the frames it refused in its PUBACK (an ACL without this topic)
+        self.refused: dict[int, tuple[str, float]] = {}
+        self.refusal = ""  # the reason of the last frame refused
+        self._refused_lock = threading.Lock()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
         self.client.max_queued_messages_set(QUEUE_LIMIT)
@@ -217,6 +237,7 @@ class Link:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_publish = self._on_publish
         if args.username:
             self.client.username_pw_set(args.username, args.password)
         if args.cafile:
@@ -241,6 +262,13 @@ class Link:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self.reason = "cannot connect (broker down or unreachable, or TLS failed)"
 
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if reason.is_failure:  # mosquitto drops what the ACL does not let this login write, and says so only here
+            with self._refused_lock:
+                self.refused[mid] = (str(reason), time.monotonic())
+                while len(self.refused) > REFUSALS_KEPT:  # those of frames given up on are never asked for
+                    del self.refused[next(iter(self.refused))]
+
     def wait_up(self, notice: Notice, first: bool) -> bool:
         """Block until connected (saying why not, once a minute); False if we are asked to stop first."""
         while not self.up.wait(0.25):
@@ -250,15 +278,20 @@ class Link:
             notice.say(f"{what} at {self.where}{notice.minutes()}: {self.reason}")
         return True
 
-    def publish(self, topic: str, data: bytes, props: Properties, ack_timeout: float) -> str:
-        """'sent' once the broker acknowledged it, else why not: 'offline', 'backlog', 'lost' or 'unacked'."""
+    def publish(self, topic: str, data: bytes, props: Properties, ack_timeout: float) -> tuple[str, Pending | None]:
+        """('sent', _) once the broker acknowledged it, else why not: 'offline', 'backlog', 'refused', 'lost' or
+        'unacked', with the frame paho still holds (None if none): paho sends that again itself after a reconnect."""
         if not self.up.is_set():
-            return "offline"
-        info = self.client.publish(topic, data, qos=1, properties=props)
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            return "backlog"
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return "offline"  # paho keeps it (its queue is bounded) and sends it after a reconnect
+            return "offline", None
+        pending = (self.client.publish(topic, data, qos=1, properties=props), time.monotonic())
+        if pending[0].rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            return "backlog", None
+        # any other rc (not connected after all): paho keeps it (its queue is bounded) and sends it after a reconnect
+        return self.wait_acked(pending, ack_timeout), pending
+
+    def wait_acked(self, pending: Pending, ack_timeout: float) -> str:
+        """'sent' once the broker acknowledged the frame, 'refused' (the reason in ``refusal``), 'lost' or 'unacked'."""
+        info, started = pending
         deadline = time.monotonic() + ack_timeout
         while not info.is_published():
             left = deadline - time.monotonic()
@@ -267,7 +300,12 @@ class Link:
             if not self.up.is_set():
                 return "lost"
             info.wait_for_publish(min(0.25, left))
-        return "sent"
+        with self._refused_lock:
+            refused = self.refused.pop(info.mid, None)
+        if refused is None or refused[1] < started:  # an older refusal under a packet id used again is not this one's
+            return "sent"
+        self.refusal = refused[0]
+        return "refused"
 
     def close(self) -> None:
         self.client.disconnect()
@@ -332,7 +370,11 @@ def open_source(args: argparse.Namespace) -> Iterator[tuple[str | None, bytes]]:
     if args.folder is not None:
         if not args.folder.is_dir():
             raise InputError(f"--folder {args.folder}: no such folder")
-        if not image_files(args.folder, args.glob):
+        try:
+            found = image_files(args.folder, args.glob)
+        except (ValueError, NotImplementedError) as e:  # pathlib's refusal of an empty or absolute pattern
+            raise InputError(f"--glob {args.glob!r}: {e}; give a pattern under --folder, such as '**/*.png'") from e
+        if not found:
             raise InputError(f"--folder {args.folder}: no image files ({', '.join(sorted(SUFFIXES))}) "
                              f"match --glob {args.glob!r}")
         return folder_frames(args.folder, args.glob, args.loop)
@@ -363,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     topic = f"{args.prefix}/{args.camera}/frame"
     token = run_token()
-    counts = {"sent": 0, "dropped": 0, "unacked": 0}
+    counts = {"sent": 0, "dropped": 0, "unacked": 0, "refused": 0}
     away, slow = Notice(), Notice()
     try:
         if link.wait_up(away, first=True):
@@ -373,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         link.close()
     summary = (f"published {counts['sent']} frames to {topic} (ids {token}-*); {counts['dropped']} dropped while "
-               f"the broker was away or behind, {counts['unacked']} not acknowledged within {args.ack_timeout:g} s")
+               f"the broker was away or behind, {counts['unacked']} not acknowledged within {args.ack_timeout:g} s, "
+               f"{counts['refused']} refused by the broker")
     print(summary, file=sys.stderr, flush=True)
     if _stopped_by:
         log(f"stopped by {_stopped_by[0]}")
@@ -387,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
 def publish_all(args: argparse.Namespace, frames: Iterator[tuple[str | None, bytes]], link: Link, topic: str,
                 token: str, away: Notice, slow: Notice) -> dict[str, int]:
     """Publish at the pace of --fps; a frame the broker cannot take now is dropped, never sent late in a burst."""
-    counts = {"sent": 0, "dropped": 0, "unacked": 0}
-    backlog = Notice()
+    counts = {"sent": 0, "dropped": 0, "unacked": 0, "refused": 0}
+    backlog, refused = Notice(), Notice()
     period = 1 / args.fps if args.fps > 0 else 0.0
     next_at = time.monotonic()
     for n, (name, data) in enumerate(frames, start=1):
@@ -397,16 +440,26 @@ def publish_all(args: argparse.Namespace, frames: Iterator[tuple[str | None, byt
         fid = frame_id(token, n, name)
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("frame_id", fid), ("captured_at", f"{time.time():.3f}")]
-        while True:
-            outcome = link.publish(topic, data, props, args.ack_timeout)
-            if outcome == "sent" or period or STOP.is_set():
+        outcome, pending = link.publish(topic, data, props, args.ack_timeout)
+        while outcome not in ("sent", "refused") and not period and not STOP.is_set():
+            # --fps 0 (a replay): this frame waits for the broker instead of being dropped; one paho holds is sent
+            # again by paho after a reconnect, and waited for: publishing it again would deliver it twice
+            if outcome == "unacked":
+                slow.say(f"frame {fid} was not acknowledged within {args.ack_timeout:g} s (broker hung or "
+                         "overloaded?); waiting for it (--fps 0)")
+            if not link.wait_up(away, first=False) or (pending is None and STOP.wait(0.5)):
                 break
-            # --fps 0 (a replay): this frame waits for the broker instead of being dropped
-            if not link.wait_up(away, first=False) or STOP.wait(0.5):
-                break
-        if outcome == "sent":
+            if pending is None:
+                outcome, pending = link.publish(topic, data, props, args.ack_timeout)
+            else:
+                outcome = link.wait_acked(pending, args.ack_timeout)
+        if outcome == "refused":
+            counts["refused"] += 1
+            refused.say(f"the broker refused frame {fid} ({link.refusal}): may login {args.username or '(none)'} write "
+                        f"{topic}? (its ACL: deploy/mosquitto/acl); {counts['refused']} refused so far")
+        elif outcome == "sent":
             counts["sent"] += 1
-            if any([away.clear(), slow.clear(), backlog.clear()]):  # a list: every notice is cleared
+            if any([away.clear(), slow.clear(), backlog.clear(), refused.clear()]):  # a list: every notice is cleared
                 log(f"the broker at {link.where} takes frames again; {counts['dropped']} dropped, "
                     f"{counts['unacked']} not acknowledged so far")
             if not args.quiet:

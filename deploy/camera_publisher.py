@@ -389,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fps < 0 or args.ack_timeout <= 0:
         log("error: --fps must be >= 0 and --ack-timeout > 0")
         return 2
+    if not 0 < args.port < 65536:  # paho raised a traceback for 0 or less, and tried past 65535 for ever
+        log(f"error: --port {args.port} is not a TCP port (1-65535)")
+        return 2
     # the worker reads <prefix>/<camera>/frame: a camera of several levels, or a wildcard, reaches no worker
     if not args.camera or any(ch in args.camera for ch in "+#/\0"):
         log(f"error: --camera {args.camera!r} must be one topic level, without '/', '+', '#' or NUL")

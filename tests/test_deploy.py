@@ -275,6 +275,16 @@ def test_publisher_refuses_a_camera_or_prefix_no_worker_reads(tmp_path, broker, 
     assert "error: --" in proc.stderr and "Traceback" not in proc.stderr and "sent" not in proc.stdout, proc.stderr
 
 
+@pytest.mark.parametrize("port", ["0", "-1", "65536"])
+def test_publisher_refuses_a_port_no_broker_listens_on(tmp_path, port):
+    """--port 0 or less ended in paho's traceback; past 65535 it waited for that broker for ever (a helper's probe)."""
+    folder = image_folder(tmp_path / "imgs", ["000.png"])
+    proc = subprocess.run([sys.executable, str(PUBLISHER), "--port", port, "--camera", "c", "--folder", str(folder)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert f"error: --port {port} " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("how", ["missing folder", "empty folder with --loop", "not a video", "an absolute --glob",
                                  "an empty --glob"])
 def test_publisher_refuses_a_source_without_frames(tmp_path, broker, how):

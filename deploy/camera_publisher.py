@@ -240,7 +240,7 @@ class Link:
         self.client.on_publish = self._on_publish
         if args.username:
             self.client.username_pw_set(args.username, args.password)
-        if args.cafile:
+        if args.cafile or args.certfile:  # a client certificate alone: TLS too, trusting the system's CAs
             try:
                 self.client.tls_set(ca_certs=args.cafile, certfile=args.certfile, keyfile=args.keyfile)
             except (OSError, ValueError) as e:
@@ -359,8 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--username")
     parser.add_argument("--password")
     parser.add_argument("--cafile", help="CA certificate: connect with TLS")
-    parser.add_argument("--certfile")
-    parser.add_argument("--keyfile")
+    parser.add_argument("--certfile", help="client certificate: connect with TLS (without --cafile: the system's CAs)")
+    parser.add_argument("--keyfile", help="the client certificate's key, if not in --certfile")
     parser.add_argument("--quiet", action="store_true", help="do not print a line per frame")
     return parser.parse_args(argv)
 

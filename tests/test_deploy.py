@@ -400,6 +400,37 @@ def test_publisher_says_the_frames_the_broker_refuses_and_does_not_call_them_sen
     assert not frame_ids(sub, "line2")
 
 
+def test_a_client_certificate_without_cafile_connects_with_tls(tmp_path):
+    """--certfile/--keyfile without --cafile (a broker whose certificate a system CA signed) connected without TLS:
+    the TLS listener closed each try and the publisher waited for ever, "broker down or unreachable".  Now a client
+    certificate means TLS, trusting the system's CAs (here SSL_CERT_FILE names the test's CA, as OpenSSL reads it)."""
+    files = broker_readable_dir("mosq-tls-")
+    try:
+        subprocess.run(["bash", str(DEPLOY / "mosquitto" / "make-certs.sh"), str(files)], check=True, capture_output=True)
+        for f in files.iterdir():
+            f.chmod(0o644)  # readable by the user mosquitto drops to
+        port = free_port()
+        broker = Broker(tmp_path / "broker", port=port, listener=(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\ncafile {files / 'ca.crt'}\n"
+            f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"))
+        try:
+            folder = image_folder(tmp_path / "imgs", ["000.png"])
+            # the broker's own certificate stands in for a client's: this listener asks for none and checks none
+            args = [sys.executable, str(PUBLISHER), "--host", "localhost", "--port", str(port), "--camera", "tcam",
+                    "--folder", str(folder), "--fps", "0", "--certfile", str(files / "server.crt"),
+                    "--keyfile", str(files / "server.key")]
+            try:
+                proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=30,
+                                      env={**os.environ, "SSL_CERT_FILE": str(files / "ca.crt")})
+            except subprocess.TimeoutExpired as e:
+                pytest.fail(f"no frame sent within 30 s: {e.stderr}")
+        finally:
+            broker.stop()
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("sent "), (proc.returncode, proc.stderr[-3000:])
+
+
 def test_two_publishers_for_one_camera_do_not_disconnect_each_other(tmp_path, broker, publishers):
     folder = image_folder(tmp_path / "imgs", ["000.png", "001.png"])
     sub = Client(broker.port)

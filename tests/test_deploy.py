@@ -94,6 +94,20 @@ def test_compose_certificate_names_the_broker_as_the_worker_does_and_pip_builds_
         assert installs and all(i.startswith("/tmp/") for i in installs), installs
 
 
+def test_compose_says_where_to_put_the_bundle_worker_yaml_names():
+    """compose.yaml mounts ./bundles, which compose reads relative to the file (deploy/bundles), where worker.yaml's
+    model.bundle lies, and its steps never said to put a bundle there: docker makes an empty folder for a missing
+    bind-mount source, and the worker exited 2, "no bundle"."""
+    text = (DEPLOY / "compose.yaml").read_text()
+    worker = yaml.safe_load(text)["services"]["worker"]
+    bundle = load_config(DEPLOY / "worker.yaml", environ={"EDGE_INSPECT__MQTT__PASSWORD": "x"}).model.bundle
+    source, target = next((src, Path(dst)) for src, dst, *_ in (v.split(":") for v in worker["volumes"])
+                          if Path(dst) in Path(bundle).parents)
+    host = (DEPLOY / source / Path(bundle).relative_to(target)).resolve().relative_to(ROOT)
+    steps = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert f"{host.parent}/" in steps and host.name in steps, (str(host), steps)
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed here")
 @pytest.mark.parametrize("unit", ["edge-inspect-worker.service", "edge-inspect-console.service"])
 def test_systemd_unit_verifies(unit):

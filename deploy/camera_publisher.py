@@ -20,6 +20,7 @@ SIGTERM, SIGINT and SIGHUP stop it cleanly (exit 0).  Exit 2: bad input; exit 1:
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import signal
 import sys
@@ -386,8 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     args = parse_args(argv)
-    if args.fps < 0 or args.ack_timeout <= 0:
-        log("error: --fps must be >= 0 and --ack-timeout > 0")
+    # not (x >= 0): NaN passes every comparison, and --fps nan published as fast as it could, dropping frames
+    if not (0 <= args.fps < math.inf and 0 < args.ack_timeout < math.inf):
+        log("error: --fps must be >= 0 and --ack-timeout > 0 (finite numbers)")
+        return 2
+    if args.limit < 0 or not 0 <= args.jpeg_quality <= 100:  # --limit -1 sent one frame, not all
+        log("error: --limit must be >= 0 (0 = all) and --jpeg-quality 0-100")
         return 2
     if not 0 < args.port < 65536:  # paho raised a traceback for 0 or less, and tried past 65535 for ever
         log(f"error: --port {args.port} is not a TCP port (1-65535)")

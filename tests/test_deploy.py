@@ -289,6 +289,18 @@ def test_publisher_refuses_a_camera_or_prefix_no_worker_reads(tmp_path, broker, 
     assert "error: --" in proc.stderr and "Traceback" not in proc.stderr and "sent" not in proc.stdout, proc.stderr
 
 
+@pytest.mark.parametrize("args", [["--limit", "-1"], ["--jpeg-quality", "101"], ["--fps", "nan"],
+                                  ["--ack-timeout", "nan"], ["--fps", "inf"]])
+def test_publisher_refuses_numbers_out_of_range(tmp_path, broker, args):
+    """--limit -1 sent one frame and stopped (0 is "all"); --fps nan passed the check (NaN fails every comparison)
+    and published as fast as it could; --jpeg-quality 101 was taken (OpenCV clamps it with a warning)."""
+    folder = image_folder(tmp_path / "imgs", ["000.png", "001.png"])
+    proc = subprocess.run([sys.executable, str(PUBLISHER), "--port", str(broker.port), "--camera", "n", "--folder",
+                           str(folder), *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "error: --" in proc.stderr and args[0] in proc.stderr and "sent" not in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("port", ["0", "-1", "65536"])
 def test_publisher_refuses_a_port_no_broker_listens_on(tmp_path, port):
     """--port 0 or less ended in paho's traceback; past 65535 it waited for that broker for ever (a helper's probe)."""

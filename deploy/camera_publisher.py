@@ -43,6 +43,7 @@ REPORT_EVERY_S = 60.0
 # Frames paho may hold unacknowledged: publishing past it fails at once, so memory stays bounded
 # while a hung broker keeps the TCP link open.
 QUEUE_LIMIT = 2
+PUBLISH_OVERHEAD = 16  # a PUBLISH's bytes besides topic, properties and payload: header, lengths, packet id
 REFUSALS_KEPT = 16  # refusals remembered until their frame's wait asks for them
 
 
@@ -230,6 +231,7 @@ class Link:
         # mid -> (the broker's reason, when it came) for the frames it refused in its PUBACK (an ACL without this topic)
         self.refused: dict[int, tuple[str, float]] = {}
         self.refusal = ""  # the reason of the last frame refused
+        self.max_packet: int | None = None  # the broker's Maximum Packet Size (its CONNACK), if it has one
         self._refused_lock = threading.Lock()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
@@ -254,6 +256,7 @@ class Link:
         if reason.is_failure:
             self.reason = f"the broker refused the connection: {reason}"
         else:
+            self.max_packet = getattr(properties, "MaximumPacketSize", None)
             self.up.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -280,10 +283,16 @@ class Link:
         return True
 
     def publish(self, topic: str, data: bytes, props: Properties, ack_timeout: float) -> tuple[str, Pending | None]:
-        """('sent', _) once the broker acknowledged it, else why not: 'offline', 'backlog', 'refused', 'lost' or
-        'unacked', with the frame paho still holds (None if none): paho sends that again itself after a reconnect."""
+        """('sent', _) once the broker acknowledged it, else why not: 'offline', 'backlog', 'too large', 'refused', 'lost'
+        or 'unacked', with the frame paho still holds (None if none): paho sends that again itself after a reconnect."""
         if not self.up.is_set():
             return "offline", None
+        # the broker closes the connection of a client that sends past its limit, and paho sends the frame again after
+        # each reconnect: one large file would keep the camera off the broker for good
+        size = len(data) + len(topic.encode()) + len(props.pack()) + PUBLISH_OVERHEAD
+        if self.max_packet is not None and size > self.max_packet:
+            self.refusal = f"{size} bytes, over the broker's maximum packet size of {self.max_packet}"
+            return "too large", None
         pending = (self.client.publish(topic, data, qos=1, properties=props), time.monotonic())
         if pending[0].rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             return "backlog", None
@@ -449,7 +458,7 @@ def publish_all(args: argparse.Namespace, frames: Iterator[tuple[str | None, byt
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("frame_id", fid), ("captured_at", f"{time.time():.3f}")]
         outcome, pending = link.publish(topic, data, props, args.ack_timeout)
-        while outcome not in ("sent", "refused") and not period and not STOP.is_set():
+        while outcome not in ("sent", "refused", "too large") and not period and not STOP.is_set():
             # --fps 0 (a replay): this frame waits for the broker instead of being dropped; one paho holds is sent
             # again by paho after a reconnect, and waited for: publishing it again would deliver it twice
             if outcome == "unacked":
@@ -461,10 +470,11 @@ def publish_all(args: argparse.Namespace, frames: Iterator[tuple[str | None, byt
                 outcome, pending = link.publish(topic, data, props, args.ack_timeout)
             else:
                 outcome = link.wait_acked(pending, args.ack_timeout)
-        if outcome == "refused":
+        if outcome in ("refused", "too large"):
             counts["refused"] += 1
-            refused.say(f"the broker refused frame {fid} ({link.refusal}): may login {args.username or '(none)'} write "
-                        f"{topic}? (its ACL: deploy/mosquitto/acl); {counts['refused']} refused so far")
+            hint = (f"may login {args.username or '(none)'} write {topic}? (its ACL: deploy/mosquitto/acl)"
+                    if outcome == "refused" else "not sent (mosquitto's max_packet_size)")
+            refused.say(f"the broker refused frame {fid} ({link.refusal}): {hint}; {counts['refused']} refused so far")
         elif outcome == "sent":
             counts["sent"] += 1
             if any([away.clear(), slow.clear(), backlog.clear(), refused.clear()]):  # a list: every notice is cleared

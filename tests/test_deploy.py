@@ -457,6 +457,29 @@ def test_a_client_certificate_without_cafile_connects_with_tls(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("sent "), (proc.returncode, proc.stderr[-3000:])
 
 
+def test_a_file_over_the_brokers_packet_size_is_said_and_the_next_ones_are_sent(tmp_path, publishers):
+    """A file over mosquitto's max_packet_size was sent: the broker closed the connection, paho sent it again after
+    every reconnect, and no later frame got through; a replay (--fps 0) waited for it for ever.  The broker's Maximum
+    Packet Size (its CONNACK) is now kept to: the file is said and counted as refused, and the next ones are sent."""
+    folder = image_folder(tmp_path / "imgs", ["001.png", "002.png"])
+    (folder / "000.png").write_bytes(np.random.default_rng(0).bytes(300_000))
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 200000\n")
+    sub = Client(broker.port)
+    try:
+        pub = publishers(broker.port, "--camera", "bigcam", "--folder", str(folder), "--fps", "0")
+        try:
+            code = pub.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the replay did not end:\n{pub.output()[-3000:]}")
+        names = [PUBLISHER_ID.match(i).group(2) for i in frame_ids(sub, "bigcam")]
+    finally:
+        sub.close()
+        broker.stop()
+    out = pub.output()
+    assert code == 0 and "maximum packet size of 200000" in out and "1 refused by the broker" in out, out[-3000:]
+    assert names == ["001", "002"], (names, out[-3000:])
+
+
 def test_two_publishers_for_one_camera_do_not_disconnect_each_other(tmp_path, broker, publishers):
     folder = image_folder(tmp_path / "imgs", ["000.png", "001.png"])
     sub = Client(broker.port)

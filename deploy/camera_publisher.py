@@ -3,7 +3,7 @@
 
 Adapt it to your camera: every frame goes to <prefix>/<camera>/frame with the user
 properties frame_id and captured_at that the worker requires.  Needs only
-paho-mqtt (and OpenCV for --video).
+paho-mqtt 2.x (not Debian 12's python3-paho-mqtt, 1.6) and OpenCV for --video.
 
     python deploy/camera_publisher.py --port 1883 --camera line1 --folder images/ --fps 5
     python deploy/camera_publisher.py --camera line2 --video /dev/video0 --fps 2 --jpeg-quality 90
@@ -32,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import paho.mqtt
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -396,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     args = parse_args(argv)
+    if not hasattr(mqtt, "CallbackAPIVersion"):  # paho 1.x (Debian 12's package) has neither it nor its callbacks
+        log(f"error: needs paho-mqtt 2.0 or later, not {getattr(paho.mqtt, '__version__', 'an older one')} "
+            "(Debian's python3-paho-mqtt is 1.6): pip install 'paho-mqtt>=2,<3'")
+        return 2
     # not (x >= 0): NaN passes every comparison, and --fps nan published as fast as it could, dropping frames
     if not (0 <= args.fps < math.inf and 0 < args.ack_timeout < math.inf):
         log("error: --fps must be >= 0 and --ack-timeout > 0 (finite numbers)")

@@ -301,6 +301,25 @@ def test_publisher_refuses_numbers_out_of_range(tmp_path, broker, args):
     assert "error: --" in proc.stderr and args[0] in proc.stderr and "sent" not in proc.stdout, proc.stderr[-3000:]
 
 
+def test_publisher_under_paho_1_says_it_needs_paho_2(tmp_path):
+    """Under Debian 12's python3-paho-mqtt (1.6.1; its docstring said "needs only paho-mqtt") the publisher ended in
+    an AttributeError traceback (a helper's probe with that package).  That package cannot be installed here, so a
+    stand-in with its version and without paho 2's CallbackAPIVersion is put first on the path."""
+    stub = tmp_path / "paho1" / "paho" / "mqtt"
+    stub.mkdir(parents=True)
+    (stub.parent / "__init__.py").write_text("")
+    (stub / "__init__.py").write_text('__version__ = "1.6.1"\n')
+    (stub / "client.py").write_text("MQTTv5 = 5\n\nclass Client:\n    pass\n\nclass MQTTMessageInfo:\n    pass\n")
+    (stub / "packettypes.py").write_text("class PacketTypes:\n    PUBLISH = 3\n")
+    (stub / "properties.py").write_text("class Properties:\n    def __init__(self, packet_type):\n        pass\n")
+    folder = image_folder(tmp_path / "imgs", ["000.png"])
+    proc = subprocess.run([sys.executable, str(PUBLISHER), "--port", "1", "--camera", "c", "--folder", str(folder)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "paho1")})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "needs paho-mqtt 2.0 or later, not 1.6.1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("port", ["0", "-1", "65536"])
 def test_publisher_refuses_a_port_no_broker_listens_on(tmp_path, port):
     """--port 0 or less ended in paho's traceback; past 65535 it waited for that broker for ever (a helper's probe)."""

@@ -411,13 +411,18 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.port < 65536:  # paho raised a traceback for 0 or less, and tried past 65535 for ever
         log(f"error: --port {args.port} is not a TCP port (1-65535)")
         return 2
-    # the worker reads <prefix>/<camera>/frame: a camera of several levels, or a wildcard, reaches no worker
-    if not args.camera or any(ch in args.camera for ch in "+#/\0"):
-        log(f"error: --camera {args.camera!r} must be one topic level, without '/', '+', '#' or NUL")
+    # the worker reads <prefix>/<camera>/frame: a camera of several levels, or a wildcard, reaches no worker; mosquitto
+    # closes the connection of a client whose topic or client id holds a control character (the camera is in both)
+    if not args.camera or not args.camera.isprintable() or any(ch in args.camera for ch in "+#/"):
+        log(f"error: --camera {args.camera!r} must be one topic level of printable characters, without '/', '+' or '#'")
         return 2
-    if not args.prefix or any(ch in args.prefix for ch in "+#\0") or args.prefix.startswith("/") \
-            or args.prefix.endswith("/"):
-        log(f"error: --prefix {args.prefix!r} must be a topic without '+', '#', NUL or a '/' at either end")
+    if not args.prefix or not args.prefix.isprintable() or any(ch in args.prefix for ch in "+#") \
+            or args.prefix.startswith("/") or args.prefix.endswith("/"):
+        log(f"error: --prefix {args.prefix!r} must be a topic of printable characters without '+', '#' or a '/' at "
+            "either end")
+        return 2
+    if args.client_id is not None and not args.client_id.isprintable():
+        log(f"error: --client-id {args.client_id!r} must be printable characters")
         return 2
     try:
         frames = open_source(args)

@@ -278,13 +278,16 @@ def test_publisher_ids_never_repeat_across_runs_passes_and_sub_folders(tmp_path,
 
 
 @pytest.mark.parametrize("args", [["--camera", "line+1"], ["--camera", "a/b"], ["--camera", ""],
-                                  ["--camera", "c", "--prefix", "inspect/"], ["--camera", "c", "--prefix", "a/#"]])
+                                  ["--camera", "c", "--prefix", "inspect/"], ["--camera", "c", "--prefix", "a/#"],
+                                  ["--camera", "line\x01"], ["--camera", "c", "--prefix", "insp\x7fect"],
+                                  ["--camera", "c", "--client-id", "cam\x85"]])
 def test_publisher_refuses_a_camera_or_prefix_no_worker_reads(tmp_path, broker, args):
     """A camera id with a wildcard ended in paho's traceback; one of two levels (a/b) or an empty one was published,
-    'sent', where no worker reads frames (a helper's probe)."""
+    'sent', where no worker reads frames (a helper's probe).  A control character in the camera, prefix or client id:
+    mosquitto closed every connection (the camera is in the client id) and the publisher waited for ever."""
     folder = image_folder(tmp_path / "imgs", ["000.png"])
-    proc = subprocess.run([sys.executable, str(PUBLISHER), "--port", str(broker.port), "--folder", str(folder), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(PUBLISHER), "--port", str(broker.port), "--folder", str(folder), "--fps",
+                           "0", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert "error: --" in proc.stderr and "Traceback" not in proc.stderr and "sent" not in proc.stdout, proc.stderr
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's browser downloads need the internet
+# The console is on loopback: a proxy set for pip (http_proxy without no_proxy) must not carry the readiness check.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -36,7 +38,7 @@ class ConsoleProcess:
         while True:
             try:
                 request = urllib.request.Request(f"{self.url}/api/state", headers=headers)
-                if json.loads(urllib.request.urlopen(request, timeout=2).read())["broker"]:
+                if json.loads(DIRECT.open(request, timeout=2).read())["broker"]:
                     return
             except (urllib.error.URLError, ConnectionError):
                 pass

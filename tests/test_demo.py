@@ -9,8 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import yaml
+from conftest import write_config
 from pydantic import BaseModel
 
+from scripts.broker import free_port
+from scripts.console_helpers import ConsoleProcess
 from scripts.demo import WORKER_STATE, demo_config, replay_fps, reset_worker_state, write_report
 from worker.config import load_config
 
@@ -79,3 +82,18 @@ def test_demo_report_names_the_cpu_and_precision_of_its_figures(bundle_dir, tmp_
                           "Serving CPU").read_text()
     assert f"Quality measured on {test['device']} at {test['precision']}" in report
     assert "frames served on Serving CPU at bf16" in report
+
+
+def test_the_demos_console_check_goes_past_a_proxy_set_for_pip(tmp_path, broker, monkeypatch):
+    """Behind a proxy (http_proxy set, as setup.sh's pip needs it there, without no_proxy) the demo's check that its
+    console answers on 127.0.0.1 was sent to the proxy, and the demo stopped: "the console did not start" (a helper's
+    probe), though it had."""
+    proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    config = write_config(tmp_path / "w", broker.port, tmp_path / "no-bundle", console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port, timeout=30)
+    assert console.stop() == 0

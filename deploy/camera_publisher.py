@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import signal
 import sys
@@ -39,6 +40,7 @@ from paho.mqtt.properties import Properties
 
 # What the worker decodes (bundle.FRAME_FORMATS).
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+PASSWORD_VARIABLE = "CAMERA_MQTT_PASSWORD"
 MAX_ID_LENGTH = 128  # worker/wire.py valid_id
 REPORT_EVERY_S = 60.0
 # Frames paho may hold unacknowledged: publishing past it fails at once, so memory stays bounded
@@ -368,7 +370,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MQTT client id (default camera-<camera>-<random>, unique per process, so a second "
                              "publisher does not disconnect the first; set one only if your broker needs it)")
     parser.add_argument("--username")
-    parser.add_argument("--password")
+    parser.add_argument("--password", default=os.environ.get(PASSWORD_VARIABLE),
+                        help=f"default: ${PASSWORD_VARIABLE}, which keeps it out of the process list ('ps' shows the "
+                             "command line to every user of the box)")
     parser.add_argument("--cafile", help="CA certificate: connect with TLS")
     parser.add_argument("--certfile", help="client certificate: connect with TLS (without --cafile: the system's CAs)")
     parser.add_argument("--keyfile", help="the client certificate's key, if not in --certfile")

@@ -502,6 +502,34 @@ def test_a_file_over_the_brokers_packet_size_is_said_and_the_next_ones_are_sent(
     assert names == ["001", "002"], (names, out[-3000:])
 
 
+def test_the_cameras_password_can_come_from_the_environment_not_the_process_list(tmp_path, publishers):
+    """deploy/README.md's camera passed --password on the command line, which every user of the box reads in ``ps``;
+    there was no other way to give it.  $CAMERA_MQTT_PASSWORD now gives it (the README's example uses it)."""
+    files = broker_readable_dir("mosq-pass-")
+    try:
+        subprocess.run(["mosquitto_passwd", "-b", "-c", str(files / "passwords"), "line1", "c1-pass"], check=True,
+                       capture_output=True)
+        (files / "passwords").chmod(0o644)
+        port = free_port()
+        broker = Broker(tmp_path / "broker", port=port, listener=(
+            f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {files / 'passwords'}\n"))
+        try:
+            folder = image_folder(tmp_path / "imgs", ["000.png"])
+            args = [sys.executable, str(PUBLISHER), "--port", str(port), "--camera", "line1", "--username", "line1",
+                    "--folder", str(folder), "--fps", "0"]
+            try:
+                proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=20,
+                                      env={**os.environ, "CAMERA_MQTT_PASSWORD": "c1-pass"})
+            except subprocess.TimeoutExpired as e:
+                pytest.fail(f"no frame sent within 20 s: {e.stderr}")
+        finally:
+            broker.stop()
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("sent "), (proc.returncode, proc.stderr[-3000:])
+    assert "CAMERA_MQTT_PASSWORD" in (DEPLOY / "README.md").read_text()
+
+
 def test_two_publishers_for_one_camera_do_not_disconnect_each_other(tmp_path, broker, publishers):
     folder = image_folder(tmp_path / "imgs", ["000.png", "001.png"])
     sub = Client(broker.port)

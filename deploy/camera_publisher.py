@@ -491,7 +491,7 @@ def publish_all(args: argparse.Namespace, frames: Iterator[tuple[str | None, byt
             refused.say(f"the broker refused frame {fid} ({link.refusal}): {hint}; {counts['refused']} refused so far")
         elif outcome == "sent":
             counts["sent"] += 1
-            if any([away.clear(), slow.clear(), backlog.clear(), refused.clear()]):  # a list: every notice is cleared
+            if any([away.clear(), slow.clear(), backlog.clear()]):  # a list: every notice is cleared
                 log(f"the broker at {link.where} takes frames again; {counts['dropped']} dropped, "
                     f"{counts['unacked']} not acknowledged so far")
             if not args.quiet:

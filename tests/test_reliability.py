@@ -678,19 +678,27 @@ def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, datas
         client.close()
 
 
-def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(broker, bundle_dir, dataset, tmp_path, small_disk,
-                                                                    worker_factory):
+@pytest.mark.parametrize("floor", [64, 0])
+def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(floor, broker, bundle_dir, dataset, tmp_path,
+                                                                    small_disk, worker_factory):
     """A first start on a full disk ended in a traceback (exit 1): the claim's owner line, written into each new
-    folder's lock file, was not guarded. The lock is the claim; its owner line is said as not written."""
+    folder's lock file, was not guarded. The lock is the claim; its owner line is said as not written.  With
+    ``store.min_free_mb: 0`` the worker was killed by SIGBUS opening the embedded store (the engine writes a whole
+    log segment there) before it came online; the engine's own need is now the floor's least value."""
     prefix = f"f{uuid.uuid4().hex[:6]}"
     config = write_config(small_disk / "w", broker.port, bundle_dir, topics={"prefix": prefix},
-                          store={"path": str(small_disk / "w" / "qdrant")},
+                          store={"path": str(small_disk / "w" / "qdrant"), "min_free_mb": floor},
                           mqtt={"session_file": str(small_disk / "w" / "mqtt-session.json")})
     _fill(small_disk)
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     try:
-        wait_online(client, prefix)
+        online = f"{prefix}/workers/w-test/availability"
+        deadline = time.monotonic() + 120
+        while not [m for m in client.messages if m.topic == online and m.payload == b"online"]:
+            assert worker.proc.poll() is None, f"exit {worker.proc.returncode}: {worker.output()[-3000:]}"
+            assert time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.1)  # poll interval: the process's exit or its announcement, with a deadline
         client.publish_frame("cam", good_png(dataset).read_bytes(), "on-a-full-disk")
         client.json_on(f"{prefix}/cam/result")
         assert worker.stop() == 0, worker.output()[-3000:]
@@ -698,6 +706,7 @@ def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(broker, bund
         client.close()
     assert (f"WARNING worker.service: evidence.path: the owner line of {small_disk / 'w' / 'evidence' / '.worker.lock'} "
             "cannot be written (No space left on device); the folder is claimed all the same") in worker.output()
+    assert "vector store unavailable (not starting the store's open: 0 MB free on the disk of" in worker.output()
 
 
 # 3. Overload is handled by policy -------------------------------------------------------------

@@ -435,7 +435,8 @@ def test_a_date_alone_as_until_means_the_whole_day(tmp_path):
 
 def test_the_embedded_store_is_not_opened_below_its_free_space_floor(tmp_path):
     """qdrant-edge maps its files into memory, and a page it writes on a full disk kills the process (SIGBUS):
-    below ``store.min_free_mb`` the store refuses to open, saying why, and writes nothing; 0 turns the check off."""
+    below ``store.min_free_mb`` the store refuses to open, saying why, and writes nothing; 0 leaves the engine's own
+    need (``ENGINE_MIN_FREE``, which the test's disk has)."""
     store = _store(tmp_path)
     store.upsert(_frames(3))
     store.close()

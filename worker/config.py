@@ -333,7 +333,8 @@ class StoreConfig(_Section):
                                                                       "thread, never the inference path).")
     min_free_mb: int = Field(64, ge=0, description="Embedded: no write starts while its disk has less free (a vacuum needs the "
                                                    "collection's size on top); embeddings are spooled meanwhile. The engine maps its "
-                                                   "files into memory, and a write to a full disk would kill the worker. 0 = no check. "
+                                                   "files into memory, and a write to a full disk would kill the worker; it writes a whole "
+                                                   "32 MB log segment when it opens the store, so values below 40 count as 40. "
                                                    "A capture export is refused unless it leaves this much free too.")
 
     @field_validator("collection")

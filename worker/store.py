@@ -46,6 +46,10 @@ _NAMESPACE = uuid.UUID("5b0e4f8e-3f4c-4b8e-9a55-6a1c2f0d7e11")
 _EDGE_SCHEMA = {"keyword": edge.PayloadSchemaType.Keyword, "float": edge.PayloadSchemaType.Float}
 _DELETE_CHUNK = 1024
 STALE_SEGMENTS = 2  # replaced segments kept after a vacuum before the embedded shard is loaded again (_Edge._reopen)
+# qdrant-edge writes a whole write-ahead-log segment (32 MiB, fixed in the engine) when it opens a collection and each
+# time its log starts a new one, and a new collection's first segment pages on top: a floor below this cannot keep
+# those pages off a full disk, so ``store.min_free_mb`` never counts for less.
+ENGINE_MIN_FREE = 40 * 2**20
 
 
 def point_id(camera: str, frame_id: str) -> str:
@@ -358,7 +362,7 @@ class VectorStore:
                     raise StoreError("no vector store: set store.path (embedded) or store.url (a Qdrant server)")
                 folder = cfg.path / cfg.collection
                 folder.parent.mkdir(parents=True, exist_ok=True)
-                self.engine = _Edge(folder, dim, cfg.hnsw, cfg.min_free_mb * 2**20)
+                self.engine = _Edge(folder, dim, cfg.hnsw, max(cfg.min_free_mb * 2**20, ENGINE_MIN_FREE))
                 where = f"embedded qdrant-edge at {folder}{' (HNSW)' if cfg.hnsw else ''}"
         except StoreError:
             raise

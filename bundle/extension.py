@@ -330,6 +330,8 @@ class Extension:
             npy = prev.with_name(prev.name.removesuffix(".prev.tmp") + ".npy")
             if not npy.exists():
                 prev.replace(npy)
+        broken: Path | None = None  # the unreadable index, moved aside
+        changed = False  # what is kept differs from what the index says: the index is written again
         if index.is_file():
             try:
                 raw = json.loads(index.read_text())
@@ -341,25 +343,16 @@ class Extension:
                 # the rows are in their own files, named by their frames' point ids: kept, not lost with the index
                 entries = [Entry(p.stem, "", "", 0, p.stat().st_mtime) for p in sorted(self.folder.glob("*.npy"))
                            if _KEY.match(p.stem)]
-                self.revision = 1
+                self.revision, changed = 1, True
                 log.error("extension index %s is unreadable (%s): moved aside as %s; its %d entries are taken again "
                           "from their files (their frame ids are unknown until labelled again: a withdrawal by frame "
                           "id still finds them)", index, exc, broken.name, len(entries))
             for entry in entries:
-                try:
-                    rows = np.load(self.folder / f"{entry.key}.npy", allow_pickle=False)
-                except Exception as exc:  # a damaged file (a power cut) can make numpy raise almost anything
-                    log.error("extension entry %s of %s is unreadable (%s): dropped", entry.key, self.folder, exc)
-                    continue
-                if rows.ndim != 2 or rows.shape[1] != self.feature_dim:
-                    log.error("extension entry %s of %s has shape %s, not [n, %d]: dropped", entry.key, self.folder,
-                              rows.shape, self.feature_dim)
-                    continue
-                if not np.isfinite(rows).all():  # damaged bytes; a row of NaN would make every frame's score NaN
-                    log.error("extension entry %s of %s holds values that are not finite: dropped", entry.key, self.folder)
-                    continue
-                self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
-                self._arrays[entry.key] = rows.astype(np.float32, copy=False)
+                rows = self._rows_of(entry)
+                changed = changed or rows is None or entry.rows != len(rows) or entry.key in self._entries
+                if rows is not None:
+                    self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
+                    self._arrays[entry.key] = rows
         if sum(e.rows for e in self._entries.values()) > self.max_rows:
             log.warning("extension %s holds more rows than max_rows %d: keeping the oldest entries that fit",
                         self.folder, self.max_rows)
@@ -369,13 +362,44 @@ class Extension:
                     kept[key], total = entry, total + entry.rows
             self._entries = kept
             self._arrays = {k: self._arrays[k] for k in kept}
-        if index.is_file() or self._entries:
-            self._write_index()  # the index names exactly what is kept
+            changed = True
+        if changed:
+            self._rewrite_index(broken)
         for stray in self.folder.glob("*.npy"):  # written, but no index names it (a crash, or dropped above)
             if stray.stem not in self._entries:
                 stray.unlink(missing_ok=True)
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+
+    def _rows_of(self, entry: Entry) -> np.ndarray | None:
+        """An entry's rows as its file holds them, or None (said) where they cannot be used: the entry is dropped."""
+        try:
+            rows = np.load(self.folder / f"{entry.key}.npy", allow_pickle=False)
+        except Exception as exc:  # a damaged file (a power cut) can make numpy raise almost anything
+            log.error("extension entry %s of %s is unreadable (%s): dropped", entry.key, self.folder, exc)
+            return None
+        if rows.ndim != 2 or rows.shape[1] != self.feature_dim:
+            log.error("extension entry %s of %s has shape %s, not [n, %d]: dropped", entry.key, self.folder,
+                      rows.shape, self.feature_dim)
+            return None
+        if not np.isfinite(rows).all():  # damaged bytes; a row of NaN would make every frame's score NaN
+            log.error("extension entry %s of %s holds values that are not finite: dropped", entry.key, self.folder)
+            return None
+        return rows.astype(np.float32, copy=False)
+
+    def _rewrite_index(self, broken: Path | None) -> None:
+        """Write the index of what :meth:`_load` kept.  Where it cannot be written (a full disk at a restart) the
+        rows kept are served all the same, and the change is written with the next one: opening must not stop the
+        worker from inspecting.  An unreadable index moved aside goes back, so the next start takes its entries
+        from their files again rather than finding no index and removing them as strays."""
+        try:
+            self._write_index()
+        except OSError as exc:
+            if broken is not None:
+                with contextlib.suppress(OSError):
+                    broken.replace(self.folder / INDEX)
+            log.error("extension %s: its index cannot be written (%s); its %d entries are served as read, and "
+                      "the index is written with the next label or withdrawal", self.folder, exc, len(self._entries))
 
     def _concat(self) -> np.ndarray:
         parts = [self._arrays[k] for k in self._entries]

@@ -223,6 +223,31 @@ def worker_factory(tmp_path):
         yield start
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 100 MB tmpfs: a disk that can really fill up (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file until the disk refuses more: in megabytes, then in pages, so not even a small file fits."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as fh:  # unbuffered: nothing is left to write (and refused) at the close
+        for chunk in (1 << 20, 1 << 12):
+            try:
+                while True:
+                    fh.write(bytes(chunk))
+            except OSError:
+                pass
+    return filler
+
+
 DAMAGE = ("empty", "cut", "header")
 
 

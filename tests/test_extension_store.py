@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bundle.extension import INDEX, Extension, ExtensionFull, ExtensionUnwritable, Views, offending
-from conftest import DAMAGE, damage
+from conftest import DAMAGE, damage, fill_disk
 
 C = 8
 
@@ -204,3 +204,29 @@ def test_an_absorption_that_cannot_be_written_changes_nothing(tmp_path, blocked)
         assert np.array_equal(again.rows, rows(2, 1.0)) and again.revision == 1
     ext.add(b, rows(3, 5.0), "f", "cam")  # the retry works
     assert ext.rows.shape == (5, C) and Extension(tmp_path, C, max_rows=10).rows.shape == (5, C)
+
+
+def test_an_extension_whose_index_cannot_be_written_at_a_start_is_served_as_read(small_disk, caplog) -> None:
+    """Opening an extension wrote its index again whatever it found: a restart on a full disk refused the bundle
+    (exit 2, "make it writable by uid 0 ... chown"), so no frame was inspected.  Now the index is written only where
+    what is kept differs from it, and where that write fails the rows read are served, said in the log; an unreadable
+    index goes back in place, so that the next start takes the entries from their files again, not as strays."""
+    folder = small_disk / "ext"
+    ext = Extension(folder, C, max_rows=10)
+    a, b = key(), key()
+    ext.add(a, rows(2, 1.0), "f1", "cam")
+    ext.add(b, rows(3, 2.0), "f2", "cam")
+    filler = fill_disk(small_disk)
+    same = Extension(folder, C, max_rows=10)  # nothing changed: nothing to write
+    assert same.rows.shape == (5, C) and same.revision == 2
+    damage(folder / f"{b}.npy", "cut")  # a change to write, which the disk refuses: served without the entry
+    fill_disk(small_disk)  # full again: the cut freed some
+    dropped = Extension(folder, C, max_rows=10)
+    assert np.array_equal(dropped.rows, rows(2, 1.0)) and f"extension {folder}: its index cannot be written" in caplog.text
+    (folder / INDEX).write_text("")  # torn: its entries are taken from their files, and it is left for the next start
+    fill_disk(small_disk)
+    rebuilt = Extension(folder, C, max_rows=10)
+    assert [e.key for e in rebuilt.entries()] == [a] and (folder / INDEX).read_text() == ""
+    filler.unlink()
+    again = Extension(folder, C, max_rows=10)
+    assert [e.key for e in again.entries()] == [a] and json.loads((folder / INDEX).read_text())["entries"][0]["key"] == a

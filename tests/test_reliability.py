@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 
 from benchmarks.fuzz import fitted
 from bundle import write_manifest
-from conftest import Client, good_png, start_on_embedded_store, user_props, wait_online, write_config
+from conftest import Client, fill_disk, good_png, start_on_embedded_store, user_props, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.api_client import ApiClient
 from worker.config import StoreConfig, load_config
@@ -605,30 +605,6 @@ def test_twins_on_one_client_id_without_a_persistent_session_are_named(broker, b
         client.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 100 MB tmpfs: a disk that can really fill up (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(folder: Path) -> Path:
-    """Write a file until the disk refuses more."""
-    filler = folder / "filler"
-    with filler.open("wb", buffering=0) as fh:  # unbuffered: nothing is left to write (and refused) at the close
-        try:
-            while True:
-                fh.write(bytes(1 << 20))
-        except OSError:
-            pass
-    return filler
-
-
 def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, dataset, tmp_path, small_disk, worker_factory):
     """The store, evidence, spool and capture sample share a disk that fills up while the worker runs: every frame
     still gets exactly one answer, the losses are counted, the worker stops cleanly (qdrant-edge's own flush fails
@@ -661,7 +637,7 @@ def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, datas
         wait_online(client, prefix)
         send("before", 5)
         written = stats(lambda s: s["store_written"] >= 5)["store_written"]
-        filler = _fill(small_disk)
+        filler = fill_disk(small_disk)
         send("full", 20)
         full = stats(lambda s: s["recorder_lost"] > 0 and s["cameras"]["cam"]["processed"] == 25)
         assert full["capture_failed_writes"] > 0 and full["store_written"] == written, full
@@ -672,7 +648,7 @@ def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, datas
         assert sorted(a["frame_id"] for a in answers) == sorted(
             [f"before{i}" for i in range(5)] + [f"full{i}" for i in range(20)] + [f"after{i}" for i in range(5)])
         assert not [m for m in client.messages if m.topic == f"{prefix}/cam/error"]
-        _fill(small_disk)  # full again for the stop: the store's flush at close fails
+        fill_disk(small_disk)  # full again for the stop: the store's flush at close fails
         assert worker.stop() == 0, worker.output()[-3000:]
     finally:
         client.close()
@@ -689,7 +665,7 @@ def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(floor, broke
     config = write_config(small_disk / "w", broker.port, bundle_dir, topics={"prefix": prefix},
                           store={"path": str(small_disk / "w" / "qdrant"), "min_free_mb": floor},
                           mqtt={"session_file": str(small_disk / "w" / "mqtt-session.json")})
-    _fill(small_disk)
+    fill_disk(small_disk)
     client = Client(broker.port, prefix)
     worker = worker_factory(config)
     try:

@@ -981,6 +981,38 @@ def test_a_batch_lost_to_a_full_disk_leaves_no_partial_spool_file_and_no_evidenc
     assert len(evidence) == 0 and not list((tmp_path / "evidence").glob("*/*")), "a lost record's evidence stayed"
 
 
+def test_a_spooled_batch_deleted_under_the_worker_loses_no_later_batch(tmp_path):
+    """During an outage someone deletes a spooled batch (freeing space on a full disk): every later batch was written
+    to the spool and then counted lost, its evidence deleted, because bounding the spool read each batch's size
+    from its file; those batches were replayed later all the same, their points naming evidence gone."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(_unreachable, evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        for start in (0, 4):
+            for rec in _records(4, DIM, start=start):
+                recorder.submit(rec)
+            assert recorder.flush(20)
+        min((tmp_path / "spool").glob("*.json")).unlink()
+        for start in (8, 12):
+            for rec in _records(4, DIM, start=start):
+                recorder.submit(rec)
+            assert recorder.flush(20)
+    finally:
+        recorder.stop()
+    assert recorder.lost == 0 and len(evidence) == 16
+    replay = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    replay.start()
+    try:
+        assert _wait_for(lambda: replay.written == 12), replay.written
+        with replay.use_store() as store:
+            assert {p["frame_id"] for p in store.latest(20, Filters())} == {f"f{i}" for i in range(4, 16)}
+    finally:
+        replay.stop()
+
+
 def test_the_evidence_age_budget_applies_while_the_store_is_out(tmp_path):
     """``evidence.max_age_h`` (and the other classes' age budgets) ran only inside the store's retention pass: an
     outage of days (an unreachable server, damaged files) kept every frame's evidence past its age.  While no store is

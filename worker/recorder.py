@@ -75,11 +75,14 @@ class Spool:
         self.refused_points = 0
         self._files: list[Path] = []
         self._counts: dict[Path, int] = {}
+        # each batch's bytes as written: a file deleted under the worker (someone freeing space) cannot fail a push
+        self._sizes: dict[Path, int] = {}
         for path in sorted(self.folder.glob("*.json")):
             points = self._read(path)
             if points is not None:
                 self._files.append(path)
                 self._counts[path] = len(points)
+                self._sizes[path] = path.stat().st_size
         named = [*self.folder.glob("*.*"), *(self.folder / REFUSED).glob("*.json")]  # a new batch never takes a set-aside name
         last = max((int(p.stem) for p in named if p.stem.isdigit()), default=-1)
         self._seq = last + 1
@@ -115,8 +118,9 @@ class Spool:
         path = self.folder / f"{self._seq:012d}.json"
         self._seq += 1
         tmp = path.with_suffix(".tmp")
+        data = json.dumps(body).encode()
         try:
-            tmp.write_text(json.dumps(body))
+            tmp.write_bytes(data)
             tmp.replace(path)
         except OSError:  # a full disk: the part written would stay, uncounted in max_mb, one per failed batch
             with contextlib.suppress(OSError):
@@ -124,6 +128,7 @@ class Spool:
             raise
         self._files.append(path)
         self._counts[path] = len(points)
+        self._sizes[path] = len(data)
         self._enforce()
 
     def oldest(self) -> tuple[Path, list[Point]] | None:
@@ -140,11 +145,13 @@ class Spool:
                 path.replace(path.with_suffix(".corrupt"))
             self._files.pop(0)
             self._counts.pop(path, None)
+            self._sizes.pop(path, None)
         return None
 
     def remove(self, path: Path) -> None:
         self._files.remove(path)
         self._counts.pop(path, None)
+        self._sizes.pop(path, None)
         path.unlink(missing_ok=True)
 
     def set_aside(self, path: Path, reason: str) -> None:
@@ -152,6 +159,7 @@ class Spool:
         way of the batches behind it.  The first one is explained in the log; all are counted."""
         self._files.remove(path)
         points = self._counts.pop(path, 0)
+        self._sizes.pop(path, None)
         self.refused_batches += 1
         self.refused_points += points
         target = self.folder / REFUSED / path.name
@@ -170,12 +178,12 @@ class Spool:
             log.debug("spool batch %s refused by the store (%s): moved to %s", path.name, reason, target.parent)
 
     def _enforce(self) -> None:
-        total = sum(p.stat().st_size for p in self._files)
+        total = sum(self._sizes.values())
         while total > self.max_bytes and len(self._files) > 1:
             oldest = self._files.pop(0)
-            total -= oldest.stat().st_size
+            total -= self._sizes.pop(oldest)
             self.dropped_points += self._counts.pop(oldest)
-            oldest.unlink()
+            oldest.unlink(missing_ok=True)
             log.error("spool over %d bytes: oldest batch dropped (%d points lost so far)", self.max_bytes,
                       self.dropped_points)
 

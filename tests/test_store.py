@@ -1013,6 +1013,30 @@ def test_a_spooled_batch_deleted_under_the_worker_loses_no_later_batch(tmp_path)
         replay.stop()
 
 
+def test_spool_and_evidence_folders_deleted_under_the_worker_are_made_again(tmp_path):
+    """``rm -rf`` of the spool and evidence folders while the store is out (space freed by hand): every later batch
+    was lost and every later frame recorded without its evidence until a restart, each write failing for a folder
+    that was no longer there.  They are made again at the next write, as the store's collection folder is."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    recorder = Recorder(_unreachable, evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        for start in (0, 4):
+            if start:
+                shutil.rmtree(tmp_path / "spool")
+                shutil.rmtree(tmp_path / "evidence")
+            for rec in _records(4, DIM, start=start):
+                recorder.submit(rec)
+            assert recorder.flush(20)
+    finally:
+        recorder.stop()
+    assert recorder.lost == 0 and recorder.evidence_failed == 0
+    assert len(list((tmp_path / "spool").glob("*.json"))) == 1
+    assert len(list((tmp_path / "evidence").glob("*/*.thumbnail.jpg"))) == 4
+
+
 def test_the_evidence_age_budget_applies_while_the_store_is_out(tmp_path):
     """``evidence.max_age_h`` (and the other classes' age budgets) ran only inside the store's retention pass: an
     outage of days (an unreachable server, damaged files) kept every frame's evidence past its age.  While no store is

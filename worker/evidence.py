@@ -143,9 +143,9 @@ class EvidenceStore:
             stale.unlink(missing_ok=True)
         written: list[Path] = []
         for path, (_, data) in zip(targets, files.values(), strict=True):
-            path.parent.mkdir(exist_ok=True)
             tmp = path.with_suffix(path.suffix + ".tmp")
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)  # the root too: deleted by hand, it is made again
                 tmp.write_bytes(data)
                 tmp.replace(path)
             except OSError:  # a full disk: the part written would stay for good, and the files written before it

@@ -120,6 +120,7 @@ class Spool:
         tmp = path.with_suffix(".tmp")
         data = json.dumps(body).encode()
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)  # deleted by hand (space freed): made again
             tmp.write_bytes(data)
             tmp.replace(path)
         except OSError:  # a full disk: the part written would stay, uncounted in max_mb, one per failed batch

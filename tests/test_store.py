@@ -621,6 +621,21 @@ def test_damaged_embedded_files_are_set_aside_or_said_as_damage(tmp_path, caplog
         recorder.stop()
 
 
+@pytest.mark.parametrize("part", ["vector_storage/vectors/chunk_0.mmap", "payload_storage/page_0.dat"])
+def test_a_segment_file_a_power_cut_emptied_is_said_as_damage_at_the_open(tmp_path, part):
+    """A segment's vectors or payloads emptied (a power cut soon after they were made) loaded without a word: every
+    write then failed, was spooled and said as a failed write at every retry, and every query answered the engine's
+    error, never that the files are damaged and what to do about them.  One point read at the open says so."""
+    store = _store(tmp_path)
+    store.upsert(_frames(3))
+    store.close()
+    emptied = sorted((tmp_path / "store" / "frames").rglob(part))
+    assert emptied, "the engine's file layout changed: pick another segment file a power cut can leave empty"
+    emptied[0].write_bytes(b"")
+    with pytest.raises(StoreDamaged, match="files are damaged.*Move the folder aside"):
+        _store(tmp_path)
+
+
 def test_a_store_folder_deleted_while_the_worker_runs_is_made_again(tmp_path, caplog):
     """``rm -rf`` of the collection while the worker ran: the engine went on writing to files no longer on disk,
     queries kept answering, and after the next start the history since was gone, said only as a failed close."""

@@ -15,6 +15,7 @@ path; retention (count and age) runs on that thread too (:meth:`VectorStore.reta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -204,7 +205,15 @@ class _Edge:
 
     def _load_once(self, where: str) -> edge.EdgeShard:
         try:
-            return edge.EdgeShard.load(str(self.folder), self.config)
+            shard = edge.EdgeShard.load(str(self.folder), self.config)
+            try:  # a segment's vector or payload file a power cut emptied loads without a word, then fails every
+                # read and write of the history (said as an outage at every retry): one point read says so now
+                shard.scroll(edge.ScrollRequest(limit=1, with_payload=True, with_vector=True))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    shard.close()
+                raise
+            return shard
         except BaseException as exc:
             if not is_failure(exc):
                 raise

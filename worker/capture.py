@@ -227,7 +227,7 @@ class _Camera:
         self.defects: set[str] = set()
         self.from_sample: set[str] = set()  # defects moved out of the sample: they go back if the label is withdrawn
         if (folder / DEFECTS).is_dir():
-            self.defects = {p.name for p in (folder / DEFECTS).iterdir() if not p.name.endswith(".tmp")}
+            self.defects = self._kept(folder / DEFECTS, read_only)
         index = folder / INDEX
         if not index.is_file():
             return
@@ -242,15 +242,33 @@ class _Camera:
             seen, files, vectors = self._rebuilt()
             log.error("capture state of %s is unreadable (%s): the sample is rebuilt from its %d images", folder, exc,
                       len(files))
-        self.seen, self.files, self.vectors = seen, [f for f in files if (folder / f).is_file()], vectors
+        self.seen, self.files, self.vectors = seen, [f for f in files if _whole(folder / f)], vectors
         if vectors is not None and len(self.files) != len(files):
-            self.vectors = vectors[[i for i, f in enumerate(files) if (folder / f).is_file()]]
+            self.vectors = vectors[[i for i, f in enumerate(files) if f in self.files]]
+        if empty := [f for f in files if f not in self.files and (folder / f).is_file()]:
+            log.warning("capture sample %s: %d kept images are empty (a power cut soon after they were written), "
+                        "left out: %s", folder, len(empty), ", ".join(empty[:5]))
         self.bytes = sum((folder / f).stat().st_size for f in self.files)
         for stray in [] if read_only else folder.iterdir():  # replaced or never indexed (a crash): the bound holds
             if stray.is_file() and stray.name not in (INDEX, EMBEDDINGS) and stray.name not in self.files:
                 stray.unlink(missing_ok=True)
         if (folder / FALSE_ALARMS).is_dir():
-            self.false_alarms = {p.name for p in (folder / FALSE_ALARMS).iterdir() if not p.name.endswith(".tmp")}
+            self.false_alarms = self._kept(folder / FALSE_ALARMS, read_only)
+
+    @staticmethod
+    def _kept(folder: Path, read_only: bool) -> set[str]:
+        """The images kept in a false alarms' or confirmed defects' folder; empty ones (:func:`_whole`) are deleted."""
+        names = set()
+        for path in folder.iterdir():
+            if path.name.endswith(".tmp"):
+                continue
+            if _whole(path):
+                names.add(path.name)
+            elif path.is_file():
+                log.warning("capture sample: %s is empty (a power cut soon after it was written), left out", path)
+                if not read_only:
+                    path.unlink(missing_ok=True)
+        return names
 
     def _rebuilt(self) -> tuple[int, list[str], np.ndarray | None]:
         """(seen, files, signatures) from the images in the folder, for a state a power cut damaged: the images, each
@@ -285,6 +303,15 @@ class _Camera:
         tmp.write_text(json.dumps({"camera": self.camera, "seen": self.seen, "files": self.files,
                                    "from_sample": sorted(self.from_sample & self.defects)}))
         tmp.replace(self.folder / INDEX)
+
+
+def _whole(path: Path) -> bool:
+    """A kept image that holds something: a power cut soon after it was written can leave it empty (written and renamed
+    without a sync), and the exporter refuses a whole training set for one image it cannot decode."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _named(names: list[str] | set[str], key: str) -> list[str]:

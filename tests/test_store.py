@@ -27,7 +27,7 @@ from worker.evidence import EvidenceStore
 from worker.labels import LabelService
 from worker.query import QueryService
 from worker.supervise import Liveness
-from worker.recorder import Record, Recorder
+from worker.recorder import Record, Recorder, Spool
 from worker.store import Filters, StoreDamaged, StoreError, StoreMismatch, VectorStore, point_id
 
 DIM = 16
@@ -1050,6 +1050,29 @@ def test_spool_and_evidence_folders_deleted_under_the_worker_are_made_again(tmp_
     assert recorder.lost == 0 and recorder.evidence_failed == 0
     assert len(list((tmp_path / "spool").glob("*.json"))) == 1
     assert len(list((tmp_path / "evidence").glob("*/*.thumbnail.jpg"))) == 4
+
+
+def test_a_batch_moved_into_a_running_workers_spool_is_not_written_over(tmp_path):
+    """What the log says to do with batches of another embedding size, set aside: move them into the ``spool.path``
+    of a worker serving that size.  Moved in while that worker ran, a batch took a name its spool was to write next,
+    and its next batches were written over it: the moved points were lost without a word.  A name taken is skipped,
+    and the next start reads the moved batch with the others."""
+    spool = Spool(tmp_path / "spool", 10**7)
+    other = Spool(tmp_path / "other", 10**7)
+    point = lambda name: [(name, np.ones(DIM, np.float32), {"frame_id": name})]  # noqa: E731
+    for i in range(3):
+        other.push(point(f"moved{i}"))
+    spool.push(point("own0"))
+    for path in sorted((tmp_path / "other").glob("*.json"))[1:]:  # 000000000001.json, 000000000002.json
+        path.rename(tmp_path / "spool" / path.name)
+    for i in range(1, 4):
+        spool.push(point(f"own{i}"))
+    again = Spool(tmp_path / "spool", 10**7)
+    held = []
+    while (item := again.oldest()) is not None:
+        held += [pid for pid, _, _ in item[1]]
+        again.remove(item[0])
+    assert held == ["own0", "moved1", "moved2", "own1", "own2", "own3"]
 
 
 def test_the_evidence_age_budget_applies_while_the_store_is_out(tmp_path):

@@ -115,7 +115,10 @@ class Spool:
     def push(self, points: list[Point]) -> None:
         body = {"points": [{"id": pid, "vector": vec.astype(float).tolist(), "payload": payload}
                            for pid, vec, payload in points]}
-        path = self.folder / f"{self._seq:012d}.json"
+        # a name taken by a batch moved in by hand while this worker ran (another worker's refused ones): kept, not
+        # written over; the next start reads it with the others
+        while (path := self.folder / f"{self._seq:012d}.json").exists():
+            self._seq += 1
         self._seq += 1
         tmp = path.with_suffix(".tmp")
         data = json.dumps(body).encode()
@@ -173,8 +176,8 @@ class Spool:
             log.error("spool batch %s (%d points) cannot be written to this store: %s. It was spooled while a bundle "
                       "of another embedding size served; it and any like it are moved to %s and counted "
                       "(spool_refused_batches), and replay goes on. Such points fit only a collection of their size: "
-                      "move the files into the spool.path of a worker serving one, or delete them",
-                      path.name, points, reason, target.parent)
+                      "move the files into the spool.path of a worker serving one (it replays them from its next "
+                      "start), or delete them", path.name, points, reason, target.parent)
         else:
             log.debug("spool batch %s refused by the store (%s): moved to %s", path.name, reason, target.parent)
 

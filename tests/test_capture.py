@@ -857,3 +857,19 @@ def test_images_a_power_cut_left_empty_are_left_out_of_the_sample_and_the_export
     exported = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(exported) == 2 and all(cv2.imread(str(p)) is not None for p in exported)
     assert again.offer("cam", "k9", image(9), png(9))  # its slot is free again
+
+
+def test_a_camera_folder_deleted_under_the_worker_starts_its_sample_afresh(tmp_path, caplog) -> None:
+    """``rm -rf`` of a camera's sample folder while the worker ran (space freed, or a sample reset by hand): the sample
+    still listed the deleted files, the stats said them kept, and a full sample's reservoir replaced them so rarely
+    that the export held next to nothing for good.  The sample now starts afresh, said in the log."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    for i in range(50):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    shutil.rmtree(tmp_path / "cap" / "cam")
+    for i in range(50, 60):
+        capture.offer("cam", f"k{i}", image(i), png(i))
+    capture.flush()
+    assert capture.counts()["cam"]["kept"] == len(list((tmp_path / "cap" / "cam").glob("k*.png"))) == 5
+    assert capture.export(tmp_path / "out")["cam"]["normal"] == 5
+    assert "capture sample of camera 'cam': its folder" in caplog.text

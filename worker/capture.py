@@ -361,6 +361,12 @@ class Capture:
 
     def _camera(self, camera: str) -> _Camera:
         state = self._cameras.get(camera)
+        if state is not None and not state.folder.is_dir():  # the listed files are gone: a full sample's reservoir
+            # would replace them so rarely that the export held next to nothing, the stats saying them kept
+            log.warning("capture sample of camera %r: its folder %s was deleted while the worker ran; the sample "
+                        "starts afresh", camera, state.folder)
+            del self._cameras[camera]
+            state = None
         if state is None:
             folder = self.root / camera_folder(camera)
             if self._taken(folder, camera):  # two ids of one short hash: the camera there keeps its files

@@ -53,6 +53,9 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
         ("model: {bundle: b}\ntopics: {prefix: \"inspect\\r\"}\n", "topics.prefix: Value error, 'inspect\\r' holds '\\r' (U+000D)"),
         ("model: {bundle: b}\nworker: {id: \"w\\tbox1\"}\n", "worker.id: Value error, 'w\\tbox1' holds '\\t' (U+0009)"),
         ("model: {bundle: b}\nmqtt: {client_id: \"edge\\u0085\"}\n", "mqtt.client_id: Value error, 'edge\\x85' holds '\\x85' (U+0085)"),
+        # a user name too: the broker closed every connection as a protocol error, and the log blamed a TLS listener
+        ("model: {bundle: b}\nmqtt: {username: \"op\\x01\", password: p}\n", "mqtt.username: Value error, 'op\\x01' holds '\\x01' (U+0001)"),
+        ("model: {bundle: b}\nmqtt: {username: \"op\\ufffe\"}\n", "mqtt.username: Value error, 'op\\ufffe' holds"),
         ("model: {bundle: b}\ncameras: {a: {topic: \"plant/a\\uffff\"}}\n", "cameras.a.topic: Value error, 'plant/a\\uffff' holds"),
         ("model: {bundle: b}\ntopics: {cameras: [\"cam\\ufdd0\"]}\n", "topics.cameras: Value error, 'cam\\ufdd0' holds"),
         # a NaN threshold passed every frame (and made the store refuse each point); an infinite or astronomic

@@ -70,7 +70,7 @@ class MQTTConfig(_Section):
         "topics.prefix, topics.share_group or worker.id the filters no longer configured are left at the next "
         "connect (a kept session would still deliver them: half of a group's frames, lost); none: not remembered."))
 
-    @field_validator("client_id")
+    @field_validator("client_id", "username")
     @classmethod
     def _sendable(cls, v: str | None) -> str | None:
         return None if v is None else mqtt_text(v)
@@ -100,11 +100,12 @@ MetadataPolicy = Literal["required", "optional"]
 
 
 def mqtt_text(value: str) -> str:
-    """``value`` unless it holds a character a broker refuses in a topic or client id (worker.wire.refused_character):
-    the config check passed it, then the broker closed every connection and the log blamed a TLS listener."""
+    """``value`` unless it holds a character a broker refuses in a topic, client id or user name
+    (worker.wire.refused_character): the config check passed it, then the broker closed every connection and the log
+    blamed a TLS listener."""
     if (character := refused_character(value)) is not None:
         raise ValueError(f"{value!r} holds {said(character)}, a control character or noncharacter, which MQTT brokers "
-                         "refuse in topics and client ids")
+                         "refuse in topics, client ids and user names")
     return value
 
 

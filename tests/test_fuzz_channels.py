@@ -4,25 +4,32 @@ Frame user properties and payloads, JSON envelopes (a camera with payload: json_
 control and label requests, and the availability topic the worker reads back, drawn from the strategies of
 benchmarks/fuzz.py (which runs >= 10,000 of them; figures in docs/reliability.md).  After each batch the canaries
 (a QoS 1 frame from another camera, a control status, a query) must be answered; at the end no QoS 1 message may
-be left unacknowledged and the frame counters must add up.  The console's inputs (camera frames and heatmaps, results,
-errors, a worker's status messages, HTTP requests), drawn from benchmarks/console_fuzz.py, must leave it showing a
-canary after each batch, with no traceback and no HTTP 500.
+be left unacknowledged and the frame counters must add up.  Requests are fuzzed in their MQTT properties too
+(correlation data, response topic or none, user properties, content type, payload format indicator), from MQTT v5
+and 3.1.1 clients, at QoS 0, 1 and 2, retained, sent twice: each must be answered exactly once per sending where it
+names a topic an answer may go to, with its correlation data and a code of its type.  The console's inputs (camera
+frames and heatmaps, results, errors, a worker's status messages, HTTP requests), drawn from
+benchmarks/console_fuzz.py, must leave it showing a canary after each batch, with no traceback and no HTTP 500.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 import uuid
 
+import paho.mqtt.client as mqtt
 import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from benchmarks import console_fuzz
-from benchmarks.fuzz import CHANNELS, ENVELOPE_CAMERA, Fuzzer, message, tracebacks_in, unacked_after_stop
-from conftest import WorkerProcess, write_config
+from benchmarks.fuzz import CHANNELS, ENVELOPE_CAMERA, TEXT, Fuzzer, _request_body, message, tracebacks_in, unacked_after_stop
+from conftest import Client, WorkerProcess, write_config
 from scripts.broker import free_port
 from scripts.console_helpers import ConsoleProcess
 
@@ -39,7 +46,10 @@ def fuzzed(broker, bundle_dir, tmp_path_factory):
     client_id = f"fuzzch-{uuid.uuid4().hex[:6]}"
     config = write_config(folder, broker.port, bundle_dir, topics={"prefix": PREFIX},
                           mqtt={"client_id": client_id, "session_expiry_s": 600},
-                          limits={"max_frame_bytes": 200_000}, store={"log_normal_every": 0},
+                          # room for every fuzzed request: one refused busy gets no answer where it names its topic
+                          # in its body (an MQTT 3.1.1 client's reply_to), which the request test below counts on
+                          limits={"max_frame_bytes": 200_000, "request_queue_size": 256,
+                                  "request_queue_max_bytes": 400_000_000}, store={"log_normal_every": 0},
                           metrics={"enabled": False, "max_cameras": 8},
                           cameras={ENVELOPE_CAMERA: {"payload": "json_envelope"}})
     fuzzer = Fuzzer(broker.port, PREFIX, WORKER_ID)
@@ -64,6 +74,161 @@ def test_every_channel_fuzzed_and_the_canaries_are_answered(fuzzed, batch):
     _totals["sent"] += len(batch)
 
 
+REQUEST_TOPICS = {"query": "query", "label": "label", "control": f"workers/{WORKER_ID}/control"}
+# The codes each request type may be answered with (README, "Errors"); internal_error (a bug) is none of them.
+REQUEST_CODES = {
+    "query": {"bad_request", "unknown_frame", "bad_image", "empty_store", "store_unavailable", "busy",
+              "response_too_large", "invalid_output"},
+    "label": {"bad_request", "unknown_frame", "store_unavailable", "busy", "response_too_large"},
+    "control": {"bad_request", "reload_failed", "busy", "response_too_large"},
+}
+_requests = {"sent": 0, "answered": 0}
+
+
+def _with_reply_to(body: bytes, topic: str) -> bytes | None:
+    """``body`` with an MQTT 3.1.1 client's ``reply_to`` where it is a JSON object, else None (no answer topic)."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return json.dumps({**raw, "reply_to": topic}).encode() if isinstance(raw, dict) else None
+
+
+@st.composite
+def fuzzed_request(draw: st.DrawFn) -> dict:
+    """One request as any client may send it: a fuzzed body on any request topic, from an MQTT v5 client (a
+    response topic, odd but valid or one no answer may go to, or none; correlation data of any size and bytes,
+    user properties, content type, payload format indicator, expiry) or an MQTT 3.1.1 one (no properties: its
+    answer topic in the body), at QoS 0, 1 or 2, retained or not, sent once or twice."""
+    channel = draw(st.sampled_from(sorted(REQUEST_TOPICS)))
+    tag = uuid.uuid4().hex[:10]
+    answer_to = f"{PREFIX}/replies/r{tag}" + draw(st.sampled_from(["", "/", "/ a b", "//x", "/é€😀", "/" + "l" * 2000]))
+    body = draw(_request_body(channel))
+    route = draw(st.sampled_from(["v5", "v5", "v3", "v5-nowhere", "none"]))
+    props = None
+    if route == "v3":
+        body_v3 = _with_reply_to(body, answer_to)
+        body, route = (body, "none") if body_v3 is None else (body_v3, "v3")
+    else:
+        props = Properties(PacketTypes.PUBLISH)
+        if route == "v5":
+            props.ResponseTopic = answer_to
+        elif route == "v5-nowhere":  # a wildcard, a $-topic, the API's own topics: logged, never published to
+            answer_to = draw(st.sampled_from([f"{PREFIX}/replies/r{tag}/+", f"$SYS/r{tag}", f"{PREFIX}/r{tag}/result",
+                                              f"{PREFIX}/r{tag}/frame", f"{PREFIX}/workers/r{tag}/control"]))
+            props.ResponseTopic = answer_to
+        correlation = draw(st.one_of(st.none(), st.binary(max_size=64),
+                                     st.sampled_from([b"", bytes(range(256)) * 255 + bytes(255)])))
+        if correlation is not None:
+            props.CorrelationData = correlation
+        if user := draw(st.lists(st.tuples(TEXT, TEXT), max_size=3)):
+            props.UserProperty = user
+        if (content_type := draw(st.one_of(st.none(), TEXT))) is not None:
+            props.ContentType = content_type
+        try:  # UTF-8 declared only where it is: a broker may refuse a payload that is not (MQTT v5 3.3.2.3.2)
+            body.decode()
+            utf8 = True
+        except UnicodeDecodeError:
+            utf8 = False
+        if (indicator := draw(st.sampled_from([None, 0, 1 if utf8 else 0]))) is not None:
+            props.PayloadFormatIndicator = indicator
+        if draw(st.booleans()):
+            props.MessageExpiryInterval = 3600
+    return {"channel": channel, "topic": f"{PREFIX}/{REQUEST_TOPICS[channel]}", "body": body, "route": route,
+            "answer_to": answer_to, "props": props, "qos": draw(st.sampled_from([0, 1, 2])),
+            "retain": draw(st.booleans()), "times": draw(st.sampled_from([1, 1, 2]))}
+
+
+@pytest.fixture(scope="module")
+def requesters(fuzzed, broker):
+    v5, v3 = Client(broker.port, PREFIX), Client(broker.port, PREFIX, protocol=mqtt.MQTTv311)
+    yield v5, v3
+    v5.close()
+    v3.close()
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(batch=st.lists(fuzzed_request(), min_size=4, max_size=12))
+def test_every_request_fuzzed_gets_exactly_one_answer_with_its_correlation_and_a_stable_code(fuzzed, requesters, batch):
+    """Each request that names a topic an answer may go to is answered there once per time it was sent, carrying its
+    correlation data, ``ok`` or an error code of its type; one naming none, or one no answer may go to, is answered
+    nowhere.  Frames are answered meanwhile (the canaries)."""
+    fuzzer, worker, _ = fuzzed
+    v5, v3 = requesters
+    retained = set()
+    for r in batch:
+        sender = v3 if r["route"] == "v3" else v5
+        for _ in range(r["times"]):
+            info = sender.client.publish(r["topic"], r["body"], qos=r["qos"], retain=r["retain"], properties=r["props"])
+            info.wait_for_publish(30)
+        if r["retain"]:
+            retained.add(r["topic"])
+    for topic in retained:  # an empty retained message clears it (and is itself answered nowhere: it names no topic)
+        v3.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
+    # A barrier from each client: the worker serves requests in the order they came, and each connection's in order.
+    barriers = []
+    for sender, protocol in ((v5, "v5"), (v3, "v3")):
+        topic = f"{PREFIX}/replies/barrier-{protocol}-{uuid.uuid4().hex[:8]}"
+        props = Properties(PacketTypes.PUBLISH)
+        if protocol == "v5":
+            props.ResponseTopic = topic
+        body = {"command": "status", **({"reply_to": topic} if protocol == "v3" else {})}
+        sender.client.publish(f"{PREFIX}/workers/{WORKER_ID}/control", json.dumps(body), qos=1,
+                              properties=props if protocol == "v5" else None).wait_for_publish(30)
+        barriers.append(topic)
+    for topic in barriers:
+        v5.wait_for(lambda m, topic=topic: m.topic == topic, timeout=120)
+    expected = {r["answer_to"]: 0 for r in batch}
+    for r in batch:
+        expected[r["answer_to"]] += r["times"] if r["route"] in ("v5", "v3") else 0
+    deadline = time.monotonic() + 30  # a QoS 0 request from the other connection may still be on its way
+    while True:
+        with v5.lock:
+            answers = {t: [m for m in v5.messages if m.topic == t] for t in expected}
+        if all(len(answers[t]) >= n for t, n in expected.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # poll interval, with a deadline
+    for r in batch:
+        got = answers[r["answer_to"]]
+        assert len(got) == expected[r["answer_to"]], (r["route"], r["channel"], r["body"][:200], len(got))
+        for m in got:
+            answer = json.loads(m.payload)
+            assert answer["worker"] == WORKER_ID and isinstance(answer["ok"], bool), answer
+            if not answer["ok"]:
+                assert answer["error"]["code"] in REQUEST_CODES[r["channel"]], (r["body"][:200], answer)
+            sent = getattr(r["props"], "CorrelationData", None) if r["route"] == "v5" else None
+            assert getattr(m.properties, "CorrelationData", None) == sent, r
+            assert getattr(m.properties, "ContentType", None) == "application/json"
+    assert fuzzer.canaries(90) == 3, worker.output()[-3000:]
+    assert worker.proc.poll() is None
+    _requests["sent"] += sum(r["times"] for r in batch)
+    _requests["answered"] += sum(expected.values())
+
+
+def test_a_reload_naming_no_camera_id_is_refused_not_made_a_canary(fuzzed, requesters, bundle_dir):
+    """A reload for a camera id no frame's topic level can carry ("a/b", a control character, "..", a wildcard) made
+    a canary that no frame could reach, answered ok, kept in the roll-out record and compiled again at every start."""
+    _, _, _ = fuzzed
+    v5, _ = requesters
+    for camera in ("a/b", "\u0001x", "..", "c+", "c#", "x\ufffe"):
+        topic = f"{PREFIX}/replies/canary-{uuid.uuid4().hex[:8]}"
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = topic
+        v5.client.publish(f"{PREFIX}/workers/{WORKER_ID}/control",
+                          json.dumps({"command": "reload", "camera": camera, "bundle": str(bundle_dir)}), qos=1,
+                          properties=props).wait_for_publish(30)
+        answer = v5.json_on(topic, timeout=60)[0]
+        assert not answer["ok"] and answer["error"]["code"] == "bad_request" and "no camera id" in answer["error"][
+            "message"], (camera, answer)
+    topic = f"{PREFIX}/replies/status-{uuid.uuid4().hex[:8]}"
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topic
+    v5.client.publish(f"{PREFIX}/workers/{WORKER_ID}/control", json.dumps({"command": "status"}), qos=1,
+                      properties=props).wait_for_publish(30)
+    assert list(v5.json_on(topic, timeout=60)[0]["models"]) == ["default"]
+
+
 def test_fuzzing_left_nothing_unacknowledged_and_every_channel_was_reached(fuzzed, broker):
     fuzzer, worker, client_id = fuzzed
     assert _totals["batches"] >= 12, "the fuzz test above must have run first"
@@ -76,7 +241,9 @@ def test_fuzzing_left_nothing_unacknowledged_and_every_channel_was_reached(fuzze
         assert c["received"] == c["processed"] + c["errored"] + c["dropped"] + c["duplicates"], (camera, c)
     assert len(final) <= 8 + 1  # metrics.max_cameras, then metrics.OTHER
     assert unacked_after_stop(broker.port, client_id, f"{PREFIX}/workers/{WORKER_ID}/control") == 0
-    print(f"\nFIGURES fuzz channels: {_totals['sent']} messages {fuzzer.counts}, 0 unacked, RSS {rss_mb:.0f} MB")
+    assert _requests["sent"] > 0, "the request fuzz test above must have run first"
+    print(f"\nFIGURES fuzz channels: {_totals['sent']} messages {fuzzer.counts}, {_requests['sent']} requests "
+          f"({_requests['answered']} answers expected and got), 0 unacked, RSS {rss_mb:.0f} MB")
 
 
 @pytest.fixture(scope="module")

@@ -410,6 +410,15 @@ class ControlRequest(BaseModel):
     bundle: str | None = Field(None, min_length=1, max_length=4096)
     camera: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
 
+    @field_validator("camera")
+    @classmethod
+    def _camera(cls, v: str | None) -> str | None:
+        """A camera id a frame's topic level can carry: a reload naming another ("a/b", a control character) made
+        a canary that no frame could reach, kept in the roll-out record and compiled again at every start."""
+        if v is not None and not (valid_id(v) and not set(v) & {"+", "#"}):
+            raise ValueError(f"{v[:64]!r} is no camera id: {ID_RULE}, without '+' or '#'")
+        return v
+
 
 class FrameMetadata(BaseModel):
     """A frame's MQTT v5 user properties, validated; other user properties are ignored."""

@@ -229,6 +229,24 @@ def test_a_reload_naming_no_camera_id_is_refused_not_made_a_canary(fuzzed, reque
     assert list(v5.json_on(topic, timeout=60)[0]["models"]) == ["default"]
 
 
+def test_a_command_given_a_field_it_does_not_take_is_refused(fuzzed, requesters, bundle_dir):
+    """README: reload {bundle?, camera?}, rollback {camera?}, status, export_capture {camera?}, no other fields.  A
+    rollback given a bundle went back to the model served before, not to that bundle (answered ok where there was
+    one), an export or a status dropped what it was given."""
+    v5, _ = requesters
+    for body, field in (({"command": "rollback", "bundle": str(bundle_dir)}, "bundle"),
+                        ({"command": "export_capture", "bundle": str(bundle_dir)}, "bundle"),
+                        ({"command": "status", "camera": "fz"}, "camera")):
+        topic = f"{PREFIX}/replies/fields-{uuid.uuid4().hex[:8]}"
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = topic
+        v5.client.publish(f"{PREFIX}/workers/{WORKER_ID}/control", json.dumps(body), qos=1,
+                          properties=props).wait_for_publish(30)
+        answer = v5.json_on(topic, timeout=60)[0]
+        assert not answer["ok"] and answer["error"]["code"] == "bad_request" and field in answer["error"]["message"], (
+            body, answer)
+
+
 def test_fuzzing_left_nothing_unacknowledged_and_every_channel_was_reached(fuzzed, broker):
     fuzzer, worker, client_id = fuzzed
     assert _totals["batches"] >= 12, "the fuzz test above must have run first"

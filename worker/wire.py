@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple, TypeGuard, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_ID_LENGTH = 128
 # Timestamps outside [2000-01-01, 2100-01-01) are refused: no camera clock is right there, and
@@ -418,6 +418,18 @@ class ControlRequest(BaseModel):
         if v is not None and not (valid_id(v) and not set(v) & {"+", "#"}):
             raise ValueError(f"{v[:64]!r} is no camera id: {ID_RULE}, without '+' or '#'")
         return v
+
+    @model_validator(mode="after")
+    def _fields_of_its_command(self) -> ControlRequest:
+        """Only the fields its command takes: a rollback given a bundle went back to the model served before, not to
+        that bundle, and answered ok; a status given a camera said every scope's model."""
+        if self.bundle is not None and self.command != "reload":
+            raise ValueError(f"bundle is for reload, not {self.command}" + (
+                " (a rollback goes back one bundle, once: reload the bundle you want)" if self.command == "rollback"
+                else ""))
+        if self.camera is not None and self.command == "status":
+            raise ValueError("status takes no camera: it says what every camera's scope serves")
+        return self
 
 
 class FrameMetadata(BaseModel):

@@ -417,6 +417,23 @@ def test_a_bundle_rolled_out_to_all_ends_its_canary_so_a_rollback_takes_every_ca
     assert models.for_camera("line2").bundle.manifest.version == v1
     assert models.for_camera("line3").bundle.manifest.version == "3.0.0"
 
+def test_a_reload_sent_twice_keeps_the_bundle_a_rollback_goes_back_to(bundle_dir, tmp_path):
+    """A reload retried (its wait ran out, an operator clicked twice) loaded the bundle served over itself: the
+    bundle before it was no longer kept, and a rollback answered ok and stayed on the new one."""
+    from worker.models import DEFAULT
+
+    v1 = read_manifest(bundle_dir).version
+    v2 = _relabelled(bundle_dir, tmp_path / "2.0.0", "2.0.0")
+    models = _models(bundle_dir, tmp_path)
+    models.load(DEFAULT, v2)
+    models.load(DEFAULT, v2)
+    models.load("line2", v2)  # a canary, retried
+    models.load("line2", v2)
+    assert models.rollback(DEFAULT).bundle.manifest.version == v1
+    assert models.rollback("line2").bundle.manifest.version == v1  # its first canary dropped: it follows the default
+    assert models.for_camera("line2").bundle.manifest.version == v1
+
+
 def _models(bundle: Path, folder: Path):
     """A worker's models (as at a start) on ``bundle``, recording roll-outs under ``folder``."""
     from worker.config import Config

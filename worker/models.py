@@ -414,14 +414,16 @@ class Models:
         """Verify, compile and switch ``scope`` to the bundle at ``path``; raises BundleError and keeps the old one.
 
         Reloading the default also moves the cameras that follow it (own precision, no own bundle); all are
-        compiled before any is switched, so a bundle that fails at one precision changes nothing.
+        compiled before any is switched, so a bundle that fails at one precision changes nothing.  The bundle a scope
+        serves already, loaded again (a reload retried after its wait ran out), keeps the one a rollback goes back
+        to: it replaced it with itself, and the rollback then stayed where it was.
         """
         followers = [s for s in self.scopes() if scope == DEFAULT and self.follows_default(s)]
         compiled = {s: self._compile(path, self.precision(s)) for s in [scope, *followers]}
         with self._lock:
             self.embedding_dim = compiled[scope].bundle.manifest.embedding_dim
             for s, model in compiled.items():
-                if s in self._current:
+                if s in self._current and self._current[s].bundle.manifest != model.bundle.manifest:
                     self._previous[s] = self._current[s]
                     self._previous_paths.pop(s, None)
                 self._current[s] = model

@@ -501,6 +501,23 @@ def test_a_confirmed_defect_corrected_to_a_false_alarm_goes_back_among_the_norma
     assert cv2.imread(str(tmp_path / "cap" / "cam" / f"{key}.png")).tobytes() == image(0).tobytes()
 
 
+def test_a_confirmed_defect_labelled_again_says_it_is_kept(tmp_path) -> None:
+    """A confirmed defect taken out of the sample, labelled again (its defect type corrected, or the label retried
+    after its wait ran out): the answer said it was "not kept for the next training set" (a frame scored normal keeps
+    only a thumbnail), while its image was kept among the confirmed defects all along."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    assert capture.offer("cam", point_id("cam", "n-0"), image(0), png(0))
+    labels, store = _history(tmp_path, capture, {"n-0": "normal"})
+    first = labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label="confirmed_defect",
+                                defect_type="scratch"), store)
+    assert first["capture"] == "taken out of the captured normal frames", first
+    again = labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label="confirmed_defect",
+                                defect_type="dent"), store)
+    assert again["capture"] == "kept for the next training set's test images", again
+    assert (capture.counts()["cam"]["kept"], capture.counts()["cam"]["confirmed_defects"]) == (0, 1)
+    assert store.find("n-0", "cam")[2]["defect_type"] == "dent"
+
+
 def test_a_defect_scored_anomalous_under_a_reused_id_is_kept_as_itself_not_as_the_earlier_frame(tmp_path) -> None:
     """A camera that reused an id: its earlier, normal frame was sampled; the later one, scored anomalous, is
     confirmed a defect.  The sampled file was moved into the confirmed defects as if it were the labelled frame: a

@@ -582,6 +582,12 @@ class Capture:
                 self._write_failed(exc)
             return True
 
+    def keeps_defect(self, camera: str, key: str) -> bool:
+        """Whether frame ``key`` is kept among the camera's confirmed defects (labelled so before)."""
+        with self._lock:
+            state = self._cameras.get(camera)
+            return state is not None and bool(_named(state.defects, key))
+
     def add_defect(self, camera: str, key: str, image: np.ndarray) -> None:
         """A frame the operator confirmed as a defect that the sample did not hold (``image``: in full, cropped as the
         camera's frames are captured), kept as PNG: the export gives it to the next training set as a test image, so

@@ -233,6 +233,9 @@ class LabelService:
         if self.capture.forget(request.camera, key, same_frame=scored_normal) and scored_normal:
             answer["capture"] = "taken out of the captured normal frames"
             return
+        if self.capture.keeps_defect(request.camera, key):  # labelled so before: its type corrected, or a retry
+            answer["capture"] = "kept for the next training set's test images"
+            return
         data = self.evidence.read((payload.get("evidence") or {}).get("frame")) if self.evidence is not None else None
         if data is None or self.stored_image is None:
             # a frame scored normal keeps a thumbnail only: nothing to train on, which the answer says

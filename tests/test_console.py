@@ -1615,8 +1615,12 @@ def test_capture_counters_and_export_from_the_page(stack):
 
 
 @needs_chromium
-def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir):
+def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir, tmp_path):
+    import shutil
+
     from playwright.sync_api import expect
+
+    from bundle import read_manifest, write_manifest
 
     page = stack.page
     expect(page.locator('#model-rows tr[data-scope="default"]')).to_contain_text(str(bundle_dir), timeout=15_000)
@@ -1639,11 +1643,16 @@ def test_canary_reload_and_refused_reload_from_the_page(stack, bundle_dir):
     expect(page.locator("#model-status")).to_contain_text("cam-b back on the default's", timeout=60_000)
     expect(scope).to_have_count(0, timeout=15_000)  # the retained model topic no longer lists it
 
-    # A canary again, then rolled out to all: the canary ends (its camera follows the default), and one rollback
-    # takes every camera back.
-    page.fill("#m-bundle", str(bundle_dir))
+    # A canary of a new release, then rolled out to all: the canary ends (its camera follows the default), and one
+    # rollback takes every camera back (rolling out the bundle served already keeps none to go back to).
+    release = tmp_path / "release-2"
+    shutil.copytree(bundle_dir, release)
+    fields = read_manifest(release).model_dump()
+    fields.pop("files")
+    write_manifest(release, {**fields, "version": "2.0.0"})
+    page.fill("#m-bundle", str(release))
     page.locator("#m-canary").click()
-    expect(scope).to_contain_text(str(bundle_dir), timeout=120_000)
+    expect(scope).to_contain_text(str(release), timeout=120_000)
     page.select_option("#m-camera", "")
     page.locator("#m-rollout").click()
     expect(page.locator("#model-status")).to_contain_text("default now runs", timeout=120_000)

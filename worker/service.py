@@ -476,8 +476,9 @@ class Worker:
             return
         self._next_watch = now + self.cfg.model.watch_s
         for scope, path in self.models.changed_on_disk():
-            answer = self.control(ControlRequest(command="reload", camera=None if scope == DEFAULT else scope,
-                                                 bundle=str(path)))
+            # built, not validated: the scope is one this worker serves (a canary's id from before reloads were checked)
+            answer = self.control(ControlRequest.model_construct(command="reload", bundle=str(path),
+                                                                 camera=None if scope == DEFAULT else scope))
             said = None if answer["ok"] else answer["error"]["message"]
             if said is not None and said != self._unloaded.get(scope):  # a bundle being copied: said once, tried on
                 log.warning("bundle %s changed on disk but was not loaded (tried again every %g s): %s", path,

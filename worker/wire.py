@@ -410,19 +410,15 @@ class ControlRequest(BaseModel):
     bundle: str | None = Field(None, min_length=1, max_length=4096)
     camera: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
 
-    @field_validator("camera")
-    @classmethod
-    def _camera(cls, v: str | None) -> str | None:
-        """A camera id a frame's topic level can carry: a reload naming another ("a/b", a control character) made
-        a canary that no frame could reach, kept in the roll-out record and compiled again at every start."""
-        if v is not None and not (valid_id(v) and not set(v) & {"+", "#"}):
-            raise ValueError(f"{v[:64]!r} is no camera id: {ID_RULE}, without '+' or '#'")
-        return v
-
     @model_validator(mode="after")
     def _fields_of_its_command(self) -> ControlRequest:
         """Only the fields its command takes: a rollback given a bundle went back to the model served before, not to
-        that bundle, and answered ok; a status given a camera said every scope's model."""
+        that bundle, and answered ok; a status given a camera said every scope's model.  A reload's camera is one a
+        frame's topic level can carry: one naming another ("a/b", a control character) made a canary no frame could
+        reach, kept in the roll-out record and compiled again at every start (a rollback still drops such a one)."""
+        camera = self.camera
+        if self.command == "reload" and camera is not None and not (valid_id(camera) and not set(camera) & {"+", "#"}):
+            raise ValueError(f"camera {camera[:64]!r} is no camera id: {ID_RULE}, without '+' or '#'")
         if self.bundle is not None and self.command != "reload":
             raise ValueError(f"bundle is for reload, not {self.command}" + (
                 " (a rollback goes back one bundle, once: reload the bundle you want)" if self.command == "rollback"

@@ -930,6 +930,35 @@ def test_results_respect_the_brokers_maximum_packet_size(bundle_dir, dataset, tm
         broker.stop()
 
 
+def test_an_answer_past_the_brokers_maximum_packet_size_says_the_request_was_carried_out(bundle_dir, tmp_path,
+                                                                                         worker_factory):
+    """A reload (or a label) whose answer was past the broker's maximum packet size was carried out and answered
+    ``response_too_large`` with "ask for fewer hits": a client took it for refused, and no request but a query can ask
+    for less.  The answer says it was carried out and what to change; a query's still says how to ask for less."""
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 450\n")
+    prefix = f"p{uuid.uuid4().hex[:6]}"
+    try:
+        client = Client(broker.port, prefix)
+        worker = worker_factory(write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}))
+        wait_online(client, prefix)
+        answers = []
+        for i, body in enumerate(({"command": "reload", "camera": "c1", "bundle": str(bundle_dir)},
+                                  {"command": "status"})):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic, props.CorrelationData = f"{prefix}/answers/{i}", b"x"
+            client.client.publish(f"{prefix}/workers/w-test/control", json.dumps(body), qos=1,
+                                  properties=props).wait_for_publish(10)
+            answers.append(client.json_on(f"{prefix}/answers/{i}", timeout=60)[0])
+        for answer in answers:
+            assert answer["error"]["code"] == "response_too_large", answer
+            assert "fewer hits" not in answer["error"]["message"] and "max_packet_size" in answer["error"]["message"]
+        assert "carried out" in answers[0]["error"]["message"], answers[0]
+        assert "hot reload: c1 now runs" in worker.output() and worker.stop() == 0  # the canary was made
+        client.close()
+    finally:
+        broker.stop()
+
+
 # 5b. A model that answers NaN or infinity gives no verdict ------------------------------------
 
 def _nan_for(src: Path, dst: Path, frames: str) -> Path:

@@ -461,7 +461,14 @@ class Worker:
         try:
             self.link.publish(topic, json.dumps(answer), properties=reply, qos=1)
         except PacketTooLarge as exc:
-            error = self._signed(error_answer(ErrorCode.RESPONSE_TOO_LARGE, f"{exc}; ask for fewer hits"))
+            # a query can ask for less; any other request cannot, and one that succeeded was carried out: a reload
+            # or a label answered as if refused was asked again, or taken for undone
+            advice = ("ask for fewer hits (top_k), or leave the images out (include_thumbnails, include_heatmaps: "
+                      "false)" if msg.topic == self.topics.query else
+                      f"{'it was served all the same (a reload, rollback or label is carried out): ' if answer.get('ok') else ''}"
+                      "raise the broker's max_packet_size to read its answer")
+            error = self._signed(error_answer(ErrorCode.RESPONSE_TOO_LARGE,
+                                              f"the answer: {str(exc).removeprefix(f'{topic}: ')}; {advice}"))
             try:
                 self.link.publish(topic, json.dumps(error), properties=reply, qos=1)
             except PacketTooLarge as again:  # its correlation data alone is too large: nothing can answer it

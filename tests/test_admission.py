@@ -19,7 +19,7 @@ from conftest import good_png
 from worker.config import Config
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.evidence import EvidenceStore
-from worker.metrics import Stats
+from worker.metrics import OTHER, Stats
 from worker.models import Models
 from worker.pipeline import Pipeline
 from worker.recorder import Recorder
@@ -380,3 +380,24 @@ def test_the_normal_frame_count_per_camera_is_bounded(pipeline):
     assert all(logged[: p.cfg.metrics.max_cameras])  # each camera's first normal frame is logged
     assert len(p._normal_seen) == p.cfg.metrics.max_cameras + 1  # then one shared count (metrics.OTHER)
     assert [p._should_log("cam-0", anomalous=False) for _ in range(3)] == [False, False, True]
+
+
+@pytest.mark.parametrize("pipeline", [{"topics": {"cameras": ["line1"], "metadata": "optional"}}], indirect=True)
+def test_cameras_outside_topics_cameras_take_no_camera_slot(pipeline, dataset):
+    """Frames of cameras that topics.cameras does not list are refused (unknown_camera), yet each such id took one of
+    the metrics.max_cameras slots of the stats and /metrics, for good: a camera publishing under wrong ids filled
+    them, and the listed camera that came after was counted as /other. They now count under /other."""
+    p, transport = pipeline
+    png = _png(dataset)
+    for i in range(p.stats.max_cameras + 5):
+        p.on_frame(_frame(f"stray-{i}", f"f{i}", png))
+        p.on_frame(Inbound(f"inspect/stray-{i}/frame", png, 1, {}))  # no id: the worker makes one up (optional)
+    p.on_frame(_frame("line1", "f0", png))
+    errors = [json.loads(m.payload) for m in transport.published if m.topic.endswith("/error")]
+    assert len(errors) == 2 * (p.stats.max_cameras + 5)
+    assert {e["code"] for e in errors} == {"unknown_camera"}  # each still answered on its camera's error topic
+    counts = p.stats.snapshot()
+    assert set(counts) == {"line1", OTHER}
+    assert counts[OTHER]["received"] == counts[OTHER]["errored"] == 2 * (p.stats.max_cameras + 5)
+    labels = {s.labels["camera"] for s in p.stats._frames.collect()[0].samples}
+    assert labels == {"line1", OTHER}

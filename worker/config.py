@@ -302,7 +302,8 @@ class MetricsConfig(_Section):
     host: str = Field("127.0.0.1", min_length=1, description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
     port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own "
                                                  "(one in use stops the start, exit code 2).")
-    max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics; frames of further cameras are counted under "
+    max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics and the stats; frames of further cameras, and "
+                                                   "the refused frames of cameras topics.cameras does not list, are counted under "
                                                    "camera=\"/other\" (bounds the series when topics.cameras is empty).")
 
 

@@ -109,7 +109,7 @@ class Pipeline:
         self.stats = stats
         self.liveness = liveness
         self.allowed = set(cfg.topics.cameras) | set(cfg.cameras) if cfg.topics.cameras else set()
-        self.ingest = Ingest(cfg, stats.bucket)
+        self.ingest = Ingest(cfg, lambda camera: stats.bucket(self._counted(camera)))
         # Policy: limits.queue_policy when full in frames (limits.queue_size) or bytes (limits.queue_max_bytes);
         # a drop evicts a frame of the camera holding the most, so a flooding camera pays for its own flood.  Under
         # block the broker's window (receive_maximum) bounds the frames held, so the queue never fills and put never
@@ -170,7 +170,7 @@ class Pipeline:
             return False
         props = msg.user
         if ambiguous := sorted(msg.repeated & _SENT_ONCE):
-            self.stats.add(camera, "received")
+            self.stats.add(self._counted(camera), "received")
             self._fail(camera, None, ErrorCode.BAD_METADATA, f"user propert{'ies' if len(ambiguous) > 1 else 'y'} "
                        f"{', '.join(ambiguous)} given more than once: which is meant cannot be told", ticket=ticket)
             return False
@@ -185,7 +185,7 @@ class Pipeline:
     def _on_frame(self, camera: str, props: dict[str, str], payload: bytes, ticket: Ticket | None,
                   replayed: bool = False) -> bool:
         received_ts, received_mono = time.time(), time.monotonic()
-        self.stats.add(camera, "received")
+        self.stats.add(self._counted(camera), "received")
         self.ingest.check_box_clock(received_ts)
         try:
             arrival = self.ingest.arrive(camera, props, payload)
@@ -232,6 +232,12 @@ class Pipeline:
             self._holding[key] = held
         held.then(lambda: self._unhold(key, held))
         return True
+
+    def _counted(self, camera: str) -> str:
+        """The camera's key in the stats: :data:`OTHER` for one that topics.cameras does not list, whose frames are
+        refused; it would otherwise hold one of the metrics.max_cameras slots for good, and a listed camera that came
+        after it would be counted as /other."""
+        return OTHER if self.allowed and camera not in self.allowed else camera
 
     def _unhold(self, key: tuple[str, str], ticket: Ticket) -> None:
         with self._lock:
@@ -334,15 +340,17 @@ class Pipeline:
             with self._lock:
                 self._recent.pop((camera, frame_id), None)
         code = ErrorCode(code).value
-        self.stats.add(camera, counter, code=code)
+        counted = self._counted(camera)
+        self.stats.add(counted, counter, code=code)
         body = {"code": code, "message": message, "frame_id": frame_id if valid_id(frame_id) else None,
                 "camera": camera, "worker": self.cfg.worker.id, "at": iso(time.time())}
         # every one is on the error topic and in the stats; the log says a camera's first and then one line a minute,
         # cameras past metrics.max_cameras together (a publisher inventing a camera per frame would flood it)
-        bucket = self.stats.bucket(camera)
+        bucket = self.stats.bucket(counted)
         passed = self._refusals_said.ready((bucket, code))
         if passed is not None:
-            who = camera if bucket == camera else "cameras past metrics.max_cameras"
+            who = (camera if bucket == camera else "cameras past metrics.max_cameras" if counted == camera
+                   else "cameras outside topics.cameras")
             log.info("frame %s/%s refused: %s: %s (%s)", camera, body["frame_id"], code, message,
                      f"and {passed} more since the last line" if passed else
                      f"more {code} refusals of {who}: one line a minute")

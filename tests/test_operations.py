@@ -270,6 +270,30 @@ def test_the_model_cache_keeps_only_the_bundles_served_or_kept_for_rollback(bund
 
 
 
+def test_the_extensions_of_bundles_no_longer_served_are_let_go(bundle_dir, tmp_path):
+    """Each bundle ever served kept its bank extension in the worker's memory (its rows too) and an empty folder under
+    learning.path, for good: a line retrained weekly grew both by one per roll-out.  Only those of the bundles served
+    or kept for rollback stay; a folder holding rows stays on disk."""
+    from bundle.extension import folder_name
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    learning = tmp_path / "extensions"
+    models = Models(Config.model_validate({"model": {"bundle": str(bundle_dir), "cache_dir": None,
+                                                     "rollout_path": str(tmp_path / "rollout")},
+                                           "learning": {"path": str(learning)}}))
+    first = folder_name(models.default.bundle.manifest)
+    (learning / first / "rows.npy").write_bytes(b"a label's rows")  # stands for a folder that holds rows
+    releases = [_relabelled(bundle_dir, tmp_path / f"line-{i}", "1.0.0", name=f"line-{i}") for i in range(5)]
+    for release in releases:
+        models.load(DEFAULT, release)
+    served = {folder_name(read_manifest(p)) for p in releases[-2:]}  # the one served and the one kept for rollback
+    assert {f.name for f in models._extensions} == served
+    assert {f.name for f in learning.iterdir() if f.is_dir()} == served | {first}
+    models.rollback(DEFAULT)
+    assert {f.name for f in models._extensions} == {folder_name(read_manifest(releases[-2]))}
+
+
 def test_a_bundle_replaced_on_disk_is_rolled_back_on_the_cameras_that_follow_the_default_too(bundle_dir, tmp_path):
     """``model.watch_s`` listed a camera with only its own precision beside the default: reloaded once with the
     default and once more on its own, its kept rollback was the new bundle, and a rollback left it serving that

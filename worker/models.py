@@ -362,6 +362,28 @@ class Models:
                 self._extensions[folder] = ext
             return ext
 
+    def _forget_extensions(self) -> None:
+        """Let go of the extensions of bundles neither served nor kept for rollback: each bundle ever served (a line
+        retrained weekly) kept its own, rows and all, for the life of the process, and an empty folder under
+        ``learning.path`` for good.  A folder that holds rows stays on disk (a withdrawal opens it again); an empty
+        one is removed (serving that bundle again makes it anew)."""
+        with self._lock:
+            keep = {m.extension.folder for m in [*self._current.values(), *self._previous.values()]
+                    if m.extension is not None}
+            kept_paths = list(self._previous_paths.values())
+        for path in kept_paths:  # kept for rollback by a run before this one
+            try:
+                keep.add(self.cfg.learning.path / folder_name(read_manifest(path, verify=False)))
+            except RELOAD_ERRORS:  # gone or unreadable: a rollback to it fails and says why
+                continue
+        with self._lock:
+            gone = [folder for folder in self._extensions if folder not in keep]
+            for folder in gone:
+                del self._extensions[folder]
+        for folder in gone:
+            with contextlib.suppress(OSError):  # not empty (rows, guards), or gone: left as it is
+                folder.rmdir()
+
     def extensions(self, every: bool = False) -> list[Extension]:
         """The extensions of the bundles served or kept for rollback: those a run before this one kept (a path, not
         compiled) are opened too.  Not those of bundles served earlier and replaced since (each reload opens one: the
@@ -434,6 +456,7 @@ class Models:
         if self._started:
             self._record()
             self._prune_cache()
+            self._forget_extensions()
         return compiled[scope]
 
     def _end_canaries_of(self, rolled: Model) -> None:
@@ -484,6 +507,7 @@ class Models:
                 for s in [scope, *(s for s in self._previous if scope == DEFAULT and self.follows_default(s))]:
                     self._previous.pop(s, None)
         self._record()
+        self._forget_extensions()
         return model
 
     def _swap_back(self, scope: str) -> Model:

@@ -1331,6 +1331,57 @@ def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, b
         client.close()
 
 
+def test_a_misspelt_or_missing_field_is_refused_not_read_as_absent(broker, bundle_dir, dataset, tmp_path):
+    """The console dropped the fields it does not know: a label without its ``label`` (or with ``lable``) withdrew the
+    frame's false alarm and what it taught the model, and a canary with ``camra`` rolled the bundle out to every
+    camera; the worker's own API refuses both."""
+    prefix, port = f"c{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, console={"port": port})
+    client = Client(broker.port, prefix)
+    worker = WorkerProcess(config, tmp_path / "worker.log")
+    console = None
+    try:
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"online", 60)
+        frame_id, data = _frames(dataset)[1][0]
+        client.publish_frame("cam-a", data, frame_id)
+        assert client.json_on(f"{prefix}/cam-a/result")[0]["verdict"] == "anomalous"
+        client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/stats"
+                        and json.loads(m.payload)["store_written"] >= 1, timeout=30)
+        with ApiClient(load_config(config), "test") as api:
+            assert api.label({"action": "set", "frame_id": frame_id, "camera": "cam-a", "label": "false_alarm",
+                              "defect_type": None, "note": None})["ok"]
+        console = ConsoleProcess(config, tmp_path / "console.log", port)
+
+        def post(path: str, body: dict) -> tuple[int, dict]:
+            request = urllib.request.Request(f"{console.url}{path}", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as reply:
+                    return reply.status, json.loads(reply.read())
+            except urllib.error.HTTPError as refused:
+                return refused.code, json.loads(refused.read())
+
+        frame = {"frame_id": frame_id, "camera": "cam-a"}
+        for path, body in (("/api/labels", {**frame, "lable": "false_alarm"}), ("/api/labels", frame),
+                           ("/api/labels/unlabel", {**frame, "note": "x"}),
+                           ("/api/models/reload", {"bundle": str(bundle_dir), "camra": "cam-a"}),
+                           ("/api/models/rollback", {"camra": "cam-a"}), ("/api/capture/export", {"cmaera": "cam-a"})):
+            status, answer = post(path, body)
+            assert (status, answer.get("error", {}).get("code")) == (400, "bad_request"), (path, body, answer)
+        with ApiClient(load_config(config), "test") as api:
+            labels = api.label({"action": "export", "format": "json"})["labels"]
+            assert [(r["frame_id"], r["label"]) for r in labels] == [(frame_id, "false_alarm")]
+            assert set(api.control({"command": "status"})["models"]) == {"default"}  # no scope was reloaded
+            assert sum(ext["labels"] for ext in api.label({"action": "extensions"})["extensions"]) == 1
+        status, answer = post("/api/labels", {**frame, "label": None})  # a label given as null withdraws it
+        assert status == 200 and answer["label"] is None and "released" in answer, answer
+    finally:
+        if console is not None:
+            assert console.stop() == 0, console.log_path.read_text()[-2000:]
+        assert worker.stop() == 0, worker.output()[-2000:]
+        client.close()
+
+
 def _frames(dataset: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     test = dataset / "weave" / "test"
     good = [(f"good-{p.stem}", p.read_bytes()) for p in sorted((test / "good").glob("*.png"))]

@@ -284,6 +284,15 @@ def _unanswered(exc: ApiError) -> JSONResponse:
     return _error(504, "no_answer", str(exc))
 
 
+def _fields(body: dict, *taken: str) -> dict:
+    """``body``, refused (ValueError) where it holds a field the endpoint does not take: a misspelt key was dropped
+    and read as absent, so a canary's ``camra`` rolled the bundle out to every camera, as the worker's own API, which
+    refuses unknown fields, never would."""
+    if unknown := sorted(set(body) - set(taken)):
+        raise ValueError(f"unknown field {unknown[0]!r}: this endpoint takes {', '.join(taken)}")
+    return body
+
+
 def _optional_id(body: dict, key: str) -> str | None:
     """A camera id (or other optional name) from a request body: absent, null, "" or a string; else ValueError."""
     value = body.get(key)
@@ -499,10 +508,10 @@ def create_app(cfg: Config) -> Starlette:
 
     @refusing
     async def label(request: Request) -> Response:
-        body = await _json_body(request)
-        if not body.get("frame_id"):
-            raise ValueError("send {frame_id, camera, label, defect_type, note} as JSON")
         keys = ("frame_id", "camera", "label", "defect_type", "note")
+        body = _fields(await _json_body(request), *keys)
+        if not body.get("frame_id") or "label" not in body:  # a label left out is no withdrawal (label: null is)
+            raise ValueError("send {frame_id, camera, label, defect_type, note} as JSON (label null withdraws it)")
         response = await _ask(client.label, {"action": "set", **{k: body.get(k) for k in keys}})
         answer = json.loads(bytes(response.body))  # starlette types a body bytes | memoryview
         if answer.get("ok"):
@@ -513,7 +522,7 @@ def create_app(cfg: Config) -> Starlette:
     @refusing
     async def unlabel(request: Request) -> Response:
         """Undo from the Learned panel: the frame's label goes, and what it taught the model with it."""
-        body = await _json_body(request)
+        body = _fields(await _json_body(request), "frame_id", "camera")
         if not isinstance(body.get("frame_id"), str) or not isinstance(body.get("camera"), str) \
                 or not body["frame_id"] or not body["camera"]:
             raise ValueError("send {frame_id, camera} as JSON")
@@ -528,7 +537,7 @@ def create_app(cfg: Config) -> Starlette:
 
     async def _camera_command(request: Request, command: str) -> Response:
         """A control command that takes an optional camera: {camera?} in, the worker's answer out."""
-        camera = _optional_id(await _json_body(request), "camera")
+        camera = _optional_id(_fields(await _json_body(request), "camera"), "camera")
         return await _ask(client.control, {"command": command, **({"camera": camera} if camera else {})},
                           cfg.console.control_timeout_s, cfg.worker.id)
 
@@ -540,7 +549,7 @@ def create_app(cfg: Config) -> Starlette:
     @refusing
     async def reload(request: Request) -> Response:
         """Canary (with a camera) or roll-out (without) of the bundle at a path on the worker's box."""
-        body = await _json_body(request)
+        body = _fields(await _json_body(request), "bundle", "camera")
         bundle, camera = _optional_id(body, "bundle"), _optional_id(body, "camera")
         if bundle is None:
             raise ValueError("bundle (a bundle folder on the worker's box) is required")

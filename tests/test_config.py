@@ -359,6 +359,22 @@ def test_a_misspelt_key_is_named_with_the_key_it_may_have_meant(tmp_path):
     assert "store.zebra: Extra inputs are not permitted;" in said + ";", said  # nothing near it: no guess
 
 
+def test_a_misspelt_section_in_a_variable_is_named_as_the_variables(tmp_path):
+    """A variable whose section is misspelt (``EDGE_INSPECT__CONSOL__PASSWORD``) was refused as config.yaml's key,
+    where the operator looked for ``consol`` in vain; the docs say an error in an override names its variable."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b}\nevidence: {max_frames: 10}\nzebra: 1\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={"EDGE_INSPECT__CONSOL__PASSWORD": "x",
+                                   "EDGE_INSPECT__EVIDENCE__ANOMALUS__MAX_FRAMES": "5"})
+    said = str(refused.value).split("; ")
+    assert sorted(said) == sorted([
+        "EDGE_INSPECT__CONSOL__PASSWORD (environment): consol: Extra inputs are not permitted (did you mean console?)",
+        "EDGE_INSPECT__EVIDENCE__ANOMALUS__MAX_FRAMES (environment): evidence.anomalus: Extra inputs are not permitted "
+        "(did you mean anomalous?)",
+        f"{path}: zebra: Extra inputs are not permitted"]), said  # the file's own error stays the file's
+
+
 @pytest.mark.parametrize("variable, key", [("EDGE_INSPECT__MQTT__HOST", "mqtt.host"),
                                            ("EDGE_INSPECT__METRICS__HOST", "metrics.host"),
                                            ("EDGE_INSPECT__CONSOLE__HOST", "console.host"),

@@ -619,7 +619,9 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> tuple[dict, dict[tuple[str
         path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
         sources[tuple(path)] = key
         node = raw
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
+            if part not in node:  # a section only the variable names (a misspelt one too): its errors are the variable's
+                sources.setdefault(tuple(path[:depth]), key)
             if node.get(part) is None:  # a section whose keys are all commented out, or an optional one left null
                 node[part] = {}
             node = node[part]

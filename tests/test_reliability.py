@@ -959,6 +959,36 @@ def test_an_answer_past_the_brokers_maximum_packet_size_says_the_request_was_car
         broker.stop()
 
 
+def test_an_answer_past_the_brokers_maximum_packet_size_says_what_would_make_it_fit(bundle_dir, tmp_path,
+                                                                                      worker_factory):
+    """Every answer past the broker's maximum packet size said "ask for fewer hits": a label export (or a control
+    answer) has no hits to ask fewer of, and a query could also leave its images out."""
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 2500\n")
+    config = write_config(tmp_path, broker.port, bundle_dir, heatmap={"publish": "never"})
+    client = Client(broker.port)
+    try:
+        worker = worker_factory(config)
+        wait_online(client, "inspect")
+        tiny = cv2.imencode(".png", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()  # frames and results fit
+        for n in range(8):
+            client.publish_frame("cam", tiny, f"f{n}")
+        client.wait_for(lambda m: m.topic == "inspect/cam/result", count=8)
+        with ApiClient(load_config(config), "test") as api:
+            for n in range(8):
+                assert api.label({"action": "set", "frame_id": f"f{n}", "camera": "cam", "label": "confirmed_defect",
+                                  "defect_type": "a-defect-type-long-enough-to-fill-a-packet", "note": None})["ok"]
+            export = api.label({"action": "export", "format": "json"})
+            query = api.query({"top_k": 8, "filters": {"cameras": ["cam"]}})
+        assert export["error"]["code"] == "response_too_large", export
+        assert "fewer hits" not in export["error"]["message"] and "max_packet_size" in export["error"]["message"], export
+        assert query["error"]["code"] == "response_too_large", query
+        assert "fewer hits" in query["error"]["message"] and "include_thumbnails" in query["error"]["message"], query
+        assert worker.stop() == 0
+    finally:
+        client.close()
+        broker.stop()
+
+
 # 5b. A model that answers NaN or infinity gives no verdict ------------------------------------
 
 def _nan_for(src: Path, dst: Path, frames: str) -> Path:

@@ -125,6 +125,8 @@ def run(data: Path, models: list[str], out: Path, command: str, categories: list
         try:  # the checks train makes before its fit (too few good images, files it cannot read), and its notes
             summary = summarise(load_category(data, category))
             problems = summary.problems()
+            if not summary.category.test:  # every figure of a row is measured on it: fitted, it ended the whole run
+                problems.append(f"no test images ({summary.category.split}): add test/good and test/<defect> images")
             for note in summary.notes():
                 log.warning("benchmark: %s: %s", category, note.strip())
         except DatasetError as exc:

@@ -65,6 +65,20 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
     assert (out / "bundles" / "weave-patchcore" / "bundle.json").is_file()
 
 
+def test_a_category_without_test_images_is_named_unusable_before_its_fit(dataset, tmp_path):
+    """A category of good training images only was fitted and exported, then ended the whole run with "need at least
+    one array to concatenate" (no report, every other category's row lost).  It is refused with its reason now."""
+    data, out = tmp_path / "data", tmp_path / "report"
+    shutil.copytree(dataset / "weave" / "train", data / "untested" / "train")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models", "patchcore",
+                           "--input-size", "128", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: no category could be benchmarked: untested: unusable data: "
+                                                    "no test images (the data's own test split): add test/good and "
+                                                    "test/<defect> images"), proc.stderr[-3000:]
+    assert not (out / "bundles").exists()  # refused before its fit
+
+
 def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(dataset, tmp_path):
     """benchmarks.settings (test split, bundles, f32) and benchmarks.patchcore_sweep (validation split) end to end."""
     out = tmp_path / "settings"

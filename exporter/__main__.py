@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bundle import PRECISIONS, BundleError, bundle_name
+from bundle import MANIFEST, PRECISIONS, BundleError, bundle_name
 from exporter import stopping
 from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, int_in, refuse_unused, select
 
@@ -31,10 +31,11 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--precision {args.precision} is not a weight precision of {family.name} "
                          f"(it has {', '.join(family.weight_precisions)})")
     family.check(family.settings(args))
-    from exporter.build import check_out, default_name, package
+    from exporter.build import check_out, default_name, package, precisions_to_measure
     from exporter.thresholds import ThresholdChoice
 
     check_out(Path(args.out))
+    precisions_to_measure(args.precision, _list(args.precisions))
 
     for flag, mode, target in (("--target-far", "far", args.target_far), ("--target-recall", "recall", args.target_recall)):
         if target is not None and args.threshold_mode != mode:  # else the bundle had another mode's threshold, unsaid
@@ -139,6 +140,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.tiling is not None or args.tile_overlap is not None:
         raise ValueError("--tiling is for train: benchmark scores whole images")
     from exporter.benchmark import run
+    from exporter.build import precisions_to_measure
+
+    precisions_to_measure("fp32", _list(args.precisions))
 
     report = run(Path(args.data), [f.name for f in families], Path(args.out), "python -m exporter " + shlex.join(args.argv),
                  args.categories.split(",") if args.categories else None, {f.name: f.settings(args) for f in families},
@@ -161,8 +165,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):  # said before, not after the run
         raise ValueError(f"--json {args.json}: its folder does not exist or cannot be written")
     # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
-    training = read_manifest(Path(args.bundle), verify=False).training
+    manifest = read_manifest(Path(args.bundle), verify=False)
+    training = manifest.training
     category = load_category(Path(args.data), args.category, int(training.get("seed", 0)))
+    if args.json:
+        _refuse_overwriting(Path(args.json), Path(args.bundle), [MANIFEST, *manifest.files], category)
     category = category.without(training.get("validation_defects", []))
     trained = set(training.get("trained_images") or [])
     # A split drawn again from files added or removed since the export holds some of the bundle's training images.
@@ -191,6 +198,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+def _refuse_overwriting(target: Path, bundle: Path, bundle_files: list[str], category: Category) -> None:
+    """Refuse ``evaluate --json`` onto a file of the bundle or of the data: the metrics were written over it (a
+    bundle's model.xml, then refused by its sha256; a test image, lost)."""
+    from exporter.data import mask_files
+
+    data = [category.root, *category.train, *(s.path for s in category.test),
+            *(f for s in category.test if s.mask is not None for f in mask_files(s.mask))]
+    ours = {(bundle / name).resolve() for name in bundle_files} | {p.resolve() for p in data if p.is_file()}
+    if target.resolve() in ours:
+        raise ValueError(f"--json {target} is a file of the bundle or of the data: the metrics would be written over "
+                         "it; give another file")
 
 
 def _fold(args: argparse.Namespace) -> int:

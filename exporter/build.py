@@ -16,6 +16,7 @@ from torch import nn
 
 from bundle import (
     GREY_CHROMA,
+    PRECISIONS,
     PROVISIONAL,
     InputSpec,
     Normalisation,
@@ -197,7 +198,7 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
         defect_images = [read_frame(s.path, spec, trained.tiling) for s in trained.val_defects]
         evaluated = cat if evaluate_test and cat.test else None
         records = {p: measure_precision(staging, p, val_images, evaluated, defect_images, trained.threshold)
-                   for p in _precisions_to_measure(precision, precisions)}
+                   for p in precisions_to_measure(precision, precisions)}
         reference = records[next(iter(records))]
         fields["thresholds"] = reference.thresholds
         fields["precisions"] = records
@@ -211,13 +212,18 @@ def package(trained: Trained, out: Path, name: str | None = None, evaluate_test:
     return out
 
 
-def _precisions_to_measure(weights: str, wanted: list[str] | None) -> list[Precision]:
-    """The reference precision first, then each other one the CPU runs natively (or the ones asked for)."""
+def precisions_to_measure(weights: str, wanted: list[str] | None) -> list[Precision]:
+    """The reference precision first, then each other one the CPU runs natively (or the ones asked for).  Called
+    before the fit too: a precision asked for that cannot be measured was refused only after the whole fit."""
     supported = supported_precisions(ov.Core(), "CPU", weights.upper())
     if wanted is None:
         return supported
-    missing = [p for p in wanted if p not in supported]
-    if missing:
+    if unknown := [p for p in wanted if p not in PRECISIONS]:
+        raise ValueError(f"--precisions {', '.join(unknown)}: not an inference precision (of {', '.join(PRECISIONS)})")
+    if other := [p for p in wanted if p in ("f32", "int8") and p != supported[0]]:
+        raise ValueError(f"--precisions {other[0]}: {weights.upper()} weights run at {supported[0]}, not {other[0]}"
+                         + (" (INT8 weights: train --precision int8)" if other[0] == "int8" else ""))
+    if missing := [p for p in wanted if p not in supported]:
         raise ValueError(f"this CPU does not run {', '.join(missing)} natively (it runs {', '.join(supported)})")
     return [p for p in supported if p in wanted or p == supported[0]]
 

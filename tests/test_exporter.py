@@ -453,6 +453,25 @@ def test_evaluate_says_a_json_file_it_cannot_write_before_it_runs(bundle_dir, da
     assert "test split" not in proc.stderr  # before any image was read
 
 
+def test_evaluate_refuses_a_json_file_of_the_bundle_or_of_the_data(bundle_dir, dataset, tmp_path):
+    """`evaluate --json BUNDLE/model.xml` wrote the metrics over the bundle's graph (then refused by its sha256), and
+    `--json` onto a test image or a mask over the data.  Each is refused before any image is read, the file kept."""
+    bundle, data = tmp_path / "bundle", tmp_path / "data"
+    shutil.copytree(bundle_dir, bundle)
+    shutil.copytree(dataset / "weave", data / "weave")
+    image = min((data / "weave" / "test" / "hole").glob("*.png"))
+    mask = min((data / "weave" / "ground_truth" / "hole").glob("*.png"))
+    for target in (bundle / "model.xml", bundle / "bundle.json", image, mask):
+        before = target.read_bytes()
+        proc = _evaluate(bundle, data, "--category", "weave", "--json", str(target))
+        assert proc.returncode == 2 and not proc.stdout, (target, proc.stdout[-2000:])
+        assert proc.stderr.strip().splitlines()[-1] == f"error: --json {target} is a file of the bundle or of the " \
+            "data: the metrics would be written over it; give another file", proc.stderr[-2000:]
+        assert target.read_bytes() == before and "test split" not in proc.stderr
+    proc = _evaluate(bundle, data, "--category", "weave", "--json", str(bundle / "metrics.json"))  # beside its files
+    assert proc.returncode == 0 and json.loads((bundle / "metrics.json").read_text())["images"] == 16, proc.stderr[-2000:]
+
+
 def test_a_test_split_of_good_images_only_has_no_f1(bundle_dir, dataset):
     """Without a defect image F1 is undefined (no true positive can exist); it was reported 0.0, which reads as a
     model that missed every defect.  The false-alarm rate stands (detection_rate of good)."""
@@ -726,6 +745,24 @@ def test_a_target_its_threshold_mode_does_not_use_is_refused_before_the_data_is_
     assert main(["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "no such folder" not in err  # refused before the data was looked at
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("train", ("--precision", "int8", "--precisions", "f32"), "--precisions f32: INT8 weights run at int8, not f32"),
+    ("train", ("--precisions", "int8"), "--precisions int8: FP32 weights run at f32, not int8 (INT8 weights: train "
+                                        "--precision int8)"),
+    ("train", ("--precisions", "fp32"), "--precisions fp32: not an inference precision (of f32, bf16, f16, int8)"),
+    ("benchmark", ("--precisions", "int8"), "--precisions int8: FP32 weights run at f32, not int8"),
+])
+def test_a_precision_that_cannot_be_measured_is_refused_before_the_data_is_read(tmp_path, capsys, command, flags,
+                                                                                message):
+    """``--precisions`` was checked only when the bundle was packaged, after the whole fit (and NNCF's quantisation),
+    and ``train --precision int8 --precisions f32`` then said "this CPU does not run f32 natively"."""
+    from exporter.__main__ import main
+
+    assert main([command, "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "no such folder" not in err, err  # refused before the data was looked at
 
 
 @pytest.mark.parametrize("train, flags, warned", [

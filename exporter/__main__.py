@@ -45,6 +45,12 @@ def _train(args: argparse.Namespace) -> int:
         args.threshold_mode))
     if args.validation_photos and not args.choose:
         raise ValueError("--validation-photos is for --choose (the photos its synthetic anomalies are filled with)")
+    if args.validation_photos:  # else each candidate was scored on noise-filled anomalies, unsaid and unrecorded
+        from exporter.validation import natural_photos
+
+        if not natural_photos(Path(args.validation_photos)):
+            raise ValueError(f"--validation-photos {args.validation_photos}: no such folder, or it holds no .jpg or "
+                             ".png photos")
     from exporter.data import tiling_of
 
     tiling = tiling_of(family.settings(args))

@@ -95,3 +95,19 @@ def test_choose_refuses_what_it_cannot_honour_before_any_fit(dataset, tmp_path, 
     assert message in proc.stderr
     assert ": fitting" not in proc.stderr  # refused before the first candidate was fitted
     assert not (tmp_path / "out").exists()
+
+
+def test_validation_photos_that_are_not_there_are_refused_before_the_data_is_read(tmp_path, capsys):
+    """A `--validation-photos` folder mistyped, or holding no photos, was dropped without a word: every candidate's
+    anomalies were filled with noise, which the bundle's record of the choice does not say."""
+    from exporter.__main__ import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("photos go here\n")
+    for photos in (tmp_path / "typo", empty):
+        assert main(["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--choose",
+                     "fast,default", "--validation-photos", str(photos)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --validation-photos {photos}: no such folder, or it holds no .jpg or .png photos" in err, err
+        assert "no such folder or list file" not in err  # refused before the data was looked at

@@ -79,6 +79,25 @@ def test_a_category_without_test_images_is_named_unusable_before_its_fit(dataset
     assert not (out / "bundles").exists()  # refused before its fit
 
 
+def test_a_category_of_flat_images_efficientad_cannot_learn_is_named_not_the_end_of_the_run(tmp_path):
+    """EfficientAD's refusal of flat normal images (no texture to learn) was a plain ValueError, which ended the whole
+    benchmark: no report, and the rows of every category measured before it lost."""
+    data, out = tmp_path / "data", tmp_path / "report"
+    for folder, count, grey in (("train/good", 10, 100), ("test/good", 2, 105), ("test/hole", 2, 115)):
+        (data / "flat" / folder).mkdir(parents=True)
+        for i in range(count):
+            image = np.full((64, 64, 3), grey + 10 * i, np.uint8)  # no two alike: no copies said
+            if folder == "test/hole":
+                image[20:30, 20:30] = 0
+            assert cv2.imwrite(str(data / "flat" / folder / f"{i:03d}.png"), image)
+    proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models", "efficientad",
+                           "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no category could be benchmarked: flat: every one of the 10 normal images (or "
+                           "tiles) is a single flat colour"), proc.stderr[-3000:]
+
+
 def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(dataset, tmp_path):
     """benchmarks.settings (test split, bundles, f32) and benchmarks.patchcore_sweep (validation split) end to end."""
     out = tmp_path / "settings"

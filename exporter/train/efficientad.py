@@ -24,7 +24,7 @@ from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, Eff
 from torch import nn
 
 from bundle import InputSpec, sha256_file
-from exporter.data import read_tiles, tiling_of
+from exporter.data import DatasetError, read_tiles, tiling_of
 from exporter.progress import Progress
 from exporter.teacher import (
     DEFAULT_NATURAL,
@@ -166,19 +166,21 @@ def _map_quantiles(model: EfficientAdModel, images: torch.Tensor) -> None:
     for name, map_name in (("st", "student-teacher"), ("ae", "autoencoder")):
         # The map is normalised by (map - qa) / (qb - qa): with no spread every value becomes 0/0, a NaN bundle.
         if not quantiles[f"qb_{name}"] > quantiles[f"qa_{name}"]:
-            raise ValueError(f"the held-out normal images' {map_name} anomaly maps have no spread (their 90th and "
-                             "99.5th percentiles are equal), so EfficientAD's map normalisation would divide by zero: "
-                             "the normal images are featureless (flat?); train on images with texture, or use PatchCore")
+            raise DatasetError(f"the held-out normal images' {map_name} anomaly maps have no spread (their 90th and "
+                               "99.5th percentiles are equal), so EfficientAD's map normalisation would divide by "
+                               "zero: the normal images are featureless (flat?); train on images with texture, or use "
+                               "PatchCore")
     model.quantiles.update(quantiles)
 
 
 def _refuse_flat(images: torch.Tensor) -> None:
     """Refuse normal images that are each one flat colour: EfficientAD learns their texture and normalises its maps
-    by their spread on the held-out ones, and such images have neither (the fit would end in a NaN bundle)."""
+    by their spread on the held-out ones, and such images have neither (the fit would end in a NaN bundle).  A
+    DatasetError: ``benchmark`` names the category and goes on to the next (a ValueError ended the whole run)."""
     if bool((images.flatten(1).std(1) == 0).all()):
-        raise ValueError(f"every one of the {len(images)} normal images (or tiles) is a single flat colour: EfficientAD "
-                         "has no texture to learn and its anomaly maps no spread to normalise by; train on images "
-                         "with texture, or use PatchCore")
+        raise DatasetError(f"every one of the {len(images)} normal images (or tiles) is a single flat colour: "
+                           "EfficientAD has no texture to learn and its anomaly maps no spread to normalise by; train "
+                           "on images with texture, or use PatchCore")
 
 
 def fit(settings: EfficientAdSettings, train: list[Path], normals: list[Path], spec: InputSpec) -> tuple[EfficientAdGraph, dict]:

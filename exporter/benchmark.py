@@ -112,13 +112,13 @@ def run(data: Path, models: list[str], out: Path, command: str, categories: list
     ``command``: the command line as given, for the report.  ``settings`` maps a family's name to its settings; a
     family not in it uses its defaults.
     """
-    families = select(models)
+    families = select(dict.fromkeys(models))  # a name given twice was fitted twice, its row in the report twice
     given = settings or {}
     found = find_categories(data)
-    chosen = [c for c in (categories or found) if c in found]
+    chosen = list(dict.fromkeys(c for c in (categories or found) if c in found))
     if not chosen:
         raise ValueError(f"no requested category under {data} (found: {found})")
-    absent = [c for c in (categories or MVTEC_CATEGORIES) if c not in found]
+    absent = list(dict.fromkeys(c for c in (categories or MVTEC_CATEGORIES) if c not in found))
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     for category in chosen:

@@ -77,6 +77,12 @@ def test_a_category_without_test_images_is_named_unusable_before_its_fit(dataset
                                                     "no test images (the data's own test split): add test/good and "
                                                     "test/<defect> images"), proc.stderr[-3000:]
     assert not (out / "bundles").exists()  # refused before its fit
+    # a category or model named twice was benchmarked twice (fitted again into the same bundle, two rows of it)
+    proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models",
+                           "patchcore,patchcore", "--categories", "untested,untested", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.count("patchcore on untested cannot be run") == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].count("untested:") == 1, proc.stderr[-3000:]
 
 
 def test_a_category_of_flat_images_efficientad_cannot_learn_is_named_not_the_end_of_the_run(tmp_path):

@@ -121,9 +121,10 @@ def markdown(rows: list[dict], absent: list[str], plots: list[str], failed: list
                   "| Model | Category | Precision | Image AUROC | Pixel AUROC | AUPRO | Image F1 | good flagged |",
                   "|---|---|---|---|---|---|---|---|"]
         for r, p, m in others:
-            lines.append(f"| {r['model']} | {r['category']} | {p} | {m.get('image_auroc', 'n/a')} "
-                         f"| {m.get('pixel_auroc', 'n/a')} | {m.get('aupro', 'n/a')} | {m['image_f1']} "
-                         f"| {m['detection_rate'].get('good', 'n/a')} |")
+            figures = [m.get("image_auroc"), m.get("pixel_auroc"), m.get("aupro"), m.get("image_f1"),
+                       m["detection_rate"].get("good")]
+            lines.append(f"| {r['model']} | {r['category']} | {p} | "
+                         + " | ".join("n/a" if f is None else str(f) for f in figures) + " |")
     copied = [r for r in rows if r.get("trained_test_images")]
     if copied:
         lines += ["", "Warning, test images that are byte for byte training images (fitted or held out), so the figures "

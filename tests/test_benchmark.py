@@ -374,3 +374,16 @@ def test_coreset_ratio_to_stock_is_paired_per_round():
                "stock (extrapolated)": [2.0, 20.0, 2.0]}
     rows, _ = report(timings, {}, {"ours"}, cold=30.0)
     assert rows[3][0] == "ours" and rows[3][2] == "2.0 [1.0-5.0]", rows  # 2/1, 20/4, 2/2
+
+
+def test_a_figure_undefined_at_another_precision_reads_n_a_in_the_report():
+    """A test split of good images only has no F1 (None): its row in the other-precisions table read "None"."""
+    from exporter.report import markdown
+
+    good_only = {"precision": "bf16", "images": 4, "image_f1": None, "detection_rate": {"good": 0.0}}
+    row = {"model": "patchcore", "category": "c", "precision": "f32", "device": "a CPU", "image_f1": None,
+           "seed_image_auroc": None, "train_s": 8.0, "bundle_bytes": 3_200_000, "detection_rate": {"good": 0.0},
+           "training": {}, "other_precisions": {"bf16": good_only},
+           "parity": {"max_relative_score_difference": 0.0, "score_rtol": 1e-3, "same_verdicts": True}}
+    text = markdown([row], [], [], [], "python -m exporter benchmark")
+    assert "| patchcore | c | bf16 | n/a | n/a | n/a | n/a | 0.0 |" in text, text

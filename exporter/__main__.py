@@ -170,6 +170,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):  # said before, not after the run
         raise ValueError(f"--json {args.json}: its folder does not exist or cannot be written")
+    if args.json and Path(args.json).is_dir():  # else refused by the write, after every image was scored
+        raise ValueError(f"--json {args.json} is a folder: give the file to write in it, e.g. {Path(args.json) / 'metrics.json'}")
     # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
     manifest = read_manifest(Path(args.bundle), verify=False)
     training = manifest.training
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="CPU")
     ev.add_argument("--precision", choices=["auto", *PRECISIONS], default="f32",
                     help="inference precision (default f32: the same numbers on every CPU; auto = the device's "
-                         "default, bf16 on CPUs with AMX); the bundle's thresholds for it are used")
+                         "default, bf16 on CPUs with AMX or AVX512_BF16); the bundle's thresholds for it are used")
     ev.add_argument("--json", help="also write the metrics to this file")
     ev.set_defaults(func=_evaluate)
 

@@ -468,6 +468,10 @@ def test_evaluate_refuses_a_json_file_of_the_bundle_or_of_the_data(bundle_dir, d
         assert proc.stderr.strip().splitlines()[-1] == f"error: --json {target} is a file of the bundle or of the " \
             "data: the metrics would be written over it; give another file", proc.stderr[-2000:]
         assert target.read_bytes() == before and "test split" not in proc.stderr
+    proc = _evaluate(bundle, data, "--category", "weave", "--json", str(bundle))  # a folder: refused after the run
+    assert proc.returncode == 2 and not proc.stdout, proc.stdout[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --json {bundle} is a folder: give the file to write in " \
+        f"it, e.g. {bundle / 'metrics.json'}", proc.stderr[-2000:]
     proc = _evaluate(bundle, data, "--category", "weave", "--json", str(bundle / "metrics.json"))  # beside its files
     assert proc.returncode == 0 and json.loads((bundle / "metrics.json").read_text())["images"] == 16, proc.stderr[-2000:]
 

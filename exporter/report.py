@@ -6,6 +6,7 @@ import json
 import os
 import platform
 from pathlib import Path
+from urllib.parse import quote
 
 import cv2
 import matplotlib
@@ -142,7 +143,7 @@ def markdown(rows: list[dict], absent: list[str], plots: list[str], failed: list
         *([""] if failed else []),
         *[f"Not benchmarked, its data unusable: {f['model']} / {f['category']}: {f['error']}" for f in failed],
         "",
-        *[f"![{p}]({p})" for p in plots],
+        *[f"![{p}]({quote(p)})" for p in plots],  # a category's name may hold a space: a bare one broke the link
         "",
         "Heatmap tiles: anomaly map scaled so the bundle's pixel threshold is full red, ground-truth defect outline "
         "in green, verdict at the bundle's image threshold above each tile.",

@@ -376,7 +376,7 @@ def test_coreset_ratio_to_stock_is_paired_per_round():
     assert rows[3][0] == "ours" and rows[3][2] == "2.0 [1.0-5.0]", rows  # 2/1, 20/4, 2/2
 
 
-def test_a_figure_undefined_at_another_precision_reads_n_a_in_the_report():
+def test_a_figure_undefined_at_another_precision_reads_n_a_and_a_plot_of_any_name_links_in_the_report():
     """A test split of good images only has no F1 (None): its row in the other-precisions table read "None"."""
     from exporter.report import markdown
 
@@ -385,5 +385,7 @@ def test_a_figure_undefined_at_another_precision_reads_n_a_in_the_report():
            "seed_image_auroc": None, "train_s": 8.0, "bundle_bytes": 3_200_000, "detection_rate": {"good": 0.0},
            "training": {}, "other_precisions": {"bf16": good_only},
            "parity": {"max_relative_score_difference": 0.0, "score_rtol": 1e-3, "same_verdicts": True}}
-    text = markdown([row], [], [], [], "python -m exporter benchmark")
+    text = markdown([row], [], ["heatmaps-cable tie.png"], [], "python -m exporter benchmark")
     assert "| patchcore | c | bf16 | n/a | n/a | n/a | n/a | 0.0 |" in text, text
+    # a category whose name holds a space: Markdown ends a bare link at the space, and the plot was not shown
+    assert "![heatmaps-cable tie.png](heatmaps-cable%20tie.png)" in text, text

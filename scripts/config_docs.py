@@ -45,8 +45,9 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             is_map = getattr(annotation, "__origin__", None) is dict
             rows += _rows(nested, key + (".<id>." if is_map else "."))
             continue
-        doc = (field.description or (annotation.__doc__ if isinstance(annotation, type) and issubclass(annotation, Enum) else "") or "").strip()
-        if isinstance(annotation, type) and issubclass(annotation, Enum):
+        is_enum = isinstance(annotation, type) and issubclass(annotation, Enum)
+        doc = (field.description or (annotation.__doc__ if is_enum else "") or "").strip()
+        if is_enum:
             doc += " One of: " + ", ".join(f"`{m.value}`" for m in annotation)
         rows.append(f"| `{key}` | {_default(field)} | {doc.replace('|', '&#124;')} |")
     return rows

@@ -619,3 +619,29 @@ def test_frames_that_no_label_or_query_could_name_are_refused_and_a_cleared_reta
     cams = json.loads(client.wait_for(settled)[-1].payload)["cameras"]
     assert (cams["_other"]["received"], cams["_other"]["processed"], cams["_other"]["errored"]) == (1, 1, 0), cams
     assert cams[OTHER]["errored"] >= 2, cams  # the long and the '..' camera
+
+
+def test_base64_as_web_encoders_write_it_is_read_on_raw_and_envelope_cameras(dataset):
+    """URL-safe base64 (RFC 4648 section 5: ``-`` and ``_`` for ``+`` and ``/``, as browsers' and JWT-style encoders
+    write it) and base64 without its ``=`` padding (section 3.2) hold the same image: both were refused, a raw
+    camera's frame as ``not_an_image`` and an envelope's as ``bad_envelope`` ("not valid base64")."""
+    from worker.config import Config
+    from worker.decode import FrameError, probe
+    from worker.ingest import Ingest
+
+    ingest = Ingest(Config.model_validate({"model": {"bundle": "unused"}, "cameras": {"env": {"payload": "json_envelope"}}}))
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(good_png(dataset))))[1].tobytes()
+    image = jpeg + b"\0" * ((1 - len(jpeg)) % 3)  # bytes after the end marker, as cameras append: base64 pads it "=="
+    standard, safe = base64.b64encode(image).decode(), base64.urlsafe_b64encode(image).decode()
+    assert standard.endswith("==") and safe != standard and safe.startswith("_9j_")  # the cases are really there
+    for text in (safe, safe.rstrip("="), standard.rstrip("="), "data:image/jpeg;base64," + safe.rstrip("=")):
+        assert ingest.arrive("raw", {}, text.encode()).data == image, text[:30]
+        assert ingest.arrive("env", {}, json.dumps({"image": text}).encode()).data == image, text[:30]
+    assert probe(image, 10**7, 10**7).format == "jpeg"
+    # what is not base64 still is not: both alphabets at once, or a length no padding can mend
+    mixed = standard[:40] + safe[40:]
+    assert set(mixed) & set("+/") and set(mixed) & set("-_")
+    for text in (mixed, standard.rstrip("=")[:-1]):
+        with pytest.raises(FrameError) as refused:
+            ingest.arrive("env", {}, json.dumps({"image": text}).encode())
+        assert refused.value.code == "bad_envelope", text[:30]

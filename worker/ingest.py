@@ -39,10 +39,10 @@ ENVELOPE_KEYS: dict[str, tuple[str, ...]] = {
 _FIELD_OF = {key: field for field, keys in ENVELOPE_KEYS.items() for key in keys}
 # Slack over the image limit for base64 (4/3) and an envelope's other fields.
 _ENVELOPE_SLACK = 65_536
-# How base64 text of an accepted image begins (JPEG's FF D8 FF, PNG's signature, BMP's "BM", TIFF's "II*\0" or
-# "MM\0*", WebP's "RIFF"): raw image bytes never begin so, so such a payload on a raw camera is text to decode, not a
-# frame to refuse.
-_BASE64_IMAGE = (b"/9j/", b"iVBORw0KGgo", b"Qk", b"SUkqA", b"TU0AK", b"UklGR")
+# How base64 text of an accepted image begins (JPEG's FF D8 FF, in either alphabet, PNG's signature, BMP's "BM",
+# TIFF's "II*\0" or "MM\0*", WebP's "RIFF"): raw image bytes never begin so, so such a payload on a raw camera is text
+# to decode, not a frame to refuse.
+_BASE64_IMAGE = (b"/9j/", b"_9j_", b"iVBORw0KGgo", b"Qk", b"SUkqA", b"TU0AK", b"UklGR")
 
 
 class FrameIds:

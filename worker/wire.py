@@ -306,15 +306,23 @@ def decode_json(payload: bytes) -> Any:
     return raw
 
 
+_URL_SAFE = bytes.maketrans(b"-_", b"+/")  # base64url's two characters (RFC 4648 section 5) as base64's
+
+
 def b64_image(text: str | bytes) -> bytes:
     """Image bytes from base64 text as publishers write it: a ``data:...;base64,`` URL or plain base64, wrapped in
-    lines or not (RFC 2045, the ``base64`` CLI).  ``binascii.Error`` (a ``ValueError``) for anything else."""
+    lines or not (RFC 2045, the ``base64`` CLI), in the URL-safe alphabet (``-_``, as browsers' and JWT-style
+    encoders write it) or without its ``=`` padding (RFC 4648 section 3.2).  ``binascii.Error`` (a ``ValueError``)
+    for anything else, text that mixes both alphabets too."""
     if isinstance(text, str):
         text = text.encode("ascii")  # a non-ASCII character: UnicodeEncodeError, a ValueError too
     head = text[:64].lstrip()
     if head.startswith(b"data:"):
         text = text.partition(b",")[2]
-    return base64.b64decode(b"".join(text.split()), validate=True)
+    text = b"".join(text.split())
+    if b"+" not in text and b"/" not in text:
+        text = text.translate(_URL_SAFE)
+    return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
 
 
 REPLY_TO = "reply_to"  # a request's answer topic, for MQTT 3.1.1 clients: they cannot set v5's response topic

@@ -645,3 +645,35 @@ def test_base64_as_web_encoders_write_it_is_read_on_raw_and_envelope_cameras(dat
         with pytest.raises(FrameError) as refused:
             ingest.arrive("env", {}, json.dumps({"image": text}).encode())
         assert refused.value.code == "bad_envelope", text[:30]
+
+
+def test_the_console_shows_the_frames_of_base64_and_envelope_cameras(dataset):
+    """README: the console reads a camera's frames "exactly as" the worker does, "the same payloads".  It read only
+    image files: a frame sent as base64 text (Home Assistant, Node-RED) was dropped as not an image, and an envelope's
+    frame, whose id is in the envelope and not a user property, was never kept; their tiles showed no picture."""
+    from worker.config import CameraConfig, ConsoleConfig
+    from worker.console.hub import Hub
+    from worker.topics import Topics
+
+    good = _good(dataset)
+    hub = Hub(Topics("p", "w"), ConsoleConfig(), cameras={"env": CameraConfig(payload="json_envelope")})
+
+    def arrive(camera: str, payload: bytes, scored_as: str, **user: str) -> None:
+        frame = mqtt.MQTTMessage(topic=f"p/{camera}/frame".encode())
+        frame.payload, frame.properties = payload, Properties(PacketTypes.PUBLISH)
+        frame.properties.UserProperty = list(user.items())
+        hub.on_message(frame)
+        shown = mqtt.MQTTMessage(topic=f"p/{camera}/result".encode())
+        shown.payload = json.dumps({"camera": camera, "frame_id": scored_as, "score": 0.1, "verdict": "normal",
+                                    "captured_at": "2026-12-06T18:00:00+00:00"}).encode()
+        hub.on_message(shown)
+
+    arrive("b64", ("data:image/png;base64," + _b64(good)).encode(), "t1", frame_id="t1")
+    arrive("env", json.dumps({"image": _b64(good), "id": 7, "timestamp": 1795000000}).encode(), "7")
+    arrive("env", json.dumps({"image": _b64(good), "frame_id": "e2"}).encode(), "p2", frame_id="p2")  # property wins
+    assert hub.image("b64", "t1", "frame") == good
+    assert hub.image("env", "7", "frame") == good
+    assert hub.image("env", "p2", "frame") == good
+    # what the worker refuses the console does not keep either
+    arrive("env", b"not json", "bad", frame_id="bad")
+    assert hub.image("env", "bad", "frame") is None and hub.dropped.get("bad_envelope") == 1, hub.dropped

@@ -29,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from worker.config import CameraConfig, ConsoleConfig, LimitsConfig, QueuePolicy
 from worker.decode import FrameError, Header, decode, probe, reduction
 from worker.heatmap import encode, fit_size
+from worker.ingest import open_envelope, open_raw
 from worker.mqtt import user_properties
-from worker.pixels import Pixels, check, declared, to_bgr
+from worker.pixels import Pixels, check, declared, is_buffer, to_bgr
 from worker.queueing import BoundedQueue, Closed
 from worker.supervise import Liveness, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
@@ -413,10 +414,28 @@ class Hub:
                 self._on_result(payload)
             elif leaf in ("frame", "heatmap"):
                 user = user_properties(msg)
+                if leaf == "frame":
+                    try:
+                        user, payload = self._unwrapped(camera, user, payload)
+                    except FrameError as exc:
+                        self._drop(exc.code.value)
+                        return
                 if frame_id := user.get("frame_id"):
                     self._on_image(leaf, camera, frame_id, payload, user)
             elif leaf == "error":
                 self._on_error(camera, payload)
+
+    def _unwrapped(self, camera: str, user: dict[str, str], payload: bytes) -> tuple[dict[str, str], bytes]:
+        """A camera frame's fields and image bytes as the worker reads them (worker/ingest.py): a JSON envelope's
+        fields under the user properties and its image, or a raw camera's base64 text decoded, so the console keeps
+        the picture the worker scored under the frame id its result names.  FrameError where the worker refuses it."""
+        override = self.cameras.get(camera)
+        if override is not None and override.payload == "json_envelope":
+            envelope = open_envelope(payload, self.limits.max_frame_bytes)
+            return {**envelope.fields, **user}, envelope.data
+        if is_buffer(user, override.pixels if override is not None else None):
+            return user, payload
+        return user, open_raw(payload, camera, self.limits.max_frame_bytes)
 
     def _drop(self, why: str) -> None:
         with self.lock:

@@ -677,3 +677,19 @@ def test_the_console_shows_the_frames_of_base64_and_envelope_cameras(dataset):
     # what the worker refuses the console does not keep either
     arrive("env", b"not json", "bad", frame_id="bad")
     assert hub.image("env", "bad", "frame") is None and hub.dropped.get("bad_envelope") == 1, hub.dropped
+
+
+def test_an_envelope_refused_whole_names_a_frame_id_sent_as_a_number_as_its_result_would(dataset):
+    """README: an envelope's frame id may be a number, which becomes its text (``42`` -> ``"42"``).  An envelope
+    refused whole (no image, an image that is not base64) named a text id in its error but not a numeric one
+    (``frame_id`` null): a Frigate-style publisher could not match the error to its frame."""
+    from worker.config import Config
+    from worker.decode import FrameError
+    from worker.ingest import Ingest
+
+    ingest = Ingest(Config.model_validate({"model": {"bundle": "unused"}, "cameras": {"env": {"payload": "json_envelope"}}}))
+    for doc, named in (({"image": "%%%", "id": 42}, "42"), ({"id": 1795.5}, "1795.5"), ({"image": "%%%", "id": "a"}, "a"),
+                       ({"image": "%%%", "id": True}, None), ({"image": 7, "frame_id": "x/y"}, None)):
+        with pytest.raises(FrameError) as refused:
+            ingest.arrive("env", {}, json.dumps(doc).encode())
+        assert (refused.value.code, refused.value.frame_id) == ("bad_envelope", named), doc

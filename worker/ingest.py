@@ -99,8 +99,8 @@ def open_envelope(payload: bytes, max_image_bytes: int) -> Arrival:
     sent_id = next((value for key, value in doc.items() if _FIELD_OF.get(key) == "frame_id"), None)
     try:
         return _read_envelope(doc)
-    except FrameError as exc:  # the error answer names the frame, for its publisher to match it
-        exc.frame_id = sent_id if valid_id(sent_id) else None
+    except FrameError as exc:  # the error answer names the frame as its result would, for its publisher to match it
+        exc.frame_id = named if valid_id(named := number_text(sent_id)) else None
         raise
 
 

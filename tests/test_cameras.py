@@ -693,3 +693,17 @@ def test_an_envelope_refused_whole_names_a_frame_id_sent_as_a_number_as_its_resu
         with pytest.raises(FrameError) as refused:
             ingest.arrive("env", {}, json.dumps(doc).encode())
         assert (refused.value.code, refused.value.frame_id) == ("bad_envelope", named), doc
+
+
+def test_a_raw_camera_reads_a_data_url_of_any_media_type_as_an_envelope_does(dataset):
+    """README: a raw camera's frame may be base64 text, "a ``data:`` URL too".  Only ``data:image/...`` was read:
+    a browser's ``FileReader`` names a file of unknown type ``data:application/octet-stream;base64,`` and RFC 2397
+    allows ``data:;base64,``; such a frame was refused ``not_an_image``, where an envelope's image was read."""
+    from worker.config import Config
+    from worker.ingest import Ingest
+
+    ingest = Ingest(Config.model_validate({"model": {"bundle": "unused"}, "cameras": {"env": {"payload": "json_envelope"}}}))
+    good = _good(dataset)
+    for url in ("data:application/octet-stream;base64,", "data:;base64,", "data:image/png;base64,"):
+        assert ingest.arrive("raw", {}, (url + _b64(good)).encode()).data == good, url
+        assert ingest.arrive("env", {}, json.dumps({"image": url + _b64(good)}).encode()).data == good, url

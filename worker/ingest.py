@@ -132,7 +132,7 @@ def open_raw(payload: bytes, camera: str, max_image_bytes: int) -> bytes:
     Assistant's MQTT camera with ``image_encoding: b64``, Node-RED after a base64 node; a ``data:`` URL too).
     JSON is refused with the setting that reads it."""
     head = payload[:64].lstrip()
-    if head.startswith(b"data:image/"):
+    if head.startswith(b"data:"):  # of any media type: application/octet-stream from a browser's FileReader
         payload = payload.partition(b",")[2]
         head = payload[:64].lstrip()
     if head.startswith(_BASE64_IMAGE):

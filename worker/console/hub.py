@@ -433,8 +433,8 @@ class Hub:
         if override is not None and override.payload == "json_envelope":
             envelope = open_envelope(payload, self.limits.max_frame_bytes)
             return {**envelope.fields, **user}, envelope.data
-        if is_buffer(user, override.pixels if override is not None else None):
-            return user, payload
+        if not user.get("frame_id") or is_buffer(user, override.pixels if override is not None else None):
+            return user, payload  # a frame without an id is not kept: its text is not decoded
         return user, open_raw(payload, camera, self.limits.max_frame_bytes)
 
     def _drop(self, why: str) -> None:

@@ -707,3 +707,16 @@ def test_a_raw_camera_reads_a_data_url_of_any_media_type_as_an_envelope_does(dat
     for url in ("data:application/octet-stream;base64,", "data:;base64,", "data:image/png;base64,"):
         assert ingest.arrive("raw", {}, (url + _b64(good)).encode()).data == good, url
         assert ingest.arrive("env", {}, json.dumps({"image": url + _b64(good)}).encode()).data == good, url
+
+
+def test_a_binary_image_marked_as_utf8_text_is_delivered_and_scored(running, dataset):
+    """A client library's option can mark a binary image as UTF-8 text (MQTT v5 payload format indicator 1).  The
+    docs said mosquitto closes such a publisher's connection and the frame is lost unanswered; mosquitto 2.0.11, the
+    broker these tests run, delivers it from paho, and the worker scores it as any frame."""
+    prefix, client, worker = running
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("frame_id", "marked-text"), ("captured_at", str(time.time()))]
+    props.PayloadFormatIndicator = 1
+    client.client.publish(f"{prefix}/strict/frame", _good(dataset), qos=1, properties=props).wait_for_publish(5)
+    assert client.json_on(f"{prefix}/strict/result")[0]["frame_id"] == "marked-text"
+    assert client.client.is_connected() and worker.proc.poll() is None

@@ -501,6 +501,24 @@ def test_a_confirmed_defect_corrected_to_a_false_alarm_goes_back_among_the_norma
     assert cv2.imread(str(tmp_path / "cap" / "cam" / f"{key}.png")).tobytes() == image(0).tobytes()
 
 
+def test_a_frame_confirmed_a_defect_before_the_capture_thread_takes_its_offer_is_not_sampled(tmp_path) -> None:
+    """A frame scored normal is offered to the sample by the capture thread after its result is out (a queue, behind a
+    slow disk's writes), so an operator who confirms it a defect at once can be served first: the sample did not hold
+    it yet, and the offer then kept the confirmed defect among the normal frames, exported as a good image for the
+    next model to learn (a helper's probe).  The offer that comes after the label is refused; once the label is
+    withdrawn (normal, by the operator's word) the frame may be sampled again."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    key = point_id("cam", "n-0")
+    labels, store = _history(tmp_path, capture, {"n-0": "normal"})
+    answer = labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label="confirmed_defect"), store)
+    assert answer["capture"].startswith("not kept for the next training set"), answer
+    assert not capture.offer("cam", key, image(0), png(0))  # the capture thread takes the frame's offer now
+    assert capture.export(tmp_path / "out") == {"cam": {"folder": str(tmp_path / "out" / "cam"), "normal": 0,
+                                                        "false_alarms": 0, "confirmed_defects": 0}}
+    labels.set(SetLabel(action="set", frame_id="n-0", camera="cam", label=None), store)
+    assert capture.offer("cam", key, image(0), png(0))
+
+
 def test_a_confirmed_defect_labelled_again_says_it_is_kept(tmp_path) -> None:
     """A confirmed defect taken out of the sample, labelled again (its defect type corrected, or the label retried
     after its wait ran out): the answer said it was "not kept for the next training set" (a frame scored normal keeps

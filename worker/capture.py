@@ -38,6 +38,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,7 @@ INDEX, EMBEDDINGS, FALSE_ALARMS = "index.json", "signatures.npy", "false_alarm"
 DEFECTS = "confirmed_defect"  # frames the operator confirmed as defects: the next training set's test images
 SIGNATURE_SIDE = 16
 SAVE_EVERY_S = 5.0  # at most one state write per camera this often: the sample is best effort, the frames are not blocked
+CONFIRMED_MEMO = 1024  # (camera, key) of frames confirmed defects while not in the sample: their offer may be queued
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _HASHED = re.compile(r"-[0-9a-f]{8}(?:[0-9a-f]{32})?$")  # how a hashed folder name ends
 
@@ -350,6 +352,10 @@ class Capture:
         self._lock = threading.Lock()
         self._export_lock = threading.Lock()
         self._cameras: dict[str, _Camera] = {}
+        # Frames confirmed defects that the sample did not hold: a frame is offered by the capture thread after its
+        # result is out, so its label can come first, and the offer would then sample a confirmed defect as good.
+        # The most recent CONFIRMED_MEMO only: an offer waits behind a few others at most.
+        self._confirmed: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.max_cameras = max_cameras
         self.failed_writes = 0
         self.skipped_frames = 0
@@ -436,9 +442,11 @@ class Capture:
         if slot is None:
             self._save_due(state)
             return False
-        if _named(state.defects, key) or _named(state.false_alarms, key):  # only for a frame drawn: the hot path
-            self._save_due(state)
-            return False  # a camera that reused a labelled frame's id: its files are the labelled frame's
+        if _named(state.defects, key) or _named(state.false_alarms, key) or (camera, key) in self._confirmed:
+            self._save_due(state)  # only for a frame drawn: the hot path
+            # a camera that reused a labelled frame's id (its files are the labelled frame's), or the labelled frame
+            # itself, offered after its confirmed-defect label
+            return False
         vector = signature(image)
         if self._duplicate(state, vector):
             self._save_due(state)
@@ -552,13 +560,18 @@ class Capture:
         Where the kept frame is not the labelled one (``same_frame`` False: the labelled frame was scored anomalous,
         and the sample takes normal frames only, so the file is an earlier frame of an id the camera reused), or a
         defect of that id is kept already (a camera that reused the id before the sample refused it), the kept frame
-        is deleted instead: it must not become, or replace, the defect's image.  True when one was kept.  A disk that
+        is deleted instead: it must not become, or replace, the defect's image.  True when one was kept; a frame not kept
+        is remembered, so that its offer, still on its way to the sample, is refused.  A disk that
         cannot take the change (full) is said and counted, as for any write of the sample; the frame has left it."""
         with self._lock:
             state = self._cameras.get(camera)
             slot = next((i for i, name in enumerate(state.files) if name.split(".", 1)[0] == key), None) \
                 if state is not None else None
             if state is None or slot is None:
+                self._confirmed[(camera, key)] = None  # its offer may still come: it is refused then
+                self._confirmed.move_to_end((camera, key))
+                while len(self._confirmed) > CONFIRMED_MEMO:
+                    self._confirmed.popitem(last=False)
                 return False
             name = state.files.pop(slot)
             if state.vectors is not None:
@@ -605,6 +618,7 @@ class Capture:
         :meth:`forget` took out of the sample goes back, where the sample has room for it still: "back" when one
         went back, "removed" when one was kept and is deleted, None when none was kept."""
         with self._lock:
+            self._confirmed.pop((camera, key), None)  # normal by the operator's word: its offer may be sampled
             state = self._cameras.get(camera)
             names = [n for n in state.defects if n.split(".", 1)[0] == key] if state is not None else []
             if state is None or not names:  # most labels are of frames never confirmed: nothing to write

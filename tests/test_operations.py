@@ -1043,3 +1043,55 @@ def test_a_rollout_the_disk_refuses_is_said_and_written_once_it_can_be(bundle_di
     models.record_again()  # the stats tick or the clean stop, once there is space
     assert models.unrecorded is None
     assert start().default.bundle.manifest.version == "3.0.0"  # the restart serves what was rolled out last
+
+
+def test_the_announcement_at_a_connect_read_before_a_reload_does_not_replace_the_reloads(broker, bundle_dir,
+                                                                                          tmp_path) -> None:
+    """The retained model topic is published by paho's network thread at every connect (a broker restart) and by
+    the request thread after every reload, rollback or label.  A connect's announcement that read the models just
+    before a reload was published after the reload's own: the retained topic (and the console, and /metrics) named
+    the bundle replaced, until the next change.  Here the connect's announcement is held between its read and its
+    publish while a reload is served; an announcement read before a newer one was published is dropped."""
+    from worker.service import Worker
+    from worker.wire import ControlRequest
+
+    prefix = f"m{uuid.uuid4().hex[:6]}"
+    v2 = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
+    worker = Worker(load_config(write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix})))
+    read, go, done = threading.Event(), threading.Event(), threading.Event()
+    scopes, publish = worker.models.scopes, worker._publish_models
+
+    def held_scopes():
+        seen = scopes()
+        if threading.current_thread() is not threading.main_thread() and not read.is_set():
+            read.set()  # the connect's announcement has read the models: it waits here
+            go.wait(60)
+        return seen
+
+    def announced() -> None:
+        publish()
+        if threading.current_thread() is not threading.main_thread():
+            done.set()
+
+    worker.models.scopes = held_scopes  # type: ignore[method-assign]
+    worker._publish_models = announced  # type: ignore[method-assign]
+    client = Client(broker.port, prefix)
+    try:
+        worker.link.start()
+        assert read.wait(60), "the worker never connected"
+        answer = worker.control(ControlRequest(command="reload", bundle=str(v2)))
+        assert answer["ok"] and answer["models"]["default"]["version"] == "2.0.0", answer
+        go.set()
+        assert done.wait(60) and worker.link.wait_delivered(30)
+        fresh = Client(broker.port, prefix)  # what a console connecting now reads
+        try:
+            retained = fresh.json_on(f"{prefix}/workers/w-test/model", timeout=30)[0]
+        finally:
+            fresh.close()
+        assert retained["version"] == "2.0.0", retained
+    finally:
+        go.set()
+        worker.link.stop()
+        client.close()
+        for claim in worker.claims:
+            claim.close()

@@ -232,6 +232,9 @@ class Worker:
         self.accepting = True
         self._unanswerable = 0  # requests whose answer had no topic to go to (logged, the first few)
         self._refusals_counted = 0  # of the link's refused publishes, those added to the Prometheus counter
+        # The model topic's readings, numbered as taken, and the newest published (:meth:`_publish_models`)
+        self._models_said = threading.Lock()
+        self._models_read = self._models_published = 0
         self._too_large = Throttle(3600)  # status messages over the broker's maximum packet size, said
         self._stats_reduced = Throttle(3600)  # ... and stats sent without their per-camera parts
         self.link.on_message = self._route
@@ -269,6 +272,12 @@ class Worker:
                 log.error("not published: %s; raise the broker's maximum packet size (mosquitto: max_packet_size)", exc)
 
     def _publish_models(self) -> None:
+        """The retained model topic and the models in /metrics.  Published by paho's network thread at each connect
+        and by the request thread after each change: a reading taken before a newer one was published is dropped, so
+        a connect's announcement that read the models before a reload never replaces the reload's."""
+        with self._models_said:
+            self._models_read += 1
+            reading = self._models_read
         scopes = {}
         for scope, model in self.models.scopes().items():
             scopes[scope] = {**model.info, "bundle": str(model.path),
@@ -276,11 +285,15 @@ class Worker:
                              "input": [model.bundle.manifest.input.width, model.bundle.manifest.input.height],
                              "tiling": tiling.record(model.bundle.manifest.tiling),  # cuts cameras without their own
                              "threshold": self.models.image_norm(model, "" if scope == DEFAULT else scope).threshold}
-        self.stats.set_models({scope: (m["name"], m["version"], m["precision"]) for scope, m in scopes.items()})
         body = {**scopes[DEFAULT], "scopes": scopes, "pending": self.models.pending(), "device": self.cfg.model.device,
                 "device_name": self.models.default.bundle.device_name,
                 "embedding_dim": self.models.embedding_dim}
-        self._status(self.topics.model, json.dumps(body))
+        with self._models_said:  # held over the publish: the broker gets the readings in the order they were taken
+            if reading < self._models_published:
+                return
+            self._models_published = reading
+            self.stats.set_models({scope: (m["name"], m["version"], m["precision"]) for scope, m in scopes.items()})
+            self._status(self.topics.model, json.dumps(body))
 
     def control(self, command: ControlRequest) -> dict:
         """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves

@@ -401,3 +401,49 @@ def test_cameras_outside_topics_cameras_take_no_camera_slot(pipeline, dataset):
     assert counts[OTHER]["received"] == counts[OTHER]["errored"] == 2 * (p.stats.max_cameras + 5)
     labels = {s.labels["camera"] for s in p.stats._frames.collect()[0].samples}
     assert labels == {"line1", OTHER}
+
+
+def test_two_inference_threads_meeting_the_bound_of_the_shape_notes_both_get_their_note(pipeline, dataset) -> None:
+    """Each inference thread notes once per frame size and bundle whether frames of that size are unlike the training
+    images, in a table cleared at 1000 sizes (a camera sending crops of many sizes).  A thread that had just noted a
+    size read its note back from the table; another thread clearing it in between made that a KeyError, and the frame
+    was answered internal_error.  Here the first thread is held after its note is written until the second has
+    cleared the table."""
+    import threading
+
+    p, _ = pipeline
+    model = p.models.default
+    image = decode(_png(dataset))
+    written, cleared = threading.Event(), threading.Event()
+
+    class Held(dict):
+        def __setitem__(self, key, value) -> None:
+            super().__setitem__(key, value)
+            if threading.current_thread().name == "first":  # its note written: the other thread clears the table
+                written.set()
+                assert cleared.wait(30)
+
+        def clear(self) -> None:
+            super().clear()
+            cleared.set()
+
+    p._shape_notes = Held({(i, i, "other", "1", False): None for i in range(999)})
+    frame = p._admit("cam", {"frame_id": "f", "captured_at": str(time.time())}, _png(dataset), time.time(),
+                     time.monotonic())
+    notes: dict[str, object] = {}
+
+    def note(name: str, size: tuple[int, int]) -> None:
+        try:
+            notes[name] = p._unlike_training(frame, model, None, size, image)
+        except Exception as exc:  # what the inference thread answered the frame with
+            notes[name] = exc
+
+    first = threading.Thread(target=note, args=("first", (64, 64)), name="first")
+    first.start()
+    assert written.wait(60)
+    second = threading.Thread(target=note, args=("second", (128, 128)), name="second")
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert notes["second"] is None  # the model's own size
+    assert isinstance(notes["first"], str) and notes["first"].startswith("64x64 is smaller"), notes

@@ -518,11 +518,14 @@ class Pipeline:
             width = round(width / (cols - (cols - 1) * grid.overlap))
             height = round(height / (rows - (rows - 1) * grid.overlap))
         key = (width, height, manifest.name, manifest.version, manifest.tiling is not None)
-        if key not in self._shape_notes:
+        known = self._shape_notes.get(key, _UNSEEN)
+        if isinstance(known, str) or known is None:
+            shape = known
+        else:  # kept in hand: another inference thread may clear the table before it is read back
+            shape = manifest.unlike_training(width, height, tiled=key[4])
             if len(self._shape_notes) >= 1000:  # sizes x bundles seen: a bound, not a working set
                 self._shape_notes.clear()
-            self._shape_notes[key] = manifest.unlike_training(width, height, tiled=key[4])
-        shape = self._shape_notes[key]
+            self._shape_notes[key] = shape
         colour = manifest.unlike_training_colour(image)
         for note, what, once in ((shape, f"shape {key}", "camera, size and bundle"),
                                  (colour, f"colour {manifest.name} {manifest.version}", "camera and bundle")):

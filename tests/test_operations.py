@@ -1089,6 +1089,7 @@ def test_the_announcement_at_a_connect_read_before_a_reload_does_not_replace_the
         finally:
             fresh.close()
         assert retained["version"] == "2.0.0", retained
+        assert {s.labels["version"] for m in worker.stats.model.collect() for s in m.samples} == {"2.0.0"}  # /metrics
     finally:
         go.set()
         worker.link.stop()

@@ -448,6 +448,15 @@ def test_publisher_says_the_frames_the_broker_refuses_and_does_not_call_them_sen
     assert not frame_ids(sub, "line2")
 
 
+def _publish_once(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """The publisher run to its end with ``env`` added; a run that outlasts ``timeout`` fails the test, saying why."""
+    try:
+        return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env})
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"no frame sent within {timeout:g} s: {e.stderr}")
+
+
 def test_a_client_certificate_without_cafile_connects_with_tls(tmp_path):
     """--certfile/--keyfile without --cafile (a broker whose certificate a system CA signed) connected without TLS:
     the TLS listener closed each try and the publisher waited for ever, "broker down or unreachable".  Now a client
@@ -467,11 +476,7 @@ def test_a_client_certificate_without_cafile_connects_with_tls(tmp_path):
             args = [sys.executable, str(PUBLISHER), "--host", "localhost", "--port", str(port), "--camera", "tcam",
                     "--folder", str(folder), "--fps", "0", "--certfile", str(files / "server.crt"),
                     "--keyfile", str(files / "server.key")]
-            try:
-                proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=30,
-                                      env={**os.environ, "SSL_CERT_FILE": str(files / "ca.crt")})
-            except subprocess.TimeoutExpired as e:
-                pytest.fail(f"no frame sent within 30 s: {e.stderr}")
+            proc = _publish_once(args, {"SSL_CERT_FILE": str(files / "ca.crt")}, 30)
         finally:
             broker.stop()
     finally:
@@ -517,11 +522,7 @@ def test_the_cameras_password_can_come_from_the_environment_not_the_process_list
             folder = image_folder(tmp_path / "imgs", ["000.png"])
             args = [sys.executable, str(PUBLISHER), "--port", str(port), "--camera", "line1", "--username", "line1",
                     "--folder", str(folder), "--fps", "0"]
-            try:
-                proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=20,
-                                      env={**os.environ, "CAMERA_MQTT_PASSWORD": "c1-pass"})
-            except subprocess.TimeoutExpired as e:
-                pytest.fail(f"no frame sent within 20 s: {e.stderr}")
+            proc = _publish_once(args, {"CAMERA_MQTT_PASSWORD": "c1-pass"}, 20)
         finally:
             broker.stop()
     finally:

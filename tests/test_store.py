@@ -996,14 +996,19 @@ def test_a_batch_lost_to_a_full_disk_leaves_no_partial_spool_file_and_no_evidenc
     assert len(evidence) == 0 and not list((tmp_path / "evidence").glob("*/*")), "a lost record's evidence stayed"
 
 
+def _recorder_in_an_outage(tmp_path: Path) -> tuple[StoreConfig, SpoolConfig, EvidenceStore, Recorder]:
+    """A recorder whose store cannot be reached, so every batch is spooled, with the settings a replay reopens."""
+    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
+    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
+    return cfg, spool, evidence, Recorder(_unreachable, evidence, cfg, spool, 16, Liveness(0))
+
+
 def test_a_spooled_batch_deleted_under_the_worker_loses_no_later_batch(tmp_path):
     """During an outage someone deletes a spooled batch (freeing space on a full disk): every later batch was written
     to the spool and then counted lost, its evidence deleted, because bounding the spool read each batch's size
     from its file; those batches were replayed later all the same, their points naming evidence gone."""
-    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
-    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
-    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
-    recorder = Recorder(_unreachable, evidence, cfg, spool, 16, Liveness(0))
+    cfg, spool, evidence, recorder = _recorder_in_an_outage(tmp_path)
     recorder.start()
     try:
         for start in (0, 4):
@@ -1032,10 +1037,7 @@ def test_spool_and_evidence_folders_deleted_under_the_worker_are_made_again(tmp_
     """``rm -rf`` of the spool and evidence folders while the store is out (space freed by hand): every later batch
     was lost and every later frame recorded without its evidence until a restart, each write failing for a folder
     that was no longer there.  They are made again at the next write, as the store's collection folder is."""
-    cfg = StoreConfig(path=tmp_path / "store", flush_s=0.05, batch_size=4)
-    spool = SpoolConfig(path=tmp_path / "spool", retry_s=0.05)
-    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1000)
-    recorder = Recorder(_unreachable, evidence, cfg, spool, 16, Liveness(0))
+    cfg, spool, evidence, recorder = _recorder_in_an_outage(tmp_path)
     recorder.start()
     try:
         for start in (0, 4):

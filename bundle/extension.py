@@ -423,6 +423,22 @@ class Extension:
                 tmp.unlink(missing_ok=True)
             raise
 
+    def _restore(self) -> None:
+        """Write back the rows in use whose file is gone: the folder, or files in it, deleted under the worker (space
+        freed by hand; a guard written since may have made the folder again), so that a label is not refused until a
+        restart and the index written next names only files that are there.  Raises OSError where they cannot be."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        missing = [key for key in self._entries if not (self.folder / f"{key}.npy").is_file()]
+        for key in missing:
+            tmp = self.folder / f"{key}.npy.tmp"
+            with tmp.open("wb") as fh:
+                np.save(fh, self._arrays[key], allow_pickle=False)
+                _sync(fh)
+            tmp.replace(self.folder / f"{key}.npy")
+        if missing:
+            log.warning("extension %s: the files of %d entries were deleted under the worker: written back from the "
+                        "rows in use", self.folder, len(missing))
+
     def _unwritable(self, exc: OSError, what: str) -> ExtensionUnwritable:
         return ExtensionUnwritable(f"{what}: the bank extension in {self.folder} could not be written ({exc}); nothing "
                                    "was changed: free space there (learning.path) and try again")
@@ -469,6 +485,7 @@ class Extension:
             entries[key] = entry
             npy, tmp, prev = (self.folder / f"{key}{suffix}" for suffix in (".npy", ".npy.tmp", ".prev.tmp"))
             try:  # all or nothing: the rows and the index on disk first, then in use
+                self._restore()
                 try:
                     with tmp.open("wb") as fh:
                         np.save(fh, rows, allow_pickle=False)
@@ -508,6 +525,7 @@ class Extension:
                 return 0
             entries = {k: e for k, e in self._entries.items() if k != key}
             try:  # all or nothing: the index on disk first, then in use
+                self._restore()
                 self._write_index(self.revision + 1, entries)
             except OSError as exc:
                 raise self._unwritable(exc, f"the false alarm {entry.frame_id} from camera {entry.camera} was not "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 
 import numpy as np
@@ -230,3 +231,25 @@ def test_an_extension_whose_index_cannot_be_written_at_a_start_is_served_as_read
     filler.unlink()
     again = Extension(folder, C, max_rows=10)
     assert [e.key for e in again.entries()] == [a] and json.loads((folder / INDEX).read_text())["entries"][0]["key"] == a
+
+
+def test_a_folder_deleted_under_the_worker_is_made_again_with_the_rows_in_use(tmp_path) -> None:
+    """``rm -rf`` of an extension folder under a running worker (space freed by hand): every later label and
+    withdrawal was refused with "free space there (learning.path)" until a restart.  The folder is made again at the
+    next write, the rows in use written back into it, so a restart keeps them too; also where something else (a
+    confirmed defect's guard) made the folder again first."""
+    folder = tmp_path / "ext"
+    ext = Extension(folder, C, max_rows=10)
+    a, b, c = key(), key(), key()
+    ext.add(a, rows(2, 1.0), "f1", "cam")
+    ext.add(b, rows(1, 3.0), "f3", "cam")
+    shutil.rmtree(folder)
+    ext.add(c, rows(3, 2.0), "f2", "cam")
+    assert ext.rows.shape == (6, C) and ext.revision == 3
+    again = Extension(folder, C, max_rows=10)
+    assert [e.frame_id for e in again.entries()] == ["f1", "f3", "f2"] and np.array_equal(again.rows, ext.rows)
+    shutil.rmtree(folder)
+    (folder / "guards").mkdir(parents=True)
+    assert ext.remove(a) == 2
+    again = Extension(folder, C, max_rows=10)
+    assert [e.frame_id for e in again.entries()] == ["f3", "f2"] and np.array_equal(again.rows, ext.rows)

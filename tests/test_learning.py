@@ -4,6 +4,7 @@ next frame of that appearance passes, the label can be taken back, and the exten
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -528,6 +529,26 @@ def test_a_withdrawal_the_disk_refuses_changes_nothing_and_a_retry_works(learnin
     assert released["patches"] == absorbed["patches"], released
     assert _query(client, prefix, {"action": "export"}, topic="label")["labels"] == []
     assert _score(client, prefix, marked, "m-2")["verdict"] == "anomalous"
+
+
+def test_an_extension_folder_deleted_under_the_worker_is_made_again_at_the_next_label(learning, dataset):
+    """``rm -rf`` of the bundle's extension folder under a running worker (space freed by hand): every later label
+    and withdrawal was refused "free space there (learning.path)" until a restart.  The folder is made again at the
+    next write, with the rows in use written back, and the label is carried out."""
+    prefix, client, _, config, _ = learning
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
+    [index] = (config.parent / "extensions").glob("*/index.json")
+    shutil.rmtree(index.parent)
+    unlabel = {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"}
+    released = _query(client, prefix, unlabel, topic="label")
+    assert released["ok"] and released["released"]["patches"] == absorbed["patches"], released
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "anomalous"
+    shutil.rmtree(index.parent)
+    label = {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"}
+    again = _query(client, prefix, label, topic="label")
+    assert again["ok"] and again["absorbed"]["patches"] > 0, again
+    assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"
+    assert [e["frame_id"] for e in json.loads(index.read_text())["entries"]] == ["m-0"]
 
 
 def test_withdrawing_a_false_alarm_folded_into_the_serving_bundle_says_it_still_passes(learning, dataset, bundle_dir):

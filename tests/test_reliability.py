@@ -930,6 +930,31 @@ def test_results_respect_the_brokers_maximum_packet_size(bundle_dir, dataset, tm
         broker.stop()
 
 
+def test_a_frame_whose_result_is_past_the_brokers_maximum_packet_size_is_not_recorded(bundle_dir, tmp_path,
+                                                                                      worker_factory):
+    """A frame answered ``result_too_large`` was recorded all the same (a similar-frame query by its id found it),
+    though its camera's consumers got only the error: no other frame answered with an error is recorded (README's
+    error table, docs/store.md), and a camera may send it again once the broker takes the result."""
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 700\n")
+    config = write_config(tmp_path, broker.port, bundle_dir, heatmap={"publish": "never"})
+    client = Client(broker.port)
+    try:
+        worker = worker_factory(config)
+        wait_online(client, "inspect")
+        tiny = cv2.imencode(".png", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
+        client.publish_frame("cam", tiny, "big")
+        [error] = client.json_on("inspect/cam/error", timeout=60)
+        assert error["frame_id"] == "big" and error["code"] == "result_too_large", error
+        with ApiClient(load_config(config), "test") as api:
+            answer = api.query({"frame_id": "big", "camera": "cam", "top_k": 1, "include_thumbnails": False})
+        assert not answer["ok"] and answer["error"]["code"] in {"unknown_frame", "empty_store"}, answer
+        assert not [m for m in client.messages if m.topic == "inspect/cam/result"]
+        assert worker.stop() == 0
+    finally:
+        client.close()
+        broker.stop()
+
+
 def test_an_answer_past_the_brokers_maximum_packet_size_says_the_request_was_carried_out(bundle_dir, tmp_path,
                                                                                          worker_factory):
     """A reload (or a label) whose answer was past the broker's maximum packet size was carried out and answered

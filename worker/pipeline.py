@@ -589,12 +589,16 @@ class Pipeline:
         result["latency_ms"] = latency_ms
         result["published_at"] = iso(time.time())
 
-        def counted() -> None:  # before the result leaves: whoever has seen it sees it counted
+        def accepted() -> None:  # before the result leaves: whoever has seen it sees it counted
             self.stats.add(frame.camera, "processed")
             if anomalous:
                 self.stats.add(frame.camera, "anomalous")
+            # and a label or query sent on seeing it finds the frame on its way (settle); only once it will leave: a
+            # frame answered with an error (result_too_large) is not recorded, as no other errored frame is
+            if logged:
+                self.recorder.submit(record())
 
-        if logged:  # before the result leaves: a label or query sent on seeing it finds the frame on its way (settle)
+        def record() -> Record:
             files = {}
             if anomalous:
                 files["frame"] = (frame.fmt, frame.data)  # a raw buffer's TIFF is made by the recorder
@@ -604,11 +608,12 @@ class Pipeline:
             payload.update(captured_ts=frame.captured_ts, received_ts=frame.received_ts, anomalous=anomalous,
                            model_name=manifest.name,
                            model_version=manifest.version, embedding_space=embedding_space_of(manifest))
-            self.recorder.submit(Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files,
-                                        frame.pixels))
+            return Record(point_id(frame.camera, frame.frame_id), seen.embedding, payload, seen.image, files,
+                          frame.pixels)
+
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),
                           properties=publish_properties({"frame_id": frame.frame_id}, "application/json"),
-                          accepted=counted, settled=frame.ticket.hold() if frame.ticket is not None else None)
+                          accepted=accepted, settled=frame.ticket.hold() if frame.ticket is not None else None)
         self.stats.observe(latency_ms)
         if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
             cropped_by_roi = override is not None and override.roi is not None

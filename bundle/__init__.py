@@ -20,8 +20,10 @@ must do is written in the manifest, never assumed:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -343,6 +345,26 @@ def process_running(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+log = logging.getLogger(__name__)
+
+
+def make_folder(folder: Path, key: str) -> bool:
+    """Make ``folder`` and its parents; False, said in the log, where the disk is full: most file systems (ext4; not
+    tmpfs) need a block for a new folder, and a full disk must not stop inspection, so each part makes its folder
+    again at its next write.  Any other error (a path below a file, a read-only mount) is raised."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        log.warning("%s: %s cannot be made (%s): nothing is kept there until the disk has room; inspection goes on",
+                    key, folder, exc.strerror or exc)
+        return False
     return True
 
 

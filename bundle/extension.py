@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bundle import Manifest
+from bundle import Manifest, make_folder
 
 if TYPE_CHECKING:  # the runtime needs OpenVINO; the folder format (exporter fold-extension) does not
     import openvino as ov
@@ -312,7 +312,7 @@ class Extension:
 
     def __init__(self, folder: Path, feature_dim: int, max_rows: int) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder, "learning.path")  # on a full disk: made at the first label (:meth:`_restore`)
         self.feature_dim = feature_dim
         self.max_rows = max_rows
         self._lock = threading.Lock()

@@ -25,6 +25,7 @@ from bundle import (
     Manifest,
     Precision,
     Thresholds,
+    make_folder,
     read_manifest,
     sha256_file,
     unreadable,
@@ -180,8 +181,7 @@ class CompiledBundle:
         if precision != AUTO:
             config["INFERENCE_PRECISION_HINT"] = self._hint_for(core, device, precision)
         if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            if drop_unverified_blobs(Path(cache_dir)):
+            if make_folder(Path(cache_dir), "model.cache_dir") and drop_unverified_blobs(Path(cache_dir)):
                 core.set_property({"CACHE_DIR": str(cache_dir)})
             else:
                 cache_dir = None

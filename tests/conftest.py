@@ -235,6 +235,22 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.fixture
+def small_ext4_disk(tmp_path):
+    """A 100 MB ext4 on a loop device: a disk that fills up as most do, where a new folder needs a block of its own
+    (tmpfs needs none); root only, skipped where loop mounts are not allowed."""
+    image, mount = tmp_path / "ext4.img", tmp_path / "ext4"
+    mount.mkdir()
+    with image.open("wb") as fh:
+        fh.truncate(100 << 20)
+    for argv in (["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], ["mount", "-o", "loop", str(image), str(mount)]):
+        made = subprocess.run(argv, capture_output=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make an ext4 disk here ({argv[0]}): {made.stderr.decode(errors='replace').strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def fill_disk(folder: Path) -> Path:
     """Write a file until the disk refuses more: in megabytes, then in pages, so not even a small file fits."""
     filler = folder / "filler"

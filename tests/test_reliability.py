@@ -685,6 +685,36 @@ def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(floor, broke
     assert "vector store unavailable (not starting the store's open: 0 MB free on the disk of" in worker.output()
 
 
+def test_a_first_start_on_a_full_ext4_disk_without_its_folders_serves(broker, bundle_dir, dataset, small_ext4_disk,
+                                                                     worker_factory):
+    """A first start on a full ext4 disk, none of the worker's folders made yet, stopped with exit 2 naming
+    ``model.cache_dir: ... (No space left on device)``: ext4 needs a block for a new folder, where tmpfs needs none.
+    A full disk must not stop inspection: what cannot be made is said in the log, and the worker comes online and
+    answers frames, as on a full tmpfs."""
+    disk = small_ext4_disk
+    prefix = f"x{uuid.uuid4().hex[:6]}"
+    config = write_config(disk / "w", broker.port, bundle_dir, topics={"prefix": prefix},
+                          store={"path": str(disk / "w" / "qdrant")},
+                          mqtt={"session_file": str(disk / "w" / "mqtt-session.json")})
+    fill_disk(disk)
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    try:
+        online = f"{prefix}/workers/w-test/availability"
+        deadline = time.monotonic() + 120
+        while not [m for m in client.messages if m.topic == online and m.payload == b"online"]:
+            assert worker.proc.poll() is None, f"exit {worker.proc.returncode}: {worker.output()[-3000:]}"
+            assert time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.1)  # poll interval: the process's exit or its announcement, with a deadline
+        client.publish_frame("cam", good_png(dataset).read_bytes(), "on-a-full-ext4-disk")
+        [result] = client.json_on(f"{prefix}/cam/result")
+        assert result["frame_id"] == "on-a-full-ext4-disk" and result["verdict"] in {"normal", "anomalous"}, result
+        assert worker.stop() == 0, worker.output()[-3000:]
+    finally:
+        client.close()
+    assert "model.cache_dir" in worker.output() and "No space left on device" in worker.output()
+
+
 # 3. Overload is handled by policy -------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest", "block"])

@@ -46,7 +46,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from bundle import Manifest, process_running
+from bundle import Manifest, make_folder, process_running
 from bundle.tiling import Grid
 from worker.supervise import Throttle
 
@@ -344,7 +344,7 @@ class Capture:
         self.read_only = read_only
         self.root = Path(root)
         if not read_only:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_folder(self.root, "capture.path")  # on a full disk: made with the first image kept
         self.max_frames = max_frames
         self.max_bytes = None if max_mb is None else int(max_mb * 1_000_000)
         self.min_distance = min_distance

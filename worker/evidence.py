@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from bundle import make_folder
 from worker.wire import AHEAD_MARGIN_S, Restamp, clock_set, iso
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class EvidenceStore:
                  budgets: dict[str, Budget] | None = None) -> None:
         """``max_frames``/``max_age_h`` are the normal frames' budget; ``budgets`` sets any class's."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_folder(self.root, "evidence.path")  # on a full disk: made at the next write
         normal = Budget(max_frames, None, None if max_age_h is None else max_age_h * 3600)
         self.budgets = {NORMAL: normal, ANOMALOUS: normal, LABELLED: normal, **(budgets or {})}
         self._lock = threading.Lock()

@@ -350,7 +350,7 @@ class Models:
             if ext is None:
                 try:
                     ext = Extension(folder, m.extension.feature_dim, self.cfg.learning.max_rows)
-                    if not os.access(folder, os.W_OK | os.X_OK):  # opening it writes only an index that needs it
+                    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # opening it writes only an index that needs it
                         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
                 except OSError as exc:
                     # learning.path's own check found its root writable, not this bundle's folder in it: every label

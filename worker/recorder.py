@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle import make_folder
 from worker.config import QueuePolicy, SpoolConfig, StoreConfig
 from worker.evidence import ANOMALOUS, NORMAL, EvidenceStore
 from worker.heatmap import encode, fit_size
@@ -65,7 +66,7 @@ class Spool:
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder, "spool.path")  # on a full disk: made at the next write
         self.max_bytes = max_bytes
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink()

@@ -25,7 +25,7 @@ from typing import IO
 
 import paho.mqtt.client as mqtt
 
-from bundle import tiling
+from bundle import DISK_FULL, tiling
 from worker.acks import Ticket
 from worker.capture import Capture, train_command, unwritable
 from worker.config import Config, ConfigError, QueuePolicy
@@ -101,6 +101,10 @@ def check_folders(cfg: Config) -> list[IO[str]]:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
+            if exc.errno in DISK_FULL:  # not a wrong path: a full disk must not stop inspection (README)
+                log.warning("%s: %s cannot be made or written (%s): nothing is kept there until the disk has room; "
+                            "inspection goes on", key, folder, exc.strerror or exc)
+                continue
             fix = {"model.cache_dir": "; set it to null to run without a model cache",
                    "mqtt.session_file": " (a relative path is in config.yaml's folder); give a file in the worker's "
                                         "state folder"}.get(key, "")
@@ -131,8 +135,8 @@ def _claim(key: str, folder: Path, owner: str) -> IO[str] | None:
         folder.mkdir(parents=True, exist_ok=True)
         handle = (folder / LOCK_NAME).open("a+")
     except OSError as exc:
-        if key == "store.path":
-            return None  # an outage of the store, as above
+        if key == "store.path" or exc.errno in DISK_FULL:
+            return None  # an outage of the store, as above; a folder a full disk cannot make is left unclaimed
         raise ConfigError(f"{key}: the worker cannot write to {folder} ({exc.strerror or exc})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -76,8 +76,8 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
         result["image_auroc"] = round(float(roc_auc_score(labels, scores)), 4)
     else:
         log.warning("test split has only one class: AUROC undefined")
-    if labels.all():
-        result.update(image_auroc=None, image_metrics="image AUROC undefined: no good test images")
+        result.update(image_auroc=None, image_metrics="image AUROC undefined: "
+                      + ("no good test images" if labels.all() else "no defect test images"))
     if score_pixels:
         result.update(pixels.result())
     types = sorted({s.defect for s in samples})

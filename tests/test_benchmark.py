@@ -18,6 +18,7 @@ from conftest import ROOT
 
 from benchmarks.common import wait_for_answers
 from benchmarks.thresholds import leave_one_out
+from exporter.benchmark import absent_categories
 from exporter.validation import BENIGN_KINDS
 
 
@@ -38,7 +39,7 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
                            "--input-size", "128", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert "grid" in report["absent_categories"] and "weave" not in report["absent_categories"]
+    assert report["absent_categories"] == []  # not MVTec AD: its 15 categories were all listed as absent
     few, failed = report["failed"]  # in name order
     assert failed["category"] == "partial" and "mask" in failed["error"], failed
     assert few["category"] == "few" and "only 3 good training images" in few["error"], few
@@ -57,12 +58,20 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
             "overstate the model: patchcore / weave 1 of 17.") in text, text
     assert (f"by `python -m exporter benchmark --data {data} --models patchcore --input-size 128 --out {out}` on "
             in text and report["command"] in text), text  # the options that ran (--input-size was left out)
-    assert "| patchcore | weave |" in text and "Categories absent" in text
+    assert "| patchcore | weave |" in text and "Categories absent under the data root (not benchmarked): none." in text
     assert f"| {row['aupro']:.4f} |" in text and "AUPRO (FPR <= 0.3)" in text
     for plot in ("roc.png", "heatmaps-weave.png"):
         assert f"]({plot})" in text
         assert 1_000 < (out / plot).stat().st_size < 300_000
     assert (out / "bundles" / "weave-patchcore" / "bundle.json").is_file()
+
+
+def test_only_categories_asked_for_or_of_a_partial_mvtec_root_are_listed_absent():
+    """A data root that is not MVTec AD had all 15 MVTec categories listed as absent in its report."""
+    assert absent_categories(["weave", "partial"], None) == []
+    assert absent_categories(["weave"], ["weave", "grid", "grid"]) == ["grid"]
+    partial = absent_categories(["grid", "weave"], None)
+    assert len(partial) == 14 and "grid" not in partial and "bottle" in partial
 
 
 def test_a_category_without_test_images_is_named_unusable_before_its_fit(dataset, tmp_path):
@@ -374,6 +383,23 @@ def test_coreset_ratio_to_stock_is_paired_per_round():
                "stock (extrapolated)": [2.0, 20.0, 2.0]}
     rows, _ = report(timings, {}, {"ours"}, cold=30.0)
     assert rows[3][0] == "ours" and rows[3][2] == "2.0 [1.0-5.0]", rows  # 2/1, 20/4, 2/2
+
+
+def test_a_roc_plot_of_a_one_class_test_split_says_auroc_is_undefined_without_a_warning(tmp_path):
+    """A test split of good images only (or of defects only): sklearn's UndefinedMetricWarning reached stderr from
+    the report's ROC plot; the plot now says plainly that AUROC is undefined there."""
+    import warnings
+
+    from exporter.report import roc_plot
+
+    rows = [{"model": "patchcore", "category": c, "image_auroc": auroc, "_labels": np.array(labels),
+             "_scores": np.array([0.1, 0.5, 0.9])}
+            for c, labels, auroc in (("good-only", [0, 0, 0], None), ("defects-only", [1, 1, 1], None),
+                                     ("both", [0, 1, 1], 1.0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        roc_plot(rows, tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").stat().st_size > 0
 
 
 def test_a_figure_undefined_at_another_precision_reads_n_a_and_a_plot_of_any_name_links_in_the_report():

@@ -717,6 +717,8 @@ def test_a_test_split_of_defects_only_says_why_it_has_no_auroc_and_has_pixel_met
     assert metrics["image_auroc"] is None and metrics["image_metrics"] == "image AUROC undefined: no good test images"
     assert metrics["pixel_auroc"] > 0.8 and metrics["aupro"] > 0.3, metrics
     assert metrics["pixel_metrics"] == f"all {len(defects.test)} test images", metrics
+    goods = evaluate_folder(bundle_dir, replace(category, test=[s for s in category.test if not s.label]))
+    assert goods["image_auroc"] is None and goods["image_metrics"] == "image AUROC undefined: no defect test images"
 
 
 def test_synth_refuses_a_folder_that_holds_images(tmp_path, capsys):

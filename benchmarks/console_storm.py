@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,12 +27,13 @@ import numpy as np
 
 from benchmarks.common import ROOT, fmt, summary
 from scripts.broker import Broker, free_port
-from scripts.console_helpers import ConsoleProcess
+from scripts.console_helpers import DIRECT, ConsoleProcess
 from worker.pixels import PIXEL_FORMATS
 
 
 def _get(url: str) -> dict:
-    return json.loads(urllib.request.urlopen(url, timeout=10).read())
+    """The console's answer, straight to it: it is on loopback, a proxy set for pip must not carry the request."""
+    return json.loads(DIRECT.open(url, timeout=10).read())
 
 
 def _round(broker: Broker, folder: Path, frame: bytes, raw: dict[str, str], frames: int) -> tuple[float, float, int]:

@@ -385,6 +385,30 @@ def test_coreset_ratio_to_stock_is_paired_per_round():
     assert rows[3][0] == "ours" and rows[3][2] == "2.0 [1.0-5.0]", rows  # 2/1, 20/4, 2/2
 
 
+def test_the_console_storms_requests_go_past_a_proxy_set_for_pip(tmp_path, broker, monkeypatch):
+    """With http_proxy set (as setup.sh's pip needs it, without no_proxy) benchmarks/console_storm.py sent its
+    requests to the console on 127.0.0.1 through the proxy, as scripts/demo.py did."""
+    import urllib.request
+
+    from benchmarks.console_storm import _get
+    from conftest import write_config
+    from scripts.broker import free_port
+    from scripts.console_helpers import ConsoleProcess
+
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener, read from the environment at first use
+    port = free_port()
+    console = ConsoleProcess(write_config(tmp_path / "w", broker.port, tmp_path / "no-bundle", console={"port": port}),
+                             tmp_path / "console.log", port, timeout=30)
+    try:
+        assert _get(f"{console.url}/api/state")["broker"] is True
+    finally:
+        assert console.stop() == 0
+
+
 def test_a_roc_plot_of_a_one_class_test_split_says_auroc_is_undefined_without_a_warning(tmp_path):
     """A test split of good images only (or of defects only): sklearn's UndefinedMetricWarning reached stderr from
     the report's ROC plot; the plot now says plainly that AUROC is undefined there."""

@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 import zlib
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -654,47 +655,13 @@ def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, datas
         client.close()
 
 
-@pytest.mark.parametrize("floor", [64, 0])
-def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(floor, broker, bundle_dir, dataset, tmp_path,
-                                                                    small_disk, worker_factory):
-    """A first start on a full disk ended in a traceback (exit 1): the claim's owner line, written into each new
-    folder's lock file, was not guarded. The lock is the claim; its owner line is said as not written.  With
-    ``store.min_free_mb: 0`` the worker was killed by SIGBUS opening the embedded store (the engine writes a whole
-    log segment there) before it came online; the engine's own need is now the floor's least value."""
+def _first_start_on_a_full_disk(disk: Path, store: dict[str, Any], broker, bundle_dir, dataset,
+                                worker_factory) -> tuple[dict[str, Any], str]:
+    """A worker's first start with every folder on ``disk``, filled first: its result for one frame (it must come
+    online and answer) and its log."""
     prefix = f"f{uuid.uuid4().hex[:6]}"
-    config = write_config(small_disk / "w", broker.port, bundle_dir, topics={"prefix": prefix},
-                          store={"path": str(small_disk / "w" / "qdrant"), "min_free_mb": floor},
-                          mqtt={"session_file": str(small_disk / "w" / "mqtt-session.json")})
-    fill_disk(small_disk)
-    client = Client(broker.port, prefix)
-    worker = worker_factory(config)
-    try:
-        online = f"{prefix}/workers/w-test/availability"
-        deadline = time.monotonic() + 120
-        while not [m for m in client.messages if m.topic == online and m.payload == b"online"]:
-            assert worker.proc.poll() is None, f"exit {worker.proc.returncode}: {worker.output()[-3000:]}"
-            assert time.monotonic() < deadline, worker.output()[-3000:]
-            time.sleep(0.1)  # poll interval: the process's exit or its announcement, with a deadline
-        client.publish_frame("cam", good_png(dataset).read_bytes(), "on-a-full-disk")
-        client.json_on(f"{prefix}/cam/result")
-        assert worker.stop() == 0, worker.output()[-3000:]
-    finally:
-        client.close()
-    assert (f"WARNING worker.service: evidence.path: the owner line of {small_disk / 'w' / 'evidence' / '.worker.lock'} "
-            "cannot be written (No space left on device); the folder is claimed all the same") in worker.output()
-    assert "vector store unavailable (not starting the store's open: 0 MB free on the disk of" in worker.output()
-
-
-def test_a_first_start_on_a_full_ext4_disk_without_its_folders_serves(broker, bundle_dir, dataset, small_ext4_disk,
-                                                                     worker_factory):
-    """A first start on a full ext4 disk, none of the worker's folders made yet, stopped with exit 2 naming
-    ``model.cache_dir: ... (No space left on device)``: ext4 needs a block for a new folder, where tmpfs needs none.
-    A full disk must not stop inspection: what cannot be made is said in the log, and the worker comes online and
-    answers frames, as on a full tmpfs."""
-    disk = small_ext4_disk
-    prefix = f"x{uuid.uuid4().hex[:6]}"
     config = write_config(disk / "w", broker.port, bundle_dir, topics={"prefix": prefix},
-                          store={"path": str(disk / "w" / "qdrant")},
+                          store={"path": str(disk / "w" / "qdrant"), **store},
                           mqtt={"session_file": str(disk / "w" / "mqtt-session.json")})
     fill_disk(disk)
     client = Client(broker.port, prefix)
@@ -706,13 +673,37 @@ def test_a_first_start_on_a_full_ext4_disk_without_its_folders_serves(broker, bu
             assert worker.proc.poll() is None, f"exit {worker.proc.returncode}: {worker.output()[-3000:]}"
             assert time.monotonic() < deadline, worker.output()[-3000:]
             time.sleep(0.1)  # poll interval: the process's exit or its announcement, with a deadline
-        client.publish_frame("cam", good_png(dataset).read_bytes(), "on-a-full-ext4-disk")
+        client.publish_frame("cam", good_png(dataset).read_bytes(), "on-a-full-disk")
         [result] = client.json_on(f"{prefix}/cam/result")
-        assert result["frame_id"] == "on-a-full-ext4-disk" and result["verdict"] in {"normal", "anomalous"}, result
         assert worker.stop() == 0, worker.output()[-3000:]
     finally:
         client.close()
-    assert "model.cache_dir" in worker.output() and "No space left on device" in worker.output()
+    return result, worker.output()
+
+
+@pytest.mark.parametrize("floor", [64, 0])
+def test_a_first_start_on_a_full_disk_claims_its_folders_and_serves(floor, broker, bundle_dir, dataset, tmp_path,
+                                                                    small_disk, worker_factory):
+    """A first start on a full disk ended in a traceback (exit 1): the claim's owner line, written into each new
+    folder's lock file, was not guarded. The lock is the claim; its owner line is said as not written.  With
+    ``store.min_free_mb: 0`` the worker was killed by SIGBUS opening the embedded store (the engine writes a whole
+    log segment there) before it came online; the engine's own need is now the floor's least value."""
+    _, output = _first_start_on_a_full_disk(small_disk, {"min_free_mb": floor}, broker, bundle_dir, dataset,
+                                            worker_factory)
+    assert (f"WARNING worker.service: evidence.path: the owner line of {small_disk / 'w' / 'evidence' / '.worker.lock'} "
+            "cannot be written (No space left on device); the folder is claimed all the same") in output
+    assert "vector store unavailable (not starting the store's open: 0 MB free on the disk of" in output
+
+
+def test_a_first_start_on_a_full_ext4_disk_without_its_folders_serves(broker, bundle_dir, dataset, small_ext4_disk,
+                                                                     worker_factory):
+    """A first start on a full ext4 disk, none of the worker's folders made yet, stopped with exit 2 naming
+    ``model.cache_dir: ... (No space left on device)``: ext4 needs a block for a new folder, where tmpfs needs none.
+    A full disk must not stop inspection: what cannot be made is said in the log, and the worker comes online and
+    answers frames, as on a full tmpfs."""
+    result, output = _first_start_on_a_full_disk(small_ext4_disk, {}, broker, bundle_dir, dataset, worker_factory)
+    assert result["frame_id"] == "on-a-full-disk" and result["verdict"] in {"normal", "anomalous"}, result
+    assert "model.cache_dir" in output and "No space left on device" in output
 
 
 # 3. Overload is handled by policy -------------------------------------------------------------

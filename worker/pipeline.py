@@ -518,10 +518,9 @@ class Pipeline:
             width = round(width / (cols - (cols - 1) * grid.overlap))
             height = round(height / (rows - (rows - 1) * grid.overlap))
         key = (width, height, manifest.name, manifest.version, manifest.tiling is not None)
-        known = self._shape_notes.get(key, _UNSEEN)
-        if isinstance(known, str) or known is None:
-            shape = known
-        else:  # kept in hand: another inference thread may clear the table before it is read back
+        try:  # one read, the note kept in hand: another inference thread may clear the table after it
+            shape = self._shape_notes[key]
+        except KeyError:
             shape = manifest.unlike_training(width, height, tiled=key[4])
             if len(self._shape_notes) >= 1000:  # sizes x bundles seen: a bound, not a working set
                 self._shape_notes.clear()

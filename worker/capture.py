@@ -46,7 +46,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from bundle import Manifest, make_folder, process_running
+from bundle import DISK_FULL, Manifest, make_folder, process_running
 from bundle.tiling import Grid
 from worker.supervise import Throttle
 
@@ -172,7 +172,7 @@ def unwritable(exc: OSError, what: str) -> str:
     system's own message."""
     if isinstance(exc, NoRoom):
         return f"{what}: {exc.strerror}"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in DISK_FULL:
         return f"the disk of {what} is full"
     return f"{what} cannot be written ({exc})"
 

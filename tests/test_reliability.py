@@ -11,6 +11,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -33,7 +34,7 @@ from paho.mqtt.properties import Properties
 
 from benchmarks.fuzz import fitted
 from bundle import write_manifest
-from conftest import Client, fill_disk, good_png, start_on_embedded_store, user_props, wait_online, write_config
+from conftest import ROOT, Client, fill_disk, good_png, start_on_embedded_store, user_props, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 from worker.api_client import ApiClient
 from worker.config import StoreConfig, load_config
@@ -1029,6 +1030,38 @@ def test_an_answer_past_the_brokers_maximum_packet_size_says_what_would_make_it_
         assert "fewer hits" not in export["error"]["message"] and "max_packet_size" in export["error"]["message"], export
         assert query["error"]["code"] == "response_too_large", query
         assert "fewer hits" in query["error"]["message"] and "include_thumbnails" in query["error"]["message"], query
+        assert worker.stop() == 0
+    finally:
+        client.close()
+        broker.stop()
+
+
+def test_a_csv_label_export_carries_each_label_once_and_fits_where_the_csv_does(bundle_dir, tmp_path,
+                                                                                  worker_factory):
+    """A CSV export's answer carried every label twice, as JSON rows beside the CSV: it was refused
+    ``response_too_large`` under a broker's maximum packet size the CSV alone fits in."""
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 3000\n")
+    config = write_config(tmp_path, broker.port, bundle_dir, heatmap={"publish": "never"})
+    client = Client(broker.port)
+    try:
+        worker = worker_factory(config)
+        wait_online(client, "inspect")
+        tiny = cv2.imencode(".png", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
+        for n in range(8):
+            client.publish_frame("cam", tiny, f"f{n}")
+        client.wait_for(lambda m: m.topic == "inspect/cam/result", count=8)
+        with ApiClient(load_config(config), "test") as api:
+            for n in range(8):
+                assert api.label({"action": "set", "frame_id": f"f{n}", "camera": "cam", "label": "confirmed_defect",
+                                  "defect_type": "a-defect-type-long-enough-to-fill-a-packet", "note": None})["ok"]
+            export = api.label({"action": "export", "format": "csv"})
+        assert export["ok"] and export["count"] == 8 and "labels" not in export, export
+        rows = export["csv"].splitlines()
+        assert len(rows) == 9 and rows[0].startswith("frame_id,camera,captured_at"), rows
+        cli = subprocess.run([sys.executable, "-m", "worker", "labels", "--config", str(config), "--out",
+                              str(tmp_path / "labels.csv")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert cli.returncode == 0 and "8 labels written" in cli.stderr, cli.stderr
+        assert (tmp_path / "labels.csv").read_text().splitlines() == rows
         assert worker.stop() == 0
     finally:
         client.close()

@@ -334,9 +334,11 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
     labelled = {h["frame_id"]: (h["label"], h["defect_type"]) for h in hits}
     assert labelled[target] == ("false_alarm", None)
 
-    export = label({"action": "export", "format": "csv"})
-    assert export["ok"] and {(r["frame_id"], r["label"]) for r in export["labels"]} == {
+    export = label({"action": "export", "format": "json"})
+    assert export["ok"] and export["count"] == 2 and {(r["frame_id"], r["label"]) for r in export["labels"]} == {
         (target, "false_alarm"), (other, "confirmed_defect")}
+    export = label({"action": "export", "format": "csv"})
+    assert export["ok"] and export["count"] == 2 and "labels" not in export, export  # each label once: in the CSV
     assert export["csv"].splitlines()[0].startswith("frame_id,camera,captured_at")
     assert len(export["csv"].splitlines()) == 3
 
@@ -434,10 +436,11 @@ def test_the_csv_export_shows_formulas_as_text(running, dataset):
         assert _query(client, prefix, {"action": "set", "frame_id": frame_id, "camera": "-cam", "note": note,
                                        "label": "confirmed_defect", "defect_type": defect_type}, topic="label")["ok"]
 
-    export = _query(client, prefix, {"action": "export", "format": "csv"}, topic="label")
+    export = _query(client, prefix, {"action": "export", "format": "json"}, topic="label")
     assert {r["frame_id"]: (r["note"], r["defect_type"], r["camera"]) for r in export["labels"]} == {
         "=1+2": ('=HYPERLINK("http://evil.example","x")', "-1+1", "-cam"), "@SUM(1;2)": ("\tpadded", "+x", "-cam"),
         "'=1+2": ("'quoted", "bent", "-cam")}
+    export = _query(client, prefix, {"action": "export", "format": "csv"}, topic="label")
     cli = subprocess.run([sys.executable, "-m", "worker", "labels", "--config", str(config), "--format", "csv"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr

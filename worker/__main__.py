@@ -140,7 +140,7 @@ def _labels(args: argparse.Namespace) -> int:
         except OSError as exc:  # a folder, a path below a file, a place not ours to write
             print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-        print(f"{len(answer['labels'])} labels written to {args.out}", file=sys.stderr)
+        print(f"{answer['count']} labels written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

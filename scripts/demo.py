@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,13 @@ def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+def shell(cmd: list[str | Path]) -> str:
+    """A command as a shell reads it back: pasted, a path with a space or a quote stays one argument."""
+    return shlex.join(str(c) for c in cmd)
+
+
+def run(cmd: list[str | Path], **kw) -> subprocess.CompletedProcess:
+    print("$ " + shell(cmd), flush=True)
     return subprocess.run(cmd, check=True, cwd=ROOT, **kw)
 
 
@@ -261,7 +267,8 @@ def main() -> int:
 
         cfg = yaml.safe_load(config.read_text())
         console = ConsoleProcess(config, out / "console.log", cfg["console"]["port"])
-        banner(f"operator console: {console.url}/ (live while the demo runs; python -m worker console --config {config})")
+        banner(f"operator console: {console.url}/ (live while the demo runs; "
+               f"{shell(['python', '-m', 'worker', 'console', '--config', config])})")
         banner(f"replaying {len(frames)} test images as camera {CAMERA}")
         subprocess.run([sys.executable, str(ROOT / "deploy" / "camera_publisher.py"), "--port", str(broker.port),
                         "--camera", CAMERA, "--folder", str(data / category / "test"), "--glob", "*/*.png",

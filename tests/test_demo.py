@@ -4,7 +4,10 @@ its report names the CPU and precision of its figures."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +17,7 @@ from pydantic import BaseModel
 
 from scripts.broker import free_port
 from scripts.console_helpers import ConsoleProcess
-from scripts.demo import WORKER_STATE, demo_config, replay_fps, reset_worker_state, write_report
+from scripts.demo import WORKER_STATE, demo_config, replay_fps, reset_worker_state, run, write_report
 from worker.config import load_config
 
 
@@ -97,3 +100,18 @@ def test_the_demos_console_check_goes_past_a_proxy_set_for_pip(tmp_path, broker,
     config = write_config(tmp_path / "w", broker.port, tmp_path / "no-bundle", console={"port": port})
     console = ConsoleProcess(config, tmp_path / "console.log", port, timeout=30)
     assert console.stop() == 0
+
+
+def test_a_command_the_demo_prints_runs_as_it_did_when_pasted_into_a_shell(tmp_path, capfd):
+    """The demo printed its commands joined by spaces: pasted, a path with a space (``--out "demo out"``, a data
+    folder under ``My Data``) became two arguments, and a quote or ``$`` was read by the shell."""
+    folder = tmp_path / "My Data's $HOME"
+    folder.mkdir()
+    env = {**os.environ, "RAN": str(tmp_path / "ran.jsonl")}
+    script = "import json, os, sys; open(os.environ['RAN'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')"
+    run([sys.executable, "-c", script, "--data", folder, "a;b"], env=env)
+    printed = capfd.readouterr().out.splitlines()[-1]
+    assert printed.startswith("$ "), printed
+    subprocess.run(["bash", "-c", printed[2:]], check=True, timeout=60, env=env)  # as pasted
+    ran, pasted = (json.loads(line) for line in (tmp_path / "ran.jsonl").read_text().splitlines())
+    assert pasted == ran == ["--data", str(folder), "a;b"], (ran, pasted)

@@ -11,6 +11,7 @@ changes it.  A user who already has a teacher passes its file instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -545,10 +546,21 @@ def load_teacher(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     A file that cannot be read, or whose weights are not a PDN's, is refused naming it (ValueError), not left to
     fail later in a key lookup or state-dict load.  ``steps_done`` comes from the file's header, or for a teacher
     written before the header held it (the shipped one) from the manifest beside it when that manifest names this
-    very file by sha256."""
+    very file by sha256.
+
+    Read once per file as it stands (its device, inode, size and modification time): a training run checks the
+    file before it reads its data and loads it again to build the model; a file replaced in between is read anew."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher file {path} not found")
+    stat = path.stat()
+    state, meta = _read_teacher(path, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return dict(state), dict(meta)  # the cached mappings stay as read; load_state_dict copies the tensors
+
+
+@functools.lru_cache(maxsize=1)
+def _read_teacher(path: Path, identity: tuple[int, int, int, int]) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`load_teacher`'s reading, keyed by the file's identity as well as its path."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:

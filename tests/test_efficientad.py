@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bundle import read_manifest
 from bundle.runtime import CompiledBundle
@@ -213,3 +214,28 @@ def test_featureless_normal_images_are_refused_by_name_not_exported_as_nan(small
     efficientad._channel_mean_std(model, torch.rand(2, 3, 256, 256))
     with pytest.raises(ValueError, match="student-teacher anomaly maps have no spread"):
         efficientad._map_quantiles(model, torch.full((2, 3, 256, 256), 0.5))
+
+
+def test_a_training_run_reads_its_teacher_file_once(small, teacher, tmp_path, monkeypatch):
+    """The teacher file was read three times in one `train --teacher` run: checked at the command line, checked
+    again by the fit before it reads its data, and loaded to build the model."""
+    import shutil
+
+    from exporter import teacher as teacher_module
+    from exporter.families import FAMILIES
+
+    given = shutil.copy2(teacher, tmp_path / "pdn-small.safetensors")  # a file no earlier test has read
+    reads = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return load_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(teacher_module, "load_file", counted)
+    settings = efficientad.EfficientAdSettings(teacher=str(given), steps=2, natural=str(small / "weave" / "train"))
+    FAMILIES["efficientad"].check(settings)
+    trained = fit_efficientad(small, "weave", settings)
+    assert reads == [str(given)], reads
+    on_file = load_file(str(given))
+    assert all(torch.equal(trained.graph.model.teacher.state_dict()[k], v.float()) for k, v in on_file.items())
+    assert trained.training["teacher_file"] == str(given)

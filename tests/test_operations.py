@@ -971,6 +971,36 @@ def test_prometheus_metrics_match_what_happened(broker, bundle_dir, dataset, tmp
     assert worker.stop() == 0
 
 
+def test_metrics_name_the_served_model_while_the_broker_cannot_be_reached(bundle_dir, tmp_path, worker_factory):
+    """``edge_inspect_model_info`` was set only when the retained model topic was published, at a connect: a worker
+    started while its broker was away (or never reaching it: a wrong host) served /metrics without any model, so
+    a dashboard or an alert on the served version saw none.  It names the bundle from the start."""
+    metrics_port = free_port()
+    config = write_config(tmp_path, free_port(), bundle_dir, metrics={"enabled": True, "port": metrics_port},
+                          mqtt={"reconnect_max_s": 1})  # a port nothing listens on: the broker is away
+    worker = worker_factory(config)
+
+    def samples() -> dict[str, list] | None:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return None  # not serving yet
+        found: dict[str, list] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                found.setdefault(s.name, []).append(s)
+        return found
+
+    deadline = time.monotonic() + 120
+    while (seen := samples()) is None or "edge_inspect_broker_connected" not in seen:
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-2000:]
+        time.sleep(0.1)  # poll interval while the worker starts, with a deadline
+    assert [s.value for s in seen["edge_inspect_broker_connected"]] == [0]
+    assert [(s.labels, s.value) for s in seen.get("edge_inspect_model_info", [])] == [
+        ({"scope": "default", "name": "weave-patchcore", "version": read_manifest(bundle_dir).version,
+          "precision": "f32"}, 1)]
+
+
 def test_an_image_query_is_embedded_by_the_model_of_its_camera_and_says_what_other_models_hold(
         broker, bundle_dir, dataset, tmp_path, worker_factory):
     """Image queries were always embedded by the default model: a canary camera's frames since its canary (another

@@ -189,6 +189,8 @@ class Worker:
                                  cfg.evidence.thumbnail_size, self.liveness, cfg.limits.recorder_max_records,
                                  cfg.limits.recorder_max_bytes)
         self.stats = Stats(self.liveness, cfg.metrics.max_cameras)
+        # /metrics names the bundles served from the start: the model topic waits for the broker, /metrics must not
+        self.stats.set_models(self._served())
         client_id = cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}"
         self.presence = Presence(cfg.worker.id, client_id)
         self.link = MqttLink(cfg.mqtt, client_id,
@@ -274,6 +276,10 @@ class Worker:
         except PacketTooLarge as exc:
             if self._too_large.ready():
                 log.error("not published: %s; raise the broker's maximum packet size (mosquitto: max_packet_size)", exc)
+
+    def _served(self) -> dict[str, tuple[str, str, str]]:
+        """Each scope's bundle as ``edge_inspect_model_info`` labels it: (name, version, precision)."""
+        return {scope: (m.info["name"], m.info["version"], m.info["precision"]) for scope, m in self.models.scopes().items()}
 
     def _publish_models(self) -> None:
         """The retained model topic and the models in /metrics.  Published by paho's network thread at each connect

@@ -656,6 +656,45 @@ def test_a_full_disk_costs_the_history_not_the_results(broker, bundle_dir, datas
         client.close()
 
 
+def test_metrics_count_the_history_a_full_disk_loses(broker, bundle_dir, dataset, tmp_path, small_disk, worker_factory):
+    """On a full disk the store refuses writes and the spool cannot take the batches: the frames are answered and
+    their records lost (the stats' ``recorder_lost``).  /metrics said only ``edge_inspect_store_available`` 0, whose
+    help promised the frames were spooled, and ``edge_inspect_store_pending`` 0: a Prometheus reader took the history
+    to be safe.  ``edge_inspect_history_lost_total`` counts them, by the stats field that does."""
+    prefix, metrics_port = f"l{uuid.uuid4().hex[:6]}", free_port()
+    config = write_config(tmp_path / "w", broker.port, bundle_dir, topics={"prefix": prefix},
+                          store={"path": str(small_disk / "qdrant"), "flush_s": 0.1},
+                          spool={"path": str(small_disk / "spool")}, metrics={"enabled": True, "port": metrics_port})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    stats_topic = f"{prefix}/workers/w-test/stats"
+
+    def lost() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        return {line.split('reason="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("edge_inspect_history_lost_total{")}
+
+    try:
+        wait_online(client, prefix)
+        fill_disk(small_disk)
+        frames = sorted((dataset / "weave" / "train" / "good").glob("*.png"))[:4]
+        for i, frame in enumerate(frames):
+            client.publish_frame("cam", frame.read_bytes(), f"full{i}")
+        client.json_on(f"{prefix}/cam/result", count=len(frames))
+        stats = json.loads(client.wait_for(lambda m: m.topic == stats_topic
+                                           and json.loads(m.payload)["recorder_lost"] == len(frames),
+                                           timeout=60)[-1].payload)
+        assert stats["store_written"] == 0 and stats["spool_batches"] == 0, stats
+        deadline = time.monotonic() + 30
+        while lost().get("recorder_lost") != len(frames):
+            assert time.monotonic() < deadline, lost()
+            time.sleep(0.1)  # poll interval: the main loop brings the counter up every 0.2 s
+        assert lost() == {"recorder_dropped": 0, "recorder_lost": len(frames), "spool_dropped_points": 0,
+                          "recorder_unrecorded": 0}
+    finally:
+        client.close()
+
+
 def _first_start_on_a_full_disk(disk: Path, store: dict[str, Any], broker, bundle_dir, dataset,
                                 worker_factory) -> tuple[dict[str, Any], str]:
     """A worker's first start with every folder on ``disk``, filled first: its result for one frame (it must come

@@ -68,8 +68,15 @@ class Stats:
         self.store_lag = Gauge("edge_inspect_store_pending", "Logged frames not yet written to the vector store "
                                "(recorder backlog + spooled points).", registry=self.registry)
         self.store_up = Gauge("edge_inspect_store_available", "1 when the vector store takes writes (0 while it cannot "
-                              "be opened or refuses them, e.g. below store.min_free_mb: frames are spooled).",
+                              "be opened or refuses them, e.g. below store.min_free_mb: frames are spooled, or lost "
+                              "where the spool cannot take them either: edge_inspect_history_lost_total).",
                               registry=self.registry)
+        self.history_lost = PromCounter("edge_inspect_history_lost", "Scored frames the history (the vector store) "
+                                        "lacks for good, by the stats field that counts them: recorder_dropped (the "
+                                        "recorder's backlog full), recorder_lost (neither the store nor the spool took "
+                                        "them, e.g. a full disk), spool_dropped_points (the spool past spool.max_mb), "
+                                        "recorder_unrecorded (store_error).", ["reason"], registry=self.registry)
+        self._lost_counted: Counter = Counter()
         self.broker_up = Gauge("edge_inspect_broker_connected", "1 while the MQTT broker connection is up (frames can "
                                "arrive).", registry=self.registry)
         self.refused = Gauge("edge_inspect_subscriptions_refused", "Topics the broker refuses to subscribe the worker "
@@ -115,6 +122,14 @@ class Stats:
             self.model.clear()
             for scope, (name, version, precision) in served.items():
                 self.model.labels(scope, name, version, precision).set(1)
+
+    def count_lost(self, totals: dict[str, int]) -> None:
+        """Bring ``edge_inspect_history_lost_total`` up to the recorder's and the spool's own totals (they only grow),
+        by reason; each reason is exported from the first call on, at 0 until a frame is lost."""
+        with self._lock:
+            for reason, total in totals.items():
+                self.history_lost.labels(reason).inc(total - self._lost_counted[reason])
+                self._lost_counted[reason] = total
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:

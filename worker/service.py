@@ -655,6 +655,9 @@ class Worker:
             self.stats.queue_depth.set(len(self.pipeline.queue))
             self.stats.store_lag.set(self.recorder.pending + self.recorder.spool.points)
             self.stats.store_up.set(int(self.recorder.store_available))
+            self.stats.count_lost({"recorder_dropped": self.recorder.dropped, "recorder_lost": self.recorder.lost,
+                                   "spool_dropped_points": self.recorder.spool.dropped_points,
+                                   "recorder_unrecorded": self.recorder.unrecorded})
             self.stats.broker_up.set(int(self.link.connected.is_set()))
             self.link.resubscribe_refused()
             self.stats.refused.set(len(self.link.refused))

@@ -1001,6 +1001,48 @@ def test_metrics_name_the_served_model_while_the_broker_cannot_be_reached(bundle
           "precision": "f32"}, 1)]
 
 
+def test_metrics_gauges_follow_the_worker_through_its_stop(broker, bundle_dir, dataset, tmp_path):
+    """The gauges were set by the main loop, which ends when a stop begins: for the whole stop (up to 110 s, its
+    queue drained, its results delivered, the broker left) /metrics still said what the loop last saw: the broker
+    connected after the link had closed, the queue as it was before it drained.  They are read at each scrape.  The
+    worker runs in this process so that /metrics can still be read once its stop is over."""
+    from worker.service import Worker
+    from worker.supervise import StopSignals
+
+    prefix, metrics_port = f"g{uuid.uuid4().hex[:6]}", free_port()
+    worker = Worker(load_config(write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                                             metrics={"enabled": True, "port": metrics_port})))
+    client = Client(broker.port, prefix)
+    stop, signals = threading.Event(), StopSignals()
+    running = threading.Thread(target=worker.run, args=(stop, signals), daemon=True)
+
+    def gauges() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name in ("edge_inspect_broker_connected", "edge_inspect_queue_depth")}
+
+    try:
+        running.start()
+        _online(client, prefix)
+        deadline = time.monotonic() + 30
+        while gauges()["edge_inspect_broker_connected"] != 1:
+            assert time.monotonic() < deadline, gauges()
+            time.sleep(0.1)  # poll interval: the connection is up before the gauge may say so
+        for i in range(8):
+            client.publish_frame("cam", _good(dataset), f"s{i}")
+        client.wait_for(lambda m: m.topic == f"{prefix}/cam/result")  # frames are in: the stop has some to finish
+        signals.received = signal.SIGTERM
+        running.join(120)
+        assert not running.is_alive(), "the stop did not end"
+        assert not worker.link.connected.is_set() and len(worker.pipeline.queue) == 0
+        assert gauges() == {"edge_inspect_broker_connected": 0, "edge_inspect_queue_depth": 0}
+    finally:
+        worker.stats.close()
+        client.close()
+        for claim in worker.claims:
+            claim.close()
+
+
 def test_an_image_query_is_embedded_by_the_model_of_its_camera_and_says_what_other_models_hold(
         broker, bundle_dir, dataset, tmp_path, worker_factory):
     """Image queries were always embedded by the default model: a canary camera's frames since its canary (another

@@ -59,7 +59,7 @@ from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
 
 EXIT_STUCK = 3
-LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the gauges
+LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the loss and refusal counters
 GIVE_UP_ANSWER_S = 3.0  # at most this long answering the queued frames and requests before a watchdog exit
 # The whole clean stop: deploy/systemd's TimeoutStopSec=120 leaves room for the exit after it. Each wait is bounded by
 # its own limit too, and by what is left of this.
@@ -214,6 +214,13 @@ class Worker:
                                  self.capture)
         self.queries = QueryService(self.recorder.use_store, self.evidence, self.pipeline.embed, cfg.query.max_top_k,
                                     self._settle)
+        # Read at each scrape, not set by the main loop: during a stop (up to STOP_S, after the loop has ended) they
+        # froze at its last turn, the broker connected after the link closed and the queue full while it drained.
+        self.stats.queue_depth.set_function(lambda: len(self.pipeline.queue))
+        self.stats.store_lag.set_function(lambda: self.recorder.pending + self.recorder.spool.points)
+        self.stats.store_up.set_function(lambda: int(self.recorder.store_available))
+        self.stats.broker_up.set_function(lambda: int(self.link.connected.is_set()))
+        self.stats.refused.set_function(lambda: len(self.link.refused))
         self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
         self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle, self.capture,
                                    self.pipeline.stored_image)
@@ -652,15 +659,10 @@ class Worker:
             problems = self.liveness.problems()
             if problems:
                 self._give_up(problems)
-            self.stats.queue_depth.set(len(self.pipeline.queue))
-            self.stats.store_lag.set(self.recorder.pending + self.recorder.spool.points)
-            self.stats.store_up.set(int(self.recorder.store_available))
             self.stats.count_lost({"recorder_dropped": self.recorder.dropped, "recorder_lost": self.recorder.lost,
                                    "spool_dropped_points": self.recorder.spool.dropped_points,
                                    "recorder_unrecorded": self.recorder.unrecorded})
-            self.stats.broker_up.set(int(self.link.connected.is_set()))
             self.link.resubscribe_refused()
-            self.stats.refused.set(len(self.link.refused))
             refused = self.link.publishes_refused
             self.stats.publishes_refused.inc(refused - self._refusals_counted)
             self._refusals_counted = refused

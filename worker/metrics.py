@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -40,6 +40,10 @@ HTTP_MAX_CONNECTIONS = 32  # connections served at once; past them a new one is 
 # a deadline for each read alone let clients that send a byte now and then hold every slot for as long as they liked.
 HTTP_TIMEOUT_S = 10.0
 HTTP_REFUSED_LOG_EVERY_S = 60.0
+HISTORY_LOST_HELP = ("Scored frames the history (the vector store) lacks for good, by the stats field that counts them: "
+                     "recorder_dropped (the recorder's backlog full), recorder_lost (neither the store nor the spool "
+                     "took them, e.g. a full disk), spool_dropped_points (the spool past spool.max_mb), "
+                     "recorder_unrecorded (store_error).")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -71,12 +75,6 @@ class Stats:
                               "be opened or refuses them, e.g. below store.min_free_mb: frames are spooled, or lost "
                               "where the spool cannot take them either: edge_inspect_history_lost_total).",
                               registry=self.registry)
-        self.history_lost = PromCounter("edge_inspect_history_lost", "Scored frames the history (the vector store) "
-                                        "lacks for good, by the stats field that counts them: recorder_dropped (the "
-                                        "recorder's backlog full), recorder_lost (neither the store nor the spool took "
-                                        "them, e.g. a full disk), spool_dropped_points (the spool past spool.max_mb), "
-                                        "recorder_unrecorded (store_error).", ["reason"], registry=self.registry)
-        self._lost_counted: Counter = Counter()
         self.broker_up = Gauge("edge_inspect_broker_connected", "1 while the MQTT broker connection is up (frames can "
                                "arrive).", registry=self.registry)
         self.refused = Gauge("edge_inspect_subscriptions_refused", "Topics the broker refuses to subscribe the worker "
@@ -123,13 +121,10 @@ class Stats:
             for scope, (name, version, precision) in served.items():
                 self.model.labels(scope, name, version, precision).set(1)
 
-    def count_lost(self, totals: dict[str, int]) -> None:
-        """Bring ``edge_inspect_history_lost_total`` up to the recorder's and the spool's own totals (they only grow),
-        by reason; each reason is exported from the first call on, at 0 until a frame is lost."""
-        with self._lock:
-            for reason, total in totals.items():
-                self.history_lost.labels(reason).inc(total - self._lost_counted[reason])
-                self._lost_counted[reason] = total
+    def count_lost(self, totals: Callable[[], dict[str, int]]) -> None:
+        """Export ``edge_inspect_history_lost_total`` by reason from ``totals``, read at each scrape: the recorder's
+        and the spool's own counts of frames the history lacks (they only grow), the last flush of a stop's included."""
+        self.registry.register(_Totals("edge_inspect_history_lost", HISTORY_LOST_HELP, "reason", totals))
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -274,3 +269,16 @@ class _LivenessCollector(Collector):
             up.add_metric([name], 0 if f"{name}:" in problems else 1)
             restarts.add_metric([name], s["restarts"])
         yield from (since, up, restarts)
+
+
+class _Totals(Collector):
+    """A counter by one label, read at scrape time from totals kept elsewhere that only grow."""
+
+    def __init__(self, name: str, documentation: str, label: str, totals: Callable[[], dict[str, int]]) -> None:
+        self.name, self.documentation, self.label, self.totals = name, documentation, label, totals
+
+    def collect(self) -> Iterator:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, total in self.totals().items():
+            family.add_metric([value], total)
+        yield family

@@ -59,7 +59,7 @@ from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
 
 EXIT_STUCK = 3
-LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the loss and refusal counters
+LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the refusals counter
 GIVE_UP_ANSWER_S = 3.0  # at most this long answering the queued frames and requests before a watchdog exit
 # The whole clean stop: deploy/systemd's TimeoutStopSec=120 leaves room for the exit after it. Each wait is bounded by
 # its own limit too, and by what is left of this.
@@ -221,6 +221,9 @@ class Worker:
         self.stats.store_up.set_function(lambda: int(self.recorder.store_available))
         self.stats.broker_up.set_function(lambda: int(self.link.connected.is_set()))
         self.stats.refused.set_function(lambda: len(self.link.refused))
+        self.stats.count_lost(lambda: {"recorder_dropped": self.recorder.dropped, "recorder_lost": self.recorder.lost,
+                                       "spool_dropped_points": self.recorder.spool.dropped_points,
+                                       "recorder_unrecorded": self.recorder.unrecorded})
         self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
         self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle, self.capture,
                                    self.pipeline.stored_image)
@@ -659,9 +662,6 @@ class Worker:
             problems = self.liveness.problems()
             if problems:
                 self._give_up(problems)
-            self.stats.count_lost({"recorder_dropped": self.recorder.dropped, "recorder_lost": self.recorder.lost,
-                                   "spool_dropped_points": self.recorder.spool.dropped_points,
-                                   "recorder_unrecorded": self.recorder.unrecorded})
             self.link.resubscribe_refused()
             refused = self.link.publishes_refused
             self.stats.publishes_refused.inc(refused - self._refusals_counted)

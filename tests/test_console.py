@@ -1306,6 +1306,26 @@ def test_similar_past_frames_open_from_the_keyboard(broker, tmp_path):
             expect(dialog).to_be_hidden()
 
 
+@needs_chromium
+def test_a_page_whose_event_stream_was_refused_asks_again_and_goes_live(broker, tmp_path):
+    """An event stream answered with no stream (503 too_many_streams; a proxy's 502 while the console restarts) is
+    given up for good by the browser: the page said "reconnecting…" and showed no result until it was reloaded."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path, max_event_streams=1) as (first, client, errors):
+        second = first.context.new_page()
+        refused: list[int] = []
+        second.on("response", lambda r: refused.append(r.status) if r.url.endswith("api/events") else None)
+        second.goto(first.url)
+        expect(second.locator("#link")).to_have_text("reconnecting…", timeout=10_000)
+        assert 503 in refused, refused  # the console's cap, not a network error: the browser retries no more
+        first.close()  # its stream's slot is given back
+        expect(second.locator("#link")).to_have_text("live", timeout=20_000)
+        _publish_result(client, "cam-r", "after", datetime.now(UTC))
+        expect(second.locator('.tile[data-camera="cam-r"]')).to_have_attribute("data-frame-id", "after",
+                                                                                timeout=10_000)
+
+
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
     """A page on another site can POST a text/plain "form" to the console (no CORS preflight) with the operator's
     login: it absorbed a false alarm. Changes are taken only as JSON from the console's own origin."""

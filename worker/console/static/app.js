@@ -8,6 +8,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const enc = encodeURIComponent;
 const FEED_MAX = 100;  // feed items kept in the page
 const PLOT_EVERY_MS = 1000;
+const RECONNECT_MS = 2000;  // a refused event stream is asked for again after this long (as the console's "retry")
 const FEED_EVERY_MS = 250;  // new feed items are added in batches: a busy line must not keep the page busy
 const cams = new Map();  // camera -> {el, latest, dirty, points, plotted}, the most recently active last
 const pills = new Map();  // worker id -> its pill, the most recently updated last
@@ -651,17 +652,21 @@ async function loadState() {
   schedule();
 }
 
-async function start() {
-  await loadState();
-  await loadFeed();
-  loadLearned();
+let streamLost = false;  // the event stream was down: what came meanwhile was pushed to nobody
+
+// The event stream. The browser reconnects by itself after a network error, but gives up for good on an answer that is
+// no stream (503 too_many_streams, a proxy's 502 while the console restarts): the page then opens a new one itself.
+function connect() {
   const events = new EventSource("api/events");
-  let lost = false;
   events.onopen = () => {
     setLink(true, "live");
-    if (lost) { lost = false; loadState(); loadFeed(); loadLearned(); }
+    if (streamLost) { streamLost = false; loadState(); loadFeed(); loadLearned(); }
   };
-  events.onerror = () => { lost = true; setLink(false, "reconnecting…"); };
+  events.onerror = () => {
+    streamLost = true;
+    setLink(false, "reconnecting…");
+    if (events.readyState === EventSource.CLOSED) setTimeout(connect, RECONNECT_MS);
+  };
   events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
   events.addEventListener("thumbnail", (e) => onThumbnail(JSON.parse(e.data)));
   events.addEventListener("feed", loadFeed);  // the defects logged before the console started, behind the live ones
@@ -671,6 +676,13 @@ async function start() {
   for (const kind of ["ping", "link"]) {  // "link": the console's MQTT link came or went
     events.addEventListener(kind, (e) => { const p = JSON.parse(e.data); setBroker(p.broker, p.broker_problem, p.broker_refused); });
   }
+}
+
+async function start() {
+  await loadState();
+  await loadFeed();
+  loadLearned();
+  connect();
   setInterval(schedule, PLOT_EVERY_MS);  // plots scroll with time even when a camera is quiet
 }
 

@@ -203,9 +203,9 @@ def test_a_defect_feed_asked_until_before_since_is_refused(tmp_path):
     assert refused.status_code == 400 and refused.json()["error"] == {
         "code": "bad_request", "message": "since (2026-12-04T00:00:00Z) is after until (2026-12-03T00:00:00Z)"}
     ordered = http.get("/api/defects", params={"since": "2026-12-03T00:00:00Z", "until": "2026-12-03T00:00:00Z"})
-    assert ordered.status_code == 200 and ordered.json() == {"ok": True, "frames": []}
+    assert ordered.status_code == 200 and ordered.json() == {"ok": True, "frames": [], "more": False}
     noon = http.get("/api/defects", params={"since": "2026-12-03T12:00:00Z", "until": "2026-12-03"})  # the whole day
-    assert noon.status_code == 200 and noon.json() == {"ok": True, "frames": []}
+    assert noon.status_code == 200 and noon.json() == {"ok": True, "frames": [], "more": False}
 
 
 def test_assets_ship_with_the_package_and_fetch_nothing_from_outside():
@@ -1324,6 +1324,43 @@ def test_a_page_whose_event_stream_was_refused_asks_again_and_goes_live(broker, 
         _publish_result(client, "cam-r", "after", datetime.now(UTC))
         expect(second.locator('.tile[data-camera="cam-r"]')).to_have_attribute("data-frame-id", "after",
                                                                                 timeout=10_000)
+
+
+@needs_chromium
+def test_the_defect_feed_loads_older_defects_than_the_newest_hundred(broker, tmp_path):
+    """The page listed the newest 100 defects and no more: an operator could not look further back, though the console
+    keeps console.history of them. "Load older" lists the next ones after the last listed, as far as the console has."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path, history=150) as (page, client, _):
+        now = datetime.now(UTC)
+        for k in range(130):
+            _publish_result(client, "cam-o" if k % 2 else "cam-e", f"d{k:03d}", now, "anomalous")
+        cards = page.locator("#defects li.card")
+        expect(page.locator('#defects li.card[data-key="cam-o/d129"]')).to_have_count(1, timeout=20_000)
+        expect(cards).to_have_count(100)
+        older = page.locator("#feed-older")
+        expect(older).to_be_visible()
+        older.click()
+        expect(cards).to_have_count(130, timeout=10_000)
+        keys = [c.get_attribute("data-key") for c in cards.all()]
+        assert keys == [f"{'cam-o' if k % 2 else 'cam-e'}/d{k:03d}" for k in range(129, -1, -1)], keys
+        expect(older).to_be_hidden()  # nothing older in the console
+        page.locator("#feed-camera").select_option("cam-e")  # paging follows the camera filter
+        expect(cards).to_have_count(65, timeout=10_000)
+        expect(older).to_be_hidden()
+        url = page.url
+        feed = json.loads(urllib.request.urlopen(f"{url}api/defects?limit=50", timeout=5).read())
+        assert feed["more"] and feed["frames"][-1]["frame_id"] == "d080", feed["frames"][-1]
+        rest = json.loads(urllib.request.urlopen(f"{url}api/defects?limit=50&before_camera=cam-e&before_frame_id=d080",
+                                                 timeout=5).read())
+        assert [r["frame_id"] for r in rest["frames"]] == [f"d{k:03d}" for k in range(79, 29, -1)] and rest["more"]
+        gone = json.loads(urllib.request.urlopen(f"{url}api/defects?before_camera=cam-e&before_frame_id=nope",
+                                                 timeout=5).read())
+        assert gone == {"ok": True, "frames": [], "more": False}, gone
+        with pytest.raises(urllib.error.HTTPError) as half:
+            urllib.request.urlopen(f"{url}api/defects?before_camera=cam-e", timeout=5)
+        assert half.value.code == 400
 
 
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):

@@ -450,7 +450,13 @@ def create_app(cfg: Config) -> Starlette:
             return _error(400, "bad_request", f"limit must be at least 1, not {limit}")
         if since is not None and until is not None and since > until:  # else an empty feed, as if nothing matched
             return _error(400, "bad_request", f"since ({q['since']}) is after until ({q['until']})")
-        return JSONResponse({"ok": True, "frames": hub.defect_feed(q.get("camera") or None, since, until, limit)})
+        before_camera, before_frame = q.get("before_camera"), q.get("before_frame_id")
+        if (before_camera is None) != (before_frame is None):
+            return _error(400, "bad_request", "before_camera and before_frame_id go together: the last item listed")
+        before = (before_camera, before_frame) if before_camera is not None and before_frame is not None else None
+        # one more than asked: whether the page may offer older ones
+        frames = hub.defect_feed(q.get("camera") or None, since, until, limit + 1, before)
+        return JSONResponse({"ok": True, "frames": frames[:limit], "more": len(frames) > limit})
 
     def _unsent(only: str | None = None) -> Response | None:
         """A 503 when the workers' retained availability says none would answer (``only``: the one a control command

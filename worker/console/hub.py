@@ -706,12 +706,17 @@ class Hub:
             if entry is not None and entry.frame is held:
                 entry.frame = shown
 
-    def defect_feed(self, camera: str | None, since: float | None, until: float | None, limit: int) -> list[dict]:
+    def defect_feed(self, camera: str | None, since: float | None, until: float | None, limit: int,
+                    before: tuple[str, str] | None = None) -> list[dict]:
         """Anomalous frames seen since the console started, the last received first; ``since``/``until`` bound the
         console's receive time. Capture times would put a camera whose clock runs ahead on top for good, and leave
-        one whose clock runs behind out of every recent window."""
+        one whose clock runs behind out of every recent window. ``before``: the (camera, frame_id) of the last item a
+        page lists, to page on to older ones (none once the console has forgotten it: the older ones went first)."""
         with self.lock:
-            found = [e.view() for e in reversed(self.defects.values()) if (not camera or e.result["camera"] == camera)
+            entries = list(reversed(self.defects.items()))
+            if before is not None:
+                entries = entries[[key for key, _ in entries].index(before) + 1:] if before in self.defects else []
+            found = [e.view() for _, e in entries if (not camera or e.result["camera"] == camera)
                      and (not since or e.seen_at >= since) and (not until or e.seen_at <= until)]
         return found[:limit]
 

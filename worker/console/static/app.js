@@ -6,7 +6,7 @@
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const enc = encodeURIComponent;
-const FEED_MAX = 100;  // feed items kept in the page
+const FEED_MAX = 100;  // feed items the page lists, more for each "Load older" (the console keeps console.history)
 const PLOT_EVERY_MS = 1000;
 const RECONNECT_MS = 2000;  // a refused event stream is asked for again after this long (as the console's "retry")
 const FEED_EVERY_MS = 250;  // new feed items are added in batches: a busy line must not keep the page busy
@@ -16,6 +16,8 @@ let seriesSeconds = 3600;
 let maxCameras = 64, maxWorkers = 32;  // the console's bounds (console.max_cameras, console.max_workers): a page open
 // for weeks forgets, as the console does, the tile and the pill quiet the longest past them
 let feedPending = [];
+let feedLimit = FEED_MAX;  // items the feed keeps now: FEED_MAX, plus those the operator loaded older
+let feedSeq = 0;  // the newest feed listing: an answer to an earlier one (another filter) is dropped
 let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
 let overlay = 1;
@@ -172,7 +174,8 @@ function render() {
       }
       list.insertBefore(card(r), list.firstElementChild);
     }
-    while (list.children.length > FEED_MAX) list.lastElementChild.remove();
+    if (list.children.length > feedLimit) $("#feed-more").hidden = false;  // the console still has those
+    while (list.children.length > feedLimit) list.lastElementChild.remove();
     feedPending = [];
   } else if (feedPending.length && !feedTimer) {
     feedTimer = setTimeout(() => { feedTimer = 0; schedule(); }, FEED_EVERY_MS);
@@ -217,6 +220,7 @@ function labelText(label, type) {
 function card(r, hit = false) {
   const li = $("#card-tpl").content.firstElementChild.cloneNode(true);
   li.dataset.key = keyOf(r.camera, r.frame_id);
+  li.dataset.camera = r.camera;
   li.dataset.frameId = r.frame_id;
   li.classList.toggle("anomalous", r.verdict === "anomalous");
   const thumb = $(".thumb", li), hm = $(".hm", li);
@@ -608,14 +612,41 @@ function showError(cam, e) {
   $(".errs", cam.el).textContent = `last error: ${(e.last || {}).code} (${e.count} seen)`;
 }
 
-async function loadFeed() {
+// The feed's query for the filters shown: the camera and the time window.
+function feedParams() {
   const since = $("#feed-since").value;
   const params = new URLSearchParams({limit: FEED_MAX});
   if ($("#feed-camera").value) params.set("camera", $("#feed-camera").value);
   if (since) params.set("since", String(Date.now() / 1000 - Number(since)));
-  const answer = await (await fetch(`api/defects?${params}`)).json();
+  return params;
+}
+
+async function loadFeed() {
+  const seq = ++feedSeq;
+  const answer = await (await fetch(`api/defects?${feedParams()}`)).json();
+  if (seq !== feedSeq) return;
   feedPending = [];
+  feedLimit = FEED_MAX;
   $("#defects").replaceChildren(...answer.frames.map((r) => card(r)));
+  $("#feed-more").hidden = !answer.more;
+  $("#feed-status").textContent = "";
+}
+
+// The next FEED_MAX items after the last one listed, as the console lists them: an operator can look further back
+// than the newest FEED_MAX (as far as console.history).
+async function loadOlder() {
+  const list = $("#defects"), last = list.lastElementChild, seq = feedSeq;
+  const params = feedParams();
+  if (last) { params.set("before_camera", last.dataset.camera); params.set("before_frame_id", last.dataset.frameId); }
+  const answer = await ask(`api/defects?${params}`);
+  if (seq !== feedSeq) return;  // the filters changed meanwhile: the feed was listed anew
+  if (!answer.ok) { $("#feed-status").textContent = `not loaded: ${answer.error?.message || "error"}`; return; }
+  const listed = new Set([...list.children].map((li) => li.dataset.key));
+  const older = answer.frames.filter((r) => !listed.has(keyOf(r.camera, r.frame_id)));
+  list.append(...older.map((r) => card(r)));
+  feedLimit = Math.max(feedLimit, list.children.length);
+  $("#feed-more").hidden = !answer.more;
+  $("#feed-status").textContent = "";
 }
 
 function setLink(ok, text) {
@@ -687,6 +718,7 @@ async function start() {
 }
 
 $("#feed-filter").addEventListener("change", loadFeed);
+$("#feed-older").addEventListener("click", loadOlder);
 $("#query-filter").addEventListener("submit", search);
 $("#overlay").addEventListener("input", (e) => {
   overlay = Number(e.target.value);

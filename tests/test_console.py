@@ -1363,6 +1363,33 @@ def test_the_defect_feed_loads_older_defects_than_the_newest_hundred(broker, tmp
         assert half.value.code == 400
 
 
+@needs_chromium
+def test_a_tile_whose_new_heatmap_cannot_be_loaded_shows_no_picture_rather_than_the_frame_befores(broker, tmp_path):
+    """A heatmap the browser could not load (the network failed, the console had forgotten it) left the tile showing
+    the previous frame's heatmap under the new frame's id, verdict and score: a defect's heatmap on a good frame."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, _):
+        heat = page.locator('.tile[data-camera="cam-a"] img.heat')
+        _with_heatmap(client, "cam-a", "bad-one")
+        expect(heat).to_have_attribute("src", re.compile("/bad-one/heatmap"), timeout=10_000)
+        failed: list[str] = []
+
+        def fail(route) -> None:
+            failed.append(route.request.url)
+            route.abort()
+        page.route(re.compile(r"/api/frames/cam-a/good-one/heatmap"), fail)  # the browser's own request fails
+        _with_heatmap(client, "cam-a", "good-one", verdict="normal")
+        expect(page.locator('.tile[data-camera="cam-a"]')).to_have_attribute("data-frame-id", "good-one",
+                                                                              timeout=10_000)
+        expect(page.locator('.tile[data-camera="cam-a"] .verdict')).to_have_text("normal")
+        expect(heat).not_to_have_attribute("src", re.compile("bad-one"), timeout=10_000)
+        assert failed, "the heatmap was never asked for"
+        page.unroute(re.compile(r"/api/frames/cam-a/good-one/heatmap"))
+        _with_heatmap(client, "cam-a", "next-one", verdict="normal")  # the next one that loads shows again
+        expect(heat).to_have_attribute("src", re.compile("/next-one/heatmap"), timeout=10_000)
+
+
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
     """A page on another site can POST a text/plain "form" to the console (no CORS preflight) with the operator's
     login: it absorbed a false alarm. Changes are taken only as JSON from the console's own origin."""

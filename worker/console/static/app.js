@@ -38,7 +38,8 @@ const fmtCaptured = (iso) => {
   return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
 };
 
-// Latest-wins image loading: a tile never queues up stale images behind a slow one.
+// Latest-wins image loading: a tile never queues up stale images behind a slow one. An image that cannot be loaded
+// (the console forgot it, the network failed) leaves the tile without a picture, never with the frame before's.
 function show(img, url) {
   img._want = url;
   if (img._busy) return;
@@ -48,7 +49,7 @@ function show(img, url) {
     img._busy = true;
     const probe = new Image();
     probe.onload = () => { img.src = u; img._have = u; next(); };
-    probe.onerror = () => { img._have = u; next(); };
+    probe.onerror = () => { img.removeAttribute("src"); img._have = u; next(); };
     probe.src = u;
   };
   next();

@@ -1390,6 +1390,35 @@ def test_a_tile_whose_new_heatmap_cannot_be_loaded_shows_no_picture_rather_than_
         expect(heat).to_have_attribute("src", re.compile("/next-one/heatmap"), timeout=10_000)
 
 
+@needs_chromium
+def test_a_page_in_a_background_tab_holds_no_more_new_defects_than_it_lists(broker, tmp_path):
+    """A browser runs no animation frame for a tab in the background (headless Chromium keeps every page in front: the
+    page's requestAnimationFrame is held back here, as it is there), and the page kept every new defect waiting for
+    one: a tab left behind another on a busy line grew without bound. It keeps the newest it would list, and lists
+    them once its frames run again."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, _):
+        page.evaluate("""() => {
+            window.heldFrames = [];
+            window.requestAnimationFrame = (callback) => window.heldFrames.push(callback);
+        }""")
+        now = datetime.now(UTC)
+        for k in range(250):
+            _publish_result(client, "cam-b", f"d{k:03d}", now, "anomalous")
+        deadline = time.monotonic() + 30
+        while page.evaluate("cams.get('cam-b')?.latest?.frame_id") != "d249":  # the page's state, not its DOM
+            assert time.monotonic() < deadline, "the last result never reached the page"
+            page.wait_for_timeout(100)  # polling the page's state
+        assert page.evaluate("feedPending.length") == 100
+        page.evaluate("() => { window.requestAnimationFrame = (f) => setTimeout(() => f(performance.now()), 16); "
+                      "const held = window.heldFrames.splice(0); for (const f of held) f(performance.now()); }")
+        cards = page.locator("#defects li.card")
+        expect(cards).to_have_count(100, timeout=10_000)
+        assert cards.first.get_attribute("data-key") == "cam-b/d249"
+        assert cards.last.get_attribute("data-key") == "cam-b/d150"
+
+
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
     """A page on another site can POST a text/plain "form" to the console (no CORS preflight) with the operator's
     login: it absorbed a false alarm. Changes are taken only as JSON from the console's own origin."""

@@ -168,7 +168,7 @@ function render() {
     feedAt = now;
     const list = $("#defects");
     // The last received first, as /api/defects lists them: events come in the console's receive order.
-    for (const r of feedPending.slice(-FEED_MAX)) {
+    for (const r of feedPending) {
       // a new frame under an id already listed (a camera that reused it) takes the earlier one's item, as in the hub
       for (const old of list.querySelectorAll(`li.card[data-key="${CSS.escape(keyOf(r.camera, r.frame_id))}"]`)) {
         old.remove();
@@ -198,7 +198,10 @@ function onFrame(r) {
   const cam = camera(r.camera);
   if (r.first) addPoint(cam, r.seen_at, r.score);
   if (r.tile) { cam.latest = r; cam.dirty = true; }
-  if (r.verdict === "anomalous" && r.first && feedMatches(r)) feedPending.push(r);
+  if (r.verdict === "anomalous" && r.first && feedMatches(r)) {
+    // Only the newest FEED_MAX are ever listed from it; a tab in the background runs no animation frame to empty it.
+    if (feedPending.push(r) > FEED_MAX) feedPending.shift();
+  }
   schedule();
 }
 

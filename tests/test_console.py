@@ -1419,6 +1419,51 @@ def test_a_page_in_a_background_tab_holds_no_more_new_defects_than_it_lists(brok
         assert cards.last.get_attribute("data-key") == "cam-b/d150"
 
 
+@needs_chromium
+def test_the_defect_feed_drops_items_that_pass_out_of_its_time_window(broker, tmp_path):
+    """With "last 5 min" chosen, a defect stayed listed for as long as the page was open: the window was applied when
+    it was chosen and when an item came, never as time went by."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, _):
+        page.locator("#feed-since").select_option("300")
+        _publish_result(client, "cam-w", "old", datetime.now(UTC), "anomalous")
+        item = page.locator('#defects li.card[data-key="cam-w/old"]')
+        expect(item).to_have_count(1, timeout=10_000)
+        page.clock.set_fixed_time(datetime.now(UTC) + timedelta(minutes=6))  # the browser's clock only; timers run
+        expect(item).to_have_count(0, timeout=10_000)
+
+
+@needs_chromium
+def test_a_defect_that_comes_while_the_feed_is_listed_stays_in_it(broker, tmp_path):
+    """A listing of the feed (a filter chosen, the stream back, the defects logged before the console) replaced the
+    page's feed with the console's answer: a defect that came while the answer was on its way was in neither."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, _):
+        held: list = []
+
+        def hold(route) -> None:  # the console's answer, made now and handed to the page once the defect is in
+            held.append((route, route.fetch()))
+        page.route(re.compile(r"/api/defects\?"), hold)
+        page.locator("#feed-since").select_option("28800")  # a listing, as a filter chosen asks for
+        deadline = time.monotonic() + 10
+        while not held:
+            assert time.monotonic() < deadline, "the page never asked for the feed"
+            page.wait_for_timeout(50)  # polling for the page's request
+        _publish_result(client, "cam-l", "meanwhile", datetime.now(UTC), "anomalous")
+        item = page.locator('#defects li.card[data-key="cam-l/meanwhile"]')
+        expect(item).to_have_count(1, timeout=10_000)
+        route, answer = held.pop()
+        assert json.loads(answer.body())["frames"] == []  # made before the defect came
+        route.fulfill(response=answer)
+        page.unroute(re.compile(r"/api/defects\?"))
+        expect(page.locator("#feed-since")).to_have_value("28800")
+        _publish_result(client, "cam-l", "after", datetime.now(UTC), "anomalous")  # the listing is in by now
+        expect(page.locator('#defects li.card[data-key="cam-l/after"]')).to_have_count(1, timeout=10_000)
+        expect(item).to_have_count(1)
+
+
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
     """A page on another site can POST a text/plain "form" to the console (no CORS preflight) with the operator's
     login: it absorbed a false alarm. Changes are taken only as JSON from the console's own origin."""

@@ -17,7 +17,11 @@ let maxCameras = 64, maxWorkers = 32;  // the console's bounds (console.max_came
 // for weeks forgets, as the console does, the tile and the pill quiet the longest past them
 let feedPending = [];
 let feedLimit = FEED_MAX;  // items the feed keeps now: FEED_MAX, plus those the operator loaded older
-let feedSeq = 0;  // the newest feed listing: an answer to an earlier one (another filter) is dropped
+let feedExpire = false;  // set every PLOT_EVERY_MS: the next frame drops feed items past the chosen time window
+let feedSeq = 0;
+// The defects received since the feed was last asked for (the newest FEED_MAX): the console may have made its listing
+// before they came, so they are added to it again (an item already listed is replaced by its own).
+let feedArrived = [];  // the newest feed listing: an answer to an earlier one (another filter) is dropped
 let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
 let overlay = 1;
@@ -181,6 +185,15 @@ function render() {
   } else if (feedPending.length && !feedTimer) {
     feedTimer = setTimeout(() => { feedTimer = 0; schedule(); }, FEED_EVERY_MS);
   }
+  if (feedExpire) { feedExpire = false; expireFeed(); }
+}
+
+// Feed items leave as they pass out of the time window shown ("last 5 min"), as they would from a new listing.
+function expireFeed() {
+  const since = $("#feed-since").value;
+  if (!since) return;
+  const horizon = Date.now() / 1000 - Number(since);
+  for (const li of [...$("#defects").children]) if (Number(li.dataset.seenAt) < horizon) li.remove();
 }
 
 function schedule() {
@@ -198,9 +211,10 @@ function onFrame(r) {
   const cam = camera(r.camera);
   if (r.first) addPoint(cam, r.seen_at, r.score);
   if (r.tile) { cam.latest = r; cam.dirty = true; }
-  if (r.verdict === "anomalous" && r.first && feedMatches(r)) {
+  if (r.verdict === "anomalous" && r.first) {
+    if (feedArrived.push(r) > FEED_MAX) feedArrived.shift();
     // Only the newest FEED_MAX are ever listed from it; a tab in the background runs no animation frame to empty it.
-    if (feedPending.push(r) > FEED_MAX) feedPending.shift();
+    if (feedMatches(r) && feedPending.push(r) > FEED_MAX) feedPending.shift();
   }
   schedule();
 }
@@ -226,6 +240,7 @@ function card(r, hit = false) {
   li.dataset.key = keyOf(r.camera, r.frame_id);
   li.dataset.camera = r.camera;
   li.dataset.frameId = r.frame_id;
+  if (r.seen_at !== undefined) li.dataset.seenAt = r.seen_at;  // a feed item: when the console got it
   li.classList.toggle("anomalous", r.verdict === "anomalous");
   const thumb = $(".thumb", li), hm = $(".hm", li);
   if (hit) {
@@ -627,9 +642,10 @@ function feedParams() {
 
 async function loadFeed() {
   const seq = ++feedSeq;
+  feedArrived = [];
   const answer = await (await fetch(`api/defects?${feedParams()}`)).json();
   if (seq !== feedSeq) return;
-  feedPending = [];
+  feedPending = feedArrived.filter(feedMatches);
   feedLimit = FEED_MAX;
   $("#defects").replaceChildren(...answer.frames.map((r) => card(r)));
   $("#feed-more").hidden = !answer.more;
@@ -718,7 +734,8 @@ async function start() {
   await loadFeed();
   loadLearned();
   connect();
-  setInterval(schedule, PLOT_EVERY_MS);  // plots scroll with time even when a camera is quiet
+  // plots scroll with time even when a camera is quiet, and the feed's time window with them
+  setInterval(() => { feedExpire = true; schedule(); }, PLOT_EVERY_MS);
 }
 
 $("#feed-filter").addEventListener("change", loadFeed);

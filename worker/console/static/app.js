@@ -18,10 +18,10 @@ let maxCameras = 64, maxWorkers = 32;  // the console's bounds (console.max_came
 let feedPending = [];
 let feedLimit = FEED_MAX;  // items the feed keeps now: FEED_MAX, plus those the operator loaded older
 let feedExpire = false;  // set every PLOT_EVERY_MS: the next frame drops feed items past the chosen time window
-let feedSeq = 0;
+let feedSeq = 0;  // the newest feed listing: an answer to an earlier one (another filter) is dropped
 // The defects received since the feed was last asked for (the newest FEED_MAX): the console may have made its listing
 // before they came, so they are added to it again (an item already listed is replaced by its own).
-let feedArrived = [];  // the newest feed listing: an answer to an earlier one (another filter) is dropped
+let feedArrived = [];
 let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
 let overlay = 1;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -155,7 +156,6 @@ def _run_worker(tmp_path, port: int, files, bundle_dir, prefix: str = "inspect")
     config = write_config(tmp_path, port, bundle_dir, topics={"prefix": prefix},
                           mqtt={"username": "worker", "tls": {"ca_file": str(files / "ca.crt")}})
     env_password = {"EDGE_INSPECT__MQTT__PASSWORD": USERS["worker"]}
-    import os
 
     os.environ.update(env_password)
     try:
@@ -401,3 +401,63 @@ def test_subscriptions_the_broker_refuses_are_said_and_taken_once_allowed(bundle
         observer.close()
         broker.stop()
         shutil.rmtree(files, ignore_errors=True)
+
+
+def test_a_client_key_with_a_pass_phrase_is_refused_at_once_not_asked_for_on_a_terminal(tmp_path):
+    """A client certificate whose key is encrypted: OpenSSL asked for its pass phrase on the terminal, so a worker,
+    console or command started from a shell waited at "Enter PEM pass phrase:", and a service (no terminal) stopped
+    with "[Errno 22] Invalid argument".  Run on a terminal of the test's own, the command ends at once naming the key;
+    the same key decrypted logs in to a broker that requires a client certificate."""
+    from worker.api_client import ApiClient
+    from worker.config import load_config
+
+    files = broker_readable_dir("mosq-client-cert-")
+    try:
+        subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(files)], check=True, capture_output=True)
+        for command in (["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=worker", "-keyout",
+                         "client.key", "-out", "client.csr"],
+                        ["openssl", "x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                         "-CAcreateserial", "-days", "2", "-out", "client.crt"],
+                        ["openssl", "pkey", "-in", "client.key", "-aes256", "-passout", "pass:not-asked",
+                         "-out", "encrypted.key"]):
+            subprocess.run(command, cwd=files, check=True, capture_output=True)
+        for f in files.iterdir():
+            f.chmod(0o644)  # readable by the user mosquitto drops to
+        port = free_port()
+        broker = Broker(tmp_path / "broker", port=port, listener=(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nrequire_certificate true\ncafile {files / 'ca.crt'}\n"
+            f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"))
+        try:
+            def config(key: str) -> Path:
+                return write_config(tmp_path / key, port, tmp_path / "no-bundle", query={"timeout_s": 5}, mqtt={"tls": {
+                    "ca_file": str(files / "ca.crt"), "cert_file": str(files / "client.crt"),
+                    "key_file": str(files / key)}})
+
+            main, terminal = os.openpty()
+            name = os.ttyname(terminal)
+            # a session of its own whose controlling terminal is ours, as a shell's is: OpenSSL asks on it
+            proc = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config("encrypted.key")),
+                                     "status"], cwd=ROOT, stdin=terminal, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    preexec_fn=lambda: os.close(os.open(name, os.O_RDWR)))
+            os.close(terminal)
+            try:
+                _, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                os.close(main)
+            assert proc.returncode == 2, err
+            assert f"mqtt.tls: the client key {files / 'encrypted.key'} is encrypted with a pass phrase" in err, err
+
+            client = ApiClient(load_config(config("client.key")), "status")
+            try:
+                client.link.start()
+                assert client.link.wait_connected(30), client.link.problem
+            finally:
+                client.close()
+        finally:
+            broker.stop()
+    finally:
+        shutil.rmtree(files, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir)

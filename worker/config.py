@@ -46,7 +46,8 @@ class _Section(BaseModel):
 class TLSConfig(_Section):
     ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate.")
     cert_file: Path | None = Field(None, description="Client certificate, for brokers that require one.")
-    key_file: Path | None = Field(None, description="Client private key.")
+    key_file: Path | None = Field(None, description="Client private key, not encrypted (one with a pass phrase is refused: "
+                                                     "nothing could ask for it); unset: the key is in cert_file.")
     insecure_skip_verify: bool = Field(False, description="Accept any broker certificate. Only for lab use.")
 
 

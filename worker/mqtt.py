@@ -32,7 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker.acks import Acks
-from worker.config import ConfigError, MQTTConfig
+from worker.config import ConfigError, MQTTConfig, TLSConfig
 from worker.supervise import Throttle
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,26 @@ def user_properties(msg: mqtt.MQTTMessage) -> dict[str, str]:
     """User properties of a received v5 message as a dict (the last value wins on duplicates)."""
     props = getattr(msg, "properties", None)
     return dict(getattr(props, "UserProperty", None) or [])
+
+
+def tls_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The client's TLS context: the broker's certificate checked against ``ca_file`` (else the system's CAs) and
+    against the host name, unless ``insecure_skip_verify``.  An encrypted client key is refused, never its pass phrase
+    asked for: OpenSSL asks on the terminal, where a worker or console started from a shell waited at the prompt, and
+    a service, which has none, stopped with "Invalid argument"."""
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.insecure_skip_verify:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if tls.cert_file is not None:
+        key = tls.key_file or tls.cert_file
+
+        def encrypted() -> str:
+            raise ConfigError(f"mqtt.tls: the client key {key} is encrypted with a pass phrase, which nothing here can "
+                              f"ask for: store it decrypted (openssl pkey -in {key} -out <new file>), readable only by "
+                              "the user the worker runs as, and name that file in mqtt.tls.key_file")
+
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None, password=encrypted)
+    return context
 
 
 TAKEOVER_CLOSES, TAKEOVER_WINDOW_S = 3, 60.0  # closes by the broker within the window that suggest a takeover
@@ -189,18 +209,12 @@ class MqttLink:
         if cfg.tls is not None:
             insecure = cfg.tls.insecure_skip_verify
             try:  # read here, not when the config is checked: the files may exist only where the worker runs
-                self.client.tls_set(
-                    ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                    certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                    keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                    cert_reqs=ssl.CERT_NONE if insecure else ssl.CERT_REQUIRED,
-                )
+                self.client.tls_set_context(tls_context(cfg.tls))
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 files = ", ".join(f"{k} {v}" for k, v in cfg.tls.model_dump().items() if isinstance(v, Path))
                 raise ConfigError(f"mqtt.tls: the certificate files cannot be loaded ({files}): {exc}") from None
             if insecure:
                 log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
-                self.client.tls_insecure_set(True)
         self.will, self.will_properties, self.on_takeover = will, will_properties, on_takeover
         self.prefix = prefix  # the worker's own topics (topics.prefix); a refused publish outside it was a requester's
         self.max_qos, self.retain_available = 1, True  # as the broker's last CONNACK announced

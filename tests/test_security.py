@@ -461,3 +461,45 @@ def test_a_client_key_with_a_pass_phrase_is_refused_at_once_not_asked_for_on_a_t
             broker.stop()
     finally:
         shutil.rmtree(files, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir)
+
+
+def test_a_broker_certificate_out_of_date_by_this_boxs_clock_names_the_clock_not_the_ca_file(tmp_path):
+    """A certificate's dates are read by the box's clock, which on an edge box without NTP yet can be years off: the
+    worker, console and commands said the CA file or the host name was wrong, the two things that were right."""
+    from worker.api_client import ApiClient
+    from worker.config import load_config
+
+    files = broker_readable_dir("mosq-expired-")
+    try:
+        subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(files)], check=True, capture_output=True)
+        (files / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        for command in (["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout",
+                         "server.key", "-out", "server.csr"],
+                        ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                         "-CAcreateserial", "-days", "-1", "-extfile", "server.ext", "-out", "server.crt"]):
+            subprocess.run(command, cwd=files, check=True, capture_output=True)  # valid until a day before it was made
+        for f in files.iterdir():
+            f.chmod(0o644)  # readable by the user mosquitto drops to
+        port = free_port()
+        broker = Broker(tmp_path / "broker", port=port, listener=(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\ncafile {files / 'ca.crt'}\n"
+            f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"))
+        try:
+            config = write_config(tmp_path, port, tmp_path / "no-bundle", mqtt={"tls": {"ca_file": str(files / "ca.crt")}})
+            client = ApiClient(load_config(config), "status")
+            try:
+                client.link.start()
+                deadline = time.monotonic() + 30
+                while not client.link.problem:
+                    assert time.monotonic() < deadline, "no connection attempt failed"
+                    time.sleep(0.05)
+                problem = client.link.problem
+            finally:
+                client.close()
+        finally:
+            broker.stop()
+    finally:
+        shutil.rmtree(files, ignore_errors=True)  # outside pytest's tmp_path (see broker_readable_dir)
+    assert "the broker's certificate is not trusted (certificate has expired): its validity dates are read by this " \
+           "box's clock" in problem, problem
+    assert "ca_file" not in problem, problem

@@ -129,6 +129,20 @@ def tls_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
+CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_ codes (ssl.SSLCertVerificationError.verify_code)
+
+
+def _untrusted_advice(code: int) -> str:
+    """What to mend for a broker certificate the client refused.  Its dates are read by this box's clock, which on an
+    edge box without a battery-backed clock or NTP yet can be years off: the CA file and the host name are then
+    right, and were what the advice named."""
+    if code in (CERT_NOT_YET_VALID, CERT_HAS_EXPIRED):
+        return ("its validity dates are read by this box's clock: where the clock is wrong (date -u; no NTP yet, a "
+                "clock reset at boot) set it, else " + ("renew the broker's certificate" if code == CERT_HAS_EXPIRED
+                                                        else "make the broker a certificate valid from now"))
+    return "mqtt.tls.ca_file must hold the CA that signed it, and the certificate must name mqtt.host"
+
+
 TAKEOVER_CLOSES, TAKEOVER_WINDOW_S = 3, 60.0  # closes by the broker within the window that suggest a takeover
 # CONNACK reason codes after which the same attempt may succeed later: the broker unavailable or busy, a quota or
 # a connection rate, the will's retain flag or QoS (the link then lowers them), so retrying is worth it
@@ -514,8 +528,8 @@ class MqttLink:
         self._attempting = False
         exc = sys.exc_info()[1]  # paho calls this inside its `except OSError`
         if isinstance(exc, ssl.SSLCertVerificationError):
-            self._attempt_failed(f"the broker's certificate is not trusted ({exc.verify_message}): mqtt.tls.ca_file "
-                                 "must hold the CA that signed it, and the certificate must name mqtt.host")
+            self._attempt_failed(f"the broker's certificate is not trusted ({exc.verify_message}): "
+                                 + _untrusted_advice(exc.verify_code))
         elif self.cfg.tls is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
             self._attempt_failed(f"the TLS handshake failed ({exc}); a listener without TLS at this port does this")
         else:

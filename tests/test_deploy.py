@@ -79,6 +79,13 @@ def test_the_compose_console_logs_in_as_the_acls_console_and_its_page_asks_for_a
     assert all(p.startswith("127.0.0.1:") for p in console["ports"]), console["ports"]
 
 
+def test_the_compose_worker_publishes_its_metrics_on_the_boxs_loopback_only():
+    """The worker's /metrics and /healthz, which have no login, were published on every address of the box (camera
+    ids, counts and models to anyone on the line's network) while the console's page was kept to loopback."""
+    worker = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["worker"]
+    assert worker["ports"] and all(p.startswith("127.0.0.1:") for p in worker["ports"]), worker["ports"]
+
+
 def test_compose_certificate_names_the_broker_as_the_worker_does_and_pip_builds_outside_the_read_only_tree():
     """The certificate was made for ``mqtt`` while the worker connects to ``mosquitto`` (TLS: hostname mismatch),
     and ``pip install '.[worker]'`` ran in the read-only /app mount, where pip's in-tree build cannot write."""

@@ -24,7 +24,7 @@ from conftest import ROOT, Client, good_png, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port
 
 DEPLOY = ROOT / "deploy" / "mosquitto"
-USERS = {"worker": "w-pass", "operator": "o-pass", "console": "k-pass", "cam1": "c1-pass", "cam2": "c2-pass"}
+USERS = {"worker": "w-pass", "operator": "o-pass", "console": "k-pass", "line1": "c1-pass", "line2": "c2-pass"}  # the acl's cameras
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +138,39 @@ def test_anonymous_and_plaintext_connections_are_refused(secure_broker):
     anon, rc = _client(broker.port, files / "ca.crt", None)
     assert rc is not None and not isinstance(rc, Exception) and rc.is_failure, rc
     anon.loop_stop()
-    wrong, rc = _client(broker.port, files / "ca.crt", "cam1", "not-the-password")
+    wrong, rc = _client(broker.port, files / "ca.crt", "line1", "not-the-password")
     assert rc is not None and not isinstance(rc, Exception) and rc.is_failure, rc
     wrong.loop_stop()
-    plain, rc = _client(broker.port, None, "cam1", USERS["cam1"], tls=False)
+    plain, rc = _client(broker.port, None, "line1", USERS["line1"], tls=False)
     assert rc is None or isinstance(rc, Exception), f"plaintext MQTT must not get a CONNACK, got {rc}"
     plain.loop_stop()
     with socket.create_connection(("127.0.0.1", broker.port)) as raw:  # and an unverified TLS peer is not us
         ctx = ssl.create_default_context()
         with pytest.raises(ssl.SSLError):
             ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_only_cameras_publish_frames(secure_broker):
+    """The shipped ACL gave every login a frame topic of its own name (`pattern write inspect/%u/frame`: mosquitto
+    applies a pattern to all logins), so the worker, operator and console logins published frames, scored, stored
+    and shown as cameras named worker, operator and console."""
+    broker, files = secure_broker
+    refusals = {}
+    for user in ("line1", "worker", "operator", "console"):
+        client, rc = _client(broker.port, files / "ca.crt", user, USERS[user])
+        assert not rc.is_failure, rc
+        acks: dict[int, object] = {}
+        client.on_publish = lambda c, u, mid, reason_code, props, acks=acks: acks.__setitem__(mid, reason_code)
+        mid = client.publish(f"inspect/{user}/frame", b"not a frame", qos=1).mid
+        deadline = time.monotonic() + 30
+        while mid not in acks:
+            assert time.monotonic() < deadline, f"no PUBACK for {user}"
+            time.sleep(0.05)
+        refusals[user] = str(acks[mid]) if acks[mid].is_failure else "taken"  # "No matching subscribers": taken
+        client.disconnect()
+        client.loop_stop()
+    assert refusals == {"line1": "taken", "worker": "Not authorized", "operator": "Not authorized",
+                        "console": "Not authorized"}
 
 
 def _run_worker(tmp_path, port: int, files, bundle_dir, prefix: str = "inspect"):
@@ -251,7 +274,7 @@ def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bund
             assert time.monotonic() < deadline, "the worker reads its own topics back"
             time.sleep(0.1)
 
-        camera, rc = _client(broker.port, ca, "cam1", USERS["cam1"])
+        camera, rc = _client(broker.port, ca, "line1", USERS["line1"])
         assert not rc.is_failure
         acks: dict[int, object] = {}
         camera.on_publish = lambda c, u, mid, reason_code, props: acks.__setitem__(mid, reason_code)
@@ -264,8 +287,8 @@ def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bund
             props.UserProperty = [("frame_id", frame_id), ("captured_at", str(time.time()))]
             return camera.publish(topic, frame, qos=1, properties=props).mid
 
-        own = publish("inspect/cam1/frame", "own")
-        spoof = publish("inspect/cam2/frame", "spoofed")
+        own = publish("inspect/line1/frame", "own")
+        spoof = publish("inspect/line2/frame", "spoofed")
         camera.subscribe("inspect/#", qos=1)  # mosquitto grants it, but must deliver nothing it may not read
         deadline = time.monotonic() + 60
         while len(acks) < 2 and time.monotonic() < deadline:
@@ -273,7 +296,7 @@ def test_acls_confine_cameras_and_the_worker_serves_over_tls(secure_broker, bund
         assert not acks[own].is_failure
         assert acks[spoof].is_failure, "a camera must not publish as another camera"
 
-        while not any(m.topic == "inspect/cam1/result" for m in seen):
+        while not any(m.topic == "inspect/line1/result" for m in seen):
             assert time.monotonic() < deadline, "the worker must serve over TLS with its password"
             time.sleep(0.1)
         time.sleep(1)

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.api_client import ApiClient, ApiError, NotConnected, Refused
 from worker.config import Config, ConfigError
@@ -178,6 +178,30 @@ class LoopbackHost:
                                               "against DNS rebinding)")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class NoFraming:
+    """Every answer forbids any page, the console's own too, to show it in a frame.  Framed under another site's page,
+    its content laid over it, the console's buttons took the operator's clicks (clickjacking), and the frame's
+    requests are the console's own, same origin, which :class:`SameOriginJson` lets through: a false alarm labelled
+    and absorbed, a model rolled back."""
+
+    HEADERS = ((b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"))
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def unframed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, unframed)
 
 
 class ThrottledLog(logging.Filter):
@@ -607,6 +631,7 @@ def create_app(cfg: Config) -> Starlette:
                            password=cfg.console.password.get_secret_value())
     if is_loopback(cfg.console.host):  # outermost: a rebound name gets no answer at all, not even a login prompt
         app.add_middleware(LoopbackHost, configured=cfg.console.host)
+    app.add_middleware(NoFraming)  # outermost: a refusal (a login asked for, a bad Host) may not be framed either
     return app
 
 

@@ -235,6 +235,21 @@ def test_a_cli_the_broker_refuses_says_why_at_once(secure_broker, bundle_dir, tm
     assert "not-it" not in done.stderr
 
 
+def test_a_cli_given_the_wrong_ca_says_why_at_once(secure_broker, tmp_path):
+    """A broker certificate that fails verification (the CA of another broker, a host name it does not name) was said
+    only once the command's whole request timeout had passed, as for a broker that might yet answer."""
+    secure, files = secure_broker
+    other = tmp_path / "other-ca"
+    subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(other)], check=True, capture_output=True)
+    config = write_config(tmp_path, secure.port, tmp_path / "no-bundle", query={"timeout_s": 600},
+                          mqtt={"username": "operator", "password": USERS["operator"],
+                                "tls": {"ca_file": str(other / "ca.crt")}})
+    done = subprocess.run([sys.executable, "-m", "worker", "status", "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "error: cannot reach the broker: the broker's certificate is not trusted (" in done.stderr, done.stderr
+
+
 def test_the_console_says_the_broker_refused_it(secure_broker, bundle_dir, tmp_path):
     """The console keeps trying (the page shows the link), and says why it has none: the refusal names the login."""
     from starlette.testclient import TestClient

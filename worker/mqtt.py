@@ -200,7 +200,8 @@ class MqttLink:
         self.problem: str | None = None  # why there is no connection now (None while connected or not yet tried)
         self.connect_refused = False  # the problem is the broker's refusal in its CONNACK, not a network failure
         self.on_change: Callable[[], None] | None = None  # called (on paho's thread) when connected or problem changes
-        self.turned_away = threading.Event()  # the broker refused these credentials/settings: retrying cannot help
+        # the broker refused these credentials/settings, or its certificate failed verification: retrying cannot help
+        self.turned_away = threading.Event()
         self._next_failure_log = 0.0
         self._attempting = False  # a connection attempt is under way: no CONNACK, refusal or failure yet
         self.client = mqtt.Client(
@@ -530,6 +531,7 @@ class MqttLink:
         if isinstance(exc, ssl.SSLCertVerificationError):
             self._attempt_failed(f"the broker's certificate is not trusted ({exc.verify_message}): "
                                  + _untrusted_advice(exc.verify_code))
+            self.turned_away.set()  # a command says so at once, not after its whole timeout; a worker keeps trying
         elif self.cfg.tls is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
             self._attempt_failed(f"the TLS handshake failed ({exc}); a listener without TLS at this port does this")
         else:

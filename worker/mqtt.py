@@ -114,7 +114,13 @@ def tls_context(tls: TLSConfig) -> ssl.SSLContext:
     against the host name, unless ``insecure_skip_verify``.  An encrypted client key is refused, never its pass phrase
     asked for: OpenSSL asks on the terminal, where a worker or console started from a shell waited at the prompt, and
     a service, which has none, stopped with "Invalid argument"."""
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    # as paho's tls_set makes it: not create_default_context, whose stricter checks (Python 3.13) refuse certificates
+    # that older or hand-made CAs issue (without an authority key identifier, for one)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file is not None:
+        context.load_verify_locations(str(tls.ca_file))
+    else:
+        context.load_default_certs()
     if tls.insecure_skip_verify:
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     if tls.cert_file is not None:

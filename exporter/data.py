@@ -47,7 +47,7 @@ import os
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PureWindowsPath
 from typing import Protocol
@@ -183,10 +183,23 @@ def entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not hidden(p.name)) if folder.is_dir() else []
 
 
+def files_under(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, at any depth, none inside a hidden folder or hidden itself; a linked folder is
+    followed as the folder it links to (``good/ -> /nas/line1/good``: not followed, its files that are not read went
+    unsaid), each real folder once (a link to a folder above would go round for ever)."""
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(top)) in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        yield from (Path(top, f) for f in files if not hidden(f))
+
+
 def images_under(folder: Path, suffixes: set[str] | tuple[str, ...] = tuple(IMAGE_SUFFIXES)) -> list[Path]:
-    """Every image file below ``folder``, at any depth, in path order, none inside a hidden folder or hidden itself."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes
-                  and not any(hidden(part) for part in p.relative_to(folder).parts))
+    """Every image file below ``folder`` (:func:`files_under`), in path order."""
+    return sorted(p for p in files_under(folder) if p.suffix.lower() in suffixes)
 
 
 def _images(folder: Path) -> list[Path]:
@@ -220,12 +233,8 @@ def short_digest(path: Path) -> str:
 def not_read(root: Path) -> list[Path]:
     """The files below ``root`` that are not read because their name is not an image's (``.gif``, ``.pgm``, no
     suffix), in path order; hidden ones and those nobody means as an image (notes, lists) are left out."""
-    found: list[Path] = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not hidden(d)]
-        found += [Path(folder, f) for f in files if not hidden(f) and f.lower() not in NOT_IMAGE_NAMES
-                  and Path(f).suffix.lower() not in IMAGE_SUFFIXES | NOT_IMAGE_SUFFIXES]
-    return sorted(found)
+    return sorted(p for p in files_under(root) if p.name.lower() not in NOT_IMAGE_NAMES
+                  and p.suffix.lower() not in IMAGE_SUFFIXES | NOT_IMAGE_SUFFIXES)
 
 
 def by_kind(paths: list[Path], base: Path, shown: int = 3) -> str:

@@ -1142,6 +1142,37 @@ def test_a_folder_of_masks_beside_labelled_folders_is_no_defect_type_and_is_said
         in summarise(cat).text(7, 1)
 
 
+def test_files_not_read_in_linked_folders_are_named_and_a_link_loop_is_walked_once(tmp_path):
+    """Folders linked into the data (``good -> /nas/line1/good``) are read as data, but the files in them that are
+    not read (a ``.gif``, an iPhone's ``.heic``) were left out without a word: the walk that names them did not
+    follow links.  A link back to a folder above is walked once, not round until the path is too long."""
+    from PIL import Image
+
+    rng = np.random.default_rng(14)
+    store = tmp_path / "nas"
+    for i in range(10):
+        _write(store / "ok" / f"{i}.png", sample(rng, 64)[0])
+    _write(store / "dents" / "a.png", sample(rng, 64, "scratch")[0])
+    Image.fromarray(sample(rng, 64)[0]).save(store / "ok" / "late.gif")
+    Image.fromarray(sample(rng, 64)[0]).save(store / "dents" / "b.gif")
+    root = tmp_path / "parts"
+    root.mkdir()
+    (root / "good").symlink_to(store / "ok", target_is_directory=True)
+    (root / "dent").symlink_to(store / "dents", target_is_directory=True)
+    cat = load_category(root)
+    assert len(cat.train) + len(cat.test) == 11
+    notes = [line for line in summarise(cat).text(7, 1).splitlines() if "not read" in line]
+    assert notes == ["  note: 2 files are not read, their names not a PNG, JPEG, BMP, TIFF or WebP image's: "
+                     "2 .gif (dent/b.gif, good/late.gif); save them as PNG to train on them"], notes
+
+    flat = store / "ok"  # good images only, with a link from a sub-folder back to the folder itself
+    (flat / "misc").mkdir()
+    (flat / "misc" / "back").symlink_to(flat, target_is_directory=True)
+    notes = [line for line in summarise(load_category(flat)).text(7, 1).splitlines() if "not read" in line]
+    assert notes == ["  note: 1 files are not read, their names not a PNG, JPEG, BMP, TIFF or WebP image's: "
+                     "1 .gif (late.gif); save them as PNG to train on them"], notes
+
+
 def test_images_by_other_names_are_read_or_named_and_formats_the_worker_refuses_are_refused(tmp_path):
     """``.jfif``/``.jpe`` JPEGs (Windows' names) were left out of a folder without a word, a folder of only them had
     "no images", and so were GIF and PGM files; listed in a CSV, those two trained, and the worker refuses them as

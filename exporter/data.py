@@ -537,6 +537,8 @@ def _mvtec(root: Path) -> Category:
                            f"type's ground_truth folder{found}): give every image of a type a mask, or remove that "
                            "type's ground_truth folder to use image labels only")
     split = "the data's own test split" + ("" if test_root.name.lower() == TEST_FOLDERS[0] else f" ({test_root.name}/)")
+    if not test:  # train/good alone: said as the data's own test split, in the summary and the bundle's record
+        split = f"none: {test_root.name}/ {'holds no images' if test_root.is_dir() else 'is absent'}, nothing to evaluate"
     return Category(root, train, test, split=split, empty=tuple(empty),
                     left_out=_mvtec_left_out(root, train_folder, test_root) if train_folder else ())
 

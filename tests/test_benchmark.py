@@ -83,8 +83,8 @@ def test_a_category_without_test_images_is_named_unusable_before_its_fit(dataset
                            "--input-size", "128", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == ("error: no category could be benchmarked: untested: unusable data: "
-                                                    "no test images (the data's own test split): add test/good and "
-                                                    "test/<defect> images"), proc.stderr[-3000:]
+                                                    "no test images (none: test/ is absent, nothing to evaluate): add "
+                                                    "test/good and test/<defect> images"), proc.stderr[-3000:]
     assert not (out / "bundles").exists()  # refused before its fit
     # a category or model named twice was benchmarked twice (fitted again into the same bundle, two rows of it)
     proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models",

@@ -954,6 +954,23 @@ def test_good_images_only_train_and_export_without_evaluation(tmp_path):
 
 
 
+def test_an_mvtec_layout_of_training_images_only_says_it_has_no_test_split(tmp_path):
+    """``part/train/good`` alone (no test images yet) was said to be tested on "the data's own test split", in the
+    summary and in the bundle's record (``training.test_split``, ``metrics.not_evaluated``: "no test split (the data's
+    own test split)"), which it was not."""
+    rng = np.random.default_rng(15)
+    for i in range(8):
+        _write(tmp_path / "part" / "train" / "good" / f"{i}.png", sample(rng, 64)[0])
+    cat = load_category(tmp_path, "part")
+    assert (cat.test, cat.split) == ([], "none: test/ is absent, nothing to evaluate")
+    assert "  test split: none: test/ is absent, nothing to evaluate\n" in summarise(cat).text(6, 2)
+    (tmp_path / "part" / "test" / "bent").mkdir(parents=True)
+    cat = load_category(tmp_path, "part")
+    assert (cat.split, cat.empty) == ("none: test/ holds no images, nothing to evaluate", ("test/bent/",))
+    _write(tmp_path / "part" / "test" / "bent" / "0.png", sample(rng, 64, "scratch")[0])
+    assert load_category(tmp_path, "part").split == "the data's own test split"
+
+
 def test_training_images_of_mixed_sizes_are_none_of_them_unlike_the_training_images(tmp_path):
     """Hand-cut crops, every one its own size: the manifest kept only the 8 commonest sizes, and the worker then said
     of the portrait ones' proportions and of the small ones' size that no training image had them.  Every training

@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", required=True, help="folder holding categories: MVTec AD layout, or a training "
                        "folder with masks beside its images (DAGM 2007 Class1 ...)")
     bench.add_argument("--models", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
-    bench.add_argument("--categories", help="comma-separated subset (default: every category found)")
+    bench.add_argument("--categories", help="comma-separated subset (default: every category found); a category "
+                       "named here is read in any layout train reads")
     bench.add_argument("--out", required=True, help="report folder")
     add_options(bench)
     _add_precisions_option(bench)

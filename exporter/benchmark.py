@@ -122,10 +122,16 @@ def run(data: Path, models: list[str], out: Path, command: str, categories: list
     families = select(dict.fromkeys(models))  # a name given twice was fitted twice, its row in the report twice
     given = settings or {}
     found = find_categories(data)
-    chosen = list(dict.fromkeys(c for c in (categories or found) if c in found))
+    # A category named with --categories is read in any layout train reads (labelled folders, a list): only the
+    # MVTec AD ones and those with masks beside their images are found, and a named one was refused as not there.
+    named = [c for c in categories or [] if c not in found and (Path(data) / c).exists()]
+    chosen = list(dict.fromkeys(c for c in (categories or found) if c in found or c in named))
     if not chosen:
-        raise ValueError(f"no requested category under {data} (found: {found})")
-    absent = absent_categories(found, categories)
+        raise ValueError(f"no requested category under {data} (found: {found})" if categories else
+                         f"no category found under {data}: benchmark finds categories in the MVTec AD layout "
+                         "(CATEGORY/train/good) or with masks beside their images; name categories in another layout "
+                         "(labelled folders, a list) with --categories")
+    absent = absent_categories(found + named, categories)
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     for category in chosen:

@@ -94,6 +94,27 @@ def test_a_category_without_test_images_is_named_unusable_before_its_fit(dataset
     assert proc.stderr.strip().splitlines()[-1].count("untested:") == 1, proc.stderr[-3000:]
 
 
+def test_a_category_named_in_another_layout_is_benchmarked_and_none_found_says_why(dataset, tmp_path):
+    """A user's own category in labelled folders (good/, scratch/), which ``train --category`` reads, was refused by
+    ``benchmark --categories`` as "no requested category ... (found: [])"; without --categories the same words said
+    nothing of why none was found."""
+    data, out = tmp_path / "data", tmp_path / "report"
+    shutil.copytree(dataset / "weave" / "train" / "good", data / "bracket" / "good")
+    shutil.copytree(dataset / "weave" / "test" / "scratch", data / "bracket" / "scratch")
+    command = [sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models", "patchcore",
+               "--input-size", "64", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: no category found under {data}: benchmark finds categories in the MVTec AD layout "
+        "(CATEGORY/train/good) or with masks beside their images; name categories in another layout (labelled "
+        "folders, a list) with --categories"), proc.stderr[-3000:]
+    proc = subprocess.run([*command, "--categories", "bracket"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["category"], r["images"]) for r in report["rows"]] == [("bracket", 6 + 4)], report["rows"]  # 1 in 5 goods
+    assert report["failed"] == [] and report["absent_categories"] == []
+
+
 def test_a_category_of_flat_images_efficientad_cannot_learn_is_named_not_the_end_of_the_run(tmp_path):
     """EfficientAD's refusal of flat normal images (no texture to learn) was a plain ValueError, which ended the whole
     benchmark: no report, and the rows of every category measured before it lost."""

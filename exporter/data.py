@@ -326,8 +326,11 @@ def load_category(data: Path, category: str | None = None, seed: int = 0) -> Cat
         empty = tuple(f"{d.name}/" for d in entries(root) if d.is_dir() and d not in folders
                       and d.name.lower() not in NOT_CLASSES)  # a folder with images below them was refused above
         types = [d for d in folders if d not in good and d.name.lower() not in NOT_CLASSES]
+        loose = _images(root)  # beside the class folders, none labels them (they were left out without a word)
+        said = (f"the data folder holds {len(loose)} images directly (e.g. {loose[0].name}), not read: labelled "
+                "folders read good/ and one folder per defect type; move each into its class's folder",) if loose else ()
         return replace(_held_out(root, "labelled folders", *_labelled(good[0], types), seed), empty=empty,
-                       left_out=_mask_folders_left_out(root))
+                       left_out=_mask_folders_left_out(root) + said)
     nested = next((d for d in entries(root) if d.is_dir() and _is_good(d) and not _images(d) and images_under(d)), None)
     if nested is not None:
         raise DatasetError(f"{nested} holds its images in sub-folders, which are not read (they could be defect types "

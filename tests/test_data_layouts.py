@@ -971,6 +971,22 @@ def test_an_mvtec_layout_of_training_images_only_says_it_has_no_test_split(tmp_p
     assert load_category(tmp_path, "part").split == "the data's own test split"
 
 
+def test_images_beside_the_labelled_folders_are_said_not_read(tmp_path):
+    """Images lying in the data folder itself, beside good/ and scratch/ (not yet sorted), were left out of a
+    labelled-folders set without a word; the MVTec AD layout says the same of its loose images."""
+    rng = np.random.default_rng(16)
+    for i in range(10):
+        _write(tmp_path / "parts" / "good" / f"{i}.png", sample(rng, 64)[0])
+    _write(tmp_path / "parts" / "scratch" / "a.png", sample(rng, 64, "scratch")[0])
+    for name in ("unsorted 1.png", "unsorted 2.jpg"):
+        _write(tmp_path / "parts" / name, sample(rng, 64)[0])
+    cat = load_category(tmp_path / "parts")
+    assert len(cat.train) + len(cat.test) == 11
+    notes = [line for line in summarise(cat).text(7, 1).splitlines() if "directly" in line]
+    assert notes == ["  note: the data folder holds 2 images directly (e.g. unsorted 1.png), not read: labelled folders "
+                     "read good/ and one folder per defect type; move each into its class's folder"], notes
+
+
 def test_training_images_of_mixed_sizes_are_none_of_them_unlike_the_training_images(tmp_path):
     """Hand-cut crops, every one its own size: the manifest kept only the 8 commonest sizes, and the worker then said
     of the portrait ones' proportions and of the small ones' size that no training image had them.  Every training

@@ -644,6 +644,7 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
     base = next((b for b in (path.parent, path.parent.parent) if rows and _listed(b, rows[0]["path"]).is_file()),
                 path.parent)
     _known_values(path, rows)
+    _listed_once(path, base, rows)
     train: list[Path] = []
     good: list[Path] = []
     defects: list[Sample] = []
@@ -669,6 +670,20 @@ def _from_list(path: Path, seed: int, category: str | None = None) -> Category:
         test = [Sample(p, "good", None) for p in good] + sorted(defects, key=lambda s: (s.defect, s.path))
         return Category(path, sorted(train), test, "list", "the list's own split column", category)
     return replace(_held_out(path, "list", good, defects, seed), category=category)
+
+
+def _listed_once(path: Path, base: Path, rows: list[dict[str, str]]) -> None:
+    """DatasetError for an image listed more than once (a row added to relabel it, the old one left): under two labels
+    it was tested as good and as a defect at once, or trained on as normal and tested as a defect; twice alike, it
+    counted twice in the figures."""
+    labels: dict[str, list[str]] = {}
+    for row in rows:
+        labels.setdefault(os.path.normpath(_listed(base, row["path"])), []).append(row["label"])
+    if again := [(image, said) for image, said in labels.items() if len(said) > 1]:
+        image, said = again[0]
+        more = f" ({len(again) - 1} more listed twice or more)" if len(again) > 1 else ""
+        raise DatasetError(f"{path}: {os.path.relpath(image, base)} is listed {len(said)} times, labelled "
+                           f"{', '.join(repr(label) for label in said)}{more}: list each image once, with its one label")
 
 
 def _known_values(path: Path, rows: list[dict[str, str]]) -> None:

@@ -448,7 +448,8 @@ def test_csv_and_json_lists(tmp_path):
     image, mask = sample(rng, 64, "hole")
     _write(tmp_path / "img" / "d0.png", image)
     _write(tmp_path / "masks" / "d0.png", mask)
-    rows += ["img/d0.png,hole,masks/d0.png", "img/g0.png,1"]
+    _write(tmp_path / "img" / "d1.png", sample(rng, 64, "scratch")[0])
+    rows += ["img/d0.png,hole,masks/d0.png", "img/d1.png,1"]  # each image once: g0.png labelled 1 too is refused
     (tmp_path / "parts.csv").write_text("path,label,mask\n" + "\n".join(rows) + "\n")
     cat = load_category(tmp_path / "parts.csv")
     assert cat.layout == "list" and cat.name == "parts"
@@ -484,6 +485,25 @@ def test_a_lists_split_and_label_values_are_known_ones_or_refused_by_name(tmp_pa
     (tmp_path / "bool.json").write_text(json.dumps([{"path": f"img/{i}.png", "label": i >= 10} for i in range(12)]))
     with pytest.raises(DatasetError, match=r"labels \['False', 'True'\] do not say which images are normal"):
         load_category(tmp_path / "bool.json")
+
+
+def test_an_image_listed_twice_is_refused_by_name(tmp_path):
+    """A row added to relabel an image, the old row left in the list: the image was tested as good and as a scratch
+    at once (its one score counted both ways), or trained on as normal and tested as a defect, without a word."""
+    rng = np.random.default_rng(17)
+    for i in range(12):
+        _write(tmp_path / "img" / f"{i}.png", sample(rng, 64, "scratch" if i >= 10 else "good")[0])
+    rows = [f"img/{i}.png,{'scratch' if i >= 10 else 'good'}" for i in range(12)]
+    (tmp_path / "once.csv").write_text("\n".join(rows) + "\n")
+    assert len(load_category(tmp_path / "once.csv").test) == 4
+    (tmp_path / "relabelled.csv").write_text("\n".join([*rows, "img/3.png,scratch"]) + "\n")
+    with pytest.raises(DatasetError, match=r"relabelled.csv: img/3.png is listed 2 times, labelled 'good', 'scratch': "
+                                           "list each image once, with its one label"):
+        load_category(tmp_path / "relabelled.csv")
+    (tmp_path / "twice.json").write_text(json.dumps([{"path": r.split(",")[0], "label": r.split(",")[1]}
+                                                     for r in [*rows, rows[0], rows[11]]]))
+    with pytest.raises(DatasetError, match=r"img/0.png is listed 2 times, labelled 'good', 'good' \(1 more listed"):
+        load_category(tmp_path / "twice.json")
 
 
 @pytest.mark.parametrize("variant", ["byte-order mark, CRLF", "semicolons", "tabs", "Windows paths", "JSON with a BOM"])

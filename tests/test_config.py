@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -428,3 +429,31 @@ def test_a_reload_that_never_reached_the_broker_does_not_say_it_may_be_carried_o
         assert main([command[0], "--config", str(tmp_path / "c.yaml"), *command[1:], "--timeout", "1"]) == 2
         err = capsys.readouterr().err
         assert "error: cannot reach the broker" in err and "note:" not in err, err
+
+
+def test_a_flush_interval_longer_than_the_watchdog_does_not_restart_the_worker(broker, bundle_dir, dataset, tmp_path,
+                                                                               worker_factory):
+    """store.flush_s longer than worker.watchdog_s (embeddings written every few minutes, to spare the flash): the
+    recorder's wait for the rest of a batch was taken for a stuck thread, and at the first frame the worker exited
+    for a restart (code 3), losing the batch, at every frame after each restart too."""
+    import uuid
+
+    from conftest import Client, good_png, wait_online, write_config
+    from test_worker import _query
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, worker={"watchdog_s": 6},
+                          store={"flush_s": 9})
+    client = Client(broker.port, prefix)
+    worker = worker_factory(config)
+    wait_online(client, prefix)
+    client.publish_frame("cam1", good_png(dataset).read_bytes(), "f-0")
+    client.json_on(f"{prefix}/cam1/result", timeout=60)
+    deadline = time.monotonic() + 60
+    while not (answer := _query(client, prefix, {"frame_id": "f-0", "camera": "cam1", "top_k": 1}))["ok"]:
+        assert worker.proc.poll() is None, worker.output()[-2000:]
+        assert answer["error"]["code"] in ("unknown_frame", "empty_store") and time.monotonic() < deadline, answer
+        ticks = len(client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5))  # ask again at the next tick
+        client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=ticks + 1)
+    assert worker.stop() == 0 and "stuck" not in worker.output()
+    client.close()

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 Point = tuple[str, np.ndarray, dict]
 REFUSED = "refused"  # the spool's sub-folder of batches the store refused for good
 SWEEP_CHUNK = 1024  # evidence keys checked against the store per recorder step (Recorder._sweep)
+IDLE_WAIT_S = 0.2  # the longest the recorder waits for a record before it counts as progress again
 
 
 class StoreUnavailable(Exception):
@@ -466,21 +467,24 @@ class Recorder:
 
     def _next_batch(self) -> list[Record] | None:
         try:
-            first = self.queue.get(timeout=0.2)
+            first = self.queue.get(timeout=IDLE_WAIT_S)
         except Closed:
             return None
         if first is None:
             return []
         batch = [first]
         deadline = time.monotonic() + self.cfg.flush_s
-        while len(batch) < self.cfg.batch_size:
+        while len(batch) < self.cfg.batch_size and (left := deadline - time.monotonic()) > 0:
+            # Waiting for the rest of a batch is idle, not work: counted as progress at least every IDLE_WAIT_S, or a
+            # store.flush_s longer than worker.watchdog_s made the watchdog take the recorder for stuck at the first
+            # frame, and the worker exited for a restart, losing the batch, at every frame.
+            self.liveness.progress(self._thread.name)
             try:
-                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self.queue.get(timeout=min(left, IDLE_WAIT_S))
             except Closed:
                 break
-            if item is None:
-                break
-            batch.append(item)
+            if item is not None:
+                batch.append(item)
         return batch
 
     def _spare_labels(self, batch: list[Record]) -> list[Record]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from worker.config import ENV_PREFIX, Config
+from worker.config import ENV_PREFIX, MAX_MB, Config
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -64,7 +64,8 @@ def render() -> str:
         "lower case, so a camera id with capitals (`cameras.<id>`) cannot be reached that way. A text key (an id, a",
         "name, a path, a password) takes its value as written, where YAML 1.1 would read `off`, `no` or `007` as",
         "false or the number 7; a key given twice in one mapping is an error naming both lines. Numbers must be",
-        "finite (`.nan` and `.inf` are refused), and intervals and timeouts at most a year (366 days). An error in",
+        "finite (`.nan` and `.inf` are refused), intervals and timeouts at most a year (366 days), and budgets in",
+        f"megabytes (`max_mb`) at most {MAX_MB:_} (a petabyte). An error in",
         "an override names its variable (`EDGE_INSPECT__MQTT__PASWORD (environment): mqtt.pasword: ...`), and a",
         "variable with one underscore after the prefix (`EDGE_INSPECT_MQTT_PORT`) is ignored with a warning.",
         "",

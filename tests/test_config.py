@@ -67,6 +67,12 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
         ("model: {bundle: b}\nstore: {flush_s: 1.0e+300}\n", "store.flush_s"),
         ("model: {bundle: b}\nmqtt: {session_expiry_s: 4294967296}\n", "mqtt.session_expiry_s"),
         ("model: {bundle: b}\nheatmap: {size: 100000}\n", "heatmap.size"),
+        # a typo past any machine: the worker made each inference thread at start (tens of GB, deaf to SIGINT), handed
+        # OpenCV a number past a C long, or counted megabytes in bytes to infinity (exit 1 with a traceback)
+        ("model: {bundle: b}\nlimits: {inference_threads: 100000000000000000000000}\n", "limits.inference_threads"),
+        ("model: {bundle: b}\nlimits: {opencv_threads: 9223372036854775808}\n", "limits.opencv_threads"),
+        ("model: {bundle: b}\ncapture: {max_mb: 1.0e+303}\n", "capture.max_mb"),
+        ("model: {bundle: b}\nevidence: {anomalous: {max_mb: 1.0e+303}}\n", "evidence.anomalous.max_mb"),
         ("model: {bundle: b}\nstore: {collection: ../../elsewhere}\n", "store.collection"),  # was a path for the store
         # a camera's own frame topic: one exact topic, none of the API's, no other camera's
         ("model: {bundle: b}\ncameras: {a: {topic: 'plant/+/jpeg'}}\n", "cameras.a.topic"),

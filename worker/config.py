@@ -36,6 +36,8 @@ class ConfigError(Exception):
 YEAR_S = 366 * 86400  # the longest interval or timeout a key takes: the OS's timers overflow not far beyond
 EMBEDDED_MAX_POINTS = 100_000  # the history the store benchmark measured; the worker's memory grows with each point
 MAX_SIDE = 8192  # the longest side of an image the worker makes: a typo of 100000 would cost 30 GB per heatmap
+MAX_THREADS = 256  # threads a key may ask for: each inference thread is made at start, with its own infer request
+MAX_MB = 1_000_000_000  # a petabyte, the largest budget in megabytes a key takes: counted in bytes, a typo must stay finite
 
 
 class _Section(BaseModel):
@@ -191,10 +193,12 @@ class LimitsConfig(_Section):
         "or block: the broker keeps the surge; the worker asks it for at most min(queue_size, queue_max_bytes / "
         "max_frame_bytes) + inference_threads unanswered frames (MQTT v5 Receive Maximum) and acknowledges each "
         "once the broker has its answer, so a killed worker's unanswered frames come to its next start."))
-    inference_threads: int = Field(0, ge=0, description="0 = OpenVINO's optimal number of requests for this device.")
-    opencv_threads: int = Field(1, ge=0, description="Threads OpenCV may use per call (resizing, heatmaps); 0 = its own pool "
-                                                     "(one thread per core). The inference threads already work on frames "
-                                                     "in parallel, and a pool on top spends CPU that inference needs.")
+    inference_threads: int = Field(0, ge=0, le=MAX_THREADS, description="0 = OpenVINO's optimal number of requests for this "
+                                                                        "device; at most 256.")
+    opencv_threads: int = Field(1, ge=0, le=MAX_THREADS, description="Threads OpenCV may use per call (resizing, heatmaps), at "
+                                                                      "most 256; 0 = its own pool (one thread per core). The "
+                                                                      "inference threads already work on frames in parallel, "
+                                                                      "and a pool on top spends CPU that inference needs.")
     reduced_decode: bool = Field(True, description="Decode a JPEG frame at 1/2, 1/4 or 1/8 of its size (libjpeg scales "
                                                     "while decoding, at a fraction of the cost) when that still leaves twice "
                                                     "the model's input; not for cameras with an roi or tiles. The model's input "
@@ -361,13 +365,13 @@ class SpoolConfig(_Section):
 
 class EvidenceBudget(_Section):
     max_frames: int = Field(20_000, ge=1, description="Oldest frames of this class are deleted past this many.")
-    max_mb: float | None = Field(None, gt=0, description="... or past this many megabytes of files; none = no limit.")
+    max_mb: float | None = Field(None, gt=0, le=MAX_MB, description="... or past this many megabytes of files; none = no limit.")
     max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="... or once written longer ago than this many "
                                                                                     "hours; none = no limit.")
 
 
 class AnomalousBudget(EvidenceBudget):
-    max_mb: float | None = Field(4000, gt=0, description="... or past this many megabytes of files (each keeps its frame and "
+    max_mb: float | None = Field(4000, gt=0, le=MAX_MB, description="... or past this many megabytes of files (each keeps its frame and "
                                                          "heatmap too); none = no limit.")
 
 
@@ -376,7 +380,7 @@ class EvidenceConfig(_Section):
     max_frames: int = Field(5000, ge=1, description="Normal frames: the oldest normal frame's evidence is deleted past this many "
                                                     "(anomalous and labelled frames have budgets of their own and are never evicted by "
                                                     "normal traffic).")
-    max_mb: float | None = Field(None, gt=0, description="Normal frames: byte budget in megabytes; none = no limit.")
+    max_mb: float | None = Field(None, gt=0, le=MAX_MB, description="Normal frames: byte budget in megabytes; none = no limit.")
     max_age_h: float | None = Field(None, gt=0, le=100 * YEAR_S / 3600, description="Normal frames: evidence older than this many "
                                                                                     "hours is deleted (checked with store retention); "
                                                                                     "none = no limit.")
@@ -429,9 +433,9 @@ class CaptureConfig(_Section):
     path: Path = Field(Path("data/capture"), description="One folder per camera; survives restarts.")
     max_frames: int = Field(500, ge=1, description="Normal frames kept per camera, a uniform sample of all it sent (reservoir "
                                                    "sampling).")
-    max_mb: float | None = Field(1000, gt=0, description="... and at most this many megabytes of them per camera (whichever bound comes "
-                                                        "first: full-resolution PNG or BMP frames reach it long before max_frames); "
-                                                        "none = no limit.")
+    max_mb: float | None = Field(1000, gt=0, le=MAX_MB, description="... and at most this many megabytes of them per camera "
+                                                                    "(whichever bound comes first: full-resolution PNG or BMP "
+                                                                    "frames reach it long before max_frames); none = no limit.")
     max_cameras: int = Field(64, ge=1, description="Cameras with a sample: normal frames of further cameras are not sampled, "
                                                    "only counted (stats topic capture_skipped_frames), so the sample takes at most "
                                                    "max_cameras x max_mb of disk where topics.cameras accepts any camera; false "

@@ -64,6 +64,8 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
         ("model: {bundle: b, threshold: .nan}\n", "model.threshold: Input should be a finite number"),
         ("model: {bundle: b}\ncameras: {a: {threshold: -.inf}}\n", "cameras.a.threshold"),
         ("model: {bundle: b}\nworker: {watchdog_s: .inf}\n", "worker.watchdog_s"),
+        # shorter than an idle thread's wait for work: the worker exited 3 as stuck at once, at every restart
+        ("model: {bundle: b}\nworker: {watchdog_s: 0.01}\n", "worker.watchdog_s: Value error, 0 (off) or at least 1 s"),
         ("model: {bundle: b}\nstore: {flush_s: 1.0e+300}\n", "store.flush_s"),
         ("model: {bundle: b}\nmqtt: {session_expiry_s: 4294967296}\n", "mqtt.session_expiry_s"),
         ("model: {bundle: b}\nheatmap: {size: 100000}\n", "heatmap.size"),

@@ -37,6 +37,7 @@ YEAR_S = 366 * 86400  # the longest interval or timeout a key takes: the OS's ti
 EMBEDDED_MAX_POINTS = 100_000  # the history the store benchmark measured; the worker's memory grows with each point
 MAX_SIDE = 8192  # the longest side of an image the worker makes: a typo of 100000 would cost 30 GB per heatmap
 MAX_THREADS = 256  # threads a key may ask for: each inference thread is made at start, with its own infer request
+WATCHDOG_MIN_S = 1.0  # above the longest a worker's idle thread waits for work (0.5 s) within one step of its loop
 MAX_MB = 1_000_000_000  # a petabyte, the largest budget in megabytes a key takes: counted in bytes, a typo must stay finite
 
 
@@ -520,7 +521,8 @@ class WorkerConfig(_Section):
                                                                 "the worker answers its queued frames shutdown and exits with code 3 for "
                                                                 "its service manager to restart it; the process also ends (exit 1, every "
                                                                 "thread's stack) if its main loop stops running for 1.8-2 times this. "
-                                                                "Time the whole process was stopped or paused is not counted (0 = off).")
+                                                                "Time the whole process was stopped or paused is not counted (0 = off; "
+                                                                "else at least 1).")
     stop_wait_s: float = Field(30, ge=0, le=60, description="At a stop with results and answers the broker has not taken (it "
                                                             "is away), wait up to this long for it to come back and take "
                                                             "them; those left then are lost with the process, logged and "
@@ -531,6 +533,16 @@ class WorkerConfig(_Section):
     @classmethod
     def _one_level(cls, v: str) -> str:
         return one_topic_level(v)
+
+    @field_validator("watchdog_s")
+    @classmethod
+    def _longer_than_idle(cls, v: float) -> float:
+        """An idle thread's wait for work is one step of its loop: a shorter watchdog took an idle worker for stuck and
+        it exited for a restart at once, at every start."""
+        if 0 < v < WATCHDOG_MIN_S:
+            raise ValueError(f"0 (off) or at least {WATCHDOG_MIN_S:g} s: the worker's idle threads wait up to half a "
+                             "second for work, and a shorter watchdog takes them for stuck")
+        return v
 
 
 class Config(_Section):

@@ -68,6 +68,8 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
         ("model: {bundle: b}\nworker: {watchdog_s: 0.01}\n", "worker.watchdog_s: Value error, 0 (off) or at least 1 s"),
         ("model: {bundle: b}\nstore: {flush_s: 1.0e+300}\n", "store.flush_s"),
         ("model: {bundle: b}\nmqtt: {session_expiry_s: 4294967296}\n", "mqtt.session_expiry_s"),
+        # settings that contradict each other: the first reconnect waited the longer, then every one the shorter
+        ("model: {bundle: b}\nmqtt: {reconnect_min_s: 60}\n", "mqtt.reconnect_min_s (60) is above mqtt.reconnect_max_s (30)"),
         ("model: {bundle: b}\nheatmap: {size: 100000}\n", "heatmap.size"),
         # a typo past any machine: the worker made each inference thread at start (tens of GB, deaf to SIGINT), handed
         # OpenCV a number past a C long, or counted megabytes in bytes to infinity (exit 1 with a traceback)

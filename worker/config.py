@@ -91,6 +91,15 @@ class MQTTConfig(_Section):
             raise ValueError("mqtt.password and mqtt.password_file are both set: keep one")
         return self
 
+    @model_validator(mode="after")
+    def _delays_in_order(self) -> MQTTConfig:
+        """paho waits reconnect_min_s first and then doubles up to reconnect_max_s: a first delay above the cap was
+        taken, then every later one was the cap, which is not what either key says."""
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(f"mqtt.reconnect_min_s ({self.reconnect_min_s}) is above mqtt.reconnect_max_s "
+                             f"({self.reconnect_max_s}), the longest delay: raise the one or lower the other")
+        return self
+
     def secret(self) -> str | None:
         if self.password is not None:
             return self.password.get_secret_value()

@@ -33,6 +33,18 @@ def test_a_relative_bundle_path_that_is_a_link_stays_the_link(tmp_path):
     bundle = load_config(tmp_path / "config.yaml", environ={}).model.bundle
     assert bundle.is_absolute() and bundle.is_symlink() and bundle == tmp_path.resolve() / "bundles" / "current"
 
+def test_a_path_under_the_home_folder_is_there_not_beside_the_config(tmp_path, monkeypatch):
+    """`~/...` is the home folder in every shell and service file: the worker made a folder named `~` beside
+    config.yaml and kept its history, evidence and samples there, where nobody looks."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "config.yaml").write_text("model: {bundle: ~/bundles/grid}\nstore: {path: ~/qdrant}\n"
+                                          "evidence: {path: data/evidence}\n")
+    cfg = load_config(tmp_path / "config.yaml", environ={"EDGE_INSPECT__CAPTURE__PATH": "~/capture"})
+    home = tmp_path / "home"
+    assert (cfg.model.bundle, cfg.store.path, cfg.capture.path) == (home / "bundles/grid", home / "qdrant", home / "capture")
+    assert cfg.evidence.path == tmp_path.resolve() / "data" / "evidence"  # relative: still beside the file
+
+
 @pytest.mark.parametrize(
     "text, key",
     [

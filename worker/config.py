@@ -762,7 +762,8 @@ def _typed(raw: object, annotation: object) -> object:
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
-    """Relative paths in the file are relative to the file, not to wherever the worker was started; a symbolic link
+    """Relative paths in the file are relative to the file, not to wherever the worker was started (``~`` is the home
+    folder of the worker's user); a symbolic link
     stays a link (as an absolute path does), so a bundle path ``bundles/current`` that is switched to the next
     bundle is read anew by a reload or ``model.watch_s``, not the bundle it pointed to at start."""
     @overload
@@ -770,7 +771,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     @overload
     def fix(p: Path | None) -> Path | None: ...
     def fix(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else base / p
+        # ``~/...`` is the home folder, as in a shell: a folder named ``~`` was made beside the config file
+        return p if p is None or (p := p.expanduser()).is_absolute() else base / p
 
     config.model.bundle = fix(config.model.bundle)
     for camera in config.cameras.values():

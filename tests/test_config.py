@@ -45,6 +45,20 @@ def test_a_path_under_the_home_folder_is_there_not_beside_the_config(tmp_path, m
     assert cfg.evidence.path == tmp_path.resolve() / "data" / "evidence"  # relative: still beside the file
 
 
+def test_an_empty_path_is_refused_naming_its_key(tmp_path):
+    """An empty path is the config file's folder: an override left empty in worker.env to turn the model cache off put
+    the cache there, and an empty mqtt.session_file was written as a file beside that folder, outside it."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b}\n")
+    for variable, key in (("EDGE_INSPECT__MODEL__CACHE_DIR", "model.cache_dir"),
+                          ("EDGE_INSPECT__MQTT__SESSION_FILE", "mqtt.session_file")):
+        with pytest.raises(ConfigError, match=f"^{variable} \\(environment\\): {key}: Value error, an empty path"):
+            load_config(path, environ={variable: ""})
+    path.write_text("model: {bundle: ''}\n")
+    with pytest.raises(ConfigError, match="model.bundle: Value error, an empty path"):
+        load_config(path, environ={})
+
+
 @pytest.mark.parametrize(
     "text, key",
     [

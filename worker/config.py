@@ -17,7 +17,7 @@ from types import UnionType
 from typing import Literal, Union, cast, get_args, get_origin, overload
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, TileGrid, plain_name
 from bundle.extension import Views
@@ -44,6 +44,17 @@ MAX_MB = 1_000_000_000  # a petabyte, the largest budget in megabytes a key take
 class _Section(BaseModel):
     # a NaN threshold would pass every frame, an infinite interval overflows the OS's timers: finite numbers only
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: object, info: ValidationInfo) -> object:
+        """An empty path is the config file's folder: an override left empty to turn a cache off put it there, and an
+        empty session file was written beside that folder; none is null (where the key takes it)."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else None
+        if v == "" and (annotation is Path or Path in get_args(annotation)):
+            raise ValueError("an empty path would be the config file's folder: give a path (an optional key is left unset "
+                             "by null in config.yaml)")
+        return v
 
 
 class TLSConfig(_Section):

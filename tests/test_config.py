@@ -92,6 +92,8 @@ def test_an_empty_path_is_refused_naming_its_key(tmp_path):
         ("model: {bundle: b}\nworker: {watchdog_s: .inf}\n", "worker.watchdog_s"),
         # shorter than an idle thread's wait for work: the worker exited 3 as stuck at once, at every restart
         ("model: {bundle: b}\nworker: {watchdog_s: 0.01}\n", "worker.watchdog_s: Value error, 0 (off) or at least 1 s"),
+        # the request thread looked at the bundles as often as asked: a tiny interval spun it on the files' status
+        ("model: {bundle: b, watch_s: 1.0e-9}\n", "model.watch_s: Value error, 0 (off) or at least 0.1 s"),
         # the stats loop published as often as asked: thousands of messages a second to the broker
         ("model: {bundle: b}\nworker: {stats_interval_s: 1.0e-9}\n", "worker.stats_interval_s: Input should be greater than or equal to 0.1"),
         ("model: {bundle: b}\nstore: {flush_s: 1.0e+300}\n", "store.flush_s"),

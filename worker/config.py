@@ -193,7 +193,17 @@ class ModelConfig(_Section):
         "rolled out, with its rollback, until config.yaml names another bundle for that scope; null = a restart "
         "serves config.yaml's bundles."))
     watch_s: float = Field(0, ge=0, le=YEAR_S, description="Check every N seconds whether a configured bundle changed on disk and "
-                                                           "hot-reload it (0 = off; reloads also come over the control topic).")
+                                                           "hot-reload it (0 = off, else at least 0.1; reloads also come over the "
+                                                           "control topic).")
+
+    @field_validator("watch_s")
+    @classmethod
+    def _not_a_spin(cls, v: float) -> float:
+        """The request thread looks at the bundles as often as asked: a tiny interval spun it on the files' status."""
+        if 0 < v < 0.1:
+            raise ValueError("0 (off) or at least 0.1 s: the bundles are looked at that often, on the thread that answers "
+                             "queries and labels")
+        return v
 
 
 class QueuePolicy(StrEnum):

@@ -475,14 +475,15 @@ def test_a_flush_interval_longer_than_the_watchdog_does_not_restart_the_worker(b
                                                                                worker_factory):
     """store.flush_s longer than worker.watchdog_s (embeddings written every few minutes, to spare the flash): the
     recorder's wait for the rest of a batch was taken for a stuck thread, and at the first frame the worker exited
-    for a restart (code 3), losing the batch, at every frame after each restart too."""
+    for a restart (code 3), losing the batch, at every frame after each restart too.  A query for that frame waits
+    for it (up to 5 s), and that wait was taken for a stuck request thread as well."""
     import uuid
 
     from conftest import Client, good_png, wait_online, write_config
     from test_worker import _query
 
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, worker={"watchdog_s": 6},
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, worker={"watchdog_s": 4},
                           store={"flush_s": 9})
     client = Client(broker.port, prefix)
     worker = worker_factory(config)

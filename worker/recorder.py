@@ -278,12 +278,20 @@ class Recorder:
                 raise StoreUnavailable(f"the vector store cannot be opened ({why}); embeddings are being spooled")
             yield self.store
 
-    def flush(self, timeout: float) -> bool:
+    def flush(self, timeout: float, waiting: Callable[[], object] | None = None) -> bool:
         """Wait until every record submitted so far is written, spooled or dropped (not merely dequeued); records
-        submitted meanwhile are not waited for, so a steady stream of frames cannot hold it up."""
+        submitted meanwhile are not waited for, so a steady stream of frames cannot hold it up.  ``waiting`` is called
+        at least every IDLE_WAIT_S meanwhile (the caller's progress, for the watchdog)."""
+        deadline = time.monotonic() + timeout
         with self._done:
             target = self._submitted
-            return self._done.wait_for(lambda: self._finished >= target, timeout)
+            while self._finished < target:
+                if (left := deadline - time.monotonic()) <= 0:
+                    return False
+                if waiting is not None:
+                    waiting()
+                self._done.wait(min(left, IDLE_WAIT_S))
+            return True
 
     def stop(self, timeout: float = 10) -> None:
         """Close the queue and the store, within ``timeout`` in all: a recorder thread stuck in a write (a hung

@@ -576,8 +576,10 @@ class Worker:
 
     def _settle(self) -> None:
         """Wait for the frames on their way to the store: one asked about as soon as its result arrived may wait in the
-        recorder's batch for up to ``store.flush_s``."""
-        self.recorder.flush(min(self.cfg.store.flush_s + 1, 5))
+        recorder's batch for up to ``store.flush_s``.  The wait is the calling thread's progress: a worker.watchdog_s
+        shorter than it took the request thread for stuck, and the worker exited for a restart."""
+        caller = threading.current_thread().name
+        self.recorder.flush(min(self.cfg.store.flush_s + 1, 5), lambda: self.liveness.progress(caller))
 
     def stats_payload(self) -> dict:
         return {

@@ -154,6 +154,15 @@ def record_blobs(cache_dir: Path) -> None:
             log.warning("model cache: cannot record the digest of %s (%s)", blob, exc)
 
 
+def _key_cache_by(model: ov.Model, config: dict) -> None:
+    """Make the compile ``config`` part of the model, so of its key in the model cache: the CPU plugin keys a cached
+    blob by the graph and the CPU's name only, and a blob compiled at f16 keeps f16, so a bundle compiled at one
+    precision was served the blob of another (a camera at f16 beside one at f32) while its results, and its
+    thresholds, named the precision asked for."""
+    for name, value in sorted(config.items()):
+        model.set_rt_info(str(value), ["edge_inspect", "compile", name])
+
+
 class CompiledBundle:
     """A verified bundle compiled for one device; hands out infer requests for concurrent use."""
 
@@ -211,6 +220,8 @@ class CompiledBundle:
             shapes[self.extension_spec.input] = ov.PartialShape([self.extension_capacity, self.extension_spec.feature_dim])
         if shapes:
             model.reshape(shapes)
+        if cache_dir is not None:
+            _key_cache_by(model, config)
         self.compiled = core.compile_model(model, device, config)
         if cache_dir is not None:
             record_blobs(Path(cache_dir))

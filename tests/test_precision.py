@@ -117,3 +117,18 @@ def test_worker_serves_bf16_with_the_bf16_thresholds(broker, bundle_dir, dataset
     assert fast["threshold"] == pytest.approx(manifest.precisions["bf16"].thresholds.image.threshold, rel=1e-4)
     assert exact["threshold"] == pytest.approx(manifest.thresholds.image.threshold, rel=1e-4)
     client.close()
+
+
+def test_a_model_cache_serves_each_precision_its_own_blob(bundle_dir, dataset, tmp_path):
+    """OpenVINO's CPU plugin keys a cached blob by the graph and the CPU only, and an f16 blob keeps f16: with one
+    cache, a bundle compiled at f16 after another precision ran that one's blob, and every precision compiled after
+    f16 ran f16, each naming itself and scored at its own thresholds.  Each precision the CPU runs, then f32 and
+    auto, share one cache here, compiled into it and then read back from it."""
+    images = [read_image(s.path, read_manifest(bundle_dir).input) for s in load_category(dataset, "weave").test]
+    order = [*SUPPORTED[1:], SUPPORTED[0], "auto"]
+    expected = {p: score_images(CompiledBundle(bundle_dir, precision=p), images)[0] for p in order}
+    for loaded in (False, True):
+        for p in order:
+            cached = CompiledBundle(bundle_dir, precision=p, cache_dir=tmp_path / "cache")
+            np.testing.assert_array_equal(score_images(cached, images)[0], expected[p], err_msg=f"{p}, {loaded=}")
+            assert cached.compiled.get_property("LOADED_FROM_CACHE") is loaded, p

@@ -179,10 +179,11 @@ PrecisionSetting = Literal["f32", "bf16", "f16", "int8", "auto"]
 class ModelConfig(_Section):
     bundle: Path = Field(description="Model bundle folder (bundle.json + model.xml/.bin).")
     device: str = Field("CPU", description="OpenVINO device: CPU, GPU, AUTO, ...")
-    precision: PrecisionSetting = Field("f32", description="Inference precision: f32 (the same numbers on every CPU), bf16 or f16 (faster "
-                                                           "on CPUs that run them natively, e.g. bf16 with AMX), int8 (INT8 bundles), auto "
-                                                           "(the device's default). The bundle's thresholds for that precision are used; a "
-                                                           "bundle without them is refused.")
+    precision: PrecisionSetting = Field("f32", description="Inference precision: f32 (the same numbers on every CPU), bf16 or f16 (where "
+                                                           "the CPU runs them natively: bf16 is faster with AMX, f16 only with f16 matrix "
+                                                           "units, and slower than f32 on a Xeon without AMX-FP16), int8 (INT8 bundles), "
+                                                           "auto (the device's default). The bundle's thresholds for that precision are "
+                                                           "used; a bundle without them is refused.")
     cache_dir: Path | None = Field(Path("data/ov-cache"), description=(
         "OpenVINO model cache (faster restarts): a folder per bundle; those of bundles neither served nor kept for "
         "rollback are deleted; a compiled blob that no longer matches the digest recorded after its compile is "

@@ -498,3 +498,24 @@ def test_a_flush_interval_longer_than_the_watchdog_does_not_restart_the_worker(b
         client.wait_for(lambda m: m.topic.endswith("/stats"), timeout=5, count=ticks + 1)
     assert worker.stop() == 0 and "stuck" not in worker.output()
     client.close()
+
+
+def test_a_boolean_where_a_number_is_expected_is_refused_naming_its_key(tmp_path):
+    """YAML reads yes, no, on and off as booleans, which a number key took as 1 and 0: ``limits.queue_size: yes``
+    was a queue of one frame and ``store.log_normal_every: no`` logged no normal frame, without a word."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b}\nlimits: {queue_size: yes}\nstore: {log_normal_every: no}\n"
+                    "heatmap: {alpha: on}\nmqtt: {qos: yes}\ncameras: {line1: {roi: [no, 0, 8, 8]}}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={})
+    for key in ("limits.queue_size", "store.log_normal_every", "heatmap.alpha", "mqtt.qos", "cameras.line1.roi"):
+        assert f"{key}: Value error, a boolean" in str(refused.value), (key, str(refused.value))
+    path.write_text("model: {bundle: b}\n")
+    with pytest.raises(ConfigError, match=r"^EDGE_INSPECT__WORKER__WATCHDOG_S \(environment\): worker.watchdog_s: "
+                                          "Value error, a boolean"):
+        load_config(path, environ={"EDGE_INSPECT__WORKER__WATCHDOG_S": "off"})
+    # a boolean key still takes YAML's booleans, in the file and in an override
+    path.write_text("model: {bundle: b}\nmetrics: {enabled: no}\nstore: {hnsw: yes}\nlimits: {queue_size: 8}\n")
+    cfg = load_config(path, environ={"EDGE_INSPECT__LEARNING__ENABLED": "off", "EDGE_INSPECT__CAPTURE__ENABLED": "true"})
+    assert (cfg.metrics.enabled, cfg.store.hnsw, cfg.learning.enabled, cfg.capture.enabled) == (False, True, False, True)
+    assert cfg.limits.queue_size == 8

@@ -56,6 +56,26 @@ class _Section(BaseModel):
                              "by null in config.yaml)")
         return v
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_number(cls, v: object, info: ValidationInfo) -> object:
+        """YAML reads ``yes``, ``no``, ``on``, ``off`` as booleans, which pydantic took as 1 and 0: ``queue_size: yes``
+        was a queue of one frame, ``log_normal_every: no`` logged no normal frame, without a word."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else None
+        if _numeric(annotation) and (isinstance(v, bool) or (isinstance(v, list | tuple) and
+                                                              any(isinstance(x, bool) for x in v))):
+            raise ValueError("a boolean (YAML reads yes, no, on, off, true and false as one) where a number is expected")
+        return v
+
+
+def _numeric(annotation: object) -> bool:
+    """True for a key that takes numbers: int, float, a Literal of them, or an optional or tuple of those."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Literal:
+        return all(type(a) in (int, float) for a in get_args(annotation))
+    return any(_numeric(a) for a in get_args(annotation))
+
 
 class TLSConfig(_Section):
     ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate.")

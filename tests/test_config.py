@@ -519,3 +519,16 @@ def test_a_boolean_where_a_number_is_expected_is_refused_naming_its_key(tmp_path
     cfg = load_config(path, environ={"EDGE_INSPECT__LEARNING__ENABLED": "off", "EDGE_INSPECT__CAPTURE__ENABLED": "true"})
     assert (cfg.metrics.enabled, cfg.store.hnsw, cfg.learning.enabled, cfg.capture.enabled) == (False, True, False, True)
     assert cfg.limits.queue_size == 8
+
+
+def test_an_environment_override_unsets_an_optional_path_with_null(tmp_path):
+    """An override takes a path as written: ``EDGE_INSPECT__MODEL__CACHE_DIR=null``, meant to turn the model cache off,
+    made a folder named ``null`` beside config.yaml and cached there (an empty value is refused), so no override could
+    turn off a path key that config.yaml sets."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {bundle: b, cache_dir: cache}\nmqtt: {username: w}\n")
+    cfg = load_config(path, environ={"EDGE_INSPECT__MODEL__CACHE_DIR": "null", "EDGE_INSPECT__MODEL__ROLLOUT_PATH": "~",
+                                     "EDGE_INSPECT__MQTT__PASSWORD": "null"})
+    assert (cfg.model.cache_dir, cfg.model.rollout_path) == (None, None)
+    assert cfg.mqtt.secret() == "null"  # a secret is taken as written
+    assert load_config(path, environ={}).model.cache_dir == tmp_path.resolve() / "cache"

@@ -26,6 +26,7 @@ from worker.wire import MAX_TOPIC_BYTES, PIXEL_FORMATS, publishable, refused_cha
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "EDGE_INSPECT__"
+YAML_NULL = {"null", "Null", "NULL", "~"}  # what YAML reads as null, written out (an empty value is refused for a path)
 OTHER_ENV = {"EDGE_INSPECT_CACHE", "EDGE_INSPECT_TEACHERS"}  # the exporter's own variables, not overrides
 
 
@@ -53,7 +54,7 @@ class _Section(BaseModel):
         annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else None
         if v == "" and (annotation is Path or Path in get_args(annotation)):
             raise ValueError("an empty path would be the config file's folder: give a path (an optional key is left unset "
-                             "by null in config.yaml)")
+                             "by null, in config.yaml or an override)")
         return v
 
     @field_validator("*", mode="before")
@@ -676,7 +677,8 @@ def _is_text(annotation: object) -> bool:
 
 def _apply_env(raw: dict, environ: dict[str, str]) -> tuple[dict, dict[tuple[str, ...], str]]:
     """Overrides from EDGE_INSPECT__SECTION__KEY, and which variable set each key (errors in it name the variable,
-    not config.yaml).  Text keys (passwords, paths, ids) take the value verbatim; other keys (numbers, booleans,
+    not config.yaml).  Text keys (passwords, paths, ids) take the value verbatim, but YAML's null (``null``, ``~``)
+    unsets an optional one as in config.yaml (a secret is always taken as written); other keys (numbers, booleans,
     lists) are read as YAML, so ``[a, b]`` and ``null`` work there.  EDGE_INSPECT_ with one underscore is not an
     override: said, since it would be ignored without a word."""
     sources: dict[tuple[str, ...], str] = {}
@@ -697,11 +699,15 @@ def _apply_env(raw: dict, environ: dict[str, str]) -> tuple[dict, dict[tuple[str
             node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
-        if not value or _is_text(_field_at(path)):
+        field = _field_at(path)
+        if value in YAML_NULL and type(None) in get_args(field) and SecretStr not in get_args(field):
+            node[path[-1]] = None  # unset, as null in config.yaml: a path key took it as a folder named null
+            continue
+        if not value or _is_text(field):
             node[path[-1]] = value
             continue
         try:  # read as the file is: a list of camera ids keeps ``off`` and ``007`` as written
-            node[path[-1]] = _typed(yaml.load(value, Loader=_Loader), _field_at(path))
+            node[path[-1]] = _typed(yaml.load(value, Loader=_Loader), field)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: not a valid value ({exc.__class__.__name__})") from None
     return raw, sources

@@ -532,3 +532,20 @@ def test_an_environment_override_unsets_an_optional_path_with_null(tmp_path):
     assert (cfg.model.cache_dir, cfg.model.rollout_path) == (None, None)
     assert cfg.mqtt.secret() == "null"  # a secret is taken as written
     assert load_config(path, environ={}).model.cache_dir == tmp_path.resolve() / "cache"
+
+
+def test_metrics_and_console_on_one_port_are_refused_naming_both_keys(tmp_path):
+    """metrics.port equal to console.port on one host passed the config check; whichever of the worker and the
+    console started second then stopped with exit 2."""
+    path = tmp_path / "config.yaml"
+    for metrics, console in (("{port: 8080}", "{}"), ("{port: 9000, host: 0.0.0.0}", "{port: 9000}"),
+                             ("{port: 9000, host: localhost}", "{port: 9000}")):
+        path.write_text(f"model: {{bundle: b}}\nmetrics: {metrics}\nconsole: {console}\n")
+        with pytest.raises(ConfigError, match="metrics.port and console.port are both"):
+            load_config(path, environ={})
+    for metrics in ("{port: 8080, enabled: false}", "{port: 8080, host: 127.0.0.2}", "{port: 0}"):
+        path.write_text(f"model: {{bundle: b}}\nmetrics: {metrics}\nconsole: {{port: 8080}}\n")
+        assert load_config(path, environ={}).console.port == 8080
+    path.write_text("model: {bundle: b}\n")
+    with pytest.raises(ConfigError, match="metrics.port and console.port are both 8080 on hosts 127.0.0.1 and 127.0.0.1"):
+        load_config(path, environ={"EDGE_INSPECT__METRICS__PORT": "8080"})

@@ -359,7 +359,8 @@ class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     host: str = Field("127.0.0.1", min_length=1, description="Bind address; 0.0.0.0 to let a Prometheus on another host scrape it.")
     port: int = Field(9108, ge=0, le=65535, description="HTTP port for /metrics and /healthz; give each worker on one box its own "
-                                                 "(one in use stops the start, exit code 2).")
+                                                 "(one in use stops the start, exit code 2), and not console.port (refused "
+                                                 "where the hosts overlap).")
     max_cameras: int = Field(64, ge=1, description="Distinct camera labels in /metrics and the stats; frames of further cameras, and "
                                                    "the refused frames of cameras topics.cameras does not list, are counted under "
                                                    "camera=\"/other\" (bounds the series when topics.cameras is empty).")
@@ -645,10 +646,28 @@ class Config(_Section):
             taken[topic] = camera
         return self
 
+    @model_validator(mode="after")
+    def _ports_apart(self) -> Config:
+        """The worker's metrics and the console listen on one box: on one port, whichever started second stopped with
+        exit 2, where the config check had passed."""
+        if self.metrics.enabled and self.metrics.port == self.console.port and \
+                _hosts_overlap(self.metrics.host, self.console.host):
+            raise ValueError(f"metrics.port and console.port are both {self.console.port} on hosts "
+                             f"{self.metrics.host} and {self.console.host}: the worker or the console could not "
+                             "listen; give one another port")
+        return self
+
     @property
     def camera_topics(self) -> dict[str, str]:
         """Each camera's own frame topic (cameras.<id>.topic) -> its id."""
         return {c.topic: camera for camera, c in self.cameras.items() if c.topic is not None}
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Whether listening on ``a`` and on ``b`` at one port collide: the same address, or either the wildcard."""
+    def plain(host: str) -> str:
+        return "127.0.0.1" if host.lower() == "localhost" else host.lower()
+    return plain(a) == plain(b) or {"0.0.0.0", "::"} & {a, b} != set()
 
 
 def _field_at(path: list[str]) -> object | None:

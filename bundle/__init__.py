@@ -286,9 +286,12 @@ class Manifest(_Strict):
     @field_validator("files")
     @classmethod
     def _lists_the_model(cls, files: dict[str, str]) -> dict[str, str]:
-        """The model's files are what is verified: a manifest that leaves one out would serve it unchecked."""
+        """The model's files are what is verified: a manifest that leaves one out would serve it unchecked; and each is
+        a file of the bundle's own folder: ``../x`` or an absolute path was read and hashed wherever it pointed."""
         if missing := [name for name in BUNDLE_FILES if name not in files]:
             raise ValueError(f"files does not list {', '.join(missing)}: its sha256 is what a bundle is verified by")
+        for name in files:
+            plain_name(name, "a bundle file")
         return files
 
     @property

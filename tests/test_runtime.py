@@ -183,3 +183,17 @@ def test_a_damaged_blob_the_worker_cannot_delete_is_not_served(bundle_dir, tmp_p
         assert not again.compiled.get_property("LOADED_FROM_CACHE"), "the damaged blob was served"
     finally:
         subprocess.run(["chattr", "-i", str(cache)], check=True)
+
+
+def test_a_manifest_naming_a_file_outside_its_bundle_is_refused_naming_the_entry(bundle_dir, tmp_path):
+    """bundle.json's ``files`` is what the loader reads and hashes: ``../x`` or an absolute path made it read a file
+    outside the bundle's folder (and a bundle whose checksum of that file matched was served as verified)."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the bundle's\n")
+    digest = sha256_file(outside)
+    for name, entry in (("up", "../outside.txt"), ("absolute", str(outside))):
+        edited = _edited(bundle_dir, tmp_path, lambda m, e=entry: m["files"].__setitem__(e, digest), name)
+        with pytest.raises(BundleError, match=f"files: Value error, {entry!r} cannot name a bundle file"):
+            read_manifest(edited)
+        with pytest.raises(BundleError, match=f"{entry!r} cannot name a bundle file"):
+            CompiledBundle(edited, batch=1)

@@ -191,6 +191,33 @@ def test_healthz_fails_while_a_thread_is_stuck_or_dead():
         stats.close()
 
 
+def test_a_head_probe_is_answered_as_get_without_a_body():
+    """HEAD /healthz and HEAD /metrics were answered 501: probes that send HEAD (wget --spider, uptime monitors)
+    reported a healthy worker down.  HEAD answers as GET does, without the body; a dead thread still fails it."""
+
+    def ask(method: str, path: str) -> tuple[int, str, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request(method, path)
+            answer = conn.getresponse()
+            return answer.status, answer.getheader("Content-Type", ""), answer.read()
+        finally:
+            conn.close()
+
+    liveness = Liveness(0)
+    stats = Stats(liveness)
+    port = stats.serve("127.0.0.1", 0)
+    try:
+        for path, status in (("/healthz", 200), ("/metrics", 200), ("/nothing", 404)):
+            get_status, get_type, get_body = ask("GET", path)
+            assert (get_status, get_body != b"") == (status, True)
+            assert ask("HEAD", path) == (status, get_type, b"")
+        liveness.register("worker-a", threading.Thread(target=lambda: None))  # registered, never started: dead
+        assert ask("HEAD", "/healthz")[0] == 503
+    finally:
+        stats.close()
+
+
 class _SlowScrape(Collector):
     """A metric that takes its time (a scrape on a starved or paused box), and one that fails, on cue."""
 

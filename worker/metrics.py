@@ -139,23 +139,31 @@ class Stats:
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_s  # socketserver.StreamRequestHandler sets it on the connection: bounds each read
 
-            def do_GET(self) -> None:  # (http.server's name)
+            def do_GET(self) -> None:  # (http.server's names)
+                self._send(*self._answer())
+
+            def do_HEAD(self) -> None:
+                """GET's status and headers without the body: probes that send HEAD (wget --spider, uptime
+                monitors) were answered 501 and reported a healthy worker down."""
+                self._send(*self._answer(), with_body=False)
+
+            def _answer(self) -> tuple[int, str, bytes]:
                 path = self.path.split("?")[0]
                 if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-                elif path == "/healthz":
+                    return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+                if path == "/healthz":
                     problems = liveness.problems()
                     body = {"ok": not problems, "problems": problems, "threads": liveness.snapshot()}
-                    self._send(503 if problems else 200, "application/json", json.dumps(body).encode())
-                else:
-                    self._send(404, "text/plain", b"not found: /metrics, /healthz\n")
+                    return 503 if problems else 200, "application/json", json.dumps(body).encode()
+                return 404, "text/plain", b"not found: /metrics, /healthz\n"
 
-            def _send(self, status: int, content_type: str, body: bytes) -> None:
+            def _send(self, status: int, content_type: str, body: bytes, with_body: bool = True) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if with_body:
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not log lines
                 return

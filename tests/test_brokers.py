@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import cv2
@@ -15,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import Client, good_png, wait_online, write_config
-from scripts.broker import Broker, broker_readable_dir
+from scripts.broker import Broker, broker_readable_dir, free_port
 
 
 @contextlib.contextmanager
@@ -151,6 +154,44 @@ def _response_topic_refused(broker: Broker, bundle_dir, tmp_path, worker_factory
         client.close()
 
 
+def test_metrics_count_the_publishes_refused_during_a_clean_stop(bundle_dir, tmp_path):
+    """``edge_inspect_publishes_refused_total`` was added to by the main loop only: what the broker refused once the
+    loop had ended (a clean stop's last results, its ``stopped``) was in the stats' count and the log, never in
+    /metrics.  It is read at each scrape.  The ACL refuses the worker's availability topic (its ``online`` and its
+    ``stopped``); the worker runs in this process so that /metrics can still be read once its stop is over."""
+    from worker.config import load_config
+    from worker.service import Worker
+    from worker.supervise import StopSignals
+
+    with _acl_broker(tmp_path, "topic readwrite inspect/#\ntopic deny inspect/workers/w-test/availability\n") as broker:
+        port = free_port()
+        worker = Worker(load_config(write_config(tmp_path / "w", broker.port, bundle_dir,
+                                                 metrics={"enabled": True, "port": port})))
+        stop, signals = threading.Event(), StopSignals()
+        running = threading.Thread(target=worker.run, args=(stop, signals), daemon=True)
+
+        def refused() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            [line] = [line for line in text.splitlines() if line.startswith("edge_inspect_publishes_refused_total ")]
+            return float(line.split()[-1])
+
+        try:
+            running.start()  # /metrics is served before the broker is connected to
+            deadline = time.monotonic() + 60
+            while worker.link.publishes_refused < 1 or refused() < 1:  # its 'online', refused while the loop runs
+                assert time.monotonic() < deadline and running.is_alive()
+                time.sleep(0.1)  # poll interval: the broker's PUBACK comes when it comes
+            signals.received = signal.SIGTERM
+            running.join(120)
+            assert not running.is_alive(), "the stop did not end"
+            assert worker.link.last_refused["topic"] == "inspect/workers/w-test/availability"
+            assert refused() == worker.link.publishes_refused >= 2  # 'online' and, after the loop, 'stopped'
+        finally:
+            worker.stats.close()
+            for claim in worker.claims:
+                claim.close()
+
+
 def test_a_broker_restarting_is_not_said_as_a_client_id_takeover(bundle_dir, tmp_path, worker_factory):
     """Three broker restarts within a minute were logged as "another client connecting with the same client id" (a
     helper's probe): the broker closing the connection three times looks like a takeover, but a takeover leaves the
@@ -187,8 +228,6 @@ def test_an_own_announcement_the_acl_drops_is_said_while_frames_stream_in(bundle
 
 
 def _own_announcement_dropped(broker: Broker, bundle_dir, dataset, tmp_path, worker_factory) -> None:
-    import threading
-
     camera = Client(broker.port)
     streaming = threading.Event()
     stop = threading.Event()

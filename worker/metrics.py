@@ -44,6 +44,8 @@ HISTORY_LOST_HELP = ("Scored frames the history (the vector store) lacks for goo
                      "recorder_dropped (the recorder's backlog full), recorder_lost (neither the store nor the spool "
                      "took them, e.g. a full disk), spool_dropped_points (the spool past spool.max_mb), "
                      "recorder_unrecorded (store_error).")
+PUBLISHES_REFUSED_HELP = ("Messages the broker refused to take from the worker, lost: results, heatmaps, errors, "
+                          "answers or the worker's own status (the stats' last_publish_refused names the topic).")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -79,10 +81,6 @@ class Stats:
                                "arrive).", registry=self.registry)
         self.refused = Gauge("edge_inspect_subscriptions_refused", "Topics the broker refuses to subscribe the worker "
                              "to (its ACL): nothing published there arrives.", registry=self.registry)
-        self.publishes_refused = PromCounter("edge_inspect_publishes_refused", "Messages the broker refused to take "
-                                             "from the worker, lost: results, heatmaps, errors, answers or the "
-                                             "worker's own status (the stats' last_publish_refused names the topic).",
-                                             registry=self.registry)
         self.model = Gauge("edge_inspect_model_info", "The bundle serving each camera group (value 1).",
                            ["scope", "name", "version", "precision"], registry=self.registry)
         self.registry.register(_LivenessCollector(self.liveness))
@@ -125,6 +123,11 @@ class Stats:
         """Export ``edge_inspect_history_lost_total`` by reason from ``totals``, read at each scrape: the recorder's
         and the spool's own counts of frames the history lacks (they only grow), the last flush of a stop's included."""
         self.registry.register(_Totals("edge_inspect_history_lost", HISTORY_LOST_HELP, "reason", totals))
+
+    def count_refused(self, total: Callable[[], int]) -> None:
+        """Export ``edge_inspect_publishes_refused_total`` from ``total``, read at each scrape: the link's own count.
+        Added to by the main loop, it missed the refusals of a clean stop (its last results, its ``stopped``)."""
+        self.registry.register(_Total("edge_inspect_publishes_refused", PUBLISHES_REFUSED_HELP, total))
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -290,3 +293,13 @@ class _Totals(Collector):
         for value, total in self.totals().items():
             family.add_metric([value], total)
         yield family
+
+
+class _Total(Collector):
+    """A counter read at scrape time from a total kept elsewhere that only grows."""
+
+    def __init__(self, name: str, documentation: str, total: Callable[[], int]) -> None:
+        self.name, self.documentation, self.total = name, documentation, total
+
+    def collect(self) -> Iterator:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.total())

@@ -59,7 +59,7 @@ from worker.transport import Inbound
 from worker.wire import ControlRequest, ErrorCode, RequestError, decode_json, error_answer, iso, publishable, split_reply_to, validate
 
 EXIT_STUCK = 3
-LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch, the refusals counter
+LOOP_S = 0.2  # the main loop's period: the watchdog's check, the dead man's switch
 GIVE_UP_ANSWER_S = 3.0  # at most this long answering the queued frames and requests before a watchdog exit
 # The whole clean stop: deploy/systemd's TimeoutStopSec=120 leaves room for the exit after it. Each wait is bounded by
 # its own limit too, and by what is left of this.
@@ -224,6 +224,7 @@ class Worker:
         self.stats.count_lost(lambda: {"recorder_dropped": self.recorder.dropped, "recorder_lost": self.recorder.lost,
                                        "spool_dropped_points": self.recorder.spool.dropped_points,
                                        "recorder_unrecorded": self.recorder.unrecorded})
+        self.stats.count_refused(lambda: self.link.publishes_refused)
         self.learner = Learner(cfg, self.models, self.evidence, self.pipeline.stored_image, self._publish_models, self.capture)
         self.labels = LabelService(self.recorder.use_store, self.evidence, self.learner, self._settle, self.capture,
                                    self.pipeline.stored_image)
@@ -247,7 +248,6 @@ class Worker:
         self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
         self.accepting = True
         self._unanswerable = 0  # requests whose answer had no topic to go to (logged, the first few)
-        self._refusals_counted = 0  # of the link's refused publishes, those added to the Prometheus counter
         # The model topic's readings, numbered as taken, and the newest published (:meth:`_publish_models`)
         self._models_said = threading.Lock()
         self._models_read = self._models_published = 0
@@ -665,9 +665,6 @@ class Worker:
             if problems:
                 self._give_up(problems)
             self.link.resubscribe_refused()
-            refused = self.link.publishes_refused
-            self.stats.publishes_refused.inc(refused - self._refusals_counted)
-            self._refusals_counted = refused
             if self.link.connected.is_set() and self.presence.owed():
                 self._announce_online()
             if self.link.connected.is_set() and self.presence.unread():

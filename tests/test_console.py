@@ -941,6 +941,34 @@ def test_a_cameras_tile_says_why_its_frames_are_unlike_the_training_images(broke
 
 
 @needs_chromium
+def test_the_page_names_the_precision_each_camera_is_scored_at(broker, tmp_path):
+    """Two cameras on one bundle at different precisions (``cameras.cam-b.precision: f16`` beside the f32 default)
+    are scored against different thresholds; the page showed one model for both: the console kept a result's model
+    name and version only.  The tile, the worker's pill and the models table name the precision."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        model = {"name": "weave-patchcore", "version": "1.0.0", "family": "patchcore"}
+        scopes = {"default": {**model, "precision": "f32", "bundle": "/b"},
+                  "cam-b": {**model, "precision": "f16", "bundle": "/b"}}
+        client.client.publish(f"{client.prefix}/workers/w-test/model", json.dumps({**scopes["default"], "scopes": scopes}),
+                              qos=1).wait_for_publish(10)
+        for camera, precision in (("cam-a", "f32"), ("cam-b", "f16")):
+            body = {"camera": camera, "frame_id": "f1", "captured_at": datetime.now(UTC).isoformat(),
+                    "verdict": "normal", "score": 0.1, "model": {**model, "precision": precision}}
+            client.client.publish(f"{client.prefix}/{camera}/result", json.dumps(body), qos=1).wait_for_publish(10)
+        for camera, precision in (("cam-a", "f32"), ("cam-b", "f16")):
+            tile = page.locator(f'.tile[data-camera="{camera}"]')
+            expect(tile).to_have_attribute("data-frame-id", "f1", timeout=10_000)
+            expect(tile.locator(".model")).to_have_text(f"weave-patchcore 1.0.0 · {precision}")
+        expect(page.locator("#worker-w-test")).to_contain_text("weave-patchcore 1.0.0 · f32")
+        rows = [[td.text_content() for td in row.locator("td").all()] for row in page.locator("#model-rows tr").all()]
+        assert rows == [["default", "weave-patchcore", "1.0.0", "f32", "–", "/b"],
+                        ["cam-b", "weave-patchcore", "1.0.0", "f16", "–", "/b"]], rows
+        assert errors == [], errors
+
+
+@needs_chromium
 def test_a_page_left_open_keeps_as_many_tiles_and_workers_as_the_console(broker, tmp_path):
     """The console forgets the camera and the worker quiet the longest past console.max_cameras and max_workers; a
     page left open on a wall kept every tile and worker pill it had ever shown (invented ids, renamed cameras)."""
@@ -1593,7 +1621,8 @@ def test_live_tiles_defect_feed_and_similar_frames(stack):
     last = results[f"cam-a/{last_a}"]
     expect(tile_a.locator(".verdict")).to_have_text(last["verdict"])
     expect(tile_a.locator(".score")).to_contain_text(f"{last['score']:.3f}")
-    expect(tile_a.locator(".model")).to_contain_text(last["model"]["version"])
+    expect(tile_a.locator(".model")).to_have_text(f"{last['model']['name']} {last['model']['version']} · "
+                                                  f"{last['model']['precision']}")
     assert ("anomalous" in (tile_a.get_attribute("class") or "")) == (last["verdict"] == "anomalous")
     page.eval_on_selector("#overlay", "el => { el.value = '0.5'; el.dispatchEvent(new Event('input')); }")  # show the frame
     for kind in ("frame", "heat"):

@@ -694,15 +694,15 @@ def test_a_result_past_its_bound_is_dropped_and_only_the_fields_the_console_read
     send = _hub_sender(hub)
     good = {"frame_id": "f1", "camera": "cam", "captured_at": "2026-12-06T00:00:00+00:00", "score": 0.9,
             "verdict": "anomalous", "threshold": 0.5, "unlike_training": "grey frames",
-            "model": {"name": "m", "version": "v", "blob": "x" * 1000}, "junk": ["y" * 1000] * 8}
+            "model": {"name": "m", "version": "v", "precision": "f16", "blob": "x" * 1000}, "junk": ["y" * 1000] * 8}
     send("cam", "result", json.dumps({**good, "junk": "z" * 1_000_000}).encode())
     assert hub.snapshot()["dropped"] == {"bad_result": 1} and hub.snapshot()["cameras"] == {}
     send("cam", "result", json.dumps(good).encode())
     tile = hub.snapshot()["cameras"]["cam"]
-    assert "junk" not in tile and tile["model"] == {"name": "m", "version": "v"}, tile
+    assert "junk" not in tile and tile["model"] == {"name": "m", "version": "v", "precision": "f16"}, tile
     assert tile["unlike_training"] == "grey frames" and tile["score"] == 0.9
     [listed] = hub.defect_feed(None, None, None, 10)
-    assert "junk" not in listed and listed["model"] == {"name": "m", "version": "v"}
+    assert "junk" not in listed and listed["model"] == {"name": "m", "version": "v", "precision": "f16"}
 
 
 def test_no_frame_rate_is_said_across_a_worker_restart():

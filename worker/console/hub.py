@@ -43,9 +43,11 @@ AVAILABILITY_MAX_CHARS = 64  # a worker's availability as the console keeps it: 
 # A worker's result is a small object: one far larger is no worker's (anyone may publish on an open broker), and the
 # console keeps console.history of them.
 RESULT_MAX_BYTES = 16 * 1024
-# The fields of a result the console and its page read: only these are kept (with the model's name and version).
+# The fields of a result the console and its page read: only these are kept (with the model's name, version and
+# precision: two cameras on one bundle at different precisions score by different thresholds).
 RESULT_FIELDS = ("camera", "frame_id", "captured_at", "published_at", "score", "raw_score", "threshold", "verdict",
                  "model", "label", "defect_type", "unlike_training")
+MODEL_FIELDS = ("name", "version", "precision")
 
 HUB = "console-hub"
 THUMBNAILER = "console-thumbnails"
@@ -140,6 +142,7 @@ class _Stats(_Read):
 class _Scope(_Read):
     name: str | None = None
     version: str | None = None
+    precision: str | None = None
     bundle: str | None = None
     extension: dict | None = None
 
@@ -147,6 +150,7 @@ class _Scope(_Read):
 class _Model(_Read):
     name: str | None = None
     version: str | None = None
+    precision: str | None = None
     bundle: str | None = None
     scopes: dict[str, _Scope] | None = None
 
@@ -186,8 +190,8 @@ def result_problem(result: object) -> str | None:
         return "verdict is neither normal nor anomalous"
     model = result.get("model")
     if model is not None and not (isinstance(model, dict) and all(
-            isinstance(model.get(k), str | None) for k in ("name", "version"))):
-        return "model is not an object with a name and version"
+            isinstance(model.get(k), str | None) for k in MODEL_FIELDS)):
+        return "model is not an object with a name, version and precision"
     for key in ("captured_at", "published_at", "label", "defect_type", "unlike_training"):
         if result.get(key) is not None and not isinstance(result[key], str):
             return f"{key} is not a string"
@@ -495,7 +499,7 @@ class Hub:
             return
         result = {k: v for k, v in cast(dict, parsed).items() if k in RESULT_FIELDS}
         if isinstance(result.get("model"), dict):
-            result["model"] = {k: result["model"].get(k) for k in ("name", "version")}
+            result["model"] = {k: result["model"].get(k) for k in MODEL_FIELDS}
         key = (result["camera"], result["frame_id"])
         with self.lock:
             entry = Entry(result, self.pending_heatmaps.take(key), self.pending_frames.take(key))

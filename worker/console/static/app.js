@@ -42,6 +42,9 @@ const fmtCaptured = (iso) => {
   return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
 };
 
+// A model as shown: name, version and the precision it runs at (one bundle at f32 and f16 has two thresholds).
+const modelText = (m) => `${m.name || ""} ${m.version || ""}` + (m.precision ? ` · ${m.precision}` : "");
+
 // Latest-wins image loading: a tile never queues up stale images behind a slow one. An image that cannot be loaded
 // (the console forgot it, the network failed) leaves the tile without a picture, never with the frame before's.
 function show(img, url) {
@@ -137,7 +140,7 @@ function renderTile(cam) {
   $(".verdict", el).textContent = r.verdict;
   $(".score", el).textContent = `score ${Number(r.score).toFixed(3)} (raw ${r.raw_score} / ${r.threshold})`;
   $(".fid", el).textContent = `${r.frame_id} · ${fmtCaptured(r.captured_at)}`;
-  $(".model", el).textContent = r.model ? `${r.model.name} ${r.model.version}` : "";
+  $(".model", el).textContent = r.model ? modelText(r.model) : "";
   // why the worker says this camera's frames are not what the model learned (another shape, grey for a colour model)
   const unlike = $(".unlike", el), note = typeof r.unlike_training === "string" ? r.unlike_training : "";
   unlike.hidden = !note;
@@ -545,7 +548,7 @@ function renderModels(model) {
     const tr = document.createElement("tr");
     tr.dataset.scope = scope;
     const ext = m.extension ? `${m.extension.rows}/${m.extension.max_rows}` : "–";
-    for (const v of [scope, m.name, m.version, ext, m.bundle]) {
+    for (const v of [scope, m.name, m.version, m.precision, ext, m.bundle]) {
       const td = document.createElement("td"); td.textContent = v ?? ""; tr.append(td);
     }
     return tr;
@@ -592,7 +595,7 @@ function renderWorker(w) {
   const stats = w.stats || {};
   const twin = stats.other_process;  // a second process runs under this worker.id (worker/presence.py)
   el.className = `pill ${w.availability === "online" && !twin ? "on" : "off"}`;
-  el.textContent = `${w.id}: ${w.availability || "?"}` + (w.model ? ` · ${w.model.name || ""} ${w.model.version || ""}` : "")
+  el.textContent = `${w.id}: ${w.availability || "?"}` + (w.model ? ` · ${modelText(w.model)}` : "")
     + (stats.queue !== undefined ? ` · queue ${stats.queue}` : "")
     + (twin ? ` · also running on ${twin.host} (pid ${twin.pid}): give each worker its own worker.id` : "");
   if (w.id === controlled) {

@@ -969,6 +969,36 @@ def test_the_page_names_the_precision_each_camera_is_scored_at(broker, tmp_path)
 
 
 @needs_chromium
+def test_a_worker_gone_offline_shows_no_queue_length_or_frame_rate(broker, tmp_path):
+    """The worker's pill kept the queue length of its last stats message after the worker went offline ("w-test:
+    offline · queue 37"), and its cameras' tiles their frame rate: numbers of a worker that no longer runs.  They
+    are shown again from its stats once it is back."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        workers = f"{client.prefix}/workers/w-test"
+        client.client.publish(f"{workers}/availability", b"online", qos=1).wait_for_publish(10)
+        _publish_result(client, "cam", "f1", datetime.now(UTC))
+        at = datetime.now(UTC)
+        for processed, seconds in ((0, 0), (42, 10)):
+            body = {"at": (at + timedelta(seconds=seconds)).isoformat(), "uptime_s": 100 + seconds, "queue": 37,
+                    "cameras": {"cam": {"received": processed, "processed": processed}}}
+            client.client.publish(f"{workers}/stats", json.dumps(body), qos=1).wait_for_publish(10)
+        pill, rate = page.locator("#worker-w-test"), page.locator('.tile[data-camera="cam"] .rate')
+        expect(pill).to_have_text("w-test: online · queue 37", timeout=10_000)
+        expect(rate).to_contain_text("4.2 frames/s · received 42")
+        client.client.publish(f"{workers}/availability", b"offline", qos=1).wait_for_publish(10)
+        expect(pill).to_have_text("w-test: offline", timeout=10_000)
+        expect(rate).to_contain_text("– frames/s · received 42")
+        client.client.publish(f"{workers}/availability", b"online", qos=1).wait_for_publish(10)
+        body = {"at": (at + timedelta(seconds=20)).isoformat(), "uptime_s": 1, "queue": 3,
+                "cameras": {"cam": {"received": 1, "processed": 1}}}
+        client.client.publish(f"{workers}/stats", json.dumps(body), qos=1).wait_for_publish(10)
+        expect(pill).to_have_text("w-test: online · queue 3", timeout=10_000)
+        assert errors == [], errors
+
+
+@needs_chromium
 def test_a_page_left_open_keeps_as_many_tiles_and_workers_as_the_console(broker, tmp_path):
     """The console forgets the camera and the worker quiet the longest past console.max_cameras and max_workers; a
     page left open on a wall kept every tile and worker pill it had ever shown (invented ids, renamed cameras)."""

@@ -595,8 +595,11 @@ function renderWorker(w) {
   const stats = w.stats || {};
   const twin = stats.other_process;  // a second process runs under this worker.id (worker/presence.py)
   el.className = `pill ${w.availability === "online" && !twin ? "on" : "off"}`;
+  // A worker that said it is away (offline, stopped) has no queue or frame rate: its last stats' are stale. One
+  // whose availability is not known yet (a broker without retain) is shown by its stats.
+  const away = w.availability != null && w.availability !== "online";
   el.textContent = `${w.id}: ${w.availability || "?"}` + (w.model ? ` · ${modelText(w.model)}` : "")
-    + (stats.queue !== undefined ? ` · queue ${stats.queue}` : "")
+    + (!away && stats.queue !== undefined ? ` · queue ${stats.queue}` : "")
     + (twin ? ` · also running on ${twin.host} (pid ${twin.pid}): give each worker its own worker.id` : "");
   if (w.id === controlled) {
     // the worker back (or seen for the first time): what it learned is asked again, a failed listing replaced
@@ -612,7 +615,7 @@ function renderWorker(w) {
   for (const [name, c] of Object.entries(stats.cameras || {})) {  // tiles come from results: none made here
     const cam = cams.get(name);
     if (!cam) continue;
-    const rate = w.rates?.[name];
+    const rate = away ? undefined : w.rates?.[name];
     $(".rate", cam.el).textContent = `${rate !== undefined ? rate.toFixed(1) : "–"} frames/s · received ${c.received}`
       + ` · anomalous ${c.anomalous} · dropped ${c.dropped} · errors ${c.errored}`;
   }

@@ -77,3 +77,15 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def tls_broker(folder: Path, certs: Path, listener_extra: str = "") -> Broker:
+    """A broker whose one listener is TLS on 127.0.0.1, with ``certs``' server.crt and server.key and ca.crt as its
+    CA (``listener_extra``: e.g. ``require_certificate true``); the files are made readable by the user mosquitto
+    drops to (``certs`` from :func:`broker_readable_dir`)."""
+    for f in certs.iterdir():
+        f.chmod(0o644)
+    port = free_port()
+    return Broker(folder, port=port, listener=(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n{listener_extra}cafile {certs / 'ca.crt'}\n"
+        f"certfile {certs / 'server.crt'}\nkeyfile {certs / 'server.key'}\n"))

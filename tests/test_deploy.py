@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT, Client, killed_after, user_props
 
-from scripts.broker import Broker, broker_readable_dir, free_port
+from scripts.broker import Broker, broker_readable_dir, free_port, tls_broker
 from worker.config import load_config
 from worker.wire import valid_id
 
@@ -471,12 +471,8 @@ def test_a_client_certificate_without_cafile_connects_with_tls(tmp_path):
     files = broker_readable_dir("mosq-tls-")
     try:
         subprocess.run(["bash", str(DEPLOY / "mosquitto" / "make-certs.sh"), str(files)], check=True, capture_output=True)
-        for f in files.iterdir():
-            f.chmod(0o644)  # readable by the user mosquitto drops to
-        port = free_port()
-        broker = Broker(tmp_path / "broker", port=port, listener=(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\ncafile {files / 'ca.crt'}\n"
-            f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"))
+        broker = tls_broker(tmp_path / "broker", files)
+        port = broker.port
         try:
             folder = image_folder(tmp_path / "imgs", ["000.png"])
             # the broker's own certificate stands in for a client's: this listener asks for none and checks none

@@ -17,6 +17,8 @@ import time
 import urllib.request
 import uuid
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -600,7 +602,7 @@ def test_twins_on_one_client_id_without_a_persistent_session_are_named(broker, b
         two.stop()
         one.stop()
         for log, other in ((one.output(), two), (two.output(), one)):
-            assert f"another worker process runs as worker.id 'w-test' on this broker: host" in log, log[-3000:]
+            assert "another worker process runs as worker.id 'w-test' on this broker: host" in log, log[-3000:]
             assert f"pid {other.proc.pid} (this one" in log and "Both connect as MQTT client" in log
     finally:
         client.client.publish(f"{prefix}/workers/w-test/availability", b"", qos=1, retain=True).wait_for_publish(5)
@@ -666,7 +668,7 @@ def test_metrics_count_the_history_a_full_disk_loses(broker, bundle_dir, dataset
                           store={"path": str(small_disk / "qdrant"), "flush_s": 0.1},
                           spool={"path": str(small_disk / "spool")}, metrics={"enabled": True, "port": metrics_port})
     client = Client(broker.port, prefix)
-    worker = worker_factory(config)
+    worker_factory(config)
     stats_topic = f"{prefix}/workers/w-test/stats"
 
     def lost() -> dict[str, float]:
@@ -1041,11 +1043,12 @@ def test_an_answer_past_the_brokers_maximum_packet_size_says_the_request_was_car
         broker.stop()
 
 
-def test_an_answer_past_the_brokers_maximum_packet_size_says_what_would_make_it_fit(bundle_dir, tmp_path,
-                                                                                      worker_factory):
-    """Every answer past the broker's maximum packet size said "ask for fewer hits": a label export (or a control
-    answer) has no hits to ask fewer of, and a query could also leave its images out."""
-    broker = Broker(tmp_path / "broker", extra="max_packet_size 2500\n")
+@contextmanager
+def _eight_labelled_frames(tmp_path: Path, bundle_dir: Path, worker_factory,
+                           max_packet_size: int) -> Iterator[tuple[Any, ApiClient, Path]]:
+    """A worker behind a broker with ``max_packet_size``, 8 tiny frames of camera "cam" scored and each labelled a
+    confirmed defect with a long defect type: (the worker, a request client, its config)."""
+    broker = Broker(tmp_path / "broker", extra=f"max_packet_size {max_packet_size}\n")
     config = write_config(tmp_path, broker.port, bundle_dir, heatmap={"publish": "never"})
     client = Client(broker.port)
     try:
@@ -1059,37 +1062,32 @@ def test_an_answer_past_the_brokers_maximum_packet_size_says_what_would_make_it_
             for n in range(8):
                 assert api.label({"action": "set", "frame_id": f"f{n}", "camera": "cam", "label": "confirmed_defect",
                                   "defect_type": "a-defect-type-long-enough-to-fill-a-packet", "note": None})["ok"]
-            export = api.label({"action": "export", "format": "json"})
-            query = api.query({"top_k": 8, "filters": {"cameras": ["cam"]}})
-        assert export["error"]["code"] == "response_too_large", export
-        assert "fewer hits" not in export["error"]["message"] and "max_packet_size" in export["error"]["message"], export
-        assert query["error"]["code"] == "response_too_large", query
-        assert "fewer hits" in query["error"]["message"] and "include_thumbnails" in query["error"]["message"], query
+            yield worker, api, config
         assert worker.stop() == 0
     finally:
         client.close()
         broker.stop()
 
 
+def test_an_answer_past_the_brokers_maximum_packet_size_says_what_would_make_it_fit(bundle_dir, tmp_path,
+                                                                                      worker_factory):
+    """Every answer past the broker's maximum packet size said "ask for fewer hits": a label export (or a control
+    answer) has no hits to ask fewer of, and a query could also leave its images out."""
+    with _eight_labelled_frames(tmp_path, bundle_dir, worker_factory, 2500) as (_, api, _):
+        export = api.label({"action": "export", "format": "json"})
+        query = api.query({"top_k": 8, "filters": {"cameras": ["cam"]}})
+    assert export["error"]["code"] == "response_too_large", export
+    assert "fewer hits" not in export["error"]["message"] and "max_packet_size" in export["error"]["message"], export
+    assert query["error"]["code"] == "response_too_large", query
+    assert "fewer hits" in query["error"]["message"] and "include_thumbnails" in query["error"]["message"], query
+
+
 def test_a_csv_label_export_carries_each_label_once_and_fits_where_the_csv_does(bundle_dir, tmp_path,
                                                                                   worker_factory):
     """A CSV export's answer carried every label twice, as JSON rows beside the CSV: it was refused
     ``response_too_large`` under a broker's maximum packet size the CSV alone fits in."""
-    broker = Broker(tmp_path / "broker", extra="max_packet_size 3000\n")
-    config = write_config(tmp_path, broker.port, bundle_dir, heatmap={"publish": "never"})
-    client = Client(broker.port)
-    try:
-        worker = worker_factory(config)
-        wait_online(client, "inspect")
-        tiny = cv2.imencode(".png", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
-        for n in range(8):
-            client.publish_frame("cam", tiny, f"f{n}")
-        client.wait_for(lambda m: m.topic == "inspect/cam/result", count=8)
-        with ApiClient(load_config(config), "test") as api:
-            for n in range(8):
-                assert api.label({"action": "set", "frame_id": f"f{n}", "camera": "cam", "label": "confirmed_defect",
-                                  "defect_type": "a-defect-type-long-enough-to-fill-a-packet", "note": None})["ok"]
-            export = api.label({"action": "export", "format": "csv"})
+    with _eight_labelled_frames(tmp_path, bundle_dir, worker_factory, 3000) as (_, api, config):
+        export = api.label({"action": "export", "format": "csv"})
         assert export["ok"] and export["count"] == 8 and "labels" not in export, export
         rows = export["csv"].splitlines()
         assert len(rows) == 9 and rows[0].startswith("frame_id,camera,captured_at"), rows
@@ -1097,10 +1095,6 @@ def test_a_csv_label_export_carries_each_label_once_and_fits_where_the_csv_does(
                               str(tmp_path / "labels.csv")], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert cli.returncode == 0 and "8 labels written" in cli.stderr, cli.stderr
         assert (tmp_path / "labels.csv").read_text().splitlines() == rows
-        assert worker.stop() == 0
-    finally:
-        client.close()
-        broker.stop()
 
 
 # 5b. A model that answers NaN or infinity gives no verdict ------------------------------------

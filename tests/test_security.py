@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import ROOT, Client, good_png, wait_online, write_config
-from scripts.broker import Broker, broker_readable_dir, free_port
+from scripts.broker import Broker, broker_readable_dir, free_port, tls_broker
 
 DEPLOY = ROOT / "deploy" / "mosquitto"
 USERS = {"worker": "w-pass", "operator": "o-pass", "console": "k-pass", "line1": "c1-pass", "line2": "c2-pass"}  # the acl's cameras
@@ -459,12 +459,8 @@ def test_a_client_key_with_a_pass_phrase_is_refused_at_once_not_asked_for_on_a_t
                         ["openssl", "pkey", "-in", "client.key", "-aes256", "-passout", "pass:not-asked",
                          "-out", "encrypted.key"]):
             subprocess.run(command, cwd=files, check=True, capture_output=True)
-        for f in files.iterdir():
-            f.chmod(0o644)  # readable by the user mosquitto drops to
-        port = free_port()
-        broker = Broker(tmp_path / "broker", port=port, listener=(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nrequire_certificate true\ncafile {files / 'ca.crt'}\n"
-            f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"))
+        broker = tls_broker(tmp_path / "broker", files, "require_certificate true\n")
+        port = broker.port
         try:
             def config(key: str) -> Path:
                 return write_config(tmp_path / key, port, tmp_path / "no-bundle", query={"timeout_s": 5}, mqtt={"tls": {
@@ -516,12 +512,8 @@ def test_a_broker_certificate_out_of_date_by_this_boxs_clock_names_the_clock_not
                         ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
                          "-CAcreateserial", "-days", "-1", "-extfile", "server.ext", "-out", "server.crt"]):
             subprocess.run(command, cwd=files, check=True, capture_output=True)  # valid until a day before it was made
-        for f in files.iterdir():
-            f.chmod(0o644)  # readable by the user mosquitto drops to
-        port = free_port()
-        broker = Broker(tmp_path / "broker", port=port, listener=(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\ncafile {files / 'ca.crt'}\n"
-            f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"))
+        broker = tls_broker(tmp_path / "broker", files)
+        port = broker.port
         try:
             config = write_config(tmp_path, port, tmp_path / "no-bundle", mqtt={"tls": {"ca_file": str(files / "ca.crt")}})
             client = ApiClient(load_config(config), "status")

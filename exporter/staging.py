@@ -8,6 +8,7 @@ Used by ``train`` (exporter/build.py) and ``fold-extension`` (exporter/fold.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -21,6 +22,7 @@ from bundle import MANIFEST, process_running
 from exporter import stopping
 
 log = logging.getLogger(__name__)
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit
 
 
 def replaceable(out: Path) -> bool:
@@ -84,6 +86,14 @@ def staged(out: Path, then: str | None = stopping.REST) -> Iterator[Path]:
         with stopping.deferred():
             _move_into_place(staging, out)
             stopping.placed(out, then)
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        # A write that fails part way names no file ("[Errno 28] No space left on device" was all the run said,
+        # after the whole fit), an open names the staging folder, removed here: the bundle and its disk are named.
+        free = shutil.disk_usage(out.parent).free
+        raise OSError(f"cannot write the bundle {out}: {exc.strerror} ({free / 2**20:.0f} MB free on its disk); "
+                      f"the unfinished bundle was removed and {out} is as it was before this run") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone once renamed
         stopping.keep_on_stop(staging)

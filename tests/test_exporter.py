@@ -20,7 +20,7 @@ import torch
 from bundle import GREY_CHROMA, BundleError, read_manifest, write_manifest
 from bundle.extension import Views
 from bundle.runtime import CompiledBundle
-from conftest import ROOT, train_bundle
+from conftest import ROOT, fill_disk, train_bundle
 from exporter import backbones
 from exporter.coreset import greedy_coreset
 from exporter.data import chroma_range, image_chroma, load_category, read_image
@@ -657,6 +657,26 @@ def test_a_forked_child_ended_by_a_signal_neither_says_the_run_stopped_nor_remov
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{int(signal.SIGTERM)}\n", "")
     assert staging.is_dir()
+
+
+def test_a_full_disk_while_writing_the_bundle_names_it_and_leaves_the_old_one(bundle_dir, small_disk):
+    """The disk filled up as the manifest was written, after the whole fit: the run said only "error: [Errno 28] No
+    space left on device", naming neither the bundle nor its disk.  Now the bundle and its free space are named, and
+    the bundle already at --out is left whole, with nothing beside it."""
+    from exporter.staging import staged
+
+    out = small_disk / "b"
+    shutil.copytree(bundle_dir, out)
+    fields = read_manifest(bundle_dir).model_dump(exclude={"files"})
+    with pytest.raises(OSError) as raised, staged(out) as staging:
+        for name in ("model.xml", "model.bin"):
+            shutil.copy(bundle_dir / name, staging / name)
+        fill_disk(small_disk)
+        write_manifest(staging, fields)
+    said = str(raised.value)
+    assert said.startswith(f"cannot write the bundle {out}: No space left on device (0 MB free on its disk)"), said
+    assert sorted(p.name for p in small_disk.iterdir()) == ["b", "filler"]
+    assert read_manifest(out, verify=True).version == read_manifest(bundle_dir).version
 
 
 def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_path):

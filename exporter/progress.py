@@ -10,6 +10,29 @@ import logging
 import time
 
 log = logging.getLogger(__name__)
+EVERY_S = 10.0  # seconds between the progress lines of a fit's passes over the images
+
+
+class Every:
+    """Whether a loop's next progress line is due: at most one per ``interval`` seconds, whatever a step costs (a
+    line per so many images was minutes apart with many views or tiles per image, and a heavy backbone), and the
+    last step's always."""
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = EVERY_S if interval is None else interval
+        self.started = self.last = time.monotonic()
+
+    def due(self, last: bool = False) -> bool:
+        now = time.monotonic()
+        if not last and now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
+
+    def eta(self, fraction: float) -> str:
+        """The time left when ``fraction`` of the work is done, at the pace so far."""
+        spent = time.monotonic() - self.started
+        return _duration(spent / fraction - spent if fraction > 0 else float("inf"))
 
 
 class Progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import os
 import shutil
@@ -21,7 +22,7 @@ from bundle import GREY_CHROMA, BundleError, read_manifest, write_manifest
 from bundle.extension import Views
 from bundle.runtime import CompiledBundle
 from conftest import ROOT, fill_disk, train_bundle
-from exporter import backbones
+from exporter import backbones, progress
 from exporter.coreset import greedy_coreset
 from exporter.data import chroma_range, image_chroma, load_category, read_image
 from exporter.export import GREY_STEP, convert, input_spec, save_ir
@@ -30,6 +31,7 @@ from exporter.train.patchcore import (
     PatchcoreGraph,
     PatchcoreSettings,
     build_model,
+    extract,
     fit,
     layer_shifts,
     patch_features,
@@ -677,6 +679,21 @@ def test_a_full_disk_while_writing_the_bundle_names_it_and_leaves_the_old_one(bu
     assert said.startswith(f"cannot write the bundle {out}: No space left on device (0 MB free on its disk)"), said
     assert sorted(p.name for p in small_disk.iterdir()) == ["b", "filler"]
     assert read_manifest(out, verify=True).version == read_manifest(bundle_dir).version
+
+
+def test_feature_extraction_says_how_far_it_is_at_its_interval_not_once_per_64_images(dataset, monkeypatch, caplog):
+    """The fit's feature pass said how far it was once per 8 batches of images: with flips or tiles each image is
+    many passes of the backbone, and a heavy backbone is slow, so a fit said nothing for minutes.  A line is now due
+    at an interval, however little of a batch that is; at an interval of 0 every pass of the backbone says one."""
+    monkeypatch.setattr(progress, "EVERY_S", 0.0, raising=False)
+    settings = PatchcoreSettings(input_size=64)
+    bb = backbones.resolve(settings.backbone, None)
+    paths = sorted((dataset / "weave" / "train" / "good").glob("*.png"))[:8]
+    with caplog.at_level(logging.INFO, logger="exporter.train.patchcore"):
+        # 8 images of 4 views each, 4 views a pass: a pass is an image
+        extract(build_model(settings, bb), paths, input_spec(64, bb.mean, bb.std, False), bb, 4, Views.FLIPS)
+    said = [r.getMessage().split(",")[0] for r in caplog.records if r.getMessage().startswith("features ")]
+    assert said == [f"features {n}/8 images" for n in range(1, 9)], said
 
 
 def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_path):

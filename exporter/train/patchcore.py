@@ -33,6 +33,7 @@ from bundle.extension import Views
 from exporter.backbones import Backbone
 from exporter.coreset import greedy_coreset
 from exporter.data import read_tiles, tiling_of
+from exporter.progress import Every
 from exporter.resources import check_fits
 from exporter.train.embedding import DefectEmbedding
 from exporter.train.grey import as_fitted
@@ -476,6 +477,7 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
     """
     features: torch.Tensor | None = None
     row = 0
+    progress = Every()
     for start in range(0, len(paths), batch_size):
         batch = paths[start : start + batch_size]
         images = [v for p in batch for tile in read_tiles(p, spec, tiling) for v in views.of(tile)]
@@ -491,9 +493,9 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
                 features = torch.empty(per_image * len(paths), rows.shape[1], dtype=rows.dtype)
             features[row : row + rows.shape[0]] = rows
             row += rows.shape[0]
-        done = min(start + batch_size, len(paths))
-        if done == len(paths) or (done // batch_size) % 8 == 0:
-            log.info("features %d/%d images", done, len(paths))
+            done = start + len(batch) * min(first + batch_size, len(images)) / len(images)  # a share of a batch too
+            if progress.due(last=done == len(paths)):
+                log.info("features %d/%d images, ETA %s", done, len(paths), progress.eta(done / len(paths)))
     if features is None or row != features.shape[0]:
         raise ValueError(f"no patch features from {len(paths)} images" if features is None else
                          f"{row} patch features where {features.shape[0]} were expected")

@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
     bench.add_argument("--categories", help="comma-separated subset (default: every category found); a category "
                        "named here is read in any layout train reads")
-    bench.add_argument("--out", required=True, help="report folder")
+    bench.add_argument("--out", required=True, help="report folder (an earlier benchmark's report there is replaced; "
+                                                    "one holding a report.md, report.json or plots of its own is refused)")
     add_options(bench)
     _add_precisions_option(bench)
     bench.set_defaults(func=_benchmark)

@@ -22,7 +22,7 @@ from exporter.build import package
 from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
 from exporter.export import as_served
 from exporter.families import Family, select
-from exporter.report import write_report
+from exporter.report import check_report_folder, write_report
 from exporter.thresholds import NORMALS
 from exporter.train.patchcore import to_tensor
 
@@ -132,6 +132,7 @@ def run(data: Path, models: list[str], out: Path, command: str, categories: list
                          "(CATEGORY/train/good) or with masks beside their images; name categories in another layout "
                          "(labelled folders, a list) with --categories")
     absent = absent_categories(found + named, categories)
+    check_report_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     for category in chosen:

@@ -157,6 +157,21 @@ def markdown(rows: list[dict], absent: list[str], plots: list[str], failed: list
     return "\n".join(lines)
 
 
+def check_report_folder(out: Path) -> None:
+    """Refuse ``out`` before any fit where the report would be written over files of the user's: a report.json,
+    report.md, roc.png or heatmaps-*.png there that no earlier benchmark wrote.  An earlier benchmark's report (its
+    report.json holds rows) is replaced, as a run again is expected to; other files are left alone."""
+    try:
+        if isinstance(json.loads((out / "report.json").read_text()).get("rows"), list):
+            return
+    except (OSError, ValueError, AttributeError):  # none there, a folder, not JSON, not an object
+        pass
+    ours = [out / "report.json", out / "report.md", out / "roc.png", *sorted(out.glob("heatmaps-*.png"))]
+    if clash := [p.name for p in ours if p.exists()]:
+        raise ValueError(f"--out {out} holds {', '.join(clash)}, not an earlier benchmark's report: the report would "
+                         "be written over them; choose another folder")
+
+
 def write_report(rows: list[dict], out: Path, data: Path, absent: list[str], failed: list[dict], command: str) -> Path:
     """report.md, report.json, roc.png and heatmaps-CATEGORY.png in ``out``; returns report.md.  ``failed``: the
     model/category pairs whose data could not be used, each with its ``error``; ``command``: the command line that

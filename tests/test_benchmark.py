@@ -19,6 +19,7 @@ from conftest import ROOT
 from benchmarks.common import wait_for_answers
 from benchmarks.thresholds import leave_one_out
 from exporter.benchmark import absent_categories
+from exporter.report import check_report_folder
 from exporter.validation import BENIGN_KINDS
 
 
@@ -64,6 +65,27 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
         assert f"]({plot})" in text
         assert 1_000 < (out / plot).stat().st_size < 300_000
     assert (out / "bundles" / "weave-patchcore" / "bundle.json").is_file()
+
+
+def test_a_report_folder_holding_the_users_own_report_is_refused_before_any_fit(dataset, tmp_path):
+    """``--out`` an existing folder holding a report.md of the user's (a common name): the benchmark fitted every
+    model and then wrote its report over it (and any roc.png).  Refused before any fit now, nothing written; a
+    folder holding an earlier benchmark's report is still replaced (the session's report folder, run again)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my notes\n")
+    (out / "notes.txt").write_text("mine too\n")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(dataset), "--models",
+                           "patchcore", "--input-size", "128", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (f"error: --out {out} holds report.md, not an earlier benchmark's report: "
+                                            "the report would be written over them; choose another folder")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.md"]
+    assert (out / "report.md").read_text() == "my notes\n"
+    assert "features" not in proc.stderr  # refused before the fit
+    (out / "report.json").write_text(json.dumps({"rows": []}))  # as an earlier benchmark left it: replaced
+    check_report_folder(out)
 
 
 def test_only_categories_asked_for_or_of_a_partial_mvtec_root_are_listed_absent():

@@ -30,9 +30,12 @@ class Every:
         return True
 
     def eta(self, fraction: float) -> str:
-        """The time left when ``fraction`` of the work is done, at the pace so far."""
+        """``ETA`` and the time left when ``fraction`` of the work is done, at the pace so far; once all is done, the
+        time it took."""
         spent = time.monotonic() - self.started
-        return _duration(spent / fraction - spent if fraction > 0 else float("inf"))
+        if fraction >= 1:
+            return f"took {_duration(spent)}"
+        return f"ETA {_duration(spent / fraction - spent if fraction > 0 else float('inf'))}"
 
 
 class Progress:

@@ -495,7 +495,7 @@ def extract(model: PatchcoreModel, paths: list[Path], spec: InputSpec, backbone:
             row += rows.shape[0]
             done = start + len(batch) * min(first + batch_size, len(images)) / len(images)  # a share of a batch too
             if progress.due(last=done == len(paths)):
-                log.info("features %d/%d images, ETA %s", done, len(paths), progress.eta(done / len(paths)))
+                log.info("features %d/%d images, %s", done, len(paths), progress.eta(done / len(paths)))
     if features is None or row != features.shape[0]:
         raise ValueError(f"no patch features from {len(paths)} images" if features is None else
                          f"{row} patch features where {features.shape[0]} were expected")

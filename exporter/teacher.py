@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from anomalib.models.image.efficient_ad.torch_model import (
     SmallPatchDescriptionNetwork,
 )
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -300,6 +301,17 @@ class _Run:
                           for i in range(0, len(crops), EVAL_BATCH)])
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], what: str, after: str = "") -> None:
+    """safetensors' save_file, a failure said as an OSError naming ``what``, its disk and then ``after``: it raises
+    its own error, not an OSError, and a full disk ended a distillation in a traceback, exit 1."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        path.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(f"cannot write {what}: {exc} ({free / 2**20:.0f} MB free on its disk){after}") from exc
+
+
 def _save_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimizer,
                      schedule: torch.optim.lr_scheduler.LRScheduler, rng: random.Random, norm: dict[str, torch.Tensor],
                      state: dict) -> None:
@@ -317,7 +329,9 @@ def _save_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimize
     meta = {**state, "optimiser_param_groups": opt["param_groups"], "scheduler": schedule.state_dict(),
             "python_rng": rng.getstate()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"checkpoint": json.dumps(meta)})
+    kept = f"; the one before it, of step {_checkpoint_meta(path)['step']}, is kept for --resume" if path.is_file() else ""
+    _save({k: v.contiguous() for k, v in tensors.items()}, tmp, {"checkpoint": json.dumps(meta)},
+          f"the checkpoint {path}", kept)
     os.replace(tmp, path)
 
 
@@ -463,7 +477,7 @@ def _write_teacher(out: Path, net: nn.Module, run: _Run, settings: TeacherSettin
         "steps_done": state["step"],  # "steps" is the recipe's: a teacher written on the way has done fewer
     }
     tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.half() if fp16 else v for k, v in weights.items()}, str(tmp), metadata={"teacher": json.dumps(meta)})
+    _save({k: v.half() if fp16 else v for k, v in weights.items()}, tmp, {"teacher": json.dumps(meta)}, f"the teacher {out}")
     curve = state["held_out_curve"]
     marks = [s for s, _ in curve]
     manifest = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
+from conftest import SHARED, fill_disk
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -247,3 +247,17 @@ def test_the_shipped_teacher_records_the_steps_it_was_distilled_for_and_done(mon
     assert info["teacher_file"] == str(path)
     assert info["teacher"]["steps"] == manifest["recipe"]["steps"]
     assert info["teacher"]["steps_done"] == manifest["steps_done"] < manifest["recipe"]["steps"]
+
+
+def test_a_distillation_onto_a_full_disk_ends_in_one_line_naming_its_checkpoint(natural, small_disk, capsys):
+    """The checkpoint write on a full disk raised safetensors' own error, not an OSError: the run ended in a
+    traceback, exit 1.  Now one line names the checkpoint and the disk's free space, exit 2, and no partial file is
+    left on the disk."""
+    out = small_disk / "pdn.safetensors"
+    fill_disk(small_disk)
+    code = main(["distill-teacher", "--natural", str(natural), "--steps", "6", "--batch-size", "2", "--crop", "64",
+                 "--out", str(out), "--checkpoint-every", "2"])
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and said.startswith(f"error: cannot write the checkpoint {checkpoint_path(out)}: "), said
+    assert "No space left on device" in said and said.endswith("(0 MB free on its disk)"), said
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "itself (layouts: README, Training data)")
     train.add_argument("--category", help="sub-folder of --data to use (default: --data itself)")
     train.add_argument("--model", choices=list(FAMILIES), default="patchcore")
-    train.add_argument("--out", required=True, help="bundle folder to write")
+    train.add_argument("--out", required=True, help="bundle folder to write: new, empty, or a bundle holding only its "
+                                                    "own files (replaced)")
     train.add_argument("--name", type=_bundle_name, help="bundle name (default CATEGORY-MODEL)")
     train.add_argument("--no-eval", action="store_true", help="skip test-split metrics at export")
     train.add_argument("--precision", choices=WEIGHT_PRECISIONS, default="fp32",

@@ -45,7 +45,7 @@ from exporter.data import (
 from exporter.evaluate import evaluate
 from exporter.export import convert, extension_spec, input_spec, library_versions, output_specs, save_ir, timestamp
 from exporter.quantize import CALIBRATION_IMAGES, quantize
-from exporter.staging import remove_stale_staging, replaceable, staged
+from exporter.staging import refusal, remove_stale_staging, replaceable, staged
 from exporter.thresholds import NORMALS, VAL_DEFECT_FRACTION, ThresholdChoice, choose_thresholds
 from exporter.train import efficientad
 from exporter.train.efficientad import EfficientAdSettings
@@ -248,7 +248,7 @@ def check_out(out: Path) -> None:
     is not a model bundle, or a place the exporter cannot write."""
     out = out.resolve()
     if not replaceable(out):
-        raise ValueError(f"--out {out} exists and is not a model bundle; not replacing it: choose another folder")
+        raise ValueError(f"--out {refusal(out)}")
     above = next(p for p in out.parents if p.exists())
     if not above.is_dir():
         raise ValueError(f"--out {out}: {above} is a file, not a folder")

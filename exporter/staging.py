@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bundle import MANIFEST, process_running
+from bundle import BUNDLE_FILES, MANIFEST, process_running
 from exporter import stopping
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,18 @@ FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file
 
 
 def replaceable(out: Path) -> bool:
-    """Whether a bundle may be moved to ``out``: nothing is there, an empty folder, or a bundle (which it replaces)."""
-    return not out.exists() or (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir())))
+    """Whether a bundle may be moved to ``out``: nothing is there, an empty folder, or a bundle (which it replaces)
+    holding nothing but its own files (:func:`foreign`)."""
+    return not out.exists() or (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))
+                                and not foreign(out))
+
+
+def foreign(out: Path) -> list[str]:
+    """The names in the bundle folder ``out`` that are not a bundle's own files: replacing the bundle removed the
+    whole folder, a user's notes or anything else put there with it."""
+    if not (out / MANIFEST).is_file():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, *BUNDLE_FILES))
 
 
 def remove_stale_staging(out: Path) -> None:
@@ -64,11 +74,20 @@ def _move_into_place(staging: Path, out: Path) -> None:
         staging.rename(out)
         return
     if not replaceable(out):
-        raise ValueError(f"{out} exists and is not a model bundle; not replacing it")
+        raise ValueError(refusal(out))
     aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
     out.rename(aside)
     staging.rename(out)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def refusal(out: Path) -> str:
+    """Why a bundle cannot be moved to ``out`` (not :func:`replaceable`)."""
+    if others := foreign(out):
+        return (f"{out} is a model bundle holding other files too ({', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}): replacing it would delete them; move them out or choose "
+                "another folder")
+    return f"{out} exists and is not a model bundle; not replacing it: choose another folder"
 
 
 @contextlib.contextmanager

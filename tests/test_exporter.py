@@ -696,6 +696,23 @@ def test_feature_extraction_says_how_far_it_is_at_its_interval_not_once_per_64_i
     assert said == [f"features {n}/8 images" for n in range(1, 9)], said
 
 
+def test_a_bundle_folder_holding_files_of_the_users_is_not_replaced(bundle_dir, dataset, tmp_path):
+    """``--out`` a bundle folder where the user had also put files of their own (notes, a copy of the data sheet):
+    the run replaced the whole folder and they were deleted with the old bundle.  Refused before the fit now,
+    naming them; the folder is left as it was."""
+    out = tmp_path / "served"
+    shutil.copytree(bundle_dir, out)
+    (out / "notes.txt").write_text("mine\n")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                           "--out", str(out), "--input-size", "128", "--no-eval", "--precisions", "f32"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (f"error: --out {out} is a model bundle holding other files too (notes.txt): "
+                                            "replacing it would delete them; move them out or choose another folder")
+    assert (out / "notes.txt").read_text() == "mine\n" and "data:" not in proc.stdout  # refused before the fit
+    assert read_manifest(out, verify=True).version == read_manifest(bundle_dir).version
+
+
 def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_path):
     """Folders of runs killed (SIGKILL, a power cut) stayed forever beside --out, each a whole model; a later run to
     the same --out removes those whose process is gone, and leaves a running one's (two runs at once) alone."""

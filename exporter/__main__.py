@@ -204,8 +204,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2)
     print(text, flush=True)  # first: a file that cannot be written after all does not lose the evaluation
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        _write_metrics(Path(args.json), text + "\n")
     return 0
+
+
+def _write_metrics(path: Path, text: str) -> None:
+    """Write ``evaluate --json`` whole or not at all: written in place, a full disk left an empty file and the run
+    said only "[Errno 28] No space left on device", naming no file."""
+    target = path.resolve()  # a link to the file: the file it names is the one replaced
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"--json {path}: the metrics could not be written ({exc.strerror or exc}); they are on stdout "
+                      "above, and the file is as it was") from exc
 
 
 def _refuse_overwriting(target: Path, bundle: Path, bundle_files: list[str], category: Category) -> None:

@@ -412,6 +412,22 @@ def test_evaluate_command_writes_metrics(bundle_dir, dataset, tmp_path):
     assert set(metrics["detection_rate"]) == {"good", "hole", "scratch", "smear"}
 
 
+def test_evaluate_json_onto_a_full_disk_names_the_file_and_leaves_no_empty_one(bundle_dir, dataset, small_disk):
+    """``evaluate --json`` onto a full disk left an empty metrics file, read later as a run that measured nothing,
+    and said only "[Errno 28] No space left on device".  Now the file is named, the metrics are on stdout, and
+    no file is left."""
+    out = small_disk / "metrics.json"
+    fill_disk(small_disk)
+    proc = subprocess.run([sys.executable, "-m", "exporter", "evaluate", "--bundle", str(bundle_dir), "--data",
+                           str(dataset), "--category", "weave", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (f"error: --json {out}: the metrics could not be written (No space left on "
+                                            "device); they are on stdout above, and the file is as it was")
+    assert json.loads(proc.stdout)["images"] == 16
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
 def _evaluate(bundle_dir, data, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "exporter", "evaluate", "--bundle", str(bundle_dir), "--data", str(data),
                            *args], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -27,6 +27,7 @@ REST = "the rest of the run"  # what a run does after a bundle is in place, unle
 _abandon: set[Path] = set()
 _placed: list[tuple[Path, str | None]] = []  # bundles this run put in place whole, each with what was left after it
 _installer = [0]  # the id of the process that installed the handlers: a forked child inherits them, not the run
+_kept: list[str] = []  # what a stopped run keeps for a later one to go on from, said with the stop
 
 
 def remove_on_stop(folder: Path) -> None:
@@ -37,6 +38,13 @@ def remove_on_stop(folder: Path) -> None:
 
 def keep_on_stop(folder: Path) -> None:
     _abandon.discard(folder)
+
+
+def kept(what: str | None) -> None:
+    """A signal from now on says ``what`` the run keeps for a later one (the last checkpoint, how to go on from it;
+    None: nothing): a distillation stopped after hours said only "interrupted", not that its work up to the
+    checkpoint was kept."""
+    _kept[:] = [what] if what else []
 
 
 def placed(out: Path, then: str | None) -> None:
@@ -76,6 +84,7 @@ def _stop(signum: int, _frame: FrameType | None) -> None:
         out, then = _placed[-1]
         more = f" ({len(_placed)} new bundles in place in all)" if len(_placed) > 1 else ""
         what += f" after the new bundle at {out} was complete and in place{more}; not done: {then}"
+    what += "".join(f"; {k}" for k in _kept)
     sys.stdout.flush()
     print(f"error: {what}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
@@ -102,6 +111,7 @@ def handled() -> Iterator[None]:
     is also called in tests; a call forgets the bundles an earlier one put in place, kept after the block for a
     signal until the process exits).  Only the main thread can set handlers."""
     _placed.clear()
+    _kept.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return

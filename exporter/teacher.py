@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bundle import sha256_file
-from exporter import backbones
+from exporter import backbones, stopping
 from exporter.data import images_under, read_decoded
 from exporter.progress import Progress
 
@@ -314,8 +314,9 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 
 def _save_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimizer,
                      schedule: torch.optim.lr_scheduler.LRScheduler, rng: random.Random, norm: dict[str, torch.Tensor],
-                     state: dict) -> None:
-    """Model, optimiser, schedule, both RNGs, step and history in one safetensors file, replaced atomically.
+                     state: dict, steps: int) -> None:
+    """Model, optimiser, schedule, both RNGs, step and history in one safetensors file, replaced atomically; a signal
+    from then on says it is kept (of ``steps`` in all).
 
     Tensors go in the safetensors body, everything else as JSON in its header: nothing is pickled,
     and one file means a crash can never pair the weights of one step with the history of another.
@@ -329,10 +330,13 @@ def _save_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimize
     meta = {**state, "optimiser_param_groups": opt["param_groups"], "scheduler": schedule.state_dict(),
             "python_rng": rng.getstate()}
     tmp = path.with_name(path.name + ".tmp")
-    kept = f"; the one before it, of step {_checkpoint_meta(path)['step']}, is kept for --resume" if path.is_file() else ""
+    before = f"; the one before it, of step {_checkpoint_meta(path)['step']}, is kept for --resume" if path.is_file() else ""
     _save({k: v.contiguous() for k, v in tensors.items()}, tmp, {"checkpoint": json.dumps(meta)},
-          f"the checkpoint {path}", kept)
-    os.replace(tmp, path)
+          f"the checkpoint {path}", before)
+    with stopping.deferred():  # a signal between the two says the step the file holds
+        os.replace(tmp, path)
+        stopping.kept(f"step {state['step']}/{steps} is kept in {path}: run the command again with --resume to go on "
+                      "from it")
 
 
 def _checkpoint_meta(path: Path) -> dict:
@@ -440,7 +444,7 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
                      float(np.mean(state["losses"][-eval_every:])), figure)
         if (step + 1) % checkpoint_every == 0 or step + 1 == end:
             state["train_s"] = time.monotonic() - started
-            _save_checkpoint(ckpt, net, optimiser, schedule, rng, norm, state)
+            _save_checkpoint(ckpt, net, optimiser, schedule, rng, norm, state, settings.steps)
     if state["step"] < settings.steps:
         log.info("stopped at step %d/%d; continue with --resume from %s", state["step"], settings.steps, ckpt)
         if not write_now:
@@ -449,7 +453,9 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
             state["held_out_curve"].append([state["step"], explained_variance(net, run.eval_crops, eval_targets)])
     _write_teacher(out, net, run, settings, natural_dir, eval_targets, state)
     if state["step"] == settings.steps:
-        ckpt.unlink(missing_ok=True)
+        with stopping.deferred():
+            ckpt.unlink(missing_ok=True)
+            stopping.kept(None)
     return out
 
 

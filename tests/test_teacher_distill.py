@@ -6,12 +6,16 @@ import hashlib
 import json
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, fill_disk
+from conftest import ROOT, SHARED, fill_disk
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -261,3 +265,25 @@ def test_a_distillation_onto_a_full_disk_ends_in_one_line_naming_its_checkpoint(
     assert code == 2 and said.startswith(f"error: cannot write the checkpoint {checkpoint_path(out)}: "), said
     assert "No space left on device" in said and said.endswith("(0 MB free on its disk)"), said
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_distillation_stopped_by_ctrl_c_says_which_step_it_kept_and_how_to_go_on(natural, tmp_path):
+    """Ctrl-C on a distillation (hours, on a few cores) said only "error: interrupted (Ctrl-C)": not that its work
+    up to the last checkpoint was kept, nor how to go on from it."""
+    out = tmp_path / "pdn.safetensors"
+    err = (tmp_path / "stderr").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "distill-teacher", "--natural", str(natural), "--steps",
+                             "100000", "--batch-size", "2", "--crop", "64", "--out", str(out), "--checkpoint-every", "1"],
+                            stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not checkpoint_path(out).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling for the first checkpoint: the signal is sent once one is kept
+    assert proc.poll() is None, "the run ended before its first checkpoint was seen"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    err.seek(0)
+    text = err.read()
+    step = json.loads(safe_open(str(checkpoint_path(out)), "pt").metadata()["checkpoint"])["step"]
+    assert "Traceback" not in text and text.splitlines()[-1] == (
+        f"error: interrupted (Ctrl-C); step {step}/100000 is kept in {checkpoint_path(out)}: run the command again "
+        "with --resume to go on from it"), text[-2000:]

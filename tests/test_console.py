@@ -1476,6 +1476,9 @@ def test_a_page_in_a_background_tab_holds_no_more_new_defects_than_it_lists(brok
         expect(cards).to_have_count(100, timeout=10_000)
         assert cards.first.get_attribute("data-key") == "cam-b/d249"
         assert cards.last.get_attribute("data-key") == "cam-b/d150"
+        # the 150 before them never reached the list, but the console has them: "Load older" is offered (it was not
+        # where every new defect came faster than the page listed them, as on a fast machine)
+        expect(page.locator("#feed-older")).to_be_visible()
 
 
 @needs_chromium
@@ -1571,6 +1574,52 @@ def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, b
             assert console.stop() == 0, console.log_path.read_text()[-2000:]
         assert worker.stop() == 0, worker.output()[-2000:]
         client.close()
+
+
+@needs_chromium
+def test_another_sites_page_cannot_frame_the_console(broker, tmp_path):
+    """A page on another site could show the console in a frame, its own content laid over it, and have the operator
+    click its buttons (clickjacking): the frame's requests are the console's own, same-origin, so a false alarm was
+    labelled, and absorbed, or a model rolled back.  The console forbids every page to frame it.  The other site is
+    served from this box too (as one on the plant's network would be: the browser lets a page of a public address
+    frame none on loopback or the plant's network at all)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", console={"port": port})
+    console = ConsoleProcess(config, tmp_path / "console.log", port)
+    page = f'<iframe src="{console.url}/" width="1200" height="800"></iframe>'.encode()
+
+    class Other(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            own = browser.new_page()
+            own.goto(console.url)  # the console as its operator opens it: shown
+            assert own.locator("#tiles").count() == 1
+            evil = browser.new_page()
+            # another site: "localhost" is not the console's 127.0.0.1; goto returns once the frame loaded or was refused
+            evil.goto(f"http://localhost:{other.server_address[1]}/")
+            assert evil.frames[1].locator("#tiles").count() == 0, "the console was shown inside another site's page"
+            browser.close()
+    finally:
+        other.shutdown()
+        other.server_close()
+        assert console.stop() == 0, console.log_path.read_text()[-2000:]
 
 
 def _frames(dataset: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
@@ -1993,49 +2042,3 @@ def test_a_slower_earlier_search_does_not_replace_the_newer_ones_answer(stack):
         page.unroute("**/api/similar")
         page.fill("#q-topk", "8")
         page.keyboard.press("Escape")
-
-
-@needs_chromium
-def test_another_sites_page_cannot_frame_the_console(broker, tmp_path):
-    """A page on another site could show the console in a frame, its own content laid over it, and have the operator
-    click its buttons (clickjacking): the frame's requests are the console's own, same-origin, so a false alarm was
-    labelled, and absorbed, or a model rolled back.  The console forbids every page to frame it.  The other site is
-    served from this box too (as one on the plant's network would be: the browser lets a page of a public address
-    frame none on loopback or the plant's network at all)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from playwright.sync_api import sync_playwright
-
-    port = free_port()
-    config = write_config(tmp_path, broker.port, tmp_path / "no-bundle", console={"port": port})
-    console = ConsoleProcess(config, tmp_path / "console.log", port)
-    page = f'<iframe src="{console.url}/" width="1200" height="800"></iframe>'.encode()
-
-    class Other(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # (http.server's name)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
-    try:
-        with sync_playwright() as p:
-            browser = launch(p)
-            own = browser.new_page()
-            own.goto(console.url)  # the console as its operator opens it: shown
-            assert own.locator("#tiles").count() == 1
-            evil = browser.new_page()
-            # another site: "localhost" is not the console's 127.0.0.1; goto returns once the frame loaded or was refused
-            evil.goto(f"http://localhost:{other.server_address[1]}/")
-            assert evil.frames[1].locator("#tiles").count() == 0, "the console was shown inside another site's page"
-            browser.close()
-    finally:
-        other.shutdown()
-        other.server_close()
-        assert console.stop() == 0, console.log_path.read_text()[-2000:]

@@ -16,6 +16,7 @@ let seriesSeconds = 3600;
 let maxCameras = 64, maxWorkers = 32;  // the console's bounds (console.max_cameras, console.max_workers): a page open
 // for weeks forgets, as the console does, the tile and the pill quiet the longest past them
 let feedPending = [];
+let feedOverflow = false;  // new items were dropped from feedPending before they were listed: older ones exist
 let feedLimit = FEED_MAX;  // items the feed keeps now: FEED_MAX, plus those the operator loaded older
 let feedExpire = false;  // set every PLOT_EVERY_MS: the next frame drops feed items past the chosen time window
 let feedSeq = 0;  // the newest feed listing: an answer to an earlier one (another filter) is dropped
@@ -182,7 +183,9 @@ function render() {
       }
       list.insertBefore(card(r), list.firstElementChild);
     }
-    if (list.children.length > feedLimit) $("#feed-more").hidden = false;  // the console still has those
+    // the console still has those: the items past the list's limit, or those that came too fast to be listed at all
+    if (feedOverflow || list.children.length > feedLimit) $("#feed-more").hidden = false;
+    feedOverflow = false;
     while (list.children.length > feedLimit) list.lastElementChild.remove();
     feedPending = [];
   } else if (feedPending.length && !feedTimer) {
@@ -217,7 +220,7 @@ function onFrame(r) {
   if (r.verdict === "anomalous" && r.first) {
     if (feedArrived.push(r) > FEED_MAX) feedArrived.shift();
     // Only the newest FEED_MAX are ever listed from it; a tab in the background runs no animation frame to empty it.
-    if (feedMatches(r) && feedPending.push(r) > FEED_MAX) feedPending.shift();
+    if (feedMatches(r) && feedPending.push(r) > FEED_MAX) { feedPending.shift(); feedOverflow = true; }
   }
   schedule();
 }
@@ -652,6 +655,7 @@ async function loadFeed() {
   const answer = await (await fetch(`api/defects?${feedParams()}`)).json();
   if (seq !== feedSeq) return;
   feedPending = feedArrived.filter(feedMatches);
+  feedOverflow = false;  // the answer says whether older ones exist
   feedLimit = FEED_MAX;
   $("#defects").replaceChildren(...answer.frames.map((r) => card(r)));
   $("#feed-more").hidden = !answer.more;

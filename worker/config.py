@@ -48,21 +48,15 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_empty_path(cls, v: object, info: ValidationInfo) -> object:
+    def _kind_of_value(cls, v: object, info: ValidationInfo) -> object:
         """An empty path is the config file's folder: an override left empty to turn a cache off put it there, and an
-        empty session file was written beside that folder; none is null (where the key takes it)."""
+        empty session file was written beside that folder; none is null (where the key takes it).  YAML reads
+        ``yes``, ``no``, ``on``, ``off`` as booleans, which pydantic took as 1 and 0: ``queue_size: yes`` was a
+        queue of one frame, ``log_normal_every: no`` logged no normal frame, without a word."""
         annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else None
         if v == "" and (annotation is Path or Path in get_args(annotation)):
             raise ValueError("an empty path would be the config file's folder: give a path (an optional key is left unset "
                              "by null, in config.yaml or an override)")
-        return v
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_boolean_number(cls, v: object, info: ValidationInfo) -> object:
-        """YAML reads ``yes``, ``no``, ``on``, ``off`` as booleans, which pydantic took as 1 and 0: ``queue_size: yes``
-        was a queue of one frame, ``log_normal_every: no`` logged no normal frame, without a word."""
-        annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else None
         if _numeric(annotation) and (isinstance(v, bool) or (isinstance(v, list | tuple) and
                                                               any(isinstance(x, bool) for x in v))):
             raise ValueError("a boolean (YAML reads yes, no, on, off, true and false as one) where a number is expected")
@@ -832,9 +826,9 @@ def _typed(raw: object, annotation: object) -> object:
 
 def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths in the file are relative to the file, not to wherever the worker was started (``~`` is the home
-    folder of the worker's user); a symbolic link
-    stays a link (as an absolute path does), so a bundle path ``bundles/current`` that is switched to the next
-    bundle is read anew by a reload or ``model.watch_s``, not the bundle it pointed to at start."""
+    folder of the worker's user); a symbolic link stays a link (as an absolute path does), so a bundle path
+    ``bundles/current`` that is switched to the next bundle is read anew by a reload or ``model.watch_s``, not the
+    bundle it pointed to at start."""
     @overload
     def fix(p: Path) -> Path: ...
     @overload

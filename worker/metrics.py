@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -111,13 +111,14 @@ class Stats:
         for stage in ("queue", "infer", "total"):
             self._latency.labels(stage).observe(latency_ms[stage] / 1000)
 
-    def set_models(self, served: dict[str, tuple[str, str, str]]) -> None:
-        """The bundle serving each scope, (name, version, precision), and no other: a canary ended by a rollback or
-        a roll-out leaves.  Called from the MQTT thread (on connect) and the request thread (reload): serialised."""
+    def set_models(self, served: Mapping[str, Mapping[str, Any]]) -> None:
+        """The bundle serving each scope, by its model info (name, version, precision), and no other: a canary ended
+        by a rollback or a roll-out leaves.  Called from the MQTT thread (on connect), the request thread (reload)
+        and the worker's start: serialised."""
         with self._lock:
             self.model.clear()
-            for scope, (name, version, precision) in served.items():
-                self.model.labels(scope, name, version, precision).set(1)
+            for scope, info in served.items():
+                self.model.labels(scope, info["name"], info["version"], info["precision"]).set(1)
 
     def count_lost(self, totals: Callable[[], dict[str, int]]) -> None:
         """Export ``edge_inspect_history_lost_total`` by reason from ``totals``, read at each scrape: the recorder's

@@ -190,7 +190,7 @@ class Worker:
                                  cfg.limits.recorder_max_bytes)
         self.stats = Stats(self.liveness, cfg.metrics.max_cameras)
         # /metrics names the bundles served from the start: the model topic waits for the broker, /metrics must not
-        self.stats.set_models(self._served())
+        self.stats.set_models({scope: m.info for scope, m in self.models.scopes().items()})
         client_id = cfg.mqtt.client_id or f"edge-inspect-{cfg.worker.id}"
         self.presence = Presence(cfg.worker.id, client_id)
         self.link = MqttLink(cfg.mqtt, client_id,
@@ -287,10 +287,6 @@ class Worker:
             if self._too_large.ready():
                 log.error("not published: %s; raise the broker's maximum packet size (mosquitto: max_packet_size)", exc)
 
-    def _served(self) -> dict[str, tuple[str, str, str]]:
-        """Each scope's bundle as ``edge_inspect_model_info`` labels it: (name, version, precision)."""
-        return {scope: (m.info["name"], m.info["version"], m.info["precision"]) for scope, m in self.models.scopes().items()}
-
     def _publish_models(self) -> None:
         """The retained model topic and the models in /metrics.  Published by paho's network thread at each connect
         and by the request thread after each change: a reading taken before a newer one was published is dropped, so
@@ -312,7 +308,7 @@ class Worker:
             if reading < self._models_published:
                 return
             self._models_published = reading
-            self.stats.set_models({scope: (m["name"], m["version"], m["precision"]) for scope, m in scopes.items()})
+            self.stats.set_models(scopes)
             self._status(self.topics.model, json.dumps(body))
 
     def control(self, command: ControlRequest) -> dict:

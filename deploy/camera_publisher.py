@@ -10,7 +10,9 @@ paho-mqtt 2.x (not Debian 12's python3-paho-mqtt, 1.6) and OpenCV for --video.
 
 It runs like a camera: it waits for the broker, reconnects by itself, and while the broker is away
 (or does not acknowledge) it drops frames instead of queueing them; a live camera's old frames are
-worthless and a backlog would flood the worker when the broker comes back.  Frame ids are
+worthless and a backlog would flood the worker when the broker comes back.  For the same reason each live frame
+carries an MQTT v5 message expiry (--max-age, 60 s): the broker discards a frame that waited longer for a worker
+that is away (restarting, down), instead of handing it over late in a burst.  Frame ids are
 <run>-<n>[-<file>]: <run> is the start time (UTC) plus random hex, <n> counts frames read from the
 source (gaps are dropped frames), <file> the path under --folder; so no id repeats across restarts
 or --loop passes (the worker replaces the record and label of a frame whose id comes again).
@@ -48,6 +50,10 @@ REPORT_EVERY_S = 60.0
 QUEUE_LIMIT = 2
 PUBLISH_OVERHEAD = 16  # a PUBLISH's bytes besides topic, properties and payload: header, lengths, packet id
 REFUSALS_KEPT = 16  # refusals remembered until their frame's wait asks for them
+# How long the broker may hold a live frame for a worker that is away: long enough for a worker's restart, short of
+# an outage, whose frames would reach it late in a burst and be scored and answered as if live.
+LIVE_MAX_AGE_S = 60
+MAX_EXPIRY_S = 0xFFFFFFFF  # MQTT v5's Message Expiry Interval is four bytes
 
 
 class _Stop:
@@ -364,6 +370,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="stop after this many frames sent (0 = all)")
     parser.add_argument("--loop", action="store_true", help="repeat the folder forever (ids still never repeat)")
     parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--max-age", type=int, default=None,
+                        help="seconds the broker may hold a frame for a worker that is away (MQTT v5 message expiry): "
+                             "older ones are discarded by the broker, not delivered late in a burst (default 60 with "
+                             "--fps above 0; none with --fps 0, a replay whose every frame is wanted; 0 = none)")
     parser.add_argument("--ack-timeout", type=float, default=10,
                         help="seconds the broker has to acknowledge a frame before it counts as not sent")
     parser.add_argument("--client-id",
@@ -408,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     # not (x >= 0): NaN passes every comparison, and --fps nan published as fast as it could, dropping frames
     if not (0 <= args.fps < math.inf and 0 < args.ack_timeout < math.inf):
         log("error: --fps must be >= 0 and --ack-timeout > 0 (finite numbers)")
+        return 2
+    if args.max_age is None:
+        args.max_age = LIVE_MAX_AGE_S if args.fps > 0 else 0
+    if not 0 <= args.max_age <= MAX_EXPIRY_S:
+        log(f"error: --max-age must be 0 (none) to {MAX_EXPIRY_S} seconds")
         return 2
     if args.limit < 0 or not 0 <= args.jpeg_quality <= 100:  # --limit -1 sent one frame, not all
         log("error: --limit must be >= 0 (0 = all) and --jpeg-quality 0-100")
@@ -471,6 +486,8 @@ def publish_all(args: argparse.Namespace, frames: Iterator[tuple[str | None, byt
         fid = frame_id(token, n, name)
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("frame_id", fid), ("captured_at", f"{time.time():.3f}")]
+        if args.max_age:
+            props.MessageExpiryInterval = args.max_age
         outcome, pending = link.publish(topic, data, props, args.ack_timeout)
         while outcome not in ("sent", "refused", "too large") and not period and not STOP.is_set():
             # --fps 0 (a replay): this frame waits for the broker instead of being dropped; one paho holds is sent

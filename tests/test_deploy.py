@@ -8,15 +8,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from conftest import ROOT, Client, killed_after, user_props
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from scripts.broker import Broker, broker_readable_dir, free_port, tls_broker
 from worker.config import load_config
@@ -422,6 +426,66 @@ def test_a_replay_sends_a_frame_the_broker_did_not_acknowledge_once(tmp_path, pu
         sub.close()
         first.stop()
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
+class Session:
+    """A subscriber with a persistent session (clean start false, an hour's expiry), as the worker's default: while it
+    is away the broker queues what comes for it, and hands that over when it connects again."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.port, self.client_id = port, f"session-{uuid.uuid4().hex[:8]}"
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.client = self._connect(clean=True)
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.subscribe(topic, qos=1)
+        assert subscribed.wait(30), "no SUBACK from the broker"
+
+    def _connect(self, clean: bool) -> mqtt.Client:
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=mqtt.MQTTv5)
+        client.on_message = lambda _c, _u, msg: self.messages.append(msg)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        client.connect("127.0.0.1", self.port, clean_start=clean, properties=props)
+        client.loop_start()
+        return client
+
+    def away(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def back(self) -> None:
+        self.client = self._connect(clean=False)
+
+
+def test_live_frames_that_waited_for_a_worker_away_are_discarded_not_delivered_late(tmp_path, broker, publishers):
+    """The publisher drops frames while the broker is away ("a live camera's old frames are worthless"), but the broker
+    queued every frame for a worker away on its persistent session (restarting, down for an hour) and handed them all
+    over when it came back: scored and answered as if live (a probe: 5 frames 3 s old, none carried an expiry).  Now a
+    live frame carries a message expiry (--max-age, 60 s by default), so the broker discards the ones that waited
+    longer; a replay (--fps 0) keeps every frame for the worker."""
+    folder = image_folder(tmp_path / "imgs", ["000.png"])
+    session = Session(broker.port, "inspect/+/frame")
+    session.away()
+    for camera, args in (("agedcam", ["--fps", "20", "--max-age", "1"]), ("livecam", ["--fps", "20"]),
+                         ("replaycam", ["--fps", "0"])):
+        pub = publishers(broker.port, "--camera", camera, "--folder", str(folder), "--loop", "--limit", "3", "--quiet",
+                         *args)
+        assert pub.proc.wait(60) == 0, pub.output()[-3000:]
+    time.sleep(2.5)  # not a synchronisation: the broker's expiry counts whole seconds, and the first frames' must pass
+    session.back()
+    try:
+        deadline = time.monotonic() + 30
+        while sum(m.topic == "inspect/replaycam/frame" for m in session.messages) < 3:
+            assert time.monotonic() < deadline, [m.topic for m in session.messages]
+            time.sleep(0.05)  # poll interval, with a deadline; the queue is delivered in order, the aged frames first
+    finally:
+        session.away()
+    topics = [m.topic for m in session.messages]
+    assert topics == ["inspect/livecam/frame"] * 3 + ["inspect/replaycam/frame"] * 3, topics
+    expiry = [getattr(m.properties, "MessageExpiryInterval", None) for m in session.messages]
+    assert all(e is not None and 50 <= e <= 60 for e in expiry[:3]) and expiry[3:] == [None] * 3, expiry
 
 
 def test_publisher_says_the_frames_the_broker_refuses_and_does_not_call_them_sent(tmp_path, publishers):

@@ -385,6 +385,39 @@ def test_retained_frames_and_requests_are_not_replayed_to_the_worker(broker, bun
         client.close()
 
 
+def test_frames_the_broker_kept_while_the_worker_was_away_past_the_age_limit_are_answered_stale(
+        broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """A worker away on its persistent session (stopped, crashed, cut off) gets every frame the broker kept for it when
+    it is back, in a burst: an outage's frames were scored and their results published as if live, a defect that
+    left the line long ago raised as a current one, with nothing to refuse them.  ``limits.max_frame_age_s`` answers
+    those captured longer before they arrived ``stale_frame`` (counted), and scores the live ones."""
+    prefix = f"a{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    frame = _good_png(dataset)
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          limits={"max_frame_age_s": 5})
+    try:
+        first = worker_factory(config)
+        wait_online(client, prefix)
+        assert first.stop() == 0  # a clean stop keeps the session (mqtt.session_expiry_s): the broker queues for it
+        for name in ("away1", "away2"):  # captured while it is away, a minute before the worker will get them
+            client.publish_frame("cam", frame, name, captured_at=str(time.time() - 60))
+        client.messages.clear()
+        worker = worker_factory(config)
+        errors = client.json_on(f"{prefix}/cam/error", count=2)
+        assert [e["frame_id"] for e in errors] == ["away1", "away2"], errors
+        assert all(e["code"] == "stale_frame" and "limits.max_frame_age_s (5 s)" in e["message"] for e in errors), errors
+        client.publish_frame("cam", frame, "live")
+        results = client.json_on(f"{prefix}/cam/result")
+        assert [r["frame_id"] for r in results] == ["live"], results
+        assert worker.stop() == 0
+        final = json.loads(worker.output().split("stopped: ", 1)[1].split("; ", 1)[0])["cam"]
+        assert (final["received"], final["processed"], final["errored"]) == (3, 1, 2), final
+        assert "stale_frame" in worker.output()  # named in the log, not only on the error topic
+    finally:
+        client.close()
+
+
 def test_a_camera_publishing_retained_frames_without_ids_gets_each_answered(broker, bundle_dir, dataset, tmp_path,
                                                                           worker_factory):
     """An MQTT 3.1.1 camera (no frame ids, ``metadata: optional``) that publishes with the retain flag: frames are read

@@ -252,6 +252,12 @@ class LimitsConfig(_Section):
                                                     "then differs slightly from a full decode's (docs/benchmarks.md, \"large "
                                                     "frames decoded smaller\"); evidence and the capture sample keep the "
                                                     "frame as sent. false: always decode in full.")
+    max_frame_age_s: float | None = Field(None, gt=0, le=100 * YEAR_S, description=(
+        "A frame whose captured_at is more than this many seconds before the worker received it is answered "
+        "stale_frame, not scored: frames the broker kept for the worker's persistent session while it was away (an "
+        "outage's, delivered in a burst when it is back) would otherwise be scored and answered as if live. A camera "
+        "clock behind this box's has its frames refused so too; not checked for a captured_at the worker stamps "
+        "itself, nor while this box's clock is not set. none = every frame is scored, however late."))
     dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries "
                                 "(the same id and captured_at; an id sent again with another time is a new frame).")
     queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies "

@@ -42,7 +42,7 @@ from worker.store import point_id
 from worker.supervise import Liveness, Repeats, StopLoop, Throttle, supervised_loop
 from worker.topics import Topics
 from worker.transport import Inbound, Transport
-from worker.wire import PIXEL_FIELDS, ErrorCode, FrameMetadata, iso, publishable, valid_id, whole_ms
+from worker.wire import PIXEL_FIELDS, ErrorCode, FrameMetadata, clock_set, iso, publishable, valid_id, whole_ms
 
 _UNSEEN = object()  # no frame remembered under this (camera, frame_id)
 _SENT_ONCE = frozenset(FrameMetadata.model_fields) | frozenset(PIXEL_FIELDS)  # user properties that may not repeat
@@ -304,9 +304,21 @@ class Pipeline:
             ts = received_ts
         else:
             self.ingest.check_clock(camera, ts, received_ts)
+            self._check_age(ts, received_ts)
         ts = whole_ms(ts)
         return Frame(camera, meta.frame_id, iso(ts), ts, data, header, received_ts, received_mono, generated,
                      pixels=pixels)
+
+    def _check_age(self, captured_ts: float, received_ts: float) -> None:
+        """Refuse a frame captured longer before it arrived than ``limits.max_frame_age_s``: a broker hands a worker
+        back from an outage every frame its persistent session kept, which would be scored and answered as if live.
+        Not while this box's clock is not set: every age read from it is wrong."""
+        limit = self.cfg.limits.max_frame_age_s
+        if limit is None or not clock_set(received_ts) or received_ts - captured_ts <= limit:
+            return
+        raise FrameError(ErrorCode.STALE_FRAME, f"captured {received_ts - captured_ts:.1f} s before it arrived, more "
+                         f"than limits.max_frame_age_s ({limit:g} s): not scored (a frame the broker kept while the "
+                         "worker was away, or a camera clock behind this box's)")
 
     def _bad_camera(self, camera: str, props: dict[str, str], ticket: Ticket | None) -> None:
         """A frame from a camera id no label, query or console can name (over 128 characters, not printable, '.' or

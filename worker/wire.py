@@ -89,6 +89,7 @@ class ErrorCode(StrEnum):
     BAD_CAMERA = "bad_camera"
     CAMERA_MISMATCH = "camera_mismatch"
     ROI_OUTSIDE_FRAME = "roi_outside_frame"
+    STALE_FRAME = "stale_frame"
     DROPPED = "dropped"
     SHUTDOWN = "shutdown"
     RESULT_TOO_LARGE = "result_too_large"

@@ -318,7 +318,8 @@ class Pipeline:
             return
         raise FrameError(ErrorCode.STALE_FRAME, f"captured {received_ts - captured_ts:.1f} s before it arrived, more "
                          f"than limits.max_frame_age_s ({limit:g} s): not scored (a frame the broker kept while the "
-                         "worker was away, or a camera clock behind this box's)")
+                         "worker was away; or the camera's clock is behind this box's, or it sends its local time "
+                         "without a UTC offset, read as UTC)")
 
     def _bad_camera(self, camera: str, props: dict[str, str], ticket: Ticket | None) -> None:
         """A frame from a camera id no label, query or console can name (over 128 characters, not printable, '.' or

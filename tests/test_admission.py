@@ -140,6 +140,26 @@ def test_a_camera_clock_off_both_ways_is_said_once_each_way(pipeline, dataset, c
     assert len(said) == 2 and "3.00 h ahead" in said[0] and "days before this box's clock" in said[1], said
     assert len(p.queue) == 4
 
+@pytest.mark.parametrize("pipeline", [{"limits": {"queue_size": 6, "inference_threads": 1, "max_frame_age_s": 60},
+                                       "cameras": {"noclock": {"metadata": "optional"}}}], indirect=True)
+def test_the_frame_age_limit_refuses_old_frames_only_by_a_clock_the_camera_sent(pipeline, dataset):
+    """``limits.max_frame_age_s`` refuses a frame captured longer before it arrived (``stale_frame``, counted); a frame
+    stamped ahead of the box is no late one, and a camera without a clock (the worker stamps its frames on receipt)
+    or a time it sent that cannot be used (replaced, as for such a camera) is never refused for its age."""
+    p, transport = pipeline
+    png = _png(dataset)
+    p.on_frame(_frame("cam", "old", png, captured_at=str(time.time() - 120)))
+    p.on_frame(_frame("cam", "recent", png, captured_at=str(time.time() - 30)))
+    p.on_frame(_frame("cam", "ahead", png, captured_at=str(time.time() + 3600)))
+    p.on_frame(Inbound("inspect/noclock/frame", png, 1, {"frame_id": "n1"}))
+    p.on_frame(_frame("noclock", "n2", png, captured_at="1970-01-01T00:00:10Z"))  # replaced: the worker's receipt
+    errors = [json.loads(m.payload) for m in transport.on("inspect/cam/error")]
+    assert [(e["frame_id"], e["code"]) for e in errors] == [("old", "stale_frame")], errors
+    assert "captured 120." in errors[0]["message"] and "limits.max_frame_age_s (60 s)" in errors[0]["message"], errors
+    assert [f.frame_id for f in p.queue.drain()] == ["recent", "ahead", "n1", "n2"]
+    assert p.stats.snapshot()["cam"]["errored"] == 1
+
+
 def test_a_frame_is_counted_before_its_answer_leaves(pipeline, dataset):
     """Whoever has seen a frame's result or error and then reads the counters finds the frame in them: each answer
     is published after its outcome (and a result's verdict) is counted."""

@@ -142,7 +142,9 @@ def test_a_misspelt_or_missing_field_is_refused_not_read_as_absent(tmp_path):
         answer = http.post(path, json=body)
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", (path, body, answer.text)
     # what the page sends still goes on to the worker (here no broker: 503 once its wait for one is out)
-    for path, body in (("/api/labels", {**frame, "label": None, "defect_type": None}), ("/api/labels/unlabel", frame),
+    for path, body in (("/api/labels", {**frame, "label": None, "defect_type": None}),
+                       ("/api/labels", {**frame, "captured_at": "2026-12-07T00:00:00.000+00:00", "label": None}),
+                       ("/api/labels/unlabel", frame),
                        ("/api/models/reload", {"bundle": "/b", "camera": "c"}), ("/api/models/rollback", {}),
                        ("/api/capture/export", {"camera": "c"})):
         assert http.post(path, json=body).status_code == 503, (path, body)

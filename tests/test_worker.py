@@ -305,6 +305,37 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
     assert backwards.returncode == 1 and "bad_request" in backwards.stderr and "is after filters.until" in backwards.stderr
 
 
+def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_the_later_frame(running, dataset):
+    """A camera whose frame counter starts again at a reboot sends frame 7 again: the history keeps one frame per
+    camera and id, so the later one replaced the earlier's record, and a label the operator gave the earlier (its card
+    still on the console's feed) landed on the later frame, which a false alarm then taught the model.  A label that
+    names its frame's ``captured_at`` (the console's page sends it) is refused ``unknown_frame`` when the stored frame
+    is another, and nothing is labelled."""
+    prefix, client, _, _, _ = running
+    defects = [data for _, data, kind in _frames(dataset) if kind != "good"][:2]
+    client.publish_frame("cam", defects[0], "7", captured_at=str(time.time() - 60))
+    earlier = client.json_on(f"{prefix}/cam/result")[0]
+    client.publish_frame("cam", defects[1], "7")  # after the reboot: its counter is at 7 again
+    results = client.json_on(f"{prefix}/cam/result", count=2)
+    _wait_stored(client, prefix, results)
+    later = results[1]
+    assert earlier["captured_at"] != later["captured_at"] and all(r["logged"] for r in results), results
+
+    def label(captured_at: str) -> dict:
+        return _query(client, prefix, {"action": "set", "frame_id": "7", "camera": "cam", "captured_at": captured_at,
+                                       "label": "false_alarm"}, topic="label")
+
+    refused = label(earlier["captured_at"])
+    assert not refused["ok"] and refused["error"]["code"] == "unknown_frame", refused
+    assert later["captured_at"] in refused["error"]["message"] and "nothing was labelled" in refused["error"]["message"]
+    exported = _query(client, prefix, {"action": "export", "format": "json"}, topic="label")
+    assert exported["ok"] and exported["labels"] == [], exported
+    assert label(later["captured_at"])["ok"]  # the frame the history holds, named by its own time
+    exported = _query(client, prefix, {"action": "export", "format": "json"}, topic="label")
+    assert [(x["frame_id"], x["captured_at"], x["label"]) for x in exported["labels"]] == [
+        ("7", later["captured_at"], "false_alarm")], exported
+
+
 def test_labels_round_trip_into_the_store_and_export(running, dataset):
     prefix, client, _, _, _ = running
     frames = _frames(dataset)[:6]

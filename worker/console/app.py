@@ -538,10 +538,11 @@ def create_app(cfg: Config) -> Starlette:
 
     @refusing
     async def label(request: Request) -> Response:
-        keys = ("frame_id", "camera", "label", "defect_type", "note")
+        keys = ("frame_id", "camera", "label", "defect_type", "note", "captured_at")
         body = _fields(await _json_body(request), *keys)
         if not body.get("frame_id") or "label" not in body:  # a label left out is no withdrawal (label: null is)
-            raise ValueError("send {frame_id, camera, label, defect_type, note} as JSON (label null withdraws it)")
+            raise ValueError("send {frame_id, camera, label, defect_type, note, captured_at} as JSON (label null "
+                             "withdraws it; captured_at, the frame's as shown, keeps a label off a later frame of its id)")
         response = await _ask(client.label, {"action": "set", **{k: body.get(k) for k in keys}})
         answer = json.loads(bytes(response.body))  # starlette types a body bytes | memoryview
         if answer.get("ok"):

@@ -272,7 +272,9 @@ function card(r, hit = false) {
 async function setLabel(r, label, defectType, li) {
   const status = $(".lab", li);
   status.textContent = "saving…";
-  const answer = await ask("api/labels", {frame_id: r.frame_id, camera: r.camera, label, defect_type: defectType});
+  // captured_at: the frame shown, not a later one a camera sent under its id (the worker refuses the label then)
+  const answer = await ask("api/labels", {frame_id: r.frame_id, camera: r.camera, captured_at: r.captured_at ?? null,
+                                          label, defect_type: defectType});
   if (!answer.ok) { status.textContent = `${failedHow(answer, "not saved")}: ${answer.error?.message || "error"}`; return; }
   r.label = answer.label; r.defect_type = answer.defect_type;
   if (defectType) rememberDefectType(defectType);

@@ -311,7 +311,7 @@ def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_t
     still on the console's feed) landed on the later frame, which a false alarm then taught the model.  A label that
     names its frame's ``captured_at`` (the console's page sends it) is refused ``unknown_frame`` when the stored frame
     is another, and nothing is labelled."""
-    prefix, client, _, _, _ = running
+    prefix, client, _, config, _ = running
     defects = [data for _, data, kind in _frames(dataset) if kind != "good"][:2]
     client.publish_frame("cam", defects[0], "7", captured_at=str(time.time() - 60))
     earlier = client.json_on(f"{prefix}/cam/result")[0]
@@ -328,6 +328,10 @@ def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_t
     refused = label(earlier["captured_at"])
     assert not refused["ok"] and refused["error"]["code"] == "unknown_frame", refused
     assert later["captured_at"] in refused["error"]["message"] and "nothing was labelled" in refused["error"]["message"]
+    cli = subprocess.run([sys.executable, "-m", "worker", "label", "--config", str(config), "--frame-id", "7",
+                          "--camera", "cam", "--captured-at", earlier["captured_at"], "--false-alarm"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert cli.returncode == 1 and "unknown_frame" in cli.stderr, cli.stderr[-2000:]
     exported = _query(client, prefix, {"action": "export", "format": "json"}, topic="label")
     assert exported["ok"] and exported["labels"] == [], exported
     assert label(later["captured_at"])["ok"]  # the frame the history holds, named by its own time

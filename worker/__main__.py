@@ -150,10 +150,11 @@ def _label(args: argparse.Namespace) -> int:
     """One label over MQTT; a false alarm's answer says what the model absorbed."""
     cfg = load_config(args.config)
     if args.clear:
-        body = {"action": "unlabel", "frame_id": args.frame_id, "camera": args.camera}
+        body = {"action": "unlabel", "frame_id": args.frame_id, "camera": args.camera, "captured_at": args.captured_at}
     else:
         body = {"action": "set", "frame_id": args.frame_id, "camera": args.camera, "note": args.note,
-                "label": "false_alarm" if args.false_alarm else "confirmed_defect", "defect_type": args.defect}
+                "label": "false_alarm" if args.false_alarm else "confirmed_defect", "defect_type": args.defect,
+                "captured_at": args.captured_at}
     answer = _ask(cfg, "label", lambda client: client.label(body))
     if answer is None:
         return 2
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--defect", metavar="TYPE", help="a confirmed defect of this type")
     kind.add_argument("--clear", action="store_true", help="withdraw the frame's label (and what it taught the model)")
     label.add_argument("--note")
+    label.add_argument("--captured-at", help="the frame's captured_at as its result says: refused (unknown_frame) where "
+                                             "the history holds another frame of this id, a camera that reused it")
     label.set_defaults(func=_label)
     capture = sub.add_parser("capture", help="export the captured normal frames and false alarms as a training folder")
     capture.add_argument("--config", default=argparse.SUPPRESS)

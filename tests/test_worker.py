@@ -308,9 +308,9 @@ def test_similarity_queries_over_mqtt_and_cli(running, dataset, tmp_path):
 def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_the_later_frame(running, dataset):
     """A camera whose frame counter starts again at a reboot sends frame 7 again: the history keeps one frame per
     camera and id, so the later one replaced the earlier's record, and a label the operator gave the earlier (its card
-    still on the console's feed) landed on the later frame, which a false alarm then taught the model.  A label that
-    names its frame's ``captured_at`` (the console's page sends it) is refused ``unknown_frame`` when the stored frame
-    is another, and nothing is labelled."""
+    still on the console's feed) landed on the later frame, which a false alarm then taught the model; its similar
+    frames were the later frame's.  A label or query that names its frame's ``captured_at`` (the console's page sends
+    it) is refused ``unknown_frame`` when the stored frame is another, and nothing is labelled."""
     prefix, client, _, config, _ = running
     defects = [data for _, data, kind in _frames(dataset) if kind != "good"][:2]
     client.publish_frame("cam", defects[0], "7", captured_at=str(time.time() - 60))
@@ -325,6 +325,10 @@ def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_t
         return _query(client, prefix, {"action": "set", "frame_id": "7", "camera": "cam", "captured_at": captured_at,
                                        "label": "false_alarm"}, topic="label")
 
+    similar = _query(client, prefix, {"frame_id": "7", "camera": "cam", "captured_at": earlier["captured_at"]})
+    assert not similar["ok"] and similar["error"]["code"] == "unknown_frame", similar
+    assert later["captured_at"] in similar["error"]["message"], similar
+    assert _query(client, prefix, {"frame_id": "7", "camera": "cam", "captured_at": later["captured_at"]})["ok"]
     refused = label(earlier["captured_at"])
     assert not refused["ok"] and refused["error"]["code"] == "unknown_frame", refused
     assert later["captured_at"] in refused["error"]["message"] and "nothing was labelled" in refused["error"]["message"]

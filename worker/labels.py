@@ -15,9 +15,9 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from bundle.extension import ExtensionUnwritable
 from worker.capture import Capture
@@ -28,7 +28,7 @@ from worker.query import serve_request
 from worker.recorder import StoreUnavailable
 from worker.store import StoreError, VectorStore, point_id
 from worker.store_base import Label
-from worker.wire import MAX_ID_LENGTH, ErrorCode, FrameIdField, RequestError, iso, parse_timestamp
+from worker.wire import MAX_ID_LENGTH, CapturedAtField, ErrorCode, FrameIdField, RequestError, another_capture, iso
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,17 +52,12 @@ def csv_cell(value: object) -> object:
     return value
 
 
-# The frame's captured_at as its result said it: a camera that reused the id since (a counter that restarts at a
-# reboot) has another frame under it, and a label by id alone would land on that one.
-CapturedAt = Annotated[float, BeforeValidator(parse_timestamp)]
-
-
 class SetLabel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["set"]
     frame_id: FrameIdField = Field(min_length=1, max_length=MAX_ID_LENGTH)
     camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    captured_at: CapturedAt | None = None
+    captured_at: CapturedAtField | None = None
     label: Label | None = Field(description="None clears the label.")
     defect_type: str | None = Field(None, max_length=64)
     note: str | None = Field(None, max_length=500)
@@ -75,25 +70,18 @@ class Unlabel(BaseModel):
     action: Literal["unlabel"]
     frame_id: FrameIdField = Field(min_length=1, max_length=MAX_ID_LENGTH)
     camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    captured_at: CapturedAt | None = None
+    captured_at: CapturedAtField | None = None
 
 
 def _check_same_frame(request: SetLabel, payload: dict) -> None:
     """Refuse a label whose ``captured_at`` is not the stored frame's: the history keeps one frame per camera and id,
     and the frame the operator saw was replaced by a later one under its id (or, labelled, kept while the later one
     was not recorded)."""
-    if request.captured_at is None:
-        return
-    try:
-        stored = parse_timestamp(payload.get("captured_at") or "")
-    except ValueError:  # a record without a readable time: nothing to tell it by
-        return
-    if abs(stored - request.captured_at) < 0.0005:  # results give it to the millisecond
-        return
-    raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} captured at "
-                       f"{iso(request.captured_at)} is not in the history: the camera sent another frame under this "
-                       f"id (captured at {payload.get('captured_at')}), and the history keeps one frame per camera and "
-                       "id; nothing was labelled")
+    if (stored := another_capture(payload, request.captured_at)) is not None:
+        raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} captured "
+                           f"at {iso(request.captured_at or 0)} is not in the history: the camera sent another frame "
+                           f"under this id (captured at {stored}), and the history keeps one frame per camera and id; "
+                           "nothing was labelled")
 
 
 class ListExtensions(BaseModel):

@@ -29,9 +29,11 @@ from worker.store import Filters, StoreError, VectorStore
 from worker.wire import (
     ID_RULE,
     MAX_ID_LENGTH,
+    CapturedAtField,
     ErrorCode,
     FrameIdField,
     RequestError,
+    another_capture,
     b64_image,
     decode_json,
     error_answer,
@@ -78,6 +80,7 @@ class QueryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     frame_id: FrameIdField | None = Field(None, max_length=MAX_ID_LENGTH)
     camera: str | None = Field(None, max_length=MAX_ID_LENGTH, description="Camera of frame_id, when frame ids repeat across cameras.")
+    captured_at: CapturedAtField | None = None  # of frame_id, as its result said: not a later frame of a reused id
     image_b64: str | None = None
     top_k: int = Field(5, ge=1, strict=True)  # strict: "3", 3.0 and true are refused, not read as a number
     filters: QueryFilters = QueryFilters()
@@ -97,6 +100,8 @@ class QueryRequest(BaseModel):
     def _one_source(self) -> QueryRequest:
         if self.frame_id is not None and self.image_b64 is not None:
             raise ValueError("give one of frame_id or image_b64, not both (neither: the latest frames)")
+        if self.captured_at is not None and self.frame_id is None:
+            raise ValueError("captured_at names the capture of frame_id, which is missing")
         if self.frame_id is None and self.image_b64 is None and self.camera is not None:
             raise ValueError("camera names the camera of frame_id or image_b64; the latest frames of a camera are "
                              "asked with filters.cameras")
@@ -182,6 +187,11 @@ class QueryService:
                 where = f" from camera {request.camera}" if request.camera else ""
                 raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r}{where} is not in the history")
             exclude, vector, payload = found
+            if (stored := another_capture(payload, request.captured_at)) is not None:
+                raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera "
+                                   f"{payload.get('camera')} captured at {iso(request.captured_at or 0)} is not in "
+                                   f"the history: the camera sent another frame under this id (captured at {stored}), "
+                                   "and the history keeps one frame per camera and id")
             space = payload.get(PAYLOAD_KEY)
             query = {"frame_id": payload.get("frame_id"), "camera": payload.get("camera")}
         else:

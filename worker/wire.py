@@ -211,6 +211,21 @@ def number_text(value: object) -> object:
 
 # A request's frame id: text, or a JSON number read as :func:`number_text` reads it.
 FrameIdField = Annotated[str, BeforeValidator(number_text)]
+# A request's captured_at of the frame it names, as the frame's result said it: a camera that reused the id since (a
+# counter that restarts at a reboot) has another frame under it, which the id alone would name.
+CapturedAtField = Annotated[float, BeforeValidator(parse_timestamp)]
+
+
+def another_capture(payload: dict, captured_ts: float | None) -> str | None:
+    """The stored frame's ``captured_at`` where it is not the one a request named (``captured_ts``; None: named
+    none), else None.  Results give the time to the millisecond."""
+    if captured_ts is None:
+        return None
+    try:
+        stored = parse_timestamp(payload.get("captured_at") or "")
+    except ValueError:  # a record without a readable time: nothing to tell it by
+        return None
+    return None if abs(stored - captured_ts) < 0.0005 else str(payload.get("captured_at"))
 
 
 ID_RULE = f"1..{MAX_ID_LENGTH} printable characters without '/', not '.' or '..'"  # what valid_id takes, said

@@ -341,7 +341,10 @@ async function search(event) {
               since: dtToEpoch($("#q-since").value), until: dtToEpoch($("#q-until").value)},
   };
   if (currentQuery.image_b64) request.image_b64 = currentQuery.image_b64;
-  else { request.frame_id = currentQuery.frame_id; request.camera = currentQuery.camera; }
+  else {  // captured_at: the frame shown, not a later one a camera sent under its id (then: by the image, below)
+    request.frame_id = currentQuery.frame_id; request.camera = currentQuery.camera;
+    if (currentQuery.captured_at) request.captured_at = currentQuery.captured_at;
+  }
   const status = $("#q-status"), hits = $("#hits");
   const superseded = () => {
     if (seq === searchSeq) return false;
@@ -355,13 +358,14 @@ async function search(event) {
   if (superseded()) return;
   let how = "";
   if (answer.error?.code === "unknown_frame" && currentQuery.has_frame) {
-    // Not (yet) in the store: a normal frame not logged (store.log_normal_every) or still being written.
-    // The console still has the camera's image: ask by image instead.
+    // Not (yet) in the store: a normal frame not logged (store.log_normal_every) or still being written, or one
+    // whose id the camera has given a later frame since. The console still has the camera's image: ask by image.
     const blob = await fetch(imageUrl(currentQuery.camera, currentQuery.frame_id, "frame", currentQuery.seen_at))
       .then((res) => res.blob()).catch(() => null);
     if (blob) {
       const b64 = await new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(String(r.result).split(",", 2)[1]); r.readAsDataURL(blob); });
       delete request.frame_id;  // the camera stays: the model serving it embeds the image, as it did its frames
+      delete request.captured_at;
       request.image_b64 = b64;
       answer = await ask("api/similar", request);
       if (superseded()) return;

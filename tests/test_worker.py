@@ -329,6 +329,8 @@ def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_t
     assert not similar["ok"] and similar["error"]["code"] == "unknown_frame", similar
     assert later["captured_at"] in similar["error"]["message"], similar
     assert _query(client, prefix, {"frame_id": "7", "camera": "cam", "captured_at": later["captured_at"]})["ok"]
+    unnamed = _query(client, prefix, {"frame_id": "7", "captured_at": later["captured_at"]})  # which camera's frame 7?
+    assert unnamed["error"]["code"] == "bad_request" and "give both" in unnamed["error"]["message"], unnamed
     refused = label(earlier["captured_at"])
     assert not refused["ok"] and refused["error"]["code"] == "unknown_frame", refused
     assert later["captured_at"] in refused["error"]["message"] and "nothing was labelled" in refused["error"]["message"]

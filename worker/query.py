@@ -100,8 +100,8 @@ class QueryRequest(BaseModel):
     def _one_source(self) -> QueryRequest:
         if self.frame_id is not None and self.image_b64 is not None:
             raise ValueError("give one of frame_id or image_b64, not both (neither: the latest frames)")
-        if self.captured_at is not None and self.frame_id is None:
-            raise ValueError("captured_at names the capture of frame_id, which is missing")
+        if self.captured_at is not None and (self.frame_id is None or self.camera is None):
+            raise ValueError("captured_at names the capture of frame_id from camera: give both")
         if self.frame_id is None and self.image_b64 is None and self.camera is not None:
             raise ValueError("camera names the camera of frame_id or image_b64; the latest frames of a camera are "
                              "asked with filters.cameras")

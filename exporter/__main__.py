@@ -180,27 +180,45 @@ def _evaluate(args: argparse.Namespace) -> int:
         _refuse_overwriting(Path(args.json), Path(args.bundle), [MANIFEST, *manifest.files], category)
     category = category.without(training.get("validation_defects", []))
     trained = set(training.get("trained_images") or [])
-    # A split drawn again from files added or removed since the export holds some of the bundle's training images.
+    if good_parts := not category.test and bool(category.train):  # no defect images yet: the false alarms alone
+        category = category.as_good_parts()
+    # A split drawn again from files added or removed since the export holds some of the bundle's training images;
+    # good parts given as they are may be (a copy of the training folder, or the folder itself).
     again = [s.path for s in category.test if s.defect == "good" and short_digest(s.path) in trained] \
-        if category.drawn else []
+        if category.drawn or good_parts else []
+    if good_parts and len(again) == len(category.test):
+        raise DatasetError(f"{category.root}: all {len(again)} images are images this bundle was trained on (or held "
+                           "out to set its threshold): their scores say nothing of the false alarms on parts it has "
+                           "not seen; give good images it was not trained on")
     category = category.without([category.recorded(path) for path in again])
     # train's checks of the test files: refused on the same problems, its notes said (on stderr: stdout is the JSON)
     summary = summarise(category, trained=False)
     print(summary.evaluation_text(), file=sys.stderr, flush=True)
     if problems := summary.problems():
         raise DatasetError("unusable data:\n  - " + "\n  - ".join(problems))
-    if again:
+    if again and good_parts:
+        print(f"  note: {len(again)} of the images are images this bundle was trained on or held out to set its "
+              f"threshold (e.g. {again[0]}): left out, so the false alarms counted are on images it never saw",
+              file=sys.stderr, flush=True)
+    elif again:
         print(f"  note: {len(again)} good images drawn into the test split are images this bundle was trained on "
               f"(e.g. {again[0]}): left out, so the figures are of images it never saw; the good images are not "
               "those it was trained on (added or removed since), so the split is not the one measured at export",
               file=sys.stderr, flush=True)
-    elif category.drawn and not trained:
+    elif (category.drawn or good_parts) and not trained:
         print("  note: this bundle does not record its training images (exported before training.trained_images): "
-              "if good images were added or removed since, some of its training images may be in this split",
+              + ("any of these it was trained on scores low, and understates its false alarms" if good_parts else
+                 "if good images were added or removed since, some of its training images may be in this split"),
               file=sys.stderr, flush=True)
     metrics = evaluate_folder(Path(args.bundle), category, args.device, args.precision)
     if again:
         metrics["trained_left_out"] = len(again)
+    if flagged := metrics.get("good_flagged"):
+        shown = ", ".join(f"{f['path']} ({f['score']:g})" for f in flagged["files"][:10])
+        more = f" and {len(flagged['files']) - 10} more" if len(flagged["files"]) > 10 else ""
+        print(f"  good images flagged at the threshold {metrics['threshold']:g} ({metrics['precision']}): "
+              f"{flagged['count']} of {flagged['of']} ({flagged['fraction']:.1%})" + (f": {shown}{more}" if shown else "")
+              + (f"; {metrics['image_metrics']}" if metrics.get("image_metrics") else ""), file=sys.stderr, flush=True)
     text = json.dumps(metrics, indent=2)
     print(text, flush=True)  # first: a file that cannot be written after all does not lose the evaluation
     if args.json:

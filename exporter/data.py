@@ -12,7 +12,8 @@ Layouts (:func:`load_category` tells them apart; README "Training data" has an e
   beside ``<stem>.*``, or in a ``Label/`` folder beside the images (DAGM 2007: ``Train/Label/0002_label.PNG``); an
   image is a defect when its mask has a non-zero pixel.  In ``train/`` and ``test/`` folders (any case; the
   defects among the training images are left out), one folder per part (KolektorSDD) or a single folder;
-* **good only**: a folder of normal images, no test split (train, threshold, export; nothing to evaluate);
+* **good only**: a folder of normal images, no test split (train, threshold, export; ``evaluate`` scores every
+  image as a good part, for the false alarms: :meth:`Category.as_good_parts`);
 * **labelled folders**: ``good/`` (or ``ok/``, ``normal/``) plus one folder per defect type (or ``ng/``), a
   defect's mask where one lies beside it;
 * **a list**: ``.csv`` (``path,label[,mask]``, or any columns a header names, ``image`` for ``path``, with an
@@ -162,6 +163,13 @@ class Category:
     def recorded(self, path: Path) -> str:
         """``path`` as the manifest records it, relative to :attr:`base` (a list's rows may lie above its folder)."""
         return os.path.relpath(path, self.base)
+
+    def as_good_parts(self) -> Category:
+        """Data with no test split (good images only) as ``evaluate`` measures it: every image a good test image,
+        scored for the false alarms a bundle gives on parts like them: the one figure for a user who has no defect
+        images yet."""
+        return replace(self, train=[], test=[Sample(p, "good", None) for p in self.train],
+                       split="none of its own: every image as a good part, for the false alarms on them")
 
     def without(self, recorded: Iterable[str]) -> Category:
         """The same data without these test images (held out for validation), named as :meth:`recorded` names them:

@@ -24,7 +24,9 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     """Image AUROC, F1 and per-type detection at the bundle threshold; pixel AUROC and AUPRO (at the graph's
     resolution, or the tiles' canvas for a bundle trained on tiles) over the images with pixel ground truth, or
     ``None`` with the reason when no defect has a mask.  A split of defects only has no image AUROC (``None``, the
-    reason in ``image_metrics``) but its masks' pixels hold both classes; one of good images only has neither.
+    reason in ``image_metrics``) but its masks' pixels hold both classes; one of good images only has neither, and
+    its figure is the false alarms.  ``good_flagged``: the good images at or above the threshold, named (a false
+    alarm is looked at one by one), the highest score first.
 
     The threshold is the bundle's for the precision it was compiled at (``thresholds`` overrides it while
     the exporter is still measuring them).  The result names that precision and the device, and, where the bundle
@@ -35,7 +37,7 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
     trained = set(bundle.manifest.training.get("trained_images") or [])  # absent in bundles exported before
     if not samples:
         raise ValueError(f"{category.root}: no test images ({category.split}); evaluation needs labelled good and "
-                         "defect images (README: Training data)")
+                         "defect images, or good images only for the false alarms (README: Training data)")
     labels = np.array([s.label for s in samples])
     both_classes = bool(0 < labels.sum() < len(labels))
     score_pixels = both_classes or any(s.mask is not None for s in samples)
@@ -80,6 +82,12 @@ def evaluate(bundle: CompiledBundle, category: Category, thresholds: Thresholds 
                       + ("no good test images" if labels.all() else "no defect test images"))
     if score_pixels:
         result.update(pixels.result())
+    if good := [i for i, s in enumerate(samples) if s.defect == "good"]:  # the false alarms, each named
+        flagged = sorted((i for i in good if predicted[i]), key=lambda i: -scores[i])
+        result["good_flagged"] = {
+            "count": len(flagged), "of": len(good), "fraction": round(len(flagged) / len(good), 4),
+            "files": [{"path": category.recorded(samples[i].path), "score": round(float(scores[i]), 4)} for i in flagged],
+        }
     types = sorted({s.defect for s in samples})
     result["detection_rate"] = {
         t: round(float(predicted[[i for i, s in enumerate(samples) if s.defect == t]].mean()), 4) for t in types

@@ -494,6 +494,50 @@ def test_evaluate_refuses_a_json_file_of_the_bundle_or_of_the_data(bundle_dir, d
     assert proc.returncode == 0 and json.loads((bundle / "metrics.json").read_text())["images"] == 16, proc.stderr[-2000:]
 
 
+def test_evaluate_on_good_images_only_counts_and_names_the_false_alarms(bundle_dir, dataset, tmp_path):
+    """A user with no defect images yet, asking how many false alarms a bundle gives on their good parts, was refused
+    ("no test images ... nothing to evaluate").  Every image of a folder of good images is now scored as a good part:
+    the ones flagged at the bundle's threshold are counted and named, on stderr and in the JSON, image AUROC said
+    undefined; an image the bundle was trained on is left out, said in a note."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for path in sorted((dataset / "weave" / "test" / "good").glob("*.png")):
+        shutil.copy(path, parts / f"ok-{path.name}")
+    marked = []
+    for path in sorted((dataset / "weave" / "test" / "hole").glob("*.png")):  # parts the user took for good
+        shutil.copy(path, parts / f"odd-{path.name}")
+        marked.append(f"odd-{path.name}")
+    trained = min((dataset / "weave" / "train" / "good").glob("*.png"))
+    shutil.copy(trained, parts / "seen.png")
+    out = tmp_path / "metrics.json"
+    proc = _evaluate(bundle_dir, parts, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == metrics
+    assert metrics["images"] == 8 and metrics["trained_left_out"] == 1, metrics
+    assert metrics["image_auroc"] is None and metrics["image_metrics"] == "image AUROC undefined: no defect test images"
+    flagged = metrics["good_flagged"]
+    assert (flagged["count"], flagged["of"], flagged["fraction"]) == (4, 8, 0.5), flagged
+    assert sorted(f["path"] for f in flagged["files"]) == marked, flagged
+    assert all(f["score"] >= metrics["threshold"] for f in flagged["files"])
+    assert "test split: none of its own: every image as a good part, for the false alarms on them: good 8" in proc.stderr
+    assert "note: 1 of the images are images this bundle was trained on or held out to set its threshold (e.g. " \
+        f"{parts / 'seen.png'})" in proc.stderr, proc.stderr[-2000:]
+    said = next(line for line in proc.stderr.splitlines() if "good images flagged" in line)
+    assert f"good images flagged at the threshold {metrics['threshold']:g} (f32): 4 of 8 (50.0%): " in said, said
+    assert all(name in said for name in marked) and "image AUROC undefined" in said, said
+
+    (parts / "seen.png").rename(tmp_path / "seen.png")  # the training images alone: nothing they can tell
+    for path in parts.iterdir():
+        path.unlink()
+    (tmp_path / "seen.png").rename(parts / "seen.png")
+    proc = _evaluate(bundle_dir, parts)
+    assert proc.returncode == 2 and not proc.stdout, proc.stdout[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {parts}: all 1 images are images this bundle was trained " \
+        "on (or held out to set its threshold): their scores say nothing of the false alarms on parts it has not " \
+        "seen; give good images it was not trained on", proc.stderr[-2000:]
+
+
 def test_a_test_split_of_good_images_only_has_no_f1(bundle_dir, dataset):
     """Without a defect image F1 is undefined (no true positive can exist); it was reported 0.0, which reads as a
     model that missed every defect.  The false-alarm rate stands (detection_rate of good).  Image AUROC is undefined

@@ -63,6 +63,7 @@ from bundle import (
     FRAME_FORMATS,
     FRAME_MAX_BYTES,
     FRAME_MAX_PIXELS,
+    GREY_CHROMA,
     MAX_TILES,
     MIN_TRAIN_IMAGES,
     InputSpec,
@@ -916,6 +917,7 @@ class Summary:
     trained: bool = True  # the training images were decoded and checked too: False for ``evaluate``, which fits none
     lossy_masks: list[Path] = field(default_factory=list)  # masks stored as JPEG: its noise marks pixels as defect
     blank_masks: list[Path] = field(default_factory=list)  # defect images whose masks mark no pixel
+    chroma: list[tuple[Path, float]] = field(default_factory=list)  # (training image, :func:`image_chroma`)
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -989,11 +991,31 @@ class Summary:
             out.append(f"  warning: {len(self.blank_masks)} defect images have masks that mark no pixel (e.g. "
                        f"{self.blank_masks[0]}): their pixels count as defect-free in the pixel metrics, which then "
                        "understate the model; draw the defect in them")
+        if mixed := self.colour_mix():
+            out.append(f"  warning: {mixed}")
         if self.in_both:
             test, train = self.in_both[0]
             out.append(f"  warning: {len(self.in_both)} test images are byte for byte training images (e.g. {test} is "
                        f"{train}): the test figures will overstate the model; remove the copies from one side")
         return out
+
+    def colour_mix(self) -> str | None:
+        """Why training images both grey and in colour deserve a look, naming the fewer kind, or None.  The bundle
+        turns frames grey only where every training image is grey, and a worker says a grey frame is unlike a model
+        of colour images only where none was grey: one odd file (a camera changed, a file of another line) silently
+        turned either off."""
+        grey = [p for p, c in self.chroma if c < GREY_CHROMA]
+        colour = [p for p, c in self.chroma if c >= 2 * GREY_CHROMA]  # between the two: a faint tint, neither
+        if not grey or not colour:
+            return None
+        odd, kind, others = (colour, "in colour", "grey") if len(colour) <= len(grey) else (grey, "grey", "in colour")
+        shown = ", ".join(str(p) for p in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        lost = ("the bundle does not turn frames grey, as it does where every training image is grey, so a colour "
+                "camera's tint moves its scores" if kind == "in colour" else
+                "a worker cannot say when a camera sends grey frames to this model of colour images")
+        return (f"{len(odd)} of the {len(self.chroma)} training images are {kind}, the others {others}: {shown}; a "
+                f"camera changed, or a file is not this line's; with them {lost}: remove them, or train on one "
+                "camera's images")
 
     def evaluation_text(self) -> str:
         """``evaluate``'s summary: the test split it measures and the notes that concern it."""
@@ -1155,6 +1177,7 @@ def summarise(category: Category, trained: bool = True) -> Summary:
     refused: list[tuple[Path, str]] = []
     low_bits: list[tuple[Path, int]] = []
     train_copies: list[tuple[Path, Path]] = []
+    chromas: list[tuple[Path, float]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
         try:
             data = path.read_bytes()
@@ -1187,6 +1210,8 @@ def summarise(category: Category, trained: bool = True) -> Summary:
             low_bits.append((path, top))
         if image.dtype not in (np.uint8, np.uint16):  # read_image (IMREAD_COLOR) gets nothing from these
             wide.append(path)
+        elif i < len(category.train) and (value := image_chroma(path)) is not None:  # as the fit decides grey
+            chromas.append((path, value))
     misfit: list[tuple[Path, tuple[int, int], tuple[int, int]]] = []
     lossy: list[Path] = []
     blank: list[Path] = []
@@ -1206,7 +1231,7 @@ def summarise(category: Category, trained: bool = True) -> Summary:
             blank.append(sample.mask)
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
     return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
-                   low_bits, train_copies, trained, lossy, blank)
+                   low_bits, train_copies, trained, lossy, blank, chromas)
 
 
 def _is_jpeg(path: Path) -> bool:

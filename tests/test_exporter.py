@@ -172,6 +172,36 @@ def test_a_model_of_grey_images_is_fitted_on_the_grey_pixels_it_serves(dataset, 
     torch.testing.assert_close(fitted, want.permute(0, 2, 3, 1).reshape(-1, want.shape[1]), rtol=1e-4, atol=1e-4)
 
 
+def test_a_training_set_of_grey_and_colour_images_is_warned_of_naming_the_odd_ones(dataset, tmp_path):
+    """One colour image among grey ones turned the grey step off (and its note) without a word, and one grey image
+    among colour ones turned off the worker's warning of grey frames: the summary now warns of a mixed set, naming
+    the fewer kind, which a changed camera or a stray file makes."""
+    from exporter.data import summarise
+
+    grey = tmp_path / "grey"
+    shutil.copytree(dataset / "weave" / "train" / "good", grey)
+    picture = cv2.imread(str(min(grey.glob("*.png"))))
+    cv2.imwrite(str(grey / "zz-colour.png"), np.clip(picture * np.float32([0.8, 1.0, 1.2]), 0, 255).astype(np.uint8))
+    summary = summarise(load_category(grey))
+    said = [line for line in summary.text(20, 13).splitlines() if "training images are" in line]
+    assert said == [f"  warning: 1 of the 33 training images are in colour, the others grey: {grey / 'zz-colour.png'}; "
+                    "a camera changed, or a file is not this line's; with them the bundle does not turn frames grey, "
+                    "as it does where every training image is grey, so a colour camera's tint moves its scores: remove "
+                    "them, or train on one camera's images"], said
+
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    for i, path in enumerate(sorted((dataset / "weave" / "train" / "good").glob("*.png"))[:9]):
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(colour / f"{i}.png"), np.clip(image * np.float32([0.8, 1.0, 1.2]), 0, 255).astype(np.uint8))
+    assert summarise(load_category(colour)).colour_mix() is None  # one kind: nothing to say
+    shutil.copy(min((dataset / "weave" / "train" / "good").glob("*.png")), colour / "mono.png")
+    mixed = summarise(load_category(colour)).colour_mix()
+    assert mixed is not None and mixed.startswith(f"1 of the 10 training images are grey, the others in colour: "
+                                                  f"{colour / 'mono.png'}; "), mixed
+    assert "a worker cannot say when a camera sends grey frames to this model of colour images" in mixed, mixed
+
+
 def _parity_bundle(graph: PatchcoreGraph, spec, folder) -> None:
     """``graph`` as an OpenVINO bundle in ``folder``, thresholds left at 1 (the parity tests read raw outputs)."""
     from bundle import Normalisation, Thresholds

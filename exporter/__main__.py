@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bundle import MANIFEST, PRECISIONS, BundleError, bundle_name
+# Nothing heavier than the standard library at import (bundle pulls in OpenCV and numpy, a third of a second): a
+# Ctrl-C in the first moments of a run came before the handlers (exporter/stopping.py) and printed a traceback.
 from exporter import stopping
-from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, int_in, refuse_unused, select
 
 if TYPE_CHECKING:
     from bundle import TilingSpec
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from exporter.families import FAMILIES, refuse_unused
+
     family = FAMILIES[args.model]
     refuse_unused(args, [family])
     if args.precision not in family.weight_precisions:
@@ -69,6 +71,7 @@ def _choose(args: argparse.Namespace, threshold: ThresholdChoice) -> Trained:
     if args.model != "patchcore":
         raise ValueError(f"--choose picks among PatchCore settings; --model {args.model} has no candidates")
     from exporter.choose import candidate_names, choose
+    from exporter.families import FAMILIES
     from exporter.teacher import DEFAULT_NATURAL
 
     family = FAMILIES["patchcore"]
@@ -100,6 +103,8 @@ def _check_data(data: Path, category: str | None, threshold: ThresholdChoice, ti
 
 
 def _bundle_name(value: str) -> str:
+    from bundle import bundle_name
+
     try:
         return bundle_name(value)
     except ValueError as exc:
@@ -139,6 +144,8 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
+    from exporter.families import refuse_unused, select
+
     families = select(args.models.split(","))
     refuse_unused(args, families)
     for family in families:
@@ -164,7 +171,7 @@ def _add_precisions_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from bundle import read_manifest
+    from bundle import MANIFEST, read_manifest
     from exporter.data import DatasetError, load_category, short_digest, summarise
     from exporter.evaluate import evaluate_folder
 
@@ -275,6 +282,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bundle import PRECISIONS
+    from exporter.families import FAMILIES, WEIGHT_PRECISIONS, add_options, int_in
+
     parser = argparse.ArgumentParser(prog="python -m exporter", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at DEBUG, with the libraries' notices that are otherwise left out")
@@ -409,22 +419,24 @@ def _escaped_output() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv  # as given: the benchmark report names the command that ran
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.verbose:
-        _quiet_libraries()
-    try:
-        with stopping.handled():
+    with stopping.handled():  # the imports too: the parser's options come from the model families and the bundle
+        from bundle import BundleError
+
+        args = build_parser().parse_args(argv)
+        args.argv = sys.argv[1:] if argv is None else argv  # as given: the benchmark report names the command that ran
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if not args.verbose:
+            _quiet_libraries()
+        try:
             return args.func(args)
-    except (BundleError, OSError, ValueError, RuntimeError) as exc:  # OSError: e.g. a full disk, said plainly
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        except (BundleError, OSError, ValueError, RuntimeError) as exc:  # OSError: e.g. a full disk, said plainly
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
-    stopping.install()  # main puts these handlers back as it returns: a signal then still hears of its bundle
+    stopping.install()  # first, before any heavy import; main puts these back as it returns: a signal then still hears of its bundle
     _escaped_output()
     code = main()
     stopping.finished()

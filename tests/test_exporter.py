@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -682,6 +683,28 @@ def test_a_signal_while_packaging_removes_the_staging_folder(stop, dataset, tmp_
     said = "error: interrupted (Ctrl-C)" if stop == signal.SIGINT else "error: stopped by SIGTERM"
     assert "Traceback" not in text and text.splitlines()[-1] == said, text[-2000:]
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "synth"])
+def test_ctrl_c_while_the_command_loads_its_libraries_is_one_line_and_exit_130(command, dataset, tmp_path):
+    """Ctrl-C in the first moments of any command, while it imported its libraries (OpenCV and numpy before the
+    handlers were set, a third of a second), printed Python's KeyboardInterrupt traceback.  The signal is sent
+    once numpy's core library is mapped into the process, in the middle of those imports."""
+    args = {"train": ["--data", str(dataset), "--category", "weave", "--out", str(tmp_path / "b")],
+            "evaluate": ["--bundle", str(tmp_path / "b"), "--data", str(dataset), "--category", "weave"],
+            "synth": ["--out", str(tmp_path / "s")]}[command]
+    # a terminal's Ctrl-C: a shell's background job (a CI runner's) ignores SIGINT, and its children inherit that
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", command, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "_multiarray_umath" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)", err[-2000:]
 
 
 def test_a_signal_once_the_new_bundle_is_in_place_says_it_is_there(dataset, tmp_path):

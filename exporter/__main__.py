@@ -179,6 +179,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--json {args.json}: its folder does not exist or cannot be written")
     if args.json and Path(args.json).is_dir():  # else refused by the write, after every image was scored
         raise ValueError(f"--json {args.json} is a folder: give the file to write in it, e.g. {Path(args.json) / 'metrics.json'}")
+    if args.json:  # what a run killed while writing it left (an earlier run of this command)
+        from exporter.staging import remove_stale_temporaries
+
+        remove_stale_temporaries(Path(args.json).resolve())
     # The same test split the bundle was measured on at export: same seed, its threshold's defects left out.
     manifest = read_manifest(Path(args.bundle), verify=False)
     training = manifest.training
@@ -236,8 +240,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _write_metrics(path: Path, text: str) -> None:
     """Write ``evaluate --json`` whole or not at all: written in place, a full disk left an empty file and the run
     said only "[Errno 28] No space left on device", naming no file."""
+    from exporter.staging import temporary
+
     target = path.resolve()  # a link to the file: the file it names is the one replaced
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temporary(target)
     try:
         tmp.write_text(text)
         os.replace(tmp, target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -254,7 +255,7 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {out}: {above} is a file, not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(prefix=f".{out.name}.check-", dir=out.parent).cleanup()
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.check-{os.getpid()}-", dir=out.parent).cleanup()
     except OSError as exc:
         raise ValueError(f"--out {out}: the bundle cannot be written there ({exc.strerror or exc})") from None
     remove_stale_staging(out)  # before the fit: a bundle a killed run left set aside is served again at once

@@ -3,6 +3,9 @@ never sees a half-written or provisional bundle, and a run stopped or killed par
 
 Used by ``train`` (exporter/build.py) and ``fold-extension`` (exporter/fold.py).  Staging folders are
 ``.NAME.partial-PID-*``; a bundle being replaced is renamed aside to ``.NAME.replaced-PID`` for the moment of the swap.
+A single file (a teacher, its checkpoint, ``evaluate --json``) is written to ``.NAME.PID.tmp`` beside it and renamed
+(:func:`temporary`).  Each name holds the writing run's pid, so a later run removes what a killed one left and leaves
+a running one's alone.
 """
 
 from __future__ import annotations
@@ -40,13 +43,34 @@ def foreign(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, *BUNDLE_FILES))
 
 
+def temporary(path: Path) -> Path:
+    """Where this run writes ``path`` before renaming it into place: ``.NAME.PID.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the :func:`temporary` files of ``path`` that runs writing it were killed before renaming (SIGKILL, a
+    power cut): each can be a whole teacher or checkpoint, and nothing else ever removed them.  Only names of that
+    pattern, and only those of processes no longer running."""
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)\.tmp", entry.name)
+        if match is None or entry.is_symlink() or not entry.is_file():
+            continue
+        pid = int(match[1])
+        if pid == os.getpid() or process_running(pid):
+            continue
+        log.info("removing %s, left by an exporter run (pid %d) that was killed while writing %s", entry, pid, path)
+        entry.unlink(missing_ok=True)
+
+
 def remove_stale_staging(out: Path) -> None:
     """Remove the folders beside ``out`` that runs to it were killed before removing (``.NAME.partial-PID-*``,
-    ``.NAME.replaced-PID``): each can hold a whole model.  Only those of processes no longer running, so two runs
-    to one ``--out`` at once leave each other's staging folder alone.  A run killed between renaming the bundle at
+    ``.NAME.replaced-PID``, :func:`exporter.build.check_out`'s empty ``.NAME.check-PID-*``): each can hold a whole
+    model.  Only those of processes no longer running, so two runs to one ``--out`` at once leave each other's
+    staging folder alone.  A run killed between renaming the bundle at
     ``out`` aside and its own into place left ``out`` missing: the bundle set aside goes back instead."""
     for entry in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:partial-(\d+)-.+|replaced-(\d+))", entry.name)
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:(?:partial|check)-(\d+)-.+|replaced-(\d+))", entry.name)
         if match is None or not entry.is_dir():
             continue
         pid = int(match[1] or match[2])

@@ -41,6 +41,7 @@ from bundle import sha256_file
 from exporter import backbones, stopping
 from exporter.data import images_under, read_decoded
 from exporter.progress import Progress
+from exporter.staging import remove_stale_temporaries, temporary
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ def _save_checkpoint(path: Path, net: nn.Module, optimiser: torch.optim.Optimize
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {**state, "optimiser_param_groups": opt["param_groups"], "scheduler": schedule.state_dict(),
             "python_rng": rng.getstate()}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary(path)
     before = f"; the one before it, of step {_checkpoint_meta(path)['step']}, is kept for --resume" if path.is_file() else ""
     _save({k: v.contiguous() for k, v in tensors.items()}, tmp, {"checkpoint": json.dumps(meta)},
           f"the checkpoint {path}", before)
@@ -379,6 +380,8 @@ def distill(settings: TeacherSettings, natural_dir: Path, out: Path, *, resume: 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_path(out)
+    for path in (out, ckpt, manifest_path(out)):  # what a run killed while writing them left
+        remove_stale_temporaries(path)
     if write_now and stop_after is None and not (resume and ckpt.is_file()):
         raise ValueError(f"writing the teacher now needs --stop-after, or a checkpoint {ckpt} to --resume")
     if stop_after == 0 and not write_now:
@@ -482,7 +485,7 @@ def _write_teacher(out: Path, net: nn.Module, run: _Run, settings: TeacherSettin
         "train_s": round(state["train_s"], 1),
         "steps_done": state["step"],  # "steps" is the recipe's: a teacher written on the way has done fewer
     }
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temporary(out)
     _save({k: v.half() if fp16 else v for k, v in weights.items()}, tmp, {"teacher": json.dumps(meta)}, f"the teacher {out}")
     curve = state["held_out_curve"]
     marks = [s for s, _ in curve]
@@ -506,7 +509,7 @@ def _write_teacher(out: Path, net: nn.Module, run: _Run, settings: TeacherSettin
     # leaves the old pair, or a teacher without a manifest (never taken as finished), not a pair that disagrees.
     manifest_path(out).unlink(missing_ok=True)
     os.replace(tmp, out)
-    tmp_manifest = out.with_name(manifest_path(out).name + ".tmp")
+    tmp_manifest = temporary(manifest_path(out))
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp_manifest, manifest_path(out))
     log.info("teacher written to %s (%s, held-out variance explained %.4f; fp32 %.4f)", out, manifest["dtype"],

@@ -459,6 +459,28 @@ def test_evaluate_json_onto_a_full_disk_names_the_file_and_leaves_no_empty_one(b
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
+def test_evaluate_json_removes_what_a_killed_run_left_writing_it(bundle_dir, dataset, tmp_path):
+    """``evaluate --json`` writes ``.NAME.PID.tmp`` and renames it: a run killed in between (SIGKILL, a power cut)
+    left that file for ever, since no later run has its pid.  The next run to the same file removes those of
+    processes that are gone, says so, and leaves a running one's and the user's own files alone."""
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    out = tmp_path / "metrics.json"
+    stale = tmp_path / f".metrics.json.{gone.pid}.tmp"
+    kept = [tmp_path / f".metrics.json.{os.getppid()}.tmp", tmp_path / "metrics.json.tmp",
+            tmp_path / ".metrics.json.old.tmp", tmp_path / f".other.json.{gone.pid}.tmp"]
+    for path in [stale, *kept]:
+        path.write_text("{")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "evaluate", "--bundle", str(bundle_dir), "--data",
+                           str(dataset), "--category", "weave", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["images"] == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.json", *(k.name for k in kept)])
+    assert f"removing {stale}, left by an exporter run (pid {gone.pid}) that was killed while writing {out}" \
+        in proc.stderr, proc.stderr[-2000:]
+
+
 def _evaluate(bundle_dir, data, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "exporter", "evaluate", "--bundle", str(bundle_dir), "--data", str(data),
                            *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -831,7 +853,8 @@ def test_a_later_run_removes_staging_folders_of_killed_runs_only(dataset, tmp_pa
     the same --out removes those whose process is gone, and leaves a running one's (two runs at once) alone."""
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
-    stale = [tmp_path / f".live.partial-{gone.pid}-x1", tmp_path / f".live.replaced-{gone.pid}"]
+    stale = [tmp_path / f".live.partial-{gone.pid}-x1", tmp_path / f".live.replaced-{gone.pid}",
+             tmp_path / f".live.check-{gone.pid}-c3"]  # killed while it tried whether --out can be written
     kept = [tmp_path / f".live.partial-{os.getpid()}-y2", tmp_path / f".other.partial-{gone.pid}-z3"]
     for folder in stale + kept:
         folder.mkdir()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
 import shutil
 import signal
@@ -265,6 +267,28 @@ def test_a_distillation_onto_a_full_disk_ends_in_one_line_naming_its_checkpoint(
     assert code == 2 and said.startswith(f"error: cannot write the checkpoint {checkpoint_path(out)}: "), said
     assert "No space left on device" in said and said.endswith("(0 MB free on its disk)"), said
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_distillation_removes_the_temporary_files_a_killed_run_left(natural, tmp_path, caplog):
+    """The teacher, its checkpoint and its manifest are each written to a temporary file beside them and renamed: a
+    run killed in between (SIGKILL, a power cut) left that file, a whole checkpoint, for ever.  The next run to the
+    same place removes those of processes that are gone and says so; a running one's and the user's files stay."""
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    out = tmp_path / "pdn.safetensors"
+    stale = [tmp_path / f".{p.name}.{gone.pid}.tmp" for p in (out, checkpoint_path(out), manifest_path(out))]
+    kept = [tmp_path / f".{checkpoint_path(out).name}.{os.getppid()}.tmp", tmp_path / "pdn.safetensors.bak",
+            tmp_path / f".{out.name}.x{gone.pid}.tmp"]
+    for path in [*stale, *kept]:
+        path.write_bytes(b"partial")
+    with caplog.at_level(logging.INFO, logger="exporter.staging"):
+        assert main(["distill-teacher", "--natural", str(natural), "--steps", "2", "--batch-size", "2", "--crop", "64",
+                     "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, manifest_path(out).name,
+                                                                 *(k.name for k in kept)])
+    said = [r.getMessage() for r in caplog.records if r.name == "exporter.staging"]
+    assert said == [f"removing {s}, left by an exporter run (pid {gone.pid}) that was killed while writing "
+                    f"{s.parent / s.name[1:].rsplit('.', 2)[0]}" for s in stale], said
 
 
 def test_a_distillation_stopped_by_ctrl_c_says_which_step_it_kept_and_how_to_go_on(natural, tmp_path):

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import FeatureInfo
+
+from exporter.staging import remove_stale_temporaries, temporary
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +141,44 @@ def resolve(
     std = std or (spec.std if spec else IMAGENET_STD)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     folder = cache_root() / "backbones" / f"{name}-{digest[:12]}"
-    if not (folder / "model.safetensors").is_file():
-        model = timm.create_model(name, pretrained=False)
-        state = _remap(_load_any(source), model.state_dict(), source)
-        model.load_state_dict(state)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    if not (folder / "config.json").is_file():  # written last: without it, a preparation cut short
+        _prepare(folder, name, source, mean, std)
+    return Backbone(f"local-dir:{folder}", name, True, mean, std, digest)
+
+
+def _prepare(folder: Path, name: str, source: Path, mean: tuple[float, float, float],
+             std: tuple[float, float, float]) -> None:
+    """Write timm's ``local-dir:`` folder for ``name`` from the weights ``source`` whole, then rename it into place.
+    Written in place, a run killed while it wrote (SIGKILL, a power cut) left a cut-short ``model.safetensors``
+    that every later run took as prepared, and every ``train`` failed ("Config file not found") until the user found
+    the cache folder and deleted it."""
+    model = timm.create_model(name, pretrained=False)
+    state = _remap(_load_any(source), model.state_dict(), source)
+    model.load_state_dict(state)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    staging = temporary(folder)
+    staging.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
         config = {
             "architecture": name,
             "num_classes": model.num_classes,
             "pretrained_cfg": {**cast(dict, model.pretrained_cfg), "mean": list(mean), "std": list(std)},
         }
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        log.info("prepared offline backbone %s from %s in %s", name, source, folder)
-    return Backbone(f"local-dir:{folder}", name, True, mean, std, digest)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if folder.exists() and not (folder / "config.json").is_file():
+            log.info("replacing %s, a preparation of backbone %s that was cut short", folder, name)
+            shutil.rmtree(folder)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            return  # another run prepared it meanwhile: the same weights
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("prepared offline backbone %s from %s in %s", name, source, folder)
 
 
 def layer_names(architecture: str) -> list[str] | None:

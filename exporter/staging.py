@@ -49,18 +49,21 @@ def temporary(path: Path) -> Path:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Remove the :func:`temporary` files of ``path`` that runs writing it were killed before renaming (SIGKILL, a
-    power cut): each can be a whole teacher or checkpoint, and nothing else ever removed them.  Only names of that
-    pattern, and only those of processes no longer running."""
+    """Remove the :func:`temporary` files (or folders) of ``path`` that runs writing it were killed before renaming
+    (SIGKILL, a power cut): each can be a whole teacher, checkpoint or backbone, and nothing else ever removed them.
+    Only names of that pattern, and only those of processes no longer running."""
     for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)\.tmp", entry.name)
-        if match is None or entry.is_symlink() or not entry.is_file():
+        if match is None or entry.is_symlink():
             continue
         pid = int(match[1])
         if pid == os.getpid() or process_running(pid):
             continue
         log.info("removing %s, left by an exporter run (pid %d) that was killed while writing %s", entry, pid, path)
-        entry.unlink(missing_ok=True)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def remove_stale_staging(out: Path) -> None:

@@ -429,6 +429,34 @@ def test_offline_backbone_weights_load_into_timm(name):
     assert torch.equal(model.state_dict()["conv_head.weight"], reference["_conv_head.weight"])
 
 
+def test_a_backbone_preparation_cut_short_is_prepared_again_not_failed_on_for_ever(tmp_path, monkeypatch, caplog):
+    """The offline backbone's timm folder was written in place: a run killed while it wrote model.safetensors left a
+    cut-short file without config.json, which every later run took as prepared, and every train failed with "Config
+    file not found".  It is now written beside and renamed into place; a folder cut short (by an older exporter) is
+    prepared again, and a killed run's own temporary folder is removed, said in a line."""
+    import timm
+
+    monkeypatch.setenv("EDGE_INSPECT_CACHE", str(tmp_path))
+    folder = Path(backbones.resolve("efficientnet_lite0").timm_name.removeprefix("local-dir:"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # as a run killed mid-write left it
+    (folder / "config.json").unlink()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale = folder.with_name(f".{folder.name}.{gone.pid}.tmp")
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    with caplog.at_level(logging.INFO, logger="exporter"):
+        bb = backbones.resolve("efficientnet_lite0")
+    model = timm.create_model(bb.timm_name, pretrained=True)
+    reference = torch.load(backbones._package_file(backbones.OFFLINE["efficientnet_lite0"]), weights_only=True)
+    assert torch.equal(model.state_dict()["conv_head.weight"], reference["_conv_head.weight"])
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    said = caplog.messages
+    assert f"removing {stale}, left by an exporter run (pid {gone.pid}) that was killed while writing {folder}" in said
+    assert f"replacing {folder}, a preparation of backbone efficientnet_lite0 that was cut short" in said, said
+
+
 def test_evaluate_command_writes_metrics(bundle_dir, dataset, tmp_path):
     out = tmp_path / "metrics.json"
     proc = subprocess.run([sys.executable, "-m", "exporter", "evaluate", "--bundle", str(bundle_dir), "--data",

@@ -13,7 +13,8 @@ older absorption (which would bring that false alarm back unannounced).
 Files: ``<folder>/index.json`` (revision and entries) and one ``<entry>.npy`` per
 entry, each written to a temporary file and renamed; the index is written last, so a
 crash leaves either the old or the new state, and files the index does not name are
-removed at start.
+removed at start.  Fields of the index this version does not read (a newer worker wrote it, then the box was
+rolled back) are kept and written back as they were.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,15 +65,20 @@ class Entry:
     at: float
 
 
-def _entry(fields: dict) -> Entry:
-    """An index entry as written (TypeError or ValueError otherwise, so the index is taken for damaged): an ``at``
-    of text failed later in sorting the entries, and a key naming a path read another folder's rows."""
-    entry = Entry(**fields)
+_ENTRY_FIELDS = frozenset(f.name for f in fields(Entry))
+
+
+def _entry(written: dict) -> tuple[Entry, dict]:
+    """An index entry as written, and the fields of it this software does not know (a newer worker wrote the index:
+    kept and written back as they were, so a rollback costs the entry nothing); TypeError or ValueError otherwise,
+    so the index is taken for damaged: an ``at`` of text failed later in sorting the entries, and a key naming a
+    path read another folder's rows."""
+    entry = Entry(**{k: v for k, v in written.items() if k in _ENTRY_FIELDS})
     if not (isinstance(entry.key, str) and _KEY.match(entry.key) and isinstance(entry.frame_id, str)
             and isinstance(entry.camera, str) and type(entry.rows) is int
             and isinstance(entry.at, int | float) and not isinstance(entry.at, bool)):
-        raise ValueError(f"index entry {fields!r} is not of the kind this software writes")
-    return entry
+        raise ValueError(f"index entry {written!r} is not of the kind this software writes")
+    return entry, {k: v for k, v in written.items() if k not in _ENTRY_FIELDS}
 
 
 def _sync(fh) -> None:
@@ -319,6 +325,9 @@ class Extension:
         self.revision = 0
         self._entries: dict[str, Entry] = {}
         self._arrays: dict[str, np.ndarray] = {}
+        # what a newer worker wrote in the index that this one does not read: written back as it was
+        self._unknown: dict = {}
+        self._unknown_of: dict[str, dict] = {}
         self._load()
         self._rows = self._concat()
 
@@ -336,7 +345,14 @@ class Extension:
             try:
                 raw = json.loads(index.read_text())
                 self.revision = int(raw["revision"])
-                entries = [_entry(e) for e in raw["entries"]]
+                read = [_entry(e) for e in raw["entries"]]
+                entries = [entry for entry, _ in read]
+                self._unknown = {k: v for k, v in raw.items() if k not in ("revision", "entries")}
+                self._unknown_of = {entry.key: unknown for entry, unknown in read if unknown}
+                if said := sorted({*self._unknown, *(k for _, unknown in read for k in unknown)}):
+                    log.warning("extension index %s has fields this version does not read (%s): written by a newer "
+                                "worker; its entries are served, and those fields kept as they are", index,
+                                ", ".join(said))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 broken = index.with_suffix(".corrupt")
                 index.replace(broken)
@@ -405,12 +421,15 @@ class Extension:
         parts = [self._arrays[k] for k in self._entries]
         return np.concatenate(parts) if parts else np.empty((0, self.feature_dim), np.float32)
 
-    def _write_index(self, revision: int | None = None, entries: dict[str, Entry] | None = None) -> None:
+    def _write_index(self, revision: int | None = None, entries: dict[str, Entry] | None = None,
+                     fresh: str | None = None) -> None:
         """Write the index of ``entries`` at ``revision`` (by default the state in use) whole, or raise OSError and
-        leave the one on disk as it was."""
+        leave the one on disk as it was.  ``fresh``: the entry this version writes anew, whose fields from a newer
+        version no longer describe its rows."""
         entries = self._entries if entries is None else entries
-        body = {"revision": self.revision if revision is None else revision,
-                "entries": [asdict(e) for e in entries.values()]}
+        body = {**self._unknown, "revision": self.revision if revision is None else revision,
+                "entries": [{**(self._unknown_of.get(e.key, {}) if e.key != fresh else {}), **asdict(e)}
+                            for e in entries.values()]}
         tmp = self.folder / (INDEX + ".tmp")
         try:
             with tmp.open("w") as fh:
@@ -499,7 +518,7 @@ class Extension:
                     npy.replace(prev)
                 tmp.replace(npy)
                 try:
-                    self._write_index(self.revision + 1, entries)
+                    self._write_index(self.revision + 1, entries, fresh=key)
                 except OSError:
                     if kept:
                         prev.replace(npy)
@@ -512,6 +531,7 @@ class Extension:
                 with contextlib.suppress(OSError):  # removed at the next start otherwise
                     prev.unlink(missing_ok=True)
             self._entries, self._arrays[key] = entries, rows
+            self._unknown_of.pop(key, None)
             self.revision += 1
             self._rows = self._concat()
             return entry
@@ -532,6 +552,7 @@ class Extension:
                                             "withdrawn") from exc
             self._entries = entries
             del self._arrays[key]
+            self._unknown_of.pop(key, None)
             self.revision += 1
             self._rows = self._concat()
             with contextlib.suppress(OSError):  # no index names it now: removed at the next start otherwise

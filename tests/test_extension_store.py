@@ -36,6 +36,30 @@ def test_add_remove_and_restart(tmp_path) -> None:
     assert [e.frame_id for e in again.entries()] == ["f2"]
 
 
+def test_an_index_a_newer_worker_wrote_is_served_and_keeps_its_fields(tmp_path, caplog) -> None:
+    """A box rolled back to this version after a newer worker added fields to the index: the index was taken for
+    damaged, moved aside, and its entries rebuilt from their files (frame ids and cameras lost, the revision back to
+    1, the newer fields gone for the roll forward).  Its entries are served as written and its fields kept."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    a, b = key(), key()
+    ext.add(a, rows(3, 1.0), "f1", "cam")
+    ext.add(b, rows(2, 2.0), "f2", "cam")
+    written = json.loads((tmp_path / INDEX).read_text())
+    written["format"] = 2
+    for entry in written["entries"]:
+        entry["views"] = "d4"
+    (tmp_path / INDEX).write_text(json.dumps(written))
+    again = Extension(tmp_path, C, max_rows=20)
+    assert [(e.frame_id, e.camera) for e in again.entries()] == [("f1", "cam"), ("f2", "cam")]
+    assert again.revision == 2 and not (tmp_path / "index.corrupt").exists()
+    assert "written by a newer worker" in caplog.text and "format, views" in caplog.text
+    again.add(a, rows(4, 3.0), "f1", "cam")  # rows of this version's: the newer fields no longer describe them
+    again.add(key(), rows(1, 4.0), "f3", "cam")
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert index["format"] == 2 and index["revision"] == 4
+    assert {e["frame_id"]: e.get("views") for e in index["entries"]} == {"f1": None, "f2": "d4", "f3": None}
+
+
 def test_relabelling_a_frame_replaces_its_rows(tmp_path) -> None:
     ext = Extension(tmp_path, C, max_rows=4)
     a = key()

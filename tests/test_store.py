@@ -638,6 +638,27 @@ def test_a_segment_file_a_power_cut_emptied_is_said_as_damage_at_the_open(tmp_pa
         _store(tmp_path)
 
 
+def test_a_history_a_newer_engine_wrote_is_not_said_as_damage(tmp_path):
+    """A box rolled back to an older worker over the history a newer one wrote (its engine's segments of a newer data
+    version): the open said "its files are damaged ... Move the folder aside", so the operator set the whole history
+    aside for a store that was fine.  It is said as written by a newer version, with what to do, files untouched."""
+    store = _store(tmp_path)
+    store.upsert(_frames(3))
+    store.close()
+    versions = sorted((tmp_path / "store" / "frames").rglob("segments/*/version.info"))
+    assert versions, "the engine's file layout changed: find where a segment records its data version"
+    for version in versions:
+        version.write_text("99.0.0")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
+    with pytest.raises(StoreDamaged) as held:
+        _store(tmp_path)
+    said = str(held.value)
+    assert "written by a newer version of the store's engine" in said and "99.0.0" in said, said
+    assert "store.collection" in said and "damaged" not in said and "Move the folder aside" not in said, said
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*")) == before
+    assert all(version.read_text() == "99.0.0" for version in versions)
+
+
 def test_a_store_folder_deleted_while_the_worker_runs_is_made_again(tmp_path, caplog):
     """``rm -rf`` of the collection while the worker ran: the engine went on writing to files no longer on disk,
     queries kept answering, and after the next start the history since was gone, said only as a failed close."""

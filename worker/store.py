@@ -69,6 +69,10 @@ _NOT_DAMAGE = ("WouldBlock", "os error 11", "Permission denied", "os error 13", 
                "os error 23", "Cannot allocate memory", "os error 12", "No space left", "os error 28")
 
 
+# What the engine says of a segment a newer version of it wrote.
+_NEWER = "is newer than application version"
+
+
 def _set_aside(path: Path) -> Path:
     """Rename ``path`` to a free ``<name>.damaged[-N]`` beside it: kept for whoever wants to look, out of the load."""
     target, n = path.with_name(f"{path.name}.damaged"), 1
@@ -222,6 +226,12 @@ class _Edge:
             if any(sign in str(exc) for sign in _NOT_DAMAGE):
                 raise  # the files may be fine: an outage, said as one, until the other process or the permissions let go
             cause = str(exc) if isinstance(exc, Exception) else f"the engine panicked: {exc}"
+            if _NEWER in cause:  # a worker rolled back over the history a newer one wrote: its files are fine
+                raise StoreDamaged(f"{where} was written by a newer version of the store's engine than this worker's "
+                                   f"({cause}): this worker cannot read it, and leaves its files as they are. Run the "
+                                   "newer worker again to go on with this history, or, to stay on this version, set "
+                                   "store.collection to a new name (a new history beside it). Until then frames are "
+                                   "inspected and their records spooled") from exc
             raise StoreDamaged(f"{where} cannot be loaded ({cause}): its files are damaged, e.g. by a power "
                                "cut or a failing card. Move the folder aside: the worker then starts a new history "
                                "without a restart (the frames in the old one are no longer found by queries). "

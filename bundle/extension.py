@@ -574,9 +574,14 @@ def read_folder(folder: Path, feature_dim: int) -> tuple[int, list[Entry], np.nd
     try:
         raw = json.loads(index.read_text())
         revision = int(raw["revision"])
-        entries = [Entry(**e) for e in raw["entries"]]
+        read = [_entry(e) for e in raw["entries"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{index}: unreadable ({exc})") from exc
+    # what they would mean for the rows is unknown here: the worker keeps them, a fold would drop them
+    if newer := sorted({*(k for k in raw if k not in ("revision", "entries")), *(k for _, unknown in read for k in unknown)}):
+        raise ValueError(f"{index}: fields this exporter does not read ({', '.join(newer)}): written by a newer "
+                         "worker; fold it with an exporter of that worker's version")
+    entries = [entry for entry, _ in read]
     parts = []
     for entry in entries:
         path = folder / f"{entry.key}.npy"

@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from bundle.extension import INDEX, Extension, ExtensionFull, ExtensionUnwritable, Views, offending
+from bundle.extension import INDEX, Extension, ExtensionFull, ExtensionUnwritable, Views, offending, read_folder
 from conftest import DAMAGE, damage, fill_disk
 
 C = 8
@@ -58,6 +58,19 @@ def test_an_index_a_newer_worker_wrote_is_served_and_keeps_its_fields(tmp_path, 
     index = json.loads((tmp_path / INDEX).read_text())
     assert index["format"] == 2 and index["revision"] == 4
     assert {e["frame_id"]: e.get("views") for e in index["entries"]} == {"f1": None, "f2": "d4", "f3": None}
+
+
+def test_folding_an_index_a_newer_worker_wrote_says_so(tmp_path) -> None:
+    """``exporter fold-extension`` on a folder a newer worker wrote said only "unreadable (Entry.__init__() got an
+    unexpected keyword argument ...)"; it names the fields, who wrote them and which exporter folds it."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    ext.add(key(), rows(3, 1.0), "f1", "cam")
+    assert read_folder(tmp_path, C)[0] == 1
+    written = json.loads((tmp_path / INDEX).read_text())
+    written["entries"][0]["views"] = "d4"
+    (tmp_path / INDEX).write_text(json.dumps(written))
+    with pytest.raises(ValueError, match=r"fields this exporter does not read \(views\): written by a newer worker"):
+        read_folder(tmp_path, C)
 
 
 def test_relabelling_a_frame_replaces_its_rows(tmp_path) -> None:

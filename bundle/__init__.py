@@ -417,7 +417,10 @@ def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
     if not isinstance(raw, dict) or type(raw.get("schema_version")) is not int \
             or raw["schema_version"] not in READABLE_SCHEMAS:
         version = raw.get("schema_version") if isinstance(raw, dict) else None
-        raise BundleError(f"{path}: schema_version {version!r}, this software reads {', '.join(map(str, READABLE_SCHEMAS))}")
+        newer = " (a bundle from a newer exporter: update this software, or export the bundle with an exporter of " \
+            "this version)" if type(version) is int and version > max(READABLE_SCHEMAS) else ""
+        raise BundleError(f"{path}: schema_version {version!r}, this software reads "
+                          f"{', '.join(map(str, READABLE_SCHEMAS))}{newer}")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:  # one line per problem, without pydantic's links

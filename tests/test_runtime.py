@@ -165,6 +165,18 @@ def test_a_schema_version_of_true_is_refused(bundle_dir, tmp_path):
         read_manifest(_edited(bundle_dir, tmp_path, lambda m: m.__setitem__("schema_version", True)))
 
 
+def test_a_bundle_of_a_newer_schema_says_what_to_do(tmp_path):
+    """A bundle from a newer exporter, met by a worker not yet updated (or rolled back), was refused with only
+    "schema_version 3, this software reads 1, 2": it now says where such a bundle comes from and what to do."""
+    (tmp_path / "bundle.json").write_text(json.dumps({"schema_version": 3, "name": "x"}))
+    with pytest.raises(BundleError, match=r"schema_version 3, this software reads 1, 2 \(a bundle from a newer "
+                                          r"exporter: update this software, or export"):
+        read_manifest(tmp_path)
+    (tmp_path / "bundle.json").write_text(json.dumps({"schema_version": 0}))
+    with pytest.raises(BundleError, match=r"schema_version 0, this software reads 1, 2$"):
+        read_manifest(tmp_path)
+
+
 def test_a_damaged_blob_the_worker_cannot_delete_is_not_served(bundle_dir, tmp_path):
     """A cache folder made immutable (as a read-only disk would be): the damaged blob could not be deleted, was only
     warned about, and OpenVINO served it.  Now the bundle is compiled without the cache."""

@@ -171,6 +171,28 @@ def test_a_sample_in_the_folder_an_earlier_version_gave_its_camera_is_kept(tmp_p
     assert again.export(tmp_path / "out")["-x"]["normal"] == 1
 
 
+def test_files_the_sample_does_not_write_are_left_and_named(tmp_path, caplog) -> None:
+    """A camera's sample folder holding files the worker does not write (a newer version's state file, met by a
+    worker rolled back; an operator's notes): every start deleted them without a word, as it deletes the images a
+    crash left unlisted.  Those are still deleted; the others are left, named, and not exported."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    capture.offer("cam", "a", image(1), png(1))
+    capture.flush()
+    folder = tmp_path / "cap" / "cam"
+    (folder / "b.png").write_bytes(frame(2))  # kept, then a crash before the index listed it
+    (folder / "c.png.tmp").write_bytes(b"cut")
+    (folder / "index.json.tmp").write_text("{")
+    (folder / "labels.v2.json").write_text("{}")
+    (folder / "notes.txt").write_text("lens cleaned on Monday")
+    again = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", INDEX, "labels.v2.json", "notes.txt", EMBEDDINGS]
+    assert (folder / "notes.txt").read_text() == "lens cleaned on Monday"
+    said = [r.getMessage() for r in caplog.records if r.name == "worker.capture" and r.levelname == "WARNING"]
+    assert len(said) == 1 and "labels.v2.json, notes.txt" in said[0] and "left as they are" in said[0], said
+    assert again.export(tmp_path / "out")["cam"]["normal"] == 1
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["a.png"]
+
+
 def test_an_unreadable_state_is_rebuilt_from_its_images(tmp_path) -> None:
     """A torn index started the sample afresh and deleted its images, which a power cut had left whole."""
     capture = Capture(tmp_path, max_frames=5, min_distance=0.0)

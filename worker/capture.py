@@ -58,6 +58,8 @@ SIGNATURE_SIDE = 16
 SAVE_EVERY_S = 5.0  # at most one state write per camera this often: the sample is best effort, the frames are not blocked
 CONFIRMED_MEMO = 1024  # (camera, key) of frames confirmed defects while not in the sample: their offer may be queued
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# what the sample's folder gets from this version: a frame's image as sent (or a raw buffer's TIFF), a write's .tmp
+_OURS = re.compile(r"^[^.]+\.(?:jpeg|png|bmp|tiff|webp)(?:\.tmp)?$")
 _HASHED = re.compile(r"-[0-9a-f]{8}(?:[0-9a-f]{32})?$")  # how a hashed folder name ends
 
 
@@ -251,9 +253,17 @@ class _Camera:
             log.warning("capture sample %s: %d kept images are empty (a power cut soon after they were written), "
                         "left out: %s", folder, len(empty), ", ".join(empty[:5]))
         self.bytes = sum((folder / f).stat().st_size for f in self.files)
+        foreign = []
         for stray in [] if read_only else folder.iterdir():  # replaced or never indexed (a crash): the bound holds
             if stray.is_file() and stray.name not in (INDEX, EMBEDDINGS) and stray.name not in self.files:
-                stray.unlink(missing_ok=True)
+                if _OURS.match(stray.name) or stray.name in (INDEX + ".tmp", EMBEDDINGS + ".tmp"):
+                    stray.unlink(missing_ok=True)
+                else:
+                    foreign.append(stray.name)
+        if foreign:
+            log.warning("capture sample %s: %d files it does not write (another version's, or put there by hand) are "
+                        "left as they are, not part of the sample nor of its export: %s", folder, len(foreign),
+                        ", ".join(sorted(foreign)[:5]))
         if (folder / FALSE_ALARMS).is_dir():
             self.false_alarms = self._kept(folder / FALSE_ALARMS, read_only)
 

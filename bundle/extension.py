@@ -324,6 +324,9 @@ class Extension:
         self._lock = threading.Lock()
         self.revision = 0
         self._entries: dict[str, Entry] = {}
+        # entries past max_rows (lowered, or a version with a higher bound wrote them): not served, kept on disk and in
+        # the index, so raising the bound again serves them; their rows stay in _arrays, as the served ones'
+        self._held: dict[str, Entry] = {}
         self._arrays: dict[str, np.ndarray] = {}
         # what a newer worker wrote in the index that this one does not read: written back as it was
         self._unknown: dict = {}
@@ -369,20 +372,23 @@ class Extension:
                 if rows is not None:
                     self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
                     self._arrays[entry.key] = rows
-        if sum(e.rows for e in self._entries.values()) > self.max_rows:
-            log.warning("extension %s holds more rows than max_rows %d: keeping the oldest entries that fit",
-                        self.folder, self.max_rows)
+        if (held := sum(e.rows for e in self._entries.values())) > self.max_rows:
             kept, total = {}, 0
             for key, entry in sorted(self._entries.items(), key=lambda kv: kv[1].at):
                 if total + entry.rows <= self.max_rows:
                     kept[key], total = entry, total + entry.rows
+            self._held = {k: e for k, e in self._entries.items() if k not in kept}
             self._entries = kept
-            self._arrays = {k: self._arrays[k] for k in kept}
-            changed = True
+            log.warning("extension %s holds %d rows, more than learning.max_rows %d (lowered, or the extension was "
+                        "written by a version with a higher bound): the oldest entries that fit are served; the other "
+                        "%d (%d rows; frames %s) are kept on disk but not served, so those false alarms are flagged "
+                        "again, until learning.max_rows is raised to %d", self.folder, held, self.max_rows,
+                        len(self._held), held - total, ", ".join(f"{e.camera}/{e.frame_id}" for e in
+                                                                 list(self._held.values())[:5]), held)
         if changed:
             self._rewrite_index(broken)
         for stray in self.folder.glob("*.npy"):  # written, but no index names it (a crash, or dropped above)
-            if stray.stem not in self._entries:
+            if stray.stem not in self._entries and stray.stem not in self._held:
                 stray.unlink(missing_ok=True)
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -422,14 +428,15 @@ class Extension:
         return np.concatenate(parts) if parts else np.empty((0, self.feature_dim), np.float32)
 
     def _write_index(self, revision: int | None = None, entries: dict[str, Entry] | None = None,
-                     fresh: str | None = None) -> None:
-        """Write the index of ``entries`` at ``revision`` (by default the state in use) whole, or raise OSError and
-        leave the one on disk as it was.  ``fresh``: the entry this version writes anew, whose fields from a newer
-        version no longer describe its rows."""
+                     fresh: str | None = None, dropped: str | None = None) -> None:
+        """Write the index of ``entries`` at ``revision`` (by default the state in use), and of the entries held past
+        the bound but ``dropped``, whole, or raise OSError and leave the one on disk as it was.  ``fresh``: the entry
+        this version writes anew, whose fields from a newer version no longer describe its rows."""
         entries = self._entries if entries is None else entries
+        listed = [*entries.values(), *(e for k, e in self._held.items() if k not in entries and k != dropped)]
         body = {**self._unknown, "revision": self.revision if revision is None else revision,
                 "entries": [{**(self._unknown_of.get(e.key, {}) if e.key != fresh else {}), **asdict(e)}
-                            for e in entries.values()]}
+                            for e in listed]}
         tmp = self.folder / (INDEX + ".tmp")
         try:
             with tmp.open("w") as fh:
@@ -447,7 +454,7 @@ class Extension:
         freed by hand; a guard written since may have made the folder again), so that a label is not refused until a
         restart and the index written next names only files that are there.  Raises OSError where they cannot be."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        missing = [key for key in self._entries if not (self.folder / f"{key}.npy").is_file()]
+        missing = [key for key in [*self._entries, *self._held] if not (self.folder / f"{key}.npy").is_file()]
         for key in missing:
             tmp = self.folder / f"{key}.npy.tmp"
             with tmp.open("wb") as fh:
@@ -499,7 +506,8 @@ class Extension:
                                     "fold-extension), or raise learning.max_rows")
             # a frame absorbed again (its views, a re-absorption after a withdrawal) keeps the time it was first
             # absorbed: a later withdrawal re-scores the labels that came after it, by that time
-            entry = Entry(key, frame_id, camera, len(rows), self._entries[key].at if key in self._entries else time.time())
+            earlier = self._entries.get(key) or self._held.get(key)
+            entry = Entry(key, frame_id, camera, len(rows), earlier.at if earlier is not None else time.time())
             entries = {k: e for k, e in self._entries.items() if k != key}
             entries[key] = entry
             npy, tmp, prev = (self.folder / f"{key}{suffix}" for suffix in (".npy", ".npy.tmp", ".prev.tmp"))
@@ -513,7 +521,7 @@ class Extension:
                     with contextlib.suppress(OSError):
                         tmp.unlink(missing_ok=True)
                     raise
-                kept = key in self._entries and npy.is_file()
+                kept = earlier is not None and npy.is_file()
                 if kept:  # the frame's earlier rows stay on disk until the index no longer names them
                     npy.replace(prev)
                 tmp.replace(npy)
@@ -531,6 +539,7 @@ class Extension:
                 with contextlib.suppress(OSError):  # removed at the next start otherwise
                     prev.unlink(missing_ok=True)
             self._entries, self._arrays[key] = entries, rows
+            self._held.pop(key, None)
             self._unknown_of.pop(key, None)
             self.revision += 1
             self._rows = self._concat()
@@ -542,6 +551,17 @@ class Extension:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                if (held := self._held.get(key)) is not None:  # not served: withdrawn, it is no longer kept either
+                    try:
+                        self._restore()
+                        self._write_index(dropped=key)
+                    except OSError as exc:
+                        raise self._unwritable(exc, f"the false alarm {held.frame_id} from camera {held.camera} was "
+                                                    "not withdrawn") from exc
+                    del self._held[key], self._arrays[key]
+                    self._unknown_of.pop(key, None)
+                    with contextlib.suppress(OSError):
+                        (self.folder / f"{key}.npy").unlink(missing_ok=True)
                 return 0
             entries = {k: e for k, e in self._entries.items() if k != key}
             try:  # all or nothing: the index on disk first, then in use

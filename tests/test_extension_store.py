@@ -171,9 +171,30 @@ def test_entries_of_another_shape_or_beyond_the_bound_are_dropped(tmp_path) -> N
     first, second = key(), key()
     ext.add(first, rows(4, 1.0), "f1", "cam")
     ext.add(second, rows(4, 2.0), "f2", "cam")
-    assert np.array_equal(Extension(tmp_path, C, max_rows=5).rows, rows(4, 1.0))  # a smaller bound keeps the oldest
-    assert [e["frame_id"] for e in json.loads((tmp_path / INDEX).read_text())["entries"]] == ["f1"]
+    assert np.array_equal(Extension(tmp_path, C, max_rows=5).rows, rows(4, 1.0))  # a smaller bound serves the oldest
     assert Extension(tmp_path, C + 1, max_rows=10).rows.shape == (0, C + 1)  # a bundle with other features
+
+
+def test_entries_past_a_lower_bound_are_kept_on_disk_for_a_higher_one(tmp_path, caplog) -> None:
+    """A worker rolled back to a version with a lower learning.max_rows (an earlier default), or the bound lowered: the
+    entries past it were deleted, files and all, so the roll forward (or the bound raised again) had lost those
+    labels' absorptions for good.  They are named, not served, kept on disk, and served again under a higher bound;
+    a label absorbed or withdrawn meanwhile keeps them, and a withdrawn one among them goes."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    first, second, third = key(), key(), key()
+    ext.add(first, rows(4, 1.0), "f1", "cam")
+    ext.add(second, rows(4, 2.0), "f2", "cam")
+    ext.add(third, rows(4, 3.0), "f3", "cam")
+    lower = Extension(tmp_path, C, max_rows=5)
+    assert np.array_equal(lower.rows, rows(4, 1.0)) and [e.frame_id for e in lower.entries()] == ["f1"]
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == sorted(f"{k}.npy" for k in (first, second, third))
+    assert "until learning.max_rows is raised to 12" in caplog.text and "cam/f2, cam/f3" in caplog.text
+    lower.remove(first)  # a label withdrawn and another absorbed while the bound is low: the index keeps the rest
+    lower.add(key(), rows(1, 4.0), "f4", "cam")
+    lower.remove(third)  # held, not served: withdrawn, it is gone from the disk too
+    assert not (tmp_path / f"{third}.npy").exists()
+    again = Extension(tmp_path, C, max_rows=20)
+    assert sorted(e.frame_id for e in again.entries()) == ["f2", "f4"] and again.rows.shape == (5, C)
 
 
 def test_offending_takes_the_patches_at_or_above_the_margin() -> None:

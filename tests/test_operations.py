@@ -468,6 +468,27 @@ def _models(bundle: Path, folder: Path):
                                          "learning": {"path": str(folder / "extensions")}}))
 
 
+def test_a_rollout_record_this_version_cannot_read_is_set_aside_not_overwritten(bundle_dir, tmp_path, caplog):
+    """A rollout.json of another layout (a newer worker's, met by one rolled back; a hand edit) was said unreadable
+    and then overwritten by the start's own record: the roll-outs it held were gone when the newer worker came back.
+    It is renamed beside it, the log names it, and config.yaml's bundle serves."""
+    from worker.models import DEFAULT
+
+    (tmp_path / "rollout").mkdir()
+    newer = json.dumps({"format": 2, "scopes": [{"scope": DEFAULT, "bundle": str(bundle_dir)}]})
+    (tmp_path / "rollout" / "rollout.json").write_text(newer)
+    with caplog.at_level("ERROR", logger="worker.models"):
+        models = _models(bundle_dir, tmp_path)
+    assert models.default.bundle.manifest.version == read_manifest(bundle_dir).version
+    assert (tmp_path / "rollout" / "rollout.json.unreadable").read_text() == newer
+    assert "set aside as rollout.json.unreadable" in caplog.text, caplog.text
+    assert json.loads((tmp_path / "rollout" / "rollout.json").read_text())["scopes"][DEFAULT]["bundle"]
+    (tmp_path / "rollout" / "rollout.json").write_text("{")  # again: the earlier one set aside is kept too
+    _models(bundle_dir, tmp_path)
+    assert (tmp_path / "rollout" / "rollout.json.unreadable").read_text() == newer
+    assert (tmp_path / "rollout" / "rollout.json.unreadable-2").read_text() == "{"
+
+
 def test_a_canary_missing_at_a_start_ends_with_a_roll_out_of_its_bundle_and_can_be_rolled_back(bundle_dir, tmp_path):
     """A canary whose bundle was missing at a start (a mount not ready at boot) is kept for the next start; it came
     back at a later one over the bundles rolled out to every camera since, and a rollback of its camera was refused

@@ -138,7 +138,7 @@ class Models:
         # why what serves now is not what rollout.json records (its last write failed); None when it is
         self.unrecorded: str | None = None
         self._started = False
-        rolled = self._read_rollout()
+        rolled = self._read_rollout(set_aside=True)
         for scope in [DEFAULT, *(camera for camera in cfg.cameras if self._configured(camera))]:
             if self.follows_default(scope):  # its own precision of whatever the default serves
                 rolled.pop(scope, None)
@@ -189,7 +189,9 @@ class Models:
         if fallback:
             self.load(scope, configured)
 
-    def _read_rollout(self) -> dict[str, Rolled]:
+    def _read_rollout(self, set_aside: bool = False) -> dict[str, Rolled]:
+        """What rollout.json records.  ``set_aside`` (at a start, which writes the file again): one that cannot be
+        read is renamed beside it first, so that what it held (another version's format, a hand edit) is not lost."""
         root = self.cfg.model.rollout_path
         if root is None:
             return {}
@@ -201,8 +203,17 @@ class Models:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # damaged: a power cut, a hand edit
-            log.error("rollout: %s cannot be read (%s: %s); config.yaml's bundles serve", root / ROLLOUT,
-                      type(exc).__name__, exc)
+            kept = ""
+            if set_aside and not isinstance(exc, OSError):
+                aside, n = root / f"{ROLLOUT}.unreadable", 1
+                while aside.exists():
+                    n += 1
+                    aside = root / f"{ROLLOUT}.unreadable-{n}"
+                with contextlib.suppress(OSError):
+                    (root / ROLLOUT).rename(aside)
+                    kept = f", set aside as {aside.name} (another version's format, a hand edit or a power cut)"
+            log.error("rollout: %s cannot be read (%s: %s)%s; config.yaml's bundles serve", root / ROLLOUT,
+                      type(exc).__name__, exc, kept)
             return {}
 
     def record_again(self, quiet: bool = False) -> None:

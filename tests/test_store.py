@@ -1155,6 +1155,35 @@ def test_evidence_no_point_names_is_deleted_once_a_store_opens(tmp_path):
         recorder.stop()
 
 
+def test_files_the_evidence_does_not_write_neither_stall_its_sweep_nor_are_deleted(tmp_path, caplog):
+    """A file in the evidence folder not named by a point id (Windows' Thumbs.db or macOS's .DS_Store from browsing
+    a share, another version's file) was indexed as a frame: the sweep's store read of its chunk failed ("badly
+    formed hexadecimal UUID string"), so it was said again at every recorder step and no orphan was ever deleted,
+    and the normal budget counted and in time deleted the file.  Such files are left as they are, named once."""
+    recorder, _, cfg, spool = _recording(tmp_path, 4, evidence_frames=1000)
+    try:
+        with recorder.use_store() as store:
+            ids = [store.find(f"f{i}", "a")[0] for i in range(4)]
+            store.delete(ids[:2])  # as a retention pass killed before it deleted their files leaves them
+    finally:
+        recorder.stop()
+    strays = [tmp_path / "evidence" / ids[3][:2] / "Thumbs.db", tmp_path / "evidence" / "meta" / "format.json"]
+    for stray in strays:
+        stray.parent.mkdir(exist_ok=True)
+        stray.write_text("not a frame's")
+    evidence = EvidenceStore(tmp_path / "evidence", max_frames=1)  # a restart; a budget of one frame
+    recorder = Recorder(lambda: VectorStore(cfg, DIM), evidence, cfg, spool, 16, Liveness(0))
+    recorder.start()
+    try:
+        assert _wait_for(lambda: len(evidence) == 1), evidence.counts()
+        assert evidence.keys() == [ids[3]]
+    finally:
+        recorder.stop()
+    assert all(stray.read_text() == "not a frame's" for stray in strays)
+    assert "failed" not in caplog.text, caplog.text
+    assert "Thumbs.db" in caplog.text and "format.json" in caplog.text and "left as they are" in caplog.text
+
+
 def test_a_frame_whose_evidence_cannot_be_written_is_recorded_without_it(tmp_path, caplog):
     """A full evidence disk lost the whole history although the store had room: the evidence write raised and the
     recorder counted each batch lost (``recorder_lost``).  The point is recorded now, without its thumbnail and

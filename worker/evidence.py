@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 NORMAL, ANOMALOUS, LABELLED = "normal", "anomalous", "labelled"
 CLASSES = (NORMAL, ANOMALOUS, LABELLED)
 _MARKER = ("label", "txt")
+# what this store writes: <point id>.<kind>.<ext> in the folder of the id's first two characters (.tmp while written)
+_OURS = re.compile(r"^(?P<key>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.[a-z_]+\.[a-z0-9]+(?:\.tmp)?$")
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,19 @@ class EvidenceStore:
         self._latest = 0.0  # the latest time a file was written at: past a set clock, that clock stepped back
         by_key: dict[str, list[Path]] = {}
         times: dict[str, float] = {}
-        for partial in self.root.glob("*/*.tmp"):  # a write cut short (a full disk, a crash): never a frame's file
+        ours: list[Path] = []
+        foreign: list[Path] = []
+        for path in self.root.glob("*/*"):
+            if path.is_file():
+                named = _OURS.match(path.name)
+                (ours if named and path.parent.name == named["key"][:2] else foreign).append(path)
+        if foreign:  # a file manager's Thumbs.db or .DS_Store, another version's: not a frame's, never counted or deleted
+            log.warning("evidence: %d files it does not write are left as they are, not counted in any budget: %s",
+                        len(foreign), ", ".join(str(p.relative_to(self.root)) for p in sorted(foreign)[:5]))
+        for partial in [p for p in ours if p.name.endswith(".tmp")]:  # a write cut short (a full disk, a crash)
             with contextlib.suppress(OSError):
                 partial.unlink()
-        written = {p: p.stat().st_mtime for p in self.root.glob("*/*.*") if p.is_file() and not p.name.endswith(".tmp")}
+        written = {p: p.stat().st_mtime for p in ours if not p.name.endswith(".tmp")}
         for mtime in written.values():
             self._wrote(mtime)
         for path, mtime in written.items():

@@ -193,6 +193,27 @@ def test_files_the_sample_does_not_write_are_left_and_named(tmp_path, caplog) ->
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["a.png"]
 
 
+def test_a_file_manager_s_file_among_false_alarms_is_not_exported_as_an_image(tmp_path, caplog) -> None:
+    """Windows' Thumbs.db, or macOS's ``._<name>.png`` beside an image, in a camera's false-alarm or confirmed-defect
+    folder (browsed over a share) was taken for a kept image: counted (the export's answer and the counts said two
+    false alarms and two defects for one of each) and copied into good/ and test/.  They are left as they are,
+    named, and not exported."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0, seed=0)
+    capture.offer("cam", "a", image(1), png(1))
+    capture.add_false_alarm("cam", "fa", image(2))
+    capture.add_defect("cam", "d", image(3))
+    for sub in ("false_alarm", DEFECTS):
+        (tmp_path / "cap" / "cam" / sub / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (tmp_path / "cap" / "cam" / "false_alarm" / "._fa.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    again = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    assert again.export(tmp_path / "out")["cam"] == {"folder": str(tmp_path / "out" / "cam"), "normal": 1,
+                                                     "false_alarms": 1, "confirmed_defects": 1}
+    assert not list((tmp_path / "out").rglob("Thumbs.db")) and not list((tmp_path / "out").rglob("._fa.png"))
+    assert all((tmp_path / "cap" / "cam" / sub / "Thumbs.db").is_file() for sub in ("false_alarm", DEFECTS))
+    assert caplog.text.count("Thumbs.db") == 2 and "not exported" in caplog.text
+    assert load_category(tmp_path / "out", "cam").train  # the exporter reads the export as a training set
+
+
 def test_an_unreadable_state_is_rebuilt_from_its_images(tmp_path) -> None:
     """A torn index started the sample afresh and deleted its images, which a power cut had left whole."""
     capture = Capture(tmp_path, max_frames=5, min_distance=0.0)

@@ -269,17 +269,26 @@ class _Camera:
 
     @staticmethod
     def _kept(folder: Path, read_only: bool) -> set[str]:
-        """The images kept in a false alarms' or confirmed defects' folder; empty ones (:func:`_whole`) are deleted."""
+        """The images kept in a false alarms' or confirmed defects' folder; empty ones (:func:`_whole`) are deleted,
+        files the worker does not write there (a file manager's Thumbs.db, another version's) named, and neither
+        counted nor exported as labelled frames."""
         names = set()
+        foreign = []
         for path in folder.iterdir():
             if path.name.endswith(".tmp"):
                 continue
-            if _whole(path):
+            if not _OURS.match(path.name):
+                if path.is_file():
+                    foreign.append(path.name)
+            elif _whole(path):
                 names.add(path.name)
             elif path.is_file():
                 log.warning("capture sample: %s is empty (a power cut soon after it was written), left out", path)
                 if not read_only:
                     path.unlink(missing_ok=True)
+        if foreign:
+            log.warning("capture sample %s: %d files it does not write are left as they are, not exported: %s", folder,
+                        len(foreign), ", ".join(sorted(foreign)[:5]))
         return names
 
     def _rebuilt(self) -> tuple[int, list[str], np.ndarray | None]:

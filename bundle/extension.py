@@ -372,7 +372,7 @@ class Extension:
                 if rows is not None:
                     self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
                     self._arrays[entry.key] = rows
-        if (held := sum(e.rows for e in self._entries.values())) > self.max_rows:
+        if (holds := sum(e.rows for e in self._entries.values())) > self.max_rows:
             kept, total = {}, 0
             for key, entry in sorted(self._entries.items(), key=lambda kv: kv[1].at):
                 if total + entry.rows <= self.max_rows:
@@ -382,9 +382,9 @@ class Extension:
             log.warning("extension %s holds %d rows, more than learning.max_rows %d (lowered, or the extension was "
                         "written by a version with a higher bound): the oldest entries that fit are served; the other "
                         "%d (%d rows; frames %s) are kept on disk but not served, so those false alarms are flagged "
-                        "again, until learning.max_rows is raised to %d", self.folder, held, self.max_rows,
-                        len(self._held), held - total, ", ".join(f"{e.camera}/{e.frame_id}" for e in
-                                                                 list(self._held.values())[:5]), held)
+                        "again, until learning.max_rows is raised to %d", self.folder, holds, self.max_rows,
+                        len(self._held), holds - total, ", ".join(f"{e.camera}/{e.frame_id}" for e in
+                                                                  list(self._held.values())[:5]), holds)
         if changed:
             self._rewrite_index(broken)
         for stray in self.folder.glob("*.npy"):  # written, but no index names it (a crash, or dropped above)

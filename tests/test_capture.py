@@ -193,6 +193,21 @@ def test_files_the_sample_does_not_write_are_left_and_named(tmp_path, caplog) ->
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["a.png"]
 
 
+def test_a_state_listing_its_files_in_another_layout_keeps_its_images(tmp_path) -> None:
+    """An index whose ``files`` are not file names (another version's layout, each file a record) was read as the
+    names' text: no file matched, and every image of the sample was deleted as unlisted.  It is rebuilt from them."""
+    capture = Capture(tmp_path, max_frames=5, min_distance=0.0)
+    capture.offer("cam", "a", image(1), png(1))
+    capture.offer("cam", "b", image(2), png(2))
+    capture.flush()
+    index = json.loads((tmp_path / "cam" / INDEX).read_text())
+    index["files"] = [{"name": name, "bytes": 1} for name in index["files"]]
+    (tmp_path / "cam" / INDEX).write_text(json.dumps(index))
+    again = Capture(tmp_path, max_frames=5, min_distance=0.0)
+    assert again.counts()["cam"]["kept"] == 2
+    assert sorted(p.name for p in (tmp_path / "cam").glob("*.png")) == ["a.png", "b.png"]
+
+
 def test_a_file_manager_s_file_among_false_alarms_is_not_exported_as_an_image(tmp_path, caplog) -> None:
     """Windows' Thumbs.db, or macOS's ``._<name>.png`` beside an image, in a camera's false-alarm or confirmed-defect
     folder (browsed over a share) was taken for a kept image: counted (the export's answer and the counts said two

@@ -237,7 +237,10 @@ class _Camera:
             return
         try:
             raw = json.loads(index.read_text())
-            seen, files = int(raw["seen"]), [str(f) for f in raw["files"]]
+            seen, files = int(raw["seen"]), raw["files"]
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                # another layout (a newer version's): its images are rebuilt into the sample, not deleted as unlisted
+                raise ValueError(f"files is not a list of file names: {str(files)[:80]}")
             self.from_sample = {str(f) for f in raw.get("from_sample", [])} & self.defects
             vectors = np.load(folder / EMBEDDINGS, allow_pickle=False) if files else None
             if vectors is not None and vectors.shape != (len(files), SIGNATURE_SIDE ** 2):

@@ -73,6 +73,8 @@ def _entry(written: dict) -> tuple[Entry, dict]:
     kept and written back as they were, so a rollback costs the entry nothing); TypeError or ValueError otherwise,
     so the index is taken for damaged: an ``at`` of text failed later in sorting the entries, and a key naming a
     path read another folder's rows."""
+    if not isinstance(written, dict):
+        raise TypeError(f"index entry {written!r} is not a record")
     entry = Entry(**{k: v for k, v in written.items() if k in _ENTRY_FIELDS})
     if not (isinstance(entry.key, str) and _KEY.match(entry.key) and isinstance(entry.frame_id, str)
             and isinstance(entry.camera, str) and type(entry.rows) is int

@@ -60,6 +60,15 @@ def test_an_index_a_newer_worker_wrote_is_served_and_keeps_its_fields(tmp_path, 
     assert {e["frame_id"]: e.get("views") for e in index["entries"]} == {"f1": None, "f2": "d4", "f3": None}
 
 
+@pytest.mark.parametrize("entries", [None, "x", {"k": {}}])
+def test_an_index_whose_entries_are_not_records_is_taken_for_damaged(tmp_path, entries) -> None:
+    """Entries that are not records (another layout, damage) are a damaged index, its rows taken from their files."""
+    Extension(tmp_path, C, max_rows=20).add(key(), rows(3, 1.0), "f1", "cam")
+    written = json.loads((tmp_path / INDEX).read_text())
+    (tmp_path / INDEX).write_text(json.dumps({**written, "entries": [entries]}))
+    assert Extension(tmp_path, C, max_rows=20).rows.shape == (3, C) and (tmp_path / "index.corrupt").is_file()
+
+
 def test_folding_an_index_a_newer_worker_wrote_says_so(tmp_path) -> None:
     """``exporter fold-extension`` on a folder a newer worker wrote said only "unreadable (Entry.__init__() got an
     unexpected keyword argument ...)"; it names the fields, who wrote them and which exporter folds it."""

@@ -438,10 +438,14 @@ def test_running_out_of_file_descriptors_logs_once_a_minute(broker, tmp_path):
     assert "Too many open files" in text and "1 time(s) since the last such message" in text, text[-3000:]
 
 
-def _publish_result(client: Client, camera: str, frame_id: str, captured: datetime, verdict: str = "normal") -> None:
-    """A worker's result, as the console reads it, with the capture time a camera's clock gave it."""
+def _publish_result(client: Client, camera: str, frame_id: str, captured: datetime, verdict: str = "normal",
+                    published: datetime | None = None) -> None:
+    """A worker's result, as the console reads it, with the capture time a camera's clock gave it (and the time the
+    worker answered it, where given)."""
     body = {"camera": camera, "frame_id": frame_id, "captured_at": captured.isoformat(), "verdict": verdict,
             "score": 0.9 if verdict == "anomalous" else 0.1}
+    if published is not None:
+        body["published_at"] = published.isoformat()
     client.client.publish(f"{client.prefix}/{camera}/result", json.dumps(body), qos=1).wait_for_publish(10)
 
 
@@ -1109,6 +1113,32 @@ def test_the_page_works_behind_a_reverse_proxy_under_a_path(broker, tmp_path):
         expect(page.locator('#defects li[data-key="cam-p/through"]')).to_have_count(1)
         browser.close()
     assert asked and all(u.startswith(url) for u in asked), [u for u in asked if not u.startswith(url)]
+
+
+@needs_chromium
+def test_a_frame_that_reached_the_worker_late_is_marked_late_and_plotted_when_it_was_captured(broker, tmp_path):
+    """A worker back from an outage answers the frames the broker kept for it: a defect captured half an hour ago
+    came to the console now, and its card, tile and plot point showed it as a current one."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, _):
+        now = datetime.now(UTC)
+        _publish_result(client, "cam-late", "old", now - timedelta(minutes=30), "anomalous", published=now)
+        _publish_result(client, "cam-live", "new", now, "anomalous", published=now)
+        late, live = (page.locator(f'#defects li.card[data-key="{key}"]') for key in ("cam-late/old", "cam-live/new"))
+        expect(late.locator(".late")).to_be_visible(timeout=10_000)
+        expect(late.locator(".late")).to_contain_text("30 min")
+        expect(live).to_have_count(1)
+        expect(live.locator(".late")).to_be_hidden()
+        expect(page.locator('.tile[data-camera="cam-late"] .late')).to_contain_text("30 min")
+        expect(page.locator('.tile[data-camera="cam-live"] .late')).to_be_hidden()
+        series = _state_of(page)["series"]
+        assert series["cam-late"][0][0] < now.timestamp() - 25 * 60 < series["cam-live"][0][0], series
+
+
+def _state_of(page) -> dict:
+    """The console's state as its page reads it."""
+    return json.loads(page.evaluate("() => fetch('api/state').then((r) => r.text())"))
 
 
 @contextlib.contextmanager

@@ -45,8 +45,8 @@ AVAILABILITY_MAX_CHARS = 64  # a worker's availability as the console keeps it: 
 RESULT_MAX_BYTES = 16 * 1024
 # The fields of a result the console and its page read: only these are kept (with the model's name, version and
 # precision: two cameras on one bundle at different precisions score by different thresholds).
-RESULT_FIELDS = ("camera", "frame_id", "captured_at", "published_at", "score", "raw_score", "threshold", "verdict",
-                 "model", "label", "defect_type", "unlike_training")
+RESULT_FIELDS = ("camera", "frame_id", "captured_at", "received_at", "published_at", "score", "raw_score", "threshold",
+                 "verdict", "model", "label", "defect_type", "unlike_training")
 MODEL_FIELDS = ("name", "version", "precision")
 
 HUB = "console-hub"
@@ -63,6 +63,9 @@ SERIES_BUCKETS = 360  # score-over-time resolution: one point per window/360 (10
 # Results of parallel infer requests finish out of capture order, close together in both times: only then does capture
 # order keep a tile on the frame it shows. Beyond it a capture time older than the shown one is a camera clock step.
 REORDER_WINDOW_S = 5.0
+# A frame captured longer than this before the worker answered it is late (the camera publisher's message expiry):
+# one the broker kept while the worker was away, delivered in a burst, which the page marks so as not to show it as new.
+LATE_AFTER_S = 60.0
 _MAGIC = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"BM", "image/bmp"))
 
 
@@ -192,7 +195,7 @@ def result_problem(result: object) -> str | None:
     if model is not None and not (isinstance(model, dict) and all(
             isinstance(model.get(k), str | None) for k in MODEL_FIELDS)):
         return "model is not an object with a name, version and precision"
-    for key in ("captured_at", "published_at", "label", "defect_type", "unlike_training"):
+    for key in ("captured_at", "received_at", "published_at", "label", "defect_type", "unlike_training"):
         if result.get(key) is not None and not isinstance(result[key], str):
             return f"{key} is not a string"
     return None
@@ -232,10 +235,22 @@ class Entry:
         """The result's capture time in epoch seconds, parsed once (the tile, the plot and the feed all read it)."""
         return epoch(self.result.get("captured_at"))
 
+    @cached_property
+    def late_s(self) -> float | None:
+        """How long before the worker answered it (or received it, a backfilled hit) the frame was captured, where
+        that is past LATE_AFTER_S, else None: a frame the broker kept while the worker was away reaches the console
+        an hour late, and must not read as a current one. A camera whose clock is behind the worker's reads late too."""
+        answered = epoch(self.result.get("published_at")) or epoch(self.result.get("received_at"))
+        if answered is None or self.captured is None or answered - self.captured <= LATE_AFTER_S:
+            return None
+        return answered - self.captured
+
     def view(self) -> dict:
-        """The result as the browser gets it, with which images exist and when the console got it."""
+        """The result as the browser gets it, with which images exist, when the console got it and how late."""
+        late = self.late_s
         return {**self.result, "has_heatmap": self.heatmap is not None, "has_frame": self.frame is not None,
-                "has_thumbnail": self.thumbnail is not None, "seen_at": round(self.seen_at, 3)}
+                "has_thumbnail": self.thumbnail is not None, "seen_at": round(self.seen_at, 3),
+                "late_s": None if late is None else round(late, 3)}
 
 
 def _replaces(entry: Entry, shown: Entry) -> bool:
@@ -538,7 +553,7 @@ class Hub:
         entries: list[tuple[tuple[str, str], Entry]] = []
         for hit in reversed(hits):  # the oldest first, the feed's order
             result = {k: hit.get(k) for k in ("camera", "frame_id", "score", "raw_score", "verdict", "captured_at",
-                                              "label", "defect_type")}
+                                              "received_at", "label", "defect_type")}
             result["model"] = {"name": hit.get("model_name"), "version": hit.get("model_version")}
             images = [_unb64(hit.get(k)) for k in ("heatmap_b64", "thumbnail_b64")]
             problem = result_problem(result) or (None if result["verdict"] == "anomalous" and None not in images
@@ -593,7 +608,9 @@ class Hub:
     def _add_point(self, camera: str, entry: Entry) -> None:
         """The score into its time bucket: a camera keeps at most SERIES_BUCKETS + 1 of them, whatever its frame rate
         (every point of the window was kept, and summed into buckets under the lock at each /api/state)."""
-        at = entry.seen_at  # the camera's clock may be years off: the plot's "last hour" is the console's
+        # the camera's clock may be years off: the plot's "last hour" is the console's, a late frame placed back on it
+        # by how long before the worker answered it the frame was captured (past the window: not plotted)
+        at = entry.seen_at - (entry.late_s or 0.0)
         step = self.cfg.series_minutes * 60 / SERIES_BUCKETS
         start, score = at - at % step, max(float(entry.result["score"]), 0.0)
         buckets = self._touch(self.series, camera, deque)

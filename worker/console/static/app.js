@@ -43,6 +43,16 @@ const fmtCaptured = (iso) => {
   return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
 };
 
+// How late a frame reached the worker (hub.py, LATE_AFTER_S): an outage's frames, delivered in a burst, are not new.
+const fmtAge = (s) => s < 3600 ? `${Math.round(s / 60)} min`
+  : s < 86400 ? `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min` : `${(s / 86400).toFixed(1)} days`;
+function showLate(el, r) {
+  el.hidden = !r.late_s;
+  el.textContent = r.late_s ? `late: captured ${fmtAge(r.late_s)} before the worker answered it` : "";
+  el.title = r.late_s ? "a frame the broker kept while the worker was away, delivered late (or the camera's clock is "
+    + "behind the box's): not a current one" : "";
+}
+
 // A model as shown: name, version and the precision it runs at (one bundle at f32 and f16 has two thresholds).
 const modelText = (m) => `${m.name || ""} ${m.version || ""}` + (m.precision ? ` · ${m.precision}` : "");
 
@@ -111,6 +121,11 @@ function addPoint(cam, at, score) {
   const last = cam.points[cam.points.length - 1];
   if (last && last[0] === start) last[1] = Math.max(last[1], score);
   else if (!last || start > last[0]) cam.points.push([start, score]);
+  else {  // a late frame, placed back at its capture time (hub.py)
+    const i = cam.points.findIndex((p) => p[0] >= start);
+    if (cam.points[i][0] === start) cam.points[i][1] = Math.max(cam.points[i][1], score);
+    else cam.points.splice(i, 0, [start, score]);
+  }
   const horizon = Date.now() / 1000 - seriesSeconds;
   while (cam.points.length && cam.points[0][0] < horizon) cam.points.shift();
 }
@@ -142,6 +157,7 @@ function renderTile(cam) {
   $(".score", el).textContent = `score ${Number(r.score).toFixed(3)} (raw ${r.raw_score} / ${r.threshold})`;
   $(".fid", el).textContent = `${r.frame_id} · ${fmtCaptured(r.captured_at)}`;
   $(".model", el).textContent = r.model ? modelText(r.model) : "";
+  showLate($(".late", el), r);
   // why the worker says this camera's frames are not what the model learned (another shape, grey for a colour model)
   const unlike = $(".unlike", el), note = typeof r.unlike_training === "string" ? r.unlike_training : "";
   unlike.hidden = !note;
@@ -215,7 +231,7 @@ function feedMatches(r) {
 // rather than a late image or a repeat. Camera clocks can be years off, so the page compares no capture times.
 function onFrame(r) {
   const cam = camera(r.camera);
-  if (r.first) addPoint(cam, r.seen_at, r.score);
+  if (r.first) addPoint(cam, r.seen_at - (r.late_s || 0), r.score);  // a late frame at its capture time
   if (r.tile) { cam.latest = r; cam.dirty = true; }
   if (r.verdict === "anomalous" && r.first) {
     if (feedArrived.push(r) > FEED_MAX) feedArrived.shift();
@@ -262,6 +278,7 @@ function card(r, hit = false) {
   $(".sub", li).textContent = `${fmtTime(r.captured_at)} · score ${Number(r.score).toFixed(3)} · ${r.verdict} · ${r.frame_id}`
     + (hit && r.model_version ? ` · ${r.model_version}` : "");
   $(".lab", li).textContent = labelText(r.label, r.defect_type);
+  showLate($(".late", li), r);
   pressable($(".pics2", li), () => openSimilar(r));
   $(".fa", li).addEventListener("click", () => setLabel(r, "false_alarm", null, li));
   $(".cd", li).addEventListener("click", () => setLabel(r, "confirmed_defect", $(".dt", li).value.trim() || null, li));

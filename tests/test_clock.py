@@ -87,3 +87,38 @@ def test_a_box_booted_at_1970_serves_every_camera_and_keeps_its_history_when_ntp
     said = log.read_text(errors="replace")
     assert said.count("this box's clock is not set") == 1, said
     assert "camera req stamps its frames" not in said  # the box's clock, not the camera's
+
+
+def test_the_frame_age_limit_refuses_nothing_while_the_box_clock_is_not_set(broker, bundle_dir, dataset, tmp_path):
+    """Every age read from a clock not set is wrong: a box booted at 2024 (no battery-backed clock, NTP not yet there)
+    must score a frame whose camera stamps it an hour before the box's time, and refuse such a frame stale_frame once
+    NTP has set the clock (``limits.max_frame_age_s``)."""
+    prefix = f"a{uuid.uuid4().hex[:8]}"
+    unset = 1_704_067_200.0  # 2024-01-01T00:00Z: a time before wire.CLOCK_FLOOR, read as a clock not set
+    clock = tmp_path / "clock"
+    clock.write_text(str(unset - time.time()))
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
+                          limits={"max_frame_age_s": 60})
+    client = Client(broker.port, prefix)
+    with (tmp_path / "worker.log").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("shifted_clock.py")), "--config",
+                                 str(config)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "SHIFTED_CLOCK_FILE": str(clock)})
+    try:
+        wait_online(client, prefix)
+        good = good_png(dataset).read_bytes()
+        answered = (f"{prefix}/cam/result", f"{prefix}/cam/error")
+        client.publish_frame("cam", good, "unset", captured_at="2023-12-31T23:00:00Z")  # an hour before the box's time
+        [before] = client.wait_for(lambda m: m.topic in answered)
+        assert before.topic.endswith("/result"), before.payload
+        clock.write_text("0")  # NTP steps the clock to now
+        _until(lambda: client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]["at"][:4] != "2024",
+               "stats stamped on the set clock")
+        client.messages.clear()
+        client.publish_frame("cam", good, "set", captured_at=str(time.time() - 3600))
+        [after] = client.wait_for(lambda m: m.topic in answered)
+        assert after.topic.endswith("/error") and json.loads(after.payload)["code"] == "stale_frame", after.payload
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

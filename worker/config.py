@@ -258,7 +258,8 @@ class LimitsConfig(_Section):
         "outage's, delivered in a burst when it is back) would otherwise be scored and answered as if live. A camera "
         "whose clock is behind this box's (or that sends its local time west of UTC without an offset) has its "
         "frames refused so too; not checked for a captured_at the worker stamps itself, nor while this box's clock "
-        "is not set. none = every frame is scored, however late."))
+        "is not set. Reckoned when the frame arrives: the time it then waits in the worker's own queue (at most "
+        "queue_size frames) is not counted. none = every frame is scored, however late."))
     dedupe_window: int = Field(10_000, ge=0, description="Recent (camera, frame_id) pairs remembered to drop QoS 1 redeliveries "
                                 "(the same id and captured_at; an id sent again with another time is a new frame).")
     queue_max_bytes: int = Field(64_000_000, gt=0, description="Frame queue bound in payload bytes (with queue_size; queue_policy applies "

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -463,6 +465,40 @@ def unreadable(path: Path, exc: OSError) -> BundleError:
         reason += (f": the bundle's folder and files must be readable by {user}, which runs this "
                    "(e.g. chown -R that user, or chmod -R a+rX the bundle)")
     return BundleError(f"{path}: cannot be read ({reason})")
+
+
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
+# A TIFF's bits per sample that OpenCV decodes as the 8-bit colour training and the worker read (4-bit only as a
+# palette's indexes).  10, 12 and 14 (a camera's packed samples) it reads only as stored; 2 and 4 not at all.
+TIFF_SAMPLE_BITS = (1, 8, 16)
+
+
+def tiff_samples(data: bytes) -> str | None:
+    """What a TIFF's first directory says its samples are (``"12-bit unsigned"``, ``"32-bit floating-point"``) where
+    neither training nor the worker reads them: not unsigned, or of bits other than :data:`TIFF_SAMPLE_BITS`.  None
+    for one they read, for other data and for a directory that cannot be read (the decoder says what is wrong).
+    One rule for both sides: such a TIFF was answered as damaged or as no image by the worker, and passed the
+    exporter's summary only to stop training on it."""
+    if data[:4] not in TIFF_SIGNATURES:
+        return None
+    from PIL import TiffImagePlugin  # the worker's and the exporter's dependency, not the bundle's
+
+    try:
+        with warnings.catch_warnings():  # Pillow warns of a damaged directory on stderr, a line that names no frame
+            warnings.simplefilter("ignore")
+            directory = TiffImagePlugin.ImageFileDirectory_v2(ifh=data[:8])
+            stream = io.BytesIO(data)
+            stream.seek(directory.next)
+            directory.load(stream)
+        bits, formats, photometric = directory.get(258), directory.get(339), directory.get(262)
+    except Exception:  # a directory Pillow cannot read: not a TIFF to say more of
+        return None
+    kinds = {1: "unsigned", 2: "signed integer", 3: "floating-point"}
+    kind = {kinds.get(v, "undefined") for v in (formats if isinstance(formats, tuple) else (formats or 1,))}
+    depths = set(bits if isinstance(bits, tuple) else (bits or 1,))
+    if kind == {"unsigned"} and (depths <= set(TIFF_SAMPLE_BITS) or photometric == 3):  # 3: a palette
+        return None
+    return f"{max(depths)}-bit {' and '.join(sorted(kind))}"
 
 
 def jpeg_cut_short(data: bytes) -> bool:

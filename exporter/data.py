@@ -71,6 +71,7 @@ from bundle import (
     chroma,
     jpeg_cut_short,
     prepare_image,
+    tiff_samples,
 )
 from bundle.tiling import canvas_size, tiles
 
@@ -918,6 +919,8 @@ class Summary:
     lossy_masks: list[Path] = field(default_factory=list)  # masks stored as JPEG: its noise marks pixels as defect
     blank_masks: list[Path] = field(default_factory=list)  # defect images whose masks mark no pixel
     chroma: list[tuple[Path, float]] = field(default_factory=list)  # (training image, :func:`image_chroma`)
+    # (TIFF, what its samples are) where neither training nor the worker reads them (bundle.tiff_samples: 12-bit)
+    tiff_depths: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -944,6 +947,12 @@ class Summary:
             out.append(f"{len(self.wide_samples)} images have 32-bit or floating-point samples, which neither training "
                        f"nor the worker reads (it refuses them: unsupported_format): {shown}{more}; save them with 8- or "
                        "16-bit samples")
+        if self.tiff_depths:
+            shown = ", ".join(f"{p} ({said} samples)" for p, said in self.tiff_depths[:10])
+            more = f" and {len(self.tiff_depths) - 10} more" if len(self.tiff_depths) > 10 else ""
+            out.append(f"{len(self.tiff_depths)} TIFFs have samples that neither training nor the worker reads as "
+                       f"8-bit colour (it refuses them: unsupported_format): {shown}{more}; save them with 8- or 16-bit "
+                       "unsigned samples (a 10- or 12-bit camera's scaled to the full 16-bit range)")
         if self.refused_formats:
             shown = ", ".join(f"{p} ({fmt})" for p, fmt in self.refused_formats[:10])
             more = f" and {len(self.refused_formats) - 10} more" if len(self.refused_formats) > 10 else ""
@@ -1178,6 +1187,7 @@ def summarise(category: Category, trained: bool = True) -> Summary:
     low_bits: list[tuple[Path, int]] = []
     train_copies: list[tuple[Path, Path]] = []
     chromas: list[tuple[Path, float]] = []
+    tiff_depths: list[tuple[Path, str]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
         try:
             data = path.read_bytes()
@@ -1193,6 +1203,10 @@ def summarise(category: Category, trained: bool = True) -> Summary:
         if i < len(category.train) and not trained:
             continue
         image = _decode(data, cv2.IMREAD_UNCHANGED)
+        depth = tiff_samples(data)  # OpenCV reads a 12-bit TIFF as stored, not as training does (a wide one: below)
+        if depth is not None and (image is None or image.dtype in (np.uint8, np.uint16)):
+            tiff_depths.append((path, depth))
+            continue
         if image is None:
             unreadable.append(path)
             continue
@@ -1231,7 +1245,7 @@ def summarise(category: Category, trained: bool = True) -> Summary:
             blank.append(sample.mask)
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
     return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
-                   low_bits, train_copies, trained, lossy, blank, chromas)
+                   low_bits, train_copies, trained, lossy, blank, chromas, tiff_depths)
 
 
 def _is_jpeg(path: Path) -> bool:

@@ -351,6 +351,32 @@ def test_a_colour_tiff_of_float_or_signed_samples_is_an_unsupported_format_not_g
     assert garbage.value.code == ErrorCode.NOT_AN_IMAGE
 
 
+def test_a_tiff_of_10_12_or_14_bit_samples_is_an_unsupported_format_not_damaged_or_no_image():
+    """A camera's TIFF of packed 12-bit samples (BitsPerSample 12) was answered corrupt_image ("header valid, data
+    cannot be decoded") and its 10- and 14-bit or colour ones not_an_image, as if damaged or no image: OpenCV reads
+    such samples only as stored, never as the 8-bit colour it scores.  8- and 16-bit and 1-bit TIFFs are read."""
+    import tifffile
+
+    rng = np.random.default_rng(12)
+    for bits in (2, 4, 10, 12, 14):
+        for shape, photometric in (((8, 8), "minisblack"), ((8, 8, 3), "rgb")):
+            out = io.BytesIO()
+            samples = rng.integers(0, 1 << bits, shape).astype(np.uint16 if bits > 8 else np.uint8)
+            tifffile.imwrite(out, samples, bitspersample=bits, photometric=photometric)
+            with pytest.raises(FrameError, match=f"TIFF with {bits}-bit unsigned samples is not accepted") as refused:
+                probe(out.getvalue(), 10**6, 10**6)
+            assert refused.value.code == ErrorCode.UNSUPPORTED_FORMAT, (bits, photometric)
+    deep = rng.integers(0, 1 << 16, (8, 8)).astype(np.uint16)
+    for samples in (deep, rng.integers(0, 256, (8, 8, 3)).astype(np.uint8), deep > 1 << 15):
+        out = io.BytesIO()
+        tifffile.imwrite(out, samples, photometric="rgb" if samples.ndim == 3 else "minisblack")
+        assert probe(out.getvalue(), 10**6, 10**6) == ("tiff", 8, 8)
+        assert decode(out.getvalue()).shape == (8, 8, 3)
+    out = io.BytesIO()
+    tifffile.imwrite(out, deep, photometric="minisblack")
+    assert np.array_equal(decode(out.getvalue())[:, :, 0], (deep >> 8).astype(np.uint8))
+
+
 def test_a_tiff_whose_tiles_pass_the_pixel_limit_is_refused_before_decoding(dataset):
     """libtiff inflates a whole tile, whatever the picture's size: an 8 x 8 picture in 4096 x 4096 tiles passed the
     header's pixel limit in a few kilobytes and took a tile's memory per decode.  Tiles are checked as a picture is;

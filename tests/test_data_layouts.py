@@ -621,6 +621,30 @@ def test_images_with_32_bit_samples_are_named_before_the_fit(tmp_path):
     assert "f.tif" in problems[0]
 
 
+def test_tiffs_of_12_bit_samples_are_named_before_the_fit(tmp_path):
+    """OpenCV reads a TIFF of packed 12-bit samples as stored but not as 8-bit colour: the summary listed no problem
+    and training stopped on the file, calling it cut short; a 10-bit one was called a format the worker refuses
+    ("unknown").  Both are named, with their depth, before the fit, as the worker refuses them (unsupported_format)."""
+    import tifffile
+
+    from worker.decode import FrameError, probe
+
+    rng = np.random.default_rng(7)
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    for bits in (12, 10):
+        tifffile.imwrite(tmp_path / "part" / "good" / f"d{bits}.tif", rng.integers(0, 1 << bits, (64, 64)).astype(
+            np.uint16), bitspersample=bits, photometric="minisblack")
+    problems = summarise(load_category(tmp_path / "part")).problems()
+    assert len(problems) == 1 and problems[0].startswith("2 TIFFs have samples that neither training nor the worker "
+                                                         "reads as 8-bit colour"), problems
+    for bits in (10, 12):
+        assert f"d{bits}.tif ({bits}-bit unsigned samples)" in problems[0]
+        with pytest.raises(FrameError) as refused:
+            probe((tmp_path / "part" / "good" / f"d{bits}.tif").read_bytes(), 10**6, 10**6)
+        assert refused.value.code == "unsupported_format"
+
+
 def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     """Masks were stretched onto their image whatever their shape: a phone photo (a JPEG turned by its EXIF
     orientation when decoded) with a mask of the stored pixels, or a mask saved turned, gave pixel figures against

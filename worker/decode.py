@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-from PIL import Image, TiffImagePlugin
+from PIL import Image
 
-from bundle import FRAME_FORMATS, jpeg_cut_short
+from bundle import FRAME_FORMATS, jpeg_cut_short, tiff_samples
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -84,7 +84,7 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
             header = Image.open(io.BytesIO(data))
             fmt, (width, height), mode = header.format, header.size, header.mode
     except Exception as exc:  # Pillow raises many types for garbage; all mean the same here
-        if (samples := _tiff_samples(data)) is not None:
+        if (samples := tiff_samples(data)) is not None:
             raise FrameError("unsupported_format", f"TIFF with {samples} samples is not accepted (8- or 16-bit "
                                                    "unsigned samples)") from None
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
@@ -94,6 +94,9 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     if fmt == "TIFF" and (mode in ("F", "I") or _signed(tags)):  # no fixed way to 8 bits (was: corrupt_image)
         raise FrameError("unsupported_format", f"TIFF with {'32-bit floating-point' if mode == 'F' else '32-bit or signed integer'} "
                                                "samples is not accepted (8- or 16-bit unsigned samples)")
+    if fmt == "TIFF" and (samples := tiff_samples(data)) is not None:  # 12-bit: was corrupt_image or not_an_image
+        raise FrameError("unsupported_format", f"TIFF with {samples} samples is not accepted (8- or 16-bit unsigned "
+                                               "samples)")
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     check_area(width, height, max_pixels)
@@ -109,28 +112,6 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
             raise FrameError("unsupported_format", f"JPEG of {scans} scans is not accepted (at most {MAX_JPEG_SCANS}: "
                                                    "each is one more pass over the whole picture)")
     return Header(FRAME_FORMATS[fmt], width, height)
-
-
-def _tiff_samples(data: bytes) -> str | None:
-    """What a TIFF that Pillow cannot open holds, where its first directory says samples this worker does not take
-    (floating-point or signed colour, over 16 bits: Pillow has no mode for them), else None (garbage, or another
-    fault)."""
-    if data[:4] not in (b"II*\x00", b"MM\x00*"):
-        return None
-    try:
-        directory = TiffImagePlugin.ImageFileDirectory_v2(ifh=data[:8])
-        stream = io.BytesIO(data)
-        stream.seek(directory.next)
-        directory.load(stream)
-        bits, formats = directory.get(258), directory.get(339)
-    except Exception:  # a directory Pillow cannot read: not a TIFF this worker can say more of
-        return None
-    kinds = {1: "unsigned", 2: "signed integer", 3: "floating-point"}
-    kind = {kinds.get(v, "undefined") for v in (formats if isinstance(formats, tuple) else (formats or 1,))}
-    depth = max(bits if isinstance(bits, tuple) else (bits or 1,))
-    if kind == {"unsigned"} and depth <= 16:
-        return None
-    return f"{depth}-bit {' and '.join(sorted(kind))}"
 
 
 def _signed(tags: Mapping[int, object]) -> bool:

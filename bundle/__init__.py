@@ -514,6 +514,27 @@ def jpeg_cut_short(data: bytes) -> bool:
     return end < 0 or data.find(b"\xff\xda", end) >= 0
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_cut_short(data: bytes) -> bool:
+    """Whether ``data`` is a PNG whose chunks end before its IEND chunk: cut short (a copy or a transfer that
+    stopped).  libpng refuses such a file only when decoding, and writes a line to stderr that names no file, so the
+    worker refuses the frame (``truncated_image``, as a JPEG cut short) and the exporter the file before OpenCV reads
+    them.  Bytes after IEND are allowed, as after a JPEG's end."""
+    if not data.startswith(PNG_SIGNATURE):
+        return False
+    at = len(PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        end = at + 12 + int.from_bytes(data[at : at + 4], "big")  # length, type, data, CRC
+        if end > len(data):
+            return True
+        if data[at + 4 : at + 8] == b"IEND":
+            return False
+        at = end
+    return True
+
+
 def chroma(bgr: np.ndarray, step: int = 1) -> float:
     """How far an 8-bit BGR picture is from grey: the mean of |B - G| + |G - R| over its pixels (every ``step``-th
     row and column), in levels; 0 for a grey one (:data:`GREY_CHROMA`)."""

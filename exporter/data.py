@@ -70,6 +70,7 @@ from bundle import (
     TilingSpec,
     chroma,
     jpeg_cut_short,
+    png_cut_short,
     prepare_image,
     tiff_samples,
 )
@@ -752,6 +753,8 @@ def _why_unreadable(path: Path) -> str:
         return "empty"
     if jpeg_cut_short(data):
         return "a JPEG cut short"
+    if png_cut_short(data):
+        return "a PNG cut short"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -762,9 +765,9 @@ def _why_unreadable(path: Path) -> str:
 
 
 def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
-    """An image file decoded with OpenCV's ``flags``, or None where it cannot be decoded or is a JPEG cut short
-    (:func:`bundle.jpeg_cut_short`: OpenCV would fill its missing part with grey, and the worker refuses such a
-    frame)."""
+    """An image file decoded with OpenCV's ``flags``, or None where it cannot be decoded or is a JPEG or PNG cut short
+    (:func:`bundle.jpeg_cut_short`: OpenCV would fill its missing part with grey; :func:`bundle.png_cut_short`: libpng
+    would say so on stderr, naming no file; the worker refuses both as frames)."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -773,7 +776,7 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
 
 
 def _decode(data: bytes, flags: int) -> np.ndarray | None:
-    if not data or jpeg_cut_short(data):  # OpenCV asserts on no bytes at all (imread said None)
+    if not data or jpeg_cut_short(data) or png_cut_short(data):  # OpenCV asserts on no bytes at all (imread said None)
         return None
     return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
 

@@ -289,6 +289,22 @@ def test_a_jpeg_is_refused_when_cut_short_not_when_bytes_follow_its_end(dataset)
     assert refused.value.code.value == "truncated_image"
 
 
+def test_a_png_cut_short_is_truncated_not_corrupt_and_libpng_writes_nothing(dataset, capfd):
+    """A PNG cut short was answered corrupt_image ("header valid, data cannot be decoded"), where a JPEG cut short
+    is truncated_image, and libpng wrote "PNG input buffer is incomplete" to stderr for each such frame, a journal
+    line that names no frame.  It is refused before decoding; bytes after IEND are still read."""
+    png = good_png(dataset).read_bytes()
+    image = decode(png)
+    assert np.array_equal(decode(png + b"\r\n"), image)
+    iend = png.rfind(b"IEND") - 4
+    for cut in (33 + 20, len(png) // 2, iend, len(png) - 1):
+        with pytest.raises(FrameError) as refused:
+            probe(png[:cut], len(png), 10**8)
+        assert refused.value.code == ErrorCode.TRUNCATED_IMAGE, cut
+        assert "PNG ends before its IEND chunk" in refused.value.message
+    assert "libpng" not in capfd.readouterr().err
+
+
 def test_a_phone_jpeg_with_a_second_picture_is_a_jpeg(dataset):
     """Phones store an HDR gain map (or a stereo pair) as a second picture in the JPEG (Pillow calls it MPO): the
     exporter trained on such files, and the worker refused them as an unknown format."""

@@ -645,6 +645,20 @@ def test_tiffs_of_12_bit_samples_are_named_before_the_fit(tmp_path):
         assert refused.value.code == "unsupported_format"
 
 
+def test_a_png_cut_short_is_named_as_cut_short_and_libpng_writes_nothing(tmp_path, capfd):
+    """A PNG cut short was "not an image, or cut short", and libpng wrote "PNG input buffer is incomplete" to
+    stderr for it, between the summary's lines, naming no file.  It is named as a PNG cut short, before OpenCV reads
+    it, as the worker refuses it (truncated_image)."""
+    rng = np.random.default_rng(8)
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    whole = (tmp_path / "part" / "good" / "0.png").read_bytes()
+    (tmp_path / "part" / "good" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    problems = summarise(load_category(tmp_path / "part")).problems()
+    assert len(problems) == 1 and f"{tmp_path / 'part' / 'good' / 'cut.png'} (a PNG cut short)" in problems[0], problems
+    assert "libpng" not in capfd.readouterr().err
+
+
 def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     """Masks were stretched onto their image whatever their shape: a phone photo (a JPEG turned by its EXIF
     orientation when decoded) with a mask of the stored pixels, or a mask saved turned, gave pixel figures against

@@ -3,7 +3,7 @@
 A frame is refused with a :class:`FrameError` (a stable ``code`` plus a human
 message) when its payload is too large, not a JPEG/PNG/BMP/TIFF/WebP, larger than the pixel
 limit according to its header (decompression bombs never reach the decoder),
-truncated, or not decodable.  Pillow reads only the header; OpenCV decodes.
+truncated (a JPEG or PNG cut short), or not decodable.  Pillow reads only the header; OpenCV decodes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bundle import FRAME_FORMATS, jpeg_cut_short, tiff_samples
+from bundle import FRAME_FORMATS, PNG_SIGNATURE, jpeg_cut_short, png_cut_short, tiff_samples
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -105,6 +105,8 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     if isinstance(tile_width, int) and isinstance(tile_length, int) and tile_width * tile_length > max_pixels:
         raise FrameError("image_too_large", f"TIFF tiles are {tile_width}x{tile_length} = {tile_width * tile_length} "
                                             f"pixels (in a {width}x{height} image), limit is {max_pixels}")
+    if FRAME_FORMATS[fmt] == "png" and png_cut_short(data):
+        raise FrameError("truncated_image", "PNG ends before its IEND chunk (truncated)")
     if FRAME_FORMATS[fmt] == "jpeg":
         if jpeg_cut_short(data):
             raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")
@@ -165,9 +167,6 @@ def reduction(header: Header, width: int, height: int, headroom: float = REDUCED
         return 1
     need = headroom * max(width, height)
     return max((f for f in _REDUCED if min(header.width, header.height) // f >= need), default=1)
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _without_colour_profile(data: bytes) -> bytes:

@@ -784,8 +784,10 @@ def _decode(data: bytes, flags: int) -> np.ndarray | None:
 def mask_pixels(path: Path) -> np.ndarray | None:
     """A mask file as 0/1 uint8 at its own size: 1 wherever a colour channel is non-zero, at the file's own bit
     depth (None: it cannot be decoded).  Read as grey, a 16-bit label image with defect value 1 became 0, and so
-    did a colour mark of value 1 in one channel; an alpha channel is not read, as grey reading ignored it."""
-    pixels = decoded(path, cv2.IMREAD_UNCHANGED)
+    did a colour mark of value 1 in one channel; an alpha channel is not read, as grey reading ignored it.  Turned by
+    its EXIF orientation, as its image is (``IMREAD_UNCHANGED`` is the one flag that does not turn it: a mask saved
+    with its photo's orientation was refused as another shape, or, square, marked other pixels)."""
+    pixels = decoded(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if pixels is None:
         return None
     if pixels.ndim == 3:

@@ -691,6 +691,34 @@ def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     assert "2_mask.png is 64x48, its image 48x64 as decoded" in problems[0]
 
 
+def test_a_mask_saved_with_its_photos_orientation_is_turned_as_its_image_is(tmp_path):
+    """An image was turned by its EXIF orientation and its mask was not (read as stored): a phone photo's mask drawn
+    on the stored pixels and saved with the photo's orientation tag, shown turned with it by every viewer, was refused
+    as "not the shape of its image", and on a square photo it marked other pixels without a word.  A mask is read as
+    it is shown, as its image is."""
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    root = tmp_path / "part"
+    for i in range(8):
+        _write(root / "train" / "good" / f"{i}.png", sample(rng, 64)[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter clockwise when shown
+    image, mask = sample(rng, 64, "hole")
+    mask = (mask > 0).astype(np.uint8) * 255
+    mask[:8, :24] = 255  # not symmetric under the turn
+    (root / "test" / "hole").mkdir(parents=True)
+    (root / "ground_truth" / "hole").mkdir(parents=True)
+    for name, rows in (("square", 64), ("wide", 48)):
+        Image.fromarray(image[:rows]).save(root / "test" / "hole" / f"{name}.jpg", exif=exif.tobytes())
+        Image.fromarray(mask[:rows]).save(root / "ground_truth" / "hole" / f"{name}_mask.png", exif=exif.tobytes())
+        _write(tmp_path / "shown" / f"{name}.png", np.ascontiguousarray(np.rot90(mask[:rows], k=-1)))
+    assert summarise(load_category(root)).problems() == []
+    for name in ("square", "wide"):
+        shown = read_mask(tmp_path / "shown" / f"{name}.png", SPEC)
+        assert shown.any() and np.array_equal(read_mask(root / "ground_truth" / "hole" / f"{name}_mask.png", SPEC), shown)
+
+
 @pytest.mark.parametrize("suffix", [".tif", ".jpg", ".png"])
 def test_an_image_turned_by_its_orientation_is_recorded_at_its_size_as_decoded(tmp_path, suffix):
     """OpenCV's TIFF decoder applies the orientation even with ``IMREAD_UNCHANGED``, and the size was swapped once

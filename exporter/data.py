@@ -755,6 +755,8 @@ def _why_unreadable(path: Path) -> str:
         return "a JPEG cut short"
     if png_cut_short(data):
         return "a PNG cut short"
+    if _over_opencv_limit(data):
+        return "more pixels than OpenCV decodes, 2^30: save it smaller, or cut it in pieces"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -778,7 +780,21 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
 def _decode(data: bytes, flags: int) -> np.ndarray | None:
     if not data or jpeg_cut_short(data) or png_cut_short(data):  # OpenCV asserts on no bytes at all (imread said None)
         return None
-    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:  # over OpenCV's pixel limit it raises where a damaged file is None: the summary names it
+        return None
+
+
+def _over_opencv_limit(data: bytes) -> bool:
+    """Whether OpenCV refuses to decode ``data`` for its size alone (more pixels than its ``CV_IO_MAX_IMAGE_PIXELS``,
+    2^30 unless ``OPENCV_IO_MAX_IMAGE_PIXELS`` says otherwise), which it checks from the header before reading any
+    pixel."""
+    try:
+        cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        return "CV_IO_MAX_IMAGE_PIXELS" in str(exc)
+    return False
 
 
 def mask_pixels(path: Path) -> np.ndarray | None:

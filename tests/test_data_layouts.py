@@ -659,6 +659,32 @@ def test_a_png_cut_short_is_named_as_cut_short_and_libpng_writes_nothing(tmp_pat
     assert "libpng" not in capfd.readouterr().err
 
 
+def test_an_image_over_opencvs_pixel_limit_is_named_not_a_traceback(tmp_path):
+    """OpenCV raises, rather than returning nothing, for an image of more than 2^30 pixels (a wafer or line-scan
+    picture, or a PNG bomb of a few hundred kilobytes): the summary stopped ``exporter train`` with OpenCV's
+    traceback, naming no file.  The file is named, with why, as any file that cannot be decoded."""
+    import struct
+    import zlib
+
+    rng = np.random.default_rng(11)
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    side = 33_000  # 1-bit grey: 1.09e9 pixels in about 140 kB
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\x00" + bytes(side // 8)) * 1000  # a filter byte, then the row's bits: a whole, valid picture
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(rows) for _ in range(side // 1000)) + packer.flush()
+    (tmp_path / "part" / "good" / "huge.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)) + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b""))
+    problems = summarise(load_category(tmp_path / "part")).problems()
+    assert len(problems) == 1 and f"{tmp_path / 'part' / 'good' / 'huge.png'} (more pixels than OpenCV decodes" \
+        in problems[0], problems
+
+
 def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     """Masks were stretched onto their image whatever their shape: a phone photo (a JPEG turned by its EXIF
     orientation when decoded) with a mask of the stored pixels, or a mask saved turned, gave pixel figures against

@@ -535,6 +535,25 @@ def png_cut_short(data: bytes) -> bool:
     return True
 
 
+def without_colour_profile(data: bytes) -> bytes:
+    """A PNG without its iCCP chunk (the embedded colour profile, which OpenCV does not apply): libpng warns about a
+    profile that does not fit the image (an RGB profile on a grey PNG, a known bad sRGB profile) on stderr, a line
+    per frame or training image that names none, which OpenCV's log level does not reach.  The worker and the
+    exporter both decode this (the same pixels).  Other data is returned as it is."""
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    at = len(PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        end = at + 12 + length  # length, type, data, CRC
+        if kind == b"iCCP":
+            return data[:at] + data[end:]
+        if kind in (b"IDAT", b"IEND"):  # the profile comes before the pixels, or not at all
+            return data
+        at = end
+    return data
+
+
 def chroma(bgr: np.ndarray, step: int = 1) -> float:
     """How far an 8-bit BGR picture is from grey: the mean of |B - G| + |G - R| over its pixels (every ``step``-th
     row and column), in levels; 0 for a grey one (:data:`GREY_CHROMA`)."""

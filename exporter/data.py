@@ -73,6 +73,7 @@ from bundle import (
     png_cut_short,
     prepare_image,
     tiff_samples,
+    without_colour_profile,
 )
 from bundle.tiling import canvas_size, tiles
 
@@ -780,8 +781,8 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
 def _decode(data: bytes, flags: int) -> np.ndarray | None:
     if not data or jpeg_cut_short(data) or png_cut_short(data):  # OpenCV asserts on no bytes at all (imread said None)
         return None
-    try:
-        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    try:  # without its colour profile, as the worker decodes a frame: libpng's warnings about one name no file
+        return cv2.imdecode(np.frombuffer(without_colour_profile(data), np.uint8), flags)
     except cv2.error:  # over OpenCV's pixel limit it raises where a damaged file is None: the summary names it
         return None
 

@@ -685,6 +685,28 @@ def test_an_image_over_opencvs_pixel_limit_is_named_not_a_traceback(tmp_path):
         in problems[0], problems
 
 
+def test_pngs_whose_colour_profile_does_not_fit_are_read_without_libpngs_warnings(tmp_path, capfd):
+    """The worker leaves a PNG's colour profile out before decoding (OpenCV does not apply it) because libpng warns
+    about one that does not fit (an RGB profile on a grey PNG) on stderr; the exporter did not, and wrote such a
+    line, naming no file, at every read of every such image: summary, fit, threshold and test.  Both read the same
+    pixels, without the lines."""
+    from PIL import Image, ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rng = np.random.default_rng(12)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "part" / "good").mkdir(parents=True)
+    for i in range(8):
+        grey = Image.fromarray(np.ascontiguousarray(np.atleast_3d(sample(rng, 64)[0])[:, :, 0]))
+        grey.save(tmp_path / "plain" / f"{i}.png")
+        grey.save(tmp_path / "part" / "good" / f"{i}.png", icc_profile=profile)
+    cat = load_category(tmp_path / "part")
+    assert summarise(cat).problems() == []
+    for path in cat.train:
+        assert np.array_equal(read_image(path, SPEC), read_image(tmp_path / "plain" / path.name, SPEC))
+    assert "libpng" not in capfd.readouterr().err
+
+
 def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     """Masks were stretched onto their image whatever their shape: a phone photo (a JPEG turned by its EXIF
     orientation when decoded) with a mask of the stored pixels, or a mask saved turned, gave pixel figures against

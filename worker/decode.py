@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bundle import FRAME_FORMATS, PNG_SIGNATURE, jpeg_cut_short, png_cut_short, tiff_samples
+from bundle import FRAME_FORMATS, jpeg_cut_short, png_cut_short, tiff_samples, without_colour_profile
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -169,27 +169,9 @@ def reduction(header: Header, width: int, height: int, headroom: float = REDUCED
     return max((f for f in _REDUCED if min(header.width, header.height) // f >= need), default=1)
 
 
-def _without_colour_profile(data: bytes) -> bytes:
-    """A PNG without its iCCP chunk (the embedded colour profile, which OpenCV does not apply): libpng warns about a
-    profile that does not fit the image (an RGB profile on a grey PNG, a known bad sRGB profile) on stderr, a line
-    per frame that names no frame, which OpenCV's log level does not reach.  Other data is returned as it is."""
-    if not data.startswith(PNG_SIGNATURE):
-        return data
-    at = len(PNG_SIGNATURE)
-    while at + 8 <= len(data):
-        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
-        end = at + 12 + length  # length, type, data, CRC
-        if kind == b"iCCP":
-            return data[:at] + data[end:]
-        if kind in (b"IDAT", b"IEND"):  # the profile comes before the pixels, or not at all
-            return data
-        at = end
-    return data
-
-
 def decode(data: bytes, reduce: int = 1) -> np.ndarray:
     """Decode an admitted frame to 8-bit BGR, at 1/``reduce`` of its size (a :func:`reduction`; 1 = full size)."""
-    data = _without_colour_profile(data)
+    data = without_colour_profile(data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_COLOR)
     if image is None:
         raise FrameError("corrupt_image", "the image header is valid but its data cannot be decoded")

@@ -943,6 +943,7 @@ class Summary:
     chroma: list[tuple[Path, float]] = field(default_factory=list)  # (training image, :func:`image_chroma`)
     # (TIFF, what its samples are) where neither training nor the worker reads them (bundle.tiff_samples: 12-bit)
     tiff_depths: list[tuple[Path, str]] = field(default_factory=list)
+    several_pictures: list[tuple[Path, int]] = field(default_factory=list)  # (image, pictures in it) where more than one
 
     @property
     def misshapen_masks(self) -> list[tuple[Path, tuple[int, int], tuple[int, int]]]:
@@ -1000,6 +1001,11 @@ class Summary:
                        f"(e.g. {path}: {width}x{height}, {size / 1e6:.1f} MB; limits.max_pixels "
                        f"{FRAME_MAX_PIXELS / 1e6:g} MP, limits.max_frame_bytes {FRAME_MAX_BYTES / 1e6:g} MB): raise "
                        "them in the worker's config.yaml for cameras that send such frames")
+        if self.several_pictures:
+            path, pictures = self.several_pictures[0]
+            out.append(f"  warning: {len(self.several_pictures)} images hold more than one picture (e.g. {path}: "
+                       f"{pictures}; a TIFF's pages, an animated PNG's or WebP's frames): only the first is read, as "
+                       "the worker reads a frame's first; save each picture as a file of its own to use the others")
         if self.not_read:
             out.append(f"  note: {len(self.not_read)} files are not read, their names not a PNG, JPEG, BMP, TIFF or "
                        f"WebP image's: {by_kind(self.not_read, self.category.base)}; save them as PNG to train on them")
@@ -1149,19 +1155,21 @@ def _decoded_size(image: Image.Image) -> tuple[int, int]:
     return image.size[::-1] if _turned(image) else image.size
 
 
-def _header(data: bytes) -> tuple[str | None, bool]:
+def _header(data: bytes) -> tuple[str | None, bool, int]:
     """The format of an image's content as the worker's decoder tells a frame's (Pillow's name; ``unknown``: none
-    Pillow reads; None: too large for Pillow to say), and whether decoding for training turns it a quarter (EXIF
-    orientation 5 to 8 but a TIFF's: :func:`_turned`)."""
+    Pillow reads; None: too large for Pillow to say), whether decoding for training turns it a quarter (EXIF
+    orientation 5 to 8 but a TIFF's: :func:`_turned`), and how many pictures it holds (a TIFF's pages, an animated
+    PNG's or WebP's frames; 1 for an MPO, whose second picture is no photo): only the first is read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as image:
-                return image.format, _turned(image)
+                pictures = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
+                return image.format, _turned(image), pictures
     except Image.DecompressionBombError:  # beyond any frame a worker takes, which the summary says
-        return None, False
+        return None, False, 1
     except Exception:  # OpenCV's own size stands
-        return "unknown", False
+        return "unknown", False, 1
 
 
 def frame_sizes(paths: Iterable[Path], most: int = 8) -> dict[str, int]:
@@ -1210,6 +1218,7 @@ def summarise(category: Category, trained: bool = True) -> Summary:
     train_copies: list[tuple[Path, Path]] = []
     chromas: list[tuple[Path, float]] = []
     tiff_depths: list[tuple[Path, str]] = []
+    several: list[tuple[Path, int]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
         try:
             data = path.read_bytes()
@@ -1233,7 +1242,9 @@ def summarise(category: Category, trained: bool = True) -> Summary:
             unreadable.append(path)
             continue
         height, width = image.shape[:2]
-        fmt, turned = _header(data)
+        fmt, turned, pictures = _header(data)
+        if pictures > 1:
+            several.append((path, pictures))
         if fmt is not None and fmt not in FRAME_FORMATS:
             refused.append((path, fmt))
         trained_size[path] = (height, width) if turned else (width, height)
@@ -1267,7 +1278,7 @@ def summarise(category: Category, trained: bool = True) -> Summary:
             blank.append(sample.mask)
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
     return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
-                   low_bits, train_copies, trained, lossy, blank, chromas, tiff_depths)
+                   low_bits, train_copies, trained, lossy, blank, chromas, tiff_depths, several)
 
 
 def _is_jpeg(path: Path) -> bool:

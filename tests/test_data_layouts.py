@@ -707,6 +707,26 @@ def test_pngs_whose_colour_profile_does_not_fit_are_read_without_libpngs_warning
     assert "libpng" not in capfd.readouterr().err
 
 
+def test_images_holding_several_pictures_are_said_to_be_read_for_their_first(tmp_path):
+    """Only a TIFF's first page (an animated PNG's or WebP's first frame) is read, by training as by the worker:
+    a camera's TIFF of several exposures or focus steps of one part lost all but the first without a word.  The
+    summary says so; a phone's MPO (a photo and its gain map) is one picture."""
+    from PIL import Image
+
+    rng = np.random.default_rng(13)
+    pictures = [Image.fromarray(sample(rng, 64)[0]) for _ in range(3)]
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    pictures[0].save(tmp_path / "part" / "good" / "stack.tif", save_all=True, append_images=pictures[1:])
+    pictures[0].save(tmp_path / "part" / "good" / "phone.jpg", "MPO", save_all=True, append_images=pictures[1:2])
+    summary = summarise(load_category(tmp_path / "part"))
+    assert summary.problems() == []
+    said = [line for line in summary.notes() if "more than one picture" in line]
+    assert said == [f"  warning: 1 images hold more than one picture (e.g. {tmp_path / 'part' / 'good' / 'stack.tif'}: "
+                    "3; a TIFF's pages, an animated PNG's or WebP's frames): only the first is read, as the worker "
+                    "reads a frame's first; save each picture as a file of its own to use the others"], summary.notes()
+
+
 def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     """Masks were stretched onto their image whatever their shape: a phone photo (a JPEG turned by its EXIF
     orientation when decoded) with a mask of the stored pixels, or a mask saved turned, gave pixel figures against

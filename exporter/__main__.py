@@ -407,7 +407,12 @@ class _HeadKeys(logging.Filter):
 
 def _quiet_libraries() -> None:
     """Leave out what the libraries say that a user can do nothing about (shown with --verbose): their deprecation
-    notices about each other, timm's checkpoint file names and head keys, torch's note that a CPU box has no CUDA."""
+    notices about each other, timm's checkpoint file names and head keys, torch's note that a CPU box has no CUDA,
+    and OpenCV's (libtiff's) lines about a damaged image, which name no file: the summary names each such file and
+    says why, as the worker, which keeps only OpenCV's fatal messages, answers a frame."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(timm|anomalib|torch)(\.|$)")
     logging.getLogger("timm").setLevel(logging.WARNING)
     logging.getLogger("timm.models._builder").addFilter(_HeadKeys())

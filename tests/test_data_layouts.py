@@ -727,6 +727,21 @@ def test_images_holding_several_pictures_are_said_to_be_read_for_their_first(tmp
                     "reads a frame's first; save each picture as a file of its own to use the others"], summary.notes()
 
 
+def test_a_damaged_tiff_is_named_by_train_without_opencvs_lines_that_name_no_file(tmp_path):
+    """libtiff's complaints about a TIFF cut short reached ``exporter train``'s output through OpenCV's log
+    ("[ERROR:0@0.3] global grfmt_tiff.cpp:117 TIFF_Error TIFFFetchDirectory: : Seek error ...", several per read),
+    naming no file, before the summary named it: as the worker does, OpenCV keeps only its fatal messages (``-v``
+    shows them)."""
+    rng = np.random.default_rng(14)
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    tiff = cv2.imencode(".tiff", sample(rng, 64)[0])[1].tobytes()
+    (tmp_path / "part" / "good" / "cut.tif").write_bytes(tiff[: len(tiff) * 2 // 3])
+    proc = _exporter("train", "--data", str(tmp_path / "part"), "--out", str(tmp_path / "bundle"))
+    assert proc.returncode != 0 and f"{tmp_path / 'part' / 'good' / 'cut.tif'} (" in proc.stderr + proc.stdout, proc
+    assert "TIFF_Error" not in proc.stderr and "global " not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_mask_not_the_shape_of_its_image_is_named_before_the_fit(tmp_path):
     """Masks were stretched onto their image whatever their shape: a phone photo (a JPEG turned by its EXIF
     orientation when decoded) with a mask of the stored pixels, or a mask saved turned, gave pixel figures against

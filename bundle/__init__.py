@@ -507,11 +507,60 @@ def jpeg_cut_short(data: bytes) -> bool:
     so the worker refuses the frame and the exporter the file.  Bytes after the marker are allowed: frames grabbed
     from an MJPEG stream often keep the multipart's line break, and some cameras append a trailer.  Inside a scan's
     coded data a 0xFF byte is always followed by 0x00 or a restart marker, so neither marker can appear there by
-    chance."""
+    chance.  A JPEG cut short and closed with an end marker (a depacketiser that drops a lost fragment and ends the
+    frame) is told only where it has restart markers (:func:`_restarts_short`)."""
     if not data.startswith(b"\xff\xd8"):
         return False
     end = data.rfind(b"\xff\xd9")
-    return end < 0 or data.find(b"\xff\xda", end) >= 0
+    return end < 0 or data.find(b"\xff\xda", end) >= 0 or _restarts_short(data)
+
+
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker that ends a scan's coded data
+_RESTART = re.compile(rb"\xff[\xd0-\xd7]")
+
+
+def _restarts_short(data: bytes) -> bool:
+    """Whether a sequential JPEG with a restart interval (DRI) has fewer restart markers in its first scan than its
+    picture's MCUs need: the scan was cut short, and an end marker written after it.  libjpeg fills the rest with
+    grey and says so only on stderr.  A cut within the last interval, or in a JPEG without restart markers (most), is
+    not told; a progressive or lossless one is not checked."""
+    at, width, height, interval = 2, 0, 0, 0
+    factors: dict[int, tuple[int, int]] = {}  # component id -> (horizontal, vertical) sampling factors
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False  # not a marker where one must be: the decoder says what is wrong
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xD9:
+            return False
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        body = data[at + 4 : at + 2 + length]
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # progressive, lossless or arithmetic
+            return False
+        if marker in (0xC0, 0xC1) and len(body) >= 6:  # the frame header: size, components' sampling
+            height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            factors = {body[6 + 3 * i]: (body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15)
+                       for i in range(body[5]) if 8 + 3 * i <= len(body)}
+        elif marker == 0xDD and len(body) >= 2:
+            interval = int.from_bytes(body[:2], "big")
+        elif marker == 0xDA:
+            ids = [body[1 + 2 * i] for i in range(body[0])] if body else []
+            if not (interval and width and height and ids and all(i in factors for i in ids)):
+                return False  # no restarts, or a height given after the scan (DNL): nothing to count
+            hmax, vmax = max(h for h, _ in factors.values()) or 1, max(v for _, v in factors.values()) or 1
+            if len(ids) == 1:  # one component's blocks
+                h, v = factors[ids[0]]
+                mcus = math.ceil(math.ceil(width * h / hmax) / 8) * math.ceil(math.ceil(height * v / vmax) / 8)
+            else:
+                mcus = math.ceil(width / (8 * hmax)) * math.ceil(height / (8 * vmax))
+            start = at + 2 + length
+            end = _SCAN_END.search(data, start)
+            restarts = len(_RESTART.findall(data, start, end.start() if end else len(data)))
+            return restarts < math.ceil(mcus / interval) - 1
+        at += 2 + length
+    return False
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -305,6 +305,37 @@ def test_a_png_cut_short_is_truncated_not_corrupt_and_libpng_writes_nothing(data
     assert "libpng" not in capfd.readouterr().err
 
 
+def test_a_jpeg_with_restart_markers_cut_short_and_closed_with_an_end_marker_is_truncated(dataset, tmp_path):
+    """A depacketiser that drops a lost fragment (RTP/JPEG) or an encoder that ran out of buffer ends the frame with
+    its end marker: the end-marker check passed it, and libjpeg filled the rest with grey (128), saying so only on
+    stderr, so a half-grey frame was scored (and trained on).  With restart markers, a scan that holds fewer intervals
+    than its picture needs is cut short, on both sides; whole ones, of any subsampling and size, and progressive ones
+    are read."""
+    from exporter.data import _why_unreadable, decoded
+
+    image = cv2.imread(str(good_png(dataset)))
+    for size in ((image.shape[1], image.shape[0]), (1001, 777), (17, 9)):
+        picture = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        for source in (picture, cv2.cvtColor(picture, cv2.COLOR_BGR2GRAY)):
+            for sampling in (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+                             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444):
+                for interval, progressive in ((0, 0), (1, 0), (16, 0), (4, 1)):
+                    jpeg = cv2.imencode(".jpg", source, [cv2.IMWRITE_JPEG_RST_INTERVAL, interval,
+                                                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling,
+                                                         cv2.IMWRITE_JPEG_PROGRESSIVE, progressive])[1].tobytes()
+                    assert probe(jpeg + b"\r\n", len(jpeg) + 2, 10**8) == ("jpeg", size[0], size[1])
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])[1].tobytes()
+    scan = jpeg.find(b"\xff\xda")
+    for cut in (scan + 64, (scan + len(jpeg)) // 2, scan + (len(jpeg) - scan) * 9 // 10):
+        closed = jpeg[:cut] + b"\xff\xd9"
+        assert not np.array_equal(decode(closed), decode(jpeg))  # what was scored: grey where the data was lost
+        with pytest.raises(FrameError) as refused:
+            probe(closed, len(jpeg), 10**8)
+        assert refused.value.code == ErrorCode.TRUNCATED_IMAGE, cut
+        (tmp_path / "closed.jpg").write_bytes(closed)
+        assert decoded(tmp_path / "closed.jpg") is None and _why_unreadable(tmp_path / "closed.jpg") == "a JPEG cut short"
+
+
 def test_a_phone_jpeg_with_a_second_picture_is_a_jpeg(dataset):
     """Phones store an HDR gain map (or a stereo pair) as a second picture in the JPEG (Pillow calls it MPO): the
     exporter trained on such files, and the worker refused them as an unknown format."""

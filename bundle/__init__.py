@@ -29,6 +29,7 @@ import math
 import os
 import re
 import warnings
+import zlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -582,6 +583,26 @@ def png_cut_short(data: bytes) -> bool:
             return False
         at = end
     return True
+
+
+def png_damaged(data: bytes) -> str | None:
+    """The first critical chunk (IHDR, PLTE, IDAT) of a PNG whose CRC does not match its bytes, or None: damaged on
+    its way (a flipped bit).  libpng refuses such a file only when decoding, and writes a line to stderr that names
+    no file ("IDAT: CRC error", or "bad adaptive filter value" before it reaches the CRC), so the worker refuses the
+    frame (``corrupt_image``) and the exporter the file before OpenCV reads them.  Not a PNG, or one cut short
+    (:func:`png_cut_short`): None."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    at = len(PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        end = at + 12 + length
+        if end > len(data) or kind == b"IEND":
+            return None
+        if kind[:1].isupper() and zlib.crc32(data[at + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return kind.decode("latin-1")
+        at = end
+    return None
 
 
 def without_colour_profile(data: bytes) -> bytes:

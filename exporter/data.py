@@ -71,6 +71,7 @@ from bundle import (
     chroma,
     jpeg_cut_short,
     png_cut_short,
+    png_damaged,
     prepare_image,
     tiff_samples,
     without_colour_profile,
@@ -756,6 +757,8 @@ def _why_unreadable(path: Path) -> str:
         return "a JPEG cut short"
     if png_cut_short(data):
         return "a PNG cut short"
+    if (chunk := png_damaged(data)) is not None:
+        return f"a PNG damaged: its {chunk} chunk does not match its CRC"
     if _over_opencv_limit(data):
         return "more pixels than OpenCV decodes, 2^30: save it smaller, or cut it in pieces"
     try:
@@ -779,7 +782,7 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
 
 
 def _decode(data: bytes, flags: int) -> np.ndarray | None:
-    if not data or jpeg_cut_short(data) or png_cut_short(data):  # OpenCV asserts on no bytes at all (imread said None)
+    if not data or jpeg_cut_short(data) or png_cut_short(data) or png_damaged(data):  # OpenCV asserts on no bytes
         return None
     try:  # without its colour profile, as the worker decodes a frame: libpng's warnings about one name no file
         return cv2.imdecode(np.frombuffer(without_colour_profile(data), np.uint8), flags)

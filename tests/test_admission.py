@@ -336,6 +336,29 @@ def test_a_jpeg_with_restart_markers_cut_short_and_closed_with_an_end_marker_is_
         assert decoded(tmp_path / "closed.jpg") is None and _why_unreadable(tmp_path / "closed.jpg") == "a JPEG cut short"
 
 
+def test_a_png_damaged_on_its_way_is_corrupt_and_libpng_writes_nothing(dataset, tmp_path, capfd):
+    """A PNG with a flipped bit (a camera on a bad link) was answered corrupt_image, but libpng first wrote "IDAT: CRC
+    error" or "bad adaptive filter value" to stderr for each such frame, journal lines that name no frame; the
+    exporter wrote the same for such a training image.  A critical chunk whose CRC does not match is refused before
+    decoding, on both sides."""
+    from exporter.data import _why_unreadable, decoded
+
+    png = good_png(dataset).read_bytes()
+    idat = png.find(b"IDAT")
+    rng = np.random.default_rng(15)
+    for at in (*rng.integers(idat + 4, len(png) - 16, 8), idat + 8):
+        damaged = bytearray(png)
+        damaged[int(at)] ^= 0x10
+        with pytest.raises(FrameError, match="PNG chunk IDAT does not match its CRC") as refused:
+            probe(bytes(damaged), len(png), 10**8)
+        assert refused.value.code == ErrorCode.CORRUPT_IMAGE
+        (tmp_path / "damaged.png").write_bytes(bytes(damaged))
+        assert decoded(tmp_path / "damaged.png") is None
+        assert _why_unreadable(tmp_path / "damaged.png") == "a PNG damaged: its IDAT chunk does not match its CRC"
+    assert "libpng" not in capfd.readouterr().err
+    assert np.array_equal(decode(png), cv2.imread(str(good_png(dataset))))
+
+
 def test_a_phone_jpeg_with_a_second_picture_is_a_jpeg(dataset):
     """Phones store an HDR gain map (or a stereo pair) as a second picture in the JPEG (Pillow calls it MPO): the
     exporter trained on such files, and the worker refused them as an unknown format."""

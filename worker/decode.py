@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bundle import FRAME_FORMATS, jpeg_cut_short, png_cut_short, tiff_samples, without_colour_profile
+from bundle import FRAME_FORMATS, jpeg_cut_short, png_cut_short, png_damaged, tiff_samples, without_colour_profile
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -107,6 +107,8 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
                                             f"pixels (in a {width}x{height} image), limit is {max_pixels}")
     if FRAME_FORMATS[fmt] == "png" and png_cut_short(data):
         raise FrameError("truncated_image", "PNG ends before its IEND chunk (truncated)")
+    if FRAME_FORMATS[fmt] == "png" and (chunk := png_damaged(data)) is not None:
+        raise FrameError("corrupt_image", f"PNG chunk {chunk} does not match its CRC (damaged on its way)")
     if FRAME_FORMATS[fmt] == "jpeg":
         if jpeg_cut_short(data):
             raise FrameError("truncated_image", "JPEG has no end-of-image marker after its last scan (truncated)")

@@ -785,3 +785,33 @@ def test_a_withdrawal_the_store_refuses_leaves_the_label_and_its_rows(learning, 
     released = _query(client, prefix, unlabel, topic="label")["released"]
     assert released["patches"] == absorbed["patches"], released
     assert _query(client, prefix, {"action": "export"}, topic="label")["labels"] == []
+
+
+def test_entries_of_the_guards_folder_the_worker_does_not_write_are_left_and_named(learning, dataset):
+    """A folder (another version's layout, an operator's) and a file not named as a guard in the extension's
+    ``guards/`` folder: a false-alarm label, which deletes the guards of frames no longer confirmed, raised
+    IsADirectoryError on the folder and deleted the file.  Both are now left as they are and named once."""
+    prefix, client, worker, config, start = learning
+    [extension] = [p for p in (config.parent / "extensions").iterdir() if p.is_dir()]  # made at start
+    (extension / "guards" / "v3").mkdir(parents=True)
+    (extension / "guards" / "v3" / "layout.json").write_text("{}")
+    (extension / "guards" / "notes.txt").write_text("the operator's")
+    marked = _marked(dataset)
+    for fid in ("d-0", "m-0", "m-1"):
+        assert _score(client, prefix, marked, fid)["verdict"] == "anomalous"
+        _until_stored(client, prefix, fid, "cam1")
+
+    def label(frame_id: str, kind: str) -> dict:
+        return _query(client, prefix, {"action": "set", "frame_id": frame_id, "camera": "cam1", "label": kind},
+                      topic="label")
+
+    assert label("d-0", "confirmed_defect")["ok"]
+    for fid in ("m-0", "m-1"):
+        answer = label(fid, "false_alarm")
+        assert answer["ok"] and "absorbed" in answer, answer
+    assert (extension / "guards" / "v3" / "layout.json").read_text() == "{}"
+    assert (extension / "guards" / "notes.txt").read_text() == "the operator's"
+    assert [p.name for p in (extension / "guards").glob("*.npz")] == [f"{point_id('cam1', 'd-0')}.npz"]
+    assert worker.stop() == 0
+    said = [line for line in worker.output().splitlines() if "notes.txt" in line]
+    assert len(said) == 1 and "v3" in said[0] and "left as" in said[0], said

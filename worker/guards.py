@@ -6,7 +6,8 @@ first label after a restart would hold that label (and the frames waiting behind
 kept in memory and on disk, in ``guards/`` inside the bundle's extension folder (which is tied to the bundle's weights):
 a restart reads it back, and it outlives the frame's image (evidence budget).  A guard records how it was scored
 (precision, threshold, the camera's roi and tiling, the frame's decode); one scored otherwise is scored again.  Files are written to a
-temporary name and renamed, and those of frames no longer confirmed are removed.
+temporary name and renamed, and those of frames no longer confirmed are removed.  Entries of the folder it does not
+write (a folder, another version's or an operator's file) are left as they are and named once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Guards:
 
     def __init__(self) -> None:
         self._memory: dict[tuple[Model, str], tuple[str, Guard]] = {}
+        self._foreign: set[Path] = set()  # entries of a guards folder already named as not the worker's
 
     @staticmethod
     def _file(model: Model, key: str) -> Path | None:
@@ -87,6 +89,15 @@ class Guards:
         self._memory = {k: v for k, v in self._memory.items() if k[0] is not model or k[1] in keys}
         if model.extension is None:
             return
-        for path in (model.extension.folder / FOLDER).glob("*"):
-            if path.suffix == ".tmp" or path.stem not in confirmed:
+        folder, foreign = model.extension.folder / FOLDER, []
+        for path in folder.glob("*"):
+            if path.suffix not in (".npz", ".tmp") or not _KEY.match(path.stem) or path.is_symlink() \
+                    or not path.is_file():
+                if path not in self._foreign:
+                    self._foreign.add(path)
+                    foreign.append(path.name)
+            elif path.suffix == ".tmp" or path.stem not in confirmed:
                 path.unlink(missing_ok=True)
+        if foreign:
+            log.warning("%s holds %s, which the worker does not write (another version's, or put there by hand): left "
+                        "as they are", folder, ", ".join(sorted(foreign)))

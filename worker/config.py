@@ -865,6 +865,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     return config
 
 
+# A key near none of its section's: a config written for a newer version (the box rolled back) is the likely cause,
+# which the operator cannot tell from a damaged file without being told; the refusal stays, so a typo cannot pass.
+_NOT_OURS = ("not a setting of this version, a newer version's config met by a worker rolled back or a typo: "
+             "docs/configuration.md lists this version's settings")
+
+
 def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Config:
     path = Path(path)
     try:
@@ -885,8 +891,9 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Conf
         for e in exc.errors():
             loc = tuple(str(p) for p in e["loc"])
             problem = f"{'.'.join(loc) or '(top)'}: {e['msg']}"
-            if e["type"] == "extra_forbidden" and (near := get_close_matches(loc[-1], _keys_beside(loc), n=1)):
-                problem += f" (did you mean {near[0]}?)"
+            if e["type"] == "extra_forbidden":
+                near = get_close_matches(loc[-1], _keys_beside(loc), n=1)
+                problem += f" (did you mean {near[0]}?)" if near else f" ({_NOT_OURS})"
             variable = next((v for key, v in sources.items() if loc[:len(key)] == key), None)
             if variable is None:
                 in_file.append(problem)

@@ -327,7 +327,7 @@ class Extension:
         self.revision = 0
         self._entries: dict[str, Entry] = {}
         # entries past max_rows (lowered, or a version with a higher bound wrote them): not served, kept on disk and in
-        # the index, so raising the bound again serves them; their rows stay in _arrays, as the served ones'
+        # the index, so raising the bound again, or a withdrawal freeing rows, serves them; their rows stay in _arrays
         self._held: dict[str, Entry] = {}
         self._arrays: dict[str, np.ndarray] = {}
         # what a newer worker wrote in the index that this one does not read: written back as it was
@@ -384,7 +384,8 @@ class Extension:
             log.warning("extension %s holds %d rows, more than learning.max_rows %d (lowered, or the extension was "
                         "written by a version with a higher bound): the oldest entries that fit are served; the other "
                         "%d (%d rows; frames %s) are kept on disk but not served, so those false alarms are flagged "
-                        "again, until learning.max_rows is raised to %d", self.folder, holds, self.max_rows,
+                        "again, until learning.max_rows is raised to %d or withdrawals free their rows; the "
+                        "label API's extensions list shows them as held", self.folder, holds, self.max_rows,
                         len(self._held), holds - total, ", ".join(f"{e.camera}/{e.frame_id}" for e in
                                                                   list(self._held.values())[:5]), holds)
         if changed:
@@ -479,6 +480,27 @@ class Extension:
     def entries(self) -> list[Entry]:
         with self._lock:
             return list(self._entries.values())
+
+    def held(self) -> list[Entry]:
+        """The entries kept past ``max_rows``: on disk and in the index, not served (listed, so the operator sees why
+        those false alarms are flagged again)."""
+        with self._lock:
+            return list(self._held.values())
+
+    def _serve_held(self) -> None:
+        """Serve the held entries that fit the rows a withdrawal freed, oldest first (as a start would), rather than
+        only at the next start; the index already lists them, so nothing is written."""
+        total, served = sum(e.rows for e in self._entries.values()), []
+        for key, entry in sorted(self._held.items(), key=lambda kv: kv[1].at):
+            if total + entry.rows <= self.max_rows:
+                self._entries[key], total = entry, total + entry.rows
+                served.append(entry)
+        for entry in served:
+            del self._held[entry.key]
+        if served:
+            log.info("extension %s: %d entries held past learning.max_rows %d are served again in the rows freed "
+                     "(frames %s); %d are still held", self.folder, len(served), self.max_rows,
+                     ", ".join(f"{e.camera}/{e.frame_id}" for e in served[:5]), len(self._held))
 
     def rows_of(self, key: str) -> np.ndarray:
         """The rows frame ``key`` added [n, C] (none where it has no entry)."""
@@ -575,6 +597,7 @@ class Extension:
             self._entries = entries
             del self._arrays[key]
             self._unknown_of.pop(key, None)
+            self._serve_held()
             self.revision += 1
             self._rows = self._concat()
             with contextlib.suppress(OSError):  # no index names it now: removed at the next start otherwise

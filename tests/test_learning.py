@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from conftest import ROOT, Client, damage, good_png, train_bundle, wait_online, write_config
 from test_worker import _query
 from test_pixels import _packed
@@ -815,3 +816,52 @@ def test_entries_of_the_guards_folder_the_worker_does_not_write_are_left_and_nam
     assert worker.stop() == 0
     said = [line for line in worker.output().splitlines() if "notes.txt" in line]
     assert len(said) == 1 and "v3" in said[0] and "left as" in said[0], said
+
+
+def _dotted(dataset: Path, name: str, centre: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
+    """A good test frame with a square of ``colour`` at ``centre``: another appearance than :func:`_marked`'s."""
+    image = cv2.imread(str(dataset / "weave" / "test" / "good" / f"{name}.png"), cv2.IMREAD_COLOR)
+    cv2.rectangle(image, (centre[0] - 9, centre[1] - 9), (centre[0] + 9, centre[1] + 9), colour, -1)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def test_entries_held_past_a_lower_bound_are_listed_and_served_when_a_withdrawal_frees_room(learning, dataset):
+    """Entries kept past ``learning.max_rows`` (the bound lowered, or a rollback to a version with a lower one) were
+    served again only at the next start, and the ``extensions`` answer did not list them: the operator could not see
+    why a false alarm once absorbed was flagged again.  They are listed as held, with the bound that serves them, and
+    a withdrawal that frees room serves them at once."""
+    prefix, client, worker, config, start = learning
+    first, second, third = _marked(dataset), _dotted(dataset, "001", (100, 30), (30, 200, 230)), _dotted(
+        dataset, "002", (100, 100), (20, 20, 200))
+    for fid, image in (("m-0", first), ("n-0", second), ("o-0", third)):
+        assert _score(client, prefix, image, fid)["verdict"] == "anomalous"
+        _until_stored(client, prefix, fid, "cam1")
+
+    def label(body: dict) -> dict:
+        return _query(client, prefix, body if body["action"] == "extensions" else {"camera": "cam1", **body},
+                      topic="label")
+
+    taken = [label({"action": "set", "frame_id": fid, "label": "false_alarm"})["absorbed"]["patches"]
+             for fid in ("m-0", "n-0", "o-0")]
+    assert all(taken), taken
+    assert _score(client, prefix, second, "n-1")["verdict"] == "normal"
+    assert worker.stop() == 0
+    lowered = yaml.safe_load(config.read_text())
+    lowered["learning"]["max_rows"] = taken[0]  # the oldest fits; the other is held
+    config.write_text(yaml.safe_dump(lowered))
+    client.messages.clear()
+    start(config)
+    wait_online(client, prefix)
+    [ext] = label({"action": "extensions"})["extensions"]
+    assert (ext["rows"], ext["held_rows"], ext["max_rows_to_serve_all"]) == (taken[0], sum(taken[1:]), sum(taken)), ext
+    held = {e["frame_id"]: e.get("held") for e in ext["entries"]}
+    assert held["m-0"] is None and all(f"raise it to {sum(taken)}" in held[f] for f in ("n-0", "o-0")), ext
+    assert _score(client, prefix, second, "n-2")["verdict"] == "anomalous"  # why: the list says it is held
+    withdrawn = label({"action": "unlabel", "frame_id": "o-0"})
+    assert "held past learning.max_rows" in withdrawn["released"]["reason"], withdrawn  # not "added nothing"
+
+    assert label({"action": "unlabel", "frame_id": "m-0"})["ok"]
+    [ext] = label({"action": "extensions"})["extensions"]
+    assert [(e["frame_id"], e.get("held")) for e in ext["entries"]] == [("n-0", None)], ext
+    assert ext["rows"] == taken[1] and "held_rows" not in ext, ext
+    assert _score(client, prefix, second, "n-3")["verdict"] == "normal"

@@ -307,6 +307,7 @@ class Learner:
         now misses (``reabsorbed``), or is named (``no_longer_pass``) where that cannot be done."""
         held = {ext.folder.name: entry for ext in self.models.extensions(every=True)
                 for entry in ext.entries() if entry.key == key}
+        unserved = any(e.key == key for ext in self.models.extensions(every=True) for e in ext.held())
         before = {model: model.bundle.extension_state for model in self.models.scopes().values()}
         released: list[tuple[Extension, int]] = []
         try:  # raises ExtensionUnwritable where one cannot be written: that one keeps the rows, and a retry takes them
@@ -325,7 +326,8 @@ class Learner:
         if self.capture is not None:
             self.capture.remove_false_alarm(camera, key)
         if not released:
-            return {"patches": 0, "reason": "this frame had added nothing to an extension"}
+            return {"patches": 0, "reason": "its rows were held past learning.max_rows, not served: they are deleted"
+                    if unserved else "this frame had added nothing to an extension"}
         reabsorbed: list[dict] = []
         lost: list[dict] = []
         unchecked = ""
@@ -424,7 +426,9 @@ class Learner:
     def extensions(self) -> list[dict]:
         """Every extension the served bundles use: its figures and one entry per absorbed false alarm, with
         ``no_longer_pass`` where a withdrawal it leaned on flagged its frame again and that could not be mended, and
-        ``unrecorded`` where no label in the history names it (worker/labels.py ``LabelService.warm``)."""
+        ``unrecorded`` where no label in the history names it (worker/labels.py ``LabelService.warm``), and ``held`` for
+        one kept past ``learning.max_rows`` and not served (its false alarm is flagged again), with the bound that
+        serves every entry (``held_rows``, ``max_rows_to_serve_all``)."""
         out: list[dict] = []
         scopes = self.models.scopes()
         for model in scopes.values():
@@ -437,6 +441,13 @@ class Learner:
                              **({"no_longer_pass": self._lost[e.key]} if e.key in self._lost else {}),
                              **({"unrecorded": self.unrecorded[e.key]} if e.key in self.unrecorded else {})}
                             for e in ext.entries()]})
+            if held := ext.held():
+                info = out[-1]
+                info["held_rows"] = sum(e.rows for e in held)
+                info["max_rows_to_serve_all"] = need = info["rows"] + info["held_rows"]
+                info["entries"] += [{"frame_id": e.frame_id, "camera": e.camera, "rows": e.rows, "at": iso(e.at),
+                                     "held": f"not served: past learning.max_rows {ext.max_rows} (raise it to {need}, "
+                                             "or withdraw other false alarms)"} for e in held]
         return out
 
     def _tiles(self, model: Model, camera: str, image: np.ndarray) -> list[np.ndarray]:

@@ -455,7 +455,8 @@ function renderLearned(extensions) {
   const byCamera = new Map();
   const summary = [];
   for (const ext of extensions) {
-    summary.push(`${ext.bundle} (${ext.scopes.join(", ")}): ${ext.rows}/${ext.max_rows} rows, revision ${ext.revision}`);
+    const held = ext.held_rows ? `, ${ext.held_rows} more held (learning.max_rows ${ext.max_rows_to_serve_all} serves them)` : "";
+    summary.push(`${ext.bundle} (${ext.scopes.join(", ")}): ${ext.rows}/${ext.max_rows} rows${held}, revision ${ext.revision}`);
     for (const e of ext.entries) {
       if (!byCamera.has(e.camera)) byCamera.set(e.camera, []);
       byCamera.get(e.camera).push(e);
@@ -476,8 +477,8 @@ function renderLearned(extensions) {
       li.dataset.key = keyOf(e.camera, e.frame_id);
       const what = document.createElement("span"); what.className = "what";
       what.textContent = `${e.frame_id} · ${e.rows} patches · ${fmtTime(e.at)}`;
-      // The worker's doubts about this entry: a withdrawal it leaned on, or no label in the history naming it.
-      const doubt = [e.no_longer_pass, e.unrecorded].filter(Boolean).join("; ");
+      // The worker's doubts about this entry: held past the bound, a withdrawal it leaned on, or no label naming it.
+      const doubt = [e.held, e.no_longer_pass, e.unrecorded].filter(Boolean).join("; ");
       if (doubt) { what.textContent += ` · ${doubt}`; li.classList.add("doubt"); }
       const undo = document.createElement("button"); undo.type = "button"; undo.className = "undo"; undo.textContent = "Undo";
       undo.title = "withdraw the false-alarm label: frames like it are flagged again";

@@ -108,6 +108,8 @@ def stored_dimension(folder: Path) -> int | None:
     """The feature dimension of the rows an extension folder holds (read from its first entry's file), or None where
     it holds none or they cannot be read: enough to open it for a withdrawal without its bundle."""
     for rows in sorted(Path(folder).glob("*.npy")):
+        if not _KEY.match(rows.stem):  # not an entry's file (another version's, an operator's): says nothing
+            continue
         try:
             shape = np.load(rows, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError, EOFError):
@@ -342,7 +344,7 @@ class Extension:
         # renames left its file missing, which the index still names.  Put back, the index and the rows agree.
         for prev in self.folder.glob("*.prev.tmp"):
             npy = prev.with_name(prev.name.removesuffix(".prev.tmp") + ".npy")
-            if not npy.exists():
+            if _KEY.match(npy.stem) and prev.is_file() and not npy.exists():
                 prev.replace(npy)
         broken: Path | None = None  # the unreadable index, moved aside
         changed = False  # what is kept differs from what the index says: the index is written again
@@ -390,11 +392,20 @@ class Extension:
                                                                   list(self._held.values())[:5]), holds)
         if changed:
             self._rewrite_index(broken)
+        foreign = []  # files the worker does not write here (another version's, an operator's): left as they are
         for stray in self.folder.glob("*.npy"):  # written, but no index names it (a crash, or dropped above)
-            if stray.stem not in self._entries and stray.stem not in self._held:
+            if not _KEY.match(stray.stem) or not stray.is_file():
+                foreign.append(stray.name)
+            elif stray.stem not in self._entries and stray.stem not in self._held:
                 stray.unlink(missing_ok=True)
-        for tmp in self.folder.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in self.folder.glob("*.tmp"):  # the index's, an entry's rows (.npy.tmp) or earlier rows (.prev.tmp)
+            if tmp.is_file() and (tmp.name == INDEX + ".tmp" or tmp.name.endswith((".npy.tmp", ".prev.tmp"))):
+                tmp.unlink(missing_ok=True)
+            else:
+                foreign.append(tmp.name)
+        if foreign:
+            log.warning("extension %s holds %s, which the worker does not write (another version's, or put there by "
+                        "hand): left as they are, not read as rows", self.folder, ", ".join(sorted(foreign)))
 
     def _rows_of(self, entry: Entry) -> np.ndarray | None:
         """An entry's rows as its file holds them, or None (said) where they cannot be used: the entry is dropped."""

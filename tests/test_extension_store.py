@@ -9,7 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
-from bundle.extension import INDEX, Extension, ExtensionFull, ExtensionUnwritable, Views, offending, read_folder
+from bundle.extension import (INDEX, Extension, ExtensionFull, ExtensionUnwritable, Views, offending, read_folder,
+                              stored_dimension)
 from conftest import DAMAGE, damage, fill_disk
 
 C = 8
@@ -320,3 +321,22 @@ def test_a_folder_deleted_under_the_worker_is_made_again_with_the_rows_in_use(tm
     assert ext.remove(a) == 2
     again = Extension(folder, C, max_rows=10)
     assert [e.frame_id for e in again.entries()] == ["f3", "f2"] and np.array_equal(again.rows, ext.rows)
+
+
+def test_files_an_extension_folder_does_not_write_are_left_and_not_read_as_rows(tmp_path, caplog) -> None:
+    """A ``.npy`` file in an extension folder not named by a point id (a newer version's, an operator's) was deleted
+    at every open as a stray entry; listed first, it was also taken for the rows' feature dimension when a folder no
+    bundle serves was opened for a withdrawal (worker/models.py), so every entry was dropped as of another shape, files
+    and all.  Such files are now left as they are, named once at the open, and never read as rows."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    ext.add(key(), rows(2, 1.0), "f1", "cam")
+    ext.add(key(), rows(3, 2.0), "f2", "cam")
+    foreign = tmp_path / "0-centres.npy"  # sorts before every point id
+    np.save(foreign, np.zeros((4, 3), np.float32))
+    (tmp_path / "notes.tmp").mkdir()  # a folder with a temporary file's name is not the worker's either
+    assert stored_dimension(tmp_path) == C
+    again = Extension(tmp_path, C, max_rows=20)
+    assert foreign.is_file() and (tmp_path / "notes.tmp").is_dir()
+    assert sorted(e.frame_id for e in again.entries()) == ["f1", "f2"] and again.rows.shape == (5, C)
+    said = [r.getMessage() for r in caplog.records if "0-centres.npy" in r.getMessage()]
+    assert len(said) == 1 and "notes.tmp" in said[0] and "left as" in said[0], said

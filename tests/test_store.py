@@ -1155,6 +1155,22 @@ def test_evidence_no_point_names_is_deleted_once_a_store_opens(tmp_path):
         recorder.stop()
 
 
+def test_entries_of_the_spool_it_does_not_write_are_left_and_its_half_written_batches_go(tmp_path, caplog):
+    """The spool deleted every ``*.tmp`` entry of its folder at start, its half-written batches meant: a folder of
+    that name (another version's, an operator's) raised IsADirectoryError, so the worker could not start at all,
+    and a file of that name that is not a batch of its was deleted.  Those are now left as they are, named once."""
+    folder = tmp_path / "spool"
+    Spool(folder, 10**7).push([("p0", np.ones(DIM, np.float32), {"frame_id": "p0"})])
+    (folder / "000000000007.tmp").write_bytes(b"{\"poi")  # a batch cut short by a crash: its own
+    (folder / "replay.tmp").mkdir()
+    (folder / "notes.tmp").write_text("the operator's")
+    again = Spool(folder, 10**7)
+    assert len(again) == 1 and not (folder / "000000000007.tmp").exists()
+    assert (folder / "replay.tmp").is_dir() and (folder / "notes.tmp").read_text() == "the operator's"
+    said = [r.getMessage() for r in caplog.records if "notes.tmp" in r.getMessage()]
+    assert len(said) == 1 and "replay.tmp" in said[0] and "left as" in said[0], said
+
+
 def test_files_the_evidence_does_not_write_neither_stall_its_sweep_nor_are_deleted(tmp_path, caplog):
     """A file in the evidence folder not named by a point id (Windows' Thumbs.db or macOS's .DS_Store from browsing
     a share, another version's file) was indexed as a frame: the sweep's store read of its chunk failed ("badly

@@ -69,8 +69,15 @@ class Spool:
         self.folder = Path(folder)
         make_folder(self.folder, "spool.path")  # on a full disk: made at the next write
         self.max_bytes = max_bytes
-        for tmp in self.folder.glob("*.tmp"):
-            tmp.unlink()
+        foreign = []  # entries of a temporary file's name it does not write (another version's, an operator's)
+        for tmp in self.folder.glob("*.tmp"):  # its own: a batch cut short, <seq>.tmp
+            if tmp.stem.isdigit() and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+            else:
+                foreign.append(tmp.name)
+        if foreign:
+            log.warning("spool %s holds %s, which the worker does not write (another version's, or put there by "
+                        "hand): left as they are", self.folder, ", ".join(sorted(foreign)))
         self.dropped_points = 0
         self.corrupt_batches = 0
         self.refused_batches = 0

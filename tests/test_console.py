@@ -1321,8 +1321,11 @@ def test_the_learned_panel_is_asked_again_when_the_worker_comes_back(broker, tmp
         _until_state(console, lambda s: s["workers"].get("w-test", {}).get("availability") == "offline",
                      "the console never saw the availability")
         entry = {"frame_id": "f1", "camera": "cam-a", "rows": 3, "at": datetime.now(UTC).isoformat()}
+        held = {**entry, "frame_id": "f2", "rows": 9, "held": "not served: past learning.max_rows 10 (raise it to 12, "
+                "or withdraw other false alarms)"}  # kept past the bound: shown with why its frames are flagged
         extensions = {"ok": True, "extensions": [{"bundle": "b", "scopes": ["default"], "rows": 3, "max_rows": 10,
-                                                  "revision": 1, "entries": [entry]}]}
+                                                  "revision": 1, "held_rows": 9, "max_rows_to_serve_all": 12,
+                                                  "entries": [entry, held]}]}
         worker = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
         def answer(c, userdata, msg) -> None:  # the worker's answer to the console's "extensions" label action
@@ -1343,6 +1346,9 @@ def test_the_learned_panel_is_asked_again_when_the_worker_comes_back(broker, tmp
             expect(page.locator("#learned-list")).not_to_contain_text("Nothing learned yet")
             client.client.publish(availability, b"online", qos=1, retain=True).wait_for_publish(10)
             expect(page.locator('#learned-list li[data-key="cam-a/f1"]')).to_contain_text("3 patches", timeout=15_000)
+            expect(page.locator('#learned-list li[data-key="cam-a/f2"]')).to_contain_text("not served: past "
+                                                                                         "learning.max_rows 10")
+            expect(page.locator("#learned-list")).to_contain_text("9 more held (learning.max_rows 12 serves them)")
             expect(status).to_have_text("")
             browser.close()
         finally:

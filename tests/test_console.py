@@ -742,6 +742,26 @@ def test_a_malformed_result_is_dropped_whole_and_counted(broker, tmp_path):
     assert text.count("not understood and dropped") == 1, text[-2000:]  # one warning a minute, with the count
 
 
+
+def test_a_result_or_frame_naming_another_camera_than_its_topic_is_dropped_and_counted(broker, tmp_path):
+    """A result's ``camera`` was taken as it came: one on cam-a's topic naming cam-b (a relay misconfigured, a client
+    that may write results) made and fed cam-b's tile, plot and feed. The topic is what the broker's ACL grants, and
+    the worker publishes each result on its frame's camera: a result naming another camera is dropped, and so is a
+    frame whose ``camera_id`` names another (the worker refuses it), each counted as ``camera_mismatch``."""
+    with _console_alone(broker, tmp_path) as (console, client):
+        now = datetime.now(UTC)
+        body = {"camera": "cam-b", "frame_id": "f1", "captured_at": now.isoformat(), "verdict": "anomalous",
+                "score": 0.9}
+        client.client.publish(f"{client.prefix}/cam-a/result", json.dumps(body), qos=1).wait_for_publish(10)
+        client.publish_frame("cam-a", _png(16, 0), "f2", extra={"camera_id": "cam-b"})
+        _publish_result(client, "cam-a", "f2", now)
+        state = _until_handled(console, client, "m0")
+        assert sorted(state["cameras"]) == ["cam-a", "cam-marker"], state["cameras"]
+        assert not state["cameras"]["cam-a"]["has_frame"] and state["dropped"] == {"camera_mismatch": 2}, state
+        assert json.loads(urllib.request.urlopen(f"{console.url}/api/defects", timeout=5).read())["frames"] == []
+    text = console.log_path.read_text()
+    assert "Traceback" not in text and "camera_mismatch" in text, text[-2000:]
+
 @needs_chromium
 def test_a_worker_status_no_worker_could_send_is_dropped_and_invented_workers_are_bounded(broker, tmp_path):
     """A worker's stats, model and availability were taken as they came: one stats message that was not an object

@@ -430,7 +430,7 @@ class Hub:
         elif len(rest) == 2:
             camera, leaf = rest
             if leaf == "result":
-                self._on_result(payload)
+                self._on_result(camera, payload)
             elif leaf in ("frame", "heatmap"):
                 user = user_properties(msg)
                 if leaf == "frame":
@@ -439,6 +439,10 @@ class Hub:
                     except FrameError as exc:
                         self._drop(exc.code.value)
                         return
+                if user.get("camera_id", camera) != camera:  # the worker refuses such a frame (camera_mismatch)
+                    self._bad("camera_mismatch", f"a {leaf} on {camera}'s topic says it is camera "
+                                                 f"{user['camera_id'][:64]!r}")
+                    return
                 if frame_id := user.get("frame_id"):
                     self._on_image(leaf, camera, frame_id, payload, user)
             elif leaf == "error":
@@ -503,7 +507,10 @@ class Hub:
                         problem)
             self._bad_since_log = 0
 
-    def _on_result(self, payload: bytes) -> None:
+    def _on_result(self, camera: str, payload: bytes) -> None:
+        """A result is the camera's of its topic, the level the broker's ACL grants (the worker publishes each on its
+        frame's camera): one naming another camera is dropped (``camera_mismatch``), as it would show on that camera's
+        tile and in its feed and plot."""
         if len(payload) > RESULT_MAX_BYTES:
             self._bad("bad_result", f"{len(payload)} bytes, over the {RESULT_MAX_BYTES} a result may have")
             return
@@ -513,6 +520,9 @@ class Hub:
             self._bad("bad_result", problem)
             return
         result = {k: v for k, v in cast(dict, parsed).items() if k in RESULT_FIELDS}
+        if result["camera"] != camera:
+            self._bad("camera_mismatch", f"a result on {camera}'s topic names camera {result['camera'][:64]!r}")
+            return
         if isinstance(result.get("model"), dict):
             result["model"] = {k: result["model"].get(k) for k in MODEL_FIELDS}
         key = (result["camera"], result["frame_id"])

@@ -675,6 +675,11 @@ class Hub:
                                                                "stats": None, "rates": {}})
             if leaf == "stats":
                 state["rates"] = self._rates(state["stats"], cast(dict, value))
+            elif leaf == "availability" and value != "online" and state["stats"]:
+                # Its queue and frame rates were its last stats', no longer true: unknown until its next stats (a
+                # pill back online showed the queue of before it went away).
+                state["stats"] = {k: v for k, v in state["stats"].items() if k != "queue"}
+                state["rates"] = {}
             state[leaf] = None if value == "" else value  # an empty availability: its retained message cleared
             data = dict(state)
         self._emit("worker", data)

@@ -1051,6 +1051,37 @@ def test_a_page_left_open_keeps_as_many_tiles_and_workers_as_the_console(broker,
         assert errors == [], errors
 
 
+
+@needs_chromium
+def test_a_camera_chosen_in_a_picker_stays_chosen_and_named_when_its_tile_is_dropped(broker, tmp_path):
+    """Past console.max_cameras the page drops the camera quiet the longest, and took it out of every camera picker:
+    one chosen there read "all cameras" (the models' "(default)") while the feed stayed filtered on it, then let every
+    camera's new defects in, and Roll back went to the default scope. It stays chosen, named as gone, until another
+    is chosen."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path, max_cameras=2) as (page, client, errors):
+        now, feed = datetime.now(UTC), page.locator("#defects li")
+        for camera in ("cam-a", "cam-b"):
+            _publish_result(client, camera, "d1", now, "anomalous")
+        expect(feed).to_have_count(2, timeout=10_000)
+        for picker in ("#feed-camera", "#m-camera", "#cap-camera"):
+            page.select_option(picker, "cam-a")
+        expect(feed).to_have_count(1)
+        _publish_result(client, "cam-c", "d1", now, "anomalous")  # cam-a, quiet the longest, loses its tile
+        expect(page.locator('.tile[data-camera="cam-c"]')).to_have_count(1, timeout=10_000)
+        expect(page.locator('.tile[data-camera="cam-a"]')).to_have_count(0)
+        for picker in ("#feed-camera", "#m-camera", "#cap-camera"):
+            assert page.locator(picker).input_value() == "cam-a", picker
+            expect(page.locator(f"{picker} option:checked")).to_have_text("cam-a (quiet: its tile was dropped)")
+        page.select_option("#cap-camera", "")  # another choice: the gone camera leaves that picker
+        assert "cam-a" not in page.locator("#cap-camera option").evaluate_all("(os) => os.map((o) => o.value)")
+        _publish_result(client, "cam-a", "d2", now, "anomalous")  # back: its tile, and its plain name
+        expect(page.locator("#feed-camera option:checked")).to_have_text("cam-a", timeout=10_000)
+        expect(feed).to_have_count(2)
+        assert feed.evaluate_all("(ls) => ls.map((l) => l.dataset.key)") == ["cam-a/d2", "cam-a/d1"]
+        assert errors == [], errors
+
 @needs_chromium
 def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_today(broker, tmp_path):
     """The page applied the same capture-time rule as the console (a tile frozen on a future frame, the feed sorted

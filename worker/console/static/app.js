@@ -84,6 +84,9 @@ function pressable(el, action) {
   });
 }
 
+// The camera pickers: the feed's filter, the search's, the capture export's and the model commands'.
+const CAMERA_CHOICES = ["#feed-camera", "#q-camera", "#cap-camera", "#m-camera"];
+
 // The camera's tile, made if it has none, and moved to the most recently active end of `cams`.
 function camera(name) {
   let cam = cams.get(name);
@@ -100,19 +103,33 @@ function camera(name) {
   cam = {el, latest: null, dirty: false, points: [], plotted: 0};
   cams.set(name, cam);
   if (lastErrors.has(name)) showError(cam, lastErrors.get(name));
-  for (const sel of ["#feed-camera", "#q-camera", "#cap-camera", "#m-camera"]) {
-    const opt = new Option(name, name);
-    $(sel).append(opt);
+  for (const sel of CAMERA_CHOICES) {
+    const kept = [...$(sel).options].find((o) => o.value === name);  // still chosen since its tile went: back
+    if (kept) { kept.textContent = name; delete kept.dataset.gone; } else $(sel).append(new Option(name, name));
   }
   return cam;
 }
 
+// A camera the console no longer keeps (console.max_cameras) leaves every picker, except one where it is chosen: it
+// stays chosen there and says its tile went. Removed, the picker read "all cameras" (or the default scope) while the
+// feed stayed filtered on it, or new items of every camera joined, and a rollback went to the default scope.
 function forgetCamera(name) {
   cams.get(name).el.remove();
   cams.delete(name);
-  for (const sel of ["#feed-camera", "#q-camera", "#cap-camera", "#m-camera"]) {
-    for (const opt of $(sel).options) if (opt.value === name) opt.remove();
+  for (const sel of CAMERA_CHOICES) {
+    for (const opt of [...$(sel).options]) {
+      if (opt.value !== name) continue;
+      if (opt.selected) { opt.textContent = `${name} (quiet: its tile was dropped)`; opt.dataset.gone = "1"; }
+      else opt.remove();
+    }
   }
+}
+
+// Another camera chosen: a camera kept only because it was chosen leaves the picker.
+for (const sel of CAMERA_CHOICES) {
+  $(sel).addEventListener("change", (e) => {
+    for (const opt of [...e.target.options]) if (opt.dataset.gone && !opt.selected) opt.remove();
+  });
 }
 
 function addPoint(cam, at, score) {

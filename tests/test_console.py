@@ -1082,6 +1082,32 @@ def test_a_camera_chosen_in_a_picker_stays_chosen_and_named_when_its_tile_is_dro
         assert feed.evaluate_all("(ls) => ls.map((l) => l.dataset.key)") == ["cam-a/d2", "cam-a/d1"]
         assert errors == [], errors
 
+
+@needs_chromium
+def test_the_feed_window_and_the_plots_follow_the_consoles_clock_not_the_browsers(broker, tmp_path):
+    """The feed's time window and the score plots were reckoned on the browser's clock against the console's receive
+    times: with the operator's machine two hours ahead of the edge box, "last hour" listed no defect (live or
+    listed) and every plot was empty. The page reckons them on the console's clock (``now`` in /api/state)."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        page.add_init_script("{ const real = Date.now; Date.now = () => real() + 7_200_000; }")
+        page.reload()
+        expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+        _publish_result(client, "cam", "d1", datetime.now(UTC), "anomalous")
+        feed = page.locator("#defects li")
+        for load in ("live", "reloaded"):
+            expect(feed).to_have_count(1, timeout=10_000)
+            expect(page.locator('.tile[data-camera="cam"]')).to_have_attribute("data-frame-id", "d1")
+            # the anomalous score's red mark, drawn near the plot's right end (now), above the threshold line
+            marked = "(c) => { const d = c.getContext('2d').getImageData(0, 4, c.width, 8).data; " \
+                     "for (let i = 0; i < d.length; i += 4) if (d[i] > 150 && d[i + 1] < 100) return true; return false; }"
+            page.wait_for_function(f"() => ({marked})(document.querySelector('.tile[data-camera=\"cam\"] .plot'))",
+                                   timeout=10_000)
+            if load == "live":
+                page.reload()
+        assert errors == [], errors
+
 @needs_chromium
 def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_today(broker, tmp_path):
     """The page applied the same capture-time rule as the console (a tile frozen on a future frame, the feed sorted

@@ -21,6 +21,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -407,6 +408,7 @@ def create_app(cfg: Config) -> Starlette:
                              "event_streams": sum(streams.values()), "event_streams_cut": events.cut,
                              "accept_failed": THROTTLED.total[ACCEPT_FAILED],
                              "worker": cfg.worker.id, "series_minutes": cfg.console.series_minutes,
+                             "now": round(time.time(), 3),  # the console's clock: the page reckons receive times on it
                              "max_cameras": cfg.console.max_cameras, "max_workers": cfg.console.max_workers})
 
     streams: dict[str, int] = {}  # client address -> open event streams

@@ -26,6 +26,10 @@ let feedArrived = [];
 let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
 let overlay = 1;
+// The console's clock minus this browser's, in seconds (from its state): receive times (seen_at), the feed's window
+// and the plots are the console's, and the operator's machine may be hours off the edge box's.
+let clockSkew = 0;
+const consoleNow = () => Date.now() / 1000 + clockSkew;
 let controlled = null;  // the worker id this console sends control commands to (config worker.id)
 let controlledWas;  // its availability as last shown
 const modelSeen = new Map();  // worker id -> the scopes' versions last shown: a change refreshes "Learned"
@@ -143,14 +147,14 @@ function addPoint(cam, at, score) {
     if (cam.points[i][0] === start) cam.points[i][1] = Math.max(cam.points[i][1], score);
     else cam.points.splice(i, 0, [start, score]);
   }
-  const horizon = Date.now() / 1000 - seriesSeconds;
+  const horizon = consoleNow() - seriesSeconds;
   while (cam.points.length && cam.points[0][0] < horizon) cam.points.shift();
 }
 
 function drawPlot(cam) {
   const canvas = $(".plot", cam.el);
   const ctx = canvas.getContext("2d");
-  const W = canvas.width, H = canvas.height, now = Date.now() / 1000;
+  const W = canvas.width, H = canvas.height, now = consoleNow();
   const x = (t) => ((t - (now - seriesSeconds)) / seriesSeconds) * W;
   const y = (s) => H - 2 - Math.min(1, Math.max(0, s)) * (H - 4);
   ctx.clearRect(0, 0, W, H);
@@ -231,7 +235,7 @@ function render() {
 function expireFeed() {
   const since = $("#feed-since").value;
   if (!since) return;
-  const horizon = Date.now() / 1000 - Number(since);
+  const horizon = consoleNow() - Number(since);
   for (const li of [...$("#defects").children]) if (Number(li.dataset.seenAt) < horizon) li.remove();
 }
 
@@ -241,7 +245,7 @@ function schedule() {
 
 function feedMatches(r) {
   const camSel = $("#feed-camera").value, since = $("#feed-since").value;
-  return (!camSel || r.camera === camSel) && (!since || r.seen_at >= Date.now() / 1000 - Number(since));
+  return (!camSel || r.camera === camSel) && (!since || r.seen_at >= consoleNow() - Number(since));
 }
 
 // The console decides (hub.py): "tile" when this frame is its camera's tile now, "first" when its result is new
@@ -686,7 +690,7 @@ function feedParams() {
   const since = $("#feed-since").value;
   const params = new URLSearchParams({limit: FEED_MAX});
   if ($("#feed-camera").value) params.set("camera", $("#feed-camera").value);
-  if (since) params.set("since", String(Date.now() / 1000 - Number(since)));
+  if (since) params.set("since", String(consoleNow() - Number(since)));
   return params;
 }
 
@@ -739,6 +743,7 @@ function setBroker(ok, problem, refused) {
 // pushed to nobody). A tile the stream has already moved past the state's is kept.
 async function loadState() {
   const state = await (await fetch("api/state")).json();
+  clockSkew = state.now - Date.now() / 1000;
   seriesSeconds = state.series_minutes * 60;
   maxCameras = state.max_cameras;
   maxWorkers = state.max_workers;

@@ -1108,6 +1108,34 @@ def test_the_feed_window_and_the_plots_follow_the_consoles_clock_not_the_browser
                 page.reload()
         assert errors == [], errors
 
+
+@needs_chromium
+def test_a_quiet_cameras_tile_gains_its_date_once_the_day_turns(broker, tmp_path):
+    """A tile's capture time is the time of day when it is today, else date and time: but the caption was written
+    only when a result came, so the tile of a camera quiet since yesterday 08:00 read "08:00:00" the next morning,
+    as if an hour old. The page writes it again when the browser's day turns."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        # the browser's clock, shifted to 20 s before its next midnight, and moved on from the test
+        page.add_init_script("""{ const Real = Date; window.shift = 0;
+            globalThis.Date = class extends Real {
+              constructor(...a) { if (a.length) super(...a); else super(Real.now() + window.shift); }
+              static now() { return Real.now() + window.shift; } }; }""")
+        page.reload()
+        expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+        shift = page.evaluate("() => { const d = new Date(); d.setHours(24, 0, 0, 0); "
+                              "window.shift = d.getTime() - 20_000 - Date.now(); return window.shift; }")
+        captured = datetime.now(UTC) + timedelta(milliseconds=shift)
+        _publish_result(client, "cam", "f1", captured)
+        caption = page.locator('.tile[data-camera="cam"] .fid')
+        today = page.evaluate("(iso) => new Date(iso).toLocaleTimeString()", captured.isoformat())
+        expect(caption).to_have_text(f"f1 · {today}", timeout=10_000)
+        page.evaluate("() => { window.shift += 60_000; }")  # past midnight: the capture is yesterday's
+        dated = page.evaluate("(iso) => new Date(iso).toLocaleString()", captured.isoformat())
+        expect(caption).to_have_text(f"f1 · {dated}", timeout=10_000)
+        assert errors == [], errors
+
 @needs_chromium
 def test_the_page_follows_a_camera_whose_clock_steps_and_dates_a_frame_not_of_today(broker, tmp_path):
     """The page applied the same capture-time rule as the console (a tile frozen on a future frame, the feed sorted

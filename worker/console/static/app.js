@@ -790,8 +790,17 @@ async function start() {
   await loadFeed();
   loadLearned();
   connect();
-  // plots scroll with time even when a camera is quiet, and the feed's time window with them
-  setInterval(() => { feedExpire = true; schedule(); }, PLOT_EVERY_MS);
+  // plots scroll with time even when a camera is quiet, and the feed's time window with them; when the day turns, the
+  // tiles' capture times are written again (a quiet camera's "08:00:00" of yesterday read as today's)
+  let day = new Date().toDateString();
+  setInterval(() => {
+    feedExpire = true;
+    if (new Date().toDateString() !== day) {
+      day = new Date().toDateString();
+      for (const cam of cams.values()) if (cam.latest) cam.dirty = true;
+    }
+    schedule();
+  }, PLOT_EVERY_MS);
 }
 
 $("#feed-filter").addEventListener("change", loadFeed);

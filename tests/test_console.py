@@ -1516,7 +1516,8 @@ def test_similar_past_frames_open_from_the_keyboard(broker, tmp_path):
 @needs_chromium
 def test_a_page_whose_event_stream_was_refused_asks_again_and_goes_live(broker, tmp_path):
     """An event stream answered with no stream (503 too_many_streams; a proxy's 502 while the console restarts) is
-    given up for good by the browser: the page said "reconnecting…" and showed no result until it was reloaded."""
+    given up for good by the browser: the page said "reconnecting…" and showed no result until it was reloaded. It
+    said "reconnecting…" for a console that turned a page too many away, too: it names the cap now."""
     from playwright.sync_api import expect
 
     with _live_page(broker, tmp_path, max_event_streams=1) as (first, client, errors):
@@ -1524,7 +1525,8 @@ def test_a_page_whose_event_stream_was_refused_asks_again_and_goes_live(broker, 
         refused: list[int] = []
         second.on("response", lambda r: refused.append(r.status) if r.url.endswith("api/events") else None)
         second.goto(first.url)
-        expect(second.locator("#link")).to_have_text("reconnecting…", timeout=10_000)
+        expect(second.locator("#link")).to_have_text("refused: too many pages open", timeout=10_000)
+        expect(second.locator("#link")).to_have_attribute("title", re.compile(r"console\.max_event_streams\b"))
         assert 503 in refused, refused  # the console's cap, not a network error: the browser retries no more
         first.close()  # its stream's slot is given back
         expect(second.locator("#link")).to_have_text("live", timeout=20_000)

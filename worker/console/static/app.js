@@ -724,10 +724,24 @@ async function loadOlder() {
   $("#feed-status").textContent = "";
 }
 
-function setLink(ok, text) {
+function setLink(ok, text, why = "server-sent events from the console") {
   const el = $("#link");
   el.className = `pill ${ok ? "on" : "off"}`;
   el.textContent = text;
+  el.title = why;
+}
+
+// Why the console refused a stream the browser gave up on (EventSource tells no status): 503 too_many_streams names
+// the cap reached, and that a page must close; anything else (a proxy's 502 while the console restarts) is null.
+async function refusal() {
+  try {
+    const res = await fetch("api/events");
+    if (res.ok) { res.body.cancel(); return null; }  // taken now: the stream is opened again by connect()
+    const answer = await res.json();
+    return answer.error?.code === "too_many_streams" ? answer.error.message : null;
+  } catch {
+    return null;
+  }
 }
 
 // The console's MQTT link, as its state and its "link" events say: "refused" only when the broker answered the
@@ -772,7 +786,12 @@ function connect() {
   events.onerror = () => {
     streamLost = true;
     setLink(false, "reconnecting…");
-    if (events.readyState === EventSource.CLOSED) setTimeout(connect, RECONNECT_MS);
+    if (events.readyState !== EventSource.CLOSED) return;
+    // "reconnecting…" alone read as a network fault where the console turned a page too many away
+    refusal().then((why) => {
+      if (why) setLink(false, "refused: too many pages open", why);
+      setTimeout(connect, RECONNECT_MS);
+    });
   };
   events.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
   events.addEventListener("thumbnail", (e) => onThumbnail(JSON.parse(e.data)));

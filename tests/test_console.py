@@ -1052,6 +1052,26 @@ def test_a_page_left_open_keeps_as_many_tiles_and_workers_as_the_console(broker,
 
 
 
+
+@needs_chromium
+def test_a_page_loaded_forgets_the_camera_the_console_forgot(broker, tmp_path):
+    """A page loaded (or back from a lost stream) took the console's cameras in name order as their order of
+    activity: past console.max_cameras it then dropped the busiest camera whose name sorts first, and kept the tile
+    of the one the console had forgotten. /api/state lists the cameras as the console last heard them."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path, max_cameras=2) as (page, client, errors):
+        now = datetime.now(UTC)
+        for camera in ("cam-z", "cam-a"):  # cam-z quiet the longest
+            _publish_result(client, camera, "f1", now)
+        expect(page.locator('.tile[data-camera="cam-a"]')).to_have_count(1, timeout=10_000)
+        page.reload()
+        expect(page.locator("#link")).to_have_text("live", timeout=10_000)
+        _publish_result(client, "cam-m", "f1", now)  # the console forgets cam-z
+        expect(page.locator('.tile[data-camera="cam-m"]')).to_have_count(1, timeout=10_000)
+        assert page.locator(".tile").evaluate_all("(ts) => ts.map((t) => t.dataset.camera)") == ["cam-a", "cam-m"]
+        assert errors == [], errors
+
 @needs_chromium
 def test_a_camera_chosen_in_a_picker_stays_chosen_and_named_when_its_tile_is_dropped(broker, tmp_path):
     """Past console.max_cameras the page drops the camera quiet the longest, and took it out of every camera picker:

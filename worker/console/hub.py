@@ -764,7 +764,8 @@ class Hub:
     def snapshot(self) -> dict:
         with self.lock:
             return {
-                "cameras": {cam: e.view() for cam, e in sorted(self.latest.items())},
+                # the quiet the longest first, as the console forgets them: a page loaded takes them in this order
+                "cameras": {cam: e.view() for cam, e in self.latest.items()},
                 "errors": dict(self.errors),
                 "workers": {w: dict(s) for w, s in self.workers.items()},
                 "threads": self.liveness.snapshot(),

@@ -1696,6 +1696,35 @@ def test_a_defect_that_comes_while_the_feed_is_listed_stays_in_it(broker, tmp_pa
         expect(item).to_have_count(1)
 
 
+@needs_chromium
+def test_a_page_that_opens_lists_what_came_before_its_stream_and_asks_again_for_a_state_refused(broker, tmp_path):
+    """A page listed the state and the feed, then opened its event stream: a defect that came in between was in
+    neither, and missing from the feed until the next listing; and a state not answered (the console past
+    console.max_connections, a proxy's 502) left the page "connecting" for good. The stream opens first now, the
+    state is read once it is open, and asked again until answered."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        state_url = f"{page.url}api/state"
+
+        def held(route) -> None:
+            """The stream's request, held until a defect has reached the console."""
+            _publish_result(client, "cam", "between", datetime.now(UTC), "anomalous")
+            deadline = time.monotonic() + 10
+            while "cam" not in json.loads(urllib.request.urlopen(state_url, timeout=5).read())["cameras"]:
+                assert time.monotonic() < deadline, "the defect never reached the console"
+                time.sleep(0.05)  # polling the console's state, not waiting a fixed time
+            route.continue_()
+
+        page.route("**/api/events", held, times=1)
+        page.route("**/api/state", lambda route: route.fulfill(status=503, body="busy"), times=1)
+        page.reload()
+        expect(page.locator('#defects li.card[data-key="cam/between"]')).to_have_count(1, timeout=10_000)
+        expect(page.locator('.tile[data-camera="cam"]')).to_have_attribute("data-frame-id", "between")
+        expect(page.locator("#link")).to_have_text("live")
+        assert [e for e in errors if "503" not in e] == [], errors
+
+
 def test_a_cross_site_page_cannot_label_or_control_through_the_console(broker, bundle_dir, dataset, tmp_path):
     """A page on another site can POST a text/plain "form" to the console (no CORS preflight) with the operator's
     login: it absorbed a false alarm. Changes are taken only as JSON from the console's own origin."""

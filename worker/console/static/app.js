@@ -773,7 +773,21 @@ async function loadState() {
   schedule();
 }
 
-let streamLost = false;  // the event stream was down: what came meanwhile was pushed to nobody
+// Not read yet, or the event stream was down: what came meanwhile was pushed to nobody. The page reads the state, the
+// feed and the Learned panel once its stream is open, so what comes while they are read arrives on it: read before
+// the stream opened, a defect that came in between was in neither.
+let streamLost = true;
+
+async function reload() {
+  try {
+    await loadState();  // first: the console's bounds and clock, which the feed's listing reckons with
+  } catch {  // not answered (the console restarting behind a proxy, past console.max_connections): asked again
+    setTimeout(reload, RECONNECT_MS);
+    return;
+  }
+  loadFeed();
+  loadLearned();
+}
 
 // The event stream. The browser reconnects by itself after a network error, but gives up for good on an answer that is
 // no stream (503 too_many_streams, a proxy's 502 while the console restarts): the page then opens a new one itself.
@@ -781,7 +795,7 @@ function connect() {
   const events = new EventSource("api/events");
   events.onopen = () => {
     setLink(true, "live");
-    if (streamLost) { streamLost = false; loadState(); loadFeed(); loadLearned(); }
+    if (streamLost) { streamLost = false; reload(); }
   };
   events.onerror = () => {
     streamLost = true;
@@ -804,10 +818,7 @@ function connect() {
   }
 }
 
-async function start() {
-  await loadState();
-  await loadFeed();
-  loadLearned();
+function start() {
   connect();
   // plots scroll with time even when a camera is quiet, and the feed's time window with them; when the day turns, the
   // tiles' capture times are written again (a quiet camera's "08:00:00" of yesterday read as today's)

@@ -1107,25 +1107,30 @@ def test_a_camera_chosen_in_a_picker_stays_chosen_and_named_when_its_tile_is_dro
 def test_the_feed_window_and_the_plots_follow_the_consoles_clock_not_the_browsers(broker, tmp_path):
     """The feed's time window and the score plots were reckoned on the browser's clock against the console's receive
     times: with the operator's machine two hours ahead of the edge box, "last hour" listed no defect (live or
-    listed) and every plot was empty. The page reckons them on the console's clock (``now`` in /api/state)."""
+    listed) and every plot was empty. The page reckons them on the console's clock (``now`` in /api/state), and
+    follows it when either clock steps (NTP setting a box right) with the page open."""
     from playwright.sync_api import expect
 
     with _live_page(broker, tmp_path) as (page, client, errors):
-        page.add_init_script("{ const real = Date.now; Date.now = () => real() + 7_200_000; }")
+        page.add_init_script("{ const real = Date.now; window.shift = 7_200_000; Date.now = () => real() + window.shift; }")
         page.reload()
         expect(page.locator("#link")).to_have_text("live", timeout=10_000)
         _publish_result(client, "cam", "d1", datetime.now(UTC), "anomalous")
         feed = page.locator("#defects li")
-        for load in ("live", "reloaded"):
-            expect(feed).to_have_count(1, timeout=10_000)
-            expect(page.locator('.tile[data-camera="cam"]')).to_have_attribute("data-frame-id", "d1")
-            # the anomalous score's red mark, drawn near the plot's right end (now), above the threshold line
-            marked = "(c) => { const d = c.getContext('2d').getImageData(0, 4, c.width, 8).data; " \
-                     "for (let i = 0; i < d.length; i += 4) if (d[i] > 150 && d[i + 1] < 100) return true; return false; }"
-            page.wait_for_function(f"() => ({marked})(document.querySelector('.tile[data-camera=\"cam\"] .plot'))",
+        # the anomalous score's red mark, drawn near the plot's right end (now), above the threshold line
+        marked = "(c) => { const d = c.getContext('2d').getImageData(0, 4, c.width, 8).data; " \
+                 "for (let i = 0; i < d.length; i += 4) if (d[i] > 150 && d[i + 1] < 100) return true; return false; }"
+        for load in ("live", "reloaded", "stepped"):
+            camera = "cam-b" if load == "stepped" else "cam"
+            expect(feed).to_have_count(2 if load == "stepped" else 1, timeout=10_000)
+            expect(page.locator(f'.tile[data-camera="{camera}"]')).to_have_attribute("data-frame-id", "d1")
+            page.wait_for_function(f"() => ({marked})(document.querySelector('.tile[data-camera=\"{camera}\"] .plot'))",
                                    timeout=10_000)
             if load == "live":
                 page.reload()
+            elif load == "reloaded":
+                page.evaluate("() => { window.shift = 0; }")  # the browser's clock stepped back two hours
+                _publish_result(client, "cam-b", "d1", datetime.now(UTC), "anomalous")
         assert errors == [], errors
 
 

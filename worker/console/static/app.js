@@ -26,8 +26,8 @@ let feedArrived = [];
 let renderQueued = false;
 let feedAt = 0, feedTimer = 0;
 let overlay = 1;
-// The console's clock minus this browser's, in seconds (from its state): receive times (seen_at), the feed's window
-// and the plots are the console's, and the operator's machine may be hours off the edge box's.
+// The console's clock minus this browser's, in seconds (from its state and each new result): receive times
+// (seen_at), the feed's window and the plots are the console's, and the operator's machine may be hours off the box's.
 let clockSkew = 0;
 const consoleNow = () => Date.now() / 1000 + clockSkew;
 let controlled = null;  // the worker id this console sends control commands to (config worker.id)
@@ -251,6 +251,8 @@ function feedMatches(r) {
 // The console decides (hub.py): "tile" when this frame is its camera's tile now, "first" when its result is new
 // rather than a late image or a repeat. Camera clocks can be years off, so the page compares no capture times.
 function onFrame(r) {
+  // a new result's seen_at is the console's clock as it sent it: followed when either clock steps with the page open
+  if (r.first) clockSkew = r.seen_at - Date.now() / 1000;
   const cam = camera(r.camera);
   if (r.first) addPoint(cam, r.seen_at - (r.late_s || 0), r.score);  // a late frame at its capture time
   if (r.tile) { cam.latest = r; cam.dirty = true; }

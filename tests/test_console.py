@@ -1705,8 +1705,8 @@ def test_a_defect_that_comes_while_the_feed_is_listed_stays_in_it(broker, tmp_pa
 def test_a_page_that_opens_lists_what_came_before_its_stream_and_asks_again_for_a_state_refused(broker, tmp_path):
     """A page listed the state and the feed, then opened its event stream: a defect that came in between was in
     neither, and missing from the feed until the next listing; and a state not answered (the console past
-    console.max_connections, a proxy's 502) left the page "connecting" for good. The stream opens first now, the
-    state is read once it is open, and asked again until answered."""
+    console.max_connections, a proxy's 502) left the page "connecting" for good, a feed not answered left it empty.
+    The stream opens first now, the state and the feed are read once it is open, and asked again until answered."""
     from playwright.sync_api import expect
 
     with _live_page(broker, tmp_path) as (page, client, errors):
@@ -1723,6 +1723,7 @@ def test_a_page_that_opens_lists_what_came_before_its_stream_and_asks_again_for_
 
         page.route("**/api/events", held, times=1)
         page.route("**/api/state", lambda route: route.fulfill(status=503, body="busy"), times=1)
+        page.route(re.compile(r"/api/defects\?"), lambda route: route.fulfill(status=503, body="busy"), times=1)
         page.reload()
         expect(page.locator('#defects li.card[data-key="cam/between"]')).to_have_count(1, timeout=10_000)
         expect(page.locator('.tile[data-camera="cam"]')).to_have_attribute("data-frame-id", "between")

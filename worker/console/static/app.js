@@ -783,11 +783,11 @@ let streamLost = true;
 async function reload() {
   try {
     await loadState();  // first: the console's bounds and clock, which the feed's listing reckons with
+    await loadFeed();
   } catch {  // not answered (the console restarting behind a proxy, past console.max_connections): asked again
     setTimeout(reload, RECONNECT_MS);
     return;
   }
-  loadFeed();
   loadLearned();
 }
 

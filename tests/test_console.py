@@ -1701,6 +1701,28 @@ def test_a_defect_that_comes_while_the_feed_is_listed_stays_in_it(broker, tmp_pa
         expect(item).to_have_count(1)
 
 
+
+@needs_chromium
+def test_a_feed_filter_the_console_did_not_list_says_so_rather_than_show_the_earlier_listing(broker, tmp_path):
+    """A camera chosen in the feed's filter while the console could not answer (past console.max_connections, a
+    proxy's 502) left the earlier listing, every camera's defects, under the picker's "cam-a", without a word. The
+    feed is emptied and says it was not listed; "Load older" lists it."""
+    from playwright.sync_api import expect
+
+    with _live_page(broker, tmp_path) as (page, client, errors):
+        for camera in ("cam-a", "cam-b"):
+            _publish_result(client, camera, "d1", datetime.now(UTC), "anomalous")
+        feed = page.locator("#defects li")
+        expect(feed).to_have_count(2, timeout=10_000)
+        page.route(re.compile(r"/api/defects\?"), lambda route: route.fulfill(status=503, body="busy"), times=1)
+        page.select_option("#feed-camera", "cam-a")
+        expect(page.locator("#feed-status")).to_have_text("not listed: HTTP 503", timeout=10_000)
+        expect(feed).to_have_count(0)
+        page.click("#feed-older")
+        expect(feed).to_have_count(1, timeout=10_000)
+        assert feed.get_attribute("data-key") == "cam-a/d1"
+        assert [e for e in errors if "503" not in e] == [], errors
+
 @needs_chromium
 def test_a_page_that_opens_lists_what_came_before_its_stream_and_asks_again_for_a_state_refused(broker, tmp_path):
     """A page listed the state and the feed, then opened its event stream: a defect that came in between was in

@@ -696,17 +696,27 @@ function feedParams() {
   return params;
 }
 
+// Whether the console listed it. Where not, the list is emptied and says why: the earlier listing, kept, read as the
+// filter's now chosen (another camera's defects under "cam-a"). "Load older" then lists the newest with the filters.
 async function loadFeed() {
   const seq = ++feedSeq;
   feedArrived = [];
-  const answer = await (await fetch(`api/defects?${feedParams()}`)).json();
-  if (seq !== feedSeq) return;
+  const answer = await ask(`api/defects?${feedParams()}`);
+  if (seq !== feedSeq) return true;
+  if (!answer.ok) {
+    feedPending = [];
+    $("#defects").replaceChildren();
+    $("#feed-more").hidden = false;
+    $("#feed-status").textContent = `not listed: ${answer.error?.message || "error"}`;
+    return false;
+  }
   feedPending = feedArrived.filter(feedMatches);
   feedOverflow = false;  // the answer says whether older ones exist
   feedLimit = FEED_MAX;
   $("#defects").replaceChildren(...answer.frames.map((r) => card(r)));
   $("#feed-more").hidden = !answer.more;
   $("#feed-status").textContent = "";
+  return true;
 }
 
 // The next FEED_MAX items after the last one listed, as the console lists them: an operator can look further back
@@ -783,7 +793,7 @@ let streamLost = true;
 async function reload() {
   try {
     await loadState();  // first: the console's bounds and clock, which the feed's listing reckons with
-    await loadFeed();
+    if (!await loadFeed()) throw new Error("the feed was not listed");
   } catch {  // not answered (the console restarting behind a proxy, past console.max_connections): asked again
     setTimeout(reload, RECONNECT_MS);
     return;

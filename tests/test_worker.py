@@ -493,3 +493,36 @@ def test_the_csv_export_shows_formulas_as_text(running, dataset):
         assert rows == {"'=1+2": ('\'=HYPERLINK("http://evil.example","x")', "'-1+1", "'-cam", "confirmed_defect"),
                         "'@SUM(1;2)": ("'\tpadded", "'+x", "'-cam", "confirmed_defect"),
                         "''=1+2": ("''quoted", "bent", "'-cam", "confirmed_defect")}, rows
+
+
+def _worker_api_section() -> str:
+    """README's "Worker API (MQTT v5)" section: the one reference an integrator writes a PLC's or flow's side from."""
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("### Worker API (MQTT v5)"):readme.index("### Operating it")]
+
+
+def test_every_json_message_carries_its_content_type_and_every_field_is_in_the_reference(running, dataset):
+    """The model and stats were published without the content type that results, errors and answers carry, so a
+    client that parses by it read them as bytes; and fields of the model, stats and answers were in no doc."""
+    prefix, client, _, _, _ = running
+    client.publish_frame("cam1", good_png(dataset).read_bytes(), "wire-1")
+    client.publish_frame("cam1", b"", "wire-2")
+    client.json_on(f"{prefix}/cam1/result")
+    requests = {"query": {"top_k": 1}, "label": {"action": "extensions"}}
+    answers = [_query(client, prefix, body, topic=topic) for topic, body in requests.items()]
+    answers.append(_query(client, prefix, {"frame_id": "wire-1", "camera": "cam1", "label": "false_alarm",
+                                           "action": "set"}, topic="label"))
+    answers.append(_query(client, prefix, {"command": "status"}, topic="workers/w-test/control"))
+    answers.append(_query(client, prefix, {"top_k": "3"}))
+    assert [a["ok"] for a in answers] == [True, True, True, True, False], answers
+    kinds = {leaf: client.wait_for(lambda m, leaf=leaf: m.topic == f"{prefix}/{leaf}", timeout=30)[0]
+             for leaf in ("cam1/result", "cam1/error", "workers/w-test/model", "workers/w-test/stats",
+                          "query/response/test")}
+    for leaf, msg in kinds.items():
+        assert getattr(msg.properties, "ContentType", None) == "application/json", leaf
+    reference = _worker_api_section()
+    fields = set().union(*(json.loads(m.payload) for m in kinds.values()), *answers)
+    fields |= set(json.loads(kinds["workers/w-test/stats"].payload)["cameras"]["cam1"])
+    fields |= set(next(iter(json.loads(kinds["workers/w-test/model"].payload)["scopes"].values())))
+    unnamed = sorted(f for f in fields if f"`{f}`" not in reference and f'"{f}"' not in reference)
+    assert not unnamed, f"published, but not in README's Worker API: {unnamed}"

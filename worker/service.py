@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
 
 from bundle import DISK_FULL, tiling
 from worker.acks import Ticket
@@ -159,6 +160,12 @@ def _claim(key: str, folder: Path, owner: str) -> IO[str] | None:
     return handle
 
 
+def _json() -> Properties:
+    """The MQTT v5 content type every JSON message of the worker carries: a client that picks its parser by it (a
+    Node-RED MQTT node set to auto-detect) reads the model and stats as it reads results, errors and answers."""
+    return publish_properties(content_type="application/json")
+
+
 def routed(msg: Inbound) -> Inbound:
     """The request with its body's ``reply_to`` taken out and made its answer route where MQTT v5 gave none (the
     property wins). RequestError for a ``reply_to`` that names no topic a reply can be published to."""
@@ -269,14 +276,15 @@ class Worker:
         parts, which /metrics and the console still have, rather than none."""
         stats = self.stats_payload()
         try:
-            self.link.publish(self.topics.stats, json.dumps(stats))
+            self.link.publish(self.topics.stats, json.dumps(stats), properties=_json())
         except PacketTooLarge as exc:
             if self._stats_reduced.ready():
                 log.error("stats published without their per-camera parts: %s; raise the broker's maximum packet size "
                           "(mosquitto: max_packet_size)", exc)
             per_camera = ("cameras", "capture", "capture_export", "evidence")
             self._status(self.topics.stats, json.dumps({**{k: v for k, v in stats.items() if k not in per_camera},
-                                                        "omitted": list(per_camera)}), retain=False)
+                                                        "omitted": list(per_camera)}), retain=False,
+                         properties=_json())
 
     def _status(self, topic: str, payload: str, retain: bool = True, **kw) -> None:
         """Publish one of the worker's own status messages; one the broker's maximum packet size refuses is said
@@ -309,7 +317,7 @@ class Worker:
                 return
             self._models_published = reading
             self.stats.set_models(scopes)
-            self._status(self.topics.model, json.dumps(body))
+            self._status(self.topics.model, json.dumps(body), properties=_json())
 
     def control(self, command: ControlRequest) -> dict:
         """reload {bundle?, camera?} | rollback {camera?} | status: the answer says which model now serves

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -29,3 +30,31 @@ def test_the_reference_writer_refuses_arguments_it_does_not_know():
                               text=True, timeout=60)
         assert proc.returncode == code and "usage: python -m scripts.config_docs" in proc.stdout + proc.stderr, proc
     assert out.stat().st_mtime_ns == before
+
+
+def _worker_api() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("### Worker API (MQTT v5)"):readme.index("### Operating it")]
+
+
+def test_every_error_code_is_in_the_readme_table_and_every_row_is_a_code():
+    """The error table is what an integrator matches ``code`` against: a code the worker can publish that it lacks
+    is one a PLC's flow cannot handle, a row of no code one it waits for in vain."""
+    from worker.wire import ErrorCode
+
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([a-z, ]+) \|", _worker_api(), re.MULTILINE)
+    assert sorted(code for code, _ in rows) == sorted(c.value for c in ErrorCode)
+
+
+def test_every_topic_of_the_api_is_in_the_readme_table():
+    """worker/topics.py is every topic the worker reads or writes; the README's table is what integrators read."""
+    import worker.topics
+    from worker.topics import Topics
+
+    topics = Topics("<prefix>", "<worker_id>")
+    names = [topics.frame("<camera>"), topics.result("<camera>"), topics.heatmap("<camera>"),
+             topics.error("<camera>"), topics.query, topics.label, topics.availability, topics.model, topics.stats,
+             topics.control]
+    rows = set(re.findall(r"^\| `(<prefix>/[^`]+)` \|", _worker_api(), re.MULTILINE))
+    assert rows == set(names)
+    assert all(name in (worker.topics.__doc__ or "") for name in names)  # and the module's own list

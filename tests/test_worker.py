@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, Client, good_png, user_props, write_config
+from conftest import ROOT, Client, good_png, user_props, wait_online, write_config
 from worker.config import StoreConfig
 from worker.store import VectorStore, point_id
 
@@ -526,3 +526,22 @@ def test_every_json_message_carries_its_content_type_and_every_field_is_in_the_r
     fields |= set(next(iter(json.loads(kinds["workers/w-test/model"].payload)["scopes"].values())))
     unnamed = sorted(f for f in fields if f"`{f}`" not in reference and f'"{f}"' not in reference)
     assert not unnamed, f"published, but not in README's Worker API: {unnamed}"
+
+
+def test_a_result_of_a_model_without_a_bank_extension_has_the_same_fields(broker, bundle_dir, dataset, tmp_path,
+                                                                           worker_factory):
+    """A model without a bank extension (EfficientAD, learning off) left ``model.extension`` out of its results and
+    model topic, so a flow reading ``model.extension.rows`` failed on one family only; it is null now."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, learning={"enabled": False})
+    client = Client(broker.port, prefix)
+    try:
+        worker_factory(config)
+        wait_online(client, prefix)
+        client.publish_frame("cam1", good_png(dataset).read_bytes(), "no-ext")
+        [result] = client.json_on(f"{prefix}/cam1/result", timeout=120)
+        [model] = client.json_on(f"{prefix}/workers/w-test/model", timeout=30)
+        assert result["model"]["extension"] is None, result["model"]
+        assert model["extension"] is None and model["scopes"]["default"]["extension"] is None, model
+    finally:
+        client.close()

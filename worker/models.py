@@ -106,9 +106,11 @@ class Model:
 
     def scored_by(self, revision: int | None) -> dict:
         """:attr:`info` for a result whose prediction names the extension ``revision`` that scored it (None: the
-        current one), so a frame in flight while a label lands is not credited to the new extension."""
+        current one), so a frame in flight while a label lands is not credited to the new extension.  ``extension``
+        is null for a model without one (EfficientAD, learning off), not left out: every result has one schema."""
         m = self.bundle.manifest
-        info: dict = {"name": m.name, "version": m.version, "family": m.family, "precision": self.bundle.precision}
+        info: dict = {"name": m.name, "version": m.version, "family": m.family, "precision": self.bundle.precision,
+                      "extension": None}
         if self.extension is not None:
             ext = self.extension.info()
             if revision is not None and revision != ext["revision"]:

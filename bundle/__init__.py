@@ -30,8 +30,9 @@ import os
 import re
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -520,24 +521,52 @@ _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker that ends a sca
 _RESTART = re.compile(rb"\xff[\xd0-\xd7]")
 
 
+class JpegSegment(NamedTuple):
+    """A marker segment of a JPEG: its marker, its payload ``data[start:end]``, and where the next marker is (after
+    a scan's coded data, for a scan)."""
+
+    marker: int
+    start: int
+    end: int
+    next: int
+
+
+def jpeg_segments(data: bytes) -> Iterator[JpegSegment]:
+    """The marker segments of a JPEG's first picture, up to its end marker; one walk for every check that reads
+    them (:func:`jpeg_cut_short`, the worker's scan count), so that they agree on fill bytes, markers without a length
+    and where a scan's coded data ends.  Stops, without an error, where no marker is where one must be: the decoder
+    says what is wrong."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xD9:  # end of the (first) picture
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            at += 2
+            continue
+        start, end = at + 4, at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        after = end
+        if marker == 0xDA:  # the scan's coded data follows its header, up to the next marker
+            found = _SCAN_END.search(data, end)
+            after = found.start() if found else len(data)
+        yield JpegSegment(marker, start, end, after)
+        at = after
+
+
 def _restarts_short(data: bytes) -> bool:
     """Whether a sequential JPEG with a restart interval (DRI) has fewer restart markers in its first scan than its
     picture's MCUs need: the scan was cut short, and an end marker written after it.  libjpeg fills the rest with
     grey and says so only on stderr.  A cut within the last interval, or in a JPEG without restart markers (most), is
     not told; a progressive or lossless one is not checked."""
-    at, width, height, interval = 2, 0, 0, 0
+    width, height, interval = 0, 0, 0
     factors: dict[int, tuple[int, int]] = {}  # component id -> (horizontal, vertical) sampling factors
-    while at + 4 <= len(data):
-        if data[at] != 0xFF:
-            return False  # not a marker where one must be: the decoder says what is wrong
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker == 0xD9:
-            return False
-        length = int.from_bytes(data[at + 2 : at + 4], "big")
-        body = data[at + 4 : at + 2 + length]
+    for marker, start, end, after in jpeg_segments(data):
+        body = data[start:end]
         if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # progressive, lossless or arithmetic
             return False
         if marker in (0xC0, 0xC1) and len(body) >= 6:  # the frame header: size, components' sampling
@@ -556,11 +585,8 @@ def _restarts_short(data: bytes) -> bool:
                 mcus = math.ceil(math.ceil(width * h / hmax) / 8) * math.ceil(math.ceil(height * v / vmax) / 8)
             else:
                 mcus = math.ceil(width / (8 * hmax)) * math.ceil(height / (8 * vmax))
-            start = at + 2 + length
-            end = _SCAN_END.search(data, start)
-            restarts = len(_RESTART.findall(data, start, end.start() if end else len(data)))
+            restarts = len(_RESTART.findall(data, end, after))
             return restarts < math.ceil(mcus / interval) - 1
-        at += 2 + length
     return False
 
 

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bundle import FRAME_FORMATS, jpeg_cut_short, png_cut_short, png_damaged, tiff_samples, without_colour_profile
+from bundle import FRAME_FORMATS, jpeg_cut_short, jpeg_segments, png_cut_short, png_damaged, tiff_samples, without_colour_profile
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -130,31 +130,11 @@ def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
     """How many scans the first picture of a JPEG has, where that can be more than ``limit``; else a bound of at
     most ``limit``.  Inside a scan's coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the
     scan marker FF DA appears only as a marker or inside a marker segment's payload (an EXIF thumbnail, a maker
-    note): its count over the bytes is a bound, and the segments are walked only where the bound passes ``limit``."""
+    note): its count over the bytes is a bound, and the segments are walked (:func:`bundle.jpeg_segments`) only where
+    the bound passes ``limit``."""
     if (bound := data.count(b"\xff\xda")) <= limit:
         return bound
-    scans, at = 0, 2
-    while at + 4 <= len(data):
-        if data[at] != 0xFF:
-            return scans  # not a marker where one must be: the decoder says what is wrong
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker == 0xD9:  # end of the (first) picture
-            break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
-            at += 2
-            continue
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if marker == 0xDA:
-            scans += 1
-            while (at := data.find(b"\xff", at)) >= 0 and at + 1 < len(data) \
-                    and (data[at + 1] == 0 or 0xD0 <= data[at + 1] <= 0xD7):
-                at += 2
-            if at < 0:
-                break
-    return scans
+    return sum(segment.marker == 0xDA for segment in jpeg_segments(data))
 
 
 def reduction(header: Header, width: int, height: int, headroom: float = REDUCED_HEADROOM) -> int:

@@ -1280,8 +1280,11 @@ def summarise(category: Category, trained: bool = True) -> Summary:
         if marked is False and sample.mask is not None and sample.defect != "good":
             blank.append(sample.mask)
     unread = not_read(category.root) if category.root.is_dir() else []  # a list names its files itself
-    return Summary(category, sizes, channels, depths, unreadable, in_both, wide, beyond, misfit, unread, refused,
-                   low_bits, train_copies, trained, lossy, blank, chromas, tiff_depths, several)
+    # by name: fields added by changes made side by side cannot then fill each other's places unnoticed
+    return Summary(category, sizes, channels, depths, unreadable, in_both=in_both, wide_samples=wide,
+                   beyond_frames=beyond, misfit_masks=misfit, not_read=unread, refused_formats=refused,
+                   low_bits=low_bits, train_copies=train_copies, trained=trained, lossy_masks=lossy, blank_masks=blank,
+                   chroma=chromas, tiff_depths=tiff_depths, several_pictures=several)
 
 
 def _is_jpeg(path: Path) -> bool:

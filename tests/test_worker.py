@@ -312,7 +312,8 @@ def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_t
     camera and id, so the later one replaced the earlier's record, and a label the operator gave the earlier (its card
     still on the console's feed) landed on the later frame, which a false alarm then taught the model; its similar
     frames were the later frame's.  A label or query that names its frame's ``captured_at`` (the console's page sends
-    it) is refused ``unknown_frame`` when the stored frame is another, and nothing is labelled."""
+    it) is refused ``unknown_frame`` when the stored frame is another, and nothing is labelled (a withdrawal is said
+    as one, not as a label)."""
     prefix, client, _, config, _ = running
     defects = [data for _, data, kind in _frames(dataset) if kind != "good"][:2]
     client.publish_frame("cam", defects[0], "7", captured_at=str(time.time() - 60))
@@ -336,6 +337,10 @@ def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_t
     refused = label(earlier["captured_at"])
     assert not refused["ok"] and refused["error"]["code"] == "unknown_frame", refused
     assert later["captured_at"] in refused["error"]["message"] and "nothing was labelled" in refused["error"]["message"]
+    withdrawal = _query(client, prefix, {"action": "unlabel", "frame_id": "7", "camera": "cam",
+                                         "captured_at": earlier["captured_at"]}, topic="label")
+    assert not withdrawal["ok"] and withdrawal["error"]["code"] == "unknown_frame", withdrawal
+    assert "no label was withdrawn" in withdrawal["error"]["message"], withdrawal  # not "nothing was labelled"
     cli = subprocess.run([sys.executable, "-m", "worker", "label", "--config", str(config), "--frame-id", "7",
                           "--camera", "cam", "--captured-at", earlier["captured_at"], "--false-alarm"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -76,12 +76,13 @@ class Unlabel(BaseModel):
 def _check_same_frame(request: SetLabel, payload: dict) -> None:
     """Refuse a label whose ``captured_at`` is not the stored frame's: the history keeps one frame per camera and id,
     and the frame the operator saw was replaced by a later one under its id (or, labelled, kept while the later one
-    was not recorded)."""
+    was not recorded).  A withdrawal (no ``label``) is said as one: "nothing was labelled" read as if it had not been
+    asked for."""
     if (stored := another_capture(payload, request.captured_at)) is not None:
         raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} captured "
                            f"at {iso(request.captured_at or 0)} is not in the history: the camera sent another frame "
                            f"under this id (captured at {stored}), and the history keeps one frame per camera and id; "
-                           "nothing was labelled")
+                           + ("nothing was labelled" if request.label is not None else "no label was withdrawn"))
 
 
 class ListExtensions(BaseModel):

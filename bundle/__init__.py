@@ -625,29 +625,48 @@ def png_damaged(data: bytes) -> str | None:
         end = at + 12 + length
         if end > len(data) or kind == b"IEND":
             return None
-        if kind[:1].isupper() and zlib.crc32(data[at + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+        if kind[:1].isupper() and not _crc_matches(data, at, end):
             return kind.decode("latin-1")
         at = end
     return None
 
 
-def without_colour_profile(data: bytes) -> bytes:
-    """A PNG without its iCCP chunk (the embedded colour profile, which OpenCV does not apply): libpng warns about a
-    profile that does not fit the image (an RGB profile on a grey PNG, a known bad sRGB profile) on stderr, a line
-    per frame or training image that names none, which OpenCV's log level does not reach.  The worker and the
-    exporter both decode this (the same pixels).  Other data is returned as it is."""
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a whole IEND chunk: no data, and its CRC
+
+
+def _crc_matches(data: bytes, at: int, end: int) -> bool:
+    """Whether the chunk ``data[at:end]`` (length, type, data, CRC) matches its CRC."""
+    return zlib.crc32(memoryview(data)[at + 4 : end - 4]) == int.from_bytes(data[end - 4 : end], "big")
+
+
+def quiet_png(data: bytes) -> bytes:
+    """A PNG without what makes libpng write to stderr though its pixels are whole, a line per frame or training image
+    that names none, which OpenCV's log level does not reach: its iCCP chunk (the embedded colour profile, which
+    OpenCV does not apply; libpng warns about one that does not fit the image, an RGB profile on a grey PNG, a known
+    bad sRGB profile), an ancillary chunk whose CRC does not match (a text or time chunk damaged on its way) and an
+    IEND whose CRC does not match (put back whole).  A critical chunk that does not match is :func:`png_damaged`'s.
+    The worker and the exporter both decode this (the same pixels).  Other data is returned as it is."""
     if not data.startswith(PNG_SIGNATURE):
         return data
+    cuts: list[tuple[int, int, bytes]] = []  # (start, end, what goes in their place)
     at = len(PNG_SIGNATURE)
-    while at + 8 <= len(data):
+    while at + 12 <= len(data):
         length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
         end = at + 12 + length  # length, type, data, CRC
-        if kind == b"iCCP":
-            return data[:at] + data[end:]
-        if kind in (b"IDAT", b"IEND"):  # the profile comes before the pixels, or not at all
-            return data
+        if end > len(data):  # cut short: png_cut_short's
+            break
+        if kind == b"iCCP" or ((kind == b"IEND" or not kind[:1].isupper()) and not _crc_matches(data, at, end)):
+            cuts.append((at, end, _IEND if kind == b"IEND" else b""))
+        if kind == b"IEND":
+            break
         at = end
-    return data
+    if not cuts:
+        return data
+    parts, kept = [], 0
+    for start, end, instead in cuts:
+        parts += [data[kept:start], instead]
+        kept = end
+    return b"".join([*parts, data[kept:]])
 
 
 def chroma(bgr: np.ndarray, step: int = 1) -> float:

@@ -73,8 +73,8 @@ from bundle import (
     png_cut_short,
     png_damaged,
     prepare_image,
+    quiet_png,
     tiff_samples,
-    without_colour_profile,
 )
 from bundle.tiling import canvas_size, tiles
 
@@ -784,8 +784,8 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
 def _decode(data: bytes, flags: int) -> np.ndarray | None:
     if not data or jpeg_cut_short(data) or png_cut_short(data) or png_damaged(data):  # OpenCV asserts on no bytes
         return None
-    try:  # without its colour profile, as the worker decodes a frame: libpng's warnings about one name no file
-        return cv2.imdecode(np.frombuffer(without_colour_profile(data), np.uint8), flags)
+    try:  # as the worker decodes a frame (bundle.quiet_png): libpng's warnings name no file
+        return cv2.imdecode(np.frombuffer(quiet_png(data), np.uint8), flags)
     except cv2.error:  # over OpenCV's pixel limit it raises where a damaged file is None: the summary names it
         return None
 
@@ -1166,7 +1166,7 @@ def _header(data: bytes) -> tuple[str | None, bool, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(quiet_png(data))) as image:  # as the worker's probe reads a frame
                 pictures = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
                 return image.format, _turned(image), pictures
     except Image.DecompressionBombError:  # beyond any frame a worker takes, which the summary says

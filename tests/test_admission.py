@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import zlib
 from datetime import UTC
 from pathlib import Path
 
@@ -357,6 +358,33 @@ def test_a_png_damaged_on_its_way_is_corrupt_and_libpng_writes_nothing(dataset, 
         assert _why_unreadable(tmp_path / "damaged.png") == "a PNG damaged: its IDAT chunk does not match its CRC"
     assert "libpng" not in capfd.readouterr().err
     assert np.array_equal(decode(png), cv2.imread(str(good_png(dataset))))
+
+
+def test_a_png_whose_text_chunk_or_end_was_damaged_is_decoded_and_libpng_writes_nothing(dataset, tmp_path, capfd):
+    """A flipped bit in an ancillary chunk (a text or time chunk) or in IEND's CRC leaves the pixels whole: the frame
+    was decoded, but libpng wrote "tEXt: CRC error" or "IEND: CRC error" to stderr for each such frame (and training
+    image), journal lines that name none.  Those chunks are left out before decoding, on both sides; the pixels are
+    the same."""
+    from exporter.data import _header, decoded
+
+    png = good_png(dataset).read_bytes()
+    image = cv2.imread(str(good_png(dataset)))
+
+    def chunk(kind: bytes, body: bytes, damaged: bool) -> bytes:
+        crc = zlib.crc32(kind + body) ^ (1 if damaged else 0)
+        return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+
+    ihdr_end, iend = 8 + 25, len(png) - 12
+    whole, damaged_text = chunk(b"tEXt", b"Comment\x00part 7", False), chunk(b"tEXt", b"Comment\x00part 7", True)
+    bad_end = png[iend:-4] + (zlib.crc32(b"IEND") ^ 1).to_bytes(4, "big")
+    for variant in (png[:ihdr_end] + damaged_text + png[ihdr_end:],  # before the pixels
+                    png[:iend] + chunk(b"tIME", b"\x07\xea\x0c\x07\x01\x02\x03", True) + png[iend:],  # after them
+                    png[:iend] + bad_end, png[:ihdr_end] + whole + png[ihdr_end:iend] + damaged_text + bad_end):
+        assert probe(variant, len(variant), 10**8) == ("png", image.shape[1], image.shape[0])
+        assert np.array_equal(decode(variant), image)
+        (tmp_path / "frame.png").write_bytes(variant)
+        assert np.array_equal(decoded(tmp_path / "frame.png"), image) and _header(variant)[0] == "PNG"
+    assert "libpng" not in capfd.readouterr().err
 
 
 def test_a_phone_jpeg_with_a_second_picture_is_a_jpeg(dataset):

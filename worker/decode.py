@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bundle import FRAME_FORMATS, jpeg_cut_short, jpeg_segments, png_cut_short, png_damaged, tiff_samples, without_colour_profile
+from bundle import FRAME_FORMATS, jpeg_cut_short, jpeg_segments, png_cut_short, png_damaged, quiet_png, tiff_samples
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -81,7 +81,7 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = Image.open(io.BytesIO(data))
+            header = Image.open(io.BytesIO(quiet_png(data)))  # a damaged text chunk: Pillow refuses the PNG whole
             fmt, (width, height), mode = header.format, header.size, header.mode
     except Exception as exc:  # Pillow raises many types for garbage; all mean the same here
         if (samples := tiff_samples(data)) is not None:
@@ -153,7 +153,7 @@ def reduction(header: Header, width: int, height: int, headroom: float = REDUCED
 
 def decode(data: bytes, reduce: int = 1) -> np.ndarray:
     """Decode an admitted frame to 8-bit BGR, at 1/``reduce`` of its size (a :func:`reduction`; 1 = full size)."""
-    data = without_colour_profile(data)
+    data = quiet_png(data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_COLOR)
     if image is None:
         raise FrameError("corrupt_image", "the image header is valid but its data cannot be decoded")

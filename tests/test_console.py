@@ -1253,13 +1253,15 @@ def test_the_page_works_behind_a_reverse_proxy_under_a_path(broker, tmp_path):
 @needs_chromium
 def test_a_frame_that_reached_the_worker_late_is_marked_late_and_plotted_when_it_was_captured(broker, tmp_path):
     """A worker back from an outage answers the frames the broker kept for it: a defect captured half an hour ago
-    came to the console now, and its card, tile and plot point showed it as a current one."""
+    came to the console now, and its card, tile and plot point showed it as a current one.  How late is said in whole
+    minutes: ten seconds short of two hours read "1 h 60 min"."""
     from playwright.sync_api import expect
 
     with _live_page(broker, tmp_path) as (page, client, _):
         now = datetime.now(UTC)
         _publish_result(client, "cam-late", "old", now - timedelta(minutes=30), "anomalous", published=now)
         _publish_result(client, "cam-live", "new", now, "anomalous", published=now)
+        _publish_result(client, "cam-hours", "older", now - timedelta(hours=2, seconds=-10), "anomalous", published=now)
         late, live = (page.locator(f'#defects li.card[data-key="{key}"]') for key in ("cam-late/old", "cam-live/new"))
         expect(late.locator(".late")).to_be_visible(timeout=10_000)
         expect(late.locator(".late")).to_contain_text("30 min")
@@ -1267,6 +1269,8 @@ def test_a_frame_that_reached_the_worker_late_is_marked_late_and_plotted_when_it
         expect(live.locator(".late")).to_be_hidden()
         expect(page.locator('.tile[data-camera="cam-late"] .late')).to_contain_text("30 min")
         expect(page.locator('.tile[data-camera="cam-live"] .late')).to_be_hidden()
+        # 2 h less 10 s: whole minutes first (it read "1 h 60 min")
+        expect(page.locator('.tile[data-camera="cam-hours"] .late')).to_contain_text("captured 2 h 0 min before")
         series = _state_of(page)["series"]
         assert series["cam-late"][0][0] < now.timestamp() - 25 * 60 < series["cam-live"][0][0], series
 

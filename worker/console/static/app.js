@@ -48,8 +48,12 @@ const fmtCaptured = (iso) => {
 };
 
 // How late a frame reached the worker (hub.py, LATE_AFTER_S): an outage's frames, delivered in a burst, are not new.
-const fmtAge = (s) => s < 3600 ? `${Math.round(s / 60)} min`
-  : s < 86400 ? `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min` : `${(s / 86400).toFixed(1)} days`;
+// Rounded to whole minutes first: 2 h less 10 s read "1 h 60 min".
+const fmtAge = (s) => {
+  const minutes = Math.round(s / 60);
+  return minutes < 60 ? `${minutes} min`
+    : s < 86400 ? `${Math.floor(minutes / 60)} h ${minutes % 60} min` : `${(s / 86400).toFixed(1)} days`;
+};
 function showLate(el, r) {
   el.hidden = !r.late_s;
   el.textContent = r.late_s ? `late: captured ${fmtAge(r.late_s)} before the worker answered it` : "";

@@ -4,6 +4,7 @@ mosquitto, the real bundle, store and evidence files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import ROOT, Client, good_png, wait_online, write_config
@@ -24,6 +26,23 @@ def _until(predicate, what: str, timeout: float = 60):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)  # polling interval, with a deadline
     return found
+
+
+@contextlib.contextmanager
+def _worker_on_shifted_clock(config: Path, clock: Path, log: Path, client: Client, prefix: str) -> Iterator[None]:
+    """A worker process whose wall clock is the real one plus the seconds the ``clock`` file holds, online; stopped
+    on leaving (its ``log`` then complete), and ``client`` closed."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("shifted_clock.py")), "--config",
+                                 str(config)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "SHIFTED_CLOCK_FILE": str(clock)})
+    try:
+        wait_online(client, prefix)
+        yield
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def test_a_box_booted_at_1970_serves_every_camera_and_keeps_its_history_when_ntp_sets_the_clock(
@@ -42,12 +61,7 @@ def test_a_box_booted_at_1970_serves_every_camera_and_keeps_its_history_when_ntp
                           evidence={"path": str(tmp_path / "evidence"), "max_frames": 100, "max_age_h": 720})
     log = tmp_path / "worker.log"
     client = Client(broker.port, prefix)
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("shifted_clock.py")), "--config",
-                                 str(config)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "SHIFTED_CLOCK_FILE": str(clock)})
-    try:
-        wait_online(client, prefix)
+    with _worker_on_shifted_clock(config, clock, log, client, prefix):
         good = good_png(dataset).read_bytes()
         for frame_id in ("req-1", "req-2"):  # the cameras' clocks are right
             client.publish_frame("req", good, frame_id)
@@ -80,10 +94,6 @@ def test_a_box_booted_at_1970_serves_every_camera_and_keeps_its_history_when_ntp
         client.messages.clear()
         stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[0]
         assert not stats["at"].startswith("1970") and stats["uptime_s"] < 3600, stats
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
     said = log.read_text(errors="replace")
     assert said.count("this box's clock is not set") == 1, said
     assert "camera req stamps its frames" not in said  # the box's clock, not the camera's
@@ -100,12 +110,7 @@ def test_the_frame_age_limit_refuses_nothing_while_the_box_clock_is_not_set(brok
     config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix},
                           limits={"max_frame_age_s": 60})
     client = Client(broker.port, prefix)
-    with (tmp_path / "worker.log").open("wb") as out:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("shifted_clock.py")), "--config",
-                                 str(config)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "SHIFTED_CLOCK_FILE": str(clock)})
-    try:
-        wait_online(client, prefix)
+    with _worker_on_shifted_clock(config, clock, tmp_path / "worker.log", client, prefix):
         good = good_png(dataset).read_bytes()
         answered = (f"{prefix}/cam/result", f"{prefix}/cam/error")
         client.publish_frame("cam", good, "unset", captured_at="2023-12-31T23:00:00Z")  # an hour before the box's time
@@ -118,7 +123,3 @@ def test_the_frame_age_limit_refuses_nothing_while_the_box_clock_is_not_set(brok
         client.publish_frame("cam", good, "set", captured_at=str(time.time() - 3600))
         [after] = client.wait_for(lambda m: m.topic in answered)
         assert after.topic.endswith("/error") and json.loads(after.payload)["code"] == "stale_frame", after.payload
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)

@@ -1166,7 +1166,7 @@ def _header(data: bytes) -> tuple[str | None, bool, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(quiet_png(data))) as image:  # as the worker's probe reads a frame
+            with Image.open(io.BytesIO(quiet_png(data))) as image:  # as the worker's probe reads a frame (_opened)
                 pictures = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
                 return image.format, _turned(image), pictures
     except Image.DecompressionBombError:  # beyond any frame a worker takes, which the summary says

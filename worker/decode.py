@@ -75,13 +75,24 @@ def check_area(width: int, height: int, max_pixels: int) -> None:
         raise FrameError("image_too_large", f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
 
 
+def _opened(data: bytes) -> Image.Image:
+    """Pillow's header of ``data``; of a PNG Pillow refuses whole for a damaged ancillary chunk, the header of what
+    is decoded (:func:`bundle.quiet_png`).  Tried as it is first: a PNG with a colour profile is not copied for it."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception:
+        if (quiet := quiet_png(data)) is data:
+            raise
+        return Image.open(io.BytesIO(quiet))
+
+
 def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     """Check size, format and dimensions from the header only."""
     check_payload(data, max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = Image.open(io.BytesIO(quiet_png(data)))  # a damaged text chunk: Pillow refuses the PNG whole
+            header = _opened(data)
             fmt, (width, height), mode = header.format, header.size, header.mode
     except Exception as exc:  # Pillow raises many types for garbage; all mean the same here
         if (samples := tiff_samples(data)) is not None:

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# Nothing heavier than the standard library at import (bundle pulls in OpenCV and numpy, a third of a second): a
+# Nothing heavier than the standard library at import (bundle pulls in OpenCV and numpy, slow to import): a
 # Ctrl-C in the first moments of a run came before the handlers (exporter/stopping.py) and printed a traceback.
 from exporter import stopping
 

@@ -499,8 +499,8 @@ class Extension:
             return list(self._held.values())
 
     def _serve_held(self) -> None:
-        """Serve the held entries that fit the rows a withdrawal freed, oldest first (as a start would), rather than
-        only at the next start; the index already lists them, so nothing is written."""
+        """Serve the held entries that fit the rows a withdrawal (or a frame absorbed again with fewer rows) freed,
+        oldest first, rather than only at the next start; the index already lists them, so nothing is written."""
         total, served = sum(e.rows for e in self._entries.values()), []
         for key, entry in sorted(self._held.items(), key=lambda kv: kv[1].at):
             if total + entry.rows <= self.max_rows:
@@ -576,6 +576,7 @@ class Extension:
             self._entries, self._arrays[key] = entries, rows
             self._held.pop(key, None)
             self._unknown_of.pop(key, None)
+            self._serve_held()  # a frame absorbed again with fewer rows frees some, as a withdrawal does
             self.revision += 1
             self._rows = self._concat()
             return entry

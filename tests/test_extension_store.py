@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import uuid
 
@@ -205,6 +206,23 @@ def test_entries_past_a_lower_bound_are_kept_on_disk_for_a_higher_one(tmp_path, 
     assert not (tmp_path / f"{third}.npy").exists()
     again = Extension(tmp_path, C, max_rows=20)
     assert sorted(e.frame_id for e in again.entries()) == ["f2", "f4"] and again.rows.shape == (5, C)
+
+
+def test_a_frame_absorbed_again_with_fewer_rows_serves_the_entries_held_that_now_fit(tmp_path, caplog) -> None:
+    """A frame absorbed again (a withdrawal's re-scoring gives a later false alarm what it now misses) with fewer rows
+    frees rows as a withdrawal does: the entries held past the bound that fit were served only at the next start, so
+    their false alarms were flagged until the worker restarted."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    first, second = key(), key()
+    ext.add(first, rows(8, 1.0), "f1", "cam")
+    ext.add(second, rows(4, 2.0), "f2", "cam")
+    lower = Extension(tmp_path, C, max_rows=10)
+    assert [e.frame_id for e in lower.held()] == ["f2"]
+    with caplog.at_level(logging.INFO, logger="bundle.extension"):
+        lower.add(first, rows(6, 1.0), "f1", "cam")  # 6 + 4 rows fit the bound of 10
+    assert [e.frame_id for e in lower.entries()] == ["f1", "f2"] and lower.held() == []
+    assert lower.rows.shape == (10, C) and "are served again in the rows freed" in caplog.text
+    assert sorted(e.frame_id for e in Extension(tmp_path, C, max_rows=10).entries()) == ["f1", "f2"]  # as a start
 
 
 def test_offending_takes_the_patches_at_or_above_the_margin() -> None:

@@ -193,6 +193,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     trained = set(training.get("trained_images") or [])
     if good_parts := not category.test and bool(category.train):  # no defect images yet: the false alarms alone
         category = category.as_good_parts()
+    elif category.drawn and trained and not any(
+            short_digest(p) in trained for p in [*category.train, *(s.path for s in category.test if not s.label)]):
+        category = category.as_test_folder()  # a test folder apart from the training one: all its good images count
     # A split drawn again from files added or removed since the export holds some of the bundle's training images;
     # good parts given as they are may be (a copy of the training folder, or the folder itself).
     again = [s.path for s in category.test if s.defect == "good" and short_digest(s.path) in trained] \

@@ -176,6 +176,15 @@ class Category:
         return replace(self, train=[], test=[Sample(p, "good", None) for p in self.train],
                        split="none of its own: every image as a good part, for the false alarms on them")
 
+    def as_test_folder(self) -> Category:
+        """A drawn split whose good images the bundle has never seen (a test folder kept apart from the training
+        folder) as ``evaluate`` measures it: every good image tested, not a seeded fifth, since the other four fifths
+        were drawn to train a bundle that was trained elsewhere."""
+        good = [Sample(p, "good", None) for p in self.train] + [s for s in self.test if s.defect == "good"]
+        defects = [s for s in self.test if s.defect != "good"]
+        return replace(self, train=[], test=sorted(good, key=lambda s: s.path) + defects, drawn=False,
+                       split="every image: none of its good images is one this bundle was trained on or held out")
+
     def without(self, recorded: Iterable[str]) -> Category:
         """The same data without these test images (held out for validation), named as :meth:`recorded` names them:
         relative to :attr:`base`, so that a relative ``--data`` (a sample's path then starts with it) is not joined to

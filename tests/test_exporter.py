@@ -619,6 +619,32 @@ def test_evaluate_on_good_images_only_counts_and_names_the_false_alarms(bundle_d
         "seen; give good images it was not trained on", proc.stderr[-2000:]
 
 
+def test_evaluate_on_a_test_folder_of_its_own_scores_every_good_image(bundle_dir, dataset, tmp_path):
+    """A user who keeps a labelled test folder apart from the training one (`good/`, `defect/`) had only a seeded
+    fifth of its good images scored (1 of 4): the rest were drawn to train, though the bundle was trained elsewhere.
+    A folder none of whose good images the bundle saw now has every image scored; the training folder itself still
+    gets the split measured at export."""
+    test = tmp_path / "test"
+    (test / "good").mkdir(parents=True)
+    (test / "defect").mkdir()
+    for path in sorted((dataset / "weave" / "test" / "good").glob("*.png")):
+        shutil.copy(path, test / "good" / f"ok-{path.name}")
+    for path in sorted((dataset / "weave" / "test" / "hole").glob("*.png")):
+        shutil.copy(path, test / "defect" / f"ng-{path.name}")
+    proc = _evaluate(bundle_dir, test)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout)
+    assert metrics["images"] == 8 and metrics["good_flagged"]["of"] == 4, metrics
+    assert "test split: every image: none of its good images is one this bundle was trained on or held out: " \
+        "defect 4, good 4" in proc.stderr, proc.stderr[-2000:]
+
+    shutil.copy(min((dataset / "weave" / "train" / "good").glob("*.png")), test / "good" / "seen.png")
+    proc = _evaluate(bundle_dir, test)  # a good image it was trained on: the folder is not apart from its training
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test split: all defect images and 1 of 5 good images (seed 0), never trained on" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
 def test_a_test_split_of_good_images_only_has_no_f1(bundle_dir, dataset):
     """Without a defect image F1 is undefined (no true positive can exist); it was reported 0.0, which reads as a
     model that missed every defect.  The false-alarm rate stands (detection_rate of good).  Image AUROC is undefined

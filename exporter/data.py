@@ -1048,6 +1048,13 @@ class Summary:
                        f"{train}): the test figures will overstate the model; remove the copies from one side")
         return out
 
+    def _grey_pictures(self) -> str:
+        """Said beside the channels when colour files all hold a grey picture: "colour" alone, followed by the fit's
+        line that the training images are all grey, read as a contradiction to a user who saved grey photos as JPEG."""
+        if "colour" not in self.channels or not self.chroma or any(c >= GREY_CHROMA for _, c in self.chroma):
+            return ""
+        return ", every training image a grey picture (its channels less than a level apart): read as grey"
+
     def colour_mix(self) -> str | None:
         """Why training images both grey and in colour deserve a look, naming the fewer kind, or None.  The bundle
         turns frames grey only where every training image is grey, and a worker says a grey frame is unlike a model
@@ -1095,7 +1102,7 @@ class Summary:
             *([f"  held out of the test split for the threshold: {', '.join(f'{t} {n}' for t, n in sorted(held_types.items()))}"]
               if held_types else []),
             f"  image sizes (w x h): {_counts({f'{w}x{h}': n for (w, h), n in self.sizes.items()}, SIZES_SHOWN)}",
-            f"  channels: {_counts(self.channels)}; bit depth: {_counts(self.depths)} "
+            f"  channels: {_counts(self.channels)}{self._grey_pictures()}; bit depth: {_counts(self.depths)} "
             "(read as 8-bit BGR like the worker: grey -> 3 channels, 16-bit -> top 8 bits; stretched to the input size)",
             f"  masks: {', '.join(masked) if masked else 'none'}" + (f"; image labels only: {', '.join(unmasked)}" if unmasked else ""),
         ]

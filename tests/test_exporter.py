@@ -173,6 +173,27 @@ def test_a_model_of_grey_images_is_fitted_on_the_grey_pixels_it_serves(dataset, 
     torch.testing.assert_close(fitted, want.permute(0, 2, 3, 1).reshape(-1, want.shape[1]), rtol=1e-4, atol=1e-4)
 
 
+def test_colour_files_of_grey_pictures_are_said_to_be_read_as_grey(dataset, tmp_path):
+    """Grey photos saved as three-channel JPEGs were summarised as `channels: colour (N)`, then the fit logged that
+    the training images are all grey: the two lines read as a contradiction.  The channels line now says that every
+    training image is a grey picture, read as grey; colour pictures are not said to be."""
+    from exporter.data import summarise
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, path in enumerate(sorted((dataset / "weave" / "train" / "good").glob("*.png"))[:9]):
+        cv2.imwrite(str(parts / f"part_{i:04d}.jpg"), cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    said = [line for line in summarise(load_category(parts)).text(7, 2).splitlines() if "channels:" in line]
+    assert said[0].startswith("  channels: colour (9), every training image a grey picture (its channels less than "
+                              "a level apart): read as grey; bit depth: 8-bit (9)"), said
+
+    for path in parts.iterdir():  # tinted: colour pictures, said as colour alone
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(path), np.clip(image * np.float32([0.8, 1.0, 1.2]), 0, 255).astype(np.uint8))
+    said = [line for line in summarise(load_category(parts)).text(7, 2).splitlines() if "channels:" in line]
+    assert said[0].startswith("  channels: colour (9); bit depth: 8-bit (9)"), said
+
+
 def test_a_training_set_of_grey_and_colour_images_is_warned_of_naming_the_odd_ones(dataset, tmp_path):
     """One colour image among grey ones turned the grey step off (and its note) without a word, and one grey image
     among colour ones turned off the worker's warning of grey frames: the summary now warns of a mixed set, naming

@@ -354,7 +354,7 @@ def test_a_label_for_a_frame_whose_id_the_camera_reused_since_does_not_land_on_t
 
 
 def test_labels_round_trip_into_the_store_and_export(running, dataset):
-    prefix, client, _, _, _ = running
+    prefix, client, _, config, _ = running
     frames = _frames(dataset)[:6]
     for frame_id, data, _ in frames:
         client.publish_frame("cam4", data, frame_id)
@@ -381,6 +381,13 @@ def test_labels_round_trip_into_the_store_and_export(running, dataset):
     hits = _query(client, prefix, {"frame_id": other, "camera": "cam4", "top_k": 10})["hits"]
     labelled = {h["frame_id"]: (h["label"], h["defect_type"]) for h in hits}
     assert labelled[target] == ("false_alarm", None)
+    # The CLI's table shows them too: a similar frame labelled a false alarm read as one more defect like it.
+    table = subprocess.run([sys.executable, "-m", "worker", "query", "--config", str(config), "--frame-id", target,
+                            "--camera", "cam4", "--top-k", "10"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = {line.split()[2]: line.split(None, 6)[-1] for line in table.stdout.splitlines()[1:]}
+    assert table.stdout.split()[:7] == ["similarity", "camera", "frame_id", "captured_at", "score", "verdict", "label"]
+    assert rows[other] == "confirmed_defect: hole" and rows[frames[2][0]] == "-", table.stdout
 
     export = label({"action": "export", "format": "json"})
     assert export["ok"] and export["count"] == 2 and {(r["frame_id"], r["label"]) for r in export["labels"]} == {

@@ -113,16 +113,25 @@ def _query(args: argparse.Namespace) -> int:
     elif answer.get("ok"):
         compared = bool(args.image or args.frame_id)  # neither: the latest frames, with when each was received
         print(f"{'similarity':>10}" if compared else f"{'received_at':<29}",
-              f" {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  verdict")
+              f" {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  {'verdict':<9}  label")
         for hit in answer["hits"]:
             lead = f"{hit['similarity']:>10.4f}" if compared else f"{hit['received_at'] or '-':<29}"
             print(f"{lead}  {hit['camera']:<12} {hit['frame_id']:<24} {hit['captured_at']:<30} "
-                  f"{hit['score']:>6.3f}  {hit['verdict']}")
+                  f"{hit['score']:>6.3f}  {hit['verdict']:<9}  {_label_cell(hit)}")
         if answer.get("note"):  # why fewer frames than asked for came back (frames of other models' spaces)
             print(f"note: {answer['note']}", file=sys.stderr)
     else:
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
     return 0 if answer.get("ok") else 1
+
+
+def _label_cell(hit: dict) -> str:
+    """A hit's operator label for the table: a frame flagged and labelled a false alarm would otherwise read as one
+    more past defect like the one asked about."""
+    label = hit.get("label")
+    if label == "confirmed_defect" and hit.get("defect_type"):
+        return f"confirmed_defect: {hit['defect_type']}"
+    return label or "-"
 
 
 def _labels(args: argparse.Namespace) -> int:

@@ -155,6 +155,30 @@ def test_the_printed_train_command_gives_the_exporter_the_exact_folder_and_categ
     assert load_category(out, folder.name).train
 
 
+def test_the_printed_train_command_trains_the_recipe_the_camera_runs(dataset, tmp_path) -> None:
+    """The command printed for a capture export kept only the serving bundle's family and input size: a camera
+    served the fast setting (EfficientNet-Lite1, a 1500-row bank, no screen, d4 views) got a command that trained
+    the exporter's defaults, another backbone.  It now names the serving bundle's whole PatchCore recipe, and the
+    bundle it trains records the same one."""
+    from bundle import read_manifest
+    from conftest import train_bundle
+
+    serving = train_bundle(dataset, tmp_path / "serving", "--backbone", "efficientnet_lite1", "--max-bank", "300",
+                           "--screen-rows", "0", "--bank-views", "flips")
+    command = train_command(dataset, "weave", None, read_manifest(serving, verify=False))
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "exporter", "train"] and argv[-2:] == ["--out", "BUNDLE"], command
+    proc = subprocess.run([sys.executable, *argv[1:-1], str(tmp_path / "next")], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = (read_manifest(b, verify=False).training for b in (serving, tmp_path / "next"))
+    assert before["backbone"] == "efficientnet_lite1" and before["bank_views"] == "flips", before
+    recipe = ("input_size", "backbone", "layers", "coreset_ratio", "neighbourhood", "max_bank", "image_score",
+              "bank_views", "screen_rows", "refine", "unrefined", "map_alignment", "layer_alignment",
+              "extension_candidates")
+    assert {k: after[k] for k in recipe} == {k: before[k] for k in recipe}, command
+
+
 def test_a_sample_in_the_folder_an_earlier_version_gave_its_camera_is_kept(tmp_path) -> None:
     """Ids that now map to another folder (one ending like a hash, one starting with ``-``) keep their sample."""
     capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)

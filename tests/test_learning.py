@@ -600,8 +600,10 @@ def test_a_capture_export_names_its_camera_folders_and_the_serving_bundles_kind(
         _next_tick(client)
     assert answer["ok"] and set(answer["cameras"]) == {"cam1", "cam2"}, answer
     folder = answer["folder"]
-    assert answer["train"]["cam1"] == (f"python -m exporter train --data {folder} --category=cam1 --model patchcore "
-                                       "--input-size 128 --out BUNDLE"), answer["train"]
+    command = answer["train"]["cam1"]  # the serving bundle's recipe whole: tests/test_capture.py trains it
+    assert command.startswith(f"python -m exporter train --data {folder} --category=cam1 --model patchcore "
+                              "--input-size 128 --backbone efficientnet_lite0 ") and " --coreset-ratio 0.05 " in command \
+        and command.endswith(" --extension-candidates 256 --out BUNDLE"), answer["train"]
 
     done = subprocess.run([sys.executable, "-m", "exporter", "train", "--data", folder, "--out",
                            str(config.parent / "b")], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -617,7 +619,8 @@ def test_a_capture_export_names_its_camera_folders_and_the_serving_bundles_kind(
         if cli.returncode == 0 or time.monotonic() > deadline:
             break
         _next_tick(client)
-    assert f"--data {out} --category=cam1 --model patchcore --input-size 128 --out BUNDLE" in cli.stdout, cli
+    assert f"--data {out} --category=cam1 --model patchcore --input-size 128 --backbone efficientnet_lite0 " \
+        in cli.stdout and " --extension-candidates 256 --out BUNDLE" in cli.stdout, cli
 
 
 def test_a_label_the_full_extension_cannot_take_says_so_and_the_cli_exits_3(broker, bundle_dir, dataset, tmp_path,

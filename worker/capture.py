@@ -82,6 +82,12 @@ def _earlier_folder(camera: str) -> str:
     return safe if safe == camera else f"{safe}-{hashlib.sha1(camera.encode()).hexdigest()[:8]}"
 
 
+# The PatchCore settings a bundle records in ``training`` under the name of its exporter option (``--max-bank``): those
+# the next bundle from a capture is trained with, so that it is the model the camera runs, not the exporter's default.
+RECIPE = ("backbone", "backbone_weights", "layers", "coreset_ratio", "neighbourhood", "max_bank", "image_score",
+          "bank_views", "screen_rows", "refine", "unrefined", "map_alignment", "layer_alignment", "extension_candidates")
+
+
 def train_command(data: Path, category: str, tiling: Grid | None, serving: Manifest | None = None) -> str:
     """The exporter command for the next bundle from an exported capture: the ``serving`` bundle's family and input
     size (its manifest's ``family`` and ``training.input_size``), so the new bundle is of the kind the camera runs,
@@ -92,6 +98,11 @@ def train_command(data: Path, category: str, tiling: Grid | None, serving: Manif
     if serving is not None:
         size = serving.training.get("input_size") or serving.input.height
         flags += f" --model {serving.family} --input-size {size}"
+        if serving.family == "patchcore":  # the rest of its recipe: without it, the exporter's defaults (another backbone)
+            for key in RECIPE:
+                if (value := serving.training.get(key)) is not None:
+                    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+                    flags += f" --{key.replace('_', '-')} {shlex.quote(text)}"
     flags += f" --tiling {tiling.grid[0]}x{tiling.grid[1]} --tile-overlap {tiling.overlap:g}" if tiling else ""
     return (f"python -m exporter train --data {shlex.quote(str(data))} --category={shlex.quote(category)}{flags} "
             "--out BUNDLE")

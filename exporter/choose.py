@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # The named candidates, cheapest first: the settings each changes from PatchcoreSettings' defaults.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "fast": {"input_size": 256, "max_bank": 1500, "screen_rows": 0},  # the demo's setting, without its d4 views
+    "fast": {"input_size": 256, "max_bank": 1500, "screen_rows": 0},  # the demo's, without its d4 views and Lite1
     "default": {},
     "fine": {"input_size": 640, "coreset_ratio": 0.005, "max_bank": 0, "screen_rows": 0},  # the old default
 }

@@ -18,7 +18,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from conftest import ROOT, Client, killed_after, user_props
+from conftest import ROOT, Client, good_png, killed_after, user_props, wait_online, write_config
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -708,3 +708,37 @@ def test_the_publishers_stop_signal_does_not_wait_on_a_lock_the_main_thread_hold
     except subprocess.TimeoutExpired:
         pytest.fail("the publisher's signal handler waited for a lock its own thread held")
     assert done.returncode == 0 and done.stdout.strip() == "True ['SIGTERM']", done
+
+
+def test_a_worker_in_a_locked_down_service_writes_nothing_outside_its_folders(tmp_path, broker, dataset, bundle_dir):
+    """``import openvino`` wrote a client id and stats under ``~/intel`` and sent an "import" event to Google
+    Analytics from a forked process (with HOME unusable it logged a line about openvino_telemetry instead).  A worker
+    started as a hardened unit starts it (no LANG, a HOME and TMPDIR it must not write, umask 077) scores a frame,
+    stops cleanly and leaves its HOME as it found it."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir(mode=0o555)
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path / "state", broker.port, bundle_dir, topics={"prefix": prefix})
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    client = Client(broker.port, prefix)
+    log = tmp_path / "worker.log"
+    try:
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: os.umask(0o077))
+            try:
+                wait_online(client, prefix)
+                client.publish_frame("line1", good_png(dataset).read_bytes(), "f1")
+                assert client.json_on(f"{prefix}/line1/result")[0]["frame_id"] == "f1"
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                code = proc.wait(60)
+    finally:
+        client.close()
+    said = log.read_text()
+    assert code == 0, said[-3000:]
+    assert not any(home.iterdir()), sorted(p.name for p in home.rglob("*"))
+    assert "telemetry" not in said and "Traceback" not in said, said[-3000:]

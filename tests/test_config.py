@@ -45,6 +45,21 @@ def test_a_path_under_the_home_folder_is_there_not_beside_the_config(tmp_path, m
     assert cfg.evidence.path == tmp_path.resolve() / "data" / "evidence"  # relative: still beside the file
 
 
+def test_a_home_path_for_a_user_without_a_home_is_a_config_error(tmp_path, monkeypatch):
+    """A container run as a bare uid (no passwd entry) with HOME unset: a ``~/...`` path in config.yaml ended the
+    start with pathlib's RuntimeError traceback, exit 1 (restarted for ever); now a ConfigError names the path."""
+    import pwd
+
+    def unknown(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", unknown)  # what a uid the system does not know gets
+    (tmp_path / "config.yaml").write_text("model: {bundle: ~/bundles/grid}\n")
+    with pytest.raises(ConfigError, match="'~' names the home folder.*give the full path"):
+        load_config(tmp_path / "config.yaml")
+
+
 def test_an_empty_path_is_refused_naming_its_key(tmp_path):
     """An empty path is the config file's folder: an override left empty in worker.env to turn the model cache off put
     the cache there, and an empty mqtt.session_file was written as a file beside that folder, outside it."""

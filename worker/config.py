@@ -843,7 +843,14 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     def fix(p: Path | None) -> Path | None: ...
     def fix(p: Path | None) -> Path | None:
         # ``~/...`` is the home folder, as in a shell: a folder named ``~`` was made beside the config file
-        return p if p is None or (p := p.expanduser()).is_absolute() else base / p
+        if p is None:
+            return None
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # no HOME and a user the system does not know (a container run as a bare uid)
+            raise ConfigError(f"{p}: '~' names the home folder, and the worker's user has none (HOME unset, no "
+                              "passwd entry): give the full path") from None
+        return p if p.is_absolute() else base / p
 
     config.model.bundle = fix(config.model.bundle)
     for camera in config.cameras.values():

@@ -395,6 +395,32 @@ def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, 
     assert f"error: the training folder cannot be written under {tmp_path / 'a-file' / 'out'}" in capsys.readouterr().err
 
 
+
+def test_the_export_cli_names_a_capture_folder_it_may_not_read(tmp_path) -> None:
+    """Run by an operator's login beside a worker whose service umask makes its folders 0750 or 0700, the export
+    said "nothing captured" (a folder it may not list read as empty), or "the training folder cannot be written
+    under --out" where it may not enter it: the operator looked at the sample or at --out.  It now names the capture
+    folder and whose it is to read."""
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    capture.offer("cam", "a", image(1), png(1))
+    capture.flush()
+    (tmp_path / "c.yaml").write_text(f"model: {{bundle: b}}\ncapture: {{path: {tmp_path / 'cap'}}}\n")
+    # root reads every folder: without its capabilities it is held to the modes, as any other login is
+    unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
+    if unprivileged and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: the folder's mode does not hold root")
+    (tmp_path / "cap").chmod(0o000)
+    try:
+        proc = subprocess.run([*unprivileged, sys.executable, "-m", "worker", "--config", str(tmp_path / "c.yaml"),
+                               "capture", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        (tmp_path / "cap").chmod(0o700)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: the captured frames in {tmp_path / 'cap'} cannot be read (Permission "
+                                  "denied): run this as the worker's user"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
 _CLI_UNDER_A_SIZE_LIMIT = """
 import resource, sys
 from worker.__main__ import main

@@ -217,6 +217,14 @@ def _capture(args: argparse.Namespace) -> int:
     from worker.config import camera_tiling
 
     cfg = load_config(args.config)
+    try:  # a folder this login may not list read as empty ("nothing captured"), or failed as --out's
+        os.listdir(cfg.capture.path)
+    except FileNotFoundError:
+        pass  # nothing captured yet: said below
+    except OSError as exc:  # the worker's folder, mode 0750 or 0700 under a service's umask
+        print(f"error: the captured frames in {cfg.capture.path} cannot be read ({exc.strerror or exc}): run this as "
+              "the worker's user (sudo -u edge-inspect ...) or one of its group", file=sys.stderr)
+        return 2
     try:
         written = Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, read_only=True).export(
             Path(args.out), [args.camera] if args.camera else None, cfg.store.min_free_mb * 2**20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,24 @@ def test_not_yaml_and_missing_file(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes("model: {bundle: b}\nworker: {id: K\xf6ln}\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="cannot be read as UTF-8 text"):
         load_config(tmp_path / "latin1.yaml", environ={})
+
+
+def test_a_config_the_user_may_not_read_is_said_so_not_called_bad_text(tmp_path):
+    """config.yaml made 0600 by root (as the environment file is) under a unit that runs the worker as its own user:
+    the worker said "cannot be read as UTF-8 text", an encoding fault, and the operator looked at the file's bytes."""
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {bundle: b}\n")
+    config.chmod(0o000)
+    # root reads every file: without its capabilities it is held to the modes, as the service's user is
+    unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
+    if unprivileged and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: the file's mode does not hold root")
+    proc = subprocess.run([*unprivileged, sys.executable, "-m", "worker", "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: {config}: this user may not read it (Permission denied): make it readable "
+                                   "by the worker's and the console's users (secrets belong in their environment "
+                                   "files)"), proc.stderr
 
 
 def test_text_keys_take_their_value_as_written(tmp_path):

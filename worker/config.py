@@ -884,6 +884,9 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Conf
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: not found") from exc
+    except PermissionError as exc:  # a file mode 0600 owned by root: the service's user may not read it
+        raise ConfigError(f"{path}: this user may not read it ({exc.strerror}): make it readable by the worker's and "
+                          "the console's users (secrets belong in their environment files)") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
     except yaml.YAMLError as exc:

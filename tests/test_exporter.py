@@ -1055,3 +1055,19 @@ def test_the_summary_warns_of_a_threshold_set_on_too_few_held_out_normals(tmp_pa
     out = capsys.readouterr().out
     assert "held out for the threshold" in out
     assert (warned in out) if warned else ("warning: " not in out.split("image threshold:")[1]), out
+
+
+def test_the_exporter_sends_no_telemetry_and_writes_nothing_in_home(tmp_path):
+    """OpenVINO's converter and NNCF loaded ``openvino_telemetry``: each conversion wrote a client id and stats under
+    ``~/intel`` and sent a Google Analytics event from a forked process (off only in CI or for a user who opted
+    out).  A conversion and NNCF's import, run as an exporter command runs them, leave HOME as they found it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import exporter.export, exporter.quantize, torch, openvino as ov, nncf.telemetry.wrapper as w\n"
+            "ov.convert_model(torch.nn.Conv2d(3, 4, 3).eval(), example_input=torch.zeros(1, 3, 8, 8))\n"
+            "print(isinstance(w.telemetry, w.NNCFTelemetry))\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False", "NNCF's telemetry is on"
+    assert not any(home.iterdir()), sorted(str(p.relative_to(home)) for p in home.rglob("*"))

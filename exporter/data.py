@@ -1174,17 +1174,34 @@ def _decoded_size(image: Image.Image) -> tuple[int, int]:
     return image.size[::-1] if _turned(image) else image.size
 
 
+def _pictures(image: Image.Image) -> int:
+    """How many full pictures ``image`` holds: a TIFF's pages but those marked reduced-resolution versions of
+    another (NewSubfileType bit 0: a scanner's or camera's thumbnail or preview, not a picture of its own); an
+    animated PNG's or WebP's frames; 1 for an MPO, whose second picture is no photo."""
+    if image.format == "MPO":
+        return 1
+    pages = int(getattr(image, "n_frames", 1))
+    if image.format != "TIFF" or pages == 1:
+        return pages
+    full = 0
+    for page in range(pages):
+        image.seek(page)
+        subfile = image.tag_v2.get(254, 0)  # type: ignore[attr-defined]
+        full += not (isinstance(subfile, int) and subfile & 1)
+    return max(full, 1)
+
+
 def _header(data: bytes) -> tuple[str | None, bool, int]:
     """The format of an image's content as the worker's decoder tells a frame's (Pillow's name; ``unknown``: none
     Pillow reads; None: too large for Pillow to say), whether decoding for training turns it a quarter (EXIF
-    orientation 5 to 8 but a TIFF's: :func:`_turned`), and how many pictures it holds (a TIFF's pages, an animated
-    PNG's or WebP's frames; 1 for an MPO, whose second picture is no photo): only the first is read."""
+    orientation 5 to 8 but a TIFF's: :func:`_turned`), and how many pictures it holds (:func:`_pictures`): only the
+    first is read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(quiet_png(data))) as image:  # as the worker's probe reads a frame (_opened)
-                pictures = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
-                return image.format, _turned(image), pictures
+                turned = _turned(image)
+                return image.format, turned, _pictures(image)
     except Image.DecompressionBombError:  # beyond any frame a worker takes, which the summary says
         return None, False, 1
     except Exception:  # OpenCV's own size stands

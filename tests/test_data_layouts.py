@@ -1589,3 +1589,28 @@ def test_jpeg_and_blank_masks_are_warned_about(dataset, tmp_path):
     assert f"warning: 1 masks are JPEG (e.g. {jpeg})" in notes and "save masks as PNG" in notes
     assert f"warning: 1 defect images have masks that mark no pixel (e.g. {blank})" in notes
     assert not summarise(load_category(dataset, "weave")).lossy_masks  # the generated set's PNG masks: no warning
+
+
+def test_a_tiffs_reduced_resolution_pages_are_no_pictures_of_their_own(tmp_path):
+    """A scanner's or camera's TIFF often carries a thumbnail or preview of its picture as a later page, marked
+    reduced-resolution (NewSubfileType bit 0): the summary warned that such an image held several pictures and that
+    only the first was read, which is all there is to read.  Only full-resolution pages count."""
+    from PIL import Image, TiffImagePlugin
+
+    rng = np.random.default_rng(15)
+    for i in range(8):
+        _write(tmp_path / "part" / "good" / f"{i}.png", sample(rng, 64)[0])
+    full, other = (Image.fromarray(sample(rng, 64)[0]) for _ in range(2))
+
+    def pages(path: Path, kept: list[tuple[Image.Image, int]]) -> None:
+        with TiffImagePlugin.AppendingTiffWriter(path, new=True) as tiff:
+            for page, subfile in kept:
+                page.save(tiff, "TIFF", tiffinfo={254: subfile})
+                tiff.newFrame()
+
+    pages(tmp_path / "part" / "good" / "scan.tif", [(full, 0), (full.resize((16, 16)), 1)])
+    summary = summarise(load_category(tmp_path / "part"))
+    assert [line for line in summary.notes() if "more than one picture" in line] == [], summary.notes()
+    pages(tmp_path / "part" / "good" / "two.tif", [(full, 0), (full.resize((16, 16)), 1), (other, 0)])
+    said = [line for line in summarise(load_category(tmp_path / "part")).notes() if "more than one picture" in line]
+    assert said and f"{tmp_path / 'part' / 'good' / 'two.tif'}: 2;" in said[0], said

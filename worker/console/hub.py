@@ -748,13 +748,20 @@ class Hub:
         console's receive time. Capture times would put a camera whose clock runs ahead on top for good, and leave
         one whose clock runs behind out of every recent window. ``before``: the (camera, frame_id) of the last item a
         page lists, to page on to older ones (none once the console has forgotten it: the older ones went first)."""
-        with self.lock:
-            entries = list(reversed(self.defects.items()))
-            if before is not None:
-                entries = entries[[key for key, _ in entries].index(before) + 1:] if before in self.defects else []
-            found = [e.view() for _, e in entries if (not camera or e.result["camera"] == camera)
-                     and (not since or e.seen_at >= since) and (not until or e.seen_at <= until)]
-        return found[:limit]
+        found: list[dict] = []
+        with self.lock:  # viewing only the page's entries: a long console.history held the lock for all of them
+            if before is not None and before not in self.defects:
+                return found
+            started = before is None
+            for key, e in reversed(self.defects.items()):
+                if len(found) >= limit:
+                    break
+                if not started:
+                    started = key == before
+                elif ((not camera or e.result["camera"] == camera) and (not since or e.seen_at >= since)
+                      and (not until or e.seen_at <= until)):
+                    found.append(e.view())
+        return found
 
     def score_series(self) -> dict[str, list[list[float]]]:
         """Per camera, the highest score in each time bucket of the window: ``[[bucket_start, max_score], ...]``."""

@@ -599,3 +599,24 @@ def test_metrics_and_console_on_one_port_are_refused_naming_both_keys(tmp_path):
     path.write_text("model: {bundle: b}\n")
     with pytest.raises(ConfigError, match="metrics.port and console.port are both 8080 on hosts 127.0.0.1 and 127.0.0.1"):
         load_config(path, environ={"EDGE_INSPECT__METRICS__PORT": "8080"})
+
+
+def test_the_query_table_keeps_its_columns_in_line_with_long_frame_ids():
+    """The table's frame_id column was 24 wide: the camera publisher's ids (a token, a counter and the file's name)
+    pushed each row's later columns out of line with the header and with each other.  Columns are as wide as their
+    longest cell."""
+    from worker.__main__ import _hits_table
+
+    hits = [{"similarity": 0.98765, "camera": "cam-line-3", "frame_id": frame_id, "captured_at": "2026-12-07T01:02:03Z",
+             "score": score, "verdict": verdict, "label": None}
+            for frame_id, score, verdict in (("1733533323-7f3a9c2e-00000042-grid_good_000.png", 0.25, "normal"),
+                                             ("f1", 12.5, "anomalous"))]
+    lines = _hits_table(hits, compared=True)
+    assert len(lines) == 3, lines
+    for column in ("camera", "frame_id", "captured_at", "verdict", "label"):
+        starts = {line.rindex(cell) for line, cell in zip(lines, (column, *(
+            str(hit[column] or "-") for hit in hits)))}
+        assert len(starts) == 1, (column, lines)
+    assert len({line.index(".") for line in lines[1:]}) == 1, lines  # the similarities' points in line
+    assert lines[1].split() == ["0.9877", "cam-line-3", hits[0]["frame_id"], "2026-12-07T01:02:03Z", "0.250", "normal",
+                                "-"], lines

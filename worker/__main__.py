@@ -112,17 +112,32 @@ def _query(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     elif answer.get("ok"):
         compared = bool(args.image or args.frame_id)  # neither: the latest frames, with when each was received
-        print(f"{'similarity':>10}" if compared else f"{'received_at':<29}",
-              f" {'camera':<12} {'frame_id':<24} {'captured_at':<30} {'score':>6}  {'verdict':<9}  label")
-        for hit in answer["hits"]:
-            lead = f"{hit['similarity']:>10.4f}" if compared else f"{hit['received_at'] or '-':<29}"
-            print(f"{lead}  {hit['camera']:<12} {hit['frame_id']:<24} {hit['captured_at']:<30} "
-                  f"{hit['score']:>6.3f}  {hit['verdict']:<9}  {_label_cell(hit)}")
+        print("\n".join(_hits_table(answer["hits"], compared)))
         if answer.get("note"):  # why fewer frames than asked for came back (frames of other models' spaces)
             print(f"note: {answer['note']}", file=sys.stderr)
     else:
         print(f"error: {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
     return 0 if answer.get("ok") else 1
+
+
+WIDEST_COLUMN = 64  # a longer id or name overflows its column rather than pad every other row that far
+
+
+def _hits_table(hits: list[dict], compared: bool) -> list[str]:
+    """A query's hits as lines of aligned columns, each as wide as its longest cell (up to :data:`WIDEST_COLUMN`):
+    fixed widths left a camera publisher's 44-character frame ids pushing every later column out of line."""
+    rows = [[f"{hit['similarity']:.4f}" if compared else hit["received_at"] or "-", hit["camera"], hit["frame_id"],
+             hit["captured_at"] or "-", f"{hit['score']:.3f}", hit["verdict"], _label_cell(hit)] for hit in hits]
+    header = ["similarity" if compared else "received_at", "camera", "frame_id", "captured_at", "score", "verdict",
+              "label"]
+    widths = [min(max(len(cell) for cell in column), WIDEST_COLUMN) for column in zip(header, *rows, strict=True)]
+    right = {0, 4} if compared else {4}  # the numbers
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(width) if i in right else cell.ljust(width)
+                         for i, (cell, width) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return [line(header), *map(line, rows)]
 
 
 def _label_cell(hit: dict) -> str:

@@ -591,3 +591,35 @@ def test_two_inference_threads_meeting_the_bound_of_the_shape_notes_both_get_the
     second.join(60)
     assert notes["second"] is None  # the model's own size
     assert isinstance(notes["first"], str) and notes["first"].startswith("64x64 is smaller"), notes
+
+
+def _bmp_header(width: int, height: int) -> bytes:
+    """A BMP whose header declares ``width`` x ``height`` (its pixels cut short): admission reads only the header."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "BMP")
+    data = bytearray(out.getvalue())
+    data[18:26] = width.to_bytes(4, "little") + height.to_bytes(4, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("pipeline", [{"limits": {"max_pixels": 2_000_000_000, "max_frame_bytes": 50_000_000}}],
+                         indirect=True)
+def test_a_frame_larger_than_the_decoder_takes_is_refused_as_too_large_not_an_internal_error(pipeline):
+    """OpenCV decodes no image over 2^30 pixels or 2^20 on a side, and libpng (as OpenCV builds it) no PNG over
+    1,000,000 on a side: such a frame within limits.max_pixels (a 2,000,000 x 2 strip is within the default) was
+    admitted, then answered ``internal_error`` (OpenCV raised) or ``corrupt_image``.  It is refused from its header
+    as ``image_too_large``, saying the decoder's limits."""
+    from PIL import Image
+
+    p, transport = pipeline
+    strip = io.BytesIO()
+    Image.new("L", (1_000_001, 2)).save(strip, "PNG")
+    frames = {"huge": _bmp_header(40_000, 30_000), "long": _bmp_header(2_000_000, 2), "png-strip": strip.getvalue()}
+    for frame_id, data in frames.items():
+        p.on_frame(_frame("cam", frame_id, data))
+    errors = [json.loads(m.payload) for m in transport.on("inspect/cam/error")]
+    assert [(e["frame_id"], e["code"]) for e in errors] == [(f, "image_too_large") for f in frames], errors
+    assert "the decoder takes at most 1073741824 pixels" in errors[0]["message"], errors[0]
+    assert len(p.queue) == 0

@@ -233,7 +233,8 @@ class QueuePolicy(StrEnum):
 class LimitsConfig(_Section):
     max_frame_bytes: int = Field(FRAME_MAX_BYTES, gt=0, description="Larger payloads are rejected before decoding.")
     max_pixels: int = Field(FRAME_MAX_PIXELS, gt=0, description="Width x height limit, checked from the header (a raw buffer: its "
-                                                                "declaration) before decoding.")
+                                                                "declaration) before decoding; an encoded frame is also "
+                                                                "held to the decoder's 2^30 pixels.")
     queue_size: int = Field(32, ge=1, description="Frames waiting for inference.")
     queue_policy: QueuePolicy = Field(QueuePolicy.DROP_OLDEST, description=(
         "What happens to a new frame when the internal queue is full: drop_oldest, drop_newest (answered dropped), "

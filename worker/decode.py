@@ -32,6 +32,12 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 # (libjpeg's progression: 6 for grey, 10 for colour), so a frame of more is refused before decoding.
 MAX_JPEG_SCANS = 100
 REDUCED_HEADROOM = 2.0  # a frame decoded smaller still has twice the model's input on its shorter side
+# OpenCV decodes no image of more pixels or longer sides than its defaults (CV_IO_MAX_IMAGE_PIXELS, _WIDTH,
+# _HEIGHT), nor libpng, as OpenCV builds it, a PNG of a side over its default user limit: such a frame is refused
+# from its header, whatever limits.max_pixels allows, instead of failing in the decoder.
+DECODE_MAX_PIXELS = 1 << 30
+DECODE_MAX_SIDE = 1 << 20
+PNG_MAX_SIDE = 1_000_000
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
@@ -111,6 +117,10 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
     if width <= 0 or height <= 0:
         raise FrameError("bad_dimensions", f"image header says {width}x{height}")
     check_area(width, height, max_pixels)
+    side = PNG_MAX_SIDE if FRAME_FORMATS[fmt] == "png" else DECODE_MAX_SIDE
+    if width * height > DECODE_MAX_PIXELS or max(width, height) > side:
+        raise FrameError("image_too_large", f"image is {width}x{height}: the decoder takes at most {DECODE_MAX_PIXELS} "
+                                            f"pixels and {side} on a side")
     # libtiff inflates a whole tile, whatever the picture's size: a tile is checked as a picture
     tile_width, tile_length = tags.get(322), tags.get(323)  # TileWidth, TileLength: absent in a TIFF of strips
     if isinstance(tile_width, int) and isinstance(tile_length, int) and tile_width * tile_length > max_pixels:

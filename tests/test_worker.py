@@ -105,6 +105,24 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
             assert (folder / "evidence" / payload["evidence"]["heatmap"]).is_file()
 
 
+def test_the_last_stats_of_a_clean_stop_report_the_store_as_it_was(running, dataset):
+    """The stop closed the store before publishing its last stats, which then said ``store_available: false``: a
+    dashboard's last reading of a worker stopped for maintenance showed its store as down.  They say it as it was."""
+    prefix, client, worker, _, _ = running
+    frame_id, data, _ = _frames(dataset)[0]
+    client.publish_frame("cam1", data, frame_id)
+    client.json_on(f"{prefix}/cam1/result", timeout=60)
+    topic = f"{prefix}/workers/w-test/stats"
+    client.wait_for(lambda m: m.topic == topic and json.loads(m.payload)["store_written"] == 1
+                    and json.loads(m.payload)["store_available"], timeout=60)
+    assert worker.stop() == 0, worker.output()
+    stopped = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")
+    with client.lock:
+        order = list(client.messages)
+    last = [json.loads(m.payload) for m in order[:order.index(stopped[0])] if m.topic == topic][-1]
+    assert last["store_available"] is True and last["store_written"] == 1, last
+
+
 def _truncated_jpeg(dataset: Path) -> bytes:
     image = cv2.imread(str(good_png(dataset)))
     data = cv2.imencode(".jpg", image)[1].tobytes()

@@ -229,6 +229,7 @@ class Recorder:
         self._outage: tuple[str, Throttle] = ("", Throttle(600))  # the last outage said, and when to say it again
         self.written = 0
         self._write_error: str | None = None  # why the open store's last write failed, until one succeeds
+        self._available_at_stop: bool | None = None  # the store as it was when the stop closed it
         # Readers, label writes and this thread's batches; reentrant, since a batch holds it from the check of its
         # ids' labels through its write (:meth:`_step`) and the write takes it too.
         self._store_lock = threading.RLock()
@@ -269,7 +270,10 @@ class Recorder:
     @property
     def store_available(self) -> bool:
         """Whether the store takes writes: open, and its last write (if any since it opened) succeeded.  An open store
-        that refuses them (its free-space floor, ``store.min_free_mb``) still answers reads, but frames are spooled."""
+        that refuses them (its free-space floor, ``store.min_free_mb``) still answers reads, but frames are spooled.
+        Once the stop has closed it: as it was before (the last stats would say a store that was up was down)."""
+        if self._available_at_stop is not None:  # the stop's last stats: closed by the stop, not down
+            return self._available_at_stop
         return self.store is not None and self._write_error is None
 
     @contextmanager
@@ -311,6 +315,7 @@ class Recorder:
                       "that does not return: a hung disk or server); what it had not flushed may be lost", timeout)
             return
         try:
+            self._available_at_stop = self.store_available
             self._close_store(logging.ERROR)  # e.g. a full disk: said, and the shutdown goes on
         finally:
             self._store_lock.release()

@@ -239,3 +239,30 @@ def test_a_training_run_reads_its_teacher_file_once(small, teacher, tmp_path, mo
     on_file = load_file(str(given))
     assert all(torch.equal(trained.graph.model.teacher.state_dict()[k], v.float()) for k, v in on_file.items())
     assert trained.training["teacher_file"] == str(given)
+
+
+def test_the_train_command_printed_after_a_capture_export_carries_the_efficientad_recipe(small, teacher, tmp_path):
+    """The train command printed after a capture export carried the whole recipe of a serving PatchCore bundle but
+    only the family and input size of an EfficientAD one: the next bundle was trained with the shipped teacher (or
+    another one distilled) and the default photos and precision, not the model the camera runs.  It now names the
+    recorded teacher file, PDN size, natural photos and training precision, and the bundle it trains records them."""
+    import shlex
+
+    from worker.capture import train_command
+
+    natural = small / "weave" / "train"
+    serving = tmp_path / "serving"
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--model", "efficientad", "--data", str(small),
+                           "--category", "weave", "--out", str(serving), "--steps", "1", "--teacher", str(teacher),
+                           "--natural", str(natural), "--no-eval"], capture_output=True, text=True, timeout=900,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = shlex.split(train_command(small, "weave", None, read_manifest(serving, verify=False)))
+    assert argv[:4] == ["python", "-m", "exporter", "train"] and argv[-2:] == ["--out", "BUNDLE"], argv
+    proc = subprocess.run([sys.executable, *argv[1:-1], str(tmp_path / "next"), "--steps", "1", "--no-eval"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = (read_manifest(b, verify=False).training for b in (serving, tmp_path / "next"))
+    assert before["teacher_file"] == str(teacher) and before["natural"] == str(natural), before
+    recipe = ("input_size", "model_size", "teacher_file", "teacher_sha256", "natural", "train_precision")
+    assert {k: after[k] for k in recipe} == {k: before[k] for k in recipe}, argv

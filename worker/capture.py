@@ -86,11 +86,18 @@ def _earlier_folder(camera: str) -> str:
 # the next bundle from a capture is trained with, so that it is the model the camera runs, not the exporter's default.
 RECIPE = ("backbone", "backbone_weights", "layers", "coreset_ratio", "neighbourhood", "max_bank", "image_score",
           "bank_views", "screen_rows", "refine", "unrefined", "map_alignment", "layer_alignment", "extension_candidates")
+# EfficientAD's, by the ``training`` key that records it: its PDN's size, the teacher file whose features the student
+# learns (the shipped one's path too: the sha the bundle records is of that file), the natural photos of its penalty
+# and its training precision.  Not ``steps``: recorded as the budget run, by default passes over the images it had,
+# which a capture of another size should get afresh.
+EFFICIENTAD_RECIPE = {"model_size": "--model-size", "teacher_file": "--teacher", "natural": "--natural",
+                      "train_precision": "--train-precision"}
 
 
 def train_command(data: Path, category: str, tiling: Grid | None, serving: Manifest | None = None) -> str:
-    """The exporter command for the next bundle from an exported capture: the ``serving`` bundle's family and input
-    size (its manifest's ``family`` and ``training.input_size``), so the new bundle is of the kind the camera runs,
+    """The exporter command for the next bundle from an exported capture: the ``serving`` bundle's family, input
+    size and recipe (its manifest's ``family``, ``training.input_size`` and :data:`RECIPE` or
+    :data:`EFFICIENTAD_RECIPE`), so the new bundle is of the kind the camera runs,
     and the tiles the camera's frames are cut into (frames are captured whole), so it learns the scale it will be
     shown.  Meant to be pasted into a shell: the data path and category are quoted, and the category given as
     ``--category=NAME`` so that one starting with ``-`` is not read as an option."""
@@ -103,6 +110,10 @@ def train_command(data: Path, category: str, tiling: Grid | None, serving: Manif
                 if (value := serving.training.get(key)) is not None:
                     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
                     flags += f" --{key.replace('_', '-')} {shlex.quote(text)}"
+        if serving.family == "efficientad":
+            for key, flag in EFFICIENTAD_RECIPE.items():
+                if (value := serving.training.get(key)) is not None:
+                    flags += f" {flag} {shlex.quote(str(value))}"
     flags += f" --tiling {tiling.grid[0]}x{tiling.grid[1]} --tile-overlap {tiling.overlap:g}" if tiling else ""
     return (f"python -m exporter train --data {shlex.quote(str(data))} --category={shlex.quote(category)}{flags} "
             "--out BUNDLE")

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -617,42 +617,88 @@ class Extension:
             return entry.rows
 
 
+SETTLE_S = 2.0  # how long a reader outside the worker waits for one change of the worker's to be written whole
+
+
+class _Missing(ValueError):
+    """An entry's rows file the index names is not there: withdrawn since the index was read, or deleted."""
+
+
 def read_folder(folder: Path, feature_dim: int) -> tuple[int, list[Entry], np.ndarray]:
     """An extension folder's revision, entries and rows [n, C], read strictly and without changing anything.
 
     For a reader outside the worker (``python -m exporter fold-extension``): where :class:`Extension` drops a
     broken entry and carries on serving, this raises ValueError naming it, since folding part of what an
-    operator absorbed would bring the rest of those false alarms back unannounced.
+    operator absorbed would bring the rest of those false alarms back unannounced.  A running worker rewrites the
+    folder as labels come in (the rows of a frame, then the index; the index, then a withdrawn frame's file): the
+    folder is read again until the index is the same before and after its rows and counts them, so what is read is
+    one revision whole, not a withdrawal taken for a damaged file nor rows the reported revision did not hold.
     """
     folder = Path(folder)
     index = folder / INDEX
     if not index.is_file():
         raise ValueError(f"{folder}: no {INDEX} (not a bank-extension folder)")
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        text = _index_text(index)
+        revision, entries = _parse_index(index, text)
+        missing: _Missing | None = None
+        try:
+            parts = [_entry_rows(folder, index, entry, feature_dim) for entry in entries]
+        except _Missing as exc:
+            missing, parts = exc, []
+        same = _index_text(index) == text
+        counted = missing is None and all(entry.rows == len(part) for entry, part in zip(entries, parts, strict=True))
+        if same and counted:
+            break
+        if time.monotonic() >= deadline:
+            if not same:
+                raise ValueError(f"{folder}: a worker changed it each time it was read for {SETTLE_S:g} s (labels "
+                                 "absorbed or withdrawn): run again when fewer labels come in")
+            if missing is not None:
+                raise missing
+            # a worker stopped between writing a frame's rows and the index: it serves the rows as their file holds them
+            entries = [replace(entry, rows=len(part)) for entry, part in zip(entries, parts, strict=True)]
+            break
+        time.sleep(0.02)  # the worker's next write (the index after a frame's rows) is on its way
+    rows = np.concatenate(parts) if parts else np.empty((0, feature_dim), np.float32)
+    return revision, entries, rows
+
+
+def _index_text(index: Path) -> str:
     try:
-        raw = json.loads(index.read_text())
+        return index.read_text()
+    except OSError as exc:
+        raise ValueError(f"{index}: unreadable ({exc})") from exc
+
+
+def _parse_index(index: Path, text: str) -> tuple[int, list[Entry]]:
+    try:
+        raw = json.loads(text)
         revision = int(raw["revision"])
         read = [_entry(e) for e in raw["entries"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{index}: unreadable ({exc})") from exc
     # what they would mean for the rows is unknown here: the worker keeps them, a fold would drop them
     if newer := sorted({*(k for k in raw if k not in ("revision", "entries")), *(k for _, unknown in read for k in unknown)}):
         raise ValueError(f"{index}: fields this exporter does not read ({', '.join(newer)}): written by a newer "
                          "worker; fold it with an exporter of that worker's version")
-    entries = [entry for entry, _ in read]
-    parts = []
-    for entry in entries:
-        path = folder / f"{entry.key}.npy"
-        if not _KEY.match(entry.key):
-            raise ValueError(f"{index}: entry key {entry.key!r} is not a point id")
-        try:
-            rows = np.load(path, allow_pickle=False)
-        except Exception as exc:  # a damaged file can make numpy raise almost anything
-            raise ValueError(f"{path}: unreadable ({exc})") from exc
-        if rows.ndim != 2 or rows.shape[1] != feature_dim:
-            raise ValueError(f"{path}: rows of shape {list(rows.shape)}, not [n, {feature_dim}] (the bundle's "
-                             "feature dimension): this extension belongs to another bundle")
-        if not np.isfinite(rows).all():
-            raise ValueError(f"{path}: rows are not all finite")
-        parts.append(rows.astype(np.float32, copy=False))
-    rows = np.concatenate(parts) if parts else np.empty((0, feature_dim), np.float32)
-    return revision, entries, rows
+    return revision, [entry for entry, _ in read]
+
+
+def _entry_rows(folder: Path, index: Path, entry: Entry, feature_dim: int) -> np.ndarray:
+    path = folder / f"{entry.key}.npy"
+    if not _KEY.match(entry.key):
+        raise ValueError(f"{index}: entry key {entry.key!r} is not a point id")
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise _Missing(f"{path}: unreadable ({exc})") from exc
+    except Exception as exc:  # a damaged file can make numpy raise almost anything
+        raise ValueError(f"{path}: unreadable ({exc})") from exc
+    if rows.ndim != 2 or rows.shape[1] != feature_dim:
+        raise ValueError(f"{path}: rows of shape {list(rows.shape)}, not [n, {feature_dim}] (the bundle's "
+                         "feature dimension): this extension belongs to another bundle")
+    if not np.isfinite(rows).all():
+        raise ValueError(f"{path}: rows are not all finite")
+    return rows.astype(np.float32, copy=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import uuid
 
 import numpy as np
@@ -358,3 +359,49 @@ def test_files_an_extension_folder_does_not_write_are_left_and_not_read_as_rows(
     assert sorted(e.frame_id for e in again.entries()) == ["f1", "f2"] and again.rows.shape == (5, C)
     said = [r.getMessage() for r in caplog.records if "0-centres.npy" in r.getMessage()]
     assert len(said) == 1 and "notes.tmp" in said[0] and "left as" in said[0], said
+
+
+def test_folding_while_the_worker_absorbs_and_withdraws_reads_one_revision_whole(tmp_path) -> None:
+    """``exporter fold-extension`` reads the folder a running worker keeps rewriting: a withdrawal between its
+    reading the index and an entry's rows stopped the fold with "unreadable (No such file ...)", as if the disk
+    were damaged, and a frame absorbed again in between gave rows the index it reported did not list.  Each read
+    now returns one revision whole (its rows as its index counts them) or says the worker kept changing it."""
+    ext = Extension(tmp_path, C, max_rows=400)
+    keys = [key() for _ in range(8)]
+    for i, k in enumerate(keys):
+        ext.add(k, rows(3, float(i)), f"f{i}", "cam")
+    done = threading.Event()
+
+    def worker() -> None:
+        """Withdraw and absorb again, each absorption with another number of rows than the one before."""
+        try:
+            for turn in range(300):
+                k = keys[turn % len(keys)]
+                ext.remove(k)
+                ext.add(k, rows(1 + turn % 5, float(turn)), f"f{turn}", "cam")
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    reads = 0
+    try:
+        while not done.is_set() or reads == 0:
+            revision, entries, read = read_folder(tmp_path, C)
+            assert sum(e.rows for e in entries) == len(read), f"revision {revision}: rows of another revision"
+            reads += 1
+    finally:
+        thread.join()
+    assert read_folder(tmp_path, C)[0] == ext.revision
+
+
+def test_folding_rows_a_stopped_worker_wrote_before_its_index_counts_them_as_the_worker_does(tmp_path) -> None:
+    """A worker stopped between writing a frame's new rows and the index left a count the rows do not have: the
+    fold waits for an index that does not come, then counts the rows as the worker serves them at its next start."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    a = key()
+    ext.add(a, rows(3, 1.0), "f1", "cam")
+    np.save(tmp_path / f"{a}.npy", rows(5, 2.0), allow_pickle=False)
+    revision, entries, read = read_folder(tmp_path, C)
+    assert (revision, [e.rows for e in entries], read.shape) == (1, [5], (5, C))
+    assert Extension(tmp_path, C, max_rows=20).rows.shape == (5, C)

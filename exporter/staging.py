@@ -18,14 +18,16 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bundle import BUNDLE_FILES, MANIFEST, process_running
+from bundle import BUNDLE_FILES, MANIFEST, BundleError, process_running, read_manifest
 from exporter import stopping
 
 log = logging.getLogger(__name__)
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit
+STARTED = time.time()  # when this run started: a bundle at --out written since was put there by another run
 
 
 def replaceable(out: Path) -> bool:
@@ -102,10 +104,31 @@ def _move_into_place(staging: Path, out: Path) -> None:
         return
     if not replaceable(out):
         raise ValueError(refusal(out))
+    _say_if_put_there_since_start(out)
     aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
     out.rename(aside)
     staging.rename(out)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _say_if_put_there_since_start(out: Path) -> None:
+    """Warn before replacing a bundle written at ``out`` after this run started: two runs to one ``--out`` at once
+    (a cron job and an operator) each said only where they wrote, and the one that finished first never learned its
+    bundle was gone; this run's operator is told whose bundle this one replaces."""
+    try:
+        written = (out / MANIFEST).stat().st_mtime
+    except OSError:  # an empty folder: nobody's bundle
+        return
+    if written < STARTED:
+        return
+    try:
+        replaced = read_manifest(out, verify=False)
+        what = f"bundle {replaced.name} {replaced.version}"
+    except (OSError, ValueError, BundleError):  # a manifest this version cannot read: a bundle all the same
+        what = "a bundle"
+    log.warning("%s held %s, put there at %s while this run was running (another run to the same --out, or a copy): "
+                "replacing it with this run's, so that one is gone", out, what,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written)))
 
 
 def refusal(out: Path) -> str:

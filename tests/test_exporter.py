@@ -760,6 +760,33 @@ def test_a_bundle_is_replaced_whole_while_a_watcher_reads_it(bundle_dir, dataset
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]
 
 
+def test_a_run_replacing_a_bundle_another_run_put_at_its_out_meanwhile_says_so(bundle_dir, dataset, tmp_path):
+    """Two ``train`` runs to one ``--out`` at once (a cron job and an operator): the one that finished second
+    replaced the first one's bundle, whole, saying only where it wrote, so nobody learned that a bundle trained
+    minutes before was gone.  The other run's bundle is put in place while this one fits (seen by its progress
+    line); this one still wins whole, and says whose bundle it replaced."""
+    out = tmp_path / "live"
+    err = (tmp_path / "stderr").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "train", "--data", str(dataset), "--category", "weave",
+                             "--out", str(out), "--input-size", "128", "--coreset-ratio", "0.05", "--no-eval",
+                             "--precisions", "f32"], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and "coreset:" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling for the fit's progress line: the other run finishes while this one fits
+    assert proc.returncode is None and not out.exists(), "the run ended before it was seen fitting"
+    other = tmp_path / ".other"
+    shutil.copytree(bundle_dir, other, copy_function=shutil.copy)  # written now, as by the other run
+    other.rename(out)
+    theirs = read_manifest(out).version
+    assert proc.wait(timeout=600) == 0
+    err.seek(0)
+    text = err.read()
+    assert read_manifest(out, verify=True).version != theirs
+    assert f"held bundle {read_manifest(out).name} {theirs}, put there at" in text, text[-2000:]
+    assert "replacing it with this run's, so that one is gone" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "stderr"]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_packaging_removes_the_staging_folder(stop, dataset, tmp_path):
     """SIGTERM (kill, systemd stop) ended the run at once, before its ``finally``, and Ctrl-C's KeyboardInterrupt

@@ -1189,3 +1189,32 @@ def test_the_announcement_at_a_connect_read_before_a_reload_does_not_replace_the
         client.close()
         for claim in worker.claims:
             claim.close()
+
+
+def test_a_model_cache_shared_by_two_workers_keeps_the_bundle_each_serves(bundle_dir, tmp_path):
+    """``model.cache_dir`` may be shared, but a worker's reload deleted the cache folders of every bundle it did not
+    serve itself, the other worker's included, so that worker compiled again at each start.  A folder a worker
+    serves is locked as in use, kept by the other's reloads, and goes once no worker serves it."""
+    from bundle.extension import folder_name
+    from worker.config import Config
+    from worker.models import DEFAULT, Models
+
+    cache = tmp_path / "ov"
+    b, c, d = (_relabelled(bundle_dir, tmp_path / name, "1.0.0", name=name) for name in ("line-b", "line-c", "line-d"))
+    names = {p: folder_name(read_manifest(p)) for p in (bundle_dir, b, c, d)}
+
+    def worker(bundle: Path, own: str) -> Models:
+        return Models(Config.model_validate({"model": {"bundle": str(bundle), "cache_dir": str(cache),
+                                                       "rollout_path": str(tmp_path / own / "rollout")},
+                                             "learning": {"path": str(tmp_path / own / "extensions")}}))
+
+    first = worker(bundle_dir, "first")
+    other = worker(b, "other")  # another line on the same box, its blobs beside the first's
+    assert {p.name for p in cache.iterdir()} == {names[bundle_dir], names[b]}
+    first.load(DEFAULT, c)
+    first.load(DEFAULT, d)  # the first's own bundle goes out of its rollback: its folder is deleted
+    assert {p.name for p in cache.iterdir()} == {names[b], names[c], names[d]}
+    assert list((cache / names[b]).glob("*.blob"))
+    other.load(DEFAULT, c)
+    other.load(DEFAULT, d)  # neither serves b now: the other's reload deletes it
+    assert {p.name for p in cache.iterdir()} == {names[c], names[d]}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT = "default"
 ROLLOUT = "rollout.json"
 RELOAD_ERRORS = (BundleError, OSError, RuntimeError, ValueError)  # what a bundle that cannot be served raises
+IN_USE = ".in-use"  # in a model cache folder: shared-locked by each worker that serves its bundle
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class Models:
         # why what serves now is not what rollout.json records (its last write failed); None when it is
         self.unrecorded: str | None = None
         self._started = False
+        self._cache_claims: dict[str, IO[str]] = {}  # model cache folder name: its IN_USE file, shared-locked
         rolled = self._read_rollout(set_aside=True)
         for scope in [DEFAULT, *(camera for camera in cfg.cameras if self._configured(camera))]:
             if self.follows_default(scope):  # its own precision of whatever the default serves
@@ -289,10 +293,33 @@ class Models:
         root = self.cfg.model.cache_dir
         return None if root is None else root / folder_name(read_manifest(path, verify=False))
 
+    def _claim_cache(self, path: Path) -> None:
+        """Shared-lock the model cache folder of the bundle at ``path`` before compiling into it: a worker sharing
+        ``model.cache_dir`` deleted, at each of its reloads, the folders of the bundles it did not serve itself,
+        the ones the other worker served (or was compiling into) included, which then compiled again at every start."""
+        folder = self._cache_for(path)
+        if folder is None or folder.name in self._cache_claims:
+            return
+        for _ in range(3):  # the folder deleted by a worker that no longer served it, between our open and lock
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = (folder / IN_USE).open("a")
+            except OSError:  # the compile says why, or goes on without the cache
+                return
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH)
+                if os.fstat(handle.fileno()).st_ino == (folder / IN_USE).stat().st_ino:
+                    self._cache_claims[folder.name] = handle
+                    return
+            except OSError:  # a file system without locks (some network mounts), or the folder gone: tried again
+                pass
+            handle.close()
+
     def _prune_cache(self) -> None:
         """Delete the cache folders of bundles neither served nor kept for rollback, and blobs of the older flat
         layout: each retrained bundle adds its compiled blobs, and a line retrained weekly would fill the disk.
-        Only what looks like ours goes: ``<name>-<16 hex>`` folders holding blobs (and their digests), and ``*.blob`` files."""
+        Only what looks like ours goes: ``<name>-<16 hex>`` folders holding blobs (and their digests), and ``*.blob``
+        files; a folder another worker sharing the cache serves (its IN_USE file locked) stays."""
         root = self.cfg.model.cache_dir
         if root is None or not root.is_dir():
             return
@@ -304,6 +331,8 @@ class Models:
                 keep.add(folder_name(read_manifest(path, verify=False)))
             except RELOAD_ERRORS:  # gone or unreadable: a rollback to it fails and says why
                 continue
+        for name in [n for n in self._cache_claims if n not in keep]:  # ours no longer: free for any worker to delete
+            self._cache_claims.pop(name).close()
         try:
             entries = list(root.iterdir())
         except OSError as exc:
@@ -312,8 +341,10 @@ class Models:
         for entry in entries:
             try:
                 if entry.is_dir() and entry.name not in keep and _CACHE_FOLDER.fullmatch(entry.name) \
-                        and all(f.name.endswith((".blob", ".blob" + BLOB_DIGEST)) for f in entry.iterdir()):
-                    shutil.rmtree(entry)
+                        and all(f.name == IN_USE or f.name.endswith((".blob", ".blob" + BLOB_DIGEST))
+                                for f in entry.iterdir()):
+                    if not _delete_unused(entry):
+                        continue
                 elif entry.is_file() and entry.suffix == ".blob":
                     entry.unlink()
                 else:
@@ -324,6 +355,7 @@ class Models:
 
     def _compile_and_warm(self, path: Path, precision: str) -> tuple[CompiledBundle, Extension | None]:
         learning = self.cfg.learning
+        self._claim_cache(path)
         bundle = CompiledBundle(path, self.cfg.model.device, self._cache_for(path), batch=1, precision=precision,
                                 extension_rows=learning.max_rows if learning.enabled else None)
         dim = bundle.manifest.embedding_dim
@@ -578,3 +610,17 @@ class Models:
         return [(scope, model.path) for scope, model in scopes.items()
                 if not (self.follows_default(scope) and default is not None and model.path == default.path)
                 and (now := manifest_signature(model.path)) is not None and now != model.manifest]
+
+
+def _delete_unused(folder: Path) -> bool:
+    """Delete a model cache folder unless a worker sharing the cache serves its bundle (holds its IN_USE file);
+    whether it was deleted.  Raises OSError where it cannot be."""
+    with (folder / IN_USE).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:  # a file system without locks (some network mounts): deleted unguarded, as it always was
+            pass
+        shutil.rmtree(folder)
+    return True

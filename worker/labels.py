@@ -28,7 +28,7 @@ from worker.query import serve_request
 from worker.recorder import StoreUnavailable
 from worker.store import StoreError, VectorStore, point_id
 from worker.store_base import Label
-from worker.wire import MAX_ID_LENGTH, CapturedAtField, ErrorCode, FrameIdField, RequestError, another_capture, iso
+from worker.wire import MAX_ID_LENGTH, CapturedAtField, ErrorCode, FrameIdField, RequestError, check_same_capture, iso
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,18 +71,6 @@ class Unlabel(BaseModel):
     frame_id: FrameIdField = Field(min_length=1, max_length=MAX_ID_LENGTH)
     camera: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     captured_at: CapturedAtField | None = None
-
-
-def _check_same_frame(request: SetLabel, payload: dict) -> None:
-    """Refuse a label whose ``captured_at`` is not the stored frame's: the history keeps one frame per camera and id,
-    and the frame the operator saw was replaced by a later one under its id (or, labelled, kept while the later one
-    was not recorded).  A withdrawal (no ``label``) is said as one: "nothing was labelled" read as if it had not been
-    asked for."""
-    if (stored := another_capture(payload, request.captured_at)) is not None:
-        raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} captured "
-                           f"at {iso(request.captured_at or 0)} is not in the history: the camera sent another frame "
-                           f"under this id (captured at {stored}), and the history keeps one frame per camera and id; "
-                           + ("nothing was labelled" if request.label is not None else "no label was withdrawn"))
 
 
 class ListExtensions(BaseModel):
@@ -173,7 +161,9 @@ class LabelService:
         if found is None:
             raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera {request.camera} is not in the history")
         pid, vector, payload = found
-        _check_same_frame(request, payload)
+        # a withdrawal (no label) said as one: "nothing was labelled" read as if it had not been asked for
+        check_same_capture(payload, request.frame_id, request.camera, request.captured_at,
+                           "nothing was labelled" if request.label is not None else "no label was withdrawn")
         try:  # before the extension changes: a label the store then refuses would leave the two disagreeing
             store.writable()
         except StoreError as exc:

@@ -33,8 +33,8 @@ from worker.wire import (
     ErrorCode,
     FrameIdField,
     RequestError,
-    another_capture,
     b64_image,
+    check_same_capture,
     decode_json,
     error_answer,
     iso,
@@ -187,11 +187,7 @@ class QueryService:
                 where = f" from camera {request.camera}" if request.camera else ""
                 raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r}{where} is not in the history")
             exclude, vector, payload = found
-            if (stored := another_capture(payload, request.captured_at)) is not None:
-                raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {request.frame_id!r} from camera "
-                                   f"{payload.get('camera')} captured at {iso(request.captured_at or 0)} is not in "
-                                   f"the history: the camera sent another frame under this id (captured at {stored}), "
-                                   "and the history keeps one frame per camera and id")
+            check_same_capture(payload, request.frame_id, str(payload.get("camera")), request.captured_at)
             space = payload.get(PAYLOAD_KEY)
             query = {"frame_id": payload.get("frame_id"), "camera": payload.get("camera")}
         else:

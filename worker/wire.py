@@ -216,16 +216,22 @@ FrameIdField = Annotated[str, BeforeValidator(number_text)]
 CapturedAtField = Annotated[float, BeforeValidator(parse_timestamp)]
 
 
-def another_capture(payload: dict, captured_ts: float | None) -> str | None:
-    """The stored frame's ``captured_at`` where it is not the one a request named (``captured_ts``; None: named
-    none), else None.  Results give the time to the millisecond."""
+def check_same_capture(payload: dict, frame_id: str, camera: str, captured_ts: float | None, outcome: str = "") -> None:
+    """Refuse (``unknown_frame``) a request for frame ``frame_id`` whose ``captured_ts`` (as its result said it; None:
+    named none) is not the stored frame's: the history keeps one frame per camera and id, and a camera that reused the
+    id since (a counter that restarts at a reboot) has another frame under it.  ``outcome``: what was therefore not
+    done.  Results give the time to the millisecond; a record without a readable time has nothing to tell it by."""
     if captured_ts is None:
-        return None
+        return
     try:
         stored = parse_timestamp(payload.get("captured_at") or "")
-    except ValueError:  # a record without a readable time: nothing to tell it by
-        return None
-    return None if abs(stored - captured_ts) < 0.0005 else str(payload.get("captured_at"))
+    except ValueError:
+        return
+    if abs(stored - captured_ts) >= 0.0005:
+        raise RequestError(ErrorCode.UNKNOWN_FRAME, f"frame {frame_id!r} from camera {camera} captured at "
+                           f"{iso(captured_ts)} is not in the history: the camera sent another frame under this id "
+                           f"(captured at {payload.get('captured_at')}), and the history keeps one frame per camera "
+                           f"and id{'; ' + outcome if outcome else ''}")
 
 
 ID_RULE = f"1..{MAX_ID_LENGTH} printable characters without '/', not '.' or '..'"  # what valid_id takes, said

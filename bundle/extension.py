@@ -377,10 +377,8 @@ class Extension:
                     self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
                     self._arrays[entry.key] = rows
         if (holds := sum(e.rows for e in self._entries.values())) > self.max_rows:
-            kept, total = {}, 0
-            for key, entry in sorted(self._entries.items(), key=lambda kv: kv[1].at):
-                if total + entry.rows <= self.max_rows:
-                    kept[key], total = entry, total + entry.rows
+            kept = {e.key: e for e in _oldest_that_fit(self._entries, 0, self.max_rows)}
+            total = sum(e.rows for e in kept.values())
             self._held = {k: e for k, e in self._entries.items() if k not in kept}
             self._entries = kept
             log.warning("extension %s holds %d rows, more than learning.max_rows %d (lowered, or the extension was "
@@ -501,13 +499,9 @@ class Extension:
     def _serve_held(self) -> None:
         """Serve the held entries that fit the rows a withdrawal (or a frame absorbed again with fewer rows) freed,
         oldest first, rather than only at the next start; the index already lists them, so nothing is written."""
-        total, served = sum(e.rows for e in self._entries.values()), []
-        for key, entry in sorted(self._held.items(), key=lambda kv: kv[1].at):
-            if total + entry.rows <= self.max_rows:
-                self._entries[key], total = entry, total + entry.rows
-                served.append(entry)
+        served = _oldest_that_fit(self._held, sum(e.rows for e in self._entries.values()), self.max_rows)
         for entry in served:
-            del self._held[entry.key]
+            self._entries[entry.key] = self._held.pop(entry.key)
         if served:
             log.info("extension %s: %d entries held past learning.max_rows %d are served again in the rows freed "
                      "(frames %s); %d are still held", self.folder, len(served), self.max_rows,
@@ -615,6 +609,17 @@ class Extension:
             with contextlib.suppress(OSError):  # no index names it now: removed at the next start otherwise
                 (self.folder / f"{key}.npy").unlink(missing_ok=True)
             return entry.rows
+
+
+def _oldest_that_fit(candidates: dict[str, Entry], used: int, bound: int) -> list[Entry]:
+    """Of ``candidates``, oldest first, those that fit in ``bound`` rows beside ``used`` ones: the entries a start
+    serves of an extension past its bound, and those a freed row serves of the held ones."""
+    chosen = []
+    for entry in sorted(candidates.values(), key=lambda e: e.at):
+        if used + entry.rows <= bound:
+            chosen.append(entry)
+            used += entry.rows
+    return chosen
 
 
 SETTLE_S = 2.0  # how long a reader outside the worker waits for one change of the worker's to be written whole

@@ -54,12 +54,8 @@ def remove_stale_temporaries(path: Path) -> None:
     """Remove the :func:`temporary` files (or folders) of ``path`` that runs writing it were killed before renaming
     (SIGKILL, a power cut): each can be a whole teacher, checkpoint or backbone, and nothing else ever removed them.
     Only names of that pattern, and only those of processes no longer running."""
-    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)\.tmp", entry.name)
-        if match is None or entry.is_symlink():
-            continue
-        pid = int(match[1])
-        if pid == os.getpid() or process_running(pid):
+    for entry, pid, _ in _left_by_killed_runs(path, r"(\d+)\.tmp"):
+        if entry.is_symlink():
             continue
         log.info("removing %s, left by an exporter run (pid %d) that was killed while writing %s", entry, pid, path)
         if entry.is_dir():
@@ -68,18 +64,27 @@ def remove_stale_temporaries(path: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def _left_by_killed_runs(path: Path, pattern: str) -> Iterator[tuple[Path, int, re.Match[str]]]:
+    """The entries beside ``path`` named ``.NAME.<pattern>``, whose first group that matched is the pid of the run
+    that wrote them, where that run is no longer running (nor is this one): a run to the same place at once keeps
+    its own."""
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.{pattern}", entry.name)
+        if match is None:
+            continue
+        pid = int(next(group for group in match.groups() if group))
+        if pid != os.getpid() and not process_running(pid):
+            yield entry, pid, match
+
+
 def remove_stale_staging(out: Path) -> None:
     """Remove the folders beside ``out`` that runs to it were killed before removing (``.NAME.partial-PID-*``,
     ``.NAME.replaced-PID``, :func:`exporter.build.check_out`'s empty ``.NAME.check-PID-*``): each can hold a whole
     model.  Only those of processes no longer running, so two runs to one ``--out`` at once leave each other's
     staging folder alone.  A run killed between renaming the bundle at
     ``out`` aside and its own into place left ``out`` missing: the bundle set aside goes back instead."""
-    for entry in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:(?:partial|check)-(\d+)-.+|replaced-(\d+))", entry.name)
-        if match is None or not entry.is_dir():
-            continue
-        pid = int(match[1] or match[2])
-        if pid == os.getpid() or process_running(pid):
+    for entry, pid, match in _left_by_killed_runs(out, r"(?:(?:partial|check)-(\d+)-.+|replaced-(\d+))"):
+        if not entry.is_dir():
             continue
         if match[2] and not out.exists() and (entry / MANIFEST).is_file():  # killed between its two renames:
             log.warning("%s is missing and %s holds the bundle an exporter run (pid %d) was replacing when it was "

@@ -970,6 +970,21 @@ def test_store_outage_spools_and_replays_in_order(broker, bundle_dir, dataset, t
         store.close()
 
 
+def test_a_server_store_down_is_said_by_the_worker_alone_not_by_qdrant_client_at_each_try(broker, bundle_dir, dataset,
+                                                                                            tmp_path, worker_factory):
+    """A worker whose Qdrant server was down printed qdrant-client's "Failed to obtain server version ... Set
+    check_compatibility=False" (an argument no config key reaches: two lines without a time or a journal priority) at
+    each try to open the store, every ``spool.retry_s``, beside its own line once every ten minutes: each frame's
+    decode resets Python's memory of the warnings already shown.  The worker's own line says why, once."""
+    *_, worker, results, stats = _scored_while_the_store_is_down(
+        {"url": f"http://127.0.0.1:{free_port()}", "path": None}, 8, broker, bundle_dir, dataset, tmp_path, worker_factory)
+    assert stats["store_available"] is False and len(results) == 8
+    assert worker.stop() == 0
+    output = worker.output()
+    assert "server version" not in output and "check_compatibility" not in output, output[-3000:]
+    assert output.count("vector store unavailable (cannot open the vector store") == 1, output[-3000:]
+
+
 def test_a_corrupt_embedded_store_costs_the_history_not_the_worker(broker, bundle_dir, dataset, tmp_path,
                                                                    worker_factory):
     """A power cut can leave qdrant-edge's files half written. Loading a truncated status file makes its engine

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,12 @@ STALE_SEGMENTS = 2  # replaced segments kept after a vacuum before the embedded 
 # those pages off a full disk, so ``store.min_free_mb`` never counts for less.
 ENGINE_MIN_FREE = 40 * 2**20
 
+# qdrant-client warns at each client made for a server it cannot reach ("Failed to obtain server version ... Set
+# check_compatibility=False", an argument no config key reaches). The recorder makes one at each try (spool.retry_s) and
+# each frame's decode resets Python's memory of the warnings shown (warnings.catch_warnings), so a server down for a day
+# printed it at every try; the recorder's own line says why the store cannot be opened. Set here, at import, before
+# any thread runs: a filter added while a decode holds catch_warnings would be undone at its exit.
+warnings.filterwarnings("ignore", message="Failed to obtain server version", category=UserWarning)
 
 def point_id(camera: str, frame_id: str) -> str:
     """Stable id of a frame: the same camera + frame id always maps to the same point."""

@@ -985,6 +985,56 @@ def test_a_server_store_down_is_said_by_the_worker_alone_not_by_qdrant_client_at
     assert output.count("vector store unavailable (cannot open the vector store") == 1, output[-3000:]
 
 
+@contextmanager
+def _answering(status: int) -> Iterator[int]:
+    """An HTTP/1.1 server on a free loopback port that answers every request ``status``, keeping its connections (a
+    reverse proxy in front of a Qdrant server that is down answers 502 Bad Gateway); its port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:  # the test's output is not the place
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_store_server_behind_a_proxy_that_answers_502_is_said_once_not_each_http_request(
+        broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """httpx, qdrant-client's transport, logs every HTTP request it makes at INFO (``INFO httpx: HTTP Request: GET
+    http://.../collections/frames/exists "HTTP/1.1 502 Bad Gateway"``): two lines at each try to open the store, every
+    ``spool.retry_s``, and once it opens a line per write, query and retention pass, in normal operation too.  The
+    worker's own line says what is wrong, once; httpx's warnings and errors still come through."""
+    with _answering(502) as port:
+        *_, worker, results, stats = _scored_while_the_store_is_down(
+            {"url": f"http://127.0.0.1:{port}", "path": None}, 8, broker, bundle_dir, dataset, tmp_path, worker_factory)
+        assert stats["store_available"] is False and len(results) == 8
+        assert worker.stop() == 0
+    output = worker.output()
+    assert "HTTP Request:" not in output and "httpx" not in output, output[-3000:]
+    assert output.count("vector store unavailable (cannot open the vector store") == 1, output[-3000:]
+    assert "502 (Bad Gateway)" in output, output[-3000:]
+
+
 def test_a_corrupt_embedded_store_costs_the_history_not_the_worker(broker, bundle_dir, dataset, tmp_path,
                                                                    worker_factory):
     """A power cut can leave qdrant-edge's files half written. Loading a truncated status file makes its engine

@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s") if journal else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # httpx, qdrant-client's transport to a store.url server, logs each HTTP request at INFO: a line per store write,
+    # query and retention pass, and two per try while the server is down; its warnings and errors still come through
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ConfigError, BundleError) as exc:

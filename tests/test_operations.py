@@ -222,6 +222,65 @@ def test_a_worker_moved_from_a_group_to_another_line_leaves_the_groups_subscript
         client.close()
 
 
+def _waiting_for_a_lock(path: Path) -> bool:
+    """Whether a process waits for an OS lock on ``path`` (a blocked request, ``->`` in /proc/locks)."""
+    inode = f":{path.stat().st_ino} " if path.exists() else None
+    return inode is not None and any("->" in line and inode in line
+                                     for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_two_workers_on_one_session_file_each_keep_their_record(broker, tmp_path, monkeypatch):
+    """Two workers started from one config.yaml (``worker.id`` set apart, its folders per worker in the environment)
+    share ``mqtt.session_file``, which holds a record per client id.  The one that read the file before the other
+    had written it put it back without the other's record (and both wrote one ``.tmp``): that worker forgot the
+    filters its session holds, and after a change of topics they stayed at the broker, delivering.  Here the first
+    link's write is held after it read the file (its rename waits for the test) while the second connects and
+    writes: both records are kept."""
+    from worker.config import MQTTConfig
+    from worker.mqtt import MqttLink
+
+    record = tmp_path / "data" / "mqtt-session.json"
+    cfg = MQTTConfig(port=broker.port)
+    prefix = f"s{uuid.uuid4().hex[:6]}"
+    ids = [f"{prefix}-w0", f"{prefix}-w1"]
+    held, go = threading.Event(), threading.Event()
+    rename = Path.replace
+
+    def held_rename(self: Path, target: str | Path) -> Path:
+        """The first link's first rename of the record waits until the test lets it go."""
+        if Path(target) == record and threading.current_thread().name == f"paho-mqtt-client-{ids[0]}" \
+                and not go.is_set():
+            held.set()
+            go.wait(30)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "replace", held_rename)
+    links = [MqttLink(cfg, client_id, subscriptions=[f"{prefix}/{client_id}/+/frame"], record=record)
+             for client_id in ids]
+    try:
+        links[0].start()
+        assert held.wait(30), "the first link never wrote its record"
+        links[1].start()
+        lock = record.with_name(record.name + ".lock")
+        deadline = time.monotonic() + 30
+        # the second has written (unguarded), or waits for the first's lock
+        while not (record.is_file() and f"{ids[1]}@127.0.0.1:{broker.port}" in record.read_text()) \
+                and not _waiting_for_a_lock(lock):
+            assert time.monotonic() < deadline, "the second link neither wrote its record nor waited for the lock"
+            time.sleep(0.02)  # polling the file and /proc/locks, with a deadline
+        go.set()
+        expected = {f"{client_id}@127.0.0.1:{broker.port}": [f"{prefix}/{client_id}/+/frame"] for client_id in ids}
+        deadline = time.monotonic() + 30
+        while not (record.is_file() and json.loads(record.read_text()) == expected):
+            assert time.monotonic() < deadline, record.read_text() if record.is_file() else "no record"
+            time.sleep(0.05)  # polling the record, with a deadline
+        assert all(link.wait_connected(10) for link in links)
+    finally:
+        go.set()
+        for link in links:
+            link.stop()
+
+
 def _relabelled(bundle_dir: Path, folder: Path, version: str, name: str | None = None) -> Path:
     """A copy of a bundle under another version (same weights), as a new release would be installed; with
     ``name``, as another product's bundle would be."""

@@ -12,6 +12,7 @@ the packet that carries it (:func:`_reason_name`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -180,6 +181,7 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.stale = list(stale)
         self.record, self._record_key = record, f"{client_id}@{cfg.host}:{cfg.port}"
+        self._unlocked_said = False  # said once: the record's lock file cannot be locked
         self._leaving: int | None = None  # the UNSUBSCRIBE of filters an earlier configuration left, until its UNSUBACK
         self._unsubscribed: dict[int, threading.Event] = {}  # UNSUBSCRIBE message id -> set at its UNSUBACK
         self._left: set[str] = set()  # filters left by :meth:`leftover`
@@ -315,19 +317,32 @@ class MqttLink:
         return [f for f in filters if isinstance(f, str)] if isinstance(filters, list) else []
 
     def _remember(self, filters: list[str]) -> None:
-        """Record the filters the session holds now (written whole, then renamed: a crash leaves the old record)."""
+        """Record the filters the session holds now (written whole, then renamed: a crash leaves the old record).
+
+        The file holds a record per client id: two workers started from one config.yaml (``worker.id`` set apart)
+        share it.  Each reads, changes and writes it holding an OS lock on ``<file>.lock``: unguarded, the one that
+        read before the other wrote put back the file without the other's record (and both wrote one ``.tmp``), so
+        the other forgot its filters and left them at the broker after a change of topics."""
         if self.record is None:
             return
         try:
-            try:
-                sessions = json.loads(self.record.read_text())
-            except (OSError, ValueError):
-                sessions = {}
-            sessions = {**(sessions if isinstance(sessions, dict) else {}), self._record_key: filters}
             self.record.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.record.with_name(self.record.name + ".tmp")
-            partial.write_text(json.dumps(sessions, indent=1) + "\n")
-            partial.replace(self.record)
+            with self.record.with_name(self.record.name + ".lock").open("a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # held for one read and one write, by this or another worker
+                except OSError as exc:  # a file system without locks (some network mounts): written unguarded
+                    if not self._unlocked_said:
+                        self._unlocked_said = True
+                        log.warning("%s cannot be locked (%s): two workers must not share this mqtt.session_file",
+                                    lock.name, exc)
+                try:
+                    sessions = json.loads(self.record.read_text())
+                except (OSError, ValueError):
+                    sessions = {}
+                sessions = {**(sessions if isinstance(sessions, dict) else {}), self._record_key: filters}
+                partial = self.record.with_name(self.record.name + ".tmp")
+                partial.write_text(json.dumps(sessions, indent=1) + "\n")
+                partial.replace(self.record)
         except OSError as exc:
             log.warning("cannot remember this session's subscriptions in %s (mqtt.session_file): %s; a later change "
                         "of topics may leave the old ones delivering", self.record, exc)

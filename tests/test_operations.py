@@ -281,6 +281,42 @@ def test_two_workers_on_one_session_file_each_keep_their_record(broker, tmp_path
             link.stop()
 
 
+def test_a_group_member_whose_worker_id_changed_ends_the_session_it_left(bundle_dir, dataset, tmp_path,
+                                                                        worker_factory):
+    """A group member (persistent session, client id edge-inspect-<worker.id> by default) restarted under another
+    ``worker.id``: its old client id's session stayed at the broker with the group's subscription until it expired
+    (``mqtt.session_expiry_s``, an hour by default), and the broker queued half of the group's frames for it, lost.
+    The record names the worker that held each session (its spool folder): the worker ends its earlier client id's
+    session and every frame reaches it."""
+    from scripts.broker import Broker
+
+    broker = Broker(tmp_path / "broker")
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    client = Client(broker.port, prefix)
+    try:
+        grouped = dict(topics={"prefix": prefix, "share_group": "line"}, mqtt={"client_id": None})
+        first = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir, worker={"id": "w0"}, **grouped))
+        _online(client, prefix, "w0")
+        assert first.stop() == 0
+        renamed = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir, worker={"id": "w1"},
+                                              **grouped))
+        _online(client, prefix, "w1")
+        record = tmp_path / "w" / "data" / "mqtt-session.json"
+        deadline = time.monotonic() + 30
+        while f"edge-inspect-w0@127.0.0.1:{broker.port}" in record.read_text():
+            assert time.monotonic() < deadline, renamed.output()[-3000:]
+            time.sleep(0.1)  # polling the record, with a deadline
+        assert "ended the session this worker left at the broker as client id 'edge-inspect-w0'" in renamed.output()
+        for i in range(10):
+            client.publish_frame("cam", _good(dataset), f"f{i}")
+        results = client.json_on(f"{prefix}/cam/result", timeout=60, count=10)
+        assert sorted(r["frame_id"] for r in results) == [f"f{i}" for i in range(10)]
+        assert renamed.stop() == 0
+    finally:
+        client.close()
+        broker.stop()
+
+
 def _relabelled(bundle_dir: Path, folder: Path, version: str, name: str | None = None) -> Path:
     """A copy of a bundle under another version (same weights), as a new release would be installed; with
     ``name``, as another product's bundle would be."""

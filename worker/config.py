@@ -98,7 +98,9 @@ class MQTTConfig(_Section):
     session_file: Path | None = Field(Path("data/mqtt-session.json"), description=(
         "Remembers the topic filters the worker's persistent session holds at the broker, so that after a change of "
         "topics.prefix, topics.share_group or worker.id the filters no longer configured are left at the next "
-        "connect (a kept session would still deliver them: half of a group's frames, lost); none: not remembered."))
+        "connect (a kept session would still deliver them: half of a group's frames, lost), and after a change of the "
+        "client id (worker.id, mqtt.client_id) with spool.path kept, the earlier client id's session is ended. Workers "
+        "may share the file (a record per client id, written under a lock, <file>.lock); none: not remembered."))
 
     @field_validator("client_id", "username")
     @classmethod

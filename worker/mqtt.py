@@ -155,6 +155,8 @@ TAKEOVER_CLOSES, TAKEOVER_WINDOW_S = 3, 60.0  # closes by the broker within the 
 # a connection rate, the will's retain flag or QoS (the link then lowers them), so retrying is worth it
 TRANSIENT_REFUSALS = frozenset({0x88, 0x89, 0x97, 0x9A, 0x9B, 0x9F})
 RESUBSCRIBE_S = (2.0, 60.0)  # a subscription the broker refused is asked for again after 2 s, doubling up to 60 s
+OWNERS = "owners"  # the record's key for each session's owner (client keys hold an "@")
+EARLIER_SESSION_S = 10.0  # the broker's CONNACK to ending a session this worker held under an earlier client id
 LEFT_KEPT = 64  # filters of an earlier configuration left (remembered, so each is asked for once; bounded)
 
 
@@ -165,7 +167,7 @@ class MqttLink:
                  will: tuple[str, str] | None = None, retained: bool = True, watch: Sequence[str] = (),
                  stale: Sequence[str] = (), record: Path | None = None, will_properties: Properties | None = None,
                  on_takeover: Callable[[], None] | None = None, prefix: str | None = None,
-                 receive_maximum: int | None = None) -> None:
+                 receive_maximum: int | None = None, owner: str | None = None) -> None:
         """``retained`` False: the broker keeps its retained messages to itself when we subscribe (MQTT v5 retain
         handling 2), so a frame or a command a client published with the retain flag is not handed to us again at
         every start and reconnect; what is published while we are subscribed still arrives.  ``watch``: topics
@@ -176,12 +178,16 @@ class MqttLink:
         unsubscribed at every connect that finds a session.  ``record``: a file where the filters this session holds
         are remembered, so that those an earlier configuration subscribed and this one does not are left too.
         ``receive_maximum``: at most this many QoS 1 messages the broker may send us unacknowledged (MQTT v5 Receive
-        Maximum on CONNECT; None: the protocol's 65535), for messages acknowledged through :attr:`acks`."""
+        Maximum on CONNECT; None: the protocol's 65535), for messages acknowledged through :attr:`acks`.  ``owner``:
+        what stays this worker's when its client id changes (its spool folder, which no other live worker holds),
+        recorded beside its filters: the sessions a record gives this owner under other client ids are ended."""
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
         self.stale = list(stale)
         self.record, self._record_key = record, f"{client_id}@{cfg.host}:{cfg.port}"
         self._unlocked_said = False  # said once: the record's lock file cannot be locked
+        self.owner = owner
+        self._earlier_pending = owner is not None  # this process has not looked for earlier sessions yet
         self._leaving: int | None = None  # the UNSUBSCRIBE of filters an earlier configuration left, until its UNSUBACK
         self._unsubscribed: dict[int, threading.Event] = {}  # UNSUBSCRIBE message id -> set at its UNSUBACK
         self._left: set[str] = set()  # filters left by :meth:`leftover`
@@ -317,7 +323,16 @@ class MqttLink:
         return [f for f in filters if isinstance(f, str)] if isinstance(filters, list) else []
 
     def _remember(self, filters: list[str]) -> None:
-        """Record the filters the session holds now (written whole, then renamed: a crash leaves the old record).
+        """Record the filters the session holds now, and whose session it is (:attr:`owner`)."""
+        def change(sessions: dict) -> None:
+            sessions[self._record_key] = filters
+            if self.owner is not None:
+                owners = sessions.get(OWNERS)
+                sessions[OWNERS] = {**(owners if isinstance(owners, dict) else {}), self._record_key: self.owner}
+        self._rewrite(change)
+
+    def _rewrite(self, change: Callable[[dict], None]) -> None:
+        """Change the record (written whole, then renamed: a crash leaves the old record).
 
         The file holds a record per client id: two workers started from one config.yaml (``worker.id`` set apart)
         share it.  Each reads, changes and writes it holding an OS lock on ``<file>.lock``: unguarded, the one that
@@ -339,13 +354,79 @@ class MqttLink:
                     sessions = json.loads(self.record.read_text())
                 except (OSError, ValueError):
                     sessions = {}
-                sessions = {**(sessions if isinstance(sessions, dict) else {}), self._record_key: filters}
+                sessions = sessions if isinstance(sessions, dict) else {}
+                change(sessions)
                 partial = self.record.with_name(self.record.name + ".tmp")
                 partial.write_text(json.dumps(sessions, indent=1) + "\n")
                 partial.replace(self.record)
         except OSError as exc:
             log.warning("cannot remember this session's subscriptions in %s (mqtt.session_file): %s; a later change "
                         "of topics may leave the old ones delivering", self.record, exc)
+
+    def _earlier_ids(self) -> list[str]:
+        """The client ids this worker (:attr:`owner`) had at this broker before its own changed, by the record."""
+        try:
+            owners = json.loads(self.record.read_text()).get(OWNERS) if self.record and self.owner else None
+        except (OSError, ValueError, AttributeError):
+            return []
+        here = f"@{self.cfg.host}:{self.cfg.port}"
+        return [key[: -len(here)] for key, owner in owners.items()
+                if owner == self.owner and key != self._record_key and key.endswith(here)] \
+            if isinstance(owners, dict) else []
+
+    def _end_earlier_sessions(self) -> None:
+        """End the sessions this worker left at the broker under the client ids it had before (``worker.id`` or
+        ``mqtt.client_id`` changed): nobody connects as them again, and until they expired
+        (``mqtt.session_expiry_s``) the broker queued for them what their subscriptions matched, a share group's
+        frames among them (half of a two-worker group's, lost).  Each is taken with a clean start and a session
+        expiry of 0, then left; the record forgets it once the broker has.  Runs on a thread of its own, once per
+        process while the broker takes the connections."""
+        for earlier in self._earlier_ids():
+            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=earlier,
+                                 protocol=mqtt.MQTTv5)
+            answer: list[ReasonCode] = []
+            answered = threading.Event()
+
+            def connack(client: mqtt.Client, userdata: object, flags: object, reason_code: ReasonCode,
+                        properties: object, answer: list[ReasonCode] = answer, answered: threading.Event = answered
+                        ) -> None:
+                answer.append(reason_code)
+                answered.set()
+
+            client.on_connect = connack
+            try:
+                if self.cfg.username is not None:
+                    client.username_pw_set(self.cfg.username, self.cfg.secret())
+                if self.cfg.tls is not None:
+                    client.tls_set_context(tls_context(self.cfg.tls))
+                client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=True)
+            except (OSError, ValueError, ConfigError) as exc:
+                log.warning("the session of client id %r, this worker's before its client id changed, could not be "
+                            "ended (%s): it is tried again at the next start", earlier, exc)
+                return
+            client.loop_start()
+            try:
+                ended = answered.wait(EARLIER_SESSION_S) and not answer[0].is_failure
+            finally:
+                client.disconnect()
+                client.loop_stop()
+            if not ended:
+                log.warning("the broker did not let this worker end the session of client id %r, its own before its "
+                            "client id changed (%s): the session's subscriptions take their share of the messages "
+                            "until it expires (mqtt.session_expiry_s); it is tried again at the next start", earlier,
+                            answer[0] if answer else "no answer")
+                continue
+            key = f"{earlier}@{self.cfg.host}:{self.cfg.port}"
+
+            def forget(sessions: dict, key: str = key) -> None:
+                sessions.pop(key, None)
+                owners = sessions.get(OWNERS)
+                if isinstance(owners, dict):
+                    owners.pop(key, None)
+
+            self._rewrite(forget)
+            log.info("ended the session this worker left at the broker as client id %r before its client id changed "
+                     "(worker.id or mqtt.client_id): its subscriptions no longer take messages", earlier)
 
     def _degrade(self, max_qos: int, retain: bool) -> None:
         """Take the broker's announced limits (MQTT v5 CONNACK: Maximum QoS, Retain Available) for what the worker
@@ -506,6 +587,9 @@ class MqttLink:
         log.info("connected to %s:%d (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
         wanted = self.subscriptions + self.watch
         left = [t for t in dict.fromkeys(self.stale + self._recorded()) if t not in wanted] if flags.session_present else []
+        if self._earlier_pending:
+            self._earlier_pending = False
+            threading.Thread(target=self._end_earlier_sessions, name="earlier-sessions", daemon=True).start()
         if left:
             log.info("leaving what an earlier configuration subscribed in this session: %s", ", ".join(left))
             self._leaving = client.unsubscribe(left)[1]  # the record is rewritten at its UNSUBACK

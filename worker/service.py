@@ -212,7 +212,8 @@ class Worker:
                              stale=[*self.topics.frame_filters, self.topics.query, self.topics.label]
                              if cfg.topics.share_group else [], record=cfg.mqtt.session_file,
                              will_properties=self.presence.will_properties(), on_takeover=self.presence.takeover,
-                             prefix=cfg.topics.prefix, receive_maximum=receive_maximum(cfg, self.models))
+                             prefix=cfg.topics.prefix, receive_maximum=receive_maximum(cfg, self.models),
+                             owner=str(cfg.spool.path))
         self.link.client.manual_ack_set(True)
         self.capture = (Capture(cfg.capture.path, cfg.capture.max_frames, cfg.capture.min_distance, max_mb=cfg.capture.max_mb,
                                 max_cameras=cfg.capture.max_cameras)

@@ -301,12 +301,12 @@ def test_a_group_member_whose_worker_id_changed_ends_the_session_it_left(bundle_
         renamed = worker_factory(write_config(tmp_path / "w", broker.port, bundle_dir, worker={"id": "w1"},
                                               **grouped))
         _online(client, prefix, "w1")
-        record = tmp_path / "w" / "data" / "mqtt-session.json"
         deadline = time.monotonic() + 30
-        while f"edge-inspect-w0@127.0.0.1:{broker.port}" in record.read_text():
+        while "ended the session this worker left at the broker as client id 'edge-inspect-w0'" not in renamed.output():
             assert time.monotonic() < deadline, renamed.output()[-3000:]
-            time.sleep(0.1)  # polling the record, with a deadline
-        assert "ended the session this worker left at the broker as client id 'edge-inspect-w0'" in renamed.output()
+            time.sleep(0.1)  # polling the worker's log, with a deadline
+        record = json.loads((tmp_path / "w" / "data" / "mqtt-session.json").read_text())
+        assert list(record["owners"]) == [f"edge-inspect-w1@127.0.0.1:{broker.port}"], record
         for i in range(10):
             client.publish_frame("cam", _good(dataset), f"f{i}")
         results = client.json_on(f"{prefix}/cam/result", timeout=60, count=10)

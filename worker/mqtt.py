@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 import ssl
 import sys
 import threading
@@ -342,14 +343,16 @@ class MqttLink:
             return
         try:
             self.record.parent.mkdir(parents=True, exist_ok=True)
-            with self.record.with_name(self.record.name + ".lock").open("a") as lock:
+            lock_path = self.record.with_name(self.record.name + ".lock")
+            # opened to read: a lock file another user made (a worker once run as root) is locked all the same
+            with os.fdopen(os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)) as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # held for one read and one write, by this or another worker
                 except OSError as exc:  # a file system without locks (some network mounts): written unguarded
                     if not self._unlocked_said:
                         self._unlocked_said = True
                         log.warning("%s cannot be locked (%s): two workers must not share this mqtt.session_file",
-                                    lock.name, exc)
+                                    lock_path, exc)
                 try:
                     sessions = json.loads(self.record.read_text())
                 except (OSError, ValueError):

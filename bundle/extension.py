@@ -14,7 +14,10 @@ Files: ``<folder>/index.json`` (revision and entries) and one ``<entry>.npy`` pe
 entry, each written to a temporary file and renamed; the index is written last, so a
 crash leaves either the old or the new state, and files the index does not name are
 removed at start.  Fields of the index this version does not read (a newer worker wrote it, then the box was
-rolled back) are kept and written back as they were.
+rolled back) are kept and written back as they were.  An entry kept past the bound and not served is marked
+``"held": true`` (the field is written on those only, so an index with none held is as earlier versions wrote it): a
+start serves the entries served before while they fit, so a restart serves the labels that were served, not the
+oldest that fit (a withdrawal serves what the room it frees lets in, which need not be those).
 """
 
 from __future__ import annotations
@@ -65,22 +68,25 @@ class Entry:
     at: float
 
 
+HELD = "held"  # an index entry's mark: kept past the bound, not served (written on those entries only)
 _ENTRY_FIELDS = frozenset(f.name for f in fields(Entry))
+_KNOWN = _ENTRY_FIELDS | {HELD}
 
 
-def _entry(written: dict) -> tuple[Entry, dict]:
-    """An index entry as written, and the fields of it this software does not know (a newer worker wrote the index:
-    kept and written back as they were, so a rollback costs the entry nothing); TypeError or ValueError otherwise,
-    so the index is taken for damaged: an ``at`` of text failed later in sorting the entries, and a key naming a
-    path read another folder's rows."""
+def _entry(written: dict) -> tuple[Entry, bool, dict]:
+    """An index entry as written, whether it is marked held (not served), and the fields of it this software does not
+    know (a newer worker wrote the index: kept and written back as they were, so a rollback costs the entry nothing);
+    TypeError or ValueError otherwise, so the index is taken for damaged: an ``at`` of text failed later in sorting
+    the entries, and a key naming a path read another folder's rows."""
     if not isinstance(written, dict):
         raise TypeError(f"index entry {written!r} is not a record")
     entry = Entry(**{k: v for k, v in written.items() if k in _ENTRY_FIELDS})
+    held = written.get(HELD, False)
     if not (isinstance(entry.key, str) and _KEY.match(entry.key) and isinstance(entry.frame_id, str)
             and isinstance(entry.camera, str) and type(entry.rows) is int
-            and isinstance(entry.at, int | float) and not isinstance(entry.at, bool)):
+            and isinstance(entry.at, int | float) and not isinstance(entry.at, bool) and isinstance(held, bool)):
         raise ValueError(f"index entry {written!r} is not of the kind this software writes")
-    return entry, {k: v for k, v in written.items() if k not in _ENTRY_FIELDS}
+    return entry, held, {k: v for k, v in written.items() if k not in _KNOWN}
 
 
 def _sync(fh) -> None:
@@ -347,16 +353,18 @@ class Extension:
             if _KEY.match(npy.stem) and prev.is_file() and not npy.exists():
                 prev.replace(npy)
         broken: Path | None = None  # the unreadable index, moved aside
+        marked: set[str] = set()  # the entries the index marks held: not served when it was written
         changed = False  # what is kept differs from what the index says: the index is written again
         if index.is_file():
             try:
                 raw = json.loads(index.read_text())
                 self.revision = int(raw["revision"])
                 read = [_entry(e) for e in raw["entries"]]
-                entries = [entry for entry, _ in read]
+                entries = [entry for entry, _, _ in read]
+                marked = {entry.key for entry, held, _ in read if held}
                 self._unknown = {k: v for k, v in raw.items() if k not in ("revision", "entries")}
-                self._unknown_of = {entry.key: unknown for entry, unknown in read if unknown}
-                if said := sorted({*self._unknown, *(k for _, unknown in read for k in unknown)}):
+                self._unknown_of = {entry.key: unknown for entry, _, unknown in read if unknown}
+                if said := sorted({*self._unknown, *(k for _, _, unknown in read for k in unknown)}):
                     log.warning("extension index %s has fields this version does not read (%s): written by a newer "
                                 "worker; its entries are served, and those fields kept as they are", index,
                                 ", ".join(said))
@@ -366,6 +374,7 @@ class Extension:
                 # the rows are in their own files, named by their frames' point ids: kept, not lost with the index
                 entries = [Entry(p.stem, "", "", 0, p.stat().st_mtime) for p in sorted(self.folder.glob("*.npy"))
                            if _KEY.match(p.stem)]
+                marked = set()
                 self.revision, changed = 1, True
                 log.error("extension index %s is unreadable (%s): moved aside as %s; its %d entries are taken again "
                           "from their files (their frame ids are unknown until labelled again: a withdrawal by frame "
@@ -377,17 +386,25 @@ class Extension:
                     self._entries[entry.key] = Entry(**{**asdict(entry), "rows": len(rows)})
                     self._arrays[entry.key] = rows
         if (holds := sum(e.rows for e in self._entries.values())) > self.max_rows:
-            kept = {e.key: e for e in _oldest_that_fit(self._entries, 0, self.max_rows)}
+            # those served when the index was written first (oldest first, should the bound be lower now), then, in the
+            # room left, the held ones that fit, as a withdrawal serves them: the labels served before a restart are
+            # served after it (an index without marks, an earlier version's, serves the oldest that fit)
+            served = _oldest_that_fit({k: e for k, e in self._entries.items() if k not in marked}, 0, self.max_rows)
+            served += _oldest_that_fit({k: e for k, e in self._entries.items() if k not in {e.key for e in served}},
+                                       sum(e.rows for e in served), self.max_rows)
+            kept = {e.key: e for e in sorted(served, key=lambda e: e.at)}
             total = sum(e.rows for e in kept.values())
             self._held = {k: e for k, e in self._entries.items() if k not in kept}
             self._entries = kept
             log.warning("extension %s holds %d rows, more than learning.max_rows %d (lowered, or the extension was "
-                        "written by a version with a higher bound): the oldest entries that fit are served; the other "
+                        "written by a version with a higher bound): the entries served before that fit are served, "
+                        "oldest first, then the oldest others that fit; the other "
                         "%d (%d rows; frames %s) are kept on disk but not served, so those false alarms are flagged "
                         "again, until learning.max_rows is raised to %d or withdrawals free their rows; the "
                         "label API's extensions list shows them as held", self.folder, holds, self.max_rows,
                         len(self._held), holds - total, ", ".join(f"{e.camera}/{e.frame_id}" for e in
                                                                   list(self._held.values())[:5]), holds)
+        changed = changed or set(self._held) != marked & {*self._entries, *self._held}  # the marks say what is held
         if changed:
             self._rewrite_index(broken)
         foreign = []  # files the worker does not write here (another version's, an operator's): left as they are
@@ -440,15 +457,16 @@ class Extension:
         return np.concatenate(parts) if parts else np.empty((0, self.feature_dim), np.float32)
 
     def _write_index(self, revision: int | None = None, entries: dict[str, Entry] | None = None,
-                     fresh: str | None = None, dropped: str | None = None) -> None:
-        """Write the index of ``entries`` at ``revision`` (by default the state in use), and of the entries held past
-        the bound but ``dropped``, whole, or raise OSError and leave the one on disk as it was.  ``fresh``: the entry
-        this version writes anew, whose fields from a newer version no longer describe its rows."""
+                     held: dict[str, Entry] | None = None, fresh: str | None = None) -> None:
+        """Write the index of the served ``entries`` and the ``held`` ones (marked so) at ``revision`` (by default the
+        state in use), whole, or raise OSError and leave the one on disk as it was.  ``fresh``: the entry this version
+        writes anew, whose fields from a newer version no longer describe its rows."""
         entries = self._entries if entries is None else entries
-        listed = [*entries.values(), *(e for k, e in self._held.items() if k not in entries and k != dropped)]
+        held = self._held if held is None else held
+        listed = [*((e, False) for e in entries.values()), *((e, True) for e in held.values())]
         body = {**self._unknown, "revision": self.revision if revision is None else revision,
-                "entries": [{**(self._unknown_of.get(e.key, {}) if e.key != fresh else {}), **asdict(e)}
-                            for e in listed]}
+                "entries": [{**(self._unknown_of.get(e.key, {}) if e.key != fresh else {}), **asdict(e),
+                             **({HELD: True} if marked else {})} for e, marked in listed]}
         tmp = self.folder / (INDEX + ".tmp")
         try:
             with tmp.open("w") as fh:
@@ -496,12 +514,16 @@ class Extension:
         with self._lock:
             return list(self._held.values())
 
-    def _serve_held(self) -> None:
-        """Serve the held entries that fit the rows a withdrawal (or a frame absorbed again with fewer rows) freed,
-        oldest first, rather than only at the next start; the index already lists them, so nothing is written."""
-        served = _oldest_that_fit(self._held, sum(e.rows for e in self._entries.values()), self.max_rows)
-        for entry in served:
-            self._entries[entry.key] = self._held.pop(entry.key)
+    def _filled(self, entries: dict[str, Entry], held: dict[str, Entry]
+                ) -> tuple[dict[str, Entry], dict[str, Entry], list[Entry]]:
+        """The served ``entries`` with the ``held`` ones that fit the rows a withdrawal (or a frame absorbed again with
+        fewer rows) freed, oldest first, rather than only at the next start: (served, still held, newly served), to
+        be written in the index before they are put to use, so a restart serves them too."""
+        served = _oldest_that_fit(held, sum(e.rows for e in entries.values()), self.max_rows)
+        keys = {e.key for e in served}
+        return ({**entries, **{e.key: e for e in served}}, {k: e for k, e in held.items() if k not in keys}, served)
+
+    def _said_served(self, served: list[Entry]) -> None:
         if served:
             log.info("extension %s: %d entries held past learning.max_rows %d are served again in the rows freed "
                      "(frames %s); %d are still held", self.folder, len(served), self.max_rows,
@@ -539,6 +561,8 @@ class Extension:
             entry = Entry(key, frame_id, camera, len(rows), earlier.at if earlier is not None else time.time())
             entries = {k: e for k, e in self._entries.items() if k != key}
             entries[key] = entry
+            # a frame absorbed again with fewer rows frees some, as a withdrawal does
+            entries, held, served = self._filled(entries, {k: e for k, e in self._held.items() if k != key})
             npy, tmp, prev = (self.folder / f"{key}{suffix}" for suffix in (".npy", ".npy.tmp", ".prev.tmp"))
             try:  # all or nothing: the rows and the index on disk first, then in use
                 self._restore()
@@ -555,7 +579,7 @@ class Extension:
                     npy.replace(prev)
                 tmp.replace(npy)
                 try:
-                    self._write_index(self.revision + 1, entries, fresh=key)
+                    self._write_index(self.revision + 1, entries, held, fresh=key)
                 except OSError:
                     if kept:
                         prev.replace(npy)
@@ -567,10 +591,9 @@ class Extension:
             if kept:
                 with contextlib.suppress(OSError):  # removed at the next start otherwise
                     prev.unlink(missing_ok=True)
-            self._entries, self._arrays[key] = entries, rows
-            self._held.pop(key, None)
+            self._entries, self._held, self._arrays[key] = entries, held, rows
             self._unknown_of.pop(key, None)
-            self._serve_held()  # a frame absorbed again with fewer rows frees some, as a withdrawal does
+            self._said_served(served)
             self.revision += 1
             self._rows = self._concat()
             return entry
@@ -584,7 +607,7 @@ class Extension:
                 if (held := self._held.get(key)) is not None:  # not served: withdrawn, it is no longer kept either
                     try:
                         self._restore()
-                        self._write_index(dropped=key)
+                        self._write_index(held={k: e for k, e in self._held.items() if k != key})
                     except OSError as exc:
                         raise self._unwritable(exc, f"the false alarm {held.frame_id} from camera {held.camera} was "
                                                     "not withdrawn") from exc
@@ -593,17 +616,17 @@ class Extension:
                     with contextlib.suppress(OSError):
                         (self.folder / f"{key}.npy").unlink(missing_ok=True)
                 return 0
-            entries = {k: e for k, e in self._entries.items() if k != key}
+            entries, still, served = self._filled({k: e for k, e in self._entries.items() if k != key}, self._held)
             try:  # all or nothing: the index on disk first, then in use
                 self._restore()
-                self._write_index(self.revision + 1, entries)
+                self._write_index(self.revision + 1, entries, still)
             except OSError as exc:
                 raise self._unwritable(exc, f"the false alarm {entry.frame_id} from camera {entry.camera} was not "
                                             "withdrawn") from exc
-            self._entries = entries
+            self._entries, self._held = entries, still
             del self._arrays[key]
             self._unknown_of.pop(key, None)
-            self._serve_held()
+            self._said_served(served)
             self.revision += 1
             self._rows = self._concat()
             with contextlib.suppress(OSError):  # no index names it now: removed at the next start otherwise
@@ -685,10 +708,11 @@ def _parse_index(index: Path, text: str) -> tuple[int, list[Entry]]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{index}: unreadable ({exc})") from exc
     # what they would mean for the rows is unknown here: the worker keeps them, a fold would drop them
-    if newer := sorted({*(k for k in raw if k not in ("revision", "entries")), *(k for _, unknown in read for k in unknown)}):
+    if newer := sorted({*(k for k in raw if k not in ("revision", "entries")),
+                        *(k for _, _, unknown in read for k in unknown)}):
         raise ValueError(f"{index}: fields this exporter does not read ({', '.join(newer)}): written by a newer "
                          "worker; fold it with an exporter of that worker's version")
-    return revision, [entry for entry, _ in read]
+    return revision, [entry for entry, _, _ in read]
 
 
 def _entry_rows(folder: Path, index: Path, entry: Entry, feature_dim: int) -> np.ndarray:

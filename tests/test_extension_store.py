@@ -226,6 +226,45 @@ def test_a_frame_absorbed_again_with_fewer_rows_serves_the_entries_held_that_now
     assert sorted(e.frame_id for e in Extension(tmp_path, C, max_rows=10).entries()) == ["f1", "f2"]  # as a start
 
 
+def test_a_restart_serves_the_entries_served_before_it_not_the_oldest_that_fit(tmp_path) -> None:
+    """A start served the oldest entries that fit the bound and a withdrawal served what the room it freed let in, so
+    after a withdrawal a restart could swap which labels were served (a held one for a served one), silently.  The
+    index marks the held ones; a start serves those served before while they fit, and an index without marks (an
+    earlier version's) still serves the oldest that fit."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    first, second, third = key(), key(), key()
+    ext.add(first, rows(5, 1.0), "f1", "cam")
+    ext.add(second, rows(6, 2.0), "f2", "cam")
+    ext.add(third, rows(5, 3.0), "f3", "cam")
+    lower = Extension(tmp_path, C, max_rows=10)
+    assert [e.frame_id for e in lower.entries()] == ["f1", "f3"] and [e.frame_id for e in lower.held()] == ["f2"]
+    lower.remove(first)  # frees 5 rows: f2 needs 6 beside f3's 5, so it stays held
+    assert [e.frame_id for e in lower.entries()] == ["f3"] and [e.frame_id for e in lower.held()] == ["f2"]
+    again = Extension(tmp_path, C, max_rows=10)
+    assert [e.frame_id for e in again.entries()] == ["f3"] and [e.frame_id for e in again.held()] == ["f2"]
+    assert np.array_equal(again.rows, rows(5, 3.0)) and again.revision == lower.revision
+    assert sorted(e.frame_id for e in Extension(tmp_path, C, max_rows=11).entries()) == ["f2", "f3"]  # raised: all
+
+
+def test_an_index_that_marks_held_entries_is_read_by_fold_and_without_marks_serves_the_oldest(tmp_path) -> None:
+    """The mark is written on held entries only, so an index with none held is as earlier versions wrote it; the fold
+    reads every entry, held ones too (the operator's labels), and an unmarked index serves the oldest that fit."""
+    ext = Extension(tmp_path, C, max_rows=20)
+    first, second = key(), key()
+    ext.add(first, rows(4, 1.0), "f1", "cam")
+    ext.add(second, rows(4, 2.0), "f2", "cam")
+    assert "held" not in (tmp_path / INDEX).read_text()
+    Extension(tmp_path, C, max_rows=5)
+    written = json.loads((tmp_path / INDEX).read_text())["entries"]
+    assert [(e["frame_id"], e.get("held")) for e in written] == [("f1", None), ("f2", True)]
+    revision, entries, folded = read_folder(tmp_path, C)
+    assert revision == 2 and [e.frame_id for e in entries] == ["f1", "f2"] and folded.shape == (8, C)
+    index = json.loads((tmp_path / INDEX).read_text())
+    index["entries"] = [{k: v for k, v in e.items() if k != "held"} for e in reversed(index["entries"])]
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    assert [e.frame_id for e in Extension(tmp_path, C, max_rows=5).entries()] == ["f1"]
+
+
 def test_offending_takes_the_patches_at_or_above_the_margin() -> None:
     candidates = np.arange(4 * C, dtype=np.float32).reshape(1, 4, C)
     scores = np.array([[5.0, 3.0, 2.0, 0.5]], np.float32)

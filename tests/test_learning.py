@@ -19,6 +19,8 @@ from conftest import ROOT, Client, damage, good_png, train_bundle, wait_online, 
 from test_worker import _query
 from test_pixels import _packed
 
+from bundle import read_manifest
+from bundle.extension import Extension, folder_name
 from exporter.data import load_category
 from worker.config import StoreConfig
 from worker.store import VectorStore, point_id
@@ -868,3 +870,44 @@ def test_entries_held_past_a_lower_bound_are_listed_and_served_when_a_withdrawal
     assert [(e["frame_id"], e.get("held")) for e in ext["entries"]] == [("n-0", None)], ext
     assert ext["rows"] == taken[1] and "held_rows" not in ext, ext
     assert _score(client, prefix, second, "n-3")["verdict"] == "normal"
+
+
+def test_a_restart_after_a_withdrawal_serves_the_labels_served_before_it(learning, bundle_dir):
+    """With entries held past ``learning.max_rows``, a start served the oldest that fit and a withdrawal served what
+    the room it freed let in: after a withdrawal a restart swapped a served label for a held one, silently (the model
+    topic's and results' extension, the ``extensions`` list changed with no label sent).  The labels served before
+    a restart are served after it."""
+    prefix, client, worker, config, start = learning
+    assert worker.stop() == 0
+    manifest = read_manifest(bundle_dir)
+    assert manifest.extension is not None
+    dim = manifest.extension.feature_dim
+    folder = Path(yaml.safe_load(config.read_text())["learning"]["path"]) / folder_name(manifest)
+    written = Extension(folder, dim, max_rows=20)  # as a worker with a higher bound (or an earlier one) wrote them
+    for fid, n in (("a-0", 5), ("b-0", 6), ("c-0", 5)):  # far from any patch: they change no score
+        written.add(point_id("cam1", fid), np.full((n, dim), 100.0, np.float32), fid, "cam1")
+    lowered = yaml.safe_load(config.read_text())
+    lowered["learning"]["max_rows"] = 10  # a-0 and c-0 fit; b-0 is held
+    config.write_text(yaml.safe_dump(lowered))
+
+    def state() -> tuple[list[tuple[str, bool]], dict]:
+        """The extensions list's entries (held or not), and the extension the retained model topic announces."""
+        [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
+        listed = [(e["frame_id"], "held" in e) for e in ext["entries"]]
+        model = client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/model"
+                                and json.loads(m.payload)["extension"]["revision"] == ext["revision"])[-1]
+        return listed, json.loads(model.payload)["extension"]
+
+    client.messages.clear()
+    worker = start(config)
+    wait_online(client, prefix)
+    assert state()[0] == [("a-0", False), ("c-0", False), ("b-0", True)]
+    released = _query(client, prefix, {"action": "unlabel", "frame_id": "a-0", "camera": "cam1"}, topic="label")
+    assert released["released"]["patches"] == 5, released  # b-0's 6 rows do not fit beside c-0's 5: still held
+    before = state()
+    assert before == ([("c-0", False), ("b-0", True)], {"revision": 4, "rows": 5, "labels": 1, "max_rows": 10}), before
+    assert worker.stop() == 0
+    client.messages.clear()
+    start(config)
+    wait_online(client, prefix)
+    assert state() == before

@@ -585,6 +585,42 @@ def test_withdrawing_a_false_alarm_folded_into_the_serving_bundle_says_it_still_
     assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"  # what the answer says: it still passes
 
 
+def test_withdrawing_a_held_false_alarm_folded_into_the_serving_bundle_says_it_still_passes(learning, dataset,
+                                                                                          bundle_dir):
+    """The fold reads every entry of the extension, those held past ``learning.max_rows`` too, so the folded bank that
+    serves holds a held label's rows; withdrawing that label answered only "its rows were held ..., not served: they
+    are deleted", while frames like it went on passing.  The answer now says the serving bundle has them folded in,
+    as for a served label."""
+    from exporter.__main__ import main as exporter
+
+    prefix, client, worker, config, start = learning
+    marked, absorbed = _absorbed_false_alarm(client, prefix, dataset)
+    assert absorbed["patches"] > 1 and worker.stop() == 0
+    lowered = yaml.safe_load(config.read_text())
+    lowered["learning"]["max_rows"] = 1  # the label's rows do not fit: held
+    config.write_text(yaml.safe_dump(lowered))
+    client.messages.clear()
+    start(config)
+    wait_online(client, prefix)
+    [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
+    assert [("held" in e, e["frame_id"]) for e in ext["entries"]] == [(True, "m-0")], ext
+    source = read_manifest(bundle_dir)
+    folded = config.parent / "folded"
+    assert exporter(["fold-extension", str(bundle_dir), str(config.parent / "extensions" / folder_name(source)),
+                     "--out", str(folded)]) == 0
+    version = read_manifest(folded).version
+    assert _query(client, prefix, {"command": "reload", "bundle": str(folded)}, topic="workers/w-test/control")["ok"]
+    assert _score(client, prefix, marked, "m-1")["verdict"] == "normal"  # the folded bank holds the held label's rows
+
+    released = _query(client, prefix, {"action": "unlabel", "frame_id": "m-0", "camera": "cam1"},
+                      topic="label")["released"]
+    assert released["patches"] == 0 and "held past learning.max_rows" in released["reason"], released
+    assert f"the serving bundle {source.name} {version} has this label's rows folded into its bank" in released[
+        "reason"], released
+    assert released["folded"] == {"bundle": f"{source.name} {version}", "from": f"{source.name} {source.version}"}
+    assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"  # what the answer says: it still passes
+
+
 def test_a_capture_export_names_its_camera_folders_and_the_serving_bundles_kind(learning, dataset):
     """``exporter train --data <capture export>`` without --category said the folder "has no images" (it holds one
     folder per camera), and the train command printed after an export (control topic, console, CLI) carried only

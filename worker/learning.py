@@ -81,6 +81,17 @@ def _folded_in(model: Model, held: dict[str, Entry]) -> dict | None:
     return None
 
 
+def _still_folded(model: Model, fold: dict) -> tuple[dict, str]:
+    """What a withdrawal answers where ``model``'s bank holds the label's rows by ``fold`` (:func:`_folded_in`): the
+    serving bundle and its source, and why frames like it still pass."""
+    m = model.bundle.manifest
+    source = f"{m.name} {fold.get('source_version')}"
+    return ({"bundle": f"{m.name} {m.version}", "from": source},
+            f"the serving bundle {m.name} {m.version} has this label's rows folded into its bank (exporter "
+            f"fold-extension from {source}): frames like it still pass; to withdraw it, roll back to {source} or fold "
+            "that bundle's extension again without it")
+
+
 def untaught(before: Model, after: Model) -> dict | None:
     """What a change of model (reload, rollback) leaves behind: the false alarms ``before``'s extension absorbed that
     ``after`` neither holds in its own extension nor has folded into its bank, so frames like them are flagged again;
@@ -307,7 +318,8 @@ class Learner:
         now misses (``reabsorbed``), or is named (``no_longer_pass``) where that cannot be done."""
         held = {ext.folder.name: entry for ext in self.models.extensions(every=True)
                 for entry in ext.entries() if entry.key == key}
-        unserved = any(e.key == key for ext in self.models.extensions(every=True) for e in ext.held())
+        unserved = {ext.folder.name: entry for ext in self.models.extensions(every=True)
+                    for entry in ext.held() if entry.key == key}
         before = {model: model.bundle.extension_state for model in self.models.scopes().values()}
         released: list[tuple[Extension, int]] = []
         try:  # raises ExtensionUnwritable where one cannot be written: that one keeps the rows, and a retry takes them
@@ -326,8 +338,16 @@ class Learner:
         if self.capture is not None:
             self.capture.remove_false_alarm(camera, key)
         if not released:
-            return {"patches": 0, "reason": "its rows were held past learning.max_rows, not served: they are deleted"
-                    if unserved else "this frame had added nothing to an extension"}
+            if not unserved:
+                return {"patches": 0, "reason": "this frame had added nothing to an extension"}
+            # a fold reads every entry, held ones too: the serving bank may hold the rows this deletes
+            deleted = "its rows were held past learning.max_rows, not served: they are deleted"
+            model = self.models.for_camera(camera)
+            if (fold := _folded_in(model, unserved)) is None:
+                return {"patches": 0, "reason": deleted}
+            folded, said = _still_folded(model, fold)
+            return {"patches": 0, "folded": folded, "reason": f"{deleted} from the extension of {folded['from']}, but "
+                                                               f"{said}"}
         reabsorbed: list[dict] = []
         lost: list[dict] = []
         unchecked = ""
@@ -352,13 +372,9 @@ class Learner:
         fold = _folded_in(model, held)
         if fold is None:
             return {**answer, "message": f"released: {_patches(patches)}; frames like it are scored as before{others}"}
-        m = model.bundle.manifest
-        source = f"{m.name} {fold.get('source_version')}"
-        return {**answer, "folded": {"bundle": f"{m.name} {m.version}", "from": source},
-                "message": f"withdrawn from the extension of {source}, but the serving bundle {m.name} {m.version} "
-                           f"has this label's rows folded into its bank (exporter fold-extension from {source}): "
-                           f"frames like it still pass; to withdraw it, roll back to {source} or fold that bundle's "
-                           f"extension again without it{others}"}
+        folded, said = _still_folded(model, fold)
+        return {**answer, "folded": folded, "message": f"withdrawn from the extension of {folded['from']}, but "
+                                                       f"{said}{others}"}
 
     def _lean(self, ext: Extension, since: float, labelled: list[dict], before: dict[Model, ExtensionState | None]
               ) -> tuple[list[dict], list[dict]]:

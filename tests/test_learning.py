@@ -908,6 +908,21 @@ def test_entries_held_past_a_lower_bound_are_listed_and_served_when_a_withdrawal
     assert _score(client, prefix, second, "n-3")["verdict"] == "normal"
 
 
+def _written(config: Path, bundle_dir: Path, rows: dict[str, int], max_rows: int) -> None:
+    """The stopped worker's extension holds an entry of ``rows[frame_id]`` rows per cam1 frame id, oldest first, as a
+    worker with a higher bound (or an earlier version) wrote it, and its config bounds it at ``max_rows``."""
+    manifest = read_manifest(bundle_dir)
+    assert manifest.extension is not None
+    dim = manifest.extension.feature_dim
+    folder = Path(yaml.safe_load(config.read_text())["learning"]["path"]) / folder_name(manifest)
+    written = Extension(folder, dim, max_rows=sum(rows.values()))
+    for fid, n in rows.items():  # far from any patch: they change no score
+        written.add(point_id("cam1", fid), np.full((n, dim), 100.0, np.float32), fid, "cam1")
+    lowered = yaml.safe_load(config.read_text())
+    lowered["learning"]["max_rows"] = max_rows
+    config.write_text(yaml.safe_dump(lowered))
+
+
 def test_a_restart_after_a_withdrawal_serves_the_labels_served_before_it(learning, bundle_dir):
     """With entries held past ``learning.max_rows``, a start served the oldest that fit and a withdrawal served what
     the room it freed let in: after a withdrawal a restart swapped a served label for a held one, silently (the model
@@ -915,16 +930,7 @@ def test_a_restart_after_a_withdrawal_serves_the_labels_served_before_it(learnin
     a restart are served after it."""
     prefix, client, worker, config, start = learning
     assert worker.stop() == 0
-    manifest = read_manifest(bundle_dir)
-    assert manifest.extension is not None
-    dim = manifest.extension.feature_dim
-    folder = Path(yaml.safe_load(config.read_text())["learning"]["path"]) / folder_name(manifest)
-    written = Extension(folder, dim, max_rows=20)  # as a worker with a higher bound (or an earlier one) wrote them
-    for fid, n in (("a-0", 5), ("b-0", 6), ("c-0", 5)):  # far from any patch: they change no score
-        written.add(point_id("cam1", fid), np.full((n, dim), 100.0, np.float32), fid, "cam1")
-    lowered = yaml.safe_load(config.read_text())
-    lowered["learning"]["max_rows"] = 10  # a-0 and c-0 fit; b-0 is held
-    config.write_text(yaml.safe_dump(lowered))
+    _written(config, bundle_dir, {"a-0": 5, "b-0": 6, "c-0": 5}, max_rows=10)  # a-0 and c-0 fit; b-0 is held
 
     def state() -> tuple[list[tuple[str, bool]], dict]:
         """The extensions list's entries (held or not), and the extension the retained model topic announces."""
@@ -947,3 +953,23 @@ def test_a_restart_after_a_withdrawal_serves_the_labels_served_before_it(learnin
     start(config)
     wait_online(client, prefix)
     assert state() == before
+
+
+def test_an_entry_held_past_the_bound_with_no_label_naming_it_is_marked_unrecorded(learning, bundle_dir):
+    """At start the history is made to agree with the extensions (a label whose frame was absorbed before the worker
+    stopped is recorded; one no label names is marked ``unrecorded``), but only the served entries were looked at: a
+    held one no label names was listed as merely held, and raising the bound served it with nothing saying why."""
+    prefix, client, worker, config, start = learning
+    assert worker.stop() == 0
+    _written(config, bundle_dir, {"a-0": 5, "b-0": 6}, max_rows=10)  # frames the history never held; b-0 is held
+    client.messages.clear()
+    start(config)
+    wait_online(client, prefix)
+    deadline = time.monotonic() + 60
+    while True:  # the reconciliation runs once the request thread is idle
+        [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
+        doubts = {e["frame_id"]: sorted(k for k in ("held", "unrecorded") if k in e) for e in ext["entries"]}
+        if doubts["a-0"] or time.monotonic() > deadline:
+            break
+        _next_tick(client)
+    assert doubts == {"a-0": ["unrecorded"], "b-0": ["held", "unrecorded"]}, ext

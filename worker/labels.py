@@ -341,7 +341,10 @@ class LabelService:
         gone (that, or retention by age), or was replaced by a later frame of the same id, is logged and marked
         ``unrecorded`` in the ``extensions`` list, so it can be withdrawn."""
         unrecorded = []
-        for key, entry in {e.key: e for ext in learner.models.extensions() for e in ext.entries()}.items():
+        # the entries held past learning.max_rows too: served once room frees or the bound is raised, with no label
+        # naming them otherwise
+        for key, entry in {e.key: e for ext in learner.models.extensions() for e in [*ext.entries(), *ext.held()]
+                           }.items():
             found = store.get(key)
             payload = found[2] if found is not None else {}
             if payload.get("label") == "false_alarm":

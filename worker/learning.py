@@ -463,7 +463,9 @@ class Learner:
                 info["max_rows_to_serve_all"] = need = info["rows"] + info["held_rows"]
                 info["entries"] += [{"frame_id": e.frame_id, "camera": e.camera, "rows": e.rows, "at": iso(e.at),
                                      "held": f"not served: past learning.max_rows {ext.max_rows} (raise it to {need}, "
-                                             "or withdraw other false alarms)"} for e in held]
+                                             "or withdraw other false alarms)",
+                                     **({"unrecorded": self.unrecorded[e.key]} if e.key in self.unrecorded else {})}
+                                    for e in held]
         return out
 
     def _tiles(self, model: Model, camera: str, image: np.ndarray) -> list[np.ndarray]:

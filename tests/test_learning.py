@@ -590,7 +590,7 @@ def test_withdrawing_a_held_false_alarm_folded_into_the_serving_bundle_says_it_s
     """The fold reads every entry of the extension, those held past ``learning.max_rows`` too, so the folded bank that
     serves holds a held label's rows; withdrawing that label answered only "its rows were held ..., not served: they
     are deleted", while frames like it went on passing.  The answer now says the serving bundle has them folded in,
-    as for a served label."""
+    as for a served label.  A held label set again, refused as full, says its earlier rows are still kept."""
     from exporter.__main__ import main as exporter
 
     prefix, client, worker, config, start = learning
@@ -604,6 +604,12 @@ def test_withdrawing_a_held_false_alarm_folded_into_the_serving_bundle_says_it_s
     wait_online(client, prefix)
     [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
     assert [("held" in e, e["frame_id"]) for e in ext["entries"]] == [(True, "m-0")], ext
+    # labelled again (it is flagged again): refused as full, and the answer says its rows are still kept, held (it
+    # said only that the extension is full, as if the label had taught nothing)
+    again = _query(client, prefix, {"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"},
+                   topic="label")["absorbed"]
+    assert again["full"] and f"the {absorbed['patches']} patches it absorbed before are kept, held past " \
+        "learning.max_rows 1" in again["reason"], again
     source = read_manifest(bundle_dir)
     folded = config.parent / "folded"
     assert exporter(["fold-extension", str(bundle_dir), str(config.parent / "extensions" / folder_name(source)),

@@ -187,6 +187,10 @@ class Learner:
             why = done.full or (f"each of its {_patches(done.left_out)} lies near a confirmed defect's decisive patches: "
                                 "absorbing it could hide that defect" if done.left_out else
                                 "no patch of this frame is above the threshold any more")
+            if (stays := next((e for e in ext.held() if e.key == key), None)) is not None:  # labelled again while held
+                why += (f"; the {_patches(stays.rows)} it absorbed before are kept, held past learning.max_rows "
+                        f"{ext.max_rows} and not served: served once withdrawals free room for them, or the bound is "
+                        "raised")
             return {"patches": 0, **figures, "reason": why, **({"full": True} if done.full else {}), **lost}
         self._lost.pop(key, None)  # absorbed anew: scored as it is now
         self.unrecorded.pop(key, None)

@@ -964,7 +964,8 @@ def test_a_restart_after_a_withdrawal_serves_the_labels_served_before_it(learnin
 def test_an_entry_held_past_the_bound_with_no_label_naming_it_is_marked_unrecorded(learning, bundle_dir):
     """At start the history is made to agree with the extensions (a label whose frame was absorbed before the worker
     stopped is recorded; one no label names is marked ``unrecorded``), but only the served entries were looked at: a
-    held one no label names was listed as merely held, and raising the bound served it with nothing saying why."""
+    held one no label names was listed as merely held, and raising the bound served it with nothing saying why.  And
+    withdrawing a held one whose frame is no longer in the history deleted its rows but was answered unknown_frame."""
     prefix, client, worker, config, start = learning
     assert worker.stop() == 0
     _written(config, bundle_dir, {"a-0": 5, "b-0": 6}, max_rows=10)  # frames the history never held; b-0 is held
@@ -979,3 +980,10 @@ def test_an_entry_held_past_the_bound_with_no_label_naming_it_is_marked_unrecord
             break
         _next_tick(client)
     assert doubts == {"a-0": ["unrecorded"], "b-0": ["held", "unrecorded"]}, ext
+    # withdrawn as the mark says: the held rows are deleted, and the answer says so (it was refused unknown_frame,
+    # "not in the history", though the rows were gone)
+    withdrawn = _query(client, prefix, {"action": "unlabel", "frame_id": "b-0", "camera": "cam1"}, topic="label")
+    assert withdrawn["ok"] and withdrawn["released"]["held"], withdrawn
+    assert "what it taught the model is withdrawn" in withdrawn["note"], withdrawn
+    [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
+    assert [e["frame_id"] for e in ext["entries"]] == ["a-0"], ext

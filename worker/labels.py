@@ -150,12 +150,14 @@ class LabelService:
             except ExtensionUnwritable as exc:
                 raise RequestError(ErrorCode.INTERNAL_ERROR, str(exc)) from exc
             defect = self.capture.remove_defect(request.camera, key) if self.capture is not None else None
-            if released["patches"] or defect or false_alarm:
-                done = (["what it taught the model is withdrawn"] * bool(released["patches"]) +
+            # a false alarm held past learning.max_rows (not served) withdrawn: its rows are deleted
+            taught = bool(released["patches"] or released.get("held"))
+            if taught or defect or false_alarm:
+                done = (["what it taught the model is withdrawn"] * taught +
                         ["its image is no longer a test image of the next training set"] * bool(defect) +
                         ["its image is no longer a good image of the next training set"] * false_alarm)
                 return {"ok": True, "frame_id": request.frame_id, "camera": request.camera, "label": None,
-                        "defect_type": None, **({"released": released} if released["patches"] else {}),
+                        "defect_type": None, **({"released": released} if taught else {}),
                         **({"capture": "back among the captured normal frames"} if defect == "back" else {}),
                         "note": f"the frame is no longer in the history; {' and '.join(done)}"}
         if found is None:

@@ -348,10 +348,10 @@ class Learner:
             deleted = "its rows were held past learning.max_rows, not served: they are deleted"
             model = self.models.for_camera(camera)
             if (fold := _folded_in(model, unserved)) is None:
-                return {"patches": 0, "reason": deleted}
+                return {"patches": 0, "held": True, "reason": deleted}
             folded, said = _still_folded(model, fold)
-            return {"patches": 0, "folded": folded, "reason": f"{deleted} from the extension of {folded['from']}, but "
-                                                               f"{said}"}
+            return {"patches": 0, "held": True, "folded": folded,
+                    "reason": f"{deleted} from the extension of {folded['from']}, but {said}"}
         reabsorbed: list[dict] = []
         lost: list[dict] = []
         unchecked = ""

@@ -374,7 +374,6 @@ class Extension:
                 # the rows are in their own files, named by their frames' point ids: kept, not lost with the index
                 entries = [Entry(p.stem, "", "", 0, p.stat().st_mtime) for p in sorted(self.folder.glob("*.npy"))
                            if _KEY.match(p.stem)]
-                marked = set()
                 self.revision, changed = 1, True
                 log.error("extension index %s is unreadable (%s): moved aside as %s; its %d entries are taken again "
                           "from their files (their frame ids are unknown until labelled again: a withdrawal by frame "

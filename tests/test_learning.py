@@ -624,6 +624,7 @@ def test_withdrawing_a_held_false_alarm_folded_into_the_serving_bundle_says_it_s
     assert f"the serving bundle {source.name} {version} has this label's rows folded into its bank" in released[
         "reason"], released
     assert released["folded"] == {"bundle": f"{source.name} {version}", "from": f"{source.name} {source.version}"}
+    assert released["message"] == f"withdrawn: {released['reason']}", released  # what the console shows
     assert _score(client, prefix, marked, "m-2")["verdict"] == "normal"  # what the answer says: it still passes
 
 
@@ -966,6 +967,8 @@ def test_an_entry_held_past_the_bound_with_no_label_naming_it_is_marked_unrecord
     stopped is recorded; one no label names is marked ``unrecorded``), but only the served entries were looked at: a
     held one no label names was listed as merely held, and raising the bound served it with nothing saying why.  And
     withdrawing a held one whose frame is no longer in the history deleted its rows but was answered unknown_frame."""
+    from worker.console.app import learned_text  # the console's words for the answer
+
     prefix, client, worker, config, start = learning
     assert worker.stop() == 0
     _written(config, bundle_dir, {"a-0": 5, "b-0": 6}, max_rows=10)  # frames the history never held; b-0 is held
@@ -985,5 +988,8 @@ def test_an_entry_held_past_the_bound_with_no_label_naming_it_is_marked_unrecord
     withdrawn = _query(client, prefix, {"action": "unlabel", "frame_id": "b-0", "camera": "cam1"}, topic="label")
     assert withdrawn["ok"] and withdrawn["released"]["held"], withdrawn
     assert "what it taught the model is withdrawn" in withdrawn["note"], withdrawn
+    # the console said "nothing to release: its rows were held ...: they are deleted"
+    assert learned_text(withdrawn) == ("withdrawn: its rows were held past learning.max_rows, not served: they are "
+                                       "deleted; frames like it are scored as before"), withdrawn
     [ext] = _query(client, prefix, {"action": "extensions"}, topic="label")["extensions"]
     assert [e["frame_id"] for e in ext["entries"]] == ["a-0"], ext

@@ -347,11 +347,13 @@ class Learner:
             # a fold reads every entry, held ones too: the serving bank may hold the rows this deletes
             deleted = "its rows were held past learning.max_rows, not served: they are deleted"
             model = self.models.for_camera(camera)
+            # a message, as for a served label: the console said "nothing to release: ... they are deleted"
             if (fold := _folded_in(model, unserved)) is None:
-                return {"patches": 0, "held": True, "reason": deleted}
+                return {"patches": 0, "held": True, "reason": deleted,
+                        "message": f"withdrawn: {deleted}; frames like it are scored as before"}
             folded, said = _still_folded(model, fold)
-            return {"patches": 0, "held": True, "folded": folded,
-                    "reason": f"{deleted} from the extension of {folded['from']}, but {said}"}
+            reason = f"{deleted} from the extension of {folded['from']}, but {said}"
+            return {"patches": 0, "held": True, "folded": folded, "reason": reason, "message": f"withdrawn: {reason}"}
         reabsorbed: list[dict] = []
         lost: list[dict] = []
         unchecked = ""

@@ -179,6 +179,32 @@ def test_the_printed_train_command_trains_the_recipe_the_camera_runs(dataset, tm
     assert {k: after[k] for k in recipe} == {k: before[k] for k in recipe}, command
 
 
+@pytest.mark.parametrize("dropped", [
+    # what an exporter of 2026-11-30 did not record: the options it did not have
+    ("neighbourhood", "image_score", "bank_views", "screen_rows", "refine", "unrefined", "map_alignment",
+     "layer_alignment", "tiling", "tile_overlap", "frame_sizes", "trained_images", "map_offset_px", "layer_shift_px"),
+    # and one of 2026-12-04
+    ("map_alignment", "layer_alignment", "frame_sizes", "trained_images", "map_offset_px", "layer_shift_px"),
+], ids=["2026-11-30", "2026-12-04"])
+def test_the_printed_train_command_trains_the_recipe_an_older_bundle_runs(bundle_dir, tmp_path, dropped) -> None:
+    """A box upgraded with its bundles kept: a bundle exported before --screen-rows or --map-alignment existed does
+    not record them, and the command printed for its camera's capture left them out, so the exporter's defaults of
+    today trained a screened bank and a centred map, another model than the one the camera runs.  It now names what
+    such a bundle was trained with."""
+    from bundle import MANIFEST, read_manifest
+
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["training"] = {k: v for k, v in manifest["training"].items() if k not in dropped}
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / MANIFEST).write_text(json.dumps(manifest))
+    argv = shlex.split(train_command(tmp_path / "capture", "line1", None, read_manifest(older, verify=False)))
+    args = build_parser().parse_args(argv[3:])
+    kept = manifest["training"]
+    assert (args.screen_rows, args.map_alignment) == (kept.get("screen_rows", 0), "anomalib"), argv
+    assert (args.backbone, args.max_bank) == (kept["backbone"], kept["max_bank"]), argv
+
+
 def test_a_sample_in_the_folder_an_earlier_version_gave_its_camera_is_kept(tmp_path) -> None:
     """Ids that now map to another folder (one ending like a hash, one starting with ``-``) keep their sample."""
     capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)

@@ -86,6 +86,11 @@ def _earlier_folder(camera: str) -> str:
 # the next bundle from a capture is trained with, so that it is the model the camera runs, not the exporter's default.
 RECIPE = ("backbone", "backbone_weights", "layers", "coreset_ratio", "neighbourhood", "max_bank", "image_score",
           "bank_views", "screen_rows", "refine", "unrefined", "map_alignment", "layer_alignment", "extension_candidates")
+# What a bundle exported before an option existed was trained with, where the exporter's default has changed since:
+# a bank without a screen (--screen-rows came on 2026-12-02, its default 500 later) and the map at anomalib's grid
+# cells (--map-alignment came on 2026-12-05, centred by default).  Without them, the command printed for a camera
+# still served such a bundle (a box upgraded with its bundles kept) trained another model than the one it runs.
+EARLIER_RECIPE = {"screen_rows": 0, "map_alignment": "anomalib"}
 # EfficientAD's, by the ``training`` key that records it: its PDN's size, the teacher file whose features the student
 # learns (the shipped one's path too: the sha the bundle records is of that file), the natural photos of its penalty
 # and its training precision.  Not ``steps``: recorded as the budget run, by default passes over the images it had,
@@ -97,7 +102,8 @@ EFFICIENTAD_RECIPE = {"model_size": "--model-size", "teacher_file": "--teacher",
 def train_command(data: Path, category: str, tiling: Grid | None, serving: Manifest | None = None) -> str:
     """The exporter command for the next bundle from an exported capture: the ``serving`` bundle's family, input
     size and recipe (its manifest's ``family``, ``training.input_size`` and :data:`RECIPE` or
-    :data:`EFFICIENTAD_RECIPE`), so the new bundle is of the kind the camera runs,
+    :data:`EFFICIENTAD_RECIPE`; :data:`EARLIER_RECIPE` where an older bundle lacks one), so the new bundle is of the
+    kind the camera runs,
     and the tiles the camera's frames are cut into (frames are captured whole), so it learns the scale it will be
     shown.  Meant to be pasted into a shell: the data path and category are quoted, and the category given as
     ``--category=NAME`` so that one starting with ``-`` is not read as an option."""
@@ -107,7 +113,7 @@ def train_command(data: Path, category: str, tiling: Grid | None, serving: Manif
         flags += f" --model {serving.family} --input-size {size}"
         if serving.family == "patchcore":  # the rest of its recipe: without it, the exporter's defaults (another backbone)
             for key in RECIPE:
-                if (value := serving.training.get(key)) is not None:
+                if (value := serving.training.get(key, EARLIER_RECIPE.get(key))) is not None:
                     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
                     flags += f" --{key.replace('_', '-')} {shlex.quote(text)}"
         if serving.family == "efficientad":

@@ -422,6 +422,42 @@ def test_the_export_cli_says_when_it_cannot_write_the_training_folder(tmp_path, 
 
 
 
+def test_the_export_cli_trains_the_recipe_of_the_bundle_rolled_out_to_the_camera(bundle_dir, tmp_path, capsys) -> None:
+    """``python -m worker capture`` printed the recipe of the bundle config.yaml names, where a reload had rolled out
+    another one (a canary, kept in rollout.json over restarts and an upgrade): the command trained another model than
+    the one the camera runs.  It now reads rollout.json as the worker's start does; where config.yaml names another
+    bundle since, config.yaml's serves and is named."""
+    from bundle import MANIFEST
+    from worker.__main__ import main
+
+    canary = tmp_path / "canary"
+    shutil.copytree(bundle_dir, canary)
+    manifest = json.loads((canary / MANIFEST).read_text())
+    manifest["training"]["max_bank"] = 321  # another recipe than the default's bundle
+    (canary / MANIFEST).write_text(json.dumps(manifest))
+    capture = Capture(tmp_path / "cap", max_frames=5, min_distance=0.0)
+    for i, camera in enumerate(("cam", "other", "edited")):
+        capture.offer(camera, "a", image(i), png(i))
+    capture.flush()
+    edited = tmp_path / "edited-since"
+    shutil.copytree(bundle_dir, edited)
+    config = write_config(tmp_path / "w", 1883, bundle_dir, cameras={"edited": {"bundle": str(edited)}},
+                          capture={"path": str(tmp_path / "cap")})
+    (tmp_path / "w" / "rollout").mkdir()
+    scopes = {"default": {"bundle": str(bundle_dir), "configured": str(bundle_dir), "previous": None},
+              "cam": {"bundle": str(canary), "configured": str(bundle_dir), "previous": None},  # a canary
+              "edited": {"bundle": str(canary), "configured": str(bundle_dir), "previous": None}}  # config.yaml's since
+    (tmp_path / "w" / "rollout" / "rollout.json").write_text(json.dumps({"scopes": scopes}))
+    assert main(["capture", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    commands = {line.split(":")[0]: next_line for line, next_line in zip(printed.splitlines(), printed.splitlines()[1:],
+                                                                          strict=False) if line.endswith("train with")}
+    default_bank = json.loads((bundle_dir / MANIFEST).read_text())["training"]["max_bank"]
+    assert "--max-bank 321 " in commands["cam"], printed
+    assert f"--max-bank {default_bank} " in commands["other"] and f"--max-bank {default_bank} " in commands["edited"], \
+        printed
+
+
 def test_the_export_cli_names_a_capture_folder_it_may_not_read(tmp_path) -> None:
     """Run by an operator's login beside a worker whose service umask makes its folders 0750 or 0700, the export
     said "nothing captured" (a folder it may not list read as empty), or "the training folder cannot be written

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -230,6 +231,7 @@ def _capture(args: argparse.Namespace) -> int:
     from bundle import BundleError, read_manifest
     from worker.capture import Capture, NoRoom, train_command
     from worker.config import camera_tiling
+    from worker.models import serving_bundles
 
     cfg = load_config(args.config)
     try:  # a folder this login may not list read as empty ("nothing captured"), or failed as --out's
@@ -253,11 +255,13 @@ def _capture(args: argparse.Namespace) -> int:
         return 1
     for camera, w in written.items():
         override = cfg.cameras.get(camera)
-        try:  # the worker need not run: the kind and tiles of the bundle config.yaml gives the camera
-            manifest = read_manifest(override.bundle if override is not None and override.bundle else cfg.model.bundle,
-                                     verify=False)
-        except BundleError:
-            manifest = None  # the bundle is gone or unreadable: the command then says nothing of its kind or tiles
+        manifest = None  # the bundles are gone or unreadable: the command then says nothing of their kind or tiles
+        # the worker need not run: the kind and tiles of the bundle its next start serves the camera (a roll-out or
+        # canary that rollout.json records), else of the one config.yaml gives it, which serves where that cannot
+        for path in serving_bundles(cfg, camera):
+            with contextlib.suppress(BundleError):
+                manifest = read_manifest(path, verify=False)
+                break
         command = train_command(Path(args.out), Path(w['folder']).name,
                                 camera_tiling(override, manifest.tiling if manifest else None), manifest)
         defects = f" and {w['confirmed_defects']} confirmed defects (the test split)" if w["confirmed_defects"] else ""

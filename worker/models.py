@@ -56,6 +56,44 @@ class Rolled:
     previous: Path | None
 
 
+def configured_bundle(cfg: Config, scope: str) -> Path:
+    """The bundle config.yaml gives ``scope``: a camera's own, else model.bundle."""
+    override = cfg.cameras.get(scope)
+    return override.bundle if override is not None and override.bundle is not None else cfg.model.bundle
+
+
+def read_rollout(root: Path) -> dict[str, Rolled]:
+    """What ``root``/rollout.json records per scope; raises what reading or parsing it raises."""
+    body = json.loads((root / ROLLOUT).read_text())
+    return {str(scope): Rolled(Path(e["bundle"]), Path(e["configured"]), Path(e["previous"]) if e["previous"] else None)
+            for scope, e in body["scopes"].items()}
+
+
+def serving_bundles(cfg: Config, camera: str) -> list[Path]:
+    """The bundle the next start serves ``camera``, then config.yaml's for it: what a reload or rollback left its
+    scope (its canary, else the default's) as rollout.json records it, where config.yaml still names what it named
+    then (else config.yaml's serves, as :meth:`Models._restore` decides), for the commands that read the worker's
+    folders without asking it.  A camera of its own precision only follows the default."""
+    try:
+        rolled = read_rollout(cfg.model.rollout_path) if cfg.model.rollout_path is not None else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # the worker says why at its start
+        rolled = {}
+
+    def restored(scope: str) -> list[Path] | None:
+        """What a start restores for ``scope`` and what config.yaml gives it; None where no roll-out stands."""
+        configured = configured_bundle(cfg, scope)
+        entry = rolled.get(scope)
+        return [entry.bundle, configured] if entry is not None and entry.configured == configured.absolute() else None
+
+    override = cfg.cameras.get(camera)
+    if override is not None and override.bundle is not None:
+        return restored(camera) or [override.bundle]
+    follows_default = override is not None and override.precision is not None
+    if camera != DEFAULT and not follows_default and (canary := restored(camera)):
+        return canary
+    return restored(DEFAULT) or [cfg.model.bundle]
+
+
 def manifest_signature(path: Path) -> tuple[int, ...] | None:
     """Which bundle.json is at ``path`` now (device, inode, size, modification time), None when there is none (a
     folder being replaced): a release copied with its times kept (``cp -a``, ``rsync -a``) is older than the model
@@ -160,8 +198,7 @@ class Models:
 
     def _configured_bundle(self, scope: str) -> Path:
         """The bundle config.yaml gives ``scope``: a camera's own, else model.bundle."""
-        override = self.cfg.cameras.get(scope)
-        return override.bundle if override is not None and override.bundle is not None else self.cfg.model.bundle
+        return configured_bundle(self.cfg, scope)
 
     def _restore(self, scope: str, rolled: Rolled | None, fallback: bool) -> None:
         """Start ``scope`` on what was rolled out for it, else (``fallback``) on config.yaml's bundle."""
@@ -202,10 +239,7 @@ class Models:
         if root is None:
             return {}
         try:
-            body = json.loads((root / ROLLOUT).read_text())
-            return {str(scope): Rolled(Path(e["bundle"]), Path(e["configured"]),
-                                       Path(e["previous"]) if e["previous"] else None)
-                    for scope, e in body["scopes"].items()}
+            return read_rollout(root)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # damaged: a power cut, a hand edit

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import qdrant_edge as edge
 
+import worker.config
 from worker.config import SpoolConfig, StoreConfig
 from worker.decode import decode, probe
 from worker.evidence import EvidenceStore
@@ -114,6 +115,31 @@ def test_a_frame_id_many_cameras_use_is_found_as_the_newest_frame(tmp_path, engi
                   for n, c in enumerate(cameras)])
     assert store.find("1")[2]["camera"] == cameras[-1]
     store.close()
+
+
+def test_retention_past_the_default_bound_says_why_and_how_to_keep_the_frames(tmp_path, monkeypatch, caplog):
+    """A box upgraded from a version that kept every frame, its config.yaml without store.max_points: the first
+    retention pass deleted the history past the embedded store's default bound with only 'N frames deleted'.  It now
+    says once why (the default of an unset key) and how to keep them; a bound config.yaml sets is not explained."""
+    monkeypatch.setattr(worker.config, "EMBEDDED_MAX_POINTS", 8)  # the default's bound, small enough to pass
+    frames = _frames(20)
+    for cfg, said in ((StoreConfig(path=tmp_path / "default"), True),
+                      (StoreConfig(path=tmp_path / "set", max_points=8), False)):
+        assert cfg.max_points == 8
+        store = VectorStore(cfg, DIM)
+        store.upsert(frames[:12])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="worker.store"):
+            assert len(store.retain(now=NOW, force=True)) == 4
+            store.upsert(frames[12:])
+            assert len(store.retain(now=NOW, force=True)) == 8
+        warned = [r.getMessage() for r in caplog.records if "max_points" in r.getMessage()]
+        assert warned == (["retention: the history holds 12 frames, past store.max_points, which config.yaml leaves "
+                           "unset: the embedded store keeps 8 by default (versions before 2026-12-04 kept every "
+                           "frame); the oldest 4 go now, unlabelled normal frames first. Set store.max_points to keep "
+                           "more (null: no bound; the worker's memory grows with each frame)"] if said else []), warned
+        assert store.count() == 8
+        store.close()
 
 
 def test_retention_by_count_deletes_oldest_normal_vectors_first_and_their_evidence(tmp_path):

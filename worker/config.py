@@ -17,7 +17,7 @@ from types import UnionType
 from typing import Literal, Union, cast, get_args, get_origin, overload
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from bundle import FRAME_MAX_BYTES, FRAME_MAX_PIXELS, TileGrid, plain_name
 from bundle.extension import Views
@@ -409,10 +409,14 @@ class StoreConfig(_Section):
         """The embedded store keeps a collection in ``path/<collection>``: a name that is a path would put it elsewhere."""
         return plain_name(v, "a collection")
 
+    # max_points is the embedded store's default: config.yaml leaves it unset (set by _bounded_when_embedded)
+    _default_bound: bool = PrivateAttr(False)
+
     @model_validator(mode="after")
     def _bounded_when_embedded(self) -> StoreConfig:
         if "max_points" not in self.model_fields_set and self.url is None:
             self.max_points = EMBEDDED_MAX_POINTS
+            self._default_bound = True
         return self
 
 

@@ -371,6 +371,7 @@ class VectorStore:
         self.dim = dim  # the collection's vector size: an open store holds vectors of this size only
         self._lock = threading.Lock()  # the recorder thread writes, query threads read
         self._next_retention = 0.0
+        self._default_bound_said = False  # the embedded store's default max_points named in the log, once a process
         self._restamp = Restamp()
         try:
             if client is not None or cfg.url:
@@ -517,6 +518,14 @@ class VectorStore:
                         drop(ids)
             if self.cfg.max_points is not None:
                 excess = self.count() - self.cfg.max_points
+                if excess > 0 and self.cfg._default_bound and not self._default_bound_said:
+                    # a box upgraded from a version that kept every frame, config.yaml as it was: say why they go
+                    self._default_bound_said = True
+                    log.warning("retention: the history holds %d frames, past store.max_points, which config.yaml "
+                                "leaves unset: the embedded store keeps %d by default (versions before 2026-12-04 "
+                                "kept every frame); the oldest %d go now, unlabelled normal frames first. Set "
+                                "store.max_points to keep more (null: no bound; the worker's memory grows with each "
+                                "frame)", excess + self.cfg.max_points, self.cfg.max_points, excess)
                 while excess > 0:  # by value: unlabelled normal frames go first, then defects, labels last
                     with lock or nullcontext():
                         ids = next((found for tier in get_args(Tier) if (

@@ -57,6 +57,13 @@ def _bank_cap(value: str) -> int:
     return number
 
 
+def _sha256(value: str) -> str:
+    """--teacher-sha256: 64 hex digits, refused by the parser (a digest cut short when pasted matched no file)."""
+    if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a sha256 (64 hex digits)")
+    return value.lower()
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An integer option within bounds, refused by the parser before any data is read (an input side of 0 or 100000
     failed only once the images were being resized, the second as a 30 GB allocation)."""
@@ -207,6 +214,9 @@ class EfficientAd(Family["EfficientAdSettings"]):
         Option("--teacher", "PDN teacher file to use (.safetensors or weights-only .pt); default: "
                             "exporter/teachers/pdn-SIZE.safetensors if it ships (sha256 checked; EDGE_INSPECT_TEACHERS "
                             "overrides the folder), else distil one, cached"),
+        Option("--teacher-sha256", "refuse a --teacher file of another sha256 (a bundle's training.teacher_sha256: "
+                                   "the command printed after a capture export gives it); a file not found is this "
+                                   "exporter's shipped teacher where that one has it", _sha256),
         Option("--teacher-steps", "distil a teacher with this many steps (cached) instead of using a shipped one",
                int_in(1)),
         Option("--natural", "natural photos: penalty set and distillation set"),

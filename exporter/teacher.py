@@ -138,9 +138,14 @@ def receptive_field(net: nn.Module, side: int = 96) -> tuple[int, int]:
 
 
 def natural_images(folder: Path) -> list[Path]:
+    """The photos under ``folder``; none is refused saying what they are for and where the default lies, since the
+    path may be another box's (a command printed after a capture export names the folder the serving bundle was
+    trained with, on the box that trained it)."""
     paths = images_under(Path(folder))
     if not paths:
-        raise FileNotFoundError(f"no natural images under {folder}")
+        raise FileNotFoundError(f"--natural {folder}: no such folder, or no images in it; EfficientAD trains its "
+                                "student (and distils a teacher) against natural photos: give a folder of photos on "
+                                f"this box (the default is {DEFAULT_NATURAL})")
     return paths
 
 

@@ -149,7 +149,8 @@ def test_a_category_of_flat_images_efficientad_cannot_learn_is_named_not_the_end
                 image[20:30, 20:30] = 0
             assert cv2.imwrite(str(data / "flat" / folder / f"{i:03d}.png"), image)
     proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models", "efficientad",
-                           "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           "--steps", "1", "--natural", str(data / "flat" / "train" / "good"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # photos here: ../shared may be absent
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no category could be benchmarked: flat: every one of the 10 normal images (or "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from bundle import read_manifest
+from bundle import read_manifest, sha256_file
 from bundle.runtime import CompiledBundle
 from conftest import ROOT
 from exporter.build import fit_efficientad, package
@@ -219,7 +223,6 @@ def test_featureless_normal_images_are_refused_by_name_not_exported_as_nan(small
 def test_a_training_run_reads_its_teacher_file_once(small, teacher, tmp_path, monkeypatch):
     """The teacher file was read three times in one `train --teacher` run: checked at the command line, checked
     again by the fit before it reads its data, and loaded to build the model."""
-    import shutil
 
     from exporter import teacher as teacher_module
     from exporter.families import FAMILIES
@@ -241,28 +244,88 @@ def test_a_training_run_reads_its_teacher_file_once(small, teacher, tmp_path, mo
     assert trained.training["teacher_file"] == str(given)
 
 
-def test_the_train_command_printed_after_a_capture_export_carries_the_efficientad_recipe(small, teacher, tmp_path):
+@pytest.fixture(scope="module")
+def serving(small, teacher, tmp_path_factory) -> Path:
+    """An EfficientAD bundle trained on a teacher file and natural photos of a folder of their own (the training box's
+    paths, which a test may take away or replace), as a camera serves it."""
+    box = tmp_path_factory.mktemp("training-box")
+    shutil.copyfile(teacher, box / "teacher.safetensors")
+    shutil.copytree(small / "weave" / "train", box / "natural")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--model", "efficientad", "--data", str(small),
+                           "--category", "weave", "--out", str(box / "serving"), "--steps", "1", "--teacher",
+                           str(box / "teacher.safetensors"), "--natural", str(box / "natural"), "--no-eval"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return box / "serving"
+
+
+def test_the_train_command_printed_after_a_capture_export_carries_the_efficientad_recipe(small, serving, tmp_path):
     """The train command printed after a capture export carried the whole recipe of a serving PatchCore bundle but
     only the family and input size of an EfficientAD one: the next bundle was trained with the shipped teacher (or
     another one distilled) and the default photos and precision, not the model the camera runs.  It now names the
     recorded teacher file, PDN size, natural photos and training precision, and the bundle it trains records them."""
-    import shlex
-
     from worker.capture import train_command
 
-    natural = small / "weave" / "train"
-    serving = tmp_path / "serving"
-    proc = subprocess.run([sys.executable, "-m", "exporter", "train", "--model", "efficientad", "--data", str(small),
-                           "--category", "weave", "--out", str(serving), "--steps", "1", "--teacher", str(teacher),
-                           "--natural", str(natural), "--no-eval"], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     argv = shlex.split(train_command(small, "weave", None, read_manifest(serving, verify=False)))
     assert argv[:4] == ["python", "-m", "exporter", "train"] and argv[-2:] == ["--out", "BUNDLE"], argv
     proc = subprocess.run([sys.executable, *argv[1:-1], str(tmp_path / "next"), "--steps", "1", "--no-eval"],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, after = (read_manifest(b, verify=False).training for b in (serving, tmp_path / "next"))
-    assert before["teacher_file"] == str(teacher) and before["natural"] == str(natural), before
+    box = serving.parent
+    assert before["teacher_file"] == str(box / "teacher.safetensors") and before["natural"] == str(box / "natural")
     recipe = ("input_size", "model_size", "teacher_file", "teacher_sha256", "natural", "train_precision")
     assert {k: after[k] for k in recipe} == {k: before[k] for k in recipe}, argv
+
+
+def test_the_train_command_of_a_capture_export_on_another_box_trains_its_teacher_or_says_what_is_missing(
+        small, serving, tmp_path, monkeypatch):
+    """The command names the serving bundle's teacher and photos by their paths on the box that trained it.  Run on
+    another box, another teacher at that path (another checkout's shipped one) trained another model without a
+    word, and photos not there stopped the run only after the data was read, "no natural images under ...".  The
+    command now carries the teacher's sha256: another file is refused before the data is read, a missing one is this
+    exporter's shipped teacher where that has the sha256, else refused naming it; missing photos are refused first."""
+    from worker.capture import train_command
+
+    manifest = read_manifest(serving, verify=False)
+    wanted = manifest.training["teacher_sha256"]
+    argv = [sys.executable, *shlex.split(train_command(small, "weave", None, manifest))[1:-1], str(tmp_path / "next"),
+            "--steps", "1", "--no-eval"]
+    assert argv[argv.index("--teacher-sha256") + 1] == wanted
+    box = serving.parent
+    teacher, natural = box / "teacher.safetensors", box / "natural"
+    state = load_file(teacher)
+    first = next(iter(state))
+    another = tmp_path / "another.safetensors"
+    with safe_open(str(teacher), "pt") as f:  # a whole teacher file, as another checkout's shipped one
+        save_file({**state, first: state[first] + 0.01}, another, metadata=f.metadata())
+    kept = tmp_path / "kept.safetensors"
+    os.replace(teacher, kept)
+    try:
+        os.replace(another, teacher)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert proc.returncode == 2 and "data:" not in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+        assert f"teacher file {teacher} has sha256 {sha256_file(teacher)}, not {wanted}" in proc.stderr, proc.stderr
+        assert not (tmp_path / "next").exists()
+
+        teacher.unlink()
+        settings = efficientad.EfficientAdSettings(teacher=str(teacher), teacher_sha256=wanted)
+        with pytest.raises(FileNotFoundError, match=f"teacher file {teacher} not found: --teacher-sha256 asks for "
+                                                    f"the teacher of sha256 {wanted}"):
+            efficientad.given_teacher(settings)
+        shipped = tmp_path / "shipped"
+        shipped.mkdir()
+        shutil.copyfile(kept, shipped / "pdn-small.safetensors")
+        (shipped / "pdn-small.json").write_text(json.dumps({"file": "pdn-small.safetensors", "sha256": wanted}))
+        monkeypatch.setenv("EDGE_INSPECT_TEACHERS", str(shipped))
+        assert efficientad.given_teacher(settings) == shipped / "pdn-small.safetensors"
+
+        os.replace(natural, tmp_path / "natural")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                              env={**os.environ, "EDGE_INSPECT_TEACHERS": str(shipped)})
+        assert proc.returncode == 2 and "data:" not in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+        assert f"error: --natural {natural}: no such folder, or no images in it" in proc.stderr, proc.stderr
+    finally:
+        os.replace(kept, teacher)
+        if not natural.exists():
+            os.replace(tmp_path / "natural", natural)

@@ -92,11 +92,12 @@ RECIPE = ("backbone", "backbone_weights", "layers", "coreset_ratio", "neighbourh
 # still served such a bundle (a box upgraded with its bundles kept) trained another model than the one it runs.
 EARLIER_RECIPE = {"screen_rows": 0, "map_alignment": "anomalib"}
 # EfficientAD's, by the ``training`` key that records it: its PDN's size, the teacher file whose features the student
-# learns (the shipped one's path too: the sha the bundle records is of that file), the natural photos of its penalty
-# and its training precision.  Not ``steps``: recorded as the budget run, by default passes over the images it had,
-# which a capture of another size should get afresh.
-EFFICIENTAD_RECIPE = {"model_size": "--model-size", "teacher_file": "--teacher", "natural": "--natural",
-                      "train_precision": "--train-precision"}
+# learns (the shipped one's path too: the sha the bundle records is of that file) with its sha256, so that the exporter
+# refuses another file at that path on the box it runs on, the natural photos of its penalty and its training
+# precision.  Not ``steps``: recorded as the budget run, by default passes over the images it had, which a capture of
+# another size should get afresh.
+EFFICIENTAD_RECIPE = {"model_size": "--model-size", "teacher_file": "--teacher", "teacher_sha256": "--teacher-sha256",
+                      "natural": "--natural", "train_precision": "--train-precision"}
 
 
 def train_command(data: Path, category: str, tiling: Grid | None, serving: Manifest | None = None) -> str:

@@ -55,6 +55,7 @@ PASSES = 10  # default student budget: passes over the training images at batch 
 class EfficientAdSettings:
     model_size: str = "small"
     teacher: str | None = None  # a teacher file; None: the shipped one, else distil one (cached)
+    teacher_sha256: str | None = None  # the teacher file must be this one (a bundle's recorded teacher_sha256)
     teacher_steps: int | None = None  # distil with this many steps (cached) even when a teacher ships
     natural: str = str(DEFAULT_NATURAL)  # penalty images, and the teacher's distillation set
     input_size: int = 256
@@ -113,16 +114,43 @@ def check(settings: EfficientAdSettings) -> None:
                          f"after five stride-2 ones), not {settings.input_size}")
     if settings.teacher and settings.teacher_steps:
         raise ValueError("--teacher-steps distils a teacher, --teacher uses the one in a file: give one of them")
+    if settings.teacher_sha256 and not settings.teacher:
+        raise ValueError("--teacher-sha256 checks the file --teacher names: give --teacher with it")
     check_train_precision(settings.train_precision)
     if settings.teacher:
-        load_teacher(Path(settings.teacher))
+        load_teacher(given_teacher(settings))
+    natural_images(Path(settings.natural))
+
+
+def given_teacher(settings: EfficientAdSettings) -> Path:
+    """``--teacher``'s file, which with ``--teacher-sha256`` must be that very file: a command printed after a capture
+    export names the serving bundle's teacher by the path it had on the box that trained it, where on this box
+    another file (another checkout's shipped teacher) may lie, which trained another model without a word.  A file
+    missing there is this exporter's shipped teacher where that one has the sha256 asked for."""
+    path = Path(settings.teacher or "")
+    wanted = (settings.teacher_sha256 or "").lower()
+    if not wanted:
+        return path
+    if path.is_file():
+        if (actual := sha256_file(path)) != wanted:
+            raise ValueError(f"teacher file {path} has sha256 {actual}, not {wanted} as --teacher-sha256 asks: it is "
+                             "another teacher than the one the bundle was trained with, and the student learns its "
+                             "teacher's features; give that teacher's file with --teacher")
+        return path
+    if (shipped := shipped_teacher(settings.model_size)) is not None and sha256_file(shipped) == wanted:
+        log.info("teacher file %s not found; this exporter's shipped %s has the sha256 asked for: training with it",
+                 path, shipped)
+        return shipped
+    raise FileNotFoundError(f"teacher file {path} not found: --teacher-sha256 asks for the teacher of sha256 {wanted} "
+                            "(the one the bundle was trained with, at that path on the box that trained it; not this "
+                            "exporter's shipped teacher): copy that file to this box and give its path with --teacher")
 
 
 def build_model(settings: EfficientAdSettings) -> tuple[EfficientAdModel, dict]:
     """anomalib's model with our teacher loaded (and frozen); returns it with the teacher's metadata."""
     shipped = None if settings.teacher or settings.teacher_steps else shipped_teacher(settings.model_size)
     if settings.teacher:
-        path = Path(settings.teacher)
+        path = given_teacher(settings)
     elif shipped:
         path = shipped
     else:

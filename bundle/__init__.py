@@ -503,6 +503,46 @@ def tiff_samples(data: bytes) -> str | None:
     return f"{max(depths)}-bit {' and '.join(sorted(kind))}"
 
 
+_PHOTOMETRIC = {0: "grey", 1: "grey", 2: "RGB", 3: "palette", 5: "CMYK", 6: "YCbCr", 8: "CIELab"}
+# What a layout's refusal says to do, on both sides (the worker's unsupported_format, the exporter's summary)
+TIFF_LAYOUT_FIX = "save such a TIFF without its extra channel (alpha), with 8-bit samples, or as PNG"
+
+
+def tiff_layout(data: bytes) -> str | None:
+    """What a TIFF's first directory says its layout is (``"16-bit grey and alpha"``) where the frame's header reader
+    (Pillow, which reads every frame's format, size and tags before it is decoded) does not open it, so the worker
+    refuses it as a frame; None for a TIFF it opens, for other data and for a directory that cannot be read.  One rule
+    for both sides: such a TIFF was answered ``not_an_image`` by the worker, and the exporter's summary called it a
+    format (``unknown``) the worker refuses while it read it as 8-bit grey."""
+    if data[:4] not in TIFF_SIGNATURES:
+        return None
+    from PIL import Image, TiffImagePlugin  # the worker's and the exporter's dependency, not the bundle's
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(io.BytesIO(data)).close()
+        return None
+    except Exception:  # Pillow raises many types: the directory below says what the layout is
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            directory = TiffImagePlugin.ImageFileDirectory_v2(ifh=data[:8])
+            stream = io.BytesIO(data)
+            stream.seek(directory.next)
+            directory.load(stream)
+        bits, photometric, extra = directory.get(258), directory.get(262), directory.get(338)
+    except Exception:  # a directory Pillow cannot read: no TIFF to say more of
+        return None
+    if bits is None or photometric is None:
+        return None
+    depth = max(bits) if isinstance(bits, tuple) else bits
+    extras = extra if isinstance(extra, tuple) else () if extra is None else (extra,)
+    names = ["alpha" if v in (1, 2) else "an extra channel" for v in extras]
+    return " and ".join([f"{depth}-bit {_PHOTOMETRIC.get(photometric, f'photometric {photometric}')}", *names])
+
+
 def jpeg_cut_short(data: bytes) -> bool:
     """Whether ``data`` is a JPEG whose last scan is not followed by its end-of-image marker: cut short (a copy or
     a transfer that stopped).  libjpeg decodes such a file without an error, filling what is missing with grey,

@@ -66,6 +66,7 @@ from bundle import (
     GREY_CHROMA,
     MAX_TILES,
     MIN_TRAIN_IMAGES,
+    TIFF_LAYOUT_FIX,
     InputSpec,
     TilingSpec,
     chroma,
@@ -74,6 +75,7 @@ from bundle import (
     png_damaged,
     prepare_image,
     quiet_png,
+    tiff_layout,
     tiff_samples,
 )
 from bundle.tiling import canvas_size, tiles
@@ -955,6 +957,8 @@ class Summary:
     chroma: list[tuple[Path, float]] = field(default_factory=list)  # (training image, :func:`image_chroma`)
     # (TIFF, what its samples are) where neither training nor the worker reads them (bundle.tiff_samples: 12-bit)
     tiff_depths: list[tuple[Path, str]] = field(default_factory=list)
+    # (TIFF, its layout) where the worker refuses it as a frame, reading no header of it (bundle.tiff_layout)
+    tiff_layouts: list[tuple[Path, str]] = field(default_factory=list)
     several_pictures: list[tuple[Path, int]] = field(default_factory=list)  # (image, pictures in it) where more than one
 
     @property
@@ -988,6 +992,11 @@ class Summary:
             out.append(f"{len(self.tiff_depths)} TIFFs have samples that neither training nor the worker reads as "
                        f"8-bit colour (it refuses them: unsupported_format): {shown}{more}; save them with 8- or 16-bit "
                        "unsigned samples (a 10- or 12-bit camera's scaled to the full 16-bit range)")
+        if self.tiff_layouts:
+            shown = ", ".join(f"{p} ({layout})" for p, layout in self.tiff_layouts[:10])
+            more = f" and {len(self.tiff_layouts) - 10} more" if len(self.tiff_layouts) > 10 else ""
+            out.append(f"{len(self.tiff_layouts)} TIFFs are of a layout whose header the worker does not read, so it "
+                       f"refuses them as frames (unsupported_format): {shown}{more}; {TIFF_LAYOUT_FIX}")
         if self.refused_formats:
             shown = ", ".join(f"{p} ({fmt})" for p, fmt in self.refused_formats[:10])
             more = f" and {len(self.refused_formats) - 10} more" if len(self.refused_formats) > 10 else ""
@@ -1254,6 +1263,7 @@ def summarise(category: Category, trained: bool = True) -> Summary:
     train_copies: list[tuple[Path, Path]] = []
     chromas: list[tuple[Path, float]] = []
     tiff_depths: list[tuple[Path, str]] = []
+    tiff_layouts: list[tuple[Path, str]] = []
     several: list[tuple[Path, int]] = []
     for i, path in enumerate([*category.train, *(s.path for s in category.test)]):  # the training images first
         try:
@@ -1273,6 +1283,9 @@ def summarise(category: Category, trained: bool = True) -> Summary:
         depth = tiff_samples(data)  # OpenCV reads a 12-bit TIFF as stored, not as training does (a wide one: below)
         if depth is not None and (image is None or image.dtype in (np.uint8, np.uint16)):
             tiff_depths.append((path, depth))
+            continue
+        if (layout := tiff_layout(data)) is not None:  # OpenCV reads it (as 8-bit grey), the worker does not
+            tiff_layouts.append((path, layout))
             continue
         if image is None:
             unreadable.append(path)
@@ -1317,7 +1330,8 @@ def summarise(category: Category, trained: bool = True) -> Summary:
     return Summary(category, sizes, channels, depths, unreadable, in_both=in_both, wide_samples=wide,
                    beyond_frames=beyond, misfit_masks=misfit, not_read=unread, refused_formats=refused,
                    low_bits=low_bits, train_copies=train_copies, trained=trained, lossy_masks=lossy, blank_masks=blank,
-                   chroma=chromas, tiff_depths=tiff_depths, several_pictures=several)
+                   chroma=chromas, tiff_depths=tiff_depths, tiff_layouts=tiff_layouts,
+                   several_pictures=several)
 
 
 def _is_jpeg(path: Path) -> bool:

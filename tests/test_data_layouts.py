@@ -1614,3 +1614,36 @@ def test_a_tiffs_reduced_resolution_pages_are_no_pictures_of_their_own(tmp_path)
     pages(tmp_path / "part" / "good" / "two.tif", [(full, 0), (full.resize((16, 16)), 1), (other, 0)])
     said = [line for line in summarise(load_category(tmp_path / "part")).notes() if "more than one picture" in line]
     assert said and f"{tmp_path / 'part' / 'good' / 'two.tif'}: 2;" in said[0], said
+
+
+def test_a_tiff_of_16_bit_grey_and_alpha_is_refused_alike_by_both_sides_naming_its_layout(tmp_path):
+    """Pillow, which reads every frame's header, does not open a TIFF of 16-bit grey and alpha: the worker answered
+    such a frame ``not_an_image``, "not a recognised image", and the summary called it "a format the worker refuses
+    (unknown)" and counted it among the 8-bit grey images (OpenCV decodes it).  Both now say it is a TIFF of 16-bit
+    grey and alpha, refused as ``unsupported_format``, and how to save it; 8-bit grey and alpha is still read."""
+    import tifffile
+
+    from worker.decode import FrameError, decode, probe
+
+    rng = np.random.default_rng(8)
+    good = tmp_path / "part" / "good"
+    for i in range(8):
+        _write(good / f"{i}.png", sample(rng, 64)[0])
+    grey = rng.integers(0, 1 << 16, (64, 64)).astype(np.uint16)
+    for name, dtype, alpha in (("ga16.tif", np.uint16, 65535), ("ga8.tif", np.uint8, 255)):
+        stored = grey if dtype == np.uint16 else (grey >> 8).astype(np.uint8)
+        pixels = np.stack([stored, np.full_like(grey, alpha, dtype)], -1)
+        tifffile.imwrite(good / name, pixels, photometric="minisblack", extrasamples=["unassalpha"])
+    summary = summarise(load_category(tmp_path / "part"))
+    problems = summary.problems()
+    said, fix = "16-bit grey and alpha", "save such a TIFF without its extra channel (alpha), with 8-bit samples, or as PNG"
+    assert problems == [f"1 TIFFs are of a layout whose header the worker does not read, so it refuses them as frames "
+                        f"(unsupported_format): {good / 'ga16.tif'} ({said}); {fix}"], problems
+    assert summary.channels == {"grey": 9} and summary.depths == {"8-bit": 9}, (summary.channels, summary.depths)
+    with pytest.raises(FrameError) as refused:
+        probe((good / "ga16.tif").read_bytes(), 10**6, 10**6)
+    assert refused.value.code == "unsupported_format"
+    assert refused.value.message == f"TIFF of {said} is not accepted (its header is not read in that layout): {fix}"
+    data = (good / "ga8.tif").read_bytes()
+    assert probe(data, 10**6, 10**6) == ("tiff", 64, 64)
+    assert np.array_equal(decode(data)[:, :, 0], (grey >> 8).astype(np.uint8))

@@ -17,7 +17,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bundle import FRAME_FORMATS, jpeg_cut_short, jpeg_segments, png_cut_short, png_damaged, quiet_png, tiff_samples
+from bundle import (
+    FRAME_FORMATS,
+    TIFF_LAYOUT_FIX,
+    jpeg_cut_short,
+    jpeg_segments,
+    png_cut_short,
+    png_damaged,
+    quiet_png,
+    tiff_layout,
+    tiff_samples,
+)
 from worker.wire import ErrorCode
 
 # Our own pixel limit applies; Pillow's global bomb check would otherwise warn or raise on open.
@@ -104,6 +114,9 @@ def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
         if (samples := tiff_samples(data)) is not None:
             raise FrameError("unsupported_format", f"TIFF with {samples} samples is not accepted (8- or 16-bit "
                                                    "unsigned samples)") from None
+        if (layout := tiff_layout(data)) is not None:  # 16-bit grey and alpha: was not_an_image
+            raise FrameError("unsupported_format", f"TIFF of {layout} is not accepted (its header is not read in "
+                                                   f"that layout): {TIFF_LAYOUT_FIX}") from None
         raise FrameError("not_an_image", f"payload is not a recognised image ({type(exc).__name__})") from None
     if fmt not in FRAME_FORMATS:
         raise FrameError("unsupported_format", f"image format {fmt} is not accepted (JPEG, PNG, BMP, TIFF or WebP)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -172,6 +173,16 @@ def check_report_folder(out: Path) -> None:
                          "be written over them; choose another folder")
 
 
+def heatmap_plot(category: str) -> str:
+    """``heatmaps-CATEGORY.png``; a category named by its path below the data (``--categories line1/parts``) has its
+    separators made ``-`` and a hash of its name added: the slash made the name a folder the report's lacked, and the
+    run ended at its report with every fit done and nothing written.  The hash keeps ``line1-parts`` its own name."""
+    if "/" not in category and os.sep not in category:
+        return f"heatmaps-{category}.png"
+    flat = category.replace(os.sep, "-").replace("/", "-")
+    return f"heatmaps-{flat}-{hashlib.sha1(category.encode()).hexdigest()[:8]}.png"
+
+
 def write_report(rows: list[dict], out: Path, data: Path, absent: list[str], failed: list[dict], command: str) -> Path:
     """report.md, report.json, roc.png and heatmaps-CATEGORY.png in ``out``; returns report.md.  ``failed``: the
     model/category pairs whose data could not be used, each with its ``error``; ``command``: the command line that
@@ -180,7 +191,7 @@ def write_report(rows: list[dict], out: Path, data: Path, absent: list[str], fai
     plots = ["roc.png"]
     roc_plot(rows, out / "roc.png")
     for category in dict.fromkeys(r["category"] for r in rows):
-        name = f"heatmaps-{category}.png"
+        name = heatmap_plot(category)
         heatmap_grid([r for r in rows if r["category"] == category], out / name)
         plots.append(name)
     (out / "report.json").write_text(json.dumps({

@@ -137,6 +137,24 @@ def test_a_category_named_in_another_layout_is_benchmarked_and_none_found_says_w
     assert report["failed"] == [] and report["absent_categories"] == []
 
 
+def test_a_category_named_by_its_path_below_the_data_gets_its_report(dataset, tmp_path):
+    """``--categories line1/bracket`` (a category one folder down) was fitted, exported and evaluated, and then the
+    run ended at its report, ``[Errno 2] No such file or directory: '.../heatmaps-line1/bracket.png'``: no report of
+    any category written.  Its plot is now named in the report's own folder and linked."""
+    data, out = tmp_path / "data", tmp_path / "report"
+    shutil.copytree(dataset / "weave" / "train" / "good", data / "line1" / "bracket" / "good")
+    shutil.copytree(dataset / "weave" / "test" / "scratch", data / "line1" / "bracket" / "scratch")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(data), "--models", "patchcore",
+                           "--input-size", "64", "--categories", "line1/bracket", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["category"] for r in report["rows"]] == ["line1/bracket"], report["rows"]
+    (plot,) = [p.name for p in out.glob("heatmaps-*.png")]
+    assert plot.startswith("heatmaps-line1-bracket-") and (out / plot).stat().st_size > 1_000, plot
+    assert f"]({plot})" in (out / "report.md").read_text()
+
+
 def test_a_category_of_flat_images_efficientad_cannot_learn_is_named_not_the_end_of_the_run(tmp_path):
     """EfficientAD's refusal of flat normal images (no texture to learn) was a plain ValueError, which ended the whole
     benchmark: no report, and the rows of every category measured before it lost."""

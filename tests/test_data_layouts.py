@@ -1647,3 +1647,24 @@ def test_a_tiff_of_16_bit_grey_and_alpha_is_refused_alike_by_both_sides_naming_i
     data = (good / "ga8.tif").read_bytes()
     assert probe(data, 10**6, 10**6) == ("tiff", 64, 64)
     assert np.array_equal(decode(data)[:, :, 0], (grey >> 8).astype(np.uint8))
+
+
+def test_a_colour_tiff_s_unassociated_alpha_darkens_its_pixels_alike_on_both_sides(tmp_path):
+    """README said transparency is dropped on both sides, a transparent area read as the colour stored under it:
+    true of PNG, but OpenCV reads a colour TIFF of unassociated alpha (the kind Pillow and most tools save) through
+    libtiff's RGBA path, which multiplies each colour by its alpha, so a transparent area reads black.  Both sides
+    decode alike (no fault in the code); this pins what README now says."""
+    import tifffile
+
+    from exporter.data import read_decoded
+    from worker.decode import decode
+
+    colour = np.full((16, 16, 3), 200, np.uint8)
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[:, 8:] = 255  # the left half transparent
+    tifffile.imwrite(tmp_path / "a.tif", np.dstack([colour, alpha]), photometric="rgb", extrasamples=["unassalpha"])
+    assert cv2.imwrite(str(tmp_path / "a.png"), np.dstack([colour, alpha]))
+    for name, transparent in (("a.tif", 0), ("a.png", 200)):
+        worker = decode((tmp_path / name).read_bytes())
+        assert np.array_equal(worker, read_decoded(tmp_path / name)), name
+        assert (worker[:, :8] == transparent).all() and (worker[:, 8:] == 200).all(), (name, worker[0, :, 0])

@@ -175,6 +175,20 @@ def test_a_category_of_flat_images_efficientad_cannot_learn_is_named_not_the_end
                            "tiles) is a single flat colour"), proc.stderr[-3000:]
 
 
+def test_a_benchmark_of_efficientad_without_natural_photos_is_refused_before_any_fit(dataset, tmp_path):
+    """``benchmark`` of both families (the default) where the natural photos are not (a box without ../shared, a
+    --natural mistyped) fitted and exported PatchCore on the first category, then ended at EfficientAD's fit with
+    "no natural images under ...": no report, the PatchCore rows lost.  Refused now before any fit, naming --natural."""
+    out, missing = tmp_path / "report", tmp_path / "no-photos"
+    proc = subprocess.run([sys.executable, "-m", "exporter", "benchmark", "--data", str(dataset), "--models",
+                           "patchcore,efficientad", "--input-size", "256", "--natural", str(missing), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --natural {missing}: no such folder, or no images "
+                                                           "in it"), proc.stderr[-3000:]
+    assert not out.exists(), sorted(out.rglob("*"))
+
+
 def test_settings_are_compared_as_bundles_in_one_run_and_chosen_on_validation(dataset, tmp_path):
     """benchmarks.settings (test split, bundles, f32) and benchmarks.patchcore_sweep (validation split) end to end."""
     out = tmp_path / "settings"

@@ -181,6 +181,26 @@ def _prepare(folder: Path, name: str, source: Path, mean: tuple[float, float, fl
     log.info("prepared offline backbone %s from %s in %s", name, source, folder)
 
 
+def check_weights(weights: str | None, sha256: str | None) -> None:
+    """Refuse before the data is read a ``--backbone-weights`` file that is not there (it was found only once the
+    data was read), and with ``--backbone-weights-sha256`` one that is not that very file: a command printed after a
+    capture export names the serving bundle's weights by their path on the box that trained it, where on this box
+    another file may lie, which trained another model without a word."""
+    if sha256 and not weights:
+        raise ValueError("--backbone-weights-sha256 checks the file --backbone-weights names: give it with that")
+    if not weights:
+        return
+    path = Path(weights)
+    if not path.is_file():
+        asked = (f": --backbone-weights-sha256 asks for the file of sha256 {sha256} (the one the bundle was trained "
+                 "with, at that path on the box that trained it); copy it to this box and give its path") if sha256 else ""
+        raise FileNotFoundError(f"backbone weights file {path} not found{asked}")
+    if sha256 and (actual := hashlib.sha256(path.read_bytes()).hexdigest()) != sha256:
+        raise ValueError(f"backbone weights file {path} has sha256 {actual}, not {sha256} as --backbone-weights-sha256 "
+                         "asks: other weights than the bundle was trained with, another model's features; give that "
+                         "file with --backbone-weights")
+
+
 def layer_names(architecture: str) -> list[str] | None:
     """The layers anomalib's feature extractor can return for this timm architecture, read from an unweighted copy
     (nothing is downloaded); None for a name timm does not register here (a hub name: the fit itself finds out)."""

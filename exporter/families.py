@@ -143,6 +143,9 @@ class PatchCore(Family["PatchcoreSettings"]):
     options = (
         Option("--backbone", "timm name; offline weights exist for efficientnet_lite0/1/2"),
         Option("--backbone-weights", "local weights file for --backbone (.pth or .safetensors)"),
+        Option("--backbone-weights-sha256", "refuse a --backbone-weights file of another sha256 (a bundle's "
+                                            "training.backbone_weights_sha256: the command printed after a capture "
+                                            "export gives it)", _sha256),
         Option("--layers", "comma-separated layers of --backbone (efficientnet_lite0/1/2: blocks.0, blocks.1, blocks.2, "
                           "blocks.4, blocks.6); a name the backbone lacks is refused", _names),
         Option("--input-size", f"square input side in pixels (32..{MAX_INPUT})", int_in(32, MAX_INPUT)),
@@ -191,8 +194,9 @@ class PatchCore(Family["PatchcoreSettings"]):
         return PatchcoreSettings
 
     def check(self, settings: PatchcoreSettings) -> None:
-        from exporter.backbones import check_layers
+        from exporter.backbones import check_layers, check_weights
 
+        check_weights(settings.backbone_weights, settings.backbone_weights_sha256)
         check_layers(settings.backbone, settings.layers)
 
     def fit(self, data: Path, category: str | None, settings: PatchcoreSettings, threshold: ThresholdChoice) -> Trained:

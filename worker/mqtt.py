@@ -232,10 +232,14 @@ class MqttLink:
         self.on_connected: Callable[[], None] | None = None
         self.max_packet_size: int | None = None
         self.connected = threading.Event()
+        # the broker has answered this connection's subscriptions (SUBACK): what is published to them from now on
+        # reaches this client (a publisher on another connection races the SUBSCRIBE until then)
+        self.subscribed = threading.Event()
+        self._subscribing_on_connect: int | None = None  # the message id of that SUBSCRIBE
         self.connect_failures = 0  # attempts that did not reach the broker since the last connection
         self.problem: str | None = None  # why there is no connection now (None while connected or not yet tried)
         self.connect_refused = False  # the problem is the broker's refusal in its CONNACK, not a network failure
-        self.on_change: Callable[[], None] | None = None  # called (on paho's thread) when connected or problem changes
+        self.on_change: Callable[[], None] | None = None  # called (on paho's thread) when connected, subscribed or problem changes
         # the broker refused these credentials/settings, or its certificate failed verification: retrying cannot help
         self.turned_away = threading.Event()
         self._next_failure_log = 0.0
@@ -441,10 +445,11 @@ class MqttLink:
                         "unretained, seen only by clients subscribed at the time")
         self.max_qos, self.retain_available = max_qos, retain
 
-    def _subscribe(self, topics: list[str]) -> None:
-        """Subscribe and remember what was asked, for the SUBACK to be read against it."""
+    def _subscribe(self, topics: list[str]) -> int | None:
+        """Subscribe and remember what was asked, for the SUBACK to be read against it; the message id, or None
+        when nothing was asked or paho could not send it."""
         if not topics:
-            return
+            return None
         asked = [(topic, SubscribeOptions(qos=0, retainHandling=0) if topic in self.watch
                   else SubscribeOptions(qos=self.cfg.qos, retainHandling=self._retain_handling, retainAsPublished=True))
                  for topic in topics]
@@ -452,6 +457,8 @@ class MqttLink:
             result, mid = self.client.subscribe(asked)
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                 self._subscribing[mid] = [(topic, options.QoS) for topic, options in asked]
+                return mid
+        return None
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         """A broker refuses a subscription in its SUBACK only (an ACL without the topic, a prefix changed on one side
@@ -460,6 +467,9 @@ class MqttLink:
         restart."""
         with self._lock:
             asked = self._subscribing.pop(mid, [])
+        if mid == self._subscribing_on_connect:
+            self.subscribed.set()
+            self._changed()
         refused, granted = {}, []
         for (topic, qos), code in zip(asked, reason_codes, strict=False):
             if code.is_failure:
@@ -596,7 +606,9 @@ class MqttLink:
             self._leaving = client.unsubscribe(left)[1]  # the record is rewritten at its UNSUBACK
         else:
             self._remember(wanted)
-        self._subscribe(wanted)
+        self._subscribing_on_connect = self._subscribe(wanted)
+        if not wanted:
+            self.subscribed.set()
         self.connected.set()
         self._changed()
         if self.on_connected:
@@ -649,6 +661,7 @@ class MqttLink:
         self.acks.reset()  # before paho connects again: a packet id of this connection means nothing on the next
         was_connected, attempting = self.connected.is_set(), self._attempting
         self.connected.clear()
+        self.subscribed.clear()
         self._attempting = False
         if was_connected:
             self._problem(f"the connection was lost ({reason_code}); reconnecting")

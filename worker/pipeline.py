@@ -601,8 +601,9 @@ class Pipeline:
         result["latency_ms"] = latency_ms
         result["published_at"] = iso(time.time())
 
-        def accepted() -> None:  # before the result leaves: whoever has seen it sees it counted
+        def accepted() -> None:  # before the result leaves: whoever has seen it sees it counted, and timed
             self.stats.add(frame.camera, "processed")
+            self.stats.observe(latency_ms)
             if anomalous:
                 self.stats.add(frame.camera, "anomalous")
             # and a label or query sent on seeing it finds the frame on its way (settle); only once it will leave: a
@@ -626,7 +627,6 @@ class Pipeline:
         self.link.publish(self.topics.result(frame.camera), json.dumps(result),
                           properties=publish_properties({"frame_id": frame.frame_id}, "application/json"),
                           accepted=accepted, settled=frame.ticket.hold() if frame.ticket is not None else None)
-        self.stats.observe(latency_ms)
         if self.capture is not None and not anomalous:  # the frame as the model sees it: cropped to the roi
             cropped_by_roi = override is not None and override.roi is not None
             offer: Offer = (frame.camera, point_id(frame.camera, frame.frame_id), cropped,

@@ -248,9 +248,9 @@ class Worker:
         self.export_thread = threading.Thread(target=self._serve_exports, name="exports", daemon=True)
         self._stopping = threading.Event()  # an export in hand stops at its next file and leaves nothing
         # The stats' capture_export: the export in hand and the last one's answer, for whoever did not wait for it (a
-        # console whose wait ran out, another operator). Replaced whole, never changed in place: the stats read them.
-        self._export_running: dict | None = None
-        self._export_last: dict | None = None
+        # console whose wait ran out, another operator), as one pair replaced whole: a stats message read between two
+        # separate writes said an export was running whose answer it already showed as the last.
+        self._exports: tuple[dict | None, dict | None] = (None, None)
         self.stats_thread: threading.Thread | None = None  # started by run(), which holds the stop event
         self._next_watch = time.monotonic() + cfg.model.watch_s
         self._unloaded: dict[str, str | None] = {}  # per scope, why its changed bundle was last refused (model.watch_s)
@@ -386,7 +386,7 @@ class Worker:
             if item is not None:
                 msg, camera = item
                 current.append(item)
-                self._export_running = {"camera": camera, "since": iso(time.time())}
+                self._exports = ({"camera": camera, "since": iso(time.time())}, self._exports[1])
                 answer = self.export_capture(camera)
                 self._export_done(camera, answer)
                 self._respond(msg, answer)
@@ -401,8 +401,7 @@ class Worker:
         supervised_loop(self.liveness, self.export_thread.name, step, answer_error)
 
     def _export_done(self, camera: str | None, answer: dict) -> None:
-        self._export_last = {"at": iso(time.time()), "camera": camera, **answer}
-        self._export_running = None
+        self._exports = (None, {"at": iso(time.time()), "camera": camera, **answer})
 
     def _export_progress(self) -> None:
         """After each file an export copies: progress for the watchdog, and the export's end at a stop."""
@@ -587,6 +586,7 @@ class Worker:
         self.recorder.flush(min(self.cfg.store.flush_s + 1, 5), lambda: self.liveness.progress(caller))
 
     def stats_payload(self) -> dict:
+        running, last = self._exports
         return {
             "worker": self.cfg.worker.id,
             "at": iso(time.time()),
@@ -618,8 +618,7 @@ class Worker:
             "capture_failed_writes": self.capture.failed_writes if self.capture is not None else None,
             "capture_skipped_frames": self.capture.skipped_frames if self.capture is not None else None,
             "capture_busy_skipped": self.capture.busy_skipped if self.capture is not None else None,
-            "capture_export": {"running": self._export_running, "waiting": len(self.export_queue),
-                               "last": self._export_last},
+            "capture_export": {"running": running, "waiting": len(self.export_queue), "last": last},
             "extensions": [e.info() for e in self.models.extensions()],
             "cameras": self.stats.snapshot(),
             "threads": self.liveness.snapshot(),

@@ -383,9 +383,10 @@ def create_app(cfg: Config) -> Starlette:
         hub.stop()
 
     def link_state() -> dict:
-        """The console's own MQTT connection, and why it is down (a refusal names the login); ``broker_refused``:
-        the broker said no to the console's login (else it was not reached)."""
-        return {"broker": client.link.connected.is_set(), "broker_problem": client.link.problem,
+        """The console's own MQTT connection, up once the broker has answered its subscriptions (a result published
+        before that may not reach it), and why it is down (a refusal names the login); ``broker_refused``: the broker
+        said no to the console's login (else it was not reached)."""
+        return {"broker": client.link.subscribed.is_set(), "broker_problem": client.link.problem,
                 "broker_refused": client.link.connect_refused}
 
     said: list[dict] = []  # the link state last pushed (paho's thread only)

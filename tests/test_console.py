@@ -2020,7 +2020,9 @@ def test_labels_from_the_page_reach_the_store_and_the_export(stack):
     from playwright.sync_api import expect
 
     page = stack.page
-    order = [k for k, r in stack.results.items() if r["verdict"] == "anomalous" and k.startswith("cam-a/")]
+    # by name, not by the order the results arrived in (two infer requests can finish out of order): the same frame
+    # is confirmed on every run
+    order = sorted(k for k, r in stack.results.items() if r["verdict"] == "anomalous" and k.startswith("cam-a/"))
     queried = order[-1]
     page.locator(f'#defects li[data-key="{queried}"] .pics2').click()
     expect(page.locator("#q-status")).to_contain_text("similar frames", timeout=20_000)
@@ -2077,7 +2079,11 @@ def test_a_false_alarm_labelled_on_the_page_is_learned_and_undone(stack, dataset
     from test_learning import _marked, _until_stored
 
     page, client, prefix = stack.page, stack.client, stack.prefix
-    with ApiClient(load_config(stack.config), "test") as api:  # start clean: earlier tests may have taught it
+    # Start clean: earlier tests may have taught it, or confirmed a defect whose decisive patches the mark lies near
+    # (the guard then rightly keeps it from being absorbed); which defect they confirmed is not fixed from run to run.
+    with ApiClient(load_config(stack.config), "test") as api:
+        for row in api.label({"action": "export", "format": "json"})["labels"]:
+            assert api.label({"action": "unlabel", "frame_id": row["frame_id"], "camera": row["camera"]})["ok"]
         for entry in _learned(stack):
             assert api.label({"action": "unlabel", "frame_id": entry["frame_id"], "camera": entry["camera"]})["ok"]
     client.publish_frame("cam-l", _marked(dataset), "m-0")

@@ -74,8 +74,14 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
         assert image.shape == (128, 128, 3)
     assert {user_props(m)["frame_id"] for m in heatmaps} == set(results)
 
-    stats = client.json_on(f"{prefix}/workers/w-test/stats", timeout=30)[-1]
-    assert stats["cameras"]["cam1"]["received"] == len(frames)
+    def all_processed(m) -> bool:
+        """Stats built once every frame was counted: the last stats before the last result may have been built
+        before the burst, or in it (each frame is counted processed before its result leaves)."""
+        return m.topic == f"{prefix}/workers/w-test/stats" and json.loads(m.payload).get("cameras", {}).get(
+            "cam1", {}).get("processed", 0) >= len(frames)
+
+    counted = json.loads(client.wait_for(all_processed, timeout=30)[0].payload)["cameras"]["cam1"]
+    assert (counted["received"], counted["processed"]) == (len(frames), len(frames)), counted
 
     assert worker.stop() == 0, worker.output()
     client.wait_for(lambda m: m.topic == f"{prefix}/workers/w-test/availability" and m.payload == b"stopped")

@@ -638,39 +638,49 @@ def _serving(broker, bundle: Path, folder: Path, worker_factory, **sections) -> 
 
 
 def test_hot_reload_and_rollback_under_a_steady_stream(broker, bundle_dir, dataset, tmp_path, worker_factory):
+    """The stream runs until the reload and the rollback are answered, and a few frames more: a stream of a fixed
+    length could end before a compile slowed by a loaded machine was done, leaving no frame scored after it."""
     v1 = read_manifest(bundle_dir).version
     v2 = _relabelled(bundle_dir, tmp_path / "v2", "2.0.0")
     prefix, client, worker, control = _serving(broker, bundle_dir, tmp_path, worker_factory)
     frame = _good(dataset)
-    n = 60
+    sent: list[str] = []
     stop = threading.Event()
 
     def stream() -> None:
-        for i in range(n):
-            client.publish_frame("cam", frame, f"h{i:03d}")
-            time.sleep(0.1)
-        stop.set()
+        after = 0  # frames sent once every answer is in: scored by the model the last one left serving
+        while after < 10 and len(sent) < 10_000:
+            if stop.is_set():
+                after += 1
+            sent.append(f"h{len(sent):05d}")
+            client.publish_frame("cam", frame, sent[-1])
+            time.sleep(0.1)  # a camera's frame rate
 
     feeder = threading.Thread(target=stream)
     feeder.start()
-    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=10)
-    bad = _request(client, control, {"command": "reload", "bundle": str(tmp_path / "missing")})
-    assert bad["ok"] is False and bad["error"]["code"] == "reload_failed"
-    answer = _request(client, control, {"command": "reload", "bundle": str(v2)})
-    assert answer["ok"] and answer["models"]["default"]["version"] == "2.0.0", answer
-    client.wait_for(lambda m: m.topic == f"{prefix}/cam/result" and b'"2.0.0"' in m.payload, count=10)
-    back = _request(client, control, {"command": "rollback"})
-    assert back["ok"] and back["models"]["default"]["version"] == v1
-    again = _request(client, control, {"command": "rollback"})  # it put 2.0.0 back: a toggle
-    assert again["ok"] is False and again["error"]["code"] == "reload_failed", again
-    assert "no previous model to roll back to" in again["error"]["message"], again
-    # a camera without a model of its own, "read again", was pinned to the default's bundle out of later roll-outs;
-    # a camera named "default" given a canary rolled it out to every camera (a helper's probe): both refused
-    pinned = _request(client, control, {"command": "reload", "camera": "cam"})
-    assert pinned["error"]["code"] == "bad_request" and "give a bundle for a canary" in pinned["error"]["message"]
-    named = _request(client, control, {"command": "reload", "camera": "default", "bundle": str(v2)})
-    assert named["error"]["code"] == "bad_request" and "rename the camera" in named["error"]["message"], named
-    feeder.join()
+    try:
+        client.wait_for(lambda m: m.topic == f"{prefix}/cam/result", count=10)
+        bad = _request(client, control, {"command": "reload", "bundle": str(tmp_path / "missing")})
+        assert bad["ok"] is False and bad["error"]["code"] == "reload_failed"
+        answer = _request(client, control, {"command": "reload", "bundle": str(v2)})
+        assert answer["ok"] and answer["models"]["default"]["version"] == "2.0.0", answer
+        client.wait_for(lambda m: m.topic == f"{prefix}/cam/result" and b'"2.0.0"' in m.payload, count=10)
+        back = _request(client, control, {"command": "rollback"})
+        assert back["ok"] and back["models"]["default"]["version"] == v1
+        again = _request(client, control, {"command": "rollback"})  # it put 2.0.0 back: a toggle
+        assert again["ok"] is False and again["error"]["code"] == "reload_failed", again
+        assert "no previous model to roll back to" in again["error"]["message"], again
+        # a camera without a model of its own, "read again", was pinned to the default's bundle out of later
+        # roll-outs; a camera named "default" given a canary rolled it out to every camera (a helper's probe): both
+        # refused
+        pinned = _request(client, control, {"command": "reload", "camera": "cam"})
+        assert pinned["error"]["code"] == "bad_request" and "give a bundle for a canary" in pinned["error"]["message"]
+        named = _request(client, control, {"command": "reload", "camera": "default", "bundle": str(v2)})
+        assert named["error"]["code"] == "bad_request" and "rename the camera" in named["error"]["message"], named
+    finally:
+        stop.set()
+        feeder.join()
+    n = len(sent)
     results = client.json_on(f"{prefix}/cam/result", count=n, timeout=120)
     assert not [m for m in client.messages if m.topic.endswith("/error")], "no frame may be lost to a reload"
     versions = [r["model"]["version"] for r in sorted(results, key=lambda r: r["frame_id"])]

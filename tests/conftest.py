@@ -158,6 +158,13 @@ class WorkerProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_output(self, text: str, timeout: float = 30) -> None:
+        """Until the worker's log holds ``text`` (polled, with a deadline; fails at once when the worker ended)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.output()[-3000:]
+            time.sleep(0.05)  # poll interval for the log, with a deadline
+
 
 def write_config(folder: Path, port: int, bundle: Path, **sections) -> Path:
     cfg = {

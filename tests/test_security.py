@@ -20,7 +20,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import ROOT, Client, WorkerProcess, good_png, wait_online, write_config
+from conftest import ROOT, Client, good_png, wait_online, write_config
 from scripts.broker import Broker, broker_readable_dir, free_port, tls_broker
 
 DEPLOY = ROOT / "deploy" / "mosquitto"
@@ -390,15 +390,6 @@ def test_a_prefix_the_acl_does_not_cover_is_said(secure_broker, bundle_dir, tmp_
         assert worker.stop() == 0
 
 
-def _wait_said(worker: WorkerProcess, line: str, timeout: float = 30) -> None:
-    """Until the worker's log holds ``line``.  The worker says a SUBACK's news after it records it, and the stats
-    can carry the record before the log has the line: a stats message seen is no sign that the line is written."""
-    deadline = time.monotonic() + timeout
-    while line not in worker.output():
-        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.output()[-3000:]
-        time.sleep(0.05)  # polling the worker's log for the line, with a deadline
-
-
 def test_subscriptions_the_broker_refuses_are_said_and_taken_once_allowed(bundle_dir, dataset, tmp_path,
                                                                           worker_factory):
     """A prefix changed in config.yaml and not in the broker's access rules: a broker refuses the subscriptions in
@@ -435,13 +426,14 @@ def test_subscriptions_the_broker_refuses_are_said_and_taken_once_allowed(bundle
         assert stats["subscriptions_refused"] == {t: "Not authorized" for t in (
             "plant/+/frame", "plant/query", "plant/label", "plant/workers/w-test/control",
             "plant/workers/w-test/availability")}
-        _wait_said(worker, "the broker refused to subscribe this worker to plant/+/frame (Not authorized)")
+        # the worker says a SUBACK's news after it records it: the stats can carry the record before the log has it
+        worker.wait_output("the broker refused to subscribe this worker to plant/+/frame (Not authorized)")
 
         dynsec("addRoleACL", "worker", "subscribePattern", "plant/#", "allow")
         observer.messages.clear()
         observer.wait_for(lambda m: m.topic == "plant/workers/w-test/stats"
                           and json.loads(m.payload)["subscriptions_refused"] == {})
-        _wait_said(worker, "the broker now takes the subscription to plant/+/frame")
+        worker.wait_output("the broker now takes the subscription to plant/+/frame")
         observer.publish_frame("cam1", good_png(dataset).read_bytes(), "once-allowed")
         assert observer.json_on("plant/cam1/result")[0]["frame_id"] == "once-allowed"
         assert worker.stop() == 0

@@ -6,9 +6,11 @@ See docs/reliability.md for the promises, their limits and the figures these tes
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -1199,6 +1201,162 @@ def test_a_csv_label_export_carries_each_label_once_and_fits_where_the_csv_does(
                               str(tmp_path / "labels.csv")], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert cli.returncode == 0 and "8 labels written" in cli.stderr, cli.stderr
         assert (tmp_path / "labels.csv").read_text().splitlines() == rows
+
+
+# 5a. The broker's Receive Maximum is kept to ------------------------------------------------------
+
+class PubackRelay:
+    """A TCP relay between a worker and mosquitto that reads the MQTT packets passing through: per connection, the most
+    QoS 1 PUBLISHes of the worker the broker had not yet acknowledged to it, and, while ``hold`` is set, the broker's
+    PUBACKs held back (as a slow link or a busy broker keeps them), so that the worker's window fills."""
+
+    def __init__(self, broker_port: int) -> None:
+        self.broker_port = broker_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.cond = threading.Condition()
+        self.hold = False
+        self.most: list[int] = []  # per connection, in order
+        self.unacked: set[int] = set()  # of the current connection
+        self.held: list[tuple[bytes, bytes]] = []
+        self.pair: tuple[socket.socket, socket.socket] | None = None
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                worker, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            broker = socket.create_connection(("127.0.0.1", self.broker_port))
+            with self.cond:
+                self.pair, self.unacked, self.held = (worker, broker), set(), []
+                self.most.append(0)
+                self.cond.notify_all()
+            threading.Thread(target=self._pipe, args=(worker, broker, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(broker, worker, False), daemon=True).start()
+
+    @staticmethod
+    def _packets(sock: socket.socket) -> Iterator[tuple[bytes, bytes]]:
+        """Each MQTT packet read from ``sock``, whole, and its body (after the fixed header)."""
+        buf = b""
+        while True:
+            length, multiplier, at = 0, 1, 1
+            while at < len(buf):  # the remaining length: 1-4 bytes of 7 bits, least significant first
+                length += (buf[at] & 0x7F) * multiplier
+                multiplier, at = multiplier * 128, at + 1
+                if not buf[at - 1] & 0x80:
+                    break
+            else:
+                length = -1  # not all of it read yet
+            if length >= 0 and len(buf) >= at + length:
+                yield buf[:at + length], buf[at:at + length]
+                buf = buf[at + length:]
+                continue
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        for packet, body in self._packets(src):
+            kind = packet[0] >> 4
+            with self.cond:
+                if (src, dst) != self.pair and (dst, src) != self.pair:
+                    return  # a connection cut
+                if upward and kind == 3 and (packet[0] >> 1) & 3:  # the worker's PUBLISH, QoS 1
+                    topic_len = struct.unpack(">H", body[:2])[0]
+                    self.unacked.add(struct.unpack(">H", body[2 + topic_len:4 + topic_len])[0])
+                    self.most[-1] = max(self.most[-1], len(self.unacked))
+                elif not upward and kind == 4:  # the broker's PUBACK of one
+                    if self.hold:
+                        self.held.append((packet, body))
+                        self.cond.notify_all()
+                        continue
+                    self.unacked.discard(struct.unpack(">H", body[:2])[0])
+                self.cond.notify_all()
+                try:
+                    dst.sendall(packet)
+                except OSError:
+                    return
+
+    def wait(self, predicate, timeout: float = 60) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), (self.most, sorted(self.unacked), len(self.held))
+
+    def release(self) -> None:
+        """Pass the PUBACKs held back, and those to come."""
+        with self.cond:
+            self.hold = False
+            worker = self.pair[0] if self.pair else None
+            for packet, body in self.held:
+                self.unacked.discard(struct.unpack(">H", body[:2])[0])
+                if worker is not None:
+                    worker.sendall(packet)
+            self.held = []
+
+    def cut(self) -> None:
+        """Close the current connection, as a network fault does: the worker reconnects through the relay."""
+        with self.cond:
+            pair, self.pair = self.pair, None
+        for sock in pair or ():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_the_worker_sends_no_more_unacknowledged_messages_than_the_brokers_receive_maximum(bundle_dir, dataset, tmp_path,
+                                                                                           worker_factory):
+    """paho keeps its own window of 20 unacknowledged QoS 1 messages whatever the broker's CONNACK says: past a
+    Receive Maximum below it (HiveMQ's default is 10) a broker that enforces it closes the connection, and paho sent
+    its whole backlog again at each reconnect, which never got through.  mosquitto announces one
+    (``max_inflight_messages``) without enforcing it for QoS 1, so a relay counts what the worker leaves unacknowledged,
+    holding the broker's PUBACKs back so that the window fills: on the first connection and after a reconnect with a
+    backlog, the worker keeps to 2, and every answer still arrives once the PUBACKs pass."""
+    broker = Broker(tmp_path / "broker", extra="max_inflight_messages 2\n")
+    relay = PubackRelay(broker.port)
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    config = write_config(tmp_path, relay.port, bundle_dir, topics={"prefix": prefix},
+                          limits={"inference_threads": 1}, metrics={"enabled": True, "port": port})
+    try:
+        client = Client(broker.port, prefix)
+        worker = worker_factory(config)
+        wait_online(client, prefix)
+        with relay.cond:
+            relay.hold = True
+        n = 4
+        for i in range(n):
+            client.publish_frame("cam", _good_png(dataset), f"r{i}")
+        deadline = time.monotonic() + 120
+        while True:  # every frame scored: its result and heatmap are with paho, sent or waiting for room
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            if f'edge_inspect_frames_total{{camera="cam",outcome="processed"}} {n}.0' in text:
+                break
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.1)  # poll interval, with a deadline
+        relay.wait(lambda: len(relay.unacked) >= 2)
+        relay.cut()  # a backlog to send again at the reconnect
+        relay.wait(lambda: len(relay.most) == 2 and len(relay.unacked) >= 2)
+        relay.release()
+        results = client.json_on(f"{prefix}/cam/result", count=n, timeout=120)
+        client.wait_for(lambda m: m.topic == f"{prefix}/cam/heatmap", count=n, timeout=120)
+        assert {r["frame_id"] for r in results} == {f"r{i}" for i in range(n)}
+        print(f"\nFIGURES Receive Maximum 2: most unacknowledged per connection {relay.most}")
+        assert max(relay.most) <= 2, f"the worker left {relay.most} messages unacknowledged on its connections"
+        worker.wait_output("the broker takes at most 2 unacknowledged messages")
+        assert worker.stop() == 0
+        client.close()
+    finally:
+        relay.close()
+        broker.stop()
 
 
 # 5b. A model that answers NaN or infinity gives no verdict ------------------------------------

@@ -4,7 +4,8 @@ paho reconnects by itself (``connect_async`` + ``loop_start`` + backoff); on eve
 (re)connect we subscribe again and re-publish availability.  paho does not enforce
 the broker's CONNACK ``Maximum Packet Size``: an oversize publish makes the broker
 drop the connection and paho loops reconnecting, so :meth:`MqttLink.publish`
-refuses such payloads itself.  paho also drops the connection on a received string property it
+refuses such payloads itself.  Nor does it keep to the CONNACK's ``Receive Maximum``: :func:`fit_window` does.
+paho also drops the connection on a received string property it
 deems malformed (:func:`_read_utf` reads them leniently instead), and on a reason code its table does not list for
 the packet that carries it (:func:`_reason_name`).
 """
@@ -161,6 +162,31 @@ def _client(cfg: MQTTConfig, client_id: str) -> mqtt.Client:
     return client
 
 
+def fit_window(client: mqtt.Client, window: int, receive_maximum: int) -> int:
+    """Keep ``client``'s unacknowledged QoS 1 messages within the broker's CONNACK Receive Maximum, and return the window
+    now used.  A broker past whose Receive Maximum a client sends closes its connection (MQTT v5 3.3.4; HiveMQ's default
+    is 10, paho's window 20), and paho sends its whole backlog again at the reconnect: it would never get through.
+
+    paho 2.x lets its window be set only while no connection is open, before any CONNACK says what the broker takes,
+    and at a reconnect it marks its backlog to be sent after the CONNACK callback without counting it, so what is
+    published meanwhile (the worker's announcement, a frame's result) goes out on top of it.  So this runs on paho's
+    thread inside its CONNACK handling, holding its lock: it sets the window, sends the backlog that fits now (counted,
+    in order, as paho would) and puts the rest back in paho's queue, which paho sends as PUBACKs free the window."""
+    window = min(window, receive_maximum)
+    with client._out_message_mutex:
+        client._max_inflight_messages = window
+        for m in client._out_messages.values():
+            if m.qos == 1 and m.state == mqtt.mqtt_ms_publish:
+                if client._inflight_messages < window:
+                    client._inflight_messages += 1
+                    m.state = mqtt.mqtt_ms_wait_for_puback
+                    client._send_publish(m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
+                                         properties=m.properties)
+                else:
+                    m.state = mqtt.mqtt_ms_queued
+    return window
+
+
 def _untrusted_advice(code: int) -> str:
     """What to mend for a broker certificate the client refused.  Its dates are read by this box's clock, which on an
     edge box without a battery-backed clock or NTP yet can be years off: the CA file and the host name are then
@@ -248,6 +274,7 @@ class MqttLink:
         if cfg.tls is not None and cfg.tls.insecure_skip_verify:
             log.warning("TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
         self.client.max_queued_messages_set(0)
+        self.window = self.client.max_inflight_messages  # ours; a broker's CONNACK may lower it (fit_window)
         self.receive_maximum = receive_maximum
         self.acks = Acks(self.client.ack)
         self._settle: dict[int, Callable[[], None]] = {}  # message id of a QoS 1 publish -> run at its PUBACK
@@ -256,6 +283,7 @@ class MqttLink:
         self.will, self.will_properties, self.on_takeover = will, will_properties, on_takeover
         self.prefix = prefix  # the worker's own topics (topics.prefix); a refused publish outside it was a requester's
         self.max_qos, self.retain_available = 1, True  # as the broker's last CONNACK announced
+        self._window_said: int | None = None  # the lowered window last logged
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True, properties=will_properties)
         self.client.on_pre_connect = self._on_pre_connect
@@ -591,6 +619,11 @@ class MqttLink:
                                 properties=self.will_properties)
             return
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        sending = fit_window(client, self.window, getattr(properties, "ReceiveMaximum", 65535))
+        if sending < self.window and self._window_said != sending:
+            self._window_said = sending
+            log.info("the broker takes at most %d unacknowledged messages from a client (its Receive Maximum): this "
+                     "worker sends no more than that at once", sending)
         self._degrade(min(getattr(properties, "MaximumQoS", 2), 1), bool(getattr(properties, "RetainAvailable", 1)))
         self.connect_failures, self._next_failure_log = 0, 0.0
         self.problem, self.connect_refused = None, False

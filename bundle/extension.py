@@ -549,6 +549,9 @@ class Extension:
             raise ValueError(f"extension rows must be [n, {self.feature_dim}], not {list(rows.shape)}")
         with self._lock:
             others = sum(e.rows for k, e in self._entries.items() if k != key)
+            if len(rows) > self.max_rows:  # no withdrawal or fold makes room for these
+                raise ExtensionFull(f"these patches alone need {len(rows)} rows, more than the whole extension holds "
+                                    f"(learning.max_rows: {self.max_rows}): raise learning.max_rows")
             if others + len(rows) > self.max_rows:
                 raise ExtensionFull(f"the extension is full: it holds {others} of its {self.max_rows} rows "
                                     f"({self.max_rows - others} free) and these patches need {len(rows)}: undo older "

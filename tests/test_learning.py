@@ -676,7 +676,9 @@ def test_a_label_the_full_extension_cannot_take_says_so_and_the_cli_exits_3(brok
     """A full extension answered "needs N more" counting the frame's own patches only (its views took more, so an
     operator who freed N rows was refused again), and the CLI exited 0 with ok: true for a label that absorbed
     nothing.  The answer now says the extension is full, how many rows are free and that the views need more; the
-    CLI exits 3."""
+    CLI exits 3.  Where the frame's own patches alone need more rows than the bound (as here), it said "the extension
+    is full: it holds 0 of its 8 rows", sending the operator to undo or fold labels that would not make room: it now
+    says the bound itself is too small."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
     config = write_config(tmp_path, broker.port, bundle_dir, topics={"prefix": prefix}, learning={"max_rows": 8})
     client = Client(broker.port, prefix)
@@ -689,10 +691,11 @@ def test_a_label_the_full_extension_cannot_take_says_so_and_the_cli_exits_3(brok
     assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
     absorbed = json.loads(done.stdout)["absorbed"]
     assert absorbed["patches"] == 0 and absorbed["full"] is True, absorbed
-    assert absorbed["reason"].startswith("the extension is full: it holds 0 of its 8 rows (8 free) and these patches "
-                                         "need "), absorbed
+    assert absorbed["reason"].startswith("these patches alone need "), absorbed
+    assert "rows, more than the whole extension holds (learning.max_rows: 8): raise learning.max_rows" \
+        in absorbed["reason"], absorbed
     assert "its flipped and turned views, learning.views, need more" in absorbed["reason"], absorbed
-    assert "error: the label is stored but nothing was absorbed: the extension is full" in done.stderr, done.stderr
+    assert "error: the label is stored but nothing was absorbed: these patches alone need" in done.stderr, done.stderr
     client.close()
 
 

@@ -329,12 +329,66 @@ def test_a_jpeg_with_restart_markers_cut_short_and_closed_with_an_end_marker_is_
     scan = jpeg.find(b"\xff\xda")
     for cut in (scan + 64, (scan + len(jpeg)) // 2, scan + (len(jpeg) - scan) * 9 // 10):
         closed = jpeg[:cut] + b"\xff\xd9"
-        assert not np.array_equal(decode(closed), decode(jpeg))  # what was scored: grey where the data was lost
+        # what was scored: grey where the data was lost
+        assert not np.array_equal(cv2.imdecode(np.frombuffer(closed, np.uint8), cv2.IMREAD_COLOR), decode(jpeg))
         with pytest.raises(FrameError) as refused:
             probe(closed, len(jpeg), 10**8)
         assert refused.value.code == ErrorCode.TRUNCATED_IMAGE, cut
         (tmp_path / "closed.jpg").write_bytes(closed)
         assert decoded(tmp_path / "closed.jpg") is None and _why_unreadable(tmp_path / "closed.jpg") == "a JPEG cut short"
+
+
+def test_a_jpeg_without_restart_markers_cut_short_and_closed_with_an_end_marker_is_truncated(dataset):
+    """Without restart markers (most JPEGs) a frame cut short and closed with its end marker could not be told from
+    its bytes, and OpenCV passes none of libjpeg's warnings on: the worker scored it with the lost part grey (128).
+    libjpeg-turbo's warning is now heard (simplejpeg decodes JPEGs): truncated_image, wherever the cut is, and for a
+    frame decoded smaller too.  A JPEG libjpeg warns about otherwise (bytes between segments, which cameras write)
+    is still decoded."""
+    image = cv2.imread(str(good_png(dataset)))
+    jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+    scan = jpeg.find(b"\xff\xda")
+    for cut in (scan + 64, (scan + len(jpeg)) // 2, len(jpeg) - 64):
+        closed = jpeg[:cut] + b"\xff\xd9"
+        assert probe(closed, len(jpeg), 10**8).format == "jpeg"  # nothing in its bytes says so
+        assert not np.array_equal(cv2.imdecode(np.frombuffer(closed, np.uint8), cv2.IMREAD_COLOR), decode(jpeg))
+        for reduce in (1, 2):
+            with pytest.raises(FrameError) as refused:
+                decode(closed, reduce)
+            assert refused.value.code == ErrorCode.TRUNCATED_IMAGE, (cut, reduce)
+            assert "premature end of data segment" in refused.value.message
+    table = jpeg.find(b"\xff\xdb")
+    extra = jpeg[:table] + b"\x00\x00" + jpeg[table:]  # libjpeg: "2 extraneous bytes before marker 0xdb"
+    assert np.array_equal(decode(extra), decode(jpeg))
+
+
+def test_jpegs_are_decoded_to_the_pixels_opencv_gives_as_training_does(dataset):
+    """JPEGs are decoded by simplejpeg (libjpeg-turbo), other formats and training images by OpenCV: every kind of
+    JPEG a camera writes gives the same pixels both ways (the model sees what it was trained on), its EXIF orientation
+    applied as OpenCV's IMREAD_COLOR does, and decoded smaller (limits.reduced_decode) as IMREAD_REDUCED does."""
+    from PIL import Image
+
+    picture = Image.open(good_png(dataset)).convert("RGB").resize((203, 131))
+    kinds = {}
+    for subsampling in (0, 1, 2):
+        for progressive in (False, True):
+            out = io.BytesIO()
+            picture.save(out, "JPEG", quality=90, subsampling=subsampling, progressive=progressive)
+            kinds[f"subsampling {subsampling}, progressive {progressive}"] = out.getvalue()
+    for mode in ("L", "CMYK"):
+        out = io.BytesIO()
+        picture.convert(mode).save(out, "JPEG")
+        kinds[mode] = out.getvalue()
+    for orientation in range(1, 9):
+        exif, out = Image.Exif(), io.BytesIO()
+        exif[0x0112] = orientation
+        picture.save(out, "JPEG", exif=exif.tobytes())
+        kinds[f"EXIF orientation {orientation}"] = out.getvalue()
+    reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+               8: cv2.IMREAD_REDUCED_COLOR_8}
+    for kind, jpeg in kinds.items():
+        for reduce, flag in reduced.items():
+            expected = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flag)
+            assert np.array_equal(decode(jpeg, reduce), expected), (kind, reduce)
 
 
 def test_a_png_damaged_on_its_way_is_corrupt_and_libpng_writes_nothing(dataset, tmp_path, capfd):

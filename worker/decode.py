@@ -3,19 +3,21 @@
 A frame is refused with a :class:`FrameError` (a stable ``code`` plus a human
 message) when its payload is too large, not a JPEG/PNG/BMP/TIFF/WebP, larger than the pixel
 limit according to its header (decompression bombs never reach the decoder),
-truncated (a JPEG or PNG cut short), or not decodable.  Pillow reads only the header; OpenCV decodes.
+truncated (a JPEG or PNG cut short), or not decodable.  Pillow reads only the header; simplejpeg (libjpeg-turbo)
+decodes a JPEG, OpenCV every other format and the JPEGs simplejpeg does not take.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import cv2
 import numpy as np
-from PIL import Image
+import simplejpeg
+from PIL import ExifTags, Image
 
 from bundle import (
     FRAME_FORMATS,
@@ -49,6 +51,20 @@ DECODE_MAX_PIXELS = 1 << 30
 DECODE_MAX_SIDE = 1 << 20
 PNG_MAX_SIDE = 1_000_000
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# libjpeg-turbo's warnings for coded data that ends before the picture does: what is missing is decoded as grey
+# without an error (JWRN_HIT_MARKER: a marker, often the end-of-image marker a depacketiser closes a frame with after
+# a lost fragment; JWRN_JPEG_EOF: the bytes end).
+_CUT_SHORT = ("premature end of data segment", "premature end of jpeg file")
+# EXIF orientation (2-8) as OpenCV's IMREAD_COLOR applies it, so a JPEG decoded here is turned as in training
+_ORIENT: dict[object, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda im: cv2.flip(im, 1),
+    3: lambda im: cv2.rotate(im, cv2.ROTATE_180),
+    4: lambda im: cv2.flip(im, 0),
+    5: cv2.transpose,
+    6: lambda im: cv2.rotate(im, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda im: cv2.flip(cv2.transpose(im), -1),
+    8: lambda im: cv2.rotate(im, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
 
 
 class Header(NamedTuple):
@@ -187,8 +203,31 @@ def reduction(header: Header, width: int, height: int, headroom: float = REDUCED
 
 def decode(data: bytes, reduce: int = 1) -> np.ndarray:
     """Decode an admitted frame to 8-bit BGR, at 1/``reduce`` of its size (a :func:`reduction`; 1 = full size)."""
+    if data.startswith(b"\xff\xd8") and (image := _jpeg(data, reduce)) is not None:
+        return image
     data = quiet_png(data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_COLOR)
     if image is None:
         raise FrameError("corrupt_image", "the image header is valid but its data cannot be decoded")
     return image
+
+
+def _jpeg(data: bytes, reduce: int) -> np.ndarray | None:
+    """A JPEG decoded by libjpeg-turbo as OpenCV decodes it (the same pixels, its EXIF orientation applied), with
+    its warnings heard: OpenCV passes none on, so a JPEG whose coded data ends before the picture was scored with
+    its missing part grey.  None where libjpeg-turbo warned otherwise (extraneous bytes, which cameras write) or
+    cannot convert it (CMYK): OpenCV decodes it, as before."""
+    try:
+        if reduce > 1:  # libjpeg's scaling to 1/reduce (OpenCV's IMREAD_REDUCED): the smallest of at least this size
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            image = simplejpeg.decode_jpeg(data, colorspace="BGR", min_height=-(-height // reduce),
+                                           min_width=-(-width // reduce), strict=True)
+        else:
+            image = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+    except ValueError as exc:
+        if any(text in str(exc).lower() for text in _CUT_SHORT):
+            raise FrameError("truncated_image", f"JPEG's coded data ends before its picture does ({exc}): cut short "
+                                                "on its way") from None
+        return None
+    turn = _ORIENT.get(_opened(data).getexif().get(ExifTags.Base.Orientation)) if b"Exif" in data[:65536] else None
+    return turn(image) if turn is not None else image

@@ -544,6 +544,67 @@ def tiff_layout(data: bytes) -> str | None:
     return " and ".join([f"{depth}-bit {_PHOTOMETRIC.get(photometric, f'photometric {photometric}')}", *names])
 
 
+class JpegCutShort(ValueError):
+    """A JPEG whose coded data ends before its picture does (:func:`decode_jpeg`)."""
+
+
+# libjpeg-turbo's warnings for coded data that ends before the picture does, what is missing decoded as grey without
+# an error: JWRN_HIT_MARKER (a marker, often the end-of-image marker a depacketiser closes a frame with after a lost
+# fragment) and JWRN_JPEG_EOF (the bytes end)
+_CUT_SHORT_WARNINGS = ("premature end of data segment", "premature end of jpeg file")
+
+
+def _turned(image: np.ndarray, orientation: object) -> np.ndarray:
+    """``image`` turned by an EXIF orientation (2-8) as OpenCV's IMREAD_COLOR turns it; as it is for any other."""
+    if orientation == 2:
+        return cv2.flip(image, 1)
+    if orientation == 3:
+        return cv2.rotate(image, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(image, 0)
+    if orientation == 5:
+        return cv2.transpose(image)
+    if orientation == 6:
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.flip(cv2.transpose(image), -1)
+    if orientation == 8:
+        return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return image
+
+
+def decode_jpeg(data: bytes, reduce: int = 1) -> np.ndarray | None:
+    """A JPEG decoded to BGR by libjpeg-turbo (simplejpeg) as OpenCV's ``IMREAD_COLOR`` decodes it (the same pixels,
+    its EXIF orientation applied; at 1/``reduce`` of its size as ``IMREAD_REDUCED_COLOR_<reduce>``), with its warnings
+    heard: OpenCV passes none on, so a JPEG whose coded data ends before its picture did was read with the missing
+    part grey.  Raises JpegCutShort for that; None where libjpeg-turbo warns otherwise (bytes between segments, which
+    cameras write) or does not take it: then OpenCV decodes it, as before.  One decoder for frames and training."""
+    import simplejpeg  # the worker's and the exporter's dependency, not the bundle's
+
+    try:
+        if reduce > 1:  # libjpeg's scaling: the smallest size of at least 1/reduce, which is 1/reduce
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            image = simplejpeg.decode_jpeg(data, colorspace="BGR", min_height=-(-height // reduce),
+                                           min_width=-(-width // reduce), strict=True)
+        else:
+            image = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+    except ValueError as exc:
+        if any(text in str(exc).lower() for text in _CUT_SHORT_WARNINGS):
+            raise JpegCutShort(str(exc)) from None
+        return None
+    if b"Exif" not in data[:65536]:
+        return image
+    from PIL import ExifTags, Image  # the worker's and the exporter's dependency, not the bundle's
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            orientation = Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation)
+    except Exception:  # Pillow raises many types for a damaged EXIF block: OpenCV reads it as it reads it
+        return None
+    return _turned(image, orientation)
+
+
 def jpeg_cut_short(data: bytes) -> bool:
     """Whether ``data`` is a JPEG whose last scan is not followed by its end-of-image marker: cut short (a copy or
     a transfer that stopped).  libjpeg decodes such a file without an error, filling what is missing with grey,
@@ -551,7 +612,8 @@ def jpeg_cut_short(data: bytes) -> bool:
     from an MJPEG stream often keep the multipart's line break, and some cameras append a trailer.  Inside a scan's
     coded data a 0xFF byte is always followed by 0x00 or a restart marker, so neither marker can appear there by
     chance.  A JPEG cut short and closed with an end marker (a depacketiser that drops a lost fragment and ends the
-    frame) is told only where it has restart markers (:func:`_restarts_short`)."""
+    frame) is told only where it has restart markers (:func:`_restarts_short`); without them, by decoding
+    (:func:`decode_jpeg`)."""
     if not data.startswith(b"\xff\xd8"):
         return False
     end = data.rfind(b"\xff\xd9")

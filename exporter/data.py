@@ -68,8 +68,10 @@ from bundle import (
     MIN_TRAIN_IMAGES,
     TIFF_LAYOUT_FIX,
     InputSpec,
+    JpegCutShort,
     TilingSpec,
     chroma,
+    decode_jpeg,
     jpeg_cut_short,
     png_cut_short,
     png_damaged,
@@ -766,6 +768,11 @@ def _why_unreadable(path: Path) -> str:
         return "empty"
     if jpeg_cut_short(data):
         return "a JPEG cut short"
+    if data.startswith(b"\xff\xd8"):
+        try:
+            decode_jpeg(data)
+        except JpegCutShort:
+            return "a JPEG cut short"
     if png_cut_short(data):
         return "a PNG cut short"
     if (chunk := png_damaged(data)) is not None:
@@ -783,8 +790,9 @@ def _why_unreadable(path: Path) -> str:
 
 def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """An image file decoded with OpenCV's ``flags``, or None where it cannot be decoded or is a JPEG or PNG cut short
-    (:func:`bundle.jpeg_cut_short`: OpenCV would fill its missing part with grey; :func:`bundle.png_cut_short`: libpng
-    would say so on stderr, naming no file; the worker refuses both as frames)."""
+    (:func:`bundle.jpeg_cut_short`, :func:`bundle.decode_jpeg`: OpenCV would fill its missing part with grey;
+    :func:`bundle.png_cut_short`: libpng would say so on stderr, naming no file; the worker refuses both as frames).
+    A JPEG is decoded as the worker decodes a frame (:func:`bundle.decode_jpeg`, the pixels OpenCV's ``flags`` give)."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -795,6 +803,13 @@ def decoded(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
 def _decode(data: bytes, flags: int) -> np.ndarray | None:
     if not data or jpeg_cut_short(data) or png_cut_short(data) or png_damaged(data):  # OpenCV asserts on no bytes
         return None
+    if data.startswith(b"\xff\xd8"):
+        try:
+            image = decode_jpeg(data)
+        except JpegCutShort:
+            return None
+        if image is not None and flags == cv2.IMREAD_COLOR:
+            return image
     try:  # as the worker decodes a frame (bundle.quiet_png): libpng's warnings name no file
         return cv2.imdecode(np.frombuffer(quiet_png(data), np.uint8), flags)
     except cv2.error:  # over OpenCV's pixel limit it raises where a damaged file is None: the summary names it

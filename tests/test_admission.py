@@ -338,12 +338,14 @@ def test_a_jpeg_with_restart_markers_cut_short_and_closed_with_an_end_marker_is_
         assert decoded(tmp_path / "closed.jpg") is None and _why_unreadable(tmp_path / "closed.jpg") == "a JPEG cut short"
 
 
-def test_a_jpeg_without_restart_markers_cut_short_and_closed_with_an_end_marker_is_truncated(dataset):
+def test_a_jpeg_without_restart_markers_cut_short_and_closed_with_an_end_marker_is_truncated(dataset, tmp_path):
     """Without restart markers (most JPEGs) a frame cut short and closed with its end marker could not be told from
     its bytes, and OpenCV passes none of libjpeg's warnings on: the worker scored it with the lost part grey (128).
     libjpeg-turbo's warning is now heard (simplejpeg decodes JPEGs): truncated_image, wherever the cut is, and for a
-    frame decoded smaller too.  A JPEG libjpeg warns about otherwise (bytes between segments, which cameras write)
-    is still decoded."""
+    frame decoded smaller too; the exporter leaves such a training image out ("a JPEG cut short"), where it trained
+    on it.  A JPEG libjpeg warns about otherwise (bytes between segments, which cameras write) is still decoded."""
+    from exporter.data import _why_unreadable, decoded
+
     image = cv2.imread(str(good_png(dataset)))
     jpeg = cv2.imencode(".jpg", image)[1].tobytes()
     scan = jpeg.find(b"\xff\xda")
@@ -356,9 +358,13 @@ def test_a_jpeg_without_restart_markers_cut_short_and_closed_with_an_end_marker_
                 decode(closed, reduce)
             assert refused.value.code == ErrorCode.TRUNCATED_IMAGE, (cut, reduce)
             assert "premature end of data segment" in refused.value.message
+        (tmp_path / "closed.jpg").write_bytes(closed)
+        assert decoded(tmp_path / "closed.jpg") is None and _why_unreadable(tmp_path / "closed.jpg") == "a JPEG cut short"
     table = jpeg.find(b"\xff\xdb")
     extra = jpeg[:table] + b"\x00\x00" + jpeg[table:]  # libjpeg: "2 extraneous bytes before marker 0xdb"
     assert np.array_equal(decode(extra), decode(jpeg))
+    (tmp_path / "extra.jpg").write_bytes(extra)
+    assert np.array_equal(decoded(tmp_path / "extra.jpg"), decode(jpeg))
 
 
 def test_jpegs_are_decoded_to_the_pixels_opencv_gives_as_training_does(dataset):

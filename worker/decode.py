@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import cv2
 import numpy as np
-import simplejpeg
-from PIL import ExifTags, Image
+from PIL import Image
 
 from bundle import (
     FRAME_FORMATS,
     TIFF_LAYOUT_FIX,
+    JpegCutShort,
+    decode_jpeg,
     jpeg_cut_short,
     jpeg_segments,
     png_cut_short,
@@ -51,22 +52,6 @@ DECODE_MAX_PIXELS = 1 << 30
 DECODE_MAX_SIDE = 1 << 20
 PNG_MAX_SIDE = 1_000_000
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-# libjpeg-turbo's warnings for coded data that ends before the picture does: what is missing is decoded as grey
-# without an error (JWRN_HIT_MARKER: a marker, often the end-of-image marker a depacketiser closes a frame with after
-# a lost fragment; JWRN_JPEG_EOF: the bytes end).
-_CUT_SHORT = ("premature end of data segment", "premature end of jpeg file")
-# EXIF orientation (2-8) as OpenCV's IMREAD_COLOR applies it, so a JPEG decoded here is turned as in training
-_ORIENT: dict[object, Callable[[np.ndarray], np.ndarray]] = {
-    2: lambda im: cv2.flip(im, 1),
-    3: lambda im: cv2.rotate(im, cv2.ROTATE_180),
-    4: lambda im: cv2.flip(im, 0),
-    5: cv2.transpose,
-    6: lambda im: cv2.rotate(im, cv2.ROTATE_90_CLOCKWISE),
-    7: lambda im: cv2.flip(cv2.transpose(im), -1),
-    8: lambda im: cv2.rotate(im, cv2.ROTATE_90_COUNTERCLOCKWISE),
-}
-
-
 class Header(NamedTuple):
     """What a frame's header says: its format name (a value of bundle.FRAME_FORMATS) and size."""
 
@@ -213,21 +198,9 @@ def decode(data: bytes, reduce: int = 1) -> np.ndarray:
 
 
 def _jpeg(data: bytes, reduce: int) -> np.ndarray | None:
-    """A JPEG decoded by libjpeg-turbo as OpenCV decodes it (the same pixels, its EXIF orientation applied), with
-    its warnings heard: OpenCV passes none on, so a JPEG whose coded data ends before the picture was scored with
-    its missing part grey.  None where libjpeg-turbo warned otherwise (extraneous bytes, which cameras write) or
-    cannot convert it (CMYK): OpenCV decodes it, as before."""
+    """:func:`bundle.decode_jpeg`, a JPEG cut short refused as a frame."""
     try:
-        if reduce > 1:  # libjpeg's scaling to 1/reduce (OpenCV's IMREAD_REDUCED): the smallest of at least this size
-            height, width = simplejpeg.decode_jpeg_header(data)[:2]
-            image = simplejpeg.decode_jpeg(data, colorspace="BGR", min_height=-(-height // reduce),
-                                           min_width=-(-width // reduce), strict=True)
-        else:
-            image = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
-    except ValueError as exc:
-        if any(text in str(exc).lower() for text in _CUT_SHORT):
-            raise FrameError("truncated_image", f"JPEG's coded data ends before its picture does ({exc}): cut short "
-                                                "on its way") from None
-        return None
-    turn = _ORIENT.get(_opened(data).getexif().get(ExifTags.Base.Orientation)) if b"Exif" in data[:65536] else None
-    return turn(image) if turn is not None else image
+        return decode_jpeg(data, reduce)
+    except JpegCutShort as exc:
+        raise FrameError("truncated_image", f"JPEG's coded data ends before its picture does ({exc}): cut short on "
+                                            "its way") from None

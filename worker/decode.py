@@ -52,6 +52,8 @@ DECODE_MAX_PIXELS = 1 << 30
 DECODE_MAX_SIDE = 1 << 20
 PNG_MAX_SIDE = 1_000_000
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
 class Header(NamedTuple):
     """What a frame's header says: its format name (a value of bundle.FRAME_FORMATS) and size."""
 

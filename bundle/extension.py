@@ -534,10 +534,11 @@ class Extension:
             return self._arrays.get(key, np.empty((0, self.feature_dim), np.float32))
 
     def info(self) -> dict:
-        """What results and the retained model topic say about the extension."""
+        """What results and the retained model topic say about the extension: ``labels`` served, ``held`` past
+        ``max_rows`` (a held label withdrawn changes no revision, and the topic still tells every console)."""
         with self._lock:
             return {"revision": self.revision, "rows": int(self._rows.shape[0]), "labels": len(self._entries),
-                    "max_rows": self.max_rows}
+                    "held": len(self._held), "max_rows": self.max_rows}
 
     def add(self, key: str, rows: np.ndarray, frame_id: str, camera: str) -> Entry:
         """Absorb ``rows`` for the frame ``key`` (replacing that frame's earlier rows); raises ExtensionFull, or

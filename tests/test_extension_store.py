@@ -31,7 +31,7 @@ def test_add_remove_and_restart(tmp_path) -> None:
     a, b = key(), key()
     ext.add(a, rows(3, 1.0), "f1", "cam")
     ext.add(b, rows(2, 2.0), "f2", "cam")
-    assert ext.rows.shape == (5, C) and ext.info() == {"revision": 2, "rows": 5, "labels": 2, "max_rows": 10}
+    assert ext.rows.shape == (5, C) and ext.info() == {"revision": 2, "rows": 5, "labels": 2, "held": 0, "max_rows": 10}
     assert ext.remove(a) == 3 and ext.remove(a) == 0
     assert np.array_equal(ext.rows, rows(2, 2.0)) and ext.revision == 3
     again = Extension(tmp_path, C, max_rows=10)

@@ -117,7 +117,7 @@ def test_a_labelled_false_alarm_is_absorbed_undone_and_kept_across_restarts(lear
     assert released["patches"] == absorbed["patches"] and released["revision"] == rev + 1
     undone = _score(client, prefix, marked, "m-2")
     assert undone["verdict"] == "anomalous" and undone["model"]["extension"] == {
-        "revision": rev + 1, "rows": 0, "labels": 0, "max_rows": 1024}
+        "revision": rev + 1, "rows": 0, "labels": 0, "held": 0, "max_rows": 1024}
 
     # Absorbed again (the same rows: the same frame, the same bank), then a restart: the extension is read back from disk.
     relabelled = label({"action": "set", "frame_id": "m-0", "camera": "cam1", "label": "false_alarm"})["absorbed"]
@@ -960,7 +960,7 @@ def test_a_restart_after_a_withdrawal_serves_the_labels_served_before_it(learnin
     released = _query(client, prefix, {"action": "unlabel", "frame_id": "a-0", "camera": "cam1"}, topic="label")
     assert released["released"]["patches"] == 5, released  # b-0's 6 rows do not fit beside c-0's 5: still held
     before = state()
-    assert before == ([("c-0", False), ("b-0", True)], {"revision": 4, "rows": 5, "labels": 1, "max_rows": 10}), before
+    assert before == ([("c-0", False), ("b-0", True)], {"revision": 4, "rows": 5, "labels": 1, "held": 1, "max_rows": 10}), before
     assert worker.stop() == 0
     client.messages.clear()
     start(config)
@@ -972,7 +972,9 @@ def test_an_entry_held_past_the_bound_with_no_label_naming_it_is_marked_unrecord
     """At start the history is made to agree with the extensions (a label whose frame was absorbed before the worker
     stopped is recorded; one no label names is marked ``unrecorded``), but only the served entries were looked at: a
     held one no label names was listed as merely held, and raising the bound served it with nothing saying why.  And
-    withdrawing a held one whose frame is no longer in the history deleted its rows but was answered unknown_frame."""
+    withdrawing a held one whose frame is no longer in the history deleted its rows but was answered unknown_frame.
+    And it moved no revision, so the model topic was not published again and other consoles did not refresh: the
+    topic's extension now counts the labels held, and is published again."""
     from worker.console.app import learned_text  # the console's words for the answer
 
     prefix, client, worker, config, start = learning
@@ -991,8 +993,12 @@ def test_an_entry_held_past_the_bound_with_no_label_naming_it_is_marked_unrecord
     assert doubts == {"a-0": ["unrecorded"], "b-0": ["held", "unrecorded"]}, ext
     # withdrawn as the mark says: the held rows are deleted, and the answer says so (it was refused unknown_frame,
     # "not in the history", though the rows were gone)
+    model_topic = f"{prefix}/workers/w-test/model"
+    assert json.loads(client.wait_for(lambda m: m.topic == model_topic)[-1].payload)["extension"]["held"] == 1
     withdrawn = _query(client, prefix, {"action": "unlabel", "frame_id": "b-0", "camera": "cam1"}, topic="label")
     assert withdrawn["ok"] and withdrawn["released"]["held"], withdrawn
+    # no revision moves, and the retained model topic says it all the same: consoles and the CLI elsewhere refresh
+    client.wait_for(lambda m: m.topic == model_topic and json.loads(m.payload)["extension"]["held"] == 0, timeout=30)
     assert "what it taught the model is withdrawn" in withdrawn["note"], withdrawn
     # the console said "nothing to release: its rows were held ...: they are deleted"
     assert learned_text(withdrawn) == ("withdrawn: its rows were held past learning.max_rows, not served: they are "

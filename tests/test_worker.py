@@ -59,7 +59,7 @@ def test_frames_results_heatmaps_store_and_shutdown(running, dataset, bundle_dir
         assert r["threshold"] == pytest.approx(manifest["thresholds"]["image"]["threshold"], rel=1e-4)
         assert r["verdict"] == ("anomalous" if r["raw_score"] >= r["threshold"] else "normal")
         assert r["model"] == {"name": manifest["name"], "version": manifest["version"], "family": "patchcore",
-                              "precision": "f32", "extension": {"revision": 0, "rows": 0, "labels": 0, "max_rows": 1024}}
+                              "precision": "f32", "extension": {"revision": 0, "rows": 0, "labels": 0, "held": 0, "max_rows": 1024}}
         assert set(r["latency_ms"]) == {"queue", "decode", "infer", "post", "total"}
         assert r["latency_ms"]["total"] >= r["latency_ms"]["infer"] > 0
     good = [r["raw_score"] for f, r in results.items() if f.startswith("good")]

@@ -335,7 +335,7 @@ class Learner:
                 self.models.apply(ext)
                 log.info("false alarm label withdrawn: %d patches removed from %s, extension revision %d", removed,
                          ext.folder.name, ext.revision)
-            if released:
+            if released or unserved:  # a held label withdrawn: the model topic's count of them moved
                 self.on_change()
         self._lost.pop(key, None)
         self.unrecorded.pop(key, None)

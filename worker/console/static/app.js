@@ -663,7 +663,9 @@ function renderWorker(w) {
     renderExport(stats.capture_export);
     renderModels(w.model);
   }
-  const seen = JSON.stringify(Object.entries(w.model?.scopes || {}).map(([s, m]) => [s, m.version, m.extension?.revision]));
+  // a held label withdrawn (elsewhere: the CLI, another console) moves no revision, only the count held
+  const seen = JSON.stringify(Object.entries(w.model?.scopes || {}).map(([s, m]) => [s, m.version, m.extension?.revision,
+    m.extension?.held]));
   if (w.model && modelSeen.has(w.id) && modelSeen.get(w.id) !== seen) loadLearned();
   modelSeen.set(w.id, seen);
   for (const [name, c] of Object.entries(stats.cameras || {})) {  // tiles come from results: none made here

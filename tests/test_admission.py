@@ -368,9 +368,10 @@ def test_a_jpeg_without_restart_markers_cut_short_and_closed_with_an_end_marker_
 
 
 def test_jpegs_are_decoded_to_the_pixels_opencv_gives_as_training_does(dataset):
-    """JPEGs are decoded by simplejpeg (libjpeg-turbo), other formats and training images by OpenCV: every kind of
-    JPEG a camera writes gives the same pixels both ways (the model sees what it was trained on), its EXIF orientation
-    applied as OpenCV's IMREAD_COLOR does, and decoded smaller (limits.reduced_decode) as IMREAD_REDUCED does."""
+    """JPEGs, frames and training images alike, are decoded by simplejpeg (libjpeg-turbo), other formats by OpenCV,
+    which decoded JPEGs too until 2026-12-07: every kind of JPEG a camera writes gives OpenCV's pixels (a bundle
+    trained before sees what it was trained on), its EXIF orientation applied as OpenCV's IMREAD_COLOR does, and
+    decoded smaller (limits.reduced_decode) as IMREAD_REDUCED does."""
     from PIL import Image
 
     picture = Image.open(good_png(dataset)).convert("RGB").resize((203, 131))

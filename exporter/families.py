@@ -157,7 +157,7 @@ class PatchCore(Family["PatchcoreSettings"]):
                              "score re-weights by a patch's neighbours in the bank, and one row scores every image 0)",
                _bank_cap),
         Option("--extension-candidates", "patches per frame compared with the bank extension and returned as "
-                                         "candidates for it (issue 17; default a sixteenth of the frame's patches, "
+                                         "candidates for it (issue 17; default a 32nd of the frame's patches, "
                                          "64 to 256; 0: a graph without the extension input)", int_in(0)),
         Option("--image-score", "how a frame's score is read: reweighted, anomalib's re-weighted distance of the most "
                                 "anomalous patch (default), or map_max, the blurred anomaly map's maximum (a false "

@@ -272,9 +272,9 @@ def test_a_new_extension_reaches_concurrent_requests_whole(bundle_dir, dataset):
 
 
 def test_the_default_candidates_are_a_share_of_the_frame(fitted):
-    """Unset, K is a sixteenth of the frame's patches within 64..256 (512 px: 256 of 4096; 256 px: 64 of 1024), so
-    a small input does not compare a quarter of its patches with every extension row; never more than it has."""
-    assert [auto_candidates(n) for n in (4096, 6400, 1024, 2304, 256, 40)] == [256, 256, 64, 144, 64, 40]
+    """Unset, K is a 32nd of the frame's patches within 64..256 (512 px: 128 of 4096; 256 px: 64 of 1024), so
+    a small input does not compare a large share of its patches with every extension row; never more than it has."""
+    assert [auto_candidates(n) for n in (4096, 6400, 1024, 2304, 16384, 256, 40)] == [128, 200, 64, 72, 256, 64, 40]
     graph, spec, _, _, _ = fitted
     default = PatchcoreGraph(graph.model, spec.height, graph.embedder, offset=graph.offset).eval()
     spec64 = default.extension_spec()

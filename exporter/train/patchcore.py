@@ -60,13 +60,14 @@ LAYER_ALIGNMENTS = ("anomalib", "centred")
 
 
 def auto_candidates(patches: int) -> int:
-    """The bank extension's candidates when not set: a sixteenth of the frame's patches (256 at 512 px), 64 to 256.
+    """The bank extension's candidates when not set: a 32nd of the frame's patches (128 at 512 px), 64 to 256.
 
-    Every candidate meets every extension row on every frame, so a fixed 256 would be a quarter of a 256 px
-    frame's patches and cost the fast setting four times the default's share; at a sixteenth, learning on
-    the validation split was the same (docs/benchmarks.md, "the extension's candidates scaled with the frame").
+    Every candidate meets every extension row on every frame, so the extension's cost per frame grows with K;
+    a fixed K would be a larger share of a small frame's patches.  At a 32nd, learning on the validation split
+    was a sixteenth's (docs/benchmarks.md, "the extension's candidates scaled with the frame" and "a 32nd of the
+    frame's patches").
     """
-    return min(patches, max(64, min(256, patches // 16)))
+    return min(patches, max(64, min(256, patches // 32)))
 
 
 @dataclass

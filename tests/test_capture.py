@@ -205,6 +205,22 @@ def test_the_printed_train_command_trains_the_recipe_an_older_bundle_runs(bundle
     assert (args.backbone, args.max_bank) == (kept["backbone"], kept["max_bank"]), argv
 
 
+def test_the_printed_train_command_keeps_the_candidates_a_bundle_got_by_default(bundle_dir, tmp_path) -> None:
+    """A bundle trained without --extension-candidates records it unset; the default share of the frame changed
+    on 2026-12-07 (a sixteenth to a 32nd), so the command printed for its camera left it out and the next bundle
+    checked half as many patches against the extension as the one the camera runs.  It now names the bundle's K."""
+    from bundle import MANIFEST, read_manifest
+
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["training"]["extension_candidates"] = None
+    unset = tmp_path / "unset"
+    unset.mkdir()
+    (unset / MANIFEST).write_text(json.dumps(manifest))
+    argv = shlex.split(train_command(tmp_path / "capture", "line1", None, read_manifest(unset, verify=False)))
+    args = build_parser().parse_args(argv[3:])
+    assert args.extension_candidates == manifest["extension"]["candidates"], argv
+
+
 def test_the_printed_train_command_on_another_box_refuses_other_backbone_weights_at_its_path(dataset, bundle_dir,
                                                                                              tmp_path) -> None:
     """A serving bundle trained with ``--backbone-weights FILE`` got a command naming that file by its path on the

@@ -119,7 +119,10 @@ def train_command(data: Path, category: str, tiling: Grid | None, serving: Manif
             for key in RECIPE:
                 if key == "backbone_weights_sha256" and serving.training.get("backbone_weights") is None:
                     continue
-                if (value := serving.training.get(key, EARLIER_RECIPE.get(key))) is not None:
+                value = serving.training.get(key, EARLIER_RECIPE.get(key))
+                if key == "extension_candidates" and value is None and serving.extension is not None:
+                    value = serving.extension.candidates  # left to the default, which has changed: what it was then
+                if value is not None:
                     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
                     flags += f" --{key.replace('_', '-')} {shlex.quote(text)}"
         if serving.family == "efficientad":
